@@ -1,0 +1,143 @@
+//! Port-I/O devices and the bus that routes guest port accesses to them.
+
+pub mod i8042;
+pub mod pv;
+pub mod serial;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What a vCPU must do after a device handled a port write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoAction {
+    /// Nothing: continue running the guest.
+    Continue,
+    /// Park this vCPU for the given time (spanguest's paravirtual sleep).
+    Sleep(Duration),
+    /// The guest asked to power off with this exit status.
+    PowerOff(u8),
+    /// The guest asked for a reset (i8042 pulse); spanvmm treats it as a stop.
+    Reset,
+}
+
+/// A device reached through x86 port I/O.
+pub trait PioDevice: Send {
+    /// The guest reads `data.len()` bytes from `port`.
+    fn pio_read(&mut self, port: u16, data: &mut [u8]);
+    /// The guest writes `data` to `port`.
+    fn pio_write(&mut self, port: u16, data: &[u8]) -> IoAction;
+}
+
+/// A shared device on the bus.
+pub type SharedDevice = Arc<Mutex<dyn PioDevice>>;
+
+struct Range {
+    base: u16,
+    len: u16,
+    dev: SharedDevice,
+}
+
+/// Routes port accesses to the device owning the port. Unclaimed ports read as all-ones and
+/// ignore writes, as on real hardware.
+#[derive(Default)]
+pub struct IoBus {
+    ranges: Vec<Range>,
+}
+
+/// A port range overlaps one already on the bus.
+#[derive(Debug, thiserror::Error)]
+#[error("port range {base:#x}+{len} overlaps a range already on the bus")]
+pub struct PortConflict {
+    /// First port.
+    pub base: u16,
+    /// Number of ports.
+    pub len: u16,
+}
+
+impl IoBus {
+    /// Adds `dev` for ports `[base, base+len)`.
+    pub fn insert(&mut self, base: u16, len: u16, dev: SharedDevice) -> Result<(), PortConflict> {
+        let end = base as u32 + len as u32;
+        if len == 0
+            || end > 0x10000
+            || self
+                .ranges
+                .iter()
+                .any(|r| (base as u32) < r.base as u32 + r.len as u32 && (r.base as u32) < end)
+        {
+            return Err(PortConflict { base, len });
+        }
+        self.ranges.push(Range { base, len, dev });
+        Ok(())
+    }
+
+    fn find(&self, port: u16) -> Option<&SharedDevice> {
+        self.ranges
+            .iter()
+            .find(|r| port >= r.base && (port as u32) < r.base as u32 + r.len as u32)
+            .map(|r| &r.dev)
+    }
+
+    /// A guest `in`.
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        match self.find(port) {
+            Some(dev) => lock(dev).pio_read(port, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// A guest `out`.
+    pub fn write(&self, port: u16, data: &[u8]) -> IoAction {
+        match self.find(port) {
+            Some(dev) => lock(dev).pio_write(port, data),
+            None => IoAction::Continue,
+        }
+    }
+}
+
+/// Locks a device; a device whose lock was poisoned by a panicking thread stays usable because
+/// device state is plain data updated in place.
+pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Little-endian value of up to 8 bytes of port data.
+pub fn le_value(data: &[u8]) -> u64 {
+    data.iter()
+        .take(8)
+        .enumerate()
+        .fold(0, |v, (i, b)| v | (*b as u64) << (8 * i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo(u8);
+    impl PioDevice for Echo {
+        fn pio_read(&mut self, _port: u16, data: &mut [u8]) {
+            data.fill(self.0);
+        }
+        fn pio_write(&mut self, _port: u16, data: &[u8]) -> IoAction {
+            self.0 = data[0];
+            IoAction::Continue
+        }
+    }
+
+    #[test]
+    fn routes_and_refuses_overlaps() {
+        let mut bus = IoBus::default();
+        bus.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(1)))).unwrap();
+        assert!(bus.insert(0x3ff, 1, Arc::new(Mutex::new(Echo(2)))).is_err());
+        assert!(bus
+            .insert(0xffff, 2, Arc::new(Mutex::new(Echo(2))))
+            .is_err());
+        bus.write(0x3f9, &[9]);
+        let mut d = [0u8; 2];
+        bus.read(0x3f8, &mut d);
+        assert_eq!(d, [9, 9]);
+        bus.read(0x80, &mut d);
+        assert_eq!(d, [0xff, 0xff]);
+        assert_eq!(le_value(&[0x34, 0x12]), 0x1234);
+    }
+}

@@ -1,0 +1,121 @@
+//! spanguest's paravirtual ports (see docs/spanguest-abi.md): identification, sleep, TSC
+//! frequency, power-off, mailbox registration and the exit-storm target.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{le_value, IoAction, PioDevice};
+
+/// First port of the device.
+pub const PV_BASE: u16 = 0x0ac0;
+/// Ports taken.
+pub const PV_LEN: u16 = 0x14;
+/// `in`: identification; reads [`PV_MAGIC`].
+pub const PORT_ID: u16 = 0x0ac0;
+/// `out`: sleep for N µs; `in`: TSC kHz.
+pub const PORT_SLEEP: u16 = 0x0ac4;
+/// `out`: power off with the given status.
+pub const PORT_POWER_OFF: u16 = 0x0ac8;
+/// `out`: register the guest's mailbox page.
+pub const PORT_MAILBOX: u16 = 0x0acc;
+/// `out`: does nothing but exit.
+pub const PORT_EXIT_STORM: u16 = 0x0ad0;
+/// "SPAN" read as a little-endian u32.
+pub const PV_MAGIC: u32 = 0x4e41_5053;
+/// Longest sleep a guest may ask for in one exit; longer requests are clipped.
+const MAX_SLEEP: Duration = Duration::from_secs(1);
+
+/// Mailbox commands (docs/spanguest-abi.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestCommand {
+    /// Re-check every page the guest wrote.
+    Verify = 1,
+    /// Reset the guest's largest-stall counter.
+    ResetStall = 2,
+    /// Print `done` and power off.
+    PowerOff = 3,
+}
+
+/// The device's state, saved and restored with the VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PvState {
+    /// Guest-physical address of the guest's mailbox page, once registered.
+    pub mailbox: Option<u64>,
+    /// Sequence number of the last command posted to the mailbox.
+    pub command_seq: u64,
+    /// Exit-storm writes seen (a measurement aid).
+    pub storm_exits: u64,
+}
+
+/// spanguest's paravirtual device.
+pub struct PvDevice {
+    tsc_khz: u32,
+    /// Saved and restored state.
+    pub state: PvState,
+}
+
+impl PvDevice {
+    /// A device reporting `tsc_khz` to the guest.
+    pub fn new(tsc_khz: u32, state: PvState) -> Self {
+        PvDevice { tsc_khz, state }
+    }
+}
+
+impl PioDevice for PvDevice {
+    fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        let v: u32 = match port {
+            PORT_ID => PV_MAGIC,
+            PORT_SLEEP => self.tsc_khz,
+            _ => u32::MAX,
+        };
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = v.checked_shr(8 * i as u32).unwrap_or(0) as u8;
+        }
+    }
+
+    fn pio_write(&mut self, port: u16, data: &[u8]) -> IoAction {
+        let v = le_value(data);
+        match port {
+            PORT_SLEEP => IoAction::Sleep(Duration::from_micros(v).min(MAX_SLEEP)),
+            PORT_POWER_OFF => IoAction::PowerOff(v as u8),
+            PORT_MAILBOX if v.is_multiple_of(4096) && v != 0 => {
+                self.state.mailbox = Some(v);
+                IoAction::Continue
+            }
+            PORT_EXIT_STORM => {
+                self.state.storm_exits += 1;
+                IoAction::Continue
+            }
+            _ => IoAction::Continue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_behave_as_documented() {
+        let mut d = PvDevice::new(2_000_000, PvState::default());
+        let mut b = [0u8; 4];
+        d.pio_read(PORT_ID, &mut b);
+        assert_eq!(u32::from_le_bytes(b), PV_MAGIC);
+        d.pio_read(PORT_SLEEP, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 2_000_000);
+        assert_eq!(
+            d.pio_write(PORT_SLEEP, &1500u32.to_le_bytes()),
+            IoAction::Sleep(Duration::from_micros(1500))
+        );
+        assert_eq!(
+            d.pio_write(PORT_SLEEP, &u32::MAX.to_le_bytes()),
+            IoAction::Sleep(MAX_SLEEP)
+        );
+        assert_eq!(d.pio_write(PORT_POWER_OFF, &[3]), IoAction::PowerOff(3));
+        d.pio_write(PORT_MAILBOX, &0x1234u32.to_le_bytes()); // unaligned: ignored
+        assert_eq!(d.state.mailbox, None);
+        d.pio_write(PORT_MAILBOX, &0x20_0000u32.to_le_bytes());
+        assert_eq!(d.state.mailbox, Some(0x20_0000));
+    }
+}

@@ -1,0 +1,281 @@
+//! Guest RAM: one memfd per VM, mapped shared, so that a replacement VMM or an out-of-process
+//! service can map the very same pages (no copy). Guest-physical address == offset in the memfd.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+};
+
+/// Size of a guest page.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Errors of guest memory handling.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is zero or not a multiple of 2 MiB.
+    #[error("guest memory size {0} bytes is invalid: it must be a non-zero multiple of 2 MiB")]
+    BadSize(u64),
+    /// memfd_create or ftruncate failed.
+    #[error("cannot create the guest memory memfd: {0}")]
+    Memfd(std::io::Error),
+    /// mmap of the memfd failed.
+    #[error("cannot map guest memory: {0}")]
+    Map(String),
+    /// An access fell outside guest memory.
+    #[error(
+        "guest memory access at {addr:#x} (+{len}) is outside the {size:#x}-byte guest memory"
+    )]
+    OutOfRange {
+        /// Guest-physical address.
+        addr: u64,
+        /// Length of the access.
+        len: u64,
+        /// Guest memory size.
+        size: u64,
+    },
+    /// Reading or writing a memory image failed.
+    #[error("memory image {path}: {err}")]
+    Image {
+        /// The file involved.
+        path: String,
+        /// What went wrong.
+        err: std::io::Error,
+    },
+}
+
+/// The guest's RAM.
+pub struct GuestRam {
+    memfd: File,
+    size: u64,
+    mem: GuestMemoryMmap<AtomicBitmap>,
+}
+
+impl GuestRam {
+    /// Creates `size` bytes of zeroed guest RAM on a new memfd.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        if size == 0 || !size.is_multiple_of(2 << 20) {
+            return Err(MemoryError::BadSize(size));
+        }
+        // SAFETY: the name is a valid NUL-terminated string; flags are plain constants.
+        let fd = unsafe { libc::memfd_create(c"spanvmm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: memfd_create returned a fresh descriptor we now own.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(size).map_err(MemoryError::Memfd)?;
+        Self::from_memfd(memfd.into(), size)
+    }
+
+    /// Maps an existing memfd (handed over by another process) as guest RAM of `size` bytes.
+    pub fn from_memfd(fd: OwnedFd, size: u64) -> Result<Self, MemoryError> {
+        let memfd = File::from(fd);
+        let actual = memfd.metadata().map_err(MemoryError::Memfd)?.len();
+        if actual < size || size == 0 || !size.is_multiple_of(2 << 20) {
+            return Err(MemoryError::BadSize(size));
+        }
+        let file = FileOffset::new(memfd.try_clone().map_err(MemoryError::Memfd)?, 0);
+        let region =
+            GuestRegionMmap::<AtomicBitmap>::from_range(GuestAddress(0), size as usize, Some(file))
+                .map_err(|e| MemoryError::Map(e.to_string()))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| MemoryError::Map(e.to_string()))?;
+        Ok(GuestRam { memfd, size, mem })
+    }
+
+    /// Guest memory size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The memfd holding the guest's pages.
+    pub fn memfd(&self) -> &File {
+        &self.memfd
+    }
+
+    /// The vm-memory view (used by loaders and devices).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap<AtomicBitmap> {
+        &self.mem
+    }
+
+    /// Host virtual address of guest-physical address 0.
+    pub fn host_base(&self) -> *mut u8 {
+        // The single region starts at guest address 0; its mapping lives as long as `self`.
+        self.mem
+            .iter()
+            .next()
+            .map(|r| r.as_ptr())
+            .unwrap_or(std::ptr::null_mut())
+    }
+
+    fn check(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        match addr.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(MemoryError::OutOfRange {
+                addr,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Reads guest memory (bounds-checked).
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.check(addr, buf.len() as u64)?;
+        self.mem
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|e| MemoryError::Map(e.to_string()))
+    }
+
+    /// Writes guest memory (bounds-checked); the pages are marked dirty for the VMM's own log.
+    pub fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        self.check(addr, buf.len() as u64)?;
+        self.mem
+            .write_slice(buf, GuestAddress(addr))
+            .map_err(|e| MemoryError::Map(e.to_string()))
+    }
+
+    /// Takes (and clears) the bitmap of pages the VMM itself wrote, one bit per page.
+    pub fn take_vmm_dirty(&self) -> Vec<u64> {
+        self.mem
+            .iter()
+            .next()
+            .map(|r| r.get_mmap().bitmap().get_and_reset())
+            .unwrap_or_default()
+    }
+
+    /// Writes guest memory to `path` as a sparse file: zero pages become holes.
+    pub fn save_sparse(&self, path: &Path) -> Result<u64, MemoryError> {
+        let img = |err| MemoryError::Image {
+            path: path.display().to_string(),
+            err,
+        };
+        let mut file = File::create(path).map_err(img)?;
+        file.set_len(self.size).map_err(img)?;
+        let chunk = 2u64 << 20;
+        let mut buf = vec![0u8; chunk as usize];
+        let mut written = 0;
+        let mut off = 0;
+        while off < self.size {
+            self.read(off, &mut buf)?;
+            for (i, page) in buf.chunks(PAGE_SIZE as usize).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    let at = off + i as u64 * PAGE_SIZE;
+                    file.seek(SeekFrom::Start(at)).map_err(img)?;
+                    file.write_all(page).map_err(img)?;
+                    written += PAGE_SIZE;
+                }
+            }
+            off += chunk;
+        }
+        file.sync_all().map_err(img)?;
+        Ok(written)
+    }
+
+    /// Fills guest memory from a file written by [`GuestRam::save_sparse`]; holes stay zero.
+    pub fn load_sparse(&self, path: &Path) -> Result<(), MemoryError> {
+        let img = |err| MemoryError::Image {
+            path: path.display().to_string(),
+            err,
+        };
+        let mut file = File::open(path).map_err(img)?;
+        let len = file.metadata().map_err(img)?.len();
+        if len != self.size {
+            return Err(img(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "image holds {len} bytes but the guest has {} bytes",
+                    self.size
+                ),
+            )));
+        }
+        let mut off = 0u64;
+        // Walk the data extents only (SEEK_DATA/SEEK_HOLE) so a sparse image loads fast.
+        while let Some(data) = seek_data(&file, off, libc::SEEK_DATA) {
+            let hole = seek_data(&file, data, libc::SEEK_HOLE).unwrap_or(len);
+            file.seek(SeekFrom::Start(data)).map_err(img)?;
+            let mut at = data;
+            let mut buf = vec![0u8; 2 << 20];
+            while at < hole {
+                let n = ((hole - at) as usize).min(buf.len());
+                file.read_exact(&mut buf[..n]).map_err(img)?;
+                self.write(at, &buf[..n])?;
+                at += n as u64;
+            }
+            off = hole;
+            if off >= len {
+                break;
+            }
+        }
+        // Loading is not the guest's doing: start the VMM's dirty log clean.
+        self.take_vmm_dirty();
+        Ok(())
+    }
+}
+
+/// lseek with SEEK_DATA / SEEK_HOLE; `None` when there is no more data.
+fn seek_data(file: &File, off: u64, whence: libc::c_int) -> Option<u64> {
+    // SAFETY: lseek on a valid descriptor has no memory effects.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
+    (r >= 0).then_some(r as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_sizes() {
+        assert!(matches!(GuestRam::new(0), Err(MemoryError::BadSize(0))));
+        assert!(matches!(
+            GuestRam::new(4096),
+            Err(MemoryError::BadSize(4096))
+        ));
+    }
+
+    #[test]
+    fn bounds_are_checked() {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        let mut b = [0u8; 8];
+        assert!(ram.read((2 << 20) - 4, &mut b).is_err());
+        assert!(ram.read(u64::MAX - 2, &mut b).is_err());
+        assert!(ram.write((2 << 20) - 8, &b).is_ok());
+    }
+
+    #[test]
+    fn vmm_writes_are_logged_and_sparse_image_round_trips() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        ram.write(5 * PAGE_SIZE + 10, b"hello").unwrap();
+        ram.write(700 * PAGE_SIZE, &[7u8; 4096]).unwrap();
+        let bits = ram.take_vmm_dirty();
+        let set: Vec<usize> = (0..1024)
+            .filter(|p| bits[p / 64] >> (p % 64) & 1 == 1)
+            .collect();
+        assert_eq!(set, vec![5, 700]);
+        assert!(ram.take_vmm_dirty().iter().all(|w| *w == 0));
+
+        let dir = std::env::temp_dir().join(format!("spanvmm-mem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mem");
+        assert_eq!(ram.save_sparse(&path).unwrap(), 2 * PAGE_SIZE);
+        let copy = GuestRam::new(4 << 20).unwrap();
+        copy.load_sparse(&path).unwrap();
+        let mut a = vec![0u8; 4 << 20];
+        let mut b = vec![0u8; 4 << 20];
+        ram.read(0, &mut a).unwrap();
+        copy.read(0, &mut b).unwrap();
+        assert!(a == b);
+        // The memfd is shared: a second mapping sees the same bytes.
+        let fd: OwnedFd = copy.memfd().try_clone().unwrap().into();
+        let again = GuestRam::from_memfd(fd, 4 << 20).unwrap();
+        let mut h = [0u8; 5];
+        again.read(5 * PAGE_SIZE + 10, &mut h).unwrap();
+        assert_eq!(&h, b"hello");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,739 @@
+//! vCPUs: register state, boot set-up, and the vCPU thread.
+//!
+//! Each vCPU runs on its own thread as a small state machine (`Running`, `Paused`) driven by
+//! requests on a channel. A request is followed by a signal whose handler sets `immediate_exit`
+//! in the thread's `kvm_run`, so `KVM_RUN` returns promptly; KVM completes any in-flight port
+//! I/O before it returns, so a paused vCPU's registers are always consistent.
+
+use std::cell::Cell;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::{BootEntry, BOOT_GDT_ADDR};
+use crate::devices::{IoAction, IoBus};
+
+/// vCPU errors.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM vCPU ioctl failed.
+    #[error("vCPU {index}: {what} failed: {err}")]
+    Kvm {
+        /// vCPU index.
+        index: usize,
+        /// The operation.
+        what: &'static str,
+        /// errno.
+        err: kvm_ioctls::Error,
+    },
+    /// The vCPU thread is gone or did not answer in time.
+    #[error("vCPU {0} does not answer")]
+    NoAnswer(usize),
+    /// The request does not fit the vCPU's current state.
+    #[error("vCPU {index}: {msg}")]
+    BadState {
+        /// vCPU index.
+        index: usize,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Spawning the thread failed.
+    #[error("cannot start the vCPU thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// Everything KVM holds about one vCPU.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    /// MP state (runnable, halted, waiting for SIPI, ...).
+    pub mp_state: kvm_mp_state,
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// FPU/SSE/AVX state (legacy 4 KiB XSAVE area).
+    pub xsave: kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// Local APIC registers, when the VM has an in-kernel irqchip.
+    pub lapic: Option<kvm_lapic_state>,
+    /// Model-specific registers: (index, value).
+    pub msrs: Vec<(u32, u64)>,
+    /// Pending exceptions, interrupts, NMIs, SMM state.
+    pub events: kvm_vcpu_events,
+}
+
+/// Why a vCPU stopped running the guest for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VcpuExitReason {
+    /// The guest powered off with this status.
+    PowerOff(u8),
+    /// The guest asked for a reset.
+    Reset,
+    /// The guest halted with nothing to wake it.
+    Halted,
+    /// The guest triple-faulted or KVM reported shutdown.
+    Shutdown,
+    /// KVM or the VMM failed.
+    Error(String),
+}
+
+/// Messages a vCPU thread sends to the VMM on its own.
+#[derive(Debug)]
+pub struct VcpuEvent {
+    /// vCPU index.
+    pub index: usize,
+    /// Why it stopped.
+    pub reason: VcpuExitReason,
+}
+
+enum Request {
+    Pause,
+    Resume,
+    Save,
+    Stop,
+}
+
+enum Reply {
+    Done,
+    State(Box<VcpuState>),
+    Refused(String),
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Signal used to kick a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Async-signal-safe: a const-initialized thread-local read and a byte store.
+    let run = KVM_RUN.with(|r| r.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's kvm_run mapping, valid while the vCPU thread
+        // lives; the handler only runs on vCPU threads that set it.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+    }
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The handler does nothing unsafe for threads that never set KVM_RUN.
+        register_signal_handler(kick_signal(), kick_handler)
+            .expect("cannot install the vCPU kick signal handler");
+    });
+}
+
+/// A vCPU not yet running: created, configured, then handed to [`Vcpu::start`].
+pub struct Vcpu {
+    index: usize,
+    fd: VcpuFd,
+    msr_list: Arc<Vec<u32>>,
+    has_lapic: bool,
+}
+
+fn kvm_err(index: usize, what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
+    move |err| VcpuError::Kvm { index, what, err }
+}
+
+fn segment(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` with `cpuid` (its APIC IDs patched to `index`).
+    pub fn new(
+        vm: &VmFd,
+        index: usize,
+        cpuid: &CpuId,
+        msr_list: Arc<Vec<u32>>,
+        has_lapic: bool,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(index as u64)
+            .map_err(kvm_err(index, "KVM_CREATE_VCPU"))?;
+        let mut cpuid = cpuid.clone();
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((index as u32) << 24),
+                0xb | 0x1f => e.edx = index as u32,
+                _ => {}
+            }
+        }
+        fd.set_cpuid2(&cpuid)
+            .map_err(kvm_err(index, "KVM_SET_CPUID2"))?;
+        Ok(Vcpu {
+            index,
+            fd,
+            msr_list,
+            has_lapic,
+        })
+    }
+
+    /// The TSC frequency KVM runs this vCPU at, in kHz.
+    pub fn tsc_khz(&self) -> Result<u32, VcpuError> {
+        self.fd
+            .get_tsc_khz()
+            .map_err(kvm_err(self.index, "KVM_GET_TSC_KHZ"))
+    }
+
+    /// Sets the registers for a fresh boot through `entry`. vCPU 0 enters the kernel;
+    /// with the direct entry every vCPU does (each runs its slice); otherwise secondary
+    /// vCPUs wait for a startup IPI.
+    pub fn configure_boot(&self, entry: &BootEntry, count: usize) -> Result<(), VcpuError> {
+        let i = self.index;
+        let mut sregs = self.fd.get_sregs().map_err(kvm_err(i, "KVM_GET_SREGS"))?;
+        let mut regs = kvm_regs {
+            rflags: 0x2,
+            ..Default::default()
+        };
+        match *entry {
+            BootEntry::Pvh { .. } | BootEntry::Linux { .. } if i > 0 => {
+                let wait = kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+                };
+                return self
+                    .fd
+                    .set_mp_state(wait)
+                    .map_err(kvm_err(i, "KVM_SET_MP_STATE"));
+            }
+            BootEntry::Pvh { entry: rip, .. } | BootEntry::Linux { entry: rip, .. } => {
+                // 32-bit protected mode, paging off, flat segments from the boot GDT.
+                sregs.cs = segment(0x10, 0xb, 0, false);
+                let data = segment(0x18, 0x3, 0, false);
+                (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+                sregs.tr = kvm_segment {
+                    limit: 0x67,
+                    type_: 0xb,
+                    present: 1,
+                    ..Default::default()
+                };
+                sregs.gdt.base = BOOT_GDT_ADDR;
+                sregs.gdt.limit = 31;
+                sregs.cr0 = 0x11; // PE | ET
+                sregs.cr4 = 0;
+                sregs.efer = 0;
+                regs.rip = rip;
+                match *entry {
+                    // PVH: EBX = hvm_start_info.
+                    BootEntry::Pvh { start_info, .. } => regs.rbx = start_info,
+                    // Linux 32-bit protocol: ESI = boot_params, EBX/EBP/EDI zero.
+                    BootEntry::Linux { boot_params, .. } => regs.rsi = boot_params,
+                    BootEntry::Direct { .. } => {}
+                }
+            }
+            BootEntry::Direct {
+                user_entry,
+                pml4,
+                gdt_base,
+                gdt_limit,
+                tss_base,
+                tss_limit,
+                start_info,
+            } => {
+                // Long mode at CPL3 straight away: the guest's own page tables and GDT.
+                sregs.cs = segment(0x2b, 0xb, 3, true);
+                let data = segment(0x23, 0x3, 3, false);
+                (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+                sregs.tr = kvm_segment {
+                    base: tss_base,
+                    limit: tss_limit,
+                    selector: 0x30,
+                    type_: 0xb,
+                    present: 1,
+                    ..Default::default()
+                };
+                sregs.ldt = kvm_segment {
+                    unusable: 1,
+                    ..Default::default()
+                };
+                sregs.gdt.base = gdt_base;
+                sregs.gdt.limit = gdt_limit;
+                sregs.idt.base = 0;
+                sregs.idt.limit = 0;
+                sregs.cr0 = 0x8005_0033; // PG | AM | WP | NE | ET | MP | PE
+                sregs.cr3 = pml4;
+                sregs.cr4 = 0x620; // OSXMMEXCPT | OSFXSR | PAE
+                sregs.efer = 0x500; // LMA | LME
+                regs.rip = user_entry;
+                regs.rflags = 0x3002; // IOPL 3
+                regs.rdi = start_info;
+                regs.rsi = i as u64;
+                regs.rdx = count as u64;
+            }
+        }
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(kvm_err(i, "KVM_SET_SREGS"))?;
+        self.fd.set_regs(&regs).map_err(kvm_err(i, "KVM_SET_REGS"))
+    }
+
+    /// Reads every register set of a vCPU that is not running.
+    pub fn save(&self) -> Result<VcpuState, VcpuError> {
+        let i = self.index;
+        let fd = &self.fd;
+        let mp_state = fd.get_mp_state().map_err(kvm_err(i, "KVM_GET_MP_STATE"))?;
+        let regs = fd.get_regs().map_err(kvm_err(i, "KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(kvm_err(i, "KVM_GET_SREGS"))?;
+        let xsave = fd.get_xsave().map_err(kvm_err(i, "KVM_GET_XSAVE"))?;
+        let xcrs = fd.get_xcrs().map_err(kvm_err(i, "KVM_GET_XCRS"))?;
+        let debug_regs = fd
+            .get_debug_regs()
+            .map_err(kvm_err(i, "KVM_GET_DEBUGREGS"))?;
+        let lapic = if self.has_lapic {
+            Some(fd.get_lapic().map_err(kvm_err(i, "KVM_GET_LAPIC"))?)
+        } else {
+            None
+        };
+        let mut msrs = Msrs::from_entries(
+            &self
+                .msr_list
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| VcpuError::BadState {
+            index: i,
+            msg: format!("MSR list: {e:?}"),
+        })?;
+        let n = fd.get_msrs(&mut msrs).map_err(kvm_err(i, "KVM_GET_MSRS"))?;
+        if n != self.msr_list.len() {
+            return Err(VcpuError::BadState {
+                index: i,
+                msg: format!("KVM read {n} of {} MSRs", self.msr_list.len()),
+            });
+        }
+        let msrs = msrs.as_slice().iter().map(|e| (e.index, e.data)).collect();
+        let events = fd
+            .get_vcpu_events()
+            .map_err(kvm_err(i, "KVM_GET_VCPU_EVENTS"))?;
+        Ok(VcpuState {
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debug_regs,
+            lapic,
+            msrs,
+            events,
+        })
+    }
+
+    /// Writes a saved register state back (order matters: sregs before regs, LAPIC before
+    /// MSRs such as the TSC deadline, events last).
+    pub fn restore(&self, s: &VcpuState) -> Result<(), VcpuError> {
+        let i = self.index;
+        let fd = &self.fd;
+        fd.set_mp_state(s.mp_state)
+            .map_err(kvm_err(i, "KVM_SET_MP_STATE"))?;
+        fd.set_sregs(&s.sregs)
+            .map_err(kvm_err(i, "KVM_SET_SREGS"))?;
+        fd.set_regs(&s.regs).map_err(kvm_err(i, "KVM_SET_REGS"))?;
+        // SAFETY: `s.xsave` is the legacy 4 KiB kvm_xsave, exactly what KVM_SET_XSAVE reads.
+        unsafe { fd.set_xsave(&s.xsave) }.map_err(kvm_err(i, "KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&s.xcrs).map_err(kvm_err(i, "KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&s.debug_regs)
+            .map_err(kvm_err(i, "KVM_SET_DEBUGREGS"))?;
+        match (&s.lapic, self.has_lapic) {
+            (Some(l), true) => fd.set_lapic(l).map_err(kvm_err(i, "KVM_SET_LAPIC"))?,
+            (None, false) => {}
+            _ => {
+                return Err(VcpuError::BadState {
+                    index: i,
+                    msg: "saved state and this VM disagree on having a local APIC".into(),
+                })
+            }
+        }
+        let entries: Vec<kvm_msr_entry> = s
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|e| VcpuError::BadState {
+            index: i,
+            msg: format!("MSR list: {e:?}"),
+        })?;
+        let n = fd.set_msrs(&msrs).map_err(kvm_err(i, "KVM_SET_MSRS"))?;
+        if n != entries.len() {
+            return Err(VcpuError::BadState {
+                index: i,
+                msg: format!(
+                    "KVM accepted {n} of {} MSRs (first refused: {:#x})",
+                    entries.len(),
+                    entries[n].index
+                ),
+            });
+        }
+        fd.set_vcpu_events(&s.events)
+            .map_err(kvm_err(i, "KVM_SET_VCPU_EVENTS"))
+    }
+
+    /// Starts the vCPU thread, paused or running.
+    pub fn start(
+        self,
+        bus: Arc<IoBus>,
+        events: Sender<VcpuEvent>,
+        start_paused: bool,
+    ) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler();
+        let index = self.index;
+        let (req_tx, req_rx) = mpsc::channel();
+        let (rep_tx, rep_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let mut t = VcpuThread {
+                    vcpu: self,
+                    bus,
+                    requests: req_rx,
+                    replies: rep_tx,
+                    events,
+                    running: !start_paused,
+                    pending: Vec::new(),
+                };
+                t.run();
+            })
+            .map_err(VcpuError::Spawn)?;
+        Ok(VcpuHandle {
+            index,
+            requests: req_tx,
+            replies: rep_rx,
+            thread: Some(thread),
+        })
+    }
+}
+
+struct VcpuThread {
+    vcpu: Vcpu,
+    bus: Arc<IoBus>,
+    requests: Receiver<Request>,
+    replies: Sender<Reply>,
+    events: Sender<VcpuEvent>,
+    running: bool,
+    /// Requests that arrived while an I/O was in flight (during a paravirtual sleep).
+    pending: Vec<Request>,
+}
+
+enum Flow {
+    Continue,
+    Finish(VcpuExitReason),
+}
+
+impl VcpuThread {
+    fn run(&mut self) {
+        KVM_RUN.with(|r| r.set(self.vcpu.fd.get_kvm_run() as *mut kvm_run));
+        loop {
+            if !self.running {
+                match self.requests.recv() {
+                    Ok(req) => {
+                        if self.handle(req) {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+                continue;
+            }
+            match self.run_once() {
+                Flow::Continue => {}
+                Flow::Finish(reason) => {
+                    let _ = self.events.send(VcpuEvent {
+                        index: self.vcpu.index,
+                        reason,
+                    });
+                    self.running = false;
+                }
+            }
+        }
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    }
+
+    /// Handles a request; returns true when the thread must end.
+    fn handle(&mut self, req: Request) -> bool {
+        let reply = match req {
+            Request::Pause => {
+                self.running = false;
+                Reply::Done
+            }
+            Request::Resume => {
+                self.running = true;
+                Reply::Done
+            }
+            Request::Save if self.running => {
+                Reply::Refused("pause the vCPU before saving it".into())
+            }
+            Request::Save => match self.vcpu.save() {
+                Ok(s) => Reply::State(Box::new(s)),
+                Err(e) => Reply::Refused(e.to_string()),
+            },
+            Request::Stop => {
+                let _ = self.replies.send(Reply::Done);
+                return true;
+            }
+        };
+        let _ = self.replies.send(reply);
+        false
+    }
+
+    fn set_immediate_exit(&mut self, v: u8) {
+        self.vcpu.fd.set_kvm_immediate_exit(v);
+    }
+
+    fn run_once(&mut self) -> Flow {
+        let index = self.vcpu.index;
+        let bus = &self.bus;
+        let action = match self.vcpu.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                bus.read(port, data);
+                IoAction::Continue
+            }
+            Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xff);
+                IoAction::Continue
+            }
+            Ok(VcpuExit::MmioWrite(..)) => IoAction::Continue,
+            Ok(VcpuExit::Hlt) => return Flow::Finish(VcpuExitReason::Halted),
+            Ok(VcpuExit::Shutdown) => return Flow::Finish(VcpuExitReason::Shutdown),
+            Ok(other) => {
+                return Flow::Finish(VcpuExitReason::Error(format!(
+                    "vCPU {index}: unexpected exit {other:?}"
+                )))
+            }
+            Err(e) if e.errno() == libc::EINTR => {
+                // Kicked: any in-flight I/O is complete now. Serve what was asked.
+                self.set_immediate_exit(0);
+                let mut reqs = std::mem::take(&mut self.pending);
+                reqs.extend(self.requests.try_iter());
+                for r in reqs {
+                    if self.handle(r) {
+                        // Stop: park forever not running; the VMM joins us next.
+                        self.running = false;
+                        return Flow::Continue;
+                    }
+                }
+                return Flow::Continue;
+            }
+            Err(e) if e.errno() == libc::EAGAIN => IoAction::Continue,
+            Err(e) => {
+                return Flow::Finish(VcpuExitReason::Error(format!(
+                    "vCPU {index}: KVM_RUN failed: {e}"
+                )))
+            }
+        };
+        match action {
+            IoAction::Continue => Flow::Continue,
+            IoAction::Sleep(d) => {
+                self.sleep(d);
+                Flow::Continue
+            }
+            IoAction::PowerOff(code) => Flow::Finish(VcpuExitReason::PowerOff(code)),
+            IoAction::Reset => Flow::Finish(VcpuExitReason::Reset),
+        }
+    }
+
+    /// Parks the vCPU for a paravirtual sleep, waking early for a request. The `out` that asked
+    /// for the sleep is still in flight, so the request waits until KVM_RUN has completed it.
+    fn sleep(&mut self, d: Duration) {
+        match self.requests.recv_timeout(d) {
+            Ok(req) => {
+                self.pending.push(req);
+                self.set_immediate_exit(1);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => self.set_immediate_exit(1),
+        }
+    }
+}
+
+/// The VMM's side of a running vCPU thread.
+pub struct VcpuHandle {
+    index: usize,
+    requests: Sender<Request>,
+    replies: Receiver<Reply>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How long a vCPU may take to answer a request.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl VcpuHandle {
+    fn ask(&self, req: Request) -> Result<Reply, VcpuError> {
+        self.requests
+            .send(req)
+            .map_err(|_| VcpuError::NoAnswer(self.index))?;
+        if let Some(t) = &self.thread {
+            // A failed kick only means the thread already left KVM_RUN.
+            let _ = t.kill(kick_signal());
+        }
+        self.replies
+            .recv_timeout(ANSWER_TIMEOUT)
+            .map_err(|_| VcpuError::NoAnswer(self.index))
+    }
+
+    fn ask_done(&self, req: Request) -> Result<(), VcpuError> {
+        match self.ask(req)? {
+            Reply::Done => Ok(()),
+            Reply::Refused(msg) => Err(VcpuError::BadState {
+                index: self.index,
+                msg,
+            }),
+            Reply::State(_) => Err(VcpuError::NoAnswer(self.index)),
+        }
+    }
+
+    /// Stops the vCPU at an instruction boundary with no I/O in flight.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        self.ask_done(Request::Pause)
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        self.ask_done(Request::Resume)
+    }
+
+    /// Reads the registers of a paused vCPU.
+    pub fn save(&self) -> Result<VcpuState, VcpuError> {
+        match self.ask(Request::Save)? {
+            Reply::State(s) => Ok(*s),
+            Reply::Refused(msg) => Err(VcpuError::BadState {
+                index: self.index,
+                msg,
+            }),
+            Reply::Done => Err(VcpuError::NoAnswer(self.index)),
+        }
+    }
+
+    /// Ends the thread.
+    pub fn stop(mut self) {
+        let _ = self.ask(Request::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::pv::{PvDevice, PvState, PV_BASE, PV_LEN};
+    use crate::memory::GuestRam;
+    use crate::vm::Vm;
+    use std::sync::Mutex;
+
+    const TSS_LIMIT: u32 = 104 + 8192;
+
+    /// Builds a tiny long-mode world by hand (page tables, GDT, TSS) and a CPL3 program that
+    /// writes the exit-storm port, then powers off with status 7.
+    fn tiny_guest(ram: &GuestRam) -> BootEntry {
+        let w64 = |addr: u64, vals: &[u64]| {
+            let b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+            ram.write(addr, &b).unwrap();
+        };
+        w64(0x1000, &[0x2000 | 0x7]); // PML4 -> PDPT
+        w64(0x2000, &[0x3000 | 0x7]); // PDPT -> PD
+        w64(0x3000, &[0x87, 0x20_0000 | 0x87]); // 2 MiB pages, user
+        let tss = 0x5000u64;
+        let tss_desc_lo =
+            TSS_LIMIT as u64 | (tss & 0xff_ffff) << 16 | 0x89 << 40 | (tss >> 24 & 0xff) << 56;
+        w64(
+            0x4000,
+            &[
+                0,
+                0x00af_9b00_0000_ffff,
+                0x00cf_9300_0000_ffff,
+                0,
+                0x00cf_f300_0000_ffff,
+                0x00af_fb00_0000_ffff,
+                tss_desc_lo,
+                tss >> 32,
+            ],
+        );
+        // The I/O permission bitmap: PVM ignores IOPL, but its instruction emulator lets CPL3
+        // port I/O through when the TSS bitmap allows the port (all zeros: every port).
+        ram.write(tss + 102, &104u16.to_le_bytes()).unwrap();
+        ram.write(tss + 104 + 8192, &[0xff]).unwrap();
+        let code: [u8; 20] = [
+            0x66, 0xba, 0xd0, 0x0a, // mov dx, 0x0ad0
+            0xb8, 0x34, 0x12, 0x00, 0x00, // mov eax, 0x1234
+            0xef, // out dx, eax
+            0x66, 0xba, 0xc8, 0x0a, // mov dx, 0x0ac8
+            0xb0, 0x07, // mov al, 7
+            0xee, // out dx, al
+            0xeb, 0xfe, // jmp $
+            0x90,
+        ];
+        ram.write(0x10000, &code).unwrap();
+        BootEntry::Direct {
+            user_entry: 0x10000,
+            pml4: 0x1000,
+            gdt_base: 0x4000,
+            gdt_limit: 8 * 8 - 1,
+            tss_base: tss,
+            tss_limit: TSS_LIMIT,
+            start_info: 0,
+        }
+    }
+
+    #[test]
+    fn direct_cpl3_entry_runs_port_io_and_powers_off() {
+        let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+        let entry = tiny_guest(&ram);
+        let vm = Vm::new(ram).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.configure_boot(&entry, 1).unwrap();
+        let pv = Arc::new(Mutex::new(PvDevice::new(1, PvState::default())));
+        let mut bus = IoBus::default();
+        bus.insert(PV_BASE, PV_LEN, pv.clone()).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let handle = vcpu.start(Arc::new(bus), tx, false).unwrap();
+        let ev = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("guest must power off");
+        assert_eq!(ev.reason, VcpuExitReason::PowerOff(7));
+        assert_eq!(pv.lock().unwrap().state.storm_exits, 1);
+        // The finished vCPU still answers: its state is readable and it stops cleanly.
+        let st = handle.save().unwrap();
+        assert_eq!(st.sregs.cs.dpl, 3);
+        assert_eq!(st.regs.rip, 0x10000 + 17, "RIP after the completed OUT");
+        handle.stop();
+    }
+}

@@ -1,0 +1,278 @@
+//! The KVM VM: guest memory registration, dirty logging, in-kernel irqchip and PIT, clock.
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_msr_entry, kvm_pit_config, kvm_pit_state2,
+    kvm_userspace_memory_region, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
+
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::vcpu::{Vcpu, VcpuError};
+
+/// VM errors.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    Open(kvm_ioctls::Error),
+    /// A KVM VM ioctl failed.
+    #[error("{what} failed: {err}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// errno.
+        err: kvm_ioctls::Error,
+    },
+    /// A vCPU operation failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The saved VM state does not fit this host's VM.
+    #[error("{0}")]
+    Incompatible(String),
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |err| VmError::Kvm { what, err }
+}
+
+/// The one memory slot: all of guest RAM.
+const RAM_SLOT: u32 = 0;
+/// Where KVM may put the VMX TSS (three pages just below 4 GiB, clear of RAM we report).
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+
+/// VM-wide KVM state: interrupt controllers, PIT, clock.
+#[derive(Serialize, Deserialize)]
+pub struct VmKvmState {
+    /// PIC master, PIC slave, IOAPIC; absent when the VM has no in-kernel irqchip.
+    pub irqchip: Option<Vec<kvm_irqchip>>,
+    /// The in-kernel PIT, when there is one.
+    pub pit: Option<kvm_pit_state2>,
+    /// kvmclock.
+    pub clock: kvm_clock_data,
+}
+
+/// A KVM VM with its guest RAM registered.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    ram: Arc<GuestRam>,
+    has_irqchip: bool,
+    has_pit: bool,
+    dirty_logging: bool,
+    cpuid: CpuId,
+    msr_list: Arc<Vec<u32>>,
+}
+
+impl Vm {
+    /// Creates a VM on `ram`. The in-kernel irqchip and PIT are created where the host offers
+    /// them (PVM hosts may not); their absence is recorded, not an error.
+    pub fn new(ram: Arc<GuestRam>) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::Open)?;
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Only VMX needs it; elsewhere the ioctl is harmless or absent.
+        let _ = fd.set_tss_address(KVM_TSS_ADDR);
+        let has_irqchip = fd.create_irq_chip().is_ok();
+        let has_pit = has_irqchip
+            && fd
+                .create_pit2(kvm_pit_config {
+                    flags: KVM_PIT_SPEAKER_DUMMY,
+                    ..Default::default()
+                })
+                .is_ok();
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vm = Vm {
+            kvm,
+            fd,
+            ram,
+            has_irqchip,
+            has_pit,
+            dirty_logging: false,
+            cpuid,
+            msr_list: Arc::new(Vec::new()),
+        };
+        vm.msr_list = Arc::new(vm.saveable_msrs()?);
+        vm.set_memory_slot(false)?;
+        Ok(vm)
+    }
+
+    fn set_memory_slot(&mut self, log_dirty: bool) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot: RAM_SLOT,
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: 0,
+            memory_size: self.ram.size(),
+            userspace_addr: self.ram.host_base() as u64,
+        };
+        // SAFETY: the region is the live mapping of `self.ram`, which this VM keeps alive
+        // through its Arc for as long as the slot exists.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        self.dirty_logging = log_dirty;
+        Ok(())
+    }
+
+    /// Turns KVM's dirty-page logging on or off (it costs a write fault per page per round).
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
+        if on != self.dirty_logging {
+            self.set_memory_slot(on)?;
+        }
+        Ok(())
+    }
+
+    /// Pages written since the last harvest, one bit per page: what the guest wrote (KVM's log,
+    /// which must be on) plus what the VMM itself wrote. Both logs are cleared.
+    pub fn harvest_dirty(&self) -> Result<Vec<u64>, VmError> {
+        if !self.dirty_logging {
+            return Err(VmError::Incompatible(
+                "dirty logging is off: turn it on before harvesting".into(),
+            ));
+        }
+        let mut bits = self
+            .fd
+            .get_dirty_log(RAM_SLOT, self.ram.size() as usize)
+            .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        for (w, v) in bits.iter_mut().zip(self.ram.take_vmm_dirty()) {
+            *w |= v;
+        }
+        Ok(bits)
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// The KVM VM descriptor.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Whether the VM has an in-kernel irqchip.
+    pub fn has_irqchip(&self) -> bool {
+        self.has_irqchip
+    }
+
+    /// Number of guest pages.
+    pub fn pages(&self) -> u64 {
+        self.ram.size() / PAGE_SIZE
+    }
+
+    /// Creates vCPU `index`.
+    pub fn create_vcpu(&self, index: usize) -> Result<Vcpu, VmError> {
+        Ok(Vcpu::new(
+            &self.fd,
+            index,
+            &self.cpuid,
+            self.msr_list.clone(),
+            self.has_irqchip,
+        )?)
+    }
+
+    /// MSRs KVM lists *and* lets us read on this host (some listed ones fail on PVM). A
+    /// throwaway VM answers the probe, so this VM gets no extra vCPU.
+    fn saveable_msrs(&self) -> Result<Vec<u32>, VmError> {
+        let listed = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let scratch = self
+            .kvm
+            .create_vm()
+            .map_err(kvm_err("KVM_CREATE_VM (MSR probe)"))?;
+        let probe = scratch
+            .create_vcpu(0)
+            .map_err(kvm_err("KVM_CREATE_VCPU (MSR probe)"))?;
+        probe
+            .set_cpuid2(&self.cpuid)
+            .map_err(kvm_err("KVM_SET_CPUID2 (MSR probe)"))?;
+        Ok(listed
+            .as_slice()
+            .iter()
+            .copied()
+            .filter(|&index| {
+                let mut one = Msrs::from_entries(&[kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                }])
+                .expect("one MSR entry fits");
+                matches!(probe.get_msrs(&mut one), Ok(1))
+            })
+            .collect())
+    }
+
+    /// Reads the irqchip, PIT and clock (vCPUs paused).
+    pub fn save_state(&self) -> Result<VmKvmState, VmError> {
+        let irqchip = if self.has_irqchip {
+            let mut chips = Vec::new();
+            for id in [
+                KVM_IRQCHIP_PIC_MASTER,
+                KVM_IRQCHIP_PIC_SLAVE,
+                KVM_IRQCHIP_IOAPIC,
+            ] {
+                let mut c = kvm_irqchip {
+                    chip_id: id,
+                    ..Default::default()
+                };
+                self.fd
+                    .get_irqchip(&mut c)
+                    .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+                chips.push(c);
+            }
+            Some(chips)
+        } else {
+            None
+        };
+        let pit = if self.has_pit {
+            Some(self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?)
+        } else {
+            None
+        };
+        let clock = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+        Ok(VmKvmState {
+            irqchip,
+            pit,
+            clock,
+        })
+    }
+
+    /// Writes saved irqchip, PIT and clock state back.
+    pub fn restore_state(&self, s: &VmKvmState) -> Result<(), VmError> {
+        match (&s.irqchip, self.has_irqchip) {
+            (Some(chips), true) => {
+                for c in chips {
+                    self.fd.set_irqchip(c).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+                }
+            }
+            (None, false) => {}
+            _ => {
+                return Err(VmError::Incompatible(
+                    "the saved VM and this host disagree on having an in-kernel irqchip".into(),
+                ))
+            }
+        }
+        match (&s.pit, self.has_pit) {
+            (Some(p), true) => self.fd.set_pit2(p).map_err(kvm_err("KVM_SET_PIT2"))?,
+            (None, false) => {}
+            _ => {
+                return Err(VmError::Incompatible(
+                    "the saved VM and this host disagree on having an in-kernel PIT".into(),
+                ))
+            }
+        }
+        let clock = kvm_clock_data {
+            clock: s.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))
+    }
+}

@@ -1,0 +1,395 @@
+//! A whole VM: memory, KVM VM, devices and vCPU threads, built from a kernel or from a saved
+//! state, and the operations the control API exposes on it.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootEntry, EntryPreference};
+use crate::devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
+use crate::devices::pv::{GuestCommand, PvDevice, PvState, PV_BASE, PV_LEN};
+use crate::devices::serial::{self, SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
+use crate::devices::{lock, IoBus};
+use crate::memory::GuestRam;
+use crate::state::{DeviceStates, MachineConfig, VmState, MEMORY_FILE, STATE_FILE};
+use crate::vcpu::{VcpuEvent, VcpuHandle};
+use crate::vm::Vm;
+
+/// Largest number of vCPUs a VM may have.
+pub const MAX_VCPUS: usize = 8;
+
+/// VMM errors: each says what failed, for the CLI and the API to show as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// Invalid configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Memory.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// Kernel loading.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// KVM VM.
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+    /// vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuError),
+    /// State file.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    /// Host I/O.
+    #[error("{what}: {err}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        err: std::io::Error,
+    },
+    /// The request does not fit the VM's current state.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
+    let what = what.into();
+    move |err| VmmError::Io { what, err }
+}
+
+/// How to build a fresh VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel: spanguest ELF, any PVH ELF, or a Linux bzImage.
+    pub kernel: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Initrd (bzImage only).
+    pub initrd: Option<PathBuf>,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: usize,
+    /// Console: `stdout`, `none` or a file path.
+    pub serial: String,
+    /// Entry to use when the kernel offers both.
+    pub entry: EntryPreference,
+}
+
+/// Run state as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// vCPUs running.
+    Running,
+    /// vCPUs paused.
+    Paused,
+}
+
+/// `GET /vm`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    /// Running or paused.
+    pub state: RunState,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Guest TSC frequency, kHz.
+    pub tsc_khz: u32,
+    /// Whether the guest registered its mailbox (spanguest).
+    pub guest_mailbox: bool,
+    /// Milliseconds since this process started the VM.
+    pub uptime_ms: u64,
+    /// The VM came from a saved state.
+    pub restored: bool,
+    /// The host's KVM is PVM.
+    pub pvm: bool,
+}
+
+/// A running VM.
+pub struct Vmm {
+    vm: Vm,
+    vcpus: Vec<VcpuHandle>,
+    serial: Arc<Mutex<SerialDevice>>,
+    pv: Arc<Mutex<PvDevice>>,
+    machine: MachineConfig,
+    state: RunState,
+    started: Instant,
+    restored: bool,
+}
+
+/// Devices of a VM, before the bus is sealed.
+struct Devices {
+    serial: Arc<Mutex<SerialDevice>>,
+    pv: Arc<Mutex<PvDevice>>,
+    bus: Arc<IoBus>,
+}
+
+fn build_devices(
+    vm: &Vm,
+    serial_spec: &str,
+    serial_state: Option<&serial::SerialDeviceState>,
+    tsc_khz: u32,
+    pv_state: PvState,
+) -> Result<Devices, VmmError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial eventfd"))?;
+    if vm.has_irqchip() {
+        vm.fd()
+            .register_irqfd(&irq, COM1_GSI)
+            .map_err(|e| VmmError::Io {
+                what: "KVM_IRQFD for the serial port".into(),
+                err: std::io::Error::from_raw_os_error(e.errno()),
+            })?;
+    }
+    let sink =
+        serial::open_sink(serial_spec).map_err(io_err(format!("serial output {serial_spec}")))?;
+    let uart = match serial_state {
+        Some(s) => SerialDevice::from_state(irq, sink, s).map_err(io_err("serial state"))?,
+        None => SerialDevice::new(irq, sink),
+    };
+    let serial = Arc::new(Mutex::new(uart));
+    let pv = Arc::new(Mutex::new(PvDevice::new(tsc_khz, pv_state)));
+    let mut bus = IoBus::default();
+    let conflict = |e: crate::devices::PortConflict| VmmError::Config(e.to_string());
+    bus.insert(COM1_BASE, COM1_LEN, serial.clone())
+        .map_err(conflict)?;
+    bus.insert(PV_BASE, PV_LEN, pv.clone()).map_err(conflict)?;
+    let kbd = Arc::new(Mutex::new(I8042));
+    bus.insert(DATA_PORT, 1, kbd.clone()).map_err(conflict)?;
+    bus.insert(COMMAND_PORT, 1, kbd).map_err(conflict)?;
+    Ok(Devices {
+        serial,
+        pv,
+        bus: Arc::new(bus),
+    })
+}
+
+impl Vmm {
+    /// Builds and starts a VM: KVM → memory → kernel → devices → vCPUs.
+    pub fn boot(cfg: &VmConfig, events: Sender<VcpuEvent>) -> Result<Self, VmmError> {
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+            return Err(VmmError::Config(format!(
+                "--vcpus {} is out of range 1..={MAX_VCPUS}",
+                cfg.vcpus
+            )));
+        }
+        if cfg.mem_mib < 16 || !cfg.mem_mib.is_multiple_of(2) || cfg.mem_mib > (1 << 20) {
+            return Err(VmmError::Config(format!(
+                "--memory {} MiB: use an even number of MiB from 16 up",
+                cfg.mem_mib
+            )));
+        }
+        let ram = Arc::new(GuestRam::new(cfg.mem_mib << 20)?);
+        let vm = Vm::new(ram.clone())?;
+        let entry = boot::load_kernel(
+            &ram,
+            &cfg.kernel,
+            &cfg.cmdline,
+            cfg.initrd.as_deref(),
+            cfg.entry,
+        )?;
+        if cfg.vcpus > 1 && !matches!(entry, BootEntry::Direct { .. }) && crate::host_is_pvm() {
+            return Err(VmmError::Config(
+                "more than one vCPU needs spanguest's direct entry on this host (PVM cannot \
+                 deliver the startup IPIs a PVH or Linux guest would send)"
+                    .into(),
+            ));
+        }
+        // Loading the kernel is not the guest's doing: start the VMM's dirty log clean.
+        ram.take_vmm_dirty();
+        let vcpus = (0..cfg.vcpus)
+            .map(|i| vm.create_vcpu(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        for v in &vcpus {
+            v.configure_boot(&entry, cfg.vcpus)?;
+        }
+        let tsc_khz = vcpus[0].tsc_khz()?;
+        let dev = build_devices(&vm, &cfg.serial, None, tsc_khz, PvState::default())?;
+        let machine = MachineConfig {
+            mem_bytes: ram.size(),
+            vcpus: cfg.vcpus,
+            tsc_khz,
+            cmdline: cfg.cmdline.clone(),
+        };
+        let handles = vcpus
+            .into_iter()
+            .map(|v| v.start(dev.bus.clone(), events.clone(), false))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Vmm {
+            vm,
+            vcpus: handles,
+            serial: dev.serial,
+            pv: dev.pv,
+            machine,
+            state: RunState::Running,
+            started: Instant::now(),
+            restored: false,
+        })
+    }
+
+    /// Rebuilds a VM saved by [`Vmm::save`] and runs it (or leaves it paused).
+    pub fn restore(
+        dir: &Path,
+        serial_spec: &str,
+        events: Sender<VcpuEvent>,
+        start_paused: bool,
+    ) -> Result<Self, VmmError> {
+        let state = VmState::read_file(&dir.join(STATE_FILE))?;
+        let m = &state.machine;
+        if m.vcpus > MAX_VCPUS {
+            return Err(VmmError::Config(format!(
+                "saved VM has {} vCPUs, at most {MAX_VCPUS} supported",
+                m.vcpus
+            )));
+        }
+        let ram = Arc::new(GuestRam::new(m.mem_bytes)?);
+        ram.load_sparse(&dir.join(MEMORY_FILE))?;
+        let vm = Vm::new(ram)?;
+        let vcpus = (0..m.vcpus)
+            .map(|i| vm.create_vcpu(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (v, s) in vcpus.iter().zip(&state.vcpus) {
+            v.restore(s)?;
+        }
+        vm.restore_state(&state.vm)?;
+        let dev = build_devices(
+            &vm,
+            serial_spec,
+            Some(&state.devices.serial),
+            m.tsc_khz,
+            state.devices.pv.clone(),
+        )?;
+        let handles = vcpus
+            .into_iter()
+            .map(|v| v.start(dev.bus.clone(), events.clone(), start_paused))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Vmm {
+            vm,
+            vcpus: handles,
+            serial: dev.serial,
+            pv: dev.pv,
+            machine: state.machine.clone(),
+            state: if start_paused {
+                RunState::Paused
+            } else {
+                RunState::Running
+            },
+            started: Instant::now(),
+            restored: true,
+        })
+    }
+
+    /// Current status.
+    pub fn status(&self) -> VmStatus {
+        VmStatus {
+            state: self.state,
+            vcpus: self.machine.vcpus,
+            memory_mib: self.machine.mem_bytes >> 20,
+            tsc_khz: self.machine.tsc_khz,
+            guest_mailbox: lock(&self.pv).state.mailbox.is_some(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            restored: self.restored,
+            pvm: crate::host_is_pvm(),
+        }
+    }
+
+    /// Pauses every vCPU (no-op when paused).
+    pub fn pause(&mut self) -> Result<(), VmmError> {
+        if self.state == RunState::Paused {
+            return Ok(());
+        }
+        for v in &self.vcpus {
+            v.pause()?;
+        }
+        self.state = RunState::Paused;
+        Ok(())
+    }
+
+    /// Resumes every vCPU (no-op when running).
+    pub fn resume(&mut self) -> Result<(), VmmError> {
+        if self.state == RunState::Running {
+            return Ok(());
+        }
+        for v in &self.vcpus {
+            v.resume()?;
+        }
+        self.state = RunState::Running;
+        Ok(())
+    }
+
+    /// Captures the whole VM state except memory (vCPUs must be paused).
+    pub fn capture_state(&self) -> Result<VmState, VmmError> {
+        if self.state != RunState::Paused {
+            return Err(VmmError::Conflict("pause the VM before saving it".into()));
+        }
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| v.save())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmState {
+            machine: self.machine.clone(),
+            vcpus,
+            vm: self.vm.save_state()?,
+            devices: DeviceStates {
+                serial: lock(&self.serial).state(),
+                pv: lock(&self.pv).state.clone(),
+            },
+        })
+    }
+
+    /// Saves the VM into `dir` (state file + sparse memory image). A running VM is paused for
+    /// the duration and resumed afterwards. Returns the bytes of memory written.
+    pub fn save(&mut self, dir: &Path) -> Result<u64, VmmError> {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
+        let was_running = self.state == RunState::Running;
+        self.pause()?;
+        let result = self.capture_state().and_then(|state| {
+            let written = self.vm.ram().save_sparse(&dir.join(MEMORY_FILE))?;
+            state.write_file(&dir.join(STATE_FILE))?;
+            Ok(written)
+        });
+        if was_running {
+            self.resume()?;
+        }
+        result
+    }
+
+    /// Posts a command to the guest's mailbox (spanguest).
+    pub fn guest_command(&self, cmd: GuestCommand) -> Result<u64, VmmError> {
+        let mut pv = lock(&self.pv);
+        let mailbox = pv.state.mailbox.ok_or_else(|| {
+            VmmError::Conflict("the guest has not registered a mailbox (is it spanguest?)".into())
+        })?;
+        let seq = pv.state.command_seq + 1;
+        let ram = self.vm.ram();
+        ram.write(mailbox + 8, &(cmd as u64).to_le_bytes())?;
+        // The guest reads the command once it sees the new sequence number.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        ram.write(mailbox, &seq.to_le_bytes())?;
+        pv.state.command_seq = seq;
+        Ok(seq)
+    }
+
+    /// The machine's shape.
+    pub fn machine(&self) -> &MachineConfig {
+        &self.machine
+    }
+
+    /// The KVM VM (memory, dirty log).
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+
+    /// Stops every vCPU thread.
+    pub fn shutdown(self) {
+        for v in self.vcpus {
+            v.stop();
+        }
+    }
+}

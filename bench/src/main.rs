@@ -1,0 +1,231 @@
+//! spanvmm benchmarks, each side by side with QEMU on the same spanguest ELF in the same run.
+//! Results are written as JSON under bench/results/.
+//!
+//! `spanvmm-bench boot [--runs N]`: wall time from process start to `SPANGUEST ready`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ lives in the repository")
+        .to_path_buf()
+}
+
+/// The spanvmm binary: $SPANVMM_BIN, else the one built next to this benchmark.
+fn spanvmm_bin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SPANVMM_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe()?;
+    let p = me.with_file_name("spanvmm");
+    if !p.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release) or set SPANVMM_BIN",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn guest_elf() -> anyhow::Result<PathBuf> {
+    let p = repo_root().join("target/guest-images/spanguest.elf");
+    if !p.exists() {
+        bail!("{} not found: run guest-images/build.sh", p.display());
+    }
+    Ok(p)
+}
+
+/// Spawns `cmd` and returns the time until a stdout line contains `needle`; kills it after.
+fn time_to_line(cmd: &mut Command, needle: &'static str, timeout: Duration) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    let mut out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                let _ = tx.send(t0.elapsed());
+                return;
+            }
+        }
+    });
+    let got = rx.recv_timeout(timeout);
+    let _ = child.kill();
+    let _ = child.wait();
+    match got {
+        Ok(d) => Ok(d.as_secs_f64() * 1e3),
+        Err(_) => bail!("{cmd:?}: no {needle:?} within {timeout:?}"),
+    }
+}
+
+#[derive(Serialize)]
+struct Series {
+    name: String,
+    command: String,
+    times_ms: Vec<f64>,
+    min_ms: f64,
+    median_ms: f64,
+}
+
+fn series(name: &str, runs: usize, mut make: impl FnMut() -> Command) -> anyhow::Result<Series> {
+    let mut times = Vec::new();
+    let mut command = String::new();
+    for _ in 0..runs {
+        let mut cmd = make();
+        command = format!("{cmd:?}");
+        times.push(time_to_line(
+            &mut cmd,
+            "SPANGUEST ready",
+            Duration::from_secs(60),
+        )?);
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2]
+    } else {
+        (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
+    };
+    eprintln!(
+        "{name:>16}: min {:8.1} ms  median {median:8.1} ms",
+        sorted[0]
+    );
+    Ok(Series {
+        name: name.into(),
+        command,
+        times_ms: times,
+        min_ms: sorted[0],
+        median_ms: median,
+    })
+}
+
+#[derive(Serialize)]
+struct BootReport {
+    benchmark: &'static str,
+    unix_time: u64,
+    host_kernel: String,
+    pvm: bool,
+    guest: String,
+    cmdline: String,
+    memory_mib: u64,
+    runs: usize,
+    series: Vec<Series>,
+    spanvmm_median_ms: f64,
+    qemu_best_ms: f64,
+    ratio_spanvmm_median_to_qemu_best: f64,
+    goal: &'static str,
+    goal_met: bool,
+}
+
+fn boot(runs: usize, out: &Path) -> anyhow::Result<()> {
+    let spanvmm = spanvmm_bin()?;
+    let elf = guest_elf()?;
+    let cmdline = "workload=idle mib=8 report_ms=0";
+    let mem = 256u64;
+    let mem_s = mem.to_string();
+    let qemu = |machine: &str| {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-enable-kvm", "-M", machine, "-cpu", "host", "-m", &mem_s])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-serial",
+                "stdio",
+            ])
+            .arg("-kernel")
+            .arg(&elf)
+            .args(["-append", cmdline]);
+        c
+    };
+    let span = |entry: &str| {
+        let mut c = Command::new(&spanvmm);
+        c.arg("run").arg("--kernel").arg(&elf).args([
+            "--cmdline",
+            cmdline,
+            "--memory",
+            &mem_s,
+            "--entry",
+            entry,
+        ]);
+        c
+    };
+    let all = vec![
+        series("spanvmm", runs, || span("direct"))?,
+        series("spanvmm-pvh", runs, || span("pvh"))?,
+        series("qemu-microvm", runs, || qemu("microvm"))?,
+        series("qemu-pc", runs, || qemu("pc"))?,
+    ];
+    let span_median = all[0].median_ms;
+    let qemu_best = all[2].min_ms.min(all[3].min_ms);
+    let ratio = span_median / qemu_best;
+    let report = BootReport {
+        benchmark: "boot",
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+        host_kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .into(),
+        pvm: Path::new("/sys/module/kvm_pvm").exists(),
+        guest: elf.display().to_string(),
+        cmdline: cmdline.into(),
+        memory_mib: mem,
+        runs,
+        series: all,
+        spanvmm_median_ms: span_median,
+        qemu_best_ms: qemu_best,
+        ratio_spanvmm_median_to_qemu_best: ratio,
+        goal: "spanvmm median <= 1/5 of QEMU's best",
+        goal_met: ratio <= 0.2,
+    };
+    std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!(
+        "spanvmm median {span_median:.1} ms vs QEMU best {qemu_best:.1} ms: ratio {ratio:.3} (goal <= 0.2: {})",
+        if ratio <= 0.2 { "met" } else { "NOT met" }
+    );
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut runs = 10usize;
+    let mut out = None;
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--runs" => runs = it.next().context("--runs N")?.parse()?,
+            "--out" => out = Some(PathBuf::from(it.next().context("--out FILE")?)),
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    match args.first().map(String::as_str) {
+        Some("boot") => boot(
+            runs,
+            &out.unwrap_or_else(|| repo_root().join("bench/results/boot.json")),
+        ),
+        _ => bail!("usage: spanvmm-bench boot [--runs N] [--out FILE]"),
+    }
+}

@@ -1,0 +1,320 @@
+//! The control API: HTTP/1.1 + JSON on a Unix socket (mode 0600), one request per connection.
+//! The server parses and validates; the VMM's main loop executes. See docs/api.yaml.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use base_vmm::devices::pv::GuestCommand;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Longest request head (request line + headers) accepted.
+const MAX_HEAD: usize = 16 << 10;
+/// Longest request body accepted.
+const MAX_BODY: usize = 64 << 10;
+/// Connections served at once; more are answered 503 straight away.
+const MAX_CONNECTIONS: usize = 16;
+/// A client that sends nothing for this long is dropped.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An operation the VMM's main loop performs for the API.
+#[derive(Debug)]
+pub enum ApiRequest {
+    /// `GET /vm`
+    Status,
+    /// `PUT /vm/pause`
+    Pause,
+    /// `PUT /vm/resume`
+    Resume,
+    /// `PUT /vm/shutdown`
+    Shutdown,
+    /// `PUT /vm/save {"dir": ...}`
+    Save(PathBuf),
+    /// `PUT /guest/command {"command": ...}`
+    GuestCommand(GuestCommand),
+}
+
+/// The main loop's answer: a JSON body, or an HTTP status with a message.
+pub type ApiResult = Result<Value, (u16, String)>;
+
+/// A request with the channel its answer goes back on.
+pub type ApiCall = (ApiRequest, Sender<ApiResult>);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaveBody {
+    dir: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandBody {
+    command: String,
+}
+
+fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, (u16, String)> {
+    serde_json::from_slice(body).map_err(|e| (400, format!("invalid JSON body: {e}")))
+}
+
+/// Maps method + path + body to a request, or an HTTP error.
+pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, (u16, String)> {
+    let put = matches!(method, "PUT" | "POST");
+    let req = match (path, method) {
+        ("/vm", "GET") => ApiRequest::Status,
+        ("/vm/pause", _) if put => ApiRequest::Pause,
+        ("/vm/resume", _) if put => ApiRequest::Resume,
+        ("/vm/shutdown", _) if put => ApiRequest::Shutdown,
+        ("/vm/save", _) if put => ApiRequest::Save(parse_body::<SaveBody>(body)?.dir),
+        ("/guest/command", _) if put => {
+            let c: CommandBody = parse_body(body)?;
+            ApiRequest::GuestCommand(match c.command.as_str() {
+                "verify" => GuestCommand::Verify,
+                "reset-stall" => GuestCommand::ResetStall,
+                "power-off" => GuestCommand::PowerOff,
+                other => {
+                    return Err((
+                        400,
+                        format!("unknown guest command {other:?} (verify, reset-stall, power-off)"),
+                    ))
+                }
+            })
+        }
+        (
+            "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/save" | "/guest/command",
+            m,
+        ) => return Err((405, format!("method {m} is not allowed on {path}"))),
+        _ => return Err((404, format!("no such endpoint: {path}"))),
+    };
+    Ok(req)
+}
+
+/// Binds the API socket with mode 0600. A stale socket file (nobody listening) is replaced;
+/// a live one is an error.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("API socket {} is in use by a running VMM", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("remove stale API socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("bind API socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves the API forever on its own thread, handing each request to `calls`.
+pub fn serve(listener: UnixListener, calls: Sender<ApiCall>) {
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            let open = Arc::new(AtomicUsize::new(0));
+            for mut stream in listener.incoming().flatten() {
+                if open.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    let _ = respond(
+                        &mut stream,
+                        Err((503, "too many open API connections".into())),
+                    );
+                    continue;
+                }
+                open.fetch_add(1, Ordering::SeqCst);
+                let (calls, mine) = (calls.clone(), open.clone());
+                // One thread per connection: a slow or silent client only delays itself.
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("api-conn".into())
+                        .spawn(move || {
+                            let _ = handle_connection(stream, &calls);
+                            mine.fetch_sub(1, Ordering::SeqCst);
+                        });
+                if spawned.is_err() {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .expect("cannot start the API thread");
+}
+
+fn handle_connection(stream: UnixStream, calls: &Sender<ApiCall>) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut out = stream.try_clone()?;
+    let result = match read_request(stream) {
+        Ok((method, path, body)) => match route(&method, &path, &body) {
+            Ok(req) => {
+                let (tx, rx) = mpsc::channel();
+                if calls.send((req, tx)).is_err() {
+                    Err((503, "the VMM is shutting down".to_string()))
+                } else {
+                    rx.recv()
+                        .unwrap_or_else(|_| Err((503, "the VMM is shutting down".to_string())))
+                }
+            }
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    respond(&mut out, result)
+}
+
+fn respond(out: &mut UnixStream, result: ApiResult) -> std::io::Result<()> {
+    let (code, body) = match result {
+        Ok(v) => (200, v),
+        Err((code, msg)) => (code, json!({ "error": msg })),
+    };
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    write!(
+        out,
+        "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        reason(code),
+        body.len()
+    )?;
+    out.write_all(&body)
+}
+
+fn reason(code: u16) -> &'static str {
+    match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Payload Too Large",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    }
+}
+
+/// Reads one request: (method, path, body), enforcing size limits.
+fn read_request(stream: UnixStream) -> Result<(String, String, Vec<u8>), (u16, String)> {
+    let bad = |m: &str| (400, m.to_string());
+    let mut reader = BufReader::new(stream);
+    let mut head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        let n = reader
+            .by_ref()
+            .take((MAX_HEAD - head.len()) as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| bad(&format!("cannot read request: {e}")))?;
+        if n == 0 {
+            return Err(bad("connection closed before the request was complete"));
+        }
+        head.extend_from_slice(&line);
+        if head.len() > MAX_HEAD {
+            return Err((413, format!("request head exceeds {MAX_HEAD} bytes")));
+        }
+        if line == b"\r\n" || line == b"\n" {
+            break;
+        }
+    }
+    let head = String::from_utf8(head).map_err(|_| bad("request head is not UTF-8"))?;
+    let mut lines = head.lines();
+    let mut parts = lines.next().unwrap_or("").split_whitespace();
+    let (method, path, version) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(m), Some(p), Some(v)) => (m, p, v),
+        _ => return Err(bad("malformed request line")),
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Err(bad("only HTTP/1.x is spoken here"));
+    }
+    let mut content_length = 0usize;
+    for h in lines {
+        if let Some((name, value)) = h.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                content_length = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad("invalid Content-Length"))?;
+            }
+            if name.trim().eq_ignore_ascii_case("transfer-encoding") {
+                return Err(bad("chunked bodies are not supported; send Content-Length"));
+            }
+        }
+    }
+    if content_length > MAX_BODY {
+        return Err((413, format!("body exceeds {MAX_BODY} bytes")));
+    }
+    let mut body = vec![0u8; content_length];
+    reader
+        .read_exact(&mut body)
+        .map_err(|e| bad(&format!("body shorter than Content-Length: {e}")))?;
+    Ok((method.to_string(), path.to_string(), body))
+}
+
+/// Client side: sends one request, returns (status, JSON body).
+pub fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot connect to the VMM's API socket {} (is `spanvmm run --api-socket` running?)",
+            socket.display()
+        )
+    })?;
+    // Saving a large VM takes a while; a VMM that hangs must not hang its client forever.
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).context("read API response")?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .context("malformed API response")?;
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("malformed API status line")?;
+    let value = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
+    Ok((code, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_rejects() {
+        assert!(matches!(route("GET", "/vm", b""), Ok(ApiRequest::Status)));
+        assert!(matches!(
+            route("PUT", "/vm/pause", b""),
+            Ok(ApiRequest::Pause)
+        ));
+        assert!(matches!(
+            route("PUT", "/vm/save", br#"{"dir":"/tmp/x"}"#),
+            Ok(ApiRequest::Save(_))
+        ));
+        assert_eq!(route("DELETE", "/vm", b"").unwrap_err().0, 405);
+        assert_eq!(route("GET", "/nope", b"").unwrap_err().0, 404);
+        assert_eq!(route("PUT", "/vm/save", b"{").unwrap_err().0, 400);
+        assert_eq!(
+            route("PUT", "/vm/save", br#"{"dir":"/x","y":1}"#)
+                .unwrap_err()
+                .0,
+            400
+        );
+        assert_eq!(
+            route("PUT", "/guest/command", br#"{"command":"dance"}"#)
+                .unwrap_err()
+                .0,
+            400
+        );
+    }
+}

@@ -1,0 +1,284 @@
+//! spanvmm: the command line. `spanvmm run` starts a VM (one process per VM) and serves its
+//! control API; `spanvmm ctl` talks to that API.
+
+mod api;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc;
+
+use anyhow::Context;
+use base_vmm::boot::EntryPreference;
+use base_vmm::vcpu::{VcpuEvent, VcpuExitReason};
+use base_vmm::vmm::{VmConfig, Vmm, VmmError};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use api::{ApiCall, ApiRequest, ApiResult};
+
+#[derive(Parser)]
+#[command(
+    name = "spanvmm",
+    version,
+    about = "A minimal KVM VMM with plug-in hypervisor services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Entry {
+    /// spanguest's direct 64-bit CPL3 entry when the kernel has it, else PVH.
+    Direct,
+    /// Always the PVH 32-bit entry (what QEMU does).
+    Pvh,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a VM, from a kernel or from a saved state.
+    Run {
+        /// Kernel: spanguest ELF, another PVH ELF, or a Linux bzImage.
+        #[arg(long, required_unless_present = "restore")]
+        kernel: Option<PathBuf>,
+        /// Kernel command line.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Initrd for a bzImage kernel.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u64,
+        /// Number of vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: usize,
+        /// Serial console output: stdout, none, or a file path.
+        #[arg(long, default_value = "stdout")]
+        serial: String,
+        /// Control API socket.
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+        /// Restore the VM saved in this directory instead of booting.
+        #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+        restore: Option<PathBuf>,
+        /// With --restore: stay paused until `spanvmm ctl resume`.
+        #[arg(long, requires = "restore")]
+        paused: bool,
+        /// Boot entry for kernels that offer several.
+        #[arg(long, value_enum, default_value = "direct")]
+        entry: Entry,
+    },
+    /// Control a running VM through its API socket.
+    Ctl {
+        /// The VM's API socket.
+        #[arg(long)]
+        api_socket: PathBuf,
+        #[command(subcommand)]
+        op: CtlOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlOp {
+    /// Show the VM's status.
+    Status,
+    /// Pause every vCPU.
+    Pause,
+    /// Resume every vCPU.
+    Resume,
+    /// Stop the VM and its process.
+    Shutdown,
+    /// Save the VM (state + memory) to a directory; it keeps running afterwards.
+    Save {
+        /// Target directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Send a command to the guest (spanguest's mailbox).
+    Guest {
+        /// verify, reset-stall or power-off.
+        command: String,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().cmd {
+        Command::Run {
+            kernel,
+            cmdline,
+            initrd,
+            memory,
+            vcpus,
+            serial,
+            api_socket,
+            restore,
+            paused,
+            entry,
+        } => {
+            let source = match (restore, kernel) {
+                (Some(dir), _) => Source::Restore { dir, paused },
+                (None, Some(kernel)) => Source::Boot(VmConfig {
+                    kernel,
+                    cmdline,
+                    initrd,
+                    mem_mib: memory,
+                    vcpus,
+                    serial: serial.clone(),
+                    entry: match entry {
+                        Entry::Direct => EntryPreference::Direct,
+                        Entry::Pvh => EntryPreference::Pvh,
+                    },
+                }),
+                (None, None) => unreachable!("clap requires --kernel without --restore"),
+            };
+            match run(source, &serial, api_socket.as_deref()) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("spanvmm: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Ctl { api_socket, op } => match ctl(&api_socket, op) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("spanvmm ctl: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+enum Source {
+    Boot(VmConfig),
+    Restore { dir: PathBuf, paused: bool },
+}
+
+enum Msg {
+    Vcpu(VcpuEvent),
+    Api(ApiCall),
+}
+
+/// Runs a VM until it powers off or is shut down; returns the process exit status.
+fn run(source: Source, serial: &str, api_socket: Option<&Path>) -> anyhow::Result<u8> {
+    // Bind first: a busy socket must fail before a VM exists.
+    let listener = api_socket.map(api::bind).transpose()?;
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let (vcpu_tx, vcpu_rx) = mpsc::channel::<VcpuEvent>();
+    let fwd = tx.clone();
+    std::thread::spawn(move || {
+        for ev in vcpu_rx {
+            if fwd.send(Msg::Vcpu(ev)).is_err() {
+                break;
+            }
+        }
+    });
+    let mut vmm = match source {
+        Source::Boot(cfg) => Vmm::boot(&cfg, vcpu_tx),
+        Source::Restore { dir, paused } => Vmm::restore(&dir, serial, vcpu_tx, paused)
+            .with_context(|| format!("cannot restore the VM saved in {}", dir.display()))
+            .map_err(|e| VmmError::Conflict(format!("{e:#}"))),
+    }?;
+    if let Some(listener) = listener {
+        let (api_tx, api_rx) = mpsc::channel::<ApiCall>();
+        api::serve(listener, api_tx);
+        let fwd = tx.clone();
+        std::thread::spawn(move || {
+            for call in api_rx {
+                if fwd.send(Msg::Api(call)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let code = loop {
+        match rx.recv() {
+            Ok(Msg::Api((ApiRequest::Shutdown, reply))) => {
+                let _ = reply.send(Ok(json!({"state": "shutdown"})));
+                break 0;
+            }
+            Ok(Msg::Api((req, reply))) => {
+                let _ = reply.send(handle(&mut vmm, req));
+            }
+            Ok(Msg::Vcpu(ev)) => match ev.reason {
+                VcpuExitReason::PowerOff(code) => break code,
+                VcpuExitReason::Reset => break 0,
+                other => {
+                    eprintln!("spanvmm: vCPU {} stopped: {other:?}", ev.index);
+                    break 1;
+                }
+            },
+            Err(_) => break 0,
+        }
+    };
+    vmm.shutdown();
+    if let Some(p) = api_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(code)
+}
+
+fn handle(vmm: &mut Vmm, req: ApiRequest) -> ApiResult {
+    let status = |vmm: &Vmm| serde_json::to_value(vmm.status()).map_err(|e| (500, e.to_string()));
+    let fail = |e: VmmError| {
+        let code = match e {
+            VmmError::Conflict(_) => 409,
+            VmmError::Io { .. } | VmmError::State(_) => 400,
+            _ => 500,
+        };
+        (code, e.to_string())
+    };
+    match req {
+        ApiRequest::Status => status(vmm),
+        ApiRequest::Pause => vmm.pause().map_err(fail).and_then(|_| status(vmm)),
+        ApiRequest::Resume => vmm.resume().map_err(fail).and_then(|_| status(vmm)),
+        ApiRequest::Save(dir) => {
+            if !dir.is_absolute() {
+                return Err((
+                    400,
+                    format!("save dir {} must be an absolute path", dir.display()),
+                ));
+            }
+            let t = std::time::Instant::now();
+            let bytes = vmm.save(&dir).map_err(fail)?;
+            Ok(json!({
+                "dir": dir,
+                "memory_bytes_written": bytes,
+                "ms": t.elapsed().as_secs_f64() * 1e3,
+            }))
+        }
+        ApiRequest::GuestCommand(cmd) => vmm
+            .guest_command(cmd)
+            .map(|seq| json!({ "seq": seq }))
+            .map_err(fail),
+        ApiRequest::Shutdown => unreachable!("handled by the main loop"),
+    }
+}
+
+fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
+    let (method, path, body): (&str, &str, Option<Value>) = match &op {
+        CtlOp::Status => ("GET", "/vm", None),
+        CtlOp::Pause => ("PUT", "/vm/pause", None),
+        CtlOp::Resume => ("PUT", "/vm/resume", None),
+        CtlOp::Shutdown => ("PUT", "/vm/shutdown", None),
+        CtlOp::Save { dir } => {
+            let dir = std::path::absolute(dir).context("resolve --dir")?;
+            ("PUT", "/vm/save", Some(json!({ "dir": dir })))
+        }
+        CtlOp::Guest { command } => ("PUT", "/guest/command", Some(json!({ "command": command }))),
+    };
+    let (code, value) = api::call(socket, method, path, body.as_ref())?;
+    if code != 200 {
+        let msg = value
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
+        anyhow::bail!("{msg} (HTTP {code})");
+    }
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}

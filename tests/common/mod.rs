@@ -1,0 +1,318 @@
+//! Shared end-to-end test harness: spawns real `spanvmm` processes on real KVM with spanguest,
+//! collects the guest's serial lines, and drives the control API through `spanvmm ctl`.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The spanvmm binary under test.
+pub fn spanvmm() -> &'static str {
+    env!("CARGO_BIN_EXE_spanvmm")
+}
+
+/// spanguest, built by `guest-images/build.sh`.
+pub fn guest_elf() -> PathBuf {
+    let p = std::env::var_os("SPANGUEST_ELF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest-images/spanguest.elf")
+        });
+    assert!(
+        p.exists(),
+        "spanguest not found at {} — build it with guest-images/build.sh",
+        p.display()
+    );
+    p
+}
+
+/// A fresh scratch directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("spanvmm-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[derive(Default)]
+struct Output {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// A running `spanvmm run` process.
+pub struct VmProcess {
+    child: Child,
+    out: Arc<(Mutex<Output>, Condvar)>,
+    pub api: PathBuf,
+    pub dir: TempDir,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// Parses `key=value` fields of a spanguest line.
+pub fn fields(line: &str) -> HashMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A numeric field of a spanguest line.
+pub fn num(line: &str, key: &str) -> u64 {
+    fields(line)
+        .get(key)
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("{key}= is not a number in {line:?}"))
+}
+
+impl VmProcess {
+    /// Starts `spanvmm run` with `args` plus a console on stdout and an API socket.
+    pub fn start(tag: &str, args: &[&str]) -> Self {
+        let dir = TempDir::new(tag);
+        let api = dir.path().join("api.sock");
+        let mut child = Command::new(spanvmm())
+            .arg("run")
+            .args(args)
+            .args(["--serial", "stdout", "--api-socket"])
+            .arg(&api)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn spanvmm");
+        let out = Arc::new((Mutex::new(Output::default()), Condvar::new()));
+        let o = out.clone();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let (m, c) = &*o;
+                m.lock().unwrap().lines.push(line);
+                c.notify_all();
+            }
+            let (m, c) = &*o;
+            m.lock().unwrap().closed = true;
+            c.notify_all();
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let e = stderr.clone();
+        let child_err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(child_err).lines().map_while(Result::ok) {
+                e.lock().unwrap().push_str(&line);
+                e.lock().unwrap().push('\n');
+            }
+        });
+        VmProcess {
+            child,
+            out,
+            api,
+            dir,
+            stderr,
+        }
+    }
+
+    /// Boots spanguest with `cmdline` on `mem_mib` MiB and `vcpus` vCPUs, waiting for `ready`.
+    pub fn boot(tag: &str, cmdline: &str, mem_mib: u64, vcpus: usize) -> Self {
+        let kernel = guest_elf();
+        let mem = mem_mib.to_string();
+        let n = vcpus.to_string();
+        let vm = Self::start(
+            tag,
+            &[
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--cmdline",
+                cmdline,
+                "--memory",
+                &mem,
+                "--vcpus",
+                &n,
+            ],
+        );
+        vm.wait_line("SPANGUEST ready", Duration::from_secs(60));
+        vm
+    }
+
+    /// Index of the next line to be printed (for waiting on lines after some point).
+    pub fn mark(&self) -> usize {
+        self.out.0.lock().unwrap().lines.len()
+    }
+
+    /// All lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.out.0.lock().unwrap().lines.clone()
+    }
+
+    /// Waits for a line at index ≥ `from` that contains `needle`.
+    pub fn wait_line_from(&self, from: usize, needle: &str, timeout: Duration) -> String {
+        self.wait_matching(from, timeout, needle, |l| l.contains(needle))
+    }
+
+    /// Waits for any line containing `needle`.
+    pub fn wait_line(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_line_from(0, needle, timeout)
+    }
+
+    /// Waits for `n` distinct lines at index ≥ `from` containing `needle`.
+    pub fn wait_lines_from(
+        &self,
+        from: usize,
+        needle: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got: Vec<String> = self.lines()[from.min(self.mark())..]
+                .iter()
+                .filter(|l| l.contains(needle))
+                .cloned()
+                .collect();
+            if got.len() >= n {
+                return got;
+            }
+            if Instant::now() > deadline {
+                self.fail(&format!("{n} lines with {needle:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_matching(
+        &self,
+        from: usize,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        let (m, c) = &*self.out;
+        let mut g = m.lock().unwrap();
+        loop {
+            if let Some(l) = g.lines.iter().skip(from).find(|l| f(l)) {
+                return l.clone();
+            }
+            if g.lines.iter().any(|l| l.contains("SPANGUEST error")) || g.closed {
+                drop(g);
+                self.fail(what);
+            }
+            let now = Instant::now();
+            if now > deadline {
+                drop(g);
+                self.fail(what);
+            }
+            g = c.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        let lines = self.lines();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        panic!(
+            "waiting for {what}: not seen.\n--- guest output (last 30 lines) ---\n{tail}\n--- spanvmm stderr ---\n{}",
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// Runs `spanvmm ctl` against this VM; returns (success, stdout+stderr).
+    pub fn ctl(&self, args: &[&str]) -> (bool, String) {
+        ctl(&self.api, args)
+    }
+
+    /// Like [`VmProcess::ctl`] but the call must succeed.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let (ok, out) = self.ctl(args);
+        assert!(ok, "spanvmm ctl {args:?} failed: {out}");
+        out
+    }
+
+    /// Asks the guest to verify its memory and returns the `verify` lines of every vCPU.
+    pub fn verify(&self, vcpus: usize) -> Vec<String> {
+        let from = self.mark();
+        self.ctl_ok(&["guest", "verify"]);
+        self.wait_lines_from(from, "SPANGUEST verify", vcpus, Duration::from_secs(60))
+    }
+
+    /// Asserts every vCPU's verify line says bad=0 and checked something.
+    pub fn assert_verify_clean(&self, vcpus: usize) {
+        for l in self.verify(vcpus) {
+            assert_eq!(num(&l, "bad"), 0, "guest memory damaged: {l}");
+            assert!(num(&l, "ok") > 0, "verify checked nothing: {l}");
+        }
+    }
+
+    /// Waits for the process to exit; returns its status code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Whether the process is still alive.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `spanvmm ctl --api-socket SOCK args...`.
+pub fn ctl(api: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(spanvmm())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .output()
+        .expect("run spanvmm ctl");
+    let mut s = String::from_utf8_lossy(&out.stdout).to_string();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), s)
+}
+
+/// Runs spanvmm with `args` to completion; returns (exit code, stderr).
+pub fn run_to_end(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(spanvmm())
+        .args(args)
+        .stdout(Stdio::null())
+        .output()
+        .expect("run spanvmm");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
