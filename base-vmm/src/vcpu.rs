@@ -702,6 +702,17 @@ mod tests {
             0x90,
         ];
         ram.write(0x10000, &code).unwrap();
+        // A second program: store to 0x30_0000 and 0x30_5008, then power off.
+        let store: [u8; 29] = [
+            0xb8, 0x78, 0x56, 0x34, 0x12, // mov eax, 0x12345678
+            0xa3, 0x00, 0x00, 0x30, 0x00, 0x00, 0x00, 0x00, 0x00, // movabs [0x300000], eax
+            0xa3, 0x08, 0x50, 0x30, 0x00, 0x00, 0x00, 0x00, 0x00, // movabs [0x305008], eax
+            0x66, 0xba, 0xc8, 0x0a, // mov dx, 0x0ac8
+            0xee, // out dx, al
+            0xeb, // jmp $ (second byte below)
+        ];
+        ram.write(0x10100, &store).unwrap();
+        ram.write(0x10100 + 29, &[0xfe]).unwrap();
         BootEntry::Direct {
             user_entry: 0x10000,
             pml4: 0x1000,
@@ -735,5 +746,39 @@ mod tests {
         assert_eq!(st.sregs.cs.dpl, 3);
         assert_eq!(st.regs.rip, 0x10000 + 17, "RIP after the completed OUT");
         handle.stop();
+    }
+
+    #[test]
+    fn dirty_log_merges_guest_and_vmm_writes() {
+        let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+        let mut entry = tiny_guest(&ram);
+        if let BootEntry::Direct { user_entry, .. } = &mut entry {
+            *user_entry = 0x10100;
+        }
+        let mut vm = Vm::new(ram.clone()).unwrap();
+        assert!(vm.harvest_dirty().is_err(), "harvest needs logging on");
+        vm.set_dirty_logging(true).unwrap();
+        vm.harvest_dirty().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.configure_boot(&entry, 1).unwrap();
+        let pv = Arc::new(Mutex::new(PvDevice::new(1, PvState::default())));
+        let mut bus = IoBus::default();
+        bus.insert(PV_BASE, PV_LEN, pv).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let handle = vcpu.start(Arc::new(bus), tx, false).unwrap();
+        let ev = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(ev.reason, VcpuExitReason::PowerOff(0x78));
+        handle.stop();
+        ram.write(0x3f_f000, &[1]).unwrap(); // the VMM's own write
+        let bits = vm.harvest_dirty().unwrap();
+        let dirty = |page: u64| bits[(page / 64) as usize] >> (page % 64) & 1 == 1;
+        assert!(dirty(0x300) && dirty(0x305), "guest stores must be logged");
+        assert!(dirty(0x3ff), "VMM writes must be logged");
+        assert!(!dirty(0x301) && !dirty(0x200), "untouched pages must be clean");
+        let again = vm.harvest_dirty().unwrap();
+        assert!(again.iter().all(|w| *w == 0), "harvest clears the log");
+        let mut v = [0u8; 4];
+        ram.read(0x30_5008, &mut v).unwrap();
+        assert_eq!(u32::from_le_bytes(v), 0x1234_5678);
     }
 }
