@@ -427,6 +427,7 @@ impl Vcpu {
                     replies: rep_tx,
                     events,
                     running: !start_paused,
+                    stopping: false,
                     pending: Vec::new(),
                 };
                 t.run();
@@ -448,6 +449,8 @@ struct VcpuThread {
     replies: Sender<Reply>,
     events: Sender<VcpuEvent>,
     running: bool,
+    /// Set by a Stop request: the thread ends.
+    stopping: bool,
     /// Requests that arrived while an I/O was in flight (during a paravirtual sleep).
     pending: Vec<Request>,
 }
@@ -460,14 +463,10 @@ enum Flow {
 impl VcpuThread {
     fn run(&mut self) {
         KVM_RUN.with(|r| r.set(self.vcpu.fd.get_kvm_run() as *mut kvm_run));
-        loop {
+        while !self.stopping {
             if !self.running {
                 match self.requests.recv() {
-                    Ok(req) => {
-                        if self.handle(req) {
-                            break;
-                        }
-                    }
+                    Ok(req) => self.stopping = self.handle(req),
                     Err(_) => break,
                 }
                 continue;
@@ -513,6 +512,29 @@ impl VcpuThread {
         false
     }
 
+    /// Where the vCPU is, for error messages.
+    fn where_now(&self) -> String {
+        let fd = &self.vcpu.fd;
+        match (fd.get_regs(), fd.get_sregs(), fd.get_vcpu_events()) {
+            (Ok(r), Ok(s), Ok(e)) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cpl={} cr0={:#x} cr3={:#x} cr4={:#x} \
+                 efer={:#x} last exception vector {} error code {:#x}",
+                r.rip,
+                r.rsp,
+                r.rflags,
+                s.cs.selector,
+                s.cs.dpl,
+                s.cr0,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                e.exception.nr,
+                e.exception.error_code
+            ),
+            _ => "registers unreadable".into(),
+        }
+    }
+
     fn set_immediate_exit(&mut self, v: u8) {
         self.vcpu.fd.set_kvm_immediate_exit(v);
     }
@@ -532,7 +554,12 @@ impl VcpuThread {
             }
             Ok(VcpuExit::MmioWrite(..)) => IoAction::Continue,
             Ok(VcpuExit::Hlt) => return Flow::Finish(VcpuExitReason::Halted),
-            Ok(VcpuExit::Shutdown) => return Flow::Finish(VcpuExitReason::Shutdown),
+            Ok(VcpuExit::Shutdown) => {
+                return Flow::Finish(VcpuExitReason::Error(format!(
+                    "vCPU {index}: the guest triple-faulted ({})",
+                    self.where_now()
+                )))
+            }
             Ok(other) => {
                 return Flow::Finish(VcpuExitReason::Error(format!(
                     "vCPU {index}: unexpected exit {other:?}"
@@ -545,9 +572,8 @@ impl VcpuThread {
                 reqs.extend(self.requests.try_iter());
                 for r in reqs {
                     if self.handle(r) {
-                        // Stop: park forever not running; the VMM joins us next.
-                        self.running = false;
-                        return Flow::Continue;
+                        self.stopping = true;
+                        break;
                     }
                 }
                 return Flow::Continue;
@@ -774,7 +800,10 @@ mod tests {
         let dirty = |page: u64| bits[(page / 64) as usize] >> (page % 64) & 1 == 1;
         assert!(dirty(0x300) && dirty(0x305), "guest stores must be logged");
         assert!(dirty(0x3ff), "VMM writes must be logged");
-        assert!(!dirty(0x301) && !dirty(0x200), "untouched pages must be clean");
+        assert!(
+            !dirty(0x301) && !dirty(0x200),
+            "untouched pages must be clean"
+        );
         let again = vm.harvest_dirty().unwrap();
         assert!(again.iter().all(|w| *w == 0), "harvest clears the log");
         let mut v = [0u8; 4];
