@@ -286,7 +286,7 @@ impl Vcpu {
                 sregs.cr4 = 0x620; // OSXMMEXCPT | OSFXSR | PAE
                 sregs.efer = 0x500; // LMA | LME
                 regs.rip = user_entry;
-                regs.rflags = 0x3002; // IOPL 3
+                regs.rflags = 0x3002; // IOPL 3 (PVM ignores it; the TSS I/O bitmap rules)
                 regs.rdi = start_info;
                 regs.rsi = i as u64;
                 regs.rdx = count as u64;
@@ -295,7 +295,16 @@ impl Vcpu {
         self.fd
             .set_sregs(&sregs)
             .map_err(kvm_err(i, "KVM_SET_SREGS"))?;
-        self.fd.set_regs(&regs).map_err(kvm_err(i, "KVM_SET_REGS"))
+        self.fd
+            .set_regs(&regs)
+            .map_err(kvm_err(i, "KVM_SET_REGS"))?;
+        // With an in-kernel irqchip, secondary vCPUs would otherwise wait for a startup IPI.
+        let runnable = kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+        };
+        self.fd
+            .set_mp_state(runnable)
+            .map_err(kvm_err(i, "KVM_SET_MP_STATE"))
     }
 
     /// Reads every register set of a vCPU that is not running.

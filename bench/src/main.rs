@@ -144,7 +144,7 @@ fn boot(runs: usize, out: &Path) -> anyhow::Result<()> {
     let mem_s = mem.to_string();
     let qemu = |machine: &str| {
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-enable-kvm", "-M", machine, "-cpu", "host", "-m", &mem_s])
+        c.args(["-enable-kvm", "-M", machine, "-m", &mem_s])
             .args([
                 "-nodefaults",
                 "-no-user-config",

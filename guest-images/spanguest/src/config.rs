@@ -1,0 +1,168 @@
+//! The kernel command line: space-separated `key=value` (docs/spanguest-abi.md).
+
+/// `workload=` names, as bits.
+pub const IDLE: u32 = 1 << 0;
+/// Rewrite the working set at `rate` pages/s.
+pub const DIRTY: u32 = 1 << 1;
+/// Re-check every written page every `verify_ms`.
+pub const VERIFY: u32 = 1 << 2;
+/// Fill `shared_mib` from a fixed seed.
+pub const SHARED: u32 = 1 << 3;
+/// Populate one page per MiB only.
+pub const ZERO: u32 = 1 << 4;
+/// Port-write storm.
+pub const EXITS: u32 = 1 << 5;
+
+const WORKLOADS: [(&str, u32); 6] = [
+    ("idle", IDLE),
+    ("dirty", DIRTY),
+    ("verify", VERIFY),
+    ("shared", SHARED),
+    ("zero", ZERO),
+    ("exits", EXITS),
+];
+
+/// Largest `mib` accepted: the static page tables map 64 GiB.
+const MAX_MIB: u64 = 64 << 10;
+
+/// The parameters, as given (defaults filled in; sizes not yet checked against RAM).
+#[derive(Clone, Copy)]
+pub struct Config {
+    /// Bit set of the workloads above.
+    pub workloads: u32,
+    /// Resident MiB the workload populates, all vCPUs together.
+    pub mib: u64,
+    /// Working set `dirty` rewrites, MiB; `None` = all of the unique region.
+    pub wss: Option<u64>,
+    /// Pages/s `dirty` rewrites, all vCPUs together; 0 = flat out.
+    pub rate: u64,
+    /// Bytes written per touch.
+    pub write: u64,
+    /// Per-VM seed of the pattern.
+    pub seed: u64,
+    /// `shared` region, MiB; `None` = `mib / 2`.
+    pub shared_mib: Option<u64>,
+    /// Period of `stat` lines; 0 = none.
+    pub report_ms: u64,
+    /// Period of automatic verification; 0 = on demand only.
+    pub verify_ms: u64,
+    /// Loop gap that prints a `stall` line.
+    pub stall_us: u64,
+    /// Port writes per measured `exits` batch.
+    pub exits: u64,
+    /// Power off this long after `ready`; 0 = never.
+    pub duration_ms: u64,
+    /// TSC frequency override.
+    pub tsc_khz: Option<u64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            workloads: DIRTY | VERIFY,
+            mib: 64,
+            wss: None,
+            rate: 10_000,
+            write: 4096,
+            seed: 1,
+            shared_mib: None,
+            report_ms: 1000,
+            verify_ms: 0,
+            stall_us: 5000,
+            exits: 100_000,
+            duration_ms: 0,
+            tsc_khz: None,
+        }
+    }
+}
+
+impl Config {
+    /// Whether workload `bit` was asked for.
+    pub fn has(&self, bit: u32) -> bool {
+        self.workloads & bit != 0
+    }
+}
+
+/// What is wrong with the command line, and the token at fault.
+pub struct CmdlineError<'a> {
+    /// Short description.
+    pub what: &'static str,
+    /// Offending token.
+    pub token: &'a [u8],
+}
+
+fn number(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 {
+        return None;
+    }
+    value.iter().try_fold(0u64, |acc, &b| {
+        b.is_ascii_digit().then(|| acc * 10 + u64::from(b - b'0'))
+    })
+}
+
+fn workloads(value: &[u8]) -> Result<u32, CmdlineError<'_>> {
+    let mut bits = 0;
+    for name in value.split(|&b| b == b',').filter(|n| !n.is_empty()) {
+        let (_, bit) = WORKLOADS
+            .iter()
+            .find(|(known, _)| known.as_bytes() == name)
+            .ok_or(CmdlineError {
+                what: "unknown workload",
+                token: name,
+            })?;
+        bits |= bit;
+    }
+    Ok(bits)
+}
+
+/// Parses the command line. Unknown keys and words without `=` are ignored (a VMM may add its
+/// own); a known key with a bad value is an error.
+pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
+    let mut cfg = Config::default();
+    let tokens = cmdline
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|t| !t.is_empty());
+    for token in tokens {
+        let Some(eq) = token.iter().position(|&b| b == b'=') else {
+            continue;
+        };
+        let (key, value) = (&token[..eq], &token[eq + 1..]);
+        if key == b"workload" {
+            cfg.workloads = workloads(value)?;
+            continue;
+        }
+        let slot: &mut u64 = match key {
+            b"mib" => &mut cfg.mib,
+            b"wss" => cfg.wss.insert(0),
+            b"rate" => &mut cfg.rate,
+            b"write" => &mut cfg.write,
+            b"seed" => &mut cfg.seed,
+            b"shared_mib" => cfg.shared_mib.insert(0),
+            b"report_ms" => &mut cfg.report_ms,
+            b"verify_ms" => &mut cfg.verify_ms,
+            b"stall_us" => &mut cfg.stall_us,
+            b"exits" => &mut cfg.exits,
+            b"duration_ms" => &mut cfg.duration_ms,
+            b"tsc_khz" => cfg.tsc_khz.insert(0),
+            _ => continue,
+        };
+        *slot = number(value).ok_or(CmdlineError {
+            what: "not a number:",
+            token,
+        })?;
+    }
+    let bad = |what| Err(CmdlineError { what, token: b"" });
+    if cfg.write < 8 || cfg.write > 4096 || !cfg.write.is_multiple_of(8) {
+        return bad("write= must be a multiple of 8 in 8..4096");
+    }
+    if cfg.mib > MAX_MIB {
+        return bad("mib= is above 65536");
+    }
+    if cfg.wss.is_some_and(|w| w > cfg.mib) || cfg.shared_mib.is_some_and(|s| s > cfg.mib) {
+        return bad("wss= and shared_mib= must not exceed mib=");
+    }
+    if cfg.tsc_khz == Some(0) || cfg.exits == 0 {
+        return bad("tsc_khz= and exits= must not be 0");
+    }
+    Ok(cfg)
+}
