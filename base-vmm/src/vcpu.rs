@@ -111,6 +111,12 @@ enum Reply {
     Refused(String),
 }
 
+/// True on a vCPU thread (while it handles an exit, e.g. a port event delivered to a service).
+/// Operations that wait for every vCPU must refuse to run there: they would wait for themselves.
+pub fn on_vcpu_thread() -> bool {
+    KVM_RUN.with(|r| !r.get().is_null())
+}
+
 thread_local! {
     /// This thread's `kvm_run`, for the kick signal handler.
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
@@ -696,6 +702,18 @@ mod tests {
 
     const TSS_LIMIT: u32 = 104 + 8192;
 
+    /// Remembers the last value written to it.
+    struct Counter(u64);
+    impl crate::devices::PioDevice for Counter {
+        fn pio_read(&mut self, _: u16, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn pio_write(&mut self, _: u16, data: &[u8]) -> IoAction {
+            self.0 = crate::devices::le_value(data);
+            IoAction::Continue
+        }
+    }
+
     /// Builds a tiny long-mode world by hand (page tables, GDT, TSS) and a CPL3 program that
     /// writes the exit-storm port, then powers off with status 7.
     fn tiny_guest(ram: &GuestRam) -> BootEntry {
@@ -767,15 +785,21 @@ mod tests {
         let vcpu = vm.create_vcpu(0).unwrap();
         vcpu.configure_boot(&entry, 1).unwrap();
         let pv = Arc::new(Mutex::new(PvDevice::new(1, PvState::default())));
+        let storm = Arc::new(Mutex::new(Counter(0)));
         let mut bus = IoBus::default();
-        bus.insert(PV_BASE, PV_LEN, pv.clone()).unwrap();
+        bus.insert(PV_BASE, PV_LEN, pv).unwrap();
+        bus.insert(0x0ad0, 1, storm.clone()).unwrap();
         let (tx, rx) = mpsc::channel();
         let handle = vcpu.start(Arc::new(bus), tx, false).unwrap();
         let ev = rx
             .recv_timeout(Duration::from_secs(10))
             .expect("guest must power off");
         assert_eq!(ev.reason, VcpuExitReason::PowerOff(7));
-        assert_eq!(pv.lock().unwrap().state.storm_exits, 1);
+        assert_eq!(
+            storm.lock().unwrap().0,
+            0x1234,
+            "the CPL3 out delivered its value"
+        );
         // The finished vCPU still answers: its state is readable and it stops cleanly.
         let st = handle.save().unwrap();
         assert_eq!(st.sregs.cs.dpl, 3);

@@ -16,7 +16,7 @@ use crate::devices::serial::{self, SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
 use crate::devices::{lock, IoBus};
 use crate::memory::GuestRam;
 use crate::state::{DeviceStates, MachineConfig, VmState, MEMORY_FILE, STATE_FILE};
-use crate::vcpu::{VcpuEvent, VcpuHandle};
+use crate::vcpu::{VcpuEvent, VcpuHandle, VcpuState};
 use crate::vm::Vm;
 
 /// Largest number of vCPUs a VM may have.
@@ -111,14 +111,102 @@ pub struct VmStatus {
     pub pvm: bool,
 }
 
+/// The parts of a running VM that several threads drive: the main loop (API), and services
+/// (pause, registers, dirty log) from whatever thread calls them. Lock order: state, vcpus, vm.
+pub struct VmControl {
+    ram: Arc<GuestRam>,
+    vm: Mutex<Vm>,
+    vcpus: Mutex<Vec<VcpuHandle>>,
+    state: Mutex<RunState>,
+}
+
+impl VmControl {
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// Running or paused.
+    pub fn run_state(&self) -> RunState {
+        *lock(&self.state)
+    }
+
+    fn refuse_on_vcpu_thread(what: &str) -> Result<(), VmmError> {
+        if crate::vcpu::on_vcpu_thread() {
+            return Err(VmmError::Conflict(format!(
+                "{what} is not possible while a vCPU handles an exit (it would wait for itself)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Pauses every vCPU; returns false when it was already paused.
+    pub fn pause(&self) -> Result<bool, VmmError> {
+        Self::refuse_on_vcpu_thread("pausing the VM")?;
+        let mut state = lock(&self.state);
+        if *state == RunState::Paused {
+            return Ok(false);
+        }
+        for v in lock(&self.vcpus).iter() {
+            v.pause()?;
+        }
+        *state = RunState::Paused;
+        Ok(true)
+    }
+
+    /// Resumes every vCPU; returns false when it was already running.
+    pub fn resume(&self) -> Result<bool, VmmError> {
+        Self::refuse_on_vcpu_thread("resuming the VM")?;
+        let mut state = lock(&self.state);
+        if *state == RunState::Running {
+            return Ok(false);
+        }
+        for v in lock(&self.vcpus).iter() {
+            v.resume()?;
+        }
+        *state = RunState::Running;
+        Ok(true)
+    }
+
+    /// Registers of vCPU `index`; the VM must be paused.
+    pub fn vcpu_state(&self, index: usize) -> Result<VcpuState, VmmError> {
+        Self::refuse_on_vcpu_thread("reading vCPU registers")?;
+        let state = lock(&self.state);
+        if *state != RunState::Paused {
+            return Err(VmmError::Conflict(
+                "pause the VM before reading vCPU registers".into(),
+            ));
+        }
+        let vcpus = lock(&self.vcpus);
+        let v = vcpus.get(index).ok_or_else(|| {
+            VmmError::Config(format!("no vCPU {index}: the VM has {}", vcpus.len()))
+        })?;
+        Ok(v.save()?)
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        lock(&self.vcpus).len()
+    }
+
+    /// Turns KVM dirty logging on or off.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmmError> {
+        Ok(lock(&self.vm).set_dirty_logging(on)?)
+    }
+
+    /// Pages dirtied (by the guest or the VMM) since the last harvest.
+    pub fn harvest_dirty(&self) -> Result<Vec<u64>, VmmError> {
+        Ok(lock(&self.vm).harvest_dirty()?)
+    }
+}
+
 /// A running VM.
 pub struct Vmm {
-    vm: Vm,
-    vcpus: Vec<VcpuHandle>,
+    ctl: Arc<VmControl>,
+    bus: Arc<IoBus>,
     serial: Arc<Mutex<SerialDevice>>,
     pv: Arc<Mutex<PvDevice>>,
     machine: MachineConfig,
-    state: RunState,
     started: Instant,
     restored: bool,
 }
@@ -220,16 +308,14 @@ impl Vmm {
             .into_iter()
             .map(|v| v.start(dev.bus.clone(), events.clone(), false))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Vmm {
+        Ok(Vmm::assemble(
             vm,
-            vcpus: handles,
-            serial: dev.serial,
-            pv: dev.pv,
+            handles,
+            dev,
             machine,
-            state: RunState::Running,
-            started: Instant::now(),
-            restored: false,
-        })
+            RunState::Running,
+            false,
+        ))
     }
 
     /// Rebuilds a VM saved by [`Vmm::save`] and runs it (or leaves it paused).
@@ -268,26 +354,52 @@ impl Vmm {
             .into_iter()
             .map(|v| v.start(dev.bus.clone(), events.clone(), start_paused))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Vmm {
-            vm,
-            vcpus: handles,
+        let run = if start_paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
+        Ok(Vmm::assemble(vm, handles, dev, state.machine, run, true))
+    }
+
+    fn assemble(
+        vm: Vm,
+        vcpus: Vec<VcpuHandle>,
+        dev: Devices,
+        machine: MachineConfig,
+        state: RunState,
+        restored: bool,
+    ) -> Self {
+        Vmm {
+            ctl: Arc::new(VmControl {
+                ram: vm.ram().clone(),
+                vm: Mutex::new(vm),
+                vcpus: Mutex::new(vcpus),
+                state: Mutex::new(state),
+            }),
+            bus: dev.bus,
             serial: dev.serial,
             pv: dev.pv,
-            machine: state.machine.clone(),
-            state: if start_paused {
-                RunState::Paused
-            } else {
-                RunState::Running
-            },
+            machine,
             started: Instant::now(),
-            restored: true,
-        })
+            restored,
+        }
+    }
+
+    /// The thread-safe controls of this VM (for services).
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.ctl
+    }
+
+    /// The port bus (to install the service hook and learn which ports devices own).
+    pub fn bus(&self) -> &Arc<IoBus> {
+        &self.bus
     }
 
     /// Current status.
     pub fn status(&self) -> VmStatus {
         VmStatus {
-            state: self.state,
+            state: self.ctl.run_state(),
             vcpus: self.machine.vcpus,
             memory_mib: self.machine.mem_bytes >> 20,
             tsc_khz: self.machine.tsc_khz,
@@ -300,42 +412,28 @@ impl Vmm {
 
     /// Pauses every vCPU (no-op when paused).
     pub fn pause(&mut self) -> Result<(), VmmError> {
-        if self.state == RunState::Paused {
-            return Ok(());
-        }
-        for v in &self.vcpus {
-            v.pause()?;
-        }
-        self.state = RunState::Paused;
-        Ok(())
+        self.ctl.pause().map(|_| ())
     }
 
     /// Resumes every vCPU (no-op when running).
     pub fn resume(&mut self) -> Result<(), VmmError> {
-        if self.state == RunState::Running {
-            return Ok(());
-        }
-        for v in &self.vcpus {
-            v.resume()?;
-        }
-        self.state = RunState::Running;
-        Ok(())
+        self.ctl.resume().map(|_| ())
     }
 
     /// Captures the whole VM state except memory (vCPUs must be paused).
     pub fn capture_state(&self) -> Result<VmState, VmmError> {
-        if self.state != RunState::Paused {
+        let state = lock(&self.ctl.state);
+        if *state != RunState::Paused {
             return Err(VmmError::Conflict("pause the VM before saving it".into()));
         }
-        let vcpus = self
-            .vcpus
+        let vcpus = lock(&self.ctl.vcpus)
             .iter()
             .map(|v| v.save())
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VmState {
             machine: self.machine.clone(),
             vcpus,
-            vm: self.vm.save_state()?,
+            vm: lock(&self.ctl.vm).save_state()?,
             devices: DeviceStates {
                 serial: lock(&self.serial).state(),
                 pv: lock(&self.pv).state.clone(),
@@ -347,15 +445,14 @@ impl Vmm {
     /// the duration and resumed afterwards. Returns the bytes of memory written.
     pub fn save(&mut self, dir: &Path) -> Result<u64, VmmError> {
         std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
-        let was_running = self.state == RunState::Running;
-        self.pause()?;
+        let was_running = self.ctl.pause()?;
         let result = self.capture_state().and_then(|state| {
-            let written = self.vm.ram().save_sparse(&dir.join(MEMORY_FILE))?;
+            let written = self.ctl.ram.save_sparse(&dir.join(MEMORY_FILE))?;
             state.write_file(&dir.join(STATE_FILE))?;
             Ok(written)
         });
         if was_running {
-            self.resume()?;
+            self.ctl.resume()?;
         }
         result
     }
@@ -367,7 +464,7 @@ impl Vmm {
             VmmError::Conflict("the guest has not registered a mailbox (is it spanguest?)".into())
         })?;
         let seq = pv.state.command_seq + 1;
-        let ram = self.vm.ram();
+        let ram = &self.ctl.ram;
         ram.write(mailbox + 8, &(cmd as u64).to_le_bytes())?;
         // The guest reads the command once it sees the new sequence number.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
@@ -381,14 +478,9 @@ impl Vmm {
         &self.machine
     }
 
-    /// The KVM VM (memory, dirty log).
-    pub fn vm_mut(&mut self) -> &mut Vm {
-        &mut self.vm
-    }
-
     /// Stops every vCPU thread.
     pub fn shutdown(self) {
-        for v in self.vcpus {
+        for v in std::mem::take(&mut *lock(&self.ctl.vcpus)) {
             v.stop();
         }
     }

@@ -4,7 +4,7 @@ pub mod i8042;
 pub mod pv;
 pub mod serial;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// What a vCPU must do after a device handled a port write.
@@ -37,11 +37,22 @@ struct Range {
     dev: SharedDevice,
 }
 
-/// Routes port accesses to the device owning the port. Unclaimed ports read as all-ones and
-/// ignore writes, as on real hardware.
+/// Ports no built-in device owns are offered to a hook: the service layer plugs in here, so
+/// services can claim ports at run time. Returning false means "not mine either".
+pub trait PortHook: Send + Sync {
+    /// A guest `out` to an unowned port; true when handled.
+    fn write(&self, port: u16, data: &[u8]) -> bool;
+    /// A guest `in` from an unowned port; true when `data` was filled.
+    fn read(&self, port: u16, data: &mut [u8]) -> bool;
+}
+
+/// Routes port accesses to the device owning the port, then to the hook. Ports nobody owns read
+/// as all-ones and ignore writes, as on real hardware.
 #[derive(Default)]
 pub struct IoBus {
     ranges: Vec<Range>,
+    /// Set once, after the VM is built (services need the VM to exist first).
+    hook: OnceLock<Arc<dyn PortHook>>,
 }
 
 /// A port range overlaps one already on the bus.
@@ -78,11 +89,27 @@ impl IoBus {
             .map(|r| &r.dev)
     }
 
+    /// Installs the hook for unowned ports; a second call is refused.
+    pub fn set_hook(&self, hook: Arc<dyn PortHook>) -> Result<(), &'static str> {
+        self.hook
+            .set(hook)
+            .map_err(|_| "the port hook is already installed")
+    }
+
+    /// The port ranges built-in devices own, for the service layer to keep off them.
+    pub fn owned_ranges(&self) -> Vec<(u16, u16)> {
+        self.ranges.iter().map(|r| (r.base, r.len)).collect()
+    }
+
     /// A guest `in`.
     pub fn read(&self, port: u16, data: &mut [u8]) {
         match self.find(port) {
             Some(dev) => lock(dev).pio_read(port, data),
-            None => data.fill(0xff),
+            None => {
+                if !self.hook.get().is_some_and(|h| h.read(port, data)) {
+                    data.fill(0xff)
+                }
+            }
         }
     }
 
@@ -90,7 +117,12 @@ impl IoBus {
     pub fn write(&self, port: u16, data: &[u8]) -> IoAction {
         match self.find(port) {
             Some(dev) => lock(dev).pio_write(port, data),
-            None => IoAction::Continue,
+            None => {
+                if let Some(h) = self.hook.get() {
+                    h.write(port, data);
+                }
+                IoAction::Continue
+            }
         }
     }
 }
@@ -138,6 +170,22 @@ mod tests {
         assert_eq!(d, [9, 9]);
         bus.read(0x80, &mut d);
         assert_eq!(d, [0xff, 0xff]);
+        struct Hook;
+        impl PortHook for Hook {
+            fn write(&self, port: u16, _: &[u8]) -> bool {
+                port == 0x80
+            }
+            fn read(&self, port: u16, data: &mut [u8]) -> bool {
+                data.fill(0x42);
+                port == 0x80
+            }
+        }
+        bus.set_hook(Arc::new(Hook)).unwrap();
+        assert!(bus.set_hook(Arc::new(Hook)).is_err());
+        bus.read(0x80, &mut d);
+        assert_eq!(d, [0x42, 0x42]);
+        bus.read(0x3f8, &mut d);
+        assert_eq!(d, [9, 9], "built-in devices come first");
         assert_eq!(le_value(&[0x34, 0x12]), 0x1234);
     }
 }
