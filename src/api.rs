@@ -39,6 +39,35 @@ pub enum ApiRequest {
     Save(PathBuf),
     /// `PUT /guest/command {"command": ...}`
     GuestCommand(GuestCommand),
+    /// `GET /plugins`
+    PluginList,
+    /// `PUT /plugins/attach {"path": ..., "config": ...}`
+    PluginAttach {
+        /// Plugin file (`.wasm` component or native `.so`).
+        path: PathBuf,
+        /// Service-specific configuration (JSON by convention).
+        config: String,
+    },
+    /// `PUT /plugins/detach {"name": ...}`
+    PluginDetach(String),
+    /// `PUT /plugins/replace {"name": ..., "path": ...}`
+    PluginReplace {
+        /// Service to replace.
+        name: String,
+        /// New plugin file.
+        path: PathBuf,
+    },
+    /// `PUT /plugins/call {"name": ..., "method": ..., "args": ...}`
+    PluginCall {
+        /// Service.
+        name: String,
+        /// Method.
+        method: String,
+        /// Arguments (JSON by convention).
+        args: String,
+    },
+    /// `GET /plugins/notifications`: what services published since the last call.
+    PluginNotifications,
 }
 
 /// The main loop's answer: a JSON body, or an HTTP status with a message.
@@ -57,6 +86,36 @@ struct SaveBody {
 #[serde(deny_unknown_fields)]
 struct CommandBody {
     command: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttachBody {
+    path: PathBuf,
+    #[serde(default)]
+    config: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameBody {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplaceBody {
+    name: String,
+    path: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallBody {
+    name: String,
+    method: String,
+    #[serde(default)]
+    args: String,
 }
 
 fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, (u16, String)> {
@@ -86,8 +145,46 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, (u16, 
                 }
             })
         }
+        ("/plugins", "GET") => ApiRequest::PluginList,
+        ("/plugins/notifications", "GET") => ApiRequest::PluginNotifications,
+        ("/plugins/attach", _) if put => {
+            let b: AttachBody = parse_body(body)?;
+            ApiRequest::PluginAttach {
+                path: b.path,
+                config: b.config,
+            }
+        }
+        ("/plugins/detach", _) if put => {
+            ApiRequest::PluginDetach(parse_body::<NameBody>(body)?.name)
+        }
+        ("/plugins/replace", _) if put => {
+            let b: ReplaceBody = parse_body(body)?;
+            ApiRequest::PluginReplace {
+                name: b.name,
+                path: b.path,
+            }
+        }
+        ("/plugins/call", _) if put => {
+            let b: CallBody = parse_body(body)?;
+            ApiRequest::PluginCall {
+                name: b.name,
+                method: b.method,
+                args: b.args,
+            }
+        }
         (
-            "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/save" | "/guest/command",
+            "/vm"
+            | "/vm/pause"
+            | "/vm/resume"
+            | "/vm/shutdown"
+            | "/vm/save"
+            | "/guest/command"
+            | "/plugins"
+            | "/plugins/notifications"
+            | "/plugins/attach"
+            | "/plugins/detach"
+            | "/plugins/replace"
+            | "/plugins/call",
             m,
         ) => return Err((405, format!("method {m} is not allowed on {path}"))),
         _ => return Err((404, format!("no such endpoint: {path}"))),

@@ -2,16 +2,20 @@
 //! control API; `spanvmm ctl` talks to that API.
 
 mod api;
+mod services;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::mpsc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base_vmm::boot::EntryPreference;
 use base_vmm::vcpu::{VcpuEvent, VcpuExitReason};
 use base_vmm::vmm::{VmConfig, Vmm, VmmError};
 use clap::{Parser, Subcommand, ValueEnum};
+use l1_services::{Lifecycle, ServiceManager};
 use serde_json::{json, Value};
 
 use api::{ApiCall, ApiRequest, ApiResult};
@@ -69,6 +73,10 @@ enum Command {
         /// Boot entry for kernels that offer several.
         #[arg(long, value_enum, default_value = "direct")]
         entry: Entry,
+        /// Attach a service once the VM runs: `PATH` or `PATH:CONFIG` (a `.wasm` component or a
+        /// native `.so`). Repeatable; services attach in the order given.
+        #[arg(long = "plugin", value_name = "PATH[:CONFIG]")]
+        plugins: Vec<String>,
     },
     /// Control a running VM through its API socket.
     Ctl {
@@ -101,6 +109,57 @@ enum CtlOp {
         /// verify, reset-stall or power-off.
         command: String,
     },
+    /// Manage the services attached beneath the VM.
+    Plugin {
+        #[command(subcommand)]
+        op: PluginOp,
+    },
+    /// Ask the `introspect` service (attach it first): e.g. `regs 0`, `read GPA LEN`,
+    /// `translate CR3 GVA`, `search START LEN HEX`, `watch GPA LEN`.
+    Introspect {
+        /// Method.
+        method: String,
+        /// Arguments, joined by spaces.
+        args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginOp {
+    /// List attached services.
+    List,
+    /// Attach a service beneath the running VM.
+    Attach {
+        /// `.wasm` component or native `.so`.
+        path: PathBuf,
+        /// Service configuration (JSON by convention).
+        #[arg(long, default_value = "")]
+        config: String,
+    },
+    /// Detach a service (its state is handed back and dropped).
+    Detach {
+        /// Service name.
+        name: String,
+    },
+    /// Replace a service by a new version, handing its state over.
+    Replace {
+        /// Service name.
+        name: String,
+        /// New plugin file.
+        path: PathBuf,
+    },
+    /// Call a service's method.
+    Call {
+        /// Service name.
+        name: String,
+        /// Method.
+        method: String,
+        /// Arguments (JSON by convention).
+        #[arg(default_value = "")]
+        args: String,
+    },
+    /// Show what services published since the last look.
+    Notifications,
 }
 
 fn main() -> ExitCode {
@@ -116,6 +175,7 @@ fn main() -> ExitCode {
             restore,
             paused,
             entry,
+            plugins,
         } => {
             let source = match (restore, kernel) {
                 (Some(dir), _) => Source::Restore { dir, paused },
@@ -133,7 +193,7 @@ fn main() -> ExitCode {
                 }),
                 (None, None) => unreachable!("clap requires --kernel without --restore"),
             };
-            match run(source, &serial, api_socket.as_deref()) {
+            match run(source, &serial, api_socket.as_deref(), &plugins) {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => {
                     eprintln!("spanvmm: {e:#}");
@@ -162,7 +222,12 @@ enum Msg {
 }
 
 /// Runs a VM until it powers off or is shut down; returns the process exit status.
-fn run(source: Source, serial: &str, api_socket: Option<&Path>) -> anyhow::Result<u8> {
+fn run(
+    source: Source,
+    serial: &str,
+    api_socket: Option<&Path>,
+    plugins: &[String],
+) -> anyhow::Result<u8> {
     // Bind first: a busy socket must fail before a VM exists.
     let listener = api_socket.map(api::bind).transpose()?;
     let (tx, rx) = mpsc::channel::<Msg>();
@@ -181,6 +246,17 @@ fn run(source: Source, serial: &str, api_socket: Option<&Path>) -> anyhow::Resul
             .with_context(|| format!("cannot restore the VM saved in {}", dir.display()))
             .map_err(|e| VmmError::Conflict(format!("{e:#}"))),
     }?;
+    let manager = services::manager_for(&vmm)?;
+    for spec in plugins {
+        let (path, config) = spec.split_once(':').unwrap_or((spec.as_str(), ""));
+        if let Err(e) = manager.attach(Path::new(path), config) {
+            vmm.shutdown();
+            anyhow::bail!("--plugin {path}: {e}");
+        }
+    }
+    if vmm.status().restored {
+        manager.lifecycle(Lifecycle::Restored);
+    }
     if let Some(listener) = listener {
         let (api_tx, api_rx) = mpsc::channel::<ApiCall>();
         api::serve(listener, api_tx);
@@ -195,13 +271,25 @@ fn run(source: Source, serial: &str, api_socket: Option<&Path>) -> anyhow::Resul
     }
     drop(tx);
     let code = loop {
-        match rx.recv() {
+        // Services with a tick period are served from here, between messages.
+        let wait = manager
+            .next_tick_in(Instant::now())
+            .unwrap_or(Duration::from_secs(3600));
+        let msg = match rx.recv_timeout(wait) {
+            Err(RecvTimeoutError::Timeout) => {
+                manager.tick(Instant::now());
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(()),
+            Ok(m) => Ok(m),
+        };
+        match msg {
             Ok(Msg::Api((ApiRequest::Shutdown, reply))) => {
                 let _ = reply.send(Ok(json!({"state": "shutdown"})));
                 break 0;
             }
             Ok(Msg::Api((req, reply))) => {
-                let _ = reply.send(handle(&mut vmm, req));
+                let _ = reply.send(handle(&mut vmm, &manager, req));
             }
             Ok(Msg::Vcpu(ev)) => match ev.reason {
                 VcpuExitReason::PowerOff(code) => break code,
@@ -214,6 +302,12 @@ fn run(source: Source, serial: &str, api_socket: Option<&Path>) -> anyhow::Resul
             Err(_) => break 0,
         }
     };
+    manager.lifecycle(Lifecycle::Shutdown);
+    for (name, r) in manager.detach_all() {
+        if let Err(e) = r {
+            eprintln!("spanvmm: detaching service {name}: {e}");
+        }
+    }
     vmm.shutdown();
     if let Some(p) = api_socket {
         let _ = std::fs::remove_file(p);
@@ -221,7 +315,7 @@ fn run(source: Source, serial: &str, api_socket: Option<&Path>) -> anyhow::Resul
     Ok(code)
 }
 
-fn handle(vmm: &mut Vmm, req: ApiRequest) -> ApiResult {
+fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult {
     let status = |vmm: &Vmm| serde_json::to_value(vmm.status()).map_err(|e| (500, e.to_string()));
     let fail = |e: VmmError| {
         let code = match e {
@@ -233,8 +327,40 @@ fn handle(vmm: &mut Vmm, req: ApiRequest) -> ApiResult {
     };
     match req {
         ApiRequest::Status => status(vmm),
-        ApiRequest::Pause => vmm.pause().map_err(fail).and_then(|_| status(vmm)),
-        ApiRequest::Resume => vmm.resume().map_err(fail).and_then(|_| status(vmm)),
+        ApiRequest::Pause => {
+            if vmm.control().pause().map_err(fail)? {
+                manager.lifecycle(Lifecycle::Paused);
+            }
+            status(vmm)
+        }
+        ApiRequest::Resume => {
+            if vmm.control().resume().map_err(fail)? {
+                manager.lifecycle(Lifecycle::Resumed);
+            }
+            status(vmm)
+        }
+        ApiRequest::PluginList => Ok(json!(manager.list())),
+        ApiRequest::PluginNotifications => Ok(json!(manager.take_notifications())),
+        ApiRequest::PluginAttach { path, config } => manager
+            .attach(&path, &config)
+            .map(|i| json!(i))
+            .map_err(|e| (400, e.to_string())),
+        ApiRequest::PluginDetach(name) => manager
+            .detach(&name)
+            .map(|state| json!({ "name": name, "state_bytes": state.len() }))
+            .map_err(|e| (400, e.to_string())),
+        ApiRequest::PluginReplace { name, path } => manager
+            .replace(&name, &path)
+            .map(|i| json!(i))
+            .map_err(|e| (400, e.to_string())),
+        ApiRequest::PluginCall { name, method, args } => manager
+            .call(&name, &method, &args)
+            .map(|out| {
+                // Services answer JSON by convention; pass anything else through as a string.
+                let result = serde_json::from_str::<Value>(&out).unwrap_or(Value::String(out));
+                json!({ "result": result })
+            })
+            .map_err(|e| (400, e.to_string())),
         ApiRequest::Save(dir) => {
             if !dir.is_absolute() {
                 return Err((
@@ -269,6 +395,37 @@ fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
             ("PUT", "/vm/save", Some(json!({ "dir": dir })))
         }
         CtlOp::Guest { command } => ("PUT", "/guest/command", Some(json!({ "command": command }))),
+        CtlOp::Plugin { op } => match op {
+            PluginOp::List => ("GET", "/plugins", None),
+            PluginOp::Notifications => ("GET", "/plugins/notifications", None),
+            PluginOp::Attach { path, config } => {
+                let path = std::path::absolute(path).context("resolve plugin path")?;
+                (
+                    "PUT",
+                    "/plugins/attach",
+                    Some(json!({ "path": path, "config": config })),
+                )
+            }
+            PluginOp::Detach { name } => ("PUT", "/plugins/detach", Some(json!({ "name": name }))),
+            PluginOp::Replace { name, path } => {
+                let path = std::path::absolute(path).context("resolve plugin path")?;
+                (
+                    "PUT",
+                    "/plugins/replace",
+                    Some(json!({ "name": name, "path": path })),
+                )
+            }
+            PluginOp::Call { name, method, args } => (
+                "PUT",
+                "/plugins/call",
+                Some(json!({ "name": name, "method": method, "args": args })),
+            ),
+        },
+        CtlOp::Introspect { method, args } => (
+            "PUT",
+            "/plugins/call",
+            Some(json!({ "name": "introspect", "method": method, "args": args.join(" ") })),
+        ),
     };
     let (code, value) = api::call(socket, method, path, body.as_ref())?;
     if code != 200 {
@@ -279,6 +436,11 @@ fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
             .unwrap_or_else(|| value.to_string());
         anyhow::bail!("{msg} (HTTP {code})");
     }
-    println!("{}", serde_json::to_string_pretty(&value)?);
+    // A closed stdout (e.g. `| head`) is the reader's choice, not an error worth a panic.
+    let _ = writeln!(
+        std::io::stdout(),
+        "{}",
+        serde_json::to_string_pretty(&value)?
+    );
     Ok(())
 }

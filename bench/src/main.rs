@@ -2,6 +2,11 @@
 //! Results are written as JSON under bench/results/.
 //!
 //! `spanvmm-bench boot [--runs N]`: wall time from process start to `SPANGUEST ready`.
+//! `spanvmm-bench services`: service attach/detach latency and the guest's stall meanwhile,
+//! per-event dispatch cost (no service, Wasm, native; QEMU's plain exit for reference), and
+//! guest throughput with a service attached but subscribed to nothing.
+
+mod services;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -226,6 +231,12 @@ fn main() -> anyhow::Result<()> {
             runs,
             &out.unwrap_or_else(|| repo_root().join("bench/results/boot.json")),
         ),
-        _ => bail!("usage: spanvmm-bench boot [--runs N] [--out FILE]"),
+        Some("services") => services::run(
+            &spanvmm_bin()?,
+            &guest_elf()?,
+            &repo_root().join("target/plugins"),
+            &out.unwrap_or_else(|| repo_root().join("bench/results/services.json")),
+        ),
+        _ => bail!("usage: spanvmm-bench boot|services [--runs N] [--out FILE]"),
     }
 }

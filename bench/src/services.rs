@@ -1,0 +1,440 @@
+//! The service-layer benchmark (see main.rs).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// spanguest's exit-storm port, claimable by a service.
+const STORM: &str = r#"{"base":2768,"len":1}"#;
+
+/// A VM under measurement, its console lines collected as they come.
+struct Vm {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    sock: PathBuf,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+fn collect(out: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            l.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+fn spawn_vm(bin: &Path, elf: &Path, cmdline: &str, mem: u64, tag: &str) -> anyhow::Result<Vm> {
+    let sock =
+        std::env::temp_dir().join(format!("spanvmm-bench-{tag}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(bin)
+        .arg("run")
+        .arg("--kernel")
+        .arg(elf)
+        .args([
+            "--cmdline",
+            cmdline,
+            "--memory",
+            &mem.to_string(),
+            "--api-socket",
+        ])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let lines = collect(child.stdout.take().unwrap());
+    let vm = Vm { child, lines, sock };
+    vm.wait_lines("SPANGUEST ready", 1, 0, Duration::from_secs(60))?;
+    Ok(vm)
+}
+
+impl Vm {
+    fn mark(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+
+    fn wait_lines(
+        &self,
+        needle: &str,
+        n: usize,
+        from: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got: Vec<String> = self.lines.lock().unwrap()[from..]
+                .iter()
+                .filter(|l| l.contains(needle))
+                .cloned()
+                .collect();
+            if got.len() >= n {
+                return Ok(got);
+            }
+            if Instant::now() > deadline {
+                bail!("{n} lines with {needle:?} not seen in {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// One API call over the socket; returns (status, body, round-trip time).
+    fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value, Duration)> {
+        let t = Instant::now();
+        let mut s = UnixStream::connect(&self.sock)?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let rtt = t.elapsed();
+        let (head, body) = resp.split_once("\r\n\r\n").context("malformed response")?;
+        let code = head.split_whitespace().nth(1).context("status")?.parse()?;
+        Ok((code, serde_json::from_str(body).unwrap_or(Value::Null), rtt))
+    }
+
+    fn api_ok(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(Value, Duration)> {
+        let (code, v, rtt) = self.api(method, path, body)?;
+        if code != 200 {
+            bail!("{method} {path}: HTTP {code}: {v}");
+        }
+        Ok((v, rtt))
+    }
+}
+
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[derive(Serialize)]
+struct Latency {
+    plugin: String,
+    iterations: usize,
+    first_attach_us: f64,
+    attach_server_p50_us: f64,
+    attach_server_p99_us: f64,
+    attach_rtt_p50_us: f64,
+    attach_rtt_p99_us: f64,
+    detach_rtt_p50_us: f64,
+    detach_rtt_p99_us: f64,
+    guest_max_stall_us: u64,
+    guest_max_stall_without_us: u64,
+}
+
+/// The guest's largest loop gap since `reset-stall`, from the first `stat` line printed at
+/// least one report period after `from`.
+fn stall_after(vm: &Vm, from: usize) -> anyhow::Result<u64> {
+    let lines = vm.wait_lines("SPANGUEST stat", 2, from, Duration::from_secs(10))?;
+    field(&lines[1], "max_stall_us").context("stat line without max_stall_us")
+}
+
+/// Attach/detach `plugin` `n` times beneath a dirtying guest; the guest's largest stall over the
+/// loop is compared with an equally long span without attaches.
+fn attach_latency(bin: &Path, elf: &Path, plugin: &Path, n: usize) -> anyhow::Result<Latency> {
+    let vm = spawn_vm(
+        bin,
+        elf,
+        "workload=dirty,verify mib=64 rate=20000 stall_us=1000000 report_ms=200",
+        256,
+        "lat",
+    )?;
+    let body = json!({"path": plugin, "config": STORM});
+    let reset = || {
+        vm.api_ok(
+            "PUT",
+            "/guest/command",
+            Some(json!({"command": "reset-stall"})),
+        )
+    };
+    // First attach: compiles the component (or finds it in the cache).
+    let (v, rtt) = vm.api_ok("PUT", "/plugins/attach", Some(body.clone()))?;
+    let first = v["attach_us"].as_f64().unwrap_or(rtt.as_secs_f64() * 1e6);
+    let name = v["name"]
+        .as_str()
+        .context("attach reply without name")?
+        .to_string();
+    vm.api_ok("PUT", "/plugins/detach", Some(json!({ "name": name })))?;
+
+    let (mut att_srv, mut att_rtt, mut det_rtt) = (Vec::new(), Vec::new(), Vec::new());
+    reset()?;
+    let t = Instant::now();
+    for _ in 0..n {
+        let (v, rtt) = vm.api_ok("PUT", "/plugins/attach", Some(body.clone()))?;
+        att_srv.push(v["attach_us"].as_f64().unwrap_or(0.0));
+        att_rtt.push(rtt.as_secs_f64() * 1e6);
+        let (_, rtt) = vm.api_ok("PUT", "/plugins/detach", Some(json!({ "name": name })))?;
+        det_rtt.push(rtt.as_secs_f64() * 1e6);
+    }
+    let span = t.elapsed();
+    let with = stall_after(&vm, vm.mark())?;
+    reset()?;
+    std::thread::sleep(span);
+    let without = stall_after(&vm, vm.mark())?;
+    check_memory(&vm)?;
+    Ok(Latency {
+        plugin: plugin.file_name().unwrap().to_string_lossy().into(),
+        iterations: n,
+        first_attach_us: first,
+        attach_server_p50_us: percentile(&mut att_srv, 0.5),
+        attach_server_p99_us: percentile(&mut att_srv, 0.99),
+        attach_rtt_p50_us: percentile(&mut att_rtt, 0.5),
+        attach_rtt_p99_us: percentile(&mut att_rtt, 0.99),
+        detach_rtt_p50_us: percentile(&mut det_rtt, 0.5),
+        detach_rtt_p99_us: percentile(&mut det_rtt, 0.99),
+        guest_max_stall_us: with,
+        guest_max_stall_without_us: without,
+    })
+}
+
+/// The guest verifies its memory; anything but bad=0 fails the benchmark.
+fn check_memory(vm: &Vm) -> anyhow::Result<()> {
+    let from = vm.mark();
+    vm.api_ok("PUT", "/guest/command", Some(json!({"command": "verify"})))?;
+    let l = vm.wait_lines("SPANGUEST verify", 1, from, Duration::from_secs(30))?;
+    if field(&l[0], "bad") != Some(0) {
+        bail!("guest memory damaged: {}", l[0]);
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Dispatch {
+    variant: String,
+    ns_per_exit_median: f64,
+    samples: Vec<u64>,
+}
+
+/// The `exits` workload's cost per port write, with the storm port handled by: nobody (plain
+/// exit), the Wasm or the native exit-stats service; and under QEMU for reference.
+fn dispatch(
+    bin: &Path,
+    elf: &Path,
+    plugins: &Path,
+    batches: usize,
+) -> anyhow::Result<Vec<Dispatch>> {
+    let cmdline = "workload=exits exits=20000 report_ms=0";
+    let mut out = Vec::new();
+    for (variant, plugin) in [
+        ("spanvmm, no service", None),
+        ("spanvmm, Wasm exit-stats", Some("exit-stats.wasm")),
+        ("spanvmm, native exit-stats", Some("libexit-stats.so")),
+    ] {
+        let vm = spawn_vm(bin, elf, cmdline, 128, "disp")?;
+        if let Some(p) = plugin {
+            vm.api_ok(
+                "PUT",
+                "/plugins/attach",
+                Some(json!({"path": plugins.join(p), "config": STORM})),
+            )?;
+        }
+        // The first batch may straddle the attach: skip it.
+        let from = vm.mark();
+        let lines = vm.wait_lines(
+            "SPANGUEST exits",
+            batches + 1,
+            from,
+            Duration::from_secs(120),
+        )?;
+        let samples: Vec<u64> = lines[1..]
+            .iter()
+            .filter_map(|l| field(l, "ns_per_exit"))
+            .collect();
+        if let Some(p) = plugin {
+            let (v, _) = vm.api_ok(
+                "PUT",
+                "/plugins/call",
+                Some(json!({"name": "exit-stats", "method": "stats"})),
+            )?;
+            if v["result"]["writes"].as_u64().unwrap_or(0) == 0 {
+                bail!("{p} saw no exits: the measurement would be meaningless");
+            }
+        }
+        out.push(Dispatch {
+            variant: variant.into(),
+            ns_per_exit_median: median(&mut samples.iter().map(|&v| v as f64).collect::<Vec<_>>()),
+            samples,
+        });
+    }
+    // QEMU, same ELF, same command line: its plain port-exit cost.
+    let mut q = Command::new("qemu-system-x86_64")
+        .args([
+            "-enable-kvm",
+            "-M",
+            "microvm",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args(["-nographic", "-serial", "stdio", "-kernel"])
+        .arg(elf)
+        .args(["-append", cmdline])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("qemu-system-x86_64")?;
+    let lines = collect(q.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let samples = loop {
+        let got: Vec<u64> = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("SPANGUEST exits"))
+            .filter_map(|l| field(l, "ns_per_exit"))
+            .collect();
+        if got.len() > batches {
+            break got[1..].to_vec();
+        }
+        if Instant::now() > deadline {
+            let _ = q.kill();
+            bail!("QEMU printed no exits lines");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = q.kill();
+    let _ = q.wait();
+    out.push(Dispatch {
+        variant: "qemu-microvm, no service".into(),
+        ns_per_exit_median: median(&mut samples.iter().map(|&v| v as f64).collect::<Vec<_>>()),
+        samples,
+    });
+    Ok(out)
+}
+
+#[derive(Serialize)]
+struct Throughput {
+    variant: String,
+    pages_per_s_median: f64,
+}
+
+/// Pages/s a guest dirtying as fast as it can achieves, with nothing attached and with a
+/// service attached that subscribes to nothing (introspect without watches).
+fn throughput(bin: &Path, elf: &Path, plugins: &Path) -> anyhow::Result<Vec<Throughput>> {
+    let mut out = Vec::new();
+    for (variant, plugin) in [
+        ("no service", None),
+        ("introspect attached, unsubscribed", Some("introspect.wasm")),
+    ] {
+        let vm = spawn_vm(
+            bin,
+            elf,
+            "workload=dirty mib=64 rate=0 write=64 report_ms=250",
+            256,
+            "thr",
+        )?;
+        if let Some(p) = plugin {
+            vm.api_ok(
+                "PUT",
+                "/plugins/attach",
+                Some(json!({"path": plugins.join(p)})),
+            )?;
+        }
+        let from = vm.mark();
+        let lines = vm.wait_lines("SPANGUEST stat", 10, from, Duration::from_secs(30))?;
+        let d: Vec<u64> = lines.iter().filter_map(|l| field(l, "dirtied")).collect();
+        let mut rates: Vec<f64> = d.windows(2).map(|w| (w[1] - w[0]) as f64 / 0.25).collect();
+        out.push(Throughput {
+            variant: variant.into(),
+            pages_per_s_median: median(&mut rates),
+        });
+    }
+    Ok(out)
+}
+
+#[derive(Serialize)]
+struct Report {
+    benchmark: &'static str,
+    unix_time: u64,
+    attach_detach: Vec<Latency>,
+    dispatch: Vec<Dispatch>,
+    wasm_dispatch_ns_above_plain_exit: f64,
+    native_dispatch_ns_above_plain_exit: f64,
+    throughput: Vec<Throughput>,
+    goals: Value,
+}
+
+/// Runs the whole benchmark and writes `out`.
+pub fn run(bin: &Path, elf: &Path, plugins: &Path, out: &Path) -> anyhow::Result<()> {
+    let mut lat = Vec::new();
+    for p in ["exit-stats.wasm", "libexit-stats.so"] {
+        let l = attach_latency(bin, elf, &plugins.join(p), 100)?;
+        eprintln!(
+            "{p}: attach p50 {:.0} µs (server {:.0}), p99 {:.0} µs; detach p50 {:.0} µs; guest stall {} µs (quiet: {} µs)",
+            l.attach_rtt_p50_us, l.attach_server_p50_us, l.attach_rtt_p99_us, l.detach_rtt_p50_us,
+            l.guest_max_stall_us, l.guest_max_stall_without_us
+        );
+        lat.push(l);
+    }
+    let disp = dispatch(bin, elf, plugins, 8)?;
+    for d in &disp {
+        eprintln!("{:>28}: {:.0} ns per exit", d.variant, d.ns_per_exit_median);
+    }
+    let thr = throughput(bin, elf, plugins)?;
+    for t in &thr {
+        eprintln!("{:>36}: {:.0} pages/s", t.variant, t.pages_per_s_median);
+    }
+    let wasm = disp[1].ns_per_exit_median - disp[0].ns_per_exit_median;
+    let native = disp[2].ns_per_exit_median - disp[0].ns_per_exit_median;
+    let report = Report {
+        benchmark: "services",
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+        goals: json!({
+            "attach_p50_under_1ms": lat.iter().all(|l| l.attach_rtt_p50_us < 1000.0),
+            "dispatch_at_most_1us_above_exit": wasm <= 1000.0 && native <= 1000.0,
+            "unsubscribed_within_noise": (thr[1].pages_per_s_median / thr[0].pages_per_s_median - 1.0).abs() < 0.05,
+        }),
+        attach_detach: lat,
+        dispatch: disp,
+        wasm_dispatch_ns_above_plain_exit: wasm,
+        native_dispatch_ns_above_plain_exit: native,
+        throughput: thr,
+    };
+    std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,388 @@
+//! The per-service side of the host interface: capability checks and the host calls both
+//! runtimes (Wasm and native) forward to.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+use serde::Serialize;
+use spanvmm_sdk::{Capability, LogLevel, PortRange, Translation, VcpuRegs, VmInfo};
+
+use crate::error::HostError;
+use crate::host::VmHost;
+use crate::memops;
+
+/// Most notifications kept for the control API to read (oldest dropped first).
+const MAX_NOTIFICATIONS: usize = 1024;
+/// Most metrics per service.
+const MAX_METRICS: usize = 64;
+/// Longest log line, metric name or notification field a service may send.
+const MAX_TEXT: usize = 4096;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A notification a service published with `notify`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Notification {
+    /// Service that sent it.
+    pub service: String,
+    /// Kind (free form, e.g. `write-watch`).
+    pub kind: String,
+    /// Detail (JSON by convention).
+    pub detail: String,
+    /// Host monotonic time, ns since the manager started.
+    pub time_ns: u64,
+}
+
+/// Hands one dirty harvest out to every `dirty-log` service: each sees every page dirtied since
+/// its own previous call.
+#[derive(Default)]
+pub(crate) struct DirtyFanout {
+    holders: BTreeMap<u64, Vec<u64>>,
+}
+
+fn or_into(dst: &mut Vec<u64>, src: &[u64]) {
+    if dst.len() < src.len() {
+        dst.resize(src.len(), 0);
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d |= *s;
+    }
+}
+
+impl DirtyFanout {
+    fn spread(&mut self, fresh: &[u64]) {
+        for pending in self.holders.values_mut() {
+            or_into(pending, fresh);
+        }
+    }
+
+    /// Adds a holder; its first harvest reports pages dirtied from now on.
+    pub(crate) fn register(&mut self, id: u64, host: &dyn VmHost) -> Result<(), HostError> {
+        if self.holders.is_empty() {
+            host.start_dirty_log()?;
+        }
+        let fresh = host.harvest_dirty()?;
+        self.spread(&fresh);
+        self.holders.insert(id, Vec::new());
+        Ok(())
+    }
+
+    /// Hands holder `from`'s pending pages to `to` (a replacement), registering `to` afresh
+    /// when `from` is not a holder.
+    pub(crate) fn rename(
+        &mut self,
+        from: u64,
+        to: u64,
+        host: &dyn VmHost,
+    ) -> Result<(), HostError> {
+        match self.holders.remove(&from) {
+            Some(pending) => {
+                self.holders.insert(to, pending);
+                Ok(())
+            }
+            None => self.register(to, host),
+        }
+    }
+
+    /// Removes a holder; the last one stops the dirty log.
+    pub(crate) fn unregister(&mut self, id: u64, host: &dyn VmHost) {
+        if self.holders.remove(&id).is_some() && self.holders.is_empty() {
+            if let Err(e) = host.stop_dirty_log() {
+                log::warn!("cannot stop dirty logging: {e}");
+            }
+        }
+    }
+
+    fn harvest(&mut self, id: u64, host: &dyn VmHost) -> Result<Vec<u64>, HostError> {
+        if !self.holders.contains_key(&id) {
+            return Err(HostError::Failed(
+                "the service is not a dirty-log holder".into(),
+            ));
+        }
+        let fresh = host.harvest_dirty()?;
+        self.spread(&fresh);
+        let words = host.info().mem_bytes.div_ceil(memops::PAGE_SIZE * 64) as usize;
+        let mut mine = self.holders.insert(id, Vec::new()).unwrap_or_default();
+        mine.resize(words, 0);
+        Ok(mine)
+    }
+}
+
+/// State shared by all services of one manager.
+pub(crate) struct HostShared {
+    pub host: Arc<dyn VmHost>,
+    pub dirty: Mutex<DirtyFanout>,
+    pub notes: Mutex<VecDeque<Notification>>,
+    pub epoch: Instant,
+}
+
+impl HostShared {
+    pub(crate) fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+/// Port claims made during one `attach`.
+pub(crate) struct ClaimSession {
+    /// Ranges owned by others (services and the VMM's devices) when attach began.
+    pub taken: Vec<(PortRange, String)>,
+    /// Ranges this service claimed.
+    pub mine: Vec<PortRange>,
+}
+
+/// One service's context: identity, granted capabilities, per-call flags, metrics.
+pub(crate) struct ServiceCtx {
+    pub shared: Arc<HostShared>,
+    pub id: u64,
+    name: OnceLock<String>,
+    caps: AtomicU32,
+    /// The current call is a port event on a vCPU thread.
+    pub in_port_event: AtomicBool,
+    /// The service is inside a host call that waits for vCPUs (pause, resume, registers).
+    pub waiting_on_vcpus: AtomicBool,
+    pub claims: Mutex<Option<ClaimSession>>,
+    pub metrics: Mutex<BTreeMap<String, f64>>,
+}
+
+fn truncate(s: &str) -> &str {
+    if s.len() <= MAX_TEXT {
+        return s;
+    }
+    let mut end = MAX_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl ServiceCtx {
+    pub(crate) fn new(shared: Arc<HostShared>, id: u64) -> Self {
+        ServiceCtx {
+            shared,
+            id,
+            name: OnceLock::new(),
+            caps: AtomicU32::new(0),
+            in_port_event: AtomicBool::new(false),
+            waiting_on_vcpus: AtomicBool::new(false),
+            claims: Mutex::new(None),
+            metrics: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The service's name (`?` before its manifest was accepted).
+    pub(crate) fn name(&self) -> &str {
+        self.name.get().map(String::as_str).unwrap_or("?")
+    }
+
+    /// Grants the manifest's identity and capabilities.
+    pub(crate) fn grant(&self, name: &str, caps: &[Capability]) {
+        let _ = self.name.set(name.to_string());
+        let mask = caps.iter().fold(0, |m, c| m | c.bit());
+        self.caps.store(mask, Ordering::Release);
+    }
+
+    fn host(&self) -> &dyn VmHost {
+        &*self.shared.host
+    }
+
+    fn require(&self, cap: Capability, what: &str) -> Result<(), String> {
+        if self.caps.load(Ordering::Acquire) & cap.bit() != 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} denied: service {} did not ask for capability {cap} in its manifest",
+                self.name()
+            ))
+        }
+    }
+
+    fn vcpu_wait<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&dyn VmHost) -> Result<T, HostError>,
+    ) -> Result<T, String> {
+        if self.in_port_event.load(Ordering::Acquire) {
+            return Err(format!(
+                "{what} is not allowed while handling a port event (it runs on a vCPU thread); \
+                 do it from a tick or a call"
+            ));
+        }
+        self.waiting_on_vcpus.store(true, Ordering::Release);
+        let r = f(self.host());
+        self.waiting_on_vcpus.store(false, Ordering::Release);
+        r.map_err(|e| format!("{what}: {e}"))
+    }
+
+    pub(crate) fn vm_info(&self) -> VmInfo {
+        self.host().info()
+    }
+
+    pub(crate) fn pause(&self) -> Result<(), String> {
+        self.require(Capability::PauseResume, "pause")?;
+        self.vcpu_wait("pause", |h| h.pause())
+    }
+
+    pub(crate) fn resume(&self) -> Result<(), String> {
+        self.require(Capability::PauseResume, "resume")?;
+        self.vcpu_wait("resume", |h| h.resume())
+    }
+
+    pub(crate) fn vcpu_regs(&self, index: u32) -> Result<VcpuRegs, String> {
+        self.require(Capability::VcpuState, "vcpu-regs")?;
+        let n = self.host().info().vcpus;
+        if index >= n {
+            return Err(format!("vcpu-regs: no vCPU {index} (the VM has {n})"));
+        }
+        self.vcpu_wait("vcpu-regs", |h| h.vcpu_regs(index))
+    }
+
+    /// Reads into a caller buffer (the native runtime's zero-copy path).
+    pub(crate) fn read_into(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.require(Capability::MemoryRead, "read-memory")?;
+        if buf.len() > memops::MAX_TRANSFER {
+            return Err(format!(
+                "read-memory of {} bytes exceeds the {} byte limit",
+                buf.len(),
+                memops::MAX_TRANSFER
+            ));
+        }
+        self.host()
+            .read_memory(gpa, buf)
+            .map_err(|e| format!("read-memory: {e}"))
+    }
+
+    pub(crate) fn read_memory(&self, gpa: u64, len: u32) -> Result<Vec<u8>, String> {
+        self.require(Capability::MemoryRead, "read-memory")?;
+        if len as usize > memops::MAX_TRANSFER {
+            return Err(format!(
+                "read-memory of {len} bytes exceeds the {} byte limit",
+                memops::MAX_TRANSFER
+            ));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.read_into(gpa, &mut buf)?;
+        Ok(buf)
+    }
+
+    pub(crate) fn write_memory(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        self.require(Capability::MemoryWrite, "write-memory")?;
+        if data.len() > memops::MAX_TRANSFER {
+            return Err(format!(
+                "write-memory of {} bytes exceeds the {} byte limit",
+                data.len(),
+                memops::MAX_TRANSFER
+            ));
+        }
+        self.host()
+            .write_memory(gpa, data)
+            .map_err(|e| format!("write-memory: {e}"))
+    }
+
+    pub(crate) fn translate(&self, cr3: u64, gva: u64) -> Result<Translation, String> {
+        self.require(Capability::MemoryRead, "translate")?;
+        memops::translate(self.host(), cr3, gva).map_err(|e| format!("translate: {e}"))
+    }
+
+    pub(crate) fn dirty_bitmap(&self) -> Result<Vec<u64>, String> {
+        self.require(Capability::DirtyLog, "dirty-bitmap")?;
+        lock(&self.shared.dirty)
+            .harvest(self.id, self.host())
+            .map_err(|e| format!("dirty-bitmap: {e}"))
+    }
+
+    pub(crate) fn hash_pages(&self, first: u64, count: u32) -> Result<Vec<u64>, String> {
+        self.require(Capability::MemoryRead, "hash-pages")?;
+        memops::hash_pages(self.host(), first, count).map_err(|e| format!("hash-pages: {e}"))
+    }
+
+    pub(crate) fn zero_scan(&self, first: u64, count: u32) -> Result<Vec<u64>, String> {
+        self.require(Capability::MemoryRead, "zero-scan")?;
+        memops::zero_scan(self.host(), first, count).map_err(|e| format!("zero-scan: {e}"))
+    }
+
+    pub(crate) fn search_memory(
+        &self,
+        start: u64,
+        len: u64,
+        pattern: &[u8],
+        max_results: u32,
+    ) -> Result<Vec<u64>, String> {
+        self.require(Capability::MemoryRead, "search-memory")?;
+        memops::search(self.host(), start, len, pattern, max_results)
+            .map_err(|e| format!("search-memory: {e}"))
+    }
+
+    pub(crate) fn claim_ports(&self, base: u16, len: u16) -> Result<(), String> {
+        let range = PortRange::new(base, len);
+        let mut claims = lock(&self.claims);
+        let Some(session) = claims.as_mut() else {
+            return Err(format!(
+                "claim-ports {range}: ports can only be claimed during attach"
+            ));
+        };
+        if !range.is_valid() {
+            return Err(format!(
+                "claim-ports: range {base:#x}+{len} is empty or runs past port 0xffff"
+            ));
+        }
+        if let Some((owned, owner)) = session.taken.iter().find(|(r, _)| r.overlaps(&range)) {
+            return Err(format!(
+                "claim-ports: service {} cannot claim ports {range}: they overlap {owned} owned by {owner}",
+                self.name()
+            ));
+        }
+        let contained = |r: &PortRange| r.base <= range.base && range.end() <= r.end();
+        if session.mine.iter().any(contained) {
+            return Ok(()); // claimed already
+        }
+        if let Some(own) = session.mine.iter().find(|r| r.overlaps(&range)) {
+            return Err(format!(
+                "claim-ports: {range} partly overlaps {own}, which this service claimed already; \
+                 claim disjoint ranges"
+            ));
+        }
+        session.mine.push(range);
+        Ok(())
+    }
+
+    pub(crate) fn log(&self, level: LogLevel, msg: &str) {
+        let lvl = match level {
+            LogLevel::Error => log::Level::Error,
+            LogLevel::Warn => log::Level::Warn,
+            LogLevel::Info => log::Level::Info,
+            LogLevel::Debug => log::Level::Debug,
+            LogLevel::Trace => log::Level::Trace,
+        };
+        log::log!(target: "spanvmm::service", lvl, "[{}] {}", self.name(), truncate(msg));
+    }
+
+    pub(crate) fn metric(&self, name: &str, value: f64) {
+        let mut m = lock(&self.metrics);
+        let name = truncate(name);
+        if m.len() < MAX_METRICS || m.contains_key(name) {
+            m.insert(name.to_string(), value);
+        }
+    }
+
+    pub(crate) fn notify(&self, kind: &str, detail: &str) {
+        let note = Notification {
+            service: self.name().to_string(),
+            kind: truncate(kind).to_string(),
+            detail: truncate(detail).to_string(),
+            time_ns: self.shared.now_ns(),
+        };
+        let mut q = lock(&self.shared.notes);
+        if q.len() >= MAX_NOTIFICATIONS {
+            q.pop_front();
+        }
+        q.push_back(note);
+    }
+
+    pub(crate) fn now_ns(&self) -> u64 {
+        self.shared.now_ns()
+    }
+}

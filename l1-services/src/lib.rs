@@ -1,0 +1,33 @@
+//! spanvmm's L1 service runtime: hypervisor services are plugins attached beneath a running
+//! VM. A service is a Wasm component (wasmtime, sandboxed: per-call deadline, memory limit,
+//! capability-checked host calls) or a native shared object (libloading, trusted, C ABI). Both
+//! speak `sdk/wit/service.wit`.
+//!
+//! The VMM implements [`VmHost`] (memory, pause/resume, registers, dirty harvest) and drives a
+//! [`ServiceManager`]: `attach`/`detach`/`replace`/`list`/`call` from its control API, port
+//! events from vCPU threads (`on_port_write`/`on_port_read`, one atomic load when no service
+//! claims a port), `lifecycle` and `tick` from its main loop. Everything services need beyond
+//! the VMM's mechanisms (hashing, zero scan, search, page-table walks, dirty fan-out) lives
+//! here, once ([`memops`]).
+
+#![deny(missing_docs)]
+
+mod backend;
+mod ctx;
+mod error;
+mod host;
+mod manager;
+pub mod memops;
+mod native;
+mod wasm;
+
+pub use ctx::Notification;
+pub use error::{HostError, ServiceError};
+pub use host::{RamHost, VmHost};
+pub use manager::{
+    ManagerConfig, ServiceInfo, ServiceKind, ServiceManager, ServiceState, ServiceStats,
+};
+pub use spanvmm_sdk::{
+    Capability, Event, EventKind, EventReply, Lifecycle, Manifest, PortRange, Translation,
+    VcpuRegs, VmInfo, ABI_VERSION,
+};

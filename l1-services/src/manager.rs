@@ -1,0 +1,1033 @@
+//! The service manager: attach, detach and replace services beneath a running VM, route events
+//! to their owners (Span ownership of ports and exclusive capabilities), and contain services
+//! that misbehave.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, TryLockError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use spanvmm_sdk::{Capability, Event, EventKind, EventReply, Lifecycle, Manifest, PortRange};
+
+use crate::backend::{Backend, Fatal};
+use crate::ctx::{lock, ClaimSession, DirtyFanout, HostShared, Notification, ServiceCtx};
+use crate::error::ServiceError;
+use crate::host::VmHost;
+use crate::native::NativeService;
+use crate::wasm::{WasmRuntime, WasmSettings};
+
+/// Knobs of a [`ServiceManager`].
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Deadline of one event delivery (port, lifecycle, tick) to a Wasm service.
+    pub event_deadline: Duration,
+    /// Deadline of one control call (describe, attach, call, detach, resume-from) to a Wasm
+    /// service.
+    pub call_deadline: Duration,
+    /// Granularity of the deadlines (the epoch tick).
+    pub epoch_tick: Duration,
+    /// Linear-memory limit of one Wasm service.
+    pub memory_limit: usize,
+    /// Most services attached at once.
+    pub max_services: usize,
+    /// Use wasmtime's pooling allocator (faster instantiation, memory reserved up front).
+    pub pooling: bool,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            event_deadline: Duration::from_millis(50),
+            call_deadline: Duration::from_millis(100),
+            epoch_tick: Duration::from_millis(5),
+            memory_limit: 64 << 20,
+            max_services: 16,
+            pooling: true,
+        }
+    }
+}
+
+/// How a service runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// A Wasm component in wasmtime (sandboxed).
+    Wasm,
+    /// A native shared object (trusted).
+    Native,
+}
+
+impl ServiceKind {
+    /// The kind a plugin file has, by extension: `.wasm` or `.so`.
+    pub fn of(path: &Path) -> Option<Self> {
+        let name = path.file_name()?.to_str()?;
+        if name.ends_with(".wasm") {
+            Some(ServiceKind::Wasm)
+        } else if name.ends_with(".so") || name.contains(".so.") {
+            Some(ServiceKind::Native)
+        } else {
+            None
+        }
+    }
+}
+
+/// Whether a listed service is working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "state")]
+pub enum ServiceState {
+    /// Attached and receiving events.
+    Attached,
+    /// Detached by the manager after a failure.
+    Failed {
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// Counters of one service.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServiceStats {
+    /// Events delivered.
+    pub events: u64,
+    /// Control-API calls served.
+    pub calls: u64,
+    /// Time spent inside the service's event handler, ns (estimated from one event in 16).
+    pub event_ns: u64,
+    /// Port writes queued because the service was waiting on vCPUs (delivered later).
+    pub deferred: u64,
+}
+
+/// A service as `list` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceInfo {
+    /// Name from the manifest.
+    pub name: String,
+    /// Version from the manifest.
+    pub version: String,
+    /// Wasm or native.
+    pub kind: ServiceKind,
+    /// Plugin file.
+    pub path: PathBuf,
+    /// Attached or failed.
+    #[serde(flatten)]
+    pub state: ServiceState,
+    /// Subscribed event classes.
+    pub events: Vec<EventKind>,
+    /// Owned ports (manifest plus claims made during attach).
+    pub ports: Vec<PortRange>,
+    /// Granted capabilities.
+    pub capabilities: Vec<Capability>,
+    /// Tick period, ms (0: none).
+    pub tick_period_ms: u32,
+    /// Wall-clock attach time, ms since the Unix epoch.
+    pub attached_at_ms: u64,
+    /// How long attach took (load, compile or cache hit, instantiate, describe, attach), µs.
+    pub attach_us: u64,
+    /// Counters.
+    pub stats: ServiceStats,
+    /// Metrics the service recorded.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+struct Slot {
+    id: u64,
+    order: u64,
+    kind: ServiceKind,
+    path: PathBuf,
+    config: String,
+    manifest: Manifest,
+    ports: Vec<PortRange>,
+    ctx: Arc<ServiceCtx>,
+    inst: Mutex<Option<Box<dyn Backend>>>,
+    failure: OnceLock<String>,
+    deferred: Mutex<Vec<Event>>,
+    /// `deferred` is not empty (checked without its lock on every event).
+    has_deferred: AtomicBool,
+    events: AtomicU64,
+    calls: AtomicU64,
+    event_ns: AtomicU64,
+    deferred_count: AtomicU64,
+    last_tick_ns: AtomicU64,
+    attached_at_ms: u64,
+    attach_us: u64,
+}
+
+impl Slot {
+    fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    fn info(&self) -> ServiceInfo {
+        ServiceInfo {
+            name: self.manifest.name.clone(),
+            version: self.manifest.version.clone(),
+            kind: self.kind,
+            path: self.path.clone(),
+            state: match self.failure.get() {
+                Some(reason) => ServiceState::Failed {
+                    reason: reason.clone(),
+                },
+                None => ServiceState::Attached,
+            },
+            events: self.manifest.events.clone(),
+            ports: self.ports.clone(),
+            capabilities: self.manifest.capabilities.clone(),
+            tick_period_ms: self.manifest.tick_period_ms,
+            attached_at_ms: self.attached_at_ms,
+            attach_us: self.attach_us,
+            stats: ServiceStats {
+                events: self.events.load(Ordering::Relaxed),
+                calls: self.calls.load(Ordering::Relaxed),
+                event_ns: self.event_ns.load(Ordering::Relaxed),
+                deferred: self.deferred_count.load(Ordering::Relaxed),
+            },
+            metrics: lock(&self.ctx.metrics).clone(),
+        }
+    }
+
+    fn wants(&self, kind: EventKind) -> bool {
+        self.manifest.events.contains(&kind)
+    }
+}
+
+struct PortRoute {
+    range: PortRange,
+    slot: Arc<Slot>,
+    write: bool,
+    read: bool,
+}
+
+/// The read-mostly snapshot the event paths use.
+#[derive(Default)]
+struct Routes {
+    ports: Vec<PortRoute>,
+    lifecycle: Vec<Arc<Slot>>,
+    ticks: Vec<Arc<Slot>>,
+}
+
+#[derive(Default)]
+struct Control {
+    /// Live services, in attach order.
+    services: Vec<Arc<Slot>>,
+    /// Services the manager detached after a failure (most recent last).
+    failed: VecDeque<ServiceInfo>,
+    /// Ports owned by the VMM's own devices.
+    reserved: Vec<(PortRange, String)>,
+    next_id: u64,
+}
+
+/// One event in this many is timed for [`ServiceStats::event_ns`].
+const TIME_SAMPLE: u64 = 16;
+
+/// Most failure records kept for `list`.
+const MAX_FAILED: usize = 32;
+
+enum Delivery {
+    Done(EventReply),
+    Deferred,
+    Failed,
+    Gone,
+}
+
+/// Manages the L1 services of one VM. Share it (`Arc<ServiceManager>`) between the VMM's main
+/// loop, its API and its vCPU threads: every method takes `&self`.
+pub struct ServiceManager {
+    shared: Arc<HostShared>,
+    config: ManagerConfig,
+    cache_dir: PathBuf,
+    wasm: OnceLock<Result<WasmRuntime, String>>,
+    control: Mutex<Control>,
+    routes: RwLock<Arc<Routes>>,
+    has_ports: AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn le_value(data: &[u8]) -> u64 {
+    data.iter()
+        .take(8)
+        .enumerate()
+        .fold(0, |v, (i, b)| v | (*b as u64) << (8 * i))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl ServiceManager {
+    /// A manager with default settings. `cache_dir` holds compiled Wasm artifacts (created
+    /// private to this user on first use).
+    pub fn new(host: Arc<dyn VmHost>, cache_dir: PathBuf) -> Self {
+        Self::with_config(host, cache_dir, ManagerConfig::default())
+    }
+
+    /// A manager with explicit settings.
+    pub fn with_config(host: Arc<dyn VmHost>, cache_dir: PathBuf, config: ManagerConfig) -> Self {
+        ServiceManager {
+            shared: Arc::new(HostShared {
+                host,
+                dirty: Mutex::new(DirtyFanout::default()),
+                notes: Mutex::new(VecDeque::new()),
+                epoch: Instant::now(),
+            }),
+            config,
+            cache_dir,
+            wasm: OnceLock::new(),
+            control: Mutex::new(Control::default()),
+            routes: RwLock::new(Arc::new(Routes::default())),
+            has_ports: AtomicBool::new(false),
+        }
+    }
+
+    /// The manager's settings.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    fn wasm(&self) -> Result<&WasmRuntime, ServiceError> {
+        self.wasm
+            .get_or_init(|| {
+                WasmRuntime::new(
+                    &self.cache_dir,
+                    WasmSettings {
+                        event_deadline: self.config.event_deadline,
+                        call_deadline: self.config.call_deadline,
+                        epoch_tick: self.config.epoch_tick,
+                        memory_limit: self.config.memory_limit,
+                        pooling: self.config.pooling,
+                        max_services: self.config.max_services as u32,
+                    },
+                )
+                .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| ServiceError::Runtime(e.clone()))
+    }
+
+    fn control(&self) -> MutexGuard<'_, Control> {
+        lock(&self.control)
+    }
+
+    fn routes(&self) -> Arc<Routes> {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Rebuilds the event routes from the live services.
+    fn publish(&self, c: &Control) {
+        let mut r = Routes::default();
+        for s in c.services.iter().filter(|s| s.failure.get().is_none()) {
+            for range in &s.ports {
+                r.ports.push(PortRoute {
+                    range: *range,
+                    slot: s.clone(),
+                    write: s.wants(EventKind::PortWrite),
+                    read: s.wants(EventKind::PortRead),
+                });
+            }
+            if s.wants(EventKind::Lifecycle) {
+                r.lifecycle.push(s.clone());
+            }
+            if s.wants(EventKind::Tick) && s.manifest.tick_period_ms > 0 {
+                r.ticks.push(s.clone());
+            }
+        }
+        r.ports.sort_by_key(|p| p.range.base);
+        let any_ports = !r.ports.is_empty();
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(r);
+        self.has_ports.store(any_ports, Ordering::Release);
+    }
+
+    /// Moves failed services out of the live list (their claims end) into the failure records.
+    fn sweep(&self, c: &mut Control) {
+        if !c.services.iter().any(|s| s.failure.get().is_some()) {
+            return;
+        }
+        let (failed, live): (Vec<_>, Vec<_>) = std::mem::take(&mut c.services)
+            .into_iter()
+            .partition(|s| s.failure.get().is_some());
+        c.services = live;
+        for s in failed {
+            lock(&self.shared.dirty).unregister(s.id, &*self.shared.host);
+            c.failed.retain(|f| f.name != s.name());
+            if c.failed.len() >= MAX_FAILED {
+                c.failed.pop_front();
+            }
+            c.failed.push_back(s.info());
+        }
+        self.publish(c);
+    }
+
+    /// Marks `slot` failed and drops its instance (the caller holds the instance lock).
+    fn fail(&self, slot: &Slot, inst: &mut Option<Box<dyn Backend>>, reason: String) {
+        *inst = None;
+        if slot.failure.set(reason.clone()).is_ok() {
+            log::error!(
+                "service {} ({}) failed and is detached: {reason}; the VM keeps running",
+                slot.name(),
+                slot.path.display()
+            );
+        }
+    }
+
+    /// Cleans up after a failure without ever blocking the caller (a vCPU thread, maybe).
+    fn sweep_soon(&self) {
+        if let Ok(mut c) = self.control.try_lock() {
+            self.sweep(&mut c);
+        }
+    }
+
+    fn taken_ports(c: &Control) -> Vec<(PortRange, String)> {
+        let mut taken = c.reserved.clone();
+        for s in &c.services {
+            for r in &s.ports {
+                taken.push((*r, format!("service {}", s.name())));
+            }
+        }
+        taken
+    }
+
+    /// Reserves ports for the VMM's own devices (e.g. `"vmm:serial"`), so no service can claim
+    /// them; a conflict names both owners.
+    pub fn reserve_ports(&self, base: u16, len: u16, owner: &str) -> Result<(), ServiceError> {
+        let range = PortRange::new(base, len);
+        let mut c = self.control();
+        self.sweep(&mut c);
+        if let Some((owned, who)) = Self::taken_ports(&c)
+            .into_iter()
+            .find(|(r, _)| r.overlaps(&range))
+        {
+            return Err(ServiceError::PortConflict {
+                claimant: owner.to_string(),
+                range,
+                owner: who,
+                owned,
+            });
+        }
+        c.reserved.push((range, owner.to_string()));
+        Ok(())
+    }
+
+    fn load(
+        &self,
+        path: &Path,
+        ctx: Arc<ServiceCtx>,
+    ) -> Result<(Box<dyn Backend>, ServiceKind), ServiceError> {
+        let kind = ServiceKind::of(path).ok_or_else(|| ServiceError::UnknownKind(path.into()))?;
+        if !path.exists() {
+            return Err(ServiceError::Io {
+                path: path.into(),
+                err: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        match kind {
+            ServiceKind::Wasm => {
+                let svc = self.wasm()?.instantiate(path, ctx)?;
+                Ok((Box::new(svc), kind))
+            }
+            ServiceKind::Native => {
+                let svc = NativeService::load(path, ctx)?;
+                Ok((Box::new(svc), kind))
+            }
+        }
+    }
+
+    fn check_manifest(&self, c: &Control, m: &Manifest, path: &Path) -> Result<(), ServiceError> {
+        if m.abi_version != spanvmm_sdk::ABI_VERSION {
+            return Err(ServiceError::AbiMismatch {
+                path: path.into(),
+                found: m.abi_version,
+                expected: spanvmm_sdk::ABI_VERSION,
+            });
+        }
+        let bad = |msg: String| ServiceError::Manifest {
+            name: m.name.clone(),
+            path: path.into(),
+            msg,
+        };
+        if !valid_name(&m.name) {
+            return Err(bad(format!(
+                "name {:?} must be 1-64 letters, digits, '-' or '_'",
+                m.name
+            )));
+        }
+        if let Some(r) = m.ports.iter().find(|r| !r.is_valid()) {
+            return Err(bad(format!(
+                "port range {:#x}+{} is empty or runs past port 0xffff",
+                r.base, r.len
+            )));
+        }
+        if m.events.contains(&EventKind::Tick) && m.tick_period_ms == 0 {
+            return Err(bad("subscribes to ticks with a tick period of 0 ms".into()));
+        }
+        if c.services.iter().any(|s| s.name() == m.name) {
+            return Err(ServiceError::Duplicate(m.name.clone()));
+        }
+        for cap in m.capabilities.iter().filter(|c| c.is_exclusive()) {
+            if let Some(holder) = c
+                .services
+                .iter()
+                .find(|s| s.manifest.capabilities.contains(cap))
+            {
+                return Err(ServiceError::CapabilityConflict {
+                    claimant: m.name.clone(),
+                    capability: *cap,
+                    holder: holder.name().to_string(),
+                });
+            }
+        }
+        let taken = Self::taken_ports(c);
+        for range in &m.ports {
+            if let Some((owned, owner)) = taken.iter().find(|(r, _)| r.overlaps(range)) {
+                return Err(ServiceError::PortConflict {
+                    claimant: m.name.clone(),
+                    range: *range,
+                    owner: owner.clone(),
+                    owned: *owned,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads, checks and attaches a service; `order` keeps a replaced service's place, `state`
+    /// is handed to `resume-from`, `inherit_dirty` passes a predecessor's pending dirty pages.
+    fn start(
+        &self,
+        c: &mut Control,
+        path: &Path,
+        config: &str,
+        order: Option<u64>,
+        state: Option<&[u8]>,
+        inherit_dirty: Option<u64>,
+    ) -> Result<Arc<Slot>, ServiceError> {
+        let t0 = Instant::now();
+        if c.services.len() >= self.config.max_services {
+            return Err(ServiceError::TooMany(self.config.max_services));
+        }
+        c.next_id += 1;
+        let id = c.next_id;
+        let ctx = Arc::new(ServiceCtx::new(self.shared.clone(), id));
+        let (mut backend, kind) = self.load(path, ctx.clone())?;
+        let manifest = backend
+            .describe()
+            .map_err(|Fatal(msg)| ServiceError::Load {
+                path: path.into(),
+                msg: format!("describe failed: {msg}"),
+            })?;
+        self.check_manifest(c, &manifest, path)?;
+        let name = manifest.name.clone();
+        backend.set_name(&name);
+        ctx.grant(&name, &manifest.capabilities);
+        *lock(&ctx.claims) = Some(ClaimSession {
+            taken: Self::taken_ports(c),
+            mine: manifest.ports.clone(),
+        });
+        let attached = backend.attach(config);
+        let ports = lock(&ctx.claims).take().map(|s| s.mine).unwrap_or_default();
+        match attached {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => return Err(ServiceError::AttachRefused { name, msg }),
+            Err(Fatal(reason)) => return Err(ServiceError::Failed { name, reason }),
+        }
+        // From here on the service is attached: undo with detach on any error.
+        let undo = |backend: &mut Box<dyn Backend>| {
+            let _ = backend.detach();
+        };
+        let dirty = manifest.capabilities.contains(&Capability::DirtyLog);
+        if dirty {
+            let mut d = lock(&self.shared.dirty);
+            let r = match inherit_dirty {
+                Some(old) => d.rename(old, id, &*self.shared.host),
+                None => d.register(id, &*self.shared.host),
+            };
+            if let Err(err) = r {
+                drop(d);
+                undo(&mut backend);
+                return Err(ServiceError::DirtyLog { name, err });
+            }
+        }
+        let undo_dirty = |this: &Self| {
+            if dirty {
+                let mut d = lock(&this.shared.dirty);
+                match inherit_dirty {
+                    Some(old) => {
+                        let _ = d.rename(id, old, &*this.shared.host);
+                    }
+                    None => d.unregister(id, &*this.shared.host),
+                }
+            }
+        };
+        if let Some(state) = state {
+            match backend.resume_from(state) {
+                Ok(Ok(())) => {}
+                Ok(Err(msg)) => {
+                    undo(&mut backend);
+                    undo_dirty(self);
+                    return Err(ServiceError::ResumeRefused { name, msg });
+                }
+                Err(Fatal(reason)) => {
+                    undo_dirty(self);
+                    return Err(ServiceError::Failed { name, reason });
+                }
+            }
+        }
+        let now_ns = self.shared.now_ns();
+        Ok(Arc::new(Slot {
+            id,
+            order: order.unwrap_or(id),
+            kind,
+            path: path.to_path_buf(),
+            config: config.to_string(),
+            ports,
+            ctx,
+            inst: Mutex::new(Some(backend)),
+            failure: OnceLock::new(),
+            deferred: Mutex::new(Vec::new()),
+            has_deferred: AtomicBool::new(false),
+            events: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            event_ns: AtomicU64::new(0),
+            deferred_count: AtomicU64::new(0),
+            last_tick_ns: AtomicU64::new(now_ns),
+            attached_at_ms: now_ms(),
+            attach_us: t0.elapsed().as_micros() as u64,
+            manifest,
+        }))
+    }
+
+    fn insert(&self, c: &mut Control, slot: Arc<Slot>) -> ServiceInfo {
+        let info = slot.info();
+        c.failed.retain(|f| f.name != info.name);
+        let at = c.services.partition_point(|s| s.order < slot.order);
+        c.services.insert(at, slot);
+        self.publish(c);
+        info
+    }
+
+    /// Attaches the service in `path` (`.wasm` component or `.so` native object) with `config`.
+    pub fn attach(&self, path: &Path, config: &str) -> Result<ServiceInfo, ServiceError> {
+        let mut c = self.control();
+        self.sweep(&mut c);
+        let slot = self.start(&mut c, path, config, None, None, None)?;
+        let info = self.insert(&mut c, slot);
+        log::info!(
+            "service {} {} attached from {} in {} µs",
+            info.name,
+            info.version,
+            info.path.display(),
+            info.attach_us
+        );
+        Ok(info)
+    }
+
+    fn find(&self, c: &mut Control, name: &str) -> Result<usize, ServiceError> {
+        self.sweep(c);
+        if let Some(i) = c.services.iter().position(|s| s.name() == name) {
+            return Ok(i);
+        }
+        match c.failed.iter().position(|f| f.name == name) {
+            Some(i) => {
+                let f = c.failed.remove(i).expect("index from position");
+                let reason = match f.state {
+                    ServiceState::Failed { reason } => reason,
+                    ServiceState::Attached => String::new(),
+                };
+                Err(ServiceError::Failed {
+                    name: name.into(),
+                    reason,
+                })
+            }
+            None => Err(ServiceError::NotFound(name.into())),
+        }
+    }
+
+    /// Takes a service out of the routes and stops it; returns its state. The caller holds the
+    /// control lock. Dirty-log registration is left to the caller.
+    fn stop(&self, c: &mut Control, index: usize) -> (Arc<Slot>, Result<Vec<u8>, ServiceError>) {
+        let slot = c.services.remove(index);
+        self.publish(c);
+        let mut inst = lock(&slot.inst);
+        self.drain_deferred(&slot, &mut inst);
+        let r = match inst.take() {
+            Some(mut b) => b.detach().map_err(|Fatal(reason)| ServiceError::Failed {
+                name: slot.name().into(),
+                reason,
+            }),
+            None => Err(ServiceError::Failed {
+                name: slot.name().into(),
+                reason: slot.failure.get().cloned().unwrap_or_default(),
+            }),
+        };
+        drop(inst);
+        (slot, r)
+    }
+
+    /// Detaches a service and returns the state it handed back. A service the manager already
+    /// detached after a failure is forgotten and its failure returned.
+    pub fn detach(&self, name: &str) -> Result<Vec<u8>, ServiceError> {
+        let mut c = self.control();
+        let i = self.find(&mut c, name)?;
+        let (slot, r) = self.stop(&mut c, i);
+        lock(&self.shared.dirty).unregister(slot.id, &*self.shared.host);
+        log::info!("service {name} detached");
+        r
+    }
+
+    /// Replaces a service by the one in `new_path`: the old one detaches, its state goes to the
+    /// new one's `resume-from` (after `attach` with the old configuration), and the new one
+    /// takes the old one's place in the event order. If the new one fails, the old one is
+    /// attached again with its state.
+    pub fn replace(&self, name: &str, new_path: &Path) -> Result<ServiceInfo, ServiceError> {
+        let mut c = self.control();
+        let i = self.find(&mut c, name)?;
+        let (old, state) = self.stop(&mut c, i);
+        let state = match state {
+            Ok(s) => s,
+            Err(e) => {
+                lock(&self.shared.dirty).unregister(old.id, &*self.shared.host);
+                return Err(e);
+            }
+        };
+        let had_dirty = old.manifest.capabilities.contains(&Capability::DirtyLog);
+        let inherit = had_dirty.then_some(old.id);
+        match self.start(
+            &mut c,
+            new_path,
+            &old.config,
+            Some(old.order),
+            Some(&state),
+            inherit,
+        ) {
+            Ok(slot) => {
+                if had_dirty && !slot.manifest.capabilities.contains(&Capability::DirtyLog) {
+                    lock(&self.shared.dirty).unregister(old.id, &*self.shared.host);
+                }
+                let info = self.insert(&mut c, slot);
+                log::info!(
+                    "service {name} replaced by {} {} from {}",
+                    info.name,
+                    info.version,
+                    info.path.display()
+                );
+                Ok(info)
+            }
+            Err(cause) => {
+                let back = self.start(
+                    &mut c,
+                    &old.path,
+                    &old.config,
+                    Some(old.order),
+                    Some(&state),
+                    inherit,
+                );
+                let rollback = match back {
+                    Ok(slot) => {
+                        self.insert(&mut c, slot);
+                        "the old service is attached again with its state".to_string()
+                    }
+                    Err(e) => {
+                        if had_dirty {
+                            lock(&self.shared.dirty).unregister(old.id, &*self.shared.host);
+                        }
+                        format!("the old service could not be attached again either: {e}")
+                    }
+                };
+                Err(ServiceError::Replace {
+                    name: name.into(),
+                    cause: Box::new(cause),
+                    rollback,
+                })
+            }
+        }
+    }
+
+    /// Attached services in attach order, then the ones detached after a failure.
+    pub fn list(&self) -> Vec<ServiceInfo> {
+        let mut c = self.control();
+        self.sweep(&mut c);
+        c.services
+            .iter()
+            .map(|s| s.info())
+            .chain(c.failed.iter().cloned())
+            .collect()
+    }
+
+    /// Notifications services published since the previous call (oldest first).
+    pub fn take_notifications(&self) -> Vec<Notification> {
+        lock(&self.shared.notes).drain(..).collect()
+    }
+
+    /// Runs a control-API command on a service.
+    pub fn call(&self, name: &str, method: &str, args: &str) -> Result<String, ServiceError> {
+        let slot = {
+            let mut c = self.control();
+            let i = self.find(&mut c, name)?;
+            c.services[i].clone()
+        };
+        let mut inst = lock(&slot.inst);
+        self.drain_deferred(&slot, &mut inst);
+        let r = match inst.as_mut() {
+            None => Err(ServiceError::NotFound(name.into())),
+            Some(b) => {
+                slot.calls.fetch_add(1, Ordering::Relaxed);
+                match b.call(method, args) {
+                    Ok(Ok(out)) => Ok(out),
+                    Ok(Err(msg)) => Err(ServiceError::Call {
+                        name: name.into(),
+                        method: method.into(),
+                        msg,
+                    }),
+                    Err(Fatal(reason)) => {
+                        let reason = format!("call {method:?}: {reason}");
+                        self.fail(&slot, &mut inst, reason.clone());
+                        Err(ServiceError::Failed {
+                            name: name.into(),
+                            reason,
+                        })
+                    }
+                }
+            }
+        };
+        self.drain_deferred(&slot, &mut inst);
+        drop(inst);
+        self.sweep_soon();
+        r
+    }
+
+    /// Delivers one event with the instance lock held.
+    fn run_event(
+        &self,
+        slot: &Slot,
+        inst: &mut Option<Box<dyn Backend>>,
+        ev: &Event,
+        port_event: bool,
+    ) -> Delivery {
+        let Some(b) = inst.as_mut() else {
+            return Delivery::Gone;
+        };
+        slot.ctx.in_port_event.store(port_event, Ordering::Relaxed);
+        // Time one event in TIME_SAMPLE: two clock reads cost about as much as a native call.
+        let n = slot.events.fetch_add(1, Ordering::Relaxed);
+        let r = if n.is_multiple_of(TIME_SAMPLE) {
+            let t = Instant::now();
+            let r = b.on_event(ev);
+            let ns = t.elapsed().as_nanos() as u64 * TIME_SAMPLE;
+            slot.event_ns.fetch_add(ns, Ordering::Relaxed);
+            r
+        } else {
+            b.on_event(ev)
+        };
+        slot.ctx.in_port_event.store(false, Ordering::Relaxed);
+        match r {
+            Ok(reply) => Delivery::Done(reply),
+            Err(Fatal(reason)) => {
+                let what = match ev.kind() {
+                    EventKind::PortWrite => "port-write",
+                    EventKind::PortRead => "port-read",
+                    EventKind::Lifecycle => "lifecycle",
+                    EventKind::Tick => "tick",
+                };
+                self.fail(slot, inst, format!("{what} event: {reason}"));
+                Delivery::Failed
+            }
+        }
+    }
+
+    /// Delivers port writes queued while the service waited on vCPUs.
+    fn drain_deferred(&self, slot: &Slot, inst: &mut Option<Box<dyn Backend>>) {
+        if !slot.has_deferred.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let queued = std::mem::take(&mut *lock(&slot.deferred));
+        for ev in queued {
+            if let Delivery::Failed | Delivery::Gone = self.run_event(slot, inst, &ev, true) {
+                break;
+            }
+        }
+    }
+
+    /// Delivers a port event from a vCPU thread. If the service is busy inside a host call that
+    /// waits for vCPUs (pause, resume, registers), the vCPU does not wait for it: a write is
+    /// queued for later delivery and a read answers all-ones.
+    fn deliver_port(&self, slot: &Arc<Slot>, ev: Event) -> Delivery {
+        let mut spins = 0u32;
+        let mut inst = loop {
+            match slot.inst.try_lock() {
+                Ok(g) => break g,
+                Err(TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    if slot.ctx.waiting_on_vcpus.load(Ordering::Acquire) {
+                        slot.deferred_count.fetch_add(1, Ordering::Relaxed);
+                        if let Event::PortWrite { .. } = ev {
+                            lock(&slot.deferred).push(ev);
+                            slot.has_deferred.store(true, Ordering::Release);
+                            // The holder may have finished meanwhile: deliver it ourselves.
+                            if let Ok(mut g) = slot.inst.try_lock() {
+                                self.drain_deferred(slot, &mut g);
+                            }
+                        }
+                        return Delivery::Deferred;
+                    }
+                    spins += 1;
+                    if spins < 100 {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::sleep(Duration::from_micros(20));
+                    }
+                }
+            }
+        };
+        self.drain_deferred(slot, &mut inst);
+        let d = self.run_event(slot, &mut inst, &ev, true);
+        drop(inst);
+        if let Delivery::Failed = d {
+            self.sweep_soon();
+        }
+        d
+    }
+
+    fn port_route(&self, port: u16, write: bool) -> Option<(Arc<Slot>, bool)> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes
+            .ports
+            .iter()
+            .find(|r| r.range.contains(port))
+            .map(|r| (r.slot.clone(), if write { r.write } else { r.read }))
+    }
+
+    /// A guest port write. Returns false when no service owns `port` (the VMM's bus handles
+    /// it); costs one atomic load when no service claims any port.
+    pub fn on_port_write(&self, port: u16, data: &[u8]) -> bool {
+        if !self.has_ports.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some((slot, wanted)) = self.port_route(port, true) else {
+            return false;
+        };
+        if !wanted {
+            return true;
+        }
+        let ev = Event::PortWrite {
+            port,
+            size: data.len() as u8,
+            value: le_value(data),
+        };
+        !matches!(self.deliver_port(&slot, ev), Delivery::Gone)
+    }
+
+    /// A guest port read: fills `data` and returns true when a service owns `port` (all-ones
+    /// when it has no answer); false when none does.
+    pub fn on_port_read(&self, port: u16, data: &mut [u8]) -> bool {
+        if !self.has_ports.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some((slot, wanted)) = self.port_route(port, false) else {
+            return false;
+        };
+        if !wanted {
+            data.fill(0xff);
+            return true;
+        }
+        let ev = Event::PortRead {
+            port,
+            size: data.len() as u8,
+        };
+        match self.deliver_port(&slot, ev) {
+            Delivery::Gone => false,
+            Delivery::Done(EventReply::Value(v)) => {
+                let bytes = v.to_le_bytes();
+                for (i, d) in data.iter_mut().enumerate() {
+                    *d = bytes.get(i).copied().unwrap_or(0);
+                }
+                true
+            }
+            _ => {
+                data.fill(0xff);
+                true
+            }
+        }
+    }
+
+    fn deliver_all(&self, slots: &[Arc<Slot>], ev: impl Fn(&Slot) -> Option<Event>) {
+        let mut failed = false;
+        for slot in slots {
+            let Some(e) = ev(slot) else { continue };
+            let mut inst = lock(&slot.inst);
+            self.drain_deferred(slot, &mut inst);
+            failed |= matches!(self.run_event(slot, &mut inst, &e, false), Delivery::Failed);
+            self.drain_deferred(slot, &mut inst);
+        }
+        if failed {
+            self.sweep_soon();
+        }
+    }
+
+    /// Tells the services subscribed to lifecycle events, in attach order.
+    pub fn lifecycle(&self, ev: Lifecycle) {
+        let routes = self.routes();
+        self.deliver_all(&routes.lifecycle, |_| Some(Event::Lifecycle(ev)));
+    }
+
+    /// Delivers ticks that are due at `now` (call it at least as often as the shortest tick
+    /// period; [`ServiceManager::next_tick_in`] says when the next one is due).
+    pub fn tick(&self, now: Instant) {
+        let routes = self.routes();
+        if routes.ticks.is_empty() {
+            return;
+        }
+        let now_ns = now.saturating_duration_since(self.shared.epoch).as_nanos() as u64;
+        self.deliver_all(&routes.ticks, |slot| {
+            let period = slot.manifest.tick_period_ms as u64 * 1_000_000;
+            let last = slot.last_tick_ns.load(Ordering::Relaxed);
+            if now_ns < last.saturating_add(period) {
+                return None;
+            }
+            slot.last_tick_ns.store(now_ns, Ordering::Relaxed);
+            Some(Event::Tick { now_ns })
+        });
+    }
+
+    /// Time until the next tick is due (None: no service wants ticks).
+    pub fn next_tick_in(&self, now: Instant) -> Option<Duration> {
+        let now_ns = now.saturating_duration_since(self.shared.epoch).as_nanos() as u64;
+        self.routes()
+            .ticks
+            .iter()
+            .map(|s| {
+                let due = s
+                    .last_tick_ns
+                    .load(Ordering::Relaxed)
+                    .saturating_add(s.manifest.tick_period_ms as u64 * 1_000_000);
+                Duration::from_nanos(due.saturating_sub(now_ns))
+            })
+            .min()
+    }
+
+    /// Detaches every service, last attached first (VM shutdown); returns each one's outcome.
+    pub fn detach_all(&self) -> Vec<(String, Result<Vec<u8>, ServiceError>)> {
+        let mut c = self.control();
+        self.sweep(&mut c);
+        let mut out = Vec::new();
+        while !c.services.is_empty() {
+            let i = c.services.len() - 1;
+            let (slot, r) = self.stop(&mut c, i);
+            lock(&self.shared.dirty).unregister(slot.id, &*self.shared.host);
+            out.push((slot.name().to_string(), r));
+        }
+        out
+    }
+}

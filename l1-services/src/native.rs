@@ -1,0 +1,458 @@
+//! The native runtime: a versioned C ABI (`sdk/include/spanvmm_service.h`) over libloading.
+//! Native services are trusted code in the VMM's address space: no sandbox, no deadline, no
+//! memory limit. The host checks what it can: the ABI handshake comes first, every symbol must
+//! be present, panics are caught by the SDK's glue and reported as failures.
+
+use std::ffi::c_void;
+use std::os::unix::fs::MetadataExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use libloading::Library;
+use spanvmm_sdk::abi::{
+    self, CEvent, CEventReply, CTranslation, CVmInfo, HostVtable, Sink, VecSink,
+};
+use spanvmm_sdk::{Event, EventReply, LogLevel, Manifest, VcpuRegs, ABI_VERSION};
+
+use crate::backend::{Backend, Fatal};
+use crate::ctx::{lock, ServiceCtx};
+use crate::error::ServiceError;
+
+/// (device, inode) of a file: the identity dlopen uses. An object is loaded once per
+/// process (its statics hold the service), whatever path or manager it comes through.
+fn file_id(path: &Path) -> Result<(u64, u64), ServiceError> {
+    std::fs::metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|err| ServiceError::Io {
+            path: path.to_path_buf(),
+            err,
+        })
+}
+
+/// Native objects loaded in this process, with the service name using each.
+static LOADED: Mutex<Vec<((u64, u64), String)>> = Mutex::new(Vec::new());
+
+struct Fns {
+    describe: abi::DescribeFn,
+    attach: abi::AttachFn,
+    on_event: abi::OnEventFn,
+    detach: abi::DetachFn,
+    resume_from: abi::ResumeFromFn,
+    call: abi::CallFn,
+}
+
+/// A loaded native service.
+pub(crate) struct NativeService {
+    fns: Fns,
+    vtable: Box<HostVtable>,
+    _ctx: Arc<ServiceCtx>,
+    id: (u64, u64),
+    // Dropped last: the function pointers above point into it.
+    _lib: Library,
+}
+
+// SAFETY: the raw pointers inside are the vtable's context (an `Arc<ServiceCtx>` this value
+// keeps alive; `ServiceCtx` is `Sync`) and function pointers into the library. The C ABI lets
+// the host call a service from any thread as long as calls are serialized, which the manager
+// does (one lock per service).
+unsafe impl Send for NativeService {}
+
+fn sym<T: Copy>(lib: &Library, path: &Path, name: &str) -> Result<T, ServiceError> {
+    let cname = format!("{name}\0");
+    // SAFETY: `T` is the function type the C ABI (version-checked by the caller, or the
+    // handshake itself) defines for `name`; the symbol stays valid while `lib` is loaded, and
+    // `NativeService` keeps `lib` alive longer than any copy of the pointer.
+    unsafe { lib.get::<T>(cname.as_bytes()) }
+        .map(|s| *s)
+        .map_err(|_| ServiceError::Load {
+            path: path.to_path_buf(),
+            msg: format!(
+                "missing symbol {name}: not a spanvmm native service (see spanvmm_service.h)"
+            ),
+        })
+}
+
+impl NativeService {
+    /// Opens `path`, checks the ABI handshake and resolves every entry point.
+    pub(crate) fn load(path: &Path, ctx: Arc<ServiceCtx>) -> Result<Self, ServiceError> {
+        let id = file_id(path)?;
+        let mut loaded = lock(&LOADED);
+        if let Some((_, user)) = loaded.iter().find(|(f, _)| *f == id) {
+            return Err(ServiceError::Load {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "this shared object is already loaded (by service {user}); a native object \
+                     serves once per process"
+                ),
+            });
+        }
+        // SAFETY: loading runs the object's initializers. Native services are trusted code by
+        // definition (docs/plugin-guide.md); everything after this point is checked.
+        let lib = unsafe { Library::new(path) }.map_err(|e| ServiceError::Load {
+            path: path.to_path_buf(),
+            msg: format!("cannot load shared object: {e}"),
+        })?;
+        let version: abi::AbiVersionFn = sym(&lib, path, abi::SYM_ABI_VERSION)?;
+        // SAFETY: the handshake function takes nothing and returns a u32 in every version.
+        let found = unsafe { version() };
+        if found != ABI_VERSION {
+            return Err(ServiceError::AbiMismatch {
+                path: path.to_path_buf(),
+                found,
+                expected: ABI_VERSION,
+            });
+        }
+        let fns = Fns {
+            describe: sym(&lib, path, abi::SYM_DESCRIBE)?,
+            attach: sym(&lib, path, abi::SYM_ATTACH)?,
+            on_event: sym(&lib, path, abi::SYM_ON_EVENT)?,
+            detach: sym(&lib, path, abi::SYM_DETACH)?,
+            resume_from: sym(&lib, path, abi::SYM_RESUME_FROM)?,
+            call: sym(&lib, path, abi::SYM_CALL)?,
+        };
+        let vtable = Box::new(HostVtable {
+            abi_version: ABI_VERSION,
+            size: std::mem::size_of::<HostVtable>() as u32,
+            ctx: Arc::as_ptr(&ctx) as *mut c_void,
+            vm_info: h_vm_info,
+            pause: h_pause,
+            resume: h_resume,
+            vcpu_regs: h_vcpu_regs,
+            read_memory: h_read_memory,
+            write_memory: h_write_memory,
+            translate: h_translate,
+            dirty_bitmap: h_dirty_bitmap,
+            hash_pages: h_hash_pages,
+            zero_scan: h_zero_scan,
+            search_memory: h_search_memory,
+            claim_ports: h_claim_ports,
+            log: h_log,
+            metric: h_metric,
+            notify: h_notify,
+            now_ns: h_now_ns,
+        });
+        loaded.push((id, "?".into()));
+        Ok(NativeService {
+            fns,
+            vtable,
+            _ctx: ctx,
+            id,
+            _lib: lib,
+        })
+    }
+}
+
+impl Drop for NativeService {
+    fn drop(&mut self) {
+        lock(&LOADED).retain(|(f, _)| *f != self.id);
+    }
+}
+
+fn outcome(code: i32, what: &str, sink: VecSink) -> Result<Result<Vec<u8>, String>, Fatal> {
+    match code {
+        abi::OK => Ok(Ok(sink.into_bytes())),
+        abi::ERR => Ok(Err(sink.into_string())),
+        abi::FATAL => {
+            let msg = sink.into_string();
+            Err(Fatal(if msg.is_empty() {
+                format!("{what} failed fatally (the service panicked)")
+            } else {
+                msg
+            }))
+        }
+        other => Err(Fatal(format!("{what} returned unknown status {other}"))),
+    }
+}
+
+impl Backend for NativeService {
+    fn set_name(&mut self, name: &str) {
+        if let Some(e) = lock(&LOADED).iter_mut().find(|(f, _)| *f == self.id) {
+            e.1 = name.to_string();
+        }
+    }
+
+    fn describe(&mut self) -> Result<Manifest, Fatal> {
+        let mut out = VecSink::default();
+        let sink = out.sink();
+        // SAFETY: entry point of a version-checked library; `sink` lives across the call.
+        let code = unsafe { (self.fns.describe)(&sink) };
+        match outcome(code, "describe", out)? {
+            Ok(json) => serde_json::from_slice(&json)
+                .map_err(|e| Fatal(format!("describe returned an unreadable manifest: {e}"))),
+            Err(msg) => Err(Fatal(format!("describe failed: {msg}"))),
+        }
+    }
+
+    fn attach(&mut self, config: &str) -> Result<Result<(), String>, Fatal> {
+        let mut err = VecSink::default();
+        let sink = err.sink();
+        // SAFETY: as above; the vtable is boxed in `self` and outlives the service's use of it
+        // (until `detach` returns or `self` is dropped).
+        let code =
+            unsafe { (self.fns.attach)(&*self.vtable, config.as_ptr(), config.len(), &sink) };
+        outcome(code, "attach", err).map(|r| r.map(|_| ()))
+    }
+
+    fn on_event(&mut self, ev: &Event) -> Result<EventReply, Fatal> {
+        let cev = CEvent::from(*ev);
+        let mut reply = CEventReply::default();
+        // SAFETY: as above; both pointers are valid for the call.
+        let code = unsafe { (self.fns.on_event)(&cev, &mut reply) };
+        match code {
+            abi::OK => Ok(reply.into()),
+            abi::FATAL => Err(Fatal("on-event panicked".into())),
+            other => Err(Fatal(format!("on-event returned status {other}"))),
+        }
+    }
+
+    fn detach(&mut self) -> Result<Vec<u8>, Fatal> {
+        let mut out = VecSink::default();
+        let sink = out.sink();
+        // SAFETY: as above.
+        let code = unsafe { (self.fns.detach)(&sink) };
+        match outcome(code, "detach", out)? {
+            Ok(state) => Ok(state),
+            Err(msg) => Err(Fatal(format!("detach failed: {msg}"))),
+        }
+    }
+
+    fn resume_from(&mut self, state: &[u8]) -> Result<Result<(), String>, Fatal> {
+        let mut err = VecSink::default();
+        let sink = err.sink();
+        // SAFETY: as above.
+        let code = unsafe { (self.fns.resume_from)(state.as_ptr(), state.len(), &sink) };
+        outcome(code, "resume-from", err).map(|r| r.map(|_| ()))
+    }
+
+    fn call(&mut self, method: &str, args: &str) -> Result<Result<String, String>, Fatal> {
+        let mut out = VecSink::default();
+        let sink = out.sink();
+        // SAFETY: as above.
+        let code = unsafe {
+            (self.fns.call)(
+                method.as_ptr(),
+                method.len(),
+                args.as_ptr(),
+                args.len(),
+                &sink,
+            )
+        };
+        outcome(code, "call", out).map(|r| r.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+}
+
+// ---- host functions handed to the plugin ----
+
+/// Runs `f` on the service context, turning a panic into `default` (a panic must not unwind
+/// into C).
+fn with_ctx<T>(ctx: *mut c_void, default: T, f: impl FnOnce(&ServiceCtx) -> T) -> T {
+    if ctx.is_null() {
+        return default;
+    }
+    // SAFETY: `ctx` is the `Arc<ServiceCtx>` pointer placed in the vtable by `load`, kept alive
+    // by the `NativeService` for as long as the plugin may call us.
+    let ctx = unsafe { &*(ctx as *const ServiceCtx) };
+    catch_unwind(AssertUnwindSafe(|| f(ctx))).unwrap_or(default)
+}
+
+/// Reports `r` through `sink`: bytes on success, the message on error.
+fn report(sink: *const Sink, r: Result<Vec<u8>, String>) -> i32 {
+    let (code, bytes) = match r {
+        Ok(b) => (abi::OK, b),
+        Err(e) => (abi::ERR, e.into_bytes()),
+    };
+    // SAFETY: `sink` is the plugin's sink for this call (or null), valid during the call.
+    unsafe { abi::sink_put(sink, &bytes) };
+    code
+}
+
+fn words(r: Result<Vec<u64>, String>) -> Result<Vec<u8>, String> {
+    r.map(|w| abi::words_to_bytes(&w))
+}
+
+fn unit(r: Result<(), String>) -> Result<Vec<u8>, String> {
+    r.map(|_| Vec::new())
+}
+
+fn text(ptr: *const u8, len: usize) -> String {
+    // SAFETY: the plugin passes `len` readable bytes at `ptr` for the duration of the call.
+    String::from_utf8_lossy(unsafe { abi::bytes(ptr, len) }).into_owned()
+}
+
+unsafe extern "C" fn h_vm_info(ctx: *mut c_void, out: *mut CVmInfo) {
+    if let Some(info) = with_ctx(ctx, None, |c| Some(c.vm_info())) {
+        if !out.is_null() {
+            // SAFETY: `out` is a valid out pointer from the plugin.
+            unsafe { *out = info.into() };
+        }
+    }
+}
+
+const PANIC: &str = "internal host error";
+
+unsafe extern "C" fn h_pause(ctx: *mut c_void, err: *const Sink) -> i32 {
+    report(err, with_ctx(ctx, Err(PANIC.into()), |c| unit(c.pause())))
+}
+
+unsafe extern "C" fn h_resume(ctx: *mut c_void, err: *const Sink) -> i32 {
+    report(err, with_ctx(ctx, Err(PANIC.into()), |c| unit(c.resume())))
+}
+
+unsafe extern "C" fn h_vcpu_regs(
+    ctx: *mut c_void,
+    index: u32,
+    out: *mut VcpuRegs,
+    err: *const Sink,
+) -> i32 {
+    let r = with_ctx(ctx, Err(PANIC.into()), |c| c.vcpu_regs(index));
+    report(
+        err,
+        r.map(|regs| {
+            if !out.is_null() {
+                // SAFETY: `out` is a valid out pointer from the plugin.
+                unsafe { *out = regs };
+            }
+            Vec::new()
+        }),
+    )
+}
+
+unsafe extern "C" fn h_read_memory(
+    ctx: *mut c_void,
+    gpa: u64,
+    buf: *mut u8,
+    len: usize,
+    err: *const Sink,
+) -> i32 {
+    if buf.is_null() && len > 0 {
+        return report(err, Err("read-memory: null buffer".into()));
+    }
+    let r = with_ctx(ctx, Err(PANIC.into()), |c| {
+        let dst: &mut [u8] = if len == 0 {
+            &mut []
+        } else {
+            // SAFETY: the plugin passes `len` writable bytes at `buf` for this call.
+            unsafe { std::slice::from_raw_parts_mut(buf, len) }
+        };
+        c.read_into(gpa, dst)
+    });
+    report(err, unit(r))
+}
+
+unsafe extern "C" fn h_write_memory(
+    ctx: *mut c_void,
+    gpa: u64,
+    data: *const u8,
+    len: usize,
+    err: *const Sink,
+) -> i32 {
+    let r = with_ctx(ctx, Err(PANIC.into()), |c| {
+        // SAFETY: the plugin passes `len` readable bytes at `data` for this call.
+        c.write_memory(gpa, unsafe { abi::bytes(data, len) })
+    });
+    report(err, unit(r))
+}
+
+unsafe extern "C" fn h_translate(
+    ctx: *mut c_void,
+    cr3: u64,
+    gva: u64,
+    out: *mut CTranslation,
+    err: *const Sink,
+) -> i32 {
+    let r = with_ctx(ctx, Err(PANIC.into()), |c| c.translate(cr3, gva));
+    report(
+        err,
+        r.map(|t| {
+            if !out.is_null() {
+                // SAFETY: `out` is a valid out pointer from the plugin.
+                unsafe { *out = t.into() };
+            }
+            Vec::new()
+        }),
+    )
+}
+
+unsafe extern "C" fn h_dirty_bitmap(ctx: *mut c_void, out: *const Sink) -> i32 {
+    report(
+        out,
+        with_ctx(ctx, Err(PANIC.into()), |c| words(c.dirty_bitmap())),
+    )
+}
+
+unsafe extern "C" fn h_hash_pages(
+    ctx: *mut c_void,
+    first: u64,
+    count: u32,
+    out: *const Sink,
+) -> i32 {
+    report(
+        out,
+        with_ctx(ctx, Err(PANIC.into()), |c| {
+            words(c.hash_pages(first, count))
+        }),
+    )
+}
+
+unsafe extern "C" fn h_zero_scan(
+    ctx: *mut c_void,
+    first: u64,
+    count: u32,
+    out: *const Sink,
+) -> i32 {
+    report(
+        out,
+        with_ctx(ctx, Err(PANIC.into()), |c| words(c.zero_scan(first, count))),
+    )
+}
+
+unsafe extern "C" fn h_search_memory(
+    ctx: *mut c_void,
+    start: u64,
+    len: u64,
+    pattern: *const u8,
+    pattern_len: usize,
+    max_results: u32,
+    out: *const Sink,
+) -> i32 {
+    let r = with_ctx(ctx, Err(PANIC.into()), |c| {
+        // SAFETY: the plugin passes `pattern_len` readable bytes at `pattern` for this call.
+        let pat = unsafe { abi::bytes(pattern, pattern_len) };
+        words(c.search_memory(start, len, pat, max_results))
+    });
+    report(out, r)
+}
+
+unsafe extern "C" fn h_claim_ports(ctx: *mut c_void, base: u16, len: u16, err: *const Sink) -> i32 {
+    report(
+        err,
+        with_ctx(ctx, Err(PANIC.into()), |c| unit(c.claim_ports(base, len))),
+    )
+}
+
+unsafe extern "C" fn h_log(ctx: *mut c_void, level: u32, msg: *const u8, len: usize) {
+    with_ctx(ctx, (), |c| {
+        c.log(LogLevel::from_code(level), &text(msg, len))
+    })
+}
+
+unsafe extern "C" fn h_metric(ctx: *mut c_void, name: *const u8, len: usize, value: f64) {
+    with_ctx(ctx, (), |c| c.metric(&text(name, len), value))
+}
+
+unsafe extern "C" fn h_notify(
+    ctx: *mut c_void,
+    kind: *const u8,
+    kind_len: usize,
+    detail: *const u8,
+    detail_len: usize,
+) {
+    with_ctx(ctx, (), |c| {
+        c.notify(&text(kind, kind_len), &text(detail, detail_len))
+    })
+}
+
+unsafe extern "C" fn h_now_ns(ctx: *mut c_void) -> u64 {
+    with_ctx(ctx, 0, |c| c.now_ns())
+}

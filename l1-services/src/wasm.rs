@@ -1,0 +1,606 @@
+//! The Wasm runtime: wasmtime component model, typed bindings of `sdk/wit/service.wit`,
+//! a precompiled-artifact cache keyed by content hash, `InstancePre` per component, the pooling
+//! allocator, epoch interruption (per-call deadline) and a per-store memory limit.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use spanvmm_sdk as sdk;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder, Trap, UpdateDeadline,
+};
+
+use crate::backend::{Backend, Budget, Fatal};
+use crate::ctx::{lock, ServiceCtx};
+use crate::error::ServiceError;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../sdk/wit",
+        world: "service",
+    });
+}
+
+use bindings::spanvmm::service::{host as wh, types as wt};
+use bindings::{Service as WitService, ServicePre};
+
+/// Settings of the Wasm runtime.
+#[derive(Debug, Clone)]
+pub(crate) struct WasmSettings {
+    pub event_deadline: Duration,
+    pub call_deadline: Duration,
+    pub epoch_tick: Duration,
+    pub memory_limit: usize,
+    pub pooling: bool,
+    pub max_services: u32,
+}
+
+/// Store data: the service context, its resource limits and the host time of the current call.
+pub(crate) struct StoreState {
+    ctx: Arc<ServiceCtx>,
+    limits: StoreLimits,
+    /// Time spent in host calls during the current call, ns.
+    host_ns: u64,
+    /// Part of `host_ns` already given back to the deadline.
+    credited_ns: u64,
+}
+
+/// Most host time one call gets credited back to its deadline: work the host does for a
+/// service (a search through all of guest RAM) does not count against the service's own
+/// deadline, up to this much.
+const MAX_HOST_CREDIT_NS: u64 = 2_000_000_000;
+
+impl StoreState {
+    /// Runs a host call that may take a while, recording its duration.
+    fn timed<R>(&mut self, f: impl FnOnce(&ServiceCtx) -> R) -> R {
+        let t = std::time::Instant::now();
+        let r = f(&self.ctx);
+        self.host_ns += t.elapsed().as_nanos() as u64;
+        r
+    }
+}
+
+/// The shared engine, linker, caches and epoch ticker of one manager.
+pub(crate) struct WasmRuntime {
+    engine: Engine,
+    linker: Linker<StoreState>,
+    cache_dir: Option<PathBuf>,
+    compat: String,
+    pres: Mutex<HashMap<[u8; 32], ServicePre<StoreState>>>,
+    settings: WasmSettings,
+    event_ticks: u64,
+    call_ticks: u64,
+    ticker: Option<(Sender<()>, JoinHandle<()>)>,
+}
+
+impl Drop for WasmRuntime {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.ticker.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A cache directory is used only when it is ours and nobody else can write to it: artifacts
+/// in it are deserialized as trusted native code.
+fn private_dir(dir: &Path) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let meta = fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if meta.uid() != uid {
+        return Err(format!(
+            "{} belongs to uid {}, not to us (uid {uid})",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot make {} private: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn ticks(d: Duration, tick: Duration) -> u64 {
+    (d.as_nanos().div_ceil(tick.as_nanos().max(1)) as u64).max(1)
+}
+
+impl WasmRuntime {
+    pub(crate) fn new(cache_dir: &Path, settings: WasmSettings) -> Result<Self, ServiceError> {
+        let rt = |e: wasmtime::Error| ServiceError::Runtime(format!("{e:#}"));
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .concurrency_support(false)
+            .cranelift_opt_level(wasmtime::OptLevel::Speed);
+        if settings.pooling {
+            let n = settings.max_services.max(1);
+            let mut pool = PoolingAllocationConfig::new();
+            pool.total_component_instances(n)
+                .total_core_instances(n * 4)
+                .total_memories(n * 2)
+                .total_tables(n * 4)
+                .max_memory_size(settings.memory_limit)
+                .max_memories_per_component(2)
+                .max_core_instances_per_component(8);
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        }
+        let engine = Engine::new(&config).map_err(rt)?;
+        let mut linker = Linker::new(&engine);
+        WitService::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)
+            .map_err(rt)?;
+        let compat = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut h);
+            format!("{:016x}", h.finish())
+        };
+        let cache_dir = match private_dir(cache_dir) {
+            Ok(()) => Some(cache_dir.to_path_buf()),
+            Err(e) => {
+                log::warn!("not caching compiled services: {e}");
+                None
+            }
+        };
+        let event_ticks = ticks(settings.event_deadline, settings.epoch_tick);
+        let call_ticks = ticks(settings.call_deadline, settings.epoch_tick);
+        let (stop, rx) = mpsc::channel::<()>();
+        let e2 = engine.clone();
+        let tick = settings.epoch_tick;
+        let thread = std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(tick) {
+                    e2.increment_epoch();
+                }
+            })
+            .map_err(|e| ServiceError::Runtime(format!("cannot start the epoch thread: {e}")))?;
+        Ok(WasmRuntime {
+            engine,
+            linker,
+            cache_dir,
+            compat,
+            pres: Mutex::new(HashMap::new()),
+            settings,
+            event_ticks,
+            call_ticks,
+            ticker: Some((stop, thread)),
+        })
+    }
+
+    /// The compiled component for `bytes`: from the artifact cache when present, else compiled
+    /// and stored there.
+    fn component(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        digest: &[u8],
+    ) -> Result<Component, ServiceError> {
+        let load = |msg: String| ServiceError::Load {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let cached = self
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{}-{}.cwasm", hex(digest), self.compat)));
+        // The artifact is read into memory rather than mapped (`deserialize_file`): a mapped
+        // file truncated behind our back would kill the VMM with SIGBUS; a copy costs ~50 µs.
+        if let Some((file, art)) = cached
+            .as_ref()
+            .and_then(|f| fs::read(f).ok().map(|a| (f, a)))
+        {
+            // SAFETY: the bytes come from our private cache directory (owned by us, not
+            // writable by others, checked in `private_dir`), where only `precompile_component`
+            // of an engine with the same compatibility hash (part of the name) writes, with an
+            // atomic rename. wasmtime also checks the artifact's header against this engine.
+            match unsafe { Component::deserialize(&self.engine, &art) } {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    log::warn!(
+                        "dropping unusable cached artifact {}: {e:#}",
+                        file.display()
+                    );
+                    let _ = fs::remove_file(file);
+                }
+            }
+        }
+        let artifact = self
+            .engine
+            .precompile_component(bytes)
+            .map_err(|e| load(format!("not a valid WebAssembly component: {e:#}")))?;
+        if let Some(file) = &cached {
+            static SEQ: AtomicU64 = AtomicU64::new(0);
+            let tmp = file.with_extension(format!(
+                "tmp{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+            let written = fs::File::create(&tmp)
+                .and_then(|mut f| f.write_all(&artifact).and_then(|_| f.sync_all()))
+                .and_then(|_| fs::rename(&tmp, file));
+            if let Err(e) = written {
+                log::warn!("cannot cache compiled service at {}: {e}", file.display());
+                let _ = fs::remove_file(&tmp);
+            }
+        }
+        // SAFETY: `artifact` was produced just now by `precompile_component` of this engine.
+        unsafe { Component::deserialize(&self.engine, &artifact) }
+            .map_err(|e| load(format!("cannot load the compiled component: {e:#}")))
+    }
+
+    fn pre(&self, path: &Path) -> Result<ServicePre<StoreState>, ServiceError> {
+        let bytes = fs::read(path).map_err(|err| ServiceError::Io {
+            path: path.to_path_buf(),
+            err,
+        })?;
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if let Some(pre) = lock(&self.pres).get(&digest) {
+            return Ok(pre.clone());
+        }
+        let component = self.component(path, &bytes, &digest)?;
+        let load = |what: &str, e: wasmtime::Error| ServiceError::Load {
+            path: path.to_path_buf(),
+            msg: format!("{what}: {e:#}"),
+        };
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| load("its imports do not match spanvmm:service/host@0.1.0", e))?;
+        let pre = ServicePre::new(pre).map_err(|e| {
+            load(
+                "it does not export the spanvmm:service@0.1.0 `service` world",
+                e,
+            )
+        })?;
+        lock(&self.pres).insert(digest, pre.clone());
+        Ok(pre)
+    }
+
+    /// Loads and instantiates the component at `path` for a service with context `ctx`.
+    pub(crate) fn instantiate(
+        &self,
+        path: &Path,
+        ctx: Arc<ServiceCtx>,
+    ) -> Result<WasmService, ServiceError> {
+        let pre = self.pre(path)?;
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.settings.memory_limit)
+            .table_elements(1 << 20)
+            .instances(64)
+            .tables(64)
+            .memories(4)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(
+            &self.engine,
+            StoreState {
+                ctx,
+                limits,
+                host_ns: 0,
+                credited_ns: 0,
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        let tick_ns = (self.settings.epoch_tick.as_nanos() as u64).max(1);
+        // At the deadline: give back the time the call spent in host functions (bounded), else
+        // interrupt the service.
+        store.epoch_deadline_callback(move |mut cx| {
+            let s = cx.data_mut();
+            let owed = s.host_ns.saturating_sub(s.credited_ns);
+            if owed >= tick_ns && s.host_ns <= MAX_HOST_CREDIT_NS {
+                let t = owed / tick_ns;
+                s.credited_ns += t * tick_ns;
+                return Ok(UpdateDeadline::Continue(t));
+            }
+            Ok(UpdateDeadline::Interrupt)
+        });
+        store.set_epoch_deadline(self.call_ticks);
+        let bindings = pre
+            .instantiate(&mut store)
+            .map_err(|e| ServiceError::Load {
+                path: path.to_path_buf(),
+                msg: format!("instantiation failed: {e:#}"),
+            })?;
+        Ok(WasmService {
+            store,
+            bindings,
+            event_ticks: self.event_ticks,
+            call_ticks: self.call_ticks,
+            event_ms: self.settings.event_deadline.as_millis() as u64,
+            call_ms: self.settings.call_deadline.as_millis() as u64,
+            memory_mib: self.settings.memory_limit >> 20,
+        })
+    }
+}
+
+/// One instantiated Wasm service.
+pub(crate) struct WasmService {
+    store: Store<StoreState>,
+    bindings: WitService,
+    event_ticks: u64,
+    call_ticks: u64,
+    event_ms: u64,
+    call_ms: u64,
+    memory_mib: usize,
+}
+
+impl WasmService {
+    fn arm(&mut self, budget: Budget) {
+        let t = match budget {
+            Budget::Event => self.event_ticks,
+            Budget::Control => self.call_ticks,
+        };
+        let d = self.store.data_mut();
+        d.host_ns = 0;
+        d.credited_ns = 0;
+        self.store.set_epoch_deadline(t);
+    }
+
+    fn fatal(&self, what: &str, budget: Budget, e: wasmtime::Error) -> Fatal {
+        let ms = match budget {
+            Budget::Event => self.event_ms,
+            Budget::Control => self.call_ms,
+        };
+        if let Some(trap) = e.downcast_ref::<Trap>() {
+            if *trap == Trap::Interrupt {
+                return Fatal(format!(
+                    "{what} exceeded its {ms} ms deadline and was interrupted"
+                ));
+            }
+            return Fatal(format!("{what} trapped: {trap}"));
+        }
+        let msg = format!("{e:#}");
+        if msg.contains("growing memory") || msg.contains("memory growth") {
+            return Fatal(format!(
+                "{what} exceeded the {} MiB memory limit ({msg})",
+                self.memory_mib
+            ));
+        }
+        Fatal(format!("{what} failed: {msg}"))
+    }
+}
+
+fn manifest_from_wit(m: wt::Manifest) -> sdk::Manifest {
+    sdk::Manifest {
+        name: m.name,
+        version: m.version,
+        abi_version: m.abi_version,
+        events: m
+            .events
+            .into_iter()
+            .map(|k| match k {
+                wt::EventKind::PortWrite => sdk::EventKind::PortWrite,
+                wt::EventKind::PortRead => sdk::EventKind::PortRead,
+                wt::EventKind::Lifecycle => sdk::EventKind::Lifecycle,
+                wt::EventKind::Tick => sdk::EventKind::Tick,
+            })
+            .collect(),
+        ports: m
+            .ports
+            .into_iter()
+            .map(|p| sdk::PortRange::new(p.base, p.len))
+            .collect(),
+        capabilities: m
+            .capabilities
+            .into_iter()
+            .map(|c| match c {
+                wt::Capability::MemoryRead => sdk::Capability::MemoryRead,
+                wt::Capability::MemoryWrite => sdk::Capability::MemoryWrite,
+                wt::Capability::VcpuState => sdk::Capability::VcpuState,
+                wt::Capability::PauseResume => sdk::Capability::PauseResume,
+                wt::Capability::DirtyLog => sdk::Capability::DirtyLog,
+                wt::Capability::DrivesMigration => sdk::Capability::DrivesMigration,
+            })
+            .collect(),
+        tick_period_ms: m.tick_period_ms,
+    }
+}
+
+fn event_to_wit(ev: &sdk::Event) -> wt::Event {
+    match *ev {
+        sdk::Event::PortWrite { port, size, value } => {
+            wt::Event::PortWrite(wt::PortWrite { port, size, value })
+        }
+        sdk::Event::PortRead { port, size } => wt::Event::PortRead(wt::PortRead { port, size }),
+        sdk::Event::Lifecycle(l) => wt::Event::Lifecycle(match l {
+            sdk::Lifecycle::Paused => wt::Lifecycle::Paused,
+            sdk::Lifecycle::Resumed => wt::Lifecycle::Resumed,
+            sdk::Lifecycle::Migrated => wt::Lifecycle::Migrated,
+            sdk::Lifecycle::Restored => wt::Lifecycle::Restored,
+            sdk::Lifecycle::Shutdown => wt::Lifecycle::Shutdown,
+        }),
+        sdk::Event::Tick { now_ns } => wt::Event::Tick(now_ns),
+    }
+}
+
+impl Backend for WasmService {
+    fn describe(&mut self) -> Result<sdk::Manifest, Fatal> {
+        self.arm(Budget::Control);
+        match self.bindings.call_describe(&mut self.store) {
+            Ok(m) => Ok(manifest_from_wit(m)),
+            Err(e) => Err(self.fatal("describe", Budget::Control, e)),
+        }
+    }
+
+    fn attach(&mut self, config: &str) -> Result<Result<(), String>, Fatal> {
+        self.arm(Budget::Control);
+        self.bindings
+            .call_attach(&mut self.store, config)
+            .map_err(|e| self.fatal("attach", Budget::Control, e))
+    }
+
+    fn on_event(&mut self, ev: &sdk::Event) -> Result<sdk::EventReply, Fatal> {
+        self.arm(Budget::Event);
+        match self
+            .bindings
+            .call_on_event(&mut self.store, event_to_wit(ev))
+        {
+            Ok(wt::EventReply::None) => Ok(sdk::EventReply::None),
+            Ok(wt::EventReply::Value(v)) => Ok(sdk::EventReply::Value(v)),
+            Err(e) => Err(self.fatal("on-event", Budget::Event, e)),
+        }
+    }
+
+    fn detach(&mut self) -> Result<Vec<u8>, Fatal> {
+        self.arm(Budget::Control);
+        self.bindings
+            .call_detach(&mut self.store)
+            .map_err(|e| self.fatal("detach", Budget::Control, e))
+    }
+
+    fn resume_from(&mut self, state: &[u8]) -> Result<Result<(), String>, Fatal> {
+        self.arm(Budget::Control);
+        self.bindings
+            .call_resume_from(&mut self.store, state)
+            .map_err(|e| self.fatal("resume-from", Budget::Control, e))
+    }
+
+    fn call(&mut self, method: &str, args: &str) -> Result<Result<String, String>, Fatal> {
+        self.arm(Budget::Control);
+        self.bindings
+            .call_call(&mut self.store, method, args)
+            .map_err(|e| self.fatal("call", Budget::Control, e))
+    }
+}
+
+impl wt::Host for StoreState {}
+
+fn level_from_wit(l: wt::LogLevel) -> sdk::LogLevel {
+    match l {
+        wt::LogLevel::Error => sdk::LogLevel::Error,
+        wt::LogLevel::Warn => sdk::LogLevel::Warn,
+        wt::LogLevel::Info => sdk::LogLevel::Info,
+        wt::LogLevel::Debug => sdk::LogLevel::Debug,
+        wt::LogLevel::Trace => sdk::LogLevel::Trace,
+    }
+}
+
+impl wh::Host for StoreState {
+    fn vm_info(&mut self) -> wt::VmDetails {
+        let i = self.ctx.vm_info();
+        wt::VmDetails {
+            mem_bytes: i.mem_bytes,
+            vcpus: i.vcpus,
+            tsc_khz: i.tsc_khz,
+        }
+    }
+
+    fn pause(&mut self) -> Result<(), String> {
+        self.timed(|c| c.pause())
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        self.timed(|c| c.resume())
+    }
+
+    fn vcpu_regs(&mut self, index: u32) -> Result<wt::VcpuRegisters, String> {
+        let r = self.timed(|c| c.vcpu_regs(index))?;
+        Ok(wt::VcpuRegisters {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+            cr0: r.cr0,
+            cr2: r.cr2,
+            cr3: r.cr3,
+            cr4: r.cr4,
+            efer: r.efer,
+            cpl: r.cpl,
+        })
+    }
+
+    fn read_memory(&mut self, gpa: u64, len: u32) -> Result<Vec<u8>, String> {
+        self.timed(|c| c.read_memory(gpa, len))
+    }
+
+    fn write_memory(&mut self, gpa: u64, data: Vec<u8>) -> Result<(), String> {
+        self.timed(|c| c.write_memory(gpa, &data))
+    }
+
+    fn translate(&mut self, cr3: u64, gva: u64) -> Result<wt::Translation, String> {
+        let t = self.timed(|c| c.translate(cr3, gva))?;
+        Ok(wt::Translation {
+            present: t.present,
+            gpa: t.gpa,
+            page_size: t.page_size,
+            writable: t.writable,
+            user: t.user,
+            executable: t.executable,
+        })
+    }
+
+    fn dirty_bitmap(&mut self) -> Result<Vec<u64>, String> {
+        self.timed(|c| c.dirty_bitmap())
+    }
+
+    fn hash_pages(&mut self, first: u64, count: u32) -> Result<Vec<u64>, String> {
+        self.timed(|c| c.hash_pages(first, count))
+    }
+
+    fn zero_scan(&mut self, first: u64, count: u32) -> Result<Vec<u64>, String> {
+        self.timed(|c| c.zero_scan(first, count))
+    }
+
+    fn search_memory(
+        &mut self,
+        start: u64,
+        len: u64,
+        pattern: Vec<u8>,
+        max_results: u32,
+    ) -> Result<Vec<u64>, String> {
+        self.timed(|c| c.search_memory(start, len, &pattern, max_results))
+    }
+
+    fn claim_ports(&mut self, base: u16, len: u16) -> Result<(), String> {
+        self.ctx.claim_ports(base, len)
+    }
+
+    fn log(&mut self, level: wt::LogLevel, msg: String) {
+        self.ctx.log(level_from_wit(level), &msg)
+    }
+
+    fn metric(&mut self, name: String, value: f64) {
+        self.ctx.metric(&name, value)
+    }
+
+    fn notify(&mut self, kind: String, detail: String) {
+        self.ctx.notify(&kind, &detail)
+    }
+
+    fn now_ns(&mut self) -> u64 {
+        self.ctx.now_ns()
+    }
+}

@@ -1,0 +1,98 @@
+//! A hostile service for the runtime's tests. What it does wrong is chosen by the attach
+//! config `{"mode": …}`:
+//! - `loop-attach`: never returns from attach;
+//! - `loop-event`: never returns from a write to its port;
+//! - anything else (`calls`): behaves until told otherwise through `call`:
+//!   `loop` (never returns), `alloc` (allocates until refused), `oob` (reads past guest RAM and
+//!   reports what the host said), `big-read` (asks for more than 1 MiB), `write` (writes memory
+//!   without the capability), `panic`, `pause` (pauses and resumes the VM), `writes` (how many
+//!   port writes it saw).
+//!
+//! It always claims port 0x6f0.
+
+use spanvmm_sdk::{export_service, host, Event, EventKind, EventReply, Manifest, Service};
+
+#[derive(Default)]
+struct Misbehave {
+    mode: String,
+    writes: u64,
+    hoard: Vec<Vec<u8>>,
+}
+
+fn spin() -> ! {
+    let mut x = 0u64;
+    loop {
+        // A volatile store keeps the loop from being optimized into `unreachable`.
+        // SAFETY: `x` is a live local.
+        unsafe { std::ptr::write_volatile(&mut x, x.wrapping_add(1)) };
+    }
+}
+
+impl Service for Misbehave {
+    fn manifest() -> Manifest {
+        Manifest::new("misbehave", "0.1.0")
+            .events(&[EventKind::PortWrite])
+            .capabilities(&[
+                spanvmm_sdk::Capability::MemoryRead,
+                spanvmm_sdk::Capability::PauseResume,
+            ])
+    }
+
+    fn attach(&mut self, config: &str) -> Result<(), String> {
+        let cfg: serde_json::Value = serde_json::from_str(config).unwrap_or_default();
+        self.mode = cfg
+            .get("mode")
+            .and_then(|m| m.as_str())
+            .unwrap_or("calls")
+            .to_string();
+        if self.mode == "loop-attach" {
+            spin();
+        }
+        host::claim_ports(0x6f0, 1)
+    }
+
+    fn on_event(&mut self, _event: Event) -> EventReply {
+        if self.mode == "loop-event" {
+            spin();
+        }
+        self.writes += 1;
+        EventReply::None
+    }
+
+    fn call(&mut self, method: &str, _args: &str) -> Result<String, String> {
+        match method {
+            "loop" => spin(),
+            // Reserve without touching: the memory grows at once, the deadline is not the limit.
+            "alloc" => loop {
+                let mut chunk = Vec::with_capacity(8 << 20);
+                chunk.push(1u8);
+                self.hoard.push(chunk);
+            },
+            "oob" => {
+                let mem = host::vm_info().mem_bytes;
+                match host::read_memory(mem - 8, 64) {
+                    Ok(_) => Err("read past the end of guest RAM succeeded".into()),
+                    Err(e) => Ok(e),
+                }
+            }
+            "big-read" => match host::read_memory(0, (1 << 20) + 1) {
+                Ok(_) => Err("a read over 1 MiB succeeded".into()),
+                Err(e) => Ok(e),
+            },
+            "write" => match host::write_memory(0, b"pwned") {
+                Ok(()) => Err("write without memory-write succeeded".into()),
+                Err(e) => Ok(e),
+            },
+            "panic" => panic!("misbehave was told to panic"),
+            "pause" => {
+                host::pause()?;
+                host::resume()?;
+                Ok("{}".into())
+            }
+            "writes" => Ok(self.writes.to_string()),
+            m => Err(format!("unknown method {m:?}")),
+        }
+    }
+}
+
+export_service!(Misbehave);

@@ -1,0 +1,161 @@
+/*
+ * spanvmm native service C ABI, version 1 (spanvmm:service@0.1.0).
+ *
+ * A native service is a shared object exporting the seven functions declared at the end of
+ * this file. Native services run inside the VMM process: they are TRUSTED code, with no
+ * sandbox, no deadline and no memory limit (see docs/plugin-guide.md). Rust authors do not use
+ * this header: spanvmm_sdk::export_service! generates the same symbols (the Rust mirror of this
+ * file is sdk/src/abi.rs; keep the two in step).
+ *
+ * Rules
+ * - The host calls spanvmm_service_abi_version() first and refuses the object unless it returns
+ *   SPANVMM_SERVICE_ABI_VERSION; it then requires every other symbol.
+ * - The host serializes calls into one service; they may come from different threads (port
+ *   events come from vCPU threads: keep on_event short and never block in it).
+ * - Bytes travel through sinks: the receiver passes a spanvmm_sink and the sender calls
+ *   put(ctx, data, len), possibly several times (the data is appended). Nothing allocated by one
+ *   side is freed by the other.
+ * - Every int32_t result is SPANVMM_OK, SPANVMM_ERR (a message went to the sink) or
+ *   SPANVMM_FATAL (the service is broken; the host detaches it).
+ * - The spanvmm_host table passed to attach stays valid until detach returns. Host functions
+ *   may only be called from inside a call the host made into the service, on that thread.
+ * - Lists of u64 (dirty bitmap, hashes, zero bitmap, search results) arrive in the sink as
+ *   native-endian uint64_t values.
+ */
+#ifndef SPANVMM_SERVICE_H
+#define SPANVMM_SERVICE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SPANVMM_SERVICE_ABI_VERSION 1u
+
+#define SPANVMM_OK 0
+#define SPANVMM_ERR 1
+#define SPANVMM_FATAL 2
+
+typedef struct spanvmm_sink {
+    void *ctx;
+    void (*put)(void *ctx, const uint8_t *data, size_t len);
+} spanvmm_sink;
+
+/* spanvmm_event.kind */
+#define SPANVMM_EVENT_PORT_WRITE 0u /* port, size, value = value written */
+#define SPANVMM_EVENT_PORT_READ 1u  /* port, size; answer in the reply */
+#define SPANVMM_EVENT_LIFECYCLE 2u  /* value = SPANVMM_LIFECYCLE_* */
+#define SPANVMM_EVENT_TICK 3u       /* value = host monotonic time, ns */
+
+#define SPANVMM_LIFECYCLE_PAUSED 0u
+#define SPANVMM_LIFECYCLE_RESUMED 1u
+#define SPANVMM_LIFECYCLE_MIGRATED 2u
+#define SPANVMM_LIFECYCLE_RESTORED 3u
+#define SPANVMM_LIFECYCLE_SHUTDOWN 4u
+
+typedef struct spanvmm_event {
+    uint32_t kind;
+    uint16_t port;
+    uint8_t size;     /* access width in bytes: 1, 2 or 4 */
+    uint8_t reserved; /* 0 */
+    uint64_t value;
+} spanvmm_event;
+
+typedef struct spanvmm_event_reply {
+    uint32_t has_value; /* 1: a port read returns `value`; 0: all-ones */
+    uint32_t reserved;
+    uint64_t value;
+} spanvmm_event_reply;
+
+typedef struct spanvmm_vm_info {
+    uint64_t mem_bytes;
+    uint32_t vcpus;
+    uint32_t tsc_khz;
+} spanvmm_vm_info;
+
+typedef struct spanvmm_vcpu_regs {
+    uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
+    uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
+    uint64_t rip, rflags;
+    uint64_t cr0, cr2, cr3, cr4, efer;
+    uint8_t cpl;
+} spanvmm_vcpu_regs;
+
+typedef struct spanvmm_translation {
+    uint64_t gpa;
+    uint64_t page_size; /* 4096, 2 MiB or 1 GiB */
+    uint8_t present, writable, user, executable;
+    uint32_t reserved;
+} spanvmm_translation;
+
+/* spanvmm_host.log levels */
+#define SPANVMM_LOG_ERROR 0u
+#define SPANVMM_LOG_WARN 1u
+#define SPANVMM_LOG_INFO 2u
+#define SPANVMM_LOG_DEBUG 3u
+#define SPANVMM_LOG_TRACE 4u
+
+/* What the VMM offers. Each call checks the capabilities the manifest asked for. */
+typedef struct spanvmm_host {
+    uint32_t abi_version; /* SPANVMM_SERVICE_ABI_VERSION */
+    uint32_t size;        /* sizeof(spanvmm_host); later minor versions append fields */
+    void *ctx;            /* first argument of every function below */
+    void (*vm_info)(void *ctx, spanvmm_vm_info *out);
+    int32_t (*pause)(void *ctx, const spanvmm_sink *err);
+    int32_t (*resume)(void *ctx, const spanvmm_sink *err);
+    int32_t (*vcpu_regs)(void *ctx, uint32_t index, spanvmm_vcpu_regs *out,
+                         const spanvmm_sink *err);
+    /* len <= 1 MiB; the host writes straight into buf */
+    int32_t (*read_memory)(void *ctx, uint64_t gpa, uint8_t *buf, size_t len,
+                           const spanvmm_sink *err);
+    int32_t (*write_memory)(void *ctx, uint64_t gpa, const uint8_t *data, size_t len,
+                            const spanvmm_sink *err);
+    int32_t (*translate)(void *ctx, uint64_t cr3, uint64_t gva, spanvmm_translation *out,
+                         const spanvmm_sink *err);
+    int32_t (*dirty_bitmap)(void *ctx, const spanvmm_sink *out);
+    int32_t (*hash_pages)(void *ctx, uint64_t first, uint32_t count, const spanvmm_sink *out);
+    int32_t (*zero_scan)(void *ctx, uint64_t first, uint32_t count, const spanvmm_sink *out);
+    int32_t (*search_memory)(void *ctx, uint64_t start, uint64_t len, const uint8_t *pattern,
+                             size_t pattern_len, uint32_t max_results, const spanvmm_sink *out);
+    /* only during attach */
+    int32_t (*claim_ports)(void *ctx, uint16_t base, uint16_t len, const spanvmm_sink *err);
+    void (*log)(void *ctx, uint32_t level, const uint8_t *msg, size_t len);
+    void (*metric)(void *ctx, const uint8_t *name, size_t len, double value);
+    void (*notify)(void *ctx, const uint8_t *kind, size_t kind_len, const uint8_t *detail,
+                   size_t detail_len);
+    uint64_t (*now_ns)(void *ctx);
+} spanvmm_host;
+
+/* ---- exported by the service ---- */
+
+/* Handshake: must return SPANVMM_SERVICE_ABI_VERSION. */
+uint32_t spanvmm_service_abi_version(void);
+
+/* The manifest as JSON (the serde form of spanvmm_sdk::Manifest):
+ * {"name":"…","version":"…","abi_version":1,"events":["port-write","port-read","lifecycle","tick"],
+ *  "ports":[{"base":1792,"len":4}],"capabilities":["memory-read","memory-write","vcpu-state",
+ *  "pause-resume","dirty-log","drives-migration"],"tick_period_ms":0} */
+int32_t spanvmm_service_describe(const spanvmm_sink *manifest_json);
+
+int32_t spanvmm_service_attach(const spanvmm_host *host, const uint8_t *config, size_t config_len,
+                               const spanvmm_sink *err);
+
+int32_t spanvmm_service_on_event(const spanvmm_event *ev, spanvmm_event_reply *reply);
+
+/* The state for a successor's resume_from. */
+int32_t spanvmm_service_detach(const spanvmm_sink *state);
+
+int32_t spanvmm_service_resume_from(const uint8_t *state, size_t state_len,
+                                    const spanvmm_sink *err);
+
+/* A control-API command: JSON in, JSON (or an error message) out. */
+int32_t spanvmm_service_call(const uint8_t *method, size_t method_len, const uint8_t *args,
+                             size_t args_len, const spanvmm_sink *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SPANVMM_SERVICE_H */

@@ -1,0 +1,471 @@
+//! The native C ABI (version [`crate::ABI_VERSION`]), mirrored by `include/spanvmm_service.h`.
+//!
+//! A native service is a shared object exporting the `spanvmm_service_*` symbols named below.
+//! The host first calls [`SYM_ABI_VERSION`] and refuses the object unless it returns
+//! [`crate::ABI_VERSION`]. Bytes travel through [`Sink`]s: the receiver passes a sink and the
+//! sender calls `put` (possibly several times, appending), so no allocation crosses the boundary.
+//! Every function returns [`OK`], [`ERR`] (a message went to the sink) or [`FATAL`] (the service
+//! is broken, e.g. it panicked; the host detaches it).
+
+use std::ffi::c_void;
+
+use crate::types::{Event, EventReply, Lifecycle, Translation, VcpuRegs, VmInfo};
+
+/// Success.
+pub const OK: i32 = 0;
+/// Failure; a message was written to the error sink.
+pub const ERR: i32 = 1;
+/// The service is broken (panicked); the host must detach it.
+pub const FATAL: i32 = 2;
+
+/// `uint32_t spanvmm_service_abi_version(void)`.
+pub const SYM_ABI_VERSION: &str = "spanvmm_service_abi_version";
+/// `int32_t spanvmm_service_describe(const spanvmm_sink *manifest_json)`.
+pub const SYM_DESCRIBE: &str = "spanvmm_service_describe";
+/// `int32_t spanvmm_service_attach(const spanvmm_host *, const uint8_t *cfg, size_t, const spanvmm_sink *err)`.
+pub const SYM_ATTACH: &str = "spanvmm_service_attach";
+/// `int32_t spanvmm_service_on_event(const spanvmm_event *, spanvmm_event_reply *)`.
+pub const SYM_ON_EVENT: &str = "spanvmm_service_on_event";
+/// `int32_t spanvmm_service_detach(const spanvmm_sink *state)`.
+pub const SYM_DETACH: &str = "spanvmm_service_detach";
+/// `int32_t spanvmm_service_resume_from(const uint8_t *state, size_t, const spanvmm_sink *err)`.
+pub const SYM_RESUME_FROM: &str = "spanvmm_service_resume_from";
+/// `int32_t spanvmm_service_call(const uint8_t *m, size_t, const uint8_t *a, size_t, const spanvmm_sink *out)`.
+pub const SYM_CALL: &str = "spanvmm_service_call";
+
+/// A byte receiver: `put(ctx, data, len)` appends `len` bytes.
+#[repr(C)]
+pub struct Sink {
+    /// Receiver's context.
+    pub ctx: *mut c_void,
+    /// Appends bytes.
+    pub put: unsafe extern "C" fn(ctx: *mut c_void, data: *const u8, len: usize),
+}
+
+/// Event kinds of [`CEvent::kind`].
+pub mod event_kind {
+    /// Port write: `port`, `size`, `value`.
+    pub const PORT_WRITE: u32 = 0;
+    /// Port read: `port`, `size`.
+    pub const PORT_READ: u32 = 1;
+    /// Lifecycle: `value` is the lifecycle code.
+    pub const LIFECYCLE: u32 = 2;
+    /// Tick: `value` is the host time in ns.
+    pub const TICK: u32 = 3;
+}
+
+/// An event (`spanvmm_event`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CEvent {
+    /// One of [`event_kind`].
+    pub kind: u32,
+    /// Port (port events).
+    pub port: u16,
+    /// Access width (port events).
+    pub size: u8,
+    /// Zero.
+    pub reserved: u8,
+    /// Written value, lifecycle code or time.
+    pub value: u64,
+}
+
+/// An event reply (`spanvmm_event_reply`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CEventReply {
+    /// 0: none, 1: `value` is the port read's result.
+    pub has_value: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Value.
+    pub value: u64,
+}
+
+/// `spanvmm_vm_info`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CVmInfo {
+    /// Guest RAM, bytes.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// TSC kHz.
+    pub tsc_khz: u32,
+}
+
+/// `spanvmm_translation`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CTranslation {
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Page size.
+    pub page_size: u64,
+    /// 1 when present.
+    pub present: u8,
+    /// 1 when writable.
+    pub writable: u8,
+    /// 1 when user-accessible.
+    pub user: u8,
+    /// 1 when executable.
+    pub executable: u8,
+    /// Zero.
+    pub reserved: u32,
+}
+
+/// The host's functions (`spanvmm_host`), valid from `attach` until `detach` returns. They may
+/// only be called from inside a call the host made into the service, on that thread.
+#[repr(C)]
+pub struct HostVtable {
+    /// [`crate::ABI_VERSION`].
+    pub abi_version: u32,
+    /// `sizeof(spanvmm_host)`: later minor versions append fields.
+    pub size: u32,
+    /// Host context, first argument of every function.
+    pub ctx: *mut c_void,
+    /// The VM's shape.
+    pub vm_info: unsafe extern "C" fn(ctx: *mut c_void, out: *mut CVmInfo),
+    /// Pause the VM.
+    pub pause: unsafe extern "C" fn(ctx: *mut c_void, err: *const Sink) -> i32,
+    /// Resume the VM.
+    pub resume: unsafe extern "C" fn(ctx: *mut c_void, err: *const Sink) -> i32,
+    /// vCPU registers.
+    pub vcpu_regs: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        index: u32,
+        out: *mut VcpuRegs,
+        err: *const Sink,
+    ) -> i32,
+    /// Read `len` (≤ 1 MiB) bytes at `gpa` into `buf`.
+    pub read_memory: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        gpa: u64,
+        buf: *mut u8,
+        len: usize,
+        err: *const Sink,
+    ) -> i32,
+    /// Write `len` (≤ 1 MiB) bytes at `gpa`.
+    pub write_memory: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        gpa: u64,
+        data: *const u8,
+        len: usize,
+        err: *const Sink,
+    ) -> i32,
+    /// Guest page-table walk.
+    pub translate: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        cr3: u64,
+        gva: u64,
+        out: *mut CTranslation,
+        err: *const Sink,
+    ) -> i32,
+    /// Dirty bitmap: u64 words (native endian) to `out`, or an error message.
+    pub dirty_bitmap: unsafe extern "C" fn(ctx: *mut c_void, out: *const Sink) -> i32,
+    /// Page hashes: u64 words to `out`, or an error message.
+    pub hash_pages:
+        unsafe extern "C" fn(ctx: *mut c_void, first: u64, count: u32, out: *const Sink) -> i32,
+    /// Zero-page bitmap: u64 words to `out`, or an error message.
+    pub zero_scan:
+        unsafe extern "C" fn(ctx: *mut c_void, first: u64, count: u32, out: *const Sink) -> i32,
+    /// Pattern search: u64 addresses to `out`, or an error message.
+    pub search_memory: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        start: u64,
+        len: u64,
+        pattern: *const u8,
+        pattern_len: usize,
+        max_results: u32,
+        out: *const Sink,
+    ) -> i32,
+    /// Claim ports (during attach only).
+    pub claim_ports:
+        unsafe extern "C" fn(ctx: *mut c_void, base: u16, len: u16, err: *const Sink) -> i32,
+    /// Log a line.
+    pub log: unsafe extern "C" fn(ctx: *mut c_void, level: u32, msg: *const u8, len: usize),
+    /// Record a metric.
+    pub metric: unsafe extern "C" fn(ctx: *mut c_void, name: *const u8, len: usize, value: f64),
+    /// Publish a notification.
+    pub notify: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        kind: *const u8,
+        kind_len: usize,
+        detail: *const u8,
+        detail_len: usize,
+    ),
+    /// Host monotonic time, ns.
+    pub now_ns: unsafe extern "C" fn(ctx: *mut c_void) -> u64,
+}
+
+/// `uint32_t spanvmm_service_abi_version(void)`.
+pub type AbiVersionFn = unsafe extern "C" fn() -> u32;
+/// `spanvmm_service_describe`.
+pub type DescribeFn = unsafe extern "C" fn(out: *const Sink) -> i32;
+/// `spanvmm_service_attach`.
+pub type AttachFn = unsafe extern "C" fn(
+    host: *const HostVtable,
+    config: *const u8,
+    config_len: usize,
+    err: *const Sink,
+) -> i32;
+/// `spanvmm_service_on_event`.
+pub type OnEventFn = unsafe extern "C" fn(ev: *const CEvent, reply: *mut CEventReply) -> i32;
+/// `spanvmm_service_detach`.
+pub type DetachFn = unsafe extern "C" fn(state: *const Sink) -> i32;
+/// `spanvmm_service_resume_from`.
+pub type ResumeFromFn =
+    unsafe extern "C" fn(state: *const u8, state_len: usize, err: *const Sink) -> i32;
+/// `spanvmm_service_call`.
+pub type CallFn = unsafe extern "C" fn(
+    method: *const u8,
+    method_len: usize,
+    args: *const u8,
+    args_len: usize,
+    out: *const Sink,
+) -> i32;
+
+impl From<Event> for CEvent {
+    fn from(ev: Event) -> Self {
+        let (kind, port, size, value) = match ev {
+            Event::PortWrite { port, size, value } => (event_kind::PORT_WRITE, port, size, value),
+            Event::PortRead { port, size } => (event_kind::PORT_READ, port, size, 0),
+            Event::Lifecycle(l) => (event_kind::LIFECYCLE, 0, 0, l.code()),
+            Event::Tick { now_ns } => (event_kind::TICK, 0, 0, now_ns),
+        };
+        CEvent {
+            kind,
+            port,
+            size,
+            reserved: 0,
+            value,
+        }
+    }
+}
+
+impl CEvent {
+    /// The Rust event, or `None` for an unknown kind or lifecycle code.
+    pub fn to_event(&self) -> Option<Event> {
+        Some(match self.kind {
+            event_kind::PORT_WRITE => Event::PortWrite {
+                port: self.port,
+                size: self.size,
+                value: self.value,
+            },
+            event_kind::PORT_READ => Event::PortRead {
+                port: self.port,
+                size: self.size,
+            },
+            event_kind::LIFECYCLE => Event::Lifecycle(Lifecycle::from_code(self.value)?),
+            event_kind::TICK => Event::Tick { now_ns: self.value },
+            _ => return None,
+        })
+    }
+}
+
+impl From<EventReply> for CEventReply {
+    fn from(r: EventReply) -> Self {
+        match r {
+            EventReply::None => CEventReply::default(),
+            EventReply::Value(value) => CEventReply {
+                has_value: 1,
+                reserved: 0,
+                value,
+            },
+        }
+    }
+}
+
+impl From<CEventReply> for EventReply {
+    fn from(r: CEventReply) -> Self {
+        if r.has_value != 0 {
+            EventReply::Value(r.value)
+        } else {
+            EventReply::None
+        }
+    }
+}
+
+impl From<CVmInfo> for VmInfo {
+    fn from(i: CVmInfo) -> Self {
+        VmInfo {
+            mem_bytes: i.mem_bytes,
+            vcpus: i.vcpus,
+            tsc_khz: i.tsc_khz,
+        }
+    }
+}
+
+impl From<VmInfo> for CVmInfo {
+    fn from(i: VmInfo) -> Self {
+        CVmInfo {
+            mem_bytes: i.mem_bytes,
+            vcpus: i.vcpus,
+            tsc_khz: i.tsc_khz,
+        }
+    }
+}
+
+impl From<Translation> for CTranslation {
+    fn from(t: Translation) -> Self {
+        CTranslation {
+            gpa: t.gpa,
+            page_size: t.page_size,
+            present: t.present as u8,
+            writable: t.writable as u8,
+            user: t.user as u8,
+            executable: t.executable as u8,
+            reserved: 0,
+        }
+    }
+}
+
+impl From<CTranslation> for Translation {
+    fn from(t: CTranslation) -> Self {
+        Translation {
+            present: t.present != 0,
+            gpa: t.gpa,
+            page_size: t.page_size,
+            writable: t.writable != 0,
+            user: t.user != 0,
+            executable: t.executable != 0,
+        }
+    }
+}
+
+/// A [`Sink`] that appends to a `Vec<u8>`. Keep the `VecSink` alive while the sink is in use.
+pub struct VecSink {
+    // Boxed so that the pointer a `Sink` holds survives moves of the `VecSink`.
+    #[allow(clippy::box_collection)]
+    buf: Box<Vec<u8>>,
+}
+
+impl Default for VecSink {
+    fn default() -> Self {
+        VecSink {
+            buf: Box::new(Vec::new()),
+        }
+    }
+}
+
+unsafe extern "C" fn vec_put(ctx: *mut c_void, data: *const u8, len: usize) {
+    if ctx.is_null() || (data.is_null() && len > 0) {
+        return;
+    }
+    // SAFETY: `ctx` is the `Vec<u8>` boxed in a live `VecSink` (see `VecSink::sink`), and the
+    // caller promises `data` points at `len` readable bytes.
+    unsafe {
+        let v = &mut *(ctx as *mut Vec<u8>);
+        if len > 0 {
+            v.extend_from_slice(std::slice::from_raw_parts(data, len));
+        }
+    }
+}
+
+impl VecSink {
+    /// A sink writing into this buffer; valid while `self` is alive and not moved out of.
+    pub fn sink(&mut self) -> Sink {
+        Sink {
+            ctx: &mut *self.buf as *mut Vec<u8> as *mut c_void,
+            put: vec_put,
+        }
+    }
+
+    /// The bytes received.
+    pub fn into_bytes(self) -> Vec<u8> {
+        *self.buf
+    }
+
+    /// The bytes received, as (lossy) UTF-8.
+    pub fn into_string(self) -> String {
+        String::from_utf8_lossy(&self.buf).into_owned()
+    }
+}
+
+/// Sends `data` to `sink` (ignores a null sink).
+///
+/// # Safety
+/// `sink` must be null or point to a valid [`Sink`] whose `put` accepts the call.
+pub unsafe fn sink_put(sink: *const Sink, data: &[u8]) {
+    if sink.is_null() {
+        return;
+    }
+    // SAFETY: the caller guarantees `sink` is valid; `data` is a live slice.
+    unsafe { ((*sink).put)((*sink).ctx, data.as_ptr(), data.len()) }
+}
+
+/// Bytes of a list of u64 words (native endian), as hash/zero/dirty/search results travel.
+pub fn words_to_bytes(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+}
+
+/// Inverse of [`words_to_bytes`] (a trailing partial word is dropped).
+pub fn bytes_to_words(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect()
+}
+
+/// Borrowed bytes from a C pointer and length (empty for a null pointer).
+///
+/// # Safety
+/// `ptr` must be null or point to `len` readable bytes that stay valid for `'a`.
+pub unsafe fn bytes<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
+    if ptr.is_null() || len == 0 {
+        &[]
+    } else {
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts(ptr, len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sizes as a C compiler lays out `include/spanvmm_service.h` on x86-64.
+    #[test]
+    fn layouts_match_the_c_header() {
+        assert_eq!(std::mem::size_of::<HostVtable>(), 144);
+        assert_eq!(std::mem::size_of::<CEvent>(), 16);
+        assert_eq!(std::mem::size_of::<CEventReply>(), 16);
+        assert_eq!(std::mem::size_of::<CVmInfo>(), 16);
+        assert_eq!(std::mem::size_of::<VcpuRegs>(), 192);
+        assert_eq!(std::mem::size_of::<CTranslation>(), 24);
+        assert_eq!(std::mem::size_of::<Sink>(), 16);
+    }
+
+    #[test]
+    fn events_round_trip() {
+        for ev in [
+            Event::PortWrite {
+                port: 0x700,
+                size: 2,
+                value: 0xbeef,
+            },
+            Event::PortRead { port: 1, size: 4 },
+            Event::Lifecycle(Lifecycle::Restored),
+            Event::Tick { now_ns: 42 },
+        ] {
+            assert_eq!(CEvent::from(ev).to_event(), Some(ev));
+        }
+        let bad = CEvent {
+            kind: 9,
+            ..Default::default()
+        };
+        assert_eq!(bad.to_event(), None);
+        let mut s = VecSink::default();
+        let sink = s.sink();
+        // SAFETY: `sink` points into `s`, alive here.
+        unsafe {
+            sink_put(&sink, b"ab");
+            sink_put(&sink, b"c");
+        }
+        assert_eq!(s.into_bytes(), b"abc");
+        assert_eq!(
+            bytes_to_words(&words_to_bytes(&[1, u64::MAX])),
+            [1, u64::MAX]
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! spanvmm-sdk: write an L1 service once, build it as a Wasm component (sandboxed, the default)
+//! and as a native shared object (trusted, for hot paths).
+//!
+//! ```ignore
+//! use spanvmm_sdk::{export_service, host, Event, EventKind, EventReply, Manifest, Service};
+//!
+//! #[derive(Default)]
+//! struct Hello { writes: u64 }
+//!
+//! impl Service for Hello {
+//!     fn manifest() -> Manifest {
+//!         Manifest::new("hello", "0.1.0").events(&[EventKind::PortWrite]).port_range(0x600, 1)
+//!     }
+//!     fn attach(&mut self, _config: &str) -> Result<(), String> { Ok(()) }
+//!     fn on_event(&mut self, _ev: Event) -> EventReply { self.writes += 1; EventReply::None }
+//! }
+//!
+//! export_service!(Hello);
+//! ```
+//!
+//! Build with `--target wasm32-unknown-unknown` (linker `wasm-component-ld`) for a component,
+//! or for the host target for a `cdylib`; see `docs/plugin-guide.md`.
+
+#![deny(missing_docs)]
+
+extern crate self as spanvmm_sdk;
+
+pub mod abi;
+pub mod host;
+pub mod types;
+
+#[cfg(not(target_arch = "wasm32"))]
+#[doc(hidden)]
+pub mod native;
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod wasm;
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub use wit_bindgen as __wit_bindgen;
+
+pub use types::{
+    Capability, Event, EventKind, EventReply, Lifecycle, LogLevel, Manifest, PortRange,
+    Translation, VcpuRegs, VmInfo,
+};
+
+/// Version of the service interface: the `abi-version` of the WIT manifest and the value the
+/// native `spanvmm_service_abi_version()` returns. The host refuses any other.
+pub const ABI_VERSION: u32 = 1;
+
+/// An L1 service. One value of the type lives from `attach` to `detach`; the host serializes
+/// calls into it, so `&mut self` needs no locking.
+pub trait Service: Default + Send + 'static {
+    /// Who the service is and what it claims (called before `attach`; no host calls here).
+    fn manifest() -> Manifest;
+
+    /// Starts the service; `config` is free form (JSON by convention). Ports may be claimed
+    /// here with [`host::claim_ports`].
+    fn attach(&mut self, config: &str) -> Result<(), String>;
+
+    /// Handles one subscribed event. Port events run on a vCPU thread: keep them short.
+    fn on_event(&mut self, _event: Event) -> EventReply {
+        EventReply::None
+    }
+
+    /// Stops the service; the returned bytes go to a successor's [`Service::resume_from`].
+    fn detach(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// Takes over a predecessor's state (called after `attach`).
+    fn resume_from(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err("this service does not take over state".into())
+        }
+    }
+
+    /// A control-API command; arguments and result are JSON by convention.
+    fn call(&mut self, method: &str, _args: &str) -> Result<String, String> {
+        Err(format!("unknown method {method:?}"))
+    }
+}
+
+/// The one live value of a service type (used by the glue `export_service!` generates).
+#[doc(hidden)]
+pub struct Slot<S>(std::sync::Mutex<Option<S>>);
+
+impl<S: Service> Default for Slot<S> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S: Service> Slot<S> {
+    /// An empty slot.
+    pub const fn new() -> Self {
+        Slot(std::sync::Mutex::new(None))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<S>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `attach`: creates the value and starts it.
+    pub fn attach(&self, config: &str) -> Result<(), String> {
+        let mut g = self.lock();
+        if g.is_some() {
+            return Err("the service is already attached".into());
+        }
+        let mut s = S::default();
+        s.attach(config)?;
+        *g = Some(s);
+        Ok(())
+    }
+
+    /// `on-event`.
+    pub fn on_event(&self, ev: Event) -> EventReply {
+        match self.lock().as_mut() {
+            Some(s) => s.on_event(ev),
+            None => EventReply::None,
+        }
+    }
+
+    /// `detach`: stops and drops the value.
+    pub fn detach(&self) -> Vec<u8> {
+        let s = self.lock().take();
+        s.map(|mut s| s.detach()).unwrap_or_default()
+    }
+
+    /// `resume-from`.
+    pub fn resume_from(&self, state: &[u8]) -> Result<(), String> {
+        match self.lock().as_mut() {
+            Some(s) => s.resume_from(state),
+            None => Err("the service is not attached".into()),
+        }
+    }
+
+    /// `call`.
+    pub fn call(&self, method: &str, args: &str) -> Result<String, String> {
+        match self.lock().as_mut() {
+            Some(s) => s.call(method, args),
+            None => Err("the service is not attached".into()),
+        }
+    }
+}
+
+/// Exports `$ty` (a [`Service`]) as a spanvmm service: the component exports of the WIT world
+/// on `wasm32`, the `spanvmm_service_*` C ABI symbols elsewhere. Use it once per plugin crate.
+#[macro_export]
+macro_rules! export_service {
+    ($ty:ty) => {
+        const _: () = {
+            $crate::__spanvmm_export_impl!($ty);
+        };
+    };
+}

@@ -1,0 +1,412 @@
+//! Native (C ABI) glue: the adapters the `export_service!` macro expands to on non-Wasm targets,
+//! and host calls through the vtable the host passes at attach.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use crate::abi::{self, CEvent, CEventReply, HostVtable, Sink, VecSink};
+use crate::{Service, Slot};
+
+/// The host's vtable, set by `attach`, cleared by `detach`.
+static HOST: AtomicPtr<HostVtable> = AtomicPtr::new(std::ptr::null_mut());
+
+fn guard<F: FnOnce() -> i32>(err: *const Sink, what: &str, f: F) -> i32 {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(code) => code,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            // SAFETY: `err` is the sink the host passed with this call (or null).
+            unsafe { abi::sink_put(err, format!("service panicked in {what}: {msg}").as_bytes()) };
+            abi::FATAL
+        }
+    }
+}
+
+fn result_code(r: Result<Vec<u8>, String>, out: *const Sink) -> i32 {
+    let (code, bytes) = match r {
+        Ok(b) => (abi::OK, b),
+        Err(e) => (abi::ERR, e.into_bytes()),
+    };
+    // SAFETY: `out` is the sink the host passed with this call (or null).
+    unsafe { abi::sink_put(out, &bytes) };
+    code
+}
+
+/// `spanvmm_service_describe`.
+///
+/// # Safety
+/// `out` must be null or a valid sink.
+pub unsafe fn describe<S: Service>(out: *const Sink) -> i32 {
+    guard(out, "describe", || {
+        let json = serde_json::to_vec(&S::manifest()).map_err(|e| e.to_string());
+        result_code(json, out)
+    })
+}
+
+/// `spanvmm_service_attach`.
+///
+/// # Safety
+/// `host` must point to a vtable valid until `detach` returns; `config` to `len` bytes; `err`
+/// must be null or a valid sink.
+pub unsafe fn attach<S: Service>(
+    slot: &Slot<S>,
+    host: *const HostVtable,
+    config: *const u8,
+    len: usize,
+    err: *const Sink,
+) -> i32 {
+    guard(err, "attach", || {
+        HOST.store(host as *mut HostVtable, Ordering::Release);
+        // SAFETY: the caller guarantees `config` points at `len` bytes for this call.
+        let cfg = String::from_utf8_lossy(unsafe { abi::bytes(config, len) }).into_owned();
+        let r = slot.attach(&cfg);
+        if r.is_err() {
+            HOST.store(std::ptr::null_mut(), Ordering::Release);
+        }
+        result_code(r.map(|_| Vec::new()), err)
+    })
+}
+
+/// `spanvmm_service_on_event`.
+///
+/// # Safety
+/// `ev` and `reply` must be valid pointers.
+pub unsafe fn on_event<S: Service>(
+    slot: &Slot<S>,
+    ev: *const CEvent,
+    reply: *mut CEventReply,
+) -> i32 {
+    guard(std::ptr::null(), "on-event", || {
+        if ev.is_null() || reply.is_null() {
+            return abi::ERR;
+        }
+        // SAFETY: the caller guarantees `ev` is valid.
+        let Some(event) = (unsafe { *ev }).to_event() else {
+            return abi::ERR;
+        };
+        let r = slot.on_event(event);
+        // SAFETY: the caller guarantees `reply` is valid for writes.
+        unsafe { *reply = r.into() };
+        abi::OK
+    })
+}
+
+/// `spanvmm_service_detach`.
+///
+/// # Safety
+/// `out` must be null or a valid sink.
+pub unsafe fn detach<S: Service>(slot: &Slot<S>, out: *const Sink) -> i32 {
+    let code = guard(out, "detach", || result_code(Ok(slot.detach()), out));
+    HOST.store(std::ptr::null_mut(), Ordering::Release);
+    code
+}
+
+/// `spanvmm_service_resume_from`.
+///
+/// # Safety
+/// `state` must point at `len` bytes; `err` must be null or a valid sink.
+pub unsafe fn resume_from<S: Service>(
+    slot: &Slot<S>,
+    state: *const u8,
+    len: usize,
+    err: *const Sink,
+) -> i32 {
+    guard(err, "resume-from", || {
+        // SAFETY: guaranteed by the caller.
+        let st = unsafe { abi::bytes(state, len) };
+        result_code(slot.resume_from(st).map(|_| Vec::new()), err)
+    })
+}
+
+/// `spanvmm_service_call`.
+///
+/// # Safety
+/// `method`/`args` must point at their lengths of bytes; `out` must be null or a valid sink.
+pub unsafe fn call<S: Service>(
+    slot: &Slot<S>,
+    method: *const u8,
+    method_len: usize,
+    args: *const u8,
+    args_len: usize,
+    out: *const Sink,
+) -> i32 {
+    guard(out, "call", || {
+        // SAFETY: guaranteed by the caller.
+        let (m, a) = unsafe { (abi::bytes(method, method_len), abi::bytes(args, args_len)) };
+        let r = slot.call(&String::from_utf8_lossy(m), &String::from_utf8_lossy(a));
+        result_code(r.map(String::into_bytes), out)
+    })
+}
+
+/// Expands to the C ABI exports for `$ty` (used by `export_service!`).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __spanvmm_export_impl {
+    ($ty:ty) => {
+        static __SPANVMM_SLOT: $crate::Slot<$ty> = $crate::Slot::new();
+
+        /// Handshake: the C ABI version this plugin speaks.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn spanvmm_service_abi_version() -> u32 {
+            $crate::ABI_VERSION
+        }
+
+        /// See `spanvmm_service.h`.
+        ///
+        /// # Safety
+        /// Called by the host with a valid sink.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn spanvmm_service_describe(out: *const $crate::abi::Sink) -> i32 {
+            // SAFETY: forwarded host contract.
+            unsafe { $crate::native::describe::<$ty>(out) }
+        }
+
+        /// See `spanvmm_service.h`.
+        ///
+        /// # Safety
+        /// Called by the host with valid pointers.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn spanvmm_service_attach(
+            host: *const $crate::abi::HostVtable,
+            config: *const u8,
+            len: usize,
+            err: *const $crate::abi::Sink,
+        ) -> i32 {
+            // SAFETY: forwarded host contract.
+            unsafe { $crate::native::attach(&__SPANVMM_SLOT, host, config, len, err) }
+        }
+
+        /// See `spanvmm_service.h`.
+        ///
+        /// # Safety
+        /// Called by the host with valid pointers.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn spanvmm_service_on_event(
+            ev: *const $crate::abi::CEvent,
+            reply: *mut $crate::abi::CEventReply,
+        ) -> i32 {
+            // SAFETY: forwarded host contract.
+            unsafe { $crate::native::on_event(&__SPANVMM_SLOT, ev, reply) }
+        }
+
+        /// See `spanvmm_service.h`.
+        ///
+        /// # Safety
+        /// Called by the host with a valid sink.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn spanvmm_service_detach(out: *const $crate::abi::Sink) -> i32 {
+            // SAFETY: forwarded host contract.
+            unsafe { $crate::native::detach(&__SPANVMM_SLOT, out) }
+        }
+
+        /// See `spanvmm_service.h`.
+        ///
+        /// # Safety
+        /// Called by the host with valid pointers.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn spanvmm_service_resume_from(
+            state: *const u8,
+            len: usize,
+            err: *const $crate::abi::Sink,
+        ) -> i32 {
+            // SAFETY: forwarded host contract.
+            unsafe { $crate::native::resume_from(&__SPANVMM_SLOT, state, len, err) }
+        }
+
+        /// See `spanvmm_service.h`.
+        ///
+        /// # Safety
+        /// Called by the host with valid pointers.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn spanvmm_service_call(
+            method: *const u8,
+            method_len: usize,
+            args: *const u8,
+            args_len: usize,
+            out: *const $crate::abi::Sink,
+        ) -> i32 {
+            // SAFETY: forwarded host contract.
+            unsafe {
+                $crate::native::call(&__SPANVMM_SLOT, method, method_len, args, args_len, out)
+            }
+        }
+    };
+}
+
+/// Host calls through the vtable.
+pub(crate) mod imports {
+    use super::*;
+    use crate::types::{LogLevel, Translation, VcpuRegs, VmInfo};
+
+    const NO_HOST: &str = "no host: host calls are only available while the service is attached";
+
+    fn host() -> Option<&'static HostVtable> {
+        let p = HOST.load(Ordering::Acquire);
+        // SAFETY: the host keeps the vtable alive from attach until detach returns, and host
+        // calls are only made from inside calls the host makes into this plugin.
+        unsafe { p.as_ref() }
+    }
+
+    fn with_sink(f: impl FnOnce(&Sink) -> i32) -> Result<Vec<u8>, String> {
+        let mut buf = VecSink::default();
+        let sink = buf.sink();
+        let code = f(&sink);
+        if code == abi::OK {
+            Ok(buf.into_bytes())
+        } else {
+            Err(buf.into_string())
+        }
+    }
+
+    fn unit(r: Result<Vec<u8>, String>) -> Result<(), String> {
+        r.map(|_| ())
+    }
+
+    pub fn vm_info() -> VmInfo {
+        let Some(h) = host() else {
+            return VmInfo::default();
+        };
+        let mut out = abi::CVmInfo::default();
+        // SAFETY: vtable function called with its own context and a valid out pointer.
+        unsafe { (h.vm_info)(h.ctx, &mut out) };
+        out.into()
+    }
+
+    pub fn pause() -> Result<(), String> {
+        let h = host().ok_or(NO_HOST)?;
+        // SAFETY: vtable function called with its own context and a live sink.
+        unit(with_sink(|s| unsafe { (h.pause)(h.ctx, s) }))
+    }
+
+    pub fn resume() -> Result<(), String> {
+        let h = host().ok_or(NO_HOST)?;
+        // SAFETY: as above.
+        unit(with_sink(|s| unsafe { (h.resume)(h.ctx, s) }))
+    }
+
+    pub fn vcpu_regs(index: u32) -> Result<VcpuRegs, String> {
+        let h = host().ok_or(NO_HOST)?;
+        let mut regs = VcpuRegs::default();
+        // SAFETY: as above; `regs` is a valid out pointer.
+        with_sink(|s| unsafe { (h.vcpu_regs)(h.ctx, index, &mut regs, s) })?;
+        Ok(regs)
+    }
+
+    pub fn read_memory(gpa: u64, len: u32) -> Result<Vec<u8>, String> {
+        let h = host().ok_or(NO_HOST)?;
+        if len > crate::host::MAX_TRANSFER {
+            return Err(format!("read of {len} bytes exceeds the 1 MiB limit"));
+        }
+        let mut buf = vec![0u8; len as usize];
+        // SAFETY: as above; `buf` has `len` writable bytes.
+        with_sink(|s| unsafe { (h.read_memory)(h.ctx, gpa, buf.as_mut_ptr(), buf.len(), s) })?;
+        Ok(buf)
+    }
+
+    pub fn write_memory(gpa: u64, data: &[u8]) -> Result<(), String> {
+        let h = host().ok_or(NO_HOST)?;
+        // SAFETY: as above; `data` is a live slice.
+        unit(with_sink(|s| unsafe {
+            (h.write_memory)(h.ctx, gpa, data.as_ptr(), data.len(), s)
+        }))
+    }
+
+    pub fn translate(cr3: u64, gva: u64) -> Result<Translation, String> {
+        let h = host().ok_or(NO_HOST)?;
+        let mut t = abi::CTranslation::default();
+        // SAFETY: as above; `t` is a valid out pointer.
+        with_sink(|s| unsafe { (h.translate)(h.ctx, cr3, gva, &mut t, s) })?;
+        Ok(t.into())
+    }
+
+    pub fn dirty_bitmap() -> Result<Vec<u64>, String> {
+        let h = host().ok_or(NO_HOST)?;
+        // SAFETY: as above.
+        with_sink(|s| unsafe { (h.dirty_bitmap)(h.ctx, s) }).map(|b| abi::bytes_to_words(&b))
+    }
+
+    pub fn hash_pages(first: u64, count: u32) -> Result<Vec<u64>, String> {
+        let h = host().ok_or(NO_HOST)?;
+        // SAFETY: as above.
+        with_sink(|s| unsafe { (h.hash_pages)(h.ctx, first, count, s) })
+            .map(|b| abi::bytes_to_words(&b))
+    }
+
+    pub fn zero_scan(first: u64, count: u32) -> Result<Vec<u64>, String> {
+        let h = host().ok_or(NO_HOST)?;
+        // SAFETY: as above.
+        with_sink(|s| unsafe { (h.zero_scan)(h.ctx, first, count, s) })
+            .map(|b| abi::bytes_to_words(&b))
+    }
+
+    pub fn search_memory(
+        start: u64,
+        len: u64,
+        pattern: &[u8],
+        max_results: u32,
+    ) -> Result<Vec<u64>, String> {
+        let h = host().ok_or(NO_HOST)?;
+        // SAFETY: as above; `pattern` is a live slice.
+        with_sink(|s| unsafe {
+            (h.search_memory)(
+                h.ctx,
+                start,
+                len,
+                pattern.as_ptr(),
+                pattern.len(),
+                max_results,
+                s,
+            )
+        })
+        .map(|b| abi::bytes_to_words(&b))
+    }
+
+    pub fn claim_ports(base: u16, len: u16) -> Result<(), String> {
+        let h = host().ok_or(NO_HOST)?;
+        // SAFETY: as above.
+        unit(with_sink(|s| unsafe {
+            (h.claim_ports)(h.ctx, base, len, s)
+        }))
+    }
+
+    pub fn log(level: LogLevel, msg: &str) {
+        if let Some(h) = host() {
+            // SAFETY: as above; `msg` is a live string.
+            unsafe { (h.log)(h.ctx, level.code(), msg.as_ptr(), msg.len()) }
+        }
+    }
+
+    pub fn metric(name: &str, value: f64) {
+        if let Some(h) = host() {
+            // SAFETY: as above.
+            unsafe { (h.metric)(h.ctx, name.as_ptr(), name.len(), value) }
+        }
+    }
+
+    pub fn notify(kind: &str, detail: &str) {
+        if let Some(h) = host() {
+            // SAFETY: as above.
+            unsafe {
+                (h.notify)(
+                    h.ctx,
+                    kind.as_ptr(),
+                    kind.len(),
+                    detail.as_ptr(),
+                    detail.len(),
+                )
+            }
+        }
+    }
+
+    pub fn now_ns() -> u64 {
+        match host() {
+            // SAFETY: as above.
+            Some(h) => unsafe { (h.now_ns)(h.ctx) },
+            None => 0,
+        }
+    }
+}

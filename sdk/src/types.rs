@@ -1,0 +1,359 @@
+//! Plain Rust types of the service interface, shared by plugins (both targets) and the host.
+//! They mirror `wit/service.wit` one to one.
+
+use serde::{Deserialize, Serialize};
+
+/// Event classes a service can subscribe to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// Guest `out` to a claimed port.
+    PortWrite,
+    /// Guest `in` from a claimed port.
+    PortRead,
+    /// VM lifecycle changes.
+    Lifecycle,
+    /// Periodic ticks.
+    Tick,
+}
+
+/// What a service may do to the VM; host calls outside the granted set fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Capability {
+    /// Read guest memory, walk page tables, hash, zero-scan and search memory.
+    MemoryRead,
+    /// Write guest memory.
+    MemoryWrite,
+    /// Read vCPU registers.
+    VcpuState,
+    /// Pause and resume the VM.
+    PauseResume,
+    /// Read the dirty-page bitmap.
+    DirtyLog,
+    /// Move the VM to another host (exclusive: one holder per VM).
+    DrivesMigration,
+}
+
+impl Capability {
+    /// Every capability, in declaration order.
+    pub const ALL: [Capability; 6] = [
+        Capability::MemoryRead,
+        Capability::MemoryWrite,
+        Capability::VcpuState,
+        Capability::PauseResume,
+        Capability::DirtyLog,
+        Capability::DrivesMigration,
+    ];
+
+    /// True when at most one service per VM may hold the capability.
+    pub fn is_exclusive(self) -> bool {
+        matches!(self, Capability::DrivesMigration)
+    }
+
+    /// The WIT name (`memory-read`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::MemoryRead => "memory-read",
+            Capability::MemoryWrite => "memory-write",
+            Capability::VcpuState => "vcpu-state",
+            Capability::PauseResume => "pause-resume",
+            Capability::DirtyLog => "dirty-log",
+            Capability::DrivesMigration => "drives-migration",
+        }
+    }
+
+    /// Bit of this capability in a capability mask.
+    pub fn bit(self) -> u32 {
+        1 << (self as u32)
+    }
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Ports `[base, base + len)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PortRange {
+    /// First port.
+    pub base: u16,
+    /// Number of ports.
+    pub len: u16,
+}
+
+impl PortRange {
+    /// The range `[base, base + len)`.
+    pub fn new(base: u16, len: u16) -> Self {
+        PortRange { base, len }
+    }
+
+    /// One past the last port (may be 0x10000).
+    pub fn end(&self) -> u32 {
+        self.base as u32 + self.len as u32
+    }
+
+    /// True when `port` is inside the range.
+    pub fn contains(&self, port: u16) -> bool {
+        port >= self.base && (port as u32) < self.end()
+    }
+
+    /// True when the two ranges share a port.
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        (self.base as u32) < other.end() && (other.base as u32) < self.end()
+    }
+
+    /// True when the range is non-empty and ends within the 64 Ki port space.
+    pub fn is_valid(&self) -> bool {
+        self.len > 0 && self.end() <= 0x10000
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x}..{:#x}", self.base, self.end())
+    }
+}
+
+/// What a service is and what it wants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Unique service name on a VM (letters, digits, `-`, `_`; at most 64 characters).
+    pub name: String,
+    /// Service version.
+    pub version: String,
+    /// Interface version; [`crate::ABI_VERSION`] unless the plugin is lying.
+    pub abi_version: u32,
+    /// Event classes wanted.
+    pub events: Vec<EventKind>,
+    /// Port ranges owned from attach on.
+    pub ports: Vec<PortRange>,
+    /// Capabilities needed.
+    pub capabilities: Vec<Capability>,
+    /// Tick period in milliseconds (0: none).
+    pub tick_period_ms: u32,
+}
+
+impl Manifest {
+    /// A manifest with this crate's ABI version and nothing subscribed or claimed.
+    pub fn new(name: &str, version: &str) -> Self {
+        Manifest {
+            name: name.into(),
+            version: version.into(),
+            abi_version: crate::ABI_VERSION,
+            events: Vec::new(),
+            ports: Vec::new(),
+            capabilities: Vec::new(),
+            tick_period_ms: 0,
+        }
+    }
+
+    /// Adds subscribed event classes.
+    pub fn events(mut self, events: &[EventKind]) -> Self {
+        self.events.extend_from_slice(events);
+        self
+    }
+
+    /// Adds a claimed port range.
+    pub fn port_range(mut self, base: u16, len: u16) -> Self {
+        self.ports.push(PortRange { base, len });
+        self
+    }
+
+    /// Adds requested capabilities.
+    pub fn capabilities(mut self, caps: &[Capability]) -> Self {
+        self.capabilities.extend_from_slice(caps);
+        self
+    }
+
+    /// Sets the tick period (and subscribes to ticks).
+    pub fn tick_every_ms(mut self, ms: u32) -> Self {
+        self.tick_period_ms = ms;
+        if !self.events.contains(&EventKind::Tick) {
+            self.events.push(EventKind::Tick);
+        }
+        self
+    }
+}
+
+/// VM lifecycle changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Lifecycle {
+    /// All vCPUs stopped.
+    Paused,
+    /// vCPUs running again.
+    Resumed,
+    /// The VM arrived by migration.
+    Migrated,
+    /// The VM was restored from a snapshot.
+    Restored,
+    /// The VM is shutting down.
+    Shutdown,
+}
+
+impl Lifecycle {
+    /// Code used by the C ABI.
+    pub fn code(self) -> u64 {
+        self as u64
+    }
+
+    /// Inverse of [`Lifecycle::code`].
+    pub fn from_code(code: u64) -> Option<Self> {
+        Some(match code {
+            0 => Lifecycle::Paused,
+            1 => Lifecycle::Resumed,
+            2 => Lifecycle::Migrated,
+            3 => Lifecycle::Restored,
+            4 => Lifecycle::Shutdown,
+            _ => return None,
+        })
+    }
+}
+
+/// An event delivered to a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Event {
+    /// Guest wrote `value` (`size` bytes, little-endian) to `port`.
+    PortWrite {
+        /// Port.
+        port: u16,
+        /// Access width in bytes.
+        size: u8,
+        /// Value written.
+        value: u64,
+    },
+    /// Guest reads `size` bytes from `port`.
+    PortRead {
+        /// Port.
+        port: u16,
+        /// Access width in bytes.
+        size: u8,
+    },
+    /// Lifecycle change.
+    Lifecycle(Lifecycle),
+    /// Periodic tick at host monotonic time `now_ns`.
+    Tick {
+        /// Host monotonic time, ns.
+        now_ns: u64,
+    },
+}
+
+impl Event {
+    /// The event's class.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::PortWrite { .. } => EventKind::PortWrite,
+            Event::PortRead { .. } => EventKind::PortRead,
+            Event::Lifecycle(_) => EventKind::Lifecycle,
+            Event::Tick { .. } => EventKind::Tick,
+        }
+    }
+}
+
+/// A service's answer to an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum EventReply {
+    /// Nothing to say; a port read returns all-ones.
+    #[default]
+    None,
+    /// The value a port read returns.
+    Value(u64),
+}
+
+/// The VM's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest TSC frequency, kHz.
+    pub tsc_khz: u32,
+}
+
+/// A vCPU's registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[repr(C)]
+#[allow(missing_docs)]
+pub struct VcpuRegs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rsp: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rflags: u64,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    /// Current privilege level (0-3).
+    pub cpl: u8,
+}
+
+/// Result of a guest page-table walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Translation {
+    /// Every level was present.
+    pub present: bool,
+    /// Guest-physical address (when present).
+    pub gpa: u64,
+    /// 4096, 2 MiB or 1 GiB (when present).
+    pub page_size: u64,
+    /// Writable at every level.
+    pub writable: bool,
+    /// User-accessible at every level.
+    pub user: bool,
+    /// No NX bit at any level.
+    pub executable: bool,
+}
+
+/// Log severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Error.
+    Error,
+    /// Warning.
+    Warn,
+    /// Information.
+    Info,
+    /// Debugging detail.
+    Debug,
+    /// Tracing detail.
+    Trace,
+}
+
+impl LogLevel {
+    /// Code used by the C ABI.
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// Inverse of [`LogLevel::code`] (unknown codes become `Info`).
+    pub fn from_code(code: u32) -> Self {
+        match code {
+            0 => LogLevel::Error,
+            1 => LogLevel::Warn,
+            3 => LogLevel::Debug,
+            4 => LogLevel::Trace,
+            _ => LogLevel::Info,
+        }
+    }
+}

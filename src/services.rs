@@ -1,0 +1,145 @@
+//! Where the base VMM meets the service layer: the VMM's mechanisms offered to services
+//! ([`VmmHost`]), and guest ports no built-in device owns routed to the services that claim
+//! them ([`ServicePorts`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use base_vmm::devices::PortHook;
+use base_vmm::vmm::{VmControl, Vmm, VmmError};
+use l1_services::{HostError, ServiceManager, VcpuRegs, VmHost, VmInfo};
+
+/// The VMM's side of the host interface, over a running VM's controls.
+pub struct VmmHost {
+    ctl: Arc<VmControl>,
+    info: VmInfo,
+}
+
+fn host_err(e: VmmError) -> HostError {
+    HostError::Failed(e.to_string())
+}
+
+impl VmHost for VmmHost {
+    fn info(&self) -> VmInfo {
+        self.info
+    }
+
+    fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), HostError> {
+        let size = self.info.mem_bytes;
+        self.ctl
+            .ram()
+            .read(gpa, buf)
+            .map_err(|_| HostError::OutOfRange {
+                gpa,
+                len: buf.len() as u64,
+                size,
+            })
+    }
+
+    fn write_memory(&self, gpa: u64, data: &[u8]) -> Result<(), HostError> {
+        let size = self.info.mem_bytes;
+        self.ctl
+            .ram()
+            .write(gpa, data)
+            .map_err(|_| HostError::OutOfRange {
+                gpa,
+                len: data.len() as u64,
+                size,
+            })
+    }
+
+    fn pause(&self) -> Result<(), HostError> {
+        self.ctl.pause().map(|_| ()).map_err(host_err)
+    }
+
+    fn resume(&self) -> Result<(), HostError> {
+        self.ctl.resume().map(|_| ()).map_err(host_err)
+    }
+
+    fn vcpu_regs(&self, index: u32) -> Result<VcpuRegs, HostError> {
+        let s = self.ctl.vcpu_state(index as usize).map_err(host_err)?;
+        let r = &s.regs;
+        Ok(VcpuRegs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+            cr0: s.sregs.cr0,
+            cr2: s.sregs.cr2,
+            cr3: s.sregs.cr3,
+            cr4: s.sregs.cr4,
+            efer: s.sregs.efer,
+            cpl: s.sregs.cs.dpl,
+        })
+    }
+
+    fn harvest_dirty(&self) -> Result<Vec<u64>, HostError> {
+        self.ctl.harvest_dirty().map_err(host_err)
+    }
+
+    fn start_dirty_log(&self) -> Result<(), HostError> {
+        self.ctl.set_dirty_logging(true).map_err(host_err)
+    }
+
+    fn stop_dirty_log(&self) -> Result<(), HostError> {
+        self.ctl.set_dirty_logging(false).map_err(host_err)
+    }
+}
+
+/// Guest ports that no built-in device owns go to the services that claim them.
+struct ServicePorts(Arc<ServiceManager>);
+
+impl PortHook for ServicePorts {
+    fn write(&self, port: u16, data: &[u8]) -> bool {
+        self.0.on_port_write(port, data)
+    }
+
+    fn read(&self, port: u16, data: &mut [u8]) -> bool {
+        self.0.on_port_read(port, data)
+    }
+}
+
+/// Where precompiled Wasm services are cached: `$SPANVMM_CACHE`, else `~/.cache/spanvmm`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("SPANVMM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/spanvmm")))
+        .unwrap_or_else(|| std::env::temp_dir().join("spanvmm-cache"))
+        .join("services")
+}
+
+/// Builds the service manager of `vmm`: built-in device ports are reserved, and the bus hands
+/// every other port to the manager.
+pub fn manager_for(vmm: &Vmm) -> anyhow::Result<Arc<ServiceManager>> {
+    let m = vmm.machine();
+    let host = Arc::new(VmmHost {
+        ctl: vmm.control().clone(),
+        info: VmInfo {
+            mem_bytes: m.mem_bytes,
+            vcpus: m.vcpus as u32,
+            tsc_khz: m.tsc_khz,
+        },
+    });
+    let manager = Arc::new(ServiceManager::new(host, cache_dir()));
+    for (base, len) in vmm.bus().owned_ranges() {
+        manager.reserve_ports(base, len, "spanvmm (built-in device)")?;
+    }
+    vmm.bus()
+        .set_hook(Arc::new(ServicePorts(manager.clone())))
+        .map_err(anyhow::Error::msg)?;
+    Ok(manager)
+}
