@@ -68,13 +68,21 @@ pub enum ApiRequest {
     },
     /// `GET /plugins/notifications`: what services published since the last call.
     PluginNotifications,
+    /// `PUT /vm/live-update {"binary": ..., "timeout_ms": ...}`
+    LiveUpdate {
+        /// The new spanvmm binary.
+        binary: PathBuf,
+        /// Deadline for each step of the new binary's side.
+        timeout_ms: u64,
+    },
 }
 
 /// The main loop's answer: a JSON body, or an HTTP status with a message.
 pub type ApiResult = Result<Value, (u16, String)>;
 
-/// A request with the channel its answer goes back on.
-pub type ApiCall = (ApiRequest, Sender<ApiResult>);
+/// A request, the channel its answer goes back on, and a signal that the answer has been
+/// written to the client (a VMM handing over to another process waits for it before exiting).
+pub type ApiCall = (ApiRequest, Sender<ApiResult>, mpsc::Receiver<()>);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -94,6 +102,18 @@ struct AttachBody {
     path: PathBuf,
     #[serde(default)]
     config: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LiveUpdateBody {
+    binary: PathBuf,
+    #[serde(default = "default_live_update_timeout")]
+    timeout_ms: u64,
+}
+
+fn default_live_update_timeout() -> u64 {
+    5000
 }
 
 #[derive(Deserialize)]
@@ -144,6 +164,16 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, (u16, 
                     ))
                 }
             })
+        }
+        ("/vm/live-update", _) if put => {
+            let b: LiveUpdateBody = parse_body(body)?;
+            if !b.binary.is_absolute() {
+                return Err((400, "binary must be an absolute path".into()));
+            }
+            ApiRequest::LiveUpdate {
+                binary: b.binary,
+                timeout_ms: b.timeout_ms.clamp(100, 120_000),
+            }
         }
         ("/plugins", "GET") => ApiRequest::PluginList,
         ("/plugins/notifications", "GET") => ApiRequest::PluginNotifications,
@@ -245,11 +275,14 @@ fn handle_connection(stream: UnixStream, calls: &Sender<ApiCall>) -> std::io::Re
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut out = stream.try_clone()?;
+    let mut written = None;
     let result = match read_request(stream) {
         Ok((method, path, body)) => match route(&method, &path, &body) {
             Ok(req) => {
                 let (tx, rx) = mpsc::channel();
-                if calls.send((req, tx)).is_err() {
+                let (written_tx, written_rx) = mpsc::channel();
+                written = Some(written_tx);
+                if calls.send((req, tx, written_rx)).is_err() {
                     Err((503, "the VMM is shutting down".to_string()))
                 } else {
                     rx.recv()
@@ -260,7 +293,11 @@ fn handle_connection(stream: UnixStream, calls: &Sender<ApiCall>) -> std::io::Re
         },
         Err(e) => Err(e),
     };
-    respond(&mut out, result)
+    let r = respond(&mut out, result);
+    if let Some(w) = written {
+        let _ = w.send(());
+    }
+    r
 }
 
 fn respond(out: &mut UnixStream, result: ApiResult) -> std::io::Result<()> {

@@ -2,6 +2,7 @@
 //! control API; `spanvmm ctl` talks to that API.
 
 mod api;
+mod live_update;
 mod services;
 
 use std::io::Write;
@@ -44,7 +45,7 @@ enum Command {
     /// Start a VM, from a kernel or from a saved state.
     Run {
         /// Kernel: spanguest ELF, another PVH ELF, or a Linux bzImage.
-        #[arg(long, required_unless_present = "restore")]
+        #[arg(long, required_unless_present_any = ["restore", "takeover_fd"])]
         kernel: Option<PathBuf>,
         /// Kernel command line.
         #[arg(long, default_value = "")]
@@ -77,6 +78,9 @@ enum Command {
         /// native `.so`). Repeatable; services attach in the order given.
         #[arg(long = "plugin", value_name = "PATH[:CONFIG]")]
         plugins: Vec<String>,
+        /// Internal: take a running VM over from another spanvmm process (live update).
+        #[arg(long, hide = true, conflicts_with_all = ["kernel", "restore"])]
+        takeover_fd: Option<i32>,
     },
     /// Control a running VM through its API socket.
     Ctl {
@@ -108,6 +112,15 @@ enum CtlOp {
     Guest {
         /// verify, reset-stall or power-off.
         command: String,
+    },
+    /// Replace this VMM process by a new binary beneath the running VM (HyperFresh).
+    LiveUpdate {
+        /// The new spanvmm binary.
+        #[arg(long)]
+        binary: PathBuf,
+        /// How long the new binary may take for each step before the update rolls back.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
     },
     /// Manage the services attached beneath the VM.
     Plugin {
@@ -176,8 +189,10 @@ fn main() -> ExitCode {
             paused,
             entry,
             plugins,
+            takeover_fd,
         } => {
             let source = match (restore, kernel) {
+                _ if takeover_fd.is_some() => Source::Takeover(takeover_fd.unwrap_or(-1)),
                 (Some(dir), _) => Source::Restore { dir, paused },
                 (None, Some(kernel)) => Source::Boot(VmConfig {
                     kernel,
@@ -214,6 +229,7 @@ fn main() -> ExitCode {
 enum Source {
     Boot(VmConfig),
     Restore { dir: PathBuf, paused: bool },
+    Takeover(i32),
 }
 
 enum Msg {
@@ -229,7 +245,8 @@ fn run(
     plugins: &[String],
 ) -> anyhow::Result<u8> {
     // Bind first: a busy socket must fail before a VM exists.
-    let listener = api_socket.map(api::bind).transpose()?;
+    let mut listener = api_socket.map(api::bind).transpose()?;
+    let mut serial = serial.to_string();
     let (tx, rx) = mpsc::channel::<Msg>();
     let (vcpu_tx, vcpu_rx) = mpsc::channel::<VcpuEvent>();
     let fwd = tx.clone();
@@ -240,13 +257,26 @@ fn run(
             }
         }
     });
-    let mut vmm = match source {
-        Source::Boot(cfg) => Vmm::boot(&cfg, vcpu_tx),
-        Source::Restore { dir, paused } => Vmm::restore(&dir, serial, vcpu_tx, paused)
-            .with_context(|| format!("cannot restore the VM saved in {}", dir.display()))
-            .map_err(|e| VmmError::Conflict(format!("{e:#}"))),
-    }?;
-    let manager = services::manager_for(&vmm)?;
+    let (mut vmm, manager) = match source {
+        Source::Boot(cfg) => {
+            let vmm = Vmm::boot(&cfg, vcpu_tx)?;
+            let manager = services::manager_for(&vmm)?;
+            (vmm, manager)
+        }
+        Source::Restore { dir, paused } => {
+            let vmm = Vmm::restore(&dir, &serial, vcpu_tx, paused)
+                .with_context(|| format!("cannot restore the VM saved in {}", dir.display()))?;
+            let manager = services::manager_for(&vmm)?;
+            manager.lifecycle(Lifecycle::Restored);
+            (vmm, manager)
+        }
+        Source::Takeover(fd) => {
+            let t = live_update::take_over(fd, vcpu_tx).context("live update: taking over")?;
+            listener = t.api;
+            serial = t.serial;
+            (t.vmm, t.manager)
+        }
+    };
     for spec in plugins {
         let (path, config) = spec.split_once(':').unwrap_or((spec.as_str(), ""));
         if let Err(e) = manager.attach(Path::new(path), config) {
@@ -254,9 +284,12 @@ fn run(
             anyhow::bail!("--plugin {path}: {e}");
         }
     }
-    if vmm.status().restored {
-        manager.lifecycle(Lifecycle::Restored);
-    }
+    // The socket's path, to remove it at exit (a taken-over listener knows its own path).
+    let socket_path = listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let handover_listener = listener.as_ref().map(|l| l.try_clone()).transpose()?;
     if let Some(listener) = listener {
         let (api_tx, api_rx) = mpsc::channel::<ApiCall>();
         api::serve(listener, api_tx);
@@ -270,6 +303,7 @@ fn run(
         });
     }
     drop(tx);
+    let mut handed_over = false;
     let code = loop {
         // Services with a tick period are served from here, between messages.
         let wait = manager
@@ -284,11 +318,34 @@ fn run(
             Ok(m) => Ok(m),
         };
         match msg {
-            Ok(Msg::Api((ApiRequest::Shutdown, reply))) => {
+            Ok(Msg::Api((ApiRequest::Shutdown, reply, _))) => {
                 let _ = reply.send(Ok(json!({"state": "shutdown"})));
                 break 0;
             }
-            Ok(Msg::Api((req, reply))) => {
+            Ok(Msg::Api((ApiRequest::LiveUpdate { binary, timeout_ms }, reply, written))) => {
+                let r = live_update::hand_over(
+                    &mut vmm,
+                    &manager,
+                    &binary,
+                    &serial,
+                    handover_listener.as_ref(),
+                    Duration::from_millis(timeout_ms),
+                );
+                match r {
+                    Ok(report) => {
+                        let _ = reply.send(Ok(json!(report)));
+                        // Exit only once the client has its answer.
+                        let _ = written.recv_timeout(Duration::from_secs(5));
+                        handed_over = true;
+                        break 0;
+                    }
+                    Err(e) => {
+                        eprintln!("spanvmm: live update failed: {e:#}");
+                        let _ = reply.send(Err((409, format!("{e:#}"))));
+                    }
+                }
+            }
+            Ok(Msg::Api((req, reply, _))) => {
                 let _ = reply.send(handle(&mut vmm, &manager, req));
             }
             Ok(Msg::Vcpu(ev)) => match ev.reason {
@@ -302,6 +359,11 @@ fn run(
             Err(_) => break 0,
         }
     };
+    if handed_over {
+        // The guest, its memory, its services and the API socket belong to the new process.
+        vmm.shutdown();
+        return Ok(code);
+    }
     manager.lifecycle(Lifecycle::Shutdown);
     for (name, r) in manager.detach_all() {
         if let Err(e) = r {
@@ -309,7 +371,7 @@ fn run(
         }
     }
     vmm.shutdown();
-    if let Some(p) = api_socket {
+    if let Some(p) = socket_path {
         let _ = std::fs::remove_file(p);
     }
     Ok(code)
@@ -380,7 +442,9 @@ fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult
             .guest_command(cmd)
             .map(|seq| json!({ "seq": seq }))
             .map_err(fail),
-        ApiRequest::Shutdown => unreachable!("handled by the main loop"),
+        ApiRequest::Shutdown | ApiRequest::LiveUpdate { .. } => {
+            unreachable!("handled by the main loop")
+        }
     }
 }
 
@@ -395,6 +459,14 @@ fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
             ("PUT", "/vm/save", Some(json!({ "dir": dir })))
         }
         CtlOp::Guest { command } => ("PUT", "/guest/command", Some(json!({ "command": command }))),
+        CtlOp::LiveUpdate { binary, timeout_ms } => {
+            let binary = std::path::absolute(binary).context("resolve --binary")?;
+            (
+                "PUT",
+                "/vm/live-update",
+                Some(json!({ "binary": binary, "timeout_ms": timeout_ms })),
+            )
+        }
         CtlOp::Plugin { op } => match op {
             PluginOp::List => ("GET", "/plugins", None),
             PluginOp::Notifications => ("GET", "/plugins/notifications", None),

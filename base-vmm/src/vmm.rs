@@ -109,6 +109,8 @@ pub struct VmStatus {
     pub restored: bool,
     /// The host's KVM is PVM.
     pub pvm: bool,
+    /// The VMM process serving this VM (it changes with a live update).
+    pub pid: u32,
 }
 
 /// The parts of a running VM that several threads drive: the main loop (API), and services
@@ -197,6 +199,61 @@ impl VmControl {
     /// Pages dirtied (by the guest or the VMM) since the last harvest.
     pub fn harvest_dirty(&self) -> Result<Vec<u64>, VmmError> {
         Ok(lock(&self.vm).harvest_dirty()?)
+    }
+}
+
+/// A VM whose KVM objects exist but whose registers are not restored yet (see
+/// [`Vmm::prepare`]).
+pub struct PreparedVm {
+    vm: Vm,
+    vcpus: Vec<crate::vcpu::Vcpu>,
+    machine: MachineConfig,
+}
+
+impl PreparedVm {
+    /// Second half of a restore: registers, irqchip, clock and devices from `state`, then the
+    /// vCPU threads (running, or paused until resumed).
+    pub fn finish(
+        self,
+        state: &VmState,
+        serial_spec: &str,
+        events: Sender<VcpuEvent>,
+        start_paused: bool,
+    ) -> Result<Vmm, VmmError> {
+        if state.machine != self.machine {
+            return Err(VmmError::Config(
+                "the state describes another machine than the one prepared".into(),
+            ));
+        }
+        for (v, s) in self.vcpus.iter().zip(&state.vcpus) {
+            v.restore(s)?;
+        }
+        self.vm.restore_state(&state.vm)?;
+        let dev = build_devices(
+            &self.vm,
+            serial_spec,
+            Some(&state.devices.serial),
+            self.machine.tsc_khz,
+            state.devices.pv.clone(),
+        )?;
+        let handles = self
+            .vcpus
+            .into_iter()
+            .map(|v| v.start(dev.bus.clone(), events.clone(), start_paused))
+            .collect::<Result<Vec<_>, _>>()?;
+        let run = if start_paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
+        Ok(Vmm::assemble(
+            self.vm,
+            handles,
+            dev,
+            self.machine,
+            run,
+            true,
+        ))
     }
 }
 
@@ -326,40 +383,37 @@ impl Vmm {
         start_paused: bool,
     ) -> Result<Self, VmmError> {
         let state = VmState::read_file(&dir.join(STATE_FILE))?;
-        let m = &state.machine;
-        if m.vcpus > MAX_VCPUS {
+        let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
+        ram.load_sparse(&dir.join(MEMORY_FILE))?;
+        Vmm::prepare(ram, &state.machine)?.finish(&state, serial_spec, events, start_paused)
+    }
+
+    /// First half of a restore: a KVM VM and its vCPUs on `ram` (whose contents are the
+    /// guest's), with no register state yet. It is the slow half, so a live update does it
+    /// before the old VMM pauses the guest.
+    pub fn prepare(ram: Arc<GuestRam>, machine: &MachineConfig) -> Result<PreparedVm, VmmError> {
+        if machine.vcpus == 0 || machine.vcpus > MAX_VCPUS {
             return Err(VmmError::Config(format!(
-                "saved VM has {} vCPUs, at most {MAX_VCPUS} supported",
-                m.vcpus
+                "saved VM has {} vCPUs, 1..={MAX_VCPUS} supported",
+                machine.vcpus
             )));
         }
-        let ram = Arc::new(GuestRam::new(m.mem_bytes)?);
-        ram.load_sparse(&dir.join(MEMORY_FILE))?;
+        if ram.size() != machine.mem_bytes {
+            return Err(VmmError::Config(format!(
+                "guest RAM has {} bytes but the VM had {}",
+                ram.size(),
+                machine.mem_bytes
+            )));
+        }
         let vm = Vm::new(ram)?;
-        let vcpus = (0..m.vcpus)
+        let vcpus = (0..machine.vcpus)
             .map(|i| vm.create_vcpu(i))
             .collect::<Result<Vec<_>, _>>()?;
-        for (v, s) in vcpus.iter().zip(&state.vcpus) {
-            v.restore(s)?;
-        }
-        vm.restore_state(&state.vm)?;
-        let dev = build_devices(
-            &vm,
-            serial_spec,
-            Some(&state.devices.serial),
-            m.tsc_khz,
-            state.devices.pv.clone(),
-        )?;
-        let handles = vcpus
-            .into_iter()
-            .map(|v| v.start(dev.bus.clone(), events.clone(), start_paused))
-            .collect::<Result<Vec<_>, _>>()?;
-        let run = if start_paused {
-            RunState::Paused
-        } else {
-            RunState::Running
-        };
-        Ok(Vmm::assemble(vm, handles, dev, state.machine, run, true))
+        Ok(PreparedVm {
+            vm,
+            vcpus,
+            machine: machine.clone(),
+        })
     }
 
     fn assemble(
@@ -407,6 +461,7 @@ impl Vmm {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             restored: self.restored,
             pvm: crate::host_is_pvm(),
+            pid: std::process::id(),
         }
     }
 

@@ -99,6 +99,17 @@ pub struct ServiceStats {
     pub deferred: u64,
 }
 
+/// A service detached for a hand-over, with what it takes to attach it again elsewhere.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct HandedService {
+    /// Plugin file.
+    pub path: PathBuf,
+    /// Its attach configuration.
+    pub config: String,
+    /// The state it handed back.
+    pub state: Vec<u8>,
+}
+
 /// A service as `list` reports it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceInfo {
@@ -753,6 +764,41 @@ impl ServiceManager {
                 })
             }
         }
+    }
+
+    /// Detaches every attached service for a hand-over to another VMM process (live update):
+    /// returns, in attach order, what [`ServiceManager::attach_with_state`] needs to bring each
+    /// back there. A service that fails to hand its state back is reported, not returned.
+    pub fn hand_over(&self) -> (Vec<HandedService>, Vec<(String, ServiceError)>) {
+        let mut c = self.control();
+        self.sweep(&mut c);
+        let (mut handed, mut failed) = (Vec::new(), Vec::new());
+        while !c.services.is_empty() {
+            let (slot, r) = self.stop(&mut c, 0);
+            lock(&self.shared.dirty).unregister(slot.id, &*self.shared.host);
+            match r {
+                Ok(state) => handed.push(HandedService {
+                    path: slot.path.clone(),
+                    config: slot.config.clone(),
+                    state,
+                }),
+                Err(e) => failed.push((slot.name().to_string(), e)),
+            }
+        }
+        (handed, failed)
+    }
+
+    /// Attaches a service and resumes it from `state` (what a previous instance handed back).
+    pub fn attach_with_state(
+        &self,
+        path: &Path,
+        config: &str,
+        state: &[u8],
+    ) -> Result<ServiceInfo, ServiceError> {
+        let mut c = self.control();
+        self.sweep(&mut c);
+        let slot = self.start(&mut c, path, config, None, Some(state), None)?;
+        Ok(self.insert(&mut c, slot))
     }
 
     /// Attached services in attach order, then the ones detached after a failure.

@@ -1,0 +1,372 @@
+//! HyperFresh: a new `spanvmm` binary takes over a running VM from this process. Guest memory
+//! is handed over as the memfd itself (SCM_RIGHTS), so no page is copied; only the VM state
+//! (vCPUs, irqchip, clock, devices) and the services' states cross the socket.
+//!
+//! Protocol on a socketpair (frames: u32 LE length + JSON), old → new and back:
+//!
+//! 1. `Offer` with the memfd and the API listener attached. The new process maps the memory,
+//!    creates its KVM VM and vCPUs (the slow part, while the guest still runs) → `Ready`.
+//! 2. The old process pauses the guest, captures the VM state, detaches its services →
+//!    `Takeover`. The new process restores registers and devices, attaches the services with
+//!    their states, still paused → `Restored`.
+//! 3. Commit point: the old process sends `Go` and can no longer roll back; the new process
+//!    resumes the guest → `Running`. The old process answers the API call and exits.
+//!
+//! Any failure or missed deadline before the commit point rolls back: the old process kills
+//! the new one, attaches its services again and resumes the guest, which saw only the pause.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use base_vmm::memory::GuestRam;
+use base_vmm::state::{MachineConfig, VmState, STATE_VERSION};
+use base_vmm::vcpu::VcpuEvent;
+use base_vmm::vmm::Vmm;
+use l1_services::{HandedService, ServiceManager};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// Largest frame accepted (the VM state is tens of KiB; services' states are small).
+const MAX_FRAME: u32 = 64 << 20;
+
+#[derive(Serialize, Deserialize)]
+enum Msg {
+    Offer {
+        state_version: u32,
+        machine: MachineConfig,
+        serial: String,
+        has_api: bool,
+    },
+    Ready {
+        state_version: u32,
+    },
+    Takeover {
+        state: Vec<u8>,
+        services: Vec<HandedService>,
+    },
+    Restored {
+        restore_us: u64,
+    },
+    Go,
+    Running,
+    Failed {
+        error: String,
+    },
+}
+
+fn frame(msg: &Msg) -> Vec<u8> {
+    let body = serde_json::to_vec(msg).expect("messages always serialize");
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(&body);
+    f
+}
+
+fn send(sock: &mut UnixStream, msg: &Msg) -> anyhow::Result<()> {
+    sock.write_all(&frame(msg))
+        .context("live-update socket write")
+}
+
+fn parse(len: [u8; 4], sock: &mut UnixStream, mut have: Vec<u8>) -> anyhow::Result<Msg> {
+    let len = u32::from_le_bytes(len);
+    if len > MAX_FRAME {
+        bail!("live-update frame of {len} bytes is too large");
+    }
+    let start = have.len();
+    have.resize(len as usize, 0);
+    sock.read_exact(&mut have[start..])
+        .context("live-update socket closed mid-frame")?;
+    serde_json::from_slice(&have).context("malformed live-update message")
+}
+
+fn recv(sock: &mut UnixStream) -> anyhow::Result<Msg> {
+    let mut len = [0u8; 4];
+    sock.read_exact(&mut len)
+        .context("the other VMM process closed the live-update socket")?;
+    parse(len, sock, Vec::new())
+}
+
+/// Receives a frame that carries descriptors; returns the message and the descriptors.
+fn recv_with_fds(sock: &mut UnixStream) -> anyhow::Result<(Msg, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut fds: [RawFd; 4] = [-1; 4];
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the iovec points into `buf`, alive for the call; `fds` has room for 4.
+    let (n, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut fds) }.context("recvmsg")?;
+    // SAFETY: the kernel installed `nfds` new descriptors in this process; we own them now.
+    let owned: Vec<OwnedFd> = fds[..nfds]
+        .iter()
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n < 4 {
+        bail!("live-update offer truncated");
+    }
+    let len = [buf[0], buf[1], buf[2], buf[3]];
+    let have = buf[4..n].to_vec();
+    Ok((parse(len, sock, have)?, owned))
+}
+
+/// What the old process reports after a successful hand-over.
+#[derive(Serialize)]
+pub struct LiveUpdateReport {
+    /// The new process.
+    pub new_pid: u32,
+    /// From pausing the guest to the new process reporting it running, ms.
+    pub pause_ms: f64,
+    /// Of which the new process spent restoring registers, devices and services, µs.
+    pub restore_us: u64,
+    /// From the API call to the hand-over, ms (includes the new process's start and prepare).
+    pub total_ms: f64,
+    /// Services handed over.
+    pub services: usize,
+}
+
+/// Old side. On success the caller must exit without touching the VM again; on error the
+/// guest runs on here as before.
+pub fn hand_over(
+    vmm: &mut Vmm,
+    manager: &ServiceManager,
+    binary: &Path,
+    serial: &str,
+    api: Option<&UnixListener>,
+    deadline: Duration,
+) -> anyhow::Result<LiveUpdateReport> {
+    let t0 = Instant::now();
+    let (mut sock, theirs) = UnixStream::pair().context("socketpair")?;
+    // The child inherits its end: clear close-on-exec on it only.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
+    let mut child = Command::new(binary)
+        .args(["run", "--takeover-fd", &theirs.as_raw_fd().to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    drop(theirs);
+    let result = negotiate(
+        &mut sock, &mut child, vmm, manager, serial, api, deadline, t0,
+    );
+    if result.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    } else {
+        // The new process lives on; nobody here waits for it.
+        std::mem::forget(child);
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn negotiate(
+    sock: &mut UnixStream,
+    child: &mut Child,
+    vmm: &mut Vmm,
+    manager: &ServiceManager,
+    serial: &str,
+    api: Option<&UnixListener>,
+    deadline: Duration,
+    t0: Instant,
+) -> anyhow::Result<LiveUpdateReport> {
+    sock.set_read_timeout(Some(deadline))?;
+    let offer = frame(&Msg::Offer {
+        state_version: STATE_VERSION,
+        machine: vmm.machine().clone(),
+        serial: serial.to_string(),
+        has_api: api.is_some(),
+    });
+    let mut fds = vec![vmm.control().ram().memfd().as_raw_fd()];
+    fds.extend(api.map(|l| l.as_raw_fd()));
+    sock.send_with_fds(&[&offer[..]], &fds)
+        .context("the new binary did not take the offer (did it start?)")?;
+    let ready = recv(sock);
+    let never_paused = "live update aborted; the guest was never paused";
+    match ready {
+        Ok(Msg::Ready { state_version }) if state_version == STATE_VERSION => {}
+        Ok(Msg::Ready { state_version }) => bail!(
+            "{never_paused}: the new binary speaks VM state version {state_version}, this one \
+             {STATE_VERSION}"
+        ),
+        Ok(Msg::Failed { error }) => {
+            bail!("{never_paused}: the new binary failed to prepare: {error}")
+        }
+        Ok(_) => bail!("{never_paused}: the new binary answered out of turn"),
+        Err(e) => bail!(
+            "{never_paused}: {e:#} (new binary's exit status: {:?})",
+            child.try_wait().ok().flatten()
+        ),
+    }
+
+    // The guest stops here.
+    let paused_at = Instant::now();
+    let was_running = vmm.control().pause()?;
+    let state = vmm.capture_state();
+    let (services, lost) = manager.hand_over();
+    for (name, e) in &lost {
+        eprintln!("spanvmm: live update: service {name} could not hand its state over: {e}");
+    }
+    let rollback = |why: anyhow::Error, services: &[HandedService]| -> anyhow::Error {
+        for s in services {
+            if let Err(e) = manager.attach_with_state(&s.path, &s.config, &s.state) {
+                eprintln!(
+                    "spanvmm: rollback: service {} not re-attached: {e}",
+                    s.path.display()
+                );
+            }
+        }
+        if was_running {
+            if let Err(e) = vmm.control().resume() {
+                return why.context(format!("and resuming the guest failed: {e}"));
+            }
+        }
+        why.context("live update rolled back; the guest runs on in the old process")
+    };
+    let state = match state {
+        Ok(s) => s,
+        Err(e) => return Err(rollback(e.into(), &services)),
+    };
+    let takeover = Msg::Takeover {
+        state: state.to_bytes(),
+        services: services.clone(),
+    };
+    let restore_us = match send(sock, &takeover).and_then(|_| recv(sock)) {
+        Ok(Msg::Restored { restore_us }) => restore_us,
+        Ok(Msg::Failed { error }) => {
+            return Err(rollback(
+                anyhow::anyhow!("the new binary failed to restore: {error}"),
+                &services,
+            ))
+        }
+        Ok(_) => {
+            return Err(rollback(
+                anyhow::anyhow!("the new binary answered out of turn"),
+                &services,
+            ))
+        }
+        Err(e) => return Err(rollback(e, &services)),
+    };
+    // Commit point: from here on, the new process owns the guest.
+    send(sock, &Msg::Go)?;
+    match recv(sock) {
+        Ok(Msg::Running) => {}
+        other => bail!(
+            "the new process took the guest over but did not confirm it runs ({}); the old process \
+             cannot take it back",
+            other.err().map(|e| e.to_string()).unwrap_or_else(|| "unexpected answer".into())
+        ),
+    }
+    Ok(LiveUpdateReport {
+        new_pid: child.id(),
+        pause_ms: paused_at.elapsed().as_secs_f64() * 1e3,
+        restore_us,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        services: services.len(),
+    })
+}
+
+/// What the new process takes over.
+pub struct TakenOver {
+    /// The VM, running.
+    pub vmm: Vmm,
+    /// Its services, attached with their states.
+    pub manager: Arc<ServiceManager>,
+    /// Where the console goes.
+    pub serial: String,
+    /// The API listener, if the old process had one.
+    pub api: Option<UnixListener>,
+}
+
+/// New side: `spanvmm run --takeover-fd FD`.
+pub fn take_over(fd: RawFd, events: Sender<VcpuEvent>) -> anyhow::Result<TakenOver> {
+    // SAFETY: the old process handed us this descriptor on the command line; nothing else
+    // in this process uses it.
+    let mut sock = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    match take_over_inner(&mut sock, events) {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            let _ = send(
+                &mut sock,
+                &Msg::Failed {
+                    error: format!("{e:#}"),
+                },
+            );
+            Err(e)
+        }
+    }
+}
+
+fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::Result<TakenOver> {
+    let (offer, mut fds) = recv_with_fds(sock)?;
+    let Msg::Offer {
+        state_version,
+        machine,
+        serial,
+        has_api,
+    } = offer
+    else {
+        bail!("expected an offer");
+    };
+    if state_version != STATE_VERSION {
+        send(
+            sock,
+            &Msg::Ready {
+                state_version: STATE_VERSION,
+            },
+        )?;
+        bail!("VM state version {state_version} offered, this binary speaks {STATE_VERSION}");
+    }
+    if fds.len() != 1 + usize::from(has_api) {
+        bail!("the offer carried {} descriptors", fds.len());
+    }
+    let api = has_api.then(|| UnixListener::from(fds.pop().expect("counted")));
+    let ram = Arc::new(GuestRam::from_memfd(
+        fds.pop().expect("counted"),
+        machine.mem_bytes,
+    )?);
+    let prepared = Vmm::prepare(ram, &machine)?;
+    send(
+        sock,
+        &Msg::Ready {
+            state_version: STATE_VERSION,
+        },
+    )?;
+
+    let Msg::Takeover { state, services } = recv(sock)? else {
+        bail!("expected the takeover");
+    };
+    let t = Instant::now();
+    let state = VmState::from_bytes(&state, "live-update stream")?;
+    let vmm = prepared.finish(&state, &serial, events, true)?;
+    let manager = crate::services::manager_for(&vmm)?;
+    for s in &services {
+        manager
+            .attach_with_state(&s.path, &s.config, &s.state)
+            .with_context(|| format!("service {}", s.path.display()))?;
+    }
+    send(
+        sock,
+        &Msg::Restored {
+            restore_us: t.elapsed().as_micros() as u64,
+        },
+    )?;
+    let Msg::Go = recv(sock)? else {
+        bail!("expected the go-ahead");
+    };
+    vmm.control().resume()?;
+    let _ = send(sock, &Msg::Running);
+    Ok(TakenOver {
+        vmm,
+        manager,
+        serial,
+        api,
+    })
+}
