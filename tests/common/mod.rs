@@ -283,8 +283,47 @@ impl VmProcess {
     }
 }
 
+impl VmProcess {
+    /// The pid of the process serving the API now (another one after a live update).
+    pub fn serving_pid(&self) -> Option<u32> {
+        let (ok, out) = self.ctl(&["status"]);
+        if !ok {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v["pid"].as_u64().map(|p| p as u32)
+    }
+
+    /// The pid of the process this harness started.
+    pub fn first_pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Whether `pid` still runs (a zombie counts as gone).
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
 impl Drop for VmProcess {
     fn drop(&mut self) {
+        // After a live update the VM lives in a process this harness did not start.
+        if self.api.exists() {
+            if let Some(pid) = self.serving_pid() {
+                if pid != self.child.id() {
+                    // SAFETY: plain kill(2) on a pid we just read from the VMM itself.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -1,0 +1,154 @@
+//! End-to-end tests of HyperFresh live update: the VMM process is replaced beneath a running
+//! spanguest, which keeps its memory (verify bad=0), its console, its API socket and its
+//! services; the guest-observed stall is reported.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(30);
+const STORM: &str = r#"{"base":2768,"len":1}"#;
+
+fn plugin(file: &str) -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/plugins")
+        .join(file);
+    assert!(p.exists(), "{} missing — run plugins/build.sh", p.display());
+    p.to_str().unwrap().to_string()
+}
+
+fn writes(vm: &VmProcess) -> u64 {
+    let out = vm.ctl_ok(&["plugin", "call", "exit-stats", "stats"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["result"]["writes"].as_u64().unwrap()
+}
+
+fn wait_gone(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pid_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "old VMM process {pid} did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The largest stall the guest reported since line `from` (0 when below its threshold).
+fn stall_since(vm: &VmProcess, from: usize) -> u64 {
+    vm.lines()[from..]
+        .iter()
+        .filter(|l| l.contains("SPANGUEST stall"))
+        .map(|l| num(l, "us"))
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn live_update_twice_keeps_memory_console_api_and_services() {
+    let mut vm = VmProcess::boot(
+        "lu",
+        "workload=dirty,exits,verify mib=32 rate=20000 exits=500 stall_us=1000 report_ms=200",
+        256,
+        2,
+    );
+    vm.ctl_ok(&[
+        "plugin",
+        "attach",
+        &plugin("exit-stats.wasm"),
+        "--config",
+        STORM,
+    ]);
+    vm.ctl_ok(&["plugin", "attach", &plugin("introspect.wasm")]);
+    std::thread::sleep(Duration::from_millis(300));
+    let bin = spanvmm();
+    let mut old_pid = vm.first_pid();
+    for round in 0..2 {
+        let before = writes(&vm);
+        let from = vm.mark();
+        let out = vm.ctl_ok(&["live-update", "--binary", bin]);
+        let report: Value = serde_json::from_str(&out).unwrap();
+        let new_pid = report["new_pid"].as_u64().unwrap() as u32;
+        assert_eq!(report["services"], 2, "{report}");
+        // The old process exits once the new one runs the guest; exactly one serves it.
+        if round == 0 {
+            assert_eq!(vm.wait_exit(T), Some(0), "{}", vm.stderr());
+        }
+        wait_gone(old_pid);
+        assert_eq!(vm.serving_pid(), Some(new_pid));
+        assert!(pid_alive(new_pid));
+        // The console continues on the same output, the guest runs on.
+        let stat = vm.wait_line_from(vm.mark(), "SPANGUEST stat", T);
+        assert!(num(&stat, "dirtied") > 0, "{stat}");
+        let stall = stall_since(&vm, from);
+        eprintln!(
+            "live update {round}: pause {} ms (VMM side), guest-observed stall {stall} µs",
+            report["pause_ms"]
+        );
+        assert!(stall < 100_000, "guest stalled {stall} µs");
+        // Services came along with their state.
+        let list = vm.ctl_ok(&["plugin", "list"]);
+        assert!(
+            list.contains("exit-stats") && list.contains("introspect"),
+            "{list}"
+        );
+        assert!(writes(&vm) >= before, "exit-stats lost its counts");
+        vm.assert_verify_clean(2);
+        old_pid = new_pid;
+    }
+}
+
+#[test]
+fn broken_binaries_roll_back_and_the_guest_never_notices() {
+    let vm = VmProcess::boot(
+        "lurb",
+        "workload=dirty,verify mib=16 rate=10000 stall_us=50000",
+        128,
+        1,
+    );
+    vm.ctl_ok(&[
+        "plugin",
+        "attach",
+        &plugin("exit-stats.wasm"),
+        "--config",
+        STORM,
+    ]);
+    let dir = TempDir::new("lubad");
+    let hang = dir.path().join("hang.sh");
+    std::fs::write(&hang, "#!/bin/sh\nsleep 30\n").unwrap();
+    std::fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let pid = vm.first_pid();
+    let from = vm.mark();
+    for (binary, extra) in [
+        ("/bin/false", vec![]),
+        ("/nonexistent/spanvmm", vec![]),
+        (hang.to_str().unwrap(), vec!["--timeout-ms", "500"]),
+    ] {
+        let t = Instant::now();
+        let mut args = vec!["live-update", "--binary", binary];
+        args.extend(extra);
+        let (ok, out) = vm.ctl(&args);
+        assert!(!ok, "{binary} must be refused: {out}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{binary}: {:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            vm.serving_pid(),
+            Some(pid),
+            "{binary}: the old process must keep the VM"
+        );
+        assert!(vm.ctl_ok(&["status"]).contains("\"running\""));
+    }
+    assert!(vm.ctl_ok(&["plugin", "list"]).contains("exit-stats"));
+    assert_eq!(
+        stall_since(&vm, from),
+        0,
+        "a failed update must not stall the guest"
+    );
+    vm.assert_verify_clean(1);
+}
