@@ -361,8 +361,11 @@ fn run(
     };
     if handed_over {
         // The guest, its memory, its services and the API socket belong to the new process.
-        vmm.shutdown();
-        return Ok(code);
+        // Exit at once: a graceful teardown of a large VM takes long, and meanwhile this
+        // process's API thread would keep accepting connections meant for the new process.
+        // Exiting kills that thread first; connections not yet accepted stay queued on the
+        // shared socket for the new process.
+        std::process::exit(i32::from(code));
     }
     manager.lifecycle(Lifecycle::Shutdown);
     for (name, r) in manager.detach_all() {

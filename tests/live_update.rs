@@ -55,10 +55,11 @@ fn live_update_twice_keeps_memory_console_api_and_services() {
         256,
         2,
     );
+    // One native service (loaded again with dlopen in the new process), one Wasm service.
     vm.ctl_ok(&[
         "plugin",
         "attach",
-        &plugin("exit-stats.wasm"),
+        &plugin("libexit-stats.so"),
         "--config",
         STORM,
     ]);

@@ -2,10 +2,14 @@
 //! Results are written as JSON under bench/results/.
 //!
 //! `spanvmm-bench boot [--runs N]`: wall time from process start to `SPANGUEST ready`.
+//! `spanvmm-bench live-update [--sizes 256,1024,...]`: guest pause of a VMM replacement vs
+//! QEMU's same-host migration.
 //! `spanvmm-bench services`: service attach/detach latency and the guest's stall meanwhile,
 //! per-event dispatch cost (no service, Wasm, native; QEMU's plain exit for reference), and
 //! guest throughput with a service attached but subscribed to nothing.
 
+mod harness;
+mod live_update;
 mod services;
 
 use std::io::Read;
@@ -218,11 +222,20 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut runs = 10usize;
     let mut out = None;
+    let mut sizes = vec![256u64, 1024, 4096, 8192];
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--runs" => runs = it.next().context("--runs N")?.parse()?,
             "--out" => out = Some(PathBuf::from(it.next().context("--out FILE")?)),
+            "--sizes" => {
+                sizes = it
+                    .next()
+                    .context("--sizes MIB,MIB,...")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
             other => bail!("unknown argument {other}"),
         }
     }
@@ -237,6 +250,12 @@ fn main() -> anyhow::Result<()> {
             &repo_root().join("target/plugins"),
             &out.unwrap_or_else(|| repo_root().join("bench/results/services.json")),
         ),
-        _ => bail!("usage: spanvmm-bench boot|services [--runs N] [--out FILE]"),
+        Some("live-update") => live_update::run(
+            &spanvmm_bin()?,
+            &guest_elf()?,
+            &sizes,
+            &out.unwrap_or_else(|| repo_root().join("bench/results/live-update.json")),
+        ),
+        _ => bail!("usage: spanvmm-bench boot|services|live-update [--runs N] [--sizes MIB,..] [--out FILE]"),
     }
 }

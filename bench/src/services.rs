@@ -1,11 +1,10 @@
 //! The service-layer benchmark (see main.rs).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::harness::{collect, field, median, percentile, spawn_vm, Vm};
 
 use anyhow::{bail, Context};
 use serde::Serialize;
@@ -13,139 +12,6 @@ use serde_json::{json, Value};
 
 /// spanguest's exit-storm port, claimable by a service.
 const STORM: &str = r#"{"base":2768,"len":1}"#;
-
-/// A VM under measurement, its console lines collected as they come.
-struct Vm {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    sock: PathBuf,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.sock);
-    }
-}
-
-fn collect(out: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let l = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            l.lock().unwrap().push(line);
-        }
-    });
-    lines
-}
-
-fn spawn_vm(bin: &Path, elf: &Path, cmdline: &str, mem: u64, tag: &str) -> anyhow::Result<Vm> {
-    let sock =
-        std::env::temp_dir().join(format!("spanvmm-bench-{tag}-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&sock);
-    let mut child = Command::new(bin)
-        .arg("run")
-        .arg("--kernel")
-        .arg(elf)
-        .args([
-            "--cmdline",
-            cmdline,
-            "--memory",
-            &mem.to_string(),
-            "--api-socket",
-        ])
-        .arg(&sock)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let lines = collect(child.stdout.take().unwrap());
-    let vm = Vm { child, lines, sock };
-    vm.wait_lines("SPANGUEST ready", 1, 0, Duration::from_secs(60))?;
-    Ok(vm)
-}
-
-impl Vm {
-    fn mark(&self) -> usize {
-        self.lines.lock().unwrap().len()
-    }
-
-    fn wait_lines(
-        &self,
-        needle: &str,
-        n: usize,
-        from: usize,
-        timeout: Duration,
-    ) -> anyhow::Result<Vec<String>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let got: Vec<String> = self.lines.lock().unwrap()[from..]
-                .iter()
-                .filter(|l| l.contains(needle))
-                .cloned()
-                .collect();
-            if got.len() >= n {
-                return Ok(got);
-            }
-            if Instant::now() > deadline {
-                bail!("{n} lines with {needle:?} not seen in {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// One API call over the socket; returns (status, body, round-trip time).
-    fn api(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<(u16, Value, Duration)> {
-        let t = Instant::now();
-        let mut s = UnixStream::connect(&self.sock)?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let rtt = t.elapsed();
-        let (head, body) = resp.split_once("\r\n\r\n").context("malformed response")?;
-        let code = head.split_whitespace().nth(1).context("status")?.parse()?;
-        Ok((code, serde_json::from_str(body).unwrap_or(Value::Null), rtt))
-    }
-
-    fn api_ok(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<(Value, Duration)> {
-        let (code, v, rtt) = self.api(method, path, body)?;
-        if code != 200 {
-            bail!("{method} {path}: HTTP {code}: {v}");
-        }
-        Ok((v, rtt))
-    }
-}
-
-fn field(line: &str, key: &str) -> Option<u64> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
-        .and_then(|v| v.parse().ok())
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
 
 #[derive(Serialize)]
 struct Latency {
