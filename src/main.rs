@@ -71,6 +71,10 @@ enum Command {
         /// With --restore: stay paused until `spanvmm ctl resume`.
         #[arg(long, requires = "restore")]
         paused: bool,
+        /// With --restore: run at once and load guest memory on demand (userfaultfd) while
+        /// the rest streams in.
+        #[arg(long, requires = "restore")]
+        lazy: bool,
         /// Boot entry for kernels that offer several.
         #[arg(long, value_enum, default_value = "direct")]
         entry: Entry,
@@ -187,13 +191,14 @@ fn main() -> ExitCode {
             api_socket,
             restore,
             paused,
+            lazy,
             entry,
             plugins,
             takeover_fd,
         } => {
             let source = match (restore, kernel) {
                 _ if takeover_fd.is_some() => Source::Takeover(takeover_fd.unwrap_or(-1)),
-                (Some(dir), _) => Source::Restore { dir, paused },
+                (Some(dir), _) => Source::Restore { dir, paused, lazy },
                 (None, Some(kernel)) => Source::Boot(VmConfig {
                     kernel,
                     cmdline,
@@ -228,7 +233,11 @@ fn main() -> ExitCode {
 
 enum Source {
     Boot(VmConfig),
-    Restore { dir: PathBuf, paused: bool },
+    Restore {
+        dir: PathBuf,
+        paused: bool,
+        lazy: bool,
+    },
     Takeover(i32),
 }
 
@@ -263,8 +272,8 @@ fn run(
             let manager = services::manager_for(&vmm)?;
             (vmm, manager)
         }
-        Source::Restore { dir, paused } => {
-            let vmm = Vmm::restore(&dir, &serial, vcpu_tx, paused)
+        Source::Restore { dir, paused, lazy } => {
+            let vmm = Vmm::restore(&dir, &serial, vcpu_tx, paused, lazy)
                 .with_context(|| format!("cannot restore the VM saved in {}", dir.display()))?;
             let manager = services::manager_for(&vmm)?;
             manager.lifecycle(Lifecycle::Restored);
@@ -323,6 +332,10 @@ fn run(
                 break 0;
             }
             Ok(Msg::Api((ApiRequest::LiveUpdate { binary, timeout_ms }, reply, written))) => {
+                if let Err(e) = vmm.require_memory_loaded() {
+                    let _ = reply.send(Err((409, e.to_string())));
+                    continue;
+                }
                 let r = live_update::hand_over(
                     &mut vmm,
                     &manager,

@@ -15,6 +15,16 @@ pub struct VmmHost {
     info: VmInfo,
 }
 
+impl VmmHost {
+    fn out_of_range(&self, gpa: u64, len: u64) -> HostError {
+        HostError::OutOfRange {
+            gpa,
+            len,
+            size: self.info.mem_bytes,
+        }
+    }
+}
+
 fn host_err(e: VmmError) -> HostError {
     HostError::Failed(e.to_string())
 }
@@ -25,27 +35,19 @@ impl VmHost for VmmHost {
     }
 
     fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), HostError> {
-        let size = self.info.mem_bytes;
+        let len = buf.len() as u64;
         self.ctl
             .ram()
             .read(gpa, buf)
-            .map_err(|_| HostError::OutOfRange {
-                gpa,
-                len: buf.len() as u64,
-                size,
-            })
+            .map_err(|_| self.out_of_range(gpa, len))
     }
 
     fn write_memory(&self, gpa: u64, data: &[u8]) -> Result<(), HostError> {
-        let size = self.info.mem_bytes;
+        let len = data.len() as u64;
         self.ctl
             .ram()
             .write(gpa, data)
-            .map_err(|_| HostError::OutOfRange {
-                gpa,
-                len: data.len() as u64,
-                size,
-            })
+            .map_err(|_| self.out_of_range(gpa, len))
     }
 
     fn pause(&self) -> Result<(), HostError> {

@@ -445,3 +445,46 @@ fn qemu_boots_the_same_spanguest_elf() {
     assert!(got.contains("SPANGUEST ready"), "QEMU output: {got}");
     assert!(got.contains("bad=0"), "QEMU output: {got}");
 }
+
+#[test]
+fn lazy_restore_runs_the_guest_while_memory_streams_in() {
+    let vm = VmProcess::boot(
+        "lazysrc",
+        "workload=dirty,verify mib=192 rate=20000 report_ms=200",
+        256,
+        1,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let snap = TempDir::new("lazysnap");
+    vm.ctl_ok(&["save", "--dir", snap.path().to_str().unwrap()]);
+    drop(vm);
+    let r = VmProcess::start(
+        "lazy",
+        &["--restore", snap.path().to_str().unwrap(), "--lazy"],
+    );
+    // The guest runs: it reports the gap since the save as a stall, then carries on.
+    r.wait_line("SPANGUEST stall", T);
+    r.wait_line("SPANGUEST stat", T);
+    r.assert_verify_clean(1);
+    let deadline = Instant::now() + T;
+    let status = loop {
+        let s: serde_json::Value = serde_json::from_str(&r.ctl_ok(&["status"])).unwrap();
+        if s["lazy_restore"]["done"] == true {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lazy restore never finished: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let l = &status["lazy_restore"];
+    assert!(
+        l["pages_copied"].as_u64() >= l["pages_total"].as_u64(),
+        "not every page of the image was loaded: {l}"
+    );
+    // Once loaded, everything works as after an eager restore, a live update included.
+    r.ctl_ok(&["live-update", "--binary", spanvmm()]);
+    r.wait_line_from(r.mark(), "SPANGUEST stat", T);
+    r.assert_verify_clean(1);
+}

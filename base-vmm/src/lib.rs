@@ -6,6 +6,7 @@
 
 pub mod boot;
 pub mod devices;
+pub mod lazy;
 pub mod memory;
 pub mod state;
 pub mod uffd;

@@ -15,6 +15,7 @@ const UFFD_API: u64 = 0xaa;
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
 const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
 const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
 const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
@@ -245,6 +246,18 @@ impl Userfault {
                     err,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Wakes threads waiting on `[gpa, gpa+len)`: for a fault on a page that another fill
+    /// made present after the fault was queued.
+    pub fn wake(&self, gpa: u64, len: u64) -> Result<(), UffdError> {
+        let start = self.host(gpa, len)?;
+        let mut range = UffdioRange { start, len };
+        // SAFETY: the range is inside the registered range.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut range) } < 0 {
+            return Err(sys("UFFDIO_WAKE"));
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ use crate::devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
 use crate::devices::pv::{GuestCommand, PvDevice, PvState, PV_BASE, PV_LEN};
 use crate::devices::serial::{self, SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
 use crate::devices::{lock, IoBus};
+use crate::lazy::{LazyLoader, LazyProgress};
 use crate::memory::GuestRam;
 use crate::state::{DeviceStates, MachineConfig, VmState, MEMORY_FILE, STATE_FILE};
 use crate::vcpu::{VcpuEvent, VcpuHandle, VcpuState};
@@ -111,6 +112,9 @@ pub struct VmStatus {
     pub pvm: bool,
     /// The VMM process serving this VM (it changes with a live update).
     pub pid: u32,
+    /// Progress of a lazy restore, when the VM came from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_restore: Option<LazyProgress>,
 }
 
 /// The parts of a running VM that several threads drive: the main loop (API), and services
@@ -266,6 +270,8 @@ pub struct Vmm {
     machine: MachineConfig,
     started: Instant,
     restored: bool,
+    /// The lazy restore feeding guest memory, if any.
+    lazy: Option<LazyLoader>,
 }
 
 /// Devices of a VM, before the bus is sealed.
@@ -375,17 +381,52 @@ impl Vmm {
         ))
     }
 
-    /// Rebuilds a VM saved by [`Vmm::save`] and runs it (or leaves it paused).
+    /// Rebuilds a VM saved by [`Vmm::save`] and runs it (or leaves it paused). With `lazy`,
+    /// the guest starts before its memory is loaded: pages come in on first touch while a
+    /// background thread copies the rest (see [`crate::lazy`]).
     pub fn restore(
         dir: &Path,
         serial_spec: &str,
         events: Sender<VcpuEvent>,
         start_paused: bool,
+        lazy: bool,
     ) -> Result<Self, VmmError> {
         let state = VmState::read_file(&dir.join(STATE_FILE))?;
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
-        ram.load_sparse(&dir.join(MEMORY_FILE))?;
-        Vmm::prepare(ram, &state.machine)?.finish(&state, serial_spec, events, start_paused)
+        let loader = if lazy {
+            Some(
+                LazyLoader::start(&ram, &dir.join(MEMORY_FILE))
+                    .map_err(|e| VmmError::Conflict(format!("lazy restore: {e}")))?,
+            )
+        } else {
+            ram.load_sparse(&dir.join(MEMORY_FILE))?;
+            None
+        };
+        let mut vmm =
+            Vmm::prepare(ram, &state.machine)?.finish(&state, serial_spec, events, start_paused)?;
+        vmm.lazy = loader;
+        Ok(vmm)
+    }
+
+    /// Progress of a lazy restore, if this VM came from one.
+    pub fn lazy_progress(&self) -> Option<LazyProgress> {
+        self.lazy.as_ref().map(LazyLoader::progress)
+    }
+
+    /// Refuses operations that need all of guest memory in the memfd (a live update: the new
+    /// process would see pages not yet loaded as zeros).
+    pub fn require_memory_loaded(&self) -> Result<(), VmmError> {
+        match &self.lazy {
+            Some(l) if !l.done() => Err(VmmError::Conflict(
+                "the lazy restore is still loading guest memory; try again when `status` shows it done"
+                    .into(),
+            )),
+            Some(l) => match l.error() {
+                Some(e) => Err(VmmError::Conflict(format!("the lazy restore failed: {e}"))),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
     }
 
     /// First half of a restore: a KVM VM and its vCPUs on `ram` (whose contents are the
@@ -437,6 +478,7 @@ impl Vmm {
             machine,
             started: Instant::now(),
             restored,
+            lazy: None,
         }
     }
 
@@ -462,6 +504,7 @@ impl Vmm {
             restored: self.restored,
             pvm: crate::host_is_pvm(),
             pid: std::process::id(),
+            lazy_restore: self.lazy_progress(),
         }
     }
 
