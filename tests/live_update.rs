@@ -153,3 +153,72 @@ fn broken_binaries_roll_back_and_the_guest_never_notices() {
     );
     vm.assert_verify_clean(1);
 }
+
+/// A wrapper script that runs the protocol-speaking fake VMM in `mode`.
+fn fake_vmm(dir: &TempDir, mode: &str) -> String {
+    let peer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/fake_vmm.py");
+    let path = dir.path().join(format!("fake-{mode}"));
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\nexec python3 {} {mode} \"$@\"\n", peer.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn incompatible_or_dying_new_binaries_roll_back_with_memory_intact() {
+    let vm = VmProcess::boot(
+        "lufake",
+        "workload=dirty,verify mib=32 rate=20000 stall_us=1000",
+        128,
+        1,
+    );
+    vm.ctl_ok(&[
+        "plugin",
+        "attach",
+        &plugin("libexit-stats.so"),
+        "--config",
+        STORM,
+    ]);
+    let dir = TempDir::new("lufake");
+    let pid = vm.first_pid();
+
+    // Another state version: refused before any pause.
+    let from = vm.mark();
+    let (ok, out) = vm.ctl(&["live-update", "--binary", &fake_vmm(&dir, "version")]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("version 999") && out.contains("never paused"),
+        "{out}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        stall_since(&vm, from),
+        0,
+        "the guest must not have been paused"
+    );
+
+    // A new process that dies after the guest was paused and its state sent: rollback.
+    let from = vm.mark();
+    let (ok, out) = vm.ctl(&[
+        "live-update",
+        "--binary",
+        &fake_vmm(&dir, "die-after-takeover"),
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("rolled back"), "{out}");
+    let stat = vm.wait_line_from(vm.mark(), "SPANGUEST stat", T);
+    assert!(num(&stat, "dirtied") > 0);
+    eprintln!(
+        "rollback after a paused hand-over: guest stall {} µs",
+        stall_since(&vm, from)
+    );
+    assert_eq!(vm.serving_pid(), Some(pid));
+    assert!(
+        vm.ctl_ok(&["plugin", "list"]).contains("exit-stats"),
+        "services re-attached"
+    );
+    vm.assert_verify_clean(1);
+}

@@ -163,7 +163,9 @@ impl GuestRam {
             // SAFETY: `p` < pages, so the page lies inside the mapping, which lives as long as
             // `self`; guest writes racing with the read only change what is saved, the caller
             // pauses the guest when it needs a consistent image.
-            unsafe { std::slice::from_raw_parts(base.add((p * PAGE_SIZE) as usize), PAGE_SIZE as usize) }
+            unsafe {
+                std::slice::from_raw_parts(base.add((p * PAGE_SIZE) as usize), PAGE_SIZE as usize)
+            }
         };
         let pages = self.size / PAGE_SIZE;
         // Largest single write: big enough for full disk speed, small enough to bound memory.
