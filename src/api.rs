@@ -47,6 +47,8 @@ pub enum ApiRequest {
         path: PathBuf,
         /// Service-specific configuration (JSON by convention).
         config: String,
+        /// Deliver the service's port writes asynchronously.
+        async_port_writes: bool,
     },
     /// `PUT /plugins/detach {"name": ...}`
     PluginDetach(String),
@@ -102,6 +104,8 @@ struct AttachBody {
     path: PathBuf,
     #[serde(default)]
     config: String,
+    #[serde(default)]
+    async_port_writes: bool,
 }
 
 #[derive(Deserialize)]
@@ -182,6 +186,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, (u16, 
             ApiRequest::PluginAttach {
                 path: b.path,
                 config: b.config,
+                async_port_writes: b.async_port_writes,
             }
         }
         ("/plugins/detach", _) if put => {

@@ -214,7 +214,7 @@ fn negotiate(
     }
     let rollback = |why: anyhow::Error, services: &[HandedService]| -> anyhow::Error {
         for s in services {
-            if let Err(e) = manager.attach_with_state(&s.path, &s.config, &s.state) {
+            if let Err(e) = manager.attach_handed(s) {
                 eprintln!(
                     "spanvmm: rollback: service {} not re-attached: {e}",
                     s.path.display()
@@ -349,7 +349,7 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
     let manager = crate::services::manager_for(&vmm)?;
     for s in &services {
         manager
-            .attach_with_state(&s.path, &s.config, &s.state)
+            .attach_handed(s)
             .with_context(|| format!("service {}", s.path.display()))?;
     }
     send(

@@ -16,7 +16,7 @@ use base_vmm::boot::EntryPreference;
 use base_vmm::vcpu::{VcpuEvent, VcpuExitReason};
 use base_vmm::vmm::{VmConfig, Vmm, VmmError};
 use clap::{Parser, Subcommand, ValueEnum};
-use l1_services::{Lifecycle, ServiceManager};
+use l1_services::{AttachOptions, Lifecycle, ServiceManager};
 use serde_json::{json, Value};
 
 use api::{ApiCall, ApiRequest, ApiResult};
@@ -152,6 +152,10 @@ enum PluginOp {
         /// Service configuration (JSON by convention).
         #[arg(long, default_value = "")]
         config: String,
+        /// Deliver its port writes asynchronously: the vCPU never waits for the service
+        /// (reads stay synchronous and see every earlier write first).
+        #[arg(long)]
+        async_writes: bool,
     },
     /// Detach a service (its state is handed back and dropped).
     Detach {
@@ -327,8 +331,10 @@ fn run(
             Ok(m) => Ok(m),
         };
         match msg {
-            Ok(Msg::Api((ApiRequest::Shutdown, reply, _))) => {
+            Ok(Msg::Api((ApiRequest::Shutdown, reply, written))) => {
                 let _ = reply.send(Ok(json!({"state": "shutdown"})));
+                // The client gets its answer before the process goes away.
+                let _ = written.recv_timeout(Duration::from_secs(5));
                 break 0;
             }
             Ok(Msg::Api((ApiRequest::LiveUpdate { binary, timeout_ms }, reply, written))) => {
@@ -419,8 +425,12 @@ fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult
         }
         ApiRequest::PluginList => Ok(json!(manager.list())),
         ApiRequest::PluginNotifications => Ok(json!(manager.take_notifications())),
-        ApiRequest::PluginAttach { path, config } => manager
-            .attach(&path, &config)
+        ApiRequest::PluginAttach {
+            path,
+            config,
+            async_port_writes,
+        } => manager
+            .attach_with(&path, &config, AttachOptions { async_port_writes })
             .map(|i| json!(i))
             .map_err(|e| (400, e.to_string())),
         ApiRequest::PluginDetach(name) => manager
@@ -486,13 +496,15 @@ fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
         CtlOp::Plugin { op } => match op {
             PluginOp::List => ("GET", "/plugins", None),
             PluginOp::Notifications => ("GET", "/plugins/notifications", None),
-            PluginOp::Attach { path, config } => {
+            PluginOp::Attach {
+                path,
+                config,
+                async_writes,
+            } => {
                 let path = std::path::absolute(path).context("resolve plugin path")?;
-                (
-                    "PUT",
-                    "/plugins/attach",
-                    Some(json!({ "path": path, "config": config })),
-                )
+                let body =
+                    json!({ "path": path, "config": config, "async_port_writes": async_writes });
+                ("PUT", "/plugins/attach", Some(body))
             }
             PluginOp::Detach { name } => ("PUT", "/plugins/detach", Some(json!({ "name": name }))),
             PluginOp::Replace { name, path } => {

@@ -137,6 +137,7 @@ pub fn manager_for(vmm: &Vmm) -> anyhow::Result<Arc<ServiceManager>> {
         },
     });
     let manager = Arc::new(ServiceManager::new(host, cache_dir()));
+    manager.start_async_delivery()?;
     for (base, len) in vmm.bus().owned_ranges() {
         manager.reserve_ports(base, len, "spanvmm (built-in device)")?;
     }

@@ -361,3 +361,36 @@ fn introspect_reads_searches_translates_and_watches_the_guest() {
     }
     vm.assert_verify_clean(1);
 }
+
+#[test]
+fn asynchronous_write_delivery_counts_every_write_and_survives_replace() {
+    let vm = VmProcess::boot("async", "workload=exits,verify exits=500 mib=8", 128, 1);
+    let info = json(&vm.ctl_ok(&[
+        "plugin",
+        "attach",
+        &plugin("exit-stats.wasm"),
+        "--config",
+        STORM,
+        "--async-writes",
+    ]));
+    assert_eq!(info["async_port_writes"], true, "{info}");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = call(&vm, "exit-stats", "stats", "")["writes"]
+        .as_u64()
+        .unwrap();
+    assert!(before > 0, "queued writes must reach the service");
+    // Replacing drains the queue into the old instance, hands the count over, keeps the mode.
+    let info = json(&vm.ctl_ok(&[
+        "plugin",
+        "replace",
+        "exit-stats",
+        &plugin("libexit-stats.so"),
+    ]));
+    assert_eq!(info["async_port_writes"], true, "{info}");
+    std::thread::sleep(Duration::from_millis(200));
+    let after = call(&vm, "exit-stats", "stats", "")["writes"]
+        .as_u64()
+        .unwrap();
+    assert!(after > before, "{before} then {after}");
+    vm.assert_verify_clean(1);
+}

@@ -25,8 +25,8 @@ pub use ctx::Notification;
 pub use error::{HostError, ServiceError};
 pub use host::{RamHost, VmHost};
 pub use manager::{
-    HandedService, ManagerConfig, ServiceInfo, ServiceKind, ServiceManager, ServiceState,
-    ServiceStats,
+    AttachOptions, HandedService, ManagerConfig, ServiceInfo, ServiceKind, ServiceManager,
+    ServiceState, ServiceStats,
 };
 pub use spanvmm_sdk::{
     Capability, Event, EventKind, EventReply, Lifecycle, Manifest, PortRange, Translation,

@@ -106,6 +106,9 @@ pub struct HandedService {
     pub path: PathBuf,
     /// Its attach configuration.
     pub config: String,
+    /// Its port writes were delivered asynchronously.
+    #[serde(default)]
+    pub async_port_writes: bool,
     /// The state it handed back.
     pub state: Vec<u8>,
 }
@@ -113,6 +116,8 @@ pub struct HandedService {
 /// A service as `list` reports it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceInfo {
+    /// Port writes are delivered asynchronously (see [`AttachOptions`]).
+    pub async_port_writes: bool,
     /// Name from the manifest.
     pub name: String,
     /// Version from the manifest.
@@ -156,6 +161,8 @@ struct Slot {
     deferred: Mutex<Vec<Event>>,
     /// `deferred` is not empty (checked without its lock on every event).
     has_deferred: AtomicBool,
+    /// Port writes are queued by the vCPU and delivered by the manager's delivery thread.
+    async_port_writes: bool,
     events: AtomicU64,
     calls: AtomicU64,
     event_ns: AtomicU64,
@@ -172,6 +179,7 @@ impl Slot {
 
     fn info(&self) -> ServiceInfo {
         ServiceInfo {
+            async_port_writes: self.async_port_writes,
             name: self.manifest.name.clone(),
             version: self.manifest.version.clone(),
             kind: self.kind,
@@ -252,6 +260,30 @@ pub struct ServiceManager {
     control: Mutex<Control>,
     routes: RwLock<Arc<Routes>>,
     has_ports: AtomicBool,
+    /// Services with queued asynchronous port writes, for the delivery thread.
+    async_delivery: OnceLock<AsyncQueue>,
+}
+
+/// Host-side options of an attach (policy the VMM chooses, not the service).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct AttachOptions {
+    /// Deliver port writes asynchronously: the vCPU only queues them (it never waits for the
+    /// service), a delivery thread hands them over in order. Reads stay synchronous and see
+    /// every earlier write first. For services that only observe writes (counters, tracing).
+    pub async_port_writes: bool,
+}
+
+/// Most writes queued for one service; past that the vCPU delivers synchronously (back-pressure).
+const MAX_QUEUED_WRITES: usize = 1 << 16;
+/// A queue this long wakes the delivery thread before its next periodic drain.
+const WAKE_AT_QUEUED: usize = 4096;
+/// How often the delivery thread drains queued writes.
+const ASYNC_DRAIN_PERIOD: Duration = Duration::from_millis(1);
+
+#[derive(Default)]
+struct AsyncQueue {
+    pending: Mutex<Vec<Arc<Slot>>>,
+    wake: std::sync::Condvar,
 }
 
 fn now_ms() -> u64 {
@@ -298,6 +330,7 @@ impl ServiceManager {
             control: Mutex::new(Control::default()),
             routes: RwLock::new(Arc::new(Routes::default())),
             has_ports: AtomicBool::new(false),
+            async_delivery: OnceLock::new(),
         }
     }
 
@@ -516,11 +549,13 @@ impl ServiceManager {
 
     /// Loads, checks and attaches a service; `order` keeps a replaced service's place, `state`
     /// is handed to `resume-from`, `inherit_dirty` passes a predecessor's pending dirty pages.
+    #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
         c: &mut Control,
         path: &Path,
         config: &str,
+        opts: AttachOptions,
         order: Option<u64>,
         state: Option<&[u8]>,
         inherit_dirty: Option<u64>,
@@ -609,6 +644,7 @@ impl ServiceManager {
             failure: OnceLock::new(),
             deferred: Mutex::new(Vec::new()),
             has_deferred: AtomicBool::new(false),
+            async_port_writes: opts.async_port_writes,
             events: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             event_ns: AtomicU64::new(0),
@@ -631,9 +667,24 @@ impl ServiceManager {
 
     /// Attaches the service in `path` (`.wasm` component or `.so` native object) with `config`.
     pub fn attach(&self, path: &Path, config: &str) -> Result<ServiceInfo, ServiceError> {
+        self.attach_with(path, config, AttachOptions::default())
+    }
+
+    /// [`ServiceManager::attach`] with host-side delivery options.
+    pub fn attach_with(
+        &self,
+        path: &Path,
+        config: &str,
+        opts: AttachOptions,
+    ) -> Result<ServiceInfo, ServiceError> {
+        if opts.async_port_writes && self.async_delivery.get().is_none() {
+            return Err(ServiceError::Runtime(
+                "asynchronous port-write delivery is not running in this VMM".into(),
+            ));
+        }
         let mut c = self.control();
         self.sweep(&mut c);
-        let slot = self.start(&mut c, path, config, None, None, None)?;
+        let slot = self.start(&mut c, path, config, opts, None, None, None)?;
         let info = self.insert(&mut c, slot);
         log::info!(
             "service {} {} attached from {} in {} µs",
@@ -715,10 +766,14 @@ impl ServiceManager {
         };
         let had_dirty = old.manifest.capabilities.contains(&Capability::DirtyLog);
         let inherit = had_dirty.then_some(old.id);
+        let opts = AttachOptions {
+            async_port_writes: old.async_port_writes,
+        };
         match self.start(
             &mut c,
             new_path,
             &old.config,
+            opts,
             Some(old.order),
             Some(&state),
             inherit,
@@ -741,6 +796,7 @@ impl ServiceManager {
                     &mut c,
                     &old.path,
                     &old.config,
+                    opts,
                     Some(old.order),
                     Some(&state),
                     inherit,
@@ -766,8 +822,46 @@ impl ServiceManager {
         }
     }
 
+    /// Starts the thread that delivers asynchronous port writes (see [`AttachOptions`]).
+    pub fn start_async_delivery(self: &Arc<Self>) -> Result<(), ServiceError> {
+        if self.async_delivery.set(AsyncQueue::default()).is_err() {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("service-writes".into())
+            .spawn(move || loop {
+                let Some(m) = weak.upgrade() else { return };
+                let q = m.async_delivery.get().expect("set above");
+                let slots = {
+                    let p = lock(&q.pending);
+                    let mut p = q
+                        .wake
+                        .wait_timeout(p, ASYNC_DRAIN_PERIOD)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|e| e.into_inner().0);
+                    std::mem::take(&mut *p)
+                };
+                if slots.is_empty() && Arc::strong_count(&m) == 1 {
+                    return; // the manager is gone but for us
+                }
+                for slot in slots {
+                    let mut inst = lock(&slot.inst);
+                    m.drain_deferred(&slot, &mut inst);
+                    drop(inst);
+                    if slot.failure.get().is_some() {
+                        m.sweep_soon();
+                    }
+                }
+            })
+            .map_err(|e| {
+                ServiceError::Runtime(format!("cannot start the write-delivery thread: {e}"))
+            })?;
+        Ok(())
+    }
+
     /// Detaches every attached service for a hand-over to another VMM process (live update):
-    /// returns, in attach order, what [`ServiceManager::attach_with_state`] needs to bring each
+    /// returns, in attach order, what [`ServiceManager::attach_handed`] needs to bring each
     /// back there. A service that fails to hand its state back is reported, not returned.
     pub fn hand_over(&self) -> (Vec<HandedService>, Vec<(String, ServiceError)>) {
         let mut c = self.control();
@@ -780,6 +874,7 @@ impl ServiceManager {
                 Ok(state) => handed.push(HandedService {
                     path: slot.path.clone(),
                     config: slot.config.clone(),
+                    async_port_writes: slot.async_port_writes,
                     state,
                 }),
                 Err(e) => failed.push((slot.name().to_string(), e)),
@@ -788,16 +883,14 @@ impl ServiceManager {
         (handed, failed)
     }
 
-    /// Attaches a service and resumes it from `state` (what a previous instance handed back).
-    pub fn attach_with_state(
-        &self,
-        path: &Path,
-        config: &str,
-        state: &[u8],
-    ) -> Result<ServiceInfo, ServiceError> {
+    /// Attaches a service handed over by another VMM process and resumes it from its state.
+    pub fn attach_handed(&self, h: &HandedService) -> Result<ServiceInfo, ServiceError> {
+        let opts = AttachOptions {
+            async_port_writes: h.async_port_writes && self.async_delivery.get().is_some(),
+        };
         let mut c = self.control();
         self.sweep(&mut c);
-        let slot = self.start(&mut c, path, config, None, Some(state), None)?;
+        let slot = self.start(&mut c, &h.path, &h.config, opts, None, Some(&h.state), None)?;
         Ok(self.insert(&mut c, slot))
     }
 
@@ -972,6 +1065,25 @@ impl ServiceManager {
             size: data.len() as u8,
             value: le_value(data),
         };
+        if slot.async_port_writes {
+            if let Some(q) = self.async_delivery.get() {
+                let mut queued = lock(&slot.deferred);
+                if queued.len() < MAX_QUEUED_WRITES {
+                    queued.push(ev);
+                    let long = queued.len() == WAKE_AT_QUEUED;
+                    drop(queued);
+                    // The first write since the last drain hands the service to the thread,
+                    // which drains every millisecond: no wake-up syscall on the exit path,
+                    // unless the queue grows long.
+                    if !slot.has_deferred.swap(true, Ordering::AcqRel) {
+                        lock(&q.pending).push(slot);
+                    } else if long {
+                        q.wake.notify_one();
+                    }
+                    return true;
+                }
+            }
+        }
         !matches!(self.deliver_port(&slot, ev), Delivery::Gone)
     }
 

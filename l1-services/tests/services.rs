@@ -688,3 +688,25 @@ fn the_service_limit_holds() {
     m.detach("hello").unwrap();
     m.attach(&wasm("introspect"), "").unwrap();
 }
+
+#[test]
+fn async_port_writes_arrive_all_in_order_before_a_later_call() {
+    let (_ram, m) = manager();
+    let m = std::sync::Arc::new(m);
+    m.start_async_delivery().unwrap();
+    for path in both("exit-stats") {
+        let opts = l1_services::AttachOptions {
+            async_port_writes: true,
+        };
+        m.attach_with(&path, r#"{"base":1792,"len":1}"#, opts)
+            .unwrap();
+        for i in 0..10_000u32 {
+            assert!(m.on_port_write(0x700, &i.to_le_bytes()));
+        }
+        // A control call sees every write queued before it, the last one last.
+        let stats = json(&m.call("exit-stats", "stats", "").unwrap());
+        assert_eq!(stats["writes"], 10_000, "{path:?}: {stats}");
+        assert_eq!(stats["last_write"], 9_999, "{path:?}: {stats}");
+        m.detach("exit-stats").unwrap();
+    }
+}
