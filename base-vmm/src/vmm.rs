@@ -112,6 +112,8 @@ pub struct VmStatus {
     pub pvm: bool,
     /// The VMM process serving this VM (it changes with a live update).
     pub pid: u32,
+    /// Times this process paused the guest.
+    pub pauses: u64,
     /// Progress of a lazy restore, when the VM came from one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lazy_restore: Option<LazyProgress>,
@@ -124,6 +126,8 @@ pub struct VmControl {
     vm: Mutex<Vm>,
     vcpus: Mutex<Vec<VcpuHandle>>,
     state: Mutex<RunState>,
+    /// How many times the guest was paused (by the API, a save, a live update, a service).
+    pauses: std::sync::atomic::AtomicU64,
 }
 
 impl VmControl {
@@ -157,6 +161,8 @@ impl VmControl {
             v.pause()?;
         }
         *state = RunState::Paused;
+        self.pauses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
     }
 
@@ -471,6 +477,7 @@ impl Vmm {
                 vm: Mutex::new(vm),
                 vcpus: Mutex::new(vcpus),
                 state: Mutex::new(state),
+                pauses: Default::default(),
             }),
             bus: dev.bus,
             serial: dev.serial,
@@ -504,6 +511,7 @@ impl Vmm {
             restored: self.restored,
             pvm: crate::host_is_pvm(),
             pid: std::process::id(),
+            pauses: self.ctl.pauses.load(std::sync::atomic::Ordering::Relaxed),
             lazy_restore: self.lazy_progress(),
         }
     }

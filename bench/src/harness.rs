@@ -19,6 +19,16 @@ pub struct Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        // After a live update another process serves the VM: find it through the API.
+        if let Ok((200, status, _)) = self.api("GET", "/vm", None) {
+            if let Some(pid) = status["pid"]
+                .as_u64()
+                .filter(|&p| p != u64::from(self.child.id()))
+            {
+                // SAFETY: kill(2) on the pid the VMM reported for itself.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.sock);
