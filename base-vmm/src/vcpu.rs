@@ -83,8 +83,6 @@ pub enum VcpuExitReason {
     Reset,
     /// The guest halted with nothing to wake it.
     Halted,
-    /// The guest triple-faulted or KVM reported shutdown.
-    Shutdown,
     /// KVM or the VMM failed.
     Error(String),
 }
