@@ -46,6 +46,23 @@ pub fn collect(out: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
     lines
 }
 
+/// Starts `spanvmm run ARGS --api-socket S` without waiting for anything.
+pub fn spawn_run(bin: &Path, args: &[&str], tag: &str) -> anyhow::Result<Vm> {
+    let sock =
+        std::env::temp_dir().join(format!("spanvmm-bench-{tag}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(bin)
+        .arg("run")
+        .args(args)
+        .arg("--api-socket")
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let lines = collect(child.stdout.take().unwrap());
+    Ok(Vm { child, lines, sock })
+}
+
 pub fn spawn_vm(bin: &Path, elf: &Path, cmdline: &str, mem: u64, tag: &str) -> anyhow::Result<Vm> {
     let sock =
         std::env::temp_dir().join(format!("spanvmm-bench-{tag}-{}.sock", std::process::id()));

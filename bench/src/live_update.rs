@@ -91,13 +91,13 @@ fn check_memory(vm: &Vm) -> anyhow::Result<()> {
 }
 
 /// A QMP connection.
-struct Qmp {
+pub(crate) struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
 
 impl Qmp {
-    fn connect(path: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn connect(path: &Path) -> anyhow::Result<Self> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let s = loop {
             match UnixStream::connect(path) {
@@ -123,7 +123,7 @@ impl Qmp {
         Ok(serde_json::from_str(&line)?)
     }
 
-    fn cmd(&mut self, execute: &str, args: Value) -> anyhow::Result<Value> {
+    pub(crate) fn cmd(&mut self, execute: &str, args: Value) -> anyhow::Result<Value> {
         writeln!(
             self.writer,
             "{}",
@@ -142,7 +142,7 @@ impl Qmp {
     }
 }
 
-fn qemu(
+pub(crate) fn qemu(
     elf: &Path,
     mem: u64,
     cmdline: &str,

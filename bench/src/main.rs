@@ -4,6 +4,7 @@
 //! `spanvmm-bench boot [--runs N]`: wall time from process start to `SPANGUEST ready`.
 //! `spanvmm-bench live-update [--sizes 256,1024,...]`: guest pause of a VMM replacement vs
 //! QEMU's same-host migration.
+//! `spanvmm-bench snapshot [--sizes ...]`: full snapshot/restore vs QEMU, lazy restore, write rate.
 //! `spanvmm-bench services`: service attach/detach latency and the guest's stall meanwhile,
 //! per-event dispatch cost (no service, Wasm, native; QEMU's plain exit for reference), and
 //! guest throughput with a service attached but subscribed to nothing.
@@ -11,6 +12,7 @@
 mod harness;
 mod live_update;
 mod services;
+mod snapshot;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -244,6 +246,12 @@ fn main() -> anyhow::Result<()> {
             runs,
             &out.unwrap_or_else(|| repo_root().join("bench/results/boot.json")),
         ),
+        Some("snapshot") => snapshot::run(
+            &spanvmm_bin()?,
+            &guest_elf()?,
+            &sizes,
+            &out.unwrap_or_else(|| repo_root().join("bench/results/snapshot.json")),
+        ),
         Some("services") => services::run(
             &spanvmm_bin()?,
             &guest_elf()?,
@@ -256,6 +264,6 @@ fn main() -> anyhow::Result<()> {
             &sizes,
             &out.unwrap_or_else(|| repo_root().join("bench/results/live-update.json")),
         ),
-        _ => bail!("usage: spanvmm-bench boot|services|live-update [--runs N] [--sizes MIB,..] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|services|live-update|snapshot [--runs N] [--sizes MIB,..] [--out FILE]"),
     }
 }

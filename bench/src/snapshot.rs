@@ -1,0 +1,266 @@
+//! `spanvmm-bench snapshot`: full snapshot and restore of idle and dirtying guests, spanvmm vs
+//! QEMU (`migrate` to a file, `-incoming` from it) on the same spanguest ELF, plus lazy restore
+//! and the snapshot write rate against the disk's own sequential write rate.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::harness::{field, spawn_run, spawn_vm, Vm};
+use crate::live_update::{qemu, Qmp};
+
+/// Most populated MiB (spanguest fills the RAM range holding its image; see live_update.rs).
+const MAX_POPULATED_MIB: u64 = 2944;
+
+fn cmdline(mem: u64, workload: &str) -> String {
+    let mib = (mem * 7 / 8).min(MAX_POPULATED_MIB);
+    match workload {
+        "idle" => format!("workload=idle,verify mib={mib} stall_us=1000 report_ms=0"),
+        _ => format!("workload=dirty,verify mib={mib} wss=64 rate=20000 stall_us=1000 report_ms=0"),
+    }
+}
+
+/// Waits for the first `stall` line: the guest's first loop iteration after a restore reports
+/// the gap since the snapshot. Returns the time since `t0`, ms.
+fn first_progress(
+    lines: &Arc<Mutex<Vec<String>>>,
+    t0: Instant,
+    timeout: Duration,
+) -> anyhow::Result<f64> {
+    loop {
+        if lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("SPANGUEST stall"))
+        {
+            return Ok(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        if t0.elapsed() > timeout {
+            bail!("the restored guest made no progress in {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn verify(vm: &Vm) -> anyhow::Result<()> {
+    let from = vm.mark();
+    vm.api_ok("PUT", "/guest/command", Some(json!({"command": "verify"})))?;
+    let l = vm.wait_lines("SPANGUEST verify", 1, from, Duration::from_secs(120))?;
+    if field(&l[0], "bad") != Some(0) {
+        bail!("restored guest memory damaged: {}", l[0]);
+    }
+    Ok(())
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    // Allocated bytes (the memory file is sparse).
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[derive(Serialize)]
+struct Case {
+    memory_mib: u64,
+    workload: String,
+    spanvmm_save_ms: f64,
+    spanvmm_bytes: u64,
+    spanvmm_write_mb_s: f64,
+    spanvmm_restore_to_progress_ms: f64,
+    spanvmm_lazy_restore_to_progress_ms: f64,
+    qemu_save_ms: u64,
+    qemu_bytes: u64,
+    qemu_restore_to_progress_ms: f64,
+}
+
+fn spanvmm_case(
+    bin: &Path,
+    elf: &Path,
+    mem: u64,
+    workload: &str,
+    dir: &Path,
+) -> anyhow::Result<(f64, u64, f64, f64)> {
+    let vm = spawn_vm(bin, elf, &cmdline(mem, workload), mem, "snap")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::fs::remove_dir_all(dir);
+    let (r, _) = vm.api_ok("PUT", "/vm/save", Some(json!({"dir": dir})))?;
+    let save_ms = r["ms"].as_f64().context("save ms")?;
+    drop(vm);
+    let bytes = dir_bytes(dir);
+    let mut restore = [0.0f64; 2];
+    for (i, lazy) in [false, true].into_iter().enumerate() {
+        let d = dir.to_str().unwrap();
+        let args: Vec<&str> = if lazy {
+            vec!["--restore", d, "--lazy"]
+        } else {
+            vec!["--restore", d]
+        };
+        let t0 = Instant::now();
+        let vm = spawn_run(bin, &args, "restore")?;
+        restore[i] = first_progress(&vm.lines, t0, Duration::from_secs(120))?;
+        verify(&vm)?;
+    }
+    Ok((save_ms, bytes, restore[0], restore[1]))
+}
+
+fn qemu_case(elf: &Path, mem: u64, workload: &str, dir: &Path) -> anyhow::Result<(u64, u64, f64)> {
+    std::fs::create_dir_all(dir)?;
+    let (qmp, image) = (dir.join("q.qmp"), dir.join("qemu.img"));
+    let _ = std::fs::remove_file(&image);
+    let cl = cmdline(mem, workload);
+    let qmp_arg = vec![
+        "-qmp".to_string(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+    ];
+    let (mut src, lines) = qemu(elf, mem, &cl, &qmp_arg)?;
+    let r = (|| {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("SPANGUEST ready"))
+        {
+            if Instant::now() > deadline {
+                bail!("QEMU guest never became ready");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let mut q = Qmp::connect(&qmp)?;
+        q.cmd(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 100u64 << 30}),
+        )?;
+        q.cmd(
+            "migrate",
+            json!({"uri": format!("file:{}", image.display())}),
+        )?;
+        loop {
+            let info = q.cmd("query-migrate", json!({}))?;
+            match info["status"].as_str() {
+                Some("completed") => return Ok(info["total-time"].as_u64().unwrap_or(0)),
+                Some("failed") | Some("cancelled") => bail!("QEMU migrate to file failed: {info}"),
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    })();
+    let _ = src.kill();
+    let _ = src.wait();
+    let save_ms = r?;
+    let bytes =
+        std::fs::metadata(&image).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)?;
+    let t0 = Instant::now();
+    let (mut dst, lines) = qemu(
+        elf,
+        mem,
+        &cl,
+        &["-incoming".into(), format!("file:{}", image.display())],
+    )?;
+    let restore = first_progress(&lines, t0, Duration::from_secs(300));
+    let _ = dst.kill();
+    let _ = dst.wait();
+    Ok((save_ms, bytes, restore?))
+}
+
+/// The disk's own sequential write rate (dd, direct I/O, 800 MiB), MB/s.
+fn disk_rate(dir: &Path) -> anyhow::Result<f64> {
+    std::fs::create_dir_all(dir)?;
+    let f = dir.join("dd.tmp");
+    let t = Instant::now();
+    let ok = Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            "bs=4M",
+            "count=200",
+            "oflag=direct",
+            "conv=fsync",
+        ])
+        .arg(format!("of={}", f.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?
+        .success();
+    let secs = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&f);
+    if !ok {
+        bail!("dd failed");
+    }
+    Ok(800.0 * 1.048576 / secs)
+}
+
+#[derive(Serialize)]
+struct Report {
+    benchmark: &'static str,
+    unix_time: u64,
+    snapshot_dir: PathBuf,
+    disk_write_mb_s: f64,
+    cases: Vec<Case>,
+    best_spanvmm_write_fraction_of_disk: f64,
+    lazy_restore_goal: &'static str,
+}
+
+/// Runs the benchmark and writes `out`.
+pub fn run(bin: &Path, elf: &Path, sizes: &[u64], out: &Path) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("spanvmm-bench-snap-{}", std::process::id()));
+    let disk = disk_rate(&dir)?;
+    eprintln!("disk sequential write (dd, direct): {disk:.0} MB/s");
+    let mut cases = Vec::new();
+    for &mem in sizes {
+        for workload in ["idle", "dirty"] {
+            let (save_ms, bytes, restore, lazy) =
+                spanvmm_case(bin, elf, mem, workload, &dir.join("span"))?;
+            let (q_save, q_bytes, q_restore) = qemu_case(elf, mem, workload, &dir.join("qemu"))?;
+            let rate = bytes as f64 / 1e6 / (save_ms / 1e3);
+            eprintln!(
+                "{mem:>5} MiB {workload:>5}: spanvmm save {save_ms:.0} ms {} MiB ({rate:.0} MB/s), restore→progress {restore:.1} ms, lazy {lazy:.1} ms | QEMU save {q_save} ms {} MiB, restore→progress {q_restore:.0} ms",
+                bytes >> 20,
+                q_bytes >> 20
+            );
+            cases.push(Case {
+                memory_mib: mem,
+                workload: workload.into(),
+                spanvmm_save_ms: save_ms,
+                spanvmm_bytes: bytes,
+                spanvmm_write_mb_s: rate,
+                spanvmm_restore_to_progress_ms: restore,
+                spanvmm_lazy_restore_to_progress_ms: lazy,
+                qemu_save_ms: q_save,
+                qemu_bytes: q_bytes,
+                qemu_restore_to_progress_ms: q_restore,
+            });
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let best = cases
+        .iter()
+        .map(|c| c.spanvmm_write_mb_s)
+        .fold(0.0, f64::max)
+        / disk;
+    let report = Report {
+        benchmark: "snapshot",
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+        snapshot_dir: dir,
+        disk_write_mb_s: disk,
+        cases,
+        best_spanvmm_write_fraction_of_disk: best,
+        lazy_restore_goal: "time to first guest progress < 5 ms (measured from process start)",
+    };
+    std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
