@@ -224,7 +224,9 @@ impl GuestRam {
         let mut off = 0u64;
         // Walk the data extents only (SEEK_DATA/SEEK_HOLE) so a sparse image loads fast.
         while let Some(data) = seek_data(&file, off, libc::SEEK_DATA) {
-            let hole = seek_data(&file, data, libc::SEEK_HOLE).unwrap_or(len).min(len);
+            let hole = seek_data(&file, data, libc::SEEK_HOLE)
+                .unwrap_or(len)
+                .min(len);
             // SAFETY: [data, hole) lies inside guest memory (the image has the guest's size,
             // checked above); nothing else runs on this RAM while it is being loaded.
             let dst = unsafe {
