@@ -200,10 +200,10 @@ fn main() -> ExitCode {
             plugins,
             takeover_fd,
         } => {
-            let source = match (restore, kernel) {
-                _ if takeover_fd.is_some() => Source::Takeover(takeover_fd.unwrap_or(-1)),
-                (Some(dir), _) => Source::Restore { dir, paused, lazy },
-                (None, Some(kernel)) => Source::Boot(VmConfig {
+            let source = match (takeover_fd, restore, kernel) {
+                (Some(fd), _, _) => Source::Takeover(fd),
+                (None, Some(dir), _) => Source::Restore { dir, paused, lazy },
+                (None, None, Some(kernel)) => Source::Boot(VmConfig {
                     kernel,
                     cmdline,
                     initrd,
@@ -215,7 +215,7 @@ fn main() -> ExitCode {
                         Entry::Pvh => EntryPreference::Pvh,
                     },
                 }),
-                (None, None) => unreachable!("clap requires --kernel without --restore"),
+                (None, None, None) => unreachable!("clap requires --kernel without --restore"),
             };
             match run(source, &serial, api_socket.as_deref(), &plugins) {
                 Ok(code) => ExitCode::from(code),

@@ -10,7 +10,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 
-use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::memory::GuestRam;
 use crate::vcpu::{Vcpu, VcpuError};
 
 /// VM errors.
@@ -160,11 +160,6 @@ impl Vm {
     /// Whether the VM has an in-kernel irqchip.
     pub fn has_irqchip(&self) -> bool {
         self.has_irqchip
-    }
-
-    /// Number of guest pages.
-    pub fn pages(&self) -> u64 {
-        self.ram.size() / PAGE_SIZE
     }
 
     /// Creates vCPU `index`.

@@ -196,11 +196,6 @@ impl VmControl {
         Ok(v.save()?)
     }
 
-    /// Number of vCPUs.
-    pub fn vcpu_count(&self) -> usize {
-        lock(&self.vcpus).len()
-    }
-
     /// Turns KVM dirty logging on or off.
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmmError> {
         Ok(lock(&self.vm).set_dirty_logging(on)?)

@@ -142,6 +142,31 @@ impl Qmp {
     }
 }
 
+/// `-qmp unix:PATH,server=on,wait=off`.
+pub(crate) fn qmp_arg(path: &Path) -> Vec<String> {
+    vec![
+        "-qmp".to_string(),
+        format!("unix:{},server=on,wait=off", path.display()),
+    ]
+}
+
+/// Waits until a QEMU guest printed `SPANGUEST ready`.
+pub(crate) fn wait_ready(lines: &Arc<Mutex<Vec<String>>>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !lines
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("SPANGUEST ready"))
+    {
+        if Instant::now() > deadline {
+            bail!("QEMU guest never became ready");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 pub(crate) fn qemu(
     elf: &Path,
     mem: u64,
@@ -193,28 +218,11 @@ fn qemu_migration(elf: &Path, mem: u64) -> anyhow::Result<QemuRun> {
         dir.join("mig.sock"),
     );
     let cl = cmdline(mem);
-    let qmp_arg = |p: &Path| {
-        vec![
-            "-qmp".to_string(),
-            format!("unix:{},server=on,wait=off", p.display()),
-        ]
-    };
     let (mut src, src_lines) = qemu(elf, mem, &cl, &qmp_arg(&src_qmp))?;
     let mut dst_args = qmp_arg(&dst_qmp);
     dst_args.extend(["-incoming".to_string(), format!("unix:{}", mig.display())]);
     let result = (|| {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while !src_lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("SPANGUEST ready"))
-        {
-            if Instant::now() > deadline {
-                bail!("QEMU guest never became ready");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_ready(&src_lines)?;
         let (mut dst, dst_lines) = qemu(elf, mem, &cl, &dst_args)?;
         let r = (|| {
             let mut q = Qmp::connect(&src_qmp)?;

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::harness::{field, spawn_run, spawn_vm, Vm};
-use crate::live_update::{qemu, Qmp};
+use crate::live_update::{qemu, qmp_arg, wait_ready, Qmp};
 
 /// Most populated MiB (spanguest fills the RAM range holding its image; see live_update.rs).
 const MAX_POPULATED_MIB: u64 = 2944;
@@ -119,24 +119,9 @@ fn qemu_case(elf: &Path, mem: u64, workload: &str, dir: &Path) -> anyhow::Result
     let (qmp, image) = (dir.join("q.qmp"), dir.join("qemu.img"));
     let _ = std::fs::remove_file(&image);
     let cl = cmdline(mem, workload);
-    let qmp_arg = vec![
-        "-qmp".to_string(),
-        format!("unix:{},server=on,wait=off", qmp.display()),
-    ];
-    let (mut src, lines) = qemu(elf, mem, &cl, &qmp_arg)?;
+    let (mut src, lines) = qemu(elf, mem, &cl, &qmp_arg(&qmp))?;
     let r = (|| {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while !lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("SPANGUEST ready"))
-        {
-            if Instant::now() > deadline {
-                bail!("QEMU guest never became ready");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_ready(&lines)?;
         std::thread::sleep(Duration::from_millis(300));
         let mut q = Qmp::connect(&qmp)?;
         q.cmd(
