@@ -111,20 +111,33 @@ fn pause_shows_as_guest_stall_and_memory_survives() {
 fn save_and_restore_in_a_new_process_continues_the_guest() {
     let vm = VmProcess::boot(
         "save",
-        "workload=dirty,verify mib=64 rate=20000 report_ms=200",
+        "workload=dirty,verify mib=64 rate=20000 report_ms=200 stall_us=1000",
         256,
         1,
     );
     std::thread::sleep(Duration::from_millis(500));
     let snap = TempDir::new("snap");
+    let from = vm.mark();
     let out = vm.ctl_ok(&["save", "--dir", snap.path().to_str().unwrap()]);
     assert!(out.contains("memory_bytes_written"), "{out}");
+    let saved: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // The save pauses the guest: it sees a stall about as long as the save took.
+    let stall = num(&vm.wait_line_from(from, "SPANGUEST stall", T), "us");
+    let save_us = (saved["ms"].as_f64().unwrap() * 1000.0) as u64;
+    eprintln!("save of a 64 MiB working set: {save_us} µs, guest-observed stall {stall} µs");
+    assert!(
+        stall <= save_us + 100_000,
+        "stall {stall} µs for a {save_us} µs save"
+    );
     // The source keeps running after a save.
     vm.assert_verify_clean(1);
     vm.ctl_ok(&["shutdown"]);
     drop(vm);
 
     let restored = VmProcess::start("restored", &["--restore", snap.path().to_str().unwrap()]);
+    // The restored guest reports the gap since the save as one stall, then runs on.
+    let gap = num(&restored.wait_line("SPANGUEST stall", T), "us");
+    eprintln!("restored guest reports a {gap} µs gap since the save");
     let from = restored.mark();
     let stat = restored.wait_line_from(from, "SPANGUEST stat", T);
     assert!(num(&stat, "dirtied") > 0, "{stat}");
@@ -180,6 +193,8 @@ fn two_vcpus_each_run_a_slice() {
     vm.ctl_ok(&["save", "--dir", snap.path().to_str().unwrap()]);
     drop(vm);
     let r = VmProcess::start("smprestored", &["--restore", snap.path().to_str().unwrap()]);
+    let stalls = r.wait_lines_from(0, "SPANGUEST stall", 2, T);
+    eprintln!("restored 2-vCPU guest: {stalls:?}");
     r.wait_lines_from(0, "SPANGUEST stat", 2, T);
     r.assert_verify_clean(2);
 }
