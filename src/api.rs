@@ -70,6 +70,10 @@ pub enum ApiRequest {
     },
     /// `GET /plugins/notifications`: what services published since the last call.
     PluginNotifications,
+    /// `PUT /vm/migrate {"to": ..., "plugin": ..., "tls_dir": ..., ...}`
+    Migrate(crate::migrate::MigrateRequest),
+    /// `GET /vm/migration`: progress, and the report once done.
+    MigrationStatus,
     /// `PUT /vm/live-update {"binary": ..., "timeout_ms": ...}`
     LiveUpdate {
         /// The new spanvmm binary.
@@ -179,6 +183,8 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, (u16, 
                 timeout_ms: b.timeout_ms.clamp(100, 120_000),
             }
         }
+        ("/vm/migrate", _) if put => ApiRequest::Migrate(parse_body(body)?),
+        ("/vm/migration", "GET") => ApiRequest::MigrationStatus,
         ("/plugins", "GET") => ApiRequest::PluginList,
         ("/plugins/notifications", "GET") => ApiRequest::PluginNotifications,
         ("/plugins/attach", _) if put => {
@@ -213,6 +219,8 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, (u16, 
             | "/vm/resume"
             | "/vm/shutdown"
             | "/vm/save"
+            | "/vm/migrate"
+            | "/vm/migration"
             | "/guest/command"
             | "/plugins"
             | "/plugins/notifications"

@@ -3,6 +3,7 @@
 
 mod api;
 mod live_update;
+mod migrate;
 mod services;
 
 use std::io::Write;
@@ -45,7 +46,7 @@ enum Command {
     /// Start a VM, from a kernel or from a saved state.
     Run {
         /// Kernel: spanguest ELF, another PVH ELF, or a Linux bzImage.
-        #[arg(long, required_unless_present_any = ["restore", "takeover_fd"])]
+        #[arg(long, required_unless_present_any = ["restore", "takeover_fd", "incoming"])]
         kernel: Option<PathBuf>,
         /// Kernel command line.
         #[arg(long, default_value = "")]
@@ -85,6 +86,21 @@ enum Command {
         /// Internal: take a running VM over from another spanvmm process (live update).
         #[arg(long, hide = true, conflicts_with_all = ["kernel", "restore"])]
         takeover_fd: Option<i32>,
+        /// Receive the VM by live migration: listen on `tls://HOST:PORT` (needs --tls-dir).
+        #[arg(long, value_name = "tls://HOST:PORT", conflicts_with_all = ["kernel", "restore"], requires = "tls_dir")]
+        incoming: Option<String>,
+        /// With --incoming: directory with ca.pem, node.pem, node.key (`spanvmm migrate-certs`).
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
+        /// With --incoming: how long to wait for a source that lost its post-copy connection.
+        #[arg(long, default_value_t = 30_000)]
+        recovery_timeout_ms: u64,
+    },
+    /// Make the TLS material for migration: a CA and a node certificate signed by it.
+    MigrateCerts {
+        /// Output directory (copy it, without ca.key, to every node).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Control a running VM through its API socket.
     Ctl {
@@ -125,6 +141,33 @@ enum CtlOp {
         /// How long the new binary may take for each step before the update rolls back.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+    },
+    /// Move the VM to another host (`spanvmm run --incoming` there), showing progress; the
+    /// report goes to --report (JSON) with its timeline plot beside it (SVG). This process
+    /// exits after a successful migration; a failed one leaves the VM running here.
+    Migrate {
+        /// Destination, `tls://HOST:PORT`.
+        #[arg(long)]
+        to: String,
+        /// Policy service for the duration: precopy.wasm, postcopy.wasm or hybrid.wasm
+        /// (default: the one attached with `run --plugin`).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+        /// Its configuration (JSON).
+        #[arg(long, default_value = "")]
+        config: String,
+        /// Directory with ca.pem, node.pem, node.key.
+        #[arg(long)]
+        tls_dir: PathBuf,
+        /// Bytes per second at most (suffixes K, M, G: powers of 1000).
+        #[arg(long)]
+        max_bandwidth: Option<String>,
+        /// How long a broken post-copy connection is retried, ms.
+        #[arg(long, default_value_t = 30_000)]
+        recovery_timeout_ms: u64,
+        /// Where to write the JSON report (the SVG plot goes beside it).
+        #[arg(long, default_value = "migration-report.json")]
+        report: PathBuf,
     },
     /// Manage the services attached beneath the VM.
     Plugin {
@@ -199,9 +242,17 @@ fn main() -> ExitCode {
             entry,
             plugins,
             takeover_fd,
+            incoming,
+            tls_dir,
+            recovery_timeout_ms,
         } => {
             let source = match (takeover_fd, restore, kernel) {
                 (Some(fd), _, _) => Source::Takeover(fd),
+                _ if incoming.is_some() => Source::Incoming {
+                    addr: incoming.unwrap_or_default(),
+                    tls_dir: tls_dir.unwrap_or_default(),
+                    recovery: Duration::from_millis(recovery_timeout_ms),
+                },
                 (None, Some(dir), _) => Source::Restore { dir, paused, lazy },
                 (None, None, Some(kernel)) => Source::Boot(VmConfig {
                     kernel,
@@ -225,6 +276,19 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::MigrateCerts { out } => match l1_services::migration::tls::generate(&out) {
+            Ok(()) => {
+                println!(
+                    "wrote ca.pem, ca.key, node.pem, node.key to {}",
+                    out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("spanvmm migrate-certs: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Ctl { api_socket, op } => match ctl(&api_socket, op) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -243,6 +307,11 @@ enum Source {
         lazy: bool,
     },
     Takeover(i32),
+    Incoming {
+        addr: String,
+        tls_dir: PathBuf,
+        recovery: Duration,
+    },
 }
 
 enum Msg {
@@ -260,6 +329,7 @@ fn run(
     // Bind first: a busy socket must fail before a VM exists.
     let mut listener = api_socket.map(api::bind).transpose()?;
     let mut serial = serial.to_string();
+    let mut migrations = migrate::Migrations::default();
     let (tx, rx) = mpsc::channel::<Msg>();
     let (vcpu_tx, vcpu_rx) = mpsc::channel::<VcpuEvent>();
     let fwd = tx.clone();
@@ -289,6 +359,18 @@ fn run(
             serial = t.serial;
             (t.vmm, t.manager)
         }
+        Source::Incoming {
+            addr,
+            tls_dir,
+            recovery,
+        } => {
+            let (vmm, dest) = migrate::incoming(&addr, &tls_dir, &serial, vcpu_tx, recovery)
+                .context("incoming migration")?;
+            migrations.incoming = Some(dest);
+            let manager = services::manager_for(&vmm)?;
+            manager.lifecycle(Lifecycle::Migrated);
+            (vmm, manager)
+        }
     };
     for spec in plugins {
         let (path, config) = spec.split_once(':').unwrap_or((spec.as_str(), ""));
@@ -317,11 +399,29 @@ fn run(
     }
     drop(tx);
     let mut handed_over = false;
+    let mut moved_at: Option<Instant> = None;
     let code = loop {
+        match migrations.poll(&manager) {
+            migrate::Polled::Nothing => {}
+            migrate::Polled::Moved => {
+                // Wait (a little) for `ctl migrate` to fetch the report, then go.
+                moved_at.get_or_insert_with(Instant::now);
+            }
+            migrate::Polled::IncomingLost(e) => {
+                eprintln!("spanvmm: the incoming migration failed, the guest cannot go on: {e}");
+                break 1;
+            }
+        }
+        if moved_at.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
+            break 0;
+        }
         // Services with a tick period are served from here, between messages.
-        let wait = manager
+        let mut wait = manager
             .next_tick_in(Instant::now())
             .unwrap_or(Duration::from_secs(3600));
+        if migrations.active() || moved_at.is_some() {
+            wait = wait.min(Duration::from_millis(20));
+        }
         let msg = match rx.recv_timeout(wait) {
             Err(RecvTimeoutError::Timeout) => {
                 manager.tick(Instant::now());
@@ -362,6 +462,17 @@ fn run(
                         eprintln!("spanvmm: live update failed: {e:#}");
                         let _ = reply.send(Err((409, format!("{e:#}"))));
                     }
+                }
+            }
+            Ok(Msg::Api((ApiRequest::Migrate(req), reply, _))) => {
+                let _ = reply.send(migrations.start(&vmm, &manager, req));
+            }
+            Ok(Msg::Api((ApiRequest::MigrationStatus, reply, written))) => {
+                let _ = reply.send(Ok(migrations.status()));
+                if migrations.moved() {
+                    // The report is out: the guest lives elsewhere now.
+                    let _ = written.recv_timeout(Duration::from_secs(5));
+                    break 0;
                 }
             }
             Ok(Msg::Api((req, reply, _))) => {
@@ -468,14 +579,64 @@ fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult
             .guest_command(cmd)
             .map(|seq| json!({ "seq": seq }))
             .map_err(fail),
-        ApiRequest::Shutdown | ApiRequest::LiveUpdate { .. } => {
+        ApiRequest::Shutdown
+        | ApiRequest::LiveUpdate { .. }
+        | ApiRequest::Migrate(_)
+        | ApiRequest::MigrationStatus => {
             unreachable!("handled by the main loop")
         }
     }
 }
 
+/// `100M` → 100_000_000.
+fn parse_rate(s: &str) -> anyhow::Result<u64> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1e3),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1e6),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1e9),
+        _ => (s, 1.0),
+    };
+    let v: f64 = num
+        .parse()
+        .with_context(|| format!("--max-bandwidth {s:?}: not a number"))?;
+    anyhow::ensure!(v > 0.0, "--max-bandwidth must be positive");
+    Ok((v * mult) as u64)
+}
+
 fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
+    if let CtlOp::Migrate {
+        to,
+        plugin,
+        config,
+        tls_dir,
+        max_bandwidth,
+        recovery_timeout_ms,
+        report,
+    } = &op
+    {
+        let plugin = plugin
+            .as_ref()
+            .map(std::path::absolute)
+            .transpose()
+            .context("resolve --plugin")?;
+        let body = json!({
+            "to": to,
+            "plugin": plugin,
+            "config": config,
+            "tls_dir": std::path::absolute(tls_dir).context("resolve --tls-dir")?,
+            "max_bandwidth": max_bandwidth.as_deref().map(parse_rate).transpose()?,
+            "recovery_timeout_ms": recovery_timeout_ms,
+        });
+        return match migrate::ctl_migrate(socket, body, report)? {
+            true => Ok(()),
+            false => anyhow::bail!(
+                "the migration failed; the VM runs on at the source (report in {})",
+                report.display()
+            ),
+        };
+    }
     let (method, path, body): (&str, &str, Option<Value>) = match &op {
+        CtlOp::Migrate { .. } => unreachable!("handled above"),
         CtlOp::Status => ("GET", "/vm", None),
         CtlOp::Pause => ("PUT", "/vm/pause", None),
         CtlOp::Resume => ("PUT", "/vm/resume", None),

@@ -143,6 +143,11 @@ impl Userfault {
         })
     }
 
+    /// The descriptor, to poll together with others (readable: a fault is waiting).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
     /// Waits up to `timeout` for a missing-page fault; returns the faulting guest-physical page.
     pub fn wait_fault(&self, timeout: Duration) -> Result<Option<u64>, UffdError> {
         let mut pfd = libc::pollfd {

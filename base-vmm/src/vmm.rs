@@ -262,6 +262,38 @@ impl PreparedVm {
     }
 }
 
+/// What capturing a VM's state needs, shareable with another thread.
+#[derive(Clone)]
+pub struct StateCapture {
+    ctl: Arc<VmControl>,
+    serial: Arc<Mutex<SerialDevice>>,
+    pv: Arc<Mutex<PvDevice>>,
+    machine: MachineConfig,
+}
+
+impl StateCapture {
+    /// The whole VM state except memory (vCPUs must be paused).
+    pub fn capture(&self) -> Result<VmState, VmmError> {
+        let state = lock(&self.ctl.state);
+        if *state != RunState::Paused {
+            return Err(VmmError::Conflict("pause the VM before saving it".into()));
+        }
+        let vcpus = lock(&self.ctl.vcpus)
+            .iter()
+            .map(|v| v.save())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmState {
+            machine: self.machine.clone(),
+            vcpus,
+            vm: lock(&self.ctl.vm).save_state()?,
+            devices: DeviceStates {
+                serial: lock(&self.serial).state(),
+                pv: lock(&self.pv).state.clone(),
+            },
+        })
+    }
+}
+
 /// A running VM.
 pub struct Vmm {
     ctl: Arc<VmControl>,
@@ -523,23 +555,17 @@ impl Vmm {
 
     /// Captures the whole VM state except memory (vCPUs must be paused).
     pub fn capture_state(&self) -> Result<VmState, VmmError> {
-        let state = lock(&self.ctl.state);
-        if *state != RunState::Paused {
-            return Err(VmmError::Conflict("pause the VM before saving it".into()));
-        }
-        let vcpus = lock(&self.ctl.vcpus)
-            .iter()
-            .map(|v| v.save())
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(VmState {
+        self.state_capture().capture()
+    }
+
+    /// A handle that captures this VM's state from another thread (a migration's).
+    pub fn state_capture(&self) -> StateCapture {
+        StateCapture {
+            ctl: self.ctl.clone(),
+            serial: self.serial.clone(),
+            pv: self.pv.clone(),
             machine: self.machine.clone(),
-            vcpus,
-            vm: lock(&self.ctl.vm).save_state()?,
-            devices: DeviceStates {
-                serial: lock(&self.serial).state(),
-                pv: lock(&self.pv).state.clone(),
-            },
-        })
+        }
     }
 
     /// Saves the VM into `dir` (state file + sparse memory image). A running VM is paused for

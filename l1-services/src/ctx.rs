@@ -118,6 +118,8 @@ pub(crate) struct HostShared {
     pub dirty: Mutex<DirtyFanout>,
     pub notes: Mutex<VecDeque<Notification>>,
     pub epoch: Instant,
+    /// The outgoing migration, while one runs.
+    pub migration: Mutex<Option<Arc<crate::migration::MigrationSource>>>,
 }
 
 impl HostShared {
@@ -384,5 +386,44 @@ impl ServiceCtx {
 
     pub(crate) fn now_ns(&self) -> u64 {
         self.shared.now_ns()
+    }
+
+    /// The migration in progress, for a service holding `drives-migration`.
+    pub(crate) fn migration(
+        &self,
+        what: &str,
+    ) -> Result<Arc<crate::migration::MigrationSource>, String> {
+        self.require(Capability::DrivesMigration, what)?;
+        lock(&self.shared.migration)
+            .clone()
+            .ok_or_else(|| format!("{what}: no migration is in progress"))
+    }
+
+    pub(crate) fn migration_harvest(&self) -> Result<Vec<u64>, String> {
+        let m = self.migration("harvest-dirty")?;
+        let bits = self.dirty_bitmap()?;
+        m.count_dirtied(bits.iter().map(|w| w.count_ones() as u64).sum());
+        Ok(bits)
+    }
+
+    pub(crate) fn migration_switch(
+        &self,
+        mode: crate::migration::SwitchMode,
+    ) -> Result<(), String> {
+        let m = self.migration("switch-over")?;
+        // The final harvest runs on the migration thread once the guest is paused.
+        let harvest: Option<crate::migration::Harvest> =
+            if self.caps.load(Ordering::Acquire) & Capability::DirtyLog.bit() != 0 {
+                let shared = self.shared.clone();
+                let id = self.id;
+                Some(Box::new(move || {
+                    lock(&shared.dirty)
+                        .harvest(id, &*shared.host)
+                        .map_err(|e| format!("final dirty harvest: {e}"))
+                }))
+            } else {
+                None
+            };
+        m.switch_over(mode, harvest)
     }
 }

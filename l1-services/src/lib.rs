@@ -18,6 +18,7 @@ mod error;
 mod host;
 mod manager;
 pub mod memops;
+pub mod migration;
 mod native;
 mod wasm;
 

@@ -323,6 +323,7 @@ impl ServiceManager {
                 dirty: Mutex::new(DirtyFanout::default()),
                 notes: Mutex::new(VecDeque::new()),
                 epoch: Instant::now(),
+                migration: Mutex::new(None),
             }),
             config,
             cache_dir,
@@ -332,6 +333,16 @@ impl ServiceManager {
             has_ports: AtomicBool::new(false),
             async_delivery: OnceLock::new(),
         }
+    }
+
+    /// Makes `m` the migration the `drives-migration` service drives (None: no migration).
+    pub fn set_migration(&self, m: Option<Arc<crate::migration::MigrationSource>>) {
+        *lock(&self.shared.migration) = m;
+    }
+
+    /// The migration in progress, if any.
+    pub fn migration(&self) -> Option<Arc<crate::migration::MigrationSource>> {
+        lock(&self.shared.migration).clone()
     }
 
     /// The manager's settings.

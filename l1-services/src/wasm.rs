@@ -604,3 +604,70 @@ impl wh::Host for StoreState {
         self.ctx.now_ns()
     }
 }
+
+use bindings::spanvmm::service::migration as wm;
+
+fn phase_to_wit(p: crate::migration::Phase) -> wm::Phase {
+    use crate::migration::Phase;
+    match p {
+        Phase::Precopy => wm::Phase::Precopy,
+        Phase::Postcopy => wm::Phase::Postcopy,
+        Phase::Recovering => wm::Phase::Recovering,
+        Phase::Completed => wm::Phase::Completed,
+        Phase::Failed => wm::Phase::Failed,
+    }
+}
+
+impl wm::Host for StoreState {
+    fn harvest_dirty(&mut self) -> Result<Vec<u64>, String> {
+        self.timed(|c| c.migration_harvest())
+    }
+
+    fn queue_pages(&mut self, bitmap: Vec<u64>, round: u32) -> Result<u64, String> {
+        self.timed(|c| c.migration("queue-pages")?.queue_bitmap(&bitmap, round))
+    }
+
+    fn queue_range(
+        &mut self,
+        first: u64,
+        count: u64,
+        urgent: bool,
+        round: u32,
+    ) -> Result<(), String> {
+        self.timed(|c| {
+            c.migration("queue-range")?
+                .queue_range(first, count, urgent, round)
+        })
+    }
+
+    fn switch_over(&mut self, mode: wm::SwitchMode) -> Result<(), String> {
+        let mode = match mode {
+            wm::SwitchMode::StopAndCopy => crate::migration::SwitchMode::StopAndCopy,
+            wm::SwitchMode::Postcopy => crate::migration::SwitchMode::Postcopy,
+        };
+        self.timed(|c| c.migration_switch(mode))
+    }
+
+    fn take_faults(&mut self) -> Vec<u64> {
+        self.ctx
+            .migration("take-faults")
+            .map(|m| m.take_faults())
+            .unwrap_or_default()
+    }
+
+    fn progress(&mut self) -> Result<wm::Status, String> {
+        let p = self.ctx.migration("progress")?.progress();
+        Ok(wm::Status {
+            phase: phase_to_wit(p.phase),
+            pages_total: p.pages_total,
+            pages_pending: p.pages_pending,
+            pages_sent: p.pages_sent,
+            bytes_sent: p.bytes_sent,
+            rate_bytes_per_sec: p.rate_bytes_per_sec,
+            pages_needed: p.pages_needed,
+            remote_faults: p.remote_faults,
+            elapsed_ms: p.elapsed_ms,
+            error: p.error,
+        })
+    }
+}

@@ -1,0 +1,642 @@
+//! The destination side: accept the source (mutual TLS), fill guest RAM from `pages` frames,
+//! take the VM state, and for a post-copy hand-over serve the guest's missing pages with
+//! userfaultfd while the source pushes the rest. A broken post-copy connection is waited out:
+//! vCPUs that touch a missing page wait, and the source reconnects and resumes the push.
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base_vmm::memory::GuestRam;
+use base_vmm::uffd::Userfault;
+use rustls::ServerConfig;
+use serde::Serialize;
+
+use super::link::{Link, LinkError};
+use super::wire::{Frame, Handover, PAGE, VERSION};
+use super::{bit, clear_bit, count, set_bit, Phase};
+use crate::ctx::lock;
+
+/// How long the destination waits for the source to say anything before giving up.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A VM that has arrived: its memory (complete, or filling in by post-copy) and its state.
+pub struct Arrived {
+    /// Guest RAM.
+    pub ram: Arc<GuestRam>,
+    /// The VM state (state-file format).
+    pub state: Vec<u8>,
+    /// How the source handed over.
+    pub handover: Handover,
+    received_at: Instant,
+    link: Option<Link>,
+    postcopy: Option<std::sync::mpsc::Sender<u64>>,
+    dest: Arc<MigrationDest>,
+}
+
+/// Destination-side progress, for status and the report.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct DestProgress {
+    /// Where the migration is.
+    pub phase: String,
+    /// Pages received (data and zero markers).
+    pub pages_received: u64,
+    /// Post-copy: pages still missing.
+    pub pages_needed: u64,
+    /// Faults requested from the source.
+    pub remote_faults: u64,
+    /// Mean fault latency, µs.
+    pub fault_latency_mean_us: u64,
+    /// Worst fault latency, µs.
+    pub fault_latency_max_us: u64,
+    /// Connections lost and restored during post-copy.
+    pub recoveries: u64,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The destination's view of a migration, shared with its post-copy thread.
+pub struct MigrationDest {
+    phase: Mutex<(Phase, Option<String>)>,
+    received: AtomicU64,
+    needed: AtomicU64,
+    faults: AtomicU64,
+    fault_sum_us: AtomicU64,
+    fault_max_us: AtomicU64,
+    recoveries: AtomicU64,
+}
+
+impl MigrationDest {
+    fn new() -> Arc<Self> {
+        Arc::new(MigrationDest {
+            phase: Mutex::new((Phase::Precopy, None)),
+            received: AtomicU64::new(0),
+            needed: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            fault_sum_us: AtomicU64::new(0),
+            fault_max_us: AtomicU64::new(0),
+            recoveries: AtomicU64::new(0),
+        })
+    }
+
+    /// Where the migration is.
+    pub fn phase(&self) -> Phase {
+        lock(&self.phase).0
+    }
+
+    /// Progress so far.
+    pub fn progress(&self) -> DestProgress {
+        let (phase, error) = lock(&self.phase).clone();
+        let faults = self.faults.load(Ordering::Relaxed);
+        DestProgress {
+            phase: format!("{phase:?}").to_lowercase(),
+            pages_received: self.received.load(Ordering::Relaxed),
+            pages_needed: self.needed.load(Ordering::Relaxed),
+            remote_faults: faults,
+            fault_latency_mean_us: self.fault_sum_us.load(Ordering::Relaxed) / faults.max(1),
+            fault_latency_max_us: self.fault_max_us.load(Ordering::Relaxed),
+            recoveries: self.recoveries.load(Ordering::Relaxed),
+            error,
+        }
+    }
+
+    fn set(&self, phase: Phase, error: Option<String>) {
+        *lock(&self.phase) = (phase, error);
+    }
+}
+
+fn io(msg: String) -> LinkError {
+    LinkError::Io(std::io::Error::other(msg))
+}
+
+/// Accepts connections until one authenticates and says hello; unauthenticated or foreign
+/// peers are refused (logged) and the wait goes on. `resume`: only a reconnection of
+/// `session` is accepted.
+fn accept_source(
+    listener: &TcpListener,
+    tls: &Arc<ServerConfig>,
+    resume: Option<u64>,
+    mem: Option<u64>,
+) -> Result<(Link, u64, u64), String> {
+    loop {
+        let (sock, peer): (TcpStream, _) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err("no connection".into())
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        };
+        let mut link = match Link::accept(sock, tls.clone(), HANDSHAKE_TIMEOUT) {
+            Ok(l) => l,
+            Err(e) => {
+                log::warn!("migration: refused {peer}: {e}");
+                eprintln!("spanvmm: migration: refused {peer}: {e}");
+                continue;
+            }
+        };
+        match link.expect(HANDSHAKE_TIMEOUT, "hello") {
+            Ok(Frame::Hello {
+                version,
+                mem_bytes,
+                session,
+                resume: is_resume,
+            }) => {
+                let why = if version != VERSION {
+                    Some(format!(
+                        "wire version {version}, this destination speaks {VERSION}"
+                    ))
+                } else if resume.is_some() != is_resume || resume.is_some_and(|s| s != session) {
+                    Some("not the migration this destination is waiting for".into())
+                } else if mem.is_some_and(|m| m != mem_bytes)
+                    || mem_bytes == 0
+                    || !mem_bytes.is_multiple_of(2 << 20)
+                    || mem_bytes > 1 << 40
+                {
+                    Some(format!("guest memory size {mem_bytes} is not acceptable"))
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    log::warn!("migration: refused {peer}: {why}");
+                    let _ = link.send(&Frame::Error(why));
+                    let _ = link.flush(Duration::from_secs(1));
+                    continue;
+                }
+                link.send(&Frame::Welcome { version: VERSION })
+                    .map_err(|e| e.to_string())?;
+                return Ok((link, mem_bytes, session));
+            }
+            Ok(other) => log::warn!("migration: {peer} did not say hello: {other:?}"),
+            Err(e) => log::warn!("migration: {peer}: {e}"),
+        }
+    }
+}
+
+/// Receives a VM on `listener`: blocks until the source hands over (or fails). Returns the
+/// guest's memory and state; build the VM from them, then call [`Arrived::running`].
+pub fn receive(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    recovery_timeout: Duration,
+) -> Result<Arrived, String> {
+    listener
+        .set_nonblocking(false)
+        .map_err(|e| format!("listener: {e}"))?;
+    let (mut link, mem, session) = accept_source(&listener, &tls, None, None)?;
+    let ram = Arc::new(GuestRam::new(mem).map_err(|e| e.to_string())?);
+    let pages = mem / PAGE as u64;
+    let dest = MigrationDest::new();
+    let mut written = vec![0u64; pages.div_ceil(64) as usize];
+    let fail = |e: LinkError| format!("incoming migration failed before the hand-over: {e}");
+    loop {
+        let f = link
+            .recv(IDLE_TIMEOUT)
+            .map_err(fail)?
+            .ok_or_else(|| fail(LinkError::Timeout(IDLE_TIMEOUT)))?;
+        match f {
+            Frame::Pages {
+                first,
+                span,
+                present,
+                zero,
+                data,
+                ..
+            } => {
+                if first + span as u64 > pages {
+                    return Err(fail(io(format!(
+                        "pages {first}+{span} run past guest memory"
+                    ))));
+                }
+                let mut off = 0;
+                let mut n = 0;
+                for i in 0..span as u64 {
+                    if !bit(&present, i) {
+                        continue;
+                    }
+                    n += 1;
+                    let p = first + i;
+                    // SAFETY: p < pages: the page is inside guest RAM's mapping, which no
+                    // vCPU uses yet (the VM is built after the hand-over).
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(ram.host_base().add(p as usize * PAGE), PAGE)
+                    };
+                    if bit(&zero, i) {
+                        if bit(&written, p) {
+                            dst.fill(0);
+                        }
+                    } else {
+                        dst.copy_from_slice(&data[off..off + PAGE]);
+                        off += PAGE;
+                        set_bit(&mut written, p);
+                    }
+                }
+                dest.received.fetch_add(n, Ordering::Relaxed);
+            }
+            Frame::State {
+                handover,
+                state,
+                needed,
+            } => {
+                let received_at = Instant::now();
+                let mut arrived = Arrived {
+                    ram: ram.clone(),
+                    state,
+                    handover,
+                    received_at,
+                    link: None,
+                    postcopy: None,
+                    dest: dest.clone(),
+                };
+                if handover == Handover::Complete {
+                    arrived.link = Some(link);
+                    return Ok(arrived);
+                }
+                if needed.len() != written.len() {
+                    return Err(fail(io(format!(
+                        "post-copy bitmap has {} words, guest memory {}",
+                        needed.len(),
+                        written.len()
+                    ))));
+                }
+                // Stale copies of pages still to come must go, so that the guest faults on them.
+                for p in 0..pages {
+                    if bit(&needed, p) && bit(&written, p) {
+                        punch(&ram, p).map_err(|e| fail(io(e)))?;
+                    }
+                }
+                let uffd =
+                    Userfault::register_missing(&ram).map_err(|e| fail(io(e.to_string())))?;
+                dest.needed.store(count(&needed), Ordering::Relaxed);
+                dest.set(Phase::Postcopy, None);
+                let (tx, rx) = std::sync::mpsc::channel();
+                let pc = Postcopy {
+                    uffd,
+                    ram: ram.clone(),
+                    original: needed.clone(),
+                    needed,
+                    pages,
+                    pending: HashMap::new(),
+                    dest: dest.clone(),
+                    listener: listener.try_clone().map_err(|e| e.to_string())?,
+                    tls: tls.clone(),
+                    session,
+                    recovery_timeout,
+                };
+                std::thread::Builder::new()
+                    .name("migrate-postcopy".into())
+                    .spawn(move || pc.run(link, rx))
+                    .map_err(|e| format!("cannot start the post-copy thread: {e}"))?;
+                arrived.postcopy = Some(tx);
+                return Ok(arrived);
+            }
+            Frame::Error(msg) => return Err(format!("the source gave up: {msg}")),
+            other => return Err(fail(io(format!("unexpected frame {other:?}")))),
+        }
+    }
+}
+
+/// Drops a page from the memfd, so the next touch is a missing-page fault.
+fn punch(ram: &GuestRam, p: u64) -> Result<(), String> {
+    // SAFETY: fallocate on our memfd; the range is inside it.
+    let r = unsafe {
+        libc::fallocate(
+            ram.memfd().as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            (p * PAGE as u64) as libc::off_t,
+            PAGE as libc::off_t,
+        )
+    };
+    if r < 0 {
+        return Err(format!(
+            "dropping a stale page: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+impl Arrived {
+    /// The VM runs: tell the source. Returns the migration's handle (post-copy goes on in
+    /// the background).
+    pub fn running(mut self) -> Result<Arc<MigrationDest>, String> {
+        let load_us = self.received_at.elapsed().as_micros() as u64;
+        if let Some(mut link) = self.link.take() {
+            link.send(&Frame::Resumed { load_us })
+                .and_then(|_| link.flush(Duration::from_secs(10)))
+                .map_err(|e| format!("telling the source the guest runs here: {e}"))?;
+            self.dest.received.load(Ordering::Relaxed);
+            self.dest.set(Phase::Completed, None);
+            // The source closes first once it has our answer.
+            let _ = link.recv(Duration::from_secs(5));
+        }
+        if let Some(tx) = self.postcopy.take() {
+            let _ = tx.send(load_us);
+        }
+        Ok(self.dest.clone())
+    }
+
+    /// Building the VM failed: tell the source, which resumes the guest there.
+    pub fn abort(mut self, why: &str) {
+        if let Some(mut link) = self.link.take() {
+            let _ = link.send(&Frame::Error(why.to_string()));
+            let _ = link.flush(Duration::from_secs(5));
+        }
+    }
+}
+
+/// The post-copy fault service and page receiver.
+struct Postcopy {
+    uffd: Userfault,
+    ram: Arc<GuestRam>,
+    /// Pages that were missing at the hand-over.
+    original: Vec<u64>,
+    /// Pages still missing.
+    needed: Vec<u64>,
+    pages: u64,
+    /// Faulted pages requested from the source, with the time of the fault.
+    pending: HashMap<u64, Instant>,
+    dest: Arc<MigrationDest>,
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    session: u64,
+    recovery_timeout: Duration,
+}
+
+impl Postcopy {
+    fn run(mut self, link: Link, resumed: std::sync::mpsc::Receiver<u64>) {
+        let r = self.serve(link, resumed);
+        match r {
+            Ok(()) => {
+                let r = self.uffd.unregister();
+                if let Err(e) = r {
+                    log::warn!("migration: unregistering userfaultfd: {e}");
+                }
+                self.dest.set(Phase::Completed, None);
+            }
+            Err(e) => {
+                eprintln!("spanvmm: post-copy migration failed: {e}");
+                self.dest.set(Phase::Failed, Some(e));
+            }
+        }
+    }
+
+    fn serve(
+        &mut self,
+        mut link: Link,
+        resumed: std::sync::mpsc::Receiver<u64>,
+    ) -> Result<(), String> {
+        let mut told = false;
+        loop {
+            if !told {
+                if let Ok(load_us) = resumed.try_recv() {
+                    told = true;
+                    if let Err(e) = link.send(&Frame::Resumed { load_us }) {
+                        link = self.recover(e)?;
+                    }
+                }
+            }
+            match self.step(&mut link) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => link = self.recover(e)?,
+            }
+        }
+    }
+
+    /// One round: wait for the socket or a fault, serve faults, apply frames. True when done.
+    fn step(&mut self, link: &mut Link) -> Result<bool, LinkError> {
+        let mut fds = [
+            libc::pollfd {
+                fd: link.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.uffd_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, 5) };
+        self.serve_faults(Some(link))?;
+        while let Some(f) = link.recv(Duration::ZERO)? {
+            match f {
+                Frame::Pages {
+                    first,
+                    span,
+                    present,
+                    zero,
+                    data,
+                    ..
+                } => {
+                    if first + span as u64 > self.pages {
+                        return Err(io(format!("pages {first}+{span} run past guest memory")));
+                    }
+                    self.install(first, span as u64, &present, &zero, &data)?;
+                    // Faults first, between frames.
+                    self.serve_faults(Some(link))?;
+                }
+                Frame::Done => {
+                    let left = count(&self.needed);
+                    if left != 0 {
+                        return Err(io(format!(
+                            "the source says it is done but {left} pages are missing"
+                        )));
+                    }
+                    let d = &self.dest;
+                    let faults = d.faults.load(Ordering::Relaxed);
+                    link.send(&Frame::Complete {
+                        faults,
+                        fault_mean_us: d.fault_sum_us.load(Ordering::Relaxed) / faults.max(1),
+                        fault_max_us: d.fault_max_us.load(Ordering::Relaxed),
+                    })?;
+                    link.flush(Duration::from_secs(10))?;
+                    return Ok(true);
+                }
+                Frame::Error(m) => return Err(io(format!("the source gave up: {m}"))),
+                other => return Err(io(format!("unexpected frame {other:?}"))),
+            }
+        }
+        Ok(false)
+    }
+
+    fn uffd_fd(&self) -> i32 {
+        self.uffd.raw_fd()
+    }
+
+    /// Installs the pages of a frame that are still missing (runs coalesced).
+    fn install(
+        &mut self,
+        first: u64,
+        span: u64,
+        present: &[u64],
+        zero: &[u64],
+        data: &[u8],
+    ) -> Result<(), LinkError> {
+        let uerr = |e: base_vmm::uffd::UffdError| io(e.to_string());
+        let mut off = 0usize;
+        let mut i = 0;
+        while i < span {
+            if !bit(present, i) {
+                i += 1;
+                continue;
+            }
+            let is_zero = bit(zero, i);
+            // A run of present pages of one kind.
+            let mut j = i;
+            let start_off = off;
+            while j < span && bit(present, j) && bit(zero, j) == is_zero {
+                if !is_zero {
+                    off += PAGE;
+                }
+                j += 1;
+            }
+            let (a, b) = (first + i, first + j);
+            // Only pages still missing; a run is split where one is present already.
+            let mut p = a;
+            while p < b {
+                if !bit(&self.needed, p) {
+                    p += 1;
+                    continue;
+                }
+                let mut q = p;
+                while q < b && bit(&self.needed, q) {
+                    q += 1;
+                }
+                if is_zero {
+                    self.uffd
+                        .zero(p * PAGE as u64, (q - p) * PAGE as u64)
+                        .map_err(uerr)?;
+                } else {
+                    let s = start_off + ((p - a) as usize) * PAGE;
+                    let e = start_off + ((q - a) as usize) * PAGE;
+                    self.uffd.copy(p * PAGE as u64, &data[s..e]).map_err(uerr)?;
+                }
+                for r in p..q {
+                    clear_bit(&mut self.needed, r);
+                    if let Some(t) = self.pending.remove(&r) {
+                        self.fault_done(t);
+                        let _ = self.uffd.wake(r * PAGE as u64, PAGE as u64);
+                    }
+                }
+                self.dest.received.fetch_add(q - p, Ordering::Relaxed);
+                self.dest.needed.fetch_sub(q - p, Ordering::Relaxed);
+                p = q;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn fault_done(&self, t: Instant) {
+        let us = t.elapsed().as_micros() as u64;
+        self.dest.faults.fetch_add(1, Ordering::Relaxed);
+        self.dest.fault_sum_us.fetch_add(us, Ordering::Relaxed);
+        self.dest.fault_max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// Reads every pending fault: pages to come are requested (when a link is up), pages that
+    /// are zero at the source and were never sent become zero pages at once.
+    fn serve_faults(&mut self, link: Option<&mut Link>) -> Result<(), LinkError> {
+        let mut ask = Vec::new();
+        while let Some(gpa) = self
+            .uffd
+            .wait_fault(Duration::ZERO)
+            .map_err(|e| io(e.to_string()))?
+        {
+            let p = gpa / PAGE as u64;
+            if p >= self.pages {
+                continue;
+            }
+            if bit(&self.needed, p) {
+                if let std::collections::hash_map::Entry::Vacant(e) = self.pending.entry(p) {
+                    e.insert(Instant::now());
+                    ask.push(p);
+                }
+            } else if bit(&self.original, p) {
+                // Installed after the fault was queued.
+                let _ = self.uffd.wake(gpa, PAGE as u64);
+            } else {
+                // Never needed and not present: a zero page the source skipped.
+                self.uffd
+                    .zero(gpa, PAGE as u64)
+                    .map_err(|e| io(e.to_string()))?;
+                let _ = self.uffd.wake(gpa, PAGE as u64);
+            }
+        }
+        if let (false, Some(link)) = (ask.is_empty(), link) {
+            link.send(&Frame::Fault(ask))?;
+        }
+        Ok(())
+    }
+
+    /// The connection broke: wait for the source to reconnect (faults keep being recorded),
+    /// tell it what is still missing, ask again for the faulted pages.
+    fn recover(&mut self, cause: LinkError) -> Result<Link, String> {
+        eprintln!("spanvmm: post-copy connection lost ({cause}); waiting for the source");
+        self.dest.set(Phase::Recovering, None);
+        self.listener
+            .set_nonblocking(true)
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + self.recovery_timeout;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the source did not come back within {:?} after {cause}; {} pages of the \
+                     guest are lost",
+                    self.recovery_timeout,
+                    count(&self.needed)
+                ));
+            }
+            self.serve_faults(None).map_err(|e| e.to_string())?;
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.uffd_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds.
+            unsafe { libc::poll(fds.as_mut_ptr(), 2, 50) };
+            if fds[0].revents & libc::POLLIN == 0 {
+                continue;
+            }
+            let mem = self.ram.size();
+            match accept_source(&self.listener, &self.tls, Some(self.session), Some(mem)) {
+                Ok((mut link, _, _)) => {
+                    let again: Vec<u64> = self.pending.keys().copied().collect();
+                    let r = link
+                        .send(&Frame::Needed(self.needed.clone()))
+                        .and_then(|_| {
+                            if again.is_empty() {
+                                Ok(())
+                            } else {
+                                link.send(&Frame::Fault(again))
+                            }
+                        });
+                    match r {
+                        Ok(()) => {
+                            self.dest.recoveries.fetch_add(1, Ordering::Relaxed);
+                            self.dest.set(Phase::Postcopy, None);
+                            eprintln!("spanvmm: post-copy connection restored");
+                            return Ok(link);
+                        }
+                        Err(e) => log::warn!("migration: recovery: {e}"),
+                    }
+                }
+                Err(e) => log::debug!("migration: recovery accept: {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! One migration connection: a non-blocking TCP socket under rustls, moving whole frames.
+//! Reading and writing share one thread: while a large send waits for the socket, incoming
+//! frames (fault requests) are read and queued, so neither side can dead-lock the other.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
+
+use super::wire::{self, Frame, HEADER_LEN};
+
+/// Plaintext rustls may buffer before `send` waits for the socket.
+const TLS_BUFFER: usize = 8 << 20;
+
+/// Link errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The connection failed or was closed.
+    #[error("migration connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// TLS refused the peer or failed.
+    #[error("migration TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The peer sent a malformed frame.
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+    /// Nothing came in time.
+    #[error("migration peer silent for {0:?}")]
+    Timeout(Duration),
+}
+
+/// A TLS connection carrying frames.
+pub struct Link {
+    sock: TcpStream,
+    tls: Connection,
+    /// Plaintext received; `rx[rx_off..]` is not parsed yet.
+    rx: Vec<u8>,
+    rx_off: usize,
+    /// Bytes written to the socket (TLS records included).
+    pub wire_bytes: u64,
+}
+
+fn poll_fd(fd: RawFd, events: i16, timeout: Duration) -> std::io::Result<i16> {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(60_000) as i32) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(if n == 0 { 0 } else { p.revents })
+}
+
+impl Link {
+    fn handshake(sock: TcpStream, tls: Connection, timeout: Duration) -> Result<Self, LinkError> {
+        sock.set_nodelay(true)?;
+        sock.set_nonblocking(true)?;
+        let mut link = Link {
+            sock,
+            tls,
+            rx: Vec::new(),
+            rx_off: 0,
+            wire_bytes: 0,
+        };
+        link.tls.set_buffer_limit(Some(TLS_BUFFER));
+        let deadline = Instant::now() + timeout;
+        while link.tls.is_handshaking() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(LinkError::Timeout(timeout));
+            }
+            link.pump(left)?;
+        }
+        // A client learns of a refused certificate only on its first read; flush now.
+        link.flush(timeout)?;
+        Ok(link)
+    }
+
+    /// Connects to a destination and authenticates both ends.
+    pub fn connect(
+        addr: SocketAddr,
+        cfg: Arc<ClientConfig>,
+        timeout: Duration,
+    ) -> Result<Self, LinkError> {
+        let sock = TcpStream::connect_timeout(&addr, timeout)?;
+        let conn = ClientConnection::new(cfg, super::tls::server_name())?;
+        Self::handshake(sock, Connection::Client(conn), timeout)
+    }
+
+    /// Authenticates an accepted connection (the peer must present a CA-signed certificate).
+    pub fn accept(
+        sock: TcpStream,
+        cfg: Arc<ServerConfig>,
+        timeout: Duration,
+    ) -> Result<Self, LinkError> {
+        let conn = ServerConnection::new(cfg)?;
+        Self::handshake(sock, Connection::Server(conn), timeout)
+    }
+
+    /// The socket, to poll together with other descriptors.
+    pub fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Moves bytes both ways once: waits up to `timeout` for the socket, reads what arrived
+    /// (into `rx`) and writes what TLS holds.
+    fn pump(&mut self, timeout: Duration) -> Result<(), LinkError> {
+        let mut ev = libc::POLLIN;
+        if self.tls.wants_write() {
+            ev |= libc::POLLOUT;
+        }
+        let rev = poll_fd(self.sock.as_raw_fd(), ev, timeout)?;
+        if rev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            self.read_some()?;
+        }
+        self.write_some()?;
+        Ok(())
+    }
+
+    fn read_some(&mut self) -> Result<(), LinkError> {
+        loop {
+            match self.tls.read_tls(&mut self.sock) {
+                Ok(0) => {
+                    return Err(LinkError::Io(std::io::Error::new(
+                        ErrorKind::UnexpectedEof,
+                        "the peer closed the connection",
+                    )))
+                }
+                Ok(_) => {
+                    let state = self.tls.process_new_packets();
+                    // Send any alert before reporting the error.
+                    let _ = self.write_some();
+                    let state = state?;
+                    if state.plaintext_bytes_to_read() > 0 {
+                        let at = self.rx.len();
+                        self.rx.resize(at + state.plaintext_bytes_to_read(), 0);
+                        let n = self.tls.reader().read(&mut self.rx[at..])?;
+                        self.rx.truncate(at + n);
+                    }
+                    if state.peer_has_closed() && !self.tls.is_handshaking() {
+                        return Err(LinkError::Io(std::io::Error::new(
+                            ErrorKind::UnexpectedEof,
+                            "the peer closed the connection",
+                        )));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn write_some(&mut self) -> Result<(), LinkError> {
+        while self.tls.wants_write() {
+            match self.tls.write_tls(&mut self.sock) {
+                Ok(n) => self.wire_bytes += n as u64,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues one encoded frame (or several); waits for the socket only while TLS's buffer is
+    /// full. Incoming frames keep being read meanwhile.
+    pub fn send_bytes(&mut self, mut bytes: &[u8]) -> Result<(), LinkError> {
+        let started = Instant::now();
+        while !bytes.is_empty() {
+            let n = self.tls.writer().write(bytes)?;
+            bytes = &bytes[n..];
+            if n == 0 || self.tls.wants_write() {
+                self.write_some()?;
+            }
+            if n == 0 {
+                if started.elapsed() > Duration::from_secs(30) {
+                    return Err(LinkError::Timeout(Duration::from_secs(30)));
+                }
+                self.pump(Duration::from_millis(100))?;
+            }
+        }
+        self.write_some()
+    }
+
+    /// Encodes and queues a frame.
+    pub fn send(&mut self, f: &Frame) -> Result<(), LinkError> {
+        let mut b = Vec::new();
+        wire::encode(f, &mut b);
+        self.send_bytes(&b)
+    }
+
+    /// Waits until everything queued is on the socket.
+    pub fn flush(&mut self, timeout: Duration) -> Result<(), LinkError> {
+        let deadline = Instant::now() + timeout;
+        while self.tls.wants_write() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(LinkError::Timeout(timeout));
+            }
+            self.pump(left.min(Duration::from_millis(100)))?;
+        }
+        Ok(())
+    }
+
+    fn parse(&mut self) -> Result<Option<Frame>, LinkError> {
+        let buf = &self.rx[self.rx_off..];
+        if buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let (len, ty) = wire::header(buf[..HEADER_LEN].try_into().expect("header"))?;
+        if buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let f = wire::decode(ty, &buf[HEADER_LEN..HEADER_LEN + len])?;
+        self.rx_off += HEADER_LEN + len;
+        // Move the unparsed tail to the front only once it is all that is left to keep.
+        if self.rx_off == self.rx.len() {
+            self.rx.clear();
+            self.rx_off = 0;
+        } else if self.rx_off > (1 << 20) {
+            self.rx.drain(..self.rx_off);
+            self.rx_off = 0;
+        }
+        Ok(Some(f))
+    }
+
+    /// The next frame, waiting up to `timeout`; `None` when none came.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Option<Frame>, LinkError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(f) = self.parse()? {
+                return Ok(Some(f));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.pump(left)?;
+            if left.is_zero() {
+                return self.parse();
+            }
+        }
+    }
+
+    /// The next frame within `timeout`, or an error naming what was expected.
+    pub fn expect(&mut self, timeout: Duration, what: &str) -> Result<Frame, LinkError> {
+        match self.recv(timeout)? {
+            Some(Frame::Error(msg)) => Err(LinkError::Io(std::io::Error::other(format!(
+                "the peer gave up: {msg}"
+            )))),
+            Some(f) => Ok(f),
+            None => Err(LinkError::Io(std::io::Error::new(
+                ErrorKind::TimedOut,
+                format!("no {what} from the peer within {timeout:?}"),
+            ))),
+        }
+    }
+}

@@ -1,0 +1,881 @@
+//! The source side of a migration: a host thread that owns the connection and moves pages,
+//! fed by the migration service (the plugin), which only queues work and reads progress.
+//!
+//! Work, most urgent first: pages the destination faulted on (post-copy), ranges the plugin
+//! marked urgent (pre-paging), then the pending bitmap in address order. A switch-over the
+//! plugin requested runs on this thread once it is reached: pause, final dirty pages, vCPU and
+//! device state, and either wait for the destination to run the guest (stop-and-copy) or push
+//! every page the destination still lacks, each exactly once (post-copy).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base_vmm::memory::GuestRam;
+use rustls::ClientConfig;
+use serde::{Deserialize, Serialize};
+
+use super::link::{Link, LinkError};
+use super::wire::{Frame, Handover, BATCH_PAGES, CODEC_RAW, PAGE, VERSION};
+use super::{bit, clear_bit, count, set_bit, Phase, Progress, SwitchMode};
+use crate::ctx::lock;
+
+/// What the engine needs from the VMM beyond guest RAM.
+pub trait SourceVm: Send + Sync {
+    /// Guest RAM.
+    fn ram(&self) -> &Arc<GuestRam>;
+    /// Stops every vCPU.
+    fn pause(&self) -> Result<(), String>;
+    /// Lets the vCPUs run again (a failed migration).
+    fn resume(&self) -> Result<(), String>;
+    /// The VM's state (vCPUs paused), in the state-file format.
+    fn capture_state(&self) -> Result<Vec<u8>, String>;
+}
+
+/// How to reach the destination.
+#[derive(Clone)]
+pub struct SourceConfig {
+    /// Destination address.
+    pub to: SocketAddr,
+    /// TLS client configuration (see [`super::tls::client_config`]).
+    pub tls: Arc<ClientConfig>,
+    /// Send at most this many bytes per second (None: as fast as the link goes).
+    pub max_bandwidth: Option<u64>,
+    /// How long a broken post-copy connection is retried before giving up.
+    pub recovery_timeout: Duration,
+}
+
+/// One point of the timeline (for the report's plot).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    /// ms since the start.
+    pub t_ms: u64,
+    /// Pages sent so far.
+    pub sent: u64,
+    /// Pages the guest dirtied so far (as harvested by the service).
+    pub dirtied: u64,
+    /// Remote faults so far.
+    pub faults: u64,
+}
+
+/// The end-of-migration report.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Report {
+    /// `completed` or `failed`.
+    pub result: String,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `stop-and-copy` or `postcopy` (the switch-over that ran), or `none`.
+    pub handover: String,
+    /// From the request to the end, ms.
+    pub total_ms: f64,
+    /// Connect, TLS handshake and hello, ms.
+    pub setup_ms: f64,
+    /// Source pause to the destination's `resumed`, ms (the guest did not run meanwhile).
+    pub downtime_ms: f64,
+    /// Destination's share of it: state received to vCPUs running, ms.
+    pub dest_load_ms: f64,
+    /// Post-copy: switch-over to the source holding no page the destination lacks, ms.
+    pub eviction_ms: f64,
+    /// Bytes on the wire (TLS records), by link (one link per connection).
+    pub bytes_per_link: Vec<u64>,
+    /// Bytes on the wire in all.
+    pub bytes: u64,
+    /// Pages sent (data and zero markers).
+    pub pages_sent: u64,
+    /// Of which zero pages (markers, no data).
+    pub zero_pages: u64,
+    /// Guest RAM pages.
+    pub pages_total: u64,
+    /// Pre-copy rounds the service ran.
+    pub rounds: u32,
+    /// Pages the service queued in each round.
+    pub pages_per_round: Vec<u64>,
+    /// Pages the destination faulted on and requested.
+    pub remote_faults: u64,
+    /// Their mean latency at the destination, µs.
+    pub fault_latency_mean_us: u64,
+    /// Their worst latency, µs.
+    pub fault_latency_max_us: u64,
+    /// Pages sent more than once during post-copy (0: each page once).
+    pub postcopy_resent: u64,
+    /// Post-copy reconnections.
+    pub recoveries: u32,
+    /// Timeline, one sample per 50 ms.
+    pub timeline: Vec<Sample>,
+}
+
+/// What the plugin and the sender thread share.
+struct State {
+    phase: Phase,
+    error: Option<String>,
+    /// Pages to send (pre-copy: queued by the service; post-copy: what the destination lacks
+    /// and has not been sent yet).
+    pending: Vec<u64>,
+    pending_count: u64,
+    cursor: u64,
+    urgent: VecDeque<(u64, u64)>,
+    faults: VecDeque<u64>,
+    /// Faults for the service to read (pre-paging decisions).
+    fault_events: Vec<u64>,
+    switch: Option<(SwitchMode, Option<Harvest>)>,
+    /// Pages sent at least once (pre-copy).
+    sent_ever: Vec<u64>,
+    /// Post-copy: pages the destination still lacks.
+    needed: Vec<u64>,
+    postcopy_sent: Vec<u64>,
+    report: Report,
+    dirtied: u64,
+    rate_bps: u64,
+    page_rate: u64,
+}
+
+/// A migration in progress, seen from the source.
+pub struct MigrationSource {
+    st: Mutex<State>,
+    vm: Arc<dyn SourceVm>,
+    pages: u64,
+    started: Instant,
+    cancel: AtomicBool,
+}
+
+impl MigrationSource {
+    /// Connects to the destination (TLS, hello) and starts the sender thread. Nothing is sent
+    /// until the service queues pages.
+    pub fn start(vm: Arc<dyn SourceVm>, cfg: SourceConfig) -> Result<Arc<Self>, String> {
+        let started = Instant::now();
+        let ram = vm.ram().clone();
+        let pages = ram.size() / PAGE as u64;
+        let session = started.elapsed().as_nanos() as u64 ^ ((std::process::id() as u64) << 32);
+        let link = hello(&cfg, ram.size(), session, false).map_err(|e| e.to_string())?;
+        let words = pages.div_ceil(64) as usize;
+        let src = Arc::new(MigrationSource {
+            st: Mutex::new(State {
+                phase: Phase::Precopy,
+                error: None,
+                pending: vec![0; words],
+                pending_count: 0,
+                cursor: 0,
+                urgent: VecDeque::new(),
+                faults: VecDeque::new(),
+                fault_events: Vec::new(),
+                switch: None,
+                sent_ever: vec![0; words],
+                needed: Vec::new(),
+                postcopy_sent: Vec::new(),
+                report: Report {
+                    setup_ms: started.elapsed().as_secs_f64() * 1e3,
+                    pages_total: pages,
+                    handover: "none".into(),
+                    ..Default::default()
+                },
+                dirtied: 0,
+                rate_bps: 0,
+                page_rate: 0,
+            }),
+            vm,
+            pages,
+            started,
+            cancel: AtomicBool::new(false),
+        });
+        let s = src.clone();
+        std::thread::Builder::new()
+            .name("migrate-send".into())
+            .spawn(move || {
+                let mut sender = Sender {
+                    src: &s,
+                    cfg,
+                    session,
+                    ram,
+                    link,
+                    buf: Vec::with_capacity(3 << 20),
+                    paused: false,
+                    last_sample: Instant::now() - Duration::from_secs(1),
+                    rate_mark: (Instant::now(), 0, 0),
+                    throttle: (Instant::now(), 0),
+                    eviction_start: None,
+                };
+                let r = sender.run();
+                sender.finish(r);
+            })
+            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+        Ok(src)
+    }
+
+    /// Guest pages.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Queues the pages set in `bitmap` for sending; `round` counts them into that round.
+    pub fn queue_bitmap(&self, bitmap: &[u64], round: u32) -> Result<u64, String> {
+        let mut st = lock(&self.st);
+        self.check_queue(&st)?;
+        let words = st.pending.len();
+        if bitmap.len() > words {
+            return Err(format!(
+                "bitmap of {} words is longer than guest memory ({words} words)",
+                bitmap.len()
+            ));
+        }
+        let mut added = 0;
+        for (i, w) in bitmap.iter().enumerate() {
+            let new = w & !st.pending[i];
+            added += new.count_ones() as u64;
+            st.pending[i] |= w;
+        }
+        st.pending_count += added;
+        count_round(&mut st.report, round, count(bitmap));
+        Ok(added)
+    }
+
+    /// Queues pages `[first, first+count)`; `urgent` sends them before the pending bitmap.
+    pub fn queue_range(&self, first: u64, n: u64, urgent: bool, round: u32) -> Result<(), String> {
+        let end = first
+            .checked_add(n)
+            .filter(|&e| e <= self.pages)
+            .ok_or_else(|| {
+                format!(
+                    "pages {first}+{n} run past guest memory ({} pages)",
+                    self.pages
+                )
+            })?;
+        let mut st = lock(&self.st);
+        self.check_queue(&st)?;
+        if urgent {
+            st.urgent.push_back((first, end));
+            return Ok(());
+        }
+        for p in first..end {
+            if !bit(&st.pending, p) {
+                set_bit(&mut st.pending, p);
+                st.pending_count += 1;
+            }
+        }
+        count_round(&mut st.report, round, n);
+        Ok(())
+    }
+
+    fn check_queue(&self, st: &State) -> Result<(), String> {
+        match st.phase {
+            Phase::Precopy | Phase::Postcopy | Phase::Recovering => Ok(()),
+            p => Err(format!(
+                "the migration is {p:?}: nothing more can be queued"
+            )),
+        }
+    }
+
+    /// Asks for the switch-over once the queued pages are sent. `final_dirty` harvests the
+    /// pages dirtied since the service's last harvest (called with the guest paused).
+    pub fn switch_over(
+        &self,
+        mode: SwitchMode,
+        final_dirty: Option<Harvest>,
+    ) -> Result<(), String> {
+        let mut st = lock(&self.st);
+        if st.phase != Phase::Precopy || st.switch.is_some() {
+            return Err(format!(
+                "switch-over requested twice or too late (the migration is {:?})",
+                st.phase
+            ));
+        }
+        st.switch = Some((mode, final_dirty));
+        Ok(())
+    }
+
+    /// Progress for the service and the control API.
+    pub fn progress(&self) -> Progress {
+        let st = lock(&self.st);
+        Progress {
+            phase: st.phase,
+            pages_total: self.pages,
+            pages_pending: st.pending_count + st.urgent.iter().map(|(a, b)| b - a).sum::<u64>(),
+            pages_sent: st.report.pages_sent,
+            bytes_sent: st.report.bytes,
+            rate_bytes_per_sec: st.rate_bps,
+            pages_per_sec: st.page_rate,
+            rounds: st.report.rounds,
+            remote_faults: st.report.remote_faults,
+            pages_needed: count(&st.needed),
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+            error: st.error.clone(),
+        }
+    }
+
+    /// Faults the destination reported since the last call (post-copy), by page.
+    pub fn take_faults(&self) -> Vec<u64> {
+        std::mem::take(&mut lock(&self.st).fault_events)
+    }
+
+    /// Records pages the guest dirtied (for the timeline).
+    pub fn count_dirtied(&self, pages: u64) {
+        lock(&self.st).dirtied += pages;
+    }
+
+    /// The report (final once the phase is completed or failed).
+    pub fn report(&self) -> Report {
+        let st = lock(&self.st);
+        let mut r = st.report.clone();
+        r.result = match st.phase {
+            Phase::Completed => "completed",
+            Phase::Failed => "failed",
+            _ => "running",
+        }
+        .into();
+        r.error = st.error.clone();
+        r
+    }
+
+    /// Gives up (before the switch-over only): the sender stops and the guest runs on here.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Release);
+    }
+}
+
+fn count_round(r: &mut Report, round: u32, pages: u64) {
+    if round == 0 {
+        return;
+    }
+    let i = round as usize - 1;
+    if r.pages_per_round.len() <= i {
+        r.pages_per_round.resize(i + 1, 0);
+    }
+    r.pages_per_round[i] += pages;
+    r.rounds = r.rounds.max(round);
+}
+
+fn hello(cfg: &SourceConfig, mem: u64, session: u64, resume: bool) -> Result<Link, LinkError> {
+    let timeout = Duration::from_secs(10);
+    let mut link = Link::connect(cfg.to, cfg.tls.clone(), timeout)?;
+    link.send(&Frame::Hello {
+        version: VERSION,
+        mem_bytes: mem,
+        session,
+        resume,
+    })?;
+    match link.expect(timeout, "welcome")? {
+        Frame::Welcome { version } if version == VERSION => Ok(link),
+        Frame::Welcome { version } => Err(LinkError::Io(std::io::Error::other(format!(
+            "the destination speaks wire version {version}, we speak {VERSION}"
+        )))),
+        other => Err(LinkError::Io(std::io::Error::other(format!(
+            "expected welcome, got {other:?}"
+        )))),
+    }
+}
+
+/// The sender thread.
+struct Sender<'a> {
+    src: &'a MigrationSource,
+    cfg: SourceConfig,
+    session: u64,
+    ram: Arc<GuestRam>,
+    link: Link,
+    buf: Vec<u8>,
+    paused: bool,
+    last_sample: Instant,
+    rate_mark: (Instant, u64, u64),
+    throttle: (Instant, u64),
+    eviction_start: Option<Instant>,
+}
+
+/// Harvests the pages dirtied since the service's last harvest (run with the guest paused).
+pub type Harvest = Box<dyn FnOnce() -> Result<Vec<u64>, String> + Send>;
+
+enum Outcome {
+    /// Stop-and-copy done: the guest runs at the destination.
+    Moved,
+    /// Post-copy done: every page is at the destination.
+    Evicted,
+}
+
+impl Sender<'_> {
+    fn st(&self) -> std::sync::MutexGuard<'_, State> {
+        lock(&self.src.st)
+    }
+
+    fn is_zero(page: &[u8]) -> bool {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets.
+        let (head, mid, tail) = unsafe { page.align_to::<u64>() };
+        head.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+    }
+
+    /// Sends the pages of `[first, first+span)` selected in `sel` (bit i = page first+i).
+    fn send_batch(&mut self, first: u64, span: u64, sel: &[u64]) -> Result<u64, LinkError> {
+        let nw = span.div_ceil(64) as usize;
+        let mut zero = vec![0u64; nw];
+        self.buf.clear();
+        let mut data_pages = 0u64;
+        let mut n = 0;
+        // Frame: header, first, span, codec, present, zero, data (see wire.rs).
+        let body_start = super::wire::HEADER_LEN;
+        self.buf.extend_from_slice(&[0; super::wire::HEADER_LEN]);
+        self.buf.extend_from_slice(&first.to_le_bytes());
+        self.buf.extend_from_slice(&(span as u16).to_le_bytes());
+        self.buf.push(CODEC_RAW);
+        for w in &sel[..nw] {
+            self.buf.extend_from_slice(&w.to_le_bytes());
+        }
+        let zero_at = self.buf.len();
+        self.buf.resize(zero_at + nw * 8, 0);
+        for i in 0..span {
+            if !bit(sel, i) {
+                continue;
+            }
+            n += 1;
+            let p = first + i;
+            // SAFETY: see `page`; the slice is used before `self.buf` grows past it.
+            let page: &[u8] = unsafe {
+                std::slice::from_raw_parts(self.ram.host_base().add(p as usize * PAGE), PAGE)
+            };
+            if Self::is_zero(page) {
+                set_bit(&mut zero, i);
+            } else {
+                self.buf.extend_from_slice(page);
+                data_pages += 1;
+            }
+        }
+        for (k, w) in zero.iter().enumerate() {
+            self.buf[zero_at + k * 8..zero_at + k * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        let len = (self.buf.len() - body_start) as u32;
+        self.buf[0..4].copy_from_slice(&len.to_le_bytes());
+        self.buf[4] = 4; // pages
+        let buf = std::mem::take(&mut self.buf);
+        let r = self.link.send_bytes(&buf);
+        self.buf = buf;
+        r?;
+        let mut st = self.st();
+        st.report.pages_sent += n;
+        st.report.zero_pages += n - data_pages;
+        st.report.bytes = self.link.wire_bytes + st.report.bytes_per_link.iter().sum::<u64>();
+        drop(st);
+        self.throttle.1 += (self.buf.len()) as u64;
+        Ok(n)
+    }
+
+    /// Picks the next batch: faults, urgent ranges, then the pending bitmap. In post-copy only
+    /// pages the destination still lacks are taken, and each once.
+    fn next_batch(&mut self) -> Option<(u64, u64, Vec<u64>)> {
+        let pages = self.src.pages;
+        let mut st = self.st();
+        let postcopy = matches!(st.phase, Phase::Postcopy);
+        let take = |st: &mut State, first: u64, end: u64, only_pending: bool| {
+            let span = (end - first).min(BATCH_PAGES);
+            let mut sel = vec![0u64; span.div_ceil(64) as usize];
+            let mut any = false;
+            for i in 0..span {
+                let p = first + i;
+                let want = if postcopy {
+                    bit(&st.needed, p)
+                } else {
+                    !only_pending || bit(&st.pending, p)
+                };
+                if !want {
+                    continue;
+                }
+                set_bit(&mut sel, i);
+                any = true;
+                if bit(&st.pending, p) {
+                    clear_bit(&mut st.pending, p);
+                    st.pending_count -= 1;
+                }
+                if postcopy {
+                    clear_bit(&mut st.needed, p);
+                    if bit(&st.postcopy_sent, p) {
+                        st.report.postcopy_resent += 1;
+                    }
+                    set_bit(&mut st.postcopy_sent, p);
+                } else {
+                    set_bit(&mut st.sent_ever, p);
+                }
+            }
+            any.then_some((first, span, sel))
+        };
+        while let Some(p) = st.faults.pop_front() {
+            if p < pages {
+                if let Some(b) = take(&mut st, p, p + 1, false) {
+                    return Some(b);
+                }
+            }
+        }
+        while let Some((a, b)) = st.urgent.pop_front() {
+            let span_end = b.min(a + BATCH_PAGES);
+            if span_end < b {
+                st.urgent.push_front((span_end, b));
+            }
+            if let Some(batch) = take(&mut st, a, span_end, false) {
+                return Some(batch);
+            }
+        }
+        if st.pending_count == 0 {
+            return None;
+        }
+        // Next set bit from the cursor, wrapping once.
+        let words = st.pending.len();
+        let start = (st.cursor / 64) as usize;
+        for k in 0..=words {
+            let w = (start + k) % words;
+            if st.pending[w] != 0 {
+                let p = w as u64 * 64 + st.pending[w].trailing_zeros() as u64;
+                let end = (p + BATCH_PAGES).min(pages);
+                st.cursor = end % pages;
+                return take(&mut st, p, end, true);
+            }
+        }
+        st.pending_count = 0;
+        None
+    }
+
+    fn sample(&mut self) {
+        let now = Instant::now();
+        let mut st = lock(&self.src.st);
+        if now.duration_since(self.last_sample) >= Duration::from_millis(50) {
+            self.last_sample = now;
+            let s = Sample {
+                t_ms: self.src.started.elapsed().as_millis() as u64,
+                sent: st.report.pages_sent,
+                dirtied: st.dirtied,
+                faults: st.report.remote_faults,
+            };
+            st.report.timeline.push(s);
+        }
+        let (t0, b0, p0) = self.rate_mark;
+        let dt = now.duration_since(t0).as_secs_f64();
+        if dt >= 0.2 {
+            st.rate_bps = ((st.report.bytes - b0) as f64 / dt) as u64;
+            st.page_rate = ((st.report.pages_sent - p0) as f64 / dt) as u64;
+            self.rate_mark = (now, st.report.bytes, st.report.pages_sent);
+        }
+    }
+
+    /// Keeps to `--max-bandwidth`: waits until the bytes sent fit the budget.
+    fn throttle(&mut self) {
+        let Some(bw) = self.cfg.max_bandwidth else {
+            return;
+        };
+        let (t0, bytes) = self.throttle;
+        let due = Duration::from_secs_f64(bytes as f64 / bw as f64);
+        let el = t0.elapsed();
+        if due > el {
+            std::thread::sleep((due - el).min(Duration::from_millis(5)));
+        }
+        if el > Duration::from_secs(1) {
+            // Forget old history so a slow phase does not earn a burst later.
+            self.throttle = (
+                Instant::now(),
+                bytes.saturating_sub((el.as_secs_f64() * bw as f64) as u64),
+            );
+        }
+    }
+
+    fn over_budget(&self) -> bool {
+        let Some(bw) = self.cfg.max_bandwidth else {
+            return false;
+        };
+        let (t0, bytes) = self.throttle;
+        bytes as f64 / bw as f64 > t0.elapsed().as_secs_f64()
+    }
+
+    /// Reads whatever the destination sent: fault requests, errors.
+    fn read_incoming(&mut self, wait: Duration) -> Result<(), LinkError> {
+        let mut wait = wait;
+        while let Some(f) = self.link.recv(wait)? {
+            wait = Duration::ZERO;
+            match f {
+                Frame::Fault(pages) => {
+                    let mut st = self.st();
+                    st.report.remote_faults += pages.len() as u64;
+                    for p in pages {
+                        st.faults.push_back(p);
+                        st.fault_events.push(p);
+                    }
+                }
+                Frame::Error(msg) => {
+                    return Err(LinkError::Io(std::io::Error::other(format!(
+                        "the destination gave up: {msg}"
+                    ))))
+                }
+                other => {
+                    return Err(LinkError::Io(std::io::Error::other(format!(
+                        "unexpected frame from the destination: {other:?}"
+                    ))))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<Outcome, String> {
+        loop {
+            if self.src.cancel.load(Ordering::Acquire) && !self.paused {
+                let _ = self.link.send(&Frame::Error("the source cancelled".into()));
+                return Err("cancelled".into());
+            }
+            let phase = self.st().phase;
+            let r = match phase {
+                Phase::Precopy => self.precopy_step(),
+                Phase::Postcopy => self.postcopy_step(),
+                _ => unreachable!("the sender ends on other phases"),
+            };
+            match r {
+                Ok(Some(done)) => return Ok(done),
+                Ok(None) => {}
+                Err(e) if phase == Phase::Postcopy || self.st().phase == Phase::Postcopy => {
+                    self.recover(e)?;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+            self.sample();
+        }
+    }
+
+    fn precopy_step(&mut self) -> Result<Option<Outcome>, LinkError> {
+        self.read_incoming(Duration::ZERO)?;
+        if self.over_budget() {
+            self.throttle();
+            return Ok(None);
+        }
+        if let Some((first, span, sel)) = self.next_batch() {
+            self.send_batch(first, span, &sel)?;
+            return Ok(None);
+        }
+        let switch = self.st().switch.take();
+        match switch {
+            None => {
+                self.read_incoming(Duration::from_millis(1))?;
+                Ok(None)
+            }
+            Some((mode, dirty)) => self.switch_over(mode, dirty),
+        }
+    }
+
+    fn switch_over(
+        &mut self,
+        mode: SwitchMode,
+        final_dirty: Option<Harvest>,
+    ) -> Result<Option<Outcome>, LinkError> {
+        let other = |m: String| LinkError::Io(std::io::Error::other(m));
+        let t_pause = Instant::now();
+        self.src.vm.pause().map_err(other)?;
+        self.paused = true;
+        // Pages dirtied since the service's last harvest, now final.
+        let dirty = match final_dirty {
+            Some(harvest) => harvest().map_err(other)?,
+            None => Vec::new(),
+        };
+        {
+            let mut st = self.st();
+            let n = count(&dirty);
+            st.dirtied += n;
+            for (i, w) in dirty.iter().enumerate().take(st.pending.len()) {
+                let new = w & !st.pending[i];
+                st.pending_count += new.count_ones() as u64;
+                st.pending[i] |= w;
+            }
+        }
+        let t_harvest = t_pause.elapsed();
+        let state = self.src.vm.capture_state().map_err(other)?;
+        let t_state = t_pause.elapsed();
+        match mode {
+            SwitchMode::StopAndCopy => {
+                while let Some((first, span, sel)) = self.next_batch() {
+                    self.send_batch(first, span, &sel)?;
+                }
+                self.link.send(&Frame::State {
+                    handover: Handover::Complete,
+                    state,
+                    needed: Vec::new(),
+                })?;
+            }
+            SwitchMode::Postcopy => {
+                let needed = {
+                    let mut st = self.st();
+                    let mut needed = st.pending.clone();
+                    for (i, w) in needed.iter_mut().enumerate() {
+                        *w |= !st.sent_ever[i];
+                    }
+                    let tail = self.src.pages % 64;
+                    if tail != 0 {
+                        *needed.last_mut().expect("at least one word") &= (1u64 << tail) - 1;
+                    }
+                    st.needed = needed.clone();
+                    st.postcopy_sent = vec![0; needed.len()];
+                    st.pending.iter_mut().for_each(|w| *w = 0);
+                    st.pending_count = 0;
+                    needed
+                };
+                self.link.send(&Frame::State {
+                    handover: Handover::Postcopy,
+                    state,
+                    needed,
+                })?;
+            }
+        }
+        self.link.flush(Duration::from_secs(30))?;
+        let t_sent = t_pause.elapsed();
+        let load_us = loop {
+            match self.link.expect(Duration::from_secs(30), "resumed")? {
+                Frame::Resumed { load_us } => break load_us,
+                Frame::Fault(pages) => {
+                    // The guest can fault before our `resumed` arrives.
+                    let mut st = self.st();
+                    st.report.remote_faults += pages.len() as u64;
+                    st.faults.extend(pages.iter().copied());
+                    st.fault_events.extend(pages);
+                }
+                other => return Err(other_frame("resumed", other)),
+            }
+        };
+        log::info!(
+            "switch-over: paused+harvest {t_harvest:?}, state {t_state:?}, sent {t_sent:?}, resumed {:?}",
+            t_pause.elapsed()
+        );
+        if std::env::var_os("SPANVMM_MIGRATION_DEBUG").is_some() {
+            eprintln!(
+                "switch-over: paused+harvest {t_harvest:?}, state {t_state:?}, sent {t_sent:?}, resumed {:?}",
+                t_pause.elapsed()
+            );
+        }
+        let mut st = self.st();
+        st.report.downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+        st.report.dest_load_ms = load_us as f64 / 1e3;
+        st.report.handover = match mode {
+            SwitchMode::StopAndCopy => "stop-and-copy",
+            SwitchMode::Postcopy => "postcopy",
+        }
+        .into();
+        match mode {
+            SwitchMode::StopAndCopy => Ok(Some(Outcome::Moved)),
+            SwitchMode::Postcopy => {
+                st.phase = Phase::Postcopy;
+                st.report.eviction_ms = 0.0;
+                drop(st);
+                self.eviction_start = Some(Instant::now());
+                Ok(None)
+            }
+        }
+    }
+
+    fn postcopy_step(&mut self) -> Result<Option<Outcome>, LinkError> {
+        self.read_incoming(Duration::ZERO)?;
+        if self.over_budget() && self.st().faults.is_empty() {
+            self.throttle();
+            return Ok(None);
+        }
+        if let Some((first, span, sel)) = self.next_batch() {
+            self.send_batch(first, span, &sel)?;
+            return Ok(None);
+        }
+        // Everything is sent: say so and wait for the destination to confirm.
+        if let Some(t) = self.eviction_start.take() {
+            self.st().report.eviction_ms = t.elapsed().as_secs_f64() * 1e3;
+        }
+        self.link.send(&Frame::Done)?;
+        self.link.flush(Duration::from_secs(30))?;
+        loop {
+            match self.link.expect(Duration::from_secs(60), "complete")? {
+                Frame::Complete {
+                    faults,
+                    fault_mean_us,
+                    fault_max_us,
+                } => {
+                    let mut st = self.st();
+                    st.report.remote_faults = st.report.remote_faults.max(faults);
+                    st.report.fault_latency_mean_us = fault_mean_us;
+                    st.report.fault_latency_max_us = fault_max_us;
+                    return Ok(Some(Outcome::Evicted));
+                }
+                // Faults racing with `done` are for pages already on their way.
+                Frame::Fault(_) => {}
+                other => return Err(other_frame("complete", other)),
+            }
+        }
+    }
+
+    /// Post-copy lost its connection: reconnect (the destination waits for us), learn which
+    /// pages it still lacks and go on.
+    fn recover(&mut self, cause: LinkError) -> Result<(), String> {
+        log::warn!("migration: post-copy connection lost ({cause}); reconnecting");
+        {
+            let mut st = self.st();
+            st.phase = Phase::Recovering;
+            let bytes = self.link.wire_bytes;
+            st.report.bytes_per_link.push(bytes);
+        }
+        self.link.wire_bytes = 0;
+        let deadline = Instant::now() + self.cfg.recovery_timeout;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "post-copy: the destination is unreachable since {cause} and did not come \
+                     back within {:?}; the guest ran there, so its CPU state here is stale: the \
+                     source stays paused with every page of memory",
+                    self.cfg.recovery_timeout
+                ));
+            }
+            match hello(&self.cfg, self.ram.size(), self.session, true) {
+                Ok(mut link) => match link.expect(Duration::from_secs(10), "needed") {
+                    Ok(Frame::Needed(bits)) if bits.len() == self.st().needed.len() => {
+                        let mut st = self.st();
+                        // Pages in flight when the link broke are sent again.
+                        st.needed = bits;
+                        st.phase = Phase::Postcopy;
+                        st.report.recoveries += 1;
+                        drop(st);
+                        self.link = link;
+                        log::info!("migration: post-copy connection restored");
+                        return Ok(());
+                    }
+                    Ok(other) => log::warn!("migration: recovery got {other:?}"),
+                    Err(e) => log::warn!("migration: recovery: {e}"),
+                },
+                Err(e) => log::debug!("migration: reconnect: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn finish(&mut self, r: Result<Outcome, String>) {
+        let mut st = self.st();
+        st.report.bytes_per_link.push(self.link.wire_bytes);
+        st.report.bytes = st.report.bytes_per_link.iter().sum();
+        st.report.total_ms = self.src.started.elapsed().as_secs_f64() * 1e3;
+        match r {
+            Ok(_) => st.phase = Phase::Completed,
+            Err(e) => {
+                // Before the switch-over the source is intact: run it again.
+                let resumable = st.phase == Phase::Precopy;
+                st.phase = Phase::Failed;
+                let mut msg = e;
+                if self.paused && resumable {
+                    if let Err(re) = self.src.vm.resume() {
+                        msg = format!("{msg}; resuming the source failed too: {re}");
+                    }
+                }
+                log::error!("migration failed: {msg}");
+                st.error = Some(msg);
+            }
+        }
+        let s = Sample {
+            t_ms: self.src.started.elapsed().as_millis() as u64,
+            sent: st.report.pages_sent,
+            dirtied: st.dirtied,
+            faults: st.report.remote_faults,
+        };
+        st.report.timeline.push(s);
+    }
+}
+
+fn other_frame(wanted: &str, f: Frame) -> LinkError {
+    LinkError::Io(std::io::Error::other(format!(
+        "expected {wanted} from the destination, got {}",
+        match f {
+            Frame::Error(m) => format!("an error: {m}"),
+            f => format!("{f:?}"),
+        }
+    )))
+}

@@ -1,0 +1,481 @@
+//! The migration wire format (documented in `docs/migration-wire.md`): length-prefixed frames,
+//! every one checked against its type's exact layout before anything is used.
+//!
+//! Frame: payload length (u32 LE, at most [`MAX_PAYLOAD`]), type (u8), payload. Integers are
+//! little-endian; bitmaps are a word count (u32) then that many u64 words, bit `p % 64` of word
+//! `p / 64` standing for page `p`.
+
+/// First bytes of a `hello` payload.
+pub const MAGIC: &[u8; 8] = b"SPANMIG\0";
+/// Wire format version; a peer with another version is refused at `hello`.
+pub const VERSION: u32 = 1;
+/// Pages a `pages` frame spans at most (2 MiB).
+pub const BATCH_PAGES: u64 = 512;
+/// Largest payload accepted: a full batch of raw pages plus its header and bitmaps, or a bitmap
+/// of 64 GiB of guest memory.
+pub const MAX_PAYLOAD: usize = 4 << 20;
+/// Bytes before the payload.
+pub const HEADER_LEN: usize = 5;
+/// Page size.
+pub const PAGE: usize = 4096;
+
+/// Page codecs: how the non-zero pages of a `pages` frame are encoded. Zero pages are always
+/// markers (a bit), never data; further codecs (delta, compression) get new numbers.
+pub const CODEC_RAW: u8 = 0;
+
+/// How the source hands the VM over in a `state` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// Every page is at the destination: run.
+    Complete = 0,
+    /// Pages in the frame's bitmap are still to come: run, and fault them in.
+    Postcopy = 1,
+}
+
+/// A decoded frame.
+#[derive(Debug, PartialEq)]
+pub enum Frame {
+    /// Source → destination, first frame: who is coming.
+    Hello {
+        /// Wire version of the sender.
+        version: u32,
+        /// Guest RAM size.
+        mem_bytes: u64,
+        /// Identifies one migration across reconnections.
+        session: u64,
+        /// A reconnection to resume a post-copy.
+        resume: bool,
+    },
+    /// Destination → source: ready (or not, with a reason).
+    Welcome {
+        /// Wire version of the destination.
+        version: u32,
+    },
+    /// Either way: the peer gives up, saying why.
+    Error(String),
+    /// Source → destination: pages `first..first + span` selected by `present`; among them
+    /// those in `zero` are zero pages, the others follow as data in `codec`.
+    Pages {
+        /// First page number of the span.
+        first: u64,
+        /// Pages the frame spans (1..=BATCH_PAGES).
+        span: u16,
+        /// Encoding of the data.
+        codec: u8,
+        /// Which pages of the span the frame carries.
+        present: Vec<u64>,
+        /// Which of them are zero.
+        zero: Vec<u64>,
+        /// Data of present, non-zero pages, in order.
+        data: Vec<u8>,
+    },
+    /// Source → destination: vCPU and device state, and how to hand over.
+    State {
+        /// Complete or post-copy.
+        handover: Handover,
+        /// `base_vmm::state::VmState` bytes (the state-file format).
+        state: Vec<u8>,
+        /// Post-copy: the pages still to come (empty for a complete hand-over).
+        needed: Vec<u64>,
+    },
+    /// Destination → source: the guest runs at the destination.
+    Resumed {
+        /// Destination time from `state` received to vCPUs running, µs.
+        load_us: u64,
+    },
+    /// Destination → source: the guest faulted on these pages; send them first.
+    Fault(Vec<u64>),
+    /// Source → destination: every page has been sent.
+    Done,
+    /// Destination → source: every page is in; the migration is over.
+    Complete {
+        /// Faults the destination requested from the source.
+        faults: u64,
+        /// Their mean latency (fault to page installed), µs.
+        fault_mean_us: u64,
+        /// Their worst latency, µs.
+        fault_max_us: u64,
+    },
+    /// Destination → source after a post-copy reconnection: the pages it still lacks.
+    Needed(Vec<u64>),
+}
+
+const T_HELLO: u8 = 1;
+const T_WELCOME: u8 = 2;
+const T_ERROR: u8 = 3;
+const T_PAGES: u8 = 4;
+const T_STATE: u8 = 5;
+const T_RESUMED: u8 = 6;
+const T_FAULT: u8 = 7;
+const T_DONE: u8 = 8;
+const T_COMPLETE: u8 = 9;
+const T_NEEDED: u8 = 10;
+
+/// Wire errors: what is wrong with a frame.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("malformed migration frame: {0}")]
+pub struct WireError(pub String);
+
+fn bad(why: impl Into<String>) -> WireError {
+    WireError(why.into())
+}
+
+/// Appends a frame to `out`.
+pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    let ty = match frame {
+        Frame::Hello {
+            version,
+            mem_bytes,
+            session,
+            resume,
+        } => {
+            out.extend_from_slice(MAGIC);
+            out.extend_from_slice(&version.to_le_bytes());
+            out.extend_from_slice(&mem_bytes.to_le_bytes());
+            out.extend_from_slice(&session.to_le_bytes());
+            out.push(*resume as u8);
+            T_HELLO
+        }
+        Frame::Welcome { version } => {
+            out.extend_from_slice(MAGIC);
+            out.extend_from_slice(&version.to_le_bytes());
+            T_WELCOME
+        }
+        Frame::Error(msg) => {
+            out.extend_from_slice(&msg.as_bytes()[..msg.len().min(4096)]);
+            T_ERROR
+        }
+        Frame::Pages {
+            first,
+            span,
+            codec,
+            present,
+            zero,
+            data,
+        } => {
+            out.extend_from_slice(&first.to_le_bytes());
+            out.extend_from_slice(&span.to_le_bytes());
+            out.push(*codec);
+            put_words(out, present);
+            put_words(out, zero);
+            out.extend_from_slice(data);
+            T_PAGES
+        }
+        Frame::State {
+            handover,
+            state,
+            needed,
+        } => {
+            out.push(*handover as u8);
+            out.extend_from_slice(&(state.len() as u32).to_le_bytes());
+            out.extend_from_slice(state);
+            put_bitmap(out, needed);
+            T_STATE
+        }
+        Frame::Resumed { load_us } => {
+            out.extend_from_slice(&load_us.to_le_bytes());
+            T_RESUMED
+        }
+        Frame::Fault(pages) => {
+            put_bitmap(out, pages);
+            T_FAULT
+        }
+        Frame::Done => T_DONE,
+        Frame::Complete {
+            faults,
+            fault_mean_us,
+            fault_max_us,
+        } => {
+            for v in [faults, fault_mean_us, fault_max_us] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            T_COMPLETE
+        }
+        Frame::Needed(bits) => {
+            put_bitmap(out, bits);
+            T_NEEDED
+        }
+    };
+    let len = (out.len() - start - HEADER_LEN) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4] = ty;
+}
+
+/// Words of a span's bitmap, without a count (the span gives it).
+fn put_words(out: &mut Vec<u8>, words: &[u64]) {
+    for w in words {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
+/// A counted list of u64 (bitmap words or page numbers).
+fn put_bitmap(out: &mut Vec<u8>, words: &[u64]) {
+    out.extend_from_slice(&(words.len() as u32).to_le_bytes());
+    put_words(out, words);
+}
+
+/// Reads a frame header: `(payload length, type)`, the length checked against the limit.
+pub fn header(h: &[u8; HEADER_LEN]) -> Result<(usize, u8), WireError> {
+    let len = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(bad(format!(
+            "payload of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit"
+        )));
+    }
+    Ok((len, h[4]))
+}
+
+/// A cursor that refuses to read past the payload.
+struct Reader<'a> {
+    b: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.b.len() < n {
+            return Err(bad(format!("{} frame is truncated", self.what)));
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn words(&mut self, n: usize) -> Result<Vec<u64>, WireError> {
+        let raw = self.take(
+            n.checked_mul(8)
+                .ok_or_else(|| bad("word count overflows"))?,
+        )?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
+            .collect())
+    }
+    fn bitmap(&mut self) -> Result<Vec<u64>, WireError> {
+        let n = self.u32()? as usize;
+        self.words(n)
+    }
+    fn magic(&mut self) -> Result<(), WireError> {
+        if self.take(8)? != MAGIC {
+            return Err(bad("not a spanvmm migration stream (bad magic)"));
+        }
+        Ok(())
+    }
+    fn end(self) -> Result<(), WireError> {
+        if !self.b.is_empty() {
+            return Err(bad(format!(
+                "{} frame has {} stray bytes at its end",
+                self.what,
+                self.b.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn ones(words: &[u64]) -> usize {
+    words.iter().map(|w| w.count_ones() as usize).sum()
+}
+
+/// Decodes a payload of type `ty`.
+pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
+    let what = match ty {
+        T_HELLO => "hello",
+        T_WELCOME => "welcome",
+        T_ERROR => "error",
+        T_PAGES => "pages",
+        T_STATE => "state",
+        T_RESUMED => "resumed",
+        T_FAULT => "fault",
+        T_DONE => "done",
+        T_COMPLETE => "complete",
+        T_NEEDED => "needed",
+        other => return Err(bad(format!("unknown frame type {other}"))),
+    };
+    let mut r = Reader { b: payload, what };
+    let f = match ty {
+        T_HELLO => {
+            r.magic()?;
+            Frame::Hello {
+                version: r.u32()?,
+                mem_bytes: r.u64()?,
+                session: r.u64()?,
+                resume: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(bad(format!("hello resume flag {v} is not 0 or 1"))),
+                },
+            }
+        }
+        T_WELCOME => {
+            r.magic()?;
+            Frame::Welcome { version: r.u32()? }
+        }
+        T_ERROR => Frame::Error(String::from_utf8_lossy(r.take(payload.len())?).into_owned()),
+        T_PAGES => {
+            let first = r.u64()?;
+            let span = r.u16()?;
+            if span == 0 || span as u64 > BATCH_PAGES {
+                return Err(bad(format!(
+                    "pages frame spans {span} pages (1..={BATCH_PAGES})"
+                )));
+            }
+            let codec = r.u8()?;
+            if codec != CODEC_RAW {
+                return Err(bad(format!("unknown page codec {codec}")));
+            }
+            let nw = (span as usize).div_ceil(64);
+            let present = r.words(nw)?;
+            let zero = r.words(nw)?;
+            let tail = span as u64 % 64;
+            if tail != 0 && (present[nw - 1] >> tail != 0 || zero[nw - 1] >> tail != 0) {
+                return Err(bad("pages frame marks pages beyond its span"));
+            }
+            if zero.iter().zip(&present).any(|(z, p)| z & !p != 0) {
+                return Err(bad("pages frame marks a page zero that it does not carry"));
+            }
+            let data_pages = ones(&present) - ones(&zero);
+            let data = r.take(data_pages * PAGE)?.to_vec();
+            Frame::Pages {
+                first,
+                span,
+                codec,
+                present,
+                zero,
+                data,
+            }
+        }
+        T_STATE => {
+            let handover = match r.u8()? {
+                0 => Handover::Complete,
+                1 => Handover::Postcopy,
+                v => return Err(bad(format!("unknown hand-over mode {v}"))),
+            };
+            let n = r.u32()? as usize;
+            let state = r.take(n)?.to_vec();
+            Frame::State {
+                handover,
+                state,
+                needed: r.bitmap()?,
+            }
+        }
+        T_RESUMED => Frame::Resumed { load_us: r.u64()? },
+        T_FAULT => Frame::Fault(r.bitmap()?),
+        T_DONE => Frame::Done,
+        T_COMPLETE => Frame::Complete {
+            faults: r.u64()?,
+            fault_mean_us: r.u64()?,
+            fault_max_us: r.u64()?,
+        },
+        T_NEEDED => Frame::Needed(r.bitmap()?),
+        _ => unreachable!("checked above"),
+    };
+    r.end()?;
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(f: Frame) {
+        let mut b = Vec::new();
+        encode(&f, &mut b);
+        let (len, ty) = header(b[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(len, b.len() - HEADER_LEN);
+        assert_eq!(decode(ty, &b[HEADER_LEN..]).unwrap(), f);
+        // Every truncation is refused, never a panic.
+        for cut in 0..b.len() - HEADER_LEN {
+            if len > 0 {
+                assert!(decode(ty, &b[HEADER_LEN..HEADER_LEN + cut]).is_err() || cut == len);
+            }
+        }
+        // So is a stray byte.
+        let mut long = b[HEADER_LEN..].to_vec();
+        long.push(0);
+        if !matches!(f, Frame::Error(_)) {
+            assert!(decode(ty, &long).is_err());
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_and_damage_is_refused() {
+        round_trip(Frame::Hello {
+            version: VERSION,
+            mem_bytes: 256 << 20,
+            session: 7,
+            resume: false,
+        });
+        round_trip(Frame::Welcome { version: VERSION });
+        round_trip(Frame::Error("no".into()));
+        round_trip(Frame::Pages {
+            first: 512,
+            span: 3,
+            codec: CODEC_RAW,
+            present: vec![0b101],
+            zero: vec![0b001],
+            data: vec![9; PAGE],
+        });
+        round_trip(Frame::State {
+            handover: Handover::Postcopy,
+            state: b"state".to_vec(),
+            needed: vec![1, 2, 3],
+        });
+        round_trip(Frame::Resumed { load_us: 5 });
+        round_trip(Frame::Fault(vec![4, 5]));
+        round_trip(Frame::Done);
+        round_trip(Frame::Complete {
+            faults: 1,
+            fault_mean_us: 2,
+            fault_max_us: 3,
+        });
+        round_trip(Frame::Needed(vec![u64::MAX]));
+    }
+
+    #[test]
+    fn inconsistent_frames_are_refused() {
+        let mut b = Vec::new();
+        encode(
+            &Frame::Pages {
+                first: 0,
+                span: 2,
+                codec: CODEC_RAW,
+                present: vec![0b1],
+                zero: vec![0b10],
+                data: vec![],
+            },
+            &mut b,
+        );
+        assert!(decode(T_PAGES, &b[HEADER_LEN..])
+            .unwrap_err()
+            .0
+            .contains("does not carry"));
+        let mut h = [0u8; HEADER_LEN];
+        h[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(header(&h).unwrap_err().0.contains("exceeds"));
+        assert!(decode(99, &[])
+            .unwrap_err()
+            .0
+            .contains("unknown frame type"));
+        let mut hello = Vec::new();
+        encode(&Frame::Welcome { version: 1 }, &mut hello);
+        hello[HEADER_LEN] = b'X';
+        assert!(decode(T_WELCOME, &hello[HEADER_LEN..])
+            .unwrap_err()
+            .0
+            .contains("bad magic"));
+    }
+}

@@ -1,0 +1,271 @@
+//! Migration policy, shared by the `precopy`, `postcopy` and `hybrid` services. The host's
+//! engine moves the bytes; this decides, from ticks, what to queue and when to hand over.
+//!
+//! - **precopy**: round 1 queues all of memory, each later round the pages dirtied during the
+//!   previous one. It stops and copies when the remaining dirty set is small (at most
+//!   `min_pages`, or sendable within `downtime_ms` at the measured rate). When the guest
+//!   dirties faster than the link drains, the set stops shrinking: after `stall_rounds`
+//!   rounds without a new minimum, or at `max_rounds` or `max_bytes`, it stops and copies
+//!   anyway. Stop-and-copy rather than a switch to post-copy, because a non-converging guest
+//!   keeps its dirty set near its working set, so the downtime stays bounded by
+//!   working-set/bandwidth, and the source stays the complete, safe copy until the very end
+//!   (a lost link never loses the guest). Whoever wants the other trade picks `hybrid`.
+//! - **postcopy**: hands over at once; the host pushes every page once, faulted pages first.
+//!   On each fault this queues the neighbourhood after the faulting page as urgent
+//!   (pre-paging), with a window that doubles while faults stay close to each other (a
+//!   sequential pass) and halves when they scatter.
+//! - **hybrid**: pre-copy for at most `max_rounds` (default 2), then post-copy unless the
+//!   dirty set already converged (then stop-and-copy is cheaper).
+
+use serde::Deserialize;
+use spanvmm_sdk::migration::{self as mig, Phase, SwitchMode};
+use spanvmm_sdk::{host, LogLevel};
+
+/// Which policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Iterative pre-copy, stop-and-copy.
+    #[default]
+    Precopy,
+    /// Post-copy at once, adaptive pre-paging.
+    Postcopy,
+    /// Bounded pre-copy, then post-copy.
+    Hybrid,
+}
+
+/// Attach configuration (JSON; every field optional).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Most pre-copy rounds.
+    pub max_rounds: u32,
+    /// Hand over when the remaining pages would take at most this long to send.
+    pub downtime_ms: f64,
+    /// Hand over when at most this many pages remain dirty.
+    pub min_pages: u64,
+    /// Hand over once this many bytes went out (0: no limit).
+    pub max_bytes: u64,
+    /// Hand over after this many rounds without a new smallest dirty set.
+    pub stall_rounds: u32,
+    /// Smallest and largest pre-paging window, pages.
+    pub prepage_min: u64,
+    /// Largest pre-paging window, pages.
+    pub prepage_max: u64,
+}
+
+impl Config {
+    fn for_mode(mode: Mode) -> Self {
+        Config {
+            max_rounds: if mode == Mode::Hybrid { 2 } else { 30 },
+            downtime_ms: 2.0,
+            min_pages: 64,
+            max_bytes: 0,
+            stall_rounds: 3,
+            prepage_min: 8,
+            prepage_max: 256,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::for_mode(Mode::Precopy)
+    }
+}
+
+/// The policy's state.
+#[derive(Default)]
+pub struct Policy {
+    mode: Mode,
+    cfg: Config,
+    round: u32,
+    started: bool,
+    switched: bool,
+    best: u64,
+    no_progress: u32,
+    last_fault: Option<u64>,
+    window: u64,
+    pages: u64,
+}
+
+fn info(msg: &str) {
+    host::log(LogLevel::Info, msg);
+}
+
+impl Policy {
+    /// Starts with the attach configuration.
+    pub fn attach(&mut self, mode: Mode, config: &str) -> Result<(), String> {
+        let mut cfg = Config::for_mode(mode);
+        if !config.trim().is_empty() {
+            let v: serde_json::Value =
+                serde_json::from_str(config).map_err(|e| format!("config: {e}"))?;
+            // Fields given override the mode's defaults.
+            let mut base = serde_json::to_value(DefaultsView(&cfg)).expect("plain values");
+            if let (Some(b), Some(o)) = (base.as_object_mut(), v.as_object()) {
+                for (k, val) in o {
+                    b.insert(k.clone(), val.clone());
+                }
+            }
+            cfg = serde_json::from_value(base).map_err(|e| format!("config: {e}"))?;
+        }
+        if cfg.prepage_min == 0 || cfg.prepage_max < cfg.prepage_min {
+            return Err("config: need 0 < prepage_min <= prepage_max".into());
+        }
+        self.mode = mode;
+        self.window = cfg.prepage_min;
+        self.cfg = cfg;
+        self.pages = host::vm_info().mem_bytes / 4096;
+        self.best = u64::MAX;
+        Ok(())
+    }
+
+    /// One tick: look at the progress, queue, hand over.
+    pub fn tick(&mut self) -> Result<(), String> {
+        let p = mig::progress()?;
+        match p.phase {
+            Phase::Completed | Phase::Failed => return Ok(()),
+            Phase::Postcopy | Phase::Recovering => return self.prepage(),
+            Phase::Precopy => {}
+        }
+        if self.switched {
+            return Ok(());
+        }
+        if !self.started {
+            self.started = true;
+            if self.mode == Mode::Postcopy {
+                self.switched = true;
+                info("post-copy: handing over at once");
+                return mig::switch_over(SwitchMode::Postcopy);
+            }
+            mig::harvest_dirty()?; // from here on, the dirty log counts against round 1
+            self.round = 1;
+            return mig::queue_range(0, self.pages, false, 1);
+        }
+        if p.pages_pending > 0 {
+            return Ok(()); // the round is still going out
+        }
+        let dirty = mig::harvest_dirty()?;
+        let remaining: u64 = dirty.iter().map(|w| w.count_ones() as u64).sum();
+        let rate = p.rate_bytes_per_sec.max(1) as f64;
+        let est_ms = remaining as f64 * 4096.0 * 1e3 / rate;
+        if remaining < self.best {
+            self.best = remaining;
+            self.no_progress = 0;
+        } else {
+            self.no_progress += 1;
+        }
+        let c = &self.cfg;
+        let converged = remaining <= c.min_pages || est_ms <= c.downtime_ms;
+        let stop = if converged {
+            Some("converged")
+        } else if self.round >= c.max_rounds {
+            Some("round limit")
+        } else if c.max_bytes > 0 && p.bytes_sent >= c.max_bytes {
+            Some("bytes limit")
+        } else if self.no_progress >= c.stall_rounds {
+            Some("not converging (dirty rate above the link's)")
+        } else {
+            None
+        };
+        host::metric("round", self.round as f64);
+        host::metric("remaining_pages", remaining as f64);
+        let Some(why) = stop else {
+            self.round += 1;
+            mig::queue_pages(&dirty, self.round)?;
+            return Ok(());
+        };
+        let mode = if self.mode == Mode::Hybrid && !converged {
+            SwitchMode::Postcopy
+        } else {
+            SwitchMode::StopAndCopy
+        };
+        info(&format!(
+            "round {}: {remaining} pages dirty (~{est_ms:.1} ms at {:.0} MB/s): {why}, {mode:?}",
+            self.round,
+            rate / 1e6
+        ));
+        if mode == SwitchMode::StopAndCopy {
+            // Sent while the guest still runs; the switch-over adds what it dirties meanwhile.
+            mig::queue_pages(&dirty, 0)?;
+        } else {
+            // Post-copy sends every page the destination lacks; nothing to queue.
+            mig::queue_pages(&dirty, 0)?;
+        }
+        self.switched = true;
+        mig::switch_over(mode)
+    }
+
+    /// Post-copy: queue the neighbourhood of each new fault ahead of the background push.
+    fn prepage(&mut self) -> Result<(), String> {
+        for f in mig::take_faults() {
+            let near = self
+                .last_fault
+                .is_some_and(|l| f.abs_diff(l) <= 2 * self.window);
+            self.window = if near {
+                (self.window * 2).min(self.cfg.prepage_max)
+            } else {
+                (self.window / 2).max(self.cfg.prepage_min)
+            };
+            self.last_fault = Some(f);
+            let first = f + 1;
+            if first < self.pages {
+                let n = self.window.min(self.pages - first);
+                mig::queue_range(first, n, true, 0)?;
+            }
+        }
+        host::metric("prepage_window", self.window as f64);
+        Ok(())
+    }
+}
+
+/// Serializes a config (for merging the given fields over the mode's defaults).
+struct DefaultsView<'a>(&'a Config);
+
+impl serde::Serialize for DefaultsView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let c = self.0;
+        let mut m = s.serialize_map(Some(7))?;
+        m.serialize_entry("max_rounds", &c.max_rounds)?;
+        m.serialize_entry("downtime_ms", &c.downtime_ms)?;
+        m.serialize_entry("min_pages", &c.min_pages)?;
+        m.serialize_entry("max_bytes", &c.max_bytes)?;
+        m.serialize_entry("stall_rounds", &c.stall_rounds)?;
+        m.serialize_entry("prepage_min", &c.prepage_min)?;
+        m.serialize_entry("prepage_max", &c.prepage_max)?;
+        m.end()
+    }
+}
+
+/// Defines a service type named `$ty` with manifest name `$name` running `$mode`.
+#[macro_export]
+macro_rules! migration_service {
+    ($ty:ident, $name:literal, $mode:expr, $caps:expr) => {
+        #[derive(Default)]
+        struct $ty($crate::Policy);
+
+        impl spanvmm_sdk::Service for $ty {
+            fn manifest() -> spanvmm_sdk::Manifest {
+                spanvmm_sdk::Manifest::new($name, env!("CARGO_PKG_VERSION"))
+                    .events(&[spanvmm_sdk::EventKind::Tick])
+                    .capabilities($caps)
+                    .tick_every_ms(5)
+            }
+
+            fn attach(&mut self, config: &str) -> Result<(), String> {
+                self.0.attach($mode, config)
+            }
+
+            fn on_event(&mut self, ev: spanvmm_sdk::Event) -> spanvmm_sdk::EventReply {
+                if let spanvmm_sdk::Event::Tick { .. } = ev {
+                    if let Err(e) = self.0.tick() {
+                        spanvmm_sdk::host::log(spanvmm_sdk::LogLevel::Warn, &e);
+                    }
+                }
+                spanvmm_sdk::EventReply::None
+            }
+        }
+
+        spanvmm_sdk::export_service!($ty);
+    };
+}

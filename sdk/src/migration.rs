@@ -1,0 +1,159 @@
+//! The live-migration engine (`spanvmm:service/migration`), for the service holding the
+//! `drives-migration` capability. The host moves the bytes on its own thread; the service
+//! queues bitmaps and ranges, hands the guest over when it decides, and reads progress.
+//!
+//! Only Wasm services reach it: the native ABI does not carry these calls (a native build
+//! gets an error from each), since migration policy is not a hot path.
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Pages go out while the guest runs here.
+    Precopy,
+    /// The guest runs at the destination; the host pushes what it lacks.
+    Postcopy,
+    /// Post-copy lost its connection; the host is reconnecting.
+    Recovering,
+    /// Done.
+    Completed,
+    /// Given up.
+    Failed,
+}
+
+/// How to hand the guest over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchMode {
+    /// Pause, send the remaining dirty pages and the state, run at the destination.
+    StopAndCopy,
+    /// Pause, send the state, run at the destination at once; pages follow.
+    Postcopy,
+}
+
+/// Progress of the migration.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Where it is.
+    pub phase: Phase,
+    /// Guest pages.
+    pub pages_total: u64,
+    /// Pages queued and not sent yet.
+    pub pages_pending: u64,
+    /// Pages sent so far.
+    pub pages_sent: u64,
+    /// Bytes on the wire so far.
+    pub bytes_sent: u64,
+    /// Recent send rate, bytes/s.
+    pub rate_bytes_per_sec: u64,
+    /// Post-copy: pages the destination still lacks.
+    pub pages_needed: u64,
+    /// Faults the destination requested.
+    pub remote_faults: u64,
+    /// ms since the migration started.
+    pub elapsed_ms: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+#[cfg(target_arch = "wasm32")]
+mod imp {
+    use super::*;
+    use crate::wasm::bindings::spanvmm::service::migration as m;
+
+    pub fn harvest_dirty() -> Result<Vec<u64>, String> {
+        m::harvest_dirty()
+    }
+    pub fn queue_pages(bitmap: &[u64], round: u32) -> Result<u64, String> {
+        m::queue_pages(bitmap, round)
+    }
+    pub fn queue_range(first: u64, count: u64, urgent: bool, round: u32) -> Result<(), String> {
+        m::queue_range(first, count, urgent, round)
+    }
+    pub fn switch_over(mode: SwitchMode) -> Result<(), String> {
+        m::switch_over(match mode {
+            SwitchMode::StopAndCopy => m::SwitchMode::StopAndCopy,
+            SwitchMode::Postcopy => m::SwitchMode::Postcopy,
+        })
+    }
+    pub fn take_faults() -> Vec<u64> {
+        m::take_faults()
+    }
+    pub fn progress() -> Result<Progress, String> {
+        let p = m::progress()?;
+        Ok(Progress {
+            phase: match p.phase {
+                m::Phase::Precopy => Phase::Precopy,
+                m::Phase::Postcopy => Phase::Postcopy,
+                m::Phase::Recovering => Phase::Recovering,
+                m::Phase::Completed => Phase::Completed,
+                m::Phase::Failed => Phase::Failed,
+            },
+            pages_total: p.pages_total,
+            pages_pending: p.pages_pending,
+            pages_sent: p.pages_sent,
+            bytes_sent: p.bytes_sent,
+            rate_bytes_per_sec: p.rate_bytes_per_sec,
+            pages_needed: p.pages_needed,
+            remote_faults: p.remote_faults,
+            elapsed_ms: p.elapsed_ms,
+            error: p.error,
+        })
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+mod imp {
+    use super::*;
+
+    const NATIVE: &str = "the migration interface is only available to Wasm services";
+
+    pub fn harvest_dirty() -> Result<Vec<u64>, String> {
+        Err(NATIVE.into())
+    }
+    pub fn queue_pages(_: &[u64], _: u32) -> Result<u64, String> {
+        Err(NATIVE.into())
+    }
+    pub fn queue_range(_: u64, _: u64, _: bool, _: u32) -> Result<(), String> {
+        Err(NATIVE.into())
+    }
+    pub fn switch_over(_: SwitchMode) -> Result<(), String> {
+        Err(NATIVE.into())
+    }
+    pub fn take_faults() -> Vec<u64> {
+        Vec::new()
+    }
+    pub fn progress() -> Result<Progress, String> {
+        Err(NATIVE.into())
+    }
+}
+
+/// Pages dirtied since the previous call, counted into the migration's dirty rate
+/// (capabilities `drives-migration` and `dirty-log`).
+pub fn harvest_dirty() -> Result<Vec<u64>, String> {
+    imp::harvest_dirty()
+}
+
+/// Queues the pages set in `bitmap`, counted into pre-copy round `round` (0: none); returns
+/// how many were not queued already.
+pub fn queue_pages(bitmap: &[u64], round: u32) -> Result<u64, String> {
+    imp::queue_pages(bitmap, round)
+}
+
+/// Queues pages `[first, first + count)`; `urgent` ones go before everything but faults.
+pub fn queue_range(first: u64, count: u64, urgent: bool, round: u32) -> Result<(), String> {
+    imp::queue_range(first, count, urgent, round)
+}
+
+/// Hands the guest over once the queued pages are out.
+pub fn switch_over(mode: SwitchMode) -> Result<(), String> {
+    imp::switch_over(mode)
+}
+
+/// Pages the destination faulted on since the previous call (post-copy).
+pub fn take_faults() -> Vec<u64> {
+    imp::take_faults()
+}
+
+/// Where the migration is.
+pub fn progress() -> Result<Progress, String> {
+    imp::progress()
+}
