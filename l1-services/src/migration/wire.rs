@@ -397,10 +397,10 @@ mod tests {
         let (len, ty) = header(b[..HEADER_LEN].try_into().unwrap()).unwrap();
         assert_eq!(len, b.len() - HEADER_LEN);
         assert_eq!(decode(ty, &b[HEADER_LEN..]).unwrap(), f);
-        // Every truncation is refused, never a panic.
-        for cut in 0..b.len() - HEADER_LEN {
-            if len > 0 {
-                assert!(decode(ty, &b[HEADER_LEN..HEADER_LEN + cut]).is_err() || cut == len);
+        // Every truncation is refused, never a panic (an error message is any text).
+        if !matches!(f, Frame::Error(_)) {
+            for cut in 0..len {
+                assert!(decode(ty, &b[HEADER_LEN..HEADER_LEN + cut]).is_err());
             }
         }
         // So is a stray byte.
