@@ -59,6 +59,7 @@ pub fn parse_addr(s: &str) -> anyhow::Result<SocketAddr> {
 struct Vm {
     ctl: Arc<VmControl>,
     cap: StateCapture,
+    machine: Vec<u8>,
 }
 
 impl SourceVm for Vm {
@@ -70,6 +71,9 @@ impl SourceVm for Vm {
     }
     fn resume(&self) -> Result<(), String> {
         self.ctl.resume().map(|_| ()).map_err(|e| e.to_string())
+    }
+    fn machine(&self) -> Vec<u8> {
+        self.machine.clone()
     }
     fn capture_state(&self) -> Result<Vec<u8>, String> {
         self.cap
@@ -138,6 +142,7 @@ impl Migrations {
         let vm = Arc::new(Vm {
             ctl: vmm.control().clone(),
             cap: vmm.state_capture(),
+            machine: serde_json::to_vec(vmm.machine()).map_err(|e| (500, e.to_string()))?,
         });
         let session = MigrationSource::start(
             vm,
@@ -201,6 +206,12 @@ impl Migrations {
                 report.handover, report.total_ms, report.downtime_ms
             );
             Polled::Moved
+        } else if report.handover == "postcopy" {
+            eprintln!(
+                "spanvmm: post-copy migration failed: {}",
+                report.error.clone().unwrap_or_default()
+            );
+            Polled::Nothing
         } else {
             eprintln!(
                 "spanvmm: migration failed: {}; the VM goes on here",
@@ -247,13 +258,17 @@ pub fn incoming(
         "spanvmm: waiting for an incoming migration on {}",
         listener.local_addr()?
     );
-    let arrived =
+    let mut arrived =
         migration::receive(listener, tls, recovery_timeout).map_err(anyhow::Error::msg)?;
     let t = Instant::now();
     let built = VmState::from_bytes(&arrived.state, "migration stream")
         .map_err(anyhow::Error::from)
         .and_then(|state| {
-            Vmm::prepare(arrived.ram.clone(), &state.machine)
+            let prepared = match arrived.prepared.take() {
+                Some(p) => Ok(p),
+                None => Vmm::prepare(arrived.ram.clone(), &state.machine),
+            };
+            prepared
                 .and_then(|p| p.finish(&state, serial, events, false))
                 .map_err(anyhow::Error::from)
         });

@@ -32,6 +32,8 @@ pub struct Arrived {
     pub state: Vec<u8>,
     /// How the source handed over.
     pub handover: Handover,
+    /// The KVM VM and vCPUs, built while pages streamed in (None: build them now).
+    pub prepared: Option<base_vmm::vmm::PreparedVm>,
     received_at: Instant,
     link: Option<Link>,
     postcopy: Option<std::sync::mpsc::Sender<u64>>,
@@ -192,6 +194,7 @@ pub fn receive(
     let pages = mem / PAGE as u64;
     let dest = MigrationDest::new();
     let mut written = vec![0u64; pages.div_ceil(64) as usize];
+    let mut prepared = None;
     let fail = |e: LinkError| format!("incoming migration failed before the hand-over: {e}");
     loop {
         let f = link
@@ -247,6 +250,7 @@ pub fn receive(
                     ram: ram.clone(),
                     state,
                     handover,
+                    prepared: prepared.take(),
                     received_at,
                     link: None,
                     postcopy: None,
@@ -264,10 +268,18 @@ pub fn receive(
                     ))));
                 }
                 // Stale copies of pages still to come must go, so that the guest faults on them.
-                for p in 0..pages {
-                    if bit(&needed, p) && bit(&written, p) {
-                        punch(&ram, p).map_err(|e| fail(io(e)))?;
+                let mut p = 0;
+                while p < pages {
+                    if !(bit(&needed, p) && bit(&written, p)) {
+                        p += 1;
+                        continue;
                     }
+                    let mut q = p;
+                    while q < pages && bit(&needed, q) && bit(&written, q) {
+                        q += 1;
+                    }
+                    punch(&ram, p, q - p).map_err(|e| fail(io(e)))?;
+                    p = q;
                 }
                 let uffd =
                     Userfault::register_missing(&ram).map_err(|e| fail(io(e.to_string())))?;
@@ -294,21 +306,28 @@ pub fn receive(
                 arrived.postcopy = Some(tx);
                 return Ok(arrived);
             }
+            Frame::Sync => link.send(&Frame::Sync).map_err(fail)?,
+            Frame::Machine(json) => {
+                let machine: base_vmm::state::MachineConfig = serde_json::from_slice(&json)
+                    .map_err(|e| fail(io(format!("machine description: {e}"))))?;
+                // A failure here is retried when the state arrives (and reported then).
+                prepared = base_vmm::vmm::Vmm::prepare(ram.clone(), &machine).ok();
+            }
             Frame::Error(msg) => return Err(format!("the source gave up: {msg}")),
             other => return Err(fail(io(format!("unexpected frame {other:?}")))),
         }
     }
 }
 
-/// Drops a page from the memfd, so the next touch is a missing-page fault.
-fn punch(ram: &GuestRam, p: u64) -> Result<(), String> {
+/// Drops pages `[p, p+n)` from the memfd, so the next touch is a missing-page fault.
+fn punch(ram: &GuestRam, p: u64, n: u64) -> Result<(), String> {
     // SAFETY: fallocate on our memfd; the range is inside it.
     let r = unsafe {
         libc::fallocate(
             ram.memfd().as_raw_fd(),
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             (p * PAGE as u64) as libc::off_t,
-            PAGE as libc::off_t,
+            (n * PAGE as u64) as libc::off_t,
         )
     };
     if r < 0 {
@@ -457,6 +476,8 @@ impl Postcopy {
                         fault_max_us: d.fault_max_us.load(Ordering::Relaxed),
                     })?;
                     link.flush(Duration::from_secs(10))?;
+                    // The source closes first, once it has read `complete`.
+                    let _ = link.recv(Duration::from_secs(5));
                     return Ok(true);
                 }
                 Frame::Error(m) => return Err(io(format!("the source gave up: {m}"))),

@@ -12,8 +12,11 @@ use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerCon
 
 use super::wire::{self, Frame, HEADER_LEN};
 
-/// Plaintext rustls may buffer before `send` waits for the socket.
-const TLS_BUFFER: usize = 8 << 20;
+/// Plaintext rustls may buffer before `send` waits for the socket. Small, because a fault's
+/// page queues behind whatever is buffered (a few batches keep the link busy).
+const TLS_BUFFER: usize = 256 << 10;
+/// Socket buffer size (see `small_buffer`).
+const SOCKET_BUFFER: libc::c_int = 512 << 10;
 
 /// Link errors.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,8 @@ pub struct Link {
     /// Plaintext received; `rx[rx_off..]` is not parsed yet.
     rx: Vec<u8>,
     rx_off: usize,
+    /// The peer closed the connection (frames before that are still delivered).
+    closed: bool,
     /// Bytes written to the socket (TLS records included).
     pub wire_bytes: u64,
 }
@@ -61,6 +66,23 @@ fn poll_fd(fd: RawFd, events: i16, timeout: Duration) -> std::io::Result<i16> {
     Ok(if n == 0 { 0 } else { p.revents })
 }
 
+/// Few bytes in flight ahead of a faulted page (post-copy): the source's send buffer and the
+/// destination's receive buffer are kept small (the kernel doubles the value; it still fills a
+/// fast link).
+fn small_buffer(sock: &TcpStream, which: libc::c_int) {
+    let size: libc::c_int = SOCKET_BUFFER;
+    // SAFETY: setsockopt with a valid int option on our socket.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            which,
+            &size as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
 impl Link {
     fn handshake(sock: TcpStream, tls: Connection, timeout: Duration) -> Result<Self, LinkError> {
         sock.set_nodelay(true)?;
@@ -70,6 +92,7 @@ impl Link {
             tls,
             rx: Vec::new(),
             rx_off: 0,
+            closed: false,
             wire_bytes: 0,
         };
         link.tls.set_buffer_limit(Some(TLS_BUFFER));
@@ -93,6 +116,7 @@ impl Link {
         timeout: Duration,
     ) -> Result<Self, LinkError> {
         let sock = TcpStream::connect_timeout(&addr, timeout)?;
+        small_buffer(&sock, libc::SO_SNDBUF);
         let conn = ClientConnection::new(cfg, super::tls::server_name())?;
         Self::handshake(sock, Connection::Client(conn), timeout)
     }
@@ -103,6 +127,7 @@ impl Link {
         cfg: Arc<ServerConfig>,
         timeout: Duration,
     ) -> Result<Self, LinkError> {
+        small_buffer(&sock, libc::SO_RCVBUF);
         let conn = ServerConnection::new(cfg)?;
         Self::handshake(sock, Connection::Server(conn), timeout)
     }
@@ -128,13 +153,14 @@ impl Link {
     }
 
     fn read_some(&mut self) -> Result<(), LinkError> {
+        if self.closed {
+            return Err(Self::eof());
+        }
         loop {
             match self.tls.read_tls(&mut self.sock) {
                 Ok(0) => {
-                    return Err(LinkError::Io(std::io::Error::new(
-                        ErrorKind::UnexpectedEof,
-                        "the peer closed the connection",
-                    )))
+                    self.closed = true;
+                    return Ok(());
                 }
                 Ok(_) => {
                     let state = self.tls.process_new_packets();
@@ -148,10 +174,8 @@ impl Link {
                         self.rx.truncate(at + n);
                     }
                     if state.peer_has_closed() && !self.tls.is_handshaking() {
-                        return Err(LinkError::Io(std::io::Error::new(
-                            ErrorKind::UnexpectedEof,
-                            "the peer closed the connection",
-                        )));
+                        self.closed = true;
+                        return Ok(());
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
@@ -159,6 +183,13 @@ impl Link {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    fn eof() -> LinkError {
+        LinkError::Io(std::io::Error::new(
+            ErrorKind::UnexpectedEof,
+            "the peer closed the connection",
+        ))
     }
 
     fn write_some(&mut self) -> Result<(), LinkError> {
@@ -241,6 +272,9 @@ impl Link {
         loop {
             if let Some(f) = self.parse()? {
                 return Ok(Some(f));
+            }
+            if self.closed {
+                return Err(Self::eof());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             self.pump(left)?;

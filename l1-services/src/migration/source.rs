@@ -22,6 +22,9 @@ use super::wire::{Frame, Handover, BATCH_PAGES, CODEC_RAW, PAGE, VERSION};
 use super::{bit, clear_bit, count, set_bit, Phase, Progress, SwitchMode};
 use crate::ctx::lock;
 
+/// Pages per batch during post-copy (256 KiB).
+const POSTCOPY_BATCH: u64 = 64;
+
 /// What the engine needs from the VMM beyond guest RAM.
 pub trait SourceVm: Send + Sync {
     /// Guest RAM.
@@ -32,6 +35,8 @@ pub trait SourceVm: Send + Sync {
     fn resume(&self) -> Result<(), String>;
     /// The VM's state (vCPUs paused), in the state-file format.
     fn capture_state(&self) -> Result<Vec<u8>, String>;
+    /// The machine's shape (JSON of `base_vmm::state::MachineConfig`).
+    fn machine(&self) -> Vec<u8>;
 }
 
 /// How to reach the destination.
@@ -150,7 +155,9 @@ impl MigrationSource {
         let ram = vm.ram().clone();
         let pages = ram.size() / PAGE as u64;
         let session = started.elapsed().as_nanos() as u64 ^ ((std::process::id() as u64) << 32);
-        let link = hello(&cfg, ram.size(), session, false).map_err(|e| e.to_string())?;
+        let mut link = hello(&cfg, ram.size(), session, false).map_err(|e| e.to_string())?;
+        link.send(&Frame::Machine(vm.machine()))
+            .map_err(|e| e.to_string())?;
         let words = pages.div_ceil(64) as usize;
         let src = Arc::new(MigrationSource {
             st: Mutex::new(State {
@@ -463,8 +470,14 @@ impl Sender<'_> {
         let pages = self.src.pages;
         let mut st = self.st();
         let postcopy = matches!(st.phase, Phase::Postcopy);
+        // Post-copy batches are small so a fault's page never waits behind a big one.
+        let batch = if postcopy {
+            POSTCOPY_BATCH
+        } else {
+            BATCH_PAGES
+        };
         let take = |st: &mut State, first: u64, end: u64, only_pending: bool| {
-            let span = (end - first).min(BATCH_PAGES);
+            let span = (end - first).min(batch);
             let mut sel = vec![0u64; span.div_ceil(64) as usize];
             let mut any = false;
             for i in 0..span {
@@ -503,7 +516,7 @@ impl Sender<'_> {
             }
         }
         while let Some((a, b)) = st.urgent.pop_front() {
-            let span_end = b.min(a + BATCH_PAGES);
+            let span_end = b.min(a + batch);
             if span_end < b {
                 st.urgent.push_front((span_end, b));
             }
@@ -521,7 +534,7 @@ impl Sender<'_> {
             let w = (start + k) % words;
             if st.pending[w] != 0 {
                 let p = w as u64 * 64 + st.pending[w].trailing_zeros() as u64;
-                let end = (p + BATCH_PAGES).min(pages);
+                let end = (p + batch).min(pages);
                 st.cursor = end % pages;
                 return take(&mut st, p, end, true);
             }
@@ -659,6 +672,15 @@ impl Sender<'_> {
         final_dirty: Option<Harvest>,
     ) -> Result<Option<Outcome>, LinkError> {
         let other = |m: String| LinkError::Io(std::io::Error::other(m));
+        // Let what is in flight arrive while the guest still runs.
+        self.link.send(&Frame::Sync)?;
+        self.link.flush(Duration::from_secs(30))?;
+        loop {
+            match self.link.expect(Duration::from_secs(30), "sync")? {
+                Frame::Sync => break,
+                other => return Err(other_frame("sync", other)),
+            }
+        }
         let t_pause = Instant::now();
         self.src.vm.pause().map_err(other)?;
         self.paused = true;
@@ -704,8 +726,10 @@ impl Sender<'_> {
                     }
                     st.needed = needed.clone();
                     st.postcopy_sent = vec![0; needed.len()];
-                    st.pending.iter_mut().for_each(|w| *w = 0);
-                    st.pending_count = 0;
+                    // The background push walks what the destination lacks, in address order.
+                    st.pending = needed.clone();
+                    st.pending_count = count(&needed);
+                    st.cursor = 0;
                     needed
                 };
                 self.link.send(&Frame::State {
@@ -822,7 +846,10 @@ impl Sender<'_> {
                     Ok(Frame::Needed(bits)) if bits.len() == self.st().needed.len() => {
                         let mut st = self.st();
                         // Pages in flight when the link broke are sent again.
+                        st.pending_count = count(&bits);
+                        st.pending = bits.clone();
                         st.needed = bits;
+                        st.faults.clear();
                         st.phase = Phase::Postcopy;
                         st.report.recoveries += 1;
                         drop(st);

@@ -98,6 +98,14 @@ pub enum Frame {
     },
     /// Destination → source after a post-copy reconnection: the pages it still lacks.
     Needed(Vec<u64>),
+    /// Source → destination, after `welcome`: the machine's shape (JSON of
+    /// `base_vmm::state::MachineConfig`), so the destination builds its KVM VM and vCPUs while
+    /// pages stream in, not during the downtime.
+    Machine(Vec<u8>),
+    /// Either way: "everything before this has arrived" when it comes back. The source sends
+    /// one before it pauses the guest, so the pages already in flight drain while the guest
+    /// still runs, not during the downtime.
+    Sync,
 }
 
 const T_HELLO: u8 = 1;
@@ -110,6 +118,8 @@ const T_FAULT: u8 = 7;
 const T_DONE: u8 = 8;
 const T_COMPLETE: u8 = 9;
 const T_NEEDED: u8 = 10;
+const T_MACHINE: u8 = 11;
+const T_SYNC: u8 = 12;
 
 /// Wire errors: what is wrong with a frame.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -197,6 +207,11 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             put_bitmap(out, bits);
             T_NEEDED
         }
+        Frame::Machine(json) => {
+            out.extend_from_slice(json);
+            T_MACHINE
+        }
+        Frame::Sync => T_SYNC,
     };
     let len = (out.len() - start - HEADER_LEN) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -303,6 +318,8 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
         T_DONE => "done",
         T_COMPLETE => "complete",
         T_NEEDED => "needed",
+        T_MACHINE => "machine",
+        T_SYNC => "sync",
         other => return Err(bad(format!("unknown frame type {other}"))),
     };
     let mut r = Reader { b: payload, what };
@@ -381,6 +398,8 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
             fault_max_us: r.u64()?,
         },
         T_NEEDED => Frame::Needed(r.bitmap()?),
+        T_MACHINE => Frame::Machine(r.take(payload.len())?.to_vec()),
+        T_SYNC => Frame::Sync,
         _ => unreachable!("checked above"),
     };
     r.end()?;
@@ -398,7 +417,7 @@ mod tests {
         assert_eq!(len, b.len() - HEADER_LEN);
         assert_eq!(decode(ty, &b[HEADER_LEN..]).unwrap(), f);
         // Every truncation is refused, never a panic (an error message is any text).
-        if !matches!(f, Frame::Error(_)) {
+        if !matches!(f, Frame::Error(_) | Frame::Machine(_)) {
             for cut in 0..len {
                 assert!(decode(ty, &b[HEADER_LEN..HEADER_LEN + cut]).is_err());
             }
@@ -406,7 +425,7 @@ mod tests {
         // So is a stray byte.
         let mut long = b[HEADER_LEN..].to_vec();
         long.push(0);
-        if !matches!(f, Frame::Error(_)) {
+        if !matches!(f, Frame::Error(_) | Frame::Machine(_)) {
             assert!(decode(ty, &long).is_err());
         }
     }
@@ -437,12 +456,14 @@ mod tests {
         round_trip(Frame::Resumed { load_us: 5 });
         round_trip(Frame::Fault(vec![4, 5]));
         round_trip(Frame::Done);
+        round_trip(Frame::Sync);
         round_trip(Frame::Complete {
             faults: 1,
             fault_mean_us: 2,
             fault_max_us: 3,
         });
         round_trip(Frame::Needed(vec![u64::MAX]));
+        round_trip(Frame::Machine(b"{}".to_vec()));
     }
 
     #[test]
