@@ -675,11 +675,9 @@ impl Sender<'_> {
         // Let what is in flight arrive while the guest still runs.
         self.link.send(&Frame::Sync)?;
         self.link.flush(Duration::from_secs(30))?;
-        loop {
-            match self.link.expect(Duration::from_secs(30), "sync")? {
-                Frame::Sync => break,
-                other => return Err(other_frame("sync", other)),
-            }
+        match self.link.expect(Duration::from_secs(30), "sync")? {
+            Frame::Sync => {}
+            other => return Err(other_frame("sync", other)),
         }
         let t_pause = Instant::now();
         self.src.vm.pause().map_err(other)?;
