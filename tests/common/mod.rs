@@ -88,9 +88,22 @@ pub fn num(line: &str, key: &str) -> u64 {
 impl VmProcess {
     /// Starts `spanvmm run` with `args` plus a console on stdout and an API socket.
     pub fn start(tag: &str, args: &[&str]) -> Self {
+        Self::start_wrapped(tag, &[], args)
+    }
+
+    /// Like [`VmProcess::start`], run under `wrapper` (e.g. `ip netns exec NS`).
+    pub fn start_wrapped(tag: &str, wrapper: &[&str], args: &[&str]) -> Self {
         let dir = TempDir::new(tag);
         let api = dir.path().join("api.sock");
-        let mut child = Command::new(spanvmm())
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(spanvmm());
+                c
+            }
+            None => Command::new(spanvmm()),
+        };
+        let mut child = cmd
             .arg("run")
             .args(args)
             .args(["--serial", "stdout", "--api-socket"])
@@ -133,11 +146,23 @@ impl VmProcess {
 
     /// Boots spanguest with `cmdline` on `mem_mib` MiB and `vcpus` vCPUs, waiting for `ready`.
     pub fn boot(tag: &str, cmdline: &str, mem_mib: u64, vcpus: usize) -> Self {
+        Self::boot_wrapped(tag, &[], cmdline, mem_mib, vcpus)
+    }
+
+    /// Like [`VmProcess::boot`], run under `wrapper` (e.g. `ip netns exec NS`).
+    pub fn boot_wrapped(
+        tag: &str,
+        wrapper: &[&str],
+        cmdline: &str,
+        mem_mib: u64,
+        vcpus: usize,
+    ) -> Self {
         let kernel = guest_elf();
         let mem = mem_mib.to_string();
         let n = vcpus.to_string();
-        let vm = Self::start(
+        let vm = Self::start_wrapped(
             tag,
+            wrapper,
             &[
                 "--kernel",
                 kernel.to_str().unwrap(),
