@@ -62,9 +62,9 @@ impl Link {
 /// A source and a destination host joined by a [`Link`]: where to run each side and where the
 /// source connects.
 pub struct Hosts {
-    lab: Option<NetLab>,
-    /// Kept alive for the lab's lifetime.
+    /// Kept alive for the lab's lifetime; declared first so it goes before the lab.
     _relay: Option<DelayRelay>,
+    lab: Option<NetLab>,
     /// Where the destination listens.
     pub listen: SocketAddr,
     /// Where the source connects (the relay, on a shaped link).

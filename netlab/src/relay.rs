@@ -3,6 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -41,6 +42,8 @@ impl Shared {
 /// bytes held per direction (the link's bandwidth-delay product: a sender cannot outrun it).
 pub struct DelayRelay {
     addr: SocketAddr,
+    /// The listening socket, to wake the accept loop by shutting it down.
+    listener: TcpListener,
     shared: Arc<Shared>,
     accept: Option<JoinHandle<()>>,
 }
@@ -65,11 +68,13 @@ impl DelayRelay {
             open: Mutex::new(HashMap::new()),
         });
         let s = shared.clone();
+        let wake = listener.try_clone()?;
         let accept = std::thread::Builder::new()
             .name("delay-relay".into())
             .spawn(move || accept_loop(listener, s))?;
         Ok(DelayRelay {
             addr,
+            listener: wake,
             shared,
             accept: Some(accept),
         })
@@ -102,8 +107,10 @@ impl DelayRelay {
 impl Drop for DelayRelay {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        // Shutting the listening socket down wakes the accept loop with an error, even when
+        // its address is gone (a network namespace deleted first).
+        // SAFETY: shutdown(2) on a socket this value owns.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
@@ -116,7 +123,11 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(client) = client else { continue };
+        let Ok(client) = client else {
+            // Transient (e.g. a connection reset before accept); back off a little.
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        };
         let id = shared.accepted.fetch_add(1, Ordering::Relaxed);
         if shared.down.load(Ordering::SeqCst) {
             drop(client);
