@@ -7,10 +7,11 @@ mod common;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use common::*;
+use netlab::{DelayRelay, NetLab};
 use serde_json::Value;
 
 const GUEST: &str = "workload=dirty,verify mib=64 rate=20000 stall_us=2000 report_ms=200";
@@ -114,40 +115,15 @@ fn f(r: &Value, k: &str) -> f64 {
         .unwrap_or_else(|| panic!("report has no {k}: {r}"))
 }
 
-/// The relay between source and destination (killing it cuts the link).
-struct Relay(Child);
-
-impl Relay {
-    fn start(wrapper: &[&str], listen: &str, target: &str, delay_ms: u64) -> Relay {
-        let mut cmd = match wrapper.split_first() {
-            Some((p, rest)) => {
-                let mut c = Command::new(p);
-                c.args(rest).arg(env!("CARGO_BIN_EXE_spanvmm-delay-relay"));
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_spanvmm-delay-relay")),
-        };
-        let mut child = cmd
-            .args([listen, target, &delay_ms.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn the relay");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert!(line.contains("relay listening"), "relay: {line:?}");
-        Relay(child)
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A relay between source and destination on loopback, to cut the link (no added delay).
+fn relay(target: &str) -> DelayRelay {
+    DelayRelay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        target.parse().unwrap(),
+        Duration::ZERO,
+        4 << 20,
+    )
+    .expect("start the relay")
 }
 
 #[test]
@@ -306,7 +282,6 @@ fn a_cut_during_precopy_leaves_the_source_running_and_the_destination_gone() {
     let tmp = TempDir::new("mig-cut");
     let tls = certs(&tmp, "tls");
     let dport = free_port();
-    let rport = free_port();
     let mut dst = destination(
         "mig-cut-dst",
         &[],
@@ -314,12 +289,8 @@ fn a_cut_during_precopy_leaves_the_source_running_and_the_destination_gone() {
         &tls,
         &[],
     );
-    let relay = Relay::start(
-        &[],
-        &format!("127.0.0.1:{rport}"),
-        &format!("127.0.0.1:{dport}"),
-        0,
-    );
+    let relay = relay(&format!("127.0.0.1:{dport}"));
+    let rport = relay.addr().port();
     let mut src = VmProcess::boot("mig-cut-src", GUEST, MEM, 1);
     let api = src.api.clone();
     let args: Vec<String> = [
@@ -343,7 +314,7 @@ fn a_cut_during_precopy_leaves_the_source_running_and_the_destination_gone() {
         ctl(&api, &a)
     });
     std::thread::sleep(Duration::from_millis(800));
-    drop(relay); // the cut
+    relay.set_down(true); // the cut
     let (ok, out) = ctl.join().unwrap();
     assert!(!ok, "the migration survived a cut: {out}");
     assert!(out.contains("runs on at the source"), "{out}");
@@ -391,11 +362,10 @@ fn a_postcopy_cut_is_recovered_without_losing_a_page() {
     let tmp = TempDir::new("mig-rec");
     let tls = certs(&tmp, "tls");
     let dport = free_port();
-    let rport = free_port();
-    let listen = format!("127.0.0.1:{rport}");
     let target = format!("127.0.0.1:{dport}");
     let dst = destination("mig-rec-dst", &[], &format!("tls://{target}"), &tls, &[]);
-    let relay = Relay::start(&[], &listen, &target, 0);
+    let relay = relay(&target);
+    let listen = relay.addr().to_string();
     let mut src = VmProcess::boot("mig-rec-src", GUEST, MEM, 1);
     let api = src.api.clone();
     let report = src.dir.path().join("r.json");
@@ -421,10 +391,10 @@ fn a_postcopy_cut_is_recovered_without_losing_a_page() {
     });
     wait_stderr(&dst, "the guest runs here", Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));
-    drop(relay); // the cut, in the middle of the push
+    relay.set_down(true); // the cut, in the middle of the push
     wait_stderr(&dst, "post-copy connection lost", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(700));
-    let _relay = Relay::start(&[], &listen, &target, 0); // the link is back
+    relay.set_down(false); // the link is back
     let (ok, out) = ctl.join().unwrap();
     assert!(ok, "post-copy did not recover: {out}\n{}", src.stderr());
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
@@ -479,84 +449,38 @@ fn a_destination_dying_in_postcopy_is_reported() {
     assert!(status.contains("\"paused\""), "{status}");
 }
 
-/// Runs `cmd` (as `sh -c`), panicking with its output on failure.
-fn sh(cmd: &str) {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Two network namespaces joined by a veth pair, each end shaped by `tc tbf`; removed on drop.
-struct Hosts {
-    a: String,
-    b: String,
-}
-
-impl Hosts {
-    fn new(rate: &str) -> Option<Hosts> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 || Command::new("ip").arg("-V").output().is_err() {
-            return None;
-        }
-        let id = std::process::id() % 10000;
-        let h = Hosts {
-            a: format!("spanmig-a{id}"),
-            b: format!("spanmig-b{id}"),
-        };
-        let (a, b) = (&h.a, &h.b);
-        sh(&format!("ip netns add {a} && ip netns add {b}"));
-        sh(&format!(
-            "ip link add va{id} netns {a} type veth peer name vb{id} netns {b} && \
-             ip -n {a} addr add 10.77.0.1/24 dev va{id} && ip -n {b} addr add 10.77.0.2/24 dev vb{id} && \
-             ip -n {a} link set va{id} up && ip -n {b} link set vb{id} up && \
-             ip -n {a} link set lo up && ip -n {b} link set lo up && \
-             ip netns exec {a} tc qdisc add dev va{id} root tbf rate {rate} burst 256kb latency 50ms && \
-             ip netns exec {b} tc qdisc add dev vb{id} root tbf rate {rate} burst 256kb latency 50ms"
-        ));
-        Some(h)
-    }
-
-    fn exec(ns: &str) -> Vec<String> {
-        ["ip", "netns", "exec", ns].map(String::from).to_vec()
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.a]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.b]).status();
-    }
-}
-
 #[test]
 fn netns_hosts_over_a_shaped_link_with_latency() {
-    let Some(hosts) = Hosts::new("500mbit") else {
-        eprintln!(
-            "SKIPPED netns_hosts_over_a_shaped_link_with_latency: needs root and iproute2 \
-             (network namespaces, veth, tc tbf)"
-        );
+    if let Err(why) = NetLab::available() {
+        eprintln!("SKIPPED netns_hosts_over_a_shaped_link_with_latency: {why}");
         return;
-    };
+    }
+    let lab = NetLab::new("mig", &["src", "dst"]).expect("network namespaces");
+    for h in ["src", "dst"] {
+        lab.shape(h, 500_000_000).expect("tc tbf");
+    }
+    let (src_host, dst_host) = (lab.host("src").clone(), lab.host("dst").clone());
     let tmp = TempDir::new("mig-ns");
     let tls = certs(&tmp, "tls");
-    let wa = Hosts::exec(&hosts.a);
-    let wb = Hosts::exec(&hosts.b);
-    let wa: Vec<&str> = wa.iter().map(String::as_str).collect();
-    let wb: Vec<&str> = wb.iter().map(String::as_str).collect();
-    // Host B: the destination behind a relay adding 5 ms each way (10 ms more round trip).
+    let wa = ["ip", "netns", "exec", src_host.netns.as_str()];
+    let wb = ["ip", "netns", "exec", dst_host.netns.as_str()];
     for (name, handover) in [("precopy", "stop-and-copy"), ("postcopy", "postcopy")] {
+        let port = 7440;
         let dst = destination(
             &format!("mig-ns-{name}-dst"),
             &wb,
-            "tls://127.0.0.1:7440",
+            &format!("tls://{}:{port}", dst_host.ip),
             &tls,
             &[],
         );
-        let _relay = Relay::start(&wb, "10.77.0.2:7441", "127.0.0.1:7440", 5);
+        // Between the hosts: 5 ms each way (the delay relay, in the routing namespace).
+        let relay = DelayRelay::start(
+            std::net::SocketAddr::new(dst_host.gateway.into(), 0),
+            std::net::SocketAddr::new(dst_host.ip.into(), port),
+            Duration::from_millis(5),
+            4 << 20,
+        )
+        .unwrap();
         // Dirtying 5000 pages/s (20 MB/s), well within the link.
         let guest = "workload=dirty,verify mib=64 rate=5000 stall_us=2000 report_ms=200";
         let mut src = VmProcess::boot_wrapped(&format!("mig-ns-{name}-src"), &wa, guest, MEM, 1);
@@ -564,7 +488,7 @@ fn netns_hosts_over_a_shaped_link_with_latency() {
             &src,
             &[
                 "--to",
-                "tls://10.77.0.2:7441",
+                &format!("tls://{}", relay.addr()),
                 "--plugin",
                 &plugin(&format!("{name}.wasm")),
                 "--tls-dir",
