@@ -14,6 +14,7 @@
 mod harness;
 mod live_update;
 mod migration;
+mod migration_spanvmm;
 mod services;
 mod snapshot;
 
@@ -262,6 +263,8 @@ fn main() -> anyhow::Result<()> {
             &out.unwrap_or_else(|| repo_root().join("bench/results/services.json")),
         ),
         Some("migration") => migration::run(
+            &spanvmm_bin()?,
+            &repo_root().join("target/plugins"),
             &guest_elf()?,
             &sizes,
             &out.unwrap_or_else(|| repo_root().join("bench/results/migration.json")),

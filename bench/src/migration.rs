@@ -175,7 +175,11 @@ fn qemu_at(
 }
 
 /// The first `verify` line at or after `from`, waiting up to `timeout`: its `bad` count.
-fn verify_after(lines: &Arc<Mutex<Vec<String>>>, from: usize, timeout: Duration) -> Option<u64> {
+pub fn verify_after(
+    lines: &Arc<Mutex<Vec<String>>>,
+    from: usize,
+    timeout: Duration,
+) -> Option<u64> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(bad) = lines
@@ -195,7 +199,7 @@ fn verify_after(lines: &Arc<Mutex<Vec<String>>>, from: usize, timeout: Duration)
     }
 }
 
-fn max_stall(lines: &Arc<Mutex<Vec<String>>>) -> u64 {
+pub fn max_stall(lines: &Arc<Mutex<Vec<String>>>) -> u64 {
     lines
         .lock()
         .unwrap()
@@ -335,7 +339,13 @@ struct Report {
 }
 
 /// Runs every engine on every link and size and writes `out`.
-pub fn run(elf: &Path, sizes: &[u64], out: &Path) -> anyhow::Result<()> {
+pub fn run(
+    bin: &Path,
+    plugins: &Path,
+    elf: &Path,
+    sizes: &[u64],
+    out: &Path,
+) -> anyhow::Result<()> {
     let mut links = vec![Link::Loopback];
     match NetLab::available() {
         Ok(()) => links.extend([
@@ -364,6 +374,23 @@ pub fn run(elf: &Path, sizes: &[u64], out: &Path) -> anyhow::Result<()> {
                     eprintln!(
                         "{:>22} {mem:>5} MiB {workload:>5} qemu {:>8}: total {} ms, downtime {} ms, guest stall {} µs, {} MiB, verify bad={:?} {}",
                         o.link, o.engine, o.total_ms, o.downtime_ms, o.guest_stall_us, o.bytes >> 20, o.verify_bad, o.note
+                    );
+                    runs.push(o);
+                }
+                for engine in ["precopy", "postcopy", "hybrid"] {
+                    let o = crate::migration_spanvmm::spanvmm_migrate(
+                        bin,
+                        plugins,
+                        elf,
+                        mem,
+                        workload,
+                        engine,
+                        link,
+                        Duration::from_secs(300),
+                    )?;
+                    eprintln!(
+                        "{:>22} {mem:>5} MiB {workload:>5} spanvmm {:>8}: total {} ms, guest stall {} µs, {} MiB, verify bad={:?} {}",
+                        o.link, o.engine, o.total_ms, o.guest_stall_us, o.bytes >> 20, o.verify_bad, o.note
                     );
                     runs.push(o);
                 }

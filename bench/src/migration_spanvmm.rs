@@ -1,0 +1,167 @@
+//! spanvmm's engines for `spanvmm-bench migration`: the same guest, hosts and links as QEMU's
+//! runs (see `migration.rs`), driven by `spanvmm ctl migrate` with the precopy, postcopy or
+//! hybrid service, figures taken from its report and from the destination guest.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::harness::collect;
+use crate::migration::{guest_cmdline, max_stall, verify_after, Hosts, Link, Outcome};
+
+/// Migrates a spanvmm guest from host `src` to host `dst` with the `engine` service.
+#[allow(clippy::too_many_arguments)]
+pub fn spanvmm_migrate(
+    bin: &Path,
+    plugins: &Path,
+    elf: &Path,
+    mem: u64,
+    workload: &str,
+    engine: &str,
+    link: Link,
+    timeout: Duration,
+) -> anyhow::Result<Outcome> {
+    let dir = std::env::temp_dir().join(format!(
+        "spanvmm-bench-smig-{}-{engine}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let hosts = Hosts::new(link, 47_100)?;
+    let tls = dir.join("tls");
+    let st = Command::new(bin)
+        .args(["migrate-certs", "--out"])
+        .arg(&tls)
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(st.success(), "spanvmm migrate-certs failed");
+    let (src_api, dst_api) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let spawn = |host: &str, args: Vec<String>| -> anyhow::Result<_> {
+        let mut c = hosts
+            .command(host, bin.to_str().context("binary path")?)
+            .arg("run")
+            .args(args)
+            .args(["--serial", "stdout"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spanvmm run")?;
+        let lines = collect(c.stdout.take().context("stdout")?);
+        Ok((c, lines))
+    };
+    let s = |p: &Path| p.to_str().unwrap_or_default().to_string();
+    let (mut dst, dst_lines) = spawn(
+        "dst",
+        vec![
+            "--incoming".into(),
+            format!("tls://{}", hosts.listen),
+            "--tls-dir".into(),
+            s(&tls),
+            "--api-socket".into(),
+            s(&dst_api),
+        ],
+    )?;
+    let (mut src, src_lines) = spawn(
+        "src",
+        vec![
+            "--kernel".into(),
+            s(elf),
+            "--cmdline".into(),
+            guest_cmdline(mem, workload),
+            "--memory".into(),
+            mem.to_string(),
+            "--api-socket".into(),
+            s(&src_api),
+        ],
+    )?;
+    let result = (|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !src_lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("SPANGUEST ready"))
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the source guest never got ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Let the guest finish populating before the clock starts (as for QEMU).
+        std::thread::sleep(Duration::from_millis(500));
+        let report = dir.join("report.json");
+        let out = Command::new("timeout")
+            .arg(timeout.as_secs().to_string())
+            .arg(bin)
+            .arg("ctl")
+            .arg("--api-socket")
+            .arg(&src_api)
+            .args(["migrate", "--to", &format!("tls://{}", hosts.connect)])
+            .arg("--plugin")
+            .arg(plugins.join(format!("{engine}.wasm")))
+            .arg("--tls-dir")
+            .arg(&tls)
+            .arg("--report")
+            .arg(&report)
+            .output()?;
+        let r: Option<Value> = std::fs::read_to_string(&report)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let completed =
+            out.status.success() && r.as_ref().is_some_and(|r| r["result"] == "completed");
+        let r = r.unwrap_or_default();
+        let from = dst_lines.lock().unwrap().len();
+        let verify_bad = if completed {
+            verify_after(&dst_lines, from, Duration::from_secs(30))
+        } else {
+            None
+        };
+        let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        Ok(Outcome {
+            vmm: "spanvmm".into(),
+            engine: engine.into(),
+            link: link.label(),
+            mem_mib: mem,
+            workload: workload.into(),
+            completed,
+            total_ms: n("total_ms") as u64,
+            downtime_ms: n("downtime_ms").round() as u64,
+            guest_stall_us: max_stall(&dst_lines),
+            setup_ms: n("setup_ms") as u64,
+            bytes: n("bytes") as u64,
+            verify_bad,
+            note: if completed {
+                format!(
+                    "downtime {:.2} ms, {} rounds, {} pages sent of {}, {} resent in post-copy, {} faults (mean {} µs), handover {}",
+                    n("downtime_ms"),
+                    r["rounds"],
+                    r["pages_sent"],
+                    r["pages_total"],
+                    r["postcopy_resent"],
+                    r["remote_faults"],
+                    r["fault_latency_mean_us"],
+                    r["handover"].as_str().unwrap_or("?")
+                )
+            } else {
+                format!(
+                    "failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or_default()
+                )
+            },
+        })
+    })();
+    let _ = src.kill();
+    let _ = src.wait();
+    let _ = dst.kill();
+    let _ = dst.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(hosts);
+    result
+}
