@@ -16,7 +16,7 @@ use rustls::ServerConfig;
 use serde::Serialize;
 
 use super::link::{Link, LinkError};
-use super::wire::{Frame, Handover, PAGE, VERSION};
+use super::wire::{self, Frame, Handover, PAGE, VERSION};
 use super::{bit, clear_bit, count, set_bit, Phase};
 use crate::ctx::lock;
 
@@ -197,49 +197,43 @@ pub fn receive(
     let mut prepared = None;
     let fail = |e: LinkError| format!("incoming migration failed before the hand-over: {e}");
     loop {
-        let f = link
-            .recv(IDLE_TIMEOUT)
+        let (ty, payload) = link
+            .recv_raw(IDLE_TIMEOUT)
             .map_err(fail)?
             .ok_or_else(|| fail(LinkError::Timeout(IDLE_TIMEOUT)))?;
-        match f {
-            Frame::Pages {
-                first,
-                span,
-                present,
-                zero,
-                data,
-                ..
-            } => {
-                if first + span as u64 > pages {
-                    return Err(fail(io(format!(
-                        "pages {first}+{span} run past guest memory"
-                    ))));
-                }
-                let mut off = 0;
-                let mut n = 0;
-                for i in 0..span as u64 {
-                    if !bit(&present, i) {
-                        continue;
-                    }
-                    n += 1;
-                    let p = first + i;
-                    // SAFETY: p < pages: the page is inside guest RAM's mapping, which no
-                    // vCPU uses yet (the VM is built after the hand-over).
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(ram.host_base().add(p as usize * PAGE), PAGE)
-                    };
-                    if bit(&zero, i) {
-                        if bit(&written, p) {
-                            dst.fill(0);
-                        }
-                    } else {
-                        dst.copy_from_slice(&data[off..off + PAGE]);
-                        off += PAGE;
-                        set_bit(&mut written, p);
-                    }
-                }
-                dest.received.fetch_add(n, Ordering::Relaxed);
+        if ty == wire::T_PAGES {
+            let f = wire::decode_pages(payload).map_err(|e| fail(e.into()))?;
+            let (first, span) = (f.first, f.span as u64);
+            if first + span > pages {
+                return Err(fail(io(format!(
+                    "pages {first}+{span} run past guest memory"
+                ))));
             }
+            let mut off = 0;
+            let mut n = 0;
+            for i in (0..span).filter(|&i| bit(&f.present, i)) {
+                n += 1;
+                let p = first + i;
+                // SAFETY: p < pages: the page is inside guest RAM's mapping, which no vCPU
+                // uses yet (the VM runs only after the hand-over).
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(ram.host_base().add(p as usize * PAGE), PAGE)
+                };
+                if bit(&f.zero, i) {
+                    if bit(&written, p) {
+                        dst.fill(0);
+                    }
+                } else {
+                    dst.copy_from_slice(&f.data[off..off + PAGE]);
+                    off += PAGE;
+                    set_bit(&mut written, p);
+                }
+            }
+            dest.received.fetch_add(n, Ordering::Relaxed);
+            continue;
+        }
+        let f = wire::decode(ty, payload).map_err(|e| fail(e.into()))?;
+        match f {
             Frame::State {
                 handover,
                 state,

@@ -244,7 +244,16 @@ impl Link {
         Ok(())
     }
 
-    fn parse(&mut self) -> Result<Option<Frame>, LinkError> {
+    /// The next complete frame in `rx`: (type, payload range); the header is checked.
+    fn parse_raw(&mut self) -> Result<Option<(u8, usize, usize)>, LinkError> {
+        // Drop what earlier frames used (no slice of it is alive any more).
+        if self.rx_off == self.rx.len() {
+            self.rx.clear();
+            self.rx_off = 0;
+        } else if self.rx_off > (1 << 20) {
+            self.rx.drain(..self.rx_off);
+            self.rx_off = 0;
+        }
         let buf = &self.rx[self.rx_off..];
         if buf.len() < HEADER_LEN {
             return Ok(None);
@@ -253,17 +262,38 @@ impl Link {
         if buf.len() < HEADER_LEN + len {
             return Ok(None);
         }
-        let f = wire::decode(ty, &buf[HEADER_LEN..HEADER_LEN + len])?;
-        self.rx_off += HEADER_LEN + len;
-        // Move the unparsed tail to the front only once it is all that is left to keep.
-        if self.rx_off == self.rx.len() {
-            self.rx.clear();
-            self.rx_off = 0;
-        } else if self.rx_off > (1 << 20) {
-            self.rx.drain(..self.rx_off);
-            self.rx_off = 0;
+        let start = self.rx_off + HEADER_LEN;
+        self.rx_off = start + len;
+        Ok(Some((ty, start, start + len)))
+    }
+
+    fn parse(&mut self) -> Result<Option<Frame>, LinkError> {
+        match self.parse_raw()? {
+            Some((ty, a, b)) => Ok(Some(wire::decode(ty, &self.rx[a..b])?)),
+            None => Ok(None),
         }
-        Ok(Some(f))
+    }
+
+    /// The next frame undecoded, waiting up to `timeout`: (type, payload). For `pages`
+    /// frames, decoded in place with [`wire::decode_pages`].
+    pub fn recv_raw(&mut self, timeout: Duration) -> Result<Option<(u8, &[u8])>, LinkError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((ty, a, b)) = self.parse_raw()? {
+                return Ok(Some((ty, &self.rx[a..b])));
+            }
+            if self.closed {
+                return Err(Self::eof());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.pump(left)?;
+            if left.is_zero() {
+                return Ok(match self.parse_raw()? {
+                    Some((ty, a, b)) => Some((ty, &self.rx[a..b])),
+                    None => None,
+                });
+            }
+        }
     }
 
     /// The next frame, waiting up to `timeout`; `None` when none came.

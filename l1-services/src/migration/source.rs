@@ -413,44 +413,38 @@ impl Sender<'_> {
     /// Sends the pages of `[first, first+span)` selected in `sel` (bit i = page first+i).
     fn send_batch(&mut self, first: u64, span: u64, sel: &[u64]) -> Result<u64, LinkError> {
         let nw = span.div_ceil(64) as usize;
+        let page = |p: u64| -> &[u8] {
+            // SAFETY: p < pages (batches never cross the end of guest RAM), so the page lies
+            // inside the guest mapping, which `self.ram` keeps alive; a racing guest write only
+            // changes what is sent, and the dirty log has the page sent again.
+            unsafe { std::slice::from_raw_parts(self.ram.host_base().add(p as usize * PAGE), PAGE) }
+        };
+        // Pass 1: which pages are zero (they go as marker bits).
         let mut zero = vec![0u64; nw];
-        self.buf.clear();
-        let mut data_pages = 0u64;
-        let mut n = 0;
-        // Frame: header, first, span, codec, present, zero, data (see wire.rs).
-        let body_start = super::wire::HEADER_LEN;
-        self.buf.extend_from_slice(&[0; super::wire::HEADER_LEN]);
-        self.buf.extend_from_slice(&first.to_le_bytes());
-        self.buf.extend_from_slice(&(span as u16).to_le_bytes());
-        self.buf.push(CODEC_RAW);
-        for w in &sel[..nw] {
-            self.buf.extend_from_slice(&w.to_le_bytes());
-        }
-        let zero_at = self.buf.len();
-        self.buf.resize(zero_at + nw * 8, 0);
-        for i in 0..span {
-            if !bit(sel, i) {
-                continue;
-            }
+        let (mut n, mut data_pages) = (0u64, 0u64);
+        for i in (0..span).filter(|&i| bit(sel, i)) {
             n += 1;
-            let p = first + i;
-            // SAFETY: see `page`; the slice is used before `self.buf` grows past it.
-            let page: &[u8] = unsafe {
-                std::slice::from_raw_parts(self.ram.host_base().add(p as usize * PAGE), PAGE)
-            };
-            if Self::is_zero(page) {
+            if Self::is_zero(page(first + i)) {
                 set_bit(&mut zero, i);
             } else {
-                self.buf.extend_from_slice(page);
                 data_pages += 1;
             }
         }
-        for (k, w) in zero.iter().enumerate() {
-            self.buf[zero_at + k * 8..zero_at + k * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        // Header, bitmaps (see wire.rs) and data in one buffer: TLS then seals it in full-size
+        // records (a write per page would make a small record and a syscall per page).
+        self.buf.clear();
+        let len = 8 + 2 + 1 + 16 * nw + data_pages as usize * PAGE;
+        self.buf.extend_from_slice(&(len as u32).to_le_bytes());
+        self.buf.push(4); // pages
+        self.buf.extend_from_slice(&first.to_le_bytes());
+        self.buf.extend_from_slice(&(span as u16).to_le_bytes());
+        self.buf.push(CODEC_RAW);
+        for w in sel[..nw].iter().chain(&zero) {
+            self.buf.extend_from_slice(&w.to_le_bytes());
         }
-        let len = (self.buf.len() - body_start) as u32;
-        self.buf[0..4].copy_from_slice(&len.to_le_bytes());
-        self.buf[4] = 4; // pages
+        for i in (0..span).filter(|&i| bit(sel, i) && !bit(&zero, i)) {
+            self.buf.extend_from_slice(page(first + i));
+        }
         let buf = std::mem::take(&mut self.buf);
         let r = self.link.send_bytes(&buf);
         self.buf = buf;
@@ -460,7 +454,7 @@ impl Sender<'_> {
         st.report.zero_pages += n - data_pages;
         st.report.bytes = self.link.wire_bytes + st.report.bytes_per_link.iter().sum::<u64>();
         drop(st);
-        self.throttle.1 += (self.buf.len()) as u64;
+        self.throttle.1 += (super::wire::HEADER_LEN + len) as u64;
         Ok(n)
     }
 

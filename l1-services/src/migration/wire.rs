@@ -111,7 +111,8 @@ pub enum Frame {
 const T_HELLO: u8 = 1;
 const T_WELCOME: u8 = 2;
 const T_ERROR: u8 = 3;
-const T_PAGES: u8 = 4;
+/// Type of a `pages` frame (decoded in place by [`decode_pages`]).
+pub const T_PAGES: u8 = 4;
 const T_STATE: u8 = 5;
 const T_RESUMED: u8 = 6;
 const T_FAULT: u8 = 7;
@@ -305,6 +306,59 @@ fn ones(words: &[u64]) -> usize {
     words.iter().map(|w| w.count_ones() as usize).sum()
 }
 
+/// A `pages` frame read where it lies: the data is not copied.
+pub struct PagesRef<'a> {
+    /// First page number of the span.
+    pub first: u64,
+    /// Pages the frame spans.
+    pub span: u16,
+    /// Which pages of the span the frame carries.
+    pub present: Vec<u64>,
+    /// Which of them are zero.
+    pub zero: Vec<u64>,
+    /// Data of present, non-zero pages, in order.
+    pub data: &'a [u8],
+}
+
+/// Decodes a `pages` payload in place, with every check of [`decode`].
+pub fn decode_pages(payload: &[u8]) -> Result<PagesRef<'_>, WireError> {
+    let mut r = Reader {
+        b: payload,
+        what: "pages",
+    };
+    let first = r.u64()?;
+    let span = r.u16()?;
+    if span == 0 || span as u64 > BATCH_PAGES {
+        return Err(bad(format!(
+            "pages frame spans {span} pages (1..={BATCH_PAGES})"
+        )));
+    }
+    let codec = r.u8()?;
+    if codec != CODEC_RAW {
+        return Err(bad(format!("unknown page codec {codec}")));
+    }
+    let nw = (span as usize).div_ceil(64);
+    let present = r.words(nw)?;
+    let zero = r.words(nw)?;
+    let tail = span as u64 % 64;
+    if tail != 0 && (present[nw - 1] >> tail != 0 || zero[nw - 1] >> tail != 0) {
+        return Err(bad("pages frame marks pages beyond its span"));
+    }
+    if zero.iter().zip(&present).any(|(z, p)| z & !p != 0) {
+        return Err(bad("pages frame marks a page zero that it does not carry"));
+    }
+    let data_pages = ones(&present) - ones(&zero);
+    let data = r.take(data_pages * PAGE)?;
+    r.end()?;
+    Ok(PagesRef {
+        first,
+        span,
+        present,
+        zero,
+        data,
+    })
+}
+
 /// Decodes a payload of type `ty`.
 pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
     let what = match ty {
@@ -343,36 +397,15 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
         }
         T_ERROR => Frame::Error(String::from_utf8_lossy(r.take(payload.len())?).into_owned()),
         T_PAGES => {
-            let first = r.u64()?;
-            let span = r.u16()?;
-            if span == 0 || span as u64 > BATCH_PAGES {
-                return Err(bad(format!(
-                    "pages frame spans {span} pages (1..={BATCH_PAGES})"
-                )));
-            }
-            let codec = r.u8()?;
-            if codec != CODEC_RAW {
-                return Err(bad(format!("unknown page codec {codec}")));
-            }
-            let nw = (span as usize).div_ceil(64);
-            let present = r.words(nw)?;
-            let zero = r.words(nw)?;
-            let tail = span as u64 % 64;
-            if tail != 0 && (present[nw - 1] >> tail != 0 || zero[nw - 1] >> tail != 0) {
-                return Err(bad("pages frame marks pages beyond its span"));
-            }
-            if zero.iter().zip(&present).any(|(z, p)| z & !p != 0) {
-                return Err(bad("pages frame marks a page zero that it does not carry"));
-            }
-            let data_pages = ones(&present) - ones(&zero);
-            let data = r.take(data_pages * PAGE)?.to_vec();
+            let p = decode_pages(payload)?;
+            r.take(payload.len())?;
             Frame::Pages {
-                first,
-                span,
-                codec,
-                present,
-                zero,
-                data,
+                first: p.first,
+                span: p.span,
+                codec: CODEC_RAW,
+                present: p.present,
+                zero: p.zero,
+                data: p.data.to_vec(),
             }
         }
         T_STATE => {
