@@ -229,11 +229,21 @@ fn main() -> anyhow::Result<()> {
     let mut runs = 10usize;
     let mut out = None;
     let mut sizes = vec![256u64, 1024, 4096, 8192];
+    let mut links: Option<String> = None;
+    let mut workloads: Option<String> = None;
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--runs" => runs = it.next().context("--runs N")?.parse()?,
             "--out" => out = Some(PathBuf::from(it.next().context("--out FILE")?)),
+            "--links" => {
+                links = Some(
+                    it.next()
+                        .context("--links loopback,MBIT/RTT_MS,...")?
+                        .clone(),
+                )
+            }
+            "--workloads" => workloads = Some(it.next().context("--workloads idle,dirty")?.clone()),
             "--sizes" => {
                 sizes = it
                     .next()
@@ -267,6 +277,8 @@ fn main() -> anyhow::Result<()> {
             &repo_root().join("target/plugins"),
             &guest_elf()?,
             &sizes,
+            links.as_deref(),
+            workloads.as_deref(),
             &out.unwrap_or_else(|| repo_root().join("bench/results/migration.json")),
         ),
         Some("live-update") => live_update::run(
@@ -275,6 +287,6 @@ fn main() -> anyhow::Result<()> {
             &sizes,
             &out.unwrap_or_else(|| repo_root().join("bench/results/live-update.json")),
         ),
-        _ => bail!("usage: spanvmm-bench boot|services|live-update|snapshot|migration [--runs N] [--sizes MIB,..] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|services|live-update|snapshot|migration [--runs N] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--out FILE]"),
     }
 }

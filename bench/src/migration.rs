@@ -344,26 +344,35 @@ pub fn run(
     plugins: &Path,
     elf: &Path,
     sizes: &[u64],
+    links: Option<&str>,
+    workloads: Option<&str>,
     out: &Path,
 ) -> anyhow::Result<()> {
-    let mut links = vec![Link::Loopback];
-    match NetLab::available() {
-        Ok(()) => links.extend([
-            Link::Shaped {
-                mbit: 1000,
-                rtt_ms: 1,
-            },
-            Link::Shaped {
-                mbit: 100,
-                rtt_ms: 20,
-            },
-        ]),
-        Err(why) => eprintln!("SKIPPING the shaped links: {why}"),
+    // `loopback`, or `MBIT/RTT_MS` for a shaped link; all three by default.
+    let wanted = links.unwrap_or("loopback,1000/1,100/20");
+    let mut links = Vec::new();
+    for l in wanted.split(',') {
+        if l == "loopback" {
+            links.push(Link::Loopback);
+            continue;
+        }
+        let (m, r) = l
+            .split_once('/')
+            .with_context(|| format!("link {l:?}: loopback or MBIT/RTT_MS"))?;
+        if let Err(why) = NetLab::available() {
+            eprintln!("SKIPPING the shaped link {l}: {why}");
+            continue;
+        }
+        links.push(Link::Shaped {
+            mbit: m.parse()?,
+            rtt_ms: r.parse()?,
+        });
     }
+    let workloads: Vec<&str> = workloads.unwrap_or("idle,dirty").split(',').collect();
     let mut runs = Vec::new();
     for &link in &links {
         for &mem in sizes {
-            for workload in ["idle", "dirty"] {
+            for &workload in &workloads {
                 for engine in [
                     QemuEngine::Precopy,
                     QemuEngine::Postcopy,

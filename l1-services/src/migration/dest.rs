@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -209,25 +210,38 @@ pub fn receive(
                     "pages {first}+{span} run past guest memory"
                 ))));
             }
+            // Runs of data pages go into the memfd with one pwrite each: the kernel fills the
+            // page cache directly, without a page fault per page through the mapping.
             let mut off = 0;
             let mut n = 0;
-            for i in (0..span).filter(|&i| bit(&f.present, i)) {
-                n += 1;
-                let p = first + i;
-                // SAFETY: p < pages: the page is inside guest RAM's mapping, which no vCPU
-                // uses yet (the VM runs only after the hand-over).
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(ram.host_base().add(p as usize * PAGE), PAGE)
-                };
-                if bit(&f.zero, i) {
-                    if bit(&written, p) {
-                        dst.fill(0);
-                    }
-                } else {
-                    dst.copy_from_slice(&f.data[off..off + PAGE]);
-                    off += PAGE;
-                    set_bit(&mut written, p);
+            let mut i = 0;
+            while i < span {
+                if !bit(&f.present, i) {
+                    i += 1;
+                    continue;
                 }
+                let p = first + i;
+                if bit(&f.zero, i) {
+                    n += 1;
+                    if bit(&written, p) {
+                        punch(&ram, p, 1).map_err(|e| fail(io(e)))?;
+                        clear_bit(&mut written, p);
+                    }
+                    i += 1;
+                    continue;
+                }
+                let mut j = i;
+                while j < span && bit(&f.present, j) && !bit(&f.zero, j) {
+                    set_bit(&mut written, first + j);
+                    j += 1;
+                }
+                let len = (j - i) as usize * PAGE;
+                ram.memfd()
+                    .write_all_at(&f.data[off..off + len], p * PAGE as u64)
+                    .map_err(|e| fail(io(format!("writing guest memory: {e}"))))?;
+                off += len;
+                n += j - i;
+                i = j;
             }
             dest.received.fetch_add(n, Ordering::Relaxed);
             continue;

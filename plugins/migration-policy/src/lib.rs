@@ -121,7 +121,14 @@ impl Policy {
 
     /// One tick: look at the progress, queue, hand over.
     pub fn tick(&mut self) -> Result<(), String> {
-        let p = mig::progress()?;
+        // No migration (attached with `run --plugin`, waiting for `ctl migrate`): start afresh
+        // with the next one.
+        let Ok(p) = mig::progress() else {
+            if self.started {
+                self.restart();
+            }
+            return Ok(());
+        };
         match p.phase {
             Phase::Completed | Phase::Failed => return Ok(()),
             Phase::Postcopy | Phase::Recovering => return self.prepage(),
@@ -184,15 +191,21 @@ impl Policy {
             self.round,
             rate / 1e6
         ));
-        if mode == SwitchMode::StopAndCopy {
-            // Sent while the guest still runs; the switch-over adds what it dirties meanwhile.
-            mig::queue_pages(&dirty, 0)?;
-        } else {
-            // Post-copy sends every page the destination lacks; nothing to queue.
-            mig::queue_pages(&dirty, 0)?;
-        }
+        // Sent while the guest still runs (post-copy: pushed first after the hand-over); the
+        // switch-over adds what the guest dirties meanwhile.
+        mig::queue_pages(&dirty, 0)?;
         self.switched = true;
         mig::switch_over(mode)
+    }
+
+    fn restart(&mut self) {
+        self.round = 0;
+        self.started = false;
+        self.switched = false;
+        self.best = u64::MAX;
+        self.no_progress = 0;
+        self.last_fault = None;
+        self.window = self.cfg.prepage_min;
     }
 
     /// Post-copy: queue the neighbourhood of each new fault ahead of the background push.
