@@ -565,6 +565,9 @@ impl Postcopy {
 
     fn fault_done(&self, t: Instant) {
         let us = t.elapsed().as_micros() as u64;
+        if std::env::var_os("SPANVMM_MIGRATION_DEBUG").is_some() {
+            eprintln!("fault served in {us} µs");
+        }
         self.dest.faults.fetch_add(1, Ordering::Relaxed);
         self.dest.fault_sum_us.fetch_add(us, Ordering::Relaxed);
         self.dest.fault_max_us.fetch_max(us, Ordering::Relaxed);
