@@ -203,18 +203,23 @@ fn postcopy_runs_at_once_and_sends_each_page_once() {
     let tls = certs(&tmp, "tls");
     let addr = format!("tls://127.0.0.1:{}", free_port());
     let dst = destination("mig-post-dst", &[], &addr, &tls, &[]);
-    let mut src = VmProcess::boot("mig-post-src", GUEST, MEM, 1);
-    let (ok, out, report) = migrate(
-        &src,
+    // The policy given at `run --plugin` drives the migration `ctl migrate` starts.
+    let kernel = guest_elf();
+    let mut src = VmProcess::start(
+        "mig-post-src",
         &[
-            "--to",
-            &addr,
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            GUEST,
+            "--memory",
+            "256",
             "--plugin",
             &plugin("postcopy.wasm"),
-            "--tls-dir",
-            tls.to_str().unwrap(),
         ],
     );
+    src.wait_line("SPANGUEST ready", Duration::from_secs(60));
+    let (ok, out, report) = migrate(&src, &["--to", &addr, "--tls-dir", tls.to_str().unwrap()]);
     assert!(ok, "postcopy failed: {out}\n{}", src.stderr());
     let r = report.unwrap();
     assert_eq!(r["handover"], "postcopy", "{r}");
