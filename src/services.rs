@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use base_vmm::devices::PortHook;
+use base_vmm::devices::IoHook;
 use base_vmm::vmm::{VmControl, Vmm, VmmError};
 use l1_services::{HostError, ServiceManager, VcpuRegs, VmHost, VmInfo};
 
@@ -114,16 +114,24 @@ impl VmHost for VmmHost {
     }
 }
 
-/// Guest ports that no built-in device owns go to the services that claim them.
-struct ServicePorts(Arc<ServiceManager>);
+/// Guest ports that no built-in device owns, and MMIO, go to the services that claim them.
+struct ServiceIo(Arc<ServiceManager>);
 
-impl PortHook for ServicePorts {
+impl IoHook for ServiceIo {
     fn write(&self, port: u16, data: &[u8]) -> bool {
         self.0.on_port_write(port, data)
     }
 
     fn read(&self, port: u16, data: &mut [u8]) -> bool {
         self.0.on_port_read(port, data)
+    }
+
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        self.0.on_mmio_write(addr, data)
+    }
+
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.0.on_mmio_read(addr, data)
     }
 }
 
@@ -137,7 +145,7 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// Builds the service manager of `vmm`: built-in device ports are reserved, and the bus hands
-/// every other port to the manager.
+/// every other port, and all MMIO, to the manager.
 pub fn manager_for(vmm: &Vmm) -> anyhow::Result<Arc<ServiceManager>> {
     let m = vmm.machine();
     let host = Arc::new(VmmHost {
@@ -154,7 +162,7 @@ pub fn manager_for(vmm: &Vmm) -> anyhow::Result<Arc<ServiceManager>> {
         manager.reserve_ports(base, len, "spanvmm (built-in device)")?;
     }
     vmm.bus()
-        .set_hook(Arc::new(ServicePorts(manager.clone())))
+        .set_hook(Arc::new(ServiceIo(manager.clone())))
         .map_err(anyhow::Error::msg)?;
     Ok(manager)
 }

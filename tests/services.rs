@@ -72,6 +72,50 @@ fn wasm_and_native_services_attach_and_detach_beneath_a_running_guest() {
 }
 
 #[test]
+fn a_service_claims_mmio_beneath_a_running_guest() {
+    // spanguest's `mmio` workload stores to 63 GiB, above guest RAM: every store exits.
+    let vm = VmProcess::boot(
+        "mmio",
+        "workload=mmio,dirty,verify exits=500 mib=16 rate=5000 stall_us=50000",
+        128,
+        1,
+    );
+    let from = vm.mark();
+    let line = vm.wait_line_from(from, "SPANGUEST exits", T);
+    assert!(line.contains("mmio=1"), "{line}");
+    let cfg = r#"{"mmio_base":"0xfc0000000","mmio_len":4096}"#;
+    for (file, kind) in [("exit-stats.wasm", "wasm"), ("libexit-stats.so", "native")] {
+        let info = json(&vm.ctl_ok(&["plugin", "attach", &plugin(file), "--config", cfg]));
+        assert_eq!(info["kind"], kind, "{info}");
+        assert_eq!(info["mmio"][0]["base"], 63u64 << 30, "{info}");
+        std::thread::sleep(Duration::from_millis(300));
+        let stats = call(&vm, "exit-stats", "stats", "");
+        assert!(
+            stats["mmio_writes"].as_u64().unwrap() > 100,
+            "{kind}: {stats}"
+        );
+        assert_eq!(stats["mmio_last_addr"], 63u64 << 30, "{kind}: {stats}");
+        assert_eq!(stats["writes"], 0, "no port was claimed: {stats}");
+        vm.ctl_ok(&["plugin", "detach", "exit-stats"]);
+    }
+    // A claim inside guest RAM is refused with the reason; the guest goes on.
+    let (ok, out) = vm.ctl(&[
+        "plugin",
+        "attach",
+        &plugin("exit-stats.wasm"),
+        "--config",
+        r#"{"mmio_base":"0x100000"}"#,
+    ]);
+    assert!(!ok && out.contains("inside guest RAM"), "{out}");
+    assert!(
+        stalls_since(&vm, from).is_empty(),
+        "{:?}",
+        stalls_since(&vm, from)
+    );
+    vm.assert_verify_clean(1);
+}
+
+#[test]
 fn replace_hands_the_service_state_over() {
     let vm = VmProcess::boot("replace", "workload=exits,verify exits=500 mib=8", 128, 1);
     vm.ctl_ok(&[

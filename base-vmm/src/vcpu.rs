@@ -561,11 +561,14 @@ impl VcpuThread {
                 IoAction::Continue
             }
             Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                bus.mmio_read(addr, data);
                 IoAction::Continue
             }
-            Ok(VcpuExit::MmioWrite(..)) => IoAction::Continue,
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                bus.mmio_write(addr, data);
+                IoAction::Continue
+            }
             Ok(VcpuExit::Hlt) => return Flow::Finish(VcpuExitReason::Halted),
             Ok(VcpuExit::Shutdown) => {
                 return Flow::Finish(VcpuExitReason::Error(format!(

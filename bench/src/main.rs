@@ -8,9 +8,12 @@
 //! `spanvmm-bench services`: service attach/detach latency and the guest's stall meanwhile,
 //! per-event dispatch cost (no service, Wasm, native; QEMU's plain exit for reference), and
 //! guest throughput with a service attached but subscribed to nothing.
+//! `spanvmm-bench migration [--sizes 256,1024]`: live migration on loopback and on shaped
+//! network-namespace links (1 Gbit/s; 100 Mbit/s with 20 ms RTT through netlab's delay relay).
 
 mod harness;
 mod live_update;
+mod migration;
 mod services;
 mod snapshot;
 
@@ -258,12 +261,17 @@ fn main() -> anyhow::Result<()> {
             &repo_root().join("target/plugins"),
             &out.unwrap_or_else(|| repo_root().join("bench/results/services.json")),
         ),
+        Some("migration") => migration::run(
+            &guest_elf()?,
+            &sizes,
+            &out.unwrap_or_else(|| repo_root().join("bench/results/migration.json")),
+        ),
         Some("live-update") => live_update::run(
             &spanvmm_bin()?,
             &guest_elf()?,
             &sizes,
             &out.unwrap_or_else(|| repo_root().join("bench/results/live-update.json")),
         ),
-        _ => bail!("usage: spanvmm-bench boot|services|live-update|snapshot [--runs N] [--sizes MIB,..] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|services|live-update|snapshot|migration [--runs N] [--sizes MIB,..] [--out FILE]"),
     }
 }

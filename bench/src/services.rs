@@ -111,17 +111,54 @@ struct Dispatch {
     samples: Vec<u64>,
 }
 
-/// The `exits` workload's cost per port write, with the storm port handled by: nobody (plain
-/// exit), the Wasm or the native exit-stats service; and under QEMU for reference.
+/// Which exits a dispatch measurement storms: port writes (`exits` workload) or MMIO stores
+/// above guest RAM (`mmio` workload).
+#[derive(Clone, Copy, PartialEq)]
+enum Storm {
+    Port,
+    Mmio,
+}
+
+impl Storm {
+    fn cmdline(self) -> &'static str {
+        match self {
+            Storm::Port => "workload=exits exits=20000 report_ms=0",
+            Storm::Mmio => "workload=mmio exits=20000 report_ms=0",
+        }
+    }
+
+    /// exit-stats' attach config claiming the storm target, and its counter of it.
+    fn claim(self) -> (&'static str, &'static str) {
+        match self {
+            Storm::Port => (STORM, "writes"),
+            Storm::Mmio => (MMIO_STORM, "mmio_writes"),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Storm::Port => "port",
+            Storm::Mmio => "MMIO",
+        }
+    }
+}
+
+/// spanguest's MMIO storm target (63 GiB) claimed by exit-stats.
+const MMIO_STORM: &str = r#"{"mmio_base":"0xfc0000000","mmio_len":4096}"#;
+
+/// The storm workload's cost per exit, with the storm target handled by: nobody (plain exit),
+/// the Wasm or the native exit-stats service; and under QEMU for reference.
 fn dispatch(
     bin: &Path,
     elf: &Path,
     plugins: &Path,
     batches: usize,
+    storm: Storm,
 ) -> anyhow::Result<Vec<Dispatch>> {
-    let cmdline = "workload=exits exits=20000 report_ms=0";
+    let cmdline = storm.cmdline();
+    let (claim, counter) = storm.claim();
     let mut out = Vec::new();
-    for (variant, plugin, asynchronous) in [
+    let variants = [
         ("spanvmm, no service", None, false),
         ("spanvmm, Wasm exit-stats", Some("exit-stats.wasm"), false),
         (
@@ -139,10 +176,12 @@ fn dispatch(
             Some("libexit-stats.so"),
             true,
         ),
-    ] {
+    ];
+    for (variant, plugin, asynchronous) in variants {
+        let variant = format!("{} {variant}", storm.label());
         let vm = spawn_vm(bin, elf, cmdline, 128, "disp")?;
         if let Some(p) = plugin {
-            let body = json!({"path": plugins.join(p), "config": STORM, "async_port_writes": asynchronous});
+            let body = json!({"path": plugins.join(p), "config": claim, "async_port_writes": asynchronous});
             vm.api_ok("PUT", "/plugins/attach", Some(body))?;
         }
         // The first batch may straddle the attach: skip it.
@@ -163,12 +202,12 @@ fn dispatch(
                 "/plugins/call",
                 Some(json!({"name": "exit-stats", "method": "stats"})),
             )?;
-            if v["result"]["writes"].as_u64().unwrap_or(0) == 0 {
+            if v["result"][counter].as_u64().unwrap_or(0) == 0 {
                 bail!("{p} saw no exits: the measurement would be meaningless");
             }
         }
         out.push(Dispatch {
-            variant: variant.into(),
+            variant,
             ns_per_exit_median: median(&mut samples.iter().map(|&v| v as f64).collect::<Vec<_>>()),
             samples,
         });
@@ -213,7 +252,7 @@ fn dispatch(
     let _ = q.kill();
     let _ = q.wait();
     out.push(Dispatch {
-        variant: "qemu-microvm, no service".into(),
+        variant: format!("{} qemu-microvm, no service", storm.label()),
         ns_per_exit_median: median(&mut samples.iter().map(|&v| v as f64).collect::<Vec<_>>()),
         samples,
     });
@@ -270,6 +309,9 @@ struct Report {
     native_dispatch_ns_above_plain_exit: f64,
     wasm_async_dispatch_ns_above_plain_exit: f64,
     native_async_dispatch_ns_above_plain_exit: f64,
+    mmio_dispatch: Vec<Dispatch>,
+    mmio_wasm_dispatch_ns_above_plain_exit: f64,
+    mmio_native_dispatch_ns_above_plain_exit: f64,
     throughput: Vec<Throughput>,
     goals: Value,
 }
@@ -286,8 +328,9 @@ pub fn run(bin: &Path, elf: &Path, plugins: &Path, out: &Path) -> anyhow::Result
         );
         lat.push(l);
     }
-    let disp = dispatch(bin, elf, plugins, 8)?;
-    for d in &disp {
+    let disp = dispatch(bin, elf, plugins, 8, Storm::Port)?;
+    let mmio = dispatch(bin, elf, plugins, 8, Storm::Mmio)?;
+    for d in disp.iter().chain(&mmio) {
         eprintln!("{:>28}: {:.0} ns per exit", d.variant, d.ns_per_exit_median);
     }
     let thr = throughput(bin, elf, plugins)?;
@@ -298,6 +341,8 @@ pub fn run(bin: &Path, elf: &Path, plugins: &Path, out: &Path) -> anyhow::Result
     let native = disp[2].ns_per_exit_median - disp[0].ns_per_exit_median;
     let wasm_async = disp[3].ns_per_exit_median - disp[0].ns_per_exit_median;
     let native_async = disp[4].ns_per_exit_median - disp[0].ns_per_exit_median;
+    let mmio_wasm = mmio[1].ns_per_exit_median - mmio[0].ns_per_exit_median;
+    let mmio_native = mmio[2].ns_per_exit_median - mmio[0].ns_per_exit_median;
     let report = Report {
         benchmark: "services",
         unix_time: std::time::SystemTime::now()
@@ -311,6 +356,9 @@ pub fn run(bin: &Path, elf: &Path, plugins: &Path, out: &Path) -> anyhow::Result
         }),
         attach_detach: lat,
         dispatch: disp,
+        mmio_dispatch: mmio,
+        mmio_wasm_dispatch_ns_above_plain_exit: mmio_wasm,
+        mmio_native_dispatch_ns_above_plain_exit: mmio_native,
         wasm_dispatch_ns_above_plain_exit: wasm,
         native_dispatch_ns_above_plain_exit: native,
         wasm_async_dispatch_ns_above_plain_exit: wasm_async,

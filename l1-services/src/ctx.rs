@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use serde::Serialize;
-use spanvmm_sdk::{Capability, LogLevel, PortRange, Translation, VcpuRegs, VmInfo};
+use spanvmm_sdk::{Capability, LogLevel, MmioRange, PortRange, Translation, VcpuRegs, VmInfo};
 
 use crate::error::HostError;
 use crate::host::VmHost;
@@ -128,12 +128,32 @@ impl HostShared {
     }
 }
 
-/// Port claims made during one `attach`.
+/// Why `range` cannot be MMIO on a VM with `ram` bytes of RAM (guest-physical `[0, ram)`):
+/// empty, wrapping, or inside RAM, where guest accesses never exit to the VMM.
+pub(crate) fn check_mmio_range(range: &MmioRange, ram: u64) -> Result<(), String> {
+    if !range.is_valid() {
+        return Err(format!(
+            "{range} is empty or wraps past the end of the address space"
+        ));
+    }
+    if range.base < ram {
+        return Err(format!(
+            "{range} lies inside guest RAM (0x0..{ram:#x}), where accesses never reach a service"
+        ));
+    }
+    Ok(())
+}
+
+/// Port and MMIO claims made during one `attach`.
 pub(crate) struct ClaimSession {
     /// Ranges owned by others (services and the VMM's devices) when attach began.
     pub taken: Vec<(PortRange, String)>,
     /// Ranges this service claimed.
     pub mine: Vec<PortRange>,
+    /// MMIO ranges owned by other services when attach began.
+    pub taken_mmio: Vec<(MmioRange, String)>,
+    /// MMIO ranges this service claimed.
+    pub mine_mmio: Vec<MmioRange>,
 }
 
 /// One service's context: identity, granted capabilities, per-call flags, metrics.
@@ -142,8 +162,8 @@ pub(crate) struct ServiceCtx {
     pub id: u64,
     name: OnceLock<String>,
     caps: AtomicU32,
-    /// The current call is a port event on a vCPU thread.
-    pub in_port_event: AtomicBool,
+    /// The current call is a port or MMIO event on a vCPU thread.
+    pub in_vcpu_event: AtomicBool,
     /// The service is inside a host call that waits for vCPUs (pause, resume, registers).
     pub waiting_on_vcpus: AtomicBool,
     pub claims: Mutex<Option<ClaimSession>>,
@@ -168,7 +188,7 @@ impl ServiceCtx {
             id,
             name: OnceLock::new(),
             caps: AtomicU32::new(0),
-            in_port_event: AtomicBool::new(false),
+            in_vcpu_event: AtomicBool::new(false),
             waiting_on_vcpus: AtomicBool::new(false),
             claims: Mutex::new(None),
             metrics: Mutex::new(BTreeMap::new()),
@@ -207,9 +227,9 @@ impl ServiceCtx {
         what: &str,
         f: impl FnOnce(&dyn VmHost) -> Result<T, HostError>,
     ) -> Result<T, String> {
-        if self.in_port_event.load(Ordering::Acquire) {
+        if self.in_vcpu_event.load(Ordering::Acquire) {
             return Err(format!(
-                "{what} is not allowed while handling a port event (it runs on a vCPU thread); \
+                "{what} is not allowed while handling a port or MMIO event (it runs on a vCPU thread); \
                  do it from a tick or a call"
             ));
         }
@@ -348,6 +368,35 @@ impl ServiceCtx {
             ));
         }
         session.mine.push(range);
+        Ok(())
+    }
+
+    pub(crate) fn claim_mmio(&self, base: u64, len: u64) -> Result<(), String> {
+        let range = MmioRange::new(base, len);
+        let mut claims = lock(&self.claims);
+        let Some(session) = claims.as_mut() else {
+            return Err(format!(
+                "claim-mmio {range}: MMIO can only be claimed during attach"
+            ));
+        };
+        let ram = self.host().info().mem_bytes;
+        check_mmio_range(&range, ram).map_err(|e| format!("claim-mmio: {e}"))?;
+        if let Some((owned, owner)) = session.taken_mmio.iter().find(|(r, _)| r.overlaps(&range)) {
+            return Err(format!(
+                "claim-mmio: service {} cannot claim {range}: it overlaps {owned} owned by {owner}",
+                self.name()
+            ));
+        }
+        if let Some(own) = session.mine_mmio.iter().find(|r| r.overlaps(&range)) {
+            if own.base <= range.base && range.end() <= own.end() {
+                return Ok(()); // claimed already
+            }
+            return Err(format!(
+                "claim-mmio: {range} partly overlaps {own}, which this service claimed already; \
+                 claim disjoint ranges"
+            ));
+        }
+        session.mine_mmio.push(range);
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use spanvmm_sdk::{Capability, PortRange};
+use spanvmm_sdk::{Capability, MmioRange, PortRange};
 
 /// What the VMM's side of a host call reports.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +88,18 @@ pub enum ServiceError {
         owner: String,
         /// The owner's range.
         owned: PortRange,
+    },
+    /// An MMIO claim overlaps another service's MMIO range.
+    #[error("service {claimant} cannot claim {range}: it overlaps {owned} owned by {owner}")]
+    MmioConflict {
+        /// Service asking.
+        claimant: String,
+        /// Range asked for.
+        range: MmioRange,
+        /// Owner of the overlapping range.
+        owner: String,
+        /// The owner's range.
+        owned: MmioRange,
     },
     /// An exclusive capability is held by another service.
     #[error("service {claimant} asks for exclusive capability {capability}, already held by service {holder}")]

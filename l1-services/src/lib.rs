@@ -30,6 +30,6 @@ pub use manager::{
     ServiceState, ServiceStats,
 };
 pub use spanvmm_sdk::{
-    Capability, Event, EventKind, EventReply, Lifecycle, Manifest, PortRange, Translation,
-    VcpuRegs, VmInfo, ABI_VERSION,
+    Capability, Event, EventKind, EventReply, Lifecycle, Manifest, MmioRange, PortRange,
+    Translation, VcpuRegs, VmInfo, ABI_VERSION,
 };

@@ -1,5 +1,6 @@
 //! The service manager: attach, detach and replace services beneath a running VM, route events
-//! to their owners (Span ownership of ports and exclusive capabilities), and contain services
+//! to their owners (Span ownership of ports, MMIO ranges and exclusive capabilities), and
+//! contain services
 //! that misbehave.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -9,10 +10,14 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, TryLockError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use spanvmm_sdk::{Capability, Event, EventKind, EventReply, Lifecycle, Manifest, PortRange};
+use spanvmm_sdk::{
+    Capability, Event, EventKind, EventReply, Lifecycle, Manifest, MmioRange, PortRange,
+};
 
 use crate::backend::{Backend, Fatal};
-use crate::ctx::{lock, ClaimSession, DirtyFanout, HostShared, Notification, ServiceCtx};
+use crate::ctx::{
+    check_mmio_range, lock, ClaimSession, DirtyFanout, HostShared, Notification, ServiceCtx,
+};
 use crate::error::ServiceError;
 use crate::host::VmHost;
 use crate::native::NativeService;
@@ -133,6 +138,8 @@ pub struct ServiceInfo {
     pub events: Vec<EventKind>,
     /// Owned ports (manifest plus claims made during attach).
     pub ports: Vec<PortRange>,
+    /// Owned MMIO ranges (manifest plus claims made during attach).
+    pub mmio: Vec<MmioRange>,
     /// Granted capabilities.
     pub capabilities: Vec<Capability>,
     /// Tick period, ms (0: none).
@@ -155,13 +162,15 @@ struct Slot {
     config: String,
     manifest: Manifest,
     ports: Vec<PortRange>,
+    mmio: Vec<MmioRange>,
     ctx: Arc<ServiceCtx>,
     inst: Mutex<Option<Box<dyn Backend>>>,
     failure: OnceLock<String>,
     deferred: Mutex<Vec<Event>>,
     /// `deferred` is not empty (checked without its lock on every event).
     has_deferred: AtomicBool,
-    /// Port writes are queued by the vCPU and delivered by the manager's delivery thread.
+    /// Port and MMIO writes are queued by the vCPU and delivered by the manager's delivery
+    /// thread.
     async_port_writes: bool,
     events: AtomicU64,
     calls: AtomicU64,
@@ -192,6 +201,7 @@ impl Slot {
             },
             events: self.manifest.events.clone(),
             ports: self.ports.clone(),
+            mmio: self.mmio.clone(),
             capabilities: self.manifest.capabilities.clone(),
             tick_period_ms: self.manifest.tick_period_ms,
             attached_at_ms: self.attached_at_ms,
@@ -211,17 +221,34 @@ impl Slot {
     }
 }
 
-struct PortRoute {
-    range: PortRange,
+/// Where a guest access went: the port space or guest-physical MMIO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Space {
+    Port,
+    Mmio,
+}
+
+/// An owned range of one space, `[base, base + len)`, and whether its owner wants writes and
+/// reads delivered (an owner that does not still swallows them).
+struct IoRoute {
+    base: u64,
+    len: u64,
     slot: Arc<Slot>,
     write: bool,
     read: bool,
 }
 
+impl IoRoute {
+    fn contains(&self, addr: u64) -> bool {
+        addr >= self.base && addr - self.base < self.len
+    }
+}
+
 /// The read-mostly snapshot the event paths use.
 #[derive(Default)]
 struct Routes {
-    ports: Vec<PortRoute>,
+    ports: Vec<IoRoute>,
+    mmio: Vec<IoRoute>,
     lifecycle: Vec<Arc<Slot>>,
     ticks: Vec<Arc<Slot>>,
 }
@@ -260,6 +287,7 @@ pub struct ServiceManager {
     control: Mutex<Control>,
     routes: RwLock<Arc<Routes>>,
     has_ports: AtomicBool,
+    has_mmio: AtomicBool,
     /// Services with queued asynchronous port writes, for the delivery thread.
     async_delivery: OnceLock<AsyncQueue>,
 }
@@ -267,8 +295,8 @@ pub struct ServiceManager {
 /// Host-side options of an attach (policy the VMM chooses, not the service).
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct AttachOptions {
-    /// Deliver port writes asynchronously: the vCPU only queues them (it never waits for the
-    /// service), a delivery thread hands them over in order. Reads stay synchronous and see
+    /// Deliver port and MMIO writes asynchronously: the vCPU only queues them (it never waits
+    /// for the service), a delivery thread hands them over in order. Reads stay synchronous and see
     /// every earlier write first. For services that only observe writes (counters, tracing).
     pub async_port_writes: bool,
 }
@@ -331,6 +359,7 @@ impl ServiceManager {
             control: Mutex::new(Control::default()),
             routes: RwLock::new(Arc::new(Routes::default())),
             has_ports: AtomicBool::new(false),
+            has_mmio: AtomicBool::new(false),
             async_delivery: OnceLock::new(),
         }
     }
@@ -376,11 +405,21 @@ impl ServiceManager {
         let mut r = Routes::default();
         for s in c.services.iter().filter(|s| s.failure.get().is_none()) {
             for range in &s.ports {
-                r.ports.push(PortRoute {
-                    range: *range,
+                r.ports.push(IoRoute {
+                    base: range.base.into(),
+                    len: range.len.into(),
                     slot: s.clone(),
                     write: s.wants(EventKind::PortWrite),
                     read: s.wants(EventKind::PortRead),
+                });
+            }
+            for range in &s.mmio {
+                r.mmio.push(IoRoute {
+                    base: range.base,
+                    len: range.len,
+                    slot: s.clone(),
+                    write: s.wants(EventKind::MmioWrite),
+                    read: s.wants(EventKind::MmioRead),
                 });
             }
             if s.wants(EventKind::Lifecycle) {
@@ -390,10 +429,13 @@ impl ServiceManager {
                 r.ticks.push(s.clone());
             }
         }
-        r.ports.sort_by_key(|p| p.range.base);
+        r.ports.sort_by_key(|p| p.base);
+        r.mmio.sort_by_key(|p| p.base);
         let any_ports = !r.ports.is_empty();
+        let any_mmio = !r.mmio.is_empty();
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(r);
         self.has_ports.store(any_ports, Ordering::Release);
+        self.has_mmio.store(any_mmio, Ordering::Release);
     }
 
     /// Moves failed services out of the live list (their claims end) into the failure records.
@@ -443,6 +485,13 @@ impl ServiceManager {
             }
         }
         taken
+    }
+
+    fn taken_mmio(c: &Control) -> Vec<(MmioRange, String)> {
+        c.services
+            .iter()
+            .flat_map(|s| s.mmio.iter().map(|r| (*r, format!("service {}", s.name()))))
+            .collect()
     }
 
     /// Reserves ports for the VMM's own devices (e.g. `"vmm:serial"`), so no service can claim
@@ -515,6 +564,10 @@ impl ServiceManager {
                 r.base, r.len
             )));
         }
+        let ram = self.shared.host.info().mem_bytes;
+        if let Some(e) = m.mmio.iter().find_map(|r| check_mmio_range(r, ram).err()) {
+            return Err(bad(format!("MMIO claim: {e}")));
+        }
         if m.events.contains(&EventKind::Tick) && m.tick_period_ms == 0 {
             return Err(bad("subscribes to ticks with a tick period of 0 ms".into()));
         }
@@ -538,6 +591,17 @@ impl ServiceManager {
         for range in &m.ports {
             if let Some((owned, owner)) = taken.iter().find(|(r, _)| r.overlaps(range)) {
                 return Err(ServiceError::PortConflict {
+                    claimant: m.name.clone(),
+                    range: *range,
+                    owner: owner.clone(),
+                    owned: *owned,
+                });
+            }
+        }
+        let taken = Self::taken_mmio(c);
+        for range in &m.mmio {
+            if let Some((owned, owner)) = taken.iter().find(|(r, _)| r.overlaps(range)) {
+                return Err(ServiceError::MmioConflict {
                     claimant: m.name.clone(),
                     range: *range,
                     owner: owner.clone(),
@@ -582,9 +646,14 @@ impl ServiceManager {
         *lock(&ctx.claims) = Some(ClaimSession {
             taken: Self::taken_ports(c),
             mine: manifest.ports.clone(),
+            taken_mmio: Self::taken_mmio(c),
+            mine_mmio: manifest.mmio.clone(),
         });
         let attached = backend.attach(config);
-        let ports = lock(&ctx.claims).take().map(|s| s.mine).unwrap_or_default();
+        let (ports, mmio) = lock(&ctx.claims)
+            .take()
+            .map(|s| (s.mine, s.mine_mmio))
+            .unwrap_or_default();
         match attached {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => return Err(ServiceError::AttachRefused { name, msg }),
@@ -640,6 +709,7 @@ impl ServiceManager {
             path: path.to_path_buf(),
             config: config.to_string(),
             ports,
+            mmio,
             ctx,
             inst: Mutex::new(Some(backend)),
             failure: OnceLock::new(),
@@ -954,12 +1024,12 @@ impl ServiceManager {
         slot: &Slot,
         inst: &mut Option<Box<dyn Backend>>,
         ev: &Event,
-        port_event: bool,
+        vcpu_event: bool,
     ) -> Delivery {
         let Some(b) = inst.as_mut() else {
             return Delivery::Gone;
         };
-        slot.ctx.in_port_event.store(port_event, Ordering::Relaxed);
+        slot.ctx.in_vcpu_event.store(vcpu_event, Ordering::Relaxed);
         // Time one event in TIME_SAMPLE: two clock reads cost about as much as a native call.
         let n = slot.events.fetch_add(1, Ordering::Relaxed);
         let r = if n.is_multiple_of(TIME_SAMPLE) {
@@ -971,7 +1041,7 @@ impl ServiceManager {
         } else {
             b.on_event(ev)
         };
-        slot.ctx.in_port_event.store(false, Ordering::Relaxed);
+        slot.ctx.in_vcpu_event.store(false, Ordering::Relaxed);
         match r {
             Ok(reply) => Delivery::Done(reply),
             Err(Fatal(reason)) => {
@@ -980,6 +1050,8 @@ impl ServiceManager {
                     EventKind::PortRead => "port-read",
                     EventKind::Lifecycle => "lifecycle",
                     EventKind::Tick => "tick",
+                    EventKind::MmioWrite => "mmio-write",
+                    EventKind::MmioRead => "mmio-read",
                 };
                 self.fail(slot, inst, format!("{what} event: {reason}"));
                 Delivery::Failed
@@ -1000,10 +1072,10 @@ impl ServiceManager {
         }
     }
 
-    /// Delivers a port event from a vCPU thread. If the service is busy inside a host call that
+    /// Delivers a port or MMIO event from a vCPU thread. If the service is busy inside a host call that
     /// waits for vCPUs (pause, resume, registers), the vCPU does not wait for it: a write is
     /// queued for later delivery and a read answers all-ones.
-    fn deliver_port(&self, slot: &Arc<Slot>, ev: Event) -> Delivery {
+    fn deliver_io(&self, slot: &Arc<Slot>, ev: Event) -> Delivery {
         let mut spins = 0u32;
         let mut inst = loop {
             match slot.inst.try_lock() {
@@ -1012,7 +1084,7 @@ impl ServiceManager {
                 Err(TryLockError::WouldBlock) => {
                     if slot.ctx.waiting_on_vcpus.load(Ordering::Acquire) {
                         slot.deferred_count.fetch_add(1, Ordering::Relaxed);
-                        if let Event::PortWrite { .. } = ev {
+                        if ev.is_write() {
                             lock(&slot.deferred).push(ev);
                             slot.has_deferred.store(true, Ordering::Release);
                             // The holder may have finished meanwhile: deliver it ourselves.
@@ -1040,31 +1112,44 @@ impl ServiceManager {
         d
     }
 
-    fn port_route(&self, port: u16, write: bool) -> Option<(Arc<Slot>, bool)> {
+    fn route(&self, space: Space, addr: u64, write: bool) -> Option<(Arc<Slot>, bool)> {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-        routes
-            .ports
-            .iter()
-            .find(|r| r.range.contains(port))
+        let list = match space {
+            Space::Port => &routes.ports,
+            Space::Mmio => &routes.mmio,
+        };
+        list.iter()
+            .find(|r| r.contains(addr))
             .map(|r| (r.slot.clone(), if write { r.write } else { r.read }))
     }
 
-    /// A guest port write. Returns false when no service owns `port` (the VMM's bus handles
-    /// it); costs one atomic load when no service claims any port.
-    pub fn on_port_write(&self, port: u16, data: &[u8]) -> bool {
-        if !self.has_ports.load(Ordering::Acquire) {
+    fn claimed(&self, space: Space) -> bool {
+        match space {
+            Space::Port => self.has_ports.load(Ordering::Acquire),
+            Space::Mmio => self.has_mmio.load(Ordering::Acquire),
+        }
+    }
+
+    /// A guest write to `addr` of `space`. Returns false when no service owns it (the VMM's bus
+    /// handles it); costs one atomic load when no service claims anything in that space.
+    fn on_write(&self, space: Space, addr: u64, data: &[u8]) -> bool {
+        if !self.claimed(space) {
             return false;
         }
-        let Some((slot, wanted)) = self.port_route(port, true) else {
+        let Some((slot, wanted)) = self.route(space, addr, true) else {
             return false;
         };
         if !wanted {
             return true;
         }
-        let ev = Event::PortWrite {
-            port,
-            size: data.len() as u8,
-            value: le_value(data),
+        let (size, value) = (data.len() as u8, le_value(data));
+        let ev = match space {
+            Space::Port => Event::PortWrite {
+                port: addr as u16,
+                size,
+                value,
+            },
+            Space::Mmio => Event::MmioWrite { addr, size, value },
         };
         if slot.async_port_writes {
             if let Some(q) = self.async_delivery.get() {
@@ -1085,27 +1170,31 @@ impl ServiceManager {
                 }
             }
         }
-        !matches!(self.deliver_port(&slot, ev), Delivery::Gone)
+        !matches!(self.deliver_io(&slot, ev), Delivery::Gone)
     }
 
-    /// A guest port read: fills `data` and returns true when a service owns `port` (all-ones
-    /// when it has no answer); false when none does.
-    pub fn on_port_read(&self, port: u16, data: &mut [u8]) -> bool {
-        if !self.has_ports.load(Ordering::Acquire) {
+    /// A guest read from `addr` of `space`: fills `data` and returns true when a service owns
+    /// it (all-ones when it has no answer); false when none does.
+    fn on_read(&self, space: Space, addr: u64, data: &mut [u8]) -> bool {
+        if !self.claimed(space) {
             return false;
         }
-        let Some((slot, wanted)) = self.port_route(port, false) else {
+        let Some((slot, wanted)) = self.route(space, addr, false) else {
             return false;
         };
         if !wanted {
             data.fill(0xff);
             return true;
         }
-        let ev = Event::PortRead {
-            port,
-            size: data.len() as u8,
+        let size = data.len() as u8;
+        let ev = match space {
+            Space::Port => Event::PortRead {
+                port: addr as u16,
+                size,
+            },
+            Space::Mmio => Event::MmioRead { addr, size },
         };
-        match self.deliver_port(&slot, ev) {
+        match self.deliver_io(&slot, ev) {
             Delivery::Gone => false,
             Delivery::Done(EventReply::Value(v)) => {
                 let bytes = v.to_le_bytes();
@@ -1119,6 +1208,30 @@ impl ServiceManager {
                 true
             }
         }
+    }
+
+    /// A guest port write. Returns false when no service owns `port` (the VMM's bus handles
+    /// it); costs one atomic load when no service claims any port.
+    pub fn on_port_write(&self, port: u16, data: &[u8]) -> bool {
+        self.on_write(Space::Port, port.into(), data)
+    }
+
+    /// A guest port read: fills `data` and returns true when a service owns `port` (all-ones
+    /// when it has no answer); false when none does.
+    pub fn on_port_read(&self, port: u16, data: &mut [u8]) -> bool {
+        self.on_read(Space::Port, port.into(), data)
+    }
+
+    /// A guest store to guest-physical `addr` outside RAM; false when no service owns it.
+    /// Costs one atomic load when no service claims any MMIO.
+    pub fn on_mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        self.on_write(Space::Mmio, addr, data)
+    }
+
+    /// A guest load from guest-physical `addr` outside RAM: fills `data` and returns true when
+    /// a service owns it (all-ones when it has no answer); false when none does.
+    pub fn on_mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.on_read(Space::Mmio, addr, data)
     }
 
     fn deliver_all(&self, slots: &[Arc<Slot>], ev: impl Fn(&Slot) -> Option<Event>) {

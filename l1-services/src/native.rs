@@ -131,6 +131,7 @@ impl NativeService {
             metric: h_metric,
             notify: h_notify,
             now_ns: h_now_ns,
+            claim_mmio: h_claim_mmio,
         });
         loaded.push((id, "?".into()));
         Ok(NativeService {
@@ -428,6 +429,13 @@ unsafe extern "C" fn h_claim_ports(ctx: *mut c_void, base: u16, len: u16, err: *
     report(
         err,
         with_ctx(ctx, Err(PANIC.into()), |c| unit(c.claim_ports(base, len))),
+    )
+}
+
+unsafe extern "C" fn h_claim_mmio(ctx: *mut c_void, base: u64, len: u64, err: *const Sink) -> i32 {
+    report(
+        err,
+        with_ctx(ctx, Err(PANIC.into()), |c| unit(c.claim_mmio(base, len))),
     )
 }
 

@@ -392,12 +392,19 @@ fn manifest_from_wit(m: wt::Manifest) -> sdk::Manifest {
                 wt::EventKind::PortRead => sdk::EventKind::PortRead,
                 wt::EventKind::Lifecycle => sdk::EventKind::Lifecycle,
                 wt::EventKind::Tick => sdk::EventKind::Tick,
+                wt::EventKind::MmioWrite => sdk::EventKind::MmioWrite,
+                wt::EventKind::MmioRead => sdk::EventKind::MmioRead,
             })
             .collect(),
         ports: m
             .ports
             .into_iter()
             .map(|p| sdk::PortRange::new(p.base, p.len))
+            .collect(),
+        mmio: m
+            .mmio
+            .into_iter()
+            .map(|r| sdk::MmioRange::new(r.base, r.len))
             .collect(),
         capabilities: m
             .capabilities
@@ -430,6 +437,10 @@ fn event_to_wit(ev: &sdk::Event) -> wt::Event {
             sdk::Lifecycle::Shutdown => wt::Lifecycle::Shutdown,
         }),
         sdk::Event::Tick { now_ns } => wt::Event::Tick(now_ns),
+        sdk::Event::MmioWrite { addr, size, value } => {
+            wt::Event::MmioWrite(wt::MmioWrite { addr, size, value })
+        }
+        sdk::Event::MmioRead { addr, size } => wt::Event::MmioRead(wt::MmioRead { addr, size }),
     }
 }
 
@@ -587,6 +598,10 @@ impl wh::Host for StoreState {
 
     fn claim_ports(&mut self, base: u16, len: u16) -> Result<(), String> {
         self.ctx.claim_ports(base, len)
+    }
+
+    fn claim_mmio(&mut self, base: u64, len: u64) -> Result<(), String> {
+        self.ctx.claim_mmio(base, len)
     }
 
     fn log(&mut self, level: wt::LogLevel, msg: String) {

@@ -136,6 +136,85 @@ fn replace_keeps_the_event_order_position() {
     assert_eq!(names, ["introspect", "exit-stats", "hello"]);
 }
 
+/// 63 GiB: above any guest RAM, where spanguest's `mmio` workload writes.
+const MMIO_BASE: u64 = 63 << 30;
+
+#[test]
+fn mmio_claims_route_guest_accesses_in_both_runtimes() {
+    for path in [wasm("exit-stats"), native("exit-stats")] {
+        let (_ram, m) = manager();
+        assert!(
+            !m.on_mmio_write(MMIO_BASE, &[1, 0, 0, 0]),
+            "nobody claims MMIO yet"
+        );
+        let cfg = format!(r#"{{"mmio_base": "{MMIO_BASE:#x}", "mmio_len": 4096}}"#);
+        let info = m.attach(&path, &cfg).unwrap();
+        assert_eq!(
+            info.mmio,
+            vec![l1_services::MmioRange::new(MMIO_BASE, 4096)]
+        );
+        for i in 0..3u64 {
+            assert!(m.on_mmio_write(MMIO_BASE + 8 * i, &i.to_le_bytes()));
+        }
+        assert!(!m.on_mmio_write(MMIO_BASE + 4096, &[1]), "past the range");
+        assert!(
+            !m.on_port_write(0x700, &[1]),
+            "claiming MMIO claims no port"
+        );
+        let mut d = [0u8; 8];
+        assert!(m.on_mmio_read(MMIO_BASE + 0x10, &mut d));
+        assert_eq!(
+            u64::from_le_bytes(d),
+            3,
+            "a read returns the MMIO write count"
+        );
+        let s = json(&m.call("exit-stats", "stats", "").unwrap());
+        assert_eq!(s["mmio_writes"], 3, "{s}");
+        assert_eq!(s["mmio_reads"], 1, "{s}");
+        assert_eq!(s["mmio_last_addr"], MMIO_BASE + 16, "{s}");
+        m.detach("exit-stats").unwrap();
+        assert!(
+            !m.on_mmio_write(MMIO_BASE, &[1]),
+            "the claim ends with detach"
+        );
+    }
+}
+
+#[test]
+fn mmio_claims_inside_ram_or_overlapping_are_refused() {
+    let (_ram, m) = manager();
+    // Guest RAM never exits: a claim there could never fire.
+    let err = m
+        .attach(&wasm("exit-stats"), r#"{"mmio_base": 4096}"#)
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("inside guest RAM"), "{msg}");
+    assert!(m.list().is_empty());
+    // A static claim (greedy's manifest) against a dynamic one, both ways round.
+    m.attach(&wasm("greedy"), "").unwrap();
+    let cfg = format!(
+        r#"{{"mmio_base": "{:#x}", "mmio_len": 16}}"#,
+        MMIO_BASE + 0x800
+    );
+    let err = m.attach(&native("exit-stats"), &cfg).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ServiceError::AttachRefused { .. }), "{msg}");
+    assert!(
+        msg.contains("exit-stats") && msg.contains("greedy-wasm"),
+        "{msg}"
+    );
+    m.detach("greedy-wasm").unwrap();
+    m.attach(&native("exit-stats"), &cfg).unwrap();
+    let err = m.attach(&wasm("greedy"), "").unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ServiceError::MmioConflict { .. }), "{msg}");
+    assert!(
+        msg.contains("greedy-wasm") && msg.contains("exit-stats"),
+        "{msg}"
+    );
+    assert_eq!(m.list().len(), 1, "the refused service must not linger");
+}
+
 #[test]
 fn conflicting_claims_are_refused_naming_both() {
     let (_ram, m) = manager();

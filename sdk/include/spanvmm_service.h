@@ -48,6 +48,8 @@ typedef struct spanvmm_sink {
 #define SPANVMM_EVENT_PORT_READ 1u  /* port, size; answer in the reply */
 #define SPANVMM_EVENT_LIFECYCLE 2u  /* value = SPANVMM_LIFECYCLE_* */
 #define SPANVMM_EVENT_TICK 3u       /* value = host monotonic time, ns */
+#define SPANVMM_EVENT_MMIO_WRITE 4u /* addr, size, value = value stored */
+#define SPANVMM_EVENT_MMIO_READ 5u  /* addr, size; answer in the reply */
 
 #define SPANVMM_LIFECYCLE_PAUSED 0u
 #define SPANVMM_LIFECYCLE_RESUMED 1u
@@ -58,13 +60,14 @@ typedef struct spanvmm_sink {
 typedef struct spanvmm_event {
     uint32_t kind;
     uint16_t port;
-    uint8_t size;     /* access width in bytes: 1, 2 or 4 */
+    uint8_t size;     /* access width in bytes: 1, 2 or 4 (MMIO: up to 8) */
     uint8_t reserved; /* 0 */
     uint64_t value;
+    uint64_t addr; /* guest-physical address of MMIO events */
 } spanvmm_event;
 
 typedef struct spanvmm_event_reply {
-    uint32_t has_value; /* 1: a port read returns `value`; 0: all-ones */
+    uint32_t has_value; /* 1: a port or MMIO read returns `value`; 0: all-ones */
     uint32_t reserved;
     uint64_t value;
 } spanvmm_event_reply;
@@ -126,6 +129,8 @@ typedef struct spanvmm_host {
     void (*notify)(void *ctx, const uint8_t *kind, size_t kind_len, const uint8_t *detail,
                    size_t detail_len);
     uint64_t (*now_ns)(void *ctx);
+    /* appended: present when size covers it; only during attach; outside guest RAM */
+    int32_t (*claim_mmio)(void *ctx, uint64_t base, uint64_t len, const spanvmm_sink *err);
 } spanvmm_host;
 
 /* ---- exported by the service ---- */
@@ -134,8 +139,9 @@ typedef struct spanvmm_host {
 uint32_t spanvmm_service_abi_version(void);
 
 /* The manifest as JSON (the serde form of spanvmm_sdk::Manifest):
- * {"name":"…","version":"…","abi_version":1,"events":["port-write","port-read","lifecycle","tick"],
- *  "ports":[{"base":1792,"len":4}],"capabilities":["memory-read","memory-write","vcpu-state",
+ * {"name":"…","version":"…","abi_version":1,"events":["port-write","port-read","lifecycle","tick",
+ *  "mmio-write","mmio-read"],"ports":[{"base":1792,"len":4}],
+ *  "mmio":[{"base":67645734912,"len":4096}] (optional),"capabilities":["memory-read","memory-write","vcpu-state",
  *  "pause-resume","dirty-log","drives-migration"],"tick_period_ms":0} */
 int32_t spanvmm_service_describe(const spanvmm_sink *manifest_json);
 

@@ -52,6 +52,10 @@ pub mod event_kind {
     pub const LIFECYCLE: u32 = 2;
     /// Tick: `value` is the host time in ns.
     pub const TICK: u32 = 3;
+    /// MMIO write: `addr`, `size`, `value`.
+    pub const MMIO_WRITE: u32 = 4;
+    /// MMIO read: `addr`, `size`.
+    pub const MMIO_READ: u32 = 5;
 }
 
 /// An event (`spanvmm_event`).
@@ -68,6 +72,8 @@ pub struct CEvent {
     pub reserved: u8,
     /// Written value, lifecycle code or time.
     pub value: u64,
+    /// Guest-physical address (MMIO events; appended in a minor version, read only for them).
+    pub addr: u64,
 }
 
 /// An event reply (`spanvmm_event_reply`).
@@ -196,6 +202,9 @@ pub struct HostVtable {
     ),
     /// Host monotonic time, ns.
     pub now_ns: unsafe extern "C" fn(ctx: *mut c_void) -> u64,
+    /// Claim MMIO (during attach only). Appended: present when `size` covers it.
+    pub claim_mmio:
+        unsafe extern "C" fn(ctx: *mut c_void, base: u64, len: u64, err: *const Sink) -> i32,
 }
 
 /// `uint32_t spanvmm_service_abi_version(void)`.
@@ -227,11 +236,17 @@ pub type CallFn = unsafe extern "C" fn(
 
 impl From<Event> for CEvent {
     fn from(ev: Event) -> Self {
-        let (kind, port, size, value) = match ev {
-            Event::PortWrite { port, size, value } => (event_kind::PORT_WRITE, port, size, value),
-            Event::PortRead { port, size } => (event_kind::PORT_READ, port, size, 0),
-            Event::Lifecycle(l) => (event_kind::LIFECYCLE, 0, 0, l.code()),
-            Event::Tick { now_ns } => (event_kind::TICK, 0, 0, now_ns),
+        let (kind, port, size, value, addr) = match ev {
+            Event::PortWrite { port, size, value } => {
+                (event_kind::PORT_WRITE, port, size, value, 0)
+            }
+            Event::PortRead { port, size } => (event_kind::PORT_READ, port, size, 0, 0),
+            Event::Lifecycle(l) => (event_kind::LIFECYCLE, 0, 0, l.code(), 0),
+            Event::Tick { now_ns } => (event_kind::TICK, 0, 0, now_ns, 0),
+            Event::MmioWrite { addr, size, value } => {
+                (event_kind::MMIO_WRITE, 0, size, value, addr)
+            }
+            Event::MmioRead { addr, size } => (event_kind::MMIO_READ, 0, size, 0, addr),
         };
         CEvent {
             kind,
@@ -239,6 +254,7 @@ impl From<Event> for CEvent {
             size,
             reserved: 0,
             value,
+            addr,
         }
     }
 }
@@ -258,6 +274,15 @@ impl CEvent {
             },
             event_kind::LIFECYCLE => Event::Lifecycle(Lifecycle::from_code(self.value)?),
             event_kind::TICK => Event::Tick { now_ns: self.value },
+            event_kind::MMIO_WRITE => Event::MmioWrite {
+                addr: self.addr,
+                size: self.size,
+                value: self.value,
+            },
+            event_kind::MMIO_READ => Event::MmioRead {
+                addr: self.addr,
+                size: self.size,
+            },
             _ => return None,
         })
     }
@@ -427,8 +452,8 @@ mod tests {
     /// Sizes as a C compiler lays out `include/spanvmm_service.h` on x86-64.
     #[test]
     fn layouts_match_the_c_header() {
-        assert_eq!(std::mem::size_of::<HostVtable>(), 144);
-        assert_eq!(std::mem::size_of::<CEvent>(), 16);
+        assert_eq!(std::mem::size_of::<HostVtable>(), 152);
+        assert_eq!(std::mem::size_of::<CEvent>(), 24);
         assert_eq!(std::mem::size_of::<CEventReply>(), 16);
         assert_eq!(std::mem::size_of::<CVmInfo>(), 16);
         assert_eq!(std::mem::size_of::<VcpuRegs>(), 192);
@@ -445,6 +470,15 @@ mod tests {
                 value: 0xbeef,
             },
             Event::PortRead { port: 1, size: 4 },
+            Event::MmioWrite {
+                addr: 63 << 30,
+                size: 8,
+                value: u64::MAX,
+            },
+            Event::MmioRead {
+                addr: 0xfee0_0000,
+                size: 2,
+            },
             Event::Lifecycle(Lifecycle::Restored),
             Event::Tick { now_ns: 42 },
         ] {

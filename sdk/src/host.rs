@@ -79,6 +79,12 @@ pub fn claim_ports(base: u16, len: u16) -> Result<(), String> {
     imp::claim_ports(base, len)
 }
 
+/// Claims guest-physical MMIO `[base, base + len)` (outside guest RAM) for this service; only
+/// while attaching.
+pub fn claim_mmio(base: u64, len: u64) -> Result<(), String> {
+    imp::claim_mmio(base, len)
+}
+
 /// Writes a line to the VMM's log.
 pub fn log(level: LogLevel, msg: &str) {
     imp::log(level, msg)

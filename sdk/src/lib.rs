@@ -42,7 +42,7 @@ pub mod wasm;
 pub use wit_bindgen as __wit_bindgen;
 
 pub use types::{
-    Capability, Event, EventKind, EventReply, Lifecycle, LogLevel, Manifest, PortRange,
+    Capability, Event, EventKind, EventReply, Lifecycle, LogLevel, Manifest, MmioRange, PortRange,
     Translation, VcpuRegs, VmInfo,
 };
 

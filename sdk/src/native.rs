@@ -373,6 +373,19 @@ pub(crate) mod imports {
         }))
     }
 
+    pub fn claim_mmio(base: u64, len: u64) -> Result<(), String> {
+        let h = host().ok_or(NO_HOST)?;
+        // A host of an earlier minor version has a shorter table without this function.
+        let needed = std::mem::offset_of!(HostVtable, claim_mmio) + std::mem::size_of::<usize>();
+        if (h.size as usize) < needed {
+            return Err("claim-mmio: this host does not offer MMIO claims".into());
+        }
+        // SAFETY: as above; the table is long enough to hold the field.
+        unit(with_sink(|s| unsafe {
+            (h.claim_mmio)(h.ctx, base, len, s)
+        }))
+    }
+
     pub fn log(level: LogLevel, msg: &str) {
         if let Some(h) = host() {
             // SAFETY: as above; `msg` is a live string.

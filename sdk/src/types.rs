@@ -15,6 +15,10 @@ pub enum EventKind {
     Lifecycle,
     /// Periodic ticks.
     Tick,
+    /// Guest store into a claimed MMIO range.
+    MmioWrite,
+    /// Guest load from a claimed MMIO range.
+    MmioRead,
 }
 
 /// What a service may do to the VM; host calls outside the granted set fail.
@@ -121,6 +125,49 @@ impl std::fmt::Display for PortRange {
     }
 }
 
+/// Guest-physical MMIO addresses `[base, base + len)` (outside guest RAM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MmioRange {
+    /// First address.
+    pub base: u64,
+    /// Number of bytes.
+    pub len: u64,
+}
+
+impl MmioRange {
+    /// The range `[base, base + len)`.
+    pub fn new(base: u64, len: u64) -> Self {
+        MmioRange { base, len }
+    }
+
+    /// One past the last address (`None` when it would wrap).
+    pub fn end(&self) -> Option<u64> {
+        self.base.checked_add(self.len)
+    }
+
+    /// True when `addr` is inside the range.
+    pub fn contains(&self, addr: u64) -> bool {
+        addr >= self.base && addr - self.base < self.len
+    }
+
+    /// True when the two ranges share an address.
+    pub fn overlaps(&self, other: &MmioRange) -> bool {
+        self.base < other.base.saturating_add(other.len)
+            && other.base < self.base.saturating_add(self.len)
+    }
+
+    /// True when the range is non-empty and does not wrap.
+    pub fn is_valid(&self) -> bool {
+        self.len > 0 && self.end().is_some()
+    }
+}
+
+impl std::fmt::Display for MmioRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "mmio {:#x}+{:#x}", self.base, self.len)
+    }
+}
+
 /// What a service is and what it wants.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -134,6 +181,9 @@ pub struct Manifest {
     pub events: Vec<EventKind>,
     /// Port ranges owned from attach on.
     pub ports: Vec<PortRange>,
+    /// MMIO ranges owned from attach on (absent in a manifest means none).
+    #[serde(default)]
+    pub mmio: Vec<MmioRange>,
     /// Capabilities needed.
     pub capabilities: Vec<Capability>,
     /// Tick period in milliseconds (0: none).
@@ -149,6 +199,7 @@ impl Manifest {
             abi_version: crate::ABI_VERSION,
             events: Vec::new(),
             ports: Vec::new(),
+            mmio: Vec::new(),
             capabilities: Vec::new(),
             tick_period_ms: 0,
         }
@@ -163,6 +214,12 @@ impl Manifest {
     /// Adds a claimed port range.
     pub fn port_range(mut self, base: u16, len: u16) -> Self {
         self.ports.push(PortRange { base, len });
+        self
+    }
+
+    /// Adds a claimed MMIO range.
+    pub fn mmio_range(mut self, base: u64, len: u64) -> Self {
+        self.mmio.push(MmioRange { base, len });
         self
     }
 
@@ -244,6 +301,22 @@ pub enum Event {
         /// Host monotonic time, ns.
         now_ns: u64,
     },
+    /// Guest stored `value` (`size` bytes, little-endian) at guest-physical `addr`.
+    MmioWrite {
+        /// Guest-physical address.
+        addr: u64,
+        /// Access width in bytes (1, 2, 4 or 8).
+        size: u8,
+        /// Value written.
+        value: u64,
+    },
+    /// Guest loads `size` bytes from guest-physical `addr`.
+    MmioRead {
+        /// Guest-physical address.
+        addr: u64,
+        /// Access width in bytes (1, 2, 4 or 8).
+        size: u8,
+    },
 }
 
 impl Event {
@@ -254,7 +327,14 @@ impl Event {
             Event::PortRead { .. } => EventKind::PortRead,
             Event::Lifecycle(_) => EventKind::Lifecycle,
             Event::Tick { .. } => EventKind::Tick,
+            Event::MmioWrite { .. } => EventKind::MmioWrite,
+            Event::MmioRead { .. } => EventKind::MmioRead,
         }
+    }
+
+    /// True for guest writes (port or MMIO): the events that may be queued for later delivery.
+    pub fn is_write(&self) -> bool {
+        matches!(self, Event::PortWrite { .. } | Event::MmioWrite { .. })
     }
 }
 

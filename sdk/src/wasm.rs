@@ -51,6 +51,8 @@ fn kind_to_wit(k: EventKind) -> t::EventKind {
         EventKind::PortRead => t::EventKind::PortRead,
         EventKind::Lifecycle => t::EventKind::Lifecycle,
         EventKind::Tick => t::EventKind::Tick,
+        EventKind::MmioWrite => t::EventKind::MmioWrite,
+        EventKind::MmioRead => t::EventKind::MmioRead,
     }
 }
 
@@ -66,6 +68,14 @@ fn manifest_to_wit(m: Manifest) -> t::Manifest {
             .map(|p: PortRange| t::PortRange {
                 base: p.base,
                 len: p.len,
+            })
+            .collect(),
+        mmio: m
+            .mmio
+            .into_iter()
+            .map(|r| t::MmioRange {
+                base: r.base,
+                len: r.len,
             })
             .collect(),
         capabilities: m.capabilities.into_iter().map(cap_to_wit).collect(),
@@ -92,6 +102,15 @@ fn event_from_wit(e: t::Event) -> Event {
             t::Lifecycle::Shutdown => Lifecycle::Shutdown,
         }),
         t::Event::Tick(now_ns) => Event::Tick { now_ns },
+        t::Event::MmioWrite(w) => Event::MmioWrite {
+            addr: w.addr,
+            size: w.size,
+            value: w.value,
+        },
+        t::Event::MmioRead(r) => Event::MmioRead {
+            addr: r.addr,
+            size: r.size,
+        },
     }
 }
 
@@ -226,6 +245,10 @@ pub(crate) mod imports {
 
     pub fn claim_ports(base: u16, len: u16) -> Result<(), String> {
         h::claim_ports(base, len)
+    }
+
+    pub fn claim_mmio(base: u64, len: u64) -> Result<(), String> {
+        h::claim_mmio(base, len)
     }
 
     pub fn log(level: LogLevel, msg: &str) {

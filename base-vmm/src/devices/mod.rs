@@ -1,4 +1,4 @@
-//! Port-I/O devices and the bus that routes guest port accesses to them.
+//! Port-I/O devices and the bus that routes guest port and MMIO accesses to them.
 
 pub mod i8042;
 pub mod pv;
@@ -37,22 +37,29 @@ struct Range {
     dev: SharedDevice,
 }
 
-/// Ports no built-in device owns are offered to a hook: the service layer plugs in here, so
-/// services can claim ports at run time. Returning false means "not mine either".
-pub trait PortHook: Send + Sync {
+/// Ports no built-in device owns, and every MMIO access (guest-physical addresses outside RAM;
+/// spanvmm has no built-in MMIO device), are offered to a hook: the service layer plugs in
+/// here, so services can claim ports and MMIO ranges at run time. Returning false means "not
+/// mine either".
+pub trait IoHook: Send + Sync {
     /// A guest `out` to an unowned port; true when handled.
     fn write(&self, port: u16, data: &[u8]) -> bool;
     /// A guest `in` from an unowned port; true when `data` was filled.
     fn read(&self, port: u16, data: &mut [u8]) -> bool;
+    /// A guest store to `addr` outside RAM; true when handled.
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> bool;
+    /// A guest load from `addr` outside RAM; true when `data` was filled.
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool;
 }
 
-/// Routes port accesses to the device owning the port, then to the hook. Ports nobody owns read
-/// as all-ones and ignore writes, as on real hardware.
+/// Routes port accesses to the device owning the port, then to the hook; MMIO accesses go to
+/// the hook. Ports and addresses nobody owns read as all-ones and ignore writes, as on real
+/// hardware.
 #[derive(Default)]
 pub struct IoBus {
     ranges: Vec<Range>,
     /// Set once, after the VM is built (services need the VM to exist first).
-    hook: OnceLock<Arc<dyn PortHook>>,
+    hook: OnceLock<Arc<dyn IoHook>>,
 }
 
 /// A port range overlaps one already on the bus.
@@ -89,8 +96,8 @@ impl IoBus {
             .map(|r| &r.dev)
     }
 
-    /// Installs the hook for unowned ports; a second call is refused.
-    pub fn set_hook(&self, hook: Arc<dyn PortHook>) -> Result<(), &'static str> {
+    /// Installs the hook for unowned ports and MMIO; a second call is refused.
+    pub fn set_hook(&self, hook: Arc<dyn IoHook>) -> Result<(), &'static str> {
         self.hook
             .set(hook)
             .map_err(|_| "the port hook is already installed")
@@ -123,6 +130,20 @@ impl IoBus {
                 }
                 IoAction::Continue
             }
+        }
+    }
+
+    /// A guest load from `addr`, outside RAM.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.hook.get().is_some_and(|h| h.mmio_read(addr, data)) {
+            data.fill(0xff)
+        }
+    }
+
+    /// A guest store to `addr`, outside RAM.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some(h) = self.hook.get() {
+            h.mmio_write(addr, data);
         }
     }
 }
@@ -170,14 +191,23 @@ mod tests {
         assert_eq!(d, [9, 9]);
         bus.read(0x80, &mut d);
         assert_eq!(d, [0xff, 0xff]);
+        bus.mmio_read(0x1000, &mut d);
+        assert_eq!(d, [0xff, 0xff], "no hook: MMIO reads all-ones");
         struct Hook;
-        impl PortHook for Hook {
+        impl IoHook for Hook {
             fn write(&self, port: u16, _: &[u8]) -> bool {
                 port == 0x80
             }
             fn read(&self, port: u16, data: &mut [u8]) -> bool {
                 data.fill(0x42);
                 port == 0x80
+            }
+            fn mmio_write(&self, _: u64, _: &[u8]) -> bool {
+                false
+            }
+            fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+                data.fill(0x17);
+                addr == 0x1000
             }
         }
         bus.set_hook(Arc::new(Hook)).unwrap();
@@ -186,6 +216,10 @@ mod tests {
         assert_eq!(d, [0x42, 0x42]);
         bus.read(0x3f8, &mut d);
         assert_eq!(d, [9, 9], "built-in devices come first");
+        bus.mmio_read(0x1000, &mut d);
+        assert_eq!(d, [0x17, 0x17]);
+        bus.mmio_read(0x2000, &mut d);
+        assert_eq!(d, [0xff, 0xff], "an unhandled MMIO read is all-ones");
         assert_eq!(le_value(&[0x34, 0x12]), 0x1234);
     }
 }

@@ -12,14 +12,17 @@ pub const SHARED: u32 = 1 << 3;
 pub const ZERO: u32 = 1 << 4;
 /// Port-write storm.
 pub const EXITS: u32 = 1 << 5;
+/// MMIO-write storm (measured like `exits`).
+pub const MMIO: u32 = 1 << 6;
 
-const WORKLOADS: [(&str, u32); 6] = [
+const WORKLOADS: [(&str, u32); 7] = [
     ("idle", IDLE),
     ("dirty", DIRTY),
     ("verify", VERIFY),
     ("shared", SHARED),
     ("zero", ZERO),
     ("exits", EXITS),
+    ("mmio", MMIO),
 ];
 
 /// Largest `mib` accepted: the static page tables map 64 GiB.

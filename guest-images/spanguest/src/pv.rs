@@ -16,6 +16,9 @@ pub const PORT_POWER_OFF: u16 = 0x0ac8;
 pub const PORT_MAILBOX: u16 = 0x0acc;
 /// `out`: does nothing but exit.
 pub const PORT_EXIT_STORM: u16 = 0x0ad0;
+/// The MMIO exit-storm target (the `mmio` workload): a guest-physical address above any RAM the
+/// VMM gives (63 GiB) but inside the static identity map, so every write exits to the VMM.
+pub const MMIO_EXIT_STORM: u64 = 63 << 30;
 /// "SPAN", little-endian.
 pub const MAGIC: u32 = 0x4e41_5053;
 

@@ -8,7 +8,7 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::arch::{outl, rdtsc};
-use crate::config::{Config, DIRTY, EXITS, VERIFY, ZERO};
+use crate::config::{Config, DIRTY, EXITS, MMIO, VERIFY, ZERO};
 use crate::console::Line;
 use crate::memory::{self, Layout, SHARED_SEED, WORDS};
 use crate::pv;
@@ -353,7 +353,7 @@ impl Worker {
                 busy = true;
                 excused += self.verify_chunk();
             }
-            if cfg.has(EXITS) {
+            if cfg.has(EXITS | MMIO) {
                 busy = true;
                 excused += self.exits_chunk();
             }
@@ -479,13 +479,21 @@ impl Worker {
         waited
     }
 
-    /// Port writes for at most one chunk; prints a line per completed batch of `exits`.
+    /// Port (or, for `mmio`, MMIO) writes for at most one chunk; prints a line per completed
+    /// batch of `exits`.
     fn exits_chunk(&mut self) -> u64 {
         let batch = self.plan.cfg.exits;
+        let mmio = self.plan.cfg.has(MMIO);
         let start = rdtsc();
         let end_tsc = start + self.chunk_ticks;
         loop {
-            outl(pv::PORT_EXIT_STORM, self.exits_n as u32);
+            if mmio {
+                // SAFETY: the address is identity-mapped and backed by no RAM: the write only
+                // exits to the VMM.
+                unsafe { (pv::MMIO_EXIT_STORM as *mut u32).write_volatile(self.exits_n as u32) };
+            } else {
+                outl(pv::PORT_EXIT_STORM, self.exits_n as u32);
+            }
             self.exits_n += 1;
             if self.exits_n >= batch || rdtsc() >= end_tsc {
                 break;
@@ -499,7 +507,8 @@ impl Worker {
         let line = Line::new("exits")
             .num("cpu", self.cpu)
             .num("n", self.exits_n)
-            .num("ns_per_exit", ns);
+            .num("ns_per_exit", ns)
+            .num("mmio", u64::from(mmio));
         self.exits_n = 0;
         self.exits_ticks = 0;
         self.out(line)

@@ -15,13 +15,15 @@ use l1_services::{ManagerConfig, RamHost, ServiceManager};
 pub fn plugins() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        // Copies left by earlier runs.
+        // Copies left by earlier runs whose process is gone (test binaries of other checkouts
+        // may be running at the same time: their copies stay).
         if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
             for e in entries.flatten() {
-                if e.file_name()
-                    .to_string_lossy()
-                    .starts_with("spanvmm-l1-native-")
-                {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(pid) = name.strip_prefix("spanvmm-l1-native-") else {
+                    continue;
+                };
+                if !Path::new("/proc").join(pid).exists() {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }

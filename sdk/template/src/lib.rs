@@ -37,7 +37,9 @@ impl Service for Hello {
                 host::log(LogLevel::Debug, &format!("tick at {now_ns} ns"));
                 EventReply::None
             }
-            Event::Lifecycle(_) => EventReply::None,
+            // Events this service did not subscribe to never arrive; the wildcard also keeps
+            // the source building when the interface grows new event kinds.
+            _ => EventReply::None,
         }
     }
 

@@ -1,0 +1,390 @@
+//! `spanvmm-bench migration`: live migration between two "hosts" — loopback, or network
+//! namespaces on a shaped link with latency from netlab's delay relay — measured the same way
+//! for every engine: total time, guest-observed downtime (the destination guest's largest
+//! `stall`), bytes, and the destination guest's memory check.
+//!
+//! This file holds the network set-ups and QEMU's engines (pre-copy, post-copy, multifd; its
+//! 128 MiB/s default bandwidth cap lifted). spanvmm's engines run over the same set-ups.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use netlab::{DelayRelay, NetLab};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::harness::{collect, field};
+use crate::live_update::{qmp_arg, wait_ready, Qmp};
+
+/// Populated memory of the guest: spanguest under QEMU fills only the RAM range holding its
+/// image (docs/spanguest-abi.md), so stay well inside it.
+fn populated_mib(mem: u64) -> u64 {
+    (mem * 7 / 8).min(2900)
+}
+
+/// The guest's command line: `idle` populates and sleeps, `dirty` rewrites a 64 MiB working
+/// set at `rate` pages/s. Both verify every 2 s on their own, so the destination's memory is
+/// checked without an API (QEMU has none for the guest).
+pub fn guest_cmdline(mem: u64, workload: &str) -> String {
+    let base = format!(
+        "mib={} stall_us=1000 report_ms=0 verify_ms=2000",
+        populated_mib(mem)
+    );
+    match workload {
+        "idle" => format!("workload=idle,verify {base}"),
+        _ => format!("workload=dirty,verify wss=64 rate=20000 {base}"),
+    }
+}
+
+/// The link between source and destination.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Link {
+    /// Both on this host, TCP over loopback.
+    Loopback,
+    /// Network namespaces, tbf-shaped to `mbit`, `rtt_ms` added by the delay relay.
+    Shaped { mbit: u64, rtt_ms: u64 },
+}
+
+impl Link {
+    pub fn label(&self) -> String {
+        match self {
+            Link::Loopback => "loopback".into(),
+            Link::Shaped { mbit, rtt_ms } => format!("{mbit} Mbit/s, {rtt_ms} ms RTT"),
+        }
+    }
+}
+
+/// A source and a destination host joined by a [`Link`]: where to run each side and where the
+/// source connects.
+pub struct Hosts {
+    /// Kept alive for the lab's lifetime; declared first so it goes before the lab.
+    _relay: Option<DelayRelay>,
+    lab: Option<NetLab>,
+    /// Where the destination listens.
+    pub listen: SocketAddr,
+    /// Where the source connects (the relay, on a shaped link).
+    pub connect: SocketAddr,
+}
+
+impl Hosts {
+    pub fn new(link: Link, port: u16) -> anyhow::Result<Self> {
+        match link {
+            Link::Loopback => {
+                let a = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+                Ok(Hosts {
+                    lab: None,
+                    _relay: None,
+                    listen: a,
+                    connect: a,
+                })
+            }
+            Link::Shaped { mbit, rtt_ms } => {
+                NetLab::available().map_err(anyhow::Error::msg)?;
+                let lab = NetLab::new("mig", &["src", "dst"])?;
+                lab.shape("src", mbit * 1_000_000)?;
+                lab.shape("dst", mbit * 1_000_000)?;
+                let (src, dst) = (lab.host("src"), lab.host("dst"));
+                let listen = SocketAddr::new(dst.ip.into(), port);
+                let one_way = Duration::from_millis(rtt_ms / 2);
+                // In flight at most one bandwidth-delay product (at least 256 KiB).
+                let bdp = (mbit * 1_000_000 / 8) as f64 * one_way.as_secs_f64();
+                let relay = DelayRelay::start(
+                    SocketAddr::new(src.gateway.into(), 0),
+                    listen,
+                    one_way,
+                    (bdp as usize).max(256 << 10),
+                )?;
+                let connect = relay.addr();
+                Ok(Hosts {
+                    lab: Some(lab),
+                    _relay: Some(relay),
+                    listen,
+                    connect,
+                })
+            }
+        }
+    }
+
+    /// `program` run on host `name` (`src` or `dst`).
+    pub fn command(&self, name: &str, program: &str) -> Command {
+        match &self.lab {
+            Some(lab) => lab.command(name, program),
+            None => Command::new(program),
+        }
+    }
+}
+
+/// QEMU's migration engines.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QemuEngine {
+    Precopy,
+    /// `postcopy-ram`, switched to post-copy right after the migration starts.
+    Postcopy,
+    /// Pre-copy over 4 multifd channels.
+    Multifd,
+}
+
+/// One migration's figures.
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub vmm: String,
+    pub engine: String,
+    pub link: String,
+    pub mem_mib: u64,
+    pub workload: String,
+    pub completed: bool,
+    pub total_ms: u64,
+    /// The VMM's own figure (QEMU's `downtime`).
+    pub downtime_ms: u64,
+    /// The destination guest's largest stall (µs; 0 = below its 1 ms threshold).
+    pub guest_stall_us: u64,
+    pub setup_ms: u64,
+    pub bytes: u64,
+    /// The destination guest's memory check after arrival (`verify bad=0`).
+    pub verify_bad: Option<u64>,
+    pub note: String,
+}
+
+fn qemu_at(
+    cmd: Command,
+    elf: &Path,
+    mem: u64,
+    cmdline: &str,
+    extra: &[String],
+) -> anyhow::Result<(Child, Arc<Mutex<Vec<String>>>)> {
+    let mut cmd = cmd;
+    let mut c = cmd
+        .args(["-enable-kvm", "-M", "microvm", "-m", &mem.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-nographic"])
+        .args(["-serial", "stdio", "-kernel"])
+        .arg(elf)
+        .args(["-append", cmdline])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("qemu-system-x86_64")?;
+    let lines = collect(c.stdout.take().context("QEMU stdout")?);
+    Ok((c, lines))
+}
+
+/// The first `verify` line at or after `from`, waiting up to `timeout`: its `bad` count.
+fn verify_after(lines: &Arc<Mutex<Vec<String>>>, from: usize, timeout: Duration) -> Option<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(bad) = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .skip(from)
+            .find(|l| l.contains("SPANGUEST verify"))
+            .and_then(|l| field(l, "bad"))
+        {
+            return Some(bad);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn max_stall(lines: &Arc<Mutex<Vec<String>>>) -> u64 {
+    lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("SPANGUEST stall"))
+        .filter_map(|l| field(l, "us"))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Migrates a QEMU guest from host `src` to host `dst` with `engine`.
+pub fn qemu_migrate(
+    elf: &Path,
+    mem: u64,
+    workload: &str,
+    engine: QemuEngine,
+    link: Link,
+    timeout: Duration,
+) -> anyhow::Result<Outcome> {
+    let dir = std::env::temp_dir().join(format!("spanvmm-bench-mig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let hosts = Hosts::new(link, 47_000)?;
+    let (src_qmp, dst_qmp) = (dir.join("src.qmp"), dir.join("dst.qmp"));
+    let cl = guest_cmdline(mem, workload);
+    let (mut src, src_lines) = qemu_at(
+        hosts.command("src", "qemu-system-x86_64"),
+        elf,
+        mem,
+        &cl,
+        &qmp_arg(&src_qmp),
+    )?;
+    let mut dst_args = qmp_arg(&dst_qmp);
+    dst_args.extend(["-incoming".into(), "defer".into()]);
+    let result = (|| {
+        wait_ready(&src_lines)?;
+        // Let the guest finish populating before the clock starts.
+        std::thread::sleep(Duration::from_millis(500));
+        let (mut dst, dst_lines) = qemu_at(
+            hosts.command("dst", "qemu-system-x86_64"),
+            elf,
+            mem,
+            &cl,
+            &dst_args,
+        )?;
+        let r = (|| {
+            let mut q = Qmp::connect(&src_qmp)?;
+            let mut dq = Qmp::connect(&dst_qmp)?;
+            let caps = match engine {
+                QemuEngine::Precopy => vec![],
+                QemuEngine::Postcopy => vec![json!({"capability": "postcopy-ram", "state": true})],
+                QemuEngine::Multifd => vec![json!({"capability": "multifd", "state": true})],
+            };
+            for qmp in [&mut q, &mut dq] {
+                if !caps.is_empty() {
+                    qmp.cmd("migrate-set-capabilities", json!({ "capabilities": caps }))?;
+                }
+                if engine == QemuEngine::Multifd {
+                    qmp.cmd("migrate-set-parameters", json!({"multifd-channels": 4}))?;
+                }
+            }
+            q.cmd(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 100u64 << 30}),
+            )?;
+            let uri = |a: SocketAddr| format!("tcp:{}:{}", a.ip(), a.port());
+            dq.cmd("migrate-incoming", json!({"uri": uri(hosts.listen)}))?;
+            std::thread::sleep(Duration::from_millis(100));
+            q.cmd("migrate", json!({"uri": uri(hosts.connect)}))?;
+            if engine == QemuEngine::Postcopy {
+                q.cmd("migrate-start-postcopy", json!({}))?;
+            }
+            let deadline = Instant::now() + timeout;
+            let info = loop {
+                let info = q.cmd("query-migrate", json!({}))?;
+                match info["status"].as_str() {
+                    Some("completed") => break Some(info),
+                    Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {info}"),
+                    _ if Instant::now() > deadline => {
+                        let _ = q.cmd("migrate_cancel", json!({}));
+                        break None;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(10)),
+                }
+            };
+            let Some(info) = info else {
+                return Ok(Outcome {
+                    vmm: "qemu".into(),
+                    engine: format!("{engine:?}").to_lowercase(),
+                    link: link.label(),
+                    mem_mib: mem,
+                    workload: workload.into(),
+                    completed: false,
+                    total_ms: timeout.as_millis() as u64,
+                    downtime_ms: 0,
+                    guest_stall_us: 0,
+                    setup_ms: 0,
+                    bytes: 0,
+                    verify_bad: None,
+                    note: format!("did not complete in {timeout:?}"),
+                });
+            };
+            let from = dst_lines.lock().unwrap().len();
+            let verify_bad = verify_after(&dst_lines, from, Duration::from_secs(30));
+            Ok(Outcome {
+                vmm: "qemu".into(),
+                engine: format!("{engine:?}").to_lowercase(),
+                link: link.label(),
+                mem_mib: mem,
+                workload: workload.into(),
+                completed: true,
+                total_ms: info["total-time"].as_u64().unwrap_or(0),
+                downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+                guest_stall_us: max_stall(&dst_lines),
+                setup_ms: info["setup-time"].as_u64().unwrap_or(0),
+                bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+                verify_bad,
+                note: String::new(),
+            })
+        })();
+        let _ = dst.kill();
+        let _ = dst.wait();
+        r
+    })();
+    let _ = src.kill();
+    let _ = src.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(hosts);
+    result
+}
+
+#[derive(Serialize)]
+struct Report {
+    benchmark: &'static str,
+    unix_time: u64,
+    runs: Vec<Outcome>,
+    goals: Value,
+}
+
+/// Runs every engine on every link and size and writes `out`.
+pub fn run(elf: &Path, sizes: &[u64], out: &Path) -> anyhow::Result<()> {
+    let mut links = vec![Link::Loopback];
+    match NetLab::available() {
+        Ok(()) => links.extend([
+            Link::Shaped {
+                mbit: 1000,
+                rtt_ms: 1,
+            },
+            Link::Shaped {
+                mbit: 100,
+                rtt_ms: 20,
+            },
+        ]),
+        Err(why) => eprintln!("SKIPPING the shaped links: {why}"),
+    }
+    let mut runs = Vec::new();
+    for &link in &links {
+        for &mem in sizes {
+            for workload in ["idle", "dirty"] {
+                for engine in [
+                    QemuEngine::Precopy,
+                    QemuEngine::Postcopy,
+                    QemuEngine::Multifd,
+                ] {
+                    let o =
+                        qemu_migrate(elf, mem, workload, engine, link, Duration::from_secs(300))?;
+                    eprintln!(
+                        "{:>22} {mem:>5} MiB {workload:>5} qemu {:>8}: total {} ms, downtime {} ms, guest stall {} µs, {} MiB, verify bad={:?} {}",
+                        o.link, o.engine, o.total_ms, o.downtime_ms, o.guest_stall_us, o.bytes >> 20, o.verify_bad, o.note
+                    );
+                    runs.push(o);
+                }
+            }
+        }
+    }
+    let report = Report {
+        benchmark: "migration",
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+        goals: json!({
+            "idle_1g_total": "spanvmm total ≤ 0.5 × QEMU pre-copy",
+            "downtime": "≤ 5 ms and ≤ 1/4 of QEMU's",
+            "dirty_faster_than_link": "completes",
+            "postcopy": "each page sent once",
+        }),
+        runs,
+    };
+    std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
