@@ -88,6 +88,35 @@ pub enum CtlSnapshotOp {
     },
     /// Progress of the current snapshot.
     Status,
+    /// Write incremental layers in the background (`DIR/layer-NNNN`), at an interval adapted
+    /// to the dirty rate, so that a later eviction has little left to write.
+    Periodic {
+        /// Directory of the layers.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Encrypt with the key in this file.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Pages expected dirty when the next layer is due.
+        #[arg(long)]
+        target_pages: Option<u64>,
+        /// The checkpoint service's plugin (see `create`).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+    },
+    /// Write the pages dirtied since the last periodic layer (all pages without one) into DIR
+    /// and stop the VM; restore it later from DIR.
+    Evict {
+        /// Directory of the final layer.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Encrypt with the key in this file.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The checkpoint service's plugin (see `create`).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+    },
     /// Secret regions: left out of snapshots, zero after a restore.
     Secret {
         #[command(subcommand)]
@@ -126,6 +155,13 @@ pub enum SnapshotRequest {
     Create(CreateBody),
     /// `GET /snapshot/status`
     Status,
+    /// `PUT /snapshot/periodic` or `/snapshot/evict`: the service's method of that name.
+    Background {
+        /// `periodic` or `evict`.
+        method: &'static str,
+        /// Body.
+        body: BackgroundBody,
+    },
     /// `PUT /snapshot/secret {"gpa", "len"}`
     SecretAdd {
         /// Address.
@@ -158,6 +194,19 @@ pub struct CreateBody {
     plugin: Option<PathBuf>,
 }
 
+/// Body of `PUT /snapshot/periodic` and `/snapshot/evict`.
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackgroundBody {
+    dir: PathBuf,
+    #[serde(default)]
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    target_pages: Option<u64>,
+    #[serde(default)]
+    plugin: Option<PathBuf>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SecretBody {
@@ -186,6 +235,22 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<SnapshotRequest, (
             SnapshotRequest::Create(b)
         }
         ("/snapshot/status", "GET") => SnapshotRequest::Status,
+        ("/snapshot/periodic" | "/snapshot/evict", _) if put => {
+            let b: BackgroundBody = parse_body(body)?;
+            let paths = [Some(&b.dir), b.key_file.as_ref(), b.plugin.as_ref()];
+            if paths.into_iter().flatten().any(|p| !p.is_absolute()) {
+                return Err((
+                    400,
+                    "dir, key_file and plugin must be absolute paths".into(),
+                ));
+            }
+            let method = if path.ends_with("evict") {
+                "evict"
+            } else {
+                "periodic"
+            };
+            SnapshotRequest::Background { method, body: b }
+        }
         ("/snapshot/secret", _) if put => {
             let b: SecretBody = parse_body(body)?;
             SnapshotRequest::SecretAdd {
@@ -194,9 +259,11 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<SnapshotRequest, (
             }
         }
         ("/snapshot/secrets", "GET") => SnapshotRequest::Secrets,
-        ("/snapshot/create" | "/snapshot/status" | "/snapshot/secret" | "/snapshot/secrets", m) => {
-            return Err((405, format!("method {m} is not allowed on {path}")))
-        }
+        (
+            "/snapshot/create" | "/snapshot/status" | "/snapshot/secret" | "/snapshot/secrets"
+            | "/snapshot/periodic" | "/snapshot/evict",
+            m,
+        ) => return Err((405, format!("method {m} is not allowed on {path}"))),
         _ => return Err((404, format!("no such endpoint: {path}"))),
     })
 }
@@ -218,6 +285,26 @@ fn attached(manager: &ServiceManager) -> bool {
     manager.list().iter().any(|s| s.name == SERVICE)
 }
 
+/// Attaches the checkpoint service from `plugin` unless one is attached.
+fn attach(
+    manager: &ServiceManager,
+    session: &mut Session,
+    plugin: Option<&Path>,
+) -> Result<(), (u16, String)> {
+    if attached(manager) {
+        return Ok(());
+    }
+    let plugin = plugin.ok_or((
+        400,
+        "no checkpoint service is attached and no plugin was given".to_string(),
+    ))?;
+    manager
+        .attach(plugin, "")
+        .map_err(|e| (400, format!("attaching {}: {e}", plugin.display())))?;
+    session.attached_by_api = true;
+    Ok(())
+}
+
 fn call(manager: &ServiceManager, method: &str, args: &str) -> ApiResult {
     let out = manager
         .call(SERVICE, method, args)
@@ -233,16 +320,7 @@ pub fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: SnapshotRequest) -> 
                 return Err((409, e.to_string()));
             }
             let mut session = SESSION.lock().unwrap_or_else(|p| p.into_inner());
-            if !attached(manager) {
-                let plugin = b.plugin.clone().ok_or((
-                    400,
-                    "no checkpoint service is attached and no plugin was given".to_string(),
-                ))?;
-                manager
-                    .attach(&plugin, "")
-                    .map_err(|e| (400, format!("attaching {}: {e}", plugin.display())))?;
-                session.attached_by_api = true;
-            }
+            attach(manager, &mut session, b.plugin.as_deref())?;
             session.detach_when_done = session.attached_by_api && !b.track;
             let args = serde_json::to_string(&b).map_err(|e| (500, e.to_string()))?;
             let r = call(manager, "create", &args);
@@ -267,6 +345,14 @@ pub fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: SnapshotRequest) -> 
             }
             Ok(v)
         }
+        SnapshotRequest::Background { method, body } => {
+            let mut session = SESSION.lock().unwrap_or_else(|p| p.into_inner());
+            attach(manager, &mut session, body.plugin.as_deref())?;
+            // Periodic layers need the service to stay; an eviction ends with the VM.
+            session.detach_when_done = false;
+            let args = serde_json::to_string(&body).map_err(|e| (500, e.to_string()))?;
+            call(manager, method, &args)
+        }
         SnapshotRequest::SecretAdd { gpa, len } => {
             vmm.control()
                 .add_secret(gpa, len)
@@ -288,6 +374,27 @@ fn checked(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> any
         anyhow::bail!("{msg} (HTTP {code})");
     }
     Ok(value)
+}
+
+/// Polls the service's status until the layer is done (the service works from its ticks).
+fn wait_done(socket: &Path) -> anyhow::Result<Value> {
+    let t = Instant::now();
+    loop {
+        let v = checked(socket, "GET", "/snapshot/status", None)?;
+        match v.get("phase").and_then(Value::as_str) {
+            Some("done") => return Ok(v),
+            Some("failed") => anyhow::bail!(
+                "snapshot failed: {}",
+                v.get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error")
+            ),
+            _ if t.elapsed() > Duration::from_secs(600) => {
+                anyhow::bail!("snapshot still not done after 600 s: {v}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
 }
 
 fn default_plugin() -> Option<PathBuf> {
@@ -336,25 +443,52 @@ pub fn ctl(socket: &Path, op: CtlSnapshotOp) -> anyhow::Result<()> {
                 "max_rounds": max_rounds,
                 "plugin": plugin,
             });
-            let t = Instant::now();
             checked(socket, "PUT", "/snapshot/create", Some(&body))?;
-            // The service works from its ticks; wait for it.
+            wait_done(socket)?
+        }
+        CtlSnapshotOp::Periodic {
+            dir,
+            key,
+            target_pages,
+            plugin,
+        } => {
+            let plugin = plugin
+                .or_else(default_plugin)
+                .map(|p| abs(&p))
+                .transpose()?;
+            let body = json!({
+                "dir": abs(&dir)?,
+                "key_file": key.map(|p| abs(&p)).transpose()?,
+                "target_pages": target_pages,
+                "plugin": plugin,
+            });
+            checked(socket, "PUT", "/snapshot/periodic", Some(&body))?
+        }
+        CtlSnapshotOp::Evict { dir, key, plugin } => {
+            let plugin = plugin
+                .or_else(default_plugin)
+                .map(|p| abs(&p))
+                .transpose()?;
+            let body = json!({
+                "dir": abs(&dir)?,
+                "key_file": key.map(|p| abs(&p)).transpose()?,
+                "plugin": plugin,
+            });
+            let t = Instant::now();
+            // A periodic layer in flight finishes first.
             loop {
-                let v = checked(socket, "GET", "/snapshot/status", None)?;
-                match v.get("phase").and_then(Value::as_str) {
-                    Some("done") => break v,
-                    Some("failed") => anyhow::bail!(
-                        "snapshot failed: {}",
-                        v.get("error")
-                            .and_then(Value::as_str)
-                            .unwrap_or("unknown error")
-                    ),
-                    _ if t.elapsed() > Duration::from_secs(600) => {
-                        anyhow::bail!("snapshot still not done after 600 s: {v}")
+                match checked(socket, "PUT", "/snapshot/evict", Some(&body)) {
+                    Ok(_) => break,
+                    Err(e) if e.to_string().contains("busy") && t.elapsed().as_secs() < 600 => {
+                        std::thread::sleep(Duration::from_millis(2))
                     }
-                    _ => std::thread::sleep(Duration::from_millis(5)),
+                    Err(e) => return Err(e),
                 }
             }
+            let mut v = wait_done(socket)?;
+            checked(socket, "PUT", "/vm/shutdown", None)?;
+            v["evict_ms"] = json!(t.elapsed().as_secs_f64() * 1e3);
+            v
         }
         CtlSnapshotOp::Status => checked(socket, "GET", "/snapshot/status", None)?,
         CtlSnapshotOp::Secret { op } => match op {

@@ -292,3 +292,32 @@ fn flip_data_byte(p: &Path) {
     b[0] ^= 0x40;
     f.write_all_at(&b, off as u64 + 100).unwrap();
 }
+
+#[test]
+fn eviction_after_periodic_layers_writes_only_recent_pages() {
+    let vm = VmProcess::boot(
+        "evict",
+        "workload=dirty,verify mib=48 wss=4 rate=20000 report_ms=100 stall_us=1000",
+        256,
+        1,
+    );
+    let root = TempDir::new("evict");
+    let bg = root.0.join("bg");
+    let cp = plugin("checkpoint.wasm");
+    vm.ctl_ok(&["snapshot", "periodic", "--dir", s(&bg), "--plugin", &cp]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let ev = root.0.join("evicted");
+    let out = json(&vm.ctl_ok(&["snapshot", "evict", "--dir", s(&ev)]));
+    eprintln!(
+        "eviction after periodic layers: {:.1} ms, {} bytes",
+        out["evict_ms"].as_f64().unwrap(),
+        out["bytes_written"]
+    );
+    let mut vm = vm;
+    assert_eq!(vm.wait_exit(T), Some(0), "the VM stops after an eviction");
+    // Only what the guest dirtied since the last periodic layer: a fraction of its 48 MiB.
+    assert!(allocated(&ev.join("memory")) <= 8 << 20);
+    assert!(bg.join("layer-0000").join("state").exists());
+    let back = restore("evicted", &ev, &[]);
+    back.assert_verify_clean(1);
+}

@@ -12,6 +12,14 @@
 //!   "rounds", "bytes_written", "pause_ms", "total_ms", "last_round_pages", "error"}`;
 //!   `pause_ms` is how long this service kept the guest paused.
 //!
+//! - `periodic {"dir", "key_file"?, "target_pages"?}` keeps writing live layers in the
+//!   background, `DIR/layer-0000` (full) then incremental ones on top, at an interval adapted
+//!   to the dirty rate: the next layer is due when about `target_pages` (default 4096) pages
+//!   are expected dirty again, between 100 ms and 10 s; every 32nd layer is full again.
+//! - `evict {"dir", "key_file"?}` stops the periodic layers and writes a stop-the-world layer
+//!   into `dir`: incremental on the last periodic layer (only the pages dirtied since), or
+//!   full when there is none. The caller stops the VM once `status` says done.
+//!
 //! Everything long runs on the host's writer thread; each call here only queues or polls.
 
 use serde::Deserialize;
@@ -21,6 +29,31 @@ use spanvmm_sdk::{export_service, host, Capability, Event, EventReply, Manifest,
 
 const DEFAULT_STOP_PAGES: u64 = 512;
 const DEFAULT_MAX_ROUNDS: u32 = 30;
+const DEFAULT_TARGET_PAGES: u64 = 4096;
+const MIN_INTERVAL_MS: u64 = 100;
+const CHAIN_RESTART: u32 = 32;
+const MAX_INTERVAL_MS: u64 = 10_000;
+
+#[derive(Deserialize)]
+struct PeriodicArgs {
+    dir: String,
+    #[serde(default)]
+    key_file: Option<String>,
+    #[serde(default)]
+    target_pages: Option<u64>,
+}
+
+/// Background layers for quick eviction.
+struct Periodic {
+    dir: String,
+    key_file: Option<String>,
+    target_pages: u64,
+    layers: u32,
+    next_at_ns: u64,
+    interval_ms: u64,
+    /// When the previous periodic layer started, to measure the dirty rate.
+    prev_start_ns: u64,
+}
 
 #[derive(Deserialize)]
 struct CreateArgs {
@@ -37,6 +70,9 @@ struct CreateArgs {
     max_rounds: Option<u32>,
     #[serde(default)]
     stop_pages: Option<u64>,
+    /// Leave the guest paused afterwards (eviction: the VM stops next).
+    #[serde(default)]
+    stay_paused: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -64,11 +100,13 @@ struct Op {
     layer_id: String,
     bytes_written: u64,
     error: Option<String>,
+    stay_paused: bool,
 }
 
 #[derive(Default)]
 struct Checkpoint {
     op: Option<Op>,
+    periodic: Option<Periodic>,
     /// The last layer this service committed: pages dirtied since are in `dirty`.
     last_layer: Option<String>,
     dirty: Vec<u64>,
@@ -151,6 +189,7 @@ impl Checkpoint {
             layer_id: String::new(),
             bytes_written: 0,
             error: None,
+            stay_paused: a.stay_paused,
         };
         let r = if a.live {
             self.first_round(&mut op, full)
@@ -207,15 +246,114 @@ impl Checkpoint {
             op.phase = Phase::Failed;
             op.error = Some(e);
         }
+        // Periodic layers build on each other: a failed one ends the series.
+        self.periodic = None;
+    }
+
+    fn busy(&self) -> bool {
+        self.op
+            .as_ref()
+            .is_some_and(|op| matches!(op.phase, Phase::Rounds | Phase::Final))
     }
 
     fn tick(&mut self) -> Result<(), String> {
-        let Some(mut op) = self.op.take() else {
-            return Ok(());
+        if let Some(mut op) = self.op.take() {
+            let r = self.step(&mut op);
+            self.op = Some(op);
+            r?;
+        }
+        self.periodic_tick()
+    }
+
+    /// Starts the next periodic layer when it is due.
+    fn periodic_tick(&mut self) -> Result<(), String> {
+        let now = host::now_ns();
+        let due = match &self.periodic {
+            Some(p) => now >= p.next_at_ns && !self.busy(),
+            None => false,
         };
-        let r = self.step(&mut op);
-        self.op = Some(op);
-        r
+        if !due {
+            return Ok(());
+        }
+        let p = self.periodic.as_mut().expect("checked above");
+        // A fresh full layer every CHAIN_RESTART layers keeps chains short (restore reads
+        // every layer of a chain; the store takes at most 64).
+        let parent = (!p.layers.is_multiple_of(CHAIN_RESTART))
+            .then(|| format!("{}/layer-{:04}", p.dir, p.layers - 1));
+        let dir = format!("{}/layer-{:04}", p.dir, p.layers);
+        let args = json!({
+            "dir": dir,
+            "parent": parent,
+            "live": true,
+            "key_file": p.key_file,
+        });
+        p.prev_start_ns = now;
+        p.layers += 1;
+        self.create(&args.to_string()).map(|_| ())
+    }
+
+    /// After a periodic layer: the next one is due when about `target_pages` are dirty again.
+    fn schedule_next(&mut self, layer_pages: u64) {
+        let Some(p) = self.periodic.as_mut() else {
+            return;
+        };
+        let now = host::now_ns();
+        let secs = ((now - p.prev_start_ns) as f64 / 1e9).max(1e-3);
+        let rate = layer_pages as f64 / secs;
+        p.interval_ms = if rate <= 0.0 {
+            MAX_INTERVAL_MS
+        } else {
+            ((p.target_pages as f64 / rate) * 1e3) as u64
+        }
+        .clamp(MIN_INTERVAL_MS, MAX_INTERVAL_MS);
+        p.next_at_ns = now + p.interval_ms * 1_000_000;
+        host::metric("periodic_interval_ms", p.interval_ms as f64);
+        host::metric("periodic_layers", p.layers as f64);
+    }
+
+    fn periodic(&mut self, args: &str) -> Result<String, String> {
+        let a: PeriodicArgs =
+            serde_json::from_str(args).map_err(|e| format!("periodic: bad arguments: {e}"))?;
+        if self.periodic.is_some() || self.busy() {
+            return Err("periodic layers or a snapshot are running already".into());
+        }
+        self.periodic = Some(Periodic {
+            dir: a.dir.clone(),
+            key_file: a.key_file,
+            target_pages: a.target_pages.unwrap_or(DEFAULT_TARGET_PAGES).max(1),
+            layers: 0,
+            next_at_ns: 0,
+            interval_ms: 0,
+            prev_start_ns: 0,
+        });
+        self.periodic_tick()?;
+        Ok(json!({ "periodic": a.dir }).to_string())
+    }
+
+    fn evict(&mut self, args: &str) -> Result<String, String> {
+        #[derive(Deserialize)]
+        struct EvictArgs {
+            dir: String,
+            #[serde(default)]
+            key_file: Option<String>,
+        }
+        let a: EvictArgs =
+            serde_json::from_str(args).map_err(|e| format!("evict: bad arguments: {e}"))?;
+        if self.busy() {
+            // A periodic layer is being written: its pages count, let it finish.
+            return Err("busy: a layer is being written; retry".into());
+        }
+        let parent = match self.periodic.take() {
+            Some(_) => self.last_layer.clone(),
+            None => None,
+        };
+        let args = json!({
+            "dir": a.dir,
+            "parent": parent,
+            "key_file": a.key_file,
+            "stay_paused": true,
+        });
+        self.create(&args.to_string())
     }
 
     fn step(&mut self, op: &mut Op) -> Result<(), String> {
@@ -243,7 +381,9 @@ impl Checkpoint {
                 // The guest runs again as soon as its pages are copied; the state file and
                 // the flush follow while it runs.
                 if st.copied && op.paused_at_ns.is_some() && op.pause_ms == 0.0 {
-                    host::resume()?;
+                    if !op.stay_paused {
+                        host::resume()?;
+                    }
                     let now = host::now_ns();
                     op.pause_ms = op
                         .paused_at_ns
@@ -256,6 +396,7 @@ impl Checkpoint {
                     op.phase = Phase::Done;
                     snapshot::close(op.job);
                     self.last_layer = Some(op.dir.clone());
+                    self.schedule_next(st.bytes_written / 4096);
                     host::metric("last_pause_ms", op.pause_ms);
                     host::notify(
                         "snapshot-done",
@@ -270,8 +411,13 @@ impl Checkpoint {
     }
 
     fn status(&self) -> String {
+        let periodic = self
+            .periodic
+            .as_ref()
+            .map(|p| json!({"dir": p.dir, "layers": p.layers, "interval_ms": p.interval_ms}));
         let Some(op) = &self.op else {
-            return json!({ "phase": "idle", "last_layer": self.last_layer }).to_string();
+            return json!({ "phase": "idle", "last_layer": self.last_layer, "periodic": periodic })
+                .to_string();
         };
         let phase = match op.phase {
             Phase::Rounds => "rounds",
@@ -289,6 +435,7 @@ impl Checkpoint {
             "total_ms": op.total_ms,
             "last_round_pages": op.last_round_pages,
             "error": op.error,
+            "periodic": periodic,
         })
         .to_string()
     }
@@ -326,7 +473,11 @@ impl Service for Checkpoint {
         match method {
             "create" => self.create(args),
             "status" => Ok(self.status()),
-            other => Err(format!("unknown method {other:?} (create, status)")),
+            "periodic" => self.periodic(args),
+            "evict" => self.evict(args),
+            other => Err(format!(
+                "unknown method {other:?} (create, status, periodic, evict)"
+            )),
         }
     }
 }
