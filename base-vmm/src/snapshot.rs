@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
@@ -34,8 +34,8 @@ const FLAG_ENCRYPTED: u32 = 1;
 const MAX_PAYLOAD: u64 = 256 << 20;
 /// Longest chain accepted.
 pub const MAX_CHAIN: usize = 64;
-/// Pages copied, checked and written per batch (4 MiB).
-const BATCH_PAGES: u64 = 1024;
+/// Pages copied, checked and written per batch (8 MiB).
+const BATCH_PAGES: u64 = 2048;
 /// Bytes of an index run header: start page, count, kind, round.
 const RUN_HEADER: usize = 8 + 4 + 1 + 4;
 
@@ -262,6 +262,11 @@ impl AlignedBuf {
         }
     }
 
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` bytes, owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
     fn slice(&mut self) -> &mut [u8] {
         // SAFETY: the mapping is `len` bytes, owned by `self`, borrowed mutably.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
@@ -328,6 +333,121 @@ fn normalize_secrets(secrets: &[(u64, u64)], mem: u64) -> Vec<(u64, u64)> {
     out.into_iter().map(|(a, b)| (a, b - a)).collect()
 }
 
+/// One write of a batch: `len` bytes at `at` in the buffer go to `offset` in the file.
+struct WriteRun {
+    at: usize,
+    len: usize,
+    offset: u64,
+}
+
+/// Copies batches of pages out of guest memory and checks (or encrypts) them.
+struct Filler<'a> {
+    ram: &'a GuestRam,
+    entries: &'a mut [PageEntry],
+    secret_bits: &'a [u64],
+    key: Option<&'a SnapshotKey>,
+    salt: &'a [u8; 12],
+    id: &'a [u8; 16],
+    round: u32,
+}
+
+impl Filler<'_> {
+    /// Fills buffers from `free` with the wanted pages and hands them to `full`.
+    fn all(
+        &mut self,
+        bitmap: Option<&[u64]>,
+        free: &mpsc::Receiver<AlignedBuf>,
+        full: &mpsc::SyncSender<(AlignedBuf, Vec<WriteRun>)>,
+    ) -> Result<(), SnapshotError> {
+        let pages = self.entries.len() as u64;
+        let wanted = |p: u64| bitmap.is_none_or(|b| bit(b, p));
+        let mut p = 0u64;
+        while p < pages {
+            if !wanted(p) {
+                // Skip whole clear words of the bitmap at once.
+                p = match bitmap {
+                    Some(b) if p.is_multiple_of(64) && b.get((p / 64) as usize) == Some(&0) => {
+                        p + 64
+                    }
+                    _ => p + 1,
+                };
+                continue;
+            }
+            let start = p;
+            while p < pages && p - start < BATCH_PAGES && wanted(p) {
+                p += 1;
+            }
+            // A buffer the writer is done with (none: the writer failed; its error wins).
+            let Ok(mut buf) = free.recv() else {
+                return Ok(());
+            };
+            let runs = self.batch(start, p, &mut buf)?;
+            if full.send((buf, runs)).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies and checks pages `[start, end)` into `buf`; returns the runs to write.
+    fn batch(
+        &mut self,
+        start: u64,
+        end: u64,
+        buf: &mut AlignedBuf,
+    ) -> Result<Vec<WriteRun>, SnapshotError> {
+        let ps = PAGE_SIZE as usize;
+        let n = (end - start) as usize;
+        let buf = &mut buf.slice()[..n * ps];
+        // SAFETY: pages [start, end) lie inside guest memory, which `self.ram` keeps mapped;
+        // a guest write racing with the copy only changes what this round saves (the page is
+        // dirty again and a later round writes it).
+        let src = unsafe {
+            std::slice::from_raw_parts(
+                self.ram.host_base().add((start * PAGE_SIZE) as usize),
+                buf.len(),
+            )
+        };
+        let mut runs: Vec<WriteRun> = Vec::new();
+        for (i, page) in buf.chunks_exact_mut(ps).enumerate() {
+            let gp = start + i as u64;
+            // Zero pages are found in guest memory and never copied; the copy is checked
+            // again (the guest may have written the page meanwhile).
+            let from = &src[i * ps..(i + 1) * ps];
+            if bit(self.secret_bits, gp) || is_zero(from) {
+                self.entries[gp as usize] = PageEntry::Zero;
+                continue;
+            }
+            page.copy_from_slice(from);
+            if is_zero(page) {
+                self.entries[gp as usize] = PageEntry::Zero;
+                continue;
+            }
+            let check = match self.key {
+                None => page_check(page),
+                Some(k) => k
+                    .cipher
+                    .encrypt_in_place_detached(&nonce(self.salt, self.round, gp), self.id, page)
+                    .map_err(|_| SnapshotError::Usage("page encryption failed".into()))?
+                    .into(),
+            };
+            self.entries[gp as usize] = PageEntry::Data {
+                round: self.round,
+                check,
+            };
+            match runs.last_mut() {
+                Some(r) if r.at + r.len == i * ps => r.len += ps,
+                _ => runs.push(WriteRun {
+                    at: i * ps,
+                    len: ps,
+                    offset: gp * PAGE_SIZE,
+                }),
+            }
+        }
+        Ok(runs)
+    }
+}
+
 /// Result of writing a layer.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerSummary {
@@ -360,7 +480,7 @@ pub struct LayerWriter {
     entries: Vec<PageEntry>,
     round: u32,
     bytes_written: u64,
-    buf: AlignedBuf,
+    bufs: Vec<AlignedBuf>,
 }
 
 impl LayerWriter {
@@ -431,7 +551,9 @@ impl LayerWriter {
             entries: vec![PageEntry::Absent; pages as usize],
             round: 0,
             bytes_written: 0,
-            buf: AlignedBuf::new((BATCH_PAGES * PAGE_SIZE) as usize),
+            bufs: (0..2)
+                .map(|_| AlignedBuf::new((BATCH_PAGES * PAGE_SIZE) as usize))
+                .collect(),
             ram,
         })
     }
@@ -458,82 +580,57 @@ impl LayerWriter {
 
     /// Writes the pages set in `bitmap` (every page when `None`) as they are now: each batch
     /// is copied out of guest memory first, so the guest may keep running (a page it changes
-    /// meanwhile is written again in a later round). Returns the bytes written.
+    /// meanwhile is written again in a later round). Copying and checking one batch overlaps
+    /// with writing the previous one (a writer thread, two buffers). Returns the bytes written.
     pub fn write_pages(&mut self, bitmap: Option<&[u64]>) -> Result<u64, SnapshotError> {
-        let pages = self.entries.len() as u64;
         let path = self.dir.join(MEMORY_FILE);
         let round = self.round;
         self.round += 1;
-        let base = self.ram.host_base();
-        let mut written = 0u64;
-        let mut p = 0u64;
-        while p < pages {
-            let wanted = |p: u64| bitmap.is_none_or(|b| bit(b, p));
-            if !wanted(p) {
-                p += 1;
-                continue;
-            }
-            let start = p;
-            while p < pages && p - start < BATCH_PAGES && wanted(p) {
-                p += 1;
-            }
-            let n = (p - start) as usize;
-            let buf = &mut self.buf.slice()[..n * PAGE_SIZE as usize];
-            // SAFETY: pages [start, p) lie inside guest memory, which `self.ram` keeps mapped;
-            // a guest write racing with the copy only changes what this round saves (the page
-            // is dirty again and a later round writes it).
-            let src = unsafe {
-                std::slice::from_raw_parts(base.add((start * PAGE_SIZE) as usize), buf.len())
-            };
-            let mut keep = vec![false; n];
-            let ps = PAGE_SIZE as usize;
-            for (i, page) in buf.chunks_exact_mut(ps).enumerate() {
-                let gp = start + i as u64;
-                // Zero pages are found in guest memory and never copied; the copy is checked
-                // again (the guest may have written the page meanwhile).
-                let from = &src[i * ps..(i + 1) * ps];
-                if bit(&self.secret_bits, gp) || is_zero(from) {
-                    self.entries[gp as usize] = PageEntry::Zero;
-                    continue;
-                }
-                page.copy_from_slice(from);
-                if is_zero(page) {
-                    self.entries[gp as usize] = PageEntry::Zero;
-                    continue;
-                }
-                let check = match &self.key {
-                    None => page_check(page),
-                    Some(k) => {
-                        let tag = k
-                            .cipher
-                            .encrypt_in_place_detached(
-                                &nonce(&self.salt, round, gp),
-                                &self.id,
-                                page,
-                            )
-                            .map_err(|_| SnapshotError::Usage("page encryption failed".into()))?;
-                        tag.into()
-                    }
-                };
-                self.entries[gp as usize] = PageEntry::Data { round, check };
-                keep[i] = true;
-            }
-            // Runs of kept pages go out as single writes from the batch buffer.
-            let mut i = 0;
-            while i < n {
-                if !keep[i] {
-                    i += 1;
-                    continue;
-                }
-                let j = (i..n).find(|&j| !keep[j]).unwrap_or(n);
-                let bytes = &buf[i * PAGE_SIZE as usize..j * PAGE_SIZE as usize];
-                self.file
-                    .write_all_at(bytes, (start + i as u64) * PAGE_SIZE)
-                    .map_err(io_at(&path))?;
-                written += bytes.len() as u64;
-                i = j;
-            }
+        let mut bufs = std::mem::take(&mut self.bufs);
+        let (full_tx, full_rx) = mpsc::sync_channel::<(AlignedBuf, Vec<WriteRun>)>(1);
+        let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
+        for b in bufs.drain(..) {
+            let _ = free_tx.send(b);
         }
+        let file = &self.file;
+        let mut fill = Filler {
+            ram: &self.ram,
+            entries: &mut self.entries,
+            secret_bits: &self.secret_bits,
+            key: self.key.as_ref(),
+            salt: &self.salt,
+            id: &self.id,
+            round,
+        };
+        let (filled, written) = std::thread::scope(|scope| {
+            let writer = scope.spawn(move || {
+                let mut written = 0u64;
+                for (buf, runs) in full_rx {
+                    for r in &runs {
+                        file.write_all_at(&buf.as_slice()[r.at..r.at + r.len], r.offset)?;
+                        written += r.len as u64;
+                    }
+                    if free_tx.send(buf).is_err() {
+                        break;
+                    }
+                }
+                Ok::<u64, std::io::Error>(written)
+            });
+            let filled = fill.all(bitmap, &free_rx, &full_tx);
+            drop(full_tx);
+            let written = writer.join().unwrap_or_else(|_| {
+                Err(std::io::Error::other("the snapshot writer thread panicked"))
+            });
+            (filled, written)
+        });
+        // The buffers come back for the next round.
+        self.bufs.extend(free_rx.try_iter());
+        while self.bufs.len() < 2 {
+            self.bufs
+                .push(AlignedBuf::new((BATCH_PAGES * PAGE_SIZE) as usize));
+        }
+        let written = written.map_err(io_at(&path))?;
+        filled?;
         self.bytes_written += written;
         Ok(written)
     }
