@@ -445,6 +445,18 @@ mod tests {
             route("PUT", "/vm/save", br#"{"dir":"/tmp/x"}"#),
             Ok(ApiRequest::Save(_))
         ));
+        assert!(matches!(
+            route("PUT", "/snapshot/create", br#"{"dir":"/tmp/x","live":true}"#),
+            Ok(ApiRequest::Snapshot(_))
+        ));
+        assert_eq!(
+            route("PUT", "/snapshot/create", br#"{"dir":"rel"}"#)
+                .unwrap_err()
+                .0,
+            400
+        );
+        assert_eq!(route("GET", "/snapshot/evict", b"").unwrap_err().0, 405);
+        assert_eq!(route("GET", "/snapshot/nope", b"").unwrap_err().0, 404);
         assert_eq!(route("DELETE", "/vm", b"").unwrap_err().0, 405);
         assert_eq!(route("GET", "/nope", b"").unwrap_err().0, 404);
         assert_eq!(route("PUT", "/vm/save", b"{").unwrap_err().0, 400);
