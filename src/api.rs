@@ -446,7 +446,11 @@ mod tests {
             Ok(ApiRequest::Save(_))
         ));
         assert!(matches!(
-            route("PUT", "/snapshot/create", br#"{"dir":"/tmp/x","live":true}"#),
+            route(
+                "PUT",
+                "/snapshot/create",
+                br#"{"dir":"/tmp/x","live":true}"#
+            ),
             Ok(ApiRequest::Snapshot(_))
         ));
         assert_eq!(
