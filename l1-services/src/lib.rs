@@ -19,6 +19,7 @@ mod host;
 mod manager;
 pub mod memops;
 mod native;
+mod snapshot;
 mod wasm;
 
 pub use ctx::Notification;

@@ -351,6 +351,7 @@ impl ServiceManager {
                 dirty: Mutex::new(DirtyFanout::default()),
                 notes: Mutex::new(VecDeque::new()),
                 epoch: Instant::now(),
+                snapshots: Default::default(),
             }),
             config,
             cache_dir,
