@@ -74,6 +74,8 @@ pub enum ApiRequest {
     Migrate(crate::migrate::MigrateRequest),
     /// `GET /vm/migration`: progress, and the report once done.
     MigrationStatus,
+    /// `/snapshot/...`: snapshots through the checkpoint service, secret regions.
+    Snapshot(crate::snapshot::SnapshotRequest),
     /// `PUT /vm/live-update {"binary": ..., "timeout_ms": ...}`
     LiveUpdate {
         /// The new spanvmm binary.
@@ -146,7 +148,7 @@ struct CallBody {
     args: String,
 }
 
-fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, (u16, String)> {
+pub(crate) fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, (u16, String)> {
     serde_json::from_slice(body).map_err(|e| (400, format!("invalid JSON body: {e}")))
 }
 
@@ -185,6 +187,9 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, (u16, 
         }
         ("/vm/migrate", _) if put => ApiRequest::Migrate(parse_body(body)?),
         ("/vm/migration", "GET") => ApiRequest::MigrationStatus,
+        (p, m) if p.starts_with("/snapshot/") => {
+            ApiRequest::Snapshot(crate::snapshot::route(m, p, body)?)
+        }
         ("/plugins", "GET") => ApiRequest::PluginList,
         ("/plugins/notifications", "GET") => ApiRequest::PluginNotifications,
         ("/plugins/attach", _) if put => {
@@ -448,6 +453,22 @@ mod tests {
             route("PUT", "/vm/save", br#"{"dir":"/tmp/x"}"#),
             Ok(ApiRequest::Save(_))
         ));
+        assert!(matches!(
+            route(
+                "PUT",
+                "/snapshot/create",
+                br#"{"dir":"/tmp/x","live":true}"#
+            ),
+            Ok(ApiRequest::Snapshot(_))
+        ));
+        assert_eq!(
+            route("PUT", "/snapshot/create", br#"{"dir":"rel"}"#)
+                .unwrap_err()
+                .0,
+            400
+        );
+        assert_eq!(route("GET", "/snapshot/evict", b"").unwrap_err().0, 405);
+        assert_eq!(route("GET", "/snapshot/nope", b"").unwrap_err().0, 404);
         assert_eq!(route("DELETE", "/vm", b"").unwrap_err().0, 405);
         assert_eq!(route("GET", "/nope", b"").unwrap_err().0, 404);
         assert_eq!(route("PUT", "/vm/save", b"{").unwrap_err().0, 400);

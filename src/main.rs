@@ -5,6 +5,7 @@ mod api;
 mod live_update;
 mod migrate;
 mod services;
+mod snapshot;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -76,6 +77,9 @@ enum Command {
         /// the rest streams in.
         #[arg(long, requires = "restore")]
         lazy: bool,
+        /// With --restore: the key file of an encrypted snapshot.
+        #[arg(long, requires = "restore")]
+        key: Option<PathBuf>,
         /// Boot entry for kernels that offer several.
         #[arg(long, value_enum, default_value = "direct")]
         entry: Entry,
@@ -102,6 +106,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Offline snapshot tools: inspect, merge a chain, shred.
+    Snapshot {
+        #[command(subcommand)]
+        op: snapshot::OfflineOp,
+    },
     /// Control a running VM through its API socket.
     Ctl {
         /// The VM's API socket.
@@ -127,6 +136,11 @@ enum CtlOp {
         /// Target directory.
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Snapshots through the checkpoint service (attached for the duration).
+    Snapshot {
+        #[command(subcommand)]
+        op: snapshot::CtlSnapshotOp,
     },
     /// Send a command to the guest (spanguest's mailbox).
     Guest {
@@ -239,6 +253,7 @@ fn main() -> ExitCode {
             restore,
             paused,
             lazy,
+            key,
             entry,
             plugins,
             takeover_fd,
@@ -253,7 +268,12 @@ fn main() -> ExitCode {
                     tls_dir: tls_dir.unwrap_or_default(),
                     recovery: Duration::from_millis(recovery_timeout_ms),
                 },
-                (None, Some(dir), _) => Source::Restore { dir, paused, lazy },
+                (None, Some(dir), _) => Source::Restore {
+                    dir,
+                    paused,
+                    lazy,
+                    key,
+                },
                 (None, None, Some(kernel)) => Source::Boot(VmConfig {
                     kernel,
                     cmdline,
@@ -289,6 +309,23 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Snapshot { op } => match snapshot::offline(op) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("spanvmm snapshot: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Ctl {
+            api_socket,
+            op: CtlOp::Snapshot { op },
+        } => match snapshot::ctl(&api_socket, op) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("spanvmm ctl snapshot: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Ctl { api_socket, op } => match ctl(&api_socket, op) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -305,6 +342,7 @@ enum Source {
         dir: PathBuf,
         paused: bool,
         lazy: bool,
+        key: Option<PathBuf>,
     },
     Takeover(i32),
     Incoming {
@@ -346,8 +384,16 @@ fn run(
             let manager = services::manager_for(&vmm)?;
             (vmm, manager)
         }
-        Source::Restore { dir, paused, lazy } => {
-            let vmm = Vmm::restore(&dir, &serial, vcpu_tx, paused, lazy)
+        Source::Restore {
+            dir,
+            paused,
+            lazy,
+            key,
+        } => {
+            let key = key
+                .map(|k| base_vmm::snapshot::SnapshotKey::from_file(&k))
+                .transpose()?;
+            let vmm = Vmm::restore(&dir, &serial, vcpu_tx, paused, lazy, key.as_ref())
                 .with_context(|| format!("cannot restore the VM saved in {}", dir.display()))?;
             let manager = services::manager_for(&vmm)?;
             manager.lifecycle(Lifecycle::Restored);
@@ -475,6 +521,9 @@ fn run(
                     break 0;
                 }
             }
+            Ok(Msg::Api((ApiRequest::Snapshot(req), reply, _))) => {
+                let _ = reply.send(snapshot::handle(&mut vmm, &manager, req));
+            }
             Ok(Msg::Api((req, reply, _))) => {
                 let _ = reply.send(handle(&mut vmm, &manager, req));
             }
@@ -515,7 +564,7 @@ fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult
     let fail = |e: VmmError| {
         let code = match e {
             VmmError::Conflict(_) => 409,
-            VmmError::Io { .. } | VmmError::State(_) => 400,
+            VmmError::Io { .. } | VmmError::State(_) | VmmError::Snapshot(_) => 400,
             _ => 500,
         };
         (code, e.to_string())
@@ -568,10 +617,11 @@ fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult
                 ));
             }
             let t = std::time::Instant::now();
-            let bytes = vmm.save(&dir).map_err(fail)?;
+            let summary = vmm.save(&dir, Default::default()).map_err(fail)?;
             Ok(json!({
                 "dir": dir,
-                "memory_bytes_written": bytes,
+                "id": summary.id,
+                "memory_bytes_written": summary.bytes_written,
                 "ms": t.elapsed().as_secs_f64() * 1e3,
             }))
         }
@@ -582,7 +632,8 @@ fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult
         ApiRequest::Shutdown
         | ApiRequest::LiveUpdate { .. }
         | ApiRequest::Migrate(_)
-        | ApiRequest::MigrationStatus => {
+        | ApiRequest::MigrationStatus
+        | ApiRequest::Snapshot(_) => {
             unreachable!("handled by the main loop")
         }
     }
@@ -682,6 +733,7 @@ fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
                 Some(json!({ "name": name, "method": method, "args": args })),
             ),
         },
+        CtlOp::Snapshot { .. } => unreachable!("handled by snapshot::ctl"),
         CtlOp::Introspect { method, args } => (
             "PUT",
             "/plugins/call",

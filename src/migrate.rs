@@ -12,7 +12,7 @@ use anyhow::Context;
 use base_vmm::memory::GuestRam;
 use base_vmm::state::VmState;
 use base_vmm::vcpu::VcpuEvent;
-use base_vmm::vmm::{StateCapture, VmControl, Vmm};
+use base_vmm::vmm::{VmControl, Vmm};
 use l1_services::migration::{
     self, report, MigrationDest, MigrationSource, Phase, SourceConfig, SourceVm,
 };
@@ -58,7 +58,6 @@ pub fn parse_addr(s: &str) -> anyhow::Result<SocketAddr> {
 
 struct Vm {
     ctl: Arc<VmControl>,
-    cap: StateCapture,
     machine: Vec<u8>,
 }
 
@@ -76,8 +75,8 @@ impl SourceVm for Vm {
         self.machine.clone()
     }
     fn capture_state(&self) -> Result<Vec<u8>, String> {
-        self.cap
-            .capture()
+        self.ctl
+            .capture_state()
             .map(|s| s.to_bytes())
             .map_err(|e| e.to_string())
     }
@@ -141,7 +140,6 @@ impl Migrations {
         }
         let vm = Arc::new(Vm {
             ctl: vmm.control().clone(),
-            cap: vmm.state_capture(),
             machine: serde_json::to_vec(vmm.machine()).map_err(|e| (500, e.to_string()))?,
         });
         let session = MigrationSource::start(

@@ -100,6 +100,18 @@ impl VmHost for VmmHost {
     fn stop_dirty_log(&self) -> Result<(), HostError> {
         self.ctl.set_dirty_logging(false).map_err(host_err)
     }
+
+    fn guest_ram(&self) -> Option<Arc<base_vmm::memory::GuestRam>> {
+        Some(self.ctl.ram().clone())
+    }
+
+    fn capture_state(&self) -> Result<base_vmm::state::VmState, HostError> {
+        self.ctl.capture_state().map_err(host_err)
+    }
+
+    fn secrets(&self) -> Vec<(u64, u64)> {
+        self.ctl.secrets()
+    }
 }
 
 /// Guest ports that no built-in device owns, and MMIO, go to the services that claim them.

@@ -2,14 +2,14 @@
 //! background thread copies the rest, so a restored VM runs before its memory is loaded.
 //!
 //! Faults come first: between two background chunks the loader serves every pending fault,
-//! copying a small neighbourhood of the faulting page. Only the image's data extents are
-//! copied in the background; holes are left alone, and once every data extent is in, the
-//! loader unregisters so untouched holes become ordinary zero pages at no cost.
+//! copying a small neighbourhood of the faulting page. Only the snapshot's data pages are
+//! copied in the background; the rest is left alone, and once every data page is in, the
+//! loader unregisters so untouched pages become ordinary zero pages at no cost.
+//!
+//! Every page is checked (and decrypted) before the guest can see it. A page that fails its
+//! check cannot be replaced: the loader then stops the process rather than let the guest run
+//! on memory that is not its own.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
+use crate::snapshot::Chain;
 use crate::uffd::{UffdError, Userfault};
 
 /// Pages copied per background step (256 KiB): bounds how long a fault may wait.
@@ -34,6 +35,9 @@ pub enum LazyError {
     /// userfaultfd failed.
     #[error(transparent)]
     Uffd(#[from] UffdError),
+    /// A page failed its check (or could not be read).
+    #[error("{0}")]
+    Check(String),
 }
 
 /// Progress of a lazy load, for status and benchmarks.
@@ -68,43 +72,18 @@ pub struct LazyLoader {
     thread: Option<JoinHandle<()>>,
 }
 
-/// The image's data extents, page-aligned: (first page, end page).
-fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    let mut off = 0u64;
-    let seek = |off: u64, whence| {
-        // SAFETY: lseek on a valid descriptor has no memory effects.
-        let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
-        (r >= 0).then_some(r as u64)
-    };
-    while off < len {
-        let Some(data) = seek(off, libc::SEEK_DATA) else {
-            break;
-        };
-        let hole = seek(data, libc::SEEK_HOLE).unwrap_or(len).min(len);
-        out.push((data / PAGE_SIZE, hole.div_ceil(PAGE_SIZE)));
-        off = hole;
-    }
-    out
-}
-
 impl LazyLoader {
     /// Registers `ram` (still empty) for missing-page faults and starts filling it from
-    /// `image`, a memory file written by [`GuestRam::save_sparse`].
-    pub fn start(ram: &Arc<GuestRam>, image: &Path) -> Result<Self, LazyError> {
-        let img_err = |err| MemoryError::Image {
-            path: image.display().to_string(),
-            err,
-        };
-        let file = File::open(image).map_err(img_err)?;
-        let len = file.metadata().map_err(img_err)?.len();
-        if len != ram.size() {
+    /// `chain`, an opened and checked snapshot.
+    pub fn start(ram: &Arc<GuestRam>, chain: Chain) -> Result<Self, LazyError> {
+        if chain.mem_bytes() != ram.size() {
             return Err(MemoryError::Image {
-                path: image.display().to_string(),
+                path: chain.top().dir.display().to_string(),
                 err: std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     format!(
-                        "image holds {len} bytes but the guest has {} bytes",
+                        "snapshot holds {} bytes but the guest has {} bytes",
+                        chain.mem_bytes(),
                         ram.size()
                     ),
                 ),
@@ -112,7 +91,7 @@ impl LazyLoader {
             .into());
         }
         let uffd = Userfault::register_missing(ram)?;
-        let extents = data_extents(&file, len);
+        let extents = chain.data_extents();
         let shared = Arc::new(Shared::default());
         shared
             .total
@@ -124,7 +103,7 @@ impl LazyLoader {
             .name("lazy-load".into())
             .spawn(move || {
                 let r = Loader {
-                    file,
+                    chain: &chain,
                     uffd: &uffd,
                     filled: vec![0u64; pages.div_ceil(64) as usize],
                     pages,
@@ -134,13 +113,23 @@ impl LazyLoader {
                 .run(&extents);
                 let r = r.and_then(|_| uffd.unregister().map_err(LazyError::from));
                 if let Err(e) = r {
+                    if matches!(e, LazyError::Check(_)) {
+                        // Faulting vCPUs wait for pages that can never come: stop here.
+                        eprintln!("spanvmm: lazy restore: {e}; stopping the VM");
+                        std::process::exit(3);
+                    }
                     *s.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                 }
                 s.elapsed_us
                     .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 s.done.store(true, Ordering::Release);
             })
-            .map_err(|e| LazyError::Image(img_err(e)))?;
+            .map_err(|err| {
+                LazyError::Image(MemoryError::Image {
+                    path: "lazy-load thread".into(),
+                    err,
+                })
+            })?;
         Ok(LazyLoader {
             shared,
             started,
@@ -191,7 +180,7 @@ impl LazyLoader {
 }
 
 struct Loader<'a> {
-    file: File,
+    chain: &'a Chain,
     uffd: &'a Userfault,
     filled: Vec<u64>,
     pages: u64,
@@ -204,7 +193,7 @@ impl Loader<'_> {
         self.filled[(p / 64) as usize] >> (p % 64) & 1 == 1
     }
 
-    /// Copies pages `[first, end)` that are not in yet; the image reads as zeros in its holes.
+    /// Copies pages `[first, end)` that are not in yet; pages without data are zero.
     fn fill(&mut self, first: u64, end: u64) -> Result<(), LazyError> {
         let mut p = first;
         while p < end {
@@ -217,12 +206,9 @@ impl Loader<'_> {
                 q += 1;
             }
             let bytes = ((q - p) * PAGE_SIZE) as usize;
-            self.file
-                .read_exact_at(&mut self.buf[..bytes], p * PAGE_SIZE)
-                .map_err(|err| MemoryError::Image {
-                    path: "memory image".into(),
-                    err,
-                })?;
+            self.chain
+                .read_pages(p, q - p, &mut self.buf[..bytes], true)
+                .map_err(LazyError::Check)?;
             self.uffd.copy(p * PAGE_SIZE, &self.buf[..bytes])?;
             for r in p..q {
                 self.filled[(r / 64) as usize] |= 1 << (r % 64);
@@ -266,26 +252,27 @@ impl Loader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::{test_vm_state, LayerOptions, LayerWriter};
 
     #[test]
     fn faults_are_served_and_the_rest_streams_in() {
-        let src = GuestRam::new(8 << 20).unwrap();
+        let src = Arc::new(GuestRam::new(8 << 20).unwrap());
         for p in [3u64, 700, 1500, 2047] {
             src.write(p * PAGE_SIZE, &[(p % 200) as u8 + 1; 4096])
                 .unwrap();
         }
         let dir = std::env::temp_dir().join(format!("spanvmm-lazy-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let image = dir.join("memory");
-        src.save_sparse(&image).unwrap();
+        let mut w = LayerWriter::create(&dir, src.clone(), LayerOptions::default()).unwrap();
+        w.write_pages(None).unwrap();
+        w.finish(test_vm_state(8 << 20)).unwrap();
 
         let ram = Arc::new(GuestRam::new(8 << 20).unwrap());
-        let loader = LazyLoader::start(&ram, &image).unwrap();
+        let loader = LazyLoader::start(&ram, Chain::open(&dir, None).unwrap()).unwrap();
         // A read before the background copy gets there is served as a fault.
         let mut b = [0u8; 8];
         ram.read(1500 * PAGE_SIZE + 100, &mut b).unwrap();
         assert_eq!(b, [(1500 % 200) as u8 + 1; 8]);
-        ram.read(5 * PAGE_SIZE, &mut b).unwrap(); // a hole reads as zero
+        ram.read(5 * PAGE_SIZE, &mut b).unwrap(); // a page without data reads as zero
         assert_eq!(b, [0; 8]);
         let done = loader.wait().unwrap();
         assert!(done.done);
@@ -294,18 +281,13 @@ mod tests {
         let mut c = vec![0u8; 8 << 20];
         src.read(0, &mut a).unwrap();
         ram.read(0, &mut c).unwrap();
-        assert!(a == c, "lazily loaded memory differs from the image");
-        std::fs::remove_dir_all(&dir).ok();
-    }
+        assert!(a == c, "lazily loaded memory differs from the snapshot");
 
-    #[test]
-    fn a_wrong_sized_image_is_refused() {
-        let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
-        let dir = std::env::temp_dir().join(format!("spanvmm-lazy2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("m"), [0u8; 4096]).unwrap();
-        let e = LazyLoader::start(&ram, &dir.join("m")).err().unwrap();
-        assert!(e.to_string().contains("image holds 4096 bytes"), "{e}");
+        let small = Arc::new(GuestRam::new(4 << 20).unwrap());
+        let e = LazyLoader::start(&small, Chain::open(&dir, None).unwrap())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("but the guest has"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -8,6 +8,7 @@ pub mod boot;
 pub mod devices;
 pub mod lazy;
 pub mod memory;
+pub mod snapshot;
 pub mod state;
 pub mod uffd;
 pub mod vcpu;

@@ -2,8 +2,7 @@
 //! service can map the very same pages (no copy). Guest-physical address == offset in the memfd.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::os::fd::{FromRawFd, OwnedFd};
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{
@@ -147,112 +146,6 @@ impl GuestRam {
             .map(|r| r.get_mmap().bitmap().get_and_reset())
             .unwrap_or_default()
     }
-
-    /// Writes guest memory to `path` as a sparse file: zero pages become holes. Runs of
-    /// non-zero pages go out as single large writes, straight from the guest mapping.
-    pub fn save_sparse(&self, path: &Path) -> Result<u64, MemoryError> {
-        let img = |err| MemoryError::Image {
-            path: path.display().to_string(),
-            err,
-        };
-        // O_DIRECT: runs go from guest memory to the disk without a page-cache copy (they are
-        // page-aligned in memory and in the file). Filesystems without it get buffered writes.
-        let open = |direct: bool| {
-            let mut o = std::fs::OpenOptions::new();
-            o.write(true).create(true).truncate(true);
-            if direct {
-                std::os::unix::fs::OpenOptionsExt::custom_flags(&mut o, libc::O_DIRECT);
-            }
-            o.open(path)
-        };
-        let file = open(true).or_else(|_| open(false)).map_err(img)?;
-        file.set_len(self.size).map_err(img)?;
-        let base = self.host_base();
-        let page = |p: u64| {
-            // SAFETY: `p` < pages, so the page lies inside the mapping, which lives as long as
-            // `self`; guest writes racing with the read only change what is saved, the caller
-            // pauses the guest when it needs a consistent image.
-            unsafe {
-                std::slice::from_raw_parts(base.add((p * PAGE_SIZE) as usize), PAGE_SIZE as usize)
-            }
-        };
-        let pages = self.size / PAGE_SIZE;
-        // Largest single write: big enough for full disk speed, small enough to bound memory.
-        const MAX_RUN: u64 = 4096;
-        let mut written = 0;
-        let mut p = 0;
-        while p < pages {
-            if page(p).iter().all(|&b| b == 0) {
-                p += 1;
-                continue;
-            }
-            let start = p;
-            while p < pages && p - start < MAX_RUN && page(p).iter().any(|&b| b != 0) {
-                p += 1;
-            }
-            // SAFETY: pages [start, p) are inside the mapping (see above).
-            let run = unsafe {
-                std::slice::from_raw_parts(
-                    base.add((start * PAGE_SIZE) as usize),
-                    ((p - start) * PAGE_SIZE) as usize,
-                )
-            };
-            std::os::unix::fs::FileExt::write_all_at(&file, run, start * PAGE_SIZE).map_err(img)?;
-            written += run.len() as u64;
-        }
-        file.sync_all().map_err(img)?;
-        Ok(written)
-    }
-
-    /// Fills guest memory from a file written by [`GuestRam::save_sparse`]; holes stay zero.
-    pub fn load_sparse(&self, path: &Path) -> Result<(), MemoryError> {
-        let img = |err| MemoryError::Image {
-            path: path.display().to_string(),
-            err,
-        };
-        let file = File::open(path).map_err(img)?;
-        let len = file.metadata().map_err(img)?.len();
-        if len != self.size {
-            return Err(img(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "image holds {len} bytes but the guest has {} bytes",
-                    self.size
-                ),
-            )));
-        }
-        let mut off = 0u64;
-        // Walk the data extents only (SEEK_DATA/SEEK_HOLE) so a sparse image loads fast.
-        while let Some(data) = seek_data(&file, off, libc::SEEK_DATA) {
-            let hole = seek_data(&file, data, libc::SEEK_HOLE)
-                .unwrap_or(len)
-                .min(len);
-            // SAFETY: [data, hole) lies inside guest memory (the image has the guest's size,
-            // checked above); nothing else runs on this RAM while it is being loaded.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(
-                    self.host_base().add(data as usize),
-                    (hole - data) as usize,
-                )
-            };
-            // Straight from the file into guest memory: no intermediate buffer.
-            std::os::unix::fs::FileExt::read_exact_at(&file, dst, data).map_err(img)?;
-            off = hole;
-            if off >= len {
-                break;
-            }
-        }
-        // Loading is not the guest's doing: start the VMM's dirty log clean.
-        self.take_vmm_dirty();
-        Ok(())
-    }
-}
-
-/// lseek with SEEK_DATA / SEEK_HOLE; `None` when there is no more data.
-fn seek_data(file: &File, off: u64, whence: libc::c_int) -> Option<u64> {
-    // SAFETY: lseek on a valid descriptor has no memory effects.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
-    (r >= 0).then_some(r as u64)
 }
 
 #[cfg(test)]
@@ -278,7 +171,7 @@ mod tests {
     }
 
     #[test]
-    fn vmm_writes_are_logged_and_sparse_image_round_trips() {
+    fn vmm_writes_are_logged_and_the_memfd_is_shared() {
         let ram = GuestRam::new(4 << 20).unwrap();
         ram.write(5 * PAGE_SIZE + 10, b"hello").unwrap();
         ram.write(700 * PAGE_SIZE, &[7u8; 4096]).unwrap();
@@ -289,23 +182,13 @@ mod tests {
         assert_eq!(set, vec![5, 700]);
         assert!(ram.take_vmm_dirty().iter().all(|w| *w == 0));
 
-        let dir = std::env::temp_dir().join(format!("spanvmm-mem-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("mem");
-        assert_eq!(ram.save_sparse(&path).unwrap(), 2 * PAGE_SIZE);
         let copy = GuestRam::new(4 << 20).unwrap();
-        copy.load_sparse(&path).unwrap();
-        let mut a = vec![0u8; 4 << 20];
-        let mut b = vec![0u8; 4 << 20];
-        ram.read(0, &mut a).unwrap();
-        copy.read(0, &mut b).unwrap();
-        assert!(a == b);
         // The memfd is shared: a second mapping sees the same bytes.
+        copy.write(5 * PAGE_SIZE + 10, b"hello").unwrap();
         let fd: OwnedFd = copy.memfd().try_clone().unwrap().into();
         let again = GuestRam::from_memfd(fd, 4 << 20).unwrap();
         let mut h = [0u8; 5];
         again.read(5 * PAGE_SIZE + 10, &mut h).unwrap();
         assert_eq!(&h, b"hello");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -57,7 +57,6 @@ pub struct VmKvmState {
 
 /// A KVM VM with its guest RAM registered.
 pub struct Vm {
-    kvm: Kvm,
     fd: VmFd,
     ram: Arc<GuestRam>,
     has_irqchip: bool,
@@ -87,7 +86,6 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vm = Vm {
-            kvm,
             fd,
             ram,
             has_irqchip,
@@ -96,8 +94,17 @@ impl Vm {
             cpuid,
             msr_list: Arc::new(Vec::new()),
         };
-        vm.msr_list = Arc::new(vm.saveable_msrs()?);
-        vm.set_memory_slot(false)?;
+        // The probe (a throwaway VM) and the memslot (several ms on PVM whatever its size)
+        // are both on every start's critical path: run them side by side.
+        let cpuid = vm.cpuid.clone();
+        let probe = std::thread::spawn(move || saveable_msrs(&cpuid));
+        let slot = vm.set_memory_slot(false);
+        let msrs = probe.join().map_err(|_| VmError::Kvm {
+            what: "MSR probe (the probe thread panicked)",
+            err: kvm_ioctls::Error::new(libc::EIO),
+        })??;
+        slot?;
+        vm.msr_list = Arc::new(msrs);
         Ok(vm)
     }
 
@@ -172,39 +179,40 @@ impl Vm {
             self.has_irqchip,
         )?)
     }
+}
 
-    /// MSRs KVM lists *and* lets us read on this host (some listed ones fail on PVM). A
-    /// throwaway VM answers the probe, so this VM gets no extra vCPU.
-    fn saveable_msrs(&self) -> Result<Vec<u32>, VmError> {
-        let listed = self
-            .kvm
-            .get_msr_index_list()
-            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
-        let scratch = self
-            .kvm
-            .create_vm()
-            .map_err(kvm_err("KVM_CREATE_VM (MSR probe)"))?;
-        let probe = scratch
-            .create_vcpu(0)
-            .map_err(kvm_err("KVM_CREATE_VCPU (MSR probe)"))?;
-        probe
-            .set_cpuid2(&self.cpuid)
-            .map_err(kvm_err("KVM_SET_CPUID2 (MSR probe)"))?;
-        Ok(listed
-            .as_slice()
-            .iter()
-            .copied()
-            .filter(|&index| {
-                let mut one = Msrs::from_entries(&[kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                }])
-                .expect("one MSR entry fits");
-                matches!(probe.get_msrs(&mut one), Ok(1))
-            })
-            .collect())
-    }
+/// MSRs KVM lists *and* lets us read on this host (some listed ones fail on PVM). A throwaway
+/// VM on its own `/dev/kvm` handle answers the probe, so the real VM gets no extra vCPU.
+fn saveable_msrs(cpuid: &CpuId) -> Result<Vec<u32>, VmError> {
+    let kvm = Kvm::new().map_err(VmError::Open)?;
+    let listed = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    let scratch = kvm
+        .create_vm()
+        .map_err(kvm_err("KVM_CREATE_VM (MSR probe)"))?;
+    let probe = scratch
+        .create_vcpu(0)
+        .map_err(kvm_err("KVM_CREATE_VCPU (MSR probe)"))?;
+    probe
+        .set_cpuid2(cpuid)
+        .map_err(kvm_err("KVM_SET_CPUID2 (MSR probe)"))?;
+    Ok(listed
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|&index| {
+            let mut one = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                ..Default::default()
+            }])
+            .expect("one MSR entry fits");
+            matches!(probe.get_msrs(&mut one), Ok(1))
+        })
+        .collect())
+}
 
+impl Vm {
     /// Reads the irqchip, PIT and clock (vCPUs paused).
     pub fn save_state(&self) -> Result<VmKvmState, VmError> {
         let irqchip = if self.has_irqchip {

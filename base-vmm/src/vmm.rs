@@ -11,12 +11,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootEntry, EntryPreference};
 use crate::devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
-use crate::devices::pv::{GuestCommand, PvDevice, PvState, PV_BASE, PV_LEN};
+use crate::devices::pv::{
+    GuestCommand, PvDevice, PvState, PV_BASE, PV_LEN, PV_SECRET_BASE, PV_SECRET_LEN,
+};
 use crate::devices::serial::{self, SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
 use crate::devices::{lock, IoBus};
 use crate::lazy::{LazyLoader, LazyProgress};
 use crate::memory::GuestRam;
-use crate::state::{DeviceStates, MachineConfig, VmState, MEMORY_FILE, STATE_FILE};
+use crate::snapshot::{Chain, LayerOptions, LayerSummary, LayerWriter, SnapshotError, SnapshotKey};
+use crate::state::{DeviceStates, MachineConfig, VmState};
 use crate::vcpu::{VcpuEvent, VcpuHandle, VcpuState};
 use crate::vm::Vm;
 
@@ -44,6 +47,9 @@ pub enum VmmError {
     /// State file.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    /// Snapshot store.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// Host I/O.
     #[error("{what}: {err}")]
     Io {
@@ -126,6 +132,11 @@ pub struct VmControl {
     vm: Mutex<Vm>,
     vcpus: Mutex<Vec<VcpuHandle>>,
     state: Mutex<RunState>,
+    machine: MachineConfig,
+    serial: Arc<Mutex<SerialDevice>>,
+    pv: Arc<Mutex<PvDevice>>,
+    /// Secret regions registered through the API, `(gpa, len)`.
+    secrets: Mutex<Vec<(u64, u64)>>,
     /// How many times the guest was paused (by the API, a save, a live update, a service).
     pauses: std::sync::atomic::AtomicU64,
 }
@@ -205,6 +216,54 @@ impl VmControl {
     pub fn harvest_dirty(&self) -> Result<Vec<u64>, VmmError> {
         Ok(lock(&self.vm).harvest_dirty()?)
     }
+
+    /// The machine's shape.
+    pub fn machine(&self) -> &MachineConfig {
+        &self.machine
+    }
+
+    /// Captures the whole VM state except memory (vCPUs must be paused).
+    pub fn capture_state(&self) -> Result<VmState, VmmError> {
+        Self::refuse_on_vcpu_thread("capturing the VM state")?;
+        let state = lock(&self.state);
+        if *state != RunState::Paused {
+            return Err(VmmError::Conflict("pause the VM before saving it".into()));
+        }
+        let vcpus = lock(&self.vcpus)
+            .iter()
+            .map(|v| v.save())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmState {
+            machine: self.machine.clone(),
+            vcpus,
+            vm: lock(&self.vm).save_state()?,
+            devices: DeviceStates {
+                serial: lock(&self.serial).state(),
+                pv: lock(&self.pv).state.clone(),
+            },
+        })
+    }
+
+    /// Registers a guest region as secret: snapshots leave it out, restores zero it.
+    pub fn add_secret(&self, gpa: u64, len: u64) -> Result<(), VmmError> {
+        match gpa.checked_add(len) {
+            Some(end) if len > 0 && end <= self.ram.size() => {
+                lock(&self.secrets).push((gpa, len));
+                Ok(())
+            }
+            _ => Err(VmmError::Config(format!(
+                "secret region {gpa:#x}+{len:#x} is empty or outside the {:#x}-byte guest memory",
+                self.ram.size()
+            ))),
+        }
+    }
+
+    /// Secret regions, `(gpa, len)`: registered through the API and by the guest.
+    pub fn secrets(&self) -> Vec<(u64, u64)> {
+        let mut v = lock(&self.secrets).clone();
+        v.extend(lock(&self.pv).state.secrets.iter().copied());
+        v
+    }
 }
 
 /// A VM whose KVM objects exist but whose registers are not restored yet (see
@@ -262,43 +321,10 @@ impl PreparedVm {
     }
 }
 
-/// What capturing a VM's state needs, shareable with another thread.
-#[derive(Clone)]
-pub struct StateCapture {
-    ctl: Arc<VmControl>,
-    serial: Arc<Mutex<SerialDevice>>,
-    pv: Arc<Mutex<PvDevice>>,
-    machine: MachineConfig,
-}
-
-impl StateCapture {
-    /// The whole VM state except memory (vCPUs must be paused).
-    pub fn capture(&self) -> Result<VmState, VmmError> {
-        let state = lock(&self.ctl.state);
-        if *state != RunState::Paused {
-            return Err(VmmError::Conflict("pause the VM before saving it".into()));
-        }
-        let vcpus = lock(&self.ctl.vcpus)
-            .iter()
-            .map(|v| v.save())
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(VmState {
-            machine: self.machine.clone(),
-            vcpus,
-            vm: lock(&self.ctl.vm).save_state()?,
-            devices: DeviceStates {
-                serial: lock(&self.serial).state(),
-                pv: lock(&self.pv).state.clone(),
-            },
-        })
-    }
-}
-
 /// A running VM.
 pub struct Vmm {
     ctl: Arc<VmControl>,
     bus: Arc<IoBus>,
-    serial: Arc<Mutex<SerialDevice>>,
     pv: Arc<Mutex<PvDevice>>,
     machine: MachineConfig,
     started: Instant,
@@ -343,6 +369,8 @@ fn build_devices(
     bus.insert(COM1_BASE, COM1_LEN, serial.clone())
         .map_err(conflict)?;
     bus.insert(PV_BASE, PV_LEN, pv.clone()).map_err(conflict)?;
+    bus.insert(PV_SECRET_BASE, PV_SECRET_LEN, pv.clone())
+        .map_err(conflict)?;
     let kbd = Arc::new(Mutex::new(I8042));
     bus.insert(DATA_PORT, 1, kbd.clone()).map_err(conflict)?;
     bus.insert(COMMAND_PORT, 1, kbd).map_err(conflict)?;
@@ -414,25 +442,38 @@ impl Vmm {
         ))
     }
 
-    /// Rebuilds a VM saved by [`Vmm::save`] and runs it (or leaves it paused). With `lazy`,
-    /// the guest starts before its memory is loaded: pages come in on first touch while a
-    /// background thread copies the rest (see [`crate::lazy`]).
+    /// Rebuilds a VM from the snapshot layer in `dir` (and its ancestors) and runs it (or
+    /// leaves it paused). The whole chain is checked first; eagerly loaded memory is checked
+    /// page by page before any vCPU exists. With `lazy`, the guest starts before its memory
+    /// is loaded: pages come in (checked) on first touch while a background thread copies the
+    /// rest (see [`crate::lazy`]).
     pub fn restore(
         dir: &Path,
         serial_spec: &str,
         events: Sender<VcpuEvent>,
         start_paused: bool,
         lazy: bool,
+        key: Option<&SnapshotKey>,
     ) -> Result<Self, VmmError> {
-        let state = VmState::read_file(&dir.join(STATE_FILE))?;
+        let chain = Chain::open(dir, key)?;
+        // The state is parsed again from the chain's own copy so that the chain can move.
+        let state: VmState = serde_json::from_value(
+            serde_json::to_value(chain.vm_state()).map_err(|e| VmmError::Config(e.to_string()))?,
+        )
+        .map_err(|e| VmmError::Config(e.to_string()))?;
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
         let loader = if lazy {
             Some(
-                LazyLoader::start(&ram, &dir.join(MEMORY_FILE))
+                LazyLoader::start(&ram, chain)
                     .map_err(|e| VmmError::Conflict(format!("lazy restore: {e}")))?,
             )
         } else {
-            ram.load_sparse(&dir.join(MEMORY_FILE))?;
+            chain.load_into(&ram).map_err(|why| {
+                VmmError::Snapshot(SnapshotError::Invalid {
+                    path: dir.display().to_string(),
+                    why,
+                })
+            })?;
             None
         };
         let mut vmm =
@@ -504,10 +545,13 @@ impl Vmm {
                 vm: Mutex::new(vm),
                 vcpus: Mutex::new(vcpus),
                 state: Mutex::new(state),
+                machine: machine.clone(),
+                serial: dev.serial.clone(),
+                pv: dev.pv.clone(),
+                secrets: Mutex::new(Vec::new()),
                 pauses: Default::default(),
             }),
             bus: dev.bus,
-            serial: dev.serial,
             pv: dev.pv,
             machine,
             started: Instant::now(),
@@ -555,29 +599,22 @@ impl Vmm {
 
     /// Captures the whole VM state except memory (vCPUs must be paused).
     pub fn capture_state(&self) -> Result<VmState, VmmError> {
-        self.state_capture().capture()
+        self.ctl.capture_state()
     }
 
-    /// A handle that captures this VM's state from another thread (a migration's).
-    pub fn state_capture(&self) -> StateCapture {
-        StateCapture {
-            ctl: self.ctl.clone(),
-            serial: self.serial.clone(),
-            pv: self.pv.clone(),
-            machine: self.machine.clone(),
-        }
-    }
-
-    /// Saves the VM into `dir` (state file + sparse memory image). A running VM is paused for
-    /// the duration and resumed afterwards. Returns the bytes of memory written.
-    pub fn save(&mut self, dir: &Path) -> Result<u64, VmmError> {
-        std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
+    /// Saves the VM into `dir` as a full snapshot layer, stopping the world: a running VM is
+    /// paused for the duration and resumed afterwards. Secret regions are left out.
+    pub fn save(&mut self, dir: &Path, mut opts: LayerOptions) -> Result<LayerSummary, VmmError> {
+        opts.parent = None;
+        opts.secrets.extend(self.ctl.secrets());
         let was_running = self.ctl.pause()?;
-        let result = self.capture_state().and_then(|state| {
-            let written = self.ctl.ram.save_sparse(&dir.join(MEMORY_FILE))?;
-            state.write_file(&dir.join(STATE_FILE))?;
-            Ok(written)
-        });
+        let result = LayerWriter::create(dir, self.ctl.ram.clone(), opts)
+            .map_err(VmmError::from)
+            .and_then(|mut w| {
+                w.write_pages(None)?;
+                let state = self.capture_state()?;
+                Ok(w.finish(state)?)
+            });
         if was_running {
             self.ctl.resume()?;
         }

@@ -263,6 +263,7 @@ fn main() -> anyhow::Result<()> {
         Some("snapshot") => snapshot::run(
             &spanvmm_bin()?,
             &guest_elf()?,
+            &repo_root().join("target/plugins/checkpoint.wasm"),
             &sizes,
             &out.unwrap_or_else(|| repo_root().join("bench/results/snapshot.json")),
         ),

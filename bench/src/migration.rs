@@ -378,8 +378,14 @@ pub fn run(
                     QemuEngine::Postcopy,
                     QemuEngine::Multifd,
                 ] {
-                    let o =
-                        qemu_migrate(elf, mem, workload, engine, link, Duration::from_secs(300))?;
+                    // Four times what the data needs on the link, at least a minute: a
+                    // pre-copy that has not converged by then will not.
+                    let need_s = match link {
+                        Link::Loopback => 0,
+                        Link::Shaped { mbit, .. } => mem * 8 / mbit,
+                    };
+                    let limit = Duration::from_secs((need_s * 4).max(60));
+                    let o = qemu_migrate(elf, mem, workload, engine, link, limit)?;
                     eprintln!(
                         "{:>22} {mem:>5} MiB {workload:>5} qemu {:>8}: total {} ms, downtime {} ms, guest stall {} µs, {} MiB, verify bad={:?} {}",
                         o.link, o.engine, o.total_ms, o.downtime_ms, o.guest_stall_us, o.bytes >> 20, o.verify_bad, o.note

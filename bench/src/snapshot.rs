@@ -1,6 +1,11 @@
 //! `spanvmm-bench snapshot`: full snapshot and restore of idle and dirtying guests, spanvmm vs
 //! QEMU (`migrate` to a file, `-incoming` from it) on the same spanguest ELF, plus lazy restore
-//! and the snapshot write rate against the disk's own sequential write rate.
+//! and the snapshot write rate against the disk's own sequential write rate; live snapshots
+//! (checkpoint service) and eviction with and without periodic background layers.
+//!
+//! Restores are like-for-like: both VMMs restore from the page cache (each image is read once
+//! before its restore; spanvmm writes with O_DIRECT, so its image would otherwise come from
+//! the disk while QEMU's, written through the cache, would not).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -58,6 +63,122 @@ fn verify(vm: &Vm) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads every file of `path` (a file or a directory) once, so it is in the page cache.
+fn warm(path: &Path) {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        std::fs::read_dir(path)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    } else {
+        vec![path.to_path_buf()]
+    };
+    for f in files {
+        if let Ok(mut file) = std::fs::File::open(&f) {
+            let _ = std::io::copy(&mut file, &mut std::io::sink());
+        }
+    }
+}
+
+/// Waits for the checkpoint service's layer to be done; returns its status.
+fn wait_snapshot(vm: &Vm) -> anyhow::Result<serde_json::Value> {
+    let t = Instant::now();
+    loop {
+        let (v, _) = vm.api_ok("GET", "/snapshot/status", None)?;
+        match v["phase"].as_str() {
+            Some("done") => return Ok(v),
+            Some("failed") => bail!("snapshot failed: {v}"),
+            _ if t.elapsed() > Duration::from_secs(600) => bail!("snapshot not done: {v}"),
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+/// A live snapshot through the checkpoint service: (total ms, pause ms, rounds, guest stall µs).
+fn live_case(
+    bin: &Path,
+    elf: &Path,
+    plugin: &Path,
+    mem: u64,
+    workload: &str,
+    dir: &Path,
+) -> anyhow::Result<(f64, f64, u64, u64)> {
+    let vm = spawn_vm(bin, elf, &cmdline(mem, workload), mem, "live")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::fs::remove_dir_all(dir);
+    vm.api_ok(
+        "PUT",
+        "/guest/command",
+        Some(json!({"command": "reset-stall"})),
+    )?;
+    let from = vm.mark();
+    let body = json!({"dir": dir, "live": true, "plugin": plugin});
+    vm.api_ok("PUT", "/snapshot/create", Some(body))?;
+    let st = wait_snapshot(&vm)?;
+    // The guest's largest stall since the reset, from its next stat line.
+    vm.api_ok("PUT", "/guest/command", Some(json!({"command": "verify"})))?;
+    let l = vm.wait_lines("SPANGUEST verify", 1, from, Duration::from_secs(120))?;
+    if field(&l[0], "bad") != Some(0) {
+        bail!("guest memory damaged after a live snapshot: {}", l[0]);
+    }
+    let stall = vm
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .skip(from)
+        .filter(|l| l.contains("SPANGUEST stall"))
+        .filter_map(|l| field(l, "us"))
+        .max()
+        .unwrap_or(0);
+    Ok((
+        st["total_ms"].as_f64().unwrap_or(0.0),
+        st["pause_ms"].as_f64().unwrap_or(0.0),
+        st["rounds"].as_u64().unwrap_or(0),
+        stall,
+    ))
+}
+
+/// Eviction of a dirtying guest: ms from the request to the layer written, and bytes, without
+/// and with periodic background layers (3 s of them first).
+fn evict_case(
+    bin: &Path,
+    elf: &Path,
+    plugin: &Path,
+    mem: u64,
+    dir: &Path,
+    periodic: bool,
+) -> anyhow::Result<(f64, u64)> {
+    let vm = spawn_vm(bin, elf, &cmdline(mem, "dirty"), mem, "evict")?;
+    let _ = std::fs::remove_dir_all(dir);
+    if periodic {
+        let body = json!({"dir": dir.join("bg"), "plugin": plugin});
+        vm.api_ok("PUT", "/snapshot/periodic", Some(body))?;
+        std::thread::sleep(Duration::from_secs(3));
+    } else {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let t = Instant::now();
+    let body = json!({"dir": dir.join("evicted"), "plugin": plugin});
+    loop {
+        let (code, v, _) = vm.api("PUT", "/snapshot/evict", Some(body.clone()))?;
+        match code {
+            200 => break,
+            _ if v.to_string().contains("busy") => std::thread::sleep(Duration::from_millis(1)),
+            _ => bail!("evict: HTTP {code}: {v}"),
+        }
+    }
+    let st = wait_snapshot(&vm)?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let _ = vm.api("PUT", "/vm/shutdown", None);
+    let bytes = st["bytes_written"].as_u64().unwrap_or(0);
+    // The evicted VM comes back intact.
+    let d = dir.join("evicted");
+    let back = spawn_run(bin, &["--restore", d.to_str().unwrap()], "evicted")?;
+    first_progress(&back.lines, Instant::now(), Duration::from_secs(120))?;
+    verify(&back)?;
+    Ok((ms, bytes))
+}
+
 fn dir_bytes(dir: &Path) -> u64 {
     // Allocated bytes (the memory file is sparse).
     std::fs::read_dir(dir)
@@ -79,6 +200,15 @@ struct Case {
     spanvmm_write_mb_s: f64,
     spanvmm_restore_to_progress_ms: f64,
     spanvmm_lazy_restore_to_progress_ms: f64,
+    spanvmm_live_total_ms: f64,
+    spanvmm_live_pause_ms: f64,
+    spanvmm_live_rounds: u64,
+    spanvmm_live_guest_stall_us: u64,
+    spanvmm_stop_the_world_guest_stall_us: u64,
+    evict_ms_without_periodic: Option<f64>,
+    evict_bytes_without_periodic: Option<u64>,
+    evict_ms_with_periodic: Option<f64>,
+    evict_bytes_with_periodic: Option<u64>,
     qemu_save_ms: u64,
     qemu_bytes: u64,
     qemu_restore_to_progress_ms: f64,
@@ -90,12 +220,18 @@ fn spanvmm_case(
     mem: u64,
     workload: &str,
     dir: &Path,
-) -> anyhow::Result<(f64, u64, f64, f64)> {
+) -> anyhow::Result<(f64, u64, f64, f64, u64)> {
     let vm = spawn_vm(bin, elf, &cmdline(mem, workload), mem, "snap")?;
     std::thread::sleep(Duration::from_millis(300));
     let _ = std::fs::remove_dir_all(dir);
+    let from = vm.mark();
     let (r, _) = vm.api_ok("PUT", "/vm/save", Some(json!({"dir": dir})))?;
     let save_ms = r["ms"].as_f64().context("save ms")?;
+    let stall = vm
+        .wait_lines("SPANGUEST stall", 1, from, Duration::from_secs(30))
+        .ok()
+        .and_then(|l| field(&l[0], "us"))
+        .unwrap_or(0);
     drop(vm);
     let bytes = dir_bytes(dir);
     let mut restore = [0.0f64; 2];
@@ -106,12 +242,13 @@ fn spanvmm_case(
         } else {
             vec!["--restore", d]
         };
+        warm(dir);
         let t0 = Instant::now();
         let vm = spawn_run(bin, &args, "restore")?;
         restore[i] = first_progress(&vm.lines, t0, Duration::from_secs(120))?;
         verify(&vm)?;
     }
-    Ok((save_ms, bytes, restore[0], restore[1]))
+    Ok((save_ms, bytes, restore[0], restore[1], stall))
 }
 
 fn qemu_case(elf: &Path, mem: u64, workload: &str, dir: &Path) -> anyhow::Result<(u64, u64, f64)> {
@@ -146,6 +283,7 @@ fn qemu_case(elf: &Path, mem: u64, workload: &str, dir: &Path) -> anyhow::Result
     let save_ms = r?;
     let bytes =
         std::fs::metadata(&image).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)?;
+    warm(&image);
     let t0 = Instant::now();
     let (mut dst, lines) = qemu(
         elf,
@@ -194,18 +332,32 @@ struct Report {
     cases: Vec<Case>,
     best_spanvmm_write_fraction_of_disk: f64,
     lazy_restore_goal: &'static str,
+    restore_comparison: &'static str,
 }
 
 /// Runs the benchmark and writes `out`.
-pub fn run(bin: &Path, elf: &Path, sizes: &[u64], out: &Path) -> anyhow::Result<()> {
+pub fn run(bin: &Path, elf: &Path, plugin: &Path, sizes: &[u64], out: &Path) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("spanvmm-bench-snap-{}", std::process::id()));
     let disk = disk_rate(&dir)?;
     eprintln!("disk sequential write (dd, direct): {disk:.0} MB/s");
     let mut cases = Vec::new();
     for &mem in sizes {
         for workload in ["idle", "dirty"] {
-            let (save_ms, bytes, restore, lazy) =
+            let (save_ms, bytes, restore, lazy, stw_stall) =
                 spanvmm_case(bin, elf, mem, workload, &dir.join("span"))?;
+            let (live_ms, live_pause, live_rounds, live_stall) =
+                live_case(bin, elf, plugin, mem, workload, &dir.join("live"))?;
+            let (evict_plain, evict_periodic) = if workload == "dirty" {
+                (
+                    Some(evict_case(bin, elf, plugin, mem, &dir.join("ev0"), false)?),
+                    Some(evict_case(bin, elf, plugin, mem, &dir.join("ev1"), true)?),
+                )
+            } else {
+                (None, None)
+            };
+            eprintln!(
+                "{mem:>5} MiB {workload:>5}: live snapshot {live_ms:.0} ms, pause {live_pause:.1} ms in {live_rounds} rounds, guest stall {live_stall} µs (stop-the-world {stw_stall} µs); evict {evict_plain:?} vs with periodic layers {evict_periodic:?} (ms, bytes)"
+            );
             let (q_save, q_bytes, q_restore) = qemu_case(elf, mem, workload, &dir.join("qemu"))?;
             let rate = bytes as f64 / 1e6 / (save_ms / 1e3);
             eprintln!(
@@ -221,6 +373,15 @@ pub fn run(bin: &Path, elf: &Path, sizes: &[u64], out: &Path) -> anyhow::Result<
                 spanvmm_write_mb_s: rate,
                 spanvmm_restore_to_progress_ms: restore,
                 spanvmm_lazy_restore_to_progress_ms: lazy,
+                spanvmm_live_total_ms: live_ms,
+                spanvmm_live_pause_ms: live_pause,
+                spanvmm_live_rounds: live_rounds,
+                spanvmm_live_guest_stall_us: live_stall,
+                spanvmm_stop_the_world_guest_stall_us: stw_stall,
+                evict_ms_without_periodic: evict_plain.map(|e| e.0),
+                evict_bytes_without_periodic: evict_plain.map(|e| e.1),
+                evict_ms_with_periodic: evict_periodic.map(|e| e.0),
+                evict_bytes_with_periodic: evict_periodic.map(|e| e.1),
                 qemu_save_ms: q_save,
                 qemu_bytes: q_bytes,
                 qemu_restore_to_progress_ms: q_restore,
@@ -243,6 +404,7 @@ pub fn run(bin: &Path, elf: &Path, sizes: &[u64], out: &Path) -> anyhow::Result<
         cases,
         best_spanvmm_write_fraction_of_disk: best,
         lazy_restore_goal: "time to first guest progress < 5 ms (measured from process start)",
+        restore_comparison: "both VMMs restore from the page cache (images read once before)",
     };
     std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
     std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")?;

@@ -12,6 +12,7 @@ use spanvmm_sdk::{Capability, LogLevel, MmioRange, PortRange, Translation, VcpuR
 use crate::error::HostError;
 use crate::host::VmHost;
 use crate::memops;
+use crate::snapshot::{JobStatus, LayerRequest, SnapshotEngine};
 
 /// Most notifications kept for the control API to read (oldest dropped first).
 const MAX_NOTIFICATIONS: usize = 1024;
@@ -120,6 +121,7 @@ pub(crate) struct HostShared {
     pub epoch: Instant,
     /// The outgoing migration, while one runs.
     pub migration: Mutex<Option<Arc<crate::migration::MigrationSource>>>,
+    pub snapshots: SnapshotEngine,
 }
 
 impl HostShared {
@@ -474,5 +476,56 @@ impl ServiceCtx {
                 None
             };
         m.switch_over(mode, harvest)
+    }
+
+    pub(crate) fn snapshot_begin(&self, req: LayerRequest) -> Result<u32, String> {
+        self.require(Capability::Snapshot, "snapshot begin")?;
+        self.shared
+            .snapshots
+            .begin(self.id, self.host(), req)
+            .map_err(|e| format!("snapshot begin: {e}"))
+    }
+
+    pub(crate) fn snapshot_write_pages(&self, job: u32, bitmap: Vec<u64>) -> Result<(), String> {
+        self.require(Capability::Snapshot, "snapshot write-pages")?;
+        let words = self
+            .host()
+            .info()
+            .mem_bytes
+            .div_ceil(memops::PAGE_SIZE * 64) as usize;
+        if bitmap.len() > words {
+            return Err(format!(
+                "snapshot write-pages: the bitmap has {} words, the guest needs {words}",
+                bitmap.len()
+            ));
+        }
+        let bits = (!bitmap.is_empty()).then_some(bitmap);
+        self.shared.snapshots.write_pages(self.id, job, bits)
+    }
+
+    pub(crate) fn snapshot_commit(&self, job: u32) -> Result<(), String> {
+        self.require(Capability::Snapshot, "snapshot commit")?;
+        self.vcpu_wait("snapshot commit", |h| {
+            self.shared
+                .snapshots
+                .commit(self.id, job, h)
+                .map_err(HostError::Failed)
+        })
+    }
+
+    pub(crate) fn snapshot_status(&self, job: u32) -> Result<JobStatus, String> {
+        self.require(Capability::Snapshot, "snapshot status")?;
+        self.shared.snapshots.status(self.id, job)
+    }
+
+    pub(crate) fn snapshot_close(&self, job: u32) {
+        self.shared.snapshots.close(self.id, job)
+    }
+}
+
+impl Drop for ServiceCtx {
+    fn drop(&mut self) {
+        // A service that goes away takes its snapshot jobs with it.
+        self.shared.snapshots.close_owner(self.id);
     }
 }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use base_vmm::memory::{GuestRam, MemoryError};
+use base_vmm::state::VmState;
 
 use crate::error::HostError;
 pub use spanvmm_sdk::{VcpuRegs, VmInfo};
@@ -41,6 +42,18 @@ pub trait VmHost: Send + Sync + 'static {
     /// Stops dirty logging; called when the last `dirty-log` service detaches.
     fn stop_dirty_log(&self) -> Result<(), HostError> {
         Ok(())
+    }
+    /// Guest RAM itself, for host engines that move bulk data (snapshots).
+    fn guest_ram(&self) -> Option<Arc<GuestRam>> {
+        None
+    }
+    /// The VM's state except memory (vCPUs, devices); the VM must be paused.
+    fn capture_state(&self) -> Result<VmState, HostError> {
+        Err(HostError::NotAvailable("capture-state"))
+    }
+    /// Guest regions registered as secret, `(gpa, len)`: snapshots leave them out.
+    fn secrets(&self) -> Vec<(u64, u64)> {
+        Vec::new()
     }
 }
 
@@ -117,5 +130,9 @@ impl VmHost for RamHost {
 
     fn harvest_dirty(&self) -> Result<Vec<u64>, HostError> {
         Ok(self.ram.take_vmm_dirty())
+    }
+
+    fn guest_ram(&self) -> Option<Arc<GuestRam>> {
+        Some(self.ram.clone())
     }
 }

@@ -20,6 +20,7 @@ mod manager;
 pub mod memops;
 pub mod migration;
 mod native;
+mod snapshot;
 mod wasm;
 
 pub use ctx::Notification;

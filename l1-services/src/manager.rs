@@ -352,6 +352,7 @@ impl ServiceManager {
                 notes: Mutex::new(VecDeque::new()),
                 epoch: Instant::now(),
                 migration: Mutex::new(None),
+                snapshots: Default::default(),
             }),
             config,
             cache_dir,

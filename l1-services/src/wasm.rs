@@ -32,7 +32,7 @@ mod bindings {
     });
 }
 
-use bindings::spanvmm::service::{host as wh, types as wt};
+use bindings::spanvmm::service::{host as wh, snapshot as ws, types as wt};
 use bindings::{Service as WitService, ServicePre};
 
 /// Settings of the Wasm runtime.
@@ -416,6 +416,7 @@ fn manifest_from_wit(m: wt::Manifest) -> sdk::Manifest {
                 wt::Capability::PauseResume => sdk::Capability::PauseResume,
                 wt::Capability::DirtyLog => sdk::Capability::DirtyLog,
                 wt::Capability::DrivesMigration => sdk::Capability::DrivesMigration,
+                wt::Capability::Snapshot => sdk::Capability::Snapshot,
             })
             .collect(),
         tick_period_ms: m.tick_period_ms,
@@ -684,5 +685,42 @@ impl wm::Host for StoreState {
             elapsed_ms: p.elapsed_ms,
             error: p.error,
         })
+    }
+}
+
+impl ws::Host for StoreState {
+    fn begin(&mut self, o: ws::LayerOptions) -> Result<u32, String> {
+        let req = crate::snapshot::LayerRequest {
+            dir: o.dir,
+            parent: o.parent,
+            key_file: o.key_file,
+            expires_in_s: o.expires_in_s,
+        };
+        self.timed(|c| c.snapshot_begin(req))
+    }
+
+    fn write_pages(&mut self, job: u32, bitmap: Vec<u64>) -> Result<(), String> {
+        self.timed(|c| c.snapshot_write_pages(job, bitmap))
+    }
+
+    fn commit(&mut self, job: u32) -> Result<(), String> {
+        self.timed(|c| c.snapshot_commit(job))
+    }
+
+    fn status(&mut self, job: u32) -> Result<ws::JobStatus, String> {
+        let s = self.ctx.snapshot_status(job)?;
+        Ok(ws::JobStatus {
+            layer_id: s.layer_id,
+            pending: s.pending,
+            rounds: s.rounds,
+            bytes_written: s.bytes_written,
+            copied: s.copied,
+            committed: s.committed,
+            error: s.error,
+        })
+    }
+
+    fn close(&mut self, job: u32) {
+        self.ctx.snapshot_close(job)
     }
 }

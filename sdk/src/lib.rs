@@ -28,6 +28,7 @@ extern crate self as spanvmm_sdk;
 pub mod abi;
 pub mod host;
 pub mod migration;
+pub mod snapshot;
 pub mod types;
 
 #[cfg(not(target_arch = "wasm32"))]

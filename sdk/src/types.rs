@@ -37,17 +37,20 @@ pub enum Capability {
     DirtyLog,
     /// Move the VM to another host (exclusive: one holder per VM).
     DrivesMigration,
+    /// Write snapshot layers through the snapshot engine.
+    Snapshot,
 }
 
 impl Capability {
     /// Every capability, in declaration order.
-    pub const ALL: [Capability; 6] = [
+    pub const ALL: [Capability; 7] = [
         Capability::MemoryRead,
         Capability::MemoryWrite,
         Capability::VcpuState,
         Capability::PauseResume,
         Capability::DirtyLog,
         Capability::DrivesMigration,
+        Capability::Snapshot,
     ];
 
     /// True when at most one service per VM may hold the capability.
@@ -64,6 +67,7 @@ impl Capability {
             Capability::PauseResume => "pause-resume",
             Capability::DirtyLog => "dirty-log",
             Capability::DrivesMigration => "drives-migration",
+            Capability::Snapshot => "snapshot",
         }
     }
 

@@ -41,6 +41,7 @@ fn cap_to_wit(c: Capability) -> t::Capability {
         Capability::PauseResume => t::Capability::PauseResume,
         Capability::DirtyLog => t::Capability::DirtyLog,
         Capability::DrivesMigration => t::Capability::DrivesMigration,
+        Capability::Snapshot => t::Capability::Snapshot,
     }
 }
 

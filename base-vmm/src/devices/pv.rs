@@ -22,6 +22,16 @@ pub const PORT_POWER_OFF: u16 = 0x0ac8;
 pub const PORT_MAILBOX: u16 = 0x0acc;
 /// `out`: does nothing but exit (not owned by this device, see [`PV_LEN`]).
 pub const PORT_EXIT_STORM: u16 = 0x0ad0;
+/// First port of the secret-region registration pair (after the exit-storm port).
+pub const PV_SECRET_BASE: u16 = 0x0ad8;
+/// Ports of the secret-region registration pair.
+pub const PV_SECRET_LEN: u16 = 8;
+/// `out`: first page number (GPA / 4096) of a secret region.
+pub const PORT_SECRET_PAGE: u16 = 0x0ad8;
+/// `out`: number of pages; registers the region `[page, page + count)` as secret.
+pub const PORT_SECRET_PAGES: u16 = 0x0adc;
+/// Most secret regions a guest may register.
+const MAX_SECRETS: usize = 64;
 /// "SPAN" read as a little-endian u32.
 pub const PV_MAGIC: u32 = 0x4e41_5053;
 /// Longest sleep a guest may ask for in one exit; longer requests are clipped.
@@ -45,6 +55,12 @@ pub struct PvState {
     pub mailbox: Option<u64>,
     /// Sequence number of the last command posted to the mailbox.
     pub command_seq: u64,
+    /// Secret regions the guest registered, `(gpa, len)`: left out of snapshots.
+    #[serde(default)]
+    pub secrets: Vec<(u64, u64)>,
+    /// First page of the secret region being registered.
+    #[serde(default)]
+    pub secret_page: u64,
 }
 
 /// spanguest's paravirtual device.
@@ -82,6 +98,17 @@ impl PioDevice for PvDevice {
                 self.state.mailbox = Some(v);
                 IoAction::Continue
             }
+            PORT_SECRET_PAGE => {
+                self.state.secret_page = v;
+                IoAction::Continue
+            }
+            PORT_SECRET_PAGES if v > 0 && self.state.secrets.len() < MAX_SECRETS => {
+                let region = (self.state.secret_page * 4096, v * 4096);
+                if !self.state.secrets.contains(&region) {
+                    self.state.secrets.push(region);
+                }
+                IoAction::Continue
+            }
             _ => IoAction::Continue,
         }
     }
@@ -112,5 +139,8 @@ mod tests {
         assert_eq!(d.state.mailbox, None);
         d.pio_write(PORT_MAILBOX, &0x20_0000u32.to_le_bytes());
         assert_eq!(d.state.mailbox, Some(0x20_0000));
+        d.pio_write(PORT_SECRET_PAGE, &0x300u32.to_le_bytes());
+        d.pio_write(PORT_SECRET_PAGES, &2u32.to_le_bytes());
+        assert_eq!(d.state.secrets, vec![(0x30_0000, 0x2000)]);
     }
 }

@@ -57,6 +57,8 @@ pub struct Config {
     pub duration_ms: u64,
     /// TSC frequency override.
     pub tsc_khz: Option<u64>,
+    /// Non-zero: fill a 16 KiB secret area and register it with the VMM (snapshot tests).
+    pub secret: u64,
 }
 
 impl Default for Config {
@@ -71,6 +73,7 @@ impl Default for Config {
             shared_mib: None,
             report_ms: 1000,
             verify_ms: 0,
+            secret: 0,
             stall_us: 5000,
             exits: 100_000,
             duration_ms: 0,
@@ -147,6 +150,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
             b"exits" => &mut cfg.exits,
             b"duration_ms" => &mut cfg.duration_ms,
             b"tsc_khz" => cfg.tsc_khz.insert(0),
+            b"secret" => &mut cfg.secret,
             _ => continue,
         };
         *slot = number(value).ok_or(CmdlineError {

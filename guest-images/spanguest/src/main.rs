@@ -155,6 +155,13 @@ fn boot(start_info: u64, cpus: u64, t0: u64) -> Plan {
     });
     if pv {
         pv::register_mailbox();
+        if cfg.secret != 0 {
+            let gpa = pv::register_secret();
+            Line::new("secret")
+                .hex("gpa", gpa)
+                .num("len", pv::SECRET_LEN as u64)
+                .emit();
+        }
     }
     let entry = if SPANGUEST_ENTRY_PVH.load(Ordering::Relaxed) == 1 {
         "pvh"

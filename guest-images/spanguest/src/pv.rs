@@ -47,6 +47,47 @@ pub static MAILBOX: Mailbox = Mailbox {
     ack: AtomicU64::new(0),
 };
 
+/// `out`: first page of a secret region; then `out` its page count to register it.
+pub const PORT_SECRET_PAGE: u16 = 0x0ad8;
+/// `out`: page count of the secret region whose first page was just given.
+pub const PORT_SECRET_PAGES: u16 = 0x0adc;
+
+/// Bytes of the secret area.
+pub const SECRET_LEN: usize = 16384;
+/// What the secret area holds (repeated), in lower case: the area gets it in upper case, so
+/// that the image itself never contains the pattern a test looks for in snapshot files.
+pub const SECRET_PATTERN_LOWER: &[u8; 16] = b"spanguest-secret";
+
+/// The secret area (in .bss, so zero until filled; never verified).
+#[repr(C, align(4096))]
+pub struct SecretArea(pub core::cell::UnsafeCell<[u8; SECRET_LEN]>);
+
+// SAFETY: only vCPU 0 writes the area, once, before any other vCPU could look at it.
+unsafe impl Sync for SecretArea {}
+
+/// The secret area.
+pub static SECRET: SecretArea = SecretArea(core::cell::UnsafeCell::new([0; SECRET_LEN]));
+
+/// Fills the secret area with `SPANGUEST-SECRET` and registers it as secret with the VMM;
+/// returns its address.
+pub fn register_secret() -> u64 {
+    let area = SECRET.0.get();
+    // SAFETY: vCPU 0 alone runs this, once, during set-up.
+    unsafe {
+        for (i, b) in (*area).iter_mut().enumerate() {
+            let c = SECRET_PATTERN_LOWER[i % SECRET_PATTERN_LOWER.len()];
+            // Read through a volatile load so the compiler cannot fold the upper-case
+            // pattern back into the image.
+            let c = core::ptr::read_volatile(&c);
+            *b = c.to_ascii_uppercase();
+        }
+    }
+    let addr = area as u64;
+    outl(PORT_SECRET_PAGE, (addr / 4096) as u32);
+    outl(PORT_SECRET_PAGES, (SECRET_LEN / 4096) as u32);
+    addr
+}
+
 /// Whether the VMM is spanvmm (one exit).
 pub fn detect() -> bool {
     inl(PORT_ID) == MAGIC

@@ -1,0 +1,1644 @@
+//! The snapshot store, format version 2 (docs/snapshot-format.md): a snapshot is a chain of
+//! *layers*, each a directory holding a `state` file and a sparse `memory` file. A full layer
+//! holds every non-zero page; an incremental layer holds only the pages dirtied since its
+//! parent, which it names by id and by the SHA-256 of the parent's state file.
+//!
+//! Every page written carries a 128-bit check in the state file's index: XXH3-128 of the page,
+//! or, in an encrypted layer, the Poly1305 tag of the page encrypted with XChaCha20-Poly1305
+//! (the state payload is encrypted the same way). A chain is opened and checked as a whole
+//! (versions, checksums, parent links, key, expiry, file sizes) before anything is restored,
+//! and every page is checked as it is loaded, before the guest can see it.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::state::{VmState, MEMORY_FILE, STATE_FILE, STATE_MAGIC};
+
+/// State-file format version of layered snapshots (version 1 was a single full image).
+pub const SNAPSHOT_VERSION: u32 = 2;
+/// Header: magic, version, flags, payload length, CRC-32, key id, salt.
+pub const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4 + 8 + 12;
+/// Flag: payload and pages are encrypted.
+const FLAG_ENCRYPTED: u32 = 1;
+/// Largest state payload accepted (a 4 GiB guest's index is ~16 MiB).
+const MAX_PAYLOAD: u64 = 256 << 20;
+/// Longest chain accepted.
+pub const MAX_CHAIN: usize = 64;
+/// Pages copied, checked and written per batch (8 MiB).
+const BATCH_PAGES: u64 = 2048;
+/// Bytes of an index run header: start page, count, kind, round.
+const RUN_HEADER: usize = 8 + 4 + 1 + 4;
+
+/// Snapshot errors: each says which file and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// I/O on a snapshot file failed.
+    #[error("{path}: {err}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Cause.
+        err: std::io::Error,
+    },
+    /// A file is not a valid snapshot file (truncated, corrupted, foreign, wrong version).
+    #[error("{path} is invalid: {why}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The key is missing, wrong, or the file was tampered with.
+    #[error("{path}: {why}")]
+    Key {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The layers do not form a chain.
+    #[error("broken snapshot chain: {0}")]
+    Chain(String),
+    /// The snapshot's expiry has passed.
+    #[error("snapshot {dir} expired {ago} s ago (at unix time {at}); it can only be shredded (`spanvmm snapshot shred {dir}`)")]
+    Expired {
+        /// The layer.
+        dir: String,
+        /// Expiry, unix seconds.
+        at: u64,
+        /// Seconds since.
+        ago: u64,
+    },
+    /// The request does not fit (bad options, wrong guest size).
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn io_at(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
+    move |err| SnapshotError::Io {
+        path: path.display().to_string(),
+        err,
+    }
+}
+
+fn invalid(path: &Path, why: impl Into<String>) -> SnapshotError {
+    SnapshotError::Invalid {
+        path: path.display().to_string(),
+        why: why.into(),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    let mut got = 0;
+    while got < N {
+        // SAFETY: the pointer and length describe the unfilled tail of `b`.
+        let r = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), N - got, 0) };
+        if r > 0 {
+            got += r as usize;
+        }
+    }
+    b
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A snapshot key: 32 bytes from a key file.
+#[derive(Clone)]
+pub struct SnapshotKey {
+    cipher: XChaCha20Poly1305,
+    id: [u8; 8],
+}
+
+impl SnapshotKey {
+    /// Reads a key file: 32 raw bytes, or 64 hex digits (a trailing newline is fine).
+    pub fn from_file(path: &Path) -> Result<Self, SnapshotError> {
+        let bytes = std::fs::read(path).map_err(io_at(path))?;
+        Self::from_bytes(&bytes).map_err(|why| SnapshotError::Key {
+            path: path.display().to_string(),
+            why,
+        })
+    }
+
+    /// A key from a key file's contents.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        let text = std::str::from_utf8(bytes).map(str::trim).unwrap_or("");
+        let key: [u8; 32] = if text.len() == 64 && text.bytes().all(|c| c.is_ascii_hexdigit()) {
+            let mut k = [0u8; 32];
+            for (i, k) in k.iter_mut().enumerate() {
+                *k = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap_or(0);
+            }
+            k
+        } else if bytes.len() == 32 {
+            bytes.try_into().unwrap_or([0; 32])
+        } else {
+            return Err(format!(
+                "a key file holds 32 raw bytes or 64 hex digits, not {} bytes",
+                bytes.len()
+            ));
+        };
+        let mut h = Sha256::new();
+        h.update(b"spanvmm snapshot key id");
+        h.update(key);
+        let id: [u8; 8] = h.finalize()[..8].try_into().unwrap_or([0; 8]);
+        Ok(SnapshotKey {
+            cipher: XChaCha20Poly1305::new((&key).into()),
+            id,
+        })
+    }
+}
+
+/// Nonce of page `page` written in `round` of a layer with `salt`; the payload uses round
+/// `u32::MAX`, which no page round reaches.
+fn nonce(salt: &[u8; 12], round: u32, page: u64) -> XNonce {
+    let mut n = [0u8; 24];
+    n[..12].copy_from_slice(salt);
+    n[12..16].copy_from_slice(&round.to_le_bytes());
+    n[16..].copy_from_slice(&page.to_le_bytes());
+    n.into()
+}
+
+/// The parent of an incremental layer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ParentRef {
+    /// The parent layer's directory (absolute).
+    pub dir: PathBuf,
+    /// The parent layer's id.
+    pub id: String,
+    /// SHA-256 of the parent's state file.
+    pub state_sha256: String,
+}
+
+/// What a layer is (the JSON part of the state payload).
+#[derive(Serialize, Deserialize)]
+pub struct LayerManifest {
+    /// Random id of this layer.
+    pub id: String,
+    /// Parent layer (incremental), or none (full).
+    pub parent: Option<ParentRef>,
+    /// Creation time, unix seconds.
+    pub created_unix: u64,
+    /// Restore is refused after this time (unix seconds).
+    pub expires_unix: Option<u64>,
+    /// Guest regions excluded from the snapshot, page-aligned `(gpa, len)`; zero on restore.
+    pub secrets: Vec<(u64, u64)>,
+    /// Write rounds (1 for a stop-the-world layer).
+    pub rounds: u32,
+    /// Bytes of page data written (the last copy of each page).
+    pub data_bytes: u64,
+    /// vCPUs, devices, machine.
+    pub vm: VmState,
+}
+
+/// What one page of a layer is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum PageEntry {
+    /// Not in this layer (the parent's copy stands; zero for a full layer).
+    Absent,
+    /// Zero in this layer (not written).
+    Zero,
+    /// Written in `round`, with its check.
+    Data { round: u32, check: [u8; 16] },
+}
+
+/// How a layer is written.
+#[derive(Default, Clone)]
+pub struct LayerOptions {
+    /// Parent layer directory (incremental layer), or none (full layer).
+    pub parent: Option<PathBuf>,
+    /// Encrypt with this key.
+    pub key: Option<SnapshotKey>,
+    /// Seconds until restore is refused.
+    pub expires_in_s: Option<u64>,
+    /// Guest regions `(gpa, len)` never written; rounded out to whole pages.
+    pub secrets: Vec<(u64, u64)>,
+}
+
+/// A page-aligned bounce buffer (O_DIRECT needs one).
+struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by this value.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        // SAFETY: anonymous private mapping, no file; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert!(ptr != libc::MAP_FAILED, "cannot map a {len}-byte buffer");
+        AlignedBuf {
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` bytes, owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    fn slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes, owned by `self`, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(64).all(|c| {
+        c.chunks_exact(8).fold(0u64, |a, w| {
+            a | u64::from_ne_bytes(w.try_into().unwrap_or([1; 8]))
+        }) == 0
+    })
+}
+
+fn page_check(page: &[u8]) -> [u8; 16] {
+    xxhash_rust::xxh3::xxh3_128(page).to_le_bytes()
+}
+
+fn bit(bits: &[u64], p: u64) -> bool {
+    bits.get((p / 64) as usize)
+        .is_some_and(|w| w >> (p % 64) & 1 == 1)
+}
+
+/// Page bitmap of secret regions, rounded out to whole pages.
+fn secret_bitmap(secrets: &[(u64, u64)], pages: u64) -> Vec<u64> {
+    let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+    for &(gpa, len) in secrets {
+        let first = gpa / PAGE_SIZE;
+        let end = gpa.saturating_add(len).div_ceil(PAGE_SIZE).min(pages);
+        for p in first..end {
+            bits[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+    bits
+}
+
+/// Page-aligned version of the secret regions, merged and sorted.
+fn normalize_secrets(secrets: &[(u64, u64)], mem: u64) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = secrets
+        .iter()
+        .filter(|(_, len)| *len > 0)
+        .map(|&(gpa, len)| {
+            let a = gpa / PAGE_SIZE * PAGE_SIZE;
+            let b = gpa.saturating_add(len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            (a.min(mem), b.min(mem))
+        })
+        .filter(|(a, b)| a < b)
+        .collect();
+    v.sort();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in v {
+        match out.last_mut() {
+            Some((_, e)) if a <= *e => *e = (*e).max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out.into_iter().map(|(a, b)| (a, b - a)).collect()
+}
+
+/// One write of a batch: `len` bytes at `at` in the buffer go to `offset` in the file.
+struct WriteRun {
+    at: usize,
+    len: usize,
+    offset: u64,
+}
+
+/// Copies batches of pages out of guest memory and checks (or encrypts) them.
+struct Filler<'a> {
+    ram: &'a GuestRam,
+    entries: &'a mut [PageEntry],
+    secret_bits: &'a [u64],
+    key: Option<&'a SnapshotKey>,
+    salt: &'a [u8; 12],
+    id: &'a [u8; 16],
+    round: u32,
+}
+
+impl Filler<'_> {
+    /// Fills buffers from `free` with the wanted pages and hands them to `full`.
+    fn all(
+        &mut self,
+        bitmap: Option<&[u64]>,
+        free: &mpsc::Receiver<AlignedBuf>,
+        full: &mpsc::SyncSender<(AlignedBuf, Vec<WriteRun>)>,
+    ) -> Result<(), SnapshotError> {
+        let pages = self.entries.len() as u64;
+        let wanted = |p: u64| bitmap.is_none_or(|b| bit(b, p));
+        let mut p = 0u64;
+        while p < pages {
+            if !wanted(p) {
+                // Skip whole clear words of the bitmap at once.
+                p = match bitmap {
+                    Some(b) if p.is_multiple_of(64) && b.get((p / 64) as usize) == Some(&0) => {
+                        p + 64
+                    }
+                    _ => p + 1,
+                };
+                continue;
+            }
+            let start = p;
+            while p < pages && p - start < BATCH_PAGES && wanted(p) {
+                p += 1;
+            }
+            // A buffer the writer is done with (none: the writer failed; its error wins).
+            let Ok(mut buf) = free.recv() else {
+                return Ok(());
+            };
+            let runs = self.batch(start, p, &mut buf)?;
+            if full.send((buf, runs)).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies and checks pages `[start, end)` into `buf`; returns the runs to write.
+    fn batch(
+        &mut self,
+        start: u64,
+        end: u64,
+        buf: &mut AlignedBuf,
+    ) -> Result<Vec<WriteRun>, SnapshotError> {
+        let ps = PAGE_SIZE as usize;
+        let n = (end - start) as usize;
+        let buf = &mut buf.slice()[..n * ps];
+        // SAFETY: pages [start, end) lie inside guest memory, which `self.ram` keeps mapped;
+        // a guest write racing with the copy only changes what this round saves (the page is
+        // dirty again and a later round writes it).
+        let src = unsafe {
+            std::slice::from_raw_parts(
+                self.ram.host_base().add((start * PAGE_SIZE) as usize),
+                buf.len(),
+            )
+        };
+        let mut runs: Vec<WriteRun> = Vec::new();
+        for (i, page) in buf.chunks_exact_mut(ps).enumerate() {
+            let gp = start + i as u64;
+            // Zero pages are found in guest memory and never copied; the copy is checked
+            // again (the guest may have written the page meanwhile).
+            let from = &src[i * ps..(i + 1) * ps];
+            if bit(self.secret_bits, gp) || is_zero(from) {
+                self.entries[gp as usize] = PageEntry::Zero;
+                continue;
+            }
+            page.copy_from_slice(from);
+            if is_zero(page) {
+                self.entries[gp as usize] = PageEntry::Zero;
+                continue;
+            }
+            let check = match self.key {
+                None => page_check(page),
+                Some(k) => k
+                    .cipher
+                    .encrypt_in_place_detached(&nonce(self.salt, self.round, gp), self.id, page)
+                    .map_err(|_| SnapshotError::Usage("page encryption failed".into()))?
+                    .into(),
+            };
+            self.entries[gp as usize] = PageEntry::Data {
+                round: self.round,
+                check,
+            };
+            match runs.last_mut() {
+                Some(r) if r.at + r.len == i * ps => r.len += ps,
+                _ => runs.push(WriteRun {
+                    at: i * ps,
+                    len: ps,
+                    offset: gp * PAGE_SIZE,
+                }),
+            }
+        }
+        Ok(runs)
+    }
+}
+
+/// Result of writing a layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSummary {
+    /// The layer's id.
+    pub id: String,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Pages the layer holds data for.
+    pub data_pages: u64,
+    /// Zero pages it records (incremental layers).
+    pub zero_pages: u64,
+    /// Bytes written to the memory file in all rounds.
+    pub bytes_written: u64,
+    /// Write rounds.
+    pub rounds: u32,
+}
+
+/// Writes one layer: page batches (while the guest runs or not), then the state file.
+pub struct LayerWriter {
+    dir: PathBuf,
+    ram: Arc<GuestRam>,
+    file: File,
+    key: Option<SnapshotKey>,
+    salt: [u8; 12],
+    id: [u8; 16],
+    parent: Option<ParentRef>,
+    expires_unix: Option<u64>,
+    secrets: Vec<(u64, u64)>,
+    secret_bits: Vec<u64>,
+    entries: Vec<PageEntry>,
+    round: u32,
+    bytes_written: u64,
+    bufs: Vec<AlignedBuf>,
+}
+
+impl LayerWriter {
+    /// Starts a layer in `dir` for a VM with guest memory `ram`. An older snapshot in `dir` is
+    /// invalidated first (its state file removed), so a crash never leaves a mix behind.
+    pub fn create(
+        dir: &Path,
+        ram: Arc<GuestRam>,
+        opts: LayerOptions,
+    ) -> Result<Self, SnapshotError> {
+        std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let dir = std::path::absolute(dir).map_err(io_at(dir))?;
+        let parent = match &opts.parent {
+            None => None,
+            Some(p) => {
+                let p = std::path::absolute(p).map_err(io_at(p))?;
+                if p == dir {
+                    return Err(SnapshotError::Usage(
+                        "a layer cannot be its own parent: use another directory".into(),
+                    ));
+                }
+                let layer = Layer::open(&p, opts.key.as_ref())?;
+                if layer.manifest.vm.machine.mem_bytes != ram.size() {
+                    return Err(SnapshotError::Chain(format!(
+                        "parent {} is of a {}-byte guest, this one has {} bytes",
+                        p.display(),
+                        layer.manifest.vm.machine.mem_bytes,
+                        ram.size()
+                    )));
+                }
+                Some(ParentRef {
+                    dir: p,
+                    id: layer.manifest.id.clone(),
+                    state_sha256: layer.state_sha256.clone(),
+                })
+            }
+        };
+        let state = dir.join(STATE_FILE);
+        match std::fs::remove_file(&state) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_at(&state)(e)),
+            _ => {}
+        }
+        let path = dir.join(MEMORY_FILE);
+        // O_DIRECT: batches go to the disk without a page-cache copy; filesystems without it
+        // get buffered writes.
+        let open = |direct: bool| {
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create(true).truncate(true);
+            if direct {
+                std::os::unix::fs::OpenOptionsExt::custom_flags(&mut o, libc::O_DIRECT);
+            }
+            o.open(&path)
+        };
+        let file = open(true).or_else(|_| open(false)).map_err(io_at(&path))?;
+        file.set_len(ram.size()).map_err(io_at(&path))?;
+        let pages = ram.size() / PAGE_SIZE;
+        let secrets = normalize_secrets(&opts.secrets, ram.size());
+        Ok(LayerWriter {
+            dir,
+            secret_bits: secret_bitmap(&secrets, pages),
+            secrets,
+            file,
+            key: opts.key,
+            salt: random_bytes(),
+            id: random_bytes(),
+            parent,
+            expires_unix: opts.expires_in_s.map(|s| unix_now().saturating_add(s)),
+            entries: vec![PageEntry::Absent; pages as usize],
+            round: 0,
+            bytes_written: 0,
+            bufs: (0..2)
+                .map(|_| AlignedBuf::new((BATCH_PAGES * PAGE_SIZE) as usize))
+                .collect(),
+            ram,
+        })
+    }
+
+    /// The layer's id.
+    pub fn id(&self) -> String {
+        hex(&self.id)
+    }
+
+    /// Adds secret regions (they are never written from now on; copies written earlier in
+    /// this layer are dropped from its index).
+    pub fn add_secrets(&mut self, more: &[(u64, u64)]) {
+        let mut all = self.secrets.clone();
+        all.extend_from_slice(more);
+        self.secrets = normalize_secrets(&all, self.ram.size());
+        let pages = self.entries.len() as u64;
+        self.secret_bits = secret_bitmap(&self.secrets, pages);
+        for p in 0..pages {
+            if bit(&self.secret_bits, p) && self.entries[p as usize] != PageEntry::Absent {
+                self.entries[p as usize] = PageEntry::Zero;
+            }
+        }
+    }
+
+    /// Writes the pages set in `bitmap` (every page when `None`) as they are now: each batch
+    /// is copied out of guest memory first, so the guest may keep running (a page it changes
+    /// meanwhile is written again in a later round). Copying and checking one batch overlaps
+    /// with writing the previous one (a writer thread, two buffers). Returns the bytes written.
+    pub fn write_pages(&mut self, bitmap: Option<&[u64]>) -> Result<u64, SnapshotError> {
+        let path = self.dir.join(MEMORY_FILE);
+        let round = self.round;
+        self.round += 1;
+        let mut bufs = std::mem::take(&mut self.bufs);
+        let (full_tx, full_rx) = mpsc::sync_channel::<(AlignedBuf, Vec<WriteRun>)>(1);
+        let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
+        for b in bufs.drain(..) {
+            let _ = free_tx.send(b);
+        }
+        let file = &self.file;
+        let mut fill = Filler {
+            ram: &self.ram,
+            entries: &mut self.entries,
+            secret_bits: &self.secret_bits,
+            key: self.key.as_ref(),
+            salt: &self.salt,
+            id: &self.id,
+            round,
+        };
+        let (filled, written) = std::thread::scope(|scope| {
+            let writer = scope.spawn(move || {
+                let mut written = 0u64;
+                for (buf, runs) in full_rx {
+                    for r in &runs {
+                        file.write_all_at(&buf.as_slice()[r.at..r.at + r.len], r.offset)?;
+                        written += r.len as u64;
+                    }
+                    if free_tx.send(buf).is_err() {
+                        break;
+                    }
+                }
+                Ok::<u64, std::io::Error>(written)
+            });
+            let filled = fill.all(bitmap, &free_rx, &full_tx);
+            drop(full_tx);
+            let written = writer.join().unwrap_or_else(|_| {
+                Err(std::io::Error::other("the snapshot writer thread panicked"))
+            });
+            (filled, written)
+        });
+        // The buffers come back for the next round.
+        self.bufs.extend(free_rx.try_iter());
+        while self.bufs.len() < 2 {
+            self.bufs
+                .push(AlignedBuf::new((BATCH_PAGES * PAGE_SIZE) as usize));
+        }
+        let written = written.map_err(io_at(&path))?;
+        filled?;
+        self.bytes_written += written;
+        Ok(written)
+    }
+
+    /// Finishes the layer: flushes the memory file, then writes the state file (atomically:
+    /// the layer becomes valid in one rename).
+    pub fn finish(self, vm: VmState) -> Result<LayerSummary, SnapshotError> {
+        let mem = self.dir.join(MEMORY_FILE);
+        self.file.sync_all().map_err(io_at(&mem))?;
+        let full = self.parent.is_none();
+        let mut index = Vec::new();
+        let (mut data_pages, mut zero_pages) = (0u64, 0u64);
+        let mut checks: Vec<u8> = Vec::new();
+        let pages = self.entries.len();
+        let mut p = 0usize;
+        while p < pages {
+            let e = self.entries[p];
+            let kind = match e {
+                PageEntry::Absent => None,
+                // A full layer's zero pages need no entry: everything absent is zero.
+                PageEntry::Zero if full => None,
+                PageEntry::Zero => Some((0u8, 0u32)),
+                PageEntry::Data { round, .. } => Some((1u8, round)),
+            };
+            let Some((k, round)) = kind else {
+                p += 1;
+                continue;
+            };
+            let start = p;
+            checks.clear();
+            while p < pages {
+                let same = match self.entries[p] {
+                    PageEntry::Zero => k == 0,
+                    PageEntry::Data { round: r, check } => {
+                        if k == 1 && r == round {
+                            checks.extend_from_slice(&check);
+                            true
+                        } else {
+                            false
+                        }
+                    }
+                    PageEntry::Absent => false,
+                };
+                if !same || p - start >= u32::MAX as usize {
+                    break;
+                }
+                p += 1;
+            }
+            let count = (p - start) as u64;
+            if k == 1 {
+                data_pages += count;
+            } else {
+                zero_pages += count;
+            }
+            index.extend_from_slice(&(start as u64).to_le_bytes());
+            index.extend_from_slice(&(count as u32).to_le_bytes());
+            index.push(k);
+            index.extend_from_slice(&round.to_le_bytes());
+            index.extend_from_slice(&checks);
+        }
+        let manifest = LayerManifest {
+            id: hex(&self.id),
+            parent: self.parent,
+            created_unix: unix_now(),
+            expires_unix: self.expires_unix,
+            secrets: self.secrets,
+            rounds: self.round,
+            data_bytes: data_pages * PAGE_SIZE,
+            vm,
+        };
+        let json = serde_json::to_vec(&manifest).expect("a manifest always serializes");
+        let mut payload = Vec::with_capacity(4 + json.len() + index.len() + 16);
+        payload.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        payload.extend_from_slice(&json);
+        payload.extend_from_slice(&index);
+        let bytes = seal(&payload, self.key.as_ref(), &self.salt).map_err(SnapshotError::Usage)?;
+        let state = self.dir.join(STATE_FILE);
+        let tmp = self.dir.join("state.tmp");
+        let w = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
+            .and_then(|_| std::fs::rename(&tmp, &state));
+        w.map_err(io_at(&state))?;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(LayerSummary {
+            id: manifest.id,
+            dir: self.dir,
+            data_pages,
+            zero_pages,
+            bytes_written: self.bytes_written,
+            rounds: self.round,
+        })
+    }
+}
+
+/// Frames (and encrypts) a state payload.
+fn seal(payload: &[u8], key: Option<&SnapshotKey>, salt: &[u8; 12]) -> Result<Vec<u8>, String> {
+    let mut head = Vec::with_capacity(HEADER_LEN);
+    head.extend_from_slice(STATE_MAGIC);
+    head.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+    head.extend_from_slice(&(if key.is_some() { FLAG_ENCRYPTED } else { 0 }).to_le_bytes());
+    let body = match key {
+        None => payload.to_vec(),
+        Some(k) => {
+            let mut body = payload.to_vec();
+            let aad = aad_of(&head, &k.id, salt);
+            let tag = k
+                .cipher
+                .encrypt_in_place_detached(&nonce(salt, u32::MAX, 0), &aad, &mut body)
+                .map_err(|_| "state encryption failed".to_string())?;
+            body.extend_from_slice(&tag);
+            body
+        }
+    };
+    head.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    head.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    head.extend_from_slice(&key.map(|k| k.id).unwrap_or([0; 8]));
+    head.extend_from_slice(salt);
+    head.extend_from_slice(&body);
+    Ok(head)
+}
+
+/// Authenticated data of an encrypted payload: the header fields before the length, the key
+/// id and the salt.
+fn aad_of(head16: &[u8], key_id: &[u8; 8], salt: &[u8; 12]) -> Vec<u8> {
+    let mut aad = head16[..16].to_vec();
+    aad.extend_from_slice(key_id);
+    aad.extend_from_slice(salt);
+    aad
+}
+
+/// A run of the index.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    start: u64,
+    count: u64,
+    data: bool,
+    round: u32,
+    /// Index of the run's first check in the layer's `checks`.
+    first_check: usize,
+}
+
+/// Parsed state file of one layer.
+pub struct ParsedState {
+    /// The manifest.
+    pub manifest: LayerManifest,
+    runs: Vec<Run>,
+    checks: Vec<[u8; 16]>,
+    salt: [u8; 12],
+    encrypted: bool,
+}
+
+/// Parses and checks a state file's bytes (`path` names it in errors). Everything is checked
+/// before it is used: a truncated, corrupted, foreign, wrong-version, wrong-key or tampered
+/// file is refused, and an index that does not fit the machine is too.
+pub fn parse_state(
+    bytes: &[u8],
+    path: &Path,
+    key: Option<&SnapshotKey>,
+) -> Result<ParsedState, SnapshotError> {
+    let bad = |why: String| invalid(path, why);
+    if bytes.len() < 12 {
+        return Err(bad(format!("truncated: {} bytes", bytes.len())));
+    }
+    if &bytes[0..8] != STATE_MAGIC {
+        return Err(bad("not a spanvmm snapshot state file (bad magic)".into()));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or([0; 4]));
+    if version != SNAPSHOT_VERSION {
+        let hint = if version == 1 {
+            " (a single-image snapshot of an older spanvmm; restore it with that version)"
+        } else {
+            ""
+        };
+        return Err(bad(format!(
+            "format version {version}, this spanvmm reads version {SNAPSHOT_VERSION}{hint}"
+        )));
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(bad(format!(
+            "truncated: {} bytes, the header alone is {HEADER_LEN}",
+            bytes.len()
+        )));
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
+    let flags = u32_at(12);
+    let len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or([0; 8]));
+    let crc = u32_at(24);
+    let key_id: [u8; 8] = bytes[28..36].try_into().unwrap_or([0; 8]);
+    let salt: [u8; 12] = bytes[36..48].try_into().unwrap_or([0; 12]);
+    if flags & !FLAG_ENCRYPTED != 0 {
+        return Err(bad(format!("unknown flags {flags:#x}")));
+    }
+    let body = &bytes[HEADER_LEN..];
+    if len > MAX_PAYLOAD || body.len() as u64 != len {
+        return Err(bad(format!(
+            "truncated or padded: header says {len} payload bytes, file has {}",
+            body.len()
+        )));
+    }
+    if crc32fast::hash(body) != crc {
+        return Err(bad("checksum mismatch: the file is corrupted".into()));
+    }
+    let encrypted = flags & FLAG_ENCRYPTED != 0;
+    let keyerr = |why: &str| SnapshotError::Key {
+        path: path.display().to_string(),
+        why: why.to_string(),
+    };
+    let payload = if encrypted {
+        let Some(k) = key else {
+            return Err(keyerr(
+                "the snapshot is encrypted: give its key (--key FILE)",
+            ));
+        };
+        if k.id != key_id {
+            return Err(keyerr(
+                "wrong key: the snapshot was encrypted with another key",
+            ));
+        }
+        if body.len() < 16 {
+            return Err(bad("encrypted payload shorter than its tag".into()));
+        }
+        let (ct, tag) = body.split_at(body.len() - 16);
+        let mut pt = ct.to_vec();
+        let aad = aad_of(bytes, &key_id, &salt);
+        k.cipher
+            .decrypt_in_place_detached(
+                &nonce(&salt, u32::MAX, 0),
+                &aad,
+                &mut pt,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| {
+                keyerr("authentication failed: the state file was tampered with (or damaged)")
+            })?;
+        pt
+    } else {
+        if key.is_some() {
+            log::info!("{}: not encrypted; the key is not needed", path.display());
+        }
+        body.to_vec()
+    };
+    parse_payload(&payload, path, salt, encrypted)
+}
+
+fn parse_payload(
+    payload: &[u8],
+    path: &Path,
+    salt: [u8; 12],
+    encrypted: bool,
+) -> Result<ParsedState, SnapshotError> {
+    let bad = |why: String| invalid(path, why);
+    if payload.len() < 4 {
+        return Err(bad("payload shorter than its manifest length".into()));
+    }
+    let jlen = u32::from_le_bytes(payload[..4].try_into().unwrap_or([0; 4])) as usize;
+    let json = payload
+        .get(4..4usize.saturating_add(jlen))
+        .ok_or_else(|| bad(format!("manifest length {jlen} runs past the payload")))?;
+    let manifest: LayerManifest =
+        serde_json::from_slice(json).map_err(|e| bad(format!("manifest does not parse: {e}")))?;
+    let m = &manifest.vm.machine;
+    if m.vcpus == 0 || m.vcpus != manifest.vm.vcpus.len() {
+        return Err(bad(format!(
+            "machine has {} vCPUs but {} vCPU states are saved",
+            m.vcpus,
+            manifest.vm.vcpus.len()
+        )));
+    }
+    if m.mem_bytes == 0 || !m.mem_bytes.is_multiple_of(2 << 20) || m.mem_bytes > 1 << 40 {
+        return Err(bad(format!("memory size {} is invalid", m.mem_bytes)));
+    }
+    let pages = m.mem_bytes / PAGE_SIZE;
+    let mut rest = &payload[4 + jlen..];
+    let mut runs = Vec::new();
+    let mut checks = Vec::new();
+    let mut next = 0u64;
+    while !rest.is_empty() {
+        if rest.len() < RUN_HEADER {
+            return Err(bad("index ends inside a run header".into()));
+        }
+        let start = u64::from_le_bytes(rest[..8].try_into().unwrap_or([0; 8]));
+        let count = u32::from_le_bytes(rest[8..12].try_into().unwrap_or([0; 4])) as u64;
+        let kind = rest[12];
+        let round = u32::from_le_bytes(rest[13..17].try_into().unwrap_or([0; 4]));
+        rest = &rest[RUN_HEADER..];
+        if count == 0 || start < next || start.checked_add(count).is_none_or(|e| e > pages) {
+            return Err(bad(format!(
+                "index run {start}+{count} overlaps another or lies outside the {pages}-page guest"
+            )));
+        }
+        if kind > 1 || (kind == 1 && round == u32::MAX) {
+            return Err(bad(format!(
+                "index run {start}+{count} has kind {kind}, round {round}"
+            )));
+        }
+        let data = kind == 1;
+        let first_check = checks.len();
+        if data {
+            let need = count as usize * 16;
+            if rest.len() < need {
+                return Err(bad("index ends inside a run's checks".into()));
+            }
+            checks.extend(
+                rest[..need]
+                    .chunks_exact(16)
+                    .map(|c| <[u8; 16]>::try_from(c).unwrap_or([0; 16])),
+            );
+            rest = &rest[need..];
+        }
+        runs.push(Run {
+            start,
+            count,
+            data,
+            round,
+            first_check,
+        });
+        next = start + count;
+    }
+    Ok(ParsedState {
+        manifest,
+        runs,
+        checks,
+        salt,
+        encrypted,
+    })
+}
+
+/// One opened, checked layer.
+pub struct Layer {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: LayerManifest,
+    /// SHA-256 of its state file (what a child records).
+    pub state_sha256: String,
+    runs: Vec<Run>,
+    checks: Vec<[u8; 16]>,
+    salt: [u8; 12],
+    key: Option<SnapshotKey>,
+    memory: File,
+}
+
+impl Layer {
+    /// Opens the layer in `dir`: state file checked and parsed, memory file sized right.
+    pub fn open(dir: &Path, key: Option<&SnapshotKey>) -> Result<Self, SnapshotError> {
+        let state = dir.join(STATE_FILE);
+        let bytes = std::fs::read(&state).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => invalid(dir, "no snapshot here (no state file)"),
+            _ => io_at(&state)(e),
+        })?;
+        let parsed = parse_state(&bytes, &state, key)?;
+        let mem = dir.join(MEMORY_FILE);
+        let memory = File::open(&mem).map_err(io_at(&mem))?;
+        let len = memory.metadata().map_err(io_at(&mem))?.len();
+        let want = parsed.manifest.vm.machine.mem_bytes;
+        if len != want {
+            return Err(invalid(
+                &mem,
+                format!("memory image truncated or padded: {len} bytes, the guest has {want}"),
+            ));
+        }
+        if let Some(at) = parsed.manifest.expires_unix {
+            let now = unix_now();
+            if now >= at {
+                return Err(SnapshotError::Expired {
+                    dir: dir.display().to_string(),
+                    at,
+                    ago: now - at,
+                });
+            }
+        }
+        Ok(Layer {
+            dir: dir.to_path_buf(),
+            manifest: parsed.manifest,
+            state_sha256: hex(&Sha256::digest(&bytes)),
+            runs: parsed.runs,
+            checks: parsed.checks,
+            salt: parsed.salt,
+            key: if parsed.encrypted { key.cloned() } else { None },
+            memory,
+        })
+    }
+
+    /// Checks (and decrypts) page `page`, whose bytes read from the file are in `buf`.
+    fn check_page(&self, page: u64, slot: usize, round: u32, buf: &mut [u8]) -> Result<(), String> {
+        let want = self.checks[slot];
+        match &self.key {
+            None => {
+                if page_check(buf) != want {
+                    return Err(format!(
+                        "{}: page {page:#x} fails its checksum: the memory file is corrupted",
+                        self.dir.join(MEMORY_FILE).display()
+                    ));
+                }
+            }
+            Some(k) => {
+                let id = unhex16(&self.manifest.id);
+                k.cipher
+                    .decrypt_in_place_detached(
+                        &nonce(&self.salt, round, page),
+                        &id,
+                        buf,
+                        Tag::from_slice(&want),
+                    )
+                    .map_err(|_| {
+                        format!(
+                            "{}: page {page:#x} fails authentication: the memory file was tampered with",
+                            self.dir.join(MEMORY_FILE).display()
+                        )
+                    })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unhex16(s: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = s
+            .get(2 * i..2 * i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+    }
+    out
+}
+
+/// Where each page of the guest comes from: `NONE` (zero) or a layer and the slot of its check.
+const NONE: u8 = u8::MAX;
+
+/// A whole chain, opened and checked: the layers from the base (index 0) to the one asked for.
+pub struct Chain {
+    /// Layers, base first.
+    pub layers: Vec<Layer>,
+    owner: Vec<u8>,
+    slot: Vec<u32>,
+    round: Vec<u32>,
+}
+
+impl Chain {
+    /// Opens the layer in `dir` and its ancestors, checking every link (parent id and state
+    /// file checksum), version, key and expiry, before anything is restored.
+    pub fn open(dir: &Path, key: Option<&SnapshotKey>) -> Result<Self, SnapshotError> {
+        let mut layers = vec![Layer::open(dir, key)?];
+        while let Some(parent) = layers.last().and_then(|l| l.manifest.parent.clone()) {
+            if layers.len() >= MAX_CHAIN {
+                return Err(SnapshotError::Chain(format!(
+                    "more than {MAX_CHAIN} layers above {}: merge the chain",
+                    parent.dir.display()
+                )));
+            }
+            let child = layers
+                .last()
+                .map(|l| l.dir.display().to_string())
+                .unwrap_or_default();
+            let p = Layer::open(&parent.dir, key).map_err(|e| {
+                SnapshotError::Chain(format!("parent {} of {child}: {e}", parent.dir.display()))
+            })?;
+            if p.manifest.id != parent.id || p.state_sha256 != parent.state_sha256 {
+                return Err(SnapshotError::Chain(format!(
+                    "{} is not the parent {child} was taken on (layer id or state checksum differ: \
+                     it was replaced or modified)",
+                    parent.dir.display()
+                )));
+            }
+            if p.manifest.vm.machine.mem_bytes != layers[0].manifest.vm.machine.mem_bytes {
+                return Err(SnapshotError::Chain(format!(
+                    "{} is of another guest size than {child}",
+                    parent.dir.display()
+                )));
+            }
+            layers.push(p);
+        }
+        layers.reverse();
+        let pages = (layers[0].manifest.vm.machine.mem_bytes / PAGE_SIZE) as usize;
+        let mut owner = vec![NONE; pages];
+        let mut slot = vec![0u32; pages];
+        let mut round = vec![0u32; pages];
+        for (li, l) in layers.iter().enumerate() {
+            for r in &l.runs {
+                for i in 0..r.count {
+                    let p = (r.start + i) as usize;
+                    if r.data {
+                        owner[p] = li as u8;
+                        slot[p] = (r.first_check + i as usize) as u32;
+                        round[p] = r.round;
+                    } else {
+                        owner[p] = NONE;
+                    }
+                }
+            }
+        }
+        // Secret regions of any layer are zero, whatever an older layer holds.
+        for l in &layers {
+            for &(gpa, len) in &l.manifest.secrets {
+                let first = (gpa / PAGE_SIZE) as usize;
+                let end = (gpa.saturating_add(len).div_ceil(PAGE_SIZE) as usize).min(pages);
+                for o in owner.iter_mut().take(end).skip(first) {
+                    *o = NONE;
+                }
+            }
+        }
+        Ok(Chain {
+            layers,
+            owner,
+            slot,
+            round,
+        })
+    }
+
+    /// The top layer (the one asked for).
+    pub fn top(&self) -> &Layer {
+        self.layers.last().expect("a chain has a layer")
+    }
+
+    /// The VM state to restore.
+    pub fn vm_state(&self) -> &VmState {
+        &self.top().manifest.vm
+    }
+
+    /// Guest memory size.
+    pub fn mem_bytes(&self) -> u64 {
+        self.vm_state().machine.mem_bytes
+    }
+
+    /// Pages holding data, as runs `(first, end)`.
+    pub fn data_extents(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut p = 0;
+        while p < self.owner.len() {
+            if self.owner[p] == NONE {
+                p += 1;
+                continue;
+            }
+            let s = p;
+            while p < self.owner.len() && self.owner[p] != NONE {
+                p += 1;
+            }
+            out.push((s as u64, p as u64));
+        }
+        out
+    }
+
+    /// Pages holding data.
+    pub fn data_pages(&self) -> u64 {
+        self.owner.iter().filter(|&&o| o != NONE).count() as u64
+    }
+
+    /// Reads pages `[first, first + count)` into `buf`, checked (and decrypted). Pages without
+    /// data are zero-filled when `zero_fill`, else left as they are.
+    pub fn read_pages(
+        &self,
+        first: u64,
+        count: u64,
+        buf: &mut [u8],
+        zero_fill: bool,
+    ) -> Result<(), String> {
+        let ps = PAGE_SIZE as usize;
+        let end = (first + count) as usize;
+        let mut p = first as usize;
+        while p < end {
+            let o = self.owner[p];
+            let s = p;
+            while p < end && self.owner[p] == o {
+                p += 1;
+            }
+            let out = &mut buf[(s - first as usize) * ps..(p - first as usize) * ps];
+            if o == NONE {
+                if zero_fill {
+                    out.fill(0);
+                }
+                continue;
+            }
+            let l = &self.layers[o as usize];
+            l.memory
+                .read_exact_at(out, s as u64 * PAGE_SIZE)
+                .map_err(|e| format!("{}: {e}", l.dir.join(MEMORY_FILE).display()))?;
+            for (i, page) in out.chunks_exact_mut(ps).enumerate() {
+                let gp = s + i;
+                l.check_page(gp as u64, self.slot[gp] as usize, self.round[gp], page)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads the whole chain into fresh (zero) guest memory, checking every page.
+    pub fn load_into(&self, ram: &GuestRam) -> Result<(), String> {
+        if ram.size() != self.mem_bytes() {
+            return Err(format!(
+                "guest has {} bytes, the snapshot {}",
+                ram.size(),
+                self.mem_bytes()
+            ));
+        }
+        for (a, b) in self.data_extents() {
+            let mut p = a;
+            while p < b {
+                let q = (p + 4096).min(b);
+                // SAFETY: [p, q) lies inside guest memory (the sizes match, checked above);
+                // nothing runs on this RAM while it is loaded.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        ram.host_base().add((p * PAGE_SIZE) as usize),
+                        ((q - p) * PAGE_SIZE) as usize,
+                    )
+                };
+                self.read_pages(p, q - p, dst, false)?;
+                p = q;
+            }
+        }
+        // Loading is not the guest's doing: start the VMM's dirty log clean.
+        ram.take_vmm_dirty();
+        Ok(())
+    }
+}
+
+/// Securely deletes the snapshot layer in `dir`: its files' data are overwritten with zeros
+/// and flushed, then unlinked; the directory is removed when empty. The chain is not followed.
+pub fn shred(dir: &Path) -> Result<u64, SnapshotError> {
+    let mut overwritten = 0;
+    for name in [MEMORY_FILE, STATE_FILE, "state.tmp"] {
+        let path = dir.join(name);
+        let file = match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        let len = file.metadata().map_err(io_at(&path))?.len();
+        let zeros = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        // Only the data extents hold anything (holes were never written).
+        while off < len {
+            let Some(data) = seek(&file, off, libc::SEEK_DATA) else {
+                break;
+            };
+            let hole = seek(&file, data, libc::SEEK_HOLE).unwrap_or(len).min(len);
+            let mut o = data;
+            while o < hole {
+                let n = (hole - o).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], o).map_err(io_at(&path))?;
+                o += n as u64;
+            }
+            overwritten += hole - data;
+            off = hole;
+        }
+        file.sync_all().map_err(io_at(&path))?;
+        drop(file);
+        std::fs::remove_file(&path).map_err(io_at(&path))?;
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(overwritten)
+}
+
+fn seek(file: &File, off: u64, whence: libc::c_int) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a valid descriptor has no memory effects.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
+    (r >= 0).then_some(r as u64)
+}
+
+/// Merges the chain ending in `top` into one full layer in `out` (same state, same secrets,
+/// same expiry; encrypted with `out_key` when given).
+pub fn merge(
+    top: &Path,
+    key: Option<&SnapshotKey>,
+    out: &Path,
+    out_key: Option<SnapshotKey>,
+) -> Result<LayerSummary, SnapshotError> {
+    let chain = Chain::open(top, key)?;
+    let out_abs = std::path::absolute(out).map_err(io_at(out))?;
+    if chain
+        .layers
+        .iter()
+        .any(|l| std::path::absolute(&l.dir).is_ok_and(|d| d == out_abs))
+    {
+        return Err(SnapshotError::Usage(format!(
+            "{} is part of the chain: merge into a new directory",
+            out.display()
+        )));
+    }
+    let ram = Arc::new(
+        GuestRam::new(chain.mem_bytes()).map_err(|e| SnapshotError::Usage(e.to_string()))?,
+    );
+    chain.load_into(&ram).map_err(|why| invalid(top, why))?;
+    let m = &chain.top().manifest;
+    let secrets: Vec<(u64, u64)> = chain
+        .layers
+        .iter()
+        .flat_map(|l| l.manifest.secrets.iter().copied())
+        .collect();
+    let mut w = LayerWriter::create(
+        out,
+        ram,
+        LayerOptions {
+            parent: None,
+            key: out_key,
+            expires_in_s: m.expires_unix.map(|at| at.saturating_sub(unix_now())),
+            secrets,
+        },
+    )?;
+    w.write_pages(None)?;
+    let vm: VmState = serde_json::from_value(
+        serde_json::to_value(&m.vm).map_err(|e| SnapshotError::Usage(e.to_string()))?,
+    )
+    .map_err(|e| SnapshotError::Usage(e.to_string()))?;
+    w.finish(vm)
+}
+
+/// A VM state for tests that need a layer without a real VM.
+#[cfg(test)]
+pub(crate) fn test_vm_state(mem_bytes: u64) -> VmState {
+    use crate::state::{DeviceStates, MachineConfig};
+    VmState {
+        machine: MachineConfig {
+            mem_bytes,
+            vcpus: 1,
+            tsc_khz: 1_000_000,
+            cmdline: String::new(),
+        },
+        vcpus: vec![crate::vcpu::VcpuState {
+            mp_state: Default::default(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            debug_regs: Default::default(),
+            lapic: None,
+            msrs: vec![],
+            events: Default::default(),
+        }],
+        vm: crate::vm::VmKvmState {
+            irqchip: None,
+            pit: None,
+            clock: Default::default(),
+        },
+        devices: DeviceStates {
+            serial: Default::default(),
+            pv: Default::default(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("spanvmm-snap-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn fill(ram: &GuestRam, page: u64, v: u8) {
+        ram.write(page * PAGE_SIZE, &[v; 4096]).unwrap();
+    }
+
+    fn full_layer(ram: &Arc<GuestRam>, dir: &Path, opts: LayerOptions) -> LayerSummary {
+        let mut w = LayerWriter::create(dir, ram.clone(), opts).unwrap();
+        w.write_pages(None).unwrap();
+        w.finish(test_vm_state(ram.size())).unwrap()
+    }
+
+    fn same(a: &GuestRam, b: &GuestRam) -> bool {
+        let mut x = vec![0u8; a.size() as usize];
+        let mut y = vec![0u8; b.size() as usize];
+        a.read(0, &mut x).unwrap();
+        b.read(0, &mut y).unwrap();
+        x == y
+    }
+
+    #[test]
+    fn chain_restores_from_any_layer_and_merges() {
+        let root = tmp("chain");
+        let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+        fill(&ram, 3, 1);
+        fill(&ram, 700, 2);
+        let base = full_layer(&ram, &root.join("l0"), LayerOptions::default());
+        assert_eq!(base.data_pages, 2);
+        let before = GuestRam::new(4 << 20).unwrap();
+        Chain::open(&root.join("l0"), None)
+            .unwrap()
+            .load_into(&before)
+            .unwrap();
+        assert!(same(&ram, &before));
+
+        // Layer 1: page 700 rewritten, page 3 zeroed, page 5 new.
+        fill(&ram, 700, 9);
+        fill(&ram, 3, 0);
+        fill(&ram, 5, 4);
+        let mut dirty = vec![0u64; 16];
+        for p in [3u64, 5, 700] {
+            dirty[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        let mut w = LayerWriter::create(
+            &root.join("l1"),
+            ram.clone(),
+            LayerOptions {
+                parent: Some(root.join("l0")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        w.write_pages(Some(&dirty)).unwrap();
+        let s1 = w.finish(test_vm_state(ram.size())).unwrap();
+        assert_eq!((s1.data_pages, s1.zero_pages), (2, 1));
+        assert_eq!(
+            s1.bytes_written,
+            2 * PAGE_SIZE,
+            "only dirtied pages are written"
+        );
+
+        let top = GuestRam::new(4 << 20).unwrap();
+        let chain = Chain::open(&root.join("l1"), None).unwrap();
+        assert_eq!(chain.layers.len(), 2);
+        chain.load_into(&top).unwrap();
+        assert!(same(&ram, &top));
+        // The base still restores to its own time.
+        let mid = GuestRam::new(4 << 20).unwrap();
+        Chain::open(&root.join("l0"), None)
+            .unwrap()
+            .load_into(&mid)
+            .unwrap();
+        assert!(same(&before, &mid));
+
+        let m = merge(&root.join("l1"), None, &root.join("merged"), None).unwrap();
+        assert_eq!(m.data_pages, 2);
+        let merged = GuestRam::new(4 << 20).unwrap();
+        let c = Chain::open(&root.join("merged"), None).unwrap();
+        assert_eq!(c.layers.len(), 1);
+        c.load_into(&merged).unwrap();
+        assert!(same(&ram, &merged));
+
+        // A replaced parent breaks the chain.
+        full_layer(&ram, &root.join("l0"), LayerOptions::default());
+        let e = Chain::open(&root.join("l1"), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("broken snapshot chain"), "{e}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn encryption_secrets_and_damage() {
+        let root = tmp("crypt");
+        let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+        fill(&ram, 10, 0x5a);
+        fill(&ram, 11, 0xa5);
+        let key = SnapshotKey::from_bytes(&[1u8; 32]).unwrap();
+        let other = SnapshotKey::from_bytes(&[2u8; 32]).unwrap();
+        let dir = root.join("e");
+        full_layer(
+            &ram,
+            &dir,
+            LayerOptions {
+                key: Some(key.clone()),
+                secrets: vec![(11 * PAGE_SIZE + 8, 16)],
+                ..Default::default()
+            },
+        );
+        let mem = std::fs::read(dir.join(MEMORY_FILE)).unwrap();
+        assert!(
+            !mem.windows(64).any(|w| w == [0x5a; 64]),
+            "plaintext in the file"
+        );
+        assert!(
+            !mem.windows(64).any(|w| w == [0xa5; 64]),
+            "secret in the file"
+        );
+        let err = |k: Option<&SnapshotKey>| Chain::open(&dir, k).err().unwrap().to_string();
+        assert!(err(None).contains("encrypted"));
+        assert!(err(Some(&other)).contains("wrong key"));
+        let back = GuestRam::new(4 << 20).unwrap();
+        Chain::open(&dir, Some(&key))
+            .unwrap()
+            .load_into(&back)
+            .unwrap();
+        let mut b = [0u8; 4096];
+        back.read(10 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b, [0x5a; 4096]);
+        back.read(11 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b, [0; 4096], "a secret page is zero after restore");
+
+        // A flipped byte in the memory file is caught before the guest sees it.
+        let mut m = mem.clone();
+        m[10 * 4096 + 7] ^= 1;
+        std::fs::write(dir.join(MEMORY_FILE), &m).unwrap();
+        let fresh = GuestRam::new(4 << 20).unwrap();
+        let e = Chain::open(&dir, Some(&key))
+            .unwrap()
+            .load_into(&fresh)
+            .unwrap_err();
+        assert!(e.contains("tampered"), "{e}");
+        std::fs::write(dir.join(MEMORY_FILE), &mem).unwrap();
+
+        // A state file with its CRC fixed up after tampering fails authentication.
+        let st = std::fs::read(dir.join(STATE_FILE)).unwrap();
+        let mut t = st.clone();
+        let n = t.len();
+        t[n - 20] ^= 1;
+        let crc = crc32fast::hash(&t[HEADER_LEN..]);
+        t[24..28].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(dir.join(STATE_FILE), &t).unwrap();
+        assert!(err(Some(&key)).contains("tampered"));
+        // Truncated and wrong version.
+        std::fs::write(dir.join(STATE_FILE), &st[..st.len() - 1]).unwrap();
+        assert!(err(Some(&key)).contains("truncated"));
+        let mut v = st.clone();
+        v[8] = 1;
+        std::fs::write(dir.join(STATE_FILE), &v).unwrap();
+        assert!(err(Some(&key)).contains("format version 1"));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn expired_snapshots_are_refused_and_shred_removes_them() {
+        let root = tmp("exp");
+        let ram = Arc::new(GuestRam::new(2 << 20).unwrap());
+        fill(&ram, 1, 3);
+        let dir = root.join("x");
+        full_layer(
+            &ram,
+            &dir,
+            LayerOptions {
+                expires_in_s: Some(0),
+                ..Default::default()
+            },
+        );
+        let e = Chain::open(&dir, None).err().unwrap().to_string();
+        assert!(e.contains("expired"), "{e}");
+        let state_len = std::fs::metadata(dir.join(STATE_FILE)).unwrap().len();
+        assert!(shred(&dir).unwrap() >= PAGE_SIZE + state_len);
+        assert!(!dir.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// The parser meets random, truncated and bit-flipped input with an error, never a panic.
+    #[test]
+    fn parser_survives_garbage() {
+        let root = tmp("fuzz");
+        let ram = Arc::new(GuestRam::new(2 << 20).unwrap());
+        fill(&ram, 1, 3);
+        fill(&ram, 9, 4);
+        full_layer(&ram, &root, LayerOptions::default());
+        let good = std::fs::read(root.join(STATE_FILE)).unwrap();
+        let path = Path::new("x");
+        assert!(parse_state(&good, path, None).is_ok());
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for i in 0..3000 {
+            let mut b = good.clone();
+            match i % 3 {
+                0 => b.truncate((rnd() % good.len() as u64) as usize),
+                1 => {
+                    for _ in 0..1 + rnd() % 4 {
+                        let at = (rnd() % b.len() as u64) as usize;
+                        b[at] ^= 1 << (rnd() % 8);
+                    }
+                }
+                _ => {
+                    b = (0..rnd() % 512).map(|_| rnd() as u8).collect();
+                    if i % 2 == 0 && b.len() > 12 {
+                        b[..8].copy_from_slice(STATE_MAGIC);
+                        b[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+                    }
+                }
+            }
+            if b != good {
+                // Flips inside the payload are caught by the CRC; the parser must not panic
+                // on any of it, and a frame it accepts must still describe this machine.
+                if let Ok(p) = parse_state(&b, path, None) {
+                    assert_eq!(p.manifest.vm.machine.mem_bytes, 2 << 20);
+                }
+            }
+        }
+        // Garbage behind a valid frame (CRC fixed up) reaches the payload parser.
+        for _ in 0..2000 {
+            let mut payload: Vec<u8> = (0..rnd() % 300).map(|_| rnd() as u8).collect();
+            if payload.len() >= 4 && rnd() % 2 == 0 {
+                let n = (rnd() % 64) as u32;
+                payload[..4].copy_from_slice(&n.to_le_bytes());
+            }
+            let framed = seal(&payload, None, &[0; 12]).unwrap();
+            assert!(parse_state(&framed, path, None).is_err());
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn secrets_are_rounded_out_and_merged() {
+        let s = normalize_secrets(&[(5000, 10), (4096, 100), (3 << 12, 1), (0, 0)], 1 << 20);
+        assert_eq!(s, vec![(4096, 4096), (3 << 12, 4096)]);
+    }
+
+    #[test]
+    fn key_files_are_raw_or_hex() {
+        assert!(SnapshotKey::from_bytes(&[7u8; 32]).is_ok());
+        let hexkey = format!("{}\n", "ab".repeat(32));
+        let a = SnapshotKey::from_bytes(hexkey.as_bytes()).unwrap();
+        let b = SnapshotKey::from_bytes(&[0xab; 32]).unwrap();
+        assert_eq!(a.id, b.id);
+        assert!(SnapshotKey::from_bytes(b"short").is_err());
+    }
+}

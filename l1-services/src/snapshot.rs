@@ -1,0 +1,219 @@
+//! The snapshot engine checkpoint services drive (`sdk/wit/snapshot.wit`): a job per layer,
+//! each with its own writer thread. A service queues page batches and a commit; the thread
+//! writes them in order (base-vmm's [`LayerWriter`]) while the service polls the status from
+//! its ticks, so every host call returns at once and the guest may run meanwhile.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+
+use base_vmm::snapshot::{LayerOptions, LayerWriter, SnapshotKey};
+use base_vmm::state::VmState;
+
+use crate::ctx::lock;
+use crate::host::VmHost;
+
+/// Most jobs open at once per VM.
+const MAX_JOBS: usize = 8;
+
+/// What a service asks for a new layer.
+#[derive(Debug, Clone, Default)]
+pub struct LayerRequest {
+    /// Layer directory.
+    pub dir: String,
+    /// Parent layer directory (incremental).
+    pub parent: Option<String>,
+    /// Key file.
+    pub key_file: Option<String>,
+    /// Expiry, seconds from now.
+    pub expires_in_s: Option<u64>,
+}
+
+/// Progress of a job.
+#[derive(Debug, Clone, Default)]
+pub struct JobStatus {
+    /// Layer id.
+    pub layer_id: String,
+    /// Commands queued and not yet done.
+    pub pending: u32,
+    /// Write rounds done.
+    pub rounds: u32,
+    /// Bytes written so far.
+    pub bytes_written: u64,
+    /// Every page batch queued before the commit is written: the guest may run again.
+    pub copied: bool,
+    /// The layer is complete.
+    pub committed: bool,
+    /// The job failed.
+    pub error: Option<String>,
+}
+
+enum Cmd {
+    Pages(Option<Vec<u64>>),
+    Commit(Box<VmState>, Vec<(u64, u64)>),
+}
+
+struct Job {
+    owner: u64,
+    tx: Option<Sender<Cmd>>,
+    status: Arc<Mutex<JobStatus>>,
+}
+
+/// All snapshot jobs of one VM.
+#[derive(Default)]
+pub(crate) struct SnapshotEngine {
+    jobs: Mutex<HashMap<u32, Job>>,
+    next: AtomicU32,
+}
+
+impl SnapshotEngine {
+    /// Opens a layer for service `owner`.
+    pub(crate) fn begin(
+        &self,
+        owner: u64,
+        host: &dyn VmHost,
+        req: LayerRequest,
+    ) -> Result<u32, String> {
+        let mut jobs = lock(&self.jobs);
+        if jobs.len() >= MAX_JOBS {
+            return Err(format!(
+                "{MAX_JOBS} snapshot jobs are open already: close one"
+            ));
+        }
+        let ram = host
+            .guest_ram()
+            .ok_or("this VMM gives no access to guest memory for snapshots")?;
+        let key = req
+            .key_file
+            .as_deref()
+            .map(|k| SnapshotKey::from_file(k.as_ref()))
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        let opts = LayerOptions {
+            parent: req.parent.map(PathBuf::from),
+            key,
+            expires_in_s: req.expires_in_s,
+            secrets: host.secrets(),
+        };
+        let writer = LayerWriter::create(req.dir.as_ref(), ram, opts).map_err(|e| e.to_string())?;
+        let status = Arc::new(Mutex::new(JobStatus {
+            layer_id: writer.id(),
+            ..Default::default()
+        }));
+        let (tx, rx) = mpsc::channel::<Cmd>();
+        let st = status.clone();
+        std::thread::Builder::new()
+            .name("snapshot-writer".into())
+            .spawn(move || {
+                let mut writer = Some(writer);
+                for cmd in rx {
+                    let failed = lock(&st).error.is_some();
+                    // After a failure the rest of the queue is dropped: the layer stays invalid.
+                    let r = if failed {
+                        Ok(false)
+                    } else {
+                        run(&mut writer, cmd, &st)
+                    };
+                    let mut s = lock(&st);
+                    s.pending = s.pending.saturating_sub(1);
+                    match r {
+                        Ok(done) => s.committed |= done,
+                        Err(e) => s.error = Some(e),
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the snapshot writer: {e}"))?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        jobs.insert(
+            id,
+            Job {
+                owner,
+                tx: Some(tx),
+                status,
+            },
+        );
+        Ok(id)
+    }
+
+    fn send(&self, owner: u64, job: u32, cmd: Cmd) -> Result<(), String> {
+        let jobs = lock(&self.jobs);
+        let j = jobs
+            .get(&job)
+            .filter(|j| j.owner == owner)
+            .ok_or_else(|| format!("no snapshot job {job}"))?;
+        let tx = j.tx.as_ref().ok_or("the job is committed already")?;
+        lock(&j.status).pending += 1;
+        tx.send(cmd).map_err(|_| {
+            lock(&j.status).pending -= 1;
+            "the snapshot writer has stopped".to_string()
+        })
+    }
+
+    /// Queues a page batch (`None`: every page).
+    pub(crate) fn write_pages(
+        &self,
+        owner: u64,
+        job: u32,
+        bitmap: Option<Vec<u64>>,
+    ) -> Result<(), String> {
+        self.send(owner, job, Cmd::Pages(bitmap))
+    }
+
+    /// Captures the VM state now (paused VM) and queues the state file.
+    pub(crate) fn commit(&self, owner: u64, job: u32, host: &dyn VmHost) -> Result<(), String> {
+        let state = host.capture_state().map_err(|e| format!("commit: {e}"))?;
+        self.send(owner, job, Cmd::Commit(Box::new(state), host.secrets()))?;
+        // Nothing may follow a commit.
+        if let Some(j) = lock(&self.jobs).get_mut(&job) {
+            j.tx = None;
+        }
+        Ok(())
+    }
+
+    /// A job's progress.
+    pub(crate) fn status(&self, owner: u64, job: u32) -> Result<JobStatus, String> {
+        lock(&self.jobs)
+            .get(&job)
+            .filter(|j| j.owner == owner)
+            .map(|j| lock(&j.status).clone())
+            .ok_or_else(|| format!("no snapshot job {job}"))
+    }
+
+    /// Drops a job; its writer thread ends once its queue is done.
+    pub(crate) fn close(&self, owner: u64, job: u32) {
+        let mut jobs = lock(&self.jobs);
+        if jobs.get(&job).is_some_and(|j| j.owner == owner) {
+            jobs.remove(&job);
+        }
+    }
+
+    /// Drops every job of a service that goes away.
+    pub(crate) fn close_owner(&self, owner: u64) {
+        lock(&self.jobs).retain(|_, j| j.owner != owner);
+    }
+}
+
+/// Carries out one command; true when it committed the layer.
+fn run(writer: &mut Option<LayerWriter>, cmd: Cmd, st: &Mutex<JobStatus>) -> Result<bool, String> {
+    match cmd {
+        Cmd::Pages(bits) => {
+            let w = writer.as_mut().ok_or("the layer is committed already")?;
+            let n = w.write_pages(bits.as_deref()).map_err(|e| e.to_string())?;
+            let mut s = lock(st);
+            s.bytes_written += n;
+            s.rounds += 1;
+            Ok(false)
+        }
+        Cmd::Commit(state, secrets) => {
+            let mut w = writer.take().ok_or("the layer is committed already")?;
+            // The batches before the commit are in the file; what is left does not read
+            // guest memory (the state was captured at commit time).
+            lock(st).copied = true;
+            w.add_secrets(&secrets);
+            w.finish(*state).map_err(|e| e.to_string())?;
+            Ok(true)
+        }
+    }
+}

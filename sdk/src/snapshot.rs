@@ -1,0 +1,116 @@
+//! The snapshot engine (`wit/snapshot.wit`, capability `snapshot`): a checkpoint service opens
+//! a layer, queues page batches (as a dirty bitmap) and a commit, and polls the status from its
+//! ticks; the host writes the bytes on its own thread. Wasm services only: in a native plugin
+//! every call fails (the native ABI has no snapshot functions yet).
+
+/// A new layer.
+#[derive(Debug, Clone, Default)]
+pub struct LayerOptions {
+    /// Layer directory.
+    pub dir: String,
+    /// Parent layer directory (incremental layer).
+    pub parent: Option<String>,
+    /// Key file: encrypt the layer.
+    pub key_file: Option<String>,
+    /// Seconds until restore is refused.
+    pub expires_in_s: Option<u64>,
+}
+
+/// Progress of a layer.
+#[derive(Debug, Clone, Default)]
+pub struct JobStatus {
+    /// The layer's id.
+    pub layer_id: String,
+    /// Batches and commits queued and not yet done.
+    pub pending: u32,
+    /// Write rounds done.
+    pub rounds: u32,
+    /// Bytes written so far.
+    pub bytes_written: u64,
+    /// Every batch queued before the commit is written: the guest may run again.
+    pub copied: bool,
+    /// The layer is complete and valid.
+    pub committed: bool,
+    /// The job failed.
+    pub error: Option<String>,
+}
+
+#[cfg(target_arch = "wasm32")]
+mod imp {
+    use super::{JobStatus, LayerOptions};
+    use crate::wasm::bindings::spanvmm::service::snapshot as s;
+
+    pub fn begin(o: &LayerOptions) -> Result<u32, String> {
+        s::begin(&s::LayerOptions {
+            dir: o.dir.clone(),
+            parent: o.parent.clone(),
+            key_file: o.key_file.clone(),
+            expires_in_s: o.expires_in_s,
+        })
+    }
+    pub fn write_pages(job: u32, bitmap: &[u64]) -> Result<(), String> {
+        s::write_pages(job, bitmap)
+    }
+    pub fn commit(job: u32) -> Result<(), String> {
+        s::commit(job)
+    }
+    pub fn status(job: u32) -> Result<JobStatus, String> {
+        s::status(job).map(|j| JobStatus {
+            layer_id: j.layer_id,
+            pending: j.pending,
+            rounds: j.rounds,
+            bytes_written: j.bytes_written,
+            copied: j.copied,
+            committed: j.committed,
+            error: j.error,
+        })
+    }
+    pub fn close(job: u32) {
+        s::close(job)
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+mod imp {
+    use super::{JobStatus, LayerOptions};
+    const NO: &str = "the snapshot interface is not in the native ABI: build the service as Wasm";
+
+    pub fn begin(_: &LayerOptions) -> Result<u32, String> {
+        Err(NO.into())
+    }
+    pub fn write_pages(_: u32, _: &[u64]) -> Result<(), String> {
+        Err(NO.into())
+    }
+    pub fn commit(_: u32) -> Result<(), String> {
+        Err(NO.into())
+    }
+    pub fn status(_: u32) -> Result<JobStatus, String> {
+        Err(NO.into())
+    }
+    pub fn close(_: u32) {}
+}
+
+/// Opens a layer; returns its job handle.
+pub fn begin(opts: &LayerOptions) -> Result<u32, String> {
+    imp::begin(opts)
+}
+
+/// Queues writing the pages set in `bitmap` (one bit per page); empty means every page.
+pub fn write_pages(job: u32, bitmap: &[u64]) -> Result<(), String> {
+    imp::write_pages(job, bitmap)
+}
+
+/// Captures the VM state now (the VM must be paused) and queues the state file.
+pub fn commit(job: u32) -> Result<(), String> {
+    imp::commit(job)
+}
+
+/// Progress of a job.
+pub fn status(job: u32) -> Result<JobStatus, String> {
+    imp::status(job)
+}
+
+/// Drops a job.
+pub fn close(job: u32) {
+    imp::close(job)
+}
