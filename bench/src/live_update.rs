@@ -167,28 +167,29 @@ pub(crate) fn wait_ready(lines: &Arc<Mutex<Vec<String>>>) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// QEMU (microvm, spanguest ELF) started on this host, its console lines collected.
 pub(crate) fn qemu(
     elf: &Path,
     mem: u64,
     cmdline: &str,
     extra: &[String],
 ) -> anyhow::Result<(Child, Arc<Mutex<Vec<String>>>)> {
-    let mut c = Command::new("qemu-system-x86_64")
-        .args([
-            "-enable-kvm",
-            "-M",
-            "microvm",
-            "-m",
-            &mem.to_string(),
-            "-nodefaults",
-        ])
-        .args([
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-kernel",
-        ])
+    qemu_with(Command::new("qemu-system-x86_64"), elf, mem, cmdline, extra)
+}
+
+/// QEMU started through `cmd` (`qemu-system-x86_64`, or a wrapper such as `ip netns exec NS
+/// qemu-system-x86_64`), its console lines collected.
+pub(crate) fn qemu_with(
+    mut cmd: Command,
+    elf: &Path,
+    mem: u64,
+    cmdline: &str,
+    extra: &[String],
+) -> anyhow::Result<(Child, Arc<Mutex<Vec<String>>>)> {
+    let mut c = cmd
+        .args(["-enable-kvm", "-M", "microvm", "-m", &mem.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-nographic"])
+        .args(["-serial", "stdio", "-kernel"])
         .arg(elf)
         .args(["-append", cmdline])
         .args(extra)
@@ -196,7 +197,7 @@ pub(crate) fn qemu(
         .stderr(Stdio::null())
         .spawn()
         .context("qemu-system-x86_64")?;
-    let lines = collect(c.stdout.take().unwrap());
+    let lines = collect(c.stdout.take().context("QEMU stdout")?);
     Ok((c, lines))
 }
 

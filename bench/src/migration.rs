@@ -8,7 +8,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,8 +17,8 @@ use netlab::{DelayRelay, NetLab};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::harness::{collect, field};
-use crate::live_update::{qmp_arg, wait_ready, Qmp};
+use crate::harness::field;
+use crate::live_update::{qemu_with, qmp_arg, wait_ready, Qmp};
 
 /// Populated memory of the guest: spanguest under QEMU fills only the RAM range holding its
 /// image (docs/spanguest-abi.md), so stay well inside it.
@@ -151,29 +151,6 @@ pub struct Outcome {
     pub note: String,
 }
 
-fn qemu_at(
-    cmd: Command,
-    elf: &Path,
-    mem: u64,
-    cmdline: &str,
-    extra: &[String],
-) -> anyhow::Result<(Child, Arc<Mutex<Vec<String>>>)> {
-    let mut cmd = cmd;
-    let mut c = cmd
-        .args(["-enable-kvm", "-M", "microvm", "-m", &mem.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-nographic"])
-        .args(["-serial", "stdio", "-kernel"])
-        .arg(elf)
-        .args(["-append", cmdline])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("qemu-system-x86_64")?;
-    let lines = collect(c.stdout.take().context("QEMU stdout")?);
-    Ok((c, lines))
-}
-
 /// The first `verify` line at or after `from`, waiting up to `timeout`: its `bad` count.
 pub fn verify_after(
     lines: &Arc<Mutex<Vec<String>>>,
@@ -224,7 +201,7 @@ pub fn qemu_migrate(
     let hosts = Hosts::new(link, 47_000)?;
     let (src_qmp, dst_qmp) = (dir.join("src.qmp"), dir.join("dst.qmp"));
     let cl = guest_cmdline(mem, workload);
-    let (mut src, src_lines) = qemu_at(
+    let (mut src, src_lines) = qemu_with(
         hosts.command("src", "qemu-system-x86_64"),
         elf,
         mem,
@@ -237,7 +214,7 @@ pub fn qemu_migrate(
         wait_ready(&src_lines)?;
         // Let the guest finish populating before the clock starts.
         std::thread::sleep(Duration::from_millis(500));
-        let (mut dst, dst_lines) = qemu_at(
+        let (mut dst, dst_lines) = qemu_with(
             hosts.command("dst", "qemu-system-x86_64"),
             elf,
             mem,
