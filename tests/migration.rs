@@ -79,6 +79,40 @@ fn migrate(src: &VmProcess, args: &[&str]) -> (bool, String, Option<Value>) {
     (ok, out, r)
 }
 
+/// `spanvmm ctl migrate` at 20 MB/s on another thread, so a test can break things meanwhile;
+/// the report goes to `r.json` in the source's directory.
+fn migrate_in_background(
+    src: &VmProcess,
+    to: &str,
+    plugin_file: &str,
+    tls: &Path,
+    extra: &[&str],
+) -> std::thread::JoinHandle<(bool, String)> {
+    let report = src.dir.path().join("r.json");
+    let mut args: Vec<String> = [
+        "migrate",
+        "--report",
+        report.to_str().unwrap(),
+        "--to",
+        to,
+        "--plugin",
+        &plugin(plugin_file),
+        "--tls-dir",
+        tls.to_str().unwrap(),
+        "--max-bandwidth",
+        "20M",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let api = src.api.clone();
+    std::thread::spawn(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        ctl(&api, &a)
+    })
+}
+
 /// The largest stall the guest reported since line `from`, µs.
 fn stall_since(vm: &VmProcess, from: usize) -> u64 {
     vm.lines()[from.min(vm.mark())..]
@@ -297,27 +331,13 @@ fn a_cut_during_precopy_leaves_the_source_running_and_the_destination_gone() {
     let relay = relay(&format!("127.0.0.1:{dport}"));
     let rport = relay.addr().port();
     let mut src = VmProcess::boot("mig-cut-src", GUEST, MEM, 1);
-    let api = src.api.clone();
-    let args: Vec<String> = [
-        "migrate",
-        "--report",
-        src.dir.path().join("r.json").to_str().unwrap(),
-        "--to",
+    let ctl = migrate_in_background(
+        &src,
         &format!("tls://127.0.0.1:{rport}"),
-        "--plugin",
-        &plugin("precopy.wasm"),
-        "--tls-dir",
-        tls.to_str().unwrap(),
-        "--max-bandwidth",
-        "20M",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let ctl = std::thread::spawn(move || {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        ctl(&api, &a)
-    });
+        "precopy.wasm",
+        &tls,
+        &[],
+    );
     std::thread::sleep(Duration::from_millis(800));
     relay.set_down(true); // the cut
     let (ok, out) = ctl.join().unwrap();
@@ -372,28 +392,8 @@ fn a_postcopy_cut_is_recovered_without_losing_a_page() {
     let relay = relay(&target);
     let listen = relay.addr().to_string();
     let mut src = VmProcess::boot("mig-rec-src", GUEST, MEM, 1);
-    let api = src.api.clone();
     let report = src.dir.path().join("r.json");
-    let args: Vec<String> = [
-        "migrate",
-        "--report",
-        report.to_str().unwrap(),
-        "--to",
-        &format!("tls://{listen}"),
-        "--plugin",
-        &plugin("postcopy.wasm"),
-        "--tls-dir",
-        tls.to_str().unwrap(),
-        "--max-bandwidth",
-        "20M",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let ctl = std::thread::spawn(move || {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        ctl(&api, &a)
-    });
+    let ctl = migrate_in_background(&src, &format!("tls://{listen}"), "postcopy.wasm", &tls, &[]);
     wait_stderr(&dst, "the guest runs here", Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(500));
     relay.set_down(true); // the cut, in the middle of the push
@@ -418,29 +418,13 @@ fn a_destination_dying_in_postcopy_is_reported() {
     let addr = format!("tls://127.0.0.1:{}", free_port());
     let dst = destination("mig-die-dst", &[], &addr, &tls, &[]);
     let mut src = VmProcess::boot("mig-die-src", GUEST, MEM, 1);
-    let api = src.api.clone();
-    let args: Vec<String> = [
-        "migrate",
-        "--report",
-        src.dir.path().join("r.json").to_str().unwrap(),
-        "--to",
+    let ctl = migrate_in_background(
+        &src,
         &addr,
-        "--plugin",
-        &plugin("postcopy.wasm"),
-        "--tls-dir",
-        tls.to_str().unwrap(),
-        "--max-bandwidth",
-        "20M",
-        "--recovery-timeout-ms",
-        "1500",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let ctl = std::thread::spawn(move || {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        ctl(&api, &a)
-    });
+        "postcopy.wasm",
+        &tls,
+        &["--recovery-timeout-ms", "1500"],
+    );
     wait_stderr(&dst, "the guest runs here", Duration::from_secs(20));
     drop(dst); // SIGKILL in the middle of post-copy
     let (ok, out) = ctl.join().unwrap();
