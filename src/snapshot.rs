@@ -416,6 +416,10 @@ fn abs(p: &Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolve {}", p.display()))
 }
 
+fn abs_opt(p: Option<PathBuf>) -> anyhow::Result<Option<PathBuf>> {
+    p.map(|p| abs(&p)).transpose()
+}
+
 /// `spanvmm ctl snapshot ...`.
 pub fn ctl(socket: &Path, op: CtlSnapshotOp) -> anyhow::Result<()> {
     let out = match op {
@@ -429,15 +433,12 @@ pub fn ctl(socket: &Path, op: CtlSnapshotOp) -> anyhow::Result<()> {
             max_rounds,
             plugin,
         } => {
-            let plugin = plugin
-                .or_else(default_plugin)
-                .map(|p| abs(&p))
-                .transpose()?;
+            let plugin = abs_opt(plugin.or_else(default_plugin))?;
             let body = json!({
                 "dir": abs(&dir)?,
-                "parent": incremental_of.map(|p| abs(&p)).transpose()?,
+                "parent": abs_opt(incremental_of)?,
                 "live": live,
-                "key_file": key.map(|p| abs(&p)).transpose()?,
+                "key_file": abs_opt(key)?,
                 "expires_in_s": expires_in,
                 "track": track,
                 "max_rounds": max_rounds,
@@ -452,26 +453,20 @@ pub fn ctl(socket: &Path, op: CtlSnapshotOp) -> anyhow::Result<()> {
             target_pages,
             plugin,
         } => {
-            let plugin = plugin
-                .or_else(default_plugin)
-                .map(|p| abs(&p))
-                .transpose()?;
+            let plugin = abs_opt(plugin.or_else(default_plugin))?;
             let body = json!({
                 "dir": abs(&dir)?,
-                "key_file": key.map(|p| abs(&p)).transpose()?,
+                "key_file": abs_opt(key)?,
                 "target_pages": target_pages,
                 "plugin": plugin,
             });
             checked(socket, "PUT", "/snapshot/periodic", Some(&body))?
         }
         CtlSnapshotOp::Evict { dir, key, plugin } => {
-            let plugin = plugin
-                .or_else(default_plugin)
-                .map(|p| abs(&p))
-                .transpose()?;
+            let plugin = abs_opt(plugin.or_else(default_plugin))?;
             let body = json!({
                 "dir": abs(&dir)?,
-                "key_file": key.map(|p| abs(&p)).transpose()?,
+                "key_file": abs_opt(key)?,
                 "plugin": plugin,
             });
             let t = Instant::now();
