@@ -64,6 +64,10 @@ fn live_update_twice_keeps_memory_console_api_and_services() {
         STORM,
     ]);
     vm.ctl_ok(&["plugin", "attach", &plugin("introspect.wasm")]);
+    // A secret region registered through the API must stay registered in the new process, or
+    // its next snapshot would hold the secret.
+    let secret = ["--gpa", "0x8000000", "--len", "4096"];
+    vm.ctl_ok(&[&["snapshot", "secret", "add"][..], &secret[..]].concat());
     std::thread::sleep(Duration::from_millis(300));
     let bin = spanvmm();
     let mut old_pid = vm.first_pid();
@@ -97,6 +101,13 @@ fn live_update_twice_keeps_memory_console_api_and_services() {
             "{list}"
         );
         assert!(writes(&vm) >= before, "exit-stats lost its counts");
+        let secrets: Value =
+            serde_json::from_str(&vm.ctl_ok(&["snapshot", "secret", "list"])).unwrap();
+        assert_eq!(
+            secrets["secrets"],
+            serde_json::json!([[0x8000000u64, 4096]]),
+            "API secret lost"
+        );
         vm.assert_verify_clean(2);
         old_pid = new_pid;
     }

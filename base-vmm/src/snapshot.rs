@@ -1372,6 +1372,7 @@ pub(crate) fn test_vm_state(mem_bytes: u64) -> VmState {
             serial: Default::default(),
             pv: Default::default(),
         },
+        api_secrets: Vec::new(),
     }
 }
 

@@ -80,6 +80,11 @@ pub struct VmState {
     pub vm: VmKvmState,
     /// Devices.
     pub devices: DeviceStates,
+    /// Secret regions registered through the API, `(gpa, len)`, so that a restored, migrated or
+    /// live-updated VM keeps leaving them out of snapshots (the guest's own registrations travel
+    /// in the PV device's state). Absent in files written before it existed.
+    #[serde(default)]
+    pub api_secrets: Vec<(u64, u64)>,
 }
 
 impl VmState {

@@ -241,6 +241,7 @@ impl VmControl {
                 serial: lock(&self.serial).state(),
                 pv: lock(&self.pv).state.clone(),
             },
+            api_secrets: lock(&self.secrets).clone(),
         })
     }
 
@@ -310,14 +311,9 @@ impl PreparedVm {
         } else {
             RunState::Running
         };
-        Ok(Vmm::assemble(
-            self.vm,
-            handles,
-            dev,
-            self.machine,
-            run,
-            true,
-        ))
+        let vmm = Vmm::assemble(self.vm, handles, dev, self.machine, run, true);
+        *lock(&vmm.ctl.secrets) = state.api_secrets.clone();
+        Ok(vmm)
     }
 }
 
