@@ -1306,7 +1306,9 @@ impl Chain {
         Ok(())
     }
 
-    /// Loads the whole chain into fresh (zero) guest memory, checking every page.
+    /// Loads the whole chain into fresh (zero) guest memory, checking every page. The work is
+    /// spread over the host's cores in 16 MiB pieces, and each piece's guest pages are
+    /// populated in one call first (per-page faults during the copy cost more than the copy).
     pub fn load_into(&self, ram: &GuestRam) -> Result<(), String> {
         if ram.size() != self.mem_bytes() {
             return Err(format!(
@@ -1315,22 +1317,51 @@ impl Chain {
                 self.mem_bytes()
             ));
         }
-        for (a, b) in self.data_extents() {
-            let mut p = a;
-            while p < b {
-                let q = (p + 4096).min(b);
+        const PIECE: u64 = 4096;
+        let pieces: Vec<(u64, u64)> = self
+            .data_extents()
+            .into_iter()
+            .flat_map(|(a, b)| {
+                (a..b)
+                    .step_by(PIECE as usize)
+                    .map(move |p| (p, (p + PIECE).min(b)))
+            })
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let base = ram.host_base() as usize;
+        let load = || -> Result<(), String> {
+            while let Some(&(p, q)) =
+                pieces.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            {
+                let (addr, len) = (
+                    base + (p * PAGE_SIZE) as usize,
+                    ((q - p) * PAGE_SIZE) as usize,
+                );
                 // SAFETY: [p, q) lies inside guest memory (the sizes match, checked above);
-                // nothing runs on this RAM while it is loaded.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        ram.host_base().add((p * PAGE_SIZE) as usize),
-                        ((q - p) * PAGE_SIZE) as usize,
-                    )
-                };
-                self.read_pages(p, q - p, dst, false)?;
-                p = q;
+                // pieces do not overlap and nothing else touches this RAM while it is loaded.
+                let dst = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
+                // SAFETY: advice on our own mapping; failure (an older kernel) only costs speed.
+                unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+                if let Err(e) = self.read_pages(p, q - p, dst, false) {
+                    // A bad page ends the load: the other threads find no more pieces.
+                    next.store(pieces.len(), std::sync::atomic::Ordering::Relaxed);
+                    return Err(e);
+                }
             }
-        }
+            Ok(())
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        std::thread::scope(|s| {
+            let helpers: Vec<_> = (1..threads).map(|_| s.spawn(load)).collect();
+            let mut r = load();
+            for h in helpers {
+                let h = h
+                    .join()
+                    .unwrap_or_else(|_| Err("a loader thread panicked".into()));
+                r = r.and(h);
+            }
+            r
+        })?;
         // Loading is not the guest's doing: start the VMM's dirty log clean.
         ram.take_vmm_dirty();
         Ok(())
