@@ -37,9 +37,13 @@ fn s(p: &Path) -> &str {
 /// Takes a snapshot; returns the checkpoint service's final status and the largest stall the
 /// guest saw around it (from its next `stat` line after a stall reset).
 fn snapshot(vm: &VmProcess, args: &[&str]) -> (Value, u64) {
+    snapshot_with(vm, &plugin("checkpoint.wasm"), args)
+}
+
+/// [`snapshot`] with the checkpoint service from `cp` (Wasm or native).
+fn snapshot_with(vm: &VmProcess, cp: &str, args: &[&str]) -> (Value, u64) {
     vm.ctl_ok(&["guest", "reset-stall"]);
-    let cp = plugin("checkpoint.wasm");
-    let mut a = vec!["snapshot", "create", "--plugin", &cp];
+    let mut a = vec!["snapshot", "create", "--plugin", cp];
     a.extend_from_slice(args);
     let st = json(&vm.ctl_ok(&a));
     assert_eq!(st["phase"], "done", "{st}");
@@ -201,6 +205,48 @@ fn chain_live_lazy_merge_and_secrets() {
     assert!(!files_contain(&merged, SECRET));
     let m = restore("merged", &merged, &[]);
     m.assert_verify_clean(1);
+}
+
+/// The checkpoint service built as a native shared object drives the same engine through the
+/// C ABI: a full layer, then a live incremental one on top, restored lazily with memory intact.
+#[test]
+fn a_native_checkpoint_service_takes_restorable_snapshots() {
+    let vm = VmProcess::boot(
+        "native-cp",
+        "workload=dirty,verify mib=16 wss=4 rate=20000 report_ms=100 stall_us=1000",
+        128,
+        1,
+    );
+    let root = TempDir::new("native-cp");
+    let (l0, l1) = (root.0.join("l0"), root.0.join("l1"));
+    let cp = plugin("libcheckpoint.so");
+    let (full, full_stall) = snapshot_with(&vm, &cp, &["--dir", s(&l0), "--track"]);
+    let list = vm.ctl_ok(&["plugin", "list"]);
+    assert!(
+        list.contains("checkpoint") && list.contains("native"),
+        "{list}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let (live, live_stall) = snapshot_with(
+        &vm,
+        &cp,
+        &["--dir", s(&l1), "--incremental-of", s(&l0), "--live"],
+    );
+    eprintln!(
+        "native checkpoint: full pause {:.1} ms (guest stall {full_stall} µs), live pause {:.1} ms \
+         in {} rounds (guest stall {live_stall} µs)",
+        full["pause_ms"].as_f64().unwrap(),
+        live["pause_ms"].as_f64().unwrap(),
+        live["rounds"]
+    );
+    assert!(live["rounds"].as_u64().unwrap() >= 1, "{live}");
+    assert_eq!(live["layer_id"].as_str().unwrap().len(), 32, "{live}");
+    assert!(allocated(&l1.join("memory")) <= 6 << 20);
+    vm.assert_verify_clean(1);
+    vm.ctl_ok(&["shutdown"]);
+    drop(vm);
+    let top = restore("native-cp-top", &l1, &["--lazy"]);
+    top.assert_verify_clean(1);
 }
 
 #[test]

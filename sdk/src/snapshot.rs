@@ -1,7 +1,7 @@
 //! The snapshot engine (`wit/snapshot.wit`, capability `snapshot`): a checkpoint service opens
 //! a layer, queues page batches (as a dirty bitmap) and a commit, and polls the status from its
-//! ticks; the host writes the bytes on its own thread. Wasm services only: in a native plugin
-//! every call fails (the native ABI has no snapshot functions yet).
+//! ticks; the host writes the bytes on its own thread. Wasm and native services alike (the
+//! native host table carries these calls since they were appended to ABI version 1).
 
 /// A new layer.
 #[derive(Debug, Clone, Default)]
@@ -73,21 +73,23 @@ mod imp {
 #[cfg(not(target_arch = "wasm32"))]
 mod imp {
     use super::{JobStatus, LayerOptions};
-    const NO: &str = "the snapshot interface is not in the native ABI: build the service as Wasm";
+    use crate::native::imports as n;
 
-    pub fn begin(_: &LayerOptions) -> Result<u32, String> {
-        Err(NO.into())
+    pub fn begin(o: &LayerOptions) -> Result<u32, String> {
+        n::snapshot_begin(o)
     }
-    pub fn write_pages(_: u32, _: &[u64]) -> Result<(), String> {
-        Err(NO.into())
+    pub fn write_pages(job: u32, bitmap: &[u64]) -> Result<(), String> {
+        n::snapshot_write_pages(job, bitmap)
     }
-    pub fn commit(_: u32) -> Result<(), String> {
-        Err(NO.into())
+    pub fn commit(job: u32) -> Result<(), String> {
+        n::snapshot_commit(job)
     }
-    pub fn status(_: u32) -> Result<JobStatus, String> {
-        Err(NO.into())
+    pub fn status(job: u32) -> Result<JobStatus, String> {
+        n::snapshot_status(job)
     }
-    pub fn close(_: u32) {}
+    pub fn close(job: u32) {
+        n::snapshot_close(job)
+    }
 }
 
 /// Opens a layer; returns its job handle.
