@@ -290,8 +290,7 @@ fn encrypted_expired_and_damaged_snapshots_are_refused() {
     v[8] = 3;
     std::fs::write(t.join("state"), &v).unwrap();
     assert!(restore_err(&t, &["--key", s(&key)]).contains("format version 3"));
-    // A broken chain: the parent is gone.
-    // (covered by the unit tests of base-vmm's snapshot store)
+    // A broken chain: see a_chain_with_a_broken_middle_layer_is_refused_naming_the_layer.
 
     // The right key restores, and the guest's memory is intact.
     let ok = restore("enc", &enc, &["--key", s(&key)]);
@@ -311,6 +310,81 @@ fn encrypted_expired_and_damaged_snapshots_are_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!short.exists());
+}
+
+/// A chain whose middle layer is damaged, gone or replaced is refused, eagerly and lazily,
+/// with an error naming that layer, before any guest code runs; the intact chain restores.
+#[test]
+fn a_chain_with_a_broken_middle_layer_is_refused_naming_the_layer() {
+    let vm = VmProcess::boot(
+        "broken",
+        "workload=dirty,verify mib=16 wss=4 rate=20000 report_ms=100 stall_us=1000",
+        128,
+        1,
+    );
+    let root = TempDir::new("broken");
+    let (l0, l1, l2) = (root.0.join("l0"), root.0.join("l1"), root.0.join("l2"));
+    snapshot(&vm, &["--dir", s(&l0), "--track"]);
+    snapshot(
+        &vm,
+        &["--dir", s(&l1), "--incremental-of", s(&l0), "--track"],
+    );
+    snapshot(&vm, &["--dir", s(&l2), "--incremental-of", s(&l1)]);
+    vm.ctl_ok(&["shutdown"]);
+    drop(vm);
+
+    // Restores the top layer; must fail naming l1, and the guest must never have run.
+    let refused = |what: &str, needle: &str| {
+        for lazy in [false, true] {
+            let mut a = vec!["run", "--restore", s(&l2), "--serial", "stdout"];
+            if lazy {
+                a.push("--lazy");
+            }
+            let out = std::process::Command::new(spanvmm())
+                .args(&a)
+                .output()
+                .unwrap();
+            let (stdout, err) = (
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
+            assert!(
+                !out.status.success(),
+                "{what} (lazy {lazy}): restored\n{err}"
+            );
+            assert!(
+                err.contains(s(&l1)) && err.contains(needle),
+                "{what} (lazy {lazy}): the error does not name {} with {needle:?}: {err}",
+                l1.display()
+            );
+            assert!(
+                !stdout.contains("SPANGUEST"),
+                "{what} (lazy {lazy}): the guest ran: {stdout}"
+            );
+            eprintln!("{what} (lazy {lazy}): {}", err.trim());
+        }
+    };
+    let state = l1.join("state");
+    let good = std::fs::read(&state).unwrap();
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x10;
+    std::fs::write(&state, &flipped).unwrap();
+    refused("corrupted state", "checksum");
+    std::fs::write(&state, &good[..good.len() - 100]).unwrap();
+    refused("truncated state", "truncated");
+    // Another valid layer in its place (l0's files): the link check catches it.
+    std::fs::write(&state, std::fs::read(l0.join("state")).unwrap()).unwrap();
+    refused("replaced layer", "not the parent");
+    let held = root.0.join("held");
+    std::fs::write(&state, &good).unwrap();
+    std::fs::rename(&l1, &held).unwrap();
+    refused("deleted layer", "parent");
+
+    // Put back, the chain restores with its memory intact.
+    std::fs::rename(&held, &l1).unwrap();
+    let top = restore("broken-fixed", &l2, &["--lazy"]);
+    top.assert_verify_clean(1);
 }
 
 fn copy_dir(from: &Path, to: &Path) -> PathBuf {
