@@ -442,6 +442,72 @@ fn eviction_after_periodic_layers_writes_only_recent_pages() {
     back.assert_verify_clean(1);
 }
 
+/// Periodic layers with `--keep 2`: the chain is merged in the background whenever it grows
+/// past two layers, superseded layers are removed, so the directory stays bounded while
+/// layers keep coming; the eviction on top of the merged chain restores with memory intact.
+#[test]
+fn periodic_layers_stay_bounded_by_background_merges() {
+    const KEEP: usize = 2;
+    let vm = VmProcess::boot(
+        "keep",
+        "workload=dirty,verify mib=48 wss=4 rate=20000 report_ms=100 stall_us=1000",
+        256,
+        1,
+    );
+    let root = TempDir::new("keep");
+    let bg = root.0.join("bg");
+    let cp = plugin("checkpoint.wasm");
+    vm.ctl_ok(&[
+        "snapshot",
+        "periodic",
+        "--dir",
+        s(&bg),
+        "--plugin",
+        &cp,
+        "--keep",
+        "2",
+        "--target-pages",
+        "64",
+    ]);
+    vm.ctl_ok(&["guest", "reset-stall"]);
+    let (mut most, mut merges, mut layers) = (0, 0, 0);
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(3) || merges < 3 {
+        assert!(t.elapsed() < T, "fewer than 3 merges in {T:?}");
+        // The chain (at most KEEP + 1 layers) and a merged layer being written.
+        let on_disk = std::fs::read_dir(&bg).unwrap().count();
+        most = most.max(on_disk);
+        assert!(on_disk <= KEEP + 2, "{on_disk} layers in {}", bg.display());
+        let st = json(&vm.ctl_ok(&["snapshot", "status"]));
+        merges = st["periodic"]["merges"].as_u64().unwrap();
+        layers = st["periodic"]["layers"].as_u64().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stat = vm.wait_line_from(vm.mark(), "SPANGUEST stat", T);
+    eprintln!(
+        "keep {KEEP}: {layers} layers, {merges} merges, at most {most} directories; guest stall \
+         {} µs",
+        num(&stat, "max_stall_us")
+    );
+    assert!(layers as usize > 3 * KEEP, "only {layers} layers");
+    let ev = root.0.join("evicted");
+    vm.ctl_ok(&["snapshot", "evict", "--dir", s(&ev)]);
+    let mut vm = vm;
+    assert_eq!(vm.wait_exit(T), Some(0), "the VM stops after an eviction");
+    let info = std::process::Command::new(spanvmm())
+        .args(["snapshot", "info", s(&ev)])
+        .output()
+        .unwrap();
+    let info = json(&String::from_utf8_lossy(&info.stdout));
+    let chain = info["layers"].as_array().unwrap().len();
+    assert!(
+        chain <= KEEP + 2,
+        "the evicted chain has {chain} layers: {info}"
+    );
+    let back = restore("keep-evicted", &ev, &[]);
+    back.assert_verify_clean(1);
+}
+
 /// `run --standby` prepares a VM ahead; `ctl snapshot load` restores into it. A snapshot that
 /// fails its checks, or does not fit, is refused and leaves the standby VMM ready for the next.
 #[test]

@@ -1368,6 +1368,25 @@ impl Chain {
     }
 }
 
+/// Deletes the snapshot layer in `dir` (its state and memory files, then the directory when
+/// nothing else is in it), without overwriting anything: retention of superseded layers,
+/// where [`shred`] would double the I/O. Refuses a directory that holds no layer.
+pub fn remove_layer(dir: &Path) -> Result<(), SnapshotError> {
+    if !dir.join(STATE_FILE).exists() {
+        return Err(invalid(dir, "no snapshot here (no state file)"));
+    }
+    // The state file first: a layer without it is no layer, whatever else is left.
+    for name in [STATE_FILE, MEMORY_FILE, "state.tmp"] {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_at(&path)(e)),
+            _ => {}
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
 /// Securely deletes the snapshot layer in `dir`: its files' data are overwritten with zeros
 /// and flushed, then unlinked; the directory is removed when empty. The chain is not followed.
 pub fn shred(dir: &Path) -> Result<u64, SnapshotError> {

@@ -138,6 +138,8 @@ impl NativeService {
             snapshot_commit: h_snapshot_commit,
             snapshot_status: h_snapshot_status,
             snapshot_close: h_snapshot_close,
+            snapshot_merge: h_snapshot_merge,
+            snapshot_remove: h_snapshot_remove,
             migration_harvest_dirty: h_migration_harvest_dirty,
             migration_queue_pages: h_migration_queue_pages,
             migration_queue_range: h_migration_queue_range,
@@ -584,6 +586,49 @@ unsafe extern "C" fn h_snapshot_status(
 
 unsafe extern "C" fn h_snapshot_close(ctx: *mut c_void, job: u32) {
     with_ctx(ctx, (), |c| c.snapshot_close(job))
+}
+
+unsafe extern "C" fn h_snapshot_merge(
+    ctx: *mut c_void,
+    top: *const u8,
+    top_len: usize,
+    out: *const u8,
+    out_len: usize,
+    key_file: *const u8,
+    key_file_len: usize,
+    job: *mut u32,
+    err: *const Sink,
+) -> i32 {
+    if job.is_null() {
+        return report(err, Err("snapshot merge: null job pointer".into()));
+    }
+    let req = crate::snapshot::MergeRequest {
+        top: text(top, top_len),
+        out: text(out, out_len),
+        key_file: opt_text(key_file, key_file_len),
+    };
+    let r = with_ctx(ctx, Err(PANIC.into()), |c| c.snapshot_merge(req));
+    report(
+        err,
+        r.map(|id| {
+            // SAFETY: `job` is a valid out pointer from the plugin.
+            unsafe { *job = id };
+            Vec::new()
+        }),
+    )
+}
+
+unsafe extern "C" fn h_snapshot_remove(
+    ctx: *mut c_void,
+    dir: *const u8,
+    dir_len: usize,
+    err: *const Sink,
+) -> i32 {
+    let dir = text(dir, dir_len);
+    report(
+        err,
+        with_ctx(ctx, Err(PANIC.into()), |c| unit(c.snapshot_remove(&dir))),
+    )
 }
 
 // ---- the migration engine (sdk/wit/migration.wit) ----

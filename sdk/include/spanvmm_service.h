@@ -182,6 +182,13 @@ typedef struct spanvmm_host {
                                const spanvmm_sink *layer_id, const spanvmm_sink *job_error,
                                const spanvmm_sink *err);
     void (*snapshot_close)(void *ctx, uint32_t job);
+    /* merges the chain ending in top into a full layer in out; key_file NULL: plain */
+    int32_t (*snapshot_merge)(void *ctx, const uint8_t *top, size_t top_len, const uint8_t *out,
+                              size_t out_len, const uint8_t *key_file, size_t key_file_len,
+                              uint32_t *job, const spanvmm_sink *err);
+    /* deletes the layer in dir (retention of layers a merge superseded) */
+    int32_t (*snapshot_remove)(void *ctx, const uint8_t *dir, size_t dir_len,
+                               const spanvmm_sink *err);
     /* appended: the migration engine (wit/migration.wit), present when size covers them */
     int32_t (*migration_harvest_dirty)(void *ctx, const spanvmm_sink *out); /* u64 words */
     int32_t (*migration_queue_pages)(void *ctx, const uint64_t *bitmap, size_t words,

@@ -235,6 +235,26 @@ pub struct HostVtable {
     ) -> i32,
     /// Drops a job.
     pub snapshot_close: unsafe extern "C" fn(ctx: *mut c_void, job: u32),
+    /// Merges the chain ending in `top` into a full layer in `out` (`key_file` null: plain);
+    /// the job to poll goes to `job`.
+    pub snapshot_merge: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        top: *const u8,
+        top_len: usize,
+        out: *const u8,
+        out_len: usize,
+        key_file: *const u8,
+        key_file_len: usize,
+        job: *mut u32,
+        err: *const Sink,
+    ) -> i32,
+    /// Deletes the layer in `dir`.
+    pub snapshot_remove: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        dir: *const u8,
+        dir_len: usize,
+        err: *const Sink,
+    ) -> i32,
     // Appended: the migration engine (`wit/migration.wit`), present when `size` covers them.
     /// Pages dirtied since the previous call: u64 words to `out`, or an error message.
     pub migration_harvest_dirty: unsafe extern "C" fn(ctx: *mut c_void, out: *const Sink) -> i32,
@@ -614,7 +634,7 @@ mod tests {
     /// Sizes as a C compiler lays out `include/spanvmm_service.h` on x86-64.
     #[test]
     fn layouts_match_the_c_header() {
-        assert_eq!(std::mem::size_of::<HostVtable>(), 240);
+        assert_eq!(std::mem::size_of::<HostVtable>(), 256);
         assert_eq!(std::mem::size_of::<CLayerOptions>(), 64);
         assert_eq!(std::mem::size_of::<CJobStatus>(), 24);
         assert_eq!(std::mem::size_of::<CMigrationStatus>(), 72);

@@ -472,6 +472,35 @@ pub(crate) mod imports {
         }
     }
 
+    pub fn snapshot_merge(top: &str, out: &str, key_file: Option<&str>) -> Result<u32, String> {
+        let h = host_fn!(snapshot_merge, "snapshot merge")?;
+        let (key, key_len) = key_file.map_or((std::ptr::null(), 0), |k| (k.as_ptr(), k.len()));
+        let mut job = 0u32;
+        // SAFETY: as above; the strings live across the call, `job` is a valid out pointer.
+        with_sink(|s| unsafe {
+            (h.snapshot_merge)(
+                h.ctx,
+                top.as_ptr(),
+                top.len(),
+                out.as_ptr(),
+                out.len(),
+                key,
+                key_len,
+                &mut job,
+                s,
+            )
+        })?;
+        Ok(job)
+    }
+
+    pub fn snapshot_remove(dir: &str) -> Result<(), String> {
+        let h = host_fn!(snapshot_remove, "snapshot remove")?;
+        // SAFETY: as above; `dir` is a live string.
+        unit(with_sink(|s| unsafe {
+            (h.snapshot_remove)(h.ctx, dir.as_ptr(), dir.len(), s)
+        }))
+    }
+
     pub fn migration_harvest_dirty() -> Result<Vec<u64>, String> {
         let h = host_fn!(migration_harvest_dirty, "harvest-dirty")?;
         // SAFETY: as above.

@@ -68,6 +68,12 @@ mod imp {
     pub fn close(job: u32) {
         s::close(job)
     }
+    pub fn merge(top: &str, out: &str, key_file: Option<&str>) -> Result<u32, String> {
+        s::merge(top, out, key_file)
+    }
+    pub fn remove(dir: &str) -> Result<(), String> {
+        s::remove(dir)
+    }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -89,6 +95,12 @@ mod imp {
     }
     pub fn close(job: u32) {
         n::snapshot_close(job)
+    }
+    pub fn merge(top: &str, out: &str, key_file: Option<&str>) -> Result<u32, String> {
+        n::snapshot_merge(top, out, key_file)
+    }
+    pub fn remove(dir: &str) -> Result<(), String> {
+        n::snapshot_remove(dir)
     }
 }
 
@@ -115,4 +127,15 @@ pub fn status(job: u32) -> Result<JobStatus, String> {
 /// Drops a job.
 pub fn close(job: u32) {
     imp::close(job)
+}
+
+/// Folds the chain ending in `top` into one full layer in `out` on a host thread; returns a
+/// job to poll with [`status`] (committed: done).
+pub fn merge(top: &str, out: &str, key_file: Option<&str>) -> Result<u32, String> {
+    imp::merge(top, out, key_file)
+}
+
+/// Deletes the layer in `dir` (retention of layers a merge superseded).
+pub fn remove(dir: &str) -> Result<(), String> {
+    imp::remove(dir)
 }
