@@ -117,7 +117,7 @@ pub enum CtlSnapshotOp {
         #[arg(long)]
         target_pages: Option<u64>,
         /// Retention: once the chain has more than K layers it is merged into one full layer
-        /// in the background and the superseded layers are removed (default 8, at most 32).
+        /// in the background and the superseded layers are removed (default and most 32).
         #[arg(long, value_name = "K")]
         keep: Option<u32>,
         /// The checkpoint service's plugin (see `create`).

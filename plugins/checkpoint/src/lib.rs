@@ -15,7 +15,7 @@
 //! - `periodic {"dir", "key_file"?, "target_pages"?}` keeps writing live layers in the
 //!   background, `DIR/layer-0000` (full) then incremental ones on top, at an interval adapted
 //!   to the dirty rate: the next layer is due when about `target_pages` (default 4096) pages
-//!   are expected dirty again, between 100 ms and 10 s. Retention (`keep`, default 8, at most
+//!   are expected dirty again, between 100 ms and 10 s. Retention (`keep`, default and most
 //!   32): once the chain has more than `keep` layers, the host merges it into one full layer
 //!   (`DIR/merged-NNNN`, read from the layers, not from the guest) in the background; the next
 //!   layer builds on the merged one and the superseded layers are removed, so the chain and
@@ -35,7 +35,7 @@ const DEFAULT_STOP_PAGES: u64 = 512;
 const DEFAULT_MAX_ROUNDS: u32 = 30;
 const DEFAULT_TARGET_PAGES: u64 = 4096;
 const MIN_INTERVAL_MS: u64 = 100;
-const DEFAULT_KEEP: u32 = 8;
+const DEFAULT_KEEP: u32 = 32;
 /// Restore reads every layer of a chain (the store takes at most 64).
 const MAX_KEEP: u32 = 32;
 const MAX_INTERVAL_MS: u64 = 10_000;
