@@ -18,7 +18,9 @@ use crate::devices::serial::{self, SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
 use crate::devices::{lock, IoBus};
 use crate::lazy::{LazyLoader, LazyProgress};
 use crate::memory::GuestRam;
-use crate::snapshot::{Chain, LayerOptions, LayerSummary, LayerWriter, SnapshotError, SnapshotKey};
+use crate::snapshot::{
+    Chain, LayerOptions, LayerSummary, LayerWriter, RestoreBuffers, SnapshotError, SnapshotKey,
+};
 use crate::state::{DeviceStates, MachineConfig, VmState};
 use crate::vcpu::{VcpuEvent, VcpuHandle, VcpuState};
 use crate::vm::Vm;
@@ -318,8 +320,12 @@ impl PreparedVm {
 }
 
 /// Opens and checks the snapshot chain ending in `dir`; returns it with its VM state.
-fn open_snapshot(dir: &Path, key: Option<&SnapshotKey>) -> Result<(Chain, VmState), VmmError> {
-    let chain = Chain::open(dir, key)?;
+fn open_snapshot(
+    dir: &Path,
+    key: Option<&SnapshotKey>,
+    bufs: Option<RestoreBuffers>,
+) -> Result<(Chain, VmState), VmmError> {
+    let chain = Chain::open_with(dir, key, bufs)?;
     // The state is parsed again from the chain's own copy so that the chain can move.
     let state: VmState = serde_json::from_value(
         serde_json::to_value(chain.vm_state()).map_err(|e| VmmError::Config(e.to_string()))?,
@@ -355,6 +361,9 @@ fn load_memory(
 pub struct StandbyVm {
     prepared: PreparedVm,
     ram: Arc<GuestRam>,
+    /// Memory the restore needs, faulted in ahead (gone after a refused snapshot used it:
+    /// the next restore allocates its own).
+    buffers: Option<RestoreBuffers>,
 }
 
 /// Why [`StandbyVm::adopt`] failed, and whether the standby VM is still usable.
@@ -376,7 +385,7 @@ impl StandbyVm {
     /// [`Vmm::restore`] does in a new process. A snapshot of another shape, or one that fails
     /// the chain's checks, is refused before guest memory is touched.
     pub fn adopt(
-        self,
+        mut self,
         dir: &Path,
         serial_spec: &str,
         events: Sender<VcpuEvent>,
@@ -384,7 +393,7 @@ impl StandbyVm {
         lazy: bool,
         key: Option<&SnapshotKey>,
     ) -> Result<Vmm, AdoptError> {
-        let (chain, state) = match open_snapshot(dir, key) {
+        let (chain, state) = match open_snapshot(dir, key, self.buffers.take()) {
             Ok(cs) => cs,
             Err(error) => {
                 return Err(AdoptError {
@@ -554,7 +563,7 @@ impl Vmm {
         lazy: bool,
         key: Option<&SnapshotKey>,
     ) -> Result<Self, VmmError> {
-        let (chain, state) = open_snapshot(dir, key)?;
+        let (chain, state) = open_snapshot(dir, key, None)?;
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
         let loader = load_memory(&ram, chain, lazy, dir)?;
         let mut vmm =
@@ -577,6 +586,7 @@ impl Vmm {
         Ok(StandbyVm {
             prepared: Vmm::prepare(ram.clone(), &machine)?,
             ram,
+            buffers: Some(RestoreBuffers::new(machine.mem_bytes)),
         })
     }
 
