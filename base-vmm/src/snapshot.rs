@@ -1763,6 +1763,47 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
+    /// Retention removes a layer's own files only, and refuses a directory holding no layer.
+    #[test]
+    fn remove_layer_deletes_a_layer_and_nothing_else() {
+        let root = tmp("remove");
+        let ram = Arc::new(GuestRam::new(2 << 20).unwrap());
+        fill(&ram, 1, 3);
+        let dir = root.join("x");
+        full_layer(&ram, &dir, LayerOptions::default());
+        let other = root.join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("keep"), b"x").unwrap();
+        let e = remove_layer(&other).err().unwrap().to_string();
+        assert!(e.contains("no snapshot here"), "{e}");
+        assert!(other.join("keep").exists());
+        remove_layer(&dir).unwrap();
+        assert!(!dir.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A chain opened into buffers prepared ahead (a standby VMM's) is the same chain.
+    #[test]
+    fn chains_open_the_same_into_prepared_buffers() {
+        let root = tmp("bufs");
+        let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+        for p in [0, 5, 700] {
+            fill(&ram, p, p as u8 + 1);
+        }
+        let dir = root.join("x");
+        full_layer(&ram, &dir, LayerOptions::default());
+        let plain = Chain::open(&dir, None).unwrap();
+        let prepared = Chain::open_with(&dir, None, Some(RestoreBuffers::new(ram.size()))).unwrap();
+        assert_eq!(plain.data_extents(), prepared.data_extents());
+        let back = GuestRam::new(4 << 20).unwrap();
+        prepared.load_into(&back).unwrap();
+        assert!(same(&ram, &back));
+        // Buffers for another guest size are not used, and nothing breaks.
+        let other = Chain::open_with(&dir, None, Some(RestoreBuffers::new(2 << 20))).unwrap();
+        assert_eq!(other.data_pages(), plain.data_pages());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     /// The parser meets random, truncated and bit-flipped input with an error, never a panic.
     #[test]
     fn parser_survives_garbage() {
