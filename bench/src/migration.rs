@@ -130,6 +130,17 @@ pub enum QemuEngine {
     Multifd,
 }
 
+impl QemuEngine {
+    /// Its name in the results (`precopy`, `postcopy`, `multifd`).
+    pub fn name(self) -> &'static str {
+        match self {
+            QemuEngine::Precopy => "precopy",
+            QemuEngine::Postcopy => "postcopy",
+            QemuEngine::Multifd => "multifd",
+        }
+    }
+}
+
 /// One migration's figures.
 #[derive(Debug, Serialize)]
 pub struct Outcome {
@@ -264,7 +275,7 @@ pub fn qemu_migrate(
             let Some(info) = info else {
                 return Ok(Outcome {
                     vmm: "qemu".into(),
-                    engine: format!("{engine:?}").to_lowercase(),
+                    engine: engine.name().into(),
                     link: link.label(),
                     mem_mib: mem,
                     workload: workload.into(),
@@ -282,7 +293,7 @@ pub fn qemu_migrate(
             let verify_bad = verify_after(&dst_lines, from, Duration::from_secs(30));
             Ok(Outcome {
                 vmm: "qemu".into(),
-                engine: format!("{engine:?}").to_lowercase(),
+                engine: engine.name().into(),
                 link: link.label(),
                 mem_mib: mem,
                 workload: workload.into(),
@@ -323,8 +334,12 @@ pub fn run(
     sizes: &[u64],
     links: Option<&str>,
     workloads: Option<&str>,
+    engines: Option<&str>,
     out: &Path,
 ) -> anyhow::Result<()> {
+    // Which engines run: QEMU's as `qemu-precopy`, `qemu-postcopy`, `qemu-multifd`; spanvmm's
+    // by service name. All by default (a comparison runs both in the same run).
+    let wanted_engine = |name: &str| engines.is_none_or(|e| e.split(',').any(|x| x == name));
     // `loopback`, or `MBIT/RTT_MS` for a shaped link; all three by default.
     let wanted = links.unwrap_or("loopback,1000/1,100/20");
     let mut links = Vec::new();
@@ -355,6 +370,9 @@ pub fn run(
                     QemuEngine::Postcopy,
                     QemuEngine::Multifd,
                 ] {
+                    if !wanted_engine(&format!("qemu-{}", engine.name())) {
+                        continue;
+                    }
                     // Four times what the data needs on the link, at least a minute: a
                     // pre-copy that has not converged by then will not.
                     let need_s = match link {
@@ -370,6 +388,9 @@ pub fn run(
                     runs.push(o);
                 }
                 for engine in ["precopy", "postcopy", "hybrid"] {
+                    if !wanted_engine(engine) {
+                        continue;
+                    }
                     let o = crate::migration_spanvmm::spanvmm_migrate(
                         bin,
                         plugins,

@@ -550,6 +550,7 @@ impl Postcopy {
                 for r in p..q {
                     clear_bit(&mut self.needed, r);
                     if let Some(t) = self.pending.remove(&r) {
+                        super::trace(format_args!("dest: fault {r} installed"));
                         self.fault_done(t);
                         let _ = self.uffd.wake(r * PAGE as u64, PAGE as u64);
                     }
@@ -565,9 +566,6 @@ impl Postcopy {
 
     fn fault_done(&self, t: Instant) {
         let us = t.elapsed().as_micros() as u64;
-        if std::env::var_os("SPANVMM_MIGRATION_DEBUG").is_some() {
-            eprintln!("fault served in {us} µs");
-        }
         self.dest.faults.fetch_add(1, Ordering::Relaxed);
         self.dest.fault_sum_us.fetch_add(us, Ordering::Relaxed);
         self.dest.fault_max_us.fetch_max(us, Ordering::Relaxed);
@@ -603,6 +601,7 @@ impl Postcopy {
             }
         }
         if let (false, Some(link)) = (ask.is_empty(), link) {
+            super::trace(format_args!("dest: fault request {ask:?}"));
             link.send(&Frame::Fault(ask))?;
         }
         Ok(())

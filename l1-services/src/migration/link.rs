@@ -15,6 +15,10 @@ use super::wire::{self, Frame, HEADER_LEN};
 /// Plaintext rustls may buffer before `send` waits for the socket. Small, because a fault's
 /// page queues behind whatever is buffered (a few batches keep the link busy).
 const TLS_BUFFER: usize = 256 << 10;
+/// Plaintext read ahead of the parser at most per read: `rx` stays small, so dropping parsed
+/// frames from its front is cheap and a reader returns to its other duties (fault service)
+/// instead of draining a fast sender for hundreds of milliseconds.
+const READ_AHEAD: usize = 1 << 20;
 /// Socket buffer size (see `small_buffer`).
 const SOCKET_BUFFER: libc::c_int = 512 << 10;
 
@@ -175,6 +179,9 @@ impl Link {
                     }
                     if state.peer_has_closed() && !self.tls.is_handshaking() {
                         self.closed = true;
+                        return Ok(());
+                    }
+                    if self.rx.len() - self.rx_off >= READ_AHEAD {
                         return Ok(());
                     }
                 }

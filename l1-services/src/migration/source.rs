@@ -504,7 +504,9 @@ impl Sender<'_> {
         };
         while let Some(p) = st.faults.pop_front() {
             if p < pages {
-                if let Some(b) = take(&mut st, p, p + 1, false) {
+                let b = take(&mut st, p, p + 1, false);
+                super::trace(format_args!("source: fault {p} sent now: {}", b.is_some()));
+                if let Some(b) = b {
                     return Some(b);
                 }
             }
@@ -594,6 +596,7 @@ impl Sender<'_> {
             wait = Duration::ZERO;
             match f {
                 Frame::Fault(pages) => {
+                    super::trace(format_args!("source: fault request {pages:?}"));
                     let mut st = self.st();
                     st.report.remote_faults += pages.len() as u64;
                     for p in pages {
@@ -746,16 +749,10 @@ impl Sender<'_> {
                 other => return Err(other_frame("resumed", other)),
             }
         };
-        log::info!(
+        super::trace(format_args!(
             "switch-over: paused+harvest {t_harvest:?}, state {t_state:?}, sent {t_sent:?}, resumed {:?}",
             t_pause.elapsed()
-        );
-        if std::env::var_os("SPANVMM_MIGRATION_DEBUG").is_some() {
-            eprintln!(
-                "switch-over: paused+harvest {t_harvest:?}, state {t_state:?}, sent {t_sent:?}, resumed {:?}",
-                t_pause.elapsed()
-            );
-        }
+        ));
         let mut st = self.st();
         st.report.downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
         st.report.dest_load_ms = load_us as f64 / 1e3;
