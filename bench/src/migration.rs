@@ -327,6 +327,7 @@ struct Report {
 }
 
 /// Runs every engine on every link and size and writes `out`.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     bin: &Path,
     plugins: &Path,

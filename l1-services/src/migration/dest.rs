@@ -37,7 +37,8 @@ pub struct Arrived {
     pub prepared: Option<base_vmm::vmm::PreparedVm>,
     received_at: Instant,
     link: Option<Link>,
-    postcopy: Option<std::sync::mpsc::Sender<u64>>,
+    /// Post-copy: the fault service, started once the source commits.
+    postcopy: Option<Postcopy>,
     dest: Arc<MigrationDest>,
 }
 
@@ -56,6 +57,8 @@ pub struct DestProgress {
     pub fault_latency_mean_us: u64,
     /// Worst fault latency, µs.
     pub fault_latency_max_us: u64,
+    /// 99th percentile fault latency, µs.
+    pub fault_latency_p99_us: u64,
     /// Connections lost and restored during post-copy.
     pub recoveries: u64,
     /// Why it failed.
@@ -71,6 +74,8 @@ pub struct MigrationDest {
     faults: AtomicU64,
     fault_sum_us: AtomicU64,
     fault_max_us: AtomicU64,
+    /// Every fault's latency, µs (for percentiles).
+    fault_latencies: Mutex<Vec<u64>>,
     recoveries: AtomicU64,
 }
 
@@ -83,6 +88,7 @@ impl MigrationDest {
             faults: AtomicU64::new(0),
             fault_sum_us: AtomicU64::new(0),
             fault_max_us: AtomicU64::new(0),
+            fault_latencies: Mutex::new(Vec::new()),
             recoveries: AtomicU64::new(0),
         })
     }
@@ -103,9 +109,19 @@ impl MigrationDest {
             remote_faults: faults,
             fault_latency_mean_us: self.fault_sum_us.load(Ordering::Relaxed) / faults.max(1),
             fault_latency_max_us: self.fault_max_us.load(Ordering::Relaxed),
+            fault_latency_p99_us: self.fault_p99_us(),
             recoveries: self.recoveries.load(Ordering::Relaxed),
             error,
         }
+    }
+
+    fn fault_p99_us(&self) -> u64 {
+        let mut v = lock(&self.fault_latencies).clone();
+        if v.is_empty() {
+            return 0;
+        }
+        v.sort_unstable();
+        v[(v.len() * 99).div_ceil(100) - 1]
     }
 
     fn set(&self, phase: Phase, error: Option<String>) {
@@ -268,6 +284,8 @@ pub fn receive(
                     arrived.link = Some(link);
                     return Ok(arrived);
                 }
+                // The guest must not touch a page before the fault service runs: missing pages
+                // are registered now (a touch waits) and served once the source commits.
                 if needed.len() != written.len() {
                     return Err(fail(io(format!(
                         "post-copy bitmap has {} words, guest memory {}",
@@ -293,8 +311,7 @@ pub fn receive(
                     Userfault::register_missing(&ram).map_err(|e| fail(io(e.to_string())))?;
                 dest.needed.store(count(&needed), Ordering::Relaxed);
                 dest.set(Phase::Postcopy, None);
-                let (tx, rx) = std::sync::mpsc::channel();
-                let pc = Postcopy {
+                arrived.postcopy = Some(Postcopy {
                     uffd,
                     ram: ram.clone(),
                     original: needed.clone(),
@@ -306,12 +323,8 @@ pub fn receive(
                     tls: tls.clone(),
                     session,
                     recovery_timeout,
-                };
-                std::thread::Builder::new()
-                    .name("migrate-postcopy".into())
-                    .spawn(move || pc.run(link, rx))
-                    .map_err(|e| format!("cannot start the post-copy thread: {e}"))?;
-                arrived.postcopy = Some(tx);
+                });
+                arrived.link = Some(link);
                 return Ok(arrived);
             }
             Frame::Sync => link.send(&Frame::Sync).map_err(fail)?,
@@ -347,22 +360,68 @@ fn punch(ram: &GuestRam, p: u64, n: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Test hook (`SPANVMM_MIGRATION_CUT`): where the destination drops the connection on
+/// purpose, to show the hand-over is safe there. `before-commit`: after `ready`, without
+/// waiting for `commit` (the guest must then run nowhere but, at most, the source);
+/// `after-commit`: once `commit` arrived, before `resumed` (the guest runs here, the source
+/// stays paused "in doubt").
+fn cut_at(point: &str) -> bool {
+    std::env::var("SPANVMM_MIGRATION_CUT").is_ok_and(|v| v == point)
+}
+
 impl Arrived {
-    /// The VM runs: tell the source. Returns the migration's handle (post-copy goes on in
-    /// the background).
+    /// The VM is built (vCPUs paused): say `ready` and wait for the source's `commit`. Only
+    /// after `Ok` may the guest run here; on `Err` the source keeps (or resumes) the guest and
+    /// this VM must be discarded.
+    pub fn commit(&mut self) -> Result<(), String> {
+        let load_us = self.received_at.elapsed().as_micros() as u64;
+        let link = self
+            .link
+            .as_mut()
+            .ok_or("the hand-over has no connection")?;
+        let no = |e: LinkError| {
+            format!("the source did not commit the hand-over ({e}): the guest stays there")
+        };
+        link.send(&Frame::Ready { load_us })
+            .and_then(|_| link.flush(Duration::from_secs(10)))
+            .map_err(no)?;
+        if cut_at("before-commit") {
+            self.link = None;
+            return Err(no(LinkError::Io(std::io::Error::other(
+                "connection cut by SPANVMM_MIGRATION_CUT=before-commit",
+            ))));
+        }
+        match link.expect(Duration::from_secs(30), "commit") {
+            Ok(Frame::Commit) => {}
+            Ok(other) => return Err(no(io(format!("expected commit, got {other:?}")))),
+            Err(e) => return Err(no(e)),
+        }
+        if cut_at("after-commit") {
+            self.link = None;
+        }
+        Ok(())
+    }
+
+    /// The VM runs (after [`Arrived::commit`]): tell the source. Returns the migration's
+    /// handle (post-copy goes on in the background).
     pub fn running(mut self) -> Result<Arc<MigrationDest>, String> {
         let load_us = self.received_at.elapsed().as_micros() as u64;
+        if let Some(pc) = self.postcopy.take() {
+            let link = self.link.take();
+            std::thread::Builder::new()
+                .name("migrate-postcopy".into())
+                .spawn(move || pc.run(link, load_us))
+                .map_err(|e| format!("cannot start the post-copy thread: {e}"))?;
+            return Ok(self.dest.clone());
+        }
+        // The guest runs here whatever happens to the link now: the source committed.
+        self.dest.set(Phase::Completed, None);
         if let Some(mut link) = self.link.take() {
             link.send(&Frame::Resumed { load_us })
                 .and_then(|_| link.flush(Duration::from_secs(10)))
                 .map_err(|e| format!("telling the source the guest runs here: {e}"))?;
-            self.dest.received.load(Ordering::Relaxed);
-            self.dest.set(Phase::Completed, None);
             // The source closes first once it has our answer.
             let _ = link.recv(Duration::from_secs(5));
-        }
-        if let Some(tx) = self.postcopy.take() {
-            let _ = tx.send(load_us);
         }
         Ok(self.dest.clone())
     }
@@ -395,8 +454,8 @@ struct Postcopy {
 }
 
 impl Postcopy {
-    fn run(mut self, link: Link, resumed: std::sync::mpsc::Receiver<u64>) {
-        let r = self.serve(link, resumed);
+    fn run(mut self, link: Option<Link>, load_us: u64) {
+        let r = self.serve(link, load_us);
         match r {
             Ok(()) => {
                 let r = self.uffd.unregister();
@@ -412,21 +471,16 @@ impl Postcopy {
         }
     }
 
-    fn serve(
-        &mut self,
-        mut link: Link,
-        resumed: std::sync::mpsc::Receiver<u64>,
-    ) -> Result<(), String> {
-        let mut told = false;
+    fn serve(&mut self, link: Option<Link>, load_us: u64) -> Result<(), String> {
+        let lost = |why: &str| LinkError::Io(std::io::Error::other(why.to_string()));
+        let mut link = match link {
+            Some(mut link) => match link.send(&Frame::Resumed { load_us }) {
+                Ok(()) => link,
+                Err(e) => self.recover(e)?,
+            },
+            None => self.recover(lost("the connection was cut after commit"))?,
+        };
         loop {
-            if !told {
-                if let Ok(load_us) = resumed.try_recv() {
-                    told = true;
-                    if let Err(e) = link.send(&Frame::Resumed { load_us }) {
-                        link = self.recover(e)?;
-                    }
-                }
-            }
             match self.step(&mut link) {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
@@ -482,6 +536,7 @@ impl Postcopy {
                         faults,
                         fault_mean_us: d.fault_sum_us.load(Ordering::Relaxed) / faults.max(1),
                         fault_max_us: d.fault_max_us.load(Ordering::Relaxed),
+                        fault_p99_us: d.fault_p99_us(),
                     })?;
                     link.flush(Duration::from_secs(10))?;
                     // The source closes first, once it has read `complete`.
@@ -569,6 +624,7 @@ impl Postcopy {
         self.dest.faults.fetch_add(1, Ordering::Relaxed);
         self.dest.fault_sum_us.fetch_add(us, Ordering::Relaxed);
         self.dest.fault_max_us.fetch_max(us, Ordering::Relaxed);
+        lock(&self.dest.fault_latencies).push(us);
     }
 
     /// Reads every pending fault: pages to come are requested (when a link is up), pages that

@@ -99,6 +99,10 @@ pub(crate) fn trace(what: std::fmt::Arguments) {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        eprintln!("[mig {}.{:06}] {what}", t.as_secs() % 1000, t.subsec_micros());
+        eprintln!(
+            "[mig {}.{:06}] {what}",
+            t.as_secs() % 1000,
+            t.subsec_micros()
+        );
     }
 }

@@ -68,7 +68,8 @@ pub struct Sample {
 /// The end-of-migration report.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Report {
-    /// `completed` or `failed`.
+    /// `completed`, `failed`, or `in-doubt` (the hand-over was committed but the destination's
+    /// confirmation never came: the source stays paused, see [`MigrationSource::in_doubt`]).
     pub result: String,
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,6 +106,9 @@ pub struct Report {
     pub fault_latency_mean_us: u64,
     /// Their worst latency, µs.
     pub fault_latency_max_us: u64,
+    /// Their 99th percentile, µs.
+    #[serde(default)]
+    pub fault_latency_p99_us: u64,
     /// Pages sent more than once during post-copy (0: each page once).
     pub postcopy_resent: u64,
     /// Post-copy reconnections.
@@ -133,6 +137,8 @@ struct State {
     needed: Vec<u64>,
     postcopy_sent: Vec<u64>,
     report: Report,
+    /// The source committed the hand-over and lost the link before the destination confirmed.
+    in_doubt: bool,
     dirtied: u64,
     rate_bps: u64,
     page_rate: u64,
@@ -179,6 +185,7 @@ impl MigrationSource {
                     handover: "none".into(),
                     ..Default::default()
                 },
+                in_doubt: false,
                 dirtied: 0,
                 rate_bps: 0,
                 page_rate: 0,
@@ -200,6 +207,7 @@ impl MigrationSource {
                     link,
                     buf: Vec::with_capacity(3 << 20),
                     paused: false,
+                    committed: false,
                     last_sample: Instant::now() - Duration::from_secs(1),
                     rate_mark: (Instant::now(), 0, 0),
                     throttle: (Instant::now(), 0),
@@ -328,12 +336,19 @@ impl MigrationSource {
         let mut r = st.report.clone();
         r.result = match st.phase {
             Phase::Completed => "completed",
+            Phase::Failed if st.in_doubt => "in-doubt",
             Phase::Failed => "failed",
             _ => "running",
         }
         .into();
         r.error = st.error.clone();
         r
+    }
+
+    /// The hand-over was committed but never confirmed: the guest may run at the destination,
+    /// so the source keeps it paused (intact) instead of resuming it.
+    pub fn in_doubt(&self) -> bool {
+        lock(&self.st).in_doubt
     }
 
     /// Gives up (before the switch-over only): the sender stops and the guest runs on here.
@@ -383,6 +398,8 @@ struct Sender<'a> {
     link: Link,
     buf: Vec<u8>,
     paused: bool,
+    /// `commit` went out: the guest must never run here again.
+    committed: bool,
     last_sample: Instant,
     rate_mark: (Instant, u64, u64),
     throttle: (Instant, u64),
@@ -609,6 +626,8 @@ impl Sender<'_> {
                         "the destination gave up: {msg}"
                     ))))
                 }
+                // The destination's confirmation, when the link broke right after `commit`.
+                Frame::Resumed { .. } => {}
                 other => {
                     return Err(LinkError::Io(std::io::Error::other(format!(
                         "unexpected frame from the destination: {other:?}"
@@ -736,19 +755,31 @@ impl Sender<'_> {
         }
         self.link.flush(Duration::from_secs(30))?;
         let t_sent = t_pause.elapsed();
-        let load_us = loop {
-            match self.link.expect(Duration::from_secs(30), "resumed")? {
-                Frame::Resumed { load_us } => break load_us,
-                Frame::Fault(pages) => {
-                    // The guest can fault before our `resumed` arrives.
-                    let mut st = self.st();
-                    st.report.remote_faults += pages.len() as u64;
-                    st.faults.extend(pages.iter().copied());
-                    st.fault_events.extend(pages);
-                }
-                other => return Err(other_frame("resumed", other)),
-            }
+        let load_us = match self.link.expect(Duration::from_secs(30), "ready")? {
+            Frame::Ready { load_us } => load_us,
+            other => return Err(other_frame("ready", other)),
         };
+        // The point of no return: once `commit` may have left, the guest may run there, so it
+        // never runs here again (a lost link leaves it paused "in doubt", or in post-copy
+        // recovery).
+        self.committed = true;
+        let confirmed = self
+            .link
+            .send(&Frame::Commit)
+            .and_then(|_| self.link.flush(Duration::from_secs(30)))
+            .and_then(|_| self.await_resumed());
+        if let Err(e) = confirmed {
+            if mode == SwitchMode::Postcopy {
+                // The destination runs (or will not run) the guest; recovery finds out.
+                let mut st = self.st();
+                st.phase = Phase::Postcopy;
+                st.report.handover = "postcopy".into();
+                st.report.downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+                drop(st);
+                self.eviction_start = Some(Instant::now());
+            }
+            return Err(e);
+        }
         super::trace(format_args!(
             "switch-over: paused+harvest {t_harvest:?}, state {t_state:?}, sent {t_sent:?}, resumed {:?}",
             t_pause.elapsed()
@@ -769,6 +800,22 @@ impl Sender<'_> {
                 drop(st);
                 self.eviction_start = Some(Instant::now());
                 Ok(None)
+            }
+        }
+    }
+
+    /// After `commit`: the destination's `resumed` (faults can come first: the guest runs).
+    fn await_resumed(&mut self) -> Result<(), LinkError> {
+        loop {
+            match self.link.expect(Duration::from_secs(30), "resumed")? {
+                Frame::Resumed { .. } => return Ok(()),
+                Frame::Fault(pages) => {
+                    let mut st = self.st();
+                    st.report.remote_faults += pages.len() as u64;
+                    st.faults.extend(pages.iter().copied());
+                    st.fault_events.extend(pages);
+                }
+                other => return Err(other_frame("resumed", other)),
             }
         }
     }
@@ -795,11 +842,13 @@ impl Sender<'_> {
                     faults,
                     fault_mean_us,
                     fault_max_us,
+                    fault_p99_us,
                 } => {
                     let mut st = self.st();
                     st.report.remote_faults = st.report.remote_faults.max(faults);
                     st.report.fault_latency_mean_us = fault_mean_us;
                     st.report.fault_latency_max_us = fault_max_us;
+                    st.report.fault_latency_p99_us = fault_p99_us;
                     return Ok(Some(Outcome::Evicted));
                 }
                 // Faults racing with `done` are for pages already on their way.
@@ -863,11 +912,20 @@ impl Sender<'_> {
         match r {
             Ok(_) => st.phase = Phase::Completed,
             Err(e) => {
-                // Before the switch-over the source is intact: run it again.
-                let resumable = st.phase == Phase::Precopy;
+                // Before the commit the source is intact: run it again. After it, the guest
+                // may run at the destination: stay paused and say so.
+                let resumable = st.phase == Phase::Precopy && !self.committed;
                 st.phase = Phase::Failed;
                 let mut msg = e;
-                if self.paused && resumable {
+                if self.committed && st.report.handover != "postcopy" {
+                    st.in_doubt = true;
+                    msg = format!(
+                        "IN DOUBT: the hand-over was committed but the destination never \
+                         confirmed it ({msg}). The guest may be running there, so it stays \
+                         PAUSED here with its memory and state intact. If the destination does \
+                         not run it, resume it here with `spanvmm ctl resume`"
+                    );
+                } else if self.paused && resumable {
                     if let Err(re) = self.src.vm.resume() {
                         msg = format!("{msg}; resuming the source failed too: {re}");
                     }
