@@ -210,7 +210,7 @@ pub fn receive(
     let ram = Arc::new(GuestRam::new(mem).map_err(|e| e.to_string())?);
     let pages = mem / PAGE as u64;
     let dest = MigrationDest::new();
-    let mut written = vec![0u64; pages.div_ceil(64) as usize];
+    let mut writer = PageWriter::start(ram.clone(), dest.clone())?;
     let mut prepared = None;
     let fail = |e: LinkError| format!("incoming migration failed before the hand-over: {e}");
     loop {
@@ -219,47 +219,9 @@ pub fn receive(
             .map_err(fail)?
             .ok_or_else(|| fail(LinkError::Timeout(IDLE_TIMEOUT)))?;
         if ty == wire::T_PAGES {
-            let f = wire::decode_pages(payload).map_err(|e| fail(e.into()))?;
-            let (first, span) = (f.first, f.span as u64);
-            if first + span > pages {
-                return Err(fail(io(format!(
-                    "pages {first}+{span} run past guest memory"
-                ))));
+            if !writer.write(payload) {
+                return Err(fail(io(writer.finish().err().unwrap_or_default())));
             }
-            // Runs of data pages go into the memfd with one pwrite each: the kernel fills the
-            // page cache directly, without a page fault per page through the mapping.
-            let mut off = 0;
-            let mut n = 0;
-            let mut i = 0;
-            while i < span {
-                if !bit(&f.present, i) {
-                    i += 1;
-                    continue;
-                }
-                let p = first + i;
-                if bit(&f.zero, i) {
-                    n += 1;
-                    if bit(&written, p) {
-                        punch(&ram, p, 1).map_err(|e| fail(io(e)))?;
-                        clear_bit(&mut written, p);
-                    }
-                    i += 1;
-                    continue;
-                }
-                let mut j = i;
-                while j < span && bit(&f.present, j) && !bit(&f.zero, j) {
-                    set_bit(&mut written, first + j);
-                    j += 1;
-                }
-                let len = (j - i) as usize * PAGE;
-                ram.memfd()
-                    .write_all_at(&f.data[off..off + len], p * PAGE as u64)
-                    .map_err(|e| fail(io(format!("writing guest memory: {e}"))))?;
-                off += len;
-                n += j - i;
-                i = j;
-            }
-            dest.received.fetch_add(n, Ordering::Relaxed);
             continue;
         }
         let f = wire::decode(ty, payload).map_err(|e| fail(e.into()))?;
@@ -270,6 +232,12 @@ pub fn receive(
                 needed,
             } => {
                 let received_at = Instant::now();
+                // Every page before the state is in guest memory once the writer is done.
+                let written = writer.finish().map_err(|e| fail(io(e)))?;
+                super::trace(format_args!(
+                    "dest: state received, pages written after {:?}",
+                    received_at.elapsed()
+                ));
                 let mut arrived = Arrived {
                     ram: ram.clone(),
                     state,
@@ -327,7 +295,12 @@ pub fn receive(
                 arrived.link = Some(link);
                 return Ok(arrived);
             }
-            Frame::Sync => link.send(&Frame::Sync).map_err(fail)?,
+            Frame::Sync => {
+                if !writer.drain() {
+                    return Err(fail(io(writer.finish().err().unwrap_or_default())));
+                }
+                link.send(&Frame::Sync).map_err(fail)?
+            }
             Frame::Machine(json) => {
                 let machine: base_vmm::state::MachineConfig = serde_json::from_slice(&json)
                     .map_err(|e| fail(io(format!("machine description: {e}"))))?;
@@ -338,6 +311,148 @@ pub fn receive(
             other => return Err(fail(io(format!("unexpected frame {other:?}")))),
         }
     }
+}
+
+/// Pre-copy pages go into guest memory on a thread of their own: the receiving thread only
+/// decrypts and hands each `pages` payload over (in order, in recycled buffers), so the
+/// decryption and the page-cache writes run on two cores.
+struct PageWriter {
+    to_write: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    recycled: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// Buffers back from the writer, free.
+    free: Vec<Vec<u8>>,
+    /// Buffers queued or being written.
+    outstanding: usize,
+    thread: Option<std::thread::JoinHandle<Result<Vec<u64>, String>>>,
+}
+
+/// Payloads in flight between the receiver and the writer.
+const WRITE_BUFFERS: usize = 4;
+
+impl PageWriter {
+    fn start(ram: Arc<GuestRam>, dest: Arc<MigrationDest>) -> Result<Self, String> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITE_BUFFERS);
+        let (back, recycled) = std::sync::mpsc::sync_channel(WRITE_BUFFERS);
+        let thread = std::thread::Builder::new()
+            .name("migrate-write".into())
+            .spawn(move || {
+                let pages = ram.size() / PAGE as u64;
+                let mut written = vec![0u64; pages.div_ceil(64) as usize];
+                for payload in rx {
+                    let n = write_pages(&ram, &payload, &mut written)?;
+                    dest.received.fetch_add(n, Ordering::Relaxed);
+                    let _ = back.send(payload);
+                }
+                Ok(written)
+            })
+            .map_err(|e| format!("cannot start the page writer: {e}"))?;
+        Ok(PageWriter {
+            to_write: Some(tx),
+            recycled,
+            free: Vec::new(),
+            outstanding: 0,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a `pages` payload; false when the writer has stopped (see [`Self::finish`]).
+    fn write(&mut self, payload: &[u8]) -> bool {
+        while let Ok(b) = self.recycled.try_recv() {
+            self.outstanding -= 1;
+            self.free.push(b);
+        }
+        let mut buf = match self.free.pop() {
+            Some(b) => b,
+            None if self.outstanding <= WRITE_BUFFERS => Vec::with_capacity(wire::MAX_PAYLOAD),
+            None => match self.recycled.recv() {
+                Ok(b) => {
+                    self.outstanding -= 1;
+                    b
+                }
+                Err(_) => return false,
+            },
+        };
+        buf.clear();
+        buf.extend_from_slice(payload);
+        let sent = self
+            .to_write
+            .as_ref()
+            .is_some_and(|tx| tx.send(buf).is_ok());
+        self.outstanding += sent as usize;
+        sent
+    }
+
+    /// Waits until everything queued is written (before the source pauses the guest, so the
+    /// downtime does not wait for the pre-copy tail); false when the writer has stopped.
+    fn drain(&mut self) -> bool {
+        while self.outstanding > 0 {
+            match self.recycled.recv() {
+                Ok(b) => {
+                    self.outstanding -= 1;
+                    self.free.push(b);
+                }
+                Err(_) => return false,
+            }
+        }
+        // Few pages follow (stop-and-copy): give the memory back now, not in the downtime.
+        self.free.truncate(1);
+        true
+    }
+
+    /// Waits until every queued payload is written: which pages hold data, or why the writer
+    /// stopped.
+    fn finish(&mut self) -> Result<Vec<u64>, String> {
+        self.to_write = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err("the page writer panicked".into()),
+            None => Err("the page writer already finished".into()),
+        }
+    }
+}
+
+/// Writes one `pages` payload into guest memory; `written` tracks which pages hold data (a
+/// zero page over one is dropped from the memfd). Returns the pages it carried.
+fn write_pages(ram: &GuestRam, payload: &[u8], written: &mut [u64]) -> Result<u64, String> {
+    let f = wire::decode_pages(payload).map_err(|e| e.to_string())?;
+    let (first, span) = (f.first, f.span as u64);
+    if first + span > ram.size() / PAGE as u64 {
+        return Err(format!("pages {first}+{span} run past guest memory"));
+    }
+    // Runs of data pages go into the memfd with one pwrite each: the kernel fills the page
+    // cache directly, without a page fault per page through the mapping.
+    let mut off = 0;
+    let mut n = 0;
+    let mut i = 0;
+    while i < span {
+        if !bit(&f.present, i) {
+            i += 1;
+            continue;
+        }
+        let p = first + i;
+        if bit(&f.zero, i) {
+            n += 1;
+            if bit(written, p) {
+                punch(ram, p, 1)?;
+                clear_bit(written, p);
+            }
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j < span && bit(&f.present, j) && !bit(&f.zero, j) {
+            set_bit(written, first + j);
+            j += 1;
+        }
+        let len = (j - i) as usize * PAGE;
+        ram.memfd()
+            .write_all_at(&f.data[off..off + len], p * PAGE as u64)
+            .map_err(|e| format!("writing guest memory: {e}"))?;
+        off += len;
+        n += j - i;
+        i = j;
+    }
+    Ok(n)
 }
 
 /// Drops pages `[p, p+n)` from the memfd, so the next touch is a missing-page fault.
@@ -391,8 +506,12 @@ impl Arrived {
                 "connection cut by SPANVMM_MIGRATION_CUT=before-commit",
             ))));
         }
+        super::trace(format_args!("dest: ready after {load_us} µs"));
         match link.expect(Duration::from_secs(30), "commit") {
-            Ok(Frame::Commit) => {}
+            Ok(Frame::Commit) => super::trace(format_args!(
+                "dest: commit after {:?}",
+                self.received_at.elapsed()
+            )),
             Ok(other) => return Err(no(io(format!("expected commit, got {other:?}")))),
             Err(e) => return Err(no(e)),
         }

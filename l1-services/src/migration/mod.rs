@@ -93,7 +93,7 @@ pub(crate) fn count(words: &[u64]) -> u64 {
 
 /// Debug trace with wall-clock µs (comparable across source and destination), on stderr when
 /// `SPANVMM_MIGRATION_DEBUG` is set.
-pub(crate) fn trace(what: std::fmt::Arguments) {
+pub fn trace(what: std::fmt::Arguments) {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *ON.get_or_init(|| std::env::var_os("SPANVMM_MIGRATION_DEBUG").is_some()) {
         let t = std::time::SystemTime::now()
