@@ -219,7 +219,8 @@ pub fn receive(
             .map_err(fail)?
             .ok_or_else(|| fail(LinkError::Timeout(IDLE_TIMEOUT)))?;
         if ty == wire::T_PAGES {
-            if !writer.write(payload) {
+            let spare = writer.spare();
+            if !writer.write(link.take_last_frame(spare)) {
                 return Err(fail(io(writer.finish().err().unwrap_or_default())));
             }
             continue;
@@ -317,7 +318,7 @@ pub fn receive(
 /// decrypts and hands each `pages` payload over (in order, in recycled buffers), so the
 /// decryption and the page-cache writes run on two cores.
 struct PageWriter {
-    to_write: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    to_write: Option<std::sync::mpsc::SyncSender<(Vec<u8>, std::ops::Range<usize>)>>,
     recycled: std::sync::mpsc::Receiver<Vec<u8>>,
     /// Buffers back from the writer, free.
     free: Vec<Vec<u8>>,
@@ -331,17 +332,18 @@ const WRITE_BUFFERS: usize = 4;
 
 impl PageWriter {
     fn start(ram: Arc<GuestRam>, dest: Arc<MigrationDest>) -> Result<Self, String> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITE_BUFFERS);
+        let (tx, rx) =
+            std::sync::mpsc::sync_channel::<(Vec<u8>, std::ops::Range<usize>)>(WRITE_BUFFERS);
         let (back, recycled) = std::sync::mpsc::sync_channel(WRITE_BUFFERS);
         let thread = std::thread::Builder::new()
             .name("migrate-write".into())
             .spawn(move || {
                 let pages = ram.size() / PAGE as u64;
                 let mut written = vec![0u64; pages.div_ceil(64) as usize];
-                for payload in rx {
-                    let n = write_pages(&ram, &payload, &mut written)?;
+                for (buf, payload) in rx {
+                    let n = write_pages(&ram, &buf[payload], &mut written)?;
                     dest.received.fetch_add(n, Ordering::Relaxed);
-                    let _ = back.send(payload);
+                    let _ = back.send(buf);
                 }
                 Ok(written)
             })
@@ -355,25 +357,27 @@ impl PageWriter {
         })
     }
 
-    /// Queues a `pages` payload; false when the writer has stopped (see [`Self::finish`]).
-    fn write(&mut self, payload: &[u8]) -> bool {
+    /// A buffer for the link to receive into next (one back from the writer, or new).
+    fn spare(&mut self) -> Vec<u8> {
         while let Ok(b) = self.recycled.try_recv() {
             self.outstanding -= 1;
             self.free.push(b);
         }
-        let mut buf = match self.free.pop() {
-            Some(b) => b,
-            None if self.outstanding <= WRITE_BUFFERS => Vec::with_capacity(wire::MAX_PAYLOAD),
-            None => match self.recycled.recv() {
-                Ok(b) => {
-                    self.outstanding -= 1;
-                    b
-                }
-                Err(_) => return false,
-            },
-        };
-        buf.clear();
-        buf.extend_from_slice(payload);
+        if let Some(b) = self.free.pop() {
+            return b;
+        }
+        if self.outstanding >= WRITE_BUFFERS {
+            if let Ok(b) = self.recycled.recv() {
+                self.outstanding -= 1;
+                return b;
+            }
+        }
+        Vec::with_capacity(wire::MAX_PAYLOAD + (64 << 10))
+    }
+
+    /// Queues a buffer with a `pages` payload at the range; false when the writer has stopped
+    /// (see [`Self::finish`]).
+    fn write(&mut self, buf: (Vec<u8>, std::ops::Range<usize>)) -> bool {
         let sent = self
             .to_write
             .as_ref()

@@ -208,6 +208,7 @@ impl MigrationSource {
                     buf: Vec::with_capacity(3 << 20),
                     paused: false,
                     committed: false,
+                    data_run: (0, 0),
                     last_sample: Instant::now() - Duration::from_secs(1),
                     rate_mark: (Instant::now(), 0, 0),
                     throttle: (Instant::now(), 0),
@@ -400,6 +401,8 @@ struct Sender<'a> {
     paused: bool,
     /// `commit` went out: the guest must never run here again.
     committed: bool,
+    /// Bytes `[from, until)` of guest memory known to be data (not a hole), see `holes`.
+    data_run: (u64, u64),
     last_sample: Instant,
     rate_mark: (Instant, u64, u64),
     throttle: (Instant, u64),
@@ -427,8 +430,52 @@ impl Sender<'_> {
         head.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
     }
 
+    /// Pages of `[first, first+span)` (bit i = page first+i) that are holes in guest memory's
+    /// memfd: never written, so zero. A file system without SEEK_DATA reports no hole.
+    fn holes(&mut self, first: u64, span: u64) -> Vec<u64> {
+        use std::os::fd::AsRawFd;
+        let fd = self.ram.memfd().as_raw_fd();
+        let mut holes = vec![0u64; span.div_ceil(64) as usize];
+        let (start, end) = (first * PAGE as u64, (first + span) * PAGE as u64);
+        let mut off = start;
+        while off < end {
+            // Data stays data (nothing punches the source's memory): skip a known run, as
+            // SEEK_HOLE walks the whole run each time.
+            let (from, until) = self.data_run;
+            if (from..until).contains(&off) {
+                off = until.min(end);
+                continue;
+            }
+            // SAFETY: lseek on our own descriptor; it only moves the file offset.
+            let data = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
+            let data = if data < 0 {
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                    break; // unsupported or failed: everything counts as data
+                }
+                end // no data after `off`
+            } else {
+                (data as u64).min(end)
+            };
+            for p in off / PAGE as u64..data / PAGE as u64 {
+                set_bit(&mut holes, p - first);
+            }
+            if data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+            if hole < 0 {
+                break;
+            }
+            off = (hole as u64).next_multiple_of(PAGE as u64);
+            self.data_run = (data, off);
+        }
+        holes
+    }
+
     /// Sends the pages of `[first, first+span)` selected in `sel` (bit i = page first+i).
     fn send_batch(&mut self, first: u64, span: u64, sel: &[u64]) -> Result<u64, LinkError> {
+        let holes = self.holes(first, span);
         let nw = span.div_ceil(64) as usize;
         let page = |p: u64| -> &[u8] {
             // SAFETY: p < pages (batches never cross the end of guest RAM), so the page lies
@@ -436,12 +483,13 @@ impl Sender<'_> {
             // changes what is sent, and the dirty log has the page sent again.
             unsafe { std::slice::from_raw_parts(self.ram.host_base().add(p as usize * PAGE), PAGE) }
         };
-        // Pass 1: which pages are zero (they go as marker bits).
+        // Pass 1: which pages are zero (they go as marker bits). Holes in the memfd are zero
+        // without a look (reading one would allocate and clear a page).
         let mut zero = vec![0u64; nw];
         let (mut n, mut data_pages) = (0u64, 0u64);
         for i in (0..span).filter(|&i| bit(sel, i)) {
             n += 1;
-            if Self::is_zero(page(first + i)) {
+            if bit(&holes, i) || Self::is_zero(page(first + i)) {
                 set_bit(&mut zero, i);
             } else {
                 data_pages += 1;
