@@ -8,9 +8,10 @@ mod services;
 mod snapshot;
 
 use std::io::Write;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -47,7 +48,7 @@ enum Command {
     /// Start a VM, from a kernel or from a saved state.
     Run {
         /// Kernel: spanguest ELF, another PVH ELF, or a Linux bzImage.
-        #[arg(long, required_unless_present_any = ["restore", "takeover_fd", "incoming"])]
+        #[arg(long, required_unless_present_any = ["restore", "takeover_fd", "incoming", "standby"])]
         kernel: Option<PathBuf>,
         /// Kernel command line.
         #[arg(long, default_value = "")]
@@ -80,6 +81,10 @@ enum Command {
         /// With --restore: the key file of an encrypted snapshot.
         #[arg(long, requires = "restore")]
         key: Option<PathBuf>,
+        /// Prepare a VM of --memory MiB and --vcpus vCPUs, then wait for a snapshot to restore
+        /// into it (`ctl snapshot load`, `PUT /snapshot/load`); needs --api-socket.
+        #[arg(long, conflicts_with_all = ["kernel", "initrd", "restore", "incoming"], requires = "api_socket")]
+        standby: bool,
         /// Boot entry for kernels that offer several.
         #[arg(long, value_enum, default_value = "direct")]
         entry: Entry,
@@ -254,6 +259,7 @@ fn main() -> ExitCode {
             paused,
             lazy,
             key,
+            standby,
             entry,
             plugins,
             takeover_fd,
@@ -263,6 +269,10 @@ fn main() -> ExitCode {
         } => {
             let source = match (takeover_fd, restore, kernel) {
                 (Some(fd), _, _) => Source::Takeover(fd),
+                _ if standby => Source::Standby {
+                    mem_mib: memory,
+                    vcpus,
+                },
                 _ if incoming.is_some() => Source::Incoming {
                     addr: incoming.unwrap_or_default(),
                     tls_dir: tls_dir.unwrap_or_default(),
@@ -345,6 +355,10 @@ enum Source {
         key: Option<PathBuf>,
     },
     Takeover(i32),
+    Standby {
+        mem_mib: u64,
+        vcpus: usize,
+    },
     Incoming {
         addr: String,
         tls_dir: PathBuf,
@@ -378,6 +392,12 @@ fn run(
             }
         }
     });
+    // A standby VMM answers its API before there is a VM; the others start serving once the
+    // VM runs (a live update's listener comes from the old process).
+    let mut api = ApiServing::default();
+    if matches!(source, Source::Standby { .. }) {
+        api.start(listener.take(), &tx)?;
+    }
     let (mut vmm, manager) = match source {
         Source::Boot(cfg) => {
             let vmm = Vmm::boot(&cfg, vcpu_tx)?;
@@ -405,6 +425,19 @@ fn run(
             serial = t.serial;
             (t.vmm, t.manager)
         }
+        Source::Standby { mem_mib, vcpus } => {
+            match standby(mem_mib, vcpus, &serial, vcpu_tx, &rx)? {
+                Some(vmm) => {
+                    let manager = services::manager_for(&vmm)?;
+                    manager.lifecycle(Lifecycle::Restored);
+                    (vmm, manager)
+                }
+                None => {
+                    api.remove_socket();
+                    return Ok(0);
+                }
+            }
+        }
         Source::Incoming {
             addr,
             tls_dir,
@@ -425,24 +458,7 @@ fn run(
             anyhow::bail!("--plugin {path}: {e}");
         }
     }
-    // The socket's path, to remove it at exit (a taken-over listener knows its own path).
-    let socket_path = listener
-        .as_ref()
-        .and_then(|l| l.local_addr().ok())
-        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
-    let handover_listener = listener.as_ref().map(|l| l.try_clone()).transpose()?;
-    if let Some(listener) = listener {
-        let (api_tx, api_rx) = mpsc::channel::<ApiCall>();
-        api::serve(listener, api_tx);
-        let fwd = tx.clone();
-        std::thread::spawn(move || {
-            for call in api_rx {
-                if fwd.send(Msg::Api(call)).is_err() {
-                    break;
-                }
-            }
-        });
-    }
+    api.start(listener, &tx)?;
     drop(tx);
     let mut handed_over = false;
     let mut moved_at: Option<Instant> = None;
@@ -493,7 +509,7 @@ fn run(
                     &manager,
                     &binary,
                     &serial,
-                    handover_listener.as_ref(),
+                    api.handover.as_ref(),
                     Duration::from_millis(timeout_ms),
                 );
                 match r {
@@ -553,10 +569,129 @@ fn run(
         }
     }
     vmm.shutdown();
-    if let Some(p) = socket_path {
-        let _ = std::fs::remove_file(p);
-    }
+    api.remove_socket();
     Ok(code)
+}
+
+/// The API listener once it serves: its socket path (removed at exit; a taken-over listener
+/// knows its own) and a second handle for a live update's new process.
+#[derive(Default)]
+struct ApiServing {
+    socket_path: Option<PathBuf>,
+    handover: Option<UnixListener>,
+}
+
+impl ApiServing {
+    /// Serves `listener` (if any, and unless serving already), forwarding calls into `tx`.
+    fn start(&mut self, listener: Option<UnixListener>, tx: &Sender<Msg>) -> anyhow::Result<()> {
+        let Some(listener) = listener else {
+            return Ok(());
+        };
+        self.socket_path = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+        self.handover = Some(listener.try_clone()?);
+        let (api_tx, api_rx) = mpsc::channel::<ApiCall>();
+        api::serve(listener, api_tx);
+        let fwd = tx.clone();
+        std::thread::spawn(move || {
+            for call in api_rx {
+                if fwd.send(Msg::Api(call)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn remove_socket(&self) {
+        if let Some(p) = &self.socket_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A standby VMM: prepares a VM of the given shape, then serves the API until a snapshot is
+/// loaded into it (returns the running VM) or it is shut down (returns `None`). A refused
+/// snapshot leaves the prepared VM as it was; one that failed while loading costs a fresh one.
+fn standby(
+    mem_mib: u64,
+    vcpus: usize,
+    serial: &str,
+    vcpu_tx: Sender<VcpuEvent>,
+    rx: &Receiver<Msg>,
+) -> anyhow::Result<Option<Vmm>> {
+    let prepare = || Vmm::standby(mem_mib, vcpus).context("preparing the standby VM");
+    let mut ready = prepare()?;
+    loop {
+        let (req, reply, written) = match rx.recv() {
+            Ok(Msg::Api(call)) => call,
+            Ok(Msg::Vcpu(_)) => continue,
+            Err(_) => return Ok(None),
+        };
+        let answer = match req {
+            ApiRequest::Status => Ok(json!({
+                "state": "standby",
+                "memory_mib": mem_mib,
+                "vcpus": vcpus,
+                "pid": std::process::id(),
+            })),
+            ApiRequest::Shutdown => {
+                let _ = reply.send(Ok(json!({"state": "shutdown"})));
+                let _ = written.recv_timeout(Duration::from_secs(5));
+                return Ok(None);
+            }
+            ApiRequest::Snapshot(snapshot::SnapshotRequest::Load(b)) => {
+                let t = Instant::now();
+                let key = match b
+                    .key_file
+                    .as_deref()
+                    .map(base_vmm::snapshot::SnapshotKey::from_file)
+                    .transpose()
+                {
+                    Ok(k) => k,
+                    Err(e) => {
+                        let _ = reply.send(Err((400, e.to_string())));
+                        continue;
+                    }
+                };
+                match ready.adopt(
+                    &b.dir,
+                    serial,
+                    vcpu_tx.clone(),
+                    b.paused,
+                    b.lazy,
+                    key.as_ref(),
+                ) {
+                    Ok(vmm) => {
+                        let _ = reply.send(Ok(json!({
+                            "state": if b.paused { "paused" } else { "running" },
+                            "dir": b.dir,
+                            "ms": t.elapsed().as_secs_f64() * 1e3,
+                        })));
+                        return Ok(Some(vmm));
+                    }
+                    Err(e) => {
+                        ready = match e.standby {
+                            Some(untouched) => *untouched,
+                            None => prepare()?,
+                        };
+                        Err((
+                            400,
+                            format!("cannot restore {}: {}", b.dir.display(), e.error),
+                        ))
+                    }
+                }
+            }
+            _ => Err((
+                409,
+                "this VMM is on standby with no VM yet: load a snapshot first (PUT /snapshot/load)"
+                    .into(),
+            )),
+        };
+        let _ = reply.send(answer);
+    }
 }
 
 fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult {

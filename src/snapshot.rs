@@ -86,6 +86,22 @@ pub enum CtlSnapshotOp {
         #[arg(long)]
         plugin: Option<PathBuf>,
     },
+    /// Restore a snapshot into this VMM, started with `run --standby` (what a fresh process
+    /// would do with `run --restore`, minus the set-up already done).
+    Load {
+        /// Layer directory (the top of the chain).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Run at once; guest memory comes in on first touch and in the background.
+        #[arg(long)]
+        lazy: bool,
+        /// Stay paused until `ctl resume`.
+        #[arg(long, conflicts_with = "lazy")]
+        paused: bool,
+        /// Key file of an encrypted snapshot.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
     /// Progress of the current snapshot.
     Status,
     /// Write incremental layers in the background (`DIR/layer-NNNN`), at an interval adapted
@@ -171,6 +187,25 @@ pub enum SnapshotRequest {
     },
     /// `GET /snapshot/secrets`
     Secrets,
+    /// `PUT /snapshot/load`: only a standby VMM (`run --standby`) serves it.
+    Load(LoadBody),
+}
+
+/// Body of `PUT /snapshot/load`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBody {
+    /// Top layer of the snapshot.
+    pub dir: PathBuf,
+    /// Run at once, memory on first touch.
+    #[serde(default)]
+    pub lazy: bool,
+    /// Stay paused.
+    #[serde(default)]
+    pub paused: bool,
+    /// Key file of an encrypted snapshot.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// Body of `PUT /snapshot/create`.
@@ -259,9 +294,23 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<SnapshotRequest, (
             }
         }
         ("/snapshot/secrets", "GET") => SnapshotRequest::Secrets,
+        ("/snapshot/load", _) if put => {
+            let b: LoadBody = parse_body(body)?;
+            if [Some(&b.dir), b.key_file.as_ref()]
+                .into_iter()
+                .flatten()
+                .any(|p| !p.is_absolute())
+            {
+                return Err((400, "dir and key_file must be absolute paths".into()));
+            }
+            if b.lazy && b.paused {
+                return Err((400, "a lazy restore runs at once: not with paused".into()));
+            }
+            SnapshotRequest::Load(b)
+        }
         (
             "/snapshot/create" | "/snapshot/status" | "/snapshot/secret" | "/snapshot/secrets"
-            | "/snapshot/periodic" | "/snapshot/evict",
+            | "/snapshot/periodic" | "/snapshot/evict" | "/snapshot/load",
             m,
         ) => return Err((405, format!("method {m} is not allowed on {path}"))),
         _ => return Err((404, format!("no such endpoint: {path}"))),
@@ -360,6 +409,11 @@ pub fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: SnapshotRequest) -> 
             Ok(json!({ "secrets": vmm.control().secrets() }))
         }
         SnapshotRequest::Secrets => Ok(json!({ "secrets": vmm.control().secrets() })),
+        SnapshotRequest::Load(_) => Err((
+            409,
+            "a VM already runs in this process: load a snapshot into a `spanvmm run --standby` VMM"
+                .into(),
+        )),
     }
 }
 
@@ -484,6 +538,20 @@ pub fn ctl(socket: &Path, op: CtlSnapshotOp) -> anyhow::Result<()> {
             checked(socket, "PUT", "/vm/shutdown", None)?;
             v["evict_ms"] = json!(t.elapsed().as_secs_f64() * 1e3);
             v
+        }
+        CtlSnapshotOp::Load {
+            dir,
+            lazy,
+            paused,
+            key,
+        } => {
+            let body = json!({
+                "dir": abs(&dir)?,
+                "lazy": lazy,
+                "paused": paused,
+                "key_file": abs_opt(key)?,
+            });
+            checked(socket, "PUT", "/snapshot/load", Some(&body))?
         }
         CtlSnapshotOp::Status => checked(socket, "GET", "/snapshot/status", None)?,
         CtlSnapshotOp::Secret { op } => match op {

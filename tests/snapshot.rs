@@ -321,3 +321,63 @@ fn eviction_after_periodic_layers_writes_only_recent_pages() {
     let back = restore("evicted", &ev, &[]);
     back.assert_verify_clean(1);
 }
+
+/// `run --standby` prepares a VM ahead; `ctl snapshot load` restores into it. A snapshot that
+/// fails its checks, or does not fit, is refused and leaves the standby VMM ready for the next.
+#[test]
+fn a_standby_vmm_adopts_a_snapshot_and_survives_refused_ones() {
+    let vm = VmProcess::boot(
+        "standby-src",
+        "workload=dirty,verify mib=32 wss=4 rate=20000 report_ms=100 stall_us=1000",
+        256,
+        1,
+    );
+    let root = TempDir::new("standby");
+    let good = root.0.join("good");
+    vm.ctl_ok(&["save", "--dir", s(&good)]);
+    vm.ctl_ok(&["shutdown"]);
+    // A copy whose state file is damaged.
+    let bad = root.0.join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    for f in ["state", "memory"] {
+        std::fs::copy(good.join(f), bad.join(f)).unwrap();
+    }
+    let mut state = std::fs::read(bad.join("state")).unwrap();
+    let mid = state.len() / 2;
+    state[mid] ^= 0x55;
+    std::fs::write(bad.join("state"), state).unwrap();
+
+    let standby = VmProcess::start("standby", &["--standby", "--memory", "256"]);
+    let t = std::time::Instant::now();
+    let status = loop {
+        match standby.ctl(&["status"]) {
+            (true, out) => break json(&out),
+            _ if t.elapsed() < T => std::thread::sleep(Duration::from_millis(20)),
+            (false, e) => panic!("standby VMM never answered: {e}\n{}", standby.stderr()),
+        }
+    };
+    assert_eq!(status["state"], "standby", "{status}");
+    // Nothing but status, shutdown and load before a VM exists.
+    let (ok, out) = standby.ctl(&["pause"]);
+    assert!(!ok && out.contains("standby"), "{out}");
+    let (ok, out) = standby.ctl(&["snapshot", "load", "--dir", s(&bad), "--lazy"]);
+    assert!(!ok && out.contains("checksum"), "{out}");
+    // A snapshot of another shape (a 128 MiB guest) is refused the same way.
+    let small = VmProcess::boot("standby-small", "workload=idle", 128, 1);
+    let other = root.0.join("other");
+    small.ctl_ok(&["save", "--dir", s(&other)]);
+    drop(small);
+    let (ok, out) = standby.ctl(&["snapshot", "load", "--dir", s(&other)]);
+    assert!(!ok && out.contains("prepared for 256 MiB"), "{out}");
+
+    let r = json(&standby.ctl_ok(&["snapshot", "load", "--dir", s(&good), "--lazy"]));
+    assert_eq!(r["state"], "running", "{r}");
+    eprintln!("standby load: {} ms in the VMM", r["ms"]);
+    let gap = num(&standby.wait_line("SPANGUEST stall", T), "us");
+    eprintln!("standby: restored guest reports a {gap} µs gap");
+    standby.wait_line_from(standby.mark(), "SPANGUEST stat", T);
+    standby.assert_verify_clean(1);
+    // A second load into the now running VM is refused.
+    let (ok, out) = standby.ctl(&["snapshot", "load", "--dir", s(&good)]);
+    assert!(!ok && out.contains("already runs"), "{out}");
+}

@@ -102,6 +102,13 @@ impl LazyLoader {
         let thread = std::thread::Builder::new()
             .name("lazy-load".into())
             .spawn(move || {
+                // The background copy is the least urgent work in the process: the vCPUs
+                // (and this thread's own fault service, which runs while they wait) come
+                // first. Failure only costs start-up speed.
+                // SAFETY: plain syscalls on this thread.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+                }
                 let r = Loader {
                     chain: &chain,
                     uffd: &uffd,

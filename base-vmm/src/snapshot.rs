@@ -514,7 +514,7 @@ impl LayerWriter {
                 Some(ParentRef {
                     dir: p,
                     id: layer.manifest.id.clone(),
-                    state_sha256: layer.state_sha256.clone(),
+                    state_sha256: layer.state_sha256.clone().unwrap_or_default(),
                 })
             }
         };
@@ -770,8 +770,8 @@ struct Run {
     count: u64,
     data: bool,
     round: u32,
-    /// Index of the run's first check in the layer's `checks`.
-    first_check: usize,
+    /// Offset of the run's first check (16 bytes each) in the payload.
+    checks_at: usize,
 }
 
 /// Parsed state file of one layer.
@@ -779,7 +779,9 @@ pub struct ParsedState {
     /// The manifest.
     pub manifest: LayerManifest,
     runs: Vec<Run>,
-    checks: Vec<[u8; 16]>,
+    /// The payload when it had to be decrypted; `None`: it is the file's bytes after the
+    /// header (the checks are read in place rather than copied: a restore waits for this).
+    decrypted: Option<Vec<u8>>,
     salt: [u8; 12],
     encrypted: bool,
 }
@@ -867,14 +869,16 @@ pub fn parse_state(
             .map_err(|_| {
                 keyerr("authentication failed: the state file was tampered with (or damaged)")
             })?;
-        pt
+        Some(pt)
     } else {
         if key.is_some() {
             log::info!("{}: not encrypted; the key is not needed", path.display());
         }
-        body.to_vec()
+        None
     };
-    parse_payload(&payload, path, salt, encrypted)
+    let mut parsed = parse_payload(payload.as_deref().unwrap_or(body), path, salt, encrypted)?;
+    parsed.decrypted = payload;
+    Ok(parsed)
 }
 
 fn parse_payload(
@@ -907,7 +911,6 @@ fn parse_payload(
     let pages = m.mem_bytes / PAGE_SIZE;
     let mut rest = &payload[4 + jlen..];
     let mut runs = Vec::new();
-    let mut checks = Vec::new();
     let mut next = 0u64;
     while !rest.is_empty() {
         if rest.len() < RUN_HEADER {
@@ -929,17 +932,12 @@ fn parse_payload(
             )));
         }
         let data = kind == 1;
-        let first_check = checks.len();
+        let checks_at = payload.len() - rest.len();
         if data {
             let need = count as usize * 16;
             if rest.len() < need {
                 return Err(bad("index ends inside a run's checks".into()));
             }
-            checks.extend(
-                rest[..need]
-                    .chunks_exact(16)
-                    .map(|c| <[u8; 16]>::try_from(c).unwrap_or([0; 16])),
-            );
             rest = &rest[need..];
         }
         runs.push(Run {
@@ -947,17 +945,86 @@ fn parse_payload(
             count,
             data,
             round,
-            first_check,
+            checks_at,
         });
         next = start + count;
     }
     Ok(ParsedState {
         manifest,
         runs,
-        checks,
+        decrypted: None,
         salt,
         encrypted,
     })
+}
+
+/// A state file's bytes, read into memory populated in one call (a restore waits for them,
+/// and a multi-MiB read into fresh heap memory takes a page fault per page, which is slow on
+/// these hosts), or owned (decrypted, or small). Not a mapping of the file itself: a file
+/// truncated under a mapping would kill the process.
+enum StateBytes {
+    Mapped { addr: *mut libc::c_void, len: usize },
+    Owned(Vec<u8>),
+}
+
+// SAFETY: the memory is private to this value and only read after `read` filled it.
+unsafe impl Send for StateBytes {}
+// SAFETY: as above, shared reads only.
+unsafe impl Sync for StateBytes {}
+
+impl StateBytes {
+    fn read(path: &Path) -> std::io::Result<Self> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        if len == 0 || len > MAX_PAYLOAD + HEADER_LEN as u64 + 16 {
+            // Empty or oversized: let the parser say what is wrong with it.
+            return std::fs::read(path).map(StateBytes::Owned);
+        }
+        // SAFETY: fresh anonymous memory, owned by the value returned; unmapped on drop.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return std::fs::read(path).map(StateBytes::Owned);
+        }
+        let bytes = StateBytes::Mapped {
+            addr,
+            len: len as usize,
+        };
+        // SAFETY: the memory was just mapped writable for `len` bytes and nothing else sees it.
+        let buf = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len as usize) };
+        file.read_exact_at(buf, 0)?;
+        Ok(bytes)
+    }
+}
+
+impl std::ops::Deref for StateBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            // SAFETY: the memory lives as long as self and was filled by `read`.
+            StateBytes::Mapped { addr, len } => unsafe {
+                std::slice::from_raw_parts(*addr as *const u8, *len)
+            },
+            StateBytes::Owned(v) => v,
+        }
+    }
+}
+
+impl Drop for StateBytes {
+    fn drop(&mut self) {
+        if let StateBytes::Mapped { addr, len } = *self {
+            // SAFETY: unmapping our own mapping, once.
+            unsafe { libc::munmap(addr, len) };
+        }
+    }
 }
 
 /// One opened, checked layer.
@@ -966,10 +1033,14 @@ pub struct Layer {
     pub dir: PathBuf,
     /// Its manifest.
     pub manifest: LayerManifest,
-    /// SHA-256 of its state file (what a child records).
-    pub state_sha256: String,
+    /// SHA-256 of its state file (what a child records): computed for layers opened as a
+    /// parent ([`Layer::open`]), not for the top of a chain being restored (its CRC or AEAD
+    /// tag already vouches for it, and a restore should not wait for a hash it never uses).
+    pub state_sha256: Option<String>,
     runs: Vec<Run>,
-    checks: Vec<[u8; 16]>,
+    /// The payload (index with the checks) starts at `payload_at`.
+    payload: StateBytes,
+    payload_at: usize,
     salt: [u8; 12],
     key: Option<SnapshotKey>,
     memory: File,
@@ -978,8 +1049,16 @@ pub struct Layer {
 impl Layer {
     /// Opens the layer in `dir`: state file checked and parsed, memory file sized right.
     pub fn open(dir: &Path, key: Option<&SnapshotKey>) -> Result<Self, SnapshotError> {
+        Self::open_inner(dir, key, true)
+    }
+
+    fn open_inner(
+        dir: &Path,
+        key: Option<&SnapshotKey>,
+        identity: bool,
+    ) -> Result<Self, SnapshotError> {
         let state = dir.join(STATE_FILE);
-        let bytes = std::fs::read(&state).map_err(|e| match e.kind() {
+        let bytes = StateBytes::read(&state).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => invalid(dir, "no snapshot here (no state file)"),
             _ => io_at(&state)(e),
         })?;
@@ -1007,18 +1086,27 @@ impl Layer {
         Ok(Layer {
             dir: dir.to_path_buf(),
             manifest: parsed.manifest,
-            state_sha256: hex(&Sha256::digest(&bytes)),
+            state_sha256: identity.then(|| hex(&Sha256::digest(&*bytes))),
             runs: parsed.runs,
-            checks: parsed.checks,
+            payload_at: if parsed.decrypted.is_some() {
+                0
+            } else {
+                HEADER_LEN
+            },
+            payload: parsed.decrypted.map_or(bytes, StateBytes::Owned),
             salt: parsed.salt,
             key: if parsed.encrypted { key.cloned() } else { None },
             memory,
         })
     }
 
-    /// Checks (and decrypts) page `page`, whose bytes read from the file are in `buf`.
+    /// Checks (and decrypts) page `page`, whose bytes read from the file are in `buf`; its
+    /// check is at payload offset `slot`.
     fn check_page(&self, page: u64, slot: usize, round: u32, buf: &mut [u8]) -> Result<(), String> {
-        let want = self.checks[slot];
+        let at = self.payload_at + slot;
+        let want: [u8; 16] = self.payload[at..at + 16]
+            .try_into()
+            .expect("parse_payload checked that every check lies inside the payload");
         match &self.key {
             None => {
                 if page_check(buf) != want {
@@ -1076,7 +1164,7 @@ impl Chain {
     /// Opens the layer in `dir` and its ancestors, checking every link (parent id and state
     /// file checksum), version, key and expiry, before anything is restored.
     pub fn open(dir: &Path, key: Option<&SnapshotKey>) -> Result<Self, SnapshotError> {
-        let mut layers = vec![Layer::open(dir, key)?];
+        let mut layers = vec![Layer::open_inner(dir, key, false)?];
         while let Some(parent) = layers.last().and_then(|l| l.manifest.parent.clone()) {
             if layers.len() >= MAX_CHAIN {
                 return Err(SnapshotError::Chain(format!(
@@ -1091,7 +1179,7 @@ impl Chain {
             let p = Layer::open(&parent.dir, key).map_err(|e| {
                 SnapshotError::Chain(format!("parent {} of {child}: {e}", parent.dir.display()))
             })?;
-            if p.manifest.id != parent.id || p.state_sha256 != parent.state_sha256 {
+            if p.manifest.id != parent.id || p.state_sha256.as_ref() != Some(&parent.state_sha256) {
                 return Err(SnapshotError::Chain(format!(
                     "{} is not the parent {child} was taken on (layer id or state checksum differ: \
                      it was replaced or modified)",
@@ -1117,7 +1205,7 @@ impl Chain {
                     let p = (r.start + i) as usize;
                     if r.data {
                         owner[p] = li as u8;
-                        slot[p] = (r.first_check + i as usize) as u32;
+                        slot[p] = (r.checks_at + 16 * i as usize) as u32;
                         round[p] = r.round;
                     } else {
                         owner[p] = NONE;
@@ -1218,7 +1306,9 @@ impl Chain {
         Ok(())
     }
 
-    /// Loads the whole chain into fresh (zero) guest memory, checking every page.
+    /// Loads the whole chain into fresh (zero) guest memory, checking every page. The work is
+    /// spread over the host's cores in 16 MiB pieces, and each piece's guest pages are
+    /// populated in one call first (per-page faults during the copy cost more than the copy).
     pub fn load_into(&self, ram: &GuestRam) -> Result<(), String> {
         if ram.size() != self.mem_bytes() {
             return Err(format!(
@@ -1227,22 +1317,51 @@ impl Chain {
                 self.mem_bytes()
             ));
         }
-        for (a, b) in self.data_extents() {
-            let mut p = a;
-            while p < b {
-                let q = (p + 4096).min(b);
+        const PIECE: u64 = 4096;
+        let pieces: Vec<(u64, u64)> = self
+            .data_extents()
+            .into_iter()
+            .flat_map(|(a, b)| {
+                (a..b)
+                    .step_by(PIECE as usize)
+                    .map(move |p| (p, (p + PIECE).min(b)))
+            })
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let base = ram.host_base() as usize;
+        let load = || -> Result<(), String> {
+            while let Some(&(p, q)) =
+                pieces.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            {
+                let (addr, len) = (
+                    base + (p * PAGE_SIZE) as usize,
+                    ((q - p) * PAGE_SIZE) as usize,
+                );
                 // SAFETY: [p, q) lies inside guest memory (the sizes match, checked above);
-                // nothing runs on this RAM while it is loaded.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        ram.host_base().add((p * PAGE_SIZE) as usize),
-                        ((q - p) * PAGE_SIZE) as usize,
-                    )
-                };
-                self.read_pages(p, q - p, dst, false)?;
-                p = q;
+                // pieces do not overlap and nothing else touches this RAM while it is loaded.
+                let dst = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
+                // SAFETY: advice on our own mapping; failure (an older kernel) only costs speed.
+                unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+                if let Err(e) = self.read_pages(p, q - p, dst, false) {
+                    // A bad page ends the load: the other threads find no more pieces.
+                    next.store(pieces.len(), std::sync::atomic::Ordering::Relaxed);
+                    return Err(e);
+                }
             }
-        }
+            Ok(())
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        std::thread::scope(|s| {
+            let helpers: Vec<_> = (1..threads).map(|_| s.spawn(load)).collect();
+            let mut r = load();
+            for h in helpers {
+                let h = h
+                    .join()
+                    .unwrap_or_else(|_| Err("a loader thread panicked".into()));
+                r = r.and(h);
+            }
+            r
+        })?;
         // Loading is not the guest's doing: start the VMM's dirty log clean.
         ram.take_vmm_dirty();
         Ok(())

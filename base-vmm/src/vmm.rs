@@ -317,6 +317,109 @@ impl PreparedVm {
     }
 }
 
+/// Opens and checks the snapshot chain ending in `dir`; returns it with its VM state.
+fn open_snapshot(dir: &Path, key: Option<&SnapshotKey>) -> Result<(Chain, VmState), VmmError> {
+    let chain = Chain::open(dir, key)?;
+    // The state is parsed again from the chain's own copy so that the chain can move.
+    let state: VmState = serde_json::from_value(
+        serde_json::to_value(chain.vm_state()).map_err(|e| VmmError::Config(e.to_string()))?,
+    )
+    .map_err(|e| VmmError::Config(e.to_string()))?;
+    Ok((chain, state))
+}
+
+/// Fills fresh guest RAM from `chain`: all of it now (checked page by page), or, with `lazy`,
+/// on first touch and in the background.
+fn load_memory(
+    ram: &Arc<GuestRam>,
+    chain: Chain,
+    lazy: bool,
+    dir: &Path,
+) -> Result<Option<LazyLoader>, VmmError> {
+    if lazy {
+        return LazyLoader::start(ram, chain)
+            .map(Some)
+            .map_err(|e| VmmError::Conflict(format!("lazy restore: {e}")));
+    }
+    chain.load_into(ram).map_err(|why| {
+        VmmError::Snapshot(SnapshotError::Invalid {
+            path: dir.display().to_string(),
+            why,
+        })
+    })?;
+    Ok(None)
+}
+
+/// A VM prepared ahead of a restore (Firecracker's "load snapshot" into a started process):
+/// see [`Vmm::standby`].
+pub struct StandbyVm {
+    prepared: PreparedVm,
+    ram: Arc<GuestRam>,
+}
+
+/// Why [`StandbyVm::adopt`] failed, and whether the standby VM is still usable.
+pub struct AdoptError {
+    /// The cause.
+    pub error: VmmError,
+    /// The standby VM, untouched, when the snapshot was refused before anything was loaded;
+    /// `None` when loading had begun (the caller prepares a fresh one).
+    pub standby: Option<Box<StandbyVm>>,
+}
+
+impl StandbyVm {
+    /// Guest memory in bytes and vCPU count this VM was prepared with.
+    pub fn shape(&self) -> (u64, usize) {
+        (self.prepared.machine.mem_bytes, self.prepared.machine.vcpus)
+    }
+
+    /// Restores the snapshot in `dir` into this VM and runs it (or leaves it paused), as
+    /// [`Vmm::restore`] does in a new process. A snapshot of another shape, or one that fails
+    /// the chain's checks, is refused before guest memory is touched.
+    pub fn adopt(
+        self,
+        dir: &Path,
+        serial_spec: &str,
+        events: Sender<VcpuEvent>,
+        start_paused: bool,
+        lazy: bool,
+        key: Option<&SnapshotKey>,
+    ) -> Result<Vmm, AdoptError> {
+        let (chain, state) = match open_snapshot(dir, key) {
+            Ok(cs) => cs,
+            Err(error) => {
+                return Err(AdoptError {
+                    error,
+                    standby: Some(Box::new(self)),
+                })
+            }
+        };
+        let (mem, vcpus) = self.shape();
+        if state.machine.mem_bytes != mem || state.machine.vcpus != vcpus {
+            return Err(AdoptError {
+                error: VmmError::Config(format!(
+                    "the snapshot's VM has {} MiB and {} vCPUs; this standby VMM was prepared for {} MiB and {vcpus}",
+                    state.machine.mem_bytes >> 20,
+                    state.machine.vcpus,
+                    mem >> 20
+                )),
+                standby: Some(Box::new(self)),
+            });
+        }
+        let lost = |error| AdoptError {
+            error,
+            standby: None,
+        };
+        let loader = load_memory(&self.ram, chain, lazy, dir).map_err(lost)?;
+        let mut prepared = self.prepared;
+        prepared.machine = state.machine.clone();
+        let mut vmm = prepared
+            .finish(&state, serial_spec, events, start_paused)
+            .map_err(lost)?;
+        vmm.lazy = loader;
+        Ok(vmm)
+    }
+}
+
 /// A running VM.
 pub struct Vmm {
     ctl: Arc<VmControl>,
@@ -451,31 +554,30 @@ impl Vmm {
         lazy: bool,
         key: Option<&SnapshotKey>,
     ) -> Result<Self, VmmError> {
-        let chain = Chain::open(dir, key)?;
-        // The state is parsed again from the chain's own copy so that the chain can move.
-        let state: VmState = serde_json::from_value(
-            serde_json::to_value(chain.vm_state()).map_err(|e| VmmError::Config(e.to_string()))?,
-        )
-        .map_err(|e| VmmError::Config(e.to_string()))?;
+        let (chain, state) = open_snapshot(dir, key)?;
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
-        let loader = if lazy {
-            Some(
-                LazyLoader::start(&ram, chain)
-                    .map_err(|e| VmmError::Conflict(format!("lazy restore: {e}")))?,
-            )
-        } else {
-            chain.load_into(&ram).map_err(|why| {
-                VmmError::Snapshot(SnapshotError::Invalid {
-                    path: dir.display().to_string(),
-                    why,
-                })
-            })?;
-            None
-        };
+        let loader = load_memory(&ram, chain, lazy, dir)?;
         let mut vmm =
             Vmm::prepare(ram, &state.machine)?.finish(&state, serial_spec, events, start_paused)?;
         vmm.lazy = loader;
         Ok(vmm)
+    }
+
+    /// A VM made ready for a snapshot not chosen yet: guest RAM, the KVM VM with its memslot
+    /// and `vcpus` vCPUs — everything a restore does that does not depend on the snapshot's
+    /// contents, so that [`StandbyVm::adopt`] only checks, loads and starts.
+    pub fn standby(mem_mib: u64, vcpus: usize) -> Result<StandbyVm, VmmError> {
+        let machine = MachineConfig {
+            mem_bytes: mem_mib << 20,
+            vcpus,
+            tsc_khz: 0,
+            cmdline: String::new(),
+        };
+        let ram = Arc::new(GuestRam::new(machine.mem_bytes)?);
+        Ok(StandbyVm {
+            prepared: Vmm::prepare(ram.clone(), &machine)?,
+            ram,
+        })
     }
 
     /// Progress of a lazy restore, if this VM came from one.
