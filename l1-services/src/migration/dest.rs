@@ -197,7 +197,9 @@ fn accept_source(
 }
 
 /// Receives a VM on `listener`: blocks until the source hands over (or fails). Returns the
-/// guest's memory and state; build the VM from them, then call [`Arrived::running`].
+/// guest's memory and state; build the VM from them (vCPUs paused), call [`Arrived::commit`],
+/// and only if it succeeds run the vCPUs and call [`Arrived::running`] (else
+/// [`Arrived::abort`] or drop).
 pub fn receive(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
@@ -235,6 +237,8 @@ pub fn receive(
                 let received_at = Instant::now();
                 // Every page before the state is in guest memory once the writer is done.
                 let written = writer.finish().map_err(|e| fail(io(e)))?;
+                // Its buffers go back to the system off the downtime's path.
+                let _ = std::thread::Builder::new().spawn(move || drop(writer));
                 super::trace(format_args!(
                     "dest: state received, pages written after {:?}",
                     received_at.elapsed()

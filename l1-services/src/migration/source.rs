@@ -208,7 +208,7 @@ impl MigrationSource {
                     buf: Vec::with_capacity(3 << 20),
                     paused: false,
                     committed: false,
-                    data_run: (0, 0),
+                    known_data: vec![0; pages.div_ceil(64) as usize],
                     last_sample: Instant::now() - Duration::from_secs(1),
                     rate_mark: (Instant::now(), 0, 0),
                     throttle: (Instant::now(), 0),
@@ -401,8 +401,8 @@ struct Sender<'a> {
     paused: bool,
     /// `commit` went out: the guest must never run here again.
     committed: bool,
-    /// Bytes `[from, until)` of guest memory known to be data (not a hole), see `holes`.
-    data_run: (u64, u64),
+    /// Pages of guest memory known to be data (not a hole in the memfd), see `holes`.
+    known_data: Vec<u64>,
     last_sample: Instant,
     rate_mark: (Instant, u64, u64),
     throttle: (Instant, u64),
@@ -439,11 +439,10 @@ impl Sender<'_> {
         let (start, end) = (first * PAGE as u64, (first + span) * PAGE as u64);
         let mut off = start;
         while off < end {
-            // Data stays data (nothing punches the source's memory): skip a known run, as
-            // SEEK_HOLE walks the whole run each time.
-            let (from, until) = self.data_run;
-            if (from..until).contains(&off) {
-                off = until.min(end);
+            // Data stays data (nothing punches the source's memory): skip pages known to be
+            // data, as SEEK_HOLE walks a whole run of data each time.
+            if bit(&self.known_data, off / PAGE as u64) {
+                off += PAGE as u64;
                 continue;
             }
             // SAFETY: lseek on our own descriptor; it only moves the file offset.
@@ -468,7 +467,10 @@ impl Sender<'_> {
                 break;
             }
             off = (hole as u64).next_multiple_of(PAGE as u64);
-            self.data_run = (data, off);
+            let last = self.known_data.len() as u64 * 64;
+            for p in data / PAGE as u64..(off / PAGE as u64).min(last) {
+                set_bit(&mut self.known_data, p);
+            }
         }
         holes
     }
@@ -762,6 +764,7 @@ impl Sender<'_> {
             }
         }
         let t_harvest = t_pause.elapsed();
+        let final_pages = self.st().pending_count;
         let state = self.src.vm.capture_state().map_err(other)?;
         let t_state = t_pause.elapsed();
         match mode {
@@ -829,7 +832,8 @@ impl Sender<'_> {
             return Err(e);
         }
         super::trace(format_args!(
-            "switch-over: paused+harvest {t_harvest:?}, state {t_state:?}, sent {t_sent:?}, resumed {:?}",
+            "switch-over: paused+harvest {t_harvest:?} ({final_pages} pages to send), state \
+             {t_state:?}, sent {t_sent:?}, resumed {:?}",
             t_pause.elapsed()
         ));
         let mut st = self.st();
