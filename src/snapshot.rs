@@ -116,6 +116,10 @@ pub enum CtlSnapshotOp {
         /// Pages expected dirty when the next layer is due.
         #[arg(long)]
         target_pages: Option<u64>,
+        /// Retention: once the chain has more than K layers it is merged into one full layer
+        /// in the background and the superseded layers are removed (default and most 32).
+        #[arg(long, value_name = "K")]
+        keep: Option<u32>,
         /// The checkpoint service's plugin (see `create`).
         #[arg(long)]
         plugin: Option<PathBuf>,
@@ -238,6 +242,8 @@ pub struct BackgroundBody {
     key_file: Option<PathBuf>,
     #[serde(default)]
     target_pages: Option<u64>,
+    #[serde(default)]
+    keep: Option<u32>,
     #[serde(default)]
     plugin: Option<PathBuf>,
 }
@@ -505,6 +511,7 @@ pub fn ctl(socket: &Path, op: CtlSnapshotOp) -> anyhow::Result<()> {
             dir,
             key,
             target_pages,
+            keep,
             plugin,
         } => {
             let plugin = abs_opt(plugin.or_else(default_plugin))?;
@@ -512,6 +519,7 @@ pub fn ctl(socket: &Path, op: CtlSnapshotOp) -> anyhow::Result<()> {
                 "dir": abs(&dir)?,
                 "key_file": abs_opt(key)?,
                 "target_pages": target_pages,
+                "keep": keep,
                 "plugin": plugin,
             });
             checked(socket, "PUT", "/snapshot/periodic", Some(&body))?

@@ -37,9 +37,13 @@ fn s(p: &Path) -> &str {
 /// Takes a snapshot; returns the checkpoint service's final status and the largest stall the
 /// guest saw around it (from its next `stat` line after a stall reset).
 fn snapshot(vm: &VmProcess, args: &[&str]) -> (Value, u64) {
+    snapshot_with(vm, &plugin("checkpoint.wasm"), args)
+}
+
+/// [`snapshot`] with the checkpoint service from `cp` (Wasm or native).
+fn snapshot_with(vm: &VmProcess, cp: &str, args: &[&str]) -> (Value, u64) {
     vm.ctl_ok(&["guest", "reset-stall"]);
-    let cp = plugin("checkpoint.wasm");
-    let mut a = vec!["snapshot", "create", "--plugin", &cp];
+    let mut a = vec!["snapshot", "create", "--plugin", cp];
     a.extend_from_slice(args);
     let st = json(&vm.ctl_ok(&a));
     assert_eq!(st["phase"], "done", "{st}");
@@ -203,6 +207,48 @@ fn chain_live_lazy_merge_and_secrets() {
     m.assert_verify_clean(1);
 }
 
+/// The checkpoint service built as a native shared object drives the same engine through the
+/// C ABI: a full layer, then a live incremental one on top, restored lazily with memory intact.
+#[test]
+fn a_native_checkpoint_service_takes_restorable_snapshots() {
+    let vm = VmProcess::boot(
+        "native-cp",
+        "workload=dirty,verify mib=16 wss=4 rate=20000 report_ms=100 stall_us=1000",
+        128,
+        1,
+    );
+    let root = TempDir::new("native-cp");
+    let (l0, l1) = (root.0.join("l0"), root.0.join("l1"));
+    let cp = plugin("libcheckpoint.so");
+    let (full, full_stall) = snapshot_with(&vm, &cp, &["--dir", s(&l0), "--track"]);
+    let list = vm.ctl_ok(&["plugin", "list"]);
+    assert!(
+        list.contains("checkpoint") && list.contains("native"),
+        "{list}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let (live, live_stall) = snapshot_with(
+        &vm,
+        &cp,
+        &["--dir", s(&l1), "--incremental-of", s(&l0), "--live"],
+    );
+    eprintln!(
+        "native checkpoint: full pause {:.1} ms (guest stall {full_stall} µs), live pause {:.1} ms \
+         in {} rounds (guest stall {live_stall} µs)",
+        full["pause_ms"].as_f64().unwrap(),
+        live["pause_ms"].as_f64().unwrap(),
+        live["rounds"]
+    );
+    assert!(live["rounds"].as_u64().unwrap() >= 1, "{live}");
+    assert_eq!(live["layer_id"].as_str().unwrap().len(), 32, "{live}");
+    assert!(allocated(&l1.join("memory")) <= 6 << 20);
+    vm.assert_verify_clean(1);
+    vm.ctl_ok(&["shutdown"]);
+    drop(vm);
+    let top = restore("native-cp-top", &l1, &["--lazy"]);
+    top.assert_verify_clean(1);
+}
+
 #[test]
 fn encrypted_expired_and_damaged_snapshots_are_refused() {
     let vm = VmProcess::boot(
@@ -244,8 +290,7 @@ fn encrypted_expired_and_damaged_snapshots_are_refused() {
     v[8] = 3;
     std::fs::write(t.join("state"), &v).unwrap();
     assert!(restore_err(&t, &["--key", s(&key)]).contains("format version 3"));
-    // A broken chain: the parent is gone.
-    // (covered by the unit tests of base-vmm's snapshot store)
+    // A broken chain: see a_chain_with_a_broken_middle_layer_is_refused_naming_the_layer.
 
     // The right key restores, and the guest's memory is intact.
     let ok = restore("enc", &enc, &["--key", s(&key)]);
@@ -265,6 +310,81 @@ fn encrypted_expired_and_damaged_snapshots_are_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!short.exists());
+}
+
+/// A chain whose middle layer is damaged, gone or replaced is refused, eagerly and lazily,
+/// with an error naming that layer, before any guest code runs; the intact chain restores.
+#[test]
+fn a_chain_with_a_broken_middle_layer_is_refused_naming_the_layer() {
+    let vm = VmProcess::boot(
+        "broken",
+        "workload=dirty,verify mib=16 wss=4 rate=20000 report_ms=100 stall_us=1000",
+        128,
+        1,
+    );
+    let root = TempDir::new("broken");
+    let (l0, l1, l2) = (root.0.join("l0"), root.0.join("l1"), root.0.join("l2"));
+    snapshot(&vm, &["--dir", s(&l0), "--track"]);
+    snapshot(
+        &vm,
+        &["--dir", s(&l1), "--incremental-of", s(&l0), "--track"],
+    );
+    snapshot(&vm, &["--dir", s(&l2), "--incremental-of", s(&l1)]);
+    vm.ctl_ok(&["shutdown"]);
+    drop(vm);
+
+    // Restores the top layer; must fail naming l1, and the guest must never have run.
+    let refused = |what: &str, needle: &str| {
+        for lazy in [false, true] {
+            let mut a = vec!["run", "--restore", s(&l2), "--serial", "stdout"];
+            if lazy {
+                a.push("--lazy");
+            }
+            let out = std::process::Command::new(spanvmm())
+                .args(&a)
+                .output()
+                .unwrap();
+            let (stdout, err) = (
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
+            assert!(
+                !out.status.success(),
+                "{what} (lazy {lazy}): restored\n{err}"
+            );
+            assert!(
+                err.contains(s(&l1)) && err.contains(needle),
+                "{what} (lazy {lazy}): the error does not name {} with {needle:?}: {err}",
+                l1.display()
+            );
+            assert!(
+                !stdout.contains("SPANGUEST"),
+                "{what} (lazy {lazy}): the guest ran: {stdout}"
+            );
+            eprintln!("{what} (lazy {lazy}): {}", err.trim());
+        }
+    };
+    let state = l1.join("state");
+    let good = std::fs::read(&state).unwrap();
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x10;
+    std::fs::write(&state, &flipped).unwrap();
+    refused("corrupted state", "checksum");
+    std::fs::write(&state, &good[..good.len() - 100]).unwrap();
+    refused("truncated state", "truncated");
+    // Another valid layer in its place (l0's files): the link check catches it.
+    std::fs::write(&state, std::fs::read(l0.join("state")).unwrap()).unwrap();
+    refused("replaced layer", "not the parent");
+    let held = root.0.join("held");
+    std::fs::write(&state, &good).unwrap();
+    std::fs::rename(&l1, &held).unwrap();
+    refused("deleted layer", "parent");
+
+    // Put back, the chain restores with its memory intact.
+    std::fs::rename(&held, &l1).unwrap();
+    let top = restore("broken-fixed", &l2, &["--lazy"]);
+    top.assert_verify_clean(1);
 }
 
 fn copy_dir(from: &Path, to: &Path) -> PathBuf {
@@ -319,6 +439,72 @@ fn eviction_after_periodic_layers_writes_only_recent_pages() {
     assert!(allocated(&ev.join("memory")) <= 8 << 20);
     assert!(bg.join("layer-0000").join("state").exists());
     let back = restore("evicted", &ev, &[]);
+    back.assert_verify_clean(1);
+}
+
+/// Periodic layers with `--keep 2`: the chain is merged in the background whenever it grows
+/// past two layers, superseded layers are removed, so the directory stays bounded while
+/// layers keep coming; the eviction on top of the merged chain restores with memory intact.
+#[test]
+fn periodic_layers_stay_bounded_by_background_merges() {
+    const KEEP: usize = 2;
+    let vm = VmProcess::boot(
+        "keep",
+        "workload=dirty,verify mib=48 wss=4 rate=20000 report_ms=100 stall_us=1000",
+        256,
+        1,
+    );
+    let root = TempDir::new("keep");
+    let bg = root.0.join("bg");
+    let cp = plugin("checkpoint.wasm");
+    vm.ctl_ok(&[
+        "snapshot",
+        "periodic",
+        "--dir",
+        s(&bg),
+        "--plugin",
+        &cp,
+        "--keep",
+        "2",
+        "--target-pages",
+        "64",
+    ]);
+    vm.ctl_ok(&["guest", "reset-stall"]);
+    let (mut most, mut merges, mut layers) = (0, 0, 0);
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(3) || merges < 3 {
+        assert!(t.elapsed() < T, "fewer than 3 merges in {T:?}");
+        // The chain (at most KEEP + 1 layers) and a merged layer being written.
+        let on_disk = std::fs::read_dir(&bg).unwrap().count();
+        most = most.max(on_disk);
+        assert!(on_disk <= KEEP + 2, "{on_disk} layers in {}", bg.display());
+        let st = json(&vm.ctl_ok(&["snapshot", "status"]));
+        merges = st["periodic"]["merges"].as_u64().unwrap();
+        layers = st["periodic"]["layers"].as_u64().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stat = vm.wait_line_from(vm.mark(), "SPANGUEST stat", T);
+    eprintln!(
+        "keep {KEEP}: {layers} layers, {merges} merges, at most {most} directories; guest stall \
+         {} µs",
+        num(&stat, "max_stall_us")
+    );
+    assert!(layers as usize > 3 * KEEP, "only {layers} layers");
+    let ev = root.0.join("evicted");
+    vm.ctl_ok(&["snapshot", "evict", "--dir", s(&ev)]);
+    let mut vm = vm;
+    assert_eq!(vm.wait_exit(T), Some(0), "the VM stops after an eviction");
+    let info = std::process::Command::new(spanvmm())
+        .args(["snapshot", "info", s(&ev)])
+        .output()
+        .unwrap();
+    let info = json(&String::from_utf8_lossy(&info.stdout));
+    let chain = info["layers"].as_array().unwrap().len();
+    assert!(
+        chain <= KEEP + 2,
+        "the evicted chain has {chain} layers: {info}"
+    );
+    let back = restore("keep-evicted", &ev, &[]);
     back.assert_verify_clean(1);
 }
 

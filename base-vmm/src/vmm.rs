@@ -18,7 +18,9 @@ use crate::devices::serial::{self, SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
 use crate::devices::{lock, IoBus};
 use crate::lazy::{LazyLoader, LazyProgress};
 use crate::memory::GuestRam;
-use crate::snapshot::{Chain, LayerOptions, LayerSummary, LayerWriter, SnapshotError, SnapshotKey};
+use crate::snapshot::{
+    Chain, LayerOptions, LayerSummary, LayerWriter, RestoreBuffers, SnapshotError, SnapshotKey,
+};
 use crate::state::{DeviceStates, MachineConfig, VmState};
 use crate::vcpu::{VcpuEvent, VcpuHandle, VcpuState};
 use crate::vm::Vm;
@@ -332,8 +334,12 @@ pub struct RestoreHow<'a> {
 }
 
 /// Opens and checks the snapshot chain ending in `dir`; returns it with its VM state.
-fn open_snapshot(dir: &Path, key: Option<&SnapshotKey>) -> Result<(Chain, VmState), VmmError> {
-    let chain = Chain::open(dir, key)?;
+fn open_snapshot(
+    dir: &Path,
+    key: Option<&SnapshotKey>,
+    bufs: Option<RestoreBuffers>,
+) -> Result<(Chain, VmState), VmmError> {
+    let chain = Chain::open_with(dir, key, bufs)?;
     // The state is parsed again from the chain's own copy so that the chain can move.
     let state: VmState = serde_json::from_value(
         serde_json::to_value(chain.vm_state()).map_err(|e| VmmError::Config(e.to_string()))?,
@@ -369,6 +375,9 @@ fn load_memory(
 pub struct StandbyVm {
     prepared: PreparedVm,
     ram: Arc<GuestRam>,
+    /// Memory the restore needs, faulted in ahead (gone after a refused snapshot used it:
+    /// the next restore allocates its own).
+    buffers: Option<RestoreBuffers>,
 }
 
 /// Why [`StandbyVm::adopt`] failed, and whether the standby VM is still usable.
@@ -389,8 +398,8 @@ impl StandbyVm {
     /// Restores the snapshot in `dir` into this VM and runs it (or leaves it paused), as
     /// [`Vmm::restore`] does in a new process. A snapshot of another shape, or one that fails
     /// the chain's checks, is refused before guest memory is touched.
-    pub fn adopt(self, dir: &Path, how: RestoreHow) -> Result<Vmm, AdoptError> {
-        let (chain, state) = match open_snapshot(dir, how.key) {
+    pub fn adopt(mut self, dir: &Path, how: RestoreHow) -> Result<Vmm, AdoptError> {
+        let (chain, state) = match open_snapshot(dir, how.key, self.buffers.take()) {
             Ok(cs) => cs,
             Err(error) => {
                 return Err(AdoptError {
@@ -553,7 +562,7 @@ impl Vmm {
     /// is loaded: pages come in (checked) on first touch while a background thread copies the
     /// rest (see [`crate::lazy`]).
     pub fn restore(dir: &Path, how: RestoreHow) -> Result<Self, VmmError> {
-        let (chain, state) = open_snapshot(dir, how.key)?;
+        let (chain, state) = open_snapshot(dir, how.key, None)?;
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
         let loader = load_memory(&ram, chain, how.lazy, dir)?;
         let mut vmm = Vmm::prepare(ram, &state.machine)?.finish(
@@ -580,6 +589,7 @@ impl Vmm {
         Ok(StandbyVm {
             prepared: Vmm::prepare(ram.clone(), &machine)?,
             ram,
+            buffers: Some(RestoreBuffers::new(machine.mem_bytes)),
         })
     }
 

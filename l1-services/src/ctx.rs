@@ -12,7 +12,7 @@ use spanvmm_sdk::{Capability, LogLevel, MmioRange, PortRange, Translation, VcpuR
 use crate::error::HostError;
 use crate::host::VmHost;
 use crate::memops;
-use crate::snapshot::{JobStatus, LayerRequest, SnapshotEngine};
+use crate::snapshot::{JobStatus, LayerRequest, MergeRequest, SnapshotEngine};
 
 /// Most notifications kept for the control API to read (oldest dropped first).
 const MAX_NOTIFICATIONS: usize = 1024;
@@ -511,6 +511,19 @@ impl ServiceCtx {
                 .commit(self.id, job, h)
                 .map_err(HostError::Failed)
         })
+    }
+
+    pub(crate) fn snapshot_merge(&self, req: MergeRequest) -> Result<u32, String> {
+        self.require(Capability::Snapshot, "snapshot merge")?;
+        self.shared
+            .snapshots
+            .merge(self.id, req)
+            .map_err(|e| format!("snapshot merge: {e}"))
+    }
+
+    pub(crate) fn snapshot_remove(&self, dir: &str) -> Result<(), String> {
+        self.require(Capability::Snapshot, "snapshot remove")?;
+        crate::snapshot::remove_layer(dir).map_err(|e| format!("snapshot remove: {e}"))
     }
 
     pub(crate) fn snapshot_status(&self, job: u32) -> Result<JobStatus, String> {

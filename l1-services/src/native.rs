@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use libloading::Library;
 use spanvmm_sdk::abi::{
-    self, CEvent, CEventReply, CTranslation, CVmInfo, HostVtable, Sink, VecSink,
+    self, CEvent, CEventReply, CJobStatus, CLayerOptions, CMigrationStatus, CTranslation, CVmInfo,
+    HostVtable, Sink, VecSink,
 };
 use spanvmm_sdk::{Event, EventReply, LogLevel, Manifest, VcpuRegs, ABI_VERSION};
 
@@ -132,6 +133,19 @@ impl NativeService {
             notify: h_notify,
             now_ns: h_now_ns,
             claim_mmio: h_claim_mmio,
+            snapshot_begin: h_snapshot_begin,
+            snapshot_write_pages: h_snapshot_write_pages,
+            snapshot_commit: h_snapshot_commit,
+            snapshot_status: h_snapshot_status,
+            snapshot_close: h_snapshot_close,
+            snapshot_merge: h_snapshot_merge,
+            snapshot_remove: h_snapshot_remove,
+            migration_harvest_dirty: h_migration_harvest_dirty,
+            migration_queue_pages: h_migration_queue_pages,
+            migration_queue_range: h_migration_queue_range,
+            migration_switch_over: h_migration_switch_over,
+            migration_take_faults: h_migration_take_faults,
+            migration_progress: h_migration_progress,
         });
         loaded.push((id, "?".into()));
         Ok(NativeService {
@@ -463,4 +477,273 @@ unsafe extern "C" fn h_notify(
 
 unsafe extern "C" fn h_now_ns(ctx: *mut c_void) -> u64 {
     with_ctx(ctx, 0, |c| c.now_ns())
+}
+
+// ---- the snapshot engine (sdk/wit/snapshot.wit) ----
+
+/// An optional string from the plugin (null pointer: none).
+fn opt_text(ptr: *const u8, len: usize) -> Option<String> {
+    (!ptr.is_null()).then(|| text(ptr, len))
+}
+
+/// A bitmap from the plugin.
+fn bitmap(ptr: *const u64, words: usize) -> Result<Vec<u64>, String> {
+    if words == 0 {
+        return Ok(Vec::new());
+    }
+    if ptr.is_null() {
+        return Err("null bitmap".into());
+    }
+    // SAFETY: the plugin passes `words` readable u64 words at `ptr` for this call.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, words) }.to_vec())
+}
+
+unsafe extern "C" fn h_snapshot_begin(
+    ctx: *mut c_void,
+    opts: *const CLayerOptions,
+    job: *mut u32,
+    err: *const Sink,
+) -> i32 {
+    if opts.is_null() || job.is_null() {
+        return report(
+            err,
+            Err("snapshot begin: null options or job pointer".into()),
+        );
+    }
+    // SAFETY: `opts` is the plugin's valid options for this call.
+    let o = unsafe { *opts };
+    let req = crate::snapshot::LayerRequest {
+        dir: text(o.dir, o.dir_len),
+        parent: opt_text(o.parent, o.parent_len),
+        key_file: opt_text(o.key_file, o.key_file_len),
+        expires_in_s: (o.has_expiry != 0).then_some(o.expires_in_s),
+    };
+    let r = with_ctx(ctx, Err(PANIC.into()), |c| c.snapshot_begin(req));
+    report(
+        err,
+        r.map(|id| {
+            // SAFETY: `job` is a valid out pointer from the plugin.
+            unsafe { *job = id };
+            Vec::new()
+        }),
+    )
+}
+
+unsafe extern "C" fn h_snapshot_write_pages(
+    ctx: *mut c_void,
+    job: u32,
+    bits: *const u64,
+    words: usize,
+    err: *const Sink,
+) -> i32 {
+    let r = bitmap(bits, words)
+        .and_then(|b| with_ctx(ctx, Err(PANIC.into()), |c| c.snapshot_write_pages(job, b)));
+    report(err, unit(r))
+}
+
+unsafe extern "C" fn h_snapshot_commit(ctx: *mut c_void, job: u32, err: *const Sink) -> i32 {
+    report(
+        err,
+        with_ctx(ctx, Err(PANIC.into()), |c| unit(c.snapshot_commit(job))),
+    )
+}
+
+unsafe extern "C" fn h_snapshot_status(
+    ctx: *mut c_void,
+    job: u32,
+    out: *mut CJobStatus,
+    layer_id: *const Sink,
+    job_error: *const Sink,
+    err: *const Sink,
+) -> i32 {
+    if out.is_null() {
+        return report(err, Err("snapshot status: null status pointer".into()));
+    }
+    let r = with_ctx(ctx, Err(PANIC.into()), |c| c.snapshot_status(job));
+    report(
+        err,
+        r.map(|s| {
+            // SAFETY: `out` is a valid out pointer; the sinks are the plugin's (or null).
+            unsafe {
+                *out = CJobStatus {
+                    pending: s.pending,
+                    rounds: s.rounds,
+                    bytes_written: s.bytes_written,
+                    copied: s.copied as u8,
+                    committed: s.committed as u8,
+                    failed: s.error.is_some() as u8,
+                    reserved: [0; 5],
+                };
+                abi::sink_put(layer_id, s.layer_id.as_bytes());
+                if let Some(e) = &s.error {
+                    abi::sink_put(job_error, e.as_bytes());
+                }
+            }
+            Vec::new()
+        }),
+    )
+}
+
+unsafe extern "C" fn h_snapshot_close(ctx: *mut c_void, job: u32) {
+    with_ctx(ctx, (), |c| c.snapshot_close(job))
+}
+
+unsafe extern "C" fn h_snapshot_merge(
+    ctx: *mut c_void,
+    top: *const u8,
+    top_len: usize,
+    out: *const u8,
+    out_len: usize,
+    key_file: *const u8,
+    key_file_len: usize,
+    job: *mut u32,
+    err: *const Sink,
+) -> i32 {
+    if job.is_null() {
+        return report(err, Err("snapshot merge: null job pointer".into()));
+    }
+    let req = crate::snapshot::MergeRequest {
+        top: text(top, top_len),
+        out: text(out, out_len),
+        key_file: opt_text(key_file, key_file_len),
+    };
+    let r = with_ctx(ctx, Err(PANIC.into()), |c| c.snapshot_merge(req));
+    report(
+        err,
+        r.map(|id| {
+            // SAFETY: `job` is a valid out pointer from the plugin.
+            unsafe { *job = id };
+            Vec::new()
+        }),
+    )
+}
+
+unsafe extern "C" fn h_snapshot_remove(
+    ctx: *mut c_void,
+    dir: *const u8,
+    dir_len: usize,
+    err: *const Sink,
+) -> i32 {
+    let dir = text(dir, dir_len);
+    report(
+        err,
+        with_ctx(ctx, Err(PANIC.into()), |c| unit(c.snapshot_remove(&dir))),
+    )
+}
+
+// ---- the migration engine (sdk/wit/migration.wit) ----
+
+unsafe extern "C" fn h_migration_harvest_dirty(ctx: *mut c_void, out: *const Sink) -> i32 {
+    report(
+        out,
+        with_ctx(ctx, Err(PANIC.into()), |c| words(c.migration_harvest())),
+    )
+}
+
+unsafe extern "C" fn h_migration_queue_pages(
+    ctx: *mut c_void,
+    bits: *const u64,
+    nwords: usize,
+    round: u32,
+    queued: *mut u64,
+    err: *const Sink,
+) -> i32 {
+    let r = bitmap(bits, nwords).and_then(|b| {
+        with_ctx(ctx, Err(PANIC.into()), |c| {
+            c.migration("queue-pages")?.queue_bitmap(&b, round)
+        })
+    });
+    report(
+        err,
+        r.map(|n| {
+            if !queued.is_null() {
+                // SAFETY: `queued` is a valid out pointer from the plugin.
+                unsafe { *queued = n };
+            }
+            Vec::new()
+        }),
+    )
+}
+
+unsafe extern "C" fn h_migration_queue_range(
+    ctx: *mut c_void,
+    first: u64,
+    count: u64,
+    urgent: u32,
+    round: u32,
+    err: *const Sink,
+) -> i32 {
+    let r = with_ctx(ctx, Err(PANIC.into()), |c| {
+        c.migration("queue-range")?
+            .queue_range(first, count, urgent != 0, round)
+    });
+    report(err, unit(r))
+}
+
+unsafe extern "C" fn h_migration_switch_over(ctx: *mut c_void, mode: u32, err: *const Sink) -> i32 {
+    use crate::migration::SwitchMode;
+    let mode = match mode {
+        abi::switch_mode::STOP_AND_COPY => SwitchMode::StopAndCopy,
+        abi::switch_mode::POSTCOPY => SwitchMode::Postcopy,
+        other => return report(err, Err(format!("switch-over: unknown mode {other}"))),
+    };
+    report(
+        err,
+        with_ctx(ctx, Err(PANIC.into()), |c| unit(c.migration_switch(mode))),
+    )
+}
+
+unsafe extern "C" fn h_migration_take_faults(ctx: *mut c_void, out: *const Sink) -> i32 {
+    let faults = with_ctx(ctx, Vec::new(), |c| {
+        c.migration("take-faults")
+            .map(|m| m.take_faults())
+            .unwrap_or_default()
+    });
+    report(out, words(Ok(faults)))
+}
+
+unsafe extern "C" fn h_migration_progress(
+    ctx: *mut c_void,
+    out: *mut CMigrationStatus,
+    failure: *const Sink,
+    err: *const Sink,
+) -> i32 {
+    use crate::migration::Phase;
+    if out.is_null() {
+        return report(err, Err("progress: null status pointer".into()));
+    }
+    let r = with_ctx(ctx, Err(PANIC.into()), |c| {
+        Ok(c.migration("progress")?.progress())
+    });
+    report(
+        err,
+        r.map(|p| {
+            let phase = match p.phase {
+                Phase::Precopy => abi::migration_phase::PRECOPY,
+                Phase::Postcopy => abi::migration_phase::POSTCOPY,
+                Phase::Recovering => abi::migration_phase::RECOVERING,
+                Phase::Completed => abi::migration_phase::COMPLETED,
+                Phase::Failed => abi::migration_phase::FAILED,
+            };
+            // SAFETY: `out` is a valid out pointer; `failure` the plugin's sink (or null).
+            unsafe {
+                *out = CMigrationStatus {
+                    phase,
+                    reserved: 0,
+                    pages_total: p.pages_total,
+                    pages_pending: p.pages_pending,
+                    pages_sent: p.pages_sent,
+                    bytes_sent: p.bytes_sent,
+                    rate_bytes_per_sec: p.rate_bytes_per_sec,
+                    pages_needed: p.pages_needed,
+                    remote_faults: p.remote_faults,
+                    elapsed_ms: p.elapsed_ms,
+                };
+                if let Some(e) = &p.error {
+                    abi::sink_put(failure, e.as_bytes());
+                }
+            }
+            Vec::new()
+        }),
+    )
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 
-use base_vmm::snapshot::{LayerOptions, LayerWriter, SnapshotKey};
+use base_vmm::snapshot::{self as store, LayerOptions, LayerWriter, SnapshotKey};
 use base_vmm::state::VmState;
 
 use crate::ctx::lock;
@@ -29,6 +29,17 @@ pub struct LayerRequest {
     pub key_file: Option<String>,
     /// Expiry, seconds from now.
     pub expires_in_s: Option<u64>,
+}
+
+/// What a service asks to merge: the chain ending in `top` into one full layer in `out`.
+#[derive(Debug, Clone, Default)]
+pub struct MergeRequest {
+    /// Top layer of the chain.
+    pub top: String,
+    /// Directory of the merged layer.
+    pub out: String,
+    /// Key file: of the chain, and of the merged layer.
+    pub key_file: Option<String>,
 }
 
 /// Progress of a job.
@@ -137,6 +148,50 @@ impl SnapshotEngine {
         Ok(id)
     }
 
+    /// Starts merging a chain on its own thread (reading the layers, not guest memory);
+    /// the job is committed once the merged layer is complete. Nothing can be queued on it.
+    pub(crate) fn merge(&self, owner: u64, req: MergeRequest) -> Result<u32, String> {
+        let mut jobs = lock(&self.jobs);
+        if jobs.len() >= MAX_JOBS {
+            return Err(format!(
+                "{MAX_JOBS} snapshot jobs are open already: close one"
+            ));
+        }
+        let status = Arc::new(Mutex::new(JobStatus {
+            pending: 1,
+            ..Default::default()
+        }));
+        let st = status.clone();
+        std::thread::Builder::new()
+            .name("snapshot-merge".into())
+            .spawn(move || {
+                let r = merge_chain(&req);
+                let mut s = lock(&st);
+                s.pending = 0;
+                match r {
+                    Ok(summary) => {
+                        s.layer_id = summary.id;
+                        s.bytes_written = summary.bytes_written;
+                        s.rounds = 1;
+                        s.copied = true;
+                        s.committed = true;
+                    }
+                    Err(e) => s.error = Some(e),
+                }
+            })
+            .map_err(|e| format!("cannot start the snapshot merge: {e}"))?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        jobs.insert(
+            id,
+            Job {
+                owner,
+                tx: None,
+                status,
+            },
+        );
+        Ok(id)
+    }
+
     fn send(&self, owner: u64, job: u32, cmd: Cmd) -> Result<(), String> {
         let jobs = lock(&self.jobs);
         let j = jobs
@@ -216,4 +271,28 @@ fn run(writer: &mut Option<LayerWriter>, cmd: Cmd, st: &Mutex<JobStatus>) -> Res
             Ok(true)
         }
     }
+}
+
+/// Merges `req.top`'s chain into `req.out`.
+fn merge_chain(req: &MergeRequest) -> Result<store::LayerSummary, String> {
+    let key = || {
+        req.key_file
+            .as_deref()
+            .map(|k| SnapshotKey::from_file(k.as_ref()))
+            .transpose()
+            .map_err(|e| e.to_string())
+    };
+    let read_key = key()?;
+    store::merge(
+        req.top.as_ref(),
+        read_key.as_ref(),
+        req.out.as_ref(),
+        key()?,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Deletes one layer (retention); see [`store::remove_layer`].
+pub(crate) fn remove_layer(dir: &str) -> Result<(), String> {
+    store::remove_layer(dir.as_ref()).map_err(|e| e.to_string())
 }

@@ -723,4 +723,13 @@ impl ws::Host for StoreState {
     fn close(&mut self, job: u32) {
         self.ctx.snapshot_close(job)
     }
+
+    fn merge(&mut self, top: String, out: String, key_file: Option<String>) -> Result<u32, String> {
+        let req = crate::snapshot::MergeRequest { top, out, key_file };
+        self.timed(|c| c.snapshot_merge(req))
+    }
+
+    fn remove(&mut self, dir: String) -> Result<(), String> {
+        self.timed(|c| c.snapshot_remove(&dir))
+    }
 }

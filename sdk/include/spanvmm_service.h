@@ -93,6 +93,46 @@ typedef struct spanvmm_translation {
     uint32_t reserved;
 } spanvmm_translation;
 
+/* spanvmm_host.snapshot_begin: strings are UTF-8 pointer + length; a null pointer is "none" */
+typedef struct spanvmm_layer_options {
+    const uint8_t *dir;
+    size_t dir_len;
+    const uint8_t *parent; /* parent layer directory (incremental), or NULL (full layer) */
+    size_t parent_len;
+    const uint8_t *key_file; /* or NULL: not encrypted */
+    size_t key_file_len;
+    uint64_t expires_in_s; /* when has_expiry is 1 */
+    uint32_t has_expiry;
+    uint32_t reserved; /* 0 */
+} spanvmm_layer_options;
+
+typedef struct spanvmm_job_status {
+    uint32_t pending; /* batches and commits queued, not yet done */
+    uint32_t rounds;
+    uint64_t bytes_written;
+    uint8_t copied;    /* 1: every batch queued before the commit is written */
+    uint8_t committed; /* 1: the layer is complete and valid */
+    uint8_t failed;    /* 1: the job failed; its message went to the job_error sink */
+    uint8_t reserved[5];
+} spanvmm_job_status;
+
+/* spanvmm_migration_status.phase */
+#define SPANVMM_MIGRATION_PRECOPY 0u
+#define SPANVMM_MIGRATION_POSTCOPY 1u
+#define SPANVMM_MIGRATION_RECOVERING 2u
+#define SPANVMM_MIGRATION_COMPLETED 3u
+#define SPANVMM_MIGRATION_FAILED 4u
+/* spanvmm_host.migration_switch_over modes */
+#define SPANVMM_SWITCH_STOP_AND_COPY 0u
+#define SPANVMM_SWITCH_POSTCOPY 1u
+
+typedef struct spanvmm_migration_status {
+    uint32_t phase;
+    uint32_t reserved;
+    uint64_t pages_total, pages_pending, pages_sent, bytes_sent, rate_bytes_per_sec;
+    uint64_t pages_needed, remote_faults, elapsed_ms;
+} spanvmm_migration_status;
+
 /* spanvmm_host.log levels */
 #define SPANVMM_LOG_ERROR 0u
 #define SPANVMM_LOG_WARN 1u
@@ -131,6 +171,34 @@ typedef struct spanvmm_host {
     uint64_t (*now_ns)(void *ctx);
     /* appended: present when size covers it; only during attach; outside guest RAM */
     int32_t (*claim_mmio)(void *ctx, uint64_t base, uint64_t len, const spanvmm_sink *err);
+    /* appended: the snapshot engine (wit/snapshot.wit), present when size covers them */
+    int32_t (*snapshot_begin)(void *ctx, const spanvmm_layer_options *opts, uint32_t *job,
+                              const spanvmm_sink *err);
+    /* words == 0: every page */
+    int32_t (*snapshot_write_pages)(void *ctx, uint32_t job, const uint64_t *bitmap, size_t words,
+                                    const spanvmm_sink *err);
+    int32_t (*snapshot_commit)(void *ctx, uint32_t job, const spanvmm_sink *err);
+    int32_t (*snapshot_status)(void *ctx, uint32_t job, spanvmm_job_status *out,
+                               const spanvmm_sink *layer_id, const spanvmm_sink *job_error,
+                               const spanvmm_sink *err);
+    void (*snapshot_close)(void *ctx, uint32_t job);
+    /* merges the chain ending in top into a full layer in out; key_file NULL: plain */
+    int32_t (*snapshot_merge)(void *ctx, const uint8_t *top, size_t top_len, const uint8_t *out,
+                              size_t out_len, const uint8_t *key_file, size_t key_file_len,
+                              uint32_t *job, const spanvmm_sink *err);
+    /* deletes the layer in dir (retention of layers a merge superseded) */
+    int32_t (*snapshot_remove)(void *ctx, const uint8_t *dir, size_t dir_len,
+                               const spanvmm_sink *err);
+    /* appended: the migration engine (wit/migration.wit), present when size covers them */
+    int32_t (*migration_harvest_dirty)(void *ctx, const spanvmm_sink *out); /* u64 words */
+    int32_t (*migration_queue_pages)(void *ctx, const uint64_t *bitmap, size_t words,
+                                     uint32_t round, uint64_t *queued, const spanvmm_sink *err);
+    int32_t (*migration_queue_range)(void *ctx, uint64_t first, uint64_t count, uint32_t urgent,
+                                     uint32_t round, const spanvmm_sink *err);
+    int32_t (*migration_switch_over)(void *ctx, uint32_t mode, const spanvmm_sink *err);
+    int32_t (*migration_take_faults)(void *ctx, const spanvmm_sink *out); /* u64 words */
+    int32_t (*migration_progress)(void *ctx, spanvmm_migration_status *out,
+                                  const spanvmm_sink *failure, const spanvmm_sink *err);
 } spanvmm_host;
 
 /* ---- exported by the service ---- */
@@ -142,7 +210,7 @@ uint32_t spanvmm_service_abi_version(void);
  * {"name":"…","version":"…","abi_version":1,"events":["port-write","port-read","lifecycle","tick",
  *  "mmio-write","mmio-read"],"ports":[{"base":1792,"len":4}],
  *  "mmio":[{"base":67645734912,"len":4096}] (optional),"capabilities":["memory-read","memory-write","vcpu-state",
- *  "pause-resume","dirty-log","drives-migration"],"tick_period_ms":0} */
+ *  "pause-resume","dirty-log","drives-migration","snapshot"],"tick_period_ms":0} */
 int32_t spanvmm_service_describe(const spanvmm_sink *manifest_json);
 
 int32_t spanvmm_service_attach(const spanvmm_host *host, const uint8_t *config, size_t config_len,

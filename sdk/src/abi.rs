@@ -205,6 +205,188 @@ pub struct HostVtable {
     /// Claim MMIO (during attach only). Appended: present when `size` covers it.
     pub claim_mmio:
         unsafe extern "C" fn(ctx: *mut c_void, base: u64, len: u64, err: *const Sink) -> i32,
+    // Appended: the snapshot engine (`wit/snapshot.wit`), present when `size` covers them.
+    /// Opens a layer; its job handle goes to `job`.
+    pub snapshot_begin: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        opts: *const CLayerOptions,
+        job: *mut u32,
+        err: *const Sink,
+    ) -> i32,
+    /// Queues the pages set in `bitmap` (`words` u64 words; 0 words: every page).
+    pub snapshot_write_pages: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        job: u32,
+        bitmap: *const u64,
+        words: usize,
+        err: *const Sink,
+    ) -> i32,
+    /// Captures the VM state (paused VM) and queues the state file.
+    pub snapshot_commit: unsafe extern "C" fn(ctx: *mut c_void, job: u32, err: *const Sink) -> i32,
+    /// Progress of a job: numbers to `out`, the layer id to `layer_id`, and when `out.failed`
+    /// the job's failure to `job_error`.
+    pub snapshot_status: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        job: u32,
+        out: *mut CJobStatus,
+        layer_id: *const Sink,
+        job_error: *const Sink,
+        err: *const Sink,
+    ) -> i32,
+    /// Drops a job.
+    pub snapshot_close: unsafe extern "C" fn(ctx: *mut c_void, job: u32),
+    /// Merges the chain ending in `top` into a full layer in `out` (`key_file` null: plain);
+    /// the job to poll goes to `job`.
+    pub snapshot_merge: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        top: *const u8,
+        top_len: usize,
+        out: *const u8,
+        out_len: usize,
+        key_file: *const u8,
+        key_file_len: usize,
+        job: *mut u32,
+        err: *const Sink,
+    ) -> i32,
+    /// Deletes the layer in `dir`.
+    pub snapshot_remove: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        dir: *const u8,
+        dir_len: usize,
+        err: *const Sink,
+    ) -> i32,
+    // Appended: the migration engine (`wit/migration.wit`), present when `size` covers them.
+    /// Pages dirtied since the previous call: u64 words to `out`, or an error message.
+    pub migration_harvest_dirty: unsafe extern "C" fn(ctx: *mut c_void, out: *const Sink) -> i32,
+    /// Queues the pages set in `bitmap` for pre-copy round `round`; how many were new goes
+    /// to `queued`.
+    pub migration_queue_pages: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        bitmap: *const u64,
+        words: usize,
+        round: u32,
+        queued: *mut u64,
+        err: *const Sink,
+    ) -> i32,
+    /// Queues pages `[first, first + count)`; `urgent` != 0 sends them first.
+    pub migration_queue_range: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        first: u64,
+        count: u64,
+        urgent: u32,
+        round: u32,
+        err: *const Sink,
+    ) -> i32,
+    /// Hands the guest over: `mode` is one of [`switch_mode`].
+    pub migration_switch_over:
+        unsafe extern "C" fn(ctx: *mut c_void, mode: u32, err: *const Sink) -> i32,
+    /// Pages the destination faulted on since the previous call: u64 words to `out`.
+    pub migration_take_faults: unsafe extern "C" fn(ctx: *mut c_void, out: *const Sink) -> i32,
+    /// Where the migration is: numbers to `out`, and when it failed the reason to `failure`.
+    pub migration_progress: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        out: *mut CMigrationStatus,
+        failure: *const Sink,
+        err: *const Sink,
+    ) -> i32,
+}
+
+/// `spanvmm_layer_options`: strings are UTF-8 pointer + length; a null pointer is "none".
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CLayerOptions {
+    /// Layer directory.
+    pub dir: *const u8,
+    /// Its length.
+    pub dir_len: usize,
+    /// Parent layer directory (incremental layer), or null (full layer).
+    pub parent: *const u8,
+    /// Its length.
+    pub parent_len: usize,
+    /// Key file, or null (not encrypted).
+    pub key_file: *const u8,
+    /// Its length.
+    pub key_file_len: usize,
+    /// Seconds until restore is refused, when `has_expiry` is 1.
+    pub expires_in_s: u64,
+    /// 1: `expires_in_s` applies.
+    pub has_expiry: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
+/// `spanvmm_job_status`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CJobStatus {
+    /// Batches and commits queued and not yet done.
+    pub pending: u32,
+    /// Write rounds done.
+    pub rounds: u32,
+    /// Bytes of pages written so far.
+    pub bytes_written: u64,
+    /// 1: every batch queued before the commit is written.
+    pub copied: u8,
+    /// 1: the layer is complete and valid.
+    pub committed: u8,
+    /// 1: the job failed (its message went to the `job_error` sink).
+    pub failed: u8,
+    /// Zero.
+    pub reserved: [u8; 5],
+}
+
+/// `spanvmm_migration_status`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CMigrationStatus {
+    /// One of [`migration_phase`].
+    pub phase: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Guest pages.
+    pub pages_total: u64,
+    /// Pages queued and not sent yet.
+    pub pages_pending: u64,
+    /// Pages sent so far.
+    pub pages_sent: u64,
+    /// Bytes on the wire so far.
+    pub bytes_sent: u64,
+    /// Recent send rate, bytes/s.
+    pub rate_bytes_per_sec: u64,
+    /// Post-copy: pages the destination still lacks.
+    pub pages_needed: u64,
+    /// Faults the destination requested.
+    pub remote_faults: u64,
+    /// ms since the migration started.
+    pub elapsed_ms: u64,
+}
+
+/// Codes of [`CMigrationStatus::phase`].
+pub mod migration_phase {
+    /// Pages go out while the guest runs here.
+    pub const PRECOPY: u32 = 0;
+    /// The guest runs at the destination.
+    pub const POSTCOPY: u32 = 1;
+    /// Post-copy lost its connection; reconnecting.
+    pub const RECOVERING: u32 = 2;
+    /// Done.
+    pub const COMPLETED: u32 = 3;
+    /// Given up.
+    pub const FAILED: u32 = 4;
+}
+
+/// Codes of `migration_switch_over`'s `mode`.
+pub mod switch_mode {
+    /// Pause, send the remaining dirty pages and the state, run at the destination.
+    pub const STOP_AND_COPY: u32 = 0;
+    /// Pause, send the state, run at the destination at once; pages follow.
+    pub const POSTCOPY: u32 = 1;
+}
+
+/// Whether a host table of `size` bytes holds the field that ends at `field_end` (fields
+/// appended in later minor versions are absent from an older host's shorter table).
+pub fn table_has(size: u32, field_end: usize) -> bool {
+    size as usize >= field_end
 }
 
 /// `uint32_t spanvmm_service_abi_version(void)`.
@@ -452,7 +634,10 @@ mod tests {
     /// Sizes as a C compiler lays out `include/spanvmm_service.h` on x86-64.
     #[test]
     fn layouts_match_the_c_header() {
-        assert_eq!(std::mem::size_of::<HostVtable>(), 152);
+        assert_eq!(std::mem::size_of::<HostVtable>(), 256);
+        assert_eq!(std::mem::size_of::<CLayerOptions>(), 64);
+        assert_eq!(std::mem::size_of::<CJobStatus>(), 24);
+        assert_eq!(std::mem::size_of::<CMigrationStatus>(), 72);
         assert_eq!(std::mem::size_of::<CEvent>(), 24);
         assert_eq!(std::mem::size_of::<CEventReply>(), 16);
         assert_eq!(std::mem::size_of::<CVmInfo>(), 16);

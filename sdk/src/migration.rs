@@ -2,8 +2,8 @@
 //! `drives-migration` capability. The host moves the bytes on its own thread; the service
 //! queues bitmaps and ranges, hands the guest over when it decides, and reads progress.
 //!
-//! Only Wasm services reach it: the native ABI does not carry these calls (a native build
-//! gets an error from each), since migration policy is not a hot path.
+//! Wasm and native services alike reach it (the native host table carries these calls since
+//! they were appended to ABI version 1).
 
 /// Where a migration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,26 +103,48 @@ mod imp {
 #[cfg(not(target_arch = "wasm32"))]
 mod imp {
     use super::*;
-
-    const NATIVE: &str = "the migration interface is only available to Wasm services";
+    use crate::abi::{migration_phase, switch_mode};
+    use crate::native::imports as n;
 
     pub fn harvest_dirty() -> Result<Vec<u64>, String> {
-        Err(NATIVE.into())
+        n::migration_harvest_dirty()
     }
-    pub fn queue_pages(_: &[u64], _: u32) -> Result<u64, String> {
-        Err(NATIVE.into())
+    pub fn queue_pages(bitmap: &[u64], round: u32) -> Result<u64, String> {
+        n::migration_queue_pages(bitmap, round)
     }
-    pub fn queue_range(_: u64, _: u64, _: bool, _: u32) -> Result<(), String> {
-        Err(NATIVE.into())
+    pub fn queue_range(first: u64, count: u64, urgent: bool, round: u32) -> Result<(), String> {
+        n::migration_queue_range(first, count, urgent, round)
     }
-    pub fn switch_over(_: SwitchMode) -> Result<(), String> {
-        Err(NATIVE.into())
+    pub fn switch_over(mode: SwitchMode) -> Result<(), String> {
+        n::migration_switch_over(match mode {
+            SwitchMode::StopAndCopy => switch_mode::STOP_AND_COPY,
+            SwitchMode::Postcopy => switch_mode::POSTCOPY,
+        })
     }
     pub fn take_faults() -> Vec<u64> {
-        Vec::new()
+        n::migration_take_faults()
     }
     pub fn progress() -> Result<Progress, String> {
-        Err(NATIVE.into())
+        let (p, error) = n::migration_progress()?;
+        Ok(Progress {
+            phase: match p.phase {
+                migration_phase::PRECOPY => Phase::Precopy,
+                migration_phase::POSTCOPY => Phase::Postcopy,
+                migration_phase::RECOVERING => Phase::Recovering,
+                migration_phase::COMPLETED => Phase::Completed,
+                migration_phase::FAILED => Phase::Failed,
+                other => return Err(format!("progress: unknown migration phase {other}")),
+            },
+            pages_total: p.pages_total,
+            pages_pending: p.pages_pending,
+            pages_sent: p.pages_sent,
+            bytes_sent: p.bytes_sent,
+            rate_bytes_per_sec: p.rate_bytes_per_sec,
+            pages_needed: p.pages_needed,
+            remote_faults: p.remote_faults,
+            elapsed_ms: p.elapsed_ms,
+            error,
+        })
     }
 }
 

@@ -386,6 +386,180 @@ pub(crate) mod imports {
         }))
     }
 
+    /// The host table, when it holds the appended field `field` (whose offset is
+    /// `field_offset`): a host of an earlier minor version has a shorter table.
+    fn host_with(field_offset: usize, what: &str) -> Result<&'static HostVtable, String> {
+        let h = host().ok_or(NO_HOST)?;
+        if !abi::table_has(h.size, field_offset + std::mem::size_of::<usize>()) {
+            return Err(format!("{what}: this host's native ABI does not offer it"));
+        }
+        Ok(h)
+    }
+
+    macro_rules! host_fn {
+        ($field:ident, $what:expr) => {
+            host_with(std::mem::offset_of!(HostVtable, $field), $what)
+        };
+    }
+
+    /// A string option as pointer + length (null for none).
+    fn opt_str(s: &Option<String>) -> (*const u8, usize) {
+        match s {
+            Some(s) => (s.as_ptr(), s.len()),
+            None => (std::ptr::null(), 0),
+        }
+    }
+
+    pub fn snapshot_begin(o: &crate::snapshot::LayerOptions) -> Result<u32, String> {
+        let h = host_fn!(snapshot_begin, "snapshot begin")?;
+        let (parent, parent_len) = opt_str(&o.parent);
+        let (key_file, key_file_len) = opt_str(&o.key_file);
+        let opts = abi::CLayerOptions {
+            dir: o.dir.as_ptr(),
+            dir_len: o.dir.len(),
+            parent,
+            parent_len,
+            key_file,
+            key_file_len,
+            expires_in_s: o.expires_in_s.unwrap_or(0),
+            has_expiry: o.expires_in_s.is_some() as u32,
+            reserved: 0,
+        };
+        let mut job = 0u32;
+        // SAFETY: as above; the strings `opts` points at live across the call.
+        with_sink(|s| unsafe { (h.snapshot_begin)(h.ctx, &opts, &mut job, s) })?;
+        Ok(job)
+    }
+
+    pub fn snapshot_write_pages(job: u32, bitmap: &[u64]) -> Result<(), String> {
+        let h = host_fn!(snapshot_write_pages, "snapshot write-pages")?;
+        // SAFETY: as above; `bitmap` is a live slice.
+        unit(with_sink(|s| unsafe {
+            (h.snapshot_write_pages)(h.ctx, job, bitmap.as_ptr(), bitmap.len(), s)
+        }))
+    }
+
+    pub fn snapshot_commit(job: u32) -> Result<(), String> {
+        let h = host_fn!(snapshot_commit, "snapshot commit")?;
+        // SAFETY: as above.
+        unit(with_sink(|s| unsafe { (h.snapshot_commit)(h.ctx, job, s) }))
+    }
+
+    pub fn snapshot_status(job: u32) -> Result<crate::snapshot::JobStatus, String> {
+        let h = host_fn!(snapshot_status, "snapshot status")?;
+        let mut out = abi::CJobStatus::default();
+        let (mut id, mut failure) = (VecSink::default(), VecSink::default());
+        let (id_sink, failure_sink) = (id.sink(), failure.sink());
+        // SAFETY: as above; `out` and both sinks live across the call.
+        with_sink(|s| unsafe {
+            (h.snapshot_status)(h.ctx, job, &mut out, &id_sink, &failure_sink, s)
+        })?;
+        Ok(crate::snapshot::JobStatus {
+            layer_id: id.into_string(),
+            pending: out.pending,
+            rounds: out.rounds,
+            bytes_written: out.bytes_written,
+            copied: out.copied != 0,
+            committed: out.committed != 0,
+            error: (out.failed != 0).then(|| failure.into_string()),
+        })
+    }
+
+    pub fn snapshot_close(job: u32) {
+        if let Ok(h) = host_fn!(snapshot_close, "snapshot close") {
+            // SAFETY: as above.
+            unsafe { (h.snapshot_close)(h.ctx, job) }
+        }
+    }
+
+    pub fn snapshot_merge(top: &str, out: &str, key_file: Option<&str>) -> Result<u32, String> {
+        let h = host_fn!(snapshot_merge, "snapshot merge")?;
+        let (key, key_len) = key_file.map_or((std::ptr::null(), 0), |k| (k.as_ptr(), k.len()));
+        let mut job = 0u32;
+        // SAFETY: as above; the strings live across the call, `job` is a valid out pointer.
+        with_sink(|s| unsafe {
+            (h.snapshot_merge)(
+                h.ctx,
+                top.as_ptr(),
+                top.len(),
+                out.as_ptr(),
+                out.len(),
+                key,
+                key_len,
+                &mut job,
+                s,
+            )
+        })?;
+        Ok(job)
+    }
+
+    pub fn snapshot_remove(dir: &str) -> Result<(), String> {
+        let h = host_fn!(snapshot_remove, "snapshot remove")?;
+        // SAFETY: as above; `dir` is a live string.
+        unit(with_sink(|s| unsafe {
+            (h.snapshot_remove)(h.ctx, dir.as_ptr(), dir.len(), s)
+        }))
+    }
+
+    pub fn migration_harvest_dirty() -> Result<Vec<u64>, String> {
+        let h = host_fn!(migration_harvest_dirty, "harvest-dirty")?;
+        // SAFETY: as above.
+        with_sink(|s| unsafe { (h.migration_harvest_dirty)(h.ctx, s) })
+            .map(|b| abi::bytes_to_words(&b))
+    }
+
+    pub fn migration_queue_pages(bitmap: &[u64], round: u32) -> Result<u64, String> {
+        let h = host_fn!(migration_queue_pages, "queue-pages")?;
+        let mut queued = 0u64;
+        // SAFETY: as above; `bitmap` is a live slice, `queued` a valid out pointer.
+        with_sink(|s| unsafe {
+            (h.migration_queue_pages)(h.ctx, bitmap.as_ptr(), bitmap.len(), round, &mut queued, s)
+        })?;
+        Ok(queued)
+    }
+
+    pub fn migration_queue_range(
+        first: u64,
+        count: u64,
+        urgent: bool,
+        round: u32,
+    ) -> Result<(), String> {
+        let h = host_fn!(migration_queue_range, "queue-range")?;
+        // SAFETY: as above.
+        unit(with_sink(|s| unsafe {
+            (h.migration_queue_range)(h.ctx, first, count, urgent as u32, round, s)
+        }))
+    }
+
+    pub fn migration_switch_over(mode: u32) -> Result<(), String> {
+        let h = host_fn!(migration_switch_over, "switch-over")?;
+        // SAFETY: as above.
+        unit(with_sink(|s| unsafe {
+            (h.migration_switch_over)(h.ctx, mode, s)
+        }))
+    }
+
+    pub fn migration_take_faults() -> Vec<u64> {
+        let Ok(h) = host_fn!(migration_take_faults, "take-faults") else {
+            return Vec::new();
+        };
+        // SAFETY: as above.
+        with_sink(|s| unsafe { (h.migration_take_faults)(h.ctx, s) })
+            .map(|b| abi::bytes_to_words(&b))
+            .unwrap_or_default()
+    }
+
+    pub fn migration_progress() -> Result<(abi::CMigrationStatus, Option<String>), String> {
+        let h = host_fn!(migration_progress, "progress")?;
+        let mut out = abi::CMigrationStatus::default();
+        let mut failure = VecSink::default();
+        let failure_sink = failure.sink();
+        // SAFETY: as above; `out` and the sink live across the call.
+        with_sink(|s| unsafe { (h.migration_progress)(h.ctx, &mut out, &failure_sink, s) })?;
+        let failure = failure.into_string();
+        Ok((out, (!failure.is_empty()).then_some(failure)))
+    }
+
     pub fn log(level: LogLevel, msg: &str) {
         if let Some(h) = host() {
             // SAFETY: as above; `msg` is a live string.

@@ -1,7 +1,7 @@
 //! The snapshot engine (`wit/snapshot.wit`, capability `snapshot`): a checkpoint service opens
 //! a layer, queues page batches (as a dirty bitmap) and a commit, and polls the status from its
-//! ticks; the host writes the bytes on its own thread. Wasm services only: in a native plugin
-//! every call fails (the native ABI has no snapshot functions yet).
+//! ticks; the host writes the bytes on its own thread. Wasm and native services alike (the
+//! native host table carries these calls since they were appended to ABI version 1).
 
 /// A new layer.
 #[derive(Debug, Clone, Default)]
@@ -68,26 +68,40 @@ mod imp {
     pub fn close(job: u32) {
         s::close(job)
     }
+    pub fn merge(top: &str, out: &str, key_file: Option<&str>) -> Result<u32, String> {
+        s::merge(top, out, key_file)
+    }
+    pub fn remove(dir: &str) -> Result<(), String> {
+        s::remove(dir)
+    }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
 mod imp {
     use super::{JobStatus, LayerOptions};
-    const NO: &str = "the snapshot interface is not in the native ABI: build the service as Wasm";
+    use crate::native::imports as n;
 
-    pub fn begin(_: &LayerOptions) -> Result<u32, String> {
-        Err(NO.into())
+    pub fn begin(o: &LayerOptions) -> Result<u32, String> {
+        n::snapshot_begin(o)
     }
-    pub fn write_pages(_: u32, _: &[u64]) -> Result<(), String> {
-        Err(NO.into())
+    pub fn write_pages(job: u32, bitmap: &[u64]) -> Result<(), String> {
+        n::snapshot_write_pages(job, bitmap)
     }
-    pub fn commit(_: u32) -> Result<(), String> {
-        Err(NO.into())
+    pub fn commit(job: u32) -> Result<(), String> {
+        n::snapshot_commit(job)
     }
-    pub fn status(_: u32) -> Result<JobStatus, String> {
-        Err(NO.into())
+    pub fn status(job: u32) -> Result<JobStatus, String> {
+        n::snapshot_status(job)
     }
-    pub fn close(_: u32) {}
+    pub fn close(job: u32) {
+        n::snapshot_close(job)
+    }
+    pub fn merge(top: &str, out: &str, key_file: Option<&str>) -> Result<u32, String> {
+        n::snapshot_merge(top, out, key_file)
+    }
+    pub fn remove(dir: &str) -> Result<(), String> {
+        n::snapshot_remove(dir)
+    }
 }
 
 /// Opens a layer; returns its job handle.
@@ -113,4 +127,15 @@ pub fn status(job: u32) -> Result<JobStatus, String> {
 /// Drops a job.
 pub fn close(job: u32) {
     imp::close(job)
+}
+
+/// Folds the chain ending in `top` into one full layer in `out` on a host thread; returns a
+/// job to poll with [`status`] (committed: done).
+pub fn merge(top: &str, out: &str, key_file: Option<&str>) -> Result<u32, String> {
+    imp::merge(top, out, key_file)
+}
+
+/// Deletes the layer in `dir` (retention of layers a merge superseded).
+pub fn remove(dir: &str) -> Result<(), String> {
+    imp::remove(dir)
 }

@@ -15,7 +15,11 @@
 //! - `periodic {"dir", "key_file"?, "target_pages"?}` keeps writing live layers in the
 //!   background, `DIR/layer-0000` (full) then incremental ones on top, at an interval adapted
 //!   to the dirty rate: the next layer is due when about `target_pages` (default 4096) pages
-//!   are expected dirty again, between 100 ms and 10 s; every 32nd layer is full again.
+//!   are expected dirty again, between 100 ms and 10 s. Retention (`keep`, default and most
+//!   32): once the chain has more than `keep` layers, the host merges it into one full layer
+//!   (`DIR/merged-NNNN`, read from the layers, not from the guest) in the background; the next
+//!   layer builds on the merged one and the superseded layers are removed, so the chain and
+//!   the directory stay bounded.
 //! - `evict {"dir", "key_file"?}` stops the periodic layers and writes a stop-the-world layer
 //!   into `dir`: incremental on the last periodic layer (only the pages dirtied since), or
 //!   full when there is none. The caller stops the VM once `status` says done.
@@ -31,7 +35,9 @@ const DEFAULT_STOP_PAGES: u64 = 512;
 const DEFAULT_MAX_ROUNDS: u32 = 30;
 const DEFAULT_TARGET_PAGES: u64 = 4096;
 const MIN_INTERVAL_MS: u64 = 100;
-const CHAIN_RESTART: u32 = 32;
+const DEFAULT_KEEP: u32 = 32;
+/// Restore reads every layer of a chain (the store takes at most 64).
+const MAX_KEEP: u32 = 32;
 const MAX_INTERVAL_MS: u64 = 10_000;
 
 #[derive(Deserialize)]
@@ -41,6 +47,8 @@ struct PeriodicArgs {
     key_file: Option<String>,
     #[serde(default)]
     target_pages: Option<u64>,
+    #[serde(default)]
+    keep: Option<u32>,
 }
 
 /// Background layers for quick eviction.
@@ -48,6 +56,12 @@ struct Periodic {
     dir: String,
     key_file: Option<String>,
     target_pages: u64,
+    /// Most layers in the chain before it is merged.
+    keep: u32,
+    /// The current chain, base first.
+    chain: Vec<String>,
+    /// Chains merged so far.
+    merges: u32,
     layers: u32,
     next_at_ns: u64,
     interval_ms: u64,
@@ -101,12 +115,23 @@ struct Op {
     bytes_written: u64,
     error: Option<String>,
     stay_paused: bool,
+    /// A periodic layer (its commit extends the periodic chain).
+    periodic: bool,
+}
+
+/// A merge of the periodic chain in flight on the host.
+struct Merge {
+    job: u32,
+    out: String,
+    /// The layers the merged one replaces.
+    chain: Vec<String>,
 }
 
 #[derive(Default)]
 struct Checkpoint {
     op: Option<Op>,
     periodic: Option<Periodic>,
+    merge: Option<Merge>,
     /// The last layer this service committed: pages dirtied since are in `dirty`.
     last_layer: Option<String>,
     dirty: Vec<u64>,
@@ -190,6 +215,7 @@ impl Checkpoint {
             bytes_written: 0,
             error: None,
             stay_paused: a.stay_paused,
+            periodic: false,
         };
         let r = if a.live {
             self.first_round(&mut op, full)
@@ -262,24 +288,74 @@ impl Checkpoint {
             self.op = Some(op);
             r?;
         }
+        self.merge_tick()?;
         self.periodic_tick()
+    }
+
+    /// After a periodic layer: merges the chain once it holds more than `keep` layers.
+    fn extend_chain(&mut self, layer: &str) -> Result<(), String> {
+        let Some(p) = self.periodic.as_mut() else {
+            return Ok(());
+        };
+        p.chain.push(layer.to_string());
+        if p.chain.len() as u32 <= p.keep || self.merge.is_some() {
+            return Ok(());
+        }
+        let out = format!("{}/merged-{:04}", p.dir, p.layers - 1);
+        let job = snapshot::merge(layer, &out, p.key_file.as_deref())?;
+        self.merge = Some(Merge {
+            job,
+            out,
+            chain: p.chain.clone(),
+        });
+        Ok(())
+    }
+
+    /// A finished merge: the next layer builds on the merged one (same contents as the
+    /// chain's top), and the layers it replaces go. After an eviction meanwhile the eviction
+    /// builds on the old chain instead, and the merged layer goes.
+    fn merge_tick(&mut self) -> Result<(), String> {
+        let Some(m) = &self.merge else {
+            return Ok(());
+        };
+        let st = snapshot::status(m.job)?;
+        if st.error.is_none() && !st.committed {
+            return Ok(());
+        }
+        let m = self.merge.take().expect("checked above");
+        snapshot::close(m.job);
+        if let Some(e) = st.error {
+            return Err(format!("merging the periodic chain into {}: {e}", m.out));
+        }
+        let adopt = self.periodic.is_some()
+            && self.last_layer.as_deref() == m.chain.last().map(String::as_str);
+        if !adopt {
+            return snapshot::remove(&m.out);
+        }
+        let p = self.periodic.as_mut().expect("checked above");
+        p.chain = vec![m.out.clone()];
+        p.merges += 1;
+        self.last_layer = Some(m.out);
+        host::metric("periodic_merges", p.merges as f64);
+        for d in &m.chain {
+            snapshot::remove(d)?;
+        }
+        Ok(())
     }
 
     /// Starts the next periodic layer when it is due.
     fn periodic_tick(&mut self) -> Result<(), String> {
         let now = host::now_ns();
         let due = match &self.periodic {
-            Some(p) => now >= p.next_at_ns && !self.busy(),
+            // A merge in flight decides the next layer's parent: wait for it.
+            Some(p) => now >= p.next_at_ns && !self.busy() && self.merge.is_none(),
             None => false,
         };
         if !due {
             return Ok(());
         }
         let p = self.periodic.as_mut().expect("checked above");
-        // A fresh full layer every CHAIN_RESTART layers keeps chains short (restore reads
-        // every layer of a chain; the store takes at most 64).
-        let parent = (!p.layers.is_multiple_of(CHAIN_RESTART))
-            .then(|| format!("{}/layer-{:04}", p.dir, p.layers - 1));
+        let parent = p.chain.last().cloned();
         let dir = format!("{}/layer-{:04}", p.dir, p.layers);
         let args = json!({
             "dir": dir,
@@ -289,7 +365,11 @@ impl Checkpoint {
         });
         p.prev_start_ns = now;
         p.layers += 1;
-        self.create(&args.to_string()).map(|_| ())
+        self.create(&args.to_string())?;
+        if let Some(op) = self.op.as_mut() {
+            op.periodic = true;
+        }
+        Ok(())
     }
 
     /// After a periodic layer: the next one is due when about `target_pages` are dirty again.
@@ -314,13 +394,16 @@ impl Checkpoint {
     fn periodic(&mut self, args: &str) -> Result<String, String> {
         let a: PeriodicArgs =
             serde_json::from_str(args).map_err(|e| format!("periodic: bad arguments: {e}"))?;
-        if self.periodic.is_some() || self.busy() {
+        if self.periodic.is_some() || self.busy() || self.merge.is_some() {
             return Err("periodic layers or a snapshot are running already".into());
         }
         self.periodic = Some(Periodic {
             dir: a.dir.clone(),
             key_file: a.key_file,
             target_pages: a.target_pages.unwrap_or(DEFAULT_TARGET_PAGES).max(1),
+            keep: a.keep.unwrap_or(DEFAULT_KEEP).clamp(1, MAX_KEEP),
+            chain: Vec::new(),
+            merges: 0,
             layers: 0,
             next_at_ns: 0,
             interval_ms: 0,
@@ -396,6 +479,9 @@ impl Checkpoint {
                     op.phase = Phase::Done;
                     snapshot::close(op.job);
                     self.last_layer = Some(op.dir.clone());
+                    if op.periodic {
+                        self.extend_chain(&op.dir)?;
+                    }
                     self.schedule_next(st.bytes_written / 4096);
                     host::metric("last_pause_ms", op.pause_ms);
                     host::notify(
@@ -411,10 +497,11 @@ impl Checkpoint {
     }
 
     fn status(&self) -> String {
-        let periodic = self
-            .periodic
-            .as_ref()
-            .map(|p| json!({"dir": p.dir, "layers": p.layers, "interval_ms": p.interval_ms}));
+        let periodic = self.periodic.as_ref().map(|p| {
+            json!({"dir": p.dir, "layers": p.layers, "interval_ms": p.interval_ms,
+                       "chain": p.chain.len(), "keep": p.keep, "merges": p.merges,
+                       "merging": self.merge.is_some()})
+        });
         let Some(op) = &self.op else {
             return json!({ "phase": "idle", "last_layer": self.last_layer, "periodic": periodic })
                 .to_string();
