@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use base_vmm::boot::EntryPreference;
 use base_vmm::vcpu::{VcpuEvent, VcpuExitReason};
-use base_vmm::vmm::{VmConfig, Vmm, VmmError};
+use base_vmm::vmm::{RestoreHow, VmConfig, Vmm, VmmError};
 use clap::{Parser, Subcommand, ValueEnum};
 use l1_services::{AttachOptions, Lifecycle, ServiceManager};
 use serde_json::{json, Value};
@@ -413,7 +413,14 @@ fn run(
             let key = key
                 .map(|k| base_vmm::snapshot::SnapshotKey::from_file(&k))
                 .transpose()?;
-            let vmm = Vmm::restore(&dir, &serial, vcpu_tx, paused, lazy, key.as_ref())
+            let how = RestoreHow {
+                serial_spec: &serial,
+                events: vcpu_tx,
+                start_paused: paused,
+                lazy,
+                key: key.as_ref(),
+            };
+            let vmm = Vmm::restore(&dir, how)
                 .with_context(|| format!("cannot restore the VM saved in {}", dir.display()))?;
             let manager = services::manager_for(&vmm)?;
             manager.lifecycle(Lifecycle::Restored);
@@ -656,14 +663,14 @@ fn standby(
                         continue;
                     }
                 };
-                match ready.adopt(
-                    &b.dir,
-                    serial,
-                    vcpu_tx.clone(),
-                    b.paused,
-                    b.lazy,
-                    key.as_ref(),
-                ) {
+                let how = RestoreHow {
+                    serial_spec: serial,
+                    events: vcpu_tx.clone(),
+                    start_paused: b.paused,
+                    lazy: b.lazy,
+                    key: key.as_ref(),
+                };
+                match ready.adopt(&b.dir, how) {
                     Ok(vmm) => {
                         let _ = reply.send(Ok(json!({
                             "state": if b.paused { "paused" } else { "running" },

@@ -204,6 +204,12 @@ impl Migrations {
                 report.handover, report.total_ms, report.downtime_ms
             );
             Polled::Moved
+        } else if report.result == "in-doubt" {
+            eprintln!(
+                "spanvmm: migration {}",
+                report.error.clone().unwrap_or_default()
+            );
+            Polled::Nothing
         } else if report.handover == "postcopy" {
             eprintln!(
                 "spanvmm: post-copy migration failed: {}",
@@ -266,12 +272,21 @@ pub fn incoming(
                 Some(p) => Ok(p),
                 None => Vmm::prepare(arrived.ram.clone(), &state.machine),
             };
+            migration::trace(format_args!("dest: state parsed"));
+            // Paused until the source commits the hand-over.
             prepared
-                .and_then(|p| p.finish(&state, serial, events, false))
+                .and_then(|p| p.finish(&state, serial, events, true))
                 .map_err(anyhow::Error::from)
         });
     match built {
         Ok(vmm) => {
+            migration::trace(format_args!("dest: VM built"));
+            // Dropping `vmm` on an error discards the VM: the guest stays at the source.
+            arrived.commit().map_err(anyhow::Error::msg)?;
+            vmm.control()
+                .resume()
+                .context("running the migrated guest")?;
+            migration::trace(format_args!("dest: vCPUs resumed"));
             let dest = arrived.running().map_err(anyhow::Error::msg)?;
             eprintln!(
                 "spanvmm: incoming migration: the guest runs here ({:.2} ms to build)",

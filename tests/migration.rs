@@ -382,6 +382,87 @@ fn a_cut_during_precopy_leaves_the_source_running_and_the_destination_gone() {
     check_arrived(&dst2, 1000);
 }
 
+/// Stat lines the guest printed since line `from`.
+fn stats_since(vm: &VmProcess, from: usize) -> usize {
+    vm.lines()[from.min(vm.mark())..]
+        .iter()
+        .filter(|l| l.contains("SPANGUEST stat"))
+        .count()
+}
+
+#[test]
+fn a_link_lost_at_the_commit_never_runs_the_guest_twice() {
+    // The destination drops the connection on purpose (SPANVMM_MIGRATION_CUT) at the two
+    // points of the hand-over where the source cannot know what the destination did.
+    let tmp = TempDir::new("mig-doubt");
+    let tls = certs(&tmp, "tls");
+    let src = VmProcess::boot("mig-doubt-src", GUEST, MEM, 1);
+    let to_dest = |point: &str, tag: &str| {
+        let addr = format!("tls://127.0.0.1:{}", free_port());
+        let cut = format!("SPANVMM_MIGRATION_CUT={point}");
+        let dst = destination(tag, &["env", &cut], &addr, &tls, &[]);
+        let (ok, out, report) = migrate(
+            &src,
+            &[
+                "--to",
+                &addr,
+                "--plugin",
+                &plugin("precopy.wasm"),
+                "--tls-dir",
+                tls.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            !ok,
+            "the migration claims success after a cut at {point}: {out}"
+        );
+        let r = report.expect("a report");
+        assert_eq!(r["result"], "in-doubt", "{point}: {r}");
+        assert!(
+            r["error"].as_str().unwrap_or("").contains("ctl resume"),
+            "{point}: the report does not say what to do: {r}"
+        );
+        dst
+    };
+    let paused_for_a_second = |what: &str| {
+        let status = src.ctl_ok(&["status"]);
+        assert!(
+            status.contains("\"paused\""),
+            "{what}: source not paused: {status}"
+        );
+        let from = src.mark();
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(
+            stats_since(&src, from),
+            0,
+            "{what}: the source guest ran on"
+        );
+    };
+
+    // 1. Cut before the destination has `commit`: it must not run the guest, and the source,
+    //    which sent `commit` and heard nothing back, stays paused too.
+    let mut dst = to_dest("before-commit", "mig-doubt-dst1");
+    let code = wait_exit(&mut dst, "the uncommitted destination");
+    assert_ne!(code, Some(0));
+    assert!(dst.stderr().contains("did not commit"), "{}", dst.stderr());
+    assert_eq!(
+        stats_since(&dst, 0),
+        0,
+        "the uncommitted destination ran the guest"
+    );
+    paused_for_a_second("before-commit");
+    // The operator, seeing the destination gone, resumes the guest here: nothing was lost.
+    src.ctl_ok(&["resume"]);
+    let from = src.mark();
+    src.wait_line_from(from, "SPANGUEST stat", Duration::from_secs(5));
+    src.assert_verify_clean(1);
+
+    // 2. Cut after the destination has `commit`: the guest runs there and only there.
+    let dst = to_dest("after-commit", "mig-doubt-dst2");
+    paused_for_a_second("after-commit");
+    check_arrived(&dst, 1000);
+}
+
 #[test]
 fn a_postcopy_cut_is_recovered_without_losing_a_page() {
     let tmp = TempDir::new("mig-rec");

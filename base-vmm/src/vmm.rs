@@ -319,6 +319,20 @@ impl PreparedVm {
     }
 }
 
+/// How to restore a snapshot ([`Vmm::restore`], [`StandbyVm::adopt`]).
+pub struct RestoreHow<'a> {
+    /// Console: `stdout`, `none` or a file.
+    pub serial_spec: &'a str,
+    /// Where vCPU threads report.
+    pub events: Sender<VcpuEvent>,
+    /// Leave the VM paused.
+    pub start_paused: bool,
+    /// Run at once; memory on first touch and in the background.
+    pub lazy: bool,
+    /// Key of an encrypted snapshot.
+    pub key: Option<&'a SnapshotKey>,
+}
+
 /// Opens and checks the snapshot chain ending in `dir`; returns it with its VM state.
 fn open_snapshot(
     dir: &Path,
@@ -384,16 +398,8 @@ impl StandbyVm {
     /// Restores the snapshot in `dir` into this VM and runs it (or leaves it paused), as
     /// [`Vmm::restore`] does in a new process. A snapshot of another shape, or one that fails
     /// the chain's checks, is refused before guest memory is touched.
-    pub fn adopt(
-        mut self,
-        dir: &Path,
-        serial_spec: &str,
-        events: Sender<VcpuEvent>,
-        start_paused: bool,
-        lazy: bool,
-        key: Option<&SnapshotKey>,
-    ) -> Result<Vmm, AdoptError> {
-        let (chain, state) = match open_snapshot(dir, key, self.buffers.take()) {
+    pub fn adopt(mut self, dir: &Path, how: RestoreHow) -> Result<Vmm, AdoptError> {
+        let (chain, state) = match open_snapshot(dir, how.key, self.buffers.take()) {
             Ok(cs) => cs,
             Err(error) => {
                 return Err(AdoptError {
@@ -418,11 +424,11 @@ impl StandbyVm {
             error,
             standby: None,
         };
-        let loader = load_memory(&self.ram, chain, lazy, dir).map_err(lost)?;
+        let loader = load_memory(&self.ram, chain, how.lazy, dir).map_err(lost)?;
         let mut prepared = self.prepared;
         prepared.machine = state.machine.clone();
         let mut vmm = prepared
-            .finish(&state, serial_spec, events, start_paused)
+            .finish(&state, how.serial_spec, how.events, how.start_paused)
             .map_err(lost)?;
         vmm.lazy = loader;
         Ok(vmm)
@@ -555,19 +561,16 @@ impl Vmm {
     /// page by page before any vCPU exists. With `lazy`, the guest starts before its memory
     /// is loaded: pages come in (checked) on first touch while a background thread copies the
     /// rest (see [`crate::lazy`]).
-    pub fn restore(
-        dir: &Path,
-        serial_spec: &str,
-        events: Sender<VcpuEvent>,
-        start_paused: bool,
-        lazy: bool,
-        key: Option<&SnapshotKey>,
-    ) -> Result<Self, VmmError> {
-        let (chain, state) = open_snapshot(dir, key, None)?;
+    pub fn restore(dir: &Path, how: RestoreHow) -> Result<Self, VmmError> {
+        let (chain, state) = open_snapshot(dir, how.key, None)?;
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
-        let loader = load_memory(&ram, chain, lazy, dir)?;
-        let mut vmm =
-            Vmm::prepare(ram, &state.machine)?.finish(&state, serial_spec, events, start_paused)?;
+        let loader = load_memory(&ram, chain, how.lazy, dir)?;
+        let mut vmm = Vmm::prepare(ram, &state.machine)?.finish(
+            &state,
+            how.serial_spec,
+            how.events,
+            how.start_paused,
+        )?;
         vmm.lazy = loader;
         Ok(vmm)
     }

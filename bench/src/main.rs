@@ -231,6 +231,7 @@ fn main() -> anyhow::Result<()> {
     let mut sizes = vec![256u64, 1024, 4096, 8192];
     let mut links: Option<String> = None;
     let mut workloads: Option<String> = None;
+    let mut engines: Option<String> = None;
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -244,6 +245,13 @@ fn main() -> anyhow::Result<()> {
                 )
             }
             "--workloads" => workloads = Some(it.next().context("--workloads idle,dirty")?.clone()),
+            "--engines" => {
+                engines = Some(
+                    it.next()
+                        .context("--engines qemu-precopy,precopy,postcopy,...")?
+                        .clone(),
+                )
+            }
             "--sizes" => {
                 sizes = it
                     .next()
@@ -280,6 +288,7 @@ fn main() -> anyhow::Result<()> {
             &sizes,
             links.as_deref(),
             workloads.as_deref(),
+            engines.as_deref(),
             &out.unwrap_or_else(|| repo_root().join("bench/results/migration.json")),
         ),
         Some("live-update") => live_update::run(
@@ -288,6 +297,6 @@ fn main() -> anyhow::Result<()> {
             &sizes,
             &out.unwrap_or_else(|| repo_root().join("bench/results/live-update.json")),
         ),
-        _ => bail!("usage: spanvmm-bench boot|services|live-update|snapshot|migration [--runs N] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|services|live-update|snapshot|migration [--runs N] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--out FILE]"),
     }
 }

@@ -10,7 +10,7 @@ use anyhow::Context;
 use serde_json::Value;
 
 use crate::harness::collect;
-use crate::migration::{guest_cmdline, max_stall, verify_after, Hosts, Link, Outcome};
+use crate::migration::{guest_cmdline, max_stall, settle, verify_after, Hosts, Link, Outcome};
 
 /// Migrates a spanvmm guest from host `src` to host `dst` with the `engine` service.
 #[allow(clippy::too_many_arguments)]
@@ -114,12 +114,13 @@ pub fn spanvmm_migrate(
         let completed =
             out.status.success() && r.as_ref().is_some_and(|r| r["result"] == "completed");
         let r = r.unwrap_or_default();
-        let from = dst_lines.lock().unwrap().len();
+        let from = settle(&dst_lines);
         let verify_bad = if completed {
             verify_after(&dst_lines, from, Duration::from_secs(30))
         } else {
             None
         };
+        let end = dst_lines.lock().unwrap().len();
         let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
         Ok(Outcome {
             vmm: "spanvmm".into(),
@@ -130,13 +131,17 @@ pub fn spanvmm_migrate(
             completed,
             total_ms: n("total_ms") as u64,
             downtime_ms: n("downtime_ms").round() as u64,
-            guest_stall_us: max_stall(&dst_lines),
+            guest_stall_us: max_stall(&dst_lines, 0..from),
+            guest_stall_after_us: max_stall(&dst_lines, from..end),
+            remote_faults: n("remote_faults") as u64,
+            fault_mean_us: n("fault_latency_mean_us") as u64,
+            fault_p99_us: n("fault_latency_p99_us") as u64,
             setup_ms: n("setup_ms") as u64,
             bytes: n("bytes") as u64,
             verify_bad,
             note: if completed {
                 format!(
-                    "downtime {:.2} ms, {} rounds, {} pages sent of {}, {} resent in post-copy, {} faults (mean {} µs), handover {}",
+                    "downtime {:.2} ms, {} rounds, {} pages sent of {}, {} resent in post-copy, {} faults (mean {} µs, p99 {} µs), handover {}",
                     n("downtime_ms"),
                     r["rounds"],
                     r["pages_sent"],
@@ -144,6 +149,7 @@ pub fn spanvmm_migrate(
                     r["postcopy_resent"],
                     r["remote_faults"],
                     r["fault_latency_mean_us"],
+                    r["fault_latency_p99_us"],
                     r["handover"].as_str().unwrap_or("?")
                 )
             } else {

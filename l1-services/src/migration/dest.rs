@@ -37,7 +37,8 @@ pub struct Arrived {
     pub prepared: Option<base_vmm::vmm::PreparedVm>,
     received_at: Instant,
     link: Option<Link>,
-    postcopy: Option<std::sync::mpsc::Sender<u64>>,
+    /// Post-copy: the fault service, started once the source commits.
+    postcopy: Option<Postcopy>,
     dest: Arc<MigrationDest>,
 }
 
@@ -56,6 +57,8 @@ pub struct DestProgress {
     pub fault_latency_mean_us: u64,
     /// Worst fault latency, µs.
     pub fault_latency_max_us: u64,
+    /// 99th percentile fault latency, µs.
+    pub fault_latency_p99_us: u64,
     /// Connections lost and restored during post-copy.
     pub recoveries: u64,
     /// Why it failed.
@@ -71,6 +74,8 @@ pub struct MigrationDest {
     faults: AtomicU64,
     fault_sum_us: AtomicU64,
     fault_max_us: AtomicU64,
+    /// Every fault's latency, µs (for percentiles).
+    fault_latencies: Mutex<Vec<u64>>,
     recoveries: AtomicU64,
 }
 
@@ -83,6 +88,7 @@ impl MigrationDest {
             faults: AtomicU64::new(0),
             fault_sum_us: AtomicU64::new(0),
             fault_max_us: AtomicU64::new(0),
+            fault_latencies: Mutex::new(Vec::new()),
             recoveries: AtomicU64::new(0),
         })
     }
@@ -103,9 +109,19 @@ impl MigrationDest {
             remote_faults: faults,
             fault_latency_mean_us: self.fault_sum_us.load(Ordering::Relaxed) / faults.max(1),
             fault_latency_max_us: self.fault_max_us.load(Ordering::Relaxed),
+            fault_latency_p99_us: self.fault_p99_us(),
             recoveries: self.recoveries.load(Ordering::Relaxed),
             error,
         }
+    }
+
+    fn fault_p99_us(&self) -> u64 {
+        let mut v = lock(&self.fault_latencies).clone();
+        if v.is_empty() {
+            return 0;
+        }
+        v.sort_unstable();
+        v[(v.len() * 99).div_ceil(100) - 1]
     }
 
     fn set(&self, phase: Phase, error: Option<String>) {
@@ -181,7 +197,9 @@ fn accept_source(
 }
 
 /// Receives a VM on `listener`: blocks until the source hands over (or fails). Returns the
-/// guest's memory and state; build the VM from them, then call [`Arrived::running`].
+/// guest's memory and state; build the VM from them (vCPUs paused), call [`Arrived::commit`],
+/// and only if it succeeds run the vCPUs and call [`Arrived::running`] (else
+/// [`Arrived::abort`] or drop).
 pub fn receive(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
@@ -194,7 +212,7 @@ pub fn receive(
     let ram = Arc::new(GuestRam::new(mem).map_err(|e| e.to_string())?);
     let pages = mem / PAGE as u64;
     let dest = MigrationDest::new();
-    let mut written = vec![0u64; pages.div_ceil(64) as usize];
+    let mut writer = PageWriter::start(ram.clone(), dest.clone())?;
     let mut prepared = None;
     let fail = |e: LinkError| format!("incoming migration failed before the hand-over: {e}");
     loop {
@@ -203,47 +221,10 @@ pub fn receive(
             .map_err(fail)?
             .ok_or_else(|| fail(LinkError::Timeout(IDLE_TIMEOUT)))?;
         if ty == wire::T_PAGES {
-            let f = wire::decode_pages(payload).map_err(|e| fail(e.into()))?;
-            let (first, span) = (f.first, f.span as u64);
-            if first + span > pages {
-                return Err(fail(io(format!(
-                    "pages {first}+{span} run past guest memory"
-                ))));
+            let spare = writer.spare();
+            if !writer.write(link.take_last_frame(spare)) {
+                return Err(fail(io(writer.finish().err().unwrap_or_default())));
             }
-            // Runs of data pages go into the memfd with one pwrite each: the kernel fills the
-            // page cache directly, without a page fault per page through the mapping.
-            let mut off = 0;
-            let mut n = 0;
-            let mut i = 0;
-            while i < span {
-                if !bit(&f.present, i) {
-                    i += 1;
-                    continue;
-                }
-                let p = first + i;
-                if bit(&f.zero, i) {
-                    n += 1;
-                    if bit(&written, p) {
-                        punch(&ram, p, 1).map_err(|e| fail(io(e)))?;
-                        clear_bit(&mut written, p);
-                    }
-                    i += 1;
-                    continue;
-                }
-                let mut j = i;
-                while j < span && bit(&f.present, j) && !bit(&f.zero, j) {
-                    set_bit(&mut written, first + j);
-                    j += 1;
-                }
-                let len = (j - i) as usize * PAGE;
-                ram.memfd()
-                    .write_all_at(&f.data[off..off + len], p * PAGE as u64)
-                    .map_err(|e| fail(io(format!("writing guest memory: {e}"))))?;
-                off += len;
-                n += j - i;
-                i = j;
-            }
-            dest.received.fetch_add(n, Ordering::Relaxed);
             continue;
         }
         let f = wire::decode(ty, payload).map_err(|e| fail(e.into()))?;
@@ -254,6 +235,14 @@ pub fn receive(
                 needed,
             } => {
                 let received_at = Instant::now();
+                // Every page before the state is in guest memory once the writer is done.
+                let written = writer.finish().map_err(|e| fail(io(e)))?;
+                // Its buffers go back to the system off the downtime's path.
+                let _ = std::thread::Builder::new().spawn(move || drop(writer));
+                super::trace(format_args!(
+                    "dest: state received, pages written after {:?}",
+                    received_at.elapsed()
+                ));
                 let mut arrived = Arrived {
                     ram: ram.clone(),
                     state,
@@ -268,6 +257,8 @@ pub fn receive(
                     arrived.link = Some(link);
                     return Ok(arrived);
                 }
+                // The guest must not touch a page before the fault service runs: missing pages
+                // are registered now (a touch waits) and served once the source commits.
                 if needed.len() != written.len() {
                     return Err(fail(io(format!(
                         "post-copy bitmap has {} words, guest memory {}",
@@ -293,8 +284,7 @@ pub fn receive(
                     Userfault::register_missing(&ram).map_err(|e| fail(io(e.to_string())))?;
                 dest.needed.store(count(&needed), Ordering::Relaxed);
                 dest.set(Phase::Postcopy, None);
-                let (tx, rx) = std::sync::mpsc::channel();
-                let pc = Postcopy {
+                arrived.postcopy = Some(Postcopy {
                     uffd,
                     ram: ram.clone(),
                     original: needed.clone(),
@@ -306,15 +296,16 @@ pub fn receive(
                     tls: tls.clone(),
                     session,
                     recovery_timeout,
-                };
-                std::thread::Builder::new()
-                    .name("migrate-postcopy".into())
-                    .spawn(move || pc.run(link, rx))
-                    .map_err(|e| format!("cannot start the post-copy thread: {e}"))?;
-                arrived.postcopy = Some(tx);
+                });
+                arrived.link = Some(link);
                 return Ok(arrived);
             }
-            Frame::Sync => link.send(&Frame::Sync).map_err(fail)?,
+            Frame::Sync => {
+                if !writer.drain() {
+                    return Err(fail(io(writer.finish().err().unwrap_or_default())));
+                }
+                link.send(&Frame::Sync).map_err(fail)?
+            }
             Frame::Machine(json) => {
                 let machine: base_vmm::state::MachineConfig = serde_json::from_slice(&json)
                     .map_err(|e| fail(io(format!("machine description: {e}"))))?;
@@ -325,6 +316,167 @@ pub fn receive(
             other => return Err(fail(io(format!("unexpected frame {other:?}")))),
         }
     }
+}
+
+/// Pre-copy pages go into guest memory on a thread of their own: the receiving thread only
+/// decrypts and hands each `pages` payload over (in order, in recycled buffers), so the
+/// decryption and the page-cache writes run on two cores.
+struct PageWriter {
+    to_write: Option<std::sync::mpsc::SyncSender<(Vec<u8>, std::ops::Range<usize>)>>,
+    recycled: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// Buffers back from the writer, free.
+    free: Vec<Vec<u8>>,
+    /// Buffers queued or being written.
+    outstanding: usize,
+    thread: Option<std::thread::JoinHandle<Result<Vec<u64>, String>>>,
+}
+
+/// Payloads in flight between the receiver and the writer.
+const WRITE_BUFFERS: usize = 4;
+
+impl PageWriter {
+    fn start(ram: Arc<GuestRam>, dest: Arc<MigrationDest>) -> Result<Self, String> {
+        let (tx, rx) =
+            std::sync::mpsc::sync_channel::<(Vec<u8>, std::ops::Range<usize>)>(WRITE_BUFFERS);
+        let (back, recycled) = std::sync::mpsc::sync_channel(WRITE_BUFFERS);
+        let thread = std::thread::Builder::new()
+            .name("migrate-write".into())
+            .spawn(move || {
+                let pages = ram.size() / PAGE as u64;
+                let mut written = vec![0u64; pages.div_ceil(64) as usize];
+                for (buf, payload) in rx {
+                    let n = write_pages(&ram, &buf[payload], &mut written)?;
+                    dest.received.fetch_add(n, Ordering::Relaxed);
+                    let _ = back.send(buf);
+                }
+                Ok(written)
+            })
+            .map_err(|e| format!("cannot start the page writer: {e}"))?;
+        Ok(PageWriter {
+            to_write: Some(tx),
+            recycled,
+            free: Vec::new(),
+            outstanding: 0,
+            thread: Some(thread),
+        })
+    }
+
+    /// A buffer for the link to receive into next (one back from the writer, or new).
+    fn spare(&mut self) -> Vec<u8> {
+        while let Ok(b) = self.recycled.try_recv() {
+            self.outstanding -= 1;
+            self.free.push(b);
+        }
+        if let Some(b) = self.free.pop() {
+            return b;
+        }
+        if self.outstanding >= WRITE_BUFFERS {
+            if let Ok(b) = self.recycled.recv() {
+                self.outstanding -= 1;
+                return b;
+            }
+        }
+        Vec::with_capacity(wire::MAX_PAYLOAD + (64 << 10))
+    }
+
+    /// Queues a buffer with a `pages` payload at the range; false when the writer has stopped
+    /// (see [`Self::finish`]).
+    fn write(&mut self, buf: (Vec<u8>, std::ops::Range<usize>)) -> bool {
+        let sent = self
+            .to_write
+            .as_ref()
+            .is_some_and(|tx| tx.send(buf).is_ok());
+        self.outstanding += sent as usize;
+        sent
+    }
+
+    /// Waits until everything queued is written (before the source pauses the guest, so the
+    /// downtime does not wait for the pre-copy tail); false when the writer has stopped.
+    fn drain(&mut self) -> bool {
+        while self.outstanding > 0 {
+            match self.recycled.recv() {
+                Ok(b) => {
+                    self.outstanding -= 1;
+                    self.free.push(b);
+                }
+                Err(_) => return false,
+            }
+        }
+        // Few pages follow (stop-and-copy): give the memory back now, not in the downtime.
+        self.free.truncate(1);
+        true
+    }
+
+    /// Waits until every queued payload is written: which pages hold data, or why the writer
+    /// stopped.
+    fn finish(&mut self) -> Result<Vec<u64>, String> {
+        self.to_write = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err("the page writer panicked".into()),
+            None => Err("the page writer already finished".into()),
+        }
+    }
+}
+
+/// Writes one `pages` payload into guest memory; `written` tracks which pages hold data (a
+/// zero page over one is dropped from the memfd). Returns the pages it carried.
+fn write_pages(ram: &GuestRam, payload: &[u8], written: &mut [u64]) -> Result<u64, String> {
+    let f = wire::decode_pages(payload).map_err(|e| e.to_string())?;
+    let (first, span) = (f.first, f.span as u64);
+    if first + span > ram.size() / PAGE as u64 {
+        return Err(format!("pages {first}+{span} run past guest memory"));
+    }
+    // Runs of data pages go into the memfd with one pwrite each: the kernel fills the page
+    // cache directly, without a page fault per page through the mapping.
+    let mut off = 0;
+    let mut n = 0;
+    let mut i = 0;
+    while i < span {
+        if !bit(&f.present, i) {
+            i += 1;
+            continue;
+        }
+        let p = first + i;
+        if bit(&f.zero, i) {
+            n += 1;
+            if bit(written, p) {
+                punch(ram, p, 1)?;
+                clear_bit(written, p);
+            }
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j < span && bit(&f.present, j) && !bit(&f.zero, j) {
+            set_bit(written, first + j);
+            j += 1;
+        }
+        let len = (j - i) as usize * PAGE;
+        ram.memfd()
+            .write_all_at(&f.data[off..off + len], p * PAGE as u64)
+            .map_err(|e| format!("writing guest memory: {e}"))?;
+        populate(ram, p, j - i);
+        off += len;
+        n += j - i;
+        i = j;
+    }
+    Ok(n)
+}
+
+/// Maps pages `[p, p+n)` (just written) into the VMM's page tables, so the guest's first touch
+/// of each after the hand-over costs no host page fault (on this hardware a first touch is
+/// otherwise several times slower than the next: a stall the guest sees). Best effort.
+fn populate(ram: &GuestRam, p: u64, n: u64) {
+    // SAFETY: the range lies inside the guest mapping, which `ram` keeps alive; populating
+    // only faults pages in, it changes no content.
+    unsafe {
+        libc::madvise(
+            ram.host_base().add(p as usize * PAGE) as *mut libc::c_void,
+            n as usize * PAGE,
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
 }
 
 /// Drops pages `[p, p+n)` from the memfd, so the next touch is a missing-page fault.
@@ -347,22 +499,72 @@ fn punch(ram: &GuestRam, p: u64, n: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Test hook (`SPANVMM_MIGRATION_CUT`): where the destination drops the connection on
+/// purpose, to show the hand-over is safe there. `before-commit`: after `ready`, without
+/// waiting for `commit` (the guest must then run nowhere but, at most, the source);
+/// `after-commit`: once `commit` arrived, before `resumed` (the guest runs here, the source
+/// stays paused "in doubt").
+fn cut_at(point: &str) -> bool {
+    std::env::var("SPANVMM_MIGRATION_CUT").is_ok_and(|v| v == point)
+}
+
 impl Arrived {
-    /// The VM runs: tell the source. Returns the migration's handle (post-copy goes on in
-    /// the background).
+    /// The VM is built (vCPUs paused): say `ready` and wait for the source's `commit`. Only
+    /// after `Ok` may the guest run here; on `Err` the source keeps (or resumes) the guest and
+    /// this VM must be discarded.
+    pub fn commit(&mut self) -> Result<(), String> {
+        let load_us = self.received_at.elapsed().as_micros() as u64;
+        let link = self
+            .link
+            .as_mut()
+            .ok_or("the hand-over has no connection")?;
+        let no = |e: LinkError| {
+            format!("the source did not commit the hand-over ({e}): the guest stays there")
+        };
+        link.send(&Frame::Ready { load_us })
+            .and_then(|_| link.flush(Duration::from_secs(10)))
+            .map_err(no)?;
+        if cut_at("before-commit") {
+            self.link = None;
+            return Err(no(LinkError::Io(std::io::Error::other(
+                "connection cut by SPANVMM_MIGRATION_CUT=before-commit",
+            ))));
+        }
+        super::trace(format_args!("dest: ready after {load_us} µs"));
+        match link.expect(Duration::from_secs(30), "commit") {
+            Ok(Frame::Commit) => super::trace(format_args!(
+                "dest: commit after {:?}",
+                self.received_at.elapsed()
+            )),
+            Ok(other) => return Err(no(io(format!("expected commit, got {other:?}")))),
+            Err(e) => return Err(no(e)),
+        }
+        if cut_at("after-commit") {
+            self.link = None;
+        }
+        Ok(())
+    }
+
+    /// The VM runs (after [`Arrived::commit`]): tell the source. Returns the migration's
+    /// handle (post-copy goes on in the background).
     pub fn running(mut self) -> Result<Arc<MigrationDest>, String> {
         let load_us = self.received_at.elapsed().as_micros() as u64;
+        if let Some(pc) = self.postcopy.take() {
+            let link = self.link.take();
+            std::thread::Builder::new()
+                .name("migrate-postcopy".into())
+                .spawn(move || pc.run(link, load_us))
+                .map_err(|e| format!("cannot start the post-copy thread: {e}"))?;
+            return Ok(self.dest.clone());
+        }
+        // The guest runs here whatever happens to the link now: the source committed.
+        self.dest.set(Phase::Completed, None);
         if let Some(mut link) = self.link.take() {
             link.send(&Frame::Resumed { load_us })
                 .and_then(|_| link.flush(Duration::from_secs(10)))
                 .map_err(|e| format!("telling the source the guest runs here: {e}"))?;
-            self.dest.received.load(Ordering::Relaxed);
-            self.dest.set(Phase::Completed, None);
             // The source closes first once it has our answer.
             let _ = link.recv(Duration::from_secs(5));
-        }
-        if let Some(tx) = self.postcopy.take() {
-            let _ = tx.send(load_us);
         }
         Ok(self.dest.clone())
     }
@@ -395,8 +597,8 @@ struct Postcopy {
 }
 
 impl Postcopy {
-    fn run(mut self, link: Link, resumed: std::sync::mpsc::Receiver<u64>) {
-        let r = self.serve(link, resumed);
+    fn run(mut self, link: Option<Link>, load_us: u64) {
+        let r = self.serve(link, load_us);
         match r {
             Ok(()) => {
                 let r = self.uffd.unregister();
@@ -412,21 +614,16 @@ impl Postcopy {
         }
     }
 
-    fn serve(
-        &mut self,
-        mut link: Link,
-        resumed: std::sync::mpsc::Receiver<u64>,
-    ) -> Result<(), String> {
-        let mut told = false;
+    fn serve(&mut self, link: Option<Link>, load_us: u64) -> Result<(), String> {
+        let lost = |why: &str| LinkError::Io(std::io::Error::other(why.to_string()));
+        let mut link = match link {
+            Some(mut link) => match link.send(&Frame::Resumed { load_us }) {
+                Ok(()) => link,
+                Err(e) => self.recover(e)?,
+            },
+            None => self.recover(lost("the connection was cut after commit"))?,
+        };
         loop {
-            if !told {
-                if let Ok(load_us) = resumed.try_recv() {
-                    told = true;
-                    if let Err(e) = link.send(&Frame::Resumed { load_us }) {
-                        link = self.recover(e)?;
-                    }
-                }
-            }
             match self.step(&mut link) {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
@@ -482,6 +679,7 @@ impl Postcopy {
                         faults,
                         fault_mean_us: d.fault_sum_us.load(Ordering::Relaxed) / faults.max(1),
                         fault_max_us: d.fault_max_us.load(Ordering::Relaxed),
+                        fault_p99_us: d.fault_p99_us(),
                     })?;
                     link.flush(Duration::from_secs(10))?;
                     // The source closes first, once it has read `complete`.
@@ -550,6 +748,7 @@ impl Postcopy {
                 for r in p..q {
                     clear_bit(&mut self.needed, r);
                     if let Some(t) = self.pending.remove(&r) {
+                        super::trace(format_args!("dest: fault {r} installed"));
                         self.fault_done(t);
                         let _ = self.uffd.wake(r * PAGE as u64, PAGE as u64);
                     }
@@ -565,12 +764,10 @@ impl Postcopy {
 
     fn fault_done(&self, t: Instant) {
         let us = t.elapsed().as_micros() as u64;
-        if std::env::var_os("SPANVMM_MIGRATION_DEBUG").is_some() {
-            eprintln!("fault served in {us} µs");
-        }
         self.dest.faults.fetch_add(1, Ordering::Relaxed);
         self.dest.fault_sum_us.fetch_add(us, Ordering::Relaxed);
         self.dest.fault_max_us.fetch_max(us, Ordering::Relaxed);
+        lock(&self.dest.fault_latencies).push(us);
     }
 
     /// Reads every pending fault: pages to come are requested (when a link is up), pages that
@@ -603,6 +800,7 @@ impl Postcopy {
             }
         }
         if let (false, Some(link)) = (ask.is_empty(), link) {
+            super::trace(format_args!("dest: fault request {ask:?}"));
             link.send(&Frame::Fault(ask))?;
         }
         Ok(())

@@ -39,9 +39,13 @@ pub enum LinkError {
 pub struct Link {
     sock: TcpStream,
     tls: Connection,
-    /// Plaintext received; `rx[rx_off..]` is not parsed yet.
+    /// Plaintext received; `rx[rx_off..rx_end]` is not parsed yet. Bytes past `rx_end` are
+    /// initialized but stale (kept, so that reading never zero-fills memory first).
     rx: Vec<u8>,
     rx_off: usize,
+    rx_end: usize,
+    /// Payload range (in `rx`) of the frame parsed last.
+    last: std::ops::Range<usize>,
     /// The peer closed the connection (frames before that are still delivered).
     closed: bool,
     /// Bytes written to the socket (TLS records included).
@@ -92,6 +96,8 @@ impl Link {
             tls,
             rx: Vec::new(),
             rx_off: 0,
+            rx_end: 0,
+            last: 0..0,
             closed: false,
             wire_bytes: 0,
         };
@@ -168,13 +174,22 @@ impl Link {
                     let _ = self.write_some();
                     let state = state?;
                     if state.plaintext_bytes_to_read() > 0 {
-                        let at = self.rx.len();
-                        self.rx.resize(at + state.plaintext_bytes_to_read(), 0);
-                        let n = self.tls.reader().read(&mut self.rx[at..])?;
-                        self.rx.truncate(at + n);
+                        let at = self.rx_end;
+                        let end = at + state.plaintext_bytes_to_read();
+                        if self.rx.len() < end {
+                            self.rx.resize(end, 0);
+                        }
+                        let n = self.tls.reader().read(&mut self.rx[at..end])?;
+                        self.rx_end = at + n;
                     }
                     if state.peer_has_closed() && !self.tls.is_handshaking() {
                         self.closed = true;
+                        return Ok(());
+                    }
+                    // Stop at a whole frame: a reader goes back to its other duties (fault
+                    // service) instead of draining a fast sender for hundreds of
+                    // milliseconds, and little follows the frame in `rx` (cheap to move).
+                    if self.frame_buffered() {
                         return Ok(());
                     }
                 }
@@ -183,6 +198,30 @@ impl Link {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// `rx` holds at least one whole frame.
+    fn frame_buffered(&self) -> bool {
+        let buf = &self.rx[self.rx_off..self.rx_end];
+        buf.len() >= HEADER_LEN
+            && buf.len()
+                >= HEADER_LEN + u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize
+    }
+
+    /// Takes the buffer holding the frame [`Link::recv_raw`] returned last, leaving `spare`
+    /// (emptied) in its place; returns it with the range of that frame's payload. A caller
+    /// that keeps a payload (to write it on another thread) need not copy it.
+    pub fn take_last_frame(&mut self, spare: Vec<u8>) -> (Vec<u8>, std::ops::Range<usize>) {
+        let buf = std::mem::replace(&mut self.rx, spare);
+        // What followed the frame (part of the next one) stays.
+        let tail = &buf[self.rx_off..self.rx_end];
+        if self.rx.len() < tail.len() {
+            self.rx.resize(tail.len(), 0);
+        }
+        self.rx[..tail.len()].copy_from_slice(tail);
+        self.rx_end = tail.len();
+        self.rx_off = 0;
+        (buf, self.last.clone())
     }
 
     fn eof() -> LinkError {
@@ -247,14 +286,16 @@ impl Link {
     /// The next complete frame in `rx`: (type, payload range); the header is checked.
     fn parse_raw(&mut self) -> Result<Option<(u8, usize, usize)>, LinkError> {
         // Drop what earlier frames used (no slice of it is alive any more).
-        if self.rx_off == self.rx.len() {
-            self.rx.clear();
+        if self.rx_off == self.rx_end {
+            self.rx_off = 0;
+            self.rx_end = 0;
             self.rx_off = 0;
         } else if self.rx_off > (1 << 20) {
-            self.rx.drain(..self.rx_off);
+            self.rx.copy_within(self.rx_off..self.rx_end, 0);
+            self.rx_end -= self.rx_off;
             self.rx_off = 0;
         }
-        let buf = &self.rx[self.rx_off..];
+        let buf = &self.rx[self.rx_off..self.rx_end];
         if buf.len() < HEADER_LEN {
             return Ok(None);
         }
@@ -264,6 +305,7 @@ impl Link {
         }
         let start = self.rx_off + HEADER_LEN;
         self.rx_off = start + len;
+        self.last = start..start + len;
         Ok(Some((ty, start, start + len)))
     }
 

@@ -90,3 +90,19 @@ pub(crate) fn clear_bit(words: &mut [u64], p: u64) {
 pub(crate) fn count(words: &[u64]) -> u64 {
     words.iter().map(|w| w.count_ones() as u64).sum()
 }
+
+/// Debug trace with wall-clock µs (comparable across source and destination), on stderr when
+/// `SPANVMM_MIGRATION_DEBUG` is set.
+pub fn trace(what: std::fmt::Arguments) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("SPANVMM_MIGRATION_DEBUG").is_some()) {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        eprintln!(
+            "[mig {}.{:06}] {what}",
+            t.as_secs() % 1000,
+            t.subsec_micros()
+        );
+    }
+}

@@ -68,7 +68,8 @@ pub struct Sample {
 /// The end-of-migration report.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Report {
-    /// `completed` or `failed`.
+    /// `completed`, `failed`, or `in-doubt` (the hand-over was committed but the destination's
+    /// confirmation never came: the source stays paused, see [`MigrationSource::in_doubt`]).
     pub result: String,
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,6 +106,9 @@ pub struct Report {
     pub fault_latency_mean_us: u64,
     /// Their worst latency, µs.
     pub fault_latency_max_us: u64,
+    /// Their 99th percentile, µs.
+    #[serde(default)]
+    pub fault_latency_p99_us: u64,
     /// Pages sent more than once during post-copy (0: each page once).
     pub postcopy_resent: u64,
     /// Post-copy reconnections.
@@ -133,6 +137,8 @@ struct State {
     needed: Vec<u64>,
     postcopy_sent: Vec<u64>,
     report: Report,
+    /// The source committed the hand-over and lost the link before the destination confirmed.
+    in_doubt: bool,
     dirtied: u64,
     rate_bps: u64,
     page_rate: u64,
@@ -179,6 +185,7 @@ impl MigrationSource {
                     handover: "none".into(),
                     ..Default::default()
                 },
+                in_doubt: false,
                 dirtied: 0,
                 rate_bps: 0,
                 page_rate: 0,
@@ -200,6 +207,8 @@ impl MigrationSource {
                     link,
                     buf: Vec::with_capacity(3 << 20),
                     paused: false,
+                    committed: false,
+                    known_data: vec![0; pages.div_ceil(64) as usize],
                     last_sample: Instant::now() - Duration::from_secs(1),
                     rate_mark: (Instant::now(), 0, 0),
                     throttle: (Instant::now(), 0),
@@ -328,12 +337,19 @@ impl MigrationSource {
         let mut r = st.report.clone();
         r.result = match st.phase {
             Phase::Completed => "completed",
+            Phase::Failed if st.in_doubt => "in-doubt",
             Phase::Failed => "failed",
             _ => "running",
         }
         .into();
         r.error = st.error.clone();
         r
+    }
+
+    /// The hand-over was committed but never confirmed: the guest may run at the destination,
+    /// so the source keeps it paused (intact) instead of resuming it.
+    pub fn in_doubt(&self) -> bool {
+        lock(&self.st).in_doubt
     }
 
     /// Gives up (before the switch-over only): the sender stops and the guest runs on here.
@@ -383,6 +399,10 @@ struct Sender<'a> {
     link: Link,
     buf: Vec<u8>,
     paused: bool,
+    /// `commit` went out: the guest must never run here again.
+    committed: bool,
+    /// Pages of guest memory known to be data (not a hole in the memfd), see `holes`.
+    known_data: Vec<u64>,
     last_sample: Instant,
     rate_mark: (Instant, u64, u64),
     throttle: (Instant, u64),
@@ -410,8 +430,54 @@ impl Sender<'_> {
         head.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
     }
 
+    /// Pages of `[first, first+span)` (bit i = page first+i) that are holes in guest memory's
+    /// memfd: never written, so zero. A file system without SEEK_DATA reports no hole.
+    fn holes(&mut self, first: u64, span: u64) -> Vec<u64> {
+        use std::os::fd::AsRawFd;
+        let fd = self.ram.memfd().as_raw_fd();
+        let mut holes = vec![0u64; span.div_ceil(64) as usize];
+        let (start, end) = (first * PAGE as u64, (first + span) * PAGE as u64);
+        let mut off = start;
+        while off < end {
+            // Data stays data (nothing punches the source's memory): skip pages known to be
+            // data, as SEEK_HOLE walks a whole run of data each time.
+            if bit(&self.known_data, off / PAGE as u64) {
+                off += PAGE as u64;
+                continue;
+            }
+            // SAFETY: lseek on our own descriptor; it only moves the file offset.
+            let data = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
+            let data = if data < 0 {
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                    break; // unsupported or failed: everything counts as data
+                }
+                end // no data after `off`
+            } else {
+                (data as u64).min(end)
+            };
+            for p in off / PAGE as u64..data / PAGE as u64 {
+                set_bit(&mut holes, p - first);
+            }
+            if data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+            if hole < 0 {
+                break;
+            }
+            off = (hole as u64).next_multiple_of(PAGE as u64);
+            let last = self.known_data.len() as u64 * 64;
+            for p in data / PAGE as u64..(off / PAGE as u64).min(last) {
+                set_bit(&mut self.known_data, p);
+            }
+        }
+        holes
+    }
+
     /// Sends the pages of `[first, first+span)` selected in `sel` (bit i = page first+i).
     fn send_batch(&mut self, first: u64, span: u64, sel: &[u64]) -> Result<u64, LinkError> {
+        let holes = self.holes(first, span);
         let nw = span.div_ceil(64) as usize;
         let page = |p: u64| -> &[u8] {
             // SAFETY: p < pages (batches never cross the end of guest RAM), so the page lies
@@ -419,12 +485,13 @@ impl Sender<'_> {
             // changes what is sent, and the dirty log has the page sent again.
             unsafe { std::slice::from_raw_parts(self.ram.host_base().add(p as usize * PAGE), PAGE) }
         };
-        // Pass 1: which pages are zero (they go as marker bits).
+        // Pass 1: which pages are zero (they go as marker bits). Holes in the memfd are zero
+        // without a look (reading one would allocate and clear a page).
         let mut zero = vec![0u64; nw];
         let (mut n, mut data_pages) = (0u64, 0u64);
         for i in (0..span).filter(|&i| bit(sel, i)) {
             n += 1;
-            if Self::is_zero(page(first + i)) {
+            if bit(&holes, i) || Self::is_zero(page(first + i)) {
                 set_bit(&mut zero, i);
             } else {
                 data_pages += 1;
@@ -504,7 +571,9 @@ impl Sender<'_> {
         };
         while let Some(p) = st.faults.pop_front() {
             if p < pages {
-                if let Some(b) = take(&mut st, p, p + 1, false) {
+                let b = take(&mut st, p, p + 1, false);
+                super::trace(format_args!("source: fault {p} sent now: {}", b.is_some()));
+                if let Some(b) = b {
                     return Some(b);
                 }
             }
@@ -594,6 +663,7 @@ impl Sender<'_> {
             wait = Duration::ZERO;
             match f {
                 Frame::Fault(pages) => {
+                    super::trace(format_args!("source: fault request {pages:?}"));
                     let mut st = self.st();
                     st.report.remote_faults += pages.len() as u64;
                     for p in pages {
@@ -606,6 +676,8 @@ impl Sender<'_> {
                         "the destination gave up: {msg}"
                     ))))
                 }
+                // The destination's confirmation, when the link broke right after `commit`.
+                Frame::Resumed { .. } => {}
                 other => {
                     return Err(LinkError::Io(std::io::Error::other(format!(
                         "unexpected frame from the destination: {other:?}"
@@ -692,6 +764,7 @@ impl Sender<'_> {
             }
         }
         let t_harvest = t_pause.elapsed();
+        let final_pages = self.st().pending_count;
         let state = self.src.vm.capture_state().map_err(other)?;
         let t_state = t_pause.elapsed();
         match mode {
@@ -733,29 +806,36 @@ impl Sender<'_> {
         }
         self.link.flush(Duration::from_secs(30))?;
         let t_sent = t_pause.elapsed();
-        let load_us = loop {
-            match self.link.expect(Duration::from_secs(30), "resumed")? {
-                Frame::Resumed { load_us } => break load_us,
-                Frame::Fault(pages) => {
-                    // The guest can fault before our `resumed` arrives.
-                    let mut st = self.st();
-                    st.report.remote_faults += pages.len() as u64;
-                    st.faults.extend(pages.iter().copied());
-                    st.fault_events.extend(pages);
-                }
-                other => return Err(other_frame("resumed", other)),
-            }
+        let load_us = match self.link.expect(Duration::from_secs(30), "ready")? {
+            Frame::Ready { load_us } => load_us,
+            other => return Err(other_frame("ready", other)),
         };
-        log::info!(
-            "switch-over: paused+harvest {t_harvest:?}, state {t_state:?}, sent {t_sent:?}, resumed {:?}",
-            t_pause.elapsed()
-        );
-        if std::env::var_os("SPANVMM_MIGRATION_DEBUG").is_some() {
-            eprintln!(
-                "switch-over: paused+harvest {t_harvest:?}, state {t_state:?}, sent {t_sent:?}, resumed {:?}",
-                t_pause.elapsed()
-            );
+        // The point of no return: once `commit` may have left, the guest may run there, so it
+        // never runs here again (a lost link leaves it paused "in doubt", or in post-copy
+        // recovery).
+        self.committed = true;
+        let confirmed = self
+            .link
+            .send(&Frame::Commit)
+            .and_then(|_| self.link.flush(Duration::from_secs(30)))
+            .and_then(|_| self.await_resumed());
+        if let Err(e) = confirmed {
+            if mode == SwitchMode::Postcopy {
+                // The destination runs (or will not run) the guest; recovery finds out.
+                let mut st = self.st();
+                st.phase = Phase::Postcopy;
+                st.report.handover = "postcopy".into();
+                st.report.downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+                drop(st);
+                self.eviction_start = Some(Instant::now());
+            }
+            return Err(e);
         }
+        super::trace(format_args!(
+            "switch-over: paused+harvest {t_harvest:?} ({final_pages} pages to send), state \
+             {t_state:?}, sent {t_sent:?}, resumed {:?}",
+            t_pause.elapsed()
+        ));
         let mut st = self.st();
         st.report.downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
         st.report.dest_load_ms = load_us as f64 / 1e3;
@@ -772,6 +852,22 @@ impl Sender<'_> {
                 drop(st);
                 self.eviction_start = Some(Instant::now());
                 Ok(None)
+            }
+        }
+    }
+
+    /// After `commit`: the destination's `resumed` (faults can come first: the guest runs).
+    fn await_resumed(&mut self) -> Result<(), LinkError> {
+        loop {
+            match self.link.expect(Duration::from_secs(30), "resumed")? {
+                Frame::Resumed { .. } => return Ok(()),
+                Frame::Fault(pages) => {
+                    let mut st = self.st();
+                    st.report.remote_faults += pages.len() as u64;
+                    st.faults.extend(pages.iter().copied());
+                    st.fault_events.extend(pages);
+                }
+                other => return Err(other_frame("resumed", other)),
             }
         }
     }
@@ -798,11 +894,13 @@ impl Sender<'_> {
                     faults,
                     fault_mean_us,
                     fault_max_us,
+                    fault_p99_us,
                 } => {
                     let mut st = self.st();
                     st.report.remote_faults = st.report.remote_faults.max(faults);
                     st.report.fault_latency_mean_us = fault_mean_us;
                     st.report.fault_latency_max_us = fault_max_us;
+                    st.report.fault_latency_p99_us = fault_p99_us;
                     return Ok(Some(Outcome::Evicted));
                 }
                 // Faults racing with `done` are for pages already on their way.
@@ -866,11 +964,20 @@ impl Sender<'_> {
         match r {
             Ok(_) => st.phase = Phase::Completed,
             Err(e) => {
-                // Before the switch-over the source is intact: run it again.
-                let resumable = st.phase == Phase::Precopy;
+                // Before the commit the source is intact: run it again. After it, the guest
+                // may run at the destination: stay paused and say so.
+                let resumable = st.phase == Phase::Precopy && !self.committed;
                 st.phase = Phase::Failed;
                 let mut msg = e;
-                if self.paused && resumable {
+                if self.committed && st.report.handover != "postcopy" {
+                    st.in_doubt = true;
+                    msg = format!(
+                        "IN DOUBT: the hand-over was committed but the destination never \
+                         confirmed it ({msg}). The guest may be running there, so it stays \
+                         PAUSED here with its memory and state intact. If the destination does \
+                         not run it, resume it here with `spanvmm ctl resume`"
+                    );
+                } else if self.paused && resumable {
                     if let Err(re) = self.src.vm.resume() {
                         msg = format!("{msg}; resuming the source failed too: {re}");
                     }

@@ -8,7 +8,9 @@
 /// First bytes of a `hello` payload.
 pub const MAGIC: &[u8; 8] = b"SPANMIG\0";
 /// Wire format version; a peer with another version is refused at `hello`.
-pub const VERSION: u32 = 1;
+/// 2: `ready`/`commit` before the destination runs the guest; `complete` carries the p99
+/// fault latency.
+pub const VERSION: u32 = 2;
 /// Pages a `pages` frame spans at most (2 MiB).
 pub const BATCH_PAGES: u64 = 512;
 /// Largest payload accepted: a full batch of raw pages plus its header and bitmaps, or a bitmap
@@ -95,6 +97,8 @@ pub enum Frame {
         fault_mean_us: u64,
         /// Their worst latency, µs.
         fault_max_us: u64,
+        /// Their 99th percentile, µs.
+        fault_p99_us: u64,
     },
     /// Destination → source after a post-copy reconnection: the pages it still lacks.
     Needed(Vec<u64>),
@@ -106,6 +110,15 @@ pub enum Frame {
     /// one before it pauses the guest, so the pages already in flight drain while the guest
     /// still runs, not during the downtime.
     Sync,
+    /// Destination → source: the VM is built from the state, its vCPUs paused; it runs only
+    /// on `commit`.
+    Ready {
+        /// Destination time from `state` received to the VM built, µs.
+        load_us: u64,
+    },
+    /// Source → destination: run the guest. Sent once: from here on the source never runs
+    /// the guest again (a link lost before `resumed` leaves it paused, "in doubt").
+    Commit,
 }
 
 const T_HELLO: u8 = 1;
@@ -121,6 +134,8 @@ const T_COMPLETE: u8 = 9;
 const T_NEEDED: u8 = 10;
 const T_MACHINE: u8 = 11;
 const T_SYNC: u8 = 12;
+const T_READY: u8 = 13;
+const T_COMMIT: u8 = 14;
 
 /// Wire errors: what is wrong with a frame.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -198,8 +213,9 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             faults,
             fault_mean_us,
             fault_max_us,
+            fault_p99_us,
         } => {
-            for v in [faults, fault_mean_us, fault_max_us] {
+            for v in [faults, fault_mean_us, fault_max_us, fault_p99_us] {
                 out.extend_from_slice(&v.to_le_bytes());
             }
             T_COMPLETE
@@ -213,6 +229,11 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             T_MACHINE
         }
         Frame::Sync => T_SYNC,
+        Frame::Ready { load_us } => {
+            out.extend_from_slice(&load_us.to_le_bytes());
+            T_READY
+        }
+        Frame::Commit => T_COMMIT,
     };
     let len = (out.len() - start - HEADER_LEN) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -374,6 +395,8 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
         T_NEEDED => "needed",
         T_MACHINE => "machine",
         T_SYNC => "sync",
+        T_READY => "ready",
+        T_COMMIT => "commit",
         other => return Err(bad(format!("unknown frame type {other}"))),
     };
     let mut r = Reader { b: payload, what };
@@ -429,10 +452,13 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
             faults: r.u64()?,
             fault_mean_us: r.u64()?,
             fault_max_us: r.u64()?,
+            fault_p99_us: r.u64()?,
         },
         T_NEEDED => Frame::Needed(r.bitmap()?),
         T_MACHINE => Frame::Machine(r.take(payload.len())?.to_vec()),
         T_SYNC => Frame::Sync,
+        T_READY => Frame::Ready { load_us: r.u64()? },
+        T_COMMIT => Frame::Commit,
         _ => unreachable!("checked above"),
     };
     r.end()?;
@@ -494,7 +520,10 @@ mod tests {
             faults: 1,
             fault_mean_us: 2,
             fault_max_us: 3,
+            fault_p99_us: 4,
         });
+        round_trip(Frame::Ready { load_us: 6 });
+        round_trip(Frame::Commit);
         round_trip(Frame::Needed(vec![u64::MAX]));
         round_trip(Frame::Machine(b"{}".to_vec()));
     }
