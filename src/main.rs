@@ -24,6 +24,9 @@ use serde_json::{json, Value};
 
 use api::{ApiCall, ApiRequest, ApiResult};
 
+/// Guest memory when `run` is not given --memory, in MiB.
+const DEFAULT_MEMORY_MIB: u64 = 256;
+
 #[derive(Parser)]
 #[command(
     name = "spanvmm",
@@ -56,9 +59,10 @@ enum Command {
         /// Initrd for a bzImage kernel.
         #[arg(long)]
         initrd: Option<PathBuf>,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 256)]
-        memory: u64,
+        /// Guest memory in MiB (default 256). With --incoming: the size of the guest expected,
+        /// allocated before the source connects; a guest of another size is refused.
+        #[arg(long)]
+        memory: Option<u64>,
         /// Number of vCPUs.
         #[arg(long, default_value_t = 1)]
         vcpus: usize,
@@ -270,13 +274,14 @@ fn main() -> ExitCode {
             let source = match (takeover_fd, restore, kernel) {
                 (Some(fd), _, _) => Source::Takeover(fd),
                 _ if standby => Source::Standby {
-                    mem_mib: memory,
+                    mem_mib: memory.unwrap_or(DEFAULT_MEMORY_MIB),
                     vcpus,
                 },
                 _ if incoming.is_some() => Source::Incoming {
                     addr: incoming.unwrap_or_default(),
                     tls_dir: tls_dir.unwrap_or_default(),
                     recovery: Duration::from_millis(recovery_timeout_ms),
+                    mem_mib: memory,
                 },
                 (None, Some(dir), _) => Source::Restore {
                     dir,
@@ -288,7 +293,7 @@ fn main() -> ExitCode {
                     kernel,
                     cmdline,
                     initrd,
-                    mem_mib: memory,
+                    mem_mib: memory.unwrap_or(DEFAULT_MEMORY_MIB),
                     vcpus,
                     serial: serial.clone(),
                     entry: match entry {
@@ -363,6 +368,7 @@ enum Source {
         addr: String,
         tls_dir: PathBuf,
         recovery: Duration,
+        mem_mib: Option<u64>,
     },
 }
 
@@ -449,9 +455,11 @@ fn run(
             addr,
             tls_dir,
             recovery,
+            mem_mib,
         } => {
-            let (vmm, dest) = migrate::incoming(&addr, &tls_dir, &serial, vcpu_tx, recovery)
-                .context("incoming migration")?;
+            let (vmm, dest) =
+                migrate::incoming(&addr, &tls_dir, &serial, vcpu_tx, recovery, mem_mib)
+                    .context("incoming migration")?;
             migrations.incoming = Some(dest);
             let manager = services::manager_for(&vmm)?;
             manager.lifecycle(Lifecycle::Migrated);

@@ -254,16 +254,27 @@ pub fn incoming(
     serial: &str,
     events: Sender<VcpuEvent>,
     recovery_timeout: Duration,
+    mem_mib: Option<u64>,
 ) -> anyhow::Result<(Vmm, Arc<MigrationDest>)> {
     let tls = migration::tls::server_config(tls_dir).map_err(anyhow::Error::msg)?;
     let at = parse_addr(addr)?;
     let listener = TcpListener::bind(at).with_context(|| format!("listen on {at}"))?;
+    // Operators (and the benchmark) can tell from this line that the destination is ready.
+    let prepared = mem_mib
+        .map(|m| {
+            migration::PreparedRam::start(m << 20, move || {
+                eprintln!("spanvmm: guest memory of {m} MiB ready for the incoming migration")
+            })
+        })
+        .transpose()
+        .map_err(anyhow::Error::msg)
+        .context("--memory")?;
     eprintln!(
         "spanvmm: waiting for an incoming migration on {}",
         listener.local_addr()?
     );
-    let mut arrived =
-        migration::receive(listener, tls, recovery_timeout).map_err(anyhow::Error::msg)?;
+    let mut arrived = migration::receive(listener, tls, recovery_timeout, prepared)
+        .map_err(anyhow::Error::msg)?;
     let t = Instant::now();
     let built = VmState::from_bytes(&arrived.state, "migration stream")
         .map_err(anyhow::Error::from)

@@ -194,6 +194,32 @@ fn precopy_moves_a_dirtying_guest_and_an_unauthenticated_peer_is_refused() {
         let mut s = std::net::TcpStream::connect(addr.trim_start_matches("tls://")).unwrap();
         let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
     }
+    // A destination prepared for a guest of another size refuses this one, saying why.
+    let small_addr = format!("tls://127.0.0.1:{}", free_port());
+    let mut small = destination(
+        "mig-pre-small",
+        &[],
+        &small_addr,
+        &tls,
+        &["--memory", "128"],
+    );
+    wait_stderr(&small, "128 MiB ready", Duration::from_secs(10));
+    let (ok, out, _) = migrate(
+        &src,
+        &[
+            "--to",
+            &small_addr,
+            "--plugin",
+            &plugin("precopy.wasm"),
+            "--tls-dir",
+            tls.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok, "a 128 MiB destination took a {MEM} MiB guest: {out}");
+    assert!(out.contains("not acceptable"), "{out}");
+    assert!(src.alive() && small.alive());
+    // It still waits for a guest and does not serve its API before one arrives.
+    small.kill();
 
     let (ok, out, report) = migrate(
         &src,
@@ -236,7 +262,9 @@ fn postcopy_runs_at_once_and_sends_each_page_once() {
     let tmp = TempDir::new("mig-post");
     let tls = certs(&tmp, "tls");
     let addr = format!("tls://127.0.0.1:{}", free_port());
-    let dst = destination("mig-post-dst", &[], &addr, &tls, &[]);
+    // Prepared memory (every page present up front): the pages still to come must fault.
+    let dst = destination("mig-post-dst", &[], &addr, &tls, &["--memory", "256"]);
+    wait_stderr(&dst, "256 MiB ready", Duration::from_secs(10));
     // The policy given at `run --plugin` drives the migration `ctl migrate` starts.
     let kernel = guest_elf();
     let mut src = VmProcess::start(

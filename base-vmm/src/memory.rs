@@ -138,6 +138,24 @@ impl GuestRam {
             .map_err(|e| MemoryError::Map(e.to_string()))
     }
 
+    /// Allocates and maps the pages of `[addr, addr + len)` now, so that later writes to them
+    /// cost no page fault. On this hardware a first touch of fresh shared memory costs several
+    /// microseconds a page, much more than the copy into it. Best effort: a kernel without
+    /// `MADV_POPULATE_WRITE` only loses the speed-up.
+    pub fn populate(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        self.check(addr, len)?;
+        // SAFETY: the range lies inside our mapping (checked); populating faults pages in and
+        // changes no content.
+        unsafe {
+            libc::madvise(
+                self.host_base().add(addr as usize) as *mut libc::c_void,
+                len as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        Ok(())
+    }
+
     /// Takes (and clears) the bitmap of pages the VMM itself wrote, one bit per page.
     pub fn take_vmm_dirty(&self) -> Vec<u64> {
         self.mem

@@ -1395,8 +1395,7 @@ impl Chain {
                 // SAFETY: [p, q) lies inside guest memory (the sizes match, checked above);
                 // pieces do not overlap and nothing else touches this RAM while it is loaded.
                 let dst = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
-                // SAFETY: advice on our own mapping; failure (an older kernel) only costs speed.
-                unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+                let _ = ram.populate(p * PAGE_SIZE, (q - p) * PAGE_SIZE);
                 if let Err(e) = self.read_pages(p, q - p, dst, false) {
                     // A bad page ends the load: the other threads find no more pieces.
                     next.store(pieces.len(), std::sync::atomic::Ordering::Relaxed);

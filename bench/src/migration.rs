@@ -3,8 +3,9 @@
 //! for every engine: total time, guest-observed downtime (the destination guest's largest
 //! `stall`), bytes, and the destination guest's memory check.
 //!
-//! This file holds the network set-ups and QEMU's engines (pre-copy, post-copy, multifd; its
-//! 128 MiB/s default bandwidth cap lifted). spanvmm's engines run over the same set-ups.
+//! This file holds the network set-ups and QEMU's engines (pre-copy, pre-copy into a
+//! preallocated destination, post-copy, multifd; its 128 MiB/s default bandwidth cap lifted).
+//! spanvmm's engines run over the same set-ups.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -124,6 +125,9 @@ impl Hosts {
 #[serde(rename_all = "kebab-case")]
 pub enum QemuEngine {
     Precopy,
+    /// Pre-copy into a destination started with `-mem-prealloc` (its RAM allocated before the
+    /// migration, as spanvmm's destination does with `--memory`).
+    PrecopyPrealloc,
     /// `postcopy-ram`, switched to post-copy right after the migration starts.
     Postcopy,
     /// Pre-copy over 4 multifd channels.
@@ -135,6 +139,7 @@ impl QemuEngine {
     pub fn name(self) -> &'static str {
         match self {
             QemuEngine::Precopy => "precopy",
+            QemuEngine::PrecopyPrealloc => "precopy-prealloc",
             QemuEngine::Postcopy => "postcopy",
             QemuEngine::Multifd => "multifd",
         }
@@ -236,6 +241,9 @@ pub fn qemu_migrate(
     )?;
     let mut dst_args = qmp_arg(&dst_qmp);
     dst_args.extend(["-incoming".into(), "defer".into()]);
+    if engine == QemuEngine::PrecopyPrealloc {
+        dst_args.push("-mem-prealloc".into());
+    }
     let result = (|| {
         wait_ready(&src_lines)?;
         // Let the guest finish populating before the clock starts.
@@ -251,7 +259,7 @@ pub fn qemu_migrate(
             let mut q = Qmp::connect(&src_qmp)?;
             let mut dq = Qmp::connect(&dst_qmp)?;
             let caps = match engine {
-                QemuEngine::Precopy => vec![],
+                QemuEngine::Precopy | QemuEngine::PrecopyPrealloc => vec![],
                 QemuEngine::Postcopy => vec![json!({"capability": "postcopy-ram", "state": true})],
                 QemuEngine::Multifd => vec![json!({"capability": "multifd", "state": true})],
             };
@@ -392,6 +400,7 @@ pub fn run(
             for &workload in &workloads {
                 for engine in [
                     QemuEngine::Precopy,
+                    QemuEngine::PrecopyPrealloc,
                     QemuEngine::Postcopy,
                     QemuEngine::Multifd,
                 ] {

@@ -46,14 +46,15 @@ pub fn spanvmm_migrate(
             .args(args)
             .args(["--serial", "stdout"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .context("spanvmm run")?;
         let lines = collect(c.stdout.take().context("stdout")?);
-        Ok((c, lines))
+        let errors = collect(c.stderr.take().context("stderr")?);
+        Ok((c, lines, errors))
     };
     let s = |p: &Path| p.to_str().unwrap_or_default().to_string();
-    let (mut dst, dst_lines) = spawn(
+    let (mut dst, dst_lines, dst_errors) = spawn(
         "dst",
         vec![
             "--incoming".into(),
@@ -62,9 +63,13 @@ pub fn spanvmm_migrate(
             s(&tls),
             "--api-socket".into(),
             s(&dst_api),
+            // The guest's size, so the destination allocates its memory before the source
+            // connects (QEMU's destination is given `-m` too).
+            "--memory".into(),
+            mem.to_string(),
         ],
     )?;
-    let (mut src, src_lines) = spawn(
+    let (mut src, src_lines, _) = spawn(
         "src",
         vec![
             "--kernel".into(),
@@ -88,6 +93,20 @@ pub fn spanvmm_migrate(
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "the source guest never got ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The destination's memory is allocated before the clock starts (QEMU's
+        // `precopy-prealloc` row is measured the same way).
+        while !dst_errors
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("memory of") && l.contains("ready"))
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the destination never got its memory ready"
             );
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -299,6 +299,13 @@ impl VmProcess {
     }
 
     /// Whether the process is still alive.
+    /// Kills the process now (a VMM that never serves its API, e.g. one still waiting for an
+    /// incoming migration, cannot be asked for its pid at drop).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }

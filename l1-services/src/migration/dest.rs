@@ -196,23 +196,68 @@ fn accept_source(
     }
 }
 
+/// Guest memory made ready while the destination waits for its source (`run --incoming ADDR
+/// --memory M`): every page allocated and mapped up front, as QEMU's `-mem-prealloc` does.
+/// On this hardware allocating fresh shared memory costs 1.2-2.2 s a GiB, more than the
+/// whole transfer, so a destination that knows the guest's size does it before the source
+/// connects. A source with a guest of another size is refused.
+pub struct PreparedRam {
+    size: u64,
+    ready: std::thread::JoinHandle<Arc<GuestRam>>,
+}
+
+impl PreparedRam {
+    /// Creates `size` bytes of guest memory now and populates it on a thread of its own,
+    /// which calls `on_ready` when done.
+    pub fn start(size: u64, on_ready: impl FnOnce() + Send + 'static) -> Result<Self, String> {
+        let ram = Arc::new(GuestRam::new(size).map_err(|e| e.to_string())?);
+        let ready = std::thread::Builder::new()
+            .name("populate-ram".into())
+            .spawn(move || {
+                let _ = ram.populate(0, ram.size());
+                on_ready();
+                ram
+            })
+            .map_err(|e| format!("cannot start populating guest memory: {e}"))?;
+        Ok(PreparedRam { size, ready })
+    }
+
+    /// Guest memory size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn wait(self) -> Result<Arc<GuestRam>, String> {
+        self.ready
+            .join()
+            .map_err(|_| "populating guest memory panicked".to_string())
+    }
+}
+
 /// Receives a VM on `listener`: blocks until the source hands over (or fails). Returns the
 /// guest's memory and state; build the VM from them (vCPUs paused), call [`Arrived::commit`],
 /// and only if it succeeds run the vCPUs and call [`Arrived::running`] (else
-/// [`Arrived::abort`] or drop).
+/// [`Arrived::abort`] or drop). With `prepared` memory only a guest of its size is accepted.
 pub fn receive(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     recovery_timeout: Duration,
+    prepared_ram: Option<PreparedRam>,
 ) -> Result<Arrived, String> {
     listener
         .set_nonblocking(false)
         .map_err(|e| format!("listener: {e}"))?;
-    let (mut link, mem, session) = accept_source(&listener, &tls, None, None)?;
-    let ram = Arc::new(GuestRam::new(mem).map_err(|e| e.to_string())?);
+    let want = prepared_ram.as_ref().map(PreparedRam::size);
+    let (mut link, mem, session) = accept_source(&listener, &tls, None, want)?;
+    // Every page of prepared memory is present in the memfd (zero until written).
+    let populated = prepared_ram.is_some();
+    let ram = match prepared_ram {
+        Some(p) => p.wait()?,
+        None => Arc::new(GuestRam::new(mem).map_err(|e| e.to_string())?),
+    };
     let pages = mem / PAGE as u64;
     let dest = MigrationDest::new();
-    let mut writer = PageWriter::start(ram.clone(), dest.clone())?;
+    let mut writer = PageWriter::start(ram.clone(), dest.clone(), populated)?;
     let mut prepared = None;
     let fail = |e: LinkError| format!("incoming migration failed before the hand-over: {e}");
     loop {
@@ -266,15 +311,17 @@ pub fn receive(
                         written.len()
                     ))));
                 }
-                // Stale copies of pages still to come must go, so that the guest faults on them.
+                // Stale copies of pages still to come must go, so that the guest faults on them
+                // (in prepared memory every page is present).
+                let present = |p| populated || bit(&written, p);
                 let mut p = 0;
                 while p < pages {
-                    if !(bit(&needed, p) && bit(&written, p)) {
+                    if !(bit(&needed, p) && present(p)) {
                         p += 1;
                         continue;
                     }
                     let mut q = p;
-                    while q < pages && bit(&needed, q) && bit(&written, q) {
+                    while q < pages && bit(&needed, q) && present(q) {
                         q += 1;
                     }
                     punch(&ram, p, q - p).map_err(|e| fail(io(e)))?;
@@ -283,6 +330,7 @@ pub fn receive(
                 let uffd =
                     Userfault::register_missing(&ram).map_err(|e| fail(io(e.to_string())))?;
                 dest.needed.store(count(&needed), Ordering::Relaxed);
+                link.for_postcopy();
                 dest.set(Phase::Postcopy, None);
                 arrived.postcopy = Some(Postcopy {
                     uffd,
@@ -335,7 +383,12 @@ struct PageWriter {
 const WRITE_BUFFERS: usize = 4;
 
 impl PageWriter {
-    fn start(ram: Arc<GuestRam>, dest: Arc<MigrationDest>) -> Result<Self, String> {
+    /// `populated`: every page of `ram` is already allocated and mapped.
+    fn start(
+        ram: Arc<GuestRam>,
+        dest: Arc<MigrationDest>,
+        populated: bool,
+    ) -> Result<Self, String> {
         let (tx, rx) =
             std::sync::mpsc::sync_channel::<(Vec<u8>, std::ops::Range<usize>)>(WRITE_BUFFERS);
         let (back, recycled) = std::sync::mpsc::sync_channel(WRITE_BUFFERS);
@@ -345,7 +398,7 @@ impl PageWriter {
                 let pages = ram.size() / PAGE as u64;
                 let mut written = vec![0u64; pages.div_ceil(64) as usize];
                 for (buf, payload) in rx {
-                    let n = write_pages(&ram, &buf[payload], &mut written)?;
+                    let n = write_pages(&ram, &buf[payload], &mut written, populated)?;
                     dest.received.fetch_add(n, Ordering::Relaxed);
                     let _ = back.send(buf);
                 }
@@ -420,15 +473,22 @@ impl PageWriter {
 }
 
 /// Writes one `pages` payload into guest memory; `written` tracks which pages hold data (a
-/// zero page over one is dropped from the memfd). Returns the pages it carried.
-fn write_pages(ram: &GuestRam, payload: &[u8], written: &mut [u64]) -> Result<u64, String> {
+/// zero page over one is dropped from the memfd). `populated`: every page is allocated and
+/// mapped already. Returns the pages it carried.
+fn write_pages(
+    ram: &GuestRam,
+    payload: &[u8],
+    written: &mut [u64],
+    populated: bool,
+) -> Result<u64, String> {
     let f = wire::decode_pages(payload).map_err(|e| e.to_string())?;
     let (first, span) = (f.first, f.span as u64);
     if first + span > ram.size() / PAGE as u64 {
         return Err(format!("pages {first}+{span} run past guest memory"));
     }
-    // Runs of data pages go into the memfd with one pwrite each: the kernel fills the page
-    // cache directly, without a page fault per page through the mapping.
+    // Runs of data pages are copied through the mapping when it is populated; otherwise they
+    // go into the memfd with one pwrite each (the kernel fills the page cache directly,
+    // without a page fault per page) and are mapped afterwards.
     let mut off = 0;
     let mut n = 0;
     let mut i = 0;
@@ -453,30 +513,29 @@ fn write_pages(ram: &GuestRam, payload: &[u8], written: &mut [u64]) -> Result<u6
             j += 1;
         }
         let len = (j - i) as usize * PAGE;
-        ram.memfd()
-            .write_all_at(&f.data[off..off + len], p * PAGE as u64)
-            .map_err(|e| format!("writing guest memory: {e}"))?;
-        populate(ram, p, j - i);
+        let data = &f.data[off..off + len];
+        if populated {
+            // SAFETY: [p, j) lies inside guest memory (checked above) and the source slice is
+            // the frame's own buffer, so the two cannot overlap; no vCPU runs before the
+            // hand-over, so nothing else writes these pages.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    data.as_ptr(),
+                    ram.host_base().add(p as usize * PAGE),
+                    len,
+                )
+            };
+        } else {
+            ram.memfd()
+                .write_all_at(data, p * PAGE as u64)
+                .map_err(|e| format!("writing guest memory: {e}"))?;
+            let _ = ram.populate(p * PAGE as u64, len as u64);
+        }
         off += len;
         n += j - i;
         i = j;
     }
     Ok(n)
-}
-
-/// Maps pages `[p, p+n)` (just written) into the VMM's page tables, so the guest's first touch
-/// of each after the hand-over costs no host page fault (on this hardware a first touch is
-/// otherwise several times slower than the next: a stall the guest sees). Best effort.
-fn populate(ram: &GuestRam, p: u64, n: u64) {
-    // SAFETY: the range lies inside the guest mapping, which `ram` keeps alive; populating
-    // only faults pages in, it changes no content.
-    unsafe {
-        libc::madvise(
-            ram.host_base().add(p as usize * PAGE) as *mut libc::c_void,
-            n as usize * PAGE,
-            libc::MADV_POPULATE_WRITE,
-        )
-    };
 }
 
 /// Drops pages `[p, p+n)` from the memfd, so the next touch is a missing-page fault.
@@ -857,6 +916,7 @@ impl Postcopy {
                         });
                     match r {
                         Ok(()) => {
+                            link.for_postcopy();
                             self.dest.recoveries.fetch_add(1, Ordering::Relaxed);
                             self.dest.set(Phase::Postcopy, None);
                             eprintln!("spanvmm: post-copy connection restored");

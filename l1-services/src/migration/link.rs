@@ -2,7 +2,7 @@
 //! Reading and writing share one thread: while a large send waits for the socket, incoming
 //! frames (fault requests) are read and queued, so neither side can dead-lock the other.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -15,8 +15,8 @@ use super::wire::{self, Frame, HEADER_LEN};
 /// Plaintext rustls may buffer before `send` waits for the socket. Small, because a fault's
 /// page queues behind whatever is buffered (a few batches keep the link busy).
 const TLS_BUFFER: usize = 256 << 10;
-/// Socket buffer size (see `small_buffer`).
-const SOCKET_BUFFER: libc::c_int = 512 << 10;
+/// Socket buffer size in post-copy (see [`Link::for_postcopy`]).
+const POSTCOPY_SOCKET_BUFFER: libc::c_int = 512 << 10;
 
 /// Link errors.
 #[derive(Debug, thiserror::Error)]
@@ -70,11 +70,7 @@ fn poll_fd(fd: RawFd, events: i16, timeout: Duration) -> std::io::Result<i16> {
     Ok(if n == 0 { 0 } else { p.revents })
 }
 
-/// Few bytes in flight ahead of a faulted page (post-copy): the source's send buffer and the
-/// destination's receive buffer are kept small (the kernel doubles the value; it still fills a
-/// fast link).
-fn small_buffer(sock: &TcpStream, which: libc::c_int) {
-    let size: libc::c_int = SOCKET_BUFFER;
+fn set_buffer(sock: &TcpStream, which: libc::c_int, size: libc::c_int) {
     // SAFETY: setsockopt with a valid int option on our socket.
     unsafe {
         libc::setsockopt(
@@ -122,7 +118,6 @@ impl Link {
         timeout: Duration,
     ) -> Result<Self, LinkError> {
         let sock = TcpStream::connect_timeout(&addr, timeout)?;
-        small_buffer(&sock, libc::SO_SNDBUF);
         let conn = ClientConnection::new(cfg, super::tls::server_name())?;
         Self::handshake(sock, Connection::Client(conn), timeout)
     }
@@ -133,9 +128,18 @@ impl Link {
         cfg: Arc<ServerConfig>,
         timeout: Duration,
     ) -> Result<Self, LinkError> {
-        small_buffer(&sock, libc::SO_RCVBUF);
         let conn = ServerConnection::new(cfg)?;
         Self::handshake(sock, Connection::Server(conn), timeout)
+    }
+
+    /// Few bytes in flight ahead of a faulted page: in post-copy the send and receive buffers
+    /// are kept small (the kernel doubles the value; it still fills a fast link). Pre-copy
+    /// keeps the kernel's self-tuning buffers: small fixed ones there made loopback TCP drop
+    /// and retransmit, stalling a 1 GiB transfer for 100 ms at a time.
+    pub fn for_postcopy(&mut self) {
+        for which in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            set_buffer(&self.sock, which, POSTCOPY_SOCKET_BUFFER);
+        }
     }
 
     /// The socket, to poll together with other descriptors.
@@ -245,11 +249,19 @@ impl Link {
 
     /// Queues one encoded frame (or several); waits for the socket only while TLS's buffer is
     /// full. Incoming frames keep being read meanwhile.
-    pub fn send_bytes(&mut self, mut bytes: &[u8]) -> Result<(), LinkError> {
+    pub fn send_bytes(&mut self, bytes: &[u8]) -> Result<(), LinkError> {
+        self.send_slices(&mut [IoSlice::new(bytes)])
+    }
+
+    /// Like [`Link::send_bytes`] for a frame in pieces (a header, then pages straight from
+    /// guest memory): TLS gathers the pieces into full-size records as it seals them, so
+    /// they are copied once, not first into one buffer.
+    pub fn send_slices(&mut self, mut slices: &mut [IoSlice<'_>]) -> Result<(), LinkError> {
         let started = Instant::now();
-        while !bytes.is_empty() {
-            let n = self.tls.writer().write(bytes)?;
-            bytes = &bytes[n..];
+        IoSlice::advance_slices(&mut slices, 0);
+        while !slices.is_empty() {
+            let n = self.tls.writer().write_vectored(slices)?;
+            IoSlice::advance_slices(&mut slices, n);
             if n == 0 || self.tls.wants_write() {
                 self.write_some()?;
             }

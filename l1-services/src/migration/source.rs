@@ -497,8 +497,8 @@ impl Sender<'_> {
                 data_pages += 1;
             }
         }
-        // Header, bitmaps (see wire.rs) and data in one buffer: TLS then seals it in full-size
-        // records (a write per page would make a small record and a syscall per page).
+        // Header and bitmaps (see wire.rs) in one buffer, then runs of data pages straight from
+        // guest memory: TLS gathers them into full-size records as it seals them.
         self.buf.clear();
         let len = 8 + 2 + 1 + 16 * nw + data_pages as usize * PAGE;
         self.buf.extend_from_slice(&(len as u32).to_le_bytes());
@@ -509,11 +509,29 @@ impl Sender<'_> {
         for w in sel[..nw].iter().chain(&zero) {
             self.buf.extend_from_slice(&w.to_le_bytes());
         }
-        for i in (0..span).filter(|&i| bit(sel, i) && !bit(&zero, i)) {
-            self.buf.extend_from_slice(page(first + i));
-        }
         let buf = std::mem::take(&mut self.buf);
-        let r = self.link.send_bytes(&buf);
+        let mut slices = vec![std::io::IoSlice::new(&buf)];
+        let mut i = 0;
+        while i < span {
+            if !bit(sel, i) || bit(&zero, i) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < span && bit(sel, j) && !bit(&zero, j) {
+                j += 1;
+            }
+            // SAFETY: as for `page`: [first+i, first+j) lies inside the guest mapping.
+            slices.push(std::io::IoSlice::new(unsafe {
+                std::slice::from_raw_parts(
+                    self.ram.host_base().add((first + i) as usize * PAGE),
+                    (j - i) as usize * PAGE,
+                )
+            }));
+            i = j;
+        }
+        let r = self.link.send_slices(&mut slices);
+        drop(slices);
         self.buf = buf;
         r?;
         let mut st = self.st();
@@ -745,6 +763,9 @@ impl Sender<'_> {
             Frame::Sync => {}
             other => return Err(other_frame("sync", other)),
         }
+        if mode == SwitchMode::Postcopy {
+            self.link.for_postcopy();
+        }
         let t_pause = Instant::now();
         self.src.vm.pause().map_err(other)?;
         self.paused = true;
@@ -944,6 +965,7 @@ impl Sender<'_> {
                         st.report.recoveries += 1;
                         drop(st);
                         self.link = link;
+                        self.link.for_postcopy();
                         log::info!("migration: post-copy connection restored");
                         return Ok(());
                     }
