@@ -298,7 +298,6 @@ impl VmProcess {
         None
     }
 
-    /// Whether the process is still alive.
     /// Kills the process now (a VMM that never serves its API, e.g. one still waiting for an
     /// incoming migration, cannot be asked for its pid at drop).
     pub fn kill(&mut self) {
@@ -306,6 +305,7 @@ impl VmProcess {
         let _ = self.child.wait();
     }
 
+    /// Whether the process is still alive.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }

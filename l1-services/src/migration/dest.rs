@@ -515,6 +515,8 @@ fn write_pages(
         let len = (j - i) as usize * PAGE;
         let data = &f.data[off..off + len];
         if populated {
+            // A plain memcpy: `GuestRam::write` goes through vm-memory's volatile copy and
+            // marks the VMM's dirty bitmap, neither of which a page not yet the guest's needs.
             // SAFETY: [p, j) lies inside guest memory (checked above) and the source slice is
             // the frame's own buffer, so the two cannot overlap; no vCPU runs before the
             // hand-over, so nothing else writes these pages.

@@ -479,12 +479,18 @@ impl Sender<'_> {
     fn send_batch(&mut self, first: u64, span: u64, sel: &[u64]) -> Result<u64, LinkError> {
         let holes = self.holes(first, span);
         let nw = span.div_ceil(64) as usize;
-        let page = |p: u64| -> &[u8] {
-            // SAFETY: p < pages (batches never cross the end of guest RAM), so the page lies
-            // inside the guest mapping, which `self.ram` keeps alive; a racing guest write only
-            // changes what is sent, and the dirty log has the page sent again.
-            unsafe { std::slice::from_raw_parts(self.ram.host_base().add(p as usize * PAGE), PAGE) }
+        let pages = |p: u64, n: u64| -> &[u8] {
+            // SAFETY: p + n <= pages (batches never cross the end of guest RAM), so the pages
+            // lie inside the guest mapping, which `self.ram` keeps alive; a racing guest write
+            // only changes what is sent, and the dirty log has the page sent again.
+            unsafe {
+                std::slice::from_raw_parts(
+                    self.ram.host_base().add(p as usize * PAGE),
+                    n as usize * PAGE,
+                )
+            }
         };
+        let page = |p: u64| pages(p, 1);
         // Pass 1: which pages are zero (they go as marker bits). Holes in the memfd are zero
         // without a look (reading one would allocate and clear a page).
         let mut zero = vec![0u64; nw];
@@ -521,13 +527,7 @@ impl Sender<'_> {
             while j < span && bit(sel, j) && !bit(&zero, j) {
                 j += 1;
             }
-            // SAFETY: as for `page`: [first+i, first+j) lies inside the guest mapping.
-            slices.push(std::io::IoSlice::new(unsafe {
-                std::slice::from_raw_parts(
-                    self.ram.host_base().add((first + i) as usize * PAGE),
-                    (j - i) as usize * PAGE,
-                )
-            }));
+            slices.push(std::io::IoSlice::new(pages(first + i, j - i)));
             i = j;
         }
         let r = self.link.send_slices(&mut slices);
