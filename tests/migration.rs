@@ -308,13 +308,21 @@ fn postcopy_runs_at_once_and_sends_each_page_once() {
 fn a_guest_dirtying_faster_than_the_link_still_moves() {
     // 64 MiB rewritten as fast as the guest can against a 40 MB/s link: pre-copy cannot
     // converge. precopy stops and copies when the dirty set stops shrinking; hybrid switches
-    // to post-copy after its rounds.
+    // to post-copy after its rounds. Both destinations have their memory prepared: hybrid's
+    // post-copy then drops the stale copies of the pages still to come from it.
     let fast = "workload=dirty,verify mib=64 rate=0 stall_us=2000 report_ms=200";
     let tmp = TempDir::new("mig-fast");
     let tls = certs(&tmp, "tls");
     for (name, handover) in [("precopy", "stop-and-copy"), ("hybrid", "postcopy")] {
         let addr = format!("tls://127.0.0.1:{}", free_port());
-        let dst = destination(&format!("mig-{name}-fast-dst"), &[], &addr, &tls, &[]);
+        let mem = MEM.to_string();
+        let dst = destination(
+            &format!("mig-{name}-fast-dst"),
+            &[],
+            &addr,
+            &tls,
+            &["--memory", &mem],
+        );
         let mut src = VmProcess::boot(&format!("mig-{name}-fast-src"), fast, MEM, 1);
         let (ok, out, report) = migrate(
             &src,

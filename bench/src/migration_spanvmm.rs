@@ -69,7 +69,7 @@ pub fn spanvmm_migrate(
             mem.to_string(),
         ],
     )?;
-    let (mut src, src_lines, _) = spawn(
+    let (mut src, src_lines, src_errors) = spawn(
         "src",
         vec![
             "--kernel".into(),
@@ -134,6 +134,14 @@ pub fn spanvmm_migrate(
             out.status.success() && r.as_ref().is_some_and(|r| r["result"] == "completed");
         let r = r.unwrap_or_default();
         let from = settle(&dst_lines);
+        // With the VMM's migration trace on, show what both sides said.
+        if std::env::var_os("SPANVMM_MIGRATION_DEBUG").is_some() {
+            for (side, lines) in [("dst", &dst_errors), ("src", &src_errors)] {
+                for l in lines.lock().unwrap().iter() {
+                    eprintln!("{side}: {l}");
+                }
+            }
+        }
         let verify_bad = if completed {
             verify_after(&dst_lines, from, Duration::from_secs(30))
         } else {
