@@ -70,7 +70,7 @@ pub struct MachineConfig {
 }
 
 /// Everything about a VM except its memory.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct VmState {
     /// Machine shape.
     pub machine: MachineConfig,

@@ -210,28 +210,45 @@ impl Userfault {
         }
     }
 
-    /// Supplies the pages at `gpa` with `data` (whole pages) and wakes the waiters. A page
-    /// that is already present is left as it is (not an error: a racing fill won).
-    pub fn copy(&self, gpa: u64, data: &[u8]) -> Result<(), UffdError> {
+    /// Supplies the pages at `gpa` with `data` (whole pages) and wakes the waiters; returns
+    /// how many pages it placed. A page that is already present is left as it is (not an
+    /// error: a racing fill won) and the pages after it are still placed.
+    pub fn copy(&self, gpa: u64, data: &[u8]) -> Result<u64, UffdError> {
         let dst = self.host(gpa, data.len() as u64)?;
-        let mut c = UffdioCopy {
-            dst,
-            src: data.as_ptr() as u64,
-            len: data.len() as u64,
-            mode: 0,
-            copy: 0,
-        };
-        // SAFETY: `dst` is inside the registered range, `src` is a live buffer of `len` bytes.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) } < 0 {
+        let (mut done, mut placed) = (0u64, 0u64);
+        while done < data.len() as u64 {
+            let mut c = UffdioCopy {
+                dst: dst + done,
+                src: data[done as usize..].as_ptr() as u64,
+                len: data.len() as u64 - done,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: `dst` is inside the registered range, `src` is a live buffer of `len`
+            // bytes.
+            if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) } >= 0 {
+                return Ok(placed + c.len / PAGE_SIZE);
+            }
             let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EEXIST) {
-                return Err(UffdError::Sys {
-                    what: "UFFDIO_COPY",
-                    err,
-                });
+            match err.raw_os_error() {
+                // Stopped short (at a present page, or the address space was changing):
+                // `copy` holds the bytes placed; go on from there.
+                Some(libc::EAGAIN) => {
+                    let placed_now = c.copy.max(0) as u64;
+                    placed += placed_now / PAGE_SIZE;
+                    done += placed_now;
+                }
+                // The first page is present: skip it.
+                Some(libc::EEXIST) => done += PAGE_SIZE,
+                _ => {
+                    return Err(UffdError::Sys {
+                        what: "UFFDIO_COPY",
+                        err,
+                    })
+                }
             }
         }
-        Ok(())
+        Ok(placed)
     }
 
     /// Supplies zero pages for `[gpa, gpa+len)` and wakes the waiters.
@@ -318,8 +335,19 @@ mod tests {
         assert_eq!(b, [0; 8]);
         assert_eq!(served, vec![3 * PAGE_SIZE, 900 * PAGE_SIZE]);
         // Present pages no longer fault; a second copy to them is tolerated.
-        uffd.copy(3 * PAGE_SIZE, &[1; PAGE_SIZE as usize]).unwrap();
+        assert_eq!(
+            uffd.copy(3 * PAGE_SIZE, &[1; PAGE_SIZE as usize]).unwrap(),
+            0
+        );
         assert!(uffd.copy(5 << 20, &[0; 4096]).is_err());
+        // A range with a present page in it: the pages around it are still placed.
+        let run: Vec<u8> = (0..5u8).flat_map(|i| [i + 1; PAGE_SIZE as usize]).collect();
+        assert_eq!(uffd.copy(PAGE_SIZE, &run).unwrap(), 4);
+        for (p, want) in [(1, 1), (2, 2), (3, 0xab), (4, 4), (5, 5)] {
+            let mut b = [0u8; 1];
+            ram.read(p * PAGE_SIZE + 7, &mut b).unwrap();
+            assert_eq!(b[0], want, "page {p}");
+        }
         uffd.unregister().unwrap();
     }
 }

@@ -74,6 +74,25 @@ pub struct VcpuState {
     pub events: kvm_vcpu_events,
 }
 
+impl Clone for VcpuState {
+    fn clone(&self) -> Self {
+        // kvm_xsave is not Clone (it ends in a flexible array, empty in the legacy layout).
+        let mut xsave = kvm_xsave::default();
+        xsave.region = self.xsave.region;
+        VcpuState {
+            mp_state: self.mp_state,
+            regs: self.regs,
+            sregs: self.sregs,
+            xsave,
+            xcrs: self.xcrs,
+            debug_regs: self.debug_regs,
+            lapic: self.lapic,
+            msrs: self.msrs.clone(),
+            events: self.events,
+        }
+    }
+}
+
 /// Why a vCPU stopped running the guest for good.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VcpuExitReason {

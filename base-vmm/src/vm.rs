@@ -45,7 +45,7 @@ const RAM_SLOT: u32 = 0;
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
 /// VM-wide KVM state: interrupt controllers, PIT, clock.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct VmKvmState {
     /// PIC master, PIC slave, IOAPIC; absent when the VM has no in-kernel irqchip.
     pub irqchip: Option<Vec<kvm_irqchip>>,

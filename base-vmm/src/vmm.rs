@@ -16,7 +16,7 @@ use crate::devices::pv::{
 };
 use crate::devices::serial::{self, SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
 use crate::devices::{lock, IoBus};
-use crate::lazy::{LazyLoader, LazyProgress};
+use crate::lazy::{FirstTouch, LazyLoader, LazyProgress, Paging};
 use crate::memory::GuestRam;
 use crate::snapshot::{
     Chain, LayerOptions, LayerSummary, LayerWriter, RestoreBuffers, SnapshotError, SnapshotKey,
@@ -340,11 +340,8 @@ fn open_snapshot(
     bufs: Option<RestoreBuffers>,
 ) -> Result<(Chain, VmState), VmmError> {
     let chain = Chain::open_with(dir, key, bufs)?;
-    // The state is parsed again from the chain's own copy so that the chain can move.
-    let state: VmState = serde_json::from_value(
-        serde_json::to_value(chain.vm_state()).map_err(|e| VmmError::Config(e.to_string()))?,
-    )
-    .map_err(|e| VmmError::Config(e.to_string()))?;
+    // A copy, so that the chain can move on to the loader.
+    let state = chain.vm_state().clone();
     Ok((chain, state))
 }
 
@@ -355,9 +352,10 @@ fn load_memory(
     chain: Chain,
     lazy: bool,
     dir: &Path,
+    state: &VmState,
 ) -> Result<Option<LazyLoader>, VmmError> {
     if lazy {
-        return LazyLoader::start(ram, chain)
+        return LazyLoader::start(ram, chain, first_touches(state))
             .map(Some)
             .map_err(|e| VmmError::Conflict(format!("lazy restore: {e}")));
     }
@@ -368,6 +366,39 @@ fn load_memory(
         })
     })?;
     Ok(None)
+}
+
+/// Where each vCPU will touch memory first after a restore: its instruction and stack, its
+/// descriptor tables, through its page tables (a lazy restore brings these in before the
+/// guest asks).
+fn first_touches(state: &VmState) -> Vec<FirstTouch> {
+    const CR0_PG: u64 = 1 << 31;
+    const EFER_LMA: u64 = 1 << 10;
+    const CR4_LA57: u64 = 1 << 12;
+    state
+        .vcpus
+        .iter()
+        .filter_map(|v| {
+            let (r, s) = (&v.regs, &v.sregs);
+            let paging = if s.cr0 & CR0_PG == 0 {
+                Paging::Off
+            } else if s.efer & EFER_LMA != 0 && s.cr4 & CR4_LA57 == 0 {
+                Paging::Long4
+            } else {
+                return None; // 32-bit or 5-level paging: left to the faults
+            };
+            let (ip, sp) = match paging {
+                // Segment bases count outside long mode.
+                Paging::Off => (s.cs.base + r.rip, s.ss.base + r.rsp),
+                Paging::Long4 => (r.rip, r.rsp),
+            };
+            Some(FirstTouch {
+                paging,
+                cr3: s.cr3,
+                addrs: vec![ip, sp, s.gdt.base, s.idt.base, s.tr.base],
+            })
+        })
+        .collect()
 }
 
 /// A VM prepared ahead of a restore (Firecracker's "load snapshot" into a started process):
@@ -399,6 +430,7 @@ impl StandbyVm {
     /// [`Vmm::restore`] does in a new process. A snapshot of another shape, or one that fails
     /// the chain's checks, is refused before guest memory is touched.
     pub fn adopt(mut self, dir: &Path, how: RestoreHow) -> Result<Vmm, AdoptError> {
+        let started = std::time::Instant::now();
         let (chain, state) = match open_snapshot(dir, how.key, self.buffers.take()) {
             Ok(cs) => cs,
             Err(error) => {
@@ -424,13 +456,24 @@ impl StandbyVm {
             error,
             standby: None,
         };
-        let loader = load_memory(&self.ram, chain, how.lazy, dir).map_err(lost)?;
+        let opened = started.elapsed();
+        let loader = load_memory(&self.ram, chain, how.lazy, dir, &state).map_err(lost)?;
+        let registered = started.elapsed();
         let mut prepared = self.prepared;
         prepared.machine = state.machine.clone();
         let mut vmm = prepared
             .finish(&state, how.serial_spec, how.events, how.start_paused)
             .map_err(lost)?;
-        vmm.lazy = loader;
+        crate::lazy::trace(format_args!(
+            "adopt: chain open at {} µs, memory registered at {}, vCPUs running at {}",
+            opened.as_micros(),
+            registered.as_micros(),
+            started.elapsed().as_micros()
+        ));
+        vmm.lazy = loader.map(|mut l| {
+            l.begin_background();
+            l
+        });
         Ok(vmm)
     }
 }
@@ -564,14 +607,17 @@ impl Vmm {
     pub fn restore(dir: &Path, how: RestoreHow) -> Result<Self, VmmError> {
         let (chain, state) = open_snapshot(dir, how.key, None)?;
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
-        let loader = load_memory(&ram, chain, how.lazy, dir)?;
+        let loader = load_memory(&ram, chain, how.lazy, dir, &state)?;
         let mut vmm = Vmm::prepare(ram, &state.machine)?.finish(
             &state,
             how.serial_spec,
             how.events,
             how.start_paused,
         )?;
-        vmm.lazy = loader;
+        vmm.lazy = loader.map(|mut l| {
+            l.begin_background();
+            l
+        });
         Ok(vmm)
     }
 

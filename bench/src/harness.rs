@@ -57,10 +57,20 @@ pub fn spawn_run(bin: &Path, args: &[&str], tag: &str) -> anyhow::Result<Vm> {
         .arg("--api-socket")
         .arg(&sock)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(debug_stderr())
         .spawn()?;
     let lines = collect(child.stdout.take().unwrap());
     Ok(Vm { child, lines, sock })
+}
+
+/// The VMM's stderr: shown when its restore trace is on (`SPANVMM_RESTORE_DEBUG`), else
+/// dropped.
+fn debug_stderr() -> Stdio {
+    if std::env::var_os("SPANVMM_RESTORE_DEBUG").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    }
 }
 
 pub fn spawn_vm(bin: &Path, elf: &Path, cmdline: &str, mem: u64, tag: &str) -> anyhow::Result<Vm> {
