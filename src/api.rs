@@ -257,8 +257,12 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the API forever on its own thread, handing each request to `calls`.
-pub fn serve(listener: UnixListener, calls: Sender<ApiCall>) {
+/// Serves the API forever on its own thread, handing each request to `deliver` (false: the
+/// VMM is shutting down).
+pub fn serve<D>(listener: UnixListener, deliver: D)
+where
+    D: Fn(ApiCall) -> bool + Clone + Send + 'static,
+{
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -272,13 +276,13 @@ pub fn serve(listener: UnixListener, calls: Sender<ApiCall>) {
                     continue;
                 }
                 open.fetch_add(1, Ordering::SeqCst);
-                let (calls, mine) = (calls.clone(), open.clone());
+                let (deliver, mine) = (deliver.clone(), open.clone());
                 // One thread per connection: a slow or silent client only delays itself.
                 let spawned =
                     std::thread::Builder::new()
                         .name("api-conn".into())
                         .spawn(move || {
-                            let _ = handle_connection(stream, &calls);
+                            let _ = handle_connection(stream, &deliver);
                             mine.fetch_sub(1, Ordering::SeqCst);
                         });
                 if spawned.is_err() {
@@ -289,7 +293,10 @@ pub fn serve(listener: UnixListener, calls: Sender<ApiCall>) {
         .expect("cannot start the API thread");
 }
 
-fn handle_connection(stream: UnixStream, calls: &Sender<ApiCall>) -> std::io::Result<()> {
+fn handle_connection(
+    stream: UnixStream,
+    deliver: &impl Fn(ApiCall) -> bool,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut out = stream.try_clone()?;
@@ -300,7 +307,7 @@ fn handle_connection(stream: UnixStream, calls: &Sender<ApiCall>) -> std::io::Re
                 let (tx, rx) = mpsc::channel();
                 let (written_tx, written_rx) = mpsc::channel();
                 written = Some(written_tx);
-                if calls.send((req, tx, written_rx)).is_err() {
+                if !deliver((req, tx, written_rx)) {
                     Err((503, "the VMM is shutting down".to_string()))
                 } else {
                     rx.recv()

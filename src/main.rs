@@ -607,16 +607,8 @@ impl ApiServing {
             .ok()
             .and_then(|a| a.as_pathname().map(Path::to_path_buf));
         self.handover = Some(listener.try_clone()?);
-        let (api_tx, api_rx) = mpsc::channel::<ApiCall>();
-        api::serve(listener, api_tx);
         let fwd = tx.clone();
-        std::thread::spawn(move || {
-            for call in api_rx {
-                if fwd.send(Msg::Api(call)).is_err() {
-                    break;
-                }
-            }
-        });
+        api::serve(listener, move |call| fwd.send(Msg::Api(call)).is_ok());
         Ok(())
     }
 

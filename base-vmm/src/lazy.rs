@@ -160,8 +160,8 @@ impl LazyLoader {
                     let faults = std::thread::Builder::new()
                         .name("lazy-fault".into())
                         .spawn_scoped(scope, || {
-                            fill.prefetch(&first)?;
-                            fill.serve_faults(&stop)
+                            let blocks = fill.prefetch(&first)?;
+                            fill.serve_faults(&stop, blocks)
                         });
                     // The background copy is the least urgent work in the process: the vCPUs
                     // and the fault thread come first. Failure only costs start-up speed.
@@ -312,9 +312,9 @@ impl Fill<'_> {
     /// Serves faults as they come until `stop`: the faulting page alone (the vCPU waits only
     /// for it), and, while no other fault waits, the rest of its aligned block (what the
     /// guest likely touches next).
-    fn serve_faults(&self, stop: &AtomicBool) -> Result<(), LazyError> {
+    /// `blocks`: aligned blocks to fill meanwhile.
+    fn serve_faults(&self, stop: &AtomicBool, mut blocks: VecDeque<u64>) -> Result<(), LazyError> {
         let mut buf = vec![0u8; (FAULT_PAGES * PAGE_SIZE) as usize];
-        let mut blocks = VecDeque::new();
         while !stop.load(Ordering::Acquire) {
             let wait = if blocks.is_empty() {
                 Duration::from_millis(10)
@@ -354,8 +354,10 @@ impl Fill<'_> {
     /// Brings in, before any fault asks, the pages each vCPU touches first: the page tables
     /// on the way to, and the pages of, its instruction, stack and descriptor tables. On
     /// restore these were 3-5 faults in a row, each a round trip through the fault thread.
-    fn prefetch(&self, first: &[FirstTouch]) -> Result<(), LazyError> {
+    /// Returns the aligned blocks around them, to fill while no fault waits.
+    fn prefetch(&self, first: &[FirstTouch]) -> Result<VecDeque<u64>, LazyError> {
         let mut page = vec![0u8; PAGE_SIZE as usize];
+        let mut blocks = VecDeque::new();
         for f in first {
             for &addr in &f.addrs {
                 let gpa = match f.paging {
@@ -365,10 +367,14 @@ impl Fill<'_> {
                 if let Some(gpa) = gpa.filter(|&g| g / PAGE_SIZE < self.pages) {
                     let p = gpa / PAGE_SIZE;
                     self.fill(p, p + 1, &mut page)?;
+                    let block = p - p % FAULT_PAGES;
+                    if !blocks.contains(&block) {
+                        blocks.push_back(block);
+                    }
                 }
             }
         }
-        Ok(())
+        Ok(blocks)
     }
 
     /// Translates `va` through the 4-level page tables at `cr3`, bringing each table page
@@ -491,14 +497,15 @@ mod tests {
             },
         ];
         let mut loader = LazyLoader::start(&ram, Chain::open(&dir, None).unwrap(), first).unwrap();
-        // The background copy has not begun: only the prefetch copies pages.
+        // The background copy has not begun: only the prefetch copies pages, the 7 pointed at
+        // (tables included), then the rest of their aligned blocks: 0-15, 96-111, 0x200-0x20f.
         let t = Instant::now();
-        while loader.progress().pages_copied < 7 && t.elapsed() < Duration::from_secs(5) {
+        while loader.progress().pages_copied < 48 && t.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(1));
         }
         std::thread::sleep(Duration::from_millis(50));
         let p = loader.progress();
-        assert_eq!((p.pages_copied, p.faults), (7, 0), "{p:?}");
+        assert_eq!((p.pages_copied, p.faults), (48, 0), "{p:?}");
         loader.begin_background();
         let mut b = [0u8; 8];
         for page in [5u64, 100, 0x201, 900] {

@@ -392,10 +392,20 @@ fn first_touches(state: &VmState) -> Vec<FirstTouch> {
                 Paging::Off => (s.cs.base + r.rip, s.ss.base + r.rsp),
                 Paging::Long4 => (r.rip, r.rsp),
             };
+            // Then whatever the general registers hold that is mapped: pointers in registers
+            // are likely dereferenced next (the rest fails the walk at once).
+            let gprs = [
+                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12,
+                r.r13, r.r14, r.r15,
+            ];
+            let mut addrs = vec![ip, sp, s.gdt.base, s.idt.base, s.tr.base];
+            if paging == Paging::Long4 {
+                addrs.extend(gprs);
+            }
             Some(FirstTouch {
                 paging,
                 cr3: s.cr3,
-                addrs: vec![ip, sp, s.gdt.base, s.idt.base, s.tr.base],
+                addrs,
             })
         })
         .collect()
