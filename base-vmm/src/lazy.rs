@@ -27,6 +27,10 @@ use crate::uffd::{UffdError, Userfault};
 
 /// Pages copied per background step (256 KiB).
 const CHUNK_PAGES: u64 = 64;
+/// The background copy starts once no fault came for this long after the vCPUs started...
+const QUIET: Duration = Duration::from_millis(3);
+/// ...or after this long at most.
+const START_WAIT_MAX: Duration = Duration::from_millis(20);
 /// Pages copied around a faulting page (its aligned 64 KiB block).
 const FAULT_PAGES: u64 = 16;
 
@@ -173,6 +177,7 @@ impl LazyLoader {
                     // and keep both cores busy, which made restoring the vCPUs' registers
                     // take 4-5 ms instead of 0.1 ms.
                     let _ = go.recv();
+                    fill.wait_for_quiet();
                     let r = fill.background(&extents);
                     stop.store(true, Ordering::Release);
                     let served = match faults {
@@ -410,6 +415,23 @@ impl Fill<'_> {
             table = entry & FRAME;
         }
         Ok(Some(table | (va & (PAGE_SIZE - 1))))
+    }
+
+    /// Waits until the guest's start-up burst of faults is over (no fault for `QUIET`), at
+    /// most `START_WAIT_MAX`: the first faults are served without the background copy
+    /// competing for the cores and the address space's lock.
+    fn wait_for_quiet(&self) {
+        let start = Instant::now();
+        let mut last = (self.shared.faults.load(Ordering::Relaxed), Instant::now());
+        while start.elapsed() < START_WAIT_MAX {
+            std::thread::sleep(Duration::from_micros(500));
+            let n = self.shared.faults.load(Ordering::Relaxed);
+            if n != last.0 {
+                last = (n, Instant::now());
+            } else if last.1.elapsed() >= QUIET {
+                return;
+            }
+        }
     }
 
     /// Copies every data page in `extents`.

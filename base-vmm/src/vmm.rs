@@ -338,8 +338,13 @@ fn open_snapshot(
     dir: &Path,
     key: Option<&SnapshotKey>,
     bufs: Option<RestoreBuffers>,
+    lazy: bool,
 ) -> Result<(Chain, VmState), VmmError> {
-    let chain = Chain::open_with(dir, key, bufs)?;
+    let chain = if lazy {
+        Chain::open_for_lazy(dir, key, bufs)?
+    } else {
+        Chain::open_with(dir, key, bufs)?
+    };
     // A copy, so that the chain can move on to the loader.
     let state = chain.vm_state().clone();
     Ok((chain, state))
@@ -441,7 +446,7 @@ impl StandbyVm {
     /// the chain's checks, is refused before guest memory is touched.
     pub fn adopt(mut self, dir: &Path, how: RestoreHow) -> Result<Vmm, AdoptError> {
         let started = std::time::Instant::now();
-        let (chain, state) = match open_snapshot(dir, how.key, self.buffers.take()) {
+        let (chain, state) = match open_snapshot(dir, how.key, self.buffers.take(), how.lazy) {
             Ok(cs) => cs,
             Err(error) => {
                 return Err(AdoptError {
@@ -615,7 +620,7 @@ impl Vmm {
     /// is loaded: pages come in (checked) on first touch while a background thread copies the
     /// rest (see [`crate::lazy`]).
     pub fn restore(dir: &Path, how: RestoreHow) -> Result<Self, VmmError> {
-        let (chain, state) = open_snapshot(dir, how.key, None)?;
+        let (chain, state) = open_snapshot(dir, how.key, None, how.lazy)?;
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
         let loader = load_memory(&ram, chain, how.lazy, dir, &state)?;
         let mut vmm = Vmm::prepare(ram, &state.machine)?.finish(
