@@ -188,6 +188,12 @@ enum CtlOp {
         /// How long a broken post-copy connection is retried, ms.
         #[arg(long, default_value_t = 30_000)]
         recovery_timeout_ms: u64,
+        /// Send the hand-over's commit with the state instead of after the destination is
+        /// ready: one round trip less of downtime (worth it on long links), but a link lost
+        /// before the destination answers leaves the VM paused "in doubt" at the source
+        /// instead of running on there.
+        #[arg(long)]
+        commit_with_state: bool,
         /// Where to write the JSON report (the SVG plot goes beside it).
         #[arg(long, default_value = "migration-report.json")]
         report: PathBuf,
@@ -804,6 +810,7 @@ fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
         tls_dir,
         max_bandwidth,
         recovery_timeout_ms,
+        commit_with_state,
         report,
     } = &op
     {
@@ -819,6 +826,7 @@ fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
             "tls_dir": std::path::absolute(tls_dir).context("resolve --tls-dir")?,
             "max_bandwidth": max_bandwidth.as_deref().map(parse_rate).transpose()?,
             "recovery_timeout_ms": recovery_timeout_ms,
+            "commit_with_state": commit_with_state,
         });
         return match migrate::ctl_migrate(socket, body, report)? {
             true => Ok(()),

@@ -41,6 +41,9 @@ pub struct MigrateRequest {
     /// How long a broken post-copy connection is retried, ms.
     #[serde(default = "default_recovery_ms")]
     pub recovery_timeout_ms: u64,
+    /// Send `commit` with the state (see `SourceConfig::commit_with_state`).
+    #[serde(default)]
+    pub commit_with_state: bool,
 }
 
 fn default_recovery_ms() -> u64 {
@@ -149,6 +152,7 @@ impl Migrations {
                 tls,
                 max_bandwidth: req.max_bandwidth.filter(|&b| b > 0),
                 recovery_timeout: Duration::from_millis(req.recovery_timeout_ms),
+                commit_with_state: req.commit_with_state,
             },
         )
         .map_err(|e| (502, format!("cannot reach the destination {to}: {e}")))?;

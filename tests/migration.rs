@@ -626,3 +626,68 @@ fn netns_hosts_over_a_shaped_link_with_latency() {
         );
     }
 }
+
+#[test]
+fn commit_with_state_saves_a_round_trip_of_downtime() {
+    // 40 ms round trips through the delay relay: the two-phase hand-over waits for two of
+    // them (state -> ready, commit -> resumed), with --commit-with-state only for one.
+    let tmp = TempDir::new("mig-early");
+    let tls = certs(&tmp, "tls");
+    let one_way = Duration::from_millis(20);
+    let precopy = plugin("precopy.wasm");
+    let mut downtime = Vec::new();
+    for (tag, early) in [("two-phase", false), ("early", true)] {
+        let dport = free_port();
+        let dst = destination(
+            &format!("mig-{tag}-dst"),
+            &[],
+            &format!("tls://127.0.0.1:{dport}"),
+            &tls,
+            &["--memory", &MEM.to_string()],
+        );
+        let relay = DelayRelay::start(
+            "127.0.0.1:0".parse().unwrap(),
+            format!("127.0.0.1:{dport}").parse().unwrap(),
+            one_way,
+            8 << 20,
+        )
+        .expect("start the relay");
+        let mut src = VmProcess::boot(&format!("mig-{tag}-src"), GUEST, MEM, 1);
+        let to = format!("tls://{}", relay.addr());
+        let mut args = vec![
+            "--to",
+            &to,
+            "--plugin",
+            &precopy,
+            "--tls-dir",
+            tls.to_str().unwrap(),
+        ];
+        if early {
+            args.push("--commit-with-state");
+        }
+        let (ok, out, report) = migrate(&src, &args);
+        assert!(ok, "{tag}: {out}\n{}", src.stderr());
+        let r = report.unwrap();
+        assert_eq!(r["handover"], "stop-and-copy", "{tag}: {r}");
+        assert_eq!(wait_exit(&mut src, "the source"), Some(0));
+        check_arrived(&dst, 5000);
+        downtime.push(f(&r, "downtime_ms"));
+    }
+    let (two_phase, early) = (downtime[0], downtime[1]);
+    eprintln!(
+        "downtime at 40 ms RTT: two-phase {two_phase:.1} ms, commit with state {early:.1} ms"
+    );
+    // Lower bounds are physics (the round trips); the early commit must come in below.
+    assert!(
+        two_phase >= 80.0,
+        "two-phase hand-over under two round trips: {two_phase} ms"
+    );
+    assert!(
+        early >= 40.0,
+        "early commit under one round trip: {early} ms"
+    );
+    assert!(
+        early + 20.0 < two_phase,
+        "commit with state saved no round trip: {early} vs {two_phase} ms"
+    );
+}

@@ -421,8 +421,10 @@ pub fn run(
                     );
                     runs.push(o);
                 }
-                for engine in ["precopy", "postcopy", "hybrid"] {
-                    if !wanted_engine(engine) {
+                // `precopy-early`: precopy with `--commit-with-state` (not run unless named).
+                let all = ["precopy", "postcopy", "hybrid", "precopy-early"];
+                for engine in all {
+                    if !wanted_engine(engine) || (engine == "precopy-early" && engines.is_none()) {
                         continue;
                     }
                     let o = crate::migration_spanvmm::spanvmm_migrate(

@@ -113,6 +113,10 @@ pub fn spanvmm_migrate(
         // Let the guest finish populating before the clock starts (as for QEMU).
         std::thread::sleep(Duration::from_millis(500));
         let report = dir.join("report.json");
+        let (service, early) = match engine.strip_suffix("-early") {
+            Some(base) => (base, &["--commit-with-state"][..]),
+            None => (engine, &[][..]),
+        };
         let out = Command::new("timeout")
             .arg(timeout.as_secs().to_string())
             .arg(bin)
@@ -120,8 +124,9 @@ pub fn spanvmm_migrate(
             .arg("--api-socket")
             .arg(&src_api)
             .args(["migrate", "--to", &format!("tls://{}", hosts.connect)])
+            .args(early)
             .arg("--plugin")
-            .arg(plugins.join(format!("{engine}.wasm")))
+            .arg(plugins.join(format!("{service}.wasm")))
             .arg("--tls-dir")
             .arg(&tls)
             .arg("--report")

@@ -50,6 +50,10 @@ pub struct SourceConfig {
     pub max_bandwidth: Option<u64>,
     /// How long a broken post-copy connection is retried before giving up.
     pub recovery_timeout: Duration,
+    /// Send `commit` right behind the state instead of after the destination's `ready`: one
+    /// round trip less of downtime, but a link lost before the destination answers leaves
+    /// the source paused "in doubt" where it would otherwise resume.
+    pub commit_with_state: bool,
 }
 
 /// One point of the timeline (for the report's plot).
@@ -825,21 +829,34 @@ impl Sender<'_> {
                 })?;
             }
         }
+        // The point of no return: once `commit` may have left, the guest may run there, so it
+        // never runs here again (a lost link leaves it paused "in doubt", or in post-copy
+        // recovery). Sent with the state, or once the destination is `ready`.
+        let early = self.cfg.commit_with_state && mode == SwitchMode::StopAndCopy;
+        if early {
+            self.committed = true;
+            self.link.send(&Frame::Commit)?;
+        }
         self.link.flush(Duration::from_secs(30))?;
         let t_sent = t_pause.elapsed();
         let load_us = match self.link.expect(Duration::from_secs(30), "ready")? {
             Frame::Ready { load_us } => load_us,
-            other => return Err(other_frame("ready", other)),
+            other => {
+                // The destination answered other than `ready` (it refused the state): it
+                // never runs the guest, so the source may, whatever it sent.
+                self.committed = false;
+                return Err(other_frame("ready", other));
+            }
         };
-        // The point of no return: once `commit` may have left, the guest may run there, so it
-        // never runs here again (a lost link leaves it paused "in doubt", or in post-copy
-        // recovery).
         self.committed = true;
-        let confirmed = self
-            .link
-            .send(&Frame::Commit)
-            .and_then(|_| self.link.flush(Duration::from_secs(30)))
-            .and_then(|_| self.await_resumed());
+        let confirmed = if early {
+            self.await_resumed()
+        } else {
+            self.link
+                .send(&Frame::Commit)
+                .and_then(|_| self.link.flush(Duration::from_secs(30)))
+                .and_then(|_| self.await_resumed())
+        };
         if let Err(e) = confirmed {
             if mode == SwitchMode::Postcopy {
                 // The destination runs (or will not run) the guest; recovery finds out.
