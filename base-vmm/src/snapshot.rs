@@ -1332,11 +1332,40 @@ impl Chain {
         key: Option<&SnapshotKey>,
         bufs: Option<RestoreBuffers>,
     ) -> Result<Self, SnapshotError> {
+        Self::open_chain(dir, key, bufs, false)
+    }
+
+    /// [`Chain::open_with`] for a lazy restore: a single layer (a full snapshot without
+    /// secret regions) needs no per-page tables, its runs say where each page is (filling
+    /// the tables took 0.3 ms a GiB on the restore's path); a chain is opened as usual.
+    pub fn open_for_lazy(
+        dir: &Path,
+        key: Option<&SnapshotKey>,
+        bufs: Option<RestoreBuffers>,
+    ) -> Result<Self, SnapshotError> {
+        Self::open_chain(dir, key, bufs, true)
+    }
+
+    /// `runs_for_one`: a single layer goes without tables.
+    fn open_chain(
+        dir: &Path,
+        key: Option<&SnapshotKey>,
+        bufs: Option<RestoreBuffers>,
+        runs_for_one: bool,
+    ) -> Result<Self, SnapshotError> {
         let (tables, state_buf) = match bufs {
             Some(b) => (Some(b.tables), b.state),
             None => (None, None),
         };
-        let mut layers = vec![Layer::open_inner(dir, key, false, state_buf)?];
+        let top = Layer::open_inner(dir, key, false, state_buf)?;
+        if runs_for_one && top.manifest.parent.is_none() && top.manifest.secrets.is_empty() {
+            return Ok(Chain {
+                layers: vec![top],
+                tables: None,
+                _spare: tables,
+            });
+        }
+        let mut layers = vec![top];
         while let Some(parent) = layers.last().and_then(|l| l.manifest.parent.clone()) {
             if layers.len() >= MAX_CHAIN {
                 return Err(SnapshotError::Chain(format!(
@@ -1400,30 +1429,6 @@ impl Chain {
             layers,
             tables: Some(Tables { owner, slot, round }),
             _spare: None,
-        })
-    }
-
-    /// [`Chain::open_with`] for a lazy restore: a single layer (a full snapshot without
-    /// secret regions) needs no per-page tables, its runs say where each page is (filling
-    /// the tables took 0.3 ms a GiB on the restore's path); a chain is opened as usual.
-    pub fn open_for_lazy(
-        dir: &Path,
-        key: Option<&SnapshotKey>,
-        bufs: Option<RestoreBuffers>,
-    ) -> Result<Self, SnapshotError> {
-        let (tables, state_buf) = match bufs {
-            Some(b) => (Some(b.tables), b.state),
-            None => (None, None),
-        };
-        let top = Layer::open_inner(dir, key, false, state_buf)?;
-        if top.manifest.parent.is_some() || !top.manifest.secrets.is_empty() {
-            drop(top);
-            return Self::open_with(dir, key, None);
-        }
-        Ok(Chain {
-            layers: vec![top],
-            tables: None,
-            _spare: tables,
         })
     }
 
