@@ -156,6 +156,46 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Maps the (already allocated) pages of `[addr, addr+len)` into this process in one call,
+    /// for reading: cheaper than a fault per page. Holes must be left out (a read allocates
+    /// them, see [`GuestRam::data_runs`]).
+    pub fn populate_read(&self, addr: u64, len: u64) {
+        if self.check(addr, len).is_err() {
+            return;
+        }
+        // SAFETY: the range lies inside our mapping (checked); populating changes no content.
+        unsafe {
+            libc::madvise(
+                self.host_base().add(addr as usize) as *mut libc::c_void,
+                len as usize,
+                libc::MADV_POPULATE_READ,
+            )
+        };
+    }
+
+    /// The pages of `[first, end)` that hold data in the memfd (not holes), as runs.
+    pub fn data_runs(&self, first: u64, end: u64) -> Vec<(u64, u64)> {
+        use std::os::fd::AsRawFd;
+        let seek = |off: u64, whence| {
+            // SAFETY: lseek on our memfd has no memory effects.
+            let r = unsafe { libc::lseek(self.memfd.as_raw_fd(), off as libc::off_t, whence) };
+            (r >= 0).then_some(r as u64 / PAGE_SIZE)
+        };
+        let mut out = Vec::new();
+        let mut p = first;
+        while p < end {
+            let Some(data) = seek(p * PAGE_SIZE, libc::SEEK_DATA).filter(|&d| d < end) else {
+                break;
+            };
+            let hole = seek(data * PAGE_SIZE, libc::SEEK_HOLE)
+                .unwrap_or(end)
+                .min(end);
+            out.push((data, hole.max(data + 1)));
+            p = hole.max(data + 1);
+        }
+        out
+    }
+
     /// Takes (and clears) the bitmap of pages the VMM itself wrote, one bit per page.
     pub fn take_vmm_dirty(&self) -> Vec<u64> {
         self.mem
@@ -186,6 +226,22 @@ mod tests {
         assert!(ram.read((2 << 20) - 4, &mut b).is_err());
         assert!(ram.read(u64::MAX - 2, &mut b).is_err());
         assert!(ram.write((2 << 20) - 8, &b).is_ok());
+    }
+
+    #[test]
+    fn data_runs_are_the_written_pages() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        for p in [3u64, 5, 6, 1023] {
+            ram.write(p * PAGE_SIZE, &[1; 8]).unwrap();
+        }
+        assert_eq!(ram.data_runs(0, 1024), vec![(3, 4), (5, 7), (1023, 1024)]);
+        assert_eq!(ram.data_runs(6, 1000), vec![(6, 7)]);
+        ram.populate_read(5 * PAGE_SIZE, 2 * PAGE_SIZE);
+        assert_eq!(
+            ram.data_runs(0, 1024).len(),
+            3,
+            "populating for reading allocates nothing"
+        );
     }
 
     #[test]

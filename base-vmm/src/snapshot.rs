@@ -343,6 +343,8 @@ struct WriteRun {
 /// Copies batches of pages out of guest memory and checks (or encrypts) them.
 struct Filler<'a> {
     ram: &'a GuestRam,
+    /// Runs of pages holding data in the memfd (the rest are holes: zero).
+    data: &'a [(u64, u64)],
     entries: &'a mut [PageEntry],
     secret_bits: &'a [u64],
     key: Option<&'a SnapshotKey>,
@@ -408,13 +410,26 @@ impl Filler<'_> {
                 buf.len(),
             )
         };
+        // Holes of the memfd (never written) are zero without reading them: a read would
+        // allocate them. The rest is mapped here in one call per run: page by page, a first
+        // save of a 4 GiB guest spent 3 s in faults (4.9 s against 1.5-1.9 s for the next).
+        let first = self.data.partition_point(|&(_, b)| b <= start);
+        let data: Vec<(u64, u64)> = self.data[first..]
+            .iter()
+            .take_while(|&&(a, _)| a < end)
+            .map(|&(a, b)| (a.max(start), b.min(end)))
+            .collect();
+        for &(a, b) in &data {
+            self.ram.populate_read(a * PAGE_SIZE, (b - a) * PAGE_SIZE);
+        }
+        let in_data = |gp: u64| data.iter().any(|&(a, b)| a <= gp && gp < b);
         let mut runs: Vec<WriteRun> = Vec::new();
         for (i, page) in buf.chunks_exact_mut(ps).enumerate() {
             let gp = start + i as u64;
             // Zero pages are found in guest memory and never copied; the copy is checked
             // again (the guest may have written the page meanwhile).
             let from = &src[i * ps..(i + 1) * ps];
-            if bit(self.secret_bits, gp) || is_zero(from) {
+            if bit(self.secret_bits, gp) || !in_data(gp) || is_zero(from) {
                 self.entries[gp as usize] = PageEntry::Zero;
                 continue;
             }
@@ -593,8 +608,11 @@ impl LayerWriter {
             let _ = free_tx.send(b);
         }
         let file = &self.file;
+        // Where the memfd holds data, found once: a hole search walks a whole run per call.
+        let data = self.ram.data_runs(0, self.entries.len() as u64);
         let mut fill = Filler {
             ram: &self.ram,
+            data: &data,
             entries: &mut self.entries,
             secret_bits: &self.secret_bits,
             key: self.key.as_ref(),
