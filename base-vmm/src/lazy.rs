@@ -286,8 +286,9 @@ impl Fill<'_> {
         self.filled[(p / 64) as usize].load(Ordering::Acquire) >> (p % 64) & 1 == 1
     }
 
-    /// Copies pages `[first, end)` that are not in yet, in pieces of at most `buf`'s size; pages without data are zero. A page the other thread copies meanwhile
-    /// is left as it is (the copy skips present pages).
+    /// Copies pages `[first, end)` that are not in yet, in pieces of at most `buf`'s size;
+    /// pages without data are zero. A page the other thread copies meanwhile is left as it is
+    /// (the copy skips present pages).
     fn fill(&self, first: u64, end: u64, buf: &mut [u8]) -> Result<(), LazyError> {
         let piece = buf.len() as u64 / PAGE_SIZE;
         let mut p = first;
@@ -304,20 +305,25 @@ impl Fill<'_> {
             self.chain
                 .read_pages(p, q - p, &mut buf[..bytes], true)
                 .map_err(LazyError::Check)?;
-            let copied = self.uffd.copy(p * PAGE_SIZE, &buf[..bytes])?;
-            for r in p..q {
-                self.filled[(r / 64) as usize].fetch_or(1 << (r % 64), Ordering::Release);
-            }
-            self.shared.copied.fetch_add(copied, Ordering::Relaxed);
+            self.place(p, &buf[..bytes])?;
             p = q;
         }
         Ok(())
     }
 
+    /// Puts `data` (whole pages, read and checked) into guest memory from page `p` on.
+    fn place(&self, p: u64, data: &[u8]) -> Result<(), LazyError> {
+        let copied = self.uffd.copy(p * PAGE_SIZE, data)?;
+        for r in p..p + data.len() as u64 / PAGE_SIZE {
+            self.filled[(r / 64) as usize].fetch_or(1 << (r % 64), Ordering::Release);
+        }
+        self.shared.copied.fetch_add(copied, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Serves faults as they come until `stop`: the faulting page alone (the vCPU waits only
     /// for it), and, while no other fault waits, the rest of its aligned block (what the
-    /// guest likely touches next).
-    /// `blocks`: aligned blocks to fill meanwhile.
+    /// guest likely touches next); `blocks` are filled likewise.
     fn serve_faults(&self, stop: &AtomicBool, mut blocks: VecDeque<u64>) -> Result<(), LazyError> {
         let mut buf = vec![0u8; (FAULT_PAGES * PAGE_SIZE) as usize];
         while !stop.load(Ordering::Acquire) {
@@ -396,10 +402,7 @@ impl Fill<'_> {
                 .read_pages(tp, 1, page, true)
                 .map_err(LazyError::Check)?;
             if !self.is_filled(tp) {
-                self.shared
-                    .copied
-                    .fetch_add(self.uffd.copy(tp * PAGE_SIZE, page)?, Ordering::Relaxed);
-                self.filled[(tp / 64) as usize].fetch_or(1 << (tp % 64), Ordering::Release);
+                self.place(tp, page)?;
             }
             let shift = 12 + 9 * (level - 1);
             let at = (((va >> shift) & 511) * 8) as usize;

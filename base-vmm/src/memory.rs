@@ -143,6 +143,17 @@ impl GuestRam {
     /// microseconds a page, much more than the copy into it. Best effort: a kernel without
     /// `MADV_POPULATE_WRITE` only loses the speed-up.
     pub fn populate(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        self.advise(addr, len, libc::MADV_POPULATE_WRITE)
+    }
+
+    /// Maps the (already allocated) pages of `[addr, addr+len)` into this process in one call,
+    /// for reading: cheaper than a fault per page. Holes must be left out (a read allocates
+    /// them, see [`GuestRam::data_runs`]). Best effort, as [`GuestRam::populate`].
+    pub fn populate_read(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        self.advise(addr, len, libc::MADV_POPULATE_READ)
+    }
+
+    fn advise(&self, addr: u64, len: u64, advice: libc::c_int) -> Result<(), MemoryError> {
         self.check(addr, len)?;
         // SAFETY: the range lies inside our mapping (checked); populating faults pages in and
         // changes no content.
@@ -150,27 +161,10 @@ impl GuestRam {
             libc::madvise(
                 self.host_base().add(addr as usize) as *mut libc::c_void,
                 len as usize,
-                libc::MADV_POPULATE_WRITE,
+                advice,
             )
         };
         Ok(())
-    }
-
-    /// Maps the (already allocated) pages of `[addr, addr+len)` into this process in one call,
-    /// for reading: cheaper than a fault per page. Holes must be left out (a read allocates
-    /// them, see [`GuestRam::data_runs`]).
-    pub fn populate_read(&self, addr: u64, len: u64) {
-        if self.check(addr, len).is_err() {
-            return;
-        }
-        // SAFETY: the range lies inside our mapping (checked); populating changes no content.
-        unsafe {
-            libc::madvise(
-                self.host_base().add(addr as usize) as *mut libc::c_void,
-                len as usize,
-                libc::MADV_POPULATE_READ,
-            )
-        };
     }
 
     /// The pages of `[first, end)` that hold data in the memfd (not holes), as runs.
@@ -236,7 +230,7 @@ mod tests {
         }
         assert_eq!(ram.data_runs(0, 1024), vec![(3, 4), (5, 7), (1023, 1024)]);
         assert_eq!(ram.data_runs(6, 1000), vec![(6, 7)]);
-        ram.populate_read(5 * PAGE_SIZE, 2 * PAGE_SIZE);
+        ram.populate_read(5 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
         assert_eq!(
             ram.data_runs(0, 1024).len(),
             3,

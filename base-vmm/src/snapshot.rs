@@ -423,7 +423,7 @@ impl Filler<'_> {
                 .collect()
         });
         for &(a, b) in data.iter().flatten() {
-            self.ram.populate_read(a * PAGE_SIZE, (b - a) * PAGE_SIZE);
+            let _ = self.ram.populate_read(a * PAGE_SIZE, (b - a) * PAGE_SIZE);
         }
         let in_data = |gp: u64| {
             data.as_ref()
@@ -814,61 +814,6 @@ pub struct ParsedState {
     encrypted: bool,
 }
 
-/// A state file's fixed header.
-struct Header {
-    flags: u32,
-    crc: u32,
-    key_id: [u8; 8],
-    salt: [u8; 12],
-}
-
-/// Checks the header at the start of a state file of `file_len` bytes (`head`: at least its
-/// first `HEADER_LEN` bytes, or the whole file when shorter).
-fn parse_header(head: &[u8], file_len: u64, path: &Path) -> Result<Header, SnapshotError> {
-    let bad = |why: String| invalid(path, why);
-    if head.len() < 12 {
-        return Err(bad(format!("truncated: {} bytes", head.len())));
-    }
-    if &head[0..8] != STATE_MAGIC {
-        return Err(bad("not a spanvmm snapshot state file (bad magic)".into()));
-    }
-    let version = u32::from_le_bytes(head[8..12].try_into().unwrap_or([0; 4]));
-    if version != SNAPSHOT_VERSION {
-        let hint = if version == 1 {
-            " (a single-image snapshot of an older spanvmm; restore it with that version)"
-        } else {
-            ""
-        };
-        return Err(bad(format!(
-            "format version {version}, this spanvmm reads version {SNAPSHOT_VERSION}{hint}"
-        )));
-    }
-    if head.len() < HEADER_LEN {
-        return Err(bad(format!(
-            "truncated: {} bytes, the header alone is {HEADER_LEN}",
-            head.len()
-        )));
-    }
-    let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap_or([0; 4]));
-    let flags = u32_at(12);
-    let len = u64::from_le_bytes(head[16..24].try_into().unwrap_or([0; 8]));
-    if flags & !FLAG_ENCRYPTED != 0 {
-        return Err(bad(format!("unknown flags {flags:#x}")));
-    }
-    let body = file_len - HEADER_LEN as u64;
-    if len > MAX_PAYLOAD || body != len {
-        return Err(bad(format!(
-            "truncated or padded: header says {len} payload bytes, file has {body}"
-        )));
-    }
-    Ok(Header {
-        flags,
-        crc: u32_at(24),
-        key_id: head[28..36].try_into().unwrap_or([0; 8]),
-        salt: head[36..48].try_into().unwrap_or([0; 12]),
-    })
-}
-
 /// Parses and checks a state file's bytes (`path` names it in errors). Everything is checked
 /// before it is used: a truncated, corrupted, foreign, wrong-version, wrong-key or tampered
 /// file is refused, and an index that does not fit the machine is too.
@@ -889,14 +834,45 @@ fn parse_state_with(
     key: Option<&SnapshotKey>,
 ) -> Result<ParsedState, SnapshotError> {
     let bad = |why: String| invalid(path, why);
-    let Header {
-        flags,
-        crc,
-        key_id,
-        salt,
-        ..
-    } = parse_header(bytes, bytes.len() as u64, path)?;
+    if bytes.len() < 12 {
+        return Err(bad(format!("truncated: {} bytes", bytes.len())));
+    }
+    if &bytes[0..8] != STATE_MAGIC {
+        return Err(bad("not a spanvmm snapshot state file (bad magic)".into()));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or([0; 4]));
+    if version != SNAPSHOT_VERSION {
+        let hint = if version == 1 {
+            " (a single-image snapshot of an older spanvmm; restore it with that version)"
+        } else {
+            ""
+        };
+        return Err(bad(format!(
+            "format version {version}, this spanvmm reads version {SNAPSHOT_VERSION}{hint}"
+        )));
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(bad(format!(
+            "truncated: {} bytes, the header alone is {HEADER_LEN}",
+            bytes.len()
+        )));
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
+    let flags = u32_at(12);
+    let len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or([0; 8]));
+    let crc = u32_at(24);
+    let key_id: [u8; 8] = bytes[28..36].try_into().unwrap_or([0; 8]);
+    let salt: [u8; 12] = bytes[36..48].try_into().unwrap_or([0; 12]);
+    if flags & !FLAG_ENCRYPTED != 0 {
+        return Err(bad(format!("unknown flags {flags:#x}")));
+    }
     let body = &bytes[HEADER_LEN..];
+    if len > MAX_PAYLOAD || body.len() as u64 != len {
+        return Err(bad(format!(
+            "truncated or padded: header says {len} payload bytes, file has {}",
+            body.len()
+        )));
+    }
     if body_crc.unwrap_or_else(|| crc32fast::hash(body)) != crc {
         return Err(bad("checksum mismatch: the file is corrupted".into()));
     }
@@ -958,21 +934,6 @@ fn parse_payload(
     let json = payload
         .get(4..4usize.saturating_add(jlen))
         .ok_or_else(|| bad(format!("manifest length {jlen} runs past the payload")))?;
-    let manifest = parse_manifest(json, path)?;
-    let pages = manifest.vm.machine.mem_bytes / PAGE_SIZE;
-    let runs = parse_runs(payload, 4 + jlen, pages, path)?;
-    Ok(ParsedState {
-        manifest,
-        runs,
-        decrypted: None,
-        salt,
-        encrypted,
-    })
-}
-
-/// Parses a layer's manifest and checks that it describes a machine that can exist.
-fn parse_manifest(json: &[u8], path: &Path) -> Result<LayerManifest, SnapshotError> {
-    let bad = |why: String| invalid(path, why);
     let manifest: LayerManifest =
         serde_json::from_slice(json).map_err(|e| bad(format!("manifest does not parse: {e}")))?;
     let m = &manifest.vm.machine;
@@ -986,19 +947,8 @@ fn parse_manifest(json: &[u8], path: &Path) -> Result<LayerManifest, SnapshotErr
     if m.mem_bytes == 0 || !m.mem_bytes.is_multiple_of(2 << 20) || m.mem_bytes > 1 << 40 {
         return Err(bad(format!("memory size {} is invalid", m.mem_bytes)));
     }
-    Ok(manifest)
-}
-
-/// Parses the index of a payload from offset `from`: run headers, each data run followed by
-/// its pages' checks. Runs must be in order, not overlap and fit a guest of `pages` pages.
-fn parse_runs(
-    payload: &[u8],
-    from: usize,
-    pages: u64,
-    path: &Path,
-) -> Result<Vec<Run>, SnapshotError> {
-    let bad = |why: String| invalid(path, why);
-    let mut rest = &payload[from..];
+    let pages = m.mem_bytes / PAGE_SIZE;
+    let mut rest = &payload[4 + jlen..];
     let mut runs = Vec::new();
     let mut next = 0u64;
     while !rest.is_empty() {
@@ -1038,7 +988,13 @@ fn parse_runs(
         });
         next = start + count;
     }
-    Ok(runs)
+    Ok(ParsedState {
+        manifest,
+        runs,
+        decrypted: None,
+        salt,
+        encrypted,
+    })
 }
 
 /// A state file's bytes, read into memory populated in one call (a restore waits for them,
@@ -1244,7 +1200,7 @@ impl Layer {
     fn check_page(&self, page: u64, want: &[u8], round: u32, buf: &mut [u8]) -> Result<(), String> {
         let want: [u8; 16] = want
             .try_into()
-            .expect("parse_runs checked that every check lies inside the payload");
+            .expect("parse_payload checked that every check lies inside the payload");
         match &self.key {
             None => {
                 if page_check(buf) != want {
@@ -1322,8 +1278,8 @@ impl RestoreBuffers {
 pub struct Chain {
     /// Layers, base first.
     pub layers: Vec<Layer>,
-    /// Where each page comes from; `None` for a single layer opened for a lazy restore (its
-    /// runs say it: see [`Chain::source`]).
+    /// Where each page comes from; `None` for a single layer (its runs say it: see
+    /// [`Chain::source`]).
     tables: Option<Tables>,
     /// Prepared tables a single layer did not need. Kept, not dropped: unmapping MiBs of
     /// populated memory takes the address space's lock for a millisecond or more, which the
@@ -1360,21 +1316,12 @@ impl Chain {
         key: Option<&SnapshotKey>,
         bufs: Option<RestoreBuffers>,
     ) -> Result<Self, SnapshotError> {
-        Self::open_chain(dir, key, bufs, false)
-    }
-
-    /// [`Chain::open_with`] for a lazy restore: a single layer (a full snapshot without
-    /// secret regions) needs no per-page tables, its runs say where each page is (filling
-    /// the tables took 0.3 ms a GiB on the restore's path); a chain is opened as usual.
-    pub fn open_for_lazy(
-        dir: &Path,
-        key: Option<&SnapshotKey>,
-        bufs: Option<RestoreBuffers>,
-    ) -> Result<Self, SnapshotError> {
         Self::open_chain(dir, key, bufs, true)
     }
 
-    /// `runs_for_one`: a single layer goes without tables.
+    /// `runs_for_one`: a single layer (a full snapshot without secret regions) goes without
+    /// per-page tables, its runs say where each page is (filling the tables took 0.3 ms a GiB
+    /// on a restore's path).
     fn open_chain(
         dir: &Path,
         key: Option<&SnapshotKey>,
@@ -2034,9 +1981,9 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
-    /// A single layer opened for a lazy restore finds its pages through its runs (no per-page
-    /// tables) and gives the same pages; a damaged state file is still refused up front, and
-    /// an incremental layer is opened with the tables.
+    /// A single layer finds its pages through its runs (no per-page tables) and gives the same
+    /// pages as through tables; a damaged state file is still refused up front, and an
+    /// incremental layer is opened with the tables.
     #[test]
     fn a_single_layer_is_read_through_its_runs() {
         let root = tmp("runs");
@@ -2046,8 +1993,8 @@ mod tests {
         }
         let dir = root.join("x");
         full_layer(&ram, &dir, LayerOptions::default());
-        let tables = Chain::open(&dir, None).unwrap();
-        let runs = Chain::open_for_lazy(&dir, None, Some(RestoreBuffers::new(ram.size()))).unwrap();
+        let tables = Chain::open_chain(&dir, None, None, false).unwrap();
+        let runs = Chain::open_with(&dir, None, Some(RestoreBuffers::new(ram.size()))).unwrap();
         assert!(tables.tables.is_some() && runs.tables.is_none());
         assert_eq!(tables.data_extents(), runs.data_extents());
         assert_eq!(runs.data_pages(), 5);
@@ -2066,10 +2013,7 @@ mod tests {
         let n = bad.len();
         bad[n - 3] ^= 0x40;
         std::fs::write(&state, &bad).unwrap();
-        let e = Chain::open_for_lazy(&dir, None, None)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = Chain::open(&dir, None).err().unwrap().to_string();
         assert!(e.contains("checksum mismatch"), "{e}");
         std::fs::write(&state, &good).unwrap();
 
@@ -2088,7 +2032,7 @@ mod tests {
         dirty[0] = 1 << 9;
         w.write_pages(Some(&dirty)).unwrap();
         w.finish(test_vm_state(4 << 20)).unwrap();
-        let chain = Chain::open_for_lazy(&child, None, None).unwrap();
+        let chain = Chain::open(&child, None).unwrap();
         assert!(chain.tables.is_some() && chain.layers.len() == 2);
         let mut page = vec![0u8; 4096];
         chain.read_pages(9, 1, &mut page, true).unwrap();

@@ -338,13 +338,8 @@ fn open_snapshot(
     dir: &Path,
     key: Option<&SnapshotKey>,
     bufs: Option<RestoreBuffers>,
-    lazy: bool,
 ) -> Result<(Chain, VmState), VmmError> {
-    let chain = if lazy {
-        Chain::open_for_lazy(dir, key, bufs)?
-    } else {
-        Chain::open_with(dir, key, bufs)?
-    };
+    let chain = Chain::open_with(dir, key, bufs)?;
     // A copy, so that the chain can move on to the loader.
     let state = chain.vm_state().clone();
     Ok((chain, state))
@@ -397,15 +392,14 @@ fn first_touches(state: &VmState) -> Vec<FirstTouch> {
                 Paging::Off => (s.cs.base + r.rip, s.ss.base + r.rsp),
                 Paging::Long4 => (r.rip, r.rsp),
             };
-            // Then whatever the general registers hold that is mapped: pointers in registers
-            // are likely dereferenced next (the rest fails the walk at once).
-            let gprs = [
-                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12,
-                r.r13, r.r14, r.r15,
-            ];
             let mut addrs = vec![ip, sp, s.gdt.base, s.idt.base, s.tr.base];
             if paging == Paging::Long4 {
-                addrs.extend(gprs);
+                // Then whatever the general registers hold that is mapped: pointers in
+                // registers are likely dereferenced next (the rest fails the walk at once).
+                addrs.extend([
+                    r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11,
+                    r.r12, r.r13, r.r14, r.r15,
+                ]);
             }
             Some(FirstTouch {
                 paging,
@@ -446,7 +440,7 @@ impl StandbyVm {
     /// the chain's checks, is refused before guest memory is touched.
     pub fn adopt(mut self, dir: &Path, how: RestoreHow) -> Result<Vmm, AdoptError> {
         let started = std::time::Instant::now();
-        let (chain, state) = match open_snapshot(dir, how.key, self.buffers.take(), how.lazy) {
+        let (chain, state) = match open_snapshot(dir, how.key, self.buffers.take()) {
             Ok(cs) => cs,
             Err(error) => {
                 return Err(AdoptError {
@@ -485,10 +479,7 @@ impl StandbyVm {
             registered.as_micros(),
             started.elapsed().as_micros()
         ));
-        vmm.lazy = loader.map(|mut l| {
-            l.begin_background();
-            l
-        });
+        vmm.feed_from(loader);
         Ok(vmm)
     }
 }
@@ -620,7 +611,7 @@ impl Vmm {
     /// is loaded: pages come in (checked) on first touch while a background thread copies the
     /// rest (see [`crate::lazy`]).
     pub fn restore(dir: &Path, how: RestoreHow) -> Result<Self, VmmError> {
-        let (chain, state) = open_snapshot(dir, how.key, None, how.lazy)?;
+        let (chain, state) = open_snapshot(dir, how.key, None)?;
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
         let loader = load_memory(&ram, chain, how.lazy, dir, &state)?;
         let mut vmm = Vmm::prepare(ram, &state.machine)?.finish(
@@ -629,10 +620,7 @@ impl Vmm {
             how.events,
             how.start_paused,
         )?;
-        vmm.lazy = loader.map(|mut l| {
-            l.begin_background();
-            l
-        });
+        vmm.feed_from(loader);
         Ok(vmm)
     }
 
@@ -701,6 +689,15 @@ impl Vmm {
             vcpus,
             machine: machine.clone(),
         })
+    }
+
+    /// Keeps the lazy restore feeding guest memory (if any) and starts its background copy:
+    /// the vCPUs exist now (started earlier, its copies slowed restoring their registers).
+    fn feed_from(&mut self, loader: Option<LazyLoader>) {
+        self.lazy = loader.map(|mut l| {
+            l.begin_background();
+            l
+        });
     }
 
     fn assemble(
