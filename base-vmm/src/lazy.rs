@@ -1,10 +1,11 @@
 //! Lazy memory: guest RAM filled from a memory image on first touch (userfaultfd) while a
 //! background thread copies the rest, so a restored VM runs before its memory is loaded.
 //!
-//! Faults come first: a thread of their own serves each as it comes (the faulting page, then,
-//! while no other fault waits, its small aligned neighbourhood). Before the vCPUs start, that
-//! thread brings in the pages their saved registers point at (instruction, stack, descriptor
-//! tables, and the page tables on the way). The background copy starts only once the vCPUs
+//! Faults come first: a thread of their own serves each as it comes, with the aligned 64 KiB
+//! group around the faulting page (a plain snapshot checks a group as one, so it is read
+//! whole anyway, and the guest likely touches the neighbours next). Before the vCPUs start,
+//! that thread brings in the groups their saved registers point at (instruction, stack,
+//! descriptor tables, and the page tables on the way). The background copy starts only once the vCPUs
 //! run, at the lowest priority. Only the snapshot's data pages are copied in the background;
 //! the rest is left alone, and once every data page is in, the loader unregisters so
 //! untouched pages become ordinary zero pages at no cost.
@@ -13,7 +14,6 @@
 //! check cannot be replaced: the loader then stops the process rather than let the guest run
 //! on memory that is not its own.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
-use crate::snapshot::Chain;
+use crate::snapshot::{Chain, GROUP_PAGES};
 use crate::uffd::{UffdError, Userfault};
 
 /// Pages copied per background step (256 KiB).
@@ -31,8 +31,6 @@ const CHUNK_PAGES: u64 = 64;
 const QUIET: Duration = Duration::from_millis(3);
 /// ...or after this long at most.
 const START_WAIT_MAX: Duration = Duration::from_millis(20);
-/// Pages copied around a faulting page (its aligned 64 KiB block).
-const FAULT_PAGES: u64 = 16;
 
 /// Lazy-load errors.
 #[derive(Debug, thiserror::Error)]
@@ -164,8 +162,8 @@ impl LazyLoader {
                     let faults = std::thread::Builder::new()
                         .name("lazy-fault".into())
                         .spawn_scoped(scope, || {
-                            let blocks = fill.prefetch(&first)?;
-                            fill.serve_faults(&stop, blocks)
+                            fill.prefetch(&first)?;
+                            fill.serve_faults(&stop)
                         });
                     // The background copy is the least urgent work in the process: the vCPUs
                     // and the fault thread come first. Failure only costs start-up speed.
@@ -321,21 +319,37 @@ impl Fill<'_> {
         Ok(())
     }
 
-    /// Serves faults as they come until `stop`: the faulting page alone (the vCPU waits only
-    /// for it), and, while no other fault waits, the rest of its aligned block (what the
-    /// guest likely touches next); `blocks` are filled likewise.
-    fn serve_faults(&self, stop: &AtomicBool, mut blocks: VecDeque<u64>) -> Result<(), LazyError> {
-        let mut buf = vec![0u8; (FAULT_PAGES * PAGE_SIZE) as usize];
+    /// Brings in the pages of the aligned group around `p` that are not in yet, and returns
+    /// the group's first page and bytes (read and checked into `buf`).
+    fn fill_group<'b>(&self, p: u64, buf: &'b mut [u8]) -> Result<(u64, &'b [u8]), LazyError> {
+        let first = p - p % GROUP_PAGES;
+        let end = (first + GROUP_PAGES).min(self.pages);
+        let buf = &mut buf[..((end - first) * PAGE_SIZE) as usize];
+        self.chain
+            .read_pages(first, end - first, buf, true)
+            .map_err(LazyError::Check)?;
+        let at = |q: u64| ((q - first) * PAGE_SIZE) as usize;
+        let mut q = first;
+        while q < end {
+            if self.is_filled(q) {
+                q += 1;
+                continue;
+            }
+            let mut r = q;
+            while r < end && !self.is_filled(r) {
+                r += 1;
+            }
+            self.place(q, &buf[at(q)..at(r)])?;
+            q = r;
+        }
+        Ok((first, buf))
+    }
+
+    /// Serves faults as they come until `stop`, each with its page's group.
+    fn serve_faults(&self, stop: &AtomicBool) -> Result<(), LazyError> {
+        let mut buf = vec![0u8; (GROUP_PAGES * PAGE_SIZE) as usize];
         while !stop.load(Ordering::Acquire) {
-            let wait = if blocks.is_empty() {
-                Duration::from_millis(10)
-            } else {
-                Duration::ZERO
-            };
-            let Some(gpa) = self.uffd.wait_fault(wait)? else {
-                if let Some(first) = blocks.pop_front() {
-                    self.fill(first, (first + FAULT_PAGES).min(self.pages), &mut buf)?;
-                }
+            let Some(gpa) = self.uffd.wait_fault(Duration::from_millis(10))? else {
                 continue;
             };
             let page = gpa / PAGE_SIZE;
@@ -345,7 +359,7 @@ impl Fill<'_> {
                 self.uffd.wake(page * PAGE_SIZE, PAGE_SIZE)?;
                 continue;
             }
-            self.fill(page, page + 1, &mut buf)?;
+            self.fill_group(page, &mut buf)?;
             if n < 16 {
                 let took = self.started.elapsed() - t;
                 trace(format_args!(
@@ -354,43 +368,34 @@ impl Fill<'_> {
                     took.as_micros()
                 ));
             }
-            let first = page - page % FAULT_PAGES;
-            if blocks.len() < 64 && !blocks.contains(&first) {
-                blocks.push_back(first);
+        }
+        Ok(())
+    }
+
+    /// Brings in, before any fault asks, the groups of the pages each vCPU touches first: the
+    /// page tables on the way to, and the pages of, its instruction, stack and descriptor
+    /// tables. On restore these were 3-5 faults in a row, each a round trip through the
+    /// fault thread.
+    fn prefetch(&self, first: &[FirstTouch]) -> Result<(), LazyError> {
+        let mut buf = vec![0u8; (GROUP_PAGES * PAGE_SIZE) as usize];
+        for f in first {
+            for &addr in &f.addrs {
+                let gpa = match f.paging {
+                    Paging::Off => Some(addr),
+                    Paging::Long4 => self.walk(f.cr3, addr, &mut buf)?,
+                };
+                if let Some(gpa) = gpa.filter(|&g| g / PAGE_SIZE < self.pages) {
+                    self.fill_group(gpa / PAGE_SIZE, &mut buf)?;
+                }
             }
         }
         Ok(())
     }
 
-    /// Brings in, before any fault asks, the pages each vCPU touches first: the page tables
-    /// on the way to, and the pages of, its instruction, stack and descriptor tables. On
-    /// restore these were 3-5 faults in a row, each a round trip through the fault thread.
-    /// Returns the aligned blocks around them, to fill while no fault waits.
-    fn prefetch(&self, first: &[FirstTouch]) -> Result<VecDeque<u64>, LazyError> {
-        let mut page = vec![0u8; PAGE_SIZE as usize];
-        let mut blocks = VecDeque::new();
-        for f in first {
-            for &addr in &f.addrs {
-                let gpa = match f.paging {
-                    Paging::Off => Some(addr),
-                    Paging::Long4 => self.walk(f.cr3, addr, &mut page)?,
-                };
-                if let Some(gpa) = gpa.filter(|&g| g / PAGE_SIZE < self.pages) {
-                    let p = gpa / PAGE_SIZE;
-                    self.fill(p, p + 1, &mut page)?;
-                    let block = p - p % FAULT_PAGES;
-                    if !blocks.contains(&block) {
-                        blocks.push_back(block);
-                    }
-                }
-            }
-        }
-        Ok(blocks)
-    }
-
-    /// Translates `va` through the 4-level page tables at `cr3`, bringing each table page
-    /// in; `None` when it is not mapped (the vCPU will fault in the guest, not here).
-    fn walk(&self, cr3: u64, va: u64, page: &mut [u8]) -> Result<Option<u64>, LazyError> {
+    /// Translates `va` through the 4-level page tables at `cr3`, bringing each table's group
+    /// in (`buf` holds a group); `None` when it is not mapped (the vCPU will fault in the
+    /// guest, not here).
+    fn walk(&self, cr3: u64, va: u64, buf: &mut [u8]) -> Result<Option<u64>, LazyError> {
         const FRAME: u64 = 0x000f_ffff_ffff_f000;
         let mut table = cr3 & FRAME;
         for level in (1..=4u32).rev() {
@@ -398,12 +403,8 @@ impl Fill<'_> {
             if tp >= self.pages {
                 return Ok(None);
             }
-            self.chain
-                .read_pages(tp, 1, page, true)
-                .map_err(LazyError::Check)?;
-            if !self.is_filled(tp) {
-                self.place(tp, page)?;
-            }
+            let (first, group) = self.fill_group(tp, buf)?;
+            let page = &group[((tp - first) * PAGE_SIZE) as usize..][..PAGE_SIZE as usize];
             let shift = 12 + 9 * (level - 1);
             let at = (((va >> shift) & 511) * 8) as usize;
             let entry = u64::from_le_bytes(page[at..at + 8].try_into().unwrap_or([0; 8]));
@@ -522,8 +523,8 @@ mod tests {
             },
         ];
         let mut loader = LazyLoader::start(&ram, Chain::open(&dir, None).unwrap(), first).unwrap();
-        // The background copy has not begun: only the prefetch copies pages, the 7 pointed at
-        // (tables included), then the rest of their aligned blocks: 0-15, 96-111, 0x200-0x20f.
+        // The background copy has not begun: only the prefetch copies pages, the groups of the
+        // 7 pointed at (tables included): 0-15, 96-111, 0x200-0x20f.
         let t = Instant::now();
         while loader.progress().pages_copied < 48 && t.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(1));

@@ -377,13 +377,38 @@ pub fn ctl(api: &Path, args: &[&str]) -> (bool, String) {
 
 /// Runs spanvmm with `args` to completion; returns (exit code, stderr).
 pub fn run_to_end(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(spanvmm())
+    let mut child = Command::new(spanvmm())
         .args(args)
         .stdout(Stdio::null())
-        .output()
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run spanvmm");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    // A command expected to end that runs on (a VM that should have been refused) fails the
+    // test instead of hanging it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for spanvmm") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = reader.join().unwrap_or_default();
+    match status {
+        Some(s) => (s.code(), err),
+        None => (
+            None,
+            format!("spanvmm {args:?} was still running after 60 s\n{err}"),
+        ),
+    }
 }
