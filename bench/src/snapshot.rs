@@ -210,15 +210,21 @@ fn dir_bytes(dir: &Path) -> u64 {
 struct Case {
     memory_mib: u64,
     workload: String,
+    /// The disk's own rate (dd) measured just before this case's saves, MB/s.
+    disk_write_mb_s: f64,
+    /// Median of the saves.
     spanvmm_save_ms: f64,
+    spanvmm_save_runs_ms: Vec<f64>,
     spanvmm_bytes: u64,
     spanvmm_write_mb_s: f64,
+    spanvmm_write_fraction_of_disk: f64,
     spanvmm_restore_to_progress_ms: f64,
     spanvmm_lazy_restore_to_progress_ms: f64,
     /// Lazy restore into a standby VMM (`run --standby`): from `PUT /snapshot/load` to the
     /// guest's first progress, median and best of several runs.
     spanvmm_standby_lazy_load_to_progress_ms: f64,
     spanvmm_standby_lazy_load_to_progress_best_ms: f64,
+    spanvmm_standby_lazy_load_to_progress_runs_ms: Vec<f64>,
     spanvmm_live_total_ms: f64,
     spanvmm_live_pause_ms: f64,
     spanvmm_live_rounds: u64,
@@ -233,29 +239,54 @@ struct Case {
     qemu_restore_to_progress_ms: f64,
 }
 
+/// Stop-the-world saves per case: this virtual disk's rate swings between runs, so one save
+/// is a poor sample.
+const SAVE_RUNS: usize = 3;
+
+/// What one spanvmm case measured.
+struct SpanvmmRuns {
+    /// The disk's rate (dd) just before the saves, MB/s.
+    disk_mb_s: f64,
+    save_ms: Vec<f64>,
+    bytes: u64,
+    restore_ms: f64,
+    lazy_ms: f64,
+    /// The guest's stall across the first save, µs.
+    stall_us: u64,
+    standby_ms: Vec<f64>,
+}
+
 fn spanvmm_case(
     bin: &Path,
     elf: &Path,
     mem: u64,
     workload: &str,
     dir: &Path,
-) -> anyhow::Result<(f64, u64, f64, f64, u64, Vec<f64>)> {
+) -> anyhow::Result<SpanvmmRuns> {
     let vm = spawn_vm(bin, elf, &cmdline(mem, workload), mem, "snap")?;
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = std::fs::remove_dir_all(dir);
-    let from = vm.mark();
-    let (r, _) = vm.api_ok("PUT", "/vm/save", Some(json!({"dir": dir})))?;
-    let save_ms = r["ms"].as_f64().context("save ms")?;
-    // The pause's own line comes once the guest runs again; with stall_us=1000 the host's
-    // noise prints small ones too, so the largest line around the save is the pause's.
-    let _ = vm.wait_lines("SPANGUEST stall", 1, from, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(300));
-    let stall = vm.lines.lock().unwrap()[from..]
-        .iter()
-        .filter(|l| l.contains("SPANGUEST stall"))
-        .filter_map(|l| field(l, "us"))
-        .max()
-        .unwrap_or(0);
+    let disk_mb_s = disk_rate(dir.parent().unwrap_or(dir))?;
+    let mut save_ms = Vec::new();
+    let mut stall = 0;
+    for run in 0..SAVE_RUNS {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = std::fs::remove_dir_all(dir);
+        let from = vm.mark();
+        let (r, _) = vm.api_ok("PUT", "/vm/save", Some(json!({"dir": dir})))?;
+        save_ms.push(r["ms"].as_f64().context("save ms")?);
+        if run == 0 {
+            // The pause's own line comes once the guest runs again; with stall_us=1000 the
+            // host's noise prints small ones too, so the largest line around the save is the
+            // pause's.
+            let _ = vm.wait_lines("SPANGUEST stall", 1, from, Duration::from_secs(30));
+            std::thread::sleep(Duration::from_millis(300));
+            stall = vm.lines.lock().unwrap()[from..]
+                .iter()
+                .filter(|l| l.contains("SPANGUEST stall"))
+                .filter_map(|l| field(l, "us"))
+                .max()
+                .unwrap_or(0);
+        }
+    }
     drop(vm);
     let bytes = dir_bytes(dir);
     let mut restore = [0.0f64; 2];
@@ -276,7 +307,15 @@ fn spanvmm_case(
     for run in 0..STANDBY_RUNS {
         standby.push(standby_case(bin, mem, dir, run == 0)?);
     }
-    Ok((save_ms, bytes, restore[0], restore[1], stall, standby))
+    Ok(SpanvmmRuns {
+        disk_mb_s,
+        save_ms,
+        bytes,
+        restore_ms: restore[0],
+        lazy_ms: restore[1],
+        stall_us: stall,
+        standby_ms: standby,
+    })
 }
 
 /// Lazy restores into a standby VMM measured from the load request.
@@ -386,7 +425,8 @@ struct Report {
     snapshot_dir: PathBuf,
     disk_write_mb_s: f64,
     cases: Vec<Case>,
-    best_spanvmm_write_fraction_of_disk: f64,
+    /// The lowest of the cases' save rates as a fraction of the disk's rate just before.
+    worst_spanvmm_write_fraction_of_disk: f64,
     lazy_restore_goal: &'static str,
     restore_comparison: &'static str,
 }
@@ -399,10 +439,16 @@ pub fn run(bin: &Path, elf: &Path, plugin: &Path, sizes: &[u64], out: &Path) -> 
     let mut cases = Vec::new();
     for &mem in sizes {
         for workload in ["idle", "dirty"] {
-            let (save_ms, bytes, restore, lazy, stw_stall, mut standby) =
-                spanvmm_case(bin, elf, mem, workload, &dir.join("span"))?;
-            let standby_best = standby.iter().copied().fold(f64::INFINITY, f64::min);
-            let standby_median = crate::harness::median(&mut standby);
+            let span = spanvmm_case(bin, elf, mem, workload, &dir.join("span"))?;
+            let (bytes, restore, lazy, stw_stall) =
+                (span.bytes, span.restore_ms, span.lazy_ms, span.stall_us);
+            let standby_best = span
+                .standby_ms
+                .iter()
+                .copied()
+                .fold(f64::INFINITY, f64::min);
+            let standby_median = crate::harness::median(&mut span.standby_ms.clone());
+            let save_ms = crate::harness::median(&mut span.save_ms.clone());
             let (live_ms, live_pause, live_rounds, live_stall) =
                 live_case(bin, elf, plugin, mem, workload, &dir.join("live"))?;
             let (evict_plain, evict_periodic) = if workload == "dirty" {
@@ -418,21 +464,29 @@ pub fn run(bin: &Path, elf: &Path, plugin: &Path, sizes: &[u64], out: &Path) -> 
             );
             let (q_save, q_bytes, q_restore) = qemu_case(elf, mem, workload, &dir.join("qemu"))?;
             let rate = bytes as f64 / 1e6 / (save_ms / 1e3);
+            let of_disk = rate / span.disk_mb_s;
             eprintln!(
-                "{mem:>5} MiB {workload:>5}: spanvmm save {save_ms:.0} ms {} MiB ({rate:.0} MB/s), restore→progress {restore:.1} ms, lazy {lazy:.1} ms, standby lazy load {standby_median:.1} ms (best {standby_best:.1}) | QEMU save {q_save} ms {} MiB, restore→progress {q_restore:.0} ms",
+                "{mem:>5} MiB {workload:>5}: spanvmm save {save_ms:.0} ms {} MiB ({rate:.0} MB/s, {:.0} % of dd's {:.0} just before; saves {:.0?} ms), restore→progress {restore:.1} ms, lazy {lazy:.1} ms, standby lazy load {standby_median:.1} ms (best {standby_best:.1}) | QEMU save {q_save} ms {} MiB, restore→progress {q_restore:.0} ms",
                 bytes >> 20,
+                of_disk * 100.0,
+                span.disk_mb_s,
+                span.save_ms,
                 q_bytes >> 20
             );
             cases.push(Case {
                 memory_mib: mem,
                 workload: workload.into(),
+                disk_write_mb_s: span.disk_mb_s,
                 spanvmm_save_ms: save_ms,
+                spanvmm_save_runs_ms: span.save_ms,
                 spanvmm_bytes: bytes,
                 spanvmm_write_mb_s: rate,
+                spanvmm_write_fraction_of_disk: of_disk,
                 spanvmm_restore_to_progress_ms: restore,
                 spanvmm_lazy_restore_to_progress_ms: lazy,
                 spanvmm_standby_lazy_load_to_progress_ms: standby_median,
                 spanvmm_standby_lazy_load_to_progress_best_ms: standby_best,
+                spanvmm_standby_lazy_load_to_progress_runs_ms: span.standby_ms,
                 spanvmm_live_total_ms: live_ms,
                 spanvmm_live_pause_ms: live_pause,
                 spanvmm_live_rounds: live_rounds,
@@ -449,11 +503,10 @@ pub fn run(bin: &Path, elf: &Path, plugin: &Path, sizes: &[u64], out: &Path) -> 
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let best = cases
+    let worst = cases
         .iter()
-        .map(|c| c.spanvmm_write_mb_s)
-        .fold(0.0, f64::max)
-        / disk;
+        .map(|c| c.spanvmm_write_fraction_of_disk)
+        .fold(f64::INFINITY, f64::min);
     let report = Report {
         benchmark: "snapshot",
         unix_time: std::time::SystemTime::now()
@@ -462,7 +515,7 @@ pub fn run(bin: &Path, elf: &Path, plugin: &Path, sizes: &[u64], out: &Path) -> 
         snapshot_dir: dir,
         disk_write_mb_s: disk,
         cases,
-        best_spanvmm_write_fraction_of_disk: best,
+        worst_spanvmm_write_fraction_of_disk: worst,
         lazy_restore_goal: "time to first guest progress < 5 ms (from process start; standby: from the load request)",
         restore_comparison: "both VMMs restore from the page cache (images read once before)",
     };
