@@ -225,6 +225,11 @@ struct Case {
     spanvmm_standby_lazy_load_to_progress_ms: f64,
     spanvmm_standby_lazy_load_to_progress_best_ms: f64,
     spanvmm_standby_lazy_load_to_progress_runs_ms: Vec<f64>,
+    /// The same loads to the guest's first loop iteration (the TSC its `stall` line reports),
+    /// without the console's time: median and every run (runs whose stamp did not fit the
+    /// host's TSC are left out; none when no stamp fit).
+    spanvmm_standby_lazy_load_to_first_iteration_ms: Option<f64>,
+    spanvmm_standby_lazy_load_to_first_iteration_runs_ms: Vec<f64>,
     spanvmm_live_total_ms: f64,
     spanvmm_live_pause_ms: f64,
     spanvmm_live_rounds: u64,
@@ -254,6 +259,8 @@ struct SpanvmmRuns {
     /// The guest's stall across the first save, µs.
     stall_us: u64,
     standby_ms: Vec<f64>,
+    /// To the guest's first loop iteration (its TSC stamp), where the stamp fit.
+    standby_iteration_ms: Vec<f64>,
 }
 
 fn spanvmm_case(
@@ -303,9 +310,12 @@ fn spanvmm_case(
         restore[i] = first_progress(&vm.lines, t0, Duration::from_secs(120))?;
         verify(&vm)?;
     }
-    let mut standby = Vec::new();
+    let (mut standby, mut iteration) = (Vec::new(), Vec::new());
+    let per_ms = tsc_per_ms();
     for run in 0..STANDBY_RUNS {
-        standby.push(standby_case(bin, mem, dir, run == 0)?);
+        let (line, first) = standby_case(bin, mem, dir, run == 0, per_ms)?;
+        standby.push(line);
+        iteration.extend(first);
     }
     Ok(SpanvmmRuns {
         disk_mb_s,
@@ -315,15 +325,39 @@ fn spanvmm_case(
         lazy_ms: restore[1],
         stall_us: stall,
         standby_ms: standby,
+        standby_iteration_ms: iteration,
     })
 }
 
 /// Lazy restores into a standby VMM measured from the load request.
 const STANDBY_RUNS: usize = 9;
 
-/// One lazy restore of `dir` into a fresh `run --standby` VMM: ms from `PUT /snapshot/load`
-/// to the guest's first progress (the first run also verifies the guest's memory).
-fn standby_case(bin: &Path, mem: u64, dir: &Path, check: bool) -> anyhow::Result<f64> {
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects; every x86-64 CPU has it.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// The host's TSC ticks per ms.
+fn tsc_per_ms() -> f64 {
+    let (t, c) = (Instant::now(), rdtsc());
+    std::thread::sleep(Duration::from_millis(100));
+    (rdtsc() - c) as f64 / (t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// One lazy restore of `dir` into a fresh `run --standby` VMM, from `PUT /snapshot/load`: ms
+/// to the guest's first progress as its `stall` line completes on the console, and ms to the
+/// loop iteration that line reports (its `tsc=`: the guest shares the host's TSC here), which
+/// leaves out the console's own time (a byte is a VM exit: ~1-2 ms for the line, and more when
+/// the snapshot caught the guest in the middle of another line). `None` for the second when
+/// the stamp does not fit (a guest TSC that is not the host's). The first run also verifies
+/// the guest's memory.
+fn standby_case(
+    bin: &Path,
+    mem: u64,
+    dir: &Path,
+    check: bool,
+    tsc_per_ms: f64,
+) -> anyhow::Result<(f64, Option<f64>)> {
     let vm = spawn_run(bin, &["--standby", "--memory", &mem.to_string()], "standby")?;
     let t = Instant::now();
     while vm.api("GET", "/vm", None).is_err() {
@@ -333,17 +367,32 @@ fn standby_case(bin: &Path, mem: u64, dir: &Path, check: bool) -> anyhow::Result
         std::thread::sleep(Duration::from_millis(5));
     }
     warm(dir);
-    let t0 = Instant::now();
+    let (t0, c0) = (Instant::now(), rdtsc());
     vm.api_ok(
         "PUT",
         "/snapshot/load",
         Some(json!({"dir": dir, "lazy": true})),
     )?;
     let ms = first_progress(&vm.lines, t0, Duration::from_secs(120))?;
+    let stamp = vm
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains("SPANGUEST stall"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("tsc=0x"))
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+        });
+    let iteration = stamp
+        .filter(|&t| t > c0)
+        .map(|t| (t - c0) as f64 / tsc_per_ms)
+        .filter(|&m| m <= ms);
     if check {
         verify(&vm)?;
     }
-    Ok(ms)
+    Ok((ms, iteration))
 }
 
 fn qemu_case(elf: &Path, mem: u64, workload: &str, dir: &Path) -> anyhow::Result<(u64, u64, f64)> {
@@ -449,6 +498,8 @@ pub fn run(bin: &Path, elf: &Path, plugin: &Path, sizes: &[u64], out: &Path) -> 
                 .fold(f64::INFINITY, f64::min);
             let standby_median = crate::harness::median(&mut span.standby_ms.clone());
             let save_ms = crate::harness::median(&mut span.save_ms.clone());
+            let iteration_median = (!span.standby_iteration_ms.is_empty())
+                .then(|| crate::harness::median(&mut span.standby_iteration_ms.clone()));
             let (live_ms, live_pause, live_rounds, live_stall) =
                 live_case(bin, elf, plugin, mem, workload, &dir.join("live"))?;
             let (evict_plain, evict_periodic) = if workload == "dirty" {
@@ -466,7 +517,7 @@ pub fn run(bin: &Path, elf: &Path, plugin: &Path, sizes: &[u64], out: &Path) -> 
             let rate = bytes as f64 / 1e6 / (save_ms / 1e3);
             let of_disk = rate / span.disk_mb_s;
             eprintln!(
-                "{mem:>5} MiB {workload:>5}: spanvmm save {save_ms:.0} ms {} MiB ({rate:.0} MB/s, {:.0} % of dd's {:.0} just before; saves {:.0?} ms), restore→progress {restore:.1} ms, lazy {lazy:.1} ms, standby lazy load {standby_median:.1} ms (best {standby_best:.1}) | QEMU save {q_save} ms {} MiB, restore→progress {q_restore:.0} ms",
+                "{mem:>5} MiB {workload:>5}: spanvmm save {save_ms:.0} ms {} MiB ({rate:.0} MB/s, {:.0} % of dd's {:.0} just before; saves {:.0?} ms), restore→progress {restore:.1} ms, lazy {lazy:.1} ms, standby lazy load {standby_median:.1} ms (best {standby_best:.1}; to its first loop iteration {iteration_median:.1?} ms) | QEMU save {q_save} ms {} MiB, restore→progress {q_restore:.0} ms",
                 bytes >> 20,
                 of_disk * 100.0,
                 span.disk_mb_s,
@@ -487,6 +538,8 @@ pub fn run(bin: &Path, elf: &Path, plugin: &Path, sizes: &[u64], out: &Path) -> 
                 spanvmm_standby_lazy_load_to_progress_ms: standby_median,
                 spanvmm_standby_lazy_load_to_progress_best_ms: standby_best,
                 spanvmm_standby_lazy_load_to_progress_runs_ms: span.standby_ms,
+                spanvmm_standby_lazy_load_to_first_iteration_ms: iteration_median,
+                spanvmm_standby_lazy_load_to_first_iteration_runs_ms: span.standby_iteration_ms,
                 spanvmm_live_total_ms: live_ms,
                 spanvmm_live_pause_ms: live_pause,
                 spanvmm_live_rounds: live_rounds,

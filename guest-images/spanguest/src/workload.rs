@@ -33,6 +33,8 @@ pub struct Plan {
 /// One idle step: short enough for ~1 ms stall resolution, long enough that the sleep exits
 /// (one per step) cost little.
 const SLEEP_US: u32 = 1000;
+/// A stall at least this long is stamped with the TSC at which it ended.
+const LONG_STALL_US: u64 = 50_000;
 /// Most time one work chunk (dirty, verify or exits) takes per loop iteration.
 const CHUNK_US: u64 = 200;
 
@@ -325,11 +327,14 @@ impl Worker {
             excused = 0;
             self.max_stall = self.max_stall.max(gap);
             if gap > self.stall_ticks {
-                excused += self.out(
-                    Line::new("stall")
-                        .num("cpu", self.cpu)
-                        .num("us", self.clock.to_us(gap)),
-                );
+                let us = self.clock.to_us(gap);
+                let mut line = Line::new("stall").num("cpu", self.cpu).num("us", us);
+                // A long gap (a pause, restore or migration) also says when it ended: the
+                // host can time the guest's first progress apart from this line's output.
+                if us >= LONG_STALL_US {
+                    line = line.hex("tsc", now);
+                }
+                excused += self.out(line);
             }
             if self.cpu == 0 {
                 if self.deadline.is_some_and(|d| now >= d) {
