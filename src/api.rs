@@ -2,13 +2,14 @@
 //! The server parses and validates; the VMM's main loop executes. See docs/api.yaml.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use base_vmm::devices::pv::GuestCommand;
@@ -21,7 +22,9 @@ const MAX_HEAD: usize = 16 << 10;
 const MAX_BODY: usize = 64 << 10;
 /// Connections served at once; more are answered 503 straight away.
 const MAX_CONNECTIONS: usize = 16;
-/// A client that sends nothing for this long is dropped.
+/// A client has this long to send its whole request (a deadline for the request, not for
+/// each read: a client dribbling a byte at a time must not hold a connection slot forever),
+/// and each write of the answer this long.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An operation the VMM's main loop performs for the API.
@@ -31,8 +34,11 @@ pub enum ApiRequest {
     Status,
     /// `PUT /vm/pause`
     Pause,
-    /// `PUT /vm/resume`
-    Resume,
+    /// `PUT /vm/resume [{"force": true}]`
+    Resume {
+        /// Also run a VM that is in doubt (see `VmControl::set_in_doubt`).
+        force: bool,
+    },
     /// `PUT /vm/shutdown`
     Shutdown,
     /// `PUT /vm/save {"dir": ...}`
@@ -100,6 +106,13 @@ struct SaveBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ResumeBody {
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CommandBody {
     command: String,
 }
@@ -158,7 +171,10 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, (u16, 
     let req = match (path, method) {
         ("/vm", "GET") => ApiRequest::Status,
         ("/vm/pause", _) if put => ApiRequest::Pause,
-        ("/vm/resume", _) if put => ApiRequest::Resume,
+        ("/vm/resume", _) if put => ApiRequest::Resume {
+            force: body.iter().any(|b| !b.is_ascii_whitespace())
+                && parse_body::<ResumeBody>(body)?.force,
+        },
         ("/vm/shutdown", _) if put => ApiRequest::Shutdown,
         ("/vm/save", _) if put => ApiRequest::Save(parse_body::<SaveBody>(body)?.dir),
         ("/guest/command", _) if put => {
@@ -240,21 +256,82 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, (u16, 
     Ok(req)
 }
 
-/// Binds the API socket with mode 0600. A stale socket file (nobody listening) is replaced;
-/// a live one is an error.
+/// Binds the API socket with mode 0600. A stale socket (nobody listening) is replaced; a
+/// live one is refused naming the process that serves it; anything else at the path (a
+/// regular file, a directory) is never removed.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            bail!("API socket {} is in use by a running VMM", path.display());
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("remove stale API socket {}", path.display()))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => bail!(
+            "{} exists and is not a socket: refusing to replace it (choose another \
+             --api-socket path, or remove the file if it is not needed)",
+            path.display()
+        ),
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(live) => {
+                let who = peer_cred(&live)
+                    .map(|c| format!("process {}", c.pid))
+                    .unwrap_or_else(|_| "another process".into());
+                bail!(
+                    "API socket {} is in use by a running VMM ({who}): shut it down \
+                     (`spanvmm ctl --api-socket {} shutdown`) or choose another path",
+                    path.display(),
+                    path.display()
+                );
+            }
+            Err(_) => std::fs::remove_file(path)
+                .with_context(|| format!("remove stale API socket {}", path.display()))?,
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => bail!("API socket path {}: {e}", path.display()),
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("bind API socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", path.display()))?;
     Ok(listener)
+}
+
+/// The peer's credentials (pid, uid, gid) of a connected Unix socket.
+fn peer_cred(s: &UnixStream) -> std::io::Result<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and describe a `ucred`, which is what
+    // SO_PEERCRED fills.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred)
+}
+
+/// Only the socket's owner (this process's user) and root may drive the VMM; the socket's
+/// mode says so too, but a mode can be changed and a descriptor passed on.
+fn peer_allowed(s: &UnixStream) -> Result<(), (u16, String)> {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    match peer_cred(s) {
+        Ok(c) if c.uid == me || c.uid == 0 => Ok(()),
+        Ok(c) => Err((
+            403,
+            format!(
+                "uid {} may not use this VMM's API (it belongs to uid {me})",
+                c.uid
+            ),
+        )),
+        Err(e) => Err((403, format!("cannot tell who is calling: {e}"))),
+    }
 }
 
 /// Serves the API forever on its own thread, handing each request to `deliver` (false: the
@@ -297,11 +374,16 @@ fn handle_connection(
     stream: UnixStream,
     deliver: &impl Fn(ApiCall) -> bool,
 ) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut out = stream.try_clone()?;
     let mut written = None;
-    let result = match read_request(stream) {
+    let request = peer_allowed(&stream).and_then(|()| {
+        read_request(DeadlineReader {
+            stream,
+            deadline: Instant::now() + CLIENT_TIMEOUT,
+        })
+    });
+    let result = match request {
         Ok((method, path, body)) => match route(&method, &path, &body) {
             Ok(req) => {
                 let (tx, rx) = mpsc::channel();
@@ -344,6 +426,8 @@ fn reason(code: u16) -> &'static str {
     match code {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
+        408 => "Request Timeout",
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
@@ -353,8 +437,39 @@ fn reason(code: u16) -> &'static str {
     }
 }
 
-/// Reads one request: (method, path, body), enforcing size limits.
-fn read_request(stream: UnixStream) -> Result<(String, String, Vec<u8>), (u16, String)> {
+/// A socket read against one deadline for the whole request.
+struct DeadlineReader {
+    stream: UnixStream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+/// An I/O error while reading a request: a missed deadline is the client's slowness.
+fn read_error(e: std::io::Error) -> (u16, String) {
+    match e.kind() {
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => (
+            408,
+            format!(
+                "the request was not complete within {} s",
+                CLIENT_TIMEOUT.as_secs()
+            ),
+        ),
+        _ => (400, format!("cannot read request: {e}")),
+    }
+}
+
+/// Reads one request: (method, path, body), enforcing size limits and the deadline.
+fn read_request(stream: DeadlineReader) -> Result<(String, String, Vec<u8>), (u16, String)> {
     let bad = |m: &str| (400, m.to_string());
     let mut reader = BufReader::new(stream);
     let mut head = Vec::new();
@@ -364,7 +479,7 @@ fn read_request(stream: UnixStream) -> Result<(String, String, Vec<u8>), (u16, S
             .by_ref()
             .take((MAX_HEAD - head.len()) as u64 + 1)
             .read_until(b'\n', &mut line)
-            .map_err(|e| bad(&format!("cannot read request: {e}")))?;
+            .map_err(read_error)?;
         if n == 0 {
             return Err(bad("connection closed before the request was complete"));
         }
@@ -404,9 +519,10 @@ fn read_request(stream: UnixStream) -> Result<(String, String, Vec<u8>), (u16, S
         return Err((413, format!("body exceeds {MAX_BODY} bytes")));
     }
     let mut body = vec![0u8; content_length];
-    reader
-        .read_exact(&mut body)
-        .map_err(|e| bad(&format!("body shorter than Content-Length: {e}")))?;
+    reader.read_exact(&mut body).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => bad(&format!("body shorter than Content-Length: {e}")),
+        _ => read_error(e),
+    })?;
     Ok((method.to_string(), path.to_string(), body))
 }
 

@@ -13,11 +13,16 @@
 //!    resumes the guest → `Running`. The old process answers the API call and exits.
 //!
 //! Any failure or missed deadline before the commit point rolls back: the old process kills
-//! the new one, attaches its services again and resumes the guest, which saw only the pause.
+//! the new one (with its whole process group: whatever it started goes too), attaches its
+//! services again and resumes the guest, which saw only the pause. Step 1 runs while the main
+//! loop serves other calls. A new process that got `Go` but did not confirm leaves the VM
+//! *in doubt* here: it may run the guest on the same memory, so the old process refuses to
+//! run it until the operator says otherwise (`ctl resume --force`).
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Sender;
@@ -50,6 +55,9 @@ enum Msg {
     Takeover {
         state: Vec<u8>,
         services: Vec<HandedService>,
+        /// The operator had paused the guest: it stays paused in the new process.
+        #[serde(default)]
+        operator_paused: bool,
     },
     Restored {
         restore_us: u64,
@@ -130,145 +138,239 @@ pub struct LiveUpdateReport {
     pub services: usize,
 }
 
-/// Old side. On success the caller must exit without touching the VM again; on error the
-/// guest runs on here as before.
-pub fn hand_over(
-    vmm: &mut Vmm,
-    manager: &ServiceManager,
+/// How a live update ended, for the old process.
+pub enum Outcome {
+    /// The new process runs the guest: exit without touching the VM again.
+    HandedOver(LiveUpdateReport),
+    /// Before the commit point: the new process is gone and the guest is as it was here.
+    RolledBack(anyhow::Error),
+    /// After the commit point the new process did not confirm: it may run the guest on the
+    /// same memory, so this process must never run it again on its own (the message says how
+    /// the operator resolves it).
+    InDoubt(String),
+}
+
+/// A live update whose new process starts and prepares while the guest runs on; the main
+/// loop serves other calls meanwhile and finishes it once the new process answered.
+pub struct Preparing {
+    sock: UnixStream,
+    child: Child,
+    t0: Instant,
+}
+
+/// Old side, first half: starts `binary` in a process group of its own (so that a rollback
+/// also ends whatever it started) and offers it the VM. `on_answer` is called from a thread
+/// of its own with the new process's answer (or its failure, or the missed deadline); the
+/// caller then hands that to [`Preparing::finish`].
+pub fn start(
+    vmm: &Vmm,
     binary: &Path,
     serial: &str,
     api: Option<&UnixListener>,
     deadline: Duration,
-) -> anyhow::Result<LiveUpdateReport> {
+    on_answer: impl FnOnce(Result<(), String>) + Send + 'static,
+) -> anyhow::Result<Preparing> {
     let t0 = Instant::now();
     let (mut sock, theirs) = UnixStream::pair().context("socketpair")?;
     // The child inherits its end: clear close-on-exec on it only.
     // SAFETY: fcntl on a descriptor we own.
     unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
-    let mut child = Command::new(binary)
+    let child = Command::new(binary)
         .args(["run", "--takeover-fd", &theirs.as_raw_fd().to_string()])
         .stdin(Stdio::null())
+        .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {}", binary.display()))?;
     drop(theirs);
-    let result = negotiate(
-        &mut sock, &mut child, vmm, manager, serial, api, deadline, t0,
-    );
-    if result.is_err() {
-        let _ = child.kill();
-        let _ = child.wait();
-    } else {
-        // The new process lives on; nobody here waits for it.
-        std::mem::forget(child);
+    let mut preparing = Preparing {
+        sock: sock.try_clone().context("socketpair")?,
+        child,
+        t0,
+    };
+    let offered = (|| -> anyhow::Result<()> {
+        sock.set_read_timeout(Some(deadline))?;
+        let offer = frame(&Msg::Offer {
+            state_version: STATE_VERSION,
+            machine: vmm.machine().clone(),
+            serial: serial.to_string(),
+            has_api: api.is_some(),
+        });
+        let mut fds = vec![vmm.control().ram().memfd().as_raw_fd()];
+        fds.extend(api.map(|l| l.as_raw_fd()));
+        sock.send_with_fds(&[&offer[..]], &fds)
+            .context("the new binary did not take the offer (did it start?)")?;
+        Ok(())
+    })();
+    if let Err(e) = offered {
+        preparing.kill();
+        return Err(e);
     }
-    result
+    std::thread::Builder::new()
+        .name("live-update".into())
+        .spawn(move || {
+            let answer = match recv(&mut sock) {
+                Ok(Msg::Ready { state_version }) if state_version == STATE_VERSION => Ok(()),
+                Ok(Msg::Ready { state_version }) => Err(format!(
+                    "the new binary speaks VM state version {state_version}, this one \
+                     {STATE_VERSION}"
+                )),
+                Ok(Msg::Failed { error }) => {
+                    Err(format!("the new binary failed to prepare: {error}"))
+                }
+                Ok(_) => Err("the new binary answered out of turn".into()),
+                Err(e) => Err(format!("{e:#}")),
+            };
+            on_answer(answer);
+        })
+        .context("cannot start the live-update thread")?;
+    Ok(preparing)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn negotiate(
-    sock: &mut UnixStream,
-    child: &mut Child,
-    vmm: &mut Vmm,
-    manager: &ServiceManager,
-    serial: &str,
-    api: Option<&UnixListener>,
-    deadline: Duration,
-    t0: Instant,
-) -> anyhow::Result<LiveUpdateReport> {
-    sock.set_read_timeout(Some(deadline))?;
-    let offer = frame(&Msg::Offer {
-        state_version: STATE_VERSION,
-        machine: vmm.machine().clone(),
-        serial: serial.to_string(),
-        has_api: api.is_some(),
-    });
-    let mut fds = vec![vmm.control().ram().memfd().as_raw_fd()];
-    fds.extend(api.map(|l| l.as_raw_fd()));
-    sock.send_with_fds(&[&offer[..]], &fds)
-        .context("the new binary did not take the offer (did it start?)")?;
-    let ready = recv(sock);
-    let never_paused = "live update aborted; the guest was never paused";
-    match ready {
-        Ok(Msg::Ready { state_version }) if state_version == STATE_VERSION => {}
-        Ok(Msg::Ready { state_version }) => bail!(
-            "{never_paused}: the new binary speaks VM state version {state_version}, this one \
-             {STATE_VERSION}"
-        ),
-        Ok(Msg::Failed { error }) => {
-            bail!("{never_paused}: the new binary failed to prepare: {error}")
-        }
-        Ok(_) => bail!("{never_paused}: the new binary answered out of turn"),
-        Err(e) => bail!(
-            "{never_paused}: {e:#} (new binary's exit status: {:?})",
-            child.try_wait().ok().flatten()
-        ),
+impl Preparing {
+    /// The new process's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
-    // The guest stops here.
-    let paused_at = Instant::now();
-    let was_running = vmm.control().pause()?;
-    let state = vmm.capture_state();
-    let (services, lost) = manager.hand_over();
-    for (name, e) in &lost {
-        eprintln!("spanvmm: live update: service {name} could not hand its state over: {e}");
+    /// Ends the new process and everything it started (its process group).
+    pub fn kill(&mut self) {
+        // SAFETY: signals the process group the child leads (created at spawn); no memory
+        // is involved.
+        unsafe { libc::killpg(self.child.id() as libc::pid_t, libc::SIGKILL) };
+        let _ = self.child.wait();
     }
-    let rollback = |why: anyhow::Error, services: &[HandedService]| -> anyhow::Error {
-        for s in services {
-            if let Err(e) = manager.attach_handed(s) {
-                eprintln!(
-                    "spanvmm: rollback: service {} not re-attached: {e}",
-                    s.path.display()
+
+    /// Old side, second half, on the main loop once the new process answered: pause, hand
+    /// the state and services over, commit. Before the commit point any failure rolls back.
+    pub fn finish(
+        mut self,
+        answer: Result<(), String>,
+        vmm: &mut Vmm,
+        manager: &ServiceManager,
+    ) -> Outcome {
+        if let Err(e) = answer {
+            let status = self.child.try_wait().ok().flatten();
+            self.kill();
+            return Outcome::RolledBack(anyhow::anyhow!(
+                "live update aborted; the guest was never paused: {e} (new binary's exit \
+                 status: {status:?})"
+            ));
+        }
+        match self.hand_over(vmm, manager) {
+            Ok(report) => {
+                // The new process lives on; nobody here waits for it.
+                std::mem::forget(self.child);
+                Outcome::HandedOver(report)
+            }
+            Err(Failure::BeforeCommit(e)) => {
+                self.kill();
+                Outcome::RolledBack(e)
+            }
+            Err(Failure::AfterCommit(e)) => {
+                let pid = self.child.id();
+                let alive = self.child.try_wait().ok().flatten().is_none();
+                let why = format!(
+                    "live update in doubt: the new process {pid} was told to run the guest but \
+                     did not confirm ({e:#}); it is {}. It may have run the guest on this same \
+                     memory, so this process will not run it again on its own. If process {pid} \
+                     runs the guest, it owns it: shut this process down. If it never did, \
+                     resume here with `spanvmm ctl resume --force`.",
+                    if alive { "still alive" } else { "gone" }
                 );
+                // Whatever happens next, it is not ours to wait for.
+                std::mem::forget(self.child);
+                Outcome::InDoubt(why)
             }
         }
-        if was_running {
-            if let Err(e) = vmm.control().resume() {
-                return why.context(format!("and resuming the guest failed: {e}"));
-            }
-        }
-        why.context("live update rolled back; the guest runs on in the old process")
-    };
-    let state = match state {
-        Ok(s) => s,
-        Err(e) => return Err(rollback(e.into(), &services)),
-    };
-    let takeover = Msg::Takeover {
-        state: state.to_bytes(),
-        services: services.clone(),
-    };
-    let restore_us = match send(sock, &takeover).and_then(|_| recv(sock)) {
-        Ok(Msg::Restored { restore_us }) => restore_us,
-        Ok(Msg::Failed { error }) => {
-            return Err(rollback(
-                anyhow::anyhow!("the new binary failed to restore: {error}"),
-                &services,
-            ))
-        }
-        Ok(_) => {
-            return Err(rollback(
-                anyhow::anyhow!("the new binary answered out of turn"),
-                &services,
-            ))
-        }
-        Err(e) => return Err(rollback(e, &services)),
-    };
-    // Commit point: from here on, the new process owns the guest.
-    send(sock, &Msg::Go)?;
-    match recv(sock) {
-        Ok(Msg::Running) => {}
-        other => bail!(
-            "the new process took the guest over but did not confirm it runs ({}); the old process \
-             cannot take it back",
-            other.err().map(|e| e.to_string()).unwrap_or_else(|| "unexpected answer".into())
-        ),
     }
-    Ok(LiveUpdateReport {
-        new_pid: child.id(),
-        pause_ms: paused_at.elapsed().as_secs_f64() * 1e3,
-        restore_us,
-        total_ms: t0.elapsed().as_secs_f64() * 1e3,
-        services: services.len(),
-    })
+
+    fn hand_over(
+        &mut self,
+        vmm: &mut Vmm,
+        manager: &ServiceManager,
+    ) -> Result<LiveUpdateReport, Failure> {
+        let sock = &mut self.sock;
+        // The guest stops here.
+        let paused_at = Instant::now();
+        let operator_paused = vmm.control().operator_paused();
+        let was_running = vmm
+            .control()
+            .pause()
+            .map_err(|e| Failure::BeforeCommit(e.into()))?;
+        let state = vmm.capture_state();
+        let (services, lost) = manager.hand_over();
+        for (name, e) in &lost {
+            eprintln!("spanvmm: live update: service {name} could not hand its state over: {e}");
+        }
+        let rollback = |why: anyhow::Error, services: &[HandedService]| -> Failure {
+            for s in services {
+                if let Err(e) = manager.attach_handed(s) {
+                    eprintln!(
+                        "spanvmm: rollback: service {} not re-attached: {e}",
+                        s.path.display()
+                    );
+                }
+            }
+            if was_running {
+                if let Err(e) = vmm.control().resume() {
+                    return Failure::BeforeCommit(
+                        why.context(format!("and resuming the guest failed: {e}")),
+                    );
+                }
+            }
+            Failure::BeforeCommit(
+                why.context("live update rolled back; the guest runs on in the old process"),
+            )
+        };
+        let state = match state {
+            Ok(s) => s,
+            Err(e) => return Err(rollback(e.into(), &services)),
+        };
+        let takeover = Msg::Takeover {
+            state: state.to_bytes(),
+            services: services.clone(),
+            operator_paused,
+        };
+        let restore_us = match send(sock, &takeover).and_then(|_| recv(sock)) {
+            Ok(Msg::Restored { restore_us }) => restore_us,
+            Ok(Msg::Failed { error }) => {
+                return Err(rollback(
+                    anyhow::anyhow!("the new binary failed to restore: {error}"),
+                    &services,
+                ))
+            }
+            Ok(_) => {
+                return Err(rollback(
+                    anyhow::anyhow!("the new binary answered out of turn"),
+                    &services,
+                ))
+            }
+            Err(e) => return Err(rollback(e, &services)),
+        };
+        // Commit point: from here on, the new process owns the guest.
+        if let Err(e) = send(sock, &Msg::Go) {
+            // The go-ahead may or may not have reached it.
+            return Err(Failure::AfterCommit(e));
+        }
+        match recv(sock) {
+            Ok(Msg::Running) => {}
+            Ok(_) => return Err(Failure::AfterCommit(anyhow::anyhow!("unexpected answer"))),
+            Err(e) => return Err(Failure::AfterCommit(e)),
+        }
+        Ok(LiveUpdateReport {
+            new_pid: self.child.id(),
+            pause_ms: paused_at.elapsed().as_secs_f64() * 1e3,
+            restore_us,
+            total_ms: self.t0.elapsed().as_secs_f64() * 1e3,
+            services: services.len(),
+        })
+    }
+}
+
+/// Where a hand-over failed, relative to its commit point.
+enum Failure {
+    BeforeCommit(anyhow::Error),
+    AfterCommit(anyhow::Error),
 }
 
 /// What the new process takes over.
@@ -340,7 +442,12 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
         },
     )?;
 
-    let Msg::Takeover { state, services } = recv(sock)? else {
+    let Msg::Takeover {
+        state,
+        services,
+        operator_paused,
+    } = recv(sock)?
+    else {
         bail!("expected the takeover");
     };
     let t = Instant::now();
@@ -361,7 +468,16 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
     let Msg::Go = recv(sock)? else {
         bail!("expected the go-ahead");
     };
-    vmm.control().resume()?;
+    // Past the commit point this process outlives the old one: leave the process group the
+    // old one started it in (which a rollback kills) for the old one's own, as if it had
+    // been there from the start (a terminal's Ctrl-C still reaches it).
+    // SAFETY: plain process-group syscalls on this process and its parent.
+    unsafe { libc::setpgid(0, libc::getpgid(libc::getppid())) };
+    if operator_paused {
+        vmm.control().operator_pause()?;
+    } else {
+        vmm.control().resume()?;
+    }
     let _ = send(sock, &Msg::Running);
     Ok(TakenOver {
         vmm,

@@ -137,7 +137,12 @@ enum CtlOp {
     /// Pause every vCPU.
     Pause,
     /// Resume every vCPU.
-    Resume,
+    Resume {
+        /// Run a VM that is in doubt after a live update whose new process did not confirm
+        /// (only once that process is known never to have run the guest).
+        #[arg(long)]
+        force: bool,
+    },
     /// Stop the VM and its process.
     Shutdown,
     /// Save the VM (state + memory) to a directory; it keeps running afterwards.
@@ -277,6 +282,11 @@ fn main() -> ExitCode {
             tls_dir,
             recovery_timeout_ms,
         } => {
+            if let Some(Err(e)) = memory.map(base_vmm::vmm::check_memory_mib) {
+                eprintln!("spanvmm: {e}");
+                return ExitCode::FAILURE;
+            }
+            let start_paused = !plugins.is_empty();
             let source = match (takeover_fd, restore, kernel) {
                 (Some(fd), _, _) => Source::Takeover(fd),
                 _ if standby => Source::Standby {
@@ -306,6 +316,8 @@ fn main() -> ExitCode {
                         Entry::Direct => EntryPreference::Direct,
                         Entry::Pvh => EntryPreference::Pvh,
                     },
+                    // Services given with --plugin attach before the guest's first instruction.
+                    start_paused,
                 }),
                 (None, None, None) => unreachable!("clap requires --kernel without --restore"),
             };
@@ -381,6 +393,39 @@ enum Source {
 enum Msg {
     Vcpu(VcpuEvent),
     Api(ApiCall),
+    /// The new process of a live update answered its offer (or failed to).
+    LiveUpdateAnswer(Result<(), String>),
+}
+
+/// A live update in its first half: the new process prepares while the guest runs on; the
+/// API call waits for the outcome.
+struct PendingUpdate {
+    update: live_update::Preparing,
+    reply: std::sync::mpsc::Sender<ApiResult>,
+    written: Receiver<()>,
+}
+
+/// The operation that owns the VM's run state and memory right now, if any. Migrations,
+/// snapshot layers and live updates each pause and resume the guest and read all of its
+/// memory: one at a time, or one silently breaks the other.
+fn vm_owner(
+    migrations: &migrate::Migrations,
+    manager: &ServiceManager,
+    update: Option<&PendingUpdate>,
+) -> Option<String> {
+    if let Some(u) = update {
+        return Some(format!(
+            "a live update (new process {}) is in progress",
+            u.update.pid()
+        ));
+    }
+    if migrations.outgoing() {
+        return Some("a migration is in progress (see GET /vm/migration)".into());
+    }
+    if manager.snapshot_in_progress() {
+        return Some("a snapshot is being written (see GET /snapshot/status)".into());
+    }
+    None
 }
 
 /// Runs a VM until it powers off or is shut down; returns the process exit status.
@@ -392,6 +437,8 @@ fn run(
 ) -> anyhow::Result<u8> {
     // Bind first: a busy socket must fail before a VM exists.
     let mut listener = api_socket.map(api::bind).transpose()?;
+    // A start-up that fails from here on leaves no socket file behind.
+    let _socket_file = api_socket.map(SocketFile);
     let mut serial = serial.to_string();
     let mut migrations = migrate::Migrations::default();
     let (tx, rx) = mpsc::channel::<Msg>();
@@ -410,6 +457,8 @@ fn run(
     if matches!(source, Source::Standby { .. }) {
         api.start(listener.take(), &tx)?;
     }
+    // A booted or restored guest waits for its --plugin services before its first instruction.
+    let not_started = matches!(source, Source::Boot(_) | Source::Restore { .. });
     let (mut vmm, manager) = match source {
         Source::Boot(cfg) => {
             let vmm = Vmm::boot(&cfg, vcpu_tx)?;
@@ -428,12 +477,16 @@ fn run(
             let how = RestoreHow {
                 serial_spec: &serial,
                 events: vcpu_tx,
-                start_paused: paused,
+                start_paused: paused || !plugins.is_empty(),
                 lazy,
                 key: key.as_ref(),
             };
             let vmm = Vmm::restore(&dir, how)
                 .with_context(|| format!("cannot restore the VM saved in {}", dir.display()))?;
+            if paused {
+                // `--paused` is the operator's: it waits for `ctl resume`.
+                vmm.control().operator_pause()?;
+            }
             let manager = services::manager_for(&vmm)?;
             manager.lifecycle(Lifecycle::Restored);
             (vmm, manager)
@@ -475,12 +528,24 @@ fn run(
     for spec in plugins {
         let (path, config) = spec.split_once(':').unwrap_or((spec.as_str(), ""));
         if let Err(e) = manager.attach(Path::new(path), config) {
-            vmm.shutdown();
-            anyhow::bail!("--plugin {path}: {e}");
+            // A booted or restored guest has not run yet (it waits for its services); an
+            // arriving or loaded one already runs and is not given up for a service.
+            if not_started {
+                vmm.shutdown();
+                anyhow::bail!("--plugin {path}: {e} (the guest was not started)");
+            }
+            eprintln!("spanvmm: --plugin {path}: {e}; the guest runs on without it");
         }
     }
+    if !plugins.is_empty() {
+        // No-op for a guest that already runs or that the operator keeps paused.
+        vmm.control().resume()?;
+    }
     api.start(listener, &tx)?;
-    drop(tx);
+    // Live-update answers come from a thread of their own; the loop ends once every sender
+    // (the API's, the vCPUs', this one) is gone.
+    let answers = tx;
+    let mut pending_update: Option<PendingUpdate> = None;
     let mut handed_over = false;
     let mut moved_at: Option<Instant> = None;
     let code = loop {
@@ -521,25 +586,32 @@ fn run(
                 break 0;
             }
             Ok(Msg::Api((ApiRequest::LiveUpdate { binary, timeout_ms }, reply, written))) => {
+                if let Some(busy) = vm_owner(&migrations, &manager, pending_update.as_ref()) {
+                    let _ = reply.send(Err((409, format!("no live update now: {busy}"))));
+                    continue;
+                }
                 if let Err(e) = vmm.require_memory_loaded() {
                     let _ = reply.send(Err((409, e.to_string())));
                     continue;
                 }
-                let r = live_update::hand_over(
-                    &mut vmm,
-                    &manager,
+                let answer_tx = answers.clone();
+                let started = live_update::start(
+                    &vmm,
                     &binary,
                     &serial,
                     api.handover.as_ref(),
                     Duration::from_millis(timeout_ms),
+                    move |answer| {
+                        let _ = answer_tx.send(Msg::LiveUpdateAnswer(answer));
+                    },
                 );
-                match r {
-                    Ok(report) => {
-                        let _ = reply.send(Ok(json!(report)));
-                        // Exit only once the client has its answer.
-                        let _ = written.recv_timeout(Duration::from_secs(5));
-                        handed_over = true;
-                        break 0;
+                match started {
+                    Ok(update) => {
+                        pending_update = Some(PendingUpdate {
+                            update,
+                            reply,
+                            written,
+                        })
                     }
                     Err(e) => {
                         eprintln!("spanvmm: live update failed: {e:#}");
@@ -547,8 +619,35 @@ fn run(
                     }
                 }
             }
+            Ok(Msg::LiveUpdateAnswer(answer)) => {
+                let Some(p) = pending_update.take() else {
+                    continue;
+                };
+                match p.update.finish(answer, &mut vmm, &manager) {
+                    live_update::Outcome::HandedOver(report) => {
+                        let _ = p.reply.send(Ok(json!(report)));
+                        // Exit only once the client has its answer.
+                        let _ = p.written.recv_timeout(Duration::from_secs(5));
+                        handed_over = true;
+                        break 0;
+                    }
+                    live_update::Outcome::RolledBack(e) => {
+                        eprintln!("spanvmm: live update failed: {e:#}");
+                        let _ = p.reply.send(Err((409, format!("{e:#}"))));
+                    }
+                    live_update::Outcome::InDoubt(why) => {
+                        eprintln!("spanvmm: {why}");
+                        vmm.control().set_in_doubt(why.clone());
+                        let _ = p.reply.send(Err((409, why)));
+                    }
+                }
+            }
             Ok(Msg::Api((ApiRequest::Migrate(req), reply, _))) => {
-                let _ = reply.send(migrations.start(&vmm, &manager, req));
+                let answer = match vm_owner(&migrations, &manager, pending_update.as_ref()) {
+                    Some(busy) => Err((409, format!("no migration now: {busy}"))),
+                    None => migrations.start(&vmm, &manager, req),
+                };
+                let _ = reply.send(answer);
             }
             Ok(Msg::Api((ApiRequest::MigrationStatus, reply, written))) => {
                 let _ = reply.send(Ok(migrations.status()));
@@ -559,7 +658,24 @@ fn run(
                 }
             }
             Ok(Msg::Api((ApiRequest::Snapshot(req), reply, _))) => {
-                let _ = reply.send(snapshot::handle(&mut vmm, &manager, req));
+                let answer = match (
+                    &req,
+                    vm_owner(&migrations, &manager, pending_update.as_ref()),
+                ) {
+                    (snapshot::SnapshotRequest::Create(_), Some(busy))
+                    | (snapshot::SnapshotRequest::Background { .. }, Some(busy)) => {
+                        Err((409, format!("no snapshot now: {busy}")))
+                    }
+                    _ => snapshot::handle(&mut vmm, &manager, req),
+                };
+                let _ = reply.send(answer);
+            }
+            Ok(Msg::Api((ApiRequest::Save(dir), reply, _))) => {
+                let answer = match vm_owner(&migrations, &manager, pending_update.as_ref()) {
+                    Some(busy) => Err((409, format!("no save now: {busy}"))),
+                    None => handle(&mut vmm, &manager, ApiRequest::Save(dir)),
+                };
+                let _ = reply.send(answer);
             }
             Ok(Msg::Api((req, reply, _))) => {
                 let _ = reply.send(handle(&mut vmm, &manager, req));
@@ -575,6 +691,13 @@ fn run(
             Err(_) => break 0,
         }
     };
+    if let Some(mut p) = pending_update.take() {
+        // The VM ends here: the half-started new process has nothing to take over.
+        p.update.kill();
+        let _ = p
+            .reply
+            .send(Err((409, "the VM stopped during the live update".into())));
+    }
     if handed_over {
         // The guest, its memory, its services and the API socket belong to the new process.
         // Exit at once: a graceful teardown of a large VM takes long, and meanwhile this
@@ -592,6 +715,16 @@ fn run(
     vmm.shutdown();
     api.remove_socket();
     Ok(code)
+}
+
+/// The API socket's path, removed when `run` returns (not at a live update's hand-over, which
+/// leaves the process without returning).
+struct SocketFile<'a>(&'a Path);
+
+impl Drop for SocketFile<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
 }
 
 /// The API listener once it serves: its socket path (removed at exit; a taken-over listener
@@ -640,7 +773,7 @@ fn standby(
     loop {
         let (req, reply, written) = match rx.recv() {
             Ok(Msg::Api(call)) => call,
-            Ok(Msg::Vcpu(_)) => continue,
+            Ok(Msg::Vcpu(_) | Msg::LiveUpdateAnswer(_)) => continue,
             Err(_) => return Ok(None),
         };
         let answer = match req {
@@ -720,13 +853,19 @@ fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult
     match req {
         ApiRequest::Status => status(vmm),
         ApiRequest::Pause => {
-            if vmm.control().pause().map_err(fail)? {
+            if vmm.control().operator_pause().map_err(fail)? {
                 manager.lifecycle(Lifecycle::Paused);
             }
             status(vmm)
         }
-        ApiRequest::Resume => {
-            if vmm.control().resume().map_err(fail)? {
+        ApiRequest::Resume { force } => {
+            if force {
+                if let Some(why) = vmm.control().in_doubt() {
+                    eprintln!("spanvmm: resuming by force a VM in doubt ({why})");
+                }
+                vmm.control().resolve_doubt();
+            }
+            if vmm.control().operator_resume().map_err(fail)? {
                 manager.lifecycle(Lifecycle::Resumed);
             }
             status(vmm)
@@ -840,7 +979,7 @@ fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
         CtlOp::Migrate { .. } => unreachable!("handled above"),
         CtlOp::Status => ("GET", "/vm", None),
         CtlOp::Pause => ("PUT", "/vm/pause", None),
-        CtlOp::Resume => ("PUT", "/vm/resume", None),
+        CtlOp::Resume { force } => ("PUT", "/vm/resume", force.then(|| json!({ "force": true }))),
         CtlOp::Shutdown => ("PUT", "/vm/shutdown", None),
         CtlOp::Save { dir } => {
             let dir = std::path::absolute(dir).context("resolve --dir")?;

@@ -106,6 +106,11 @@ pub enum Polled {
 }
 
 impl Migrations {
+    /// An outgoing migration runs.
+    pub fn outgoing(&self) -> bool {
+        self.out.is_some()
+    }
+
     /// A migration needs the main loop to come round often.
     pub fn active(&self) -> bool {
         self.out.is_some()

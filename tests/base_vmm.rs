@@ -386,7 +386,197 @@ fn a_second_vmm_cannot_take_a_live_api_socket() {
     ]);
     assert_eq!(code, Some(1));
     assert!(err.contains("in use"), "{err}");
+    // It names the process that serves the socket.
+    assert!(
+        err.contains(&format!("process {}", vm.first_pid())),
+        "{err}"
+    );
     assert!(vm.ctl_ok(&["status"]).contains("\"running\""));
+}
+
+/// `--api-socket` at a path that holds something else than a socket: refused, and the file
+/// is left as it was. A stale socket (its VMM is gone) is replaced.
+#[test]
+fn the_api_socket_never_replaces_a_file_and_replaces_a_stale_socket() {
+    let dir = TempDir::new("sockfile");
+    let file = dir.path().join("precious");
+    std::fs::write(&file, b"an operator's file").unwrap();
+    let (code, err) = run_to_end(&[
+        "run",
+        "--kernel",
+        guest_elf().to_str().unwrap(),
+        "--memory",
+        "64",
+        "--api-socket",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"an operator's file");
+
+    // A socket nobody listens on any more (its listener dropped, the file left behind).
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let elf = guest_elf();
+    let mut vmm = Command::new(spanvmm())
+        .args(["run", "--kernel", elf.to_str().unwrap(), "--memory", "64"])
+        .args([
+            "--cmdline",
+            "workload=idle mib=8",
+            "--serial",
+            "none",
+            "--api-socket",
+        ])
+        .arg(&stale)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + T;
+    loop {
+        let (ok, out) = ctl(&stale, &["status"]);
+        if ok {
+            assert!(out.contains("\"running\""), "{out}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && vmm.try_wait().unwrap().is_none(),
+            "no VMM took the stale socket: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+}
+
+/// 16 clients dribbling a request a byte at a time (each byte inside the per-read timeout)
+/// must not lock the API out: the deadline is for the whole request.
+#[test]
+fn slow_clients_cannot_lock_the_api_out() {
+    let vm = VmProcess::boot("slowapi", "workload=dirty,verify mib=16 rate=10000", 64, 1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let slow: Vec<_> = (0..16)
+        .map(|_| {
+            let (api, stop, answers) = (vm.api.clone(), stop.clone(), answers.clone());
+            std::thread::spawn(move || {
+                let mut s = UnixStream::connect(&api).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let req = b"GET /vm HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+                let mut answer = Vec::new();
+                for &b in req.iter().cycle() {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    if s.write_all(&[b]).is_err() {
+                        // The server answered and closed: what it said is still to be read.
+                        let _ = s.read_to_end(&mut answer);
+                        break;
+                    }
+                    let mut buf = [0u8; 512];
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => answer.extend_from_slice(&buf[..n]),
+                        Err(_) => {}
+                    }
+                    std::thread::sleep(Duration::from_millis(900));
+                }
+                // Whatever the server said, up to its close (its deadline comes in 5 s).
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let _ = s.read_to_end(&mut answer);
+                answers
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&answer).to_string());
+            })
+        })
+        .collect();
+    // While they keep dribbling, an ordinary client gets through once their deadline passed.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let status = loop {
+        let (ok, out) = vm.ctl(&["status"]);
+        if ok {
+            break out;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "the API stayed locked by slow clients: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.contains("\"running\""), "{status}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in slow {
+        h.join().unwrap();
+    }
+    // Each slow client was told why it was dropped.
+    for a in answers.lock().unwrap().iter() {
+        assert!(a.starts_with("HTTP/1.1 408"), "{a:?}");
+    }
+    vm.assert_verify_clean(1);
+}
+
+/// A service given with `--plugin` that cannot attach stops the start-up before the guest's
+/// first instruction, and leaves no API socket behind.
+#[test]
+fn a_plugin_that_cannot_attach_fails_the_start_before_the_guest_runs() {
+    let dir = TempDir::new("badplugin");
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not a component").unwrap();
+    let api = dir.path().join("api.sock");
+    let console = dir.path().join("console");
+    let (code, err) = run_to_end(&[
+        "run",
+        "--kernel",
+        guest_elf().to_str().unwrap(),
+        "--memory",
+        "64",
+        "--cmdline",
+        "workload=idle mib=8",
+        "--serial",
+        console.to_str().unwrap(),
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--plugin",
+        junk.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--plugin") && err.contains("not started"),
+        "{err}"
+    );
+    assert!(!api.exists(), "the API socket was left behind");
+    let out = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(
+        !out.contains("SPANGUEST"),
+        "the guest ran before its services: {out}"
+    );
+}
+
+#[test]
+fn an_absurd_memory_size_names_the_limit() {
+    let (code, err) = run_to_end(&[
+        "run",
+        "--kernel",
+        guest_elf().to_str().unwrap(),
+        "--memory",
+        "1000000000",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("1048576"), "{err}");
+    let (code, err) = run_to_end(&[
+        "run",
+        "--standby",
+        "--memory",
+        "1000000000",
+        "--api-socket",
+        "/tmp/never-bound.sock",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("1048576"), "{err}");
 }
 
 /// Run with `cargo test -- --ignored` on a host with hardware virtualization, with

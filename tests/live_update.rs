@@ -168,9 +168,14 @@ fn broken_binaries_roll_back_and_the_guest_never_notices() {
 fn fake_vmm(dir: &TempDir, mode: &str) -> String {
     let peer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/fake_vmm.py");
     let path = dir.path().join(format!("fake-{mode}"));
+    let child_pid_file = dir.path().join("fake-child.pid");
     std::fs::write(
         &path,
-        format!("#!/bin/sh\nexec python3 {} {mode} \"$@\"\n", peer.display()),
+        format!(
+            "#!/bin/sh\nFAKE_CHILD_PID_FILE={} exec python3 {} {mode} \"$@\"\n",
+            child_pid_file.display(),
+            peer.display()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -234,5 +239,144 @@ fn incompatible_or_dying_new_binaries_roll_back_with_memory_intact() {
         vm.ctl_ok(&["plugin", "list"]).contains("exit-stats"),
         "services re-attached"
     );
+    vm.assert_verify_clean(1);
+}
+
+fn status(vm: &VmProcess) -> Value {
+    serde_json::from_str(&vm.ctl_ok(&["status"])).unwrap()
+}
+
+/// Past the commit point the old process cannot know whether the new one ran the guest on the
+/// shared memory: it must never run the guest on its own again (two processes running one
+/// guest is the worst thing a VMM can do), and it says how to resolve.
+#[test]
+fn a_new_process_that_dies_after_the_go_ahead_leaves_the_vm_in_doubt_not_running_twice() {
+    let vm = VmProcess::boot(
+        "ludoubt",
+        "workload=dirty,verify mib=16 rate=10000 stall_us=50000",
+        128,
+        1,
+    );
+    let dir = TempDir::new("ludoubt");
+    let (ok, out) = vm.ctl(&["live-update", "--binary", &fake_vmm(&dir, "die-after-go")]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("in doubt") && out.contains("--force"), "{out}");
+    let st = status(&vm);
+    assert_eq!(st["state"], "paused", "{st}");
+    assert!(st["in_doubt"].as_str().is_some(), "{st}");
+    // Neither the operator's resume nor any other run of the guest: refused, saying why.
+    let (ok, out) = vm.ctl(&["resume"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("in doubt") && out.contains("409"), "{out}");
+    assert_eq!(status(&vm)["state"], "paused");
+    // The operator knows the new process never ran it (it died right after the go-ahead).
+    vm.ctl_ok(&["resume", "--force"]);
+    let st = status(&vm);
+    assert_eq!(st["state"], "running", "{st}");
+    assert!(st.get("in_doubt").is_none(), "{st}");
+    vm.assert_verify_clean(1);
+}
+
+/// The new process prepares while the guest runs: the API answers meanwhile, the operations
+/// that own the VM are refused naming the live update, and a rollback ends whatever the new
+/// process started.
+#[test]
+fn a_preparing_live_update_keeps_the_api_and_its_rollback_ends_the_new_processs_children() {
+    let vm = VmProcess::boot(
+        "luhang",
+        "workload=dirty,verify mib=16 rate=10000 stall_us=50000",
+        128,
+        1,
+    );
+    let dir = TempDir::new("luhang");
+    let fake = fake_vmm(&dir, "hang-with-child");
+    let api = vm.api.clone();
+    let update = std::thread::spawn(move || {
+        ctl(
+            &api,
+            &["live-update", "--binary", &fake, "--timeout-ms", "4000"],
+        )
+    });
+    let pid_file = dir.path().join("fake-child.pid");
+    let deadline = Instant::now() + T;
+    while !pid_file.exists() || std::fs::read_to_string(&pid_file).unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the fake new binary did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let grandchild: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        !update.is_finished(),
+        "the live update should still be pending"
+    );
+    // The API is served while the new process prepares.
+    assert_eq!(status(&vm)["state"], "running");
+    let snap = TempDir::new("luhang-snap");
+    for (args, what) in [
+        (
+            vec!["save", "--dir", snap.path().to_str().unwrap()],
+            "no save now",
+        ),
+        (
+            vec!["live-update", "--binary", spanvmm()],
+            "no live update now",
+        ),
+    ] {
+        let (ok, out) = vm.ctl(&args);
+        assert!(!ok, "{args:?} must be refused during a live update: {out}");
+        assert!(
+            out.contains(what) && out.contains("live update") && out.contains("409"),
+            "{out}"
+        );
+    }
+    assert!(
+        !update.is_finished(),
+        "the live update should still be pending"
+    );
+    let (ok, out) = update.join().unwrap();
+    assert!(!ok, "{out}");
+    assert!(out.contains("never paused"), "{out}");
+    // The rollback killed the new process's whole group, its child too.
+    let deadline = Instant::now() + T;
+    while pid_alive(grandchild) {
+        assert!(
+            Instant::now() < deadline,
+            "the new binary's child {grandchild} outlived the rollback"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(status(&vm)["pauses"], 0, "the guest was never paused");
+    vm.assert_verify_clean(1);
+}
+
+/// A VM the operator paused stays paused in the new process (and is resumed only by the
+/// operator).
+#[test]
+fn an_operator_pause_survives_a_live_update() {
+    let mut vm = VmProcess::boot(
+        "lupause",
+        "workload=dirty,verify mib=16 rate=10000 stall_us=50000",
+        128,
+        1,
+    );
+    vm.ctl_ok(&["pause"]);
+    let out = vm.ctl_ok(&["live-update", "--binary", spanvmm()]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(vm.wait_exit(T), Some(0), "{}", vm.stderr());
+    assert_eq!(
+        vm.serving_pid(),
+        Some(report["new_pid"].as_u64().unwrap() as u32)
+    );
+    let st = status(&vm);
+    assert_eq!(st["state"], "paused", "{st}");
+    assert_eq!(st["operator_paused"], true, "{st}");
+    vm.ctl_ok(&["resume"]);
+    assert_eq!(status(&vm)["state"], "running");
     vm.assert_verify_clean(1);
 }

@@ -557,8 +557,10 @@ fn a_destination_dying_in_postcopy_is_reported() {
 
 #[test]
 fn netns_hosts_over_a_shaped_link_with_latency() {
-    if let Err(why) = NetLab::available() {
-        eprintln!("SKIPPED netns_hosts_over_a_shaped_link_with_latency: {why}");
+    if !netlab::can_run(
+        "netns_hosts_over_a_shaped_link_with_latency",
+        NetLab::available(),
+    ) {
         return;
     }
     let lab = NetLab::new("mig", &["src", "dst"]).expect("network namespaces");
@@ -690,4 +692,63 @@ fn commit_with_state_saves_a_round_trip_of_downtime() {
         early + 20.0 < two_phase,
         "commit with state saved no round trip: {early} vs {two_phase} ms"
     );
+}
+
+/// `GET PATH` on a VMM's API socket; the JSON body.
+fn api_get(api: &Path, path: &str) -> Value {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(api).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nContent-Length: 0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or(Value::Null)
+}
+
+/// Operations that own the VM exclude each other: while a migration runs, a live update, a
+/// snapshot and a save are refused naming it (a live update used to take the VM over and
+/// silently abort the migration), and the migration completes unharmed.
+#[test]
+fn a_running_migration_excludes_live_update_snapshot_and_save() {
+    let tmp = TempDir::new("mig-excl");
+    let tls = certs(&tmp, "tls");
+    let addr = format!("tls://127.0.0.1:{}", free_port());
+    let dst = destination("mig-excl-dst", &[], &addr, &tls, &[]);
+    let mut src = VmProcess::boot("mig-excl-src", GUEST, MEM, 1);
+    let mig = migrate_in_background(&src, &addr, "precopy.wasm", &tls, &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api_get(&src.api, "/vm/migration").get("progress").is_none() {
+        assert!(
+            Instant::now() < deadline && !mig.is_finished(),
+            "the migration did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let layer = tmp.path().join("layer");
+    let checkpoint = plugin("checkpoint.wasm");
+    let refused = [
+        vec!["live-update", "--binary", spanvmm()],
+        vec![
+            "snapshot",
+            "create",
+            "--plugin",
+            &checkpoint,
+            "--dir",
+            layer.to_str().unwrap(),
+        ],
+        vec!["save", "--dir", layer.to_str().unwrap()],
+    ];
+    for args in refused {
+        let (ok, out) = src.ctl(&args);
+        assert!(!ok, "{args:?} must be refused during a migration: {out}");
+        assert!(
+            out.contains("a migration is in progress") && out.contains("409"),
+            "{args:?}: {out}"
+        );
+    }
+    assert!(!mig.is_finished(), "20 MB/s for 64 MiB takes seconds");
+    let (ok, out) = mig.join().unwrap();
+    assert!(ok, "the migration failed: {out}\n{}", src.stderr());
+    assert_eq!(wait_exit(&mut src, "the source"), Some(0));
+    check_arrived(&dst, 1000);
 }

@@ -570,3 +570,54 @@ fn a_standby_vmm_adopts_a_snapshot_and_survives_refused_ones() {
     let (ok, out) = standby.ctl(&["snapshot", "load", "--dir", s(&good)]);
     assert!(!ok && out.contains("already runs"), "{out}");
 }
+
+/// A snapshot never runs a VM the operator paused; its files are readable by their owner
+/// only (they hold the guest's memory); a key given for a plain snapshot is a mistake that is
+/// said, not ignored.
+#[test]
+fn a_paused_vm_stays_paused_through_snapshots_whose_files_are_private() {
+    let vm = VmProcess::boot(
+        "snappause",
+        "workload=dirty,verify mib=16 rate=10000 stall_us=50000",
+        64,
+        1,
+    );
+    vm.ctl_ok(&["pause"]);
+    let dir = TempDir::new("snappause-layers");
+    let cp = plugin("checkpoint.wasm");
+    for live in [false, true] {
+        let layer = dir.path().join(if live { "live" } else { "stopped" });
+        let mut a = vec!["snapshot", "create", "--plugin", &cp, "--dir", s(&layer)];
+        if live {
+            a.push("--live");
+        }
+        let st = json(&vm.ctl_ok(&a));
+        assert_eq!(st["phase"], "done", "{st}");
+        let status = json(&vm.ctl_ok(&["status"]));
+        assert_eq!(status["state"], "paused", "live={live}: {status}");
+        for f in ["memory", "state"] {
+            let mode = std::fs::metadata(layer.join(f)).unwrap();
+            assert_eq!(
+                std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+                0o600,
+                "{f} of {}",
+                layer.display()
+            );
+        }
+    }
+    vm.ctl_ok(&["resume"]);
+    assert_eq!(json(&vm.ctl_ok(&["status"]))["state"], "running");
+    vm.assert_verify_clean(1);
+
+    let key = dir.path().join("key");
+    std::fs::write(&key, "11".repeat(32)).unwrap();
+    let layer = dir.path().join("stopped");
+    for args in [
+        vec!["run", "--restore", s(&layer), "--key", s(&key)],
+        vec!["snapshot", "info", s(&layer), "--key", s(&key)],
+    ] {
+        let (code, err) = common::run_to_end(&args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(err.contains("not encrypted"), "{args:?}: {err}");
+    }
+}

@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -565,13 +565,17 @@ impl LayerWriter {
         // get buffered writes.
         let open = |direct: bool| {
             let mut o = std::fs::OpenOptions::new();
+            // Guest memory is the guest's secrets: readable by the owner only.
+            o.mode(0o600);
             o.write(true).create(true).truncate(true);
             if direct {
-                std::os::unix::fs::OpenOptionsExt::custom_flags(&mut o, libc::O_DIRECT);
+                o.custom_flags(libc::O_DIRECT);
             }
             o.open(&path)
         };
         let file = open(true).or_else(|_| open(false)).map_err(io_at(&path))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io_at(&path))?;
         file.set_len(ram.size()).map_err(io_at(&path))?;
         let pages = ram.size() / PAGE_SIZE;
         let secrets = normalize_secrets(&opts.secrets, ram.size());
@@ -767,7 +771,7 @@ impl LayerWriter {
         let bytes = seal(&payload, self.key.as_ref(), &self.salt).map_err(SnapshotError::Usage)?;
         let state = self.dir.join(STATE_FILE);
         let tmp = self.dir.join("state.tmp");
-        let w = std::fs::File::create(&tmp)
+        let w = owner_only_file(&tmp)
             .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
             .and_then(|_| std::fs::rename(&tmp, &state));
         w.map_err(io_at(&state))?;
@@ -783,6 +787,19 @@ impl LayerWriter {
             rounds: self.round,
         })
     }
+}
+
+/// Creates (or truncates) a file only its owner can read: snapshot files hold the guest's
+/// memory and registers. An existing file's mode is set too (`mode` applies only to new ones).
+fn owner_only_file(path: &Path) -> std::io::Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
 }
 
 /// Frames (and encrypts) a state payload.
@@ -1369,6 +1386,21 @@ struct Source {
     end: usize,
 }
 
+/// A key given for a chain none of whose layers is encrypted is a mistake worth saying (the
+/// operator believes the snapshot is protected, or has the wrong snapshot).
+fn refuse_unneeded_key(key: Option<&SnapshotKey>, layers: &[Layer]) -> Result<(), SnapshotError> {
+    if key.is_some() && layers.iter().all(|l| l.key.is_none()) {
+        return Err(SnapshotError::Usage(format!(
+            "{} is not encrypted: a key is only for encrypted snapshots (leave --key out)",
+            layers
+                .last()
+                .map(|l| l.dir.display().to_string())
+                .unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
 impl Chain {
     /// Opens the layer in `dir` and its ancestors, checking every link (parent id and state
     /// file checksum), version, key and expiry, before anything is restored.
@@ -1400,6 +1432,7 @@ impl Chain {
         };
         let top = Layer::open_inner(dir, key, false, state_buf)?;
         if runs_for_one && top.manifest.parent.is_none() && top.manifest.secrets.is_empty() {
+            refuse_unneeded_key(key, std::slice::from_ref(&top))?;
             return Ok(Chain {
                 layers: vec![top],
                 tables: None,
@@ -1437,6 +1470,7 @@ impl Chain {
             layers.push(p);
         }
         layers.reverse();
+        refuse_unneeded_key(key, &layers)?;
         let pages = (layers[0].manifest.vm.machine.mem_bytes / PAGE_SIZE) as usize;
         let (mut owner, mut run) = match tables {
             Some(t) if t.0.len() == pages => t,

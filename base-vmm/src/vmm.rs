@@ -27,6 +27,8 @@ use crate::vm::Vm;
 
 /// Largest number of vCPUs a VM may have.
 pub const MAX_VCPUS: usize = 8;
+/// Largest guest RAM, MiB (1 TiB: one memslot, and far beyond these hosts).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 
 /// VMM errors: each says what failed, for the CLI and the API to show as they are.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,16 @@ pub enum VmmError {
     Conflict(String),
 }
 
+/// Checks a guest RAM size given in MiB (`--memory`).
+pub fn check_memory_mib(mib: u64) -> Result<(), VmmError> {
+    if mib < 16 || !mib.is_multiple_of(2) || mib > MAX_MEMORY_MIB {
+        return Err(VmmError::Config(format!(
+            "--memory {mib} MiB: use an even number of MiB from 16 to {MAX_MEMORY_MIB} (1 TiB)"
+        )));
+    }
+    Ok(())
+}
+
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
     let what = what.into();
     move |err| VmmError::Io { what, err }
@@ -87,6 +99,8 @@ pub struct VmConfig {
     pub serial: String,
     /// Entry to use when the kernel offers both.
     pub entry: EntryPreference,
+    /// Build the vCPUs paused: the guest runs at the first resume (services attached first).
+    pub start_paused: bool,
 }
 
 /// Run state as the API reports it.
@@ -125,6 +139,27 @@ pub struct VmStatus {
     /// Progress of a lazy restore, when the VM came from one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lazy_restore: Option<LazyProgress>,
+    /// The operator paused the VM: only the operator's resume runs it again.
+    pub operator_paused: bool,
+    /// Why the VM must not run here: it may run in another process (see `resume`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_doubt: Option<String>,
+}
+
+/// Whether the vCPUs run, and who may run them again.
+///
+/// Pauses come from the operator (the API) and from engines and services (a save, a
+/// snapshot's final round, a migration's stop-and-copy, a live update). An engine's `resume`
+/// undoes only its own pause: a VM the operator paused stays paused until the operator
+/// resumes it. A VM whose ownership is in doubt (handed to another process that did not
+/// confirm) runs for nobody until the operator resolves it.
+#[derive(Debug)]
+struct RunCtl {
+    run: RunState,
+    /// The operator paused the VM (API `pause`), and has not resumed it.
+    operator_hold: bool,
+    /// Why the VM must not run here (it may run elsewhere on the same memory).
+    in_doubt: Option<String>,
 }
 
 /// The parts of a running VM that several threads drive: the main loop (API), and services
@@ -133,7 +168,7 @@ pub struct VmControl {
     ram: Arc<GuestRam>,
     vm: Mutex<Vm>,
     vcpus: Mutex<Vec<VcpuHandle>>,
-    state: Mutex<RunState>,
+    state: Mutex<RunCtl>,
     machine: MachineConfig,
     serial: Arc<Mutex<SerialDevice>>,
     pv: Arc<Mutex<PvDevice>>,
@@ -151,7 +186,7 @@ impl VmControl {
 
     /// Running or paused.
     pub fn run_state(&self) -> RunState {
-        *lock(&self.state)
+        lock(&self.state).run
     }
 
     fn refuse_on_vcpu_thread(what: &str) -> Result<(), VmmError> {
@@ -167,37 +202,95 @@ impl VmControl {
     pub fn pause(&self) -> Result<bool, VmmError> {
         Self::refuse_on_vcpu_thread("pausing the VM")?;
         let mut state = lock(&self.state);
-        if *state == RunState::Paused {
+        self.pause_locked(&mut state)
+    }
+
+    fn pause_locked(&self, state: &mut RunCtl) -> Result<bool, VmmError> {
+        if state.run == RunState::Paused {
             return Ok(false);
         }
         for v in lock(&self.vcpus).iter() {
             v.pause()?;
         }
-        *state = RunState::Paused;
+        state.run = RunState::Paused;
         self.pauses
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
     }
 
-    /// Resumes every vCPU; returns false when it was already running.
+    /// Resumes every vCPU after an engine's or a service's own pause; returns false when the
+    /// VM was already running or stays paused because the operator paused it. Refused while
+    /// the VM is in doubt.
     pub fn resume(&self) -> Result<bool, VmmError> {
         Self::refuse_on_vcpu_thread("resuming the VM")?;
         let mut state = lock(&self.state);
-        if *state == RunState::Running {
+        if let Some(why) = &state.in_doubt {
+            return Err(VmmError::Conflict(why.clone()));
+        }
+        if state.operator_hold {
+            return Ok(false);
+        }
+        self.resume_locked(&mut state)
+    }
+
+    fn resume_locked(&self, state: &mut RunCtl) -> Result<bool, VmmError> {
+        if state.run == RunState::Running {
             return Ok(false);
         }
         for v in lock(&self.vcpus).iter() {
             v.resume()?;
         }
-        *state = RunState::Running;
+        state.run = RunState::Running;
         Ok(true)
+    }
+
+    /// The operator's pause (API): the VM stays paused until [`Self::operator_resume`],
+    /// whatever engines and services resume meanwhile. Returns false when already paused.
+    pub fn operator_pause(&self) -> Result<bool, VmmError> {
+        Self::refuse_on_vcpu_thread("pausing the VM")?;
+        let mut state = lock(&self.state);
+        state.operator_hold = true;
+        self.pause_locked(&mut state)
+    }
+
+    /// The operator's resume (API): lifts every pause. Refused while the VM is in doubt.
+    /// Returns false when it was already running.
+    pub fn operator_resume(&self) -> Result<bool, VmmError> {
+        Self::refuse_on_vcpu_thread("resuming the VM")?;
+        let mut state = lock(&self.state);
+        if let Some(why) = &state.in_doubt {
+            return Err(VmmError::Conflict(why.clone()));
+        }
+        state.operator_hold = false;
+        self.resume_locked(&mut state)
+    }
+
+    /// The operator paused the VM and has not resumed it.
+    pub fn operator_paused(&self) -> bool {
+        lock(&self.state).operator_hold
+    }
+
+    /// Marks the (paused) VM as possibly running elsewhere: nothing resumes it here until
+    /// [`Self::resolve_doubt`]. `why` is the answer every resume gets, saying how to resolve.
+    pub fn set_in_doubt(&self, why: String) {
+        lock(&self.state).in_doubt = Some(why);
+    }
+
+    /// Why the VM is in doubt, if it is.
+    pub fn in_doubt(&self) -> Option<String> {
+        lock(&self.state).in_doubt.clone()
+    }
+
+    /// The operator established that the VM runs nowhere else: it may run here again.
+    pub fn resolve_doubt(&self) {
+        lock(&self.state).in_doubt = None;
     }
 
     /// Registers of vCPU `index`; the VM must be paused.
     pub fn vcpu_state(&self, index: usize) -> Result<VcpuState, VmmError> {
         Self::refuse_on_vcpu_thread("reading vCPU registers")?;
         let state = lock(&self.state);
-        if *state != RunState::Paused {
+        if state.run != RunState::Paused {
             return Err(VmmError::Conflict(
                 "pause the VM before reading vCPU registers".into(),
             ));
@@ -228,7 +321,7 @@ impl VmControl {
     pub fn capture_state(&self) -> Result<VmState, VmmError> {
         Self::refuse_on_vcpu_thread("capturing the VM state")?;
         let state = lock(&self.state);
-        if *state != RunState::Paused {
+        if state.run != RunState::Paused {
             return Err(VmmError::Conflict("pause the VM before saving it".into()));
         }
         let vcpus = lock(&self.vcpus)
@@ -553,12 +646,7 @@ impl Vmm {
                 cfg.vcpus
             )));
         }
-        if cfg.mem_mib < 16 || !cfg.mem_mib.is_multiple_of(2) || cfg.mem_mib > (1 << 20) {
-            return Err(VmmError::Config(format!(
-                "--memory {} MiB: use an even number of MiB from 16 up",
-                cfg.mem_mib
-            )));
-        }
+        check_memory_mib(cfg.mem_mib)?;
         let ram = Arc::new(GuestRam::new(cfg.mem_mib << 20)?);
         let vm = Vm::new(ram.clone())?;
         let entry = boot::load_kernel(
@@ -593,16 +681,14 @@ impl Vmm {
         };
         let handles = vcpus
             .into_iter()
-            .map(|v| v.start(dev.bus.clone(), events.clone(), false))
+            .map(|v| v.start(dev.bus.clone(), events.clone(), cfg.start_paused))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Vmm::assemble(
-            vm,
-            handles,
-            dev,
-            machine,
-            RunState::Running,
-            false,
-        ))
+        let run = if cfg.start_paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
+        Ok(Vmm::assemble(vm, handles, dev, machine, run, false))
     }
 
     /// Rebuilds a VM from the snapshot layer in `dir` (and its ancestors) and runs it (or
@@ -628,6 +714,7 @@ impl Vmm {
     /// and `vcpus` vCPUs — everything a restore does that does not depend on the snapshot's
     /// contents, so that [`StandbyVm::adopt`] only checks, loads and starts.
     pub fn standby(mem_mib: u64, vcpus: usize) -> Result<StandbyVm, VmmError> {
+        check_memory_mib(mem_mib)?;
         let machine = MachineConfig {
             mem_bytes: mem_mib << 20,
             vcpus,
@@ -713,7 +800,11 @@ impl Vmm {
                 ram: vm.ram().clone(),
                 vm: Mutex::new(vm),
                 vcpus: Mutex::new(vcpus),
-                state: Mutex::new(state),
+                state: Mutex::new(RunCtl {
+                    run: state,
+                    operator_hold: false,
+                    in_doubt: None,
+                }),
                 machine: machine.clone(),
                 serial: dev.serial.clone(),
                 pv: dev.pv.clone(),
@@ -753,6 +844,8 @@ impl Vmm {
             pid: std::process::id(),
             pauses: self.ctl.pauses.load(std::sync::atomic::Ordering::Relaxed),
             lazy_restore: self.lazy_progress(),
+            operator_paused: self.ctl.operator_paused(),
+            in_doubt: self.ctl.in_doubt(),
         }
     }
 

@@ -370,7 +370,12 @@ impl ServiceManager {
         *lock(&self.shared.migration) = m;
     }
 
-    /// The migration in progress, if any.
+    /// A snapshot layer is being written (see [`crate::snapshot`]).
+    pub fn snapshot_in_progress(&self) -> bool {
+        self.shared.snapshots.in_progress()
+    }
+
+    /// The outgoing migration the services drive, if any.
     pub fn migration(&self) -> Option<Arc<crate::migration::MigrationSource>> {
         lock(&self.shared.migration).clone()
     }

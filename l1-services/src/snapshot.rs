@@ -244,6 +244,15 @@ impl SnapshotEngine {
         }
     }
 
+    /// A layer is being written (opened, neither committed nor failed): the VM's memory and
+    /// pause state belong to it until it ends.
+    pub(crate) fn in_progress(&self) -> bool {
+        lock(&self.jobs).values().any(|j| {
+            let s = lock(&j.status);
+            !s.committed && s.error.is_none()
+        })
+    }
+
     /// Drops every job of a service that goes away.
     pub(crate) fn close_owner(&self, owner: u64) {
         lock(&self.jobs).retain(|_, j| j.owner != owner);

@@ -7,3 +7,20 @@ mod relay;
 
 pub use ns::{Host, NetLab};
 pub use relay::DelayRelay;
+
+/// Whether a test that needs something of the machine (a tool, a privilege) can run. When it
+/// cannot: under CI (`CI=true`, whose set-up installs what every test needs) the test fails
+/// here, since a test must never pass by skipping; elsewhere (a developer's machine without
+/// the tool) it says why on stderr and the caller returns.
+pub fn can_run(test: &str, needs: Result<(), String>) -> bool {
+    match needs {
+        Ok(()) => true,
+        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{test} cannot run under CI: {why} (.ci/setup must install it)")
+        }
+        Err(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+    }
+}

@@ -221,8 +221,10 @@ mod tests {
 
     #[test]
     fn hosts_reach_each_other_through_a_shaped_delayed_link() {
-        if let Err(why) = NetLab::available() {
-            eprintln!("SKIPPED hosts_reach_each_other_through_a_shaped_delayed_link: {why}");
+        if !crate::can_run(
+            "hosts_reach_each_other_through_a_shaped_delayed_link",
+            NetLab::available(),
+        ) {
             return;
         }
         let lab = NetLab::new("t", &["a", "b"]).unwrap();

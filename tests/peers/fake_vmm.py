@@ -5,6 +5,10 @@
 usage: fake_vmm.py MODE run --takeover-fd FD
   MODE=version        answers the offer with state version 999
   MODE=die-after-takeover  says Ready, receives the VM state, then dies without answering
+  MODE=die-after-go   goes through the hand-over, takes the go-ahead, then dies without
+                      confirming (the commit point has passed: the old process is in doubt)
+  MODE=hang-with-child  starts a child process (its pid written to $FAKE_CHILD_PID_FILE), then
+                      never answers the offer
 """
 import json
 import os
@@ -44,6 +48,14 @@ def main():
         os.close(f)
     offer = read_frame(sock, data)
     assert "Offer" in offer, offer
+    if mode == "hang-with-child":
+        child = os.fork()
+        if child == 0:
+            os.execvp("sleep", ["sleep", "600"])
+        with open(os.environ["FAKE_CHILD_PID_FILE"], "w") as f:
+            f.write(str(child))
+        while True:
+            sock.recv(1 << 16) or sys.exit(3)
     if mode == "version":
         send(sock, {"Ready": {"state_version": 999}})
         sock.recv(1)
@@ -51,6 +63,11 @@ def main():
     send(sock, {"Ready": {"state_version": offer["Offer"]["state_version"]}})
     takeover = read_frame(sock)
     assert "Takeover" in takeover
+    if mode == "die-after-go":
+        send(sock, {"Restored": {"restore_us": 1}})
+        go = read_frame(sock)
+        assert go == "Go", go
+        os._exit(1)  # the old process can no longer take the guest back
     os._exit(1)  # dies holding the guest's state, before restoring anything
 
 
