@@ -96,6 +96,17 @@ enum Command {
         /// native `.so`). Repeatable; services attach in the order given.
         #[arg(long = "plugin", value_name = "PATH[:CONFIG]")]
         plugins: Vec<String>,
+        /// Load services (`--plugin`, `plugin attach`, `plugin replace`) only from under this
+        /// directory (repeatable; symlinks and `..` leading out are refused). Wasm components
+        /// there must then pass the owner and mode checks of native ones.
+        #[arg(long = "plugin-dir", value_name = "DIR")]
+        plugin_dirs: Vec<PathBuf>,
+        /// Refuse every native (`.so`) service: only sandboxed Wasm components attach.
+        #[arg(long)]
+        no_native_plugins: bool,
+        /// Load only service files with this SHA-256 (64 hex digits; repeatable).
+        #[arg(long = "plugin-sha256", value_name = "HEX")]
+        plugin_sha256: Vec<String>,
         /// Internal: take a running VM over from another spanvmm process (live update).
         #[arg(long, hide = true, conflicts_with_all = ["kernel", "restore"])]
         takeover_fd: Option<i32>,
@@ -240,6 +251,9 @@ enum PluginOp {
         name: String,
         /// New plugin file.
         path: PathBuf,
+        /// The new file may hold a service of another name (it takes the old one's place).
+        #[arg(long)]
+        rename: bool,
     },
     /// Call a service's method.
     Call {
@@ -272,11 +286,23 @@ fn main() -> ExitCode {
             standby,
             entry,
             plugins,
+            plugin_dirs,
+            no_native_plugins,
+            plugin_sha256,
             takeover_fd,
             incoming,
             tls_dir,
             recovery_timeout_ms,
         } => {
+            if let Err(e) = services::set_plugin_policy(
+                &plugin_dirs,
+                no_native_plugins,
+                &plugin_sha256,
+                takeover_fd.is_some(),
+            ) {
+                eprintln!("spanvmm: {e:#}");
+                return ExitCode::FAILURE;
+            }
             let source = match (takeover_fd, restore, kernel) {
                 (Some(fd), _, _) => Source::Takeover(fd),
                 _ if standby => Source::Standby {
@@ -745,8 +771,8 @@ fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult
             .detach(&name)
             .map(|state| json!({ "name": name, "state_bytes": state.len() }))
             .map_err(|e| (400, e.to_string())),
-        ApiRequest::PluginReplace { name, path } => manager
-            .replace(&name, &path)
+        ApiRequest::PluginReplace { name, path, rename } => manager
+            .replace_with(&name, &path, l1_services::ReplaceOptions { rename })
             .map(|i| json!(i))
             .map_err(|e| (400, e.to_string())),
         ApiRequest::PluginCall { name, method, args } => manager
@@ -869,12 +895,12 @@ fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
                 ("PUT", "/plugins/attach", Some(body))
             }
             PluginOp::Detach { name } => ("PUT", "/plugins/detach", Some(json!({ "name": name }))),
-            PluginOp::Replace { name, path } => {
+            PluginOp::Replace { name, path, rename } => {
                 let path = std::path::absolute(path).context("resolve plugin path")?;
                 (
                     "PUT",
                     "/plugins/replace",
-                    Some(json!({ "name": name, "path": path })),
+                    Some(json!({ "name": name, "path": path, "rename": rename })),
                 )
             }
             PluginOp::Call { name, method, args } => (
