@@ -755,3 +755,67 @@ fn a_failing_replace_keeps_the_old_service_attached_and_working() {
     assert_eq!(info["name"], "hello", "{info}");
     vm.assert_verify_clean(1);
 }
+
+#[test]
+fn the_plugin_policy_survives_a_live_update() {
+    let allowed = TempDir::new("lu-plugin-dir");
+    let outside = TempDir::new("lu-plugin-outside");
+    for f in ["exit-stats.wasm", "introspect.wasm", "libintrospect.so"] {
+        std::fs::copy(plugin(f), allowed.path().join(f)).unwrap();
+        std::fs::copy(plugin(f), outside.path().join(f)).unwrap();
+    }
+    let kernel = guest_elf();
+    let vm = VmProcess::start(
+        "lu-policy",
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "workload=exits,verify exits=500 mib=8",
+            "--memory",
+            "128",
+            "--plugin-dir",
+            allowed.path().to_str().unwrap(),
+            "--no-native-plugins",
+        ],
+    );
+    vm.wait_line("SPANGUEST ready", T);
+    vm.ctl_ok(&[
+        "plugin",
+        "attach",
+        allowed.path().join("exit-stats.wasm").to_str().unwrap(),
+        "--config",
+        STORM,
+    ]);
+    let report = json(&vm.ctl_ok(&["live-update", "--binary", spanvmm()]));
+    let new_pid = report["new_pid"].as_u64().unwrap() as u32;
+    assert_eq!(vm.serving_pid(), Some(new_pid), "{report}");
+    // The successor was started with --takeover-fd only, and keeps the operator's policy.
+    let (ok, out) = vm.ctl(&[
+        "plugin",
+        "attach",
+        outside.path().join("introspect.wasm").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && out.contains("outside the plugin directories"),
+        "{out}"
+    );
+    let (ok, out) = vm.ctl(&[
+        "plugin",
+        "attach",
+        allowed.path().join("libintrospect.so").to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("--no-native-plugins"), "{out}");
+    vm.ctl_ok(&[
+        "plugin",
+        "attach",
+        allowed.path().join("introspect.wasm").to_str().unwrap(),
+    ]);
+    assert!(
+        call(&vm, "exit-stats", "stats", "")["writes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    vm.assert_verify_clean(1);
+}
