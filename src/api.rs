@@ -58,12 +58,14 @@ pub enum ApiRequest {
     },
     /// `PUT /plugins/detach {"name": ...}`
     PluginDetach(String),
-    /// `PUT /plugins/replace {"name": ..., "path": ...}`
+    /// `PUT /plugins/replace {"name": ..., "path": ..., "rename": false}`
     PluginReplace {
         /// Service to replace.
         name: String,
         /// New plugin file.
         path: PathBuf,
+        /// The new file may hold a service of another name.
+        rename: bool,
     },
     /// `PUT /plugins/call {"name": ..., "method": ..., "args": ...}`
     PluginCall {
@@ -150,6 +152,8 @@ struct NameBody {
 struct ReplaceBody {
     name: String,
     path: PathBuf,
+    #[serde(default)]
+    rename: bool,
 }
 
 #[derive(Deserialize)]
@@ -224,6 +228,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, (u16, 
             ApiRequest::PluginReplace {
                 name: b.name,
                 path: b.path,
+                rename: b.rename,
             }
         }
         ("/plugins/call", _) if put => {

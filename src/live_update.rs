@@ -171,6 +171,10 @@ pub fn start(
     on_answer: impl FnOnce(Result<(), String>) + Send + 'static,
 ) -> anyhow::Result<Preparing> {
     let t0 = Instant::now();
+    // The new binary will own the guest: only a file nobody but root and this VMM's user can
+    // have written (the same rule as for native services).
+    let binary = l1_services::check_trusted_file(binary, "live-update binary")?;
+    let binary = binary.path();
     let (mut sock, theirs) = UnixStream::pair().context("socketpair")?;
     // The child inherits its end: clear close-on-exec on it only.
     // SAFETY: fcntl on a descriptor we own.

@@ -96,6 +96,17 @@ enum Command {
         /// native `.so`). Repeatable; services attach in the order given.
         #[arg(long = "plugin", value_name = "PATH[:CONFIG]")]
         plugins: Vec<String>,
+        /// Load services (`--plugin`, `plugin attach`, `plugin replace`) only from under this
+        /// directory (repeatable; symlinks and `..` leading out are refused). Wasm components
+        /// there must then pass the owner and mode checks of native ones.
+        #[arg(long = "plugin-dir", value_name = "DIR")]
+        plugin_dirs: Vec<PathBuf>,
+        /// Refuse every native (`.so`) service: only sandboxed Wasm components attach.
+        #[arg(long)]
+        no_native_plugins: bool,
+        /// Load only service files with this SHA-256 (64 hex digits; repeatable).
+        #[arg(long = "plugin-sha256", value_name = "HEX")]
+        plugin_sha256: Vec<String>,
         /// Internal: take a running VM over from another spanvmm process (live update).
         #[arg(long, hide = true, conflicts_with_all = ["kernel", "restore"])]
         takeover_fd: Option<i32>,
@@ -245,6 +256,9 @@ enum PluginOp {
         name: String,
         /// New plugin file.
         path: PathBuf,
+        /// The new file may hold a service of another name (it takes the old one's place).
+        #[arg(long)]
+        rename: bool,
     },
     /// Call a service's method.
     Call {
@@ -277,6 +291,9 @@ fn main() -> ExitCode {
             standby,
             entry,
             plugins,
+            plugin_dirs,
+            no_native_plugins,
+            plugin_sha256,
             takeover_fd,
             incoming,
             tls_dir,
@@ -287,6 +304,15 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             let start_paused = !plugins.is_empty();
+            if let Err(e) = services::set_plugin_policy(
+                &plugin_dirs,
+                no_native_plugins,
+                &plugin_sha256,
+                takeover_fd.is_some(),
+            ) {
+                eprintln!("spanvmm: {e:#}");
+                return ExitCode::FAILURE;
+            }
             let source = match (takeover_fd, restore, kernel) {
                 (Some(fd), _, _) => Source::Takeover(fd),
                 _ if standby => Source::Standby {
@@ -408,10 +434,14 @@ struct PendingUpdate {
 /// The operation that owns the VM's run state and memory right now, if any. Migrations,
 /// snapshot layers and live updates each pause and resume the guest and read all of its
 /// memory: one at a time, or one silently breaks the other.
+///
+/// `for_snapshot`: the checkpoint service orders its own layers (an eviction waits for a
+/// periodic layer in flight), so a layer being written does not keep it out.
 fn vm_owner(
     migrations: &migrate::Migrations,
     manager: &ServiceManager,
     update: Option<&PendingUpdate>,
+    for_snapshot: bool,
 ) -> Option<String> {
     if let Some(u) = update {
         return Some(format!(
@@ -422,7 +452,7 @@ fn vm_owner(
     if migrations.outgoing() {
         return Some("a migration is in progress (see GET /vm/migration)".into());
     }
-    if manager.snapshot_in_progress() {
+    if !for_snapshot && manager.snapshot_in_progress() {
         return Some("a snapshot is being written (see GET /snapshot/status)".into());
     }
     None
@@ -586,7 +616,8 @@ fn run(
                 break 0;
             }
             Ok(Msg::Api((ApiRequest::LiveUpdate { binary, timeout_ms }, reply, written))) => {
-                if let Some(busy) = vm_owner(&migrations, &manager, pending_update.as_ref()) {
+                if let Some(busy) = vm_owner(&migrations, &manager, pending_update.as_ref(), false)
+                {
                     let _ = reply.send(Err((409, format!("no live update now: {busy}"))));
                     continue;
                 }
@@ -643,7 +674,7 @@ fn run(
                 }
             }
             Ok(Msg::Api((ApiRequest::Migrate(req), reply, _))) => {
-                let answer = match vm_owner(&migrations, &manager, pending_update.as_ref()) {
+                let answer = match vm_owner(&migrations, &manager, pending_update.as_ref(), false) {
                     Some(busy) => Err((409, format!("no migration now: {busy}"))),
                     None => migrations.start(&vmm, &manager, req),
                 };
@@ -658,10 +689,8 @@ fn run(
                 }
             }
             Ok(Msg::Api((ApiRequest::Snapshot(req), reply, _))) => {
-                let answer = match (
-                    &req,
-                    vm_owner(&migrations, &manager, pending_update.as_ref()),
-                ) {
+                let owner = vm_owner(&migrations, &manager, pending_update.as_ref(), true);
+                let answer = match (&req, owner) {
                     (snapshot::SnapshotRequest::Create(_), Some(busy))
                     | (snapshot::SnapshotRequest::Background { .. }, Some(busy)) => {
                         Err((409, format!("no snapshot now: {busy}")))
@@ -671,7 +700,7 @@ fn run(
                 let _ = reply.send(answer);
             }
             Ok(Msg::Api((ApiRequest::Save(dir), reply, _))) => {
-                let answer = match vm_owner(&migrations, &manager, pending_update.as_ref()) {
+                let answer = match vm_owner(&migrations, &manager, pending_update.as_ref(), false) {
                     Some(busy) => Err((409, format!("no save now: {busy}"))),
                     None => handle(&mut vmm, &manager, ApiRequest::Save(dir)),
                 };
@@ -884,8 +913,8 @@ fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult
             .detach(&name)
             .map(|state| json!({ "name": name, "state_bytes": state.len() }))
             .map_err(|e| (400, e.to_string())),
-        ApiRequest::PluginReplace { name, path } => manager
-            .replace(&name, &path)
+        ApiRequest::PluginReplace { name, path, rename } => manager
+            .replace_with(&name, &path, l1_services::ReplaceOptions { rename })
             .map(|i| json!(i))
             .map_err(|e| (400, e.to_string())),
         ApiRequest::PluginCall { name, method, args } => manager
@@ -1008,12 +1037,12 @@ fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
                 ("PUT", "/plugins/attach", Some(body))
             }
             PluginOp::Detach { name } => ("PUT", "/plugins/detach", Some(json!({ "name": name }))),
-            PluginOp::Replace { name, path } => {
+            PluginOp::Replace { name, path, rename } => {
                 let path = std::path::absolute(path).context("resolve plugin path")?;
                 (
                     "PUT",
                     "/plugins/replace",
-                    Some(json!({ "name": name, "path": path })),
+                    Some(json!({ "name": name, "path": path, "rename": rename })),
                 )
             }
             PluginOp::Call { name, method, args } => (

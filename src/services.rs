@@ -3,11 +3,13 @@
 //! them ([`ServicePorts`]).
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use base_vmm::devices::IoHook;
 use base_vmm::vmm::{VmControl, Vmm, VmmError};
-use l1_services::{HostError, ServiceManager, VcpuRegs, VmHost, VmInfo};
+use l1_services::{
+    HostError, ManagerConfig, PluginPolicy, ServiceManager, VcpuRegs, VmHost, VmInfo,
+};
 
 /// The VMM's side of the host interface, over a running VM's controls.
 pub struct VmmHost {
@@ -144,6 +146,38 @@ pub fn cache_dir() -> PathBuf {
         .join("services")
 }
 
+/// The operator's service-file policy of this process (`run --plugin-dir`, ...).
+static POLICY: OnceLock<PluginPolicy> = OnceLock::new();
+
+/// Carries the policy to a live update's successor, which is started with `--takeover-fd`
+/// only (it inherits this process's environment).
+const POLICY_ENV: &str = "SPANVMM_PLUGIN_POLICY";
+
+/// Sets the service-file policy every manager of this process gets, from `run`'s options; a
+/// live update's successor (`takeover`) without options of its own keeps its predecessor's.
+/// Call it before any thread starts (it sets an environment variable).
+pub fn set_plugin_policy(
+    dirs: &[PathBuf],
+    no_native: bool,
+    sha256: &[String],
+    takeover: bool,
+) -> anyhow::Result<()> {
+    let mut policy = PluginPolicy::new(dirs, no_native, sha256).map_err(anyhow::Error::msg)?;
+    if takeover && policy.is_default() {
+        if let Some(inherited) = std::env::var_os(POLICY_ENV) {
+            policy = serde_json::from_str(&inherited.to_string_lossy())
+                .map_err(|e| anyhow::anyhow!("{POLICY_ENV}: {e}"))?;
+        }
+    }
+    if policy.is_default() {
+        std::env::remove_var(POLICY_ENV);
+    } else {
+        std::env::set_var(POLICY_ENV, serde_json::to_string(&policy)?);
+    }
+    let _ = POLICY.set(policy);
+    Ok(())
+}
+
 /// Builds the service manager of `vmm`: built-in device ports are reserved, and the bus hands
 /// every other port, and all MMIO, to the manager.
 pub fn manager_for(vmm: &Vmm) -> anyhow::Result<Arc<ServiceManager>> {
@@ -156,7 +190,11 @@ pub fn manager_for(vmm: &Vmm) -> anyhow::Result<Arc<ServiceManager>> {
             tsc_khz: m.tsc_khz,
         },
     });
-    let manager = Arc::new(ServiceManager::new(host, cache_dir()));
+    let config = ManagerConfig {
+        policy: POLICY.get().cloned().unwrap_or_default(),
+        ..ManagerConfig::default()
+    };
+    let manager = Arc::new(ServiceManager::with_config(host, cache_dir(), config));
     manager.start_async_delivery()?;
     for (base, len) in vmm.bus().owned_ranges() {
         manager.reserve_ports(base, len, "spanvmm (built-in device)")?;

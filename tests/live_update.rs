@@ -380,3 +380,46 @@ fn an_operator_pause_survives_a_live_update() {
     assert_eq!(status(&vm)["state"], "running");
     vm.assert_verify_clean(1);
 }
+
+/// The new binary will own the guest: one that others could have written is refused before
+/// it runs, and the guest is never paused.
+#[test]
+fn an_untrusted_live_update_binary_is_refused_before_it_runs() {
+    use std::os::unix::fs::PermissionsExt;
+    let vm = VmProcess::boot(
+        "luuntrusted",
+        "workload=dirty,verify mib=16 rate=10000 stall_us=50000",
+        128,
+        1,
+    );
+    let dir = TempDir::new("luuntrusted");
+    let marker = dir.path().join("ran");
+    let bin = dir.path().join("new-spanvmm");
+    std::fs::write(
+        &bin,
+        format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display()),
+    )
+    .unwrap();
+    let other_owner = |p: &std::path::Path| {
+        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    let world_writable = |p: &std::path::Path| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    };
+    for (spoil, what) in [
+        (&world_writable as &dyn Fn(&std::path::Path), "writable"),
+        (&other_owner, "owned by"),
+    ] {
+        spoil(&bin);
+        let (ok, out) = vm.ctl(&["live-update", "--binary", bin.to_str().unwrap()]);
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains("live-update binary") && out.contains(what),
+            "{out}"
+        );
+        assert!(!marker.exists(), "the untrusted binary ran");
+    }
+    assert_eq!(status(&vm)["pauses"], 0, "the guest was never paused");
+    vm.assert_verify_clean(1);
+}

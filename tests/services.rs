@@ -438,3 +438,384 @@ fn asynchronous_write_delivery_counts_every_write_and_survives_replace() {
     assert!(after > before, "{before} then {after}");
     vm.assert_verify_clean(1);
 }
+
+// --- Service files are checked before anything of them is loaded or read (#19, #20). ---
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A shared object whose constructor creates `marker` (it is no service: loading it gets as
+/// far as the missing handshake symbol, after the constructor ran).
+fn marker_object(dir: &Path, marker: &Path) -> std::path::PathBuf {
+    let src = dir.join("mark.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\n__attribute__((constructor)) static void mark(void) {\n\
+         FILE *f = fopen(MARKER, \"w\"); if (f) { fputs(\"ran\\n\", f); fclose(f); }\n}\n",
+    )
+    .unwrap();
+    let so = dir.join("libmark.so");
+    let out = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&so)
+        .arg(format!("-DMARKER=\"{}\"", marker.display()))
+        .arg(&src)
+        .output()
+        .expect("run cc");
+    assert!(
+        out.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&src).unwrap();
+    chmod(&so, 0o755);
+    so
+}
+
+/// `spanvmm ctl` that must answer within `limit` (it is killed and the test fails otherwise).
+fn ctl_within(vm: &VmProcess, args: &[&str], limit: Duration) -> (bool, String) {
+    let mut child = std::process::Command::new(spanvmm())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(&vm.api)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("spanvmm ctl {args:?} got no answer within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let mut s = String::from_utf8_lossy(&out.stdout).to_string();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), s)
+}
+
+/// Peak resident set of `pid`, KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in {status}"))
+}
+
+#[test]
+fn an_untrusted_native_plugin_never_runs_in_the_vmm() {
+    let vm = VmProcess::boot("untrusted", "workload=dirty,verify mib=8", 128, 1);
+    let marks = TempDir::new("untrusted-marks");
+    // (setup, words the refusal must contain)
+    let cases: [(&str, &str); 3] = [
+        ("world-writable-dir", "writable by"),
+        ("other-owner", "owned by uid 65534"),
+        ("group-writable", "chmod go-w"),
+    ];
+    for (setup, words) in cases {
+        let dir = TempDir::new(setup);
+        let marker = marks.path().join(format!("{setup}.ran"));
+        let so = marker_object(dir.path(), &marker);
+        match setup {
+            "world-writable-dir" => chmod(dir.path(), 0o1777),
+            "other-owner" => std::os::unix::fs::chown(&so, Some(65534), Some(65534)).unwrap(),
+            _ => chmod(&so, 0o775),
+        }
+        let (ok, out) = vm.ctl(&["plugin", "attach", so.to_str().unwrap()]);
+        assert!(!ok, "{setup}: must be refused: {out}");
+        assert!(
+            out.contains(so.to_str().unwrap()) && out.contains(words),
+            "{setup}: the refusal must name the file and the problem: {out}"
+        );
+        assert!(
+            !out.contains("missing symbol"),
+            "{setup}: refused only after loading it: {out}"
+        );
+        assert!(
+            !marker.exists(),
+            "{setup}: the refused object's constructor ran in the VMM"
+        );
+    }
+    // Control: from a trusted directory the same object is loaded, its constructor runs.
+    let dir = TempDir::new("trusted-mark");
+    let marker = marks.path().join("trusted.ran");
+    let so = marker_object(dir.path(), &marker);
+    let (ok, out) = vm.ctl(&["plugin", "attach", so.to_str().unwrap()]);
+    assert!(!ok && out.contains("missing symbol"), "{out}");
+    assert!(marker.exists(), "the control object's constructor must run");
+    assert_eq!(json(&vm.ctl_ok(&["plugin", "list"])), Value::Array(vec![]));
+    vm.assert_verify_clean(1);
+}
+
+#[test]
+fn a_fifo_or_oversized_plugin_is_refused_and_the_api_stays_responsive() {
+    let vm = VmProcess::boot("fifo", "workload=dirty,verify mib=8", 128, 1);
+    let dir = TempDir::new("fifo-files");
+    let fifo = dir.path().join("service.wasm");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    // Nobody ever opens the FIFO's other end: a blocking open would hang the main loop.
+    let limit = Duration::from_secs(10);
+    let (ok, out) = ctl_within(&vm, &["plugin", "attach", fifo.to_str().unwrap()], limit);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(fifo.to_str().unwrap()) && out.contains("a FIFO, not a regular file"),
+        "{out}"
+    );
+    let (ok, out) = ctl_within(&vm, &["status"], limit);
+    assert!(ok && out.contains("\"running\""), "{out}");
+
+    // A 2 GiB (sparse) file is refused by its size, not read: the VMM's peak RSS stays put.
+    let big = dir.path().join("big.wasm");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    let pid = vm.first_pid();
+    let before = peak_rss_kib(pid);
+    let (ok, out) = ctl_within(&vm, &["plugin", "attach", big.to_str().unwrap()], limit);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(big.to_str().unwrap()) && out.contains("64 MiB"),
+        "{out}"
+    );
+    let grown = peak_rss_kib(pid).saturating_sub(before);
+    assert!(
+        grown < 256 << 10,
+        "the VMM's peak RSS grew by {grown} KiB: the file was read"
+    );
+    // The VMM goes on serving services.
+    vm.ctl_ok(&[
+        "plugin",
+        "attach",
+        &plugin("exit-stats.wasm"),
+        "--config",
+        STORM,
+    ]);
+    vm.assert_verify_clean(1);
+}
+
+#[test]
+fn plugin_dir_and_no_native_plugins_confine_what_attaches() {
+    let allowed = TempDir::new("plugin-dir");
+    let outside = TempDir::new("plugin-outside");
+    for f in ["exit-stats.wasm", "introspect.wasm", "libexit-stats.so"] {
+        std::fs::copy(plugin(f), allowed.path().join(f)).unwrap();
+        std::fs::copy(plugin(f), outside.path().join(f)).unwrap();
+    }
+    let kernel = guest_elf();
+    let inside = allowed.path().join("exit-stats.wasm");
+    let spec = format!("{}:{STORM}", inside.display());
+    let dir_arg = allowed.path().to_str().unwrap();
+    let vm = VmProcess::start(
+        "plugin-dir",
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "workload=exits,verify exits=500 mib=8",
+            "--memory",
+            "128",
+            "--plugin-dir",
+            dir_arg,
+            "--no-native-plugins",
+            "--plugin",
+            &spec,
+        ],
+    );
+    vm.wait_line("SPANGUEST exits", T);
+    let out_file = outside.path().join("introspect.wasm");
+    let escape = allowed.path().join("escape.wasm");
+    std::os::unix::fs::symlink(&out_file, &escape).unwrap();
+    let dotdot = format!(
+        "{}/../{}/introspect.wasm",
+        dir_arg,
+        outside.path().file_name().unwrap().to_str().unwrap()
+    );
+    for p in [
+        out_file.to_str().unwrap(),
+        escape.to_str().unwrap(),
+        &dotdot,
+    ] {
+        let (ok, out) = vm.ctl(&["plugin", "attach", p]);
+        assert!(!ok, "{p}: {out}");
+        assert!(
+            out.contains(p) && out.contains("outside the plugin directories"),
+            "{p}: {out}"
+        );
+    }
+    let so = allowed.path().join("libexit-stats.so");
+    let (ok, out) = vm.ctl(&["plugin", "attach", so.to_str().unwrap()]);
+    assert!(!ok && out.contains("--no-native-plugins"), "{out}");
+    let (ok, out) = vm.ctl(&["plugin", "replace", "exit-stats", so.to_str().unwrap()]);
+    assert!(!ok && out.contains("--no-native-plugins"), "{out}");
+    // Inside the directory a component attaches; the one from --plugin runs.
+    vm.ctl_ok(&[
+        "plugin",
+        "attach",
+        allowed.path().join("introspect.wasm").to_str().unwrap(),
+    ]);
+    assert!(
+        call(&vm, "exit-stats", "stats", "")["writes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    // A --plugin outside the directories stops the start with the reason.
+    let outside_spec = outside.path().join("exit-stats.wasm");
+    let (code, err) = run_to_end(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64",
+        "--plugin-dir",
+        dir_arg,
+        "--plugin",
+        outside_spec.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(outside_spec.to_str().unwrap()) && err.contains("--plugin-dir"),
+        "{err}"
+    );
+    vm.assert_verify_clean(1);
+}
+
+#[test]
+fn a_failing_replace_keeps_the_old_service_attached_and_working() {
+    let vm = VmProcess::boot(
+        "replace-keep",
+        "workload=exits,verify exits=500 mib=8",
+        128,
+        1,
+    );
+    let info = json(&vm.ctl_ok(&[
+        "plugin",
+        "attach",
+        &plugin("exit-stats.wasm"),
+        "--config",
+        STORM,
+    ]));
+    let writes = || {
+        call(&vm, "exit-stats", "stats", "")["writes"]
+            .as_u64()
+            .unwrap()
+    };
+    let dir = TempDir::new("replace-keep");
+    let missing = dir.path().join("missing.wasm");
+    let cases = [
+        (missing.to_str().unwrap().to_string(), "no such file"),
+        (
+            plugin("introspect.wasm"),
+            "holds service introspect, not exit-stats",
+        ),
+    ];
+    for (path, words) in &cases {
+        let before = writes();
+        let (ok, out) = vm.ctl(&["plugin", "replace", "exit-stats", path]);
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains(path.as_str())
+                && out.contains(words)
+                && out.contains("stays attached, untouched"),
+            "{out}"
+        );
+        let list = json(&vm.ctl_ok(&["plugin", "list"]));
+        assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+        // The same instance: attached at the same moment, still counting the guest's writes.
+        assert_eq!(list[0]["attached_at_ms"], info["attached_at_ms"], "{list}");
+        assert_eq!(list[0]["state"], "attached", "{list}");
+        let deadline = Instant::now() + T;
+        while writes() <= before {
+            assert!(
+                Instant::now() < deadline,
+                "the old service stopped counting"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // With --rename another service may take its place.
+    let info = json(&vm.ctl_ok(&[
+        "plugin",
+        "replace",
+        "exit-stats",
+        &plugin("template.wasm"),
+        "--rename",
+    ]));
+    assert_eq!(info["name"], "hello", "{info}");
+    vm.assert_verify_clean(1);
+}
+
+#[test]
+fn the_plugin_policy_survives_a_live_update() {
+    let allowed = TempDir::new("lu-plugin-dir");
+    let outside = TempDir::new("lu-plugin-outside");
+    for f in ["exit-stats.wasm", "introspect.wasm", "libintrospect.so"] {
+        std::fs::copy(plugin(f), allowed.path().join(f)).unwrap();
+        std::fs::copy(plugin(f), outside.path().join(f)).unwrap();
+    }
+    let kernel = guest_elf();
+    let vm = VmProcess::start(
+        "lu-policy",
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "workload=exits,verify exits=500 mib=8",
+            "--memory",
+            "128",
+            "--plugin-dir",
+            allowed.path().to_str().unwrap(),
+            "--no-native-plugins",
+        ],
+    );
+    vm.wait_line("SPANGUEST ready", T);
+    vm.ctl_ok(&[
+        "plugin",
+        "attach",
+        allowed.path().join("exit-stats.wasm").to_str().unwrap(),
+        "--config",
+        STORM,
+    ]);
+    let report = json(&vm.ctl_ok(&["live-update", "--binary", spanvmm()]));
+    let new_pid = report["new_pid"].as_u64().unwrap() as u32;
+    assert_eq!(vm.serving_pid(), Some(new_pid), "{report}");
+    // The successor was started with --takeover-fd only, and keeps the operator's policy.
+    let (ok, out) = vm.ctl(&[
+        "plugin",
+        "attach",
+        outside.path().join("introspect.wasm").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && out.contains("outside the plugin directories"),
+        "{out}"
+    );
+    let (ok, out) = vm.ctl(&[
+        "plugin",
+        "attach",
+        allowed.path().join("libintrospect.so").to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("--no-native-plugins"), "{out}");
+    vm.ctl_ok(&[
+        "plugin",
+        "attach",
+        allowed.path().join("introspect.wasm").to_str().unwrap(),
+    ]);
+    assert!(
+        call(&vm, "exit-stats", "stats", "")["writes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    vm.assert_verify_clean(1);
+}

@@ -169,6 +169,23 @@ pub enum ServiceError {
         /// Cause.
         err: HostError,
     },
+    /// The service file was refused before anything of it was loaded: missing, not a regular
+    /// file, too large, not trustworthy for native code, or against the operator's policy.
+    #[error("{0}")]
+    File(#[from] crate::trust::TrustError),
+    /// A replacement holds another service than the one it is to replace.
+    #[error(
+        "{path} holds service {found}, not {expected}; give the file of {expected}, or \
+         allow the new name explicitly (`plugin replace --rename`, \"rename\": true)"
+    )]
+    NameMismatch {
+        /// The replacement's file.
+        path: PathBuf,
+        /// Name in its manifest.
+        found: String,
+        /// Name of the service to replace.
+        expected: String,
+    },
     /// The Wasm runtime could not be set up.
     #[error("wasm runtime: {0}")]
     Runtime(String),

@@ -21,16 +21,18 @@ pub mod memops;
 pub mod migration;
 mod native;
 mod snapshot;
+pub mod trust;
 mod wasm;
 
 pub use ctx::Notification;
 pub use error::{HostError, ServiceError};
 pub use host::{RamHost, VmHost};
 pub use manager::{
-    AttachOptions, HandedService, ManagerConfig, ServiceInfo, ServiceKind, ServiceManager,
-    ServiceState, ServiceStats,
+    AttachOptions, HandedService, ManagerConfig, PluginPolicy, ReplaceOptions, ServiceInfo,
+    ServiceKind, ServiceManager, ServiceState, ServiceStats,
 };
 pub use spanvmm_sdk::{
     Capability, Event, EventKind, EventReply, Lifecycle, Manifest, MmioRange, PortRange,
     Translation, VcpuRegs, VmInfo, ABI_VERSION,
 };
+pub use trust::{check_trusted_file, TrustError, TrustedFile, MAX_SERVICE_FILE_BYTES};

@@ -21,6 +21,7 @@ use crate::ctx::{
 use crate::error::ServiceError;
 use crate::host::VmHost;
 use crate::native::NativeService;
+use crate::trust::{FileRules, TrustedFile, MAX_SERVICE_FILE_BYTES};
 use crate::wasm::{WasmRuntime, WasmSettings};
 
 /// Knobs of a [`ServiceManager`].
@@ -39,6 +40,55 @@ pub struct ManagerConfig {
     pub max_services: usize,
     /// Use wasmtime's pooling allocator (faster instantiation, memory reserved up front).
     pub pooling: bool,
+    /// Which service files the operator allows (plugin directories, native services, hashes).
+    pub policy: PluginPolicy,
+}
+
+/// The operator's rules for service files, fixed when the manager is created (`spanvmm run
+/// --plugin-dir DIR --no-native-plugins --plugin-sha256 HEX`). Whatever the policy, a service
+/// file must be a regular file of at most [`MAX_SERVICE_FILE_BYTES`], and a native one must
+/// pass [`crate::trust::check_trusted_file`]'s owner and mode checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PluginPolicy {
+    /// When not empty, only files under these directories (canonical paths) are loaded, and
+    /// Wasm components there get the owner and mode checks of native code too.
+    pub dirs: Vec<PathBuf>,
+    /// Refuse every native (`.so`) service.
+    pub no_native: bool,
+    /// When not empty, only files with one of these SHA-256 digests are loaded.
+    pub sha256: Vec<[u8; 32]>,
+}
+
+impl PluginPolicy {
+    /// A policy from the operator's options: each directory must exist (it is canonicalized:
+    /// symlinks and `..` resolved), each hash must be 64 hex digits.
+    pub fn new(dirs: &[PathBuf], no_native: bool, sha256: &[String]) -> Result<Self, String> {
+        let dirs = dirs
+            .iter()
+            .map(|d| {
+                let c = std::fs::canonicalize(d)
+                    .map_err(|e| format!("plugin directory {}: {e}", d.display()))?;
+                if !c.is_dir() {
+                    return Err(format!("plugin directory {}: not a directory", d.display()));
+                }
+                Ok(c)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let sha256 = sha256
+            .iter()
+            .map(|h| crate::trust::parse_sha256(h).map_err(|e| format!("--plugin-sha256: {e}")))
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(PluginPolicy {
+            dirs,
+            no_native,
+            sha256,
+        })
+    }
+
+    /// Whether anything is restricted beyond the defaults.
+    pub fn is_default(&self) -> bool {
+        *self == PluginPolicy::default()
+    }
 }
 
 impl Default for ManagerConfig {
@@ -50,6 +100,7 @@ impl Default for ManagerConfig {
             memory_limit: 64 << 20,
             max_services: 16,
             pooling: true,
+            policy: PluginPolicy::default(),
         }
     }
 }
@@ -152,6 +203,26 @@ pub struct ServiceInfo {
     pub stats: ServiceStats,
     /// Metrics the service recorded.
     pub metrics: BTreeMap<String, f64>,
+}
+
+/// A service loaded and described, not attached yet.
+struct Loaded {
+    t0: Instant,
+    id: u64,
+    ctx: Arc<ServiceCtx>,
+    backend: Box<dyn Backend>,
+    kind: ServiceKind,
+    manifest: Manifest,
+}
+
+/// Options of [`ServiceManager::replace_with`].
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct ReplaceOptions {
+    /// The replacement may be a service of another name (it takes the old one's place, config
+    /// and state all the same). Without it, a file holding another service is refused before
+    /// the old one is touched.
+    #[serde(default)]
+    pub rename: bool,
 }
 
 struct Slot {
@@ -328,6 +399,18 @@ fn le_value(data: &[u8]) -> u64 {
         .fold(0, |v, (i, b)| v | (*b as u64) << (8 * i))
 }
 
+/// A service speaking another version of the interface is refused before anything else.
+fn check_abi(m: &Manifest, path: &Path) -> Result<(), ServiceError> {
+    if m.abi_version != spanvmm_sdk::ABI_VERSION {
+        return Err(ServiceError::AbiMismatch {
+            path: path.into(),
+            found: m.abi_version,
+            expected: spanvmm_sdk::ABI_VERSION,
+        });
+    }
+    Ok(())
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -396,7 +479,9 @@ impl ServiceManager {
                         epoch_tick: self.config.epoch_tick,
                         memory_limit: self.config.memory_limit,
                         pooling: self.config.pooling,
-                        max_services: self.config.max_services as u32,
+                        // One more than attached at once: a replacement is loaded and checked
+                        // while the service it replaces still runs.
+                        max_services: self.config.max_services as u32 + 1,
                     },
                 )
                 .map_err(|e| e.to_string())
@@ -494,8 +579,15 @@ impl ServiceManager {
     }
 
     fn taken_ports(c: &Control) -> Vec<(PortRange, String)> {
-        let mut taken = c.reserved.clone();
-        for s in &c.services {
+        Self::taken_ports_of(&c.reserved, &c.services)
+    }
+
+    fn taken_ports_of(
+        reserved: &[(PortRange, String)],
+        services: &[Arc<Slot>],
+    ) -> Vec<(PortRange, String)> {
+        let mut taken = reserved.to_vec();
+        for s in services {
             for r in &s.ports {
                 taken.push((*r, format!("service {}", s.name())));
             }
@@ -504,7 +596,11 @@ impl ServiceManager {
     }
 
     fn taken_mmio(c: &Control) -> Vec<(MmioRange, String)> {
-        c.services
+        Self::taken_mmio_of(&c.services)
+    }
+
+    fn taken_mmio_of(services: &[Arc<Slot>]) -> Vec<(MmioRange, String)> {
+        services
             .iter()
             .flat_map(|s| s.mmio.iter().map(|r| (*r, format!("service {}", s.name()))))
             .collect()
@@ -531,38 +627,84 @@ impl ServiceManager {
         Ok(())
     }
 
+    /// Opens a service file under the operator's policy; every check runs before anything of
+    /// it is read or loaded. Returns the checked file and, for Wasm (and whenever hashes are
+    /// allowed-listed), its bytes, read through the checked descriptor.
+    fn open_service_file(
+        &self,
+        path: &Path,
+        kind: ServiceKind,
+    ) -> Result<(TrustedFile, Option<Vec<u8>>), ServiceError> {
+        let policy = &self.config.policy;
+        if kind == ServiceKind::Native && policy.no_native {
+            return Err(crate::trust::native_disabled(path).into());
+        }
+        let what = match kind {
+            ServiceKind::Wasm => "Wasm plugin",
+            ServiceKind::Native => "native plugin",
+        };
+        let file = crate::trust::open_checked(
+            path,
+            &FileRules {
+                what,
+                // Native code runs as the VMM; a Wasm component is sandboxed, but from
+                // operator-configured directories it must meet the same rules.
+                trusted: kind == ServiceKind::Native || !policy.dirs.is_empty(),
+                max_len: Some(MAX_SERVICE_FILE_BYTES),
+                under: &policy.dirs,
+            },
+        )?;
+        let bytes = if kind == ServiceKind::Wasm || !policy.sha256.is_empty() {
+            Some(file.read_all(what, MAX_SERVICE_FILE_BYTES)?)
+        } else {
+            None
+        };
+        if let Some(b) = bytes.as_ref().filter(|_| !policy.sha256.is_empty()) {
+            use sha2::Digest;
+            let digest: [u8; 32] = sha2::Sha256::digest(b).into();
+            if !policy.sha256.contains(&digest) {
+                return Err(crate::trust::not_allow_listed(what, path, &digest).into());
+            }
+        }
+        Ok((file, bytes))
+    }
+
     fn load(
         &self,
         path: &Path,
         ctx: Arc<ServiceCtx>,
     ) -> Result<(Box<dyn Backend>, ServiceKind), ServiceError> {
         let kind = ServiceKind::of(path).ok_or_else(|| ServiceError::UnknownKind(path.into()))?;
-        if !path.exists() {
-            return Err(ServiceError::Io {
-                path: path.into(),
-                err: std::io::Error::from(std::io::ErrorKind::NotFound),
-            });
-        }
+        let (file, bytes) = self.open_service_file(path, kind)?;
         match kind {
             ServiceKind::Wasm => {
-                let svc = self.wasm()?.instantiate(path, ctx)?;
+                let bytes = bytes.expect("read for Wasm");
+                let svc = self.wasm()?.instantiate(path, &bytes, ctx)?;
                 Ok((Box::new(svc), kind))
             }
             ServiceKind::Native => {
-                let svc = NativeService::load(path, ctx)?;
+                let svc = NativeService::load(path, &file, ctx)?;
                 Ok((Box::new(svc), kind))
             }
         }
     }
 
-    fn check_manifest(&self, c: &Control, m: &Manifest, path: &Path) -> Result<(), ServiceError> {
-        if m.abi_version != spanvmm_sdk::ABI_VERSION {
-            return Err(ServiceError::AbiMismatch {
-                path: path.into(),
-                found: m.abi_version,
-                expected: spanvmm_sdk::ABI_VERSION,
-            });
-        }
+    /// Checks a manifest against the host and the services in `c` (but `except`, the one a
+    /// replacement will take the place of).
+    fn check_manifest(
+        &self,
+        c: &Control,
+        except: Option<u64>,
+        m: &Manifest,
+        path: &Path,
+    ) -> Result<(), ServiceError> {
+        let others: Vec<Arc<Slot>> = c
+            .services
+            .iter()
+            .filter(|s| Some(s.id) != except)
+            .cloned()
+            .collect();
+        check_abi(m, path)?;
         let bad = |msg: String| ServiceError::Manifest {
             name: m.name.clone(),
             path: path.into(),
@@ -587,12 +729,11 @@ impl ServiceManager {
         if m.events.contains(&EventKind::Tick) && m.tick_period_ms == 0 {
             return Err(bad("subscribes to ticks with a tick period of 0 ms".into()));
         }
-        if c.services.iter().any(|s| s.name() == m.name) {
+        if others.iter().any(|s| s.name() == m.name) {
             return Err(ServiceError::Duplicate(m.name.clone()));
         }
         for cap in m.capabilities.iter().filter(|c| c.is_exclusive()) {
-            if let Some(holder) = c
-                .services
+            if let Some(holder) = others
                 .iter()
                 .find(|s| s.manifest.capabilities.contains(cap))
             {
@@ -603,7 +744,7 @@ impl ServiceManager {
                 });
             }
         }
-        let taken = Self::taken_ports(c);
+        let taken = Self::taken_ports_of(&c.reserved, &others);
         for range in &m.ports {
             if let Some((owned, owner)) = taken.iter().find(|(r, _)| r.overlaps(range)) {
                 return Err(ServiceError::PortConflict {
@@ -614,7 +755,7 @@ impl ServiceManager {
                 });
             }
         }
-        let taken = Self::taken_mmio(c);
+        let taken = Self::taken_mmio_of(&others);
         for range in &m.mmio {
             if let Some((owned, owner)) = taken.iter().find(|(r, _)| r.overlaps(range)) {
                 return Err(ServiceError::MmioConflict {
@@ -641,10 +782,16 @@ impl ServiceManager {
         state: Option<&[u8]>,
         inherit_dirty: Option<u64>,
     ) -> Result<Arc<Slot>, ServiceError> {
-        let t0 = Instant::now();
         if c.services.len() >= self.config.max_services {
             return Err(ServiceError::TooMany(self.config.max_services));
         }
+        let loaded = self.prepare(c, path)?;
+        self.finish(c, loaded, path, config, opts, order, state, inherit_dirty)
+    }
+
+    /// Loads a service and reads its manifest; nothing is attached or claimed yet.
+    fn prepare(&self, c: &mut Control, path: &Path) -> Result<Loaded, ServiceError> {
+        let t0 = Instant::now();
         c.next_id += 1;
         let id = c.next_id;
         let ctx = Arc::new(ServiceCtx::new(self.shared.clone(), id));
@@ -655,7 +802,38 @@ impl ServiceManager {
                 path: path.into(),
                 msg: format!("describe failed: {msg}"),
             })?;
-        self.check_manifest(c, &manifest, path)?;
+        Ok(Loaded {
+            t0,
+            id,
+            ctx,
+            backend,
+            kind,
+            manifest,
+        })
+    }
+
+    /// Checks a prepared service against the others and attaches it (see `start`).
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        c: &mut Control,
+        loaded: Loaded,
+        path: &Path,
+        config: &str,
+        opts: AttachOptions,
+        order: Option<u64>,
+        state: Option<&[u8]>,
+        inherit_dirty: Option<u64>,
+    ) -> Result<Arc<Slot>, ServiceError> {
+        let Loaded {
+            t0,
+            id,
+            ctx,
+            mut backend,
+            kind,
+            manifest,
+        } = loaded;
+        self.check_manifest(c, None, &manifest, path)?;
         let name = manifest.name.clone();
         backend.set_name(&name);
         ctx.grant(&name, &manifest.capabilities);
@@ -836,13 +1014,64 @@ impl ServiceManager {
         r
     }
 
-    /// Replaces a service by the one in `new_path`: the old one detaches, its state goes to the
-    /// new one's `resume-from` (after `attach` with the old configuration), and the new one
-    /// takes the old one's place in the event order. If the new one fails, the old one is
-    /// attached again with its state.
+    /// Replaces a service by the one in `new_path`: the new one is loaded and its manifest
+    /// checked first (same name as the old one) while the old one keeps running, so a missing,
+    /// refused or unloadable file, or another service, leaves the old one attached and
+    /// untouched. Then the old one detaches, its state goes to the new one's `resume-from`
+    /// (after `attach` with the old configuration), and the new one takes the old one's place
+    /// in the event order. If the new one fails from there on, the old one is attached again
+    /// with its state.
     pub fn replace(&self, name: &str, new_path: &Path) -> Result<ServiceInfo, ServiceError> {
+        self.replace_with(name, new_path, ReplaceOptions::default())
+    }
+
+    /// [`ServiceManager::replace`] with options (a replacement of another name).
+    pub fn replace_with(
+        &self,
+        name: &str,
+        new_path: &Path,
+        ropts: ReplaceOptions,
+    ) -> Result<ServiceInfo, ServiceError> {
         let mut c = self.control();
         let i = self.find(&mut c, name)?;
+        let untouched = |cause: ServiceError| ServiceError::Replace {
+            name: name.into(),
+            cause: Box::new(cause),
+            rollback: "the old service stays attached, untouched".into(),
+        };
+        let old_id = c.services[i].id;
+        let new_kind = ServiceKind::of(new_path)
+            .ok_or_else(|| untouched(ServiceError::UnknownKind(new_path.into())))?;
+        // The very native object the old service runs from cannot be loaded a second time
+        // while it serves: it is checked now, loaded once the old one let go of it.
+        let same_object =
+            new_kind == ServiceKind::Native && c.services[i].kind == ServiceKind::Native && {
+                let (file, _) = self
+                    .open_service_file(new_path, new_kind)
+                    .map_err(untouched)?;
+                crate::native::loaded_by(file.id()).as_deref() == Some(name)
+            };
+        let prepared = if same_object {
+            None
+        } else {
+            let l = self.prepare(&mut c, new_path).map_err(untouched)?;
+            check_abi(&l.manifest, new_path).map_err(untouched)?;
+            if l.manifest.name != name && !ropts.rename {
+                return Err(untouched(ServiceError::NameMismatch {
+                    path: new_path.into(),
+                    found: l.manifest.name.clone(),
+                    expected: name.into(),
+                }));
+            }
+            self.check_manifest(&c, Some(old_id), &l.manifest, new_path)
+                .map_err(untouched)?;
+            Some(l)
+        };
+        let i = c
+            .services
+            .iter()
+            .position(|s| s.id == old_id)
+            .expect("the control lock is held");
         let (old, state) = self.stop(&mut c, i);
         let state = match state {
             Ok(s) => s,
@@ -856,15 +1085,28 @@ impl ServiceManager {
         let opts = AttachOptions {
             async_port_writes: old.async_port_writes,
         };
-        match self.start(
-            &mut c,
-            new_path,
-            &old.config,
-            opts,
-            Some(old.order),
-            Some(&state),
-            inherit,
-        ) {
+        let started = match prepared {
+            Some(l) => self.finish(
+                &mut c,
+                l,
+                new_path,
+                &old.config,
+                opts,
+                Some(old.order),
+                Some(&state),
+                inherit,
+            ),
+            None => self.start(
+                &mut c,
+                new_path,
+                &old.config,
+                opts,
+                Some(old.order),
+                Some(&state),
+                inherit,
+            ),
+        };
+        match started {
             Ok(slot) => {
                 if had_dirty && !slot.manifest.capabilities.contains(&Capability::DirtyLog) {
                     lock(&self.shared.dirty).unregister(old.id, &*self.shared.host);

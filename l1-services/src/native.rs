@@ -19,20 +19,20 @@ use spanvmm_sdk::{Event, EventReply, LogLevel, Manifest, VcpuRegs, ABI_VERSION};
 use crate::backend::{Backend, Fatal};
 use crate::ctx::{lock, ServiceCtx};
 use crate::error::ServiceError;
+use crate::trust::TrustedFile;
 
-/// (device, inode) of a file: the identity dlopen uses. An object is loaded once per
-/// process (its statics hold the service), whatever path or manager it comes through.
-fn file_id(path: &Path) -> Result<(u64, u64), ServiceError> {
-    std::fs::metadata(path)
-        .map(|m| (m.dev(), m.ino()))
-        .map_err(|err| ServiceError::Io {
-            path: path.to_path_buf(),
-            err,
-        })
-}
-
-/// Native objects loaded in this process, with the service name using each.
+/// Native objects loaded in this process by (device, inode), the identity dlopen uses, with
+/// the service name using each. An object is loaded once per process (its statics hold the
+/// service), whatever path or manager it comes through.
 static LOADED: Mutex<Vec<((u64, u64), String)>> = Mutex::new(Vec::new());
+
+/// The service using the native object with (device, inode) `id`, if it is loaded.
+pub(crate) fn loaded_by(id: (u64, u64)) -> Option<String> {
+    lock(&LOADED)
+        .iter()
+        .find(|(f, _)| *f == id)
+        .map(|(_, user)| user.clone())
+}
 
 struct Fns {
     describe: abi::DescribeFn,
@@ -75,9 +75,14 @@ fn sym<T: Copy>(lib: &Library, path: &Path, name: &str) -> Result<T, ServiceErro
 }
 
 impl NativeService {
-    /// Opens `path`, checks the ABI handshake and resolves every entry point.
-    pub(crate) fn load(path: &Path, ctx: Arc<ServiceCtx>) -> Result<Self, ServiceError> {
-        let id = file_id(path)?;
+    /// Loads `file` (opened from `path` and checked by `trust::open_checked` as trusted code:
+    /// owner, mode, directories), checks the ABI handshake and resolves every entry point.
+    pub(crate) fn load(
+        path: &Path,
+        file: &TrustedFile,
+        ctx: Arc<ServiceCtx>,
+    ) -> Result<Self, ServiceError> {
+        let id = file.id();
         let mut loaded = lock(&LOADED);
         if let Some((_, user)) = loaded.iter().find(|(f, _)| *f == id) {
             return Err(ServiceError::Load {
@@ -88,9 +93,26 @@ impl NativeService {
                 ),
             });
         }
+        // The checked file by its canonical path: it and every directory above it are writable
+        // only by root and the VMM's user (checked), so nobody else can have swapped it since.
+        let canonical = file.path();
+        if std::fs::metadata(canonical)
+            .map(|m| (m.dev(), m.ino()))
+            .ok()
+            != Some(id)
+        {
+            return Err(ServiceError::Load {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "{} changed while it was being loaded; try again",
+                    canonical.display()
+                ),
+            });
+        }
         // SAFETY: loading runs the object's initializers. Native services are trusted code by
-        // definition (docs/plugin-guide.md); everything after this point is checked.
-        let lib = unsafe { Library::new(path) }.map_err(|e| ServiceError::Load {
+        // definition (docs/plugin-guide.md), and the file passed the trust checks (owner,
+        // mode, directories) just before; everything after this point is checked.
+        let lib = unsafe { Library::new(canonical) }.map_err(|e| ServiceError::Load {
             path: path.to_path_buf(),
             msg: format!("cannot load shared object: {e}"),
         })?;

@@ -247,16 +247,12 @@ impl WasmRuntime {
             .map_err(|e| load(format!("cannot load the compiled component: {e:#}")))
     }
 
-    fn pre(&self, path: &Path) -> Result<ServicePre<StoreState>, ServiceError> {
-        let bytes = fs::read(path).map_err(|err| ServiceError::Io {
-            path: path.to_path_buf(),
-            err,
-        })?;
-        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    fn pre(&self, path: &Path, bytes: &[u8]) -> Result<ServicePre<StoreState>, ServiceError> {
+        let digest: [u8; 32] = Sha256::digest(bytes).into();
         if let Some(pre) = lock(&self.pres).get(&digest) {
             return Ok(pre.clone());
         }
-        let component = self.component(path, &bytes, &digest)?;
+        let component = self.component(path, bytes, &digest)?;
         let load = |what: &str, e: wasmtime::Error| ServiceError::Load {
             path: path.to_path_buf(),
             msg: format!("{what}: {e:#}"),
@@ -275,13 +271,15 @@ impl WasmRuntime {
         Ok(pre)
     }
 
-    /// Loads and instantiates the component at `path` for a service with context `ctx`.
+    /// Instantiates the component `bytes` (read from `path`, checked by the manager) for a
+    /// service with context `ctx`.
     pub(crate) fn instantiate(
         &self,
         path: &Path,
+        bytes: &[u8],
         ctx: Arc<ServiceCtx>,
     ) -> Result<WasmService, ServiceError> {
-        let pre = self.pre(path)?;
+        let pre = self.pre(path, bytes)?;
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.settings.memory_limit)
             .table_elements(1 << 20)

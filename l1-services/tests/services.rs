@@ -111,18 +111,35 @@ fn replace_hands_state_over_between_runtimes() {
         json(&m.call("exit-stats", "stats", "").unwrap())["writes"],
         6
     );
-    // A failing replacement rolls back to the old service with its state.
+    // A replacement refused at load leaves the old service attached, never detached.
     let err = m.replace("exit-stats", &wasm("abi-mismatch")).unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.contains("ABI version 999") && msg.contains("attached again"),
+        msg.contains("ABI version 999") && msg.contains("stays attached, untouched"),
         "{msg}"
     );
+
     assert_eq!(
         json(&m.call("exit-stats", "stats", "").unwrap())["writes"],
         6
     );
     assert_eq!(m.list().len(), 1);
+    // One failing after the hand-over began rolls back to the old service with its state:
+    // exit-stats refuses the template's state (or its config), which is not its own.
+    m.detach("exit-stats").unwrap();
+    m.attach(&wasm("template"), "").unwrap();
+    let err = m
+        .replace_with(
+            "hello",
+            &wasm("exit-stats"),
+            l1_services::ReplaceOptions { rename: true },
+        )
+        .map(|_| ())
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("attached again"), "{msg}");
+    let names: Vec<_> = m.list().into_iter().map(|i| i.name).collect();
+    assert_eq!(names, ["hello"]);
 }
 
 #[test]
@@ -432,10 +449,12 @@ fn bad_plugins_are_refused_clearly() {
         m.attach(&junk, ""),
         Err(ServiceError::Load { .. })
     ));
-    assert!(matches!(
-        m.attach(&dir.join("absent.wasm"), ""),
-        Err(ServiceError::Io { .. })
-    ));
+    let err = m.attach(&dir.join("absent.wasm"), "").unwrap_err();
+    assert!(
+        matches!(&err, ServiceError::File(e) if e.problem == l1_services::trust::TrustProblem::Missing),
+        "{err}"
+    );
+    assert!(err.to_string().contains("absent.wasm"), "{err}");
     assert!(matches!(
         m.attach(&dir.join("x.txt"), ""),
         Err(ServiceError::UnknownKind(_))
