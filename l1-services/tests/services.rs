@@ -760,8 +760,10 @@ fn a_vcpu_never_waits_for_a_service_that_waits_for_vcpus() {
         let mut d = [0u8; 1];
         assert!(m.on_port_read(0x6f0, &mut d));
         assert_eq!(d, [0xff]);
+        // Waiting for the service would take the rest of its 1 s pause; queueing takes µs
+        // (the bound leaves room for a busy host's scheduling).
         assert!(
-            t.elapsed() < Duration::from_millis(100),
+            t.elapsed() < Duration::from_millis(500),
             "{:?}",
             t.elapsed()
         );
