@@ -395,10 +395,13 @@ pub fn incoming(
     loop {
         let msg = match rx.recv_timeout(Duration::from_millis(20)) {
             Ok(m) => m,
-            // Nobody sends any more (no API): only the migration is left to wait for.
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+            Err(e) => {
                 if worker.is_finished() {
                     return join(worker).map(|vmm| Some((vmm, dest)));
+                }
+                if e == RecvTimeoutError::Disconnected {
+                    // Nothing can come in any more: only the migration is left to wait for.
+                    std::thread::sleep(Duration::from_millis(20));
                 }
                 continue;
             }
