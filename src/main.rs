@@ -481,10 +481,11 @@ fn run(
             }
         }
     });
-    // A standby VMM answers its API before there is a VM; the others start serving once the
-    // VM runs (a live update's listener comes from the old process).
+    // A standby VMM and a migration destination answer their API before there is a VM; the
+    // others start serving once the VM runs (a live update's listener comes from the old
+    // process).
     let mut api = ApiServing::default();
-    if matches!(source, Source::Standby { .. }) {
+    if matches!(source, Source::Standby { .. } | Source::Incoming { .. }) {
         api.start(listener.take(), &tx)?;
     }
     // A booted or restored guest waits for its --plugin services before its first instruction.
@@ -546,9 +547,20 @@ fn run(
             recovery,
             mem_mib,
         } => {
-            let (vmm, dest) =
-                migrate::incoming(&addr, &tls_dir, &serial, vcpu_tx, recovery, mem_mib)
-                    .context("incoming migration")?;
+            let r = migrate::incoming(
+                &addr, &tls_dir, &serial, vcpu_tx, recovery, mem_mib, &rx, &tx,
+            );
+            let (vmm, dest) = match r {
+                Ok(Some(arrived)) => arrived,
+                Ok(None) => {
+                    api.remove_socket();
+                    return Ok(0);
+                }
+                Err(e) => {
+                    api.remove_socket();
+                    return Err(e.context("incoming migration"));
+                }
+            };
             migrations.incoming = Some(dest);
             let manager = services::manager_for(&vmm)?;
             manager.lifecycle(Lifecycle::Migrated);
@@ -590,7 +602,7 @@ fn run(
                 break 1;
             }
         }
-        if moved_at.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
+        if moved_at.is_some_and(|t| t.elapsed() > migrate::REPORT_GRACE) {
             break 0;
         }
         // Services with a tick period are served from here, between messages.
@@ -673,20 +685,32 @@ fn run(
                     }
                 }
             }
-            Ok(Msg::Api((ApiRequest::Migrate(req), reply, _))) => {
-                let answer = match vm_owner(&migrations, &manager, pending_update.as_ref(), false) {
-                    Some(busy) => Err((409, format!("no migration now: {busy}"))),
-                    None => migrations.start(&vmm, &manager, req),
+            Ok(Msg::Api((ApiRequest::Migrate(req), reply, written))) => {
+                let busy = match &req {
+                    migrate::MigrateRequest::Start(_) => {
+                        vm_owner(&migrations, &manager, pending_update.as_ref(), false)
+                    }
+                    migrate::MigrateRequest::Poll(_) => None,
                 };
+                if let Some(busy) = busy {
+                    let _ = reply.send(Err((409, format!("no migration now: {busy}"))));
+                    continue;
+                }
+                let (answer, moved) = migrations.request(&vmm, &manager, req);
                 let _ = reply.send(answer);
-            }
-            Ok(Msg::Api((ApiRequest::MigrationStatus, reply, written))) => {
-                let _ = reply.send(Ok(migrations.status()));
-                if migrations.moved() {
-                    // The report is out: the guest lives elsewhere now.
+                if moved {
+                    // The migration's starter has the report: the guest lives elsewhere now.
                     let _ = written.recv_timeout(Duration::from_secs(5));
                     break 0;
                 }
+            }
+            Ok(Msg::Api((ApiRequest::MigrationStatus, reply, _))) => {
+                let _ = reply.send(Ok(migrations.status()));
+            }
+            Ok(Msg::Api((ApiRequest::Pause | ApiRequest::Resume { .. }, reply, _)))
+                if migrations.holds_guest() =>
+            {
+                let _ = reply.send(migrations.refuse_while_held());
             }
             Ok(Msg::Api((ApiRequest::Snapshot(req), reply, _))) => {
                 let owner = vm_owner(&migrations, &manager, pending_update.as_ref(), true);
@@ -996,13 +1020,7 @@ fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
             "recovery_timeout_ms": recovery_timeout_ms,
             "commit_with_state": commit_with_state,
         });
-        return match migrate::ctl_migrate(socket, body, report)? {
-            true => Ok(()),
-            false => anyhow::bail!(
-                "the migration failed; the VM runs on at the source (report in {})",
-                report.display()
-            ),
-        };
+        return migrate::ctl_migrate(socket, body, report);
     }
     let (method, path, body): (&str, &str, Option<Value>) = match &op {
         CtlOp::Migrate { .. } => unreachable!("handled above"),

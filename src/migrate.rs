@@ -4,7 +4,7 @@
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,10 +20,49 @@ use l1_services::{Capability, ServiceManager};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-/// `PUT /vm/migrate`.
+use crate::api::{ApiRequest, ApiResult};
+use crate::Msg;
+
+/// How long a source whose guest has moved away waits for the client that started the
+/// migration to fetch its report before exiting anyway (that client gone, say).
+pub const REPORT_GRACE: Duration = Duration::from_secs(30);
+
+/// `PUT /vm/migrate`: start a migration, or (`{"poll": ID}`) the progress and then the report
+/// of migration `ID` for the client that started it. Only that poll lets a source whose
+/// guest has moved exit (`GET /vm/migration` is for anyone and never does).
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "Value")]
+pub enum MigrateRequest {
+    /// Start one.
+    Start(MigrateStart),
+    /// The starter's poll of migration `ID`.
+    Poll(u64),
+}
+
+impl TryFrom<Value> for MigrateRequest {
+    type Error = String;
+
+    fn try_from(v: Value) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Poll {
+            poll: u64,
+        }
+        if v.get("poll").is_some() {
+            return serde_json::from_value::<Poll>(v)
+                .map(|p| MigrateRequest::Poll(p.poll))
+                .map_err(|e| e.to_string());
+        }
+        serde_json::from_value(v)
+            .map(MigrateRequest::Start)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// `PUT /vm/migrate` starting a migration.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MigrateRequest {
+pub struct MigrateStart {
     /// Destination, `HOST:PORT` or `tls://HOST:PORT`.
     pub to: String,
     /// Policy service to attach for the duration; none: the attached `drives-migration`
@@ -68,11 +107,14 @@ impl SourceVm for Vm {
     fn ram(&self) -> &Arc<GuestRam> {
         self.ctl.ram()
     }
-    fn pause(&self) -> Result<(), String> {
-        self.ctl.pause().map(|_| ()).map_err(|e| e.to_string())
+    fn pause(&self) -> Result<bool, String> {
+        self.ctl.pause().map_err(|e| e.to_string())
     }
     fn resume(&self) -> Result<(), String> {
         self.ctl.resume().map(|_| ()).map_err(|e| e.to_string())
+    }
+    fn running(&self) -> bool {
+        self.ctl.run_state() == base_vmm::vmm::RunState::Running
     }
     fn machine(&self) -> Vec<u8> {
         self.machine.clone()
@@ -85,12 +127,21 @@ impl SourceVm for Vm {
     }
 }
 
+/// An outgoing migration: its engine, the service attached for it, its id.
+struct Outgoing {
+    session: Arc<MigrationSource>,
+    attached: Option<String>,
+    id: u64,
+}
+
 /// The VM's migrations, as the main loop keeps them.
 #[derive(Default)]
 pub struct Migrations {
-    out: Option<(Arc<MigrationSource>, Option<String>)>,
-    /// The last finished outgoing migration's report.
-    last: Option<Value>,
+    out: Option<Outgoing>,
+    /// The last finished outgoing migration's id and report.
+    last: Option<(u64, Value)>,
+    /// Ids handed out so far.
+    ids: u64,
     /// The incoming migration this VM arrived by.
     pub incoming: Option<Arc<MigrationDest>>,
 }
@@ -120,12 +171,52 @@ impl Migrations {
                 .is_some_and(|d| matches!(d.phase(), Phase::Postcopy | Phase::Recovering))
     }
 
-    /// Starts an outgoing migration.
-    pub fn start(
+    /// `PUT /vm/migrate`. True with the answer: it carries the final report of a migration
+    /// that moved the guest away to the client that started it, so this process may go.
+    pub fn request(
         &mut self,
         vmm: &Vmm,
         manager: &ServiceManager,
         req: MigrateRequest,
+    ) -> (ApiResult, bool) {
+        match req {
+            MigrateRequest::Start(req) => (self.start(vmm, manager, req), false),
+            MigrateRequest::Poll(id) => match (&self.out, &self.last) {
+                (Some(o), _) if o.id == id => (
+                    Ok(json!({ "id": id, "progress": o.session.progress() })),
+                    false,
+                ),
+                (_, Some((last, r))) if *last == id => {
+                    let moved = r["result"] == "completed";
+                    (Ok(json!({ "id": id, "report": r })), moved)
+                }
+                _ => (Err((404, format!("no migration {id} here"))), false),
+            },
+        }
+    }
+
+    /// The switch-over holds the guest paused (or it runs at the destination in post-copy):
+    /// pausing or resuming it here now could run it on both hosts.
+    pub fn holds_guest(&self) -> bool {
+        self.out.as_ref().is_some_and(|o| o.session.holds_guest())
+    }
+
+    /// The answer to a pause or resume while [`Migrations::holds_guest`].
+    pub fn refuse_while_held(&self) -> ApiResult {
+        Err((
+            409,
+            "the migration's switch-over holds the VM: it runs at the destination once handed \
+             over, or here again if the migration fails (see GET /vm/migration)"
+                .into(),
+        ))
+    }
+
+    /// Starts an outgoing migration.
+    fn start(
+        &mut self,
+        vmm: &Vmm,
+        manager: &ServiceManager,
+        req: MigrateStart,
     ) -> Result<Value, (u16, String)> {
         let bad = |e: String| (400, e);
         if self.out.is_some() {
@@ -177,9 +268,15 @@ impl Migrations {
             .clone()
             .or(driver.map(|d| d.name))
             .unwrap_or_default();
-        self.out = Some((session, attached));
+        self.ids += 1;
+        let id = self.ids;
+        self.out = Some(Outgoing {
+            session,
+            attached,
+            id,
+        });
         self.last = None;
-        Ok(json!({ "to": to.to_string(), "service": name, "state": "started" }))
+        Ok(json!({ "id": id, "to": to.to_string(), "service": name, "state": "started" }))
     }
 
     /// Checks on the migrations; call from the main loop between messages.
@@ -191,7 +288,12 @@ impl Migrations {
                 return Polled::IncomingLost(e);
             }
         }
-        let Some((session, attached)) = &self.out else {
+        let Some(Outgoing {
+            session,
+            attached,
+            id,
+        }) = &self.out
+        else {
             return Polled::Nothing;
         };
         let phase = session.progress().phase;
@@ -205,7 +307,7 @@ impl Migrations {
         }
         manager.set_migration(None);
         let report = session.report();
-        self.last = Some(json!(report));
+        self.last = Some((*id, json!(report)));
         self.out = None;
         if phase == Phase::Completed {
             eprintln!(
@@ -236,27 +338,24 @@ impl Migrations {
 
     /// `GET /vm/migration`.
     pub fn status(&self) -> Value {
-        if let Some((s, _)) = &self.out {
-            return json!({ "progress": s.progress() });
+        if let Some(o) = &self.out {
+            return json!({ "id": o.id, "progress": o.session.progress() });
         }
-        if let Some(r) = &self.last {
-            return json!({ "report": r });
+        if let Some((id, r)) = &self.last {
+            return json!({ "id": id, "report": r });
         }
         if let Some(d) = &self.incoming {
             return json!({ "incoming": d.progress() });
         }
         json!({})
     }
-
-    /// The finished migration moved the guest away (its report has been handed out).
-    pub fn moved(&self) -> bool {
-        self.last
-            .as_ref()
-            .is_some_and(|r| r["result"] == "completed")
-    }
 }
 
-/// `run --incoming`: waits for the source, builds the VM from what arrives and runs it.
+/// `run --incoming`: waits for the source, builds the VM from what arrives and runs it (or
+/// keeps it paused, as it was at the source). Meanwhile the API (calls come in on `rx`)
+/// answers status and shutdown; a shutdown cancels the wait (returns `None`). Events of the
+/// arrived guest's vCPUs seen here go back into `tx` for the main loop.
+#[allow(clippy::too_many_arguments)]
 pub fn incoming(
     addr: &str,
     tls_dir: &Path,
@@ -264,10 +363,13 @@ pub fn incoming(
     events: Sender<VcpuEvent>,
     recovery_timeout: Duration,
     mem_mib: Option<u64>,
-) -> anyhow::Result<(Vmm, Arc<MigrationDest>)> {
+    rx: &Receiver<Msg>,
+    tx: &Sender<Msg>,
+) -> anyhow::Result<Option<(Vmm, Arc<MigrationDest>)>> {
     let tls = migration::tls::server_config(tls_dir).map_err(anyhow::Error::msg)?;
     let at = parse_addr(addr)?;
     let listener = TcpListener::bind(at).with_context(|| format!("listen on {at}"))?;
+    let listen = listener.local_addr()?;
     // Operators (and the benchmark) can tell from this line that the destination is ready.
     let prepared = mem_mib
         .map(|m| {
@@ -278,12 +380,86 @@ pub fn incoming(
         .transpose()
         .map_err(anyhow::Error::msg)
         .context("--memory")?;
-    eprintln!(
-        "spanvmm: waiting for an incoming migration on {}",
-        listener.local_addr()?
-    );
-    let mut arrived = migration::receive(listener, tls, recovery_timeout, prepared)
-        .map_err(anyhow::Error::msg)?;
+    eprintln!("spanvmm: waiting for an incoming migration on {listen}");
+    let dest = MigrationDest::waiting();
+    // The migration runs on a thread of its own (the guest runs as soon as it is committed,
+    // whatever this thread does); this one serves the API meanwhile.
+    let worker = {
+        let (dest, serial) = (dest.clone(), serial.to_string());
+        let d = dest.clone();
+        let receive = move || migration::receive(listener, tls, recovery_timeout, prepared, d);
+        std::thread::Builder::new()
+            .name("migrate-incoming".into())
+            .spawn(move || arrive(receive, dest, &serial, events))
+            .context("starting the incoming migration")?
+    };
+    let join = |w: std::thread::JoinHandle<anyhow::Result<Vmm>>| {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("the incoming migration panicked"))?
+    };
+    loop {
+        let msg = match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(m) => m,
+            Err(e) => {
+                if worker.is_finished() {
+                    return join(worker).map(|vmm| Some((vmm, dest)));
+                }
+                if e == RecvTimeoutError::Disconnected {
+                    // Nothing can come in any more: only the migration is left to wait for.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                continue;
+            }
+        };
+        let (req, reply, written) = match msg {
+            Msg::Api(call) => call,
+            // No live update without a VM.
+            Msg::LiveUpdateAnswer(_) => continue,
+            Msg::Vcpu(ev) => {
+                // The guest runs here already: its event is the main loop's.
+                let arrived = join(worker);
+                let _ = tx.send(Msg::Vcpu(ev));
+                return arrived.map(|vmm| Some((vmm, dest)));
+            }
+        };
+        let answer = match req {
+            ApiRequest::Status => Ok(json!({
+                "state": "incoming",
+                "listen": listen.to_string(),
+                "memory_mib": mem_mib,
+                "pid": std::process::id(),
+                "progress": dest.progress(),
+            })),
+            ApiRequest::MigrationStatus => Ok(json!({ "incoming": dest.progress() })),
+            ApiRequest::Shutdown => {
+                dest.cancel();
+                if let Ok(vmm) = join(worker) {
+                    // The guest was committed here just before: shut down, as asked.
+                    vmm.shutdown();
+                }
+                let _ = reply.send(Ok(json!({"state": "shutdown"})));
+                let _ = written.recv_timeout(Duration::from_secs(5));
+                return Ok(None);
+            }
+            _ => Err((
+                409,
+                "this VMM waits for an incoming migration and has no VM yet: only GET /vm, \
+                 GET /vm/migration and PUT /vm/shutdown are served until the guest arrives"
+                    .into(),
+            )),
+        };
+        let _ = reply.send(answer);
+    }
+}
+
+/// The incoming migration's thread: receive, build the VM, take the hand-over.
+fn arrive(
+    receive: impl FnOnce() -> Result<migration::Arrived, String>,
+    dest: Arc<MigrationDest>,
+    serial: &str,
+    events: Sender<VcpuEvent>,
+) -> anyhow::Result<Vmm> {
+    let mut arrived = receive().map_err(anyhow::Error::msg)?;
     let t = Instant::now();
     let built = VmState::from_bytes(&arrived.state, "migration stream")
         .map_err(anyhow::Error::from)
@@ -297,32 +473,50 @@ pub fn incoming(
             prepared
                 .and_then(|p| p.finish(&state, serial, events, true))
                 .map_err(anyhow::Error::from)
+        })
+        .and_then(|vmm| {
+            // Shut down before the hand-over: the source keeps the guest.
+            anyhow::ensure!(!dest.cancelled(), "{}", migration::CANCELLED);
+            Ok(vmm)
         });
     match built {
         Ok(vmm) => {
             migration::trace(format_args!("dest: VM built"));
             // Dropping `vmm` on an error discards the VM: the guest stays at the source.
-            arrived.commit().map_err(anyhow::Error::msg)?;
-            vmm.control()
-                .resume()
-                .context("running the migrated guest")?;
-            migration::trace(format_args!("dest: vCPUs resumed"));
-            let dest = arrived.running().map_err(anyhow::Error::msg)?;
-            eprintln!(
-                "spanvmm: incoming migration: the guest runs here ({:.2} ms to build)",
-                t.elapsed().as_secs_f64() * 1e3
-            );
-            Ok((vmm, dest))
+            let run = arrived.commit().map_err(anyhow::Error::msg)?;
+            if run {
+                vmm.control()
+                    .resume()
+                    .context("running the migrated guest")?;
+                migration::trace(format_args!("dest: vCPUs resumed"));
+            }
+            arrived.running().map_err(anyhow::Error::msg)?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            if run {
+                eprintln!("spanvmm: incoming migration: the guest runs here ({ms:.2} ms to build)");
+            } else {
+                eprintln!(
+                    "spanvmm: incoming migration: the guest is here, paused as it was at the \
+                     source (`ctl resume` runs it; {ms:.2} ms to build)"
+                );
+            }
+            Ok(vmm)
         }
         Err(e) => {
-            arrived.abort(&format!("the destination cannot build the VM: {e:#}"));
+            let why = if dest.cancelled() {
+                "the destination is shutting down".to_string()
+            } else {
+                format!("the destination cannot build the VM: {e:#}")
+            };
+            arrived.abort(&why);
             Err(e.context("building the migrated VM"))
         }
     }
 }
 
-/// `ctl migrate`: starts the migration, shows progress, writes the report and its plot.
-pub fn ctl_migrate(socket: &Path, body: Value, report_path: &Path) -> anyhow::Result<bool> {
+/// `ctl migrate`: starts the migration, shows progress, writes the report and its plot; an
+/// error says where the guest is when the migration did not complete.
+pub fn ctl_migrate(socket: &Path, body: Value, report_path: &Path) -> anyhow::Result<()> {
     let (code, v) = crate::api::call(socket, "PUT", "/vm/migrate", Some(&body))?;
     if code != 200 {
         anyhow::bail!(
@@ -330,10 +524,25 @@ pub fn ctl_migrate(socket: &Path, body: Value, report_path: &Path) -> anyhow::Re
             v.get("error").and_then(Value::as_str).unwrap_or("failed")
         );
     }
+    let id = v["id"]
+        .as_u64()
+        .with_context(|| format!("the VMM's answer names no migration: {v}"))?;
+    // Polled as the starter: the source waits for this poll to have the report before it
+    // exits (other clients may watch GET /vm/migration meanwhile).
+    let poll = json!({ "poll": id });
     let mut last_line = Instant::now() - Duration::from_secs(1);
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        let (code, v) = crate::api::call(socket, "GET", "/vm/migration", None)?;
+        let (code, v) =
+            crate::api::call(socket, "PUT", "/vm/migrate", Some(&poll)).map_err(|e| {
+                anyhow::anyhow!(
+                    "lost the source VMM before migration {id}'s report ({e:#}); a source \
+                     exits on its own only after a completed migration (once its report was \
+                     fetched, or {}s after), otherwise it was shut down or its guest stopped: \
+                     ask the destination whether the guest runs there",
+                    REPORT_GRACE.as_secs()
+                )
+            })?;
         if code != 200 {
             anyhow::bail!("migration status: HTTP {code}: {v}");
         }
@@ -347,7 +556,7 @@ pub fn ctl_migrate(socket: &Path, body: Value, report_path: &Path) -> anyhow::Re
             std::fs::write(&svg, report::svg(&rep))
                 .with_context(|| format!("write {}", svg.display()))?;
             println!("{}", serde_json::to_string(r)?);
-            return Ok(rep.result == "completed");
+            return verdict(&rep, report_path);
         }
         let Some(p) = v.get("progress") else {
             anyhow::bail!("no migration is running: {v}");
@@ -366,5 +575,29 @@ pub fn ctl_migrate(socket: &Path, body: Value, report_path: &Path) -> anyhow::Re
                 p["phase"].as_str().unwrap_or("?")
             );
         }
+    }
+}
+
+/// What a finished migration's report means for the operator: where the guest is.
+fn verdict(rep: &migration::Report, report_path: &Path) -> anyhow::Result<()> {
+    let at = report_path.display();
+    match (rep.result.as_str(), rep.source_vm.as_str()) {
+        ("completed", _) => Ok(()),
+        ("in-doubt", _) => anyhow::bail!(
+            "the hand-over is in doubt: the VM stays paused at the source and may run at the \
+             destination; resume it at the source only once the destination is known not to \
+             run it (report in {at})"
+        ),
+        (_, "running") => {
+            anyhow::bail!("the migration failed; the VM runs on at the source (report in {at})")
+        }
+        _ if rep.handover == "postcopy" => anyhow::bail!(
+            "post-copy failed after the hand-over: the VM is paused at the source, which keeps \
+             all of its memory; its CPU state there is stale (report in {at})"
+        ),
+        _ => anyhow::bail!(
+            "the migration failed; the VM stays paused at the source, as it was before (report \
+             in {at})"
+        ),
     }
 }

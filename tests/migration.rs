@@ -144,6 +144,34 @@ fn wait_exit(vm: &mut VmProcess, what: &str) -> Option<i32> {
     code
 }
 
+/// `ctl status` as JSON.
+fn status(vm: &VmProcess) -> Value {
+    let out = vm.ctl_ok(&["status"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+}
+
+/// `GET path` on a VMM's API socket, as a client other than `spanvmm ctl` (None: no answer,
+/// e.g. the process is gone).
+fn api_get(api: &Path, path: &str) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(api).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()
+}
+
+/// Idle TCP connections to `addr` (`tls://HOST:PORT`): they never say anything.
+fn idle_peers(addr: &str, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .map(|_| std::net::TcpStream::connect(addr.trim_start_matches("tls://")).unwrap())
+        .collect()
+}
+
 fn f(r: &Value, k: &str) -> f64 {
     r[k].as_f64()
         .unwrap_or_else(|| panic!("report has no {k}: {r}"))
@@ -218,7 +246,10 @@ fn precopy_moves_a_dirtying_guest_and_an_unauthenticated_peer_is_refused() {
     assert!(!ok, "a 128 MiB destination took a {MEM} MiB guest: {out}");
     assert!(out.contains("not acceptable"), "{out}");
     assert!(src.alive() && small.alive());
-    // It still waits for a guest and does not serve its API before one arrives.
+    // It still waits for a guest, and says so on its API.
+    let st = status(&small);
+    assert_eq!(st["state"], "incoming", "{st}");
+    assert_eq!(st["progress"]["phase"], "waiting", "{st}");
     small.kill();
 
     let (ok, out, report) = migrate(
@@ -515,6 +546,9 @@ fn a_postcopy_cut_is_recovered_without_losing_a_page() {
     std::thread::sleep(Duration::from_millis(500));
     relay.set_down(true); // the cut, in the middle of the push
     wait_stderr(&dst, "post-copy connection lost", Duration::from_secs(10));
+    // Peers that connect and say nothing hold no one up: three of them, each with a
+    // 10 s handshake deadline, would outlast the source's 30 s recovery if served in turn.
+    let _idle = idle_peers(&format!("tls://{target}"), 3);
     std::thread::sleep(Duration::from_millis(700));
     relay.set_down(false); // the link is back
     let (ok, out) = ctl.join().unwrap();
@@ -550,9 +584,27 @@ fn a_destination_dying_in_postcopy_is_reported() {
         out.contains("destination is unreachable") && out.contains("source stays paused"),
         "unclear report: {out}"
     );
+    // ctl's own verdict follows the report: the guest is paused here, not running on.
+    assert!(
+        out.contains("post-copy failed after the hand-over: the VM is paused at the source")
+            && !out.contains("runs on at the source"),
+        "ctl misreports where the guest is: {out}"
+    );
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.dir.path().join("r.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["source_vm"], "paused", "{r}");
     assert!(src.alive(), "the source must keep the guest's memory");
-    let status = src.ctl_ok(&["status"]);
-    assert!(status.contains("\"paused\""), "{status}");
+    let from = src.mark();
+    assert_eq!(status(&src)["state"], "paused");
+    // Paused means paused: no stat line while the operator decides.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(stats_since(&src, from), 0, "the source guest ran on");
+    // The source never ran the guest after the pause: its memory and state are one whole, so
+    // the operator, knowing the destination dead, can resume it here.
+    src.ctl_ok(&["resume"]);
+    src.wait_line_from(from, "SPANGUEST stat", Duration::from_secs(10));
+    src.assert_verify_clean(1);
 }
 
 #[test]
@@ -694,17 +746,6 @@ fn commit_with_state_saves_a_round_trip_of_downtime() {
     );
 }
 
-/// `GET PATH` on a VMM's API socket; the JSON body.
-fn api_get(api: &Path, path: &str) -> Value {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(api).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nContent-Length: 0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    serde_json::from_str(body).unwrap_or(Value::Null)
-}
-
 /// Operations that own the VM exclude each other: while a migration runs, a live update, a
 /// snapshot and a save are refused naming it (a live update used to take the VM over and
 /// silently abort the migration), and the migration completes unharmed.
@@ -717,7 +758,7 @@ fn a_running_migration_excludes_live_update_snapshot_and_save() {
     let mut src = VmProcess::boot("mig-excl-src", GUEST, MEM, 1);
     let mig = migrate_in_background(&src, &addr, "precopy.wasm", &tls, &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while api_get(&src.api, "/vm/migration").get("progress").is_none() {
+    while api_get(&src.api, "/vm/migration").is_none_or(|v| v.get("progress").is_none()) {
         assert!(
             Instant::now() < deadline && !mig.is_finished(),
             "the migration did not start"
@@ -751,4 +792,212 @@ fn a_running_migration_excludes_live_update_snapshot_and_save() {
     assert!(ok, "the migration failed: {out}\n{}", src.stderr());
     assert_eq!(wait_exit(&mut src, "the source"), Some(0));
     check_arrived(&dst, 1000);
+}
+
+#[test]
+fn idle_connections_do_not_hold_up_an_incoming_migration() {
+    let tmp = TempDir::new("mig-idle");
+    let tls = certs(&tmp, "tls");
+    let addr = format!("tls://127.0.0.1:{}", free_port());
+    let dst = destination("mig-idle-dst", &[], &addr, &tls, &[]);
+    let mut src = VmProcess::boot("mig-idle-src", GUEST, MEM, 1);
+    // Unauthenticated peers that connect first and never speak: each handshake has a 10 s
+    // deadline; served one after another they made the real source time out.
+    let idle = idle_peers(&addr, 4);
+    let (ok, out, report) = migrate(
+        &src,
+        &[
+            "--to",
+            &addr,
+            "--plugin",
+            &plugin("precopy.wasm"),
+            "--tls-dir",
+            tls.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        ok,
+        "a migration behind idle peers failed: {out}\n{}",
+        dst.stderr()
+    );
+    assert_eq!(report.unwrap()["result"], "completed");
+    assert_eq!(wait_exit(&mut src, "the source"), Some(0));
+    check_arrived(&dst, 1000);
+    // Each idle peer is refused at its own deadline, reported once with the reason.
+    for s in &idle {
+        let me = s.local_addr().unwrap().to_string();
+        let needle = format!("migration: refused {me}: ");
+        wait_stderr(&dst, &needle, Duration::from_secs(30));
+        let err = dst.stderr();
+        assert_eq!(err.matches(&needle).count(), 1, "{err}");
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&needle) && l.contains("silent")),
+            "no reason given for {me}:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn a_second_poller_does_not_take_the_report_from_the_migrations_starter() {
+    let tmp = TempDir::new("mig-poll");
+    let tls = certs(&tmp, "tls");
+    let addr = format!("tls://127.0.0.1:{}", free_port());
+    let dst = destination("mig-poll-dst", &[], &addr, &tls, &[]);
+    let mut src = VmProcess::boot("mig-poll-src", GUEST, MEM, 1);
+    // Another client watches GET /vm/migration far more often than ctl polls (every 100 ms):
+    // it sees the final report first. The source used to exit on that.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (api, stop) = (src.api.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reports = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(v) = api_get(&api, "/vm/migration") {
+                    if v.get("report").is_some() {
+                        reports += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            reports
+        })
+    };
+    let (ok, out, report) = migrate(
+        &src,
+        &[
+            "--to",
+            &addr,
+            "--plugin",
+            &plugin("precopy.wasm"),
+            "--tls-dir",
+            tls.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        ok,
+        "ctl migrate failed with a second poller: {out}\n{}",
+        src.stderr()
+    );
+    let r = report.expect("the starter has the report");
+    assert_eq!(r["result"], "completed", "{r}");
+    assert_eq!(wait_exit(&mut src, "the source"), Some(0));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = watcher.join().unwrap();
+    assert!(
+        seen > 0,
+        "the watcher never saw the report: the race was not exercised"
+    );
+    check_arrived(&dst, 1000);
+}
+
+/// Waits until `vm`'s outgoing migration has sent some pages and is still in pre-copy.
+fn wait_precopy_under_way(vm: &VmProcess) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(p) = api_get(&vm.api, "/vm/migration").and_then(|v| v.get("progress").cloned())
+        {
+            if p["pages_sent"].as_u64().unwrap_or(0) > 0 {
+                assert_eq!(p["phase"], "precopy", "{p}");
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration never started sending"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_paused_guest_arrives_paused() {
+    let tmp = TempDir::new("mig-paused");
+    let tls = certs(&tmp, "tls");
+    // (a) paused before a post-copy migration; (b) paused while pre-copy rounds run.
+    for (case, plugin_file) in [("before", "postcopy.wasm"), ("during", "precopy.wasm")] {
+        let addr = format!("tls://127.0.0.1:{}", free_port());
+        let dst = destination(&format!("mig-paused-{case}-dst"), &[], &addr, &tls, &[]);
+        let mut src = VmProcess::boot(&format!("mig-paused-{case}-src"), GUEST, MEM, 1);
+        if case == "before" {
+            src.ctl_ok(&["pause"]);
+        }
+        let ctl = migrate_in_background(&src, &addr, plugin_file, &tls, &[]);
+        if case == "during" {
+            wait_precopy_under_way(&src);
+            src.ctl_ok(&["pause"]);
+        }
+        let (ok, out) = ctl.join().unwrap();
+        assert!(ok, "{case}: {out}\n{}", src.stderr());
+        assert_eq!(wait_exit(&mut src, "the source"), Some(0));
+        wait_stderr(
+            &dst,
+            "paused as it was at the source",
+            Duration::from_secs(10),
+        );
+        let from = dst.mark();
+        let st = status(&dst);
+        assert_eq!(st["state"], "paused", "{case}: {st}");
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            stats_since(&dst, from),
+            0,
+            "{case}: the guest ran at the destination before `ctl resume`"
+        );
+        dst.ctl_ok(&["resume"]);
+        assert_eq!(status(&dst)["state"], "running");
+        check_arrived(&dst, 30_000);
+    }
+}
+
+#[test]
+fn a_waiting_destination_serves_its_api() {
+    let tmp = TempDir::new("mig-wait");
+    let tls = certs(&tmp, "tls");
+    // 1. Nobody comes: status, a clear refusal of other calls, and a shutdown that ends the
+    //    wait and removes the socket.
+    let addr = format!("tls://127.0.0.1:{}", free_port());
+    let mut dst = destination("mig-wait-dst", &[], &addr, &tls, &["--memory", "256"]);
+    let st = status(&dst);
+    assert_eq!(st["state"], "incoming", "{st}");
+    assert_eq!(st["memory_mib"], 256, "{st}");
+    assert_eq!(st["progress"]["phase"], "waiting", "{st}");
+    assert_eq!(st["listen"], addr.trim_start_matches("tls://"), "{st}");
+    let (ok, out) = dst.ctl(&["pause"]);
+    assert!(
+        !ok && out.contains("waits for an incoming migration") && out.contains("409"),
+        "{out}"
+    );
+    dst.ctl_ok(&["shutdown"]);
+    assert_eq!(wait_exit(&mut dst, "the waiting destination"), Some(0));
+    assert!(!dst.api.exists(), "the API socket stayed behind");
+
+    // 2. Shut down while pages stream in: the source keeps its guest, which runs on there.
+    let addr = format!("tls://127.0.0.1:{}", free_port());
+    let mut dst = destination("mig-wait-dst2", &[], &addr, &tls, &[]);
+    let src = VmProcess::boot("mig-wait-src", GUEST, MEM, 1);
+    let ctl = migrate_in_background(&src, &addr, "precopy.wasm", &tls, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        let st = status(&dst);
+        if st["progress"]["pages_received"].as_u64().unwrap_or(0) > 0 {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no pages arrived: {st}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(st["state"], "incoming", "{st}");
+    assert_eq!(st["progress"]["phase"], "precopy", "{st}");
+    assert!(st["progress"]["source"].is_string(), "{st}");
+    dst.ctl_ok(&["shutdown"]);
+    assert_eq!(wait_exit(&mut dst, "the destination"), Some(0));
+    assert!(!dst.api.exists(), "the API socket stayed behind");
+    let (ok, out) = ctl.join().unwrap();
+    assert!(!ok, "the migration claims success: {out}");
+    assert!(
+        out.contains("shutting down") && out.contains("runs on at the source"),
+        "{out}"
+    );
+    assert_eq!(status(&src)["state"], "running");
+    src.assert_verify_clean(1);
 }

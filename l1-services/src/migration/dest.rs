@@ -4,11 +4,11 @@
 //! vCPUs that touch a missing page wait, and the source reconnects and resumes the push.
 
 use std::collections::HashMap;
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base_vmm::memory::GuestRam;
@@ -23,7 +23,13 @@ use crate::ctx::lock;
 
 /// How long the destination waits for the source to say anything before giving up.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one connecting peer may take for TLS and `hello` together.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; a connection beyond them is refused at once. Each runs
+/// on a thread of its own, so idle peers cannot hold up a source behind them.
+const MAX_HANDSHAKES: usize = 16;
+/// What [`receive`] returns when [`MigrationDest::cancel`] stopped the wait.
+pub const CANCELLED: &str = "the wait for an incoming migration was cancelled";
 
 /// A VM that has arrived: its memory (complete, or filling in by post-copy) and its state.
 pub struct Arrived {
@@ -45,8 +51,11 @@ pub struct Arrived {
 /// Destination-side progress, for status and the report.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct DestProgress {
-    /// Where the migration is.
+    /// Where the migration is: `waiting` (for a source), then as [`Phase`].
     pub phase: String,
+    /// The source's address, once one has authenticated and said hello.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// Pages received (data and zero markers).
     pub pages_received: u64,
     /// Post-copy: pages still missing.
@@ -77,10 +86,15 @@ pub struct MigrationDest {
     /// Every fault's latency, µs (for percentiles).
     fault_latencies: Mutex<Vec<u64>>,
     recoveries: AtomicU64,
+    /// The source's address once it said hello (None: still waiting for one).
+    source: Mutex<Option<SocketAddr>>,
+    /// Stop waiting (before the hand-over only), see [`MigrationDest::cancel`].
+    cancelled: AtomicBool,
 }
 
 impl MigrationDest {
-    fn new() -> Arc<Self> {
+    /// A destination waiting for its source; give it to [`receive`].
+    pub fn waiting() -> Arc<Self> {
         Arc::new(MigrationDest {
             phase: Mutex::new((Phase::Precopy, None)),
             received: AtomicU64::new(0),
@@ -90,7 +104,21 @@ impl MigrationDest {
             fault_max_us: AtomicU64::new(0),
             fault_latencies: Mutex::new(Vec::new()),
             recoveries: AtomicU64::new(0),
+            source: Mutex::new(None),
+            cancelled: AtomicBool::new(false),
         })
+    }
+
+    /// Ends the wait for the source (the destination is being shut down): [`receive`] returns
+    /// [`CANCELLED`] soon, telling a source already connected to give up (it keeps the guest).
+    /// Once the state has arrived the hand-over is not interrupted any more.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+    }
+
+    /// Whether [`MigrationDest::cancel`] was called.
+    pub fn cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
     }
 
     /// Where the migration is.
@@ -102,8 +130,13 @@ impl MigrationDest {
     pub fn progress(&self) -> DestProgress {
         let (phase, error) = lock(&self.phase).clone();
         let faults = self.faults.load(Ordering::Relaxed);
+        let source = *lock(&self.source);
         DestProgress {
-            phase: format!("{phase:?}").to_lowercase(),
+            phase: match (phase, source) {
+                (Phase::Precopy, None) => "waiting".into(),
+                _ => format!("{phase:?}").to_lowercase(),
+            },
+            source: source.map(|a| a.to_string()),
             pages_received: self.received.load(Ordering::Relaxed),
             pages_needed: self.needed.load(Ordering::Relaxed),
             remote_faults: faults,
@@ -133,67 +166,204 @@ fn io(msg: String) -> LinkError {
     LinkError::Io(std::io::Error::other(msg))
 }
 
-/// Accepts connections until one authenticates and says hello; unauthenticated or foreign
-/// peers are refused (logged) and the wait goes on. `resume`: only a reconnection of
-/// `session` is accepted.
-fn accept_source(
-    listener: &TcpListener,
-    tls: &Arc<ServerConfig>,
-    resume: Option<u64>,
-    mem: Option<u64>,
-) -> Result<(Link, u64, u64), String> {
-    loop {
-        let (sock, peer): (TcpStream, _) = match listener.accept() {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err("no connection".into())
-            }
-            Err(e) => return Err(format!("accept: {e}")),
-        };
-        let mut link = match Link::accept(sock, tls.clone(), HANDSHAKE_TIMEOUT) {
-            Ok(l) => l,
-            Err(e) => {
-                log::warn!("migration: refused {peer}: {e}");
-                eprintln!("spanvmm: migration: refused {peer}: {e}");
-                continue;
-            }
-        };
-        match link.expect(HANDSHAKE_TIMEOUT, "hello") {
-            Ok(Frame::Hello {
-                version,
-                mem_bytes,
-                session,
-                resume: is_resume,
-            }) => {
-                let why = if version != VERSION {
-                    Some(format!(
-                        "wire version {version}, this destination speaks {VERSION}"
-                    ))
-                } else if resume.is_some() != is_resume || resume.is_some_and(|s| s != session) {
-                    Some("not the migration this destination is waiting for".into())
-                } else if mem.is_some_and(|m| m != mem_bytes)
-                    || mem_bytes == 0
-                    || !mem_bytes.is_multiple_of(2 << 20)
-                    || mem_bytes > 1 << 40
-                {
-                    Some(format!("guest memory size {mem_bytes} is not acceptable"))
-                } else {
-                    None
-                };
-                if let Some(why) = why {
-                    log::warn!("migration: refused {peer}: {why}");
-                    let _ = link.send(&Frame::Error(why));
-                    let _ = link.flush(Duration::from_secs(1));
-                    continue;
+/// A peer that authenticated and said an acceptable `hello`.
+struct Candidate {
+    link: Link,
+    mem: u64,
+    session: u64,
+    peer: SocketAddr,
+}
+
+/// The first source to authenticate and say an acceptable `hello`: every connection gets a
+/// thread of its own for TLS and `hello` with its own deadline, so idle or slow peers cannot
+/// hold up the source. The first one through wins (answered `welcome`); every peer refused
+/// is reported on stderr once, with the reason. `resume`: only a reconnection of that
+/// session is accepted.
+struct Acceptor {
+    found: mpsc::Receiver<Result<Candidate, String>>,
+    /// A peer won or the wait ended: the accept thread stops, later peers are turned away.
+    done: Arc<AtomicBool>,
+}
+
+impl Acceptor {
+    fn start(
+        listener: &TcpListener,
+        tls: Arc<ServerConfig>,
+        resume: Option<u64>,
+        mem: Option<u64>,
+    ) -> Result<Self, String> {
+        let listener = listener
+            .try_clone()
+            .and_then(|l| l.set_nonblocking(true).map(|_| l))
+            .map_err(|e| format!("listener: {e}"))?;
+        let (tx, found) = mpsc::channel();
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        std::thread::Builder::new()
+            .name("migrate-accept".into())
+            .spawn(move || accept_loop(listener, tls, resume, mem, tx, d))
+            .map_err(|e| format!("cannot start the migration listener: {e}"))?;
+        Ok(Acceptor { found, done })
+    }
+
+    /// Waits up to `wait` for the winner; answers it `welcome`. Returns (link, guest memory
+    /// bytes, session, address).
+    fn next(&mut self, wait: Duration) -> Result<Option<(Link, u64, u64, SocketAddr)>, String> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut c = match self.found.recv_timeout(left) {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(e),
+                Err(mpsc::RecvTimeoutError::Timeout) => return Ok(None),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err("the migration listener stopped".into())
                 }
-                link.send(&Frame::Welcome { version: VERSION })
-                    .map_err(|e| e.to_string())?;
-                return Ok((link, mem_bytes, session));
+            };
+            match c.link.send(&Frame::Welcome { version: VERSION }) {
+                Ok(()) => {
+                    self.done.store(true, Ordering::Release);
+                    return Ok(Some((c.link, c.mem, c.session, c.peer)));
+                }
+                Err(e) => eprintln!("spanvmm: migration: refused {}: {e}", c.peer),
             }
-            Ok(other) => log::warn!("migration: {peer} did not say hello: {other:?}"),
-            Err(e) => log::warn!("migration: {peer}: {e}"),
         }
     }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Release);
+        // Peers that got through after the winner: told so, not left waiting.
+        while let Ok(Ok(c)) = self.found.try_recv() {
+            turn_away(c);
+        }
+    }
+}
+
+fn turn_away(mut c: Candidate) {
+    let why = "another source is migrating to this destination";
+    eprintln!("spanvmm: migration: refused {}: {why}", c.peer);
+    let _ = c.link.send(&Frame::Error(why.into()));
+    let _ = c.link.flush(Duration::from_secs(1));
+}
+
+/// The accept thread of an [`Acceptor`]: polls, so that it notices `done` within 50 ms.
+fn accept_loop(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    resume: Option<u64>,
+    mem: Option<u64>,
+    tx: mpsc::Sender<Result<Candidate, String>>,
+    done: Arc<AtomicBool>,
+) {
+    let active = Arc::new(AtomicUsize::new(0));
+    while !done.load(Ordering::Acquire) {
+        let mut p = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, 50) } <= 0 {
+            continue;
+        }
+        let (sock, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                let _ = tx.send(Err(format!("accept: {e}")));
+                return;
+            }
+        };
+        if active.load(Ordering::Acquire) >= MAX_HANDSHAKES {
+            eprintln!(
+                "spanvmm: migration: refused {peer}: {MAX_HANDSHAKES} handshakes already in progress"
+            );
+            continue;
+        }
+        active.fetch_add(1, Ordering::AcqRel);
+        let (tls, tx, done, n) = (tls.clone(), tx.clone(), done.clone(), active.clone());
+        let spawned = std::thread::Builder::new()
+            .name("migrate-handshake".into())
+            .spawn(move || {
+                match handshake(sock, peer, tls, resume, mem) {
+                    Ok(c) if done.load(Ordering::Acquire) => turn_away(c),
+                    Ok(c) => {
+                        if let Err(mpsc::SendError(Ok(c))) = tx.send(Ok(c)) {
+                            turn_away(c);
+                        }
+                    }
+                    Err(why) => eprintln!("spanvmm: migration: refused {peer}: {why}"),
+                }
+                n.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            active.fetch_sub(1, Ordering::AcqRel);
+            eprintln!("spanvmm: migration: refused {peer}: no thread for its handshake: {e}");
+        }
+    }
+}
+
+/// TLS and `hello` of one connection, within [`HANDSHAKE_TIMEOUT`]; a refused `hello` is
+/// answered with an `error` frame saying why.
+fn handshake(
+    sock: TcpStream,
+    peer: SocketAddr,
+    tls: Arc<ServerConfig>,
+    resume: Option<u64>,
+    mem: Option<u64>,
+) -> Result<Candidate, String> {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut link = Link::accept(sock, tls, HANDSHAKE_TIMEOUT).map_err(|e| e.to_string())?;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    let (version, mem_bytes, session, is_resume) = match link.expect(left, "hello") {
+        Ok(Frame::Hello {
+            version,
+            mem_bytes,
+            session,
+            resume,
+        }) => (version, mem_bytes, session, resume),
+        Ok(other) => return Err(format!("did not say hello: {other:?}")),
+        Err(e) => return Err(e.to_string()),
+    };
+    let why = if version != VERSION {
+        Some(format!(
+            "wire version {version}, this destination speaks {VERSION}"
+        ))
+    } else if resume.is_some() != is_resume || resume.is_some_and(|s| s != session) {
+        Some("not the migration this destination is waiting for".into())
+    } else if mem.is_some_and(|m| m != mem_bytes)
+        || mem_bytes == 0
+        || !mem_bytes.is_multiple_of(2 << 20)
+        || mem_bytes > 1 << 40
+    {
+        Some(format!("guest memory size {mem_bytes} is not acceptable"))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        let _ = link.send(&Frame::Error(why.clone()));
+        let _ = link.flush(Duration::from_secs(1));
+        return Err(why);
+    }
+    Ok(Candidate {
+        link,
+        mem: mem_bytes,
+        session,
+        peer,
+    })
 }
 
 /// Guest memory made ready while the destination waits for its source (`run --incoming ADDR
@@ -234,21 +404,32 @@ impl PreparedRam {
     }
 }
 
-/// Receives a VM on `listener`: blocks until the source hands over (or fails). Returns the
-/// guest's memory and state; build the VM from them (vCPUs paused), call [`Arrived::commit`],
-/// and only if it succeeds run the vCPUs and call [`Arrived::running`] (else
-/// [`Arrived::abort`] or drop). With `prepared` memory only a guest of its size is accepted.
+/// Receives a VM on `listener`: blocks until the source hands over (or fails, or `dest` is
+/// cancelled: [`CANCELLED`]). Returns the guest's memory and state; build the VM from them
+/// (vCPUs paused), call [`Arrived::commit`], and only if it succeeds run the vCPUs (if it
+/// says so) and call [`Arrived::running`] (else [`Arrived::abort`] or drop). With `prepared`
+/// memory only a guest of its size is accepted. `dest` (from [`MigrationDest::waiting`])
+/// shows the progress meanwhile.
 pub fn receive(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     recovery_timeout: Duration,
     prepared_ram: Option<PreparedRam>,
+    dest: Arc<MigrationDest>,
 ) -> Result<Arrived, String> {
-    listener
-        .set_nonblocking(false)
-        .map_err(|e| format!("listener: {e}"))?;
     let want = prepared_ram.as_ref().map(PreparedRam::size);
-    let (mut link, mem, session) = accept_source(&listener, &tls, None, want)?;
+    let (mut link, mem, session) = {
+        let mut acceptor = Acceptor::start(&listener, tls.clone(), None, want)?;
+        loop {
+            if dest.cancelled() {
+                return Err(CANCELLED.into());
+            }
+            if let Some((link, mem, session, peer)) = acceptor.next(Duration::from_millis(50))? {
+                *lock(&dest.source) = Some(peer);
+                break (link, mem, session);
+            }
+        }
+    };
     // Every page of prepared memory is present in the memfd (zero until written).
     let populated = prepared_ram.is_some();
     let ram = match prepared_ram {
@@ -256,7 +437,6 @@ pub fn receive(
         None => Arc::new(GuestRam::new(mem).map_err(|e| e.to_string())?),
     };
     let pages = mem / PAGE as u64;
-    let dest = MigrationDest::new();
     let mut writer = PageWriter::start(ram.clone(), dest.clone(), populated)?;
     let mut prepared = None;
     // Populated memory is the wrong start for a post-copy: every page the guest still lacks
@@ -265,11 +445,26 @@ pub fn receive(
     // known; the hand-over takes whichever is cheaper (see `fresh_is_cheaper`).
     let mut fresh: Option<(Arc<GuestRam>, base_vmm::vmm::PreparedVm)> = None;
     let fail = |e: LinkError| format!("incoming migration failed before the hand-over: {e}");
+    let mut heard = Instant::now();
     loop {
-        let (ty, payload) = link
-            .recv_raw(IDLE_TIMEOUT)
-            .map_err(fail)?
-            .ok_or_else(|| fail(LinkError::Timeout(IDLE_TIMEOUT)))?;
+        if dest.cancelled() {
+            // The source keeps the guest and runs it on. It closes first, once it has read
+            // why: closing with its pages unread would reset the connection, and the reason
+            // could be lost with it.
+            let _ = link.send(&Frame::Error("the destination is shutting down".into()));
+            let _ = link.flush(Duration::from_secs(1));
+            let until = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < until && link.recv_raw(Duration::from_millis(100)).is_ok() {}
+            return Err(CANCELLED.into());
+        }
+        // Short waits: a cancel is noticed within 100 ms.
+        let Some((ty, payload)) = link.recv_raw(Duration::from_millis(100)).map_err(fail)? else {
+            if heard.elapsed() >= IDLE_TIMEOUT {
+                return Err(fail(LinkError::Timeout(IDLE_TIMEOUT)));
+            }
+            continue;
+        };
+        heard = Instant::now();
         if ty == wire::T_PAGES {
             let spare = writer.spare();
             if !writer.write(link.take_last_frame(spare)) {
@@ -681,9 +876,10 @@ fn cut_at(point: &str) -> bool {
 
 impl Arrived {
     /// The VM is built (vCPUs paused): say `ready` and wait for the source's `commit`. Only
-    /// after `Ok` may the guest run here; on `Err` the source keeps (or resumes) the guest and
-    /// this VM must be discarded.
-    pub fn commit(&mut self) -> Result<(), String> {
+    /// after `Ok` may the guest run here, and only if it says `true` (false: the guest was
+    /// paused at the source, so it stays paused here until resumed); on `Err` the source
+    /// keeps (or resumes) the guest and this VM must be discarded.
+    pub fn commit(&mut self) -> Result<bool, String> {
         let load_us = self.received_at.elapsed().as_micros() as u64;
         let link = self
             .link
@@ -702,18 +898,21 @@ impl Arrived {
             ))));
         }
         super::trace(format_args!("dest: ready after {load_us} µs"));
-        match link.expect(Duration::from_secs(30), "commit") {
-            Ok(Frame::Commit) => super::trace(format_args!(
-                "dest: commit after {:?}",
-                self.received_at.elapsed()
-            )),
+        let run = match link.expect(Duration::from_secs(30), "commit") {
+            Ok(Frame::Commit { run }) => {
+                super::trace(format_args!(
+                    "dest: commit (run: {run}) after {:?}",
+                    self.received_at.elapsed()
+                ));
+                run
+            }
             Ok(other) => return Err(no(io(format!("expected commit, got {other:?}")))),
             Err(e) => return Err(no(e)),
-        }
+        };
         if cut_at("after-commit") {
             self.link = None;
         }
-        Ok(())
+        Ok(run)
     }
 
     /// The VM runs (after [`Arrived::commit`]): tell the source. Returns the migration's
@@ -982,10 +1181,9 @@ impl Postcopy {
     fn recover(&mut self, cause: LinkError) -> Result<Link, String> {
         eprintln!("spanvmm: post-copy connection lost ({cause}); waiting for the source");
         self.dest.set(Phase::Recovering, None);
-        self.listener
-            .set_nonblocking(true)
-            .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + self.recovery_timeout;
+        let mem = self.ram.size();
+        let mut acceptor: Option<Acceptor> = None;
         loop {
             if Instant::now() >= deadline {
                 return Err(format!(
@@ -995,49 +1193,41 @@ impl Postcopy {
                     count(&self.needed)
                 ));
             }
+            // Faults are recorded (and asked for once the source is back).
             self.serve_faults(None).map_err(|e| e.to_string())?;
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.uffd_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two valid pollfds.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, 50) };
-            if fds[0].revents & libc::POLLIN == 0 {
+            let acc = match &mut acceptor {
+                Some(a) => a,
+                None => acceptor.insert(Acceptor::start(
+                    &self.listener,
+                    self.tls.clone(),
+                    Some(self.session),
+                    Some(mem),
+                )?),
+            };
+            let Some((mut link, _, _, _)) = acc.next(Duration::from_millis(20))? else {
                 continue;
-            }
-            let mem = self.ram.size();
-            match accept_source(&self.listener, &self.tls, Some(self.session), Some(mem)) {
-                Ok((mut link, _, _)) => {
-                    let again: Vec<u64> = self.pending.keys().copied().collect();
-                    let r = link
-                        .send(&Frame::Needed(self.needed.clone()))
-                        .and_then(|_| {
-                            if again.is_empty() {
-                                Ok(())
-                            } else {
-                                link.send(&Frame::Fault(again))
-                            }
-                        });
-                    match r {
-                        Ok(()) => {
-                            link.for_postcopy();
-                            self.dest.recoveries.fetch_add(1, Ordering::Relaxed);
-                            self.dest.set(Phase::Postcopy, None);
-                            eprintln!("spanvmm: post-copy connection restored");
-                            return Ok(link);
-                        }
-                        Err(e) => log::warn!("migration: recovery: {e}"),
+            };
+            // A winner ends that acceptor; a failed one needs a new one.
+            acceptor = None;
+            let again: Vec<u64> = self.pending.keys().copied().collect();
+            let r = link
+                .send(&Frame::Needed(self.needed.clone()))
+                .and_then(|_| {
+                    if again.is_empty() {
+                        Ok(())
+                    } else {
+                        link.send(&Frame::Fault(again))
                     }
+                });
+            match r {
+                Ok(()) => {
+                    link.for_postcopy();
+                    self.dest.recoveries.fetch_add(1, Ordering::Relaxed);
+                    self.dest.set(Phase::Postcopy, None);
+                    eprintln!("spanvmm: post-copy connection restored");
+                    return Ok(link);
                 }
-                Err(e) => log::debug!("migration: recovery accept: {e}"),
+                Err(e) => eprintln!("spanvmm: post-copy recovery: {e}"),
             }
         }
     }

@@ -12,7 +12,7 @@ mod source;
 pub mod tls;
 pub mod wire;
 
-pub use dest::{receive, Arrived, DestProgress, MigrationDest, PreparedRam};
+pub use dest::{receive, Arrived, DestProgress, MigrationDest, PreparedRam, CANCELLED};
 pub use link::LinkError;
 pub use source::{Harvest, MigrationSource, Report, Sample, SourceConfig, SourceVm};
 

@@ -29,10 +29,13 @@ const POSTCOPY_BATCH: u64 = 64;
 pub trait SourceVm: Send + Sync {
     /// Guest RAM.
     fn ram(&self) -> &Arc<GuestRam>;
-    /// Stops every vCPU.
-    fn pause(&self) -> Result<(), String>;
-    /// Lets the vCPUs run again (a failed migration).
+    /// Stops every vCPU. True: they ran; false: the guest was paused already (by its
+    /// operator), so it stays paused at the destination and after a failed migration.
+    fn pause(&self) -> Result<bool, String>;
+    /// Lets the vCPUs run again (a failed migration that paused a running guest).
     fn resume(&self) -> Result<(), String>;
+    /// Whether the vCPUs run now.
+    fn running(&self) -> bool;
     /// The VM's state (vCPUs paused), in the state-file format.
     fn capture_state(&self) -> Result<Vec<u8>, String>;
     /// The machine's shape (JSON of `base_vmm::state::MachineConfig`).
@@ -80,6 +83,11 @@ pub struct Report {
     pub error: Option<String>,
     /// `stop-and-copy` or `postcopy` (the switch-over that ran), or `none`.
     pub handover: String,
+    /// The guest at the source once the migration ended: `moved` (it lives at the
+    /// destination), `running` or `paused` (a failure; paused: in doubt, a failed post-copy,
+    /// or paused by its operator before).
+    #[serde(default)]
+    pub source_vm: String,
     /// From the request to the end, ms.
     pub total_ms: f64,
     /// Connect, TLS handshake and hello, ms.
@@ -155,6 +163,9 @@ pub struct MigrationSource {
     pages: u64,
     started: Instant,
     cancel: AtomicBool,
+    /// The switch-over paused the guest and the migration has not ended: it must not run here
+    /// (see [`MigrationSource::holds_guest`]).
+    held: AtomicBool,
 }
 
 impl MigrationSource {
@@ -198,6 +209,7 @@ impl MigrationSource {
             pages,
             started,
             cancel: AtomicBool::new(false),
+            held: AtomicBool::new(false),
         });
         let s = src.clone();
         std::thread::Builder::new()
@@ -211,6 +223,7 @@ impl MigrationSource {
                     link,
                     buf: Vec::with_capacity(3 << 20),
                     paused: false,
+                    stopped_running: false,
                     committed: false,
                     known_data: vec![0; pages.div_ceil(64) as usize],
                     last_sample: Instant::now() - Duration::from_secs(1),
@@ -356,6 +369,12 @@ impl MigrationSource {
         lock(&self.st).in_doubt
     }
 
+    /// The switch-over has paused the guest and the migration is still on: resuming it here
+    /// now could run it on both hosts, so the VMM refuses pause and resume meanwhile.
+    pub fn holds_guest(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
+
     /// Gives up (before the switch-over only): the sender stops and the guest runs on here.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Release);
@@ -403,6 +422,9 @@ struct Sender<'a> {
     link: Link,
     buf: Vec<u8>,
     paused: bool,
+    /// The switch-over stopped a running guest (false: its operator had paused it): the
+    /// destination runs it, or a failure before `commit` resumes it here.
+    stopped_running: bool,
     /// `commit` went out: the guest must never run here again.
     committed: bool,
     /// Pages of guest memory known to be data (not a hole in the memfd), see `holes`.
@@ -771,7 +793,8 @@ impl Sender<'_> {
             self.link.for_postcopy();
         }
         let t_pause = Instant::now();
-        self.src.vm.pause().map_err(other)?;
+        self.src.held.store(true, Ordering::Release);
+        self.stopped_running = self.src.vm.pause().map_err(other)?;
         self.paused = true;
         // Pages dirtied since the service's last harvest, now final.
         let dirty = match final_dirty {
@@ -835,7 +858,9 @@ impl Sender<'_> {
         let early = self.cfg.commit_with_state && mode == SwitchMode::StopAndCopy;
         if early {
             self.committed = true;
-            self.link.send(&Frame::Commit)?;
+            self.link.send(&Frame::Commit {
+                run: self.stopped_running,
+            })?;
         }
         self.link.flush(Duration::from_secs(30))?;
         let t_sent = t_pause.elapsed();
@@ -853,7 +878,9 @@ impl Sender<'_> {
             self.await_resumed()
         } else {
             self.link
-                .send(&Frame::Commit)
+                .send(&Frame::Commit {
+                    run: self.stopped_running,
+                })
                 .and_then(|_| self.link.flush(Duration::from_secs(30)))
                 .and_then(|_| self.await_resumed())
         };
@@ -1001,7 +1028,10 @@ impl Sender<'_> {
         st.report.bytes = st.report.bytes_per_link.iter().sum();
         st.report.total_ms = self.src.started.elapsed().as_secs_f64() * 1e3;
         match r {
-            Ok(_) => st.phase = Phase::Completed,
+            Ok(_) => {
+                st.phase = Phase::Completed;
+                st.report.source_vm = "moved".into();
+            }
             Err(e) => {
                 // Before the commit the source is intact: run it again. After it, the guest
                 // may run at the destination: stay paused and say so.
@@ -1016,11 +1046,17 @@ impl Sender<'_> {
                          PAUSED here with its memory and state intact. If the destination does \
                          not run it, resume it here with `spanvmm ctl resume`"
                     );
-                } else if self.paused && resumable {
+                } else if self.paused && resumable && self.stopped_running {
                     if let Err(re) = self.src.vm.resume() {
                         msg = format!("{msg}; resuming the source failed too: {re}");
                     }
                 }
+                st.report.source_vm = if self.src.vm.running() {
+                    "running"
+                } else {
+                    "paused"
+                }
+                .into();
                 log::error!("migration failed: {msg}");
                 st.error = Some(msg);
             }
@@ -1032,6 +1068,8 @@ impl Sender<'_> {
             faults: st.report.remote_faults,
         };
         st.report.timeline.push(s);
+        // Ended: a guest left paused here is the operator's again (e.g. `ctl resume` in doubt).
+        self.src.held.store(false, Ordering::Release);
     }
 }
 

@@ -9,8 +9,8 @@
 pub const MAGIC: &[u8; 8] = b"SPANMIG\0";
 /// Wire format version; a peer with another version is refused at `hello`.
 /// 2: `ready`/`commit` before the destination runs the guest; `complete` carries the p99
-/// fault latency.
-pub const VERSION: u32 = 2;
+/// fault latency. 3: `commit` says whether the guest runs or stays paused.
+pub const VERSION: u32 = 3;
 /// Pages a `pages` frame spans at most (2 MiB).
 pub const BATCH_PAGES: u64 = 512;
 /// Largest payload accepted: a full batch of raw pages plus its header and bitmaps, or a bitmap
@@ -116,9 +116,14 @@ pub enum Frame {
         /// Destination time from `state` received to the VM built, µs.
         load_us: u64,
     },
-    /// Source → destination: run the guest. Sent once: from here on the source never runs
-    /// the guest again (a link lost before `resumed` leaves it paused, "in doubt").
-    Commit,
+    /// Source → destination: the guest is the destination's. Sent once: from here on the
+    /// source never runs the guest again (a link lost before `resumed` leaves it paused, "in
+    /// doubt").
+    Commit {
+        /// Run the vCPUs; false: the guest was paused at the source (by its operator) and
+        /// stays paused at the destination until resumed there.
+        run: bool,
+    },
 }
 
 const T_HELLO: u8 = 1;
@@ -233,7 +238,10 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             out.extend_from_slice(&load_us.to_le_bytes());
             T_READY
         }
-        Frame::Commit => T_COMMIT,
+        Frame::Commit { run } => {
+            out.push(*run as u8);
+            T_COMMIT
+        }
     };
     let len = (out.len() - start - HEADER_LEN) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -458,7 +466,13 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
         T_MACHINE => Frame::Machine(r.take(payload.len())?.to_vec()),
         T_SYNC => Frame::Sync,
         T_READY => Frame::Ready { load_us: r.u64()? },
-        T_COMMIT => Frame::Commit,
+        T_COMMIT => Frame::Commit {
+            run: match r.u8()? {
+                0 => false,
+                1 => true,
+                v => return Err(bad(format!("commit run flag {v} is not 0 or 1"))),
+            },
+        },
         _ => unreachable!("checked above"),
     };
     r.end()?;
@@ -523,7 +537,9 @@ mod tests {
             fault_p99_us: 4,
         });
         round_trip(Frame::Ready { load_us: 6 });
-        round_trip(Frame::Commit);
+        round_trip(Frame::Commit { run: true });
+        round_trip(Frame::Commit { run: false });
+        assert!(decode(T_COMMIT, &[2]).unwrap_err().0.contains("run flag"));
         round_trip(Frame::Needed(vec![u64::MAX]));
         round_trip(Frame::Machine(b"{}".to_vec()));
     }
