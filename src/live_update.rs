@@ -181,6 +181,7 @@ pub fn start(
     unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
     let child = Command::new(binary)
         .args(["run", "--takeover-fd", &theirs.as_raw_fd().to_string()])
+        .args(crate::logging::args())
         .stdin(Stdio::null())
         .process_group(0)
         .spawn()
@@ -304,13 +305,13 @@ impl Preparing {
         let state = vmm.capture_state();
         let (services, lost) = manager.hand_over();
         for (name, e) in &lost {
-            eprintln!("spanvmm: live update: service {name} could not hand its state over: {e}");
+            tracing::warn!("live update: service {name} could not hand its state over: {e}");
         }
         let rollback = |why: anyhow::Error, services: &[HandedService]| -> Failure {
             for s in services {
                 if let Err(e) = manager.attach_handed(s) {
-                    eprintln!(
-                        "spanvmm: rollback: service {} not re-attached: {e}",
+                    tracing::error!(
+                        "rollback: service {} not re-attached: {e}",
                         s.path.display()
                     );
                 }

@@ -3,6 +3,7 @@
 
 mod api;
 mod live_update;
+mod logging;
 mod migrate;
 mod services;
 mod snapshot;
@@ -46,6 +47,8 @@ enum Entry {
     Pvh,
 }
 
+// Parsed once per process: the size of `Run`'s options does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Start a VM, from a kernel or from a saved state.
@@ -107,6 +110,8 @@ enum Command {
         /// Load only service files with this SHA-256 (64 hex digits; repeatable).
         #[arg(long = "plugin-sha256", value_name = "HEX")]
         plugin_sha256: Vec<String>,
+        #[command(flatten)]
+        log: logging::LogOptions,
         /// Internal: take a running VM over from another spanvmm process (live update).
         #[arg(long, hide = true, conflicts_with_all = ["kernel", "restore"])]
         takeover_fd: Option<i32>,
@@ -295,10 +300,27 @@ fn main() -> ExitCode {
             no_native_plugins,
             plugin_sha256,
             takeover_fd,
+            mut log,
             incoming,
             tls_dir,
             recovery_timeout_ms,
         } => {
+            let id = log
+                .id
+                .get_or_insert_with(|| {
+                    api_socket
+                        .as_deref()
+                        .and_then(Path::file_stem)
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| format!("vm-{}", std::process::id()))
+                })
+                .clone();
+            if let Err(e) = logging::init(&log) {
+                eprintln!("spanvmm: {e:#}");
+                return ExitCode::FAILURE;
+            }
+            // The main loop's events name the VM (made once the subscriber exists).
+            let _vm = tracing::info_span!("vm", id = %id).entered();
             if let Some(Err(e)) = memory.map(base_vmm::vmm::check_memory_mib) {
                 eprintln!("spanvmm: {e}");
                 return ExitCode::FAILURE;
@@ -576,7 +598,7 @@ fn run(
                 vmm.shutdown();
                 anyhow::bail!("--plugin {path}: {e} (the guest was not started)");
             }
-            eprintln!("spanvmm: --plugin {path}: {e}; the guest runs on without it");
+            tracing::warn!("--plugin {path}: {e}; the guest runs on without it");
         }
     }
     if !plugins.is_empty() {
@@ -598,7 +620,7 @@ fn run(
                 moved_at.get_or_insert_with(Instant::now);
             }
             migrate::Polled::IncomingLost(e) => {
-                eprintln!("spanvmm: the incoming migration failed, the guest cannot go on: {e}");
+                tracing::error!("the incoming migration failed, the guest cannot go on: {e}");
                 break 1;
             }
         }
@@ -657,7 +679,7 @@ fn run(
                         })
                     }
                     Err(e) => {
-                        eprintln!("spanvmm: live update failed: {e:#}");
+                        tracing::warn!("live update failed: {e:#}");
                         let _ = reply.send(Err((409, format!("{e:#}"))));
                     }
                 }
@@ -675,11 +697,11 @@ fn run(
                         break 0;
                     }
                     live_update::Outcome::RolledBack(e) => {
-                        eprintln!("spanvmm: live update failed: {e:#}");
+                        tracing::warn!("live update failed: {e:#}");
                         let _ = p.reply.send(Err((409, format!("{e:#}"))));
                     }
                     live_update::Outcome::InDoubt(why) => {
-                        eprintln!("spanvmm: {why}");
+                        tracing::error!("{why}");
                         vmm.control().set_in_doubt(why.clone());
                         let _ = p.reply.send(Err((409, why)));
                     }
@@ -737,7 +759,7 @@ fn run(
                 VcpuExitReason::PowerOff(code) => break code,
                 VcpuExitReason::Reset => break 0,
                 other => {
-                    eprintln!("spanvmm: vCPU {} stopped: {other:?}", ev.index);
+                    tracing::error!("vCPU {} stopped: {other:?}", ev.index);
                     break 1;
                 }
             },
@@ -762,7 +784,7 @@ fn run(
     manager.lifecycle(Lifecycle::Shutdown);
     for (name, r) in manager.detach_all() {
         if let Err(e) = r {
-            eprintln!("spanvmm: detaching service {name}: {e}");
+            tracing::warn!("detaching service {name}: {e}");
         }
     }
     vmm.shutdown();
@@ -914,7 +936,7 @@ fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult
         ApiRequest::Resume { force } => {
             if force {
                 if let Some(why) = vmm.control().in_doubt() {
-                    eprintln!("spanvmm: resuming by force a VM in doubt ({why})");
+                    tracing::warn!("resuming by force a VM in doubt ({why})");
                 }
                 vmm.control().resolve_doubt();
             }

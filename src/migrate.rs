@@ -296,40 +296,47 @@ impl Migrations {
         else {
             return Polled::Nothing;
         };
+        let id = *id;
         let phase = session.progress().phase;
         if !matches!(phase, Phase::Completed | Phase::Failed) {
             return Polled::Nothing;
         }
         if let Some(name) = attached {
             if let Err(e) = manager.detach(name) {
-                eprintln!("spanvmm: detaching migration service {name}: {e}");
+                tracing::warn!(migration = id, "detaching migration service {name}: {e}");
             }
         }
         manager.set_migration(None);
         let report = session.report();
-        self.last = Some((*id, json!(report)));
+        self.last = Some((id, json!(report)));
         self.out = None;
         if phase == Phase::Completed {
-            eprintln!(
-                "spanvmm: migrated ({}) in {:.0} ms, downtime {:.2} ms",
-                report.handover, report.total_ms, report.downtime_ms
+            tracing::info!(
+                migration = id,
+                "migrated ({}) in {:.0} ms, downtime {:.2} ms",
+                report.handover,
+                report.total_ms,
+                report.downtime_ms
             );
             Polled::Moved
         } else if report.result == "in-doubt" {
-            eprintln!(
-                "spanvmm: migration {}",
+            tracing::error!(
+                migration = id,
+                "migration {}",
                 report.error.clone().unwrap_or_default()
             );
             Polled::Nothing
         } else if report.handover == "postcopy" {
-            eprintln!(
-                "spanvmm: post-copy migration failed: {}",
+            tracing::error!(
+                migration = id,
+                "post-copy migration failed: {}",
                 report.error.clone().unwrap_or_default()
             );
             Polled::Nothing
         } else {
-            eprintln!(
-                "spanvmm: migration failed: {}; the VM goes on here",
+            tracing::warn!(
+                migration = id,
+                "migration failed: {}; the VM goes on here",
                 report.error.clone().unwrap_or_default()
             );
             Polled::Nothing
@@ -374,13 +381,13 @@ pub fn incoming(
     let prepared = mem_mib
         .map(|m| {
             migration::PreparedRam::start(m << 20, move || {
-                eprintln!("spanvmm: guest memory of {m} MiB ready for the incoming migration")
+                tracing::info!("guest memory of {m} MiB ready for the incoming migration")
             })
         })
         .transpose()
         .map_err(anyhow::Error::msg)
         .context("--memory")?;
-    eprintln!("spanvmm: waiting for an incoming migration on {listen}");
+    tracing::info!("waiting for an incoming migration on {listen}");
     let dest = MigrationDest::waiting();
     // The migration runs on a thread of its own (the guest runs as soon as it is committed,
     // whatever this thread does); this one serves the API meanwhile.
@@ -493,10 +500,10 @@ fn arrive(
             arrived.running().map_err(anyhow::Error::msg)?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             if run {
-                eprintln!("spanvmm: incoming migration: the guest runs here ({ms:.2} ms to build)");
+                tracing::info!("incoming migration: the guest runs here ({ms:.2} ms to build)");
             } else {
-                eprintln!(
-                    "spanvmm: incoming migration: the guest is here, paused as it was at the \
+                tracing::info!(
+                    "incoming migration: the guest is here, paused as it was at the \
                      source (`ctl resume` runs it; {ms:.2} ms to build)"
                 );
             }

@@ -814,3 +814,64 @@ fn the_plugin_policy_survives_a_live_update() {
     );
     vm.assert_verify_clean(1);
 }
+
+/// The VMM's log: what a service logs arrives under its name, as JSON lines a real parser
+/// reads, in the file asked for, with the VM's id; a bad filter is refused before any VM.
+#[test]
+fn a_services_log_reaches_the_vmm_log_with_its_name() {
+    let dir = TempDir::new("svclog");
+    let log = dir.path().join("vmm.log");
+    let kernel = guest_elf();
+    let mut vm = VmProcess::start(
+        "svclog",
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "64",
+            "--cmdline",
+            "workload=dirty,verify mib=8",
+            "--id",
+            "vm-under-test",
+            "--log-format",
+            "json",
+            "--log-file",
+            log.to_str().unwrap(),
+        ],
+    );
+    vm.wait_line("SPANGUEST ready", T);
+    vm.ctl_ok(&["plugin", "attach", &plugin("misbehave.wasm")]);
+    call(&vm, "misbehave", "log", "hello from a service");
+    vm.assert_verify_clean(1);
+    vm.ctl_ok(&["shutdown"]);
+    assert_eq!(vm.wait_exit(T), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let said = events
+        .iter()
+        .find(|e| e["target"] == "spanvmm::service")
+        .unwrap_or_else(|| panic!("no service event in {text}"));
+    assert_eq!(said["fields"]["service"], "misbehave", "{said}");
+    assert_eq!(said["fields"]["message"], "hello from a service", "{said}");
+    assert_eq!(said["level"], "WARN", "{said}");
+    assert_eq!(said["span"]["id"], "vm-under-test", "{said}");
+    assert!(
+        events.iter().any(|e| e["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("misbehave") && m.contains("attached"))),
+        "attaching is logged: {text}"
+    );
+
+    let (code, err) = run_to_end(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--log-level",
+        "info,=nonsense[",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--log-level"), "{err}");
+}

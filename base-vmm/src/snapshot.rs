@@ -959,7 +959,7 @@ fn parse_state_with(
         Some(pt)
     } else {
         if key.is_some() {
-            log::info!("{}: not encrypted; the key is not needed", path.display());
+            tracing::info!("{}: not encrypted; the key is not needed", path.display());
         }
         None
     };

@@ -93,7 +93,7 @@ impl DirtyFanout {
     pub(crate) fn unregister(&mut self, id: u64, host: &dyn VmHost) {
         if self.holders.remove(&id).is_some() && self.holders.is_empty() {
             if let Err(e) = host.stop_dirty_log() {
-                log::warn!("cannot stop dirty logging: {e}");
+                tracing::warn!("cannot stop dirty logging: {e}");
             }
         }
     }
@@ -402,15 +402,17 @@ impl ServiceCtx {
         Ok(())
     }
 
+    /// A service's log line goes to the VMM's log under the service's name (target
+    /// `spanvmm::service`, field `service`), so an operator can filter one service.
     pub(crate) fn log(&self, level: LogLevel, msg: &str) {
-        let lvl = match level {
-            LogLevel::Error => log::Level::Error,
-            LogLevel::Warn => log::Level::Warn,
-            LogLevel::Info => log::Level::Info,
-            LogLevel::Debug => log::Level::Debug,
-            LogLevel::Trace => log::Level::Trace,
-        };
-        log::log!(target: "spanvmm::service", lvl, "[{}] {}", self.name(), truncate(msg));
+        let (service, msg) = (self.name(), truncate(msg));
+        match level {
+            LogLevel::Error => tracing::error!(target: "spanvmm::service", service, "{msg}"),
+            LogLevel::Warn => tracing::warn!(target: "spanvmm::service", service, "{msg}"),
+            LogLevel::Info => tracing::info!(target: "spanvmm::service", service, "{msg}"),
+            LogLevel::Debug => tracing::debug!(target: "spanvmm::service", service, "{msg}"),
+            LogLevel::Trace => tracing::trace!(target: "spanvmm::service", service, "{msg}"),
+        }
     }
 
     pub(crate) fn metric(&self, name: &str, value: f64) {

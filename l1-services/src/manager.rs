@@ -563,7 +563,7 @@ impl ServiceManager {
     fn fail(&self, slot: &Slot, inst: &mut Option<Box<dyn Backend>>, reason: String) {
         *inst = None;
         if slot.failure.set(reason.clone()).is_ok() {
-            log::error!(
+            tracing::error!(
                 "service {} ({}) failed and is detached: {reason}; the VM keeps running",
                 slot.name(),
                 slot.path.display()
@@ -951,7 +951,7 @@ impl ServiceManager {
         self.sweep(&mut c);
         let slot = self.start(&mut c, path, config, opts, None, None, None)?;
         let info = self.insert(&mut c, slot);
-        log::info!(
+        tracing::info!(
             "service {} {} attached from {} in {} µs",
             info.name,
             info.version,
@@ -1010,7 +1010,7 @@ impl ServiceManager {
         let i = self.find(&mut c, name)?;
         let (slot, r) = self.stop(&mut c, i);
         lock(&self.shared.dirty).unregister(slot.id, &*self.shared.host);
-        log::info!("service {name} detached");
+        tracing::info!("service {name} detached");
         r
     }
 
@@ -1112,7 +1112,7 @@ impl ServiceManager {
                     lock(&self.shared.dirty).unregister(old.id, &*self.shared.host);
                 }
                 let info = self.insert(&mut c, slot);
-                log::info!(
+                tracing::info!(
                     "service {name} replaced by {} {} from {}",
                     info.name,
                     info.version,

@@ -156,7 +156,7 @@ impl WasmRuntime {
         let cache_dir = match private_dir(cache_dir) {
             Ok(()) => Some(cache_dir.to_path_buf()),
             Err(e) => {
-                log::warn!("not caching compiled services: {e}");
+                tracing::warn!("not caching compiled services: {e}");
                 None
             }
         };
@@ -215,7 +215,7 @@ impl WasmRuntime {
             match unsafe { Component::deserialize(&self.engine, &art) } {
                 Ok(c) => return Ok(c),
                 Err(e) => {
-                    log::warn!(
+                    tracing::warn!(
                         "dropping unusable cached artifact {}: {e:#}",
                         file.display()
                     );
@@ -238,7 +238,7 @@ impl WasmRuntime {
                 .and_then(|mut f| f.write_all(&artifact).and_then(|_| f.sync_all()))
                 .and_then(|_| fs::rename(&tmp, file));
             if let Err(e) = written {
-                log::warn!("cannot cache compiled service at {}: {e}", file.display());
+                tracing::warn!("cannot cache compiled service at {}: {e}", file.display());
                 let _ = fs::remove_file(&tmp);
             }
         }

@@ -225,7 +225,7 @@ impl Acceptor {
                     self.done.store(true, Ordering::Release);
                     return Ok(Some((c.link, c.mem, c.session, c.peer)));
                 }
-                Err(e) => eprintln!("spanvmm: migration: refused {}: {e}", c.peer),
+                Err(e) => tracing::warn!("migration: refused {}: {e}", c.peer),
             }
         }
     }
@@ -243,7 +243,7 @@ impl Drop for Acceptor {
 
 fn turn_away(mut c: Candidate) {
     let why = "another source is migrating to this destination";
-    eprintln!("spanvmm: migration: refused {}: {why}", c.peer);
+    tracing::warn!("migration: refused {}: {why}", c.peer);
     let _ = c.link.send(&Frame::Error(why.into()));
     let _ = c.link.flush(Duration::from_secs(1));
 }
@@ -286,8 +286,8 @@ fn accept_loop(
             }
         };
         if active.load(Ordering::Acquire) >= MAX_HANDSHAKES {
-            eprintln!(
-                "spanvmm: migration: refused {peer}: {MAX_HANDSHAKES} handshakes already in progress"
+            tracing::warn!(
+                "migration: refused {peer}: {MAX_HANDSHAKES} handshakes already in progress"
             );
             continue;
         }
@@ -303,13 +303,13 @@ fn accept_loop(
                             turn_away(c);
                         }
                     }
-                    Err(why) => eprintln!("spanvmm: migration: refused {peer}: {why}"),
+                    Err(why) => tracing::warn!("migration: refused {peer}: {why}"),
                 }
                 n.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
             active.fetch_sub(1, Ordering::AcqRel);
-            eprintln!("spanvmm: migration: refused {peer}: no thread for its handshake: {e}");
+            tracing::warn!("migration: refused {peer}: no thread for its handshake: {e}");
         }
     }
 }
@@ -973,12 +973,12 @@ impl Postcopy {
             Ok(()) => {
                 let r = self.uffd.unregister();
                 if let Err(e) = r {
-                    log::warn!("migration: unregistering userfaultfd: {e}");
+                    tracing::warn!("migration: unregistering userfaultfd: {e}");
                 }
                 self.dest.set(Phase::Completed, None);
             }
             Err(e) => {
-                eprintln!("spanvmm: post-copy migration failed: {e}");
+                tracing::error!("post-copy migration failed: {e}");
                 self.dest.set(Phase::Failed, Some(e));
             }
         }
@@ -1179,7 +1179,7 @@ impl Postcopy {
     /// The connection broke: wait for the source to reconnect (faults keep being recorded),
     /// tell it what is still missing, ask again for the faulted pages.
     fn recover(&mut self, cause: LinkError) -> Result<Link, String> {
-        eprintln!("spanvmm: post-copy connection lost ({cause}); waiting for the source");
+        tracing::warn!("post-copy connection lost ({cause}); waiting for the source");
         self.dest.set(Phase::Recovering, None);
         let deadline = Instant::now() + self.recovery_timeout;
         let mem = self.ram.size();
@@ -1224,10 +1224,10 @@ impl Postcopy {
                     link.for_postcopy();
                     self.dest.recoveries.fetch_add(1, Ordering::Relaxed);
                     self.dest.set(Phase::Postcopy, None);
-                    eprintln!("spanvmm: post-copy connection restored");
+                    tracing::info!("post-copy connection restored");
                     return Ok(link);
                 }
-                Err(e) => eprintln!("spanvmm: post-copy recovery: {e}"),
+                Err(e) => tracing::warn!("post-copy recovery: {e}"),
             }
         }
     }

@@ -978,7 +978,7 @@ impl Sender<'_> {
     /// Post-copy lost its connection: reconnect (the destination waits for us), learn which
     /// pages it still lacks and go on.
     fn recover(&mut self, cause: LinkError) -> Result<(), String> {
-        log::warn!("migration: post-copy connection lost ({cause}); reconnecting");
+        tracing::warn!("migration: post-copy connection lost ({cause}); reconnecting");
         {
             let mut st = self.st();
             st.phase = Phase::Recovering;
@@ -1010,13 +1010,13 @@ impl Sender<'_> {
                         drop(st);
                         self.link = link;
                         self.link.for_postcopy();
-                        log::info!("migration: post-copy connection restored");
+                        tracing::info!("migration: post-copy connection restored");
                         return Ok(());
                     }
-                    Ok(other) => log::warn!("migration: recovery got {other:?}"),
-                    Err(e) => log::warn!("migration: recovery: {e}"),
+                    Ok(other) => tracing::warn!("migration: recovery got {other:?}"),
+                    Err(e) => tracing::warn!("migration: recovery: {e}"),
                 },
-                Err(e) => log::debug!("migration: reconnect: {e}"),
+                Err(e) => tracing::debug!("migration: reconnect: {e}"),
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -1057,7 +1057,7 @@ impl Sender<'_> {
                     "paused"
                 }
                 .into();
-                log::error!("migration failed: {msg}");
+                tracing::error!("migration failed: {msg}");
                 st.error = Some(msg);
             }
         }

@@ -59,7 +59,7 @@ impl Service for Misbehave {
         EventReply::None
     }
 
-    fn call(&mut self, method: &str, _args: &str) -> Result<String, String> {
+    fn call(&mut self, method: &str, args: &str) -> Result<String, String> {
         match method {
             "loop" => spin(),
             // Reserve without touching: the memory grows at once, the deadline is not the limit.
@@ -90,6 +90,11 @@ impl Service for Misbehave {
                 Ok("{}".into())
             }
             "writes" => Ok(self.writes.to_string()),
+            // What a service logs reaches the VMM's log under its name.
+            "log" => {
+                host::log(spanvmm_sdk::LogLevel::Warn, args);
+                Ok("{}".into())
+            }
             m => Err(format!("unknown method {m:?}")),
         }
     }
