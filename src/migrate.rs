@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::{ApiRequest, ApiResult};
-use crate::Msg;
+use crate::run::Msg;
 
 /// How long a source whose guest has moved away waits for the client that started the
 /// migration to fetch its report before exiting anyway (that client gone, say).
@@ -363,7 +363,7 @@ impl Migrations {
 /// answers status and shutdown; a shutdown cancels the wait (returns `None`). Events of the
 /// arrived guest's vCPUs seen here go back into `tx` for the main loop.
 #[allow(clippy::too_many_arguments)]
-pub fn incoming(
+pub(crate) fn incoming(
     addr: &str,
     tls_dir: &Path,
     serial: &str,
