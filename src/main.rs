@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base_vmm::boot::EntryPreference;
+use base_vmm::cpu::CpuTemplate;
 use base_vmm::vcpu::{VcpuEvent, VcpuExitReason};
 use base_vmm::vmm::{RestoreHow, VmConfig, Vmm, VmmError};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -119,6 +120,12 @@ enum Command {
         /// With --incoming: how long to wait for a source that lost its post-copy connection.
         #[arg(long, default_value_t = 30_000)]
         recovery_timeout_ms: u64,
+        /// The CPU the guest is given: `host` (everything this host offers) or `x86-64-v2`
+        /// (a portable baseline, so the VM can move to older hosts). Boot only: a restored,
+        /// migrated or live-updated VM keeps the CPU it was booted with.
+        #[arg(long, value_name = "NAME", value_parser = parse_cpu_template,
+              conflicts_with_all = ["restore", "standby", "incoming", "takeover_fd"])]
+        cpu_template: Option<CpuTemplate>,
     },
     /// Make the TLS material for migration: a CA and a node certificate signed by it.
     MigrateCerts {
@@ -274,6 +281,11 @@ enum PluginOp {
     Notifications,
 }
 
+fn parse_cpu_template(s: &str) -> Result<CpuTemplate, String> {
+    s.parse()
+        .map_err(|e: base_vmm::cpu::CpuModelError| e.to_string())
+}
+
 fn main() -> ExitCode {
     match Cli::parse().cmd {
         Command::Run {
@@ -298,6 +310,7 @@ fn main() -> ExitCode {
             incoming,
             tls_dir,
             recovery_timeout_ms,
+            cpu_template,
         } => {
             if let Some(Err(e)) = memory.map(base_vmm::vmm::check_memory_mib) {
                 eprintln!("spanvmm: {e}");
@@ -344,6 +357,7 @@ fn main() -> ExitCode {
                     },
                     // Services given with --plugin attach before the guest's first instruction.
                     start_paused,
+                    cpu_template: cpu_template.unwrap_or_default(),
                 }),
                 (None, None, None) => unreachable!("clap requires --kernel without --restore"),
             };
