@@ -90,6 +90,32 @@ impl CpuTemplate {
     }
 }
 
+impl CpuTemplate {
+    /// The template's baseline features that `cpuid` lacks (none for `host`, which has no
+    /// baseline).
+    pub fn lacking(self, cpuid: &[CpuidEntry]) -> Vec<Feature> {
+        let required = match self {
+            CpuTemplate::Host => return Vec::new(),
+            CpuTemplate::X86_64V2 => V2_REQUIRED,
+        };
+        let mut out = Vec::new();
+        for &(leaf, subleaf, reg, want) in required {
+            let lacking = want & !reg_of(cpuid, leaf, subleaf, reg);
+            out.extend(
+                (0..32u8)
+                    .filter(|b| lacking & (1 << b) != 0)
+                    .map(|bit| Feature {
+                        leaf,
+                        subleaf,
+                        reg,
+                        bit,
+                    }),
+            );
+        }
+        out
+    }
+}
+
 impl fmt::Display for CpuTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -249,12 +275,25 @@ const V2_1_EDX: u32 = bits(&[
 ]);
 /// Leaf 1 ECX under x86-64-v2: sse3 ssse3 cx16 sse4_1 sse4_2 popcnt hypervisor.
 const V2_1_ECX: u32 = bits(&[0, 9, 13, 19, 20, 23, 31]);
-/// AMD mirrors these leaf-1 EDX bits in leaf 0x8000_0001 EDX.
-const AMD_MIRRORED: u32 = bits(&[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 23, 24]);
-/// Leaf 0x8000_0001 EDX under x86-64-v2: syscall nx lm (and the mirrored leaf-1 bits).
-const V2_E1_EDX: u32 = bits(&[11, 20, 29]) | (AMD_MIRRORED & V2_1_EDX);
+/// Leaf 0x8000_0001 EDX under x86-64-v2: syscall nx lm. (AMD also mirrors leaf-1 EDX bits
+/// here; Intel does not, so a portable model leaves them out: guests read them in leaf 1.)
+const V2_E1_EDX: u32 = bits(&[11, 20, 29]);
 /// Leaf 0x8000_0001 ECX under x86-64-v2: lahf_lm.
 const V2_E1_ECX: u32 = bits(&[0]);
+
+/// The x86-64-v2 psABI level itself (with the x86-64 baseline): what a guest given the
+/// template expects; a host whose KVM does not offer all of it gives the guest less (said at
+/// boot, and in the status).
+const V2_REQUIRED: &[(u32, u32, Reg, u32)] = &[
+    // sse3 ssse3 cx16 sse4_1 sse4_2 popcnt
+    (0x1, 0, Reg::Ecx, bits(&[0, 9, 13, 19, 20, 23])),
+    // fpu cx8 cmov mmx fxsr sse sse2
+    (0x1, 0, Reg::Edx, bits(&[0, 8, 15, 23, 24, 25, 26])),
+    // lahf_lm
+    (0x8000_0001, 0, Reg::Ecx, bits(&[0])),
+    // syscall lm
+    (0x8000_0001, 0, Reg::Edx, bits(&[11, 29])),
+];
 
 /// What x86-64-v2 keeps of each feature register (everything not listed is cleared).
 const V2_MASKS: &[(u32, u32, Reg, u32)] = &[
@@ -645,6 +684,10 @@ pub struct CpuSummary {
     pub cpuid_entries: usize,
     /// MSRs saved per vCPU.
     pub msrs: usize,
+    /// Features of the template's baseline the guest was not given, because the host it
+    /// booted on did not offer them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub template_lacks: Vec<String>,
 }
 
 impl CpuModel {
@@ -692,6 +735,12 @@ impl CpuModel {
             feature_bits: features(&self.cpuid).len(),
             cpuid_entries: self.cpuid.len(),
             msrs: self.msrs.len(),
+            template_lacks: self
+                .template
+                .lacking(&self.cpuid)
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         }
     }
 
@@ -914,6 +963,18 @@ mod tests {
             ("AuthenticAMD", 0x19, 0x11, 1)
         );
         assert_eq!(s.feature_bits, names.len());
+        assert!(s.template_lacks.is_empty(), "{:?}", s.template_lacks);
+        // A host whose KVM offers less than the baseline: the guest is told less, and the
+        // summary says what.
+        let mut poor = host.clone();
+        poor[1].ecx &= !(1 << 0 | 1 << 19);
+        let pm = CpuModel {
+            template: CpuTemplate::X86_64V2,
+            cpuid: CpuTemplate::X86_64V2.apply(&poor),
+            msrs: vec![],
+        };
+        assert_eq!(pm.summary().template_lacks, ["sse3", "sse4_1"]);
+        assert!(CpuTemplate::Host.lacking(&poor).is_empty());
         assert!(s.feature_bits < features(&host).len());
 
         // An older host with only the v2 features (plus some v2 does not need) takes the
