@@ -23,12 +23,14 @@ pub enum CpuModelError {
     #[error("unknown CPU template `{0}`: use `host` (everything this host offers) or `x86-64-v2` (a portable baseline)")]
     UnknownTemplate(String),
     /// This host lacks features (or MSRs) the guest was given.
-    #[error("this host cannot offer the CPU the guest was given (CPU template `{template}`): {missing}. A guest must not run on a CPU lacking what it saw: restore or migrate it to a host with these features, or boot VMs with `spanvmm run --cpu-template x86-64-v2` so that they can move between hosts")]
+    #[error("this host cannot offer the CPU the guest was given (CPU template `{template}`): {missing}. A guest must not run on a CPU lacking what it saw: {advice}")]
     Missing {
         /// The recorded model's template.
         template: CpuTemplate,
         /// What is missing, e.g. "missing CPU features: avx512f, x2apic; missing MSRs: 0x6e0".
         missing: String,
+        /// What to do.
+        advice: &'static str,
     },
     /// The recorded CPUID cannot be given to KVM.
     #[error(
@@ -63,10 +65,24 @@ impl CpuTemplate {
         }
     }
 
-    /// The CPUID a vCPU gets under this template, from what the host supports.
+    /// The CPUID a vCPU gets under this template, from what the host supports. APIC IDs are
+    /// zero (KVM reports those of the host CPU the ioctl ran on; each vCPU gets its own when
+    /// it is given the CPUID).
     pub fn apply(self, supported: &[CpuidEntry]) -> Vec<CpuidEntry> {
+        let supported: Vec<CpuidEntry> = supported
+            .iter()
+            .map(|e| {
+                let mut e = *e;
+                match e.function {
+                    1 => e.ebx &= 0x00ff_ffff,
+                    0xb | 0x1f => e.edx = 0,
+                    _ => {}
+                }
+                e
+            })
+            .collect();
         match self {
-            CpuTemplate::Host => supported.to_vec(),
+            CpuTemplate::Host => supported,
             CpuTemplate::X86_64V2 => supported
                 .iter()
                 // The XSAVE components beyond x87/SSE are described by sub-leaves 2 and up.
@@ -614,6 +630,28 @@ pub fn missing_features(recorded: &[CpuidEntry], host: &[CpuidEntry]) -> Vec<Fea
     out
 }
 
+/// Test hook: `SPANVMM_TEST_HOST_LACKS=name,name` in the environment makes the comparison
+/// treat this host as lacking those named features (e.g. `sse2`), so that tests can show a
+/// migration destination or a live update's new process refusing a guest it cannot run.
+/// It changes what is compared only, never the CPUID any vCPU is given.
+pub fn host_as_compared(mut host: Vec<CpuidEntry>) -> Vec<CpuidEntry> {
+    let Ok(names) = std::env::var("SPANVMM_TEST_HOST_LACKS") else {
+        return host;
+    };
+    for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        for &(leaf, subleaf, reg) in FEATURE_REGS {
+            for bit in 0..32u8 {
+                if feature_name(leaf, subleaf, reg, bit) == Some(name) {
+                    for e in host.iter_mut().filter(|e| e.applies_to(leaf, subleaf)) {
+                        *e.reg_mut(reg) &= !(1 << bit);
+                    }
+                }
+            }
+        }
+    }
+    host
+}
+
 /// Every feature bit `entries` offers.
 pub fn features(entries: &[CpuidEntry]) -> Vec<Feature> {
     missing_features(entries, &[])
@@ -776,9 +814,20 @@ impl CpuModel {
                 .collect();
             parts.push(format!("missing MSRs: {}", names.join(", ")));
         }
+        let advice = match self.template {
+            CpuTemplate::Host => {
+                "restore or migrate it to a host with these features, or boot VMs with \
+                 `spanvmm run --cpu-template x86-64-v2` so that they can move between hosts"
+            }
+            CpuTemplate::X86_64V2 => {
+                "this host is below the template's baseline (or lacks MSRs the guest's CPU had): \
+                 restore or migrate it to a host with these features"
+            }
+        };
         Err(CpuModelError::Missing {
             template: self.template,
             missing: parts.join("; "),
+            advice,
         })
     }
 
@@ -1008,6 +1057,17 @@ mod tests {
         assert!(e.contains("missing CPU features: sse4_2, popcnt"), "{e}");
         // Applying the template twice changes nothing.
         assert_eq!(CpuTemplate::X86_64V2.apply(&v2), v2);
+        // The advice fits the template: a baseline model's host is below the baseline.
+        let e = m.check_against(&ancient, &[]).unwrap_err().to_string();
+        assert!(e.contains("below the template's baseline"), "{e}");
+        // APIC IDs of the host CPU the ioctl ran on are not part of the model.
+        let (mut on_cpu5, mut on_cpu0) = (host.clone(), host.clone());
+        on_cpu5[1].ebx = 0x0502_0800;
+        on_cpu0[1].ebx = 0x0002_0800;
+        for t in CpuTemplate::ALL {
+            assert_eq!(t.apply(&on_cpu5)[1].ebx, 0x0002_0800, "{t}");
+            assert_eq!(t.apply(&on_cpu5), t.apply(&on_cpu0), "{t}");
+        }
     }
 
     #[test]

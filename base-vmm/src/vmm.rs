@@ -391,7 +391,7 @@ impl PreparedVm {
     /// (see [`crate::cpu`]); a state recorded before CPU models were is not checked.
     pub fn check_cpu(&self, state: &VmState) -> Result<(), VmmError> {
         if let Some(m) = &state.cpu {
-            let host = crate::cpu::entries_of(self.vm.host_cpuid());
+            let host = crate::cpu::host_as_compared(crate::cpu::entries_of(self.vm.host_cpuid()));
             m.check_against(&host, self.vm.host_msrs())?;
         }
         Ok(())
@@ -777,7 +777,7 @@ impl Vmm {
         // against the MSRs this host lets the VMM read, not only those KVM lists).
         if let Some(m) = &state.cpu {
             let (cpuid, msrs) = crate::vm::host_offer()?;
-            m.check_against(&cpuid, &msrs)?;
+            m.check_against(&crate::cpu::host_as_compared(cpuid), &msrs)?;
         }
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
         let loader = load_memory(&ram, chain, how.lazy, dir, &state)?;
