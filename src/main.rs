@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use base_vmm::boot::EntryPreference;
+use base_vmm::cpu::CpuTemplate;
 use base_vmm::vmm::VmConfig;
 use clap::{Parser, Subcommand, ValueEnum};
 use spanvmm::ctl::{self, CtlOp};
@@ -110,6 +111,12 @@ enum Command {
         /// With --incoming: how long to wait for a source that lost its post-copy connection.
         #[arg(long, default_value_t = 30_000)]
         recovery_timeout_ms: u64,
+        /// The CPU the guest is given: `host` (everything this host offers) or `x86-64-v2`
+        /// (a portable baseline, so the VM can move to older hosts). Boot only: a restored,
+        /// migrated or live-updated VM keeps the CPU it was booted with.
+        #[arg(long, value_name = "NAME", value_parser = parse_cpu_template,
+              conflicts_with_all = ["restore", "standby", "incoming", "takeover_fd"])]
+        cpu_template: Option<CpuTemplate>,
     },
     /// Make the TLS material for migration: a CA and a node certificate signed by it.
     MigrateCerts {
@@ -130,6 +137,11 @@ enum Command {
         #[command(subcommand)]
         op: CtlOp,
     },
+}
+
+fn parse_cpu_template(s: &str) -> Result<CpuTemplate, String> {
+    s.parse()
+        .map_err(|e: base_vmm::cpu::CpuModelError| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -157,6 +169,7 @@ fn main() -> ExitCode {
             incoming,
             tls_dir,
             recovery_timeout_ms,
+            cpu_template,
         } => {
             let id = log
                 .id
@@ -219,6 +232,7 @@ fn main() -> ExitCode {
                     },
                     // Services given with --plugin attach before the guest's first instruction.
                     start_paused,
+                    cpu_template: cpu_template.unwrap_or_default(),
                 }),
                 (None, None, None) => unreachable!("clap requires --kernel without --restore"),
             };

@@ -115,6 +115,15 @@ pub fn run(
     let (mut vmm, manager) = match source {
         Source::Boot(cfg) => {
             let vmm = Vmm::boot(&cfg, vcpu_tx)?;
+            let lacks = vmm.status().cpu.template_lacks;
+            if !lacks.is_empty() {
+                tracing::warn!(
+                    "CPU template {}: this host's KVM does not offer {} of the baseline; the \
+                     guest is told it lacks them",
+                    cfg.cpu_template,
+                    lacks.join(", ")
+                );
+            }
             let manager = services::manager_for(&vmm)?;
             (vmm, manager)
         }

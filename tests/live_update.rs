@@ -423,3 +423,64 @@ fn an_untrusted_live_update_binary_is_refused_before_it_runs() {
     assert_eq!(status(&vm)["pauses"], 0, "the guest was never paused");
     vm.assert_verify_clean(1);
 }
+
+/// The CPU model comes along with a live update: a guest booted with `--cpu-template
+/// x86-64-v2` keeps it in the new process, whose host is compared as lacking `x2apic` (not in
+/// the baseline: accepted). A new process whose host lacks a feature the guest was given
+/// (`sse2`, through SPANVMM_TEST_HOST_LACKS) refuses the take-over naming it, and the old
+/// process rolls back with the guest running and its memory intact.
+#[test]
+fn the_cpu_model_survives_a_live_update_and_a_host_lacking_it_is_rolled_back() {
+    let kernel = common::guest_elf();
+    let vm = VmProcess::start_wrapped(
+        "lucpu",
+        &["env", "SPANVMM_TEST_HOST_LACKS=x2apic"],
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "workload=dirty,verify mib=16 rate=10000 report_ms=100",
+            "--memory",
+            "128",
+            "--cpu-template",
+            "x86-64-v2",
+        ],
+    );
+    vm.wait_line("SPANGUEST ready", T);
+    let before = status(&vm)["cpu"].clone();
+    assert_eq!(before["template"], "x86-64-v2", "{before}");
+    let out = vm.ctl_ok(&["live-update", "--binary", spanvmm()]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let new_pid = report["new_pid"].as_u64().unwrap() as u32;
+    assert_eq!(vm.serving_pid(), Some(new_pid));
+    assert_eq!(status(&vm)["cpu"], before, "the new process's CPU model");
+
+    // A new binary on a host lacking sse2 (a wrapper setting the hook): refused, rolled back.
+    let dir = TempDir::new("lucpu");
+    let wrapper = dir.path().join("spanvmm-no-sse2");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nSPANVMM_TEST_HOST_LACKS=sse2 exec {} \"$@\"\n",
+            spanvmm()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (ok, out) = vm.ctl(&["live-update", "--binary", wrapper.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("missing CPU features: sse2") && out.contains("rolled back"),
+        "{out}"
+    );
+    eprintln!("refused live update: {out}");
+    assert_eq!(vm.serving_pid(), Some(new_pid), "the VM stays where it was");
+    let stat = vm.wait_line_from(vm.mark(), "SPANGUEST stat", T);
+    assert!(num(&stat, "dirtied") > 0, "{stat}");
+    assert_eq!(status(&vm)["cpu"], before);
+    vm.assert_verify_clean(1);
+}

@@ -1001,3 +1001,55 @@ fn a_waiting_destination_serves_its_api() {
     assert_eq!(status(&src)["state"], "running");
     src.assert_verify_clean(1);
 }
+
+/// A destination whose host lacks a CPU feature the guest was given refuses the VM before it
+/// runs, naming the feature: the source hears why and keeps running the guest. (The
+/// destination is told to compare as if its host lacked `sse2`: SPANVMM_TEST_HOST_LACKS.)
+#[test]
+fn a_destination_lacking_a_cpu_feature_refuses_the_guest_naming_it() {
+    let tmp = TempDir::new("mig-cpu");
+    let tls = certs(&tmp, "tls");
+    let src = VmProcess::boot("mig-cpu-src", GUEST, MEM, 1);
+    let addr = format!("tls://127.0.0.1:{}", free_port());
+    let mut dst = destination(
+        "mig-cpu-dst",
+        &["env", "SPANVMM_TEST_HOST_LACKS=sse2"],
+        &addr,
+        &tls,
+        &[],
+    );
+    let (ok, out, report) = migrate(
+        &src,
+        &[
+            "--to",
+            &addr,
+            "--plugin",
+            &plugin("precopy.wasm"),
+            "--tls-dir",
+            tls.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok, "the migration claims success: {out}");
+    let r = report.expect("a report");
+    let err = r["error"].as_str().unwrap_or("").to_string();
+    assert!(
+        err.contains("missing CPU features: sse2") && err.contains("cpu-template"),
+        "the source was not told why: {r}\n{out}"
+    );
+    let code = wait_exit(&mut dst, "the refusing destination");
+    assert_ne!(code, Some(0));
+    assert!(
+        dst.stderr().contains("missing CPU features: sse2"),
+        "{}",
+        dst.stderr()
+    );
+    assert!(
+        dst.lines().is_empty(),
+        "the refused guest ran at the destination: {:?}",
+        dst.lines()
+    );
+    // The source runs on, memory intact.
+    let from = src.mark();
+    src.wait_line_from(from, "SPANGUEST stat", Duration::from_secs(5));
+    src.assert_verify_clean(1);
+}

@@ -621,3 +621,246 @@ fn a_paused_vm_stays_paused_through_snapshots_whose_files_are_private() {
         assert!(err.contains("not encrypted"), "{args:?}: {err}");
     }
 }
+
+/// Boots spanguest on 2 vCPUs with `--cpu-template x86-64-v2` and saves it with `ctl save`.
+fn save_v2_vm(tag: &str, dir: &Path) -> Value {
+    let kernel = common::guest_elf();
+    let vm = VmProcess::start(
+        tag,
+        &[
+            "--kernel",
+            s(&kernel),
+            "--cmdline",
+            "workload=dirty,verify mib=16 rate=5000 report_ms=100",
+            "--memory",
+            "128",
+            "--vcpus",
+            "2",
+            "--cpu-template",
+            "x86-64-v2",
+        ],
+    );
+    vm.wait_line("SPANGUEST ready", T);
+    let status = json(&vm.ctl_ok(&["status"]));
+    assert_eq!(status["cpu"]["template"], "x86-64-v2", "{status}");
+    vm.ctl_ok(&["save", "--dir", s(dir)]);
+    vm.ctl_ok(&["shutdown"]);
+    status
+}
+
+/// A VM booted with a CPU template keeps its CPU: the state file records the CPUID its vCPUs
+/// were given (masked to the baseline) and the MSRs saved; a restore in a new process gives
+/// the guest the same CPU (status: same template, vendor, family/model, feature bits), and
+/// the guest's memory is intact.
+#[test]
+fn a_cpu_template_is_recorded_and_kept_by_a_restore() {
+    let root = TempDir::new("cpu-v2");
+    let dir = root.0.join("snap");
+    let booted = save_v2_vm("cpu-v2", &dir);
+
+    let chain = base_vmm::snapshot::Chain::open(&dir, None).unwrap();
+    let model = chain
+        .vm_state()
+        .cpu
+        .clone()
+        .expect("the state records the CPU model");
+    assert_eq!(model.template, base_vmm::cpu::CpuTemplate::X86_64V2);
+    assert!(!model.msrs.is_empty());
+    // Exactly what the template makes of this host's CPUID: the host's features masked down
+    // to the baseline (this PVM host's KVM offers no sse3/ssse3/sse4/popcnt in leaf 1: the
+    // status says which baseline features the guest lacks).
+    let (host, _) = base_vmm::vm::host_offer().unwrap();
+    assert_eq!(
+        model.cpuid,
+        base_vmm::cpu::CpuTemplate::X86_64V2.apply(&host)
+    );
+    let names = |c: &[base_vmm::cpu::CpuidEntry]| -> Vec<String> {
+        base_vmm::cpu::features(c)
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    };
+    let (ours, hosts) = (names(&model.cpuid), names(&host));
+    for want in [
+        "fpu", "cx8", "cmov", "mmx", "fxsr", "sse", "sse2", "syscall", "lm",
+    ] {
+        assert!(ours.iter().any(|n| n == want), "{want} not in {ours:?}");
+    }
+    let beyond = [
+        "avx",
+        "avx2",
+        "avx512f",
+        "x2apic",
+        "xsave",
+        "xsave:avx",
+        "tsc_deadline_timer",
+        "clflushopt",
+        "gfni",
+        "umip",
+        "constant_tsc",
+        "clzero",
+        "pdpe1gb",
+        "rdtscp",
+    ];
+    for gone in beyond {
+        assert!(!ours.iter().any(|n| n == gone), "{gone} in {ours:?}");
+    }
+    assert!(
+        hosts.iter().any(|n| beyond.contains(&n.as_str())),
+        "this host offers nothing beyond the baseline: {hosts:?}"
+    );
+    assert!(ours.len() < hosts.len(), "{ours:?} vs {hosts:?}");
+    assert_eq!(booted["cpu"]["feature_bits"], ours.len());
+    let lacks = base_vmm::cpu::CpuTemplate::X86_64V2.lacking(&host);
+    assert_eq!(
+        booted["cpu"]["template_lacks"]
+            .as_array()
+            .map_or(0, Vec::len),
+        lacks.len(),
+        "{booted}"
+    );
+
+    let back = restore("cpu-v2-back", &dir, &[]);
+    let status = json(&back.ctl_ok(&["status"]));
+    for k in [
+        "template",
+        "vendor",
+        "family",
+        "model",
+        "stepping",
+        "feature_bits",
+        "msrs",
+    ] {
+        assert_eq!(
+            status["cpu"][k], booted["cpu"][k],
+            "{k}: {status} vs {booted}"
+        );
+    }
+    assert_eq!(status["restored"], true);
+    back.assert_verify_clean(2);
+    // What it saves again is the same model.
+    let again = root.0.join("again");
+    back.ctl_ok(&["save", "--dir", s(&again)]);
+    let chain = base_vmm::snapshot::Chain::open(&again, None).unwrap();
+    assert_eq!(chain.vm_state().cpu.as_ref(), Some(&model));
+}
+
+/// A snapshot whose recorded CPU has a feature (and an MSR) this host lacks is refused before
+/// the guest runs — eagerly, lazily and by a standby VMM, which stays ready — with an error
+/// naming the feature and saying what to do; the genuine snapshot then restores.
+#[test]
+fn a_snapshot_of_a_cpu_this_host_lacks_is_refused_naming_the_features() {
+    use base_vmm::cpu::{Feature, Reg, FEATURE_REGS};
+    let root = TempDir::new("cpu-forge");
+    let good = root.0.join("good");
+    save_v2_vm("cpu-forge", &good);
+
+    // A named feature this host does not offer, in a leaf the model has.
+    let (host, host_msrs) = base_vmm::vm::host_offer().unwrap();
+    let model = base_vmm::snapshot::Chain::open(&good, None)
+        .unwrap()
+        .vm_state()
+        .cpu
+        .clone()
+        .unwrap();
+    let has = |entries: &[base_vmm::cpu::CpuidEntry], f: &Feature| {
+        base_vmm::cpu::features(entries).contains(f)
+    };
+    let lacking = FEATURE_REGS
+        .iter()
+        .flat_map(|&(leaf, subleaf, reg)| {
+            (0..32u8).map(move |bit| Feature {
+                leaf,
+                subleaf,
+                reg,
+                bit,
+            })
+        })
+        .find(|f| {
+            f.name().is_some()
+                && !has(&host, f)
+                && model
+                    .cpuid
+                    .iter()
+                    .any(|e| e.function == f.leaf && e.index == f.subleaf)
+        })
+        .expect("this host lacks some named feature");
+    let name = lacking.name().unwrap();
+    let bogus_msr = (0x4b56_4e00u32..).find(|m| !host_msrs.contains(m)).unwrap();
+    eprintln!("forging a CPU with {name} and MSR {bogus_msr:#x}, which this host lacks");
+
+    let forged = copy_dir(&good, &root.0.join("forged"));
+    base_vmm::snapshot::rewrite_vm_state(&forged, None, |vm| {
+        let cpu = vm.cpu.as_mut().unwrap();
+        let e = cpu
+            .cpuid
+            .iter_mut()
+            .find(|e| e.function == lacking.leaf && e.index == lacking.subleaf)
+            .unwrap();
+        let r = match lacking.reg {
+            Reg::Eax => &mut e.eax,
+            Reg::Ebx => &mut e.ebx,
+            Reg::Ecx => &mut e.ecx,
+            Reg::Edx => &mut e.edx,
+        };
+        *r |= 1 << lacking.bit;
+        cpu.msrs.push(bogus_msr);
+    })
+    .unwrap();
+
+    for extra in [&[][..], &["--lazy"][..]] {
+        let console = root.0.join("console");
+        let mut a = vec!["run", "--restore", s(&forged), "--serial", s(&console)];
+        a.extend_from_slice(extra);
+        let e = run_fails(&a);
+        assert!(
+            e.contains("this host cannot offer the CPU"),
+            "{extra:?}: {e}"
+        );
+        assert!(
+            e.contains(&format!("missing CPU features: {name}")),
+            "{extra:?}: {e}"
+        );
+        assert!(e.contains(&format!("{bogus_msr:#x}")), "{extra:?}: {e}");
+        assert!(
+            e.contains("below the template's baseline") && e.contains("a host with these features"),
+            "{extra:?}: {e}"
+        );
+        // Nothing ran: the console was never even opened.
+        assert!(
+            !console.exists(),
+            "{extra:?}: the refused guest had a console"
+        );
+    }
+
+    // A standby VMM refuses it before loading anything and stays ready for the genuine one.
+    let standby = VmProcess::start(
+        "cpu-standby",
+        &["--standby", "--memory", "128", "--vcpus", "2"],
+    );
+    let t = std::time::Instant::now();
+    while !standby.ctl(&["status"]).0 {
+        assert!(
+            t.elapsed() < T,
+            "standby VMM never answered: {}",
+            standby.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, out) = standby.ctl(&["snapshot", "load", "--dir", s(&forged)]);
+    assert!(
+        !ok && out.contains(&format!("missing CPU features: {name}")),
+        "{out}"
+    );
+    assert!(
+        standby.lines().is_empty(),
+        "the refused guest printed {:?}",
+        standby.lines()
+    );
+    let r = json(&standby.ctl_ok(&["snapshot", "load", "--dir", s(&good)]));
+    assert_eq!(r["state"], "running", "{r}");
+    standby.wait_line("SPANGUEST stall", T);
+    let status = json(&standby.ctl_ok(&["status"]));
+    assert_eq!(status["cpu"]["template"], "x86-64-v2", "{status}");
+    standby.assert_verify_clean(2);
+}

@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod boot;
+pub mod cpu;
 pub mod devices;
 pub mod lazy;
 pub mod memory;

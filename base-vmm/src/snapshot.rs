@@ -1794,6 +1794,38 @@ pub fn merge(
     w.finish(vm)
 }
 
+/// Rewrites the VM state recorded in the layer `dir` (`edit` changes it) and seals the state
+/// file again (checksum, or encryption with `key`), keeping the manifest's other fields, the
+/// index and the memory file. For tests that need a snapshot of a VM that could not exist here
+/// (e.g. one whose CPU had features this host lacks); a child layer of `dir` no longer matches
+/// it (it records the old state file's SHA-256).
+#[doc(hidden)]
+pub fn rewrite_vm_state(
+    dir: &Path,
+    key: Option<&SnapshotKey>,
+    edit: impl FnOnce(&mut VmState),
+) -> Result<(), SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let bytes = std::fs::read(&path).map_err(io_at(&path))?;
+    let parsed = parse_state(&bytes, &path, key)?;
+    let payload = parsed.decrypted.as_deref().unwrap_or(&bytes[HEADER_LEN..]);
+    let jlen = u32::from_le_bytes(payload[..4].try_into().unwrap_or([0; 4])) as usize;
+    let index = &payload[4 + jlen..];
+    let mut manifest = parsed.manifest;
+    edit(&mut manifest.vm);
+    let json = serde_json::to_vec(&manifest).expect("a manifest always serializes");
+    let mut new = Vec::with_capacity(4 + json.len() + index.len());
+    new.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    new.extend_from_slice(&json);
+    new.extend_from_slice(index);
+    let sealed = seal(&new, key, &parsed.salt).map_err(SnapshotError::Usage)?;
+    let tmp = dir.join("state.tmp");
+    owner_only_file(&tmp)
+        .and_then(|mut f| f.write_all(&sealed).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(io_at(&path))
+}
+
 /// A VM state for tests that need a layer without a real VM.
 #[cfg(test)]
 pub(crate) fn test_vm_state(mem_bytes: u64) -> VmState {
@@ -1826,6 +1858,7 @@ pub(crate) fn test_vm_state(mem_bytes: u64) -> VmState {
             pv: Default::default(),
         },
         api_secrets: Vec::new(),
+        cpu: None,
     }
 }
 
@@ -1926,6 +1959,49 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("broken snapshot chain"), "{e}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_rewritten_vm_state_is_sealed_again_and_the_pages_still_load() {
+        use crate::cpu::{CpuModel, CpuTemplate, CpuidEntry};
+        let root = tmp("rewrite");
+        let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+        fill(&ram, 3, 1);
+        fill(&ram, 700, 2);
+        let key = SnapshotKey::from_bytes(&[5u8; 32]).unwrap();
+        for (name, k) in [("plain", None), ("enc", Some(&key))] {
+            let dir = root.join(name);
+            full_layer(
+                &ram,
+                &dir,
+                LayerOptions {
+                    key: k.cloned(),
+                    ..Default::default()
+                },
+            );
+            let model = CpuModel {
+                template: CpuTemplate::X86_64V2,
+                cpuid: vec![CpuidEntry {
+                    function: 7,
+                    index: 0,
+                    flags: 1,
+                    eax: 0,
+                    ebx: 1 << 16,
+                    ecx: 0,
+                    edx: 0,
+                }],
+                msrs: vec![0x10],
+            };
+            let id = Chain::open(&dir, k).unwrap().top().manifest.id.clone();
+            rewrite_vm_state(&dir, k, |vm| vm.cpu = Some(model.clone())).unwrap();
+            let chain = Chain::open(&dir, k).unwrap();
+            assert_eq!(chain.vm_state().cpu.as_ref(), Some(&model), "{name}");
+            assert_eq!(chain.top().manifest.id, id, "{name}");
+            let back = GuestRam::new(4 << 20).unwrap();
+            chain.load_into(&back).unwrap();
+            assert!(same(&ram, &back), "{name}");
+        }
         std::fs::remove_dir_all(&root).unwrap();
     }
 

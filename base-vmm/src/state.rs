@@ -9,6 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::CpuModel;
 use crate::devices::pv::PvState;
 use crate::devices::serial::SerialDeviceState;
 use crate::vcpu::VcpuState;
@@ -85,6 +86,11 @@ pub struct VmState {
     /// in the PV device's state). Absent in files written before it existed.
     #[serde(default)]
     pub api_secrets: Vec<(u64, u64)>,
+    /// The CPU the guest was given (CPUID and saved MSRs): a restore, a migration or a live
+    /// update refuses a host that cannot offer it, and gives the vCPUs this CPUID again.
+    /// Absent in files written before it existed (restored with the host's CPUID, unchecked).
+    #[serde(default)]
+    pub cpu: Option<CpuModel>,
 }
 
 impl VmState {
@@ -183,6 +189,19 @@ impl VmState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_without_a_cpu_model_still_reads() {
+        // Written before the CPU model was recorded: no "cpu" key at all.
+        let state = crate::snapshot::test_vm_state(2 << 20);
+        let mut v = serde_json::to_value(&state).unwrap();
+        assert!(v.as_object_mut().unwrap().remove("cpu").is_some());
+        let old: VmState = serde_json::from_value(v).unwrap();
+        assert!(old.cpu.is_none());
+        // And the framed file of the same format version reads too.
+        let back = VmState::from_bytes(&old.to_bytes(), "t").unwrap();
+        assert!(back.cpu.is_none());
+    }
 
     #[test]
     fn header_checks_catch_every_kind_of_damage() {

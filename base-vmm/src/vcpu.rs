@@ -205,6 +205,20 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(index as u64)
             .map_err(kvm_err(index, "KVM_CREATE_VCPU"))?;
+        let vcpu = Vcpu {
+            index,
+            fd,
+            msr_list,
+            has_lapic,
+        };
+        vcpu.set_cpuid(cpuid)?;
+        Ok(vcpu)
+    }
+
+    /// Gives the vCPU `cpuid` (its APIC IDs patched to its index). Only before it first runs:
+    /// a restore gives a prepared vCPU the CPUID the guest was recorded with.
+    pub fn set_cpuid(&self, cpuid: &CpuId) -> Result<(), VcpuError> {
+        let index = self.index;
         let mut cpuid = cpuid.clone();
         for e in cpuid.as_mut_slice() {
             match e.function {
@@ -213,14 +227,35 @@ impl Vcpu {
                 _ => {}
             }
         }
-        fd.set_cpuid2(&cpuid)
-            .map_err(kvm_err(index, "KVM_SET_CPUID2"))?;
-        Ok(Vcpu {
-            index,
-            fd,
-            msr_list,
-            has_lapic,
-        })
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(kvm_err(index, "KVM_SET_CPUID2"))
+    }
+
+    /// The MSRs saved and restored with this vCPU.
+    pub fn msr_list(&self) -> &Arc<Vec<u32>> {
+        &self.msr_list
+    }
+
+    /// Sets the MSRs saved and restored with this vCPU.
+    pub fn set_msr_list(&mut self, list: Arc<Vec<u32>>) {
+        self.msr_list = list;
+    }
+
+    /// Those of `list` this vCPU lets the VMM read with its current CPUID (a template that
+    /// hides a feature can make its MSRs unreadable).
+    pub fn readable_msrs(&self, list: &[u32]) -> Vec<u32> {
+        list.iter()
+            .copied()
+            .filter(|&index| {
+                let mut one = Msrs::from_entries(&[kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                }])
+                .expect("one MSR entry fits");
+                matches!(self.fd.get_msrs(&mut one), Ok(1))
+            })
+            .collect()
     }
 
     /// The TSC frequency KVM runs this vCPU at, in kHz.

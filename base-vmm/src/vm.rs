@@ -169,16 +169,44 @@ impl Vm {
         self.has_irqchip
     }
 
-    /// Creates vCPU `index`.
+    /// Creates vCPU `index` with everything this host offers (CPUID and MSRs).
     pub fn create_vcpu(&self, index: usize) -> Result<Vcpu, VmError> {
-        Ok(Vcpu::new(
-            &self.fd,
-            index,
-            &self.cpuid,
-            self.msr_list.clone(),
-            self.has_irqchip,
-        )?)
+        self.create_vcpu_with(index, &self.cpuid, self.msr_list.clone())
     }
+
+    /// Creates vCPU `index` with `cpuid`, saving and restoring `msrs`.
+    pub fn create_vcpu_with(
+        &self,
+        index: usize,
+        cpuid: &CpuId,
+        msrs: Arc<Vec<u32>>,
+    ) -> Result<Vcpu, VmError> {
+        Ok(Vcpu::new(&self.fd, index, cpuid, msrs, self.has_irqchip)?)
+    }
+
+    /// The CPUID this host's KVM supports (`KVM_GET_SUPPORTED_CPUID`).
+    pub fn host_cpuid(&self) -> &CpuId {
+        &self.cpuid
+    }
+
+    /// The MSRs this host lets the VMM save and restore (probed at creation).
+    pub fn host_msrs(&self) -> &Arc<Vec<u32>> {
+        &self.msr_list
+    }
+}
+
+/// What this host's KVM offers, without creating a VM: the CPUID it supports and the MSRs it
+/// lists (a superset of those [`Vm::host_msrs`] finds readable). Cheap enough to check a saved
+/// CPU model before anything is loaded.
+pub fn host_offer() -> Result<(Vec<crate::cpu::CpuidEntry>, Vec<u32>), VmError> {
+    let kvm = Kvm::new().map_err(VmError::Open)?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let msrs = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    Ok((crate::cpu::entries_of(&cpuid), msrs.as_slice().to_vec()))
 }
 
 /// MSRs KVM lists *and* lets us read on this host (some listed ones fail on PVM). A throwaway

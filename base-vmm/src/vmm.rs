@@ -10,6 +10,7 @@ use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootEntry, EntryPreference};
+use crate::cpu::{CpuModel, CpuModelError, CpuSummary, CpuTemplate};
 use crate::devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
 use crate::devices::pv::{
     GuestCommand, PvDevice, PvState, PV_BASE, PV_LEN, PV_SECRET_BASE, PV_SECRET_LEN,
@@ -51,6 +52,9 @@ pub enum VmmError {
     /// State file.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    /// The CPU model: unknown template, or this host cannot offer the guest's CPU.
+    #[error(transparent)]
+    Cpu(#[from] CpuModelError),
     /// Snapshot store.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
@@ -101,6 +105,8 @@ pub struct VmConfig {
     pub entry: EntryPreference,
     /// Build the vCPUs paused: the guest runs at the first resume (services attached first).
     pub start_paused: bool,
+    /// The CPU the guest is given: everything the host offers, or a portable baseline.
+    pub cpu_template: CpuTemplate,
 }
 
 /// Run state as the API reports it.
@@ -144,6 +150,8 @@ pub struct VmStatus {
     /// Why the VM must not run here: it may run in another process (see `resume`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub in_doubt: Option<String>,
+    /// The CPU the guest was given: template, vendor, family/model, feature bits.
+    pub cpu: CpuSummary,
 }
 
 /// Whether the vCPUs run, and who may run them again.
@@ -170,6 +178,8 @@ pub struct VmControl {
     vcpus: Mutex<Vec<VcpuHandle>>,
     state: Mutex<RunCtl>,
     machine: MachineConfig,
+    /// The CPU the guest was given (recorded in every state captured).
+    cpu: CpuModel,
     serial: Arc<Mutex<SerialDevice>>,
     pv: Arc<Mutex<PvDevice>>,
     /// Secret regions registered through the API, `(gpa, len)`.
@@ -317,6 +327,11 @@ impl VmControl {
         &self.machine
     }
 
+    /// The CPU the guest was given.
+    pub fn cpu_model(&self) -> &CpuModel {
+        &self.cpu
+    }
+
     /// Captures the whole VM state except memory (vCPUs must be paused).
     pub fn capture_state(&self) -> Result<VmState, VmmError> {
         Self::refuse_on_vcpu_thread("capturing the VM state")?;
@@ -337,6 +352,7 @@ impl VmControl {
                 pv: lock(&self.pv).state.clone(),
             },
             api_secrets: lock(&self.secrets).clone(),
+            cpu: Some(self.cpu.clone()),
         })
     }
 
@@ -371,10 +387,45 @@ pub struct PreparedVm {
 }
 
 impl PreparedVm {
-    /// Second half of a restore: registers, irqchip, clock and devices from `state`, then the
-    /// vCPU threads (running, or paused until resumed).
+    /// Checks that this host offers every CPU feature and MSR the guest of `state` was given
+    /// (see [`crate::cpu`]); a state recorded before CPU models were is not checked.
+    pub fn check_cpu(&self, state: &VmState) -> Result<(), VmmError> {
+        if let Some(m) = &state.cpu {
+            let host = crate::cpu::host_as_compared(crate::cpu::entries_of(self.vm.host_cpuid()));
+            m.check_against(&host, self.vm.host_msrs())?;
+        }
+        Ok(())
+    }
+
+    /// Gives the vCPUs the CPU model of `state` (checked against this host first), or this
+    /// host's when the state recorded none; returns the model the VM now has.
+    fn adopt_cpu(&mut self, state: &VmState) -> Result<CpuModel, VmmError> {
+        self.check_cpu(state)?;
+        let Some(m) = &state.cpu else {
+            tracing::info!(
+                "the saved VM records no CPU model (saved by an older spanvmm): it gets this \
+                 host's CPUID, unchecked"
+            );
+            return Ok(CpuModel {
+                template: CpuTemplate::Host,
+                cpuid: crate::cpu::entries_of(self.vm.host_cpuid()),
+                msrs: self.vm.host_msrs().to_vec(),
+            });
+        };
+        let cpuid = m.kvm_cpuid()?;
+        let msrs = Arc::new(m.msrs.clone());
+        for v in &mut self.vcpus {
+            v.set_cpuid(&cpuid)?;
+            v.set_msr_list(msrs.clone());
+        }
+        Ok(m.clone())
+    }
+
+    /// Second half of a restore: the recorded CPU model (refused when this host cannot offer
+    /// it), registers, irqchip, clock and devices from `state`, then the vCPU threads
+    /// (running, or paused until resumed).
     pub fn finish(
-        self,
+        mut self,
         state: &VmState,
         serial_spec: &str,
         events: Sender<VcpuEvent>,
@@ -385,6 +436,7 @@ impl PreparedVm {
                 "the state describes another machine than the one prepared".into(),
             ));
         }
+        let cpu = self.adopt_cpu(state)?;
         for (v, s) in self.vcpus.iter().zip(&state.vcpus) {
             v.restore(s)?;
         }
@@ -406,7 +458,7 @@ impl PreparedVm {
         } else {
             RunState::Running
         };
-        let vmm = Vmm::assemble(self.vm, handles, dev, self.machine, run, true);
+        let vmm = Vmm::assemble(self.vm, handles, dev, self.machine, cpu, run, true);
         *lock(&vmm.ctl.secrets) = state.api_secrets.clone();
         Ok(vmm)
     }
@@ -554,6 +606,13 @@ impl StandbyVm {
                 standby: Some(Box::new(self)),
             });
         }
+        // Before anything is loaded, so that a refused snapshot leaves the standby VM ready.
+        if let Err(error) = self.prepared.check_cpu(&state) {
+            return Err(AdoptError {
+                error,
+                standby: Some(Box::new(self)),
+            });
+        }
         let lost = |error| AdoptError {
             error,
             standby: None,
@@ -665,9 +724,25 @@ impl Vmm {
         }
         // Loading the kernel is not the guest's doing: start the VMM's dirty log clean.
         ram.take_vmm_dirty();
-        let vcpus = (0..cfg.vcpus)
-            .map(|i| vm.create_vcpu(i))
+        let cpuid = cfg
+            .cpu_template
+            .apply(&crate::cpu::entries_of(vm.host_cpuid()));
+        let kvm_cpuid = crate::cpu::to_kvm(&cpuid)?;
+        let mut vcpus = (0..cfg.vcpus)
+            .map(|i| vm.create_vcpu_with(i, &kvm_cpuid, vm.host_msrs().clone()))
             .collect::<Result<Vec<_>, _>>()?;
+        if cfg.cpu_template != CpuTemplate::Host {
+            // A feature the template hides can make its MSRs unreadable: save only the others.
+            let msrs = Arc::new(vcpus[0].readable_msrs(vm.host_msrs()));
+            for v in &mut vcpus {
+                v.set_msr_list(msrs.clone());
+            }
+        }
+        let cpu = CpuModel {
+            template: cfg.cpu_template,
+            cpuid,
+            msrs: vcpus[0].msr_list().to_vec(),
+        };
         for v in &vcpus {
             v.configure_boot(&entry, cfg.vcpus)?;
         }
@@ -688,7 +763,7 @@ impl Vmm {
         } else {
             RunState::Running
         };
-        Ok(Vmm::assemble(vm, handles, dev, machine, run, false))
+        Ok(Vmm::assemble(vm, handles, dev, machine, cpu, run, false))
     }
 
     /// Rebuilds a VM from the snapshot layer in `dir` (and its ancestors) and runs it (or
@@ -698,6 +773,14 @@ impl Vmm {
     /// rest (see [`crate::lazy`]).
     pub fn restore(dir: &Path, how: RestoreHow) -> Result<Self, VmmError> {
         let (chain, state) = open_snapshot(dir, how.key, None)?;
+        // An eager restore is refused before guest memory is even allocated and loaded
+        // (finish checks again, precisely: against the MSRs this host lets the VMM read, not
+        // only those KVM lists). Not a lazy one: asking KVM costs ~0.4 ms on PVM, a tenth of
+        // its path to the guest's first instruction, and it loads nothing before finish.
+        if let (Some(m), false) = (&state.cpu, how.lazy) {
+            let (cpuid, msrs) = crate::vm::host_offer()?;
+            m.check_against(&crate::cpu::host_as_compared(cpuid), &msrs)?;
+        }
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
         let loader = load_memory(&ram, chain, how.lazy, dir, &state)?;
         let mut vmm = Vmm::prepare(ram, &state.machine)?.finish(
@@ -792,6 +875,7 @@ impl Vmm {
         vcpus: Vec<VcpuHandle>,
         dev: Devices,
         machine: MachineConfig,
+        cpu: CpuModel,
         state: RunState,
         restored: bool,
     ) -> Self {
@@ -806,6 +890,7 @@ impl Vmm {
                     in_doubt: None,
                 }),
                 machine: machine.clone(),
+                cpu,
                 serial: dev.serial.clone(),
                 pv: dev.pv.clone(),
                 secrets: Mutex::new(Vec::new()),
@@ -846,6 +931,7 @@ impl Vmm {
             lazy_restore: self.lazy_progress(),
             operator_paused: self.ctl.operator_paused(),
             in_doubt: self.ctl.in_doubt(),
+            cpu: self.ctl.cpu.summary(),
         }
     }
 
