@@ -2,6 +2,7 @@
 //! The server parses and validates; the VMM's main loop executes. See docs/api.yaml.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,6 +16,8 @@ use anyhow::{bail, Context};
 use base_vmm::devices::pv::GuestCommand;
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+use crate::metrics::Metrics;
 
 /// Longest request head (request line + headers) accepted.
 const MAX_HEAD: usize = 16 << 10;
@@ -341,7 +344,7 @@ fn peer_allowed(s: &UnixStream) -> Result<(), (u16, String)> {
 
 /// Serves the API forever on its own thread, handing each request to `deliver` (false: the
 /// VMM is shutting down).
-pub fn serve<D>(listener: UnixListener, deliver: D)
+pub fn serve<D>(listener: UnixListener, deliver: D, metrics: Arc<Metrics>)
 where
     D: Fn(ApiCall) -> bool + Clone + Send + 'static,
 {
@@ -358,13 +361,13 @@ where
                     continue;
                 }
                 open.fetch_add(1, Ordering::SeqCst);
-                let (deliver, mine) = (deliver.clone(), open.clone());
+                let (deliver, mine, metrics) = (deliver.clone(), open.clone(), metrics.clone());
                 // One thread per connection: a slow or silent client only delays itself.
                 let spawned =
                     std::thread::Builder::new()
                         .name("api-conn".into())
                         .spawn(move || {
-                            let _ = handle_connection(stream, &deliver);
+                            let _ = handle_connection(stream, &deliver, &metrics);
                             mine.fetch_sub(1, Ordering::SeqCst);
                         });
                 if spawned.is_err() {
@@ -378,6 +381,7 @@ where
 fn handle_connection(
     stream: UnixStream,
     deliver: &impl Fn(ApiCall) -> bool,
+    metrics: &Arc<Metrics>,
 ) -> std::io::Result<()> {
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut out = stream.try_clone()?;
@@ -389,6 +393,10 @@ fn handle_connection(
         })
     });
     let result = match request {
+        // Scrapes are answered here, not by the main loop: a busy VMM still answers them.
+        Ok((method, path, _)) if path == "/metrics" && method == "GET" => {
+            return respond_text(&mut out, &metrics.scrape());
+        }
         Ok((method, path, body)) => match route(&method, &path, &body) {
             Ok(req) => {
                 let (tx, rx) = mpsc::channel();
@@ -412,7 +420,7 @@ fn handle_connection(
     r
 }
 
-fn respond(out: &mut UnixStream, result: ApiResult) -> std::io::Result<()> {
+fn respond(out: &mut impl Write, result: ApiResult) -> std::io::Result<()> {
     let (code, body) = match result {
         Ok(v) => (200, v),
         Err((code, msg)) => (code, json!({ "error": msg })),
@@ -425,6 +433,40 @@ fn respond(out: &mut UnixStream, result: ApiResult) -> std::io::Result<()> {
         body.len()
     )?;
     out.write_all(&body)
+}
+
+/// The OpenMetrics content type of a scrape.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+fn respond_text(out: &mut impl Write, text: &str) -> std::io::Result<()> {
+    write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: {OPENMETRICS}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        text.len()
+    )?;
+    out.write_all(text.as_bytes())
+}
+
+/// Serves one plain-HTTP connection of the `--metrics-addr` listener: `GET /metrics` only.
+pub(crate) fn serve_metrics_tcp(stream: TcpStream, metrics: &Arc<Metrics>) {
+    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let request = read_request(DeadlineReader {
+        stream,
+        deadline: Instant::now() + CLIENT_TIMEOUT,
+    });
+    let _ = match request {
+        Ok((method, path, _)) if path == "/metrics" && method == "GET" => {
+            respond_text(&mut out, &metrics.scrape())
+        }
+        Ok((_, path, _)) => respond(
+            &mut out,
+            Err((404, format!("only GET /metrics here, not {path}"))),
+        ),
+        Err(e) => respond(&mut out, Err(e)),
+    };
 }
 
 fn reason(code: u16) -> &'static str {
@@ -442,13 +484,30 @@ fn reason(code: u16) -> &'static str {
     }
 }
 
+/// A socket that can bound each read.
+trait TimedRead: Read {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl TimedRead for UnixStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_read_timeout(self, t)
+    }
+}
+
+impl TimedRead for TcpStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        TcpStream::set_read_timeout(self, t)
+    }
+}
+
 /// A socket read against one deadline for the whole request.
-struct DeadlineReader {
-    stream: UnixStream,
+struct DeadlineReader<S> {
+    stream: S,
     deadline: Instant,
 }
 
-impl Read for DeadlineReader {
+impl<S: TimedRead> Read for DeadlineReader<S> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -474,7 +533,9 @@ fn read_error(e: std::io::Error) -> (u16, String) {
 }
 
 /// Reads one request: (method, path, body), enforcing size limits and the deadline.
-fn read_request(stream: DeadlineReader) -> Result<(String, String, Vec<u8>), (u16, String)> {
+fn read_request<S: TimedRead>(
+    stream: DeadlineReader<S>,
+) -> Result<(String, String, Vec<u8>), (u16, String)> {
     let bad = |m: &str| (400, m.to_string());
     let mut reader = BufReader::new(stream);
     let mut head = Vec::new();

@@ -7,6 +7,7 @@ pub mod api;
 pub mod ctl;
 pub mod live_update;
 pub mod logging;
+pub mod metrics;
 pub mod migrate;
 pub mod run;
 pub mod services;

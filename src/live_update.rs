@@ -388,6 +388,8 @@ pub struct TakenOver {
     pub serial: String,
     /// The API listener, if the old process had one.
     pub api: Option<UnixListener>,
+    /// How long restoring registers, devices and services took here, µs.
+    pub restore_us: u64,
 }
 
 /// New side: `spanvmm run --takeover-fd FD`.
@@ -464,12 +466,8 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
             .attach_handed(s)
             .with_context(|| format!("service {}", s.path.display()))?;
     }
-    send(
-        sock,
-        &Msg::Restored {
-            restore_us: t.elapsed().as_micros() as u64,
-        },
-    )?;
+    let restore_us = t.elapsed().as_micros() as u64;
+    send(sock, &Msg::Restored { restore_us })?;
     let Msg::Go = recv(sock)? else {
         bail!("expected the go-ahead");
     };
@@ -489,5 +487,6 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
         manager,
         serial,
         api,
+        restore_us,
     })
 }

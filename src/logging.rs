@@ -3,6 +3,7 @@
 //! `host::log`), written as text or JSON lines to stderr or a file. The main loop's events
 //! carry the VM's id (a `vm` span). A live update's new process gets the same settings.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -70,7 +71,10 @@ pub fn init(opts: &LogOptions) -> anyhow::Result<()> {
                 LogFormat::Json => b.json().try_init(),
             }
         }
-        (None, LogFormat::Text) => builder.with_writer(std::io::stderr).try_init(),
+        (None, LogFormat::Text) => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .try_init(),
         (None, LogFormat::Json) => builder.with_writer(std::io::stderr).json().try_init(),
     };
     installed.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))?;

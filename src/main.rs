@@ -99,6 +99,10 @@ enum Command {
         plugin_sha256: Vec<String>,
         #[command(flatten)]
         log: logging::LogOptions,
+        /// Also serve `GET /metrics` (Prometheus/OpenMetrics text) over plain HTTP on this
+        /// address, e.g. 127.0.0.1:9100 (the API socket serves it too).
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics_addr: Option<std::net::SocketAddr>,
         /// Internal: take a running VM over from another spanvmm process (live update).
         #[arg(long, hide = true, conflicts_with_all = ["kernel", "restore"])]
         takeover_fd: Option<i32>,
@@ -166,6 +170,7 @@ fn main() -> ExitCode {
             plugin_sha256,
             takeover_fd,
             mut log,
+            metrics_addr,
             incoming,
             tls_dir,
             recovery_timeout_ms,
@@ -236,7 +241,13 @@ fn main() -> ExitCode {
                 }),
                 (None, None, None) => unreachable!("clap requires --kernel without --restore"),
             };
-            match run(source, &serial, api_socket.as_deref(), &plugins) {
+            match run(
+                source,
+                &serial,
+                api_socket.as_deref(),
+                &plugins,
+                metrics_addr,
+            ) {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => {
                     eprintln!("spanvmm: {e:#}");

@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::{ApiRequest, ApiResult};
+use crate::metrics::{Counters, MIGRATION_RESULTS};
 use crate::run::Msg;
 
 /// How long a source whose guest has moved away waits for the client that started the
@@ -280,7 +281,7 @@ impl Migrations {
     }
 
     /// Checks on the migrations; call from the main loop between messages.
-    pub fn poll(&mut self, manager: &ServiceManager) -> Polled {
+    pub fn poll(&mut self, manager: &ServiceManager, counters: &Counters) -> Polled {
         if let Some(d) = &self.incoming {
             if d.phase() == Phase::Failed {
                 let e = d.progress().error.unwrap_or_default();
@@ -308,6 +309,9 @@ impl Migrations {
         }
         manager.set_migration(None);
         let report = session.report();
+        if let Some(i) = MIGRATION_RESULTS.iter().position(|r| *r == report.result) {
+            counters.migrations[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         self.last = Some((id, json!(report)));
         self.out = None;
         if phase == Phase::Completed {

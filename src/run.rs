@@ -4,7 +4,9 @@
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -14,6 +16,7 @@ use l1_services::{AttachOptions, Lifecycle, ServiceManager};
 use serde_json::{json, Value};
 
 use crate::api::{self, ApiCall, ApiRequest, ApiResult};
+use crate::metrics::Metrics;
 use crate::{live_update, migrate, services, snapshot};
 
 /// Where a VM comes from.
@@ -86,9 +89,15 @@ pub fn run(
     serial: &str,
     api_socket: Option<&Path>,
     plugins: &[String],
+    metrics_addr: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<u8> {
     // Bind first: a busy socket must fail before a VM exists.
     let mut listener = api_socket.map(api::bind).transpose()?;
+    let metrics = Metrics::new();
+    if let Some(addr) = metrics_addr {
+        let bound = metrics.serve_tcp(addr)?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
     // A start-up that fails from here on leaves no socket file behind.
     let _socket_file = api_socket.map(SocketFile);
     let mut serial = serial.to_string();
@@ -108,7 +117,7 @@ pub fn run(
     // process).
     let mut api = ApiServing::default();
     if matches!(source, Source::Standby { .. } | Source::Incoming { .. }) {
-        api.start(listener.take(), &tx)?;
+        api.start(listener.take(), &tx, &metrics)?;
     }
     // A booted or restored guest waits for its --plugin services before its first instruction.
     let not_started = matches!(source, Source::Boot(_) | Source::Restore { .. });
@@ -155,6 +164,10 @@ pub fn run(
         }
         Source::Takeover(fd) => {
             let t = live_update::take_over(fd, vcpu_tx).context("live update: taking over")?;
+            metrics
+                .counters
+                .takeover_restore_us
+                .store(t.restore_us.max(1), Ordering::Relaxed);
             listener = t.api;
             serial = t.serial;
             (t.vmm, t.manager)
@@ -214,7 +227,8 @@ pub fn run(
         // No-op for a guest that already runs or that the operator keeps paused.
         vmm.control().resume()?;
     }
-    api.start(listener, &tx)?;
+    metrics.set_vm(vmm.control().clone(), vmm.bus().clone(), manager.clone());
+    api.start(listener, &tx, &metrics)?;
     // Live-update answers come from a thread of their own; the loop ends once every sender
     // (the API's, the vCPUs', this one) is gone.
     let answers = tx;
@@ -222,7 +236,7 @@ pub fn run(
     let mut handed_over = false;
     let mut moved_at: Option<Instant> = None;
     let code = loop {
-        match migrations.poll(&manager) {
+        match migrations.poll(&manager, &metrics.counters) {
             migrate::Polled::Nothing => {}
             migrate::Polled::Moved => {
                 // Wait (a little) for `ctl migrate` to fetch the report, then go.
@@ -306,10 +320,18 @@ pub fn run(
                         break 0;
                     }
                     live_update::Outcome::RolledBack(e) => {
+                        metrics
+                            .counters
+                            .live_update_rollbacks
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::warn!("live update failed: {e:#}");
                         let _ = p.reply.send(Err((409, format!("{e:#}"))));
                     }
                     live_update::Outcome::InDoubt(why) => {
+                        metrics
+                            .counters
+                            .live_updates_in_doubt
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::error!("{why}");
                         vmm.control().set_in_doubt(why.clone());
                         let _ = p.reply.send(Err((409, why)));
@@ -421,7 +443,12 @@ struct ApiServing {
 
 impl ApiServing {
     /// Serves `listener` (if any, and unless serving already), forwarding calls into `tx`.
-    fn start(&mut self, listener: Option<UnixListener>, tx: &Sender<Msg>) -> anyhow::Result<()> {
+    fn start(
+        &mut self,
+        listener: Option<UnixListener>,
+        tx: &Sender<Msg>,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<()> {
         let Some(listener) = listener else {
             return Ok(());
         };
@@ -431,7 +458,11 @@ impl ApiServing {
             .and_then(|a| a.as_pathname().map(Path::to_path_buf));
         self.handover = Some(listener.try_clone()?);
         let fwd = tx.clone();
-        api::serve(listener, move |call| fwd.send(Msg::Api(call)).is_ok());
+        api::serve(
+            listener,
+            move |call| fwd.send(Msg::Api(call)).is_ok(),
+            metrics.clone(),
+        );
         Ok(())
     }
 

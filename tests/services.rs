@@ -875,3 +875,136 @@ fn a_services_log_reaches_the_vmm_log_with_its_name() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("--log-level"), "{err}");
 }
+
+/// Reads a scrape with the Prometheus client's OpenMetrics parser; its samples by name.
+fn parse_metrics(text: &str) -> Value {
+    use std::io::Write;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/parse_metrics.py");
+    // Debian's python3-prometheus-client (installed by .ci/setup) is for the system python.
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run /usr/bin/python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused the scrape: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The value of `name`'s sample whose labels include `labels`.
+fn sample(m: &Value, name: &str, labels: &[(&str, &str)]) -> f64 {
+    m[name]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {name} in {m}"))
+        .iter()
+        .find(|s| labels.iter().all(|(k, v)| s[0][*k] == *v))
+        .unwrap_or_else(|| panic!("no {name}{labels:?} in {m}"))[1]
+        .as_f64()
+        .unwrap()
+}
+
+fn http_get(mut s: impl std::io::Read + std::io::Write, path: &str) -> String {
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    let (head, body) = r.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    body.to_string()
+}
+
+/// `GET /metrics` on the API socket and on `--metrics-addr`: the VMM's counters (exits by
+/// kind, pauses, a service's events and handler-time histogram) in a scrape a real parser
+/// reads, and they move with what the VM does.
+#[test]
+fn metrics_are_scraped_with_a_real_parser() {
+    let kernel = guest_elf();
+    let vm = VmProcess::start(
+        "metrics",
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "64",
+            "--cmdline",
+            "workload=exits,dirty,verify exits=500 mib=8",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--plugin",
+            &format!("{}:{STORM}", plugin("exit-stats.wasm")),
+        ],
+    );
+    vm.wait_line("SPANGUEST ready", T);
+    std::thread::sleep(Duration::from_millis(300));
+    vm.ctl_ok(&["pause"]);
+    vm.ctl_ok(&["resume"]);
+    let first = parse_metrics(&http_get(
+        std::os::unix::net::UnixStream::connect(&vm.api).unwrap(),
+        "/metrics",
+    ));
+    assert!(sample(&first, "spanvmm_vm_exits_total", &[("kind", "io_out")]) > 0.0);
+    assert_eq!(sample(&first, "spanvmm_vm_pauses_total", &[]), 1.0);
+    assert_eq!(sample(&first, "spanvmm_vm_running", &[]), 1.0);
+    assert_eq!(
+        sample(&first, "spanvmm_service_up", &[("service", "exit-stats")]),
+        1.0
+    );
+    let events = sample(
+        &first,
+        "spanvmm_service_events_total",
+        &[("service", "exit-stats")],
+    );
+    assert!(events > 0.0, "{first}");
+    let timed = sample(
+        &first,
+        "spanvmm_service_event_handler_seconds_count",
+        &[("service", "exit-stats")],
+    );
+    assert!(timed > 0.0 && timed <= events, "{first}");
+    assert_eq!(
+        sample(
+            &first,
+            "spanvmm_migrations_total",
+            &[("result", "completed")]
+        ),
+        0.0
+    );
+    // The TCP listener serves the same scrape; the counters have moved on.
+    let stderr = vm.stderr();
+    let addr = stderr
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .unwrap_or_else(|| panic!("no metrics address logged: {stderr}"))
+        .to_string();
+    let second = parse_metrics(&http_get(
+        std::net::TcpStream::connect(&addr).unwrap(),
+        "/metrics",
+    ));
+    assert!(
+        sample(
+            &second,
+            "spanvmm_service_events_total",
+            &[("service", "exit-stats")]
+        ) > events,
+        "{second}"
+    );
+    vm.assert_verify_clean(1);
+}

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::{BootEntry, BOOT_GDT_ADDR};
-use crate::devices::{IoAction, IoBus};
+use crate::devices::{ExitKind, IoAction, IoBus};
 
 /// vCPU errors.
 #[derive(Debug, thiserror::Error)]
@@ -609,7 +609,16 @@ impl VcpuThread {
     fn run_once(&mut self) -> Flow {
         let index = self.vcpu.index;
         let bus = &self.bus;
-        let action = match self.vcpu.fd.run() {
+        let exit = self.vcpu.fd.run();
+        bus.exits.count(match &exit {
+            Ok(VcpuExit::IoIn(..)) => ExitKind::IoIn,
+            Ok(VcpuExit::IoOut(..)) => ExitKind::IoOut,
+            Ok(VcpuExit::MmioRead(..)) => ExitKind::MmioRead,
+            Ok(VcpuExit::MmioWrite(..)) => ExitKind::MmioWrite,
+            Err(e) if e.errno() == libc::EINTR => ExitKind::Kick,
+            _ => ExitKind::Other,
+        });
+        let action = match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 bus.read(port, data);
                 IoAction::Continue

@@ -186,6 +186,9 @@ pub struct VmControl {
     secrets: Mutex<Vec<(u64, u64)>>,
     /// How many times the guest was paused (by the API, a save, a live update, a service).
     pauses: std::sync::atomic::AtomicU64,
+    /// Dirty pages harvested so far (for metrics: their rate is the guest's dirty rate while
+    /// a service tracks it).
+    dirty_harvested: std::sync::atomic::AtomicU64,
 }
 
 impl VmControl {
@@ -319,7 +322,22 @@ impl VmControl {
 
     /// Pages dirtied (by the guest or the VMM) since the last harvest.
     pub fn harvest_dirty(&self) -> Result<Vec<u64>, VmmError> {
-        Ok(lock(&self.vm).harvest_dirty()?)
+        let bits = lock(&self.vm).harvest_dirty()?;
+        let pages: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
+        self.dirty_harvested
+            .fetch_add(pages, std::sync::atomic::Ordering::Relaxed);
+        Ok(bits)
+    }
+
+    /// Times the guest was paused.
+    pub fn pauses(&self) -> u64 {
+        self.pauses.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Dirty pages harvested so far.
+    pub fn dirty_harvested(&self) -> u64 {
+        self.dirty_harvested
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The machine's shape.
@@ -895,6 +913,7 @@ impl Vmm {
                 pv: dev.pv.clone(),
                 secrets: Mutex::new(Vec::new()),
                 pauses: Default::default(),
+                dirty_harvested: Default::default(),
             }),
             bus: dev.bus,
             pv: dev.pv,

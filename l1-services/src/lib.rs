@@ -29,8 +29,9 @@ pub use error::{HostError, ServiceError};
 pub use host::{RamHost, VmHost};
 pub use manager::{
     AttachOptions, HandedService, ManagerConfig, PluginPolicy, ReplaceOptions, ServiceInfo,
-    ServiceKind, ServiceManager, ServiceState, ServiceStats,
+    ServiceKind, ServiceManager, ServiceState, ServiceStats, EVENT_NS_BOUNDS,
 };
+pub use snapshot::SnapshotTotals;
 pub use spanvmm_sdk::{
     Capability, Event, EventKind, EventReply, Lifecycle, Manifest, MmioRange, PortRange,
     Translation, VcpuRegs, VmInfo, ABI_VERSION,

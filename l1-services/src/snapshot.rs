@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -77,6 +77,18 @@ struct Job {
 pub(crate) struct SnapshotEngine {
     jobs: Mutex<HashMap<u32, Job>>,
     next: AtomicU32,
+    totals: Arc<SnapshotTotals>,
+}
+
+/// What the snapshot engine did since the VMM started (for metrics).
+#[derive(Debug, Default)]
+pub struct SnapshotTotals {
+    /// Layers complete.
+    pub committed: AtomicU64,
+    /// Layers that failed.
+    pub failed: AtomicU64,
+    /// Bytes written to layers' memory files.
+    pub bytes_written: AtomicU64,
 }
 
 impl SnapshotEngine {
@@ -115,6 +127,7 @@ impl SnapshotEngine {
         }));
         let (tx, rx) = mpsc::channel::<Cmd>();
         let st = status.clone();
+        let totals = self.totals.clone();
         std::thread::Builder::new()
             .name("snapshot-writer".into())
             .spawn(move || {
@@ -130,8 +143,18 @@ impl SnapshotEngine {
                     let mut s = lock(&st);
                     s.pending = s.pending.saturating_sub(1);
                     match r {
-                        Ok(done) => s.committed |= done,
-                        Err(e) => s.error = Some(e),
+                        Ok(true) if !s.committed => {
+                            s.committed = true;
+                            totals.committed.fetch_add(1, Ordering::Relaxed);
+                            totals
+                                .bytes_written
+                                .fetch_add(s.bytes_written, Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            totals.failed.fetch_add(1, Ordering::Relaxed);
+                            s.error = Some(e);
+                        }
                     }
                 }
             })
@@ -242,6 +265,11 @@ impl SnapshotEngine {
         if jobs.get(&job).is_some_and(|j| j.owner == owner) {
             jobs.remove(&job);
         }
+    }
+
+    /// Layers written and failed since the VMM started.
+    pub(crate) fn totals(&self) -> &SnapshotTotals {
+        &self.totals
     }
 
     /// A layer is being written (opened, neither committed nor failed): the VM's memory and

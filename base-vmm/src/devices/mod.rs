@@ -60,6 +60,73 @@ pub struct IoBus {
     ranges: Vec<Range>,
     /// Set once, after the VM is built (services need the VM to exist first).
     hook: OnceLock<Arc<dyn IoHook>>,
+    /// VM exits of every vCPU, by kind (for metrics).
+    pub exits: ExitCounts,
+}
+
+/// The kinds of VM exit counted in [`ExitCounts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    /// Port read.
+    IoIn,
+    /// Port write.
+    IoOut,
+    /// MMIO read.
+    MmioRead,
+    /// MMIO write.
+    MmioWrite,
+    /// `KVM_RUN` left for the VMM (a pause, a register read: the vCPU was kicked).
+    Kick,
+    /// Anything else (halt, shutdown, errors).
+    Other,
+}
+
+impl ExitKind {
+    /// Every kind, in a fixed order.
+    pub const ALL: [ExitKind; 6] = [
+        ExitKind::IoIn,
+        ExitKind::IoOut,
+        ExitKind::MmioRead,
+        ExitKind::MmioWrite,
+        ExitKind::Kick,
+        ExitKind::Other,
+    ];
+
+    /// The kind's name (a metric label).
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitKind::IoIn => "io_in",
+            ExitKind::IoOut => "io_out",
+            ExitKind::MmioRead => "mmio_read",
+            ExitKind::MmioWrite => "mmio_write",
+            ExitKind::Kick => "kick",
+            ExitKind::Other => "other",
+        }
+    }
+}
+
+/// VM exits counted by kind: one relaxed atomic add per exit (an exit costs 15-170 µs here).
+#[derive(Debug, Default)]
+pub struct ExitCounts([std::sync::atomic::AtomicU64; 6]);
+
+impl ExitCounts {
+    /// Counts one exit.
+    pub fn count(&self, kind: ExitKind) {
+        self.0[kind as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Exits so far, by kind.
+    pub fn get(&self) -> Vec<(ExitKind, u64)> {
+        ExitKind::ALL
+            .iter()
+            .map(|&k| {
+                (
+                    k,
+                    self.0[k as usize].load(std::sync::atomic::Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
 }
 
 /// A port range overlaps one already on the bus.
