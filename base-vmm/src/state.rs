@@ -5,7 +5,6 @@
 //! is checked before the payload is parsed, so a truncated, corrupted or foreign file is refused
 //! with a message that says which.
 
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -30,14 +29,6 @@ pub const MEMORY_FILE: &str = "memory";
 /// State errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// I/O on the state file failed.
-    #[error("state file {path}: {err}")]
-    Io {
-        /// The file.
-        path: String,
-        /// Cause.
-        err: std::io::Error,
-    },
     /// The file is not a valid state file.
     #[error("state file {path} is invalid: {why}")]
     Invalid {
@@ -160,29 +151,6 @@ impl VmState {
             return Err(format!("memory size {} is invalid", m.mem_bytes));
         }
         Ok(())
-    }
-
-    /// Writes the state file atomically (temporary file, fsync, rename).
-    pub fn write_file(&self, path: &Path) -> Result<(), StateError> {
-        let io = |err| StateError::Io {
-            path: path.display().to_string(),
-            err,
-        };
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, self.to_bytes()).map_err(io)?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
-    }
-
-    /// Reads and checks a state file.
-    pub fn read_file(path: &Path) -> Result<Self, StateError> {
-        let bytes = std::fs::read(path).map_err(|err| StateError::Io {
-            path: path.display().to_string(),
-            err,
-        })?;
-        Self::from_bytes(&bytes, &path.display().to_string())
     }
 }
 

@@ -98,10 +98,6 @@ pub struct Userfault {
     size: u64,
 }
 
-// The descriptor and addresses are plain values; the kernel serializes the ioctls.
-unsafe impl Send for Userfault {}
-unsafe impl Sync for Userfault {}
-
 impl Userfault {
     /// Registers guest RAM in missing mode. Pages already present are not affected; use it on
     /// RAM whose memfd is still empty (a VM being restored or migrated in).
