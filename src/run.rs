@@ -295,6 +295,10 @@ pub fn run(
                 );
                 match started {
                     Ok(update) => {
+                        manager.set_vm_owner(Some(format!(
+                            "a live update (new process {})",
+                            update.pid()
+                        )));
                         pending_update = Some(PendingUpdate {
                             update,
                             reply,
@@ -311,6 +315,7 @@ pub fn run(
                 let Some(p) = pending_update.take() else {
                     continue;
                 };
+                manager.set_vm_owner(None);
                 match p.update.finish(answer, &mut vmm, &manager) {
                     live_update::Outcome::HandedOver(report) => {
                         let _ = p.reply.send(Ok(json!(report)));

@@ -1053,3 +1053,56 @@ fn a_destination_lacking_a_cpu_feature_refuses_the_guest_naming_it() {
     src.wait_line_from(from, "SPANGUEST stat", Duration::from_secs(5));
     src.assert_verify_clean(1);
 }
+
+/// Periodic snapshot layers while a migration runs: the snapshot engine refuses to begin a
+/// layer as long as the migration owns the VM (a layer's final resume would run the guest in
+/// the migration's stop-and-copy), the checkpoint service postpones it, and the guest arrives
+/// intact.
+#[test]
+fn periodic_layers_wait_while_a_migration_owns_the_vm() {
+    let tmp = TempDir::new("mig-periodic");
+    let tls = certs(&tmp, "tls");
+    let addr = format!("tls://127.0.0.1:{}", free_port());
+    let dst = destination("mig-periodic-dst", &[], &addr, &tls, &[]);
+    let mut src = VmProcess::boot("mig-periodic-src", GUEST, MEM, 1);
+    let layers = tmp.path().join("layers");
+    src.ctl_ok(&[
+        "snapshot",
+        "periodic",
+        "--dir",
+        layers.to_str().unwrap(),
+        "--plugin",
+        &plugin("checkpoint.wasm"),
+        "--target-pages",
+        "64",
+    ]);
+    // A layer being written keeps a migration out (409): start it between layers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mig = loop {
+        let mig = migrate_in_background(&src, &addr, "precopy.wasm", &tls, &[]);
+        while !mig.is_finished()
+            && api_get(&src.api, "/vm/migration").is_none_or(|v| v.get("progress").is_none())
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !mig.is_finished() {
+            break mig;
+        }
+        let (ok, out) = mig.join().unwrap();
+        assert!(
+            !ok && out.contains("a snapshot is being written"),
+            "the migration failed otherwise: {out}"
+        );
+        assert!(Instant::now() < deadline, "never between two layers");
+    };
+    let (ok, out) = mig.join().unwrap();
+    assert!(ok, "the migration failed: {out}\n{}", src.stderr());
+    assert!(
+        src.stderr().contains("periodic layer postponed")
+            && src.stderr().contains("a migration is in progress"),
+        "no periodic layer was due during the migration:\n{}",
+        src.stderr()
+    );
+    assert_eq!(wait_exit(&mut src, "the source"), Some(0));
+    check_arrived(&dst, 1000);
+}

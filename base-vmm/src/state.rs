@@ -5,7 +5,6 @@
 //! is checked before the payload is parsed, so a truncated, corrupted or foreign file is refused
 //! with a message that says which.
 
-
 use serde::{Deserialize, Serialize};
 
 use crate::cpu::CpuModel;

@@ -121,6 +121,8 @@ pub(crate) struct HostShared {
     pub epoch: Instant,
     /// The outgoing migration, while one runs.
     pub migration: Mutex<Option<Arc<crate::migration::MigrationSource>>>,
+    /// Another operation that owns the VM's run state (a live update preparing), if any.
+    pub vm_owner: Mutex<Option<String>>,
     pub snapshots: SnapshotEngine,
 }
 
@@ -482,6 +484,14 @@ impl ServiceCtx {
 
     pub(crate) fn snapshot_begin(&self, req: LayerRequest) -> Result<u32, String> {
         self.require(Capability::Snapshot, "snapshot begin")?;
+        // A layer pauses and resumes the guest: not while a migration or a live update owns
+        // it (a periodic layer's resume would run the guest in their stop-and-copy).
+        if lock(&self.shared.migration).is_some() {
+            return Err("snapshot begin: a migration is in progress".into());
+        }
+        if let Some(owner) = lock(&self.shared.vm_owner).as_deref() {
+            return Err(format!("snapshot begin: {owner} is in progress"));
+        }
         self.shared
             .snapshots
             .begin(self.id, self.host(), req)

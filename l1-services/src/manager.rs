@@ -476,6 +476,7 @@ impl ServiceManager {
                 notes: Mutex::new(VecDeque::new()),
                 epoch: Instant::now(),
                 migration: Mutex::new(None),
+                vm_owner: Mutex::new(None),
                 snapshots: Default::default(),
             }),
             config,
@@ -492,6 +493,12 @@ impl ServiceManager {
     /// Makes `m` the migration the `drives-migration` service drives (None: no migration).
     pub fn set_migration(&self, m: Option<Arc<crate::migration::MigrationSource>>) {
         *lock(&self.shared.migration) = m;
+    }
+
+    /// Another operation (a live update) owns the VM's run state until `None`: services
+    /// cannot begin snapshot layers meanwhile.
+    pub fn set_vm_owner(&self, owner: Option<String>) {
+        *lock(&self.shared.vm_owner) = owner;
     }
 
     /// Layers the snapshot engine wrote and failed since the VMM started.

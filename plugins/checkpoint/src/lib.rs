@@ -365,7 +365,21 @@ impl Checkpoint {
         });
         p.prev_start_ns = now;
         p.layers += 1;
-        self.create(&args.to_string())?;
+        if let Err(e) = self.create(&args.to_string()) {
+            // Another operation owns the VM (a migration, a live update): this layer waits
+            // for the next interval; the series goes on from the same parent.
+            if e.contains("is in progress") {
+                let p = self.periodic.as_mut().expect("checked above");
+                p.layers -= 1;
+                p.next_at_ns = now + p.interval_ms * 1_000_000;
+                host::log(
+                    spanvmm_sdk::LogLevel::Info,
+                    &format!("periodic layer postponed: {e}"),
+                );
+                return Ok(());
+            }
+            return Err(e);
+        }
         if let Some(op) = self.op.as_mut() {
             op.periodic = true;
         }
