@@ -532,15 +532,17 @@ impl Sender<'_> {
         // Header and bitmaps (see wire.rs) in one buffer, then runs of data pages straight from
         // guest memory: TLS gathers them into full-size records as it seals them.
         self.buf.clear();
-        let len = 8 + 2 + 1 + 16 * nw + data_pages as usize * PAGE;
-        self.buf.extend_from_slice(&(len as u32).to_le_bytes());
-        self.buf.push(4); // pages
-        self.buf.extend_from_slice(&first.to_le_bytes());
-        self.buf.extend_from_slice(&(span as u16).to_le_bytes());
-        self.buf.push(CODEC_RAW);
-        for w in sel[..nw].iter().chain(&zero) {
-            self.buf.extend_from_slice(&w.to_le_bytes());
-        }
+        let data_len = data_pages as usize * PAGE;
+        super::wire::pages_header(
+            &mut self.buf,
+            first,
+            span as u16,
+            CODEC_RAW,
+            sel,
+            &zero,
+            data_len,
+        );
+        let len = self.buf.len() - super::wire::HEADER_LEN + data_len;
         let buf = std::mem::take(&mut self.buf);
         let mut slices = vec![std::io::IoSlice::new(&buf)];
         let mut i = 0;

@@ -151,6 +151,44 @@ fn bad(why: impl Into<String>) -> WireError {
     WireError(why.into())
 }
 
+/// The fixed part of a `pages` payload: span, codec and bitmaps (the data of the non-zero
+/// pages follows it).
+fn put_pages_fixed(
+    out: &mut Vec<u8>,
+    first: u64,
+    span: u16,
+    codec: u8,
+    present: &[u64],
+    zero: &[u64],
+) {
+    let nw = (span as usize).div_ceil(64);
+    out.extend_from_slice(&first.to_le_bytes());
+    out.extend_from_slice(&span.to_le_bytes());
+    out.push(codec);
+    put_words(out, &present[..nw]);
+    put_words(out, &zero[..nw]);
+}
+
+/// Appends a whole `pages` frame but the data of its non-zero pages (`data_len` bytes), which
+/// the sender writes straight from guest memory after it: the zero-copy sender and [`encode`]
+/// lay the frame out in one place.
+pub fn pages_header(
+    out: &mut Vec<u8>,
+    first: u64,
+    span: u16,
+    codec: u8,
+    present: &[u64],
+    zero: &[u64],
+    data_len: usize,
+) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    put_pages_fixed(out, first, span, codec, present, zero);
+    let len = (out.len() - start - HEADER_LEN + data_len) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4] = T_PAGES;
+}
+
 /// Appends a frame to `out`.
 pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     let start = out.len();
@@ -186,11 +224,7 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             zero,
             data,
         } => {
-            out.extend_from_slice(&first.to_le_bytes());
-            out.extend_from_slice(&span.to_le_bytes());
-            out.push(*codec);
-            put_words(out, present);
-            put_words(out, zero);
+            put_pages_fixed(out, *first, *span, *codec, present, zero);
             out.extend_from_slice(data);
             T_PAGES
         }
@@ -481,6 +515,32 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_zero_copy_pages_header_is_the_encoded_frame() {
+        let (present, zero) = (vec![0b1011u64], vec![0b0010u64]);
+        let data = vec![7u8; 2 * PAGE];
+        let mut whole = Vec::new();
+        encode(
+            &Frame::Pages {
+                first: 640,
+                span: 4,
+                codec: CODEC_RAW,
+                present: present.clone(),
+                zero: zero.clone(),
+                data: data.clone(),
+            },
+            &mut whole,
+        );
+        let mut sent = Vec::new();
+        pages_header(&mut sent, 640, 4, CODEC_RAW, &present, &zero, data.len());
+        sent.extend_from_slice(&data);
+        assert_eq!(sent, whole);
+        let (len, ty) = header(sent[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!((len, ty), (sent.len() - HEADER_LEN, T_PAGES));
+        let p = decode_pages(&sent[HEADER_LEN..]).unwrap();
+        assert_eq!((p.first, p.span, p.data.len()), (640, 4, 2 * PAGE));
+    }
     use super::*;
 
     fn round_trip(f: Frame) {
