@@ -493,8 +493,11 @@ impl Vcpu {
                     requests: req_rx,
                     replies: rep_tx,
                     events,
-                    running: !start_paused,
-                    stopping: false,
+                    state: if start_paused {
+                        ThreadState::Paused
+                    } else {
+                        ThreadState::Running
+                    },
                     pending: Vec::new(),
                 };
                 t.run();
@@ -515,11 +518,23 @@ struct VcpuThread {
     requests: Receiver<Request>,
     replies: Sender<Reply>,
     events: Sender<VcpuEvent>,
-    running: bool,
-    /// Set by a Stop request: the thread ends.
-    stopping: bool,
+    state: ThreadState,
     /// Requests that arrived while an I/O was in flight (during a paravirtual sleep).
     pending: Vec<Request>,
+}
+
+/// Where a vCPU thread is. Requests move it between `Running` and `Paused`; the guest ending
+/// (power-off, reset, an error) makes it `Finished`, which nothing resumes; `Stop` ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ThreadState {
+    /// In `KVM_RUN` (or about to be).
+    Running,
+    /// Waiting for requests; registers are consistent.
+    Paused,
+    /// The guest stopped for good on this vCPU: it answers requests, never runs again.
+    Finished,
+    /// The thread ends.
+    Stopped,
 }
 
 enum Flow {
@@ -530,40 +545,44 @@ enum Flow {
 impl VcpuThread {
     fn run(&mut self) {
         KVM_RUN.with(|r| r.set(self.vcpu.fd.get_kvm_run() as *mut kvm_run));
-        while !self.stopping {
-            if !self.running {
-                match self.requests.recv() {
-                    Ok(req) => self.stopping = self.handle(req),
+        loop {
+            match self.state {
+                ThreadState::Stopped => break,
+                ThreadState::Paused | ThreadState::Finished => match self.requests.recv() {
+                    Ok(req) => self.handle(req),
                     Err(_) => break,
-                }
-                continue;
-            }
-            match self.run_once() {
-                Flow::Continue => {}
-                Flow::Finish(reason) => {
-                    let _ = self.events.send(VcpuEvent {
-                        index: self.vcpu.index,
-                        reason,
-                    });
-                    self.running = false;
-                }
+                },
+                ThreadState::Running => match self.run_once() {
+                    Flow::Continue => {}
+                    Flow::Finish(reason) => {
+                        let _ = self.events.send(VcpuEvent {
+                            index: self.vcpu.index,
+                            reason,
+                        });
+                        self.state = ThreadState::Finished;
+                    }
+                },
             }
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     }
 
-    /// Handles a request; returns true when the thread must end.
-    fn handle(&mut self, req: Request) -> bool {
+    /// Handles a request, moving the thread's state.
+    fn handle(&mut self, req: Request) {
         let reply = match req {
             Request::Pause => {
-                self.running = false;
+                if self.state == ThreadState::Running {
+                    self.state = ThreadState::Paused;
+                }
                 Reply::Done
             }
             Request::Resume => {
-                self.running = true;
+                if self.state == ThreadState::Paused {
+                    self.state = ThreadState::Running;
+                }
                 Reply::Done
             }
-            Request::Save if self.running => {
+            Request::Save if self.state == ThreadState::Running => {
                 Reply::Refused("pause the vCPU before saving it".into())
             }
             Request::Save => match self.vcpu.save() {
@@ -571,12 +590,11 @@ impl VcpuThread {
                 Err(e) => Reply::Refused(e.to_string()),
             },
             Request::Stop => {
-                let _ = self.replies.send(Reply::Done);
-                return true;
+                self.state = ThreadState::Stopped;
+                Reply::Done
             }
         };
         let _ = self.replies.send(reply);
-        false
     }
 
     /// Where the vCPU is, for error messages.
@@ -650,8 +668,8 @@ impl VcpuThread {
                 let mut reqs = std::mem::take(&mut self.pending);
                 reqs.extend(self.requests.try_iter());
                 for r in reqs {
-                    if self.handle(r) {
-                        self.stopping = true;
+                    self.handle(r);
+                    if self.state == ThreadState::Stopped {
                         break;
                     }
                 }
