@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -99,9 +99,88 @@ pub enum ApiRequest {
 /// The main loop's answer: a JSON body, or an HTTP status with a message.
 pub type ApiResult = Result<Value, (u16, String)>;
 
-/// A request, the channel its answer goes back on, and a signal that the answer has been
-/// written to the client (a VMM handing over to another process waits for it before exiting).
-pub type ApiCall = (ApiRequest, Sender<ApiResult>, mpsc::Receiver<()>);
+/// A request, where its answer goes, and a signal that the answer has been written to the
+/// client (a VMM handing over to another process waits for it before exiting).
+pub type ApiCall = (ApiRequest, Reply, mpsc::Receiver<()>);
+
+/// How long a request may wait for the main loop to take it up; then it is abandoned (never
+/// executed) and answered 503 naming what holds the main loop (e.g. a service's call that
+/// does not return). A request the main loop has taken up is waited for to its end.
+const PICKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+const WAITING: u8 = 0;
+const CLAIMED: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// Where a request's answer goes. The main loop claims a request before executing it; the
+/// API thread abandons one the main loop did not take up in time: whichever comes first
+/// decides, so an abandoned request never runs late behind its client's back.
+pub struct Reply {
+    tx: Sender<ApiResult>,
+    state: Arc<AtomicU8>,
+}
+
+impl Reply {
+    /// Sends the answer.
+    pub fn send(&self, r: ApiResult) -> Result<(), mpsc::SendError<ApiResult>> {
+        self.tx.send(r)
+    }
+
+    /// The main loop takes the request up; false: its client gave up on it, skip it.
+    pub fn claim(&self) -> bool {
+        match self
+            .state
+            .compare_exchange(WAITING, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(now) => now == CLAIMED,
+        }
+    }
+}
+
+/// What the main loop is doing, and since when (for the 503 of an abandoned request).
+static BUSY: std::sync::Mutex<Option<(String, Instant)>> = std::sync::Mutex::new(None);
+
+/// The main loop says what it is doing (None: waiting for work).
+pub fn set_busy(what: Option<String>) {
+    let mut b = BUSY.lock().unwrap_or_else(|p| p.into_inner());
+    *b = what.map(|w| (w, Instant::now()));
+}
+
+/// A short description of a request, for [`set_busy`].
+pub fn describe(req: &ApiRequest) -> String {
+    match req {
+        ApiRequest::PluginCall { name, method, .. } => {
+            format!("service {name}'s call {method:?}")
+        }
+        ApiRequest::PluginAttach { path, .. } => format!("attaching {}", path.display()),
+        ApiRequest::PluginDetach(name) => format!("detaching service {name}"),
+        ApiRequest::PluginReplace { name, .. } => format!("replacing service {name}"),
+        other => {
+            let d = format!("{other:?}");
+            d.split([' ', '(', '{'])
+                .next()
+                .unwrap_or("a request")
+                .to_string()
+        }
+    }
+}
+
+fn busy_answer() -> (u16, String) {
+    let b = BUSY.lock().unwrap_or_else(|p| p.into_inner());
+    let what = match &*b {
+        Some((w, since)) => format!("{w} (for {:.1} s)", since.elapsed().as_secs_f64()),
+        None => "other requests".into(),
+    };
+    (
+        503,
+        format!(
+            "the VMM's main loop is busy with {what}: this request was not started (it waited \
+             {} s); retry later",
+            PICKUP_TIMEOUT.as_secs()
+        ),
+    )
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -402,11 +481,35 @@ fn handle_connection(
                 let (tx, rx) = mpsc::channel();
                 let (written_tx, written_rx) = mpsc::channel();
                 written = Some(written_tx);
-                if !deliver((req, tx, written_rx)) {
-                    Err((503, "the VMM is shutting down".to_string()))
+                let state = Arc::new(AtomicU8::new(WAITING));
+                let reply = Reply {
+                    tx,
+                    state: state.clone(),
+                };
+                let gone = || Err((503, "the VMM is shutting down".to_string()));
+                if !deliver((req, reply, written_rx)) {
+                    gone()
                 } else {
-                    rx.recv()
-                        .unwrap_or_else(|_| Err((503, "the VMM is shutting down".to_string())))
+                    match rx.recv_timeout(PICKUP_TIMEOUT) {
+                        Ok(r) => r,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => gone(),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            let abandoned = state
+                                .compare_exchange(
+                                    WAITING,
+                                    ABANDONED,
+                                    Ordering::AcqRel,
+                                    Ordering::Acquire,
+                                )
+                                .is_ok();
+                            if abandoned {
+                                Err(busy_answer())
+                            } else {
+                                // Taken up meanwhile: it runs, wait for its answer.
+                                rx.recv().unwrap_or_else(|_| gone())
+                            }
+                        }
+                    }
                 }
             }
             Err(e) => Err(e),

@@ -423,7 +423,8 @@ pub(crate) fn incoming(
             }
         };
         let (req, reply, written) = match msg {
-            Msg::Api(call) => call,
+            Msg::Api(call) if call.1.claim() => call,
+            Msg::Api(_) => continue,
             // No live update without a VM.
             Msg::LiveUpdateAnswer(_) => continue,
             Msg::Vcpu(ev) => {

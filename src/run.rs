@@ -52,7 +52,7 @@ pub(crate) enum Msg {
 /// API call waits for the outcome.
 struct PendingUpdate {
     update: live_update::Preparing,
-    reply: std::sync::mpsc::Sender<ApiResult>,
+    reply: api::Reply,
     written: Receiver<()>,
 }
 
@@ -257,14 +257,22 @@ pub fn run(
         if migrations.active() || moved_at.is_some() {
             wait = wait.min(Duration::from_millis(20));
         }
+        api::set_busy(None);
         let msg = match rx.recv_timeout(wait) {
             Err(RecvTimeoutError::Timeout) => {
+                api::set_busy(Some("services' ticks".into()));
                 manager.tick(Instant::now());
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => Err(()),
             Ok(m) => Ok(m),
         };
+        if let Ok(Msg::Api((req, reply, _))) = &msg {
+            if !reply.claim() {
+                continue;
+            }
+            api::set_busy(Some(api::describe(req)));
+        }
         match msg {
             Ok(Msg::Api((ApiRequest::Shutdown, reply, written))) => {
                 let _ = reply.send(Ok(json!({"state": "shutdown"})));
@@ -492,7 +500,8 @@ fn standby(
     let mut ready = prepare()?;
     loop {
         let (req, reply, written) = match rx.recv() {
-            Ok(Msg::Api(call)) => call,
+            Ok(Msg::Api(call)) if call.1.claim() => call,
+            Ok(Msg::Api(_)) => continue,
             Ok(Msg::Vcpu(_) | Msg::LiveUpdateAnswer(_)) => continue,
             Err(_) => return Ok(None),
         };

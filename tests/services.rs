@@ -1008,3 +1008,41 @@ fn metrics_are_scraped_with_a_real_parser() {
     );
     vm.assert_verify_clean(1);
 }
+
+/// A native service stuck in a call holds the main loop; the API does not hang with it: other
+/// requests are answered 503 naming the stuck call and are never executed later behind their
+/// clients' backs; the guest's vCPUs run on.
+#[test]
+fn a_stuck_service_call_does_not_hang_the_api() {
+    let mut vm = VmProcess::boot(
+        "stuck",
+        "workload=dirty,verify mib=8 rate=5000 report_ms=200",
+        64,
+        1,
+    );
+    vm.ctl_ok(&["plugin", "attach", &plugin("libmisbehave.so")]);
+    let api = vm.api.clone();
+    let stuck = std::thread::spawn(move || ctl(&api, &["plugin", "call", "misbehave", "loop"]));
+    // Until the loop holds the main loop, status may still be served.
+    let deadline = std::time::Instant::now() + T;
+    let answer = loop {
+        let (ok, out) = vm.ctl(&["pause"]);
+        if !ok {
+            break out;
+        }
+        vm.ctl_ok(&["resume"]);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the call never held the main loop"
+        );
+    };
+    assert!(
+        answer.contains("503") && answer.contains("misbehave") && answer.contains("loop"),
+        "{answer}"
+    );
+    assert!(!stuck.is_finished(), "the stuck call returned");
+    // The abandoned pause never ran: the guest goes on printing.
+    let from = vm.mark();
+    vm.wait_line_from(from, "SPANGUEST stat", T);
+    vm.kill();
+}
