@@ -695,6 +695,25 @@ fn read_request<S: TimedRead>(
     Ok((method.to_string(), path.to_string(), body))
 }
 
+/// Client side: [`call`], where any answer but 200 is an error carrying the VMM's message.
+pub fn call_checked(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<Value> {
+    let (code, value) = call(socket, method, path, body)?;
+    if code != 200 {
+        let msg = value
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
+        bail!("{msg} (HTTP {code})");
+    }
+    Ok(value)
+}
+
 /// Client side: sends one request, returns (status, JSON body).
 pub fn call(
     socket: &Path,

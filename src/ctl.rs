@@ -242,15 +242,7 @@ pub fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
             Some(json!({ "name": "introspect", "method": method, "args": args.join(" ") })),
         ),
     };
-    let (code, value) = api::call(socket, method, path, body.as_ref())?;
-    if code != 200 {
-        let msg = value
-            .get("error")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| value.to_string());
-        anyhow::bail!("{msg} (HTTP {code})");
-    }
+    let value = api::call_checked(socket, method, path, body.as_ref())?;
     // A closed stdout (e.g. `| head`) is the reader's choice, not an error worth a panic.
     let _ = writeln!(
         std::io::stdout(),

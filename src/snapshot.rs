@@ -423,24 +423,11 @@ pub fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: SnapshotRequest) -> 
     }
 }
 
-fn checked(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
-    let (code, value) = api::call(socket, method, path, body)?;
-    if code != 200 {
-        let msg = value
-            .get("error")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| value.to_string());
-        anyhow::bail!("{msg} (HTTP {code})");
-    }
-    Ok(value)
-}
-
 /// Polls the service's status until the layer is done (the service works from its ticks).
 fn wait_done(socket: &Path) -> anyhow::Result<Value> {
     let t = Instant::now();
     loop {
-        let v = checked(socket, "GET", "/snapshot/status", None)?;
+        let v = api::call_checked(socket, "GET", "/snapshot/status", None)?;
         match v.get("phase").and_then(Value::as_str) {
             Some("done") => return Ok(v),
             Some("failed") => anyhow::bail!(
@@ -504,7 +491,7 @@ pub fn ctl(socket: &Path, op: CtlSnapshotOp) -> anyhow::Result<()> {
                 "max_rounds": max_rounds,
                 "plugin": plugin,
             });
-            checked(socket, "PUT", "/snapshot/create", Some(&body))?;
+            api::call_checked(socket, "PUT", "/snapshot/create", Some(&body))?;
             wait_done(socket)?
         }
         CtlSnapshotOp::Periodic {
@@ -522,7 +509,7 @@ pub fn ctl(socket: &Path, op: CtlSnapshotOp) -> anyhow::Result<()> {
                 "keep": keep,
                 "plugin": plugin,
             });
-            checked(socket, "PUT", "/snapshot/periodic", Some(&body))?
+            api::call_checked(socket, "PUT", "/snapshot/periodic", Some(&body))?
         }
         CtlSnapshotOp::Evict { dir, key, plugin } => {
             let plugin = abs_opt(plugin.or_else(default_plugin))?;
@@ -534,7 +521,7 @@ pub fn ctl(socket: &Path, op: CtlSnapshotOp) -> anyhow::Result<()> {
             let t = Instant::now();
             // A periodic layer in flight finishes first.
             loop {
-                match checked(socket, "PUT", "/snapshot/evict", Some(&body)) {
+                match api::call_checked(socket, "PUT", "/snapshot/evict", Some(&body)) {
                     Ok(_) => break,
                     Err(e) if e.to_string().contains("busy") && t.elapsed().as_secs() < 600 => {
                         std::thread::sleep(Duration::from_millis(2))
@@ -543,7 +530,7 @@ pub fn ctl(socket: &Path, op: CtlSnapshotOp) -> anyhow::Result<()> {
                 }
             }
             let mut v = wait_done(socket)?;
-            checked(socket, "PUT", "/vm/shutdown", None)?;
+            api::call_checked(socket, "PUT", "/vm/shutdown", None)?;
             v["evict_ms"] = json!(t.elapsed().as_secs_f64() * 1e3);
             v
         }
@@ -559,17 +546,17 @@ pub fn ctl(socket: &Path, op: CtlSnapshotOp) -> anyhow::Result<()> {
                 "paused": paused,
                 "key_file": abs_opt(key)?,
             });
-            checked(socket, "PUT", "/snapshot/load", Some(&body))?
+            api::call_checked(socket, "PUT", "/snapshot/load", Some(&body))?
         }
-        CtlSnapshotOp::Status => checked(socket, "GET", "/snapshot/status", None)?,
+        CtlSnapshotOp::Status => api::call_checked(socket, "GET", "/snapshot/status", None)?,
         CtlSnapshotOp::Secret { op } => match op {
-            SecretOp::Add { gpa, len } => checked(
+            SecretOp::Add { gpa, len } => api::call_checked(
                 socket,
                 "PUT",
                 "/snapshot/secret",
                 Some(&json!({ "gpa": gpa, "len": len })),
             )?,
-            SecretOp::List => checked(socket, "GET", "/snapshot/secrets", None)?,
+            SecretOp::List => api::call_checked(socket, "GET", "/snapshot/secrets", None)?,
         },
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
