@@ -583,7 +583,7 @@ mod tests {
 
     #[test]
     fn parses_whole_requests_and_refuses_broken_ones() {
-        let ok = b"PUT /vm/save HTTP/1.1\r\nContent-Length: 13\r\n\r\n{\"dir\":\"/x\"}";
+        let ok = b"PUT /vm/save HTTP/1.1\r\nContent-Length: 12\r\n\r\n{\"dir\":\"/x\"}";
         assert!(matches!(parse_request(ok), Ok(ApiRequest::Save(_))));
         assert!(matches!(
             parse_request(b"GET /vm HTTP/1.0\n\n"),
