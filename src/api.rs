@@ -635,10 +635,17 @@ fn read_error(e: std::io::Error) -> (u16, String) {
     }
 }
 
-/// Reads one request: (method, path, body), enforcing size limits and the deadline.
-fn read_request<S: TimedRead>(
-    stream: DeadlineReader<S>,
-) -> Result<(String, String, Vec<u8>), (u16, String)> {
+/// Parses one whole request (head and body) from `bytes` into an [`ApiRequest`], or the HTTP
+/// error the server would answer: exactly what the server does with the bytes a client sends
+/// (less the socket's deadline and peer check). The fuzz target `api_request` feeds it.
+pub fn parse_request(bytes: &[u8]) -> Result<ApiRequest, (u16, String)> {
+    let (method, path, body) = read_request(bytes)?;
+    route(&method, &path, &body)
+}
+
+/// Reads one request: (method, path, body), enforcing size limits (and, through the reader,
+/// the deadline).
+fn read_request(stream: impl Read) -> Result<(String, String, Vec<u8>), (u16, String)> {
     let bad = |m: &str| (400, m.to_string());
     let mut reader = BufReader::new(stream);
     let mut head = Vec::new();
@@ -752,6 +759,38 @@ pub fn call(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_whole_requests_and_refuses_broken_ones() {
+        let ok = b"PUT /vm/save HTTP/1.1\r\nContent-Length: 12\r\n\r\n{\"dir\":\"/x\"}";
+        assert!(matches!(parse_request(ok), Ok(ApiRequest::Save(_))));
+        assert!(matches!(
+            parse_request(b"GET /vm HTTP/1.0\n\n"),
+            Ok(ApiRequest::Status)
+        ));
+        let code = |b: &[u8]| parse_request(b).unwrap_err().0;
+        assert_eq!(code(b""), 400);
+        assert_eq!(code(b"GET /vm HTTP/1.1\r\n"), 400); // no end of head
+        assert_eq!(code(b"GET /vm\r\n\r\n"), 400);
+        assert_eq!(code(b"GET /vm SPDY/3\r\n\r\n"), 400);
+        assert_eq!(code(b"GET /vm HTTP/1.1\r\nContent-Length: x\r\n\r\n"), 400);
+        assert_eq!(
+            code(b"PUT /vm/save HTTP/1.1\r\nContent-Length: 99\r\n\r\n{}"),
+            400
+        );
+        assert_eq!(
+            code(b"PUT /vm/save HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            code(b"PUT /vm/save HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"),
+            413
+        );
+        let mut long = b"GET /vm HTTP/1.1\r\nX: ".to_vec();
+        long.resize(MAX_HEAD + 10, b'a');
+        assert_eq!(code(&long), 413);
+        assert_eq!(code(b"GET /vm HTTP/1.1\r\nX: \xff\r\n\r\n"), 400);
+    }
 
     #[test]
     fn routes_and_rejects() {

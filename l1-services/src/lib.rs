@@ -17,6 +17,7 @@ mod ctx;
 mod error;
 mod host;
 mod manager;
+pub mod manifest;
 pub mod memops;
 pub mod migration;
 mod native;

@@ -15,9 +15,7 @@ use spanvmm_sdk::{
 };
 
 use crate::backend::{Backend, Fatal};
-use crate::ctx::{
-    check_mmio_range, lock, ClaimSession, DirtyFanout, HostShared, Notification, ServiceCtx,
-};
+use crate::ctx::{lock, ClaimSession, DirtyFanout, HostShared, Notification, ServiceCtx};
 use crate::error::ServiceError;
 use crate::host::VmHost;
 use crate::native::NativeService;
@@ -452,14 +450,6 @@ fn check_abi(m: &Manifest, path: &Path) -> Result<(), ServiceError> {
     Ok(())
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
 impl ServiceManager {
     /// A manager with default settings. `cache_dir` holds compiled Wasm artifacts (created
     /// private to this user on first use).
@@ -757,31 +747,7 @@ impl ServiceManager {
             .filter(|s| Some(s.id) != except)
             .cloned()
             .collect();
-        check_abi(m, path)?;
-        let bad = |msg: String| ServiceError::Manifest {
-            name: m.name.clone(),
-            path: path.into(),
-            msg,
-        };
-        if !valid_name(&m.name) {
-            return Err(bad(format!(
-                "name {:?} must be 1-64 letters, digits, '-' or '_'",
-                m.name
-            )));
-        }
-        if let Some(r) = m.ports.iter().find(|r| !r.is_valid()) {
-            return Err(bad(format!(
-                "port range {:#x}+{} is empty or runs past port 0xffff",
-                r.base, r.len
-            )));
-        }
-        let ram = self.shared.host.info().mem_bytes;
-        if let Some(e) = m.mmio.iter().find_map(|r| check_mmio_range(r, ram).err()) {
-            return Err(bad(format!("MMIO claim: {e}")));
-        }
-        if m.events.contains(&EventKind::Tick) && m.tick_period_ms == 0 {
-            return Err(bad("subscribes to ticks with a tick period of 0 ms".into()));
-        }
+        crate::manifest::validate(m, self.shared.host.info().mem_bytes, path)?;
         if others.iter().any(|s| s.name() == m.name) {
             return Err(ServiceError::Duplicate(m.name.clone()));
         }

@@ -215,8 +215,7 @@ impl Backend for NativeService {
         // SAFETY: entry point of a version-checked library; `sink` lives across the call.
         let code = unsafe { (self.fns.describe)(&sink) };
         match outcome(code, "describe", out)? {
-            Ok(json) => serde_json::from_slice(&json)
-                .map_err(|e| Fatal(format!("describe returned an unreadable manifest: {e}"))),
+            Ok(json) => crate::manifest::parse_native(&json).map_err(Fatal),
             Err(msg) => Err(Fatal(format!("describe failed: {msg}"))),
         }
     }

@@ -335,8 +335,21 @@ fn handshake(
             session,
             resume,
         }) => (version, mem_bytes, session, resume),
-        Ok(other) => return Err(format!("did not say hello: {other:?}")),
-        Err(e) => return Err(e.to_string()),
+        Ok(other) => {
+            let why = format!("expected hello, got {}", other.name());
+            let _ = link.send(&Frame::Error(why.clone()));
+            let _ = link.flush(Duration::from_secs(1));
+            return Err(why);
+        }
+        Err(e) => {
+            // A malformed frame: say so (a peer that is gone does not hear it).
+            let why = e.to_string();
+            if matches!(e, LinkError::Wire(_)) {
+                let _ = link.send(&Frame::Error(why.clone()));
+                let _ = link.flush(Duration::from_secs(1));
+            }
+            return Err(why);
+        }
     };
     let why = if version != VERSION {
         Some(format!(
@@ -458,9 +471,23 @@ pub fn receive(
             return Err(CANCELLED.into());
         }
         // Short waits: a cancel is noticed within 100 ms.
-        let Some((ty, payload)) = link.recv_raw(Duration::from_millis(100)).map_err(fail)? else {
+        let got = match link.recv_raw(Duration::from_millis(100)) {
+            Ok(got) => got,
+            // A malformed header: the source hears why.
+            Err(e @ LinkError::Wire(_)) => return Err(refuse(&mut link, fail(e))),
+            Err(e) => return Err(fail(e)),
+        };
+        let Some((ty, payload)) = got else {
+            // A `pages` frame the writer refused (pages beyond guest memory, say) ends the
+            // migration now, not at the source's next frame.
+            if writer.stopped() {
+                return Err(refuse(
+                    &mut link,
+                    fail(io(writer.finish().err().unwrap_or_default())),
+                ));
+            }
             if heard.elapsed() >= IDLE_TIMEOUT {
-                return Err(fail(LinkError::Timeout(IDLE_TIMEOUT)));
+                return Err(refuse(&mut link, fail(LinkError::Timeout(IDLE_TIMEOUT))));
             }
             continue;
         };
@@ -468,11 +495,14 @@ pub fn receive(
         if ty == wire::T_PAGES {
             let spare = writer.spare();
             if !writer.write(link.take_last_frame(spare)) {
-                return Err(fail(io(writer.finish().err().unwrap_or_default())));
+                return Err(refuse(
+                    &mut link,
+                    fail(io(writer.finish().err().unwrap_or_default())),
+                ));
             }
             continue;
         }
-        let f = wire::decode(ty, payload).map_err(|e| fail(e.into()))?;
+        let f = wire::decode(ty, payload).map_err(|e| refuse(&mut link, fail(e.into())))?;
         match f {
             Frame::State {
                 handover,
@@ -481,7 +511,9 @@ pub fn receive(
             } => {
                 let received_at = Instant::now();
                 // Every page before the state is in guest memory once the writer is done.
-                let written = writer.finish().map_err(|e| fail(io(e)))?;
+                let written = writer
+                    .finish()
+                    .map_err(|e| refuse(&mut link, fail(io(e))))?;
                 // Its buffers go back to the system off the downtime's path.
                 let _ = std::thread::Builder::new().spawn(move || drop(writer));
                 super::trace(format_args!(
@@ -490,11 +522,14 @@ pub fn receive(
                 ));
                 let postcopy = handover == Handover::Postcopy;
                 if postcopy && needed.len() != written.len() {
-                    return Err(fail(io(format!(
-                        "post-copy bitmap has {} words, guest memory {}",
-                        needed.len(),
-                        written.len()
-                    ))));
+                    return Err(refuse(
+                        &mut link,
+                        fail(io(format!(
+                            "post-copy bitmap has {} words, guest memory {}",
+                            needed.len(),
+                            written.len()
+                        ))),
+                    ));
                 }
                 let mut ram = ram.clone();
                 // Which pages may hold a stale copy: in populated memory all, in fresh memory
@@ -553,12 +588,12 @@ pub fn receive(
                     while q < pages && bit(&needed, q) && present(q) {
                         q += 1;
                     }
-                    punch(&ram, p, q - p).map_err(|e| fail(io(e)))?;
+                    punch(&ram, p, q - p).map_err(|e| refuse(&mut link, fail(io(e))))?;
                     p = q;
                 }
                 super::trace(format_args!("dest: stale pages dropped"));
-                let uffd =
-                    Userfault::register_missing(&ram).map_err(|e| fail(io(e.to_string())))?;
+                let uffd = Userfault::register_missing(&ram)
+                    .map_err(|e| refuse(&mut link, fail(io(e.to_string()))))?;
                 super::trace(format_args!("dest: userfaultfd registered"));
                 dest.needed.store(count(&needed), Ordering::Relaxed);
                 link.for_postcopy();
@@ -581,13 +616,18 @@ pub fn receive(
             }
             Frame::Sync => {
                 if !writer.drain() {
-                    return Err(fail(io(writer.finish().err().unwrap_or_default())));
+                    return Err(refuse(
+                        &mut link,
+                        fail(io(writer.finish().err().unwrap_or_default())),
+                    ));
                 }
                 link.send(&Frame::Sync).map_err(fail)?
             }
             Frame::Machine(json) => {
                 let machine: base_vmm::state::MachineConfig = serde_json::from_slice(&json)
-                    .map_err(|e| fail(io(format!("machine description: {e}"))))?;
+                    .map_err(|e| {
+                        refuse(&mut link, fail(io(format!("machine description: {e}"))))
+                    })?;
                 // A failure here is retried when the state arrives (and reported then).
                 prepared = base_vmm::vmm::Vmm::prepare(ram.clone(), &machine).ok();
                 if populated {
@@ -599,9 +639,25 @@ pub fn receive(
                 }
             }
             Frame::Error(msg) => return Err(format!("the source gave up: {msg}")),
-            other => return Err(fail(io(format!("unexpected frame {other:?}")))),
+            other => {
+                return Err(refuse(
+                    &mut link,
+                    fail(io(format!(
+                        "unexpected {} frame before the state",
+                        other.name()
+                    ))),
+                ))
+            }
         }
     }
+}
+
+/// Tells the source why this destination gives up (a source that is gone does not hear it),
+/// and returns the reason.
+fn refuse(link: &mut Link, why: String) -> String {
+    let _ = link.send(&Frame::Error(why.clone()));
+    let _ = link.flush(Duration::from_secs(1));
+    why
 }
 
 /// Pre-copy pages go into guest memory on a thread of their own: the receiving thread only
@@ -698,6 +754,11 @@ impl PageWriter {
         true
     }
 
+    /// The writer thread has ended before [`Self::finish`]: it refused a payload.
+    fn stopped(&self) -> bool {
+        self.to_write.is_some() && self.thread.as_ref().is_some_and(|t| t.is_finished())
+    }
+
     /// Waits until every queued payload is written: which pages hold data, or why the writer
     /// stopped.
     fn finish(&mut self) -> Result<Vec<u64>, String> {
@@ -721,7 +782,11 @@ fn write_pages(
 ) -> Result<u64, String> {
     let f = wire::decode_pages(payload).map_err(|e| e.to_string())?;
     let (first, span) = (f.first, f.span as u64);
-    if first + span > ram.size() / PAGE as u64 {
+    // Checked: a hostile `first` near 2^64 must not wrap around into guest memory.
+    if first
+        .checked_add(span)
+        .is_none_or(|end| end > ram.size() / PAGE as u64)
+    {
         return Err(format!("pages {first}+{span} run past guest memory"));
     }
     // Runs of data pages are copied through the mapping when it is populated; otherwise they
@@ -906,7 +971,7 @@ impl Arrived {
                 ));
                 run
             }
-            Ok(other) => return Err(no(io(format!("expected commit, got {other:?}")))),
+            Ok(other) => return Err(no(io(format!("expected commit, got {}", other.name())))),
             Err(e) => return Err(no(e)),
         };
         if cut_at("after-commit") {
@@ -1029,7 +1094,10 @@ impl Postcopy {
                     data,
                     ..
                 } => {
-                    if first + span as u64 > self.pages {
+                    if first
+                        .checked_add(span as u64)
+                        .is_none_or(|end| end > self.pages)
+                    {
                         return Err(io(format!("pages {first}+{span} run past guest memory")));
                     }
                     self.install(first, span as u64, &present, &zero, &data)?;
@@ -1057,7 +1125,7 @@ impl Postcopy {
                     return Ok(true);
                 }
                 Frame::Error(m) => return Err(io(format!("the source gave up: {m}"))),
-                other => return Err(io(format!("unexpected frame {other:?}"))),
+                other => return Err(io(format!("unexpected {} frame", other.name()))),
             }
         }
         Ok(false)
@@ -1229,6 +1297,54 @@ impl Postcopy {
                 }
                 Err(e) => tracing::warn!("post-copy recovery: {e}"),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pages_payload(first: u64, span: u16, present: u64, zero: u64, data_pages: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        wire::encode(
+            &Frame::Pages {
+                first,
+                span,
+                codec: wire::CODEC_RAW,
+                present: vec![present],
+                zero: vec![zero],
+                data: vec![0xa5; data_pages * PAGE],
+            },
+            &mut b,
+        );
+        b.split_off(wire::HEADER_LEN)
+    }
+
+    /// Found by the hostile-peer review of the wire decoder's users: a `pages` frame whose
+    /// first page lies near 2^64 wrapped `first + span` around, passed the bounds check and
+    /// panicked the page writer (release) or overflowed (debug). Now refused.
+    #[test]
+    fn pages_frame_wrapping_past_2_pow_64_is_refused() {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        let pages = ram.size() / PAGE as u64;
+        let mut written = vec![0u64; pages.div_ceil(64) as usize];
+        for populated in [false, true] {
+            for (first, span) in [(u64::MAX - 1, 4u16), (u64::MAX, 1), (u64::MAX - 30, 64)] {
+                let present = if span == 64 {
+                    u64::MAX
+                } else {
+                    (1 << span) - 1
+                };
+                let payload = pages_payload(first, span, present, 0, span as usize);
+                let err = write_pages(&ram, &payload, &mut written, populated).unwrap_err();
+                assert!(err.contains("run past guest memory"), "{err}");
+            }
+            // The last page of guest memory is still accepted, one past it is not.
+            let ok = pages_payload(pages - 1, 1, 1, 0, 1);
+            assert_eq!(write_pages(&ram, &ok, &mut written, populated).unwrap(), 1);
+            let past = pages_payload(pages, 1, 1, 0, 1);
+            assert!(write_pages(&ram, &past, &mut written, populated).is_err());
         }
     }
 }

@@ -13,7 +13,7 @@ pub mod tls;
 pub mod wire;
 
 pub use dest::{receive, Arrived, DestProgress, MigrationDest, PreparedRam, CANCELLED};
-pub use link::LinkError;
+pub use link::{Link, LinkError};
 pub use source::{Harvest, MigrationSource, Report, Sample, SourceConfig, SourceVm};
 
 use serde::Serialize;

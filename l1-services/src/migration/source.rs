@@ -408,7 +408,8 @@ fn hello(cfg: &SourceConfig, mem: u64, session: u64, resume: bool) -> Result<Lin
             "the destination speaks wire version {version}, we speak {VERSION}"
         )))),
         other => Err(LinkError::Io(std::io::Error::other(format!(
-            "expected welcome, got {other:?}"
+            "expected welcome, got {}",
+            other.name()
         )))),
     }
 }
@@ -726,7 +727,8 @@ impl Sender<'_> {
                 Frame::Resumed { .. } => {}
                 other => {
                     return Err(LinkError::Io(std::io::Error::other(format!(
-                        "unexpected frame from the destination: {other:?}"
+                        "unexpected {} frame from the destination",
+                        other.name()
                     ))))
                 }
             }
@@ -1015,7 +1017,7 @@ impl Sender<'_> {
                         tracing::info!("migration: post-copy connection restored");
                         return Ok(());
                     }
-                    Ok(other) => tracing::warn!("migration: recovery got {other:?}"),
+                    Ok(other) => tracing::warn!("migration: recovery got {}", other.name()),
                     Err(e) => tracing::warn!("migration: recovery: {e}"),
                 },
                 Err(e) => tracing::debug!("migration: reconnect: {e}"),
@@ -1080,7 +1082,7 @@ fn other_frame(wanted: &str, f: Frame) -> LinkError {
         "expected {wanted} from the destination, got {}",
         match f {
             Frame::Error(m) => format!("an error: {m}"),
-            f => format!("{f:?}"),
+            f => f.name().to_string(),
         }
     )))
 }

@@ -21,6 +21,10 @@ pub const HEADER_LEN: usize = 5;
 /// Page size.
 pub const PAGE: usize = 4096;
 
+/// Longest `error` text, bytes: a longer one is cut when sent and refused when received (a
+/// peer's message ends up in logs and reports).
+pub const MAX_ERROR_TEXT: usize = 4096;
+
 /// Page codecs: how the non-zero pages of a `pages` frame are encoded. Zero pages are always
 /// markers (a bit), never data; further codecs (delta, compression) get new numbers.
 pub const CODEC_RAW: u8 = 0;
@@ -126,6 +130,29 @@ pub enum Frame {
     },
 }
 
+impl Frame {
+    /// The frame's type name as the wire documentation gives it, for messages: a frame's
+    /// debug form would print its pages or state byte by byte.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "hello",
+            Frame::Welcome { .. } => "welcome",
+            Frame::Error(_) => "error",
+            Frame::Pages { .. } => "pages",
+            Frame::State { .. } => "state",
+            Frame::Resumed { .. } => "resumed",
+            Frame::Fault(_) => "fault",
+            Frame::Done => "done",
+            Frame::Complete { .. } => "complete",
+            Frame::Needed(_) => "needed",
+            Frame::Machine(_) => "machine",
+            Frame::Sync => "sync",
+            Frame::Ready { .. } => "ready",
+            Frame::Commit { .. } => "commit",
+        }
+    }
+}
+
 const T_HELLO: u8 = 1;
 const T_WELCOME: u8 = 2;
 const T_ERROR: u8 = 3;
@@ -213,7 +240,7 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             T_WELCOME
         }
         Frame::Error(msg) => {
-            out.extend_from_slice(&msg.as_bytes()[..msg.len().min(4096)]);
+            out.extend_from_slice(&msg.as_bytes()[..msg.len().min(MAX_ERROR_TEXT)]);
             T_ERROR
         }
         Frame::Pages {
@@ -460,7 +487,15 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
             r.magic()?;
             Frame::Welcome { version: r.u32()? }
         }
-        T_ERROR => Frame::Error(String::from_utf8_lossy(r.take(payload.len())?).into_owned()),
+        T_ERROR => {
+            if payload.len() > MAX_ERROR_TEXT {
+                return Err(bad(format!(
+                    "error frame of {} bytes exceeds the {MAX_ERROR_TEXT}-byte limit",
+                    payload.len()
+                )));
+            }
+            Frame::Error(String::from_utf8_lossy(r.take(payload.len())?).into_owned())
+        }
         T_PAGES => {
             let p = decode_pages(payload)?;
             r.take(payload.len())?;
@@ -601,6 +636,7 @@ mod tests {
         round_trip(Frame::Commit { run: false });
         assert!(decode(T_COMMIT, &[2]).unwrap_err().0.contains("run flag"));
         round_trip(Frame::Needed(vec![u64::MAX]));
+        assert_eq!(Frame::Commit { run: true }.name(), "commit");
         round_trip(Frame::Machine(b"{}".to_vec()));
     }
 
@@ -625,6 +661,14 @@ mod tests {
         let mut h = [0u8; HEADER_LEN];
         h[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(header(&h).unwrap_err().0.contains("exceeds"));
+        assert!(decode(T_ERROR, &[b'x'; MAX_ERROR_TEXT]).is_ok());
+        assert!(decode(T_ERROR, &[b'x'; MAX_ERROR_TEXT + 1])
+            .unwrap_err()
+            .0
+            .contains("exceeds"));
+        let mut long = Vec::new();
+        encode(&Frame::Error("y".repeat(MAX_ERROR_TEXT * 2)), &mut long);
+        assert_eq!(long.len(), HEADER_LEN + MAX_ERROR_TEXT);
         assert!(decode(99, &[])
             .unwrap_err()
             .0

@@ -1,0 +1,488 @@
+//! A hostile migration peer *with a valid certificate*: malformed, truncated, oversized and
+//! out-of-order frames cannot crash or hang either side. The peer is this test, speaking
+//! through the VMM's own link and TLS code (`l1_services::migration::{Link, tls}`) with the
+//! certificate `spanvmm migrate-certs` made for the real nodes, against real `spanvmm`
+//! processes: as a fake source against a real destination (`run --incoming`), and as a fake
+//! destination against a real source (`ctl migrate`). Every assertion is about mechanisms —
+//! exit statuses, frames and messages, the guest's own memory check — not timings.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use l1_services::migration::wire::{self, Frame, Handover, HEADER_LEN, PAGE, VERSION};
+use l1_services::migration::{tls, Link};
+use serde_json::Value;
+
+const GUEST: &str = "workload=dirty,verify mib=64 rate=20000 report_ms=200";
+const MEM: u64 = 256;
+
+fn plugin(file: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/plugins")
+        .join(file);
+    assert!(p.exists(), "{} missing — run plugins/build.sh", p.display());
+    p.to_str().unwrap().to_string()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A CA and a node certificate, made by `spanvmm migrate-certs`.
+fn certs(dir: &TempDir) -> PathBuf {
+    let out = dir.path().join("tls");
+    let (code, err) = run_to_end(&["migrate-certs", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "migrate-certs failed: {err}");
+    out
+}
+
+/// Waits until `vm`'s stderr contains `needle` `n` times.
+fn wait_stderr_n(vm: &VmProcess, needle: &str, n: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while vm.stderr().matches(needle).count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "waiting for {n}× {needle:?} on stderr:\n{}",
+            vm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A real destination waiting on `addr`.
+fn destination(tag: &str, addr: &str, tls: &Path) -> VmProcess {
+    let vm = VmProcess::start(
+        tag,
+        &["--incoming", addr, "--tls-dir", tls.to_str().unwrap()],
+    );
+    wait_stderr_n(
+        &vm,
+        "waiting for an incoming migration",
+        1,
+        Duration::from_secs(10),
+    );
+    vm
+}
+
+/// `ctl status` as JSON.
+fn status(vm: &VmProcess) -> Value {
+    let out = vm.ctl_ok(&["status"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+}
+
+fn sock_addr(addr: &str) -> SocketAddr {
+    addr.trim_start_matches("tls://").parse().unwrap()
+}
+
+/// A fake source: TLS with the real node certificate, nothing said yet.
+fn connect(addr: &str, tls_dir: &Path) -> Link {
+    let cfg = tls::client_config(tls_dir).expect("client TLS configuration");
+    Link::connect(sock_addr(addr), cfg, Duration::from_secs(10))
+        .expect("the real certificate is accepted")
+}
+
+fn hello() -> Frame {
+    Frame::Hello {
+        version: VERSION,
+        mem_bytes: MEM << 20,
+        session: 0x5eed,
+        resume: false,
+    }
+}
+
+fn encoded(f: &Frame) -> Vec<u8> {
+    let mut b = Vec::new();
+    wire::encode(f, &mut b);
+    b
+}
+
+/// A frame cut short: its header promises the whole payload, `keep` bytes of it follow.
+fn truncated(f: &Frame, keep: usize) -> Vec<u8> {
+    let mut b = encoded(f);
+    b.truncate(HEADER_LEN + keep);
+    b
+}
+
+/// A header announcing a payload of 4 GiB (less one byte: the most a u32 says) of type `ty`.
+fn four_gib_header(ty: u8) -> Vec<u8> {
+    let mut b = u32::MAX.to_le_bytes().to_vec();
+    b.push(ty);
+    b
+}
+
+/// A frame of an unknown type, then noise.
+fn garbage() -> Vec<u8> {
+    let mut b = vec![3, 0, 0, 0, 0xee, b'a', b'b', b'c'];
+    b.extend((0..4000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
+    b
+}
+
+/// The `error` frame the peer answers with (it must answer within 20 s).
+fn refusal(link: &mut Link) -> String {
+    match link.recv(Duration::from_secs(20)) {
+        Ok(Some(Frame::Error(msg))) => msg,
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
+/// Says `hello` and gets `welcome`.
+fn greet(link: &mut Link) {
+    link.send(&hello()).unwrap();
+    match link.recv(Duration::from_secs(20)) {
+        Ok(Some(Frame::Welcome { version })) => assert_eq!(version, VERSION),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+}
+
+fn no_panic(vm: &VmProcess) {
+    let err = vm.stderr();
+    assert!(
+        !err.contains("panicked"),
+        "a spanvmm thread panicked:\n{err}"
+    );
+}
+
+#[test]
+fn a_hostile_source_is_refused_before_hello_and_the_destination_still_takes_a_real_guest() {
+    let tmp = TempDir::new("hostile-pre");
+    let tls = certs(&tmp);
+    let addr = format!("tls://127.0.0.1:{}", free_port());
+    let mut dst = destination("hostile-pre-dst", &addr, &tls);
+    let pages = Frame::Pages {
+        first: 0,
+        span: 1,
+        codec: wire::CODEC_RAW,
+        present: vec![1],
+        zero: vec![0],
+        data: vec![0x5a; PAGE],
+    };
+    let state = Frame::State {
+        handover: Handover::Complete,
+        state: b"no state".to_vec(),
+        needed: vec![],
+    };
+    // (what the peer sends first, what the destination answers)
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "pages before hello",
+            encoded(&pages),
+            "expected hello, got pages",
+        ),
+        (
+            "state before hello",
+            encoded(&state),
+            "expected hello, got state",
+        ),
+        (
+            "machine before hello",
+            encoded(&Frame::Machine(b"{}".to_vec())),
+            "expected hello, got machine",
+        ),
+        (
+            "a truncated hello",
+            {
+                // The header says 10 bytes: a hello that short is refused as such.
+                let mut b = truncated(&hello(), 10);
+                b[..4].copy_from_slice(&10u32.to_le_bytes());
+                b
+            },
+            "hello frame is truncated",
+        ),
+        (
+            "a hello with stray bytes",
+            {
+                let mut b = encoded(&hello());
+                let n = b.len() - HEADER_LEN + 3;
+                b[..4].copy_from_slice(&(n as u32).to_le_bytes());
+                b.extend_from_slice(b"xyz");
+                b
+            },
+            "stray bytes",
+        ),
+        (
+            "a length field of 4 GiB",
+            four_gib_header(1),
+            "exceeds the 4194304-byte limit",
+        ),
+        ("garbage", garbage(), "unknown frame type 238"),
+    ];
+    let mut refused = 0;
+    for (what, bytes, answer) in &cases {
+        let mut peer = connect(&addr, &tls);
+        peer.send_bytes(bytes).unwrap();
+        let msg = refusal(&mut peer);
+        assert!(msg.contains(answer), "{what}: answered {msg:?}");
+        refused += 1;
+        wait_stderr_n(&dst, "migration: refused", refused, Duration::from_secs(20));
+        assert!(
+            dst.alive(),
+            "{what} ended the destination:\n{}",
+            dst.stderr()
+        );
+    }
+    // A frame cut short by a peer that then goes away: refused once its connection ends.
+    {
+        let mut peer = connect(&addr, &tls);
+        peer.send_bytes(&truncated(&hello(), 12)).unwrap();
+        peer.flush(Duration::from_secs(5)).unwrap();
+    }
+    refused += 1;
+    wait_stderr_n(&dst, "migration: refused", refused, Duration::from_secs(20));
+    assert!(dst.stderr().contains("the peer closed the connection"));
+    // Still waiting, nobody's guest half-built, and it says so on its API.
+    assert!(dst.alive());
+    let st = status(&dst);
+    assert_eq!(st["state"], "incoming", "{st}");
+    assert_eq!(st["progress"]["phase"], "waiting", "{st}");
+    assert_eq!(st["progress"]["pages_received"], 0, "{st}");
+    no_panic(&dst);
+
+    // A real source then migrates a guest that verifies clean at the destination.
+    let mut src = VmProcess::boot("hostile-pre-src", GUEST, MEM, 1);
+    let (ok, out) = src.ctl(&[
+        "migrate",
+        "--to",
+        &addr,
+        "--plugin",
+        &plugin("precopy.wasm"),
+        "--tls-dir",
+        tls.to_str().unwrap(),
+        "--report",
+        src.dir.path().join("report.json").to_str().unwrap(),
+    ]);
+    assert!(ok, "the real migration failed: {out}\n{}", src.stderr());
+    assert_eq!(src.wait_exit(Duration::from_secs(40)), Some(0));
+    dst.wait_line("SPANGUEST stat", Duration::from_secs(20));
+    dst.assert_verify_clean(1);
+    assert_eq!(status(&dst)["state"], "running");
+    no_panic(&dst);
+}
+
+#[test]
+fn a_hostile_source_after_welcome_ends_the_incoming_migration_with_a_reason() {
+    let tmp = TempDir::new("hostile-post");
+    let tls = certs(&tmp);
+    let pages_total = (MEM << 20) / PAGE as u64;
+    let data_pages = |first: u64, n: u16| Frame::Pages {
+        first,
+        span: n,
+        codec: wire::CODEC_RAW,
+        present: vec![(1u64 << n) - 1],
+        zero: vec![0],
+        data: vec![0x11; n as usize * PAGE],
+    };
+    // (case, what follows the hello, what the destination says, whether it can tell the
+    // peer: a peer that went away hears nothing)
+    let cases: Vec<(&str, Vec<u8>, &str, bool)> = vec![
+        (
+            "state before machine (not a VM state)",
+            encoded(&Frame::State {
+                handover: Handover::Complete,
+                state: b"not a VM state".to_vec(),
+                needed: vec![],
+            }),
+            "migration stream is invalid: truncated",
+            true,
+        ),
+        (
+            "a ready from the source",
+            encoded(&Frame::Ready { load_us: 1 }),
+            "unexpected ready frame before the state",
+            true,
+        ),
+        (
+            "a length field of 4 GiB",
+            four_gib_header(4),
+            "exceeds the 4194304-byte limit",
+            true,
+        ),
+        (
+            "garbage after the hello",
+            garbage(),
+            "unknown frame type 238",
+            true,
+        ),
+        (
+            "a truncated frame, then the peer is gone",
+            truncated(&Frame::Machine(vec![b' '; 100]), 20),
+            "the peer closed the connection",
+            false,
+        ),
+        (
+            "pages past the end of guest memory",
+            encoded(&data_pages(pages_total, 1)),
+            "run past guest memory",
+            true,
+        ),
+        (
+            // Found reviewing the decoder's users: `first + span` wrapped around 2^64,
+            // passed the bounds check and panicked the page writer.
+            "pages wrapping around 2^64",
+            encoded(&data_pages(u64::MAX - 1, 4)),
+            "run past guest memory",
+            true,
+        ),
+        (
+            "a post-copy state with a bitmap of the wrong size",
+            encoded(&Frame::State {
+                handover: Handover::Postcopy,
+                state: b"x".to_vec(),
+                needed: vec![u64::MAX; 3],
+            }),
+            "post-copy bitmap has 3 words",
+            true,
+        ),
+    ];
+    for (i, (what, bytes, reason, told)) in cases.iter().enumerate() {
+        let addr = format!("tls://127.0.0.1:{}", free_port());
+        let mut dst = destination(&format!("hostile-post-{i}"), &addr, &tls);
+        {
+            let mut peer = connect(&addr, &tls);
+            greet(&mut peer);
+            peer.send_bytes(bytes).unwrap();
+            peer.flush(Duration::from_secs(5)).unwrap();
+            if *told {
+                let msg = refusal(&mut peer);
+                assert!(msg.contains(reason), "{what}: answered {msg:?}");
+            }
+        }
+        // (The state case is refused by the VM build: the peer hears "cannot build the VM:
+        // ..." with the same reason.)
+        // It ends, with an error status and the reason, holding no guest; nothing panicked.
+        let code = dst.wait_exit(Duration::from_secs(30));
+        assert!(
+            matches!(code, Some(c) if c != 0 && c != 101),
+            "{what}: the destination ended with {code:?}:\n{}",
+            dst.stderr()
+        );
+        // (Its last lines may still be on their way through the pipe.)
+        wait_stderr_n(&dst, reason, 1, Duration::from_secs(10));
+        no_panic(&dst);
+        assert!(!dst.api.exists(), "{what}: the API socket was left behind");
+    }
+}
+
+/// A fake destination on a port of its own: accepts one connection with the real
+/// certificate, reads the source's `hello`, then does what `act` says. It keeps reading
+/// what the source sends until the source gives up (so the kernel never resets the
+/// connection under unread data).
+fn fake_destination(
+    tls_dir: &Path,
+    act: impl FnOnce(&mut Link) + Send + 'static,
+) -> (String, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tls://{}", listener.local_addr().unwrap());
+    let cfg = tls::server_config(tls_dir).expect("server TLS configuration");
+    let t = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut link = Link::accept(sock, cfg, Duration::from_secs(10)).unwrap();
+        match link.recv(Duration::from_secs(20)) {
+            Ok(Some(Frame::Hello { version, .. })) => assert_eq!(version, VERSION),
+            other => panic!("the source did not say hello: {other:?}"),
+        }
+        act(&mut link);
+        let until = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < until && link.recv(Duration::from_millis(200)).is_ok() {}
+    });
+    (addr, t)
+}
+
+/// Waits for the source's `sync` (pre-copy converged), reading its pages meanwhile.
+fn until_sync(link: &mut Link) {
+    loop {
+        match link.recv(Duration::from_secs(120)) {
+            Ok(Some(Frame::Sync)) => return,
+            Ok(Some(_)) => {}
+            other => panic!("the source sent no sync: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_hostile_destination_fails_the_migration_and_the_source_guest_runs_on() {
+    let tmp = TempDir::new("hostile-dst");
+    let tls = certs(&tmp);
+    let src = VmProcess::boot("hostile-dst-src", GUEST, MEM, 1);
+    type Act = Box<dyn FnOnce(&mut Link) + Send>;
+    let welcome = |link: &mut Link| link.send(&Frame::Welcome { version: VERSION }).unwrap();
+    // (case, what the fake destination does after the hello, what `ctl migrate` reports)
+    let cases: Vec<(&str, Act, &str)> = vec![
+        (
+            "welcome, then garbage",
+            Box::new(move |l: &mut Link| {
+                welcome(l);
+                l.send_bytes(&garbage()).unwrap();
+            }),
+            "unknown frame type 238",
+        ),
+        (
+            "a ready before the state",
+            Box::new(move |l: &mut Link| {
+                welcome(l);
+                l.send(&Frame::Ready { load_us: 1 }).unwrap();
+            }),
+            "unexpected ready frame from the destination",
+        ),
+        (
+            "a ready in answer to the sync, before the state",
+            Box::new(move |l: &mut Link| {
+                welcome(l);
+                until_sync(l);
+                l.send(&Frame::Ready { load_us: 1 }).unwrap();
+            }),
+            "expected sync from the destination, got ready",
+        ),
+        (
+            "a length field of 4 GiB",
+            Box::new(move |l: &mut Link| {
+                welcome(l);
+                l.send_bytes(&four_gib_header(7)).unwrap();
+            }),
+            "exceeds the 4194304-byte limit",
+        ),
+        (
+            "silence instead of welcome",
+            Box::new(|_: &mut Link| {}),
+            "no welcome from the peer",
+        ),
+        (
+            "silence at the sync",
+            Box::new(move |l: &mut Link| {
+                welcome(l);
+                until_sync(l);
+            }),
+            "no sync from the peer",
+        ),
+    ];
+    for (what, act, reason) in cases {
+        let (addr, fake) = fake_destination(&tls, act);
+        let (ok, out) = src.ctl(&[
+            "migrate",
+            "--to",
+            &addr,
+            "--plugin",
+            &plugin("precopy.wasm"),
+            "--tls-dir",
+            tls.to_str().unwrap(),
+            "--report",
+            src.dir.path().join("report.json").to_str().unwrap(),
+        ]);
+        assert!(!ok, "{what}: the migration succeeded: {out}");
+        assert!(out.contains(reason), "{what}: `ctl migrate` said:\n{out}");
+        fake.join().expect("the fake destination");
+        // The guest runs on at the source, its memory intact.
+        assert_eq!(status(&src)["state"], "running", "{what}");
+        let from = src.mark();
+        src.wait_line_from(from, "SPANGUEST stat", Duration::from_secs(20));
+        src.assert_verify_clean(1);
+        no_panic(&src);
+    }
+}
