@@ -899,8 +899,10 @@ fn precopy_run(
         s.verify()?;
         outcome = "in-doubt-resumed".to_string();
     } else {
-        // Failed before the hand-over: the source runs on, the destination leaves.
-        if !msg.contains("runs on at the source") {
+        // Failed before the hand-over: the source runs on, the destination leaves (or, cut
+        // before any peer got through its handshake, goes on waiting for one).
+        let refused_at_connect = msg.contains("cannot reach the destination");
+        if !msg.contains("runs on at the source") && !refused_at_connect {
             bail!("ctl migrate's failure does not say the VM runs on: {msg}");
         }
         let st = s.status().context("the source does not answer")?;
@@ -912,9 +914,30 @@ fn precopy_run(
         }
         s.runs()?;
         s.verify()?;
+        let mut dest_note = "";
         if !kill {
-            match dst.wait_exit(Duration::from_secs(20)) {
+            let wait = if refused_at_connect { 2 } else { 20 };
+            match dst.wait_exit(Duration::from_secs(wait)) {
                 Ok(Some(c)) if c != 0 => {}
+                Err(()) => {
+                    // Still there: it must still be waiting, serving its API, and leave when
+                    // told to.
+                    let st = dst
+                        .status()
+                        .context("a destination still running does not answer")?;
+                    if st["state"] != "incoming" {
+                        bail!("the destination runs on in state {}: {st}", st["state"]);
+                    }
+                    let (ok, m) = dst.ctl(&["shutdown"]);
+                    if !ok {
+                        bail!("a waiting destination refused to shut down: {m}");
+                    }
+                    match dst.wait_exit(Duration::from_secs(10)) {
+                        Ok(_) => {}
+                        Err(()) => bail!("a waiting destination did not shut down"),
+                    }
+                    dest_note = ", destination still waiting";
+                }
                 other => bail!(
                     "the destination did not leave with a failure: {other:?} ({})",
                     dst.tail()
@@ -924,12 +947,14 @@ fn precopy_run(
                 bail!("the destination left its API socket {}", dst.api.display());
             }
         }
-        outcome = if kill {
-            "failed-source-runs (destination killed)"
+        let how = if refused_at_connect {
+            "cut at connect"
+        } else if kill {
+            "destination killed"
         } else {
-            "failed-source-runs (link cut)"
-        }
-        .to_string();
+            "link cut"
+        };
+        outcome = format!("failed-source-runs ({how}{dest_note})");
     }
     drop(dst);
     drop(relay);
@@ -1311,8 +1336,8 @@ fn snapshot_series(
 ) -> anyhow::Result<()> {
     for run in 0..runs {
         let t0 = Instant::now();
-        // A fraction of the first layer's time (drawn per run, scaled in the run).
-        let frac = ctx.rng.range(0, 1000);
+        // Where to kill, in thousandths (scaled in the run by the first layer's timings).
+        let frac = ctx.rng.range(0, 999);
         let kind = match ctx.rng.range(0, 2) {
             0 => "incremental",
             1 => "incremental --live",
@@ -1385,26 +1410,48 @@ fn restore_check(
     Ok(Ok(v))
 }
 
-/// Kills the VMM `frac`/1000 of twice the first layer's duration into the second layer.
+/// Kills the VMM during the second layer: `frac` < 200 before its directory appears, else at
+/// a point of the first layer's writing time after it appears.
 fn snapshot_run(ctx: &mut Ctx, dir: &Path, kind: &str, frac: u64, at: &mut u64) -> RunResult {
     let mut vm = Vmm::boot(ctx.bin(), &dir.join("vm.sock"), &ctx.cfg.guest)?;
     let d1 = dir.join("d1");
     let d2 = dir.join("d2");
     let cp = ctx.plugin("checkpoint.wasm");
+    // The first layer, timed: from the call to its directory appearing (attaching the
+    // service, the first round), and from there to the end (writing the layer).
     let t1 = Instant::now();
-    let (ok, m) = vm.ctl(&[
-        "snapshot",
-        "create",
-        "--plugin",
-        &cp,
-        "--dir",
-        d1.to_str().unwrap(),
-    ]);
+    let job = ctl_bg(
+        ctx.bin(),
+        &vm.api,
+        // --track: the service keeps the dirty log from this layer on, for an incremental
+        // one on top of it.
+        [
+            "snapshot",
+            "create",
+            "--plugin",
+            &cp,
+            "--dir",
+            d1.to_str().unwrap(),
+            "--track",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+    );
+    let mut appear_ms = None;
+    while !job.is_finished() {
+        if appear_ms.is_none() && d1.exists() {
+            appear_ms = Some(t1.elapsed().as_millis() as u64);
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let (ok, m) = job.join().map_err(|_| anyhow!("ctl thread panicked"))?;
     if !ok {
         bail!("the first layer failed: {m}");
     }
-    *at = t1.elapsed().as_millis() as u64 * 2 * frac / 1000;
-    let at = *at;
+    let done_ms = t1.elapsed().as_millis() as u64;
+    let appear_ms = appear_ms.unwrap_or(done_ms);
+    let write_ms = (done_ms - appear_ms).max(1);
     // Let the guest dirty some pages for the incremental layer.
     vm.runs()?;
     let mut args: Vec<String> = ["snapshot", "create", "--plugin", &cp, "--dir"]
@@ -1420,10 +1467,21 @@ fn snapshot_run(ctx: &mut Ctx, dir: &Path, kind: &str, frac: u64, at: &mut u64) 
     }
     let t0 = Instant::now();
     let job = ctl_bg(ctx.bin(), &vm.api, args);
-    sleep_until(t0, at);
+    if frac < 200 {
+        // One run in five: before the layer's directory exists (attach, first round).
+        sleep_until(t0, appear_ms * frac / 200);
+    } else {
+        // Else while it is written: a random point of the first layer's writing time after
+        // the new directory appears.
+        while !d2.exists() && !job.is_finished() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        std::thread::sleep(Duration::from_millis(write_ms * (frac - 200) / 800));
+    }
+    *at = t0.elapsed().as_millis() as u64;
     let written_first = job.is_finished();
     vm.kill();
-    let _ = job.join();
+    let (_, second) = job.join().map_err(|_| anyhow!("ctl thread panicked"))?;
     drop(vm);
     // The previous chain still restores.
     let d1v = match restore_check(ctx, dir, &d1, "r1")? {
@@ -1432,6 +1490,9 @@ fn snapshot_run(ctx: &mut Ctx, dir: &Path, kind: &str, frac: u64, at: &mut u64) 
     };
     // The torn layer is refused with a message, or restores whole.
     let outcome = if !d2.exists() {
+        if written_first {
+            bail!("the second layer was not written: {}", first_line(&second));
+        }
         "no-layer-yet; previous restores"
     } else {
         match restore_check(ctx, dir, &d2, "r2")? {
