@@ -222,6 +222,8 @@ pub struct Vmm {
     lines: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
     closed: Arc<Mutex<bool>>,
+    /// Its stderr reached end of file (all of it is in `stderr`).
+    err_closed: Arc<Mutex<bool>>,
     pub api: PathBuf,
     bin: PathBuf,
 }
@@ -250,7 +252,8 @@ impl Vmm {
             *c.lock().unwrap() = true;
         });
         let stderr = Arc::new(Mutex::new(String::new()));
-        let e = stderr.clone();
+        let err_closed = Arc::new(Mutex::new(false));
+        let (e, ec) = (stderr.clone(), err_closed.clone());
         let err = child.stderr.take().expect("piped");
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
@@ -258,12 +261,14 @@ impl Vmm {
                 g.push_str(&line);
                 g.push('\n');
             }
+            *ec.lock().unwrap() = true;
         });
         Ok(Vmm {
             child,
             lines,
             stderr,
             closed,
+            err_closed,
             api: api.to_path_buf(),
             bin: bin.to_path_buf(),
         })
@@ -298,6 +303,15 @@ impl Vmm {
 
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// All of stderr, once the process has ended (its reader may lag behind the exit).
+    pub fn final_stderr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !*self.err_closed.lock().unwrap() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.stderr()
     }
 
     fn tail(&self) -> String {
@@ -530,8 +544,8 @@ impl Ctx<'_> {
         std::fs::create_dir_all(&d)?;
         Ok(d)
     }
-    /// No process of this campaign left but `expected` (ctl clients are all joined by now);
-    /// adopted orphans that ended are reaped.
+    /// No process of this campaign left but `expected` (ctl clients are all joined by now),
+    /// and no zombie under those; adopted orphans that ended are reaped.
     fn no_leftovers(&self, expected: &[u32]) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -548,8 +562,18 @@ impl Ctx<'_> {
                     }
                 })
                 .collect();
-            if extra.is_empty() {
+            // A VMM kept running must not keep dead children unreaped either (zombies).
+            let zombies: Vec<u32> = expected
+                .iter()
+                .filter(|&&p| pid_alive(p))
+                .flat_map(|&p| children_fast(p))
+                .filter(|&k| !pid_alive(k) && Path::new(&format!("/proc/{k}")).exists())
+                .collect();
+            if extra.is_empty() && zombies.is_empty() {
                 return Ok(());
+            }
+            if Instant::now() > deadline && !zombies.is_empty() {
+                bail!("zombies left under the VMM: {zombies:?}");
             }
             if Instant::now() > deadline {
                 let names: Vec<String> = extra
@@ -1383,7 +1407,7 @@ fn restore_check(
             if s.success() {
                 bail!("restore of {} exited 0 without running", layer.display());
             }
-            let err = vm.stderr();
+            let err = vm.final_stderr();
             let msg = first_line(&err);
             if msg.is_empty() {
                 bail!("restore of {} refused without a message", layer.display());
