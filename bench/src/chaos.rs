@@ -1183,17 +1183,20 @@ fn live_update_series(
     // The process serving the VM now (the first one, or a live update's new one).
     let mut serving = 0u32;
     // Calibration: three updates without a fault measure how long the new process lives
-    // before the old one has its confirmation; kills are drawn over the shortest (a longer
-    // one, slowed by a busy core, mostly draws times after the update is over).
-    let mut window = u64::MAX;
+    // before the old one has its confirmation; kills are drawn over 1.5 times the median, so
+    // that they land before, around and past the commit point (the shortest alone put every
+    // kill before it: all rollbacks; a single slow measurement put half past the end).
+    let mut seen = Vec::new();
     for _ in 0..3 {
         if let Err(e) = live_update_run(ctx, &dir, &mut vm, &mut serving, None) {
             bail!("live-update calibration failed: {e:#}");
         }
-        window = window.min(ctx.last_window_ms.max(5));
+        seen.push(ctx.last_window_ms.max(4));
     }
+    seen.sort_unstable();
+    let window = seen[1] * 3 / 2;
     eprintln!(
-        "chaos live-update: the new process lives {window} ms before confirming; kills drawn in [0, {window}] ms"
+        "chaos live-update: the new process lives {seen:?} ms before confirming; kills drawn in [0, {window}] ms"
     );
     for run in 0..runs {
         let t0 = Instant::now();
