@@ -1189,6 +1189,11 @@ fn live_update_series(
     let mut seen = Vec::new();
     for _ in 0..3 {
         if let Err(e) = live_update_run(ctx, &dir, &mut vm, &mut serving, None) {
+            // The VM may live in a process this campaign did not start (a new one that took
+            // it over): end it too, not only the first.
+            if serving != 0 {
+                kill_and_reap(serving);
+            }
             bail!("live-update calibration failed: {e:#}");
         }
         seen.push(ctx.last_window_ms.max(4));
