@@ -273,7 +273,16 @@ impl Preparing {
             }
             Err(Failure::AfterCommit(e)) => {
                 let pid = self.child.id();
-                let alive = self.child.try_wait().ok().flatten().is_none();
+                // A dying process's socket closes a moment before it can be waited for (the
+                // kernel closes its files, then makes it a zombie): give it that moment, or a
+                // process SIGKILLed right after the go-ahead is reported "still alive".
+                let deadline = Instant::now() + Duration::from_millis(500);
+                let mut exited = self.child.try_wait().ok().flatten();
+                while exited.is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(2));
+                    exited = self.child.try_wait().ok().flatten();
+                }
+                let alive = exited.is_none();
                 let why = format!(
                     "live update in doubt: the new process {pid} was told to run the guest but \
                      did not confirm ({e:#}); it is {}. It may have run the guest on this same \
@@ -282,8 +291,17 @@ impl Preparing {
                      resume here with `spanvmm ctl resume --force`.",
                     if alive { "still alive" } else { "gone" }
                 );
-                // Whatever happens next, it is not ours to wait for.
-                std::mem::forget(self.child);
+                // Whatever it does next is not ours to decide, but it is our child: reap it
+                // when it ends, on a thread of its own, so that no zombie is left behind (a
+                // forgotten child stayed a zombie for as long as this process lived).
+                if alive {
+                    let mut child = self.child;
+                    let _ = std::thread::Builder::new()
+                        .name("live-update-reaper".into())
+                        .spawn(move || {
+                            let _ = child.wait();
+                        });
+                }
                 Outcome::InDoubt(why)
             }
         }

@@ -242,6 +242,33 @@ fn incompatible_or_dying_new_binaries_roll_back_with_memory_intact() {
     vm.assert_verify_clean(1);
 }
 
+/// Children of `pid` that ended and were never waited for.
+fn zombie_children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for k in kids
+            .split_whitespace()
+            .filter_map(|k| k.parse::<u32>().ok())
+        {
+            let stat = std::fs::read_to_string(format!("/proc/{k}/stat")).unwrap_or_default();
+            if stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+            {
+                out.push(k);
+            }
+        }
+    }
+    out
+}
+
 fn status(vm: &VmProcess) -> Value {
     serde_json::from_str(&vm.ctl_ok(&["status"])).unwrap()
 }
@@ -261,6 +288,12 @@ fn a_new_process_that_dies_after_the_go_ahead_leaves_the_vm_in_doubt_not_running
     let (ok, out) = vm.ctl(&["live-update", "--binary", &fake_vmm(&dir, "die-after-go")]);
     assert!(!ok, "{out}");
     assert!(out.contains("in doubt") && out.contains("--force"), "{out}");
+    // The new process died: the report says so (its socket closes a moment before it can be
+    // waited for; it used to be reported "still alive"), and it was reaped, not left a zombie
+    // under the old process (found by `spanvmm-bench chaos`).
+    assert!(out.contains("it is gone"), "{out}");
+    let zombies = zombie_children(vm.first_pid());
+    assert!(zombies.is_empty(), "zombies left: {zombies:?}");
     let st = status(&vm);
     assert_eq!(st["state"], "paused", "{st}");
     assert!(st["in_doubt"].as_str().is_some(), "{st}");
