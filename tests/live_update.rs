@@ -506,7 +506,15 @@ fn the_cpu_model_survives_a_live_update_and_a_host_lacking_it_is_rolled_back() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let (ok, out) = vm.ctl(&["live-update", "--binary", wrapper.to_str().unwrap()]);
+    // A generous step deadline: on a busy host the new process's start must not be what
+    // refuses it.
+    let (ok, out) = vm.ctl(&[
+        "live-update",
+        "--binary",
+        wrapper.to_str().unwrap(),
+        "--timeout-ms",
+        "60000",
+    ]);
     assert!(!ok, "{out}");
     assert!(
         out.contains("missing CPU features: sse2") && out.contains("rolled back"),
