@@ -9,53 +9,15 @@
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use l1_services::migration::wire::{self, Frame, Handover, HEADER_LEN, PAGE, VERSION};
 use l1_services::migration::{tls, Link};
-use serde_json::Value;
 
 const GUEST: &str = "workload=dirty,verify mib=64 rate=20000 report_ms=200";
 const MEM: u64 = 256;
-
-fn plugin(file: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/plugins")
-        .join(file);
-    assert!(p.exists(), "{} missing — run plugins/build.sh", p.display());
-    p.to_str().unwrap().to_string()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A CA and a node certificate, made by `spanvmm migrate-certs`.
-fn certs(dir: &TempDir) -> PathBuf {
-    let out = dir.path().join("tls");
-    let (code, err) = run_to_end(&["migrate-certs", "--out", out.to_str().unwrap()]);
-    assert_eq!(code, Some(0), "migrate-certs failed: {err}");
-    out
-}
-
-/// Waits until `vm`'s stderr contains `needle` `n` times.
-fn wait_stderr_n(vm: &VmProcess, needle: &str, n: usize, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while vm.stderr().matches(needle).count() < n {
-        assert!(
-            Instant::now() < deadline,
-            "waiting for {n}× {needle:?} on stderr:\n{}",
-            vm.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// A real destination waiting on `addr`.
 fn destination(tag: &str, addr: &str, tls: &Path) -> VmProcess {
@@ -70,12 +32,6 @@ fn destination(tag: &str, addr: &str, tls: &Path) -> VmProcess {
         Duration::from_secs(10),
     );
     vm
-}
-
-/// `ctl status` as JSON.
-fn status(vm: &VmProcess) -> Value {
-    let out = vm.ctl_ok(&["status"]);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
 }
 
 fn sock_addr(addr: &str) -> SocketAddr {
@@ -153,7 +109,7 @@ fn no_panic(vm: &VmProcess) {
 #[test]
 fn a_hostile_source_is_refused_before_hello_and_the_destination_still_takes_a_real_guest() {
     let tmp = TempDir::new("hostile-pre");
-    let tls = certs(&tmp);
+    let tls = certs(&tmp, "tls");
     let addr = format!("tls://127.0.0.1:{}", free_port());
     let mut dst = destination("hostile-pre-dst", &addr, &tls);
     let pages = Frame::Pages {
@@ -269,7 +225,7 @@ fn a_hostile_source_is_refused_before_hello_and_the_destination_still_takes_a_re
 #[test]
 fn a_hostile_source_after_welcome_ends_the_incoming_migration_with_a_reason() {
     let tmp = TempDir::new("hostile-post");
-    let tls = certs(&tmp);
+    let tls = certs(&tmp, "tls");
     let pages_total = (MEM << 20) / PAGE as u64;
     let data_pages = |first: u64, n: u16| Frame::Pages {
         first,
@@ -409,7 +365,7 @@ fn until_sync(link: &mut Link) {
 #[test]
 fn a_hostile_destination_fails_the_migration_and_the_source_guest_runs_on() {
     let tmp = TempDir::new("hostile-dst");
-    let tls = certs(&tmp);
+    let tls = certs(&tmp, "tls");
     let src = VmProcess::boot("hostile-dst-src", GUEST, MEM, 1);
     type Act = Box<dyn FnOnce(&mut Link) + Send>;
     let welcome = |link: &mut Link| link.send(&Frame::Welcome { version: VERSION }).unwrap();

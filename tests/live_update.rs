@@ -12,14 +12,6 @@ use serde_json::Value;
 const T: Duration = Duration::from_secs(30);
 const STORM: &str = r#"{"base":2768,"len":1}"#;
 
-fn plugin(file: &str) -> String {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/plugins")
-        .join(file);
-    assert!(p.exists(), "{} missing — run plugins/build.sh", p.display());
-    p.to_str().unwrap().to_string()
-}
-
 fn writes(vm: &VmProcess) -> u64 {
     let out = vm.ctl_ok(&["plugin", "call", "exit-stats", "stats"]);
     let v: Value = serde_json::from_str(&out).unwrap();
@@ -269,10 +261,6 @@ fn zombie_children(pid: u32) -> Vec<u32> {
         }
     }
     out
-}
-
-fn status(vm: &VmProcess) -> Value {
-    serde_json::from_str(&vm.ctl_ok(&["status"])).unwrap()
 }
 
 /// Past the commit point the old process cannot know whether the new one ran the guest on the

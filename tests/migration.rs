@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use std::time::{Duration, Instant};
 
@@ -16,43 +15,6 @@ use serde_json::Value;
 
 const GUEST: &str = "workload=dirty,verify mib=64 rate=20000 stall_us=2000 report_ms=200";
 const MEM: u64 = 256;
-
-fn plugin(file: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/plugins")
-        .join(file);
-    assert!(p.exists(), "{} missing — run plugins/build.sh", p.display());
-    p.to_str().unwrap().to_string()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A CA and a node certificate, made by `spanvmm migrate-certs`.
-fn certs(dir: &TempDir, name: &str) -> PathBuf {
-    let out = dir.path().join(name);
-    let (code, err) = run_to_end(&["migrate-certs", "--out", out.to_str().unwrap()]);
-    assert_eq!(code, Some(0), "migrate-certs failed: {err}");
-    out
-}
-
-/// Waits until `vm`'s stderr contains `needle`.
-fn wait_stderr(vm: &VmProcess, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !vm.stderr().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "waiting for {needle:?} on stderr:\n{}",
-            vm.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// A destination waiting on `addr`, optionally inside a network namespace.
 fn destination(tag: &str, wrapper: &[&str], addr: &str, tls: &Path, extra: &[&str]) -> VmProcess {
@@ -142,27 +104,6 @@ fn wait_exit(vm: &mut VmProcess, what: &str) -> Option<i32> {
     let code = vm.wait_exit(Duration::from_secs(15));
     assert!(code.is_some(), "{what} did not exit:\n{}", vm.stderr());
     code
-}
-
-/// `ctl status` as JSON.
-fn status(vm: &VmProcess) -> Value {
-    let out = vm.ctl_ok(&["status"]);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
-}
-
-/// `GET path` on a VMM's API socket, as a client other than `spanvmm ctl` (None: no answer,
-/// e.g. the process is gone).
-fn api_get(api: &Path, path: &str) -> Option<Value> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(api).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    )
-    .ok()?;
-    let mut r = String::new();
-    s.read_to_string(&mut r).ok()?;
-    serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()
 }
 
 /// Idle TCP connections to `addr` (`tls://HOST:PORT`): they never say anything.

@@ -13,18 +13,6 @@ const T: Duration = Duration::from_secs(30);
 /// The guest's exit-storm port (docs/spanguest-abi.md), claimable by services.
 const STORM: &str = r#"{"base":2768,"len":1}"#;
 
-fn plugin(file: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/plugins")
-        .join(file);
-    assert!(
-        p.exists(),
-        "{} not found — build the plugins with plugins/build.sh",
-        p.display()
-    );
-    p.to_str().unwrap().to_string()
-}
-
 fn json(out: &str) -> Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
 }

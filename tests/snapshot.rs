@@ -7,24 +7,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{num, spanvmm, TempDir, VmProcess};
+use common::{num, plugin, spanvmm, TempDir, VmProcess};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
 /// What spanguest's secret area holds (docs/spanguest-abi.md, `secret=1`).
 const SECRET: &[u8] = b"SPANGUEST-SECRET";
-
-fn plugin(file: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/plugins")
-        .join(file);
-    assert!(
-        p.exists(),
-        "{} missing — build the plugins with plugins/build.sh",
-        p.display()
-    );
-    p.to_str().unwrap().to_string()
-}
 
 fn json(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))

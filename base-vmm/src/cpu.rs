@@ -117,16 +117,7 @@ impl CpuTemplate {
         let mut out = Vec::new();
         for &(leaf, subleaf, reg, want) in required {
             let lacking = want & !reg_of(cpuid, leaf, subleaf, reg);
-            out.extend(
-                (0..32u8)
-                    .filter(|b| lacking & (1 << b) != 0)
-                    .map(|bit| Feature {
-                        leaf,
-                        subleaf,
-                        reg,
-                        bit,
-                    }),
-            );
+            out.extend(features_in(leaf, subleaf, reg, lacking));
         }
         out
     }
@@ -611,21 +602,24 @@ fn reg_of(entries: &[CpuidEntry], leaf: u32, sub: u32, reg: Reg) -> u32 {
         .map_or(0, |e| e.reg(reg))
 }
 
+/// The features whose bits are set in `bits`, a value of register `reg` of leaf/subleaf.
+fn features_in(leaf: u32, subleaf: u32, reg: Reg, bits: u32) -> impl Iterator<Item = Feature> {
+    (0..32u8)
+        .filter(move |b| bits & (1 << b) != 0)
+        .map(move |bit| Feature {
+            leaf,
+            subleaf,
+            reg,
+            bit,
+        })
+}
+
 /// Every feature bit set in `recorded` that `host` does not offer, in register order.
 pub fn missing_features(recorded: &[CpuidEntry], host: &[CpuidEntry]) -> Vec<Feature> {
     let mut out = Vec::new();
     for &(leaf, subleaf, reg) in FEATURE_REGS {
         let lacking = reg_of(recorded, leaf, subleaf, reg) & !reg_of(host, leaf, subleaf, reg);
-        out.extend(
-            (0..32u8)
-                .filter(|b| lacking & (1 << b) != 0)
-                .map(|bit| Feature {
-                    leaf,
-                    subleaf,
-                    reg,
-                    bit,
-                }),
-        );
+        out.extend(features_in(leaf, subleaf, reg, lacking));
     }
     out
 }

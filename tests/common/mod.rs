@@ -412,3 +412,72 @@ pub fn run_to_end(args: &[&str]) -> (Option<i32>, String) {
         ),
     }
 }
+
+/// A plugin built by `plugins/build.sh` into `target/plugins`.
+pub fn plugin(file: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/plugins")
+        .join(file);
+    assert!(
+        p.exists(),
+        "{} not found — build the plugins with plugins/build.sh",
+        p.display()
+    );
+    p.to_str().unwrap().to_string()
+}
+
+/// A TCP port free on loopback right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A CA and a node certificate in `dir/name`, made by `spanvmm migrate-certs`.
+pub fn certs(dir: &TempDir, name: &str) -> PathBuf {
+    let out = dir.path().join(name);
+    let (code, err) = run_to_end(&["migrate-certs", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "migrate-certs failed: {err}");
+    out
+}
+
+/// Waits until `vm`'s stderr contains `needle` `n` times.
+pub fn wait_stderr_n(vm: &VmProcess, needle: &str, n: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while vm.stderr().matches(needle).count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "waiting for {n}× {needle:?} on stderr:\n{}",
+            vm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `vm`'s stderr contains `needle`.
+pub fn wait_stderr(vm: &VmProcess, needle: &str, timeout: Duration) {
+    wait_stderr_n(vm, needle, 1, timeout)
+}
+
+/// `ctl status` as JSON.
+pub fn status(vm: &VmProcess) -> serde_json::Value {
+    let out = vm.ctl_ok(&["status"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+}
+
+/// `GET path` on a VMM's API socket, as a client other than `spanvmm ctl` (None: no answer,
+/// e.g. the process is gone).
+pub fn api_get(api: &Path, path: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(api).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()
+}
