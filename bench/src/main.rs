@@ -2,8 +2,8 @@
 //! Results are written as JSON under bench/results/.
 //!
 //! `spanvmm-bench boot [--runs N]`: wall time from process start to `SPANGUEST ready`.
-//! `spanvmm-bench live-update [--sizes 256,1024,...]`: guest pause of a VMM replacement vs
-//! QEMU's same-host migration.
+//! `spanvmm-bench live-update [--sizes 256,1024,...] [--runs N]`: replacing the VMM beneath a
+//! running guest vs QEMU's cpr-transfer (and, for reference, QEMU's copying migration).
 //! `spanvmm-bench snapshot [--sizes ...]`: full snapshot/restore vs QEMU, lazy restore, write rate.
 //! `spanvmm-bench services`: service attach/detach latency and the guest's stall meanwhile,
 //! per-event dispatch cost (no service, Wasm, native; QEMU's plain exit for reference), and
@@ -326,6 +326,7 @@ fn main() -> anyhow::Result<()> {
             &spanvmm_bin()?,
             &guest_elf()?,
             &sizes,
+            runs,
             &out.unwrap_or_else(|| repo_root().join("bench/results/live-update.json")),
         ),
         Some("chaos") => {
