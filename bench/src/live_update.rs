@@ -360,13 +360,22 @@ fn qemu_migration(elf: &Path, mem: u64) -> anyhow::Result<QemuRun> {
 /// memfd (`aux-ram-share=on`), the new QEMU started with a `main` and a `cpr` incoming channel,
 /// the old one told `mode=cpr-transfer` and `migrate` over both (QEMU 10's no-copy local live
 /// update). Each hand-over's new QEMU is the next one's source.
-struct CprChain {
+pub(crate) struct CprChain {
     child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    qmp: Qmp,
+    pub(crate) lines: Arc<Mutex<Vec<String>>>,
+    pub(crate) qmp: Qmp,
     dir: PathBuf,
     generation: u32,
     args: Vec<String>,
+}
+
+/// The next QEMU of a cpr chain, listening on its incoming channels.
+pub(crate) struct NextQemu {
+    pub(crate) child: Child,
+    pub(crate) lines: Arc<Mutex<Vec<String>>>,
+    qmp_path: PathBuf,
+    /// `migrate`'s `channels` argument that reaches it.
+    pub(crate) channels: Value,
 }
 
 impl Drop for CprChain {
@@ -383,7 +392,7 @@ fn cpr_channel(kind: &str, path: &Path) -> Value {
 }
 
 impl CprChain {
-    fn start(elf: &Path, mem: u64, vcpus: u32) -> anyhow::Result<CprChain> {
+    pub(crate) fn start(elf: &Path, mem: u64, vcpus: u32) -> anyhow::Result<CprChain> {
         let dir = std::env::temp_dir().join(format!("spanvmm-bench-cpr-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -415,11 +424,9 @@ impl CprChain {
         Ok(chain)
     }
 
-    /// One cpr-transfer to a new QEMU; the guest is left stopped in the new one.
-    fn update(&mut self, elf: &Path, mem: u64) -> anyhow::Result<Sample> {
-        self.qmp.cmd("cont", json!({}))?;
-        std::thread::sleep(SETTLE);
-        let quiet_stall_us = quiet_stall(&self.lines);
+    /// Starts the next QEMU of the chain, waiting on its incoming channels, and sets the
+    /// current one's migration mode to cpr-transfer.
+    pub(crate) fn start_next(&mut self, elf: &Path, mem: u64) -> anyhow::Result<NextQemu> {
         let next = self.generation + 1;
         let (qmp_path, main_sock, cpr_sock) = (
             self.dir.join(format!("qmp-{next}")),
@@ -436,25 +443,59 @@ impl CprChain {
         }
         self.qmp
             .cmd("migrate-set-parameters", json!({"mode": "cpr-transfer"}))?;
+        let (mut child, lines) = qemu(elf, mem, &cmdline(mem), &extra)?;
+        // The new QEMU listens on its cpr channel before anything else.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cpr_sock.exists() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the new QEMU never listened on its cpr channel");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(NextQemu {
+            child,
+            lines,
+            qmp_path,
+            channels: json!([
+                cpr_channel("main", &main_sock),
+                cpr_channel("cpr", &cpr_sock)
+            ]),
+        })
+    }
+
+    /// Where the current QEMU's migration is (`query-migrate`).
+    pub(crate) fn migration(&mut self) -> anyhow::Result<Value> {
+        self.qmp.cmd("query-migrate", json!({}))
+    }
+
+    /// Makes `next` the current QEMU and ends the old one.
+    fn advance(&mut self, next: NextQemu) -> anyhow::Result<()> {
+        let qmp = Qmp::connect(&next.qmp_path)?;
+        let mut old = std::mem::replace(&mut self.child, next.child);
+        let _ = old.kill();
+        let _ = old.wait();
+        self.qmp = qmp;
+        self.lines = next.lines;
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// One cpr-transfer to a new QEMU; the guest is left stopped in the new one.
+    fn update(&mut self, elf: &Path, mem: u64) -> anyhow::Result<Sample> {
+        self.qmp.cmd("cont", json!({}))?;
+        std::thread::sleep(SETTLE);
+        let quiet_stall_us = quiet_stall(&self.lines);
         let from = self.lines.lock().unwrap().len();
         let started = Instant::now();
-        let (mut child, lines) = qemu(elf, mem, &cmdline(mem), &extra)?;
+        let mut next = self.start_next(elf, mem)?;
         let result = (|| {
-            // The new QEMU listens on its cpr channel before anything else.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !cpr_sock.exists() {
-                if Instant::now() > deadline {
-                    bail!("the new QEMU never listened on its cpr channel");
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            self.qmp.cmd(
-                "migrate",
-                json!({"channels": [cpr_channel("main", &main_sock), cpr_channel("cpr", &cpr_sock)]}),
-            )?;
+            self.qmp
+                .cmd("migrate", json!({"channels": next.channels.clone()}))?;
             let deadline = Instant::now() + Duration::from_secs(60);
             let info = loop {
-                let info = self.qmp.cmd("query-migrate", json!({}))?;
+                let info = self.migration()?;
                 match info["status"].as_str() {
                     Some("completed") => break info,
                     Some("failed") | Some("cancelled") => bail!("cpr-transfer failed: {info}"),
@@ -464,41 +505,34 @@ impl CprChain {
             };
             let total_with_start_ms = started.elapsed().as_secs_f64() * 1e3;
             let copied = info["ram"]["transferred"].as_u64().unwrap_or(0);
+            if copied > 1 << 20 {
+                eprintln!("note: cpr-transfer sent {copied} bytes (device state only expected)");
+            }
             std::thread::sleep(AFTER);
             Ok(Sample {
                 total_ms: info["total-time"].as_f64().unwrap_or(0.0),
                 total_with_start_ms,
                 vmm_pause_ms: info["downtime"].as_f64().unwrap_or(0.0),
-                guest_stall_us: stall_since(&self.lines, from).max(stall_since(&lines, 0)),
+                guest_stall_us: stall_since(&self.lines, from).max(stall_since(&next.lines, 0)),
                 quiet_stall_us,
-                new_process_anon_mib: anon_mib(child.id()),
+                new_process_anon_mib: anon_mib(next.child.id()),
             })
-            .map(|s| (s, copied))
         })();
-        let (sample, copied) = match result {
-            Ok(r) => r,
+        let sample = match result {
+            Ok(s) => s,
             Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                let _ = next.child.kill();
+                let _ = next.child.wait();
                 return Err(e);
             }
         };
-        if copied > 1 << 20 {
-            eprintln!("note: cpr-transfer sent {copied} bytes (device state only expected)");
-        }
-        let qmp = Qmp::connect(&qmp_path)?;
-        let mut old = std::mem::replace(&mut self.child, child);
-        let _ = old.kill();
-        let _ = old.wait();
-        self.qmp = qmp;
-        self.lines = lines;
-        self.generation = next;
+        self.advance(next)?;
         self.qmp.cmd("stop", json!({}))?;
         Ok(sample)
     }
 
     /// The guest's periodic verification in the current QEMU: bad=0, or why not.
-    fn check_memory(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn check_memory(&mut self) -> anyhow::Result<()> {
         self.qmp.cmd("cont", json!({}))?;
         let from = self.lines.lock().unwrap().len();
         let deadline = Instant::now() + Duration::from_secs(120);

@@ -10,10 +10,13 @@
 //! guest throughput with a service attached but subscribed to nothing.
 //! `spanvmm-bench migration [--sizes 256,1024]`: live migration on loopback and on shaped
 //! network-namespace links (1 Gbit/s; 100 Mbit/s with 20 ms RTT through netlab's delay relay).
+//! `spanvmm-bench live-update-failures [--runs-live-update N] [--seed S]`: the new process of a
+//! live update killed at random points, spanvmm against QEMU's cpr-transfer.
 //! `spanvmm-bench chaos [--runs-precopy N ...] [--seed S]`: fault injection at scale (links cut,
 //! destinations, live updates' new processes and snapshot writers killed at random times).
 
 mod chaos;
+mod cpr_failures;
 mod harness;
 mod live_update;
 mod migration;
@@ -355,6 +358,29 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        _ => bail!("usage: spanvmm-bench boot|services|live-update|snapshot|migration|chaos [--runs N] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
+        Some("live-update-failures") => {
+            let counts = chaos::Counts {
+                precopy: 0,
+                postcopy_cut: 0,
+                postcopy_death: 0,
+                live_update: counts.live_update,
+                snapshot: 0,
+            };
+            let cfg = chaos::Config {
+                spanvmm: spanvmm_bin()?,
+                guest: guest_elf()?,
+                plugins: repo_root().join("target/plugins"),
+                counts,
+                seed: seed.unwrap_or(20261206),
+                verbose: !quiet,
+            };
+            cpr_failures::run(
+                &cfg,
+                &out.unwrap_or_else(|| {
+                    repo_root().join("bench/results/live-update-failures.json")
+                }),
+            )
+        }
+        _ => bail!("usage: spanvmm-bench boot|services|live-update|live-update-failures|snapshot|migration|chaos [--runs N] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
     }
 }
