@@ -134,6 +134,9 @@ pub struct LiveUpdateReport {
     pub restore_us: u64,
     /// From the API call to the hand-over, ms (includes the new process's start and prepare).
     pub total_ms: f64,
+    /// Of which before the pause, ms: the new process started, mapped the guest's memory and
+    /// built its VM and vCPUs while the guest ran.
+    pub prepare_ms: f64,
     /// Services handed over.
     pub services: usize,
 }
@@ -315,6 +318,7 @@ impl Preparing {
         let sock = &mut self.sock;
         // The guest stops here.
         let paused_at = Instant::now();
+        let prepare_ms = self.t0.elapsed().as_secs_f64() * 1e3;
         let operator_paused = vmm.control().operator_paused();
         let was_running = vmm
             .control()
@@ -385,6 +389,7 @@ impl Preparing {
             pause_ms: paused_at.elapsed().as_secs_f64() * 1e3,
             restore_us,
             total_ms: self.t0.elapsed().as_secs_f64() * 1e3,
+            prepare_ms,
             services: services.len(),
         })
     }

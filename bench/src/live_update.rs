@@ -57,6 +57,10 @@ struct Sample {
     /// QEMU only: from starting the new QEMU to `completed` (comparable with spanvmm's total,
     /// which includes its new process's start). spanvmm: the same as `total_ms` as the client saw it.
     total_with_start_ms: f64,
+    /// Of the total with start, the part before the guest paused: spanvmm's `prepare_ms` (new
+    /// process started, memory mapped, VM and vCPUs built); QEMU: the new QEMU's start until
+    /// it listens, plus its `total-time` before the downtime.
+    before_pause_ms: f64,
     /// The VMM's pause (spanvmm `pause_ms`, QEMU `downtime`, whole ms).
     vmm_pause_ms: f64,
     /// Largest loop gap the guest reported around the hand-over, µs (0: none above 1 ms).
@@ -90,6 +94,7 @@ struct Series {
     samples: Vec<Sample>,
     total_ms: Stat,
     total_with_start_ms: Stat,
+    before_pause_ms: Stat,
     vmm_pause_ms: Stat,
     guest_stall_us: Stat,
     quiet_stall_us: Stat,
@@ -102,6 +107,7 @@ impl Series {
         Series {
             total_ms: f(|s| s.total_ms),
             total_with_start_ms: f(|s| s.total_with_start_ms),
+            before_pause_ms: f(|s| s.before_pause_ms),
             vmm_pause_ms: f(|s| s.vmm_pause_ms),
             guest_stall_us: f(|s| s.guest_stall_us as f64),
             quiet_stall_us: f(|s| s.quiet_stall_us as f64),
@@ -166,6 +172,7 @@ fn spanvmm_update(vm: &Vm, bin: &Path) -> anyhow::Result<Sample> {
     let sample = Sample {
         total_ms: r["total_ms"].as_f64().unwrap_or(0.0),
         total_with_start_ms: client_ms,
+        before_pause_ms: r["prepare_ms"].as_f64().unwrap_or(0.0),
         vmm_pause_ms: r["pause_ms"].as_f64().unwrap_or(0.0),
         guest_stall_us: stall_since(&vm.lines, from),
         quiet_stall_us,
@@ -509,10 +516,12 @@ impl CprChain {
                 eprintln!("note: cpr-transfer sent {copied} bytes (device state only expected)");
             }
             std::thread::sleep(AFTER);
+            let downtime_ms = info["downtime"].as_f64().unwrap_or(0.0);
             Ok(Sample {
                 total_ms: info["total-time"].as_f64().unwrap_or(0.0),
                 total_with_start_ms,
-                vmm_pause_ms: info["downtime"].as_f64().unwrap_or(0.0),
+                before_pause_ms: (total_with_start_ms - downtime_ms).max(0.0),
+                vmm_pause_ms: downtime_ms,
                 guest_stall_us: stall_since(&self.lines, from).max(stall_since(&next.lines, 0)),
                 quiet_stall_us,
                 new_process_anon_mib: anon_mib(next.child.id()),
