@@ -430,6 +430,8 @@ where
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            // Its connection threads inherit this filter (they are API threads too).
+            base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Api);
             let open = Arc::new(AtomicUsize::new(0));
             for mut stream in listener.incoming().flatten() {
                 if open.load(Ordering::SeqCst) >= MAX_CONNECTIONS {

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod ctl;
+pub mod jail;
 pub mod live_update;
 pub mod logging;
 pub mod metrics;

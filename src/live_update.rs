@@ -185,6 +185,7 @@ pub fn start(
     let child = Command::new(binary)
         .args(["run", "--takeover-fd", &theirs.as_raw_fd().to_string()])
         .args(crate::logging::args())
+        .args(["--seccomp", base_vmm::seccomp::mode().name()])
         .stdin(Stdio::null())
         .process_group(0)
         .spawn()
@@ -216,6 +217,7 @@ pub fn start(
     std::thread::Builder::new()
         .name("live-update".into())
         .spawn(move || {
+            base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Helper);
             let answer = match recv(&mut sock) {
                 Ok(Msg::Ready { state_version }) if state_version == STATE_VERSION => Ok(()),
                 Ok(Msg::Ready { state_version }) => Err(format!(
@@ -302,6 +304,7 @@ impl Preparing {
                     let _ = std::thread::Builder::new()
                         .name("live-update-reaper".into())
                         .spawn(move || {
+                            base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Helper);
                             let _ = child.wait();
                         });
                 }

@@ -99,6 +99,28 @@ enum Command {
         plugin_sha256: Vec<String>,
         #[command(flatten)]
         log: logging::LogOptions,
+        /// Seccomp filters per thread: `on` (a forbidden syscall fails with EPERM and is
+        /// reported; a service that makes one is detached), `log` (allowed, logged by the
+        /// kernel: for finding what a new code path needs) or `off`.
+        #[arg(long, value_name = "on|log|off", default_value = "on", env = "SPANVMM_SECCOMP",
+              value_parser = parse_seccomp)]
+        seccomp: base_vmm::seccomp::Mode,
+        /// Confine the VMM before the guest boots: a new mount namespace whose root is DIR
+        /// (with /dev/kvm and /dev/userfaultfd made there), running as --uid/--gid. Every
+        /// other path given is then inside DIR. Needs root.
+        #[arg(long, value_name = "DIR", requires_all = ["uid", "gid"])]
+        jail: Option<PathBuf>,
+        /// With --jail: the user to run as.
+        #[arg(long, requires = "jail")]
+        uid: Option<u32>,
+        /// With --jail: the group to run as.
+        #[arg(long, requires = "jail")]
+        gid: Option<u32>,
+        /// With --jail: a cgroup of its own beneath the caller's, with these limits
+        /// (`mem=BYTES,cpu=QUOTA_US/PERIOD_US`, each optional).
+        #[arg(long, value_name = "mem=BYTES,cpu=QUOTA/PERIOD", requires = "jail",
+              value_parser = parse_limits)]
+        cgroup: Option<spanvmm::jail::Limits>,
         /// Also serve `GET /metrics` (Prometheus/OpenMetrics text) over plain HTTP on this
         /// address, e.g. 127.0.0.1:9100 (the API socket serves it too).
         #[arg(long, value_name = "HOST:PORT")]
@@ -133,6 +155,9 @@ enum Command {
         #[command(subcommand)]
         op: snapshot::OfflineOp,
     },
+    /// Print the syscalls each thread role may make (Markdown, for docs/operations.md).
+    #[command(hide = true)]
+    SeccompList,
     /// Control a running VM through its API socket.
     Ctl {
         /// The VM's API socket.
@@ -141,6 +166,14 @@ enum Command {
         #[command(subcommand)]
         op: CtlOp,
     },
+}
+
+fn parse_limits(s: &str) -> Result<spanvmm::jail::Limits, String> {
+    s.parse()
+}
+
+fn parse_seccomp(s: &str) -> Result<base_vmm::seccomp::Mode, String> {
+    s.parse()
 }
 
 fn parse_cpu_template(s: &str) -> Result<CpuTemplate, String> {
@@ -170,6 +203,11 @@ fn main() -> ExitCode {
             plugin_sha256,
             takeover_fd,
             mut log,
+            seccomp,
+            jail,
+            uid,
+            gid,
+            cgroup,
             metrics_addr,
             incoming,
             tls_dir,
@@ -196,6 +234,20 @@ fn main() -> ExitCode {
                 eprintln!("spanvmm: {e}");
                 return ExitCode::FAILURE;
             }
+            // Before any thread exists (unshare needs a single thread) and before any path of
+            // the command line is opened: they are the jail's.
+            if let Some(dir) = jail {
+                let j = spanvmm::jail::Jail {
+                    dir,
+                    uid: uid.unwrap_or_default(),
+                    gid: gid.unwrap_or_default(),
+                    limits: cgroup,
+                };
+                if let Err(e) = spanvmm::jail::enter(&j) {
+                    eprintln!("spanvmm: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            }
             let start_paused = !plugins.is_empty();
             if let Err(e) = services::set_plugin_policy(
                 &plugin_dirs,
@@ -204,6 +256,12 @@ fn main() -> ExitCode {
                 takeover_fd.is_some(),
             ) {
                 eprintln!("spanvmm: {e:#}");
+                return ExitCode::FAILURE;
+            }
+            // After parsing and logging set-up, before any other thread exists (they inherit
+            // the main thread's filter and narrow it).
+            if let Err(e) = base_vmm::seccomp::init(seccomp) {
+                eprintln!("spanvmm: {e}");
                 return ExitCode::FAILURE;
             }
             let source = match (takeover_fd, restore, kernel) {
@@ -254,6 +312,10 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::SeccompList => {
+            print!("{}", base_vmm::seccomp::markdown());
+            ExitCode::SUCCESS
         }
         Command::MigrateCerts { out } => match l1_services::migration::tls::generate(&out) {
             Ok(()) => {

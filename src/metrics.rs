@@ -89,6 +89,7 @@ impl Metrics {
         std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
+                base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Metrics);
                 for stream in listener.incoming().flatten() {
                     crate::api::serve_metrics_tcp(stream, &me);
                 }

@@ -401,7 +401,10 @@ pub(crate) fn incoming(
         let receive = move || migration::receive(listener, tls, recovery_timeout, prepared, d);
         std::thread::Builder::new()
             .name("migrate-incoming".into())
-            .spawn(move || arrive(receive, dest, &serial, events))
+            .spawn(move || {
+                base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Migration);
+                arrive(receive, dest, &serial, events)
+            })
             .context("starting the incoming migration")?
     };
     let join = |w: std::thread::JoinHandle<anyhow::Result<Vmm>>| {

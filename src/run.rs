@@ -106,6 +106,7 @@ pub fn run(
     let (vcpu_tx, vcpu_rx) = mpsc::channel::<VcpuEvent>();
     let fwd = tx.clone();
     std::thread::spawn(move || {
+        base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Helper);
         for ev in vcpu_rx {
             if fwd.send(Msg::Vcpu(ev)).is_err() {
                 break;
@@ -235,7 +236,20 @@ pub fn run(
     let mut pending_update: Option<PendingUpdate> = None;
     let mut handed_over = false;
     let mut moved_at: Option<Instant> = None;
+    let mut traps_seen = 0;
     let code = loop {
+        // Forbidden syscalls any thread made (they failed with EPERM); a service's own are
+        // also reported with its failure.
+        let (traps, last) = base_vmm::seccomp::process_traps();
+        if traps > traps_seen {
+            let nr = last.unwrap_or(-1);
+            tracing::warn!(
+                "seccomp: {} forbidden syscall(s) refused with EPERM, the last {} ({nr})",
+                traps - traps_seen,
+                base_vmm::seccomp::syscall_name(nr)
+            );
+            traps_seen = traps;
+        }
         match migrations.poll(&manager, &metrics.counters) {
             migrate::Polled::Nothing => {}
             migrate::Polled::Moved => {

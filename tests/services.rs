@@ -1038,3 +1038,33 @@ fn a_stuck_service_call_does_not_hang_the_api() {
     vm.wait_line_from(from, "SPANGUEST stat", T);
     vm.kill();
 }
+
+/// A native service that makes a syscall no spanvmm thread may make (ptrace) gets EPERM, is
+/// failed and detached with one log line naming the syscall, the service and the thread's role;
+/// the guest runs on with its memory intact and the API still answers.
+#[test]
+fn a_forbidden_syscall_fails_only_the_service_that_made_it() {
+    let mut vm = VmProcess::boot(
+        "seccomp",
+        "workload=dirty,verify mib=8 rate=5000 report_ms=200",
+        64,
+        1,
+    );
+    vm.ctl_ok(&["plugin", "attach", &plugin("libmisbehave.so")]);
+    let (ok, out) = vm.ctl(&["plugin", "call", "misbehave", "ptrace"]);
+    assert!(!ok, "a service making ptrace must be failed: {out}");
+    let line = "seccomp: service 'misbehave' (main thread) made forbidden syscall ptrace (101)";
+    assert!(out.contains(line), "{out}");
+    wait_stderr(&vm, line, T);
+    let list = vm.ctl_ok(&["plugin", "list"]);
+    assert!(
+        list.contains("\"failed\"") && list.contains("forbidden syscall ptrace"),
+        "{list}"
+    );
+    // The VMM and the guest go on.
+    vm.ctl_ok(&["status"]);
+    let from = vm.mark();
+    vm.wait_line_from(from, "SPANGUEST stat", T);
+    vm.assert_verify_clean(1);
+    vm.kill();
+}

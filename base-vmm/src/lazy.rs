@@ -160,6 +160,7 @@ impl LazyLoader {
         let thread = std::thread::Builder::new()
             .name("lazy-load".into())
             .spawn(move || {
+                crate::seccomp::enter_or_log(crate::seccomp::Role::Snapshot);
                 let fill = Fill {
                     chain: &chain,
                     uffd: &uffd,

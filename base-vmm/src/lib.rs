@@ -9,15 +9,19 @@ pub mod cpu;
 pub mod devices;
 pub mod lazy;
 pub mod memory;
+pub mod seccomp;
 pub mod snapshot;
 pub mod state;
+mod syscalls_x86_64;
 pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
 
 /// True when /dev/kvm is PVM (no hardware virtualization): guest CPL0 is emulated, interrupts
-/// cannot be delivered in long mode, and an ordinary Linux kernel cannot boot.
+/// cannot be delivered in long mode, and an ordinary Linux kernel cannot boot. Looked up once:
+/// a jailed VMM (no /sys) asks before it enters the jail.
 pub fn host_is_pvm() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
+    static PVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PVM.get_or_init(|| std::path::Path::new("/sys/module/kvm_pvm").exists())
 }

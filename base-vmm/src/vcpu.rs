@@ -487,6 +487,9 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                // Before the guest runs anything: guest exits and the services they reach run
+                // under the vCPU filter.
+                crate::seccomp::enter_or_log(crate::seccomp::Role::Vcpu);
                 let mut t = VcpuThread {
                     vcpu: self,
                     bus,

@@ -1179,27 +1179,31 @@ impl ServiceManager {
         let weak = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("service-writes".into())
-            .spawn(move || loop {
-                let Some(m) = weak.upgrade() else { return };
-                let q = m.async_delivery.get().expect("set above");
-                let slots = {
-                    let p = lock(&q.pending);
-                    let mut p = q
-                        .wake
-                        .wait_timeout(p, ASYNC_DRAIN_PERIOD)
-                        .map(|(g, _)| g)
-                        .unwrap_or_else(|e| e.into_inner().0);
-                    std::mem::take(&mut *p)
-                };
-                if slots.is_empty() && Arc::strong_count(&m) == 1 {
-                    return; // the manager is gone but for us
-                }
-                for slot in slots {
-                    let mut inst = lock(&slot.inst);
-                    m.drain_deferred(&slot, &mut inst);
-                    drop(inst);
-                    if slot.failure.get().is_some() {
-                        m.sweep_soon();
+            .spawn(move || {
+                // Services' code runs here: the service filter, before the first delivery.
+                base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Service);
+                loop {
+                    let Some(m) = weak.upgrade() else { return };
+                    let q = m.async_delivery.get().expect("set above");
+                    let slots = {
+                        let p = lock(&q.pending);
+                        let mut p = q
+                            .wake
+                            .wait_timeout(p, ASYNC_DRAIN_PERIOD)
+                            .map(|(g, _)| g)
+                            .unwrap_or_else(|e| e.into_inner().0);
+                        std::mem::take(&mut *p)
+                    };
+                    if slots.is_empty() && Arc::strong_count(&m) == 1 {
+                        return; // the manager is gone but for us
+                    }
+                    for slot in slots {
+                        let mut inst = lock(&slot.inst);
+                        m.drain_deferred(&slot, &mut inst);
+                        drop(inst);
+                        if slot.failure.get().is_some() {
+                            m.sweep_soon();
+                        }
                     }
                 }
             })
@@ -1272,7 +1276,16 @@ impl ServiceManager {
             None => Err(ServiceError::NotFound(name.into())),
             Some(b) => {
                 slot.calls.fetch_add(1, Ordering::Relaxed);
-                match b.call(method, args) {
+                let traps = base_vmm::seccomp::thread_traps();
+                let r = b.call(method, args);
+                // A forbidden syscall failed with EPERM inside the service: it is not trusted
+                // with the VM any longer, whatever it answered.
+                let r =
+                    match base_vmm::seccomp::forbidden_since(traps, &format!("service '{name}'")) {
+                        Some(why) => Err(Fatal(why)),
+                        None => r,
+                    };
+                match r {
                     Ok(Ok(out)) => Ok(out),
                     Ok(Err(msg)) => Err(ServiceError::Call {
                         name: name.into(),
@@ -1310,6 +1323,7 @@ impl ServiceManager {
         slot.ctx.in_vcpu_event.store(vcpu_event, Ordering::Relaxed);
         // Time one event in TIME_SAMPLE: two clock reads cost about as much as a native call.
         let n = slot.events.fetch_add(1, Ordering::Relaxed);
+        let traps = base_vmm::seccomp::thread_traps();
         let r = if n.is_multiple_of(TIME_SAMPLE) {
             let t = Instant::now();
             let r = b.on_event(ev);
@@ -1321,6 +1335,13 @@ impl ServiceManager {
             b.on_event(ev)
         };
         slot.ctx.in_vcpu_event.store(false, Ordering::Relaxed);
+        let r = match base_vmm::seccomp::forbidden_since(
+            traps,
+            &format!("service '{}'", slot.name()),
+        ) {
+            Some(why) => Err(Fatal(why)),
+            None => r,
+        };
         match r {
             Ok(reply) => Delivery::Done(reply),
             Err(Fatal(reason)) => {

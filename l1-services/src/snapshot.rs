@@ -131,6 +131,7 @@ impl SnapshotEngine {
         std::thread::Builder::new()
             .name("snapshot-writer".into())
             .spawn(move || {
+                base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Snapshot);
                 let mut writer = Some(writer);
                 for cmd in rx {
                     let failed = lock(&st).error.is_some();
@@ -188,6 +189,7 @@ impl SnapshotEngine {
         std::thread::Builder::new()
             .name("snapshot-merge".into())
             .spawn(move || {
+                base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Snapshot);
                 let r = merge_chain(&req);
                 let mut s = lock(&st);
                 s.pending = 0;

@@ -168,6 +168,7 @@ impl WasmRuntime {
         let thread = std::thread::Builder::new()
             .name("wasm-epoch".into())
             .spawn(move || {
+                base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Service);
                 while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(tick) {
                     e2.increment_epoch();
                 }

@@ -95,6 +95,19 @@ impl VmProcess {
     pub fn start_wrapped(tag: &str, wrapper: &[&str], args: &[&str]) -> Self {
         let dir = TempDir::new(tag);
         let api = dir.path().join("api.sock");
+        Self::start_full(dir, wrapper, args, api.clone(), api)
+    }
+
+    /// Like [`VmProcess::start`] for a VMM that sees its file system elsewhere (a jail): it is
+    /// given `--api-socket api_arg`, the test reaches the socket at `api`; `dir` is the scratch
+    /// directory the test keeps with the process.
+    pub fn start_full(
+        dir: TempDir,
+        wrapper: &[&str],
+        args: &[&str],
+        api_arg: PathBuf,
+        api: PathBuf,
+    ) -> Self {
         let mut cmd = match wrapper.split_first() {
             Some((prog, rest)) => {
                 let mut c = Command::new(prog);
@@ -107,7 +120,7 @@ impl VmProcess {
             .arg("run")
             .args(args)
             .args(["--serial", "stdout", "--api-socket"])
-            .arg(&api)
+            .arg(&api_arg)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -201,7 +201,10 @@ impl Acceptor {
         let d = done.clone();
         std::thread::Builder::new()
             .name("migrate-accept".into())
-            .spawn(move || accept_loop(listener, tls, resume, mem, tx, d))
+            .spawn(move || {
+                base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Migration);
+                accept_loop(listener, tls, resume, mem, tx, d)
+            })
             .map_err(|e| format!("cannot start the migration listener: {e}"))?;
         Ok(Acceptor { found, done })
     }
@@ -296,6 +299,7 @@ fn accept_loop(
         let spawned = std::thread::Builder::new()
             .name("migrate-handshake".into())
             .spawn(move || {
+                base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Migration);
                 match handshake(sock, peer, tls, resume, mem) {
                     Ok(c) if done.load(Ordering::Acquire) => turn_away(c),
                     Ok(c) => {
@@ -397,6 +401,7 @@ impl PreparedRam {
         let ready = std::thread::Builder::new()
             .name("populate-ram".into())
             .spawn(move || {
+                base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Migration);
                 let _ = ram.populate(0, ram.size());
                 on_ready();
                 ram
@@ -689,6 +694,7 @@ impl PageWriter {
         let thread = std::thread::Builder::new()
             .name("migrate-write".into())
             .spawn(move || {
+                base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Migration);
                 let pages = ram.size() / PAGE as u64;
                 let mut written = vec![0u64; pages.div_ceil(64) as usize];
                 for (buf, payload) in rx {
@@ -852,6 +858,7 @@ fn release(ram: Arc<GuestRam>, vm: Option<base_vmm::vmm::PreparedVm>) {
     let _ = std::thread::Builder::new()
         .name("release-ram".into())
         .spawn(move || {
+            base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Migration);
             drop(vm);
             let pages = ram.size() / PAGE as u64;
             let mut p = 0;
@@ -988,7 +995,10 @@ impl Arrived {
             let link = self.link.take();
             std::thread::Builder::new()
                 .name("migrate-postcopy".into())
-                .spawn(move || pc.run(link, load_us))
+                .spawn(move || {
+                    base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Migration);
+                    pc.run(link, load_us)
+                })
                 .map_err(|e| format!("cannot start the post-copy thread: {e}"))?;
             return Ok(self.dest.clone());
         }

@@ -215,6 +215,7 @@ impl MigrationSource {
         std::thread::Builder::new()
             .name("migrate-send".into())
             .spawn(move || {
+                base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Migration);
                 let mut sender = Sender {
                     src: &s,
                     cfg,

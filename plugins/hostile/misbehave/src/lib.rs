@@ -6,7 +6,8 @@
 //!   `loop` (never returns), `alloc` (allocates until refused), `oob` (reads past guest RAM and
 //!   reports what the host said), `big-read` (asks for more than 1 MiB), `write` (writes memory
 //!   without the capability), `panic`, `pause` (pauses and resumes the VM), `writes` (how many
-//!   port writes it saw).
+//!   port writes it saw), `ptrace` (native only: makes the ptrace syscall, which no spanvmm
+//!   thread may make, and reports what it returned).
 //!
 //! It always claims port 0x6f0.
 
@@ -17,6 +18,33 @@ struct Misbehave {
     mode: String,
     writes: u64,
     hoard: Vec<Vec<u8>>,
+}
+
+/// ptrace(PTRACE_PEEKDATA, 1, 0, 0), raw: harmless where it is allowed (it fails, pid 1 is not
+/// our tracee), and forbidden by every spanvmm seccomp filter. Returns the raw result.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn ptrace_syscall() -> i64 {
+    let ret: i64;
+    // SAFETY: a syscall with plain integer arguments; it reads no memory of ours.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") 101i64 => ret,
+            in("rdi") 2i64,
+            in("rsi") 1i64,
+            in("rdx") 0i64,
+            in("r10") 0i64,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn ptrace_syscall() -> i64 {
+    -38 // ENOSYS: a Wasm component cannot make syscalls at all
 }
 
 fn spin() -> ! {
@@ -90,6 +118,7 @@ impl Service for Misbehave {
                 Ok("{}".into())
             }
             "writes" => Ok(self.writes.to_string()),
+            "ptrace" => Ok(format!("{{\"ptrace\": {}}}", ptrace_syscall())),
             // What a service logs reaches the VMM's log under its name.
             "log" => {
                 host::log(spanvmm_sdk::LogLevel::Warn, args);

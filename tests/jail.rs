@@ -1,0 +1,165 @@
+//! `spanvmm run --jail`: a VMM confined before its guest boots (new mount namespace rooted in
+//! the jail directory, an unprivileged uid/gid, a cgroup with memory and CPU limits).
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+const UID: u32 = 65534;
+const GID: u32 = 65534;
+
+/// The group path of `pid` in the hierarchy holding `controller` ("" for v2), from
+/// /proc/PID/cgroup.
+fn group_of(pid: u32, controller: &str) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    s.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, c, p) = (f.next()?, f.next()?, f.next()?);
+        let hit = if controller.is_empty() {
+            c.is_empty()
+        } else {
+            c.split(',').any(|x| x == controller)
+        };
+        hit.then(|| p.to_string())
+    })
+}
+
+fn v2_has_memory_and_cpu() -> bool {
+    std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|c| c.contains("memory") && c.contains("cpu"))
+}
+
+#[test]
+fn a_jailed_vm_boots_as_its_user_in_its_root_and_cgroup() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "the jail test needs root (it sets the jail up)");
+    let dir = TempDir::new("jail");
+    let jail = dir.path().join("root");
+    std::fs::create_dir(&jail).unwrap();
+    std::fs::copy(guest_elf(), jail.join("spanguest.elf")).unwrap();
+    // The VMM (as UID) makes its API socket in the jail's root.
+    std::os::unix::fs::chown(&jail, Some(UID), Some(GID)).unwrap();
+    let mem_limit: u64 = 512 << 20;
+    let jail_s = jail.to_str().unwrap().to_string();
+    let cgroup = format!("mem={mem_limit},cpu=150000/100000");
+    let mut vm = VmProcess::start_full(
+        dir,
+        &[],
+        &[
+            "--jail",
+            &jail_s,
+            "--uid",
+            &UID.to_string(),
+            "--gid",
+            &GID.to_string(),
+            "--cgroup",
+            &cgroup,
+            "--kernel",
+            "/spanguest.elf",
+            "--cmdline",
+            "workload=dirty,verify mib=8 rate=5000 report_ms=200",
+            "--memory",
+            "64",
+        ],
+        "/api.sock".into(),
+        jail.join("api.sock"),
+    );
+    vm.wait_line("SPANGUEST ready", Duration::from_secs(60));
+    let pid = vm.first_pid();
+
+    // Its user and group.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ids = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap()
+    };
+    assert_eq!(ids("Uid:"), vec![UID.to_string(); 4], "{status}");
+    assert_eq!(ids("Gid:"), vec![GID.to_string(); 4], "{status}");
+    assert!(
+        status.contains("CapEff:\t0000000000000000"),
+        "capabilities left: {status}"
+    );
+    // Its root is the jail: the same directory, and the host's files are not there.
+    let root = std::fs::metadata(format!("/proc/{pid}/root/")).unwrap();
+    let host = std::fs::metadata(&jail).unwrap();
+    assert_eq!((root.dev(), root.ino()), (host.dev(), host.ino()));
+    assert!(Path::new(&format!("/proc/{pid}/root/spanguest.elf")).exists());
+    assert!(!Path::new(&format!("/proc/{pid}/root/etc")).exists());
+    // Its cgroup has the limits.
+    if v2_has_memory_and_cpu() {
+        let g = group_of(pid, "").unwrap();
+        assert!(g.ends_with(&format!("spanvmm-{pid}")), "{g}");
+        let base = Path::new("/sys/fs/cgroup").join(g.trim_start_matches('/'));
+        let mem = std::fs::read_to_string(base.join("memory.max")).unwrap();
+        assert_eq!(mem.trim(), mem_limit.to_string());
+        let cpu = std::fs::read_to_string(base.join("cpu.max")).unwrap();
+        assert_eq!(cpu.trim(), "150000 100000");
+    } else {
+        let g = group_of(pid, "memory").unwrap();
+        assert!(g.ends_with(&format!("spanvmm-{pid}")), "{g}");
+        let mem = Path::new("/sys/fs/cgroup/memory").join(g.trim_start_matches('/'));
+        let limit = std::fs::read_to_string(mem.join("memory.limit_in_bytes")).unwrap();
+        assert_eq!(limit.trim(), mem_limit.to_string());
+        let g = group_of(pid, "cpu").unwrap();
+        assert!(g.ends_with(&format!("spanvmm-{pid}")), "{g}");
+        let cpu = Path::new("/sys/fs/cgroup/cpu").join(g.trim_start_matches('/'));
+        let quota = std::fs::read_to_string(cpu.join("cpu.cfs_quota_us")).unwrap();
+        let period = std::fs::read_to_string(cpu.join("cpu.cfs_period_us")).unwrap();
+        assert_eq!((quota.trim(), period.trim()), ("150000", "100000"));
+    }
+    // The API socket made inside the jail answers from the host; the guest is intact.
+    vm.ctl_ok(&["status"]);
+    let from = vm.mark();
+    vm.wait_line_from(from, "SPANGUEST stat", T);
+    vm.assert_verify_clean(1);
+    vm.ctl_ok(&["shutdown"]);
+    assert_eq!(vm.wait_exit(T), Some(0));
+    // The groups outlive the process (it cannot remove them): the operator does.
+    for c in ["memory", "cpu"] {
+        if let Some(g) = group_of(std::process::id(), c) {
+            let _ = std::fs::remove_dir(
+                Path::new("/sys/fs/cgroup")
+                    .join(c)
+                    .join(g.trim_start_matches('/'))
+                    .join(format!("spanvmm-{pid}")),
+            );
+        }
+    }
+}
+
+#[test]
+fn a_jail_that_cannot_be_made_fails_start_up_with_the_step_named() {
+    let (code, out) = run_to_end(&[
+        "run",
+        "--jail",
+        "/nonexistent-jail",
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--kernel",
+        "/spanguest.elf",
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("--jail /nonexistent-jail"), "{out}");
+    let (code, out) = run_to_end(&[
+        "run", "--jail", "/tmp", "--uid", "65534", "--gid", "65534", "--cgroup", "mem=1",
+        "--kernel", "/x",
+    ]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("at least 16 MiB"), "{out}");
+}
