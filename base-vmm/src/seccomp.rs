@@ -13,7 +13,9 @@
 //! whole `spanvmm` test suite with `--seccomp log` and reading the kernel's audit records
 //! (`dmesg | grep type=1326`, the thread's name in `comm`); that run found the API threads'
 //! `clone3`/`set_robust_list`/`geteuid`, the lazy loader's `setpriority`, the snapshot
-//! engine's `rmdir` and what a live update's new binary needs right after `execve`.
+//! engine's `rmdir` and what a live update's new binary (and a wrapper script around it) needs
+//! right after `execve`. The kernel rate-limits those records (`kauditd_printk_skb: N callbacks
+//! suppressed`): set `kernel.printk_ratelimit=0` while collecting.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -307,6 +309,8 @@ const MAIN_ONLY: &[&str] = &[
     "set_tid_address",
     "getppid",
     "getpgid",
+    "getpgrp",
+    "chdir",
     "dup2",
 ];
 
