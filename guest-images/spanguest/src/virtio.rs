@@ -169,7 +169,7 @@ impl Error {
     /// A short description for the `error` line.
     pub fn what(&self) -> &'static str {
         match self {
-            Error::NoDevice => "no virtio-blk device on the command line",
+            Error::NoDevice => "no virtio 1.x (modern) block device among virtio_mmio.device=",
             Error::Features => "the virtio-blk device refused virtio 1.x features",
             Error::Queue => "the virtio-blk device has no usable queue 0",
             Error::Timeout => "a virtio-blk request did not complete",

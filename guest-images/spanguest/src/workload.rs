@@ -102,8 +102,16 @@ pub fn finish() -> ! {
 
 /// Finds and opens the disk for the `disk` workload (vCPU 0), or stops the guest saying why.
 fn open_disk(cfg: &Config, clock: Clock) -> Disk {
-    let disk = Disk::open(cfg, clock.hz())
-        .unwrap_or_else(|e| crate::fail(Line::new("error").text("disk:").text(e.what())));
+    let disk = Disk::open(cfg, clock.hz()).unwrap_or_else(|e| {
+        let mut line = Line::new("error")
+            .text("disk:")
+            .text(e.what())
+            .num("devices", cfg.devices_n as u64);
+        for d in &cfg.devices[..cfg.devices_n] {
+            line = line.hex("at", d.addr);
+        }
+        crate::fail(line)
+    });
     let blk = disk.blk();
     Line::new("blk")
         .hex("addr", blk.base())
