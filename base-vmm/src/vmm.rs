@@ -738,6 +738,15 @@ fn build_virtio(
                     virtio::MAX_DEVICES
                 )));
             }
+            // One memslot from 0: RAM reaching the windows would hide them from the guest.
+            if !disks.is_empty() && ram.size() > virtio::MMIO_BASE {
+                return Err(VmmError::Config(format!(
+                    "--disk needs --memory below {} MiB: the virtio windows sit at {:#x}, \
+                     inside the guest's RAM otherwise",
+                    virtio::MMIO_BASE >> 20,
+                    virtio::MMIO_BASE
+                )));
+            }
             for (i, d) in disks.iter().enumerate() {
                 let blk = Block::open(d).map_err(|e| VmmError::Config(e.to_string()))?;
                 transports.push(MmioTransport::new(
