@@ -239,6 +239,22 @@ fn bad_disk_specs_and_missing_files_fail_before_the_guest_boots() {
         assert!(err.contains(why), "{spec}: {err}");
         assert!(!err.contains("SPANGUEST"), "the guest ran: {err}");
     }
+    // RAM reaching the virtio windows would hide them (one memslot from 0).
+    let img = image(&dir, "ok.img", 1);
+    let (code, err) = run_to_end(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "4096",
+        "--disk",
+        &format!("path={}", s(&img)),
+    ]);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains("--disk needs --memory below 4075 MiB"),
+        "{err}"
+    );
 }
 
 #[test]
