@@ -722,16 +722,29 @@ pub(crate) mod tests {
         w(AVAIL + 4, &0u16.to_le_bytes());
         w(AVAIL + 2, &1u16.to_le_bytes());
         w(0x9100, &[0xee]);
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        t.set_irq(irq.try_clone().unwrap());
         wr(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         let mut st = [0u8];
         ram.read(0x9100, &mut st).unwrap();
         assert_eq!(st[0], S_OK);
         assert_eq!(rd(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        assert_eq!(irq.read().unwrap(), 1);
+        // Not acknowledged: the next completion raises no new edge (a polling guest).
+        w(AVAIL + 6, &0u16.to_le_bytes());
+        w(AVAIL + 2, &2u16.to_le_bytes());
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert!(irq.read().is_err(), "no second interrupt before the ack");
         wr(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
         assert_eq!(rd(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        w(AVAIL + 8, &0u16.to_le_bytes());
+        w(AVAIL + 2, &3u16.to_le_bytes());
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(irq.read().unwrap(), 1, "acknowledged: a new interrupt");
+        wr(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, 1);
         // The state round-trips, and refuses a disk of another size.
         let s = t.state();
-        assert_eq!(s.transport.queues[0].next_used, 1);
+        assert_eq!(s.transport.queues[0].next_used, 3);
         let again = Block::open(&cfg(&img, false)).unwrap();
         let t2 = MmioTransport::restore(Box::new(again), ram.clone(), &s).unwrap();
         assert_eq!(t2.state().transport, s.transport);

@@ -277,8 +277,12 @@ impl MmioTransport {
             }
         }
         if used {
+            // Level semantics over an edge irqfd: a new edge only when the driver acknowledged
+            // the last one. A polling guest that never acknowledges (spanguest on PVM) then
+            // costs one injection in all, not one per request.
+            let raise = self.regs.interrupt_status & VIRTIO_MMIO_INT_VRING == 0;
             self.regs.interrupt_status |= VIRTIO_MMIO_INT_VRING;
-            if let Some(irq) = &self.irq {
+            if let (true, Some(irq)) = (raise, &self.irq) {
                 // See kick(): overflow means an interrupt is pending already.
                 let _ = irq.write(1);
             }
