@@ -310,8 +310,11 @@ fn a_disk_on_shared_storage_moves_with_a_migration() {
     );
     let mut src = boot("blk-mig-src", GUEST, &[format!("path={}", s(&img))]);
     wait_disk_writes(&src, 200);
+    let report = tmp.path().join("report.json");
     src.ctl_ok(&[
         "migrate",
+        "--report",
+        s(&report),
         "--to",
         &addr,
         "--plugin",
