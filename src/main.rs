@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use base_vmm::boot::EntryPreference;
 use base_vmm::cpu::CpuTemplate;
+use base_vmm::devices::virtio::BlockConfig;
 use base_vmm::vmm::VmConfig;
 use clap::{Parser, Subcommand, ValueEnum};
 use spanvmm::ctl::{self, CtlOp};
@@ -143,6 +144,13 @@ enum Command {
         #[arg(long, value_name = "NAME", value_parser = parse_cpu_template,
               conflicts_with_all = ["restore", "standby", "incoming", "takeover_fd"])]
         cpu_template: Option<CpuTemplate>,
+        /// A virtio-blk disk: `path=FILE[,readonly=on][,direct=on]` (a raw image; repeat for
+        /// several). Announced to the guest on its command line as microvm does
+        /// (`virtio_mmio.device=512@ADDR:IRQ`). Boot only: a restored, migrated or
+        /// live-updated VM reopens its disks by path.
+        #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk,
+              conflicts_with_all = ["restore", "standby", "incoming", "takeover_fd"])]
+        disks: Vec<BlockConfig>,
     },
     /// Make the TLS material for migration: a CA and a node certificate signed by it.
     MigrateCerts {
@@ -174,6 +182,10 @@ fn parse_limits(s: &str) -> Result<spanvmm::jail::Limits, String> {
 
 fn parse_seccomp(s: &str) -> Result<base_vmm::seccomp::Mode, String> {
     s.parse()
+}
+
+fn parse_disk(s: &str) -> Result<BlockConfig, String> {
+    BlockConfig::parse(s)
 }
 
 fn parse_cpu_template(s: &str) -> Result<CpuTemplate, String> {
@@ -213,6 +225,7 @@ fn main() -> ExitCode {
             tls_dir,
             recovery_timeout_ms,
             cpu_template,
+            disks,
         } => {
             let id = log
                 .id
@@ -296,6 +309,7 @@ fn main() -> ExitCode {
                     // Services given with --plugin attach before the guest's first instruction.
                     start_paused,
                     cpu_template: cpu_template.unwrap_or_default(),
+                    disks,
                 }),
                 (None, None, None) => unreachable!("clap requires --kernel without --restore"),
             };

@@ -199,6 +199,9 @@ pub fn manager_for(vmm: &Vmm) -> anyhow::Result<Arc<ServiceManager>> {
     for (base, len) in vmm.bus().owned_ranges() {
         manager.reserve_ports(base, len, "spanvmm (built-in device)")?;
     }
+    for (base, len) in vmm.bus().owned_mmio() {
+        manager.reserve_mmio(base, len, "spanvmm (virtio device)")?;
+    }
     vmm.bus()
         .set_hook(Arc::new(ServiceIo(manager.clone())))
         .map_err(anyhow::Error::msg)?;

@@ -1856,6 +1856,7 @@ pub(crate) fn test_vm_state(mem_bytes: u64) -> VmState {
         devices: DeviceStates {
             serial: Default::default(),
             pv: Default::default(),
+            virtio: Vec::new(),
         },
         api_secrets: Vec::new(),
         cpu: None,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::cpu::CpuModel;
 use crate::devices::pv::PvState;
 use crate::devices::serial::SerialDeviceState;
+use crate::devices::virtio::VirtioDeviceState;
 use crate::vcpu::VcpuState;
 use crate::vm::VmKvmState;
 
@@ -45,6 +46,9 @@ pub struct DeviceStates {
     pub serial: SerialDeviceState,
     /// spanguest's paravirtual device.
     pub pv: PvState,
+    /// Virtio devices, by slot (none in files written before they existed).
+    #[serde(default)]
+    pub virtio: Vec<VirtioDeviceState>,
 }
 
 /// What the VM was built from (kept for restore and for information).

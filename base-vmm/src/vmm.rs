@@ -16,6 +16,10 @@ use crate::devices::pv::{
     GuestCommand, PvDevice, PvState, PV_BASE, PV_LEN, PV_SECRET_BASE, PV_SECRET_LEN,
 };
 use crate::devices::serial::{self, SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
+use crate::devices::virtio::{
+    self, event_loop::EventLoop, Block, BlockConfig, DeviceConfig, DeviceInfo, MmioTransport,
+    VirtioDeviceState,
+};
 use crate::devices::{lock, IoBus};
 use crate::lazy::{FirstTouch, LazyLoader, LazyProgress, Paging};
 use crate::memory::GuestRam;
@@ -107,6 +111,9 @@ pub struct VmConfig {
     pub start_paused: bool,
     /// The CPU the guest is given: everything the host offers, or a portable baseline.
     pub cpu_template: CpuTemplate,
+    /// virtio-blk disks, in slot order from [`virtio::MMIO_BASE`] up; each is announced on
+    /// the command line (`virtio_mmio.device=`).
+    pub disks: Vec<BlockConfig>,
 }
 
 /// Run state as the API reports it.
@@ -152,6 +159,8 @@ pub struct VmStatus {
     pub in_doubt: Option<String>,
     /// The CPU the guest was given: template, vendor, family/model, feature bits.
     pub cpu: CpuSummary,
+    /// Virtio devices.
+    pub devices: Vec<DeviceInfo>,
 }
 
 /// Whether the vCPUs run, and who may run them again.
@@ -182,6 +191,8 @@ pub struct VmControl {
     cpu: CpuModel,
     serial: Arc<Mutex<SerialDevice>>,
     pv: Arc<Mutex<PvDevice>>,
+    /// Virtio devices: paused with the vCPUs, saved with them.
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
     /// Secret regions registered through the API, `(gpa, len)`.
     secrets: Mutex<Vec<(u64, u64)>>,
     /// How many times the guest was paused (by the API, a save, a live update, a service).
@@ -225,6 +236,10 @@ impl VmControl {
         for v in lock(&self.vcpus).iter() {
             v.pause()?;
         }
+        // After the vCPUs: no new notification comes in; a request being served completes.
+        for d in &self.virtio {
+            lock(d).set_paused(true);
+        }
         state.run = RunState::Paused;
         self.pauses
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -249,6 +264,9 @@ impl VmControl {
     fn resume_locked(&self, state: &mut RunCtl) -> Result<bool, VmmError> {
         if state.run == RunState::Running {
             return Ok(false);
+        }
+        for d in &self.virtio {
+            lock(d).set_paused(false);
         }
         for v in lock(&self.vcpus).iter() {
             v.resume()?;
@@ -368,6 +386,7 @@ impl VmControl {
             devices: DeviceStates {
                 serial: lock(&self.serial).state(),
                 pv: lock(&self.pv).state.clone(),
+                virtio: self.virtio.iter().map(|d| lock(d).state()).collect(),
             },
             api_secrets: lock(&self.secrets).clone(),
             cpu: Some(self.cpu.clone()),
@@ -386,6 +405,11 @@ impl VmControl {
                 self.ram.size()
             ))),
         }
+    }
+
+    /// The virtio devices as `GET /vm` shows them.
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        self.virtio.iter().map(|d| lock(d).info()).collect()
     }
 
     /// Secret regions, `(gpa, len)`: registered through the API and by the guest.
@@ -465,6 +489,8 @@ impl PreparedVm {
             Some(&state.devices.serial),
             self.machine.tsc_khz,
             state.devices.pv.clone(),
+            Virtio::Restore(&state.devices.virtio),
+            start_paused,
         )?;
         let handles = self
             .vcpus
@@ -657,6 +683,8 @@ impl StandbyVm {
 /// A running VM.
 pub struct Vmm {
     ctl: Arc<VmControl>,
+    /// Serves the virtio devices' notifications (stopped when the VM is dropped).
+    _virtio_loop: Option<EventLoop>,
     bus: Arc<IoBus>,
     pv: Arc<Mutex<PvDevice>>,
     machine: MachineConfig,
@@ -670,7 +698,113 @@ pub struct Vmm {
 struct Devices {
     serial: Arc<Mutex<SerialDevice>>,
     pv: Arc<Mutex<PvDevice>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    virtio_loop: Option<EventLoop>,
     bus: Arc<IoBus>,
+}
+
+/// The virtio devices to build: fresh disks, or the devices of a saved VM.
+enum Virtio<'a> {
+    Fresh(&'a [BlockConfig]),
+    Restore(&'a [VirtioDeviceState]),
+}
+
+fn kvm_io(what: String) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |e| VmmError::Io {
+        what,
+        err: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+/// The virtio devices of a VM and the loop serving them.
+type VirtioSet = (Vec<Arc<Mutex<MmioTransport>>>, Option<EventLoop>);
+
+/// Builds the virtio devices, puts them on the bus and gives each its irqfd (when the VM has
+/// an irqchip) and its QueueNotify ioeventfd; returns them with the event loop serving them.
+fn build_virtio(
+    vm: &Vm,
+    bus: &mut IoBus,
+    which: Virtio,
+    start_paused: bool,
+) -> Result<VirtioSet, VmmError> {
+    let ram = vm.ram().clone();
+    let mut transports = Vec::new();
+    match which {
+        Virtio::Fresh(disks) => {
+            if disks.len() > virtio::MAX_DEVICES {
+                return Err(VmmError::Config(format!(
+                    "{} disks: at most {} virtio devices",
+                    disks.len(),
+                    virtio::MAX_DEVICES
+                )));
+            }
+            // One memslot from 0: RAM reaching the windows would hide them from the guest.
+            if !disks.is_empty() && ram.size() > virtio::MMIO_BASE {
+                return Err(VmmError::Config(format!(
+                    "--disk needs --memory below {} MiB: the virtio windows sit at {:#x}, \
+                     inside the guest's RAM otherwise",
+                    virtio::MMIO_BASE >> 20,
+                    virtio::MMIO_BASE
+                )));
+            }
+            for (i, d) in disks.iter().enumerate() {
+                let blk = Block::open(d).map_err(|e| VmmError::Config(e.to_string()))?;
+                transports.push(MmioTransport::new(
+                    Box::new(blk),
+                    ram.clone(),
+                    virtio::slot_addr(i),
+                    virtio::slot_gsi(i),
+                ));
+            }
+        }
+        Virtio::Restore(saved) => {
+            for s in saved {
+                // The disk is the user's file, on storage both hosts share: opened by path.
+                let DeviceConfig::Block(cfg) = &s.config;
+                let blk = Block::open(cfg).map_err(|e| VmmError::Config(e.to_string()))?;
+                let mut t = MmioTransport::restore(Box::new(blk), ram.clone(), s)
+                    .map_err(|e| VmmError::Config(e.to_string()))?;
+                // The process that saved it may have taken a notification it did not serve.
+                t.mark_pending();
+                transports.push(t);
+            }
+        }
+    }
+    let mut served = Vec::new();
+    let mut shared = Vec::new();
+    for mut t in transports {
+        let (base, gsi) = (t.base(), t.gsi());
+        if vm.has_irqchip() {
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("virtio irqfd"))?;
+            vm.fd().register_irqfd(&irq, gsi).map_err(kvm_io(format!(
+                "KVM_IRQFD for the virtio device at {base:#x}"
+            )))?;
+            t.set_irq(irq);
+        }
+        let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("virtio ioeventfd"))?;
+        let at = kvm_ioctls::IoEventAddress::Mmio(
+            base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY),
+        );
+        vm.fd()
+            .register_ioevent(&notify, &at, kvm_ioctls::NoDatamatch)
+            .map_err(kvm_io(format!(
+                "KVM_IOEVENTFD for the virtio device at {base:#x}"
+            )))?;
+        t.set_notify(notify.try_clone().map_err(io_err("virtio ioeventfd"))?);
+        // Paused with the vCPUs; a restored device looks at its queues once running.
+        t.set_paused(start_paused);
+        let t = Arc::new(Mutex::new(t));
+        bus.insert_mmio(base, virtio::MMIO_SIZE, t.clone())
+            .map_err(|e| VmmError::Config(e.to_string()))?;
+        served.push((t.clone(), notify));
+        shared.push(t);
+    }
+    let event_loop = if served.is_empty() {
+        None
+    } else {
+        Some(EventLoop::start(served).map_err(io_err("virtio event loop"))?)
+    };
+    Ok((shared, event_loop))
 }
 
 fn build_devices(
@@ -679,6 +813,8 @@ fn build_devices(
     serial_state: Option<&serial::SerialDeviceState>,
     tsc_khz: u32,
     pv_state: PvState,
+    virtio: Virtio,
+    start_paused: bool,
 ) -> Result<Devices, VmmError> {
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial eventfd"))?;
     if vm.has_irqchip() {
@@ -707,9 +843,12 @@ fn build_devices(
     let kbd = Arc::new(Mutex::new(I8042));
     bus.insert(DATA_PORT, 1, kbd.clone()).map_err(conflict)?;
     bus.insert(COMMAND_PORT, 1, kbd).map_err(conflict)?;
+    let (virtio, virtio_loop) = build_virtio(vm, &mut bus, virtio, start_paused)?;
     Ok(Devices {
         serial,
         pv,
+        virtio,
+        virtio_loop,
         bus: Arc::new(bus),
     })
 }
@@ -726,10 +865,19 @@ impl Vmm {
         check_memory_mib(cfg.mem_mib)?;
         let ram = Arc::new(GuestRam::new(cfg.mem_mib << 20)?);
         let vm = Vm::new(ram.clone())?;
+        // Devices are announced the way microvm announces them, so that one guest (spanguest
+        // or Linux) finds them under both VMMs.
+        let cmdline = if cfg.disks.is_empty() {
+            cfg.cmdline.clone()
+        } else {
+            format!("{} {}", cfg.cmdline, virtio::cmdline_words(cfg.disks.len()))
+                .trim_start()
+                .to_string()
+        };
         let entry = boot::load_kernel(
             &ram,
             &cfg.kernel,
-            &cfg.cmdline,
+            &cmdline,
             cfg.initrd.as_deref(),
             cfg.entry,
         )?;
@@ -765,12 +913,20 @@ impl Vmm {
             v.configure_boot(&entry, cfg.vcpus)?;
         }
         let tsc_khz = vcpus[0].tsc_khz()?;
-        let dev = build_devices(&vm, &cfg.serial, None, tsc_khz, PvState::default())?;
+        let dev = build_devices(
+            &vm,
+            &cfg.serial,
+            None,
+            tsc_khz,
+            PvState::default(),
+            Virtio::Fresh(&cfg.disks),
+            cfg.start_paused,
+        )?;
         let machine = MachineConfig {
             mem_bytes: ram.size(),
             vcpus: cfg.vcpus,
             tsc_khz,
-            cmdline: cfg.cmdline.clone(),
+            cmdline,
         };
         let handles = vcpus
             .into_iter()
@@ -911,10 +1067,12 @@ impl Vmm {
                 cpu,
                 serial: dev.serial.clone(),
                 pv: dev.pv.clone(),
+                virtio: dev.virtio,
                 secrets: Mutex::new(Vec::new()),
                 pauses: Default::default(),
                 dirty_harvested: Default::default(),
             }),
+            _virtio_loop: dev.virtio_loop,
             bus: dev.bus,
             pv: dev.pv,
             machine,
@@ -951,6 +1109,7 @@ impl Vmm {
             operator_paused: self.ctl.operator_paused(),
             in_doubt: self.ctl.in_doubt(),
             cpu: self.ctl.cpu.summary(),
+            devices: self.ctl.devices(),
         }
     }
 

@@ -371,6 +371,8 @@ struct Control {
     failed: VecDeque<ServiceInfo>,
     /// Ports owned by the VMM's own devices.
     reserved: Vec<(PortRange, String)>,
+    /// MMIO windows owned by the VMM's own devices (virtio).
+    reserved_mmio: Vec<(MmioRange, String)>,
     next_id: u64,
 }
 
@@ -639,14 +641,41 @@ impl ServiceManager {
     }
 
     fn taken_mmio(c: &Control) -> Vec<(MmioRange, String)> {
-        Self::taken_mmio_of(&c.services)
+        Self::taken_mmio_of(&c.reserved_mmio, &c.services)
     }
 
-    fn taken_mmio_of(services: &[Arc<Slot>]) -> Vec<(MmioRange, String)> {
-        services
-            .iter()
-            .flat_map(|s| s.mmio.iter().map(|r| (*r, format!("service {}", s.name()))))
-            .collect()
+    fn taken_mmio_of(
+        reserved: &[(MmioRange, String)],
+        services: &[Arc<Slot>],
+    ) -> Vec<(MmioRange, String)> {
+        let mut taken = reserved.to_vec();
+        taken.extend(
+            services
+                .iter()
+                .flat_map(|s| s.mmio.iter().map(|r| (*r, format!("service {}", s.name())))),
+        );
+        taken
+    }
+
+    /// Reserves an MMIO window for the VMM's own devices (the virtio devices), so no service
+    /// can claim it; a conflict names both owners.
+    pub fn reserve_mmio(&self, base: u64, len: u64, owner: &str) -> Result<(), ServiceError> {
+        let range = MmioRange::new(base, len);
+        let mut c = self.control();
+        self.sweep(&mut c);
+        if let Some((owned, who)) = Self::taken_mmio(&c)
+            .into_iter()
+            .find(|(r, _)| r.overlaps(&range))
+        {
+            return Err(ServiceError::MmioConflict {
+                claimant: owner.to_string(),
+                range,
+                owner: who,
+                owned,
+            });
+        }
+        c.reserved_mmio.push((range, owner.to_string()));
+        Ok(())
     }
 
     /// Reserves ports for the VMM's own devices (e.g. `"vmm:serial"`), so no service can claim
@@ -774,7 +803,7 @@ impl ServiceManager {
                 });
             }
         }
-        let taken = Self::taken_mmio_of(&others);
+        let taken = Self::taken_mmio_of(&c.reserved_mmio, &others);
         for range in &m.mmio {
             if let Some((owned, owner)) = taken.iter().find(|(r, _)| r.overlaps(range)) {
                 return Err(ServiceError::MmioConflict {

@@ -233,6 +233,24 @@ fn mmio_claims_inside_ram_or_overlapping_are_refused() {
 }
 
 #[test]
+fn a_virtio_devices_window_cannot_be_claimed() {
+    let (_ram, m) = manager();
+    m.reserve_mmio(0xfeb0_0000, 0x200, "spanvmm (virtio device)")
+        .unwrap();
+    let cfg = r#"{"mmio_base": "0xfeb00100", "mmio_len": 16}"#;
+    let err = m.attach(&native("exit-stats"), cfg).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("virtio device"), "{msg}");
+    assert!(m.list().is_empty());
+    // Next to it is free.
+    let cfg = r#"{"mmio_base": "0xfeb00200", "mmio_len": 16}"#;
+    m.attach(&native("exit-stats"), cfg).unwrap();
+    assert!(m
+        .reserve_mmio(0xfeb0_0200, 0x200, "spanvmm (virtio device)")
+        .is_err());
+}
+
+#[test]
 fn conflicting_claims_are_refused_naming_both() {
     let (_ram, m) = manager();
     m.attach(&wasm("exit-stats"), STATS).unwrap();

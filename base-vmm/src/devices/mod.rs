@@ -1,8 +1,9 @@
-//! Port-I/O devices and the bus that routes guest port and MMIO accesses to them.
+//! Port-I/O and MMIO devices and the bus that routes guest port and MMIO accesses to them.
 
 pub mod i8042;
 pub mod pv;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -31,14 +32,31 @@ pub trait PioDevice: Send {
 /// A shared device on the bus.
 pub type SharedDevice = Arc<Mutex<dyn PioDevice>>;
 
+/// A device reached through guest-physical addresses outside RAM.
+pub trait MmioDevice: Send {
+    /// The guest loads `data.len()` bytes at `offset` into the device's window.
+    fn mmio_read(&mut self, offset: u64, data: &mut [u8]);
+    /// The guest stores `data` at `offset` into the device's window.
+    fn mmio_write(&mut self, offset: u64, data: &[u8]);
+}
+
+/// A shared MMIO device on the bus.
+pub type SharedMmioDevice = Arc<Mutex<dyn MmioDevice>>;
+
 struct Range {
     base: u16,
     len: u16,
     dev: SharedDevice,
 }
 
-/// Ports no built-in device owns, and every MMIO access (guest-physical addresses outside RAM;
-/// spanvmm has no built-in MMIO device), are offered to a hook: the service layer plugs in
+struct MmioRange {
+    base: u64,
+    len: u64,
+    dev: SharedMmioDevice,
+}
+
+/// Ports no built-in device owns, and every MMIO access no built-in device (the virtio
+/// devices) owns, are offered to a hook: the service layer plugs in
 /// here, so services can claim ports and MMIO ranges at run time. Returning false means "not
 /// mine either".
 pub trait IoHook: Send + Sync {
@@ -52,12 +70,12 @@ pub trait IoHook: Send + Sync {
     fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool;
 }
 
-/// Routes port accesses to the device owning the port, then to the hook; MMIO accesses go to
-/// the hook. Ports and addresses nobody owns read as all-ones and ignore writes, as on real
-/// hardware.
+/// Routes port and MMIO accesses to the device owning the port or address, then to the hook.
+/// Ports and addresses nobody owns read as all-ones and ignore writes, as on real hardware.
 #[derive(Default)]
 pub struct IoBus {
     ranges: Vec<Range>,
+    mmio: Vec<MmioRange>,
     /// Set once, after the VM is built (services need the VM to exist first).
     hook: OnceLock<Arc<dyn IoHook>>,
     /// VM exits of every vCPU, by kind (for metrics).
@@ -139,7 +157,50 @@ pub struct PortConflict {
     pub len: u16,
 }
 
+/// An MMIO window overlaps one already on the bus.
+#[derive(Debug, thiserror::Error)]
+#[error("MMIO window {base:#x}+{len:#x} overlaps a window already on the bus")]
+pub struct MmioConflict {
+    /// First address.
+    pub base: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
 impl IoBus {
+    /// Adds `dev` for guest-physical addresses `[base, base+len)`.
+    pub fn insert_mmio(
+        &mut self,
+        base: u64,
+        len: u64,
+        dev: SharedMmioDevice,
+    ) -> Result<(), MmioConflict> {
+        let end = base.checked_add(len).filter(|_| len > 0);
+        match end {
+            Some(end)
+                if !self
+                    .mmio
+                    .iter()
+                    .any(|r| base < r.base + r.len && r.base < end) =>
+            {
+                self.mmio.push(MmioRange { base, len, dev });
+                Ok(())
+            }
+            _ => Err(MmioConflict { base, len }),
+        }
+    }
+
+    fn find_mmio(&self, addr: u64) -> Option<(&SharedMmioDevice, u64)> {
+        self.mmio
+            .iter()
+            .find(|r| addr >= r.base && addr - r.base < r.len)
+            .map(|r| (&r.dev, addr - r.base))
+    }
+
+    /// The MMIO windows built-in devices own, for the service layer to keep off them.
+    pub fn owned_mmio(&self) -> Vec<(u64, u64)> {
+        self.mmio.iter().map(|r| (r.base, r.len)).collect()
+    }
     /// Adds `dev` for ports `[base, base+len)`.
     pub fn insert(&mut self, base: u16, len: u16, dev: SharedDevice) -> Result<(), PortConflict> {
         let end = base as u32 + len as u32;
@@ -202,6 +263,9 @@ impl IoBus {
 
     /// A guest load from `addr`, outside RAM.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if let Some((dev, offset)) = self.find_mmio(addr) {
+            return lock(dev).mmio_read(offset, data);
+        }
         if !self.hook.get().is_some_and(|h| h.mmio_read(addr, data)) {
             data.fill(0xff)
         }
@@ -209,6 +273,9 @@ impl IoBus {
 
     /// A guest store to `addr`, outside RAM.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some((dev, offset)) = self.find_mmio(addr) {
+            return lock(dev).mmio_write(offset, data);
+        }
         if let Some(h) = self.hook.get() {
             h.mmio_write(addr, data);
         }

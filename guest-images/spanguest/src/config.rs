@@ -14,8 +14,10 @@ pub const ZERO: u32 = 1 << 4;
 pub const EXITS: u32 = 1 << 5;
 /// MMIO-write storm (measured like `exits`).
 pub const MMIO: u32 = 1 << 6;
+/// Write, flush and re-read disk blocks on the first virtio-blk device.
+pub const DISK: u32 = 1 << 7;
 
-const WORKLOADS: [(&str, u32); 7] = [
+const WORKLOADS: [(&str, u32); 8] = [
     ("idle", IDLE),
     ("dirty", DIRTY),
     ("verify", VERIFY),
@@ -23,7 +25,13 @@ const WORKLOADS: [(&str, u32); 7] = [
     ("zero", ZERO),
     ("exits", EXITS),
     ("mmio", MMIO),
+    ("disk", DISK),
 ];
+
+/// Most `virtio_mmio.device=` words kept.
+pub const MAX_DEVICES: usize = crate::virtio::MAX_DEVICES;
+/// Largest `disk_mib` (the generation array is static).
+pub const MAX_DISK_MIB: u64 = 256;
 
 /// Largest `mib` accepted: the static page tables map 64 GiB.
 const MAX_MIB: u64 = 64 << 10;
@@ -59,6 +67,16 @@ pub struct Config {
     pub tsc_khz: Option<u64>,
     /// Non-zero: fill a 16 KiB secret area and register it with the VMM (snapshot tests).
     pub secret: u64,
+    /// `disk`: MiB of the disk the workload writes (from its start).
+    pub disk_mib: u64,
+    /// `disk`: blocks written per second; 0 = flat out.
+    pub disk_rate: u64,
+    /// `disk`: blocks written between flushes; 0 = never flush.
+    pub disk_flush: u64,
+    /// Virtio-mmio devices from `virtio_mmio.device=` (the first `devices_n`).
+    pub devices: [crate::virtio::MmioDev; MAX_DEVICES],
+    /// How many of `devices` are set.
+    pub devices_n: usize,
 }
 
 impl Default for Config {
@@ -78,6 +96,11 @@ impl Default for Config {
             exits: 100_000,
             duration_ms: 0,
             tsc_khz: None,
+            disk_mib: 16,
+            disk_rate: 1000,
+            disk_flush: 64,
+            devices: [crate::virtio::MmioDev { addr: 0 }; MAX_DEVICES],
+            devices_n: 0,
         }
     }
 }
@@ -137,6 +160,17 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
             cfg.workloads = workloads(value)?;
             continue;
         }
+        if key == b"virtio_mmio.device" {
+            let dev = crate::virtio::parse_device(value).ok_or(CmdlineError {
+                what: "bad virtio_mmio.device=",
+                token,
+            })?;
+            if cfg.devices_n < MAX_DEVICES {
+                cfg.devices[cfg.devices_n] = dev;
+                cfg.devices_n += 1;
+            }
+            continue;
+        }
         let slot: &mut u64 = match key {
             b"mib" => &mut cfg.mib,
             b"wss" => cfg.wss.insert(0),
@@ -151,6 +185,9 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
             b"duration_ms" => &mut cfg.duration_ms,
             b"tsc_khz" => cfg.tsc_khz.insert(0),
             b"secret" => &mut cfg.secret,
+            b"disk_mib" => &mut cfg.disk_mib,
+            b"disk_rate" => &mut cfg.disk_rate,
+            b"disk_flush" => &mut cfg.disk_flush,
             _ => continue,
         };
         *slot = number(value).ok_or(CmdlineError {
@@ -167,6 +204,9 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
     }
     if cfg.wss.is_some_and(|w| w > cfg.mib) || cfg.shared_mib.is_some_and(|s| s > cfg.mib) {
         return bad("wss= and shared_mib= must not exceed mib=");
+    }
+    if cfg.disk_mib == 0 || cfg.disk_mib > MAX_DISK_MIB {
+        return bad("disk_mib= must be in 1..256");
     }
     if cfg.tsc_khz == Some(0) || cfg.exits == 0 {
         return bad("tsc_khz= and exits= must not be 0");

@@ -11,9 +11,11 @@
 mod arch;
 mod config;
 mod console;
+mod disk;
 mod memory;
 mod pv;
 mod tsc;
+mod virtio;
 mod workload;
 
 use core::cell::UnsafeCell;

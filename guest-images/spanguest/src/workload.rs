@@ -8,8 +8,9 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::arch::{outl, rdtsc};
-use crate::config::{Config, DIRTY, EXITS, MMIO, VERIFY, ZERO};
+use crate::config::{Config, DIRTY, DISK, EXITS, MMIO, VERIFY, ZERO};
 use crate::console::Line;
+use crate::disk::Disk;
 use crate::memory::{self, Layout, SHARED_SEED, WORDS};
 use crate::pv;
 use crate::tsc::Clock;
@@ -99,6 +100,34 @@ pub fn finish() -> ! {
     })
 }
 
+/// Finds and opens the disk for the `disk` workload (vCPU 0), or stops the guest saying why.
+fn open_disk(cfg: &Config, clock: Clock) -> Disk {
+    let disk = Disk::open(cfg, clock.hz()).unwrap_or_else(|e| {
+        let mut line = Line::new("error")
+            .text("disk:")
+            .text(e.what())
+            .num("devices", cfg.devices_n as u64);
+        for d in &cfg.devices[..cfg.devices_n] {
+            line = line.hex("at", d.addr);
+        }
+        crate::fail(line)
+    });
+    let blk = disk.blk();
+    Line::new("blk")
+        .hex("addr", blk.base())
+        .num("sectors", blk.sectors)
+        .num("blocks", disk.blocks)
+        .num("readonly", u64::from(blk.readonly))
+        .num("flush", u64::from(blk.flush))
+        .emit();
+    disk
+}
+
+/// Stops the guest after a disk request that never completed.
+fn disk_failed(e: crate::virtio::Error) -> ! {
+    crate::fail(Line::new("error").text("disk:").text(e.what()))
+}
+
 /// A verification pass in progress over this vCPU's pages.
 struct Pass {
     /// Index into `Worker::owned`.
@@ -110,6 +139,10 @@ struct Pass {
     first_bad: Option<u64>,
     /// Asked through the mailbox (so it counts towards `REQ_DONE`).
     on_demand: bool,
+    /// Next disk block to check (vCPU 0, after its pages).
+    disk_next: u64,
+    disk_ok: u64,
+    disk_bad: u64,
     /// TSC when the pass started.
     started: u64,
 }
@@ -123,6 +156,9 @@ impl Pass {
             bad: 0,
             first_bad: None,
             on_demand,
+            disk_next: 0,
+            disk_ok: 0,
+            disk_bad: 0,
             started: rdtsc(),
         }
     }
@@ -163,6 +199,14 @@ struct Worker {
     handled: u64,
     /// vCPU 0: TSC at which to power off.
     deadline: Option<u64>,
+    /// vCPU 0 with `disk`: the disk.
+    disk: Option<Disk>,
+    /// `disk` writes per second; `None` = flat out.
+    disk_rate: Option<u64>,
+    disk_t0: u64,
+    disk_used: u64,
+    /// Blocks moved at the last `disk` report, and when.
+    disk_last: (u64, u64),
 }
 
 impl Worker {
@@ -209,6 +253,14 @@ impl Worker {
             pending: None,
             handled: 0,
             deadline: None,
+            disk: (cpu == 0 && cfg.has(DISK)).then(|| open_disk(cfg, clock)),
+            disk_rate: match cfg.disk_rate {
+                0 => None,
+                r => Some(r),
+            },
+            disk_t0: 0,
+            disk_used: 0,
+            disk_last: (0, 0),
         }
     }
 
@@ -314,6 +366,8 @@ impl Worker {
         self.dirty_t0 = start;
         self.next_report = start + self.report_every;
         self.next_verify = start + self.verify_every;
+        self.disk_t0 = start;
+        self.disk_last = (0, start);
         if self.cpu == 0 && cfg.duration_ms > 0 {
             self.deadline = Some(start + self.clock.ms(cfg.duration_ms));
         }
@@ -365,6 +419,11 @@ impl Worker {
             if cfg.has(DIRTY) {
                 busy |= self.dirty_chunk(now);
             }
+            if self.disk.is_some() {
+                let (more, waited) = self.disk_chunk(now);
+                busy |= more;
+                excused += waited;
+            }
             if self.cpu == 0 {
                 excused += self.maybe_ack();
             }
@@ -388,15 +447,71 @@ impl Worker {
             }
     }
 
-    fn report(&self) -> u64 {
-        self.out(
+    fn report(&mut self) -> u64 {
+        let mut waited = self.out(
             Line::new("stat")
                 .num("cpu", self.cpu)
                 .num("gen", u64::from(self.last_gen))
                 .num("pages", self.pages)
                 .num("dirtied", self.dirtied)
                 .num("max_stall_us", self.clock.to_us(self.max_stall)),
-        )
+        );
+        if let Some(d) = &self.disk {
+            let c = d.counts;
+            let now = rdtsc();
+            let moved = c.writes + c.reads;
+            let (last, then) = self.disk_last;
+            let us = self.clock.to_us(now.wrapping_sub(then)).max(1);
+            let kib_s = (moved - last) * (crate::virtio::BLOCK as u64 / 1024) * 1_000_000 / us;
+            self.disk_last = (moved, now);
+            waited += self.out(
+                Line::new("disk")
+                    .num("writes", c.writes)
+                    .num("reads", c.reads)
+                    .num("errors", c.errors)
+                    .num("flushes", c.flushes)
+                    .num("kib_s", kib_s),
+            );
+        }
+        waited
+    }
+
+    /// Writes the disk blocks due at `disk_rate` (all it can in one chunk if flat out).
+    /// Returns whether more work is due right away, and the time spent waiting for the device
+    /// in requests shorter than the stall threshold (the guest's own work, not a stall; a
+    /// longer one, as across a pause, still shows as a stall).
+    fn disk_chunk(&mut self, now: u64) -> (bool, u64) {
+        let allowed = match self.disk_rate {
+            None => u64::MAX,
+            Some(rate) => {
+                let elapsed = u128::from(now.wrapping_sub(self.disk_t0));
+                let due = (elapsed * u128::from(rate) / u128::from(self.clock.hz())) as u64;
+                // After a stall, no burst: at most ~10 ms worth of catching up.
+                let backlog = (rate / 100).max(4);
+                self.disk_used = self.disk_used.max(due.saturating_sub(backlog));
+                due.saturating_sub(self.disk_used)
+            }
+        };
+        let Some(disk) = self.disk.as_mut() else {
+            return (false, 0);
+        };
+        let end_tsc = now + self.chunk_ticks;
+        let (mut n, mut waited) = (0, 0);
+        let mut t = rdtsc();
+        while n < allowed {
+            disk.write_next().unwrap_or_else(|e| disk_failed(e));
+            n += 1;
+            let done = rdtsc();
+            if done - t < self.stall_ticks {
+                waited += done - t;
+            }
+            t = done;
+            if done >= end_tsc {
+                break;
+            }
+        }
+        self.disk_used += n;
+        (self.disk_rate.is_none() || n < allowed, waited)
     }
 
     /// Rewrites the pages due at this vCPU's rate (all it can in one chunk if flat out).
@@ -468,16 +583,49 @@ impl Worker {
                 return 0;
             }
         }
+        // Then the disk (vCPU 0): every written block read back and checked.
+        let mut waited = 0;
+        if let Some(disk) = self.disk.as_mut() {
+            while pass.disk_next < disk.blocks {
+                let t = rdtsc();
+                let checked = disk
+                    .check(pass.disk_next)
+                    .unwrap_or_else(|e| disk_failed(e));
+                let took = rdtsc() - t;
+                if took < self.stall_ticks {
+                    waited += took;
+                }
+                match checked {
+                    Some(true) => pass.disk_ok += 1,
+                    Some(false) => {
+                        pass.disk_bad += 1;
+                        // Block numbers are told apart from page addresses by the top bit.
+                        pass.first_bad.get_or_insert(1 << 63 | pass.disk_next);
+                    }
+                    None => {}
+                }
+                pass.disk_next += 1;
+                if rdtsc() >= end_tsc {
+                    self.pass = Some(pass);
+                    return waited;
+                }
+            }
+        }
         let mut line = Line::new("verify")
             .num("cpu", self.cpu)
             .num("ok", pass.ok)
-            .num("bad", pass.bad)
+            .num("bad", pass.bad + pass.disk_bad)
             .num("ms", self.clock.to_ms(rdtsc().wrapping_sub(pass.started)));
+        if self.plan.cfg.has(DISK) {
+            line = line
+                .num("disk_ok", pass.disk_ok)
+                .num("disk_bad", pass.disk_bad);
+        }
         if let Some(addr) = pass.first_bad {
             BAD_SEEN.store(true, Ordering::Relaxed);
             line = line.hex("first_bad", addr);
         }
-        let waited = self.out(line);
+        waited += self.out(line);
         if pass.on_demand {
             REQ_DONE.fetch_add(1, Ordering::Release);
         }
