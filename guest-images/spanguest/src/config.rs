@@ -59,6 +59,12 @@ pub struct Config {
     pub tsc_khz: Option<u64>,
     /// Non-zero: fill a 16 KiB secret area and register it with the VMM (snapshot tests).
     pub secret: u64,
+    /// Non-zero: unique-region pages repeat their content every `repeat` pages (the same
+    /// bytes at the same generation: redundancy a migration cache finds).
+    pub repeat: u64,
+    /// Non-zero: `dirty`'s rate varies over time, a phase of `vary_ms` each at 1, 1/4, 2
+    /// and 1/2 times `rate`, in turn (a kernel compile's bursts).
+    pub vary_ms: u64,
 }
 
 impl Default for Config {
@@ -74,6 +80,8 @@ impl Default for Config {
             report_ms: 1000,
             verify_ms: 0,
             secret: 0,
+            repeat: 0,
+            vary_ms: 0,
             stall_us: 5000,
             exits: 100_000,
             duration_ms: 0,
@@ -151,6 +159,8 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
             b"duration_ms" => &mut cfg.duration_ms,
             b"tsc_khz" => cfg.tsc_khz.insert(0),
             b"secret" => &mut cfg.secret,
+            b"repeat" => &mut cfg.repeat,
+            b"vary_ms" => &mut cfg.vary_ms,
             _ => continue,
         };
         *slot = number(value).ok_or(CmdlineError {
