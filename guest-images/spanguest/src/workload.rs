@@ -239,7 +239,10 @@ impl Worker {
         if k < lay.shared {
             (k, SHARED_SEED)
         } else if repeat > 0 {
-            (lay.data_base / 4096 + lay.shared + (k - lay.shared) % repeat, self.plan.cfg.seed)
+            (
+                lay.data_base / 4096 + lay.shared + (k - lay.shared) % repeat,
+                self.plan.cfg.seed,
+            )
         } else {
             (lay.data_base / 4096 + k, self.plan.cfg.seed)
         }

@@ -256,9 +256,8 @@ impl Policy {
         if !self.cfg.smart_stop {
             return false;
         }
-        let stop = self.searching
-            && !self.recent.is_empty()
-            && self.recent.iter().all(|&r| remaining < r);
+        let stop =
+            self.searching && !self.recent.is_empty() && self.recent.iter().all(|&r| remaining < r);
         if !self.searching && remaining > self.round_pages {
             self.searching = true;
             info(&format!(
