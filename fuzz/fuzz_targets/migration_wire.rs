@@ -24,7 +24,27 @@ fn check(ty: u8, payload: &[u8]) {
             let words = (p.span as usize).div_ceil(64);
             assert_eq!((p.present.len(), p.zero.len()), (words, words));
             assert!(p.zero.iter().zip(&p.present).all(|(z, q)| z & !q == 0));
-            assert_eq!(p.data.len(), (ones(&p.present) - ones(&p.zero)) * PAGE);
+            if p.codec == wire::CODEC_RAW {
+                assert_eq!(p.data.len(), (ones(&p.present) - ones(&p.zero)) * PAGE);
+            } else {
+                // `cnet` data is variable; its decoder must refuse or fill the pages exactly.
+                assert_eq!(p.codec, wire::CODEC_CNET);
+                let mut dec = l1_services::migration::cnet::Decoder::default();
+                let mut data = p.data;
+                let mut page = vec![0u8; PAGE];
+                for i in 0..ones(&p.present) - ones(&p.zero) {
+                    let mut held = |o: &mut [u8]| -> Result<(), String> {
+                        o.fill(0);
+                        Ok(())
+                    };
+                    if dec
+                        .decode_page(i as u64, &mut data, &mut held, &mut page)
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
         }
     }
     match decoded {

@@ -168,6 +168,7 @@ impl NativeService {
             migration_switch_over: h_migration_switch_over,
             migration_take_faults: h_migration_take_faults,
             migration_progress: h_migration_progress,
+            migration_set_encoding: h_migration_set_encoding,
         });
         loaded.push((id, "?".into()));
         Ok(NativeService {
@@ -697,6 +698,26 @@ unsafe extern "C" fn h_migration_queue_range(
     let r = with_ctx(ctx, Err(PANIC.into()), |c| {
         c.migration("queue-range")?
             .queue_range(first, count, urgent != 0, round)
+    });
+    report(err, unit(r))
+}
+
+unsafe extern "C" fn h_migration_set_encoding(
+    ctx: *mut c_void,
+    redundancy: u32,
+    deltas: u32,
+    cache_bytes: u64,
+    blocks: u32,
+    err: *const Sink,
+) -> i32 {
+    let enc = crate::migration::cnet::Encoding {
+        redundancy: redundancy != 0,
+        deltas: deltas != 0,
+        cache_bytes,
+        blocks,
+    };
+    let r = with_ctx(ctx, Err(PANIC.into()), |c| {
+        c.migration("set-encoding")?.set_encoding(enc)
     });
     report(err, unit(r))
 }

@@ -638,6 +638,16 @@ impl wm::Host for StoreState {
         self.timed(|c| c.migration_harvest())
     }
 
+    fn set_encoding(&mut self, e: wm::Encoding) -> Result<(), String> {
+        let enc = crate::migration::cnet::Encoding {
+            redundancy: e.redundancy,
+            deltas: e.deltas,
+            cache_bytes: e.cache_bytes,
+            blocks: e.blocks,
+        };
+        self.timed(|c| c.migration("set-encoding")?.set_encoding(enc))
+    }
+
     fn queue_pages(&mut self, bitmap: Vec<u64>, round: u32) -> Result<u64, String> {
         self.timed(|c| c.migration("queue-pages")?.queue_bitmap(&bitmap, round))
     }

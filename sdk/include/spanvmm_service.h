@@ -199,6 +199,10 @@ typedef struct spanvmm_host {
     int32_t (*migration_take_faults)(void *ctx, const spanvmm_sink *out); /* u64 words */
     int32_t (*migration_progress)(void *ctx, spanvmm_migration_status *out,
                                   const spanvmm_sink *failure, const spanvmm_sink *err);
+    /* appended: CloudNet's page encodings, present when size covers it */
+    int32_t (*migration_set_encoding)(void *ctx, uint32_t redundancy, uint32_t deltas,
+                                      uint64_t cache_bytes, uint32_t blocks,
+                                      const spanvmm_sink *err);
 } spanvmm_host;
 
 /* ---- exported by the service ---- */

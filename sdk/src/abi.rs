@@ -289,6 +289,16 @@ pub struct HostVtable {
         failure: *const Sink,
         err: *const Sink,
     ) -> i32,
+    // Appended: CloudNet's page encodings, present when `size` covers it.
+    /// Chooses the page encodings (`redundancy`, `deltas`: 0/1).
+    pub migration_set_encoding: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        redundancy: u32,
+        deltas: u32,
+        cache_bytes: u64,
+        blocks: u32,
+        err: *const Sink,
+    ) -> i32,
 }
 
 /// `spanvmm_layer_options`: strings are UTF-8 pointer + length; a null pointer is "none".

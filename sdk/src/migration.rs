@@ -54,6 +54,19 @@ pub struct Progress {
     pub error: Option<String>,
 }
 
+/// CloudNet's page encodings (`set_encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encoding {
+    /// Content-based redundancy elimination.
+    pub redundancy: bool,
+    /// XOR + run-length deltas of pages sent before.
+    pub deltas: bool,
+    /// Size of each cache, bytes.
+    pub cache_bytes: u64,
+    /// Blocks per page for redundancy elimination: 1, 2, 4, 8 or 16.
+    pub blocks: u32,
+}
+
 #[cfg(target_arch = "wasm32")]
 mod imp {
     use super::*;
@@ -61,6 +74,14 @@ mod imp {
 
     pub fn harvest_dirty() -> Result<Vec<u64>, String> {
         m::harvest_dirty()
+    }
+    pub fn set_encoding(e: Encoding) -> Result<(), String> {
+        m::set_encoding(m::Encoding {
+            redundancy: e.redundancy,
+            deltas: e.deltas,
+            cache_bytes: e.cache_bytes,
+            blocks: e.blocks,
+        })
     }
     pub fn queue_pages(bitmap: &[u64], round: u32) -> Result<u64, String> {
         m::queue_pages(bitmap, round)
@@ -109,6 +130,9 @@ mod imp {
     pub fn harvest_dirty() -> Result<Vec<u64>, String> {
         n::migration_harvest_dirty()
     }
+    pub fn set_encoding(e: Encoding) -> Result<(), String> {
+        n::migration_set_encoding(e.redundancy, e.deltas, e.cache_bytes, e.blocks)
+    }
     pub fn queue_pages(bitmap: &[u64], round: u32) -> Result<u64, String> {
         n::migration_queue_pages(bitmap, round)
     }
@@ -146,6 +170,12 @@ mod imp {
             error,
         })
     }
+}
+
+/// Chooses CloudNet's page encodings for this migration, once, before the first page is
+/// queued (both ends' caches start empty together).
+pub fn set_encoding(e: Encoding) -> Result<(), String> {
+    imp::set_encoding(e)
 }
 
 /// Pages dirtied since the previous call, counted into the migration's dirty rate

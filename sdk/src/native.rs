@@ -508,6 +508,26 @@ pub(crate) mod imports {
             .map(|b| abi::bytes_to_words(&b))
     }
 
+    pub fn migration_set_encoding(
+        redundancy: bool,
+        deltas: bool,
+        cache_bytes: u64,
+        blocks: u32,
+    ) -> Result<(), String> {
+        let h = host_fn!(migration_set_encoding, "set-encoding")?;
+        // SAFETY: as above.
+        unit(with_sink(|s| unsafe {
+            (h.migration_set_encoding)(
+                h.ctx,
+                redundancy as u32,
+                deltas as u32,
+                cache_bytes,
+                blocks,
+                s,
+            )
+        }))
+    }
+
     pub fn migration_queue_pages(bitmap: &[u64], round: u32) -> Result<u64, String> {
         let h = host_fn!(migration_queue_pages, "queue-pages")?;
         let mut queued = 0u64;

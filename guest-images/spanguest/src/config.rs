@@ -77,6 +77,12 @@ pub struct Config {
     pub devices: [crate::virtio::MmioDev; MAX_DEVICES],
     /// How many of `devices` are set.
     pub devices_n: usize,
+    /// Non-zero: unique-region pages repeat their content every `repeat` pages (the same
+    /// bytes at the same generation: redundancy a migration cache finds).
+    pub repeat: u64,
+    /// Non-zero: `dirty`'s rate varies over time, a phase of `vary_ms` each at 1, 1/4, 2
+    /// and 1/2 times `rate`, in turn (a kernel compile's bursts).
+    pub vary_ms: u64,
 }
 
 impl Default for Config {
@@ -92,6 +98,8 @@ impl Default for Config {
             report_ms: 1000,
             verify_ms: 0,
             secret: 0,
+            repeat: 0,
+            vary_ms: 0,
             stall_us: 5000,
             exits: 100_000,
             duration_ms: 0,
@@ -188,6 +196,8 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
             b"disk_mib" => &mut cfg.disk_mib,
             b"disk_rate" => &mut cfg.disk_rate,
             b"disk_flush" => &mut cfg.disk_flush,
+            b"repeat" => &mut cfg.repeat,
+            b"vary_ms" => &mut cfg.vary_ms,
             _ => continue,
         };
         *slot = number(value).ok_or(CmdlineError {

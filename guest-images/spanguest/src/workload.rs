@@ -38,6 +38,8 @@ const SLEEP_US: u32 = 1000;
 const LONG_STALL_US: u64 = 50_000;
 /// Most time one work chunk (dirty, verify or exits) takes per loop iteration.
 const CHUNK_US: u64 = 200;
+/// `vary_ms`: the dirty rate's phases, in quarters of `rate`.
+const VARY_QUARTERS: [u64; 4] = [4, 1, 8, 2];
 
 static POPULATED_CPUS: AtomicU64 = AtomicU64::new(0);
 static POPULATED_PAGES: AtomicU64 = AtomicU64::new(0);
@@ -184,6 +186,9 @@ struct Worker {
     dirty_used: u64,
     cursor: u64,
     dirtied: u64,
+    /// `vary_ms`: TSC of the last dirty chunk, and touches due since then × TSC Hz.
+    vary_last: u64,
+    vary_credit: u128,
     last_gen: u32,
     pass: Option<Pass>,
     verify_every: u64,
@@ -237,6 +242,8 @@ impl Worker {
             dirty_used: 0,
             cursor: 0,
             dirtied: 0,
+            vary_last: 0,
+            vary_credit: 0,
             last_gen: 1,
             pass: None,
             verify_every: if cfg.has(VERIFY) {
@@ -280,8 +287,14 @@ impl Worker {
     /// the fixed seed (same bytes in every VM), the others their guest-physical page number.
     fn ident(&self, k: u64) -> (u64, u64) {
         let lay = self.layout();
+        let repeat = self.plan.cfg.repeat;
         if k < lay.shared {
             (k, SHARED_SEED)
+        } else if repeat > 0 {
+            (
+                lay.data_base / 4096 + lay.shared + (k - lay.shared) % repeat,
+                self.plan.cfg.seed,
+            )
         } else {
             (lay.data_base / 4096 + k, self.plan.cfg.seed)
         }
@@ -522,9 +535,26 @@ impl Worker {
         if len == 0 {
             return false;
         }
+        let vary_ms = self.plan.cfg.vary_ms;
         let allowed = match self.rate {
             None => u64::MAX,
             Some(0) => return false,
+            Some(rate) if vary_ms > 0 => {
+                // The rate of the current phase, accrued since the last chunk: a constant
+                // rate's catch-up arithmetic would smear the phases together.
+                let hz = u128::from(self.clock.hz());
+                let t = now.wrapping_sub(self.dirty_t0);
+                let phase = (t / self.clock.ms(vary_ms).max(1)) as usize % VARY_QUARTERS.len();
+                let rate_now = u128::from(rate * VARY_QUARTERS[phase] / 4);
+                if self.vary_last == 0 {
+                    self.vary_last = now;
+                }
+                let dt = u128::from(now.wrapping_sub(self.vary_last));
+                self.vary_last = now;
+                let backlog = (rate_now / 100).max(16) * hz;
+                self.vary_credit = (self.vary_credit + dt * rate_now).min(backlog);
+                (self.vary_credit / hz) as u64
+            }
             Some(rate) => {
                 let elapsed = u128::from(now.wrapping_sub(self.dirty_t0));
                 let due = (elapsed * u128::from(rate) / u128::from(self.clock.hz())) as u64;
@@ -550,6 +580,9 @@ impl Worker {
             }
         }
         self.dirty_used += n;
+        self.vary_credit = self
+            .vary_credit
+            .saturating_sub(u128::from(n) * u128::from(self.clock.hz()));
         self.dirtied += n;
         self.rate.is_none() || n < allowed
     }

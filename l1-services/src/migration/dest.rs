@@ -697,8 +697,9 @@ impl PageWriter {
                 base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Migration);
                 let pages = ram.size() / PAGE as u64;
                 let mut written = vec![0u64; pages.div_ceil(64) as usize];
+                let mut dec = super::cnet::Decoder::default();
                 for (buf, payload) in rx {
-                    let n = write_pages(&ram, &buf[payload], &mut written, populated)?;
+                    let n = write_pages(&ram, &buf[payload], &mut written, populated, &mut dec)?;
                     dest.received.fetch_add(n, Ordering::Relaxed);
                     let _ = back.send(buf);
                 }
@@ -779,12 +780,13 @@ impl PageWriter {
 
 /// Writes one `pages` payload into guest memory; `written` tracks which pages hold data (a
 /// zero page over one is dropped from the memfd). `populated`: every page is allocated and
-/// mapped already. Returns the pages it carried.
+/// mapped already. `dec` holds the `cnet` codec's cache. Returns the pages it carried.
 fn write_pages(
     ram: &GuestRam,
     payload: &[u8],
     written: &mut [u64],
     populated: bool,
+    dec: &mut super::cnet::Decoder,
 ) -> Result<u64, String> {
     let f = wire::decode_pages(payload).map_err(|e| e.to_string())?;
     let (first, span) = (f.first, f.span as u64);
@@ -794,6 +796,9 @@ fn write_pages(
         .is_none_or(|end| end > ram.size() / PAGE as u64)
     {
         return Err(format!("pages {first}+{span} run past guest memory"));
+    }
+    if f.codec == wire::CODEC_CNET {
+        return write_cnet_pages(ram, &f, written, populated, dec);
     }
     // Runs of data pages are copied through the mapping when it is populated; otherwise they
     // go into the memfd with one pwrite each (the kernel fills the page cache directly,
@@ -845,6 +850,65 @@ fn write_pages(
         off += len;
         n += j - i;
         i = j;
+    }
+    Ok(n)
+}
+
+/// [`write_pages`] for the `cnet` codec: page by page, each decoded (from the frame, the
+/// block cache, or as a delta over the page this destination holds) then written.
+fn write_cnet_pages(
+    ram: &GuestRam,
+    f: &wire::PagesRef<'_>,
+    written: &mut [u64],
+    populated: bool,
+    dec: &mut super::cnet::Decoder,
+) -> Result<u64, String> {
+    let mut data = f.data;
+    let mut page = vec![0u8; PAGE];
+    let mut n = 0;
+    for i in (0..f.span as u64).filter(|&i| bit(&f.present, i)) {
+        let p = f.first + i;
+        n += 1;
+        if bit(&f.zero, i) {
+            if bit(written, p) {
+                punch(ram, p, 1)?;
+                clear_bit(written, p);
+            }
+            continue;
+        }
+        let held = bit(written, p);
+        let mut current = |out: &mut [u8]| -> Result<(), String> {
+            if !held {
+                return Err("a page this destination does not hold".into());
+            }
+            ram.memfd()
+                .read_exact_at(out, p * PAGE as u64)
+                .map_err(|e| format!("reading guest memory: {e}"))
+        };
+        dec.decode_page(p, &mut data, &mut current, &mut page)?;
+        if populated {
+            // SAFETY: p lies inside guest memory (checked by the caller) and `page` is our own
+            // buffer; no vCPU runs before the hand-over, so nothing else writes this page.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    page.as_ptr(),
+                    ram.host_base().add(p as usize * PAGE),
+                    PAGE,
+                )
+            };
+        } else {
+            ram.memfd()
+                .write_all_at(&page, p * PAGE as u64)
+                .map_err(|e| format!("writing guest memory: {e}"))?;
+            let _ = ram.populate(p * PAGE as u64, PAGE as u64);
+        }
+        set_bit(written, p);
+    }
+    if !data.is_empty() {
+        return Err(format!(
+            "pages frame has {} stray bytes after its last page",
+            data.len()
+        ));
     }
     Ok(n)
 }
@@ -1099,11 +1163,16 @@ impl Postcopy {
                 Frame::Pages {
                     first,
                     span,
+                    codec,
                     present,
                     zero,
                     data,
-                    ..
                 } => {
+                    // The source sends post-copy pages raw: the cache encodings assume the
+                    // destination holds what it was sent, which a running guest changes.
+                    if codec != wire::CODEC_RAW {
+                        return Err(io(format!("post-copy pages in codec {codec}")));
+                    }
                     if first
                         .checked_add(span as u64)
                         .is_none_or(|end| end > self.pages)
@@ -1339,6 +1408,7 @@ mod tests {
         let ram = GuestRam::new(2 << 20).unwrap();
         let pages = ram.size() / PAGE as u64;
         let mut written = vec![0u64; pages.div_ceil(64) as usize];
+        let mut dec = crate::migration::cnet::Decoder::default();
         for populated in [false, true] {
             for (first, span) in [(u64::MAX - 1, 4u16), (u64::MAX, 1), (u64::MAX - 30, 64)] {
                 let present = if span == 64 {
@@ -1347,14 +1417,18 @@ mod tests {
                     (1 << span) - 1
                 };
                 let payload = pages_payload(first, span, present, 0, span as usize);
-                let err = write_pages(&ram, &payload, &mut written, populated).unwrap_err();
+                let err =
+                    write_pages(&ram, &payload, &mut written, populated, &mut dec).unwrap_err();
                 assert!(err.contains("run past guest memory"), "{err}");
             }
             // The last page of guest memory is still accepted, one past it is not.
             let ok = pages_payload(pages - 1, 1, 1, 0, 1);
-            assert_eq!(write_pages(&ram, &ok, &mut written, populated).unwrap(), 1);
+            assert_eq!(
+                write_pages(&ram, &ok, &mut written, populated, &mut dec).unwrap(),
+                1
+            );
             let past = pages_payload(pages, 1, 1, 0, 1);
-            assert!(write_pages(&ram, &past, &mut written, populated).is_err());
+            assert!(write_pages(&ram, &past, &mut written, populated, &mut dec).is_err());
         }
     }
 }

@@ -5,6 +5,7 @@
 //! `spanvmm:service/migration` interface: it queues bitmaps and ranges and reads progress; the
 //! bytes never cross into the service.
 
+pub mod cnet;
 mod dest;
 mod link;
 pub mod report;

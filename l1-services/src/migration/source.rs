@@ -17,8 +17,9 @@ use base_vmm::memory::GuestRam;
 use rustls::ClientConfig;
 use serde::{Deserialize, Serialize};
 
+use super::cnet::{Encoder, Encoding, EncodingStats};
 use super::link::{Link, LinkError};
-use super::wire::{Frame, Handover, BATCH_PAGES, CODEC_RAW, PAGE, VERSION};
+use super::wire::{Frame, Handover, BATCH_PAGES, CODEC_CNET, CODEC_RAW, PAGE, VERSION};
 use super::{bit, clear_bit, count, set_bit, Phase, Progress, SwitchMode};
 use crate::ctx::lock;
 
@@ -127,6 +128,9 @@ pub struct Report {
     pub recoveries: u32,
     /// Timeline, one sample per 50 ms.
     pub timeline: Vec<Sample>,
+    /// What the CloudNet encodings did (redundancy cache, deltas), when the service chose them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<EncodingStats>,
 }
 
 /// What the plugin and the sender thread share.
@@ -151,6 +155,10 @@ struct State {
     report: Report,
     /// The source committed the hand-over and lost the link before the destination confirmed.
     in_doubt: bool,
+    /// Encodings the service asked for, not yet taken up by the sender.
+    encoding: Option<Encoding>,
+    /// The service chose encodings (once, before the first page).
+    encoding_set: bool,
     dirtied: u64,
     rate_bps: u64,
     page_rate: u64,
@@ -201,6 +209,8 @@ impl MigrationSource {
                     ..Default::default()
                 },
                 in_doubt: false,
+                encoding: None,
+                encoding_set: false,
                 dirtied: 0,
                 rate_bps: 0,
                 page_rate: 0,
@@ -227,6 +237,8 @@ impl MigrationSource {
                     stopped_running: false,
                     committed: false,
                     known_data: vec![0; pages.div_ceil(64) as usize],
+                    encoder: None,
+                    encoded: Vec::with_capacity(3 << 20),
                     last_sample: Instant::now() - Duration::from_secs(1),
                     rate_mark: (Instant::now(), 0, 0),
                     throttle: (Instant::now(), 0),
@@ -300,6 +312,21 @@ impl MigrationSource {
                 "the migration is {p:?}: nothing more can be queued"
             )),
         }
+    }
+
+    /// Chooses the page encodings (CloudNet's redundancy cache and deltas) for this migration:
+    /// once, before the first page goes out, as both ends' caches start empty together.
+    pub fn set_encoding(&self, enc: Encoding) -> Result<(), String> {
+        enc.check()?;
+        let mut st = lock(&self.st);
+        if st.phase != Phase::Precopy || st.encoding_set || st.report.pages_sent > 0 {
+            return Err(
+                "set-encoding: the encodings are chosen once, before the first page is sent".into(),
+            );
+        }
+        st.encoding_set = true;
+        st.encoding = Some(enc);
+        Ok(())
     }
 
     /// Asks for the switch-over once the queued pages are sent. `final_dirty` harvests the
@@ -431,6 +458,11 @@ struct Sender<'a> {
     committed: bool,
     /// Pages of guest memory known to be data (not a hole in the memfd), see `holes`.
     known_data: Vec<u64>,
+    /// The `cnet` codec's encoder, once the service chose encodings (pre-copy and
+    /// stop-and-copy only: post-copy pages go raw).
+    encoder: Option<Encoder>,
+    /// Encoded page data of the batch being sent.
+    encoded: Vec<u8>,
     last_sample: Instant,
     rate_mark: (Instant, u64, u64),
     throttle: (Instant, u64),
@@ -505,6 +537,21 @@ impl Sender<'_> {
 
     /// Sends the pages of `[first, first+span)` selected in `sel` (bit i = page first+i).
     fn send_batch(&mut self, first: u64, span: u64, sel: &[u64]) -> Result<u64, LinkError> {
+        let (precopy, chosen, round) = {
+            let mut st = self.st();
+            // Pages sent during the stop-and-copy count into the round after the last one.
+            let round = st.report.rounds + self.paused as u32;
+            (st.phase == Phase::Precopy, st.encoding.take(), round)
+        };
+        if let Some(enc) = chosen {
+            self.encoder =
+                Some(Encoder::new(enc).map_err(|e| {
+                    LinkError::Io(std::io::Error::other(format!("set-encoding: {e}")))
+                })?);
+        }
+        if precopy && self.encoder.is_some() {
+            return self.send_encoded(first, span, sel, round);
+        }
         let holes = self.holes(first, span);
         let nw = span.div_ceil(64) as usize;
         let pages = |p: u64, n: u64| -> &[u8] {
@@ -570,6 +617,74 @@ impl Sender<'_> {
         st.report.bytes = self.link.wire_bytes + st.report.bytes_per_link.iter().sum::<u64>();
         drop(st);
         self.throttle.1 += (super::wire::HEADER_LEN + len) as u64;
+        Ok(n)
+    }
+
+    /// [`Self::send_batch`] in the `cnet` codec: each page is copied once (so what is cached
+    /// is exactly what was sent), then sent as zero marker, cached blocks, delta or raw.
+    fn send_encoded(
+        &mut self,
+        first: u64,
+        span: u64,
+        sel: &[u64],
+        round: u32,
+    ) -> Result<u64, LinkError> {
+        let holes = self.holes(first, span);
+        let mut zero = vec![0u64; span.div_ceil(64) as usize];
+        let mut data = std::mem::take(&mut self.encoded);
+        data.clear();
+        let mut copy = vec![0u8; PAGE];
+        let (mut n, mut data_pages) = (0u64, 0u64);
+        let enc = self.encoder.as_mut().expect("checked by the caller");
+        for i in (0..span).filter(|&i| bit(sel, i)) {
+            let p = first + i;
+            n += 1;
+            if !bit(&holes, i) {
+                // SAFETY: p < pages (batches never cross the end of guest RAM), so the page
+                // lies inside the guest mapping, which `self.ram` keeps alive; a racing guest
+                // write only changes what is copied, and the dirty log has the page sent again.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.ram.host_base().add(p as usize * PAGE),
+                        copy.as_mut_ptr(),
+                        PAGE,
+                    )
+                };
+                if !Self::is_zero(&copy) {
+                    data_pages += 1;
+                    enc.encode(p, &copy, round, &mut data);
+                    continue;
+                }
+            }
+            set_bit(&mut zero, i);
+            enc.zero(p);
+        }
+        self.buf.clear();
+        super::wire::pages_header(
+            &mut self.buf,
+            first,
+            span as u16,
+            CODEC_CNET,
+            sel,
+            &zero,
+            data.len(),
+        );
+        let len = self.buf.len() + data.len();
+        let buf = std::mem::take(&mut self.buf);
+        let r = self
+            .link
+            .send_slices(&mut [std::io::IoSlice::new(&buf), std::io::IoSlice::new(&data)]);
+        self.buf = buf;
+        self.encoded = data;
+        r?;
+        let stats = enc.stats().clone();
+        let mut st = self.st();
+        st.report.pages_sent += n;
+        st.report.zero_pages += n - data_pages;
+        st.report.bytes = self.link.wire_bytes + st.report.bytes_per_link.iter().sum::<u64>();
+        st.report.encoding = Some(stats);
+        drop(st);
+        self.throttle.1 += len as u64;
         Ok(n)
     }
 

@@ -26,8 +26,12 @@ pub const PAGE: usize = 4096;
 pub const MAX_ERROR_TEXT: usize = 4096;
 
 /// Page codecs: how the non-zero pages of a `pages` frame are encoded. Zero pages are always
-/// markers (a bit), never data; further codecs (delta, compression) get new numbers.
+/// markers (a bit), never data; further codecs (compression) get new numbers.
 pub const CODEC_RAW: u8 = 0;
+/// CloudNet's encodings (see `cnet.rs`): per page raw, cached blocks (redundancy
+/// elimination) or an XOR delta; the data's length is the frame's rest, checked page by page
+/// by the receiver.
+pub const CODEC_CNET: u8 = 1;
 
 /// How the source hands the VM over in a `state` frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -402,6 +406,8 @@ pub struct PagesRef<'a> {
     pub first: u64,
     /// Pages the frame spans.
     pub span: u16,
+    /// Encoding of the data.
+    pub codec: u8,
     /// Which pages of the span the frame carries.
     pub present: Vec<u64>,
     /// Which of them are zero.
@@ -424,7 +430,7 @@ pub fn decode_pages(payload: &[u8]) -> Result<PagesRef<'_>, WireError> {
         )));
     }
     let codec = r.u8()?;
-    if codec != CODEC_RAW {
+    if codec != CODEC_RAW && codec != CODEC_CNET {
         return Err(bad(format!("unknown page codec {codec}")));
     }
     let nw = (span as usize).div_ceil(64);
@@ -438,11 +444,20 @@ pub fn decode_pages(payload: &[u8]) -> Result<PagesRef<'_>, WireError> {
         return Err(bad("pages frame marks a page zero that it does not carry"));
     }
     let data_pages = ones(&present) - ones(&zero);
-    let data = r.take(data_pages * PAGE)?;
+    let data = if codec == CODEC_RAW {
+        r.take(data_pages * PAGE)?
+    } else {
+        // Variable-size encodings: the receiver's decoder checks that they fill it exactly.
+        if data_pages == 0 && !r.b.is_empty() {
+            return Err(bad("pages frame carries data but no data page"));
+        }
+        r.take(r.b.len())?
+    };
     r.end()?;
     Ok(PagesRef {
         first,
         span,
+        codec,
         present,
         zero,
         data,
@@ -502,7 +517,7 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
             Frame::Pages {
                 first: p.first,
                 span: p.span,
-                codec: CODEC_RAW,
+                codec: p.codec,
                 present: p.present,
                 zero: p.zero,
                 data: p.data.to_vec(),

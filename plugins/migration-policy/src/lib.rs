@@ -16,6 +16,15 @@
 //!   sequential pass) and halves when they scatter.
 //! - **hybrid**: pre-copy for at most `max_rounds` (default 2), then post-copy unless the
 //!   dirty set already converged (then stop-and-copy is cheaper).
+//!
+//! CloudNet's optimizations, each an option (all off by default):
+//! - `redundancy` (cache `cache_mb`, `blocks` per page) and `deltas`: the host's page
+//!   encodings, chosen before the first page (pre-copy rounds and the stop-and-copy; post-copy
+//!   pages go raw).
+//! - `smart_stop` (precopy, hybrid): CloudNet's Smart Stop-and-Copy. Once a round dirtied more
+//!   pages than it sent (the crossover: iterating further gains little), it stops at the first
+//!   round whose remaining dirty set is below every one of the previous `smart_window` rounds
+//!   (a local minimum), instead of waiting for the stall or round limits.
 
 use serde::Deserialize;
 use spanvmm_sdk::migration::{self as mig, Phase, SwitchMode};
@@ -51,6 +60,18 @@ pub struct Config {
     pub prepage_min: u64,
     /// Largest pre-paging window, pages.
     pub prepage_max: u64,
+    /// CloudNet's content-based redundancy elimination.
+    pub redundancy: bool,
+    /// CloudNet's page deltas.
+    pub deltas: bool,
+    /// Size of the redundancy cache (and of the delta page cache), MiB.
+    pub cache_mb: u64,
+    /// Blocks per page for redundancy elimination.
+    pub blocks: u32,
+    /// CloudNet's Smart Stop-and-Copy.
+    pub smart_stop: bool,
+    /// Rounds Smart Stop compares the remaining dirty set with.
+    pub smart_window: u32,
 }
 
 impl Config {
@@ -63,6 +84,12 @@ impl Config {
             stall_rounds: 3,
             prepage_min: 8,
             prepage_max: 256,
+            redundancy: false,
+            deltas: false,
+            cache_mb: 100,
+            blocks: 4,
+            smart_stop: false,
+            smart_window: 3,
         }
     }
 }
@@ -86,6 +113,12 @@ pub struct Policy {
     last_fault: Option<u64>,
     window: u64,
     pages: u64,
+    /// Pages queued for the round going out (Smart Stop's "sent").
+    round_pages: u64,
+    /// Smart Stop: the crossover was seen; searching for a local minimum.
+    searching: bool,
+    /// Smart Stop: the remaining dirty sets of the last rounds.
+    recent: std::collections::VecDeque<u64>,
 }
 
 fn info(msg: &str) {
@@ -110,6 +143,12 @@ impl Policy {
         }
         if cfg.prepage_min == 0 || cfg.prepage_max < cfg.prepage_min {
             return Err("config: need 0 < prepage_min <= prepage_max".into());
+        }
+        if ![1, 2, 4, 8, 16].contains(&cfg.blocks) || cfg.cache_mb == 0 || cfg.cache_mb > 1024 {
+            return Err("config: need blocks in 1, 2, 4, 8, 16 and cache_mb in 1..=1024".into());
+        }
+        if cfg.smart_window == 0 {
+            return Err("config: need smart_window >= 1".into());
         }
         self.mode = mode;
         self.window = cfg.prepage_min;
@@ -144,8 +183,17 @@ impl Policy {
                 info("post-copy: handing over at once");
                 return mig::switch_over(SwitchMode::Postcopy);
             }
+            if self.cfg.redundancy || self.cfg.deltas {
+                mig::set_encoding(mig::Encoding {
+                    redundancy: self.cfg.redundancy,
+                    deltas: self.cfg.deltas,
+                    cache_bytes: self.cfg.cache_mb << 20,
+                    blocks: self.cfg.blocks,
+                })?;
+            }
             mig::harvest_dirty()?; // from here on, the dirty log counts against round 1
             self.round = 1;
+            self.round_pages = self.pages;
             return mig::queue_range(0, self.pages, false, 1);
         }
         if p.pages_pending > 0 {
@@ -161,10 +209,13 @@ impl Policy {
         } else {
             self.no_progress += 1;
         }
+        let smart = self.smart_stop(remaining);
         let c = &self.cfg;
         let converged = remaining <= c.min_pages || est_ms <= c.downtime_ms;
         let stop = if converged {
             Some("converged")
+        } else if smart {
+            Some("smart stop: a local minimum of the dirty set after the crossover")
         } else if self.round >= c.max_rounds {
             Some("round limit")
         } else if c.max_bytes > 0 && p.bytes_sent >= c.max_bytes {
@@ -178,6 +229,7 @@ impl Policy {
         host::metric("remaining_pages", remaining as f64);
         let Some(why) = stop else {
             self.round += 1;
+            self.round_pages = remaining;
             mig::queue_pages(&dirty, self.round)?;
             return Ok(());
         };
@@ -198,7 +250,33 @@ impl Policy {
         mig::switch_over(mode)
     }
 
+    /// Smart Stop's rule, at the end of a round that sent `round_pages` while the guest
+    /// dirtied `remaining`: true at a local minimum after the crossover.
+    fn smart_stop(&mut self, remaining: u64) -> bool {
+        if !self.cfg.smart_stop {
+            return false;
+        }
+        let stop =
+            self.searching && !self.recent.is_empty() && self.recent.iter().all(|&r| remaining < r);
+        if !self.searching && remaining > self.round_pages {
+            self.searching = true;
+            info(&format!(
+                "smart stop: round {} dirtied {remaining} pages, sent {}: searching for a \
+                 local minimum",
+                self.round, self.round_pages
+            ));
+        }
+        self.recent.push_back(remaining);
+        if self.recent.len() > self.cfg.smart_window as usize {
+            self.recent.pop_front();
+        }
+        host::metric("smart_stop_searching", self.searching as u8 as f64);
+        stop
+    }
+
     fn restart(&mut self) {
+        self.searching = false;
+        self.recent.clear();
         self.round = 0;
         self.started = false;
         self.switched = false;
@@ -238,7 +316,7 @@ impl serde::Serialize for DefaultsView<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let c = self.0;
-        let mut m = s.serialize_map(Some(7))?;
+        let mut m = s.serialize_map(Some(13))?;
         m.serialize_entry("max_rounds", &c.max_rounds)?;
         m.serialize_entry("downtime_ms", &c.downtime_ms)?;
         m.serialize_entry("min_pages", &c.min_pages)?;
@@ -246,6 +324,12 @@ impl serde::Serialize for DefaultsView<'_> {
         m.serialize_entry("stall_rounds", &c.stall_rounds)?;
         m.serialize_entry("prepage_min", &c.prepage_min)?;
         m.serialize_entry("prepage_max", &c.prepage_max)?;
+        m.serialize_entry("redundancy", &c.redundancy)?;
+        m.serialize_entry("deltas", &c.deltas)?;
+        m.serialize_entry("cache_mb", &c.cache_mb)?;
+        m.serialize_entry("blocks", &c.blocks)?;
+        m.serialize_entry("smart_stop", &c.smart_stop)?;
+        m.serialize_entry("smart_window", &c.smart_window)?;
         m.end()
     }
 }
