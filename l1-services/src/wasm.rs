@@ -240,10 +240,16 @@ impl WasmRuntime {
                 }
             }
         }
-        let artifact = self
-            .engine
-            .precompile_component(bytes)
-            .map_err(|e| load(format!("not a valid WebAssembly component: {e:#}")))?;
+        let artifact = self.engine.precompile_component(bytes).map_err(|e| {
+            // A core module (version 1, layer 0) is the usual mistake: say what to do.
+            let hint = if bytes.get(4..8) == Some(&[1, 0, 0, 0]) {
+                " (this is a core WebAssembly module, not a component: build the service \
+                     with `cargo build --target wasm32-wasip2`, see docs/plugin-guide.md)"
+            } else {
+                ""
+            };
+            load(format!("not a valid WebAssembly component: {e:#}{hint}"))
+        })?;
         if let Some(file) = &cached {
             static SEQ: AtomicU64 = AtomicU64::new(0);
             let tmp = file.with_extension(format!(
