@@ -158,54 +158,26 @@ fn dispatch(
     let cmdline = storm.cmdline();
     let (claim, counter) = storm.claim();
     let mut out = Vec::new();
-    let mut variants = vec![
-        ("spanvmm, no service", None, false, ""),
-        (
-            "spanvmm, Wasm exit-stats",
-            Some("exit-stats.wasm"),
-            false,
-            "exit-stats",
-        ),
+    let variants = [
+        ("spanvmm, no service", None, false),
+        ("spanvmm, Wasm exit-stats", Some("exit-stats.wasm"), false),
         (
             "spanvmm, native exit-stats",
             Some("libexit-stats.so"),
             false,
-            "exit-stats",
         ),
         (
             "spanvmm, Wasm exit-stats, async writes",
             Some("exit-stats.wasm"),
             true,
-            "exit-stats",
         ),
         (
             "spanvmm, native exit-stats, async writes",
             Some("libexit-stats.so"),
             true,
-            "exit-stats",
         ),
     ];
-    // The example service in each language (plugins/examples/port-counter), port storm only:
-    // the per-event cost of the language's runtime inside the component.
-    if storm == Storm::Port {
-        for (variant, file) in [
-            (
-                "spanvmm, Wasm port-counter (Rust)",
-                "port-counter-rust.wasm",
-            ),
-            (
-                "spanvmm, Wasm port-counter (Python)",
-                "port-counter-python.wasm",
-            ),
-            (
-                "spanvmm, Wasm port-counter (JavaScript)",
-                "port-counter-js.wasm",
-            ),
-        ] {
-            variants.push((variant, Some(file), false, "port-counter"));
-        }
-    }
-    for (variant, plugin, asynchronous, service) in variants {
+    for (variant, plugin, asynchronous) in variants {
         let variant = format!("{} {variant}", storm.label());
         let vm = spawn_vm(bin, elf, cmdline, 128, "disp")?;
         if let Some(p) = plugin {
@@ -228,13 +200,8 @@ fn dispatch(
             let (v, _) = vm.api_ok(
                 "PUT",
                 "/plugins/call",
-                Some(json!({"name": service, "method": "stats"})),
+                Some(json!({"name": "exit-stats", "method": "stats"})),
             )?;
-            let counter = if service == "port-counter" {
-                "writes"
-            } else {
-                counter
-            };
             if v["result"][counter].as_u64().unwrap_or(0) == 0 {
                 bail!("{p} saw no exits: the measurement would be meaningless");
             }
