@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds every spanvmm plugin twice from the same source:
-#   - as a Wasm component (wasm32-unknown-unknown, linked by wasm-component-ld; no WASI imports)
+#   - as a Wasm component (plain `cargo build --target wasm32-wasip2`: rustc links the component
+#     itself; its WASI imports are served deny-by-default by the host)
 #   - as a native shared object (host target, cdylib)
 # into <repo>/target/plugins/<name>.wasm and <repo>/target/plugins/lib<name>.so, where <name> is
 # the plugin's directory name (exit-stats, introspect, misbehave, ...), plus the SDK template
@@ -28,15 +29,8 @@ case $profile in
 esac
 
 cd "$here"
-sysroot=$(rustc --print sysroot)
-hostt=$(rustc -vV | sed -n 's/^host: //p')
-linker=$sysroot/lib/rustlib/$hostt/bin/wasm-component-ld
-if [ ! -x "$linker" ]; then
-    linker=$(command -v wasm-component-ld || true)
-fi
-if [ -z "$linker" ]; then
-    echo "build.sh: wasm-component-ld not found (looked in $sysroot/lib/rustlib/$hostt/bin and PATH);" \
-         "run shared/toolchain/install-wasm-toolchain.sh" >&2
+if [ ! -d "$(rustc --print sysroot)/lib/rustlib/wasm32-wasip2" ]; then
+    echo "build.sh: the Rust target wasm32-wasip2 is not installed (rustup target add wasm32-wasip2)" >&2
     exit 1
 fi
 
@@ -45,8 +39,7 @@ unset CARGO_TARGET_DIR RUSTFLAGS CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_TARGET
 
 build_both() { # <dir with Cargo.toml>
     (cd "$1" &&
-        CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=$linker \
-            "$cargo" build --profile "$profile" -j "$jobs" --target wasm32-unknown-unknown \
+        "$cargo" build --profile "$profile" -j "$jobs" --target wasm32-wasip2 \
             --target-dir "$build" --quiet &&
         "$cargo" build --profile "$profile" -j "$jobs" --target-dir "$build" --quiet)
 }
@@ -65,7 +58,9 @@ for dir in exit-stats introspect checkpoint hostile/misbehave hostile/abi-mismat
     crate=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$dir/Cargo.toml" | head -1)
     file=${crate//-/_}
     name=$(basename "$dir")
-    put "$build/wasm32-unknown-unknown/$pdir/$file.wasm" "$out/$name.wasm"
+    put "$build/wasm32-wasip2/$pdir/$file.wasm" "$out/$name.wasm"
     put "$build/$pdir/lib$file.so" "$out/lib$name.so"
 done
+# The example service in Rust (built above), Python and JavaScript.
+SPANVMM_PLUGINS_OUT=$out bash "$here/examples/build.sh" "$build" "$pdir"
 echo "plugins built in $out:" $(cd "$out" && ls)

@@ -1068,3 +1068,155 @@ fn a_forbidden_syscall_fails_only_the_service_that_made_it() {
     vm.assert_verify_clean(1);
     vm.kill();
 }
+
+/// WASI is deny-by-default beneath a running guest: a wasip2 service that tries files, sockets
+/// (to a real listener on loopback) and the environment gets errors and goes on, and so does
+/// the guest; what it prints reaches the VMM's log under its name, bounded.
+#[test]
+fn a_wasip2_service_gets_errors_for_files_sockets_and_env_and_its_prints_reach_the_log() {
+    let dir = TempDir::new("wasi");
+    let log = dir.path().join("vmm.log");
+    let kernel = guest_elf();
+    let mut vm = VmProcess::start(
+        "wasi",
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "64",
+            "--cmdline",
+            "workload=dirty,verify mib=8",
+            "--log-format",
+            "json",
+            "--log-file",
+            log.to_str().unwrap(),
+        ],
+    );
+    vm.wait_line("SPANGUEST ready", T);
+    vm.ctl_ok(&["plugin", "attach", &plugin("misbehave.wasm")]);
+    let r = call(&vm, "misbehave", "wasi-file", "/etc/hostname");
+    assert!(r["error"].as_str().is_some_and(|e| !e.is_empty()), "{r}");
+    let r = call(&vm, "misbehave", "wasi-write-file", "");
+    assert!(r["error"].as_str().is_some(), "{r}");
+    // A listener the VMM process itself could reach: the service cannot.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let to = listener.local_addr().unwrap().to_string();
+    let r = call(&vm, "misbehave", "wasi-socket", &to);
+    assert!(r["connect"].as_str().is_some(), "{r}");
+    assert!(
+        listener.accept().is_err(),
+        "a connection reached the listener"
+    );
+    let r = call(&vm, "misbehave", "wasi-env", "");
+    assert_eq!(
+        (r["vars"].as_u64(), r["args"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
+    call(&vm, "misbehave", "print", "hello from println");
+    const FLOOD: usize = 1 << 20;
+    call(&vm, "misbehave", "print-flood", &FLOOD.to_string());
+    let list = json(&vm.ctl_ok(&["plugin", "list"]));
+    assert_eq!(list[0]["name"], "misbehave", "{list}");
+    assert_eq!(list[0]["state"], "attached", "{list}");
+    vm.assert_verify_clean(1);
+    vm.ctl_ok(&["shutdown"]);
+    assert_eq!(vm.wait_exit(T), Some(0));
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|e: &Value| e["target"] == "spanvmm::service")
+        .collect();
+    let said = |msg: &str| {
+        events
+            .iter()
+            .find(|e| e["fields"]["message"] == msg)
+            .unwrap_or_else(|| panic!("{msg:?} not in the service log"))
+    };
+    let out = said("hello from println");
+    assert_eq!(out["fields"]["service"], "misbehave", "{out}");
+    assert_eq!(out["level"], "INFO", "{out}");
+    let err = said("on stderr: hello from println");
+    assert_eq!(err["level"], "WARN", "{err}");
+    // The flood without a newline arrived in bounded pieces, all of it.
+    let pieces: Vec<usize> = events
+        .iter()
+        .filter_map(|e| e["fields"]["message"].as_str())
+        .filter(|m| !m.is_empty() && m.bytes().all(|b| b == b'z'))
+        .map(str::len)
+        .collect();
+    assert!(pieces.iter().all(|&n| n <= 4096), "a piece over 4096 bytes");
+    assert_eq!(
+        pieces.iter().sum::<usize>(),
+        FLOOD,
+        "{} pieces",
+        pieces.len()
+    );
+}
+
+/// The example service (plugins/examples/port-counter) in `lang` beneath a running guest: it
+/// counts the guest's writes to the storm port, answers `stats`, keeps its count across a
+/// replace by the Rust build and back (one state format for all languages), and detaches.
+fn the_example_service_beneath_a_running_guest(lang: &str, language: &str) {
+    let vm = VmProcess::boot(
+        lang,
+        "workload=exits,dirty,verify exits=500 mib=16 rate=5000 stall_us=50000",
+        128,
+        1,
+    );
+    let from = vm.mark();
+    let file = plugin(&format!("port-counter-{lang}.wasm"));
+    let info = json(&vm.ctl_ok(&["plugin", "attach", &file, "--config", STORM]));
+    assert_eq!(info["kind"], "wasm", "{info}");
+    let writes = |want: &str| {
+        let s = call(&vm, "port-counter", "stats", "");
+        assert_eq!(s["language"], want, "{s}");
+        s["writes"].as_u64().unwrap()
+    };
+    let t = Instant::now();
+    let mut before = writes(language);
+    while before == 0 {
+        assert!(t.elapsed() < T, "{lang}: no port writes counted");
+        std::thread::sleep(Duration::from_millis(50));
+        before = writes(language);
+    }
+    let rust = plugin("port-counter-rust.wasm");
+    let other = if lang == "rust" {
+        plugin("port-counter-python.wasm")
+    } else {
+        rust
+    };
+    let o = json(&vm.ctl_ok(&["plugin", "replace", "port-counter", &other]));
+    assert_eq!(o["kind"], "wasm", "{o}");
+    let s = call(&vm, "port-counter", "stats", "");
+    let after = s["writes"].as_u64().unwrap();
+    assert!(
+        after >= before,
+        "{lang}: count lost in the hand-over: {before} then {after}"
+    );
+    vm.ctl_ok(&["plugin", "replace", "port-counter", &file]);
+    let again = writes(language);
+    assert!(again >= after, "{lang}: {after} then {again}");
+    vm.ctl_ok(&["plugin", "detach", "port-counter"]);
+    assert_eq!(json(&vm.ctl_ok(&["plugin", "list"])), Value::Array(vec![]));
+    assert_never_paused(&vm, from);
+    vm.assert_verify_clean(1);
+}
+
+#[test]
+fn the_example_service_in_rust_beneath_a_running_guest() {
+    the_example_service_beneath_a_running_guest("rust", "rust");
+}
+
+#[test]
+fn the_example_service_in_python_beneath_a_running_guest() {
+    the_example_service_beneath_a_running_guest("python", "python");
+}
+
+#[test]
+fn the_example_service_in_javascript_beneath_a_running_guest() {
+    the_example_service_beneath_a_running_guest("js", "javascript");
+}

@@ -23,6 +23,7 @@ pub mod migration;
 mod native;
 mod snapshot;
 pub mod trust;
+mod wasi;
 mod wasm;
 
 pub use ctx::Notification;

@@ -54,6 +54,17 @@ pub(crate) struct StoreState {
     host_ns: u64,
     /// Part of `host_ns` already given back to the deadline.
     credited_ns: u64,
+    /// Deny-by-default WASI Preview 2 (clocks, random, stdout/stderr to the log).
+    wasi: crate::wasi::WasiState,
+}
+
+impl wasmtime_wasi::WasiView for StoreState {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView {
+            ctx: &mut self.wasi.ctx,
+            table: &mut self.wasi.table,
+        }
+    }
 }
 
 /// Most host time one call gets credited back to its deadline: work the host does for a
@@ -134,19 +145,25 @@ impl WasmRuntime {
         if settings.pooling {
             let n = settings.max_services.max(1);
             let mut pool = PoolingAllocationConfig::new();
+            // Components of language toolchains hold many core instances and tables
+            // (componentize-py: 14 instances); slots cost little until used.
             pool.total_component_instances(n)
-                .total_core_instances(n * 4)
+                .total_core_instances(n * 32)
                 .total_memories(n * 2)
-                .total_tables(n * 4)
+                .total_tables(n * 32)
                 .max_memory_size(settings.memory_limit)
                 .max_memories_per_component(2)
-                .max_core_instances_per_component(8);
+                .max_tables_per_component(32)
+                .max_core_instances_per_component(32);
             config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         }
         let engine = Engine::new(&config).map_err(rt)?;
         let mut linker = Linker::new(&engine);
         WitService::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)
             .map_err(rt)?;
+        // What standard toolchains import; everything that reaches outside is refused by the
+        // store's WasiCtx (crate::wasi), not by leaving imports out.
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(rt)?;
         let compat = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -224,10 +241,16 @@ impl WasmRuntime {
                 }
             }
         }
-        let artifact = self
-            .engine
-            .precompile_component(bytes)
-            .map_err(|e| load(format!("not a valid WebAssembly component: {e:#}")))?;
+        let artifact = self.engine.precompile_component(bytes).map_err(|e| {
+            // A core module (version 1, layer 0) is the usual mistake: say what to do.
+            let hint = if bytes.get(4..8) == Some(&[1, 0, 0, 0]) {
+                " (this is a core WebAssembly module, not a component: build the service \
+                     with `cargo build --target wasm32-wasip2`, see docs/plugin-guide.md)"
+            } else {
+                ""
+            };
+            load(format!("not a valid WebAssembly component: {e:#}{hint}"))
+        })?;
         if let Some(file) = &cached {
             static SEQ: AtomicU64 = AtomicU64::new(0);
             let tmp = file.with_extension(format!(
@@ -261,7 +284,10 @@ impl WasmRuntime {
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| load("its imports do not match spanvmm:service/host@0.1.0", e))?;
+            .map_err(|e| load(
+                "its imports are neither spanvmm:service@0.1.0 nor the WASI Preview 2 the host offers",
+                e,
+            ))?;
         let pre = ServicePre::new(pre).map_err(|e| {
             load(
                 "it does not export the spanvmm:service@0.1.0 `service` world",
@@ -292,6 +318,7 @@ impl WasmRuntime {
         let mut store = Store::new(
             &self.engine,
             StoreState {
+                wasi: crate::wasi::deny_by_default(&ctx),
                 ctx,
                 limits,
                 host_ns: 0,

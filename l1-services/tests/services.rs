@@ -461,6 +461,7 @@ fn bad_plugins_are_refused_clearly() {
             .contains("not a valid WebAssembly component"),
         "{err}"
     );
+    assert!(err.to_string().contains("wasm32-wasip2"), "a hint: {err}");
     let junk = dir.join("junk.so");
     std::fs::write(&junk, b"not an ELF").unwrap();
     assert!(matches!(

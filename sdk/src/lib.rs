@@ -18,8 +18,8 @@
 //! export_service!(Hello);
 //! ```
 //!
-//! Build with `--target wasm32-unknown-unknown` (linker `wasm-component-ld`) for a component,
-//! or for the host target for a `cdylib`; see `docs/plugin-guide.md`.
+//! Build with `cargo build --target wasm32-wasip2` for a component, or for the host target for
+//! a `cdylib`; see `docs/plugin-guide.md`.
 
 #![deny(missing_docs)]
 

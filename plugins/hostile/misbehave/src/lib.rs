@@ -7,7 +7,9 @@
 //!   reports what the host said), `big-read` (asks for more than 1 MiB), `write` (writes memory
 //!   without the capability), `panic`, `pause` (pauses and resumes the VM), `writes` (how many
 //!   port writes it saw), `ptrace` (native only: makes the ptrace syscall, which no spanvmm
-//!   thread may make, and reports what it returned).
+//!   thread may make, and reports what it returned); and, against WASI (deny-by-default, Wasm build only): `wasi-file`,
+//!   `wasi-write-file`, `wasi-socket`, `wasi-env`, `wasi-clock` (report what the host refused or
+//!   allowed), `print` (stdout and stderr lines), `print-flood N` (N bytes, no newline).
 //!
 //! It always claims port 0x6f0.
 
@@ -122,6 +124,72 @@ impl Service for Misbehave {
             // What a service logs reaches the VMM's log under its name.
             "log" => {
                 host::log(spanvmm_sdk::LogLevel::Warn, args);
+                Ok("{}".into())
+            }
+            // WASI is deny-by-default: each of these must fail inside the service (an error it
+            // can report), never trap. Only meaningful in the Wasm build: native code is the
+            // VMM and can do all of this.
+            "wasi-file" => match std::fs::read(if args.is_empty() {
+                "/etc/hostname"
+            } else {
+                args
+            }) {
+                Ok(b) => Err(format!("read {} bytes of a host file", b.len())),
+                Err(e) => Ok(serde_json::json!({ "error": e.to_string() }).to_string()),
+            },
+            "wasi-write-file" => match std::fs::write("misbehave-was-here", b"x") {
+                Ok(()) => Err("created a host file".into()),
+                Err(e) => Ok(serde_json::json!({ "error": e.to_string() }).to_string()),
+            },
+            "wasi-socket" => {
+                let to = if args.is_empty() {
+                    "127.0.0.1:22"
+                } else {
+                    args
+                };
+                let connect = std::net::TcpStream::connect(to).map(|_| ());
+                let listen = std::net::TcpListener::bind("127.0.0.1:0").map(|_| ());
+                let udp = std::net::UdpSocket::bind("127.0.0.1:0").map(|_| ());
+                match (connect, listen, udp) {
+                    (Err(c), Err(l), Err(u)) => Ok(serde_json::json!({
+                        "connect": c.to_string(), "listen": l.to_string(), "udp": u.to_string()
+                    })
+                    .to_string()),
+                    _ => Err(format!("a socket to {to} or on loopback worked")),
+                }
+            }
+            "wasi-env" => Ok(serde_json::json!({
+                "vars": std::env::vars_os().count(),
+                "args": std::env::args_os().count(),
+                "cwd": std::env::current_dir().is_ok(),
+            })
+            .to_string()),
+            "wasi-clock" => {
+                let wall = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_err(|e| e.to_string())?
+                    .as_secs();
+                let t = std::time::Instant::now();
+                Ok(
+                    serde_json::json!({ "wall_s": wall, "mono_ok": t.elapsed().as_secs() < 5 })
+                        .to_string(),
+                )
+            }
+            "print" => {
+                println!("{args}");
+                eprintln!("on stderr: {args}");
+                Ok("{}".into())
+            }
+            // Prints `args` bytes without a newline: the host logs bounded pieces.
+            "print-flood" => {
+                use std::io::Write;
+                let n: usize = args.parse().map_err(|e| format!("{e}"))?;
+                let chunk = [b'z'; 1024];
+                let mut out = std::io::stdout();
+                for _ in 0..n / 1024 {
+                    out.write_all(&chunk).map_err(|e| e.to_string())?;
+                }
+                out.flush().map_err(|e| e.to_string())?;
                 Ok("{}".into())
             }
             m => Err(format!("unknown method {m:?}")),
