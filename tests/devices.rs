@@ -267,11 +267,10 @@ fn a_disk_survives_save_and_restore() {
     vm.ctl_ok(&["save", "--dir", s(&snap)]);
     vm.ctl_ok(&["shutdown"]);
     let back = VmProcess::start("blk-restore", &["--restore", s(&snap)]);
+    // The guest's first disk line after the restore: the VMM serves its API by then.
+    let was = num(&back.wait_line_from(0, "SPANGUEST disk ", T), "writes");
     let d = device(&back);
     assert_eq!(d["active"], true, "the driver's set-up came back: {d}");
-    let before = back.mark();
-    back.wait_line_from(before, "SPANGUEST disk ", T);
-    let was = num(&back.wait_line_from(before, "SPANGUEST disk ", T), "writes");
     wait_disk_writes(&back, was + 200);
     verify_memory_and_disk(&back);
 }

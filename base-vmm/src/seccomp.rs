@@ -82,11 +82,13 @@ pub enum Role {
     Snapshot,
     /// Small helpers: event forwarding, waiting on the live-update peer, reaping.
     Helper,
+    /// The virtio devices' event loop: queue notifications (eventfds), disk file I/O.
+    Device,
 }
 
 impl Role {
     /// Every role, in the order the docs list them.
-    pub const ALL: [Role; 8] = [
+    pub const ALL: [Role; 9] = [
         Role::Main,
         Role::Vcpu,
         Role::Api,
@@ -95,6 +97,7 @@ impl Role {
         Role::Migration,
         Role::Snapshot,
         Role::Helper,
+        Role::Device,
     ];
 
     /// The role's name in logs and docs.
@@ -108,6 +111,7 @@ impl Role {
             Role::Migration => "migration",
             Role::Snapshot => "snapshot",
             Role::Helper => "helper",
+            Role::Device => "device",
         }
     }
 
@@ -141,6 +145,7 @@ impl Role {
                 PRIORITY,
             ],
             Role::Helper => &[BASE, MEMORY, SOCKET_SERVE, PROCESSES],
+            Role::Device => &[BASE, MEMORY, FILES_READ, FILES_WRITE],
         }
     }
 

@@ -73,6 +73,7 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("virtio-io".into())
             .spawn(move || {
+                crate::seccomp::enter_or_log(crate::seccomp::Role::Device);
                 while !stopping.load(Ordering::Acquire) {
                     if let Err(e) = em.run() {
                         tracing::error!("virtio event loop: {e:?}");
