@@ -1,8 +1,9 @@
 //! CloudNet's memory-side optimizations (issue 17) on a WAN-like link: two network-namespace
 //! hosts on tbf-shaped 100 Mbit/s links with 20 ms round trips added by the delay relay, the
 //! guest reduced to 32 MiB so that each migration takes seconds. Each optimization alone and
-//! all together move the guest (`verify bad=0` at the destination) and their counters show they
-//! worked; a destination handed a reference it cannot resolve refuses, and the source runs on.
+//! all together move the guest (`verify bad=0` at the destination, its stall bounded) and their
+//! counters show they worked. A reference the destination cannot resolve is refused: see
+//! `tests/hostile_peer.rs` (a fake source sends one).
 
 mod common;
 
@@ -58,58 +59,32 @@ struct Run {
     dst: VmProcess,
 }
 
-/// Boots `guest` at the source (with `env` in its environment), migrates it with `plugin` and
-/// `config` across the WAN.
-fn migrate(
-    wan: &Wan,
-    tag: &str,
-    guest: &str,
-    plugin_file: &str,
-    config: &str,
-    env: &[&str],
-) -> Run {
+/// Boots `guest` at the source, migrates it with `plugin` and `config` across the WAN.
+fn migrate(wan: &Wan, tag: &str, guest: &str, plugin_file: &str, config: &str) -> Run {
     let tmp = TempDir::new(tag);
     let tls = certs(&tmp, "tls");
     let wb = ["ip", "netns", "exec", wan.dst.netns.as_str()];
-    let dst = VmProcess::start_wrapped(
-        &format!("{tag}-dst"),
-        &wb,
+    let addr = format!("tls://{}:{PORT}", wan.dst.ip);
+    let dst = destination(&format!("{tag}-dst"), &wb, &addr, &tls, &[]);
+    let relay = wan.relay();
+    let wa = ["ip", "netns", "exec", wan.src.netns.as_str()];
+    let src = VmProcess::boot_wrapped(&format!("{tag}-src"), &wa, guest, MEM, 1);
+    // Let the workload run a little first (a partial-write guest must have pages to rewrite).
+    src.wait_line("SPANGUEST stat", Duration::from_secs(10));
+    let (ok, out, report) = common::migrate(
+        &src,
         &[
-            "--incoming",
-            &format!("tls://{}:{PORT}", wan.dst.ip),
+            "--to",
+            &format!("tls://{}", relay.addr()),
+            "--plugin",
+            &plugin(plugin_file),
+            "--config",
+            config,
             "--tls-dir",
             tls.to_str().unwrap(),
         ],
     );
-    wait_stderr(
-        &dst,
-        "waiting for an incoming migration",
-        Duration::from_secs(10),
-    );
-    let relay = wan.relay();
-    let mut wa = vec!["ip", "netns", "exec", wan.src.netns.as_str(), "env"];
-    wa.extend_from_slice(env);
-    let src = VmProcess::boot_wrapped(&format!("{tag}-src"), &wa, guest, MEM, 1);
-    // Let the workload run a little first (a partial-write guest must have pages to rewrite).
-    src.wait_line("SPANGUEST stat", Duration::from_secs(10));
-    let report = src.dir.path().join("report.json");
-    let (ok, out) = src.ctl(&[
-        "migrate",
-        "--report",
-        report.to_str().unwrap(),
-        "--to",
-        &format!("tls://{}", relay.addr()),
-        "--plugin",
-        &plugin(plugin_file),
-        "--config",
-        config,
-        "--tls-dir",
-        tls.to_str().unwrap(),
-    ]);
-    let report = std::fs::read_to_string(&report)
-        .ok()
-        .map(|s| serde_json::from_str(&s).expect("the report is JSON"))
-        .unwrap_or(Value::Null);
+    let report = report.unwrap_or(Value::Null);
     Run {
         ok,
         out,
@@ -126,9 +101,16 @@ fn arrived(mut r: Run, what: &str) -> Value {
     assert_eq!(r.src.wait_exit(Duration::from_secs(15)), Some(0), "{what}");
     r.dst.wait_line("SPANGUEST stat", Duration::from_secs(10));
     r.dst.assert_verify_clean(1);
+    // The guest's own view of the switch-over: one stall at the destination, bounded by the
+    // hand-over over a 20 ms round trip (generous: a loaded host stretches it).
+    let stall = r.dst.max_stall_since(0);
+    assert!(
+        stall < 5_000_000,
+        "{what}: the guest stalled {stall} µs at the destination"
+    );
     let e = &r.report["encoding"];
     eprintln!(
-        "{what}: {:.0} ms, {} bytes, downtime {:.1} ms, {} rounds; encoding {e}",
+        "{what}: guest stall {stall} µs; {:.0} ms, {} bytes, downtime {:.1} ms, {} rounds; encoding {e}",
         r.report["total_ms"].as_f64().unwrap_or(0.0),
         r.report["bytes"],
         r.report["downtime_ms"].as_f64().unwrap_or(0.0),
@@ -156,7 +138,6 @@ fn redundancy_cache_sends_repeated_content_as_references() {
         REPEATED,
         "precopy.wasm",
         r#"{"redundancy":true}"#,
-        &[],
     );
     let report = arrived(r, "redundancy cache");
     let e = &report["encoding"];
@@ -180,7 +161,6 @@ fn page_deltas_send_partial_writes_as_small_deltas() {
         guest,
         "precopy.wasm",
         r#"{"deltas":true}"#,
-        &[],
     );
     let report = arrived(r, "page deltas");
     let e = &report["encoding"];
@@ -205,7 +185,7 @@ fn smart_stop_stops_at_a_local_minimum_before_the_round_cap() {
     // it never converges; the stall rule is pushed out of the way (100 rounds).
     let guest = "workload=dirty,verify mib=32 rate=4000 vary_ms=1000 stall_us=2000 report_ms=200";
     let config = r#"{"smart_stop":true,"stall_rounds":100,"max_rounds":30}"#;
-    let r = migrate(&wan, "cnet-smart", guest, "precopy.wasm", config, &[]);
+    let r = migrate(&wan, "cnet-smart", guest, "precopy.wasm", config);
     let stderr = r.src.stderr();
     let report = arrived(r, "smart stop");
     assert!(stderr.contains("smart stop: a local minimum"), "{stderr}");
@@ -218,47 +198,12 @@ fn all_optimizations_together() {
         return;
     };
     let config = r#"{"redundancy":true,"deltas":true,"smart_stop":true,"cache_mb":50}"#;
-    let r = migrate(&wan, "cnet-all", REPEATED, "precopy.wasm", config, &[]);
+    let r = migrate(&wan, "cnet-all", REPEATED, "precopy.wasm", config);
     let report = arrived(r, "all together");
     let e = &report["encoding"];
     assert!(n(e, "cache_hits") > 0 && n(e, "delta_pages") > 0, "{e}");
     // And through hybrid's pre-copy rounds (its post-copy pages go raw).
-    let r = migrate(&wan, "cnet-all-hy", REPEATED, "hybrid.wasm", config, &[]);
+    let r = migrate(&wan, "cnet-all-hy", REPEATED, "hybrid.wasm", config);
     let report = arrived(r, "all together, hybrid");
     assert!(n(&report["encoding"], "cache_hits") > 0, "{report}");
-}
-
-#[test]
-fn an_unresolvable_reference_is_refused_and_the_source_runs_on() {
-    let Some(wan) = Wan::new("cnet-bad") else {
-        return;
-    };
-    let env = ["SPANVMM_MIGRATION_CORRUPT=bad-ref"];
-    let mut r = migrate(
-        &wan,
-        "cnet-bad",
-        REPEATED,
-        "precopy.wasm",
-        r#"{"redundancy":true}"#,
-        &env,
-    );
-    assert!(!r.ok, "a corrupt stream was accepted: {}", r.report);
-    assert_eq!(r.report["result"], "failed", "{}", r.report);
-    assert_eq!(r.report["source_vm"], "running", "{}", r.report);
-    let err = r.report["error"].as_str().unwrap_or_default().to_string();
-    assert!(err.contains("does not hold"), "{err}");
-    // The destination gave up with the reason; the guest runs on at the source, intact.
-    assert!(r
-        .dst
-        .wait_exit(Duration::from_secs(15))
-        .is_some_and(|c| c != 0));
-    assert!(
-        r.dst.stderr().contains("does not hold"),
-        "{}",
-        r.dst.stderr()
-    );
-    let from = r.src.mark();
-    r.src
-        .wait_line_from(from, "SPANGUEST stat", Duration::from_secs(10));
-    r.src.assert_verify_clean(1);
 }

@@ -264,15 +264,25 @@ fn a_disk_survives_save_and_restore() {
     let snap = dir.path().join("snap");
     let vm = boot("blk-save", GUEST, &[format!("path={}", s(&img))]);
     wait_disk_writes(&vm, 300);
+    let saved_at = std::time::Instant::now();
     vm.ctl_ok(&["save", "--dir", s(&snap)]);
     vm.ctl_ok(&["shutdown"]);
     let back = VmProcess::start("blk-restore", &["--restore", s(&snap)]);
     // The guest's first disk line after the restore: the VMM serves its API by then.
     let was = num(&back.wait_line_from(0, "SPANGUEST disk ", T), "writes");
+    let since_save = saved_at.elapsed().as_micros() as u64;
     let d = device(&back);
     assert_eq!(d["active"], true, "the driver's set-up came back: {d}");
     wait_disk_writes(&back, was + 200);
     verify_memory_and_disk(&back);
+    // The restored guest sees the time since the save as one stall (its clock is the host's;
+    // printed when 200 ms or more): never more than passed.
+    let gap = back.max_stall_since(0);
+    assert!(
+        gap <= since_save,
+        "the guest saw a {gap} µs gap, only {since_save} µs passed"
+    );
+    eprintln!("restored guest: {gap} µs stall, {since_save} µs since the save");
 }
 
 #[test]
@@ -293,6 +303,14 @@ fn a_disk_survives_a_live_update() {
     wait_disk_writes(&vm, was + 200);
     verify_memory_and_disk(&vm);
     assert!(device(&vm)["counters"]["ok"].as_u64().unwrap() > 0);
+    // The guest prints gaps of 200 ms or more: a live update's pause is far below (generous
+    // for a loaded host; the VMM's own pause is in the report).
+    let stall = vm.max_stall_since(0);
+    assert!(stall < 1_000_000, "the guest stalled {stall} µs: {report}");
+    eprintln!(
+        "live update with a disk: pause {} ms, guest stall {stall} µs",
+        report["pause_ms"]
+    );
 }
 
 #[test]
@@ -301,26 +319,21 @@ fn a_disk_on_shared_storage_moves_with_a_migration() {
     let img = image(&tmp, "disk.img", 16);
     let tls = certs(&tmp, "tls");
     let addr = format!("tls://127.0.0.1:{}", free_port());
-    let mut dst = VmProcess::start("blk-mig-dst", &["--incoming", &addr, "--tls-dir", s(&tls)]);
-    wait_stderr(
-        &dst,
-        "waiting for an incoming migration",
-        Duration::from_secs(10),
-    );
+    let mut dst = destination("blk-mig-dst", &[], &addr, &tls, &[]);
     let mut src = boot("blk-mig-src", GUEST, &[format!("path={}", s(&img))]);
     wait_disk_writes(&src, 200);
-    let report = tmp.path().join("report.json");
-    src.ctl_ok(&[
-        "migrate",
-        "--report",
-        s(&report),
-        "--to",
-        &addr,
-        "--plugin",
-        &plugin("precopy.wasm"),
-        "--tls-dir",
-        s(&tls),
-    ]);
+    let (ok, out, _) = migrate(
+        &src,
+        &[
+            "--to",
+            &addr,
+            "--plugin",
+            &plugin("precopy.wasm"),
+            "--tls-dir",
+            s(&tls),
+        ],
+    );
+    assert!(ok, "the migration failed: {out}");
     assert!(src.wait_exit(T).is_some(), "the source did not exit");
     let d = device(&dst);
     assert_eq!(d["path"], s(&img), "{d}");
@@ -328,6 +341,13 @@ fn a_disk_on_shared_storage_moves_with_a_migration() {
     let was = num(&dst.wait_line_from(from, "SPANGUEST disk ", T), "writes");
     wait_disk_writes(&dst, was + 200);
     verify_memory_and_disk(&dst);
+    // The switch-over as the guest saw it (it prints gaps of 200 ms or more; generous for a
+    // loaded host).
+    let stall = dst.max_stall_since(0);
+    assert!(
+        stall < 5_000_000,
+        "the guest stalled {stall} µs at the destination"
+    );
     dst.ctl_ok(&["shutdown"]);
     assert!(dst.wait_exit(T).is_some());
     assert!(check_image(&img, 1) > 0);

@@ -20,20 +20,6 @@ const GUEST: &str = "workload=dirty,verify mib=64 rate=20000 report_ms=200";
 const MEM: u64 = 256;
 
 /// A real destination waiting on `addr`.
-fn destination(tag: &str, addr: &str, tls: &Path) -> VmProcess {
-    let vm = VmProcess::start(
-        tag,
-        &["--incoming", addr, "--tls-dir", tls.to_str().unwrap()],
-    );
-    wait_stderr_n(
-        &vm,
-        "waiting for an incoming migration",
-        1,
-        Duration::from_secs(10),
-    );
-    vm
-}
-
 fn sock_addr(addr: &str) -> SocketAddr {
     addr.trim_start_matches("tls://").parse().unwrap()
 }
@@ -111,7 +97,7 @@ fn a_hostile_source_is_refused_before_hello_and_the_destination_still_takes_a_re
     let tmp = TempDir::new("hostile-pre");
     let tls = certs(&tmp, "tls");
     let addr = format!("tls://127.0.0.1:{}", free_port());
-    let mut dst = destination("hostile-pre-dst", &addr, &tls);
+    let mut dst = destination("hostile-pre-dst", &[], &addr, &tls, &[]);
     let pages = Frame::Pages {
         first: 0,
         span: 1,
@@ -287,6 +273,20 @@ fn a_hostile_source_after_welcome_ends_the_incoming_migration_with_a_reason() {
             true,
         ),
         (
+            // cnet codec: page 0 as one block, a reference to cache slot 5, never filled.
+            "a cnet page referring to a cache slot never filled",
+            encoded(&Frame::Pages {
+                first: 0,
+                span: 1,
+                codec: wire::CODEC_CNET,
+                present: vec![1],
+                zero: vec![0],
+                data: vec![1, 1, 1, 5, 0, 0, 0],
+            }),
+            "does not hold",
+            true,
+        ),
+        (
             "a post-copy state with a bitmap of the wrong size",
             encoded(&Frame::State {
                 handover: Handover::Postcopy,
@@ -299,7 +299,7 @@ fn a_hostile_source_after_welcome_ends_the_incoming_migration_with_a_reason() {
     ];
     for (i, (what, bytes, reason, told)) in cases.iter().enumerate() {
         let addr = format!("tls://127.0.0.1:{}", free_port());
-        let mut dst = destination(&format!("hostile-post-{i}"), &addr, &tls);
+        let mut dst = destination(&format!("hostile-post-{i}"), &[], &addr, &tls, &[]);
         {
             let mut peer = connect(&addr, &tls);
             greet(&mut peer);

@@ -29,16 +29,6 @@ fn wait_gone(pid: u32) {
     }
 }
 
-/// The largest stall the guest reported since line `from` (0 when below its threshold).
-fn stall_since(vm: &VmProcess, from: usize) -> u64 {
-    vm.lines()[from..]
-        .iter()
-        .filter(|l| l.contains("SPANGUEST stall"))
-        .map(|l| num(l, "us"))
-        .max()
-        .unwrap_or(0)
-}
-
 #[test]
 fn live_update_twice_keeps_memory_console_api_and_services() {
     let mut vm = VmProcess::boot(
@@ -80,7 +70,7 @@ fn live_update_twice_keeps_memory_console_api_and_services() {
         // The console continues on the same output, the guest runs on.
         let stat = vm.wait_line_from(vm.mark(), "SPANGUEST stat", T);
         assert!(num(&stat, "dirtied") > 0, "{stat}");
-        let stall = stall_since(&vm, from);
+        let stall = vm.max_stall_since(from);
         eprintln!(
             "live update {round}: pause {} ms (VMM side), guest-observed stall {stall} µs",
             report["pause_ms"]
@@ -221,7 +211,7 @@ fn incompatible_or_dying_new_binaries_roll_back_with_memory_intact() {
     assert!(num(&stat, "dirtied") > 0);
     eprintln!(
         "rollback after a paused hand-over: guest stall {} µs",
-        stall_since(&vm, from)
+        vm.max_stall_since(from)
     );
     assert_eq!(vm.serving_pid(), Some(pid));
     assert_eq!(

@@ -17,30 +17,6 @@ const GUEST: &str = "workload=dirty,verify mib=64 rate=20000 stall_us=2000 repor
 const MEM: u64 = 256;
 
 /// A destination waiting on `addr`, optionally inside a network namespace.
-fn destination(tag: &str, wrapper: &[&str], addr: &str, tls: &Path, extra: &[&str]) -> VmProcess {
-    let mut args = vec!["--incoming", addr, "--tls-dir", tls.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let vm = VmProcess::start_wrapped(tag, wrapper, &args);
-    wait_stderr(
-        &vm,
-        "waiting for an incoming migration",
-        Duration::from_secs(10),
-    );
-    vm
-}
-
-/// `spanvmm ctl migrate`: (success, output, report).
-fn migrate(src: &VmProcess, args: &[&str]) -> (bool, String, Option<Value>) {
-    let report = src.dir.path().join("report.json");
-    let mut a = vec!["migrate", "--report", report.to_str().unwrap()];
-    a.extend_from_slice(args);
-    let (ok, out) = src.ctl(&a);
-    let r = std::fs::read_to_string(&report)
-        .ok()
-        .map(|s| serde_json::from_str(&s).expect("the report is JSON"));
-    (ok, out, r)
-}
-
 /// `spanvmm ctl migrate` at 20 MB/s on another thread, so a test can break things meanwhile;
 /// the report goes to `r.json` in the source's directory.
 fn migrate_in_background(
@@ -75,16 +51,6 @@ fn migrate_in_background(
     })
 }
 
-/// The largest stall the guest reported since line `from`, µs.
-fn stall_since(vm: &VmProcess, from: usize) -> u64 {
-    vm.lines()[from.min(vm.mark())..]
-        .iter()
-        .filter(|l| l.contains("SPANGUEST stall"))
-        .map(|l| num(l, "us"))
-        .max()
-        .unwrap_or(0)
-}
-
 /// The destination runs the guest on: it keeps dirtying (stat lines), its memory verifies,
 /// and its stalls stay below `max_stall_ms`. Returns the largest stall, µs.
 fn check_arrived(dst: &VmProcess, max_stall_ms: u64) -> u64 {
@@ -92,7 +58,7 @@ fn check_arrived(dst: &VmProcess, max_stall_ms: u64) -> u64 {
     let before = dst.mark();
     dst.wait_line_from(before, "SPANGUEST stat", Duration::from_secs(10));
     dst.assert_verify_clean(1);
-    let stall = stall_since(dst, 0);
+    let stall = dst.max_stall_since(0);
     assert!(
         stall < max_stall_ms * 1000,
         "the guest stalled {stall} µs at the destination (limit {max_stall_ms} ms)"

@@ -9,13 +9,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
 use serde::Serialize;
 use serde_json::json;
 
 use crate::chaos::{self, Rng};
-use crate::harness::{field, median};
-use crate::live_update::{CprChain, NextQemu};
+use crate::harness::median;
+use crate::live_update::{next_verify, CprChain, NextQemu};
 
 /// A small guest: the hand-over does not depend on memory size (no copy on either side).
 const MEM_MIB: u64 = 256;
@@ -42,24 +41,6 @@ struct Report {
     qemu_outcomes: Vec<(String, usize)>,
 }
 
-/// The guest's next periodic `verify` line (within 10 s): `Ok(())` if `bad=0`.
-fn next_verify(lines: &std::sync::Arc<std::sync::Mutex<Vec<String>>>) -> anyhow::Result<()> {
-    let from = lines.lock().unwrap().len();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let l = lines.lock().unwrap()[from..]
-            .iter()
-            .find(|l| l.contains("SPANGUEST verify"))
-            .cloned();
-        match l {
-            Some(l) if field(&l, "bad") == Some(0) => return Ok(()),
-            Some(l) => bail!("memory damaged: {l}"),
-            None if Instant::now() > deadline => bail!("no guest progress in 10 s"),
-            None => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
 fn status_of(q: &mut crate::live_update::Qmp) -> String {
     q.cmd("query-status", json!({}))
         .ok()
@@ -71,10 +52,7 @@ fn status_of(q: &mut crate::live_update::Qmp) -> String {
 /// `Some(u64::MAX)`: after `completed`). Returns the record and, without a kill, the
 /// hand-over's time.
 fn qemu_run(elf: &Path, at: Option<u64>) -> anyhow::Result<(QemuRecord, u64)> {
-    let mut chain = CprChain::start(elf, MEM_MIB, 1)?;
-    chain.qmp.cmd("cont", json!({}))?;
-    std::thread::sleep(Duration::from_millis(300));
-    let mut next: NextQemu = chain.start_next(elf, MEM_MIB)?;
+    let (mut chain, mut next) = running_with_next(elf)?;
     let t = Instant::now();
     let mut took = 0;
     let fault = match at {
@@ -82,29 +60,22 @@ fn qemu_run(elf: &Path, at: Option<u64>) -> anyhow::Result<(QemuRecord, u64)> {
             kill(&mut next);
             "new QEMU SIGKILL before migrate".to_string()
         }
+        Some(u64::MAX) => {
+            chain.migrate_to(&next)?;
+            took = t.elapsed().as_millis() as u64;
+            std::thread::sleep(Duration::from_millis(300));
+            kill(&mut next);
+            "new QEMU SIGKILL after completed".to_string()
+        }
         Some(ms) => {
             chain
                 .qmp
                 .cmd("migrate", json!({"channels": next.channels.clone()}))?;
-            if ms == u64::MAX {
-                loop {
-                    let st = chain.migration()?["status"].as_str().map(str::to_string);
-                    if st.as_deref() == Some("completed") || t.elapsed() > Duration::from_secs(30) {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                took = t.elapsed().as_millis() as u64;
-                std::thread::sleep(Duration::from_millis(300));
-                kill(&mut next);
-                "new QEMU SIGKILL after completed".to_string()
-            } else {
-                while t.elapsed() < Duration::from_millis(ms) {
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                kill(&mut next);
-                format!("new QEMU SIGKILL {ms} ms after migrate")
+            while t.elapsed() < Duration::from_millis(ms) {
+                std::thread::sleep(Duration::from_micros(200));
             }
+            kill(&mut next);
+            format!("new QEMU SIGKILL {ms} ms after migrate")
         }
     };
     std::thread::sleep(Duration::from_millis(500));
@@ -114,14 +85,14 @@ fn qemu_run(elf: &Path, at: Option<u64>) -> anyhow::Result<(QemuRecord, u64)> {
         .unwrap_or("none")
         .to_string();
     let (outcome, lost) = if old_status == "running" {
-        match next_verify(&chain.lines) {
+        match next_verify(&chain.lines, Duration::from_secs(10)) {
             Ok(()) => ("runs on in the old QEMU, bad=0".to_string(), false),
             Err(e) => (format!("old QEMU says running, but: {e}"), true),
         }
     } else {
         match chain.qmp.cmd("cont", json!({})) {
             Err(e) => (format!("lost: the old QEMU refuses cont ({e})"), true),
-            Ok(_) => match next_verify(&chain.lines) {
+            Ok(_) => match next_verify(&chain.lines, Duration::from_secs(10)) {
                 Ok(()) => (
                     format!("old QEMU {old_status}: an operator's cont resumes it, bad=0"),
                     false,
@@ -143,6 +114,15 @@ fn qemu_run(elf: &Path, at: Option<u64>) -> anyhow::Result<(QemuRecord, u64)> {
     ))
 }
 
+/// A running QEMU guest and the next QEMU, listening for its cpr-transfer.
+fn running_with_next(elf: &Path) -> anyhow::Result<(CprChain, NextQemu)> {
+    let mut chain = CprChain::start(elf, MEM_MIB, 1)?;
+    chain.qmp.cmd("cont", json!({}))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let next = chain.start_next(elf, MEM_MIB)?;
+    Ok((chain, next))
+}
+
 fn kill(next: &mut NextQemu) {
     let _ = next.child.kill();
     let _ = next.child.wait();
@@ -151,20 +131,10 @@ fn kill(next: &mut NextQemu) {
 /// The new QEMU runs the guest after `completed`; the operator (or a script retrying) sends
 /// `cont` to the old one: does QEMU run the same guest twice?
 fn qemu_cont_after_handover(elf: &Path) -> anyhow::Result<QemuRecord> {
-    let mut chain = CprChain::start(elf, MEM_MIB, 1)?;
-    chain.qmp.cmd("cont", json!({}))?;
-    std::thread::sleep(Duration::from_millis(300));
-    let mut next = chain.start_next(elf, MEM_MIB)?;
-    chain
-        .qmp
-        .cmd("migrate", json!({"channels": next.channels.clone()}))?;
-    let t = Instant::now();
-    while chain.migration()?["status"].as_str() != Some("completed") {
-        if t.elapsed() > Duration::from_secs(30) {
-            kill(&mut next);
-            bail!("cpr-transfer did not complete");
-        }
-        std::thread::sleep(Duration::from_millis(1));
+    let (mut chain, mut next) = running_with_next(elf)?;
+    if let Err(e) = chain.migrate_to(&next) {
+        kill(&mut next);
+        return Err(e);
     }
     std::thread::sleep(Duration::from_millis(300));
     let old_status = status_of(&mut chain.qmp);

@@ -129,6 +129,27 @@ fn anon_mib(pid: u32) -> u64 {
         .map_or(0, |kib| kib >> 10)
 }
 
+/// Waits for the guest's next periodic `verify` line: `Ok` if it says `bad=0`.
+pub(crate) fn next_verify(
+    lines: &Arc<Mutex<Vec<String>>>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let from = lines.lock().unwrap().len();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let l = lines.lock().unwrap()[from..]
+            .iter()
+            .find(|l| l.contains("SPANGUEST verify"))
+            .cloned();
+        match l {
+            Some(l) if field(&l, "bad") == Some(0) => return Ok(()),
+            Some(l) => bail!("memory damaged: {l}"),
+            None if Instant::now() > deadline => bail!("no guest progress in {timeout:?}"),
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 /// Largest loop gap the guest shows over a quiet span.
 fn quiet_stall(lines: &Arc<Mutex<Vec<String>>>) -> u64 {
     let from = lines.lock().unwrap().len();
@@ -498,18 +519,7 @@ impl CprChain {
         let started = Instant::now();
         let mut next = self.start_next(elf, mem)?;
         let result = (|| {
-            self.qmp
-                .cmd("migrate", json!({"channels": next.channels.clone()}))?;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let info = loop {
-                let info = self.migration()?;
-                match info["status"].as_str() {
-                    Some("completed") => break info,
-                    Some("failed") | Some("cancelled") => bail!("cpr-transfer failed: {info}"),
-                    _ if Instant::now() > deadline => bail!("cpr-transfer did not finish"),
-                    _ => std::thread::sleep(Duration::from_millis(1)),
-                }
-            };
+            let info = self.migrate_to(&next)?;
             let total_with_start_ms = started.elapsed().as_secs_f64() * 1e3;
             let copied = info["ram"]["transferred"].as_u64().unwrap_or(0);
             if copied > 1 << 20 {
@@ -543,23 +553,22 @@ impl CprChain {
     /// The guest's periodic verification in the current QEMU: bad=0, or why not.
     pub(crate) fn check_memory(&mut self) -> anyhow::Result<()> {
         self.qmp.cmd("cont", json!({}))?;
-        let from = self.lines.lock().unwrap().len();
-        let deadline = Instant::now() + Duration::from_secs(120);
+        next_verify(&self.lines, Duration::from_secs(120)).context("QEMU guest after cpr-transfer")
+    }
+
+    /// Sends `migrate` to `next` and waits (up to 30 s) for `completed`, or the failure.
+    pub(crate) fn migrate_to(&mut self, next: &NextQemu) -> anyhow::Result<Value> {
+        self.qmp
+            .cmd("migrate", json!({"channels": next.channels.clone()}))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let l = self.lines.lock().unwrap()[from..]
-                .iter()
-                .find(|l| l.contains("SPANGUEST verify"))
-                .cloned();
-            if let Some(l) = l {
-                if field(&l, "bad") != Some(0) {
-                    bail!("QEMU guest memory damaged after cpr-transfer: {l}");
-                }
-                return Ok(());
+            let info = self.migration()?;
+            match info["status"].as_str() {
+                Some("completed") => return Ok(info),
+                Some("failed") | Some("cancelled") => bail!("cpr-transfer failed: {info}"),
+                _ if Instant::now() > deadline => bail!("cpr-transfer did not finish"),
+                _ => std::thread::sleep(Duration::from_millis(1)),
             }
-            if Instant::now() > deadline {
-                bail!("no verify line from the QEMU guest");
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }

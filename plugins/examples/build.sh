@@ -47,18 +47,28 @@ done_with() { mv -f "$1.want-sha256" "$1.src-sha256"; }
 put "$build/wasm32-wasip2/$pdir/port_counter.wasm" "$out/port-counter-rust.wasm"
 put "$build/$pdir/libport_counter.so" "$out/libport-counter-rust.so"
 
+# Installs a toolchain into DIR once, with the command after it (run with DIR as $1). The
+# marker is written last: an interrupted install is redone, not used.
+install_once() {
+    local dir=$1
+    shift
+    [ -f "$dir/.installed" ] && return 0
+    rm -rf "$dir"
+    if "$@" "$dir"; then touch "$dir/.installed"; else rm -rf "$dir"; fi
+}
+install_py() {
+    command -v python3 >/dev/null && python3 -m venv "$1" \
+        && "$1/bin/pip" install -q "componentize-py==$COMPONENTIZE_PY"
+}
+install_js() {
+    command -v npm >/dev/null && mkdir -p "$1" \
+        && npm install --prefix "$1" --no-audit --no-fund --loglevel=error --save-exact \
+            "@bytecodealliance/componentize-js@$COMPONENTIZE_JS" >/dev/null
+}
+
 # Python.
 py=$tools/componentize-py-$COMPONENTIZE_PY
-# The marker is written last: an interrupted install is redone, not used.
-if [ ! -f "$py/.installed" ]; then
-    rm -rf "$py"
-    if command -v python3 >/dev/null && python3 -m venv "$py" \
-        && "$py/bin/pip" install -q "componentize-py==$COMPONENTIZE_PY"; then
-        touch "$py/.installed"
-    else
-        rm -rf "$py"
-    fi
-fi
+install_once "$py" install_py
 f=$out/port-counter-python.wasm
 if [ ! -f "$py/.installed" ]; then
     missing Python "componentize-py $COMPONENTIZE_PY could not be installed with pip (python3 -m venv)"
@@ -72,16 +82,7 @@ fi
 # JavaScript.
 js=$tools/componentize-js-$COMPONENTIZE_JS
 cjs=$js/node_modules/.bin/componentize-js
-if [ ! -f "$js/.installed" ]; then
-    rm -rf "$js"
-    if command -v npm >/dev/null && mkdir -p "$js" \
-        && npm install --prefix "$js" --no-audit --no-fund --loglevel=error --save-exact \
-            "@bytecodealliance/componentize-js@$COMPONENTIZE_JS" >/dev/null; then
-        touch "$js/.installed"
-    else
-        rm -rf "$js"
-    fi
-fi
+install_once "$js" install_js
 f=$out/port-counter-js.wasm
 if [ ! -f "$js/.installed" ]; then
     missing JavaScript "ComponentizeJS $COMPONENTIZE_JS could not be installed with npm"

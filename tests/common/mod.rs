@@ -291,6 +291,17 @@ impl VmProcess {
         self.wait_lines_from(from, "SPANGUEST verify", vcpus, Duration::from_secs(60))
     }
 
+    /// The largest stall the guest reported since line `from`, µs (0: none above its
+    /// `stall_us` threshold).
+    pub fn max_stall_since(&self, from: usize) -> u64 {
+        self.lines()[from.min(self.mark())..]
+            .iter()
+            .filter(|l| l.contains("SPANGUEST stall"))
+            .map(|l| num(l, "us"))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Asserts every vCPU's verify line says bad=0 and checked something.
     pub fn assert_verify_clean(&self, vcpus: usize) {
         for l in self.verify(vcpus) {
@@ -472,6 +483,38 @@ pub fn wait_stderr_n(vm: &VmProcess, needle: &str, n: usize, timeout: Duration) 
 /// Waits until `vm`'s stderr contains `needle`.
 pub fn wait_stderr(vm: &VmProcess, needle: &str, timeout: Duration) {
     wait_stderr_n(vm, needle, 1, timeout)
+}
+
+/// A migration destination (`run --incoming ADDR --tls-dir TLS EXTRA...`, under `wrapper`,
+/// e.g. `ip netns exec NS`), waiting for its source.
+pub fn destination(
+    tag: &str,
+    wrapper: &[&str],
+    addr: &str,
+    tls: &Path,
+    extra: &[&str],
+) -> VmProcess {
+    let mut args = vec!["--incoming", addr, "--tls-dir", tls.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let vm = VmProcess::start_wrapped(tag, wrapper, &args);
+    wait_stderr(
+        &vm,
+        "waiting for an incoming migration",
+        Duration::from_secs(10),
+    );
+    vm
+}
+
+/// `spanvmm ctl migrate ARGS` from `src`: (success, output, report).
+pub fn migrate(src: &VmProcess, args: &[&str]) -> (bool, String, Option<serde_json::Value>) {
+    let report = src.dir.path().join("report.json");
+    let mut a = vec!["migrate", "--report", report.to_str().unwrap()];
+    a.extend_from_slice(args);
+    let (ok, out) = src.ctl(&a);
+    let r = std::fs::read_to_string(&report)
+        .ok()
+        .map(|s| serde_json::from_str(&s).expect("the report is JSON"));
+    (ok, out, r)
 }
 
 /// `ctl status` as JSON.

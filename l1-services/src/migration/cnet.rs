@@ -336,9 +336,6 @@ pub struct Encoder {
     pages: Option<PageCache>,
     stats: EncodingStats,
     scratch: Vec<u8>,
-    /// Test hook (`SPANVMM_MIGRATION_CORRUPT=bad-ref`): the first page refers to a slot the
-    /// destination never filled.
-    bad_ref: bool,
 }
 
 impl Encoder {
@@ -359,7 +356,6 @@ impl Encoder {
             },
             enc,
             scratch: Vec::with_capacity(PAGE),
-            bad_ref: std::env::var("SPANVMM_MIGRATION_CORRUPT").as_deref() == Ok("bad-ref"),
         })
     }
 
@@ -379,11 +375,6 @@ impl Encoder {
     /// counted into `round` (1-based).
     pub fn encode(&mut self, p: u64, page: &[u8], round: u32, out: &mut Vec<u8>) {
         let start = out.len();
-        if std::mem::take(&mut self.bad_ref) {
-            out.extend_from_slice(&[PAGE_BLOCKS, 1, BLOCK_REF]);
-            out.extend_from_slice(&(MAX_SLOTS - 1).to_le_bytes());
-            return;
-        }
         // The size the blocks (or raw) encoding would take, probed without touching the cache.
         let plain = match &self.blocks {
             Some(c) => {
