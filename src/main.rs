@@ -1,5 +1,5 @@
 //! spanvmm: the command line. `spanvmm run` starts a VM (one process per VM) and serves its
-//! control API; `spanvmm ctl` talks to that API.
+//! control API; `spanvmm ctl` talks to that API. Everything else lives in the `vmm` crate.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,9 +10,9 @@ use base_vmm::cpu::CpuTemplate;
 use base_vmm::devices::virtio::BlockConfig;
 use base_vmm::vmm::VmConfig;
 use clap::{Parser, Subcommand, ValueEnum};
-use spanvmm::ctl::{self, CtlOp};
-use spanvmm::run::{run, Source};
-use spanvmm::{logging, services, snapshot};
+use vmm::ctl::{self, CtlOp};
+use vmm::run::{run, Source};
+use vmm::{logging, services, snapshot};
 
 const DEFAULT_MEMORY_MIB: u64 = 256;
 
@@ -121,7 +121,7 @@ enum Command {
         /// (`mem=BYTES,cpu=QUOTA_US/PERIOD_US`, each optional).
         #[arg(long, value_name = "mem=BYTES,cpu=QUOTA/PERIOD", requires = "jail",
               value_parser = parse_limits)]
-        cgroup: Option<spanvmm::jail::Limits>,
+        cgroup: Option<vmm::jail::Limits>,
         /// Also serve `GET /metrics` (Prometheus/OpenMetrics text) over plain HTTP on this
         /// address, e.g. 127.0.0.1:9100 (the API socket serves it too).
         #[arg(long, value_name = "HOST:PORT")]
@@ -176,7 +176,7 @@ enum Command {
     },
 }
 
-fn parse_limits(s: &str) -> Result<spanvmm::jail::Limits, String> {
+fn parse_limits(s: &str) -> Result<vmm::jail::Limits, String> {
     s.parse()
 }
 
@@ -250,13 +250,13 @@ fn main() -> ExitCode {
             // Before any thread exists (unshare needs a single thread) and before any path of
             // the command line is opened: they are the jail's.
             if let Some(dir) = jail {
-                let j = spanvmm::jail::Jail {
+                let j = vmm::jail::Jail {
                     dir,
                     uid: uid.unwrap_or_default(),
                     gid: gid.unwrap_or_default(),
                     limits: cgroup,
                 };
-                if let Err(e) = spanvmm::jail::enter(&j) {
+                if let Err(e) = vmm::jail::enter(&j) {
                     eprintln!("spanvmm: {e:#}");
                     return ExitCode::FAILURE;
                 }

@@ -1,4 +1,4 @@
-//! The control API's request parser (`spanvmm::api::parse_request`, what the server runs on
+//! The control API's request parser (`vmm::api::parse_request`, what the server runs on
 //! the bytes a client sends: request line, headers, Content-Length, body, routing and the
 //! JSON bodies): every input is a request or an HTTP error, never a panic.
 #![no_main]
@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Err((code, msg)) = spanvmm::api::parse_request(data) {
+    if let Err((code, msg)) = vmm::api::parse_request(data) {
         assert!(
             matches!(code, 400 | 404 | 405 | 413),
             "unexpected status {code}: {msg}"

@@ -1,4 +1,4 @@
-//! The VMM's log: `tracing` events from every crate (targets `spanvmm`, `base_vmm`,
+//! The VMM's log: `tracing` events from every crate (targets `vmm` (this crate), `base_vmm`,
 //! `l1_services`, and `spanvmm::service` with a `service` field for what services log through
 //! `host::log`), written as text or JSON lines to stderr or a file. The main loop's events
 //! carry the VM's id (a `vm` span). A live update's new process gets the same settings.
