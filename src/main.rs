@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use base_vmm::boot::EntryPreference;
 use base_vmm::cpu::CpuTemplate;
-use base_vmm::devices::virtio::BlockConfig;
+use base_vmm::devices::virtio::{BlockConfig, NetConfig};
 use base_vmm::vmm::VmConfig;
 use clap::{Parser, Subcommand, ValueEnum};
 use vmm::ctl::{self, CtlOp};
@@ -151,6 +151,13 @@ enum Command {
         #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk,
               conflicts_with_all = ["restore", "standby", "incoming", "takeover_fd"])]
         disks: Vec<BlockConfig>,
+        /// A virtio-net interface on an existing tap: `tap=NAME[,mac=aa:bb:cc:dd:ee:ff]`
+        /// (repeat for several; slots after the disks). With `--restore` or `--incoming`, the
+        /// taps of this host the saved or arriving net devices go on, in order (the MAC comes
+        /// with the VM); without, they reopen the tap of the same name.
+        #[arg(long = "net", value_name = "SPEC", value_parser = parse_net,
+              conflicts_with_all = ["standby", "takeover_fd"])]
+        nets: Vec<NetConfig>,
     },
     /// Make the TLS material for migration: a CA and a node certificate signed by it.
     MigrateCerts {
@@ -186,6 +193,10 @@ fn parse_seccomp(s: &str) -> Result<base_vmm::seccomp::Mode, String> {
 
 fn parse_disk(s: &str) -> Result<BlockConfig, String> {
     BlockConfig::parse(s)
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    NetConfig::parse(s)
 }
 
 fn parse_cpu_template(s: &str) -> Result<CpuTemplate, String> {
@@ -226,6 +237,7 @@ fn main() -> ExitCode {
             recovery_timeout_ms,
             cpu_template,
             disks,
+            nets,
         } => {
             let id = log
                 .id
@@ -277,6 +289,12 @@ fn main() -> ExitCode {
                 eprintln!("spanvmm: {e}");
                 return ExitCode::FAILURE;
             }
+            if kernel.is_none() || restore.is_some() {
+                // A restored or arriving VM brings its net devices; these are this host's taps.
+                base_vmm::devices::virtio::net::set_local_taps(
+                    nets.iter().map(|n| n.tap.clone()).collect(),
+                );
+            }
             let source = match (takeover_fd, restore, kernel) {
                 (Some(fd), _, _) => Source::Takeover(fd),
                 _ if standby => Source::Standby {
@@ -310,6 +328,7 @@ fn main() -> ExitCode {
                     start_paused,
                     cpu_template: cpu_template.unwrap_or_default(),
                     disks,
+                    nets,
                 }),
                 (None, None, None) => unreachable!("clap requires --kernel without --restore"),
             };

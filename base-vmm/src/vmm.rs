@@ -17,7 +17,7 @@ use crate::devices::pv::{
 };
 use crate::devices::serial::{self, SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
 use crate::devices::virtio::{
-    self, event_loop::EventLoop, Block, BlockConfig, DeviceConfig, DeviceInfo, MmioTransport,
+    self, event_loop::EventLoop, BlockConfig, DeviceConfig, DeviceInfo, MmioTransport, NetConfig,
     VirtioDeviceState,
 };
 use crate::devices::{lock, IoBus};
@@ -114,6 +114,8 @@ pub struct VmConfig {
     /// virtio-blk disks, in slot order from [`virtio::MMIO_BASE`] up; each is announced on
     /// the command line (`virtio_mmio.device=`).
     pub disks: Vec<BlockConfig>,
+    /// virtio-net interfaces on taps, in the slots after the disks.
+    pub nets: Vec<NetConfig>,
 }
 
 /// Run state as the API reports it.
@@ -405,6 +407,14 @@ impl VmControl {
                 self.ram.size()
             ))),
         }
+    }
+
+    /// The backend fds a live update hands to the new process (taps), with their names.
+    pub fn handover_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {
+        self.virtio
+            .iter()
+            .filter_map(|d| lock(d).handover_fd())
+            .collect()
     }
 
     /// The virtio devices as `GET /vm` shows them.
@@ -703,9 +713,9 @@ struct Devices {
     bus: Arc<IoBus>,
 }
 
-/// The virtio devices to build: fresh disks, or the devices of a saved VM.
+/// The virtio devices to build: fresh ones (disks, then nets), or the devices of a saved VM.
 enum Virtio<'a> {
-    Fresh(&'a [BlockConfig]),
+    Fresh(&'a [DeviceConfig]),
     Restore(&'a [VirtioDeviceState]),
 }
 
@@ -730,27 +740,27 @@ fn build_virtio(
     let ram = vm.ram().clone();
     let mut transports = Vec::new();
     match which {
-        Virtio::Fresh(disks) => {
-            if disks.len() > virtio::MAX_DEVICES {
+        Virtio::Fresh(devices) => {
+            if devices.len() > virtio::MAX_DEVICES {
                 return Err(VmmError::Config(format!(
-                    "{} disks: at most {} virtio devices",
-                    disks.len(),
+                    "{} disks and nets: at most {} virtio devices",
+                    devices.len(),
                     virtio::MAX_DEVICES
                 )));
             }
             // One memslot from 0: RAM reaching the windows would hide them from the guest.
-            if !disks.is_empty() && ram.size() > virtio::MMIO_BASE {
+            if !devices.is_empty() && ram.size() > virtio::MMIO_BASE {
                 return Err(VmmError::Config(format!(
-                    "--disk needs --memory below {} MiB: the virtio windows sit at {:#x}, \
+                    "--disk and --net need --memory below {} MiB: the virtio windows sit at {:#x}, \
                      inside the guest's RAM otherwise",
                     virtio::MMIO_BASE >> 20,
                     virtio::MMIO_BASE
                 )));
             }
-            for (i, d) in disks.iter().enumerate() {
-                let blk = Block::open(d).map_err(|e| VmmError::Config(e.to_string()))?;
+            for (i, d) in devices.iter().enumerate() {
+                let dev = d.open(false).map_err(VmmError::Config)?;
                 transports.push(MmioTransport::new(
-                    Box::new(blk),
+                    dev,
                     ram.clone(),
                     virtio::slot_addr(i),
                     virtio::slot_gsi(i),
@@ -758,11 +768,22 @@ fn build_virtio(
             }
         }
         Virtio::Restore(saved) => {
+            let mut nets = 0;
             for s in saved {
-                // The disk is the user's file, on storage both hosts share: opened by path.
-                let DeviceConfig::Block(cfg) = &s.config;
-                let blk = Block::open(cfg).map_err(|e| VmmError::Config(e.to_string()))?;
-                let mut t = MmioTransport::restore(Box::new(blk), ram.clone(), s)
+                // A disk is the user's file, on storage both hosts share: opened by path. A
+                // tap is opened by name: the one this host was told to use, or the same.
+                let config = match &s.config {
+                    DeviceConfig::Net(n) => {
+                        nets += 1;
+                        DeviceConfig::Net(NetConfig {
+                            tap: virtio::net::local_tap(nets - 1, &n.tap),
+                            mac: n.mac.clone(),
+                        })
+                    }
+                    c => c.clone(),
+                };
+                let dev = config.open(true).map_err(VmmError::Config)?;
+                let mut t = MmioTransport::restore(dev, ram.clone(), s)
                     .map_err(|e| VmmError::Config(e.to_string()))?;
                 // The process that saved it may have taken a notification it did not serve.
                 t.mark_pending();
@@ -867,10 +888,13 @@ impl Vmm {
         let vm = Vm::new(ram.clone())?;
         // Devices are announced the way microvm announces them, so that one guest (spanguest
         // or Linux) finds them under both VMMs.
-        let cmdline = if cfg.disks.is_empty() {
+        let devices: Vec<DeviceConfig> = (cfg.disks.iter().cloned().map(DeviceConfig::Block))
+            .chain(cfg.nets.iter().cloned().map(DeviceConfig::Net))
+            .collect();
+        let cmdline = if devices.is_empty() {
             cfg.cmdline.clone()
         } else {
-            format!("{} {}", cfg.cmdline, virtio::cmdline_words(cfg.disks.len()))
+            format!("{} {}", cfg.cmdline, virtio::cmdline_words(devices.len()))
                 .trim_start()
                 .to_string()
         };
@@ -919,7 +943,7 @@ impl Vmm {
             None,
             tsc_khz,
             PvState::default(),
-            Virtio::Fresh(&cfg.disks),
+            Virtio::Fresh(&devices),
             cfg.start_paused,
         )?;
         let machine = MachineConfig {

@@ -48,6 +48,10 @@ enum Msg {
         machine: MachineConfig,
         serial: String,
         has_api: bool,
+        /// Taps whose fds follow the memfd and the API listener, in order: the guest's
+        /// network stays attached through the hand-over, no frame lost.
+        #[serde(default)]
+        taps: Vec<String>,
     },
     Ready {
         state_version: u32,
@@ -103,12 +107,12 @@ fn recv(sock: &mut UnixStream) -> anyhow::Result<Msg> {
 /// Receives a frame that carries descriptors; returns the message and the descriptors.
 fn recv_with_fds(sock: &mut UnixStream) -> anyhow::Result<(Msg, Vec<OwnedFd>)> {
     let mut buf = vec![0u8; 64 << 10];
-    let mut fds: [RawFd; 4] = [-1; 4];
+    let mut fds: [RawFd; 8] = [-1; 8];
     let mut iov = [libc::iovec {
         iov_base: buf.as_mut_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
     }];
-    // SAFETY: the iovec points into `buf`, alive for the call; `fds` has room for 4.
+    // SAFETY: the iovec points into `buf`, alive for the call; `fds` has room for 8.
     let (n, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut fds) }.context("recvmsg")?;
     // SAFETY: the kernel installed `nfds` new descriptors in this process; we own them now.
     let owned: Vec<OwnedFd> = fds[..nfds]
@@ -198,14 +202,17 @@ pub fn start(
     };
     let offered = (|| -> anyhow::Result<()> {
         sock.set_read_timeout(Some(deadline))?;
+        let taps = vmm.control().handover_fds();
         let offer = frame(&Msg::Offer {
             state_version: STATE_VERSION,
             machine: vmm.machine().clone(),
             serial: serial.to_string(),
             has_api: api.is_some(),
+            taps: taps.iter().map(|(name, _)| name.clone()).collect(),
         });
         let mut fds = vec![vmm.control().ram().memfd().as_raw_fd()];
         fds.extend(api.map(|l| l.as_raw_fd()));
+        fds.extend(taps.iter().map(|(_, fd)| *fd));
         sock.send_with_fds(&[&offer[..]], &fds)
             .context("the new binary did not take the offer (did it start?)")?;
         Ok(())
@@ -446,6 +453,7 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
         machine,
         serial,
         has_api,
+        taps,
     } = offer
     else {
         bail!("expected an offer");
@@ -459,8 +467,11 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
         )?;
         bail!("VM state version {state_version} offered, this binary speaks {STATE_VERSION}");
     }
-    if fds.len() != 1 + usize::from(has_api) {
+    if fds.len() != 1 + usize::from(has_api) + taps.len() {
         bail!("the offer carried {} descriptors", fds.len());
+    }
+    for (name, fd) in taps.iter().zip(fds.split_off(1 + usize::from(has_api))) {
+        base_vmm::devices::virtio::net::adopt_tap(name, fd);
     }
     let api = has_api.then(|| UnixListener::from(fds.pop().expect("counted")));
     let ram = Arc::new(GuestRam::from_memfd(

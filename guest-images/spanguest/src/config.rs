@@ -17,7 +17,10 @@ pub const MMIO: u32 = 1 << 6;
 /// Write, flush and re-read disk blocks on the first virtio-blk device.
 pub const DISK: u32 = 1 << 7;
 
-const WORKLOADS: [(&str, u32); 8] = [
+/// Serve the Redis protocol on the first virtio-net device (`ip=` needed).
+pub const KV: u32 = 1 << 8;
+
+const WORKLOADS: [(&str, u32); 9] = [
     ("idle", IDLE),
     ("dirty", DIRTY),
     ("verify", VERIFY),
@@ -26,6 +29,7 @@ const WORKLOADS: [(&str, u32); 8] = [
     ("exits", EXITS),
     ("mmio", MMIO),
     ("disk", DISK),
+    ("kv", KV),
 ];
 
 /// Most `virtio_mmio.device=` words kept.
@@ -83,6 +87,8 @@ pub struct Config {
     /// Non-zero: `dirty`'s rate varies over time, a phase of `vary_ms` each at 1, 1/4, 2
     /// and 1/2 times `rate`, in turn (a kernel compile's bursts).
     pub vary_ms: u64,
+    /// `ip=A.B.C.D/N` and `gw=A.B.C.D`: the network configuration of `kv`.
+    pub ip: Option<crate::kv::IpConfig>,
 }
 
 impl Default for Config {
@@ -109,6 +115,7 @@ impl Default for Config {
             disk_flush: 64,
             devices: [crate::virtio::MmioDev { addr: 0 }; MAX_DEVICES],
             devices_n: 0,
+            ip: None,
         }
     }
 }
@@ -135,6 +142,15 @@ fn number(value: &[u8]) -> Option<u64> {
     value.iter().try_fold(0u64, |acc, &b| {
         b.is_ascii_digit().then(|| acc * 10 + u64::from(b - b'0'))
     })
+}
+
+fn ipv4(v: &[u8]) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = v.split(|&b| b == b'.');
+    for o in &mut out {
+        *o = u8::try_from(number(parts.next()?)?).ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 fn workloads(value: &[u8]) -> Result<u32, CmdlineError<'_>> {
@@ -166,6 +182,32 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
         let (key, value) = (&token[..eq], &token[eq + 1..]);
         if key == b"workload" {
             cfg.workloads = workloads(value)?;
+            continue;
+        }
+        if key == b"ip" || key == b"gw" {
+            let bad = CmdlineError {
+                what: "bad address (ip=A.B.C.D/N gw=A.B.C.D)",
+                token,
+            };
+            let (addr, prefix) = match (key, value.iter().position(|&b| b == b'/')) {
+                (b"ip", Some(p)) => (&value[..p], number(&value[p + 1..]).filter(|&n| n <= 32)),
+                (b"ip", None) => (value, Some(24)),
+                _ => (value, Some(32)),
+            };
+            let (Some(addr), Some(prefix)) = (ipv4(addr), prefix) else {
+                return Err(bad);
+            };
+            let ip = cfg.ip.get_or_insert(crate::kv::IpConfig {
+                ip: [0; 4],
+                prefix: 0,
+                gw: None,
+            });
+            if key == b"ip" {
+                ip.ip = addr;
+                ip.prefix = prefix as u8;
+            } else {
+                ip.gw = Some(addr);
+            }
             continue;
         }
         if key == b"virtio_mmio.device" {
@@ -217,6 +259,9 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
     }
     if cfg.disk_mib == 0 || cfg.disk_mib > MAX_DISK_MIB {
         return bad("disk_mib= must be in 1..256");
+    }
+    if cfg.has(KV) && cfg.ip.is_none_or(|ip| ip.ip == [0; 4]) {
+        return bad("workload=kv needs ip=A.B.C.D/N");
     }
     if cfg.tsc_khz == Some(0) || cfg.exits == 0 {
         return bad("tsc_khz= and exits= must not be 0");

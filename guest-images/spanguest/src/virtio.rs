@@ -1,4 +1,5 @@
-//! A polled virtio-mmio block driver (virtio 1.x, register layout 2), at CPL3.
+//! A polled virtio-mmio block driver (virtio 1.x, register layout 2), at CPL3, and the
+//! register access the net driver (net.rs) shares.
 //!
 //! Devices are found the way Linux finds them on QEMU's microvm: from
 //! `virtio_mmio.device=SIZE@ADDR:IRQ` words on the command line (spanvmm adds the same words).
@@ -17,33 +18,33 @@ const QSZ: u16 = 8;
 /// Bytes per block the workload moves.
 pub const BLOCK: usize = 4096;
 
-const MAGIC: u32 = 0x7472_6976;
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC: u64 = 0x080;
-const REG_QUEUE_AVAIL: u64 = 0x090;
-const REG_QUEUE_USED: u64 = 0x0a0;
-const REG_CONFIG: u64 = 0x100;
+pub(crate) const MAGIC: u32 = 0x7472_6976;
+pub(crate) const REG_MAGIC: u64 = 0x000;
+pub(crate) const REG_VERSION: u64 = 0x004;
+pub(crate) const REG_DEVICE_ID: u64 = 0x008;
+pub(crate) const REG_DEVICE_FEATURES: u64 = 0x010;
+pub(crate) const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+pub(crate) const REG_DRIVER_FEATURES: u64 = 0x020;
+pub(crate) const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+pub(crate) const REG_QUEUE_SEL: u64 = 0x030;
+pub(crate) const REG_QUEUE_NUM_MAX: u64 = 0x034;
+pub(crate) const REG_QUEUE_NUM: u64 = 0x038;
+pub(crate) const REG_QUEUE_READY: u64 = 0x044;
+pub(crate) const REG_QUEUE_NOTIFY: u64 = 0x050;
+pub(crate) const REG_STATUS: u64 = 0x070;
+pub(crate) const REG_QUEUE_DESC: u64 = 0x080;
+pub(crate) const REG_QUEUE_AVAIL: u64 = 0x090;
+pub(crate) const REG_QUEUE_USED: u64 = 0x0a0;
+pub(crate) const REG_CONFIG: u64 = 0x100;
 
-const S_ACKNOWLEDGE: u32 = 1;
-const S_DRIVER: u32 = 2;
-const S_DRIVER_OK: u32 = 4;
-const S_FEATURES_OK: u32 = 8;
+pub(crate) const S_ACKNOWLEDGE: u32 = 1;
+pub(crate) const S_DRIVER: u32 = 2;
+pub(crate) const S_DRIVER_OK: u32 = 4;
+pub(crate) const S_FEATURES_OK: u32 = 8;
 
 const F_RO: u64 = 1 << 5;
 const F_FLUSH: u64 = 1 << 9;
-const F_VERSION_1: u64 = 1 << 32;
+pub(crate) const F_VERSION_1: u64 = 1 << 32;
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
@@ -54,7 +55,7 @@ pub const S_OK: u8 = 0;
 const S_PENDING: u8 = 0xff;
 
 const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
+pub(crate) const DESC_F_WRITE: u16 = 2;
 
 /// Longest wait for a request (the device is on another thread of the host; a pause or a
 /// migration in between is far shorter).
@@ -97,24 +98,24 @@ fn number(v: &[u8]) -> Option<u64> {
     })
 }
 
-fn rd(base: u64, off: u64) -> u32 {
+pub(crate) fn rd(base: u64, off: u64) -> u32 {
     // SAFETY: base..base+0x200 is a virtio-mmio window from the command line, inside the
     // identity map and backed by no RAM: the load exits to the VMM, which answers it.
     unsafe { ((base + off) as *const u32).read_volatile() }
 }
 
-fn wr(base: u64, off: u64, v: u32) {
+pub(crate) fn wr(base: u64, off: u64, v: u32) {
     // SAFETY: as in `rd`; the store exits to the VMM (or, for QueueNotify, to its ioeventfd).
     unsafe { ((base + off) as *mut u32).write_volatile(v) }
 }
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
+pub(crate) struct Desc {
+    pub(crate) addr: u64,
+    pub(crate) len: u32,
+    pub(crate) flags: u16,
+    pub(crate) next: u16,
 }
 
 #[repr(C, align(4096))]

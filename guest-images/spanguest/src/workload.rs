@@ -8,9 +8,10 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::arch::{outl, rdtsc};
-use crate::config::{Config, DIRTY, DISK, EXITS, MMIO, VERIFY, ZERO};
+use crate::config::{Config, DIRTY, DISK, EXITS, KV, MMIO, VERIFY, ZERO};
 use crate::console::Line;
 use crate::disk::Disk;
+use crate::kv::Server;
 use crate::memory::{self, Layout, SHARED_SEED, WORDS};
 use crate::pv;
 use crate::tsc::Clock;
@@ -34,6 +35,9 @@ pub struct Plan {
 /// One idle step: short enough for ~1 ms stall resolution, long enough that the sleep exits
 /// (one per step) cost little.
 const SLEEP_US: u32 = 1000;
+/// `kv`: the idle step while a client was served in the last `KV_HOT_MS`.
+const KV_SLEEP_US: u32 = 20;
+const KV_HOT_MS: u64 = 50;
 /// A stall at least this long is stamped with the TSC at which it ended.
 const LONG_STALL_US: u64 = 50_000;
 /// Most time one work chunk (dirty, verify or exits) takes per loop iteration.
@@ -125,6 +129,41 @@ fn open_disk(cfg: &Config, clock: Clock) -> Disk {
     disk
 }
 
+/// The `kv` server (vCPU 0): too large for a vCPU's stack.
+static mut SERVER: core::mem::MaybeUninit<Server> = core::mem::MaybeUninit::uninit();
+
+/// Finds the network device, brings up the `kv` server (vCPU 0), or stops the guest saying why.
+fn open_kv(cfg: &Config, clock: Clock) -> &'static mut Server {
+    let dev = crate::net::NetDev::probe(&cfg.devices[..cfg.devices_n]).unwrap_or_else(|e| {
+        crate::fail(
+            Line::new("error")
+                .text("net:")
+                .text(e.what())
+                .num("devices", cfg.devices_n as u64),
+        )
+    });
+    let Some(ip) = cfg.ip else {
+        crate::fail(Line::new("error").text("kv needs ip="));
+    };
+    let (m, base) = (dev.mac, dev.base());
+    let now = rdtsc();
+    let server = Server::new(dev, ip, now ^ cfg.seed, clock.to_us(now));
+    // SAFETY: called once, by vCPU 0, which alone uses the server afterwards.
+    let server = unsafe { (*(&raw mut SERVER)).write(server) };
+    let [a, b, c, d] = ip.ip;
+    let mac = u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]]);
+    Line::new("net")
+        .hex("addr", base)
+        .hex("mac", mac)
+        .num("ip_a", u64::from(a))
+        .num("ip_b", u64::from(b))
+        .num("ip_c", u64::from(c))
+        .num("ip_d", u64::from(d))
+        .num("port", u64::from(crate::kv::PORT))
+        .emit();
+    server
+}
+
 /// Stops the guest after a disk request that never completed.
 fn disk_failed(e: crate::virtio::Error) -> ! {
     crate::fail(Line::new("error").text("disk:").text(e.what()))
@@ -212,6 +251,10 @@ struct Worker {
     disk_used: u64,
     /// Blocks moved at the last `disk` report, and when.
     disk_last: (u64, u64),
+    /// vCPU 0 with `kv`: the server.
+    kv: Option<&'static mut Server>,
+    /// TSC of the last poll that moved anything: the loop sleeps briefly while traffic flows.
+    kv_active: u64,
 }
 
 impl Worker {
@@ -268,6 +311,8 @@ impl Worker {
             disk_t0: 0,
             disk_used: 0,
             disk_last: (0, 0),
+            kv: (cpu == 0 && cfg.has(KV)).then(|| open_kv(cfg, clock)),
+            kv_active: 0,
         }
     }
 
@@ -437,12 +482,22 @@ impl Worker {
                 busy |= more;
                 excused += waited;
             }
+            let mut sleep = (SLEEP_US, sleep_ticks);
+            if let Some(kv) = self.kv.as_mut() {
+                if kv.poll(self.clock.to_us(now)) {
+                    self.kv_active = now;
+                    busy = true;
+                } else if now.wrapping_sub(self.kv_active) < self.clock.ms(KV_HOT_MS) {
+                    // A client is talking: answer within tens of µs, not a whole sleep step.
+                    sleep = (KV_SLEEP_US, self.clock.us(u64::from(KV_SLEEP_US)));
+                }
+            }
             if self.cpu == 0 {
                 excused += self.maybe_ack();
             }
             if !busy {
-                pv::sleep(self.plan.pv, SLEEP_US, sleep_ticks);
-                excused += sleep_ticks;
+                pv::sleep(self.plan.pv, sleep.0, sleep.1);
+                excused += sleep.1;
             }
         }
     }
@@ -484,6 +539,19 @@ impl Worker {
                     .num("errors", c.errors)
                     .num("flushes", c.flushes)
                     .num("kib_s", kib_s),
+            );
+        }
+        if let Some(kv) = &self.kv {
+            let (c, d) = (kv.counts, kv.dev().counts);
+            waited += self.out(
+                Line::new("kv")
+                    .num("accepted", c.accepted)
+                    .num("open", c.open)
+                    .num("commands", c.commands)
+                    .num("errors", c.errors)
+                    .num("rx", d.rx)
+                    .num("tx", d.tx)
+                    .num("tx_full", d.tx_full),
             );
         }
         waited

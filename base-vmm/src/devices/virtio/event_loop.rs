@@ -35,6 +35,26 @@ impl MutEventSubscriber for Notifier {
     }
 }
 
+/// Serves a device's backend fd (a tap with frames waiting), edge-triggered: the device
+/// drains what it can; what is left waits for the guest's next notification or a new frame.
+struct Backend {
+    transport: Arc<Mutex<MmioTransport>>,
+    fd: std::os::fd::RawFd,
+}
+
+impl MutEventSubscriber for Backend {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        lock(&self.transport).process();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let set = EventSet::IN | EventSet::EDGE_TRIGGERED;
+        if let Err(e) = ops.add(Events::new_raw(self.fd, set)) {
+            tracing::error!("virtio: cannot watch a device backend: {e:?}");
+        }
+    }
+}
+
 /// Wakes the loop to stop.
 struct Waker(EventFd);
 
@@ -66,6 +86,13 @@ impl EventLoop {
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         em.add_subscriber(Arc::new(Mutex::new(Waker(wake.try_clone()?))));
         for (transport, fd) in devices {
+            // The fd stays open as long as the device, which the subscriber keeps alive.
+            if let Some(backend) = lock(&transport).backend_fd() {
+                em.add_subscriber(Arc::new(Mutex::new(Backend {
+                    transport: transport.clone(),
+                    fd: backend,
+                })));
+            }
             em.add_subscriber(Arc::new(Mutex::new(Notifier { transport, fd })));
         }
         let stop = Arc::new(AtomicBool::new(false));

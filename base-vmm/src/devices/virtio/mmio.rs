@@ -212,6 +212,16 @@ impl MmioTransport {
         }
     }
 
+    /// The backend fd the event loop watches, if the device has one.
+    pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.backend_fd()
+    }
+
+    /// The fd a live update hands over, with its name.
+    pub fn handover_fd(&self) -> Option<(String, std::os::fd::RawFd)> {
+        self.device.handover_fd()
+    }
+
     /// Guest-physical address of the register window.
     pub fn base(&self) -> u64 {
         self.base
@@ -236,6 +246,9 @@ impl MmioTransport {
     /// while the VM was paused.
     pub fn set_paused(&mut self, paused: bool) {
         self.paused = paused;
+        if !paused {
+            self.device.resumed();
+        }
         if !paused && std::mem::take(&mut self.pending) {
             self.kick();
         }

@@ -12,6 +12,7 @@
 pub mod block;
 pub mod event_loop;
 pub mod mmio;
+pub mod net;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::AtomicBitmap;
@@ -19,6 +20,7 @@ use vm_memory::GuestMemoryMmap;
 
 pub use block::{Block, BlockConfig};
 pub use mmio::{MmioTransport, TransportState};
+pub use net::{Net, NetConfig};
 
 /// Guest memory as devices see it (writes are tracked in the dirty bitmap).
 pub type Mem = GuestMemoryMmap<AtomicBitmap>;
@@ -63,7 +65,7 @@ pub fn cmdline_words(count: usize) -> String {
 /// A device model behind the transport: its identity, features, configuration space and what
 /// it does with the buffers a driver makes available.
 pub trait VirtioDevice: Send {
-    /// Virtio device ID (2 = block).
+    /// Virtio device ID (1 = network, 2 = block).
     fn device_type(&self) -> u32;
     /// Feature bits offered (VIRTIO_F_VERSION_1 included).
     fn features(&self) -> u64;
@@ -75,6 +77,18 @@ pub trait VirtioDevice: Send {
     fn config_len(&self) -> usize;
     /// Serves every chain available on queue `index`; true when any went to the used ring.
     fn process_queue(&mut self, index: usize, queue: &mut virtio_queue::Queue, mem: &Mem) -> bool;
+    /// A backend fd to watch (readable: call [`Self::process_queue`] on every queue again),
+    /// e.g. a tap whose frames wait for receive buffers.
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// The fd a live update hands to the new process, with the name the device is reopened
+    /// by ([`net::adopt_tap`]).
+    fn handover_fd(&self) -> Option<(String, std::os::fd::RawFd)> {
+        None
+    }
+    /// The VM runs again after a pause (a restored net device announces the guest's MAC).
+    fn resumed(&mut self) {}
     /// What the device is and how it was configured (for `GET /vm` and the VM state).
     fn config(&self) -> DeviceConfig;
     /// Counters of what the device did.
@@ -87,12 +101,25 @@ pub trait VirtioDevice: Send {
 pub enum DeviceConfig {
     /// A virtio-blk disk.
     Block(BlockConfig),
+    /// A virtio-net interface on a tap.
+    Net(NetConfig),
+}
+
+impl DeviceConfig {
+    /// Opens the device's backend: a disk by path, a tap by name (or the fd a live update
+    /// handed over). `restored`: the device continues a saved one.
+    pub fn open(&self, restored: bool) -> Result<Box<dyn VirtioDevice>, String> {
+        Ok(match self {
+            DeviceConfig::Block(c) => Box::new(Block::open(c).map_err(|e| e.to_string())?),
+            DeviceConfig::Net(c) => Box::new(Net::open(c, restored).map_err(|e| e.to_string())?),
+        })
+    }
 }
 
 /// Requests served and refused (for `GET /vm` and tests).
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeviceCounters {
-    /// Requests completed with status OK.
+    /// Requests completed with status OK (net: frames received and sent).
     pub ok: u64,
     /// Requests completed with an error status (IOERR or UNSUPP).
     pub errors: u64,
@@ -104,6 +131,9 @@ pub struct DeviceCounters {
     pub written_bytes: u64,
     /// Flushes (fdatasync) done.
     pub flushes: u64,
+    /// MAC announcements (RARP frames) sent after a restore.
+    #[serde(default)]
+    pub announces: u64,
 }
 
 /// One virtio device in the VM state: where it sits, how it was configured, and the
