@@ -24,7 +24,8 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -53,6 +54,8 @@ const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// Waits before each RARP round after a restore, ms (QEMU sends 5 rounds over ~0.5 s).
+const ANNOUNCE_MS: [u64; 5] = [0, 100, 200, 300, 500];
 
 /// How a network device is given (`--net tap=NAME[,mac=M]`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -242,6 +245,8 @@ pub struct Net {
     buf: Vec<u8>,
     /// Announce the MAC at the next resume (a restored device: maybe on another host).
     announce: bool,
+    /// RARP frames sent.
+    announced: Arc<AtomicU64>,
 }
 
 impl Net {
@@ -277,16 +282,14 @@ impl Net {
             counters: DeviceCounters::default(),
             buf: vec![0u8; MAX_PACKET],
             announce: restored,
+            announced: Arc::new(AtomicU64::new(0)),
         })
     }
 
     /// Moves frames from the tap into receive buffers until one or the other runs out.
     fn receive(&mut self, queue: &mut Queue, mem: &Mem) -> bool {
         let mut any = false;
-        loop {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let n = match self.tap.read(&mut self.buf) {
                 Ok(n) => n,
@@ -332,16 +335,17 @@ impl Net {
             let head = chain.head_index();
             let descs: Vec<Descriptor> = chain.collect();
             match gather(&mut self.buf, &descs, mem) {
+                // A tap takes a frame whole or not at all.
                 Some(n) if n > VNET_HDR_LEN => match self.tap.write(&self.buf[..n]) {
-                    Ok(_) => {
+                    Ok(w) if w == n => {
                         self.counters.ok += 1;
                         self.counters.written_bytes += (n - VNET_HDR_LEN) as u64;
                     }
-                    Err(e) => {
+                    r => {
                         // A tap whose interface is down refuses frames: they are dropped, as a
                         // cable-less NIC drops them.
                         self.counters.errors += 1;
-                        tracing::debug!("virtio-net {}: write: {e}", self.cfg.tap);
+                        tracing::debug!("virtio-net {}: write: {r:?}", self.cfg.tap);
                     }
                 },
                 _ => self.counters.skipped += 1,
@@ -354,8 +358,10 @@ impl Net {
         any
     }
 
-    /// Sends RARP frames from the guest's MAC (QEMU's announce): a bridge or switch learns the
-    /// port the guest is behind now.
+    /// Sends RARP frames from the guest's MAC (QEMU's announce), in rounds spread over a
+    /// second from a helper thread: the tap's carrier has just come up, and a bridge may not
+    /// forward (nor learn) on the port until the kernel has processed that, which it may
+    /// delay up to a second. A bridge or switch then learns the port the guest is behind.
     fn announce(&mut self) {
         let mut f = [0u8; VNET_HDR_LEN + 60];
         let e = &mut f[VNET_HDR_LEN..];
@@ -369,17 +375,35 @@ impl Net {
         e[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
         e[22..28].copy_from_slice(&self.mac); // sender MAC, sender IP 0
         e[32..38].copy_from_slice(&self.mac); // target MAC, target IP 0
-        for _ in 0..3 {
-            match self.tap.write(&f) {
-                Ok(_) => self.counters.announces += 1,
-                Err(e) => tracing::warn!("virtio-net {}: announce: {e}", self.cfg.tap),
+        let mut tap = match self.tap.try_clone() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("virtio-net {}: announce: {e}", self.cfg.tap);
+                return;
             }
-        }
-        tracing::info!(
-            "virtio-net {}: announced {} (RARP)",
-            self.cfg.tap,
-            self.cfg.mac
+        };
+        let (name, mac, sent) = (
+            self.cfg.tap.clone(),
+            self.cfg.mac.clone(),
+            self.announced.clone(),
         );
+        let spawned = std::thread::Builder::new()
+            .name("net-announce".into())
+            .spawn(move || {
+                for wait_ms in ANNOUNCE_MS {
+                    std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+                    match tap.write(&f) {
+                        Ok(n) if n == f.len() => {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        r => tracing::warn!("virtio-net {name}: announce: {r:?}"),
+                    }
+                }
+                tracing::info!("virtio-net {name}: announced {mac} (RARP)");
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("virtio-net {}: announce: {e}", self.cfg.tap);
+        }
     }
 }
 
@@ -470,7 +494,10 @@ impl VirtioDevice for Net {
     }
 
     fn counters(&self) -> DeviceCounters {
-        self.counters
+        DeviceCounters {
+            announces: self.announced.load(Ordering::Relaxed),
+            ..self.counters
+        }
     }
 }
 
