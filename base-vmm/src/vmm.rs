@@ -751,8 +751,8 @@ fn build_virtio(
             // One memslot from 0: RAM reaching the windows would hide them from the guest.
             if !devices.is_empty() && ram.size() > virtio::MMIO_BASE {
                 return Err(VmmError::Config(format!(
-                    "--disk and --net need --memory below {} MiB: the virtio windows sit at {:#x}, \
-                     inside the guest's RAM otherwise",
+                    "--disk needs --memory below {} MiB (so does --net): the virtio windows sit \
+                     at {:#x}, inside the guest's RAM otherwise",
                     virtio::MMIO_BASE >> 20,
                     virtio::MMIO_BASE
                 )));

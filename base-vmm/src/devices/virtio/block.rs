@@ -411,15 +411,15 @@ pub(crate) mod tests {
     }
 
     /// A driver's side of one queue, written straight into real guest memory.
-    struct Driver {
-        ram: Arc<GuestRam>,
-        queue: Queue,
+    pub(crate) struct Driver {
+        pub(crate) ram: Arc<GuestRam>,
+        pub(crate) queue: Queue,
         next_desc: u16,
         avail: u16,
     }
 
     impl Driver {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let ram = Arc::new(GuestRam::new(2 << 20).unwrap());
             let mut queue = Queue::new(QUEUE_SIZE).unwrap();
             queue.set_desc_table_address(Some(DESC as u32), Some(0));
@@ -443,7 +443,7 @@ pub(crate) mod tests {
         }
 
         /// Makes a chain of `(addr, len, writable)` available; returns its head.
-        fn push(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
+        pub(crate) fn push(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
             let head = self.next_desc;
             for (k, &(addr, len, w)) in bufs.iter().enumerate() {
                 let i = head + k as u16;
@@ -478,7 +478,7 @@ pub(crate) mod tests {
         }
 
         /// (head, len) of used entry `n`.
-        fn used(&self, n: u16) -> (u32, u32) {
+        pub(crate) fn used(&self, n: u16) -> (u32, u32) {
             let mut b = [0u8; 8];
             self.ram.read(USED + 4 + 8 * n as u64, &mut b).unwrap();
             (
@@ -487,7 +487,7 @@ pub(crate) mod tests {
             )
         }
 
-        fn used_idx(&self) -> u16 {
+        pub(crate) fn used_idx(&self) -> u16 {
             let mut b = [0u8; 2];
             self.ram.read(USED + 2, &mut b).unwrap();
             u16::from_le_bytes(b)
