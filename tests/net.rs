@@ -337,12 +337,22 @@ fn a_migrated_guest_answers_at_the_destination_which_announces_its_mac() {
     assert_eq!(d["mac"], MAC, "{d}");
     // The announce moved the guest's MAC to tap1 on the bridge before any reply did: without
     // it the bridge would send the client's frames to tap0 until its entry aged out (300 s).
-    let fdb = lan.sh(&["bridge", "fdb", "show", "br", "br0"]);
-    assert!(
-        fdb.lines()
-            .any(|l| l.starts_with(MAC) && l.contains("dev tap1")),
-        "the bridge did not learn the guest behind tap1: {fdb}"
-    );
+    // Rounds go out over 0.6 s: wait for the bridge to have learnt from one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let fdb = lan.sh(&["bridge", "fdb", "show", "br", "br0"]);
+        if fdb
+            .lines()
+            .any(|l| l.starts_with(MAC) && l.contains("dev tap1"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bridge did not learn the guest behind tap1: {fdb}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(lan.cli(&["GET", "kept"]), "moved");
     assert!(
         net_device(&dst)["counters"]["announces"].as_u64().unwrap() > 0,

@@ -104,9 +104,18 @@ fn hash(k: &[u8]) -> usize {
     }) as usize
 }
 
+/// The static at `p`, borrowed exclusively.
+///
+/// # Safety
+/// Only vCPU 0 uses the kv statics, and the caller holds no other reference to the same one.
+unsafe fn excl<T>(p: *mut T) -> &'static mut T {
+    // SAFETY: the caller's contract; `p` points at a static.
+    unsafe { &mut *p }
+}
+
 fn table() -> &'static mut [Slot; SLOTS] {
     // SAFETY: vCPU 0 alone serves the network and touches the table, one command at a time.
-    unsafe { &mut *(&raw mut TABLE) }
+    unsafe { excl(&raw mut TABLE) }
 }
 
 /// The slot holding `key`, or where it would go (the first deleted or empty slot on its
@@ -397,13 +406,13 @@ impl Server {
                 .add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
         }
         // SAFETY: the server is made once, by vCPU 0, which alone uses these statics after.
-        let mut sockets = SocketSet::new(unsafe { (&mut *(&raw mut STORAGE)).as_mut_slice() });
+        let mut sockets = SocketSet::new(unsafe { excl(&raw mut STORAGE).as_mut_slice() });
         let conns = core::array::from_fn(|i| {
             // SAFETY: as above; socket i alone uses buffers i.
             let (rx, tx) = unsafe {
                 (
-                    (&mut *(&raw mut RX))[i].as_mut_slice(),
-                    (&mut *(&raw mut TX))[i].as_mut_slice(),
+                    excl(&raw mut RX)[i].as_mut_slice(),
+                    excl(&raw mut TX)[i].as_mut_slice(),
                 )
             };
             let mut s = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
@@ -466,14 +475,15 @@ impl Server {
             return true;
         }
         // SAFETY: vCPU 0 alone; connection i alone uses input buffer i.
-        let inbuf = unsafe { &mut (*(&raw mut INBUF))[i] };
+        let inbuf = unsafe { &mut excl(&raw mut INBUF)[i] };
         let mut did = false;
         loop {
-            if s.can_recv() && conn.inlen < IN {
-                if let Ok(n) = s.recv_slice(&mut inbuf[conn.inlen..]) {
-                    conn.inlen += n;
-                    did |= n > 0;
-                }
+            if s.can_recv()
+                && conn.inlen < IN
+                && let Ok(n) = s.recv_slice(&mut inbuf[conn.inlen..])
+            {
+                conn.inlen += n;
+                did |= n > 0;
             }
             let mut progressed = false;
             while conn.inlen > 0 && s.send_capacity() - s.send_queue() >= REPLY_MAX {

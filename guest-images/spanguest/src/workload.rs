@@ -149,7 +149,7 @@ fn open_kv(cfg: &Config, clock: Clock) -> &'static mut Server {
     let now = rdtsc();
     let server = Server::new(dev, ip, now ^ cfg.seed, clock.to_us(now));
     // SAFETY: called once, by vCPU 0, which alone uses the server afterwards.
-    let server = unsafe { (*(&raw mut SERVER)).write(server) };
+    let server = unsafe { (&raw mut SERVER).as_mut().expect("a static").write(server) };
     let [a, b, c, d] = ip.ip;
     let mac = u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]]);
     Line::new("net")
