@@ -18,7 +18,7 @@ use spanvmm_sdk::hostif::HostTrampolines;
 use spanvmm_sdk::{Event, EventReply, LogLevel, Manifest, VcpuRegs, ABI_VERSION};
 
 use crate::backend::{Backend, Fatal};
-use crate::ctx::{lock, ServiceCtx};
+use crate::ctx::{lock, CallError, ServiceCtx};
 use crate::error::ServiceError;
 use crate::trust::TrustedFile;
 
@@ -184,7 +184,7 @@ impl Backend for NativeService {
         // SAFETY: entry point of a version-checked library; `sink` lives across the call.
         let code = unsafe { (self.fns.describe)(&sink) };
         match outcome(code, "describe", out)? {
-            Ok(json) => crate::manifest::parse_native(&json).map_err(Fatal),
+            Ok(json) => crate::manifest::parse_native(&json).map_err(|e| Fatal(e.to_string())),
             Err(msg) => Err(Fatal(format!("describe failed: {msg}"))),
         }
     }
@@ -262,21 +262,21 @@ fn with_ctx<T>(ctx: *mut c_void, default: T, f: impl FnOnce(&ServiceCtx) -> T) -
 }
 
 /// Reports `r` through `sink`: bytes on success, the message on error.
-fn report(sink: *const Sink, r: Result<Vec<u8>, String>) -> i32 {
+fn report<E: Into<String>>(sink: *const Sink, r: Result<Vec<u8>, E>) -> i32 {
     let (code, bytes) = match r {
         Ok(b) => (abi::OK, b),
-        Err(e) => (abi::ERR, e.into_bytes()),
+        Err(e) => (abi::ERR, e.into().into_bytes()),
     };
     // SAFETY: `sink` is the plugin's sink for this call (or null), valid during the call.
     unsafe { abi::sink_put(sink, &bytes) };
     code
 }
 
-fn words(r: Result<Vec<u64>, String>) -> Result<Vec<u8>, String> {
+fn words<E>(r: Result<Vec<u64>, E>) -> Result<Vec<u8>, E> {
     r.map(|w| abi::words_to_bytes(&w))
 }
 
-fn unit(r: Result<(), String>) -> Result<Vec<u8>, String> {
+fn unit<E>(r: Result<(), E>) -> Result<Vec<u8>, E> {
     r.map(|_| Vec::new())
 }
 
@@ -284,8 +284,6 @@ fn text(ptr: *const u8, len: usize) -> String {
     // SAFETY: the plugin passes `len` readable bytes at `ptr` for the duration of the call.
     String::from_utf8_lossy(unsafe { abi::bytes(ptr, len) }).into_owned()
 }
-
-const PANIC: &str = "internal host error";
 
 // ---- helpers of the snapshot and migration calls ----
 
@@ -295,12 +293,12 @@ fn opt_text(ptr: *const u8, len: usize) -> Option<String> {
 }
 
 /// A bitmap from the plugin.
-fn bitmap(ptr: *const u64, words: usize) -> Result<Vec<u64>, String> {
+fn bitmap(ptr: *const u64, words: usize) -> Result<Vec<u64>, CallError> {
     if words == 0 {
         return Ok(Vec::new());
     }
     if ptr.is_null() {
-        return Err("null bitmap".into());
+        return Err(CallError::Refused("null bitmap".into()));
     }
     // SAFETY: the plugin passes `words` readable u64 words at `ptr` for this call.
     Ok(unsafe { std::slice::from_raw_parts(ptr, words) }.to_vec())
@@ -321,11 +319,17 @@ impl HostTrampolines for Trampolines {
     }
 
     unsafe extern "C" fn pause(ctx: *mut c_void, err: *const Sink) -> i32 {
-        report(err, with_ctx(ctx, Err(PANIC.into()), |c| unit(c.pause())))
+        report(
+            err,
+            with_ctx(ctx, Err(CallError::Internal), |c| unit(c.pause())),
+        )
     }
 
     unsafe extern "C" fn resume(ctx: *mut c_void, err: *const Sink) -> i32 {
-        report(err, with_ctx(ctx, Err(PANIC.into()), |c| unit(c.resume())))
+        report(
+            err,
+            with_ctx(ctx, Err(CallError::Internal), |c| unit(c.resume())),
+        )
     }
 
     unsafe extern "C" fn vcpu_regs(
@@ -334,7 +338,7 @@ impl HostTrampolines for Trampolines {
         out: *mut VcpuRegs,
         err: *const Sink,
     ) -> i32 {
-        let r = with_ctx(ctx, Err(PANIC.into()), |c| c.vcpu_regs(index));
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.vcpu_regs(index));
         report(
             err,
             r.map(|regs| {
@@ -355,9 +359,12 @@ impl HostTrampolines for Trampolines {
         err: *const Sink,
     ) -> i32 {
         if buf.is_null() && len > 0 {
-            return report(err, Err("read-memory: null buffer".into()));
+            return report(
+                err,
+                Err(CallError::Refused("read-memory: null buffer".into())),
+            );
         }
-        let r = with_ctx(ctx, Err(PANIC.into()), |c| {
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
             let dst: &mut [u8] = if len == 0 {
                 &mut []
             } else {
@@ -376,7 +383,7 @@ impl HostTrampolines for Trampolines {
         len: usize,
         err: *const Sink,
     ) -> i32 {
-        let r = with_ctx(ctx, Err(PANIC.into()), |c| {
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
             // SAFETY: the plugin passes `len` readable bytes at `data` for this call.
             c.write_memory(gpa, unsafe { abi::bytes(data, len) })
         });
@@ -390,7 +397,7 @@ impl HostTrampolines for Trampolines {
         out: *mut CTranslation,
         err: *const Sink,
     ) -> i32 {
-        let r = with_ctx(ctx, Err(PANIC.into()), |c| c.translate(cr3, gva));
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.translate(cr3, gva));
         report(
             err,
             r.map(|t| {
@@ -406,7 +413,7 @@ impl HostTrampolines for Trampolines {
     unsafe extern "C" fn dirty_bitmap(ctx: *mut c_void, out: *const Sink) -> i32 {
         report(
             out,
-            with_ctx(ctx, Err(PANIC.into()), |c| words(c.dirty_bitmap())),
+            with_ctx(ctx, Err(CallError::Internal), |c| words(c.dirty_bitmap())),
         )
     }
 
@@ -418,7 +425,7 @@ impl HostTrampolines for Trampolines {
     ) -> i32 {
         report(
             out,
-            with_ctx(ctx, Err(PANIC.into()), |c| {
+            with_ctx(ctx, Err(CallError::Internal), |c| {
                 words(c.hash_pages(first, count))
             }),
         )
@@ -432,7 +439,9 @@ impl HostTrampolines for Trampolines {
     ) -> i32 {
         report(
             out,
-            with_ctx(ctx, Err(PANIC.into()), |c| words(c.zero_scan(first, count))),
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                words(c.zero_scan(first, count))
+            }),
         )
     }
 
@@ -445,7 +454,7 @@ impl HostTrampolines for Trampolines {
         max_results: u32,
         out: *const Sink,
     ) -> i32 {
-        let r = with_ctx(ctx, Err(PANIC.into()), |c| {
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
             // SAFETY: the plugin passes `pattern_len` readable bytes at `pattern` for this call.
             let pat = unsafe { abi::bytes(pattern, pattern_len) };
             words(c.search_memory(start, len, pat, max_results))
@@ -461,7 +470,9 @@ impl HostTrampolines for Trampolines {
     ) -> i32 {
         report(
             err,
-            with_ctx(ctx, Err(PANIC.into()), |c| unit(c.claim_ports(base, len))),
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                unit(c.claim_ports(base, len))
+            }),
         )
     }
 
@@ -473,7 +484,9 @@ impl HostTrampolines for Trampolines {
     ) -> i32 {
         report(
             err,
-            with_ctx(ctx, Err(PANIC.into()), |c| unit(c.claim_mmio(base, len))),
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                unit(c.claim_mmio(base, len))
+            }),
         )
     }
 
@@ -512,7 +525,9 @@ impl HostTrampolines for Trampolines {
         if opts.is_null() || job.is_null() {
             return report(
                 err,
-                Err("snapshot begin: null options or job pointer".into()),
+                Err(CallError::Refused(
+                    "snapshot begin: null options or job pointer".into(),
+                )),
             );
         }
         // SAFETY: `opts` is the plugin's valid options for this call.
@@ -523,7 +538,7 @@ impl HostTrampolines for Trampolines {
             key_file: opt_text(o.key_file, o.key_file_len),
             expires_in_s: (o.has_expiry != 0).then_some(o.expires_in_s),
         };
-        let r = with_ctx(ctx, Err(PANIC.into()), |c| c.snapshot_begin(req));
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.snapshot_begin(req));
         report(
             err,
             r.map(|id| {
@@ -541,15 +556,20 @@ impl HostTrampolines for Trampolines {
         words: usize,
         err: *const Sink,
     ) -> i32 {
-        let r = bitmap(bits, words)
-            .and_then(|b| with_ctx(ctx, Err(PANIC.into()), |c| c.snapshot_write_pages(job, b)));
+        let r = bitmap(bits, words).and_then(|b| {
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                c.snapshot_write_pages(job, b)
+            })
+        });
         report(err, unit(r))
     }
 
     unsafe extern "C" fn snapshot_commit(ctx: *mut c_void, job: u32, err: *const Sink) -> i32 {
         report(
             err,
-            with_ctx(ctx, Err(PANIC.into()), |c| unit(c.snapshot_commit(job))),
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                unit(c.snapshot_commit(job))
+            }),
         )
     }
 
@@ -562,23 +582,20 @@ impl HostTrampolines for Trampolines {
         err: *const Sink,
     ) -> i32 {
         if out.is_null() {
-            return report(err, Err("snapshot status: null status pointer".into()));
+            return report(
+                err,
+                Err(CallError::Refused(
+                    "snapshot status: null status pointer".into(),
+                )),
+            );
         }
-        let r = with_ctx(ctx, Err(PANIC.into()), |c| c.snapshot_status(job));
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.snapshot_status(job));
         report(
             err,
             r.map(|s| {
                 // SAFETY: `out` is a valid out pointer; the sinks are the plugin's (or null).
                 unsafe {
-                    *out = CJobStatus {
-                        pending: s.pending,
-                        rounds: s.rounds,
-                        bytes_written: s.bytes_written,
-                        copied: s.copied as u8,
-                        committed: s.committed as u8,
-                        failed: s.error.is_some() as u8,
-                        reserved: [0; 5],
-                    };
+                    *out = CJobStatus::from(&s);
                     abi::sink_put(layer_id, s.layer_id.as_bytes());
                     if let Some(e) = &s.error {
                         abi::sink_put(job_error, e.as_bytes());
@@ -605,14 +622,19 @@ impl HostTrampolines for Trampolines {
         err: *const Sink,
     ) -> i32 {
         if job.is_null() {
-            return report(err, Err("snapshot merge: null job pointer".into()));
+            return report(
+                err,
+                Err(CallError::Refused(
+                    "snapshot merge: null job pointer".into(),
+                )),
+            );
         }
         let req = crate::snapshot::MergeRequest {
             top: text(top, top_len),
             out: text(out, out_len),
             key_file: opt_text(key_file, key_file_len),
         };
-        let r = with_ctx(ctx, Err(PANIC.into()), |c| c.snapshot_merge(req));
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.snapshot_merge(req));
         report(
             err,
             r.map(|id| {
@@ -632,14 +654,18 @@ impl HostTrampolines for Trampolines {
         let dir = text(dir, dir_len);
         report(
             err,
-            with_ctx(ctx, Err(PANIC.into()), |c| unit(c.snapshot_remove(&dir))),
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                unit(c.snapshot_remove(&dir))
+            }),
         )
     }
 
     unsafe extern "C" fn migration_harvest_dirty(ctx: *mut c_void, out: *const Sink) -> i32 {
         report(
             out,
-            with_ctx(ctx, Err(PANIC.into()), |c| words(c.migration_harvest())),
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                words(c.migration_harvest())
+            }),
         )
     }
 
@@ -652,8 +678,10 @@ impl HostTrampolines for Trampolines {
         err: *const Sink,
     ) -> i32 {
         let r = bitmap(bits, nwords).and_then(|b| {
-            with_ctx(ctx, Err(PANIC.into()), |c| {
-                c.migration("queue-pages")?.queue_bitmap(&b, round)
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                c.migration("queue-pages")?
+                    .queue_bitmap(&b, round)
+                    .map_err(CallError::Refused)
             })
         });
         report(
@@ -676,9 +704,10 @@ impl HostTrampolines for Trampolines {
         round: u32,
         err: *const Sink,
     ) -> i32 {
-        let r = with_ctx(ctx, Err(PANIC.into()), |c| {
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
             c.migration("queue-range")?
                 .queue_range(first, count, urgent != 0, round)
+                .map_err(CallError::Refused)
         });
         report(err, unit(r))
     }
@@ -697,8 +726,10 @@ impl HostTrampolines for Trampolines {
             cache_bytes,
             blocks,
         };
-        let r = with_ctx(ctx, Err(PANIC.into()), |c| {
-            c.migration("set-encoding")?.set_encoding(enc)
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
+            c.migration("set-encoding")?
+                .set_encoding(enc)
+                .map_err(CallError::Refused)
         });
         report(err, unit(r))
     }
@@ -708,15 +739,19 @@ impl HostTrampolines for Trampolines {
         mode: u32,
         err: *const Sink,
     ) -> i32 {
-        use crate::migration::SwitchMode;
-        let mode = match mode {
-            abi::switch_mode::STOP_AND_COPY => SwitchMode::StopAndCopy,
-            abi::switch_mode::POSTCOPY => SwitchMode::Postcopy,
-            other => return report(err, Err(format!("switch-over: unknown mode {other}"))),
+        let Some(mode) = crate::migration::SwitchMode::from_code(mode) else {
+            return report(
+                err,
+                Err(CallError::Refused(format!(
+                    "switch-over: unknown mode {mode}"
+                ))),
+            );
         };
         report(
             err,
-            with_ctx(ctx, Err(PANIC.into()), |c| unit(c.migration_switch(mode))),
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                unit(c.migration_switch(mode))
+            }),
         )
     }
 
@@ -726,7 +761,7 @@ impl HostTrampolines for Trampolines {
                 .map(|m| m.take_faults())
                 .unwrap_or_default()
         });
-        report(out, words(Ok(faults)))
+        report(out, words(Ok::<_, CallError>(faults)))
     }
 
     unsafe extern "C" fn migration_progress(
@@ -735,37 +770,21 @@ impl HostTrampolines for Trampolines {
         failure: *const Sink,
         err: *const Sink,
     ) -> i32 {
-        use crate::migration::Phase;
         if out.is_null() {
-            return report(err, Err("progress: null status pointer".into()));
+            return report(
+                err,
+                Err(CallError::Refused("progress: null status pointer".into())),
+            );
         }
-        let r = with_ctx(ctx, Err(PANIC.into()), |c| {
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
             Ok(c.migration("progress")?.progress())
         });
         report(
             err,
             r.map(|p| {
-                let phase = match p.phase {
-                    Phase::Precopy => abi::migration_phase::PRECOPY,
-                    Phase::Postcopy => abi::migration_phase::POSTCOPY,
-                    Phase::Recovering => abi::migration_phase::RECOVERING,
-                    Phase::Completed => abi::migration_phase::COMPLETED,
-                    Phase::Failed => abi::migration_phase::FAILED,
-                };
                 // SAFETY: `out` is a valid out pointer; `failure` the plugin's sink (or null).
                 unsafe {
-                    *out = CMigrationStatus {
-                        phase,
-                        reserved: 0,
-                        pages_total: p.pages_total,
-                        pages_pending: p.pages_pending,
-                        pages_sent: p.pages_sent,
-                        bytes_sent: p.bytes_sent,
-                        rate_bytes_per_sec: p.rate_bytes_per_sec,
-                        pages_needed: p.pages_needed,
-                        remote_faults: p.remote_faults,
-                        elapsed_ms: p.elapsed_ms,
-                    };
+                    *out = CMigrationStatus::from(&p.status);
                     if let Some(e) = &p.error {
                         abi::sink_put(failure, e.as_bytes());
                     }

@@ -439,15 +439,11 @@ pub(crate) mod imports {
         let (id_sink, failure_sink) = (id.sink(), failure.sink());
         // SAFETY: as above; `out` and both sinks live across the call.
         with_sink(|s| unsafe { call(ctx, job, &mut out, &id_sink, &failure_sink, s) })?;
-        Ok(crate::snapshot::JobStatus {
-            layer_id: id.into_string(),
-            pending: out.pending,
-            rounds: out.rounds,
-            bytes_written: out.bytes_written,
-            copied: out.copied != 0,
-            committed: out.committed != 0,
-            error: (out.failed != 0).then(|| failure.into_string()),
-        })
+        Ok(crate::snapshot::JobStatus::from_c(
+            &out,
+            id.into_string(),
+            failure.into_string(),
+        ))
     }
 
     pub fn snapshot_close(job: u32) {
