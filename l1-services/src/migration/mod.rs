@@ -78,3 +78,41 @@ pub fn trace(what: std::fmt::Arguments) {
         );
     }
 }
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+
+    /// The control API's progress stays one flat object with the keys it always had, though
+    /// its service part is the SDK's type.
+    #[test]
+    fn progress_serializes_flat() {
+        let p = Progress {
+            status: Status {
+                phase: Phase::Precopy,
+                pages_total: 4,
+                pages_pending: 1,
+                pages_sent: 3,
+                bytes_sent: 12288,
+                rate_bytes_per_sec: 7,
+                pages_needed: 0,
+                remote_faults: 0,
+                elapsed_ms: 5,
+                error: None,
+            },
+            pages_per_sec: 2,
+            rounds: 1,
+        };
+        let v = serde_json::to_value(&p).expect("serialize");
+        assert_eq!(v["phase"], "precopy");
+        assert_eq!(v["pages_sent"], 3);
+        assert_eq!(v["rounds"], 1);
+        assert_eq!(v["pages_per_sec"], 2);
+        assert!(v.get("status").is_none(), "{v}");
+        assert_eq!(p.pages_total, 4, "the service part reads through");
+        assert_eq!(
+            serde_json::to_value(SwitchMode::StopAndCopy).unwrap(),
+            "stop-and-copy"
+        );
+    }
+}
