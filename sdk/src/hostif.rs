@@ -433,6 +433,39 @@ mod tests {
         }
     }
 
+    /// A host whose every call does nothing, generated from the table.
+    struct Idle;
+
+    macro_rules! idle_host {
+        ($( $(#[doc = $doc:literal])* [$wit:literal] $name:ident ( $($p:ident : $t:ty),* $(,)? )
+            $(-> $ret:ty)? ; )*) => {
+            impl HostTrampolines for Idle {
+                $(unsafe extern "C" fn $name(_ctx: *mut c_void, $($p: $t),*) $(-> $ret)? {
+                    let _ = ($($p,)*);
+                    Default::default()
+                })*
+            }
+        };
+    }
+    crate::__spanvmm_host_calls!(idle_host);
+
+    /// Appending keeps older hosts usable: a service sees exactly the calls a shorter table
+    /// (an earlier minor version's host) holds, and no others.
+    #[test]
+    fn a_shorter_host_table_offers_only_its_calls() {
+        let mut t = HostVtable::new::<Idle>(std::ptr::null_mut());
+        assert_eq!(t.size as usize, std::mem::size_of::<HostVtable>());
+        assert!(t.now_ns().is_some() && t.migration_set_encoding().is_some());
+        // The first minor version ended with now_ns.
+        t.size = std::mem::offset_of!(HostVtable, claim_mmio) as u32;
+        assert!(t.now_ns().is_some() && t.pause().is_some());
+        assert!(t.claim_mmio().is_none());
+        assert!(t.snapshot_begin().is_none());
+        assert!(t.migration_set_encoding().is_none());
+        // SAFETY: `Idle`'s functions ignore their arguments.
+        assert_eq!(unsafe { (t.now_ns().unwrap())(t.ctx) }, 0);
+    }
+
     #[test]
     fn table_fields_are_unique_and_the_vtable_has_them_all() {
         let calls = host_calls();
