@@ -3,7 +3,8 @@
 use spanvmm_sdk::{Event, EventReply, Manifest};
 
 /// The service is broken (trap, deadline or memory limit, panic): the message says which.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
 pub(crate) struct Fatal(pub String);
 
 /// Which deadline a call runs under.
@@ -15,7 +16,8 @@ pub(crate) enum Budget {
     Control,
 }
 
-/// A loaded service instance. The manager serializes calls into it.
+/// A loaded service instance. The manager serializes calls into it. The inner `String`s are
+/// the service's own messages (the WIT `result<_, string>` and the C error sink): the edge.
 pub(crate) trait Backend: Send {
     fn describe(&mut self) -> Result<Manifest, Fatal>;
     fn attach(&mut self, config: &str) -> Result<Result<(), String>, Fatal>;

@@ -14,6 +14,90 @@ use crate::host::VmHost;
 use crate::memops;
 use crate::snapshot::{JobStatus, LayerRequest, MergeRequest, SnapshotEngine};
 
+/// Why a host call failed. Each message names the call; it becomes the `string` of the WIT
+/// result or the native error sink's text only at that edge (`String::from`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum CallError {
+    /// The service's manifest did not ask for the capability the call needs.
+    #[error("{what} denied: service {service} did not ask for capability {cap} in its manifest")]
+    Denied {
+        /// The call.
+        what: &'static str,
+        /// The service.
+        service: String,
+        /// The capability it lacks.
+        cap: Capability,
+    },
+    /// A call that waits for vCPUs, made from a vCPU thread.
+    #[error(
+        "{0} is not allowed while handling a port or MMIO event (it runs on a vCPU thread); \
+         do it from a tick or a call"
+    )]
+    OnVcpuThread(&'static str),
+    /// The VMM's side failed.
+    #[error("{what}: {err}")]
+    Host {
+        /// The call.
+        what: &'static str,
+        /// What the host reported.
+        err: HostError,
+    },
+    /// A transfer larger than the interface allows.
+    #[error("{what} of {len} bytes exceeds the {max} byte limit")]
+    TooLarge {
+        /// The call.
+        what: &'static str,
+        /// Bytes asked for.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A migration call with no migration in progress.
+    #[error("{0}: no migration is in progress")]
+    NoMigration(&'static str),
+    /// An MMIO range that is empty or wraps.
+    #[error("{0} is empty or wraps past the end of the address space")]
+    MmioInvalid(MmioRange),
+    /// An MMIO range inside guest RAM.
+    #[error("{range} lies inside guest RAM (0x0..{ram:#x}), where accesses never reach a service")]
+    MmioInRam {
+        /// The range.
+        range: MmioRange,
+        /// Guest RAM size.
+        ram: u64,
+    },
+    /// A request the call refuses (bad argument, wrong moment, conflict), with its message.
+    #[error("{0}")]
+    Refused(String),
+    /// The migration or snapshot engine refused or failed, with its message.
+    #[error("{what}: {msg}")]
+    Engine {
+        /// The call.
+        what: &'static str,
+        /// The engine's message.
+        msg: String,
+    },
+    /// The host's side panicked.
+    #[error("internal host error")]
+    Internal,
+}
+
+impl From<CallError> for String {
+    fn from(e: CallError) -> String {
+        e.to_string()
+    }
+}
+
+/// Tags an engine's message with the call.
+fn engine(what: &'static str) -> impl FnOnce(String) -> CallError {
+    move |msg| CallError::Engine { what, msg }
+}
+
+/// Tags a host error with the call.
+fn host_err(what: &'static str) -> impl FnOnce(HostError) -> CallError {
+    move |err| CallError::Host { what, err }
+}
+
 /// Most notifications kept for the control API to read (oldest dropped first).
 const MAX_NOTIFICATIONS: usize = 1024;
 /// Most metrics per service.
@@ -134,16 +218,12 @@ impl HostShared {
 
 /// Why `range` cannot be MMIO on a VM with `ram` bytes of RAM (guest-physical `[0, ram)`):
 /// empty, wrapping, or inside RAM, where guest accesses never exit to the VMM.
-pub(crate) fn check_mmio_range(range: &MmioRange, ram: u64) -> Result<(), String> {
+pub(crate) fn check_mmio_range(range: &MmioRange, ram: u64) -> Result<(), CallError> {
     if !range.is_valid() {
-        return Err(format!(
-            "{range} is empty or wraps past the end of the address space"
-        ));
+        return Err(CallError::MmioInvalid(*range));
     }
     if range.base < ram {
-        return Err(format!(
-            "{range} lies inside guest RAM (0x0..{ram:#x}), where accesses never reach a service"
-        ));
+        return Err(CallError::MmioInRam { range: *range, ram });
     }
     Ok(())
 }
@@ -215,119 +295,120 @@ impl ServiceCtx {
         &*self.shared.host
     }
 
-    fn require(&self, cap: Capability, what: &str) -> Result<(), String> {
+    fn require(&self, cap: Capability, what: &'static str) -> Result<(), CallError> {
         if self.caps.load(Ordering::Acquire) & cap.bit() != 0 {
             Ok(())
         } else {
-            Err(format!(
-                "{what} denied: service {} did not ask for capability {cap} in its manifest",
-                self.name()
-            ))
+            Err(CallError::Denied {
+                what,
+                service: self.name().to_string(),
+                cap,
+            })
         }
     }
 
     fn vcpu_wait<T>(
         &self,
-        what: &str,
+        what: &'static str,
         f: impl FnOnce(&dyn VmHost) -> Result<T, HostError>,
-    ) -> Result<T, String> {
+    ) -> Result<T, CallError> {
         if self.in_vcpu_event.load(Ordering::Acquire) {
-            return Err(format!(
-                "{what} is not allowed while handling a port or MMIO event (it runs on a vCPU thread); \
-                 do it from a tick or a call"
-            ));
+            return Err(CallError::OnVcpuThread(what));
         }
         self.waiting_on_vcpus.store(true, Ordering::Release);
         let r = f(self.host());
         self.waiting_on_vcpus.store(false, Ordering::Release);
-        r.map_err(|e| format!("{what}: {e}"))
+        r.map_err(host_err(what))
     }
 
     pub(crate) fn vm_info(&self) -> VmInfo {
         self.host().info()
     }
 
-    pub(crate) fn pause(&self) -> Result<(), String> {
+    pub(crate) fn pause(&self) -> Result<(), CallError> {
         self.require(Capability::PauseResume, "pause")?;
         self.vcpu_wait("pause", |h| h.pause())
     }
 
-    pub(crate) fn resume(&self) -> Result<(), String> {
+    pub(crate) fn resume(&self) -> Result<(), CallError> {
         self.require(Capability::PauseResume, "resume")?;
         self.vcpu_wait("resume", |h| h.resume())
     }
 
-    pub(crate) fn vcpu_regs(&self, index: u32) -> Result<VcpuRegs, String> {
+    pub(crate) fn vcpu_regs(&self, index: u32) -> Result<VcpuRegs, CallError> {
         self.require(Capability::VcpuState, "vcpu-regs")?;
         let n = self.host().info().vcpus;
         if index >= n {
-            return Err(format!("vcpu-regs: no vCPU {index} (the VM has {n})"));
+            return Err(CallError::Refused(format!(
+                "vcpu-regs: no vCPU {index} (the VM has {n})"
+            )));
         }
         self.vcpu_wait("vcpu-regs", |h| h.vcpu_regs(index))
     }
 
     /// Reads into a caller buffer (the native runtime's zero-copy path).
-    pub(crate) fn read_into(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+    pub(crate) fn read_into(&self, gpa: u64, buf: &mut [u8]) -> Result<(), CallError> {
         self.require(Capability::MemoryRead, "read-memory")?;
         if buf.len() > memops::MAX_TRANSFER {
-            return Err(format!(
-                "read-memory of {} bytes exceeds the {} byte limit",
-                buf.len(),
-                memops::MAX_TRANSFER
-            ));
+            return Err(CallError::TooLarge {
+                what: "read-memory",
+                len: buf.len(),
+                max: memops::MAX_TRANSFER,
+            });
         }
         self.host()
             .read_memory(gpa, buf)
-            .map_err(|e| format!("read-memory: {e}"))
+            .map_err(host_err("read-memory"))
     }
 
-    pub(crate) fn read_memory(&self, gpa: u64, len: u32) -> Result<Vec<u8>, String> {
+    pub(crate) fn read_memory(&self, gpa: u64, len: u32) -> Result<Vec<u8>, CallError> {
         self.require(Capability::MemoryRead, "read-memory")?;
         if len as usize > memops::MAX_TRANSFER {
-            return Err(format!(
-                "read-memory of {len} bytes exceeds the {} byte limit",
-                memops::MAX_TRANSFER
-            ));
+            return Err(CallError::TooLarge {
+                what: "read-memory",
+                len: len as usize,
+                max: memops::MAX_TRANSFER,
+            });
         }
         let mut buf = vec![0u8; len as usize];
         self.read_into(gpa, &mut buf)?;
         Ok(buf)
     }
 
-    pub(crate) fn write_memory(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    pub(crate) fn write_memory(&self, gpa: u64, data: &[u8]) -> Result<(), CallError> {
         self.require(Capability::MemoryWrite, "write-memory")?;
         if data.len() > memops::MAX_TRANSFER {
-            return Err(format!(
-                "write-memory of {} bytes exceeds the {} byte limit",
-                data.len(),
-                memops::MAX_TRANSFER
-            ));
+            return Err(CallError::TooLarge {
+                what: "write-memory",
+                len: data.len(),
+                max: memops::MAX_TRANSFER,
+            });
         }
         self.host()
             .write_memory(gpa, data)
-            .map_err(|e| format!("write-memory: {e}"))
+            .map_err(host_err("write-memory"))
     }
 
-    pub(crate) fn translate(&self, cr3: u64, gva: u64) -> Result<Translation, String> {
+    pub(crate) fn translate(&self, cr3: u64, gva: u64) -> Result<Translation, CallError> {
         self.require(Capability::MemoryRead, "translate")?;
-        memops::translate(self.host(), cr3, gva).map_err(|e| format!("translate: {e}"))
+        memops::translate(self.host(), cr3, gva).map_err(host_err("translate"))
     }
 
-    pub(crate) fn dirty_bitmap(&self) -> Result<Vec<u64>, String> {
+    pub(crate) fn dirty_bitmap(&self) -> Result<Vec<u64>, CallError> {
         self.require(Capability::DirtyLog, "dirty-bitmap")?;
         lock(&self.shared.dirty)
             .harvest(self.id, self.host())
-            .map_err(|e| format!("dirty-bitmap: {e}"))
+            .map_err(host_err("dirty-bitmap"))
     }
 
-    pub(crate) fn hash_pages(&self, first: u64, count: u32) -> Result<Vec<u64>, String> {
+    pub(crate) fn hash_pages(&self, first: u64, count: u32) -> Result<Vec<u64>, CallError> {
         self.require(Capability::MemoryRead, "hash-pages")?;
-        memops::hash_pages(self.host(), first, count).map_err(|e| format!("hash-pages: {e}"))
+        memops::hash_pages(self.host(), first, count).map_err(host_err("hash-pages"))
     }
 
-    pub(crate) fn zero_scan(&self, first: u64, count: u32) -> Result<Vec<u64>, String> {
+    pub(crate) fn zero_scan(&self, first: u64, count: u32) -> Result<Vec<u64>, CallError> {
         self.require(Capability::MemoryRead, "zero-scan")?;
-        memops::zero_scan(self.host(), first, count).map_err(|e| format!("zero-scan: {e}"))
+        memops::zero_scan(self.host(), first, count).map_err(host_err("zero-scan"))
     }
 
     pub(crate) fn search_memory(
@@ -336,69 +417,70 @@ impl ServiceCtx {
         len: u64,
         pattern: &[u8],
         max_results: u32,
-    ) -> Result<Vec<u64>, String> {
+    ) -> Result<Vec<u64>, CallError> {
         self.require(Capability::MemoryRead, "search-memory")?;
         memops::search(self.host(), start, len, pattern, max_results)
-            .map_err(|e| format!("search-memory: {e}"))
+            .map_err(host_err("search-memory"))
     }
 
-    pub(crate) fn claim_ports(&self, base: u16, len: u16) -> Result<(), String> {
+    pub(crate) fn claim_ports(&self, base: u16, len: u16) -> Result<(), CallError> {
         let range = PortRange::new(base, len);
         let mut claims = lock(&self.claims);
         let Some(session) = claims.as_mut() else {
-            return Err(format!(
+            return Err(CallError::Refused(format!(
                 "claim-ports {range}: ports can only be claimed during attach"
-            ));
+            )));
         };
         if !range.is_valid() {
-            return Err(format!(
+            return Err(CallError::Refused(format!(
                 "claim-ports: range {base:#x}+{len} is empty or runs past port 0xffff"
-            ));
+            )));
         }
         if let Some((owned, owner)) = session.taken.iter().find(|(r, _)| r.overlaps(&range)) {
-            return Err(format!(
+            return Err(CallError::Refused(format!(
                 "claim-ports: service {} cannot claim ports {range}: they overlap {owned} owned by {owner}",
                 self.name()
-            ));
+            )));
         }
         let contained = |r: &PortRange| r.base <= range.base && range.end() <= r.end();
         if session.mine.iter().any(contained) {
             return Ok(()); // claimed already
         }
         if let Some(own) = session.mine.iter().find(|r| r.overlaps(&range)) {
-            return Err(format!(
+            return Err(CallError::Refused(format!(
                 "claim-ports: {range} partly overlaps {own}, which this service claimed already; \
                  claim disjoint ranges"
-            ));
+            )));
         }
         session.mine.push(range);
         Ok(())
     }
 
-    pub(crate) fn claim_mmio(&self, base: u64, len: u64) -> Result<(), String> {
+    pub(crate) fn claim_mmio(&self, base: u64, len: u64) -> Result<(), CallError> {
         let range = MmioRange::new(base, len);
         let mut claims = lock(&self.claims);
         let Some(session) = claims.as_mut() else {
-            return Err(format!(
+            return Err(CallError::Refused(format!(
                 "claim-mmio {range}: MMIO can only be claimed during attach"
-            ));
+            )));
         };
         let ram = self.host().info().mem_bytes;
-        check_mmio_range(&range, ram).map_err(|e| format!("claim-mmio: {e}"))?;
+        check_mmio_range(&range, ram)
+            .map_err(|e| CallError::Refused(format!("claim-mmio: {e}")))?;
         if let Some((owned, owner)) = session.taken_mmio.iter().find(|(r, _)| r.overlaps(&range)) {
-            return Err(format!(
+            return Err(CallError::Refused(format!(
                 "claim-mmio: service {} cannot claim {range}: it overlaps {owned} owned by {owner}",
                 self.name()
-            ));
+            )));
         }
         if let Some(own) = session.mine_mmio.iter().find(|r| r.overlaps(&range)) {
             if own.base <= range.base && range.end() <= own.end() {
                 return Ok(()); // claimed already
             }
-            return Err(format!(
+            return Err(CallError::Refused(format!(
                 "claim-mmio: {range} partly overlaps {own}, which this service claimed already; \
                  claim disjoint ranges"
-            ));
+            )));
         }
         session.mine_mmio.push(range);
         Ok(())
@@ -446,15 +528,15 @@ impl ServiceCtx {
     /// The migration in progress, for a service holding `drives-migration`.
     pub(crate) fn migration(
         &self,
-        what: &str,
-    ) -> Result<Arc<crate::migration::MigrationSource>, String> {
+        what: &'static str,
+    ) -> Result<Arc<crate::migration::MigrationSource>, CallError> {
         self.require(Capability::DrivesMigration, what)?;
         lock(&self.shared.migration)
             .clone()
-            .ok_or_else(|| format!("{what}: no migration is in progress"))
+            .ok_or(CallError::NoMigration(what))
     }
 
-    pub(crate) fn migration_harvest(&self) -> Result<Vec<u64>, String> {
+    pub(crate) fn migration_harvest(&self) -> Result<Vec<u64>, CallError> {
         let m = self.migration("harvest-dirty")?;
         let bits = self.dirty_bitmap()?;
         m.count_dirtied(bits.iter().map(|w| w.count_ones() as u64).sum());
@@ -464,7 +546,7 @@ impl ServiceCtx {
     pub(crate) fn migration_switch(
         &self,
         mode: crate::migration::SwitchMode,
-    ) -> Result<(), String> {
+    ) -> Result<(), CallError> {
         let m = self.migration("switch-over")?;
         // The final harvest runs on the migration thread once the guest is paused.
         let harvest: Option<crate::migration::Harvest> =
@@ -479,26 +561,30 @@ impl ServiceCtx {
             } else {
                 None
             };
-        m.switch_over(mode, harvest)
+        m.switch_over(mode, harvest).map_err(CallError::Refused)
     }
 
-    pub(crate) fn snapshot_begin(&self, req: LayerRequest) -> Result<u32, String> {
+    pub(crate) fn snapshot_begin(&self, req: LayerRequest) -> Result<u32, CallError> {
         self.require(Capability::Snapshot, "snapshot begin")?;
         // A layer pauses and resumes the guest: not while a migration or a live update owns
         // it (a periodic layer's resume would run the guest in their stop-and-copy).
         if lock(&self.shared.migration).is_some() {
-            return Err("snapshot begin: a migration is in progress".into());
+            return Err(CallError::Refused(
+                "snapshot begin: a migration is in progress".into(),
+            ));
         }
         if let Some(owner) = lock(&self.shared.vm_owner).as_deref() {
-            return Err(format!("snapshot begin: {owner} is in progress"));
+            return Err(CallError::Refused(format!(
+                "snapshot begin: {owner} is in progress"
+            )));
         }
         self.shared
             .snapshots
             .begin(self.id, self.host(), req)
-            .map_err(|e| format!("snapshot begin: {e}"))
+            .map_err(engine("snapshot begin"))
     }
 
-    pub(crate) fn snapshot_write_pages(&self, job: u32, bitmap: Vec<u64>) -> Result<(), String> {
+    pub(crate) fn snapshot_write_pages(&self, job: u32, bitmap: Vec<u64>) -> Result<(), CallError> {
         self.require(Capability::Snapshot, "snapshot write-pages")?;
         let words = self
             .host()
@@ -506,16 +592,19 @@ impl ServiceCtx {
             .mem_bytes
             .div_ceil(memops::PAGE_SIZE * 64) as usize;
         if bitmap.len() > words {
-            return Err(format!(
+            return Err(CallError::Refused(format!(
                 "snapshot write-pages: the bitmap has {} words, the guest needs {words}",
                 bitmap.len()
-            ));
+            )));
         }
         let bits = (!bitmap.is_empty()).then_some(bitmap);
-        self.shared.snapshots.write_pages(self.id, job, bits)
+        self.shared
+            .snapshots
+            .write_pages(self.id, job, bits)
+            .map_err(CallError::Refused)
     }
 
-    pub(crate) fn snapshot_commit(&self, job: u32) -> Result<(), String> {
+    pub(crate) fn snapshot_commit(&self, job: u32) -> Result<(), CallError> {
         self.require(Capability::Snapshot, "snapshot commit")?;
         self.vcpu_wait("snapshot commit", |h| {
             self.shared
@@ -525,22 +614,28 @@ impl ServiceCtx {
         })
     }
 
-    pub(crate) fn snapshot_merge(&self, req: MergeRequest) -> Result<u32, String> {
+    pub(crate) fn snapshot_merge(&self, req: MergeRequest) -> Result<u32, CallError> {
         self.require(Capability::Snapshot, "snapshot merge")?;
         self.shared
             .snapshots
             .merge(self.id, req)
-            .map_err(|e| format!("snapshot merge: {e}"))
+            .map_err(engine("snapshot merge"))
     }
 
-    pub(crate) fn snapshot_remove(&self, dir: &str) -> Result<(), String> {
+    pub(crate) fn snapshot_remove(&self, dir: &str) -> Result<(), CallError> {
         self.require(Capability::Snapshot, "snapshot remove")?;
-        crate::snapshot::remove_layer(dir).map_err(|e| format!("snapshot remove: {e}"))
+        crate::snapshot::remove_layer(dir).map_err(|e| CallError::Engine {
+            what: "snapshot remove",
+            msg: e.to_string(),
+        })
     }
 
-    pub(crate) fn snapshot_status(&self, job: u32) -> Result<JobStatus, String> {
+    pub(crate) fn snapshot_status(&self, job: u32) -> Result<JobStatus, CallError> {
         self.require(Capability::Snapshot, "snapshot status")?;
-        self.shared.snapshots.status(self.id, job)
+        self.shared
+            .snapshots
+            .status(self.id, job)
+            .map_err(CallError::Refused)
     }
 
     pub(crate) fn snapshot_close(&self, job: u32) {

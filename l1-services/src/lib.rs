@@ -34,6 +34,8 @@ pub use manager::{
     ServiceKind, ServiceManager, ServiceState, ServiceStats, EVENT_NS_BOUNDS,
 };
 pub use snapshot::SnapshotTotals;
+/// The one register copy (VcpuRegs from KVM's registers, or to and from the WIT record).
+pub use spanvmm_sdk::copy_vcpu_regs;
 pub use spanvmm_sdk::{
     Capability, Event, EventKind, EventReply, Lifecycle, Manifest, MmioRange, PortRange,
     Translation, VcpuRegs, VmInfo, ABI_VERSION,

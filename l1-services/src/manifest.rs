@@ -13,16 +13,23 @@ use crate::error::ServiceError;
 /// Largest manifest JSON a native plugin may hand over (a real one is a few hundred bytes).
 pub const MAX_MANIFEST_BYTES: usize = 64 << 10;
 
+/// Why a native plugin's manifest JSON is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// Longer than [`MAX_MANIFEST_BYTES`].
+    #[error("describe returned a manifest of {0} bytes (at most {MAX_MANIFEST_BYTES})")]
+    TooLarge(usize),
+    /// Not the JSON form of a manifest.
+    #[error("describe returned an unreadable manifest: {0}")]
+    Unreadable(#[from] serde_json::Error),
+}
+
 /// Parses the manifest JSON a native plugin's `describe` returned.
-pub fn parse_native(json: &[u8]) -> Result<Manifest, String> {
+pub fn parse_native(json: &[u8]) -> Result<Manifest, ManifestError> {
     if json.len() > MAX_MANIFEST_BYTES {
-        return Err(format!(
-            "describe returned a manifest of {} bytes (at most {MAX_MANIFEST_BYTES})",
-            json.len()
-        ));
+        return Err(ManifestError::TooLarge(json.len()));
     }
-    serde_json::from_slice(json)
-        .map_err(|e| format!("describe returned an unreadable manifest: {e}"))
+    Ok(serde_json::from_slice(json)?)
 }
 
 /// A valid service name: 1-64 ASCII letters, digits, `-` or `_`.

@@ -14,10 +14,11 @@ use spanvmm_sdk::abi::{
     self, CEvent, CEventReply, CJobStatus, CLayerOptions, CMigrationStatus, CTranslation, CVmInfo,
     HostVtable, Sink, VecSink,
 };
+use spanvmm_sdk::hostif::HostTrampolines;
 use spanvmm_sdk::{Event, EventReply, LogLevel, Manifest, VcpuRegs, ABI_VERSION};
 
 use crate::backend::{Backend, Fatal};
-use crate::ctx::{lock, ServiceCtx};
+use crate::ctx::{lock, CallError, ServiceCtx};
 use crate::error::ServiceError;
 use crate::trust::TrustedFile;
 
@@ -134,42 +135,9 @@ impl NativeService {
             resume_from: sym(&lib, path, abi::SYM_RESUME_FROM)?,
             call: sym(&lib, path, abi::SYM_CALL)?,
         };
-        let vtable = Box::new(HostVtable {
-            abi_version: ABI_VERSION,
-            size: std::mem::size_of::<HostVtable>() as u32,
-            ctx: Arc::as_ptr(&ctx) as *mut c_void,
-            vm_info: h_vm_info,
-            pause: h_pause,
-            resume: h_resume,
-            vcpu_regs: h_vcpu_regs,
-            read_memory: h_read_memory,
-            write_memory: h_write_memory,
-            translate: h_translate,
-            dirty_bitmap: h_dirty_bitmap,
-            hash_pages: h_hash_pages,
-            zero_scan: h_zero_scan,
-            search_memory: h_search_memory,
-            claim_ports: h_claim_ports,
-            log: h_log,
-            metric: h_metric,
-            notify: h_notify,
-            now_ns: h_now_ns,
-            claim_mmio: h_claim_mmio,
-            snapshot_begin: h_snapshot_begin,
-            snapshot_write_pages: h_snapshot_write_pages,
-            snapshot_commit: h_snapshot_commit,
-            snapshot_status: h_snapshot_status,
-            snapshot_close: h_snapshot_close,
-            snapshot_merge: h_snapshot_merge,
-            snapshot_remove: h_snapshot_remove,
-            migration_harvest_dirty: h_migration_harvest_dirty,
-            migration_queue_pages: h_migration_queue_pages,
-            migration_queue_range: h_migration_queue_range,
-            migration_switch_over: h_migration_switch_over,
-            migration_take_faults: h_migration_take_faults,
-            migration_progress: h_migration_progress,
-            migration_set_encoding: h_migration_set_encoding,
-        });
+        let vtable = Box::new(HostVtable::new::<Trampolines>(
+            Arc::as_ptr(&ctx) as *mut c_void
+        ));
         loaded.push((id, "?".into()));
         Ok(NativeService {
             fns,
@@ -216,7 +184,7 @@ impl Backend for NativeService {
         // SAFETY: entry point of a version-checked library; `sink` lives across the call.
         let code = unsafe { (self.fns.describe)(&sink) };
         match outcome(code, "describe", out)? {
-            Ok(json) => crate::manifest::parse_native(&json).map_err(Fatal),
+            Ok(json) => crate::manifest::parse_native(&json).map_err(|e| Fatal(e.to_string())),
             Err(msg) => Err(Fatal(format!("describe failed: {msg}"))),
         }
     }
@@ -294,21 +262,21 @@ fn with_ctx<T>(ctx: *mut c_void, default: T, f: impl FnOnce(&ServiceCtx) -> T) -
 }
 
 /// Reports `r` through `sink`: bytes on success, the message on error.
-fn report(sink: *const Sink, r: Result<Vec<u8>, String>) -> i32 {
+fn report<E: Into<String>>(sink: *const Sink, r: Result<Vec<u8>, E>) -> i32 {
     let (code, bytes) = match r {
         Ok(b) => (abi::OK, b),
-        Err(e) => (abi::ERR, e.into_bytes()),
+        Err(e) => (abi::ERR, e.into().into_bytes()),
     };
     // SAFETY: `sink` is the plugin's sink for this call (or null), valid during the call.
     unsafe { abi::sink_put(sink, &bytes) };
     code
 }
 
-fn words(r: Result<Vec<u64>, String>) -> Result<Vec<u8>, String> {
+fn words<E>(r: Result<Vec<u64>, E>) -> Result<Vec<u8>, E> {
     r.map(|w| abi::words_to_bytes(&w))
 }
 
-fn unit(r: Result<(), String>) -> Result<Vec<u8>, String> {
+fn unit<E>(r: Result<(), E>) -> Result<Vec<u8>, E> {
     r.map(|_| Vec::new())
 }
 
@@ -317,191 +285,7 @@ fn text(ptr: *const u8, len: usize) -> String {
     String::from_utf8_lossy(unsafe { abi::bytes(ptr, len) }).into_owned()
 }
 
-unsafe extern "C" fn h_vm_info(ctx: *mut c_void, out: *mut CVmInfo) {
-    if let Some(info) = with_ctx(ctx, None, |c| Some(c.vm_info())) {
-        if !out.is_null() {
-            // SAFETY: `out` is a valid out pointer from the plugin.
-            unsafe { *out = info.into() };
-        }
-    }
-}
-
-const PANIC: &str = "internal host error";
-
-unsafe extern "C" fn h_pause(ctx: *mut c_void, err: *const Sink) -> i32 {
-    report(err, with_ctx(ctx, Err(PANIC.into()), |c| unit(c.pause())))
-}
-
-unsafe extern "C" fn h_resume(ctx: *mut c_void, err: *const Sink) -> i32 {
-    report(err, with_ctx(ctx, Err(PANIC.into()), |c| unit(c.resume())))
-}
-
-unsafe extern "C" fn h_vcpu_regs(
-    ctx: *mut c_void,
-    index: u32,
-    out: *mut VcpuRegs,
-    err: *const Sink,
-) -> i32 {
-    let r = with_ctx(ctx, Err(PANIC.into()), |c| c.vcpu_regs(index));
-    report(
-        err,
-        r.map(|regs| {
-            if !out.is_null() {
-                // SAFETY: `out` is a valid out pointer from the plugin.
-                unsafe { *out = regs };
-            }
-            Vec::new()
-        }),
-    )
-}
-
-unsafe extern "C" fn h_read_memory(
-    ctx: *mut c_void,
-    gpa: u64,
-    buf: *mut u8,
-    len: usize,
-    err: *const Sink,
-) -> i32 {
-    if buf.is_null() && len > 0 {
-        return report(err, Err("read-memory: null buffer".into()));
-    }
-    let r = with_ctx(ctx, Err(PANIC.into()), |c| {
-        let dst: &mut [u8] = if len == 0 {
-            &mut []
-        } else {
-            // SAFETY: the plugin passes `len` writable bytes at `buf` for this call.
-            unsafe { std::slice::from_raw_parts_mut(buf, len) }
-        };
-        c.read_into(gpa, dst)
-    });
-    report(err, unit(r))
-}
-
-unsafe extern "C" fn h_write_memory(
-    ctx: *mut c_void,
-    gpa: u64,
-    data: *const u8,
-    len: usize,
-    err: *const Sink,
-) -> i32 {
-    let r = with_ctx(ctx, Err(PANIC.into()), |c| {
-        // SAFETY: the plugin passes `len` readable bytes at `data` for this call.
-        c.write_memory(gpa, unsafe { abi::bytes(data, len) })
-    });
-    report(err, unit(r))
-}
-
-unsafe extern "C" fn h_translate(
-    ctx: *mut c_void,
-    cr3: u64,
-    gva: u64,
-    out: *mut CTranslation,
-    err: *const Sink,
-) -> i32 {
-    let r = with_ctx(ctx, Err(PANIC.into()), |c| c.translate(cr3, gva));
-    report(
-        err,
-        r.map(|t| {
-            if !out.is_null() {
-                // SAFETY: `out` is a valid out pointer from the plugin.
-                unsafe { *out = t.into() };
-            }
-            Vec::new()
-        }),
-    )
-}
-
-unsafe extern "C" fn h_dirty_bitmap(ctx: *mut c_void, out: *const Sink) -> i32 {
-    report(
-        out,
-        with_ctx(ctx, Err(PANIC.into()), |c| words(c.dirty_bitmap())),
-    )
-}
-
-unsafe extern "C" fn h_hash_pages(
-    ctx: *mut c_void,
-    first: u64,
-    count: u32,
-    out: *const Sink,
-) -> i32 {
-    report(
-        out,
-        with_ctx(ctx, Err(PANIC.into()), |c| {
-            words(c.hash_pages(first, count))
-        }),
-    )
-}
-
-unsafe extern "C" fn h_zero_scan(
-    ctx: *mut c_void,
-    first: u64,
-    count: u32,
-    out: *const Sink,
-) -> i32 {
-    report(
-        out,
-        with_ctx(ctx, Err(PANIC.into()), |c| words(c.zero_scan(first, count))),
-    )
-}
-
-unsafe extern "C" fn h_search_memory(
-    ctx: *mut c_void,
-    start: u64,
-    len: u64,
-    pattern: *const u8,
-    pattern_len: usize,
-    max_results: u32,
-    out: *const Sink,
-) -> i32 {
-    let r = with_ctx(ctx, Err(PANIC.into()), |c| {
-        // SAFETY: the plugin passes `pattern_len` readable bytes at `pattern` for this call.
-        let pat = unsafe { abi::bytes(pattern, pattern_len) };
-        words(c.search_memory(start, len, pat, max_results))
-    });
-    report(out, r)
-}
-
-unsafe extern "C" fn h_claim_ports(ctx: *mut c_void, base: u16, len: u16, err: *const Sink) -> i32 {
-    report(
-        err,
-        with_ctx(ctx, Err(PANIC.into()), |c| unit(c.claim_ports(base, len))),
-    )
-}
-
-unsafe extern "C" fn h_claim_mmio(ctx: *mut c_void, base: u64, len: u64, err: *const Sink) -> i32 {
-    report(
-        err,
-        with_ctx(ctx, Err(PANIC.into()), |c| unit(c.claim_mmio(base, len))),
-    )
-}
-
-unsafe extern "C" fn h_log(ctx: *mut c_void, level: u32, msg: *const u8, len: usize) {
-    with_ctx(ctx, (), |c| {
-        c.log(LogLevel::from_code(level), &text(msg, len))
-    })
-}
-
-unsafe extern "C" fn h_metric(ctx: *mut c_void, name: *const u8, len: usize, value: f64) {
-    with_ctx(ctx, (), |c| c.metric(&text(name, len), value))
-}
-
-unsafe extern "C" fn h_notify(
-    ctx: *mut c_void,
-    kind: *const u8,
-    kind_len: usize,
-    detail: *const u8,
-    detail_len: usize,
-) {
-    with_ctx(ctx, (), |c| {
-        c.notify(&text(kind, kind_len), &text(detail, detail_len))
-    })
-}
-
-unsafe extern "C" fn h_now_ns(ctx: *mut c_void) -> u64 {
-    with_ctx(ctx, 0, |c| c.now_ns())
-}
-
-// ---- the snapshot engine (sdk/wit/snapshot.wit) ----
+// ---- helpers of the snapshot and migration calls ----
 
 /// An optional string from the plugin (null pointer: none).
 fn opt_text(ptr: *const u8, len: usize) -> Option<String> {
@@ -509,283 +293,504 @@ fn opt_text(ptr: *const u8, len: usize) -> Option<String> {
 }
 
 /// A bitmap from the plugin.
-fn bitmap(ptr: *const u64, words: usize) -> Result<Vec<u64>, String> {
+fn bitmap(ptr: *const u64, words: usize) -> Result<Vec<u64>, CallError> {
     if words == 0 {
         return Ok(Vec::new());
     }
     if ptr.is_null() {
-        return Err("null bitmap".into());
+        return Err(CallError::Refused("null bitmap".into()));
     }
     // SAFETY: the plugin passes `words` readable u64 words at `ptr` for this call.
     Ok(unsafe { std::slice::from_raw_parts(ptr, words) }.to_vec())
 }
 
-unsafe extern "C" fn h_snapshot_begin(
-    ctx: *mut c_void,
-    opts: *const CLayerOptions,
-    job: *mut u32,
-    err: *const Sink,
-) -> i32 {
-    if opts.is_null() || job.is_null() {
-        return report(
+/// The native host interface: the trampolines a service calls through its `spanvmm_host`
+/// table (`spanvmm_sdk::hostif`: the table declares them, this implements them).
+pub(crate) struct Trampolines;
+
+impl HostTrampolines for Trampolines {
+    unsafe extern "C" fn vm_info(ctx: *mut c_void, out: *mut CVmInfo) {
+        if let Some(info) = with_ctx(ctx, None, |c| Some(c.vm_info())) {
+            if !out.is_null() {
+                // SAFETY: `out` is a valid out pointer from the plugin.
+                unsafe { *out = info.into() };
+            }
+        }
+    }
+
+    unsafe extern "C" fn pause(ctx: *mut c_void, err: *const Sink) -> i32 {
+        report(
             err,
-            Err("snapshot begin: null options or job pointer".into()),
-        );
+            with_ctx(ctx, Err(CallError::Internal), |c| unit(c.pause())),
+        )
     }
-    // SAFETY: `opts` is the plugin's valid options for this call.
-    let o = unsafe { *opts };
-    let req = crate::snapshot::LayerRequest {
-        dir: text(o.dir, o.dir_len),
-        parent: opt_text(o.parent, o.parent_len),
-        key_file: opt_text(o.key_file, o.key_file_len),
-        expires_in_s: (o.has_expiry != 0).then_some(o.expires_in_s),
-    };
-    let r = with_ctx(ctx, Err(PANIC.into()), |c| c.snapshot_begin(req));
-    report(
-        err,
-        r.map(|id| {
-            // SAFETY: `job` is a valid out pointer from the plugin.
-            unsafe { *job = id };
-            Vec::new()
-        }),
-    )
-}
 
-unsafe extern "C" fn h_snapshot_write_pages(
-    ctx: *mut c_void,
-    job: u32,
-    bits: *const u64,
-    words: usize,
-    err: *const Sink,
-) -> i32 {
-    let r = bitmap(bits, words)
-        .and_then(|b| with_ctx(ctx, Err(PANIC.into()), |c| c.snapshot_write_pages(job, b)));
-    report(err, unit(r))
-}
-
-unsafe extern "C" fn h_snapshot_commit(ctx: *mut c_void, job: u32, err: *const Sink) -> i32 {
-    report(
-        err,
-        with_ctx(ctx, Err(PANIC.into()), |c| unit(c.snapshot_commit(job))),
-    )
-}
-
-unsafe extern "C" fn h_snapshot_status(
-    ctx: *mut c_void,
-    job: u32,
-    out: *mut CJobStatus,
-    layer_id: *const Sink,
-    job_error: *const Sink,
-    err: *const Sink,
-) -> i32 {
-    if out.is_null() {
-        return report(err, Err("snapshot status: null status pointer".into()));
+    unsafe extern "C" fn resume(ctx: *mut c_void, err: *const Sink) -> i32 {
+        report(
+            err,
+            with_ctx(ctx, Err(CallError::Internal), |c| unit(c.resume())),
+        )
     }
-    let r = with_ctx(ctx, Err(PANIC.into()), |c| c.snapshot_status(job));
-    report(
-        err,
-        r.map(|s| {
-            // SAFETY: `out` is a valid out pointer; the sinks are the plugin's (or null).
-            unsafe {
-                *out = CJobStatus {
-                    pending: s.pending,
-                    rounds: s.rounds,
-                    bytes_written: s.bytes_written,
-                    copied: s.copied as u8,
-                    committed: s.committed as u8,
-                    failed: s.error.is_some() as u8,
-                    reserved: [0; 5],
-                };
-                abi::sink_put(layer_id, s.layer_id.as_bytes());
-                if let Some(e) = &s.error {
-                    abi::sink_put(job_error, e.as_bytes());
+
+    unsafe extern "C" fn vcpu_regs(
+        ctx: *mut c_void,
+        index: u32,
+        out: *mut VcpuRegs,
+        err: *const Sink,
+    ) -> i32 {
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.vcpu_regs(index));
+        report(
+            err,
+            r.map(|regs| {
+                if !out.is_null() {
+                    // SAFETY: `out` is a valid out pointer from the plugin.
+                    unsafe { *out = regs };
                 }
-            }
-            Vec::new()
-        }),
-    )
-}
-
-unsafe extern "C" fn h_snapshot_close(ctx: *mut c_void, job: u32) {
-    with_ctx(ctx, (), |c| c.snapshot_close(job))
-}
-
-unsafe extern "C" fn h_snapshot_merge(
-    ctx: *mut c_void,
-    top: *const u8,
-    top_len: usize,
-    out: *const u8,
-    out_len: usize,
-    key_file: *const u8,
-    key_file_len: usize,
-    job: *mut u32,
-    err: *const Sink,
-) -> i32 {
-    if job.is_null() {
-        return report(err, Err("snapshot merge: null job pointer".into()));
+                Vec::new()
+            }),
+        )
     }
-    let req = crate::snapshot::MergeRequest {
-        top: text(top, top_len),
-        out: text(out, out_len),
-        key_file: opt_text(key_file, key_file_len),
-    };
-    let r = with_ctx(ctx, Err(PANIC.into()), |c| c.snapshot_merge(req));
-    report(
-        err,
-        r.map(|id| {
-            // SAFETY: `job` is a valid out pointer from the plugin.
-            unsafe { *job = id };
-            Vec::new()
-        }),
-    )
-}
 
-unsafe extern "C" fn h_snapshot_remove(
-    ctx: *mut c_void,
-    dir: *const u8,
-    dir_len: usize,
-    err: *const Sink,
-) -> i32 {
-    let dir = text(dir, dir_len);
-    report(
-        err,
-        with_ctx(ctx, Err(PANIC.into()), |c| unit(c.snapshot_remove(&dir))),
-    )
-}
-
-// ---- the migration engine (sdk/wit/migration.wit) ----
-
-unsafe extern "C" fn h_migration_harvest_dirty(ctx: *mut c_void, out: *const Sink) -> i32 {
-    report(
-        out,
-        with_ctx(ctx, Err(PANIC.into()), |c| words(c.migration_harvest())),
-    )
-}
-
-unsafe extern "C" fn h_migration_queue_pages(
-    ctx: *mut c_void,
-    bits: *const u64,
-    nwords: usize,
-    round: u32,
-    queued: *mut u64,
-    err: *const Sink,
-) -> i32 {
-    let r = bitmap(bits, nwords).and_then(|b| {
-        with_ctx(ctx, Err(PANIC.into()), |c| {
-            c.migration("queue-pages")?.queue_bitmap(&b, round)
-        })
-    });
-    report(
-        err,
-        r.map(|n| {
-            if !queued.is_null() {
-                // SAFETY: `queued` is a valid out pointer from the plugin.
-                unsafe { *queued = n };
-            }
-            Vec::new()
-        }),
-    )
-}
-
-unsafe extern "C" fn h_migration_queue_range(
-    ctx: *mut c_void,
-    first: u64,
-    count: u64,
-    urgent: u32,
-    round: u32,
-    err: *const Sink,
-) -> i32 {
-    let r = with_ctx(ctx, Err(PANIC.into()), |c| {
-        c.migration("queue-range")?
-            .queue_range(first, count, urgent != 0, round)
-    });
-    report(err, unit(r))
-}
-
-unsafe extern "C" fn h_migration_set_encoding(
-    ctx: *mut c_void,
-    redundancy: u32,
-    deltas: u32,
-    cache_bytes: u64,
-    blocks: u32,
-    err: *const Sink,
-) -> i32 {
-    let enc = crate::migration::cnet::Encoding {
-        redundancy: redundancy != 0,
-        deltas: deltas != 0,
-        cache_bytes,
-        blocks,
-    };
-    let r = with_ctx(ctx, Err(PANIC.into()), |c| {
-        c.migration("set-encoding")?.set_encoding(enc)
-    });
-    report(err, unit(r))
-}
-
-unsafe extern "C" fn h_migration_switch_over(ctx: *mut c_void, mode: u32, err: *const Sink) -> i32 {
-    use crate::migration::SwitchMode;
-    let mode = match mode {
-        abi::switch_mode::STOP_AND_COPY => SwitchMode::StopAndCopy,
-        abi::switch_mode::POSTCOPY => SwitchMode::Postcopy,
-        other => return report(err, Err(format!("switch-over: unknown mode {other}"))),
-    };
-    report(
-        err,
-        with_ctx(ctx, Err(PANIC.into()), |c| unit(c.migration_switch(mode))),
-    )
-}
-
-unsafe extern "C" fn h_migration_take_faults(ctx: *mut c_void, out: *const Sink) -> i32 {
-    let faults = with_ctx(ctx, Vec::new(), |c| {
-        c.migration("take-faults")
-            .map(|m| m.take_faults())
-            .unwrap_or_default()
-    });
-    report(out, words(Ok(faults)))
-}
-
-unsafe extern "C" fn h_migration_progress(
-    ctx: *mut c_void,
-    out: *mut CMigrationStatus,
-    failure: *const Sink,
-    err: *const Sink,
-) -> i32 {
-    use crate::migration::Phase;
-    if out.is_null() {
-        return report(err, Err("progress: null status pointer".into()));
-    }
-    let r = with_ctx(ctx, Err(PANIC.into()), |c| {
-        Ok(c.migration("progress")?.progress())
-    });
-    report(
-        err,
-        r.map(|p| {
-            let phase = match p.phase {
-                Phase::Precopy => abi::migration_phase::PRECOPY,
-                Phase::Postcopy => abi::migration_phase::POSTCOPY,
-                Phase::Recovering => abi::migration_phase::RECOVERING,
-                Phase::Completed => abi::migration_phase::COMPLETED,
-                Phase::Failed => abi::migration_phase::FAILED,
+    unsafe extern "C" fn read_memory(
+        ctx: *mut c_void,
+        gpa: u64,
+        buf: *mut u8,
+        len: usize,
+        err: *const Sink,
+    ) -> i32 {
+        if buf.is_null() && len > 0 {
+            return report(
+                err,
+                Err(CallError::Refused("read-memory: null buffer".into())),
+            );
+        }
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
+            let dst: &mut [u8] = if len == 0 {
+                &mut []
+            } else {
+                // SAFETY: the plugin passes `len` writable bytes at `buf` for this call.
+                unsafe { std::slice::from_raw_parts_mut(buf, len) }
             };
-            // SAFETY: `out` is a valid out pointer; `failure` the plugin's sink (or null).
-            unsafe {
-                *out = CMigrationStatus {
-                    phase,
-                    reserved: 0,
-                    pages_total: p.pages_total,
-                    pages_pending: p.pages_pending,
-                    pages_sent: p.pages_sent,
-                    bytes_sent: p.bytes_sent,
-                    rate_bytes_per_sec: p.rate_bytes_per_sec,
-                    pages_needed: p.pages_needed,
-                    remote_faults: p.remote_faults,
-                    elapsed_ms: p.elapsed_ms,
-                };
-                if let Some(e) = &p.error {
-                    abi::sink_put(failure, e.as_bytes());
+            c.read_into(gpa, dst)
+        });
+        report(err, unit(r))
+    }
+
+    unsafe extern "C" fn write_memory(
+        ctx: *mut c_void,
+        gpa: u64,
+        data: *const u8,
+        len: usize,
+        err: *const Sink,
+    ) -> i32 {
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
+            // SAFETY: the plugin passes `len` readable bytes at `data` for this call.
+            c.write_memory(gpa, unsafe { abi::bytes(data, len) })
+        });
+        report(err, unit(r))
+    }
+
+    unsafe extern "C" fn translate(
+        ctx: *mut c_void,
+        cr3: u64,
+        gva: u64,
+        out: *mut CTranslation,
+        err: *const Sink,
+    ) -> i32 {
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.translate(cr3, gva));
+        report(
+            err,
+            r.map(|t| {
+                if !out.is_null() {
+                    // SAFETY: `out` is a valid out pointer from the plugin.
+                    unsafe { *out = t.into() };
                 }
-            }
-            Vec::new()
-        }),
-    )
+                Vec::new()
+            }),
+        )
+    }
+
+    unsafe extern "C" fn dirty_bitmap(ctx: *mut c_void, out: *const Sink) -> i32 {
+        report(
+            out,
+            with_ctx(ctx, Err(CallError::Internal), |c| words(c.dirty_bitmap())),
+        )
+    }
+
+    unsafe extern "C" fn hash_pages(
+        ctx: *mut c_void,
+        first: u64,
+        count: u32,
+        out: *const Sink,
+    ) -> i32 {
+        report(
+            out,
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                words(c.hash_pages(first, count))
+            }),
+        )
+    }
+
+    unsafe extern "C" fn zero_scan(
+        ctx: *mut c_void,
+        first: u64,
+        count: u32,
+        out: *const Sink,
+    ) -> i32 {
+        report(
+            out,
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                words(c.zero_scan(first, count))
+            }),
+        )
+    }
+
+    unsafe extern "C" fn search_memory(
+        ctx: *mut c_void,
+        start: u64,
+        len: u64,
+        pattern: *const u8,
+        pattern_len: usize,
+        max_results: u32,
+        out: *const Sink,
+    ) -> i32 {
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
+            // SAFETY: the plugin passes `pattern_len` readable bytes at `pattern` for this call.
+            let pat = unsafe { abi::bytes(pattern, pattern_len) };
+            words(c.search_memory(start, len, pat, max_results))
+        });
+        report(out, r)
+    }
+
+    unsafe extern "C" fn claim_ports(
+        ctx: *mut c_void,
+        base: u16,
+        len: u16,
+        err: *const Sink,
+    ) -> i32 {
+        report(
+            err,
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                unit(c.claim_ports(base, len))
+            }),
+        )
+    }
+
+    unsafe extern "C" fn claim_mmio(
+        ctx: *mut c_void,
+        base: u64,
+        len: u64,
+        err: *const Sink,
+    ) -> i32 {
+        report(
+            err,
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                unit(c.claim_mmio(base, len))
+            }),
+        )
+    }
+
+    unsafe extern "C" fn log(ctx: *mut c_void, level: u32, msg: *const u8, len: usize) {
+        with_ctx(ctx, (), |c| {
+            c.log(LogLevel::from_code(level), &text(msg, len))
+        })
+    }
+
+    unsafe extern "C" fn metric(ctx: *mut c_void, name: *const u8, len: usize, value: f64) {
+        with_ctx(ctx, (), |c| c.metric(&text(name, len), value))
+    }
+
+    unsafe extern "C" fn notify(
+        ctx: *mut c_void,
+        kind: *const u8,
+        kind_len: usize,
+        detail: *const u8,
+        detail_len: usize,
+    ) {
+        with_ctx(ctx, (), |c| {
+            c.notify(&text(kind, kind_len), &text(detail, detail_len))
+        })
+    }
+
+    unsafe extern "C" fn now_ns(ctx: *mut c_void) -> u64 {
+        with_ctx(ctx, 0, |c| c.now_ns())
+    }
+
+    unsafe extern "C" fn snapshot_begin(
+        ctx: *mut c_void,
+        opts: *const CLayerOptions,
+        job: *mut u32,
+        err: *const Sink,
+    ) -> i32 {
+        if opts.is_null() || job.is_null() {
+            return report(
+                err,
+                Err(CallError::Refused(
+                    "snapshot begin: null options or job pointer".into(),
+                )),
+            );
+        }
+        // SAFETY: `opts` is the plugin's valid options for this call.
+        let o = unsafe { *opts };
+        let req = crate::snapshot::LayerRequest {
+            dir: text(o.dir, o.dir_len),
+            parent: opt_text(o.parent, o.parent_len),
+            key_file: opt_text(o.key_file, o.key_file_len),
+            expires_in_s: (o.has_expiry != 0).then_some(o.expires_in_s),
+        };
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.snapshot_begin(req));
+        report(
+            err,
+            r.map(|id| {
+                // SAFETY: `job` is a valid out pointer from the plugin.
+                unsafe { *job = id };
+                Vec::new()
+            }),
+        )
+    }
+
+    unsafe extern "C" fn snapshot_write_pages(
+        ctx: *mut c_void,
+        job: u32,
+        bits: *const u64,
+        words: usize,
+        err: *const Sink,
+    ) -> i32 {
+        let r = bitmap(bits, words).and_then(|b| {
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                c.snapshot_write_pages(job, b)
+            })
+        });
+        report(err, unit(r))
+    }
+
+    unsafe extern "C" fn snapshot_commit(ctx: *mut c_void, job: u32, err: *const Sink) -> i32 {
+        report(
+            err,
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                unit(c.snapshot_commit(job))
+            }),
+        )
+    }
+
+    unsafe extern "C" fn snapshot_status(
+        ctx: *mut c_void,
+        job: u32,
+        out: *mut CJobStatus,
+        layer_id: *const Sink,
+        job_error: *const Sink,
+        err: *const Sink,
+    ) -> i32 {
+        if out.is_null() {
+            return report(
+                err,
+                Err(CallError::Refused(
+                    "snapshot status: null status pointer".into(),
+                )),
+            );
+        }
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.snapshot_status(job));
+        report(
+            err,
+            r.map(|s| {
+                // SAFETY: `out` is a valid out pointer; the sinks are the plugin's (or null).
+                unsafe {
+                    *out = CJobStatus::from(&s);
+                    abi::sink_put(layer_id, s.layer_id.as_bytes());
+                    if let Some(e) = &s.error {
+                        abi::sink_put(job_error, e.as_bytes());
+                    }
+                }
+                Vec::new()
+            }),
+        )
+    }
+
+    unsafe extern "C" fn snapshot_close(ctx: *mut c_void, job: u32) {
+        with_ctx(ctx, (), |c| c.snapshot_close(job))
+    }
+
+    unsafe extern "C" fn snapshot_merge(
+        ctx: *mut c_void,
+        top: *const u8,
+        top_len: usize,
+        out: *const u8,
+        out_len: usize,
+        key_file: *const u8,
+        key_file_len: usize,
+        job: *mut u32,
+        err: *const Sink,
+    ) -> i32 {
+        if job.is_null() {
+            return report(
+                err,
+                Err(CallError::Refused(
+                    "snapshot merge: null job pointer".into(),
+                )),
+            );
+        }
+        let req = crate::snapshot::MergeRequest {
+            top: text(top, top_len),
+            out: text(out, out_len),
+            key_file: opt_text(key_file, key_file_len),
+        };
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.snapshot_merge(req));
+        report(
+            err,
+            r.map(|id| {
+                // SAFETY: `job` is a valid out pointer from the plugin.
+                unsafe { *job = id };
+                Vec::new()
+            }),
+        )
+    }
+
+    unsafe extern "C" fn snapshot_remove(
+        ctx: *mut c_void,
+        dir: *const u8,
+        dir_len: usize,
+        err: *const Sink,
+    ) -> i32 {
+        let dir = text(dir, dir_len);
+        report(
+            err,
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                unit(c.snapshot_remove(&dir))
+            }),
+        )
+    }
+
+    unsafe extern "C" fn migration_harvest_dirty(ctx: *mut c_void, out: *const Sink) -> i32 {
+        report(
+            out,
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                words(c.migration_harvest())
+            }),
+        )
+    }
+
+    unsafe extern "C" fn migration_queue_pages(
+        ctx: *mut c_void,
+        bits: *const u64,
+        nwords: usize,
+        round: u32,
+        queued: *mut u64,
+        err: *const Sink,
+    ) -> i32 {
+        let r = bitmap(bits, nwords).and_then(|b| {
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                c.migration("queue-pages")?
+                    .queue_bitmap(&b, round)
+                    .map_err(CallError::Refused)
+            })
+        });
+        report(
+            err,
+            r.map(|n| {
+                if !queued.is_null() {
+                    // SAFETY: `queued` is a valid out pointer from the plugin.
+                    unsafe { *queued = n };
+                }
+                Vec::new()
+            }),
+        )
+    }
+
+    unsafe extern "C" fn migration_queue_range(
+        ctx: *mut c_void,
+        first: u64,
+        count: u64,
+        urgent: u32,
+        round: u32,
+        err: *const Sink,
+    ) -> i32 {
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
+            c.migration("queue-range")?
+                .queue_range(first, count, urgent != 0, round)
+                .map_err(CallError::Refused)
+        });
+        report(err, unit(r))
+    }
+
+    unsafe extern "C" fn migration_set_encoding(
+        ctx: *mut c_void,
+        redundancy: u32,
+        deltas: u32,
+        cache_bytes: u64,
+        blocks: u32,
+        err: *const Sink,
+    ) -> i32 {
+        let enc = crate::migration::cnet::Encoding {
+            redundancy: redundancy != 0,
+            deltas: deltas != 0,
+            cache_bytes,
+            blocks,
+        };
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
+            c.migration("set-encoding")?
+                .set_encoding(enc)
+                .map_err(CallError::Refused)
+        });
+        report(err, unit(r))
+    }
+
+    unsafe extern "C" fn migration_switch_over(
+        ctx: *mut c_void,
+        mode: u32,
+        err: *const Sink,
+    ) -> i32 {
+        let Some(mode) = crate::migration::SwitchMode::from_code(mode) else {
+            return report(
+                err,
+                Err(CallError::Refused(format!(
+                    "switch-over: unknown mode {mode}"
+                ))),
+            );
+        };
+        report(
+            err,
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                unit(c.migration_switch(mode))
+            }),
+        )
+    }
+
+    unsafe extern "C" fn migration_take_faults(ctx: *mut c_void, out: *const Sink) -> i32 {
+        let faults = with_ctx(ctx, Vec::new(), |c| {
+            c.migration("take-faults")
+                .map(|m| m.take_faults())
+                .unwrap_or_default()
+        });
+        report(out, words(Ok::<_, CallError>(faults)))
+    }
+
+    unsafe extern "C" fn migration_progress(
+        ctx: *mut c_void,
+        out: *mut CMigrationStatus,
+        failure: *const Sink,
+        err: *const Sink,
+    ) -> i32 {
+        if out.is_null() {
+            return report(
+                err,
+                Err(CallError::Refused("progress: null status pointer".into())),
+            );
+        }
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
+            Ok(c.migration("progress")?.progress())
+        });
+        report(
+            err,
+            r.map(|p| {
+                // SAFETY: `out` is a valid out pointer; `failure` the plugin's sink (or null).
+                unsafe {
+                    *out = CMigrationStatus::from(&p.status);
+                    if let Some(e) = &p.error {
+                        abi::sink_put(failure, e.as_bytes());
+                    }
+                }
+                Vec::new()
+            }),
+        )
+    }
 }

@@ -13,23 +13,13 @@ use base_vmm::snapshot::{self as store, LayerOptions, LayerWriter, SnapshotKey};
 use base_vmm::state::VmState;
 
 use crate::ctx::lock;
+// The SDK's types, on both sides of the boundary: what a service asks for a new layer, and a
+// job's progress.
 use crate::host::VmHost;
+pub use spanvmm_sdk::snapshot::{JobStatus, LayerOptions as LayerRequest};
 
 /// Most jobs open at once per VM.
 const MAX_JOBS: usize = 8;
-
-/// What a service asks for a new layer.
-#[derive(Debug, Clone, Default)]
-pub struct LayerRequest {
-    /// Layer directory.
-    pub dir: String,
-    /// Parent layer directory (incremental).
-    pub parent: Option<String>,
-    /// Key file.
-    pub key_file: Option<String>,
-    /// Expiry, seconds from now.
-    pub expires_in_s: Option<u64>,
-}
 
 /// What a service asks to merge: the chain ending in `top` into one full layer in `out`.
 #[derive(Debug, Clone, Default)]
@@ -40,25 +30,6 @@ pub struct MergeRequest {
     pub out: String,
     /// Key file: of the chain, and of the merged layer.
     pub key_file: Option<String>,
-}
-
-/// Progress of a job.
-#[derive(Debug, Clone, Default)]
-pub struct JobStatus {
-    /// Layer id.
-    pub layer_id: String,
-    /// Commands queued and not yet done.
-    pub pending: u32,
-    /// Write rounds done.
-    pub rounds: u32,
-    /// Bytes written so far.
-    pub bytes_written: u64,
-    /// Every page batch queued before the commit is written: the guest may run again.
-    pub copied: bool,
-    /// The layer is complete.
-    pub committed: bool,
-    /// The job failed.
-    pub error: Option<String>,
 }
 
 enum Cmd {

@@ -22,7 +22,7 @@ use wasmtime::{
 };
 
 use crate::backend::{Backend, Budget, Fatal};
-use crate::ctx::{lock, ServiceCtx};
+use crate::ctx::{lock, CallError, ServiceCtx};
 use crate::error::ServiceError;
 
 mod bindings {
@@ -74,11 +74,16 @@ const MAX_HOST_CREDIT_NS: u64 = 2_000_000_000;
 
 impl StoreState {
     /// Runs a host call that may take a while, recording its duration.
-    fn timed<R>(&mut self, f: impl FnOnce(&ServiceCtx) -> R) -> R {
+    /// Runs a host call, timing it (the time is credited back to the service's deadline); its
+    /// error becomes the WIT result's message here, at the edge.
+    fn timed<T>(
+        &mut self,
+        f: impl FnOnce(&ServiceCtx) -> Result<T, CallError>,
+    ) -> Result<T, String> {
         let t = std::time::Instant::now();
         let r = f(&self.ctx);
         self.host_ns += t.elapsed().as_nanos() as u64;
-        r
+        r.map_err(String::from)
     }
 }
 
@@ -552,32 +557,11 @@ impl wh::Host for StoreState {
 
     fn vcpu_regs(&mut self, index: u32) -> Result<wt::VcpuRegisters, String> {
         let r = self.timed(|c| c.vcpu_regs(index))?;
-        Ok(wt::VcpuRegisters {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-            cr0: r.cr0,
-            cr2: r.cr2,
-            cr3: r.cr3,
-            cr4: r.cr4,
-            efer: r.efer,
+        Ok(spanvmm_sdk::copy_vcpu_regs!(wt::VcpuRegisters {
+            gprs: r,
+            cr: r,
             cpl: r.cpl,
-        })
+        }))
     }
 
     fn read_memory(&mut self, gpa: u64, len: u32) -> Result<Vec<u8>, String> {
@@ -623,11 +607,11 @@ impl wh::Host for StoreState {
     }
 
     fn claim_ports(&mut self, base: u16, len: u16) -> Result<(), String> {
-        self.ctx.claim_ports(base, len)
+        Ok(self.ctx.claim_ports(base, len)?)
     }
 
     fn claim_mmio(&mut self, base: u64, len: u64) -> Result<(), String> {
-        self.ctx.claim_mmio(base, len)
+        Ok(self.ctx.claim_mmio(base, len)?)
     }
 
     fn log(&mut self, level: wt::LogLevel, msg: String) {
@@ -672,11 +656,19 @@ impl wm::Host for StoreState {
             cache_bytes: e.cache_bytes,
             blocks: e.blocks,
         };
-        self.timed(|c| c.migration("set-encoding")?.set_encoding(enc))
+        self.timed(|c| {
+            c.migration("set-encoding")?
+                .set_encoding(enc)
+                .map_err(CallError::Refused)
+        })
     }
 
     fn queue_pages(&mut self, bitmap: Vec<u64>, round: u32) -> Result<u64, String> {
-        self.timed(|c| c.migration("queue-pages")?.queue_bitmap(&bitmap, round))
+        self.timed(|c| {
+            c.migration("queue-pages")?
+                .queue_bitmap(&bitmap, round)
+                .map_err(CallError::Refused)
+        })
     }
 
     fn queue_range(
@@ -689,13 +681,15 @@ impl wm::Host for StoreState {
         self.timed(|c| {
             c.migration("queue-range")?
                 .queue_range(first, count, urgent, round)
+                .map_err(CallError::Refused)
         })
     }
 
     fn switch_over(&mut self, mode: wm::SwitchMode) -> Result<(), String> {
+        use crate::migration::SwitchMode;
         let mode = match mode {
-            wm::SwitchMode::StopAndCopy => crate::migration::SwitchMode::StopAndCopy,
-            wm::SwitchMode::Postcopy => crate::migration::SwitchMode::Postcopy,
+            wm::SwitchMode::StopAndCopy => SwitchMode::StopAndCopy,
+            wm::SwitchMode::Postcopy => SwitchMode::Postcopy,
         };
         self.timed(|c| c.migration_switch(mode))
     }
@@ -708,7 +702,7 @@ impl wm::Host for StoreState {
     }
 
     fn progress(&mut self) -> Result<wm::Status, String> {
-        let p = self.ctx.migration("progress")?.progress();
+        let p = self.ctx.migration("progress")?.progress().status;
         Ok(wm::Status {
             phase: phase_to_wit(p.phase),
             pages_total: p.pages_total,

@@ -4,8 +4,9 @@
  * A native service is a shared object exporting the seven functions declared at the end of
  * this file. Native services run inside the VMM process: they are TRUSTED code, with no
  * sandbox, no deadline and no memory limit (see docs/plugin-guide.md). Rust authors do not use
- * this header: spanvmm_sdk::export_service! generates the same symbols (the Rust mirror of this
- * file is sdk/src/abi.rs; keep the two in step).
+ * this header: spanvmm_sdk::export_service! generates the same symbols. The spanvmm_host table
+ * below is generated from the host-call table in sdk/src/hostif.rs (a test fails when this file
+ * differs); the other types are mirrored by sdk/src/abi.rs and size-checked by its tests.
  *
  * Rules
  * - The host calls spanvmm_service_abi_version() first and refuses the object unless it returns
@@ -140,70 +141,94 @@ typedef struct spanvmm_migration_status {
 #define SPANVMM_LOG_DEBUG 3u
 #define SPANVMM_LOG_TRACE 4u
 
+/* ---- generated from sdk/src/hostif.rs (the host-call table): do not edit by hand ---- */
 /* What the VMM offers. Each call checks the capabilities the manifest asked for. */
 typedef struct spanvmm_host {
     uint32_t abi_version; /* SPANVMM_SERVICE_ABI_VERSION */
     uint32_t size;        /* sizeof(spanvmm_host); later minor versions append fields */
     void *ctx;            /* first argument of every function below */
+    /* host#vm-info: The VM's shape. */
     void (*vm_info)(void *ctx, spanvmm_vm_info *out);
+    /* host#pause: Stops all vCPUs. */
     int32_t (*pause)(void *ctx, const spanvmm_sink *err);
+    /* host#resume: Restarts all vCPUs. */
     int32_t (*resume)(void *ctx, const spanvmm_sink *err);
+    /* host#vcpu-regs: One vCPU's registers. */
     int32_t (*vcpu_regs)(void *ctx, uint32_t index, spanvmm_vcpu_regs *out,
                          const spanvmm_sink *err);
-    /* len <= 1 MiB; the host writes straight into buf */
+    /* host#read-memory: len <= 1 MiB; the host writes straight into buf. */
     int32_t (*read_memory)(void *ctx, uint64_t gpa, uint8_t *buf, size_t len,
                            const spanvmm_sink *err);
+    /* host#write-memory: Writes len (<= 1 MiB) bytes at gpa. */
     int32_t (*write_memory)(void *ctx, uint64_t gpa, const uint8_t *data, size_t len,
                             const spanvmm_sink *err);
+    /* host#translate: Guest page-table walk. */
     int32_t (*translate)(void *ctx, uint64_t cr3, uint64_t gva, spanvmm_translation *out,
                          const spanvmm_sink *err);
+    /* host#dirty-bitmap: u64 words to out (or the error message). */
     int32_t (*dirty_bitmap)(void *ctx, const spanvmm_sink *out);
+    /* host#hash-pages: u64 words to out (or the error message). */
     int32_t (*hash_pages)(void *ctx, uint64_t first, uint32_t count, const spanvmm_sink *out);
+    /* host#zero-scan: u64 words to out (or the error message). */
     int32_t (*zero_scan)(void *ctx, uint64_t first, uint32_t count, const spanvmm_sink *out);
+    /* host#search-memory: u64 addresses to out (or the error message). */
     int32_t (*search_memory)(void *ctx, uint64_t start, uint64_t len, const uint8_t *pattern,
                              size_t pattern_len, uint32_t max_results, const spanvmm_sink *out);
-    /* only during attach */
+    /* host#claim-ports: Only during attach. */
     int32_t (*claim_ports)(void *ctx, uint16_t base, uint16_t len, const spanvmm_sink *err);
+    /* host#log: level: SPANVMM_LOG_*. */
     void (*log)(void *ctx, uint32_t level, const uint8_t *msg, size_t len);
+    /* host#metric: A named metric. */
     void (*metric)(void *ctx, const uint8_t *name, size_t len, double value);
+    /* host#notify: A notification (kind, JSON detail). */
     void (*notify)(void *ctx, const uint8_t *kind, size_t kind_len, const uint8_t *detail,
                    size_t detail_len);
+    /* host#now-ns: Host monotonic time, ns. */
     uint64_t (*now_ns)(void *ctx);
-    /* appended: present when size covers it; only during attach; outside guest RAM */
+    /* host#claim-mmio: Appended: only during attach; outside guest RAM. */
     int32_t (*claim_mmio)(void *ctx, uint64_t base, uint64_t len, const spanvmm_sink *err);
-    /* appended: the snapshot engine (wit/snapshot.wit), present when size covers them */
+    /* snapshot#begin: Appended: the snapshot engine (wit/snapshot.wit). Opens a layer. */
     int32_t (*snapshot_begin)(void *ctx, const spanvmm_layer_options *opts, uint32_t *job,
                               const spanvmm_sink *err);
-    /* words == 0: every page */
+    /* snapshot#write-pages: words == 0: every page. */
     int32_t (*snapshot_write_pages)(void *ctx, uint32_t job, const uint64_t *bitmap, size_t words,
                                     const spanvmm_sink *err);
+    /* snapshot#commit: Captures the VM state (paused VM) and queues the state file. */
     int32_t (*snapshot_commit)(void *ctx, uint32_t job, const spanvmm_sink *err);
+    /* snapshot#status: The layer id to layer_id; when out->failed, the job's failure to job_error. */
     int32_t (*snapshot_status)(void *ctx, uint32_t job, spanvmm_job_status *out,
                                const spanvmm_sink *layer_id, const spanvmm_sink *job_error,
                                const spanvmm_sink *err);
+    /* snapshot#close: Drops a job. */
     void (*snapshot_close)(void *ctx, uint32_t job);
-    /* merges the chain ending in top into a full layer in out; key_file NULL: plain */
+    /* snapshot#merge: Merges the chain ending in top into a full layer in out; key_file NULL: plain. */
     int32_t (*snapshot_merge)(void *ctx, const uint8_t *top, size_t top_len, const uint8_t *out,
                               size_t out_len, const uint8_t *key_file, size_t key_file_len,
                               uint32_t *job, const spanvmm_sink *err);
-    /* deletes the layer in dir (retention of layers a merge superseded) */
+    /* snapshot#remove: Deletes the layer in dir (retention of layers a merge superseded). */
     int32_t (*snapshot_remove)(void *ctx, const uint8_t *dir, size_t dir_len,
                                const spanvmm_sink *err);
-    /* appended: the migration engine (wit/migration.wit), present when size covers them */
-    int32_t (*migration_harvest_dirty)(void *ctx, const spanvmm_sink *out); /* u64 words */
+    /* migration#harvest-dirty: Appended: the migration engine (wit/migration.wit). u64 words to out. */
+    int32_t (*migration_harvest_dirty)(void *ctx, const spanvmm_sink *out);
+    /* migration#queue-pages: How many pages were not queued already goes to queued. */
     int32_t (*migration_queue_pages)(void *ctx, const uint64_t *bitmap, size_t words,
                                      uint32_t round, uint64_t *queued, const spanvmm_sink *err);
+    /* migration#queue-range: urgent != 0: before everything but faults. */
     int32_t (*migration_queue_range)(void *ctx, uint64_t first, uint64_t count, uint32_t urgent,
                                      uint32_t round, const spanvmm_sink *err);
+    /* migration#switch-over: mode: SPANVMM_SWITCH_*. */
     int32_t (*migration_switch_over)(void *ctx, uint32_t mode, const spanvmm_sink *err);
-    int32_t (*migration_take_faults)(void *ctx, const spanvmm_sink *out); /* u64 words */
+    /* migration#take-faults: u64 words to out. */
+    int32_t (*migration_take_faults)(void *ctx, const spanvmm_sink *out);
+    /* migration#progress: When the migration failed, the reason to failure. */
     int32_t (*migration_progress)(void *ctx, spanvmm_migration_status *out,
                                   const spanvmm_sink *failure, const spanvmm_sink *err);
-    /* appended: CloudNet's page encodings, present when size covers it */
+    /* migration#set-encoding: Appended: CloudNet's page encodings (redundancy, deltas: 0 or 1). */
     int32_t (*migration_set_encoding)(void *ctx, uint32_t redundancy, uint32_t deltas,
                                       uint64_t cache_bytes, uint32_t blocks,
                                       const spanvmm_sink *err);
 } spanvmm_host;
+/* ---- end of generated text ---- */
 
 /* ---- exported by the service ---- */
 

@@ -9,7 +9,7 @@
 
 use std::ffi::c_void;
 
-use crate::types::{Event, EventReply, Lifecycle, Translation, VcpuRegs, VmInfo};
+use crate::types::{Event, EventReply, Lifecycle, Translation, VmInfo};
 
 /// Success.
 pub const OK: i32 = 0;
@@ -120,186 +120,7 @@ pub struct CTranslation {
     pub reserved: u32,
 }
 
-/// The host's functions (`spanvmm_host`), valid from `attach` until `detach` returns. They may
-/// only be called from inside a call the host made into the service, on that thread.
-#[repr(C)]
-pub struct HostVtable {
-    /// [`crate::ABI_VERSION`].
-    pub abi_version: u32,
-    /// `sizeof(spanvmm_host)`: later minor versions append fields.
-    pub size: u32,
-    /// Host context, first argument of every function.
-    pub ctx: *mut c_void,
-    /// The VM's shape.
-    pub vm_info: unsafe extern "C" fn(ctx: *mut c_void, out: *mut CVmInfo),
-    /// Pause the VM.
-    pub pause: unsafe extern "C" fn(ctx: *mut c_void, err: *const Sink) -> i32,
-    /// Resume the VM.
-    pub resume: unsafe extern "C" fn(ctx: *mut c_void, err: *const Sink) -> i32,
-    /// vCPU registers.
-    pub vcpu_regs: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        index: u32,
-        out: *mut VcpuRegs,
-        err: *const Sink,
-    ) -> i32,
-    /// Read `len` (≤ 1 MiB) bytes at `gpa` into `buf`.
-    pub read_memory: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        gpa: u64,
-        buf: *mut u8,
-        len: usize,
-        err: *const Sink,
-    ) -> i32,
-    /// Write `len` (≤ 1 MiB) bytes at `gpa`.
-    pub write_memory: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        gpa: u64,
-        data: *const u8,
-        len: usize,
-        err: *const Sink,
-    ) -> i32,
-    /// Guest page-table walk.
-    pub translate: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        cr3: u64,
-        gva: u64,
-        out: *mut CTranslation,
-        err: *const Sink,
-    ) -> i32,
-    /// Dirty bitmap: u64 words (native endian) to `out`, or an error message.
-    pub dirty_bitmap: unsafe extern "C" fn(ctx: *mut c_void, out: *const Sink) -> i32,
-    /// Page hashes: u64 words to `out`, or an error message.
-    pub hash_pages:
-        unsafe extern "C" fn(ctx: *mut c_void, first: u64, count: u32, out: *const Sink) -> i32,
-    /// Zero-page bitmap: u64 words to `out`, or an error message.
-    pub zero_scan:
-        unsafe extern "C" fn(ctx: *mut c_void, first: u64, count: u32, out: *const Sink) -> i32,
-    /// Pattern search: u64 addresses to `out`, or an error message.
-    pub search_memory: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        start: u64,
-        len: u64,
-        pattern: *const u8,
-        pattern_len: usize,
-        max_results: u32,
-        out: *const Sink,
-    ) -> i32,
-    /// Claim ports (during attach only).
-    pub claim_ports:
-        unsafe extern "C" fn(ctx: *mut c_void, base: u16, len: u16, err: *const Sink) -> i32,
-    /// Log a line.
-    pub log: unsafe extern "C" fn(ctx: *mut c_void, level: u32, msg: *const u8, len: usize),
-    /// Record a metric.
-    pub metric: unsafe extern "C" fn(ctx: *mut c_void, name: *const u8, len: usize, value: f64),
-    /// Publish a notification.
-    pub notify: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        kind: *const u8,
-        kind_len: usize,
-        detail: *const u8,
-        detail_len: usize,
-    ),
-    /// Host monotonic time, ns.
-    pub now_ns: unsafe extern "C" fn(ctx: *mut c_void) -> u64,
-    /// Claim MMIO (during attach only). Appended: present when `size` covers it.
-    pub claim_mmio:
-        unsafe extern "C" fn(ctx: *mut c_void, base: u64, len: u64, err: *const Sink) -> i32,
-    // Appended: the snapshot engine (`wit/snapshot.wit`), present when `size` covers them.
-    /// Opens a layer; its job handle goes to `job`.
-    pub snapshot_begin: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        opts: *const CLayerOptions,
-        job: *mut u32,
-        err: *const Sink,
-    ) -> i32,
-    /// Queues the pages set in `bitmap` (`words` u64 words; 0 words: every page).
-    pub snapshot_write_pages: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        job: u32,
-        bitmap: *const u64,
-        words: usize,
-        err: *const Sink,
-    ) -> i32,
-    /// Captures the VM state (paused VM) and queues the state file.
-    pub snapshot_commit: unsafe extern "C" fn(ctx: *mut c_void, job: u32, err: *const Sink) -> i32,
-    /// Progress of a job: numbers to `out`, the layer id to `layer_id`, and when `out.failed`
-    /// the job's failure to `job_error`.
-    pub snapshot_status: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        job: u32,
-        out: *mut CJobStatus,
-        layer_id: *const Sink,
-        job_error: *const Sink,
-        err: *const Sink,
-    ) -> i32,
-    /// Drops a job.
-    pub snapshot_close: unsafe extern "C" fn(ctx: *mut c_void, job: u32),
-    /// Merges the chain ending in `top` into a full layer in `out` (`key_file` null: plain);
-    /// the job to poll goes to `job`.
-    pub snapshot_merge: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        top: *const u8,
-        top_len: usize,
-        out: *const u8,
-        out_len: usize,
-        key_file: *const u8,
-        key_file_len: usize,
-        job: *mut u32,
-        err: *const Sink,
-    ) -> i32,
-    /// Deletes the layer in `dir`.
-    pub snapshot_remove: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        dir: *const u8,
-        dir_len: usize,
-        err: *const Sink,
-    ) -> i32,
-    // Appended: the migration engine (`wit/migration.wit`), present when `size` covers them.
-    /// Pages dirtied since the previous call: u64 words to `out`, or an error message.
-    pub migration_harvest_dirty: unsafe extern "C" fn(ctx: *mut c_void, out: *const Sink) -> i32,
-    /// Queues the pages set in `bitmap` for pre-copy round `round`; how many were new goes
-    /// to `queued`.
-    pub migration_queue_pages: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        bitmap: *const u64,
-        words: usize,
-        round: u32,
-        queued: *mut u64,
-        err: *const Sink,
-    ) -> i32,
-    /// Queues pages `[first, first + count)`; `urgent` != 0 sends them first.
-    pub migration_queue_range: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        first: u64,
-        count: u64,
-        urgent: u32,
-        round: u32,
-        err: *const Sink,
-    ) -> i32,
-    /// Hands the guest over: `mode` is one of [`switch_mode`].
-    pub migration_switch_over:
-        unsafe extern "C" fn(ctx: *mut c_void, mode: u32, err: *const Sink) -> i32,
-    /// Pages the destination faulted on since the previous call: u64 words to `out`.
-    pub migration_take_faults: unsafe extern "C" fn(ctx: *mut c_void, out: *const Sink) -> i32,
-    /// Where the migration is: numbers to `out`, and when it failed the reason to `failure`.
-    pub migration_progress: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        out: *mut CMigrationStatus,
-        failure: *const Sink,
-        err: *const Sink,
-    ) -> i32,
-    // Appended: CloudNet's page encodings, present when `size` covers it.
-    /// Chooses the page encodings (`redundancy`, `deltas`: 0/1).
-    pub migration_set_encoding: unsafe extern "C" fn(
-        ctx: *mut c_void,
-        redundancy: u32,
-        deltas: u32,
-        cache_bytes: u64,
-        blocks: u32,
-        err: *const Sink,
-    ) -> i32,
-}
+pub use crate::hostif::HostVtable;
 
 /// `spanvmm_layer_options`: strings are UTF-8 pointer + length; a null pointer is "none".
 #[repr(C)]
@@ -640,6 +461,7 @@ pub unsafe fn bytes<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::VcpuRegs;
 
     /// Sizes as a C compiler lays out `include/spanvmm_service.h` on x86-64.
     #[test]

@@ -27,6 +27,7 @@ extern crate self as spanvmm_sdk;
 
 pub mod abi;
 pub mod host;
+pub mod hostif;
 pub mod migration;
 pub mod snapshot;
 pub mod types;

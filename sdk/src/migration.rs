@@ -4,9 +4,18 @@
 //!
 //! Wasm and native services alike reach it (the native host table carries these calls since
 //! they were appended to ABI version 1).
+//!
+//! The host uses these types too (its progress adds counters of its own around [`Progress`]):
+//! one definition each, and one conversion to each wire form (the C struct here, the WIT record
+//! in each runtime).
+
+use serde::Serialize;
+
+use crate::abi::{migration_phase, switch_mode, CMigrationStatus};
 
 /// Where a migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Phase {
     /// Pages go out while the guest runs here.
     Precopy,
@@ -21,7 +30,8 @@ pub enum Phase {
 }
 
 /// How to hand the guest over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SwitchMode {
     /// Pause, send the remaining dirty pages and the state, run at the destination.
     StopAndCopy,
@@ -30,7 +40,7 @@ pub enum SwitchMode {
 }
 
 /// Progress of the migration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Progress {
     /// Where it is.
     pub phase: Phase,
@@ -52,6 +62,85 @@ pub struct Progress {
     pub elapsed_ms: u64,
     /// Why it failed.
     pub error: Option<String>,
+}
+
+impl Phase {
+    /// The C ABI code ([`migration_phase`]).
+    pub fn code(self) -> u32 {
+        match self {
+            Phase::Precopy => migration_phase::PRECOPY,
+            Phase::Postcopy => migration_phase::POSTCOPY,
+            Phase::Recovering => migration_phase::RECOVERING,
+            Phase::Completed => migration_phase::COMPLETED,
+            Phase::Failed => migration_phase::FAILED,
+        }
+    }
+
+    /// The phase of a C ABI code.
+    pub fn from_code(code: u32) -> Option<Phase> {
+        [
+            Phase::Precopy,
+            Phase::Postcopy,
+            Phase::Recovering,
+            Phase::Completed,
+            Phase::Failed,
+        ]
+        .into_iter()
+        .find(|p| p.code() == code)
+    }
+}
+
+impl SwitchMode {
+    /// The C ABI code ([`switch_mode`]).
+    pub fn code(self) -> u32 {
+        match self {
+            SwitchMode::StopAndCopy => switch_mode::STOP_AND_COPY,
+            SwitchMode::Postcopy => switch_mode::POSTCOPY,
+        }
+    }
+
+    /// The mode of a C ABI code.
+    pub fn from_code(code: u32) -> Option<SwitchMode> {
+        [SwitchMode::StopAndCopy, SwitchMode::Postcopy]
+            .into_iter()
+            .find(|m| m.code() == code)
+    }
+}
+
+impl From<&Progress> for CMigrationStatus {
+    fn from(p: &Progress) -> Self {
+        CMigrationStatus {
+            phase: p.phase.code(),
+            reserved: 0,
+            pages_total: p.pages_total,
+            pages_pending: p.pages_pending,
+            pages_sent: p.pages_sent,
+            bytes_sent: p.bytes_sent,
+            rate_bytes_per_sec: p.rate_bytes_per_sec,
+            pages_needed: p.pages_needed,
+            remote_faults: p.remote_faults,
+            elapsed_ms: p.elapsed_ms,
+        }
+    }
+}
+
+impl Progress {
+    /// The progress a C status and its failure message describe.
+    pub fn from_c(p: &CMigrationStatus, error: Option<String>) -> Result<Progress, String> {
+        Ok(Progress {
+            phase: Phase::from_code(p.phase)
+                .ok_or_else(|| format!("progress: unknown migration phase {}", p.phase))?,
+            pages_total: p.pages_total,
+            pages_pending: p.pages_pending,
+            pages_sent: p.pages_sent,
+            bytes_sent: p.bytes_sent,
+            rate_bytes_per_sec: p.rate_bytes_per_sec,
+            pages_needed: p.pages_needed,
+            remote_faults: p.remote_faults,
+            elapsed_ms: p.elapsed_ms,
+            error,
+        })
+    }
 }
 
 /// CloudNet's page encodings (`set_encoding`).
@@ -124,7 +213,6 @@ mod imp {
 #[cfg(not(target_arch = "wasm32"))]
 mod imp {
     use super::*;
-    use crate::abi::{migration_phase, switch_mode};
     use crate::native::imports as n;
 
     pub fn harvest_dirty() -> Result<Vec<u64>, String> {
@@ -140,35 +228,14 @@ mod imp {
         n::migration_queue_range(first, count, urgent, round)
     }
     pub fn switch_over(mode: SwitchMode) -> Result<(), String> {
-        n::migration_switch_over(match mode {
-            SwitchMode::StopAndCopy => switch_mode::STOP_AND_COPY,
-            SwitchMode::Postcopy => switch_mode::POSTCOPY,
-        })
+        n::migration_switch_over(mode.code())
     }
     pub fn take_faults() -> Vec<u64> {
         n::migration_take_faults()
     }
     pub fn progress() -> Result<Progress, String> {
         let (p, error) = n::migration_progress()?;
-        Ok(Progress {
-            phase: match p.phase {
-                migration_phase::PRECOPY => Phase::Precopy,
-                migration_phase::POSTCOPY => Phase::Postcopy,
-                migration_phase::RECOVERING => Phase::Recovering,
-                migration_phase::COMPLETED => Phase::Completed,
-                migration_phase::FAILED => Phase::Failed,
-                other => return Err(format!("progress: unknown migration phase {other}")),
-            },
-            pages_total: p.pages_total,
-            pages_pending: p.pages_pending,
-            pages_sent: p.pages_sent,
-            bytes_sent: p.bytes_sent,
-            rate_bytes_per_sec: p.rate_bytes_per_sec,
-            pages_needed: p.pages_needed,
-            remote_faults: p.remote_faults,
-            elapsed_ms: p.elapsed_ms,
-            error,
-        })
+        Progress::from_c(&p, error)
     }
 }
 

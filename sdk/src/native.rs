@@ -251,6 +251,20 @@ pub(crate) mod imports {
         unsafe { p.as_ref() }
     }
 
+    /// The host's context and function `$field`, when a host is attached and its table holds
+    /// the call (a host of an earlier minor version has a shorter table).
+    macro_rules! host_fn {
+        ($field:ident, $what:expr) => {
+            match host() {
+                None => Err(NO_HOST.to_string()),
+                Some(h) => h
+                    .$field()
+                    .map(|f| (h.ctx, f))
+                    .ok_or_else(|| format!("{}: this host's native ABI does not offer it", $what)),
+            }
+        };
+    }
+
     fn with_sink(f: impl FnOnce(&Sink) -> i32) -> Result<Vec<u8>, String> {
         let mut buf = VecSink::default();
         let sink = buf.sink();
@@ -267,80 +281,78 @@ pub(crate) mod imports {
     }
 
     pub fn vm_info() -> VmInfo {
-        let Some(h) = host() else {
+        let Ok((ctx, call)) = host_fn!(vm_info, "vm-info") else {
             return VmInfo::default();
         };
         let mut out = abi::CVmInfo::default();
         // SAFETY: vtable function called with its own context and a valid out pointer.
-        unsafe { (h.vm_info)(h.ctx, &mut out) };
+        unsafe { call(ctx, &mut out) };
         out.into()
     }
 
     pub fn pause() -> Result<(), String> {
-        let h = host().ok_or(NO_HOST)?;
+        let (ctx, call) = host_fn!(pause, "pause")?;
         // SAFETY: vtable function called with its own context and a live sink.
-        unit(with_sink(|s| unsafe { (h.pause)(h.ctx, s) }))
+        unit(with_sink(|s| unsafe { call(ctx, s) }))
     }
 
     pub fn resume() -> Result<(), String> {
-        let h = host().ok_or(NO_HOST)?;
+        let (ctx, call) = host_fn!(resume, "resume")?;
         // SAFETY: as above.
-        unit(with_sink(|s| unsafe { (h.resume)(h.ctx, s) }))
+        unit(with_sink(|s| unsafe { call(ctx, s) }))
     }
 
     pub fn vcpu_regs(index: u32) -> Result<VcpuRegs, String> {
-        let h = host().ok_or(NO_HOST)?;
+        let (ctx, call) = host_fn!(vcpu_regs, "vcpu-regs")?;
         let mut regs = VcpuRegs::default();
         // SAFETY: as above; `regs` is a valid out pointer.
-        with_sink(|s| unsafe { (h.vcpu_regs)(h.ctx, index, &mut regs, s) })?;
+        with_sink(|s| unsafe { call(ctx, index, &mut regs, s) })?;
         Ok(regs)
     }
 
     pub fn read_memory(gpa: u64, len: u32) -> Result<Vec<u8>, String> {
-        let h = host().ok_or(NO_HOST)?;
+        let (ctx, call) = host_fn!(read_memory, "read-memory")?;
         if len > crate::host::MAX_TRANSFER {
             return Err(format!("read of {len} bytes exceeds the 1 MiB limit"));
         }
         let mut buf = vec![0u8; len as usize];
         // SAFETY: as above; `buf` has `len` writable bytes.
-        with_sink(|s| unsafe { (h.read_memory)(h.ctx, gpa, buf.as_mut_ptr(), buf.len(), s) })?;
+        with_sink(|s| unsafe { call(ctx, gpa, buf.as_mut_ptr(), buf.len(), s) })?;
         Ok(buf)
     }
 
     pub fn write_memory(gpa: u64, data: &[u8]) -> Result<(), String> {
-        let h = host().ok_or(NO_HOST)?;
+        let (ctx, call) = host_fn!(write_memory, "write-memory")?;
         // SAFETY: as above; `data` is a live slice.
         unit(with_sink(|s| unsafe {
-            (h.write_memory)(h.ctx, gpa, data.as_ptr(), data.len(), s)
+            call(ctx, gpa, data.as_ptr(), data.len(), s)
         }))
     }
 
     pub fn translate(cr3: u64, gva: u64) -> Result<Translation, String> {
-        let h = host().ok_or(NO_HOST)?;
+        let (ctx, call) = host_fn!(translate, "translate")?;
         let mut t = abi::CTranslation::default();
         // SAFETY: as above; `t` is a valid out pointer.
-        with_sink(|s| unsafe { (h.translate)(h.ctx, cr3, gva, &mut t, s) })?;
+        with_sink(|s| unsafe { call(ctx, cr3, gva, &mut t, s) })?;
         Ok(t.into())
     }
 
     pub fn dirty_bitmap() -> Result<Vec<u64>, String> {
-        let h = host().ok_or(NO_HOST)?;
+        let (ctx, call) = host_fn!(dirty_bitmap, "dirty-bitmap")?;
         // SAFETY: as above.
-        with_sink(|s| unsafe { (h.dirty_bitmap)(h.ctx, s) }).map(|b| abi::bytes_to_words(&b))
+        with_sink(|s| unsafe { call(ctx, s) }).map(|b| abi::bytes_to_words(&b))
     }
 
     pub fn hash_pages(first: u64, count: u32) -> Result<Vec<u64>, String> {
-        let h = host().ok_or(NO_HOST)?;
+        let (ctx, call) = host_fn!(hash_pages, "hash-pages")?;
         // SAFETY: as above.
-        with_sink(|s| unsafe { (h.hash_pages)(h.ctx, first, count, s) })
-            .map(|b| abi::bytes_to_words(&b))
+        with_sink(|s| unsafe { call(ctx, first, count, s) }).map(|b| abi::bytes_to_words(&b))
     }
 
     pub fn zero_scan(first: u64, count: u32) -> Result<Vec<u64>, String> {
-        let h = host().ok_or(NO_HOST)?;
+        let (ctx, call) = host_fn!(zero_scan, "zero-scan")?;
         // SAFETY: as above.
-        with_sink(|s| unsafe { (h.zero_scan)(h.ctx, first, count, s) })
-            .map(|b| abi::bytes_to_words(&b))
+        with_sink(|s| unsafe { call(ctx, first, count, s) }).map(|b| abi::bytes_to_words(&b))
     }
 
     pub fn search_memory(
@@ -349,11 +361,11 @@ pub(crate) mod imports {
         pattern: &[u8],
         max_results: u32,
     ) -> Result<Vec<u64>, String> {
-        let h = host().ok_or(NO_HOST)?;
+        let (ctx, call) = host_fn!(search_memory, "search-memory")?;
         // SAFETY: as above; `pattern` is a live slice.
         with_sink(|s| unsafe {
-            (h.search_memory)(
-                h.ctx,
+            call(
+                ctx,
                 start,
                 len,
                 pattern.as_ptr(),
@@ -366,40 +378,15 @@ pub(crate) mod imports {
     }
 
     pub fn claim_ports(base: u16, len: u16) -> Result<(), String> {
-        let h = host().ok_or(NO_HOST)?;
+        let (ctx, call) = host_fn!(claim_ports, "claim-ports")?;
         // SAFETY: as above.
-        unit(with_sink(|s| unsafe {
-            (h.claim_ports)(h.ctx, base, len, s)
-        }))
+        unit(with_sink(|s| unsafe { call(ctx, base, len, s) }))
     }
 
     pub fn claim_mmio(base: u64, len: u64) -> Result<(), String> {
-        let h = host().ok_or(NO_HOST)?;
-        // A host of an earlier minor version has a shorter table without this function.
-        let needed = std::mem::offset_of!(HostVtable, claim_mmio) + std::mem::size_of::<usize>();
-        if (h.size as usize) < needed {
-            return Err("claim-mmio: this host does not offer MMIO claims".into());
-        }
+        let (ctx, call) = host_fn!(claim_mmio, "claim-mmio")?;
         // SAFETY: as above; the table is long enough to hold the field.
-        unit(with_sink(|s| unsafe {
-            (h.claim_mmio)(h.ctx, base, len, s)
-        }))
-    }
-
-    /// The host table, when it holds the appended field `field` (whose offset is
-    /// `field_offset`): a host of an earlier minor version has a shorter table.
-    fn host_with(field_offset: usize, what: &str) -> Result<&'static HostVtable, String> {
-        let h = host().ok_or(NO_HOST)?;
-        if !abi::table_has(h.size, field_offset + std::mem::size_of::<usize>()) {
-            return Err(format!("{what}: this host's native ABI does not offer it"));
-        }
-        Ok(h)
-    }
-
-    macro_rules! host_fn {
-        ($field:ident, $what:expr) => {
-            host_with(std::mem::offset_of!(HostVtable, $field), $what)
-        };
+        unit(with_sink(|s| unsafe { call(ctx, base, len, s) }))
     }
 
     /// A string option as pointer + length (null for none).
@@ -411,7 +398,7 @@ pub(crate) mod imports {
     }
 
     pub fn snapshot_begin(o: &crate::snapshot::LayerOptions) -> Result<u32, String> {
-        let h = host_fn!(snapshot_begin, "snapshot begin")?;
+        let (ctx, call) = host_fn!(snapshot_begin, "snapshot begin")?;
         let (parent, parent_len) = opt_str(&o.parent);
         let (key_file, key_file_len) = opt_str(&o.key_file);
         let opts = abi::CLayerOptions {
@@ -427,59 +414,53 @@ pub(crate) mod imports {
         };
         let mut job = 0u32;
         // SAFETY: as above; the strings `opts` points at live across the call.
-        with_sink(|s| unsafe { (h.snapshot_begin)(h.ctx, &opts, &mut job, s) })?;
+        with_sink(|s| unsafe { call(ctx, &opts, &mut job, s) })?;
         Ok(job)
     }
 
     pub fn snapshot_write_pages(job: u32, bitmap: &[u64]) -> Result<(), String> {
-        let h = host_fn!(snapshot_write_pages, "snapshot write-pages")?;
+        let (ctx, call) = host_fn!(snapshot_write_pages, "snapshot write-pages")?;
         // SAFETY: as above; `bitmap` is a live slice.
         unit(with_sink(|s| unsafe {
-            (h.snapshot_write_pages)(h.ctx, job, bitmap.as_ptr(), bitmap.len(), s)
+            call(ctx, job, bitmap.as_ptr(), bitmap.len(), s)
         }))
     }
 
     pub fn snapshot_commit(job: u32) -> Result<(), String> {
-        let h = host_fn!(snapshot_commit, "snapshot commit")?;
+        let (ctx, call) = host_fn!(snapshot_commit, "snapshot commit")?;
         // SAFETY: as above.
-        unit(with_sink(|s| unsafe { (h.snapshot_commit)(h.ctx, job, s) }))
+        unit(with_sink(|s| unsafe { call(ctx, job, s) }))
     }
 
     pub fn snapshot_status(job: u32) -> Result<crate::snapshot::JobStatus, String> {
-        let h = host_fn!(snapshot_status, "snapshot status")?;
+        let (ctx, call) = host_fn!(snapshot_status, "snapshot status")?;
         let mut out = abi::CJobStatus::default();
         let (mut id, mut failure) = (VecSink::default(), VecSink::default());
         let (id_sink, failure_sink) = (id.sink(), failure.sink());
         // SAFETY: as above; `out` and both sinks live across the call.
-        with_sink(|s| unsafe {
-            (h.snapshot_status)(h.ctx, job, &mut out, &id_sink, &failure_sink, s)
-        })?;
-        Ok(crate::snapshot::JobStatus {
-            layer_id: id.into_string(),
-            pending: out.pending,
-            rounds: out.rounds,
-            bytes_written: out.bytes_written,
-            copied: out.copied != 0,
-            committed: out.committed != 0,
-            error: (out.failed != 0).then(|| failure.into_string()),
-        })
+        with_sink(|s| unsafe { call(ctx, job, &mut out, &id_sink, &failure_sink, s) })?;
+        Ok(crate::snapshot::JobStatus::from_c(
+            &out,
+            id.into_string(),
+            failure.into_string(),
+        ))
     }
 
     pub fn snapshot_close(job: u32) {
-        if let Ok(h) = host_fn!(snapshot_close, "snapshot close") {
+        if let Ok((ctx, call)) = host_fn!(snapshot_close, "snapshot close") {
             // SAFETY: as above.
-            unsafe { (h.snapshot_close)(h.ctx, job) }
+            unsafe { call(ctx, job) }
         }
     }
 
     pub fn snapshot_merge(top: &str, out: &str, key_file: Option<&str>) -> Result<u32, String> {
-        let h = host_fn!(snapshot_merge, "snapshot merge")?;
+        let (ctx, call) = host_fn!(snapshot_merge, "snapshot merge")?;
         let (key, key_len) = key_file.map_or((std::ptr::null(), 0), |k| (k.as_ptr(), k.len()));
         let mut job = 0u32;
         // SAFETY: as above; the strings live across the call, `job` is a valid out pointer.
         with_sink(|s| unsafe {
-            (h.snapshot_merge)(
-                h.ctx,
+            call(
+                ctx,
                 top.as_ptr(),
                 top.len(),
                 out.as_ptr(),
@@ -494,18 +475,17 @@ pub(crate) mod imports {
     }
 
     pub fn snapshot_remove(dir: &str) -> Result<(), String> {
-        let h = host_fn!(snapshot_remove, "snapshot remove")?;
+        let (ctx, call) = host_fn!(snapshot_remove, "snapshot remove")?;
         // SAFETY: as above; `dir` is a live string.
         unit(with_sink(|s| unsafe {
-            (h.snapshot_remove)(h.ctx, dir.as_ptr(), dir.len(), s)
+            call(ctx, dir.as_ptr(), dir.len(), s)
         }))
     }
 
     pub fn migration_harvest_dirty() -> Result<Vec<u64>, String> {
-        let h = host_fn!(migration_harvest_dirty, "harvest-dirty")?;
+        let (ctx, call) = host_fn!(migration_harvest_dirty, "harvest-dirty")?;
         // SAFETY: as above.
-        with_sink(|s| unsafe { (h.migration_harvest_dirty)(h.ctx, s) })
-            .map(|b| abi::bytes_to_words(&b))
+        with_sink(|s| unsafe { call(ctx, s) }).map(|b| abi::bytes_to_words(&b))
     }
 
     pub fn migration_set_encoding(
@@ -514,11 +494,11 @@ pub(crate) mod imports {
         cache_bytes: u64,
         blocks: u32,
     ) -> Result<(), String> {
-        let h = host_fn!(migration_set_encoding, "set-encoding")?;
+        let (ctx, call) = host_fn!(migration_set_encoding, "set-encoding")?;
         // SAFETY: as above.
         unit(with_sink(|s| unsafe {
-            (h.migration_set_encoding)(
-                h.ctx,
+            call(
+                ctx,
                 redundancy as u32,
                 deltas as u32,
                 cache_bytes,
@@ -529,12 +509,10 @@ pub(crate) mod imports {
     }
 
     pub fn migration_queue_pages(bitmap: &[u64], round: u32) -> Result<u64, String> {
-        let h = host_fn!(migration_queue_pages, "queue-pages")?;
+        let (ctx, call) = host_fn!(migration_queue_pages, "queue-pages")?;
         let mut queued = 0u64;
         // SAFETY: as above; `bitmap` is a live slice, `queued` a valid out pointer.
-        with_sink(|s| unsafe {
-            (h.migration_queue_pages)(h.ctx, bitmap.as_ptr(), bitmap.len(), round, &mut queued, s)
-        })?;
+        with_sink(|s| unsafe { call(ctx, bitmap.as_ptr(), bitmap.len(), round, &mut queued, s) })?;
         Ok(queued)
     }
 
@@ -544,62 +522,60 @@ pub(crate) mod imports {
         urgent: bool,
         round: u32,
     ) -> Result<(), String> {
-        let h = host_fn!(migration_queue_range, "queue-range")?;
+        let (ctx, call) = host_fn!(migration_queue_range, "queue-range")?;
         // SAFETY: as above.
         unit(with_sink(|s| unsafe {
-            (h.migration_queue_range)(h.ctx, first, count, urgent as u32, round, s)
+            call(ctx, first, count, urgent as u32, round, s)
         }))
     }
 
     pub fn migration_switch_over(mode: u32) -> Result<(), String> {
-        let h = host_fn!(migration_switch_over, "switch-over")?;
+        let (ctx, call) = host_fn!(migration_switch_over, "switch-over")?;
         // SAFETY: as above.
-        unit(with_sink(|s| unsafe {
-            (h.migration_switch_over)(h.ctx, mode, s)
-        }))
+        unit(with_sink(|s| unsafe { call(ctx, mode, s) }))
     }
 
     pub fn migration_take_faults() -> Vec<u64> {
-        let Ok(h) = host_fn!(migration_take_faults, "take-faults") else {
+        let Ok((ctx, call)) = host_fn!(migration_take_faults, "take-faults") else {
             return Vec::new();
         };
         // SAFETY: as above.
-        with_sink(|s| unsafe { (h.migration_take_faults)(h.ctx, s) })
+        with_sink(|s| unsafe { call(ctx, s) })
             .map(|b| abi::bytes_to_words(&b))
             .unwrap_or_default()
     }
 
     pub fn migration_progress() -> Result<(abi::CMigrationStatus, Option<String>), String> {
-        let h = host_fn!(migration_progress, "progress")?;
+        let (ctx, call) = host_fn!(migration_progress, "progress")?;
         let mut out = abi::CMigrationStatus::default();
         let mut failure = VecSink::default();
         let failure_sink = failure.sink();
         // SAFETY: as above; `out` and the sink live across the call.
-        with_sink(|s| unsafe { (h.migration_progress)(h.ctx, &mut out, &failure_sink, s) })?;
+        with_sink(|s| unsafe { call(ctx, &mut out, &failure_sink, s) })?;
         let failure = failure.into_string();
         Ok((out, (!failure.is_empty()).then_some(failure)))
     }
 
     pub fn log(level: LogLevel, msg: &str) {
-        if let Some(h) = host() {
+        if let Ok((ctx, call)) = host_fn!(log, "log") {
             // SAFETY: as above; `msg` is a live string.
-            unsafe { (h.log)(h.ctx, level.code(), msg.as_ptr(), msg.len()) }
+            unsafe { call(ctx, level.code(), msg.as_ptr(), msg.len()) }
         }
     }
 
     pub fn metric(name: &str, value: f64) {
-        if let Some(h) = host() {
+        if let Ok((ctx, call)) = host_fn!(metric, "metric") {
             // SAFETY: as above.
-            unsafe { (h.metric)(h.ctx, name.as_ptr(), name.len(), value) }
+            unsafe { call(ctx, name.as_ptr(), name.len(), value) }
         }
     }
 
     pub fn notify(kind: &str, detail: &str) {
-        if let Some(h) = host() {
+        if let Ok((ctx, call)) = host_fn!(notify, "notify") {
             // SAFETY: as above.
             unsafe {
-                (h.notify)(
-                    h.ctx,
+                call(
+                    ctx,
                     kind.as_ptr(),
                     kind.len(),
                     detail.as_ptr(),
@@ -610,10 +586,10 @@ pub(crate) mod imports {
     }
 
     pub fn now_ns() -> u64 {
-        match host() {
+        match host_fn!(now_ns, "now-ns") {
             // SAFETY: as above.
-            Some(h) => unsafe { (h.now_ns)(h.ctx) },
-            None => 0,
+            Ok((ctx, call)) => unsafe { call(ctx) },
+            Err(_) => 0,
         }
     }
 }

@@ -35,6 +35,35 @@ pub struct JobStatus {
     pub error: Option<String>,
 }
 
+impl From<&JobStatus> for crate::abi::CJobStatus {
+    fn from(s: &JobStatus) -> Self {
+        crate::abi::CJobStatus {
+            pending: s.pending,
+            rounds: s.rounds,
+            bytes_written: s.bytes_written,
+            copied: s.copied as u8,
+            committed: s.committed as u8,
+            failed: s.error.is_some() as u8,
+            reserved: [0; 5],
+        }
+    }
+}
+
+impl JobStatus {
+    /// The status a C status, its layer id and (when it failed) its failure describe.
+    pub fn from_c(s: &crate::abi::CJobStatus, layer_id: String, failure: String) -> JobStatus {
+        JobStatus {
+            layer_id,
+            pending: s.pending,
+            rounds: s.rounds,
+            bytes_written: s.bytes_written,
+            copied: s.copied != 0,
+            committed: s.committed != 0,
+            error: (s.failed != 0).then_some(failure),
+        }
+    }
+}
+
 #[cfg(target_arch = "wasm32")]
 mod imp {
     use super::{JobStatus, LayerOptions};

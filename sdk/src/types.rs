@@ -391,6 +391,26 @@ pub struct VcpuRegs {
     pub cpl: u8,
 }
 
+/// Builds a struct with [`VcpuRegs`]' fields (`VcpuRegs` itself, or the WIT bindings'
+/// `vcpu-registers` on either side of the component boundary): the 18 general registers from
+/// `gprs`, cr0/cr2/cr3/cr4/efer from `cr` (any values with fields of those names, such as KVM's
+/// `kvm_regs` and `kvm_sregs`), and `cpl`. The one field-by-field register copy of the tree.
+#[macro_export]
+macro_rules! copy_vcpu_regs {
+    ($($ty:ident)::+ { gprs: $g:expr, cr: $c:expr, cpl: $cpl:expr $(,)? }) => {{
+        let (g, c) = (&$g, &$c);
+        $($ty)::+ {
+            rax: g.rax, rbx: g.rbx, rcx: g.rcx, rdx: g.rdx,
+            rsi: g.rsi, rdi: g.rdi, rsp: g.rsp, rbp: g.rbp,
+            r8: g.r8, r9: g.r9, r10: g.r10, r11: g.r11,
+            r12: g.r12, r13: g.r13, r14: g.r14, r15: g.r15,
+            rip: g.rip, rflags: g.rflags,
+            cr0: c.cr0, cr2: c.cr2, cr3: c.cr3, cr4: c.cr4, efer: c.efer,
+            cpl: $cpl,
+        }
+    }};
+}
+
 /// Result of a guest page-table walk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Translation {

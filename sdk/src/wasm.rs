@@ -174,32 +174,11 @@ pub(crate) mod imports {
 
     pub fn vcpu_regs(index: u32) -> Result<VcpuRegs, String> {
         let r = h::vcpu_regs(index)?;
-        Ok(VcpuRegs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-            cr0: r.cr0,
-            cr2: r.cr2,
-            cr3: r.cr3,
-            cr4: r.cr4,
-            efer: r.efer,
+        Ok(crate::copy_vcpu_regs!(VcpuRegs {
+            gprs: r,
+            cr: r,
             cpl: r.cpl,
-        })
+        }))
     }
 
     pub fn read_memory(gpa: u64, len: u32) -> Result<Vec<u8>, String> {

@@ -62,33 +62,11 @@ impl VmHost for VmmHost {
 
     fn vcpu_regs(&self, index: u32) -> Result<VcpuRegs, HostError> {
         let s = self.ctl.vcpu_state(index as usize).map_err(host_err)?;
-        let r = &s.regs;
-        Ok(VcpuRegs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-            cr0: s.sregs.cr0,
-            cr2: s.sregs.cr2,
-            cr3: s.sregs.cr3,
-            cr4: s.sregs.cr4,
-            efer: s.sregs.efer,
+        Ok(l1_services::copy_vcpu_regs!(VcpuRegs {
+            gprs: s.regs,
+            cr: s.sregs,
             cpl: s.sregs.cs.dpl,
-        })
+        }))
     }
 
     fn harvest_dirty(&self) -> Result<Vec<u64>, HostError> {

@@ -19,59 +19,30 @@ pub use source::{Harvest, MigrationSource, Report, Sample, SourceConfig, SourceV
 
 use serde::Serialize;
 
-/// Where a migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    /// Pages go out while the guest runs at the source.
-    Precopy,
-    /// The guest runs at the destination; the source pushes what it still lacks.
-    Postcopy,
-    /// Post-copy lost its connection and waits for it to come back.
-    Recovering,
-    /// Done: the guest lives at the destination.
-    Completed,
-    /// Given up (the message says why).
-    Failed,
-}
+// The SDK's types: a service and the host name phases and modes the same way.
+pub use spanvmm_sdk::migration::{Phase, SwitchMode};
 
-/// How the service asks to hand the guest over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SwitchMode {
-    /// Pause, send every remaining dirty page and the state, run at the destination.
-    StopAndCopy,
-    /// Pause, send the state, run at the destination at once; pages follow.
-    Postcopy,
-}
-
-/// Progress as the service and the control API see it.
+/// Progress as the control API sees it: what a service sees (the SDK's [`Status`]), plus the
+/// host's own counters. Serialized flat, as one object.
 #[derive(Debug, Clone, Serialize)]
 pub struct Progress {
-    /// Where the migration is.
-    pub phase: Phase,
-    /// Guest pages.
-    pub pages_total: u64,
-    /// Pages queued and not sent yet.
-    pub pages_pending: u64,
-    /// Pages sent so far (a page sent twice counts twice).
-    pub pages_sent: u64,
-    /// Bytes on the wire so far.
-    pub bytes_sent: u64,
-    /// Recent send rate, bytes/s.
-    pub rate_bytes_per_sec: u64,
+    /// What the service sees.
+    #[serde(flatten)]
+    pub status: Status,
     /// Recent send rate, pages/s.
     pub pages_per_sec: u64,
     /// Pre-copy rounds so far.
     pub rounds: u32,
-    /// Faults the destination requested.
-    pub remote_faults: u64,
-    /// Post-copy: pages the destination still lacks.
-    pub pages_needed: u64,
-    /// Since the migration started, ms.
-    pub elapsed_ms: u64,
-    /// Why it failed.
-    pub error: Option<String>,
+}
+
+/// The progress a service sees.
+pub use spanvmm_sdk::migration::Progress as Status;
+
+impl std::ops::Deref for Progress {
+    type Target = Status;
+    fn deref(&self) -> &Status {
+        &self.status
+    }
 }
 
 pub(crate) fn bit(words: &[u64], p: u64) -> bool {
@@ -104,6 +75,44 @@ pub fn trace(what: std::fmt::Arguments) {
             "[mig {}.{:06}] {what}",
             t.as_secs() % 1000,
             t.subsec_micros()
+        );
+    }
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+
+    /// The control API's progress stays one flat object with the keys it always had, though
+    /// its service part is the SDK's type.
+    #[test]
+    fn progress_serializes_flat() {
+        let p = Progress {
+            status: Status {
+                phase: Phase::Precopy,
+                pages_total: 4,
+                pages_pending: 1,
+                pages_sent: 3,
+                bytes_sent: 12288,
+                rate_bytes_per_sec: 7,
+                pages_needed: 0,
+                remote_faults: 0,
+                elapsed_ms: 5,
+                error: None,
+            },
+            pages_per_sec: 2,
+            rounds: 1,
+        };
+        let v = serde_json::to_value(&p).expect("serialize");
+        assert_eq!(v["phase"], "precopy");
+        assert_eq!(v["pages_sent"], 3);
+        assert_eq!(v["rounds"], 1);
+        assert_eq!(v["pages_per_sec"], 2);
+        assert!(v.get("status").is_none(), "{v}");
+        assert_eq!(p.pages_total, 4, "the service part reads through");
+        assert_eq!(
+            serde_json::to_value(SwitchMode::StopAndCopy).unwrap(),
+            "stop-and-copy"
         );
     }
 }

@@ -351,18 +351,20 @@ impl MigrationSource {
     pub fn progress(&self) -> Progress {
         let st = lock(&self.st);
         Progress {
-            phase: st.phase,
-            pages_total: self.pages,
-            pages_pending: st.pending_count + st.urgent.iter().map(|(a, b)| b - a).sum::<u64>(),
-            pages_sent: st.report.pages_sent,
-            bytes_sent: st.report.bytes,
-            rate_bytes_per_sec: st.rate_bps,
+            status: super::Status {
+                phase: st.phase,
+                pages_total: self.pages,
+                pages_pending: st.pending_count + st.urgent.iter().map(|(a, b)| b - a).sum::<u64>(),
+                pages_sent: st.report.pages_sent,
+                bytes_sent: st.report.bytes,
+                rate_bytes_per_sec: st.rate_bps,
+                remote_faults: st.report.remote_faults,
+                pages_needed: count(&st.needed),
+                elapsed_ms: self.started.elapsed().as_millis() as u64,
+                error: st.error.clone(),
+            },
             pages_per_sec: st.page_rate,
             rounds: st.report.rounds,
-            remote_faults: st.report.remote_faults,
-            pages_needed: count(&st.needed),
-            elapsed_ms: self.started.elapsed().as_millis() as u64,
-            error: st.error.clone(),
         }
     }
 
