@@ -1,20 +1,23 @@
-//! Lazy memory: guest RAM filled from a memory image on first touch (userfaultfd) while a
-//! background thread copies the rest, so a restored VM runs before its memory is loaded.
+//! Lazy memory: guest RAM filled from a memory image on first touch while a background
+//! thread copies the rest, so a restored VM runs before its memory is loaded. The work is the
+//! page server's ([`crate::page_server`]) with the snapshot chain as its source
+//! ([`ChainPages`]); what is lazy restore's own is the policy: [`PageTableWalk`] (which pages
+//! come first) and when the background copy starts.
 //!
 //! Faults come first: a thread of their own serves each as it comes, with the aligned 64 KiB
-//! group around the faulting page (a plain snapshot checks a group as one, so it is read
-//! whole anyway, and the guest likely touches the neighbours next). Before the vCPUs start,
-//! the pages their saved registers point at are brought in (instruction, stack, descriptor
-//! tables, and the page tables on the way), then the rest of their groups while no fault waits. The background copy starts only once the vCPUs
-//! run, at the lowest priority. Only the snapshot's data pages are copied in the background;
-//! the rest is left alone, and once every data page is in, the loader unregisters so
-//! untouched pages become ordinary zero pages at no cost.
+//! group around the faulting page. Before the vCPUs start, the pages their saved registers
+//! point at are brought in (instruction, stack, descriptor tables, and the page tables on the
+//! way), then the rest of their groups while no fault waits. The background copy starts only
+//! once the vCPUs run, at the lowest priority. Only the snapshot's data pages are copied in
+//! the background; the rest is left alone, and once every data page is in, the loader
+//! unregisters so untouched pages become ordinary zero pages at no cost.
 //!
 //! Every page is checked (and decrypted) before the guest can see it. A page that fails its
 //! check cannot be replaced: the loader then stops the process rather than let the guest run
 //! on memory that is not its own.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -23,8 +26,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::memory::{GuestRam, MemoryError, PAGE_SIZE};
+pub use crate::page_server::trace;
+use crate::page_server::{Fetched, PageError, PageServer, PageSource, PageStats, PrePaging, Why};
 use crate::snapshot::{Chain, GROUP_PAGES};
-use crate::uffd::{UffdError, Userfault};
+use crate::uffd::UffdError;
 
 /// Pages copied per background step (256 KiB).
 const CHUNK_PAGES: u64 = 64;
@@ -47,6 +52,15 @@ pub enum LazyError {
     Check(String),
 }
 
+impl From<PageError> for LazyError {
+    fn from(e: PageError) -> Self {
+        match e {
+            PageError::Uffd(e) => LazyError::Uffd(e),
+            other => LazyError::Check(other.to_string()),
+        }
+    }
+}
+
 /// Progress of a lazy load, for status and benchmarks.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LazyProgress {
@@ -65,8 +79,6 @@ pub struct LazyProgress {
 #[derive(Default)]
 struct Shared {
     done: AtomicBool,
-    faults: AtomicU64,
-    copied: AtomicU64,
     total: AtomicU64,
     elapsed_us: AtomicU64,
     error: std::sync::Mutex<Option<String>>,
@@ -84,15 +96,6 @@ pub struct FirstTouch {
     pub addrs: Vec<u64>,
 }
 
-/// Writes a line of the restore trace to stderr when `SPANVMM_RESTORE_DEBUG` is set: the
-/// steps of a restore and the first faults of a lazy one, in µs.
-pub fn trace(what: std::fmt::Arguments) {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *ON.get_or_init(|| std::env::var_os("SPANVMM_RESTORE_DEBUG").is_some()) {
-        eprintln!("[restore] {what}");
-    }
-}
-
 /// A vCPU's address translation, as far as prefetching cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Paging {
@@ -102,9 +105,123 @@ pub enum Paging {
     Long4,
 }
 
+/// A snapshot chain as a page source: pages read (and checked, decrypted) where they lie.
+pub struct ChainPages<'a>(pub &'a Chain);
+
+impl PageSource for ChainPages<'_> {
+    fn fetch(&mut self, run: Range<u64>, buf: &mut [u8]) -> Result<Fetched, PageError> {
+        self.0
+            .read_pages(run.start, run.end - run.start, buf, true)
+            .map_err(PageError::Source)?;
+        Ok(Fetched::Here)
+    }
+}
+
+/// Lazy restore's pre-paging: a fault brings its aligned 64 KiB group (a plain snapshot
+/// checks a group as one, so it is read whole anyway, and the guest likely touches the
+/// neighbours next); before the vCPUs start, the pages their saved registers point at (and
+/// the page tables on the way) come in alone, the rest of their groups while no fault waits.
+#[derive(Default)]
+pub struct PageTableWalk {
+    groups: VecDeque<u64>,
+}
+
+impl PrePaging for PageTableWalk {
+    fn around_fault(&mut self, page: u64) -> Range<u64> {
+        let first = page - page % GROUP_PAGES;
+        first..first + GROUP_PAGES
+    }
+
+    fn next(&mut self, _server: &PageServer) -> Option<Range<u64>> {
+        self.groups.pop_front().map(|g| g..g + GROUP_PAGES)
+    }
+}
+
+impl PageTableWalk {
+    fn note(&mut self, p: u64) {
+        let g = p - p % GROUP_PAGES;
+        if !self.groups.contains(&g) {
+            self.groups.push_back(g);
+        }
+    }
+
+    /// Brings in, before any fault asks, the pages each vCPU touches first: the page tables
+    /// on the way to, and the pages of, its instruction, stack and descriptor tables (on
+    /// restore these were 3-5 faults in a row, each a round trip through the fault thread).
+    /// Pages alone, not their groups: a group's copy costs several times a page's, and the
+    /// vCPUs wait for this. Their groups follow while no fault waits ([`PrePaging::next`]).
+    pub fn prefetch(
+        &mut self,
+        server: &PageServer,
+        source: &mut dyn PageSource,
+        first: &[FirstTouch],
+    ) -> Result<(), PageError> {
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        for f in first {
+            for &addr in &f.addrs {
+                let gpa = match f.paging {
+                    Paging::Off => Some(addr),
+                    Paging::Long4 => self.walk(server, source, f.cr3, addr, &mut buf)?,
+                };
+                if let Some(p) = gpa.map(|g| g / PAGE_SIZE).filter(|&p| p < server.pages()) {
+                    server.bring(source, p..p + 1, Why::Prefetch, &mut buf)?;
+                    self.note(p);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Translates `va` through the 4-level page tables at `cr3`, bringing each table page in
+    /// (and noting its group); `None` when it is not mapped (the vCPU will fault in the guest,
+    /// not here).
+    fn walk(
+        &mut self,
+        server: &PageServer,
+        source: &mut dyn PageSource,
+        cr3: u64,
+        va: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<u64>, PageError> {
+        const FRAME: u64 = 0x000f_ffff_ffff_f000;
+        let mut table = cr3 & FRAME;
+        for level in (1..=4u32).rev() {
+            let tp = table / PAGE_SIZE;
+            if tp >= server.pages() {
+                return Ok(None);
+            }
+            let shift = 12 + 9 * (level - 1);
+            let at = ((va >> shift) & 511) * 8;
+            server.bring(source, tp..tp + 1, Why::Prefetch, buf)?;
+            if !server.is_present(tp) {
+                return Ok(None); // the source sends it later: no walk through it now
+            }
+            let mut raw = [0u8; 8];
+            // In guest memory now: a present page, so no fault.
+            server
+                .ram()
+                .read(table + at, &mut raw)
+                .map_err(|e| PageError::Source(e.to_string()))?;
+            self.note(tp);
+            let entry = u64::from_le_bytes(raw);
+            if entry & 1 == 0 {
+                return Ok(None);
+            }
+            // A large page (1 GiB or 2 MiB) ends the walk early.
+            if (level == 3 || level == 2) && entry & 0x80 != 0 {
+                let size = 1u64 << shift;
+                return Ok(Some((entry & FRAME & !(size - 1)) | (va & (size - 1))));
+            }
+            table = entry & FRAME;
+        }
+        Ok(Some(table | (va & (PAGE_SIZE - 1))))
+    }
+}
+
 /// A running lazy load.
 pub struct LazyLoader {
     shared: Arc<Shared>,
+    stats: Arc<PageStats>,
     started: Instant,
     thread: Option<JoinHandle<()>>,
     /// Dropped to start the background copy.
@@ -113,7 +230,8 @@ pub struct LazyLoader {
 
 impl LazyLoader {
     /// Registers `ram` (still empty) for missing-page faults and starts filling it from
-    /// `chain`, an opened and checked snapshot.
+    /// `chain`, an opened and checked snapshot: the page server with the chain as its source
+    /// and [`PageTableWalk`] as its pre-paging.
     pub fn start(
         ram: &Arc<GuestRam>,
         chain: Chain,
@@ -133,50 +251,39 @@ impl LazyLoader {
             }
             .into());
         }
-        let uffd = Userfault::register_missing(ram)?;
         let extents = chain.data_extents();
         let shared = Arc::new(Shared::default());
         shared
             .total
             .store(extents.iter().map(|(a, b)| b - a).sum(), Ordering::Relaxed);
-        let s = shared.clone();
+        let stats = Arc::new(PageStats::default());
         let pages = ram.size() / PAGE_SIZE;
+        let server =
+            PageServer::register(ram, PageServer::bitmap_of(pages, &extents), stats.clone())?;
         let started = Instant::now();
-        let filled: Vec<AtomicU64> = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
         // The pages the vCPUs touch first, here and now: the vCPUs cannot run without them,
         // and a thread started to fetch them began only ~0.3 ms later.
-        let groups = Fill {
-            chain: &chain,
-            uffd: &uffd,
-            ram,
-            filled: &filled,
-            pages,
-            shared: &shared,
-            started,
-        }
-        .prefetch(&first)?;
-        let ram = ram.clone();
+        let mut walk = PageTableWalk::default();
+        walk.prefetch(&server, &mut ChainPages(&chain), &first)?;
+        trace(format_args!(
+            "prefetch done at {} µs",
+            started.elapsed().as_micros()
+        ));
+        let s = shared.clone();
         let (begin, go) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("lazy-load".into())
             .spawn(move || {
                 crate::seccomp::enter_or_log(crate::seccomp::Role::Snapshot);
-                let fill = Fill {
-                    chain: &chain,
-                    uffd: &uffd,
-                    ram: &ram,
-                    filled: &filled,
-                    pages,
-                    shared: &s,
-                    started,
-                };
                 let stop = AtomicBool::new(false);
                 let r = std::thread::scope(|scope| {
                     // Faults have a thread of their own, blocked on the userfaultfd, so a
                     // vCPU waits for its page only, never for a background chunk.
                     let faults = std::thread::Builder::new()
                         .name("lazy-fault".into())
-                        .spawn_scoped(scope, || fill.serve_faults(&stop, groups));
+                        .spawn_scoped(scope, || {
+                            server.serve_until(&mut ChainPages(&chain), &mut walk, &stop)
+                        });
                     // The background copy is the least urgent work in the process: the vCPUs
                     // and the fault thread come first. Failure only costs start-up speed.
                     // SAFETY: a plain syscall on this thread.
@@ -187,13 +294,18 @@ impl LazyLoader {
                     // and keep both cores busy, which made restoring the vCPUs' registers
                     // take 4-5 ms instead of 0.1 ms.
                     let _ = go.recv();
-                    fill.wait_for_quiet();
-                    let r = fill.background(&extents);
+                    wait_for_quiet(server.stats());
+                    let r = server
+                        .fill(&mut ChainPages(&chain), &extents, CHUNK_PAGES)
+                        .map_err(LazyError::from);
                     stop.store(true, Ordering::Release);
                     let served = match faults {
-                        Ok(t) => t.join().unwrap_or_else(|_| {
-                            Err(LazyError::Check("the fault thread panicked".into()))
-                        }),
+                        Ok(t) => t
+                            .join()
+                            .unwrap_or_else(|_| {
+                                Err(PageError::Source("the fault thread panicked".into()))
+                            })
+                            .map_err(LazyError::from),
                         Err(err) => Err(LazyError::Image(MemoryError::Image {
                             path: "lazy-fault thread".into(),
                             err,
@@ -203,7 +315,7 @@ impl LazyLoader {
                 });
                 // Unregistering wakes any fault that came after the last one served: it is
                 // then an ordinary page fault (every data page is in).
-                let r = r.and_then(|_| uffd.unregister().map_err(LazyError::from));
+                let r = r.and_then(|_| server.finish().map_err(LazyError::from));
                 if let Err(e) = r {
                     if matches!(e, LazyError::Check(_)) {
                         // Faulting vCPUs wait for pages that can never come: stop here.
@@ -224,6 +336,7 @@ impl LazyLoader {
             })?;
         Ok(LazyLoader {
             shared,
+            stats,
             started,
             thread: Some(thread),
             begin: Some(begin),
@@ -241,13 +354,18 @@ impl LazyLoader {
         self.shared.done.load(Ordering::Acquire)
     }
 
+    /// The page server's counters (faults, latency, pages prefetched and placed).
+    pub fn stats(&self) -> &Arc<PageStats> {
+        &self.stats
+    }
+
     /// Progress so far.
     pub fn progress(&self) -> LazyProgress {
         let done = self.done();
         LazyProgress {
             done,
-            faults: self.shared.faults.load(Ordering::Relaxed),
-            pages_copied: self.shared.copied.load(Ordering::Relaxed),
+            faults: self.stats.faults.load(Ordering::Relaxed),
+            pages_copied: self.stats.placed.load(Ordering::Relaxed),
             pages_total: self.shared.total.load(Ordering::Relaxed),
             ms: if done {
                 self.shared.elapsed_us.load(Ordering::Relaxed) as f64 / 1e3
@@ -279,239 +397,20 @@ impl LazyLoader {
     }
 }
 
-/// What the fault thread and the background copy share.
-struct Fill<'a> {
-    chain: &'a Chain,
-    uffd: &'a Userfault,
-    ram: &'a GuestRam,
-    /// Pages in guest memory (set after their copy).
-    filled: &'a [AtomicU64],
-    pages: u64,
-    shared: &'a Shared,
-    /// When the load started (for the trace).
-    started: Instant,
-}
-
-impl Fill<'_> {
-    fn is_filled(&self, p: u64) -> bool {
-        self.filled[(p / 64) as usize].load(Ordering::Acquire) >> (p % 64) & 1 == 1
-    }
-
-    /// Copies pages `[first, end)` that are not in yet, in pieces of at most `buf`'s size;
-    /// pages without data are zero. A page the other thread copies meanwhile is left as it is
-    /// (the copy skips present pages).
-    fn fill(&self, first: u64, end: u64, buf: &mut [u8]) -> Result<(), LazyError> {
-        let piece = buf.len() as u64 / PAGE_SIZE;
-        let mut p = first;
-        while p < end {
-            if self.is_filled(p) {
-                p += 1;
-                continue;
-            }
-            let mut q = p;
-            while q < end && q - p < piece && !self.is_filled(q) {
-                q += 1;
-            }
-            let bytes = ((q - p) * PAGE_SIZE) as usize;
-            self.chain
-                .read_pages(p, q - p, &mut buf[..bytes], true)
-                .map_err(LazyError::Check)?;
-            self.place(p, &buf[..bytes])?;
-            p = q;
+/// Waits until the guest's start-up burst of faults is over (no fault for `QUIET`), at most
+/// `START_WAIT_MAX`: the first faults are served without the background copy competing for
+/// the cores and the address space's lock.
+fn wait_for_quiet(stats: &PageStats) {
+    let start = Instant::now();
+    let mut last = (stats.faults.load(Ordering::Relaxed), Instant::now());
+    while start.elapsed() < START_WAIT_MAX {
+        std::thread::sleep(Duration::from_micros(500));
+        let n = stats.faults.load(Ordering::Relaxed);
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() >= QUIET {
+            return;
         }
-        Ok(())
-    }
-
-    /// Puts `data` (whole pages, read and checked) into guest memory from page `p` on.
-    fn place(&self, p: u64, data: &[u8]) -> Result<(), LazyError> {
-        let copied = self.uffd.copy(p * PAGE_SIZE, data)?;
-        for r in p..p + data.len() as u64 / PAGE_SIZE {
-            self.filled[(r / 64) as usize].fetch_or(1 << (r % 64), Ordering::Release);
-        }
-        self.shared.copied.fetch_add(copied, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Reads and checks the aligned group around `p` into `buf`; returns its first page and
-    /// bytes.
-    fn read_group<'b>(&self, p: u64, buf: &'b mut [u8]) -> Result<(u64, &'b [u8]), LazyError> {
-        let first = p - p % GROUP_PAGES;
-        let end = (first + GROUP_PAGES).min(self.pages);
-        let buf = &mut buf[..((end - first) * PAGE_SIZE) as usize];
-        self.chain
-            .read_pages(first, end - first, buf, true)
-            .map_err(LazyError::Check)?;
-        Ok((first, buf))
-    }
-
-    /// Brings in the pages of the aligned group around `p` that are not in yet.
-    fn fill_group(&self, p: u64, buf: &mut [u8]) -> Result<(), LazyError> {
-        let (first, group) = self.read_group(p, buf)?;
-        let end = first + (group.len() as u64) / PAGE_SIZE;
-        let at = |q: u64| ((q - first) * PAGE_SIZE) as usize;
-        let mut q = first;
-        while q < end {
-            if self.is_filled(q) {
-                q += 1;
-                continue;
-            }
-            let mut r = q;
-            while r < end && !self.is_filled(r) {
-                r += 1;
-            }
-            self.place(q, &group[at(q)..at(r)])?;
-            q = r;
-        }
-        Ok(())
-    }
-
-    /// Brings in page `p` alone when it is not in yet (its group is read and checked); returns
-    /// its bytes, or `None` when it was in already.
-    fn fill_page<'b>(&self, p: u64, buf: &'b mut [u8]) -> Result<Option<&'b [u8]>, LazyError> {
-        if self.is_filled(p) {
-            return Ok(None);
-        }
-        let (first, group) = self.read_group(p, buf)?;
-        let page = &group[((p - first) * PAGE_SIZE) as usize..][..PAGE_SIZE as usize];
-        self.place(p, page)?;
-        Ok(Some(page))
-    }
-
-    /// Serves faults as they come until `stop`, each with its page's group; while no fault
-    /// waits, brings in the rest of `groups` (those of the pages prefetched).
-    fn serve_faults(&self, stop: &AtomicBool, mut groups: VecDeque<u64>) -> Result<(), LazyError> {
-        let mut buf = vec![0u8; (GROUP_PAGES * PAGE_SIZE) as usize];
-        while !stop.load(Ordering::Acquire) {
-            let wait = if groups.is_empty() {
-                Duration::from_millis(10)
-            } else {
-                Duration::ZERO
-            };
-            let Some(gpa) = self.uffd.wait_fault(wait)? else {
-                if let Some(p) = groups.pop_front() {
-                    self.fill_group(p, &mut buf)?;
-                }
-                continue;
-            };
-            let page = gpa / PAGE_SIZE;
-            let n = self.shared.faults.fetch_add(1, Ordering::Relaxed);
-            let t = self.started.elapsed();
-            if self.is_filled(page) {
-                self.uffd.wake(page * PAGE_SIZE, PAGE_SIZE)?;
-                continue;
-            }
-            self.fill_group(page, &mut buf)?;
-            if n < 16 {
-                let took = self.started.elapsed() - t;
-                trace(format_args!(
-                    "fault {n}: page {page:#x} at {} µs, served in {} µs",
-                    t.as_micros(),
-                    took.as_micros()
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Brings in, before any fault asks, the pages each vCPU touches first: the page tables
-    /// on the way to, and the pages of, its instruction, stack and descriptor tables (on
-    /// restore these were 3-5 faults in a row, each a round trip through the fault thread).
-    /// Pages alone, not their groups: a group's copy costs several times a page's, and the
-    /// vCPUs wait for this. Returns the groups, to complete while no fault waits.
-    fn prefetch(&self, first: &[FirstTouch]) -> Result<VecDeque<u64>, LazyError> {
-        let mut buf = vec![0u8; (GROUP_PAGES * PAGE_SIZE) as usize];
-        let mut groups = VecDeque::new();
-        let mut note = |p: u64| {
-            let g = p - p % GROUP_PAGES;
-            if !groups.contains(&g) {
-                groups.push_back(g);
-            }
-        };
-        for f in first {
-            for &addr in &f.addrs {
-                let gpa = match f.paging {
-                    Paging::Off => Some(addr),
-                    Paging::Long4 => self.walk(f.cr3, addr, &mut buf, &mut note)?,
-                };
-                if let Some(p) = gpa.map(|g| g / PAGE_SIZE).filter(|&p| p < self.pages) {
-                    self.fill_page(p, &mut buf)?;
-                    note(p);
-                }
-            }
-        }
-        trace(format_args!(
-            "prefetch done at {} µs",
-            self.started.elapsed().as_micros()
-        ));
-        Ok(groups)
-    }
-
-    /// Translates `va` through the 4-level page tables at `cr3`, bringing each table page in
-    /// (`note`d); `None` when it is not mapped (the vCPU will fault in the guest, not here).
-    fn walk(
-        &self,
-        cr3: u64,
-        va: u64,
-        buf: &mut [u8],
-        note: &mut impl FnMut(u64),
-    ) -> Result<Option<u64>, LazyError> {
-        const FRAME: u64 = 0x000f_ffff_ffff_f000;
-        let mut table = cr3 & FRAME;
-        for level in (1..=4u32).rev() {
-            let tp = table / PAGE_SIZE;
-            if tp >= self.pages {
-                return Ok(None);
-            }
-            let shift = 12 + 9 * (level - 1);
-            let at = ((va >> shift) & 511) * 8;
-            let mut raw = [0u8; 8];
-            match self.fill_page(tp, buf)? {
-                Some(page) => raw.copy_from_slice(&page[at as usize..at as usize + 8]),
-                // In guest memory already: read it there (a present page, so no fault).
-                None => self
-                    .ram
-                    .read(table + at, &mut raw)
-                    .map_err(LazyError::Image)?,
-            }
-            note(tp);
-            let entry = u64::from_le_bytes(raw);
-            if entry & 1 == 0 {
-                return Ok(None);
-            }
-            // A large page (1 GiB or 2 MiB) ends the walk early.
-            if (level == 3 || level == 2) && entry & 0x80 != 0 {
-                let size = 1u64 << shift;
-                return Ok(Some((entry & FRAME & !(size - 1)) | (va & (size - 1))));
-            }
-            table = entry & FRAME;
-        }
-        Ok(Some(table | (va & (PAGE_SIZE - 1))))
-    }
-
-    /// Waits until the guest's start-up burst of faults is over (no fault for `QUIET`), at
-    /// most `START_WAIT_MAX`: the first faults are served without the background copy
-    /// competing for the cores and the address space's lock.
-    fn wait_for_quiet(&self) {
-        let start = Instant::now();
-        let mut last = (self.shared.faults.load(Ordering::Relaxed), Instant::now());
-        while start.elapsed() < START_WAIT_MAX {
-            std::thread::sleep(Duration::from_micros(500));
-            let n = self.shared.faults.load(Ordering::Relaxed);
-            if n != last.0 {
-                last = (n, Instant::now());
-            } else if last.1.elapsed() >= QUIET {
-                return;
-            }
-        }
-    }
-
-    /// Copies every data page in `extents`.
-    fn background(&self, extents: &[(u64, u64)]) -> Result<(), LazyError> {
-        let mut buf = vec![0u8; (CHUNK_PAGES * PAGE_SIZE) as usize];
-        for &(first, end) in extents {
-            self.fill(first, end, &mut buf)?;
-        }
-        Ok(())
     }
 }
 

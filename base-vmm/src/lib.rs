@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod devices;
 pub mod lazy;
 pub mod memory;
+pub mod page_server;
 pub mod seccomp;
 pub mod snapshot;
 pub mod state;

@@ -3,7 +3,6 @@
 //! userfaultfd while the source pushes the rest. A broken post-copy connection is waited out:
 //! vCPUs that touch a missing page wait, and the source reconnects and resumes the push.
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -12,7 +11,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base_vmm::memory::GuestRam;
-use base_vmm::uffd::Userfault;
+use base_vmm::page_server::{
+    FaultOnly, Fetched, PageError, PageServer, PageSource, PageStats, PrePaging,
+};
 use rustls::ServerConfig;
 use serde::Serialize;
 
@@ -80,11 +81,8 @@ pub struct MigrationDest {
     phase: Mutex<(Phase, Option<String>)>,
     received: AtomicU64,
     needed: AtomicU64,
-    faults: AtomicU64,
-    fault_sum_us: AtomicU64,
-    fault_max_us: AtomicU64,
-    /// Every fault's latency, µs (for percentiles).
-    fault_latencies: Mutex<Vec<u64>>,
+    /// The post-copy page server's counters (faults and their latency).
+    pages: Arc<PageStats>,
     recoveries: AtomicU64,
     /// The source's address once it said hello (None: still waiting for one).
     source: Mutex<Option<SocketAddr>>,
@@ -99,10 +97,7 @@ impl MigrationDest {
             phase: Mutex::new((Phase::Precopy, None)),
             received: AtomicU64::new(0),
             needed: AtomicU64::new(0),
-            faults: AtomicU64::new(0),
-            fault_sum_us: AtomicU64::new(0),
-            fault_max_us: AtomicU64::new(0),
-            fault_latencies: Mutex::new(Vec::new()),
+            pages: Arc::new(PageStats::default()),
             recoveries: AtomicU64::new(0),
             source: Mutex::new(None),
             cancelled: AtomicBool::new(false),
@@ -129,7 +124,7 @@ impl MigrationDest {
     /// Progress so far.
     pub fn progress(&self) -> DestProgress {
         let (phase, error) = lock(&self.phase).clone();
-        let faults = self.faults.load(Ordering::Relaxed);
+        let faults = self.pages.served.load(Ordering::Relaxed);
         let source = *lock(&self.source);
         DestProgress {
             phase: match (phase, source) {
@@ -140,21 +135,12 @@ impl MigrationDest {
             pages_received: self.received.load(Ordering::Relaxed),
             pages_needed: self.needed.load(Ordering::Relaxed),
             remote_faults: faults,
-            fault_latency_mean_us: self.fault_sum_us.load(Ordering::Relaxed) / faults.max(1),
-            fault_latency_max_us: self.fault_max_us.load(Ordering::Relaxed),
-            fault_latency_p99_us: self.fault_p99_us(),
+            fault_latency_mean_us: self.pages.latency_mean_us(),
+            fault_latency_max_us: self.pages.latency_max_us.load(Ordering::Relaxed),
+            fault_latency_p99_us: self.pages.latency_p99_us(),
             recoveries: self.recoveries.load(Ordering::Relaxed),
             error,
         }
-    }
-
-    fn fault_p99_us(&self) -> u64 {
-        let mut v = lock(&self.fault_latencies).clone();
-        if v.is_empty() {
-            return 0;
-        }
-        v.sort_unstable();
-        v[(v.len() * 99).div_ceil(100) - 1]
     }
 
     fn set(&self, phase: Phase, error: Option<String>) {
@@ -597,19 +583,16 @@ pub fn receive(
                     p = q;
                 }
                 super::trace(format_args!("dest: stale pages dropped"));
-                let uffd = Userfault::register_missing(&ram)
+                let server = PageServer::register(&ram, needed.clone(), dest.pages.clone())
                     .map_err(|e| refuse(&mut link, fail(io(e.to_string()))))?;
                 super::trace(format_args!("dest: userfaultfd registered"));
                 dest.needed.store(count(&needed), Ordering::Relaxed);
                 link.for_postcopy();
                 dest.set(Phase::Postcopy, None);
                 arrived.postcopy = Some(Postcopy {
-                    uffd,
-                    ram: ram.clone(),
-                    original: needed.clone(),
-                    needed,
+                    server,
+                    asks: Requests::default(),
                     pages,
-                    pending: HashMap::new(),
                     dest: dest.clone(),
                     listener: listener.try_clone().map_err(|e| e.to_string())?,
                     tls: tls.clone(),
@@ -797,8 +780,9 @@ fn write_pages(
     {
         return Err(format!("pages {first}+{span} run past guest memory"));
     }
-    if f.codec == wire::CODEC_CNET {
-        return write_cnet_pages(ram, &f, written, populated, dec);
+    match f.encoding() {
+        wire::PageCodec::Cnet => return write_cnet_pages(ram, &f, written, populated, dec),
+        wire::PageCodec::Raw => {}
     }
     // Runs of data pages are copied through the mapping when it is populated; otherwise they
     // go into the memfd with one pwrite each (the kernel fills the page cache directly,
@@ -1087,17 +1071,31 @@ impl Arrived {
     }
 }
 
-/// The post-copy fault service and page receiver.
+/// Post-copy's page source: the pages a fault needs are asked for in the next `fault` frame
+/// (see [`Postcopy::serve_faults`]) and arrive in `pages` frames, which [`Postcopy::install`]
+/// gives to the page server.
+#[derive(Default)]
+struct Requests(Vec<u64>);
+
+impl PageSource for Requests {
+    fn fetch(&mut self, run: std::ops::Range<u64>, _: &mut [u8]) -> Result<Fetched, PageError> {
+        self.0.extend(run);
+        Ok(Fetched::Later)
+    }
+}
+
+/// Post-copy's pre-paging at the destination: a fault asks for its page alone. Bubbling
+/// around the last fault is the source's policy (the migration service queues the
+/// neighbourhood of each fault it reads with `take-faults`), which pushes those pages
+/// unasked; asking for them here as well would queue them twice.
+type PostcopyPrepaging = FaultOnly;
+
+/// The post-copy fault service and page receiver: the page server, fed from the link.
 struct Postcopy {
-    uffd: Userfault,
-    ram: Arc<GuestRam>,
-    /// Pages that were missing at the hand-over.
-    original: Vec<u64>,
-    /// Pages still missing.
-    needed: Vec<u64>,
+    server: PageServer,
+    /// Pages asked for, to go out in the next `fault` frame.
+    asks: Requests,
     pages: u64,
-    /// Faulted pages requested from the source, with the time of the fault.
-    pending: HashMap<u64, Instant>,
     dest: Arc<MigrationDest>,
     listener: TcpListener,
     tls: Arc<ServerConfig>,
@@ -1110,7 +1108,7 @@ impl Postcopy {
         let r = self.serve(link, load_us);
         match r {
             Ok(()) => {
-                let r = self.uffd.unregister();
+                let r = self.server.finish();
                 if let Err(e) = r {
                     tracing::warn!("migration: unregistering userfaultfd: {e}");
                 }
@@ -1150,7 +1148,7 @@ impl Postcopy {
                 revents: 0,
             },
             libc::pollfd {
-                fd: self.uffd_fd(),
+                fd: self.server.fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -1170,7 +1168,7 @@ impl Postcopy {
                 } => {
                     // The source sends post-copy pages raw: the cache encodings assume the
                     // destination holds what it was sent, which a running guest changes.
-                    if codec != wire::CODEC_RAW {
+                    if codec != wire::PageCodec::Raw.tag() {
                         return Err(io(format!("post-copy pages in codec {codec}")));
                     }
                     if first
@@ -1184,19 +1182,18 @@ impl Postcopy {
                     self.serve_faults(Some(link))?;
                 }
                 Frame::Done => {
-                    let left = count(&self.needed);
+                    let left = self.server.remaining();
                     if left != 0 {
                         return Err(io(format!(
                             "the source says it is done but {left} pages are missing"
                         )));
                     }
-                    let d = &self.dest;
-                    let faults = d.faults.load(Ordering::Relaxed);
+                    let st = &self.dest.pages;
                     link.send(&Frame::Complete {
-                        faults,
-                        fault_mean_us: d.fault_sum_us.load(Ordering::Relaxed) / faults.max(1),
-                        fault_max_us: d.fault_max_us.load(Ordering::Relaxed),
-                        fault_p99_us: d.fault_p99_us(),
+                        faults: st.served.load(Ordering::Relaxed),
+                        fault_mean_us: st.latency_mean_us(),
+                        fault_max_us: st.latency_max_us.load(Ordering::Relaxed),
+                        fault_p99_us: st.latency_p99_us(),
                     })?;
                     link.flush(Duration::from_secs(10))?;
                     // The source closes first, once it has read `complete`.
@@ -1210,11 +1207,8 @@ impl Postcopy {
         Ok(false)
     }
 
-    fn uffd_fd(&self) -> i32 {
-        self.uffd.raw_fd()
-    }
-
-    /// Installs the pages of a frame that are still missing (runs coalesced).
+    /// Installs the pages of a frame that are still missing (runs coalesced): the page
+    /// server places them and wakes the faults waiting for them.
     fn install(
         &mut self,
         first: u64,
@@ -1223,9 +1217,11 @@ impl Postcopy {
         zero: &[u64],
         data: &[u8],
     ) -> Result<(), LinkError> {
-        let uerr = |e: base_vmm::uffd::UffdError| io(e.to_string());
+        let perr = |e: PageError| io(e.to_string());
+        let missing = |p: u64| self.server.is_wanted(p) && !self.server.is_present(p);
         let mut off = 0usize;
         let mut i = 0;
+        let mut placed = 0;
         while i < span {
             if !bit(present, i) {
                 i += 1;
@@ -1245,77 +1241,40 @@ impl Postcopy {
             // Only pages still missing; a run is split where one is present already.
             let mut p = a;
             while p < b {
-                if !bit(&self.needed, p) {
+                if !missing(p) {
                     p += 1;
                     continue;
                 }
                 let mut q = p;
-                while q < b && bit(&self.needed, q) {
+                while q < b && missing(q) {
                     q += 1;
                 }
-                if is_zero {
-                    self.uffd
-                        .zero(p * PAGE as u64, (q - p) * PAGE as u64)
-                        .map_err(uerr)?;
+                placed += if is_zero {
+                    self.server.place_zero(p, q - p).map_err(perr)?
                 } else {
                     let s = start_off + ((p - a) as usize) * PAGE;
                     let e = start_off + ((q - a) as usize) * PAGE;
-                    self.uffd.copy(p * PAGE as u64, &data[s..e]).map_err(uerr)?;
-                }
-                for r in p..q {
-                    clear_bit(&mut self.needed, r);
-                    if let Some(t) = self.pending.remove(&r) {
-                        super::trace(format_args!("dest: fault {r} installed"));
-                        self.fault_done(t);
-                        let _ = self.uffd.wake(r * PAGE as u64, PAGE as u64);
-                    }
-                }
-                self.dest.received.fetch_add(q - p, Ordering::Relaxed);
-                self.dest.needed.fetch_sub(q - p, Ordering::Relaxed);
+                    self.server.place(p, &data[s..e]).map_err(perr)?
+                };
                 p = q;
             }
             i = j;
         }
+        self.dest.received.fetch_add(placed, Ordering::Relaxed);
+        self.dest.needed.fetch_sub(placed, Ordering::Relaxed);
         Ok(())
     }
 
-    fn fault_done(&self, t: Instant) {
-        let us = t.elapsed().as_micros() as u64;
-        self.dest.faults.fetch_add(1, Ordering::Relaxed);
-        self.dest.fault_sum_us.fetch_add(us, Ordering::Relaxed);
-        self.dest.fault_max_us.fetch_max(us, Ordering::Relaxed);
-        lock(&self.dest.fault_latencies).push(us);
-    }
-
-    /// Reads every pending fault: pages to come are requested (when a link is up), pages that
-    /// are zero at the source and were never sent become zero pages at once.
+    /// Reads every pending fault: pages to come are asked for (when a link is up; else once it
+    /// is back, see [`Self::recover`]), pages that are zero at the source and were never sent
+    /// become zero pages at once.
     fn serve_faults(&mut self, link: Option<&mut Link>) -> Result<(), LinkError> {
-        let mut ask = Vec::new();
-        while let Some(gpa) = self
-            .uffd
-            .wait_fault(Duration::ZERO)
-            .map_err(|e| io(e.to_string()))?
-        {
-            let p = gpa / PAGE as u64;
-            if p >= self.pages {
-                continue;
-            }
-            if bit(&self.needed, p) {
-                if let std::collections::hash_map::Entry::Vacant(e) = self.pending.entry(p) {
-                    e.insert(Instant::now());
-                    ask.push(p);
-                }
-            } else if bit(&self.original, p) {
-                // Installed after the fault was queued.
-                let _ = self.uffd.wake(gpa, PAGE as u64);
-            } else {
-                // Never needed and not present: a zero page the source skipped.
-                self.uffd
-                    .zero(gpa, PAGE as u64)
-                    .map_err(|e| io(e.to_string()))?;
-                let _ = self.uffd.wake(gpa, PAGE as u64);
-            }
-        }
+        let mut policy = PostcopyPrepaging {};
+        let policy: &mut dyn PrePaging = &mut policy;
+        self.server
+            .serve_faults(&mut self.asks, policy, Duration::ZERO, &mut Vec::new())
+            .map_err(|e| io(e.to_string()))?;
+        let ask = std::mem::take(&mut self.asks.0);
         if let (false, Some(link)) = (ask.is_empty(), link) {
             super::trace(format_args!("dest: fault request {ask:?}"));
             link.send(&Frame::Fault(ask))?;
@@ -1329,7 +1288,7 @@ impl Postcopy {
         tracing::warn!("post-copy connection lost ({cause}); waiting for the source");
         self.dest.set(Phase::Recovering, None);
         let deadline = Instant::now() + self.recovery_timeout;
-        let mem = self.ram.size();
+        let mem = self.server.ram().size();
         let mut acceptor: Option<Acceptor> = None;
         loop {
             if Instant::now() >= deadline {
@@ -1337,7 +1296,7 @@ impl Postcopy {
                     "the source did not come back within {:?} after {cause}; {} pages of the \
                      guest are lost",
                     self.recovery_timeout,
-                    count(&self.needed)
+                    self.server.remaining()
                 ));
             }
             // Faults are recorded (and asked for once the source is back).
@@ -1356,9 +1315,9 @@ impl Postcopy {
             };
             // A winner ends that acceptor; a failed one needs a new one.
             acceptor = None;
-            let again: Vec<u64> = self.pending.keys().copied().collect();
+            let again = self.server.pending();
             let r = link
-                .send(&Frame::Needed(self.needed.clone()))
+                .send(&Frame::Needed(self.server.missing()))
                 .and_then(|_| {
                     if again.is_empty() {
                         Ok(())

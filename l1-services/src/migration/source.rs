@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cnet::{Encoder, Encoding, EncodingStats};
 use super::link::{Link, LinkError};
-use super::wire::{Frame, Handover, BATCH_PAGES, CODEC_CNET, CODEC_RAW, PAGE, VERSION};
+use super::wire::{Frame, Handover, PageCodec, BATCH_PAGES, PAGE, VERSION};
 use super::{bit, clear_bit, count, set_bit, Phase, Progress, SwitchMode};
 use crate::ctx::lock;
 
@@ -588,7 +588,7 @@ impl Sender<'_> {
             &mut self.buf,
             first,
             span as u16,
-            CODEC_RAW,
+            PageCodec::Raw,
             sel,
             &zero,
             data_len,
@@ -666,7 +666,7 @@ impl Sender<'_> {
             &mut self.buf,
             first,
             span as u16,
-            CODEC_CNET,
+            PageCodec::Cnet,
             sel,
             &zero,
             data.len(),

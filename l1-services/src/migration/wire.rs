@@ -25,13 +25,73 @@ pub const PAGE: usize = 4096;
 /// peer's message ends up in logs and reports).
 pub const MAX_ERROR_TEXT: usize = 4096;
 
-/// Page codecs: how the non-zero pages of a `pages` frame are encoded. Zero pages are always
-/// markers (a bit), never data; further codecs (compression) get new numbers.
+/// Tag of the raw page encoding ([`PageCodec::Raw`]).
 pub const CODEC_RAW: u8 = 0;
-/// CloudNet's encodings (see `cnet.rs`): per page raw, cached blocks (redundancy
-/// elimination) or an XOR delta; the data's length is the frame's rest, checked page by page
-/// by the receiver.
+/// Tag of CloudNet's page encodings ([`PageCodec::Cnet`]).
 pub const CODEC_CNET: u8 = 1;
+
+/// A page encoding of the `pages` frame: how its non-zero pages are encoded, named on the
+/// wire by a tag (the frame's codec byte), chosen per batch. Zero pages are always markers
+/// (a bit), never data. A new encoding (compression, deltas against another base) is a new
+/// variant here with its tag and data rule, and its decoder at the receiver (the match on
+/// [`PagesRef::encoding`] there is exhaustive): no new frame type. A tag not registered here
+/// is refused by [`decode_pages`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageCodec {
+    /// Tag 0: each data page as its 4096 bytes.
+    Raw,
+    /// Tag 1: CloudNet's encodings (see `cnet.rs`): per page raw, cached blocks (redundancy
+    /// elimination) or an XOR delta; the data's length is the frame's rest, checked page by
+    /// page by the receiver's decoder.
+    Cnet,
+}
+
+/// Every registered page encoding.
+pub const PAGE_CODECS: [PageCodec; 2] = [PageCodec::Raw, PageCodec::Cnet];
+
+impl PageCodec {
+    /// The tag that names it on the wire.
+    pub const fn tag(self) -> u8 {
+        match self {
+            PageCodec::Raw => CODEC_RAW,
+            PageCodec::Cnet => CODEC_CNET,
+        }
+    }
+
+    /// Its name, for messages and reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PageCodec::Raw => "raw",
+            PageCodec::Cnet => "cnet",
+        }
+    }
+
+    /// Bytes a data page takes when fixed (raw: one page); `None` when variable: the data is
+    /// the frame's rest, which the encoding's decoder must consume exactly.
+    pub const fn page_bytes(self) -> Option<usize> {
+        match self {
+            PageCodec::Raw => Some(PAGE),
+            PageCodec::Cnet => None,
+        }
+    }
+
+    /// The encoding a tag names; an unregistered tag is a malformed frame.
+    pub fn from_tag(tag: u8) -> Result<Self, WireError> {
+        PAGE_CODECS
+            .into_iter()
+            .find(|c| c.tag() == tag)
+            .ok_or_else(|| {
+                let known: Vec<String> = PAGE_CODECS
+                    .iter()
+                    .map(|c| format!("{} ({})", c.tag(), c.name()))
+                    .collect();
+                bad(format!(
+                    "unknown page codec {tag} (this peer knows {})",
+                    known.join(", ")
+                ))
+            })
+    }
+}
 
 /// How the source hands the VM over in a `state` frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,14 +267,14 @@ pub fn pages_header(
     out: &mut Vec<u8>,
     first: u64,
     span: u16,
-    codec: u8,
+    codec: PageCodec,
     present: &[u64],
     zero: &[u64],
     data_len: usize,
 ) {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
-    put_pages_fixed(out, first, span, codec, present, zero);
+    put_pages_fixed(out, first, span, codec.tag(), present, zero);
     let len = (out.len() - start - HEADER_LEN + data_len) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     out[start + 4] = T_PAGES;
@@ -406,7 +466,7 @@ pub struct PagesRef<'a> {
     pub first: u64,
     /// Pages the frame spans.
     pub span: u16,
-    /// Encoding of the data.
+    /// Encoding of the data (its tag; see [`PagesRef::encoding`]).
     pub codec: u8,
     /// Which pages of the span the frame carries.
     pub present: Vec<u64>,
@@ -414,6 +474,13 @@ pub struct PagesRef<'a> {
     pub zero: Vec<u64>,
     /// Data of present, non-zero pages, in order.
     pub data: &'a [u8],
+}
+
+impl PagesRef<'_> {
+    /// The frame's page encoding (its tag was checked when the frame was decoded).
+    pub fn encoding(&self) -> PageCodec {
+        PageCodec::from_tag(self.codec).unwrap_or(PageCodec::Raw)
+    }
 }
 
 /// Decodes a `pages` payload in place, with every check of [`decode`].
@@ -430,9 +497,7 @@ pub fn decode_pages(payload: &[u8]) -> Result<PagesRef<'_>, WireError> {
         )));
     }
     let codec = r.u8()?;
-    if codec != CODEC_RAW && codec != CODEC_CNET {
-        return Err(bad(format!("unknown page codec {codec}")));
-    }
+    let encoding = PageCodec::from_tag(codec)?;
     let nw = (span as usize).div_ceil(64);
     let present = r.words(nw)?;
     let zero = r.words(nw)?;
@@ -444,14 +509,19 @@ pub fn decode_pages(payload: &[u8]) -> Result<PagesRef<'_>, WireError> {
         return Err(bad("pages frame marks a page zero that it does not carry"));
     }
     let data_pages = ones(&present) - ones(&zero);
-    let data = if codec == CODEC_RAW {
-        r.take(data_pages * PAGE)?
-    } else {
-        // Variable-size encodings: the receiver's decoder checks that they fill it exactly.
-        if data_pages == 0 && !r.b.is_empty() {
-            return Err(bad("pages frame carries data but no data page"));
+    let data = match encoding.page_bytes() {
+        Some(n) => r.take(
+            data_pages
+                .checked_mul(n)
+                .ok_or_else(|| bad("pages frame data size overflows"))?,
+        )?,
+        None => {
+            // Variable-size encodings: the receiver's decoder checks that they fill it exactly.
+            if data_pages == 0 && !r.b.is_empty() {
+                return Err(bad("pages frame carries data but no data page"));
+            }
+            r.take(r.b.len())?
         }
-        r.take(r.b.len())?
     };
     r.end()?;
     Ok(PagesRef {
@@ -583,7 +653,15 @@ mod tests {
             &mut whole,
         );
         let mut sent = Vec::new();
-        pages_header(&mut sent, 640, 4, CODEC_RAW, &present, &zero, data.len());
+        pages_header(
+            &mut sent,
+            640,
+            4,
+            PageCodec::Raw,
+            &present,
+            &zero,
+            data.len(),
+        );
         sent.extend_from_slice(&data);
         assert_eq!(sent, whole);
         let (len, ty) = header(sent[..HEADER_LEN].try_into().unwrap()).unwrap();
@@ -688,6 +766,33 @@ mod tests {
             .unwrap_err()
             .0
             .contains("unknown frame type"));
+        // Every tag not registered is refused, saying which ones are known.
+        for tag in 0..=u8::MAX {
+            let mut b = Vec::new();
+            encode(
+                &Frame::Pages {
+                    first: 0,
+                    span: 1,
+                    codec: tag,
+                    present: vec![1],
+                    zero: vec![0],
+                    data: vec![3; PAGE],
+                },
+                &mut b,
+            );
+            match PageCodec::from_tag(tag) {
+                Ok(c) => {
+                    assert_eq!(c.tag(), tag);
+                    let p = decode_pages(&b[HEADER_LEN..]).unwrap();
+                    assert_eq!(p.encoding(), c);
+                }
+                Err(_) => {
+                    let e = decode(T_PAGES, &b[HEADER_LEN..]).unwrap_err().0;
+                    assert!(e.contains(&format!("unknown page codec {tag}")), "{e}");
+                    assert!(e.contains("0 (raw), 1 (cnet)"), "{e}");
+                }
+            }
+        }
         let mut hello = Vec::new();
         encode(&Frame::Welcome { version: 1 }, &mut hello);
         hello[HEADER_LEN] = b'X';
