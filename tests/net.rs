@@ -161,7 +161,7 @@ fn finish(child: Child, what: &str) -> Vec<(String, Row)> {
         out.status.success(),
         "{what}: redis-benchmark failed: {stdout}\n{stderr}"
     );
-    for bad in ["Error", "error", "reset", "Reset"] {
+    for bad in ["Error", "error", "reset", "Reset", "WARNING"] {
         assert!(
             !stdout.contains(bad) && !stderr.contains(bad),
             "{what}: redis-benchmark saw an error: {stdout}\n{stderr}"
@@ -234,6 +234,7 @@ fn redis_benchmark_gets_answers_from_the_guest_on_a_tap() {
     assert_eq!(lan.cli(&["GET", "greeting"]), "hello");
     assert_eq!(lan.cli(&["INCR", "n"]), "1");
     assert_eq!(lan.cli(&["DEL", "n", "none"]), "1");
+    assert_eq!(lan.cli(&["CONFIG", "GET", "appendonly"]), "appendonly\nno");
     finish(lan.bench(20_000, &[]), "quiet");
     let d = net_device(&vm);
     assert!(d["counters"]["ok"].as_u64().unwrap() > 40_000, "{d}");
