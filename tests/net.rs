@@ -264,8 +264,11 @@ fn connections_survive_live_updates_under_redis_benchmark() {
     assert_eq!(vm.wait_exit(Duration::from_millis(1)), Some(0));
     assert_eq!(lan.cli(&["GET", "kept"]), "across");
     verify_clean(&vm);
+    // The guest prints gaps of 100 ms or more. A live update pauses it for milliseconds (the
+    // pauses are in the reports); with both cores busy the host alone can stall a vCPU for
+    // hundreds of ms, so the bound only catches a hand-over that hangs.
     let stall = vm.max_stall_since(0);
-    assert!(stall < 1_000_000, "the guest stalled {stall} µs");
+    assert!(stall < 5_000_000, "the guest stalled {stall} µs");
     let served = net_device(&vm)["counters"]["ok"].as_u64().unwrap();
     assert!(served > 0, "the last process moved no frame");
     eprintln!("10 live updates under load: pauses {pauses:?} ms, guest stall {stall} µs");
