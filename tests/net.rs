@@ -161,7 +161,7 @@ fn finish(child: Child, what: &str) -> Vec<(String, Row)> {
         out.status.success(),
         "{what}: redis-benchmark failed: {stdout}\n{stderr}"
     );
-    for bad in ["Error", "error", "reset", "Reset"] {
+    for bad in ["Error", "error", "reset", "Reset", "WARNING"] {
         assert!(
             !stdout.contains(bad) && !stderr.contains(bad),
             "{what}: redis-benchmark saw an error: {stdout}\n{stderr}"
@@ -234,6 +234,7 @@ fn redis_benchmark_gets_answers_from_the_guest_on_a_tap() {
     assert_eq!(lan.cli(&["GET", "greeting"]), "hello");
     assert_eq!(lan.cli(&["INCR", "n"]), "1");
     assert_eq!(lan.cli(&["DEL", "n", "none"]), "1");
+    assert_eq!(lan.cli(&["CONFIG", "GET", "appendonly"]), "appendonly\nno");
     finish(lan.bench(20_000, &[]), "quiet");
     let d = net_device(&vm);
     assert!(d["counters"]["ok"].as_u64().unwrap() > 40_000, "{d}");
@@ -263,8 +264,11 @@ fn connections_survive_live_updates_under_redis_benchmark() {
     assert_eq!(vm.wait_exit(Duration::from_millis(1)), Some(0));
     assert_eq!(lan.cli(&["GET", "kept"]), "across");
     verify_clean(&vm);
+    // The guest prints gaps of 100 ms or more. A live update pauses it for milliseconds (the
+    // pauses are in the reports); with both cores busy the host alone can stall a vCPU for
+    // hundreds of ms, so the bound only catches a hand-over that hangs.
     let stall = vm.max_stall_since(0);
-    assert!(stall < 1_000_000, "the guest stalled {stall} µs");
+    assert!(stall < 5_000_000, "the guest stalled {stall} µs");
     let served = net_device(&vm)["counters"]["ok"].as_u64().unwrap();
     assert!(served > 0, "the last process moved no frame");
     eprintln!("10 live updates under load: pauses {pauses:?} ms, guest stall {stall} µs");

@@ -1,6 +1,7 @@
 //! The `kv` workload (vCPU 0): a key-value server speaking the Redis protocol (RESP) on TCP
 //! port 6379 over smoltcp, for the subset `redis-benchmark` uses: PING (inline and RESP),
-//! SET, GET, INCR, DEL, EXISTS, CONFIG GET (answered with an empty array), QUIT; pipelined
+//! SET, GET, INCR, DEL, EXISTS, CONFIG GET (`save` is empty, `appendonly` is `no`, nothing
+//! else is known), QUIT; pipelined
 //! commands are answered in order. The store is an open-addressed table in guest memory.
 //!
 //! No allocator: sockets, their buffers and the table are statics. `CONNS` sockets listen at
@@ -377,7 +378,18 @@ fn execute(inp: &[u8], cmd: &Cmd, out: &mut Out) -> bool {
             }
             out.int(b':', count);
         }
-        // redis-benchmark asks for `save` and `appendonly` at start: no such settings here.
+        // redis-benchmark asks for `save` and `appendonly` at start (and warns without a
+        // name/value pair): nothing is saved nor appended here. Other names: none known.
+        3 if is(b"CONFIG") && arg(1).eq_ignore_ascii_case(b"GET") => {
+            let name = arg(2);
+            if name.eq_ignore_ascii_case(b"save") {
+                out.put(b"*2\r\n$4\r\nsave\r\n$0\r\n\r\n");
+            } else if name.eq_ignore_ascii_case(b"appendonly") {
+                out.put(b"*2\r\n$10\r\nappendonly\r\n$2\r\nno\r\n");
+            } else {
+                out.put(b"*0\r\n");
+            }
+        }
         n if n >= 2 && is(b"CONFIG") => out.put(b"*0\r\n"),
         _ if is(b"QUIT") => {
             out.put(b"+OK\r\n");
