@@ -423,15 +423,21 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A string that is not a SHA-256 in hex.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a SHA-256 (64 hex digits)")]
+pub struct BadSha256(pub String);
+
 /// Parses a SHA-256 given as 64 hex digits.
-pub fn parse_sha256(s: &str) -> Result<[u8; 32], String> {
+pub fn parse_sha256(s: &str) -> Result<[u8; 32], BadSha256> {
     let s = s.trim();
+    let bad = || BadSha256(s.to_string());
     if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("{s:?} is not a SHA-256 (64 hex digits)"));
+        return Err(bad());
     }
     let mut out = [0u8; 32];
     for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
     }
     Ok(out)
 }

@@ -113,23 +113,49 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Why a cache directory is not used.
+#[derive(Debug, thiserror::Error)]
+enum CacheDirError {
+    /// It cannot be created or read.
+    #[error("cannot use {dir}: {err}")]
+    Io {
+        /// The directory.
+        dir: PathBuf,
+        /// Cause.
+        err: std::io::Error,
+    },
+    /// Someone else owns it.
+    #[error("{dir} belongs to uid {owner}, not to us (uid {uid})")]
+    NotOurs {
+        /// The directory.
+        dir: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Our uid.
+        uid: u32,
+    },
+}
+
 /// A cache directory is used only when it is ours and nobody else can write to it: artifacts
 /// in it are deserialized as trusted native code.
-fn private_dir(dir: &Path) -> Result<(), String> {
-    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let meta = fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+fn private_dir(dir: &Path) -> Result<(), CacheDirError> {
+    let io = |err| CacheDirError::Io {
+        dir: dir.to_path_buf(),
+        err,
+    };
+    fs::create_dir_all(dir).map_err(io)?;
+    let meta = fs::metadata(dir).map_err(io)?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
     if meta.uid() != uid {
-        return Err(format!(
-            "{} belongs to uid {}, not to us (uid {uid})",
-            dir.display(),
-            meta.uid()
-        ));
+        return Err(CacheDirError::NotOurs {
+            dir: dir.to_path_buf(),
+            owner: meta.uid(),
+            uid,
+        });
     }
     if meta.mode() & 0o022 != 0 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("cannot make {} private: {e}", dir.display()))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
     Ok(())
 }
