@@ -1,0 +1,257 @@
+//! `spanvmm ctl`: the command-line client of a VM's control API (and the offline snapshot
+//! commands); it only speaks HTTP to the VMM through [`crate::api::client`].
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use crate::api::client as api;
+
+pub mod migrate;
+pub mod snapshot;
+
+/// `spanvmm ctl` commands.
+#[derive(Subcommand)]
+pub enum CtlOp {
+    /// Show the VM's status.
+    Status,
+    /// Pause every vCPU.
+    Pause,
+    /// Resume every vCPU.
+    Resume {
+        /// Run a VM that is in doubt after a live update whose new process did not confirm
+        /// (only once that process is known never to have run the guest).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop the VM and its process.
+    Shutdown,
+    /// Save the VM (state + memory) to a directory; it keeps running afterwards.
+    Save {
+        /// Target directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Snapshots through the checkpoint service (attached for the duration).
+    Snapshot {
+        #[command(subcommand)]
+        op: snapshot::CtlSnapshotOp,
+    },
+    /// Send a command to the guest (spanguest's mailbox).
+    Guest {
+        /// verify, reset-stall or power-off.
+        command: String,
+    },
+    /// Replace this VMM process by a new binary beneath the running VM (HyperFresh).
+    LiveUpdate {
+        /// The new spanvmm binary.
+        #[arg(long)]
+        binary: PathBuf,
+        /// How long the new binary may take for each step before the update rolls back.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Move the VM to another host (`spanvmm run --incoming` there), showing progress; the
+    /// report goes to --report (JSON) with its timeline plot beside it (SVG). This process
+    /// exits after a successful migration; a failed one leaves the VM running here.
+    Migrate {
+        /// Destination, `tls://HOST:PORT`.
+        #[arg(long)]
+        to: String,
+        /// Policy service for the duration: precopy.wasm, postcopy.wasm or hybrid.wasm
+        /// (default: the one attached with `run --plugin`).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+        /// Its configuration (JSON).
+        #[arg(long, default_value = "")]
+        config: String,
+        /// Directory with ca.pem, node.pem, node.key.
+        #[arg(long)]
+        tls_dir: PathBuf,
+        /// Bytes per second at most (suffixes K, M, G: powers of 1000).
+        #[arg(long)]
+        max_bandwidth: Option<String>,
+        /// How long a broken post-copy connection is retried, ms.
+        #[arg(long, default_value_t = 30_000)]
+        recovery_timeout_ms: u64,
+        /// Send the hand-over's commit with the state instead of after the destination is
+        /// ready: one round trip less of downtime (worth it on long links), but a link lost
+        /// before the destination answers leaves the VM paused "in doubt" at the source
+        /// instead of running on there.
+        #[arg(long)]
+        commit_with_state: bool,
+        /// Where to write the JSON report (the SVG plot goes beside it).
+        #[arg(long, default_value = "migration-report.json")]
+        report: PathBuf,
+    },
+    /// Manage the services attached beneath the VM.
+    Plugin {
+        #[command(subcommand)]
+        op: PluginOp,
+    },
+    /// Ask the `introspect` service (attach it first): e.g. `regs 0`, `read GPA LEN`,
+    /// `translate CR3 GVA`, `search START LEN HEX`, `watch GPA LEN`.
+    Introspect {
+        /// Method.
+        method: String,
+        /// Arguments, joined by spaces.
+        args: Vec<String>,
+    },
+}
+
+/// `spanvmm ctl plugin` commands.
+#[derive(Subcommand)]
+pub enum PluginOp {
+    /// List attached services.
+    List,
+    /// Attach a service beneath the running VM.
+    Attach {
+        /// `.wasm` component or native `.so`.
+        path: PathBuf,
+        /// Service configuration (JSON by convention).
+        #[arg(long, default_value = "")]
+        config: String,
+        /// Deliver its port writes asynchronously: the vCPU never waits for the service
+        /// (reads stay synchronous and see every earlier write first).
+        #[arg(long)]
+        async_writes: bool,
+    },
+    /// Detach a service (its state is handed back and dropped).
+    Detach {
+        /// Service name.
+        name: String,
+    },
+    /// Replace a service by a new version, handing its state over.
+    Replace {
+        /// Service name.
+        name: String,
+        /// New plugin file.
+        path: PathBuf,
+        /// The new file may hold a service of another name (it takes the old one's place).
+        #[arg(long)]
+        rename: bool,
+    },
+    /// Call a service's method.
+    Call {
+        /// Service name.
+        name: String,
+        /// Method.
+        method: String,
+        /// Arguments (JSON by convention).
+        #[arg(default_value = "")]
+        args: String,
+    },
+    /// Show what services published since the last look.
+    Notifications,
+}
+
+/// `100M` → 100_000_000.
+fn parse_rate(s: &str) -> anyhow::Result<u64> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1e3),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1e6),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1e9),
+        _ => (s, 1.0),
+    };
+    let v: f64 = num
+        .parse()
+        .with_context(|| format!("--max-bandwidth {s:?}: not a number"))?;
+    anyhow::ensure!(v > 0.0, "--max-bandwidth must be positive");
+    Ok((v * mult) as u64)
+}
+
+/// Runs one `ctl` command against the API socket.
+pub fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
+    if let CtlOp::Migrate {
+        to,
+        plugin,
+        config,
+        tls_dir,
+        max_bandwidth,
+        recovery_timeout_ms,
+        commit_with_state,
+        report,
+    } = &op
+    {
+        let plugin = plugin
+            .as_ref()
+            .map(std::path::absolute)
+            .transpose()
+            .context("resolve --plugin")?;
+        let body = json!({
+            "to": to,
+            "plugin": plugin,
+            "config": config,
+            "tls_dir": std::path::absolute(tls_dir).context("resolve --tls-dir")?,
+            "max_bandwidth": max_bandwidth.as_deref().map(parse_rate).transpose()?,
+            "recovery_timeout_ms": recovery_timeout_ms,
+            "commit_with_state": commit_with_state,
+        });
+        return migrate::ctl_migrate(socket, body, report);
+    }
+    let (method, path, body): (&str, &str, Option<Value>) = match &op {
+        CtlOp::Migrate { .. } => unreachable!("handled above"),
+        CtlOp::Status => ("GET", "/vm", None),
+        CtlOp::Pause => ("PUT", "/vm/pause", None),
+        CtlOp::Resume { force } => ("PUT", "/vm/resume", force.then(|| json!({ "force": true }))),
+        CtlOp::Shutdown => ("PUT", "/vm/shutdown", None),
+        CtlOp::Save { dir } => {
+            let dir = std::path::absolute(dir).context("resolve --dir")?;
+            ("PUT", "/vm/save", Some(json!({ "dir": dir })))
+        }
+        CtlOp::Guest { command } => ("PUT", "/guest/command", Some(json!({ "command": command }))),
+        CtlOp::LiveUpdate { binary, timeout_ms } => {
+            let binary = std::path::absolute(binary).context("resolve --binary")?;
+            (
+                "PUT",
+                "/vm/live-update",
+                Some(json!({ "binary": binary, "timeout_ms": timeout_ms })),
+            )
+        }
+        CtlOp::Plugin { op } => match op {
+            PluginOp::List => ("GET", "/plugins", None),
+            PluginOp::Notifications => ("GET", "/plugins/notifications", None),
+            PluginOp::Attach {
+                path,
+                config,
+                async_writes,
+            } => {
+                let path = std::path::absolute(path).context("resolve plugin path")?;
+                let body =
+                    json!({ "path": path, "config": config, "async_port_writes": async_writes });
+                ("PUT", "/plugins/attach", Some(body))
+            }
+            PluginOp::Detach { name } => ("PUT", "/plugins/detach", Some(json!({ "name": name }))),
+            PluginOp::Replace { name, path, rename } => {
+                let path = std::path::absolute(path).context("resolve plugin path")?;
+                (
+                    "PUT",
+                    "/plugins/replace",
+                    Some(json!({ "name": name, "path": path, "rename": rename })),
+                )
+            }
+            PluginOp::Call { name, method, args } => (
+                "PUT",
+                "/plugins/call",
+                Some(json!({ "name": name, "method": method, "args": args })),
+            ),
+        },
+        CtlOp::Snapshot { .. } => unreachable!("handled by snapshot::ctl"),
+        CtlOp::Introspect { method, args } => (
+            "PUT",
+            "/plugins/call",
+            Some(json!({ "name": "introspect", "method": method, "args": args.join(" ") })),
+        ),
+    };
+    let value = api::call_checked(socket, method, path, body.as_ref())?;
+    // A closed stdout (e.g. `| head`) is the reader's choice, not an error worth a panic.
+    let _ = writeln!(
+        std::io::stdout(),
+        "{}",
+        serde_json::to_string_pretty(&value)?
+    );
+    Ok(())
+}
