@@ -10,9 +10,9 @@ use base_vmm::cpu::CpuTemplate;
 use base_vmm::devices::virtio::{BlockConfig, NetConfig};
 use base_vmm::vmm::VmConfig;
 use clap::{Parser, Subcommand, ValueEnum};
-use vmm::ctl::{self, CtlOp};
+use vmm::ctl::{self, snapshot, CtlOp};
 use vmm::run::{run, Source};
-use vmm::{logging, services, snapshot};
+use vmm::{logging, services};
 
 const DEFAULT_MEMORY_MIB: u64 = 256;
 

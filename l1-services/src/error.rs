@@ -189,4 +189,7 @@ pub enum ServiceError {
     /// The Wasm runtime could not be set up.
     #[error("wasm runtime: {0}")]
     Runtime(String),
+    /// The VMM's own snapshot layer (`PUT /vm/save`) could not be written.
+    #[error("save: {0}")]
+    Save(String),
 }

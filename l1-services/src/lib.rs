@@ -15,6 +15,7 @@
 mod backend;
 mod ctx;
 mod error;
+pub mod handover;
 mod host;
 mod manager;
 pub mod manifest;

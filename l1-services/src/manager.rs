@@ -498,6 +498,20 @@ impl ServiceManager {
         self.shared.snapshots.totals()
     }
 
+    /// Saves the VM, paused by the caller, as one full snapshot layer in `dir` through the
+    /// snapshot engine (the one checkpoint services drive); returns the layer's id and the
+    /// memory bytes written.
+    pub fn save_layer(&self, dir: &std::path::Path) -> Result<(String, u64), ServiceError> {
+        let dir = dir
+            .to_str()
+            .ok_or_else(|| ServiceError::Save(format!("dir {} is not UTF-8", dir.display())))?;
+        self.shared
+            .snapshots
+            .save(&*self.shared.host, dir)
+            .map(|s| (s.layer_id, s.bytes_written))
+            .map_err(ServiceError::Save)
+    }
+
     /// A snapshot layer is being written (see [`crate::snapshot`]).
     pub fn snapshot_in_progress(&self) -> bool {
         self.shared.snapshots.in_progress()

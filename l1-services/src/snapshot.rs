@@ -21,6 +21,10 @@ pub use spanvmm_sdk::snapshot::{JobStatus, LayerOptions as LayerRequest};
 /// Most jobs open at once per VM.
 const MAX_JOBS: usize = 8;
 
+/// The owner of the jobs the VMM opens itself ([`SnapshotEngine::save`]); services' ids
+/// count up from 1 and never reach it.
+const HOST_OWNER: u64 = u64::MAX;
+
 /// What a service asks to merge: the chain ending in `top` into one full layer in `out`.
 #[derive(Debug, Clone, Default)]
 pub struct MergeRequest {
@@ -237,6 +241,38 @@ impl SnapshotEngine {
         let mut jobs = lock(&self.jobs);
         if jobs.get(&job).is_some_and(|j| j.owner == owner) {
             jobs.remove(&job);
+        }
+    }
+
+    /// Writes one full layer of the paused VM into `dir` and waits until it is complete: the
+    /// VMM's own save (`PUT /vm/save`), through the same job and writer a service's layer
+    /// takes, so it lands in the format `run --restore` reads and counts in the totals.
+    pub(crate) fn save(&self, host: &dyn VmHost, dir: &str) -> Result<JobStatus, String> {
+        let req = LayerRequest {
+            dir: dir.to_string(),
+            ..LayerRequest::default()
+        };
+        let job = self.begin(HOST_OWNER, host, req)?;
+        let r = self
+            .write_pages(HOST_OWNER, job, None)
+            .and_then(|()| self.commit(HOST_OWNER, job, host))
+            .and_then(|()| self.wait(job));
+        self.close(HOST_OWNER, job);
+        r
+    }
+
+    /// Waits for one of the host's jobs to commit or fail.
+    fn wait(&self, job: u32) -> Result<JobStatus, String> {
+        loop {
+            let mut s = self.status(HOST_OWNER, job)?;
+            if let Some(e) = s.error.take() {
+                return Err(e);
+            }
+            if s.committed {
+                return Ok(s);
+            }
+            // The writer thread moves the status on; a save is a blocking call anyway.
+            std::thread::sleep(std::time::Duration::from_micros(200));
         }
     }
 

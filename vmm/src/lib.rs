@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod ctl;
+mod inbox;
 pub mod jail;
 pub mod live_update;
 pub mod logging;

@@ -12,7 +12,10 @@
 //! 3. Commit point: the old process sends `Go` and can no longer roll back; the new process
 //!    resumes the guest → `Running`. The old process answers the API call and exits.
 //!
-//! Any failure or missed deadline before the commit point rolls back: the old process kills
+//! The old side's steps are the hand-over every transport shares
+//! ([`l1_services::handover`]: prepare → pause → state → ready → commit | rollback); this
+//! module is its live-update transport. Any failure or missed deadline before the commit
+//! point rolls back: the old process kills
 //! the new one (with its whole process group: whatever it started goes too), attaches its
 //! services again and resumes the guest, which saw only the pause. Step 1 runs while the main
 //! loop serves other calls. A new process that got `Go` but did not confirm leaves the VM
@@ -34,6 +37,7 @@ use base_vmm::memory::GuestRam;
 use base_vmm::state::{MachineConfig, VmState, STATE_VERSION};
 use base_vmm::vcpu::VcpuEvent;
 use base_vmm::vmm::Vmm;
+use l1_services::handover::{self, Handover, NotReady, Step};
 use l1_services::{HandedService, ServiceManager};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -257,158 +261,219 @@ impl Preparing {
         let _ = self.child.wait();
     }
 
-    /// Old side, second half, on the main loop once the new process answered: pause, hand
-    /// the state and services over, commit. Before the commit point any failure rolls back.
+    /// Old side, second half, on the main loop once the new process answered: the shared
+    /// hand-over steps ([`l1_services::handover`]) over the live-update socket. Before the
+    /// commit point any failure rolls back.
     pub fn finish(
         mut self,
         answer: Result<(), String>,
         vmm: &mut Vmm,
         manager: &ServiceManager,
     ) -> Outcome {
-        if let Err(e) = answer {
-            let status = self.child.try_wait().ok().flatten();
-            self.kill();
-            return Outcome::RolledBack(anyhow::anyhow!(
-                "live update aborted; the guest was never paused: {e} (new binary's exit \
-                 status: {status:?})"
-            ));
-        }
-        match self.hand_over(vmm, manager) {
-            Ok(report) => {
+        let mut steps = Takeover {
+            answer: Some(answer),
+            sock: &mut self.sock,
+            vmm,
+            manager,
+            t0: self.t0,
+            paused_at: None,
+            prepare_ms: 0.0,
+            operator_paused: false,
+            services: Vec::new(),
+            restore_us: 0,
+        };
+        let result = handover::hand_over(&mut steps);
+        let (paused_at, prepare_ms, restore_us, services) = (
+            steps.paused_at,
+            steps.prepare_ms,
+            steps.restore_us,
+            steps.services.len(),
+        );
+        match result {
+            Ok(_) => {
+                let report = LiveUpdateReport {
+                    new_pid: self.child.id(),
+                    pause_ms: paused_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
+                    restore_us,
+                    total_ms: self.t0.elapsed().as_secs_f64() * 1e3,
+                    prepare_ms,
+                    services,
+                };
                 // The new process lives on; nobody here waits for it.
                 std::mem::forget(self.child);
                 Outcome::HandedOver(report)
             }
-            Err(Failure::BeforeCommit(e)) => {
+            Err(f) if f.step == Step::Prepare => {
+                let status = self.child.try_wait().ok().flatten();
                 self.kill();
+                Outcome::RolledBack(anyhow::anyhow!(
+                    "live update aborted; the guest was never paused: {} (new binary's exit \
+                     status: {status:?})",
+                    f.error
+                ))
+            }
+            Err(f) if !f.in_doubt => {
+                self.kill();
+                let e = match (f.step, f.resume_error) {
+                    (Step::Pause, _) => f.error,
+                    (_, Some(re)) => f
+                        .error
+                        .context(format!("and resuming the guest failed: {re}")),
+                    (_, None) => f
+                        .error
+                        .context("live update rolled back; the guest runs on in the old process"),
+                };
                 Outcome::RolledBack(e)
             }
-            Err(Failure::AfterCommit(e)) => {
-                let pid = self.child.id();
-                // A dying process's socket closes a moment before it can be waited for (the
-                // kernel closes its files, then makes it a zombie): give it that moment, or a
-                // process SIGKILLed right after the go-ahead is reported "still alive".
-                let deadline = Instant::now() + Duration::from_millis(500);
-                let mut exited = self.child.try_wait().ok().flatten();
-                while exited.is_none() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(2));
-                    exited = self.child.try_wait().ok().flatten();
-                }
-                let alive = exited.is_none();
-                let why = format!(
-                    "live update in doubt: the new process {pid} was told to run the guest but \
-                     did not confirm ({e:#}); it is {}. It may have run the guest on this same \
-                     memory, so this process will not run it again on its own. If process {pid} \
-                     runs the guest, it owns it: shut this process down. If it never did, \
-                     resume here with `spanvmm ctl resume --force`.",
-                    if alive { "still alive" } else { "gone" }
-                );
-                // Whatever it does next is not ours to decide, but it is our child: reap it
-                // when it ends, on a thread of its own, so that no zombie is left behind (a
-                // forgotten child stayed a zombie for as long as this process lived).
-                if alive {
-                    let mut child = self.child;
-                    let _ = std::thread::Builder::new()
-                        .name("live-update-reaper".into())
-                        .spawn(move || {
-                            base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Helper);
-                            let _ = child.wait();
-                        });
-                }
-                Outcome::InDoubt(why)
-            }
+            Err(f) => Outcome::InDoubt(self.in_doubt(f.error)),
         }
     }
 
-    fn hand_over(
-        &mut self,
-        vmm: &mut Vmm,
-        manager: &ServiceManager,
-    ) -> Result<LiveUpdateReport, Failure> {
-        let sock = &mut self.sock;
-        // The guest stops here.
-        let paused_at = Instant::now();
-        let prepare_ms = self.t0.elapsed().as_secs_f64() * 1e3;
-        let operator_paused = vmm.control().operator_paused();
-        let was_running = vmm
-            .control()
-            .pause()
-            .map_err(|e| Failure::BeforeCommit(e.into()))?;
-        let state = vmm.capture_state();
-        let (services, lost) = manager.hand_over();
-        for (name, e) in &lost {
-            tracing::warn!("live update: service {name} could not hand its state over: {e}");
+    /// After the commit point the new process did not confirm: say so, and reap it whenever
+    /// it ends.
+    fn in_doubt(self, e: anyhow::Error) -> String {
+        let mut child = self.child;
+        let pid = child.id();
+        // A dying process's socket closes a moment before it can be waited for (the kernel
+        // closes its files, then makes it a zombie): give it that moment, or a process
+        // SIGKILLed right after the go-ahead is reported "still alive".
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut exited = child.try_wait().ok().flatten();
+        while exited.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+            exited = child.try_wait().ok().flatten();
         }
-        let rollback = |why: anyhow::Error, services: &[HandedService]| -> Failure {
-            for s in services {
-                if let Err(e) = manager.attach_handed(s) {
-                    tracing::error!(
-                        "rollback: service {} not re-attached: {e}",
-                        s.path.display()
-                    );
-                }
-            }
-            if was_running {
-                if let Err(e) = vmm.control().resume() {
-                    return Failure::BeforeCommit(
-                        why.context(format!("and resuming the guest failed: {e}")),
-                    );
-                }
-            }
-            Failure::BeforeCommit(
-                why.context("live update rolled back; the guest runs on in the old process"),
-            )
-        };
-        let state = match state {
-            Ok(s) => s,
-            Err(e) => return Err(rollback(e.into(), &services)),
-        };
-        let takeover = Msg::Takeover {
-            state: state.to_bytes(),
-            services: services.clone(),
-            operator_paused,
-        };
-        let restore_us = match send(sock, &takeover).and_then(|_| recv(sock)) {
-            Ok(Msg::Restored { restore_us }) => restore_us,
-            Ok(Msg::Failed { error }) => {
-                return Err(rollback(
-                    anyhow::anyhow!("the new binary failed to restore: {error}"),
-                    &services,
-                ))
-            }
-            Ok(_) => {
-                return Err(rollback(
-                    anyhow::anyhow!("the new binary answered out of turn"),
-                    &services,
-                ))
-            }
-            Err(e) => return Err(rollback(e, &services)),
-        };
-        // Commit point: from here on, the new process owns the guest.
-        if let Err(e) = send(sock, &Msg::Go) {
-            // The go-ahead may or may not have reached it.
-            return Err(Failure::AfterCommit(e));
+        let alive = exited.is_none();
+        let why = format!(
+            "live update in doubt: the new process {pid} was told to run the guest but did not \
+             confirm ({e:#}); it is {}. It may have run the guest on this same memory, so this \
+             process will not run it again on its own. If process {pid} runs the guest, it owns \
+             it: shut this process down. If it never did, resume here with `spanvmm ctl resume \
+             --force`.",
+            if alive { "still alive" } else { "gone" }
+        );
+        // Whatever it does next is not ours to decide, but it is our child: reap it when it
+        // ends, on a thread of its own, so that no zombie is left behind (a forgotten child
+        // stayed a zombie for as long as this process lived).
+        if alive {
+            let _ = std::thread::Builder::new()
+                .name("live-update-reaper".into())
+                .spawn(move || {
+                    base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Helper);
+                    let _ = child.wait();
+                });
         }
-        match recv(sock) {
-            Ok(Msg::Running) => {}
-            Ok(_) => return Err(Failure::AfterCommit(anyhow::anyhow!("unexpected answer"))),
-            Err(e) => return Err(Failure::AfterCommit(e)),
-        }
-        Ok(LiveUpdateReport {
-            new_pid: self.child.id(),
-            pause_ms: paused_at.elapsed().as_secs_f64() * 1e3,
-            restore_us,
-            total_ms: self.t0.elapsed().as_secs_f64() * 1e3,
-            prepare_ms,
-            services: services.len(),
-        })
+        why
     }
 }
 
-/// Where a hand-over failed, relative to its commit point.
-enum Failure {
-    BeforeCommit(anyhow::Error),
-    AfterCommit(anyhow::Error),
+/// The old side's hand-over steps over the live-update socket: the memory went with the
+/// offer (the memfd), so the state carries the VM state and the services.
+struct Takeover<'a> {
+    /// The new process's answer to the offer: the outcome of the prepare step, which ran
+    /// while the main loop served other calls.
+    answer: Option<Result<(), String>>,
+    sock: &'a mut UnixStream,
+    vmm: &'a mut Vmm,
+    manager: &'a ServiceManager,
+    t0: Instant,
+    paused_at: Option<Instant>,
+    prepare_ms: f64,
+    /// The operator had paused the guest: it stays paused in the new process.
+    operator_paused: bool,
+    /// Services handed over with the state (re-attached here on a rollback).
+    services: Vec<HandedService>,
+    restore_us: u64,
+}
+
+impl Handover for Takeover<'_> {
+    type Error = anyhow::Error;
+
+    fn prepare(&mut self) -> anyhow::Result<()> {
+        match self.answer.take() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(anyhow::anyhow!(e)),
+            None => Err(anyhow::anyhow!("the new binary never answered the offer")),
+        }
+    }
+
+    fn pause(&mut self) -> anyhow::Result<bool> {
+        // The guest stops here.
+        self.paused_at = Some(Instant::now());
+        self.prepare_ms = self.t0.elapsed().as_secs_f64() * 1e3;
+        self.operator_paused = self.vmm.control().operator_paused();
+        Ok(self.vmm.control().pause()?)
+    }
+
+    fn send_state(&mut self) -> anyhow::Result<()> {
+        let state = state_bytes(self.vmm)?;
+        let (services, lost) = self.manager.hand_over();
+        for (name, e) in &lost {
+            tracing::warn!("live update: service {name} could not hand its state over: {e}");
+        }
+        self.services = services;
+        let takeover = Msg::Takeover {
+            state,
+            services: self.services.clone(),
+            operator_paused: self.operator_paused,
+        };
+        send(self.sock, &takeover)
+    }
+
+    fn await_ready(&mut self) -> Result<(), NotReady<anyhow::Error>> {
+        match recv(self.sock) {
+            Ok(Msg::Restored { restore_us }) => {
+                self.restore_us = restore_us;
+                Ok(())
+            }
+            Ok(Msg::Failed { error }) => Err(NotReady::Refused(anyhow::anyhow!(
+                "the new binary failed to restore: {error}"
+            ))),
+            Ok(_) => Err(NotReady::Refused(anyhow::anyhow!(
+                "the new binary answered out of turn"
+            ))),
+            Err(e) => Err(NotReady::Lost(e)),
+        }
+    }
+
+    fn commit(&mut self) -> anyhow::Result<()> {
+        // From here on, the new process owns the guest (the go-ahead may or may not have
+        // reached it if this fails).
+        send(self.sock, &Msg::Go)
+    }
+
+    fn await_running(&mut self) -> anyhow::Result<()> {
+        match recv(self.sock)? {
+            Msg::Running => Ok(()),
+            _ => bail!("unexpected answer"),
+        }
+    }
+
+    fn undo(&mut self) {
+        for s in &self.services {
+            if let Err(e) = self.manager.attach_handed(s) {
+                tracing::error!(
+                    "rollback: service {} not re-attached: {e}",
+                    s.path.display()
+                );
+            }
+        }
+    }
+
+    fn resume(&mut self) -> anyhow::Result<()> {
+        self.vmm.control().resume()?;
+        Ok(())
+    }
+}
+
+/// The VM state as the takeover carries it: the one place the old side produces its bytes.
+fn state_bytes(vmm: &Vmm) -> anyhow::Result<Vec<u8>> {
+    Ok(vmm.capture_state()?.to_bytes())
+}
+
+/// The VM state from the takeover's bytes: the one place the new side parses them.
+fn parse_state(bytes: &[u8]) -> anyhow::Result<VmState> {
+    Ok(VmState::from_bytes(bytes, "live-update stream")?)
 }
 
 /// What the new process takes over.
@@ -495,7 +560,7 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
         bail!("expected the takeover");
     };
     let t = Instant::now();
-    let state = VmState::from_bytes(&state, "live-update stream")?;
+    let state = parse_state(&state)?;
     let vmm = prepared.finish(&state, &serial, events, true)?;
     let manager = crate::services::manager_for(&vmm)?;
     for s in &services {

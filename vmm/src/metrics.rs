@@ -5,7 +5,6 @@
 //! flight) from the connection's own thread: a busy main loop does not hold scrapes up.
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -77,24 +76,6 @@ impl Metrics {
             let _ = writeln!(out, "# EOF");
         }
         out
-    }
-
-    /// Serves `GET /metrics` over plain HTTP on `addr` (`--metrics-addr`) on a thread of its
-    /// own; returns the address bound.
-    pub fn serve_tcp(self: &Arc<Self>, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
-        let listener =
-            TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
-        let bound = listener.local_addr()?;
-        let me = self.clone();
-        std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || {
-                base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Metrics);
-                for stream in listener.incoming().flatten() {
-                    crate::api::serve_metrics_tcp(stream, &me);
-                }
-            })?;
-        Ok(bound)
     }
 }
 

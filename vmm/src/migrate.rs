@@ -1,94 +1,30 @@
-//! Live migration in the binary: the source's `PUT /vm/migrate` (connect, attach the policy
-//! service for the duration, hand the report out), the destination's `run --incoming`, and
-//! `ctl migrate` (progress line, JSON report, SVG timeline).
+//! Live migration in the VMM: the source's `PUT /vm/migrate` (connect, attach the policy
+//! service for the duration, hand the report out) and the destination's `run --incoming`.
+//! The client (`ctl migrate`) lives in [`crate::ctl::migrate`].
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use base_vmm::memory::GuestRam;
 use base_vmm::state::VmState;
 use base_vmm::vcpu::VcpuEvent;
-use base_vmm::vmm::{VmControl, Vmm};
-use l1_services::migration::{
-    self, report, MigrationDest, MigrationSource, Phase, SourceConfig, SourceVm,
-};
+use base_vmm::vmm::Vmm;
+use l1_services::migration::{self, MigrationDest, MigrationSource, Phase, SourceConfig};
 use l1_services::{Capability, ServiceManager};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
+pub use crate::api::routes::{MigrateRequest, MigrateStart};
 use crate::api::{ApiRequest, ApiResult};
+use crate::inbox::Msg;
 use crate::metrics::{Counters, MIGRATION_RESULTS};
-use crate::run::Msg;
+use crate::services::VmmHost;
 
 /// How long a source whose guest has moved away waits for the client that started the
 /// migration to fetch its report before exiting anyway (that client gone, say).
 pub const REPORT_GRACE: Duration = Duration::from_secs(30);
-
-/// `PUT /vm/migrate`: start a migration, or (`{"poll": ID}`) the progress and then the report
-/// of migration `ID` for the client that started it. Only that poll lets a source whose
-/// guest has moved exit (`GET /vm/migration` is for anyone and never does).
-#[derive(Debug, Deserialize)]
-#[serde(try_from = "Value")]
-pub enum MigrateRequest {
-    /// Start one.
-    Start(MigrateStart),
-    /// The starter's poll of migration `ID`.
-    Poll(u64),
-}
-
-impl TryFrom<Value> for MigrateRequest {
-    type Error = String;
-
-    fn try_from(v: Value) -> Result<Self, String> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Poll {
-            poll: u64,
-        }
-        if v.get("poll").is_some() {
-            return serde_json::from_value::<Poll>(v)
-                .map(|p| MigrateRequest::Poll(p.poll))
-                .map_err(|e| e.to_string());
-        }
-        serde_json::from_value(v)
-            .map(MigrateRequest::Start)
-            .map_err(|e| e.to_string())
-    }
-}
-
-/// `PUT /vm/migrate` starting a migration.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MigrateStart {
-    /// Destination, `HOST:PORT` or `tls://HOST:PORT`.
-    pub to: String,
-    /// Policy service to attach for the duration; none: the attached `drives-migration`
-    /// service (given at `run --plugin`).
-    #[serde(default)]
-    pub plugin: Option<PathBuf>,
-    /// Its configuration.
-    #[serde(default)]
-    pub config: String,
-    /// Directory with `ca.pem`, `node.pem`, `node.key`.
-    pub tls_dir: PathBuf,
-    /// Bytes per second at most.
-    #[serde(default)]
-    pub max_bandwidth: Option<u64>,
-    /// How long a broken post-copy connection is retried, ms.
-    #[serde(default = "default_recovery_ms")]
-    pub recovery_timeout_ms: u64,
-    /// Send `commit` with the state (see `SourceConfig::commit_with_state`).
-    #[serde(default)]
-    pub commit_with_state: bool,
-}
-
-fn default_recovery_ms() -> u64 {
-    30_000
-}
 
 /// Parses `tls://HOST:PORT` or `HOST:PORT`.
 pub fn parse_addr(s: &str) -> anyhow::Result<SocketAddr> {
@@ -97,35 +33,6 @@ pub fn parse_addr(s: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("address {s:?}"))?
         .next()
         .with_context(|| format!("address {s:?} resolves to nothing"))
-}
-
-struct Vm {
-    ctl: Arc<VmControl>,
-    machine: Vec<u8>,
-}
-
-impl SourceVm for Vm {
-    fn ram(&self) -> &Arc<GuestRam> {
-        self.ctl.ram()
-    }
-    fn pause(&self) -> Result<bool, String> {
-        self.ctl.pause().map_err(|e| e.to_string())
-    }
-    fn resume(&self) -> Result<(), String> {
-        self.ctl.resume().map(|_| ()).map_err(|e| e.to_string())
-    }
-    fn running(&self) -> bool {
-        self.ctl.run_state() == base_vmm::vmm::RunState::Running
-    }
-    fn machine(&self) -> Vec<u8> {
-        self.machine.clone()
-    }
-    fn capture_state(&self) -> Result<Vec<u8>, String> {
-        self.ctl
-            .capture_state()
-            .map(|s| s.to_bytes())
-            .map_err(|e| e.to_string())
-    }
 }
 
 /// An outgoing migration: its engine, the service attached for it, its id.
@@ -238,10 +145,7 @@ impl Migrations {
                     .into(),
             ));
         }
-        let vm = Arc::new(Vm {
-            ctl: vmm.control().clone(),
-            machine: serde_json::to_vec(vmm.machine()).map_err(|e| (500, e.to_string()))?,
-        });
+        let vm = Arc::new(VmmHost::new(vmm).map_err(|e| (500, format!("{e:#}")))?);
         let session = MigrationSource::start(
             vm,
             SourceConfig {
@@ -526,93 +430,5 @@ fn arrive(
             arrived.abort(&why);
             Err(e.context("building the migrated VM"))
         }
-    }
-}
-
-/// `ctl migrate`: starts the migration, shows progress, writes the report and its plot; an
-/// error says where the guest is when the migration did not complete.
-pub fn ctl_migrate(socket: &Path, body: Value, report_path: &Path) -> anyhow::Result<()> {
-    let (code, v) = crate::api::call(socket, "PUT", "/vm/migrate", Some(&body))?;
-    if code != 200 {
-        anyhow::bail!(
-            "{} (HTTP {code})",
-            v.get("error").and_then(Value::as_str).unwrap_or("failed")
-        );
-    }
-    let id = v["id"]
-        .as_u64()
-        .with_context(|| format!("the VMM's answer names no migration: {v}"))?;
-    // Polled as the starter: the source waits for this poll to have the report before it
-    // exits (other clients may watch GET /vm/migration meanwhile).
-    let poll = json!({ "poll": id });
-    let mut last_line = Instant::now() - Duration::from_secs(1);
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let (code, v) =
-            crate::api::call(socket, "PUT", "/vm/migrate", Some(&poll)).map_err(|e| {
-                anyhow::anyhow!(
-                    "lost the source VMM before migration {id}'s report ({e:#}); a source \
-                     exits on its own only after a completed migration (once its report was \
-                     fetched, or {}s after), otherwise it was shut down or its guest stopped: \
-                     ask the destination whether the guest runs there",
-                    REPORT_GRACE.as_secs()
-                )
-            })?;
-        if code != 200 {
-            anyhow::bail!("migration status: HTTP {code}: {v}");
-        }
-        if let Some(r) = v.get("report") {
-            eprintln!();
-            std::fs::write(report_path, serde_json::to_string_pretty(r)?)
-                .with_context(|| format!("write {}", report_path.display()))?;
-            let rep: migration::Report =
-                serde_json::from_value(r.clone()).context("the report does not parse")?;
-            let svg = report_path.with_extension("svg");
-            std::fs::write(&svg, report::svg(&rep))
-                .with_context(|| format!("write {}", svg.display()))?;
-            println!("{}", serde_json::to_string(r)?);
-            return verdict(&rep, report_path);
-        }
-        let Some(p) = v.get("progress") else {
-            anyhow::bail!("no migration is running: {v}");
-        };
-        if last_line.elapsed() >= Duration::from_millis(250) {
-            last_line = Instant::now();
-            let n = |k: &str| p[k].as_u64().unwrap_or(0);
-            eprint!(
-                "\r{:>9} pages sent  {:>7.1} MB/s  round {:>2}  {:>8} pending  {:>8} needed  {:>5} faults  [{}]   ",
-                n("pages_sent"),
-                n("rate_bytes_per_sec") as f64 / 1e6,
-                n("rounds"),
-                n("pages_pending"),
-                n("pages_needed"),
-                n("remote_faults"),
-                p["phase"].as_str().unwrap_or("?")
-            );
-        }
-    }
-}
-
-/// What a finished migration's report means for the operator: where the guest is.
-fn verdict(rep: &migration::Report, report_path: &Path) -> anyhow::Result<()> {
-    let at = report_path.display();
-    match (rep.result.as_str(), rep.source_vm.as_str()) {
-        ("completed", _) => Ok(()),
-        ("in-doubt", _) => anyhow::bail!(
-            "the hand-over is in doubt: the VM stays paused at the source and may run at the \
-             destination; resume it at the source only once the destination is known not to \
-             run it (report in {at})"
-        ),
-        (_, "running") => {
-            anyhow::bail!("the migration failed; the VM runs on at the source (report in {at})")
-        }
-        _ if rep.handover == "postcopy" => anyhow::bail!(
-            "post-copy failed after the hand-over: the VM is paused at the source, which keeps \
-             all of its memory; its CPU state there is stale (report in {at})"
-        ),
-        _ => anyhow::bail!(
-            "the migration failed; the VM stays paused at the source, as it was before (report \
-             in {at})"
-        ),
     }
 }

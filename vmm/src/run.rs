@@ -15,7 +15,8 @@ use base_vmm::vmm::{RestoreHow, VmConfig, Vmm, VmmError};
 use l1_services::{AttachOptions, Lifecycle, ServiceManager};
 use serde_json::{json, Value};
 
-use crate::api::{self, ApiCall, ApiRequest, ApiResult};
+use crate::api::{self, ApiRequest, ApiResult};
+use crate::inbox::Msg;
 use crate::metrics::Metrics;
 use crate::{live_update, migrate, services, snapshot};
 
@@ -39,13 +40,6 @@ pub enum Source {
         recovery: Duration,
         mem_mib: Option<u64>,
     },
-}
-
-pub(crate) enum Msg {
-    Vcpu(VcpuEvent),
-    Api(ApiCall),
-    /// The new process of a live update answered its offer (or failed to).
-    LiveUpdateAnswer(Result<(), String>),
 }
 
 /// A live update in its first half: the new process prepares while the guest runs on; the
@@ -95,7 +89,7 @@ pub fn run(
     let mut listener = api_socket.map(api::bind).transpose()?;
     let metrics = Metrics::new();
     if let Some(addr) = metrics_addr {
-        let bound = metrics.serve_tcp(addr)?;
+        let bound = api::server::serve_metrics(&metrics, addr)?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
     // A start-up that fails from here on leaves no socket file behind.
@@ -647,11 +641,18 @@ fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult
                 ));
             }
             let t = std::time::Instant::now();
-            let summary = vmm.save(&dir, Default::default()).map_err(fail)?;
+            // Through the snapshot engine the checkpoint service drives: one full layer of
+            // the paused guest, in the format `run --restore` reads.
+            let ran = vmm.control().pause().map_err(fail)?;
+            let saved = manager.save_layer(&dir);
+            if ran {
+                vmm.control().resume().map_err(fail)?;
+            }
+            let (id, bytes) = saved.map_err(|e| (400, e.to_string()))?;
             Ok(json!({
                 "dir": dir,
-                "id": summary.id,
-                "memory_bytes_written": summary.bytes_written,
+                "id": id,
+                "memory_bytes_written": bytes,
                 "ms": t.elapsed().as_secs_f64() * 1e3,
             }))
         }

@@ -1,23 +1,60 @@
-//! Where the base VMM meets the service layer: the VMM's mechanisms offered to services
-//! ([`VmmHost`]), and guest ports no built-in device owns routed to the services that claim
-//! them ([`ServicePorts`]).
+//! Where the base VMM meets the service layer: the one adapter over base-vmm's [`VmControl`]
+//! ([`VmmHost`], which services see as their [`VmHost`] and the migration engine as its
+//! [`SourceVm`]), and guest ports no built-in device owns routed to the services that claim
+//! them.
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use base_vmm::devices::IoHook;
-use base_vmm::vmm::{VmControl, Vmm, VmmError};
+use base_vmm::memory::GuestRam;
+use base_vmm::state::VmState;
+use base_vmm::vmm::{RunState, VmControl, Vmm, VmmError};
+use l1_services::migration::SourceVm;
 use l1_services::{
     HostError, ManagerConfig, PluginPolicy, ServiceManager, VcpuRegs, VmHost, VmInfo,
 };
 
-/// The VMM's side of the host interface, over a running VM's controls.
+/// The VMM's side of every engine that drives the VM from outside its main loop (services,
+/// the outgoing migration), over a running VM's controls. Each [`VmControl`] call is made
+/// here once; the trait impls below only translate errors.
 pub struct VmmHost {
     ctl: Arc<VmControl>,
     info: VmInfo,
+    /// The machine's shape, JSON (what a migration sends first).
+    machine: Vec<u8>,
 }
 
 impl VmmHost {
+    /// The adapter over `vmm`'s controls.
+    pub fn new(vmm: &Vmm) -> anyhow::Result<Self> {
+        let m = vmm.machine();
+        Ok(VmmHost {
+            ctl: vmm.control().clone(),
+            info: VmInfo {
+                mem_bytes: m.mem_bytes,
+                vcpus: m.vcpus as u32,
+                tsc_khz: m.tsc_khz,
+            },
+            machine: serde_json::to_vec(m)?,
+        })
+    }
+
+    /// Stops every vCPU; true when they ran.
+    fn pause_vcpus(&self) -> Result<bool, VmmError> {
+        self.ctl.pause()
+    }
+
+    /// Lets the vCPUs run again.
+    fn resume_vcpus(&self) -> Result<(), VmmError> {
+        self.ctl.resume().map(|_| ())
+    }
+
+    /// The VM's state (vCPUs paused).
+    fn state(&self) -> Result<VmState, VmmError> {
+        self.ctl.capture_state()
+    }
+
     fn out_of_range(&self, gpa: u64, len: u64) -> HostError {
         HostError::OutOfRange {
             gpa,
@@ -53,11 +90,11 @@ impl VmHost for VmmHost {
     }
 
     fn pause(&self) -> Result<(), HostError> {
-        self.ctl.pause().map(|_| ()).map_err(host_err)
+        self.pause_vcpus().map(|_| ()).map_err(host_err)
     }
 
     fn resume(&self) -> Result<(), HostError> {
-        self.ctl.resume().map(|_| ()).map_err(host_err)
+        self.resume_vcpus().map_err(host_err)
     }
 
     fn vcpu_regs(&self, index: u32) -> Result<VcpuRegs, HostError> {
@@ -81,16 +118,45 @@ impl VmHost for VmmHost {
         self.ctl.set_dirty_logging(false).map_err(host_err)
     }
 
-    fn guest_ram(&self) -> Option<Arc<base_vmm::memory::GuestRam>> {
+    fn guest_ram(&self) -> Option<Arc<GuestRam>> {
         Some(self.ctl.ram().clone())
     }
 
-    fn capture_state(&self) -> Result<base_vmm::state::VmState, HostError> {
-        self.ctl.capture_state().map_err(host_err)
+    fn capture_state(&self) -> Result<VmState, HostError> {
+        self.state().map_err(host_err)
     }
 
     fn secrets(&self) -> Vec<(u64, u64)> {
         self.ctl.secrets()
+    }
+}
+
+impl SourceVm for VmmHost {
+    fn ram(&self) -> &Arc<GuestRam> {
+        self.ctl.ram()
+    }
+
+    fn pause(&self) -> Result<bool, String> {
+        self.pause_vcpus().map_err(|e| e.to_string())
+    }
+
+    fn resume(&self) -> Result<(), String> {
+        self.resume_vcpus().map_err(|e| e.to_string())
+    }
+
+    fn running(&self) -> bool {
+        self.ctl.run_state() == RunState::Running
+    }
+
+    fn machine(&self) -> Vec<u8> {
+        self.machine.clone()
+    }
+
+    fn capture_state(&self) -> Result<Vec<u8>, String> {
+        // The migration `state` frame's bytes: the one place they are produced.
+        self.state()
+            .map(|s| s.to_bytes())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -159,15 +225,7 @@ pub fn set_plugin_policy(
 /// Builds the service manager of `vmm`: built-in device ports are reserved, and the bus hands
 /// every other port, and all MMIO, to the manager.
 pub fn manager_for(vmm: &Vmm) -> anyhow::Result<Arc<ServiceManager>> {
-    let m = vmm.machine();
-    let host = Arc::new(VmmHost {
-        ctl: vmm.control().clone(),
-        info: VmInfo {
-            mem_bytes: m.mem_bytes,
-            vcpus: m.vcpus as u32,
-            tsc_khz: m.tsc_khz,
-        },
-    });
+    let host = Arc::new(VmmHost::new(vmm)?);
     let config = ManagerConfig {
         policy: POLICY.get().cloned().unwrap_or_default(),
         ..ManagerConfig::default()

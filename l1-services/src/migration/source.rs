@@ -22,6 +22,7 @@ use super::link::{Link, LinkError};
 use super::wire::{Frame, Handover, PageCodec, BATCH_PAGES, PAGE, VERSION};
 use super::{bit, clear_bit, count, set_bit, Phase, Progress, SwitchMode};
 use crate::ctx::lock;
+use crate::handover::{self, NotReady};
 
 /// Pages per batch during post-copy (256 KiB).
 const POSTCOPY_BATCH: u64 = 64;
@@ -898,125 +899,58 @@ impl Sender<'_> {
         }
     }
 
+    /// The switch-over: the hand-over steps every transport shares ([`crate::handover`]),
+    /// over the migration link ([`Switch`]), then the report.
     fn switch_over(
         &mut self,
         mode: SwitchMode,
         final_dirty: Option<Harvest>,
     ) -> Result<Option<Outcome>, LinkError> {
-        let other = |m: String| LinkError::Io(std::io::Error::other(m));
-        // Let what is in flight arrive while the guest still runs.
-        self.link.send(&Frame::Sync)?;
-        self.link.flush(Duration::from_secs(30))?;
-        match self.link.expect(Duration::from_secs(30), "sync")? {
-            Frame::Sync => {}
-            other => return Err(other_frame("sync", other)),
-        }
-        if mode == SwitchMode::Postcopy {
-            self.link.for_postcopy();
-        }
-        let t_pause = Instant::now();
-        self.src.held.store(true, Ordering::Release);
-        self.stopped_running = self.src.vm.pause().map_err(other)?;
-        self.paused = true;
-        // Pages dirtied since the service's last harvest, now final.
-        let dirty = match final_dirty {
-            Some(harvest) => harvest().map_err(other)?,
-            None => Vec::new(),
+        let mut switch = Switch {
+            tx: self,
+            mode,
+            final_dirty,
+            t_pause: Instant::now(),
+            t_harvest: Duration::ZERO,
+            t_state: Duration::ZERO,
+            t_sent: Duration::ZERO,
+            final_pages: 0,
+            load_us: 0,
         };
-        {
-            let mut st = self.st();
-            let n = count(&dirty);
-            st.dirtied += n;
-            for (i, w) in dirty.iter().enumerate().take(st.pending.len()) {
-                let new = w & !st.pending[i];
-                st.pending_count += new.count_ones() as u64;
-                st.pending[i] |= w;
-            }
-        }
-        let t_harvest = t_pause.elapsed();
-        let final_pages = self.st().pending_count;
-        let state = self.src.vm.capture_state().map_err(other)?;
-        let t_state = t_pause.elapsed();
-        match mode {
-            SwitchMode::StopAndCopy => {
-                while let Some((first, span, sel)) = self.next_batch() {
-                    self.send_batch(first, span, &sel)?;
-                }
-                self.link.send(&Frame::State {
-                    handover: Handover::Complete,
-                    state,
-                    needed: Vec::new(),
-                })?;
-            }
-            SwitchMode::Postcopy => {
-                let needed = {
+        let result = handover::hand_over(&mut switch);
+        let Switch {
+            t_pause,
+            t_harvest,
+            t_state,
+            t_sent,
+            final_pages,
+            load_us,
+            ..
+        } = switch;
+        match result {
+            Ok(_) => {}
+            Err(f) if f.in_doubt => {
+                if mode == SwitchMode::Postcopy {
+                    // The destination runs (or will not run) the guest; recovery finds out.
                     let mut st = self.st();
-                    let mut needed = st.pending.clone();
-                    for (i, w) in needed.iter_mut().enumerate() {
-                        *w |= !st.sent_ever[i];
-                    }
-                    let tail = self.src.pages % 64;
-                    if tail != 0 {
-                        *needed.last_mut().expect("at least one word") &= (1u64 << tail) - 1;
-                    }
-                    st.needed = needed.clone();
-                    st.postcopy_sent = vec![0; needed.len()];
-                    // The background push walks what the destination lacks, in address order.
-                    st.pending = needed.clone();
-                    st.pending_count = count(&needed);
-                    st.cursor = 0;
-                    needed
-                };
-                self.link.send(&Frame::State {
-                    handover: Handover::Postcopy,
-                    state,
-                    needed,
-                })?;
+                    st.phase = Phase::Postcopy;
+                    st.report.handover = "postcopy".into();
+                    st.report.downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+                    drop(st);
+                    self.eviction_start = Some(Instant::now());
+                }
+                return Err(f.error);
             }
-        }
-        // The point of no return: once `commit` may have left, the guest may run there, so it
-        // never runs here again (a lost link leaves it paused "in doubt", or in post-copy
-        // recovery). Sent with the state, or once the destination is `ready`.
-        let early = self.cfg.commit_with_state && mode == SwitchMode::StopAndCopy;
-        if early {
-            self.committed = true;
-            self.link.send(&Frame::Commit {
-                run: self.stopped_running,
-            })?;
-        }
-        self.link.flush(Duration::from_secs(30))?;
-        let t_sent = t_pause.elapsed();
-        let load_us = match self.link.expect(Duration::from_secs(30), "ready")? {
-            Frame::Ready { load_us } => load_us,
-            other => {
-                // The destination answered other than `ready` (it refused the state): it
-                // never runs the guest, so the source may, whatever it sent.
-                self.committed = false;
-                return Err(other_frame("ready", other));
-            }
-        };
-        self.committed = true;
-        let confirmed = if early {
-            self.await_resumed()
-        } else {
-            self.link
-                .send(&Frame::Commit {
-                    run: self.stopped_running,
+            // Rolled back: the guest runs here again (if it ran before).
+            Err(f) => {
+                return Err(match f.resume_error {
+                    None => f.error,
+                    Some(re) => LinkError::Io(std::io::Error::other(format!(
+                        "{}; resuming the source failed too: {re}",
+                        f.error
+                    ))),
                 })
-                .and_then(|_| self.link.flush(Duration::from_secs(30)))
-                .and_then(|_| self.await_resumed())
-        };
-        if let Err(e) = confirmed {
-            if mode == SwitchMode::Postcopy {
-                // The destination runs (or will not run) the guest; recovery finds out.
-                let mut st = self.st();
-                st.phase = Phase::Postcopy;
-                st.report.handover = "postcopy".into();
-                st.report.downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
-                drop(st);
-                self.eviction_start = Some(Instant::now());
             }
-            return Err(e);
         }
         super::trace(format_args!(
             "switch-over: paused+harvest {t_harvest:?} ({final_pages} pages to send), state \
@@ -1192,6 +1126,161 @@ impl Sender<'_> {
         st.report.timeline.push(s);
         // Ended: a guest left paused here is the operator's again (e.g. `ctl resume` in doubt).
         self.src.held.store(false, Ordering::Release);
+    }
+}
+
+/// The migration's transport of the hand-over: the link carries the last pages and the state
+/// (or, for post-copy, the state and the pages the destination still needs).
+struct Switch<'s, 'a> {
+    tx: &'s mut Sender<'a>,
+    mode: SwitchMode,
+    final_dirty: Option<Harvest>,
+    t_pause: Instant,
+    t_harvest: Duration,
+    t_state: Duration,
+    t_sent: Duration,
+    final_pages: u64,
+    load_us: u64,
+}
+
+fn io_error(m: String) -> LinkError {
+    LinkError::Io(std::io::Error::other(m))
+}
+
+impl handover::Handover for Switch<'_, '_> {
+    type Error = LinkError;
+
+    fn prepare(&mut self) -> Result<(), LinkError> {
+        // Let what is in flight arrive while the guest still runs.
+        let link = &mut self.tx.link;
+        link.send(&Frame::Sync)?;
+        link.flush(Duration::from_secs(30))?;
+        match link.expect(Duration::from_secs(30), "sync")? {
+            Frame::Sync => {}
+            other => return Err(other_frame("sync", other)),
+        }
+        if self.mode == SwitchMode::Postcopy {
+            link.for_postcopy();
+        }
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<bool, LinkError> {
+        self.t_pause = Instant::now();
+        let tx = &mut *self.tx;
+        tx.src.held.store(true, Ordering::Release);
+        tx.stopped_running = tx.src.vm.pause().map_err(io_error)?;
+        tx.paused = true;
+        Ok(tx.stopped_running)
+    }
+
+    fn send_state(&mut self) -> Result<(), LinkError> {
+        let tx = &mut *self.tx;
+        // Pages dirtied since the service's last harvest, now final.
+        let dirty = match self.final_dirty.take() {
+            Some(harvest) => harvest().map_err(io_error)?,
+            None => Vec::new(),
+        };
+        {
+            let mut st = tx.st();
+            let n = count(&dirty);
+            st.dirtied += n;
+            for (i, w) in dirty.iter().enumerate().take(st.pending.len()) {
+                let new = w & !st.pending[i];
+                st.pending_count += new.count_ones() as u64;
+                st.pending[i] |= w;
+            }
+        }
+        self.t_harvest = self.t_pause.elapsed();
+        self.final_pages = tx.st().pending_count;
+        let state = tx.src.vm.capture_state().map_err(io_error)?;
+        self.t_state = self.t_pause.elapsed();
+        match self.mode {
+            SwitchMode::StopAndCopy => {
+                while let Some((first, span, sel)) = tx.next_batch() {
+                    tx.send_batch(first, span, &sel)?;
+                }
+                tx.link.send(&Frame::State {
+                    handover: Handover::Complete,
+                    state,
+                    needed: Vec::new(),
+                })
+            }
+            SwitchMode::Postcopy => {
+                let needed = {
+                    let mut st = tx.st();
+                    let mut needed = st.pending.clone();
+                    for (i, w) in needed.iter_mut().enumerate() {
+                        *w |= !st.sent_ever[i];
+                    }
+                    let tail = tx.src.pages % 64;
+                    if tail != 0 {
+                        *needed.last_mut().expect("at least one word") &= (1u64 << tail) - 1;
+                    }
+                    st.needed = needed.clone();
+                    st.postcopy_sent = vec![0; needed.len()];
+                    // The background push walks what the destination lacks, in address order.
+                    st.pending = needed.clone();
+                    st.pending_count = count(&needed);
+                    st.cursor = 0;
+                    needed
+                };
+                tx.link.send(&Frame::State {
+                    handover: Handover::Postcopy,
+                    state,
+                    needed,
+                })
+            }
+        }
+    }
+
+    /// Stop-and-copy may send `commit` with the state (`SourceConfig::commit_with_state`).
+    fn early_commit(&self) -> bool {
+        self.tx.cfg.commit_with_state && self.mode == SwitchMode::StopAndCopy
+    }
+
+    fn await_ready(&mut self) -> Result<(), NotReady<LinkError>> {
+        let link = &mut self.tx.link;
+        link.flush(Duration::from_secs(30))
+            .map_err(NotReady::Lost)?;
+        self.t_sent = self.t_pause.elapsed();
+        match link.expect(Duration::from_secs(30), "ready") {
+            Ok(Frame::Ready { load_us }) => {
+                self.load_us = load_us;
+                Ok(())
+            }
+            // The destination answered other than `ready` (it refused the state): it never
+            // runs the guest, so the source may, whatever it sent.
+            Ok(other) => Err(NotReady::Refused(other_frame("ready", other))),
+            Err(e) => Err(NotReady::Lost(e)),
+        }
+    }
+
+    fn commit(&mut self) -> Result<(), LinkError> {
+        // The point of no return: once `commit` may have left, the guest may run there, so it
+        // never runs here again (a lost link leaves it paused "in doubt", or in post-copy
+        // recovery).
+        let tx = &mut *self.tx;
+        tx.committed = true;
+        tx.link.send(&Frame::Commit {
+            run: tx.stopped_running,
+        })?;
+        tx.link.flush(Duration::from_secs(30))
+    }
+
+    fn await_running(&mut self) -> Result<(), LinkError> {
+        self.tx.await_resumed()
+    }
+
+    fn undo(&mut self) {
+        // A refused state after an early commit: the destination will not run the guest.
+        self.tx.committed = false;
+    }
+
+    fn resume(&mut self) -> Result<(), LinkError> {
+        // Resumed once, here: `finish` finds the guest running and leaves it.
+        self.tx.paused = false;
+        self.tx.src.vm.resume().map_err(io_error)
     }
 }
 

@@ -1,22 +1,23 @@
-//! The control API: HTTP/1.1 + JSON on a Unix socket (mode 0600), one request per connection.
-//! The server parses and validates; the VMM's main loop executes. See docs/api.yaml.
+//! The control API's server: the Unix socket (mode 0600, owner or root only), one thread
+//! per connection, size limits and a deadline per request, and the hand-off of each routed
+//! request to the main loop (which claims it or lets it be abandoned). Also serves the
+//! `--metrics-addr` scrapes. See docs/api.yaml.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use base_vmm::devices::pv::GuestCommand;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
+use super::routes::{route, ApiRequest, ApiResult};
 use crate::metrics::Metrics;
 
 /// Longest request head (request line + headers) accepted.
@@ -29,75 +30,6 @@ const MAX_CONNECTIONS: usize = 16;
 /// each read: a client dribbling a byte at a time must not hold a connection slot forever),
 /// and each write of the answer this long.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// An operation the VMM's main loop performs for the API.
-#[derive(Debug)]
-pub enum ApiRequest {
-    /// `GET /vm`
-    Status,
-    /// `PUT /vm/pause`
-    Pause,
-    /// `PUT /vm/resume [{"force": true}]`
-    Resume {
-        /// Also run a VM that is in doubt (see `VmControl::set_in_doubt`).
-        force: bool,
-    },
-    /// `PUT /vm/shutdown`
-    Shutdown,
-    /// `PUT /vm/save {"dir": ...}`
-    Save(PathBuf),
-    /// `PUT /guest/command {"command": ...}`
-    GuestCommand(GuestCommand),
-    /// `GET /plugins`
-    PluginList,
-    /// `PUT /plugins/attach {"path": ..., "config": ...}`
-    PluginAttach {
-        /// Plugin file (`.wasm` component or native `.so`).
-        path: PathBuf,
-        /// Service-specific configuration (JSON by convention).
-        config: String,
-        /// Deliver the service's port writes asynchronously.
-        async_port_writes: bool,
-    },
-    /// `PUT /plugins/detach {"name": ...}`
-    PluginDetach(String),
-    /// `PUT /plugins/replace {"name": ..., "path": ..., "rename": false}`
-    PluginReplace {
-        /// Service to replace.
-        name: String,
-        /// New plugin file.
-        path: PathBuf,
-        /// The new file may hold a service of another name.
-        rename: bool,
-    },
-    /// `PUT /plugins/call {"name": ..., "method": ..., "args": ...}`
-    PluginCall {
-        /// Service.
-        name: String,
-        /// Method.
-        method: String,
-        /// Arguments (JSON by convention).
-        args: String,
-    },
-    /// `GET /plugins/notifications`: what services published since the last call.
-    PluginNotifications,
-    /// `PUT /vm/migrate {"to": ..., "plugin": ..., "tls_dir": ..., ...}`
-    Migrate(crate::migrate::MigrateRequest),
-    /// `GET /vm/migration`: progress, and the report once done.
-    MigrationStatus,
-    /// `/snapshot/...`: snapshots through the checkpoint service, secret regions.
-    Snapshot(crate::snapshot::SnapshotRequest),
-    /// `PUT /vm/live-update {"binary": ..., "timeout_ms": ...}`
-    LiveUpdate {
-        /// The new spanvmm binary.
-        binary: PathBuf,
-        /// Deadline for each step of the new binary's side.
-        timeout_ms: u64,
-    },
-}
-
-/// The main loop's answer: a JSON body, or an HTTP status with a message.
-pub type ApiResult = Result<Value, (u16, String)>;
 
 /// A request, where its answer goes, and a signal that the answer has been written to the
 /// client (a VMM handing over to another process waits for it before exiting).
@@ -180,167 +112,6 @@ fn busy_answer() -> (u16, String) {
             PICKUP_TIMEOUT.as_secs()
         ),
     )
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SaveBody {
-    dir: PathBuf,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResumeBody {
-    #[serde(default)]
-    force: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CommandBody {
-    command: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AttachBody {
-    path: PathBuf,
-    #[serde(default)]
-    config: String,
-    #[serde(default)]
-    async_port_writes: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LiveUpdateBody {
-    binary: PathBuf,
-    #[serde(default = "default_live_update_timeout")]
-    timeout_ms: u64,
-}
-
-fn default_live_update_timeout() -> u64 {
-    5000
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NameBody {
-    name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReplaceBody {
-    name: String,
-    path: PathBuf,
-    #[serde(default)]
-    rename: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CallBody {
-    name: String,
-    method: String,
-    #[serde(default)]
-    args: String,
-}
-
-pub(crate) fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, (u16, String)> {
-    serde_json::from_slice(body).map_err(|e| (400, format!("invalid JSON body: {e}")))
-}
-
-/// Maps method + path + body to a request, or an HTTP error.
-pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, (u16, String)> {
-    let put = matches!(method, "PUT" | "POST");
-    let req = match (path, method) {
-        ("/vm", "GET") => ApiRequest::Status,
-        ("/vm/pause", _) if put => ApiRequest::Pause,
-        ("/vm/resume", _) if put => ApiRequest::Resume {
-            force: body.iter().any(|b| !b.is_ascii_whitespace())
-                && parse_body::<ResumeBody>(body)?.force,
-        },
-        ("/vm/shutdown", _) if put => ApiRequest::Shutdown,
-        ("/vm/save", _) if put => ApiRequest::Save(parse_body::<SaveBody>(body)?.dir),
-        ("/guest/command", _) if put => {
-            let c: CommandBody = parse_body(body)?;
-            ApiRequest::GuestCommand(match c.command.as_str() {
-                "verify" => GuestCommand::Verify,
-                "reset-stall" => GuestCommand::ResetStall,
-                "power-off" => GuestCommand::PowerOff,
-                other => {
-                    return Err((
-                        400,
-                        format!("unknown guest command {other:?} (verify, reset-stall, power-off)"),
-                    ))
-                }
-            })
-        }
-        ("/vm/live-update", _) if put => {
-            let b: LiveUpdateBody = parse_body(body)?;
-            if !b.binary.is_absolute() {
-                return Err((400, "binary must be an absolute path".into()));
-            }
-            ApiRequest::LiveUpdate {
-                binary: b.binary,
-                timeout_ms: b.timeout_ms.clamp(100, 120_000),
-            }
-        }
-        ("/vm/migrate", _) if put => ApiRequest::Migrate(parse_body(body)?),
-        ("/vm/migration", "GET") => ApiRequest::MigrationStatus,
-        (p, m) if p.starts_with("/snapshot/") => {
-            ApiRequest::Snapshot(crate::snapshot::route(m, p, body)?)
-        }
-        ("/plugins", "GET") => ApiRequest::PluginList,
-        ("/plugins/notifications", "GET") => ApiRequest::PluginNotifications,
-        ("/plugins/attach", _) if put => {
-            let b: AttachBody = parse_body(body)?;
-            ApiRequest::PluginAttach {
-                path: b.path,
-                config: b.config,
-                async_port_writes: b.async_port_writes,
-            }
-        }
-        ("/plugins/detach", _) if put => {
-            ApiRequest::PluginDetach(parse_body::<NameBody>(body)?.name)
-        }
-        ("/plugins/replace", _) if put => {
-            let b: ReplaceBody = parse_body(body)?;
-            ApiRequest::PluginReplace {
-                name: b.name,
-                path: b.path,
-                rename: b.rename,
-            }
-        }
-        ("/plugins/call", _) if put => {
-            let b: CallBody = parse_body(body)?;
-            ApiRequest::PluginCall {
-                name: b.name,
-                method: b.method,
-                args: b.args,
-            }
-        }
-        (
-            "/vm"
-            | "/vm/pause"
-            | "/vm/resume"
-            | "/vm/shutdown"
-            | "/vm/save"
-            | "/vm/migrate"
-            | "/vm/migration"
-            | "/guest/command"
-            | "/plugins"
-            | "/plugins/notifications"
-            | "/plugins/attach"
-            | "/plugins/detach"
-            | "/plugins/replace"
-            | "/plugins/call",
-            m,
-        ) => return Err((405, format!("method {m} is not allowed on {path}"))),
-        _ => return Err((404, format!("no such endpoint: {path}"))),
-    };
-    Ok(req)
 }
 
 /// Binds the API socket with mode 0600. A stale socket (nobody listening) is replaced; a
@@ -552,8 +323,26 @@ fn respond_text(out: &mut impl Write, text: &str) -> std::io::Result<()> {
     out.write_all(text.as_bytes())
 }
 
+/// Serves `GET /metrics` over plain HTTP on `addr` (`--metrics-addr`) on a thread of its
+/// own; returns the address bound.
+pub fn serve_metrics(metrics: &Arc<Metrics>, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let listener =
+        TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let me = metrics.clone();
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Metrics);
+            for stream in listener.incoming().flatten() {
+                serve_metrics_tcp(stream, &me);
+            }
+        })?;
+    Ok(bound)
+}
+
 /// Serves one plain-HTTP connection of the `--metrics-addr` listener: `GET /metrics` only.
-pub(crate) fn serve_metrics_tcp(stream: TcpStream, metrics: &Arc<Metrics>) {
+fn serve_metrics_tcp(stream: TcpStream, metrics: &Arc<Metrics>) {
     let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
     let Ok(mut out) = stream.try_clone() else {
         return;
@@ -704,60 +493,6 @@ fn read_request(stream: impl Read) -> Result<(String, String, Vec<u8>), (u16, St
     Ok((method.to_string(), path.to_string(), body))
 }
 
-/// Client side: [`call`], where any answer but 200 is an error carrying the VMM's message.
-pub fn call_checked(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-) -> anyhow::Result<Value> {
-    let (code, value) = call(socket, method, path, body)?;
-    if code != 200 {
-        let msg = value
-            .get("error")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| value.to_string());
-        bail!("{msg} (HTTP {code})");
-    }
-    Ok(value)
-}
-
-/// Client side: sends one request, returns (status, JSON body).
-pub fn call(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-) -> anyhow::Result<(u16, Value)> {
-    let mut s = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot connect to the VMM's API socket {} (is `spanvmm run --api-socket` running?)",
-            socket.display()
-        )
-    })?;
-    // Saving a large VM takes a while; a VMM that hangs must not hang its client forever.
-    s.set_read_timeout(Some(Duration::from_secs(600)))?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).context("read API response")?;
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .context("malformed API response")?;
-    let code: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("malformed API status line")?;
-    let value = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
-    Ok((code, value))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -792,49 +527,5 @@ mod tests {
         long.resize(MAX_HEAD + 10, b'a');
         assert_eq!(code(&long), 413);
         assert_eq!(code(b"GET /vm HTTP/1.1\r\nX: \xff\r\n\r\n"), 400);
-    }
-
-    #[test]
-    fn routes_and_rejects() {
-        assert!(matches!(route("GET", "/vm", b""), Ok(ApiRequest::Status)));
-        assert!(matches!(
-            route("PUT", "/vm/pause", b""),
-            Ok(ApiRequest::Pause)
-        ));
-        assert!(matches!(
-            route("PUT", "/vm/save", br#"{"dir":"/tmp/x"}"#),
-            Ok(ApiRequest::Save(_))
-        ));
-        assert!(matches!(
-            route(
-                "PUT",
-                "/snapshot/create",
-                br#"{"dir":"/tmp/x","live":true}"#
-            ),
-            Ok(ApiRequest::Snapshot(_))
-        ));
-        assert_eq!(
-            route("PUT", "/snapshot/create", br#"{"dir":"rel"}"#)
-                .unwrap_err()
-                .0,
-            400
-        );
-        assert_eq!(route("GET", "/snapshot/evict", b"").unwrap_err().0, 405);
-        assert_eq!(route("GET", "/snapshot/nope", b"").unwrap_err().0, 404);
-        assert_eq!(route("DELETE", "/vm", b"").unwrap_err().0, 405);
-        assert_eq!(route("GET", "/nope", b"").unwrap_err().0, 404);
-        assert_eq!(route("PUT", "/vm/save", b"{").unwrap_err().0, 400);
-        assert_eq!(
-            route("PUT", "/vm/save", br#"{"dir":"/x","y":1}"#)
-                .unwrap_err()
-                .0,
-            400
-        );
-        assert_eq!(
-            route("PUT", "/guest/command", br#"{"command":"dance"}"#)
-                .unwrap_err()
-                .0,
-            400
-        );
     }
 }

@@ -1,4 +1,5 @@
-//! `spanvmm ctl`: the command-line client of a VM's control API.
+//! `spanvmm ctl`: the command-line client of a VM's control API (and the offline snapshot
+//! commands); it only speaks HTTP to the VMM through [`crate::api::client`].
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -7,7 +8,10 @@ use anyhow::Context;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
-use crate::{api, migrate, snapshot};
+use crate::api::client as api;
+
+pub mod migrate;
+pub mod snapshot;
 
 /// `spanvmm ctl` commands.
 #[derive(Subcommand)]
