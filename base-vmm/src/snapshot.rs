@@ -23,11 +23,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::memory::{GuestRam, PAGE_SIZE};
-use crate::state::{VmState, MEMORY_FILE, STATE_FILE, STATE_MAGIC};
+use crate::state::{VmState, MEMORY_FILE, STATE_FILE};
+
+/// Magic of a layer's state file.
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"SPANVMST";
 
 /// State-file format version of layered snapshots (version 1 was a single full image; version
-/// 2 checked plain pages one by one).
-pub const SNAPSHOT_VERSION: u32 = 3;
+/// 2 checked plain pages one by one; version 3 held the VM state as one JSON object).
+pub const SNAPSHOT_VERSION: u32 = 4;
 /// Header: magic, version, flags, payload length, CRC-32, key id, salt.
 pub const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4 + 8 + 12;
 /// Flag: payload and pages are encrypted.
@@ -88,6 +91,9 @@ pub enum SnapshotError {
     /// The request does not fit (bad options, wrong guest size).
     #[error("{0}")]
     Usage(String),
+    /// The VM state inside a state file is refused (the message names the section).
+    #[error(transparent)]
+    State(Box<crate::state::StateError>),
 }
 
 fn io_at(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
@@ -211,8 +217,6 @@ pub struct LayerManifest {
     pub rounds: u32,
     /// Bytes of page data written (the last copy of each page).
     pub data_bytes: u64,
-    /// vCPUs, devices, machine.
-    pub vm: VmState,
 }
 
 /// What one page of a layer is.
@@ -540,11 +544,11 @@ impl LayerWriter {
                     ));
                 }
                 let layer = Layer::open(&p, opts.key.as_ref())?;
-                if layer.manifest.vm.machine.mem_bytes != ram.size() {
+                if layer.vm.machine.mem_bytes != ram.size() {
                     return Err(SnapshotError::Chain(format!(
                         "parent {} is of a {}-byte guest, this one has {} bytes",
                         p.display(),
-                        layer.manifest.vm.machine.mem_bytes,
+                        layer.vm.machine.mem_bytes,
                         ram.size()
                     )));
                 }
@@ -761,13 +765,8 @@ impl LayerWriter {
             secrets: self.secrets,
             rounds: self.round,
             data_bytes: data_pages * PAGE_SIZE,
-            vm,
         };
-        let json = serde_json::to_vec(&manifest).expect("a manifest always serializes");
-        let mut payload = Vec::with_capacity(4 + json.len() + index.len() + 16);
-        payload.extend_from_slice(&(json.len() as u32).to_le_bytes());
-        payload.extend_from_slice(&json);
-        payload.extend_from_slice(&index);
+        let payload = payload_of(&manifest, &vm.to_bytes(), &index);
         let bytes = seal(&payload, self.key.as_ref(), &self.salt).map_err(SnapshotError::Usage)?;
         let state = self.dir.join(STATE_FILE);
         let tmp = self.dir.join("state.tmp");
@@ -789,6 +788,19 @@ impl LayerWriter {
     }
 }
 
+/// The state payload: manifest (JSON) and VM state (the state tree's codec), each behind its
+/// u32 LE length, then the index.
+fn payload_of(manifest: &LayerManifest, tree: &[u8], index: &[u8]) -> Vec<u8> {
+    let json = serde_json::to_vec(manifest).expect("a manifest always serializes");
+    let mut payload = Vec::with_capacity(8 + json.len() + tree.len() + index.len() + 16);
+    payload.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    payload.extend_from_slice(&json);
+    payload.extend_from_slice(&(tree.len() as u32).to_le_bytes());
+    payload.extend_from_slice(tree);
+    payload.extend_from_slice(index);
+    payload
+}
+
 /// Creates (or truncates) a file only its owner can read: snapshot files hold the guest's
 /// memory and registers. An existing file's mode is set too (`mode` applies only to new ones).
 fn owner_only_file(path: &Path) -> std::io::Result<File> {
@@ -805,7 +817,7 @@ fn owner_only_file(path: &Path) -> std::io::Result<File> {
 /// Frames (and encrypts) a state payload.
 fn seal(payload: &[u8], key: Option<&SnapshotKey>, salt: &[u8; 12]) -> Result<Vec<u8>, String> {
     let mut head = Vec::with_capacity(HEADER_LEN);
-    head.extend_from_slice(STATE_MAGIC);
+    head.extend_from_slice(SNAPSHOT_MAGIC);
     head.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
     head.extend_from_slice(&(if key.is_some() { FLAG_ENCRYPTED } else { 0 }).to_le_bytes());
     let body = match key {
@@ -854,6 +866,10 @@ struct Run {
 pub struct ParsedState {
     /// The manifest.
     pub manifest: LayerManifest,
+    /// The VM state (vCPUs, devices, machine, services).
+    pub vm: VmState,
+    /// Where the index starts in the payload.
+    index_at: usize,
     runs: Vec<Run>,
     /// The payload when it had to be decrypted; `None`: it is the file's bytes after the
     /// header (the checks are read in place rather than copied: a restore waits for this).
@@ -885,7 +901,7 @@ fn parse_state_with(
     if bytes.len() < 12 {
         return Err(bad(format!("truncated: {} bytes", bytes.len())));
     }
-    if &bytes[0..8] != STATE_MAGIC {
+    if &bytes[0..8] != SNAPSHOT_MAGIC {
         return Err(bad("not a spanvmm snapshot state file (bad magic)".into()));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or([0; 4]));
@@ -893,6 +909,10 @@ fn parse_state_with(
         let hint = match version {
             1 => " (a single-image snapshot of an older spanvmm; restore it with that version)",
             2 => " (checked page by page, by an older spanvmm; restore it with that version)",
+            3 => {
+                " (written by an older spanvmm, before the VM state tree; restore it with that \
+                 version)"
+            }
             _ => "",
         };
         return Err(bad(format!(
@@ -984,19 +1004,20 @@ fn parse_payload(
         .ok_or_else(|| bad(format!("manifest length {jlen} runs past the payload")))?;
     let manifest: LayerManifest =
         serde_json::from_slice(json).map_err(|e| bad(format!("manifest does not parse: {e}")))?;
-    let m = &manifest.vm.machine;
-    if m.vcpus == 0 || m.vcpus != manifest.vm.vcpus.len() {
-        return Err(bad(format!(
-            "machine has {} vCPUs but {} vCPU states are saved",
-            m.vcpus,
-            manifest.vm.vcpus.len()
-        )));
+    let after = &payload[4 + jlen..];
+    if after.len() < 4 {
+        return Err(bad("payload ends before the VM state's length".into()));
     }
-    if m.mem_bytes == 0 || !m.mem_bytes.is_multiple_of(2 << 20) || m.mem_bytes > 1 << 40 {
-        return Err(bad(format!("memory size {} is invalid", m.mem_bytes)));
-    }
-    let pages = m.mem_bytes / PAGE_SIZE;
-    let mut rest = &payload[4 + jlen..];
+    let tlen = u32::from_le_bytes(after[..4].try_into().unwrap_or([0; 4])) as usize;
+    let tree = after
+        .get(4..4usize.saturating_add(tlen))
+        .ok_or_else(|| bad(format!("VM state length {tlen} runs past the payload")))?;
+    // The state tree's own checks (sections, versions, consistency) name the section at fault.
+    let vm = VmState::from_bytes(tree, &path.display().to_string())
+        .map_err(|e| SnapshotError::State(Box::new(e)))?;
+    let pages = vm.machine.mem_bytes / PAGE_SIZE;
+    let index_at = 4 + jlen + 4 + tlen;
+    let mut rest = &payload[index_at..];
     let mut runs = Vec::new();
     let mut next = 0u64;
     while !rest.is_empty() {
@@ -1043,6 +1064,8 @@ fn parse_payload(
     }
     Ok(ParsedState {
         manifest,
+        vm,
+        index_at,
         runs,
         decrypted: None,
         salt,
@@ -1173,6 +1196,8 @@ pub struct Layer {
     pub dir: PathBuf,
     /// Its manifest.
     pub manifest: LayerManifest,
+    /// The VM state it records.
+    pub vm: VmState,
     /// SHA-256 of its state file (what a child records): computed for layers opened as a
     /// parent ([`Layer::open`]), not for the top of a chain being restored (its CRC or AEAD
     /// tag already vouches for it, and a restore should not wait for a hash it never uses).
@@ -1208,7 +1233,7 @@ impl Layer {
         let mem = dir.join(MEMORY_FILE);
         let memory = File::open(&mem).map_err(io_at(&mem))?;
         let len = memory.metadata().map_err(io_at(&mem))?.len();
-        let want = parsed.manifest.vm.machine.mem_bytes;
+        let want = parsed.vm.machine.mem_bytes;
         if len != want {
             return Err(invalid(
                 &mem,
@@ -1228,6 +1253,7 @@ impl Layer {
         Ok(Layer {
             dir: dir.to_path_buf(),
             manifest: parsed.manifest,
+            vm: parsed.vm,
             state_sha256: identity.then(|| hex(&Sha256::digest(&*bytes))),
             runs: parsed.runs,
             payload_at: if parsed.decrypted.is_some() {
@@ -1461,7 +1487,7 @@ impl Chain {
                     parent.dir.display()
                 )));
             }
-            if p.manifest.vm.machine.mem_bytes != layers[0].manifest.vm.machine.mem_bytes {
+            if p.vm.machine.mem_bytes != layers[0].vm.machine.mem_bytes {
                 return Err(SnapshotError::Chain(format!(
                     "{} is of another guest size than {child}",
                     parent.dir.display()
@@ -1471,7 +1497,7 @@ impl Chain {
         }
         layers.reverse();
         refuse_unneeded_key(key, &layers)?;
-        let pages = (layers[0].manifest.vm.machine.mem_bytes / PAGE_SIZE) as usize;
+        let pages = (layers[0].vm.machine.mem_bytes / PAGE_SIZE) as usize;
         let (mut owner, mut run) = match tables {
             Some(t) if t.0.len() == pages => t,
             _ => (vec![NONE; pages], vec![0u32; pages]),
@@ -1563,7 +1589,7 @@ impl Chain {
 
     /// The VM state to restore.
     pub fn vm_state(&self) -> &VmState {
-        &self.top().manifest.vm
+        &self.top().vm
     }
 
     /// Guest memory size.
@@ -1787,37 +1813,44 @@ pub fn merge(
         },
     )?;
     w.write_pages(None)?;
-    let vm: VmState = serde_json::from_value(
-        serde_json::to_value(&m.vm).map_err(|e| SnapshotError::Usage(e.to_string()))?,
-    )
-    .map_err(|e| SnapshotError::Usage(e.to_string()))?;
-    w.finish(vm)
+    w.finish(chain.top().vm.clone())
 }
 
 /// Rewrites the VM state recorded in the layer `dir` (`edit` changes it) and seals the state
-/// file again (checksum, or encryption with `key`), keeping the manifest's other fields, the
-/// index and the memory file. For tests that need a snapshot of a VM that could not exist here
-/// (e.g. one whose CPU had features this host lacks); a child layer of `dir` no longer matches
-/// it (it records the old state file's SHA-256).
+/// file again (checksum, or encryption with `key`), keeping the manifest, the index and the
+/// memory file. For tests that need a snapshot of a VM that could not exist here (e.g. one
+/// whose CPU had features this host lacks); a child layer of `dir` no longer matches it (it
+/// records the old state file's SHA-256).
 #[doc(hidden)]
 pub fn rewrite_vm_state(
     dir: &Path,
     key: Option<&SnapshotKey>,
     edit: impl FnOnce(&mut VmState),
 ) -> Result<(), SnapshotError> {
+    rewrite_state_sections(dir, key, |sections| {
+        let mut vm = VmState::from_sections(std::mem::take(sections), "rewrite")
+            .expect("the layer's state was checked when it was opened");
+        edit(&mut vm);
+        *sections = vm.to_sections();
+    })
+}
+
+/// [`rewrite_vm_state`] at the level of the state tree's sections: for tests that need a state
+/// this build would never write (a section from a newer spanvmm, say).
+#[doc(hidden)]
+pub fn rewrite_state_sections(
+    dir: &Path,
+    key: Option<&SnapshotKey>,
+    edit: impl FnOnce(&mut Vec<crate::state::Section>),
+) -> Result<(), SnapshotError> {
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).map_err(io_at(&path))?;
     let parsed = parse_state(&bytes, &path, key)?;
     let payload = parsed.decrypted.as_deref().unwrap_or(&bytes[HEADER_LEN..]);
-    let jlen = u32::from_le_bytes(payload[..4].try_into().unwrap_or([0; 4])) as usize;
-    let index = &payload[4 + jlen..];
-    let mut manifest = parsed.manifest;
-    edit(&mut manifest.vm);
-    let json = serde_json::to_vec(&manifest).expect("a manifest always serializes");
-    let mut new = Vec::with_capacity(4 + json.len() + index.len());
-    new.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    new.extend_from_slice(&json);
-    new.extend_from_slice(index);
+    let index = &payload[parsed.index_at..];
+    let mut sections = parsed.vm.to_sections();
+    edit(&mut sections);
+    let new = payload_of(&parsed.manifest, &crate::state::encode(&sections), index);
     let sealed = seal(&new, key, &parsed.salt).map_err(SnapshotError::Usage)?;
     let tmp = dir.join("state.tmp");
     owner_only_file(&tmp)
@@ -1859,7 +1892,12 @@ pub(crate) fn test_vm_state(mem_bytes: u64) -> VmState {
             virtio: Vec::new(),
         },
         api_secrets: Vec::new(),
-        cpu: None,
+        cpu: crate::cpu::CpuModel {
+            template: crate::cpu::CpuTemplate::Host,
+            cpuid: Vec::new(),
+            msrs: Vec::new(),
+        },
+        services: Vec::new(),
     }
 }
 
@@ -1995,9 +2033,9 @@ mod tests {
                 msrs: vec![0x10],
             };
             let id = Chain::open(&dir, k).unwrap().top().manifest.id.clone();
-            rewrite_vm_state(&dir, k, |vm| vm.cpu = Some(model.clone())).unwrap();
+            rewrite_vm_state(&dir, k, |vm| vm.cpu = model.clone()).unwrap();
             let chain = Chain::open(&dir, k).unwrap();
-            assert_eq!(chain.vm_state().cpu.as_ref(), Some(&model), "{name}");
+            assert_eq!(chain.vm_state().cpu, model, "{name}");
             assert_eq!(chain.top().manifest.id, id, "{name}");
             let back = GuestRam::new(4 << 20).unwrap();
             chain.load_into(&back).unwrap();
@@ -2227,9 +2265,11 @@ mod tests {
         // Checks: 3 groups for pages 0-39, 1 for page 100 (the parser refuses any other size).
         let state = std::fs::read(dir.join(STATE_FILE)).unwrap();
         let jlen = u32::from_le_bytes(state[HEADER_LEN..HEADER_LEN + 4].try_into().unwrap());
+        let at = HEADER_LEN + 4 + jlen as usize;
+        let tlen = u32::from_le_bytes(state[at..at + 4].try_into().unwrap());
         assert_eq!(
             state.len(),
-            HEADER_LEN + 4 + jlen as usize + 2 * RUN_HEADER + 4 * 16
+            at + 4 + tlen as usize + 2 * RUN_HEADER + 4 * 16
         );
         let mut page = vec![0u8; 4096];
         chain.read_pages(5, 1, &mut page, true).unwrap();
@@ -2282,7 +2322,7 @@ mod tests {
                 _ => {
                     b = (0..rnd() % 512).map(|_| rnd() as u8).collect();
                     if i % 2 == 0 && b.len() > 12 {
-                        b[..8].copy_from_slice(STATE_MAGIC);
+                        b[..8].copy_from_slice(SNAPSHOT_MAGIC);
                         b[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
                     }
                 }
@@ -2291,7 +2331,7 @@ mod tests {
                 // Flips inside the payload are caught by the CRC; the parser must not panic
                 // on any of it, and a frame it accepts must still describe this machine.
                 if let Ok(p) = parse_state(&b, path, None) {
-                    assert_eq!(p.manifest.vm.machine.mem_bytes, 2 << 20);
+                    assert_eq!(p.vm.machine.mem_bytes, 2 << 20);
                 }
             }
         }

@@ -21,6 +21,7 @@ pub mod manifest;
 pub mod memops;
 pub mod migration;
 mod native;
+mod service_state;
 mod snapshot;
 pub mod trust;
 mod wasi;
@@ -33,6 +34,7 @@ pub use manager::{
     AttachOptions, HandedService, ManagerConfig, PluginPolicy, ReplaceOptions, ServiceInfo,
     ServiceKind, ServiceManager, ServiceState, ServiceStats, EVENT_NS_BOUNDS,
 };
+pub use service_state::{ServiceRecord, ServiceSectionError};
 pub use snapshot::SnapshotTotals;
 pub use spanvmm_sdk::{
     Capability, Event, EventKind, EventReply, Lifecycle, Manifest, MmioRange, PortRange,
