@@ -647,11 +647,7 @@ fn a_cpu_template_is_recorded_and_kept_by_a_restore() {
     let booted = save_v2_vm("cpu-v2", &dir);
 
     let chain = base_vmm::snapshot::Chain::open(&dir, None).unwrap();
-    let model = chain
-        .vm_state()
-        .cpu
-        .clone()
-        .expect("the state records the CPU model");
+    let model = chain.vm_state().cpu.clone();
     assert_eq!(model.template, base_vmm::cpu::CpuTemplate::X86_64V2);
     assert!(!model.msrs.is_empty());
     // Exactly what the template makes of this host's CPUID: the host's features masked down
@@ -730,7 +726,7 @@ fn a_cpu_template_is_recorded_and_kept_by_a_restore() {
     let again = root.0.join("again");
     back.ctl_ok(&["save", "--dir", s(&again)]);
     let chain = base_vmm::snapshot::Chain::open(&again, None).unwrap();
-    assert_eq!(chain.vm_state().cpu.as_ref(), Some(&model));
+    assert_eq!(chain.vm_state().cpu, model);
 }
 
 /// A snapshot whose recorded CPU has a feature (and an MSR) this host lacks is refused before
@@ -749,8 +745,7 @@ fn a_snapshot_of_a_cpu_this_host_lacks_is_refused_naming_the_features() {
         .unwrap()
         .vm_state()
         .cpu
-        .clone()
-        .unwrap();
+        .clone();
     let has = |entries: &[base_vmm::cpu::CpuidEntry], f: &Feature| {
         base_vmm::cpu::features(entries).contains(f)
     };
@@ -779,7 +774,7 @@ fn a_snapshot_of_a_cpu_this_host_lacks_is_refused_naming_the_features() {
 
     let forged = copy_dir(&good, &root.0.join("forged"));
     base_vmm::snapshot::rewrite_vm_state(&forged, None, |vm| {
-        let cpu = vm.cpu.as_mut().unwrap();
+        let cpu = &mut vm.cpu;
         let e = cpu
             .cpuid
             .iter_mut()
@@ -851,4 +846,66 @@ fn a_snapshot_of_a_cpu_this_host_lacks_is_refused_naming_the_features() {
     let status = json(&standby.ctl_ok(&["status"]));
     assert_eq!(status["cpu"]["template"], "x86-64-v2", "{status}");
     standby.assert_verify_clean(2);
+}
+
+/// A state tree with a section this spanvmm does not know (as a newer one would write), or a
+/// known section at a newer version, is refused by a restore naming the section, before any
+/// guest runs; the VM it was taken from runs on untouched, and the genuine snapshot restores.
+#[test]
+fn a_state_with_an_unknown_section_is_refused() {
+    use base_vmm::state::Section;
+    let vm = VmProcess::boot(
+        "unknown-section",
+        "workload=dirty,verify mib=16 rate=5000 report_ms=100",
+        128,
+        1,
+    );
+    let root = TempDir::new("unknown-section");
+    let good = root.0.join("good");
+    vm.ctl_ok(&["save", "--dir", s(&good)]);
+
+    let unknown = copy_dir(&good, &root.0.join("unknown"));
+    base_vmm::snapshot::rewrite_state_sections(&unknown, None, |sections| {
+        sections.push(Section {
+            id: "device/virtio-net".into(),
+            version: 1,
+            data: b"{}".to_vec(),
+        })
+    })
+    .unwrap();
+    let newer = copy_dir(&good, &root.0.join("newer"));
+    base_vmm::snapshot::rewrite_state_sections(&newer, None, |sections| {
+        let serial = sections
+            .iter_mut()
+            .find(|s| s.id == "device/serial")
+            .unwrap();
+        serial.version = 2;
+    })
+    .unwrap();
+    for (dir, want) in [
+        (
+            &unknown,
+            "section device/virtio-net is unknown to this spanvmm",
+        ),
+        (
+            &newer,
+            "section device/serial v2 is newer than this spanvmm understands (v1)",
+        ),
+    ] {
+        for extra in [&[][..], &["--lazy"][..]] {
+            let console = root.0.join("console");
+            let mut a = vec!["run", "--restore", s(dir), "--serial", s(&console)];
+            a.extend_from_slice(extra);
+            let e = run_fails(&a);
+            assert!(e.contains(want), "{extra:?}: {e}");
+            assert!(
+                !console.exists(),
+                "{extra:?}: the refused guest had a console"
+            );
+        }
+    }
+    // The source never noticed; the genuine snapshot restores.
+    vm.assert_verify_clean(1);
+    let back = restore("unknown-section-back", &good, &[]);
+    back.assert_verify_clean(1);
 }

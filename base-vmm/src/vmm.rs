@@ -391,7 +391,8 @@ impl VmControl {
                 virtio: self.virtio.iter().map(|d| lock(d).state()).collect(),
             },
             api_secrets: lock(&self.secrets).clone(),
-            cpu: Some(self.cpu.clone()),
+            cpu: self.cpu.clone(),
+            services: Vec::new(),
         })
     }
 
@@ -440,30 +441,18 @@ pub struct PreparedVm {
 
 impl PreparedVm {
     /// Checks that this host offers every CPU feature and MSR the guest of `state` was given
-    /// (see [`crate::cpu`]); a state recorded before CPU models were is not checked.
+    /// (see [`crate::cpu`]).
     pub fn check_cpu(&self, state: &VmState) -> Result<(), VmmError> {
-        if let Some(m) = &state.cpu {
-            let host = crate::cpu::host_as_compared(crate::cpu::entries_of(self.vm.host_cpuid()));
-            m.check_against(&host, self.vm.host_msrs())?;
-        }
+        let host = crate::cpu::host_as_compared(crate::cpu::entries_of(self.vm.host_cpuid()));
+        state.cpu.check_against(&host, self.vm.host_msrs())?;
         Ok(())
     }
 
-    /// Gives the vCPUs the CPU model of `state` (checked against this host first), or this
-    /// host's when the state recorded none; returns the model the VM now has.
+    /// Gives the vCPUs the CPU model of `state` (checked against this host first); returns
+    /// the model the VM now has.
     fn adopt_cpu(&mut self, state: &VmState) -> Result<CpuModel, VmmError> {
         self.check_cpu(state)?;
-        let Some(m) = &state.cpu else {
-            tracing::info!(
-                "the saved VM records no CPU model (saved by an older spanvmm): it gets this \
-                 host's CPUID, unchecked"
-            );
-            return Ok(CpuModel {
-                template: CpuTemplate::Host,
-                cpuid: crate::cpu::entries_of(self.vm.host_cpuid()),
-                msrs: self.vm.host_msrs().to_vec(),
-            });
-        };
+        let m = &state.cpu;
         let cpuid = m.kvm_cpuid()?;
         let msrs = Arc::new(m.msrs.clone());
         for v in &mut self.vcpus {
@@ -975,9 +964,11 @@ impl Vmm {
         // (finish checks again, precisely: against the MSRs this host lets the VMM read, not
         // only those KVM lists). Not a lazy one: asking KVM costs ~0.4 ms on PVM, a tenth of
         // its path to the guest's first instruction, and it loads nothing before finish.
-        if let (Some(m), false) = (&state.cpu, how.lazy) {
+        if !how.lazy {
             let (cpuid, msrs) = crate::vm::host_offer()?;
-            m.check_against(&crate::cpu::host_as_compared(cpuid), &msrs)?;
+            state
+                .cpu
+                .check_against(&crate::cpu::host_as_compared(cpuid), &msrs)?;
         }
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
         let loader = load_memory(&ram, chain, how.lazy, dir, &state)?;

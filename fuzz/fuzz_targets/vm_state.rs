@@ -1,23 +1,23 @@
-//! The VM-state codec (`base_vmm::state::VmState`, the `state` a migration carries and a live
-//! update hands over): arbitrary bytes must be refused or parsed, never panic. The first byte
-//! chooses how the rest is used: even, as a whole state file (header, CRC-32, JSON); odd, as
-//! the JSON payload behind a header made to fit, so the JSON and the consistency checks are
-//! reached. A state that parses must survive a round trip unchanged.
+//! The VM-state codec (`base_vmm::state`, the tree a snapshot, a migration and a live update
+//! carry): arbitrary bytes must be refused or parsed, never panic. The first byte chooses how
+//! the rest is used: even, as a whole encoded tree (header, table, CRC-32s); odd, as section
+//! payloads (split at 0xff bytes) under the known section ids, framed by the codec so that the
+//! JSON and the consistency checks are reached. A state that parses must survive a round trip
+//! unchanged.
 #![no_main]
 
-use base_vmm::state::{VmState, STATE_MAGIC, STATE_VERSION};
+use base_vmm::state::{encode, Section, VmState};
 use libfuzzer_sys::fuzz_target;
 
-fn framed(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(28 + payload.len());
-    out.extend_from_slice(STATE_MAGIC);
-    out.extend_from_slice(&STATE_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    out.extend_from_slice(payload);
-    out
-}
+const IDS: [&str; 7] = [
+    "vm",
+    "vcpu/0",
+    "device/serial",
+    "device/pv",
+    "device/virtio/0",
+    "service/x",
+    "vcpu/1",
+];
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
@@ -26,7 +26,16 @@ fuzz_target!(|data: &[u8]| {
     let parsed = if mode & 1 == 0 {
         VmState::from_bytes(rest, "fuzz")
     } else {
-        VmState::from_bytes(&framed(rest), "fuzz")
+        let sections: Vec<Section> = rest
+            .split(|&b| b == 0xff)
+            .zip(IDS)
+            .map(|(data, id)| Section {
+                id: id.into(),
+                version: 1,
+                data: data.to_vec(),
+            })
+            .collect();
+        VmState::from_bytes(&encode(&sections), "fuzz")
     };
     if let Ok(state) = parsed {
         let bytes = state.to_bytes();

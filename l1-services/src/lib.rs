@@ -22,6 +22,7 @@ pub mod manifest;
 pub mod memops;
 pub mod migration;
 mod native;
+mod service_state;
 mod snapshot;
 pub mod trust;
 mod wasi;
@@ -34,6 +35,7 @@ pub use manager::{
     AttachOptions, HandedService, ManagerConfig, PluginPolicy, ReplaceOptions, ServiceInfo,
     ServiceKind, ServiceManager, ServiceState, ServiceStats, EVENT_NS_BOUNDS,
 };
+pub use service_state::{ServiceRecord, ServiceSectionError};
 pub use snapshot::SnapshotTotals;
 /// The one register copy (VcpuRegs from KVM's registers, or to and from the WIT record).
 pub use spanvmm_sdk::copy_vcpu_regs;

@@ -194,6 +194,9 @@ impl NsHistogram {
 /// A service detached for a hand-over, with what it takes to attach it again elsewhere.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct HandedService {
+    /// Its name (from its manifest).
+    #[serde(default)]
+    pub name: String,
     /// Plugin file.
     pub path: PathBuf,
     /// Its attach configuration.
@@ -1268,6 +1271,7 @@ impl ServiceManager {
             lock(&self.shared.dirty).unregister(slot.id, &*self.shared.host);
             match r {
                 Ok(state) => handed.push(HandedService {
+                    name: slot.name().to_string(),
                     path: slot.path.clone(),
                     config: slot.config.clone(),
                     async_port_writes: slot.async_port_writes,

@@ -2,13 +2,15 @@
 //! is handed over as the memfd itself (SCM_RIGHTS), so no page is copied; only the VM state
 //! (vCPUs, irqchip, clock, devices) and the services' states cross the socket.
 //!
-//! Protocol on a socketpair (frames: u32 LE length + JSON), old → new and back:
+//! Protocol on a socketpair (frames: u32 LE length + JSON; the VM state follows `Takeover` as
+//! one binary frame, u32 LE length + the state tree's encoding), old → new and back:
 //!
 //! 1. `Offer` with the memfd and the API listener attached. The new process maps the memory,
 //!    creates its KVM VM and vCPUs (the slow part, while the guest still runs) → `Ready`.
 //! 2. The old process pauses the guest, captures the VM state, detaches its services →
-//!    `Takeover`. The new process restores registers and devices, attaches the services with
-//!    their states, still paused → `Restored`.
+//!    `Takeover` + the VM state (the services' states are its `service/<name>` sections, as in
+//!    a snapshot or a migration). The new process restores registers and devices, attaches the
+//!    services with their states, still paused → `Restored`.
 //! 3. Commit point: the old process sends `Go` and can no longer roll back; the new process
 //!    resumes the guest → `Running`. The old process answers the API call and exits.
 //!
@@ -38,7 +40,7 @@ use base_vmm::state::{MachineConfig, VmState, STATE_VERSION};
 use base_vmm::vcpu::VcpuEvent;
 use base_vmm::vmm::Vmm;
 use l1_services::handover::{self, Handover, NotReady, Step};
-use l1_services::{HandedService, ServiceManager};
+use l1_services::{HandedService, ServiceManager, ServiceRecord};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -60,9 +62,8 @@ enum Msg {
     Ready {
         state_version: u32,
     },
+    /// Followed by the VM state as a binary frame.
     Takeover {
-        state: Vec<u8>,
-        services: Vec<HandedService>,
         /// The operator had paused the guest: it stays paused in the new process.
         #[serde(default)]
         operator_paused: bool,
@@ -87,6 +88,32 @@ fn frame(msg: &Msg) -> Vec<u8> {
 fn send(sock: &mut UnixStream, msg: &Msg) -> anyhow::Result<()> {
     sock.write_all(&frame(msg))
         .context("live-update socket write")
+}
+
+/// Sends bytes as they are (the VM state): u32 LE length, then the bytes.
+fn send_bytes(sock: &mut UnixStream, bytes: &[u8]) -> anyhow::Result<()> {
+    let len = u32::try_from(bytes.len())
+        .ok()
+        .filter(|&l| l <= MAX_FRAME)
+        .context("the VM state is too large for a live update")?;
+    let mut f = Vec::with_capacity(4 + bytes.len());
+    f.extend_from_slice(&len.to_le_bytes());
+    f.extend_from_slice(bytes);
+    sock.write_all(&f).context("live-update socket write")
+}
+
+fn recv_bytes(sock: &mut UnixStream) -> anyhow::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    sock.read_exact(&mut len)
+        .context("the other VMM process closed the live-update socket")?;
+    let len = u32::from_le_bytes(len);
+    if len > MAX_FRAME {
+        bail!("live-update state of {len} bytes is too large");
+    }
+    let mut buf = vec![0u8; len as usize];
+    sock.read_exact(&mut buf)
+        .context("live-update socket closed mid-state")?;
+    Ok(buf)
 }
 
 fn parse(len: [u8; 4], sock: &mut UnixStream, mut have: Vec<u8>) -> anyhow::Result<Msg> {
@@ -406,18 +433,21 @@ impl Handover for Takeover<'_> {
     }
 
     fn send_state(&mut self) -> anyhow::Result<()> {
-        let state = state_bytes(self.vmm)?;
+        let mut state = self.vmm.capture_state()?;
         let (services, lost) = self.manager.hand_over();
         for (name, e) in &lost {
             tracing::warn!("live update: service {name} could not hand its state over: {e}");
         }
         self.services = services;
+        state.services = ServiceRecord::of_hand_over(&self.services, &[])
+            .iter()
+            .map(ServiceRecord::to_section)
+            .collect();
         let takeover = Msg::Takeover {
-            state,
-            services: self.services.clone(),
             operator_paused: self.operator_paused,
         };
-        send(self.sock, &takeover)
+        send(self.sock, &takeover)?;
+        send_bytes(self.sock, &state_bytes(&state))
     }
 
     fn await_ready(&mut self) -> Result<(), NotReady<anyhow::Error>> {
@@ -467,8 +497,8 @@ impl Handover for Takeover<'_> {
 }
 
 /// The VM state as the takeover carries it: the one place the old side produces its bytes.
-fn state_bytes(vmm: &Vmm) -> anyhow::Result<Vec<u8>> {
-    Ok(vmm.capture_state()?.to_bytes())
+fn state_bytes(state: &VmState) -> Vec<u8> {
+    state.to_bytes()
 }
 
 /// The VM state from the takeover's bytes: the one place the new side parses them.
@@ -551,22 +581,22 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
         },
     )?;
 
-    let Msg::Takeover {
-        state,
-        services,
-        operator_paused,
-    } = recv(sock)?
-    else {
+    let Msg::Takeover { operator_paused } = recv(sock)? else {
         bail!("expected the takeover");
     };
+    let state = recv_bytes(sock)?;
     let t = Instant::now();
     let state = parse_state(&state)?;
     let vmm = prepared.finish(&state, &serial, events, true)?;
     let manager = crate::services::manager_for(&vmm)?;
-    for s in &services {
+    for s in &state.services {
+        // The old process sends only services that handed their state over.
+        let ServiceRecord::Handed(h) = ServiceRecord::from_section(s)? else {
+            bail!("{}: a declined service in a live update", s.id);
+        };
         manager
-            .attach_handed(s)
-            .with_context(|| format!("service {}", s.path.display()))?;
+            .attach_handed(&h)
+            .with_context(|| format!("service {}", h.path.display()))?;
     }
     let restore_us = t.elapsed().as_micros() as u64;
     send(sock, &Msg::Restored { restore_us })?;
