@@ -231,7 +231,7 @@ fn a_hostile_source_after_welcome_ends_the_incoming_migration_with_a_reason() {
                 state: b"not a VM state".to_vec(),
                 needed: vec![],
             }),
-            "migration stream is invalid: truncated",
+            "migration stream: invalid VM state: truncated",
             true,
         ),
         (
