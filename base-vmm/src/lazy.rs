@@ -81,7 +81,7 @@ struct Shared {
     done: AtomicBool,
     total: AtomicU64,
     elapsed_us: AtomicU64,
-    error: std::sync::Mutex<Option<String>>,
+    error: std::sync::Mutex<Option<LazyError>>,
 }
 
 /// Where a vCPU will touch memory first, from its saved registers (see
@@ -112,7 +112,7 @@ impl PageSource for ChainPages<'_> {
     fn fetch(&mut self, run: Range<u64>, buf: &mut [u8]) -> Result<Fetched, PageError> {
         self.0
             .read_pages(run.start, run.end - run.start, buf, true)
-            .map_err(PageError::Source)?;
+            .map_err(|e| PageError::Source(e.to_string()))?;
         Ok(Fetched::Here)
     }
 }
@@ -322,7 +322,7 @@ impl LazyLoader {
                         eprintln!("spanvmm: lazy restore: {e}; stopping the VM");
                         std::process::exit(3);
                     }
-                    *s.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    *s.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 }
                 s.elapsed_us
                     .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -381,16 +381,23 @@ impl LazyLoader {
             .error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .as_ref()
+            .map(ToString::to_string)
     }
 
     /// Waits for the load to finish.
-    pub fn wait(mut self) -> Result<LazyProgress, String> {
+    pub fn wait(mut self) -> Result<LazyProgress, LazyError> {
         self.begin_background();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        match self.error() {
+        let failed = self
+            .shared
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match failed {
             Some(e) => Err(e),
             None => Ok(self.progress()),
         }

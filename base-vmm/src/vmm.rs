@@ -23,9 +23,7 @@ use crate::devices::virtio::{
 use crate::devices::{lock, IoBus};
 use crate::lazy::{FirstTouch, LazyLoader, LazyProgress, Paging};
 use crate::memory::GuestRam;
-use crate::snapshot::{
-    Chain, LayerOptions, LayerSummary, LayerWriter, RestoreBuffers, SnapshotError, SnapshotKey,
-};
+use crate::snapshot::{Chain, RestoreBuffers, SnapshotError, SnapshotKey};
 use crate::state::{DeviceStates, MachineConfig, VmState};
 use crate::vcpu::{VcpuEvent, VcpuHandle, VcpuState};
 use crate::vm::Vm;
@@ -539,7 +537,6 @@ fn load_memory(
     ram: &Arc<GuestRam>,
     chain: Chain,
     lazy: bool,
-    dir: &Path,
     state: &VmState,
 ) -> Result<Option<LazyLoader>, VmmError> {
     if lazy {
@@ -547,12 +544,7 @@ fn load_memory(
             .map(Some)
             .map_err(|e| VmmError::Conflict(format!("lazy restore: {e}")));
     }
-    chain.load_into(ram).map_err(|why| {
-        VmmError::Snapshot(SnapshotError::Invalid {
-            path: dir.display().to_string(),
-            why,
-        })
-    })?;
+    chain.load_into(ram).map_err(VmmError::Snapshot)?;
     Ok(None)
 }
 
@@ -661,7 +653,7 @@ impl StandbyVm {
             standby: None,
         };
         let opened = started.elapsed();
-        let loader = load_memory(&self.ram, chain, how.lazy, dir, &state).map_err(lost)?;
+        let loader = load_memory(&self.ram, chain, how.lazy, &state).map_err(lost)?;
         let registered = started.elapsed();
         let mut prepared = self.prepared;
         prepared.machine = state.machine.clone();
@@ -971,7 +963,7 @@ impl Vmm {
                 .check_against(&crate::cpu::host_as_compared(cpuid), &msrs)?;
         }
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
-        let loader = load_memory(&ram, chain, how.lazy, dir, &state)?;
+        let loader = load_memory(&ram, chain, how.lazy, &state)?;
         let mut vmm = Vmm::prepare(ram, &state.machine)?.finish(
             &state,
             how.serial_spec,
@@ -1141,25 +1133,6 @@ impl Vmm {
     /// Captures the whole VM state except memory (vCPUs must be paused).
     pub fn capture_state(&self) -> Result<VmState, VmmError> {
         self.ctl.capture_state()
-    }
-
-    /// Saves the VM into `dir` as a full snapshot layer, stopping the world: a running VM is
-    /// paused for the duration and resumed afterwards. Secret regions are left out.
-    pub fn save(&mut self, dir: &Path, mut opts: LayerOptions) -> Result<LayerSummary, VmmError> {
-        opts.parent = None;
-        opts.secrets.extend(self.ctl.secrets());
-        let was_running = self.ctl.pause()?;
-        let result = LayerWriter::create(dir, self.ctl.ram.clone(), opts)
-            .map_err(VmmError::from)
-            .and_then(|mut w| {
-                w.write_pages(None)?;
-                let state = self.capture_state()?;
-                Ok(w.finish(state)?)
-            });
-        if was_running {
-            self.ctl.resume()?;
-        }
-        result
     }
 
     /// Posts a command to the guest's mailbox (spanguest).

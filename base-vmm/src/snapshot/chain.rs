@@ -215,13 +215,13 @@ impl Layer {
         first: u64,
         end: u64,
         out: &mut [u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), SnapshotError> {
         let ps = PAGE_SIZE as usize;
         let file = || self.dir.join(MEMORY_FILE).display().to_string();
         let read = |buf: &mut [u8], page: u64| {
             self.memory
                 .read_exact_at(buf, page * PAGE_SIZE)
-                .map_err(|e| format!("{}: {e}", file()))
+                .map_err(|err| SnapshotError::Io { path: file(), err })
         };
         if let Some(k) = &self.key {
             read(out, first)?;
@@ -231,11 +231,11 @@ impl Layer {
                 let tag = Tag::from_slice(self.check(run, p - run.start));
                 k.cipher
                     .decrypt_in_place_detached(&nonce(&self.salt, run.round, p), &id, page, tag)
-                    .map_err(|_| {
-                        format!(
-                            "{}: page {p:#x} fails authentication: the memory file was tampered with",
-                            file()
-                        )
+                    .map_err(|_| SnapshotError::Key {
+                        path: file(),
+                        why: format!(
+                            "page {p:#x} fails authentication: the memory file was tampered with"
+                        ),
                     })?;
             }
             return Ok(());
@@ -246,7 +246,7 @@ impl Layer {
             .div_ceil(GROUP_PAGES)
             .saturating_mul(GROUP_PAGES)
             .min(run.start + run.count);
-        let verify = |buf: &[u8]| -> Result<(), String> {
+        let verify = |buf: &[u8]| -> Result<(), SnapshotError> {
             let mut g = a;
             while g < b {
                 let g_end = ((g / GROUP_PAGES + 1) * GROUP_PAGES).min(b);
@@ -257,11 +257,13 @@ impl Layer {
                 }
                 let want = self.check(run, g / GROUP_PAGES - run.start / GROUP_PAGES);
                 if group_check(&checks[..16 * (g_end - g) as usize]) != want {
-                    return Err(format!(
-                        "{}: pages {g:#x}-{:#x} fail their checksum: the memory file is corrupted",
-                        file(),
-                        g_end - 1
-                    ));
+                    return Err(SnapshotError::Corrupt {
+                        path: file(),
+                        why: format!(
+                            "pages {g:#x}-{:#x} fail their checksum: the memory file is corrupted",
+                            g_end - 1
+                        ),
+                    });
                 }
                 g = g_end;
             }
@@ -568,7 +570,7 @@ impl Chain {
         count: u64,
         buf: &mut [u8],
         zero_fill: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), SnapshotError> {
         let ps = PAGE_SIZE as usize;
         let end = (first + count) as usize;
         let mut p = first as usize;
@@ -592,13 +594,13 @@ impl Chain {
     /// Loads the whole chain into fresh (zero) guest memory, checking every page. The work is
     /// spread over the host's cores in 16 MiB pieces, and each piece's guest pages are
     /// populated in one call first (per-page faults during the copy cost more than the copy).
-    pub fn load_into(&self, ram: &GuestRam) -> Result<(), String> {
+    pub fn load_into(&self, ram: &GuestRam) -> Result<(), SnapshotError> {
         if ram.size() != self.mem_bytes() {
-            return Err(format!(
+            return Err(SnapshotError::Usage(format!(
                 "guest has {} bytes, the snapshot {}",
                 ram.size(),
                 self.mem_bytes()
-            ));
+            )));
         }
         const PIECE: u64 = 4096;
         let pieces: Vec<(u64, u64)> = self
@@ -612,7 +614,7 @@ impl Chain {
             .collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         let base = ram.host_base() as usize;
-        let load = || -> Result<(), String> {
+        let load = || -> Result<(), SnapshotError> {
             while let Some(&(p, q)) =
                 pieces.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
             {
@@ -639,7 +641,7 @@ impl Chain {
             for h in helpers {
                 let h = h
                     .join()
-                    .unwrap_or_else(|_| Err("a loader thread panicked".into()));
+                    .unwrap_or_else(|_| Err(SnapshotError::Panicked("a loader thread")));
                 r = r.and(h);
             }
             r

@@ -13,14 +13,18 @@ impl SnapshotKey {
     /// Reads a key file: 32 raw bytes, or 64 hex digits (a trailing newline is fine).
     pub fn from_file(path: &Path) -> Result<Self, SnapshotError> {
         let bytes = std::fs::read(path).map_err(io_at(path))?;
-        Self::from_bytes(&bytes).map_err(|why| SnapshotError::Key {
-            path: path.display().to_string(),
-            why,
+        Self::from_bytes(&bytes).map_err(|e| match e {
+            // Name the key file rather than the contents.
+            SnapshotError::Key { why, .. } => SnapshotError::Key {
+                path: path.display().to_string(),
+                why,
+            },
+            other => other,
         })
     }
 
     /// A key from a key file's contents.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SnapshotError> {
         let text = std::str::from_utf8(bytes).map(str::trim).unwrap_or("");
         let key: [u8; 32] = if text.len() == 64 && text.bytes().all(|c| c.is_ascii_hexdigit()) {
             let mut k = [0u8; 32];
@@ -31,10 +35,13 @@ impl SnapshotKey {
         } else if bytes.len() == 32 {
             bytes.try_into().unwrap_or([0; 32])
         } else {
-            return Err(format!(
-                "a key file holds 32 raw bytes or 64 hex digits, not {} bytes",
-                bytes.len()
-            ));
+            return Err(SnapshotError::Key {
+                path: "key".into(),
+                why: format!(
+                    "a key file holds 32 raw bytes or 64 hex digits, not {} bytes",
+                    bytes.len()
+                ),
+            });
         };
         let mut h = Sha256::new();
         h.update(b"spanvmm snapshot key id");
@@ -62,7 +69,7 @@ pub(super) fn seal(
     payload: &[u8],
     key: Option<&SnapshotKey>,
     salt: &[u8; 12],
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, SnapshotError> {
     let mut head = Vec::with_capacity(HEADER_LEN);
     head.extend_from_slice(SNAPSHOT_MAGIC);
     head.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
@@ -75,7 +82,7 @@ pub(super) fn seal(
             let tag = k
                 .cipher
                 .encrypt_in_place_detached(&nonce(salt, u32::MAX, 0), &aad, &mut body)
-                .map_err(|_| "state encryption failed".to_string())?;
+                .map_err(|_| SnapshotError::Usage("state encryption failed".into()))?;
             body.extend_from_slice(&tag);
             body
         }

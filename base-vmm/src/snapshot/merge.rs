@@ -88,7 +88,7 @@ pub fn merge(
     let ram = Arc::new(
         GuestRam::new(chain.mem_bytes()).map_err(|e| SnapshotError::Usage(e.to_string()))?,
     );
-    chain.load_into(&ram).map_err(|why| invalid(top, why))?;
+    chain.load_into(&ram)?;
     let m = &chain.top().manifest;
     let secrets: Vec<(u64, u64)> = chain
         .layers
@@ -144,7 +144,7 @@ pub fn rewrite_state_sections(
     let mut sections = parsed.vm.to_sections();
     edit(&mut sections);
     let new = payload_of(&parsed.manifest, &crate::state::encode(&sections), index);
-    let sealed = seal(&new, key, &parsed.salt).map_err(SnapshotError::Usage)?;
+    let sealed = seal(&new, key, &parsed.salt)?;
     let tmp = dir.join("state.tmp");
     owner_only_file(&tmp)
         .and_then(|mut f| f.write_all(&sealed).and_then(|_| f.sync_all()))

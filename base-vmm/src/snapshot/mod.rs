@@ -91,6 +91,17 @@ pub enum SnapshotError {
     /// The request does not fit (bad options, wrong guest size).
     #[error("{0}")]
     Usage(String),
+    /// Pages of a memory file fail their checksum (the file is corrupted).
+    #[error("{path}: {why}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// Which pages.
+        why: String,
+    },
+    /// A loader thread panicked.
+    #[error("{0} panicked")]
+    Panicked(&'static str),
     /// The VM state inside a state file is refused (the message names the section).
     #[error(transparent)]
     State(Box<crate::state::StateError>),
@@ -439,7 +450,8 @@ mod tests {
             .unwrap()
             .load_into(&fresh)
             .unwrap_err();
-        assert!(e.contains("tampered"), "{e}");
+        assert!(matches!(e, SnapshotError::Key { .. }), "{e}");
+        assert!(e.to_string().contains("tampered"), "{e}");
         std::fs::write(dir.join(MEMORY_FILE), &mem).unwrap();
 
         // A state file with its CRC fixed up after tampering fails authentication.
@@ -625,14 +637,18 @@ mod tests {
         let mut m = std::fs::read(&mem).unwrap();
         m[5 * 4096 + 9] ^= 1;
         std::fs::write(&mem, &m).unwrap();
-        let e = chain.read_pages(3, 1, &mut page, true).unwrap_err();
+        let e = chain
+            .read_pages(3, 1, &mut page, true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("pages 0x0-0xf fail their checksum"), "{e}");
         chain.read_pages(16, 1, &mut page, true).unwrap();
         chain.read_pages(100, 1, &mut page, true).unwrap();
         assert_eq!(page[0], 101);
         let e = chain
             .load_into(&GuestRam::new(4 << 20).unwrap())
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("corrupted"), "{e}");
         std::fs::remove_dir_all(&root).unwrap();
     }

@@ -526,7 +526,7 @@ impl LayerWriter {
             data_bytes: data_pages * PAGE_SIZE,
         };
         let payload = payload_of(&manifest, &vm.to_bytes(), &index);
-        let bytes = seal(&payload, self.key.as_ref(), &self.salt).map_err(SnapshotError::Usage)?;
+        let bytes = seal(&payload, self.key.as_ref(), &self.salt)?;
         let state = self.dir.join(STATE_FILE);
         let tmp = self.dir.join("state.tmp");
         let w = owner_only_file(&tmp)
