@@ -561,7 +561,8 @@ impl ServiceCtx {
             } else {
                 None
             };
-        m.switch_over(mode, harvest).map_err(CallError::Refused)
+        m.switch_over(mode, harvest)
+            .map_err(|e| CallError::Refused(e.to_string()))
     }
 
     pub(crate) fn snapshot_begin(&self, req: LayerRequest) -> Result<u32, CallError> {

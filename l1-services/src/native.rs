@@ -681,7 +681,7 @@ impl HostTrampolines for Trampolines {
             with_ctx(ctx, Err(CallError::Internal), |c| {
                 c.migration("queue-pages")?
                     .queue_bitmap(&b, round)
-                    .map_err(CallError::Refused)
+                    .map_err(|e| CallError::Refused(e.to_string()))
             })
         });
         report(
@@ -707,7 +707,7 @@ impl HostTrampolines for Trampolines {
         let r = with_ctx(ctx, Err(CallError::Internal), |c| {
             c.migration("queue-range")?
                 .queue_range(first, count, urgent != 0, round)
-                .map_err(CallError::Refused)
+                .map_err(|e| CallError::Refused(e.to_string()))
         });
         report(err, unit(r))
     }
@@ -729,7 +729,7 @@ impl HostTrampolines for Trampolines {
         let r = with_ctx(ctx, Err(CallError::Internal), |c| {
             c.migration("set-encoding")?
                 .set_encoding(enc)
-                .map_err(CallError::Refused)
+                .map_err(|e| CallError::Refused(e.to_string()))
         });
         report(err, unit(r))
     }

@@ -685,7 +685,7 @@ impl wm::Host for StoreState {
         self.timed(|c| {
             c.migration("set-encoding")?
                 .set_encoding(enc)
-                .map_err(CallError::Refused)
+                .map_err(|e| CallError::Refused(e.to_string()))
         })
     }
 
@@ -693,7 +693,7 @@ impl wm::Host for StoreState {
         self.timed(|c| {
             c.migration("queue-pages")?
                 .queue_bitmap(&bitmap, round)
-                .map_err(CallError::Refused)
+                .map_err(|e| CallError::Refused(e.to_string()))
         })
     }
 
@@ -707,7 +707,7 @@ impl wm::Host for StoreState {
         self.timed(|c| {
             c.migration("queue-range")?
                 .queue_range(first, count, urgent, round)
-                .map_err(CallError::Refused)
+                .map_err(|e| CallError::Refused(e.to_string()))
         })
     }
 

@@ -133,7 +133,7 @@ impl Migrations {
         vmm.require_memory_loaded()
             .map_err(|e| (409, e.to_string()))?;
         let to = parse_addr(&req.to).map_err(|e| bad(format!("{e:#}")))?;
-        let tls = migration::tls::client_config(&req.tls_dir).map_err(bad)?;
+        let tls = migration::tls::client_config(&req.tls_dir).map_err(|e| bad(e.to_string()))?;
         let driver = manager.list().into_iter().find(|s| {
             s.capabilities.contains(&Capability::DrivesMigration)
                 && matches!(s.state, l1_services::ServiceState::Attached)
@@ -281,7 +281,7 @@ pub(crate) fn incoming(
     rx: &Receiver<Msg>,
     tx: &Sender<Msg>,
 ) -> anyhow::Result<Option<(Vmm, Arc<MigrationDest>)>> {
-    let tls = migration::tls::server_config(tls_dir).map_err(anyhow::Error::msg)?;
+    let tls = migration::tls::server_config(tls_dir)?;
     let at = parse_addr(addr)?;
     let listener = TcpListener::bind(at).with_context(|| format!("listen on {at}"))?;
     let listen = listener.local_addr()?;
@@ -373,12 +373,12 @@ pub(crate) fn incoming(
 
 /// The incoming migration's thread: receive, build the VM, take the hand-over.
 fn arrive(
-    receive: impl FnOnce() -> Result<migration::Arrived, String>,
+    receive: impl FnOnce() -> Result<migration::Arrived, migration::DestError>,
     dest: Arc<MigrationDest>,
     serial: &str,
     events: Sender<VcpuEvent>,
 ) -> anyhow::Result<Vmm> {
-    let mut arrived = receive().map_err(anyhow::Error::msg)?;
+    let mut arrived = receive()?;
     let t = Instant::now();
     let built = VmState::from_bytes(&arrived.state, "migration stream")
         .map_err(anyhow::Error::from)
@@ -402,14 +402,14 @@ fn arrive(
         Ok(vmm) => {
             migration::trace(format_args!("dest: VM built"));
             // Dropping `vmm` on an error discards the VM: the guest stays at the source.
-            let run = arrived.commit().map_err(anyhow::Error::msg)?;
+            let run = arrived.commit()?;
             if run {
                 vmm.control()
                     .resume()
                     .context("running the migrated guest")?;
                 migration::trace(format_args!("dest: vCPUs resumed"));
             }
-            arrived.running().map_err(anyhow::Error::msg)?;
+            arrived.running()?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             if run {
                 tracing::info!("incoming migration: the guest runs here ({ms:.2} ms to build)");

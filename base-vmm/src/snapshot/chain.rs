@@ -641,7 +641,7 @@ impl Chain {
             for h in helpers {
                 let h = h
                     .join()
-                    .unwrap_or_else(|_| Err(SnapshotError::Panicked("a loader thread")));
+                    .unwrap_or(Err(SnapshotError::Panicked("a loader thread")));
                 r = r.and(h);
             }
             r

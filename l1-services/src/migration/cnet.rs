@@ -39,6 +39,108 @@ pub const MAX_CACHE_BYTES: u64 = 1 << 30;
 /// Cache slots the destination accepts.
 pub const MAX_SLOTS: u32 = 1 << 20;
 
+/// What is wrong with the encoding options or with a page's encoding.
+#[derive(Debug, thiserror::Error)]
+pub enum CnetError {
+    /// Blocks per page outside 1, 2, 4, 8, 16.
+    #[error("blocks per page must be 1, 2, 4, 8 or 16, not {0}")]
+    Blocks(u32),
+    /// A cache size outside 4 KiB to `MAX_CACHE_BYTES`.
+    #[error("cache of {bytes} bytes: must be 4 KiB to {} MiB", MAX_CACHE_BYTES >> 20)]
+    CacheSize {
+        /// The size asked for.
+        bytes: u64,
+    },
+    /// A page's encoding ends early.
+    #[error("cnet page data is truncated")]
+    Truncated,
+    /// A page split into a refused number of blocks.
+    #[error("page {page}: {n} blocks per page (1, 2, 4, 8 or 16)")]
+    BlockCount {
+        /// Page number.
+        page: u64,
+        /// Blocks.
+        n: usize,
+    },
+    /// A slot number past `MAX_SLOTS`.
+    #[error("page {page}: cache slot {slot} is beyond the {MAX_SLOTS} slots accepted")]
+    SlotRange {
+        /// Page number.
+        page: u64,
+        /// Slot.
+        slot: u32,
+    },
+    /// The source's cache outgrows `MAX_CACHE_BYTES`.
+    #[error("the source's cache grows beyond {} MiB", MAX_CACHE_BYTES >> 20)]
+    CacheOverflow,
+    /// A reference to a slot holding a block of another size.
+    #[error("page {page}: a reference to cache slot {slot}, which holds a {held}-byte block, for a {size}-byte block")]
+    SlotSize {
+        /// Page number.
+        page: u64,
+        /// Slot.
+        slot: u32,
+        /// Size of the block held.
+        held: usize,
+        /// Size asked for.
+        size: usize,
+    },
+    /// A reference to a slot never filled.
+    #[error("page {page}: a reference to cache slot {slot}, which this destination does not hold")]
+    SlotMissing {
+        /// Page number.
+        page: u64,
+        /// Slot.
+        slot: u32,
+    },
+    /// An unknown block kind.
+    #[error("page {page}: unknown block kind {kind}")]
+    BlockKind {
+        /// Page number.
+        page: u64,
+        /// Kind byte.
+        kind: u8,
+    },
+    /// A delta with no page to apply it to.
+    #[error("page {page}: a delta against {why}")]
+    NoBase {
+        /// Page number.
+        page: u64,
+        /// Why there is none.
+        why: NoBase,
+    },
+    /// A delta run past the page's end (or an empty run).
+    #[error("page {0}: a delta run overruns the page")]
+    DeltaOverrun(u64),
+    /// A delta that does not cover the page.
+    #[error("page {page}: a delta covers {covered} of {PAGE} bytes")]
+    DeltaShort {
+        /// Page number.
+        page: u64,
+        /// Bytes covered.
+        covered: usize,
+    },
+    /// An unknown page encoding.
+    #[error("page {page}: unknown page encoding {kind}")]
+    PageKind {
+        /// Page number.
+        page: u64,
+        /// Encoding byte.
+        kind: u8,
+    },
+}
+
+/// Why the destination has no copy of a page to apply a delta to.
+#[derive(Debug, thiserror::Error)]
+pub enum NoBase {
+    /// It never received the page.
+    #[error("a page this destination does not hold")]
+    NotHeld,
+    /// Its copy could not be read.
+    #[error("reading guest memory: {0}")]
+    Read(#[from] std::io::Error),
+}
+
 /// Which encodings a migration uses (set by the migration service before the first page).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Encoding {
@@ -54,19 +156,14 @@ pub struct Encoding {
 
 impl Encoding {
     /// Checks the options.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), CnetError> {
         if ![1, 2, 4, 8, 16].contains(&self.blocks) {
-            return Err(format!(
-                "blocks per page must be 1, 2, 4, 8 or 16, not {}",
-                self.blocks
-            ));
+            return Err(CnetError::Blocks(self.blocks));
         }
         if self.cache_bytes < PAGE as u64 || self.cache_bytes > MAX_CACHE_BYTES {
-            return Err(format!(
-                "cache of {} bytes: must be 4 KiB to {} MiB",
-                self.cache_bytes,
-                MAX_CACHE_BYTES >> 20
-            ));
+            return Err(CnetError::CacheSize {
+                bytes: self.cache_bytes,
+            });
         }
         Ok(())
     }
@@ -340,7 +437,7 @@ pub struct Encoder {
 
 impl Encoder {
     /// An encoder with empty caches (checked options).
-    pub fn new(enc: Encoding) -> Result<Self, String> {
+    pub fn new(enc: Encoding) -> Result<Self, CnetError> {
         enc.check()?;
         Ok(Encoder {
             blocks: enc
@@ -457,20 +554,20 @@ pub struct Decoder {
 }
 
 /// Reads `n` bytes off the front of `data`.
-fn take<'a>(data: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+fn take<'a>(data: &mut &'a [u8], n: usize) -> Result<&'a [u8], CnetError> {
     if data.len() < n {
-        return Err("cnet page data is truncated".into());
+        return Err(CnetError::Truncated);
     }
     let (h, t) = data.split_at(n);
     *data = t;
     Ok(h)
 }
 
-fn u16_at(data: &mut &[u8]) -> Result<u16, String> {
+fn u16_at(data: &mut &[u8]) -> Result<u16, CnetError> {
     Ok(u16::from_le_bytes(take(data, 2)?.try_into().expect("2")))
 }
 
-fn u32_at(data: &mut &[u8]) -> Result<u32, String> {
+fn u32_at(data: &mut &[u8]) -> Result<u32, CnetError> {
     Ok(u32::from_le_bytes(take(data, 4)?.try_into().expect("4")))
 }
 
@@ -482,24 +579,22 @@ impl Decoder {
         &mut self,
         p: u64,
         data: &mut &[u8],
-        current: &mut dyn FnMut(&mut [u8]) -> Result<(), String>,
+        current: &mut dyn FnMut(&mut [u8]) -> Result<(), NoBase>,
         out: &mut [u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), CnetError> {
         match take(data, 1)?[0] {
             PAGE_RAW => out.copy_from_slice(take(data, PAGE)?),
             PAGE_BLOCKS => {
                 let n = take(data, 1)?[0] as usize;
                 if ![1, 2, 4, 8, 16].contains(&n) {
-                    return Err(format!("page {p}: {n} blocks per page (1, 2, 4, 8 or 16)"));
+                    return Err(CnetError::BlockCount { page: p, n });
                 }
                 let size = PAGE / n;
                 for b in out.chunks_mut(size) {
                     let kind = take(data, 1)?[0];
                     let s = u32_at(data)?;
                     if s >= MAX_SLOTS {
-                        return Err(format!(
-                            "page {p}: cache slot {s} is beyond the {MAX_SLOTS} slots accepted"
-                        ));
+                        return Err(CnetError::SlotRange { page: p, slot: s });
                     }
                     match kind {
                         BLOCK_NEW => {
@@ -511,44 +606,37 @@ impl Decoder {
                             let old = self.slots[s as usize].as_ref().map_or(0, |o| o.len());
                             self.bytes = self.bytes - old as u64 + size as u64;
                             if self.bytes > MAX_CACHE_BYTES {
-                                return Err(format!(
-                                    "the source's cache grows beyond {} MiB",
-                                    MAX_CACHE_BYTES >> 20
-                                ));
+                                return Err(CnetError::CacheOverflow);
                             }
                             self.slots[s as usize] = Some(bytes.into());
                         }
                         BLOCK_REF => match self.slots.get(s as usize).and_then(|o| o.as_ref()) {
                             Some(held) if held.len() == size => b.copy_from_slice(held),
                             Some(held) => {
-                                return Err(format!(
-                                    "page {p}: a reference to cache slot {s}, which holds a \
-                                     {}-byte block, for a {size}-byte block",
-                                    held.len()
-                                ))
+                                return Err(CnetError::SlotSize {
+                                    page: p,
+                                    slot: s,
+                                    held: held.len(),
+                                    size,
+                                })
                             }
-                            None => {
-                                return Err(format!(
-                                    "page {p}: a reference to cache slot {s}, which this \
-                                     destination does not hold"
-                                ))
-                            }
+                            None => return Err(CnetError::SlotMissing { page: p, slot: s }),
                         },
-                        k => return Err(format!("page {p}: unknown block kind {k}")),
+                        k => return Err(CnetError::BlockKind { page: p, kind: k }),
                     }
                 }
             }
             PAGE_DELTA => {
                 let len = u16_at(data)? as usize;
                 let mut rle = take(data, len)?;
-                current(out).map_err(|e| format!("page {p}: a delta against {e}"))?;
+                current(out).map_err(|why| CnetError::NoBase { page: p, why })?;
                 let mut i = 0;
                 while !rle.is_empty() {
                     let zeros = u16_at(&mut rle)? as usize;
                     let lits = u16_at(&mut rle)? as usize;
                     let lit = take(&mut rle, lits)?;
                     if zeros + lits == 0 || i + zeros + lits > PAGE {
-                        return Err(format!("page {p}: a delta run overruns the page"));
+                        return Err(CnetError::DeltaOverrun(p));
                     }
                     i += zeros;
                     for (o, l) in out[i..i + lits].iter_mut().zip(lit) {
@@ -557,10 +645,13 @@ impl Decoder {
                     i += lits;
                 }
                 if i != PAGE {
-                    return Err(format!("page {p}: a delta covers {i} of {PAGE} bytes"));
+                    return Err(CnetError::DeltaShort {
+                        page: p,
+                        covered: i,
+                    });
                 }
             }
-            t => return Err(format!("page {p}: unknown page encoding {t}")),
+            t => return Err(CnetError::PageKind { page: p, kind: t }),
         }
         Ok(())
     }
@@ -598,7 +689,7 @@ mod tests {
                 *p,
                 &mut data,
                 &mut |o| {
-                    o.copy_from_slice(held.as_ref().ok_or("a page not held")?);
+                    o.copy_from_slice(held.as_ref().ok_or(NoBase::NotHeld)?);
                     Ok(())
                 },
                 &mut got,
@@ -672,12 +763,12 @@ mod tests {
     fn unresolvable_references_are_refused() {
         let mut d = Decoder::default();
         let mut out = vec![0u8; PAGE];
-        let mut none = |_: &mut [u8]| -> Result<(), String> { Err("a page not held".into()) };
+        let mut none = |_: &mut [u8]| -> Result<(), NoBase> { Err(NoBase::NotHeld) };
         let bad_ref = [PAGE_BLOCKS, 1, BLOCK_REF, 5, 0, 0, 0];
         let e = d
             .decode_page(3, &mut &bad_ref[..], &mut none, &mut out)
             .unwrap_err();
-        assert!(e.contains("does not hold"), "{e}");
+        assert!(matches!(e, CnetError::SlotMissing { .. }), "{e}");
         let mut wide = vec![PAGE_BLOCKS, 2, BLOCK_NEW, 0, 0, 0, 0];
         wide.extend_from_slice(&[1; PAGE / 2]);
         wide.extend_from_slice(&[BLOCK_REF, 0, 0, 0, 0]);
@@ -687,13 +778,13 @@ mod tests {
         let e = d
             .decode_page(3, &mut &narrow[..], &mut none, &mut out)
             .unwrap_err();
-        assert!(e.contains("-byte block"), "{e}");
+        assert!(e.to_string().contains("-byte block"), "{e}");
         let delta = [PAGE_DELTA, 4, 0, 0, 16, 0, 0];
         let e = d
             .decode_page(3, &mut &delta[..], &mut none, &mut out)
             .unwrap_err();
-        assert!(e.contains("not held"), "{e}");
-        let mut held = |o: &mut [u8]| -> Result<(), String> {
+        assert!(e.to_string().contains("does not hold"), "{e}");
+        let mut held = |o: &mut [u8]| -> Result<(), NoBase> {
             o.fill(0);
             Ok(())
         };
@@ -715,6 +806,7 @@ mod tests {
         assert!(d
             .decode_page(3, &mut &far[..], &mut held, &mut out)
             .unwrap_err()
+            .to_string()
             .contains("beyond"));
         assert!(Encoding {
             blocks: 3,

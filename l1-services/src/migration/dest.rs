@@ -148,8 +148,134 @@ impl MigrationDest {
     }
 }
 
-fn io(msg: String) -> LinkError {
-    LinkError::Io(std::io::Error::other(msg))
+/// Why an incoming migration failed or a peer was refused. The texts are what the source
+/// hears in its `error` frame and what the operator reads.
+#[derive(Debug, thiserror::Error)]
+pub enum DestError {
+    /// The wait was cancelled ([`CANCELLED`]).
+    #[error("{}", CANCELLED)]
+    Cancelled,
+    /// A system call on the way failed.
+    #[error("{what}: {err}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        err: std::io::Error,
+    },
+    /// The listening socket could not be duplicated.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] base_vmm::memory::MemoryError),
+    /// A helper thread panicked.
+    #[error("{0} panicked")]
+    Panicked(&'static str),
+    /// The accept thread is gone.
+    #[error("the migration listener stopped")]
+    ListenerStopped,
+    /// The connection failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The peer's first frame is not `hello`.
+    #[error("expected hello, got {0}")]
+    NotHello(&'static str),
+    /// The peer speaks another wire version.
+    #[error("wire version {0}, this destination speaks {VERSION}")]
+    Version(u32),
+    /// A reconnection of another session, or a new migration where a session is awaited.
+    #[error("not the migration this destination is waiting for")]
+    NotAwaited,
+    /// A guest size this destination does not take.
+    #[error("guest memory size {0} is not acceptable")]
+    MemorySize(u64),
+    /// Anything that ends the migration before the hand-over.
+    #[error("incoming migration failed before the hand-over: {0}")]
+    BeforeHandover(LinkError),
+    /// A post-copy bitmap that does not match guest memory.
+    #[error("post-copy bitmap has {got} words, guest memory {want}")]
+    Bitmap {
+        /// Words sent.
+        got: usize,
+        /// Words of guest memory.
+        want: usize,
+    },
+    /// The machine description is not valid JSON for a machine.
+    #[error("machine description: {0}")]
+    Machine(serde_json::Error),
+    /// The source sent an `error` frame.
+    #[error("the source gave up: {0}")]
+    SourceGaveUp(String),
+    /// A frame the source must not send before the state.
+    #[error("unexpected {0} frame before the state")]
+    BeforeState(&'static str),
+    /// The page writer was asked twice.
+    #[error("the page writer already finished")]
+    WriterFinished,
+    /// A malformed `pages` frame.
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+    /// Pages outside guest memory.
+    #[error("pages {first}+{span} run past guest memory")]
+    PastEnd {
+        /// First page.
+        first: u64,
+        /// Pages in the frame.
+        span: u64,
+    },
+    /// A `cnet` page that cannot be decoded.
+    #[error(transparent)]
+    Cnet(#[from] super::cnet::CnetError),
+    /// Data left over after the last page of a frame.
+    #[error("pages frame has {0} stray bytes after its last page")]
+    Stray(usize),
+    /// A stale page could not be dropped.
+    #[error("dropping a stale page: {0}")]
+    Punch(std::io::Error),
+    /// `commit` without the connection.
+    #[error("the hand-over has no connection")]
+    NoConnection,
+    /// The source did not commit: the guest stays there.
+    #[error("the source did not commit the hand-over ({0}): the guest stays there")]
+    NotCommitted(LinkError),
+    /// Another frame where `commit` was due.
+    #[error("expected commit, got {0}")]
+    NotCommit(&'static str),
+    /// `resumed` could not be sent (the guest runs here anyway).
+    #[error("telling the source the guest runs here: {0}")]
+    Resumed(LinkError),
+    /// Post-copy pages in a cache codec.
+    #[error("post-copy pages in codec {0}")]
+    PostcopyCodec(u8),
+    /// `done` while pages are missing.
+    #[error("the source says it is done but {0} pages are missing")]
+    Missing(u64),
+    /// A frame out of place in post-copy.
+    #[error("unexpected {0} frame")]
+    Unexpected(&'static str),
+    /// The page server failed.
+    #[error(transparent)]
+    Pages(#[from] PageError),
+    /// The source did not reconnect in time: the pages still missing are lost.
+    #[error("the source did not come back within {timeout:?} after {cause}; {lost} pages of the guest are lost")]
+    Lost {
+        /// The recovery timeout.
+        timeout: Duration,
+        /// What broke the connection.
+        cause: LinkError,
+        /// Pages missing.
+        lost: u64,
+    },
+}
+
+/// A protocol error as a link error (the text is kept; the cause stays typed inside).
+fn io(e: DestError) -> LinkError {
+    LinkError::Io(std::io::Error::other(e))
+}
+
+fn os(what: &'static str) -> impl Fn(std::io::Error) -> DestError {
+    move |err| DestError::Os { what, err }
 }
 
 /// A peer that authenticated and said an acceptable `hello`.
@@ -166,7 +292,7 @@ struct Candidate {
 /// is reported on stderr once, with the reason. `resume`: only a reconnection of that
 /// session is accepted.
 struct Acceptor {
-    found: mpsc::Receiver<Result<Candidate, String>>,
+    found: mpsc::Receiver<Result<Candidate, DestError>>,
     /// A peer won or the wait ended: the accept thread stops, later peers are turned away.
     done: Arc<AtomicBool>,
 }
@@ -177,11 +303,11 @@ impl Acceptor {
         tls: Arc<ServerConfig>,
         resume: Option<u64>,
         mem: Option<u64>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, DestError> {
         let listener = listener
             .try_clone()
             .and_then(|l| l.set_nonblocking(true).map(|_| l))
-            .map_err(|e| format!("listener: {e}"))?;
+            .map_err(os("listener"))?;
         let (tx, found) = mpsc::channel();
         let done = Arc::new(AtomicBool::new(false));
         let d = done.clone();
@@ -191,13 +317,13 @@ impl Acceptor {
                 base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Migration);
                 accept_loop(listener, tls, resume, mem, tx, d)
             })
-            .map_err(|e| format!("cannot start the migration listener: {e}"))?;
+            .map_err(os("cannot start the migration listener"))?;
         Ok(Acceptor { found, done })
     }
 
     /// Waits up to `wait` for the winner; answers it `welcome`. Returns (link, guest memory
     /// bytes, session, address).
-    fn next(&mut self, wait: Duration) -> Result<Option<(Link, u64, u64, SocketAddr)>, String> {
+    fn next(&mut self, wait: Duration) -> Result<Option<(Link, u64, u64, SocketAddr)>, DestError> {
         let deadline = Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -206,7 +332,7 @@ impl Acceptor {
                 Ok(Err(e)) => return Err(e),
                 Err(mpsc::RecvTimeoutError::Timeout) => return Ok(None),
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err("the migration listener stopped".into())
+                    return Err(DestError::ListenerStopped)
                 }
             };
             match c.link.send(&Frame::Welcome { version: VERSION }) {
@@ -243,7 +369,7 @@ fn accept_loop(
     tls: Arc<ServerConfig>,
     resume: Option<u64>,
     mem: Option<u64>,
-    tx: mpsc::Sender<Result<Candidate, String>>,
+    tx: mpsc::Sender<Result<Candidate, DestError>>,
     done: Arc<AtomicBool>,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
@@ -270,7 +396,7 @@ fn accept_loop(
                 continue
             }
             Err(e) => {
-                let _ = tx.send(Err(format!("accept: {e}")));
+                let _ = tx.send(Err(os("accept")(e)));
                 return;
             }
         };
@@ -312,9 +438,9 @@ fn handshake(
     tls: Arc<ServerConfig>,
     resume: Option<u64>,
     mem: Option<u64>,
-) -> Result<Candidate, String> {
+) -> Result<Candidate, DestError> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let mut link = Link::accept(sock, tls, HANDSHAKE_TIMEOUT).map_err(|e| e.to_string())?;
+    let mut link = Link::accept(sock, tls, HANDSHAKE_TIMEOUT)?;
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));
@@ -325,41 +451,28 @@ fn handshake(
             session,
             resume,
         }) => (version, mem_bytes, session, resume),
-        Ok(other) => {
-            let why = format!("expected hello, got {}", other.name());
-            let _ = link.send(&Frame::Error(why.clone()));
-            let _ = link.flush(Duration::from_secs(1));
-            return Err(why);
-        }
-        Err(e) => {
+        Ok(other) => return Err(refuse(&mut link, DestError::NotHello(other.name()))),
+        Err(e @ LinkError::Wire(_)) => {
             // A malformed frame: say so (a peer that is gone does not hear it).
-            let why = e.to_string();
-            if matches!(e, LinkError::Wire(_)) {
-                let _ = link.send(&Frame::Error(why.clone()));
-                let _ = link.flush(Duration::from_secs(1));
-            }
-            return Err(why);
+            return Err(refuse(&mut link, e.into()));
         }
+        Err(e) => return Err(e.into()),
     };
     let why = if version != VERSION {
-        Some(format!(
-            "wire version {version}, this destination speaks {VERSION}"
-        ))
+        Some(DestError::Version(version))
     } else if resume.is_some() != is_resume || resume.is_some_and(|s| s != session) {
-        Some("not the migration this destination is waiting for".into())
+        Some(DestError::NotAwaited)
     } else if mem.is_some_and(|m| m != mem_bytes)
         || mem_bytes == 0
         || !mem_bytes.is_multiple_of(2 << 20)
         || mem_bytes > 1 << 40
     {
-        Some(format!("guest memory size {mem_bytes} is not acceptable"))
+        Some(DestError::MemorySize(mem_bytes))
     } else {
         None
     };
     if let Some(why) = why {
-        let _ = link.send(&Frame::Error(why.clone()));
-        let _ = link.flush(Duration::from_secs(1));
-        return Err(why);
+        return Err(refuse(&mut link, why));
     }
     Ok(Candidate {
         link,
@@ -382,8 +495,8 @@ pub struct PreparedRam {
 impl PreparedRam {
     /// Creates `size` bytes of guest memory now and populates it on a thread of its own,
     /// which calls `on_ready` when done.
-    pub fn start(size: u64, on_ready: impl FnOnce() + Send + 'static) -> Result<Self, String> {
-        let ram = Arc::new(GuestRam::new(size).map_err(|e| e.to_string())?);
+    pub fn start(size: u64, on_ready: impl FnOnce() + Send + 'static) -> Result<Self, DestError> {
+        let ram = Arc::new(GuestRam::new(size)?);
         let ready = std::thread::Builder::new()
             .name("populate-ram".into())
             .spawn(move || {
@@ -392,7 +505,7 @@ impl PreparedRam {
                 on_ready();
                 ram
             })
-            .map_err(|e| format!("cannot start populating guest memory: {e}"))?;
+            .map_err(os("cannot start populating guest memory"))?;
         Ok(PreparedRam { size, ready })
     }
 
@@ -401,10 +514,10 @@ impl PreparedRam {
         self.size
     }
 
-    fn wait(self) -> Result<Arc<GuestRam>, String> {
+    fn wait(self) -> Result<Arc<GuestRam>, DestError> {
         self.ready
             .join()
-            .map_err(|_| "populating guest memory panicked".to_string())
+            .map_err(|_| DestError::Panicked("populating guest memory"))
     }
 }
 
@@ -420,13 +533,13 @@ pub fn receive(
     recovery_timeout: Duration,
     prepared_ram: Option<PreparedRam>,
     dest: Arc<MigrationDest>,
-) -> Result<Arrived, String> {
+) -> Result<Arrived, DestError> {
     let want = prepared_ram.as_ref().map(PreparedRam::size);
     let (mut link, mem, session) = {
         let mut acceptor = Acceptor::start(&listener, tls.clone(), None, want)?;
         loop {
             if dest.cancelled() {
-                return Err(CANCELLED.into());
+                return Err(DestError::Cancelled);
             }
             if let Some((link, mem, session, peer)) = acceptor.next(Duration::from_millis(50))? {
                 *lock(&dest.source) = Some(peer);
@@ -438,7 +551,7 @@ pub fn receive(
     let populated = prepared_ram.is_some();
     let ram = match prepared_ram {
         Some(p) => p.wait()?,
-        None => Arc::new(GuestRam::new(mem).map_err(|e| e.to_string())?),
+        None => Arc::new(GuestRam::new(mem)?),
     };
     let pages = mem / PAGE as u64;
     let mut writer = PageWriter::start(ram.clone(), dest.clone(), populated)?;
@@ -448,7 +561,7 @@ pub fn receive(
     // the destination keeps a VM on fresh, untouched memory, ready when the machine is
     // known; the hand-over takes whichever is cheaper (see `fresh_is_cheaper`).
     let mut fresh: Option<(Arc<GuestRam>, base_vmm::vmm::PreparedVm)> = None;
-    let fail = |e: LinkError| format!("incoming migration failed before the hand-over: {e}");
+    let fail = DestError::BeforeHandover;
     let mut heard = Instant::now();
     loop {
         if dest.cancelled() {
@@ -459,7 +572,7 @@ pub fn receive(
             let _ = link.flush(Duration::from_secs(1));
             let until = Instant::now() + Duration::from_secs(2);
             while Instant::now() < until && link.recv_raw(Duration::from_millis(100)).is_ok() {}
-            return Err(CANCELLED.into());
+            return Err(DestError::Cancelled);
         }
         // Short waits: a cancel is noticed within 100 ms.
         let got = match link.recv_raw(Duration::from_millis(100)) {
@@ -474,7 +587,10 @@ pub fn receive(
             if writer.stopped() {
                 return Err(refuse(
                     &mut link,
-                    fail(io(writer.finish().err().unwrap_or_default())),
+                    fail(io(writer
+                        .finish()
+                        .err()
+                        .unwrap_or(DestError::WriterFinished))),
                 ));
             }
             if heard.elapsed() >= IDLE_TIMEOUT {
@@ -488,7 +604,10 @@ pub fn receive(
             if !writer.write(link.take_last_frame(spare)) {
                 return Err(refuse(
                     &mut link,
-                    fail(io(writer.finish().err().unwrap_or_default())),
+                    fail(io(writer
+                        .finish()
+                        .err()
+                        .unwrap_or(DestError::WriterFinished))),
                 ));
             }
             continue;
@@ -515,11 +634,10 @@ pub fn receive(
                 if postcopy && needed.len() != written.len() {
                     return Err(refuse(
                         &mut link,
-                        fail(io(format!(
-                            "post-copy bitmap has {} words, guest memory {}",
-                            needed.len(),
-                            written.len()
-                        ))),
+                        fail(io(DestError::Bitmap {
+                            got: needed.len(),
+                            want: written.len(),
+                        })),
                     ));
                 }
                 let mut ram = ram.clone();
@@ -584,7 +702,7 @@ pub fn receive(
                 }
                 super::trace(format_args!("dest: stale pages dropped"));
                 let server = PageServer::register(&ram, needed.clone(), dest.pages.clone())
-                    .map_err(|e| refuse(&mut link, fail(io(e.to_string()))))?;
+                    .map_err(|e| refuse(&mut link, fail(io(e.into()))))?;
                 super::trace(format_args!("dest: userfaultfd registered"));
                 dest.needed.store(count(&needed), Ordering::Relaxed);
                 link.for_postcopy();
@@ -594,7 +712,7 @@ pub fn receive(
                     asks: Requests::default(),
                     pages,
                     dest: dest.clone(),
-                    listener: listener.try_clone().map_err(|e| e.to_string())?,
+                    listener: listener.try_clone()?,
                     tls: tls.clone(),
                     session,
                     recovery_timeout,
@@ -606,16 +724,17 @@ pub fn receive(
                 if !writer.drain() {
                     return Err(refuse(
                         &mut link,
-                        fail(io(writer.finish().err().unwrap_or_default())),
+                        fail(io(writer
+                            .finish()
+                            .err()
+                            .unwrap_or(DestError::WriterFinished))),
                     ));
                 }
                 link.send(&Frame::Sync).map_err(fail)?
             }
             Frame::Machine(json) => {
                 let machine: base_vmm::state::MachineConfig = serde_json::from_slice(&json)
-                    .map_err(|e| {
-                        refuse(&mut link, fail(io(format!("machine description: {e}"))))
-                    })?;
+                    .map_err(|e| refuse(&mut link, fail(io(DestError::Machine(e)))))?;
                 // A failure here is retried when the state arrives (and reported then).
                 prepared = base_vmm::vmm::Vmm::prepare(ram.clone(), &machine).ok();
                 if populated {
@@ -626,14 +745,11 @@ pub fn receive(
                     });
                 }
             }
-            Frame::Error(msg) => return Err(format!("the source gave up: {msg}")),
+            Frame::Error(msg) => return Err(DestError::SourceGaveUp(msg)),
             other => {
                 return Err(refuse(
                     &mut link,
-                    fail(io(format!(
-                        "unexpected {} frame before the state",
-                        other.name()
-                    ))),
+                    fail(io(DestError::BeforeState(other.name()))),
                 ))
             }
         }
@@ -642,8 +758,8 @@ pub fn receive(
 
 /// Tells the source why this destination gives up (a source that is gone does not hear it),
 /// and returns the reason.
-fn refuse(link: &mut Link, why: String) -> String {
-    let _ = link.send(&Frame::Error(why.clone()));
+fn refuse(link: &mut Link, why: DestError) -> DestError {
+    let _ = link.send(&Frame::Error(why.to_string()));
     let _ = link.flush(Duration::from_secs(1));
     why
 }
@@ -658,7 +774,7 @@ struct PageWriter {
     free: Vec<Vec<u8>>,
     /// Buffers queued or being written.
     outstanding: usize,
-    thread: Option<std::thread::JoinHandle<Result<Vec<u64>, String>>>,
+    thread: Option<std::thread::JoinHandle<Result<Vec<u64>, DestError>>>,
 }
 
 /// Payloads in flight between the receiver and the writer.
@@ -670,7 +786,7 @@ impl PageWriter {
         ram: Arc<GuestRam>,
         dest: Arc<MigrationDest>,
         populated: bool,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, DestError> {
         let (tx, rx) =
             std::sync::mpsc::sync_channel::<(Vec<u8>, std::ops::Range<usize>)>(WRITE_BUFFERS);
         let (back, recycled) = std::sync::mpsc::sync_channel(WRITE_BUFFERS);
@@ -688,7 +804,7 @@ impl PageWriter {
                 }
                 Ok(written)
             })
-            .map_err(|e| format!("cannot start the page writer: {e}"))?;
+            .map_err(os("cannot start the page writer"))?;
         Ok(PageWriter {
             to_write: Some(tx),
             recycled,
@@ -751,12 +867,12 @@ impl PageWriter {
 
     /// Waits until every queued payload is written: which pages hold data, or why the writer
     /// stopped.
-    fn finish(&mut self) -> Result<Vec<u64>, String> {
+    fn finish(&mut self) -> Result<Vec<u64>, DestError> {
         self.to_write = None;
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
-            Some(Err(_)) => Err("the page writer panicked".into()),
-            None => Err("the page writer already finished".into()),
+            Some(Err(_)) => Err(DestError::Panicked("the page writer")),
+            None => Err(DestError::WriterFinished),
         }
     }
 }
@@ -770,15 +886,15 @@ fn write_pages(
     written: &mut [u64],
     populated: bool,
     dec: &mut super::cnet::Decoder,
-) -> Result<u64, String> {
-    let f = wire::decode_pages(payload).map_err(|e| e.to_string())?;
+) -> Result<u64, DestError> {
+    let f = wire::decode_pages(payload)?;
     let (first, span) = (f.first, f.span as u64);
     // Checked: a hostile `first` near 2^64 must not wrap around into guest memory.
     if first
         .checked_add(span)
         .is_none_or(|end| end > ram.size() / PAGE as u64)
     {
-        return Err(format!("pages {first}+{span} run past guest memory"));
+        return Err(DestError::PastEnd { first, span });
     }
     match f.encoding() {
         wire::PageCodec::Cnet => return write_cnet_pages(ram, &f, written, populated, dec),
@@ -828,7 +944,7 @@ fn write_pages(
         } else {
             ram.memfd()
                 .write_all_at(data, p * PAGE as u64)
-                .map_err(|e| format!("writing guest memory: {e}"))?;
+                .map_err(os("writing guest memory"))?;
             let _ = ram.populate(p * PAGE as u64, len as u64);
         }
         off += len;
@@ -846,7 +962,7 @@ fn write_cnet_pages(
     written: &mut [u64],
     populated: bool,
     dec: &mut super::cnet::Decoder,
-) -> Result<u64, String> {
+) -> Result<u64, DestError> {
     let mut data = f.data;
     let mut page = vec![0u8; PAGE];
     let mut n = 0;
@@ -861,13 +977,11 @@ fn write_cnet_pages(
             continue;
         }
         let held = bit(written, p);
-        let mut current = |out: &mut [u8]| -> Result<(), String> {
+        let mut current = |out: &mut [u8]| -> Result<(), super::cnet::NoBase> {
             if !held {
-                return Err("a page this destination does not hold".into());
+                return Err(super::cnet::NoBase::NotHeld);
             }
-            ram.memfd()
-                .read_exact_at(out, p * PAGE as u64)
-                .map_err(|e| format!("reading guest memory: {e}"))
+            Ok(ram.memfd().read_exact_at(out, p * PAGE as u64)?)
         };
         dec.decode_page(p, &mut data, &mut current, &mut page)?;
         if populated {
@@ -883,16 +997,13 @@ fn write_cnet_pages(
         } else {
             ram.memfd()
                 .write_all_at(&page, p * PAGE as u64)
-                .map_err(|e| format!("writing guest memory: {e}"))?;
+                .map_err(os("writing guest memory"))?;
             let _ = ram.populate(p * PAGE as u64, PAGE as u64);
         }
         set_bit(written, p);
     }
     if !data.is_empty() {
-        return Err(format!(
-            "pages frame has {} stray bytes after its last page",
-            data.len()
-        ));
+        return Err(DestError::Stray(data.len()));
     }
     Ok(n)
 }
@@ -966,7 +1077,7 @@ fn copy_pages(from: &GuestRam, to: &GuestRam, written: &[u64], needed: &[u64]) {
 }
 
 /// Drops pages `[p, p+n)` from the memfd, so the next touch is a missing-page fault.
-fn punch(ram: &GuestRam, p: u64, n: u64) -> Result<(), String> {
+fn punch(ram: &GuestRam, p: u64, n: u64) -> Result<(), DestError> {
     // SAFETY: fallocate on our memfd; the range is inside it.
     let r = unsafe {
         libc::fallocate(
@@ -977,10 +1088,7 @@ fn punch(ram: &GuestRam, p: u64, n: u64) -> Result<(), String> {
         )
     };
     if r < 0 {
-        return Err(format!(
-            "dropping a stale page: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(DestError::Punch(std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -999,15 +1107,10 @@ impl Arrived {
     /// after `Ok` may the guest run here, and only if it says `true` (false: the guest was
     /// paused at the source, so it stays paused here until resumed); on `Err` the source
     /// keeps (or resumes) the guest and this VM must be discarded.
-    pub fn commit(&mut self) -> Result<bool, String> {
+    pub fn commit(&mut self) -> Result<bool, DestError> {
         let load_us = self.received_at.elapsed().as_micros() as u64;
-        let link = self
-            .link
-            .as_mut()
-            .ok_or("the hand-over has no connection")?;
-        let no = |e: LinkError| {
-            format!("the source did not commit the hand-over ({e}): the guest stays there")
-        };
+        let link = self.link.as_mut().ok_or(DestError::NoConnection)?;
+        let no = DestError::NotCommitted;
         link.send(&Frame::Ready { load_us })
             .and_then(|_| link.flush(Duration::from_secs(10)))
             .map_err(no)?;
@@ -1026,7 +1129,7 @@ impl Arrived {
                 ));
                 run
             }
-            Ok(other) => return Err(no(io(format!("expected commit, got {}", other.name())))),
+            Ok(other) => return Err(no(io(DestError::NotCommit(other.name())))),
             Err(e) => return Err(no(e)),
         };
         if cut_at("after-commit") {
@@ -1037,7 +1140,7 @@ impl Arrived {
 
     /// The VM runs (after [`Arrived::commit`]): tell the source. Returns the migration's
     /// handle (post-copy goes on in the background).
-    pub fn running(mut self) -> Result<Arc<MigrationDest>, String> {
+    pub fn running(mut self) -> Result<Arc<MigrationDest>, DestError> {
         let load_us = self.received_at.elapsed().as_micros() as u64;
         if let Some(pc) = self.postcopy.take() {
             let link = self.link.take();
@@ -1047,7 +1150,7 @@ impl Arrived {
                     base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Migration);
                     pc.run(link, load_us)
                 })
-                .map_err(|e| format!("cannot start the post-copy thread: {e}"))?;
+                .map_err(os("cannot start the post-copy thread"))?;
             return Ok(self.dest.clone());
         }
         // The guest runs here whatever happens to the link now: the source committed.
@@ -1055,7 +1158,7 @@ impl Arrived {
         if let Some(mut link) = self.link.take() {
             link.send(&Frame::Resumed { load_us })
                 .and_then(|_| link.flush(Duration::from_secs(10)))
-                .map_err(|e| format!("telling the source the guest runs here: {e}"))?;
+                .map_err(DestError::Resumed)?;
             // The source closes first once it has our answer.
             let _ = link.recv(Duration::from_secs(5));
         }
@@ -1116,12 +1219,12 @@ impl Postcopy {
             }
             Err(e) => {
                 tracing::error!("post-copy migration failed: {e}");
-                self.dest.set(Phase::Failed, Some(e));
+                self.dest.set(Phase::Failed, Some(e.to_string()));
             }
         }
     }
 
-    fn serve(&mut self, link: Option<Link>, load_us: u64) -> Result<(), String> {
+    fn serve(&mut self, link: Option<Link>, load_us: u64) -> Result<(), DestError> {
         let lost = |why: &str| LinkError::Io(std::io::Error::other(why.to_string()));
         let mut link = match link {
             Some(mut link) => match link.send(&Frame::Resumed { load_us }) {
@@ -1169,13 +1272,16 @@ impl Postcopy {
                     // The source sends post-copy pages raw: the cache encodings assume the
                     // destination holds what it was sent, which a running guest changes.
                     if codec != wire::PageCodec::Raw.tag() {
-                        return Err(io(format!("post-copy pages in codec {codec}")));
+                        return Err(io(DestError::PostcopyCodec(codec)));
                     }
                     if first
                         .checked_add(span as u64)
                         .is_none_or(|end| end > self.pages)
                     {
-                        return Err(io(format!("pages {first}+{span} run past guest memory")));
+                        return Err(io(DestError::PastEnd {
+                            first,
+                            span: span as u64,
+                        }));
                     }
                     self.install(first, span as u64, &present, &zero, &data)?;
                     // Faults first, between frames.
@@ -1184,9 +1290,7 @@ impl Postcopy {
                 Frame::Done => {
                     let left = self.server.remaining();
                     if left != 0 {
-                        return Err(io(format!(
-                            "the source says it is done but {left} pages are missing"
-                        )));
+                        return Err(io(DestError::Missing(left)));
                     }
                     let st = &self.dest.pages;
                     link.send(&Frame::Complete {
@@ -1200,8 +1304,8 @@ impl Postcopy {
                     let _ = link.recv(Duration::from_secs(5));
                     return Ok(true);
                 }
-                Frame::Error(m) => return Err(io(format!("the source gave up: {m}"))),
-                other => return Err(io(format!("unexpected {} frame", other.name()))),
+                Frame::Error(m) => return Err(io(DestError::SourceGaveUp(m))),
+                other => return Err(io(DestError::Unexpected(other.name()))),
             }
         }
         Ok(false)
@@ -1217,7 +1321,7 @@ impl Postcopy {
         zero: &[u64],
         data: &[u8],
     ) -> Result<(), LinkError> {
-        let perr = |e: PageError| io(e.to_string());
+        let perr = |e: PageError| io(e.into());
         let missing = |p: u64| self.server.is_wanted(p) && !self.server.is_present(p);
         let mut off = 0usize;
         let mut i = 0;
@@ -1273,7 +1377,7 @@ impl Postcopy {
         let policy: &mut dyn PrePaging = &mut policy;
         self.server
             .serve_faults(&mut self.asks, policy, Duration::ZERO, &mut Vec::new())
-            .map_err(|e| io(e.to_string()))?;
+            .map_err(|e| io(e.into()))?;
         let ask = std::mem::take(&mut self.asks.0);
         if let (false, Some(link)) = (ask.is_empty(), link) {
             super::trace(format_args!("dest: fault request {ask:?}"));
@@ -1284,7 +1388,7 @@ impl Postcopy {
 
     /// The connection broke: wait for the source to reconnect (faults keep being recorded),
     /// tell it what is still missing, ask again for the faulted pages.
-    fn recover(&mut self, cause: LinkError) -> Result<Link, String> {
+    fn recover(&mut self, cause: LinkError) -> Result<Link, DestError> {
         tracing::warn!("post-copy connection lost ({cause}); waiting for the source");
         self.dest.set(Phase::Recovering, None);
         let deadline = Instant::now() + self.recovery_timeout;
@@ -1292,15 +1396,14 @@ impl Postcopy {
         let mut acceptor: Option<Acceptor> = None;
         loop {
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "the source did not come back within {:?} after {cause}; {} pages of the \
-                     guest are lost",
-                    self.recovery_timeout,
-                    self.server.remaining()
-                ));
+                return Err(DestError::Lost {
+                    timeout: self.recovery_timeout,
+                    lost: self.server.remaining(),
+                    cause,
+                });
             }
             // Faults are recorded (and asked for once the source is back).
-            self.serve_faults(None).map_err(|e| e.to_string())?;
+            self.serve_faults(None)?;
             let acc = match &mut acceptor {
                 Some(a) => a,
                 None => acceptor.insert(Acceptor::start(
@@ -1378,7 +1481,7 @@ mod tests {
                 let payload = pages_payload(first, span, present, 0, span as usize);
                 let err =
                     write_pages(&ram, &payload, &mut written, populated, &mut dec).unwrap_err();
-                assert!(err.contains("run past guest memory"), "{err}");
+                assert!(matches!(err, DestError::PastEnd { .. }), "{err}");
             }
             // The last page of guest memory is still accepted, one past it is not.
             let ok = pages_payload(pages - 1, 1, 1, 0, 1);

@@ -13,9 +13,9 @@ mod source;
 pub mod tls;
 pub mod wire;
 
-pub use dest::{receive, Arrived, DestProgress, MigrationDest, PreparedRam, CANCELLED};
+pub use dest::{receive, Arrived, DestError, DestProgress, MigrationDest, PreparedRam, CANCELLED};
 pub use link::{Link, LinkError};
-pub use source::{Harvest, MigrationSource, Report, Sample, SourceConfig, SourceVm};
+pub use source::{Harvest, MigrationSource, Report, Sample, SourceConfig, SourceError, SourceVm};
 
 use serde::Serialize;
 

@@ -177,17 +177,69 @@ pub struct MigrationSource {
     held: AtomicBool,
 }
 
+/// Why a migration could not start, a request of the migration service was refused, or the
+/// migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The connection failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// No thread for the sender.
+    #[error("cannot start the migration thread: {0}")]
+    Thread(std::io::Error),
+    /// A bitmap longer than guest memory.
+    #[error("bitmap of {got} words is longer than guest memory ({words} words)")]
+    Bitmap {
+        /// Words given.
+        got: usize,
+        /// Words of guest memory.
+        words: usize,
+    },
+    /// A range past guest memory.
+    #[error("pages {first}+{n} run past guest memory ({pages} pages)")]
+    PastEnd {
+        /// First page.
+        first: u64,
+        /// Pages.
+        n: u64,
+        /// Guest pages.
+        pages: u64,
+    },
+    /// Pages queued after the migration ended.
+    #[error("the migration is {0:?}: nothing more can be queued")]
+    Ended(Phase),
+    /// Encoding options refused.
+    #[error(transparent)]
+    Encoding(#[from] super::cnet::CnetError),
+    /// Encodings chosen twice or after pages went out.
+    #[error("set-encoding: the encodings are chosen once, before the first page is sent")]
+    EncodingLate,
+    /// A second or late switch-over.
+    #[error("switch-over requested twice or too late (the migration is {0:?})")]
+    SwitchLate(Phase),
+    /// The migration was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// Post-copy's destination did not come back.
+    #[error("post-copy: the destination is unreachable since {cause} and did not come back within {timeout:?}; the guest ran there, so its CPU state here is stale: the source stays paused with every page of memory")]
+    Unreachable {
+        /// What broke the link.
+        cause: LinkError,
+        /// The recovery timeout.
+        timeout: Duration,
+    },
+}
+
 impl MigrationSource {
     /// Connects to the destination (TLS, hello) and starts the sender thread. Nothing is sent
     /// until the service queues pages.
-    pub fn start(vm: Arc<dyn SourceVm>, cfg: SourceConfig) -> Result<Arc<Self>, String> {
+    pub fn start(vm: Arc<dyn SourceVm>, cfg: SourceConfig) -> Result<Arc<Self>, SourceError> {
         let started = Instant::now();
         let ram = vm.ram().clone();
         let pages = ram.size() / PAGE as u64;
         let session = started.elapsed().as_nanos() as u64 ^ ((std::process::id() as u64) << 32);
-        let mut link = hello(&cfg, ram.size(), session, false).map_err(|e| e.to_string())?;
-        link.send(&Frame::Machine(vm.machine()))
-            .map_err(|e| e.to_string())?;
+        let mut link = hello(&cfg, ram.size(), session, false)?;
+        link.send(&Frame::Machine(vm.machine()))?;
         let words = pages.div_ceil(64) as usize;
         let src = Arc::new(MigrationSource {
             st: Mutex::new(State {
@@ -248,7 +300,7 @@ impl MigrationSource {
                 let r = sender.run();
                 sender.finish(r);
             })
-            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+            .map_err(SourceError::Thread)?;
         Ok(src)
     }
 
@@ -258,15 +310,15 @@ impl MigrationSource {
     }
 
     /// Queues the pages set in `bitmap` for sending; `round` counts them into that round.
-    pub fn queue_bitmap(&self, bitmap: &[u64], round: u32) -> Result<u64, String> {
+    pub fn queue_bitmap(&self, bitmap: &[u64], round: u32) -> Result<u64, SourceError> {
         let mut st = lock(&self.st);
         self.check_queue(&st)?;
         let words = st.pending.len();
         if bitmap.len() > words {
-            return Err(format!(
-                "bitmap of {} words is longer than guest memory ({words} words)",
-                bitmap.len()
-            ));
+            return Err(SourceError::Bitmap {
+                got: bitmap.len(),
+                words,
+            });
         }
         let mut added = 0;
         for (i, w) in bitmap.iter().enumerate() {
@@ -280,16 +332,22 @@ impl MigrationSource {
     }
 
     /// Queues pages `[first, first+count)`; `urgent` sends them before the pending bitmap.
-    pub fn queue_range(&self, first: u64, n: u64, urgent: bool, round: u32) -> Result<(), String> {
-        let end = first
-            .checked_add(n)
-            .filter(|&e| e <= self.pages)
-            .ok_or_else(|| {
-                format!(
-                    "pages {first}+{n} run past guest memory ({} pages)",
-                    self.pages
-                )
-            })?;
+    pub fn queue_range(
+        &self,
+        first: u64,
+        n: u64,
+        urgent: bool,
+        round: u32,
+    ) -> Result<(), SourceError> {
+        let end =
+            first
+                .checked_add(n)
+                .filter(|&e| e <= self.pages)
+                .ok_or(SourceError::PastEnd {
+                    first,
+                    n,
+                    pages: self.pages,
+                })?;
         let mut st = lock(&self.st);
         self.check_queue(&st)?;
         if urgent {
@@ -306,24 +364,20 @@ impl MigrationSource {
         Ok(())
     }
 
-    fn check_queue(&self, st: &State) -> Result<(), String> {
+    fn check_queue(&self, st: &State) -> Result<(), SourceError> {
         match st.phase {
             Phase::Precopy | Phase::Postcopy | Phase::Recovering => Ok(()),
-            p => Err(format!(
-                "the migration is {p:?}: nothing more can be queued"
-            )),
+            p => Err(SourceError::Ended(p)),
         }
     }
 
     /// Chooses the page encodings (CloudNet's redundancy cache and deltas) for this migration:
     /// once, before the first page goes out, as both ends' caches start empty together.
-    pub fn set_encoding(&self, enc: Encoding) -> Result<(), String> {
+    pub fn set_encoding(&self, enc: Encoding) -> Result<(), SourceError> {
         enc.check()?;
         let mut st = lock(&self.st);
         if st.phase != Phase::Precopy || st.encoding_set || st.report.pages_sent > 0 {
-            return Err(
-                "set-encoding: the encodings are chosen once, before the first page is sent".into(),
-            );
+            return Err(SourceError::EncodingLate);
         }
         st.encoding_set = true;
         st.encoding = Some(enc);
@@ -336,13 +390,10 @@ impl MigrationSource {
         &self,
         mode: SwitchMode,
         final_dirty: Option<Harvest>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SourceError> {
         let mut st = lock(&self.st);
         if st.phase != Phase::Precopy || st.switch.is_some() {
-            return Err(format!(
-                "switch-over requested twice or too late (the migration is {:?})",
-                st.phase
-            ));
+            return Err(SourceError::SwitchLate(st.phase));
         }
         st.switch = Some((mode, final_dirty));
         Ok(())
@@ -855,11 +906,11 @@ impl Sender<'_> {
         Ok(())
     }
 
-    fn run(&mut self) -> Result<Outcome, String> {
+    fn run(&mut self) -> Result<Outcome, SourceError> {
         loop {
             if self.src.cancel.load(Ordering::Acquire) && !self.paused {
                 let _ = self.link.send(&Frame::Error("the source cancelled".into()));
-                return Err("cancelled".into());
+                return Err(SourceError::Cancelled);
             }
             let phase = self.st().phase;
             let r = match phase {
@@ -873,7 +924,7 @@ impl Sender<'_> {
                 Err(e) if phase == Phase::Postcopy || self.st().phase == Phase::Postcopy => {
                     self.recover(e)?;
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             }
             self.sample();
         }
@@ -1033,7 +1084,7 @@ impl Sender<'_> {
 
     /// Post-copy lost its connection: reconnect (the destination waits for us), learn which
     /// pages it still lacks and go on.
-    fn recover(&mut self, cause: LinkError) -> Result<(), String> {
+    fn recover(&mut self, cause: LinkError) -> Result<(), SourceError> {
         tracing::warn!("migration: post-copy connection lost ({cause}); reconnecting");
         {
             let mut st = self.st();
@@ -1045,12 +1096,10 @@ impl Sender<'_> {
         let deadline = Instant::now() + self.cfg.recovery_timeout;
         loop {
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "post-copy: the destination is unreachable since {cause} and did not come \
-                     back within {:?}; the guest ran there, so its CPU state here is stale: the \
-                     source stays paused with every page of memory",
-                    self.cfg.recovery_timeout
-                ));
+                return Err(SourceError::Unreachable {
+                    cause,
+                    timeout: self.cfg.recovery_timeout,
+                });
             }
             match hello(&self.cfg, self.ram.size(), self.session, true) {
                 Ok(mut link) => match link.expect(Duration::from_secs(10), "needed") {
@@ -1078,7 +1127,7 @@ impl Sender<'_> {
         }
     }
 
-    fn finish(&mut self, r: Result<Outcome, String>) {
+    fn finish(&mut self, r: Result<Outcome, SourceError>) {
         let mut st = self.st();
         st.report.bytes_per_link.push(self.link.wire_bytes);
         st.report.bytes = st.report.bytes_per_link.iter().sum();
@@ -1093,7 +1142,8 @@ impl Sender<'_> {
                 // may run at the destination: stay paused and say so.
                 let resumable = st.phase == Phase::Precopy && !self.committed;
                 st.phase = Phase::Failed;
-                let mut msg = e;
+                // The report and the status carry the text.
+                let mut msg = e.to_string();
                 if self.committed && st.report.handover != "postcopy" {
                     st.in_doubt = true;
                     msg = format!(

@@ -24,32 +24,87 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(p)
 }
 
+/// Why TLS material could not be loaded or made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file is missing or malformed.
+    #[error("{path}: {err}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// Cause.
+        err: rustls::pki_types::pem::Error,
+    },
+    /// A certificate file holds no certificate.
+    #[error("{0}: no certificate in it")]
+    NoCertificate(String),
+    /// The CA certificate is refused.
+    #[error("{path}: {err}")]
+    Root {
+        /// The file.
+        path: String,
+        /// Cause.
+        err: rustls::Error,
+    },
+    /// The client verifier could not be built from the CA.
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// rustls refused the protocol versions.
+    #[error("{0}")]
+    Protocol(rustls::Error),
+    /// The node's certificate chain or key is refused.
+    #[error("node certificate: {0}")]
+    Node(rustls::Error),
+    /// Certificate generation failed.
+    #[error("{0}")]
+    Generate(#[from] rcgen::Error),
+    /// Writing generated material failed.
+    #[error("{path}: {err}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Cause.
+        err: std::io::Error,
+    },
+}
+
+fn io_at(path: &Path) -> impl Fn(std::io::Error) -> TlsError + '_ {
+    move |err| TlsError::Io {
+        path: path.display().to_string(),
+        err,
+    }
+}
+
 struct Material {
     roots: RootCertStore,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 }
 
-fn load(dir: &Path) -> Result<Material, String> {
-    let file = |n: &str| dir.join(n);
-    let certs = |n: &str| -> Result<Vec<CertificateDer<'static>>, String> {
-        let v = CertificateDer::pem_file_iter(file(n))
-            .map_err(|e| format!("{}: {e}", file(n).display()))?
+fn load(dir: &Path) -> Result<Material, TlsError> {
+    let file = |n: &str| dir.join(n).display().to_string();
+    let pem = |n: &str| {
+        let path = file(n);
+        move |err| TlsError::Pem { path, err }
+    };
+    let certs = |n: &str| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let v = CertificateDer::pem_file_iter(dir.join(n))
+            .map_err(pem(n))?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: {e}", file(n).display()))?;
+            .map_err(pem(n))?;
         if v.is_empty() {
-            return Err(format!("{}: no certificate in it", file(n).display()));
+            return Err(TlsError::NoCertificate(file(n)));
         }
         Ok(v)
     };
     let mut roots = RootCertStore::empty();
     for c in certs("ca.pem")? {
-        roots
-            .add(c)
-            .map_err(|e| format!("{}: {e}", file("ca.pem").display()))?;
+        roots.add(c).map_err(|err| TlsError::Root {
+            path: file("ca.pem"),
+            err,
+        })?;
     }
-    let key = PrivateKeyDer::from_pem_file(file("node.key"))
-        .map_err(|e| format!("{}: {e}", file("node.key").display()))?;
+    let key = PrivateKeyDer::from_pem_file(dir.join("node.key")).map_err(pem("node.key"))?;
     Ok(Material {
         roots,
         chain: certs("node.pem")?,
@@ -58,30 +113,29 @@ fn load(dir: &Path) -> Result<Material, String> {
 }
 
 /// The destination's configuration: TLS 1.3 only, client certificates required.
-pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let m = load(dir)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(m.roots), provider())
-        .build()
-        .map_err(|e| format!("client verifier: {e}"))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(m.roots), provider()).build()?;
     let cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Protocol)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(m.chain, m.key)
-        .map_err(|e| format!("node certificate: {e}"))?;
+        .map_err(TlsError::Node)?;
     Ok(Arc::new(cfg))
 }
 
 /// The source's configuration: TLS 1.3 only, the destination checked against the CA, our
 /// certificate presented.
-pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, String> {
+pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, TlsError> {
     let m = load(dir)?;
     let cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Protocol)?
         .with_root_certificates(m.roots)
         .with_client_auth_cert(m.chain, m.key)
-        .map_err(|e| format!("node certificate: {e}"))?;
+        .map_err(TlsError::Node)?;
     Ok(Arc::new(cfg))
 }
 
@@ -93,36 +147,35 @@ pub fn server_name() -> ServerName<'static> {
 /// Writes a new CA (`ca.pem`, `ca.key`) and one node certificate signed by it (`node.pem`,
 /// `node.key`, usable as server and client) into `out`. Copy the directory without `ca.key`
 /// to every node.
-pub fn generate(out: &Path) -> Result<(), String> {
+pub fn generate(out: &Path) -> Result<(), TlsError> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
         KeyUsagePurpose,
     };
-    let err = |e: rcgen::Error| e.to_string();
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    std::fs::create_dir_all(out).map_err(io_at(out))?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name
         .push(DnType::CommonName, "spanvmm migration CA");
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate().map_err(err)?;
-    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
-    let mut node = CertificateParams::new(vec![SERVER_NAME.to_string()]).map_err(err)?;
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let mut node = CertificateParams::new(vec![SERVER_NAME.to_string()])?;
     node.distinguished_name
         .push(DnType::CommonName, "spanvmm node");
     node.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    let node_key = KeyPair::generate().map_err(err)?;
-    let node_cert = node.signed_by(&node_key, &ca_cert, &ca_key).map_err(err)?;
-    let write = |name: &str, text: String, private: bool| -> Result<(), String> {
+    let node_key = KeyPair::generate()?;
+    let node_cert = node.signed_by(&node_key, &ca_cert, &ca_key)?;
+    let write = |name: &str, text: String, private: bool| -> Result<(), TlsError> {
         let p = out.join(name);
-        std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+        std::fs::write(&p, text).map_err(io_at(&p))?;
         if private {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| format!("{}: {e}", p.display()))?;
+                .map_err(io_at(&p))?;
         }
         Ok(())
     };
