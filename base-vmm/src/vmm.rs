@@ -363,11 +363,6 @@ impl VmControl {
         &self.machine
     }
 
-    /// The CPU the guest was given.
-    pub fn cpu_model(&self) -> &CpuModel {
-        &self.cpu
-    }
-
     /// Captures the whole VM state except memory (vCPUs must be paused).
     pub fn capture_state(&self) -> Result<VmState, VmmError> {
         Self::refuse_on_vcpu_thread("capturing the VM state")?;

@@ -69,11 +69,6 @@ impl TrustedFile {
         &self.file
     }
 
-    /// The open file, owned.
-    pub fn into_file(self) -> File {
-        self.file
-    }
-
     /// The canonical path (symlinks resolved) that was opened.
     pub fn path(&self) -> &Path {
         &self.path
