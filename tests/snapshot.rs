@@ -909,3 +909,71 @@ fn a_state_with_an_unknown_section_is_refused() {
     let back = restore("unknown-section-back", &good, &[]);
     back.assert_verify_clean(1);
 }
+
+/// exit-stats's port (`workload=exits` writes it continuously).
+const STORM: &str = r#"{"base":2768,"len":1}"#;
+
+/// exit-stats's count of the guest's port writes: its own state, which it hands over.
+fn writes(vm: &VmProcess) -> u64 {
+    let out = json(&vm.ctl_ok(&["plugin", "call", "exit-stats", "stats"]));
+    out["result"]["writes"].as_u64().unwrap()
+}
+
+#[test]
+fn a_snapshot_carries_a_services_state() {
+    let vm = VmProcess::boot(
+        "svc-state",
+        "workload=dirty,exits,verify mib=16 wss=4 rate=20000 exits=500 report_ms=100 stall_us=1000",
+        128,
+        1,
+    );
+    let exit_stats = plugin("libexit-stats.so");
+    vm.ctl_ok(&["plugin", "attach", &exit_stats, "--config", STORM]);
+    let deadline = std::time::Instant::now() + T;
+    while writes(&vm) < 1000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest does not write"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let root = TempDir::new("svc-state");
+    let dir = root.0.join("l0");
+    let before = writes(&vm);
+    snapshot(&vm, &["--dir", s(&dir)]);
+    // The VM keeps running with its service: asked for its state, not detached.
+    let after = writes(&vm);
+    assert!(
+        after >= before,
+        "the source's count went back: {before} -> {after}"
+    );
+    vm.assert_verify_clean(1);
+    vm.ctl_ok(&["shutdown"]);
+    drop(vm);
+    // Restored paused: the guest has not written once here, so the count is the saved one.
+    let back = VmProcess::start("svc-state-back", &["--restore", s(&dir), "--paused"]);
+    let deadline = std::time::Instant::now() + T;
+    while !back.api.exists() {
+        assert!(std::time::Instant::now() < deadline, "{}", back.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let list = back.ctl_ok(&["plugin", "list"]);
+    assert!(list.contains("exit-stats"), "{list}");
+    // The checkpoint service drove the snapshot: not attached again, and not listed failed.
+    assert!(!list.contains("checkpoint"), "{list}");
+    let restored = writes(&back);
+    assert!(
+        restored >= before,
+        "exit-stats did not get its state back: {restored} < {before}"
+    );
+    back.ctl_ok(&["resume"]);
+    let deadline = std::time::Instant::now() + T;
+    while writes(&back) <= restored {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the count does not go on"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    back.assert_verify_clean(1);
+}

@@ -503,6 +503,7 @@ impl PreparedVm {
         };
         let vmm = Vmm::assemble(self.vm, handles, dev, self.machine, cpu, run, true);
         *lock(&vmm.ctl.secrets) = state.api_secrets.clone();
+        *lock(&vmm.service_sections) = state.services.clone();
         Ok(vmm)
     }
 }
@@ -691,6 +692,9 @@ pub struct Vmm {
     restored: bool,
     /// The lazy restore feeding guest memory, if any.
     lazy: Option<LazyLoader>,
+    /// The `service/<name>` sections of the state this VM was built from, until the service
+    /// layer takes them to attach the services again (opaque here).
+    service_sections: Mutex<Vec<crate::state::Section>>,
 }
 
 /// Devices of a VM, before the bus is sealed.
@@ -1094,6 +1098,7 @@ impl Vmm {
             started: Instant::now(),
             restored,
             lazy: None,
+            service_sections: Mutex::new(Vec::new()),
         }
     }
 
@@ -1141,6 +1146,12 @@ impl Vmm {
     /// Captures the whole VM state except memory (vCPUs must be paused).
     pub fn capture_state(&self) -> Result<VmState, VmmError> {
         self.ctl.capture_state()
+    }
+
+    /// Takes the `service/<name>` sections of the state this VM was restored from (empty
+    /// for a booted VM, and after the first call): the service layer attaches them again.
+    pub fn take_service_sections(&self) -> Vec<crate::state::Section> {
+        std::mem::take(&mut *lock(&self.service_sections))
     }
 
     /// Saves the VM into `dir` as a full snapshot layer, stopping the world: a running VM is
