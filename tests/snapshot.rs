@@ -976,4 +976,22 @@ fn a_snapshot_carries_a_services_state() {
         std::thread::sleep(Duration::from_millis(20));
     }
     back.assert_verify_clean(1);
+    back.ctl_ok(&["shutdown"]);
+    drop(back);
+    // A service the restoring VMM may not attach (its policy refuses native files) does not
+    // stop the VM: it runs, and the service is listed as failed, saying why.
+    let refused = VmProcess::start(
+        "svc-state-refused",
+        &["--restore", s(&dir), "--no-native-plugins"],
+    );
+    refused.wait_line("SPANGUEST stat", T);
+    let list = json(&refused.ctl_ok(&["plugin", "list"]));
+    let entry = list
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["name"] == "exit-stats"))
+        .unwrap_or_else(|| panic!("exit-stats not listed: {list}"));
+    assert_eq!(entry["state"], "failed", "{entry}");
+    let reason = entry["reason"].as_str().unwrap();
+    assert!(reason.contains("not attached again"), "{reason}");
+    refused.assert_verify_clean(1);
 }
