@@ -979,10 +979,11 @@ fn a_snapshot_carries_a_services_state() {
     back.ctl_ok(&["shutdown"]);
     drop(back);
     // A service the restoring VMM may not attach (its policy refuses native files) does not
-    // stop the VM: it runs, and the service is listed as failed, saying why.
+    // stop the VM (a lazy restore here): it runs, and the service is listed as failed, saying
+    // why.
     let refused = VmProcess::start(
         "svc-state-refused",
-        &["--restore", s(&dir), "--no-native-plugins"],
+        &["--restore", s(&dir), "--lazy", "--no-native-plugins"],
     );
     refused.wait_line("SPANGUEST stat", T);
     let list = json(&refused.ctl_ok(&["plugin", "list"]));

@@ -976,11 +976,12 @@ impl Vmm {
         }
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
         let loader = load_memory(&ram, chain, how.lazy, dir, &state)?;
+        // A VM saved with services waits for them (the caller resumes it once they are back).
         let mut vmm = Vmm::prepare(ram, &state.machine)?.finish(
             &state,
             how.serial_spec,
             how.events,
-            how.start_paused,
+            how.start_paused || !state.services.is_empty(),
         )?;
         vmm.feed_from(loader);
         Ok(vmm)

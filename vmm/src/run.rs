@@ -144,8 +144,9 @@ pub fn run(
             let how = RestoreHow {
                 serial_spec: &serial,
                 events: vcpu_tx,
-                // It waits for its services (the saved ones and --plugin's) before it runs.
-                start_paused: true,
+                // It waits for its --plugin services (and base-vmm keeps one saved with
+                // services paused for them) before it runs.
+                start_paused: paused || !plugins.is_empty(),
                 lazy,
                 key: key.as_ref(),
             };
