@@ -996,3 +996,73 @@ fn a_snapshot_carries_a_services_state() {
     assert!(reason.contains("not attached again"), "{reason}");
     refused.assert_verify_clean(1);
 }
+
+/// `PUT /vm/save` carries the services' states too (the checkpoint service attached by an
+/// earlier snapshot is one of them now: it does not drive this save), and a standby VMM's
+/// `snapshot load` attaches them again.
+#[test]
+fn a_save_and_a_standby_load_carry_the_services_states() {
+    let vm = VmProcess::boot(
+        "svc-save",
+        "workload=dirty,exits,verify mib=16 wss=4 rate=20000 exits=500 report_ms=100 stall_us=1000",
+        128,
+        1,
+    );
+    vm.ctl_ok(&[
+        "plugin",
+        "attach",
+        &plugin("libexit-stats.so"),
+        "--config",
+        STORM,
+    ]);
+    let root = TempDir::new("svc-save");
+    // --track: the checkpoint service stays attached, tracking dirty pages.
+    snapshot(&vm, &["--dir", s(&root.0.join("cp")), "--track"]);
+    let deadline = std::time::Instant::now() + T;
+    while writes(&vm) < 1000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest does not write"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vm.ctl_ok(&["pause"]);
+    let before = writes(&vm);
+    let dir = root.0.join("saved");
+    vm.ctl_ok(&["save", "--dir", s(&dir)]);
+    assert_eq!(
+        writes(&vm),
+        before,
+        "the paused VM's service lost or gained counts"
+    );
+    vm.ctl_ok(&["shutdown"]);
+    drop(vm);
+    let standby = VmProcess::start("svc-standby", &["--standby", "--memory", "128"]);
+    let t = std::time::Instant::now();
+    while !standby.ctl(&["status"]).0 {
+        assert!(t.elapsed() < T, "{}", standby.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = json(&standby.ctl_ok(&["snapshot", "load", "--dir", s(&dir), "--paused"]));
+    assert_eq!(r["state"], "paused", "{r}");
+    let list = standby.ctl_ok(&["plugin", "list"]);
+    assert!(
+        list.contains("exit-stats") && list.contains("checkpoint"),
+        "{list}"
+    );
+    assert_eq!(
+        writes(&standby),
+        before,
+        "exit-stats did not get its state back"
+    );
+    standby.ctl_ok(&["resume"]);
+    let deadline = std::time::Instant::now() + T;
+    while writes(&standby) <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the count does not go on"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    standby.assert_verify_clean(1);
+}
