@@ -1336,6 +1336,7 @@ impl ServiceManager {
     /// whose detach fails is recorded as declined with its reason (and is gone, as after any
     /// failure). Call with the vCPUs paused.
     pub fn save_states(&self, driver: Option<u64>) -> Vec<ServiceRecord> {
+        let t0 = Instant::now();
         let migrating = lock(&self.shared.migration).is_some();
         let mut c = self.control();
         self.sweep(&mut c);
@@ -1402,6 +1403,14 @@ impl ServiceManager {
                 async_port_writes: old.async_port_writes,
                 state,
             }));
+        }
+        if !out.is_empty() {
+            // What asking the services adds to the pause of a snapshot or migration.
+            tracing::info!(
+                "{} service state(s) saved in {} µs",
+                out.len(),
+                t0.elapsed().as_micros()
+            );
         }
         out
     }
