@@ -608,6 +608,11 @@ impl ServiceCtx {
 
     pub(crate) fn snapshot_commit(&self, job: u32) -> Result<(), CallError> {
         self.require(Capability::Snapshot, "snapshot commit")?;
+        // Not from a vCPU thread (vcpu_wait refuses it too, but only after the services would
+        // have been asked).
+        if self.in_vcpu_event.load(Ordering::Acquire) {
+            return Err(CallError::OnVcpuThread("snapshot commit"));
+        }
         // This service is inside its own call: it is recorded as driving the snapshot.
         let services = self
             .shared
