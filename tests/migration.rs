@@ -1013,3 +1013,66 @@ fn periodic_layers_wait_while_a_migration_owns_the_vm() {
     assert_eq!(wait_exit(&mut src, "the source"), Some(0));
     check_arrived(&dst, 1000);
 }
+
+/// exit-stats's count of the guest's port writes: its own state, which it hands over.
+fn writes(vm: &VmProcess) -> u64 {
+    let out = vm.ctl_ok(&["plugin", "call", "exit-stats", "stats"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["result"]["writes"].as_u64().unwrap()
+}
+
+#[test]
+fn a_migration_carries_a_services_state() {
+    let tmp = TempDir::new("mig-svc");
+    let tls = certs(&tmp, "tls");
+    let addr = format!("tls://127.0.0.1:{}", free_port());
+    let dst = destination("mig-svc-dst", &[], &addr, &tls, &[]);
+    let mut src = VmProcess::boot(
+        "mig-svc-src",
+        "workload=dirty,exits,verify mib=16 wss=4 rate=20000 exits=500 report_ms=200 stall_us=2000",
+        MEM,
+        1,
+    );
+    src.ctl_ok(&[
+        "plugin",
+        "attach",
+        &plugin("libexit-stats.so"),
+        "--config",
+        r#"{"base":2768,"len":1}"#,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while writes(&src) < 1000 {
+        assert!(Instant::now() < deadline, "the guest does not write");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Paused by the operator, the guest arrives paused: it has not written once at the
+    // destination when its count is read there.
+    src.ctl_ok(&["pause"]);
+    let before = writes(&src);
+    let (ok, out, _) = migrate(
+        &src,
+        &[
+            "--to",
+            &addr,
+            "--plugin",
+            &plugin("precopy.wasm"),
+            "--tls-dir",
+            tls.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "migration failed: {out}\n{}", src.stderr());
+    assert_eq!(wait_exit(&mut src, "the source"), Some(0));
+    let list = dst.ctl_ok(&["plugin", "list"]);
+    assert!(list.contains("exit-stats"), "{list}");
+    // The migration service drove the switch-over: it does not come along.
+    assert!(!list.contains("precopy"), "{list}");
+    let arrived = writes(&dst);
+    assert_eq!(arrived, before, "exit-stats did not arrive with its count");
+    dst.ctl_ok(&["resume"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while writes(&dst) <= arrived {
+        assert!(Instant::now() < deadline, "the count does not go on");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dst.assert_verify_clean(1);
+}

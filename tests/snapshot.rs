@@ -909,3 +909,160 @@ fn a_state_with_an_unknown_section_is_refused() {
     let back = restore("unknown-section-back", &good, &[]);
     back.assert_verify_clean(1);
 }
+
+/// exit-stats's port (`workload=exits` writes it continuously).
+const STORM: &str = r#"{"base":2768,"len":1}"#;
+
+/// exit-stats's count of the guest's port writes: its own state, which it hands over.
+fn writes(vm: &VmProcess) -> u64 {
+    let out = json(&vm.ctl_ok(&["plugin", "call", "exit-stats", "stats"]));
+    out["result"]["writes"].as_u64().unwrap()
+}
+
+#[test]
+fn a_snapshot_carries_a_services_state() {
+    let vm = VmProcess::boot(
+        "svc-state",
+        "workload=dirty,exits,verify mib=16 wss=4 rate=20000 exits=500 report_ms=100 stall_us=1000",
+        128,
+        1,
+    );
+    let exit_stats = plugin("libexit-stats.so");
+    vm.ctl_ok(&["plugin", "attach", &exit_stats, "--config", STORM]);
+    let deadline = std::time::Instant::now() + T;
+    while writes(&vm) < 1000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest does not write"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let root = TempDir::new("svc-state");
+    let dir = root.0.join("l0");
+    let before = writes(&vm);
+    snapshot(&vm, &["--dir", s(&dir)]);
+    // The VM keeps running with its service: asked for its state, not detached.
+    let after = writes(&vm);
+    assert!(
+        after >= before,
+        "the source's count went back: {before} -> {after}"
+    );
+    vm.assert_verify_clean(1);
+    vm.ctl_ok(&["shutdown"]);
+    drop(vm);
+    // Restored paused: the guest has not written once here, so the count is the saved one.
+    let back = VmProcess::start("svc-state-back", &["--restore", s(&dir), "--paused"]);
+    let deadline = std::time::Instant::now() + T;
+    while !back.api.exists() {
+        assert!(std::time::Instant::now() < deadline, "{}", back.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let list = back.ctl_ok(&["plugin", "list"]);
+    assert!(list.contains("exit-stats"), "{list}");
+    // The checkpoint service drove the snapshot: not attached again, and not listed failed.
+    assert!(!list.contains("checkpoint"), "{list}");
+    let restored = writes(&back);
+    assert!(
+        restored >= before,
+        "exit-stats did not get its state back: {restored} < {before}"
+    );
+    back.ctl_ok(&["resume"]);
+    let deadline = std::time::Instant::now() + T;
+    while writes(&back) <= restored {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the count does not go on"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    back.assert_verify_clean(1);
+    back.ctl_ok(&["shutdown"]);
+    drop(back);
+    // A service the restoring VMM may not attach (its policy refuses native files) does not
+    // stop the VM (a lazy restore here): it runs, and the service is listed as failed, saying
+    // why.
+    let refused = VmProcess::start(
+        "svc-state-refused",
+        &["--restore", s(&dir), "--lazy", "--no-native-plugins"],
+    );
+    refused.wait_line("SPANGUEST stat", T);
+    let list = json(&refused.ctl_ok(&["plugin", "list"]));
+    let entry = list
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["name"] == "exit-stats"))
+        .unwrap_or_else(|| panic!("exit-stats not listed: {list}"));
+    assert_eq!(entry["state"], "failed", "{entry}");
+    let reason = entry["reason"].as_str().unwrap();
+    assert!(reason.contains("not attached again"), "{reason}");
+    refused.assert_verify_clean(1);
+}
+
+/// `PUT /vm/save` carries the services' states too (the checkpoint service attached by an
+/// earlier snapshot is one of them now: it does not drive this save), and a standby VMM's
+/// `snapshot load` attaches them again.
+#[test]
+fn a_save_and_a_standby_load_carry_the_services_states() {
+    let vm = VmProcess::boot(
+        "svc-save",
+        "workload=dirty,exits,verify mib=16 wss=4 rate=20000 exits=500 report_ms=100 stall_us=1000",
+        128,
+        1,
+    );
+    vm.ctl_ok(&[
+        "plugin",
+        "attach",
+        &plugin("libexit-stats.so"),
+        "--config",
+        STORM,
+    ]);
+    let root = TempDir::new("svc-save");
+    // --track: the checkpoint service stays attached, tracking dirty pages.
+    snapshot(&vm, &["--dir", s(&root.0.join("cp")), "--track"]);
+    let deadline = std::time::Instant::now() + T;
+    while writes(&vm) < 1000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest does not write"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vm.ctl_ok(&["pause"]);
+    let before = writes(&vm);
+    let dir = root.0.join("saved");
+    vm.ctl_ok(&["save", "--dir", s(&dir)]);
+    assert_eq!(
+        writes(&vm),
+        before,
+        "the paused VM's service lost or gained counts"
+    );
+    vm.ctl_ok(&["shutdown"]);
+    drop(vm);
+    let standby = VmProcess::start("svc-standby", &["--standby", "--memory", "128"]);
+    let t = std::time::Instant::now();
+    while !standby.ctl(&["status"]).0 {
+        assert!(t.elapsed() < T, "{}", standby.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = json(&standby.ctl_ok(&["snapshot", "load", "--dir", s(&dir), "--paused"]));
+    assert_eq!(r["state"], "paused", "{r}");
+    let list = standby.ctl_ok(&["plugin", "list"]);
+    assert!(
+        list.contains("exit-stats") && list.contains("checkpoint"),
+        "{list}"
+    );
+    assert_eq!(
+        writes(&standby),
+        before,
+        "exit-stats did not get its state back"
+    );
+    standby.ctl_ok(&["resume"]);
+    let deadline = std::time::Instant::now() + T;
+    while writes(&standby) <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the count does not go on"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    standby.assert_verify_clean(1);
+}

@@ -496,6 +496,7 @@ impl PreparedVm {
         };
         let vmm = Vmm::assemble(self.vm, handles, dev, self.machine, cpu, run, true);
         *lock(&vmm.ctl.secrets) = state.api_secrets.clone();
+        *lock(&vmm.service_sections) = state.services.clone();
         Ok(vmm)
     }
 }
@@ -678,6 +679,9 @@ pub struct Vmm {
     restored: bool,
     /// The lazy restore feeding guest memory, if any.
     lazy: Option<LazyLoader>,
+    /// The `service/<name>` sections of the state this VM was built from, until the service
+    /// layer takes them to attach the services again (opaque here).
+    service_sections: Mutex<Vec<crate::state::Section>>,
 }
 
 /// Devices of a VM, before the bus is sealed.
@@ -959,11 +963,12 @@ impl Vmm {
         }
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
         let loader = load_memory(&ram, chain, how.lazy, &state)?;
+        // A VM saved with services waits for them (the caller resumes it once they are back).
         let mut vmm = Vmm::prepare(ram, &state.machine)?.finish(
             &state,
             how.serial_spec,
             how.events,
-            how.start_paused,
+            how.start_paused || !state.services.is_empty(),
         )?;
         vmm.feed_from(loader);
         Ok(vmm)
@@ -1081,6 +1086,7 @@ impl Vmm {
             started: Instant::now(),
             restored,
             lazy: None,
+            service_sections: Mutex::new(Vec::new()),
         }
     }
 
@@ -1128,6 +1134,12 @@ impl Vmm {
     /// Captures the whole VM state except memory (vCPUs must be paused).
     pub fn capture_state(&self) -> Result<VmState, VmmError> {
         self.ctl.capture_state()
+    }
+
+    /// Takes the `service/<name>` sections of the state this VM was restored from (empty
+    /// for a booted VM, and after the first call): the service layer attaches them again.
+    pub fn take_service_sections(&self) -> Vec<crate::state::Section> {
+        std::mem::take(&mut *lock(&self.service_sections))
     }
 
     /// Posts a command to the guest's mailbox (spanguest).

@@ -208,6 +208,8 @@ pub(crate) struct HostShared {
     /// Another operation that owns the VM's run state (a live update preparing), if any.
     pub vm_owner: Mutex<Option<String>>,
     pub snapshots: SnapshotEngine,
+    /// The manager, so that a layer a service commits carries the other services' states.
+    pub manager: OnceLock<std::sync::Weak<crate::manager::ServiceManager>>,
 }
 
 impl HostShared {
@@ -607,10 +609,23 @@ impl ServiceCtx {
 
     pub(crate) fn snapshot_commit(&self, job: u32) -> Result<(), CallError> {
         self.require(Capability::Snapshot, "snapshot commit")?;
+        // Not from a vCPU thread (vcpu_wait refuses it too, but only after the services would
+        // have been asked).
+        if self.in_vcpu_event.load(Ordering::Acquire) {
+            return Err(CallError::OnVcpuThread("snapshot commit"));
+        }
+        // This service is inside its own call: it is recorded as driving the snapshot.
+        let services = self
+            .shared
+            .manager
+            .get()
+            .and_then(|m| m.upgrade())
+            .map(|m| m.save_states(Some(self.id)))
+            .unwrap_or_default();
         self.vcpu_wait("snapshot commit", |h| {
             self.shared
                 .snapshots
-                .commit(self.id, job, h)
+                .commit(self.id, job, h, &services)
                 .map_err(HostError::Failed)
         })
     }

@@ -17,6 +17,11 @@ use spanvmm_sdk::{
 use crate::backend::{Backend, Fatal};
 use crate::ctx::{lock, ClaimSession, DirtyFanout, HostShared, Notification, ServiceCtx};
 use crate::error::ServiceError;
+use crate::service_state::ServiceRecord;
+use base_vmm::state::Section;
+
+/// Why a snapshot or migration records the service that drives it without its state.
+pub const DRIVES_THIS_OPERATION: &str = "drives this operation";
 use crate::host::VmHost;
 use crate::native::NativeService;
 use crate::trust::{FileRules, TrustedFile, MAX_SERVICE_FILE_BYTES};
@@ -242,6 +247,37 @@ pub struct ServiceInfo {
     pub stats: ServiceStats,
     /// Metrics the service recorded.
     pub metrics: BTreeMap<String, f64>,
+}
+
+impl ServiceInfo {
+    /// A service a restored or arrived VM's state names that is not back, listed as failed
+    /// with why (`path` is empty when it declined to save its state).
+    fn missing(name: &str, path: &Path, why: &str) -> Self {
+        let wasm = path.extension().is_some_and(|e| e == "wasm");
+        ServiceInfo {
+            async_port_writes: false,
+            name: name.to_string(),
+            version: String::new(),
+            kind: if wasm {
+                ServiceKind::Wasm
+            } else {
+                ServiceKind::Native
+            },
+            path: path.to_path_buf(),
+            state: ServiceState::Failed {
+                reason: why.to_string(),
+            },
+            events: Vec::new(),
+            ports: Vec::new(),
+            mmio: Vec::new(),
+            capabilities: Vec::new(),
+            tick_period_ms: 0,
+            attached_at_ms: now_ms(),
+            attach_us: 0,
+            stats: ServiceStats::default(),
+            metrics: BTreeMap::new(),
+        }
+    }
 }
 
 /// A service loaded and described, not attached yet.
@@ -473,6 +509,7 @@ impl ServiceManager {
                 migration: Mutex::new(None),
                 vm_owner: Mutex::new(None),
                 snapshots: Default::default(),
+                manager: OnceLock::new(),
             }),
             config,
             cache_dir,
@@ -483,6 +520,12 @@ impl ServiceManager {
             has_mmio: AtomicBool::new(false),
             async_delivery: OnceLock::new(),
         }
+    }
+
+    /// Lets snapshot layers committed by a service carry the other services' states (the
+    /// engine reaches the manager through this; call once the manager is in its `Arc`).
+    pub fn carry_states_in_snapshots(self: &Arc<Self>) {
+        let _ = self.shared.manager.set(Arc::downgrade(self));
     }
 
     /// Makes `m` the migration the `drives-migration` service drives (None: no migration).
@@ -510,7 +553,7 @@ impl ServiceManager {
             .ok_or_else(|| ServiceError::Save(format!("dir {} is not UTF-8", dir.display())))?;
         self.shared
             .snapshots
-            .save(&*self.shared.host, dir)
+            .save(&*self.shared.host, dir, &self.save_states(None))
             .map(|s| (s.layer_id, s.bytes_written))
             .map_err(ServiceError::Save)
     }
@@ -1281,6 +1324,150 @@ impl ServiceManager {
             }
         }
         (handed, failed)
+    }
+
+    /// Asks every attached service for its state without taking it from the VM (a snapshot,
+    /// a migration's state capture): each one detaches, handing its state back, and is at
+    /// once attached again from the same file, resumed from that state, in its place in the
+    /// event order. `driver` (the service whose host call commits the snapshot) and, while a
+    /// migration runs, the `drives-migration` service are not asked: calling into a service
+    /// that is inside a call of its own would deadlock. They are recorded as
+    /// `Declined("drives this operation")`, so a restore says why they are missing. A service
+    /// whose detach fails is recorded as declined with its reason (and is gone, as after any
+    /// failure). Call with the vCPUs paused.
+    pub fn save_states(&self, driver: Option<u64>) -> Vec<ServiceRecord> {
+        let t0 = Instant::now();
+        let migrating = lock(&self.shared.migration).is_some();
+        let mut c = self.control();
+        self.sweep(&mut c);
+        let slots: Vec<Arc<Slot>> = c.services.clone();
+        let mut out = Vec::with_capacity(slots.len());
+        for old in slots {
+            let name = old.name().to_string();
+            let drives = Some(old.id) == driver
+                || (migrating
+                    && old
+                        .manifest
+                        .capabilities
+                        .contains(&Capability::DrivesMigration));
+            if drives {
+                out.push(ServiceRecord::Declined {
+                    name,
+                    reason: DRIVES_THIS_OPERATION.into(),
+                });
+                continue;
+            }
+            let Some(i) = c.services.iter().position(|s| s.id == old.id) else {
+                continue;
+            };
+            let (old, r) = self.stop(&mut c, i);
+            let state = match r {
+                Ok(state) => state,
+                Err(e) => {
+                    lock(&self.shared.dirty).unregister(old.id, &*self.shared.host);
+                    tracing::warn!("service {name} declined to save its state: {e}");
+                    out.push(ServiceRecord::Declined {
+                        name,
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let had_dirty = old.manifest.capabilities.contains(&Capability::DirtyLog);
+            let opts = AttachOptions {
+                async_port_writes: old.async_port_writes,
+            };
+            let again = self.start(
+                &mut c,
+                &old.path,
+                &old.config,
+                opts,
+                Some(old.order),
+                Some(&state),
+                had_dirty.then_some(old.id),
+            );
+            match again {
+                Ok(slot) => {
+                    self.insert(&mut c, slot);
+                }
+                Err(e) => {
+                    // Its own state refused by the same file: it is broken, not the snapshot.
+                    lock(&self.shared.dirty).unregister(old.id, &*self.shared.host);
+                    tracing::error!("service {name} lost: not resumed from its own state: {e}");
+                }
+            }
+            out.push(ServiceRecord::Handed(HandedService {
+                name,
+                path: old.path.clone(),
+                config: old.config.clone(),
+                async_port_writes: old.async_port_writes,
+                state,
+            }));
+        }
+        if !out.is_empty() {
+            // What asking the services adds to the pause of a snapshot or migration.
+            tracing::info!(
+                "{} service state(s) saved in {} µs",
+                out.len(),
+                t0.elapsed().as_micros()
+            );
+        }
+        out
+    }
+
+    /// Attaches again the services a restored or arrived VM's state names (`service/<name>`
+    /// sections), each resumed from its state, with the same file policy as any attach. One
+    /// that cannot be attached (declined when saved, refused, unreadable) does not stop the
+    /// VM: it is logged, listed among the failed services with why, and returned.
+    pub fn restore_states(&self, sections: &[Section]) -> Vec<(String, String)> {
+        let mut missing = Vec::new();
+        for s in sections {
+            let (name, path, why) = match ServiceRecord::from_section(s) {
+                Ok(ServiceRecord::Handed(h)) if self.is_attached(&h.name) => {
+                    tracing::info!(
+                        "service {} was attached anew: its saved state is not used",
+                        h.name
+                    );
+                    continue;
+                }
+                Ok(ServiceRecord::Handed(h)) => match self.attach_handed(&h) {
+                    Ok(info) => {
+                        tracing::info!("service {} attached again with its state", info.name);
+                        continue;
+                    }
+                    Err(e) => (h.name.clone(), h.path, format!("not attached again: {e}")),
+                },
+                Ok(ServiceRecord::Declined { name, reason }) if reason == DRIVES_THIS_OPERATION => {
+                    // The checkpoint or migration service that made the state: it was never
+                    // meant to come back with the VM.
+                    tracing::info!("service {name} drove the save: not attached again");
+                    continue;
+                }
+                Ok(ServiceRecord::Declined { name, reason }) => (
+                    name,
+                    PathBuf::new(),
+                    format!("declined to save its state: {reason}"),
+                ),
+                Err(e) => (
+                    s.id.strip_prefix("service/").unwrap_or(&s.id).to_string(),
+                    PathBuf::new(),
+                    e.to_string(),
+                ),
+            };
+            tracing::warn!("service {name} is not back: {why}");
+            let mut c = self.control();
+            c.failed.retain(|f| f.name != name);
+            if c.failed.len() >= MAX_FAILED {
+                c.failed.pop_front();
+            }
+            c.failed.push_back(ServiceInfo::missing(&name, &path, &why));
+            missing.push((name, why));
+        }
+        missing
+    }
+
+    fn is_attached(&self, name: &str) -> bool {
+        self.control().services.iter().any(|s| s.name() == name)
     }
 
     /// Attaches a service handed over by another VMM process and resumes it from its state.

@@ -16,6 +16,7 @@ use crate::ctx::lock;
 // The SDK's types, on both sides of the boundary: what a service asks for a new layer, and a
 // job's progress.
 use crate::host::VmHost;
+use crate::service_state::ServiceRecord;
 pub use spanvmm_sdk::snapshot::{JobStatus, LayerOptions as LayerRequest};
 
 /// Most jobs open at once per VM.
@@ -217,8 +218,15 @@ impl SnapshotEngine {
     }
 
     /// Captures the VM state now (paused VM) and queues the state file.
-    pub(crate) fn commit(&self, owner: u64, job: u32, host: &dyn VmHost) -> Result<(), String> {
-        let state = host.capture_state().map_err(|e| format!("commit: {e}"))?;
+    pub(crate) fn commit(
+        &self,
+        owner: u64,
+        job: u32,
+        host: &dyn VmHost,
+        services: &[ServiceRecord],
+    ) -> Result<(), String> {
+        let mut state = host.capture_state().map_err(|e| format!("commit: {e}"))?;
+        state.services = services.iter().map(ServiceRecord::to_section).collect();
         self.send(owner, job, Cmd::Commit(Box::new(state), host.secrets()))?;
         // Nothing may follow a commit.
         if let Some(j) = lock(&self.jobs).get_mut(&job) {
@@ -247,7 +255,12 @@ impl SnapshotEngine {
     /// Writes one full layer of the paused VM into `dir` and waits until it is complete: the
     /// VMM's own save (`PUT /vm/save`), through the same job and writer a service's layer
     /// takes, so it lands in the format `run --restore` reads and counts in the totals.
-    pub(crate) fn save(&self, host: &dyn VmHost, dir: &str) -> Result<JobStatus, String> {
+    pub(crate) fn save(
+        &self,
+        host: &dyn VmHost,
+        dir: &str,
+        services: &[ServiceRecord],
+    ) -> Result<JobStatus, String> {
         let req = LayerRequest {
             dir: dir.to_string(),
             ..LayerRequest::default()
@@ -255,7 +268,7 @@ impl SnapshotEngine {
         let job = self.begin(HOST_OWNER, host, req)?;
         let r = self
             .write_pages(HOST_OWNER, job, None)
-            .and_then(|()| self.commit(HOST_OWNER, job, host))
+            .and_then(|()| self.commit(HOST_OWNER, job, host, services))
             .and_then(|()| self.wait(job));
         self.close(HOST_OWNER, job);
         r

@@ -829,3 +829,57 @@ fn async_port_writes_arrive_all_in_order_before_a_later_call() {
         m.detach("exit-stats").unwrap();
     }
 }
+
+/// Saving the services' states leaves them attached, counting on, in their event order; a
+/// fresh manager attaches them again from the records with their counts; a service that
+/// declined, or a section that does not parse, is listed failed with why and stops nothing.
+#[test]
+fn saved_states_stay_in_place_and_come_back_elsewhere() {
+    let (_ram, m) = manager();
+    m.attach(&wasm("introspect"), "").unwrap();
+    m.attach(&native("exit-stats"), STATS).unwrap();
+    m.attach(&wasm("template"), "").unwrap();
+    writes(&m, 0x701, 7);
+    let records = m.save_states(None);
+    let names: Vec<_> = m.list().into_iter().map(|i| i.name).collect();
+    assert_eq!(names, ["introspect", "exit-stats", "hello"], "order kept");
+    assert_eq!(read(&m, 0x701), Some(7), "the count stayed");
+    writes(&m, 0x701, 1);
+    assert_eq!(read(&m, 0x701), Some(8), "and goes on");
+    assert_eq!(records.len(), 3);
+    assert!(records
+        .iter()
+        .all(|r| matches!(r, l1_services::ServiceRecord::Handed(_))));
+    let mut sections: Vec<_> = records.iter().map(|r| r.to_section()).collect();
+    sections.push(
+        l1_services::ServiceRecord::Declined {
+            name: "shy".into(),
+            reason: "busy".into(),
+        }
+        .to_section(),
+    );
+    let mut bad = sections[0].clone();
+    bad.id = "service/garbled".into();
+    bad.data.truncate(2);
+    sections.push(bad);
+    // A native object serves one manager at a time (a_native_object_serves_once).
+    drop(m);
+    let (_ram2, there) = manager();
+    let missing = there.restore_states(&sections);
+    assert_eq!(read(&there, 0x701), Some(7), "the saved count came along");
+    let names: Vec<_> = missing.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["shy", "garbled"], "{missing:?}");
+    let list = there.list();
+    let shy = list.iter().find(|i| i.name == "shy").unwrap();
+    assert!(
+        matches!(&shy.state, ServiceState::Failed { reason } if reason.contains("busy")),
+        "{:?}",
+        shy.state
+    );
+    assert_eq!(
+        list.iter()
+            .filter(|i| matches!(i.state, ServiceState::Attached))
+            .count(),
+        3
+    );
+}

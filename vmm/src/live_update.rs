@@ -589,7 +589,7 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
     let state = parse_state(&state)?;
     let vmm = prepared.finish(&state, &serial, events, true)?;
     let manager = crate::services::manager_for(&vmm)?;
-    for s in &state.services {
+    for s in &vmm.take_service_sections() {
         // The old process sends only services that handed their state over.
         let ServiceRecord::Handed(h) = ServiceRecord::from_section(s)? else {
             bail!("{}: a declined service in a live update", s.id);

@@ -84,7 +84,7 @@ impl Migrations {
     pub fn request(
         &mut self,
         vmm: &Vmm,
-        manager: &ServiceManager,
+        manager: &Arc<ServiceManager>,
         req: MigrateRequest,
     ) -> (ApiResult, bool) {
         match req {
@@ -123,7 +123,7 @@ impl Migrations {
     fn start(
         &mut self,
         vmm: &Vmm,
-        manager: &ServiceManager,
+        manager: &Arc<ServiceManager>,
         req: MigrateStart,
     ) -> Result<Value, (u16, String)> {
         let bad = |e: String| (400, e);
@@ -145,7 +145,12 @@ impl Migrations {
                     .into(),
             ));
         }
-        let vm = Arc::new(VmmHost::new(vmm).map_err(|e| (500, format!("{e:#}")))?);
+        // Its state capture carries the services' states (see VmmHost::with_services).
+        let vm = Arc::new(
+            VmmHost::new(vmm)
+                .map_err(|e| (500, format!("{e:#}")))?
+                .with_services(manager),
+        );
         let session = MigrationSource::start(
             vm,
             SourceConfig {

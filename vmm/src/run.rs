@@ -116,6 +116,7 @@ pub fn run(
     }
     // A booted or restored guest waits for its --plugin services before its first instruction.
     let not_started = matches!(source, Source::Boot(_) | Source::Restore { .. });
+    let restored = matches!(source, Source::Restore { .. });
     let (mut vmm, manager) = match source {
         Source::Boot(cfg) => {
             let vmm = Vmm::boot(&cfg, vcpu_tx)?;
@@ -143,6 +144,8 @@ pub fn run(
             let how = RestoreHow {
                 serial_spec: &serial,
                 events: vcpu_tx,
+                // It waits for its --plugin services (and base-vmm keeps one saved with
+                // services paused for them) before it runs.
                 start_paused: paused || !plugins.is_empty(),
                 lazy,
                 key: key.as_ref(),
@@ -218,7 +221,11 @@ pub fn run(
             tracing::warn!("--plugin {path}: {e}; the guest runs on without it");
         }
     }
-    if !plugins.is_empty() {
+    // The services a restored or arrived VM's state names come back with their states (a
+    // live update's successor attached them already); one that --plugin attached again
+    // keeps the operator's fresh instance.
+    manager.restore_states(&vmm.take_service_sections());
+    if !plugins.is_empty() || restored {
         // No-op for a guest that already runs or that the operator keeps paused.
         vmm.control().resume()?;
     }

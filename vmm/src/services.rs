@@ -4,7 +4,7 @@
 //! them.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 
 use base_vmm::devices::IoHook;
 use base_vmm::memory::GuestRam;
@@ -12,7 +12,7 @@ use base_vmm::state::VmState;
 use base_vmm::vmm::{RunState, VmControl, Vmm, VmmError};
 use l1_services::migration::SourceVm;
 use l1_services::{
-    HostError, ManagerConfig, PluginPolicy, ServiceManager, VcpuRegs, VmHost, VmInfo,
+    HostError, ManagerConfig, PluginPolicy, ServiceManager, ServiceRecord, VcpuRegs, VmHost, VmInfo,
 };
 
 /// The VMM's side of every engine that drives the VM from outside its main loop (services,
@@ -23,6 +23,9 @@ pub struct VmmHost {
     info: VmInfo,
     /// The machine's shape, JSON (what a migration sends first).
     machine: Vec<u8>,
+    /// The services whose states the migration's state frame carries (weak: the manager
+    /// owns the adapter it gives its services).
+    services: Option<Weak<ServiceManager>>,
 }
 
 impl VmmHost {
@@ -37,7 +40,16 @@ impl VmmHost {
                 tsc_khz: m.tsc_khz,
             },
             machine: serde_json::to_vec(m)?,
+            services: None,
         })
+    }
+
+    /// The adapter of an outgoing migration: its state capture asks `manager`'s services for
+    /// their states (they stay attached here; the driving migration service is recorded as
+    /// declined, see [`ServiceManager::save_states`]).
+    pub fn with_services(mut self, manager: &Arc<ServiceManager>) -> Self {
+        self.services = Some(Arc::downgrade(manager));
+        self
     }
 
     /// Stops every vCPU; true when they ran.
@@ -154,9 +166,15 @@ impl SourceVm for VmmHost {
 
     fn capture_state(&self) -> Result<Vec<u8>, String> {
         // The migration `state` frame's bytes: the one place they are produced.
-        self.state()
-            .map(|s| s.to_bytes())
-            .map_err(|e| e.to_string())
+        let mut state = self.state().map_err(|e| e.to_string())?;
+        if let Some(m) = self.services.as_ref().and_then(Weak::upgrade) {
+            state.services = m
+                .save_states(None)
+                .iter()
+                .map(ServiceRecord::to_section)
+                .collect();
+        }
+        Ok(state.to_bytes())
     }
 }
 
@@ -232,6 +250,7 @@ pub fn manager_for(vmm: &Vmm) -> anyhow::Result<Arc<ServiceManager>> {
     };
     let manager = Arc::new(ServiceManager::with_config(host, cache_dir(), config));
     manager.start_async_delivery()?;
+    manager.carry_states_in_snapshots();
     for (base, len) in vmm.bus().owned_ranges() {
         manager.reserve_ports(base, len, "spanvmm (built-in device)")?;
     }
