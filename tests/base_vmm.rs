@@ -230,6 +230,27 @@ fn guest_power_off_ends_the_process_with_its_status() {
     assert!(!vm.api.exists(), "API socket left behind");
 }
 
+/// SIGTERM and SIGINT end the VM as `ctl shutdown` does: status 0, the API socket removed,
+/// and the guest had run unharmed up to then.
+#[test]
+fn sigterm_shuts_the_vm_down_cleanly() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let mut vm = VmProcess::boot(
+            "sigterm",
+            "workload=dirty,verify mib=16 verify_ms=300",
+            64,
+            1,
+        );
+        vm.wait_line("SPANGUEST verify", T);
+        vm.assert_verify_clean(1);
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+        assert_eq!(unsafe { libc::kill(vm.first_pid() as i32, sig) }, 0);
+        assert_eq!(vm.wait_exit(T), Some(0), "signal {sig}: {}", vm.stderr());
+        assert!(!vm.api.exists(), "signal {sig}: API socket left behind");
+        assert!(vm.stderr().contains("shutting down"), "{}", vm.stderr());
+    }
+}
+
 #[test]
 fn bad_command_lines_and_kernels_give_clear_errors() {
     let dir = TempDir::new("bad");

@@ -12,11 +12,14 @@
 //! network-namespace links (1 Gbit/s; 100 Mbit/s with 20 ms RTT through netlab's delay relay).
 //! `spanvmm-bench live-update-failures [--runs-live-update N] [--seed S]`: the new process of a
 //! live update killed at random points, spanvmm against QEMU's cpr-transfer.
+//! `spanvmm-bench devices [--runs N]`: virtio-net (redis-benchmark against the guest's `kv`) and
+//! virtio-blk (the guest's `disk` workload) against QEMU microvm's devices, interleaved.
 //! `spanvmm-bench chaos [--runs-precopy N ...] [--seed S]`: fault injection at scale (links cut,
 //! destinations, live updates' new processes and snapshot writers killed at random times).
 
 mod chaos;
 mod cpr_failures;
+mod devices;
 mod harness;
 mod live_update;
 mod migration;
@@ -332,6 +335,12 @@ fn main() -> anyhow::Result<()> {
             runs,
             &out.unwrap_or_else(|| repo_root().join("bench/results/live-update.json")),
         ),
+        Some("devices") => devices::run(
+            &spanvmm_bin()?,
+            &guest_elf()?,
+            if args.iter().any(|a| a == "--runs") { runs } else { 3 },
+            &out.unwrap_or_else(|| repo_root().join("bench/results/devices.json")),
+        ),
         Some("chaos") => {
             let out = out.unwrap_or_else(|| repo_root().join("bench/results/chaos.json"));
             let seed = seed.unwrap_or_else(|| {
@@ -381,6 +390,6 @@ fn main() -> anyhow::Result<()> {
                 }),
             )
         }
-        _ => bail!("usage: spanvmm-bench boot|services|live-update|live-update-failures|snapshot|migration|chaos [--runs N] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|services|devices|live-update|live-update-failures|snapshot|migration|chaos [--runs N] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
     }
 }

@@ -2,6 +2,12 @@
 //! Its own module so that the main loop ([`crate::run`]) and the waits that serve the API
 //! before there is a VM (an incoming migration) share it without importing each other.
 
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::Sender;
+
 use base_vmm::vcpu::VcpuEvent;
 
 use crate::api::ApiCall;
@@ -14,4 +20,55 @@ pub(crate) enum Msg {
     Api(ApiCall),
     /// The new process of a live update answered its offer (or failed to).
     LiveUpdateAnswer(Result<(), String>),
+    /// SIGTERM or SIGINT (its number): shut down as `ctl shutdown` does.
+    Stop(i32),
+}
+
+/// The write end of the pipe the stop-signal handler writes to (-1 before it exists).
+static STOP_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_stop_signal(sig: libc::c_int) {
+    let fd = STOP_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = sig as u8;
+        // SAFETY: write(2) is async-signal-safe and `b` outlives the call; a full pipe (a
+        // signal storm) only loses signals that would ask for the same shutdown.
+        unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+    }
+}
+
+/// Turns SIGTERM and SIGINT into [`Msg::Stop`] on `tx`. The handler only writes to a pipe
+/// (whatever thread it interrupts, a vCPU's included, which sees a kick); a thread of its
+/// own reads the pipe and posts the message, so the shutdown is the main loop's, in order.
+pub(crate) fn forward_stop_signals(tx: Sender<Msg>) -> std::io::Result<()> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fds[0] was just created and is owned by nothing else.
+    let mut read_end = unsafe { File::from_raw_fd(fds[0]) };
+    STOP_PIPE.store(fds[1], Ordering::Relaxed);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction is valid; the handler and flags are set before use.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_stop_signal as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        // SAFETY: installs a handler that only does an async-signal-safe write.
+        if unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    std::thread::Builder::new()
+        .name("stop-signals".into())
+        .spawn(move || {
+            base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Helper);
+            let mut b = [0u8; 1];
+            while let Ok(1) = read_end.read(&mut b) {
+                if tx.send(Msg::Stop(i32::from(b[0]))).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok(())
 }

@@ -339,6 +339,14 @@ pub(crate) fn incoming(
             Msg::Api(_) => continue,
             // No live update without a VM.
             Msg::LiveUpdateAnswer(_) => continue,
+            Msg::Stop(_) => {
+                // SIGTERM/SIGINT: as a shutdown request, without a client to answer.
+                dest.cancel();
+                if let Ok(vmm) = join(worker) {
+                    vmm.shutdown();
+                }
+                return Ok(None);
+            }
             Msg::Vcpu(ev) => {
                 // The guest runs here already: its event is the main loop's.
                 let arrived = join(worker);

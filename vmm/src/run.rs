@@ -98,6 +98,7 @@ pub fn run(
     let mut migrations = migrate::Migrations::default();
     let (tx, rx) = mpsc::channel::<Msg>();
     let (vcpu_tx, vcpu_rx) = mpsc::channel::<VcpuEvent>();
+    crate::inbox::forward_stop_signals(tx.clone()).context("handling SIGTERM and SIGINT")?;
     let fwd = tx.clone();
     std::thread::spawn(move || {
         base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Helper);
@@ -334,6 +335,10 @@ pub fn run(
                     }
                 }
             }
+            Ok(Msg::Stop(sig)) => {
+                tracing::info!("signal {sig}: shutting down");
+                break 0;
+            }
             Ok(Msg::LiveUpdateAnswer(answer)) => {
                 let Some(p) = pending_update.take() else {
                     continue;
@@ -518,7 +523,7 @@ fn standby(
             Ok(Msg::Api(call)) if call.1.claim() => call,
             Ok(Msg::Api(_)) => continue,
             Ok(Msg::Vcpu(_) | Msg::LiveUpdateAnswer(_)) => continue,
-            Err(_) => return Ok(None),
+            Ok(Msg::Stop(_)) | Err(_) => return Ok(None),
         };
         let answer = match req {
             ApiRequest::Status => Ok(json!({
