@@ -346,6 +346,7 @@ pub fn run(
                 manager.set_vm_owner(None);
                 match p.update.finish(answer, &mut vmm, &manager) {
                     live_update::Outcome::HandedOver(report) => {
+                        api.stop_accepting();
                         let _ = p.reply.send(Ok(json!(report)));
                         // Exit only once the client has its answer.
                         let _ = p.written.recv_timeout(Duration::from_secs(5));
@@ -472,6 +473,7 @@ impl Drop for SocketFile<'_> {
 struct ApiServing {
     socket_path: Option<PathBuf>,
     handover: Option<UnixListener>,
+    accepting: Option<api::server::Accepting>,
 }
 
 impl ApiServing {
@@ -491,12 +493,22 @@ impl ApiServing {
             .and_then(|a| a.as_pathname().map(Path::to_path_buf));
         self.handover = Some(listener.try_clone()?);
         let fwd = tx.clone();
-        api::serve(
+        self.accepting = Some(api::serve(
             listener,
             move |call| fwd.send(Msg::Api(call)).is_ok(),
             metrics.clone(),
-        );
+        ));
         Ok(())
+    }
+
+    /// After a live update's hand-over: this process stops taking connections from the shared
+    /// listener, so a client's next call (after it has the answer) reaches the new process.
+    fn stop_accepting(&self) {
+        if let (Some(a), Some(path)) = (&self.accepting, &self.socket_path) {
+            if !a.stop(path) {
+                tracing::warn!("live update: the old API thread did not confirm it stopped");
+            }
+        }
     }
 
     fn remove_socket(&self) {

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -192,12 +192,41 @@ fn peer_allowed(s: &UnixStream) -> Result<(), (u16, String)> {
     }
 }
 
-/// Serves the API forever on its own thread, handing each request to `deliver` (false: the
-/// VMM is shutting down).
-pub fn serve<D>(listener: UnixListener, deliver: D, metrics: Arc<Metrics>)
+/// The API's accepting thread, which can be told to stop accepting: a live update's old
+/// process must not take connections meant for the new one, which shares the listener.
+pub struct Accepting {
+    stop: Arc<AtomicBool>,
+    stopped: mpsc::Receiver<()>,
+}
+
+impl Accepting {
+    /// Stops accepting, returning once the accepting thread has left (it may be blocked in
+    /// accept, so it is woken by connections of our own to `path`; one the other process
+    /// takes instead is an empty connection it closes). False if it could not be confirmed.
+    pub fn stop(&self, path: &Path) -> bool {
+        self.stop.store(true, Ordering::SeqCst);
+        for _ in 0..50 {
+            if self.stopped.try_recv().is_ok() {
+                return true;
+            }
+            drop(UnixStream::connect(path));
+            if self.stopped.recv_timeout(Duration::from_millis(20)).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Serves the API on its own thread until told to stop, handing each request to `deliver`
+/// (false: the VMM is shutting down).
+pub fn serve<D>(listener: UnixListener, deliver: D, metrics: Arc<Metrics>) -> Accepting
 where
     D: Fn(ApiCall) -> bool + Clone + Send + 'static,
 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stopped_tx, stopped) = mpsc::channel();
+    let stopping = stop.clone();
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -205,6 +234,10 @@ where
             base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Api);
             let open = Arc::new(AtomicUsize::new(0));
             for mut stream in listener.incoming().flatten() {
+                if stopping.load(Ordering::SeqCst) {
+                    let _ = stopped_tx.send(());
+                    return;
+                }
                 if open.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
                     let _ = respond(
                         &mut stream,
@@ -228,6 +261,7 @@ where
             }
         })
         .expect("cannot start the API thread");
+    Accepting { stop, stopped }
 }
 
 fn handle_connection(
