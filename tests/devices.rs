@@ -322,17 +322,7 @@ fn a_disk_on_shared_storage_moves_with_a_migration() {
     let mut dst = destination("blk-mig-dst", &[], &addr, &tls, &[]);
     let mut src = boot("blk-mig-src", GUEST, &[format!("path={}", s(&img))]);
     wait_disk_writes(&src, 200);
-    let (ok, out, _) = migrate(
-        &src,
-        &[
-            "--to",
-            &addr,
-            "--plugin",
-            &plugin("precopy.wasm"),
-            "--tls-dir",
-            s(&tls),
-        ],
-    );
+    let (ok, out, _) = migrate_precopy(&src, &addr, s(&tls));
     assert!(ok, "the migration failed: {out}");
     assert!(src.wait_exit(T).is_some(), "the source did not exit");
     let d = device(&dst);

@@ -105,17 +105,7 @@ fn precopy_moves_a_dirtying_guest_and_an_unauthenticated_peer_is_refused() {
     let mut src = VmProcess::boot("mig-pre-src", GUEST, MEM, 1);
 
     // A source whose certificate another CA signed is refused; nothing changes on either side.
-    let (ok, out, _) = migrate(
-        &src,
-        &[
-            "--to",
-            &addr,
-            "--plugin",
-            &plugin("precopy.wasm"),
-            "--tls-dir",
-            rogue.to_str().unwrap(),
-        ],
-    );
+    let (ok, out, _) = migrate_precopy(&src, &addr, rogue.to_str().unwrap());
     assert!(
         !ok,
         "a migration with a foreign certificate succeeded: {out}"
@@ -139,17 +129,7 @@ fn precopy_moves_a_dirtying_guest_and_an_unauthenticated_peer_is_refused() {
         &["--memory", "128"],
     );
     wait_stderr(&small, "128 MiB ready", Duration::from_secs(10));
-    let (ok, out, _) = migrate(
-        &src,
-        &[
-            "--to",
-            &small_addr,
-            "--plugin",
-            &plugin("precopy.wasm"),
-            "--tls-dir",
-            tls.to_str().unwrap(),
-        ],
-    );
+    let (ok, out, _) = migrate_precopy(&src, &small_addr, tls.to_str().unwrap());
     assert!(!ok, "a 128 MiB destination took a {MEM} MiB guest: {out}");
     assert!(out.contains("not acceptable"), "{out}");
     assert!(src.alive() && small.alive());
@@ -159,17 +139,7 @@ fn precopy_moves_a_dirtying_guest_and_an_unauthenticated_peer_is_refused() {
     assert_eq!(st["progress"]["phase"], "waiting", "{st}");
     small.kill();
 
-    let (ok, out, report) = migrate(
-        &src,
-        &[
-            "--to",
-            &addr,
-            "--plugin",
-            &plugin("precopy.wasm"),
-            "--tls-dir",
-            tls.to_str().unwrap(),
-        ],
-    );
+    let (ok, out, report) = migrate_precopy(&src, &addr, tls.to_str().unwrap());
     assert!(ok, "precopy failed: {out}\n{}", src.stderr());
     let r = report.expect("a report");
     assert_eq!(r["result"], "completed", "{r}");
@@ -375,17 +345,7 @@ fn a_link_lost_at_the_commit_never_runs_the_guest_twice() {
         let addr = format!("tls://127.0.0.1:{}", free_port());
         let cut = format!("SPANVMM_MIGRATION_CUT={point}");
         let dst = destination(tag, &["env", &cut], &addr, &tls, &[]);
-        let (ok, out, report) = migrate(
-            &src,
-            &[
-                "--to",
-                &addr,
-                "--plugin",
-                &plugin("precopy.wasm"),
-                "--tls-dir",
-                tls.to_str().unwrap(),
-            ],
-        );
+        let (ok, out, report) = migrate_precopy(&src, &addr, tls.to_str().unwrap());
         assert!(
             !ok,
             "the migration claims success after a cut at {point}: {out}"
@@ -712,17 +672,7 @@ fn idle_connections_do_not_hold_up_an_incoming_migration() {
     // Unauthenticated peers that connect first and never speak: each handshake has a 10 s
     // deadline; served one after another they made the real source time out.
     let idle = idle_peers(&addr, 4);
-    let (ok, out, report) = migrate(
-        &src,
-        &[
-            "--to",
-            &addr,
-            "--plugin",
-            &plugin("precopy.wasm"),
-            "--tls-dir",
-            tls.to_str().unwrap(),
-        ],
-    );
+    let (ok, out, report) = migrate_precopy(&src, &addr, tls.to_str().unwrap());
     assert!(
         ok,
         "a migration behind idle peers failed: {out}\n{}",
@@ -771,17 +721,7 @@ fn a_second_poller_does_not_take_the_report_from_the_migrations_starter() {
             reports
         })
     };
-    let (ok, out, report) = migrate(
-        &src,
-        &[
-            "--to",
-            &addr,
-            "--plugin",
-            &plugin("precopy.wasm"),
-            "--tls-dir",
-            tls.to_str().unwrap(),
-        ],
-    );
+    let (ok, out, report) = migrate_precopy(&src, &addr, tls.to_str().unwrap());
     assert!(
         ok,
         "ctl migrate failed with a second poller: {out}\n{}",
@@ -925,17 +865,7 @@ fn a_destination_lacking_a_cpu_feature_refuses_the_guest_naming_it() {
         &tls,
         &[],
     );
-    let (ok, out, report) = migrate(
-        &src,
-        &[
-            "--to",
-            &addr,
-            "--plugin",
-            &plugin("precopy.wasm"),
-            "--tls-dir",
-            tls.to_str().unwrap(),
-        ],
-    );
+    let (ok, out, report) = migrate_precopy(&src, &addr, tls.to_str().unwrap());
     assert!(!ok, "the migration claims success: {out}");
     let r = report.expect("a report");
     let err = r["error"].as_str().unwrap_or("").to_string();
@@ -1049,17 +979,7 @@ fn a_migration_carries_a_services_state() {
     // destination when its count is read there.
     src.ctl_ok(&["pause"]);
     let before = writes(&src);
-    let (ok, out, _) = migrate(
-        &src,
-        &[
-            "--to",
-            &addr,
-            "--plugin",
-            &plugin("precopy.wasm"),
-            "--tls-dir",
-            tls.to_str().unwrap(),
-        ],
-    );
+    let (ok, out, _) = migrate_precopy(&src, &addr, tls.to_str().unwrap());
     assert!(ok, "migration failed: {out}\n{}", src.stderr());
     assert_eq!(wait_exit(&mut src, "the source"), Some(0));
     let list = dst.ctl_ok(&["plugin", "list"]);

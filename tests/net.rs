@@ -323,17 +323,7 @@ fn a_migrated_guest_answers_at_the_destination_which_announces_its_mac() {
             .any(|l| l.starts_with(MAC) && l.contains("dev tap0")),
         "the bridge learnt the guest behind tap0: {fdb}"
     );
-    let (ok, out, _) = migrate(
-        &src,
-        &[
-            "--to",
-            &addr,
-            "--plugin",
-            &plugin("precopy.wasm"),
-            "--tls-dir",
-            tls.to_str().unwrap(),
-        ],
-    );
+    let (ok, out, _) = migrate_precopy(&src, &addr, tls.to_str().unwrap());
     assert!(ok, "the migration failed: {out}");
     assert!(src.wait_exit(T).is_some(), "the source did not exit");
     let d = net_device(&dst);

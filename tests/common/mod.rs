@@ -517,6 +517,20 @@ pub fn migrate(src: &VmProcess, args: &[&str]) -> (bool, String, Option<serde_js
     (ok, out, r)
 }
 
+/// `ctl migrate` to `addr` with the pre-copy service over mutual TLS from `tls_dir`: the
+/// migration most tests drive.
+pub fn migrate_precopy(
+    src: &VmProcess,
+    addr: &str,
+    tls_dir: &str,
+) -> (bool, String, Option<serde_json::Value>) {
+    let precopy = plugin("precopy.wasm");
+    migrate(
+        src,
+        &["--to", addr, "--plugin", &precopy, "--tls-dir", tls_dir],
+    )
+}
+
 /// `ctl status` as JSON.
 pub fn status(vm: &VmProcess) -> serde_json::Value {
     let out = vm.ctl_ok(&["status"]);
