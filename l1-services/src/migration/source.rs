@@ -98,6 +98,10 @@ pub struct Report {
     pub downtime_ms: f64,
     /// Destination's share of it: state received to vCPUs running, ms.
     pub dest_load_ms: f64,
+    /// Round trips the paused source waited for (a reply to a frame sent after the previous
+    /// reply): 2 for the two-phase hand-over, 1 with the commit sent along with the state.
+    #[serde(default)]
+    pub switch_round_trips: u32,
     /// Post-copy: switch-over to the source holding no page the destination lacks, ms.
     pub eviction_ms: f64,
     /// Bytes on the wire (TLS records), by link (one link per connection).
@@ -967,6 +971,8 @@ impl Sender<'_> {
             t_sent: Duration::ZERO,
             final_pages: 0,
             load_us: 0,
+            round_trips: 0,
+            sent_since_reply: false,
         };
         let result = handover::hand_over(&mut switch);
         let Switch {
@@ -976,6 +982,7 @@ impl Sender<'_> {
             t_sent,
             final_pages,
             load_us,
+            round_trips,
             ..
         } = switch;
         match result {
@@ -1011,6 +1018,7 @@ impl Sender<'_> {
         let mut st = self.st();
         st.report.downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
         st.report.dest_load_ms = load_us as f64 / 1e3;
+        st.report.switch_round_trips = round_trips;
         st.report.handover = match mode {
             SwitchMode::StopAndCopy => "stop-and-copy",
             SwitchMode::Postcopy => "postcopy",
@@ -1191,6 +1199,22 @@ struct Switch<'s, 'a> {
     t_sent: Duration,
     final_pages: u64,
     load_us: u64,
+    /// See [`MigrationReport::switch_round_trips`].
+    round_trips: u32,
+    sent_since_reply: bool,
+}
+
+impl Switch<'_, '_> {
+    fn sent(&mut self) {
+        self.sent_since_reply = true;
+    }
+
+    /// Before waiting for a reply: a new round trip if something left since the last one.
+    fn awaiting_reply(&mut self) {
+        if std::mem::take(&mut self.sent_since_reply) {
+            self.round_trips += 1;
+        }
+    }
 }
 
 fn io_error(m: String) -> LinkError {
@@ -1245,6 +1269,7 @@ impl handover::Handover for Switch<'_, '_> {
         self.final_pages = tx.st().pending_count;
         let state = tx.src.vm.capture_state().map_err(io_error)?;
         self.t_state = self.t_pause.elapsed();
+        self.sent_since_reply = true;
         match self.mode {
             SwitchMode::StopAndCopy => {
                 while let Some((first, span, sel)) = tx.next_batch() {
@@ -1290,6 +1315,7 @@ impl handover::Handover for Switch<'_, '_> {
     }
 
     fn await_ready(&mut self) -> Result<(), NotReady<LinkError>> {
+        self.awaiting_reply();
         let link = &mut self.tx.link;
         link.flush(Duration::from_secs(30))
             .map_err(NotReady::Lost)?;
@@ -1310,6 +1336,7 @@ impl handover::Handover for Switch<'_, '_> {
         // The point of no return: once `commit` may have left, the guest may run there, so it
         // never runs here again (a lost link leaves it paused "in doubt", or in post-copy
         // recovery).
+        self.sent();
         let tx = &mut *self.tx;
         tx.committed = true;
         tx.link.send(&Frame::Commit {
@@ -1319,6 +1346,7 @@ impl handover::Handover for Switch<'_, '_> {
     }
 
     fn await_running(&mut self) -> Result<(), LinkError> {
+        self.awaiting_reply();
         self.tx.await_resumed()
     }
 
