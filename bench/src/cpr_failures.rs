@@ -68,9 +68,7 @@ fn qemu_run(elf: &Path, at: Option<u64>) -> anyhow::Result<(QemuRecord, u64)> {
             "new QEMU SIGKILL after completed".to_string()
         }
         Some(ms) => {
-            chain
-                .qmp
-                .cmd("migrate", json!({"channels": next.channels.clone()}))?;
+            chain.start_migration(&next)?;
             while t.elapsed() < Duration::from_millis(ms) {
                 std::thread::sleep(Duration::from_micros(200));
             }

@@ -556,10 +556,29 @@ impl CprChain {
         next_verify(&self.lines, Duration::from_secs(120)).context("QEMU guest after cpr-transfer")
     }
 
+    /// Sends `migrate` to `next`: its cpr socket file appears at bind(), a moment before it
+    /// listens, so a refused connection is retried for up to 2 s.
+    pub(crate) fn start_migration(&mut self, next: &NextQemu) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match self
+                .qmp
+                .cmd("migrate", json!({"channels": next.channels.clone()}))
+            {
+                Err(e)
+                    if e.to_string().contains("Connection refused")
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                r => return r.map(|_| ()),
+            }
+        }
+    }
+
     /// Sends `migrate` to `next` and waits (up to 30 s) for `completed`, or the failure.
     pub(crate) fn migrate_to(&mut self, next: &NextQemu) -> anyhow::Result<Value> {
-        self.qmp
-            .cmd("migrate", json!({"channels": next.channels.clone()}))?;
+        self.start_migration(next)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let info = self.migration()?;

@@ -89,8 +89,11 @@ impl From<CallError> for String {
 }
 
 /// Tags an engine's message with the call.
-fn engine(what: &'static str) -> impl FnOnce(String) -> CallError {
-    move |msg| CallError::Engine { what, msg }
+fn engine<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> CallError {
+    move |e| CallError::Engine {
+        what,
+        msg: e.to_string(),
+    }
 }
 
 /// Tags a host error with the call.
@@ -556,9 +559,7 @@ impl ServiceCtx {
                 let shared = self.shared.clone();
                 let id = self.id;
                 Some(Box::new(move || {
-                    lock(&shared.dirty)
-                        .harvest(id, &*shared.host)
-                        .map_err(|e| format!("final dirty harvest: {e}"))
+                    lock(&shared.dirty).harvest(id, &*shared.host)
                 }))
             } else {
                 None
@@ -604,7 +605,7 @@ impl ServiceCtx {
         self.shared
             .snapshots
             .write_pages(self.id, job, bits)
-            .map_err(CallError::Refused)
+            .map_err(|e| CallError::Refused(e.to_string()))
     }
 
     pub(crate) fn snapshot_commit(&self, job: u32) -> Result<(), CallError> {
@@ -626,7 +627,7 @@ impl ServiceCtx {
             self.shared
                 .snapshots
                 .commit(self.id, job, h, &services)
-                .map_err(HostError::Failed)
+                .map_err(|e| HostError::Failed(e.to_string()))
         })
     }
 
@@ -640,10 +641,7 @@ impl ServiceCtx {
 
     pub(crate) fn snapshot_remove(&self, dir: &str) -> Result<(), CallError> {
         self.require(Capability::Snapshot, "snapshot remove")?;
-        crate::snapshot::remove_layer(dir).map_err(|e| CallError::Engine {
-            what: "snapshot remove",
-            msg: e.to_string(),
-        })
+        crate::snapshot::remove_layer(dir).map_err(engine("snapshot remove"))
     }
 
     pub(crate) fn snapshot_status(&self, job: u32) -> Result<JobStatus, CallError> {
@@ -651,7 +649,7 @@ impl ServiceCtx {
         self.shared
             .snapshots
             .status(self.id, job)
-            .map_err(CallError::Refused)
+            .map_err(|e| CallError::Refused(e.to_string()))
     }
 
     pub(crate) fn snapshot_close(&self, job: u32) {

@@ -191,5 +191,5 @@ pub enum ServiceError {
     Runtime(String),
     /// The VMM's own snapshot layer (`PUT /vm/save`) could not be written.
     #[error("save: {0}")]
-    Save(String),
+    Save(#[from] crate::snapshot::SnapshotJobError),
 }

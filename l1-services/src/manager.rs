@@ -548,14 +548,11 @@ impl ServiceManager {
     /// snapshot engine (the one checkpoint services drive); returns the layer's id and the
     /// memory bytes written.
     pub fn save_layer(&self, dir: &std::path::Path) -> Result<(String, u64), ServiceError> {
-        let dir = dir
-            .to_str()
-            .ok_or_else(|| ServiceError::Save(format!("dir {} is not UTF-8", dir.display())))?;
-        self.shared
+        let s = self
+            .shared
             .snapshots
-            .save(&*self.shared.host, dir, &self.save_states(None))
-            .map(|s| (s.layer_id, s.bytes_written))
-            .map_err(ServiceError::Save)
+            .save(&*self.shared.host, dir, &self.save_states(None))?;
+        Ok((s.layer_id, s.bytes_written))
     }
 
     /// A snapshot layer is being written (see [`crate::snapshot`]).

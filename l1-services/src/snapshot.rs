@@ -15,6 +15,7 @@ use base_vmm::state::VmState;
 use crate::ctx::lock;
 // The SDK's types, on both sides of the boundary: what a service asks for a new layer, and a
 // job's progress.
+use crate::error::HostError;
 use crate::host::VmHost;
 use crate::service_state::ServiceRecord;
 pub use spanvmm_sdk::snapshot::{JobStatus, LayerOptions as LayerRequest};
@@ -25,6 +26,41 @@ const MAX_JOBS: usize = 8;
 /// The owner of the jobs the VMM opens itself ([`SnapshotEngine::save`]); services' ids
 /// count up from 1 and never reach it.
 const HOST_OWNER: u64 = u64::MAX;
+
+/// Why the snapshot engine refused or failed a job.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotJobError {
+    /// The per-VM limit of open jobs is reached.
+    #[error("{MAX_JOBS} snapshot jobs are open already: close one")]
+    TooManyJobs,
+    /// The host gives the engine no guest memory to write.
+    #[error("this VMM gives no access to guest memory for snapshots")]
+    NoGuestMemory,
+    /// The caller owns no job of that id.
+    #[error("no snapshot job {0}")]
+    NoJob(u32),
+    /// Nothing may follow a commit.
+    #[error("the layer is committed already")]
+    Committed,
+    /// The job's writer thread is gone (it failed earlier: see the job's error).
+    #[error("the snapshot writer has stopped")]
+    WriterStopped,
+    /// A thread could not be started.
+    #[error("cannot start the snapshot {0}: {1}")]
+    Thread(&'static str, std::io::Error),
+    /// The VM state could not be captured at commit.
+    #[error("commit: {0}")]
+    Capture(HostError),
+    /// The layer's directory is not a UTF-8 path.
+    #[error("dir {0} is not UTF-8")]
+    NotUtf8(PathBuf),
+    /// The job failed on its writer thread (the message its status carries).
+    #[error("{0}")]
+    Failed(String),
+    /// The store (key file, layer files, merge, removal) failed.
+    #[error(transparent)]
+    Store(#[from] store::SnapshotError),
+}
 
 /// What a service asks to merge: the chain ending in `top` into one full layer in `out`.
 #[derive(Debug, Clone, Default)]
@@ -74,29 +110,24 @@ impl SnapshotEngine {
         owner: u64,
         host: &dyn VmHost,
         req: LayerRequest,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, SnapshotJobError> {
         let mut jobs = lock(&self.jobs);
         if jobs.len() >= MAX_JOBS {
-            return Err(format!(
-                "{MAX_JOBS} snapshot jobs are open already: close one"
-            ));
+            return Err(SnapshotJobError::TooManyJobs);
         }
-        let ram = host
-            .guest_ram()
-            .ok_or("this VMM gives no access to guest memory for snapshots")?;
+        let ram = host.guest_ram().ok_or(SnapshotJobError::NoGuestMemory)?;
         let key = req
             .key_file
             .as_deref()
             .map(|k| SnapshotKey::from_file(k.as_ref()))
-            .transpose()
-            .map_err(|e| e.to_string())?;
+            .transpose()?;
         let opts = LayerOptions {
             parent: req.parent.map(PathBuf::from),
             key,
             expires_in_s: req.expires_in_s,
             secrets: host.secrets(),
         };
-        let writer = LayerWriter::create(req.dir.as_ref(), ram, opts).map_err(|e| e.to_string())?;
+        let writer = LayerWriter::create(req.dir.as_ref(), ram, opts)?;
         let status = Arc::new(Mutex::new(JobStatus {
             layer_id: writer.id(),
             ..Default::default()
@@ -130,12 +161,13 @@ impl SnapshotEngine {
                         Ok(_) => {}
                         Err(e) => {
                             totals.failed.fetch_add(1, Ordering::Relaxed);
-                            s.error = Some(e);
+                            // The job's status crosses to the service as text.
+                            s.error = Some(e.to_string());
                         }
                     }
                 }
             })
-            .map_err(|e| format!("cannot start the snapshot writer: {e}"))?;
+            .map_err(|e| SnapshotJobError::Thread("writer", e))?;
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         jobs.insert(
             id,
@@ -150,12 +182,10 @@ impl SnapshotEngine {
 
     /// Starts merging a chain on its own thread (reading the layers, not guest memory);
     /// the job is committed once the merged layer is complete. Nothing can be queued on it.
-    pub(crate) fn merge(&self, owner: u64, req: MergeRequest) -> Result<u32, String> {
+    pub(crate) fn merge(&self, owner: u64, req: MergeRequest) -> Result<u32, SnapshotJobError> {
         let mut jobs = lock(&self.jobs);
         if jobs.len() >= MAX_JOBS {
-            return Err(format!(
-                "{MAX_JOBS} snapshot jobs are open already: close one"
-            ));
+            return Err(SnapshotJobError::TooManyJobs);
         }
         let status = Arc::new(Mutex::new(JobStatus {
             pending: 1,
@@ -177,10 +207,10 @@ impl SnapshotEngine {
                         s.copied = true;
                         s.committed = true;
                     }
-                    Err(e) => s.error = Some(e),
+                    Err(e) => s.error = Some(e.to_string()),
                 }
             })
-            .map_err(|e| format!("cannot start the snapshot merge: {e}"))?;
+            .map_err(|e| SnapshotJobError::Thread("merge", e))?;
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         jobs.insert(
             id,
@@ -193,17 +223,17 @@ impl SnapshotEngine {
         Ok(id)
     }
 
-    fn send(&self, owner: u64, job: u32, cmd: Cmd) -> Result<(), String> {
+    fn send(&self, owner: u64, job: u32, cmd: Cmd) -> Result<(), SnapshotJobError> {
         let jobs = lock(&self.jobs);
         let j = jobs
             .get(&job)
             .filter(|j| j.owner == owner)
-            .ok_or_else(|| format!("no snapshot job {job}"))?;
-        let tx = j.tx.as_ref().ok_or("the job is committed already")?;
+            .ok_or(SnapshotJobError::NoJob(job))?;
+        let tx = j.tx.as_ref().ok_or(SnapshotJobError::Committed)?;
         lock(&j.status).pending += 1;
         tx.send(cmd).map_err(|_| {
             lock(&j.status).pending -= 1;
-            "the snapshot writer has stopped".to_string()
+            SnapshotJobError::WriterStopped
         })
     }
 
@@ -213,7 +243,7 @@ impl SnapshotEngine {
         owner: u64,
         job: u32,
         bitmap: Option<Vec<u64>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SnapshotJobError> {
         self.send(owner, job, Cmd::Pages(bitmap))
     }
 
@@ -224,8 +254,8 @@ impl SnapshotEngine {
         job: u32,
         host: &dyn VmHost,
         services: &[ServiceRecord],
-    ) -> Result<(), String> {
-        let mut state = host.capture_state().map_err(|e| format!("commit: {e}"))?;
+    ) -> Result<(), SnapshotJobError> {
+        let mut state = host.capture_state().map_err(SnapshotJobError::Capture)?;
         state.services = services.iter().map(ServiceRecord::to_section).collect();
         self.send(owner, job, Cmd::Commit(Box::new(state), host.secrets()))?;
         // Nothing may follow a commit.
@@ -236,12 +266,12 @@ impl SnapshotEngine {
     }
 
     /// A job's progress.
-    pub(crate) fn status(&self, owner: u64, job: u32) -> Result<JobStatus, String> {
+    pub(crate) fn status(&self, owner: u64, job: u32) -> Result<JobStatus, SnapshotJobError> {
         lock(&self.jobs)
             .get(&job)
             .filter(|j| j.owner == owner)
             .map(|j| lock(&j.status).clone())
-            .ok_or_else(|| format!("no snapshot job {job}"))
+            .ok_or(SnapshotJobError::NoJob(job))
     }
 
     /// Drops a job; its writer thread ends once its queue is done.
@@ -258,9 +288,12 @@ impl SnapshotEngine {
     pub(crate) fn save(
         &self,
         host: &dyn VmHost,
-        dir: &str,
+        dir: &std::path::Path,
         services: &[ServiceRecord],
-    ) -> Result<JobStatus, String> {
+    ) -> Result<JobStatus, SnapshotJobError> {
+        let dir = dir
+            .to_str()
+            .ok_or_else(|| SnapshotJobError::NotUtf8(dir.to_path_buf()))?;
         let req = LayerRequest {
             dir: dir.to_string(),
             ..LayerRequest::default()
@@ -275,11 +308,11 @@ impl SnapshotEngine {
     }
 
     /// Waits for one of the host's jobs to commit or fail.
-    fn wait(&self, job: u32) -> Result<JobStatus, String> {
+    fn wait(&self, job: u32) -> Result<JobStatus, SnapshotJobError> {
         loop {
             let mut s = self.status(HOST_OWNER, job)?;
             if let Some(e) = s.error.take() {
-                return Err(e);
+                return Err(SnapshotJobError::Failed(e));
             }
             if s.committed {
                 return Ok(s);
@@ -310,36 +343,39 @@ impl SnapshotEngine {
 }
 
 /// Carries out one command; true when it committed the layer.
-fn run(writer: &mut Option<LayerWriter>, cmd: Cmd, st: &Mutex<JobStatus>) -> Result<bool, String> {
+fn run(
+    writer: &mut Option<LayerWriter>,
+    cmd: Cmd,
+    st: &Mutex<JobStatus>,
+) -> Result<bool, SnapshotJobError> {
     match cmd {
         Cmd::Pages(bits) => {
-            let w = writer.as_mut().ok_or("the layer is committed already")?;
-            let n = w.write_pages(bits.as_deref()).map_err(|e| e.to_string())?;
+            let w = writer.as_mut().ok_or(SnapshotJobError::Committed)?;
+            let n = w.write_pages(bits.as_deref())?;
             let mut s = lock(st);
             s.bytes_written += n;
             s.rounds += 1;
             Ok(false)
         }
         Cmd::Commit(state, secrets) => {
-            let mut w = writer.take().ok_or("the layer is committed already")?;
+            let mut w = writer.take().ok_or(SnapshotJobError::Committed)?;
             // The batches before the commit are in the file; what is left does not read
             // guest memory (the state was captured at commit time).
             lock(st).copied = true;
             w.add_secrets(&secrets);
-            w.finish(*state).map_err(|e| e.to_string())?;
+            w.finish(*state)?;
             Ok(true)
         }
     }
 }
 
 /// Merges `req.top`'s chain into `req.out`.
-fn merge_chain(req: &MergeRequest) -> Result<store::LayerSummary, String> {
+fn merge_chain(req: &MergeRequest) -> Result<store::LayerSummary, SnapshotJobError> {
     let key = || {
         req.key_file
             .as_deref()
             .map(|k| SnapshotKey::from_file(k.as_ref()))
             .transpose()
-            .map_err(|e| e.to_string())
     };
     let read_key = key()?;
     store::merge(
@@ -348,10 +384,10 @@ fn merge_chain(req: &MergeRequest) -> Result<store::LayerSummary, String> {
         req.out.as_ref(),
         key()?,
     )
-    .map_err(|e| e.to_string())
+    .map_err(Into::into)
 }
 
 /// Deletes one layer (retention); see [`store::remove_layer`].
-pub(crate) fn remove_layer(dir: &str) -> Result<(), String> {
-    store::remove_layer(dir.as_ref()).map_err(|e| e.to_string())
+pub(crate) fn remove_layer(dir: &str) -> Result<(), SnapshotJobError> {
+    Ok(store::remove_layer(dir.as_ref())?)
 }

@@ -148,12 +148,12 @@ impl SourceVm for VmmHost {
         self.ctl.ram()
     }
 
-    fn pause(&self) -> Result<bool, String> {
-        self.pause_vcpus().map_err(|e| e.to_string())
+    fn pause(&self) -> Result<bool, HostError> {
+        self.pause_vcpus().map_err(host_err)
     }
 
-    fn resume(&self) -> Result<(), String> {
-        self.resume_vcpus().map_err(|e| e.to_string())
+    fn resume(&self) -> Result<(), HostError> {
+        self.resume_vcpus().map_err(host_err)
     }
 
     fn running(&self) -> bool {
@@ -164,9 +164,9 @@ impl SourceVm for VmmHost {
         self.machine.clone()
     }
 
-    fn capture_state(&self) -> Result<Vec<u8>, String> {
+    fn capture_state(&self) -> Result<Vec<u8>, HostError> {
         // The migration `state` frame's bytes: the one place they are produced.
-        let mut state = self.state().map_err(|e| e.to_string())?;
+        let mut state = self.state().map_err(host_err)?;
         if let Some(m) = self.services.as_ref().and_then(Weak::upgrade) {
             state.services = m
                 .save_states(None)

@@ -33,6 +33,10 @@ pub enum LinkError {
     /// Nothing came in time.
     #[error("migration peer silent for {0:?}")]
     Timeout(Duration),
+    /// The VM here failed a step of the hand-over (pause, state capture, final harvest,
+    /// resume).
+    #[error("the source VM: {0}")]
+    Vm(#[from] crate::error::HostError),
 }
 
 /// A TLS connection carrying frames.

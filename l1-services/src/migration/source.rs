@@ -22,6 +22,7 @@ use super::link::{Link, LinkError};
 use super::wire::{Frame, Handover, PageCodec, BATCH_PAGES, PAGE, VERSION};
 use super::{bit, clear_bit, count, set_bit, Phase, Progress, SwitchMode};
 use crate::ctx::lock;
+use crate::error::HostError;
 use crate::handover::{self, NotReady};
 
 /// Pages per batch during post-copy (256 KiB).
@@ -33,13 +34,13 @@ pub trait SourceVm: Send + Sync {
     fn ram(&self) -> &Arc<GuestRam>;
     /// Stops every vCPU. True: they ran; false: the guest was paused already (by its
     /// operator), so it stays paused at the destination and after a failed migration.
-    fn pause(&self) -> Result<bool, String>;
+    fn pause(&self) -> Result<bool, HostError>;
     /// Lets the vCPUs run again (a failed migration that paused a running guest).
-    fn resume(&self) -> Result<(), String>;
+    fn resume(&self) -> Result<(), HostError>;
     /// Whether the vCPUs run now.
     fn running(&self) -> bool;
     /// The VM's state (vCPUs paused), in the state-file format.
-    fn capture_state(&self) -> Result<Vec<u8>, String>;
+    fn capture_state(&self) -> Result<Vec<u8>, HostError>;
     /// The machine's shape (JSON of `base_vmm::state::MachineConfig`).
     fn machine(&self) -> Vec<u8>;
 }
@@ -528,7 +529,7 @@ struct Sender<'a> {
 }
 
 /// Harvests the pages dirtied since the service's last harvest (run with the guest paused).
-pub type Harvest = Box<dyn FnOnce() -> Result<Vec<u64>, String> + Send>;
+pub type Harvest = Box<dyn FnOnce() -> Result<Vec<u64>, HostError> + Send>;
 
 enum Outcome {
     /// Stop-and-copy done: the guest runs at the destination.
@@ -1217,10 +1218,6 @@ impl Switch<'_, '_> {
     }
 }
 
-fn io_error(m: String) -> LinkError {
-    LinkError::Io(std::io::Error::other(m))
-}
-
 impl handover::Handover for Switch<'_, '_> {
     type Error = LinkError;
 
@@ -1243,7 +1240,7 @@ impl handover::Handover for Switch<'_, '_> {
         self.t_pause = Instant::now();
         let tx = &mut *self.tx;
         tx.src.held.store(true, Ordering::Release);
-        tx.stopped_running = tx.src.vm.pause().map_err(io_error)?;
+        tx.stopped_running = tx.src.vm.pause()?;
         tx.paused = true;
         Ok(tx.stopped_running)
     }
@@ -1252,7 +1249,7 @@ impl handover::Handover for Switch<'_, '_> {
         let tx = &mut *self.tx;
         // Pages dirtied since the service's last harvest, now final.
         let dirty = match self.final_dirty.take() {
-            Some(harvest) => harvest().map_err(io_error)?,
+            Some(harvest) => harvest()?,
             None => Vec::new(),
         };
         {
@@ -1267,7 +1264,7 @@ impl handover::Handover for Switch<'_, '_> {
         }
         self.t_harvest = self.t_pause.elapsed();
         self.final_pages = tx.st().pending_count;
-        let state = tx.src.vm.capture_state().map_err(io_error)?;
+        let state = tx.src.vm.capture_state()?;
         self.t_state = self.t_pause.elapsed();
         self.sent_since_reply = true;
         match self.mode {
@@ -1358,7 +1355,7 @@ impl handover::Handover for Switch<'_, '_> {
     fn resume(&mut self) -> Result<(), LinkError> {
         // Resumed once, here: `finish` finds the guest running and leaves it.
         self.tx.paused = false;
-        self.tx.src.vm.resume().map_err(io_error)
+        Ok(self.tx.src.vm.resume()?)
     }
 }
 
