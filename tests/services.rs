@@ -994,6 +994,21 @@ fn metrics_are_scraped_with_a_real_parser() {
         ) > events,
         "{second}"
     );
+    // A live update hands the listener to the new process, which answers with its own
+    // counters (its takeover's restore time: only a successor has one).
+    assert_eq!(
+        sample(&second, "spanvmm_live_update_takeover_restore_seconds", &[]),
+        0.0
+    );
+    vm.ctl_ok(&["live-update", "--binary", spanvmm()]);
+    let third = parse_metrics(&http_get(
+        std::net::TcpStream::connect(&addr).unwrap(),
+        "/metrics",
+    ));
+    assert!(
+        sample(&third, "spanvmm_live_update_takeover_restore_seconds", &[]) > 0.0,
+        "{third}"
+    );
     vm.assert_verify_clean(1);
 }
 

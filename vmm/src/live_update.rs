@@ -25,6 +25,7 @@
 //! run it until the operator says otherwise (`ctl resume --force`).
 
 use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -54,6 +55,9 @@ enum Msg {
         machine: MachineConfig,
         serial: String,
         has_api: bool,
+        /// The `--metrics-addr` listener's fd follows the API listener's.
+        #[serde(default)]
+        has_metrics: bool,
         /// Taps whose fds follow the memfd and the API listener, in order: the guest's
         /// network stays attached through the hand-over, no frame lost.
         #[serde(default)]
@@ -205,6 +209,7 @@ pub fn start(
     binary: &Path,
     serial: &str,
     api: Option<&UnixListener>,
+    metrics: Option<&TcpListener>,
     deadline: Duration,
     on_answer: impl FnOnce(Result<(), String>) + Send + 'static,
 ) -> anyhow::Result<Preparing> {
@@ -239,10 +244,12 @@ pub fn start(
             machine: vmm.machine().clone(),
             serial: serial.to_string(),
             has_api: api.is_some(),
+            has_metrics: metrics.is_some(),
             taps: taps.iter().map(|(name, _)| name.clone()).collect(),
         });
         let mut fds = vec![vmm.control().ram().memfd().as_raw_fd()];
         fds.extend(api.map(|l| l.as_raw_fd()));
+        fds.extend(metrics.map(|l| l.as_raw_fd()));
         fds.extend(taps.iter().map(|(_, fd)| *fd));
         sock.send_with_fds(&[&offer[..]], &fds)
             .context("the new binary did not take the offer (did it start?)")?;
@@ -516,6 +523,8 @@ pub struct TakenOver {
     pub serial: String,
     /// The API listener, if the old process had one.
     pub api: Option<UnixListener>,
+    /// The `--metrics-addr` listener, if the old process had one.
+    pub metrics: Option<TcpListener>,
     /// How long restoring registers, devices and services took here, µs.
     pub restore_us: u64,
 }
@@ -548,6 +557,7 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
         machine,
         serial,
         has_api,
+        has_metrics,
         taps,
     } = offer
     else {
@@ -562,12 +572,14 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
         )?;
         bail!("VM state version {state_version} offered, this binary speaks {STATE_VERSION}");
     }
-    if fds.len() != 1 + usize::from(has_api) + taps.len() {
+    let listeners = usize::from(has_api) + usize::from(has_metrics);
+    if fds.len() != 1 + listeners + taps.len() {
         bail!("the offer carried {} descriptors", fds.len());
     }
-    for (name, fd) in taps.iter().zip(fds.split_off(1 + usize::from(has_api))) {
+    for (name, fd) in taps.iter().zip(fds.split_off(1 + listeners)) {
         base_vmm::devices::virtio::net::adopt_tap(name, fd);
     }
+    let metrics = has_metrics.then(|| TcpListener::from(fds.pop().expect("counted")));
     let api = has_api.then(|| UnixListener::from(fds.pop().expect("counted")));
     let ram = Arc::new(GuestRam::from_memfd(
         fds.pop().expect("counted"),
@@ -619,6 +631,7 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
         manager,
         serial,
         api,
+        metrics,
         restore_us,
     })
 }

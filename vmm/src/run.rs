@@ -77,6 +77,20 @@ fn vm_owner(
     None
 }
 
+/// Serves `GET /metrics` on `listener` (if any); returns a clone of it for a live update.
+fn serve_metrics(
+    metrics: &Arc<Metrics>,
+    listener: Option<std::net::TcpListener>,
+) -> anyhow::Result<Option<std::net::TcpListener>> {
+    let Some(listener) = listener else {
+        return Ok(None);
+    };
+    let kept = listener.try_clone()?;
+    let bound = api::server::serve_metrics(metrics, listener)?;
+    tracing::info!("metrics on http://{bound}/metrics");
+    Ok(Some(kept))
+}
+
 /// Runs a VM until it powers off or is shut down; returns the process exit status.
 pub fn run(
     source: Source,
@@ -88,9 +102,12 @@ pub fn run(
     // Bind first: a busy socket must fail before a VM exists.
     let mut listener = api_socket.map(api::bind).transpose()?;
     let metrics = Metrics::new();
-    if let Some(addr) = metrics_addr {
-        let bound = api::server::serve_metrics(&metrics, addr)?;
-        tracing::info!("metrics on http://{bound}/metrics");
+    let mut metrics_listener = metrics_addr.map(api::server::bind_metrics).transpose()?;
+    // A live update's successor gets the metrics listener (kept here as a clone) and serves
+    // it with its own counters; a successor's listener comes from the old process.
+    let mut metrics_handover = None;
+    if !matches!(source, Source::Takeover(_)) {
+        metrics_handover = serve_metrics(&metrics, metrics_listener.take())?;
     }
     // A start-up that fails from here on leaves no socket file behind.
     let _socket_file = api_socket.map(SocketFile);
@@ -168,6 +185,7 @@ pub fn run(
                 .takeover_restore_us
                 .store(t.restore_us.max(1), Ordering::Relaxed);
             listener = t.api;
+            metrics_listener = t.metrics;
             serial = t.serial;
             (t.vmm, t.manager)
         }
@@ -231,6 +249,9 @@ pub fn run(
         vmm.control().resume()?;
     }
     metrics.set_vm(vmm.control().clone(), vmm.bus().clone(), manager.clone());
+    if metrics_listener.is_some() {
+        metrics_handover = serve_metrics(&metrics, metrics_listener.take())?;
+    }
     api.start(listener, &tx, &metrics)?;
     // Live-update answers come from a thread of their own; the loop ends once every sender
     // (the API's, the vCPUs', this one) is gone.
@@ -312,6 +333,7 @@ pub fn run(
                     &binary,
                     &serial,
                     api.handover.as_ref(),
+                    metrics_handover.as_ref(),
                     Duration::from_millis(timeout_ms),
                     move |answer| {
                         let _ = answer_tx.send(Msg::LiveUpdateAnswer(answer));

@@ -357,11 +357,14 @@ fn respond_text(out: &mut impl Write, text: &str) -> std::io::Result<()> {
     out.write_all(text.as_bytes())
 }
 
-/// Serves `GET /metrics` over plain HTTP on `addr` (`--metrics-addr`) on a thread of its
-/// own; returns the address bound.
-pub fn serve_metrics(metrics: &Arc<Metrics>, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
-    let listener =
-        TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
+/// Binds the `--metrics-addr` listener (before the VM exists: a busy address fails start-up).
+pub fn bind_metrics(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))
+}
+
+/// Serves `GET /metrics` over plain HTTP on `listener` on a thread of its own; returns the
+/// address it is bound to.
+pub fn serve_metrics(metrics: &Arc<Metrics>, listener: TcpListener) -> anyhow::Result<SocketAddr> {
     let bound = listener.local_addr()?;
     let me = metrics.clone();
     std::thread::Builder::new()
