@@ -276,10 +276,12 @@ fn a_disk_survives_save_and_restore() {
     wait_disk_writes(&back, was + 200);
     verify_memory_and_disk(&back);
     // The restored guest sees the time since the save as one stall (its clock is the host's;
-    // printed when 200 ms or more): never more than passed.
+    // printed when 200 ms or more): never more than passed. Its last loop iteration before
+    // the pause may precede `saved_at` by a slice it was descheduled for on a busy host.
     let gap = back.max_stall_since(0);
+    const DESCHEDULED_US: u64 = 250_000;
     assert!(
-        gap <= since_save,
+        gap <= since_save + DESCHEDULED_US,
         "the guest saw a {gap} µs gap, only {since_save} µs passed"
     );
     eprintln!("restored guest: {gap} µs stall, {since_save} µs since the save");
