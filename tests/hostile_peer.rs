@@ -26,7 +26,8 @@ fn sock_addr(addr: &str) -> SocketAddr {
 
 /// A fake source: TLS with the real node certificate, nothing said yet.
 fn connect(addr: &str, tls_dir: &Path) -> Link {
-    let cfg = tls::client_config(tls_dir).expect("client TLS configuration");
+    let cfg =
+        tls::client_config(tls_dir, tls::Cipher::default()).expect("client TLS configuration");
     Link::connect(sock_addr(addr), cfg, Duration::from_secs(10))
         .expect("the real certificate is accepted")
 }

@@ -548,6 +548,61 @@ fn netns_hosts_over_a_shaped_link_with_latency() {
     }
 }
 
+/// The source chooses the link's TLS 1.3 cipher suite; the destination accepts each; the
+/// report names the suite the handshake settled on. An unknown name is refused before any
+/// connection.
+#[test]
+fn each_cipher_suite_carries_a_migration() {
+    let tmp = TempDir::new("mig-cipher");
+    let tls = certs(&tmp, "tls");
+    let precopy = plugin("precopy.wasm");
+    for cipher in ["aes-128-gcm", "aes-256-gcm", "chacha20-poly1305"] {
+        let addr = format!("tls://127.0.0.1:{}", free_port());
+        let dst = destination(&format!("cipher-{cipher}-dst"), &[], &addr, &tls, &[]);
+        let mut src = VmProcess::boot(&format!("cipher-{cipher}-src"), GUEST, 128, 1);
+        if cipher == "aes-128-gcm" {
+            let (ok, out, _) = migrate(
+                &src,
+                &[
+                    "--to",
+                    &addr,
+                    "--plugin",
+                    &precopy,
+                    "--tls-dir",
+                    tls.to_str().unwrap(),
+                    "--cipher",
+                    "rc4",
+                ],
+            );
+            assert!(!ok && out.contains("unknown cipher"), "{out}");
+        }
+        let (ok, out, report) = migrate(
+            &src,
+            &[
+                "--to",
+                &addr,
+                "--plugin",
+                &precopy,
+                "--tls-dir",
+                tls.to_str().unwrap(),
+                "--cipher",
+                cipher,
+            ],
+        );
+        assert!(ok, "{cipher}: {out}\n{}", src.stderr());
+        let r = report.unwrap();
+        assert_eq!(r["cipher"], cipher, "{r}");
+        assert_eq!(r["result"], "completed", "{r}");
+        assert_eq!(wait_exit(&mut src, "the source"), Some(0));
+        check_arrived(&dst, 5000);
+        eprintln!(
+            "{cipher}: total {:.0} ms, downtime {:.2} ms",
+            f(&r, "total_ms"),
+            f(&r, "downtime_ms")
+        );
+    }
+}
+
 #[test]
 fn commit_with_state_saves_a_round_trip_of_downtime() {
     // 200 ms round trips through the delay relay: the two-phase hand-over waits for two of

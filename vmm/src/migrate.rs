@@ -133,7 +133,8 @@ impl Migrations {
         vmm.require_memory_loaded()
             .map_err(|e| (409, e.to_string()))?;
         let to = parse_addr(&req.to).map_err(|e| bad(format!("{e:#}")))?;
-        let tls = migration::tls::client_config(&req.tls_dir).map_err(|e| bad(e.to_string()))?;
+        let tls = migration::tls::client_config(&req.tls_dir, req.cipher)
+            .map_err(|e| bad(e.to_string()))?;
         let driver = manager.list().into_iter().find(|s| {
             s.capabilities.contains(&Capability::DrivesMigration)
                 && matches!(s.state, l1_services::ServiceState::Attached)

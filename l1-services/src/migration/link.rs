@@ -136,6 +136,13 @@ impl Link {
         Self::handshake(sock, Connection::Server(conn), timeout)
     }
 
+    /// The cipher suite the handshake settled on.
+    pub fn cipher(&self) -> Option<super::tls::Cipher> {
+        self.tls
+            .negotiated_cipher_suite()
+            .and_then(super::tls::Cipher::of)
+    }
+
     /// Few bytes in flight ahead of a faulted page: in post-copy the send and receive buffers
     /// are kept small (the kernel doubles the value; it still fills a fast link). Pre-copy
     /// keeps the kernel's self-tuning buffers: small fixed ones there made loopback TCP drop

@@ -95,6 +95,10 @@ pub struct Report {
     pub total_ms: f64,
     /// Connect, TLS handshake and hello, ms.
     pub setup_ms: f64,
+    /// The TLS 1.3 cipher suite of the link (`aes-128-gcm`, `aes-256-gcm`,
+    /// `chacha20-poly1305`).
+    #[serde(default)]
+    pub cipher: String,
     /// Source pause to the destination's `resumed`, ms (the guest did not run meanwhile).
     pub downtime_ms: f64,
     /// Destination's share of it: state received to vCPUs running, ms.
@@ -262,6 +266,7 @@ impl MigrationSource {
                 postcopy_sent: Vec::new(),
                 report: Report {
                     setup_ms: started.elapsed().as_secs_f64() * 1e3,
+                    cipher: link.cipher().map(|c| c.name()).unwrap_or_default().into(),
                     pages_total: pages,
                     handover: "none".into(),
                     ..Default::default()

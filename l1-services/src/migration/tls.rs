@@ -16,11 +16,72 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 /// The name every node certificate carries and every source checks.
 pub const SERVER_NAME: &str = "spanvmm-migration";
 
-/// ring, with AES-128-GCM only: TLS 1.3's cheapest strong suite on AES-NI hosts (page data is
-/// bulk; 128-bit keys are ample), a third fewer AES rounds than AES-256.
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The TLS 1.3 cipher suite a migration uses. The source chooses (`ctl migrate --cipher`); a
+/// destination accepts any of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cipher {
+    /// The default: TLS 1.3's cheapest strong suite on AES-NI hosts (page data is bulk;
+    /// 128-bit keys are ample), a third fewer AES rounds than AES-256.
+    #[default]
+    Aes128Gcm,
+    /// 256-bit keys, for policies that require them.
+    Aes256Gcm,
+    /// For hosts without AES instructions, where it is the fastest of the three.
+    Chacha20Poly1305,
+}
+
+impl Cipher {
+    /// Every suite, in the destination's order of preference (the source's choice wins).
+    pub const ALL: [Cipher; 3] = [
+        Cipher::Aes128Gcm,
+        Cipher::Aes256Gcm,
+        Cipher::Chacha20Poly1305,
+    ];
+
+    /// The name `--cipher` takes and reports carry.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cipher::Aes128Gcm => "aes-128-gcm",
+            Cipher::Aes256Gcm => "aes-256-gcm",
+            Cipher::Chacha20Poly1305 => "chacha20-poly1305",
+        }
+    }
+
+    fn suite(self) -> rustls::SupportedCipherSuite {
+        use rustls::crypto::ring::cipher_suite as cs;
+        match self {
+            Cipher::Aes128Gcm => cs::TLS13_AES_128_GCM_SHA256,
+            Cipher::Aes256Gcm => cs::TLS13_AES_256_GCM_SHA384,
+            Cipher::Chacha20Poly1305 => cs::TLS13_CHACHA20_POLY1305_SHA256,
+        }
+    }
+
+    /// The suite a handshake settled on.
+    pub fn of(suite: rustls::SupportedCipherSuite) -> Option<Cipher> {
+        Cipher::ALL
+            .into_iter()
+            .find(|c| c.suite().suite() == suite.suite())
+    }
+}
+
+impl std::str::FromStr for Cipher {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Cipher::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                format!("unknown cipher {s:?}: aes-128-gcm, aes-256-gcm or chacha20-poly1305")
+            })
+    }
+}
+
+/// ring, with the TLS 1.3 suites of `ciphers` only.
+fn provider(ciphers: &[Cipher]) -> Arc<rustls::crypto::CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites = vec![rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256];
+    p.cipher_suites = ciphers.iter().map(|c| c.suite()).collect();
     Arc::new(p)
 }
 
@@ -116,8 +177,9 @@ fn load(dir: &Path) -> Result<Material, TlsError> {
 pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let m = load(dir)?;
     let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(m.roots), provider()).build()?;
-    let cfg = ServerConfig::builder_with_provider(provider())
+        WebPkiClientVerifier::builder_with_provider(Arc::new(m.roots), provider(&Cipher::ALL))
+            .build()?;
+    let cfg = ServerConfig::builder_with_provider(provider(&Cipher::ALL))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Protocol)?
         .with_client_cert_verifier(verifier)
@@ -126,11 +188,11 @@ pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(cfg))
 }
 
-/// The source's configuration: TLS 1.3 only, the destination checked against the CA, our
-/// certificate presented.
-pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+/// The source's configuration: TLS 1.3 only with `cipher`, the destination checked against
+/// the CA, our certificate presented.
+pub fn client_config(dir: &Path, cipher: Cipher) -> Result<Arc<ClientConfig>, TlsError> {
     let m = load(dir)?;
-    let cfg = ClientConfig::builder_with_provider(provider())
+    let cfg = ClientConfig::builder_with_provider(provider(&[cipher]))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Protocol)?
         .with_root_certificates(m.roots)

@@ -293,6 +293,9 @@ pub struct MigrateStart {
     /// Send `commit` with the state (see `SourceConfig::commit_with_state`).
     #[serde(default)]
     pub commit_with_state: bool,
+    /// The link's TLS 1.3 cipher suite.
+    #[serde(default)]
+    pub cipher: l1_services::migration::tls::Cipher,
 }
 
 fn default_recovery_ms() -> u64 {

@@ -83,6 +83,10 @@ pub enum CtlOp {
         /// instead of running on there.
         #[arg(long)]
         commit_with_state: bool,
+        /// The link's TLS 1.3 cipher suite: aes-128-gcm (default), aes-256-gcm or
+        /// chacha20-poly1305 (the fastest on hosts without AES instructions).
+        #[arg(long, default_value = "aes-128-gcm")]
+        cipher: l1_services::migration::tls::Cipher,
         /// Where to write the JSON report (the SVG plot goes beside it).
         #[arg(long, default_value = "migration-report.json")]
         report: PathBuf,
@@ -173,6 +177,7 @@ pub fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
         max_bandwidth,
         recovery_timeout_ms,
         commit_with_state,
+        cipher,
         report,
     } = &op
     {
@@ -189,6 +194,7 @@ pub fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
             "max_bandwidth": max_bandwidth.as_deref().map(parse_rate).transpose()?,
             "recovery_timeout_ms": recovery_timeout_ms,
             "commit_with_state": commit_with_state,
+            "cipher": cipher,
         });
         return migrate::ctl_migrate(socket, body, report);
     }
