@@ -170,6 +170,68 @@ pub fn field(line: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Median and spread of one figure over the runs.
+#[derive(serde::Serialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+pub fn stat(v: impl Iterator<Item = f64>) -> Stat {
+    let mut v: Vec<f64> = v.collect();
+    let m = median(&mut v);
+    Stat {
+        median: m,
+        min: v[0],
+        max: v[v.len() - 1],
+    }
+}
+
+/// CPU time (user + system) a live process has used so far, ms.
+pub fn cpu_ms(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces, closed by the last ')').
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(ticks * 1000 / hz)
+}
+
+/// Waits up to `timeout` for `child` to exit on its own, then reaps it as [`reap_cpu_ms`] does.
+pub fn exit_cpu_ms(child: &mut std::process::Child, timeout: std::time::Duration) -> Option<u64> {
+    let deadline = std::time::Instant::now() + timeout;
+    let exited = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    };
+    while !exited(child.id()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    reap_cpu_ms(child)
+}
+
+/// Ends `child` (if it still runs) and reaps it: the CPU time it used in all, ms (a process
+/// that exited on its own cannot be read from /proc any more).
+pub fn reap_cpu_ms(child: &mut std::process::Child) -> Option<u64> {
+    let _ = child.kill();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, writing into the two locals.
+    let r = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut ru) };
+    if r <= 0 {
+        return None;
+    }
+    let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+    Some(ms(ru.ru_utime) + ms(ru.ru_stime))
+}
+
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]

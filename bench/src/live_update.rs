@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::harness::{collect, field, median, spawn_run, Vm};
+use crate::harness::{collect, field, spawn_run, stat, Stat, Vm};
 
 /// Most populated MiB: spanguest fills only the RAM range that holds its image, and QEMU's x86
 /// machines move RAM above 3 GiB to 4 GiB, so under QEMU that range ends below 3 GiB.
@@ -69,24 +69,6 @@ struct Sample {
     quiet_stall_us: u64,
     /// Anonymous memory of the new process once it runs the guest, MiB.
     new_process_anon_mib: u64,
-}
-
-/// Median and spread of one figure over the runs.
-#[derive(Serialize)]
-struct Stat {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn stat(v: impl Iterator<Item = f64>) -> Stat {
-    let mut v: Vec<f64> = v.collect();
-    let m = median(&mut v);
-    Stat {
-        median: m,
-        min: v[0],
-        max: v[v.len() - 1],
-    }
 }
 
 #[derive(Serialize)]

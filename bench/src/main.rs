@@ -18,6 +18,7 @@
 //! destinations, live updates' new processes and snapshot writers killed at random times).
 
 mod chaos;
+mod ciphers;
 mod cpr_failures;
 mod devices;
 mod harness;
@@ -318,6 +319,16 @@ fn main() -> anyhow::Result<()> {
             &repo_root().join("target/plugins"),
             &out.unwrap_or_else(|| repo_root().join("bench/results/services.json")),
         ),
+        Some("ciphers") => ciphers::run(
+            &spanvmm_bin()?,
+            &repo_root().join("target/plugins"),
+            &guest_elf()?,
+            sizes.first().copied().unwrap_or(1024),
+            migration::Link::Loopback,
+            runs,
+            &workloads.as_deref().unwrap_or("idle,dirty").split(',').collect::<Vec<_>>(),
+            &out.unwrap_or_else(|| repo_root().join("bench/results/ciphers.json")),
+        ),
         Some("migration") => migration::run(
             &spanvmm_bin()?,
             &repo_root().join("target/plugins"),
@@ -390,6 +401,6 @@ fn main() -> anyhow::Result<()> {
                 }),
             )
         }
-        _ => bail!("usage: spanvmm-bench boot|services|devices|live-update|live-update-failures|snapshot|migration|chaos [--runs N] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|services|devices|live-update|live-update-failures|snapshot|migration|ciphers|chaos [--runs N] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
     }
 }

@@ -173,6 +173,12 @@ pub struct Outcome {
     pub bytes: u64,
     /// The destination guest's memory check after arrival (`verify bad=0`).
     pub verify_bad: Option<u64>,
+    /// The link's cipher: a TLS 1.3 suite (`aes-128-gcm`, ...; spanvmm always encrypts), or
+    /// `plaintext` (QEMU's default).
+    pub cipher: String,
+    /// CPU time the source and destination processes used from the start of the migration
+    /// to its end (the guest's own vCPU time included, alike for every cipher), ms.
+    pub cpu_ms: Option<u64>,
     pub note: String,
 }
 
@@ -226,9 +232,11 @@ pub fn qemu_migrate(
     engine: QemuEngine,
     link: Link,
     timeout: Duration,
+    tls: Option<(&Path, &str)>,
 ) -> anyhow::Result<Outcome> {
     let dir = std::env::temp_dir().join(format!("spanvmm-bench-mig-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let cipher = tls.map_or("plaintext", |(_, c)| c).to_string();
     let hosts = Hosts::new(link, 47_000)?;
     let (src_qmp, dst_qmp) = (dir.join("src.qmp"), dir.join("dst.qmp"));
     let cl = guest_cmdline(mem, workload);
@@ -275,6 +283,12 @@ pub fn qemu_migrate(
                 "migrate-set-parameters",
                 json!({"max-bandwidth": 100u64 << 30}),
             )?;
+            if let Some((certs, cipher)) = tls {
+                for (qmp, endpoint) in [(&mut q, "client"), (&mut dq, "server")] {
+                    qemu_tls(qmp, certs, endpoint, cipher)?;
+                }
+            }
+            let cpu_before = cpu_pair(src.id(), dst.id());
             let uri = |a: SocketAddr| format!("tcp:{}:{}", a.ip(), a.port());
             dq.cmd("migrate-incoming", json!({"uri": uri(hosts.listen)}))?;
             std::thread::sleep(Duration::from_millis(100));
@@ -295,6 +309,9 @@ pub fn qemu_migrate(
                     _ => std::thread::sleep(Duration::from_millis(10)),
                 }
             };
+            let cpu = cpu_pair(src.id(), dst.id())
+                .zip(cpu_before)
+                .map(|(after, before)| after.saturating_sub(before));
             let Some(info) = info else {
                 return Ok(Outcome {
                     vmm: "qemu".into(),
@@ -313,6 +330,8 @@ pub fn qemu_migrate(
                     setup_ms: 0,
                     bytes: 0,
                     verify_bad: None,
+                    cipher: cipher.clone(),
+                    cpu_ms: cpu,
                     note: format!("did not complete in {timeout:?}"),
                 });
             };
@@ -336,6 +355,8 @@ pub fn qemu_migrate(
                 setup_ms: info["setup-time"].as_u64().unwrap_or(0),
                 bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
                 verify_bad,
+                cipher,
+                cpu_ms: cpu,
                 note: String::new(),
             })
         })();
@@ -348,6 +369,52 @@ pub fn qemu_migrate(
     let _ = std::fs::remove_dir_all(&dir);
     drop(hosts);
     result
+}
+
+/// Source + destination CPU time so far, ms.
+fn cpu_pair(src: u32, dst: u32) -> Option<u64> {
+    Some(crate::harness::cpu_ms(src)? + crate::harness::cpu_ms(dst)?)
+}
+
+/// Sets up QEMU's TLS for migration on one side: `tls-creds-x509` over the certificates
+/// `spanvmm migrate-certs` made (under the file names QEMU wants), TLS 1.3 with `cipher` only
+/// (a GnuTLS priority string), the destination checked under spanvmm's certificate name.
+fn qemu_tls(qmp: &mut Qmp, certs: &Path, endpoint: &str, cipher: &str) -> anyhow::Result<()> {
+    let gnutls = match cipher {
+        "aes-128-gcm" => "AES-128-GCM",
+        "aes-256-gcm" => "AES-256-GCM",
+        "chacha20-poly1305" => "CHACHA20-POLY1305",
+        other => bail!("no GnuTLS name for cipher {other}"),
+    };
+    let dir = certs.join("qemu");
+    if !dir.exists() {
+        std::fs::create_dir_all(&dir)?;
+        for (to, from) in [
+            ("ca-cert.pem", "ca.pem"),
+            ("server-cert.pem", "node.pem"),
+            ("server-key.pem", "node.key"),
+            ("client-cert.pem", "node.pem"),
+            ("client-key.pem", "node.key"),
+        ] {
+            std::fs::copy(certs.join(from), dir.join(to))?;
+        }
+    }
+    qmp.cmd(
+        "object-add",
+        json!({
+            "qom-type": "tls-creds-x509",
+            "id": "tls0",
+            "dir": dir,
+            "endpoint": endpoint,
+            "verify-peer": true,
+            "priority": format!("NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+{gnutls}"),
+        }),
+    )?;
+    qmp.cmd(
+        "migrate-set-parameters",
+        json!({"tls-creds": "tls0", "tls-hostname": "spanvmm-migration"}),
+    )?;
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -414,7 +481,7 @@ pub fn run(
                         Link::Shaped { mbit, .. } => mem * 8 / mbit,
                     };
                     let limit = Duration::from_secs((need_s * 4).max(60));
-                    let o = qemu_migrate(elf, mem, workload, engine, link, limit)?;
+                    let o = qemu_migrate(elf, mem, workload, engine, link, limit, None)?;
                     eprintln!(
                         "{:>22} {mem:>5} MiB {workload:>5} qemu {:>8}: total {} ms, downtime {} ms, guest stall {} µs (then {} µs), {} MiB, verify bad={:?} {}",
                         o.link, o.engine, o.total_ms, o.downtime_ms, o.guest_stall_us, o.guest_stall_after_us, o.bytes >> 20, o.verify_bad, o.note

@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::harness::collect;
+use crate::harness::{collect, cpu_ms, exit_cpu_ms};
 use crate::migration::{guest_cmdline, max_stall, settle, verify_after, Hosts, Link, Outcome};
 
-/// Migrates a spanvmm guest from host `src` to host `dst` with the `engine` service.
+/// Migrates a spanvmm guest from host `src` to host `dst` with the `engine` service
+/// (`precopy`, ...; `-early` appended: with `--commit-with-state`; `@CIPHER` appended: that
+/// TLS 1.3 suite).
 #[allow(clippy::too_many_arguments)]
 pub fn spanvmm_migrate(
     bin: &Path,
@@ -82,6 +84,7 @@ pub fn spanvmm_migrate(
             s(&src_api),
         ],
     )?;
+    let mut src_reaped = false;
     let result = (|| {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !src_lines
@@ -113,10 +116,13 @@ pub fn spanvmm_migrate(
         // Let the guest finish populating before the clock starts (as for QEMU).
         std::thread::sleep(Duration::from_millis(500));
         let report = dir.join("report.json");
-        let (service, early) = match engine.strip_suffix("-early") {
+        let (engine_name, cipher) = engine.split_once('@').unwrap_or((engine, "aes-128-gcm"));
+        let (service, early) = match engine_name.strip_suffix("-early") {
             Some(base) => (base, &["--commit-with-state"][..]),
-            None => (engine, &[][..]),
+            None => (engine_name, &[][..]),
         };
+        let src_cpu_before = cpu_ms(src.id());
+        let dst_cpu_before = cpu_ms(dst.id());
         let out = Command::new("timeout")
             .arg(timeout.as_secs().to_string())
             .arg(bin)
@@ -125,6 +131,7 @@ pub fn spanvmm_migrate(
             .arg(&src_api)
             .args(["migrate", "--to", &format!("tls://{}", hosts.connect)])
             .args(early)
+            .args(["--cipher", cipher])
             .arg("--plugin")
             .arg(plugins.join(format!("{service}.wasm")))
             .arg("--tls-dir")
@@ -137,6 +144,16 @@ pub fn spanvmm_migrate(
             .and_then(|t| serde_json::from_str(&t).ok());
         let completed =
             out.status.success() && r.as_ref().is_some_and(|r| r["result"] == "completed");
+        // The source process exits once the guest moved: its CPU comes from its exit status.
+        let dst_cpu = cpu_ms(dst.id()).zip(dst_cpu_before).map(|(a, b)| a - b);
+        let src_cpu = if completed {
+            src_reaped = true;
+            exit_cpu_ms(&mut src, Duration::from_secs(15))
+                .zip(src_cpu_before)
+                .map(|(a, b)| a.saturating_sub(b))
+        } else {
+            None
+        };
         let r = r.unwrap_or_default();
         let from = settle(&dst_lines);
         // With the VMM's migration trace on, show what both sides said.
@@ -171,6 +188,8 @@ pub fn spanvmm_migrate(
             setup_ms: n("setup_ms") as u64,
             bytes: n("bytes") as u64,
             verify_bad,
+            cipher: r["cipher"].as_str().unwrap_or(cipher).to_string(),
+            cpu_ms: src_cpu.zip(dst_cpu).map(|(s, d)| s + d),
             note: if completed {
                 format!(
                     "downtime {:.2} ms, {} rounds, {} pages sent of {}, {} resent in post-copy, {} faults (mean {} µs, p99 {} µs), handover {}",
@@ -195,8 +214,10 @@ pub fn spanvmm_migrate(
             },
         })
     })();
-    let _ = src.kill();
-    let _ = src.wait();
+    if !src_reaped {
+        let _ = src.kill();
+        let _ = src.wait();
+    }
     let _ = dst.kill();
     let _ = dst.wait();
     let _ = std::fs::remove_dir_all(&dir);
