@@ -1235,3 +1235,30 @@ fn the_example_service_in_python_beneath_a_running_guest() {
 fn the_example_service_in_javascript_beneath_a_running_guest() {
     the_example_service_beneath_a_running_guest("js", "javascript");
 }
+
+/// `--plugin PATH[:CONFIG]`: a path with ':' in it loads when it names a file (the
+/// configuration follows the first ':' otherwise).
+#[test]
+fn a_plugin_path_with_a_colon_loads() {
+    let dir = TempDir::new("plugin-colon");
+    let odd = dir.path().join("with:colon.wasm");
+    std::fs::copy(plugin("introspect.wasm"), &odd).unwrap();
+    let kernel = guest_elf();
+    let vm = VmProcess::start(
+        "plugin-colon",
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "workload=dirty,verify mib=8",
+            "--memory",
+            "64",
+            "--plugin",
+            odd.to_str().unwrap(),
+        ],
+    );
+    vm.wait_line("SPANGUEST ready", T);
+    let list = json(&vm.ctl_ok(&["plugin", "list"]));
+    assert_eq!(list[0]["name"], "introspect", "{list}");
+    vm.assert_verify_clean(1);
+}

@@ -229,7 +229,12 @@ pub fn run(
         }
     };
     for spec in plugins {
-        let (path, config) = spec.split_once(':').unwrap_or((spec.as_str(), ""));
+        // The configuration follows the first ':' (JSON has more), unless the whole spec
+        // names a file: a path with ':' in it then works without a configuration.
+        let (path, config) = match spec.split_once(':') {
+            Some((path, config)) if !Path::new(spec).is_file() => (path, config),
+            _ => (spec.as_str(), ""),
+        };
         if let Err(e) = manager.attach(Path::new(path), config) {
             // A booted or restored guest has not run yet (it waits for its services); an
             // arriving or loaded one already runs and is not given up for a service.
