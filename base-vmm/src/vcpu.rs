@@ -115,6 +115,7 @@ pub struct VcpuEvent {
     pub reason: VcpuExitReason,
 }
 
+#[derive(Clone, Copy)]
 enum Request {
     Pause,
     Resume,
@@ -722,7 +723,9 @@ pub struct VcpuHandle {
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl VcpuHandle {
-    fn ask(&self, req: Request) -> Result<Reply, VcpuError> {
+    /// Hands `req` to the thread and kicks it out of KVM_RUN; [`Self::answer`] waits for the
+    /// reply.
+    fn post(&self, req: Request) -> Result<(), VcpuError> {
         self.requests
             .send(req)
             .map_err(|_| VcpuError::NoAnswer(self.index))?;
@@ -730,13 +733,22 @@ impl VcpuHandle {
             // A failed kick only means the thread already left KVM_RUN.
             let _ = t.kill(kick_signal());
         }
+        Ok(())
+    }
+
+    fn answer(&self) -> Result<Reply, VcpuError> {
         self.replies
             .recv_timeout(ANSWER_TIMEOUT)
             .map_err(|_| VcpuError::NoAnswer(self.index))
     }
 
-    fn ask_done(&self, req: Request) -> Result<(), VcpuError> {
-        match self.ask(req)? {
+    fn ask(&self, req: Request) -> Result<Reply, VcpuError> {
+        self.post(req)?;
+        self.answer()
+    }
+
+    fn done(&self, reply: Reply) -> Result<(), VcpuError> {
+        match reply {
             Reply::Done => Ok(()),
             Reply::Refused(msg) => Err(VcpuError::BadState {
                 index: self.index,
@@ -744,16 +756,6 @@ impl VcpuHandle {
             }),
             Reply::State(_) => Err(VcpuError::NoAnswer(self.index)),
         }
-    }
-
-    /// Stops the vCPU at an instruction boundary with no I/O in flight.
-    pub fn pause(&self) -> Result<(), VcpuError> {
-        self.ask_done(Request::Pause)
-    }
-
-    /// Lets a paused vCPU run again.
-    pub fn resume(&self) -> Result<(), VcpuError> {
-        self.ask_done(Request::Resume)
     }
 
     /// Reads the registers of a paused vCPU.
@@ -766,6 +768,47 @@ impl VcpuHandle {
             }),
             Reply::Done => Err(VcpuError::NoAnswer(self.index)),
         }
+    }
+
+    /// Asks every vCPU at once: all are kicked before any answer is awaited, so that they
+    /// stop (or save) side by side rather than one after the other. Every answer is collected
+    /// before an error is returned, so that none is left for the next request.
+    fn ask_all(vcpus: &[VcpuHandle], req: Request) -> Vec<Result<Reply, VcpuError>> {
+        let posted: Vec<_> = vcpus.iter().map(|v| v.post(req)).collect();
+        vcpus
+            .iter()
+            .zip(posted)
+            .map(|(v, p)| p.and_then(|()| v.answer()))
+            .collect()
+    }
+
+    fn all_done(vcpus: &[VcpuHandle], req: Request) -> Result<(), VcpuError> {
+        vcpus
+            .iter()
+            .zip(Self::ask_all(vcpus, req))
+            .try_for_each(|(v, r)| v.done(r?))
+    }
+
+    /// Stops every vCPU at an instruction boundary with no I/O in flight, in parallel.
+    pub fn pause_all(vcpus: &[VcpuHandle]) -> Result<(), VcpuError> {
+        Self::all_done(vcpus, Request::Pause)
+    }
+
+    /// Lets every paused vCPU run again, in parallel.
+    pub fn resume_all(vcpus: &[VcpuHandle]) -> Result<(), VcpuError> {
+        Self::all_done(vcpus, Request::Resume)
+    }
+
+    /// [`Self::save`] on every vCPU, in parallel.
+    pub fn save_all(vcpus: &[VcpuHandle]) -> Result<Vec<VcpuState>, VcpuError> {
+        vcpus
+            .iter()
+            .zip(Self::ask_all(vcpus, Request::Save))
+            .map(|(v, r)| match r? {
+                Reply::State(s) => Ok(*s),
+                other => v.done(other).and(Err(VcpuError::NoAnswer(v.index))),
+            })
+            .collect()
     }
 
     /// Ends the thread.
