@@ -244,7 +244,7 @@ fn moves_under_load(tag: &str, how: Move) {
     // The announce (RARP rounds over 0.6 s from the destination's tap) moves the guest's MAC
     // to b's uplink on the switch: without it the switch would send the client's frames to a
     // until its entry aged out (300 s), unless the guest spoke first.
-    lan.wait_fdb("up-b", Duration::from_secs(3));
+    lan.wait_fdb("up-b", Duration::from_secs(10));
     assert!(
         net_device(&dst)["counters"]["announces"].as_u64().unwrap() > 0,
         "no RARP sent"
