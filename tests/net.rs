@@ -53,6 +53,7 @@ fn connections_survive_live_updates_under_redis_benchmark() {
     };
     let mut vm = lan.boot("net-lu", "tap0");
     assert_eq!(lan.cli(&["SET", "kept", "across"]), "OK");
+    lan.cli(&["DEL", COUNTER]);
     // Long enough to span the live updates; keep-alive connections throughout (-k 1).
     let bench = lan.bench(400_000, &["-k", "1"]);
     std::thread::sleep(Duration::from_millis(500));
@@ -64,6 +65,8 @@ fn connections_survive_live_updates_under_redis_benchmark() {
         std::thread::sleep(Duration::from_millis(300));
     }
     let rows = finish(bench, "live updates");
+    // Every request executed once: none lost in a hand-over, none replayed.
+    assert_eq!(lan.incr_count(), 400_000, "INCRs executed");
     assert!(rows.iter().all(|(_, r)| r.max < 5_000.0), "{rows:?}");
     assert_eq!(vm.wait_exit(Duration::from_millis(1)), Some(0));
     assert_eq!(lan.cli(&["GET", "kept"]), "across");
