@@ -201,6 +201,8 @@ fn a_jailed_vm_serves_redis_on_its_tap_and_writes_its_disk() {
             .any(|l| l.starts_with("Uid:") && l.contains(&UID.to_string())),
         "not running as {UID}: {status}"
     );
+    // The tap it serves was opened before the jail: there is no /dev/net/tun inside.
+    assert!(!Path::new(&format!("/proc/{}/root/dev/net/tun", vm.first_pid())).exists());
     assert_eq!(lan.cli(&["SET", "jailed", "yes"]), "OK");
     lan.cli(&["DEL", COUNTER]);
     finish(lan.bench(20_000, &[]), "jailed");
