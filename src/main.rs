@@ -268,6 +268,14 @@ fn main() -> ExitCode {
                     gid: gid.unwrap_or_default(),
                     limits: cgroup,
                 };
+                // The taps are opened as the caller, outside: the jail's root has no
+                // /dev/net/tun and its user may not attach a tap. The devices take the fds.
+                for n in &nets {
+                    if let Err(e) = base_vmm::devices::virtio::net::preopen_tap(&n.tap) {
+                        eprintln!("spanvmm: --jail: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
                 if let Err(e) = vmm::jail::enter(&j) {
                     eprintln!("spanvmm: {e:#}");
                     return ExitCode::FAILURE;

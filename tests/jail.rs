@@ -1,5 +1,6 @@
 //! `spanvmm run --jail`: a VMM confined before its guest boots (new mount namespace rooted in
-//! the jail directory, an unprivileged uid/gid, a cgroup with memory and CPU limits).
+//! the jail directory, an unprivileged uid/gid, a cgroup with memory and CPU limits), alone and
+//! with its devices (a tap opened before the jail, a disk image inside it).
 
 mod common;
 
@@ -7,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
+use common::lan::*;
 use common::*;
 
 const T: Duration = Duration::from_secs(30);
@@ -139,6 +141,82 @@ fn a_jailed_vm_boots_as_its_user_in_its_root_and_cgroup() {
             );
         }
     }
+}
+
+/// A jailed VMM with a tap and a disk: the tap is opened before the jail (its root has no
+/// /dev/net/tun, its user may not attach one), the disk image is a file in the jail. The guest
+/// serves redis-benchmark with no error, writes its disk, and verifies memory and disk.
+#[test]
+fn a_jailed_vm_serves_redis_on_its_tap_and_writes_its_disk() {
+    let Some(lan) = Lan::new("jail-net", &["tap0"]) else {
+        return;
+    };
+    let dir = TempDir::new("jail-net");
+    let jail = dir.path().join("root");
+    std::fs::create_dir(&jail).unwrap();
+    std::fs::copy(guest_elf(), jail.join("spanguest.elf")).unwrap();
+    let img = jail.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    // The VMM (as UID) makes its API socket in the jail's root and writes the disk.
+    for p in [&jail, &img] {
+        std::os::unix::fs::chown(p, Some(UID), Some(GID)).unwrap();
+    }
+    let jail_s = jail.to_str().unwrap().to_string();
+    let (uid, gid) = (UID.to_string(), GID.to_string());
+    let net = format!("tap=tap0,mac={MAC}");
+    let mut vm = VmProcess::start_full(
+        dir,
+        &lan.wrapper(),
+        &[
+            "--jail",
+            &jail_s,
+            "--uid",
+            &uid,
+            "--gid",
+            &gid,
+            "--kernel",
+            "/spanguest.elf",
+            "--cmdline",
+            "workload=dirty,verify,kv,disk mib=16 rate=2000 disk_mib=4 disk_rate=500 \
+             disk_flush=32 ip=10.0.0.2/24 gw=10.0.0.1 report_ms=500",
+            "--memory",
+            "128",
+            "--net",
+            &net,
+            "--disk",
+            "path=/disk.img",
+        ],
+        "/api.sock".into(),
+        jail.join("api.sock"),
+    );
+    vm.wait_line("SPANGUEST net ", Duration::from_secs(60));
+    vm.wait_line("SPANGUEST ready", Duration::from_secs(60));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.first_pid())).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains(&UID.to_string())),
+        "not running as {UID}: {status}"
+    );
+    // The tap it serves was opened before the jail: there is no /dev/net/tun inside.
+    assert!(!Path::new(&format!("/proc/{}/root/dev/net/tun", vm.first_pid())).exists());
+    assert_eq!(lan.cli(&["SET", "jailed", "yes"]), "OK");
+    lan.cli(&["DEL", COUNTER]);
+    finish(lan.bench(20_000, &[]), "jailed");
+    assert_eq!(lan.incr_count(), 20_000);
+    assert_eq!(lan.cli(&["GET", "jailed"]), "yes");
+    let disk = vm.wait_line("SPANGUEST disk ", T);
+    assert_eq!(num(&disk, "errors"), 0, "{disk}");
+    verify_clean(&vm, true);
+    let d = net_device(&vm);
+    assert_eq!(d["tap"], "tap0", "{d}");
+    vm.ctl_ok(&["shutdown"]);
+    assert_eq!(vm.wait_exit(T), Some(0));
+    // The guest's blocks reached the file.
+    assert!(std::fs::read(&img).unwrap().iter().any(|&b| b != 0));
 }
 
 #[test]

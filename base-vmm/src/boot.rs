@@ -146,6 +146,18 @@ pub fn memory_map(mem_size: u64, pci_hole: bool) -> Vec<(u64, u64, u32)> {
     map
 }
 
+/// The command line the guest is given: the user's words, then one
+/// `virtio_mmio.device=SIZE@ADDR:GSI` per virtio device in slots `0..virtio_devices`, the words
+/// QEMU's microvm writes. Linux's virtio-mmio driver (the same parameter, `<size>@<base>:<irq>`)
+/// and spanguest find the devices from them: there is no ACPI table or device tree for them.
+pub fn kernel_cmdline(user: &str, virtio_devices: usize) -> String {
+    if virtio_devices == 0 {
+        return user.to_string();
+    }
+    let words = crate::devices::virtio::cmdline_words(virtio_devices);
+    format!("{user} {words}").trim_start().to_string()
+}
+
 fn write_cmdline(ram: &GuestRam, cmdline: &str) -> Result<(), BootError> {
     if cmdline.len() + 1 > CMDLINE_MAX {
         return Err(BootError::Cmdline(format!(
@@ -535,6 +547,59 @@ mod tests {
         );
         std::fs::remove_file(kernel).ok();
         std::fs::remove_file(initrd).ok();
+    }
+
+    /// Linux's `virtio_mmio.device=` format, read the way drivers/virtio/virtio_mmio.c reads
+    /// it (`memparse` size, `@`, `memparse` base, `:`, decimal IRQ): each device's window and
+    /// GSI, in slot order, after the user's words; and the line a bzImage is given holds them.
+    #[test]
+    fn the_kernel_command_line_announces_each_virtio_device() {
+        use crate::devices::virtio::{slot_addr, slot_gsi, MMIO_SIZE};
+        assert_eq!(kernel_cmdline("console=ttyS0", 0), "console=ttyS0");
+        assert_eq!(
+            kernel_cmdline("console=ttyS0 root=/dev/vda", 2),
+            "console=ttyS0 root=/dev/vda virtio_mmio.device=512@0xfeb00000:5 \
+             virtio_mmio.device=512@0xfeb00200:6"
+        );
+        let line = kernel_cmdline("", 3);
+        let memparse = |v: &str| match v.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).unwrap(),
+            None => v.parse::<u64>().unwrap(),
+        };
+        let devices: Vec<(u64, u64, u32)> = line
+            .split(' ')
+            .map(|w| {
+                let v = w.strip_prefix("virtio_mmio.device=").expect(w);
+                let (size, rest) = v.split_once('@').unwrap();
+                let (base, irq) = rest.split_once(':').unwrap();
+                (memparse(size), memparse(base), irq.parse().unwrap())
+            })
+            .collect();
+        let want: Vec<(u64, u64, u32)> = (0..3)
+            .map(|i| (MMIO_SIZE, slot_addr(i), slot_gsi(i)))
+            .collect();
+        assert_eq!(devices, want);
+        // The windows are outside the RAM a Linux guest is told of (the hole below 4 GiB).
+        let map = memory_map(3 << 30, true);
+        for (_, base, _) in &devices {
+            assert!(map
+                .iter()
+                .all(|(a, l, k)| *k != E820_RAM || base + MMIO_SIZE <= *a || *base >= a + l));
+        }
+        // A bzImage's boot protocol carries the whole line.
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let kernel = tmp("bz-virtio", &synthetic_bzimage(&[0xf4; 100]));
+        let cmdline = kernel_cmdline("console=ttyS0", 2);
+        load_kernel(&ram, &kernel, &cmdline, None, EntryPreference::Direct).unwrap();
+        let mut got = vec![0u8; cmdline.len() + 1];
+        ram.read(CMDLINE_ADDR, &mut got).unwrap();
+        assert_eq!(&got[..cmdline.len()], cmdline.as_bytes());
+        assert_eq!(got[cmdline.len()], 0);
+        let mut params = boot_params::default();
+        ram.read(ZERO_PAGE_ADDR, params.as_mut_slice()).unwrap();
+        let size = params.hdr.cmdline_size;
+        assert_eq!(size as usize, cmdline.len() + 1);
+        let _ = std::fs::remove_file(kernel);
     }
 
     #[test]

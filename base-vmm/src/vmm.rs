@@ -874,13 +874,7 @@ impl Vmm {
         let devices: Vec<DeviceConfig> = (cfg.disks.iter().cloned().map(DeviceConfig::Block))
             .chain(cfg.nets.iter().cloned().map(DeviceConfig::Net))
             .collect();
-        let cmdline = if devices.is_empty() {
-            cfg.cmdline.clone()
-        } else {
-            format!("{} {}", cfg.cmdline, virtio::cmdline_words(devices.len()))
-                .trim_start()
-                .to_string()
-        };
+        let cmdline = boot::kernel_cmdline(&cfg.cmdline, devices.len());
         let entry = boot::load_kernel(
             &ram,
             &cfg.kernel,

@@ -14,6 +14,8 @@
 //! spinning shows next to the throughput.
 //!
 //! Every run ends with a guest verify pass checked clean (`bad=0`, and `disk_bad=0`).
+//!
+//! - Latency during a live update and during migrations: see [`events`].
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -26,6 +28,8 @@ use netlab::NetLab;
 use serde::Serialize;
 
 use crate::harness::{field, median};
+
+mod events;
 
 const MEM: &str = "128";
 const GUEST_IP: &str = "10.0.0.2";
@@ -184,6 +188,10 @@ impl Lan {
             "ip tuntap add dev tap0 mode tap",
             "ip link set tap0 master br0",
             "ip link set tap0 up",
+            // A migration's destination on the same host (events.rs).
+            "ip tuntap add dev tap1 mode tap",
+            "ip link set tap1 master br0",
+            "ip link set tap1 up",
         ] {
             let args: Vec<&str> = cmd.split(' ').collect();
             let out = lan.cmd(args[0]).args(&args[1..]).output()?;
@@ -437,6 +445,8 @@ struct Report {
     load_after: String,
     net: Vec<NetRow>,
     disk: Vec<DiskRow>,
+    /// The client's latency during a live update and migrations (events.rs).
+    during: Vec<events::EventRow>,
 }
 
 fn loadavg() -> String {
@@ -448,7 +458,7 @@ fn loadavg() -> String {
         .join(" ")
 }
 
-pub fn run(bin: &Path, elf: &Path, runs: usize, out: &Path) -> anyhow::Result<()> {
+pub fn run(bin: &Path, elf: &Path, plugins: &Path, runs: usize, out: &Path) -> anyhow::Result<()> {
     NetLab::available().map_err(|e| anyhow::anyhow!("{e}"))?;
     for tool in ["redis-benchmark", "qemu-system-x86_64"] {
         Command::new(tool)
@@ -507,6 +517,7 @@ pub fn run(bin: &Path, elf: &Path, runs: usize, out: &Path) -> anyhow::Result<()
             g.stop()?;
         }
     }
+    let during = events::run(&lan, bin, elf, plugins, runs, &img_dir);
     let _ = std::fs::remove_dir_all(&img_dir);
     let mut net_rows = Vec::new();
     for (p, (pipeline, _)) in PIPELINES.iter().enumerate() {
@@ -549,12 +560,14 @@ pub fn run(bin: &Path, elf: &Path, runs: usize, out: &Path) -> anyhow::Result<()
             format!("disk: {DISK_GUEST}, a {DISK_MIB} MiB image in the same directory for both; MiB/s of 4 KiB blocks written+read, timed on the host between the guest's reports over {} s", DISK_SPAN.as_secs()),
             "fairness: spanguest polls its devices on both; under QEMU it has no paravirtual sleep, so its idle loop spins a host core; nothing pinned; vmm_cpu_pct is the VMM process's utime+stime over the measured span".into(),
             "interleaved: spanvmm and QEMU alternate who goes first each run; every run ends with a clean guest verify pass".into(),
+            format!("during: redis-benchmark -t get -c {CLIENTS} -P 1 sized to about 5 s at the quiet rate, the event 1 s in (checked to end before the client); spanvmm live update, spanvmm migrations (precopy, postcopy, hybrid) and QEMU's (precopy, postcopy with migrate-start-postcopy at once) over loopback in the namespace to a destination on a second tap of the same bridge; QEMU downtime-limit 2 ms (spanvmm precopy's downtime_ms), max-bandwidth unlimited; p99 over the whole run, worst = max latency; p99_over_quiet_ms against the same VM's quiet run of the same length"),
         ],
         runs,
         load_before,
         load_after: loadavg(),
         net: net_rows,
         disk: disk_rows,
+        during,
     };
     print!("{}", table(&report));
     std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
@@ -592,5 +605,6 @@ fn table(r: &Report) -> String {
             d.vmm, d.mib_s.median, d.mib_s.min, d.mib_s.max, d.vmm_cpu_pct.median
         );
     }
+    s += &events::table(&r.during);
     s
 }

@@ -349,6 +349,7 @@ fn main() -> anyhow::Result<()> {
         Some("devices") => devices::run(
             &spanvmm_bin()?,
             &guest_elf()?,
+            &repo_root().join("target/plugins"),
             if args.iter().any(|a| a == "--runs") { runs } else { 3 },
             &out.unwrap_or_else(|| repo_root().join("bench/results/devices.json")),
         ),

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod lan;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -11,7 +11,9 @@
 //! 4. supplementary groups dropped, gid G, uid U (no capability is left).
 //!
 //! Every path on the command line is then read inside the jail (`--kernel /spanguest.elf` is
-//! DIR/spanguest.elf); the API socket made there is reachable from the host under DIR. Any step
+//! DIR/spanguest.elf, `--disk path=/disk.img` DIR/disk.img); the API socket made there is
+//! reachable from the host under DIR. `--net` taps are opened by the caller before `enter`
+//! (`base_vmm::devices::virtio::net::preopen_tap`): the jail has no /dev/net/tun. Any step
 //! that fails ends start-up with the step named.
 
 use std::ffi::CString;

@@ -144,6 +144,15 @@ pub fn adopt_tap(name: &str, fd: OwnedFd) {
     crate::devices::lock(&HANDED).push((name.to_string(), fd));
 }
 
+/// Opens tap `name` now and keeps the fd for the net device that will use it: a VMM about to
+/// enter its jail (no /dev/net/tun in its root, and a user that may not attach a tap) opens
+/// its taps first.
+pub fn preopen_tap(name: &str) -> Result<(), NetError> {
+    let tap = open_tap(name)?;
+    adopt_tap(name, tap.into());
+    Ok(())
+}
+
 /// Tap names a migration destination uses instead of the source's, in device order
 /// (`run --incoming ... --net tap=NAME`): taps are named by the host they are on.
 static RENAMED: Mutex<Vec<String>> = Mutex::new(Vec::new());
