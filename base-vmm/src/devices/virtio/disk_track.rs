@@ -196,7 +196,7 @@ mod tests {
         // A write straddling blocks 1 and 2, and the short last block.
         t.wrote(2 * TRACK_BLOCK - 512, &[1; 1024]);
         t.wrote(10 * TRACK_BLOCK, &[1; 512]);
-        assert_eq!(t.harvest(), vec![0b110_0000_0110]);
+        assert_eq!(t.harvest(), vec![(1 << 10) | 0b110]);
         assert_eq!(t.harvest(), vec![0], "harvest clears");
         t.wrote(0, &[1; 512]);
         let ok = Arc::new(Peer(true, Mutex::new(Vec::new())));
