@@ -68,8 +68,15 @@ fn ns(h: &Host) -> [&str; 4] {
 }
 
 /// A sparse image of `mib` MiB; `static_from_mib..`: pseudo-random data the guest never
-/// touches (an application's data set: what an incremental migration need not send again).
-fn image(dir: &TempDir, name: &str, mib: u64, static_from_mib: Option<u64>) -> PathBuf {
+/// touches (an application's data set: what an incremental migration need not send again),
+/// each MiB different, or (`repeated`) the same MiB over and over.
+fn image(
+    dir: &TempDir,
+    name: &str,
+    mib: u64,
+    static_from_mib: Option<u64>,
+    repeated: bool,
+) -> PathBuf {
     let p = dir.path().join(name);
     let f = std::fs::File::create(&p).unwrap();
     f.set_len(mib << 20).unwrap();
@@ -77,6 +84,9 @@ fn image(dir: &TempDir, name: &str, mib: u64, static_from_mib: Option<u64>) -> P
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut chunk = vec![0u8; 1 << 20];
         for m in from..mib {
+            if repeated {
+                x = 0x9e37_79b9_7f4a_7c15;
+            }
             for w in chunk.chunks_exact_mut(8) {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -163,7 +173,7 @@ fn the_disk_moves_with_the_vm_and_back_incrementally() {
     let tls_dir = tls.to_str().unwrap();
     // The source's image carries 56 MiB of data the guest never writes; the destination
     // starts from an empty file.
-    let a = image(&tmp, "a.img", DISK_MIB, Some(8));
+    let a = image(&tmp, "a.img", DISK_MIB, Some(8), false);
     let b = tmp.path().join("b.img");
     std::fs::File::create(&b).unwrap();
     let to_dst = relay(&wan.dst);
@@ -247,13 +257,63 @@ fn the_disk_moves_with_the_vm_and_back_incrementally() {
 }
 
 #[test]
+fn the_redundancy_cache_covers_disk_blocks() {
+    let Some(wan) = Wan::new("disk-cbr") else {
+        return;
+    };
+    let tmp = TempDir::new("disk-cbr");
+    let tls = certs(&tmp, "tls");
+    // 56 MiB of data that repeats every MiB: after the first MiB, every unit is a hit.
+    let a = image(&tmp, "a.img", DISK_MIB, Some(8), true);
+    let b = tmp.path().join("b.img");
+    std::fs::File::create(&b).unwrap();
+    let to_dst = relay(&wan.dst);
+    let dst = destination(
+        "disk-cbr-dst",
+        &ns(&wan.dst),
+        &format!("tls://{}:{PORT}", wan.dst.ip),
+        &tls,
+        &["--disk", &spec(&b)],
+    );
+    let mut src = boot("disk-cbr-src", &wan.src, &a, GUEST);
+    wait_disk_writes(&src, 500);
+    let (ok, out, report) = migrate(
+        &src,
+        &[
+            "--to",
+            &format!("tls://{}", to_dst.addr()),
+            "--plugin",
+            &plugin("precopy.wasm"),
+            "--config",
+            r#"{"redundancy":true}"#,
+            "--tls-dir",
+            tls.to_str().unwrap(),
+        ],
+    );
+    let report = report.unwrap_or(Value::Null);
+    assert!(ok, "migration failed: {out}\n{}", src.stderr());
+    assert_eq!(src.wait_exit(Duration::from_secs(15)), Some(0));
+    let d = &report["disk"];
+    let e = &d["encoding"];
+    eprintln!("cbr: disk {d}");
+    // 55 repeated MiB hit; the first MiB and the guest's own blocks miss.
+    assert!(n(e, "cache_hits") > 2 * n(e, "cache_misses"), "{e}");
+    assert!(
+        n(d, "bytes") < 24 << 20,
+        "the repeated data went whole: {d}"
+    );
+    dst.wait_line("SPANGUEST stat", T);
+    verify_memory_and_disk(&dst, "at the destination");
+}
+
+#[test]
 fn a_cut_link_in_the_synchronous_phase_leaves_the_source_running_and_intact() {
     let Some(wan) = Wan::new("disk-cut") else {
         return;
     };
     let tmp = TempDir::new("disk-cut");
     let tls = certs(&tmp, "tls");
-    let a = image(&tmp, "a.img", DISK_MIB, None);
+    let a = image(&tmp, "a.img", DISK_MIB, None, false);
     let b = tmp.path().join("b.img");
     std::fs::File::create(&b).unwrap();
     let to_dst = relay(&wan.dst);

@@ -964,7 +964,17 @@ impl Sender<'_> {
         // once the disks are in sync.
         if let Some(d) = &mut self.disk {
             if !d.encoding_decided() {
-                let enc = lock(&self.src.st).encoding;
+                // The service chooses encodings before it queues its first pages: wait for
+                // its first move (or a second), so that disk units get the same encodings.
+                let st = lock(&self.src.st);
+                let moved = st.encoding_set || st.pending_count > 0 || st.switch.is_some();
+                if !moved && self.src.started.elapsed() < Duration::from_secs(1) {
+                    drop(st);
+                    self.read_incoming(Duration::from_millis(1))?;
+                    return Ok(None);
+                }
+                let enc = st.encoding;
+                drop(st);
                 d.decide_encoding(enc);
             }
             if let Some(n) = d.step(&mut self.link)? {
