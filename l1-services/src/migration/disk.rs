@@ -8,7 +8,8 @@
 //!    base copy: empty, or yesterday's image), or says it does not receive that disk.
 //! 2. **Bulk copy, asynchronous**: the source starts recording written blocks, then reads its
 //!    disk and sends every block whose hash differs (in 4 KiB units: zero units as marker bits,
-//!    the rest raw or in the `cnet` codec, whose redundancy cache then covers disk blocks too),
+//!    the rest raw or in the `cnet` codec when the service chose it, whose redundancy cache
+//!    then covers disk blocks too),
 //!    while the guest runs and writes. Passes over the blocks written meanwhile follow, until
 //!    few are left.
 //! 3. **Synchronous replication** (DRBD's protocol C): every guest write is sent to the
