@@ -146,10 +146,13 @@ enum Command {
         cpu_template: Option<CpuTemplate>,
         /// A virtio-blk disk: `path=FILE[,readonly=on][,direct=on]` (a raw image; repeat for
         /// several). Announced to the guest on its command line as microvm does
-        /// (`virtio_mmio.device=512@ADDR:IRQ`). Boot only: a restored, migrated or
-        /// live-updated VM reopens its disks by path.
+        /// (`virtio_mmio.device=512@ADDR:IRQ`). A restored or live-updated VM reopens its
+        /// disks by path. With `--incoming`: this host's own files for the arriving VM's
+        /// disks, in order; the migration copies the source's disks into them (only the
+        /// blocks that differ: a base copy makes it incremental). Without, the arriving VM
+        /// reopens the source's paths (shared storage).
         #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk,
-              conflicts_with_all = ["restore", "standby", "incoming", "takeover_fd"])]
+              conflicts_with_all = ["restore", "standby", "takeover_fd"])]
         disks: Vec<BlockConfig>,
         /// A virtio-net interface on an existing tap: `tap=NAME[,mac=aa:bb:cc:dd:ee:ff]`
         /// (repeat for several; slots after the disks). With `--restore` or `--incoming`, the
@@ -296,6 +299,10 @@ fn main() -> ExitCode {
             if let Err(e) = base_vmm::seccomp::init(seccomp) {
                 eprintln!("spanvmm: {e}");
                 return ExitCode::FAILURE;
+            }
+            if incoming.is_some() {
+                // An arriving VM's disks go on these files (the migration fills them).
+                base_vmm::devices::virtio::block::set_local_disks(disks.clone());
             }
             if kernel.is_none() || restore.is_some() {
                 // A restored or arriving VM brings its net devices; these are this host's taps.

@@ -404,6 +404,14 @@ impl VmControl {
             .collect()
     }
 
+    /// The disks' write tracking (a migration moving the disks drives it).
+    pub fn disk_tracks(&self) -> Vec<Arc<virtio::disk_track::DiskTrack>> {
+        self.virtio
+            .iter()
+            .filter_map(|d| lock(d).disk_track())
+            .collect()
+    }
+
     /// The virtio devices as `GET /vm` shows them.
     pub fn devices(&self) -> Vec<DeviceInfo> {
         self.virtio.iter().map(|d| lock(d).info()).collect()
@@ -751,11 +759,16 @@ fn build_virtio(
             }
         }
         Virtio::Restore(saved) => {
-            let mut nets = 0;
+            let (mut nets, mut disks) = (0, 0);
             for s in saved {
-                // A disk is the user's file, on storage both hosts share: opened by path. A
-                // tap is opened by name: the one this host was told to use, or the same.
+                // A disk is the user's file: on storage both hosts share, opened by path, or
+                // this host's copy an incoming migration filled. A tap is opened by name: the
+                // one this host was told to use, or the same.
                 let config = match &s.config {
+                    DeviceConfig::Block(b) => {
+                        disks += 1;
+                        DeviceConfig::Block(virtio::block::local_disk(disks - 1, b))
+                    }
                     DeviceConfig::Net(n) => {
                         nets += 1;
                         DeviceConfig::Net(NetConfig {
@@ -763,7 +776,6 @@ fn build_virtio(
                             mac: n.mac.clone(),
                         })
                     }
-                    c => c.clone(),
                 };
                 let dev = config.open(true).map_err(VmmError::Config)?;
                 let mut t = MmioTransport::restore(dev, ram.clone(), s)

@@ -164,6 +164,10 @@ impl SourceVm for VmmHost {
         self.machine.clone()
     }
 
+    fn disks(&self) -> Vec<Arc<base_vmm::devices::virtio::disk_track::DiskTrack>> {
+        self.ctl.disk_tracks()
+    }
+
     fn capture_state(&self) -> Result<Vec<u8>, HostError> {
         // The migration `state` frame's bytes: the one place they are produced.
         let mut state = self.state().map_err(host_err)?;

@@ -257,6 +257,9 @@ pub enum DestError {
     /// The page server failed.
     #[error(transparent)]
     Pages(#[from] PageError),
+    /// A disk frame refused.
+    #[error(transparent)]
+    Disk(#[from] super::disk::DiskError),
     /// The source did not reconnect in time: the pages still missing are lost.
     #[error("the source did not come back within {timeout:?} after {cause}; {lost} pages of the guest are lost")]
     Lost {
@@ -563,6 +566,8 @@ pub fn receive(
     let mut fresh: Option<(Arc<GuestRam>, base_vmm::vmm::PreparedVm)> = None;
     let fail = DestError::BeforeHandover;
     let mut heard = Instant::now();
+    // This host's own disks, when it receives the source's (else shared storage).
+    let mut disks = super::disk::DiskReceiver::new(base_vmm::devices::virtio::block::local_disks());
     loop {
         if dest.cancelled() {
             // The source keeps the guest and runs it on. It closes first, once it has read
@@ -620,6 +625,10 @@ pub fn receive(
                 needed,
             } => {
                 let received_at = Instant::now();
+                // The disks are exact (every block and write before the state) and stable.
+                disks
+                    .finish()
+                    .map_err(|e| refuse(&mut link, fail(io(e.into()))))?;
                 // Every page before the state is in guest memory once the writer is done.
                 let written = writer
                     .finish()
@@ -746,6 +755,9 @@ pub fn receive(
                 }
             }
             Frame::Error(msg) => return Err(DestError::SourceGaveUp(msg)),
+            Frame::Disk(d) => disks
+                .handle(d, &mut link)
+                .map_err(|e| refuse(&mut link, fail(io(e.into()))))?,
             other => {
                 return Err(refuse(
                     &mut link,

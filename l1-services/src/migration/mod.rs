@@ -7,6 +7,7 @@
 
 pub mod cnet;
 mod dest;
+pub mod disk;
 mod link;
 pub mod report;
 mod source;

@@ -18,6 +18,7 @@ use rustls::ClientConfig;
 use serde::{Deserialize, Serialize};
 
 use super::cnet::{Encoder, Encoding, EncodingStats};
+use super::disk::{DiskFrame, DiskReport, DiskSender};
 use super::link::{Link, LinkError};
 use super::wire::{Frame, Handover, PageCodec, BATCH_PAGES, PAGE, VERSION};
 use super::{bit, clear_bit, count, set_bit, Phase, Progress, SwitchMode};
@@ -43,6 +44,11 @@ pub trait SourceVm: Send + Sync {
     fn capture_state(&self) -> Result<Vec<u8>, HostError>;
     /// The machine's shape (JSON of `base_vmm::state::MachineConfig`).
     fn machine(&self) -> Vec<u8>;
+    /// The disks' write tracking: the disks move with the VM when the destination receives
+    /// them (see `disk.rs`).
+    fn disks(&self) -> Vec<Arc<base_vmm::devices::virtio::disk_track::DiskTrack>> {
+        Vec::new()
+    }
 }
 
 /// How to reach the destination.
@@ -141,6 +147,9 @@ pub struct Report {
     /// What the CloudNet encodings did (redundancy cache, deltas), when the service chose them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding: Option<EncodingStats>,
+    /// What the disk migration did, when disks moved with the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskReport>,
 }
 
 /// What the plugin and the sender thread share.
@@ -306,6 +315,7 @@ impl MigrationSource {
                     rate_mark: (Instant::now(), 0, 0),
                     throttle: (Instant::now(), 0),
                     eviction_start: None,
+                    disk: None,
                 };
                 let r = sender.run();
                 sender.finish(r);
@@ -531,6 +541,8 @@ struct Sender<'a> {
     rate_mark: (Instant, u64, u64),
     throttle: (Instant, u64),
     eviction_start: Option<Instant>,
+    /// The disks moving with the VM (none: no disks, or shared storage).
+    disk: Option<DiskSender>,
 }
 
 /// Harvests the pages dirtied since the service's last harvest (run with the guest paused).
@@ -905,6 +917,11 @@ impl Sender<'_> {
                 }
                 // The destination's confirmation, when the link broke right after `commit`.
                 Frame::Resumed { .. } => {}
+                Frame::Disk(DiskFrame::Ack { seq }) => {
+                    if let Some(d) = &self.disk {
+                        d.acked(seq);
+                    }
+                }
                 other => {
                     return Err(LinkError::Io(std::io::Error::other(format!(
                         "unexpected {} frame from the destination",
@@ -917,6 +934,9 @@ impl Sender<'_> {
     }
 
     fn run(&mut self) -> Result<Outcome, SourceError> {
+        // The disks first: offered, and (if the destination receives them) copied before the
+        // memory, as CloudNet's disk is in sync before its memory migration starts.
+        self.disk = DiskSender::setup(self.src.vm.disks(), &mut self.link)?;
         loop {
             if self.src.cancel.load(Ordering::Acquire) && !self.paused {
                 let _ = self.link.send(&Frame::Error("the source cancelled".into()));
@@ -945,6 +965,33 @@ impl Sender<'_> {
         if self.over_budget() {
             self.throttle();
             return Ok(None);
+        }
+        // Disk work (bulk copy, passes, mirrored writes) goes before pages; the memory moves
+        // once the disks are in sync.
+        if let Some(d) = &mut self.disk {
+            if !d.encoding_decided() {
+                // The service chooses encodings before it queues its first pages: wait for
+                // its first move (or a second), so that disk units get the same encodings.
+                let st = lock(&self.src.st);
+                let moved = st.encoding_set || st.pending_count > 0 || st.switch.is_some();
+                if !moved && self.src.started.elapsed() < Duration::from_secs(1) {
+                    drop(st);
+                    self.read_incoming(Duration::from_millis(1))?;
+                    return Ok(None);
+                }
+                let enc = st.encoding;
+                drop(st);
+                d.decide_encoding(enc);
+            }
+            if let Some(n) = d.step(&mut self.link)? {
+                self.throttle.1 += n;
+                let rep = d.report();
+                let mut st = lock(&self.src.st);
+                st.report.disk = Some(rep);
+                st.report.bytes =
+                    self.link.wire_bytes + st.report.bytes_per_link.iter().sum::<u64>();
+                return Ok(None);
+            }
         }
         if let Some((first, span, sel)) = self.next_batch() {
             self.send_batch(first, span, &sel)?;
@@ -1142,7 +1189,16 @@ impl Sender<'_> {
     }
 
     fn finish(&mut self, r: Result<Outcome, SourceError>) {
+        // Either way the disks are no longer tracked; a write waiting for the destination
+        // completes here.
+        let disk = self.disk.as_mut().map(|d| {
+            d.abandon();
+            d.report()
+        });
         let mut st = self.st();
+        if disk.is_some() {
+            st.report.disk = disk;
+        }
         st.report.bytes_per_link.push(self.link.wire_bytes);
         st.report.bytes = st.report.bytes_per_link.iter().sum();
         st.report.total_ms = self.src.started.elapsed().as_secs_f64() * 1e3;
@@ -1227,6 +1283,12 @@ impl handover::Handover for Switch<'_, '_> {
     type Error = LinkError;
 
     fn prepare(&mut self) -> Result<(), LinkError> {
+        // The disks leave the synchronous phase before the pause: the pause waits for the
+        // device, which must not be waiting for this thread.
+        let tx = &mut *self.tx;
+        if let Some(d) = &mut tx.disk {
+            d.leave_sync(&mut tx.link)?;
+        }
         // Let what is in flight arrive while the guest still runs.
         let link = &mut self.tx.link;
         link.send(&Frame::Sync)?;
@@ -1252,6 +1314,13 @@ impl handover::Handover for Switch<'_, '_> {
 
     fn send_state(&mut self) -> Result<(), LinkError> {
         let tx = &mut *self.tx;
+        // The guest is paused: the blocks written since the disks left the synchronous phase
+        // go now, so the destination's disks are exact at resume.
+        if let Some(d) = &mut tx.disk {
+            d.final_copy(&mut tx.link)?;
+            let rep = d.report();
+            lock(&tx.src.st).report.disk = Some(rep);
+        }
         // Pages dirtied since the service's last harvest, now final.
         let dirty = match self.final_dirty.take() {
             Some(harvest) => harvest()?,

@@ -192,6 +192,8 @@ pub enum Frame {
         /// stays paused at the destination until resumed there.
         run: bool,
     },
+    /// Either way: the disk migration's frames (`disk.rs`).
+    Disk(super::disk::DiskFrame),
 }
 
 impl Frame {
@@ -213,6 +215,7 @@ impl Frame {
             Frame::Sync => "sync",
             Frame::Ready { .. } => "ready",
             Frame::Commit { .. } => "commit",
+            Frame::Disk(d) => d.name(),
         }
     }
 }
@@ -238,13 +241,13 @@ const T_COMMIT: u8 = 14;
 #[error("malformed migration frame: {0}")]
 pub struct WireError(pub String);
 
-fn bad(why: impl Into<String>) -> WireError {
+pub(crate) fn bad(why: impl Into<String>) -> WireError {
     WireError(why.into())
 }
 
 /// The fixed part of a `pages` payload: span, codec and bitmaps (the data of the non-zero
 /// pages follows it).
-fn put_pages_fixed(
+pub(crate) fn put_pages_fixed(
     out: &mut Vec<u8>,
     first: u64,
     span: u16,
@@ -367,6 +370,7 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             out.push(*run as u8);
             T_COMMIT
         }
+        Frame::Disk(d) => d.encode_payload(out),
     };
     let len = (out.len() - start - HEADER_LEN) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -551,6 +555,9 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
         T_SYNC => "sync",
         T_READY => "ready",
         T_COMMIT => "commit",
+        t if super::disk::is_disk_frame(t) => {
+            return super::disk::decode(t, payload).map(Frame::Disk)
+        }
         other => return Err(bad(format!("unknown frame type {other}"))),
     };
     let mut r = Reader { b: payload, what };

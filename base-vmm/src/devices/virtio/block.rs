@@ -10,6 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::*;
@@ -18,6 +19,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
+use super::disk_track::DiskTrack;
 use super::{DeviceConfig, DeviceCounters, Mem, VirtioDevice};
 
 /// Bytes in a sector.
@@ -73,6 +75,31 @@ impl BlockConfig {
     }
 }
 
+/// The disks this process was given for a VM arriving by migration (`run --incoming ...
+/// --disk path=F`): the arriving VM's disks go on these files, in order, and the migration
+/// copies the source's disks into them. Empty: the disks are on shared storage, reopened by
+/// the path the source used.
+static LOCAL: Mutex<Vec<BlockConfig>> = Mutex::new(Vec::new());
+
+/// Sets this host's disks for an arriving VM (see [`LOCAL`]).
+pub fn set_local_disks(disks: Vec<BlockConfig>) {
+    *crate::devices::lock(&LOCAL) = disks;
+}
+
+/// This host's disks for an arriving VM, in order.
+pub fn local_disks() -> Vec<BlockConfig> {
+    crate::devices::lock(&LOCAL).clone()
+}
+
+/// The disk to open for the `index`-th disk of an arriving VM saved as `saved`: this host's
+/// own when it was given one, the same path otherwise (shared storage).
+pub fn local_disk(index: usize, saved: &BlockConfig) -> BlockConfig {
+    crate::devices::lock(&LOCAL)
+        .get(index)
+        .cloned()
+        .unwrap_or_else(|| saved.clone())
+}
+
 /// Why a disk cannot be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -100,6 +127,8 @@ pub struct Block {
     /// Bounce buffer, ALIGN-aligned at `buf_off`.
     buf: Vec<u8>,
     buf_off: usize,
+    /// Written blocks and the write mirror, for a migration of the disk.
+    track: Arc<DiskTrack>,
 }
 
 /// A request refused with this status.
@@ -136,6 +165,7 @@ impl Block {
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         let buf = vec![0u8; CHUNK + ALIGN];
         let buf_off = buf.as_ptr().align_offset(ALIGN);
+        let track = Arc::new(DiskTrack::new(cfg.path.clone(), sectors * SECTOR, serial));
         Ok(Block {
             cfg: cfg.clone(),
             file,
@@ -144,6 +174,7 @@ impl Block {
             counters: DeviceCounters::default(),
             buf,
             buf_off,
+            track,
         })
     }
 
@@ -274,6 +305,9 @@ impl Block {
                 self.file
                     .write_all_at(buf, offset + done)
                     .map_err(|_| S_IOERR)?;
+                // A migration records the block, or (synchronous phase) waits here until the
+                // destination holds the write too.
+                self.track.wrote(offset + done, buf);
                 self.counters.written_bytes += n as u64;
             } else {
                 self.counters.read_bytes += n as u64;
@@ -364,6 +398,10 @@ impl VirtioDevice for Block {
 
     fn counters(&self) -> DeviceCounters {
         self.counters
+    }
+
+    fn disk_track(&self) -> Option<Arc<DiskTrack>> {
+        Some(self.track.clone())
     }
 }
 
@@ -554,6 +592,31 @@ pub(crate) mod tests {
         assert_eq!((c.ok, c.errors, c.skipped, c.flushes), (4, 0, 0, 1));
         assert_eq!((c.read_bytes, c.written_bytes), (1024, 1024));
         assert_eq!(d.used_idx(), 4);
+    }
+
+    #[test]
+    fn a_tracked_disk_records_the_blocks_the_guest_writes() {
+        let img = Image::new("track", 512);
+        let mut blk = Block::open(&cfg(&img, false)).unwrap();
+        let t = blk.disk_track().unwrap();
+        assert_eq!((t.bytes(), t.blocks()), (512 * SECTOR, 4));
+        t.start();
+        let mut d = Driver::new();
+        d.ram.write(0x10000, &[0x42; 1024]).unwrap();
+        // Sectors 127-128: the last of 64 KiB block 0 and the first of block 1.
+        d.header(0x8000, VIRTIO_BLK_T_OUT, 127);
+        d.push(&[
+            (0x8000, 16, false),
+            (0x10000, 1024, false),
+            (0x9000, 1, true),
+        ]);
+        // A read records nothing.
+        d.header(0x8100, VIRTIO_BLK_T_IN, 300);
+        d.push(&[(0x8100, 16, false), (0x11000, 512, true), (0x9001, 1, true)]);
+        assert!(d.run(&mut blk));
+        assert_eq!((d.byte(0x9000), d.byte(0x9001)), (S_OK, S_OK));
+        assert_eq!(t.harvest(), vec![0b11]);
+        assert_eq!(t.stop(), vec![0]);
     }
 
     #[test]

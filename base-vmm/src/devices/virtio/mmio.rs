@@ -217,6 +217,11 @@ impl MmioTransport {
         self.device.backend_fd()
     }
 
+    /// The disk's write tracking, if the device is a disk.
+    pub fn disk_track(&self) -> Option<std::sync::Arc<super::disk_track::DiskTrack>> {
+        self.device.disk_track()
+    }
+
     /// The fd a live update hands over, with its name.
     pub fn handover_fd(&self) -> Option<(String, std::os::fd::RawFd)> {
         self.device.handover_fd()

@@ -10,6 +10,7 @@
 //! polls its used rings, and the devices never depend on the guest acknowledging an interrupt.
 
 pub mod block;
+pub mod disk_track;
 pub mod event_loop;
 pub mod mmio;
 pub mod net;
@@ -93,6 +94,10 @@ pub trait VirtioDevice: Send {
     fn config(&self) -> DeviceConfig;
     /// Counters of what the device did.
     fn counters(&self) -> DeviceCounters;
+    /// A disk's write tracking (for a migration that moves the disk).
+    fn disk_track(&self) -> Option<std::sync::Arc<disk_track::DiskTrack>> {
+        None
+    }
 }
 
 /// How a device was configured: enough to build it again in another process.

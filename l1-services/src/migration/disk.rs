@@ -1,0 +1,1376 @@
+//! Storage migration (CloudNet's disk, from the paper's DRBD set-up): the virtio-blk disks
+//! move with the VM when the destination was given disks of its own (`run --incoming ...
+//! --disk path=F`); without, they are on shared storage and nothing moves.
+//!
+//! Phases, on the migration's link, before the memory's pre-copy:
+//! 1. **Offer and hashes** (incremental): the source offers each disk (size, block size);
+//!    the destination answers with a 128-bit hash of each 64 KiB block of its own file (its
+//!    base copy: empty, or yesterday's image), or says it does not receive that disk.
+//! 2. **Bulk copy, asynchronous**: the source starts recording written blocks, then reads its
+//!    disk and sends every block whose hash differs (in 4 KiB units: zero units as marker bits,
+//!    the rest raw or in the `cnet` codec when the service chose it, whose redundancy cache
+//!    then covers disk blocks too),
+//!    while the guest runs and writes. Passes over the blocks written meanwhile follow, until
+//!    few are left.
+//! 3. **Synchronous replication** (DRBD's protocol C): every guest write is sent to the
+//!    destination and its request completes only once the destination acknowledged it;
+//!    the memory pre-copy runs meanwhile.
+//! 4. **Switch-over**: before pausing, the source stops mirroring (writes are recorded again)
+//!    and waits for the writes in flight; after the pause it sends the blocks written since,
+//!    then the state. The destination syncs its files before it says `ready`: at resume its
+//!    disk is exactly the source's.
+//!
+//! A link that fails (or a write not acknowledged within [`MIRROR_TIMEOUT`]) fails the
+//! migration before the hand-over: the source's writes complete locally and it runs on.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use base_vmm::devices::virtio::block::BlockConfig;
+use base_vmm::devices::virtio::disk_track::{DiskTrack, WriteMirror, TRACK_BLOCK};
+use serde::{Deserialize, Serialize};
+
+use super::cnet::{Decoder, Encoder, Encoding, EncodingStats};
+use super::link::{Link, LinkError};
+use super::wire::{self, Frame, WireError, BATCH_PAGES, HEADER_LEN, PAGE};
+use super::{bit, set_bit};
+use crate::ctx::lock;
+
+/// `disk-offer` (S→D): disk u8, bytes u64, block size u32.
+pub const T_DISK_OFFER: u8 = 0x40;
+/// `disk-hashes` (D→S): disk u8, receiving u8, first block u64, count u32, count × 16 bytes.
+pub const T_DISK_HASHES: u8 = 0x41;
+/// `disk-blocks` (S→D): disk u8, then a `pages` payload whose pages are 4 KiB units of the disk.
+pub const T_DISK_BLOCKS: u8 = 0x42;
+/// `disk-write` (S→D): sequence u64, disk u8, byte offset u64, data (whole sectors).
+pub const T_DISK_WRITE: u8 = 0x43;
+/// `disk-ack` (D→S): sequence u64 of a `disk-write` now in the destination's file.
+pub const T_DISK_ACK: u8 = 0x44;
+
+/// Disks a VM has at most (virtio slots).
+pub const MAX_DISKS: usize = 24;
+/// Largest disk accepted (16 TiB).
+pub const MAX_DISK_BYTES: u64 = 1 << 44;
+/// How long a guest write waits for the destination's acknowledgement before the
+/// migration gives up (the write then completes locally).
+pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(5);
+/// 4 KiB units of a tracked block.
+const UNITS: u64 = TRACK_BLOCK / PAGE as u64;
+/// Blocks a `disk-blocks` frame carries at most (2 MiB).
+const RUN_BLOCKS: u64 = BATCH_PAGES / UNITS;
+/// Hashes per `disk-hashes` frame (1 MiB).
+const HASHES_PER_FRAME: usize = 1 << 16;
+/// The synchronous phase starts once a pass leaves at most this many written blocks...
+const SYNC_THRESHOLD: u64 = 64;
+/// ...or after this many passes (a guest writing faster than the link).
+const MAX_PASSES: u32 = 8;
+/// Sector size: mirrored writes are whole sectors.
+const SECTOR: u64 = 512;
+
+/// The disk migration's frames.
+#[derive(Debug, PartialEq)]
+pub enum DiskFrame {
+    /// Source → destination: disk `disk` of `bytes` bytes, tracked in blocks of `block`.
+    Offer {
+        /// Index among the VM's disks.
+        disk: u8,
+        /// Size.
+        bytes: u64,
+        /// Block size of the hashes and of the dirty tracking.
+        block: u32,
+    },
+    /// Destination → source: hashes of its copy's blocks `first..`, or (not `receiving`) the
+    /// disk stays where it is (shared storage).
+    Hashes {
+        /// Index.
+        disk: u8,
+        /// The destination receives this disk.
+        receiving: bool,
+        /// First block.
+        first: u64,
+        /// xxh3-128 of each block's bytes.
+        hashes: Vec<u128>,
+    },
+    /// Source → destination: 4 KiB units `first..first+span` of the disk selected by
+    /// `present` (laid out as a `pages` frame; units past the disk's end are refused).
+    Blocks {
+        /// Index.
+        disk: u8,
+        /// First unit.
+        first: u64,
+        /// Units spanned (1..=512).
+        span: u16,
+        /// Page codec of the data.
+        codec: u8,
+        /// Units carried.
+        present: Vec<u64>,
+        /// Of which zero.
+        zero: Vec<u64>,
+        /// Data of the others.
+        data: Vec<u8>,
+    },
+    /// Source → destination: a guest write of the synchronous phase.
+    Write {
+        /// Sequence number (acknowledged by `Ack`).
+        seq: u64,
+        /// Index.
+        disk: u8,
+        /// Byte offset.
+        offset: u64,
+        /// The bytes written.
+        data: Vec<u8>,
+    },
+    /// Destination → source: write `seq` is in its file.
+    Ack {
+        /// Sequence number.
+        seq: u64,
+    },
+}
+
+impl DiskFrame {
+    /// The frame's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DiskFrame::Offer { .. } => "disk-offer",
+            DiskFrame::Hashes { .. } => "disk-hashes",
+            DiskFrame::Blocks { .. } => "disk-blocks",
+            DiskFrame::Write { .. } => "disk-write",
+            DiskFrame::Ack { .. } => "disk-ack",
+        }
+    }
+
+    /// Appends the payload to `out`; returns the frame type.
+    pub(crate) fn encode_payload(&self, out: &mut Vec<u8>) -> u8 {
+        match self {
+            DiskFrame::Offer { disk, bytes, block } => {
+                out.push(*disk);
+                out.extend_from_slice(&bytes.to_le_bytes());
+                out.extend_from_slice(&block.to_le_bytes());
+                T_DISK_OFFER
+            }
+            DiskFrame::Hashes {
+                disk,
+                receiving,
+                first,
+                hashes,
+            } => {
+                out.push(*disk);
+                out.push(*receiving as u8);
+                out.extend_from_slice(&first.to_le_bytes());
+                out.extend_from_slice(&(hashes.len() as u32).to_le_bytes());
+                for h in hashes {
+                    out.extend_from_slice(&h.to_le_bytes());
+                }
+                T_DISK_HASHES
+            }
+            DiskFrame::Blocks {
+                disk,
+                first,
+                span,
+                codec,
+                present,
+                zero,
+                data,
+            } => {
+                out.push(*disk);
+                wire::put_pages_fixed(out, *first, *span, *codec, present, zero);
+                out.extend_from_slice(data);
+                T_DISK_BLOCKS
+            }
+            DiskFrame::Write {
+                seq,
+                disk,
+                offset,
+                data,
+            } => {
+                out.extend_from_slice(&seq.to_le_bytes());
+                out.push(*disk);
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(data);
+                T_DISK_WRITE
+            }
+            DiskFrame::Ack { seq } => {
+                out.extend_from_slice(&seq.to_le_bytes());
+                T_DISK_ACK
+            }
+        }
+    }
+}
+
+/// Whether `ty` is one of the disk frames.
+pub fn is_disk_frame(ty: u8) -> bool {
+    (T_DISK_OFFER..=T_DISK_ACK).contains(&ty)
+}
+
+fn bad(why: impl Into<String>) -> WireError {
+    wire::bad(why)
+}
+
+fn take<'a>(b: &mut &'a [u8], n: usize, what: &str) -> Result<&'a [u8], WireError> {
+    if b.len() < n {
+        return Err(bad(format!("{what} frame is truncated")));
+    }
+    let (h, t) = b.split_at(n);
+    *b = t;
+    Ok(h)
+}
+
+fn u64_at(b: &mut &[u8], what: &str) -> Result<u64, WireError> {
+    Ok(u64::from_le_bytes(take(b, 8, what)?.try_into().expect("8")))
+}
+
+/// Decodes a disk frame's payload, checked against its exact layout.
+pub fn decode(ty: u8, payload: &[u8]) -> Result<DiskFrame, WireError> {
+    let mut b = payload;
+    let f = match ty {
+        T_DISK_OFFER => {
+            let w = "disk-offer";
+            let disk = take(&mut b, 1, w)?[0];
+            let bytes = u64_at(&mut b, w)?;
+            let block = u32::from_le_bytes(take(&mut b, 4, w)?.try_into().expect("4"));
+            DiskFrame::Offer { disk, bytes, block }
+        }
+        T_DISK_HASHES => {
+            let w = "disk-hashes";
+            let disk = take(&mut b, 1, w)?[0];
+            let receiving = match take(&mut b, 1, w)?[0] {
+                0 => false,
+                1 => true,
+                v => return Err(bad(format!("disk-hashes receiving flag {v} is not 0 or 1"))),
+            };
+            let first = u64_at(&mut b, w)?;
+            let n = u32::from_le_bytes(take(&mut b, 4, w)?.try_into().expect("4")) as usize;
+            if n > HASHES_PER_FRAME {
+                return Err(bad(format!(
+                    "disk-hashes frame carries {n} hashes (at most {HASHES_PER_FRAME})"
+                )));
+            }
+            let raw = take(&mut b, n * 16, w)?;
+            let hashes = raw
+                .chunks_exact(16)
+                .map(|c| u128::from_le_bytes(c.try_into().expect("16")))
+                .collect();
+            DiskFrame::Hashes {
+                disk,
+                receiving,
+                first,
+                hashes,
+            }
+        }
+        T_DISK_BLOCKS => {
+            let disk = take(&mut b, 1, "disk-blocks")?[0];
+            let p = wire::decode_pages(b).map_err(|e| bad(format!("disk-blocks: {}", e.0)))?;
+            b = &[];
+            DiskFrame::Blocks {
+                disk,
+                first: p.first,
+                span: p.span,
+                codec: p.codec,
+                present: p.present,
+                zero: p.zero,
+                data: p.data.to_vec(),
+            }
+        }
+        T_DISK_WRITE => {
+            let w = "disk-write";
+            let seq = u64_at(&mut b, w)?;
+            let disk = take(&mut b, 1, w)?[0];
+            let offset = u64_at(&mut b, w)?;
+            let data = std::mem::take(&mut b).to_vec();
+            if data.is_empty()
+                || !(data.len() as u64).is_multiple_of(SECTOR)
+                || !offset.is_multiple_of(SECTOR)
+            {
+                return Err(bad(format!(
+                    "disk-write of {} bytes at {offset}: not whole sectors",
+                    data.len()
+                )));
+            }
+            DiskFrame::Write {
+                seq,
+                disk,
+                offset,
+                data,
+            }
+        }
+        T_DISK_ACK => DiskFrame::Ack {
+            seq: u64_at(&mut b, "disk-ack")?,
+        },
+        other => return Err(bad(format!("unknown frame type {other}"))),
+    };
+    if !b.is_empty() {
+        return Err(bad(format!(
+            "{} frame has {} stray bytes at its end",
+            f.name(),
+            b.len()
+        )));
+    }
+    Ok(f)
+}
+
+/// What the disk migration did (the migration report's `disk`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DiskReport {
+    /// Disks moved with the VM (disks the destination did not receive stay on shared storage).
+    pub disks: u32,
+    /// Their size in all, bytes.
+    pub disk_bytes: u64,
+    /// Their 64 KiB blocks.
+    pub blocks_total: u64,
+    /// Blocks the destination held already (same hash): not sent. An incremental migration
+    /// from a base both sides hold sends only the others.
+    pub blocks_same: u64,
+    /// Blocks sent by the bulk copy.
+    pub blocks_sent: u64,
+    /// Blocks sent again by the asynchronous passes (written after they were sent).
+    pub blocks_resent: u64,
+    /// Blocks sent with the guest paused (written between the end of the synchronous phase
+    /// and the pause).
+    pub blocks_final: u64,
+    /// 4 KiB units that went as zero markers.
+    pub zero_units: u64,
+    /// Payload bytes of the disk frames (blocks and mirrored writes), before TLS.
+    pub bytes: u64,
+    /// Asynchronous passes after the bulk copy.
+    pub passes: u32,
+    /// Guest writes mirrored synchronously (acknowledged by the destination).
+    pub sync_writes: u64,
+    /// Their bytes.
+    pub sync_bytes: u64,
+    /// Mean wait of a mirrored write for its acknowledgement, µs.
+    pub sync_ack_mean_us: u64,
+    /// Offer, the destination's hashing and the hashes, ms.
+    pub setup_ms: f64,
+    /// Bulk copy and asynchronous passes, ms.
+    pub async_ms: f64,
+    /// Synchronous phase (until the switch-over stopped it), ms.
+    pub sync_ms: f64,
+    /// The redundancy cache (and deltas) on disk units, when the migration service chose
+    /// encodings before the bulk copy began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<EncodingStats>,
+}
+
+/// A guest write waiting to be sent.
+struct Pending {
+    seq: u64,
+    disk: u8,
+    offset: u64,
+    data: Vec<u8>,
+}
+
+#[derive(Default)]
+struct MirrorState {
+    open: bool,
+    next: u64,
+    queue: VecDeque<Pending>,
+    inflight: HashMap<u64, Instant>,
+    results: HashMap<u64, bool>,
+    broken: Option<String>,
+    acked: u64,
+    ack_us: u64,
+}
+
+/// The synchronous phase's queue between the device (a guest write waits in
+/// [`WriteMirror::mirror`]) and the sender thread (which sends it and reads the ack).
+#[derive(Default)]
+struct Mirror {
+    st: Mutex<MirrorState>,
+    cv: Condvar,
+}
+
+impl Mirror {
+    /// Every write queued or in flight is answered "not delivered" (its block goes dirty).
+    fn fail_all(st: &mut MirrorState) {
+        st.open = false;
+        let seqs: Vec<u64> = st
+            .queue
+            .drain(..)
+            .map(|p| p.seq)
+            .chain(st.inflight.drain().map(|(s, _)| s))
+            .collect();
+        for s in seqs {
+            st.results.insert(s, false);
+        }
+    }
+
+    fn abandon(&self) {
+        Self::fail_all(&mut lock(&self.st));
+        self.cv.notify_all();
+    }
+
+    /// No new writes; queued ones are answered "not delivered", those in flight stay.
+    fn stop_taking(&self) {
+        let mut st = lock(&self.st);
+        st.open = false;
+        let seqs: Vec<u64> = st.queue.drain(..).map(|p| p.seq).collect();
+        for s in seqs {
+            st.results.insert(s, false);
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    fn take(&self) -> Vec<Pending> {
+        let mut st = lock(&self.st);
+        let now = Instant::now();
+        let taken: Vec<Pending> = st.queue.drain(..).collect();
+        for p in &taken {
+            st.inflight.insert(p.seq, now);
+        }
+        taken
+    }
+
+    fn acked(&self, seq: u64) {
+        let mut st = lock(&self.st);
+        // An ack for a write given up on (or never sent) is ignored.
+        if let Some(at) = st.inflight.remove(&seq) {
+            st.acked += 1;
+            if st.acked == 1 {
+                tracing::info!(
+                    "migration: first mirrored disk write acknowledged ({} µs)",
+                    at.elapsed().as_micros()
+                );
+            }
+            st.ack_us += at.elapsed().as_micros() as u64;
+            st.results.insert(seq, true);
+            drop(st);
+            self.cv.notify_all();
+        }
+    }
+
+    fn inflight(&self) -> usize {
+        lock(&self.st).inflight.len()
+    }
+}
+
+/// One disk's door into the mirror.
+struct DiskMirror {
+    q: Arc<Mirror>,
+    disk: u8,
+}
+
+impl WriteMirror for DiskMirror {
+    fn mirror(&self, offset: u64, data: &[u8]) -> bool {
+        let mut st = lock(&self.q.st);
+        if !st.open {
+            return false;
+        }
+        let seq = st.next;
+        st.next += 1;
+        st.queue.push_back(Pending {
+            seq,
+            disk: self.disk,
+            offset,
+            data: data.to_vec(),
+        });
+        let deadline = Instant::now() + MIRROR_TIMEOUT;
+        loop {
+            if let Some(ok) = st.results.remove(&seq) {
+                return ok;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // The destination is too slow or gone: the migration fails, the source goes
+                // on alone (this write completes here, its block recorded as dirty).
+                st.broken.get_or_insert_with(|| {
+                    format!(
+                        "the destination did not acknowledge a mirrored disk write within \
+                         {MIRROR_TIMEOUT:?}"
+                    )
+                });
+                Mirror::fail_all(&mut st);
+                st.results.remove(&seq);
+                self.q.cv.notify_all();
+                return false;
+            }
+            st = self
+                .q
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// A disk being sent.
+struct OutDisk {
+    index: u8,
+    track: Arc<DiskTrack>,
+    file: File,
+    /// The destination's block hashes.
+    remote: Vec<u128>,
+    /// Bulk copy: next block to look at.
+    cursor: u64,
+    /// Blocks to send again (written after they were sent).
+    resend: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Bulk,
+    Passes,
+    Synced,
+    Left,
+}
+
+/// The source's side of the disk migration, driven by the sender thread.
+pub(crate) struct DiskSender {
+    disks: Vec<OutDisk>,
+    stage: Stage,
+    mirror: Arc<Mirror>,
+    encoder: Option<Encoder>,
+    encoding_decided: bool,
+    report: DiskReport,
+    stage_start: Instant,
+    buf: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+fn other(msg: String) -> LinkError {
+    LinkError::Io(std::io::Error::other(msg))
+}
+
+/// The xxh3-128 hash of block `b` of a disk whose bytes are `data` (the block's bytes, the
+/// last block short).
+fn block_hash(data: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(data)
+}
+
+/// Reads blocks `first..first+n` of `file` (a disk of `bytes` bytes) into `buf`, zero-filled
+/// past the end.
+fn read_blocks(
+    file: &File,
+    bytes: u64,
+    first: u64,
+    n: u64,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let start = first * TRACK_BLOCK;
+    let len = (n * TRACK_BLOCK) as usize;
+    buf.clear();
+    buf.resize(len, 0);
+    let have = bytes.saturating_sub(start).min(len as u64) as usize;
+    file.read_exact_at(&mut buf[..have], start)
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+impl DiskSender {
+    /// Offers `tracks` to the destination and takes its answer. `None`: no disk moves (none,
+    /// or the destination keeps them on shared storage).
+    pub(crate) fn setup(
+        tracks: Vec<Arc<DiskTrack>>,
+        link: &mut Link,
+    ) -> Result<Option<Self>, LinkError> {
+        if tracks.is_empty() {
+            return Ok(None);
+        }
+        let t0 = Instant::now();
+        for (i, t) in tracks.iter().enumerate().take(MAX_DISKS) {
+            link.send(&Frame::Disk(DiskFrame::Offer {
+                disk: i as u8,
+                bytes: t.bytes(),
+                block: TRACK_BLOCK as u32,
+            }))?;
+        }
+        link.flush(Duration::from_secs(30))?;
+        let n = tracks.len().min(MAX_DISKS);
+        let mut remote: Vec<Option<Vec<u128>>> = vec![Some(Vec::new()); n];
+        let mut answered = vec![false; n];
+        while answered.iter().any(|a| !a) {
+            // The destination reads its whole file to hash it.
+            match link.expect(Duration::from_secs(120), "disk-hashes")? {
+                Frame::Disk(DiskFrame::Hashes {
+                    disk,
+                    receiving,
+                    first,
+                    hashes,
+                }) => {
+                    let d = disk as usize;
+                    let (Some(slot), false) = (remote.get_mut(d), answered.get(d) == Some(&true))
+                    else {
+                        return Err(other(format!(
+                            "disk-hashes for disk {disk}, which was not offered or is answered"
+                        )));
+                    };
+                    if !receiving {
+                        *slot = None;
+                        answered[d] = true;
+                        continue;
+                    }
+                    let have = slot.as_mut().expect("receiving");
+                    let blocks = tracks[d].blocks();
+                    if first != have.len() as u64 || first + hashes.len() as u64 > blocks {
+                        return Err(other(format!(
+                            "disk-hashes for disk {disk}: blocks {first}+{} out of order or \
+                             past its {blocks} blocks",
+                            hashes.len()
+                        )));
+                    }
+                    have.extend(hashes);
+                    answered[d] = have.len() as u64 == blocks;
+                }
+                f => return Err(other(format!("expected disk-hashes, got {}", f.name()))),
+            }
+        }
+        let mut disks = Vec::new();
+        let mut report = DiskReport::default();
+        for (i, (t, r)) in tracks.into_iter().zip(remote).enumerate() {
+            let Some(remote) = r else { continue };
+            let file = File::open(t.path())
+                .map_err(|e| other(format!("disk {}: {e}", t.path().display())))?;
+            report.disks += 1;
+            report.disk_bytes += t.bytes();
+            report.blocks_total += t.blocks();
+            let words = t.blocks().div_ceil(64) as usize;
+            disks.push(OutDisk {
+                index: i as u8,
+                track: t,
+                file,
+                remote,
+                cursor: 0,
+                resend: vec![0; words],
+            });
+        }
+        if disks.is_empty() {
+            return Ok(None);
+        }
+        // Written blocks are recorded before the bulk copy reads any.
+        for d in &disks {
+            d.track.start();
+        }
+        report.setup_ms = t0.elapsed().as_secs_f64() * 1e3;
+        super::trace(format_args!(
+            "disk: {} disks to move, {} blocks, setup {:.1} ms",
+            report.disks, report.blocks_total, report.setup_ms
+        ));
+        Ok(Some(DiskSender {
+            disks,
+            stage: Stage::Bulk,
+            mirror: Arc::new(Mirror::default()),
+            encoder: None,
+            encoding_decided: false,
+            report,
+            stage_start: Instant::now(),
+            buf: Vec::new(),
+            frame: Vec::new(),
+        }))
+    }
+
+    /// Whether the encodings for disk units are decided (at the first disk frame).
+    pub(crate) fn encoding_decided(&self) -> bool {
+        self.encoding_decided
+    }
+
+    /// Uses the migration's encodings (the service's choice) for disk units too, with caches
+    /// of their own (CloudNet keeps one cache per memory or disk transfer).
+    pub(crate) fn decide_encoding(&mut self, enc: Option<Encoding>) {
+        self.encoding_decided = true;
+        self.encoder = enc.and_then(|e| Encoder::new(e).ok());
+    }
+
+    /// The report so far.
+    pub(crate) fn report(&self) -> DiskReport {
+        let mut r = self.report.clone();
+        if self.stage == Stage::Synced {
+            r.sync_ms = self.stage_start.elapsed().as_secs_f64() * 1e3;
+        }
+        let st = lock(&self.mirror.st);
+        r.sync_writes = st.acked;
+        r.sync_bytes = self.disks.iter().map(|d| d.track.mirrored().1).sum();
+        r.sync_ack_mean_us = st.ack_us.checked_div(st.acked).unwrap_or(0);
+        r.encoding = self.encoder.as_ref().map(|e| e.stats().clone());
+        r
+    }
+
+    /// The destination acknowledged a mirrored write.
+    pub(crate) fn acked(&self, seq: u64) {
+        self.mirror.acked(seq);
+    }
+
+    /// Sends the next piece of disk work; the payload bytes sent, or `None` when there is
+    /// none now (the disks are in sync).
+    pub(crate) fn step(&mut self, link: &mut Link) -> Result<Option<u64>, LinkError> {
+        if let Some(why) = lock(&self.mirror.st).broken.clone() {
+            return Err(other(why));
+        }
+        match self.stage {
+            Stage::Bulk => self.bulk(link).map(Some),
+            Stage::Passes => {
+                if let Some(n) = self.send_resend(link, false)? {
+                    return Ok(Some(n));
+                }
+                let mut dirty = 0;
+                for d in &mut self.disks {
+                    d.resend = d.track.harvest();
+                    dirty += super::count(&d.resend);
+                }
+                self.report.passes += 1;
+                if dirty <= SYNC_THRESHOLD || self.report.passes >= MAX_PASSES {
+                    self.enter_sync();
+                }
+                Ok(Some(0))
+            }
+            Stage::Synced => {
+                let writes = self.mirror.take();
+                if !writes.is_empty() {
+                    let mut n = 0;
+                    for w in writes {
+                        n += w.data.len() as u64 + 17;
+                        link.send(&Frame::Disk(DiskFrame::Write {
+                            seq: w.seq,
+                            disk: w.disk,
+                            offset: w.offset,
+                            data: w.data,
+                        }))?;
+                    }
+                    self.report.bytes += n;
+                    return Ok(Some(n));
+                }
+                self.send_resend(link, false)
+            }
+            Stage::Left => Ok(None),
+        }
+    }
+
+    fn enter_sync(&mut self) {
+        self.report.async_ms = self.stage_start.elapsed().as_secs_f64() * 1e3;
+        self.stage_start = Instant::now();
+        lock(&self.mirror.st).open = true;
+        for d in &mut self.disks {
+            let m: Arc<dyn WriteMirror> = Arc::new(DiskMirror {
+                q: self.mirror.clone(),
+                disk: d.index,
+            });
+            // Blocks written before the mirror took over go once more, in order with the
+            // mirrored writes (both leave from this thread).
+            let before = d.track.mirror_on(m);
+            for (w, b) in d.resend.iter_mut().zip(before) {
+                *w |= b;
+            }
+        }
+        self.stage = Stage::Synced;
+        tracing::info!(
+            "migration: disks in sync after {} passes; guest writes are now mirrored to the \
+             destination",
+            self.report.passes
+        );
+    }
+
+    /// The bulk copy: the next run of blocks whose hash differs from the destination's.
+    fn bulk(&mut self, link: &mut Link) -> Result<u64, LinkError> {
+        // Blocks the destination holds are skipped without sending: look at up to 64 MiB
+        // of them per step.
+        for _ in 0..32 {
+            let Some(i) = self.disks.iter().position(|d| d.cursor < d.track.blocks()) else {
+                self.stage = Stage::Passes;
+                return Ok(0);
+            };
+            let d = &mut self.disks[i];
+            let first = d.cursor;
+            let n = RUN_BLOCKS.min(d.track.blocks() - first);
+            d.cursor += n;
+            let mut buf = std::mem::take(&mut self.buf);
+            read_blocks(&d.file, d.track.bytes(), first, n, &mut buf)
+                .map_err(|e| other(format!("reading disk {}: {e}", d.track.path().display())))?;
+            let mut sel = Vec::new();
+            for k in 0..n {
+                let b = first + k;
+                let end = (d.track.bytes() - b * TRACK_BLOCK).min(TRACK_BLOCK) as usize;
+                let at = (k * TRACK_BLOCK) as usize;
+                if block_hash(&buf[at..at + end]) == d.remote[b as usize] {
+                    self.report.blocks_same += 1;
+                } else {
+                    sel.push(k);
+                }
+            }
+            let sent = if sel.is_empty() {
+                None
+            } else {
+                self.report.blocks_sent += sel.len() as u64;
+                Some(self.send_blocks(link, i, first, n, &sel, &buf, 1)?)
+            };
+            self.buf = buf;
+            if let Some(bytes) = sent {
+                return Ok(bytes);
+            }
+        }
+        Ok(0)
+    }
+
+    /// Sends the next run of blocks marked for sending again; `None` when there is none.
+    fn send_resend(&mut self, link: &mut Link, last: bool) -> Result<Option<u64>, LinkError> {
+        for i in 0..self.disks.len() {
+            let d = &mut self.disks[i];
+            let Some(w) = d.resend.iter().position(|&w| w != 0) else {
+                continue;
+            };
+            let first = w as u64 * 64 + d.resend[w].trailing_zeros() as u64;
+            let n = RUN_BLOCKS.min(d.track.blocks() - first);
+            let mut sel = Vec::new();
+            for k in 0..n {
+                if bit(&d.resend, first + k) {
+                    sel.push(k);
+                    super::clear_bit(&mut d.resend, first + k);
+                }
+            }
+            let mut buf = std::mem::take(&mut self.buf);
+            read_blocks(&d.file, d.track.bytes(), first, n, &mut buf)
+                .map_err(|e| other(format!("reading disk {}: {e}", d.track.path().display())))?;
+            if last {
+                self.report.blocks_final += sel.len() as u64;
+            } else {
+                self.report.blocks_resent += sel.len() as u64;
+            }
+            let round = self.report.passes + 1 + last as u32;
+            let r = self.send_blocks(link, i, first, n, &sel, &buf, round);
+            self.buf = buf;
+            return r.map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Sends blocks `first + k` (k in `sel`) of disk `i`, whose run `first..first+n` is in
+    /// `buf`, as one `disk-blocks` frame of 4 KiB units.
+    #[allow(clippy::too_many_arguments)]
+    fn send_blocks(
+        &mut self,
+        link: &mut Link,
+        i: usize,
+        first: u64,
+        n: u64,
+        sel: &[u64],
+        buf: &[u8],
+        round: u32,
+    ) -> Result<u64, LinkError> {
+        let d = &self.disks[i];
+        let units = d.track.bytes().div_ceil(PAGE as u64);
+        let first_unit = first * UNITS;
+        let span = (n * UNITS).min(units - first_unit);
+        let nw = span.div_ceil(64) as usize;
+        let (mut present, mut zero) = (vec![0u64; nw], vec![0u64; nw]);
+        let mut data = Vec::new();
+        for &k in sel {
+            for u in k * UNITS..((k + 1) * UNITS).min(span) {
+                set_bit(&mut present, u);
+                let unit = &buf[u as usize * PAGE..(u as usize + 1) * PAGE];
+                if is_zero(unit) {
+                    set_bit(&mut zero, u);
+                    self.report.zero_units += 1;
+                    if let Some(e) = &mut self.encoder {
+                        e.zero(first_unit + u);
+                    }
+                    continue;
+                }
+                match &mut self.encoder {
+                    Some(e) => e.encode(first_unit + u, unit, round, &mut data),
+                    None => data.extend_from_slice(unit),
+                }
+            }
+        }
+        let codec = if self.encoder.is_some() {
+            wire::PageCodec::Cnet
+        } else {
+            wire::PageCodec::Raw
+        };
+        let mut frame = std::mem::take(&mut self.frame);
+        frame.clear();
+        frame.extend_from_slice(&[0; HEADER_LEN]);
+        frame.push(d.index);
+        wire::put_pages_fixed(
+            &mut frame,
+            first_unit,
+            span as u16,
+            codec.tag(),
+            &present,
+            &zero,
+        );
+        let len = (frame.len() - HEADER_LEN + data.len()) as u32;
+        frame[..4].copy_from_slice(&len.to_le_bytes());
+        frame[4] = T_DISK_BLOCKS;
+        let r =
+            link.send_slices(&mut [std::io::IoSlice::new(&frame), std::io::IoSlice::new(&data)]);
+        self.frame = frame;
+        r?;
+        self.report.bytes += len as u64;
+        Ok(len as u64 + HEADER_LEN as u64)
+    }
+
+    /// Before the pause: writes are recorded again instead of mirrored, and those in flight
+    /// are waited for (the device must not wait on this thread while the pause waits on the
+    /// device).
+    pub(crate) fn leave_sync(&mut self, link: &mut Link) -> Result<(), LinkError> {
+        if self.stage != Stage::Synced {
+            return Err(other(format!(
+                "the switch-over came with the disks not in sync ({:?})",
+                self.stage
+            )));
+        }
+        for d in &self.disks {
+            d.track.mirror_off();
+        }
+        self.mirror.stop_taking();
+        self.report.sync_ms = self.stage_start.elapsed().as_secs_f64() * 1e3;
+        self.stage = Stage::Left;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.mirror.inflight() > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(other(
+                    "the destination did not acknowledge the last mirrored disk writes".into(),
+                ));
+            }
+            match link.recv(left.min(Duration::from_millis(100)))? {
+                None => {}
+                Some(Frame::Disk(DiskFrame::Ack { seq })) => self.mirror.acked(seq),
+                Some(Frame::Error(m)) => {
+                    return Err(other(format!("the destination gave up: {m}")))
+                }
+                Some(f) => {
+                    return Err(other(format!(
+                        "unexpected {} frame from the destination",
+                        f.name()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With the guest paused: the blocks written since the synchronous phase ended, and any
+    /// still marked. Tracking stops.
+    pub(crate) fn final_copy(&mut self, link: &mut Link) -> Result<(), LinkError> {
+        for d in &mut self.disks {
+            for (w, b) in d.resend.iter_mut().zip(d.track.stop()) {
+                *w |= b;
+            }
+        }
+        while self.send_resend(link, true)?.is_some() {}
+        Ok(())
+    }
+
+    /// The migration ended (either way): tracking stops, waiting writes are released.
+    pub(crate) fn abandon(&mut self) {
+        self.mirror.abandon();
+        for d in &self.disks {
+            d.track.stop();
+        }
+    }
+}
+
+/// Why the destination refuses a disk frame.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// An offer out of place.
+    #[error("disk-offer for disk {0}: offered twice or more than {MAX_DISKS} disks")]
+    Offer(u8),
+    /// An offer this destination cannot take.
+    #[error("disk {disk}: {why}")]
+    Refused {
+        /// Index.
+        disk: u8,
+        /// Why.
+        why: String,
+    },
+    /// Blocks or a write for a disk not being received.
+    #[error("{frame} for disk {disk}, which this destination does not receive")]
+    NotReceiving {
+        /// Frame name.
+        frame: &'static str,
+        /// Index.
+        disk: u8,
+    },
+    /// Units or bytes past the disk's end.
+    #[error("{frame} for disk {disk}: {what} runs past its {bytes} bytes")]
+    PastEnd {
+        /// Frame name.
+        frame: &'static str,
+        /// Index.
+        disk: u8,
+        /// What.
+        what: String,
+        /// Disk size.
+        bytes: u64,
+    },
+    /// A `cnet` unit that cannot be decoded.
+    #[error("disk {disk}: {err}")]
+    Cnet {
+        /// Index.
+        disk: u8,
+        /// Cause.
+        err: super::cnet::CnetError,
+    },
+    /// Data left over after the last unit.
+    #[error("disk-blocks frame for disk {0} has stray bytes after its last unit")]
+    Stray(u8),
+    /// A frame only the destination sends.
+    #[error("unexpected {0} frame from the source")]
+    Unexpected(&'static str),
+    /// The file could not be read or written.
+    #[error("disk {path}: {what}: {err}")]
+    Io {
+        /// The image.
+        path: String,
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        err: std::io::Error,
+    },
+    /// The acknowledgement could not be sent.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// A disk being received.
+struct InDisk {
+    path: String,
+    file: File,
+    bytes: u64,
+    dec: Decoder,
+}
+
+impl InDisk {
+    fn io(&self, what: &'static str) -> impl Fn(std::io::Error) -> DiskError + '_ {
+        move |err| DiskError::Io {
+            path: self.path.clone(),
+            what,
+            err,
+        }
+    }
+}
+
+/// The destination's side: its own disks (`--disk` with `--incoming`), in order.
+pub(crate) struct DiskReceiver {
+    local: Vec<BlockConfig>,
+    disks: Vec<Option<InDisk>>,
+    offered: Vec<bool>,
+}
+
+impl DiskReceiver {
+    /// A receiver for this host's disks (none: shared storage, every offer is declined).
+    pub(crate) fn new(local: Vec<BlockConfig>) -> Self {
+        DiskReceiver {
+            local,
+            disks: (0..MAX_DISKS).map(|_| None).collect(),
+            offered: vec![false; MAX_DISKS],
+        }
+    }
+
+    /// Serves one disk frame from the source.
+    pub(crate) fn handle(&mut self, f: DiskFrame, link: &mut Link) -> Result<(), DiskError> {
+        match f {
+            DiskFrame::Offer { disk, bytes, block } => self.offer(disk, bytes, block, link),
+            DiskFrame::Blocks {
+                disk,
+                first,
+                span,
+                codec,
+                present,
+                zero,
+                data,
+            } => {
+                let d = self.receiving(disk, "disk-blocks")?;
+                let units = d.bytes.div_ceil(PAGE as u64);
+                if first.checked_add(span as u64).is_none_or(|end| end > units) {
+                    return Err(DiskError::PastEnd {
+                        frame: "disk-blocks",
+                        disk,
+                        what: format!("units {first}+{span}"),
+                        bytes: d.bytes,
+                    });
+                }
+                let cnet = match wire::PageCodec::from_tag(codec) {
+                    Ok(wire::PageCodec::Cnet) => true,
+                    Ok(wire::PageCodec::Raw) => false,
+                    Err(e) => return Err(DiskError::Link(LinkError::Wire(e))),
+                };
+                let mut rest = &data[..];
+                let mut unit = vec![0u8; PAGE];
+                for i in (0..span as u64).filter(|&i| bit(&present, i)) {
+                    let u = first + i;
+                    if bit(&zero, i) {
+                        unit.fill(0);
+                    } else if cnet {
+                        let file = &d.file;
+                        let mut current = |out: &mut [u8]| -> Result<(), super::cnet::NoBase> {
+                            // The unit as this destination holds it (the base file, or what
+                            // the source sent before).
+                            out.fill(0);
+                            let have = d.bytes.saturating_sub(u * PAGE as u64).min(PAGE as u64);
+                            Ok(file.read_exact_at(&mut out[..have as usize], u * PAGE as u64)?)
+                        };
+                        d.dec
+                            .decode_page(u, &mut rest, &mut current, &mut unit)
+                            .map_err(|err| DiskError::Cnet { disk, err })?;
+                    } else {
+                        if rest.len() < PAGE {
+                            return Err(DiskError::Link(LinkError::Wire(wire::bad(
+                                "disk-blocks frame is truncated",
+                            ))));
+                        }
+                        unit.copy_from_slice(&rest[..PAGE]);
+                        rest = &rest[PAGE..];
+                    }
+                    // Never past the source's size (the last unit may be short).
+                    let have = d.bytes - u * PAGE as u64;
+                    let n = have.min(PAGE as u64) as usize;
+                    d.file
+                        .write_all_at(&unit[..n], u * PAGE as u64)
+                        .map_err(d.io("writing"))?;
+                }
+                if !rest.is_empty() {
+                    return Err(DiskError::Stray(disk));
+                }
+                Ok(())
+            }
+            DiskFrame::Write {
+                seq,
+                disk,
+                offset,
+                data,
+            } => {
+                let d = self.receiving(disk, "disk-write")?;
+                if offset
+                    .checked_add(data.len() as u64)
+                    .is_none_or(|end| end > d.bytes)
+                {
+                    return Err(DiskError::PastEnd {
+                        frame: "disk-write",
+                        disk,
+                        what: format!("{} bytes at {offset}", data.len()),
+                        bytes: d.bytes,
+                    });
+                }
+                d.file
+                    .write_all_at(&data, offset)
+                    .map_err(d.io("writing"))?;
+                link.send(&Frame::Disk(DiskFrame::Ack { seq }))?;
+                Ok(())
+            }
+            f @ (DiskFrame::Hashes { .. } | DiskFrame::Ack { .. }) => {
+                Err(DiskError::Unexpected(f.name()))
+            }
+        }
+    }
+
+    fn receiving(&mut self, disk: u8, frame: &'static str) -> Result<&mut InDisk, DiskError> {
+        self.disks
+            .get_mut(disk as usize)
+            .and_then(|d| d.as_mut())
+            .ok_or(DiskError::NotReceiving { frame, disk })
+    }
+
+    fn offer(
+        &mut self,
+        disk: u8,
+        bytes: u64,
+        block: u32,
+        link: &mut Link,
+    ) -> Result<(), DiskError> {
+        let i = disk as usize;
+        if i >= MAX_DISKS || self.offered[i] {
+            return Err(DiskError::Offer(disk));
+        }
+        self.offered[i] = true;
+        let Some(cfg) = self.local.get(i) else {
+            // Not given a disk of its own: shared storage.
+            link.send(&Frame::Disk(DiskFrame::Hashes {
+                disk,
+                receiving: false,
+                first: 0,
+                hashes: Vec::new(),
+            }))?;
+            return Ok(());
+        };
+        let refused = |why: String| DiskError::Refused { disk, why };
+        if block as u64 != TRACK_BLOCK {
+            return Err(refused(format!(
+                "blocks of {block} bytes (this destination tracks {TRACK_BLOCK})"
+            )));
+        }
+        if bytes == 0 || !bytes.is_multiple_of(SECTOR) || bytes > MAX_DISK_BYTES {
+            return Err(refused(format!("a disk of {bytes} bytes")));
+        }
+        if cfg.readonly {
+            return Err(refused(format!(
+                "this destination's disk {} is read-only: it cannot receive",
+                cfg.path.display()
+            )));
+        }
+        let path = cfg.path.display().to_string();
+        let io = |what: &'static str| {
+            let path = path.clone();
+            move |err: std::io::Error| DiskError::Io { path, what, err }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&cfg.path)
+            .map_err(io("opening"))?;
+        let len = file.metadata().map_err(io("sizing"))?.len();
+        if len > bytes {
+            return Err(refused(format!(
+                "this destination's disk {path} holds {len} bytes, more than the source's \
+                 {bytes}: the guest would see another capacity"
+            )));
+        }
+        if len < bytes {
+            // An empty (or shorter) base: the rest reads as zeros.
+            file.set_len(bytes).map_err(io("extending"))?;
+        }
+        // The base copy's hashes: the source sends only the blocks that differ.
+        let blocks = bytes.div_ceil(TRACK_BLOCK);
+        let mut buf = Vec::new();
+        let mut hashes = Vec::with_capacity(HASHES_PER_FRAME);
+        let mut first = 0;
+        for b0 in (0..blocks).step_by(RUN_BLOCKS as usize) {
+            let n = RUN_BLOCKS.min(blocks - b0);
+            read_blocks(&file, bytes, b0, n, &mut buf).map_err(io("reading"))?;
+            for k in 0..n {
+                let end = (bytes - (b0 + k) * TRACK_BLOCK).min(TRACK_BLOCK) as usize;
+                let at = (k * TRACK_BLOCK) as usize;
+                hashes.push(block_hash(&buf[at..at + end]));
+            }
+            if hashes.len() >= HASHES_PER_FRAME || b0 + n == blocks {
+                let chunk = std::mem::take(&mut hashes);
+                let len = chunk.len() as u64;
+                link.send(&Frame::Disk(DiskFrame::Hashes {
+                    disk,
+                    receiving: true,
+                    first,
+                    hashes: chunk,
+                }))?;
+                first += len;
+            }
+        }
+        self.disks[i] = Some(InDisk {
+            path,
+            file,
+            bytes,
+            dec: Decoder::default(),
+        });
+        Ok(())
+    }
+
+    /// Before `ready`: every received disk's writes are on stable storage.
+    pub(crate) fn finish(&mut self) -> Result<(), DiskError> {
+        for d in self.disks.iter().flatten() {
+            d.file.sync_data().map_err(d.io("syncing"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(f: DiskFrame) {
+        let mut b = Vec::new();
+        wire::encode(&Frame::Disk(f), &mut b);
+        let (len, ty) = wire::header(b[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(len, b.len() - HEADER_LEN);
+        let back = wire::decode(ty, &b[HEADER_LEN..]).unwrap();
+        for cut in 0..len {
+            assert!(
+                wire::decode(ty, &b[HEADER_LEN..HEADER_LEN + cut]).is_err()
+                    || matches!(back, Frame::Disk(DiskFrame::Write { .. })),
+                "{} cut at {cut}",
+                back.name()
+            );
+        }
+        let mut long = b[HEADER_LEN..].to_vec();
+        long.push(0);
+        if !matches!(back, Frame::Disk(DiskFrame::Write { .. })) {
+            assert!(wire::decode(ty, &long).is_err(), "{}", back.name());
+        }
+        let Frame::Disk(_) = back else {
+            panic!("not a disk frame")
+        };
+    }
+
+    #[test]
+    fn disk_frames_round_trip_and_damage_is_refused() {
+        round_trip(DiskFrame::Offer {
+            disk: 1,
+            bytes: 64 << 20,
+            block: TRACK_BLOCK as u32,
+        });
+        round_trip(DiskFrame::Hashes {
+            disk: 0,
+            receiving: true,
+            first: 3,
+            hashes: vec![1, u128::MAX],
+        });
+        round_trip(DiskFrame::Blocks {
+            disk: 0,
+            first: 16,
+            span: 16,
+            codec: wire::CODEC_RAW,
+            present: vec![0b11],
+            zero: vec![0b10],
+            data: vec![7; PAGE],
+        });
+        round_trip(DiskFrame::Write {
+            seq: 9,
+            disk: 0,
+            offset: 4096,
+            data: vec![1; 1024],
+        });
+        round_trip(DiskFrame::Ack { seq: 9 });
+        let mut b = Vec::new();
+        wire::encode(
+            &Frame::Disk(DiskFrame::Write {
+                seq: 1,
+                disk: 0,
+                offset: 100,
+                data: vec![1; 512],
+            }),
+            &mut b,
+        );
+        let e = wire::decode(T_DISK_WRITE, &b[HEADER_LEN..]).unwrap_err();
+        assert!(e.0.contains("whole sectors"), "{e}");
+        assert!(
+            wire::decode(T_DISK_HASHES, &[0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+                .unwrap_err()
+                .0
+                .contains("receiving flag")
+        );
+    }
+
+    #[test]
+    fn a_write_waits_for_its_ack_and_a_stopped_mirror_answers_at_once() {
+        let q = Arc::new(Mirror::default());
+        lock(&q.st).open = true;
+        let m = DiskMirror {
+            q: q.clone(),
+            disk: 0,
+        };
+        let sender = {
+            let q = q.clone();
+            std::thread::spawn(move || loop {
+                let taken = q.take();
+                if let Some(p) = taken.first() {
+                    assert_eq!((p.offset, p.data.len()), (512, 1024));
+                    q.acked(p.seq);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            })
+        };
+        assert!(m.mirror(512, &[3; 1024]));
+        sender.join().unwrap();
+        assert_eq!(lock(&q.st).acked, 1);
+        q.stop_taking();
+        assert!(!m.mirror(0, &[1; 512]), "stopped: not delivered");
+        q.acked(77);
+        assert_eq!(lock(&q.st).acked, 1, "an unknown ack is ignored");
+    }
+}

@@ -1,0 +1,494 @@
+//! Storage migration (issue 17, item 5: CloudNet's disk) on the WAN of `tests/cloudnet.rs`
+//! (network-namespace hosts on tbf-shaped 100 Mbit/s links, 20 ms round trips through the
+//! delay relay). The destination is given a disk file of its own (`--incoming ... --disk`):
+//! the source's disk is bulk-copied while the guest writes, the blocks written meanwhile go
+//! again, then every guest write is mirrored synchronously while the memory moves, and the
+//! blocks written after that go with the guest paused. The guest's `verify` (which re-reads
+//! every block it wrote, against the generations in its memory) proves both memory and disk
+//! exact at the destination; going back to a host that holds the old image moves only the
+//! blocks that changed. A link cut during the synchronous phase leaves the source running,
+//! its writes completing locally, its disk intact.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use netlab::{DelayRelay, Host, NetLab};
+use serde_json::Value;
+
+const MEM: u64 = 64;
+const PORT: u16 = 7470;
+/// The disk: 64 MiB, of which the guest's `disk` workload rewrites the first 8 MiB (2048
+/// blocks, wrapping) at 1000 blocks/s.
+const DISK_MIB: u64 = 64;
+const GUEST: &str = "workload=dirty,verify,disk mib=8 rate=1000 disk_mib=8 disk_rate=1000 \
+                     disk_flush=32 report_ms=200 stall_us=2000000";
+const T: Duration = Duration::from_secs(60);
+
+struct Wan {
+    _lab: NetLab,
+    src: Host,
+    dst: Host,
+}
+
+impl Wan {
+    fn new(tag: &str) -> Option<Wan> {
+        if !netlab::can_run(tag, NetLab::available()) {
+            return None;
+        }
+        let lab = NetLab::new(tag, &["src", "dst"]).expect("network namespaces");
+        for h in ["src", "dst"] {
+            lab.shape(h, 100_000_000).expect("tc tbf");
+        }
+        let (src, dst) = (lab.host("src").clone(), lab.host("dst").clone());
+        Some(Wan {
+            _lab: lab,
+            src,
+            dst,
+        })
+    }
+}
+
+/// A relay adding 10 ms each way in front of `to`'s migration port.
+fn relay(to: &Host) -> DelayRelay {
+    DelayRelay::start(
+        std::net::SocketAddr::new(to.gateway.into(), 0),
+        std::net::SocketAddr::new(to.ip.into(), PORT),
+        Duration::from_millis(10),
+        4 << 20,
+    )
+    .expect("start the relay")
+}
+
+fn ns(h: &Host) -> [&str; 4] {
+    ["ip", "netns", "exec", h.netns.as_str()]
+}
+
+/// A sparse image of `mib` MiB; `static_from_mib..`: pseudo-random data the guest never
+/// touches (an application's data set: what an incremental migration need not send again),
+/// each MiB different, or (`repeated`) the same MiB over and over.
+fn image(
+    dir: &TempDir,
+    name: &str,
+    mib: u64,
+    static_from_mib: Option<u64>,
+    repeated: bool,
+) -> PathBuf {
+    let p = dir.path().join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(mib << 20).unwrap();
+    if let Some(from) = static_from_mib {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut chunk = vec![0u8; 1 << 20];
+        for m in from..mib {
+            if repeated {
+                x = 0x9e37_79b9_7f4a_7c15;
+            }
+            for w in chunk.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all_at(&chunk, m << 20).unwrap();
+        }
+    }
+    p
+}
+
+fn spec(p: &Path) -> String {
+    format!("path={}", p.display())
+}
+
+/// Boots the guest (`cmdline`) at `host` on `disk`.
+fn boot(tag: &str, host: &Host, disk: &Path, cmdline: &str) -> VmProcess {
+    let kernel = guest_elf();
+    let mem = MEM.to_string();
+    let d = spec(disk);
+    let vm = VmProcess::start_wrapped(
+        tag,
+        &ns(host),
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--memory",
+            &mem,
+            "--disk",
+            &d,
+        ],
+    );
+    vm.wait_line("SPANGUEST ready", T);
+    vm
+}
+
+/// The guest's disk writes so far (its last `disk` line), once at least `n`.
+fn wait_disk_writes(vm: &VmProcess, n: u64) -> u64 {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let last = vm
+            .lines()
+            .into_iter()
+            .rev()
+            .find(|l| l.starts_with("SPANGUEST disk "));
+        if let Some(w) = last.map(|l| num(&l, "writes")).filter(|&w| w >= n) {
+            return w;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest's disk writes did not reach {n}: {:?}\n{}",
+            vm.lines().last(),
+            vm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Memory and disk verify: bad=0, and the disk was checked.
+fn verify_memory_and_disk(vm: &VmProcess, what: &str) {
+    let l = &vm.verify(1)[0];
+    assert_eq!(num(l, "bad"), 0, "{what}: memory or disk damaged: {l}");
+    assert_eq!(num(l, "disk_bad"), 0, "{what}: {l}");
+    assert!(
+        num(l, "ok") > 0 && num(l, "disk_ok") > 0,
+        "{what}: nothing checked: {l}"
+    );
+}
+
+fn n(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
+}
+
+#[test]
+fn the_disk_moves_with_the_vm_and_back_incrementally() {
+    let Some(wan) = Wan::new("disk-mig") else {
+        return;
+    };
+    let tmp = TempDir::new("disk-mig");
+    let tls = certs(&tmp, "tls");
+    let tls_dir = tls.to_str().unwrap();
+    // The source's image carries 56 MiB of data the guest never writes; the destination
+    // starts from an empty file.
+    let a = image(&tmp, "a.img", DISK_MIB, Some(8), false);
+    let b = tmp.path().join("b.img");
+    std::fs::File::create(&b).unwrap();
+    let to_dst = relay(&wan.dst);
+    let dst = destination(
+        "disk-mig-dst",
+        &ns(&wan.dst),
+        &format!("tls://{}:{PORT}", wan.dst.ip),
+        &tls,
+        &["--disk", &spec(&b)],
+    );
+    let mut src = boot("disk-mig-src", &wan.src, &a, GUEST);
+    wait_disk_writes(&src, 1000);
+    let (ok, out, report) = migrate_precopy(&src, &format!("tls://{}", to_dst.addr()), tls_dir);
+    let report = report.unwrap_or(Value::Null);
+    assert!(ok, "migration failed: {out}\n{}", src.stderr());
+    assert_eq!(report["result"], "completed", "{report}");
+    assert_eq!(src.wait_exit(Duration::from_secs(15)), Some(0));
+    let d = &report["disk"];
+    eprintln!(
+        "there: {:.0} ms, {} bytes, downtime {:.1} ms; disk {d}",
+        report["total_ms"].as_f64().unwrap_or(0.0),
+        report["bytes"],
+        report["downtime_ms"].as_f64().unwrap_or(0.0)
+    );
+    assert_eq!(n(d, "disks"), 1, "{d}");
+    assert_eq!(n(d, "blocks_total"), DISK_MIB * 16, "{d}");
+    // The static data (896 blocks) and the guest's written blocks went; the empty rest of
+    // the guest's region matched the empty destination.
+    assert!(n(d, "blocks_sent") >= 896, "{d}");
+    assert!(n(d, "sync_writes") > 0, "no write was mirrored: {d}");
+    assert_eq!(
+        std::fs::metadata(&b).unwrap().len(),
+        DISK_MIB << 20,
+        "the destination's file took the source's size"
+    );
+    // At the destination: memory and every block the guest wrote, exact.
+    dst.wait_line("SPANGUEST stat", T);
+    verify_memory_and_disk(&dst, "at the destination");
+    let moved = wait_disk_writes(&dst, 0);
+    wait_disk_writes(&dst, moved + 300);
+
+    // Back to the first host, which holds the image as it was at the switch-over: paused
+    // (so that what changed is what the guest wrote there), the migration moves only the
+    // blocks written since.
+    dst.ctl_ok(&["pause"]);
+    let to_src = relay(&wan.src);
+    let back = destination(
+        "disk-mig-back",
+        &ns(&wan.src),
+        &format!("tls://{}:{PORT}", wan.src.ip),
+        &tls,
+        &["--disk", &spec(&a)],
+    );
+    let (ok, out, report2) = migrate_precopy(&dst, &format!("tls://{}", to_src.addr()), tls_dir);
+    let report2 = report2.unwrap_or(Value::Null);
+    assert!(ok, "migration back failed: {out}\n{}", dst.stderr());
+    let d2 = &report2["disk"];
+    eprintln!(
+        "back: {:.0} ms, {} bytes; disk {d2}",
+        report2["total_ms"].as_f64().unwrap_or(0.0),
+        report2["bytes"]
+    );
+    // At most the guest's 8 MiB region (128 blocks) changed; the static data stayed.
+    assert!(n(d2, "blocks_sent") <= 128, "{d2}");
+    assert!(n(d2, "blocks_same") >= 896, "{d2}");
+    assert!(
+        n(d2, "bytes") * 4 < n(d, "bytes"),
+        "not incremental: {d2} vs {d}"
+    );
+    // It arrived paused, as it was (once the destination has taken it over): run it and
+    // check it.
+    let deadline = std::time::Instant::now() + T;
+    while status(&back)["state"] == "incoming" {
+        assert!(std::time::Instant::now() < deadline, "{}", back.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    back.ctl_ok(&["resume"]);
+    let from = wait_disk_writes(&back, 0);
+    wait_disk_writes(&back, from + 100);
+    verify_memory_and_disk(&back, "back at the first host");
+}
+
+#[test]
+fn the_redundancy_cache_covers_disk_blocks() {
+    let Some(wan) = Wan::new("disk-cbr") else {
+        return;
+    };
+    let tmp = TempDir::new("disk-cbr");
+    let tls = certs(&tmp, "tls");
+    // 56 MiB of data that repeats every MiB: after the first MiB, every unit is a hit.
+    let a = image(&tmp, "a.img", DISK_MIB, Some(8), true);
+    let b = tmp.path().join("b.img");
+    std::fs::File::create(&b).unwrap();
+    let to_dst = relay(&wan.dst);
+    let dst = destination(
+        "disk-cbr-dst",
+        &ns(&wan.dst),
+        &format!("tls://{}:{PORT}", wan.dst.ip),
+        &tls,
+        &["--disk", &spec(&b)],
+    );
+    let mut src = boot("disk-cbr-src", &wan.src, &a, GUEST);
+    wait_disk_writes(&src, 500);
+    let (ok, out, report) = migrate(
+        &src,
+        &[
+            "--to",
+            &format!("tls://{}", to_dst.addr()),
+            "--plugin",
+            &plugin("precopy.wasm"),
+            "--config",
+            r#"{"redundancy":true}"#,
+            "--tls-dir",
+            tls.to_str().unwrap(),
+        ],
+    );
+    let report = report.unwrap_or(Value::Null);
+    assert!(ok, "migration failed: {out}\n{}", src.stderr());
+    assert_eq!(src.wait_exit(Duration::from_secs(15)), Some(0));
+    let d = &report["disk"];
+    let e = &d["encoding"];
+    eprintln!("cbr: disk {d}");
+    // 55 repeated MiB hit; the first MiB and the guest's own blocks miss.
+    assert!(n(e, "cache_hits") > 2 * n(e, "cache_misses"), "{e}");
+    assert!(
+        n(d, "bytes") < 24 << 20,
+        "the repeated data went whole: {d}"
+    );
+    dst.wait_line("SPANGUEST stat", T);
+    verify_memory_and_disk(&dst, "at the destination");
+}
+
+#[test]
+fn a_cut_link_in_the_synchronous_phase_leaves_the_source_running_and_intact() {
+    let Some(wan) = Wan::new("disk-cut") else {
+        return;
+    };
+    let tmp = TempDir::new("disk-cut");
+    let tls = certs(&tmp, "tls");
+    let a = image(&tmp, "a.img", DISK_MIB, None, false);
+    let b = tmp.path().join("b.img");
+    std::fs::File::create(&b).unwrap();
+    let to_dst = relay(&wan.dst);
+    let mut dst = destination(
+        "disk-cut-dst",
+        &ns(&wan.dst),
+        &format!("tls://{}:{PORT}", wan.dst.ip),
+        &tls,
+        &["--disk", &spec(&b)],
+    );
+    // The guest dirties its 8 MiB faster than the link drains them (20000 pages/s).
+    let src = boot(
+        "disk-cut-src",
+        &wan.src,
+        &a,
+        &GUEST.replacen(" rate=1000 ", " rate=20000 ", 1),
+    );
+    wait_disk_writes(&src, 500);
+    // A pre-copy that never stops by itself (the guest dirties memory faster than the link
+    // drains it, and the rounds are not capped): the synchronous phase lasts until the cut.
+    let api = src.api.clone();
+    let report_file = src.dir.path().join("report.json");
+    let (to, tls_dir, precopy) = (
+        format!("tls://{}", to_dst.addr()),
+        tls.to_str().unwrap().to_string(),
+        plugin("precopy.wasm"),
+    );
+    let rf = report_file.to_str().unwrap().to_string();
+    let ctl = std::thread::spawn(move || {
+        common::ctl(
+            &api,
+            &[
+                "migrate",
+                "--report",
+                &rf,
+                "--to",
+                &to,
+                "--plugin",
+                &precopy,
+                "--config",
+                r#"{"max_rounds":100000,"stall_rounds":100000}"#,
+                "--tls-dir",
+                &tls_dir,
+            ],
+        )
+    });
+    // Writes go through the mirror now, each waiting for the destination's acknowledgement
+    // (behind the memory pages in flight on the same link): cut once one was acknowledged.
+    wait_stderr(&src, "disks in sync", T);
+    wait_stderr(&src, "first mirrored disk write acknowledged", T);
+    let before = wait_disk_writes(&src, 0);
+    to_dst.cut();
+    let (ok, out) = ctl.join().unwrap();
+    assert!(!ok, "the migration cannot succeed over a cut link: {out}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap();
+    assert_eq!(report["result"], "failed", "{report}");
+    assert_eq!(report["source_vm"], "running", "{report}");
+    let d = &report["disk"];
+    eprintln!("cut: {}; disk {d}", report["error"]);
+    assert!(
+        n(d, "sync_writes") > 0,
+        "nothing was mirrored before the cut: {d}"
+    );
+    // The source goes on writing its own disk, and everything verifies.
+    wait_disk_writes(&src, before + 500);
+    verify_memory_and_disk(&src, "at the source after the cut");
+    assert!(dst
+        .wait_exit(Duration::from_secs(30))
+        .is_some_and(|c| c != 0));
+}
+
+#[test]
+fn a_hostile_source_cannot_write_outside_the_destinations_disk() {
+    use l1_services::migration::disk::DiskFrame;
+    use l1_services::migration::wire::{self, Frame, PAGE, VERSION};
+    use l1_services::migration::{tls, Link};
+
+    let tmp = TempDir::new("disk-hostile");
+    let tls_dir = certs(&tmp, "tls");
+    let disk_bytes = 1u64 << 20;
+    let units = disk_bytes / PAGE as u64;
+    let blocks = |first: u64, span: u16| {
+        Frame::Disk(DiskFrame::Blocks {
+            disk: 0,
+            first,
+            span,
+            codec: wire::CODEC_RAW,
+            present: vec![(1u64 << span) - 1],
+            zero: vec![0],
+            data: vec![0x77; span as usize * PAGE],
+        })
+    };
+    // (case, frames after the offer, what the destination answers)
+    let cases: Vec<(&str, Frame, &str)> = vec![
+        (
+            "units past the end",
+            blocks(units - 4, 16),
+            "disk-blocks for disk 0: units 252+16 runs past its 1048576 bytes",
+        ),
+        (
+            "a write past the end",
+            Frame::Disk(DiskFrame::Write {
+                seq: 1,
+                disk: 0,
+                offset: disk_bytes - 512,
+                data: vec![0x77; 1024],
+            }),
+            "disk-write for disk 0: 1024 bytes at 1048064 runs past its 1048576 bytes",
+        ),
+        (
+            "a write for a disk never offered",
+            Frame::Disk(DiskFrame::Write {
+                seq: 1,
+                disk: 3,
+                offset: 0,
+                data: vec![0x77; 512],
+            }),
+            "disk-write for disk 3, which this destination does not receive",
+        ),
+    ];
+    for (i, (case, frame, want)) in cases.into_iter().enumerate() {
+        let img = tmp.path().join(format!("d{i}.img"));
+        std::fs::File::create(&img).unwrap();
+        let addr = format!("tls://127.0.0.1:{}", free_port());
+        let mut dst = destination(
+            &format!("disk-hostile-{i}"),
+            &[],
+            &addr,
+            &tls_dir,
+            &["--disk", &spec(&img)],
+        );
+        let cfg = tls::client_config(&tls_dir).unwrap();
+        let mut link = Link::connect(
+            addr.trim_start_matches("tls://").parse().unwrap(),
+            cfg,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        link.send(&Frame::Hello {
+            version: VERSION,
+            mem_bytes: MEM << 20,
+            session: 7,
+            resume: false,
+        })
+        .unwrap();
+        assert!(matches!(
+            link.recv(Duration::from_secs(20)),
+            Ok(Some(Frame::Welcome { .. }))
+        ));
+        link.send(&Frame::Disk(DiskFrame::Offer {
+            disk: 0,
+            bytes: disk_bytes,
+            block: 65536,
+        }))
+        .unwrap();
+        match link.recv(Duration::from_secs(20)) {
+            Ok(Some(Frame::Disk(DiskFrame::Hashes {
+                disk: 0,
+                receiving: true,
+                first: 0,
+                hashes,
+            }))) => assert_eq!(hashes.len(), 16, "{case}"),
+            other => panic!("{case}: expected disk-hashes, got {other:?}"),
+        }
+        link.send(&frame).unwrap();
+        match link.recv(Duration::from_secs(20)) {
+            Ok(Some(Frame::Error(msg))) => assert!(msg.contains(want), "{case}: {msg}"),
+            other => panic!("{case}: expected an error frame, got {other:?}"),
+        }
+        assert!(dst
+            .wait_exit(Duration::from_secs(20))
+            .is_some_and(|c| c != 0));
+        assert!(!dst.stderr().contains("panicked"), "{}", dst.stderr());
+        // The file took the offered size and nothing beyond it.
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), disk_bytes, "{case}");
+    }
+}
