@@ -1,0 +1,513 @@
+//! Scatter-Gather's destination side: the page server's third page source, the
+//! intermediaries, and the gather pre-paging.
+//!
+//! The source tells the destination where each scattered page is (a location: page number →
+//! content address, over the TLS link); [`Locations`] keeps them. [`GatherSource`] serves a run
+//! whose pages are all located from the intermediaries at once ([`Fetched::Here`]) and hands
+//! any other run to the direct source (the link). [`GatherPolicy`] is the gather: while no
+//! fault waits it brings the located pages still missing, in page order, at most
+//! `gather_rate` bytes per second — faults are never held back by the cap (the paper's
+//! gather thread is paused, its fault thread is not).
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use base_vmm::memory::PAGE_SIZE;
+use base_vmm::page_server::{Fetched, PageError, PageServer, PageSource, PrePaging};
+
+use super::intermediary::{ContentHash, PageStore, StoreStats};
+
+/// Where the scattered pages are: page number → content address, and which of them the
+/// gather has not brought yet.
+#[derive(Default)]
+pub struct Locations {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    map: HashMap<u64, ContentHash>,
+    /// Located pages the gather has not taken yet, in page order.
+    todo: BTreeSet<u64>,
+}
+
+impl Locations {
+    /// No page located yet.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that pages `first..first + hashes.len()` are at the intermediaries.
+    pub fn add(&self, first: u64, hashes: &[ContentHash]) {
+        let mut m = self.lock();
+        for (i, h) in hashes.iter().enumerate() {
+            m.map.insert(first + i as u64, *h);
+            m.todo.insert(first + i as u64);
+        }
+    }
+
+    /// Where page `p` is, if scattered.
+    pub fn get(&self, p: u64) -> Option<ContentHash> {
+        self.lock().map.get(&p).copied()
+    }
+
+    /// Pages located.
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    /// Whether no page is located.
+    pub fn is_empty(&self) -> bool {
+        self.lock().map.is_empty()
+    }
+
+    /// Takes the lowest run of at most `max` consecutive pages still to gather for which
+    /// `missing` holds (the others are dropped from the to-do: a fault or a direct push
+    /// brought them).
+    fn take_run(&self, max: u64, missing: impl Fn(u64) -> bool) -> Option<Range<u64>> {
+        let mut m = self.lock();
+        let a = loop {
+            let p = m.todo.pop_first()?;
+            if missing(p) {
+                break p;
+            }
+        };
+        let mut b = a + 1;
+        while b - a < max && m.todo.contains(&b) && missing(b) {
+            m.todo.remove(&b);
+            b += 1;
+        }
+        Some(a..b)
+    }
+
+    /// Gives back pages taken but not gathered.
+    fn give_back(&self, run: Range<u64>) {
+        self.lock().todo.extend(run);
+    }
+}
+
+/// Counters of the intermediary source.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GatherStats {
+    /// Pages read from intermediaries (faults and gather).
+    pub pages: u64,
+    /// Runs read from them.
+    pub runs: u64,
+    /// Runs handed to the direct source.
+    pub direct_runs: u64,
+    /// The store's counters (bytes per intermediary, corrupt values refused).
+    pub store: StoreStats,
+}
+
+/// Pages from the intermediaries where located, the rest from `direct`.
+pub struct GatherSource<D: PageSource> {
+    store: PageStore,
+    locs: Arc<Locations>,
+    direct: D,
+    pages: u64,
+    runs: u64,
+    direct_runs: u64,
+}
+
+impl<D: PageSource> GatherSource<D> {
+    /// Reads located pages through `store`; others are asked of `direct`.
+    pub fn new(store: PageStore, locs: Arc<Locations>, direct: D) -> Self {
+        GatherSource {
+            store,
+            locs,
+            direct,
+            pages: 0,
+            runs: 0,
+            direct_runs: 0,
+        }
+    }
+
+    /// The direct source (to take the requests it queued).
+    pub fn direct(&mut self) -> &mut D {
+        &mut self.direct
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> GatherStats {
+        GatherStats {
+            pages: self.pages,
+            runs: self.runs,
+            direct_runs: self.direct_runs,
+            store: self.store.stats(),
+        }
+    }
+}
+
+impl<D: PageSource> PageSource for GatherSource<D> {
+    fn fetch(&mut self, run: Range<u64>, buf: &mut [u8]) -> Result<Fetched, PageError> {
+        let hashes: Option<Vec<ContentHash>> = run.clone().map(|p| self.locs.get(p)).collect();
+        let Some(hashes) = hashes else {
+            self.direct_runs += 1;
+            return self.direct.fetch(run, buf);
+        };
+        let pages = self
+            .store
+            .get(&hashes)
+            .map_err(|e| PageError::Source(format!("intermediaries: {e}")))?;
+        for (page, dst) in pages.iter().zip(buf.chunks_exact_mut(PAGE_SIZE as usize)) {
+            if page.len() != dst.len() {
+                return Err(PageError::Source(format!(
+                    "intermediaries: a page of {} bytes",
+                    page.len()
+                )));
+            }
+            dst.copy_from_slice(page);
+        }
+        self.pages += hashes.len() as u64;
+        self.runs += 1;
+        Ok(Fetched::Here)
+    }
+}
+
+/// A token bucket over bytes: `rate` bytes/s, bursts of at most `burst` bytes.
+#[derive(Debug)]
+pub struct RateCap {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateCap {
+    /// `rate` bytes/s (at least one page/s), bursts of `burst` bytes (at least one page).
+    pub fn new(rate: u64, burst: u64) -> Self {
+        let burst = burst.max(PAGE_SIZE) as f64;
+        RateCap {
+            rate: rate.max(PAGE_SIZE) as f64,
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+        }
+    }
+
+    /// Whole pages' worth of bytes that may be taken now (at most `want`), taken.
+    pub fn take(&mut self, want: u64) -> u64 {
+        let now = Instant::now();
+        self.tokens = (self.tokens + (now - self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        let page = PAGE_SIZE as f64;
+        let n = ((self.tokens / page).floor() * page)
+            .min(want as f64)
+            .max(0.0);
+        self.tokens -= n;
+        n as u64
+    }
+}
+
+/// The gather: the located pages still missing, in page order, capped by a [`RateCap`];
+/// faults bring their page alone.
+pub struct GatherPolicy {
+    locs: Arc<Locations>,
+    max_run: u64,
+    cap: Option<RateCap>,
+}
+
+impl GatherPolicy {
+    /// Runs of at most `max_run` pages; `gather_rate` bytes/s at most (None: as fast as the
+    /// intermediaries answer).
+    pub fn new(locs: Arc<Locations>, max_run: u64, gather_rate: Option<u64>) -> Self {
+        let max_run = max_run.max(1);
+        GatherPolicy {
+            locs,
+            max_run,
+            // A burst of one run: the cap holds over any window longer than a run's time.
+            cap: gather_rate.map(|r| RateCap::new(r, max_run * PAGE_SIZE)),
+        }
+    }
+}
+
+impl PrePaging for GatherPolicy {
+    fn next(&mut self, server: &PageServer) -> Option<Range<u64>> {
+        let run = self
+            .locs
+            .take_run(self.max_run, |p| !server.is_present(p))?;
+        let Some(cap) = &mut self.cap else {
+            return Some(run);
+        };
+        let pages = cap.take((run.end - run.start) * PAGE_SIZE) / PAGE_SIZE;
+        let (now, later) = (run.start..run.start + pages, run.start + pages..run.end);
+        if !later.is_empty() {
+            self.locs.give_back(later);
+        }
+        (!now.is_empty()).then_some(now)
+    }
+}
+
+/// Scatter-Gather's records on the migration link (payloads of the `store` and `located`
+/// frames; see `docs/scatter-gather.md`), laid out and checked here, strictly: anything
+/// malformed is refused before it is used.
+pub mod records {
+    use std::net::SocketAddr;
+
+    use super::super::intermediary::{ContentHash, StoreConfig, StoreKey};
+    use super::super::wire::{WireError, BATCH_PAGES};
+
+    /// Intermediaries a `store` record names at most.
+    pub const MAX_INTERMEDIARIES: usize = 64;
+    const FLAG_ENCRYPT: u8 = 1;
+
+    fn bad(why: impl Into<String>) -> WireError {
+        WireError(why.into())
+    }
+
+    struct Reader<'a>(&'a [u8], &'static str);
+
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+            if self.0.len() < n {
+                return Err(bad(format!("{} record is truncated", self.1)));
+            }
+            let (h, t) = self.0.split_at(n);
+            self.0 = t;
+            Ok(h)
+        }
+        fn u8(&mut self) -> Result<u8, WireError> {
+            Ok(self.take(1)?[0])
+        }
+        fn u16(&mut self) -> Result<u16, WireError> {
+            Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+        }
+        fn u32(&mut self) -> Result<u32, WireError> {
+            Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+        }
+        fn u64(&mut self) -> Result<u64, WireError> {
+            Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+        }
+        fn end(self) -> Result<(), WireError> {
+            if self.0.is_empty() {
+                Ok(())
+            } else {
+                Err(bad(format!(
+                    "{} record has {} stray bytes",
+                    self.1,
+                    self.0.len()
+                )))
+            }
+        }
+    }
+
+    /// Source → destination, once, before the hand-over: where scattered pages go and the key
+    /// to read them (only ever on the TLS link).
+    #[derive(Debug, Clone)]
+    pub struct Store {
+        /// The migration's store key.
+        pub key: StoreKey,
+        /// Pages are encrypted.
+        pub encrypt: bool,
+        /// Copies of each page.
+        pub replicas: u8,
+        /// Lifetime of stored pages, s.
+        pub ttl_secs: u32,
+        /// The intermediaries, in placement order.
+        pub intermediaries: Vec<SocketAddr>,
+    }
+
+    impl Store {
+        /// The store configuration it describes (timeouts: the caller's).
+        pub fn config(&self) -> StoreConfig {
+            StoreConfig {
+                encrypt: self.encrypt,
+                replicas: self.replicas as usize,
+                ttl_secs: self.ttl_secs as u64,
+                ..StoreConfig::new(self.intermediaries.clone())
+            }
+        }
+
+        /// Its payload: key (32), flags (u8), replicas (u8), ttl (u32), count (u8), then per
+        /// intermediary its address as text (u8 length, bytes).
+        pub fn encode(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(self.key.as_bytes());
+            out.push(if self.encrypt { FLAG_ENCRYPT } else { 0 });
+            out.push(self.replicas);
+            out.extend_from_slice(&self.ttl_secs.to_le_bytes());
+            out.push(self.intermediaries.len() as u8);
+            for a in &self.intermediaries {
+                let t = a.to_string();
+                out.push(t.len() as u8);
+                out.extend_from_slice(t.as_bytes());
+            }
+        }
+
+        /// Reads a payload, refusing anything malformed or unusable.
+        pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+            let mut r = Reader(b, "store");
+            let key = StoreKey::from_bytes(r.take(32)?.try_into().expect("32"));
+            let flags = r.u8()?;
+            if flags & !FLAG_ENCRYPT != 0 {
+                return Err(bad(format!("store record flags {flags:#x}")));
+            }
+            let replicas = r.u8()?;
+            let ttl_secs = r.u32()?;
+            let n = r.u8()? as usize;
+            if n == 0 || n > MAX_INTERMEDIARIES {
+                return Err(bad(format!(
+                    "store record names {n} intermediaries (1..={MAX_INTERMEDIARIES})"
+                )));
+            }
+            if replicas == 0 || replicas as usize > n {
+                return Err(bad(format!("store record: {replicas} replicas on {n}")));
+            }
+            if ttl_secs == 0 {
+                return Err(bad("store record: pages that expire at once"));
+            }
+            let mut intermediaries = Vec::with_capacity(n);
+            for _ in 0..n {
+                let len = r.u8()? as usize;
+                let t = std::str::from_utf8(r.take(len)?)
+                    .map_err(|_| bad("store record: an address is not text"))?;
+                intermediaries.push(
+                    t.parse()
+                        .map_err(|_| bad(format!("store record: bad address {t:?}")))?,
+                );
+            }
+            r.end()?;
+            Ok(Store {
+                key,
+                encrypt: flags & FLAG_ENCRYPT != 0,
+                replicas,
+                ttl_secs,
+                intermediaries,
+            })
+        }
+    }
+
+    /// Source → destination: pages `first..first + span` selected by `present` are at the
+    /// intermediaries, at these addresses (the paper's PAGE_SCATTERED control records).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Located {
+        /// First page of the span.
+        pub first: u64,
+        /// Pages spanned (1..=BATCH_PAGES).
+        pub span: u16,
+        /// Which pages of the span are located.
+        pub present: Vec<u64>,
+        /// Their addresses, in page order.
+        pub hashes: Vec<ContentHash>,
+    }
+
+    impl Located {
+        /// The located pages and their addresses.
+        pub fn pages(&self) -> impl Iterator<Item = (u64, &ContentHash)> + '_ {
+            (0..self.span as u64)
+                .filter(|i| self.present[(i / 64) as usize] >> (i % 64) & 1 == 1)
+                .map(|i| self.first + i)
+                .zip(&self.hashes)
+        }
+
+        /// Its payload: first (u64), span (u16), the span's presence words, 32 bytes per
+        /// located page.
+        pub fn encode(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(&self.first.to_le_bytes());
+            out.extend_from_slice(&self.span.to_le_bytes());
+            for w in &self.present[..(self.span as usize).div_ceil(64)] {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+            for h in &self.hashes {
+                out.extend_from_slice(h);
+            }
+        }
+
+        /// Reads a payload, refusing anything malformed; `pages`: guest memory in pages.
+        pub fn decode(b: &[u8], pages: u64) -> Result<Self, WireError> {
+            let mut r = Reader(b, "located");
+            let first = r.u64()?;
+            let span = r.u16()?;
+            if span == 0 || span as u64 > BATCH_PAGES {
+                return Err(bad(format!("located record spans {span} pages")));
+            }
+            if first.checked_add(span as u64).is_none_or(|e| e > pages) {
+                return Err(bad(format!(
+                    "located record {first}+{span} runs past guest memory ({pages} pages)"
+                )));
+            }
+            let nw = (span as usize).div_ceil(64);
+            let present: Vec<u64> = (0..nw).map(|_| r.u64()).collect::<Result<_, _>>()?;
+            let tail = span as u64 % 64;
+            if tail != 0 && present[nw - 1] >> tail != 0 {
+                return Err(bad("located record marks pages beyond its span"));
+            }
+            let n: usize = present.iter().map(|w| w.count_ones() as usize).sum();
+            let hashes = (0..n)
+                .map(|_| Ok(r.take(32)?.try_into().expect("32")))
+                .collect::<Result<Vec<ContentHash>, WireError>>()?;
+            r.end()?;
+            Ok(Located {
+                first,
+                span,
+                present,
+                hashes,
+            })
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn records_round_trip_and_damage_is_refused() {
+            let l = Located {
+                first: 640,
+                span: 70,
+                present: vec![0b1011, 1 << 5],
+                hashes: vec![[1; 32], [2; 32], [3; 32], [4; 32]],
+            };
+            let mut b = Vec::new();
+            l.encode(&mut b);
+            assert_eq!(Located::decode(&b, 1024).unwrap(), l);
+            let pages: Vec<u64> = l.pages().map(|(p, _)| p).collect();
+            assert_eq!(pages, [640, 641, 643, 640 + 69]);
+            for cut in 0..b.len() {
+                assert!(Located::decode(&b[..cut], 1024).is_err());
+            }
+            let mut long = b.clone();
+            long.push(0);
+            assert!(Located::decode(&long, 1024).is_err());
+            assert!(Located::decode(&b, 700)
+                .unwrap_err()
+                .0
+                .contains("past guest"));
+            let mut beyond = b.clone();
+            beyond[10 + 8 + 7] = 0x80; // bit 127 of a 70-page span
+            assert!(Located::decode(&beyond, 1024).is_err());
+
+            let s = Store {
+                key: StoreKey::from_bytes([9; 32]),
+                encrypt: true,
+                replicas: 2,
+                ttl_secs: 600,
+                intermediaries: vec![
+                    "10.77.3.2:6379".parse().unwrap(),
+                    "[::1]:7000".parse().unwrap(),
+                ],
+            };
+            let mut b = Vec::new();
+            s.encode(&mut b);
+            let d = Store::decode(&b).unwrap();
+            assert_eq!(d.key.as_bytes(), &[9; 32]);
+            assert_eq!(d.intermediaries, s.intermediaries);
+            let c = d.config();
+            assert_eq!((c.encrypt, c.replicas, c.ttl_secs), (true, 2, 600));
+            for cut in 0..b.len() {
+                assert!(Store::decode(&b[..cut]).is_err());
+            }
+            let mut three = b.clone();
+            three[33] = 3;
+            assert!(Store::decode(&three).unwrap_err().0.contains("replicas"));
+            let mut flags = b.clone();
+            flags[32] = 2;
+            assert!(Store::decode(&flags).is_err());
+        }
+    }
+}
