@@ -101,7 +101,9 @@ fn identical_pages_are_stored_once_spread_over_two_servers() {
     let a: Vec<Vec<u8>> = (0..1000).map(|i| page(1, i, 300)).collect();
     let mut store = PageStore::connect(StoreConfig::new(addrs(&srv)), &key).unwrap();
     let refs: Vec<&[u8]> = a.iter().map(|p| p.as_slice()).collect();
+    let t = Instant::now();
     let ha = store.put(&refs).unwrap();
+    let put_time = t.elapsed();
     assert_eq!(ha[7], content_hash(&a[7]));
     let st = store.stats();
     let stored: u64 = st.intermediaries.iter().map(|i| i.pages_stored).sum();
@@ -139,8 +141,16 @@ fn identical_pages_are_stored_once_spread_over_two_servers() {
         &StoreKey::from_bytes(*key.as_bytes()),
     )
     .unwrap();
+    let t = Instant::now();
     let got = dst.get(&ha).unwrap();
+    let get_time = t.elapsed();
     assert!(got == a, "VM A's pages read back intact");
+    // For docs/scatter-gather.md (not asserted: a loaded machine is slower).
+    eprintln!(
+        "put 1000 pages (300 distinct) in {put_time:?}, get 1000 in {get_time:?}: {:.0} / {:.0} pages/s",
+        1000.0 / put_time.as_secs_f64(),
+        1000.0 / get_time.as_secs_f64()
+    );
     let got = dst.get(&hb).unwrap();
     assert!(got == b, "VM B's pages read back intact");
     let st = dst.stats();
@@ -435,6 +445,14 @@ fn the_page_server_gathers_from_intermediaries_rate_capped_through_a_death() {
         serving.join().unwrap().unwrap()
     });
     let elapsed = t0.elapsed();
+    eprintln!(
+        "gathered {} pages ({} runs, {} to the link) in {elapsed:?} at a 16 MiB/s cap; src→intermediaries {:?} B, intermediaries→dst {:?} B",
+        gather.pages,
+        gather.runs,
+        gather.direct_runs,
+        scattered_stats.intermediaries.iter().map(|i| i.wire_out).collect::<Vec<_>>(),
+        gather.store.intermediaries.iter().map(|i| i.wire_in).collect::<Vec<_>>(),
+    );
     // Every page placed once, and right.
     assert_eq!(stats.placed.load(Ordering::Relaxed), PAGES);
     server.finish().unwrap();
