@@ -449,20 +449,79 @@ impl PageStore {
                 per[s].push((i, rkey.clone()));
             }
         }
+        let ttl = ttl.as_bytes();
         let mut copies: HashMap<usize, usize> = HashMap::new();
         let mut last_err = String::from("intermediary down");
-        for (s, items) in per.iter().enumerate() {
-            if items.is_empty() {
-                continue;
-            }
-            match self.put_on(s, items, pages, hashes, &ttl) {
-                Ok(stored) => {
-                    for i in stored {
-                        *copies.entry(i).or_default() += 1;
-                    }
-                }
+        // Probe every intermediary at once (PROBE: present renews, absent is written).
+        let probes = per
+            .iter()
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|(_, k)| vec![&b"EXPIRE"[..], k.as_slice(), ttl])
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>();
+        let probed = self.pipeline_all(&probes);
+        // Values sealed once per page, whichever replica needs them.
+        let mut sealed: HashMap<usize, Vec<u8>> = HashMap::new();
+        let mut absent: Vec<Vec<(usize, &[u8])>> = vec![Vec::new(); n];
+        for (s, r) in probed.into_iter().enumerate() {
+            let replies = match r {
+                Ok(r) => r,
                 Err(e) => {
                     last_err = e;
+                    continue;
+                }
+            };
+            for ((i, rkey), r) in per[s].iter().zip(replies) {
+                match r {
+                    Reply::Int(1) => {
+                        self.slots[s].stats.dedup_hits += 1;
+                        *copies.entry(*i).or_default() += 1;
+                    }
+                    Reply::Int(0) => {
+                        if !sealed.contains_key(i) {
+                            let v = self.seal(&hashes[*i], rkey, pages[*i]);
+                            sealed.insert(*i, v);
+                        }
+                        absent[s].push((*i, rkey.as_slice()));
+                    }
+                    // This copy is not there; the connection is fine.
+                    other => {
+                        last_err = format!("{}: EXPIRE answered {other:?}", self.slots[s].addr)
+                    }
+                }
+            }
+        }
+        let writes = absent
+            .iter()
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|&(i, k)| vec![&b"SET"[..], k, sealed[&i].as_slice(), &b"EX"[..], ttl])
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>();
+        let written = self.pipeline_all(&writes);
+        for (s, r) in written.into_iter().enumerate() {
+            let replies = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    last_err = e;
+                    continue;
+                }
+            };
+            for ((i, _), r) in absent[s].iter().zip(replies) {
+                match r {
+                    Reply::Simple(ok) if ok == "OK" => {
+                        let st = &mut self.slots[s].stats;
+                        st.pages_stored += 1;
+                        st.bytes_stored += sealed[i].len() as u64;
+                        *copies.entry(*i).or_default() += 1;
+                    }
+                    // Out of memory, say: this copy is missing, the connection is fine.
+                    other => last_err = format!("{}: SET answered {other:?}", self.slots[s].addr),
                 }
             }
         }
@@ -481,95 +540,50 @@ impl PageStore {
         Ok(())
     }
 
-    /// Probes then writes `items` on intermediary `s`; the page indexes it now holds. A
-    /// connection failure marks it down (its pages count as not stored there).
-    fn put_on(
-        &mut self,
-        s: usize,
-        items: &[(usize, Vec<u8>)],
-        pages: &[&[u8]],
-        hashes: &[ContentHash],
-        ttl: &str,
-    ) -> Result<Vec<usize>, String> {
-        let slot = &mut self.slots[s];
-        let Some(conn) = slot.conn.as_mut() else {
-            return Err(format!("{} is down", slot.addr));
-        };
-        let probe = (|| {
-            for (_, rkey) in items {
-                conn.queue(&[b"EXPIRE", rkey, ttl.as_bytes()])?;
+    /// Sends `work[s]` (commands, each a list of arguments) to every intermediary `s` at
+    /// once — each one's commands queued and flushed before any reply is read, so the
+    /// intermediaries work in parallel — then reads the replies, in order. An intermediary
+    /// whose connection fails is marked down; its result is the error.
+    fn pipeline_all(&mut self, work: &[Vec<Vec<&[u8]>>]) -> Vec<Result<Vec<Reply>, String>> {
+        let mut res: Vec<Result<Vec<Reply>, String>> =
+            work.iter().map(|_| Ok(Vec::new())).collect();
+        for (s, cmds) in work.iter().enumerate() {
+            if cmds.is_empty() {
+                continue;
             }
-            let mut present = Vec::with_capacity(items.len());
-            for _ in items {
-                present.push(conn.read()?);
-            }
-            Ok::<_, RespError>(present)
-        })();
-        let present = match probe {
-            Ok(p) => p,
-            Err(e) => {
+            let slot = &mut self.slots[s];
+            let Some(conn) = slot.conn.as_mut() else {
+                res[s] = Err(format!("{} is down", slot.addr));
+                continue;
+            };
+            let sent = cmds
+                .iter()
+                .try_for_each(|c| conn.queue(c))
+                .and_then(|()| conn.flush());
+            if let Err(e) = sent {
+                res[s] = Err(e.to_string());
                 slot.fail();
-                return Err(e.to_string());
             }
-        };
-        let mut held = Vec::with_capacity(items.len());
-        let mut absent = Vec::new();
-        for ((i, rkey), r) in items.iter().zip(present) {
-            match r {
-                Reply::Int(1) => {
-                    slot.stats.dedup_hits += 1;
-                    held.push(*i);
-                }
-                Reply::Int(0) => absent.push((*i, rkey)),
-                other => {
-                    let e = format!("{}: EXPIRE answered {other:?}", slot.addr);
+        }
+        for (s, cmds) in work.iter().enumerate() {
+            if cmds.is_empty() || res[s].is_err() {
+                continue;
+            }
+            let slot = &mut self.slots[s];
+            let conn = slot.conn.as_mut().expect("queued above");
+            match cmds
+                .iter()
+                .map(|_| conn.read())
+                .collect::<Result<Vec<Reply>, RespError>>()
+            {
+                Ok(r) => res[s] = Ok(r),
+                Err(e) => {
+                    res[s] = Err(e.to_string());
                     slot.fail();
-                    return Err(e);
                 }
             }
         }
-        if absent.is_empty() {
-            return Ok(held);
-        }
-        let sealed: Vec<Vec<u8>> = absent
-            .iter()
-            .map(|(i, rkey)| self.seal(&hashes[*i], rkey, pages[*i]))
-            .collect();
-        let slot = &mut self.slots[s];
-        let conn = slot.conn.as_mut().expect("checked above");
-        let write = (|| {
-            for ((_, rkey), v) in absent.iter().zip(&sealed) {
-                conn.queue(&[b"SET", rkey, v, b"EX", ttl.as_bytes()])?;
-            }
-            let mut replies = Vec::with_capacity(absent.len());
-            for _ in &absent {
-                replies.push(conn.read()?);
-            }
-            Ok::<_, RespError>(replies)
-        })();
-        let replies = match write {
-            Ok(r) => r,
-            Err(e) => {
-                slot.fail();
-                return Err(e.to_string());
-            }
-        };
-        let mut last = None;
-        for (((i, _), v), r) in absent.iter().zip(&sealed).zip(replies) {
-            match r {
-                Reply::Simple(ok) if ok == "OK" => {
-                    slot.stats.pages_stored += 1;
-                    slot.stats.bytes_stored += v.len() as u64;
-                    held.push(*i);
-                }
-                // Out of memory, say: this copy is missing, the connection is fine.
-                other => last = Some(format!("{}: SET answered {other:?}", slot.addr)),
-            }
-        }
-        match last {
-            Some(e) if held.is_empty() => Err(e),
-            _ => Ok(held),
-        }
+        res
     }
 
     /// Reads the pages at `hashes`, in order, each from its home or else its replica. Garbage
@@ -594,41 +608,27 @@ impl PageStore {
                     per[p[round]].push(i);
                 }
             }
-            for (s, items) in per.into_iter().enumerate() {
-                if items.is_empty() {
-                    continue;
-                }
+            let keys: Vec<Vec<Vec<u8>>> = per
+                .iter()
+                .map(|items| items.iter().map(|&i| self.redis_key(&hashes[i])).collect())
+                .collect();
+            let work: Vec<Vec<Vec<&[u8]>>> = keys
+                .iter()
+                .map(|ks| ks.iter().map(|k| vec![&b"GET"[..], k.as_slice()]).collect())
+                .collect();
+            let read = self.pipeline_all(&work);
+            for (s, r) in read.into_iter().enumerate() {
                 let addr = self.slots[s].addr;
-                let keys: Vec<Vec<u8>> =
-                    items.iter().map(|&i| self.redis_key(&hashes[i])).collect();
-                let slot = &mut self.slots[s];
-                let Some(conn) = slot.conn.as_mut() else {
-                    for &i in &items {
-                        why[i] = Some(missing(&hashes[i], format!("{addr} is down")));
-                    }
-                    continue;
-                };
-                let read = (|| {
-                    for k in &keys {
-                        conn.queue(&[b"GET", k])?;
-                    }
-                    let mut r = Vec::with_capacity(keys.len());
-                    for _ in &keys {
-                        r.push(conn.read()?);
-                    }
-                    Ok::<_, RespError>(r)
-                })();
-                let replies = match read {
+                let replies = match r {
                     Ok(r) => r,
                     Err(e) => {
-                        slot.fail();
-                        for &i in &items {
-                            why[i] = Some(missing(&hashes[i], e.to_string()));
+                        for &i in &per[s] {
+                            why[i] = Some(missing(&hashes[i], e.clone()));
                         }
                         continue;
                     }
                 };
-                for ((&i, k), r) in items.iter().zip(&keys).zip(replies) {
+                for ((&i, k), r) in per[s].iter().zip(&keys[s]).zip(replies) {
                     match r {
                         Reply::Bulk(Some(v)) => {
                             let n = v.len() as u64;
