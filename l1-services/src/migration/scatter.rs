@@ -244,6 +244,58 @@ impl PrePaging for GatherPolicy {
     }
 }
 
+/// `ioctl` request: bytes in a TCP socket's send queue not yet sent (linux/sockios.h).
+const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+
+/// Bytes written to TCP socket `fd` that the kernel has not put on the wire yet: how far the
+/// link is behind its writer (the receiver's window or the path is full). Unacknowledged
+/// bytes already sent do not count: a long link is not a slow one.
+pub fn unsent_bytes(fd: std::os::fd::RawFd) -> std::io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int through the pointer, which points at `n`.
+    let r = unsafe { libc::ioctl(fd, SIOCOUTQNSD as _, &mut n as *mut libc::c_int) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n.max(0) as u64)
+}
+
+/// The source's choice for each batch (the paper: "saturate the direct connection first,
+/// then route excess traffic through intermediaries"): the link while what it could not send
+/// yet stays under `high_water` bytes, the intermediaries otherwise. A link that keeps up
+/// never sends a page through an intermediary, so the worst case is direct post-copy.
+#[derive(Debug, Clone)]
+pub struct Router {
+    high_water: u64,
+    /// Batches sent direct.
+    pub direct: u64,
+    /// Batches sent to the intermediaries.
+    pub scattered: u64,
+}
+
+impl Router {
+    /// A router that sends direct while less than `high_water` bytes wait in the link.
+    pub fn new(high_water: u64) -> Self {
+        Router {
+            high_water,
+            direct: 0,
+            scattered: 0,
+        }
+    }
+
+    /// Whether the next batch goes direct, given the link's socket and the bytes its own
+    /// buffers (TLS) hold; counts the choice.
+    pub fn go_direct(&mut self, fd: std::os::fd::RawFd, buffered: u64) -> std::io::Result<bool> {
+        let direct = unsent_bytes(fd)? + buffered < self.high_water;
+        if direct {
+            self.direct += 1;
+        } else {
+            self.scattered += 1;
+        }
+        Ok(direct)
+    }
+}
+
 /// Scatter-Gather's records on the migration link (payloads of the `store` and `located`
 /// frames; see `docs/scatter-gather.md`), laid out and checked here, strictly: anything
 /// malformed is refused before it is used.
@@ -509,5 +561,73 @@ pub mod records {
             flags[32] = 2;
             assert!(Store::decode(&flags).is_err());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    /// A link whose far end stops reading: what it cannot send piles up and the router turns
+    /// to the intermediaries; once the far end drains it, back to the link.
+    #[test]
+    fn the_router_sends_direct_while_the_link_keeps_up() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut rx, _) = l.accept().unwrap();
+        tx.set_nonblocking(true).unwrap();
+        // A fixed send buffer (no autotuning): what piles up does not depend on the machine.
+        let size: libc::c_int = 512 << 10;
+        // SAFETY: setsockopt with a valid int option on our own socket.
+        let r = unsafe {
+            libc::setsockopt(
+                tx.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+        let mut router = Router::new(64 << 10);
+        let batch = vec![7u8; 64 << 10];
+        let fd = tx.as_raw_fd();
+        assert!(router.go_direct(fd, 0).unwrap(), "an idle link");
+        assert!(
+            !router.go_direct(fd, 300 << 10).unwrap(),
+            "its own buffers count"
+        );
+        // Fill until the kernel refuses more: the receiver's window is shut.
+        let mut written = 0u64;
+        loop {
+            match tx.write(&batch) {
+                Ok(n) => written += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let stuck = unsent_bytes(fd).unwrap();
+        assert!(stuck >= 64 << 10, "{stuck} of {written} bytes unsent");
+        assert!(
+            !router.go_direct(fd, 0).unwrap(),
+            "a link behind: intermediaries"
+        );
+        // The far end reads everything: the link keeps up again.
+        let mut sink = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while got < written {
+            got += rx.read(&mut sink).unwrap() as u64;
+        }
+        let mut tries = 0;
+        while unsent_bytes(fd).unwrap() > 0 {
+            tries += 1;
+            assert!(tries < 1000, "the kernel never sent the rest");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(router.go_direct(fd, 0).unwrap());
+        assert_eq!((router.direct, router.scattered), (2, 2));
     }
 }
