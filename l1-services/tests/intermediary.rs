@@ -483,3 +483,70 @@ fn the_page_server_gathers_from_intermediaries_rate_capped_through_a_death() {
         "gathered {prefetched} pages in {elapsed:?} (cap: {min:?})"
     );
 }
+
+#[test]
+fn a_redis_cluster_is_one_pool_of_intermediaries() {
+    if !netlab::can_run("sg_cluster", RedisServer::available()) {
+        return;
+    }
+    let dir = tempdir::Dir::new("sg_cluster");
+    let srv = RedisServer::start_cluster(dir.path(), 3).expect("a 3-master cluster");
+    let key = StoreKey::generate().unwrap();
+    // One seed node is enough: the store learns the masters and their slots.
+    let cfg = StoreConfig {
+        cluster: true,
+        encrypt: true,
+        ..StoreConfig::new(vec![srv[1].addr()])
+    };
+    let pages: Vec<Vec<u8>> = (0..600).map(|i| page(11, i, 600)).collect();
+    let refs: Vec<&[u8]> = pages.iter().map(|p| p.as_slice()).collect();
+    let mut src = PageStore::connect(cfg.clone(), &key).unwrap();
+    let h = src.put(&refs).unwrap();
+    let st = src.stats();
+    assert_eq!(st.intermediaries.len(), 3, "{st:?}");
+    let sizes: Vec<i64> = srv.iter().map(|s| dbsize(s.addr())).collect();
+    assert_eq!(sizes.iter().sum::<i64>(), 600, "{sizes:?}");
+    assert!(
+        sizes.iter().all(|&n| n > 100),
+        "spread over the masters: {sizes:?}"
+    );
+    // Each page is on the master that owns its key's slot (the server agrees).
+    for i in (0..600).step_by(37) {
+        let rk = src.redis_key(&h[i]);
+        let home = st.intermediaries[src.placement(&h[i]).next().unwrap()]
+            .addr
+            .parse()
+            .unwrap();
+        assert_eq!(
+            raw(home).call(&[b"CLUSTER", b"KEYSLOT", &rk]).unwrap(),
+            Reply::Int(l1_services::migration::intermediary::key_slot(&rk) as i64)
+        );
+        assert!(matches!(
+            raw(home).call(&[b"EXISTS", &rk]).unwrap(),
+            Reply::Int(1)
+        ));
+    }
+    let mut dst = PageStore::connect(cfg.clone(), &key).unwrap();
+    assert_eq!(dst.get(&h).unwrap(), pages);
+    // The cluster replicates by itself; two copies of ours are refused.
+    let two = StoreConfig {
+        replicas: 2,
+        ..cfg.clone()
+    };
+    assert!(matches!(
+        PageStore::connect(two, &key),
+        Err(IntermediaryError::Config(_))
+    ));
+    // A plain server is not a cluster seed.
+    let plain = RedisServer::start(dir.path()).unwrap();
+    let e = PageStore::connect(
+        StoreConfig {
+            cluster: true,
+            ..StoreConfig::new(vec![plain.addr()])
+        },
+        &key,
+    )
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("Redis Cluster"), "{e}");
+}

@@ -35,6 +35,42 @@ impl RedisServer {
 
     /// A server on a free loopback port, its files (log) in `dir`.
     pub fn start(dir: &Path) -> io::Result<Self> {
+        Self::start_args(dir, &[])
+    }
+
+    /// `n` servers on loopback joined into one Redis Cluster (no replicas) by
+    /// `redis-cli --cluster create`, returned once every one reports the cluster whole.
+    pub fn start_cluster(dir: &Path, n: usize) -> io::Result<Vec<Self>> {
+        let servers = (0..n)
+            .map(|_| Self::start_args(dir, &["--cluster-enabled", "yes"]))
+            .collect::<io::Result<Vec<_>>>()?;
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(servers.iter().map(|s| s.addr.to_string()))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "redis-cli --cluster create: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )));
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        for s in &servers {
+            while !inline(s.addr, "CLUSTER INFO")?.contains("cluster_state:ok") {
+                if Instant::now() > deadline {
+                    return Err(io::Error::other(format!("{}: cluster not ok", s.addr)));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(servers)
+    }
+
+    /// A server on a free loopback port with extra arguments.
+    fn start_args(dir: &Path, extra: &[&str]) -> io::Result<Self> {
         // The port is found free and then handed over: another process may take it in
         // between, so a server that exits at once is retried on another port.
         let mut last = None;
@@ -42,12 +78,9 @@ impl RedisServer {
             let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
                 .local_addr()?
                 .port();
-            match Self::start_with(
-                Command::new("redis-server"),
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-                port,
-                dir,
-            ) {
+            let mut cmd = Command::new("redis-server");
+            cmd.args(extra);
+            match Self::start_with(cmd, IpAddr::V4(Ipv4Addr::LOCALHOST), port, dir) {
                 Ok(s) => return Ok(s),
                 Err(e) => last = Some(e),
             }
@@ -68,6 +101,8 @@ impl RedisServer {
             .arg(dir)
             .arg("--logfile")
             .arg(&log)
+            // Servers sharing a directory keep their cluster state apart (if in a cluster).
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -132,6 +167,16 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// An inline command's reply, as text (what one read brings: short replies only).
+fn inline(addr: SocketAddr, cmd: &str) -> io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_millis(1000)))?;
+    s.write_all(format!("{cmd}\r\n").as_bytes())?;
+    let mut b = vec![0u8; 8192];
+    let n = s.read(&mut b)?;
+    Ok(String::from_utf8_lossy(&b[..n]).into_owned())
 }
 
 fn ping(addr: SocketAddr) -> io::Result<()> {

@@ -138,6 +138,10 @@ pub struct StoreConfig {
     pub ttl_secs: u64,
     /// Connect, read and write timeout per intermediary.
     pub timeout: Duration,
+    /// `intermediaries` are seed nodes of one Redis Cluster: its masters are the
+    /// intermediaries and a page lives where the cluster puts its key (its hash slot). The
+    /// cluster keeps its own replicas, so `replicas` must be 1.
+    pub cluster: bool,
 }
 
 impl StoreConfig {
@@ -149,6 +153,7 @@ impl StoreConfig {
             replicas: 1,
             ttl_secs: 3600,
             timeout: Duration::from_secs(5),
+            cluster: false,
         }
     }
 }
@@ -253,6 +258,8 @@ fn hex(b: &[u8]) -> String {
 /// connection per intermediary).
 pub struct PageStore {
     cfg: StoreConfig,
+    /// Cluster mode: the intermediary (master) owning each of the 16384 hash slots.
+    owner: Option<Vec<u16>>,
     keys: Keys,
     slots: Vec<Slot>,
     stats_dups: u64,
@@ -263,7 +270,19 @@ impl PageStore {
     /// Connects to every intermediary. The list stays fixed for the migration (as the
     /// paper's), so one that does not answer is kept, marked down: its pages are read from
     /// their replicas. Fails only if none answers.
-    pub fn connect(cfg: StoreConfig, key: &StoreKey) -> Result<Self, IntermediaryError> {
+    pub fn connect(mut cfg: StoreConfig, key: &StoreKey) -> Result<Self, IntermediaryError> {
+        let owner = if cfg.cluster {
+            if cfg.replicas != 1 {
+                return Err(IntermediaryError::Config(
+                    "a Redis Cluster keeps its own replicas: replicas must be 1".into(),
+                ));
+            }
+            let (masters, owner) = cluster_map(&cfg.intermediaries, cfg.timeout)?;
+            cfg.intermediaries = masters;
+            Some(owner)
+        } else {
+            None
+        };
         let n = cfg.intermediaries.len();
         if n == 0 {
             return Err(IntermediaryError::Config("no intermediary".into()));
@@ -300,6 +319,7 @@ impl PageStore {
         }
         Ok(PageStore {
             cfg,
+            owner,
             keys: Keys::derive(key),
             slots,
             stats_dups: 0,
@@ -308,10 +328,16 @@ impl PageStore {
     }
 
     /// The intermediaries holding `h`, its home first.
-    pub fn placement(&self, h: &ContentHash) -> impl Iterator<Item = usize> {
+    pub fn placement(&self, h: &ContentHash) -> std::vec::IntoIter<usize> {
+        if let Some(owner) = &self.owner {
+            return vec![owner[key_slot(&self.redis_key(h)) as usize] as usize].into_iter();
+        }
         let n = self.slots.len();
         let home = (u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) % n as u64) as usize;
-        (0..self.cfg.replicas).map(move |r| (home + r) % n)
+        (0..self.cfg.replicas)
+            .map(|r| (home + r) % n)
+            .collect::<Vec<_>>()
+            .into_iter()
     }
 
     /// The Redis key of `h`.
@@ -693,6 +719,97 @@ impl PageStore {
     }
 }
 
+/// Hash slots of a Redis Cluster.
+const CLUSTER_SLOTS: usize = 16384;
+
+/// CRC16-CCITT (XMODEM), Redis Cluster's key hash.
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= (b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The cluster hash slot of `key` (a non-empty `{tag}` hashes alone, as Redis does).
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|a| {
+        let b = key[a + 1..].iter().position(|&b| b == b'}')?;
+        (b > 0).then(|| &key[a + 1..a + 1 + b])
+    });
+    crc16(tagged.unwrap_or(key)) % CLUSTER_SLOTS as u16
+}
+
+/// The cluster's masters and which of them owns each slot (`CLUSTER SLOTS` of the first seed
+/// that answers). Every slot must be served: a cluster that is not whole is refused.
+fn cluster_map(
+    seeds: &[SocketAddr],
+    timeout: Duration,
+) -> Result<(Vec<SocketAddr>, Vec<u16>), IntermediaryError> {
+    let mut why = String::from("no seed node");
+    for (index, &seed) in seeds.iter().enumerate() {
+        let reply = Resp::connect(seed, timeout, 1 << 20)
+            .and_then(|mut c| c.call(&[b"CLUSTER", b"SLOTS"]))
+            .map_err(|source| IntermediaryError::Connect { index, source });
+        match reply.map(|r| parse_slots(&r)) {
+            Ok(Ok(map)) => return Ok(map),
+            Ok(Err(e)) => why = format!("{seed}: {e}"),
+            Err(e) => why = e.to_string(),
+        }
+    }
+    Err(IntermediaryError::Config(format!("Redis Cluster: {why}")))
+}
+
+fn parse_slots(r: &Reply) -> Result<(Vec<SocketAddr>, Vec<u16>), String> {
+    let Reply::Array(Some(ranges)) = r else {
+        return Err(format!("CLUSTER SLOTS answered {r:?}"));
+    };
+    let mut masters: Vec<SocketAddr> = Vec::new();
+    let mut owner = vec![u16::MAX; CLUSTER_SLOTS];
+    for range in ranges {
+        let Reply::Array(Some(v)) = range else {
+            return Err("a slot range is not an array".into());
+        };
+        let (Some(Reply::Int(a)), Some(Reply::Int(b)), Some(Reply::Array(Some(node)))) =
+            (v.first(), v.get(1), v.get(2))
+        else {
+            return Err("a slot range without start, end and master".into());
+        };
+        let (Some(Reply::Bulk(Some(ip))), Some(Reply::Int(port))) = (node.first(), node.get(1))
+        else {
+            return Err("a master without address".into());
+        };
+        if !(0..CLUSTER_SLOTS as i64).contains(a) || !(*a..CLUSTER_SLOTS as i64).contains(b) {
+            return Err(format!("slot range {a}-{b}"));
+        }
+        let addr: SocketAddr = format!("{}:{port}", String::from_utf8_lossy(ip))
+            .parse()
+            .or_else(|_| format!("[{}]:{port}", String::from_utf8_lossy(ip)).parse())
+            .map_err(|_| "a master's address does not parse".to_string())?;
+        let i = match masters.iter().position(|m| *m == addr) {
+            Some(i) => i,
+            None => {
+                masters.push(addr);
+                masters.len() - 1
+            }
+        };
+        owner[*a as usize..=*b as usize].fill(i as u16);
+    }
+    if let Some(slot) = owner.iter().position(|&o| o == u16::MAX) {
+        return Err(format!(
+            "slot {slot} is not served (the cluster is not whole)"
+        ));
+    }
+    Ok((masters, owner))
+}
+
 fn missing(h: &ContentHash, why: String) -> IntermediaryError {
     IntermediaryError::Missing { key: hex(h), why }
 }
@@ -708,6 +825,7 @@ mod tests {
                 encrypt,
                 ..StoreConfig::new(vec!["127.0.0.1:1".parse().unwrap()])
             },
+            owner: None,
             keys: Keys::derive(key),
             slots: Vec::new(),
             stats_dups: 0,
@@ -752,6 +870,16 @@ mod tests {
             assert!(s.open(&h, &rk, s2.seal(&h, &rk, &page)).is_err());
             assert_ne!(s2.redis_key(&h), rk, "other keys, other namespace");
         }
+    }
+
+    #[test]
+    fn cluster_key_slots_are_redis_s() {
+        // Redis Cluster specification's test vector, and its hash-tag rule.
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(key_slot(b"123456789"), 0x31c3 & 0x3fff);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        assert_eq!(key_slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % 16384);
+        assert_eq!(key_slot(b"foo{{bar}}zap"), crc16(b"{bar") % 16384);
     }
 
     #[test]

@@ -308,6 +308,7 @@ pub mod records {
     /// Intermediaries a `store` record names at most.
     pub const MAX_INTERMEDIARIES: usize = 64;
     const FLAG_ENCRYPT: u8 = 1;
+    const FLAG_CLUSTER: u8 = 2;
 
     fn bad(why: impl Into<String>) -> WireError {
         WireError(why.into())
@@ -357,6 +358,8 @@ pub mod records {
         pub key: StoreKey,
         /// Pages are encrypted.
         pub encrypt: bool,
+        /// The intermediaries are seed nodes of a Redis Cluster.
+        pub cluster: bool,
         /// Copies of each page.
         pub replicas: u8,
         /// Lifetime of stored pages, s.
@@ -370,6 +373,7 @@ pub mod records {
         pub fn config(&self) -> StoreConfig {
             StoreConfig {
                 encrypt: self.encrypt,
+                cluster: self.cluster,
                 replicas: self.replicas as usize,
                 ttl_secs: self.ttl_secs as u64,
                 ..StoreConfig::new(self.intermediaries.clone())
@@ -380,7 +384,8 @@ pub mod records {
         /// intermediary its address as text (u8 length, bytes).
         pub fn encode(&self, out: &mut Vec<u8>) {
             out.extend_from_slice(self.key.as_bytes());
-            out.push(if self.encrypt { FLAG_ENCRYPT } else { 0 });
+            let flag = |on: bool, f: u8| if on { f } else { 0 };
+            out.push(flag(self.encrypt, FLAG_ENCRYPT) | flag(self.cluster, FLAG_CLUSTER));
             out.push(self.replicas);
             out.extend_from_slice(&self.ttl_secs.to_le_bytes());
             out.push(self.intermediaries.len() as u8);
@@ -396,7 +401,7 @@ pub mod records {
             let mut r = Reader(b, "store");
             let key = StoreKey::from_bytes(r.take(32)?.try_into().expect("32"));
             let flags = r.u8()?;
-            if flags & !FLAG_ENCRYPT != 0 {
+            if flags & !(FLAG_ENCRYPT | FLAG_CLUSTER) != 0 {
                 return Err(bad(format!("store record flags {flags:#x}")));
             }
             let replicas = r.u8()?;
@@ -427,6 +432,7 @@ pub mod records {
             Ok(Store {
                 key,
                 encrypt: flags & FLAG_ENCRYPT != 0,
+                cluster: flags & FLAG_CLUSTER != 0,
                 replicas,
                 ttl_secs,
                 intermediaries,
@@ -537,6 +543,7 @@ pub mod records {
             let s = Store {
                 key: StoreKey::from_bytes([9; 32]),
                 encrypt: true,
+                cluster: false,
                 replicas: 2,
                 ttl_secs: 600,
                 intermediaries: vec![
@@ -558,7 +565,7 @@ pub mod records {
             three[33] = 3;
             assert!(Store::decode(&three).unwrap_err().0.contains("replicas"));
             let mut flags = b.clone();
-            flags[32] = 2;
+            flags[32] = 4;
             assert!(Store::decode(&flags).is_err());
         }
     }
