@@ -191,3 +191,38 @@ fn ping(addr: SocketAddr) -> io::Result<()> {
         Err(io::Error::other("not PONG"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NetLab;
+
+    /// An intermediary on a host of its own, behind a shaped link, reached from the root
+    /// namespace; killed, it no longer answers.
+    #[test]
+    fn a_redis_server_in_a_host_behind_a_shaped_link() {
+        let needs = NetLab::available().and_then(|()| RedisServer::available());
+        if !crate::can_run("a_redis_server_in_a_host_behind_a_shaped_link", needs) {
+            return;
+        }
+        let lab = NetLab::new("r", &["mid"]).unwrap();
+        lab.shape("mid", 50_000_000).unwrap();
+        let dir = std::env::temp_dir().join(format!("netlab-redis-{}", std::process::id()));
+        let ip = lab.host("mid").ip;
+        let mut s = RedisServer::start_with(
+            lab.command("mid", "redis-server"),
+            IpAddr::V4(ip),
+            6379,
+            &dir,
+        )
+        .unwrap();
+        assert_eq!(s.addr(), SocketAddr::new(IpAddr::V4(ip), 6379));
+        assert!(s.alive());
+        assert!(inline(s.addr(), "INFO server")
+            .unwrap()
+            .contains("redis_version:"));
+        s.kill();
+        assert!(!s.alive());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
