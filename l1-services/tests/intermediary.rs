@@ -16,7 +16,7 @@ use l1_services::migration::intermediary::{
     content_hash, IntermediaryError, PageStore, StoreConfig, StoreKey,
 };
 use l1_services::migration::resp::{Reply, Resp, RespError};
-use l1_services::migration::scatter::{GatherPolicy, GatherSource, Locations};
+use l1_services::migration::scatter::{GatherPolicy, GatherSource, Locations, Scatter};
 use netlab::RedisServer;
 
 const PAGE: usize = 4096;
@@ -549,4 +549,122 @@ fn a_redis_cluster_is_one_pool_of_intermediaries() {
     .err()
     .expect("refused");
     assert!(e.to_string().contains("Redis Cluster"), "{e}");
+}
+
+/// Sets a socket buffer size (fixed: no autotuning, so what piles up does not depend on the
+/// machine).
+fn sock_buf(s: &std::net::TcpStream, opt: libc::c_int, size: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt with a valid int option on our own socket.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            &size as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+}
+
+#[test]
+fn the_source_scatters_what_a_slow_link_cannot_take_each_page_once() {
+    use std::os::fd::AsRawFd;
+    let Some((_dir, srv)) = servers("sg_scatter", 2) else {
+        return;
+    };
+    const PAGES: u64 = 2048;
+    const BATCH: u64 = 16;
+    // The destination reads its link at 1 MiB/s: far below what the source sends.
+    const LINK_RATE: f64 = (1 << 20) as f64;
+    let mem: Vec<u8> = (0..PAGES).flat_map(vm_page).collect();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut tx = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (rx, _) = l.accept().unwrap();
+    sock_buf(&tx, libc::SO_SNDBUF, 128 << 10);
+    sock_buf(&rx, libc::SO_RCVBUF, 128 << 10);
+    let receiver = std::thread::spawn(move || {
+        // Frames of this test's link: page number (u64), then the page.
+        let mut rx = rx;
+        let t = Instant::now();
+        let mut got = std::collections::HashMap::new();
+        let mut frame = vec![0u8; 8 + PAGE];
+        let mut bytes = 0u64;
+        loop {
+            match rx.read_exact(&mut frame) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => panic!("{e}"),
+            }
+            bytes += frame.len() as u64;
+            let p = u64::from_le_bytes(frame[..8].try_into().unwrap());
+            assert!(
+                got.insert(p, frame[8..].to_vec()).is_none(),
+                "page {p} twice"
+            );
+            let due = Duration::from_secs_f64(bytes as f64 / LINK_RATE);
+            if let Some(wait) = due.checked_sub(t.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        got
+    });
+    let key = StoreKey::generate().unwrap();
+    let cfg = StoreConfig::new(addrs(&srv));
+    let mut scatter = Scatter::new(PageStore::connect(cfg.clone(), &key).unwrap(), 32 << 10);
+    let locs = Locations::new();
+    let fd = tx.as_raw_fd();
+    let t = Instant::now();
+    for first in (0..PAGES).step_by(BATCH as usize) {
+        let data = &mem[first as usize * PAGE..(first + BATCH) as usize * PAGE];
+        let sent = scatter
+            .send(first, data, fd, 0, |first, data| {
+                for (i, page) in data.chunks_exact(PAGE).enumerate() {
+                    tx.write_all(&(first + i as u64).to_le_bytes())?;
+                    tx.write_all(page)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        if let Some(rec) = sent {
+            let pages: Vec<u64> = rec.pages().map(|(p, _)| p).collect();
+            assert_eq!(pages, (first..first + BATCH).collect::<Vec<_>>());
+            locs.add(first, &rec.hashes);
+        }
+    }
+    // Eviction: every page is on the link (handed to the kernel) or at an intermediary.
+    let eviction = t.elapsed();
+    drop(tx);
+    let direct = receiver.join().unwrap();
+    let total = t.elapsed();
+    let st = scatter.stats.clone();
+    eprintln!(
+        "scatter of {PAGES} pages over a 1 MiB/s link: {} direct, {} to 2 intermediaries; eviction {eviction:?}, link drained {total:?}",
+        st.direct_pages, st.scattered_pages
+    );
+    // Each page exactly once: on the link or located, never both, none missing.
+    assert_eq!(st.direct_pages + st.scattered_pages, PAGES);
+    assert_eq!(direct.len() as u64, st.direct_pages);
+    assert_eq!(locs.len() as u64, st.scattered_pages);
+    assert!(
+        st.direct_pages >= BATCH,
+        "the idle link is used first: {st:?}"
+    );
+    assert!(
+        st.scattered_pages > PAGES / 2,
+        "the slow link's excess scattered: {st:?}"
+    );
+    for p in 0..PAGES {
+        assert!(direct.contains_key(&p) != locs.get(p).is_some(), "page {p}");
+    }
+    // The destination reassembles the VM from both.
+    let mut dst = PageStore::connect(cfg, &key).unwrap();
+    for p in 0..PAGES {
+        let page = match locs.get(p) {
+            Some(h) => dst.get(&[h]).unwrap().remove(0),
+            None => direct[&p].clone(),
+        };
+        assert!(page == vm_page(p), "page {p}");
+    }
 }

@@ -17,7 +17,7 @@ use std::time::Instant;
 use base_vmm::memory::PAGE_SIZE;
 use base_vmm::page_server::{Fetched, PageError, PageServer, PageSource, PrePaging};
 
-use super::intermediary::{ContentHash, PageStore, StoreStats};
+use super::intermediary::{ContentHash, IntermediaryError, PageStore, StoreStats};
 
 /// Where the scattered pages are: page number → content address, and which of them the
 /// gather has not brought yet.
@@ -293,6 +293,90 @@ impl Router {
             self.scattered += 1;
         }
         Ok(direct)
+    }
+}
+
+/// Scatter errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ScatterError {
+    /// The link failed (or its backlog could not be read).
+    #[error("scatter: link: {0}")]
+    Link(#[from] std::io::Error),
+    /// The intermediaries could not take a batch (the source still holds it).
+    #[error("scatter: {0}")]
+    Store(#[from] IntermediaryError),
+    /// A batch that is not whole pages, or longer than a record spans.
+    #[error("scatter: a batch of {0} bytes")]
+    Batch(usize),
+}
+
+/// Counters of a scatter.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ScatterStats {
+    /// Pages sent on the link.
+    pub direct_pages: u64,
+    /// Pages sent to the intermediaries.
+    pub scattered_pages: u64,
+}
+
+/// The source's scatter: every batch once, on the link while it keeps up ([`Router`]), else
+/// to the intermediaries, with the record that tells the destination where its pages are.
+pub struct Scatter {
+    store: PageStore,
+    router: Router,
+    /// Pages each way so far.
+    pub stats: ScatterStats,
+}
+
+impl Scatter {
+    /// Scatters through `store`; the link is "behind" from `high_water` unsent bytes.
+    pub fn new(store: PageStore, high_water: u64) -> Self {
+        Scatter {
+            store,
+            router: Router::new(high_water),
+            stats: ScatterStats::default(),
+        }
+    }
+
+    /// Sends the pages of `data` (whole pages, from page `first`, at most a record's span):
+    /// through `direct` when the link (socket `link_fd`, `buffered` bytes in its own buffers)
+    /// keeps up — `None` — else to the intermediaries — the `located` record to send.
+    pub fn send(
+        &mut self,
+        first: u64,
+        data: &[u8],
+        link_fd: std::os::fd::RawFd,
+        buffered: u64,
+        direct: impl FnOnce(u64, &[u8]) -> std::io::Result<()>,
+    ) -> Result<Option<records::Located>, ScatterError> {
+        let page = PAGE_SIZE as usize;
+        let n = data.len() / page;
+        if !data.len().is_multiple_of(page) || n == 0 || n as u64 > super::wire::BATCH_PAGES {
+            return Err(ScatterError::Batch(data.len()));
+        }
+        if self.router.go_direct(link_fd, buffered)? {
+            direct(first, data)?;
+            self.stats.direct_pages += n as u64;
+            return Ok(None);
+        }
+        let pages: Vec<&[u8]> = data.chunks_exact(page).collect();
+        let hashes = self.store.put(&pages)?;
+        self.stats.scattered_pages += n as u64;
+        let mut present = vec![0u64; n.div_ceil(64)];
+        for i in 0..n {
+            present[i / 64] |= 1 << (i % 64);
+        }
+        Ok(Some(records::Located {
+            first,
+            span: n as u16,
+            present,
+            hashes,
+        }))
+    }
+
+    /// The intermediaries' counters (bytes per intermediary, dedup hits).
+    pub fn store_stats(&self) -> StoreStats {
+        self.store.stats()
     }
 }
 
