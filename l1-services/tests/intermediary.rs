@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base_vmm::memory::GuestRam;
 use base_vmm::page_server::{Fetched, PageError, PageServer, PageSource, PageStats};
 use l1_services::migration::intermediary::{
-    content_hash, IntermediaryError, PageStore, StoreConfig, StoreKey,
+    content_hash, IntermediaryError, PageStore, RedisAuth, StoreConfig, StoreKey,
 };
 use l1_services::migration::resp::{Reply, Resp, RespError};
 use l1_services::migration::scatter::{GatherPolicy, GatherSource, Locations, Scatter};
@@ -463,7 +463,13 @@ fn the_page_server_gathers_from_intermediaries_rate_capped_through_a_death() {
     }
     // Scattered pages came from the intermediaries (faults too), none from the link.
     let prefetched = stats.prefetched.load(Ordering::Relaxed);
-    assert_eq!(gather.pages, SCATTERED, "{gather:?}");
+    // Read once each — but a page the guest faulted on inside a gather run already chosen
+    // is read again with that run (and placed once: `placed` above). Two faults, so at most
+    // two runs' worth.
+    assert!(
+        (SCATTERED..=SCATTERED + 2 * RUN).contains(&gather.pages),
+        "{gather:?}"
+    );
     assert!(prefetched >= SCATTERED - 2, "{prefetched}");
     assert!(gather.store.intermediaries[0].down, "{gather:?}");
     assert_eq!(
@@ -667,4 +673,36 @@ fn the_source_scatters_what_a_slow_link_cannot_take_each_page_once() {
         };
         assert!(page == vm_page(p), "page {p}");
     }
+}
+
+#[test]
+fn intermediaries_that_require_a_password() {
+    if !netlab::can_run("sg_auth", RedisServer::available()) {
+        return;
+    }
+    let dir = tempdir::Dir::new("sg_auth");
+    let srv = RedisServer::start_args(dir.path(), &["--requirepass", "s3cret"]).unwrap();
+    let key = StoreKey::generate().unwrap();
+    let pages: Vec<Vec<u8>> = (0..8).map(|i| page(12, i, 8)).collect();
+    let refs: Vec<&[u8]> = pages.iter().map(|p| p.as_slice()).collect();
+    // Without credentials nothing is stored, and the error says why.
+    let mut anon = PageStore::connect(StoreConfig::new(vec![srv.addr()]), &key).unwrap();
+    let e = anon.put(&refs).unwrap_err().to_string();
+    assert!(e.contains("NOAUTH"), "{e}");
+    // Wrong ones are refused at once.
+    let with = |password: &str| StoreConfig {
+        auth: Some(RedisAuth {
+            user: None,
+            password: password.into(),
+        }),
+        ..StoreConfig::new(vec![srv.addr()])
+    };
+    let e = PageStore::connect(with("wrong"), &key)
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("AUTH refused"), "{e}");
+    let mut src = PageStore::connect(with("s3cret"), &key).unwrap();
+    let h = src.put(&refs).unwrap();
+    let mut dst = PageStore::connect(with("s3cret"), &key).unwrap();
+    assert_eq!(dst.get(&h).unwrap(), pages);
 }

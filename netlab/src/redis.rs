@@ -69,8 +69,8 @@ impl RedisServer {
         Ok(servers)
     }
 
-    /// A server on a free loopback port with extra arguments.
-    fn start_args(dir: &Path, extra: &[&str]) -> io::Result<Self> {
+    /// A server on a free loopback port with extra arguments (`--requirepass P`, ...).
+    pub fn start_args(dir: &Path, extra: &[&str]) -> io::Result<Self> {
         // The port is found free and then handed over: another process may take it in
         // between, so a server that exits at once is retried on another port.
         let mut last = None;
@@ -183,9 +183,10 @@ fn ping(addr: SocketAddr) -> io::Result<()> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
     s.set_read_timeout(Some(Duration::from_millis(500)))?;
     s.write_all(b"PING\r\n")?;
-    let mut b = [0u8; 7];
-    s.read_exact(&mut b)?;
-    if &b == b"+PONG\r\n" {
+    let mut b = [0u8; 64];
+    let n = s.read(&mut b)?;
+    // A server that requires a password answers too: it is up.
+    if b[..n].starts_with(b"+PONG\r\n") || b[..n].starts_with(b"-NOAUTH") {
         Ok(())
     } else {
         Err(io::Error::other("not PONG"))

@@ -123,6 +123,36 @@ impl fmt::Debug for StoreKey {
     }
 }
 
+/// Credentials for intermediaries that require them (Redis `AUTH`, ACL user optional), so
+/// other tenants of a shared Redis cannot delete a migration's pages. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisAuth {
+    /// ACL user (`None`: the default user).
+    pub user: Option<String>,
+    /// Password.
+    pub password: String,
+}
+
+impl fmt::Debug for RedisAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RedisAuth(..)")
+    }
+}
+
+/// A connection to `addr`, authenticated when `auth` says so.
+fn connect_auth(
+    addr: SocketAddr,
+    timeout: Duration,
+    max_bulk: usize,
+    auth: Option<&RedisAuth>,
+) -> Result<Resp, RespError> {
+    let mut c = Resp::connect(addr, timeout, max_bulk)?;
+    if let Some(a) = auth {
+        c.auth(a.user.as_deref(), &a.password)?;
+    }
+    Ok(c)
+}
+
 /// Where pages go and how.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -142,6 +172,8 @@ pub struct StoreConfig {
     /// intermediaries and a page lives where the cluster puts its key (its hash slot). The
     /// cluster keeps its own replicas, so `replicas` must be 1.
     pub cluster: bool,
+    /// Credentials, if the intermediaries require them.
+    pub auth: Option<RedisAuth>,
 }
 
 impl StoreConfig {
@@ -154,6 +186,7 @@ impl StoreConfig {
             ttl_secs: 3600,
             timeout: Duration::from_secs(5),
             cluster: false,
+            auth: None,
         }
     }
 }
@@ -277,7 +310,8 @@ impl PageStore {
                     "a Redis Cluster keeps its own replicas: replicas must be 1".into(),
                 ));
             }
-            let (masters, owner) = cluster_map(&cfg.intermediaries, cfg.timeout)?;
+            let (masters, owner) =
+                cluster_map(&cfg.intermediaries, cfg.timeout, cfg.auth.as_ref())?;
             cfg.intermediaries = masters;
             Some(owner)
         } else {
@@ -296,7 +330,7 @@ impl PageStore {
         let mut slots = Vec::with_capacity(n);
         let mut first_err = None;
         for (index, &addr) in cfg.intermediaries.iter().enumerate() {
-            let conn = match Resp::connect(addr, cfg.timeout, MAX_VALUE + 64) {
+            let conn = match connect_auth(addr, cfg.timeout, MAX_VALUE + 64, cfg.auth.as_ref()) {
                 Ok(c) => Some(c),
                 Err(source) => {
                     tracing::warn!("intermediary {index} ({addr}) unreachable: {source}");
@@ -752,10 +786,11 @@ pub fn key_slot(key: &[u8]) -> u16 {
 fn cluster_map(
     seeds: &[SocketAddr],
     timeout: Duration,
+    auth: Option<&RedisAuth>,
 ) -> Result<(Vec<SocketAddr>, Vec<u16>), IntermediaryError> {
     let mut why = String::from("no seed node");
     for (index, &seed) in seeds.iter().enumerate() {
-        let reply = Resp::connect(seed, timeout, 1 << 20)
+        let reply = connect_auth(seed, timeout, 1 << 20, auth)
             .and_then(|mut c| c.call(&[b"CLUSTER", b"SLOTS"]))
             .map_err(|source| IntermediaryError::Connect { index, source });
         match reply.map(|r| parse_slots(&r)) {

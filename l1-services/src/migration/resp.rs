@@ -23,6 +23,14 @@ pub enum RespError {
         /// What failed.
         source: io::Error,
     },
+    /// The server refused us (authentication).
+    #[error("redis {addr}: {what}")]
+    Refused {
+        /// The server.
+        addr: SocketAddr,
+        /// Its answer.
+        what: String,
+    },
     /// The server sent something that is not RESP, or more than we accept.
     #[error("redis {addr}: protocol: {what}")]
     Protocol {
@@ -87,6 +95,20 @@ impl Resp {
             bytes_out: 0,
             bytes_in: 0,
         })
+    }
+
+    /// Authenticates (`AUTH [user] password`): anything but `+OK` is refused.
+    pub fn auth(&mut self, user: Option<&str>, password: &str) -> Result<(), RespError> {
+        let mut args: Vec<&[u8]> = vec![b"AUTH"];
+        args.extend(user.map(str::as_bytes));
+        args.push(password.as_bytes());
+        match self.call(&args)? {
+            Reply::Simple(ok) if ok == "OK" => Ok(()),
+            other => Err(RespError::Refused {
+                addr: self.addr,
+                what: format!("AUTH refused: {other:?}"),
+            }),
+        }
     }
 
     /// The server's address.

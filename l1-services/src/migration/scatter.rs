@@ -386,7 +386,7 @@ impl Scatter {
 pub mod records {
     use std::net::SocketAddr;
 
-    use super::super::intermediary::{ContentHash, StoreConfig, StoreKey};
+    use super::super::intermediary::{ContentHash, RedisAuth, StoreConfig, StoreKey};
     use super::super::wire::{WireError, BATCH_PAGES};
 
     /// Intermediaries a `store` record names at most.
@@ -450,6 +450,8 @@ pub mod records {
         pub ttl_secs: u32,
         /// The intermediaries, in placement order.
         pub intermediaries: Vec<SocketAddr>,
+        /// Their credentials, if they require them.
+        pub auth: Option<RedisAuth>,
     }
 
     impl Store {
@@ -460,12 +462,15 @@ pub mod records {
                 cluster: self.cluster,
                 replicas: self.replicas as usize,
                 ttl_secs: self.ttl_secs as u64,
+                auth: self.auth.clone(),
                 ..StoreConfig::new(self.intermediaries.clone())
             }
         }
 
         /// Its payload: key (32), flags (u8), replicas (u8), ttl (u32), count (u8), then per
-        /// intermediary its address as text (u8 length, bytes).
+        /// intermediary its address as text (u8 length, bytes); then the credentials: user and
+        /// password (u16 length, bytes each; an empty password: none, an empty user: the
+        /// default user).
         pub fn encode(&self, out: &mut Vec<u8>) {
             out.extend_from_slice(self.key.as_bytes());
             let flag = |on: bool, f: u8| if on { f } else { 0 };
@@ -477,6 +482,15 @@ pub mod records {
                 let t = a.to_string();
                 out.push(t.len() as u8);
                 out.extend_from_slice(t.as_bytes());
+            }
+            let (user, password) = match &self.auth {
+                Some(a) => (a.user.as_deref().unwrap_or(""), a.password.as_str()),
+                None => ("", ""),
+            };
+            for t in [user, password] {
+                let t = &t.as_bytes()[..t.len().min(u16::MAX as usize)];
+                out.extend_from_slice(&(t.len() as u16).to_le_bytes());
+                out.extend_from_slice(t);
             }
         }
 
@@ -512,8 +526,19 @@ pub mod records {
                         .map_err(|_| bad(format!("store record: bad address {t:?}")))?,
                 );
             }
+            let mut text = || {
+                let n = r.u16()? as usize;
+                String::from_utf8(r.take(n)?.to_vec())
+                    .map_err(|_| bad("store record: credentials are not text"))
+            };
+            let (user, password) = (text()?, text()?);
+            let auth = (!password.is_empty()).then(|| RedisAuth {
+                user: (!user.is_empty()).then_some(user),
+                password,
+            });
             r.end()?;
             Ok(Store {
+                auth,
                 key,
                 encrypt: flags & FLAG_ENCRYPT != 0,
                 cluster: flags & FLAG_CLUSTER != 0,
@@ -628,6 +653,10 @@ pub mod records {
                 key: StoreKey::from_bytes([9; 32]),
                 encrypt: true,
                 cluster: false,
+                auth: Some(RedisAuth {
+                    user: None,
+                    password: "s3cret".into(),
+                }),
                 replicas: 2,
                 ttl_secs: 600,
                 intermediaries: vec![
@@ -640,6 +669,8 @@ pub mod records {
             let d = Store::decode(&b).unwrap();
             assert_eq!(d.key.as_bytes(), &[9; 32]);
             assert_eq!(d.intermediaries, s.intermediaries);
+            assert_eq!(d.auth, s.auth);
+            assert_eq!(format!("{:?}", d.auth), "Some(RedisAuth(..))");
             let c = d.config();
             assert_eq!((c.encrypt, c.replicas, c.ttl_secs), (true, 2, 600));
             for cut in 0..b.len() {
