@@ -1,11 +1,14 @@
 //! Multi-host set-ups on one machine: hosts as network namespaces on shaped links
 //! ([`NetLab`]) and a TCP relay that adds latency ([`DelayRelay`]), since this kernel has no
-//! netem. Used by spanvmm's migration tests and benchmarks.
+//! netem, and real `redis-server` processes ([`RedisServer`]). Used by spanvmm's migration
+//! tests and benchmarks.
 
 mod ns;
+mod redis;
 mod relay;
 
 pub use ns::{Host, NetLab};
+pub use redis::RedisServer;
 pub use relay::DelayRelay;
 
 /// Whether a test that needs something of the machine (a tool, a privilege) can run. When it

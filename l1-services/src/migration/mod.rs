@@ -4,12 +4,19 @@
 //! service holding the `drives-migration` capability, which reaches this engine through the
 //! `spanvmm:service/migration` interface: it queues bitmaps and ranges and reads progress; the
 //! bytes never cross into the service.
+//!
+//! Scatter-Gather's parts: the intermediary store (`intermediary`: real Redis servers through
+//! the RESP client `resp`, pages addressed by content, MAC'd and optionally encrypted) and the
+//! destination's third page source with its rate-capped gather (`scatter`).
 
 pub mod cnet;
 mod dest;
 pub mod disk;
+pub mod intermediary;
 mod link;
 pub mod report;
+pub mod resp;
+pub mod scatter;
 mod source;
 pub mod tls;
 pub mod wire;
