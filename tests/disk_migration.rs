@@ -446,7 +446,7 @@ fn a_hostile_source_cannot_write_outside_the_destinations_disk() {
             &tls_dir,
             &["--disk", &spec(&img)],
         );
-        let cfg = tls::client_config(&tls_dir).unwrap();
+        let cfg = tls::client_config(&tls_dir, tls::Cipher::default()).unwrap();
         let mut link = Link::connect(
             addr.trim_start_matches("tls://").parse().unwrap(),
             cfg,
