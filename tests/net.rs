@@ -276,13 +276,24 @@ fn moves_under_load(tag: &str, how: Move) {
     verify_clean(&dst, disk);
     // The stall the guest saw (gaps of 100 ms or more are printed): at the destination for a
     // migration, at the source for a live snapshot. Generous for a loaded host: catches a
-    // hand-over that hangs.
-    let stall = match how {
-        Move::Migrate(_) => dst.max_stall_since(0),
-        Move::LiveSnapshot => source_stall,
+    // hand-over that hangs. This is the largest gap over the whole run, not the move's: on a
+    // loaded host it is mostly the guest's own disk flushes (`disk_us`, an fdatasync of
+    // 50-180 ms) and the host not running the vCPU (docs/devices.md, "Across a migration").
+    let (stall, not_disk) = match how {
+        Move::Migrate(_) => (dst.max_stall_since(0), dst.max_stall_without_disk_since(0)),
+        Move::LiveSnapshot => (source_stall, src.max_stall_without_disk_since(from_src)),
     };
     assert!(stall < 5_000_000, "{what}: the guest stalled {stall} µs");
-    eprintln!("{what}: guest stall {stall} µs, client worst latency {worst:.1} ms");
+    let stalls: Vec<String> = [&src, &dst]
+        .iter()
+        .flat_map(|vm| vm.lines())
+        .filter(|l| l.starts_with("SPANGUEST stall"))
+        .collect();
+    eprintln!("{what}: stall lines (source, then destination): {stalls:#?}");
+    eprintln!(
+        "{what}: guest stall {stall} µs ({not_disk} µs not in its own disk requests), client \
+         worst latency {worst:.1} ms"
+    );
 }
 
 #[test]

@@ -304,6 +304,23 @@ impl VmProcess {
             .unwrap_or(0)
     }
 
+    /// Like [`Self::max_stall_since`], less the part of each stall the guest spent in its own
+    /// disk requests (`disk_us`: a host flush it waited for, not a gap in its running).
+    pub fn max_stall_without_disk_since(&self, from: usize) -> u64 {
+        self.lines()[from.min(self.mark())..]
+            .iter()
+            .filter(|l| l.contains("SPANGUEST stall"))
+            .map(|l| {
+                let f = fields(l);
+                let us = num(l, "us");
+                let disk = f.get("disk_us").map_or(0, |_| num(l, "disk_us"));
+                assert!(disk <= us, "disk wait longer than the stall: {l}");
+                us - disk
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Asserts every vCPU's verify line says bad=0 and checked something.
     pub fn assert_verify_clean(&self, vcpus: usize) {
         for l in self.verify(vcpus) {

@@ -218,6 +218,9 @@ struct Worker {
     chunk_ticks: u64,
     stall_ticks: u64,
     max_stall: u64,
+    /// Ticks of the current gap spent waiting for the disk in requests too long to excuse: a
+    /// stall line says how much of it was the guest's own synchronous I/O (a host flush).
+    disk_stall: u64,
     /// This vCPU's share of `rate`; `None` = flat out.
     rate: Option<u64>,
     dirty_t0: u64,
@@ -280,6 +283,7 @@ impl Worker {
             chunk_ticks: clock.us(CHUNK_US),
             stall_ticks: clock.us(cfg.stall_us),
             max_stall: 0,
+            disk_stall: 0,
             rate,
             dirty_t0: 0,
             dirty_used: 0,
@@ -438,9 +442,13 @@ impl Worker {
             prev = now;
             excused = 0;
             self.max_stall = self.max_stall.max(gap);
+            let disk_stall = core::mem::take(&mut self.disk_stall);
             if gap > self.stall_ticks {
                 let us = self.clock.to_us(gap);
                 let mut line = Line::new("stall").num("cpu", self.cpu).num("us", us);
+                if disk_stall > 0 {
+                    line = line.num("disk_us", self.clock.to_us(disk_stall.min(gap)));
+                }
                 // A long gap (a pause, restore or migration) also says when it ended: the
                 // host can time the guest's first progress apart from this line's output.
                 if us >= LONG_STALL_US {
@@ -585,6 +593,8 @@ impl Worker {
             let done = rdtsc();
             if done - t < self.stall_ticks {
                 waited += done - t;
+            } else {
+                self.disk_stall += done - t;
             }
             t = done;
             if done >= end_tsc {
@@ -695,6 +705,8 @@ impl Worker {
                 let took = rdtsc() - t;
                 if took < self.stall_ticks {
                     waited += took;
+                } else {
+                    self.disk_stall += took;
                 }
                 match checked {
                     Some(true) => pass.disk_ok += 1,
