@@ -11,6 +11,7 @@
 
 pub mod block;
 pub mod event_loop;
+pub mod frames;
 pub mod mmio;
 pub mod net;
 
