@@ -466,6 +466,8 @@ const ASYNC_DRAIN_PERIOD: Duration = Duration::from_millis(1);
 /// How often recorded net frames go to their subscribers, as one batch (the devices' buffer
 /// holds `frames::CAPACITY` records between two batches).
 const NET_FRAMES_PERIOD: Duration = Duration::from_millis(10);
+/// Frames per net-frames event at most (a batch goes out in as many events as needed).
+const NET_FRAMES_PER_EVENT: usize = 1024;
 
 #[derive(Default)]
 struct AsyncQueue {
@@ -1833,19 +1835,36 @@ impl ServiceManager {
             return;
         }
         self.frames_at_ns.store(now_ns, Ordering::Relaxed);
-        let ev = {
+        let events: Vec<Event> = {
             let mut buf = lock(&self.frames);
             let dropped = base_vmm::devices::virtio::frames::drain(&mut buf);
             if buf.is_empty() && dropped == 0 {
                 return;
             }
-            Event::NetFrames {
-                now_ns,
-                frames: buf.iter().map(net_frame).collect(),
-                dropped,
+            // In pieces, each event under its own deadline: a full buffer in one call could
+            // overrun a Wasm service's event deadline on a busy host. `dropped` goes with the
+            // first piece.
+            let mut pieces: Vec<Event> = buf
+                .chunks(NET_FRAMES_PER_EVENT)
+                .enumerate()
+                .map(|(i, c)| Event::NetFrames {
+                    now_ns,
+                    frames: c.iter().map(net_frame).collect(),
+                    dropped: if i == 0 { dropped } else { 0 },
+                })
+                .collect();
+            if pieces.is_empty() {
+                pieces.push(Event::NetFrames {
+                    now_ns,
+                    frames: Vec::new(),
+                    dropped,
+                });
             }
+            pieces
         };
-        self.deliver_all(slots, |_| Some(ev.clone()));
+        for ev in &events {
+            self.deliver_all(slots, |_| Some(ev.clone()));
+        }
     }
 
     /// Time until the next tick or net-frames batch is due (None: no service wants either).
