@@ -447,6 +447,7 @@ struct Report {
     disk: Vec<DiskRow>,
     /// The client's latency during a live update and migrations (events.rs).
     during: Vec<events::EventRow>,
+    netmon: Vec<NetmonRow>,
 }
 
 fn loadavg() -> String {
@@ -460,7 +461,10 @@ fn loadavg() -> String {
 
 pub fn run(bin: &Path, elf: &Path, plugins: &Path, runs: usize, out: &Path) -> anyhow::Result<()> {
     NetLab::available().map_err(|e| anyhow::anyhow!("{e}"))?;
-    for tool in ["redis-benchmark", "qemu-system-x86_64"] {
+    for tool in ["redis-benchmark", "qemu-system-x86_64"]
+        .into_iter()
+        .filter(|t| *t != "qemu-system-x86_64" || std::env::var("SPANVMM_BENCH_ONLY").is_err())
+    {
         Command::new(tool)
             .arg("--version")
             .stdout(Stdio::null())
@@ -479,7 +483,9 @@ pub fn run(bin: &Path, elf: &Path, plugins: &Path, runs: usize, out: &Path) -> a
         .map(|_| PIPELINES.iter().map(|_| Vec::new()).collect())
         .collect();
     let mut disk: Vec<Vec<DiskRun>> = vec![Vec::new(), Vec::new()];
-    for r in 0..runs {
+    // SPANVMM_BENCH_ONLY=netmon: only the netmon rows (no QEMU needed).
+    let only_netmon = std::env::var("SPANVMM_BENCH_ONLY").as_deref() == Ok("netmon");
+    for r in (0..runs).filter(|_| !only_netmon) {
         // Alternate who goes first, so a slow phase of the host does not favour one.
         let order: Vec<usize> = if r % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
         for &i in &order {
@@ -519,8 +525,9 @@ pub fn run(bin: &Path, elf: &Path, plugins: &Path, runs: usize, out: &Path) -> a
     }
     let during = events::run(&lan, bin, elf, plugins, runs, &img_dir);
     let _ = std::fs::remove_dir_all(&img_dir);
+    let netmon = netmon_rows(&lan, bin, elf, runs)?;
     let mut net_rows = Vec::new();
-    for (p, (pipeline, _)) in PIPELINES.iter().enumerate() {
+    for (p, (pipeline, _)) in PIPELINES.iter().enumerate().filter(|_| !only_netmon) {
         for test in TESTS {
             for (i, vmm) in vmms.iter().enumerate() {
                 let runs = &net[i][p];
@@ -547,6 +554,7 @@ pub fn run(bin: &Path, elf: &Path, plugins: &Path, runs: usize, out: &Path) -> a
     let disk_rows = vmms
         .iter()
         .enumerate()
+        .filter(|_| !only_netmon)
         .map(|(i, vmm)| DiskRow {
             vmm: vmm.name(),
             mib_s: stat(disk[i].iter().map(|d| d.mib_s).collect()),
@@ -568,8 +576,12 @@ pub fn run(bin: &Path, elf: &Path, plugins: &Path, runs: usize, out: &Path) -> a
         net: net_rows,
         disk: disk_rows,
         during,
+        netmon,
     };
-    print!("{}", table(&report));
+    if !only_netmon {
+        print!("{}", table(&report));
+    }
+    print!("{}", netmon_table(&report.netmon));
     std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
     std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")?;
     eprintln!("wrote {}", out.display());
@@ -606,5 +618,180 @@ fn table(r: &Report) -> String {
         );
     }
     s += &events::table(&r.during);
+    s
+}
+
+/// netmon's cost (issue 16's goal: within 5 %): one spanvmm guest under `redis-benchmark -P 4`
+/// with nothing attached, then with `plugins/netmon` attached (every frame summarized and
+/// counted per flow), alternating which goes first each run.
+#[derive(Serialize)]
+pub struct NetmonRow {
+    test: String,
+    rps_detached: Stat,
+    rps_attached: Stat,
+    /// Median attached over median detached, %.
+    attached_pct: f64,
+    p99_detached_ms: Stat,
+    p99_attached_ms: Stat,
+    vmm_cpu_detached_pct: Stat,
+    vmm_cpu_attached_pct: Stat,
+    /// Frames netmon counted over the attached runs, and frames the host dropped.
+    frames_seen: u64,
+    frames_dropped: u64,
+    /// Per run, the mean req/s of the five tests attached over detached (same guest, back to
+    /// back, so a slow phase of the host weighs on both), %; the same for every test's row.
+    paired_pct: Stat,
+}
+
+fn ctl(bin: &Path, sock: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new(bin)
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(sock)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "spanvmm ctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
+}
+
+fn netmon_rows(lan: &Lan, bin: &Path, elf: &Path, runs: usize) -> anyhow::Result<Vec<NetmonRow>> {
+    let wasm = crate::repo_root().join("target/plugins/netmon.wasm");
+    if !wasm.exists() {
+        bail!(
+            "{} is missing: build the plugins (plugins/build.sh)",
+            wasm.display()
+        );
+    }
+    let sock =
+        std::env::temp_dir().join(format!("spanvmm-bench-netmon-{}.sock", std::process::id()));
+    let (pipeline, n) = PIPELINES[0];
+    // runs[attached] = the runs; frames seen and dropped while attached.
+    let mut by: [Vec<NetRun>; 2] = [Vec::new(), Vec::new()];
+    let (mut seen, mut dropped) = (0u64, 0u64);
+    for r in 0..runs {
+        let _ = std::fs::remove_file(&sock);
+        let mut c = lan.cmd(bin);
+        c.arg("run").arg("--kernel").arg(elf).args([
+            "--cmdline",
+            NET_GUEST,
+            "--memory",
+            MEM,
+            "--net",
+            &format!("tap=tap0,mac={MAC}"),
+        ]);
+        c.arg("--api-socket").arg(&sock);
+        let g = Guest::start(c, Vmm::Spanvmm)?;
+        g.wait_line("SPANGUEST net ", 0)?;
+        let order = if r % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for attached in order {
+            if attached {
+                ctl(bin, &sock, &["plugin", "attach", &wasm.to_string_lossy()])?;
+            }
+            let nr = redis_benchmark(lan, &g, pipeline, n)?;
+            if attached {
+                // The last batch goes out within the delivery period.
+                std::thread::sleep(Duration::from_millis(100));
+                let s = ctl(bin, &sock, &["plugin", "call", "netmon", "stats"])?;
+                seen += s["result"]["frames"].as_u64().unwrap_or(0);
+                dropped += s["result"]["dropped"].as_u64().unwrap_or(0);
+                ctl(bin, &sock, &["plugin", "detach", "netmon"])?;
+            }
+            eprintln!(
+                "run {} netmon {}: {} (VMM cpu {:.0} %)",
+                r + 1,
+                if attached { "attached" } else { "detached" },
+                nr.tests
+                    .iter()
+                    .map(|(t, x)| format!("{t} {:.0}/s", x.rps))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                nr.vmm_cpu_pct
+            );
+            by[attached as usize].push(nr);
+        }
+        g.verify_clean(g.mark())?;
+        g.stop()?;
+    }
+    let _ = std::fs::remove_file(&sock);
+    let pick = |runs: &[NetRun], test: &str, f: fn(&Redis) -> f64| {
+        stat(
+            runs.iter()
+                .filter_map(|nr| nr.tests.iter().find(|(t, _)| t == test))
+                .map(|(_, x)| f(x))
+                .collect(),
+        )
+    };
+    let cpu = |runs: &[NetRun]| stat(runs.iter().map(|nr| nr.vmm_cpu_pct).collect());
+    let mean =
+        |nr: &NetRun| nr.tests.iter().map(|(_, x)| x.rps).sum::<f64>() / nr.tests.len() as f64;
+    let paired: Vec<f64> = by[0]
+        .iter()
+        .zip(&by[1])
+        .map(|(off, on)| mean(on) / mean(off) * 100.0)
+        .collect();
+    Ok(TESTS
+        .iter()
+        .map(|test| {
+            let (off, on) = (pick(&by[0], test, |x| x.rps), pick(&by[1], test, |x| x.rps));
+            NetmonRow {
+                test: test.to_string(),
+                attached_pct: on.median / off.median * 100.0,
+                rps_detached: off,
+                rps_attached: on,
+                p99_detached_ms: pick(&by[0], test, |x| x.p99_ms),
+                p99_attached_ms: pick(&by[1], test, |x| x.p99_ms),
+                vmm_cpu_detached_pct: cpu(&by[0]),
+                vmm_cpu_attached_pct: cpu(&by[1]),
+                frames_seen: seen,
+                frames_dropped: dropped,
+                paired_pct: stat(paired.clone()),
+            }
+        })
+        .collect())
+}
+
+fn netmon_table(rows: &[NetmonRow]) -> String {
+    let mut s = format!(
+        "\nnetmon attached vs nothing attached (spanvmm, -P {}); median [min–max]\n",
+        PIPELINES[0].0
+    );
+    s += "| test | req/s detached | req/s netmon | netmon/detached | p99 ms detached | p99 ms netmon | VMM CPU % detached / netmon |\n|---|---|---|---|---|---|---|\n";
+    for r in rows {
+        s += &format!(
+            "| {} | {:.0} [{:.0}–{:.0}] | {:.0} [{:.0}–{:.0}] | {:.1} % | {:.3} | {:.3} | {:.0} / {:.0} |\n",
+            r.test,
+            r.rps_detached.median,
+            r.rps_detached.min,
+            r.rps_detached.max,
+            r.rps_attached.median,
+            r.rps_attached.min,
+            r.rps_attached.max,
+            r.attached_pct,
+            r.p99_detached_ms.median,
+            r.p99_attached_ms.median,
+            r.vmm_cpu_detached_pct.median,
+            r.vmm_cpu_attached_pct.median
+        );
+    }
+    if let Some(r) = rows.first() {
+        s += &format!(
+            "per run, mean req/s of the five tests attached / detached: median {:.1} % [{:.1}–{:.1}]\n",
+            r.paired_pct.median, r.paired_pct.min, r.paired_pct.max
+        );
+        s += &format!(
+            "netmon counted {} frames, the host dropped {}\n",
+            r.frames_seen, r.frames_dropped
+        );
+    }
     s
 }

@@ -400,6 +400,7 @@ struct Routes {
     mmio: Vec<IoRoute>,
     lifecycle: Vec<Arc<Slot>>,
     ticks: Vec<Arc<Slot>>,
+    net_frames: Vec<Arc<Slot>>,
 }
 
 #[derive(Default)]
@@ -441,6 +442,10 @@ pub struct ServiceManager {
     has_mmio: AtomicBool,
     /// Services with queued asynchronous port writes, for the delivery thread.
     async_delivery: OnceLock<AsyncQueue>,
+    /// The buffer net frames are drained into (handed back to the devices at each drain).
+    frames: Mutex<Vec<base_vmm::devices::virtio::frames::FrameRecord>>,
+    /// When frames were last delivered (ns since the epoch).
+    frames_at_ns: AtomicU64,
 }
 
 /// Host-side options of an attach (policy the VMM chooses, not the service).
@@ -458,6 +463,11 @@ const MAX_QUEUED_WRITES: usize = 1 << 16;
 const WAKE_AT_QUEUED: usize = 4096;
 /// How often the delivery thread drains queued writes.
 const ASYNC_DRAIN_PERIOD: Duration = Duration::from_millis(1);
+/// How often recorded net frames go to their subscribers, as one batch (the devices' buffer
+/// holds `frames::CAPACITY` records between two batches).
+const NET_FRAMES_PERIOD: Duration = Duration::from_millis(10);
+/// Frames per net-frames event at most (a batch goes out in as many events as needed).
+const NET_FRAMES_PER_EVENT: usize = 1024;
 
 #[derive(Default)]
 struct AsyncQueue {
@@ -519,6 +529,8 @@ impl ServiceManager {
             has_ports: AtomicBool::new(false),
             has_mmio: AtomicBool::new(false),
             async_delivery: OnceLock::new(),
+            frames: Mutex::new(Vec::new()),
+            frames_at_ns: AtomicU64::new(0),
         }
     }
 
@@ -631,7 +643,12 @@ impl ServiceManager {
             if s.wants(EventKind::Tick) && s.manifest.tick_period_ms > 0 {
                 r.ticks.push(s.clone());
             }
+            if s.wants(EventKind::NetFrames) {
+                r.net_frames.push(s.clone());
+            }
         }
+        // The devices record frames only while someone listens.
+        base_vmm::devices::virtio::frames::set_observed(!r.net_frames.is_empty());
         r.ports.sort_by_key(|p| p.base);
         r.mmio.sort_by_key(|p| p.base);
         let any_ports = !r.ports.is_empty();
@@ -1583,6 +1600,7 @@ impl ServiceManager {
                     EventKind::Tick => "tick",
                     EventKind::MmioWrite => "mmio-write",
                     EventKind::MmioRead => "mmio-read",
+                    EventKind::NetFrames => "net-frames",
                 };
                 self.fail(slot, inst, format!("{what} event: {reason}"));
                 Delivery::Failed
@@ -1789,10 +1807,13 @@ impl ServiceManager {
     /// period; [`ServiceManager::next_tick_in`] says when the next one is due).
     pub fn tick(&self, now: Instant) {
         let routes = self.routes();
+        let now_ns = now.saturating_duration_since(self.shared.epoch).as_nanos() as u64;
+        if !routes.net_frames.is_empty() {
+            self.deliver_frames(&routes.net_frames, now_ns);
+        }
         if routes.ticks.is_empty() {
             return;
         }
-        let now_ns = now.saturating_duration_since(self.shared.epoch).as_nanos() as u64;
         self.deliver_all(&routes.ticks, |slot| {
             let period = slot.manifest.tick_period_ms as u64 * 1_000_000;
             let last = slot.last_tick_ns.load(Ordering::Relaxed);
@@ -1804,10 +1825,57 @@ impl ServiceManager {
         });
     }
 
-    /// Time until the next tick is due (None: no service wants ticks).
+    /// Delivers the net frames recorded since the last batch, when one is due.
+    fn deliver_frames(&self, slots: &[Arc<Slot>], now_ns: u64) {
+        let last = self.frames_at_ns.load(Ordering::Relaxed);
+        if now_ns < last.saturating_add(NET_FRAMES_PERIOD.as_nanos() as u64) {
+            return;
+        }
+        self.frames_at_ns.store(now_ns, Ordering::Relaxed);
+        let events: Vec<Event> = {
+            let mut buf = lock(&self.frames);
+            let dropped = base_vmm::devices::virtio::frames::drain(&mut buf);
+            if buf.is_empty() && dropped == 0 {
+                return;
+            }
+            // In pieces, each event under its own deadline: a full buffer in one call could
+            // overrun a Wasm service's event deadline on a busy host. `dropped` goes with the
+            // first piece.
+            let mut pieces: Vec<Event> = buf
+                .chunks(NET_FRAMES_PER_EVENT)
+                .enumerate()
+                .map(|(i, c)| Event::NetFrames {
+                    now_ns,
+                    frames: c.iter().map(net_frame).collect(),
+                    dropped: if i == 0 { dropped } else { 0 },
+                })
+                .collect();
+            if pieces.is_empty() {
+                pieces.push(Event::NetFrames {
+                    now_ns,
+                    frames: Vec::new(),
+                    dropped,
+                });
+            }
+            pieces
+        };
+        for ev in &events {
+            self.deliver_all(slots, |_| Some(ev.clone()));
+        }
+    }
+
+    /// Time until the next tick or net-frames batch is due (None: no service wants either).
     pub fn next_tick_in(&self, now: Instant) -> Option<Duration> {
         let now_ns = now.saturating_duration_since(self.shared.epoch).as_nanos() as u64;
-        self.routes()
+        let routes = self.routes();
+        let frames = (!routes.net_frames.is_empty()).then(|| {
+            let due = self
+                .frames_at_ns
+                .load(Ordering::Relaxed)
+                .saturating_add(NET_FRAMES_PERIOD.as_nanos() as u64);
+            Duration::from_nanos(due.saturating_sub(now_ns))
+        });
+        routes
             .ticks
             .iter()
             .map(|s| {
@@ -1817,6 +1885,7 @@ impl ServiceManager {
                     .saturating_add(s.manifest.tick_period_ms as u64 * 1_000_000);
                 Duration::from_nanos(due.saturating_sub(now_ns))
             })
+            .chain(frames)
             .min()
     }
 
@@ -1832,5 +1901,21 @@ impl ServiceManager {
             out.push((slot.name().to_string(), r));
         }
         out
+    }
+}
+
+/// The SDK's form of a device's frame record.
+fn net_frame(r: &base_vmm::devices::virtio::frames::FrameRecord) -> spanvmm_sdk::NetFrame {
+    spanvmm_sdk::NetFrame {
+        src: r.src,
+        dst: r.dst,
+        len: r.len,
+        ethertype: r.ethertype,
+        src_port: r.src_port,
+        dst_port: r.dst_port,
+        protocol: r.protocol,
+        tcp_flags: r.tcp_flags,
+        direction: r.direction,
+        reserved: [0; 3],
     }
 }

@@ -200,7 +200,8 @@ impl Backend for NativeService {
     }
 
     fn on_event(&mut self, ev: &Event) -> Result<EventReply, Fatal> {
-        let cev = CEvent::from(*ev);
+        // Borrows a net-frames batch from `ev`, which outlives the call.
+        let cev = CEvent::borrow(ev);
         let mut reply = CEventReply::default();
         // SAFETY: as above; both pointers are valid for the call.
         let code = unsafe { (self.fns.on_event)(&cev, &mut reply) };

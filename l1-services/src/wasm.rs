@@ -451,6 +451,7 @@ fn manifest_from_wit(m: wt::Manifest) -> sdk::Manifest {
                 wt::EventKind::Tick => sdk::EventKind::Tick,
                 wt::EventKind::MmioWrite => sdk::EventKind::MmioWrite,
                 wt::EventKind::MmioRead => sdk::EventKind::MmioRead,
+                wt::EventKind::NetFrames => sdk::EventKind::NetFrames,
             })
             .collect(),
         ports: m
@@ -498,6 +499,32 @@ fn event_to_wit(ev: &sdk::Event) -> wt::Event {
             wt::Event::MmioWrite(wt::MmioWrite { addr, size, value })
         }
         sdk::Event::MmioRead { addr, size } => wt::Event::MmioRead(wt::MmioRead { addr, size }),
+        sdk::Event::NetFrames {
+            now_ns,
+            ref frames,
+            dropped,
+        } => wt::Event::NetFrames(wt::NetFrames {
+            now_ns,
+            frames: frames
+                .iter()
+                .map(|f| wt::NetFrame {
+                    direction: if f.direction == sdk::NetFrame::TX {
+                        wt::NetDirection::Tx
+                    } else {
+                        wt::NetDirection::Rx
+                    },
+                    len: f.len,
+                    ethertype: f.ethertype,
+                    protocol: f.protocol,
+                    src: sdk::types::addr_to_halves(&f.src),
+                    dst: sdk::types::addr_to_halves(&f.dst),
+                    src_port: f.src_port,
+                    dst_port: f.dst_port,
+                    tcp_flags: f.tcp_flags,
+                })
+                .collect(),
+            dropped,
+        }),
     }
 }
 
@@ -521,7 +548,7 @@ impl Backend for WasmService {
         self.arm(Budget::Event);
         match self
             .bindings
-            .call_on_event(&mut self.store, event_to_wit(ev))
+            .call_on_event(&mut self.store, &event_to_wit(ev))
         {
             Ok(wt::EventReply::None) => Ok(sdk::EventReply::None),
             Ok(wt::EventReply::Value(v)) => Ok(sdk::EventReply::Value(v)),

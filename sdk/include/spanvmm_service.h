@@ -51,6 +51,25 @@ typedef struct spanvmm_sink {
 #define SPANVMM_EVENT_TICK 3u       /* value = host monotonic time, ns */
 #define SPANVMM_EVENT_MMIO_WRITE 4u /* addr, size, value = value stored */
 #define SPANVMM_EVENT_MMIO_READ 5u  /* addr, size; answer in the reply */
+#define SPANVMM_EVENT_NET_FRAMES 6u /* value = host time, ns; frames, frames_len, dropped */
+
+#define SPANVMM_NET_RX 0u /* spanvmm_net_frame.direction: network to guest */
+#define SPANVMM_NET_TX 1u /* guest to network */
+
+/* One frame a virtio-net device moved, headers only. Addresses: IPv6, or IPv4-mapped
+ * (::ffff:a.b.c.d), zero when not IP; ports and flags zero when not TCP/UDP. */
+typedef struct spanvmm_net_frame {
+    uint8_t src[16];
+    uint8_t dst[16];
+    uint32_t len; /* bytes of the Ethernet frame */
+    uint16_t ethertype;
+    uint16_t src_port;
+    uint16_t dst_port;
+    uint8_t protocol;  /* IP protocol, 0 when not IP */
+    uint8_t tcp_flags; /* FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10 */
+    uint8_t direction; /* SPANVMM_NET_RX or SPANVMM_NET_TX */
+    uint8_t reserved[3];
+} spanvmm_net_frame;
 
 #define SPANVMM_LIFECYCLE_PAUSED 0u
 #define SPANVMM_LIFECYCLE_RESUMED 1u
@@ -65,6 +84,10 @@ typedef struct spanvmm_event {
     uint8_t reserved; /* 0 */
     uint64_t value;
     uint64_t addr; /* guest-physical address of MMIO events */
+    /* net-frames events only (valid during the call): */
+    const spanvmm_net_frame *frames;
+    size_t frames_len;
+    uint64_t dropped; /* frames not recorded since the previous batch */
 } spanvmm_event;
 
 typedef struct spanvmm_event_reply {
@@ -237,7 +260,7 @@ uint32_t spanvmm_service_abi_version(void);
 
 /* The manifest as JSON (the serde form of spanvmm_sdk::Manifest):
  * {"name":"…","version":"…","abi_version":1,"events":["port-write","port-read","lifecycle","tick",
- *  "mmio-write","mmio-read"],"ports":[{"base":1792,"len":4}],
+ *  "mmio-write","mmio-read","net-frames"],"ports":[{"base":1792,"len":4}],
  *  "mmio":[{"base":67645734912,"len":4096}] (optional),"capabilities":["memory-read","memory-write","vcpu-state",
  *  "pause-resume","dirty-log","drives-migration","snapshot"],"tick_period_ms":0} */
 int32_t spanvmm_service_describe(const spanvmm_sink *manifest_json);

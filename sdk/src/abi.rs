@@ -9,7 +9,7 @@
 
 use std::ffi::c_void;
 
-use crate::types::{Event, EventReply, Lifecycle, Translation, VmInfo};
+use crate::types::{Event, EventReply, Lifecycle, NetFrame, Translation, VmInfo};
 
 /// Success.
 pub const OK: i32 = 0;
@@ -56,11 +56,14 @@ pub mod event_kind {
     pub const MMIO_WRITE: u32 = 4;
     /// MMIO read: `addr`, `size`.
     pub const MMIO_READ: u32 = 5;
+    /// Net frames: `value` is the host time in ns, `frames`/`frames_len` the batch,
+    /// `dropped` the frames not recorded.
+    pub const NET_FRAMES: u32 = 6;
 }
 
 /// An event (`spanvmm_event`).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct CEvent {
     /// One of [`event_kind`].
     pub kind: u32,
@@ -74,6 +77,29 @@ pub struct CEvent {
     pub value: u64,
     /// Guest-physical address (MMIO events; appended in a minor version, read only for them).
     pub addr: u64,
+    /// The batch of a net-frames event (appended in a minor version, read only for it); valid
+    /// during the call only.
+    pub frames: *const NetFrame,
+    /// Records at `frames`.
+    pub frames_len: usize,
+    /// Frames not recorded (net-frames events).
+    pub dropped: u64,
+}
+
+impl Default for CEvent {
+    fn default() -> Self {
+        CEvent {
+            kind: 0,
+            port: 0,
+            size: 0,
+            reserved: 0,
+            value: 0,
+            addr: 0,
+            frames: std::ptr::null(),
+            frames_len: 0,
+            dropped: 0,
+        }
+    }
 }
 
 /// An event reply (`spanvmm_event_reply`).
@@ -247,9 +273,11 @@ pub type CallFn = unsafe extern "C" fn(
     out: *const Sink,
 ) -> i32;
 
-impl From<Event> for CEvent {
-    fn from(ev: Event) -> Self {
-        let (kind, port, size, value, addr) = match ev {
+impl CEvent {
+    /// The C form of `ev`; a net-frames event's `frames` points into `ev`, which must outlive
+    /// every use of the result.
+    pub fn borrow(ev: &Event) -> Self {
+        let (kind, port, size, value, addr) = match *ev {
             Event::PortWrite { port, size, value } => {
                 (event_kind::PORT_WRITE, port, size, value, 0)
             }
@@ -260,21 +288,36 @@ impl From<Event> for CEvent {
                 (event_kind::MMIO_WRITE, 0, size, value, addr)
             }
             Event::MmioRead { addr, size } => (event_kind::MMIO_READ, 0, size, 0, addr),
+            Event::NetFrames {
+                now_ns,
+                ref frames,
+                dropped,
+            } => {
+                return CEvent {
+                    kind: event_kind::NET_FRAMES,
+                    value: now_ns,
+                    frames: frames.as_ptr(),
+                    frames_len: frames.len(),
+                    dropped,
+                    ..Default::default()
+                }
+            }
         };
         CEvent {
             kind,
             port,
             size,
-            reserved: 0,
             value,
             addr,
+            ..Default::default()
         }
     }
-}
 
-impl CEvent {
     /// The Rust event, or `None` for an unknown kind or lifecycle code.
-    pub fn to_event(&self) -> Option<Event> {
+    ///
+    /// # Safety
+    /// For a net-frames event, `frames` must be null or point at `frames_len` readable records.
+    pub unsafe fn to_event(&self) -> Option<Event> {
         Some(match self.kind {
             event_kind::PORT_WRITE => Event::PortWrite {
                 port: self.port,
@@ -295,6 +338,16 @@ impl CEvent {
             event_kind::MMIO_READ => Event::MmioRead {
                 addr: self.addr,
                 size: self.size,
+            },
+            event_kind::NET_FRAMES => Event::NetFrames {
+                now_ns: self.value,
+                frames: if self.frames.is_null() || self.frames_len == 0 {
+                    Vec::new()
+                } else {
+                    // SAFETY: guaranteed by the caller.
+                    unsafe { std::slice::from_raw_parts(self.frames, self.frames_len) }.to_vec()
+                },
+                dropped: self.dropped,
             },
             _ => return None,
         })
@@ -470,7 +523,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<CLayerOptions>(), 64);
         assert_eq!(std::mem::size_of::<CJobStatus>(), 24);
         assert_eq!(std::mem::size_of::<CMigrationStatus>(), 72);
-        assert_eq!(std::mem::size_of::<CEvent>(), 24);
+        assert_eq!(std::mem::size_of::<CEvent>(), 48);
+        assert_eq!(std::mem::size_of::<NetFrame>(), 48);
         assert_eq!(std::mem::size_of::<CEventReply>(), 16);
         assert_eq!(std::mem::size_of::<CVmInfo>(), 16);
         assert_eq!(std::mem::size_of::<VcpuRegs>(), 192);
@@ -498,14 +552,33 @@ mod tests {
             },
             Event::Lifecycle(Lifecycle::Restored),
             Event::Tick { now_ns: 42 },
+            Event::NetFrames {
+                now_ns: 7,
+                frames: vec![
+                    NetFrame {
+                        len: 60,
+                        dst_port: 6379,
+                        ..Default::default()
+                    };
+                    3
+                ],
+                dropped: 2,
+            },
+            Event::NetFrames {
+                now_ns: 8,
+                frames: Vec::new(),
+                dropped: 0,
+            },
         ] {
-            assert_eq!(CEvent::from(ev).to_event(), Some(ev));
+            // SAFETY: the C event borrows `ev`, alive here.
+            assert_eq!(unsafe { CEvent::borrow(&ev).to_event() }, Some(ev));
         }
         let bad = CEvent {
             kind: 9,
             ..Default::default()
         };
-        assert_eq!(bad.to_event(), None);
+        // SAFETY: not a net-frames event.
+        assert_eq!(unsafe { bad.to_event() }, None);
         let mut s = VecSink::default();
         let sink = s.sink();
         // SAFETY: `sink` points into `s`, alive here.

@@ -44,8 +44,8 @@ pub mod wasm;
 pub use wit_bindgen as __wit_bindgen;
 
 pub use types::{
-    Capability, Event, EventKind, EventReply, Lifecycle, LogLevel, Manifest, MmioRange, PortRange,
-    Translation, VcpuRegs, VmInfo,
+    Capability, Event, EventKind, EventReply, Lifecycle, LogLevel, Manifest, MmioRange, NetFrame,
+    PortRange, Translation, VcpuRegs, VmInfo,
 };
 
 /// Version of the service interface: the `abi-version` of the WIT manifest and the value the

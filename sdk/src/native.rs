@@ -84,8 +84,8 @@ pub unsafe fn on_event<S: Service>(
         if ev.is_null() || reply.is_null() {
             return abi::ERR;
         }
-        // SAFETY: the caller guarantees `ev` is valid.
-        let Some(event) = (unsafe { *ev }).to_event() else {
+        // SAFETY: the caller guarantees `ev` is valid, and so are a net-frames event's records.
+        let Some(event) = (unsafe { (*ev).to_event() }) else {
             return abi::ERR;
         };
         let r = slot.on_event(event);

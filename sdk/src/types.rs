@@ -19,6 +19,8 @@ pub enum EventKind {
     MmioWrite,
     /// Guest load from a claimed MMIO range.
     MmioRead,
+    /// Header summaries of the frames the VM's virtio-net devices move, in batches.
+    NetFrames,
 }
 
 /// What a service may do to the VM; host calls outside the granted set fail.
@@ -274,8 +276,73 @@ impl Lifecycle {
     }
 }
 
+/// One frame a virtio-net device moved, summarized (`spanvmm_net_frame`; the WIT's
+/// `net-frame`). Addresses are IPv6, or IPv4-mapped IPv6 (`::ffff:a.b.c.d`); all zero when the
+/// frame is not IP. Ports and flags are zero when the frame is not TCP or UDP.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct NetFrame {
+    /// Source IP address.
+    pub src: [u8; 16],
+    /// Destination IP address.
+    pub dst: [u8; 16],
+    /// Bytes of the Ethernet frame.
+    pub len: u32,
+    /// Ethertype (inside one VLAN tag, if any).
+    pub ethertype: u16,
+    /// TCP/UDP source port.
+    pub src_port: u16,
+    /// TCP/UDP destination port.
+    pub dst_port: u16,
+    /// IP protocol number (6 TCP, 17 UDP), 0 when not IP.
+    pub protocol: u8,
+    /// TCP flags (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10).
+    pub tcp_flags: u8,
+    /// [`NetFrame::RX`] (tap to guest) or [`NetFrame::TX`] (guest to tap).
+    pub direction: u8,
+    /// Zero.
+    pub reserved: [u8; 3],
+}
+
+impl NetFrame {
+    /// The frame went from the network to the guest.
+    pub const RX: u8 = 0;
+    /// The guest sent the frame.
+    pub const TX: u8 = 1;
+
+    /// The source address as an `IpAddr` (IPv4 for a mapped address); None when not IP.
+    pub fn src_ip(&self) -> Option<std::net::IpAddr> {
+        ip(&self.src, self.ethertype)
+    }
+
+    /// The destination address (see [`NetFrame::src_ip`]).
+    pub fn dst_ip(&self) -> Option<std::net::IpAddr> {
+        ip(&self.dst, self.ethertype)
+    }
+}
+
+/// A 16-byte address as the WIT carries it: big-endian (high, low) halves.
+pub fn addr_to_halves(a: &[u8; 16]) -> (u64, u64) {
+    let v = u128::from_be_bytes(*a);
+    ((v >> 64) as u64, v as u64)
+}
+
+/// Inverse of [`addr_to_halves`].
+pub fn addr_from_halves((hi, lo): (u64, u64)) -> [u8; 16] {
+    (((hi as u128) << 64) | lo as u128).to_be_bytes()
+}
+
+fn ip(a: &[u8; 16], ethertype: u16) -> Option<std::net::IpAddr> {
+    let v6 = std::net::Ipv6Addr::from(*a);
+    match ethertype {
+        0x0800 => v6.to_ipv4_mapped().map(std::net::IpAddr::V4),
+        0x86dd => Some(std::net::IpAddr::V6(v6)),
+        _ => None,
+    }
+}
+
 /// An event delivered to a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Event {
     /// Guest wrote `value` (`size` bytes, little-endian) to `port`.
@@ -317,6 +384,16 @@ pub enum Event {
         /// Access width in bytes (1, 2, 4 or 8).
         size: u8,
     },
+    /// Frames the virtio-net devices moved since the previous batch, delivered from the
+    /// VMM's service thread (never on the device's path).
+    NetFrames {
+        /// Host monotonic time of the batch, ns (as `Tick`'s).
+        now_ns: u64,
+        /// The frames, oldest first.
+        frames: Vec<NetFrame>,
+        /// Frames not recorded since the previous batch (the buffer was full).
+        dropped: u64,
+    },
 }
 
 impl Event {
@@ -329,6 +406,7 @@ impl Event {
             Event::Tick { .. } => EventKind::Tick,
             Event::MmioWrite { .. } => EventKind::MmioWrite,
             Event::MmioRead { .. } => EventKind::MmioRead,
+            Event::NetFrames { .. } => EventKind::NetFrames,
         }
     }
 

@@ -4,8 +4,8 @@
 #![allow(missing_docs)]
 
 use crate::types::{
-    Capability, Event, EventKind, EventReply, Lifecycle, LogLevel, Manifest, PortRange,
-    Translation, VcpuRegs, VmInfo,
+    addr_from_halves, Capability, Event, EventKind, EventReply, Lifecycle, LogLevel, Manifest,
+    NetFrame, PortRange, Translation, VcpuRegs, VmInfo,
 };
 use crate::{Service, Slot};
 
@@ -53,6 +53,7 @@ fn kind_to_wit(k: EventKind) -> t::EventKind {
         EventKind::Tick => t::EventKind::Tick,
         EventKind::MmioWrite => t::EventKind::MmioWrite,
         EventKind::MmioRead => t::EventKind::MmioRead,
+        EventKind::NetFrames => t::EventKind::NetFrames,
     }
 }
 
@@ -110,6 +111,29 @@ fn event_from_wit(e: t::Event) -> Event {
         t::Event::MmioRead(r) => Event::MmioRead {
             addr: r.addr,
             size: r.size,
+        },
+        t::Event::NetFrames(b) => Event::NetFrames {
+            now_ns: b.now_ns,
+            frames: b
+                .frames
+                .into_iter()
+                .map(|f| NetFrame {
+                    src: addr_from_halves(f.src),
+                    dst: addr_from_halves(f.dst),
+                    len: f.len,
+                    ethertype: f.ethertype,
+                    src_port: f.src_port,
+                    dst_port: f.dst_port,
+                    protocol: f.protocol,
+                    tcp_flags: f.tcp_flags,
+                    direction: match f.direction {
+                        t::NetDirection::Rx => NetFrame::RX,
+                        t::NetDirection::Tx => NetFrame::TX,
+                    },
+                    reserved: [0; 3],
+                })
+                .collect(),
+            dropped: b.dropped,
         },
     }
 }

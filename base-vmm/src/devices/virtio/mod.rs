@@ -12,6 +12,7 @@
 pub mod block;
 pub mod disk_track;
 pub mod event_loop;
+pub mod frames;
 pub mod mmio;
 pub mod net;
 
