@@ -1292,9 +1292,9 @@ fn plugin_inspect_shows_the_manifest_and_explains_bad_files() {
 
 /// Builds a `plugin new` project with its one command.
 fn build_project(dir: &Path, cmd: &mut std::process::Command) {
-    // What the calling cargo exported must not leak into the nested build.
+    // What the calling cargo exported must not leak into the nested build (the caller sets
+    // the target directory).
     for v in [
-        "CARGO_TARGET_DIR",
         "RUSTFLAGS",
         "CARGO_ENCODED_RUSTFLAGS",
         "CARGO_BUILD_TARGET",
