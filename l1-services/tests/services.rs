@@ -255,7 +255,9 @@ fn conflicting_claims_are_refused_naming_both() {
     let (_ram, m) = manager();
     m.attach(&wasm("exit-stats"), STATS).unwrap();
     // A dynamic claim (during attach) overlapping exit-stats' range.
-    let err = m.attach(&native("template"), r#"{"port": 1794}"#).unwrap_err();
+    let err = m
+        .attach(&native("template"), r#"{"port": 1794}"#)
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, ServiceError::AttachRefused { .. }), "{msg}");
     assert!(msg.contains("hello") && msg.contains("exit-stats"), "{msg}");
