@@ -12,7 +12,7 @@ use base_vmm::vmm::VmConfig;
 use clap::{Parser, Subcommand, ValueEnum};
 use vmm::ctl::{self, snapshot, CtlOp};
 use vmm::run::{run, Source};
-use vmm::{logging, services};
+use vmm::{logging, plugin_tool, services};
 
 const DEFAULT_MEMORY_MIB: u64 = 256;
 
@@ -173,6 +173,11 @@ enum Command {
         #[command(subcommand)]
         op: snapshot::OfflineOp,
     },
+    /// Tools for service authors: a new service project, or what a service file holds.
+    Plugin {
+        #[command(subcommand)]
+        op: plugin_tool::PluginCmd,
+    },
     /// Print the syscalls each thread role may make (Markdown, for docs/operations.md).
     #[command(hide = true)]
     SeccompList,
@@ -181,6 +186,10 @@ enum Command {
         /// The VM's API socket.
         #[arg(long)]
         api_socket: PathBuf,
+        /// Seconds to wait for the VMM's answer (default 60; 600 for save, live-update,
+        /// plugin attach and replace). A VMM that does not answer in time is an error.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
         #[command(subcommand)]
         op: CtlOp,
     },
@@ -378,6 +387,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Plugin { op } => match plugin_tool::run(op) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("spanvmm plugin: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Snapshot { op } => match snapshot::offline(op) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -388,6 +405,7 @@ fn main() -> ExitCode {
         Command::Ctl {
             api_socket,
             op: CtlOp::Snapshot { op },
+            ..
         } => match snapshot::ctl(&api_socket, op) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -395,7 +413,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Ctl { api_socket, op } => match ctl::ctl(&api_socket, op) {
+        Command::Ctl {
+            api_socket,
+            timeout,
+            op,
+        } => match timeout
+            .map(|t| {
+                std::time::Duration::try_from_secs_f64(t)
+                    .map_err(|e| anyhow::anyhow!("--timeout {t}: {e}"))
+            })
+            .transpose()
+            .and_then(|t| ctl::ctl(&api_socket, op, t))
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("spanvmm ctl: {e:#}");

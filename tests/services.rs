@@ -1262,3 +1262,238 @@ fn a_plugin_path_with_a_colon_loads() {
     assert_eq!(list[0]["name"], "introspect", "{list}");
     vm.assert_verify_clean(1);
 }
+
+/// Runs `spanvmm plugin ARGS`; returns (success, stdout, stderr).
+fn plugin_tool(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(spanvmm())
+        .arg("plugin")
+        .args(args)
+        .output()
+        .expect("run spanvmm plugin");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// `spanvmm plugin inspect` says what a service file holds, and why a bad one cannot load.
+#[test]
+fn plugin_inspect_shows_the_manifest_and_explains_bad_files() {
+    let (ok, out, err) = plugin_tool(&["inspect", &plugin("introspect.wasm")]);
+    assert!(ok, "{out}{err}");
+    let i = json(&out);
+    assert_eq!(i["loadable"], true, "{i}");
+    assert_eq!(i["kind"], "wasm");
+    assert_eq!(i["manifest"]["name"], "introspect");
+    assert_eq!(i["manifest"]["abi_version"], i["host_abi_version"]);
+    let caps = i["manifest"]["capabilities"].to_string();
+    assert!(
+        caps.contains("memory-read") && caps.contains("dirty-log"),
+        "{caps}"
+    );
+    let imports = i["imports"].to_string();
+    assert!(imports.contains("spanvmm:service/host@0.1.0"), "{imports}");
+    let (ok, out, err) = plugin_tool(&["inspect", &plugin("libexit-stats.so")]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(json(&out)["manifest"]["name"], "exit-stats");
+    // Bad files: each refused with its reason, the JSON still saying what was found.
+    let dir = TempDir::new("inspect");
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let text = dir.path().join("text.wasm");
+    std::fs::write(&text, b"not wasm at all").unwrap();
+    let other = dir.path().join("service.txt");
+    std::fs::write(&other, b"x").unwrap();
+    let missing = dir.path().join("missing.wasm");
+    for (file, why) in [
+        (plugin("abi-mismatch.wasm"), "ABI version 999"),
+        (plugin("missing-export.wasm"), "export"),
+        (core.display().to_string(), "core WebAssembly module"),
+        (
+            text.display().to_string(),
+            "not a valid WebAssembly component",
+        ),
+        (other.display().to_string(), ".wasm"),
+        (missing.display().to_string(), "missing.wasm"),
+    ] {
+        let (ok, out, err) = plugin_tool(&["inspect", &file]);
+        assert!(!ok, "{file}: {out}");
+        assert!(
+            err.contains("cannot be loaded") && err.contains(why),
+            "{file}: {err}"
+        );
+        let i = json(&out);
+        assert_eq!(i["loadable"], false, "{i}");
+        assert!(i["reason"].as_str().unwrap().contains(why), "{i}");
+    }
+    // The ABI mismatch was found after `describe`: its manifest is shown.
+    let (_, out, _) = plugin_tool(&["inspect", &plugin("abi-mismatch.wasm")]);
+    assert_eq!(json(&out)["manifest"]["abi_version"], 999);
+}
+
+/// Builds a `plugin new` project with its one command.
+fn build_project(dir: &Path, cmd: &mut std::process::Command) {
+    // What the calling cargo exported must not leak into the nested build (the caller sets
+    // the target directory).
+    for v in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "RUSTUP_TOOLCHAIN",
+    ] {
+        cmd.env_remove(v);
+    }
+    let out = cmd.current_dir(dir).output().expect("run the build");
+    assert!(
+        out.status.success(),
+        "building {} failed:\n{}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `spanvmm plugin new NAME` writes a project that builds with one command into a component
+/// that loads (Rust always; Python and JavaScript where their toolchains are installed, which
+/// CI's set-up does), and refuses bad names and existing directories.
+#[test]
+fn plugin_new_makes_a_project_that_builds_and_loads() {
+    let dir = TempDir::new("plugin-new");
+    let d = dir.path().to_str().unwrap();
+    let (ok, _, err) = plugin_tool(&["new", "9lives", "--dir", d]);
+    assert!(!ok && err.contains("not a service name"), "{err}");
+    let (ok, out, err) = plugin_tool(&["new", "my-svc", "--dir", d]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = plugin_tool(&["new", "my-svc", "--dir", d]);
+    assert!(!ok && err.contains("exists already"), "{err}");
+    // Rust: `cargo build --release` (the target is in .cargo/config.toml). A target directory
+    // kept across runs: the SDK's dependencies compile once.
+    let target = std::env::temp_dir().join("spanvmm-plugin-new-target");
+    let project = dir.path().join("my-svc");
+    build_project(
+        &project,
+        std::process::Command::new("cargo")
+            .args(["build", "--release", "--quiet"])
+            .env("CARGO_TARGET_DIR", &target),
+    );
+    let wasm = target.join("wasm32-wasip2/release/my_svc.wasm");
+    let (ok, out, err) = plugin_tool(&["inspect", wasm.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(json(&out)["manifest"]["name"], "my-svc");
+    // Python and JavaScript: `./build.sh`, with the toolchains plugins/build.sh installed.
+    let tools = std::env::var_os("SPANVMM_TOOLCHAINS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/spanvmm-toolchains")
+        });
+    for (lang, var, tool) in [
+        (
+            "python",
+            "COMPONENTIZE_PY",
+            "componentize-py-0.25.1/bin/componentize-py",
+        ),
+        (
+            "js",
+            "COMPONENTIZE_JS",
+            "componentize-js-0.23.0/node_modules/.bin/componentize-js",
+        ),
+    ] {
+        let tool = tools.join(tool);
+        let test = format!("plugin new --lang {lang}");
+        if !netlab::can_run(
+            &test,
+            tool.exists()
+                .then_some(())
+                .ok_or(format!("no {}: run plugins/build.sh", tool.display())),
+        ) {
+            continue;
+        }
+        let name = format!("{lang}-svc");
+        let (ok, out, err) = plugin_tool(&["new", &name, "--lang", lang, "--dir", d]);
+        assert!(ok, "{out}{err}");
+        let project = dir.path().join(&name);
+        build_project(
+            &project,
+            std::process::Command::new(project.join("build.sh")).env(var, &tool),
+        );
+        let built = project.join(format!("{name}.wasm"));
+        let (ok, out, err) = plugin_tool(&["inspect", built.to_str().unwrap()]);
+        assert!(ok, "{lang}: {out}{err}");
+        assert_eq!(json(&out)["manifest"]["name"], name.as_str());
+    }
+}
+
+/// Notifications are served off the main loop: `ctl plugin notifications --follow` streams
+/// them as services publish, and still answers while a stuck native service holds the main
+/// loop, where `ctl` gives up at its `--timeout` instead of hanging.
+#[test]
+fn notifications_follow_streams_and_ctl_times_out() {
+    use std::io::BufRead;
+    let mut vm = VmProcess::boot("notes", "workload=dirty,verify mib=8", 64, 1);
+    vm.ctl_ok(&["plugin", "attach", &plugin("libmisbehave.so")]);
+    let mut follower = std::process::Command::new(spanvmm())
+        .args([
+            "ctl",
+            "--api-socket",
+            vm.api.to_str().unwrap(),
+            "plugin",
+            "notifications",
+            "--follow",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the follower");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // The follower is connected once it holds one of the follower slots; publishing before
+    // that would only queue (it would still be streamed, first thing).
+    vm.ctl_ok(&["plugin", "call", "misbehave", "notify", "3"]);
+    for i in 0..3 {
+        let line = rx.recv_timeout(T).expect("a streamed notification");
+        let n = json(&line);
+        assert_eq!(
+            (n["service"].as_str(), n["kind"].as_str()),
+            (Some("misbehave"), Some("noise")),
+            "{n}"
+        );
+        assert_eq!(n["detail"]["i"], i, "the detail is a JSON object: {n}");
+    }
+    // The follower took them: a plain read finds nothing.
+    let plain = json(&vm.ctl_ok(&["plugin", "notifications"]));
+    assert_eq!(plain["notifications"], serde_json::json!([]), "{plain}");
+    // A native service stuck in a call holds the main loop.
+    let api = vm.api.clone();
+    std::thread::spawn(move || {
+        ctl(
+            &api,
+            &["--timeout", "600", "plugin", "call", "misbehave", "loop"],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let (ok, out) = vm.ctl(&["--timeout", "1", "status"]);
+    assert!(
+        !ok && out.contains("no answer from the VMM within 1 s"),
+        "{out}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Notifications still answer (and still stream): the stuck service's own, sent before it
+    // looped, are not needed for that.
+    let (ok, out) = vm.ctl(&["--timeout", "5", "plugin", "notifications"]);
+    assert!(ok, "{out}");
+    assert!(follower.try_wait().unwrap().is_none(), "the follower ended");
+    let _ = follower.kill();
+    let _ = follower.wait();
+    vm.kill();
+}

@@ -109,6 +109,9 @@ struct Dispatch {
     variant: String,
     ns_per_exit_median: f64,
     samples: Vec<u64>,
+    /// What went wrong with the service during the storm (e.g. detached at its memory limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure: Option<String>,
 }
 
 /// Which exits a dispatch measurement storms: port writes (`exits` workload) or MMIO stores
@@ -158,7 +161,7 @@ fn dispatch(
     let cmdline = storm.cmdline();
     let (claim, counter) = storm.claim();
     let mut out = Vec::new();
-    let variants = [
+    let mut variants = vec![
         ("spanvmm, no service", None, false),
         ("spanvmm, Wasm exit-stats", Some("exit-stats.wasm"), false),
         (
@@ -177,7 +180,32 @@ fn dispatch(
             true,
         ),
     ];
+    if storm == Storm::Port {
+        // The example service in each language (plugins/examples/port-counter, same config).
+        variants.extend([
+            (
+                "spanvmm, Wasm port-counter (Rust)",
+                Some("port-counter-rust.wasm"),
+                false,
+            ),
+            (
+                "spanvmm, Wasm port-counter (Python)",
+                Some("port-counter-python.wasm"),
+                false,
+            ),
+            (
+                "spanvmm, Wasm port-counter (JavaScript)",
+                Some("port-counter-js.wasm"),
+                false,
+            ),
+        ]);
+    }
     for (variant, plugin, asynchronous) in variants {
+        let service = if plugin.is_some_and(|p| p.starts_with("port-counter")) {
+            "port-counter"
+        } else {
+            "exit-stats"
+        };
         let variant = format!("{} {variant}", storm.label());
         let vm = spawn_vm(bin, elf, cmdline, 128, "disp")?;
         if let Some(p) = plugin {
@@ -196,20 +224,29 @@ fn dispatch(
             .iter()
             .filter_map(|l| field(l, "ns_per_exit"))
             .collect();
+        let mut failure = None;
         if let Some(p) = plugin {
-            let (v, _) = vm.api_ok(
+            let stats = vm.api_ok(
                 "PUT",
                 "/plugins/call",
-                Some(json!({"name": "exit-stats", "method": "stats"})),
-            )?;
-            if v["result"][counter].as_u64().unwrap_or(0) == 0 {
-                bail!("{p} saw no exits: the measurement would be meaningless");
+                Some(json!({"name": service, "method": "stats"})),
+            );
+            match stats {
+                Ok((v, _)) if v["result"][counter].as_u64().unwrap_or(0) == 0 => {
+                    bail!("{p} saw no exits: the measurement would be meaningless")
+                }
+                Ok(_) => {}
+                // An interpreted example may be detached during the storm (its memory limit):
+                // the row says so instead of ending the run.
+                Err(e) if service == "port-counter" => failure = Some(format!("{e:#}")),
+                Err(e) => return Err(e),
             }
         }
         out.push(Dispatch {
             variant,
             ns_per_exit_median: median(&mut samples.iter().map(|&v| v as f64).collect::<Vec<_>>()),
             samples,
+            failure,
         });
     }
     // QEMU, same ELF, same command line: its plain port-exit cost.
@@ -255,6 +292,7 @@ fn dispatch(
         variant: format!("{} qemu-microvm, no service", storm.label()),
         ns_per_exit_median: median(&mut samples.iter().map(|&v| v as f64).collect::<Vec<_>>()),
         samples,
+        failure: None,
     });
     Ok(out)
 }

@@ -131,13 +131,49 @@ fn main() {
         ("native", dir.join("libtemplate.so")),
     ] {
         let m = manager(&cache, true);
-        m.attach(&p, "1536").unwrap();
+        m.attach(&p, r#"{"port": 1536}"#).unwrap();
         let w = median(
             (0..5)
                 .map(|_| per_op(500_000, || assert!(m.on_port_write(0x600, &[1]))))
                 .collect(),
         );
         println!("  {label}: minimal handler (template), port write {w:>7.1?}");
+    }
+    // The example service in each language (plugins/examples/port-counter): per port write,
+    // and whether it stays attached through a storm of `storm` writes (a service that grows
+    // past the memory limit is detached). Optional: `--lang-storm N` (default 200000).
+    let storm: u32 = std::env::args()
+        .skip_while(|a| a != "--lang-storm")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200_000);
+    println!("the example service per language, {storm} port writes each:");
+    for lang in ["rust", "python", "js"] {
+        let p = dir.join(format!("port-counter-{lang}.wasm"));
+        if !p.exists() {
+            println!("  {lang:6}: {} not built", p.display());
+            continue;
+        }
+        let m = manager(&cache, true);
+        if let Err(e) = m.attach(&p, r#"{"base": 2768, "len": 1}"#) {
+            println!("  {lang:6}: attach failed: {e}");
+            continue;
+        }
+        let t = Instant::now();
+        let mut done = 0u32;
+        while done < storm && m.on_port_write(2768, &[1]) {
+            done += 1;
+        }
+        let per = t.elapsed() / done.max(1);
+        let info = &m.list()[0];
+        let state = match &info.state {
+            l1_services::ServiceState::Failed { reason } => format!("FAILED: {reason}"),
+            s => format!("{s:?}"),
+        };
+        println!(
+            "  {lang:6}: port write {per:>8.1?} ({done} delivered), in-service {:.0} ns, then {state}",
+            info.stats.event_ns as f64 / info.stats.events.max(1) as f64
+        );
     }
     let _ = std::fs::remove_dir_all(&cache);
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -101,8 +101,9 @@ fn host_err(what: &'static str) -> impl FnOnce(HostError) -> CallError {
     move |err| CallError::Host { what, err }
 }
 
-/// Most notifications kept for the control API to read (oldest dropped first).
-const MAX_NOTIFICATIONS: usize = 1024;
+/// Most notifications kept per service for the control API to read: a service's oldest are
+/// dropped first (and counted), so a noisy service never pushes out another's.
+pub const NOTIFICATIONS_PER_SERVICE: usize = 256;
 /// Most metrics per service.
 const MAX_METRICS: usize = 64;
 /// Longest log line, metric name or notification field a service may send.
@@ -115,14 +116,64 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A notification a service published with `notify`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Notification {
+    /// Order among all notifications of this manager's services, from 1.
+    pub seq: u64,
     /// Service that sent it.
     pub service: String,
     /// Kind (free form, e.g. `write-watch`).
     pub kind: String,
-    /// Detail (JSON by convention).
-    pub detail: String,
+    /// Detail: the JSON the service sent, as JSON (text that is not JSON is a JSON string).
+    pub detail: serde_json::Value,
     /// Host monotonic time, ns since the manager started.
     pub time_ns: u64,
+}
+
+/// What a reader takes: the notifications published since the previous take (oldest first)
+/// and, per service, how many of its own it pushed out of its full queue meanwhile.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Notifications {
+    /// The notifications, in publication order.
+    pub notifications: Vec<Notification>,
+    /// Service name → notifications dropped since the previous take (services that dropped
+    /// none are absent).
+    pub dropped: BTreeMap<String, u64>,
+}
+
+/// One bounded queue per service (by name, so a replacement continues its predecessor's).
+#[derive(Default)]
+pub(crate) struct NoteQueues {
+    queues: BTreeMap<String, (VecDeque<Notification>, u64)>,
+    seq: u64,
+}
+
+impl NoteQueues {
+    fn push(&mut self, mut note: Notification) {
+        self.seq += 1;
+        note.seq = self.seq;
+        let (q, dropped) = self.queues.entry(note.service.clone()).or_default();
+        if q.len() >= NOTIFICATIONS_PER_SERVICE {
+            q.pop_front();
+            *dropped += 1;
+        }
+        q.push_back(note);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queues.is_empty()
+    }
+
+    /// Everything queued, merged in publication order; the queues start empty again.
+    pub(crate) fn take(&mut self) -> Notifications {
+        let mut out = Notifications::default();
+        for (name, (q, dropped)) in std::mem::take(&mut self.queues) {
+            if dropped > 0 {
+                out.dropped.insert(name, dropped);
+            }
+            out.notifications.extend(q);
+        }
+        out.notifications.sort_unstable_by_key(|n| n.seq);
+        out
+    }
 }
 
 /// Hands one dirty harvest out to every `dirty-log` service: each sees every page dirtied since
@@ -204,7 +255,9 @@ impl DirtyFanout {
 pub(crate) struct HostShared {
     pub host: Arc<dyn VmHost>,
     pub dirty: Mutex<DirtyFanout>,
-    pub notes: Mutex<VecDeque<Notification>>,
+    pub notes: Mutex<NoteQueues>,
+    /// Signalled when a notification is queued (for readers that follow them).
+    pub notes_added: Condvar,
     pub epoch: Instant,
     /// The outgoing migration, while one runs.
     pub migration: Mutex<Option<Arc<crate::migration::MigrationSource>>>,
@@ -257,6 +310,10 @@ pub(crate) struct ServiceCtx {
     pub waiting_on_vcpus: AtomicBool,
     pub claims: Mutex<Option<ClaimSession>>,
     pub metrics: Mutex<BTreeMap<String, f64>>,
+    /// The panic line the SDK's hook logged during the current call (a Wasm panic traps right
+    /// after it, and the trap's error carries it); `has_panic` keeps the per-call check cheap.
+    panic: Mutex<Option<String>>,
+    has_panic: AtomicBool,
 }
 
 fn truncate(s: &str) -> &str {
@@ -281,6 +338,8 @@ impl ServiceCtx {
             waiting_on_vcpus: AtomicBool::new(false),
             claims: Mutex::new(None),
             metrics: Mutex::new(BTreeMap::new()),
+            panic: Mutex::new(None),
+            has_panic: AtomicBool::new(false),
         }
     }
 
@@ -495,6 +554,10 @@ impl ServiceCtx {
     /// `spanvmm::service`, field `service`), so an operator can filter one service.
     pub(crate) fn log(&self, level: LogLevel, msg: &str) {
         let (service, msg) = (self.name(), truncate(msg));
+        if level == LogLevel::Error && msg.starts_with(spanvmm_sdk::PANIC_PREFIX) {
+            *lock(&self.panic) = Some(msg.to_string());
+            self.has_panic.store(true, Ordering::Release);
+        }
         match level {
             LogLevel::Error => tracing::error!(target: "spanvmm::service", service, "{msg}"),
             LogLevel::Warn => tracing::warn!(target: "spanvmm::service", service, "{msg}"),
@@ -502,6 +565,16 @@ impl ServiceCtx {
             LogLevel::Debug => tracing::debug!(target: "spanvmm::service", service, "{msg}"),
             LogLevel::Trace => tracing::trace!(target: "spanvmm::service", service, "{msg}"),
         }
+    }
+
+    /// The panic line logged during this call, if any (see `panic`).
+    pub(crate) fn take_panic(&self) -> Option<String> {
+        // A plain load first: this runs at the start of every call, also on the event path.
+        if !self.has_panic.load(Ordering::Acquire) || !self.has_panic.swap(false, Ordering::AcqRel)
+        {
+            return None;
+        }
+        lock(&self.panic).take()
     }
 
     pub(crate) fn metric(&self, name: &str, value: f64) {
@@ -513,17 +586,17 @@ impl ServiceCtx {
     }
 
     pub(crate) fn notify(&self, kind: &str, detail: &str) {
+        let detail = truncate(detail);
         let note = Notification {
+            seq: 0,
             service: self.name().to_string(),
             kind: truncate(kind).to_string(),
-            detail: truncate(detail).to_string(),
+            detail: serde_json::from_str(detail)
+                .unwrap_or_else(|_| serde_json::Value::String(detail.to_string())),
             time_ns: self.shared.now_ns(),
         };
-        let mut q = lock(&self.shared.notes);
-        if q.len() >= MAX_NOTIFICATIONS {
-            q.pop_front();
-        }
-        q.push_back(note);
+        lock(&self.shared.notes).push(note);
+        self.shared.notes_added.notify_all();
     }
 
     pub(crate) fn now_ns(&self) -> u64 {

@@ -28,12 +28,12 @@ pub mod trust;
 mod wasi;
 mod wasm;
 
-pub use ctx::Notification;
+pub use ctx::{Notification, Notifications, NOTIFICATIONS_PER_SERVICE};
 pub use error::{HostError, ServiceError};
 pub use host::{RamHost, VmHost};
 pub use manager::{
-    AttachOptions, HandedService, ManagerConfig, PluginPolicy, ReplaceOptions, ServiceInfo,
-    ServiceKind, ServiceManager, ServiceState, ServiceStats, EVENT_NS_BOUNDS,
+    AttachOptions, HandedService, Inspection, ManagerConfig, PluginPolicy, ReplaceOptions,
+    ServiceInfo, ServiceKind, ServiceManager, ServiceState, ServiceStats, EVENT_NS_BOUNDS,
 };
 pub use service_state::{ServiceRecord, ServiceSectionError};
 pub use snapshot::SnapshotTotals;

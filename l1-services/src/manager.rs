@@ -15,7 +15,7 @@ use spanvmm_sdk::{
 };
 
 use crate::backend::{Backend, Fatal};
-use crate::ctx::{lock, ClaimSession, DirtyFanout, HostShared, Notification, ServiceCtx};
+use crate::ctx::{lock, ClaimSession, DirtyFanout, HostShared, Notifications, ServiceCtx};
 use crate::error::ServiceError;
 use crate::service_state::ServiceRecord;
 use base_vmm::state::Section;
@@ -209,6 +209,9 @@ pub struct HandedService {
     /// Its port writes were delivered asynchronously.
     #[serde(default)]
     pub async_port_writes: bool,
+    /// Its attach set the tick period (see [`AttachOptions`]).
+    #[serde(default)]
+    pub tick_period_ms: Option<u32>,
     /// The state it handed back.
     pub state: Vec<u8>,
 }
@@ -280,6 +283,26 @@ impl ServiceInfo {
     }
 }
 
+/// What [`ServiceManager::inspect`] found in a service file.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    /// The file.
+    pub file: PathBuf,
+    /// Wasm component or native object (by its extension); none for another extension.
+    pub kind: Option<ServiceKind>,
+    /// The interface version this host speaks (the manifest's `abi_version` must equal it).
+    pub host_abi_version: u32,
+    /// Whether `attach` would load it (ports and names of other services aside).
+    pub loadable: bool,
+    /// Why it cannot be loaded.
+    pub reason: Option<String>,
+    /// Its manifest (name, version, ABI version, events, ports, MMIO, capabilities, tick
+    /// period), when `describe` answered.
+    pub manifest: Option<Manifest>,
+    /// What a Wasm component imports (WIT interfaces), when it is a component.
+    pub imports: Option<Vec<String>>,
+}
+
 /// A service loaded and described, not attached yet.
 struct Loaded {
     t0: Instant,
@@ -318,6 +341,8 @@ struct Slot {
     /// Port and MMIO writes are queued by the vCPU and delivered by the manager's delivery
     /// thread.
     async_port_writes: bool,
+    /// The attach's tick period (already in `manifest`), to carry over on a replace.
+    tick_override: Option<u32>,
     events: AtomicU64,
     calls: AtomicU64,
     event_ns: AtomicU64,
@@ -455,6 +480,11 @@ pub struct AttachOptions {
     /// for the service), a delivery thread hands them over in order. Reads stay synchronous and see
     /// every earlier write first. For services that only observe writes (counters, tracing).
     pub async_port_writes: bool,
+    /// The tick period, ms, instead of the manifest's: whoever attaches knows how often this
+    /// VM needs the service's ticks (a watcher polling faster or slower). Kept by a replace,
+    /// a live update and a snapshot. Only for a service that subscribes to ticks.
+    #[serde(default)]
+    pub tick_period_ms: Option<u32>,
 }
 
 /// Most writes queued for one service; past that the vCPU delivers synchronously (back-pressure).
@@ -514,7 +544,8 @@ impl ServiceManager {
             shared: Arc::new(HostShared {
                 host,
                 dirty: Mutex::new(DirtyFanout::default()),
-                notes: Mutex::new(VecDeque::new()),
+                notes: Mutex::new(Default::default()),
+                notes_added: std::sync::Condvar::new(),
                 epoch: Instant::now(),
                 migration: Mutex::new(None),
                 vm_owner: Mutex::new(None),
@@ -953,9 +984,26 @@ impl ServiceManager {
             ctx,
             mut backend,
             kind,
-            manifest,
+            mut manifest,
         } = loaded;
         self.check_manifest(c, None, &manifest, path)?;
+        if let Some(ms) = opts.tick_period_ms {
+            if !manifest.events.contains(&EventKind::Tick) || ms == 0 {
+                return Err(ServiceError::Manifest {
+                    name: manifest.name,
+                    path: path.into(),
+                    msg: format!(
+                        "a tick period of {ms} ms was asked at attach, but the service {}",
+                        if ms == 0 {
+                            "needs a period of at least 1 ms"
+                        } else {
+                            "does not subscribe to ticks"
+                        }
+                    ),
+                });
+            }
+            manifest.tick_period_ms = ms;
+        }
         let name = manifest.name.clone();
         backend.set_name(&name);
         ctx.grant(&name, &manifest.capabilities);
@@ -1032,6 +1080,7 @@ impl ServiceManager {
             deferred: Mutex::new(Vec::new()),
             has_deferred: AtomicBool::new(false),
             async_port_writes: opts.async_port_writes,
+            tick_override: opts.tick_period_ms,
             events: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             event_ns: AtomicU64::new(0),
@@ -1207,6 +1256,7 @@ impl ServiceManager {
         let inherit = had_dirty.then_some(old.id);
         let opts = AttachOptions {
             async_port_writes: old.async_port_writes,
+            tick_period_ms: old.tick_override,
         };
         let started = match prepared {
             Some(l) => self.finish(
@@ -1332,6 +1382,7 @@ impl ServiceManager {
                     path: slot.path.clone(),
                     config: slot.config.clone(),
                     async_port_writes: slot.async_port_writes,
+                    tick_period_ms: slot.tick_override,
                     state,
                 }),
                 Err(e) => failed.push((slot.name().to_string(), e)),
@@ -1390,6 +1441,7 @@ impl ServiceManager {
             let had_dirty = old.manifest.capabilities.contains(&Capability::DirtyLog);
             let opts = AttachOptions {
                 async_port_writes: old.async_port_writes,
+                tick_period_ms: old.tick_override,
             };
             let again = self.start(
                 &mut c,
@@ -1415,6 +1467,7 @@ impl ServiceManager {
                 path: old.path.clone(),
                 config: old.config.clone(),
                 async_port_writes: old.async_port_writes,
+                tick_period_ms: old.tick_override,
                 state,
             }));
         }
@@ -1488,11 +1541,48 @@ impl ServiceManager {
     pub fn attach_handed(&self, h: &HandedService) -> Result<ServiceInfo, ServiceError> {
         let opts = AttachOptions {
             async_port_writes: h.async_port_writes && self.async_delivery.get().is_some(),
+            tick_period_ms: h.tick_period_ms,
         };
         let mut c = self.control();
         self.sweep(&mut c);
         let slot = self.start(&mut c, &h.path, &h.config, opts, None, Some(&h.state), None)?;
         Ok(self.insert(&mut c, slot))
+    }
+
+    /// Reads a service file as `attach` would (the operator's policy, loading, the ABI
+    /// handshake, `describe`, the manifest's own checks) without attaching it: what it is,
+    /// what it asks for and imports, or why it cannot be loaded. A native object is loaded
+    /// (its code runs), so it must pass the checks of native code first.
+    pub fn inspect(&self, path: &Path) -> Inspection {
+        let kind = ServiceKind::of(path);
+        let mut out = Inspection {
+            file: path.to_path_buf(),
+            kind,
+            host_abi_version: spanvmm_sdk::ABI_VERSION,
+            loadable: false,
+            reason: None,
+            manifest: None,
+            imports: None,
+        };
+        let Some(kind) = kind else {
+            out.reason = Some(ServiceError::UnknownKind(path.into()).to_string());
+            return out;
+        };
+        let r = (|| {
+            if kind == ServiceKind::Wasm {
+                let (_, bytes) = self.open_service_file(path, kind)?;
+                let bytes = bytes.expect("read for Wasm");
+                out.imports = Some(self.wasm()?.imports(path, &bytes)?);
+            }
+            let loaded = self.prepare(&mut self.control(), path)?;
+            out.manifest = Some(loaded.manifest.clone());
+            crate::manifest::validate(&loaded.manifest, self.shared.host.info().mem_bytes, path)
+        })();
+        match r {
+            Ok(()) => out.loadable = true,
+            Err(e) => out.reason = Some(e.to_string()),
+        }
+        out
     }
 
     /// Attached services in attach order, then the ones detached after a failure.
@@ -1506,9 +1596,23 @@ impl ServiceManager {
             .collect()
     }
 
-    /// Notifications services published since the previous call (oldest first).
-    pub fn take_notifications(&self) -> Vec<Notification> {
-        lock(&self.shared.notes).drain(..).collect()
+    /// Notifications services published since the previous call (oldest first), with what
+    /// each service's full queue dropped meanwhile. Needs no service: a stuck one does not
+    /// hold it up.
+    pub fn take_notifications(&self) -> Notifications {
+        lock(&self.shared.notes).take()
+    }
+
+    /// Like [`Self::take_notifications`], but waits up to `timeout` for one to be published
+    /// when none is queued (for a reader that follows them).
+    pub fn wait_notifications(&self, timeout: Duration) -> Notifications {
+        let q = lock(&self.shared.notes);
+        let (mut q, _) = self
+            .shared
+            .notes_added
+            .wait_timeout_while(q, timeout, |q| q.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        q.take()
     }
 
     /// Runs a control-API command on a service.

@@ -42,6 +42,9 @@ struct Head {
     config: String,
     #[serde(default)]
     async_port_writes: bool,
+    /// The attach's tick period, when it overrode the manifest's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tick_period_ms: Option<u32>,
     #[serde(default)]
     declined: Option<String>,
 }
@@ -63,6 +66,7 @@ impl ServiceRecord {
                     path: Some(h.path.clone()),
                     config: h.config.clone(),
                     async_port_writes: h.async_port_writes,
+                    tick_period_ms: h.tick_period_ms,
                     declined: None,
                 },
                 &h.state,
@@ -72,6 +76,7 @@ impl ServiceRecord {
                     path: None,
                     config: String::new(),
                     async_port_writes: false,
+                    tick_period_ms: None,
                     declined: Some(reason.clone()),
                 },
                 &[],
@@ -124,6 +129,7 @@ impl ServiceRecord {
                 path,
                 config: head.config,
                 async_port_writes: head.async_port_writes,
+                tick_period_ms: head.tick_period_ms,
                 state,
             }),
             (None, None) => return Err(bad("neither a plugin file nor a reason".into())),
@@ -159,6 +165,7 @@ mod tests {
             path: "/p/libcounter.so".into(),
             config: "x=1".into(),
             async_port_writes: true,
+            tick_period_ms: Some(20),
             state: vec![0, 1, 2, 255],
         });
         let s = h.to_section();

@@ -302,6 +302,18 @@ impl WasmRuntime {
             .map_err(|e| load(format!("cannot load the compiled component: {e:#}")))
     }
 
+    /// The names of what the component `bytes` imports (interfaces and functions), read from
+    /// its type: `plugin inspect` shows them beside what the host offers.
+    pub(crate) fn imports(&self, path: &Path, bytes: &[u8]) -> Result<Vec<String>, ServiceError> {
+        let digest: [u8; 32] = Sha256::digest(bytes).into();
+        let component = self.component(path, bytes, &digest)?;
+        Ok(component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect())
+    }
+
     fn pre(&self, path: &Path, bytes: &[u8]) -> Result<ServicePre<StoreState>, ServiceError> {
         let digest: [u8; 32] = Sha256::digest(bytes).into();
         if let Some(pre) = lock(&self.pres).get(&digest) {
@@ -409,6 +421,8 @@ impl WasmService {
         let d = self.store.data_mut();
         d.host_ns = 0;
         d.credited_ns = 0;
+        // A panic line from an earlier call that did not trap is not this call's.
+        d.ctx.take_panic();
         self.store.set_epoch_deadline(t);
     }
 
@@ -422,6 +436,10 @@ impl WasmService {
                 return Fatal(format!(
                     "{what} exceeded its {ms} ms deadline and was interrupted"
                 ));
+            }
+            // A Rust panic logs its message (the SDK's hook) just before it traps.
+            if let Some(line) = self.store.data().ctx.take_panic() {
+                return Fatal(format!("{what} {line} (trap: {trap})"));
             }
             return Fatal(format!("{what} trapped: {trap}"));
         }

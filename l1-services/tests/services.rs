@@ -255,13 +255,15 @@ fn conflicting_claims_are_refused_naming_both() {
     let (_ram, m) = manager();
     m.attach(&wasm("exit-stats"), STATS).unwrap();
     // A dynamic claim (during attach) overlapping exit-stats' range.
-    let err = m.attach(&native("template"), "1794").unwrap_err();
+    let err = m
+        .attach(&native("template"), r#"{"port": 1794}"#)
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, ServiceError::AttachRefused { .. }), "{msg}");
     assert!(msg.contains("hello") && msg.contains("exit-stats"), "{msg}");
     // The refused service left nothing behind.
     assert_eq!(m.list().len(), 1);
-    m.attach(&native("template"), "1800").unwrap();
+    m.attach(&native("template"), r#"{"port": 1800}"#).unwrap();
 
     // Static (manifest) ports and an exclusive capability.
     m.attach(&wasm("greedy"), "").unwrap();
@@ -387,9 +389,86 @@ fn hostile_calls_in_wasm() {
     m.attach(&wasm("misbehave"), "").unwrap();
     let err = m.call("misbehave", "panic", "").unwrap_err();
     assert!(matches!(err, ServiceError::Failed { .. }), "{err}");
+    // The SDK's panic hook carried the message and place out of Wasm into the error.
+    let msg = err.to_string();
+    assert!(
+        msg.contains("panicked at") && msg.contains("told to panic") && msg.contains("lib.rs:"),
+        "{msg}"
+    );
     // And the manager is fine.
     m.attach(&wasm("exit-stats"), STATS).unwrap();
     writes(&m, 0x700, 1);
+}
+
+/// The JSON error of a call the service's dispatcher refused.
+fn call_error(m: &ServiceManager, method: &str, args: &str) -> serde_json::Value {
+    match m.call("exit-stats", method, args) {
+        Err(ServiceError::Call { msg, .. }) => json(&msg),
+        r => panic!("{method} {args}: expected a call error, got {r:?}"),
+    }
+}
+
+/// exit-stats uses the SDK's `#[service]` attribute: typed config, typed arguments, JSON
+/// results, JSON errors for calls that do not fit, and the serde state hand-over.
+#[test]
+fn typed_calls_and_config_in_both_runtimes() {
+    for p in both("exit-stats") {
+        let (_ram, m) = manager();
+        // A typed config refuses a bad one with serde's reason, naming the value.
+        let err = m.attach(&p, r#"{"base": "0xzz"}"#).unwrap_err().to_string();
+        assert!(
+            err.contains("refused to attach") && err.contains("0xzz"),
+            "{err}"
+        );
+        let err = m.attach(&p, r#"{"base": 70000}"#).unwrap_err().to_string();
+        assert!(err.contains("too large for u16"), "{err}");
+        m.attach(&p, STATS).unwrap();
+        writes(&m, 0x701, 2);
+        // One parameter: its value as a number or hex string, or by name.
+        for args in ["1793", r#""0x701""#, r#"{"port": "0x701"}"#] {
+            let c = json(&m.call("exit-stats", "port", args).unwrap());
+            assert_eq!(c["writes"], 2, "{args}: {c}");
+        }
+        let e = call_error(&m, "port", r#""x""#);
+        assert_eq!(
+            (e["error"].as_str(), e["method"].as_str()),
+            (Some("bad-args"), Some("port"))
+        );
+        assert!(
+            e["message"].as_str().unwrap().contains("argument `port`"),
+            "{e}"
+        );
+        assert!(
+            e["usage"].as_str().unwrap().starts_with("port(port:"),
+            "{e}"
+        );
+        let e = call_error(&m, "port", "");
+        assert!(e["message"].as_str().unwrap().contains("missing"), "{e}");
+        let e = call_error(&m, "port", "{");
+        assert!(e["message"].as_str().unwrap().contains("not JSON"), "{e}");
+        let e = call_error(&m, "reset", "[1]");
+        assert!(
+            e["message"].as_str().unwrap().contains("no arguments"),
+            "{e}"
+        );
+        let e = call_error(&m, "stat", "");
+        assert_eq!(e["error"], "unknown-method");
+        assert_eq!(e["methods"], serde_json::json!(["stats", "port", "reset"]));
+        // The method's own error stays its text.
+        let err = m.call("exit-stats", "port", "1").unwrap_err().to_string();
+        assert!(err.contains("not in this service's range"), "{err}");
+        // A result without a value is JSON null; the service keeps working after every refusal.
+        assert_eq!(m.call("exit-stats", "reset", "").unwrap(), "null");
+        writes(&m, 0x702, 1);
+        let s = json(&m.call("exit-stats", "stats", "{}").unwrap());
+        assert_eq!(
+            (s["writes"].as_u64(), s["base"].as_u64()),
+            (Some(1), Some(0x700))
+        );
+        // The default state hand-over (the whole value as JSON) carries the counts.
+        m.replace("exit-stats", &p).unwrap();
+        assert_eq!(read(&m, 0x702), Some(1));
+    }
 }
 
 #[test]
@@ -613,10 +692,12 @@ fn introspect_watches_writes_through_the_dirty_log() {
         let hits = json(&m.call("introspect", "hits", "").unwrap());
         assert_eq!(hits["hits"].as_array().unwrap().len(), 1, "{hits}");
         assert_eq!(hits["hits"][0]["page_gpa"], 0x10_1000);
-        let notes = m.take_notifications();
+        let notes = m.take_notifications().notifications;
         assert_eq!(notes.len(), 1);
         assert_eq!(notes[0].service, "introspect");
         assert_eq!(notes[0].kind, "write-watch");
+        // The detail is the service's JSON object, not a string holding it.
+        assert_eq!(notes[0].detail["page_gpa"], 0x10_1000);
         // Watches survive a replace into the other runtime, dirty pages pending included.
         ram.write(0x10_0000, b"again").unwrap();
         let other = if p.extension().is_some_and(|e| e == "wasm") {
@@ -632,6 +713,55 @@ fn introspect_watches_writes_through_the_dirty_log() {
         assert_eq!(w["watches"][0]["hits"], 2);
         assert_eq!(m.list()[0].metrics["watch_hits"], 2.0);
     }
+}
+
+/// Each service has its own bounded notification queue: a noisy one drops its own oldest
+/// (counted), never another's.
+#[test]
+fn a_noisy_service_does_not_push_out_anothers_notifications() {
+    let (ram, m) = manager();
+    m.attach(
+        &wasm("introspect"),
+        r#"{"watch": [{"gpa": "0x100000", "len": 4096}]}"#,
+    )
+    .unwrap();
+    m.attach(&native("misbehave"), "").unwrap();
+    let start = Instant::now();
+    m.tick(start);
+    ram.write(0x10_0010, b"watched").unwrap();
+    m.call("misbehave", "notify", "10").unwrap();
+    m.tick(start + Duration::from_millis(100));
+    let flood = l1_services::NOTIFICATIONS_PER_SERVICE as u64 * 4;
+    m.call("misbehave", "notify", &flood.to_string()).unwrap();
+    let t = m.take_notifications();
+    let from = |who: &str| t.notifications.iter().filter(|n| n.service == who).count();
+    assert_eq!(from("introspect"), 1, "{:?}", t.dropped);
+    assert_eq!(from("misbehave"), l1_services::NOTIFICATIONS_PER_SERVICE);
+    assert_eq!(
+        t.dropped["misbehave"],
+        flood + 10 - l1_services::NOTIFICATIONS_PER_SERVICE as u64
+    );
+    assert!(!t.dropped.contains_key("introspect"), "{:?}", t.dropped);
+    // In publication order; the kept ones are the newest; details are JSON.
+    assert!(t.notifications.windows(2).all(|w| w[0].seq < w[1].seq));
+    let last = t.notifications.last().unwrap();
+    assert_eq!(last.detail["i"], flood - 1);
+    // Taken once: the queues start empty again, and the counters with them.
+    let again = m.take_notifications();
+    assert!(again.notifications.is_empty() && again.dropped.is_empty());
+    // A follower waits for the next one.
+    let t0 = Instant::now();
+    assert!(m
+        .wait_notifications(Duration::from_millis(50))
+        .notifications
+        .is_empty());
+    assert!(t0.elapsed() >= Duration::from_millis(50));
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| m.wait_notifications(Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(20));
+        m.call("misbehave", "notify", "1").unwrap();
+        assert_eq!(waiter.join().unwrap().notifications.len(), 1);
+    });
 }
 
 #[test]
@@ -709,7 +839,7 @@ fn compiled_components_are_cached_on_disk() {
     let m = ServiceManager::new(host, dir.clone());
     m.attach(&wasm("template"), "").unwrap();
     assert_eq!(
-        m.call("hello", "hello", "you").unwrap(),
+        m.call("hello", "hello", r#""you""#).unwrap(),
         "\"hello, you! greeting #1\""
     );
     std::fs::remove_dir_all(dir).unwrap();
@@ -816,6 +946,7 @@ fn async_port_writes_arrive_all_in_order_before_a_later_call() {
     for path in both("exit-stats") {
         let opts = l1_services::AttachOptions {
             async_port_writes: true,
+            ..Default::default()
         };
         m.attach_with(&path, r#"{"base":1792,"len":1}"#, opts)
             .unwrap();
@@ -882,4 +1013,35 @@ fn saved_states_stay_in_place_and_come_back_elsewhere() {
             .count(),
         3
     );
+}
+
+/// Whoever attaches sets the tick period (instead of the manifest's); a replace keeps it.
+#[test]
+fn the_tick_period_is_set_at_attach_and_kept_by_a_replace() {
+    let (_ram, m) = manager();
+    let opts = l1_services::AttachOptions {
+        tick_period_ms: Some(20),
+        ..Default::default()
+    };
+    // exit-stats does not subscribe to ticks: a period for it is a mistake, said clearly.
+    let err = m.attach_with(&wasm("exit-stats"), STATS, opts).unwrap_err();
+    assert!(
+        err.to_string().contains("does not subscribe to ticks"),
+        "{err}"
+    );
+    let zero = l1_services::AttachOptions {
+        tick_period_ms: Some(0),
+        ..Default::default()
+    };
+    let err = m.attach_with(&wasm("template"), "", zero).unwrap_err();
+    assert!(err.to_string().contains("at least 1 ms"), "{err}");
+    // The template's manifest asks for 1000 ms.
+    let info = m.attach_with(&wasm("template"), "", opts).unwrap();
+    assert_eq!(info.tick_period_ms, 20);
+    let now = Instant::now();
+    m.tick(now);
+    assert!(m.next_tick_in(now).unwrap() <= Duration::from_millis(20));
+    let info = m.replace("hello", &native("template")).unwrap();
+    assert_eq!(info.tick_period_ms, 20);
+    assert_eq!(m.list()[0].tick_period_ms, 20);
 }

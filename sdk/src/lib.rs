@@ -26,6 +26,7 @@
 extern crate self as spanvmm_sdk;
 
 pub mod abi;
+pub mod call;
 pub mod host;
 pub mod hostif;
 pub mod migration;
@@ -42,6 +43,83 @@ pub mod wasm;
 #[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
 pub use wit_bindgen as __wit_bindgen;
+
+/// Takes the boilerplate out of `impl Service for T`: a typed `attach` config, `#[method]`
+/// functions dispatched from `call` with typed arguments and JSON results, `#[service(state)]`
+/// for a serde state hand-over, and the export. See [`call`] for what it expands to.
+///
+/// ```ignore
+/// #[derive(Default, Serialize, Deserialize)]
+/// struct Counter { writes: u64 }
+///
+/// #[derive(Deserialize)]
+/// struct Config { port: u16 }
+///
+/// #[spanvmm_sdk::service(state)]
+/// impl Service for Counter {
+///     fn manifest() -> Manifest { Manifest::new("counter", "0.1.0").events(&[EventKind::PortWrite]) }
+///     fn attach(&mut self, cfg: Config) -> Result<(), String> { host::claim_ports(cfg.port, 1) }
+///     fn on_event(&mut self, _: Event) -> EventReply { self.writes += 1; EventReply::None }
+///     #[method]
+///     fn stats(&self) -> u64 { self.writes }
+///     #[method(name = "add")]
+///     fn add_writes(&mut self, n: u64) -> Result<u64, String> { self.writes += n; Ok(self.writes) }
+/// }
+/// ```
+pub use spanvmm_sdk_macros::service;
+
+/// How the SDK's panic hook starts the line it logs at error level before a Wasm service traps:
+/// the host attaches that line to the trap's error, so the panic's message reaches the caller.
+pub const PANIC_PREFIX: &str = "panicked at ";
+
+/// Logs at `error` level through [`host::log`], formatting like `format!`.
+#[macro_export]
+macro_rules! error {
+    ($($arg:tt)*) => { $crate::host::log($crate::LogLevel::Error, &::std::format!($($arg)*)) };
+}
+
+/// Logs at `warn` level through [`host::log`], formatting like `format!`.
+#[macro_export]
+macro_rules! warn {
+    ($($arg:tt)*) => { $crate::host::log($crate::LogLevel::Warn, &::std::format!($($arg)*)) };
+}
+
+/// Logs at `info` level through [`host::log`], formatting like `format!`.
+#[macro_export]
+macro_rules! info {
+    ($($arg:tt)*) => { $crate::host::log($crate::LogLevel::Info, &::std::format!($($arg)*)) };
+}
+
+/// Logs at `debug` level through [`host::log`], formatting like `format!`.
+#[macro_export]
+macro_rules! debug {
+    ($($arg:tt)*) => { $crate::host::log($crate::LogLevel::Debug, &::std::format!($($arg)*)) };
+}
+
+/// Logs at `trace` level through [`host::log`], formatting like `format!`.
+#[macro_export]
+macro_rules! trace {
+    ($($arg:tt)*) => { $crate::host::log($crate::LogLevel::Trace, &::std::format!($($arg)*)) };
+}
+
+/// A panic's payload and place as one line, `panicked at FILE:LINE:COL: MESSAGE`.
+pub fn panic_line(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let p = info.payload();
+    let msg = p
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    match info.location() {
+        Some(l) => format!(
+            "{PANIC_PREFIX}{}:{}:{}: {msg}",
+            l.file(),
+            l.line(),
+            l.column()
+        ),
+        None => format!("{PANIC_PREFIX}(unknown place): {msg}"),
+    }
+}
 
 pub use types::{
     Capability, Event, EventKind, EventReply, Lifecycle, LogLevel, Manifest, MmioRange, NetFrame,

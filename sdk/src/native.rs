@@ -19,8 +19,11 @@ fn guard<F: FnOnce() -> i32>(err: *const Sink, what: &str, f: F) -> i32 {
                 .map(|s| s.to_string())
                 .or_else(|| p.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
+            let msg = format!("service panicked in {what}: {msg}");
+            // The same line in the VMM's log as a Wasm service's panic (the error carries it too).
+            imports::log(crate::LogLevel::Error, &msg);
             // SAFETY: `err` is the sink the host passed with this call (or null).
-            unsafe { abi::sink_put(err, format!("service panicked in {what}: {msg}").as_bytes()) };
+            unsafe { abi::sink_put(err, msg.as_bytes()) };
             abi::FATAL
         }
     }

@@ -145,13 +145,28 @@ fn reply_to_wit(r: EventReply) -> t::EventReply {
     }
 }
 
+/// Installs the panic hook (once per instance): a panic's message goes to the host's log at
+/// error level, starting with [`crate::PANIC_PREFIX`], just before the panic traps (Wasm has no
+/// unwinding), and the host puts that line in the trap's error. Without it the caller would
+/// only see "wasm 'unreachable' instruction executed".
+fn panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            crate::host::log(LogLevel::Error, &crate::panic_line(info))
+        }))
+    });
+}
+
 /// `describe` export.
 pub fn describe<S: Service>() -> t::Manifest {
+    panic_hook();
     manifest_to_wit(S::manifest())
 }
 
-/// `attach` export.
+/// `attach` export (every instance is attached before any other call but `describe`).
 pub fn attach<S: Service>(slot: &Slot<S>, config: String) -> Result<(), String> {
+    panic_hook();
     slot.attach(&config)
 }
 

@@ -11,6 +11,7 @@ pub mod live_update;
 pub mod logging;
 pub mod metrics;
 pub mod migrate;
+pub mod plugin_tool;
 pub mod run;
 pub mod services;
 pub mod snapshot;

@@ -65,6 +65,11 @@ impl Metrics {
         let _ = self.vm.set(VmParts { ctl, bus, manager });
     }
 
+    /// The VM's service manager, once the VM exists.
+    pub fn manager(&self) -> Option<&Arc<ServiceManager>> {
+        self.vm.get().map(|v| &v.manager)
+    }
+
     /// The OpenMetrics text of a scrape.
     pub fn scrape(self: &Arc<Self>) -> String {
         let mut registry = Registry::with_prefix("spanvmm");

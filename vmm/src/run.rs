@@ -664,8 +664,16 @@ fn handle(vmm: &mut Vmm, manager: &ServiceManager, req: ApiRequest) -> ApiResult
             path,
             config,
             async_port_writes,
+            tick_period_ms,
         } => manager
-            .attach_with(&path, &config, AttachOptions { async_port_writes })
+            .attach_with(
+                &path,
+                &config,
+                AttachOptions {
+                    async_port_writes,
+                    tick_period_ms,
+                },
+            )
             .map(|i| json!(i))
             .map_err(|e| (400, e.to_string())),
         ApiRequest::PluginDetach(name) => manager

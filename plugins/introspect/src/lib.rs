@@ -17,9 +17,8 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use spanvmm_sdk::{
-    export_service, host, Capability, Event, EventReply, LogLevel, Manifest, Service,
-};
+use spanvmm_sdk::call::Num;
+use spanvmm_sdk::{host, Capability, Event, EventReply, Manifest, Service, VcpuRegs};
 
 const PAGE: u64 = 4096;
 /// Most hits kept between two `hits` calls.
@@ -40,35 +39,25 @@ struct Hit {
     time_ns: u64,
 }
 
+/// Attach config: regions to watch from the start.
+#[derive(Default, Deserialize)]
+struct Config {
+    #[serde(default)]
+    watch: Vec<Region>,
+}
+
+#[derive(Deserialize)]
+struct Region {
+    gpa: Num<u64>,
+    len: Num<u64>,
+}
+
 #[derive(Default, Serialize, Deserialize)]
 struct Introspect {
     watches: Vec<Watch>,
     hits: Vec<Hit>,
     next_id: u32,
     ticks: u64,
-}
-
-fn num(args: &Value, key: &str) -> Result<Option<u64>, String> {
-    match args.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| format!("{key} must be a non-negative integer")),
-        Some(Value::String(s)) => {
-            let r = match s.strip_prefix("0x") {
-                Some(h) => u64::from_str_radix(h, 16),
-                None => s.parse(),
-            };
-            r.map(Some)
-                .map_err(|_| format!("{key}: {s:?} is not a number"))
-        }
-        Some(_) => Err(format!("{key} must be a number")),
-    }
-}
-
-fn need(args: &Value, key: &str) -> Result<u64, String> {
-    num(args, key)?.ok_or_else(|| format!("missing argument {key:?}"))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -110,7 +99,7 @@ impl Introspect {
         let bitmap = match host::dirty_bitmap() {
             Ok(b) => b,
             Err(e) => {
-                host::log(LogLevel::Warn, &format!("dirty bitmap unavailable: {e}"));
+                spanvmm_sdk::warn!("dirty bitmap unavailable: {e}");
                 return;
             }
         };
@@ -143,21 +132,9 @@ impl Introspect {
             self.watches.iter().map(|w| w.hits).sum::<u64>() as f64,
         );
     }
-
-    fn regs(&self, args: &Value) -> Result<Value, String> {
-        let vcpu = num(args, "vcpu")?.unwrap_or(0) as u32;
-        let pause = args.get("pause").and_then(Value::as_bool).unwrap_or(false);
-        if pause {
-            host::pause()?;
-        }
-        let r = host::vcpu_regs(vcpu);
-        if pause {
-            host::resume()?;
-        }
-        serde_json::to_value(r?).map_err(|e| e.to_string())
-    }
 }
 
+#[spanvmm_sdk::service(state)]
 impl Service for Introspect {
     fn manifest() -> Manifest {
         Manifest::new("introspect", env!("CARGO_PKG_VERSION"))
@@ -170,16 +147,9 @@ impl Service for Introspect {
             .tick_every_ms(50)
     }
 
-    fn attach(&mut self, config: &str) -> Result<(), String> {
-        if config.trim().is_empty() {
-            return Ok(());
-        }
-        let cfg: Value =
-            serde_json::from_str(config).map_err(|e| format!("config is not JSON: {e}"))?;
-        if let Some(list) = cfg.get("watch").and_then(Value::as_array) {
-            for w in list {
-                self.add_watch(need(w, "gpa")?, need(w, "len")?)?;
-            }
+    fn attach(&mut self, cfg: Config) -> Result<(), String> {
+        for w in cfg.watch {
+            self.add_watch(w.gpa.0, w.len.0)?;
         }
         Ok(())
     }
@@ -192,81 +162,93 @@ impl Service for Introspect {
         EventReply::None
     }
 
-    fn detach(&mut self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+    #[method]
+    fn info(&self) -> spanvmm_sdk::VmInfo {
+        host::vm_info()
     }
 
-    fn resume_from(&mut self, state: &[u8]) -> Result<(), String> {
-        if state.is_empty() {
-            return Ok(());
+    /// At most 64 KiB.
+    #[method]
+    fn read(&self, gpa: Num<u64>, len: Num<u32>) -> Result<Value, String> {
+        if len.0 > 64 << 10 {
+            return Err("read: at most 65536 bytes per call".into());
         }
-        *self = serde_json::from_slice(state).map_err(|e| format!("bad introspect state: {e}"))?;
-        Ok(())
+        let bytes = host::read_memory(gpa.0, len.0)?;
+        Ok(json!({"gpa": gpa.0, "hex": hex(&bytes)}))
     }
 
-    fn call(&mut self, method: &str, args: &str) -> Result<String, String> {
-        let args: Value = if args.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(args).map_err(|e| format!("arguments are not JSON: {e}"))?
+    #[method]
+    fn search(
+        &self,
+        text: Option<String>,
+        hex: Option<String>,
+        start: Option<Num<u64>>,
+        len: Option<Num<u64>>,
+        max: Option<Num<u32>>,
+    ) -> Result<Value, String> {
+        let pattern = match (text, hex) {
+            (Some(t), _) => t.into_bytes(),
+            (_, Some(h)) => unhex(&h)?,
+            _ => return Err("search: give \"text\" or \"hex\"".into()),
         };
-        let out = match method {
-            "info" => serde_json::to_value(host::vm_info()).map_err(|e| e.to_string())?,
-            "read" => {
-                let gpa = need(&args, "gpa")?;
-                let len = need(&args, "len")?;
-                if len > 64 << 10 {
-                    return Err("read: at most 65536 bytes per call".into());
-                }
-                let bytes = host::read_memory(gpa, len as u32)?;
-                json!({"gpa": gpa, "hex": hex(&bytes)})
-            }
-            "search" => {
-                let pattern = match (args.get("text"), args.get("hex")) {
-                    (Some(Value::String(t)), _) => t.as_bytes().to_vec(),
-                    (_, Some(Value::String(h))) => unhex(h)?,
-                    _ => return Err("search: give \"text\" or \"hex\"".into()),
-                };
-                let mem = host::vm_info().mem_bytes;
-                let start = num(&args, "start")?.unwrap_or(0);
-                let len = num(&args, "len")?.unwrap_or(mem.saturating_sub(start));
-                let max = num(&args, "max")?.unwrap_or(64) as u32;
-                json!({"matches": host::search_memory(start, len, &pattern, max)?})
-            }
-            "translate" => {
-                let t = host::translate(need(&args, "cr3")?, need(&args, "gva")?)?;
-                serde_json::to_value(t).map_err(|e| e.to_string())?
-            }
-            "regs" => self.regs(&args)?,
-            "hash" => {
-                let h = host::hash_pages(need(&args, "first")?, need(&args, "count")? as u32)?;
-                json!({"hashes": h})
-            }
-            "zero" => {
-                let z = host::zero_scan(need(&args, "first")?, need(&args, "count")? as u32)?;
-                json!({"bitmap": z})
-            }
-            "watch" => json!({"id": self.add_watch(need(&args, "gpa")?, need(&args, "len")?)?}),
-            "unwatch" => {
-                let id = need(&args, "id")? as u32;
-                let before = self.watches.len();
-                self.watches.retain(|w| w.id != id);
-                if self.watches.len() == before {
-                    return Err(format!("no watch {id}"));
-                }
-                json!({})
-            }
-            "watches" => json!({"watches": self.watches, "ticks": self.ticks}),
-            "hits" => json!({"hits": std::mem::take(&mut self.hits)}),
-            m => {
-                return Err(format!(
-                    "unknown method {m:?}; methods: info read search translate regs hash zero \
-                     watch unwatch watches hits"
-                ))
-            }
-        };
-        Ok(out.to_string())
+        let start = start.map_or(0, |n| n.0);
+        let len = len.map_or(host::vm_info().mem_bytes.saturating_sub(start), |n| n.0);
+        let max = max.map_or(64, |n| n.0);
+        Ok(json!({"matches": host::search_memory(start, len, &pattern, max)?}))
+    }
+
+    #[method]
+    fn translate(&self, cr3: Num<u64>, gva: Num<u64>) -> Result<spanvmm_sdk::Translation, String> {
+        host::translate(cr3.0, gva.0)
+    }
+
+    /// Pauses the VM around the read when `pause` is true.
+    #[method]
+    fn regs(&self, vcpu: Option<Num<u32>>, pause: Option<bool>) -> Result<VcpuRegs, String> {
+        let pause = pause.unwrap_or(false);
+        if pause {
+            host::pause()?;
+        }
+        let r = host::vcpu_regs(vcpu.map_or(0, |n| n.0));
+        if pause {
+            host::resume()?;
+        }
+        r
+    }
+
+    #[method]
+    fn hash(&self, first: Num<u64>, count: Num<u32>) -> Result<Value, String> {
+        Ok(json!({"hashes": host::hash_pages(first.0, count.0)?}))
+    }
+
+    #[method]
+    fn zero(&self, first: Num<u64>, count: Num<u32>) -> Result<Value, String> {
+        Ok(json!({"bitmap": host::zero_scan(first.0, count.0)?}))
+    }
+
+    #[method]
+    fn watch(&mut self, gpa: Num<u64>, len: Num<u64>) -> Result<Value, String> {
+        Ok(json!({"id": self.add_watch(gpa.0, len.0)?}))
+    }
+
+    #[method]
+    fn unwatch(&mut self, id: Num<u32>) -> Result<Value, String> {
+        let before = self.watches.len();
+        self.watches.retain(|w| w.id != id.0);
+        if self.watches.len() == before {
+            return Err(format!("no watch {}", id.0));
+        }
+        Ok(json!({}))
+    }
+
+    #[method]
+    fn watches(&self) -> Value {
+        json!({"watches": self.watches, "ticks": self.ticks})
+    }
+
+    /// The hits recorded since the previous call (and clears them).
+    #[method]
+    fn hits(&mut self) -> Value {
+        json!({"hits": std::mem::take(&mut self.hits)})
     }
 }
-
-export_service!(Introspect);

@@ -1,15 +1,24 @@
-//! hello: the smallest useful spanvmm service. It claims one port given in its config, answers
-//! reads with a greeting counter, logs every tick, and says hello through `call`.
+//! hello: the smallest useful spanvmm service. It claims the port given in its config, answers
+//! reads with a greeting counter, logs every tick, says hello through `call`, and hands its
+//! counter to a successor on replace.
 
-use spanvmm_sdk::{
-    export_service, host, Event, EventKind, EventReply, LogLevel, Manifest, Service,
-};
+use serde::{Deserialize, Serialize};
+use spanvmm_sdk::{host, info, Event, EventKind, EventReply, Manifest, Service};
 
-#[derive(Default)]
+// The state handed to a successor (JSON); `default`: what a predecessor lacks starts at zero.
+#[derive(Default, Serialize, Deserialize)]
+#[serde(default)]
 struct Hello {
     greetings: u64,
 }
 
+/// Attach config (JSON), e.g. `{"port": 1536}` (0x600); `{}` or nothing: no port.
+#[derive(Deserialize)]
+struct Config {
+    port: Option<u16>,
+}
+
+#[spanvmm_sdk::service(state)]
 impl Service for Hello {
     fn manifest() -> Manifest {
         Manifest::new("hello", env!("CARGO_PKG_VERSION"))
@@ -17,52 +26,30 @@ impl Service for Hello {
             .tick_every_ms(1000)
     }
 
-    fn attach(&mut self, config: &str) -> Result<(), String> {
-        // Config: a port number, e.g. "1536" (0x600). Empty: no port.
-        if let Ok(port) = config.trim().parse::<u16>() {
+    fn attach(&mut self, cfg: Config) -> Result<(), String> {
+        if let Some(port) = cfg.port {
             host::claim_ports(port, 1)?;
         }
-        host::log(LogLevel::Info, "hello attached");
+        info!("hello attached (port {:?})", cfg.port);
         Ok(())
     }
 
     fn on_event(&mut self, event: Event) -> EventReply {
         match event {
-            Event::PortWrite { .. } => {
-                self.greetings += 1;
-                EventReply::None
-            }
-            Event::PortRead { .. } => EventReply::Value(self.greetings),
-            Event::Tick { now_ns } => {
-                host::log(LogLevel::Debug, &format!("tick at {now_ns} ns"));
-                EventReply::None
-            }
+            Event::PortWrite { .. } => self.greetings += 1,
+            Event::PortRead { .. } => return EventReply::Value(self.greetings),
+            Event::Tick { now_ns } => spanvmm_sdk::debug!("tick at {now_ns} ns"),
             // Events this service did not subscribe to never arrive; the wildcard also keeps
             // the source building when the interface grows new event kinds.
-            _ => EventReply::None,
+            _ => {}
         }
+        EventReply::None
     }
 
-    fn detach(&mut self) -> Vec<u8> {
-        self.greetings.to_le_bytes().to_vec()
-    }
-
-    fn resume_from(&mut self, state: &[u8]) -> Result<(), String> {
-        if let Ok(b) = <[u8; 8]>::try_from(state) {
-            self.greetings = u64::from_le_bytes(b);
-        }
-        Ok(())
-    }
-
-    fn call(&mut self, method: &str, args: &str) -> Result<String, String> {
-        match method {
-            "hello" => {
-                self.greetings += 1;
-                Ok(format!("\"hello, {args}! greeting #{}\"", self.greetings))
-            }
-            m => Err(format!("unknown method {m:?}")),
-        }
+    /// `hello` with a name (`"world"` or `{"name": "world"}`) answers a greeting.
+    #[method]
+    fn hello(&mut self, name: String) -> String {
+        self.greetings += 1;
+        format!("hello, {name}! greeting #{}", self.greetings)
     }
 }
-
-export_service!(Hello);

@@ -37,6 +37,8 @@ pub enum ApiRequest {
         config: String,
         /// Deliver the service's port writes asynchronously.
         async_port_writes: bool,
+        /// The tick period instead of the manifest's, ms.
+        tick_period_ms: Option<u32>,
     },
     /// `PUT /plugins/detach {"name": ...}`
     PluginDetach(String),
@@ -105,6 +107,8 @@ struct AttachBody {
     config: String,
     #[serde(default)]
     async_port_writes: bool,
+    #[serde(default)]
+    tick_period_ms: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -194,6 +198,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, (u16, 
                 path: b.path,
                 config: b.config,
                 async_port_writes: b.async_port_writes,
+                tick_period_ms: b.tick_period_ms,
             }
         }
         ("/plugins/detach", _) if put => {

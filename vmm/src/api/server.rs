@@ -283,6 +283,18 @@ fn handle_connection(
         Ok((method, path, _)) if path == "/metrics" && method == "GET" => {
             return respond_text(&mut out, &metrics.scrape());
         }
+        // So are notifications (they need no service): a stuck service's VMM still answers.
+        Ok((method, path, _)) if method == "GET" && notifications_query(&path).is_some() => {
+            let follow = notifications_query(&path) == Some(true);
+            return match (metrics.manager(), follow) {
+                (Some(m), true) => follow_notifications(&mut out, m),
+                (Some(m), false) => respond(&mut out, Ok(json!(m.take_notifications()))),
+                (None, _) => respond(
+                    &mut out,
+                    Err((503, "no VM yet: nothing publishes notifications".into())),
+                ),
+            };
+        }
         Ok((method, path, body)) => match route(&method, &path, &body) {
             Ok(req) => {
                 let (tx, rx) = mpsc::channel();
@@ -328,6 +340,73 @@ fn handle_connection(
         let _ = w.send(());
     }
     r
+}
+
+/// Clients following the notifications at once (each holds a connection).
+const MAX_FOLLOWERS: usize = 4;
+/// A follower gets an empty line this often while nothing is published: a client that went
+/// away is noticed at the next write, and the client can tell a quiet VMM from a gone one.
+const FOLLOW_HEARTBEAT: Duration = Duration::from_secs(5);
+static FOLLOWERS: AtomicUsize = AtomicUsize::new(0);
+
+/// `Some(follow)` when `path` is `/plugins/notifications[?follow=true]`.
+fn notifications_query(path: &str) -> Option<bool> {
+    let (base, query) = path.split_once('?').unwrap_or((path, ""));
+    (base == "/plugins/notifications").then(|| {
+        query
+            .split('&')
+            .any(|kv| matches!(kv, "follow" | "follow=true" | "follow=1"))
+    })
+}
+
+/// `GET /plugins/notifications?follow=true`: a chunked stream of JSON lines, each a
+/// notification as it is published (`{"seq":…,"service":…,"kind":…,"detail":{…},…}`) or
+/// `{"dropped":{"service":N}}` when a service's full queue dropped some since the previous
+/// line; an empty line every [`FOLLOW_HEARTBEAT`] while nothing happens. It takes what it
+/// streams (a plain `GET` sees it no more), and runs until the client goes away.
+fn follow_notifications(
+    out: &mut UnixStream,
+    manager: &l1_services::ServiceManager,
+) -> std::io::Result<()> {
+    if FOLLOWERS.fetch_add(1, Ordering::SeqCst) >= MAX_FOLLOWERS {
+        FOLLOWERS.fetch_sub(1, Ordering::SeqCst);
+        return respond(
+            out,
+            Err((
+                503,
+                format!("{MAX_FOLLOWERS} clients follow the notifications already"),
+            )),
+        );
+    }
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            FOLLOWERS.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _leave = Leave;
+    write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )?;
+    loop {
+        let batch = manager.wait_notifications(FOLLOW_HEARTBEAT);
+        let mut text = String::new();
+        if !batch.dropped.is_empty() {
+            text += &json!({ "dropped": batch.dropped }).to_string();
+            text.push('\n');
+        }
+        for n in &batch.notifications {
+            text += &serde_json::to_string(n).unwrap_or_default();
+            text.push('\n');
+        }
+        if text.is_empty() {
+            text.push('\n');
+        }
+        // One chunk holds whole lines.
+        write!(out, "{:x}\r\n{text}\r\n", text.len())?;
+        out.flush()?;
+    }
 }
 
 fn respond(out: &mut impl Write, result: ApiResult) -> std::io::Result<()> {

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
@@ -101,7 +102,8 @@ pub enum CtlOp {
     Introspect {
         /// Method.
         method: String,
-        /// Arguments, joined by spaces.
+        /// Arguments: one JSON value (e.g. an object), or several, sent as a JSON array (each
+        /// JSON if it parses, else a string): `read 0x1000 16`.
         args: Vec<String>,
     },
 }
@@ -122,6 +124,9 @@ pub enum PluginOp {
         /// (reads stay synchronous and see every earlier write first).
         #[arg(long)]
         async_writes: bool,
+        /// Tick the service this often (ms) instead of its manifest's period.
+        #[arg(long, value_name = "MS")]
+        tick_ms: Option<u32>,
     },
     /// Detach a service (its state is handed back and dropped).
     Detach {
@@ -148,8 +153,40 @@ pub enum PluginOp {
         #[arg(default_value = "")]
         args: String,
     },
-    /// Show what services published since the last look.
-    Notifications,
+    /// Show what services published since the last look (each service's queue keeps its
+    /// newest 256; `dropped` counts what a full queue pushed out).
+    Notifications {
+        /// Stream them as they are published, one JSON object a line, until interrupted.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+/// How long `ctl` waits for an answer unless `--timeout` says otherwise: a minute, ten for
+/// what may legitimately take long (saving a large VM, compiling a new component).
+fn default_timeout(op: &CtlOp) -> Duration {
+    match op {
+        CtlOp::Save { .. }
+        | CtlOp::LiveUpdate { .. }
+        | CtlOp::Plugin {
+            op: PluginOp::Attach { .. } | PluginOp::Replace { .. },
+        } => Duration::from_secs(600),
+        _ => Duration::from_secs(60),
+    }
+}
+
+/// `ctl introspect METHOD ARGS...`: one argument as given (JSON, e.g. an object); several as a
+/// JSON array of them, each JSON if it parses and a string otherwise (`read 0x1000 16`).
+fn introspect_args(args: &[String]) -> String {
+    match args {
+        [one] => one.clone(),
+        many => Value::Array(
+            many.iter()
+                .map(|a| serde_json::from_str(a).unwrap_or_else(|_| Value::String(a.clone())))
+                .collect(),
+        )
+        .to_string(),
+    }
 }
 
 /// `100M` → 100_000_000.
@@ -167,8 +204,27 @@ fn parse_rate(s: &str) -> anyhow::Result<u64> {
     Ok((v * mult) as u64)
 }
 
-/// Runs one `ctl` command against the API socket.
-pub fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
+/// Runs one `ctl` command against the API socket, waiting at most `timeout` for the answer
+/// (default: [`default_timeout`]).
+pub fn ctl(socket: &Path, op: CtlOp, timeout: Option<Duration>) -> anyhow::Result<()> {
+    let timeout = timeout.unwrap_or_else(|| default_timeout(&op));
+    if let CtlOp::Plugin {
+        op: PluginOp::Notifications { follow: true },
+    } = &op
+    {
+        // Three heartbeats missed: the VMM is gone or stuck.
+        return api::follow(
+            socket,
+            "/plugins/notifications?follow=true",
+            Duration::from_secs(15),
+            |line| {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{line}")?;
+                out.flush()?;
+                Ok(())
+            },
+        );
+    }
     if let CtlOp::Migrate {
         to,
         plugin,
@@ -219,15 +275,19 @@ pub fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
         }
         CtlOp::Plugin { op } => match op {
             PluginOp::List => ("GET", "/plugins", None),
-            PluginOp::Notifications => ("GET", "/plugins/notifications", None),
+            PluginOp::Notifications { .. } => ("GET", "/plugins/notifications", None),
             PluginOp::Attach {
                 path,
                 config,
                 async_writes,
+                tick_ms,
             } => {
                 let path = std::path::absolute(path).context("resolve plugin path")?;
-                let body =
+                let mut body =
                     json!({ "path": path, "config": config, "async_port_writes": async_writes });
+                if let Some(ms) = tick_ms {
+                    body["tick_period_ms"] = json!(ms);
+                }
                 ("PUT", "/plugins/attach", Some(body))
             }
             PluginOp::Detach { name } => ("PUT", "/plugins/detach", Some(json!({ "name": name }))),
@@ -249,10 +309,10 @@ pub fn ctl(socket: &Path, op: CtlOp) -> anyhow::Result<()> {
         CtlOp::Introspect { method, args } => (
             "PUT",
             "/plugins/call",
-            Some(json!({ "name": "introspect", "method": method, "args": args.join(" ") })),
+            Some(json!({ "name": "introspect", "method": method, "args": introspect_args(args) })),
         ),
     };
-    let value = api::call_checked(socket, method, path, body.as_ref())?;
+    let value = api::call_checked_within(socket, method, path, body.as_ref(), timeout)?;
     // A closed stdout (e.g. `| head`) is the reader's choice, not an error worth a panic.
     let _ = writeln!(
         std::io::stdout(),

@@ -7,7 +7,7 @@
 //!   reports what the host said), `big-read` (asks for more than 1 MiB), `write` (writes memory
 //!   without the capability), `panic`, `pause` (pauses and resumes the VM), `writes` (how many
 //!   port writes it saw), `ptrace` (native only: makes the ptrace syscall, which no spanvmm
-//!   thread may make, and reports what it returned); and, against WASI (deny-by-default, Wasm build only): `wasi-file`,
+//!   thread may make, and reports what it returned), `notify N` (N notifications); and, against WASI (deny-by-default, Wasm build only): `wasi-file`,
 //!   `wasi-write-file`, `wasi-socket`, `wasi-env`, `wasi-clock` (report what the host refused or
 //!   allowed), `print` (stdout and stderr lines), `print-flood N` (N bytes, no newline).
 //!
@@ -120,6 +120,14 @@ impl Service for Misbehave {
                 Ok("{}".into())
             }
             "writes" => Ok(self.writes.to_string()),
+            // A noisy service: `args` notifications (kind `noise`, detail `{"i": n}`).
+            "notify" => {
+                let n: u32 = args.trim().parse().map_err(|e| format!("notify N: {e}"))?;
+                for i in 0..n {
+                    host::notify("noise", &format!("{{\"i\": {i}}}"));
+                }
+                Ok(n.to_string())
+            }
             "ptrace" => Ok(format!("{{\"ptrace\": {}}}", ptrace_syscall())),
             // What a service logs reaches the VMM's log under its name.
             "log" => {
