@@ -77,18 +77,44 @@ fn vm_owner(
     None
 }
 
-/// Serves `GET /metrics` on `listener` (if any); returns a clone of it for a live update.
+/// The `--metrics-addr` listener once it serves.
+struct MetricsServing {
+    /// A clone, for a live update's new process.
+    listener: std::net::TcpListener,
+    addr: std::net::SocketAddr,
+    accepting: api::server::Accepting,
+}
+
+impl MetricsServing {
+    /// After a live update's hand-over: stop taking scrapes from the shared listener, so the
+    /// next one reaches the new process (not this one, on its way out).
+    fn stop_accepting(&self) {
+        let addr = self.addr;
+        if !self
+            .accepting
+            .stop_with(|| drop(std::net::TcpStream::connect(addr)))
+        {
+            tracing::warn!("live update: the old metrics thread did not confirm it stopped");
+        }
+    }
+}
+
+/// Serves `GET /metrics` on `listener` (if any).
 fn serve_metrics(
     metrics: &Arc<Metrics>,
     listener: Option<std::net::TcpListener>,
-) -> anyhow::Result<Option<std::net::TcpListener>> {
+) -> anyhow::Result<Option<MetricsServing>> {
     let Some(listener) = listener else {
         return Ok(None);
     };
     let kept = listener.try_clone()?;
-    let bound = api::server::serve_metrics(metrics, listener)?;
-    tracing::info!("metrics on http://{bound}/metrics");
-    Ok(Some(kept))
+    let (addr, accepting) = api::server::serve_metrics(metrics, listener)?;
+    tracing::info!("metrics on http://{addr}/metrics");
+    Ok(Some(MetricsServing {
+        listener: kept,
+        addr,
+        accepting,
+    }))
 }
 
 /// Runs a VM until it powers off or is shut down; returns the process exit status.
@@ -338,7 +364,7 @@ pub fn run(
                     &binary,
                     &serial,
                     api.handover.as_ref(),
-                    metrics_handover.as_ref(),
+                    metrics_handover.as_ref().map(|m| &m.listener),
                     Duration::from_millis(timeout_ms),
                     move |answer| {
                         let _ = answer_tx.send(Msg::LiveUpdateAnswer(answer));
@@ -374,6 +400,9 @@ pub fn run(
                 match p.update.finish(answer, &mut vmm, &manager) {
                     live_update::Outcome::HandedOver(report) => {
                         api.stop_accepting();
+                        if let Some(m) = &metrics_handover {
+                            m.stop_accepting();
+                        }
                         let _ = p.reply.send(Ok(json!(report)));
                         // Exit only once the client has its answer.
                         let _ = p.written.recv_timeout(Duration::from_secs(5));

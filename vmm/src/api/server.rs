@@ -204,12 +204,17 @@ impl Accepting {
     /// accept, so it is woken by connections of our own to `path`; one the other process
     /// takes instead is an empty connection it closes). False if it could not be confirmed.
     pub fn stop(&self, path: &Path) -> bool {
+        self.stop_with(|| drop(UnixStream::connect(path)))
+    }
+
+    /// [`Accepting::stop`] for any listener: `wake` connects to it.
+    pub fn stop_with(&self, wake: impl Fn()) -> bool {
         self.stop.store(true, Ordering::SeqCst);
         for _ in 0..50 {
             if self.stopped.try_recv().is_ok() {
                 return true;
             }
-            drop(UnixStream::connect(path));
+            wake();
             if self.stopped.recv_timeout(Duration::from_millis(20)).is_ok() {
                 return true;
             }
@@ -441,20 +446,31 @@ pub fn bind_metrics(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))
 }
 
-/// Serves `GET /metrics` over plain HTTP on `listener` on a thread of its own; returns the
+/// Serves `GET /metrics` over plain HTTP on `listener` on a thread of its own until told to
+/// stop (a live update's old process, whose successor serves the same listener); returns the
 /// address it is bound to.
-pub fn serve_metrics(metrics: &Arc<Metrics>, listener: TcpListener) -> anyhow::Result<SocketAddr> {
+pub fn serve_metrics(
+    metrics: &Arc<Metrics>,
+    listener: TcpListener,
+) -> anyhow::Result<(SocketAddr, Accepting)> {
     let bound = listener.local_addr()?;
     let me = metrics.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stopped_tx, stopped) = mpsc::channel();
+    let stopping = stop.clone();
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
             base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Metrics);
             for stream in listener.incoming().flatten() {
+                if stopping.load(Ordering::SeqCst) {
+                    let _ = stopped_tx.send(());
+                    return;
+                }
                 serve_metrics_tcp(stream, &me);
             }
         })?;
-    Ok(bound)
+    Ok((bound, Accepting { stop, stopped }))
 }
 
 /// Serves one plain-HTTP connection of the `--metrics-addr` listener: `GET /metrics` only.
