@@ -9,47 +9,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::wan::{relay, Wan};
 use common::*;
-use netlab::{DelayRelay, Host, NetLab};
 use serde_json::Value;
 
 const MEM: u64 = 128;
 const PORT: u16 = 7460;
-
-/// The two hosts and the relay between them (10 ms each way).
-struct Wan {
-    _lab: NetLab,
-    src: Host,
-    dst: Host,
-}
-
-impl Wan {
-    fn new(tag: &str) -> Option<Wan> {
-        if !netlab::can_run(tag, NetLab::available()) {
-            return None;
-        }
-        let lab = NetLab::new(tag, &["src", "dst"]).expect("network namespaces");
-        for h in ["src", "dst"] {
-            lab.shape(h, 100_000_000).expect("tc tbf");
-        }
-        let (src, dst) = (lab.host("src").clone(), lab.host("dst").clone());
-        Some(Wan {
-            _lab: lab,
-            src,
-            dst,
-        })
-    }
-
-    fn relay(&self) -> DelayRelay {
-        DelayRelay::start(
-            std::net::SocketAddr::new(self.dst.gateway.into(), 0),
-            std::net::SocketAddr::new(self.dst.ip.into(), PORT),
-            Duration::from_millis(10),
-            4 << 20,
-        )
-        .expect("start the relay")
-    }
-}
 
 struct Run {
     ok: bool,
@@ -66,7 +31,7 @@ fn migrate(wan: &Wan, tag: &str, guest: &str, plugin_file: &str, config: &str) -
     let wb = ["ip", "netns", "exec", wan.dst.netns.as_str()];
     let addr = format!("tls://{}:{PORT}", wan.dst.ip);
     let dst = destination(&format!("{tag}-dst"), &wb, &addr, &tls, &[]);
-    let relay = wan.relay();
+    let relay = relay(&wan.dst, PORT);
     let wa = ["ip", "netns", "exec", wan.src.netns.as_str()];
     let src = VmProcess::boot_wrapped(&format!("{tag}-src"), &wa, guest, MEM, 1);
     // Let the workload run a little first (a partial-write guest must have pages to rewrite).

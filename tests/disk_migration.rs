@@ -15,8 +15,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::wan::{relay, Wan};
 use common::*;
-use netlab::{DelayRelay, Host, NetLab};
+use netlab::Host;
 use serde_json::Value;
 
 const MEM: u64 = 64;
@@ -27,41 +28,6 @@ const DISK_MIB: u64 = 64;
 const GUEST: &str = "workload=dirty,verify,disk mib=8 rate=1000 disk_mib=8 disk_rate=1000 \
                      disk_flush=32 report_ms=200 stall_us=2000000";
 const T: Duration = Duration::from_secs(60);
-
-struct Wan {
-    _lab: NetLab,
-    src: Host,
-    dst: Host,
-}
-
-impl Wan {
-    fn new(tag: &str) -> Option<Wan> {
-        if !netlab::can_run(tag, NetLab::available()) {
-            return None;
-        }
-        let lab = NetLab::new(tag, &["src", "dst"]).expect("network namespaces");
-        for h in ["src", "dst"] {
-            lab.shape(h, 100_000_000).expect("tc tbf");
-        }
-        let (src, dst) = (lab.host("src").clone(), lab.host("dst").clone());
-        Some(Wan {
-            _lab: lab,
-            src,
-            dst,
-        })
-    }
-}
-
-/// A relay adding 10 ms each way in front of `to`'s migration port.
-fn relay(to: &Host) -> DelayRelay {
-    DelayRelay::start(
-        std::net::SocketAddr::new(to.gateway.into(), 0),
-        std::net::SocketAddr::new(to.ip.into(), PORT),
-        Duration::from_millis(10),
-        4 << 20,
-    )
-    .expect("start the relay")
-}
 
 fn ns(h: &Host) -> [&str; 4] {
     ["ip", "netns", "exec", h.netns.as_str()]
@@ -176,7 +142,7 @@ fn the_disk_moves_with_the_vm_and_back_incrementally() {
     let a = image(&tmp, "a.img", DISK_MIB, Some(8), false);
     let b = tmp.path().join("b.img");
     std::fs::File::create(&b).unwrap();
-    let to_dst = relay(&wan.dst);
+    let to_dst = relay(&wan.dst, PORT);
     let dst = destination(
         "disk-mig-dst",
         &ns(&wan.dst),
@@ -219,7 +185,7 @@ fn the_disk_moves_with_the_vm_and_back_incrementally() {
     // (so that what changed is what the guest wrote there), the migration moves only the
     // blocks written since.
     dst.ctl_ok(&["pause"]);
-    let to_src = relay(&wan.src);
+    let to_src = relay(&wan.src, PORT);
     let back = destination(
         "disk-mig-back",
         &ns(&wan.src),
@@ -267,7 +233,7 @@ fn the_redundancy_cache_covers_disk_blocks() {
     let a = image(&tmp, "a.img", DISK_MIB, Some(8), true);
     let b = tmp.path().join("b.img");
     std::fs::File::create(&b).unwrap();
-    let to_dst = relay(&wan.dst);
+    let to_dst = relay(&wan.dst, PORT);
     let dst = destination(
         "disk-cbr-dst",
         &ns(&wan.dst),
@@ -316,7 +282,7 @@ fn a_cut_link_in_the_synchronous_phase_leaves_the_source_running_and_intact() {
     let a = image(&tmp, "a.img", DISK_MIB, None, false);
     let b = tmp.path().join("b.img");
     std::fs::File::create(&b).unwrap();
-    let to_dst = relay(&wan.dst);
+    let to_dst = relay(&wan.dst, PORT);
     let mut dst = destination(
         "disk-cut-dst",
         &ns(&wan.dst),

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod lan;
+pub mod wan;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
