@@ -523,7 +523,11 @@ pub fn run(bin: &Path, elf: &Path, plugins: &Path, runs: usize, out: &Path) -> a
             g.stop()?;
         }
     }
-    let during = events::run(&lan, bin, elf, plugins, runs, &img_dir);
+    let during = if only_netmon {
+        Vec::new()
+    } else {
+        events::run(&lan, bin, elf, plugins, runs, &img_dir)
+    };
     let _ = std::fs::remove_dir_all(&img_dir);
     let netmon = netmon_rows(&lan, bin, elf, runs)?;
     let mut net_rows = Vec::new();
