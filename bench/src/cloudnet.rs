@@ -1257,7 +1257,9 @@ fn qemu_mirror(
                 );
                 std::thread::sleep(Duration::from_millis(5));
             }
-            dq.cmd("block-export-del", json!({"id": "e0"}))?;
+            // The source lets go of the target before the destination drops its export.
+            q.cmd("blockdev-del", json!({"node-name": "t0"}))?;
+            dq.cmd("block-export-del", json!({"id": "e0", "mode": "hard"}))?;
             dq.cmd("cont", json!({}))?;
             let total_ms = t0.elapsed().as_millis() as u64;
             let pause_ms =
