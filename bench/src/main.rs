@@ -14,11 +14,15 @@
 //! live update killed at random points, spanvmm against QEMU's cpr-transfer.
 //! `spanvmm-bench devices [--runs N]`: virtio-net (redis-benchmark against the guest's `kv`) and
 //! virtio-blk (the guest's `disk` workload) against QEMU microvm's devices, interleaved.
+//! `spanvmm-bench cloudnet [--full] [--runs N] [--parts table1,storage,cache,bandwidth|all]
+//! [--workloads ..] [--engines ..]`: the CloudNet paper's Tables I/II and Figs. 12–15 on a
+//! shaped WAN, spanvmm's CloudNet options against QEMU (see `cloudnet.rs`).
 //! `spanvmm-bench chaos [--runs-precopy N ...] [--seed S]`: fault injection at scale (links cut,
 //! destinations, live updates' new processes and snapshot writers killed at random times).
 
 mod chaos;
 mod ciphers;
+mod cloudnet;
 mod cpr_failures;
 mod devices;
 mod harness;
@@ -255,6 +259,8 @@ fn main() -> anyhow::Result<()> {
     };
     let mut seed = None;
     let mut quiet = false;
+    let mut full = false;
+    let mut parts: Option<String> = None;
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -290,6 +296,14 @@ fn main() -> anyhow::Result<()> {
             }
             "--seed" => seed = Some(it.next().context("--seed N")?.parse()?),
             "--quiet" => quiet = true,
+            "--full" => full = true,
+            "--parts" => {
+                parts = Some(
+                    it.next()
+                        .context("--parts table1,storage,cache,bandwidth|all")?
+                        .clone(),
+                )
+            }
             "--sizes" => {
                 sizes = it
                     .next()
@@ -329,6 +343,30 @@ fn main() -> anyhow::Result<()> {
             &workloads.as_deref().unwrap_or("idle,dirty").split(',').collect::<Vec<_>>(),
             &out.unwrap_or_else(|| repo_root().join("bench/results/ciphers.json")),
         ),
+        Some("cloudnet") => {
+            let list = |s: Option<&String>| {
+                s.map(|s| s.split(',').map(String::from).collect::<Vec<_>>())
+            };
+            cloudnet::run(&cloudnet::Config {
+                spanvmm: spanvmm_bin()?,
+                plugins: repo_root().join("target/plugins"),
+                elf: guest_elf()?,
+                full,
+                // The default fits in ~15 min (two rounds); `--full` is the four.
+                runs: if args.iter().any(|a| a == "--runs") {
+                    runs
+                } else if full {
+                    4
+                } else {
+                    2
+                },
+                parts: list(parts.as_ref())
+                    .unwrap_or_else(|| vec!["table1".into(), "storage".into()]),
+                workloads: list(workloads.as_ref()),
+                engines: list(engines.as_ref()),
+                out: out.unwrap_or_else(|| repo_root().join("bench/results/cloudnet.json")),
+            })
+        }
         Some("migration") => migration::run(
             &spanvmm_bin()?,
             &repo_root().join("target/plugins"),
@@ -402,6 +440,6 @@ fn main() -> anyhow::Result<()> {
                 }),
             )
         }
-        _ => bail!("usage: spanvmm-bench boot|services|devices|live-update|live-update-failures|snapshot|migration|ciphers|chaos [--runs N] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|services|devices|live-update|live-update-failures|snapshot|migration|ciphers|cloudnet|chaos [--runs N] [--full] [--parts table1,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
     }
 }

@@ -70,6 +70,8 @@ pub struct Hosts {
     pub listen: SocketAddr,
     /// Where the source connects (the relay, on a shaped link).
     pub connect: SocketAddr,
+    /// The relay's one-way delay and window (shaped links).
+    delay: Option<(Duration, usize)>,
 }
 
 impl Hosts {
@@ -82,6 +84,7 @@ impl Hosts {
                     _relay: None,
                     listen: a,
                     connect: a,
+                    delay: None,
                 })
             }
             Link::Shaped { mbit, rtt_ms } => {
@@ -94,11 +97,12 @@ impl Hosts {
                 let one_way = Duration::from_millis(rtt_ms / 2);
                 // In flight at most one bandwidth-delay product (at least 256 KiB).
                 let bdp = (mbit * 1_000_000 / 8) as f64 * one_way.as_secs_f64();
+                let window = (bdp as usize).max(256 << 10);
                 let relay = DelayRelay::start(
                     SocketAddr::new(src.gateway.into(), 0),
                     listen,
                     one_way,
-                    (bdp as usize).max(256 << 10),
+                    window,
                 )?;
                 let connect = relay.addr();
                 Ok(Hosts {
@@ -106,9 +110,47 @@ impl Hosts {
                     _relay: Some(relay),
                     listen,
                     connect,
+                    delay: Some((one_way, window)),
                 })
             }
         }
+    }
+
+    /// A second port of the destination reached the way the first is (through a relay of
+    /// its own with the same delay, on a shaped link): (where the destination listens, where
+    /// the source connects, the relay to keep alive).
+    pub fn second_port(
+        &self,
+        port: u16,
+    ) -> anyhow::Result<(SocketAddr, SocketAddr, Option<DelayRelay>)> {
+        let listen = SocketAddr::new(self.listen.ip(), port);
+        let Some((one_way, window)) = self.delay else {
+            return Ok((listen, listen, None));
+        };
+        let relay = DelayRelay::start(
+            SocketAddr::new(self.connect.ip(), 0),
+            listen,
+            one_way,
+            window,
+        )?;
+        Ok((listen, relay.addr(), Some(relay)))
+    }
+
+    /// Bytes host `name` has sent on its shaped link so far (its tbf qdisc's count: every
+    /// packet, headers included, whichever VMM or connection sent it); None on loopback.
+    pub fn sent_bytes(&self, name: &str) -> Option<u64> {
+        self.lab.as_ref()?;
+        let out = self
+            .command(name, "tc")
+            .args(["-s", "-j", "qdisc", "show"])
+            .output()
+            .ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.as_array()?
+            .iter()
+            .filter(|q| q["kind"] == "tbf")
+            .map(|q| q["bytes"].as_u64())
+            .sum()
     }
 
     /// `program` run on host `name` (`src` or `dst`).
@@ -132,6 +174,12 @@ pub enum QemuEngine {
     Postcopy,
     /// Pre-copy over 4 multifd channels.
     Multifd,
+    /// Pre-copy with XBZRLE (XOR-delta pages against a cache of this many MiB, rounded up to
+    /// a power of two as QEMU wants; CloudNet's page deltas in QEMU) into a `-mem-prealloc`
+    /// destination.
+    Xbzrle(u64),
+    /// 4 multifd channels with zstd compression, into a `-mem-prealloc` destination.
+    MultifdZstd,
 }
 
 impl QemuEngine {
@@ -142,7 +190,17 @@ impl QemuEngine {
             QemuEngine::PrecopyPrealloc => "precopy-prealloc",
             QemuEngine::Postcopy => "postcopy",
             QemuEngine::Multifd => "multifd",
+            QemuEngine::Xbzrle(_) => "xbzrle",
+            QemuEngine::MultifdZstd => "multifd-zstd",
         }
+    }
+
+    /// Its destination is started with `-mem-prealloc` (as spanvmm's with `--memory`).
+    fn prealloc(self) -> bool {
+        matches!(
+            self,
+            QemuEngine::PrecopyPrealloc | QemuEngine::Xbzrle(_) | QemuEngine::MultifdZstd
+        )
     }
 }
 
@@ -180,6 +238,14 @@ pub struct Outcome {
     /// to its end (the guest's own vCPU time included, alike for every cipher), ms.
     pub cpu_ms: Option<u64>,
     pub note: String,
+    /// Bytes the source host sent on the shaped link during the migration (see
+    /// [`Hosts::sent_bytes`]); None on loopback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link_bytes: Option<u64>,
+    /// The VMM's own account (spanvmm's migration report, QEMU's `query-migrate`), for
+    /// suites that read more of it.
+    #[serde(skip)]
+    pub report: Value,
 }
 
 /// The first `verify` line at or after `from`, waiting up to `timeout`: its `bad` count.
@@ -234,12 +300,38 @@ pub fn qemu_migrate(
     timeout: Duration,
     tls: Option<(&Path, &str)>,
 ) -> anyhow::Result<Outcome> {
+    let guest = Guest {
+        workload,
+        cmdline: &guest_cmdline(mem, workload),
+    };
+    qemu_migrate_guest(elf, mem, guest, engine, link, timeout, tls)
+}
+
+/// A guest to migrate: its workload's name in the results and its command line (which must
+/// verify its memory on its own, `verify_ms`, and print stalls, like [`guest_cmdline`]'s).
+#[derive(Clone, Copy)]
+pub struct Guest<'a> {
+    pub workload: &'a str,
+    pub cmdline: &'a str,
+}
+
+/// [`qemu_migrate`] with any guest command line.
+pub fn qemu_migrate_guest(
+    elf: &Path,
+    mem: u64,
+    guest: Guest,
+    engine: QemuEngine,
+    link: Link,
+    timeout: Duration,
+    tls: Option<(&Path, &str)>,
+) -> anyhow::Result<Outcome> {
+    let Guest { workload, cmdline } = guest;
     let dir = std::env::temp_dir().join(format!("spanvmm-bench-mig-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let cipher = tls.map_or("plaintext", |(_, c)| c).to_string();
     let hosts = Hosts::new(link, 47_000)?;
     let (src_qmp, dst_qmp) = (dir.join("src.qmp"), dir.join("dst.qmp"));
-    let cl = guest_cmdline(mem, workload);
+    let cl = cmdline.to_string();
     let (mut src, src_lines) = qemu_with(
         hosts.command("src", "qemu-system-x86_64"),
         elf,
@@ -249,7 +341,7 @@ pub fn qemu_migrate(
     )?;
     let mut dst_args = qmp_arg(&dst_qmp);
     dst_args.extend(["-incoming".into(), "defer".into()]);
-    if engine == QemuEngine::PrecopyPrealloc {
+    if engine.prealloc() {
         dst_args.push("-mem-prealloc".into());
     }
     let result = (|| {
@@ -269,14 +361,33 @@ pub fn qemu_migrate(
             let caps = match engine {
                 QemuEngine::Precopy | QemuEngine::PrecopyPrealloc => vec![],
                 QemuEngine::Postcopy => vec![json!({"capability": "postcopy-ram", "state": true})],
-                QemuEngine::Multifd => vec![json!({"capability": "multifd", "state": true})],
+                QemuEngine::Multifd | QemuEngine::MultifdZstd => {
+                    vec![json!({"capability": "multifd", "state": true})]
+                }
+                QemuEngine::Xbzrle(_) => vec![json!({"capability": "xbzrle", "state": true})],
             };
             for qmp in [&mut q, &mut dq] {
                 if !caps.is_empty() {
                     qmp.cmd("migrate-set-capabilities", json!({ "capabilities": caps }))?;
                 }
-                if engine == QemuEngine::Multifd {
-                    qmp.cmd("migrate-set-parameters", json!({"multifd-channels": 4}))?;
+                match engine {
+                    QemuEngine::Multifd => {
+                        qmp.cmd("migrate-set-parameters", json!({"multifd-channels": 4}))?;
+                    }
+                    QemuEngine::MultifdZstd => {
+                        qmp.cmd(
+                            "migrate-set-parameters",
+                            json!({"multifd-channels": 4, "multifd-compression": "zstd"}),
+                        )?;
+                    }
+                    // QEMU wants a power of two: the next one up (at least ours).
+                    QemuEngine::Xbzrle(mib) => {
+                        qmp.cmd(
+                            "migrate-set-parameters",
+                            json!({"xbzrle-cache-size": (mib << 20).next_power_of_two()}),
+                        )?;
+                    }
+                    _ => {}
                 }
             }
             q.cmd(
@@ -292,6 +403,7 @@ pub fn qemu_migrate(
             let uri = |a: SocketAddr| format!("tcp:{}:{}", a.ip(), a.port());
             dq.cmd("migrate-incoming", json!({"uri": uri(hosts.listen)}))?;
             std::thread::sleep(Duration::from_millis(100));
+            let sent_before = hosts.sent_bytes("src");
             q.cmd("migrate", json!({"uri": uri(hosts.connect)}))?;
             if engine == QemuEngine::Postcopy {
                 q.cmd("migrate-start-postcopy", json!({}))?;
@@ -309,6 +421,10 @@ pub fn qemu_migrate(
                     _ => std::thread::sleep(Duration::from_millis(10)),
                 }
             };
+            let link_bytes = hosts
+                .sent_bytes("src")
+                .zip(sent_before)
+                .map(|(a, b)| a.saturating_sub(b));
             let cpu = cpu_pair(src.id(), dst.id())
                 .zip(cpu_before)
                 .map(|(after, before)| after.saturating_sub(before));
@@ -333,6 +449,8 @@ pub fn qemu_migrate(
                     cipher: cipher.clone(),
                     cpu_ms: cpu,
                     note: format!("did not complete in {timeout:?}"),
+                    link_bytes,
+                    report: Value::Null,
                 });
             };
             let from = settle(&dst_lines);
@@ -358,6 +476,8 @@ pub fn qemu_migrate(
                 cipher,
                 cpu_ms: cpu,
                 note: String::new(),
+                link_bytes,
+                report: info,
             })
         })();
         let _ = dst.kill();

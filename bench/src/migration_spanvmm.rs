@@ -10,7 +10,9 @@ use anyhow::Context;
 use serde_json::Value;
 
 use crate::harness::{collect, cpu_ms, exit_cpu_ms};
-use crate::migration::{guest_cmdline, max_stall, settle, verify_after, Hosts, Link, Outcome};
+use crate::migration::{
+    guest_cmdline, max_stall, settle, verify_after, Guest, Hosts, Link, Outcome,
+};
 
 /// Migrates a spanvmm guest from host `src` to host `dst` with the `engine` service
 /// (`precopy`, ...; `-early` appended: with `--commit-with-state`; `@CIPHER` appended: that
@@ -26,6 +28,38 @@ pub fn spanvmm_migrate(
     link: Link,
     timeout: Duration,
 ) -> anyhow::Result<Outcome> {
+    let guest = Guest {
+        workload,
+        cmdline: &guest_cmdline(mem, workload),
+    };
+    spanvmm_migrate_guest(
+        bin, plugins, elf, mem, guest, engine, "", None, link, timeout,
+    )
+}
+
+/// [`spanvmm_migrate`] with any guest command line, the service's configuration (JSON;
+/// empty: its defaults), and `disks`: (the source's image, the destination's file), the disk
+/// moving with the VM.
+#[allow(clippy::too_many_arguments)]
+pub fn spanvmm_migrate_guest(
+    bin: &Path,
+    plugins: &Path,
+    elf: &Path,
+    mem: u64,
+    guest: Guest,
+    engine: &str,
+    config: &str,
+    disks: Option<(&Path, &Path)>,
+    link: Link,
+    timeout: Duration,
+) -> anyhow::Result<Outcome> {
+    let Guest { workload, cmdline } = guest;
+    let disk_arg = |i: usize| -> Vec<String> {
+        disks.map_or(vec![], |d| {
+            let p = if i == 0 { d.0 } else { d.1 };
+            vec!["--disk".into(), format!("path={}", p.display())]
+        })
+    };
     let dir = std::env::temp_dir().join(format!(
         "spanvmm-bench-smig-{}-{engine}",
         std::process::id()
@@ -58,31 +92,39 @@ pub fn spanvmm_migrate(
     let s = |p: &Path| p.to_str().unwrap_or_default().to_string();
     let (mut dst, dst_lines, dst_errors) = spawn(
         "dst",
-        vec![
-            "--incoming".into(),
-            format!("tls://{}", hosts.listen),
-            "--tls-dir".into(),
-            s(&tls),
-            "--api-socket".into(),
-            s(&dst_api),
-            // The guest's size, so the destination allocates its memory before the source
-            // connects (QEMU's destination is given `-m` too).
-            "--memory".into(),
-            mem.to_string(),
-        ],
+        [
+            disk_arg(1),
+            vec![
+                "--incoming".into(),
+                format!("tls://{}", hosts.listen),
+                "--tls-dir".into(),
+                s(&tls),
+                "--api-socket".into(),
+                s(&dst_api),
+                // The guest's size, so the destination allocates its memory before the source
+                // connects (QEMU's destination is given `-m` too).
+                "--memory".into(),
+                mem.to_string(),
+            ],
+        ]
+        .concat(),
     )?;
     let (mut src, src_lines, src_errors) = spawn(
         "src",
-        vec![
-            "--kernel".into(),
-            s(elf),
-            "--cmdline".into(),
-            guest_cmdline(mem, workload),
-            "--memory".into(),
-            mem.to_string(),
-            "--api-socket".into(),
-            s(&src_api),
-        ],
+        [
+            disk_arg(0),
+            vec![
+                "--kernel".into(),
+                s(elf),
+                "--cmdline".into(),
+                cmdline.to_string(),
+                "--memory".into(),
+                mem.to_string(),
+                "--api-socket".into(),
+                s(&src_api),
+            ],
+        ]
+        .concat(),
     )?;
     let mut src_reaped = false;
     let result = (|| {
@@ -121,6 +163,7 @@ pub fn spanvmm_migrate(
             Some(base) => (base, &["--commit-with-state"][..]),
             None => (engine_name, &[][..]),
         };
+        let sent_before = hosts.sent_bytes("src");
         let src_cpu_before = cpu_ms(src.id());
         let dst_cpu_before = cpu_ms(dst.id());
         let out = Command::new("timeout")
@@ -134,11 +177,16 @@ pub fn spanvmm_migrate(
             .args(["--cipher", cipher])
             .arg("--plugin")
             .arg(plugins.join(format!("{service}.wasm")))
+            .args(["--config", config])
             .arg("--tls-dir")
             .arg(&tls)
             .arg("--report")
             .arg(&report)
             .output()?;
+        let link_bytes = hosts
+            .sent_bytes("src")
+            .zip(sent_before)
+            .map(|(a, b)| a.saturating_sub(b));
         let r: Option<Value> = std::fs::read_to_string(&report)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
@@ -212,6 +260,8 @@ pub fn spanvmm_migrate(
                         .unwrap_or_default()
                 )
             },
+            link_bytes,
+            report: r.clone(),
         })
     })();
     if !src_reaped {

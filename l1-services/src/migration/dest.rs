@@ -568,7 +568,47 @@ pub fn receive(
     let mut heard = Instant::now();
     // This host's own disks, when it receives the source's (else shared storage).
     let mut disks = super::disk::DiskReceiver::new(base_vmm::devices::virtio::block::local_disks());
+    // Once a disk is received, the source may open a connection of its own for the
+    // synchronous phase's writes (a second `hello` of this session); its thread ends with
+    // this function.
+    let mut mirror_acceptor: Option<Acceptor> = None;
+    let mut mirror_listening = false;
+    let mirror_stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     loop {
+        if let Some(got) = mirror_acceptor.as_mut().map(|a| a.next(Duration::ZERO)) {
+            match got {
+                Ok(None) => {}
+                Ok(Some((mirror, _, _, peer))) => {
+                    mirror_acceptor = None;
+                    match disks.mirror_targets() {
+                        Ok(targets) => {
+                            let stop = mirror_stop.0.clone();
+                            let spawned = std::thread::Builder::new()
+                                .name("migrate-mirror-in".into())
+                                .spawn(move || {
+                                    base_vmm::seccomp::enter_or_log(
+                                        base_vmm::seccomp::Role::Migration,
+                                    );
+                                    super::disk::serve_mirror_in(mirror, targets, stop)
+                                });
+                            match spawned {
+                                Ok(_) => tracing::info!(
+                                    "migration: the disk mirror's connection from {peer}"
+                                ),
+                                Err(e) => tracing::warn!(
+                                    "migration: no thread for the disk mirror's connection: {e}"
+                                ),
+                            }
+                        }
+                        Err(e) => tracing::warn!("migration: the disk mirror's connection: {e}"),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("migration: no connection for the disk mirror: {e}");
+                    mirror_acceptor = None;
+                }
+            }
+        }
         if dest.cancelled() {
             // The source keeps the guest and runs it on. It closes first, once it has read
             // why: closing with its pages unread would reset the connection, and the reason
@@ -755,9 +795,21 @@ pub fn receive(
                 }
             }
             Frame::Error(msg) => return Err(DestError::SourceGaveUp(msg)),
-            Frame::Disk(d) => disks
-                .handle(d, &mut link)
-                .map_err(|e| refuse(&mut link, fail(io(e.into()))))?,
+            Frame::Disk(d) => {
+                disks
+                    .handle(d, &mut link)
+                    .map_err(|e| refuse(&mut link, fail(io(e.into()))))?;
+                if !mirror_listening && disks.receiving_any() {
+                    mirror_listening = true;
+                    match Acceptor::start(&listener, tls.clone(), Some(session), Some(mem)) {
+                        Ok(a) => mirror_acceptor = Some(a),
+                        Err(e) => tracing::warn!(
+                            "migration: no connection for the disk mirror: {e} (its writes \
+                             come on the migration's link)"
+                        ),
+                    }
+                }
+            }
             other => {
                 return Err(refuse(
                     &mut link,
@@ -765,6 +817,15 @@ pub fn receive(
                 ))
             }
         }
+    }
+}
+
+/// Sets its flag when dropped (a thread serving the migration then ends).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 

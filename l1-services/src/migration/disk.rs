@@ -14,7 +14,9 @@
 //!    few are left.
 //! 3. **Synchronous replication** (DRBD's protocol C): every guest write is sent to the
 //!    destination and its request completes only once the destination acknowledged it;
-//!    the memory pre-copy runs meanwhile.
+//!    the memory pre-copy runs meanwhile. The writes move to a connection of their own
+//!    (DRBD's separate link) once nothing on the migration's link can overtake them, so a
+//!    write waits one round trip, not behind the queued memory pages.
 //! 4. **Switch-over**: before pausing, the source stops mirroring (writes are recorded again)
 //!    and waits for the writes in flight; after the pause it sends the blocks written since,
 //!    then the state. The destination syncs its files before it says `ready`: at resume its
@@ -314,6 +316,15 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<DiskFrame, WireError> {
 /// What the disk migration did (the migration report's `disk`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DiskReport {
+    /// Where the disk migration is (also in GET /vm/migration's progress): `bulk` (the copy),
+    /// `passes` (the blocks written meanwhile), `sync` (every guest write mirrored), `left`
+    /// (switch-over: writes recorded again, the last ones acknowledged), `done` (the blocks
+    /// written since went with the guest paused).
+    #[serde(default)]
+    pub phase: String,
+    /// Blocks known written and not sent since (at the last step).
+    #[serde(default)]
+    pub blocks_pending: u64,
     /// Disks moved with the VM (disks the destination did not receive stay on shared storage).
     pub disks: u32,
     /// Their size in all, bytes.
@@ -342,6 +353,10 @@ pub struct DiskReport {
     pub sync_bytes: u64,
     /// Mean wait of a mirrored write for its acknowledgement, µs.
     pub sync_ack_mean_us: u64,
+    /// Of the mirrored writes, those sent on the mirror's own connection (not queued behind
+    /// the memory pages on the migration's link).
+    #[serde(default)]
+    pub sync_writes_own_link: u64,
     /// Offer, the destination's hashing and the hashes, ms.
     pub setup_ms: f64,
     /// Bulk copy and asynchronous passes, ms.
@@ -372,6 +387,14 @@ struct MirrorState {
     broken: Option<String>,
     acked: u64,
     ack_us: u64,
+    /// The mirror's own connection is up (its thread waits for the hand-over).
+    link_ready: bool,
+    /// Writes go on the mirror's own connection from now on (its thread takes them).
+    own_link: bool,
+    /// Writes sent on the mirror's own connection.
+    own_link_writes: u64,
+    /// The migration no longer mirrors: the mirror's thread ends, closing its connection.
+    closing: bool,
 }
 
 /// The synchronous phase's queue between the device (a guest write waits in
@@ -398,7 +421,20 @@ impl Mirror {
     }
 
     fn abandon(&self) {
-        Self::fail_all(&mut lock(&self.st));
+        let mut st = lock(&self.st);
+        Self::fail_all(&mut st);
+        st.closing = true;
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// The mirror's connection failed: the migration fails (at the sender's next step), the
+    /// writes waiting complete locally.
+    fn broke(&self, why: String) {
+        let mut st = lock(&self.st);
+        st.broken.get_or_insert(why);
+        Self::fail_all(&mut st);
+        drop(st);
         self.cv.notify_all();
     }
 
@@ -444,6 +480,94 @@ impl Mirror {
 
     fn inflight(&self) -> usize {
         lock(&self.st).inflight.len()
+    }
+
+    /// Waits up to `wait` for the acknowledgements in flight (taken by the mirror's thread).
+    fn wait_inflight(&self, wait: Duration) {
+        let st = lock(&self.st);
+        if !st.inflight.is_empty() {
+            let _ = self.cv.wait_timeout(st, wait);
+        }
+    }
+}
+
+/// The synchronous phase's own connection (a second `hello` of the same session, see
+/// docs/migration-wire.md#disks): once the sender hands the mirror over, this thread sends
+/// the guest's writes and reads their acknowledgements, so a write no longer waits behind
+/// the memory pages queued on the migration's link.
+fn serve_mirror(q: Arc<Mirror>, connect: Box<dyn FnOnce() -> Result<Link, LinkError> + Send>) {
+    let mut link = match connect() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::info!(
+                "migration: no connection of its own for the disk mirror ({e}): mirrored \
+                 writes go on the migration's link"
+            );
+            return;
+        }
+    };
+    lock(&q.st).link_ready = true;
+    tracing::info!("migration: the disk mirror has a connection of its own");
+    loop {
+        let (writes, waiting) = {
+            let mut st = lock(&q.st);
+            if st.closing || st.broken.is_some() {
+                return;
+            }
+            let writes: Vec<Pending> = if st.own_link {
+                let now = Instant::now();
+                let taken: Vec<Pending> = st.queue.drain(..).collect();
+                for p in &taken {
+                    st.inflight.insert(p.seq, now);
+                }
+                st.own_link_writes += taken.len() as u64;
+                taken
+            } else {
+                Vec::new()
+            };
+            (writes, !st.inflight.is_empty())
+        };
+        for w in writes {
+            let f = Frame::Disk(DiskFrame::Write {
+                seq: w.seq,
+                disk: w.disk,
+                offset: w.offset,
+                data: w.data,
+            });
+            if let Err(e) = link.send(&f) {
+                q.broke(format!("the disk mirror's connection failed: {e}"));
+                return;
+            }
+        }
+        if !waiting {
+            // Nothing to hear: sleep until a write is queued (or 5 ms).
+            let st = lock(&q.st);
+            if st.queue.is_empty() && !st.closing {
+                let _ = q.cv.wait_timeout(st, Duration::from_millis(5));
+            }
+            continue;
+        }
+        match link.recv(Duration::from_millis(1)) {
+            Ok(None) => {}
+            Ok(Some(Frame::Disk(DiskFrame::Ack { seq }))) => q.acked(seq),
+            Ok(Some(Frame::Error(m))) => {
+                q.broke(format!("the destination gave up on the disk mirror: {m}"));
+                return;
+            }
+            Ok(Some(f)) => {
+                q.broke(format!(
+                    "unexpected {} frame on the disk mirror's connection",
+                    f.name()
+                ));
+                return;
+            }
+            // Closed by the destination once the migration no longer needs it.
+            Err(_) if lock(&q.st).closing => return,
+            Err(e) => {
+                q.broke(format!("the disk mirror's connection failed: {e}"));
+                return;
+            }
+        }
     }
 }
 
@@ -516,6 +640,19 @@ enum Stage {
     Passes,
     Synced,
     Left,
+    Done,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Bulk => "bulk",
+            Stage::Passes => "passes",
+            Stage::Synced => "sync",
+            Stage::Left => "left",
+            Stage::Done => "done",
+        }
+    }
 }
 
 /// The source's side of the disk migration, driven by the sender thread.
@@ -523,6 +660,10 @@ pub(crate) struct DiskSender {
     disks: Vec<OutDisk>,
     stage: Stage,
     mirror: Arc<Mirror>,
+    /// Synchronous phase: a write went on the migration's link after its last disk blocks,
+    /// so once it is acknowledged nothing sent there can overtake a write sent on the
+    /// mirror's own connection (the destination applies each link's frames in order).
+    fenced: bool,
     encoder: Option<Encoder>,
     encoding_decided: bool,
     report: DiskReport,
@@ -568,6 +709,7 @@ impl DiskSender {
     pub(crate) fn setup(
         tracks: Vec<Arc<DiskTrack>>,
         link: &mut Link,
+        connect: Box<dyn FnOnce() -> Result<Link, LinkError> + Send>,
     ) -> Result<Option<Self>, LinkError> {
         if tracks.is_empty() {
             return Ok(None);
@@ -651,10 +793,21 @@ impl DiskSender {
             "disk: {} disks to move, {} blocks, setup {:.1} ms",
             report.disks, report.blocks_total, report.setup_ms
         ));
+        let mirror = Arc::new(Mirror::default());
+        // The mirror's own connection, opened meanwhile (a destination that does not take
+        // it leaves the writes on this link).
+        let q = mirror.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("migrate-mirror".into())
+            .spawn(move || serve_mirror(q, connect))
+        {
+            tracing::info!("migration: no thread for the disk mirror's connection: {e}");
+        }
         Ok(Some(DiskSender {
             disks,
             stage: Stage::Bulk,
-            mirror: Arc::new(Mirror::default()),
+            mirror,
+            fenced: false,
             encoder: None,
             encoding_decided: false,
             report,
@@ -679,6 +832,8 @@ impl DiskSender {
     /// The report so far.
     pub(crate) fn report(&self) -> DiskReport {
         let mut r = self.report.clone();
+        r.phase = self.stage.name().into();
+        r.blocks_pending = self.disks.iter().map(|d| super::count(&d.resend)).sum();
         if self.stage == Stage::Synced {
             r.sync_ms = self.stage_start.elapsed().as_secs_f64() * 1e3;
         }
@@ -686,6 +841,7 @@ impl DiskSender {
         r.sync_writes = st.acked;
         r.sync_bytes = self.disks.iter().map(|d| d.track.mirrored().1).sum();
         r.sync_ack_mean_us = st.ack_us.checked_div(st.acked).unwrap_or(0);
+        r.sync_writes_own_link = st.own_link_writes;
         r.encoding = self.encoder.as_ref().map(|e| e.stats().clone());
         r
     }
@@ -719,6 +875,9 @@ impl DiskSender {
                 Ok(Some(0))
             }
             Stage::Synced => {
+                if lock(&self.mirror.st).own_link {
+                    return Ok(None);
+                }
                 let writes = self.mirror.take();
                 if !writes.is_empty() {
                     let mut n = 0;
@@ -732,11 +891,29 @@ impl DiskSender {
                         }))?;
                     }
                     self.report.bytes += n;
+                    // Behind every block sent here (none is left to send).
+                    self.fenced = self.disks.iter().all(|d| d.resend.iter().all(|&w| w == 0));
                     return Ok(Some(n));
                 }
-                self.send_resend(link, false)
+                let r = self.send_resend(link, false)?;
+                if r.is_some() {
+                    self.fenced = false;
+                    return Ok(r);
+                }
+                // Hand the mirror over to its own connection once a write behind the last
+                // blocks was acknowledged: the destination then holds everything sent here.
+                let mut st = lock(&self.mirror.st);
+                if self.fenced && st.link_ready && st.inflight.is_empty() {
+                    st.own_link = true;
+                    drop(st);
+                    self.mirror.cv.notify_all();
+                    tracing::info!(
+                        "migration: mirrored disk writes now go on the mirror's own connection"
+                    );
+                }
+                Ok(None)
             }
-            Stage::Left => Ok(None),
+            Stage::Left | Stage::Done => Ok(None),
         }
     }
 
@@ -920,12 +1097,22 @@ impl DiskSender {
         self.report.sync_ms = self.stage_start.elapsed().as_secs_f64() * 1e3;
         self.stage = Stage::Left;
         let deadline = Instant::now() + Duration::from_secs(30);
+        let own_link = lock(&self.mirror.st).own_link;
         while self.mirror.inflight() > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(other(
                     "the destination did not acknowledge the last mirrored disk writes".into(),
                 ));
+            }
+            if let Some(why) = lock(&self.mirror.st).broken.clone() {
+                return Err(other(why));
+            }
+            if own_link {
+                // Its thread reads the acknowledgements.
+                self.mirror
+                    .wait_inflight(left.min(Duration::from_millis(100)));
+                continue;
             }
             match link.recv(left.min(Duration::from_millis(100)))? {
                 None => {}
@@ -941,6 +1128,9 @@ impl DiskSender {
                 }
             }
         }
+        // Its work is done: the mirror's thread closes its connection.
+        lock(&self.mirror.st).closing = true;
+        self.mirror.cv.notify_all();
         Ok(())
     }
 
@@ -953,6 +1143,7 @@ impl DiskSender {
             }
         }
         while self.send_resend(link, true)?.is_some() {}
+        self.stage = Stage::Done;
         Ok(())
     }
 
@@ -1026,6 +1217,87 @@ pub enum DiskError {
     /// The acknowledgement could not be sent.
     #[error(transparent)]
     Link(#[from] LinkError),
+}
+
+/// A mirrored guest write into a received disk, checked against its size.
+fn write_mirrored(
+    path: &str,
+    file: &File,
+    bytes: u64,
+    disk: u8,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), DiskError> {
+    if offset
+        .checked_add(data.len() as u64)
+        .is_none_or(|end| end > bytes)
+    {
+        return Err(DiskError::PastEnd {
+            frame: "disk-write",
+            disk,
+            what: format!("{} bytes at {offset}", data.len()),
+            bytes,
+        });
+    }
+    file.write_all_at(data, offset)
+        .map_err(|err| DiskError::Io {
+            path: path.into(),
+            what: "writing",
+            err,
+        })
+}
+
+/// The received disks as the mirror's connection writes them: (path, file, bytes) by index.
+pub(crate) struct MirrorTargets(Vec<Option<(String, File, u64)>>);
+
+/// The destination's end of the mirror's own connection: applies each `disk-write` and
+/// acknowledges it, until the source closes it or `stop` is set (the migration ended). The
+/// source sends nothing on the migration's link that a write here could overtake (see
+/// `DiskSender::step`), and waits for every acknowledgement before the pause, so the disks
+/// are exact when the state arrives.
+pub(crate) fn serve_mirror_in(
+    mut link: Link,
+    targets: MirrorTargets,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    while !stop.load(Ordering::Acquire) {
+        let (seq, r) = match link.recv(Duration::from_millis(100)) {
+            Ok(None) => continue,
+            Ok(Some(Frame::Disk(DiskFrame::Write {
+                seq,
+                disk,
+                offset,
+                data,
+            }))) => match targets.0.get(disk as usize).and_then(|t| t.as_ref()) {
+                Some((path, file, bytes)) => {
+                    (seq, write_mirrored(path, file, *bytes, disk, offset, &data))
+                }
+                None => (
+                    seq,
+                    Err(DiskError::NotReceiving {
+                        frame: "disk-write",
+                        disk,
+                    }),
+                ),
+            },
+            Ok(Some(f)) => (0, Err(DiskError::Unexpected(f.name()))),
+            // The source closed it (or the link broke: the migration's link hears of it).
+            Err(_) => return,
+        };
+        let sent = match r {
+            Ok(()) => link.send(&Frame::Disk(DiskFrame::Ack { seq })),
+            Err(e) => {
+                tracing::warn!("migration: the disk mirror's connection: {e}");
+                let _ = link.send(&Frame::Error(e.to_string()));
+                let _ = link.flush(Duration::from_secs(1));
+                return;
+            }
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
 }
 
 /// A disk being received.
@@ -1137,20 +1409,7 @@ impl DiskReceiver {
                 data,
             } => {
                 let d = self.receiving(disk, "disk-write")?;
-                if offset
-                    .checked_add(data.len() as u64)
-                    .is_none_or(|end| end > d.bytes)
-                {
-                    return Err(DiskError::PastEnd {
-                        frame: "disk-write",
-                        disk,
-                        what: format!("{} bytes at {offset}", data.len()),
-                        bytes: d.bytes,
-                    });
-                }
-                d.file
-                    .write_all_at(&data, offset)
-                    .map_err(d.io("writing"))?;
+                write_mirrored(&d.path, &d.file, d.bytes, disk, offset, &data)?;
                 link.send(&Frame::Disk(DiskFrame::Ack { seq }))?;
                 Ok(())
             }
@@ -1257,6 +1516,27 @@ impl DiskReceiver {
             dec: Decoder::default(),
         });
         Ok(())
+    }
+
+    /// Whether a disk is being received (the source may then open the mirror's connection).
+    pub(crate) fn receiving_any(&self) -> bool {
+        self.disks.iter().any(Option::is_some)
+    }
+
+    /// The disks being received, for the mirror's connection (each file opened again).
+    pub(crate) fn mirror_targets(&self) -> Result<MirrorTargets, DiskError> {
+        let mut t = Vec::new();
+        for d in &self.disks {
+            t.push(match d {
+                Some(d) => Some((
+                    d.path.clone(),
+                    d.file.try_clone().map_err(d.io("opening"))?,
+                    d.bytes,
+                )),
+                None => None,
+            });
+        }
+        Ok(MirrorTargets(t))
     }
 
     /// Before `ready`: every received disk's writes are on stable storage.

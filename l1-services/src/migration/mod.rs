@@ -41,6 +41,9 @@ pub struct Progress {
     pub pages_per_sec: u64,
     /// Pre-copy rounds so far.
     pub rounds: u32,
+    /// The disks moving with the VM, so far (phase, blocks sent, pending, mirrored writes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<disk::DiskReport>,
 }
 
 /// The progress a service sees.
@@ -110,6 +113,7 @@ mod progress_tests {
             },
             pages_per_sec: 2,
             rounds: 1,
+            disk: None,
         };
         let v = serde_json::to_value(&p).expect("serialize");
         assert_eq!(v["phase"], "precopy");

@@ -129,6 +129,14 @@ pub struct Report {
     pub rounds: u32,
     /// Pages the service queued in each round.
     pub pages_per_round: Vec<u64>,
+    /// Pre-copy: pages sent in each round (the stop-and-copy last, also the pages queued at
+    /// the switch-over), and of those the pages never sent again: CloudNet's "final" data
+    /// (the rest was re-sent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sent_per_round: Vec<u64>,
+    /// Of `sent_per_round`, the pages never sent again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub final_per_round: Vec<u64>,
     /// Pages the destination faulted on and requested.
     pub remote_faults: u64,
     /// Their mean latency at the destination, µs.
@@ -316,6 +324,7 @@ impl MigrationSource {
                     throttle: (Instant::now(), 0),
                     eviction_start: None,
                     disk: None,
+                    last_round: Vec::new(),
                 };
                 let r = sender.run();
                 sender.finish(r);
@@ -437,6 +446,7 @@ impl MigrationSource {
             },
             pages_per_sec: st.page_rate,
             rounds: st.report.rounds,
+            disk: st.report.disk.clone(),
         }
     }
 
@@ -543,6 +553,8 @@ struct Sender<'a> {
     eviction_start: Option<Instant>,
     /// The disks moving with the VM (none: no disks, or shared storage).
     disk: Option<DiskSender>,
+    /// Pre-copy: the round each page was last sent in (0: never), for `final_per_round`.
+    last_round: Vec<u16>,
 }
 
 /// Harvests the pages dirtied since the service's last harvest (run with the guest paused).
@@ -614,9 +626,22 @@ impl Sender<'_> {
     /// Sends the pages of `[first, first+span)` selected in `sel` (bit i = page first+i).
     fn send_batch(&mut self, first: u64, span: u64, sel: &[u64]) -> Result<u64, LinkError> {
         let (precopy, chosen, round) = {
-            let mut st = self.st();
+            // Through `src` (not `self`), so that `last_round` can be borrowed alongside.
+            let src = self.src;
+            let mut st = lock(&src.st);
             // Pages sent during the stop-and-copy count into the round after the last one.
             let round = st.report.rounds + self.paused as u32;
+            let postcopy = matches!(st.phase, Phase::Postcopy | Phase::Recovering);
+            if !postcopy && round > 0 {
+                Self::count_final(
+                    &mut self.last_round,
+                    &mut st.report,
+                    first,
+                    span,
+                    sel,
+                    round,
+                );
+            }
             (st.phase == Phase::Precopy, st.encoding.take(), round)
         };
         if let Some(enc) = chosen {
@@ -694,6 +719,37 @@ impl Sender<'_> {
         drop(st);
         self.throttle.1 += (super::wire::HEADER_LEN + len) as u64;
         Ok(n)
+    }
+
+    /// Moves the pages of a pre-copy batch sent in `round` into that round's final count
+    /// (out of the round that sent them before, which sent them in vain).
+    fn count_final(
+        last: &mut Vec<u16>,
+        r: &mut Report,
+        first: u64,
+        span: u64,
+        sel: &[u64],
+        round: u32,
+    ) {
+        if last.is_empty() {
+            last.resize(r.pages_total as usize, 0);
+        }
+        let round = round.min(u16::MAX as u32) as u16;
+        if r.final_per_round.len() < round as usize {
+            r.final_per_round.resize(round as usize, 0);
+            r.sent_per_round.resize(round as usize, 0);
+        }
+        for i in (0..span).filter(|&i| bit(sel, i)) {
+            let Some(l) = last.get_mut((first + i) as usize) else {
+                continue;
+            };
+            if *l > 0 {
+                r.final_per_round[*l as usize - 1] -= 1;
+            }
+            *l = round;
+            r.final_per_round[round as usize - 1] += 1;
+            r.sent_per_round[round as usize - 1] += 1;
+        }
     }
 
     /// [`Self::send_batch`] in the `cnet` codec: each page is copied once (so what is cached
@@ -857,6 +913,11 @@ impl Sender<'_> {
                 faults: st.report.remote_faults,
             };
             st.report.timeline.push(s);
+            // The disks' progress, also while they need no step (mirrored writes go on
+            // their own connection).
+            if let Some(d) = &self.disk {
+                st.report.disk = Some(d.report());
+            }
         }
         let (t0, b0, p0) = self.rate_mark;
         let dt = now.duration_since(t0).as_secs_f64();
@@ -936,7 +997,12 @@ impl Sender<'_> {
     fn run(&mut self) -> Result<Outcome, SourceError> {
         // The disks first: offered, and (if the destination receives them) copied before the
         // memory, as CloudNet's disk is in sync before its memory migration starts.
-        self.disk = DiskSender::setup(self.src.vm.disks(), &mut self.link)?;
+        // The synchronous phase's writes get a connection of their own (a second `hello` of
+        // this session), so that they do not wait behind the memory's pages.
+        let (cfg, session) = (self.cfg.clone(), self.session);
+        let mem = self.ram.size();
+        let connect = Box::new(move || hello(&cfg, mem, session, true));
+        self.disk = DiskSender::setup(self.src.vm.disks(), &mut self.link, connect)?;
         loop {
             if self.src.cancel.load(Ordering::Acquire) && !self.paused {
                 let _ = self.link.send(&Frame::Error("the source cancelled".into()));
