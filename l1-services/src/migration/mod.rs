@@ -8,10 +8,14 @@
 //! Scatter-Gather's parts: the intermediary store (`intermediary`: real Redis servers through
 //! the RESP client `resp`, pages addressed by content, MAC'd and optionally encrypted) and the
 //! destination's third page source with its rate-capped gather (`scatter`).
+//!
+//! Synchronized arrival (`hold`): a migration can wait at its switch-over point, and again
+//! before its commit, until released, so that a group of VMs switches over together.
 
 pub mod cnet;
 mod dest;
 pub mod disk;
+pub mod hold;
 pub mod intermediary;
 mod link;
 pub mod report;
@@ -41,6 +45,10 @@ pub struct Progress {
     pub pages_per_sec: u64,
     /// Pre-copy rounds so far.
     pub rounds: u32,
+    /// Synchronized arrival: where a held migration is (`stage` `ready`: at its switch-over
+    /// point, waiting for the release).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold: Option<hold::HoldReport>,
 }
 
 /// The progress a service sees.
@@ -110,6 +118,7 @@ mod progress_tests {
             },
             pages_per_sec: 2,
             rounds: 1,
+            hold: None,
         };
         let v = serde_json::to_value(&p).expect("serialize");
         assert_eq!(v["phase"], "precopy");
