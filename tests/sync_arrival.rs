@@ -229,3 +229,53 @@ fn a_hold_never_released_gives_up_and_the_guest_runs_on() {
     src.wait_line_from(from, "SPANGUEST stat", Duration::from_secs(10));
     src.assert_verify_clean(1);
 }
+
+/// `kvload` (the benchmark's front end) against `kv` on one bridge: every request answered
+/// and checked (each GET returns the value of the SET before it), no error, latency lines.
+#[test]
+fn kvload_loads_a_kv_guest_without_errors() {
+    let Some(lan) = common::lan::Lan::new("sync-kvl", &["tap0", "tap1"]) else {
+        return;
+    };
+    let w = lan.wrapper();
+    let back = lan.boot_on(
+        &w,
+        "sync-kvl-back",
+        "workload=dirty,verify,kv mib=8 rate=500 ip=10.0.0.3/24 report_ms=500 stall_us=100000",
+        &["--net", "tap=tap0,mac=52:54:00:5a:00:03"],
+    );
+    let kernel = guest_elf();
+    let front = VmProcess::start_wrapped(
+        "sync-kvl-front",
+        &w,
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "workload=kvload,verify mib=4 peer=10.0.0.3:6379 load_rate=500 ip=10.0.0.2/24 report_ms=500",
+            "--memory",
+            "64",
+            "--net",
+            "tap=tap1,mac=52:54:00:5a:00:02",
+        ],
+    );
+    front.wait_line("SPANGUEST kvload start", Duration::from_secs(60));
+    // Three periods after the first with answers: 500 requests/s, all of them checked.
+    let first = front.wait_line("SPANGUEST kvload reqs=", Duration::from_secs(20));
+    let from = front.mark();
+    let lines = front.wait_lines_from(from, "SPANGUEST kvload reqs=", 3, Duration::from_secs(20));
+    let last = lines.last().unwrap();
+    assert!(num(last, "total") >= 500, "{first}\n{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| num(l, "reqs") > 100 && num(l, "mean_us") > 0),
+        "{lines:?}"
+    );
+    assert_eq!(num(last, "errors"), 0, "{lines:?}");
+    assert_eq!(num(last, "connects"), 1, "{lines:?}");
+    let served = back.wait_line_from(back.mark(), "SPANGUEST kv ", Duration::from_secs(5));
+    assert!(num(&served, "commands") >= num(last, "total"), "{served}");
+    back.assert_verify_clean(1);
+    front.assert_verify_clean(1);
+}
