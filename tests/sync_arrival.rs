@@ -260,22 +260,31 @@ fn kvload_loads_a_kv_guest_without_errors() {
         ],
     );
     front.wait_line("SPANGUEST kvload start", Duration::from_secs(60));
-    // Three periods after the first with answers: 500 requests/s, all of them checked.
-    let first = front.wait_line("SPANGUEST kvload reqs=", Duration::from_secs(20));
-    let from = front.mark();
-    let lines = front.wait_lines_from(from, "SPANGUEST kvload reqs=", 3, Duration::from_secs(20));
-    let last = lines.last().unwrap();
-    assert!(num(last, "total") >= 500, "{first}\n{lines:?}");
-    assert!(
-        lines
-            .iter()
-            .any(|l| num(l, "reqs") > 100 && num(l, "mean_us") > 0),
-        "{lines:?}"
-    );
-    assert_eq!(num(last, "errors"), 0, "{lines:?}");
-    assert_eq!(num(last, "connects"), 1, "{lines:?}");
+    // 500 requests answered and checked (at 500/s; slower on a loaded host, hence a count
+    // rather than a time).
+    let t = std::time::Instant::now();
+    let last = loop {
+        let lines: Vec<String> = front
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains("SPANGUEST kvload reqs="))
+            .collect();
+        if let Some(l) = lines.last().filter(|l| num(l, "total") >= 500) {
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| num(l, "reqs") > 0 && num(l, "mean_us") > 0),
+                "{lines:?}"
+            );
+            break l.clone();
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{lines:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(num(&last, "errors"), 0, "{last}");
+    assert_eq!(num(&last, "connects"), 1, "{last}");
     let served = back.wait_line_from(back.mark(), "SPANGUEST kv ", Duration::from_secs(5));
-    assert!(num(&served, "commands") >= num(last, "total"), "{served}");
+    assert!(num(&served, "commands") >= num(&last, "total"), "{served}");
     back.assert_verify_clean(1);
     front.assert_verify_clean(1);
 }

@@ -36,6 +36,9 @@ pub struct HoldSpec {
     pub timeout_ms: u64,
     /// Longest wait at `prepared` (guest paused) for the release, ms (then rolled back).
     pub commit_timeout_ms: u64,
+    /// Bytes per second the held rounds may send (None: a tenth of the send rate measured
+    /// when the migration became ready, at least 256 KiB/s).
+    pub held_rate: Option<u64>,
 }
 
 impl Default for HoldSpec {
@@ -43,6 +46,7 @@ impl Default for HoldSpec {
         HoldSpec {
             timeout_ms: 120_000,
             commit_timeout_ms: 5_000,
+            held_rate: None,
         }
     }
 }
@@ -80,6 +84,9 @@ pub struct HoldReport {
     /// Time at `ready` (guest running), ms.
     #[serde(default)]
     pub held_ms: f64,
+    /// The held rounds' budget, bytes/s.
+    #[serde(default)]
+    pub held_rate: u64,
     /// Dirty rounds sent while at `ready`.
     #[serde(default)]
     pub held_rounds: u32,
@@ -166,9 +173,14 @@ impl Hold {
         self.cv.notify_all();
     }
 
-    /// At the switch-over point with `bytes` on the wire so far: Ok(true) once released,
-    /// Ok(false) while held, Err past the deadline.
-    pub(crate) fn at_switch(&self, started: Instant, bytes: u64) -> Result<bool, String> {
+    /// At the switch-over point with `bytes` on the wire so far, sending at `rate` bytes/s:
+    /// Ok(true) once released, Ok(false) while held, Err past the deadline.
+    pub(crate) fn at_switch(
+        &self,
+        started: Instant,
+        bytes: u64,
+        rate: u64,
+    ) -> Result<bool, String> {
         let mut st = lock(&self.st);
         match st.report.stage {
             Stage::Converging => {
@@ -177,13 +189,14 @@ impl Hold {
                 st.report.ready_unix_us = unix_us();
                 st.since = Some(Instant::now());
                 st.bytes_at_ready = bytes;
+                st.report.held_rate = self.spec.held_rate.unwrap_or((rate / 10).max(256 << 10));
                 crate::migration::trace(format_args!("source: held at ready"));
                 Ok(false)
             }
             Stage::Ready => {
                 let held = st.since.map(|t| t.elapsed()).unwrap_or_default();
                 st.report.held_ms = held.as_secs_f64() * 1e3;
-                st.report.held_bytes = bytes - st.bytes_at_ready;
+                st.report.held_bytes = bytes.saturating_sub(st.bytes_at_ready);
                 if held > Duration::from_millis(self.spec.timeout_ms) {
                     st.report.stage = Stage::Aborted;
                     return Err(format!(
@@ -196,6 +209,22 @@ impl Hold {
             }
             _ => Ok(true),
         }
+    }
+
+    /// How long it has been held at `ready` (zero before).
+    pub(crate) fn held_for(&self) -> Duration {
+        lock(&self.st)
+            .since
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
+    }
+
+    /// Whether the held rounds are within their budget with `bytes` on the wire now.
+    pub(crate) fn may_send(&self, bytes: u64) -> bool {
+        let st = lock(&self.st);
+        let held = st.since.map(|t| t.elapsed()).unwrap_or_default();
+        let allowed = st.report.held_rate as f64 * held.as_secs_f64();
+        (bytes.saturating_sub(st.bytes_at_ready) as f64) <= allowed
     }
 
     /// A dirty round sent while held.
@@ -263,12 +292,14 @@ mod tests {
         let h = Hold::new(HoldSpec::default());
         assert!(h.release().is_err(), "nothing to release while converging");
         let t0 = Instant::now();
-        assert_eq!(h.at_switch(t0, 100), Ok(false));
+        assert_eq!(h.at_switch(t0, 100, 0), Ok(false));
         assert_eq!(h.report().stage, Stage::Ready);
-        assert_eq!(h.at_switch(t0, 150), Ok(false));
+        assert_eq!(h.at_switch(t0, 150, 0), Ok(false));
         assert_eq!(h.report().held_bytes, 50);
+        assert_eq!(h.report().held_rate, 256 << 10, "the floor");
+        assert!(!h.may_send(1 << 30), "over budget");
         assert_eq!(h.release(), Ok(Stage::Released));
-        assert_eq!(h.at_switch(t0, 150), Ok(true));
+        assert_eq!(h.at_switch(t0, 150, 0), Ok(true));
         let h = std::sync::Arc::new(h);
         let r = {
             let h = h.clone();
@@ -287,17 +318,19 @@ mod tests {
         let h = Hold::new(HoldSpec {
             timeout_ms: 0,
             commit_timeout_ms: 0,
+            held_rate: None,
         });
         let t0 = Instant::now();
-        assert_eq!(h.at_switch(t0, 0), Ok(false));
+        assert_eq!(h.at_switch(t0, 0, 0), Ok(false));
         std::thread::sleep(Duration::from_millis(2));
-        assert!(h.at_switch(t0, 0).is_err());
+        assert!(h.at_switch(t0, 0, 0).is_err());
         assert_eq!(h.report().stage, Stage::Aborted);
         let h = Hold::new(HoldSpec::default());
         assert!(h.await_commit(|| true).unwrap_err().contains("cancelled"));
         let h = Hold::new(HoldSpec {
             timeout_ms: 1,
             commit_timeout_ms: 1,
+            held_rate: None,
         });
         assert!(h.await_commit(|| false).unwrap_err().contains("1 ms"));
     }

@@ -342,6 +342,8 @@ impl MigrationSource {
                     held_harvest: Instant::now(),
                     keepalive: Instant::now(),
                     hold_failure: None,
+                    caught_up: false,
+                    syncs_owed: 0,
                 };
                 let r = sender.run();
                 sender.finish(r);
@@ -589,6 +591,10 @@ struct Sender<'a> {
     keepalive: Instant,
     /// Why the hold failed the migration (reported as such, not as a link error).
     hold_failure: Option<String>,
+    /// Released from a hold, the catch-up round was queued.
+    caught_up: bool,
+    /// Keep-alive `sync`s not answered yet: the switch-over's own `sync` waits past them.
+    syncs_owed: u32,
 }
 
 /// Harvests the pages dirtied since the service's (or its own) last harvest: with the guest
@@ -965,7 +971,7 @@ impl Sender<'_> {
                 // The destination's confirmation, when the link broke right after `commit`.
                 Frame::Resumed { .. } => {}
                 // The answer to a held migration's keep-alive.
-                Frame::Sync => {}
+                Frame::Sync => self.syncs_owed = self.syncs_owed.saturating_sub(1),
                 Frame::Disk(DiskFrame::Ack { seq }) => {
                     if let Some(d) = &self.disk {
                         d.acked(seq);
@@ -1047,12 +1053,13 @@ impl Sender<'_> {
                 return Ok(None);
             }
         }
-        // Released from a hold: switch over now, the held round's pages go with the
-        // stop-and-copy (waiting for them to drain first would delay this member).
-        if self.src.hold.as_ref().is_some_and(Hold::released) {
-            let switch = self.st().switch.take();
-            if let Some((mode, dirty)) = switch {
-                return self.switch_over(mode, dirty);
+        // Released from a hold: one catch-up round of what the guest dirtied since the last
+        // held round (their budget may have left much), sent while it runs; the switch-over
+        // follows once it is out, as without a hold.
+        if !self.caught_up && self.src.hold.as_ref().is_some_and(Hold::released) {
+            self.caught_up = true;
+            if self.st().report.pages_sent > 0 {
+                self.held_round()?;
             }
         }
         if let Some((first, span, sel)) = self.next_batch() {
@@ -1081,14 +1088,14 @@ impl Sender<'_> {
         let Some(hold) = &src.hold else {
             return Ok(false);
         };
-        let (any_sent, bytes) = {
+        let (any_sent, bytes, rate) = {
             let st = self.st();
             if st.switch.is_none() {
                 return Ok(false);
             }
-            (st.report.pages_sent > 0, st.report.bytes)
+            (st.report.pages_sent > 0, st.report.bytes, st.rate_bps)
         };
-        match hold.at_switch(src.started, bytes) {
+        match hold.at_switch(src.started, bytes, rate) {
             Ok(true) => return Ok(false),
             Ok(false) => {}
             Err(why) => {
@@ -1098,41 +1105,52 @@ impl Sender<'_> {
                 return Err(LinkError::Io(std::io::Error::other(why)));
             }
         }
-        // One held round per HELD_ROUND at most: each harvest walks the whole dirty log.
-        if any_sent && self.held_harvest.elapsed() >= HELD_ROUND {
+        // One held round per HELD_ROUND at most (each harvest walks the whole dirty log), and
+        // within the hold's byte budget: pages dirtied meanwhile wait in the dirty log (a page
+        // rewritten many times goes once), so a held member does not starve the others of
+        // the link they may share.
+        if any_sent && self.held_harvest.elapsed() >= HELD_ROUND && hold.may_send(bytes) {
             self.held_harvest = Instant::now();
-            // Harvested without the state lock: the harvest takes the services' dirty-log
-            // lock, which a service's own harvest holds while it counts into this state.
-            let harvest = self.st().switch.as_mut().and_then(|s| s.1.take());
-            if let Some(mut harvest) = harvest {
-                let dirty = harvest();
-                if let Some(s) = self.st().switch.as_mut() {
-                    s.1 = Some(harvest);
-                }
-                let dirty = dirty?;
-                let n = count(&dirty);
-                if n > 0 {
-                    let mut st = self.st();
-                    st.dirtied += n;
-                    for (i, w) in dirty.iter().enumerate().take(st.pending.len()) {
-                        let new = w & !st.pending[i];
-                        st.pending_count += new.count_ones() as u64;
-                        st.pending[i] |= w;
-                    }
-                    drop(st);
-                    hold.held_round(n);
-                    self.keepalive = Instant::now();
-                    return Ok(true);
-                }
+            let n = self.held_round()?;
+            if n > 0 {
+                hold.held_round(n);
+                self.keepalive = Instant::now();
+                return Ok(true);
             }
         }
         // The destination gives up on a silent source: a quiet hold says it is still here.
-        if self.keepalive.elapsed() >= KEEPALIVE {
+        if self.keepalive.elapsed() >= KEEPALIVE && hold.held_for() >= KEEPALIVE {
             self.keepalive = Instant::now();
             self.link.send(&Frame::Sync)?;
+            self.syncs_owed += 1;
         }
         self.read_incoming(Duration::from_millis(2))?;
         Ok(true)
+    }
+
+    /// Harvests the pages dirtied since the last harvest and queues them (a held round);
+    /// how many.
+    fn held_round(&mut self) -> Result<u64, LinkError> {
+        // Harvested without the state lock: the harvest takes the services' dirty-log lock,
+        // which a service's own harvest holds while it counts into this state.
+        let harvest = self.st().switch.as_mut().and_then(|s| s.1.take());
+        let Some(mut harvest) = harvest else {
+            return Ok(0);
+        };
+        let dirty = harvest();
+        if let Some(s) = self.st().switch.as_mut() {
+            s.1 = Some(harvest);
+        }
+        let dirty = dirty?;
+        let n = count(&dirty);
+        let mut st = self.st();
+        st.dirtied += n;
+        for (i, w) in dirty.iter().enumerate().take(st.pending.len()) {
+            let new = w & !st.pending[i];
+            st.pending_count += new.count_ones() as u64;
+            st.pending[i] |= w;
+        }
+        Ok(n)
     }
 
     /// The switch-over: the hand-over steps every transport shares ([`crate::handover`]),
@@ -1424,9 +1442,12 @@ impl handover::Handover for Switch<'_, '_> {
         let link = &mut self.tx.link;
         link.send(&Frame::Sync)?;
         link.flush(Duration::from_secs(30))?;
-        match link.expect(Duration::from_secs(30), "sync")? {
-            Frame::Sync => {}
-            other => return Err(other_frame("sync", other)),
+        // Answers to a held migration's keep-alives come first, in order.
+        for _ in 0..=std::mem::take(&mut self.tx.syncs_owed) {
+            match link.expect(Duration::from_secs(30), "sync")? {
+                Frame::Sync => {}
+                other => return Err(other_frame("sync", other)),
+            }
         }
         if self.mode == SwitchMode::Postcopy {
             link.for_postcopy();

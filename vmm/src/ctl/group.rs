@@ -112,6 +112,9 @@ pub struct GroupSpec {
     /// paused meanwhile), or all roll back.
     #[serde(default = "default_commit_timeout")]
     pub commit_timeout_ms: u64,
+    /// Bytes/s each member's held rounds may send (None: the engine's default).
+    #[serde(default)]
+    pub held_rate: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -386,6 +389,7 @@ fn run_group(spec: &GroupSpec, members: &mut [Member], say: &dyn Fn(&str)) -> an
             body["hold"] = json!({
                 "timeout_ms": spec.ready_timeout_ms,
                 "commit_timeout_ms": spec.commit_timeout_ms,
+                "held_rate": spec.held_rate,
             });
         }
         let (code, v) = client::call(m.socket(), "PUT", "/vm/migrate", Some(&body))

@@ -146,6 +146,10 @@ pub enum CtlOp {
         /// paused meanwhile), or all roll back.
         #[arg(long, default_value_t = 5_000)]
         commit_timeout_ms: u64,
+        /// Bytes per second each member's held rounds may send while it waits for the others
+        /// (suffixes K, M, G; default: a tenth of its send rate when it became ready).
+        #[arg(long)]
+        held_rate: Option<String>,
         /// Where to write the group's JSON report.
         #[arg(long, default_value = "group-report.json")]
         report: PathBuf,
@@ -425,6 +429,7 @@ pub fn group_command(op: CtlOp) -> anyhow::Result<()> {
         no_sync,
         ready_timeout_ms,
         commit_timeout_ms,
+        held_rate,
         report,
     } = op
     else {
@@ -446,6 +451,7 @@ pub fn group_command(op: CtlOp) -> anyhow::Result<()> {
             sync: !no_sync,
             ready_timeout_ms,
             commit_timeout_ms,
+            held_rate: held_rate.as_deref().map(parse_rate).transpose()?,
         },
     };
     group::ctl_migrate_group(&spec, &report)
