@@ -183,9 +183,9 @@ enum Command {
     SeccompList,
     /// Control a running VM through its API socket.
     Ctl {
-        /// The VM's API socket.
+        /// The VM's API socket (every command but migrate-group, whose members name theirs).
         #[arg(long)]
-        api_socket: PathBuf,
+        api_socket: Option<PathBuf>,
         /// Seconds to wait for the VMM's answer (default 60; 600 for save, live-update,
         /// plugin attach and replace). A VMM that does not answer in time is an error.
         #[arg(long, value_name = "SECS")]
@@ -403,7 +403,23 @@ fn main() -> ExitCode {
             }
         },
         Command::Ctl {
-            api_socket,
+            op: op @ CtlOp::MigrateGroup { .. },
+            ..
+        } => match ctl::group_command(op) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("spanvmm ctl migrate-group: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Ctl {
+            api_socket: None, ..
+        } => {
+            eprintln!("spanvmm ctl: --api-socket is needed");
+            ExitCode::FAILURE
+        }
+        Command::Ctl {
+            api_socket: Some(api_socket),
             op: CtlOp::Snapshot { op },
             ..
         } => match snapshot::ctl(&api_socket, op) {
@@ -414,7 +430,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Ctl {
-            api_socket,
+            api_socket: Some(api_socket),
             timeout,
             op,
         } => match timeout

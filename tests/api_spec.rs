@@ -196,6 +196,10 @@ fn the_running_server_matches_docs_api_yaml() {
     assert_ne!(status, 200);
     let (status, _) = r.send("PUT", "/vm/migrate", Some(json!({ "poll": 99 })));
     assert_eq!(status, 404);
+    for verb in ["release", "cancel"] {
+        let (status, _) = r.send("PUT", "/vm/migrate", Some(json!({ verb: 99 })));
+        assert_eq!(status, 404, "{verb}");
+    }
     r.ok("GET", "/vm/migration", None);
     // A live update to a binary that is not there is refused; the VM runs on.
     let (status, _) = r.send(

@@ -19,6 +19,9 @@
 //! shaped WAN, spanvmm's CloudNet options against QEMU (see `cloudnet.rs`).
 //! `spanvmm-bench chaos [--runs-precopy N ...] [--seed S]`: fault injection at scale (links cut,
 //! destinations, live updates' new processes and snapshot writers killed at random times).
+//! `spanvmm-bench sync-arrival [--runs N]`: a two-tier application (a `kvload` front end, a
+//! `kv` back end) moved across a shaped WAN with `ctl migrate-group`, independently and
+//! synchronized: the front end's latency, its errors, the held rounds' bytes.
 
 mod chaos;
 mod ciphers;
@@ -31,6 +34,7 @@ mod migration;
 mod migration_spanvmm;
 mod services;
 mod snapshot;
+mod sync_arrival;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -332,6 +336,14 @@ fn main() -> anyhow::Result<()> {
             &guest_elf()?,
             &repo_root().join("target/plugins"),
             &out.unwrap_or_else(|| repo_root().join("bench/results/services.json")),
+        ),
+        Some("sync-arrival") => sync_arrival::run(
+            &spanvmm_bin()?,
+            &repo_root().join("target/plugins"),
+            &guest_elf()?,
+            // ~40 s a run, two runs a round: the default round count stays under 10 minutes.
+            if args.iter().any(|a| a == "--runs") { runs } else { 3 },
+            &out.unwrap_or_else(|| repo_root().join("bench/results/sync-arrival.json")),
         ),
         Some("ciphers") => ciphers::run(
             &spanvmm_bin()?,

@@ -100,6 +100,24 @@ impl Migrations {
                 }
                 _ => (Err((404, format!("no migration {id} here"))), false),
             },
+            MigrateRequest::Release(id) => match &self.out {
+                Some(o) if o.id == id => (
+                    o.session
+                        .release()
+                        .map(|stage| json!({ "id": id, "hold": stage }))
+                        .map_err(|e| (409, e)),
+                    false,
+                ),
+                _ => (Err((404, format!("no running migration {id} here"))), false),
+            },
+            MigrateRequest::Cancel(id) => match &self.out {
+                Some(o) if o.id == id => {
+                    // Honoured before the commit only: past it the guest may run there.
+                    o.session.cancel();
+                    (Ok(json!({ "id": id, "state": "cancelling" })), false)
+                }
+                _ => (Err((404, format!("no running migration {id} here"))), false),
+            },
         }
     }
 
@@ -132,6 +150,10 @@ impl Migrations {
         }
         vmm.require_memory_loaded()
             .map_err(|e| (409, e.to_string()))?;
+        if req.hold.is_some() && req.commit_with_state {
+            // The commit must wait at the hold's second gate, not ride with the state.
+            return Err(bad("hold and commit_with_state exclude each other".into()));
+        }
         let to = parse_addr(&req.to).map_err(|e| bad(format!("{e:#}")))?;
         let tls = migration::tls::client_config(&req.tls_dir, req.cipher)
             .map_err(|e| bad(e.to_string()))?;
@@ -160,6 +182,7 @@ impl Migrations {
                 max_bandwidth: req.max_bandwidth.filter(|&b| b > 0),
                 recovery_timeout: Duration::from_millis(req.recovery_timeout_ms),
                 commit_with_state: req.commit_with_state,
+                hold: req.hold,
             },
         )
         .map_err(|e| (502, format!("cannot reach the destination {to}: {e}")))?;

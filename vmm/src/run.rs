@@ -433,7 +433,9 @@ pub fn run(
                     migrate::MigrateRequest::Start(_) => {
                         vm_owner(&migrations, &manager, pending_update.as_ref(), false)
                     }
-                    migrate::MigrateRequest::Poll(_) => None,
+                    migrate::MigrateRequest::Poll(_)
+                    | migrate::MigrateRequest::Release(_)
+                    | migrate::MigrateRequest::Cancel(_) => None,
                 };
                 if let Some(busy) = busy {
                     let _ = reply.send(Err((409, format!("no migration now: {busy}"))));

@@ -19,8 +19,10 @@ pub const DISK: u32 = 1 << 7;
 
 /// Serve the Redis protocol on the first virtio-net device (`ip=` needed).
 pub const KV: u32 = 1 << 8;
+/// Load a `kv` server (`peer=`) over the first virtio-net device (`ip=` needed).
+pub const KVLOAD: u32 = 1 << 9;
 
-const WORKLOADS: [(&str, u32); 9] = [
+const WORKLOADS: [(&str, u32); 10] = [
     ("idle", IDLE),
     ("dirty", DIRTY),
     ("verify", VERIFY),
@@ -30,6 +32,7 @@ const WORKLOADS: [(&str, u32); 9] = [
     ("mmio", MMIO),
     ("disk", DISK),
     ("kv", KV),
+    ("kvload", KVLOAD),
 ];
 
 /// Most `virtio_mmio.device=` words kept.
@@ -89,6 +92,10 @@ pub struct Config {
     pub vary_ms: u64,
     /// `ip=A.B.C.D/N` and `gw=A.B.C.D`: the network configuration of `kv`.
     pub ip: Option<crate::kv::IpConfig>,
+    /// `peer=A.B.C.D:PORT`: the server `kvload` loads.
+    pub peer: Option<crate::kvload::Peer>,
+    /// `kvload`'s requests per second.
+    pub load_rate: u64,
 }
 
 impl Default for Config {
@@ -116,6 +123,8 @@ impl Default for Config {
             devices: [crate::virtio::MmioDev { addr: 0 }; MAX_DEVICES],
             devices_n: 0,
             ip: None,
+            peer: None,
+            load_rate: 200,
         }
     }
 }
@@ -210,6 +219,24 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
             }
             continue;
         }
+        if key == b"peer" {
+            let bad = CmdlineError {
+                what: "bad peer (peer=A.B.C.D:PORT)",
+                token,
+            };
+            let Some(colon) = value.iter().position(|&b| b == b':') else {
+                return Err(bad);
+            };
+            let ip = ipv4(&value[..colon]);
+            let port = number(&value[colon + 1..]).and_then(|p| u16::try_from(p).ok());
+            match (ip, port) {
+                (Some(ip), Some(port)) if port != 0 => {
+                    cfg.peer = Some(crate::kvload::Peer { ip, port });
+                }
+                _ => return Err(bad),
+            }
+            continue;
+        }
         if key == b"virtio_mmio.device" {
             let dev = crate::virtio::parse_device(value).ok_or(CmdlineError {
                 what: "bad virtio_mmio.device=",
@@ -240,6 +267,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
             b"disk_flush" => &mut cfg.disk_flush,
             b"repeat" => &mut cfg.repeat,
             b"vary_ms" => &mut cfg.vary_ms,
+            b"load_rate" => &mut cfg.load_rate,
             _ => continue,
         };
         *slot = number(value).ok_or(CmdlineError {
@@ -260,8 +288,14 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
     if cfg.disk_mib == 0 || cfg.disk_mib > MAX_DISK_MIB {
         return bad("disk_mib= must be in 1..256");
     }
-    if cfg.has(KV) && cfg.ip.is_none_or(|ip| ip.ip == [0; 4]) {
-        return bad("workload=kv needs ip=A.B.C.D/N");
+    if cfg.has(KV | KVLOAD) && cfg.ip.is_none_or(|ip| ip.ip == [0; 4]) {
+        return bad("workload=kv and kvload need ip=A.B.C.D/N");
+    }
+    if cfg.has(KV) && cfg.has(KVLOAD) {
+        return bad("workload=kv and kvload share the network device: one of them");
+    }
+    if cfg.has(KVLOAD) && (cfg.peer.is_none() || cfg.load_rate == 0 || cfg.load_rate > 100_000) {
+        return bad("workload=kvload needs peer=A.B.C.D:PORT and load_rate= in 1..100000");
     }
     if cfg.tsc_khz == Some(0) || cfg.exits == 0 {
         return bad("tsc_khz= and exits= must not be 0");

@@ -109,7 +109,7 @@ fn hash(k: &[u8]) -> usize {
 ///
 /// # Safety
 /// Only vCPU 0 uses the kv statics, and the caller holds no other reference to the same one.
-unsafe fn excl<T>(p: *mut T) -> &'static mut T {
+pub(crate) unsafe fn excl<T>(p: *mut T) -> &'static mut T {
     // SAFETY: the caller's contract; `p` points at a static.
     unsafe { &mut *p }
 }
@@ -401,22 +401,29 @@ fn execute(inp: &[u8], cmd: &Cmd, out: &mut Out) -> bool {
     true
 }
 
+/// The smoltcp interface on `dev` with `ip` (the server's and `kvload`'s); `seed`
+/// randomizes TCP sequence numbers.
+pub fn interface(dev: &mut NetDev, ip: IpConfig, seed: u64, now_us: u64) -> Interface {
+    let mut config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(dev.mac)));
+    config.random_seed = seed;
+    let mut iface = Interface::new(config, dev, Instant::from_micros(now_us as i64));
+    let [a, b, c, d] = ip.ip;
+    iface.update_ip_addrs(|addrs| {
+        // A fresh interface has room for an address.
+        let _ = addrs.push(IpCidr::new(Ipv4Address::new(a, b, c, d).into(), ip.prefix));
+    });
+    if let Some([a, b, c, d]) = ip.gw {
+        let _ = iface
+            .routes_mut()
+            .add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
+    }
+    iface
+}
+
 impl Server {
     /// Brings the interface up on `dev` with `ip`; `seed` randomizes TCP sequence numbers.
     pub fn new(mut dev: NetDev, ip: IpConfig, seed: u64, now_us: u64) -> Server {
-        let mut config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(dev.mac)));
-        config.random_seed = seed;
-        let mut iface = Interface::new(config, &mut dev, Instant::from_micros(now_us as i64));
-        let [a, b, c, d] = ip.ip;
-        iface.update_ip_addrs(|addrs| {
-            // A fresh interface has room for an address.
-            let _ = addrs.push(IpCidr::new(Ipv4Address::new(a, b, c, d).into(), ip.prefix));
-        });
-        if let Some([a, b, c, d]) = ip.gw {
-            let _ = iface
-                .routes_mut()
-                .add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
-        }
+        let iface = interface(&mut dev, ip, seed, now_us);
         // SAFETY: the server is made once, by vCPU 0, which alone uses these statics after.
         let mut sockets = SocketSet::new(unsafe { excl(&raw mut STORAGE).as_mut_slice() });
         let conns = core::array::from_fn(|i| {

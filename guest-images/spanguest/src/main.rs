@@ -13,6 +13,7 @@ mod config;
 mod console;
 mod disk;
 mod kv;
+mod kvload;
 mod memory;
 mod net;
 mod pv;

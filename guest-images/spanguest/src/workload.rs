@@ -8,10 +8,11 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::arch::{outl, rdtsc};
-use crate::config::{Config, DIRTY, DISK, EXITS, KV, MMIO, VERIFY, ZERO};
+use crate::config::{Config, DIRTY, DISK, EXITS, KV, KVLOAD, MMIO, VERIFY, ZERO};
 use crate::console::Line;
 use crate::disk::Disk;
 use crate::kv::Server;
+use crate::kvload::Client;
 use crate::memory::{self, Layout, SHARED_SEED, WORDS};
 use crate::pv;
 use crate::tsc::Clock;
@@ -164,6 +165,47 @@ fn open_kv(cfg: &Config, clock: Clock) -> &'static mut Server {
     server
 }
 
+/// The `kvload` client (vCPU 0).
+static mut CLIENT: core::mem::MaybeUninit<Client> = core::mem::MaybeUninit::uninit();
+
+/// Finds the network device, brings up the `kvload` client (vCPU 0), or stops the guest
+/// saying why.
+fn open_kvload(cfg: &Config, clock: Clock) -> &'static mut Client {
+    let dev = crate::net::NetDev::probe(&cfg.devices[..cfg.devices_n]).unwrap_or_else(|e| {
+        crate::fail(
+            Line::new("error")
+                .text("net:")
+                .text(e.what())
+                .num("devices", cfg.devices_n as u64),
+        )
+    });
+    let (Some(ip), Some(peer)) = (cfg.ip, cfg.peer) else {
+        crate::fail(Line::new("error").text("kvload needs ip= and peer="));
+    };
+    let now = rdtsc();
+    let client = Client::new(
+        dev,
+        ip,
+        peer,
+        cfg.load_rate,
+        now ^ cfg.seed,
+        clock.to_us(now),
+    );
+    // SAFETY: called once, by vCPU 0, which alone uses the client afterwards.
+    let client = unsafe { (&raw mut CLIENT).as_mut().expect("a static").write(client) };
+    let [a, b, c, d] = peer.ip;
+    Line::new("kvload")
+        .text("start")
+        .num("peer_a", u64::from(a))
+        .num("peer_b", u64::from(b))
+        .num("peer_c", u64::from(c))
+        .num("peer_d", u64::from(d))
+        .num("port", u64::from(peer.port))
+        .num("rate", cfg.load_rate)
+        .emit();
+    client
+}
+
 /// Stops the guest after a disk request that never completed.
 fn disk_failed(e: crate::virtio::Error) -> ! {
     crate::fail(Line::new("error").text("disk:").text(e.what()))
@@ -258,6 +300,8 @@ struct Worker {
     kv: Option<&'static mut Server>,
     /// TSC of the last poll that moved anything: the loop sleeps briefly while traffic flows.
     kv_active: u64,
+    /// vCPU 0 with `kvload`: the client.
+    kvload: Option<&'static mut Client>,
 }
 
 impl Worker {
@@ -317,6 +361,7 @@ impl Worker {
             disk_last: (0, 0),
             kv: (cpu == 0 && cfg.has(KV)).then(|| open_kv(cfg, clock)),
             kv_active: 0,
+            kvload: (cpu == 0 && cfg.has(KVLOAD)).then(|| open_kvload(cfg, clock)),
         }
     }
 
@@ -500,6 +545,16 @@ impl Worker {
                     sleep = (KV_SLEEP_US, self.clock.us(u64::from(KV_SLEEP_US)));
                 }
             }
+            if let Some(c) = self.kvload.as_mut() {
+                let us = self.clock.to_us(now);
+                if c.poll(us) {
+                    busy = true;
+                }
+                // A request in flight: see its answer within tens of µs (it is timed).
+                if c.waiting_us(us) > 0 {
+                    sleep = (KV_SLEEP_US, self.clock.us(u64::from(KV_SLEEP_US)));
+                }
+            }
             if self.cpu == 0 {
                 excused += self.maybe_ack();
             }
@@ -560,6 +615,24 @@ impl Worker {
                     .num("rx", d.rx)
                     .num("tx", d.tx)
                     .num("tx_full", d.tx_full),
+            );
+        }
+        let now_us = self.clock.to_us(rdtsc());
+        let load = self
+            .kvload
+            .as_mut()
+            .map(|c| (c.period(), c.totals, c.waiting_us(now_us)));
+        if let Some((p, t, waiting)) = load {
+            waited += self.out(
+                Line::new("kvload")
+                    .num("reqs", p.reqs)
+                    .num("mean_us", p.mean_us)
+                    .num("p99_us", p.p99_us)
+                    .num("max_us", p.max_us)
+                    .num("waiting_us", waiting)
+                    .num("total", t.reqs)
+                    .num("errors", t.errors)
+                    .num("connects", t.connects),
             );
         }
         waited

@@ -8,10 +8,14 @@
 //! Scatter-Gather's parts: the intermediary store (`intermediary`: real Redis servers through
 //! the RESP client `resp`, pages addressed by content, MAC'd and optionally encrypted) and the
 //! destination's third page source with its rate-capped gather (`scatter`).
+//!
+//! Synchronized arrival (`hold`): a migration can wait at its switch-over point, and again
+//! before its commit, until released, so that a group of VMs switches over together.
 
 pub mod cnet;
 mod dest;
 pub mod disk;
+pub mod hold;
 pub mod intermediary;
 mod link;
 pub mod report;
@@ -44,6 +48,10 @@ pub struct Progress {
     /// The disks moving with the VM, so far (phase, blocks sent, pending, mirrored writes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<disk::DiskReport>,
+    /// Synchronized arrival: where a held migration is (`stage` `ready`: at its switch-over
+    /// point, waiting for the release).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold: Option<hold::HoldReport>,
 }
 
 /// The progress a service sees.
@@ -114,6 +122,7 @@ mod progress_tests {
             pages_per_sec: 2,
             rounds: 1,
             disk: None,
+            hold: None,
         };
         let v = serde_json::to_value(&p).expect("serialize");
         assert_eq!(v["phase"], "precopy");

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cnet::{Encoder, Encoding, EncodingStats};
 use super::disk::{DiskFrame, DiskReport, DiskSender};
+use super::hold::{Hold, HoldReport, HoldSpec};
 use super::link::{Link, LinkError};
 use super::wire::{Frame, Handover, PageCodec, BATCH_PAGES, PAGE, VERSION};
 use super::{bit, clear_bit, count, set_bit, Phase, Progress, SwitchMode};
@@ -28,6 +29,13 @@ use crate::handover::{self, NotReady};
 
 /// Pages per batch during post-copy (256 KiB).
 const POSTCOPY_BATCH: u64 = 64;
+
+/// A held migration's dirty rounds come at most this often.
+const HELD_ROUND: Duration = Duration::from_millis(20);
+
+/// A held migration with nothing to send sends a `sync` this often (the destination's idle
+/// timeout is a minute).
+const KEEPALIVE: Duration = Duration::from_secs(10);
 
 /// What the engine needs from the VMM beyond guest RAM.
 pub trait SourceVm: Send + Sync {
@@ -66,6 +74,8 @@ pub struct SourceConfig {
     /// round trip less of downtime, but a link lost before the destination answers leaves
     /// the source paused "in doubt" where it would otherwise resume.
     pub commit_with_state: bool,
+    /// Hold at the switch-over point until released (synchronized arrival, see `hold.rs`).
+    pub hold: Option<HoldSpec>,
 }
 
 /// One point of the timeline (for the report's plot).
@@ -107,6 +117,10 @@ pub struct Report {
     pub cipher: String,
     /// Source pause to the destination's `resumed`, ms (the guest did not run meanwhile).
     pub downtime_ms: f64,
+    /// Wall clock of the switch-over's pause, µs since the epoch (0: none): a group's
+    /// members compare theirs (see `hold.rs`).
+    #[serde(default)]
+    pub switch_unix_us: u64,
     /// Destination's share of it: state received to vCPUs running, ms.
     pub dest_load_ms: f64,
     /// Round trips the paused source waited for (a reply to a frame sent after the previous
@@ -158,6 +172,9 @@ pub struct Report {
     /// What the disk migration did, when disks moved with the VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskReport>,
+    /// What the hold did, when the migration was held for a synchronized arrival.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<HoldReport>,
 }
 
 /// What the plugin and the sender thread share.
@@ -201,6 +218,8 @@ pub struct MigrationSource {
     /// The switch-over paused the guest and the migration has not ended: it must not run here
     /// (see [`MigrationSource::holds_guest`]).
     held: AtomicBool,
+    /// Synchronized arrival's gates, when asked for.
+    hold: Option<Hold>,
 }
 
 /// Why a migration could not start, a request of the migration service was refused, or the
@@ -246,6 +265,9 @@ pub enum SourceError {
     /// The migration was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// A held migration was not released in time, or cancelled at its commit gate.
+    #[error("hold: {0}")]
+    Hold(String),
     /// Post-copy's destination did not come back.
     #[error("post-copy: the destination is unreachable since {cause} and did not come back within {timeout:?}; the guest ran there, so its CPU state here is stale: the source stays paused with every page of memory")]
     Unreachable {
@@ -300,6 +322,7 @@ impl MigrationSource {
             started,
             cancel: AtomicBool::new(false),
             held: AtomicBool::new(false),
+            hold: cfg.hold.map(Hold::new),
         });
         let s = src.clone();
         std::thread::Builder::new()
@@ -325,6 +348,11 @@ impl MigrationSource {
                     eviction_start: None,
                     disk: None,
                     last_round: Vec::new(),
+                    held_harvest: Instant::now(),
+                    keepalive: Instant::now(),
+                    hold_failure: None,
+                    caught_up: false,
+                    syncs_owed: 0,
                 };
                 let r = sender.run();
                 sender.finish(r);
@@ -447,6 +475,7 @@ impl MigrationSource {
             pages_per_sec: st.page_rate,
             rounds: st.report.rounds,
             disk: st.report.disk.clone(),
+            hold: self.hold.as_ref().map(Hold::report),
         }
     }
 
@@ -472,7 +501,16 @@ impl MigrationSource {
         }
         .into();
         r.error = st.error.clone();
+        r.hold = self.hold.as_ref().map(Hold::report);
         r
+    }
+
+    /// Opens the gate a held migration waits at (see `hold.rs`).
+    pub fn release(&self) -> Result<super::hold::Stage, String> {
+        match &self.hold {
+            Some(h) => h.release(),
+            None => Err("the migration was not started with a hold".into()),
+        }
     }
 
     /// The hand-over was committed but never confirmed: the guest may run at the destination,
@@ -490,6 +528,10 @@ impl MigrationSource {
     /// Gives up (before the switch-over only): the sender stops and the guest runs on here.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Release);
+        // A held migration's commit gate gives up too (the guest is still here).
+        if let Some(h) = &self.hold {
+            h.wake();
+        }
     }
 }
 
@@ -555,10 +597,21 @@ struct Sender<'a> {
     disk: Option<DiskSender>,
     /// Pre-copy: the round each page was last sent in (0: never), for `final_per_round`.
     last_round: Vec<u16>,
+    /// Held: when the last held round was harvested.
+    held_harvest: Instant,
+    /// Held: when the last frame went out (a quiet hold sends a keep-alive `sync`).
+    keepalive: Instant,
+    /// Why the hold failed the migration (reported as such, not as a link error).
+    hold_failure: Option<String>,
+    /// Released from a hold, the catch-up round was queued.
+    caught_up: bool,
+    /// Keep-alive `sync`s not answered yet: the switch-over's own `sync` waits past them.
+    syncs_owed: u32,
 }
 
-/// Harvests the pages dirtied since the service's last harvest (run with the guest paused).
-pub type Harvest = Box<dyn FnOnce() -> Result<Vec<u64>, HostError> + Send>;
+/// Harvests the pages dirtied since the service's (or its own) last harvest: with the guest
+/// paused at the switch-over, and for each held round (see `hold.rs`) while it runs.
+pub type Harvest = Box<dyn FnMut() -> Result<Vec<u64>, HostError> + Send>;
 
 enum Outcome {
     /// Stop-and-copy done: the guest runs at the destination.
@@ -978,6 +1031,8 @@ impl Sender<'_> {
                 }
                 // The destination's confirmation, when the link broke right after `commit`.
                 Frame::Resumed { .. } => {}
+                // The answer to a held migration's keep-alive.
+                Frame::Sync => self.syncs_owed = self.syncs_owed.saturating_sub(1),
                 Frame::Disk(DiskFrame::Ack { seq }) => {
                     if let Some(d) = &self.disk {
                         d.acked(seq);
@@ -1020,7 +1075,12 @@ impl Sender<'_> {
                 Err(e) if phase == Phase::Postcopy || self.st().phase == Phase::Postcopy => {
                     self.recover(e)?;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    return Err(match self.hold_failure.take() {
+                        Some(why) => SourceError::Hold(why),
+                        None => e.into(),
+                    });
+                }
             }
             self.sample();
         }
@@ -1059,8 +1119,20 @@ impl Sender<'_> {
                 return Ok(None);
             }
         }
+        // Released from a hold: one catch-up round of what the guest dirtied since the last
+        // held round (their budget may have left much), sent while it runs; the switch-over
+        // follows once it is out, as without a hold.
+        if !self.caught_up && self.src.hold.as_ref().is_some_and(Hold::released) {
+            self.caught_up = true;
+            if self.st().report.pages_sent > 0 {
+                self.held_round()?;
+            }
+        }
         if let Some((first, span, sel)) = self.next_batch() {
             self.send_batch(first, span, &sel)?;
+            return Ok(None);
+        }
+        if self.holding()? {
             return Ok(None);
         }
         let switch = self.st().switch.take();
@@ -1071,6 +1143,80 @@ impl Sender<'_> {
             }
             Some((mode, dirty)) => self.switch_over(mode, dirty),
         }
+    }
+
+    /// At the switch-over point (asked for, every queued page sent): true while a hold keeps
+    /// the migration there. Meanwhile the pages the guest dirties go out in held rounds, so
+    /// that the released switch-over has as little to send as an unheld one; a pure
+    /// post-copy (nothing sent yet) just waits.
+    fn holding(&mut self) -> Result<bool, LinkError> {
+        let src = self.src;
+        let Some(hold) = &src.hold else {
+            return Ok(false);
+        };
+        let (any_sent, bytes, rate) = {
+            let st = self.st();
+            if st.switch.is_none() {
+                return Ok(false);
+            }
+            (st.report.pages_sent > 0, st.report.bytes, st.rate_bps)
+        };
+        match hold.at_switch(src.started, bytes, rate) {
+            Ok(true) => return Ok(false),
+            Ok(false) => {}
+            Err(why) => {
+                let _ = self.link.send(&Frame::Error(why.clone()));
+                let _ = self.link.flush(Duration::from_secs(1));
+                self.hold_failure = Some(why.clone());
+                return Err(LinkError::Io(std::io::Error::other(why)));
+            }
+        }
+        // One held round per HELD_ROUND at most (each harvest walks the whole dirty log), and
+        // within the hold's byte budget: pages dirtied meanwhile wait in the dirty log (a page
+        // rewritten many times goes once), so a held member does not starve the others of
+        // the link they may share.
+        if any_sent && self.held_harvest.elapsed() >= HELD_ROUND && hold.may_send(bytes) {
+            self.held_harvest = Instant::now();
+            let n = self.held_round()?;
+            if n > 0 {
+                hold.held_round(n);
+                self.keepalive = Instant::now();
+                return Ok(true);
+            }
+        }
+        // The destination gives up on a silent source: a quiet hold says it is still here.
+        if self.keepalive.elapsed() >= KEEPALIVE && hold.held_for() >= KEEPALIVE {
+            self.keepalive = Instant::now();
+            self.link.send(&Frame::Sync)?;
+            self.syncs_owed += 1;
+        }
+        self.read_incoming(Duration::from_millis(2))?;
+        Ok(true)
+    }
+
+    /// Harvests the pages dirtied since the last harvest and queues them (a held round);
+    /// how many.
+    fn held_round(&mut self) -> Result<u64, LinkError> {
+        // Harvested without the state lock: the harvest takes the services' dirty-log lock,
+        // which a service's own harvest holds while it counts into this state.
+        let harvest = self.st().switch.as_mut().and_then(|s| s.1.take());
+        let Some(mut harvest) = harvest else {
+            return Ok(0);
+        };
+        let dirty = harvest();
+        if let Some(s) = self.st().switch.as_mut() {
+            s.1 = Some(harvest);
+        }
+        let dirty = dirty?;
+        let n = count(&dirty);
+        let mut st = self.st();
+        st.dirtied += n;
+        for (i, w) in dirty.iter().enumerate().take(st.pending.len()) {
+            let new = w & !st.pending[i];
+            st.pending_count += new.count_ones() as u64;
+            st.pending[i] |= w;
+        }
+        Ok(n)
     }
 
     /// The switch-over: the hand-over steps every transport shares ([`crate::handover`]),
@@ -1274,6 +1420,9 @@ impl Sender<'_> {
                 st.report.source_vm = "moved".into();
             }
             Err(e) => {
+                if let Some(h) = &self.src.hold {
+                    h.abort();
+                }
                 // Before the commit the source is intact: run it again. After it, the guest
                 // may run at the destination: stay paused and say so.
                 let resumable = st.phase == Phase::Precopy && !self.committed;
@@ -1359,9 +1508,12 @@ impl handover::Handover for Switch<'_, '_> {
         let link = &mut self.tx.link;
         link.send(&Frame::Sync)?;
         link.flush(Duration::from_secs(30))?;
-        match link.expect(Duration::from_secs(30), "sync")? {
-            Frame::Sync => {}
-            other => return Err(other_frame("sync", other)),
+        // Answers to a held migration's keep-alives come first, in order.
+        for _ in 0..=std::mem::take(&mut self.tx.syncs_owed) {
+            match link.expect(Duration::from_secs(30), "sync")? {
+                Frame::Sync => {}
+                other => return Err(other_frame("sync", other)),
+            }
         }
         if self.mode == SwitchMode::Postcopy {
             link.for_postcopy();
@@ -1373,6 +1525,7 @@ impl handover::Handover for Switch<'_, '_> {
         self.t_pause = Instant::now();
         let tx = &mut *self.tx;
         tx.src.held.store(true, Ordering::Release);
+        lock(&tx.src.st).report.switch_unix_us = super::hold::unix_us();
         tx.stopped_running = tx.src.vm.pause()?;
         tx.paused = true;
         Ok(tx.stopped_running)
@@ -1389,7 +1542,7 @@ impl handover::Handover for Switch<'_, '_> {
         }
         // Pages dirtied since the service's last harvest, now final.
         let dirty = match self.final_dirty.take() {
-            Some(harvest) => harvest()?,
+            Some(mut harvest) => harvest()?,
             None => Vec::new(),
         };
         {
@@ -1460,6 +1613,18 @@ impl handover::Handover for Switch<'_, '_> {
         match link.expect(Duration::from_secs(30), "ready") {
             Ok(Frame::Ready { load_us }) => {
                 self.load_us = load_us;
+                // Synchronized arrival's second gate: no commit before the release.
+                let tx = &mut *self.tx;
+                if let Some(h) = &tx.src.hold {
+                    let cancel = &tx.src.cancel;
+                    if let Err(why) = h.await_commit(|| cancel.load(Ordering::Acquire)) {
+                        // The destination drops the VM it built instead of waiting for us.
+                        let _ = tx.link.send(&Frame::Error(why.clone()));
+                        let _ = tx.link.flush(Duration::from_secs(1));
+                        tx.hold_failure = Some(why.clone());
+                        return Err(NotReady::Refused(LinkError::Io(std::io::Error::other(why))));
+                    }
+                }
                 Ok(())
             }
             // The destination answered other than `ready` (it refused the state): it never

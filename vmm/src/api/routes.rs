@@ -252,21 +252,33 @@ pub enum MigrateRequest {
     Start(MigrateStart),
     /// The starter's poll of migration `ID`.
     Poll(u64),
+    /// `{release: ID}`: opens the gate held migration `ID` waits at (synchronized arrival).
+    Release(u64),
+    /// `{cancel: ID}`: gives migration `ID` up before its commit; the guest stays here.
+    Cancel(u64),
 }
 
 impl TryFrom<Value> for MigrateRequest {
     type Error = String;
 
     fn try_from(v: Value) -> Result<Self, String> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Poll {
-            poll: u64,
-        }
-        if v.get("poll").is_some() {
-            return serde_json::from_value::<Poll>(v)
-                .map(|p| MigrateRequest::Poll(p.poll))
-                .map_err(|e| e.to_string());
+        // `{poll: ID}`, `{release: ID}`, `{cancel: ID}`: the verb alone with its id.
+        type Verb = fn(u64) -> MigrateRequest;
+        let verbs: [(&str, Verb); 3] = [
+            ("poll", MigrateRequest::Poll),
+            ("release", MigrateRequest::Release),
+            ("cancel", MigrateRequest::Cancel),
+        ];
+        for (verb, make) in verbs {
+            if let Some(id) = v.get(verb) {
+                let id = id
+                    .as_u64()
+                    .ok_or_else(|| format!("{verb}: a migration id (a number)"))?;
+                if v.as_object().is_some_and(|o| o.len() != 1) {
+                    return Err(format!("{verb}: no other field goes with it"));
+                }
+                return Ok(make(id));
+            }
         }
         serde_json::from_value(v)
             .map(MigrateRequest::Start)
@@ -301,6 +313,9 @@ pub struct MigrateStart {
     /// The link's TLS 1.3 cipher suite.
     #[serde(default)]
     pub cipher: l1_services::migration::tls::Cipher,
+    /// Hold at the switch-over point until released (`{release: ID}`): synchronized arrival.
+    #[serde(default)]
+    pub hold: Option<l1_services::migration::hold::HoldSpec>,
 }
 
 fn default_recovery_ms() -> u64 {
@@ -512,5 +527,38 @@ mod tests {
                 .0,
             400
         );
+    }
+
+    #[test]
+    fn migrate_verbs_stand_alone() {
+        let verb = |body: &[u8]| match route("PUT", "/vm/migrate", body) {
+            Ok(ApiRequest::Migrate(m)) => Ok(m),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.0),
+        };
+        assert!(matches!(
+            verb(br#"{"poll":3}"#),
+            Ok(MigrateRequest::Poll(3))
+        ));
+        assert!(matches!(
+            verb(br#"{"release":4}"#),
+            Ok(MigrateRequest::Release(4))
+        ));
+        assert!(matches!(
+            verb(br#"{"cancel":5}"#),
+            Ok(MigrateRequest::Cancel(5))
+        ));
+        assert_eq!(verb(br#"{"release":"x"}"#).unwrap_err(), 400);
+        assert_eq!(verb(br#"{"release":1,"poll":1}"#).unwrap_err(), 400);
+        let held = br#"{"to":"h:1","tls_dir":"/t","hold":{"timeout_ms":10}}"#;
+        match verb(held) {
+            Ok(MigrateRequest::Start(s)) => {
+                let h = s.hold.expect("a hold");
+                assert_eq!((h.timeout_ms, h.commit_timeout_ms), (10, 5000));
+            }
+            _ => panic!("a start"),
+        }
+        let bad = br#"{"to":"h:1","tls_dir":"/t","hold":{"deadline":1}}"#;
+        assert_eq!(verb(bad).unwrap_err(), 400);
     }
 }

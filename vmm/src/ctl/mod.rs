@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use crate::api::client as api;
 
+pub mod group;
 pub mod migrate;
 pub mod snapshot;
 
@@ -88,8 +89,69 @@ pub enum CtlOp {
         /// chacha20-poly1305 (the fastest on hosts without AES instructions).
         #[arg(long, default_value = "aes-128-gcm")]
         cipher: l1_services::migration::tls::Cipher,
+        /// Hold at the switch-over point until `ctl migrate-release` (twice: once to switch
+        /// over, once to commit), giving up after this many ms at the first gate.
+        #[arg(long, value_name = "MS")]
+        hold_timeout_ms: Option<u64>,
         /// Where to write the JSON report (the SVG plot goes beside it).
         #[arg(long, default_value = "migration-report.json")]
+        report: PathBuf,
+    },
+    /// Open the gate a held migration waits at (`ready`: switch over; `prepared`: commit).
+    MigrateRelease {
+        /// The migration (default: the running one).
+        #[arg(long)]
+        id: Option<u64>,
+    },
+    /// Give the running migration up before its commit: the guest stays (runs) here.
+    MigrateCancel {
+        /// The migration (default: the running one).
+        #[arg(long)]
+        id: Option<u64>,
+    },
+    /// Migrate several VMs so that they switch over together (synchronized arrival): each
+    /// `--vm` names a source VMM's API socket and its destination; --api-socket is not used.
+    /// Every member holds at its switch-over point until all are ready, then all switch over
+    /// and commit together; a member that fails first leaves every guest at its source.
+    MigrateGroup {
+        /// `SOCK=tls://HOST:PORT[,plugin=P][,max_bandwidth=R][,config=JSON]` (config last).
+        #[arg(long = "vm", value_name = "SOCK=DEST[,...]")]
+        vms: Vec<group::MemberSpec>,
+        /// The group as a JSON file (a `GroupSpec`: members, tls_dir, ...) instead of flags.
+        #[arg(long, conflicts_with = "vms")]
+        spec: Option<PathBuf>,
+        /// Policy service for members that name none (precopy.wasm, hybrid.wasm, ...).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+        /// Its configuration (JSON).
+        #[arg(long, default_value = "")]
+        config: String,
+        /// Directory with ca.pem, node.pem, node.key.
+        #[arg(long, required_unless_present = "spec")]
+        tls_dir: Option<PathBuf>,
+        /// Bytes per second at most, per member (suffixes K, M, G).
+        #[arg(long)]
+        max_bandwidth: Option<String>,
+        /// The links' TLS 1.3 cipher suite.
+        #[arg(long, default_value = "aes-128-gcm")]
+        cipher: l1_services::migration::tls::Cipher,
+        /// Migrate them independently (no hold): the baseline synchronization is measured
+        /// against.
+        #[arg(long)]
+        no_sync: bool,
+        /// Every member must be ready within this (ms), or the group is cancelled.
+        #[arg(long, default_value_t = 300_000)]
+        ready_timeout_ms: u64,
+        /// Every member must be prepared within this after the release (ms; their guests are
+        /// paused meanwhile), or all roll back.
+        #[arg(long, default_value_t = 5_000)]
+        commit_timeout_ms: u64,
+        /// Bytes per second each member's held rounds may send while it waits for the others
+        /// (suffixes K, M, G; default: a tenth of its send rate when it became ready).
+        #[arg(long)]
+        held_rate: Option<String>,
+        /// Where to write the group's JSON report.
+        #[arg(long, default_value = "group-report.json")]
         report: PathBuf,
     },
     /// Manage the services attached beneath the VM.
@@ -190,7 +252,7 @@ fn introspect_args(args: &[String]) -> String {
 }
 
 /// `100M` → 100_000_000.
-fn parse_rate(s: &str) -> anyhow::Result<u64> {
+pub(crate) fn parse_rate(s: &str) -> anyhow::Result<u64> {
     let (num, mult) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1e3),
         Some('M' | 'm') => (&s[..s.len() - 1], 1e6),
@@ -234,6 +296,7 @@ pub fn ctl(socket: &Path, op: CtlOp, timeout: Option<Duration>) -> anyhow::Resul
         recovery_timeout_ms,
         commit_with_state,
         cipher,
+        hold_timeout_ms,
         report,
     } = &op
     {
@@ -251,11 +314,42 @@ pub fn ctl(socket: &Path, op: CtlOp, timeout: Option<Duration>) -> anyhow::Resul
             "recovery_timeout_ms": recovery_timeout_ms,
             "commit_with_state": commit_with_state,
             "cipher": cipher,
+            "hold": hold_timeout_ms.map(|ms| json!({ "timeout_ms": ms })),
         });
         return migrate::ctl_migrate(socket, body, report);
     }
+    if let CtlOp::MigrateRelease { id } | CtlOp::MigrateCancel { id } = &op {
+        let verb = if matches!(op, CtlOp::MigrateRelease { .. }) {
+            "release"
+        } else {
+            "cancel"
+        };
+        let id = match id {
+            Some(id) => *id,
+            None => {
+                let v = api::call_checked_within(socket, "GET", "/vm/migration", None, timeout)?;
+                anyhow::ensure!(
+                    v.get("progress").is_some(),
+                    "no migration is running here: {v}"
+                );
+                v["id"].as_u64().context("the status names no migration")?
+            }
+        };
+        let v = api::call_checked_within(
+            socket,
+            "PUT",
+            "/vm/migrate",
+            Some(&json!({ verb: id })),
+            timeout,
+        )?;
+        let _ = writeln!(std::io::stdout(), "{v}");
+        return Ok(());
+    }
     let (method, path, body): (&str, &str, Option<Value>) = match &op {
-        CtlOp::Migrate { .. } => unreachable!("handled above"),
+        CtlOp::Migrate { .. } | CtlOp::MigrateRelease { .. } | CtlOp::MigrateCancel { .. } => {
+            unreachable!("handled above")
+        }
+        CtlOp::MigrateGroup { .. } => unreachable!("handled by group_command"),
         CtlOp::Status => ("GET", "/vm", None),
         CtlOp::Pause => ("PUT", "/vm/pause", None),
         CtlOp::Resume { force } => ("PUT", "/vm/resume", force.then(|| json!({ "force": true }))),
@@ -320,4 +414,45 @@ pub fn ctl(socket: &Path, op: CtlOp, timeout: Option<Duration>) -> anyhow::Resul
         serde_json::to_string_pretty(&value)?
     );
     Ok(())
+}
+
+/// `ctl migrate-group`: the group from its flags or its `--spec` file.
+pub fn group_command(op: CtlOp) -> anyhow::Result<()> {
+    let CtlOp::MigrateGroup {
+        vms,
+        spec,
+        plugin,
+        config,
+        tls_dir,
+        max_bandwidth,
+        cipher,
+        no_sync,
+        ready_timeout_ms,
+        commit_timeout_ms,
+        held_rate,
+        report,
+    } = op
+    else {
+        anyhow::bail!("not a migrate-group command");
+    };
+    let spec = match spec {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("read {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?
+        }
+        None => group::GroupSpec {
+            members: vms,
+            tls_dir: tls_dir.context("--tls-dir is needed")?,
+            plugin,
+            config,
+            max_bandwidth: max_bandwidth.as_deref().map(parse_rate).transpose()?,
+            cipher,
+            sync: !no_sync,
+            ready_timeout_ms,
+            commit_timeout_ms,
+            held_rate: held_rate.as_deref().map(parse_rate).transpose()?,
+        },
+    };
+    group::ctl_migrate_group(&spec, &report)
 }
