@@ -452,6 +452,9 @@ pub mod records {
         pub intermediaries: Vec<SocketAddr>,
         /// Their credentials, if they require them.
         pub auth: Option<RedisAuth>,
+        /// The destination's gather cap, bytes/s (0: as fast as the intermediaries answer);
+        /// the migration service's choice, applied by the destination.
+        pub gather_rate: u64,
     }
 
     impl Store {
@@ -470,7 +473,7 @@ pub mod records {
         /// Its payload: key (32), flags (u8), replicas (u8), ttl (u32), count (u8), then per
         /// intermediary its address as text (u8 length, bytes); then the credentials: user and
         /// password (u16 length, bytes each; an empty password: none, an empty user: the
-        /// default user).
+        /// default user); the gather rate (u64, bytes/s, 0: uncapped).
         pub fn encode(&self, out: &mut Vec<u8>) {
             out.extend_from_slice(self.key.as_bytes());
             let flag = |on: bool, f: u8| if on { f } else { 0 };
@@ -492,6 +495,7 @@ pub mod records {
                 out.extend_from_slice(&(t.len() as u16).to_le_bytes());
                 out.extend_from_slice(t);
             }
+            out.extend_from_slice(&self.gather_rate.to_le_bytes());
         }
 
         /// Reads a payload, refusing anything malformed or unusable.
@@ -521,10 +525,14 @@ pub mod records {
                 let len = r.u8()? as usize;
                 let t = std::str::from_utf8(r.take(len)?)
                     .map_err(|_| bad("store record: an address is not text"))?;
-                intermediaries.push(
-                    t.parse()
-                        .map_err(|_| bad(format!("store record: bad address {t:?}")))?,
-                );
+                let a: SocketAddr = t
+                    .parse()
+                    .map_err(|_| bad(format!("store record: bad address {t:?}")))?;
+                // One spelling per address: a record reads back as it was written.
+                if a.to_string() != t {
+                    return Err(bad(format!("store record: address {t:?} is not canonical")));
+                }
+                intermediaries.push(a);
             }
             let mut text = || {
                 let n = r.u16()? as usize;
@@ -532,6 +540,10 @@ pub mod records {
                     .map_err(|_| bad("store record: credentials are not text"))
             };
             let (user, password) = (text()?, text()?);
+            if password.is_empty() && !user.is_empty() {
+                return Err(bad("store record: a user without a password"));
+            }
+            let gather_rate = r.u64()?;
             let auth = (!password.is_empty()).then(|| RedisAuth {
                 user: (!user.is_empty()).then_some(user),
                 password,
@@ -545,6 +557,7 @@ pub mod records {
                 replicas,
                 ttl_secs,
                 intermediaries,
+                gather_rate,
             })
         }
     }
@@ -583,6 +596,21 @@ pub mod records {
             for h in &self.hashes {
                 out.extend_from_slice(h);
             }
+        }
+
+        /// Refuses a record whose span runs past guest memory (`pages` pages): for a record
+        /// decoded before the receiver knew its guest's size.
+        pub fn check(&self, pages: u64) -> Result<(), WireError> {
+            if (self.first)
+                .checked_add(self.span as u64)
+                .is_none_or(|e| e > pages)
+            {
+                return Err(bad(format!(
+                    "located record {}+{} runs past guest memory ({pages} pages)",
+                    self.first, self.span
+                )));
+            }
+            Ok(())
         }
 
         /// Reads a payload, refusing anything malformed; `pages`: guest memory in pages.
@@ -663,6 +691,7 @@ pub mod records {
                     "10.77.3.2:6379".parse().unwrap(),
                     "[::1]:7000".parse().unwrap(),
                 ],
+                gather_rate: 16 << 20,
             };
             let mut b = Vec::new();
             s.encode(&mut b);
@@ -670,6 +699,7 @@ pub mod records {
             assert_eq!(d.key.as_bytes(), &[9; 32]);
             assert_eq!(d.intermediaries, s.intermediaries);
             assert_eq!(d.auth, s.auth);
+            assert_eq!(d.gather_rate, 16 << 20);
             assert_eq!(format!("{:?}", d.auth), "Some(RedisAuth(..))");
             let c = d.config();
             assert_eq!((c.encrypt, c.replicas, c.ttl_secs), (true, 2, 600));
