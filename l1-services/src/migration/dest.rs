@@ -1569,9 +1569,14 @@ impl Postcopy {
             Some(g) => &mut g.source,
             None => &mut self.asks,
         };
+        let before = self.server.remaining();
         self.server
             .serve_faults(source, policy, Duration::ZERO, &mut self.buf)
             .map_err(|e| io(e.into()))?;
+        // Pages a fault brought at once (from the intermediaries) count as received.
+        let placed = before - self.server.remaining();
+        self.dest.received.fetch_add(placed, Ordering::Relaxed);
+        self.dest.needed.fetch_sub(placed, Ordering::Relaxed);
         let ask = match &mut self.gather {
             Some(g) => std::mem::take(&mut g.source.direct().0),
             None => std::mem::take(&mut self.asks.0),
