@@ -26,6 +26,64 @@ pub fn spanvmm_migrate(
     link: Link,
     timeout: Duration,
 ) -> anyhow::Result<Outcome> {
+    let run = spanvmm_migrate_with(
+        bin,
+        plugins,
+        elf,
+        mem,
+        workload,
+        engine,
+        link,
+        timeout,
+        &|_| Ok((Vec::new(), Box::new(()))),
+    )?;
+    Ok(run.outcome)
+}
+
+/// What [`spanvmm_migrate_with`] saw beyond the [`Outcome`].
+pub struct Run {
+    pub outcome: Outcome,
+    /// The source's report.
+    pub report: Value,
+    /// From `ctl migrate` to the destination's migration `completed` (every page in: for
+    /// Scatter-Gather, the gather's end), ms; None if it never completed.
+    pub dest_done_ms: Option<u64>,
+    /// The destination's incoming-migration progress at its end.
+    pub dest: Value,
+}
+
+/// Extra `ctl migrate` arguments for a migration between `hosts`, and what must live while
+/// it runs (intermediaries, say).
+pub type Prepare<'a> = &'a dyn Fn(&Hosts) -> anyhow::Result<(Vec<String>, Box<dyn std::any::Any>)>;
+
+/// `GET path` on the API socket `api`: the JSON body (None: no answer).
+fn api_get(api: &Path, path: &str) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(api).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()
+}
+
+/// [`spanvmm_migrate`] with `prepare`'s extra arguments; it also waits for the destination to
+/// say its migration completed.
+#[allow(clippy::too_many_arguments)]
+pub fn spanvmm_migrate_with(
+    bin: &Path,
+    plugins: &Path,
+    elf: &Path,
+    mem: u64,
+    workload: &str,
+    engine: &str,
+    link: Link,
+    timeout: Duration,
+    prepare: Prepare<'_>,
+) -> anyhow::Result<Run> {
     let dir = std::env::temp_dir().join(format!(
         "spanvmm-bench-smig-{}-{engine}",
         std::process::id()
@@ -33,6 +91,7 @@ pub fn spanvmm_migrate(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let hosts = Hosts::new(link, 47_100)?;
+    let (extra, keep) = prepare(&hosts)?;
     let tls = dir.join("tls");
     let st = Command::new(bin)
         .args(["migrate-certs", "--out"])
@@ -123,6 +182,7 @@ pub fn spanvmm_migrate(
         };
         let src_cpu_before = cpu_ms(src.id());
         let dst_cpu_before = cpu_ms(dst.id());
+        let t0 = Instant::now();
         let out = Command::new("timeout")
             .arg(timeout.as_secs().to_string())
             .arg(bin)
@@ -138,7 +198,30 @@ pub fn spanvmm_migrate(
             .arg(&tls)
             .arg("--report")
             .arg(&report)
+            .args(&extra)
             .output()?;
+        // The destination's own end (post-copy: its last page; Scatter-Gather: the gather's).
+        let mut dest_done_ms = None;
+        let mut dest = Value::Null;
+        let until = Instant::now() + timeout;
+        while out.status.success() && Instant::now() < until {
+            let Some(p) = api_get(&dst_api, "/vm/migration") else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            let phase = p["incoming"]["phase"].as_str().unwrap_or("").to_string();
+            // A destination whose migration ended keeps no incoming state: done.
+            if phase == "completed" || p.get("incoming").is_none() {
+                dest_done_ms = Some(t0.elapsed().as_millis() as u64);
+                dest = p["incoming"].clone();
+                break;
+            }
+            if phase == "failed" {
+                dest = p["incoming"].clone();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let r: Option<Value> = std::fs::read_to_string(&report)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
@@ -171,7 +254,7 @@ pub fn spanvmm_migrate(
         };
         let end = dst_lines.lock().unwrap().len();
         let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
-        Ok(Outcome {
+        let outcome = Outcome {
             vmm: "spanvmm".into(),
             engine: engine.into(),
             link: link.label(),
@@ -212,6 +295,12 @@ pub fn spanvmm_migrate(
                         .unwrap_or_default()
                 )
             },
+        };
+        Ok(Run {
+            outcome,
+            report: r,
+            dest_done_ms,
+            dest,
         })
     })();
     if !src_reaped {
@@ -221,6 +310,7 @@ pub fn spanvmm_migrate(
     let _ = dst.kill();
     let _ = dst.wait();
     let _ = std::fs::remove_dir_all(&dir);
+    drop(keep);
     drop(hosts);
     result
 }
