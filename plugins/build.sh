@@ -54,7 +54,7 @@ put() { # <src> <dst>
     cp "$1" "$2.tmp.$$" && mv -f "$2.tmp.$$" "$2"
 }
 for dir in exit-stats netmon introspect checkpoint hostile/misbehave hostile/abi-mismatch hostile/missing-export hostile/greedy \
-           precopy postcopy hybrid ../sdk/template; do
+           precopy postcopy hybrid scatter-gather ../sdk/template; do
     crate=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$dir/Cargo.toml" | head -1)
     file=${crate//-/_}
     name=$(basename "$dir")

@@ -288,6 +288,70 @@ fn a_hostile_source_after_welcome_ends_the_incoming_migration_with_a_reason() {
             true,
         ),
         (
+            "a store frame before the machine",
+            encoded(&Frame::Store(store_record())),
+            "scatter-gather: a store frame before the machine",
+            true,
+        ),
+        (
+            "a store record with more replicas than intermediaries",
+            {
+                let mut b = encoded(&Frame::Store(store_record()));
+                b[HEADER_LEN + 33] = 3; // replicas, after the key and the flags
+                b
+            },
+            "store record: 3 replicas on 2",
+            true,
+        ),
+        (
+            "a store record with unknown flags",
+            {
+                let mut b = encoded(&Frame::Store(store_record()));
+                b[HEADER_LEN + 32] = 0x80;
+                b
+            },
+            "store record flags 0x80",
+            true,
+        ),
+        (
+            "a located frame before the state",
+            encoded(&Frame::Located(wire::Located {
+                first: 0,
+                span: 1,
+                present: vec![1],
+                hashes: vec![[7; 32]],
+            })),
+            "unexpected located frame before the state",
+            true,
+        ),
+        (
+            "a located record past the end of guest memory",
+            encoded(&Frame::Located(wire::Located {
+                first: pages_total - 1,
+                span: 2,
+                present: vec![0b11],
+                hashes: vec![[7; 32], [8; 32]],
+            })),
+            "runs past guest memory",
+            true,
+        ),
+        (
+            "a located record missing an address",
+            {
+                // Two pages located, one 32-byte address: the header says what follows.
+                let mut p = 0u64.to_le_bytes().to_vec();
+                p.extend_from_slice(&2u16.to_le_bytes());
+                p.extend_from_slice(&0b11u64.to_le_bytes());
+                p.extend_from_slice(&[7; 32]);
+                let mut b = (p.len() as u32).to_le_bytes().to_vec();
+                b.push(wire::T_LOCATED);
+                b.extend_from_slice(&p);
+                b
+            },
+            "located record is truncated",
+            true,
+        ),
+        (
             "a post-copy state with a bitmap of the wrong size",
             encoded(&Frame::State {
                 handover: Handover::Postcopy,
@@ -324,6 +388,23 @@ fn a_hostile_source_after_welcome_ends_the_incoming_migration_with_a_reason() {
         wait_stderr_n(&dst, reason, 1, Duration::from_secs(10));
         no_panic(&dst);
         assert!(!dst.api.exists(), "{what}: the API socket was left behind");
+    }
+}
+
+/// A well-formed `store` record naming two intermediaries nobody needs to reach.
+fn store_record() -> wire::Store {
+    wire::Store {
+        key: l1_services::migration::intermediary::StoreKey::from_bytes([5; 32]),
+        encrypt: false,
+        cluster: false,
+        replicas: 2,
+        ttl_secs: 60,
+        intermediaries: vec![
+            "127.0.0.1:9".parse().unwrap(),
+            "127.0.0.1:10".parse().unwrap(),
+        ],
+        auth: None,
+        gather_rate: 0,
     }
 }
 

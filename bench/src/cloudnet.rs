@@ -273,6 +273,9 @@ impl Ctx<'_> {
         let s = &self.scale;
         let mbit = match link {
             Link::Shaped { mbit, .. } => mbit,
+            Link::Asymmetric {
+                src_mbit, dst_mbit, ..
+            } => src_mbit.min(dst_mbit),
             Link::Loopback => 10_000,
         };
         // Four times what the populated memory needs on the link, at least 30 s: a pre-copy

@@ -32,6 +32,7 @@ mod harness;
 mod live_update;
 mod migration;
 mod migration_spanvmm;
+mod scatter_gather;
 mod services;
 mod snapshot;
 mod sync_arrival;
@@ -265,6 +266,7 @@ fn main() -> anyhow::Result<()> {
     let mut quiet = false;
     let mut full = false;
     let mut parts: Option<String> = None;
+    let mut sizes_given = false;
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -309,6 +311,7 @@ fn main() -> anyhow::Result<()> {
                 )
             }
             "--sizes" => {
+                sizes_given = true;
                 sizes = it
                     .next()
                     .context("--sizes MIB,MIB,...")?
@@ -344,6 +347,18 @@ fn main() -> anyhow::Result<()> {
             // ~40 s a run, two runs a round: the default round count stays under 10 minutes.
             if args.iter().any(|a| a == "--runs") { runs } else { 3 },
             &out.unwrap_or_else(|| repo_root().join("bench/results/sync-arrival.json")),
+        ),
+        // Fig. 9 analogue: `--sizes MIB` (1024), `--links MBIT` (the source's link, 1200; the
+        // destination's is a sixth), `--runs N` (1), `--workloads idle,dirty`.
+        Some("scatter-gather") => scatter_gather::run(
+            &spanvmm_bin()?,
+            &repo_root().join("target/plugins"),
+            &guest_elf()?,
+            if sizes_given { sizes[0] } else { 1024 },
+            links.as_deref().map_or(Ok(1200), str::parse)?,
+            if args.iter().any(|a| a == "--runs") { runs } else { 1 },
+            &workloads.as_deref().unwrap_or("idle,dirty").split(',').collect::<Vec<_>>(),
+            &out.unwrap_or_else(|| repo_root().join("bench/results/scatter-gather.json")),
         ),
         Some("ciphers") => ciphers::run(
             &spanvmm_bin()?,
@@ -452,6 +467,6 @@ fn main() -> anyhow::Result<()> {
                 }),
             )
         }
-        _ => bail!("usage: spanvmm-bench boot|services|devices|live-update|live-update-failures|snapshot|migration|ciphers|cloudnet|chaos [--runs N] [--full] [--parts table1,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|services|devices|live-update|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|chaos [--runs N] [--full] [--parts table1,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
     }
 }

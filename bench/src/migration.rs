@@ -49,6 +49,13 @@ pub enum Link {
     Loopback,
     /// Network namespaces, tbf-shaped to `mbit`, `rtt_ms` added by the delay relay.
     Shaped { mbit: u64, rtt_ms: u64 },
+    /// Like `Shaped`, the source's link at `src_mbit` and the destination's at `dst_mbit`
+    /// (Scatter-Gather's slow destination).
+    Asymmetric {
+        src_mbit: u64,
+        dst_mbit: u64,
+        rtt_ms: u64,
+    },
 }
 
 impl Link {
@@ -56,6 +63,13 @@ impl Link {
         match self {
             Link::Loopback => "loopback".into(),
             Link::Shaped { mbit, rtt_ms } => format!("{mbit} Mbit/s, {rtt_ms} ms RTT"),
+            Link::Asymmetric {
+                src_mbit,
+                dst_mbit,
+                rtt_ms,
+            } => {
+                format!("source {src_mbit} Mbit/s, destination {dst_mbit} Mbit/s, {rtt_ms} ms RTT")
+            }
         }
     }
 }
@@ -87,10 +101,19 @@ impl Hosts {
                     delay: None,
                 })
             }
-            Link::Shaped { mbit, rtt_ms } => {
+            Link::Shaped { .. } | Link::Asymmetric { .. } => {
+                let (src_mbit, mbit, rtt_ms) = match link {
+                    Link::Shaped { mbit, rtt_ms } => (mbit, mbit, rtt_ms),
+                    Link::Asymmetric {
+                        src_mbit,
+                        dst_mbit,
+                        rtt_ms,
+                    } => (src_mbit, dst_mbit, rtt_ms),
+                    Link::Loopback => unreachable!("matched above"),
+                };
                 NetLab::available().map_err(anyhow::Error::msg)?;
                 let lab = NetLab::new("mig", &["src", "dst"])?;
-                lab.shape("src", mbit * 1_000_000)?;
+                lab.shape("src", src_mbit * 1_000_000)?;
                 lab.shape("dst", mbit * 1_000_000)?;
                 let (src, dst) = (lab.host("src"), lab.host("dst"));
                 let listen = SocketAddr::new(dst.ip.into(), port);
@@ -151,6 +174,12 @@ impl Hosts {
             .filter(|q| q["kind"] == "tbf")
             .map(|q| q["bytes"].as_u64())
             .sum()
+    }
+
+    /// The root namespace's address on host `name`'s link (None on loopback): a service in
+    /// the root namespace bound there is reached by both hosts, each over its own link.
+    pub fn gateway(&self, name: &str) -> Option<Ipv4Addr> {
+        self.lab.as_ref().map(|l| l.host(name).gateway)
     }
 
     /// `program` run on host `name` (`src` or `dst`).
@@ -599,6 +628,7 @@ pub fn run(
                     let need_s = match link {
                         Link::Loopback => 0,
                         Link::Shaped { mbit, .. } => mem * 8 / mbit,
+                        Link::Asymmetric { dst_mbit, .. } => mem * 8 / dst_mbit,
                     };
                     let limit = Duration::from_secs((need_s * 4).max(60));
                     let o = qemu_migrate(elf, mem, workload, engine, link, limit, None)?;

@@ -37,6 +37,41 @@ pub fn spanvmm_migrate(
     )
 }
 
+/// What [`spanvmm_migrate_run`] saw beyond the [`Outcome`].
+pub struct Run {
+    pub outcome: Outcome,
+    /// The source's report.
+    pub report: Value,
+    /// From `ctl migrate` to the destination's migration `completed` (every page in: for
+    /// Scatter-Gather, the gather's end), ms; None if it never completed.
+    pub dest_done_ms: Option<u64>,
+    /// The destination's incoming-migration progress at its end.
+    pub dest: Value,
+}
+
+/// Extra `ctl migrate` arguments for a migration between `hosts`, and what must live while
+/// it runs (intermediaries, say).
+pub type Prepare<'a> = &'a dyn Fn(&Hosts) -> anyhow::Result<(Vec<String>, Box<dyn std::any::Any>)>;
+
+/// No extra arguments, nothing to keep.
+fn no_preparation(_: &Hosts) -> anyhow::Result<(Vec<String>, Box<dyn std::any::Any>)> {
+    Ok((Vec::new(), Box::new(())))
+}
+
+/// `GET path` on the API socket `api`: the JSON body (None: no answer).
+fn api_get(api: &Path, path: &str) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(api).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()
+}
+
 /// [`spanvmm_migrate`] with any guest command line, the service's configuration (JSON;
 /// empty: its defaults), and `disks`: (the source's image, the destination's file), the disk
 /// moving with the VM.
@@ -53,6 +88,59 @@ pub fn spanvmm_migrate_guest(
     link: Link,
     timeout: Duration,
 ) -> anyhow::Result<Outcome> {
+    spanvmm_migrate_run(
+        bin,
+        plugins,
+        elf,
+        mem,
+        guest,
+        engine,
+        config,
+        disks,
+        link,
+        timeout,
+        &no_preparation,
+    )
+    .map(|r| r.outcome)
+}
+
+/// [`spanvmm_migrate`] with `prepare`'s extra arguments, and what the destination said.
+#[allow(clippy::too_many_arguments)]
+pub fn spanvmm_migrate_with(
+    bin: &Path,
+    plugins: &Path,
+    elf: &Path,
+    mem: u64,
+    workload: &str,
+    engine: &str,
+    link: Link,
+    timeout: Duration,
+    prepare: Prepare<'_>,
+) -> anyhow::Result<Run> {
+    let guest = Guest {
+        workload,
+        cmdline: &guest_cmdline(mem, workload),
+    };
+    spanvmm_migrate_run(
+        bin, plugins, elf, mem, guest, engine, "", None, link, timeout, prepare,
+    )
+}
+
+/// The migration itself; it also waits for the destination to say its migration completed.
+#[allow(clippy::too_many_arguments)]
+fn spanvmm_migrate_run(
+    bin: &Path,
+    plugins: &Path,
+    elf: &Path,
+    mem: u64,
+    guest: Guest,
+    engine: &str,
+    config: &str,
+    disks: Option<(&Path, &Path)>,
+    link: Link,
+    timeout: Duration,
+    prepare: Prepare<'_>,
+) -> anyhow::Result<Run> {
     let Guest { workload, cmdline } = guest;
     let disk_arg = |i: usize| -> Vec<String> {
         disks.map_or(vec![], |d| {
@@ -67,6 +155,7 @@ pub fn spanvmm_migrate_guest(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let hosts = Hosts::new(link, 47_100)?;
+    let (extra, keep) = prepare(&hosts)?;
     let tls = dir.join("tls");
     let st = Command::new(bin)
         .args(["migrate-certs", "--out"])
@@ -166,6 +255,7 @@ pub fn spanvmm_migrate_guest(
         let sent_before = hosts.sent_bytes("src");
         let src_cpu_before = cpu_ms(src.id());
         let dst_cpu_before = cpu_ms(dst.id());
+        let t0 = Instant::now();
         let out = Command::new("timeout")
             .arg(timeout.as_secs().to_string())
             .arg(bin)
@@ -182,11 +272,34 @@ pub fn spanvmm_migrate_guest(
             .arg(&tls)
             .arg("--report")
             .arg(&report)
+            .args(&extra)
             .output()?;
         let link_bytes = hosts
             .sent_bytes("src")
             .zip(sent_before)
             .map(|(a, b)| a.saturating_sub(b));
+        // The destination's own end (post-copy: its last page; Scatter-Gather: the gather's).
+        let mut dest_done_ms = None;
+        let mut dest = Value::Null;
+        let until = Instant::now() + timeout;
+        while out.status.success() && Instant::now() < until {
+            let Some(p) = api_get(&dst_api, "/vm/migration") else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            let phase = p["incoming"]["phase"].as_str().unwrap_or("").to_string();
+            // A destination whose migration ended keeps no incoming state: done.
+            if phase == "completed" || p.get("incoming").is_none() {
+                dest_done_ms = Some(t0.elapsed().as_millis() as u64);
+                dest = p["incoming"].clone();
+                break;
+            }
+            if phase == "failed" {
+                dest = p["incoming"].clone();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let r: Option<Value> = std::fs::read_to_string(&report)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
@@ -219,7 +332,7 @@ pub fn spanvmm_migrate_guest(
         };
         let end = dst_lines.lock().unwrap().len();
         let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
-        Ok(Outcome {
+        let outcome = Outcome {
             vmm: "spanvmm".into(),
             engine: engine.into(),
             link: link.label(),
@@ -262,6 +375,12 @@ pub fn spanvmm_migrate_guest(
             },
             link_bytes,
             report: r.clone(),
+        };
+        Ok(Run {
+            outcome,
+            report: r,
+            dest_done_ms,
+            dest,
         })
     })();
     if !src_reaped {
@@ -271,6 +390,7 @@ pub fn spanvmm_migrate_guest(
     let _ = dst.kill();
     let _ = dst.wait();
     let _ = std::fs::remove_dir_all(&dir);
+    drop(keep);
     drop(hosts);
     result
 }

@@ -614,6 +614,15 @@ impl ServiceCtx {
             .ok_or(CallError::NoMigration(what))
     }
 
+    /// `set-scatter`: the request is read and checked here, the engine takes it up.
+    pub(crate) fn migration_set_scatter(&self, config: &str) -> Result<(), CallError> {
+        let m = self.migration("set-scatter")?;
+        let req =
+            crate::migration::scatter::ScatterRequest::parse(config).map_err(CallError::Refused)?;
+        m.set_scatter(req)
+            .map_err(|e| CallError::Refused(e.to_string()))
+    }
+
     pub(crate) fn migration_harvest(&self) -> Result<Vec<u64>, CallError> {
         let m = self.migration("harvest-dirty")?;
         let bits = self.dirty_bitmap()?;

@@ -735,6 +735,19 @@ impl HostTrampolines for Trampolines {
         report(err, unit(r))
     }
 
+    unsafe extern "C" fn migration_set_scatter(
+        ctx: *mut c_void,
+        config: *const u8,
+        config_len: usize,
+        err: *const Sink,
+    ) -> i32 {
+        let config = text(config, config_len);
+        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
+            c.migration_set_scatter(&config)
+        });
+        report(err, unit(r))
+    }
+
     unsafe extern "C" fn migration_switch_over(
         ctx: *mut c_void,
         mode: u32,

@@ -734,6 +734,10 @@ impl wm::Host for StoreState {
         })
     }
 
+    fn set_scatter(&mut self, config: String) -> Result<(), String> {
+        self.timed(|c| c.migration_set_scatter(&config))
+    }
+
     fn queue_pages(&mut self, bitmap: Vec<u64>, round: u32) -> Result<u64, String> {
         self.timed(|c| {
             c.migration("queue-pages")?

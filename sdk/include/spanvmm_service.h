@@ -250,6 +250,9 @@ typedef struct spanvmm_host {
     int32_t (*migration_set_encoding)(void *ctx, uint32_t redundancy, uint32_t deltas,
                                       uint64_t cache_bytes, uint32_t blocks,
                                       const spanvmm_sink *err);
+    /* migration#set-scatter: Appended: Scatter-Gather (config: JSON text, see wit/migration.wit). */
+    int32_t (*migration_set_scatter)(void *ctx, const uint8_t *config, size_t config_len,
+                                     const spanvmm_sink *err);
 } spanvmm_host;
 /* ---- end of generated text ---- */
 

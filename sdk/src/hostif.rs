@@ -195,6 +195,12 @@ macro_rules! __spanvmm_host_calls {
                 blocks: u32,
                 err: *const $crate::abi::Sink,
             ) -> i32;
+            /// Appended: Scatter-Gather (config: JSON text, see wit/migration.wit).
+            ["migration#set-scatter"] migration_set_scatter(
+                config: *const u8,
+                config_len: usize,
+                err: *const $crate::abi::Sink,
+            ) -> i32;
         }
     };
 }

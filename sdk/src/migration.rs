@@ -175,6 +175,9 @@ mod imp {
     pub fn queue_pages(bitmap: &[u64], round: u32) -> Result<u64, String> {
         m::queue_pages(bitmap, round)
     }
+    pub fn set_scatter(config: &str) -> Result<(), String> {
+        m::set_scatter(config)
+    }
     pub fn queue_range(first: u64, count: u64, urgent: bool, round: u32) -> Result<(), String> {
         m::queue_range(first, count, urgent, round)
     }
@@ -224,6 +227,9 @@ mod imp {
     pub fn queue_pages(bitmap: &[u64], round: u32) -> Result<u64, String> {
         n::migration_queue_pages(bitmap, round)
     }
+    pub fn set_scatter(config: &str) -> Result<(), String> {
+        n::migration_set_scatter(config)
+    }
     pub fn queue_range(first: u64, count: u64, urgent: bool, round: u32) -> Result<(), String> {
         n::migration_queue_range(first, count, urgent, round)
     }
@@ -243,6 +249,13 @@ mod imp {
 /// queued (both ends' caches start empty together).
 pub fn set_encoding(e: Encoding) -> Result<(), String> {
     imp::set_encoding(e)
+}
+
+/// Chooses Scatter-Gather for this migration, once, before a post-copy switch-over: what the
+/// link cannot take at once goes to Redis intermediaries, and the destination gathers it
+/// (`config`: JSON, see `set-scatter` in `wit/migration.wit`).
+pub fn set_scatter(config: &str) -> Result<(), String> {
+    imp::set_scatter(config)
 }
 
 /// Pages dirtied since the previous call, counted into the migration's dirty rate

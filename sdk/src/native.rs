@@ -511,6 +511,14 @@ pub(crate) mod imports {
         }))
     }
 
+    pub fn migration_set_scatter(config: &str) -> Result<(), String> {
+        let (ctx, call) = host_fn!(migration_set_scatter, "set-scatter")?;
+        // SAFETY: as above; `config` is a live string.
+        unit(with_sink(|s| unsafe {
+            call(ctx, config.as_ptr(), config.len(), s)
+        }))
+    }
+
     pub fn migration_queue_pages(bitmap: &[u64], round: u32) -> Result<u64, String> {
         let (ctx, call) = host_fn!(migration_queue_pages, "queue-pages")?;
         let mut queued = 0u64;

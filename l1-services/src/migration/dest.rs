@@ -12,12 +12,14 @@ use std::time::{Duration, Instant};
 
 use base_vmm::memory::GuestRam;
 use base_vmm::page_server::{
-    FaultOnly, Fetched, PageError, PageServer, PageSource, PageStats, PrePaging,
+    FaultOnly, Fetched, PageError, PageServer, PageSource, PageStats, PrePaging, Why,
 };
 use rustls::ServerConfig;
 use serde::Serialize;
 
+use super::intermediary::PageStore;
 use super::link::{Link, LinkError};
+use super::scatter::{GatherPolicy, GatherSource, GatherStats, Locations};
 use super::wire::{self, Frame, Handover, PAGE, VERSION};
 use super::{bit, clear_bit, count, set_bit, Phase};
 use crate::ctx::lock;
@@ -71,6 +73,10 @@ pub struct DestProgress {
     pub fault_latency_p99_us: u64,
     /// Connections lost and restored during post-copy.
     pub recoveries: u64,
+    /// Scatter-Gather: pages and bytes read from the intermediaries (bytes per
+    /// intermediary: intermediaries → destination).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gather: Option<GatherStats>,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -88,6 +94,8 @@ pub struct MigrationDest {
     source: Mutex<Option<SocketAddr>>,
     /// Stop waiting (before the hand-over only), see [`MigrationDest::cancel`].
     cancelled: AtomicBool,
+    /// Scatter-Gather: what the gather read from the intermediaries.
+    gather: Mutex<Option<GatherStats>>,
 }
 
 impl MigrationDest {
@@ -101,6 +109,7 @@ impl MigrationDest {
             recoveries: AtomicU64::new(0),
             source: Mutex::new(None),
             cancelled: AtomicBool::new(false),
+            gather: Mutex::new(None),
         })
     }
 
@@ -139,6 +148,7 @@ impl MigrationDest {
             fault_latency_max_us: self.pages.latency_max_us.load(Ordering::Relaxed),
             fault_latency_p99_us: self.pages.latency_p99_us(),
             recoveries: self.recoveries.load(Ordering::Relaxed),
+            gather: lock(&self.gather).clone(),
             error,
         }
     }
@@ -254,6 +264,9 @@ pub enum DestError {
     /// A frame out of place in post-copy.
     #[error("unexpected {0} frame")]
     Unexpected(&'static str),
+    /// Scatter-Gather: a `store` or `located` frame refused, or the intermediaries failed.
+    #[error("scatter-gather: {0}")]
+    Scatter(String),
     /// The page server failed.
     #[error(transparent)]
     Pages(#[from] PageError),
@@ -574,6 +587,10 @@ pub fn receive(
     let mut mirror_acceptor: Option<Acceptor> = None;
     let mut mirror_listening = false;
     let mirror_stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let mut machine_seen = false;
+    // Scatter-Gather: the intermediaries the source scatters to, connected as soon as the
+    // `store` frame names them (unreachable ones end the migration before the hand-over).
+    let mut store: Option<Gather> = None;
     loop {
         if let Some(got) = mirror_acceptor.as_mut().map(|a| a.next(Duration::ZERO)) {
             match got {
@@ -759,6 +776,8 @@ pub fn receive(
                 arrived.postcopy = Some(Postcopy {
                     server,
                     asks: Requests::default(),
+                    gather: store.take(),
+                    buf: Vec::new(),
                     pages,
                     dest: dest.clone(),
                     listener: listener.try_clone()?,
@@ -781,7 +800,26 @@ pub fn receive(
                 }
                 link.send(&Frame::Sync).map_err(fail)?
             }
+            Frame::Store(rec) => {
+                let why = if !machine_seen {
+                    Some("a store frame before the machine".to_string())
+                } else if store.is_some() {
+                    Some("a second store frame".to_string())
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(refuse(&mut link, fail(io(DestError::Scatter(why)))));
+                }
+                let g = Gather::connect(&rec).map_err(|e| refuse(&mut link, fail(io(e))))?;
+                super::trace(format_args!(
+                    "dest: store of {} intermediaries",
+                    rec.intermediaries.len()
+                ));
+                store = Some(g);
+            }
             Frame::Machine(json) => {
+                machine_seen = true;
                 let machine: base_vmm::state::MachineConfig = serde_json::from_slice(&json)
                     .map_err(|e| refuse(&mut link, fail(io(DestError::Machine(e)))))?;
                 // A failure here is retried when the state arrives (and reported then).
@@ -793,6 +831,14 @@ pub fn receive(
                         Some((r, vm))
                     });
                 }
+            }
+            Frame::Located(rec) => {
+                // Out of place, but a record past guest memory is named as such.
+                let why = match rec.check(pages) {
+                    Err(e) => DestError::Wire(e),
+                    Ok(()) => DestError::BeforeState("located"),
+                };
+                return Err(refuse(&mut link, fail(io(why))));
             }
             Frame::Error(msg) => return Err(DestError::SourceGaveUp(msg)),
             Frame::Disk(d) => {
@@ -1266,11 +1312,44 @@ impl PageSource for Requests {
 /// unasked; asking for them here as well would queue them twice.
 type PostcopyPrepaging = FaultOnly;
 
+/// Pages a gather run reads at most (256 KiB: one pipelined `GET` per intermediary).
+const GATHER_RUN: u64 = 64;
+
+/// Scatter-Gather at the destination: the page source that reads located pages from the
+/// intermediaries (and asks the link for the rest), and the gather that brings them in.
+struct Gather {
+    source: GatherSource<Requests>,
+    policy: GatherPolicy,
+    locs: Arc<Locations>,
+}
+
+impl Gather {
+    /// Connects to the intermediaries a `store` record names.
+    fn connect(rec: &wire::Store) -> Result<Self, DestError> {
+        let store = PageStore::connect(rec.config(), &rec.key)
+            .map_err(|e| DestError::Scatter(format!("intermediaries: {e}")))?;
+        let locs = Locations::new();
+        let mut source = GatherSource::new(store, locs.clone(), Requests::default());
+        // While the source holds every page, a run the intermediaries cannot give (one is
+        // down, or a value fails its check) is asked of the source instead.
+        source.set_fallback(true);
+        let rate = (rec.gather_rate > 0).then_some(rec.gather_rate);
+        Ok(Gather {
+            source,
+            policy: GatherPolicy::new(locs.clone(), GATHER_RUN, rate),
+            locs,
+        })
+    }
+}
+
 /// The post-copy fault service and page receiver: the page server, fed from the link.
 struct Postcopy {
     server: PageServer,
     /// Pages asked for, to go out in the next `fault` frame.
     asks: Requests,
+    /// Scatter-Gather: the intermediaries (a `store` frame came).
+    gather: Option<Gather>,
+    buf: Vec<u8>,
     pages: u64,
     dest: Arc<MigrationDest>,
     listener: TcpListener,
@@ -1282,6 +1361,7 @@ struct Postcopy {
 impl Postcopy {
     fn run(mut self, link: Option<Link>, load_us: u64) {
         let r = self.serve(link, load_us);
+        self.publish();
         match r {
             Ok(()) => {
                 let r = self.server.finish();
@@ -1308,11 +1388,86 @@ impl Postcopy {
         };
         loop {
             match self.step(&mut link) {
-                Ok(true) => return Ok(()),
+                Ok(true) => break,
                 Ok(false) => {}
                 Err(e) => link = self.recover(e)?,
             }
         }
+        drop(link);
+        // Scatter-Gather: the source is gone, every page still missing is located; gather
+        // them at the destination's own pace, faults first.
+        while self.server.remaining() > 0 {
+            let mut fd = libc::pollfd {
+                fd: self.server.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let gathering = self.gather.as_ref().is_some_and(|g| g.locs.pending() > 0);
+            if !gathering {
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut fd, 1, 5) };
+            }
+            self.serve_faults(None).map_err(DestError::Link)?;
+            if !self.gather_step().map_err(DestError::Pages)? && gathering {
+                // Capped: the next tokens come in a moment (faults still wake us).
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut fd, 1, 1) };
+            }
+            self.publish();
+        }
+        Ok(())
+    }
+
+    /// Brings the next gather run, if the policy picks one now. True: it brought pages.
+    fn gather_step(&mut self) -> Result<bool, PageError> {
+        let Some(g) = &mut self.gather else {
+            return Ok(false);
+        };
+        let Some(run) = g.policy.next(&self.server) else {
+            return Ok(false);
+        };
+        let before = self.server.remaining();
+        self.server
+            .bring(&mut g.source, run, Why::Prefetch, &mut self.buf)?;
+        let placed = before - self.server.remaining();
+        self.dest.received.fetch_add(placed, Ordering::Relaxed);
+        self.dest.needed.fetch_sub(placed, Ordering::Relaxed);
+        Ok(placed > 0)
+    }
+
+    /// Publishes the gather's counters on the destination's progress.
+    fn publish(&self) {
+        if let Some(g) = &self.gather {
+            *lock(&self.dest.gather) = Some(g.source.stats());
+        }
+    }
+
+    /// Records the pages of a `located` frame (those still missing) and serves the faults
+    /// waiting for any of them from the intermediaries.
+    fn locate(&mut self, rec: wire::Located) -> Result<(), DestError> {
+        let Some(g) = &mut self.gather else {
+            return Err(DestError::Scatter(
+                "a located frame, but no store frame named the intermediaries".into(),
+            ));
+        };
+        rec.check(self.pages)?;
+        for (p, h) in rec.pages() {
+            // A page the guest does not lack (sent already, or never needed) stays as it is.
+            if self.server.is_wanted(p) && !self.server.is_present(p) {
+                g.locs.add(p, std::slice::from_ref(h));
+            }
+        }
+        for p in self.server.pending() {
+            if g.locs.get(p).is_some() {
+                let before = self.server.remaining();
+                self.server
+                    .bring(&mut g.source, p..p + 1, Why::Fault, &mut self.buf)?;
+                let placed = before - self.server.remaining();
+                self.dest.received.fetch_add(placed, Ordering::Relaxed);
+                self.dest.needed.fetch_sub(placed, Ordering::Relaxed);
+            }
+        }
+        Ok(())
     }
 
     /// One round: wait for the socket or a fault, serve faults, apply frames. True when done.
@@ -1329,8 +1484,9 @@ impl Postcopy {
                 revents: 0,
             },
         ];
+        let gathering = self.gather.as_ref().is_some_and(|g| g.locs.pending() > 0);
         // SAFETY: two valid pollfds.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, 5) };
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, if gathering { 1 } else { 5 }) };
         self.serve_faults(Some(link))?;
         while let Some(f) = link.recv(Duration::ZERO)? {
             match f {
@@ -1360,10 +1516,28 @@ impl Postcopy {
                     // Faults first, between frames.
                     self.serve_faults(Some(link))?;
                 }
+                Frame::Located(rec) => {
+                    self.locate(rec).map_err(io)?;
+                    self.serve_faults(Some(link))?;
+                }
                 Frame::Done => {
-                    let left = self.server.remaining();
+                    let left = match &self.gather {
+                        // Every page still missing must be at an intermediary: the source
+                        // leaves once it hears `complete`.
+                        Some(g) => {
+                            let missing = self.server.missing();
+                            (0..self.pages)
+                                .filter(|&p| bit(&missing, p) && g.locs.get(p).is_none())
+                                .count() as u64
+                        }
+                        None => self.server.remaining(),
+                    };
                     if left != 0 {
                         return Err(io(DestError::Missing(left)));
+                    }
+                    if let Some(g) = &mut self.gather {
+                        // The source leaves: a located page is to be had only there now.
+                        g.source.set_fallback(false);
                     }
                     let st = &self.dest.pages;
                     link.send(&Frame::Complete {
@@ -1380,6 +1554,9 @@ impl Postcopy {
                 Frame::Error(m) => return Err(io(DestError::SourceGaveUp(m))),
                 other => return Err(io(DestError::Unexpected(other.name()))),
             }
+        }
+        if !self.gather_step().map_err(|e| io(e.into()))? {
+            self.publish();
         }
         Ok(false)
     }
@@ -1448,10 +1625,23 @@ impl Postcopy {
     fn serve_faults(&mut self, link: Option<&mut Link>) -> Result<(), LinkError> {
         let mut policy = PostcopyPrepaging {};
         let policy: &mut dyn PrePaging = &mut policy;
+        // Scatter-Gather: a located page comes from the intermediaries at once.
+        let source: &mut dyn PageSource = match &mut self.gather {
+            Some(g) => &mut g.source,
+            None => &mut self.asks,
+        };
+        let before = self.server.remaining();
         self.server
-            .serve_faults(&mut self.asks, policy, Duration::ZERO, &mut Vec::new())
+            .serve_faults(source, policy, Duration::ZERO, &mut self.buf)
             .map_err(|e| io(e.into()))?;
-        let ask = std::mem::take(&mut self.asks.0);
+        // Pages a fault brought at once (from the intermediaries) count as received.
+        let placed = before - self.server.remaining();
+        self.dest.received.fetch_add(placed, Ordering::Relaxed);
+        self.dest.needed.fetch_sub(placed, Ordering::Relaxed);
+        let ask = match &mut self.gather {
+            Some(g) => std::mem::take(&mut g.source.direct().0),
+            None => std::mem::take(&mut self.asks.0),
+        };
         if let (false, Some(link)) = (ask.is_empty(), link) {
             super::trace(format_args!("dest: fault request {ask:?}"));
             link.send(&Frame::Fault(ask))?;

@@ -192,7 +192,7 @@ impl StoreConfig {
 }
 
 /// Counters of one intermediary.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct IntermediaryStats {
     /// Its address.
     pub addr: String,

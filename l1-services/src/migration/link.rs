@@ -158,6 +158,16 @@ impl Link {
         self.sock.as_raw_fd()
     }
 
+    /// Bytes TLS holds that the socket has not taken yet: at most its buffer limit (rustls
+    /// says only whether there are any, so this counts the limit when there are).
+    pub fn pending_tls(&self) -> u64 {
+        if self.tls.wants_write() {
+            TLS_BUFFER as u64
+        } else {
+            0
+        }
+    }
+
     /// Moves bytes both ways once: waits up to `timeout` for the socket, reads what arrived
     /// (into `rx`) and writes what TLS holds.
     fn pump(&mut self, timeout: Duration) -> Result<(), LinkError> {

@@ -67,6 +67,11 @@ impl Locations {
         self.lock().map.is_empty()
     }
 
+    /// Located pages the gather has not taken yet.
+    pub fn pending(&self) -> usize {
+        self.lock().todo.len()
+    }
+
     /// Takes the lowest run of at most `max` consecutive pages still to gather for which
     /// `missing` holds (the others are dropped from the to-do: a fault or a direct push
     /// brought them).
@@ -101,6 +106,12 @@ pub struct GatherStats {
     pub runs: u64,
     /// Runs handed to the direct source.
     pub direct_runs: u64,
+    /// Located runs the intermediaries could not give (down, or a value refused as
+    /// corrupt) that were asked of the direct source instead.
+    pub fallback_runs: u64,
+    /// The last such failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     /// The store's counters (bytes per intermediary, corrupt values refused).
     pub store: StoreStats,
 }
@@ -113,6 +124,9 @@ pub struct GatherSource<D: PageSource> {
     pages: u64,
     runs: u64,
     direct_runs: u64,
+    fallback: bool,
+    fallback_runs: u64,
+    last_error: Option<String>,
 }
 
 impl<D: PageSource> GatherSource<D> {
@@ -125,7 +139,16 @@ impl<D: PageSource> GatherSource<D> {
             pages: 0,
             runs: 0,
             direct_runs: 0,
+            fallback: false,
+            fallback_runs: 0,
+            last_error: None,
         }
+    }
+
+    /// Whether a located run the intermediaries cannot give goes to the direct source (true
+    /// while the source still holds every page) or is an error (once it is gone).
+    pub fn set_fallback(&mut self, on: bool) {
+        self.fallback = on;
     }
 
     /// The direct source (to take the requests it queued).
@@ -139,6 +162,8 @@ impl<D: PageSource> GatherSource<D> {
             pages: self.pages,
             runs: self.runs,
             direct_runs: self.direct_runs,
+            fallback_runs: self.fallback_runs,
+            last_error: self.last_error.clone(),
             store: self.store.stats(),
         }
     }
@@ -151,17 +176,29 @@ impl<D: PageSource> PageSource for GatherSource<D> {
             self.direct_runs += 1;
             return self.direct.fetch(run, buf);
         };
-        let pages = self
+        let got = self
             .store
             .get(&hashes)
-            .map_err(|e| PageError::Source(format!("intermediaries: {e}")))?;
-        for (page, dst) in pages.iter().zip(buf.chunks_exact_mut(PAGE_SIZE as usize)) {
-            if page.len() != dst.len() {
-                return Err(PageError::Source(format!(
-                    "intermediaries: a page of {} bytes",
-                    page.len()
-                )));
+            .map_err(|e| e.to_string())
+            .and_then(
+                |pages| match pages.iter().find(|p| p.len() != PAGE_SIZE as usize) {
+                    Some(p) => Err(format!("a page of {} bytes", p.len())),
+                    None => Ok(pages),
+                },
+            );
+        let pages = match got {
+            Ok(pages) => pages,
+            Err(e) => {
+                // Nothing of a failed run is placed.
+                self.last_error = Some(e.to_string());
+                if !self.fallback {
+                    return Err(PageError::Source(format!("intermediaries: {e}")));
+                }
+                self.fallback_runs += 1;
+                return self.direct.fetch(run, buf);
             }
+        };
+        for (page, dst) in pages.iter().zip(buf.chunks_exact_mut(PAGE_SIZE as usize)) {
             dst.copy_from_slice(page);
         }
         self.pages += hashes.len() as u64;
@@ -378,6 +415,176 @@ impl Scatter {
     pub fn store_stats(&self) -> StoreStats {
         self.store.stats()
     }
+
+    /// Whether the next batch goes on the link (socket `link_fd`, `buffered` bytes in its own
+    /// buffers), for a caller that sends it itself (zero-copy from guest memory); counts the
+    /// choice. [`Scatter::sent_direct`] then counts its pages.
+    pub fn go_direct(
+        &mut self,
+        link_fd: std::os::fd::RawFd,
+        buffered: u64,
+    ) -> std::io::Result<bool> {
+        self.router.go_direct(link_fd, buffered)
+    }
+
+    /// Counts `n` pages the caller sent on the link.
+    pub fn sent_direct(&mut self, n: u64) {
+        self.stats.direct_pages += n;
+    }
+
+    /// Stores the pages of `first..first + span` selected by `present` (`pages`: theirs, in
+    /// order) at the intermediaries: the `located` record to send.
+    pub fn put_selected(
+        &mut self,
+        first: u64,
+        span: u16,
+        present: &[u64],
+        pages: &[&[u8]],
+    ) -> Result<records::Located, ScatterError> {
+        let nw = (span as usize).div_ceil(64);
+        let n: usize = present
+            .iter()
+            .take(nw)
+            .map(|w| w.count_ones() as usize)
+            .sum();
+        if span == 0
+            || span as u64 > super::wire::BATCH_PAGES
+            || present.len() < nw
+            || n != pages.len()
+        {
+            return Err(ScatterError::Batch(pages.len() * PAGE_SIZE as usize));
+        }
+        if let Some(p) = pages.iter().find(|p| p.len() != PAGE_SIZE as usize) {
+            return Err(ScatterError::Batch(p.len()));
+        }
+        let hashes = self.store.put(pages)?;
+        self.stats.scattered_pages += n as u64;
+        Ok(records::Located {
+            first,
+            span,
+            present: present[..nw].to_vec(),
+            hashes,
+        })
+    }
+}
+
+/// What the migration service asks of Scatter-Gather (`set-scatter`, JSON): where pages go
+/// and how, when the link counts as behind, how fast the destination gathers.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScatterRequest {
+    /// The intermediaries (Redis servers, `host:port`), in placement order.
+    pub intermediaries: Vec<std::net::SocketAddr>,
+    /// Copies of each page (default 1).
+    #[serde(default = "one")]
+    pub replicas: usize,
+    /// Encrypt pages at the intermediaries (the MAC is always there).
+    #[serde(default)]
+    pub encrypt: bool,
+    /// The intermediaries are seed nodes of one Redis Cluster.
+    #[serde(default)]
+    pub cluster: bool,
+    /// Lifetime of stored pages, s (default 3600).
+    #[serde(default = "hour")]
+    pub ttl_secs: u32,
+    /// The link is behind from this many unsent bytes (default 256 KiB).
+    #[serde(default = "high_water")]
+    pub high_water: u64,
+    /// The destination's gather cap, bytes/s (0, the default: uncapped).
+    #[serde(default)]
+    pub gather_rate: u64,
+    /// The store key (64 hex digits) shared by a group of migrations, so that their
+    /// identical pages are stored once (gang migration); default: a fresh key for this one.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+fn one() -> usize {
+    1
+}
+fn hour() -> u32 {
+    3600
+}
+fn high_water() -> u64 {
+    256 << 10
+}
+
+impl ScatterRequest {
+    /// Reads and checks a request (a bad one is refused with the reason).
+    pub fn parse(json: &str) -> Result<Self, String> {
+        let r: ScatterRequest =
+            serde_json::from_str(json).map_err(|e| format!("set-scatter: {e}"))?;
+        let n = r.intermediaries.len();
+        if n == 0 || n > records::MAX_INTERMEDIARIES {
+            return Err(format!(
+                "set-scatter: {n} intermediaries (1..={})",
+                records::MAX_INTERMEDIARIES
+            ));
+        }
+        if r.replicas == 0 || r.replicas > n || (r.cluster && r.replicas != 1) {
+            return Err(format!(
+                "set-scatter: {} replicas on {n} intermediaries (a cluster keeps its own: 1)",
+                r.replicas
+            ));
+        }
+        if r.ttl_secs == 0 {
+            return Err("set-scatter: ttl_secs must be at least 1".into());
+        }
+        r.store_key()?;
+        Ok(r)
+    }
+
+    /// The shared key if one was given, else a fresh one.
+    pub fn store_key(&self) -> Result<super::intermediary::StoreKey, String> {
+        let Some(hex) = &self.key else {
+            return super::intermediary::StoreKey::generate().map_err(|e| e.to_string());
+        };
+        let b = hex.as_bytes();
+        if b.len() != 64 || !b.iter().all(u8::is_ascii_hexdigit) {
+            return Err("set-scatter: key must be 64 hex digits".into());
+        }
+        let mut k = [0u8; 32];
+        for (i, pair) in b.chunks_exact(2).enumerate() {
+            let digit = |c: u8| (c as char).to_digit(16).expect("checked") as u8;
+            k[i] = digit(pair[0]) << 4 | digit(pair[1]);
+        }
+        Ok(super::intermediary::StoreKey::from_bytes(k))
+    }
+
+    /// The store configuration it describes.
+    pub fn store_config(&self) -> super::intermediary::StoreConfig {
+        super::intermediary::StoreConfig {
+            encrypt: self.encrypt,
+            cluster: self.cluster,
+            replicas: self.replicas,
+            ttl_secs: self.ttl_secs as u64,
+            ..super::intermediary::StoreConfig::new(self.intermediaries.clone())
+        }
+    }
+}
+
+/// The source's Scatter-Gather report (in the migration report's `scatter`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct ScatterReport {
+    /// Pages with data sent on the link after the switch-over.
+    pub direct_pages: u64,
+    /// Pages sent to the intermediaries.
+    pub scattered_pages: u64,
+    /// Zero pages (markers on the link, never scattered).
+    pub zero_pages: u64,
+    /// `located` frames sent.
+    pub located_frames: u64,
+    /// Batches the intermediaries could not take, sent on the link instead.
+    pub store_failures: u64,
+    /// Pages sent to the intermediaries again on the link (the destination could not read
+    /// them, or faulted before their location arrived).
+    pub resent_direct: u64,
+    /// Bytes source → intermediaries (RESP on the wire, all of them).
+    pub bytes_to_intermediaries: u64,
+    /// Pages already at their intermediary or repeated in a batch (stored once).
+    pub dedup_hits: u64,
+    /// Per intermediary.
+    pub intermediaries: Vec<super::intermediary::IntermediaryStats>,
 }
 
 /// Scatter-Gather's records on the migration link (payloads of the `store` and `located`
@@ -452,6 +659,9 @@ pub mod records {
         pub intermediaries: Vec<SocketAddr>,
         /// Their credentials, if they require them.
         pub auth: Option<RedisAuth>,
+        /// The destination's gather cap, bytes/s (0: as fast as the intermediaries answer);
+        /// the migration service's choice, applied by the destination.
+        pub gather_rate: u64,
     }
 
     impl Store {
@@ -470,7 +680,7 @@ pub mod records {
         /// Its payload: key (32), flags (u8), replicas (u8), ttl (u32), count (u8), then per
         /// intermediary its address as text (u8 length, bytes); then the credentials: user and
         /// password (u16 length, bytes each; an empty password: none, an empty user: the
-        /// default user).
+        /// default user); the gather rate (u64, bytes/s, 0: uncapped).
         pub fn encode(&self, out: &mut Vec<u8>) {
             out.extend_from_slice(self.key.as_bytes());
             let flag = |on: bool, f: u8| if on { f } else { 0 };
@@ -492,6 +702,7 @@ pub mod records {
                 out.extend_from_slice(&(t.len() as u16).to_le_bytes());
                 out.extend_from_slice(t);
             }
+            out.extend_from_slice(&self.gather_rate.to_le_bytes());
         }
 
         /// Reads a payload, refusing anything malformed or unusable.
@@ -521,10 +732,14 @@ pub mod records {
                 let len = r.u8()? as usize;
                 let t = std::str::from_utf8(r.take(len)?)
                     .map_err(|_| bad("store record: an address is not text"))?;
-                intermediaries.push(
-                    t.parse()
-                        .map_err(|_| bad(format!("store record: bad address {t:?}")))?,
-                );
+                let a: SocketAddr = t
+                    .parse()
+                    .map_err(|_| bad(format!("store record: bad address {t:?}")))?;
+                // One spelling per address: a record reads back as it was written.
+                if a.to_string() != t {
+                    return Err(bad(format!("store record: address {t:?} is not canonical")));
+                }
+                intermediaries.push(a);
             }
             let mut text = || {
                 let n = r.u16()? as usize;
@@ -532,6 +747,10 @@ pub mod records {
                     .map_err(|_| bad("store record: credentials are not text"))
             };
             let (user, password) = (text()?, text()?);
+            if password.is_empty() && !user.is_empty() {
+                return Err(bad("store record: a user without a password"));
+            }
+            let gather_rate = r.u64()?;
             let auth = (!password.is_empty()).then(|| RedisAuth {
                 user: (!user.is_empty()).then_some(user),
                 password,
@@ -545,6 +764,7 @@ pub mod records {
                 replicas,
                 ttl_secs,
                 intermediaries,
+                gather_rate,
             })
         }
     }
@@ -583,6 +803,21 @@ pub mod records {
             for h in &self.hashes {
                 out.extend_from_slice(h);
             }
+        }
+
+        /// Refuses a record whose span runs past guest memory (`pages` pages): for a record
+        /// decoded before the receiver knew its guest's size.
+        pub fn check(&self, pages: u64) -> Result<(), WireError> {
+            if (self.first)
+                .checked_add(self.span as u64)
+                .is_none_or(|e| e > pages)
+            {
+                return Err(bad(format!(
+                    "located record {}+{} runs past guest memory ({pages} pages)",
+                    self.first, self.span
+                )));
+            }
+            Ok(())
         }
 
         /// Reads a payload, refusing anything malformed; `pages`: guest memory in pages.
@@ -663,6 +898,7 @@ pub mod records {
                     "10.77.3.2:6379".parse().unwrap(),
                     "[::1]:7000".parse().unwrap(),
                 ],
+                gather_rate: 16 << 20,
             };
             let mut b = Vec::new();
             s.encode(&mut b);
@@ -670,6 +906,7 @@ pub mod records {
             assert_eq!(d.key.as_bytes(), &[9; 32]);
             assert_eq!(d.intermediaries, s.intermediaries);
             assert_eq!(d.auth, s.auth);
+            assert_eq!(d.gather_rate, 16 << 20);
             assert_eq!(format!("{:?}", d.auth), "Some(RedisAuth(..))");
             let c = d.config();
             assert_eq!((c.encrypt, c.replicas, c.ttl_secs), (true, 2, 600));

@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use super::cnet::{Encoder, Encoding, EncodingStats};
 use super::disk::{DiskFrame, DiskReport, DiskSender};
 use super::hold::{Hold, HoldReport, HoldSpec};
+use super::intermediary::PageStore;
 use super::link::{Link, LinkError};
+use super::scatter::{Scatter, ScatterReport, ScatterRequest};
+use super::wire::Store;
 use super::wire::{Frame, Handover, PageCodec, BATCH_PAGES, PAGE, VERSION};
 use super::{bit, clear_bit, count, set_bit, Phase, Progress, SwitchMode};
 use crate::ctx::lock;
@@ -175,6 +178,11 @@ pub struct Report {
     /// What the hold did, when the migration was held for a synchronized arrival.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold: Option<HoldReport>,
+    /// Scatter-Gather: pages on the link and to the intermediaries, bytes, dedup hits
+    /// (`eviction_ms` is then the switch-over to the destination's `complete`: every page
+    /// there or at an intermediary, the source free to go).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scatter: Option<ScatterReport>,
 }
 
 /// What the plugin and the sender thread share.
@@ -206,6 +214,10 @@ struct State {
     dirtied: u64,
     rate_bps: u64,
     page_rate: u64,
+    /// Scatter-Gather asked for by the service, not yet taken up by the sender.
+    scatter: Option<ScatterRequest>,
+    /// Scatter-Gather was asked for (once, before the switch-over).
+    scatter_set: bool,
 }
 
 /// A migration in progress, seen from the source.
@@ -256,6 +268,9 @@ pub enum SourceError {
     /// Encoding options refused.
     #[error(transparent)]
     Encoding(#[from] super::cnet::CnetError),
+    /// Scatter-Gather chosen twice or after the switch-over was asked for.
+    #[error("set-scatter: Scatter-Gather is chosen once, before the switch-over")]
+    ScatterLate,
     /// Encodings chosen twice or after pages went out.
     #[error("set-encoding: the encodings are chosen once, before the first page is sent")]
     EncodingLate,
@@ -316,6 +331,8 @@ impl MigrationSource {
                 dirtied: 0,
                 rate_bps: 0,
                 page_rate: 0,
+                scatter: None,
+                scatter_set: false,
             }),
             vm,
             pages,
@@ -353,6 +370,8 @@ impl MigrationSource {
                     hold_failure: None,
                     caught_up: false,
                     syncs_owed: 0,
+                    scatter: None,
+                    scattered: vec![0; pages.div_ceil(64) as usize],
                 };
                 let r = sender.run();
                 sender.finish(r);
@@ -438,6 +457,18 @@ impl MigrationSource {
         }
         st.encoding_set = true;
         st.encoding = Some(enc);
+        Ok(())
+    }
+
+    /// Chooses Scatter-Gather for this migration (once, before the switch-over): after a
+    /// post-copy hand-over, what the link cannot take at once goes to the intermediaries.
+    pub fn set_scatter(&self, req: ScatterRequest) -> Result<(), SourceError> {
+        let mut st = lock(&self.st);
+        if st.phase != Phase::Precopy || st.switch.is_some() || st.scatter_set {
+            return Err(SourceError::ScatterLate);
+        }
+        st.scatter_set = true;
+        st.scatter = Some(req);
         Ok(())
     }
 
@@ -607,6 +638,10 @@ struct Sender<'a> {
     caught_up: bool,
     /// Keep-alive `sync`s not answered yet: the switch-over's own `sync` waits past them.
     syncs_owed: u32,
+    /// Scatter-Gather: the intermediaries and the router (after `set-scatter`).
+    scatter: Option<Scatter>,
+    /// Scatter-Gather: pages sent to the intermediaries, not on the link.
+    scattered: Vec<u64>,
 }
 
 /// Harvests the pages dirtied since the service's (or its own) last harvest: with the guest
@@ -954,6 +989,128 @@ impl Sender<'_> {
         None
     }
 
+    /// Scatter-Gather chosen: connect to the intermediaries and tell the destination where
+    /// they are and the key (it connects too, and refuses if it cannot: the guest then stays
+    /// here, as before any switch-over).
+    fn start_scatter(&mut self, req: ScatterRequest) -> Result<(), LinkError> {
+        let fail = |e: String| LinkError::Io(std::io::Error::other(format!("scatter-gather: {e}")));
+        let key = req.store_key().map_err(fail)?;
+        let cfg = req.store_config();
+        let store = PageStore::connect(cfg.clone(), &key).map_err(|e| fail(e.to_string()))?;
+        let rec = Store {
+            key,
+            encrypt: cfg.encrypt,
+            cluster: cfg.cluster,
+            replicas: cfg.replicas as u8,
+            ttl_secs: req.ttl_secs,
+            intermediaries: cfg.intermediaries.clone(),
+            auth: cfg.auth.clone(),
+            gather_rate: req.gather_rate,
+        };
+        self.link.send(&Frame::Store(rec))?;
+        self.scatter = Some(Scatter::new(store, req.high_water));
+        self.st().report.scatter = Some(ScatterReport::default());
+        tracing::info!(
+            "migration: scatter-gather through {} intermediaries",
+            cfg.intermediaries.len()
+        );
+        Ok(())
+    }
+
+    /// A background batch after the switch-over, Scatter-Gather: zero pages as markers on
+    /// the link; the data pages on the link while it keeps up, else to the intermediaries
+    /// (and their `located` record on the link). Each page goes one way, once.
+    fn scatter_batch(&mut self, first: u64, span: u64, sel: &[u64]) -> Result<(), LinkError> {
+        let holes = self.holes(first, span);
+        let nw = span.div_ceil(64) as usize;
+        let (mut zero, mut data) = (vec![0u64; nw], vec![0u64; nw]);
+        let base = self.ram.host_base();
+        let page = |p: u64| -> &[u8] {
+            // SAFETY: p < pages (batches never cross the end of guest RAM), so the page lies
+            // inside the guest mapping, which `self.ram` keeps alive for the whole migration;
+            // the guest is paused (post-copy), so the page does not change.
+            unsafe { std::slice::from_raw_parts(base.add(p as usize * PAGE), PAGE) }
+        };
+        for i in (0..span).filter(|&i| bit(sel, i)) {
+            if bit(&holes, i) || Self::is_zero(page(first + i)) {
+                set_bit(&mut zero, i);
+            } else {
+                set_bit(&mut data, i);
+            }
+        }
+        let (nz, nd) = (count(&zero), count(&data));
+        if nz > 0 {
+            self.send_batch(first, span, &zero)?;
+        }
+        if nd == 0 {
+            if let Some(r) = self.st().report.scatter.as_mut() {
+                r.zero_pages += nz;
+            }
+            return Ok(());
+        }
+        // What TLS holds beyond the socket counts as behind (it is at most its buffer).
+        let buffered = self.link.pending_tls();
+        let fd = self.link.fd();
+        let sc = self.scatter.as_mut().expect("checked by the caller");
+        let direct = sc.go_direct(fd, buffered)?;
+        let located = if direct {
+            None
+        } else {
+            let pages: Vec<&[u8]> = (0..span)
+                .filter(|&i| bit(&data, i))
+                .map(|i| page(first + i))
+                .collect();
+            match sc.put_selected(first, span as u16, &data, &pages) {
+                Ok(rec) => Some(rec),
+                Err(e) => {
+                    // The source still holds the pages: they go on the link.
+                    tracing::warn!("migration: scatter: {e}; sending the batch on the link");
+                    if let Some(r) = lock(&self.src.st).report.scatter.as_mut() {
+                        r.store_failures += 1;
+                    }
+                    None
+                }
+            }
+        };
+        match located {
+            None => {
+                self.scatter.as_mut().expect("set").sent_direct(nd);
+                self.send_batch(first, span, &data)?;
+            }
+            Some(rec) => {
+                for i in (0..span).filter(|&i| bit(&data, i)) {
+                    set_bit(&mut self.scattered, first + i);
+                }
+                self.link.send(&Frame::Located(rec))?;
+                let mut st = self.st();
+                st.report.bytes =
+                    self.link.wire_bytes + st.report.bytes_per_link.iter().sum::<u64>();
+                if let Some(r) = st.report.scatter.as_mut() {
+                    r.located_frames += 1;
+                }
+            }
+        }
+        if let Some(r) = self.st().report.scatter.as_mut() {
+            r.zero_pages += nz;
+        }
+        Ok(())
+    }
+
+    /// Copies the scatter's counters into the report.
+    fn scatter_report(&mut self) {
+        let Some(sc) = &self.scatter else {
+            return;
+        };
+        let store = sc.store_stats();
+        let mut st = self.st();
+        let r = st.report.scatter.get_or_insert_with(ScatterReport::default);
+        r.direct_pages = sc.stats.direct_pages;
+        r.scattered_pages = sc.stats.scattered_pages;
+        r.dedup_hits = store.dedup_hits();
+        r.bytes_to_intermediaries = store.intermediaries.iter().map(|i| i.wire_out).sum();
+        r.intermediaries = store.intermediaries;
+    }
+
     fn sample(&mut self) {
         let now = Instant::now();
         let mut st = lock(&self.src.st);
@@ -1017,8 +1174,20 @@ impl Sender<'_> {
             match f {
                 Frame::Fault(pages) => {
                     super::trace(format_args!("source: fault request {pages:?}"));
-                    let mut st = self.st();
+                    let mut st = lock(&self.src.st);
                     st.report.remote_faults += pages.len() as u64;
+                    for &p in &pages {
+                        // A page sent to the intermediaries that the destination asks for (it
+                        // could not read it there, or faulted before its location came) goes
+                        // again, on the link: the source holds it until eviction completes.
+                        if p < self.src.pages && bit(&self.scattered, p) && !st.needed.is_empty() {
+                            clear_bit(&mut self.scattered, p);
+                            set_bit(&mut st.needed, p);
+                            if let Some(r) = st.report.scatter.as_mut() {
+                                r.resent_direct += 1;
+                            }
+                        }
+                    }
                     for p in pages {
                         st.faults.push_back(p);
                         st.fault_events.push(p);
@@ -1088,6 +1257,10 @@ impl Sender<'_> {
 
     fn precopy_step(&mut self) -> Result<Option<Outcome>, LinkError> {
         self.read_incoming(Duration::ZERO)?;
+        let req = self.st().scatter.take();
+        if let Some(req) = req {
+            self.start_scatter(req)?;
+        }
         if self.over_budget() {
             self.throttle();
             return Ok(None);
@@ -1323,13 +1496,25 @@ impl Sender<'_> {
             self.throttle();
             return Ok(None);
         }
+        // Faults and pre-paging go on the link; the background push may be scattered.
+        let background = {
+            let st = self.st();
+            st.faults.is_empty() && st.urgent.is_empty()
+        };
         if let Some((first, span, sel)) = self.next_batch() {
-            self.send_batch(first, span, &sel)?;
+            if background && self.scatter.is_some() {
+                self.scatter_batch(first, span, &sel)?;
+            } else {
+                self.send_batch(first, span, &sel)?;
+            }
             return Ok(None);
         }
-        // Everything is sent: say so and wait for the destination to confirm.
-        if let Some(t) = self.eviction_start.take() {
-            self.st().report.eviction_ms = t.elapsed().as_secs_f64() * 1e3;
+        // Everything is sent: say so and wait for the destination to confirm. With
+        // Scatter-Gather, eviction ends at its `complete` (every location received).
+        if self.scatter.is_none() {
+            if let Some(t) = self.eviction_start.take() {
+                self.st().report.eviction_ms = t.elapsed().as_secs_f64() * 1e3;
+            }
         }
         self.link.send(&Frame::Done)?;
         self.link.flush(Duration::from_secs(30))?;
@@ -1346,6 +1531,13 @@ impl Sender<'_> {
                     st.report.fault_latency_mean_us = fault_mean_us;
                     st.report.fault_latency_max_us = fault_max_us;
                     st.report.fault_latency_p99_us = fault_p99_us;
+                    drop(st);
+                    if self.scatter.is_some() {
+                        if let Some(t) = self.eviction_start.take() {
+                            self.st().report.eviction_ms = t.elapsed().as_secs_f64() * 1e3;
+                        }
+                        self.scatter_report();
+                    }
                     return Ok(Some(Outcome::Evicted));
                 }
                 // Faults racing with `done` are for pages already on their way.
@@ -1407,6 +1599,7 @@ impl Sender<'_> {
             d.abandon();
             d.report()
         });
+        self.scatter_report();
         let mut st = self.st();
         if disk.is_some() {
             st.report.disk = disk;

@@ -194,6 +194,26 @@ pub enum Frame {
     },
     /// Either way: the disk migration's frames (`disk.rs`).
     Disk(super::disk::DiskFrame),
+    /// Source → destination, after `machine`, at most once: Scatter-Gather's intermediaries
+    /// and the key to read them (only ever on this TLS link).
+    Store(Store),
+    /// Source → destination, after the hand-over: these pages are at the intermediaries, at
+    /// these content addresses. Decoded without knowing guest memory: the receiver checks
+    /// the span against it ([`Located::check`]).
+    Located(Located),
+}
+
+pub use super::scatter::records::{Located, Store};
+
+/// Two `store` records are equal when they encode alike (the key is compared too: this is
+/// for tests and checks, not for secrets).
+impl PartialEq for Store {
+    fn eq(&self, other: &Self) -> bool {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        self.encode(&mut a);
+        other.encode(&mut b);
+        a == b
+    }
 }
 
 impl Frame {
@@ -216,6 +236,8 @@ impl Frame {
             Frame::Ready { .. } => "ready",
             Frame::Commit { .. } => "commit",
             Frame::Disk(d) => d.name(),
+            Frame::Store(_) => "store",
+            Frame::Located(_) => "located",
         }
     }
 }
@@ -235,6 +257,10 @@ const T_MACHINE: u8 = 11;
 const T_SYNC: u8 = 12;
 const T_READY: u8 = 13;
 const T_COMMIT: u8 = 14;
+/// Type of a `store` frame (Scatter-Gather).
+pub const T_STORE: u8 = 15;
+/// Type of a `located` frame (Scatter-Gather).
+pub const T_LOCATED: u8 = 16;
 
 /// Wire errors: what is wrong with a frame.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -371,6 +397,14 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             T_COMMIT
         }
         Frame::Disk(d) => d.encode_payload(out),
+        Frame::Store(st) => {
+            st.encode(out);
+            T_STORE
+        }
+        Frame::Located(l) => {
+            l.encode(out);
+            T_LOCATED
+        }
     };
     let len = (out.len() - start - HEADER_LEN) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -555,6 +589,9 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
         T_SYNC => "sync",
         T_READY => "ready",
         T_COMMIT => "commit",
+        // The records check their own layout, strictly (`scatter::records`).
+        T_STORE => return Store::decode(payload).map(Frame::Store),
+        T_LOCATED => return Located::decode(payload, u64::MAX).map(Frame::Located),
         t if super::disk::is_disk_frame(t) => {
             return super::disk::decode(t, payload).map(Frame::Disk)
         }
@@ -738,6 +775,44 @@ mod tests {
         round_trip(Frame::Needed(vec![u64::MAX]));
         assert_eq!(Frame::Commit { run: true }.name(), "commit");
         round_trip(Frame::Machine(b"{}".to_vec()));
+        round_trip(Frame::Store(Store {
+            key: crate::migration::intermediary::StoreKey::from_bytes([7; 32]),
+            encrypt: true,
+            cluster: false,
+            replicas: 2,
+            ttl_secs: 60,
+            intermediaries: vec![
+                "127.0.0.1:6379".parse().unwrap(),
+                "127.0.0.1:6380".parse().unwrap(),
+            ],
+            auth: None,
+            gather_rate: 0,
+        }));
+        let located = Located {
+            first: 4096,
+            span: 3,
+            present: vec![0b101],
+            hashes: vec![[1; 32], [2; 32]],
+        };
+        round_trip(Frame::Located(located.clone()));
+        assert_eq!(Frame::Located(located.clone()).name(), "located");
+        // The span is checked against guest memory once the receiver knows its size.
+        assert!(located.check(4099).is_ok());
+        let e = located.check(4098).unwrap_err().0;
+        assert!(e.contains("runs past guest memory (4098 pages)"), "{e}");
+        // A span wrapping around 2^64 is refused by the decoder itself.
+        let mut b = Vec::new();
+        encode(
+            &Frame::Located(Located {
+                first: u64::MAX - 1,
+                ..located
+            }),
+            &mut b,
+        );
+        assert!(decode(T_LOCATED, &b[HEADER_LEN..])
+            .unwrap_err()
+            .0
+            .contains("past guest memory"));
     }
 
     #[test]
