@@ -120,6 +120,8 @@ enum Request {
     Pause,
     Resume,
     Save,
+    /// Pause, then save: one round trip where a hand-over needs both.
+    PauseSave,
     Stop,
 }
 
@@ -632,6 +634,15 @@ impl VcpuThread {
                 Ok(s) => Reply::State(Box::new(s)),
                 Err(e) => Reply::Refused(e.to_string()),
             },
+            Request::PauseSave => {
+                if self.state == ThreadState::Running {
+                    self.state = ThreadState::Paused;
+                }
+                match self.vcpu.save() {
+                    Ok(s) => Reply::State(Box::new(s)),
+                    Err(e) => Reply::Refused(e.to_string()),
+                }
+            }
             Request::Stop => {
                 self.state = ThreadState::Stopped;
                 Reply::Done
@@ -840,9 +851,19 @@ impl VcpuHandle {
 
     /// [`Self::save`] on every vCPU, in parallel.
     pub fn save_all(vcpus: &[VcpuHandle]) -> Result<Vec<VcpuState>, VcpuError> {
+        Self::states_of(vcpus, Request::Save)
+    }
+
+    /// [`Self::pause_all`] and [`Self::save_all`] in one round trip: each vCPU thread saves
+    /// its registers as soon as it stopped.
+    pub fn pause_save_all(vcpus: &[VcpuHandle]) -> Result<Vec<VcpuState>, VcpuError> {
+        Self::states_of(vcpus, Request::PauseSave)
+    }
+
+    fn states_of(vcpus: &[VcpuHandle], req: Request) -> Result<Vec<VcpuState>, VcpuError> {
         vcpus
             .iter()
-            .zip(Self::ask_all(vcpus, Request::Save))
+            .zip(Self::ask_all(vcpus, req))
             .map(|(v, r)| match r? {
                 Reply::State(s) => Ok(*s),
                 other => v.done(other).and(Err(VcpuError::NoAnswer(v.index))),

@@ -367,6 +367,32 @@ impl VmControl {
             return Err(VmmError::Conflict("pause the VM before saving it".into()));
         }
         let vcpus = VcpuHandle::save_all(&lock(&self.vcpus))?;
+        self.state_with(vcpus)
+    }
+
+    /// [`Self::pause`] then [`Self::capture_state`], with one round trip to the vCPU threads
+    /// instead of two (each saves its registers as soon as it stopped): a live update's pause
+    /// is a few such round trips. Returns whether the VM was running, and its state.
+    pub fn pause_and_capture(&self) -> Result<(bool, VmState), VmmError> {
+        Self::refuse_on_vcpu_thread("pausing the VM")?;
+        let mut state = lock(&self.state);
+        if state.run == RunState::Paused {
+            drop(state);
+            return Ok((false, self.capture_state()?));
+        }
+        let vcpus = VcpuHandle::pause_save_all(&lock(&self.vcpus))?;
+        // As in pause_locked: after the vCPUs, so that no new notification comes in.
+        for d in &self.virtio {
+            lock(d).set_paused(true);
+        }
+        state.run = RunState::Paused;
+        self.pauses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((true, self.state_with(vcpus)?))
+    }
+
+    /// The VM state around the vCPUs' saved registers (the VM paused).
+    fn state_with(&self, vcpus: Vec<VcpuState>) -> Result<VmState, VmmError> {
         Ok(VmState {
             machine: self.machine.clone(),
             vcpus,

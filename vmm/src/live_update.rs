@@ -398,6 +398,7 @@ impl Preparing {
             services: Vec::new(),
             restore_us: 0,
             marks,
+            captured: None,
         };
         let result = handover::hand_over(&mut steps);
         let (paused_at, prepare_ms, restore_us, services) = (
@@ -506,6 +507,8 @@ struct Takeover<'a> {
     services: Vec<HandedService>,
     restore_us: u64,
     marks: Marks,
+    /// The state captured with the pause.
+    captured: Option<VmState>,
 }
 
 impl Handover for Takeover<'_> {
@@ -525,14 +528,18 @@ impl Handover for Takeover<'_> {
         self.paused_mono = monotonic_us();
         self.prepare_ms = self.t0.elapsed().as_secs_f64() * 1e3;
         self.operator_paused = self.vmm.control().operator_paused();
-        let paused = self.vmm.control().pause()?;
-        self.marks.old("vcpus paused");
+        // Paused and captured in one round trip to the vCPU threads.
+        let (paused, state) = self.vmm.control().pause_and_capture()?;
+        self.captured = Some(state);
+        self.marks.old("vcpus paused and state captured");
         Ok(paused)
     }
 
     fn send_state(&mut self) -> anyhow::Result<()> {
-        let mut state = self.vmm.capture_state()?;
-        self.marks.old("state captured");
+        let mut state = match self.captured.take() {
+            Some(s) => s,
+            None => self.vmm.capture_state()?,
+        };
         let (services, lost) = self.manager.hand_over();
         for (name, e) in &lost {
             tracing::warn!("live update: service {name} could not hand its state over: {e}");
