@@ -307,7 +307,33 @@ fn spanvmm_run(lan: &Lan, bin: &Path, elf: &Path, img: &Path) -> anyhow::Result<
             vm.lines.clone(),
         ))
     };
-    measure(lan, n, Some(quiet), &vm.lines, &mut update)
+    let run = measure(lan, n, Some(quiet), &vm.lines, &mut update);
+    // The VMM serving now (the new process after an update) is killed at drop: wait until it
+    // is gone, or the next VMM finds the tap still held (EBUSY).
+    let serving = vm
+        .api("GET", "/vm", None)
+        .ok()
+        .and_then(|(_, v, _)| v["pid"].as_u64());
+    drop(vm);
+    if let Some(pid) = serving {
+        wait_gone(pid as u32);
+    }
+    run
+}
+
+/// Waits (up to 10 s) until process `pid` has exited.
+fn wait_gone(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    };
+    while !gone() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// How the QEMUs get the tap.
