@@ -29,6 +29,55 @@ fn wait_gone(pid: u32) {
     }
 }
 
+/// The report's trace: both processes' steps on one clock, in order, the prepare before the
+/// pause, the restore after it, and the new process's restore inside the old one's wait.
+fn check_trace(report: &Value) {
+    let trace = report["trace"].as_array().expect("a trace in the report");
+    let at = |step: &str| {
+        trace
+            .iter()
+            .find(|m| m["step"] == step)
+            .and_then(|m| m["at_us"].as_i64())
+            .unwrap_or_else(|| panic!("no step {step:?} in {report}"))
+    };
+    let times: Vec<i64> = trace.iter().map(|m| m["at_us"].as_i64().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{report}");
+    assert!(at("old: api call") < at("new: offer received"), "{report}");
+    assert!(
+        at("new: vm and vcpus created") <= at("old: ready received"),
+        "{report}"
+    );
+    assert!(
+        at("old: ready received") <= 0,
+        "prepared before the pause: {report}"
+    );
+    assert!(
+        at("old: services detached") <= at("new: state received"),
+        "{report}"
+    );
+    for step in [
+        "new: registers restored",
+        "new: devices built",
+        "new: vcpus given to their threads",
+        "new: services attached",
+    ] {
+        let t = at(step);
+        assert!(
+            t > 0 && t <= at("old: restored received"),
+            "{step}: {report}"
+        );
+    }
+    assert!(
+        at("old: go sent") <= at("old: running received"),
+        "{report}"
+    );
+    assert_eq!(
+        trace.last().unwrap()["step"],
+        "old: running received",
+        "{report}"
+    );
+}
+
 #[test]
 fn live_update_twice_keeps_memory_console_api_and_services() {
     let mut vm = VmProcess::boot(
@@ -60,6 +109,7 @@ fn live_update_twice_keeps_memory_console_api_and_services() {
         let report: Value = serde_json::from_str(&out).unwrap();
         let new_pid = report["new_pid"].as_u64().unwrap() as u32;
         assert_eq!(report["services"], 2, "{report}");
+        check_trace(&report);
         // The old process exits once the new one runs the guest; exactly one serves it.
         if round == 0 {
             assert_eq!(vm.wait_exit(T), Some(0), "{}", vm.stderr());

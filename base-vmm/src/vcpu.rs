@@ -120,6 +120,8 @@ enum Request {
     Pause,
     Resume,
     Save,
+    /// Pause, then save: one round trip where a hand-over needs both.
+    PauseSave,
     Stop,
 }
 
@@ -481,38 +483,77 @@ impl Vcpu {
         events: Sender<VcpuEvent>,
         start_paused: bool,
     ) -> Result<VcpuHandle, VcpuError> {
-        install_kick_handler();
+        let parked = ParkedThread::spawn(self.index)?;
+        self.start_on(parked, bus, events, start_paused)
+    }
+
+    /// [`Self::start`] on a thread started ahead.
+    pub fn start_on(
+        self,
+        parked: ParkedThread,
+        bus: Arc<IoBus>,
+        events: Sender<VcpuEvent>,
+        start_paused: bool,
+    ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (req_tx, req_rx) = mpsc::channel();
         let (rep_tx, rep_rx) = mpsc::channel();
+        let run = move || {
+            let mut t = VcpuThread {
+                vcpu: self,
+                bus,
+                requests: req_rx,
+                replies: rep_tx,
+                events,
+                state: if start_paused {
+                    ThreadState::Paused
+                } else {
+                    ThreadState::Running
+                },
+                pending: Vec::new(),
+            };
+            t.run();
+        };
+        parked.job.send(Box::new(run)).map_err(|_| {
+            VcpuError::Spawn(std::io::Error::other(
+                "the vCPU thread ended before its vCPU was given to it",
+            ))
+        })?;
+        Ok(VcpuHandle {
+            index,
+            requests: req_tx,
+            replies: rep_rx,
+            thread: Some(parked.thread),
+        })
+    }
+}
+
+/// A vCPU thread started ahead of its vCPU, already under the vCPU seccomp filter, waiting for
+/// [`Vcpu::start_on`]: a live update starts its threads while the old process still runs the
+/// guest, so that the pause pays neither for creating them nor for installing their filters.
+/// Dropped unused, the thread ends.
+pub struct ParkedThread {
+    job: Sender<Box<dyn FnOnce() + Send>>,
+    thread: JoinHandle<()>,
+}
+
+impl ParkedThread {
+    /// Starts the thread for vCPU `index`.
+    pub fn spawn(index: usize) -> Result<Self, VcpuError> {
+        install_kick_handler();
+        let (job, jobs) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 // Before the guest runs anything: guest exits and the services they reach run
                 // under the vCPU filter.
                 crate::seccomp::enter_or_log(crate::seccomp::Role::Vcpu);
-                let mut t = VcpuThread {
-                    vcpu: self,
-                    bus,
-                    requests: req_rx,
-                    replies: rep_tx,
-                    events,
-                    state: if start_paused {
-                        ThreadState::Paused
-                    } else {
-                        ThreadState::Running
-                    },
-                    pending: Vec::new(),
-                };
-                t.run();
+                if let Ok(run) = jobs.recv() {
+                    run();
+                }
             })
             .map_err(VcpuError::Spawn)?;
-        Ok(VcpuHandle {
-            index,
-            requests: req_tx,
-            replies: rep_rx,
-            thread: Some(thread),
-        })
+        Ok(ParkedThread { job, thread })
     }
 }
 
@@ -593,6 +634,15 @@ impl VcpuThread {
                 Ok(s) => Reply::State(Box::new(s)),
                 Err(e) => Reply::Refused(e.to_string()),
             },
+            Request::PauseSave => {
+                if self.state == ThreadState::Running {
+                    self.state = ThreadState::Paused;
+                }
+                match self.vcpu.save() {
+                    Ok(s) => Reply::State(Box::new(s)),
+                    Err(e) => Reply::Refused(e.to_string()),
+                }
+            }
             Request::Stop => {
                 self.state = ThreadState::Stopped;
                 Reply::Done
@@ -801,9 +851,19 @@ impl VcpuHandle {
 
     /// [`Self::save`] on every vCPU, in parallel.
     pub fn save_all(vcpus: &[VcpuHandle]) -> Result<Vec<VcpuState>, VcpuError> {
+        Self::states_of(vcpus, Request::Save)
+    }
+
+    /// [`Self::pause_all`] and [`Self::save_all`] in one round trip: each vCPU thread saves
+    /// its registers as soon as it stopped.
+    pub fn pause_save_all(vcpus: &[VcpuHandle]) -> Result<Vec<VcpuState>, VcpuError> {
+        Self::states_of(vcpus, Request::PauseSave)
+    }
+
+    fn states_of(vcpus: &[VcpuHandle], req: Request) -> Result<Vec<VcpuState>, VcpuError> {
         vcpus
             .iter()
-            .zip(Self::ask_all(vcpus, Request::Save))
+            .zip(Self::ask_all(vcpus, req))
             .map(|(v, r)| match r? {
                 Reply::State(s) => Ok(*s),
                 other => v.done(other).and(Err(VcpuError::NoAnswer(v.index))),

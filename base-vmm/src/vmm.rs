@@ -25,7 +25,7 @@ use crate::lazy::{FirstTouch, LazyLoader, LazyProgress, Paging};
 use crate::memory::GuestRam;
 use crate::snapshot::{Chain, RestoreBuffers, SnapshotError, SnapshotKey};
 use crate::state::{DeviceStates, MachineConfig, VmState};
-use crate::vcpu::{VcpuEvent, VcpuHandle, VcpuState};
+use crate::vcpu::{ParkedThread, VcpuEvent, VcpuHandle, VcpuState};
 use crate::vm::Vm;
 
 /// Largest number of vCPUs a VM may have.
@@ -367,6 +367,32 @@ impl VmControl {
             return Err(VmmError::Conflict("pause the VM before saving it".into()));
         }
         let vcpus = VcpuHandle::save_all(&lock(&self.vcpus))?;
+        self.state_with(vcpus)
+    }
+
+    /// [`Self::pause`] then [`Self::capture_state`], with one round trip to the vCPU threads
+    /// instead of two (each saves its registers as soon as it stopped): a live update's pause
+    /// is a few such round trips. Returns whether the VM was running, and its state.
+    pub fn pause_and_capture(&self) -> Result<(bool, VmState), VmmError> {
+        Self::refuse_on_vcpu_thread("pausing the VM")?;
+        let mut state = lock(&self.state);
+        if state.run == RunState::Paused {
+            drop(state);
+            return Ok((false, self.capture_state()?));
+        }
+        let vcpus = VcpuHandle::pause_save_all(&lock(&self.vcpus))?;
+        // As in pause_locked: after the vCPUs, so that no new notification comes in.
+        for d in &self.virtio {
+            lock(d).set_paused(true);
+        }
+        state.run = RunState::Paused;
+        self.pauses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((true, self.state_with(vcpus)?))
+    }
+
+    /// The VM state around the vCPUs' saved registers (the VM paused).
+    fn state_with(&self, vcpus: Vec<VcpuState>) -> Result<VmState, VmmError> {
         Ok(VmState {
             machine: self.machine.clone(),
             vcpus,
@@ -425,11 +451,29 @@ impl VmControl {
     }
 }
 
+/// Microseconds on the host's monotonic clock (`CLOCK_MONOTONIC`, which every process on the
+/// host reads alike): the two processes of a live update stamp their steps on one timeline.
+pub fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// Named steps of a restore and when each ended ([`monotonic_us`]): cheap enough to keep on
+/// every live update, whose report shows where its pause goes.
+pub type StepMarks = Vec<(&'static str, u64)>;
+
 /// A VM whose KVM objects exist but whose registers are not restored yet (see
 /// [`Vmm::prepare`]).
 pub struct PreparedVm {
     vm: Vm,
     vcpus: Vec<crate::vcpu::Vcpu>,
+    /// Their threads, started and filtered ahead (one per vCPU).
+    threads: Vec<ParkedThread>,
     machine: MachineConfig,
 }
 
@@ -460,11 +504,23 @@ impl PreparedVm {
     /// it), registers, irqchip, clock and devices from `state`, then the vCPU threads
     /// (running, or paused until resumed).
     pub fn finish(
+        self,
+        state: &VmState,
+        serial_spec: &str,
+        events: Sender<VcpuEvent>,
+        start_paused: bool,
+    ) -> Result<Vmm, VmmError> {
+        self.finish_marked(state, serial_spec, events, start_paused, &mut Vec::new())
+    }
+
+    /// [`Self::finish`], stamping the end of each step in `marks`.
+    pub fn finish_marked(
         mut self,
         state: &VmState,
         serial_spec: &str,
         events: Sender<VcpuEvent>,
         start_paused: bool,
+        marks: &mut StepMarks,
     ) -> Result<Vmm, VmmError> {
         if state.machine != self.machine {
             return Err(VmmError::Config(
@@ -472,6 +528,7 @@ impl PreparedVm {
             ));
         }
         let cpu = self.adopt_cpu(state)?;
+        marks.push(("cpu model set", monotonic_us()));
         // The first vCPU's registers here, the others' on threads of their own: a dozen
         // ioctls each, side by side.
         let mut pairs = self.vcpus.iter().zip(&state.vcpus);
@@ -485,7 +542,9 @@ impl PreparedVm {
                 .into_iter()
                 .try_for_each(|t| t.join().expect("restoring a vCPU panicked"))
         })?;
+        marks.push(("registers restored", monotonic_us()));
         self.vm.restore_state(&state.vm)?;
+        marks.push(("irqchip and clock restored", monotonic_us()));
         let dev = build_devices(
             &self.vm,
             serial_spec,
@@ -495,11 +554,14 @@ impl PreparedVm {
             Virtio::Restore(&state.devices.virtio),
             start_paused,
         )?;
+        marks.push(("devices built", monotonic_us()));
         let handles = self
             .vcpus
             .into_iter()
-            .map(|v| v.start(dev.bus.clone(), events.clone(), start_paused))
+            .zip(self.threads)
+            .map(|(v, t)| v.start_on(t, dev.bus.clone(), events.clone(), start_paused))
             .collect::<Result<Vec<_>, _>>()?;
+        marks.push(("vcpus given to their threads", monotonic_us()));
         let run = if start_paused {
             RunState::Paused
         } else {
@@ -1044,9 +1106,13 @@ impl Vmm {
         let vcpus = (0..machine.vcpus)
             .map(|i| vm.create_vcpu(i))
             .collect::<Result<Vec<_>, _>>()?;
+        let threads = (0..machine.vcpus)
+            .map(ParkedThread::spawn)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(PreparedVm {
             vm,
             vcpus,
+            threads,
             machine: machine.clone(),
         })
     }

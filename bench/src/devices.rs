@@ -30,6 +30,7 @@ use serde::Serialize;
 use crate::harness::{field, median};
 
 mod events;
+pub(crate) mod lu_devices;
 
 const MEM: &str = "128";
 const GUEST_IP: &str = "10.0.0.2";

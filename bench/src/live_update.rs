@@ -48,7 +48,7 @@ const QUIET_SPAN: Duration = Duration::from_millis(500);
 const AFTER: Duration = Duration::from_millis(300);
 
 /// One hand-over of a running guest to a new VMM process.
-#[derive(Serialize, Clone, Copy)]
+#[derive(Serialize, Clone)]
 struct Sample {
     /// The VMM's own figure: spanvmm's `total_ms` (API call to the new process running the
     /// guest, the new process's start included); QEMU's `total-time` (from `migrate`; the new
@@ -69,6 +69,47 @@ struct Sample {
     quiet_stall_us: u64,
     /// Anonymous memory of the new process once it runs the guest, MiB.
     new_process_anon_mib: u64,
+    /// spanvmm: the report's trace, each step of both processes with when it ended, µs from
+    /// the pause (QEMU: none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    trace: Vec<(String, i64)>,
+}
+
+/// The trace of a live-update report: (step, µs from the pause).
+pub(crate) fn report_trace(r: &Value) -> Vec<(String, i64)> {
+    r["trace"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| Some((m["step"].as_str()?.to_string(), m["at_us"].as_i64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Each step's median over the runs, in the order of the first run.
+pub(crate) fn trace_medians(traces: &[&[(String, i64)]]) -> Vec<(String, f64)> {
+    let Some(first) = traces.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .map(|(step, _)| {
+            let mut v: Vec<f64> = traces
+                .iter()
+                .filter_map(|t| t.iter().find(|(s, _)| s == step).map(|(_, us)| *us as f64))
+                .collect();
+            (step.clone(), crate::harness::median(&mut v))
+        })
+        .collect()
+}
+
+/// One line per step: `step at_us`.
+pub(crate) fn trace_text(medians: &[(String, f64)]) -> String {
+    medians
+        .iter()
+        .map(|(s, us)| format!("    {us:>9.0} µs  {s}\n"))
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -81,12 +122,21 @@ struct Series {
     guest_stall_us: Stat,
     quiet_stall_us: Stat,
     new_process_anon_mib: Stat,
+    /// spanvmm: each step's median time from the pause, µs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    trace_median_us: Vec<(String, f64)>,
 }
 
 impl Series {
     fn of(samples: Vec<Sample>) -> Series {
         let f = |g: fn(&Sample) -> f64| stat(samples.iter().map(g));
+        let traces: Vec<&[(String, i64)]> = samples
+            .iter()
+            .filter(|s| !s.trace.is_empty())
+            .map(|s| &s.trace[..])
+            .collect();
         Series {
+            trace_median_us: trace_medians(&traces),
             total_ms: f(|s| s.total_ms),
             total_with_start_ms: f(|s| s.total_with_start_ms),
             before_pause_ms: f(|s| s.before_pause_ms),
@@ -180,6 +230,7 @@ fn spanvmm_update(vm: &Vm, bin: &Path) -> anyhow::Result<Sample> {
         guest_stall_us: stall_since(&vm.lines, from),
         quiet_stall_us,
         new_process_anon_mib: anon_mib(new_pid as u32),
+        trace: report_trace(&r),
     };
     vm.api_ok("PUT", "/vm/pause", None)?;
     Ok(sample)
@@ -396,7 +447,7 @@ impl Drop for CprChain {
     }
 }
 
-fn cpr_channel(kind: &str, path: &Path) -> Value {
+pub(crate) fn cpr_channel(kind: &str, path: &Path) -> Value {
     json!({"channel-type": kind,
            "addr": {"transport": "socket", "type": "unix", "path": path.to_string_lossy()}})
 }
@@ -517,6 +568,7 @@ impl CprChain {
                 guest_stall_us: stall_since(&self.lines, from).max(stall_since(&next.lines, 0)),
                 quiet_stall_us,
                 new_process_anon_mib: anon_mib(next.child.id()),
+                trace: Vec::new(),
             })
         })();
         let sample = match result {
@@ -626,6 +678,10 @@ pub fn run(bin: &Path, elf: &Path, sizes: &[u64], runs: usize, out: &Path) -> an
                 q.vmm_pause_ms.median,
                 q.guest_stall_us.median,
                 q.quiet_stall_us.median
+            );
+            eprint!(
+                "  spanvmm's steps (median µs from the pause):\n{}",
+                trace_text(&s.trace_median_us)
             );
             let copying = if vcpus == 1 {
                 let c = qemu_migration(elf, mem)?;

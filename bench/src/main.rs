@@ -17,6 +17,9 @@
 //! `spanvmm-bench cloudnet [--full] [--runs N] [--parts table1,storage,cache,bandwidth|all]
 //! [--workloads ..] [--engines ..]`: the CloudNet paper's Tables I/II and Figs. 12–15 on a
 //! shaped WAN, spanvmm's CloudNet options against QEMU (see `cloudnet.rs`).
+//! `spanvmm-bench live-update-devices [--runs N]`: a guest with a tap and a disk under
+//! redis-benchmark while spanvmm live-updates it, against QEMU's cpr-transfer with
+//! virtio-net and virtio-blk (lu_devices.rs).
 //! `spanvmm-bench chaos [--runs-precopy N ...] [--seed S]`: fault injection at scale (links cut,
 //! destinations, live updates' new processes and snapshot writers killed at random times).
 //! `spanvmm-bench sync-arrival [--runs N]`: a two-tier application (a `kvload` front end, a
@@ -411,6 +414,12 @@ fn main() -> anyhow::Result<()> {
             runs,
             &out.unwrap_or_else(|| repo_root().join("bench/results/live-update.json")),
         ),
+        Some("live-update-devices") => devices::lu_devices::run(
+            &spanvmm_bin()?,
+            &guest_elf()?,
+            if args.iter().any(|a| a == "--runs") { runs } else { 5 },
+            &out.unwrap_or_else(|| repo_root().join("bench/results/live-update-devices.json")),
+        ),
         Some("devices") => devices::run(
             &spanvmm_bin()?,
             &guest_elf()?,
@@ -467,6 +476,6 @@ fn main() -> anyhow::Result<()> {
                 }),
             )
         }
-        _ => bail!("usage: spanvmm-bench boot|services|devices|live-update|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|chaos [--runs N] [--full] [--parts table1,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|services|devices|live-update|live-update-devices|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|chaos [--runs N] [--full] [--parts table1,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
     }
 }

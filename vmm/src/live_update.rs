@@ -39,11 +39,29 @@ use anyhow::{bail, Context};
 use base_vmm::memory::GuestRam;
 use base_vmm::state::{MachineConfig, VmState, STATE_VERSION};
 use base_vmm::vcpu::VcpuEvent;
-use base_vmm::vmm::Vmm;
+use base_vmm::vmm::{monotonic_us, Vmm};
 use l1_services::handover::{self, Handover, NotReady, Step};
 use l1_services::{HandedService, ServiceManager, ServiceRecord};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long the new process may spend, before it answers the offer, mapping the guest's
+/// memory into itself (lowest addresses first: the guest's code, page tables and stacks): each
+/// page mapped ahead is one host page fault less after the hand-over, when the guest touches
+/// it again in the new VM. Before the pause, so it costs total time, never guest time.
+/// `SPANVMM_LIVE_UPDATE_MAP_MS` (read by the new process) overrides it; 0 maps nothing ahead.
+const MAP_BUDGET: Duration = Duration::from_millis(40);
+
+fn map_budget() -> Duration {
+    std::env::var("SPANVMM_LIVE_UPDATE_MAP_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(MAP_BUDGET, Duration::from_millis)
+}
 
 /// Largest frame accepted (the VM state is tens of KiB; services' states are small).
 const MAX_FRAME: u32 = 64 << 20;
@@ -65,6 +83,9 @@ enum Msg {
     },
     Ready {
         state_version: u32,
+        /// When the new process's prepare steps ended ([`monotonic_us`]).
+        #[serde(default)]
+        marks: Vec<(String, u64)>,
     },
     /// Followed by the VM state as a binary frame.
     Takeover {
@@ -74,6 +95,9 @@ enum Msg {
     },
     Restored {
         restore_us: u64,
+        /// When the new process's restore steps ended ([`monotonic_us`]).
+        #[serde(default)]
+        marks: Vec<(String, u64)>,
     },
     Go,
     Running,
@@ -178,6 +202,46 @@ pub struct LiveUpdateReport {
     pub prepare_ms: f64,
     /// Services handed over.
     pub services: usize,
+    /// Where the time went: each step of both processes, in order, with when it ended in µs
+    /// from the guest's pause (negative: before it). Steps named `old:` ran in this process,
+    /// `new:` in the new one.
+    pub trace: Vec<TraceMark>,
+}
+
+/// One step of a live update and when it ended.
+#[derive(Serialize, Clone)]
+pub struct TraceMark {
+    /// What ended.
+    pub step: String,
+    /// When, µs from the guest's pause (negative: before it).
+    pub at_us: i64,
+}
+
+/// Steps stamped by both processes on the host's monotonic clock.
+#[derive(Default)]
+struct Marks(Vec<(String, u64)>);
+
+impl Marks {
+    fn old(&mut self, step: &str) {
+        self.0.push((format!("old: {step}"), monotonic_us()));
+    }
+
+    fn new_side(&mut self, marks: Vec<(String, u64)>) {
+        self.0
+            .extend(marks.into_iter().map(|(s, t)| (format!("new: {s}"), t)));
+    }
+
+    /// In time order, relative to `pause` (µs on the same clock).
+    fn relative_to(mut self, pause: u64) -> Vec<TraceMark> {
+        self.0.sort_by_key(|(_, t)| *t);
+        self.0
+            .into_iter()
+            .map(|(step, t)| TraceMark {
+                step,
+                at_us: t as i64 - pause as i64,
+            })
+            .collect()
+    }
 }
 
 /// How a live update ended, for the old process.
@@ -198,6 +262,8 @@ pub struct Preparing {
     sock: UnixStream,
     child: Child,
     t0: Instant,
+    /// Steps before the pause, both processes' (the new one's come with its answer).
+    marks: Arc<std::sync::Mutex<Marks>>,
 }
 
 /// Old side, first half: starts `binary` in a process group of its own (so that a rollback
@@ -214,6 +280,8 @@ pub fn start(
     on_answer: impl FnOnce(Result<(), String>) + Send + 'static,
 ) -> anyhow::Result<Preparing> {
     let t0 = Instant::now();
+    let mut marks = Marks::default();
+    marks.old("api call");
     // The new binary will own the guest: only a file nobody but root and this VMM's user can
     // have written (the same rule as for native services).
     let binary = l1_services::check_trusted_file(binary, "live-update binary")?;
@@ -231,10 +299,13 @@ pub fn start(
         .spawn()
         .with_context(|| format!("cannot start {}", binary.display()))?;
     drop(theirs);
+    marks.old("new process spawned");
+    let marks = Arc::new(std::sync::Mutex::new(marks));
     let mut preparing = Preparing {
         sock: sock.try_clone().context("socketpair")?,
         child,
         t0,
+        marks: marks.clone(),
     };
     let offered = (|| -> anyhow::Result<()> {
         sock.set_read_timeout(Some(deadline))?;
@@ -253,6 +324,7 @@ pub fn start(
         fds.extend(taps.iter().map(|(_, fd)| *fd));
         sock.send_with_fds(&[&offer[..]], &fds)
             .context("the new binary did not take the offer (did it start?)")?;
+        lock(&marks).old("offer sent");
         Ok(())
     })();
     if let Err(e) = offered {
@@ -264,8 +336,16 @@ pub fn start(
         .spawn(move || {
             base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Helper);
             let answer = match recv(&mut sock) {
-                Ok(Msg::Ready { state_version }) if state_version == STATE_VERSION => Ok(()),
-                Ok(Msg::Ready { state_version }) => Err(format!(
+                Ok(Msg::Ready {
+                    state_version,
+                    marks: theirs,
+                }) if state_version == STATE_VERSION => {
+                    let mut m = lock(&marks);
+                    m.new_side(theirs);
+                    m.old("ready received");
+                    Ok(())
+                }
+                Ok(Msg::Ready { state_version, .. }) => Err(format!(
                     "the new binary speaks VM state version {state_version}, this one \
                      {STATE_VERSION}"
                 )),
@@ -304,6 +384,7 @@ impl Preparing {
         vmm: &mut Vmm,
         manager: &ServiceManager,
     ) -> Outcome {
+        let marks = std::mem::take(&mut *lock(&self.marks));
         let mut steps = Takeover {
             answer: Some(answer),
             sock: &mut self.sock,
@@ -311,10 +392,13 @@ impl Preparing {
             manager,
             t0: self.t0,
             paused_at: None,
+            paused_mono: 0,
             prepare_ms: 0.0,
             operator_paused: false,
             services: Vec::new(),
             restore_us: 0,
+            marks,
+            captured: None,
         };
         let result = handover::hand_over(&mut steps);
         let (paused_at, prepare_ms, restore_us, services) = (
@@ -323,6 +407,7 @@ impl Preparing {
             steps.restore_us,
             steps.services.len(),
         );
+        let trace = std::mem::take(&mut steps.marks).relative_to(steps.paused_mono);
         match result {
             Ok(_) => {
                 let report = LiveUpdateReport {
@@ -332,6 +417,7 @@ impl Preparing {
                     total_ms: self.t0.elapsed().as_secs_f64() * 1e3,
                     prepare_ms,
                     services,
+                    trace,
                 };
                 // The new process lives on; nobody here waits for it.
                 std::mem::forget(self.child);
@@ -412,12 +498,17 @@ struct Takeover<'a> {
     manager: &'a ServiceManager,
     t0: Instant,
     paused_at: Option<Instant>,
+    /// The pause on the monotonic clock the trace is relative to.
+    paused_mono: u64,
     prepare_ms: f64,
     /// The operator had paused the guest: it stays paused in the new process.
     operator_paused: bool,
     /// Services handed over with the state (re-attached here on a rollback).
     services: Vec<HandedService>,
     restore_us: u64,
+    marks: Marks,
+    /// The state captured with the pause.
+    captured: Option<VmState>,
 }
 
 impl Handover for Takeover<'_> {
@@ -434,13 +525,21 @@ impl Handover for Takeover<'_> {
     fn pause(&mut self) -> anyhow::Result<bool> {
         // The guest stops here.
         self.paused_at = Some(Instant::now());
+        self.paused_mono = monotonic_us();
         self.prepare_ms = self.t0.elapsed().as_secs_f64() * 1e3;
         self.operator_paused = self.vmm.control().operator_paused();
-        Ok(self.vmm.control().pause()?)
+        // Paused and captured in one round trip to the vCPU threads.
+        let (paused, state) = self.vmm.control().pause_and_capture()?;
+        self.captured = Some(state);
+        self.marks.old("vcpus paused and state captured");
+        Ok(paused)
     }
 
     fn send_state(&mut self) -> anyhow::Result<()> {
-        let mut state = self.vmm.capture_state()?;
+        let mut state = match self.captured.take() {
+            Some(s) => s,
+            None => self.vmm.capture_state()?,
+        };
         let (services, lost) = self.manager.hand_over();
         for (name, e) in &lost {
             tracing::warn!("live update: service {name} could not hand its state over: {e}");
@@ -453,14 +552,19 @@ impl Handover for Takeover<'_> {
         let takeover = Msg::Takeover {
             operator_paused: self.operator_paused,
         };
+        self.marks.old("services detached");
         send(self.sock, &takeover)?;
-        send_bytes(self.sock, &state_bytes(&state))
+        send_bytes(self.sock, &state_bytes(&state))?;
+        self.marks.old("state sent");
+        Ok(())
     }
 
     fn await_ready(&mut self) -> Result<(), NotReady<anyhow::Error>> {
         match recv(self.sock) {
-            Ok(Msg::Restored { restore_us }) => {
+            Ok(Msg::Restored { restore_us, marks }) => {
                 self.restore_us = restore_us;
+                self.marks.new_side(marks);
+                self.marks.old("restored received");
                 Ok(())
             }
             Ok(Msg::Failed { error }) => Err(NotReady::Refused(anyhow::anyhow!(
@@ -476,12 +580,17 @@ impl Handover for Takeover<'_> {
     fn commit(&mut self) -> anyhow::Result<()> {
         // From here on, the new process owns the guest (the go-ahead may or may not have
         // reached it if this fails).
-        send(self.sock, &Msg::Go)
+        send(self.sock, &Msg::Go)?;
+        self.marks.old("go sent");
+        Ok(())
     }
 
     fn await_running(&mut self) -> anyhow::Result<()> {
         match recv(self.sock)? {
-            Msg::Running => Ok(()),
+            Msg::Running => {
+                self.marks.old("running received");
+                Ok(())
+            }
             _ => bail!("unexpected answer"),
         }
     }
@@ -552,6 +661,7 @@ pub fn take_over(fd: RawFd, events: Sender<VcpuEvent>) -> anyhow::Result<TakenOv
 
 fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::Result<TakenOver> {
     let (offer, mut fds) = recv_with_fds(sock)?;
+    let mut marks: Vec<(String, u64)> = vec![("offer received".into(), monotonic_us())];
     let Msg::Offer {
         state_version,
         machine,
@@ -568,6 +678,7 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
             sock,
             &Msg::Ready {
                 state_version: STATE_VERSION,
+                marks: Vec::new(),
             },
         )?;
         bail!("VM state version {state_version} offered, this binary speaks {STATE_VERSION}");
@@ -585,11 +696,17 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
         fds.pop().expect("counted"),
         machine.mem_bytes,
     )?);
-    let prepared = Vmm::prepare(ram, &machine)?;
+    marks.push(("memory mapped".into(), monotonic_us()));
+    let prepared = Vmm::prepare(ram.clone(), &machine)?;
+    marks.push(("vm and vcpus created".into(), monotonic_us()));
+    let pages = ram.map_data_within(map_budget());
+    marks.push(("guest data mapped ahead".into(), monotonic_us()));
+    tracing::debug!("live update: {} MiB of guest data mapped ahead", pages >> 8);
     send(
         sock,
         &Msg::Ready {
             state_version: STATE_VERSION,
+            marks: std::mem::take(&mut marks),
         },
     )?;
 
@@ -598,9 +715,12 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
     };
     let state = recv_bytes(sock)?;
     let t = Instant::now();
+    let mut steps = vec![("state received", monotonic_us())];
     let state = parse_state(&state)?;
-    let vmm = prepared.finish(&state, &serial, events, true)?;
+    steps.push(("state parsed", monotonic_us()));
+    let vmm = prepared.finish_marked(&state, &serial, events, true, &mut steps)?;
     let manager = crate::services::manager_for(&vmm)?;
+    steps.push(("service manager ready", monotonic_us()));
     for s in &vmm.take_service_sections() {
         // The old process sends only services that handed their state over.
         let ServiceRecord::Handed(h) = ServiceRecord::from_section(s)? else {
@@ -610,8 +730,15 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
             .attach_handed(&h)
             .with_context(|| format!("service {}", h.path.display()))?;
     }
+    steps.push(("services attached", monotonic_us()));
     let restore_us = t.elapsed().as_micros() as u64;
-    send(sock, &Msg::Restored { restore_us })?;
+    send(
+        sock,
+        &Msg::Restored {
+            restore_us,
+            marks: steps.into_iter().map(|(s, t)| (s.to_string(), t)).collect(),
+        },
+    )?;
     let Msg::Go = recv(sock)? else {
         bail!("expected the go-ahead");
     };
