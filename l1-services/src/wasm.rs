@@ -264,7 +264,9 @@ impl WasmRuntime {
                     // Explicit bounds checks against the memory's size (crate::wasm_mem).
                     .memory_reservation(0)
                     .memory_guard_size(0)
-                    .memory_reservation_for_growth(0);
+                    .memory_reservation_for_growth(0)
+                    // Copy-on-write images need wasmtime's own mappings.
+                    .memory_init_cow(false);
                 false
             }
             Some(other) => {
