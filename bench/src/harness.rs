@@ -74,6 +74,18 @@ fn debug_stderr() -> Stdio {
 }
 
 pub fn spawn_vm(bin: &Path, elf: &Path, cmdline: &str, mem: u64, tag: &str) -> anyhow::Result<Vm> {
+    spawn_vm_env(bin, elf, cmdline, mem, tag, &[])
+}
+
+/// [`spawn_vm`] with extra environment variables for the VMM.
+pub fn spawn_vm_env(
+    bin: &Path,
+    elf: &Path,
+    cmdline: &str,
+    mem: u64,
+    tag: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Vm> {
     let sock =
         std::env::temp_dir().join(format!("spanvmm-bench-{tag}-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
@@ -89,6 +101,7 @@ pub fn spawn_vm(bin: &Path, elf: &Path, cmdline: &str, mem: u64, tag: &str) -> a
             "--api-socket",
         ])
         .arg(&sock)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;

@@ -8,6 +8,8 @@
 //! `spanvmm-bench services`: service attach/detach latency and the guest's stall meanwhile,
 //! per-event dispatch cost (no service, Wasm, native; QEMU's plain exit for reference), and
 //! guest throughput with a service attached but subscribed to nothing.
+//! `spanvmm-bench services-alloc [--runs N]`: synchronous Wasm dispatch cost by wasmtime's
+//! linear-memory allocation (pooling, on-demand, on 2 MiB huge pages), interleaved runs.
 //! `spanvmm-bench migration [--sizes 256,1024]`: live migration on loopback and on shaped
 //! network-namespace links (1 Gbit/s; 100 Mbit/s with 20 ms RTT through netlab's delay relay).
 //! `spanvmm-bench live-update-failures [--runs-live-update N] [--seed S]`: the new process of a
@@ -363,6 +365,14 @@ fn main() -> anyhow::Result<()> {
             &workloads.as_deref().unwrap_or("idle,dirty").split(',').collect::<Vec<_>>(),
             &out.unwrap_or_else(|| repo_root().join("bench/results/scatter-gather.json")),
         ),
+        Some("services-alloc") => services::alloc_compare(
+            &spanvmm_bin()?,
+            &guest_elf()?,
+            &repo_root().join("target/plugins"),
+            runs,
+            8,
+            &out.unwrap_or_else(|| repo_root().join("bench/results/services-alloc.json")),
+        ),
         Some("ciphers") => ciphers::run(
             &spanvmm_bin()?,
             &repo_root().join("target/plugins"),
@@ -476,6 +486,6 @@ fn main() -> anyhow::Result<()> {
                 }),
             )
         }
-        _ => bail!("usage: spanvmm-bench boot|services|devices|live-update|live-update-devices|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|chaos [--runs N] [--full] [--parts table1,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|services|services-alloc|devices|live-update|live-update-devices|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|chaos [--runs N] [--full] [--parts table1,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
     }
 }

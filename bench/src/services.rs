@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{collect, field, median, percentile, spawn_vm, Vm};
+use crate::harness::{collect, field, median, percentile, spawn_vm, spawn_vm_env, Vm};
 
 use anyhow::{bail, Context};
 use serde::Serialize;
@@ -109,6 +109,18 @@ struct Dispatch {
     variant: String,
     ns_per_exit_median: f64,
     samples: Vec<u64>,
+    /// Server-side attach time, µs (a fresh VMM: the component comes from the artifact cache
+    /// when an earlier run compiled it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attach_us: Option<f64>,
+    /// The service's Wasm linear memory right after attach and after the storm, bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_bytes_attached: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_bytes_after: Option<u64>,
+    /// Events the service counted over the storm.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    events: Option<u64>,
     /// What went wrong with the service during the storm (e.g. detached at its memory limit).
     #[serde(skip_serializing_if = "Option::is_none")]
     failure: Option<String>,
@@ -208,9 +220,13 @@ fn dispatch(
         };
         let variant = format!("{} {variant}", storm.label());
         let vm = spawn_vm(bin, elf, cmdline, 128, "disp")?;
+        let mut attach_us = None;
+        let mut memory_bytes_attached = None;
         if let Some(p) = plugin {
             let body = json!({"path": plugins.join(p), "config": claim, "async_port_writes": asynchronous});
-            vm.api_ok("PUT", "/plugins/attach", Some(body))?;
+            let (v, _) = vm.api_ok("PUT", "/plugins/attach", Some(body))?;
+            attach_us = v["attach_us"].as_f64();
+            memory_bytes_attached = service_stat(&vm, service, "memory_bytes");
         }
         // The first batch may straddle the attach: skip it.
         let from = vm.mark();
@@ -225,6 +241,8 @@ fn dispatch(
             .filter_map(|l| field(l, "ns_per_exit"))
             .collect();
         let mut failure = None;
+        let memory_bytes_after = plugin.and_then(|_| service_stat(&vm, service, "memory_bytes"));
+        let events = plugin.and_then(|_| service_stat(&vm, service, "events"));
         if let Some(p) = plugin {
             let stats = vm.api_ok(
                 "PUT",
@@ -246,6 +264,10 @@ fn dispatch(
             variant,
             ns_per_exit_median: median(&mut samples.iter().map(|&v| v as f64).collect::<Vec<_>>()),
             samples,
+            attach_us,
+            memory_bytes_attached,
+            memory_bytes_after,
+            events,
             failure,
         });
     }
@@ -292,9 +314,22 @@ fn dispatch(
         variant: format!("{} qemu-microvm, no service", storm.label()),
         ns_per_exit_median: median(&mut samples.iter().map(|&v| v as f64).collect::<Vec<_>>()),
         samples,
+        attach_us: None,
+        memory_bytes_attached: None,
+        memory_bytes_after: None,
+        events: None,
         failure: None,
     });
     Ok(out)
+}
+
+/// A counter of the attached (or failed) service `name` from `GET /plugins`.
+fn service_stat(vm: &Vm, name: &str, stat: &str) -> Option<u64> {
+    let (list, _) = vm.api_ok("GET", "/plugins", None).ok()?;
+    list.as_array()?
+        .iter()
+        .find(|s| s["name"] == name)
+        .and_then(|s| s["stats"][stat].as_u64())
 }
 
 #[derive(Serialize)]
@@ -369,7 +404,23 @@ pub fn run(bin: &Path, elf: &Path, plugins: &Path, out: &Path) -> anyhow::Result
     let disp = dispatch(bin, elf, plugins, 8, Storm::Port)?;
     let mmio = dispatch(bin, elf, plugins, 8, Storm::Mmio)?;
     for d in disp.iter().chain(&mmio) {
-        eprintln!("{:>28}: {:.0} ns per exit", d.variant, d.ns_per_exit_median);
+        let mib = |b: Option<u64>| b.map(|b| format!("{:.1}", b as f64 / 1048576.0));
+        eprintln!(
+            "{:>28}: {:.0} ns per exit{}{}{}",
+            d.variant,
+            d.ns_per_exit_median,
+            d.attach_us
+                .map(|a| format!(", attach {a:.0} µs"))
+                .unwrap_or_default(),
+            match (mib(d.memory_bytes_attached), mib(d.memory_bytes_after)) {
+                (Some(a), Some(b)) => format!(", memory {a} -> {b} MiB"),
+                _ => String::new(),
+            },
+            d.failure
+                .as_ref()
+                .map(|f| format!(", FAILED: {f}"))
+                .unwrap_or_default()
+        );
     }
     let thr = throughput(bin, elf, plugins)?;
     for t in &thr {
@@ -403,6 +454,109 @@ pub fn run(bin: &Path, elf: &Path, plugins: &Path, out: &Path) -> anyhow::Result
         native_async_dispatch_ns_above_plain_exit: native_async,
         throughput: thr,
     };
+    std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct AllocRow {
+    /// `SPANVMM_WASM_ALLOC` of the VMM (`none`: no service attached, the plain exit).
+    alloc: String,
+    /// Per run: the median ns per exit of its batches.
+    ns_per_exit: Vec<f64>,
+    ns_per_exit_median: f64,
+    /// Per run: this row's median minus the same run's plain exit.
+    above_plain: Vec<f64>,
+    above_plain_median: f64,
+    above_plain_min: f64,
+    above_plain_max: f64,
+}
+
+/// Synchronous Wasm dispatch cost (exit-stats on the port storm) by how wasmtime allocates
+/// linear memories (`SPANVMM_WASM_ALLOC`: pooling, the default; on-demand; on-demand on 2 MiB
+/// transparent huge pages), `runs` rounds, each round one fresh VM per variant and one
+/// without a service, in turn (the plain exit moves by about a µs between VMs: several rounds
+/// and the same round's plain exit as the reference).
+pub fn alloc_compare(
+    bin: &Path,
+    elf: &Path,
+    plugins: &Path,
+    runs: usize,
+    batches: usize,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let allocs = ["none", "pooling", "ondemand", "thp"];
+    let mut per: Vec<Vec<f64>> = vec![Vec::new(); allocs.len()];
+    for run in 0..runs {
+        for (i, alloc) in allocs.iter().enumerate() {
+            let env: &[(&str, &str)] = if *alloc == "none" {
+                &[]
+            } else {
+                &[("SPANVMM_WASM_ALLOC", alloc)]
+            };
+            let vm = spawn_vm_env(bin, elf, Storm::Port.cmdline(), 128, "alloc", env)?;
+            if *alloc != "none" {
+                let body = json!({"path": plugins.join("exit-stats.wasm"), "config": STORM});
+                vm.api_ok("PUT", "/plugins/attach", Some(body))?;
+            }
+            let from = vm.mark();
+            let lines = vm.wait_lines(
+                "SPANGUEST exits",
+                batches + 1,
+                from,
+                Duration::from_secs(120),
+            )?;
+            let mut samples: Vec<f64> = lines[1..]
+                .iter()
+                .filter_map(|l| field(l, "ns_per_exit"))
+                .map(|v| v as f64)
+                .collect();
+            if *alloc != "none" && service_stat(&vm, "exit-stats", "events").unwrap_or(0) == 0 {
+                bail!("exit-stats ({alloc}) saw no exits");
+            }
+            let m = median(&mut samples);
+            eprintln!("run {run}: {alloc:>8}: {m:.0} ns per exit");
+            per[i].push(m);
+        }
+    }
+    let rows: Vec<AllocRow> = allocs
+        .iter()
+        .zip(&per)
+        .map(|(alloc, v)| {
+            let mut above: Vec<f64> = v.iter().zip(&per[0]).map(|(a, b)| a - b).collect();
+            let (lo, hi) = above
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+            AllocRow {
+                alloc: alloc.to_string(),
+                ns_per_exit: v.clone(),
+                ns_per_exit_median: median(&mut v.clone()),
+                above_plain_median: median(&mut above.clone()),
+                above_plain_min: lo,
+                above_plain_max: hi,
+                above_plain: std::mem::take(&mut above),
+            }
+        })
+        .collect();
+    for r in &rows {
+        eprintln!(
+            "{:>8}: {:.0} ns per exit, {:+.0} ns above the plain exit ({:+.0} to {:+.0})",
+            r.alloc,
+            r.ns_per_exit_median,
+            r.above_plain_median,
+            r.above_plain_min,
+            r.above_plain_max
+        );
+    }
+    let report = json!({
+        "benchmark": "services-alloc",
+        "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        "runs": runs,
+        "batches": batches,
+        "rows": rows,
+    });
     std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
     std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")?;
     eprintln!("wrote {}", out.display());

@@ -3,6 +3,9 @@
 //! ```sh
 //! plugins/build.sh
 //! cargo run --release -p l1-services --example measure [-- <plugins dir>]
+//! # only the example service per language (or given builds of it), its memory per event:
+//! cargo run --release -p l1-services --example measure -- target/plugins \
+//!     --lang-files rust,python,js [--lang-storm 300000] [--memory-mib 64]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -32,10 +35,18 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn manager(cache: &Path, pooling: bool) -> ServiceManager {
     let ram = Arc::new(GuestRam::new(64 << 20).unwrap());
-    let cfg = ManagerConfig {
+    let mut cfg = ManagerConfig {
         pooling,
         ..Default::default()
     };
+    // `--memory-mib N`: the services' linear-memory limit (default 64).
+    if let Some(mib) = std::env::args()
+        .skip_while(|a| a != "--memory-mib")
+        .nth(1)
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        cfg.memory_limit = mib << 20;
+    }
     ServiceManager::with_config(Arc::new(RamHost::new(ram, 1, 1_000_000)), cache.into(), cfg)
 }
 
@@ -55,6 +66,11 @@ fn main() {
     let wasm = dir.join("exit-stats.wasm");
     let native = dir.join("libexit-stats.so");
     let cache = std::env::temp_dir().join(format!("spanvmm-measure-{}", std::process::id()));
+    if std::env::args().any(|a| a == "--lang-files") {
+        lang_storm(&dir, &cache);
+        let _ = std::fs::remove_dir_all(&cache);
+        return;
+    }
 
     println!("attach latency (exit-stats, attach + describe + claim, then detach):");
     for pooling in [true, false] {
@@ -139,6 +155,11 @@ fn main() {
         );
         println!("  {label}: minimal handler (template), port write {w:>7.1?}");
     }
+    lang_storm(&dir, &cache);
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+fn lang_storm(dir: &Path, cache: &Path) {
     // The example service in each language (plugins/examples/port-counter): per port write,
     // and whether it stays attached through a storm of `storm` writes (a service that grows
     // past the memory limit is detached). Optional: `--lang-storm N` (default 200000).
@@ -148,21 +169,37 @@ fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(200_000);
     println!("the example service per language, {storm} port writes each:");
-    for lang in ["rust", "python", "js"] {
+    // `--lang-files a,b`: port-counter-<a>.wasm, ... instead of the three languages (to compare
+    // builds of one language).
+    let langs: Vec<String> = std::env::args()
+        .skip_while(|a| a != "--lang-files")
+        .nth(1)
+        .map(|l| l.split(',').map(String::from).collect())
+        .unwrap_or_else(|| ["rust", "python", "js"].map(String::from).to_vec());
+    for lang in &langs {
         let p = dir.join(format!("port-counter-{lang}.wasm"));
         if !p.exists() {
             println!("  {lang:6}: {} not built", p.display());
             continue;
         }
-        let m = manager(&cache, true);
+        let m = manager(cache, true);
         if let Err(e) = m.attach(&p, r#"{"base": 2768, "len": 1}"#) {
             println!("  {lang:6}: attach failed: {e}");
             continue;
         }
+        let mem0 = m.list()[0].stats.memory_bytes;
         let t = Instant::now();
         let mut done = 0u32;
+        // The linear memory at each tenth of the storm: a plateau or a slope.
+        let mut curve = Vec::new();
         while done < storm && m.on_port_write(2768, &[1]) {
             done += 1;
+            if done.is_multiple_of((storm / 10).max(1)) {
+                curve.push(format!(
+                    "{:.1}",
+                    m.list()[0].stats.memory_bytes as f64 / 1048576.0
+                ));
+            }
         }
         let per = t.elapsed() / done.max(1);
         let info = &m.list()[0];
@@ -170,10 +207,14 @@ fn main() {
             l1_services::ServiceState::Failed { reason } => format!("FAILED: {reason}"),
             s => format!("{s:?}"),
         };
+        let mem = info.stats.memory_bytes;
         println!(
-            "  {lang:6}: port write {per:>8.1?} ({done} delivered), in-service {:.0} ns, then {state}",
-            info.stats.event_ns as f64 / info.stats.events.max(1) as f64
+            "  {lang:6}: port write {per:>8.1?} ({done} delivered), in-service {:.0} ns, linear memory {:.1} -> {:.1} MiB ({:.0} B per event), then {state}",
+            info.stats.event_ns as f64 / info.stats.events.max(1) as f64,
+            mem0 as f64 / 1048576.0,
+            mem as f64 / 1048576.0,
+            mem.saturating_sub(mem0) as f64 / done.max(1) as f64,
         );
+        println!("          MiB at each tenth: {}", curve.join(" "));
     }
-    let _ = std::fs::remove_dir_all(&cache);
 }

@@ -2,7 +2,7 @@
 //! runtimes (Wasm and native) forward to.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -314,6 +314,9 @@ pub(crate) struct ServiceCtx {
     /// after it, and the trap's error carries it); `has_panic` keeps the per-call check cheap.
     panic: Mutex<Option<String>>,
     has_panic: AtomicBool,
+    /// Bytes of Wasm linear memory the service's store holds (its memories only grow; 0 for a
+    /// native service): what `ServiceStats::memory_bytes` reports.
+    pub memory_bytes: AtomicU64,
 }
 
 fn truncate(s: &str) -> &str {
@@ -340,6 +343,7 @@ impl ServiceCtx {
             metrics: Mutex::new(BTreeMap::new()),
             panic: Mutex::new(None),
             has_panic: AtomicBool::new(false),
+            memory_bytes: AtomicU64::new(0),
         }
     }
 

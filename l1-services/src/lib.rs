@@ -27,6 +27,7 @@ mod snapshot;
 pub mod trust;
 mod wasi;
 mod wasm;
+mod wasm_mem;
 
 pub use ctx::{Notification, Notifications, NOTIFICATIONS_PER_SERVICE};
 pub use error::{HostError, ServiceError};

@@ -17,8 +17,8 @@ use sha2::{Digest, Sha256};
 use spanvmm_sdk as sdk;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
-    StoreLimitsBuilder, Trap, UpdateDeadline,
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline,
 };
 
 use crate::backend::{Backend, Budget, Fatal};
@@ -52,10 +52,70 @@ pub(crate) struct StoreState {
     limits: StoreLimits,
     /// Time spent in host calls during the current call, ns.
     host_ns: u64,
-    /// Part of `host_ns` already given back to the deadline.
-    credited_ns: u64,
+    /// The current call's deadline in CPU time of the thread running it, ns.
+    budget_ns: u64,
+    /// The thread's CPU time at the call's first epoch tick (None before it).
+    cpu0: Option<u64>,
+    /// Epoch ticks seen during the current call, and the most it may take in wall time.
+    ticks_seen: u64,
+    wall_cap_ticks: u64,
     /// Deny-by-default WASI Preview 2 (clocks, random, stdout/stderr to the log).
     wasi: crate::wasi::WasiState,
+    /// The growth `limits` last allowed, bytes: taken back if the growth then fails.
+    pending_growth: u64,
+}
+
+/// The store's limits, plus the count of linear-memory bytes the service holds
+/// (`ServiceCtx::memory_bytes`): wasmtime asks here for every memory's initial size and every
+/// `memory.grow`, so the sum is exact without walking the instance's memories.
+impl ResourceLimiter for StoreState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allow = self.limits.memory_growing(current, desired, maximum)?;
+        if allow {
+            self.pending_growth = desired.saturating_sub(current) as u64;
+            self.ctx
+                .memory_bytes
+                .fetch_add(self.pending_growth, Ordering::Relaxed);
+        }
+        Ok(allow)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.ctx
+            .memory_bytes
+            .fetch_sub(std::mem::take(&mut self.pending_growth), Ordering::Relaxed);
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 impl wasmtime_wasi::WasiView for StoreState {
@@ -65,6 +125,22 @@ impl wasmtime_wasi::WasiView for StoreState {
             table: &mut self.wasi.table,
         }
     }
+}
+
+/// A call is interrupted after this many times its deadline in wall time even if its thread
+/// got less CPU time than the deadline (a service that waits on something forever).
+const WALL_FACTOR: u64 = 20;
+
+/// CPU time the calling thread has used, ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_THREAD_CPUTIME_ID always
+    // exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Most host time one call gets credited back to its deadline: work the host does for a
@@ -173,7 +249,34 @@ impl WasmRuntime {
             .epoch_interruption(true)
             .concurrency_support(false)
             .cranelift_opt_level(wasmtime::OptLevel::Speed);
-        if settings.pooling {
+        // How linear memories are allocated: `SPANVMM_WASM_ALLOC=pooling|ondemand|thp`
+        // overrides the setting, for the dispatch-cost comparison of docs/benchmarks.md
+        // (`thp`: on-demand, memories on 2 MiB transparent huge pages, crate::wasm_mem).
+        let alloc = std::env::var("SPANVMM_WASM_ALLOC").ok();
+        let pooling = match alloc.as_deref() {
+            Some("pooling") => true,
+            Some("ondemand") => false,
+            Some("thp") => {
+                config
+                    .with_host_memory(Arc::new(crate::wasm_mem::HugePageMemories {
+                        reserve: settings.memory_limit,
+                    }))
+                    // Explicit bounds checks against the memory's size (crate::wasm_mem).
+                    .memory_reservation(0)
+                    .memory_guard_size(0)
+                    .memory_reservation_for_growth(0)
+                    // Copy-on-write images need wasmtime's own mappings.
+                    .memory_init_cow(false);
+                false
+            }
+            Some(other) => {
+                return Err(ServiceError::Runtime(format!(
+                    "SPANVMM_WASM_ALLOC={other}: expected pooling, ondemand or thp"
+                )))
+            }
+            None => settings.pooling,
+        };
+        if pooling {
             let n = settings.max_services.max(1);
             let mut pool = PoolingAllocationConfig::new();
             // Components of language toolchains hold many core instances and tables
@@ -365,24 +468,34 @@ impl WasmRuntime {
                 ctx,
                 limits,
                 host_ns: 0,
-                credited_ns: 0,
+                budget_ns: self.settings.call_deadline.as_nanos() as u64,
+                cpu0: None,
+                ticks_seen: 0,
+                wall_cap_ticks: self.call_ticks * WALL_FACTOR,
+                pending_growth: 0,
             },
         );
-        store.limiter(|s| &mut s.limits);
+        store.limiter(|s| s as &mut dyn ResourceLimiter);
         let tick_ns = (self.settings.epoch_tick.as_nanos() as u64).max(1);
-        // At the deadline: give back the time the call spent in host functions (bounded), else
-        // interrupt the service.
+        // Every epoch tick during a call: the deadline is the CPU time of the thread running
+        // the call, less the time spent in host functions (bounded): a service descheduled by
+        // a busy host, or one whose garbage collector pauses while both cores are taken, is
+        // not charged for the wait. A call that ran less than a tick never gets here.
         store.epoch_deadline_callback(move |mut cx| {
             let s = cx.data_mut();
-            let owed = s.host_ns.saturating_sub(s.credited_ns);
-            if owed >= tick_ns && s.host_ns <= MAX_HOST_CREDIT_NS {
-                let t = owed / tick_ns;
-                s.credited_ns += t * tick_ns;
-                return Ok(UpdateDeadline::Continue(t));
+            s.ticks_seen += 1;
+            let now = thread_cpu_ns();
+            let cpu0 = *s.cpu0.get_or_insert(now);
+            let credit = s.host_ns.min(MAX_HOST_CREDIT_NS);
+            // Before the first tick the call ran at most one tick: count it whole.
+            let used = (now.saturating_sub(cpu0) + tick_ns).saturating_sub(credit);
+            let wall_cap = s.wall_cap_ticks + credit / tick_ns;
+            if used >= s.budget_ns || s.ticks_seen >= wall_cap {
+                return Ok(UpdateDeadline::Interrupt);
             }
-            Ok(UpdateDeadline::Interrupt)
+            Ok(UpdateDeadline::Continue(1))
         });
-        store.set_epoch_deadline(self.call_ticks);
+        store.set_epoch_deadline(1);
         let bindings = pre
             .instantiate(&mut store)
             .map_err(|e| ServiceError::Load {
@@ -414,16 +527,19 @@ pub(crate) struct WasmService {
 
 impl WasmService {
     fn arm(&mut self, budget: Budget) {
-        let t = match budget {
-            Budget::Event => self.event_ticks,
-            Budget::Control => self.call_ticks,
+        let (t, ms) = match budget {
+            Budget::Event => (self.event_ticks, self.event_ms),
+            Budget::Control => (self.call_ticks, self.call_ms),
         };
         let d = self.store.data_mut();
         d.host_ns = 0;
-        d.credited_ns = 0;
+        d.budget_ns = ms * 1_000_000;
+        d.cpu0 = None;
+        d.ticks_seen = 0;
+        d.wall_cap_ticks = t * WALL_FACTOR;
         // A panic line from an earlier call that did not trap is not this call's.
         d.ctx.take_panic();
-        self.store.set_epoch_deadline(t);
+        self.store.set_epoch_deadline(1);
     }
 
     fn fatal(&self, what: &str, budget: Budget, e: wasmtime::Error) -> Fatal {

@@ -7,6 +7,7 @@ use std::io::Read;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
 
 use base_vmm::vcpu::VcpuEvent;
 
@@ -34,6 +35,47 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
         // SAFETY: write(2) is async-signal-safe and `b` outlives the call; a full pipe (a
         // signal storm) only loses signals that would ask for the same shutdown.
         unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+    }
+}
+
+/// How long a stop may wait for a main loop held by a service before the process exits
+/// without it.
+const STUCK_GRACE: Duration = Duration::from_secs(5);
+
+/// A service's call (or tick, attach, replace) that never returns holds the main loop, which
+/// then never takes the stop up: a native service cannot be interrupted, so after
+/// [`STUCK_GRACE`] the process exits (status 3) without it, saying which service held it. The
+/// vCPUs stop with the process; the guest's disk writes are already in the host's page cache
+/// (the main loop flushes nothing more at a shutdown); the other services get no `shutdown`
+/// event; the API socket file stays behind and is replaced by the next VMM that binds it.
+fn exit_if_held_by_a_service(asked: Instant) {
+    let service = |what: &str| {
+        what.starts_with("service ")
+            || what.starts_with("services'")
+            || what.starts_with("attaching ")
+            || what.starts_with("detaching service ")
+            || what.starts_with("replacing service ")
+    };
+    let deadline = asked + STUCK_GRACE;
+    while Instant::now() < deadline {
+        match crate::api::server::busy() {
+            // Held since before the stop, by a service: keep watching.
+            Some((what, since)) if since <= asked && service(&what) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            // Free, or busy with something else: the main loop takes the stop up.
+            _ => return,
+        }
+    }
+    if let Some((what, since)) = crate::api::server::busy() {
+        if since <= asked && service(&what) {
+            tracing::error!(
+                "shutting down without the main loop: it has been held by {what} for {:.1} s \
+                 (a service that does not return); exiting",
+                since.elapsed().as_secs_f64()
+            );
+            std::process::exit(3);
+        }
     }
 }
 
@@ -65,9 +107,11 @@ pub(crate) fn forward_stop_signals(tx: Sender<Msg>) -> std::io::Result<()> {
             base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Helper);
             let mut b = [0u8; 1];
             while let Ok(1) = read_end.read(&mut b) {
+                let asked = Instant::now();
                 if tx.send(Msg::Stop(i32::from(b[0]))).is_err() {
                     break;
                 }
+                exit_if_held_by_a_service(asked);
             }
         })?;
     Ok(())

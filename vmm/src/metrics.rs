@@ -363,6 +363,17 @@ impl Scrape {
             None,
             &per(&|s| s.stats.calls),
         )?;
+        let mem: Vec<(&[(&str, &str)], f64)> = per(&|s| s.stats.memory_bytes)
+            .into_iter()
+            .map(|(l, v)| (l, v as f64))
+            .collect();
+        gauge(
+            enc,
+            "service_memory",
+            "Wasm linear memory each service holds (it never shrinks; 0 for native)",
+            Some(&Unit::Bytes),
+            &mem,
+        )?;
         counter(
             enc,
             "service_deferred_writes",

@@ -27,9 +27,9 @@
 //! Everything long runs on the host's writer thread; each call here only queues or polls.
 
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 use spanvmm_sdk::snapshot::{self, LayerOptions};
-use spanvmm_sdk::{export_service, host, Capability, Event, EventReply, Manifest, Service};
+use spanvmm_sdk::{host, Capability, Event, EventReply, Manifest, Service};
 
 const DEFAULT_STOP_PAGES: u64 = 512;
 const DEFAULT_MAX_ROUNDS: u32 = 30;
@@ -70,6 +70,13 @@ struct Periodic {
 }
 
 #[derive(Deserialize)]
+struct EvictArgs {
+    dir: String,
+    #[serde(default)]
+    key_file: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
 struct CreateArgs {
     dir: String,
     #[serde(default)]
@@ -166,72 +173,6 @@ impl Checkpoint {
             snapshot::write_pages(job, &bits)?;
         }
         Ok(n)
-    }
-
-    fn create(&mut self, args: &str) -> Result<String, String> {
-        if let Some(op) = &self.op {
-            if matches!(op.phase, Phase::Rounds | Phase::Final) {
-                return Err(format!("a snapshot into {} is in progress", op.dir));
-            }
-        }
-        let a: CreateArgs =
-            serde_json::from_str(args).map_err(|e| format!("create: bad arguments: {e}"))?;
-        if let Some(p) = &a.parent {
-            if self.last_layer.as_deref() != Some(p.as_str()) {
-                return Err(format!(
-                    "incremental layer on {p}: this service has not tracked the guest since that \
-                     layer (it tracks from the last layer it wrote, {}); take a full snapshot \
-                     with --track first",
-                    self.last_layer.as_deref().unwrap_or("none")
-                ));
-            }
-        }
-        self.harvest()?;
-        let full = a.parent.is_none();
-        if full {
-            // A full layer writes every page; what was dirty before it does not matter.
-            self.dirty.clear();
-        }
-        let job = snapshot::begin(&LayerOptions {
-            dir: a.dir.clone(),
-            parent: a.parent.clone(),
-            key_file: a.key_file.clone(),
-            expires_in_s: a.expires_in_s,
-        })?;
-        let now = host::now_ns();
-        let mut op = Op {
-            job,
-            dir: a.dir.clone(),
-            phase: Phase::Rounds,
-            rounds: 0,
-            max_rounds: a.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS).max(1),
-            stop_pages: a.stop_pages.unwrap_or(DEFAULT_STOP_PAGES),
-            started_ns: now,
-            paused_at_ns: None,
-            pause_ms: 0.0,
-            total_ms: 0.0,
-            last_round_pages: 0,
-            layer_id: String::new(),
-            bytes_written: 0,
-            error: None,
-            stay_paused: a.stay_paused,
-            periodic: false,
-        };
-        let r = if a.live {
-            self.first_round(&mut op, full)
-        } else {
-            self.stop_and_commit(&mut op, full)
-        };
-        if let Err(e) = r {
-            snapshot::close(job);
-            if op.paused_at_ns.is_some() {
-                let _ = host::resume();
-            }
-            return Err(e);
-        }
-        self.last_layer = None;
-        self.op = Some(op);
-        Ok(json!({ "job": job, "dir": a.dir, "live": a.live }).to_string())
     }
 
     fn first_round(&mut self, op: &mut Op, full: bool) -> Result<(), String> {
@@ -357,15 +298,16 @@ impl Checkpoint {
         let p = self.periodic.as_mut().expect("checked above");
         let parent = p.chain.last().cloned();
         let dir = format!("{}/layer-{:04}", p.dir, p.layers);
-        let args = json!({
-            "dir": dir,
-            "parent": parent,
-            "live": true,
-            "key_file": p.key_file,
-        });
+        let args = CreateArgs {
+            dir,
+            parent,
+            live: true,
+            key_file: p.key_file.clone(),
+            ..Default::default()
+        };
         p.prev_start_ns = now;
         p.layers += 1;
-        if let Err(e) = self.create(&args.to_string()) {
+        if let Err(e) = self.create(args) {
             // Another operation owns the VM (a migration, a live update): this layer waits
             // for the next interval; the series goes on from the same parent.
             if e.contains("is in progress") {
@@ -403,54 +345,6 @@ impl Checkpoint {
         p.next_at_ns = now + p.interval_ms * 1_000_000;
         host::metric("periodic_interval_ms", p.interval_ms as f64);
         host::metric("periodic_layers", p.layers as f64);
-    }
-
-    fn periodic(&mut self, args: &str) -> Result<String, String> {
-        let a: PeriodicArgs =
-            serde_json::from_str(args).map_err(|e| format!("periodic: bad arguments: {e}"))?;
-        if self.periodic.is_some() || self.busy() || self.merge.is_some() {
-            return Err("periodic layers or a snapshot are running already".into());
-        }
-        self.periodic = Some(Periodic {
-            dir: a.dir.clone(),
-            key_file: a.key_file,
-            target_pages: a.target_pages.unwrap_or(DEFAULT_TARGET_PAGES).max(1),
-            keep: a.keep.unwrap_or(DEFAULT_KEEP).clamp(1, MAX_KEEP),
-            chain: Vec::new(),
-            merges: 0,
-            layers: 0,
-            next_at_ns: 0,
-            interval_ms: 0,
-            prev_start_ns: 0,
-        });
-        self.periodic_tick()?;
-        Ok(json!({ "periodic": a.dir }).to_string())
-    }
-
-    fn evict(&mut self, args: &str) -> Result<String, String> {
-        #[derive(Deserialize)]
-        struct EvictArgs {
-            dir: String,
-            #[serde(default)]
-            key_file: Option<String>,
-        }
-        let a: EvictArgs =
-            serde_json::from_str(args).map_err(|e| format!("evict: bad arguments: {e}"))?;
-        if self.busy() {
-            // A periodic layer is being written: its pages count, let it finish.
-            return Err("busy: a layer is being written; retry".into());
-        }
-        let parent = match self.periodic.take() {
-            Some(_) => self.last_layer.clone(),
-            None => None,
-        };
-        let args = json!({
-            "dir": a.dir,
-            "parent": parent,
-            "key_file": a.key_file,
-            "stay_paused": true,
-        });
-        self.create(&args.to_string())
     }
 
     fn step(&mut self, op: &mut Op) -> Result<(), String> {
@@ -509,39 +403,9 @@ impl Checkpoint {
         }
         Ok(())
     }
-
-    fn status(&self) -> String {
-        let periodic = self.periodic.as_ref().map(|p| {
-            json!({"dir": p.dir, "layers": p.layers, "interval_ms": p.interval_ms,
-                       "chain": p.chain.len(), "keep": p.keep, "merges": p.merges,
-                       "merging": self.merge.is_some()})
-        });
-        let Some(op) = &self.op else {
-            return json!({ "phase": "idle", "last_layer": self.last_layer, "periodic": periodic })
-                .to_string();
-        };
-        let phase = match op.phase {
-            Phase::Rounds => "rounds",
-            Phase::Final => "final",
-            Phase::Done => "done",
-            Phase::Failed => "failed",
-        };
-        json!({
-            "phase": phase,
-            "dir": op.dir,
-            "layer_id": op.layer_id,
-            "rounds": op.rounds,
-            "bytes_written": op.bytes_written,
-            "pause_ms": op.pause_ms,
-            "total_ms": op.total_ms,
-            "last_round_pages": op.last_round_pages,
-            "error": op.error,
-            "periodic": periodic,
-        })
-        .to_string()
-    }
 }
 
+#[spanvmm_sdk::service]
 impl Service for Checkpoint {
     fn manifest() -> Manifest {
         Manifest::new("checkpoint", env!("CARGO_PKG_VERSION"))
@@ -570,17 +434,138 @@ impl Service for Checkpoint {
         EventReply::None
     }
 
-    fn call(&mut self, method: &str, args: &str) -> Result<String, String> {
-        match method {
-            "create" => self.create(args),
-            "status" => Ok(self.status()),
-            "periodic" => self.periodic(args),
-            "evict" => self.evict(args),
-            other => Err(format!(
-                "unknown method {other:?} (create, status, periodic, evict)"
-            )),
+    #[method]
+    fn create(&mut self, a: CreateArgs) -> Result<Value, String> {
+        if let Some(op) = &self.op {
+            if matches!(op.phase, Phase::Rounds | Phase::Final) {
+                return Err(format!("a snapshot into {} is in progress", op.dir));
+            }
         }
+        if let Some(p) = &a.parent {
+            if self.last_layer.as_deref() != Some(p.as_str()) {
+                return Err(format!(
+                    "incremental layer on {p}: this service has not tracked the guest since that \
+                     layer (it tracks from the last layer it wrote, {}); take a full snapshot \
+                     with --track first",
+                    self.last_layer.as_deref().unwrap_or("none")
+                ));
+            }
+        }
+        self.harvest()?;
+        let full = a.parent.is_none();
+        if full {
+            // A full layer writes every page; what was dirty before it does not matter.
+            self.dirty.clear();
+        }
+        let job = snapshot::begin(&LayerOptions {
+            dir: a.dir.clone(),
+            parent: a.parent.clone(),
+            key_file: a.key_file.clone(),
+            expires_in_s: a.expires_in_s,
+        })?;
+        let now = host::now_ns();
+        let mut op = Op {
+            job,
+            dir: a.dir.clone(),
+            phase: Phase::Rounds,
+            rounds: 0,
+            max_rounds: a.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS).max(1),
+            stop_pages: a.stop_pages.unwrap_or(DEFAULT_STOP_PAGES),
+            started_ns: now,
+            paused_at_ns: None,
+            pause_ms: 0.0,
+            total_ms: 0.0,
+            last_round_pages: 0,
+            layer_id: String::new(),
+            bytes_written: 0,
+            error: None,
+            stay_paused: a.stay_paused,
+            periodic: false,
+        };
+        let r = if a.live {
+            self.first_round(&mut op, full)
+        } else {
+            self.stop_and_commit(&mut op, full)
+        };
+        if let Err(e) = r {
+            snapshot::close(job);
+            if op.paused_at_ns.is_some() {
+                let _ = host::resume();
+            }
+            return Err(e);
+        }
+        self.last_layer = None;
+        self.op = Some(op);
+        Ok(json!({ "job": job, "dir": a.dir, "live": a.live }))
+    }
+
+    #[method]
+    fn periodic(&mut self, a: PeriodicArgs) -> Result<Value, String> {
+        if self.periodic.is_some() || self.busy() || self.merge.is_some() {
+            return Err("periodic layers or a snapshot are running already".into());
+        }
+        self.periodic = Some(Periodic {
+            dir: a.dir.clone(),
+            key_file: a.key_file,
+            target_pages: a.target_pages.unwrap_or(DEFAULT_TARGET_PAGES).max(1),
+            keep: a.keep.unwrap_or(DEFAULT_KEEP).clamp(1, MAX_KEEP),
+            chain: Vec::new(),
+            merges: 0,
+            layers: 0,
+            next_at_ns: 0,
+            interval_ms: 0,
+            prev_start_ns: 0,
+        });
+        self.periodic_tick()?;
+        Ok(json!({ "periodic": a.dir }))
+    }
+
+    #[method]
+    fn evict(&mut self, a: EvictArgs) -> Result<Value, String> {
+        if self.busy() {
+            // A periodic layer is being written: its pages count, let it finish.
+            return Err("busy: a layer is being written; retry".into());
+        }
+        let parent = match self.periodic.take() {
+            Some(_) => self.last_layer.clone(),
+            None => None,
+        };
+        self.create(CreateArgs {
+            dir: a.dir,
+            parent,
+            key_file: a.key_file,
+            stay_paused: true,
+            ..Default::default()
+        })
+    }
+
+    #[method]
+    fn status(&self) -> Value {
+        let periodic = self.periodic.as_ref().map(|p| {
+            json!({"dir": p.dir, "layers": p.layers, "interval_ms": p.interval_ms,
+                       "chain": p.chain.len(), "keep": p.keep, "merges": p.merges,
+                       "merging": self.merge.is_some()})
+        });
+        let Some(op) = &self.op else {
+            return json!({ "phase": "idle", "last_layer": self.last_layer, "periodic": periodic });
+        };
+        let phase = match op.phase {
+            Phase::Rounds => "rounds",
+            Phase::Final => "final",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        };
+        json!({
+            "phase": phase,
+            "dir": op.dir,
+            "layer_id": op.layer_id,
+            "rounds": op.rounds,
+            "bytes_written": op.bytes_written,
+            "pause_ms": op.pause_ms,
+            "total_ms": op.total_ms,
+            "last_round_pages": op.last_round_pages,
+            "error": op.error,
+            "periodic": periodic,
+        })
     }
 }
-
-export_service!(Checkpoint);

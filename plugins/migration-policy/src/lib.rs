@@ -26,9 +26,13 @@
 //!   round whose remaining dirty set is below every one of the previous `smart_window` rounds
 //!   (a local minimum), instead of waiting for the stall or round limits.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use spanvmm_sdk::migration::{self as mig, Phase, SwitchMode};
 use spanvmm_sdk::{host, LogLevel};
+
+/// The attach configuration's fields, each overriding the mode's default.
+pub type Overrides = Map<String, Value>;
 
 /// Which policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -43,7 +47,7 @@ pub enum Mode {
 }
 
 /// Attach configuration (JSON; every field optional).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Most pre-copy rounds.
@@ -126,18 +130,13 @@ fn info(msg: &str) {
 }
 
 impl Policy {
-    /// Starts with the attach configuration.
-    pub fn attach(&mut self, mode: Mode, config: &str) -> Result<(), String> {
+    /// Starts with the attach configuration: the fields given override the mode's defaults.
+    pub fn attach(&mut self, mode: Mode, given: Option<Overrides>) -> Result<(), String> {
         let mut cfg = Config::for_mode(mode);
-        if !config.trim().is_empty() {
-            let v: serde_json::Value =
-                serde_json::from_str(config).map_err(|e| format!("config: {e}"))?;
-            // Fields given override the mode's defaults.
-            let mut base = serde_json::to_value(DefaultsView(&cfg)).expect("plain values");
-            if let (Some(b), Some(o)) = (base.as_object_mut(), v.as_object()) {
-                for (k, val) in o {
-                    b.insert(k.clone(), val.clone());
-                }
+        if let Some(given) = given {
+            let mut base = serde_json::to_value(&cfg).expect("plain values");
+            if let Some(b) = base.as_object_mut() {
+                b.extend(given);
             }
             cfg = serde_json::from_value(base).map_err(|e| format!("config: {e}"))?;
         }
@@ -309,31 +308,6 @@ impl Policy {
     }
 }
 
-/// Serializes a config (for merging the given fields over the mode's defaults).
-struct DefaultsView<'a>(&'a Config);
-
-impl serde::Serialize for DefaultsView<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let c = self.0;
-        let mut m = s.serialize_map(Some(13))?;
-        m.serialize_entry("max_rounds", &c.max_rounds)?;
-        m.serialize_entry("downtime_ms", &c.downtime_ms)?;
-        m.serialize_entry("min_pages", &c.min_pages)?;
-        m.serialize_entry("max_bytes", &c.max_bytes)?;
-        m.serialize_entry("stall_rounds", &c.stall_rounds)?;
-        m.serialize_entry("prepage_min", &c.prepage_min)?;
-        m.serialize_entry("prepage_max", &c.prepage_max)?;
-        m.serialize_entry("redundancy", &c.redundancy)?;
-        m.serialize_entry("deltas", &c.deltas)?;
-        m.serialize_entry("cache_mb", &c.cache_mb)?;
-        m.serialize_entry("blocks", &c.blocks)?;
-        m.serialize_entry("smart_stop", &c.smart_stop)?;
-        m.serialize_entry("smart_window", &c.smart_window)?;
-        m.end()
-    }
-}
-
 /// Defines a service type named `$ty` with manifest name `$name` running `$mode`.
 #[macro_export]
 macro_rules! migration_service {
@@ -341,6 +315,7 @@ macro_rules! migration_service {
         #[derive(Default)]
         struct $ty($crate::Policy);
 
+        #[spanvmm_sdk::service]
         impl spanvmm_sdk::Service for $ty {
             fn manifest() -> spanvmm_sdk::Manifest {
                 spanvmm_sdk::Manifest::new($name, env!("CARGO_PKG_VERSION"))
@@ -349,8 +324,8 @@ macro_rules! migration_service {
                     .tick_every_ms(5)
             }
 
-            fn attach(&mut self, config: &str) -> Result<(), String> {
-                self.0.attach($mode, config)
+            fn attach(&mut self, cfg: Option<$crate::Overrides>) -> Result<(), String> {
+                self.0.attach($mode, cfg)
             }
 
             fn on_event(&mut self, ev: spanvmm_sdk::Event) -> spanvmm_sdk::EventReply {
@@ -362,7 +337,5 @@ macro_rules! migration_service {
                 spanvmm_sdk::EventReply::None
             }
         }
-
-        spanvmm_sdk::export_service!($ty);
     };
 }

@@ -79,6 +79,11 @@ pub fn set_busy(what: Option<String>) {
     *b = what.map(|w| (w, Instant::now()));
 }
 
+/// What the main loop is busy with and since when (None: waiting for work).
+pub fn busy() -> Option<(String, Instant)> {
+    BUSY.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// A short description of a request, for [`set_busy`].
 pub fn describe(req: &ApiRequest) -> String {
     match req {
