@@ -53,7 +53,7 @@ put() { # <src> <dst>
     [ -f "$1" ] || { echo "build.sh: expected $1 after the build" >&2; exit 1; }
     cp "$1" "$2.tmp.$$" && mv -f "$2.tmp.$$" "$2"
 }
-for dir in exit-stats netmon introspect checkpoint hostile/misbehave hostile/abi-mismatch hostile/missing-export hostile/greedy \
+for dir in exit-stats netmon introspect checkpoint agile hostile/misbehave hostile/abi-mismatch hostile/missing-export hostile/greedy \
            precopy postcopy hybrid scatter-gather ../sdk/template; do
     crate=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$dir/Cargo.toml" | head -1)
     file=${crate//-/_}

@@ -7,6 +7,7 @@
 pub mod boot;
 pub mod cpu;
 pub mod devices;
+pub mod evict;
 pub mod lazy;
 pub mod memory;
 pub mod page_server;

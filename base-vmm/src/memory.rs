@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{
@@ -51,6 +52,11 @@ pub struct GuestRam {
     memfd: File,
     size: u64,
     mem: GuestMemoryMmap<AtomicBitmap>,
+    /// Pages evicted from the memfd (held by a store, brought back on touch; see
+    /// [`crate::evict`]): a hole there is not a zero page. Kept here so that every path
+    /// that looks at holes sees it.
+    evicted: Vec<AtomicU64>,
+    evicted_n: AtomicU64,
 }
 
 impl GuestRam {
@@ -83,7 +89,14 @@ impl GuestRam {
                 .map_err(|e| MemoryError::Map(e.to_string()))?;
         let mem = GuestMemoryMmap::from_regions(vec![region])
             .map_err(|e| MemoryError::Map(e.to_string()))?;
-        Ok(GuestRam { memfd, size, mem })
+        let words = (size / PAGE_SIZE).div_ceil(64) as usize;
+        Ok(GuestRam {
+            memfd,
+            size,
+            mem,
+            evicted: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            evicted_n: AtomicU64::new(0),
+        })
     }
 
     /// Guest memory size in bytes.
@@ -167,8 +180,96 @@ impl GuestRam {
         Ok(())
     }
 
-    /// The pages of `[first, end)` that hold data in the memfd (not holes), as runs.
+    /// The pages of `[first, end)` that hold data (not zero): data in the memfd, and the
+    /// evicted pages (holes whose data a store holds), as runs.
     pub fn data_runs(&self, first: u64, end: u64) -> Vec<(u64, u64)> {
+        let runs = self.memfd_data_runs(first, end);
+        if self.evicted_pages() == 0 {
+            return runs;
+        }
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut push = |a: u64, b: u64| match out.last_mut() {
+            Some(last) if last.1 >= a => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        };
+        let mut p = first;
+        for (a, b) in runs.into_iter().chain(std::iter::once((end, end))) {
+            // Evicted pages in the hole before this run.
+            let mut q = p;
+            while q < a {
+                // Whole words of nothing evicted are skipped at once (a big, sparse guest).
+                if q.is_multiple_of(64)
+                    && q + 64 <= a
+                    && self.evicted[(q / 64) as usize].load(Ordering::Acquire) == 0
+                {
+                    q += 64;
+                } else if self.is_evicted(q) {
+                    let s = q;
+                    while q < a && self.is_evicted(q) {
+                        q += 1;
+                    }
+                    push(s, q);
+                } else {
+                    q += 1;
+                }
+            }
+            if a < b {
+                push(a, b);
+            }
+            p = b;
+        }
+        out
+    }
+
+    /// Whether page `p` is evicted (a hole in the memfd whose data a store holds).
+    pub fn is_evicted(&self, p: u64) -> bool {
+        self.evicted
+            .get((p / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) >> (p % 64) & 1 == 1)
+    }
+
+    /// How many pages are evicted now.
+    pub fn evicted_pages(&self) -> u64 {
+        self.evicted_n.load(Ordering::Acquire)
+    }
+
+    /// The evicted pages, one bit a page.
+    pub fn evicted_bitmap(&self) -> Vec<u64> {
+        self.evicted
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// Marks page `p` evicted (`true`) or back in; returns whether it changed.
+    pub(crate) fn set_evicted(&self, p: u64, on: bool) -> bool {
+        let Some(w) = self.evicted.get((p / 64) as usize) else {
+            return false;
+        };
+        let m = 1u64 << (p % 64);
+        let old = if on {
+            w.fetch_or(m, Ordering::AcqRel)
+        } else {
+            w.fetch_and(!m, Ordering::AcqRel)
+        };
+        let changed = (old & m != 0) != on;
+        if changed && on {
+            self.evicted_n.fetch_add(1, Ordering::AcqRel);
+        } else if changed {
+            self.evicted_n.fetch_sub(1, Ordering::AcqRel);
+        }
+        changed
+    }
+
+    /// Bytes the memfd holds in host memory (its allocated blocks).
+    pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.memfd.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+
+    /// The pages of `[first, end)` that hold data in the memfd (not holes), as runs; evicted
+    /// pages are holes here.
+    pub fn memfd_data_runs(&self, first: u64, end: u64) -> Vec<(u64, u64)> {
         use std::os::fd::AsRawFd;
         let seek = |off: u64, whence| {
             // SAFETY: lseek on our memfd has no memory effects.
@@ -272,6 +373,18 @@ mod tests {
             3,
             "populating for reading allocates nothing"
         );
+        // Evicted pages are holes in the memfd but data for everyone else.
+        assert!(ram.set_evicted(4, true) && ram.set_evicted(200, true));
+        assert!(!ram.set_evicted(4, true), "already evicted");
+        assert_eq!(ram.evicted_pages(), 2);
+        assert_eq!(
+            ram.data_runs(0, 1024),
+            vec![(3, 7), (200, 201), (1023, 1024)]
+        );
+        assert_eq!(ram.data_runs(4, 100), vec![(4, 7)]);
+        assert_eq!(ram.memfd_data_runs(0, 1024).len(), 3);
+        assert!(ram.set_evicted(4, false) && ram.set_evicted(200, false));
+        assert_eq!(ram.evicted_pages(), 0);
     }
 
     #[test]

@@ -1085,6 +1085,19 @@ impl Vmm {
         }
     }
 
+    /// Refuses operations that need every page of guest memory in the memfd itself (a live
+    /// update: the new process's mapping is not watched by the evictor, so an evicted page
+    /// would read there as a fresh zero page).
+    pub fn require_all_resident(&self) -> Result<(), VmmError> {
+        match self.ctl.ram.evicted_pages() {
+            0 => Ok(()),
+            n => Err(VmmError::Conflict(format!(
+                "{n} guest pages are evicted to a store: a new process would see them as zeros; \
+                 detach the service that evicted them (it brings them back) first"
+            ))),
+        }
+    }
+
     /// First half of a restore: a KVM VM and its vCPUs on `ram` (whose contents are the
     /// guest's), with no register state yet. It is the slow half, so a live update does it
     /// before the old VMM pauses the guest.

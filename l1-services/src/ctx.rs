@@ -96,6 +96,11 @@ fn engine<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> CallErr
     }
 }
 
+/// Tags an engine's message (a `String`) with the call.
+fn engine_err(what: &'static str) -> impl FnOnce(String) -> CallError {
+    move |msg| CallError::Engine { what, msg }
+}
+
 /// Tags a host error with the call.
 fn host_err(what: &'static str) -> impl FnOnce(HostError) -> CallError {
     move |err| CallError::Host { what, err }
@@ -264,6 +269,8 @@ pub(crate) struct HostShared {
     /// Another operation that owns the VM's run state (a live update preparing), if any.
     pub vm_owner: Mutex<Option<String>>,
     pub snapshots: SnapshotEngine,
+    /// Agile migration's engine and the service that opened it (one per VM).
+    pub agile: Mutex<Option<(u64, crate::migration::agile::Agile)>>,
     /// The manager, so that a layer a service commits carries the other services' states.
     pub manager: OnceLock<std::sync::Weak<crate::manager::ServiceManager>>,
 }
@@ -741,11 +748,100 @@ impl ServiceCtx {
     pub(crate) fn snapshot_close(&self, job: u32) {
         self.shared.snapshots.close(self.id, job)
     }
+
+    /// Refuses when another operation owns the guest's run state (`what` pauses it).
+    fn refuse_if_vm_owned(&self, what: &'static str) -> Result<(), CallError> {
+        if lock(&self.shared.migration).is_some() {
+            return Err(CallError::Refused(format!(
+                "{what}: a migration is in progress"
+            )));
+        }
+        if let Some(owner) = lock(&self.shared.vm_owner).as_deref() {
+            return Err(CallError::Refused(format!(
+                "{what}: {owner} is in progress"
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn agile_open(&self, config: &str) -> Result<(), CallError> {
+        self.require(Capability::EvictMemory, "agile open")?;
+        let mut agile = lock(&self.shared.agile);
+        if let Some((owner, _)) = &*agile {
+            return Err(CallError::Refused(format!(
+                "agile open: already open (service {owner})"
+            )));
+        }
+        let ram = self.host().guest_ram().ok_or_else(|| {
+            CallError::Refused("agile open: this host does not share guest memory".into())
+        })?;
+        let cfg =
+            crate::migration::agile::AgileConfig::parse(config).map_err(CallError::Refused)?;
+        let eng =
+            crate::migration::agile::Agile::open(&ram, &cfg).map_err(engine_err("agile open"))?;
+        *agile = Some((self.id, eng));
+        Ok(())
+    }
+
+    pub(crate) fn agile_park(&self, bitmap: Vec<u64>) -> Result<String, CallError> {
+        self.require(Capability::EvictMemory, "agile park")?;
+        if self.in_vcpu_event.load(Ordering::Acquire) {
+            return Err(CallError::OnVcpuThread("agile park"));
+        }
+        self.refuse_if_vm_owned("agile park")?;
+        let mut agile = lock(&self.shared.agile);
+        let Some((owner, engine)) = agile.as_mut() else {
+            return Err(CallError::Refused("agile park: call open first".into()));
+        };
+        if *owner != self.id {
+            return Err(CallError::Refused(
+                "agile park: another service opened it".into(),
+            ));
+        }
+        let host = self.host();
+        self.waiting_on_vcpus.store(true, Ordering::Release);
+        let r = engine.park(
+            &bitmap,
+            &mut || host.pause().map_err(|e| e.to_string()),
+            &mut || host.resume().map_err(|e| e.to_string()),
+        );
+        self.waiting_on_vcpus.store(false, Ordering::Release);
+        let out = r.map_err(engine_err("agile park"))?;
+        serde_json::to_string(&out).map_err(|_| CallError::Internal)
+    }
+
+    pub(crate) fn agile_report(&self) -> Result<String, CallError> {
+        self.require(Capability::EvictMemory, "agile report")?;
+        let agile = lock(&self.shared.agile);
+        let Some((_, engine)) = agile.as_ref() else {
+            return Err(CallError::Refused("agile report: not open".into()));
+        };
+        serde_json::to_string(&engine.report()).map_err(|_| CallError::Internal)
+    }
+
+    pub(crate) fn agile_close(&self) -> Result<(), CallError> {
+        self.require(Capability::EvictMemory, "agile close")?;
+        self.close_agile().map_err(engine_err("agile close"))
+    }
+
+    /// Closes the agile engine if this service opened it (every page comes back).
+    fn close_agile(&self) -> Result<(), String> {
+        let mut agile = lock(&self.shared.agile);
+        if agile.as_ref().is_none_or(|(owner, _)| *owner != self.id) {
+            return Ok(());
+        }
+        let (_, engine) = agile.take().expect("checked above");
+        engine.close()
+    }
 }
 
 impl Drop for ServiceCtx {
     fn drop(&mut self) {
-        // A service that goes away takes its snapshot jobs with it.
+        // A service that goes away takes its snapshot jobs with it, and brings back the
+        // pages it evicted.
         self.shared.snapshots.close_owner(self.id);
+        if let Err(e) = self.close_agile() {
+            tracing::error!(service = self.name(), "agile close: {e}");
+        }
     }
 }

@@ -557,6 +557,7 @@ impl ServiceManager {
                 migration: Mutex::new(None),
                 vm_owner: Mutex::new(None),
                 snapshots: Default::default(),
+                agile: Mutex::new(None),
                 manager: OnceLock::new(),
             }),
             config,

@@ -807,4 +807,44 @@ impl HostTrampolines for Trampolines {
             }),
         )
     }
+
+    unsafe extern "C" fn agile_open(
+        ctx: *mut c_void,
+        config: *const u8,
+        config_len: usize,
+        err: *const Sink,
+    ) -> i32 {
+        let config = text(config, config_len);
+        report(
+            err,
+            with_ctx(ctx, Err(CallError::Internal), |c| {
+                unit(c.agile_open(&config))
+            }),
+        )
+    }
+
+    unsafe extern "C" fn agile_park(
+        ctx: *mut c_void,
+        bits: *const u64,
+        words: usize,
+        out: *const Sink,
+    ) -> i32 {
+        let r = bitmap(bits, words)
+            .and_then(|b| with_ctx(ctx, Err(CallError::Internal), |c| c.agile_park(b)));
+        report(out, r.map(String::into_bytes))
+    }
+
+    unsafe extern "C" fn agile_report(ctx: *mut c_void, out: *const Sink) -> i32 {
+        report(
+            out,
+            with_ctx(ctx, Err(CallError::Internal), |c| c.agile_report()).map(String::into_bytes),
+        )
+    }
+
+    unsafe extern "C" fn agile_close(ctx: *mut c_void, err: *const Sink) -> i32 {
+        report(
+            err,
+            with_ctx(ctx, Err(CallError::Internal), |c| unit(c.agile_close())),
+        )
+    }
 }

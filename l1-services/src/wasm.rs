@@ -32,7 +32,7 @@ mod bindings {
     });
 }
 
-use bindings::spanvmm::service::{host as wh, snapshot as ws, types as wt};
+use bindings::spanvmm::service::{agile as wa, host as wh, snapshot as ws, types as wt};
 use bindings::{Service as WitService, ServicePre};
 
 /// Settings of the Wasm runtime.
@@ -609,6 +609,7 @@ fn manifest_from_wit(m: wt::Manifest) -> sdk::Manifest {
                 wt::Capability::DirtyLog => sdk::Capability::DirtyLog,
                 wt::Capability::DrivesMigration => sdk::Capability::DrivesMigration,
                 wt::Capability::Snapshot => sdk::Capability::Snapshot,
+                wt::Capability::EvictMemory => sdk::Capability::EvictMemory,
             })
             .collect(),
         tick_period_ms: m.tick_period_ms,
@@ -952,5 +953,23 @@ impl ws::Host for StoreState {
 
     fn remove(&mut self, dir: String) -> Result<(), String> {
         self.timed(|c| c.snapshot_remove(&dir))
+    }
+}
+
+impl wa::Host for StoreState {
+    fn open(&mut self, config: String) -> Result<(), String> {
+        self.timed(|c| c.agile_open(&config))
+    }
+
+    fn park(&mut self, bitmap: Vec<u64>) -> Result<String, String> {
+        self.timed(|c| c.agile_park(bitmap))
+    }
+
+    fn report(&mut self) -> Result<String, String> {
+        self.timed(|c| c.agile_report())
+    }
+
+    fn close(&mut self) -> Result<(), String> {
+        self.timed(|c| c.agile_close())
     }
 }

@@ -253,6 +253,15 @@ typedef struct spanvmm_host {
     /* migration#set-scatter: Appended: Scatter-Gather (config: JSON text, see wit/migration.wit). */
     int32_t (*migration_set_scatter)(void *ctx, const uint8_t *config, size_t config_len,
                                      const spanvmm_sink *err);
+    /* agile#open: Appended: agile migration's parked pages (wit/agile.wit). config: JSON. */
+    int32_t (*agile_open)(void *ctx, const uint8_t *config, size_t config_len,
+                          const spanvmm_sink *err);
+    /* agile#park: What it did (JSON) to out (or the error message). */
+    int32_t (*agile_park)(void *ctx, const uint64_t *bitmap, size_t words, const spanvmm_sink *out);
+    /* agile#report: JSON to out (or the error message). */
+    int32_t (*agile_report)(void *ctx, const spanvmm_sink *out);
+    /* agile#close: Brings every page back and stops. */
+    int32_t (*agile_close)(void *ctx, const spanvmm_sink *err);
 } spanvmm_host;
 /* ---- end of generated text ---- */
 

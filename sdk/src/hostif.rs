@@ -201,6 +201,22 @@ macro_rules! __spanvmm_host_calls {
                 config_len: usize,
                 err: *const $crate::abi::Sink,
             ) -> i32;
+            /// Appended: agile migration's parked pages (wit/agile.wit). config: JSON.
+            ["agile#open"] agile_open(
+                config: *const u8,
+                config_len: usize,
+                err: *const $crate::abi::Sink,
+            ) -> i32;
+            /// What it did (JSON) to out (or the error message).
+            ["agile#park"] agile_park(
+                bitmap: *const u64,
+                words: usize,
+                out: *const $crate::abi::Sink,
+            ) -> i32;
+            /// JSON to out (or the error message).
+            ["agile#report"] agile_report(out: *const $crate::abi::Sink) -> i32;
+            /// Brings every page back and stops.
+            ["agile#close"] agile_close(err: *const $crate::abi::Sink) -> i32;
         }
     };
 }

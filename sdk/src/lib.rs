@@ -26,6 +26,7 @@
 extern crate self as spanvmm_sdk;
 
 pub mod abi;
+pub mod agile;
 pub mod call;
 pub mod host;
 pub mod hostif;

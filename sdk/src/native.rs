@@ -485,6 +485,36 @@ pub(crate) mod imports {
         }))
     }
 
+    fn utf8(b: Vec<u8>) -> String {
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    pub fn agile_open(config: &str) -> Result<(), String> {
+        let (ctx, call) = host_fn!(agile_open, "agile open")?;
+        // SAFETY: as above; `config` is a live string.
+        unit(with_sink(|s| unsafe {
+            call(ctx, config.as_ptr(), config.len(), s)
+        }))
+    }
+
+    pub fn agile_park(bitmap: &[u64]) -> Result<String, String> {
+        let (ctx, call) = host_fn!(agile_park, "agile park")?;
+        // SAFETY: as above; `bitmap` is a live slice.
+        with_sink(|s| unsafe { call(ctx, bitmap.as_ptr(), bitmap.len(), s) }).map(utf8)
+    }
+
+    pub fn agile_report() -> Result<String, String> {
+        let (ctx, call) = host_fn!(agile_report, "agile report")?;
+        // SAFETY: as above.
+        with_sink(|s| unsafe { call(ctx, s) }).map(utf8)
+    }
+
+    pub fn agile_close() -> Result<(), String> {
+        let (ctx, call) = host_fn!(agile_close, "agile close")?;
+        // SAFETY: as above.
+        unit(with_sink(|s| unsafe { call(ctx, s) }))
+    }
+
     pub fn migration_harvest_dirty() -> Result<Vec<u64>, String> {
         let (ctx, call) = host_fn!(migration_harvest_dirty, "harvest-dirty")?;
         // SAFETY: as above.

@@ -41,11 +41,13 @@ pub enum Capability {
     DrivesMigration,
     /// Write snapshot layers through the snapshot engine.
     Snapshot,
+    /// Park guest pages at intermediaries and evict them (agile interface).
+    EvictMemory,
 }
 
 impl Capability {
     /// Every capability, in declaration order.
-    pub const ALL: [Capability; 7] = [
+    pub const ALL: [Capability; 8] = [
         Capability::MemoryRead,
         Capability::MemoryWrite,
         Capability::VcpuState,
@@ -53,6 +55,7 @@ impl Capability {
         Capability::DirtyLog,
         Capability::DrivesMigration,
         Capability::Snapshot,
+        Capability::EvictMemory,
     ];
 
     /// True when at most one service per VM may hold the capability.
@@ -70,6 +73,7 @@ impl Capability {
             Capability::DirtyLog => "dirty-log",
             Capability::DrivesMigration => "drives-migration",
             Capability::Snapshot => "snapshot",
+            Capability::EvictMemory => "evict-memory",
         }
     }
 

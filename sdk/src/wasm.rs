@@ -42,6 +42,7 @@ fn cap_to_wit(c: Capability) -> t::Capability {
         Capability::DirtyLog => t::Capability::DirtyLog,
         Capability::DrivesMigration => t::Capability::DrivesMigration,
         Capability::Snapshot => t::Capability::Snapshot,
+        Capability::EvictMemory => t::Capability::EvictMemory,
     }
 }
 

@@ -7,7 +7,7 @@ use spanvmm_sdk::hostif::{host_calls, HostCall};
 use wit_parser::{Resolve, Type, TypeDefKind};
 
 /// The interfaces whose functions a native service reaches through `spanvmm_host`.
-const IMPORTED: [&str; 3] = ["host", "snapshot", "migration"];
+const IMPORTED: [&str; 4] = ["host", "snapshot", "migration", "agile"];
 
 fn resolve() -> (Resolve, wit_parser::PackageId) {
     let mut r = Resolve::default();

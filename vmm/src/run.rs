@@ -354,7 +354,10 @@ pub fn run(
                     let _ = reply.send(Err((409, format!("no live update now: {busy}"))));
                     continue;
                 }
-                if let Err(e) = vmm.require_memory_loaded() {
+                if let Err(e) = vmm
+                    .require_memory_loaded()
+                    .and_then(|_| vmm.require_all_resident())
+                {
                     let _ = reply.send(Err((409, e.to_string())));
                     continue;
                 }

@@ -7,11 +7,13 @@
 //!
 //! Scatter-Gather's parts: the intermediary store (`intermediary`: real Redis servers through
 //! the RESP client `resp`, pages addressed by content, MAC'd and optionally encrypted) and the
-//! destination's third page source with its rate-capped gather (`scatter`).
+//! destination's third page source with its rate-capped gather (`scatter`). Agile migration's
+//! cold pages parked there and evicted from the running VM (`agile`).
 //!
 //! Synchronized arrival (`hold`): a migration can wait at its switch-over point, and again
 //! before its commit, until released, so that a group of VMs switches over together.
 
+pub mod agile;
 pub mod cnet;
 mod dest;
 pub mod disk;

@@ -675,8 +675,8 @@ impl Sender<'_> {
         let (start, end) = (first * PAGE as u64, (first + span) * PAGE as u64);
         let mut off = start;
         while off < end {
-            // Data stays data (nothing punches the source's memory): skip pages known to be
-            // data, as SEEK_HOLE walks a whole run of data each time.
+            // Data stays data or is evicted (see below): skip pages known to be data, as
+            // SEEK_HOLE walks a whole run of data each time.
             if bit(&self.known_data, off / PAGE as u64) {
                 off += PAGE as u64;
                 continue;
@@ -706,6 +706,15 @@ impl Sender<'_> {
             let last = self.known_data.len() as u64 * 64;
             for p in data / PAGE as u64..(off / PAGE as u64).min(last) {
                 set_bit(&mut self.known_data, p);
+            }
+        }
+        // An evicted page (agile: its data is in a store) is a hole but not zero: it is read
+        // like any page, which brings it back.
+        if self.ram.evicted_pages() > 0 {
+            for p in first..first + span {
+                if self.ram.is_evicted(p) {
+                    holes[((p - first) / 64) as usize] &= !(1 << ((p - first) % 64));
+                }
             }
         }
         holes
