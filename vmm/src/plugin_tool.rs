@@ -25,10 +25,11 @@ const COMPONENTIZE_PY: &str = "0.25.1";
 const COMPONENTIZE_JS: &str = "0.23.0";
 
 /// The SDK's WIT, written into Python and JavaScript projects (their toolchains read it).
-const WIT: [(&str, &str); 3] = [
+const WIT: [(&str, &str); 4] = [
     ("service.wit", include_str!("../../sdk/wit/service.wit")),
     ("migration.wit", include_str!("../../sdk/wit/migration.wit")),
     ("snapshot.wit", include_str!("../../sdk/wit/snapshot.wit")),
+    ("agile.wit", include_str!("../../sdk/wit/agile.wit")),
 ];
 const RUST_LIB: &str = include_str!("../../sdk/template/src/lib.rs");
 const RUST_LOCK: &str = include_str!("../../sdk/template/Cargo.lock");
@@ -268,5 +269,23 @@ pub fn run(cmd: PluginCmd) -> anyhow::Result<bool> {
             }
             Ok(i.loadable)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A new project gets every WIT file of the SDK (a missing one fails its build only).
+    #[test]
+    fn new_projects_get_every_wit_file() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk/wit");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".wit"))
+            .collect();
+        on_disk.sort();
+        let mut written: Vec<String> = super::WIT.iter().map(|(n, _)| n.to_string()).collect();
+        written.sort();
+        assert_eq!(written, on_disk);
     }
 }
