@@ -53,8 +53,10 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// memory into itself (lowest addresses first: the guest's code, page tables and stacks): each
 /// page mapped ahead is one host page fault less after the hand-over, when the guest touches
 /// it again in the new VM. Before the pause, so it costs total time, never guest time.
-/// `SPANVMM_LIVE_UPDATE_MAP_MS` (read by the new process) overrides it; 0 maps nothing ahead.
-const MAP_BUDGET: Duration = Duration::from_millis(40);
+/// Off by default: measured on a quiet host (docs/benchmarks.md) a 40 ms budget added its
+/// 40 ms to the total and did not lower the guest's stall. `SPANVMM_LIVE_UPDATE_MAP_MS` (read
+/// by the new process) sets a budget.
+const MAP_BUDGET: Duration = Duration::ZERO;
 
 fn map_budget() -> Duration {
     std::env::var("SPANVMM_LIVE_UPDATE_MAP_MS")
