@@ -25,6 +25,16 @@ fn content(p: u64, g: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Stops the fault server when the scope's body ends, a failed assertion included: the scope
+/// would otherwise wait for the server for ever (a hang instead of a failure).
+struct StopOnExit<'a>(&'a AtomicBool);
+
+impl Drop for StopOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 #[test]
 fn cold_pages_parked_at_redis_come_back_on_touch_through_a_death() {
     let test = "agile-parked";
@@ -71,6 +81,7 @@ fn cold_pages_parked_at_redis_come_back_on_touch_through_a_death() {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let server = s.spawn(|| ev.serve_until(&mut &parked, &stop));
+        let _stop_on_exit = StopOnExit(&stop);
         let check = |p: u64| {
             let mut b = vec![0u8; PAGE];
             ram.read(p * PAGE_SIZE, &mut b).unwrap();
