@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::wan::{relay, Wan};
@@ -25,68 +26,79 @@ fn n(v: &Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
 }
 
-/// `spanvmm ctl migrate-group ARGS`: (success, output, the group's report).
-fn migrate_group(dir: &TempDir, args: &[&str]) -> (bool, String, Value) {
-    let report = dir.path().join("group.json");
-    let mut a = vec!["migrate-group", "--report", report.to_str().unwrap()];
-    a.extend_from_slice(args);
-    let out = std::process::Command::new(spanvmm())
-        .arg("ctl")
-        .args(&a)
-        .output()
-        .expect("run spanvmm ctl migrate-group");
-    let mut s = String::from_utf8_lossy(&out.stdout).to_string();
-    s.push_str(&String::from_utf8_lossy(&out.stderr));
-    let r = std::fs::read_to_string(&report)
-        .ok()
-        .map(|t| serde_json::from_str(&t).expect("the group report is JSON"))
-        .unwrap_or(Value::Null);
-    (out.status.success(), s, r)
+/// The two sites of a group test: the shaped WAN between them, a scratch directory and the
+/// migration certificates.
+struct Sites {
+    wan: Wan,
+    tmp: TempDir,
+    tls: PathBuf,
+}
+
+impl Sites {
+    fn new(tag: &str) -> Option<Sites> {
+        let wan = Wan::new(tag)?;
+        let tmp = TempDir::new(tag);
+        let tls = certs(&tmp, "tls");
+        Some(Sites { wan, tmp, tls })
+    }
+
+    /// The wrapper that runs a command at the source site.
+    fn at_source(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", self.wan.src.netns.as_str()]
+    }
+
+    /// A destination VMM at the destination site, listening on `port`.
+    fn destination(&self, tag: &str, port: u16) -> VmProcess {
+        let wrapper = ["ip", "netns", "exec", self.wan.dst.netns.as_str()];
+        let addr = format!("tls://{}:{port}", self.wan.dst.ip);
+        destination(tag, &wrapper, &addr, &self.tls, &[])
+    }
+
+    /// `spanvmm ctl migrate-group` of `vms` (`API=DEST` each) with the pre-copy service:
+    /// (success, output, the group's report).
+    fn migrate_group(&self, vms: &[&str]) -> (bool, String, Value) {
+        let report = self.tmp.path().join("group.json");
+        let precopy = plugin("precopy.wasm");
+        let mut args = vec!["ctl", "migrate-group", "--report", report.to_str().unwrap()];
+        for vm in vms {
+            args.extend(["--vm", vm]);
+        }
+        args.extend([
+            "--plugin",
+            &precopy,
+            "--tls-dir",
+            self.tls.to_str().unwrap(),
+        ]);
+        let out = std::process::Command::new(spanvmm())
+            .args(&args)
+            .output()
+            .expect("run spanvmm ctl migrate-group");
+        let mut s = String::from_utf8_lossy(&out.stdout).to_string();
+        s.push_str(&String::from_utf8_lossy(&out.stderr));
+        let r = std::fs::read_to_string(&report)
+            .ok()
+            .map(|t| serde_json::from_str(&t).expect("the group report is JSON"))
+            .unwrap_or(Value::Null);
+        (out.status.success(), s, r)
+    }
 }
 
 #[test]
 fn two_tiers_switch_over_together_across_the_wan() {
-    let Some(wan) = Wan::new("sync-arr") else {
+    let Some(sites) = Sites::new("sync-arr") else {
         return;
     };
-    let tmp = TempDir::new("sync-arr");
-    let tls = certs(&tmp, "tls");
-    let wb = ["ip", "netns", "exec", wan.dst.netns.as_str()];
-    let wa = ["ip", "netns", "exec", wan.src.netns.as_str()];
-    let dst_a = destination(
-        "sync-a-dst",
-        &wb,
-        &format!("tls://{}:{PORT_A}", wan.dst.ip),
-        &tls,
-        &[],
-    );
-    let dst_b = destination(
-        "sync-b-dst",
-        &wb,
-        &format!("tls://{}:{PORT_B}", wan.dst.ip),
-        &tls,
-        &[],
-    );
-    let (relay_a, relay_b) = (relay(&wan.dst, PORT_A), relay(&wan.dst, PORT_B));
+    let dst_a = sites.destination("sync-a-dst", PORT_A);
+    let dst_b = sites.destination("sync-b-dst", PORT_B);
+    let (relay_a, relay_b) = (relay(&sites.wan.dst, PORT_A), relay(&sites.wan.dst, PORT_B));
+    let wa = sites.at_source();
     let mut src_a = VmProcess::boot_wrapped("sync-a-src", &wa, SMALL, 64, 1);
     let mut src_b = VmProcess::boot_wrapped("sync-b-src", &wa, LARGE, 256, 1);
     src_a.wait_line("SPANGUEST stat", Duration::from_secs(10));
     src_b.wait_line("SPANGUEST stat", Duration::from_secs(10));
     let vm_a = format!("{}=tls://{}", src_a.api.display(), relay_a.addr());
     let vm_b = format!("{}=tls://{}", src_b.api.display(), relay_b.addr());
-    let (ok, out, r) = migrate_group(
-        &tmp,
-        &[
-            "--vm",
-            &vm_a,
-            "--vm",
-            &vm_b,
-            "--plugin",
-            &plugin("precopy.wasm"),
-            "--tls-dir",
-            tls.to_str().unwrap(),
-        ],
-    );
+    let (ok, out, r) = sites.migrate_group(&[&vm_a, &vm_b]);
     assert!(ok, "{out}\n{}\n{}", src_a.stderr(), src_b.stderr());
     assert_eq!(r["result"], "completed", "{r}");
     let members = r["members"].as_array().expect("members");
@@ -135,40 +147,23 @@ fn two_tiers_switch_over_together_across_the_wan() {
 
 #[test]
 fn a_refused_member_leaves_the_group_at_its_sources() {
-    let Some(wan) = Wan::new("sync-ref") else {
+    let Some(sites) = Sites::new("sync-ref") else {
         return;
     };
-    let tmp = TempDir::new("sync-ref");
-    let tls = certs(&tmp, "tls");
-    let wb = ["ip", "netns", "exec", wan.dst.netns.as_str()];
-    let wa = ["ip", "netns", "exec", wan.src.netns.as_str()];
-    let _dst_a = destination(
-        "sync-ra-dst",
-        &wb,
-        &format!("tls://{}:{PORT_A}", wan.dst.ip),
-        &tls,
-        &[],
-    );
-    let relay_a = relay(&wan.dst, PORT_A);
+    let _dst_a = sites.destination("sync-ra-dst", PORT_A);
+    let relay_a = relay(&sites.wan.dst, PORT_A);
+    let wa = sites.at_source();
     let mut src_a = VmProcess::boot_wrapped("sync-ra-src", &wa, SMALL, 64, 1);
     let mut src_b = VmProcess::boot_wrapped("sync-rb-src", &wa, SMALL, 64, 1);
     src_a.wait_line("SPANGUEST stat", Duration::from_secs(10));
     // B's destination host has nothing on that port: it refuses the connection.
     let vm_a = format!("{}=tls://{}", src_a.api.display(), relay_a.addr());
-    let vm_b = format!("{}=tls://{}:{PORT_B}", src_b.api.display(), wan.dst.ip);
-    let (ok, out, r) = migrate_group(
-        &tmp,
-        &[
-            "--vm",
-            &vm_a,
-            "--vm",
-            &vm_b,
-            "--plugin",
-            &plugin("precopy.wasm"),
-            "--tls-dir",
-            tls.to_str().unwrap(),
-        ],
+    let vm_b = format!(
+        "{}=tls://{}:{PORT_B}",
+        src_b.api.display(),
+        sites.wan.dst.ip
     );
+    let (ok, out, r) = sites.migrate_group(&[&vm_a, &vm_b]);
     assert!(!ok, "{out}");
     assert!(out.contains("every guest stays at its source"), "{out}");
     assert_eq!(r["result"], "aborted", "{r}");

@@ -28,6 +28,7 @@ use netlab::NetLab;
 use serde::Serialize;
 
 use crate::harness::{field, median};
+use crate::redis_client::{self, Figures};
 
 mod events;
 pub(crate) mod lu_devices;
@@ -294,17 +295,9 @@ fn start_disk(vmm: Vmm, bin: &Path, elf: &Path, img: &Path) -> anyhow::Result<Gu
     Guest::start(cmd, vmm)
 }
 
-/// One redis-benchmark test's figures.
-#[derive(Serialize, Clone, Copy)]
-struct Redis {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
 /// One VMM's net run at one pipeline depth: each test's figures and the VMM's CPU use.
 struct NetRun {
-    tests: Vec<(String, Redis)>,
+    tests: Vec<(String, Figures)>,
     vmm_cpu_pct: f64,
 }
 
@@ -321,45 +314,19 @@ fn redis_benchmark(lan: &Lan, g: &Guest, pipeline: u32, n: u64) -> anyhow::Resul
         .output()
         .context("redis-benchmark")?;
     let vmm_cpu_pct = (g.cpu_s() - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    if !out.status.success()
-        || ["rror", "eset", "WARNING"]
-            .iter()
-            .any(|b| stdout.contains(b) || stderr.contains(b))
-    {
+    let run = redis_client::read(&out);
+    if let Some(e) = &run.error {
         bail!(
-            "{}: redis-benchmark -P {pipeline} failed: {stdout}\n{stderr}",
+            "{}: redis-benchmark -P {pipeline} failed: {e}",
             g.vmm.name()
         );
     }
-    let mut tests = Vec::new();
-    for line in stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("\"test\""))
-        .skip(1)
-    {
-        let f: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
-        if f.len() < 8 {
-            continue;
-        }
-        let n = |i: usize| f[i].parse::<f64>().unwrap_or(-1.0);
-        tests.push((
-            f[0].to_string(),
-            Redis {
-                rps: n(1),
-                p50_ms: n(4),
-                p99_ms: n(6),
-            },
-        ));
-    }
     for t in TESTS {
-        if !tests.iter().any(|(name, r)| name == t && r.rps > 0.0) {
-            bail!("{}: test {t} did not run: {stdout}", g.vmm.name());
+        if run.test(t).is_none() {
+            bail!("{}: test {t} did not run", g.vmm.name());
         }
     }
+    let tests = run.tests;
     Ok(NetRun { tests, vmm_cpu_pct })
 }
 
@@ -536,7 +503,7 @@ pub fn run(bin: &Path, elf: &Path, plugins: &Path, runs: usize, out: &Path) -> a
         for test in TESTS {
             for (i, vmm) in vmms.iter().enumerate() {
                 let runs = &net[i][p];
-                let pick = |f: fn(&Redis) -> f64| {
+                let pick = |f: fn(&Figures) -> f64| {
                     stat(
                         runs.iter()
                             .filter_map(|nr| nr.tests.iter().find(|(t, _)| t == test))
@@ -728,7 +695,7 @@ fn netmon_rows(lan: &Lan, bin: &Path, elf: &Path, runs: usize) -> anyhow::Result
         g.stop()?;
     }
     let _ = std::fs::remove_file(&sock);
-    let pick = |runs: &[NetRun], test: &str, f: fn(&Redis) -> f64| {
+    let pick = |runs: &[NetRun], test: &str, f: fn(&Figures) -> f64| {
         stat(
             runs.iter()
                 .filter_map(|nr| nr.tests.iter().find(|(t, _)| t == test))

@@ -37,6 +37,7 @@ mod harness;
 mod live_update;
 mod migration;
 mod migration_spanvmm;
+mod redis_client;
 mod scatter_gather;
 mod services;
 mod snapshot;

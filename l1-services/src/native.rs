@@ -273,6 +273,15 @@ fn report<E: Into<String>>(sink: *const Sink, r: Result<Vec<u8>, E>) -> i32 {
     code
 }
 
+/// A host call that answers through `sink`: `f` on the service context, its bytes or its error.
+fn call(
+    ctx: *mut c_void,
+    sink: *const Sink,
+    f: impl FnOnce(&ServiceCtx) -> Result<Vec<u8>, CallError>,
+) -> i32 {
+    report(sink, with_ctx(ctx, Err(CallError::Internal), f))
+}
+
 fn words<E>(r: Result<Vec<u64>, E>) -> Result<Vec<u8>, E> {
     r.map(|w| abi::words_to_bytes(&w))
 }
@@ -320,17 +329,11 @@ impl HostTrampolines for Trampolines {
     }
 
     unsafe extern "C" fn pause(ctx: *mut c_void, err: *const Sink) -> i32 {
-        report(
-            err,
-            with_ctx(ctx, Err(CallError::Internal), |c| unit(c.pause())),
-        )
+        call(ctx, err, |c| unit(c.pause()))
     }
 
     unsafe extern "C" fn resume(ctx: *mut c_void, err: *const Sink) -> i32 {
-        report(
-            err,
-            with_ctx(ctx, Err(CallError::Internal), |c| unit(c.resume())),
-        )
+        call(ctx, err, |c| unit(c.resume()))
     }
 
     unsafe extern "C" fn vcpu_regs(
@@ -339,17 +342,15 @@ impl HostTrampolines for Trampolines {
         out: *mut VcpuRegs,
         err: *const Sink,
     ) -> i32 {
-        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.vcpu_regs(index));
-        report(
-            err,
-            r.map(|regs| {
+        call(ctx, err, |c| {
+            c.vcpu_regs(index).map(|regs| {
                 if !out.is_null() {
                     // SAFETY: `out` is a valid out pointer from the plugin.
                     unsafe { *out = regs };
                 }
                 Vec::new()
-            }),
-        )
+            })
+        })
     }
 
     unsafe extern "C" fn read_memory(
@@ -365,16 +366,15 @@ impl HostTrampolines for Trampolines {
                 Err(CallError::Refused("read-memory: null buffer".into())),
             );
         }
-        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
+        call(ctx, err, |c| {
             let dst: &mut [u8] = if len == 0 {
                 &mut []
             } else {
                 // SAFETY: the plugin passes `len` writable bytes at `buf` for this call.
                 unsafe { std::slice::from_raw_parts_mut(buf, len) }
             };
-            c.read_into(gpa, dst)
-        });
-        report(err, unit(r))
+            unit(c.read_into(gpa, dst))
+        })
     }
 
     unsafe extern "C" fn write_memory(
@@ -384,11 +384,10 @@ impl HostTrampolines for Trampolines {
         len: usize,
         err: *const Sink,
     ) -> i32 {
-        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
+        call(ctx, err, |c| {
             // SAFETY: the plugin passes `len` readable bytes at `data` for this call.
-            c.write_memory(gpa, unsafe { abi::bytes(data, len) })
-        });
-        report(err, unit(r))
+            unit(c.write_memory(gpa, unsafe { abi::bytes(data, len) }))
+        })
     }
 
     unsafe extern "C" fn translate(
@@ -398,24 +397,19 @@ impl HostTrampolines for Trampolines {
         out: *mut CTranslation,
         err: *const Sink,
     ) -> i32 {
-        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.translate(cr3, gva));
-        report(
-            err,
-            r.map(|t| {
+        call(ctx, err, |c| {
+            c.translate(cr3, gva).map(|t| {
                 if !out.is_null() {
                     // SAFETY: `out` is a valid out pointer from the plugin.
                     unsafe { *out = t.into() };
                 }
                 Vec::new()
-            }),
-        )
+            })
+        })
     }
 
     unsafe extern "C" fn dirty_bitmap(ctx: *mut c_void, out: *const Sink) -> i32 {
-        report(
-            out,
-            with_ctx(ctx, Err(CallError::Internal), |c| words(c.dirty_bitmap())),
-        )
+        call(ctx, out, |c| words(c.dirty_bitmap()))
     }
 
     unsafe extern "C" fn hash_pages(
@@ -424,12 +418,7 @@ impl HostTrampolines for Trampolines {
         count: u32,
         out: *const Sink,
     ) -> i32 {
-        report(
-            out,
-            with_ctx(ctx, Err(CallError::Internal), |c| {
-                words(c.hash_pages(first, count))
-            }),
-        )
+        call(ctx, out, |c| words(c.hash_pages(first, count)))
     }
 
     unsafe extern "C" fn zero_scan(
@@ -438,12 +427,7 @@ impl HostTrampolines for Trampolines {
         count: u32,
         out: *const Sink,
     ) -> i32 {
-        report(
-            out,
-            with_ctx(ctx, Err(CallError::Internal), |c| {
-                words(c.zero_scan(first, count))
-            }),
-        )
+        call(ctx, out, |c| words(c.zero_scan(first, count)))
     }
 
     unsafe extern "C" fn search_memory(
@@ -455,12 +439,11 @@ impl HostTrampolines for Trampolines {
         max_results: u32,
         out: *const Sink,
     ) -> i32 {
-        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
+        call(ctx, out, |c| {
             // SAFETY: the plugin passes `pattern_len` readable bytes at `pattern` for this call.
             let pat = unsafe { abi::bytes(pattern, pattern_len) };
             words(c.search_memory(start, len, pat, max_results))
-        });
-        report(out, r)
+        })
     }
 
     unsafe extern "C" fn claim_ports(
@@ -469,12 +452,7 @@ impl HostTrampolines for Trampolines {
         len: u16,
         err: *const Sink,
     ) -> i32 {
-        report(
-            err,
-            with_ctx(ctx, Err(CallError::Internal), |c| {
-                unit(c.claim_ports(base, len))
-            }),
-        )
+        call(ctx, err, |c| unit(c.claim_ports(base, len)))
     }
 
     unsafe extern "C" fn claim_mmio(
@@ -483,12 +461,7 @@ impl HostTrampolines for Trampolines {
         len: u64,
         err: *const Sink,
     ) -> i32 {
-        report(
-            err,
-            with_ctx(ctx, Err(CallError::Internal), |c| {
-                unit(c.claim_mmio(base, len))
-            }),
-        )
+        call(ctx, err, |c| unit(c.claim_mmio(base, len)))
     }
 
     unsafe extern "C" fn log(ctx: *mut c_void, level: u32, msg: *const u8, len: usize) {
@@ -539,15 +512,13 @@ impl HostTrampolines for Trampolines {
             key_file: opt_text(o.key_file, o.key_file_len),
             expires_in_s: (o.has_expiry != 0).then_some(o.expires_in_s),
         };
-        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.snapshot_begin(req));
-        report(
-            err,
-            r.map(|id| {
+        call(ctx, err, |c| {
+            c.snapshot_begin(req).map(|id| {
                 // SAFETY: `job` is a valid out pointer from the plugin.
                 unsafe { *job = id };
                 Vec::new()
-            }),
-        )
+            })
+        })
     }
 
     unsafe extern "C" fn snapshot_write_pages(
@@ -566,12 +537,7 @@ impl HostTrampolines for Trampolines {
     }
 
     unsafe extern "C" fn snapshot_commit(ctx: *mut c_void, job: u32, err: *const Sink) -> i32 {
-        report(
-            err,
-            with_ctx(ctx, Err(CallError::Internal), |c| {
-                unit(c.snapshot_commit(job))
-            }),
-        )
+        call(ctx, err, |c| unit(c.snapshot_commit(job)))
     }
 
     unsafe extern "C" fn snapshot_status(
@@ -590,10 +556,8 @@ impl HostTrampolines for Trampolines {
                 )),
             );
         }
-        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.snapshot_status(job));
-        report(
-            err,
-            r.map(|s| {
+        call(ctx, err, |c| {
+            c.snapshot_status(job).map(|s| {
                 // SAFETY: `out` is a valid out pointer; the sinks are the plugin's (or null).
                 unsafe {
                     *out = CJobStatus::from(&s);
@@ -603,8 +567,8 @@ impl HostTrampolines for Trampolines {
                     }
                 }
                 Vec::new()
-            }),
-        )
+            })
+        })
     }
 
     unsafe extern "C" fn snapshot_close(ctx: *mut c_void, job: u32) {
@@ -635,15 +599,13 @@ impl HostTrampolines for Trampolines {
             out: text(out, out_len),
             key_file: opt_text(key_file, key_file_len),
         };
-        let r = with_ctx(ctx, Err(CallError::Internal), |c| c.snapshot_merge(req));
-        report(
-            err,
-            r.map(|id| {
+        call(ctx, err, |c| {
+            c.snapshot_merge(req).map(|id| {
                 // SAFETY: `job` is a valid out pointer from the plugin.
                 unsafe { *job = id };
                 Vec::new()
-            }),
-        )
+            })
+        })
     }
 
     unsafe extern "C" fn snapshot_remove(
@@ -653,21 +615,11 @@ impl HostTrampolines for Trampolines {
         err: *const Sink,
     ) -> i32 {
         let dir = text(dir, dir_len);
-        report(
-            err,
-            with_ctx(ctx, Err(CallError::Internal), |c| {
-                unit(c.snapshot_remove(&dir))
-            }),
-        )
+        call(ctx, err, |c| unit(c.snapshot_remove(&dir)))
     }
 
     unsafe extern "C" fn migration_harvest_dirty(ctx: *mut c_void, out: *const Sink) -> i32 {
-        report(
-            out,
-            with_ctx(ctx, Err(CallError::Internal), |c| {
-                words(c.migration_harvest())
-            }),
-        )
+        call(ctx, out, |c| words(c.migration_harvest()))
     }
 
     unsafe extern "C" fn migration_queue_pages(
@@ -705,12 +657,14 @@ impl HostTrampolines for Trampolines {
         round: u32,
         err: *const Sink,
     ) -> i32 {
-        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
-            c.migration("queue-range")?
-                .queue_range(first, count, urgent != 0, round)
-                .map_err(|e| CallError::Refused(e.to_string()))
-        });
-        report(err, unit(r))
+        call(ctx, err, |c| {
+            let migration = c.migration("queue-range")?;
+            unit(
+                migration
+                    .queue_range(first, count, urgent != 0, round)
+                    .map_err(|e| CallError::Refused(e.to_string())),
+            )
+        })
     }
 
     unsafe extern "C" fn migration_set_encoding(
@@ -727,12 +681,14 @@ impl HostTrampolines for Trampolines {
             cache_bytes,
             blocks,
         };
-        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
-            c.migration("set-encoding")?
-                .set_encoding(enc)
-                .map_err(|e| CallError::Refused(e.to_string()))
-        });
-        report(err, unit(r))
+        call(ctx, err, |c| {
+            let migration = c.migration("set-encoding")?;
+            unit(
+                migration
+                    .set_encoding(enc)
+                    .map_err(|e| CallError::Refused(e.to_string())),
+            )
+        })
     }
 
     unsafe extern "C" fn migration_set_scatter(
@@ -742,10 +698,7 @@ impl HostTrampolines for Trampolines {
         err: *const Sink,
     ) -> i32 {
         let config = text(config, config_len);
-        let r = with_ctx(ctx, Err(CallError::Internal), |c| {
-            c.migration_set_scatter(&config)
-        });
-        report(err, unit(r))
+        call(ctx, err, |c| unit(c.migration_set_scatter(&config)))
     }
 
     unsafe extern "C" fn migration_switch_over(
@@ -761,12 +714,7 @@ impl HostTrampolines for Trampolines {
                 ))),
             );
         };
-        report(
-            err,
-            with_ctx(ctx, Err(CallError::Internal), |c| {
-                unit(c.migration_switch(mode))
-            }),
-        )
+        call(ctx, err, |c| unit(c.migration_switch(mode)))
     }
 
     unsafe extern "C" fn migration_take_faults(ctx: *mut c_void, out: *const Sink) -> i32 {

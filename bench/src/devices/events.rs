@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use super::{qemu_base, stat, Lan, Stat, CLIENTS, GUEST_IP, MAC, MEM, NET_GUEST};
 use crate::harness::{collect, field};
 use crate::live_update::{qmp_arg, Qmp};
+use crate::redis_client::{self, Figures};
 
 /// How long a client run lasts at the quiet rate.
 const SPAN: Duration = Duration::from_secs(5);
@@ -34,21 +35,12 @@ const T: Duration = Duration::from_secs(60);
 const SPANVMM_ENGINES: [&str; 3] = ["precopy", "postcopy", "hybrid"];
 const QEMU_ENGINES: [&str; 2] = ["precopy", "postcopy"];
 
-/// One client run's figures (ms).
-#[derive(Clone, Copy)]
-struct Client {
-    rps: f64,
-    p50: f64,
-    p99: f64,
-    max: f64,
-}
-
 /// One measured step of one run.
 struct Sample {
     vmm: &'static str,
     event: String,
     /// None: the step failed (`note` says why).
-    client: Option<Client>,
+    client: Option<Figures>,
     /// The VMM's own figure: a live update's pause, a migration's downtime.
     vmm_ms: Option<f64>,
     note: String,
@@ -158,49 +150,7 @@ fn ctl(bin: &Path, api: &Path, args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn start_client(lan: &Lan, n: u64) -> anyhow::Result<Child> {
-    lan.cmd("timeout")
-        .args(["300", "redis-benchmark", "-h", GUEST_IP, "-p", "6379"])
-        .args(["-t", "get", "-c", CLIENTS, "-P", "1", "-k", "1"])
-        .args(["-n", &n.to_string(), "--csv"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("redis-benchmark")
-}
-
-fn end_client(child: Child) -> anyhow::Result<Client> {
-    let out = child.wait_with_output()?;
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    if !out.status.success()
-        || ["rror", "eset", "WARNING"]
-            .iter()
-            .any(|b| stdout.contains(b) || stderr.contains(b))
-    {
-        bail!("redis-benchmark failed: {stdout}\n{stderr}");
-    }
-    let row = stdout
-        .lines()
-        .find(|l| l.starts_with("\"GET\""))
-        .with_context(|| format!("no GET row: {stdout}"))?;
-    let f: Vec<f64> = row
-        .split(',')
-        .skip(1)
-        .map(|f| f.trim_matches('"').parse().unwrap_or(-1.0))
-        .collect();
-    if f.len() < 7 || f[0] <= 0.0 {
-        bail!("a GET row without figures: {row}");
-    }
-    // rps, avg, min, p50, p95, p99, max.
-    Ok(Client {
-        rps: f[0],
-        p50: f[3],
-        p99: f[5],
-        max: f[6],
-    })
+    redis_client::start_get(lan.cmd("timeout"), GUEST_IP, CLIENTS, n, 300)
 }
 
 /// What happens during a client run: returns the VMM's own figure and a note.
@@ -212,7 +162,7 @@ fn during(
     lan: &Lan,
     n: u64,
     event: Option<Event>,
-) -> anyhow::Result<(Client, Option<f64>, String)> {
+) -> anyhow::Result<(Figures, Option<f64>, String)> {
     let mut child = start_client(lan, n)?;
     let (ms, note) = match event {
         Some(event) => {
@@ -232,7 +182,7 @@ fn during(
         }
         None => (None, String::new()),
     };
-    Ok((end_client(child)?, ms, note))
+    Ok((redis_client::finish(child)?.require("GET")?, ms, note))
 }
 
 /// Requests for a client run lasting about `SPAN` on the quiet VM.
@@ -244,7 +194,7 @@ fn calibrate(lan: &Lan) -> anyhow::Result<u64> {
 fn sample(
     vmm: &'static str,
     event: &str,
-    r: anyhow::Result<(Client, Option<f64>, String)>,
+    r: anyhow::Result<(Figures, Option<f64>, String)>,
 ) -> Sample {
     match r {
         Ok((c, ms, note)) => Sample {
@@ -537,9 +487,9 @@ pub(super) fn run(
                         s.vmm,
                         s.event,
                         c.rps,
-                        c.p50,
-                        c.p99,
-                        c.max,
+                        c.p50_ms,
+                        c.p99_ms,
+                        c.max_ms,
                         s.vmm_ms,
                         s.note
                     ),
@@ -563,7 +513,7 @@ pub(super) fn run(
                 .iter()
                 .filter(|(_, s)| s.vmm == vmm && s.event == event)
                 .collect();
-            let ok: Vec<(usize, Client, Option<f64>)> = mine
+            let ok: Vec<(usize, Figures, Option<f64>)> = mine
                 .iter()
                 .filter_map(|(r, s)| s.client.map(|c| (*r, c, s.vmm_ms)))
                 .collect();
@@ -585,13 +535,13 @@ pub(super) fn run(
                 runs_ok: ok.len(),
                 runs_failed: mine.len() - ok.len(),
                 rps: opt(ok.iter().map(|(_, c, _)| c.rps).collect()),
-                p50_ms: opt(ok.iter().map(|(_, c, _)| c.p50).collect()),
-                p99_ms: opt(ok.iter().map(|(_, c, _)| c.p99).collect()),
-                max_ms: opt(ok.iter().map(|(_, c, _)| c.max).collect()),
+                p50_ms: opt(ok.iter().map(|(_, c, _)| c.p50_ms).collect()),
+                p99_ms: opt(ok.iter().map(|(_, c, _)| c.p99_ms).collect()),
+                max_ms: opt(ok.iter().map(|(_, c, _)| c.max_ms).collect()),
                 p99_over_quiet_ms: opt(ok
                     .iter()
                     .filter(|_| event != "quiet")
-                    .filter_map(|(r, c, _)| quiet(*r).map(|q| c.p99 - q.p99))
+                    .filter_map(|(r, c, _)| quiet(*r).map(|q| c.p99_ms - q.p99_ms))
                     .collect()),
                 vmm_ms: opt(ok.iter().filter_map(|(_, _, ms)| *ms).collect()),
                 event,

@@ -34,6 +34,7 @@ use serde_json::{json, Value};
 use super::{stat, Lan, Stat, CLIENTS, GUEST_IP, MAC, MEM};
 use crate::harness::{collect, field, Vm};
 use crate::live_update::{cpr_channel, qmp_arg, report_trace, trace_medians, trace_text, Qmp};
+use crate::redis_client::{self, Figures};
 
 /// The guest: the `kv` server on the tap, the disk workload writing and checking blocks,
 /// memory dirtied; every loop gap above 1 ms reported.
@@ -49,68 +50,8 @@ const T: Duration = Duration::from_secs(60);
 /// A VMM's console lines, collected as they come.
 type Lines = Arc<Mutex<Vec<String>>>;
 
-/// One redis-benchmark run's figures, ms (`rps` in requests/s).
-#[derive(Serialize, Clone, Copy)]
-struct Client {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-}
-
-/// A client run's outcome: its figures when it printed them, and the error it reported.
-struct ClientRun {
-    figures: Option<Client>,
-    error: Option<String>,
-}
-
 fn start_client(lan: &Lan, n: u64) -> anyhow::Result<Child> {
-    lan.cmd("timeout")
-        .args(["120", "redis-benchmark", "-h", GUEST_IP, "-p", "6379"])
-        .args(["-t", "get", "-c", CLIENTS, "-P", "1", "-k", "1"])
-        .args(["-n", &n.to_string(), "--csv"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("redis-benchmark")
-}
-
-fn end_client(child: Child) -> anyhow::Result<ClientRun> {
-    let out = child.wait_with_output()?;
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    let bad = ["rror", "eset", "WARNING"]
-        .iter()
-        .any(|b| stdout.contains(b) || stderr.contains(b));
-    let error = (!out.status.success() || bad).then(|| {
-        let all = format!("{stdout}{stderr}");
-        let first = all
-            .lines()
-            .find(|l| ["rror", "eset", "WARNING"].iter().any(|b| l.contains(b)))
-            .unwrap_or("");
-        format!("exit {}: {}", out.status, first.trim())
-    });
-    let figures = stdout
-        .lines()
-        .find(|l| l.starts_with("\"GET\""))
-        .and_then(|row| {
-            let f: Vec<f64> = row
-                .split(',')
-                .skip(1)
-                .map(|f| f.trim_matches('"').parse().unwrap_or(-1.0))
-                .collect();
-            // rps, avg, min, p50, p95, p99, max.
-            (f.len() >= 7 && f[0] > 0.0).then(|| Client {
-                rps: f[0],
-                p50_ms: f[3],
-                p99_ms: f[5],
-                max_ms: f[6],
-            })
-        });
-    Ok(ClientRun { figures, error })
+    redis_client::start_get(lan.cmd("timeout"), GUEST_IP, CLIENTS, n, 120)
 }
 
 /// Largest `stall` the guest printed in `lines[from..to]`, µs.
@@ -158,10 +99,10 @@ struct Run {
     updated: bool,
     /// Why not, or what happened.
     note: String,
-    client: Option<Client>,
+    client: Option<Figures>,
     client_error: Option<String>,
     /// The quiet run on the same VM just before.
-    quiet: Option<Client>,
+    quiet: Option<Figures>,
     /// spanvmm `pause_ms`, QEMU `downtime`.
     vmm_pause_ms: Option<f64>,
     /// spanvmm: the API call as the client saw it (new process started, prepared, handed
@@ -193,7 +134,7 @@ struct Update {
 fn measure(
     lan: &Lan,
     n: u64,
-    quiet: Option<Client>,
+    quiet: Option<Figures>,
     old_lines: &Lines,
     update: &mut dyn FnMut() -> anyhow::Result<(Update, Lines)>,
 ) -> anyhow::Result<Run> {
@@ -222,7 +163,7 @@ fn measure(
     } else {
         stall_in(&new_lines, 0, None)
     });
-    let c = end_client(client)?;
+    let c = redis_client::finish(client)?;
     let mut note = u.note;
     if updated && !client_still_ran {
         note += " (the client ended before the update did: raise SPAN)";
@@ -239,7 +180,7 @@ fn measure(
     Ok(Run {
         updated,
         note,
-        client: c.figures,
+        client: c.test("GET"),
         client_error: c.error,
         quiet,
         vmm_pause_ms: u.pause_ms,
@@ -253,14 +194,10 @@ fn measure(
 }
 
 /// A quiet client run on the VM: its figures, and the size of a measured run lasting `SPAN`.
-fn calibrate(lan: &Lan) -> anyhow::Result<(Client, u64)> {
-    let c = end_client(start_client(lan, 20_000)?)?;
-    if let Some(e) = c.error {
-        bail!("the quiet client run failed: {e}");
-    }
-    let f = c
-        .figures
-        .context("the quiet client run printed no figures")?;
+fn calibrate(lan: &Lan) -> anyhow::Result<(Figures, u64)> {
+    let f = redis_client::finish(start_client(lan, 20_000)?)?
+        .require("GET")
+        .context("the quiet client run")?;
     Ok((f, ((f.rps * SPAN.as_secs_f64()) as u64).max(20_000)))
 }
 
@@ -628,8 +565,8 @@ fn row(vmm: &'static str, samples: Vec<Run>) -> Row {
     let opt = |v: Vec<f64>| (!v.is_empty()).then(|| stat(v));
     let ok: Vec<&Run> = samples.iter().filter(|r| r.updated).collect();
     let fig =
-        |g: fn(&Client) -> f64| opt(ok.iter().filter_map(|r| r.client.as_ref().map(g)).collect());
-    let quiet = |g: fn(&Client) -> f64| {
+        |g: fn(&Figures) -> f64| opt(ok.iter().filter_map(|r| r.client.as_ref().map(g)).collect());
+    let quiet = |g: fn(&Figures) -> f64| {
         opt(samples
             .iter()
             .filter_map(|r| r.quiet.as_ref().map(g))

@@ -130,19 +130,24 @@ fn open_disk(cfg: &Config, clock: Clock) -> Disk {
     disk
 }
 
-/// The `kv` server (vCPU 0): too large for a vCPU's stack.
-static mut SERVER: core::mem::MaybeUninit<Server> = core::mem::MaybeUninit::uninit();
-
-/// Finds the network device, brings up the `kv` server (vCPU 0), or stops the guest saying why.
-fn open_kv(cfg: &Config, clock: Clock) -> &'static mut Server {
-    let dev = crate::net::NetDev::probe(&cfg.devices[..cfg.devices_n]).unwrap_or_else(|e| {
+/// Finds the network device, or stops the guest saying why.
+fn probe_net(cfg: &Config) -> crate::net::NetDev {
+    crate::net::NetDev::probe(&cfg.devices[..cfg.devices_n]).unwrap_or_else(|e| {
         crate::fail(
             Line::new("error")
                 .text("net:")
                 .text(e.what())
                 .num("devices", cfg.devices_n as u64),
         )
-    });
+    })
+}
+
+/// The `kv` server (vCPU 0): too large for a vCPU's stack.
+static mut SERVER: core::mem::MaybeUninit<Server> = core::mem::MaybeUninit::uninit();
+
+/// Finds the network device, brings up the `kv` server (vCPU 0), or stops the guest saying why.
+fn open_kv(cfg: &Config, clock: Clock) -> &'static mut Server {
+    let dev = probe_net(cfg);
     let Some(ip) = cfg.ip else {
         crate::fail(Line::new("error").text("kv needs ip="));
     };
@@ -171,14 +176,7 @@ static mut CLIENT: core::mem::MaybeUninit<Client> = core::mem::MaybeUninit::unin
 /// Finds the network device, brings up the `kvload` client (vCPU 0), or stops the guest
 /// saying why.
 fn open_kvload(cfg: &Config, clock: Clock) -> &'static mut Client {
-    let dev = crate::net::NetDev::probe(&cfg.devices[..cfg.devices_n]).unwrap_or_else(|e| {
-        crate::fail(
-            Line::new("error")
-                .text("net:")
-                .text(e.what())
-                .num("devices", cfg.devices_n as u64),
-        )
-    });
+    let dev = probe_net(cfg);
     let (Some(ip), Some(peer)) = (cfg.ip, cfg.peer) else {
         crate::fail(Line::new("error").text("kvload needs ip= and peer="));
     };
