@@ -49,6 +49,14 @@ fn pages_at(s: &RedisServer) -> u64 {
     }
 }
 
+/// `INFO section`, as text.
+fn info(s: &RedisServer, section: &str) -> String {
+    match raw(s).call(&[b"INFO", section.as_bytes()]).unwrap() {
+        Reply::Bulk(Some(t)) => String::from_utf8_lossy(&t).into_owned(),
+        other => panic!("INFO: {other:?}"),
+    }
+}
+
 /// Plants another writer's reservation of `p` for `ms`.
 fn reserve_by_hand(s: &RedisServer, st: &PageStore, p: &[u8], ms: u64) {
     let mut r = b"{".to_vec();
@@ -74,8 +82,16 @@ fn a_page_reserved_by_another_writer_is_waited_for_not_sent() {
         let h = waiter.put(&[&p]).unwrap();
         (waiter.stats(), h)
     });
-    // The holder of the reservation writes the page a little later.
-    std::thread::sleep(Duration::from_millis(200));
+    // The holder of the reservation writes the page once the waiter is waiting (polling it
+    // with EXISTS, which nothing else here sends).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !info(&s, "commandstats").contains("cmdstat_exists:") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiter never polled"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let mut writer = store(&s, &key, false);
     writer.put(&[&page(1)]).unwrap();
     let (st, h) = t.join().unwrap();
