@@ -27,12 +27,16 @@
 //! `spanvmm-bench sync-arrival [--runs N]`: a two-tier application (a `kvload` front end, a
 //! `kv` back end) moved across a shaped WAN with `ctl migrate-group`, independently and
 //! synchronized: the front end's latency, its errors, the held rounds' bytes.
+//! `spanvmm-bench gang [--vms N] [--sizes MIB] [--links MBIT] [--runs N] [--engines ..]`:
+//! gang migration with cluster-wide dedup across two racks' shaped core, against N
+//! independent spanvmm and QEMU pre-copy migrations (gang.rs).
 
 mod chaos;
 mod ciphers;
 mod cloudnet;
 mod cpr_failures;
 mod devices;
+mod gang;
 mod harness;
 mod live_update;
 mod migration;
@@ -273,6 +277,7 @@ fn main() -> anyhow::Result<()> {
     let mut full = false;
     let mut parts: Option<String> = None;
     let mut sizes_given = false;
+    let mut vms = 4usize;
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -307,6 +312,7 @@ fn main() -> anyhow::Result<()> {
                 counts.snapshot = it.next().context("--runs-snapshot N")?.parse()?
             }
             "--seed" => seed = Some(it.next().context("--seed N")?.parse()?),
+            "--vms" => vms = it.next().context("--vms N")?.parse()?,
             "--quiet" => quiet = true,
             "--full" => full = true,
             "--parts" => {
@@ -365,6 +371,24 @@ fn main() -> anyhow::Result<()> {
             if args.iter().any(|a| a == "--runs") { runs } else { 1 },
             &workloads.as_deref().unwrap_or("idle,dirty").split(',').collect::<Vec<_>>(),
             &out.unwrap_or_else(|| repo_root().join("bench/results/scatter-gather.json")),
+        ),
+        // Gang migration: `--vms N` (4) of `--sizes MIB` (256) across a `--links MBIT` (200)
+        // core, `--runs N` (2), `--engines gang,gang-no-reserve,spanvmm-precopy,qemu-precopy`.
+        Some("gang") => gang::run(
+            &spanvmm_bin()?,
+            &repo_root().join("target/plugins"),
+            &guest_elf()?,
+            if sizes_given { sizes[0] } else { 256 },
+            vms,
+            links.as_deref().map_or(Ok(200), str::parse)?,
+            // ~4.5 min a round under load (four rows of 4 guests): 2 rounds stay near 9 min.
+            if args.iter().any(|a| a == "--runs") { runs } else { 2 },
+            &engines
+                .as_deref()
+                .unwrap_or("gang,gang-no-reserve,spanvmm-precopy,qemu-precopy")
+                .split(',')
+                .collect::<Vec<_>>(),
+            &out.unwrap_or_else(|| repo_root().join("bench/results/gang.json")),
         ),
         Some("services-alloc") => services::alloc_compare(
             &spanvmm_bin()?,
@@ -487,6 +511,6 @@ fn main() -> anyhow::Result<()> {
                 }),
             )
         }
-        _ => bail!("usage: spanvmm-bench boot|services|services-alloc|devices|live-update|live-update-devices|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|chaos [--runs N] [--full] [--parts table1,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|services|services-alloc|devices|live-update|live-update-devices|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|gang|chaos [--runs N] [--vms N] [--full] [--parts table1,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
     }
 }

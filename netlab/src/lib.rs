@@ -4,10 +4,12 @@
 //! tests and benchmarks.
 
 mod ns;
+mod racks;
 mod redis;
 mod relay;
 
 pub use ns::{Host, NetLab};
+pub use racks::{RackHost, Racks};
 pub use redis::RedisServer;
 pub use relay::DelayRelay;
 

@@ -51,11 +51,11 @@ fn run(cmd: &mut Command) -> io::Result<()> {
     Ok(())
 }
 
-fn ip(args: &[&str]) -> io::Result<()> {
+pub(crate) fn ip(args: &[&str]) -> io::Result<()> {
     run(Command::new("ip").args(args))
 }
 
-fn in_ns(ns: &str, program: &str, args: &[&str]) -> io::Result<()> {
+pub(crate) fn in_ns(ns: &str, program: &str, args: &[&str]) -> io::Result<()> {
     run(Command::new("ip")
         .args(["netns", "exec", ns, program])
         .args(args))
@@ -63,7 +63,7 @@ fn in_ns(ns: &str, program: &str, args: &[&str]) -> io::Result<()> {
 
 /// A tbf shaping `rate` bits/s on `dev` (in `ns`, or the root namespace), with a 10 ms burst
 /// and a queue of at most 50 ms.
-fn tbf(ns: Option<&str>, dev: &str, rate_bps: u64) -> io::Result<()> {
+pub(crate) fn tbf(ns: Option<&str>, dev: &str, rate_bps: u64) -> io::Result<()> {
     let burst = (rate_bps / 8 / 100).max(64 << 10).to_string();
     let rate = format!("{rate_bps}bit");
     let args = [

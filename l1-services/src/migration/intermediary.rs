@@ -26,6 +26,20 @@ use sha2::{Digest, Sha256};
 
 use super::resp::{Reply, Resp, RespError};
 
+/// How long a writer's reservation of a page (`StoreConfig::reserve`) holds: others wait
+/// this long at most for its value before writing the page themselves.
+const RESERVE_LEASE: Duration = Duration::from_secs(5);
+
+/// The key reserving `rkey` for one writer: `{rkey}r`, the hash tag keeping it on the same
+/// Redis Cluster slot (and so the same intermediary) as the page's own key.
+fn reservation_key(rkey: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(rkey.len() + 3);
+    k.push(b'{');
+    k.extend_from_slice(rkey);
+    k.extend_from_slice(b"}r");
+    k
+}
+
 /// A page's content address: SHA-256 of its bytes.
 pub type ContentHash = [u8; 32];
 
@@ -174,6 +188,12 @@ pub struct StoreConfig {
     pub cluster: bool,
     /// Credentials, if the intermediaries require them.
     pub auth: Option<RedisAuth>,
+    /// Reserve a page before writing it (gang migration: several sources sharing a
+    /// [`StoreKey`] write at once). A page found absent is reserved (`SET {key}r NX PX`,
+    /// a few bytes) and written only by the source that got the reservation; the others
+    /// wait until it is there (or the reservation lapses, then write it themselves), so two
+    /// sources racing on one page send it once.
+    pub reserve: bool,
 }
 
 impl StoreConfig {
@@ -187,6 +207,7 @@ impl StoreConfig {
             timeout: Duration::from_secs(5),
             cluster: false,
             auth: None,
+            reserve: false,
         }
     }
 }
@@ -216,6 +237,14 @@ pub struct IntermediaryStats {
     pub wire_in: u64,
     /// It failed (connection lost or timed out) and is no longer used.
     pub down: bool,
+    /// Pages found reserved by another writer (`reserve`), then found written by it: not
+    /// sent (counted in `dedup_hits` too).
+    #[serde(default)]
+    pub waited: u64,
+    /// Pages whose reservation by another writer lapsed before the page was there: written
+    /// here after all (counted in `pages_stored`).
+    #[serde(default)]
+    pub takeovers: u64,
 }
 
 /// Counters of a [`PageStore`].
@@ -554,6 +583,12 @@ impl PageStore {
                 }
             }
         }
+        // Gang: only the holder of a page's reservation sends it; the others wait for it.
+        let waiting = if self.cfg.reserve {
+            self.reserve(&mut absent, &mut last_err)
+        } else {
+            vec![Vec::new(); n]
+        };
         let writes = absent
             .iter()
             .map(|items| {
@@ -585,6 +620,11 @@ impl PageStore {
                 }
             }
         }
+        if waiting.iter().any(|w| !w.is_empty()) {
+            for i in self.await_reserved(waiting, hashes, pages, &mut last_err) {
+                *copies.entry(i).or_default() += 1;
+            }
+        }
         for &i in &unique {
             match copies.get(&i).copied().unwrap_or(0) {
                 0 => {
@@ -598,6 +638,199 @@ impl PageStore {
             }
         }
         Ok(())
+    }
+
+    /// Reserves the pages of `absent` (per intermediary: page index, Redis key): the ones
+    /// whose reservation another writer holds leave `absent` and are returned (with their
+    /// keys), to wait for; a reservation that cannot be taken for another reason (an error
+    /// reply) leaves the page to be written anyway.
+    fn reserve(
+        &mut self,
+        absent: &mut [Vec<(usize, &[u8])>],
+        last_err: &mut String,
+    ) -> Vec<Vec<(usize, Vec<u8>)>> {
+        let lease = RESERVE_LEASE.as_millis().to_string();
+        let rkeys: Vec<Vec<Vec<u8>>> = absent
+            .iter()
+            .map(|items| items.iter().map(|(_, k)| reservation_key(k)).collect())
+            .collect();
+        let cmds: Vec<Vec<Vec<&[u8]>>> = rkeys
+            .iter()
+            .map(|keys| {
+                keys.iter()
+                    .map(|k| {
+                        let args: Vec<&[u8]> = vec![
+                            &b"SET"[..],
+                            k.as_slice(),
+                            &b"1"[..],
+                            &b"NX"[..],
+                            &b"PX"[..],
+                            lease.as_bytes(),
+                        ];
+                        args
+                    })
+                    .collect()
+            })
+            .collect();
+        let replies = self.pipeline_all(&cmds);
+        let mut waiting = vec![Vec::new(); absent.len()];
+        for (s, r) in replies.into_iter().enumerate() {
+            let replies = match r {
+                Ok(r) => r,
+                // The writes to this intermediary fail too, with the reason.
+                Err(e) => {
+                    *last_err = e;
+                    continue;
+                }
+            };
+            let mut keep = Vec::with_capacity(absent[s].len());
+            for (item, r) in absent[s].iter().zip(replies) {
+                match r {
+                    // Another writer holds it: wait for its value.
+                    Reply::Bulk(None) => waiting[s].push((item.0, item.1.to_vec())),
+                    // Ours ("OK"), or no reservation to be had: write it.
+                    _ => keep.push(*item),
+                }
+            }
+            absent[s] = keep;
+        }
+        waiting
+    }
+
+    /// Waits until the pages of `waiting` (per intermediary: page index, Redis key), which
+    /// other writers reserved, are there: polls one of them (cheap) with a growing pause, then
+    /// probes them all (`EXPIRE`, renewing them as a probe hit does). Pages still absent when
+    /// the lease has lapsed are written here. Returns the index of each copy now stored.
+    fn await_reserved(
+        &mut self,
+        mut waiting: Vec<Vec<(usize, Vec<u8>)>>,
+        hashes: &[ContentHash],
+        pages: &[&[u8]],
+        last_err: &mut String,
+    ) -> Vec<usize> {
+        let ttl = self.cfg.ttl_secs.max(1).to_string();
+        let ttl = ttl.as_bytes();
+        let deadline = std::time::Instant::now() + RESERVE_LEASE;
+        let mut pause = Duration::from_millis(1);
+        let mut stored = Vec::new();
+        while waiting.iter().any(|w| !w.is_empty()) {
+            let lapsed = std::time::Instant::now() >= deadline;
+            if !lapsed {
+                // The last page waited for, per intermediary: its writer sends in order.
+                let sentinels: Vec<Vec<Vec<&[u8]>>> = waiting
+                    .iter()
+                    .map(|w| {
+                        w.last()
+                            .map(|(_, k)| vec![vec![&b"EXISTS"[..], k.as_slice()]])
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                let seen = self.pipeline_all(&sentinels);
+                let all_there = seen.iter().zip(&waiting).all(|(r, w)| {
+                    w.is_empty() || matches!(r, Ok(r) if r.first() == Some(&Reply::Int(1)))
+                });
+                if !all_there {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(32));
+                    continue;
+                }
+            }
+            let probes: Vec<Vec<Vec<&[u8]>>> = waiting
+                .iter()
+                .map(|w| {
+                    w.iter()
+                        .map(|(_, k)| vec![&b"EXPIRE"[..], k.as_slice(), ttl])
+                        .collect()
+                })
+                .collect();
+            let probed = self.pipeline_all(&probes);
+            let mut still: Vec<Vec<(usize, Vec<u8>)>> = vec![Vec::new(); waiting.len()];
+            for (s, r) in probed.into_iter().enumerate() {
+                match r {
+                    Ok(replies) => {
+                        for (item, r) in waiting[s].drain(..).zip(replies) {
+                            if r == Reply::Int(1) {
+                                self.slots[s].stats.waited += 1;
+                                self.slots[s].stats.dedup_hits += 1;
+                                stored.push(item.0);
+                            } else {
+                                still[s].push(item);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        *last_err = e;
+                        waiting[s].clear();
+                    }
+                }
+            }
+            waiting = still;
+            if lapsed {
+                stored.extend(self.take_over(&mut waiting, hashes, pages, last_err));
+            }
+        }
+        stored
+    }
+
+    /// Writes the pages of `waiting` whose reservation lapsed (their writer failed or is
+    /// stuck): the same sealed value as any writer's, so a late write of theirs is harmless.
+    fn take_over(
+        &mut self,
+        waiting: &mut [Vec<(usize, Vec<u8>)>],
+        hashes: &[ContentHash],
+        pages: &[&[u8]],
+        last_err: &mut String,
+    ) -> Vec<usize> {
+        let ttl = self.cfg.ttl_secs.max(1).to_string();
+        let sealed: Vec<Vec<Vec<u8>>> = waiting
+            .iter()
+            .map(|w| {
+                w.iter()
+                    .map(|(i, k)| self.seal(&hashes[*i], k, pages[*i]))
+                    .collect()
+            })
+            .collect();
+        let writes: Vec<Vec<Vec<&[u8]>>> = waiting
+            .iter()
+            .zip(&sealed)
+            .map(|(w, v)| {
+                w.iter()
+                    .zip(v)
+                    .map(|((_, k), v)| {
+                        let args: Vec<&[u8]> = vec![
+                            &b"SET"[..],
+                            k.as_slice(),
+                            v.as_slice(),
+                            &b"EX"[..],
+                            ttl.as_bytes(),
+                        ];
+                        args
+                    })
+                    .collect()
+            })
+            .collect();
+        let written = self.pipeline_all(&writes);
+        let mut stored = Vec::new();
+        for (s, r) in written.into_iter().enumerate() {
+            match r {
+                Ok(replies) => {
+                    for (((i, _), v), r) in waiting[s].iter().zip(&sealed[s]).zip(replies) {
+                        if matches!(&r, Reply::Simple(ok) if ok == "OK") {
+                            let st = &mut self.slots[s].stats;
+                            st.takeovers += 1;
+                            st.pages_stored += 1;
+                            st.bytes_stored += v.len() as u64;
+                            stored.push(*i);
+                        } else {
+                            *last_err = format!("{}: SET answered {r:?}", self.slots[s].addr);
+                        }
+                    }
+                }
+                Err(e) => *last_err = e,
+            }
+            waiting[s].clear();
+        }
+        stored
     }
 
     /// Sends `work[s]` (commands, each a list of arguments) to every intermediary `s` at

@@ -497,6 +497,10 @@ pub struct ScatterRequest {
     /// identical pages are stored once (gang migration); default: a fresh key for this one.
     #[serde(default)]
     pub key: Option<String>,
+    /// Reserve each absent page before writing it, so that migrations sharing `key` and
+    /// racing on one page send it once (default: on with a shared key).
+    #[serde(default)]
+    pub reserve: Option<bool>,
 }
 
 fn one() -> usize {
@@ -558,6 +562,7 @@ impl ScatterRequest {
             cluster: self.cluster,
             replicas: self.replicas,
             ttl_secs: self.ttl_secs as u64,
+            reserve: self.reserve.unwrap_or(self.key.is_some()),
             ..super::intermediary::StoreConfig::new(self.intermediaries.clone())
         }
     }

@@ -10,7 +10,9 @@
 //! `replicas` (1), `encrypt` (false), `cluster` (false), `ttl_secs` (3600), `high_water`
 //! (bytes, 262144; 0: never the link, every data page through the intermediaries),
 //! `gather_rate` (bytes/s, 0: uncapped), `key` (64 hex digits: a store key shared by a group
-//! of migrations, whose identical pages are then stored once).
+//! of migrations, whose identical pages are then stored once), `reserve` (a page found absent
+//! is reserved before it is written, so that migrations sharing `key` send it once; default:
+//! on with a shared key).
 
 use serde::Deserialize;
 use spanvmm_sdk::migration::{self as mig, Phase, SwitchMode};
@@ -40,6 +42,9 @@ struct Config {
     #[serde(default)]
     #[allow(dead_code)]
     key: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    reserve: Option<bool>,
 }
 
 fn one() -> usize {

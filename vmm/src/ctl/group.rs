@@ -115,6 +115,10 @@ pub struct GroupSpec {
     /// Bytes/s each member's held rounds may send (None: the engine's default).
     #[serde(default)]
     pub held_rate: Option<u64>,
+    /// Gang migration: draw one store key for the group and add it to every member's
+    /// service configuration as `key` (a JSON object that names no key of its own).
+    #[serde(default)]
+    pub share_key: bool,
 }
 
 fn yes() -> bool {
@@ -367,6 +371,19 @@ pub fn migrate_group(spec: &GroupSpec, progress: bool) -> anyhow::Result<GroupRe
 /// Starts, holds and releases the members; Err: abort the group.
 fn run_group(spec: &GroupSpec, members: &mut [Member], say: &dyn Fn(&str)) -> anyhow::Result<()> {
     let tls_dir = std::path::absolute(&spec.tls_dir).context("resolve the TLS directory")?;
+    // One secret for the group, drawn here and handed to each source over its API socket.
+    let shared_key = if spec.share_key {
+        let k = l1_services::migration::intermediary::StoreKey::generate()
+            .map_err(|e| anyhow::anyhow!("draw the group's store key: {e}"))?;
+        Some(
+            k.as_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+        )
+    } else {
+        None
+    };
     for m in members.iter_mut() {
         let plugin = m
             .spec
@@ -376,10 +393,15 @@ fn run_group(spec: &GroupSpec, members: &mut [Member], say: &dyn Fn(&str)) -> an
             .map(std::path::absolute)
             .transpose()
             .context("resolve the plugin path")?;
+        let mut config = m.spec.config.as_deref().unwrap_or(&spec.config).to_string();
+        if let Some(k) = &shared_key {
+            config = with_key(&config, k)
+                .with_context(|| format!("{}: --share-key", m.socket().display()))?;
+        }
         let mut body = json!({
             "to": m.spec.to,
             "plugin": plugin,
-            "config": m.spec.config.as_deref().unwrap_or(&spec.config),
+            "config": config,
             "tls_dir": tls_dir,
             "max_bandwidth": m.spec.max_bandwidth.or(spec.max_bandwidth),
             "cipher": spec.cipher,
@@ -438,6 +460,24 @@ fn run_group(spec: &GroupSpec, members: &mut [Member], say: &dyn Fn(&str)) -> an
     }
     say("all prepared: committed");
     wait_all(members, None, Duration::MAX, POLL_SLOW, say)
+}
+
+/// `config` (a JSON object, or nothing) with `"key": key` added.
+fn with_key(config: &str, key: &str) -> anyhow::Result<String> {
+    let mut v: Value = if config.trim().is_empty() {
+        json!({})
+    } else {
+        serde_json::from_str(config).context("the service's configuration is not JSON")?
+    };
+    let obj = v
+        .as_object_mut()
+        .context("the service's configuration is not a JSON object")?;
+    anyhow::ensure!(
+        !obj.contains_key("key"),
+        "the configuration names a key already"
+    );
+    obj.insert("key".into(), Value::String(key.into()));
+    Ok(v.to_string())
 }
 
 /// Waits until every member is at `stage` (None: ended). A member that ended anywhere but
@@ -541,6 +581,11 @@ mod tests {
         assert_eq!(m.plugin.as_deref(), Some(Path::new("p.wasm")));
         assert_eq!(m.config.as_deref(), Some(r#"{"a":1,"b":2}"#));
         assert!("/c.sock".parse::<MemberSpec>().is_err());
+        let c: Value = serde_json::from_str(&with_key(r#"{"a":1}"#, "ab").unwrap()).unwrap();
+        assert_eq!(c, json!({"a": 1, "key": "ab"}));
+        assert!(with_key(r#"{"key":"x"}"#, "ab").is_err());
+        assert!(with_key("[1]", "ab").is_err());
+        assert_eq!(with_key("", "ab").unwrap(), r#"{"key":"ab"}"#);
         assert!("/c.sock=x,nope=1".parse::<MemberSpec>().is_err());
     }
 }

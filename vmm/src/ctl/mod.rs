@@ -150,6 +150,11 @@ pub enum CtlOp {
         /// (suffixes K, M, G; default: a tenth of its send rate when it became ready).
         #[arg(long)]
         held_rate: Option<String>,
+        /// Gang migration: one fresh store key for the whole group, given to every member's
+        /// service as `key` (scatter-gather.wasm: their identical pages are stored and sent
+        /// once). Usually with `--no-sync`.
+        #[arg(long)]
+        share_key: bool,
         /// Where to write the group's JSON report.
         #[arg(long, default_value = "group-report.json")]
         report: PathBuf,
@@ -430,6 +435,7 @@ pub fn group_command(op: CtlOp) -> anyhow::Result<()> {
         ready_timeout_ms,
         commit_timeout_ms,
         held_rate,
+        share_key,
         report,
     } = op
     else {
@@ -452,6 +458,7 @@ pub fn group_command(op: CtlOp) -> anyhow::Result<()> {
             ready_timeout_ms,
             commit_timeout_ms,
             held_rate: held_rate.as_deref().map(parse_rate).transpose()?,
+            share_key,
         },
     };
     group::ctl_migrate_group(&spec, &report)
