@@ -10,7 +10,8 @@
 //! `replicas` (1), `encrypt` (false), `cluster` (false), `ttl_secs` (3600), `high_water`
 //! (bytes, 262144; 0: never the link, every data page through the intermediaries),
 //! `gather_rate` (bytes/s, 0: uncapped), `key` (64 hex digits: a store key shared by a group
-//! of migrations, whose identical pages are then stored once).
+//! of migrations, whose identical pages are then stored once), `workers` (4: threads storing
+//! batches at the intermediaries in parallel, 1..=16).
 
 use serde::Deserialize;
 use spanvmm_sdk::migration::{self as mig, Phase, SwitchMode};
@@ -40,6 +41,9 @@ struct Config {
     #[serde(default)]
     #[allow(dead_code)]
     key: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    workers: Option<usize>,
 }
 
 fn one() -> usize {
