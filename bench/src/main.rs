@@ -360,6 +360,35 @@ fn main() -> anyhow::Result<()> {
             if args.iter().any(|a| a == "--runs") { runs } else { 3 },
             &out.unwrap_or_else(|| repo_root().join("bench/results/sync-arrival.json")),
         ),
+        // Table 1 analogue (`--parts table1`): `--sizes MIB` (256), `--links MBIT` (600),
+        // `--runs N` (1); the capped row's gather rate is a third of the destination's link.
+        Some("scatter-gather") if parts.as_deref() == Some("table1") => {
+            let mbit = links.as_deref().map_or(Ok(600), str::parse)?;
+            scatter_gather::table1(
+                &spanvmm_bin()?,
+                &repo_root().join("target/plugins"),
+                &guest_elf()?,
+                if sizes_given { sizes[0] } else { 256 },
+                mbit,
+                if args.iter().any(|a| a == "--runs") { runs } else { 1 },
+                mbit * 1_000_000 / 6 / 8 / 3,
+                &out.unwrap_or_else(|| {
+                    repo_root().join("bench/results/scatter-gather-table1.json")
+                }),
+            )
+        }
+        // Scale rows (`--parts scale`): `--sizes MIB` (128), `--links MBIT` (600); 1, 2, 4 VMs
+        // at once through 1, 2, 4 intermediaries.
+        Some("scatter-gather") if parts.as_deref() == Some("scale") => scatter_gather::scale(
+            &spanvmm_bin()?,
+            &repo_root().join("target/plugins"),
+            &guest_elf()?,
+            if sizes_given { sizes[0] } else { 128 },
+            links.as_deref().map_or(Ok(600), str::parse)?,
+            &[1, 2, 4],
+            &[1, 2, 4],
+            &out.unwrap_or_else(|| repo_root().join("bench/results/scatter-gather-scale.json")),
+        ),
         // Fig. 9 analogue: `--sizes MIB` (1024), `--links MBIT` (the source's link, 1200; the
         // destination's is a sixth), `--runs N` (1), `--workloads idle,dirty`.
         Some("scatter-gather") => scatter_gather::run(

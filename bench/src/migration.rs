@@ -112,7 +112,11 @@ impl Hosts {
                     Link::Loopback => unreachable!("matched above"),
                 };
                 NetLab::available().map_err(anyhow::Error::msg)?;
-                let lab = NetLab::new("mig", &["src", "dst"])?;
+                // A tag per lab: several migrations may run at once in this process (the
+                // Scatter-Gather scale rows), and the namespaces are named by tag and pid.
+                static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let lab = NetLab::new(&format!("mig{n}"), &["src", "dst"])?;
                 lab.shape("src", src_mbit * 1_000_000)?;
                 lab.shape("dst", mbit * 1_000_000)?;
                 let (src, dst) = (lab.host("src"), lab.host("dst"));

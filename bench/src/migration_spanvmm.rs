@@ -47,6 +47,8 @@ pub struct Run {
     pub dest_done_ms: Option<u64>,
     /// The destination's incoming-migration progress at its end.
     pub dest: Value,
+    /// When `ctl migrate` began (to line up what ran beside the migration).
+    pub started: Instant,
 }
 
 /// Extra `ctl migrate` arguments for a migration between `hosts`, and what must live while
@@ -148,9 +150,12 @@ fn spanvmm_migrate_run(
             vec!["--disk".into(), format!("path={}", p.display())]
         })
     };
+    // One directory per migration: several may run at once (the Scatter-Gather scale rows).
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
-        "spanvmm-bench-smig-{}-{engine}",
-        std::process::id()
+        "spanvmm-bench-smig-{}-{engine}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -267,7 +272,13 @@ fn spanvmm_migrate_run(
             .args(["--cipher", cipher])
             .arg("--plugin")
             .arg(plugins.join(format!("{service}.wasm")))
-            .args(["--config", config])
+            // Only when given: `prepare` may pass its own (`--config` is accepted once).
+            .args(
+                Some(["--config", config])
+                    .filter(|_| !config.is_empty())
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--tls-dir")
             .arg(&tls)
             .arg("--report")
@@ -381,6 +392,7 @@ fn spanvmm_migrate_run(
             report: r,
             dest_done_ms,
             dest,
+            started: t0,
         })
     })();
     if !src_reaped {

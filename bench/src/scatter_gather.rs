@@ -250,3 +250,516 @@ pub fn run(
     eprintln!("wrote {}", out.display());
     Ok(())
 }
+
+/// Table 1 analogue: two `kv` guests on the destination host, loaded by `redis-benchmark`
+/// from a client host whose traffic crosses the destination's (slow) link, as the gather's
+/// does; a VM migrates in by Scatter-Gather (with and without the gather cap), spanvmm
+/// post-copy and pre-copy. Per row: the co-located guests' p99 before the migration (quiet)
+/// and during it, and the migrating VM's eviction and total time.
+mod colocated {
+    use std::io::{BufRead, BufReader};
+    use std::net::Ipv4Addr;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{bail, Context};
+    use netlab::NetLab;
+
+    use crate::migration::Hosts;
+
+    /// One `redis-benchmark` run against one guest: when, and its p99.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Probe {
+        pub start: Instant,
+        pub end: Instant,
+        pub p99_ms: f64,
+    }
+
+    /// The guests, their load, and the route to them; dropping it stops them all.
+    pub struct Colocated {
+        guests: Vec<Child>,
+        stop: Arc<AtomicBool>,
+        load: Vec<JoinHandle<()>>,
+        route: String,
+    }
+
+    const GUESTS: usize = 2;
+
+    /// Starts the guests in host `dst` of `hosts` on a bridge of their own (routed through
+    /// the destination host: the client's traffic crosses its link), waits until they serve,
+    /// and loads them from host `client` of `client_lab`; each finished run lands in `probes`.
+    pub fn start(
+        hosts: &Hosts,
+        client_lab: &NetLab,
+        bin: &std::path::Path,
+        elf: &std::path::Path,
+        probes: Arc<Mutex<Vec<Probe>>>,
+    ) -> anyhow::Result<Colocated> {
+        let std::net::IpAddr::V4(dst_ip) = hosts.listen.ip() else {
+            bail!("the destination host has no IPv4 address");
+        };
+        // A subnet per lab (the destination's own number), so labs side by side never clash.
+        let net = dst_ip.octets()[2];
+        let gw = Ipv4Addr::new(10, 79, net, 1);
+        let run = |mut c: Command, what: &str| -> anyhow::Result<()> {
+            let out = c.stdin(Stdio::null()).output().context(what.to_string())?;
+            if !out.status.success() {
+                bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            Ok(())
+        };
+        let ns = |args: &str| {
+            let a: Vec<&str> = args.split(' ').collect();
+            let mut c = hosts.command("dst", a[0]);
+            c.args(&a[1..]);
+            run(c, args)
+        };
+        ns("sysctl -qw net.ipv4.ip_forward=1")?;
+        ns("ip link add sgbr0 type bridge")?;
+        ns(&format!("ip addr add {gw}/24 dev sgbr0"))?;
+        ns("ip link set sgbr0 up")?;
+        for i in 0..GUESTS {
+            ns(&format!("ip tuntap add dev sgtap{i} mode tap"))?;
+            ns(&format!("ip link set sgtap{i} master sgbr0"))?;
+            ns(&format!("ip link set sgtap{i} up"))?;
+        }
+        let route = format!("10.79.{net}.0/24");
+        let mut c = Command::new("ip");
+        c.args(["route", "replace", &route, "via", &dst_ip.to_string()]);
+        run(c, "route to the co-located guests")?;
+        let mut col = Colocated {
+            guests: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            load: Vec::new(),
+            route,
+        };
+        let mut ips = Vec::new();
+        for i in 0..GUESTS {
+            let ip = Ipv4Addr::new(10, 79, net, 2 + i as u8);
+            let mut c = hosts.command("dst", bin.to_str().context("binary path")?);
+            c.arg("run").arg("--kernel").arg(elf).args([
+                "--cmdline",
+                &format!("workload=kv mib=16 ip={ip}/24 gw={gw} report_ms=1000"),
+                "--memory",
+                "64",
+                "--net",
+                &format!("tap=sgtap{i},mac=52:54:00:5a:79:{:02x}", i + 2),
+            ]);
+            let mut child = c
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("start a co-located guest")?;
+            let out = child.stdout.take().context("guest stdout")?;
+            col.guests.push(child);
+            // Wait for its network to be up, then keep draining its console.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut tx = Some(tx);
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if line.contains("SPANGUEST net ") {
+                        if let Some(t) = tx.take() {
+                            let _ = t.send(());
+                        }
+                    }
+                }
+            });
+            rx.recv_timeout(Duration::from_secs(60))
+                .context("a co-located guest's network did not come up")?;
+            ips.push(ip);
+        }
+        for ip in ips {
+            let (stop, probes) = (col.stop.clone(), probes.clone());
+            let client = client_lab.command("client", "timeout");
+            let prog = client.get_program().to_owned();
+            let pre: Vec<_> = client.get_args().map(|a| a.to_owned()).collect();
+            col.load.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let start = Instant::now();
+                    let out = Command::new(&prog)
+                        .args(&pre)
+                        .args(["20", "redis-benchmark", "-h", &ip.to_string(), "-p", "6379"])
+                        .args(["-t", "get", "-c", "2", "-P", "1", "-n", "1000", "--csv"])
+                        .stdin(Stdio::null())
+                        .stderr(Stdio::null())
+                        .output();
+                    let Ok(out) = out else { return };
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    let p99 = text
+                        .lines()
+                        .find(|l| l.starts_with("\"GET\""))
+                        .and_then(|l| l.split(',').nth(6))
+                        .and_then(|f| f.trim_matches('"').parse::<f64>().ok());
+                    if let Some(p99_ms) = p99 {
+                        probes.lock().unwrap().push(Probe {
+                            start,
+                            end: Instant::now(),
+                            p99_ms,
+                        });
+                    } else {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }));
+        }
+        Ok(col)
+    }
+
+    impl Drop for Colocated {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            for t in self.load.drain(..) {
+                let _ = t.join();
+            }
+            for g in &mut self.guests {
+                let _ = g.kill();
+                let _ = g.wait();
+            }
+            // The bridge and taps go with the destination's namespace.
+            let _ = Command::new("ip")
+                .args(["route", "del", &self.route])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// The Table 1 analogue: see [`colocated`]. `gather_rate`: the cap of the capped row, bytes/s.
+#[allow(clippy::too_many_arguments)]
+pub fn table1(
+    bin: &Path,
+    plugins: &Path,
+    elf: &Path,
+    mem: u64,
+    src_mbit: u64,
+    runs: usize,
+    gather_rate: u64,
+    out: &Path,
+) -> anyhow::Result<()> {
+    use std::sync::{Arc, Mutex};
+    netlab::NetLab::available().map_err(anyhow::Error::msg)?;
+    RedisServer::available().map_err(anyhow::Error::msg)?;
+    std::process::Command::new("redis-benchmark")
+        .arg("--version")
+        .output()
+        .context("redis-benchmark is not installed")?;
+    let link = Link::Asymmetric {
+        src_mbit,
+        dst_mbit: src_mbit / 6,
+        rtt_ms: 2,
+    };
+    let client_lab = netlab::NetLab::new("sgc", &["client"])?;
+    let dir = std::env::temp_dir().join(format!("spanvmm-bench-sgt1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let keys: Vec<(&str, u64)> = vec![
+        ("scatter-gather", 0),
+        ("scatter-gather", gather_rate),
+        ("postcopy", 0),
+        ("precopy", 0),
+    ];
+    let limit = Duration::from_secs((mem * 8 * 4 / (src_mbit / 6)).max(120));
+    let mut rows: Vec<Value> = Vec::new();
+    let mut samples: Vec<Vec<Value>> = keys.iter().map(|_| Vec::new()).collect();
+    for round in 0..runs {
+        for (k, &(engine, rate)) in keys.iter().enumerate() {
+            let probes = Arc::new(Mutex::new(Vec::<colocated::Probe>::new()));
+            let sg = engine == "scatter-gather";
+            let rdir = dir.clone();
+            let (p2, cl) = (probes.clone(), &client_lab);
+            let prepare =
+                move |hosts: &Hosts| -> anyhow::Result<(Vec<String>, Box<dyn std::any::Any>)> {
+                    let col = colocated::start(hosts, cl, bin, elf, p2.clone())?;
+                    if !sg {
+                        return Ok((Vec::new(), Box::new(col)));
+                    }
+                    let srv = intermediaries(hosts, &rdir)?;
+                    let mut config = json!({
+                        "intermediaries": srv.iter().map(|s| s.addr().to_string()).collect::<Vec<_>>(),
+                    });
+                    if rate > 0 {
+                        config["gather_rate"] = json!(rate);
+                    }
+                    // The guests go before the intermediaries (drop order: the tuple's).
+                    Ok((
+                        vec!["--config".into(), config.to_string()],
+                        Box::new((col, srv)),
+                    ))
+                };
+            let label = if rate > 0 {
+                format!("{engine} (gather_rate {:.1} MB/s)", rate as f64 / 1e6)
+            } else {
+                engine.to_string()
+            };
+            let r = spanvmm_migrate_with(
+                bin, plugins, elf, mem, "idle", engine, link, limit, &prepare,
+            );
+            let run = match r {
+                Ok(run) if run.outcome.completed && run.outcome.verify_bad == Some(0) => run,
+                Ok(run) => {
+                    eprintln!("round {round}: {label}: FAILED: {}", run.outcome.note);
+                    continue;
+                }
+                Err(e) => {
+                    eprintln!("round {round}: {label}: FAILED: {e:#}");
+                    continue;
+                }
+            };
+            let total = run
+                .dest_done_ms
+                .unwrap_or(run.outcome.total_ms)
+                .max(run.outcome.total_ms);
+            let end = run.started + Duration::from_millis(total);
+            let p = probes.lock().unwrap().clone();
+            let quiet: Vec<f64> = p
+                .iter()
+                .filter(|x| x.end <= run.started)
+                .map(|x| x.p99_ms)
+                .collect();
+            let during: Vec<f64> = p
+                .iter()
+                .filter(|x| x.start >= run.started && x.end <= end)
+                .map(|x| x.p99_ms)
+                .collect();
+            let q = stat_or_nan(quiet.iter().copied());
+            let d = stat_or_nan(during.iter().copied());
+            eprintln!(
+                "round {round}: {label:>36}: eviction {} ms, total {total} ms; co-located p99 quiet {:.2} ms ({} runs), during {:.2} ms (max {:.2}, {} runs)",
+                run.outcome.total_ms, q.median, quiet.len(), d.median, d.max, during.len()
+            );
+            samples[k].push(json!({
+                "eviction_ms": run.outcome.total_ms,
+                "total_ms": total,
+                "quiet_p99_ms": q,
+                "during_p99_ms": d,
+                "quiet_runs": quiet.len(),
+                "during_runs": during.len(),
+            }));
+        }
+    }
+    eprintln!(
+        "| engine | eviction s | total s | co-located p99 quiet ms | during ms | during/quiet |"
+    );
+    for ((engine, rate), s) in keys.iter().zip(&samples) {
+        if s.is_empty() {
+            continue;
+        }
+        let med = |k: &str, sub: Option<&str>| {
+            stat_or_nan(s.iter().map(|v| match sub {
+                Some(sub) => v[k][sub].as_f64().unwrap_or(f64::NAN),
+                None => v[k].as_f64().unwrap_or(f64::NAN),
+            }))
+        };
+        let (ev, tot) = (med("eviction_ms", None), med("total_ms", None));
+        let (q, d) = (
+            med("quiet_p99_ms", Some("median")),
+            med("during_p99_ms", Some("median")),
+        );
+        eprintln!(
+            "| {engine}{} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1}× |",
+            if *rate > 0 {
+                format!(" (cap {:.1} MB/s)", *rate as f64 / 1e6)
+            } else {
+                String::new()
+            },
+            ev.median / 1e3,
+            tot.median / 1e3,
+            q.median,
+            d.median,
+            d.median / q.median
+        );
+        rows.push(json!({
+            "engine": engine,
+            "gather_rate": rate,
+            "eviction_ms": ev,
+            "total_ms": tot,
+            "quiet_p99_ms": q,
+            "during_p99_ms": d,
+            "runs": s,
+        }));
+    }
+    let report = json!({
+        "benchmark": "scatter-gather table1",
+        "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        "link": link.label(),
+        "memory_mib": mem,
+        "runs": runs,
+        "notes": "Table 1 analogue: two kv guests (64 MiB) on the destination host, each loaded by redis-benchmark -t get -c 2 -P 1 -n 1000 in a loop from a client host whose traffic crosses the destination's link; p99 per redis-benchmark run, median over the runs before the migration (quiet) and over those wholly inside it (during: from ctl migrate to the destination's last page). The migrating VM: idle. Two redis-server intermediaries in the root namespace.",
+        "goal": "with the gather cap, the co-located p99 during the migration within 2× quiet, SG's eviction time not growing",
+        "rows": rows,
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// [`stat`] of what is there; not a number where nothing is (no run fell in the window).
+fn stat_or_nan(v: impl Iterator<Item = f64>) -> Stat {
+    let v: Vec<f64> = v.filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return Stat {
+            median: f64::NAN,
+            min: f64::NAN,
+            max: f64::NAN,
+        };
+    }
+    stat(v.into_iter())
+}
+
+/// Scale rows: `vms` VMs evicted at once (each from a source host of its own to a
+/// destination of its own, links as in the Fig. 9 analogue) through the same
+/// `intermediaries` Redis servers: eviction and total time, and each intermediary's load
+/// (bytes stored, and that over the eviction time).
+#[allow(clippy::too_many_arguments)]
+pub fn scale(
+    bin: &Path,
+    plugins: &Path,
+    elf: &Path,
+    mem: u64,
+    src_mbit: u64,
+    vm_counts: &[usize],
+    inter_counts: &[usize],
+    out: &Path,
+) -> anyhow::Result<()> {
+    netlab::NetLab::available().map_err(anyhow::Error::msg)?;
+    RedisServer::available().map_err(anyhow::Error::msg)?;
+    let link = Link::Asymmetric {
+        src_mbit,
+        dst_mbit: src_mbit / 6,
+        rtt_ms: 2,
+    };
+    // An address of the root namespace every host reaches over its own link.
+    let anchor = netlab::NetLab::new("sgs", &["anchor"])?;
+    let ip = anchor.host("anchor").gateway;
+    let dir = std::env::temp_dir().join(format!("spanvmm-bench-sgs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let limit = Duration::from_secs((mem * 8 * 4 * 4 / (src_mbit / 6)).max(180));
+    let mut rows = Vec::new();
+    for &ni in inter_counts {
+        for &nv in vm_counts {
+            let srv: Vec<RedisServer> = (0..ni)
+                .map(|i| {
+                    RedisServer::start_with(
+                        std::process::Command::new("redis-server"),
+                        ip.into(),
+                        47_400 + i as u16,
+                        &dir.join(format!("redis-{ni}-{nv}-{i}")),
+                    )
+                    .context("start redis-server")
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let config = json!({
+                "intermediaries": srv.iter().map(|s| s.addr().to_string()).collect::<Vec<_>>(),
+            })
+            .to_string();
+            let prepare = |_: &Hosts| -> anyhow::Result<(Vec<String>, Box<dyn std::any::Any>)> {
+                Ok((vec!["--config".into(), config.clone()], Box::new(())))
+            };
+            let t0 = std::time::Instant::now();
+            let runs: Vec<anyhow::Result<crate::migration_spanvmm::Run>> =
+                std::thread::scope(|s| {
+                    let hs: Vec<_> = (0..nv)
+                        .map(|_| {
+                            s.spawn(|| {
+                                spanvmm_migrate_with(
+                                    bin,
+                                    plugins,
+                                    elf,
+                                    mem,
+                                    "idle",
+                                    "scatter-gather",
+                                    link,
+                                    limit,
+                                    &prepare,
+                                )
+                            })
+                        })
+                        .collect();
+                    hs.into_iter()
+                        .map(|h| {
+                            h.join()
+                                .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")))
+                        })
+                        .collect()
+                });
+            let wall = t0.elapsed();
+            let mut ev = Vec::new();
+            let mut tot = Vec::new();
+            let mut stored = vec![0u64; ni];
+            let mut failed = 0;
+            for r in &runs {
+                match r {
+                    Ok(run) if run.outcome.completed && run.outcome.verify_bad == Some(0) => {
+                        ev.push(run.outcome.total_ms as f64);
+                        tot.push(run.dest_done_ms.unwrap_or(run.outcome.total_ms) as f64);
+                        if let Some(a) = run.report["scatter"]["intermediaries"].as_array() {
+                            for (i, x) in a.iter().enumerate().take(ni) {
+                                stored[i] += x["wire_out"].as_u64().unwrap_or(0);
+                            }
+                        }
+                    }
+                    Ok(run) => {
+                        failed += 1;
+                        eprintln!(
+                            "{nv} VMs, {ni} intermediaries: FAILED: {}",
+                            run.outcome.note
+                        )
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{nv} VMs, {ni} intermediaries: FAILED: {e:#}")
+                    }
+                }
+            }
+            drop(srv);
+            let e = stat_or_nan(ev.iter().copied());
+            let t = stat_or_nan(tot.iter().copied());
+            let max_ev_s = e.max / 1e3;
+            let load: Vec<f64> = stored.iter().map(|&b| b as f64 / 1e6 / max_ev_s).collect();
+            eprintln!(
+                "| {nv} | {ni} | {:.1} (max {:.1}) | {:.1} | {} | {} | {failed} |",
+                e.median / 1e3,
+                max_ev_s,
+                t.max / 1e3,
+                stored
+                    .iter()
+                    .map(|b| format!("{}", b >> 20))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                load.iter()
+                    .map(|l| format!("{l:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+            );
+            rows.push(json!({
+                "vms": nv,
+                "intermediaries": ni,
+                "failed": failed,
+                "eviction_ms": e,
+                "total_ms": t,
+                "wall_ms": wall.as_millis() as u64,
+                "bytes_to_each_intermediary": stored,
+                "mb_s_into_each_intermediary": load,
+            }));
+        }
+    }
+    let report = json!({
+        "benchmark": "scatter-gather scale",
+        "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        "link": link.label(),
+        "memory_mib": mem,
+        "notes": "N idle VMs evicted at once, each from a source host of its own to a destination of its own (the Fig. 9 links each), through the same M redis-server intermediaries in the root namespace (one copy of each page). Eviction: per VM, from its ctl migrate; load: RESP bytes the sources sent to each intermediary, over the slowest eviction.",
+        "rows": rows,
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(anchor);
+    std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}

@@ -16,7 +16,7 @@ use l1_services::migration::intermediary::{
     content_hash, IntermediaryError, PageStore, RedisAuth, StoreConfig, StoreKey,
 };
 use l1_services::migration::resp::{Reply, Resp, RespError};
-use l1_services::migration::scatter::{GatherPolicy, GatherSource, Locations, Scatter};
+use l1_services::migration::scatter::{AheadRead, GatherPolicy, GatherSource, Locations, Scatter};
 use netlab::RedisServer;
 
 const PAGE: usize = 4096;
@@ -705,4 +705,142 @@ fn intermediaries_that_require_a_password() {
     let h = src.put(&refs).unwrap();
     let mut dst = PageStore::connect(with("s3cret"), &key).unwrap();
     assert_eq!(dst.get(&h).unwrap(), pages);
+}
+
+/// The scatter's workers and the gather's readers: every batch stored once and located, a
+/// batch the intermediaries cannot take given back whole, every run read back intact; the
+/// stages timed (printed, not asserted: the machine is shared).
+#[test]
+fn scatter_workers_store_every_batch_once_and_readers_give_them_back() {
+    let Some((_dir, mut srv)) = servers("sg_workers", 2) else {
+        return;
+    };
+    const PAGES: usize = 8192; // 32 MiB
+    const BATCH: usize = 64;
+    // Every 8th page is one and the same page: dedup within batches and across batches and
+    // workers; the others all differ.
+    let mem: Vec<u8> = (0..PAGES)
+        .flat_map(|i| page(3, i, if i % 8 == 0 { 8 } else { PAGES }))
+        .collect();
+    let key = StoreKey::generate().unwrap();
+    let cfg = StoreConfig::new(addrs(&srv));
+
+    // Stages, one thread: hashing alone, sealing (hash + MAC), a store's put (probe + write).
+    let t = Instant::now();
+    let hashes: Vec<_> = mem.chunks(PAGE).map(content_hash).collect();
+    let hash_s = t.elapsed().as_secs_f64();
+    let one = PageStore::connect(cfg.clone(), &key).unwrap();
+    let t = Instant::now();
+    for (p, h) in mem.chunks(PAGE).zip(&hashes) {
+        std::hint::black_box(one.seal(h, &one.redis_key(h), p));
+    }
+    let seal_s = t.elapsed().as_secs_f64();
+    let mb = (PAGES * PAGE) as f64 / 1e6;
+
+    let mut put_rate = Vec::new();
+    for workers in [1usize, 4] {
+        // A key of its own per pass: nothing is there yet.
+        let key = StoreKey::generate().unwrap();
+        let mut sc = Scatter::new(PageStore::connect(cfg.clone(), &key).unwrap(), 0);
+        sc.start_workers(workers).unwrap();
+        let locs = Locations::new();
+        let t = Instant::now();
+        let mut next = 0usize;
+        let mut done = 0usize;
+        while done < PAGES / BATCH {
+            while next < PAGES && sc.has_room() {
+                let present = vec![u64::MAX];
+                let bytes = mem[next * PAGE..(next + BATCH) * PAGE].to_vec();
+                sc.queue(next as u64, BATCH as u16, present, bytes).unwrap();
+                next += BATCH;
+            }
+            let rec = sc
+                .finished(Duration::from_secs(10))
+                .expect("a batch finishes")
+                .expect("stored");
+            assert_eq!(rec.span as usize, BATCH);
+            for (p, h) in rec.pages() {
+                assert_eq!(h, &hashes[p as usize], "page {p}'s address");
+                assert!(locs.get(p).is_none(), "page {p} located twice");
+                locs.add(p, std::slice::from_ref(h));
+            }
+            done += 1;
+        }
+        let put_s = t.elapsed().as_secs_f64();
+        put_rate.push(mb / put_s);
+        assert_eq!(locs.len(), PAGES);
+        assert_eq!(sc.in_flight(), 0);
+        let st = sc.store_stats();
+        let stored: u64 = st.intermediaries.iter().map(|i| i.pages_stored).sum();
+        // Stored once each, but for the repeated page's first copies: the batches in flight
+        // together (two per worker) may each find it absent and write it.
+        let distinct = (PAGES - PAGES / 8 + 1) as u64;
+        let race = 2 * workers as u64;
+        assert!(
+            stored >= distinct && stored <= distinct + race,
+            "{stored} values stored for {distinct} distinct pages ({workers} workers)"
+        );
+        assert!(st.dedup_hits() + race >= (PAGES / 8 - 1) as u64, "{st:?}");
+
+        // Read back by the gather's readers, out of order, intact.
+        let dst = PageStore::connect(cfg.clone(), &key).unwrap();
+        let mut g = GatherSource::new(dst, locs.clone(), Link(mpsc::channel().0));
+        g.start_ahead(4).unwrap();
+        let mut buf = vec![0u8; BATCH * PAGE];
+        let t = Instant::now();
+        let mut runs: Vec<u64> = (0..(PAGES / BATCH) as u64).rev().collect();
+        let mut got = 0;
+        while got < PAGES / BATCH {
+            while g.ahead_room() {
+                let Some(r) = runs.pop() else { break };
+                let a = r * BATCH as u64;
+                g.ahead_submit(a..a + BATCH as u64, &mut buf).unwrap();
+            }
+            match g.ahead_finished(Duration::from_secs(10)).unwrap() {
+                Some(AheadRead::Pages(run, bytes)) => {
+                    let at = run.start as usize * PAGE;
+                    assert!(bytes == mem[at..at + bytes.len()], "run {run:?}");
+                    got += 1;
+                }
+                Some(AheadRead::AskedDirect(run)) => panic!("run {run:?} not read"),
+                None => panic!("no read finished in 10 s"),
+            }
+        }
+        let get_s = t.elapsed().as_secs_f64();
+        eprintln!(
+            "{workers} scatter workers: put {:.0} MB/s; 4 gather readers: get {:.0} MB/s",
+            mb / put_s,
+            mb / get_s
+        );
+    }
+    eprintln!(
+        "stages over {mb:.0} MB, one thread: SHA-256 {:.0} MB/s, seal (hash + HMAC) {:.0} MB/s",
+        mb / hash_s,
+        mb / seal_s
+    );
+
+    // An intermediary gone with one copy: the batches whose pages lived there come back
+    // whole, the others are stored.
+    srv[1].kill();
+    let mut sc = Scatter::new(PageStore::connect(cfg.clone(), &key).unwrap(), 0);
+    sc.start_workers(2).unwrap();
+    let fresh: Vec<u8> = (0..BATCH * 4)
+        .flat_map(|i| page(99, i, usize::MAX))
+        .collect();
+    for b in 0..4 {
+        let bytes = fresh[b * BATCH * PAGE..(b + 1) * BATCH * PAGE].to_vec();
+        sc.queue((b * BATCH) as u64, BATCH as u16, vec![u64::MAX], bytes)
+            .unwrap();
+    }
+    let mut back = 0;
+    while let Some(r) = sc.finished(Duration::from_secs(10)) {
+        let u = r.expect_err("64 fresh pages: some live on the dead intermediary");
+        assert_eq!(
+            (u.span as usize, u.present.clone()),
+            (BATCH, vec![u64::MAX])
+        );
+        back += 1;
+    }
+    assert_eq!(back, 4, "every batch given back");
+    assert_eq!(sc.in_flight(), 0);
 }

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::intermediary::PageStore;
 use super::link::{Link, LinkError};
-use super::scatter::{GatherPolicy, GatherSource, GatherStats, Locations};
+use super::scatter::{AheadRead, GatherPolicy, GatherSource, GatherStats, Locations};
 use super::wire::{self, Frame, Handover, PAGE, VERSION};
 use super::{bit, clear_bit, count, set_bit, Phase};
 use crate::ctx::lock;
@@ -1314,6 +1314,9 @@ type PostcopyPrepaging = FaultOnly;
 
 /// Pages a gather run reads at most (256 KiB: one pipelined `GET` per intermediary).
 const GATHER_RUN: u64 = 64;
+/// Gather runs read at once, each by a thread of its own (1 MiB on its way: the
+/// destination's link stays busy across the round trips).
+const GATHER_READERS: usize = 4;
 
 /// Scatter-Gather at the destination: the page source that reads located pages from the
 /// intermediaries (and asks the link for the rest), and the gather that brings them in.
@@ -1324,6 +1327,11 @@ struct Gather {
 }
 
 impl Gather {
+    /// Whether the gather has work: pages to take or reads on their way.
+    fn busy(&self) -> bool {
+        self.locs.pending() > 0 || self.source.ahead_in_flight() > 0
+    }
+
     /// Connects to the intermediaries a `store` record names.
     fn connect(rec: &wire::Store) -> Result<Self, DestError> {
         let store = PageStore::connect(rec.config(), &rec.key)
@@ -1333,6 +1341,9 @@ impl Gather {
         // While the source holds every page, a run the intermediaries cannot give (one is
         // down, or a value fails its check) is asked of the source instead.
         source.set_fallback(true);
+        source
+            .start_ahead(GATHER_READERS)
+            .map_err(|e| DestError::Scatter(format!("intermediaries: {e}")))?;
         let rate = (rec.gather_rate > 0).then_some(rec.gather_rate);
         Ok(Gather {
             source,
@@ -1402,7 +1413,7 @@ impl Postcopy {
                 events: libc::POLLIN,
                 revents: 0,
             };
-            let gathering = self.gather.as_ref().is_some_and(|g| g.locs.pending() > 0);
+            let gathering = self.gather.as_ref().is_some_and(Gather::busy);
             if !gathering {
                 // SAFETY: one valid pollfd.
                 unsafe { libc::poll(&mut fd, 1, 5) };
@@ -1418,21 +1429,42 @@ impl Postcopy {
         Ok(())
     }
 
-    /// Brings the next gather run, if the policy picks one now. True: it brought pages.
+    /// Places the gather runs read meanwhile (the pages still missing: a fault or the link
+    /// may have brought some) and starts the next ones the policy picks, up to one per
+    /// reader. True: it placed or started something.
     fn gather_step(&mut self) -> Result<bool, PageError> {
         let Some(g) = &mut self.gather else {
             return Ok(false);
         };
-        let Some(run) = g.policy.next(&self.server) else {
-            return Ok(false);
-        };
-        let before = self.server.remaining();
-        self.server
-            .bring(&mut g.source, run, Why::Prefetch, &mut self.buf)?;
-        let placed = before - self.server.remaining();
+        let mut busy = false;
+        let mut placed = 0;
+        while let Some(read) = g.source.ahead_finished(Duration::ZERO)? {
+            busy = true;
+            if let AheadRead::Pages(run, pages) = read {
+                let n = self.server.place(run.start, &pages)?;
+                self.server
+                    .stats()
+                    .prefetched
+                    .fetch_add(n, Ordering::Relaxed);
+                placed += n;
+            }
+        }
+        while g.source.ahead_room() {
+            let Some(run) = g.policy.next(&self.server) else {
+                break;
+            };
+            let need = (run.end - run.start) as usize * PAGE;
+            if self.buf.len() < need {
+                self.buf.resize(need, 0);
+            }
+            if let Fetched::Here = g.source.ahead_submit(run.clone(), &mut self.buf)? {
+                placed += self.server.place(run.start, &self.buf[..need])?;
+            }
+            busy = true;
+        }
         self.dest.received.fetch_add(placed, Ordering::Relaxed);
         self.dest.needed.fetch_sub(placed, Ordering::Relaxed);
-        Ok(placed > 0)
+        Ok(busy)
     }
 
     /// Publishes the gather's counters on the destination's progress.
@@ -1484,7 +1516,7 @@ impl Postcopy {
                 revents: 0,
             },
         ];
-        let gathering = self.gather.as_ref().is_some_and(|g| g.locs.pending() > 0);
+        let gathering = self.gather.as_ref().is_some_and(Gather::busy);
         // SAFETY: two valid pollfds.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, if gathering { 1 } else { 5 }) };
         self.serve_faults(Some(link))?;

@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
@@ -52,6 +53,8 @@ pub fn content_hash(page: &[u8]) -> ContentHash {
 pub const MAX_VALUE: usize = 1 << 20;
 /// Pages per pipelined round trip (bounds what one intermediary buffers for us).
 const PIPELINE: usize = 256;
+/// A page.
+const PAGE: usize = base_vmm::memory::PAGE_SIZE as usize;
 const MAGIC: &[u8; 4] = b"SGv1";
 const HEADER: usize = 9;
 const FLAG_ENCRYPTED: u8 = 1;
@@ -259,6 +262,29 @@ pub struct StoreStats {
 }
 
 impl StoreStats {
+    /// Adds the counters of another client of the same intermediaries (a worker's): sums,
+    /// and an intermediary is down if either found it so.
+    pub fn add(&mut self, o: &StoreStats) {
+        if self.intermediaries.is_empty() {
+            self.intermediaries = o.intermediaries.clone();
+        } else {
+            for (a, b) in self.intermediaries.iter_mut().zip(&o.intermediaries) {
+                a.pages_stored += b.pages_stored;
+                a.bytes_stored += b.bytes_stored;
+                a.dedup_hits += b.dedup_hits;
+                a.pages_read += b.pages_read;
+                a.bytes_read += b.bytes_read;
+                a.corrupt += b.corrupt;
+                a.misses += b.misses;
+                a.wire_out += b.wire_out;
+                a.wire_in += b.wire_in;
+                a.down |= b.down;
+            }
+        }
+        self.batch_dups += o.batch_dups;
+        self.under_replicated += o.under_replicated;
+    }
+
     /// All dedup hits: repeats within a batch and pages already at their intermediary.
     pub fn dedup_hits(&self) -> u64 {
         self.batch_dups
@@ -287,6 +313,7 @@ impl Slot {
 }
 
 /// Keys derived from the [`StoreKey`].
+#[derive(Clone)]
 struct Keys {
     mac: hmac::Key,
     addr: hmac::Key,
@@ -388,6 +415,48 @@ impl PageStore {
             stats_dups: 0,
             under_replicated: 0,
         })
+    }
+
+    /// Another client of the same intermediaries with the same keys and placement, on
+    /// connections of its own (a worker thread's: one connection per intermediary per
+    /// worker, so that workers never wait for each other's replies). An intermediary this one
+    /// found down is down there too; one that does not answer now is marked down.
+    pub fn another(&self) -> Self {
+        let slots = self
+            .slots
+            .iter()
+            .map(|s| {
+                let conn = if s.stats.down {
+                    None
+                } else {
+                    connect_auth(
+                        s.addr,
+                        self.cfg.timeout,
+                        MAX_VALUE + 64,
+                        self.cfg.auth.as_ref(),
+                    )
+                    .map_err(|e| tracing::warn!("intermediary {}: {e}", s.addr))
+                    .ok()
+                };
+                Slot {
+                    addr: s.addr,
+                    stats: IntermediaryStats {
+                        addr: s.addr.to_string(),
+                        down: conn.is_none(),
+                        ..Default::default()
+                    },
+                    conn,
+                }
+            })
+            .collect();
+        PageStore {
+            cfg: self.cfg.clone(),
+            owner: self.owner.clone(),
+            keys: self.keys.clone(),
+            slots,
+            stats_dups: 0,
+            under_replicated: 0,
+        }
     }
 
     /// The intermediaries holding `h`, its home first.
@@ -983,6 +1052,171 @@ impl PageStore {
             batch_dups: self.stats_dups,
             under_replicated: self.under_replicated,
         }
+    }
+}
+
+/// Work for a [`StorePool`] worker.
+pub enum Job {
+    /// Store whole pages (`pages`: their bytes, concatenated): [`Output::Put`].
+    Put {
+        /// The caller's label, given back with the result.
+        tag: u64,
+        /// Whole pages.
+        pages: Vec<u8>,
+    },
+    /// Read the pages at these addresses: [`Output::Get`].
+    Get {
+        /// The caller's label.
+        tag: u64,
+        /// Their content addresses.
+        hashes: Vec<ContentHash>,
+    },
+}
+
+/// What a job gave.
+#[derive(Debug)]
+pub enum Output {
+    /// The stored pages' addresses, in order.
+    Put(Vec<ContentHash>),
+    /// The pages read (checked: MAC or AEAD, and content hash), concatenated in order.
+    Get(Vec<u8>),
+}
+
+/// A finished job.
+#[derive(Debug)]
+pub struct Done {
+    /// The job's label.
+    pub tag: u64,
+    /// Its result: the source still holds what a failed put was given.
+    pub result: Result<Output, IntermediaryError>,
+}
+
+/// Worker threads, each with its own [`PageStore`] (one connection per intermediary per
+/// worker), taking jobs from one queue: hashing, sealing and the round trips of several
+/// batches overlap, so that the caller's thread never waits for an intermediary and the
+/// intermediaries are kept busy (a probe and a write per batch, one batch at a time, held the
+/// scatter to a fraction of its link).
+pub struct StorePool {
+    jobs: Option<mpsc::Sender<Job>>,
+    done: mpsc::Receiver<(usize, Done, StoreStats)>,
+    /// Each worker's counters as of its last job.
+    stats: Vec<StoreStats>,
+    /// Tags of the jobs queued and not finished.
+    in_flight: std::collections::HashSet<u64>,
+    started: usize,
+}
+
+impl StorePool {
+    /// `workers` threads named `name`, each with a client like `like` (its own connections).
+    /// Threads inherit the caller's seccomp filter.
+    pub fn start(like: &PageStore, workers: usize, name: &str) -> Result<Self, IntermediaryError> {
+        let (jtx, jrx) = mpsc::channel::<Job>();
+        let jrx = Arc::new(Mutex::new(jrx));
+        let (dtx, drx) = mpsc::channel();
+        let workers = workers.max(1);
+        for w in 0..workers {
+            let mut store = like.another();
+            let (jrx, dtx) = (jrx.clone(), dtx.clone());
+            std::thread::Builder::new()
+                .name(format!("{name}-{w}"))
+                .spawn(move || loop {
+                    let job = {
+                        let q = jrx.lock().unwrap_or_else(|p| p.into_inner());
+                        q.recv()
+                    };
+                    let Ok(job) = job else { return };
+                    let (tag, result) = match job {
+                        Job::Put { tag, pages } => {
+                            let pages: Vec<&[u8]> = pages.chunks(PAGE).collect();
+                            (tag, store.put(&pages).map(Output::Put))
+                        }
+                        Job::Get { tag, hashes } => {
+                            (tag, store.get(&hashes).map(|v| Output::Get(v.concat())))
+                        }
+                    };
+                    if dtx.send((w, Done { tag, result }, store.stats())).is_err() {
+                        return;
+                    }
+                })
+                .map_err(|e| IntermediaryError::Config(format!("cannot start {name}: {e}")))?;
+        }
+        Ok(StorePool {
+            jobs: Some(jtx),
+            done: drx,
+            stats: vec![StoreStats::default(); workers],
+            in_flight: Default::default(),
+            started: workers,
+        })
+    }
+
+    /// Workers.
+    pub fn workers(&self) -> usize {
+        self.started
+    }
+
+    /// Queues a job (its tag must not be in flight).
+    pub fn submit(&mut self, job: Job) -> Result<(), IntermediaryError> {
+        let tag = match &job {
+            Job::Put { tag, .. } | Job::Get { tag, .. } => *tag,
+        };
+        self.jobs
+            .as_ref()
+            .and_then(|j| j.send(job).ok())
+            .ok_or_else(|| IntermediaryError::Config("the store workers are gone".into()))?;
+        self.in_flight.insert(tag);
+        Ok(())
+    }
+
+    /// Jobs queued and not finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// A finished job, waiting up to `wait` for one; `None` if none finished by then. If the
+    /// workers all died (they never do but by a panic), each job they held fails.
+    pub fn next(&mut self, wait: Duration) -> Option<Done> {
+        let &any = self.in_flight.iter().next()?;
+        let got = if wait.is_zero() {
+            self.done
+                .try_recv()
+                .map_err(|e| e == mpsc::TryRecvError::Disconnected)
+        } else {
+            self.done
+                .recv_timeout(wait)
+                .map_err(|e| e == mpsc::RecvTimeoutError::Disconnected)
+        };
+        match got {
+            Ok((w, done, stats)) => {
+                self.in_flight.remove(&done.tag);
+                self.stats[w] = stats;
+                Some(done)
+            }
+            Err(true) => {
+                self.in_flight.remove(&any);
+                Some(Done {
+                    tag: any,
+                    result: Err(IntermediaryError::Config("the store workers died".into())),
+                })
+            }
+            Err(false) => None,
+        }
+    }
+
+    /// The workers' counters, summed.
+    pub fn stats(&self) -> StoreStats {
+        let mut t = StoreStats::default();
+        for s in &self.stats {
+            t.add(s);
+        }
+        t
+    }
+}
+
+impl Drop for StorePool {
+    fn drop(&mut self) {
+        // Closing the queue ends the workers after their current job (not waited for: a
+        // worker may be stuck in a timeout; it owns nothing the caller needs).
+        self.jobs.take();
     }
 }
 

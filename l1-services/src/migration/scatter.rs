@@ -12,12 +12,14 @@
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use base_vmm::memory::PAGE_SIZE;
 use base_vmm::page_server::{Fetched, PageError, PageServer, PageSource, PrePaging};
 
-use super::intermediary::{ContentHash, IntermediaryError, PageStore, StoreStats};
+use super::intermediary::{
+    ContentHash, IntermediaryError, Job, Output, PageStore, StorePool, StoreStats,
+};
 
 /// Where the scattered pages are: page number → content address, and which of them the
 /// gather has not brought yet.
@@ -127,6 +129,19 @@ pub struct GatherSource<D: PageSource> {
     fallback: bool,
     fallback_runs: u64,
     last_error: Option<String>,
+    /// The gather's reads in flight ([`GatherSource::start_ahead`]): tag → run.
+    ahead: Option<StorePool>,
+    ahead_runs: HashMap<u64, Range<u64>>,
+    next_tag: u64,
+}
+
+/// A gather read that finished ([`GatherSource::ahead_finished`]).
+pub enum AheadRead {
+    /// The pages of the run, to place.
+    Pages(Range<u64>, Vec<u8>),
+    /// The intermediaries could not give the run; it was asked of the direct source (its
+    /// pages come later).
+    AskedDirect(Range<u64>),
 }
 
 impl<D: PageSource> GatherSource<D> {
@@ -142,6 +157,84 @@ impl<D: PageSource> GatherSource<D> {
             fallback: false,
             fallback_runs: 0,
             last_error: None,
+            ahead: None,
+            ahead_runs: HashMap::new(),
+            next_tag: 0,
+        }
+    }
+
+    /// Reads gather runs in the background from now on: `workers` threads, each with its own
+    /// connections, so that several runs are on their way while the caller serves faults and
+    /// the link (one run at a time left the destination's link idle between round trips).
+    pub fn start_ahead(&mut self, workers: usize) -> Result<(), IntermediaryError> {
+        self.ahead = Some(StorePool::start(&self.store, workers, "sg-gather")?);
+        Ok(())
+    }
+
+    /// Whether another gather run can be read ahead now (one per worker).
+    pub fn ahead_room(&self) -> bool {
+        self.ahead
+            .as_ref()
+            .is_some_and(|p| p.in_flight() < p.workers())
+    }
+
+    /// Gather runs being read.
+    pub fn ahead_in_flight(&self) -> usize {
+        self.ahead.as_ref().map_or(0, |p| p.in_flight())
+    }
+
+    /// Starts reading `run`: [`Fetched::Later`], its pages come from
+    /// [`GatherSource::ahead_finished`]. A run not wholly located (or with no readers) is
+    /// fetched as a fault's would be: into `buf` at once ([`Fetched::Here`]) or asked of the
+    /// direct source.
+    pub fn ahead_submit(&mut self, run: Range<u64>, buf: &mut [u8]) -> Result<Fetched, PageError> {
+        let hashes: Option<Vec<ContentHash>> = run.clone().map(|p| self.locs.get(p)).collect();
+        let Some(hashes) = hashes.filter(|_| self.ahead.is_some()) else {
+            let n = ((run.end - run.start) * PAGE_SIZE) as usize;
+            return self.fetch(run, &mut buf[..n]);
+        };
+        let pool = self.ahead.as_mut().expect("checked");
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        pool.submit(Job::Get { tag, hashes })
+            .map_err(|e| PageError::Source(e.to_string()))?;
+        self.ahead_runs.insert(tag, run);
+        Ok(Fetched::Later)
+    }
+
+    /// A gather run read ahead that finished (waiting up to `wait`): its pages, or, if the
+    /// intermediaries could not give it, the run asked of the direct source (while the source
+    /// is there; after, an error).
+    pub fn ahead_finished(&mut self, wait: Duration) -> Result<Option<AheadRead>, PageError> {
+        let Some(done) = self.ahead.as_mut().and_then(|p| p.next(wait)) else {
+            return Ok(None);
+        };
+        let run = self
+            .ahead_runs
+            .remove(&done.tag)
+            .expect("a finished read was submitted");
+        match done.result {
+            Ok(Output::Get(pages)) if pages.len() as u64 == (run.end - run.start) * PAGE_SIZE => {
+                self.pages += run.end - run.start;
+                self.runs += 1;
+                Ok(Some(AheadRead::Pages(run, pages)))
+            }
+            other => {
+                let e = match other {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "a read of the wrong length".into(),
+                };
+                self.last_error = Some(e.clone());
+                if !self.fallback {
+                    return Err(PageError::Source(format!("intermediaries: {e}")));
+                }
+                self.fallback_runs += 1;
+                let mut b = vec![0u8; ((run.end - run.start) * PAGE_SIZE) as usize];
+                Ok(Some(match self.direct.fetch(run.clone(), &mut b)? {
+                    Fetched::Here => AheadRead::Pages(run, b),
+                    Fetched::Later => AheadRead::AskedDirect(run),
+                }))
+            }
         }
     }
 
@@ -164,7 +257,13 @@ impl<D: PageSource> GatherSource<D> {
             direct_runs: self.direct_runs,
             fallback_runs: self.fallback_runs,
             last_error: self.last_error.clone(),
-            store: self.store.stats(),
+            store: {
+                let mut st = self.store.stats();
+                if let Some(p) = &self.ahead {
+                    st.add(&p.stats());
+                }
+                st
+            },
         }
     }
 }
@@ -323,13 +422,23 @@ impl Router {
     /// Whether the next batch goes direct, given the link's socket and the bytes its own
     /// buffers (TLS) hold; counts the choice.
     pub fn go_direct(&mut self, fd: std::os::fd::RawFd, buffered: u64) -> std::io::Result<bool> {
-        let direct = unsent_bytes(fd)? + buffered < self.high_water;
+        let direct = self.keeps_up(fd, buffered)?;
+        self.count(direct);
+        Ok(direct)
+    }
+
+    /// Whether the link keeps up now (not counted as a choice).
+    pub fn keeps_up(&self, fd: std::os::fd::RawFd, buffered: u64) -> std::io::Result<bool> {
+        Ok(unsent_bytes(fd)? + buffered < self.high_water)
+    }
+
+    /// Counts a choice made with [`Router::keeps_up`].
+    pub fn count(&mut self, direct: bool) {
         if direct {
             self.direct += 1;
         } else {
             self.scattered += 1;
         }
-        Ok(direct)
     }
 }
 
@@ -363,6 +472,25 @@ pub struct Scatter {
     router: Router,
     /// Pages each way so far.
     pub stats: ScatterStats,
+    /// Worker threads storing batches in the background ([`Scatter::start_workers`]).
+    pool: Option<StorePool>,
+    /// Batches queued to the workers: tag → (first page, span, which pages).
+    queued: HashMap<u64, (u64, u16, Vec<u64>)>,
+    next_tag: u64,
+}
+
+/// A batch the intermediaries could not take (the source still holds it: it goes on the
+/// link).
+#[derive(Debug)]
+pub struct Unstored {
+    /// First page of the span.
+    pub first: u64,
+    /// Pages spanned.
+    pub span: u16,
+    /// Which pages of the span.
+    pub present: Vec<u64>,
+    /// Why.
+    pub error: ScatterError,
 }
 
 impl Scatter {
@@ -372,7 +500,108 @@ impl Scatter {
             store,
             router: Router::new(high_water),
             stats: ScatterStats::default(),
+            pool: None,
+            queued: HashMap::new(),
+            next_tag: 0,
         }
+    }
+
+    /// Stores batches in the background from now on ([`Scatter::queue`]): `workers` threads,
+    /// each with its own connections to every intermediary.
+    pub fn start_workers(&mut self, workers: usize) -> Result<(), ScatterError> {
+        self.pool = Some(StorePool::start(&self.store, workers, "sg-scatter")?);
+        Ok(())
+    }
+
+    /// Whether the link keeps up now (not counted; see [`Scatter::count`]).
+    pub fn link_keeps_up(
+        &self,
+        link_fd: std::os::fd::RawFd,
+        buffered: u64,
+    ) -> std::io::Result<bool> {
+        self.router.keeps_up(link_fd, buffered)
+    }
+
+    /// Counts a choice made with [`Scatter::link_keeps_up`].
+    pub fn count(&mut self, direct: bool) {
+        self.router.count(direct);
+    }
+
+    /// Whether a batch can be queued now: two per worker, so that each has the next one at
+    /// hand while the bytes in flight stay bounded.
+    pub fn has_room(&self) -> bool {
+        self.pool
+            .as_ref()
+            .is_some_and(|p| p.in_flight() < 2 * p.workers())
+    }
+
+    /// Batches queued and not finished.
+    pub fn in_flight(&self) -> usize {
+        self.pool.as_ref().map_or(0, |p| p.in_flight())
+    }
+
+    /// Queues the pages of `first..first + span` selected by `present` (`pages`: their bytes,
+    /// in order) for the workers; [`Scatter::finished`] gives its `located` record.
+    pub fn queue(
+        &mut self,
+        first: u64,
+        span: u16,
+        present: Vec<u64>,
+        pages: Vec<u8>,
+    ) -> Result<(), ScatterError> {
+        let page = PAGE_SIZE as usize;
+        let nw = (span as usize).div_ceil(64);
+        let n: usize = present
+            .iter()
+            .take(nw)
+            .map(|w| w.count_ones() as usize)
+            .sum();
+        if span == 0
+            || span as u64 > super::wire::BATCH_PAGES
+            || present.len() < nw
+            || pages.len() != n * page
+        {
+            return Err(ScatterError::Batch(pages.len()));
+        }
+        let Some(pool) = self.pool.as_mut() else {
+            return Err(ScatterError::Store(IntermediaryError::Config(
+                "no scatter workers".into(),
+            )));
+        };
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        pool.submit(Job::Put { tag, pages })?;
+        self.queued
+            .insert(tag, (first, span, present[..nw].to_vec()));
+        Ok(())
+    }
+
+    /// A queued batch that finished (waiting up to `wait`): its `located` record, or the batch
+    /// back if the intermediaries could not take it.
+    pub fn finished(&mut self, wait: Duration) -> Option<Result<records::Located, Unstored>> {
+        let done = self.pool.as_mut()?.next(wait)?;
+        let (first, span, present) = self
+            .queued
+            .remove(&done.tag)
+            .expect("a finished job was queued");
+        Some(match done.result {
+            Ok(Output::Put(hashes)) => {
+                self.stats.scattered_pages += hashes.len() as u64;
+                Ok(records::Located {
+                    first,
+                    span,
+                    present,
+                    hashes,
+                })
+            }
+            Ok(Output::Get(_)) => unreachable!("the scatter queues only puts"),
+            Err(e) => Err(Unstored {
+                first,
+                span,
+                present,
+                error: e.into(),
+            }),
+        })
     }
 
     /// Sends the pages of `data` (whole pages, from page `first`, at most a record's span):
@@ -411,9 +640,14 @@ impl Scatter {
         }))
     }
 
-    /// The intermediaries' counters (bytes per intermediary, dedup hits).
+    /// The intermediaries' counters (bytes per intermediary, dedup hits), the workers'
+    /// included.
     pub fn store_stats(&self) -> StoreStats {
-        self.store.stats()
+        let mut s = self.store.stats();
+        if let Some(p) = &self.pool {
+            s.add(&p.stats());
+        }
+        s
     }
 
     /// Whether the next batch goes on the link (socket `link_fd`, `buffered` bytes in its own
@@ -501,10 +735,20 @@ pub struct ScatterRequest {
     /// racing on one page send it once (default: on with a shared key).
     #[serde(default)]
     pub reserve: Option<bool>,
+    /// Threads storing batches at the intermediaries, each with its own connections
+    /// (default 4): their hashing, sealing and round trips overlap.
+    #[serde(default = "workers")]
+    pub workers: usize,
 }
+
+/// Scatter workers at most.
+pub const MAX_WORKERS: usize = 16;
 
 fn one() -> usize {
     1
+}
+fn workers() -> usize {
+    4
 }
 fn hour() -> u32 {
     3600
@@ -533,6 +777,12 @@ impl ScatterRequest {
         }
         if r.ttl_secs == 0 {
             return Err("set-scatter: ttl_secs must be at least 1".into());
+        }
+        if r.workers == 0 || r.workers > MAX_WORKERS {
+            return Err(format!(
+                "set-scatter: {} workers (1..={MAX_WORKERS})",
+                r.workers
+            ));
         }
         r.store_key()?;
         Ok(r)

@@ -1017,7 +1017,10 @@ impl Sender<'_> {
             gather_rate: req.gather_rate,
         };
         self.link.send(&Frame::Store(rec))?;
-        self.scatter = Some(Scatter::new(store, req.high_water));
+        let mut sc = Scatter::new(store, req.high_water);
+        sc.start_workers(req.workers)
+            .map_err(|e| fail(e.to_string()))?;
+        self.scatter = Some(sc);
         self.st().report.scatter = Some(ScatterReport::default());
         tracing::info!(
             "migration: scatter-gather through {} intermediaries",
@@ -1057,51 +1060,84 @@ impl Sender<'_> {
             }
             return Ok(());
         }
-        // What TLS holds beyond the socket counts as behind (it is at most its buffer).
-        let buffered = self.link.pending_tls();
-        let fd = self.link.fd();
-        let sc = self.scatter.as_mut().expect("checked by the caller");
-        let direct = sc.go_direct(fd, buffered)?;
-        let located = if direct {
-            None
-        } else {
-            let pages: Vec<&[u8]> = (0..span)
-                .filter(|&i| bit(&data, i))
-                .map(|i| page(first + i))
-                .collect();
-            match sc.put_selected(first, span as u16, &data, &pages) {
-                Ok(rec) => Some(rec),
-                Err(e) => {
-                    // The source still holds the pages: they go on the link.
-                    tracing::warn!("migration: scatter: {e}; sending the batch on the link");
-                    if let Some(r) = lock(&self.src.st).report.scatter.as_mut() {
-                        r.store_failures += 1;
-                    }
-                    None
-                }
+        // The link while it keeps up; else the workers, as soon as one has room. While all
+        // are busy, finished batches are sent on (their `located` records) and the link is
+        // looked at again: whichever frees first takes the batch.
+        let direct = loop {
+            // What TLS holds beyond the socket counts as behind (at most its buffer).
+            let buffered = self.link.pending_tls();
+            let sc = self.scatter.as_ref().expect("checked by the caller");
+            if sc.link_keeps_up(self.link.fd(), buffered)? {
+                break true;
             }
+            if sc.has_room() {
+                break false;
+            }
+            self.scatter_finished(Duration::from_millis(2))?;
         };
-        match located {
-            None => {
-                self.scatter.as_mut().expect("set").sent_direct(nd);
-                self.send_batch(first, span, &data)?;
+        let sc = self.scatter.as_mut().expect("checked by the caller");
+        sc.count(direct);
+        if direct {
+            sc.sent_direct(nd);
+            self.send_batch(first, span, &data)?;
+        } else {
+            // A copy: the workers own their batches (the guest is paused, the bytes final).
+            let mut bytes = Vec::with_capacity(nd as usize * PAGE);
+            for i in (0..span).filter(|&i| bit(&data, i)) {
+                bytes.extend_from_slice(page(first + i));
             }
-            Some(rec) => {
-                for i in (0..span).filter(|&i| bit(&data, i)) {
-                    set_bit(&mut self.scattered, first + i);
-                }
-                self.link.send(&Frame::Located(rec))?;
-                let mut st = self.st();
-                st.report.bytes =
-                    self.link.wire_bytes + st.report.bytes_per_link.iter().sum::<u64>();
-                if let Some(r) = st.report.scatter.as_mut() {
-                    r.located_frames += 1;
-                }
+            if let Err(e) = sc.queue(first, span as u16, data.clone(), bytes) {
+                self.unstored(first, span, &data, &e.to_string())?;
             }
         }
         if let Some(r) = self.st().report.scatter.as_mut() {
             r.zero_pages += nz;
         }
+        Ok(())
+    }
+
+    /// Sends on what the scatter workers finished (waiting up to `wait` for the first): a
+    /// stored batch's `located` record; a batch they could not store, on the link.
+    fn scatter_finished(&mut self, wait: Duration) -> Result<(), LinkError> {
+        let mut wait = wait;
+        loop {
+            let Some(sc) = self.scatter.as_mut() else {
+                return Ok(());
+            };
+            let Some(done) = sc.finished(wait) else {
+                return Ok(());
+            };
+            wait = Duration::ZERO;
+            match done {
+                Ok(rec) => {
+                    for (p, _) in rec.pages() {
+                        set_bit(&mut self.scattered, p);
+                    }
+                    self.link.send(&Frame::Located(rec))?;
+                    let mut st = self.st();
+                    st.report.bytes =
+                        self.link.wire_bytes + st.report.bytes_per_link.iter().sum::<u64>();
+                    if let Some(r) = st.report.scatter.as_mut() {
+                        r.located_frames += 1;
+                    }
+                }
+                Err(u) => {
+                    let why = u.error.to_string();
+                    self.unstored(u.first, u.span as u64, &u.present, &why)?;
+                }
+            }
+        }
+    }
+
+    /// A batch the intermediaries could not take: the source still holds it, it goes on the
+    /// link.
+    fn unstored(&mut self, first: u64, span: u64, sel: &[u64], why: &str) -> Result<(), LinkError> {
+        tracing::warn!("migration: scatter: {why}; sending the batch on the link");
+        if let Some(r) = lock(&self.src.st).report.scatter.as_mut() {
+            r.store_failures += 1;
+        }
+        self.scatter.as_mut().expect("set").sent_direct(count(sel));
+        self.send_batch(first, span, sel)?;
         Ok(())
     }
 
@@ -1501,6 +1537,7 @@ impl Sender<'_> {
 
     fn postcopy_step(&mut self) -> Result<Option<Outcome>, LinkError> {
         self.read_incoming(Duration::ZERO)?;
+        self.scatter_finished(Duration::ZERO)?;
         if self.over_budget() && self.st().faults.is_empty() {
             self.throttle();
             return Ok(None);
@@ -1510,12 +1547,28 @@ impl Sender<'_> {
             let st = self.st();
             st.faults.is_empty() && st.urgent.is_empty()
         };
+        // Scatter-Gather with every worker busy and the link behind: wait for either here,
+        // where a fault is not held up behind a batch already taken.
+        if background {
+            if let Some(sc) = &self.scatter {
+                if !sc.has_room() && !sc.link_keeps_up(self.link.fd(), self.link.pending_tls())? {
+                    self.scatter_finished(Duration::from_millis(2))?;
+                    return Ok(None);
+                }
+            }
+        }
         if let Some((first, span, sel)) = self.next_batch() {
             if background && self.scatter.is_some() {
                 self.scatter_batch(first, span, &sel)?;
             } else {
                 self.send_batch(first, span, &sel)?;
             }
+            return Ok(None);
+        }
+        // Scatter-Gather: batches still at the workers; their records come first (faults
+        // are served meanwhile).
+        if self.scatter.as_ref().is_some_and(|sc| sc.in_flight() > 0) {
+            self.scatter_finished(Duration::from_millis(5))?;
             return Ok(None);
         }
         // Everything is sent: say so and wait for the destination to confirm. With

@@ -10,9 +10,10 @@
 //! `replicas` (1), `encrypt` (false), `cluster` (false), `ttl_secs` (3600), `high_water`
 //! (bytes, 262144; 0: never the link, every data page through the intermediaries),
 //! `gather_rate` (bytes/s, 0: uncapped), `key` (64 hex digits: a store key shared by a group
-//! of migrations, whose identical pages are then stored once), `reserve` (a page found absent
-//! is reserved before it is written, so that migrations sharing `key` send it once; default:
-//! on with a shared key).
+//! of migrations, whose identical pages are then stored once), `workers` (4: threads storing
+//! batches at the intermediaries in parallel, 1..=16), `reserve` (a page found absent is
+//! reserved before it is written, so that migrations sharing `key` send it once; default: on
+//! with a shared key).
 
 use serde::Deserialize;
 use spanvmm_sdk::migration::{self as mig, Phase, SwitchMode};
@@ -45,6 +46,9 @@ struct Config {
     #[serde(default)]
     #[allow(dead_code)]
     reserve: Option<bool>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    workers: Option<usize>,
 }
 
 fn one() -> usize {
