@@ -217,7 +217,10 @@ fn parse_cpu_template(s: &str) -> Result<CpuTemplate, String> {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().cmd {
+    base_vmm::startup::mark("main");
+    let cli = Cli::parse();
+    base_vmm::startup::mark("arguments parsed");
+    match cli.cmd {
         Command::Run {
             kernel,
             cmdline,
@@ -265,6 +268,7 @@ fn main() -> ExitCode {
                 eprintln!("spanvmm: {e:#}");
                 return ExitCode::FAILURE;
             }
+            base_vmm::startup::mark("logging set up");
             // The main loop's events name the VM (made once the subscriber exists).
             let _vm = tracing::info_span!("vm", id = %id).entered();
             if let Some(Err(e)) = memory.map(base_vmm::vmm::check_memory_mib) {
@@ -309,6 +313,7 @@ fn main() -> ExitCode {
                 eprintln!("spanvmm: {e}");
                 return ExitCode::FAILURE;
             }
+            base_vmm::startup::mark("seccomp filters compiled");
             if incoming.is_some() {
                 // An arriving VM's disks go on these files (the migration fills them).
                 base_vmm::devices::virtio::block::set_local_disks(disks.clone());

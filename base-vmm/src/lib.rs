@@ -13,6 +13,7 @@ pub mod memory;
 pub mod page_server;
 pub mod seccomp;
 pub mod snapshot;
+pub mod startup;
 pub mod state;
 mod syscalls_x86_64;
 pub mod uffd;

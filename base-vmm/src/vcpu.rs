@@ -681,7 +681,9 @@ impl VcpuThread {
     fn run_once(&mut self) -> Flow {
         let index = self.vcpu.index;
         let bus = &self.bus;
+        crate::startup::mark_first(&crate::startup::FIRST_RUNS, 1, "first KVM_RUN");
         let exit = self.vcpu.fd.run();
+        crate::startup::mark_first(&crate::startup::FIRST_EXITS, 2, "exit");
         bus.exits.count(match &exit {
             Ok(VcpuExit::IoIn(..)) => ExitKind::IoIn,
             Ok(VcpuExit::IoOut(..)) => ExitKind::IoOut,

@@ -72,9 +72,11 @@ impl Vm {
     pub fn new(ram: Arc<GuestRam>) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::Open)?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        crate::startup::mark("KVM_CREATE_VM");
         // Only VMX needs it; elsewhere the ioctl is harmless or absent.
         let _ = fd.set_tss_address(KVM_TSS_ADDR);
         let has_irqchip = fd.create_irq_chip().is_ok();
+        crate::startup::mark("irqchip");
         let has_pit = has_irqchip
             && fd
                 .create_pit2(kvm_pit_config {
@@ -82,9 +84,11 @@ impl Vm {
                     ..Default::default()
                 })
                 .is_ok();
+        crate::startup::mark("PIT");
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        crate::startup::mark("CPUID");
         let mut vm = Vm {
             fd,
             ram,
@@ -104,6 +108,7 @@ impl Vm {
             err: kvm_ioctls::Error::new(libc::EIO),
         })??;
         slot?;
+        crate::startup::mark("memslot and MSR probe");
         vm.msr_list = Arc::new(msrs);
         Ok(vm)
     }

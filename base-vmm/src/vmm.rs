@@ -24,6 +24,7 @@ use crate::devices::{lock, IoBus};
 use crate::lazy::{FirstTouch, LazyLoader, LazyProgress, Paging};
 use crate::memory::GuestRam;
 use crate::snapshot::{Chain, RestoreBuffers, SnapshotError, SnapshotKey};
+use crate::startup;
 use crate::state::{DeviceStates, MachineConfig, VmState};
 use crate::vcpu::{ParkedThread, VcpuEvent, VcpuHandle, VcpuState};
 use crate::vm::Vm;
@@ -942,7 +943,9 @@ impl Vmm {
         }
         check_memory_mib(cfg.mem_mib)?;
         let ram = Arc::new(GuestRam::new(cfg.mem_mib << 20)?);
+        startup::mark("guest RAM");
         let vm = Vm::new(ram.clone())?;
+        startup::mark("KVM VM ready");
         // Devices are announced the way microvm announces them, so that one guest (spanguest
         // or Linux) finds them under both VMMs.
         let devices: Vec<DeviceConfig> = (cfg.disks.iter().cloned().map(DeviceConfig::Block))
@@ -965,6 +968,7 @@ impl Vmm {
         }
         // Loading the kernel is not the guest's doing: start the VMM's dirty log clean.
         ram.take_vmm_dirty();
+        startup::mark("kernel loaded");
         let cpuid = cfg
             .cpu_template
             .apply(&crate::cpu::entries_of(vm.host_cpuid()));
@@ -984,10 +988,12 @@ impl Vmm {
             cpuid,
             msrs: vcpus[0].msr_list().to_vec(),
         };
+        startup::mark("vCPUs created");
         for v in &vcpus {
             v.configure_boot(&entry, cfg.vcpus)?;
         }
         let tsc_khz = vcpus[0].tsc_khz()?;
+        startup::mark("boot registers set");
         let dev = build_devices(
             &vm,
             &cfg.serial,
@@ -997,6 +1003,7 @@ impl Vmm {
             Virtio::Fresh(&devices),
             cfg.start_paused,
         )?;
+        startup::mark("devices built");
         let machine = MachineConfig {
             mem_bytes: ram.size(),
             vcpus: cfg.vcpus,
@@ -1007,6 +1014,7 @@ impl Vmm {
             .into_iter()
             .map(|v| v.start(dev.bus.clone(), events.clone(), cfg.start_paused))
             .collect::<Result<Vec<_>, _>>()?;
+        startup::mark("vCPU threads started");
         let run = if cfg.start_paused {
             RunState::Paused
         } else {
@@ -1022,6 +1030,7 @@ impl Vmm {
     /// rest (see [`crate::lazy`]).
     pub fn restore(dir: &Path, how: RestoreHow) -> Result<Self, VmmError> {
         let (chain, state) = open_snapshot(dir, how.key, None)?;
+        startup::mark("snapshot opened");
         // An eager restore is refused before guest memory is even allocated and loaded
         // (finish checks again, precisely: against the MSRs this host lets the VMM read, not
         // only those KVM lists). Not a lazy one: asking KVM costs ~0.4 ms on PVM, a tenth of
@@ -1033,14 +1042,27 @@ impl Vmm {
                 .check_against(&crate::cpu::host_as_compared(cpuid), &msrs)?;
         }
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
+        startup::mark("guest RAM");
         let loader = load_memory(&ram, chain, how.lazy, &state)?;
+        startup::mark(if how.lazy {
+            "memory registered for the lazy load"
+        } else {
+            "memory loaded"
+        });
+        let prepared = Vmm::prepare(ram, &state.machine)?;
+        startup::mark("KVM VM and vCPUs prepared");
         // A VM saved with services waits for them (the caller resumes it once they are back).
-        let mut vmm = Vmm::prepare(ram, &state.machine)?.finish(
+        let mut marks = StepMarks::new();
+        let mut vmm = prepared.finish_marked(
             &state,
             how.serial_spec,
             how.events,
             how.start_paused || !state.services.is_empty(),
+            &mut marks,
         )?;
+        for (step, at) in marks {
+            startup::mark_at(step, at);
+        }
         vmm.feed_from(loader);
         Ok(vmm)
     }
@@ -1116,9 +1138,11 @@ impl Vmm {
             )));
         }
         let vm = Vm::new(ram)?;
+        startup::mark("KVM VM ready");
         let vcpus = (0..machine.vcpus)
             .map(|i| vm.create_vcpu(i))
             .collect::<Result<Vec<_>, _>>()?;
+        startup::mark("vCPUs created");
         let threads = (0..machine.vcpus)
             .map(ParkedThread::spawn)
             .collect::<Result<Vec<_>, _>>()?;
