@@ -196,6 +196,10 @@ fn segment(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
     }
 }
 
+/// MSRs read per `KVM_GET_MSRS` in [`Vcpu::readable_msrs`] (kvm-bindings' `Msrs` holds at
+/// most 256).
+const MSR_BATCH: usize = 256;
+
 impl Vcpu {
     /// Creates vCPU `index` with `cpuid` (its APIC IDs patched to `index`).
     pub fn new(
@@ -245,20 +249,30 @@ impl Vcpu {
         self.msr_list = list;
     }
 
-    /// Those of `list` this vCPU lets the VMM read with its current CPUID (a template that
-    /// hides a feature can make its MSRs unreadable).
+    /// Those of `list` this vCPU lets the VMM read with its current CPUID (some listed ones
+    /// fail on PVM; a template that hides a feature can make its MSRs unreadable). Reads them
+    /// in batches: `KVM_GET_MSRS` stops at the first MSR it cannot read and says how many it
+    /// read, so the probe costs one ioctl per unreadable MSR rather than one per MSR.
     pub fn readable_msrs(&self, list: &[u32]) -> Vec<u32> {
-        list.iter()
-            .copied()
-            .filter(|&index| {
-                let mut one = Msrs::from_entries(&[kvm_msr_entry {
+        let mut readable = Vec::with_capacity(list.len());
+        let mut rest = list;
+        while !rest.is_empty() {
+            let batch = &rest[..rest.len().min(MSR_BATCH)];
+            let entries: Vec<kvm_msr_entry> = batch
+                .iter()
+                .map(|&index| kvm_msr_entry {
                     index,
                     ..Default::default()
-                }])
-                .expect("one MSR entry fits");
-                matches!(self.fd.get_msrs(&mut one), Ok(1))
-            })
-            .collect()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries).expect("a batch fits in Msrs");
+            // An ioctl error reads as "none readable": the first is dropped, the rest retried.
+            let n = self.fd.get_msrs(&mut msrs).unwrap_or(0).min(batch.len());
+            readable.extend_from_slice(&batch[..n]);
+            // Past the batch when all of it was read; else past batch[n], the unreadable one.
+            rest = &rest[if n == batch.len() { n } else { n + 1 }..];
+        }
+        readable
     }
 
     /// The TSC frequency KVM runs this vCPU at, in kHz.
@@ -995,6 +1009,38 @@ mod tests {
         assert_eq!(st.sregs.cs.dpl, 3);
         assert_eq!(st.regs.rip, 0x10000 + 17, "RIP after the completed OUT");
         handle.stop();
+    }
+
+    #[test]
+    fn batched_msr_probe_finds_what_one_by_one_reads_find() {
+        let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+        let vm = Vm::new(ram).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let one_by_one: Vec<u32> = vm
+            .listed_msrs()
+            .iter()
+            .copied()
+            .filter(|&index| {
+                let mut one = Msrs::from_entries(&[kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                }])
+                .unwrap();
+                matches!(vcpu.fd.get_msrs(&mut one), Ok(1))
+            })
+            .collect();
+        assert!(!one_by_one.is_empty());
+        assert_eq!(vcpu.readable_msrs(vm.listed_msrs()), one_by_one);
+        assert_eq!(*vm.host_msrs(), one_by_one, "the VM's first vCPU probed them");
+        assert_eq!(**vcpu.msr_list(), one_by_one);
+        // Unreadable ones anywhere (first, between, last) are each skipped once.
+        let bogus = 0x4b56_4eff;
+        let mut mixed = vec![bogus];
+        for m in &one_by_one {
+            mixed.extend([*m, bogus]);
+        }
+        assert_eq!(vcpu.readable_msrs(&mixed), one_by_one);
+        assert!(vcpu.readable_msrs(&[]).is_empty());
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! The KVM VM: guest memory registration, dirty logging, in-kernel irqchip and PIT, clock.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_msr_entry, kvm_pit_config, kvm_pit_state2,
-    kvm_userspace_memory_region, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
@@ -63,7 +63,11 @@ pub struct Vm {
     has_pit: bool,
     dirty_logging: bool,
     cpuid: CpuId,
-    msr_list: Arc<Vec<u32>>,
+    /// The MSRs KVM lists (`KVM_GET_MSR_INDEX_LIST`); some of them fail to read on PVM.
+    listed_msrs: Vec<u32>,
+    /// Those of them the VMM can save and restore: probed on the first vCPU made with the
+    /// host's CPUID (see [`Vm::create_vcpu`]).
+    msr_list: OnceLock<Arc<Vec<u32>>>,
 }
 
 impl Vm {
@@ -89,6 +93,9 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         crate::startup::mark("CPUID");
+        let listed = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
         let mut vm = Vm {
             fd,
             ram,
@@ -96,20 +103,11 @@ impl Vm {
             has_pit,
             dirty_logging: false,
             cpuid,
-            msr_list: Arc::new(Vec::new()),
+            listed_msrs: listed.as_slice().to_vec(),
+            msr_list: OnceLock::new(),
         };
-        // The probe (a throwaway VM) and the memslot (several ms on PVM whatever its size)
-        // are both on every start's critical path: run them side by side.
-        let cpuid = vm.cpuid.clone();
-        let probe = std::thread::spawn(move || saveable_msrs(&cpuid));
-        let slot = vm.set_memory_slot(false);
-        let msrs = probe.join().map_err(|_| VmError::Kvm {
-            what: "MSR probe (the probe thread panicked)",
-            err: kvm_ioctls::Error::new(libc::EIO),
-        })??;
-        slot?;
-        crate::startup::mark("memslot and MSR probe");
-        vm.msr_list = Arc::new(msrs);
+        vm.set_memory_slot(false)?;
+        crate::startup::mark("memslot");
         Ok(vm)
     }
 
@@ -174,9 +172,17 @@ impl Vm {
         self.has_irqchip
     }
 
-    /// Creates vCPU `index` with everything this host offers (CPUID and MSRs).
+    /// Creates vCPU `index` with everything this host offers (CPUID and MSRs). The first one
+    /// made answers which of the listed MSRs are saveable (see [`Vcpu::readable_msrs`]): no
+    /// throwaway VM for the probe (creating it and its vCPU cost several ms on PVM, on every
+    /// start's critical path).
     pub fn create_vcpu(&self, index: usize) -> Result<Vcpu, VmError> {
-        self.create_vcpu_with(index, &self.cpuid, self.msr_list.clone())
+        let mut vcpu = self.create_vcpu_with(index, &self.cpuid, Arc::new(Vec::new()))?;
+        let msrs = self
+            .msr_list
+            .get_or_init(|| Arc::new(vcpu.readable_msrs(&self.listed_msrs)));
+        vcpu.set_msr_list(msrs.clone());
+        Ok(vcpu)
     }
 
     /// Creates vCPU `index` with `cpuid`, saving and restoring `msrs`.
@@ -194,9 +200,15 @@ impl Vm {
         &self.cpuid
     }
 
-    /// The MSRs this host lets the VMM save and restore (probed at creation).
-    pub fn host_msrs(&self) -> &Arc<Vec<u32>> {
-        &self.msr_list
+    /// The MSRs KVM lists on this host (a superset of the saveable ones).
+    pub fn listed_msrs(&self) -> &[u32] {
+        &self.listed_msrs
+    }
+
+    /// The MSRs this host lets the VMM save and restore, probed on the VM's first vCPU made by
+    /// [`Vm::create_vcpu`] (empty before).
+    pub fn host_msrs(&self) -> Arc<Vec<u32>> {
+        self.msr_list.get().cloned().unwrap_or_default()
     }
 }
 
@@ -212,37 +224,6 @@ pub fn host_offer() -> Result<(Vec<crate::cpu::CpuidEntry>, Vec<u32>), VmError> 
         .get_msr_index_list()
         .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
     Ok((crate::cpu::entries_of(&cpuid), msrs.as_slice().to_vec()))
-}
-
-/// MSRs KVM lists *and* lets us read on this host (some listed ones fail on PVM). A throwaway
-/// VM on its own `/dev/kvm` handle answers the probe, so the real VM gets no extra vCPU.
-fn saveable_msrs(cpuid: &CpuId) -> Result<Vec<u32>, VmError> {
-    let kvm = Kvm::new().map_err(VmError::Open)?;
-    let listed = kvm
-        .get_msr_index_list()
-        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
-    let scratch = kvm
-        .create_vm()
-        .map_err(kvm_err("KVM_CREATE_VM (MSR probe)"))?;
-    let probe = scratch
-        .create_vcpu(0)
-        .map_err(kvm_err("KVM_CREATE_VCPU (MSR probe)"))?;
-    probe
-        .set_cpuid2(cpuid)
-        .map_err(kvm_err("KVM_SET_CPUID2 (MSR probe)"))?;
-    Ok(listed
-        .as_slice()
-        .iter()
-        .copied()
-        .filter(|&index| {
-            let mut one = Msrs::from_entries(&[kvm_msr_entry {
-                index,
-                ..Default::default()
-            }])
-            .expect("one MSR entry fits");
-            matches!(probe.get_msrs(&mut one), Ok(1))
-        })
-        .collect())
 }
 
 impl Vm {

@@ -483,7 +483,7 @@ impl PreparedVm {
     /// (see [`crate::cpu`]).
     pub fn check_cpu(&self, state: &VmState) -> Result<(), VmmError> {
         let host = crate::cpu::host_as_compared(crate::cpu::entries_of(self.vm.host_cpuid()));
-        state.cpu.check_against(&host, self.vm.host_msrs())?;
+        state.cpu.check_against(&host, &self.vm.host_msrs())?;
         Ok(())
     }
 
@@ -974,14 +974,13 @@ impl Vmm {
             .apply(&crate::cpu::entries_of(vm.host_cpuid()));
         let kvm_cpuid = crate::cpu::to_kvm(&cpuid)?;
         let mut vcpus = (0..cfg.vcpus)
-            .map(|i| vm.create_vcpu_with(i, &kvm_cpuid, vm.host_msrs().clone()))
+            .map(|i| vm.create_vcpu_with(i, &kvm_cpuid, Arc::new(Vec::new())))
             .collect::<Result<Vec<_>, _>>()?;
-        if cfg.cpu_template != CpuTemplate::Host {
-            // A feature the template hides can make its MSRs unreadable: save only the others.
-            let msrs = Arc::new(vcpus[0].readable_msrs(vm.host_msrs()));
-            for v in &mut vcpus {
-                v.set_msr_list(msrs.clone());
-            }
+        // Saved: the listed MSRs the guest's CPUID lets the VMM read (a feature a template
+        // hides can make its MSRs unreadable), asked of vCPU 0 before it ever runs.
+        let msrs = Arc::new(vcpus[0].readable_msrs(vm.listed_msrs()));
+        for v in &mut vcpus {
+            v.set_msr_list(msrs.clone());
         }
         let cpu = CpuModel {
             template: cfg.cpu_template,
