@@ -985,9 +985,10 @@ mod tests {
     fn direct_cpl3_entry_runs_port_io_and_powers_off() {
         let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
         let entry = tiny_guest(&ram);
-        let vm = Vm::new(ram).unwrap();
+        let mut vm = Vm::new(ram).unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
         vcpu.configure_boot(&entry, 1).unwrap();
+        vm.ready().unwrap();
         let pv = Arc::new(Mutex::new(PvDevice::new(1, PvState::default())));
         let storm = Arc::new(Mutex::new(Counter(0)));
         let mut bus = IoBus::default();
@@ -1031,7 +1032,11 @@ mod tests {
             .collect();
         assert!(!one_by_one.is_empty());
         assert_eq!(vcpu.readable_msrs(vm.listed_msrs()), one_by_one);
-        assert_eq!(*vm.host_msrs(), one_by_one, "the VM's first vCPU probed them");
+        assert_eq!(
+            *vm.host_msrs(),
+            one_by_one,
+            "the VM's first vCPU probed them"
+        );
         assert_eq!(**vcpu.msr_list(), one_by_one);
         // Unreadable ones anywhere (first, between, last) are each skipped once.
         let bogus = 0x4b56_4eff;

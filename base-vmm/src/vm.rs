@@ -1,11 +1,12 @@
 //! The KVM VM: guest memory registration, dirty logging, in-kernel irqchip and PIT, clock.
 
 use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -57,10 +58,13 @@ pub struct VmKvmState {
 
 /// A KVM VM with its guest RAM registered.
 pub struct Vm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
     ram: Arc<GuestRam>,
     has_irqchip: bool,
+    /// Known once [`Vm::ready`] returned.
     has_pit: bool,
+    /// The PIT and the memslot being made (see [`Vm::new`]): whether the PIT is there.
+    pending: Option<JoinHandle<Result<bool, VmError>>>,
     dirty_logging: bool,
     cpuid: CpuId,
     /// The MSRs KVM lists (`KVM_GET_MSR_INDEX_LIST`); some of them fail to read on PVM.
@@ -72,23 +76,41 @@ pub struct Vm {
 
 impl Vm {
     /// Creates a VM on `ram`. The in-kernel irqchip and PIT are created where the host offers
-    /// them (PVM hosts may not); their absence is recorded, not an error.
+    /// them (PVM hosts may not); their absence is recorded, not an error. The PIT and the
+    /// memslot are made on a thread of their own while the caller goes on building the VM
+    /// (vCPUs, kernel, lazy-restore registration): [`Vm::ready`] waits for them.
     pub fn new(ram: Arc<GuestRam>) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::Open)?;
-        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         crate::startup::mark("KVM_CREATE_VM");
         // Only VMX needs it; elsewhere the ioctl is harmless or absent.
         let _ = fd.set_tss_address(KVM_TSS_ADDR);
+        // Before any vCPU (KVM's rule), so not on the thread below.
         let has_irqchip = fd.create_irq_chip().is_ok();
         crate::startup::mark("irqchip");
-        let has_pit = has_irqchip
-            && fd
-                .create_pit2(kvm_pit_config {
-                    flags: KVM_PIT_SPEAKER_DUMMY,
-                    ..Default::default()
-                })
-                .is_ok();
-        crate::startup::mark("PIT");
+        // Both mostly wait on the kernel — the PIT for the kthread it starts, the memslot for
+        // an SRCU grace period — for milliseconds when the host is busy; nothing before the
+        // first KVM_RUN needs them.
+        let (bg_fd, bg_ram) = (fd.clone(), ram.clone());
+        let pending = std::thread::Builder::new()
+            .name("vm-memslot".into())
+            .spawn(move || {
+                let has_pit = has_irqchip
+                    && bg_fd
+                        .create_pit2(kvm_pit_config {
+                            flags: KVM_PIT_SPEAKER_DUMMY,
+                            ..Default::default()
+                        })
+                        .is_ok();
+                crate::startup::mark("PIT");
+                register_slot(&bg_fd, &bg_ram, false)?;
+                crate::startup::mark("memslot");
+                Ok(has_pit)
+            })
+            .map_err(|e| VmError::Kvm {
+                what: "starting the memslot thread",
+                err: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EAGAIN)),
+            })?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -96,37 +118,34 @@ impl Vm {
         let listed = kvm
             .get_msr_index_list()
             .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
-        let mut vm = Vm {
+        Ok(Vm {
             fd,
             ram,
             has_irqchip,
-            has_pit,
+            has_pit: false,
+            pending: Some(pending),
             dirty_logging: false,
             cpuid,
             listed_msrs: listed.as_slice().to_vec(),
             msr_list: OnceLock::new(),
-        };
-        vm.set_memory_slot(false)?;
-        crate::startup::mark("memslot");
-        Ok(vm)
+        })
+    }
+
+    /// Waits for the PIT and the memslot [`Vm::new`] started; once they are there, at once.
+    /// Before the first `KVM_RUN`, and before anything reads or restores the VM's state.
+    pub fn ready(&mut self) -> Result<(), VmError> {
+        if let Some(t) = self.pending.take() {
+            self.has_pit = t.join().map_err(|_| VmError::Kvm {
+                what: "the memslot thread (it panicked)",
+                err: kvm_ioctls::Error::new(libc::EIO),
+            })??;
+        }
+        Ok(())
     }
 
     fn set_memory_slot(&mut self, log_dirty: bool) -> Result<(), VmError> {
-        let region = kvm_userspace_memory_region {
-            slot: RAM_SLOT,
-            flags: if log_dirty {
-                KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
-            guest_phys_addr: 0,
-            memory_size: self.ram.size(),
-            userspace_addr: self.ram.host_base() as u64,
-        };
-        // SAFETY: the region is the live mapping of `self.ram`, which this VM keeps alive
-        // through its Arc for as long as the slot exists.
-        unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        self.ready()?;
+        register_slot(&self.fd, &self.ram, log_dirty)?;
         self.dirty_logging = log_dirty;
         Ok(())
     }
@@ -212,6 +231,24 @@ impl Vm {
     }
 }
 
+/// Registers `ram` as the VM's one memslot, logging dirty pages or not.
+fn register_slot(fd: &VmFd, ram: &Arc<GuestRam>, log_dirty: bool) -> Result<(), VmError> {
+    let region = kvm_userspace_memory_region {
+        slot: RAM_SLOT,
+        flags: if log_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+        guest_phys_addr: 0,
+        memory_size: ram.size(),
+        userspace_addr: ram.host_base() as u64,
+    };
+    // SAFETY: the region is the live mapping of `ram`; the VM keeps that mapping alive
+    // through its Arc for as long as the slot exists.
+    unsafe { fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+}
+
 /// What this host's KVM offers, without creating a VM: the CPUID it supports and the MSRs it
 /// lists (a superset of those [`Vm::host_msrs`] finds readable). Cheap enough to check a saved
 /// CPU model before anything is loaded.
@@ -229,6 +266,11 @@ pub fn host_offer() -> Result<(Vec<crate::cpu::CpuidEntry>, Vec<u32>), VmError> 
 impl Vm {
     /// Reads the irqchip, PIT and clock (vCPUs paused).
     pub fn save_state(&self) -> Result<VmKvmState, VmError> {
+        if self.pending.is_some() {
+            return Err(VmError::Incompatible(
+                "the VM is still being built (its PIT and memslot)".into(),
+            ));
+        }
         let irqchip = if self.has_irqchip {
             let mut chips = Vec::new();
             for id in [
@@ -263,7 +305,8 @@ impl Vm {
     }
 
     /// Writes saved irqchip, PIT and clock state back.
-    pub fn restore_state(&self, s: &VmKvmState) -> Result<(), VmError> {
+    pub fn restore_state(&mut self, s: &VmKvmState) -> Result<(), VmError> {
+        self.ready()?;
         match (&s.irqchip, self.has_irqchip) {
             (Some(chips), true) => {
                 for c in chips {

@@ -528,6 +528,9 @@ impl PreparedVm {
                 "the state describes another machine than the one prepared".into(),
             ));
         }
+        // The memslot (made meanwhile, see Vm::new) before any register refers to memory.
+        self.vm.ready()?;
+        marks.push(("memslot ready", monotonic_us()));
         let cpu = self.adopt_cpu(state)?;
         marks.push(("cpu model set", monotonic_us()));
         // The first vCPU's registers here, the others' on threads of their own: a dozen
@@ -944,8 +947,8 @@ impl Vmm {
         check_memory_mib(cfg.mem_mib)?;
         let ram = Arc::new(GuestRam::new(cfg.mem_mib << 20)?);
         startup::mark("guest RAM");
-        let vm = Vm::new(ram.clone())?;
-        startup::mark("KVM VM ready");
+        let mut vm = Vm::new(ram.clone())?;
+        startup::mark("KVM VM created");
         // Devices are announced the way microvm announces them, so that one guest (spanguest
         // or Linux) finds them under both VMMs.
         let devices: Vec<DeviceConfig> = (cfg.disks.iter().cloned().map(DeviceConfig::Block))
@@ -1009,6 +1012,9 @@ impl Vmm {
             tsc_khz,
             cmdline,
         };
+        // The memslot (made meanwhile, see Vm::new) before the first instruction.
+        vm.ready()?;
+        startup::mark("memslot ready");
         let handles = vcpus
             .into_iter()
             .map(|v| v.start(dev.bus.clone(), events.clone(), cfg.start_paused))
@@ -1024,7 +1030,7 @@ impl Vmm {
 
     /// Rebuilds a VM from the snapshot layer in `dir` (and its ancestors) and runs it (or
     /// leaves it paused). The whole chain is checked first; eagerly loaded memory is checked
-    /// page by page before any vCPU exists. With `lazy`, the guest starts before its memory
+    /// page by page before any vCPU runs. With `lazy`, the guest starts before its memory
     /// is loaded: pages come in (checked) on first touch while a background thread copies the
     /// rest (see [`crate::lazy`]).
     pub fn restore(dir: &Path, how: RestoreHow) -> Result<Self, VmmError> {
@@ -1042,14 +1048,16 @@ impl Vmm {
         }
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
         startup::mark("guest RAM");
+        // The KVM VM first: its memslot is made on a thread of its own while the memory
+        // loads (or registers for the lazy load).
+        let prepared = Vmm::prepare(ram.clone(), &state.machine)?;
+        startup::mark("KVM VM and vCPUs prepared");
         let loader = load_memory(&ram, chain, how.lazy, &state)?;
         startup::mark(if how.lazy {
             "memory registered for the lazy load"
         } else {
             "memory loaded"
         });
-        let prepared = Vmm::prepare(ram, &state.machine)?;
-        startup::mark("KVM VM and vCPUs prepared");
         // A VM saved with services waits for them (the caller resumes it once they are back).
         let mut marks = StepMarks::new();
         let mut vmm = prepared.finish_marked(
@@ -1137,7 +1145,7 @@ impl Vmm {
             )));
         }
         let vm = Vm::new(ram)?;
-        startup::mark("KVM VM ready");
+        startup::mark("KVM VM created");
         let vcpus = (0..machine.vcpus)
             .map(|i| vm.create_vcpu(i))
             .collect::<Result<Vec<_>, _>>()?;
