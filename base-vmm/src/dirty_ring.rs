@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use kvm_bindings::{
-    kvm_dirty_gfn, kvm_enable_cap, KVMIO, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     KVM_DIRTY_LOG_PAGE_OFFSET,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -28,7 +28,12 @@ const GFN_RESET: u32 = 2;
 /// about this many pages are dirtied between harvests.
 pub const RING_ENTRIES: u32 = 16384;
 
-vmm_sys_util::ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+mod ioctls {
+    use kvm_bindings::KVMIO;
+    // Not in kvm-ioctls: `_IO(KVMIO, 0xc7)`.
+    vmm_sys_util::ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+}
+use ioctls::KVM_RESET_DIRTY_RINGS;
 
 /// How a VM logs the pages its guest writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,8 +162,8 @@ impl DirtyRings {
         if cap == 0 {
             return Err(RingError::NotOffered);
         }
-        let bytes = (RING_ENTRIES as usize * std::mem::size_of::<kvm_dirty_gfn>())
-            .min(max as usize) as u64;
+        let bytes =
+            (RING_ENTRIES as usize * std::mem::size_of::<kvm_dirty_gfn>()).min(max as usize) as u64;
         let enable = kvm_enable_cap {
             cap,
             args: [bytes, 0, 0, 0],
@@ -228,7 +233,10 @@ impl DirtyRings {
     /// write-protects those pages again, so the next write is logged anew).
     fn drain(&self, inner: &mut Inner) -> Result<u64, RingError> {
         let Inner { rings, pending } = inner;
-        let n: u64 = rings.iter_mut().map(|r| r.collect(self.slot, pending)).sum();
+        let n: u64 = rings
+            .iter_mut()
+            .map(|r| r.collect(self.slot, pending))
+            .sum();
         if n > 0 {
             // SAFETY: a VM ioctl without argument on our duplicate of the VM descriptor.
             let r = unsafe { vmm_sys_util::ioctl::ioctl(&self.vm, KVM_RESET_DIRTY_RINGS()) };
@@ -245,7 +253,8 @@ impl DirtyRings {
     /// A vCPU stopped with its ring full: empty the rings (called on that vCPU's thread).
     pub fn on_full(&self) -> Result<(), RingError> {
         self.full_exits.fetch_add(1, Ordering::Relaxed);
-        self.drain(&mut crate::devices::lock(&self.inner)).map(|_| ())
+        self.drain(&mut crate::devices::lock(&self.inner))
+            .map(|_| ())
     }
 
     /// The pages dirtied since the last harvest (a bit each), and forgets them.

@@ -7,6 +7,7 @@
 pub mod boot;
 pub mod cpu;
 pub mod devices;
+pub mod dirty_ring;
 pub mod evict;
 pub mod lazy;
 pub mod memory;

@@ -1,16 +1,19 @@
 //! The KVM VM: guest memory registration, dirty logging, in-kernel irqchip and PIT, clock.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    CpuId, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 
+use crate::dirty_ring::{DirtyLogMode, DirtyRings, RingError};
 use crate::memory::GuestRam;
 use crate::vcpu::{Vcpu, VcpuError};
 
@@ -31,6 +34,9 @@ pub enum VmError {
     /// A vCPU operation failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The dirty ring was asked for and could not be set up.
+    #[error(transparent)]
+    Ring(#[from] RingError),
     /// The saved VM state does not fit this host's VM.
     #[error("{0}")]
     Incompatible(String),
@@ -66,6 +72,8 @@ pub struct Vm {
     /// The PIT and the memslot being made (see [`Vm::new`]): whether the PIT is there.
     pending: Option<JoinHandle<Result<bool, VmError>>>,
     dirty_logging: bool,
+    /// Set when the VM logs dirty pages through KVM's dirty ring rather than its bitmap.
+    dirty_rings: Option<Arc<DirtyRings>>,
     cpuid: CpuId,
     /// The MSRs KVM lists (`KVM_GET_MSR_INDEX_LIST`); some of them fail to read on PVM.
     listed_msrs: Vec<u32>,
@@ -80,8 +88,23 @@ impl Vm {
     /// memslot are made on a thread of their own while the caller goes on building the VM
     /// (vCPUs, kernel, lazy-restore registration): [`Vm::ready`] waits for them.
     pub fn new(ram: Arc<GuestRam>) -> Result<Self, VmError> {
+        let mode = dirty_log_mode(ram.size());
+        Self::new_with(ram, mode)
+    }
+
+    /// [`Vm::new`] logging dirty pages the way `mode` says (the ring must be chosen before any
+    /// vCPU exists: KVM allots each vCPU its ring when it is created).
+    pub fn new_with(ram: Arc<GuestRam>, mode: DirtyLogMode) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::Open)?;
         let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        let dirty_rings = match mode {
+            DirtyLogMode::Bitmap => None,
+            DirtyLogMode::Ring => Some(Arc::new(DirtyRings::enable(
+                &fd,
+                RAM_SLOT,
+                ram.size() / crate::memory::PAGE_SIZE,
+            )?)),
+        };
         crate::startup::mark("KVM_CREATE_VM");
         // Only VMX needs it; elsewhere the ioctl is harmless or absent.
         let _ = fd.set_tss_address(KVM_TSS_ADDR);
@@ -125,6 +148,7 @@ impl Vm {
             has_pit: false,
             pending: Some(pending),
             dirty_logging: false,
+            dirty_rings,
             cpuid,
             listed_msrs: listed.as_slice().to_vec(),
             msr_list: OnceLock::new(),
@@ -152,10 +176,33 @@ impl Vm {
 
     /// Turns KVM's dirty-page logging on or off (it costs a write fault per page per round).
     pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
-        if on != self.dirty_logging {
-            self.set_memory_slot(on)?;
+        if on == self.dirty_logging {
+            return Ok(());
+        }
+        // Whatever the rings hold is from an earlier logging period: dropped before logging
+        // starts (a write after the start must reach the first harvest) and once it stopped.
+        if let (true, Some(r)) = (on, &self.dirty_rings) {
+            r.discard()?;
+        }
+        self.set_memory_slot(on)?;
+        if let (false, Some(r)) = (on, &self.dirty_rings) {
+            r.discard()?;
         }
         Ok(())
+    }
+
+    /// How this VM logs dirty pages.
+    pub fn dirty_log_mode(&self) -> DirtyLogMode {
+        if self.dirty_rings.is_some() {
+            DirtyLogMode::Ring
+        } else {
+            DirtyLogMode::Bitmap
+        }
+    }
+
+    /// Times a vCPU stopped because its dirty ring was full (0 with the bitmap).
+    pub fn dirty_ring_full_exits(&self) -> u64 {
+        self.dirty_rings.as_ref().map_or(0, |r| r.full_exits())
     }
 
     /// Pages written since the last harvest, one bit per page: what the guest wrote (KVM's log,
@@ -166,10 +213,13 @@ impl Vm {
                 "dirty logging is off: turn it on before harvesting".into(),
             ));
         }
-        let mut bits = self
-            .fd
-            .get_dirty_log(RAM_SLOT, self.ram.size() as usize)
-            .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        let mut bits = match &self.dirty_rings {
+            Some(r) => r.harvest()?,
+            None => self
+                .fd
+                .get_dirty_log(RAM_SLOT, self.ram.size() as usize)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?,
+        };
         for (w, v) in bits.iter_mut().zip(self.ram.take_vmm_dirty()) {
             *w |= v;
         }
@@ -211,7 +261,11 @@ impl Vm {
         cpuid: &CpuId,
         msrs: Arc<Vec<u32>>,
     ) -> Result<Vcpu, VmError> {
-        Ok(Vcpu::new(&self.fd, index, cpuid, msrs, self.has_irqchip)?)
+        let mut vcpu = Vcpu::new(&self.fd, index, cpuid, msrs, self.has_irqchip)?;
+        if let Some(r) = &self.dirty_rings {
+            vcpu.join_dirty_rings(r.clone())?;
+        }
+        Ok(vcpu)
     }
 
     /// The CPUID this host's KVM supports (`KVM_GET_SUPPORTED_CPUID`).
@@ -247,6 +301,48 @@ fn register_slot(fd: &VmFd, ram: &Arc<GuestRam>, log_dirty: bool) -> Result<(), 
     // SAFETY: the region is the live mapping of `ram`; the VM keeps that mapping alive
     // through its Arc for as long as the slot exists.
     unsafe { fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+}
+
+/// Guests from this size up log dirty pages through KVM's dirty ring when the host offers it
+/// (`run --dirty-log auto`, the default): see docs/benchmarks.md, "Dirty log".
+pub const RING_FROM_BYTES: u64 = RING_FROM_GIB << 30;
+const RING_FROM_GIB: u64 = 16;
+
+/// The dirty log a VM of `bytes` gets: the one [`set_dirty_log`] chose, else (`auto`) the ring
+/// from [`RING_FROM_BYTES`] up where the host offers it, and the bitmap below.
+pub fn dirty_log_mode(bytes: u64) -> DirtyLogMode {
+    match DIRTY_LOG.load(Ordering::Relaxed) {
+        1 => DirtyLogMode::Bitmap,
+        2 => DirtyLogMode::Ring,
+        _ if bytes >= RING_FROM_BYTES && ring_offered() => DirtyLogMode::Ring,
+        _ => DirtyLogMode::Bitmap,
+    }
+}
+
+/// The operator's choice (`run --dirty-log`): 0 `auto`, 1 `bitmap`, 2 `ring`.
+static DIRTY_LOG: AtomicU8 = AtomicU8::new(0);
+
+/// Sets how the VMs this process creates from now on log dirty pages (`None`: `auto`, by
+/// size, see [`dirty_log_mode`]).
+pub fn set_dirty_log(mode: Option<DirtyLogMode>) {
+    let v = match mode {
+        None => 0,
+        Some(DirtyLogMode::Bitmap) => 1,
+        Some(DirtyLogMode::Ring) => 2,
+    };
+    DIRTY_LOG.store(v, Ordering::Relaxed);
+}
+
+/// Whether this host's KVM offers the dirty ring (asked once per process).
+pub fn ring_offered() -> bool {
+    static OFFERED: OnceLock<bool> = OnceLock::new();
+    *OFFERED.get_or_init(|| {
+        Kvm::new().is_ok_and(|k| {
+            [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING]
+                .iter()
+                .any(|&c| k.check_extension_raw(c.into()) > 0)
+        })
+    })
 }
 
 /// What this host's KVM offers, without creating a VM: the CPUID it supports and the MSRs it

@@ -160,8 +160,19 @@ pub struct VmStatus {
     pub in_doubt: Option<String>,
     /// The CPU the guest was given: template, vendor, family/model, feature bits.
     pub cpu: CpuSummary,
+    /// How the guest's writes are logged for dirty-page harvests.
+    pub dirty_log: DirtyLogStatus,
     /// Virtio devices.
     pub devices: Vec<DeviceInfo>,
+}
+
+/// How a VM logs its guest's writes (see [`crate::dirty_ring`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct DirtyLogStatus {
+    /// `bitmap` or `ring`.
+    pub mode: String,
+    /// Times a vCPU stopped because its dirty ring was full (0 with the bitmap).
+    pub ring_full_exits: u64,
 }
 
 /// Whether the vCPUs run, and who may run them again.
@@ -1236,6 +1247,13 @@ impl Vmm {
             operator_paused: self.ctl.operator_paused(),
             in_doubt: self.ctl.in_doubt(),
             cpu: self.ctl.cpu.summary(),
+            dirty_log: {
+                let vm = lock(&self.ctl.vm);
+                DirtyLogStatus {
+                    mode: vm.dirty_log_mode().to_string(),
+                    ring_full_exits: vm.dirty_ring_full_exits(),
+                }
+            },
             devices: self.ctl.devices(),
         }
     }
