@@ -8,6 +8,7 @@ use std::time::Duration;
 use base_vmm::boot::EntryPreference;
 use base_vmm::cpu::CpuTemplate;
 use base_vmm::devices::virtio::{BlockConfig, NetConfig};
+use base_vmm::dirty_ring::DirtyLogMode;
 use base_vmm::vmm::VmConfig;
 use clap::{Parser, Subcommand, ValueEnum};
 use vmm::ctl::{self, snapshot, CtlOp};
@@ -106,6 +107,12 @@ enum Command {
         #[arg(long, value_name = "on|log|off", default_value = "on", env = "SPANVMM_SECCOMP",
               value_parser = parse_seccomp)]
         seccomp: base_vmm::seccomp::Mode,
+        /// How the guest's writes are logged for migrations and live snapshots: `bitmap`
+        /// (KVM_GET_DIRTY_LOG), `ring` (KVM's dirty ring: a harvest reads only the pages
+        /// written) or `auto` (the ring for guests of 16 GiB and more where KVM offers it).
+        #[arg(long, value_name = "auto|bitmap|ring", default_value = "auto",
+              env = "SPANVMM_DIRTY_LOG", value_parser = parse_dirty_log)]
+        dirty_log: DirtyLog,
         /// Confine the VMM before the guest boots: a new mount namespace whose root is DIR
         /// (with /dev/kvm and /dev/userfaultfd made there), running as --uid/--gid. Every
         /// other path given is then inside DIR. Needs root.
@@ -203,6 +210,19 @@ fn parse_seccomp(s: &str) -> Result<base_vmm::seccomp::Mode, String> {
     s.parse()
 }
 
+/// `--dirty-log`: a mode, or `None` for `auto`.
+#[derive(Clone)]
+struct DirtyLog(Option<DirtyLogMode>);
+
+fn parse_dirty_log(s: &str) -> Result<DirtyLog, String> {
+    match s {
+        "auto" => Ok(DirtyLog(None)),
+        "bitmap" => Ok(DirtyLog(Some(DirtyLogMode::Bitmap))),
+        "ring" => Ok(DirtyLog(Some(DirtyLogMode::Ring))),
+        _ => Err(format!("{s}: use auto, bitmap or ring")),
+    }
+}
+
 fn parse_disk(s: &str) -> Result<BlockConfig, String> {
     BlockConfig::parse(s)
 }
@@ -217,7 +237,10 @@ fn parse_cpu_template(s: &str) -> Result<CpuTemplate, String> {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().cmd {
+    base_vmm::startup::mark("main");
+    let cli = Cli::parse();
+    base_vmm::startup::mark("arguments parsed");
+    match cli.cmd {
         Command::Run {
             kernel,
             cmdline,
@@ -239,6 +262,7 @@ fn main() -> ExitCode {
             takeover_fd,
             mut log,
             seccomp,
+            dirty_log,
             jail,
             uid,
             gid,
@@ -265,6 +289,7 @@ fn main() -> ExitCode {
                 eprintln!("spanvmm: {e:#}");
                 return ExitCode::FAILURE;
             }
+            base_vmm::startup::mark("logging set up");
             // The main loop's events name the VM (made once the subscriber exists).
             let _vm = tracing::info_span!("vm", id = %id).entered();
             if let Some(Err(e)) = memory.map(base_vmm::vmm::check_memory_mib) {
@@ -309,6 +334,8 @@ fn main() -> ExitCode {
                 eprintln!("spanvmm: {e}");
                 return ExitCode::FAILURE;
             }
+            base_vmm::startup::mark("seccomp filters compiled");
+            base_vmm::vm::set_dirty_log(dirty_log.0);
             if incoming.is_some() {
                 // An arriving VM's disks go on these files (the migration fills them).
                 base_vmm::devices::virtio::block::set_local_disks(disks.clone());

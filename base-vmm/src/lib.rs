@@ -7,12 +7,14 @@
 pub mod boot;
 pub mod cpu;
 pub mod devices;
+pub mod dirty_ring;
 pub mod evict;
 pub mod lazy;
 pub mod memory;
 pub mod page_server;
 pub mod seccomp;
 pub mod snapshot;
+pub mod startup;
 pub mod state;
 mod syscalls_x86_64;
 pub mod uffd;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use kvm_bindings::{
     kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_EXIT_DIRTY_RING_FULL,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::{BootEntry, BOOT_GDT_ADDR};
 use crate::devices::{ExitKind, IoAction, IoBus};
+use crate::dirty_ring::DirtyRings;
 
 /// vCPU errors.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +173,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     msr_list: Arc<Vec<u32>>,
     has_lapic: bool,
+    /// The VM's dirty rings, when it logs through them (this vCPU's ring is among them).
+    dirty_rings: Option<Arc<DirtyRings>>,
 }
 
 fn kvm_err(index: usize, what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
@@ -196,6 +199,10 @@ fn segment(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
     }
 }
 
+/// MSRs read per `KVM_GET_MSRS` in [`Vcpu::readable_msrs`] (kvm-bindings' `Msrs` holds at
+/// most 256).
+const MSR_BATCH: usize = 256;
+
 impl Vcpu {
     /// Creates vCPU `index` with `cpuid` (its APIC IDs patched to `index`).
     pub fn new(
@@ -213,6 +220,7 @@ impl Vcpu {
             fd,
             msr_list,
             has_lapic,
+            dirty_rings: None,
         };
         vcpu.set_cpuid(cpuid)?;
         Ok(vcpu)
@@ -235,6 +243,16 @@ impl Vcpu {
             .map_err(kvm_err(index, "KVM_SET_CPUID2"))
     }
 
+    /// Maps this vCPU's dirty ring into `rings` (a VM logging through its rings); the thread
+    /// then empties them when KVM stops the vCPU with its ring full.
+    pub fn join_dirty_rings(&mut self, rings: Arc<DirtyRings>) -> Result<(), VcpuError> {
+        rings
+            .add_vcpu(&self.fd)
+            .map_err(|e| VcpuError::Spawn(std::io::Error::other(e.to_string())))?;
+        self.dirty_rings = Some(rings);
+        Ok(())
+    }
+
     /// The MSRs saved and restored with this vCPU.
     pub fn msr_list(&self) -> &Arc<Vec<u32>> {
         &self.msr_list
@@ -245,20 +263,30 @@ impl Vcpu {
         self.msr_list = list;
     }
 
-    /// Those of `list` this vCPU lets the VMM read with its current CPUID (a template that
-    /// hides a feature can make its MSRs unreadable).
+    /// Those of `list` this vCPU lets the VMM read with its current CPUID (some listed ones
+    /// fail on PVM; a template that hides a feature can make its MSRs unreadable). Reads them
+    /// in batches: `KVM_GET_MSRS` stops at the first MSR it cannot read and says how many it
+    /// read, so the probe costs one ioctl per unreadable MSR rather than one per MSR.
     pub fn readable_msrs(&self, list: &[u32]) -> Vec<u32> {
-        list.iter()
-            .copied()
-            .filter(|&index| {
-                let mut one = Msrs::from_entries(&[kvm_msr_entry {
+        let mut readable = Vec::with_capacity(list.len());
+        let mut rest = list;
+        while !rest.is_empty() {
+            let batch = &rest[..rest.len().min(MSR_BATCH)];
+            let entries: Vec<kvm_msr_entry> = batch
+                .iter()
+                .map(|&index| kvm_msr_entry {
                     index,
                     ..Default::default()
-                }])
-                .expect("one MSR entry fits");
-                matches!(self.fd.get_msrs(&mut one), Ok(1))
-            })
-            .collect()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries).expect("a batch fits in Msrs");
+            // An ioctl error reads as "none readable": the first is dropped, the rest retried.
+            let n = self.fd.get_msrs(&mut msrs).unwrap_or(0).min(batch.len());
+            readable.extend_from_slice(&batch[..n]);
+            // Past the batch when all of it was read; else past batch[n], the unreadable one.
+            rest = &rest[if n == batch.len() { n } else { n + 1 }..];
+        }
+        readable
     }
 
     /// The TSC frequency KVM runs this vCPU at, in kHz.
@@ -681,7 +709,9 @@ impl VcpuThread {
     fn run_once(&mut self) -> Flow {
         let index = self.vcpu.index;
         let bus = &self.bus;
+        crate::startup::mark_first(&crate::startup::FIRST_RUNS, 1, "first KVM_RUN");
         let exit = self.vcpu.fd.run();
+        crate::startup::mark_first(&crate::startup::FIRST_EXITS, 2, "exit");
         bus.exits.count(match &exit {
             Ok(VcpuExit::IoIn(..)) => ExitKind::IoIn,
             Ok(VcpuExit::IoOut(..)) => ExitKind::IoOut,
@@ -702,6 +732,19 @@ impl VcpuThread {
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 bus.mmio_write(addr, data);
+                IoAction::Continue
+            }
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+                // The guest dirtied a ring's worth of pages since the last harvest: take them
+                // into the pending set, and the vCPU goes on.
+                let Some(rings) = &self.vcpu.dirty_rings else {
+                    return Flow::Finish(VcpuExitReason::Error(format!(
+                        "vCPU {index}: dirty ring full, but this VM has no dirty ring"
+                    )));
+                };
+                if let Err(e) = rings.on_full() {
+                    return Flow::Finish(VcpuExitReason::Error(format!("vCPU {index}: {e}")));
+                }
                 IoAction::Continue
             }
             Ok(VcpuExit::Hlt) => return Flow::Finish(VcpuExitReason::Halted),
@@ -884,6 +927,7 @@ impl VcpuHandle {
 mod tests {
     use super::*;
     use crate::devices::pv::{PvDevice, PvState, PV_BASE, PV_LEN};
+    use crate::dirty_ring::DirtyLogMode;
     use crate::memory::GuestRam;
     use crate::vm::Vm;
     use std::sync::Mutex;
@@ -969,9 +1013,10 @@ mod tests {
     fn direct_cpl3_entry_runs_port_io_and_powers_off() {
         let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
         let entry = tiny_guest(&ram);
-        let vm = Vm::new(ram).unwrap();
+        let mut vm = Vm::new(ram).unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
         vcpu.configure_boot(&entry, 1).unwrap();
+        vm.ready().unwrap();
         let pv = Arc::new(Mutex::new(PvDevice::new(1, PvState::default())));
         let storm = Arc::new(Mutex::new(Counter(0)));
         let mut bus = IoBus::default();
@@ -996,13 +1041,134 @@ mod tests {
     }
 
     #[test]
+    fn batched_msr_probe_finds_what_one_by_one_reads_find() {
+        let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+        let vm = Vm::new(ram).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let one_by_one: Vec<u32> = vm
+            .listed_msrs()
+            .iter()
+            .copied()
+            .filter(|&index| {
+                let mut one = Msrs::from_entries(&[kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                }])
+                .unwrap();
+                matches!(vcpu.fd.get_msrs(&mut one), Ok(1))
+            })
+            .collect();
+        assert!(!one_by_one.is_empty());
+        assert_eq!(vcpu.readable_msrs(vm.listed_msrs()), one_by_one);
+        assert_eq!(
+            *vm.host_msrs(),
+            one_by_one,
+            "the VM's first vCPU probed them"
+        );
+        assert_eq!(**vcpu.msr_list(), one_by_one);
+        // Unreadable ones anywhere (first, between, last) are each skipped once.
+        let bogus = 0x4b56_4eff;
+        let mut mixed = vec![bogus];
+        for m in &one_by_one {
+            mixed.extend([*m, bogus]);
+        }
+        assert_eq!(vcpu.readable_msrs(&mixed), one_by_one);
+        assert!(vcpu.readable_msrs(&[]).is_empty());
+    }
+
+    #[test]
     fn dirty_log_merges_guest_and_vmm_writes() {
+        dirty_log_merges(DirtyLogMode::Bitmap);
+    }
+
+    #[test]
+    fn dirty_ring_merges_guest_and_vmm_writes() {
+        if !crate::vm::ring_offered() {
+            // Not offered here: asking for it must fail clearly, not fall back.
+            let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+            let e = Vm::new_with(ram, DirtyLogMode::Ring).err().unwrap();
+            assert!(e.to_string().contains("offers no dirty ring"), "{e}");
+            return;
+        }
+        dirty_log_merges(DirtyLogMode::Ring);
+    }
+
+    /// A guest that writes a word in each of `pages` pages from 4 MiB up, then powers off with
+    /// status 9 (the page tables map 128 MiB).
+    fn page_writer(ram: &GuestRam, pages: u32) -> BootEntry {
+        let mut entry = tiny_guest(ram);
+        let pd: Vec<u8> = (0..64u64)
+            .flat_map(|i| (i << 21 | 0x87).to_le_bytes())
+            .collect();
+        ram.write(0x3000, &pd).unwrap();
+        let mut code = vec![0xbf, 0x00, 0x00, 0x40, 0x00, 0xb9]; // mov edi, 0x400000; mov ecx,
+        code.extend(pages.to_le_bytes()); // pages
+        code.extend([
+            0x89, 0x07, // mov [rdi], eax
+            0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // add rdi, 4096
+            0xff, 0xc9, // dec ecx
+            0x75, 0xf3, // jnz back to the mov
+            0x66, 0xba, 0xc8, 0x0a, // mov dx, 0x0ac8
+            0xb0, 0x09, // mov al, 9
+            0xee, // out dx, al
+            0xeb, 0xfe, // jmp $
+        ]);
+        ram.write(0x10200, &code).unwrap();
+        if let BootEntry::Direct { user_entry, .. } = &mut entry {
+            *user_entry = 0x10200;
+        }
+        entry
+    }
+
+    #[test]
+    fn dirty_ring_full_exits_lose_no_page() {
+        if !crate::vm::ring_offered() {
+            return; // dirty_ring_merges_guest_and_vmm_writes checks the refusal
+        }
+        // A ring and a quarter's worth: the vCPU stops at least once with its ring full.
+        let pages = crate::dirty_ring::RING_ENTRIES + crate::dirty_ring::RING_ENTRIES / 4;
+        let ram = Arc::new(GuestRam::new(128 << 20).unwrap());
+        let entry = page_writer(&ram, pages);
+        let mut vm = Vm::new_with(ram.clone(), DirtyLogMode::Ring).unwrap();
+        assert_eq!(vm.dirty_log_mode(), DirtyLogMode::Ring);
+        vm.set_dirty_logging(true).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.configure_boot(&entry, 1).unwrap();
+        let pv = Arc::new(Mutex::new(PvDevice::new(1, PvState::default())));
+        let mut bus = IoBus::default();
+        bus.insert(PV_BASE, PV_LEN, pv).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let handle = vcpu.start(Arc::new(bus), tx, false).unwrap();
+        let ev = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(ev.reason, VcpuExitReason::PowerOff(9));
+        handle.stop();
+        assert!(
+            vm.dirty_ring_full_exits() >= 1,
+            "{pages} pages must fill a ring of {}",
+            crate::dirty_ring::RING_ENTRIES
+        );
+        let bits = vm.harvest_dirty().unwrap();
+        let dirty = |page: u64| bits[(page / 64) as usize] >> (page % 64) & 1 == 1;
+        let first = 0x400;
+        let missing = (first..first + u64::from(pages))
+            .filter(|&p| !dirty(p))
+            .count();
+        assert_eq!(missing, 0, "every page written is harvested once");
+        assert!(
+            !dirty(first + u64::from(pages)),
+            "the next page was not written"
+        );
+        assert!(vm.harvest_dirty().unwrap().iter().all(|w| *w == 0));
+    }
+
+    fn dirty_log_merges(mode: DirtyLogMode) {
         let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
         let mut entry = tiny_guest(&ram);
         if let BootEntry::Direct { user_entry, .. } = &mut entry {
             *user_entry = 0x10100;
         }
-        let mut vm = Vm::new(ram.clone()).unwrap();
+        let mut vm = Vm::new_with(ram.clone(), mode).unwrap();
+        assert_eq!(vm.dirty_log_mode(), mode);
         assert!(vm.harvest_dirty().is_err(), "harvest needs logging on");
         vm.set_dirty_logging(true).unwrap();
         vm.harvest_dirty().unwrap();

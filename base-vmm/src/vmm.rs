@@ -24,6 +24,7 @@ use crate::devices::{lock, IoBus};
 use crate::lazy::{FirstTouch, LazyLoader, LazyProgress, Paging};
 use crate::memory::GuestRam;
 use crate::snapshot::{Chain, RestoreBuffers, SnapshotError, SnapshotKey};
+use crate::startup;
 use crate::state::{DeviceStates, MachineConfig, VmState};
 use crate::vcpu::{ParkedThread, VcpuEvent, VcpuHandle, VcpuState};
 use crate::vm::Vm;
@@ -159,8 +160,19 @@ pub struct VmStatus {
     pub in_doubt: Option<String>,
     /// The CPU the guest was given: template, vendor, family/model, feature bits.
     pub cpu: CpuSummary,
+    /// How the guest's writes are logged for dirty-page harvests.
+    pub dirty_log: DirtyLogStatus,
     /// Virtio devices.
     pub devices: Vec<DeviceInfo>,
+}
+
+/// How a VM logs its guest's writes (see [`crate::dirty_ring`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct DirtyLogStatus {
+    /// `bitmap` or `ring`.
+    pub mode: String,
+    /// Times a vCPU stopped because its dirty ring was full (0 with the bitmap).
+    pub ring_full_exits: u64,
 }
 
 /// Whether the vCPUs run, and who may run them again.
@@ -482,7 +494,7 @@ impl PreparedVm {
     /// (see [`crate::cpu`]).
     pub fn check_cpu(&self, state: &VmState) -> Result<(), VmmError> {
         let host = crate::cpu::host_as_compared(crate::cpu::entries_of(self.vm.host_cpuid()));
-        state.cpu.check_against(&host, self.vm.host_msrs())?;
+        state.cpu.check_against(&host, &self.vm.host_msrs())?;
         Ok(())
     }
 
@@ -527,6 +539,9 @@ impl PreparedVm {
                 "the state describes another machine than the one prepared".into(),
             ));
         }
+        // The memslot (made meanwhile, see Vm::new) before any register refers to memory.
+        self.vm.ready()?;
+        marks.push(("memslot ready", monotonic_us()));
         let cpu = self.adopt_cpu(state)?;
         marks.push(("cpu model set", monotonic_us()));
         // The first vCPU's registers here, the others' on threads of their own: a dozen
@@ -942,7 +957,9 @@ impl Vmm {
         }
         check_memory_mib(cfg.mem_mib)?;
         let ram = Arc::new(GuestRam::new(cfg.mem_mib << 20)?);
-        let vm = Vm::new(ram.clone())?;
+        startup::mark("guest RAM");
+        let mut vm = Vm::new(ram.clone())?;
+        startup::mark("KVM VM created");
         // Devices are announced the way microvm announces them, so that one guest (spanguest
         // or Linux) finds them under both VMMs.
         let devices: Vec<DeviceConfig> = (cfg.disks.iter().cloned().map(DeviceConfig::Block))
@@ -965,29 +982,31 @@ impl Vmm {
         }
         // Loading the kernel is not the guest's doing: start the VMM's dirty log clean.
         ram.take_vmm_dirty();
+        startup::mark("kernel loaded");
         let cpuid = cfg
             .cpu_template
             .apply(&crate::cpu::entries_of(vm.host_cpuid()));
         let kvm_cpuid = crate::cpu::to_kvm(&cpuid)?;
         let mut vcpus = (0..cfg.vcpus)
-            .map(|i| vm.create_vcpu_with(i, &kvm_cpuid, vm.host_msrs().clone()))
+            .map(|i| vm.create_vcpu_with(i, &kvm_cpuid, Arc::new(Vec::new())))
             .collect::<Result<Vec<_>, _>>()?;
-        if cfg.cpu_template != CpuTemplate::Host {
-            // A feature the template hides can make its MSRs unreadable: save only the others.
-            let msrs = Arc::new(vcpus[0].readable_msrs(vm.host_msrs()));
-            for v in &mut vcpus {
-                v.set_msr_list(msrs.clone());
-            }
+        // Saved: the listed MSRs the guest's CPUID lets the VMM read (a feature a template
+        // hides can make its MSRs unreadable), asked of vCPU 0 before it ever runs.
+        let msrs = Arc::new(vcpus[0].readable_msrs(vm.listed_msrs()));
+        for v in &mut vcpus {
+            v.set_msr_list(msrs.clone());
         }
         let cpu = CpuModel {
             template: cfg.cpu_template,
             cpuid,
             msrs: vcpus[0].msr_list().to_vec(),
         };
+        startup::mark("vCPUs created");
         for v in &vcpus {
             v.configure_boot(&entry, cfg.vcpus)?;
         }
         let tsc_khz = vcpus[0].tsc_khz()?;
+        startup::mark("boot registers set");
         let dev = build_devices(
             &vm,
             &cfg.serial,
@@ -997,16 +1016,21 @@ impl Vmm {
             Virtio::Fresh(&devices),
             cfg.start_paused,
         )?;
+        startup::mark("devices built");
         let machine = MachineConfig {
             mem_bytes: ram.size(),
             vcpus: cfg.vcpus,
             tsc_khz,
             cmdline,
         };
+        // The memslot (made meanwhile, see Vm::new) before the first instruction.
+        vm.ready()?;
+        startup::mark("memslot ready");
         let handles = vcpus
             .into_iter()
             .map(|v| v.start(dev.bus.clone(), events.clone(), cfg.start_paused))
             .collect::<Result<Vec<_>, _>>()?;
+        startup::mark("vCPU threads started");
         let run = if cfg.start_paused {
             RunState::Paused
         } else {
@@ -1017,11 +1041,12 @@ impl Vmm {
 
     /// Rebuilds a VM from the snapshot layer in `dir` (and its ancestors) and runs it (or
     /// leaves it paused). The whole chain is checked first; eagerly loaded memory is checked
-    /// page by page before any vCPU exists. With `lazy`, the guest starts before its memory
+    /// page by page before any vCPU runs. With `lazy`, the guest starts before its memory
     /// is loaded: pages come in (checked) on first touch while a background thread copies the
     /// rest (see [`crate::lazy`]).
     pub fn restore(dir: &Path, how: RestoreHow) -> Result<Self, VmmError> {
         let (chain, state) = open_snapshot(dir, how.key, None)?;
+        startup::mark("snapshot opened");
         // An eager restore is refused before guest memory is even allocated and loaded
         // (finish checks again, precisely: against the MSRs this host lets the VMM read, not
         // only those KVM lists). Not a lazy one: asking KVM costs ~0.4 ms on PVM, a tenth of
@@ -1033,14 +1058,29 @@ impl Vmm {
                 .check_against(&crate::cpu::host_as_compared(cpuid), &msrs)?;
         }
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
+        startup::mark("guest RAM");
+        // The KVM VM first: its memslot is made on a thread of its own while the memory
+        // loads (or registers for the lazy load).
+        let prepared = Vmm::prepare(ram.clone(), &state.machine)?;
+        startup::mark("KVM VM and vCPUs prepared");
         let loader = load_memory(&ram, chain, how.lazy, &state)?;
+        startup::mark(if how.lazy {
+            "memory registered for the lazy load"
+        } else {
+            "memory loaded"
+        });
         // A VM saved with services waits for them (the caller resumes it once they are back).
-        let mut vmm = Vmm::prepare(ram, &state.machine)?.finish(
+        let mut marks = StepMarks::new();
+        let mut vmm = prepared.finish_marked(
             &state,
             how.serial_spec,
             how.events,
             how.start_paused || !state.services.is_empty(),
+            &mut marks,
         )?;
+        for (step, at) in marks {
+            startup::mark_at(step, at);
+        }
         vmm.feed_from(loader);
         Ok(vmm)
     }
@@ -1116,9 +1156,11 @@ impl Vmm {
             )));
         }
         let vm = Vm::new(ram)?;
+        startup::mark("KVM VM created");
         let vcpus = (0..machine.vcpus)
             .map(|i| vm.create_vcpu(i))
             .collect::<Result<Vec<_>, _>>()?;
+        startup::mark("vCPUs created");
         let threads = (0..machine.vcpus)
             .map(ParkedThread::spawn)
             .collect::<Result<Vec<_>, _>>()?;
@@ -1205,6 +1247,13 @@ impl Vmm {
             operator_paused: self.ctl.operator_paused(),
             in_doubt: self.ctl.in_doubt(),
             cpu: self.ctl.cpu.summary(),
+            dirty_log: {
+                let vm = lock(&self.ctl.vm);
+                DirtyLogStatus {
+                    mode: vm.dirty_log_mode().to_string(),
+                    ring_full_exits: vm.dirty_ring_full_exits(),
+                }
+            },
             devices: self.ctl.devices(),
         }
     }

@@ -2,6 +2,8 @@
 //! Results are written as JSON under bench/results/.
 //!
 //! `spanvmm-bench boot [--runs N]`: wall time from process start to `SPANGUEST ready`.
+//! `spanvmm-bench startup [--runs N] [--trace] [--compare BIN]`: boot and lazy restore from
+//! process start, interleaved (A/B against another binary), with the start-up trace's steps.
 //! `spanvmm-bench live-update [--sizes 256,1024,...] [--runs N]`: replacing the VMM beneath a
 //! running guest vs QEMU's cpr-transfer (and, for reference, QEMU's copying migration).
 //! `spanvmm-bench snapshot [--sizes ...]`: full snapshot/restore vs QEMU, lazy restore, write rate.
@@ -45,6 +47,7 @@ mod redis_client;
 mod scatter_gather;
 mod services;
 mod snapshot;
+mod startup;
 mod sync_arrival;
 
 use std::io::Read;
@@ -278,6 +281,8 @@ fn main() -> anyhow::Result<()> {
     let mut parts: Option<String> = None;
     let mut sizes_given = false;
     let mut vms = 4usize;
+    let mut trace = false;
+    let mut compare = None;
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -314,6 +319,8 @@ fn main() -> anyhow::Result<()> {
             "--seed" => seed = Some(it.next().context("--seed N")?.parse()?),
             "--vms" => vms = it.next().context("--vms N")?.parse()?,
             "--quiet" => quiet = true,
+            "--trace" => trace = true,
+            "--compare" => compare = Some(PathBuf::from(it.next().context("--compare BIN")?)),
             "--full" => full = true,
             "--parts" => {
                 parts = Some(
@@ -338,6 +345,14 @@ fn main() -> anyhow::Result<()> {
         Some("boot") => boot(
             runs,
             &out.unwrap_or_else(|| repo_root().join("bench/results/boot.json")),
+        ),
+        Some("startup") => startup::run(
+            &spanvmm_bin()?,
+            compare,
+            &guest_elf()?,
+            runs,
+            trace,
+            &out.unwrap_or_else(|| repo_root().join("bench/results/startup.json")),
         ),
         Some("snapshot") => snapshot::run(
             &spanvmm_bin()?,
@@ -540,6 +555,6 @@ fn main() -> anyhow::Result<()> {
                 }),
             )
         }
-        _ => bail!("usage: spanvmm-bench boot|services|services-alloc|devices|live-update|live-update-devices|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|gang|chaos [--runs N] [--vms N] [--full] [--parts table1,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|startup|services|services-alloc|devices|live-update|live-update-devices|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|gang|chaos [--runs N] [--vms N] [--full] [--trace] [--compare BIN] [--parts table1,scale,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
     }
 }

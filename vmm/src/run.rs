@@ -137,6 +137,7 @@ pub fn run(
     }
     // A start-up that fails from here on leaves no socket file behind.
     let _socket_file = api_socket.map(SocketFile);
+    base_vmm::startup::mark("API socket bound");
     let mut serial = serial.to_string();
     let mut migrations = migrate::Migrations::default();
     let (tx, rx) = mpsc::channel::<Msg>();
@@ -254,6 +255,7 @@ pub fn run(
             (vmm, manager)
         }
     };
+    base_vmm::startup::mark("VM built");
     for spec in plugins {
         // The configuration follows the first ':' (JSON has more), unless the whole spec
         // names a file: a path with ':' in it then works without a configuration.
@@ -284,6 +286,7 @@ pub fn run(
         metrics_handover = serve_metrics(&metrics, metrics_listener.take())?;
     }
     api.start(listener, &tx, &metrics)?;
+    base_vmm::startup::mark("API serving");
     // Live-update answers come from a thread of their own; the loop ends once every sender
     // (the API's, the vCPUs', this one) is gone.
     let answers = tx;

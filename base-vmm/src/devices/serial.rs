@@ -141,6 +141,9 @@ impl PioDevice for SerialDevice {
         if let Some(&b) = data.first() {
             // A failing console (closed pipe, full disk) must not stop the guest.
             let _ = self.uart.write(port.wrapping_sub(COM1_BASE) as u8, b);
+            if b == b'\n' && port == COM1_BASE {
+                crate::startup::mark_first(&crate::startup::FIRST_LINES, 4, "console line");
+            }
         }
         IoAction::Continue
     }
