@@ -309,6 +309,10 @@ impl MigrationSource {
         let pages = ram.size() / PAGE as u64;
         let session = started.elapsed().as_nanos() as u64 ^ ((std::process::id() as u64) << 32);
         let mut link = hello(&cfg, ram.size(), session, false)?;
+        super::trace(format_args!(
+            "source: connected (TCP, TLS, hello, records taken over) in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        ));
         link.send(&Frame::Machine(vm.machine()))?;
         let words = pages.div_ceil(64) as usize;
         let src = Arc::new(MigrationSource {
@@ -764,6 +768,12 @@ impl Sender<'_> {
             return self.send_encoded(first, span, sel, round);
         }
         let stride_ok = precopy && self.cfg.stride_pages;
+        if self.t_read.is_zero() {
+            super::trace(format_args!(
+                "source: first pages at {:.1} ms",
+                self.src.started.elapsed().as_secs_f64() * 1e3
+            ));
+        }
         let t_read = Instant::now();
         let holes = self.holes(first, span);
         let nw = span.div_ceil(64) as usize;
@@ -1377,7 +1387,13 @@ impl Sender<'_> {
                 self.read_incoming(Duration::from_millis(1))?;
                 Ok(None)
             }
-            Some((mode, dirty)) => self.switch_over(mode, dirty),
+            Some((mode, dirty)) => {
+                super::trace(format_args!(
+                    "source: every queued page sent, switch-over at {:.1} ms",
+                    self.src.started.elapsed().as_secs_f64() * 1e3
+                ));
+                self.switch_over(mode, dirty)
+            }
         }
     }
 
