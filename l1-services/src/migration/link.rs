@@ -18,8 +18,9 @@ use super::wire::{self, Frame, HEADER_LEN};
 const TLS_BUFFER: usize = 256 << 10;
 /// Socket buffer size in post-copy (see [`Link::for_postcopy`]).
 const POSTCOPY_SOCKET_BUFFER: libc::c_int = 512 << 10;
-/// Ciphertext one `recv` takes at most. rustls's own `read_tls` reads at most 4 KiB per
-/// system call: ~230 000 calls for a GiB, which kept the receiving thread busy.
+/// Ciphertext one `recv` takes at most. rustls's own `read_tls` reads at most one record
+/// (its buffer grown 4 KiB at a time) per system call: ~58 000 calls for a GiB, which kept
+/// the receiving thread busy.
 const SOCKET_READ: usize = 1 << 20;
 
 /// Where a link's threads spend their time, measured with `SPANVMM_MIGRATION_DEBUG` set (which
