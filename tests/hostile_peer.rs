@@ -288,6 +288,33 @@ fn a_hostile_source_after_welcome_ends_the_incoming_migration_with_a_reason() {
             true,
         ),
         (
+            // stride codec: page 0 is a zero marker, and the bitmap calls it a progression.
+            "a stride page that carries no data",
+            encoded(&Frame::Pages {
+                first: 0,
+                span: 2,
+                codec: wire::CODEC_STRIDE,
+                present: vec![0b11],
+                zero: vec![0b01],
+                data: [&1u64.to_le_bytes()[..], &[5; wire::STRIDE_PAIR]].concat(),
+            }),
+            "marks a page a progression that carries no data",
+            true,
+        ),
+        (
+            "stride data shorter than its bitmaps say",
+            encoded(&Frame::Pages {
+                first: 0,
+                span: 2,
+                codec: wire::CODEC_STRIDE,
+                present: vec![0b11],
+                zero: vec![0],
+                data: [&1u64.to_le_bytes()[..], &[5; wire::STRIDE_PAIR], &[9; 100]].concat(),
+            }),
+            "has 100 bytes of raw pages, its bitmaps say 4096",
+            true,
+        ),
+        (
             "a store frame before the machine",
             encoded(&Frame::Store(store_record())),
             "scatter-gather: a store frame before the machine",

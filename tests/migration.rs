@@ -603,6 +603,59 @@ fn each_cipher_suite_carries_a_migration() {
     }
 }
 
+/// `--stride-pages`: spanguest's pages are arithmetic progressions of 64-bit words (its
+/// verify pattern), so they go as 16 bytes each; pages the dirtying guest rewrote in part
+/// are not and go raw in the same frames. Into fresh and into prepared (`--memory`)
+/// destination memory, each verified by the guest afterwards.
+#[test]
+fn stride_pages_move_a_dirtying_guest_in_a_fraction_of_the_bytes() {
+    let tmp = TempDir::new("mig-stride");
+    let tls = certs(&tmp, "tls");
+    let precopy = plugin("precopy.wasm");
+    for prepared in [false, true] {
+        let addr = format!("tls://127.0.0.1:{}", free_port());
+        let memory = ["--memory", "128"];
+        let extra: &[&str] = if prepared { &memory } else { &[] };
+        let dst = destination(&format!("stride-{prepared}-dst"), &[], &addr, &tls, extra);
+        // Half of each page rewritten: a touched page is no progression any more.
+        let guest = "workload=dirty,verify mib=64 rate=2000 write=2048 stall_us=2000 report_ms=200";
+        let mut src = VmProcess::boot(&format!("stride-{prepared}-src"), guest, 128, 1);
+        src.wait_line("SPANGUEST stat", Duration::from_secs(10));
+        let (ok, out, report) = migrate(
+            &src,
+            &[
+                "--to",
+                &addr,
+                "--plugin",
+                &precopy,
+                "--tls-dir",
+                tls.to_str().unwrap(),
+                "--stride-pages",
+            ],
+        );
+        assert!(ok, "{out}\n{}", src.stderr());
+        let r = report.unwrap();
+        assert_eq!(r["result"], "completed", "{r}");
+        let (sent, zero, stride) = (
+            f(&r, "pages_sent"),
+            f(&r, "zero_pages"),
+            f(&r, "stride_pages"),
+        );
+        // The 64 MiB working set is written whole once (16 384 progression pages); the dirty
+        // rounds' partly rewritten pages go raw.
+        assert!(stride >= 8192.0, "{stride} progression pages: {r}");
+        assert!(stride < sent - zero, "no page went raw: {r}");
+        let raw_bytes = (sent - zero - stride) * 4096.0;
+        assert!(
+            f(&r, "bytes") < raw_bytes + stride * 64.0 + (4 << 20) as f64,
+            "{} bytes on the wire for {raw_bytes} bytes of raw pages: {r}",
+            f(&r, "bytes")
+        );
+        assert_eq!(wait_exit(&mut src, "the source"), Some(0));
+        check_arrived(&dst, 5000);
+    }
+}
+
 #[test]
 fn commit_with_state_saves_a_round_trip_of_downtime() {
     // 200 ms round trips through the delay relay: the two-phase hand-over waits for two of

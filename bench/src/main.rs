@@ -268,6 +268,7 @@ fn main() -> anyhow::Result<()> {
     let mut links: Option<String> = None;
     let mut workloads: Option<String> = None;
     let mut engines: Option<String> = None;
+    let mut cipher_list: Option<String> = None;
     let mut counts = chaos::Counts {
         precopy: DEFAULT_CHAOS[0],
         postcopy_cut: DEFAULT_CHAOS[1],
@@ -300,6 +301,13 @@ fn main() -> anyhow::Result<()> {
                 engines = Some(
                     it.next()
                         .context("--engines qemu-precopy,precopy,postcopy,...")?
+                        .clone(),
+                )
+            }
+            "--ciphers" => {
+                cipher_list = Some(
+                    it.next()
+                        .context("--ciphers aes-128-gcm,aes-256-gcm,chacha20-poly1305")?
                         .clone(),
                 )
             }
@@ -450,6 +458,7 @@ fn main() -> anyhow::Result<()> {
             migration::Link::Loopback,
             runs,
             &workloads.as_deref().unwrap_or("idle,dirty").split(',').collect::<Vec<_>>(),
+            cipher_list.as_deref(),
             &out.unwrap_or_else(|| repo_root().join("bench/results/ciphers.json")),
         ),
         Some("cloudnet") => {
@@ -555,6 +564,6 @@ fn main() -> anyhow::Result<()> {
                 }),
             )
         }
-        _ => bail!("usage: spanvmm-bench boot|startup|services|services-alloc|devices|live-update|live-update-devices|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|gang|chaos [--runs N] [--vms N] [--full] [--trace] [--compare BIN] [--parts table1,scale,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|startup|services|services-alloc|devices|live-update|live-update-devices|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|gang|chaos [--runs N] [--vms N] [--full] [--trace] [--compare BIN] [--parts table1,scale,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--ciphers aes-128-gcm,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
     }
 }

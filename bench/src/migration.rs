@@ -643,7 +643,13 @@ pub fn run(
                     runs.push(o);
                 }
                 // `precopy-early`: precopy with `--commit-with-state` (not run unless named).
-                let all = ["precopy", "postcopy", "hybrid", "precopy-early"];
+                let all = [
+                    "precopy",
+                    "precopy+stride",
+                    "postcopy",
+                    "hybrid",
+                    "precopy-early",
+                ];
                 for engine in all {
                     if !wanted_engine(engine) || (engine == "precopy-early" && engines.is_none()) {
                         continue;

@@ -252,10 +252,15 @@ fn spanvmm_migrate_run(
         // Let the guest finish populating before the clock starts (as for QEMU).
         std::thread::sleep(Duration::from_millis(500));
         let report = dir.join("report.json");
+        // ENGINE[+stride][-early][@CIPHER]
         let (engine_name, cipher) = engine.split_once('@').unwrap_or((engine, "aes-128-gcm"));
         let (service, early) = match engine_name.strip_suffix("-early") {
             Some(base) => (base, &["--commit-with-state"][..]),
             None => (engine_name, &[][..]),
+        };
+        let (service, stride) = match service.strip_suffix("+stride") {
+            Some(base) => (base, &["--stride-pages"][..]),
+            None => (service, &[][..]),
         };
         let sent_before = hosts.sent_bytes("src");
         let src_cpu_before = cpu_ms(src.id());
@@ -269,6 +274,7 @@ fn spanvmm_migrate_run(
             .arg(&src_api)
             .args(["migrate", "--to", &format!("tls://{}", hosts.connect)])
             .args(early)
+            .args(stride)
             .args(["--cipher", cipher])
             .arg("--plugin")
             .arg(plugins.join(format!("{service}.wasm")))

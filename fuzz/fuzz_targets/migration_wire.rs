@@ -26,6 +26,16 @@ fn check(ty: u8, payload: &[u8]) {
             assert!(p.zero.iter().zip(&p.present).all(|(z, q)| z & !q == 0));
             if p.codec == wire::CODEC_RAW {
                 assert_eq!(p.data.len(), (ones(&p.present) - ones(&p.zero)) * PAGE);
+            } else if p.codec == wire::CODEC_STRIDE {
+                // `stride` data: refused, or exactly a pair per progression page and the
+                // other data pages raw.
+                if let Ok(d) = wire::split_stride(&p) {
+                    let data_pages = ones(&p.present) - ones(&p.zero);
+                    let n = ones(&d.stride);
+                    assert!(n <= data_pages);
+                    assert_eq!(d.pairs.len(), n * wire::STRIDE_PAIR);
+                    assert_eq!(d.raw.len(), (data_pages - n) * PAGE);
+                }
             } else {
                 // `cnet` data is variable; its decoder must refuse or fill the pages exactly.
                 assert_eq!(p.codec, wire::CODEC_CNET);

@@ -183,6 +183,7 @@ impl Migrations {
                 recovery_timeout: Duration::from_millis(req.recovery_timeout_ms),
                 commit_with_state: req.commit_with_state,
                 hold: req.hold,
+                stride_pages: req.stride_pages,
             },
         )
         .map_err(|e| (502, format!("cannot reach the destination {to}: {e}")))?;

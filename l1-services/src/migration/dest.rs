@@ -351,7 +351,11 @@ impl Acceptor {
                     return Err(DestError::ListenerStopped)
                 }
             };
-            match c.link.send(&Frame::Welcome { version: VERSION }) {
+            match c
+                .link
+                .send(&Frame::Welcome { version: VERSION })
+                .and_then(|()| c.link.take_over_records())
+            {
                 Ok(()) => {
                     self.done.store(true, Ordering::Release);
                     return Ok(Some((c.link, c.mem, c.session, c.peer)));
@@ -693,8 +697,11 @@ pub fn receive(
                 // Its buffers go back to the system off the downtime's path.
                 let _ = std::thread::Builder::new().spawn(move || drop(writer));
                 super::trace(format_args!(
-                    "dest: state received, pages written after {:?}",
-                    received_at.elapsed()
+                    "dest: state received, pages written after {:?}; receiving thread CPU \
+                     {:.1} ms; link: {}",
+                    received_at.elapsed(),
+                    super::thread_cpu_ms(),
+                    link.stats
                 ));
                 let postcopy = handover == Handover::Postcopy;
                 if postcopy && needed.len() != written.len() {
@@ -916,11 +923,20 @@ impl PageWriter {
                 let pages = ram.size() / PAGE as u64;
                 let mut written = vec![0u64; pages.div_ceil(64) as usize];
                 let mut dec = super::cnet::Decoder::default();
+                let (mut busy, mut payloads) = (Duration::ZERO, 0u64);
                 for (buf, payload) in rx {
+                    let t = Instant::now();
                     let n = write_pages(&ram, &buf[payload], &mut written, populated, &mut dec)?;
+                    busy += t.elapsed();
+                    payloads += 1;
                     dest.received.fetch_add(n, Ordering::Relaxed);
                     let _ = back.send(buf);
                 }
+                super::trace(format_args!(
+                    "dest: page writer busy {:.1} ms (thread CPU {:.1} ms) for {payloads} frames",
+                    busy.as_secs_f64() * 1e3,
+                    super::thread_cpu_ms()
+                ));
                 Ok(written)
             })
             .map_err(os("cannot start the page writer"))?;
@@ -1017,6 +1033,7 @@ fn write_pages(
     }
     match f.encoding() {
         wire::PageCodec::Cnet => return write_cnet_pages(ram, &f, written, populated, dec),
+        wire::PageCodec::Stride => return write_stride_pages(ram, &f, written, populated),
         wire::PageCodec::Raw => {}
     }
     // Runs of data pages are copied through the mapping when it is populated; otherwise they
@@ -1046,26 +1063,100 @@ fn write_pages(
             j += 1;
         }
         let len = (j - i) as usize * PAGE;
-        let data = &f.data[off..off + len];
-        if populated {
-            // A plain memcpy: `GuestRam::write` goes through vm-memory's volatile copy and
-            // marks the VMM's dirty bitmap, neither of which a page not yet the guest's needs.
-            // SAFETY: [p, j) lies inside guest memory (checked above) and the source slice is
-            // the frame's own buffer, so the two cannot overlap; no vCPU runs before the
-            // hand-over, so nothing else writes these pages.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    data.as_ptr(),
-                    ram.host_base().add(p as usize * PAGE),
-                    len,
-                )
-            };
-        } else {
-            ram.memfd()
-                .write_all_at(data, p * PAGE as u64)
-                .map_err(os("writing guest memory"))?;
-            let _ = ram.populate(p * PAGE as u64, len as u64);
+        put_pages(ram, p, &f.data[off..off + len], populated)?;
+        off += len;
+        n += j - i;
+        i = j;
+    }
+    Ok(n)
+}
+
+/// Writes whole pages from page `p` on (`p` and the run checked to lie inside guest memory
+/// by the caller). `populated`: see [`write_pages`].
+fn put_pages(ram: &GuestRam, p: u64, data: &[u8], populated: bool) -> Result<(), DestError> {
+    if populated {
+        // A plain memcpy: `GuestRam::write` goes through vm-memory's volatile copy and
+        // marks the VMM's dirty bitmap, neither of which a page not yet the guest's needs.
+        // SAFETY: the run lies inside guest memory (checked by the caller) and the source
+        // slice is a buffer of ours, so the two cannot overlap; no vCPU runs before the
+        // hand-over, so nothing else writes these pages.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                ram.host_base().add(p as usize * PAGE),
+                data.len(),
+            )
+        };
+    } else {
+        // One pwrite per run: the kernel fills the page cache directly, without a page
+        // fault per page; mapped afterwards.
+        ram.memfd()
+            .write_all_at(data, p * PAGE as u64)
+            .map_err(os("writing guest memory"))?;
+        let _ = ram.populate(p * PAGE as u64, data.len() as u64);
+    }
+    Ok(())
+}
+
+/// [`write_pages`] for the `stride` codec: progression pages rebuilt from their first word
+/// and step, runs of the others copied as in the raw codec.
+fn write_stride_pages(
+    ram: &GuestRam,
+    f: &wire::PagesRef<'_>,
+    written: &mut [u64],
+    populated: bool,
+) -> Result<u64, DestError> {
+    let d = wire::split_stride(f)?;
+    let (first, span) = (f.first, f.span as u64);
+    let (mut pairs, mut off, mut n) = (d.pairs.chunks_exact(wire::STRIDE_PAIR), 0, 0);
+    let raw = |i: u64| bit(&f.present, i) && !bit(&f.zero, i) && !bit(&d.stride, i);
+    let mut scratch = Vec::new();
+    let mut i = 0;
+    while i < span {
+        if !bit(&f.present, i) {
+            i += 1;
+            continue;
         }
+        let p = first + i;
+        if bit(&f.zero, i) {
+            if bit(written, p) {
+                punch(ram, p, 1)?;
+                clear_bit(written, p);
+            }
+            n += 1;
+            i += 1;
+            continue;
+        }
+        if bit(&d.stride, i) {
+            // `split_stride` checked that there is a pair for every progression page.
+            let pair = pairs.next().expect("a pair per progression page");
+            let word = |k: usize| u64::from_le_bytes(pair[k..k + 8].try_into().expect("8"));
+            let (a, step) = (word(0), word(8));
+            if populated {
+                // SAFETY: p lies inside guest memory (checked by the caller), the mapping
+                // lives as long as `ram`, and no vCPU runs before the hand-over, so nothing
+                // else reads or writes this page meanwhile.
+                let page = unsafe {
+                    std::slice::from_raw_parts_mut(ram.host_base().add(p as usize * PAGE), PAGE)
+                };
+                wire::fill_stride(page, a, step);
+            } else {
+                scratch.resize(PAGE, 0);
+                wire::fill_stride(&mut scratch, a, step);
+                put_pages(ram, p, &scratch, false)?;
+            }
+            set_bit(written, p);
+            n += 1;
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j < span && raw(j) {
+            set_bit(written, first + j);
+            j += 1;
+        }
+        let len = (j - i) as usize * PAGE;
+        put_pages(ram, p, &d.raw[off..off + len], populated)?;
         off += len;
         n += j - i;
         i = j;

@@ -1361,6 +1361,13 @@ impl DiskReceiver {
                 let cnet = match wire::PageCodec::from_tag(codec) {
                     Ok(wire::PageCodec::Cnet) => true,
                     Ok(wire::PageCodec::Raw) => false,
+                    // Disk units go raw or `cnet` (the stride codec is for guest memory).
+                    Ok(c @ wire::PageCodec::Stride) => {
+                        return Err(DiskError::Link(LinkError::Wire(wire::bad(format!(
+                            "disk-blocks frame in the {} page codec",
+                            c.name()
+                        )))))
+                    }
                     Err(e) => return Err(DiskError::Link(LinkError::Wire(e))),
                 };
                 let mut rest = &data[..];

@@ -20,6 +20,7 @@ pub mod disk;
 pub mod hold;
 pub mod intermediary;
 mod link;
+mod records;
 pub mod report;
 pub mod resp;
 pub mod scatter;
@@ -87,8 +88,7 @@ pub(crate) fn count(words: &[u64]) -> u64 {
 /// Debug trace with wall-clock µs (comparable across source and destination), on stderr when
 /// `SPANVMM_MIGRATION_DEBUG` is set.
 pub fn trace(what: std::fmt::Arguments) {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *ON.get_or_init(|| std::env::var_os("SPANVMM_MIGRATION_DEBUG").is_some()) {
+    if tracing_on() {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -98,6 +98,25 @@ pub fn trace(what: std::fmt::Arguments) {
             t.subsec_micros()
         );
     }
+}
+
+/// CPU time the calling thread has used (for the trace: what a step costs, whatever else
+/// runs on the machine).
+pub(crate) fn thread_cpu_ms() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `t` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 * 1e3 + t.tv_nsec as f64 / 1e6
+}
+
+/// Whether `SPANVMM_MIGRATION_DEBUG` is set: the trace is printed and the links time their
+/// steps.
+pub(crate) fn tracing_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("SPANVMM_MIGRATION_DEBUG").is_some())
 }
 
 #[cfg(test)]

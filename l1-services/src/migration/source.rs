@@ -79,6 +79,10 @@ pub struct SourceConfig {
     pub commit_with_state: bool,
     /// Hold at the switch-over point until released (synchronized arrival, see `hold.rs`).
     pub hold: Option<HoldSpec>,
+    /// Pre-copy pages whose 64-bit words form an arithmetic progression (constant fills
+    /// included) go as their first word and step: the `stride` page codec (wire.rs). Off by
+    /// default: a destination older than the codec refuses it, before the hand-over.
+    pub stride_pages: bool,
 }
 
 /// One point of the timeline (for the report's plot).
@@ -140,6 +144,9 @@ pub struct Report {
     pub pages_sent: u64,
     /// Of which zero pages (markers, no data).
     pub zero_pages: u64,
+    /// Of which pages sent as arithmetic progressions (16 bytes each; `stride_pages`).
+    #[serde(default)]
+    pub stride_pages: u64,
     /// Guest RAM pages.
     pub pages_total: u64,
     /// Pre-copy rounds the service ran.
@@ -302,6 +309,10 @@ impl MigrationSource {
         let pages = ram.size() / PAGE as u64;
         let session = started.elapsed().as_nanos() as u64 ^ ((std::process::id() as u64) << 32);
         let mut link = hello(&cfg, ram.size(), session, false)?;
+        super::trace(format_args!(
+            "source: connected (TCP, TLS, hello, records taken over) in {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        ));
         link.send(&Frame::Machine(vm.machine()))?;
         let words = pages.div_ceil(64) as usize;
         let src = Arc::new(MigrationSource {
@@ -372,6 +383,7 @@ impl MigrationSource {
                     syncs_owed: 0,
                     scatter: None,
                     scattered: vec![0; pages.div_ceil(64) as usize],
+                    t_read: Duration::ZERO,
                 };
                 let r = sender.run();
                 sender.finish(r);
@@ -588,7 +600,10 @@ fn hello(cfg: &SourceConfig, mem: u64, session: u64, resume: bool) -> Result<Lin
         resume,
     })?;
     match link.expect(timeout, "welcome")? {
-        Frame::Welcome { version } if version == VERSION => Ok(link),
+        Frame::Welcome { version } if version == VERSION => {
+            link.take_over_records()?;
+            Ok(link)
+        }
         Frame::Welcome { version } => Err(LinkError::Io(std::io::Error::other(format!(
             "the destination speaks wire version {version}, we speak {VERSION}"
         )))),
@@ -642,6 +657,8 @@ struct Sender<'a> {
     scatter: Option<Scatter>,
     /// Scatter-Gather: pages sent to the intermediaries, not on the link.
     scattered: Vec<u64>,
+    /// Time spent reading guest memory to classify pages (zero, progression, data).
+    t_read: Duration,
 }
 
 /// Harvests the pages dirtied since the service's (or its own) last harvest: with the guest
@@ -750,6 +767,14 @@ impl Sender<'_> {
         if precopy && self.encoder.is_some() {
             return self.send_encoded(first, span, sel, round);
         }
+        let stride_ok = precopy && self.cfg.stride_pages;
+        if self.t_read.is_zero() {
+            super::trace(format_args!(
+                "source: first pages at {:.1} ms",
+                self.src.started.elapsed().as_secs_f64() * 1e3
+            ));
+        }
+        let t_read = Instant::now();
         let holes = self.holes(first, span);
         let nw = span.div_ceil(64) as usize;
         let pages = |p: u64, n: u64| -> &[u8] {
@@ -764,42 +789,80 @@ impl Sender<'_> {
             }
         };
         let page = |p: u64| pages(p, 1);
-        // Pass 1: which pages are zero (they go as marker bits). Holes in the memfd are zero
-        // without a look (reading one would allocate and clear a page).
+        // Pass 1: which pages are zero (they go as marker bits) and, with `stride_pages`,
+        // which are progressions (16 bytes each). Holes in the memfd are zero without a look
+        // (reading one would allocate and clear a page). A page is read once here: what is
+        // sent of a progression is what was read, and a racing write is in the dirty log.
         let mut zero = vec![0u64; nw];
-        let (mut n, mut data_pages) = (0u64, 0u64);
+        let mut stride = vec![0u64; nw];
+        let mut pairs = std::mem::take(&mut self.encoded);
+        pairs.clear();
+        let (mut n, mut data_pages, mut ns) = (0u64, 0u64, 0u64);
         for i in (0..span).filter(|&i| bit(sel, i)) {
             n += 1;
-            if bit(&holes, i) || Self::is_zero(page(first + i)) {
+            if bit(&holes, i) {
                 set_bit(&mut zero, i);
-            } else {
-                data_pages += 1;
+                continue;
+            }
+            if !stride_ok {
+                if Self::is_zero(page(first + i)) {
+                    set_bit(&mut zero, i);
+                } else {
+                    data_pages += 1;
+                }
+                continue;
+            }
+            match super::wire::stride_of(page(first + i)) {
+                Some((0, 0)) => set_bit(&mut zero, i),
+                Some((a, d)) => {
+                    set_bit(&mut stride, i);
+                    pairs.extend_from_slice(&a.to_le_bytes());
+                    pairs.extend_from_slice(&d.to_le_bytes());
+                    data_pages += 1;
+                    ns += 1;
+                }
+                None => data_pages += 1,
             }
         }
+        self.t_read += t_read.elapsed();
         // Header and bitmaps (see wire.rs) in one buffer, then runs of data pages straight from
         // guest memory: TLS gathers them into full-size records as it seals them.
         self.buf.clear();
-        let data_len = data_pages as usize * PAGE;
+        let raw_len = (data_pages - ns) as usize * PAGE;
+        let (codec, data_len) = if ns > 0 {
+            let len = nw * 8 + pairs.len() + raw_len;
+            (PageCodec::Stride, len)
+        } else {
+            (PageCodec::Raw, raw_len)
+        };
         super::wire::pages_header(
             &mut self.buf,
             first,
             span as u16,
-            PageCodec::Raw,
+            codec,
             sel,
             &zero,
             data_len,
         );
-        let len = self.buf.len() - super::wire::HEADER_LEN + data_len;
+        if ns > 0 {
+            for w in &stride[..nw] {
+                self.buf.extend_from_slice(&w.to_le_bytes());
+            }
+            self.buf.extend_from_slice(&pairs);
+        }
+        self.encoded = pairs;
+        let len = self.buf.len() - super::wire::HEADER_LEN + raw_len;
         let buf = std::mem::take(&mut self.buf);
         let mut slices = vec![std::io::IoSlice::new(&buf)];
+        let raw = |i: u64| bit(sel, i) && !bit(&zero, i) && !bit(&stride, i);
         let mut i = 0;
         while i < span {
-            if !bit(sel, i) || bit(&zero, i) {
+            if !raw(i) {
                 i += 1;
                 continue;
             }
             let mut j = i + 1;
-            while j < span && bit(sel, j) && !bit(&zero, j) {
+            while j < span && raw(j) {
                 j += 1;
             }
             slices.push(std::io::IoSlice::new(pages(first + i, j - i)));
@@ -812,6 +875,7 @@ impl Sender<'_> {
         let mut st = self.st();
         st.report.pages_sent += n;
         st.report.zero_pages += n - data_pages;
+        st.report.stride_pages += ns;
         st.report.bytes = self.link.wire_bytes + st.report.bytes_per_link.iter().sum::<u64>();
         drop(st);
         self.throttle.1 += (super::wire::HEADER_LEN + len) as u64;
@@ -1359,7 +1423,13 @@ impl Sender<'_> {
                 self.read_incoming(Duration::from_millis(1))?;
                 Ok(None)
             }
-            Some((mode, dirty)) => self.switch_over(mode, dirty),
+            Some((mode, dirty)) => {
+                super::trace(format_args!(
+                    "source: every queued page sent, switch-over at {:.1} ms",
+                    self.src.started.elapsed().as_secs_f64() * 1e3
+                ));
+                self.switch_over(mode, dirty)
+            }
         }
     }
 
@@ -1669,6 +1739,12 @@ impl Sender<'_> {
         st.report.bytes_per_link.push(self.link.wire_bytes);
         st.report.bytes = st.report.bytes_per_link.iter().sum();
         st.report.total_ms = self.src.started.elapsed().as_secs_f64() * 1e3;
+        super::trace(format_args!(
+            "source: sender thread CPU {:.1} ms, reading guest memory {:.1} ms; link: {}",
+            super::thread_cpu_ms(),
+            self.t_read.as_secs_f64() * 1e3,
+            self.link.stats
+        ));
         match r {
             Ok(_) => {
                 st.phase = Phase::Completed;

@@ -179,12 +179,16 @@ pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(m.roots), provider(&Cipher::ALL))
             .build()?;
-    let cfg = ServerConfig::builder_with_provider(provider(&Cipher::ALL))
+    let mut cfg = ServerConfig::builder_with_provider(provider(&Cipher::ALL))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Protocol)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(m.chain, m.key)
         .map_err(TlsError::Node)?;
+    // The link protects its records itself after `hello` (`records.rs`): rustls hands it the
+    // keys. No session tickets: nothing resumes, and no handshake record follows the hello.
+    cfg.enable_secret_extraction = true;
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 
@@ -192,12 +196,14 @@ pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
 /// the CA, our certificate presented.
 pub fn client_config(dir: &Path, cipher: Cipher) -> Result<Arc<ClientConfig>, TlsError> {
     let m = load(dir)?;
-    let cfg = ClientConfig::builder_with_provider(provider(&[cipher]))
+    let mut cfg = ClientConfig::builder_with_provider(provider(&[cipher]))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Protocol)?
         .with_root_certificates(m.roots)
         .with_client_auth_cert(m.chain, m.key)
         .map_err(TlsError::Node)?;
+    // See `server_config`: the link takes the keys over after `hello`.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 

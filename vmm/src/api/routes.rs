@@ -313,6 +313,10 @@ pub struct MigrateStart {
     /// The link's TLS 1.3 cipher suite.
     #[serde(default)]
     pub cipher: l1_services::migration::tls::Cipher,
+    /// Send pre-copy pages that are arithmetic progressions as 16 bytes (see
+    /// `SourceConfig::stride_pages`).
+    #[serde(default)]
+    pub stride_pages: bool,
     /// Hold at the switch-over point until released (`{release: ID}`): synchronized arrival.
     #[serde(default)]
     pub hold: Option<l1_services::migration::hold::HoldSpec>,

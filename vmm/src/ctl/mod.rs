@@ -89,6 +89,11 @@ pub enum CtlOp {
         /// chacha20-poly1305 (the fastest on hosts without AES instructions).
         #[arg(long, default_value = "aes-128-gcm")]
         cipher: l1_services::migration::tls::Cipher,
+        /// Send pre-copy pages whose 64-bit words form an arithmetic progression (a constant
+        /// fill included) as their first word and step, 16 bytes (the `stride` page codec;
+        /// the destination must know it).
+        #[arg(long)]
+        stride_pages: bool,
         /// Hold at the switch-over point until `ctl migrate-release` (twice: once to switch
         /// over, once to commit), giving up after this many ms at the first gate.
         #[arg(long, value_name = "MS")]
@@ -301,6 +306,7 @@ pub fn ctl(socket: &Path, op: CtlOp, timeout: Option<Duration>) -> anyhow::Resul
         recovery_timeout_ms,
         commit_with_state,
         cipher,
+        stride_pages,
         hold_timeout_ms,
         report,
     } = &op
@@ -319,6 +325,7 @@ pub fn ctl(socket: &Path, op: CtlOp, timeout: Option<Duration>) -> anyhow::Resul
             "recovery_timeout_ms": recovery_timeout_ms,
             "commit_with_state": commit_with_state,
             "cipher": cipher,
+            "stride_pages": stride_pages,
             "hold": hold_timeout_ms.map(|ms| json!({ "timeout_ms": ms })),
         });
         return migrate::ctl_migrate(socket, body, report);
