@@ -183,6 +183,8 @@ impl Migrations {
                 recovery_timeout: Duration::from_millis(req.recovery_timeout_ms),
                 commit_with_state: req.commit_with_state,
                 hold: req.hold,
+                // Agile: parked pages go as their locations (see `source.rs`).
+                parked: manager.parked_pages(),
             },
         )
         .map_err(|e| (502, format!("cannot reach the destination {to}: {e}")))?;
@@ -248,6 +250,8 @@ impl Migrations {
         self.last = Some((id, json!(report)));
         self.out = None;
         if phase == Phase::Completed {
+            // Pages parked by agile migration are the destination's now: not brought back.
+            manager.guest_left();
             tracing::info!(
                 migration = id,
                 "migrated ({}) in {:.0} ms, downtime {:.2} ms",
