@@ -28,6 +28,7 @@
 //! `kv` back end) moved across a shaped WAN with `ctl migrate-group`, independently and
 //! synchronized: the front end's latency, its errors, the held rounds' bytes.
 
+mod agile;
 mod chaos;
 mod ciphers;
 mod cloudnet;
@@ -272,10 +273,12 @@ fn main() -> anyhow::Result<()> {
     let mut full = false;
     let mut parts: Option<String> = None;
     let mut sizes_given = false;
+    let mut hot = 64u64;
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--runs" => runs = it.next().context("--runs N")?.parse()?,
+            "--hot" => hot = it.next().context("--hot MIB")?.parse()?,
             "--out" => out = Some(PathBuf::from(it.next().context("--out FILE")?)),
             "--links" => {
                 links = Some(
@@ -364,6 +367,18 @@ fn main() -> anyhow::Result<()> {
             if args.iter().any(|a| a == "--runs") { runs } else { 1 },
             &workloads.as_deref().unwrap_or("idle,dirty").split(',').collect::<Vec<_>>(),
             &out.unwrap_or_else(|| repo_root().join("bench/results/scatter-gather.json")),
+        ),
+        // Agile migration: `--sizes MIB` (1024), `--hot MIB` (64), `--links MBIT` (1000),
+        // `--runs N` (3): about 4 minutes at the defaults.
+        Some("agile") => agile::run(
+            &spanvmm_bin()?,
+            &repo_root().join("target/plugins"),
+            &guest_elf()?,
+            if sizes_given { sizes[0] } else { 1024 },
+            hot,
+            links.as_deref().map_or(Ok(1000), str::parse)?,
+            if args.iter().any(|a| a == "--runs") { runs } else { 3 },
+            &out.unwrap_or_else(|| repo_root().join("bench/results/agile.json")),
         ),
         Some("services-alloc") => services::alloc_compare(
             &spanvmm_bin()?,
@@ -486,6 +501,6 @@ fn main() -> anyhow::Result<()> {
                 }),
             )
         }
-        _ => bail!("usage: spanvmm-bench boot|services|services-alloc|devices|live-update|live-update-devices|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|chaos [--runs N] [--full] [--parts table1,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|services|services-alloc|devices|live-update|live-update-devices|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|agile|chaos [--runs N] [--hot MIB] [--full] [--parts table1,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
     }
 }

@@ -582,6 +582,12 @@ impl ServiceManager {
 
     /// Makes `m` the migration the `drives-migration` service drives (None: no migration).
     pub fn set_migration(&self, m: Option<Arc<crate::migration::MigrationSource>>) {
+        if m.is_some() {
+            // A park's push would compete with the migration for the link: stopped.
+            if let Some((_, engine)) = lock(&self.shared.agile).as_mut() {
+                engine.cancel_park();
+            }
+        }
         *lock(&self.shared.migration) = m;
     }
 

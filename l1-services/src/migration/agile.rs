@@ -603,6 +603,13 @@ impl Agile {
         self.parked.clone()
     }
 
+    /// Stops the park in progress, if any (a migration starts: the push would compete with
+    /// it for the source's link, and nothing may be evicted during it). Its pages stored so
+    /// far stay at the intermediaries; none is evicted.
+    pub fn cancel_park(&mut self) {
+        self.stop_job();
+    }
+
     /// Stops a push in progress (its pages stored so far stay at the intermediaries, none is
     /// evicted).
     fn stop_job(&mut self) {

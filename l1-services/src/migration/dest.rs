@@ -743,7 +743,7 @@ pub fn receive(
                 };
                 match fresh.take() {
                     Some((fresh_ram, fresh_vm))
-                        if postcopy && fresh_is_cheaper(&needed, &written) =>
+                        if (postcopy || gather_alone) && fresh_is_cheaper(&needed, &written) =>
                     {
                         // Pages that arrived and are not coming again move over; the rest
                         // fault in. The populated memory goes back off the downtime's path.
