@@ -33,6 +33,7 @@
 //! gang migration with cluster-wide dedup across two racks' shaped core, against N
 //! independent spanvmm and QEMU pre-copy migrations (gang.rs).
 
+mod agile;
 mod chaos;
 mod ciphers;
 mod cloudnet;
@@ -284,10 +285,12 @@ fn main() -> anyhow::Result<()> {
     let mut vms = 4usize;
     let mut trace = false;
     let mut compare = None;
+    let mut hot = 64u64;
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--runs" => runs = it.next().context("--runs N")?.parse()?,
+            "--hot" => hot = it.next().context("--hot MIB")?.parse()?,
             "--out" => out = Some(PathBuf::from(it.next().context("--out FILE")?)),
             "--links" => {
                 links = Some(
@@ -442,6 +445,18 @@ fn main() -> anyhow::Result<()> {
                 .collect::<Vec<_>>(),
             &out.unwrap_or_else(|| repo_root().join("bench/results/gang.json")),
         ),
+        // Agile migration: `--sizes MIB` (1024), `--hot MIB` (64), `--links MBIT` (1000),
+        // `--runs N` (3): about 4 minutes at the defaults.
+        Some("agile") => agile::run(
+            &spanvmm_bin()?,
+            &repo_root().join("target/plugins"),
+            &guest_elf()?,
+            if sizes_given { sizes[0] } else { 1024 },
+            hot,
+            links.as_deref().map_or(Ok(1000), str::parse)?,
+            if args.iter().any(|a| a == "--runs") { runs } else { 3 },
+            &out.unwrap_or_else(|| repo_root().join("bench/results/agile.json")),
+        ),
         Some("services-alloc") => services::alloc_compare(
             &spanvmm_bin()?,
             &guest_elf()?,
@@ -564,6 +579,6 @@ fn main() -> anyhow::Result<()> {
                 }),
             )
         }
-        _ => bail!("usage: spanvmm-bench boot|startup|services|services-alloc|devices|live-update|live-update-devices|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|gang|chaos [--runs N] [--vms N] [--full] [--trace] [--compare BIN] [--parts table1,scale,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--ciphers aes-128-gcm,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
+        _ => bail!("usage: spanvmm-bench boot|startup|services|services-alloc|devices|live-update|live-update-devices|live-update-failures|snapshot|migration|ciphers|cloudnet|sync-arrival|scatter-gather|gang|agile|chaos [--runs N] [--vms N] [--hot MIB] [--full] [--trace] [--compare BIN] [--parts table1,scale,cache,bandwidth] [--sizes MIB,..] [--links loopback,1000/1,100/20] [--workloads idle,dirty] [--engines qemu-precopy,postcopy,..] [--ciphers aes-128-gcm,..] [--runs-precopy N --runs-postcopy-cut N --runs-postcopy-death N --runs-live-update N --runs-snapshot N --seed S --quiet] [--out FILE]"),
     }
 }

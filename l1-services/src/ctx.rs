@@ -271,6 +271,10 @@ pub(crate) struct HostShared {
     pub snapshots: SnapshotEngine,
     /// Agile migration's engine and the service that opened it (one per VM).
     pub agile: Mutex<Option<(u64, crate::migration::agile::Agile)>>,
+    /// The engine's owner (id) is being saved and attached again (a snapshot's or a
+    /// migration's state capture): its close is not honoured, and its successor (same name)
+    /// adopts the engine when it opens, so that parked pages stay parked.
+    pub agile_heir: Mutex<Option<(u64, String)>>,
     /// The manager, so that a layer a service commits carries the other services' states.
     pub manager: OnceLock<std::sync::Weak<crate::manager::ServiceManager>>,
 }
@@ -767,7 +771,17 @@ impl ServiceCtx {
     pub(crate) fn agile_open(&self, config: &str) -> Result<(), CallError> {
         self.require(Capability::EvictMemory, "agile open")?;
         let mut agile = lock(&self.shared.agile);
-        if let Some((owner, _)) = &*agile {
+        if let Some((owner, _)) = agile.as_mut() {
+            let mut heir = lock(&self.shared.agile_heir);
+            if heir
+                .as_ref()
+                .is_some_and(|(id, name)| *id == *owner && name == self.name())
+            {
+                // Our predecessor's engine, kept across a state capture: adopted as it is.
+                *owner = self.id;
+                *heir = None;
+                return Ok(());
+            }
             return Err(CallError::Refused(format!(
                 "agile open: already open (service {owner})"
             )));
@@ -824,10 +838,17 @@ impl ServiceCtx {
         self.close_agile().map_err(engine_err("agile close"))
     }
 
-    /// Closes the agile engine if this service opened it (every page comes back).
+    /// Closes the agile engine if this service opened it (every page comes back), unless
+    /// it is kept for this service's successor (see `agile_heir`).
     fn close_agile(&self) -> Result<(), String> {
         let mut agile = lock(&self.shared.agile);
         if agile.as_ref().is_none_or(|(owner, _)| *owner != self.id) {
+            return Ok(());
+        }
+        if lock(&self.shared.agile_heir)
+            .as_ref()
+            .is_some_and(|(id, _)| *id == self.id)
+        {
             return Ok(());
         }
         let (_, engine) = agile.take().expect("checked above");

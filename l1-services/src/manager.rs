@@ -558,6 +558,7 @@ impl ServiceManager {
                 vm_owner: Mutex::new(None),
                 snapshots: Default::default(),
                 agile: Mutex::new(None),
+                agile_heir: Mutex::new(None),
                 manager: OnceLock::new(),
             }),
             config,
@@ -581,6 +582,12 @@ impl ServiceManager {
 
     /// Makes `m` the migration the `drives-migration` service drives (None: no migration).
     pub fn set_migration(&self, m: Option<Arc<crate::migration::MigrationSource>>) {
+        if m.is_some() {
+            // A park's push would compete with the migration for the link: stopped.
+            if let Some((_, engine)) = lock(&self.shared.agile).as_mut() {
+                engine.cancel_park();
+            }
+        }
         *lock(&self.shared.migration) = m;
     }
 
@@ -1433,10 +1440,13 @@ impl ServiceManager {
             let Some(i) = c.services.iter().position(|s| s.id == old.id) else {
                 continue;
             };
+            // Parked pages stay parked: the agile engine waits for the service's successor.
+            self.hold_agile(old.id, &name);
             let (old, r) = self.stop(&mut c, i);
             let state = match r {
                 Ok(state) => state,
                 Err(e) => {
+                    self.settle_agile(old.id);
                     lock(&self.shared.dirty).unregister(old.id, &*self.shared.host);
                     tracing::warn!("service {name} declined to save its state: {e}");
                     out.push(ServiceRecord::Declined {
@@ -1470,6 +1480,7 @@ impl ServiceManager {
                     tracing::error!("service {name} lost: not resumed from its own state: {e}");
                 }
             }
+            self.settle_agile(old.id);
             out.push(ServiceRecord::Handed(HandedService {
                 name,
                 path: old.path.clone(),
@@ -1488,6 +1499,51 @@ impl ServiceManager {
             );
         }
         out
+    }
+
+    /// Keeps the agile engine of service `id` (if it owns it) for its successor `name`.
+    fn hold_agile(&self, id: u64, name: &str) {
+        if lock(&self.shared.agile)
+            .as_ref()
+            .is_some_and(|(owner, _)| *owner == id)
+        {
+            *lock(&self.shared.agile_heir) = Some((id, name.to_string()));
+        }
+    }
+
+    /// After service `id` was attached again: an engine its successor did not adopt is
+    /// closed (every page comes back), as if `id` had closed it.
+    fn settle_agile(&self, id: u64) {
+        let mut heir = lock(&self.shared.agile_heir);
+        if heir.as_ref().is_none_or(|(h, _)| *h != id) {
+            return;
+        }
+        *heir = None;
+        drop(heir);
+        let mut agile = lock(&self.shared.agile);
+        if agile.as_ref().is_some_and(|(owner, _)| *owner == id) {
+            let (_, engine) = agile.take().expect("checked above");
+            drop(agile);
+            tracing::warn!("agile: the service's successor did not take its parked pages over");
+            if let Err(e) = engine.close() {
+                tracing::error!("agile close: {e}");
+            }
+        }
+    }
+
+    /// The pages parked by the agile engine, if one is open: a migration sends their
+    /// locations instead of reading them.
+    pub fn parked_pages(&self) -> Option<Arc<crate::migration::agile::Parked>> {
+        lock(&self.shared.agile).as_ref().map(|(_, e)| e.parked())
+    }
+
+    /// The guest has migrated away: the agile engine is dropped without bringing its pages
+    /// back (the destination has them, or reads them from the intermediaries).
+    pub fn guest_left(&self) {
+        let engine = lock(&self.shared.agile).take();
+        if let Some((_, engine)) = engine {
+            engine.abandon();
+        }
     }
 
     /// Attaches again the services a restored or arrived VM's state names (`service/<name>`

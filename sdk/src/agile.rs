@@ -45,8 +45,10 @@ pub fn open(config: &str) -> Result<(), String> {
     imp::open(config)
 }
 
-/// Parks the pages set in `bitmap` (one bit per page): pushed with the guest running, evicted
-/// with it paused where unchanged. Returns what it did (JSON).
+/// Parks the pages set in `bitmap` (one bit per page), in steps: the first call starts
+/// pushing them in the background (the guest runs) and returns `{"state":"pushing",...}`;
+/// later calls with an empty bitmap report progress, and the first after the push evicts,
+/// the guest paused, those unchanged (`{"state":"done",...}`). See `wit/agile.wit`.
 pub fn park(bitmap: &[u64]) -> Result<String, String> {
     imp::park(bitmap)
 }

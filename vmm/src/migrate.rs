@@ -184,6 +184,8 @@ impl Migrations {
                 commit_with_state: req.commit_with_state,
                 hold: req.hold,
                 stride_pages: req.stride_pages,
+                // Agile: parked pages go as their locations (see `source.rs`).
+                parked: manager.parked_pages(),
             },
         )
         .map_err(|e| (502, format!("cannot reach the destination {to}: {e}")))?;
@@ -249,6 +251,8 @@ impl Migrations {
         self.last = Some((id, json!(report)));
         self.out = None;
         if phase == Phase::Completed {
+            // Pages parked by agile migration are the destination's now: not brought back.
+            manager.guest_left();
             tracing::info!(
                 migration = id,
                 "migrated ({}) in {:.0} ms, downtime {:.2} ms",

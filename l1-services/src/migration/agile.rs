@@ -16,8 +16,8 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use base_vmm::evict::{EvictError, Evicted, Evictor};
 use base_vmm::memory::{GuestRam, PAGE_SIZE};
@@ -71,7 +71,15 @@ pub struct Parked {
     fault: Mutex<PageStore>,
     at: Mutex<HashMap<u64, Stored>>,
     stats: ParkedStats,
+    /// The key and the store, for a migration's `store` record (the destination reads the
+    /// parked pages under the same key).
+    key: StoreKey,
+    cfg: StoreConfig,
 }
+
+/// Pages a push stores per `put` (4 MiB): progress shows between them, and a cancel (the
+/// engine closing) is seen.
+const PUSH_CHUNK: usize = 1024;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -89,7 +97,38 @@ impl Parked {
             fault: Mutex::new(PageStore::connect(cfg.clone(), key)?),
             at: Mutex::default(),
             stats: ParkedStats::default(),
+            key: key.clone(),
+            cfg: cfg.clone(),
         })
+    }
+
+    /// The `store` record a migration sends before the `located` records of these pages:
+    /// the same intermediaries and key, the destination's gather capped at `gather_rate`
+    /// bytes/s (0: uncapped).
+    pub fn store_record(&self, gather_rate: u64) -> super::wire::Store {
+        super::wire::Store {
+            key: self.key.clone(),
+            encrypt: self.cfg.encrypt,
+            cluster: self.cfg.cluster,
+            replicas: self.cfg.replicas as u8,
+            ttl_secs: self.cfg.ttl_secs.min(u32::MAX as u64) as u32,
+            intermediaries: self.cfg.intermediaries.clone(),
+            auth: self.cfg.auth.clone(),
+            gather_rate,
+        }
+    }
+
+    /// The store's configuration and key (Scatter-Gather scatters a VM with parked pages
+    /// to the same store, so that one `store` record covers both).
+    pub fn store(&self) -> (StoreConfig, StoreKey) {
+        (self.cfg.clone(), self.key.clone())
+    }
+
+    /// The content address of each of `pages` as last pushed (None: never pushed). Only an
+    /// evicted page's address is sure to be its content: the caller asks for those.
+    pub fn addresses(&self, pages: &[u64]) -> Vec<Option<ContentHash>> {
+        let at = lock(&self.at);
+        pages.iter().map(|p| at.get(p).map(|s| s.addr)).collect()
     }
 
     /// Stores the current bytes of `pages` (guest page numbers; holes, pages evicted already
@@ -97,6 +136,18 @@ impl Parked {
     /// stored.
     /// A page written meanwhile is stored as some state of it: [`Parked::evict`] finds out.
     pub fn push(&self, ram: &GuestRam, pages: &[u64]) -> Result<u64, IntermediaryError> {
+        self.push_with(ram, pages, &AtomicU64::new(0), &AtomicBool::new(false))
+    }
+
+    /// [`Parked::push`] by chunks of [`PUSH_CHUNK`] pages, counting the pages stored into
+    /// `done` as it goes and stopping early (with the pages stored so far) once `cancel`.
+    pub fn push_with(
+        &self,
+        ram: &GuestRam,
+        pages: &[u64],
+        done: &AtomicU64,
+        cancel: &AtomicBool,
+    ) -> Result<u64, IntermediaryError> {
         let n = ram.size() / PAGE_SIZE;
         let mut pages: Vec<u64> = pages
             .iter()
@@ -116,27 +167,36 @@ impl Parked {
                 runs.peek().is_some_and(|&&(a, _)| a <= p)
             });
         }
-        let mut bytes = vec![0u8; pages.len() * PAGE];
-        for (i, &p) in pages.iter().enumerate() {
-            ram.read(p * PAGE_SIZE, &mut bytes[i * PAGE..(i + 1) * PAGE])
-                .map_err(|e| IntermediaryError::Config(e.to_string()))?;
+        let mut bytes = vec![0u8; pages.len().min(PUSH_CHUNK) * PAGE];
+        let mut stored = 0;
+        for chunk in pages.chunks(PUSH_CHUNK) {
+            if cancel.load(Ordering::Acquire) {
+                break;
+            }
+            let bytes = &mut bytes[..chunk.len() * PAGE];
+            for (i, &p) in chunk.iter().enumerate() {
+                ram.read(p * PAGE_SIZE, &mut bytes[i * PAGE..(i + 1) * PAGE])
+                    .map_err(|e| IntermediaryError::Config(e.to_string()))?;
+            }
+            let views: Vec<&[u8]> = bytes.chunks_exact(PAGE).collect();
+            let addrs = lock(&self.push).put(&views)?;
+            let mut at = lock(&self.at);
+            for ((&p, page), addr) in chunk.iter().zip(&views).zip(addrs) {
+                at.insert(
+                    p,
+                    Stored {
+                        addr,
+                        sum: sum(page),
+                    },
+                );
+            }
+            drop(at);
+            let n = chunk.len() as u64;
+            stored += n;
+            self.stats.pushed.fetch_add(n, Ordering::Relaxed);
+            done.fetch_add(n, Ordering::Relaxed);
         }
-        let views: Vec<&[u8]> = bytes.chunks_exact(PAGE).collect();
-        let addrs = lock(&self.push).put(&views)?;
-        let mut at = lock(&self.at);
-        for ((&p, page), addr) in pages.iter().zip(&views).zip(addrs) {
-            at.insert(
-                p,
-                Stored {
-                    addr,
-                    sum: sum(page),
-                },
-            );
-        }
-        self.stats
-            .pushed
-            .fetch_add(pages.len() as u64, Ordering::Relaxed);
-        Ok(pages.len() as u64)
+        Ok(stored)
     }
 
     /// Evicts the pushed pages of `run` that still hold what was pushed. Call it with the
@@ -264,7 +324,7 @@ impl AgileConfig {
     }
 }
 
-/// What one [`Agile::park`] did.
+/// What one park did (its last step, [`Agile::park`] returning [`ParkStep::Done`]).
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ParkOutcome {
@@ -280,6 +340,45 @@ pub struct ParkOutcome {
     pub push_us: u64,
 }
 
+/// Where a park is: [`Agile::park`]'s answer.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum ParkStep {
+    /// No park in progress, none started (an empty bitmap).
+    Idle,
+    /// The push runs in the background (the guest runs, the VMM answers).
+    Pushing {
+        /// Pages chosen.
+        pages: u64,
+        /// Pages stored so far.
+        pushed: u64,
+    },
+    /// The park completed in this call (the guest was paused for its eviction).
+    Done(ParkOutcome),
+}
+
+/// The park in progress: its push, on a thread of its own.
+struct ParkJob {
+    pages: Vec<u64>,
+    pushed: Arc<AtomicU64>,
+    cancel: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<u64, String>>,
+    started: std::time::Instant,
+}
+
+/// The park in progress, as reported.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ParkProgress {
+    /// Pages chosen.
+    pub pages: u64,
+    /// Pages pushed so far.
+    pub pushed: u64,
+    /// The push has ended (the next `park` call evicts).
+    pub pushed_all: bool,
+    /// Since the park began, ms.
+    pub elapsed_ms: u64,
+}
+
 /// The `agile` interface's report.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AgileReport {
@@ -292,27 +391,43 @@ pub struct AgileReport {
     pub parks: u64,
     /// Guest pause for parks, in all, µs.
     pub paused_us: u64,
+    /// The park in progress, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub park: Option<ParkProgress>,
+    /// The last park completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_park: Option<ParkOutcome>,
 }
 
 /// One VM's agile engine: the parked pages, the evictor and its fault thread.
 pub struct Agile {
-    parked: std::sync::Arc<Parked>,
-    ev: std::sync::Arc<Evictor>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    parked: Arc<Parked>,
+    ev: Arc<Evictor>,
+    stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    job: Option<ParkJob>,
     parks: u64,
     paused_us: u64,
+    last: Option<ParkOutcome>,
 }
 
 impl Agile {
     /// Connects to the intermediaries of `cfg` under a fresh key, registers `ram` and starts
     /// serving its evicted pages on a thread of its own.
-    pub fn open(ram: &std::sync::Arc<GuestRam>, cfg: &StoreConfig) -> Result<Self, String> {
-        use std::sync::Arc;
+    pub fn open(ram: &Arc<GuestRam>, cfg: &StoreConfig) -> Result<Self, String> {
         let key = StoreKey::generate().map_err(|e| e.to_string())?;
         let parked = Arc::new(Parked::connect(cfg, &key).map_err(|e| e.to_string())?);
-        let ev = Arc::new(Evictor::register(ram).map_err(|e| e.to_string())?);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ev = Arc::new(Evictor::register(ram).map_err(|e| match e {
+            // Another userfaultfd holds guest memory: an incoming post-copy or gather still
+            // fills it. The service may open again once that has completed.
+            EvictError::Uffd(base_vmm::uffd::UffdError::Sys { ref err, .. })
+                if err.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                format!("{e}: guest memory is still being filled by an incoming migration; retry once it has completed")
+            }
+            e => e.to_string(),
+        })?);
+        let stop = Arc::new(AtomicBool::new(false));
         let (p, e, s) = (parked.clone(), ev.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("agile-fault".into())
@@ -331,19 +446,56 @@ impl Agile {
             ev,
             stop,
             thread: Some(thread),
+            job: None,
             parks: 0,
             paused_us: 0,
+            last: None,
         })
     }
 
-    /// Parks the pages set in `bitmap`: pushed now, then evicted between `pause` and
-    /// `resume` where unchanged.
+    /// Parks the pages set in `bitmap`, in steps, so that the caller (the VMM's main loop)
+    /// is never held for the push: the first call starts pushing their bytes to the
+    /// intermediaries on a thread of its own (the guest runs) and returns at once; later
+    /// calls (with an empty bitmap) report the push's progress, and the first call after
+    /// the push has ended evicts, between `pause` and `resume`, the pages still holding what
+    /// was pushed. A non-empty bitmap while a park is in progress is refused.
     pub fn park(
         &mut self,
         bitmap: &[u64],
         pause: &mut dyn FnMut() -> Result<(), String>,
         resume: &mut dyn FnMut() -> Result<(), String>,
-    ) -> Result<ParkOutcome, String> {
+    ) -> Result<ParkStep, String> {
+        let any = bitmap.iter().any(|&w| w != 0);
+        if let Some(job) = &self.job {
+            if any {
+                return Err(format!(
+                    "agile park: a park is in progress ({} of {} pages pushed)",
+                    job.pushed.load(Ordering::Relaxed),
+                    job.pages.len()
+                ));
+            }
+            if !job.thread.is_finished() {
+                return Ok(ParkStep::Pushing {
+                    pages: job.pages.len() as u64,
+                    pushed: job.pushed.load(Ordering::Relaxed),
+                });
+            }
+            let job = self.job.take().expect("checked above");
+            let push_us = job.started.elapsed().as_micros() as u64;
+            let pushed = job
+                .thread
+                .join()
+                .map_err(|_| "agile park: the push thread panicked".to_string())??;
+            return self.evict(&job.pages, pause, resume).map(|mut out| {
+                out.pushed = pushed;
+                out.push_us = push_us;
+                self.last = Some(out.clone());
+                ParkStep::Done(out)
+            });
+        }
+        if !any {
+            return Ok(ParkStep::Idle);
+        }
         let ram = self.ev.ram().clone();
         let n = ram.size() / PAGE_SIZE;
         let pages: Vec<u64> = (0..n)
@@ -353,13 +505,48 @@ impl Agile {
                     .is_some_and(|w| w >> (p % 64) & 1 == 1)
             })
             .collect();
+        let pushed = Arc::new(AtomicU64::new(0));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (parked, chosen, done, stop) = (
+            self.parked.clone(),
+            pages.clone(),
+            pushed.clone(),
+            cancel.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("agile-push".into())
+            .spawn(move || {
+                base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Migration);
+                parked
+                    .push_with(&ram, &chosen, &done, &stop)
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| format!("agile park: cannot start the push thread: {e}"))?;
+        let step = ParkStep::Pushing {
+            pages: pages.len() as u64,
+            pushed: 0,
+        };
+        self.job = Some(ParkJob {
+            pages,
+            pushed,
+            cancel,
+            thread,
+            started: std::time::Instant::now(),
+        });
+        Ok(step)
+    }
+
+    /// Evicts the pushed `pages` still holding what was pushed, the guest paused.
+    fn evict(
+        &mut self,
+        pages: &[u64],
+        pause: &mut dyn FnMut() -> Result<(), String>,
+        resume: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<ParkOutcome, String> {
         let mut out = ParkOutcome::default();
         if pages.is_empty() {
             return Ok(out);
         }
-        let t = std::time::Instant::now();
-        out.pushed = self.parked.push(&ram, &pages).map_err(|e| e.to_string())?;
-        out.push_us = t.elapsed().as_micros() as u64;
         let t = std::time::Instant::now();
         pause()?;
         let mut r = Ok(());
@@ -395,6 +582,13 @@ impl Agile {
             store: self.parked.report(),
             parks: self.parks,
             paused_us: self.paused_us,
+            park: self.job.as_ref().map(|j| ParkProgress {
+                pages: j.pages.len() as u64,
+                pushed: j.pushed.load(Ordering::Relaxed),
+                pushed_all: j.thread.is_finished(),
+                elapsed_ms: j.started.elapsed().as_millis() as u64,
+            }),
+            last_park: self.last.clone(),
         }
     }
 
@@ -403,9 +597,32 @@ impl Agile {
         self.parked.located(self.ev.ram())
     }
 
+    /// The parked pages, for a migration: it sends their `located` records instead of
+    /// reading them (which would bring them back).
+    pub fn parked(&self) -> Arc<Parked> {
+        self.parked.clone()
+    }
+
+    /// Stops the park in progress, if any (a migration starts: the push would compete with
+    /// it for the source's link, and nothing may be evicted during it). Its pages stored so
+    /// far stay at the intermediaries; none is evicted.
+    pub fn cancel_park(&mut self) {
+        self.stop_job();
+    }
+
+    /// Stops a push in progress (its pages stored so far stay at the intermediaries, none is
+    /// evicted).
+    fn stop_job(&mut self) {
+        if let Some(job) = self.job.take() {
+            job.cancel.store(true, Ordering::Release);
+            let _ = job.thread.join();
+        }
+    }
+
     /// Brings every page back and unregisters. (Dropped without it, the fault thread keeps
     /// serving: no page is lost.)
-    pub fn close(self) -> Result<(), String> {
+    pub fn close(mut self) -> Result<(), String> {
+        self.stop_job();
         let Agile {
             parked,
             ev,
@@ -421,9 +638,16 @@ impl Agile {
             let _ = t.join();
         }
         back.map_err(|e| e.to_string())?;
-        match std::sync::Arc::try_unwrap(ev) {
+        match Arc::try_unwrap(ev) {
             Ok(ev) => ev.finish(&mut &*parked).map_err(|e| e.to_string()),
             Err(_) => Err("agile: the evictor is still in use".into()),
         }
+    }
+
+    /// The guest has left this host (migrated away): nothing is brought back. A push in
+    /// progress stops; the fault thread goes on serving until the process exits (nothing
+    /// should touch the memory now, but whatever does gets its page, not a hang).
+    pub fn abandon(mut self) {
+        self.stop_job();
     }
 }

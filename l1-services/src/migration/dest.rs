@@ -666,6 +666,13 @@ pub fn receive(
         };
         heard = Instant::now();
         if ty == wire::T_PAGES {
+            // Agile: a page that comes as data (zero or not) after its location supersedes
+            // it; a malformed frame is the writer's to refuse.
+            if let Some(g) = store.as_ref().filter(|g| !g.locs.is_empty()) {
+                if let Ok(f) = wire::decode_pages(payload) {
+                    g.locs.drop_present(f.first, f.span as u64, &f.present);
+                }
+            }
             let spare = writer.spare();
             if !writer.write(link.take_last_frame(spare)) {
                 return Err(refuse(
@@ -713,6 +720,26 @@ pub fn receive(
                         })),
                     ));
                 }
+                // Agile: pages located before the state (parked at the source's
+                // intermediaries) are still to come from there, unless they came as data
+                // since (brought back and written at the source: sent again; dropped as the
+                // frames came) or the source sends them again after the state (`needed`).
+                // They are missing here as post-copy's pages are, and gathered from the
+                // intermediaries.
+                let mut needed = needed;
+                let parked = match &store {
+                    Some(g) => g.locs.drop_superseded(|p| postcopy && bit(&needed, p)),
+                    None => Vec::new(),
+                };
+                if !parked.is_empty() {
+                    needed.resize(written.len(), 0);
+                    for &p in &parked {
+                        set_bit(&mut needed, p);
+                    }
+                }
+                // A stop-and-copy with parked pages: the guest runs with them missing and
+                // the destination gathers them alone (the source has left).
+                let gather_alone = !postcopy && !parked.is_empty();
                 let mut ram = ram.clone();
                 // Which pages may hold a stale copy: in populated memory all, in fresh memory
                 // those written (none on the memory swapped in below).
@@ -723,7 +750,7 @@ pub fn receive(
                 };
                 match fresh.take() {
                     Some((fresh_ram, fresh_vm))
-                        if postcopy && fresh_is_cheaper(&needed, &written) =>
+                        if (postcopy || gather_alone) && fresh_is_cheaper(&needed, &written) =>
                     {
                         // Pages that arrived and are not coming again move over; the rest
                         // fault in. The populated memory goes back off the downtime's path.
@@ -748,7 +775,7 @@ pub fn receive(
                     postcopy: None,
                     dest: dest.clone(),
                 };
-                if handover == Handover::Complete {
+                if handover == Handover::Complete && !gather_alone {
                     arrived.link = Some(link);
                     return Ok(arrived);
                 }
@@ -778,7 +805,9 @@ pub fn receive(
                     .map_err(|e| refuse(&mut link, fail(io(e.into()))))?;
                 super::trace(format_args!("dest: userfaultfd registered"));
                 dest.needed.store(count(&needed), Ordering::Relaxed);
-                link.for_postcopy();
+                if postcopy {
+                    link.for_postcopy();
+                }
                 dest.set(Phase::Postcopy, None);
                 arrived.postcopy = Some(Postcopy {
                     server,
@@ -840,10 +869,18 @@ pub fn receive(
                 }
             }
             Frame::Located(rec) => {
-                // Out of place, but a record past guest memory is named as such.
-                let why = match rec.check(pages) {
-                    Err(e) => DestError::Wire(e),
-                    Ok(()) => DestError::BeforeState("located"),
+                // Agile: pages parked at the intermediaries, located before the state.
+                let why = match (rec.check(pages), &store) {
+                    (Err(e), _) => DestError::Wire(e),
+                    (Ok(()), Some(g)) => {
+                        for (p, h) in rec.pages() {
+                            g.locs.add(p, std::slice::from_ref(h));
+                        }
+                        continue;
+                    }
+                    (Ok(()), None) => DestError::Scatter(
+                        "a located frame, but no store frame named the intermediaries".into(),
+                    ),
                 };
                 return Err(refuse(&mut link, fail(io(why))));
             }
@@ -1352,6 +1389,25 @@ impl Arrived {
     /// handle (post-copy goes on in the background).
     pub fn running(mut self) -> Result<Arc<MigrationDest>, DestError> {
         let load_us = self.received_at.elapsed().as_micros() as u64;
+        if self.handover == Handover::Complete && self.postcopy.is_some() {
+            let pc = self.postcopy.take().expect("checked above");
+            // Agile: every page is here but the parked ones, which the intermediaries hold:
+            // the source hears that the guest runs and leaves; they are gathered from there.
+            if let Some(mut link) = self.link.take() {
+                link.send(&Frame::Resumed { load_us })
+                    .and_then(|_| link.flush(Duration::from_secs(10)))
+                    .map_err(DestError::Resumed)?;
+                let _ = link.recv(Duration::from_secs(5));
+            }
+            std::thread::Builder::new()
+                .name("migrate-gather".into())
+                .spawn(move || {
+                    base_vmm::seccomp::enter_or_log(base_vmm::seccomp::Role::Migration);
+                    pc.run_alone()
+                })
+                .map_err(os("cannot start the gather thread"))?;
+            return Ok(self.dest.clone());
+        }
         if let Some(pc) = self.postcopy.take() {
             let link = self.link.take();
             std::thread::Builder::new()
@@ -1461,8 +1517,23 @@ struct Postcopy {
 }
 
 impl Postcopy {
-    fn run(mut self, link: Option<Link>, load_us: u64) {
-        let r = self.serve(link, load_us);
+    fn run(self, link: Option<Link>, load_us: u64) {
+        let mut pc = self;
+        let r = pc.serve(link, load_us);
+        pc.end(r)
+    }
+
+    /// Without the source (a stop-and-copy that left parked pages): gathers every missing
+    /// page from the intermediaries, faults first.
+    fn run_alone(mut self) {
+        if let Some(g) = &mut self.gather {
+            g.source.set_fallback(false);
+        }
+        let r = self.gather_rest();
+        self.end(r)
+    }
+
+    fn end(self, r: Result<(), DestError>) {
         self.publish();
         match r {
             Ok(()) => {
@@ -1496,8 +1567,12 @@ impl Postcopy {
             }
         }
         drop(link);
-        // Scatter-Gather: the source is gone, every page still missing is located; gather
-        // them at the destination's own pace, faults first.
+        self.gather_rest()
+    }
+
+    /// Scatter-Gather (and agile): the source is gone, every page still missing is located;
+    /// gather them at the destination's own pace, faults first.
+    fn gather_rest(&mut self) -> Result<(), DestError> {
         while self.server.remaining() > 0 {
             let mut fd = libc::pollfd {
                 fd: self.server.fd(),

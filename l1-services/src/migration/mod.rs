@@ -30,7 +30,9 @@ pub mod wire;
 
 pub use dest::{receive, Arrived, DestError, DestProgress, MigrationDest, PreparedRam, CANCELLED};
 pub use link::{Link, LinkError};
-pub use source::{Harvest, MigrationSource, Report, Sample, SourceConfig, SourceError, SourceVm};
+pub use source::{
+    Harvest, MigrationSource, ParkedSendReport, Report, Sample, SourceConfig, SourceError, SourceVm,
+};
 
 use serde::Serialize;
 

@@ -93,6 +93,34 @@ impl Locations {
         Some(a..b)
     }
 
+    /// Drops the locations of the pages `superseded` names (they arrived, or will arrive,
+    /// as data); returns the pages still located, in order.
+    pub fn drop_superseded(&self, superseded: impl Fn(u64) -> bool) -> Vec<u64> {
+        let mut m = self.lock();
+        let Inner { map, todo } = &mut *m;
+        map.retain(|&p, _| !superseded(p));
+        todo.retain(|p| map.contains_key(p));
+        let mut v: Vec<u64> = map.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Drops the locations of the pages of `first..first + span` set in `present` (they
+    /// came as data since).
+    pub fn drop_present(&self, first: u64, span: u64, present: &[u64]) {
+        let mut m = self.lock();
+        for i in (0..span).filter(|&i| {
+            present
+                .get((i / 64) as usize)
+                .is_some_and(|w| w >> (i % 64) & 1 == 1)
+        }) {
+            let p = first + i;
+            if m.map.remove(&p).is_some() {
+                m.todo.remove(&p);
+            }
+        }
+    }
+
     /// Gives back pages taken but not gathered.
     fn give_back(&self, run: Range<u64>) {
         self.lock().todo.extend(run);

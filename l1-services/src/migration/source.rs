@@ -83,6 +83,10 @@ pub struct SourceConfig {
     /// included) go as their first word and step: the `stride` page codec (wire.rs). Off by
     /// default: a destination older than the codec refuses it, before the hand-over.
     pub stride_pages: bool,
+    /// Agile migration: the VM's pages parked at intermediaries. An evicted page goes as its
+    /// `located` record (after one `store` record naming the intermediaries and the key),
+    /// never read here: reading it would bring it back.
+    pub parked: Option<Arc<super::agile::Parked>>,
 }
 
 /// One point of the timeline (for the report's plot).
@@ -190,6 +194,25 @@ pub struct Report {
     /// there or at an intermediary, the source free to go).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scatter: Option<ScatterReport>,
+    /// Agile: the parked pages sent as their locations, when the VM had any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agile: Option<ParkedSendReport>,
+}
+
+/// Agile migration's share of a migration, at the source: evicted pages go as references.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ParkedSendReport {
+    /// Pages evicted (parked at the intermediaries) when the migration started.
+    pub evicted_at_start: u64,
+    /// Evicted pages sent as their location (32 bytes each, no data).
+    pub located_pages: u64,
+    /// `located` frames for them.
+    pub located_frames: u64,
+    /// Bytes of those frames on the link (before TLS).
+    pub located_bytes: u64,
+    /// Located pages the destination asked for again (it could not read them at the
+    /// intermediaries), sent as data.
+    pub resent_direct: u64,
 }
 
 /// What the plugin and the sender thread share.
@@ -315,6 +338,11 @@ impl MigrationSource {
         ));
         link.send(&Frame::Machine(vm.machine()))?;
         let words = pages.div_ceil(64) as usize;
+        let parked_now = cfg
+            .parked
+            .as_ref()
+            .map(|_| ram.evicted_pages())
+            .filter(|&n| n > 0);
         let src = Arc::new(MigrationSource {
             st: Mutex::new(State {
                 phase: Phase::Precopy,
@@ -334,6 +362,10 @@ impl MigrationSource {
                     cipher: link.cipher().map(|c| c.name()).unwrap_or_default().into(),
                     pages_total: pages,
                     handover: "none".into(),
+                    agile: parked_now.map(|n| ParkedSendReport {
+                        evicted_at_start: n,
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 },
                 in_doubt: false,
@@ -384,6 +416,9 @@ impl MigrationSource {
                     scatter: None,
                     scattered: vec![0; pages.div_ceil(64) as usize],
                     t_read: Duration::ZERO,
+                    store_sent: false,
+                    parked_sent: vec![0; pages.div_ceil(64) as usize],
+                    direct_only: vec![0; pages.div_ceil(64) as usize],
                 };
                 let r = sender.run();
                 sender.finish(r);
@@ -659,6 +694,12 @@ struct Sender<'a> {
     scattered: Vec<u64>,
     /// Time spent reading guest memory to classify pages (zero, progression, data).
     t_read: Duration,
+    /// The `store` record went out (Scatter-Gather's, or the parked pages').
+    store_sent: bool,
+    /// Agile: pages sent as their location (parked at the intermediaries).
+    parked_sent: Vec<u64>,
+    /// Agile: located pages the destination asked for again: sent as data from now on.
+    direct_only: Vec<u64>,
 }
 
 /// Harvests the pages dirtied since the service's (or its own) last harvest: with the guest
@@ -763,6 +804,12 @@ impl Sender<'_> {
                 Some(Encoder::new(enc).map_err(|e| {
                     LinkError::Io(std::io::Error::other(format!("set-encoding: {e}")))
                 })?);
+        }
+        // Parked pages go as their locations; the rest as pages.
+        let rest = self.send_parked(first, span, sel)?;
+        let sel = &rest[..];
+        if sel.iter().all(|&w| w == 0) {
+            return Ok(0);
         }
         if precopy && self.encoder.is_some() {
             return self.send_encoded(first, span, sel, round);
@@ -880,6 +927,73 @@ impl Sender<'_> {
         drop(st);
         self.throttle.1 += (super::wire::HEADER_LEN + len) as u64;
         Ok(n)
+    }
+
+    /// Agile: the pages of `sel` parked at the intermediaries (evicted here) go as one
+    /// `located` record — their content addresses — instead of being read, which would
+    /// bring them back; the `store` record naming the intermediaries and the key goes
+    /// first, once. Returns the rest of the selection. A page evicted when checked holds
+    /// exactly what was pushed; if it is brought back and written afterwards, the dirty log
+    /// has it sent again as data, which supersedes the location at the destination.
+    fn send_parked(&mut self, first: u64, span: u64, sel: &[u64]) -> Result<Vec<u64>, LinkError> {
+        let mut rest = sel.to_vec();
+        let Some(parked) = self.cfg.parked.clone() else {
+            return Ok(rest);
+        };
+        if self.ram.evicted_pages() == 0 {
+            return Ok(rest);
+        }
+        let pages: Vec<u64> = (0..span)
+            .filter(|&i| bit(sel, i))
+            .map(|i| first + i)
+            .filter(|&p| self.ram.is_evicted(p) && !bit(&self.direct_only, p))
+            .collect();
+        if pages.is_empty() {
+            return Ok(rest);
+        }
+        let mut present = vec![0u64; span.div_ceil(64) as usize];
+        let mut hashes = Vec::with_capacity(pages.len());
+        for (&p, h) in pages.iter().zip(parked.addresses(&pages)) {
+            // The evictor drops only pages the store holds: an evicted page has an address.
+            let Some(h) = h else { continue };
+            set_bit(&mut present, p - first);
+            clear_bit(&mut rest, p - first);
+            set_bit(&mut self.parked_sent, p);
+            hashes.push(h);
+        }
+        if hashes.is_empty() {
+            return Ok(rest);
+        }
+        self.send_parked_store()?;
+        let n = hashes.len() as u64;
+        let frame_bytes = super::wire::HEADER_LEN as u64 + 10 + 8 * present.len() as u64 + 32 * n;
+        self.link.send(&Frame::Located(super::wire::Located {
+            first,
+            span: span as u16,
+            present,
+            hashes,
+        }))?;
+        self.throttle.1 += frame_bytes;
+        let mut st = self.st();
+        st.report.bytes = self.link.wire_bytes + st.report.bytes_per_link.iter().sum::<u64>();
+        let r = st.report.agile.get_or_insert_with(Default::default);
+        r.located_pages += n;
+        r.located_frames += 1;
+        r.located_bytes += frame_bytes;
+        Ok(rest)
+    }
+
+    /// Agile: the `store` record of the parked pages, once, if any page is parked and no
+    /// `store` went out yet (Scatter-Gather's, sent first, names the same store).
+    fn send_parked_store(&mut self) -> Result<(), LinkError> {
+        if self.store_sent || self.ram.evicted_pages() == 0 {
+            return Ok(());
+        }
+        if let Some(parked) = &self.cfg.parked {
+            self.link.send(&Frame::Store(parked.store_record(0)))?;
+            self.store_sent = true;
+        }
+        Ok(())
     }
 
     /// Moves the pages of a pre-copy batch sent in `round` into that round's final count
@@ -1067,20 +1181,32 @@ impl Sender<'_> {
     /// here, as before any switch-over).
     fn start_scatter(&mut self, req: ScatterRequest) -> Result<(), LinkError> {
         let fail = |e: String| LinkError::Io(std::io::Error::other(format!("scatter-gather: {e}")));
-        let key = req.store_key().map_err(fail)?;
-        let cfg = req.store_config();
-        let store = PageStore::connect(cfg.clone(), &key).map_err(|e| fail(e.to_string()))?;
-        let rec = Store {
-            key,
-            encrypt: cfg.encrypt,
-            cluster: cfg.cluster,
-            replicas: cfg.replicas as u8,
-            ttl_secs: req.ttl_secs,
-            intermediaries: cfg.intermediaries.clone(),
-            auth: cfg.auth.clone(),
-            gather_rate: req.gather_rate,
+        // A VM with parked pages (agile) scatters to the store holding them, under its key:
+        // the destination takes one `store` record for both.
+        let (cfg, key) = match &self.cfg.parked {
+            Some(p) => p.store(),
+            None => (req.store_config(), req.store_key().map_err(fail)?),
         };
-        self.link.send(&Frame::Store(rec))?;
+        let store = PageStore::connect(cfg.clone(), &key).map_err(|e| fail(e.to_string()))?;
+        let rec = match &self.cfg.parked {
+            Some(p) => p.store_record(req.gather_rate),
+            None => Store {
+                key,
+                encrypt: cfg.encrypt,
+                cluster: cfg.cluster,
+                replicas: cfg.replicas as u8,
+                ttl_secs: req.ttl_secs,
+                intermediaries: cfg.intermediaries.clone(),
+                auth: cfg.auth.clone(),
+                gather_rate: req.gather_rate,
+            },
+        };
+        if self.store_sent {
+            tracing::warn!("migration: the parked pages' store record went out first: the gather is not capped");
+        } else {
+            self.link.send(&Frame::Store(rec))?;
+            self.store_sent = true;
+        }
         let mut sc = Scatter::new(store, req.high_water);
         sc.start_workers(req.workers)
             .map_err(|e| fail(e.to_string()))?;
@@ -1097,6 +1223,9 @@ impl Sender<'_> {
     /// the link; the data pages on the link while it keeps up, else to the intermediaries
     /// (and their `located` record on the link). Each page goes one way, once.
     fn scatter_batch(&mut self, first: u64, span: u64, sel: &[u64]) -> Result<(), LinkError> {
+        // Parked pages (agile) are at the intermediaries already: their locations go.
+        let rest = self.send_parked(first, span, sel)?;
+        let sel = &rest[..];
         let holes = self.holes(first, span);
         let nw = span.div_ceil(64) as usize;
         let (mut zero, mut data) = (vec![0u64; nw], vec![0u64; nw]);
@@ -1293,6 +1422,16 @@ impl Sender<'_> {
                             clear_bit(&mut self.scattered, p);
                             set_bit(&mut st.needed, p);
                             if let Some(r) = st.report.scatter.as_mut() {
+                                r.resent_direct += 1;
+                            }
+                        }
+                        // Likewise a parked page: read here (brought back) and sent as data.
+                        if p < self.src.pages && bit(&self.parked_sent, p) && !st.needed.is_empty()
+                        {
+                            clear_bit(&mut self.parked_sent, p);
+                            set_bit(&mut self.direct_only, p);
+                            set_bit(&mut st.needed, p);
+                            if let Some(r) = st.report.agile.as_mut() {
                                 r.resent_direct += 1;
                             }
                         }
@@ -1835,6 +1974,9 @@ impl handover::Handover for Switch<'_, '_> {
         if let Some(d) = &mut tx.disk {
             d.leave_sync(&mut tx.link)?;
         }
+        // Agile: the parked pages' store goes before the state (a post-copy sends their
+        // locations after it, when the destination takes no `store` any more).
+        tx.send_parked_store()?;
         // Let what is in flight arrive while the guest still runs.
         let link = &mut self.tx.link;
         link.send(&Frame::Sync)?;

@@ -2,10 +2,16 @@
 //!
 //! On each tick the service takes the dirty bitmap and stamps every dirtied page with the
 //! time; a page not dirtied for `cold_ms` and not parked yet is cold. At most `max_evict_mb`
-//! of cold pages per tick (and one park per `cold_ms / 4`) go to the host's `agile::park`,
-//! which pushes them to the intermediaries with the guest running and evicts, with the guest
-//! paused, those still holding what was pushed. A parked page the guest writes again comes
-//! back (the host faults it in) and is hot again; it is parked again once cold.
+//! of cold pages per park (and one park per `cold_ms / 4`) go to the host's `agile::park`,
+//! which pushes them to the intermediaries in the background with the guest running (each
+//! tick asks how far it got) and, at the tick after the push, evicts, with the guest paused,
+//! those still holding what was pushed. A parked page the guest writes again comes back (the
+//! host faults it in) and is hot again; it is parked again once cold.
+//!
+//! Parked pages survive a snapshot or a migration's state capture (the host keeps the engine
+//! for this service's successor) and migrate as references. At a migration's destination the
+//! host cannot open while the parked pages are still being gathered there: the service then
+//! opens once it can (retried every second).
 //!
 //! Configuration (JSON): `{"intermediaries": ["ip:port", ...], "replicas": 1, "encrypt":
 //! false, "ttl_secs": 3600, "cold_ms": 2000, "max_evict_mb": 64}`.
@@ -65,6 +71,11 @@ struct Agile {
     cold_pages: u64,
     last_park: Value,
     error: Option<String>,
+    /// A park's push runs at the host: each tick asks how far it got.
+    parking: bool,
+    /// The store's configuration, while `open` waits to be retried.
+    store: Option<String>,
+    next_open_ms: u64,
 }
 
 impl Agile {
@@ -115,20 +126,81 @@ impl Agile {
         if n == 0 {
             return Ok(0);
         }
-        let r = agile::park(&bitmap)?;
+        let r = match agile::park(&bitmap) {
+            Ok(r) => r,
+            // Our predecessor's park (before a snapshot or migration's state capture):
+            // followed to its end first.
+            Err(e) if e.contains("a park is in progress") => {
+                self.parking = true;
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
         for (p, b) in self.parked.iter_mut().zip(&bitmap) {
             *p |= b;
         }
-        self.parks += 1;
-        self.last_park = serde_json::from_str(&r).unwrap_or(Value::Null);
+        self.step(&r);
         Ok(n)
+    }
+
+    /// Takes in where the host's park is (`pushing`, `done`, `idle`).
+    fn step(&mut self, r: &str) {
+        let v: Value = serde_json::from_str(r).unwrap_or(Value::Null);
+        match v["state"].as_str() {
+            Some("pushing") => self.parking = true,
+            Some("done") => {
+                self.parking = false;
+                self.parks += 1;
+                self.last_park = v;
+            }
+            _ => self.parking = false,
+        }
+    }
+
+    /// Asks the host how far the park got; the call after its push evicts.
+    fn advance(&mut self) -> Result<(), String> {
+        let r = agile::park(&[])?;
+        self.step(&r);
+        Ok(())
+    }
+
+    /// Opens the host's engine; an incoming migration still filling guest memory makes it
+    /// wait (true: open now).
+    fn try_open(&mut self, store: &str) -> Result<bool, String> {
+        match agile::open(store) {
+            Ok(()) => {
+                self.open = true;
+                self.store = None;
+                self.error = None;
+                // Opening counts as a write of every page.
+                let now = self.now_ms() as u32;
+                self.last.iter_mut().for_each(|t| *t = now);
+                self.next_scan_ms = self.now_ms() + self.cold_ms;
+                Ok(true)
+            }
+            Err(e) if e.contains("retry") => {
+                self.store = Some(store.to_string());
+                self.next_open_ms = self.now_ms() + 1000;
+                self.error = Some(e);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn tick(&mut self) -> Result<(), String> {
         if !self.open {
+            if let Some(store) = self.store.clone() {
+                if self.now_ms() >= self.next_open_ms {
+                    self.try_open(&store)?;
+                }
+            }
             return Ok(());
         }
         self.harvest()?;
+        if self.parking {
+            return self.advance();
+        }
         let now = self.now_ms();
         if now >= self.next_scan_ms {
             self.next_scan_ms = now + (self.cold_ms / 4).max(50);
@@ -146,6 +218,8 @@ impl Agile {
         v["parks"] = json!(self.parks);
         v["cold_pages"] = json!(self.cold_pages);
         v["last_park"] = self.last_park.clone();
+        v["parking"] = json!(self.parking);
+        v["open"] = json!(self.open);
         v["error"] = json!(self.error);
         Ok(v.to_string())
     }
@@ -177,15 +251,17 @@ impl Service for Agile {
             "encrypt": c.encrypt,
             "ttl-secs": c.ttl_secs,
         });
-        agile::open(&store.to_string())?;
-        self.open = true;
+        self.try_open(&store.to_string())?;
         Ok(())
     }
 
     fn on_event(&mut self, event: Event) -> EventReply {
         if let Event::Tick { .. } = event {
             if let Err(e) = self.tick() {
-                host::log(spanvmm_sdk::LogLevel::Error, &format!("agile: {e}"));
+                // Once per distinct error (a park refused during a migration repeats).
+                if self.error.as_deref() != Some(e.as_str()) {
+                    host::log(spanvmm_sdk::LogLevel::Error, &format!("agile: {e}"));
+                }
                 self.error = Some(e);
             }
         }
@@ -210,8 +286,18 @@ impl Service for Agile {
                     return Err("not open".into());
                 }
                 self.harvest()?;
+                if self.parking {
+                    self.advance()?;
+                    return Ok(
+                        json!({"chosen": 0, "parking": self.parking, "last_park": self.last_park})
+                            .to_string(),
+                    );
+                }
                 let n = self.park()?;
-                Ok(json!({"chosen": n, "last_park": self.last_park}).to_string())
+                Ok(
+                    json!({"chosen": n, "parking": self.parking, "last_park": self.last_park})
+                        .to_string(),
+                )
             }
             other => Err(format!("unknown method {other:?} (stats, park_now)")),
         }
