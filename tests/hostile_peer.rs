@@ -341,14 +341,16 @@ fn a_hostile_source_after_welcome_ends_the_incoming_migration_with_a_reason() {
             true,
         ),
         (
-            "a located frame before the state",
+            // Located records may come before the state (an agile VM's parked pages), but only
+            // after a `store` frame naming where the pages are.
+            "a located frame before any store frame",
             encoded(&Frame::Located(wire::Located {
                 first: 0,
                 span: 1,
                 present: vec![1],
                 hashes: vec![[7; 32]],
             })),
-            "unexpected located frame before the state",
+            "a located frame, but no store frame named the intermediaries",
             true,
         ),
         (
