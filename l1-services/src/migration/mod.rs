@@ -29,7 +29,10 @@ pub mod wire;
 
 pub use dest::{receive, Arrived, DestError, DestProgress, MigrationDest, PreparedRam, CANCELLED};
 pub use link::{Link, LinkError};
-pub use source::{Harvest, MigrationSource, Report, Sample, SourceConfig, SourceError, SourceVm};
+pub use source::{
+    CommitMode, Harvest, MigrationSource, Report, Sample, SourceConfig, SourceError, SourceVm,
+    AUTO_COMMIT_RTT,
+};
 
 use serde::Serialize;
 
