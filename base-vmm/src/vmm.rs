@@ -634,8 +634,8 @@ fn load_memory(
 
 /// Where each vCPU will touch memory first after a restore: its instruction and stack, its
 /// descriptor tables, through its page tables (a lazy restore brings these in before the
-/// guest asks).
-fn first_touches(state: &VmState) -> Vec<FirstTouch> {
+/// guest asks; a post-copy migration sends them first).
+pub fn first_touches(state: &VmState) -> Vec<FirstTouch> {
     const CR0_PG: u64 = 1 << 31;
     const EFER_LMA: u64 = 1 << 10;
     const CR4_LA57: u64 = 1 << 12;

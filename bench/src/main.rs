@@ -508,6 +508,8 @@ fn main() -> anyhow::Result<()> {
             links.as_deref(),
             workloads.as_deref(),
             engines.as_deref(),
+            // Rounds of every engine, interleaved (`--runs N`; one by default).
+            if args.iter().any(|a| a == "--runs") { runs } else { 1 },
             &out.unwrap_or_else(|| repo_root().join("bench/results/migration.json")),
         ),
         Some("live-update") => live_update::run(

@@ -575,6 +575,8 @@ struct Report {
     benchmark: &'static str,
     unix_time: u64,
     runs: Vec<Outcome>,
+    /// Per engine over the rounds: median and spread (see [`summarize`]).
+    summary: Vec<Value>,
     goals: Value,
 }
 
@@ -588,11 +590,18 @@ pub fn run(
     links: Option<&str>,
     workloads: Option<&str>,
     engines: Option<&str>,
+    repeat: usize,
     out: &Path,
 ) -> anyhow::Result<()> {
     // Which engines run: QEMU's as `qemu-precopy`, `qemu-postcopy`, `qemu-multifd`; spanvmm's
-    // by service name. All by default (a comparison runs both in the same run).
+    // by service name (`-early` / `-ready` appended: `--commit with-state` / `after-ready`;
+    // `@CIPHER`: that suite). All but the suffixed by default (a comparison runs both VMMs in
+    // the same run); `repeat` rounds, each running every engine in turn (interleaved).
     let wanted_engine = |name: &str| engines.is_none_or(|e| e.split(',').any(|x| x == name));
+    let spanvmm_engines: Vec<&str> = match engines {
+        Some(e) => e.split(',').filter(|x| !x.starts_with("qemu-")).collect(),
+        None => vec!["precopy", "postcopy", "hybrid"],
+    };
     // `loopback`, or `MBIT/RTT_MS` for a shaped link; all three by default.
     let wanted = links.unwrap_or("loopback,1000/1,100/20");
     let mut links = Vec::new();
@@ -618,60 +627,82 @@ pub fn run(
     for &link in &links {
         for &mem in sizes {
             for &workload in &workloads {
-                for engine in [
-                    QemuEngine::Precopy,
-                    QemuEngine::PrecopyPrealloc,
-                    QemuEngine::Postcopy,
-                    QemuEngine::Multifd,
-                ] {
-                    if !wanted_engine(&format!("qemu-{}", engine.name())) {
-                        continue;
+                for round in 0..repeat.max(1) {
+                    if repeat > 1 {
+                        eprintln!(
+                            "round {} of {repeat}: {} {mem} MiB {workload}",
+                            round + 1,
+                            link.label()
+                        );
                     }
-                    // Four times what the data needs on the link, at least a minute: a
-                    // pre-copy that has not converged by then will not.
-                    let need_s = match link {
-                        Link::Loopback => 0,
-                        Link::Shaped { mbit, .. } => mem * 8 / mbit,
-                        Link::Asymmetric { dst_mbit, .. } => mem * 8 / dst_mbit,
-                    };
-                    let limit = Duration::from_secs((need_s * 4).max(60));
-                    let o = qemu_migrate(elf, mem, workload, engine, link, limit, None)?;
-                    eprintln!(
+                    for engine in [
+                        QemuEngine::Precopy,
+                        QemuEngine::PrecopyPrealloc,
+                        QemuEngine::Postcopy,
+                        QemuEngine::Multifd,
+                    ] {
+                        if !wanted_engine(&format!("qemu-{}", engine.name())) {
+                            continue;
+                        }
+                        // Four times what the data needs on the link, at least a minute: a
+                        // pre-copy that has not converged by then will not.
+                        let need_s = match link {
+                            Link::Loopback => 0,
+                            Link::Shaped { mbit, .. } => mem * 8 / mbit,
+                            Link::Asymmetric { dst_mbit, .. } => mem * 8 / dst_mbit,
+                        };
+                        let limit = Duration::from_secs((need_s * 4).max(60));
+                        let o = qemu_migrate(elf, mem, workload, engine, link, limit, None)?;
+                        eprintln!(
                         "{:>22} {mem:>5} MiB {workload:>5} qemu {:>8}: total {} ms, downtime {} ms, guest stall {} µs (then {} µs), {} MiB, verify bad={:?} {}",
                         o.link, o.engine, o.total_ms, o.downtime_ms, o.guest_stall_us, o.guest_stall_after_us, o.bytes >> 20, o.verify_bad, o.note
                     );
-                    runs.push(o);
-                }
-                // `precopy-early`: precopy with `--commit-with-state` (not run unless named).
-                let all = [
-                    "precopy",
-                    "precopy+stride",
-                    "postcopy",
-                    "hybrid",
-                    "precopy-early",
-                ];
-                for engine in all {
-                    if !wanted_engine(engine) || (engine == "precopy-early" && engines.is_none()) {
-                        continue;
+                        runs.push(o);
                     }
-                    let o = crate::migration_spanvmm::spanvmm_migrate(
-                        bin,
-                        plugins,
-                        elf,
-                        mem,
-                        workload,
-                        engine,
-                        link,
-                        Duration::from_secs(300),
-                    )?;
-                    eprintln!(
+                    for &engine in &spanvmm_engines {
+                        let o = crate::migration_spanvmm::spanvmm_migrate(
+                            bin,
+                            plugins,
+                            elf,
+                            mem,
+                            workload,
+                            engine,
+                            link,
+                            Duration::from_secs(300),
+                        )?;
+                        eprintln!(
                         "{:>22} {mem:>5} MiB {workload:>5} spanvmm {:>8}: total {} ms, guest stall {} µs (then {} µs), {} MiB, verify bad={:?} {}",
                         o.link, o.engine, o.total_ms, o.guest_stall_us, o.guest_stall_after_us, o.bytes >> 20, o.verify_bad, o.note
                     );
-                    runs.push(o);
+                        runs.push(o);
+                    }
                 }
             }
         }
+    }
+    let summary = summarize(&runs);
+    for l in &summary {
+        eprintln!(
+            "{:>22} {:>5} MiB {:>5} {:>7} {:>16}: {} of {} done, guest stall median {:.1} ms [{:.1}, {:.1}], downtime median {:.2} ms [{:.2}, {:.2}], fault p99 median {:.1} ms [{:.1}, {:.1}], total median {} ms, verify bad {}",
+            l["link"].as_str().unwrap_or(""),
+            l["mem_mib"],
+            l["workload"].as_str().unwrap_or(""),
+            l["vmm"].as_str().unwrap_or(""),
+            l["engine"].as_str().unwrap_or(""),
+            l["completed"],
+            l["runs"],
+            l["guest_stall_ms"]["median"].as_f64().unwrap_or(f64::NAN),
+            l["guest_stall_ms"]["min"].as_f64().unwrap_or(f64::NAN),
+            l["guest_stall_ms"]["max"].as_f64().unwrap_or(f64::NAN),
+            l["downtime_ms"]["median"].as_f64().unwrap_or(f64::NAN),
+            l["downtime_ms"]["min"].as_f64().unwrap_or(f64::NAN),
+            l["downtime_ms"]["max"].as_f64().unwrap_or(f64::NAN),
+            l["fault_p99_ms"]["median"].as_f64().unwrap_or(f64::NAN),
+            l["fault_p99_ms"]["min"].as_f64().unwrap_or(f64::NAN),
+            l["fault_p99_ms"]["max"].as_f64().unwrap_or(f64::NAN),
+            l["total_ms"]["median"],
+            l["verify_bad"],
+        );
     }
     let report = Report {
         benchmark: "migration",
@@ -685,9 +716,76 @@ pub fn run(
             "postcopy": "each page sent once",
         }),
         runs,
+        summary,
     };
     std::fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))?;
     std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")?;
     eprintln!("wrote {}", out.display());
     Ok(())
+}
+
+/// Median, least and largest of `v` (None when empty).
+fn spread(mut v: Vec<f64>) -> Value {
+    if v.is_empty() {
+        return Value::Null;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    json!({ "median": median, "min": v[0], "max": v[n - 1] })
+}
+
+/// One line per link, size, workload and engine over the completed runs: median and spread
+/// of the guest stall, the downtime (spanvmm's to the µs, from its report), the fault
+/// latency's 99th percentile and the total; runs and completed runs; the worst `verify bad`.
+fn summarize(runs: &[Outcome]) -> Vec<Value> {
+    let mut keys: Vec<(String, u64, String, String, String)> = Vec::new();
+    for o in runs {
+        let k = (
+            o.link.clone(),
+            o.mem_mib,
+            o.workload.clone(),
+            o.vmm.clone(),
+            o.engine.clone(),
+        );
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys.into_iter()
+        .map(|(link, mem, workload, vmm, engine)| {
+            let all: Vec<&Outcome> = runs
+                .iter()
+                .filter(|o| {
+                    o.link == link
+                        && o.mem_mib == mem
+                        && o.workload == workload
+                        && o.vmm == vmm
+                        && o.engine == engine
+                })
+                .collect();
+            let done: Vec<&&Outcome> = all.iter().filter(|o| o.completed).collect();
+            let of = |f: &dyn Fn(&Outcome) -> f64| spread(done.iter().map(|o| f(o)).collect());
+            json!({
+                "link": link,
+                "mem_mib": mem,
+                "workload": workload,
+                "vmm": vmm,
+                "engine": engine,
+                "runs": all.len(),
+                "completed": done.len(),
+                "guest_stall_ms": of(&|o| o.guest_stall_us as f64 / 1e3),
+                "downtime_ms": of(&|o| o.report["downtime_ms"]
+                    .as_f64()
+                    .unwrap_or(o.downtime_ms as f64)),
+                "fault_p99_ms": of(&|o| o.fault_p99_us as f64 / 1e3),
+                "total_ms": of(&|o| o.total_ms as f64),
+                "verify_bad": done.iter().filter_map(|o| o.verify_bad).max(),
+            })
+        })
+        .collect()
 }

@@ -15,7 +15,8 @@ use crate::migration::{
 };
 
 /// Migrates a spanvmm guest from host `src` to host `dst` with the `engine` service
-/// (`precopy`, ...; `-early` appended: with `--commit-with-state`; `@CIPHER` appended: that
+/// (`precopy`, ...; `-early` / `-ready` appended: `--commit with-state` / `after-ready`;
+/// `@CIPHER` appended: that
 /// TLS 1.3 suite).
 #[allow(clippy::too_many_arguments)]
 pub fn spanvmm_migrate(
@@ -254,9 +255,14 @@ fn spanvmm_migrate_run(
         let report = dir.join("report.json");
         // ENGINE[+stride][-early][@CIPHER]
         let (engine_name, cipher) = engine.split_once('@').unwrap_or((engine, "aes-128-gcm"));
-        let (service, early) = match engine_name.strip_suffix("-early") {
-            Some(base) => (base, &["--commit-with-state"][..]),
-            None => (engine_name, &[][..]),
+        // `-early` / `-ready`: the hand-over's commit with the state / after `ready` (none:
+        // `auto`, the VMM's choice by the link's round trip).
+        let (service, early) = if let Some(base) = engine_name.strip_suffix("-early") {
+            (base, &["--commit", "with-state"][..])
+        } else if let Some(base) = engine_name.strip_suffix("-ready") {
+            (base, &["--commit", "after-ready"][..])
+        } else {
+            (engine_name, &[][..])
         };
         let (service, stride) = match service.strip_suffix("+stride") {
             Some(base) => (base, &["--stride-pages"][..]),
@@ -370,8 +376,10 @@ fn spanvmm_migrate_run(
             cpu_ms: src_cpu.zip(dst_cpu).map(|(s, d)| s + d),
             note: if completed {
                 format!(
-                    "downtime {:.2} ms, {} rounds, {} pages sent of {}, {} resent in post-copy, {} faults (mean {} µs, p99 {} µs), handover {}",
+                    "downtime {:.2} ms (commit {}, rtt {:.1} ms), {} rounds, {} pages sent of {}, {} resent in post-copy, {} faults (mean {} µs, p99 {} µs), handover {}",
                     n("downtime_ms"),
+                    r["commit"].as_str().unwrap_or("?"),
+                    n("rtt_ms"),
                     r["rounds"],
                     r["pages_sent"],
                     r["pages_total"],

@@ -1993,6 +1993,21 @@ impl ServiceManager {
         });
     }
 
+    /// Delivers a tick now to the ticking services granted `cap`, whatever their period (the
+    /// next periodic one counts from this): a host engine with news for its policy service
+    /// (a post-copy fault, see `SourceConfig::news`) does not wait for the period.
+    pub fn tick_now(&self, cap: Capability, now: Instant) {
+        let routes = self.routes();
+        let now_ns = now.saturating_duration_since(self.shared.epoch).as_nanos() as u64;
+        self.deliver_all(&routes.ticks, |slot| {
+            if !slot.manifest.capabilities.contains(&cap) {
+                return None;
+            }
+            slot.last_tick_ns.store(now_ns, Ordering::Relaxed);
+            Some(Event::Tick { now_ns })
+        });
+    }
+
     /// Delivers the net frames recorded since the last batch, when one is due.
     fn deliver_frames(&self, slots: &[Arc<Slot>], now_ns: u64) {
         let last = self.frames_at_ns.load(Ordering::Relaxed);

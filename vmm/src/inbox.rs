@@ -23,6 +23,9 @@ pub(crate) enum Msg {
     LiveUpdateAnswer(Result<(), String>),
     /// SIGTERM or SIGINT (its number): shut down as `ctl shutdown` does.
     Stop(i32),
+    /// The outgoing migration has news for its service (a post-copy fault, to pre-page
+    /// around): tick it now rather than at its next period.
+    MigrationNews,
 }
 
 /// The write end of the pipe the stop-signal handler writes to (-1 before it exists).

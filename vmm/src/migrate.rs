@@ -12,7 +12,9 @@ use anyhow::Context;
 use base_vmm::state::VmState;
 use base_vmm::vcpu::VcpuEvent;
 use base_vmm::vmm::Vmm;
-use l1_services::migration::{self, MigrationDest, MigrationSource, Phase, SourceConfig};
+use l1_services::migration::{
+    self, CommitMode, MigrationDest, MigrationSource, Phase, SourceConfig,
+};
 use l1_services::{Capability, ServiceManager};
 use serde_json::{json, Value};
 
@@ -52,6 +54,8 @@ pub struct Migrations {
     ids: u64,
     /// The incoming migration this VM arrived by.
     pub incoming: Option<Arc<MigrationDest>>,
+    /// The main loop's inbox: an outgoing migration's news for its service goes there.
+    pub(crate) news: Option<std::sync::mpsc::Sender<Msg>>,
 }
 
 /// What a poll found.
@@ -150,9 +154,19 @@ impl Migrations {
         }
         vmm.require_memory_loaded()
             .map_err(|e| (409, e.to_string()))?;
-        if req.hold.is_some() && req.commit_with_state {
+        // `commit_with_state` (the older switch) is `commit: with-state`.
+        let commit = if req.commit_with_state {
+            CommitMode::WithState
+        } else {
+            req.commit
+        };
+        if req.hold.is_some() && commit == CommitMode::WithState {
             // The commit must wait at the hold's second gate, not ride with the state.
-            return Err(bad("hold and commit_with_state exclude each other".into()));
+            return Err(bad(
+                "hold and commit with-state exclude each other (auto commits after ready \
+                 when held)"
+                    .into(),
+            ));
         }
         let to = parse_addr(&req.to).map_err(|e| bad(format!("{e:#}")))?;
         let tls = migration::tls::client_config(&req.tls_dir, req.cipher)
@@ -181,11 +195,16 @@ impl Migrations {
                 tls,
                 max_bandwidth: req.max_bandwidth.filter(|&b| b > 0),
                 recovery_timeout: Duration::from_millis(req.recovery_timeout_ms),
-                commit_with_state: req.commit_with_state,
+                commit,
                 hold: req.hold,
                 stride_pages: req.stride_pages,
                 // Agile: parked pages go as their locations (see `source.rs`).
                 parked: manager.parked_pages(),
+                news: self.news.clone().map(|tx| {
+                    Arc::new(move || {
+                        let _ = tx.send(Msg::MigrationNews);
+                    }) as Arc<dyn Fn() + Send + Sync>
+                }),
             },
         )
         .map_err(|e| (502, format!("cannot reach the destination {to}: {e}")))?;
@@ -366,8 +385,8 @@ pub(crate) fn incoming(
         let (req, reply, written) = match msg {
             Msg::Api(call) if call.1.claim() => call,
             Msg::Api(_) => continue,
-            // No live update without a VM.
-            Msg::LiveUpdateAnswer(_) => continue,
+            // No live update (nor outgoing migration) without a VM.
+            Msg::LiveUpdateAnswer(_) | Msg::MigrationNews => continue,
             Msg::Stop(_) => {
                 // SIGTERM/SIGINT: as a shutdown request, without a client to answer.
                 dest.cancel();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use base_vmm::vcpu::{VcpuEvent, VcpuExitReason};
 use base_vmm::vmm::{RestoreHow, VmConfig, Vmm, VmmError};
-use l1_services::{AttachOptions, Lifecycle, ServiceManager};
+use l1_services::{AttachOptions, Capability, Lifecycle, ServiceManager};
 use serde_json::{json, Value};
 
 use crate::api::{self, ApiRequest, ApiResult};
@@ -141,6 +141,7 @@ pub fn run(
     let mut serial = serial.to_string();
     let mut migrations = migrate::Migrations::default();
     let (tx, rx) = mpsc::channel::<Msg>();
+    migrations.news = Some(tx.clone());
     let (vcpu_tx, vcpu_rx) = mpsc::channel::<VcpuEvent>();
     crate::inbox::forward_stop_signals(tx.clone()).context("handling SIGTERM and SIGINT")?;
     let fwd = tx.clone();
@@ -398,6 +399,10 @@ pub fn run(
                 tracing::info!("signal {sig}: shutting down");
                 break 0;
             }
+            Ok(Msg::MigrationNews) => {
+                api::set_busy(Some("services' ticks".into()));
+                manager.tick_now(Capability::DrivesMigration, Instant::now());
+            }
             Ok(Msg::LiveUpdateAnswer(answer)) => {
                 let Some(p) = pending_update.take() else {
                     continue;
@@ -598,7 +603,7 @@ fn standby(
         let (req, reply, written) = match rx.recv() {
             Ok(Msg::Api(call)) if call.1.claim() => call,
             Ok(Msg::Api(_)) => continue,
-            Ok(Msg::Vcpu(_) | Msg::LiveUpdateAnswer(_)) => continue,
+            Ok(Msg::Vcpu(_) | Msg::LiveUpdateAnswer(_) | Msg::MigrationNews) => continue,
             Ok(Msg::Stop(_)) | Err(_) => return Ok(None),
         };
         let answer = match req {

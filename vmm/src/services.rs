@@ -67,6 +67,19 @@ impl VmmHost {
         self.ctl.capture_state()
     }
 
+    /// The migration `state` frame's bytes, with the services' states: the one place they
+    /// are produced.
+    fn state_bytes(&self, mut state: VmState) -> Vec<u8> {
+        if let Some(m) = self.services.as_ref().and_then(Weak::upgrade) {
+            state.services = m
+                .save_states(None)
+                .iter()
+                .map(ServiceRecord::to_section)
+                .collect();
+        }
+        state.to_bytes()
+    }
+
     fn out_of_range(&self, gpa: u64, len: u64) -> HostError {
         HostError::OutOfRange {
             gpa,
@@ -169,16 +182,13 @@ impl SourceVm for VmmHost {
     }
 
     fn capture_state(&self) -> Result<Vec<u8>, HostError> {
-        // The migration `state` frame's bytes: the one place they are produced.
-        let mut state = self.state().map_err(host_err)?;
-        if let Some(m) = self.services.as_ref().and_then(Weak::upgrade) {
-            state.services = m
-                .save_states(None)
-                .iter()
-                .map(ServiceRecord::to_section)
-                .collect();
-        }
-        Ok(state.to_bytes())
+        let state = self.state().map_err(host_err)?;
+        Ok(self.state_bytes(state))
+    }
+
+    fn pause_and_capture(&self) -> Result<(bool, Vec<u8>), HostError> {
+        let (ran, state) = self.ctl.pause_and_capture().map_err(host_err)?;
+        Ok((ran, self.state_bytes(state)))
     }
 }
 

@@ -1749,6 +1749,8 @@ impl Postcopy {
                     let _ = link.recv(Duration::from_secs(5));
                     return Ok(true);
                 }
+                // The source's window: everything before it has been read (and placed).
+                Frame::Sync => link.send(&Frame::Sync)?,
                 Frame::Error(m) => return Err(io(DestError::SourceGaveUp(m))),
                 other => return Err(io(DestError::Unexpected(other.name()))),
             }

@@ -31,7 +31,8 @@ pub mod wire;
 pub use dest::{receive, Arrived, DestError, DestProgress, MigrationDest, PreparedRam, CANCELLED};
 pub use link::{Link, LinkError};
 pub use source::{
-    Harvest, MigrationSource, ParkedSendReport, Report, Sample, SourceConfig, SourceError, SourceVm,
+    CommitMode, Harvest, MigrationSource, ParkedSendReport, Report, Sample, SourceConfig,
+    SourceError, SourceVm, AUTO_COMMIT_RTT,
 };
 
 use serde::Serialize;

@@ -30,8 +30,19 @@ use crate::ctx::lock;
 use crate::error::HostError;
 use crate::handover::{self, NotReady};
 
-/// Pages per batch during post-copy (256 KiB).
+/// Most pages per batch during post-copy (256 KiB); fewer on a slow link (see
+/// [`Sender::postcopy_queue`]).
 const POSTCOPY_BATCH: u64 = 64;
+
+/// Post-copy: how long the bytes queued at the source ahead of a faulted page may take to
+/// leave (the send queue is sized to the measured rate for this): the link stays busy, and a
+/// fault overtakes everything but this much.
+const POSTCOPY_QUEUE: Duration = Duration::from_millis(2);
+/// The post-copy send queue's bounds, bytes.
+const POSTCOPY_QUEUE_MIN: u64 = 32 << 10;
+const POSTCOPY_QUEUE_MAX: u64 = 1 << 20;
+/// The post-copy window's least size, bytes (see [`Sender::window_full`]).
+const POSTCOPY_WINDOW_MIN: u64 = 256 << 10;
 
 /// A held migration's dirty rounds come at most this often.
 const HELD_ROUND: Duration = Duration::from_millis(20);
@@ -39,6 +50,56 @@ const HELD_ROUND: Duration = Duration::from_millis(20);
 /// A held migration with nothing to send sends a `sync` this often (the destination's idle
 /// timeout is a minute).
 const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// A round trip at least this long makes [`CommitMode::Auto`] send `commit` with the state:
+/// there the two-phase hand-over's second round trip is a large part of the downtime (at 20 ms
+/// it is nine tenths of it), while on a LAN or loopback it saves next to nothing and the
+/// narrower in-doubt window costs nothing.
+pub const AUTO_COMMIT_RTT: Duration = Duration::from_millis(1);
+
+/// When the source sends the hand-over's `commit` (docs/migration-wire.md, "The hand-over").
+/// Either way the destination runs the guest only once `commit` says the source has stopped
+/// it for good; what changes is what a link lost before `ready` leaves: with the state, the
+/// source paused in doubt; after `ready`, the source running again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommitMode {
+    /// With the state when the link's round trip (the least of `hello`'s and the pre-pause
+    /// `sync`'s) is at least [`AUTO_COMMIT_RTT`], after `ready` otherwise; after `ready`
+    /// always for a held migration (its second gate is between the two).
+    #[default]
+    Auto,
+    /// After the destination's `ready`: two round trips in the downtime.
+    AfterReady,
+    /// Right behind the state: one round trip in the downtime.
+    WithState,
+}
+
+impl CommitMode {
+    /// The name `ctl migrate --commit` takes and reports carry.
+    pub fn name(self) -> &'static str {
+        match self {
+            CommitMode::Auto => "auto",
+            CommitMode::AfterReady => "after-ready",
+            CommitMode::WithState => "with-state",
+        }
+    }
+}
+
+impl std::str::FromStr for CommitMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            CommitMode::Auto,
+            CommitMode::AfterReady,
+            CommitMode::WithState,
+        ]
+        .into_iter()
+        .find(|c| c.name() == s)
+        .ok_or_else(|| format!("unknown commit mode {s:?}: auto, after-ready or with-state"))
+    }
+}
 
 /// What the engine needs from the VMM beyond guest RAM.
 pub trait SourceVm: Send + Sync {
@@ -53,6 +114,13 @@ pub trait SourceVm: Send + Sync {
     fn running(&self) -> bool;
     /// The VM's state (vCPUs paused), in the state-file format.
     fn capture_state(&self) -> Result<Vec<u8>, HostError>;
+    /// [`Self::pause`] and [`Self::capture_state`] at once (one round trip to the vCPU
+    /// threads where the VMM can, instead of two: milliseconds of a busy host's downtime).
+    /// On an error the guest may be paused: see [`Self::running`].
+    fn pause_and_capture(&self) -> Result<(bool, Vec<u8>), HostError> {
+        let ran = self.pause()?;
+        Ok((ran, self.capture_state()?))
+    }
     /// The machine's shape (JSON of `base_vmm::state::MachineConfig`).
     fn machine(&self) -> Vec<u8>;
     /// The disks' write tracking: the disks move with the VM when the destination receives
@@ -73,10 +141,10 @@ pub struct SourceConfig {
     pub max_bandwidth: Option<u64>,
     /// How long a broken post-copy connection is retried before giving up.
     pub recovery_timeout: Duration,
-    /// Send `commit` right behind the state instead of after the destination's `ready`: one
-    /// round trip less of downtime, but a link lost before the destination answers leaves
-    /// the source paused "in doubt" where it would otherwise resume.
-    pub commit_with_state: bool,
+    /// When `commit` goes: right behind the state (one round trip less of downtime, but a
+    /// link lost before the destination answers leaves the source paused "in doubt" where it
+    /// would otherwise resume), after `ready`, or chosen by the link's round trip.
+    pub commit: CommitMode,
     /// Hold at the switch-over point until released (synchronized arrival, see `hold.rs`).
     pub hold: Option<HoldSpec>,
     /// Pre-copy pages whose 64-bit words form an arithmetic progression (constant fills
@@ -87,6 +155,11 @@ pub struct SourceConfig {
     /// `located` record (after one `store` record naming the intermediaries and the key),
     /// never read here: reading it would bring it back.
     pub parked: Option<Arc<super::agile::Parked>>,
+    /// Called (on the sender thread) when the service has news to act on at once: a
+    /// post-copy fault, whose neighbourhood it pre-pages. The VMM ticks the service then
+    /// instead of at its next period (up to 5 ms later, as long as several faults take on
+    /// a LAN). None: the service sees the news at its next tick.
+    pub news: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// One point of the timeline (for the report's plot).
@@ -138,6 +211,13 @@ pub struct Report {
     /// reply): 2 for the two-phase hand-over, 1 with the commit sent along with the state.
     #[serde(default)]
     pub switch_round_trips: u32,
+    /// When `commit` went: `with-state` or `after-ready` (empty: no hand-over).
+    #[serde(default)]
+    pub commit: String,
+    /// The link's round trip as the source measured it (the least of `hello`'s and the
+    /// pre-pause `sync`'s), ms: what [`CommitMode::Auto`] decides on.
+    #[serde(default)]
+    pub rtt_ms: f64,
     /// Post-copy: switch-over to the source holding no page the destination lacks, ms.
     pub eviction_ms: f64,
     /// Bytes on the wire (TLS records), by link (one link per connection).
@@ -176,6 +256,23 @@ pub struct Report {
     pub fault_latency_p99_us: u64,
     /// Pages sent more than once during post-copy (0: each page once).
     pub postcopy_resent: u64,
+    /// Post-copy: pages sent right behind the commit because the vCPUs' registers point at
+    /// them (instruction, stack, descriptor tables, pointers, and the page tables on the way).
+    #[serde(default)]
+    pub first_touch_pages: u64,
+    /// Post-copy: the largest cap on the bytes the socket holds unsent (see
+    /// `Sender::postcopy_queue`; 0: none, as with Scatter-Gather).
+    #[serde(default)]
+    pub postcopy_queue_cap_bytes: u64,
+    /// Post-copy: the largest window of pushed bytes the destination had not read yet (see
+    /// `Sender::window_full`).
+    #[serde(default)]
+    pub postcopy_window_bytes: u64,
+    /// Post-copy: the most bytes the socket held unsent when a faulted page was handed to
+    /// it, i.e. what the page queued behind at the source (the send queue's own order puts
+    /// faults first).
+    #[serde(default)]
+    pub fault_queued_max_bytes: u64,
     /// Post-copy reconnections.
     pub recoveries: u32,
     /// Timeline, one sample per 50 ms.
@@ -314,7 +411,7 @@ pub enum SourceError {
     #[error("hold: {0}")]
     Hold(String),
     /// Post-copy's destination did not come back.
-    #[error("post-copy: the destination is unreachable since {cause} and did not come back within {timeout:?}; the guest ran there, so its CPU state here is stale: the source stays paused with every page of memory")]
+    #[error("post-copy: the destination is unreachable since {cause} and did not come back within {timeout:?}; the guest may run there, so its CPU state here may be stale: the source stays paused with every page of memory")]
     Unreachable {
         /// What broke the link.
         cause: LinkError,
@@ -331,7 +428,7 @@ impl MigrationSource {
         let ram = vm.ram().clone();
         let pages = ram.size() / PAGE as u64;
         let session = started.elapsed().as_nanos() as u64 ^ ((std::process::id() as u64) << 32);
-        let mut link = hello(&cfg, ram.size(), session, false)?;
+        let (mut link, rtt) = hello_timed(&cfg, ram.size(), session, false)?;
         super::trace(format_args!(
             "source: connected (TCP, TLS, hello, records taken over) in {:.1} ms",
             started.elapsed().as_secs_f64() * 1e3
@@ -399,6 +496,13 @@ impl MigrationSource {
                     paused: false,
                     stopped_running: false,
                     committed: false,
+                    confirmed: false,
+                    rtt,
+                    queue_cap: 0,
+                    pc_syncs: VecDeque::new(),
+                    pc_acked: 0,
+                    pc_last_sync: Instant::now(),
+                    pc_rate: 0,
                     known_data: vec![0; pages.div_ceil(64) as usize],
                     encoder: None,
                     encoded: Vec::with_capacity(3 << 20),
@@ -613,6 +717,66 @@ impl MigrationSource {
     }
 }
 
+/// Post-copy: pages sent with each page the vCPUs touch first (its aligned group, as lazy
+/// restore brings it).
+const FIRST_TOUCH_GROUP: u64 = 16;
+
+/// The pages the vCPUs of `state` (state-file format) touch first on resuming — instruction,
+/// stack, descriptor tables and what their registers point at, and the page tables on the
+/// way (`base_vmm::vmm::first_touches`) — walked in `ram`, each once, in that order.
+fn first_touch_pages(ram: &GuestRam, state: &[u8]) -> Vec<u64> {
+    use base_vmm::lazy::Paging;
+    const FRAME: u64 = 0x000f_ffff_ffff_f000;
+    let Ok(state) = base_vmm::state::VmState::from_bytes(state, "the migrating VM's state") else {
+        return Vec::new();
+    };
+    let pages = ram.size() / PAGE as u64;
+    let mut out: Vec<u64> = Vec::new();
+    let note = |p: u64, out: &mut Vec<u64>| {
+        if p < pages && !out.contains(&p) {
+            out.push(p);
+        }
+    };
+    for f in base_vmm::vmm::first_touches(&state) {
+        for &va in &f.addrs {
+            if f.paging == Paging::Off {
+                note(va / PAGE as u64, &mut out);
+                continue;
+            }
+            // 4-level walk; each table page the MMU reads is touched too.
+            let mut table = f.cr3 & FRAME;
+            for level in (1..=4u32).rev() {
+                note(table / PAGE as u64, &mut out);
+                let shift = 12 + 9 * (level - 1);
+                let mut raw = [0u8; 8];
+                if ram
+                    .read(table + ((va >> shift) & 511) * 8, &mut raw)
+                    .is_err()
+                {
+                    break;
+                }
+                let entry = u64::from_le_bytes(raw);
+                if entry & 1 == 0 {
+                    break; // not mapped: the guest faults in itself, not on us
+                }
+                if level == 1 || ((level == 3 || level == 2) && entry & 0x80 != 0) {
+                    let size = 1u64 << shift;
+                    let gpa = (entry & FRAME & !(size - 1)) | (va & (size - 1));
+                    note(gpa / PAGE as u64, &mut out);
+                    break;
+                }
+                table = entry & FRAME;
+            }
+        }
+    }
+    out
+}
+
+/// A switch-over to post-copy was asked for.
+fn src_switch_is_postcopy(src: &MigrationSource) -> bool {
+    matches!(lock(&src.st).switch, Some((SwitchMode::Postcopy, _)))
+}
+
 fn count_round(r: &mut Report, round: u32, pages: u64) {
     if round == 0 {
         return;
@@ -626,8 +790,19 @@ fn count_round(r: &mut Report, round: u32, pages: u64) {
 }
 
 fn hello(cfg: &SourceConfig, mem: u64, session: u64, resume: bool) -> Result<Link, LinkError> {
+    hello_timed(cfg, mem, session, resume).map(|(link, _)| link)
+}
+
+/// [`hello`], and the time from `hello` to `welcome` (a round trip of the link).
+fn hello_timed(
+    cfg: &SourceConfig,
+    mem: u64,
+    session: u64,
+    resume: bool,
+) -> Result<(Link, Duration), LinkError> {
     let timeout = Duration::from_secs(10);
     let mut link = Link::connect(cfg.to, cfg.tls.clone(), timeout)?;
+    let sent = Instant::now();
     link.send(&Frame::Hello {
         version: VERSION,
         mem_bytes: mem,
@@ -636,8 +811,10 @@ fn hello(cfg: &SourceConfig, mem: u64, session: u64, resume: bool) -> Result<Lin
     })?;
     match link.expect(timeout, "welcome")? {
         Frame::Welcome { version } if version == VERSION => {
+            // The round trip is hello's: measured before the record take-over.
+            let rtt = sent.elapsed();
             link.take_over_records()?;
-            Ok(link)
+            Ok((link, rtt))
         }
         Frame::Welcome { version } => Err(LinkError::Io(std::io::Error::other(format!(
             "the destination speaks wire version {version}, we speak {VERSION}"
@@ -663,6 +840,20 @@ struct Sender<'a> {
     stopped_running: bool,
     /// `commit` went out: the guest must never run here again.
     committed: bool,
+    /// The destination's `resumed` came: it took the guest over.
+    confirmed: bool,
+    /// The least round trip seen (`hello`, the pre-pause `sync`).
+    rtt: Duration,
+    /// Post-copy: the socket's unsent-bytes cap (TCP_NOTSENT_LOWAT) now, 0: none set.
+    queue_cap: u64,
+    /// Post-copy: the `sync`s in flight (when sent, the link's bytes written then), each
+    /// answered in order once the destination has read what came before it.
+    pc_syncs: VecDeque<(Instant, u64)>,
+    /// Post-copy: the link's bytes the destination has read, as of its last `sync` answer.
+    pc_acked: u64,
+    pc_last_sync: Instant,
+    /// Post-copy: the fastest send rate seen, bytes/s (the window's rate).
+    pc_rate: u64,
     /// Pages of guest memory known to be data (not a hole in the memfd), see `holes`.
     known_data: Vec<u64>,
     /// The `cnet` codec's encoder, once the service chose encodings (pre-copy and
@@ -716,6 +907,25 @@ enum Outcome {
 impl Sender<'_> {
     fn st(&self) -> std::sync::MutexGuard<'_, State> {
         lock(&self.src.st)
+    }
+
+    /// A link whose round trip is [`AUTO_COMMIT_RTT`] or more: there the send queue's cap and
+    /// the window bound what a fault waits behind. On a LAN or loopback the hosts, not the
+    /// link, are the bottleneck: the queues drain at memory speed, and small batches and a
+    /// window that waits for answers from a busy destination only slowed the push (loopback
+    /// dirty post-copy: guest stall 42 → 170 ms, total 1.8 → 2.2 s, median of two each on a
+    /// busy host).
+    fn long_link(&self) -> bool {
+        self.rtt >= AUTO_COMMIT_RTT
+    }
+
+    /// Whether the hand-over sends `commit` with the state (see [`CommitMode`]).
+    fn commit_early(&self) -> bool {
+        match self.cfg.commit {
+            CommitMode::WithState => true,
+            CommitMode::AfterReady => false,
+            CommitMode::Auto => self.src.hold.is_none() && self.rtt >= AUTO_COMMIT_RTT,
+        }
     }
 
     fn is_zero(page: &[u8]) -> bool {
@@ -1101,8 +1311,11 @@ impl Sender<'_> {
         let pages = self.src.pages;
         let mut st = self.st();
         let postcopy = matches!(st.phase, Phase::Postcopy);
-        // Post-copy batches are small so a fault's page never waits behind a big one.
-        let batch = if postcopy {
+        // Post-copy batches are small so a fault's page never waits behind a big one: at most
+        // the send queue's worth (see `postcopy_queue`).
+        let batch = if postcopy && self.queue_cap > 0 {
+            (self.queue_cap / PAGE as u64).clamp(4, POSTCOPY_BATCH)
+        } else if postcopy {
             POSTCOPY_BATCH
         } else {
             BATCH_PAGES
@@ -1440,6 +1653,10 @@ impl Sender<'_> {
                         st.faults.push_back(p);
                         st.fault_events.push(p);
                     }
+                    drop(st);
+                    if let Some(news) = &self.cfg.news {
+                        news();
+                    }
                 }
                 Frame::Error(msg) => {
                     return Err(LinkError::Io(std::io::Error::other(format!(
@@ -1448,6 +1665,12 @@ impl Sender<'_> {
                 }
                 // The destination's confirmation, when the link broke right after `commit`.
                 Frame::Resumed { .. } => {}
+                // Post-copy: the destination has read what came before that `sync`.
+                Frame::Sync if !self.pc_syncs.is_empty() => {
+                    if let Some((_, bytes)) = self.pc_syncs.pop_front() {
+                        self.pc_acked = self.pc_acked.max(bytes);
+                    }
+                }
                 // The answer to a held migration's keep-alive.
                 Frame::Sync => self.syncs_owed = self.syncs_owed.saturating_sub(1),
                 Frame::Disk(DiskFrame::Ack { seq }) => {
@@ -1549,9 +1772,16 @@ impl Sender<'_> {
                 self.held_round()?;
             }
         }
-        if let Some((first, span, sel)) = self.next_batch() {
-            self.send_batch(first, span, &sel)?;
-            return Ok(None);
+        // A switch to post-copy does not wait for the pages queued before it: they are among
+        // those the destination lacks, pushed first after the hand-over. Sending them now
+        // would re-send a working set that a guest outrunning the link dirties again
+        // meanwhile (a held migration sends its held rounds, as before).
+        let postcopy_now = src_switch_is_postcopy(self.src) && self.src.hold.is_none();
+        if !postcopy_now {
+            if let Some((first, span, sel)) = self.next_batch() {
+                self.send_batch(first, span, &sel)?;
+                return Ok(None);
+            }
         }
         if self.holding()? {
             return Ok(None);
@@ -1665,6 +1895,9 @@ impl Sender<'_> {
             load_us: 0,
             round_trips: 0,
             sent_since_reply: false,
+            first: Vec::new(),
+            state: None,
+            state_bytes: 0,
         };
         let result = handover::hand_over(&mut switch);
         let Switch {
@@ -1675,6 +1908,7 @@ impl Sender<'_> {
             final_pages,
             load_us,
             round_trips,
+            state_bytes,
             ..
         } = switch;
         match result {
@@ -1704,13 +1938,17 @@ impl Sender<'_> {
         }
         super::trace(format_args!(
             "switch-over: paused+harvest {t_harvest:?} ({final_pages} pages to send), state \
-             {t_state:?}, sent {t_sent:?}, resumed {:?}",
+             {t_state:?} ({state_bytes} bytes), sent {t_sent:?}, resumed {:?}",
             t_pause.elapsed()
         ));
+        let early = self.commit_early();
+        let rtt_ms = self.rtt.as_secs_f64() * 1e3;
         let mut st = self.st();
         st.report.downtime_ms = t_pause.elapsed().as_secs_f64() * 1e3;
         st.report.dest_load_ms = load_us as f64 / 1e3;
         st.report.switch_round_trips = round_trips;
+        st.report.commit = if early { "with-state" } else { "after-ready" }.into();
+        st.report.rtt_ms = rtt_ms;
         st.report.handover = match mode {
             SwitchMode::StopAndCopy => "stop-and-copy",
             SwitchMode::Postcopy => "postcopy",
@@ -1732,7 +1970,10 @@ impl Sender<'_> {
     fn await_resumed(&mut self) -> Result<(), LinkError> {
         loop {
             match self.link.expect(Duration::from_secs(30), "resumed")? {
-                Frame::Resumed { .. } => return Ok(()),
+                Frame::Resumed { .. } => {
+                    self.confirmed = true;
+                    return Ok(());
+                }
                 Frame::Fault(pages) => {
                     let mut st = self.st();
                     st.report.remote_faults += pages.len() as u64;
@@ -1744,6 +1985,108 @@ impl Sender<'_> {
         }
     }
 
+    /// Post-copy's send queue: the kernel takes at most `queue_cap` unsent bytes
+    /// (TCP_NOTSENT_LOWAT; a write beyond waits in TLS, and the socket polls writable once
+    /// below), sized to [`POSTCOPY_QUEUE`] at the measured rate. Without it the socket's
+    /// buffer holds up to a MiB of pushed pages ahead of a faulted one: 80 ms at 100 Mbit/s,
+    /// paid by every fault. Scatter-Gather measures the link's backlog itself (its
+    /// `high_water`) and keeps the kernel's buffer.
+    fn postcopy_queue(&mut self) {
+        if self.scatter.is_some() || !self.long_link() {
+            return;
+        }
+        let rate = self.st().rate_bps;
+        let cap = ((rate as f64 * POSTCOPY_QUEUE.as_secs_f64()) as u64)
+            .clamp(POSTCOPY_QUEUE_MIN, POSTCOPY_QUEUE_MAX);
+        // Moved by a quarter at least, so that a rate's jitter does not reset it each time.
+        if self.queue_cap != 0 && cap.abs_diff(self.queue_cap) < self.queue_cap / 4 {
+            return;
+        }
+        let v = cap as libc::c_int;
+        // SAFETY: setsockopt with a valid int option on the link's own socket.
+        let r = unsafe {
+            libc::setsockopt(
+                self.link.fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            self.queue_cap = cap;
+            let mut st = self.st();
+            st.report.postcopy_queue_cap_bytes = st.report.postcopy_queue_cap_bytes.max(cap);
+        }
+    }
+
+    /// Post-copy: pushed pages queue behind each other only while TLS holds none the socket
+    /// refused; meanwhile wait (at most 5 ms) for the socket to take more, or for a fault.
+    fn queue_full(&mut self) -> Result<bool, LinkError> {
+        if self.queue_cap == 0 || self.link.pending_tls() == 0 {
+            return Ok(false);
+        }
+        let mut p = libc::pollfd {
+            fd: self.link.fd(),
+            events: libc::POLLIN | libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, 5) };
+        // Reads what came (faults) and hands TLS's bytes to the socket.
+        self.read_incoming(Duration::ZERO)?;
+        Ok(true)
+    }
+
+    /// Post-copy: the pushed bytes the destination has not read yet — in our socket, in the
+    /// link's queues (a router's buffer, a relay's: 1–2 MB, 100 ms and more at 100 Mbit/s,
+    /// on the test WAN, invisible to our socket) and in its socket — stay within a window of
+    /// the link's round trip plus half of it (2 ms at least) at the fastest rate seen.
+    /// Every faulted page queues behind them, so they bound its wait. What the destination
+    /// has read comes back as the answers to `sync`s sent every eighth of a round trip.
+    /// True: full (waited for an answer or a fault, 2 ms at most).
+    fn window_full(&mut self) -> Result<bool, LinkError> {
+        if self.scatter.is_some() || !self.long_link() {
+            return Ok(false);
+        }
+        let every = (self.rtt / 8).clamp(Duration::from_millis(1), Duration::from_millis(10));
+        if self.pc_last_sync.elapsed() >= every && self.pc_syncs.len() < 256 {
+            self.link.send(&Frame::Sync)?;
+            self.pc_last_sync = Instant::now();
+            if self.pc_syncs.is_empty() && self.pc_acked == 0 {
+                // What went before the first `sync` counts as read until its answer.
+                self.pc_acked = self.link.wire_bytes;
+            }
+            self.pc_syncs
+                .push_back((self.pc_last_sync, self.link.wire_bytes));
+        }
+        let rate = self.st().rate_bps;
+        self.pc_rate = self.pc_rate.max(rate);
+        // Half a round trip of slack: the answers come late when the destination or the way
+        // back is slow (a busy host), and a tighter window then idles the link.
+        let slack = (self.rtt / 2).max(POSTCOPY_QUEUE);
+        // Before a rate is known (a post-copy at once has sent nothing yet), 256 KiB: a
+        // 100 Mbit/s link's round trip and a fifth, growing with the rate it measures.
+        let window = ((self.pc_rate as f64 * (self.rtt + slack).as_secs_f64()) as u64)
+            .max(POSTCOPY_WINDOW_MIN);
+        {
+            let mut st = self.st();
+            st.report.postcopy_window_bytes = st.report.postcopy_window_bytes.max(window);
+        }
+        if self.link.wire_bytes.saturating_sub(self.pc_acked) < window {
+            return Ok(false);
+        }
+        let mut p = libc::pollfd {
+            fd: self.link.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, 2) };
+        self.read_incoming(Duration::ZERO)?;
+        Ok(true)
+    }
+
     fn postcopy_step(&mut self) -> Result<Option<Outcome>, LinkError> {
         self.read_incoming(Duration::ZERO)?;
         self.scatter_finished(Duration::ZERO)?;
@@ -1751,10 +2094,18 @@ impl Sender<'_> {
             self.throttle();
             return Ok(None);
         }
+        self.postcopy_queue();
+        // A fault goes at once, ahead of what waits; anything else waits for room.
+        if self.st().faults.is_empty() && (self.queue_full()? || self.window_full()?) {
+            return Ok(None);
+        }
         // Faults and pre-paging go on the link; the background push may be scattered.
-        let background = {
+        let (background, fault) = {
             let st = self.st();
-            st.faults.is_empty() && st.urgent.is_empty()
+            (
+                st.faults.is_empty() && st.urgent.is_empty(),
+                !st.faults.is_empty(),
+            )
         };
         // Scatter-Gather with every worker busy and the link behind: wait for either here,
         // where a fault is not held up behind a batch already taken.
@@ -1767,6 +2118,12 @@ impl Sender<'_> {
             }
         }
         if let Some((first, span, sel)) = self.next_batch() {
+            if fault {
+                // What the faulted page queues behind (the kernel's unsent bytes).
+                let ahead = super::scatter::unsent_bytes(self.link.fd()).unwrap_or(0);
+                let mut st = self.st();
+                st.report.fault_queued_max_bytes = st.report.fault_queued_max_bytes.max(ahead);
+            }
             if background && self.scatter.is_some() {
                 self.scatter_batch(first, span, &sel)?;
             } else {
@@ -1811,8 +2168,9 @@ impl Sender<'_> {
                     }
                     return Ok(Some(Outcome::Evicted));
                 }
-                // Faults racing with `done` are for pages already on their way.
-                Frame::Fault(_) => {}
+                // Faults racing with `done` are for pages already on their way, answers to
+                // the last `sync`s for bytes read.
+                Frame::Fault(_) | Frame::Sync => {}
                 other => return Err(other_frame("complete", other)),
             }
         }
@@ -1849,8 +2207,13 @@ impl Sender<'_> {
                         st.phase = Phase::Postcopy;
                         st.report.recoveries += 1;
                         drop(st);
+                        // Only a destination that took the guest over waits for us.
+                        self.confirmed = true;
                         self.link = link;
                         self.link.for_postcopy();
+                        self.queue_cap = 0; // a new socket: set again
+                        self.pc_syncs.clear();
+                        self.pc_acked = 0;
                         tracing::info!("migration: post-copy connection restored");
                         return Ok(());
                     }
@@ -1899,7 +2262,9 @@ impl Sender<'_> {
                 st.phase = Phase::Failed;
                 // The report and the status carry the text.
                 let mut msg = e.to_string();
-                if self.committed && st.report.handover != "postcopy" {
+                // Post-copy whose destination confirmed runs there (its failure says so);
+                // unconfirmed, it may or may not.
+                if self.committed && (st.report.handover != "postcopy" || !self.confirmed) {
                     st.in_doubt = true;
                     msg = format!(
                         "IN DOUBT: the hand-over was committed but the destination never \
@@ -1949,6 +2314,11 @@ struct Switch<'s, 'a> {
     /// See [`MigrationReport::switch_round_trips`].
     round_trips: u32,
     sent_since_reply: bool,
+    /// Post-copy: the pages the vCPUs touch first (see [`first_touch_pages`]).
+    first: Vec<u64>,
+    /// The state captured with the pause.
+    state: Option<Vec<u8>>,
+    state_bytes: usize,
 }
 
 impl Switch<'_, '_> {
@@ -1979,6 +2349,7 @@ impl handover::Handover for Switch<'_, '_> {
         tx.send_parked_store()?;
         // Let what is in flight arrive while the guest still runs.
         let link = &mut self.tx.link;
+        let sent = Instant::now();
         link.send(&Frame::Sync)?;
         link.flush(Duration::from_secs(30))?;
         // Answers to a held migration's keep-alives come first, in order.
@@ -1988,6 +2359,9 @@ impl handover::Handover for Switch<'_, '_> {
                 other => return Err(other_frame("sync", other)),
             }
         }
+        // A round trip at most (plus the pages still in flight): a second sample of the
+        // link's round trip, next to hello's.
+        self.tx.rtt = self.tx.rtt.min(sent.elapsed());
         if self.mode == SwitchMode::Postcopy {
             link.for_postcopy();
         }
@@ -1999,7 +2373,23 @@ impl handover::Handover for Switch<'_, '_> {
         let tx = &mut *self.tx;
         tx.src.held.store(true, Ordering::Release);
         lock(&tx.src.st).report.switch_unix_us = super::hold::unix_us();
-        tx.stopped_running = tx.src.vm.pause()?;
+        // The state is taken with the pause: the vCPUs' registers do not change once they
+        // stopped, and the final harvest and pages that come before it need no vCPU.
+        let was_running = tx.src.vm.running();
+        match tx.src.vm.pause_and_capture() {
+            Ok((ran, state)) => {
+                tx.stopped_running = ran;
+                self.state = Some(state);
+            }
+            Err(e) => {
+                // Paused but no state: the hand-over fails before its state step, which
+                // does not roll back, so run the guest again here.
+                if was_running && !tx.src.vm.running() {
+                    let _ = tx.src.vm.resume();
+                }
+                return Err(e.into());
+            }
+        }
         tx.paused = true;
         Ok(tx.stopped_running)
     }
@@ -2030,8 +2420,12 @@ impl handover::Handover for Switch<'_, '_> {
         }
         self.t_harvest = self.t_pause.elapsed();
         self.final_pages = tx.st().pending_count;
-        let state = tx.src.vm.capture_state()?;
+        let state = match self.state.take() {
+            Some(s) => s,
+            None => tx.src.vm.capture_state()?,
+        };
         self.t_state = self.t_pause.elapsed();
+        self.state_bytes = state.len();
         self.sent_since_reply = true;
         match self.mode {
             SwitchMode::StopAndCopy => {
@@ -2045,6 +2439,7 @@ impl handover::Handover for Switch<'_, '_> {
                 })
             }
             SwitchMode::Postcopy => {
+                self.first = first_touch_pages(&tx.ram, &state);
                 let needed = {
                     let mut st = tx.st();
                     let mut needed = st.pending.clone();
@@ -2072,9 +2467,11 @@ impl handover::Handover for Switch<'_, '_> {
         }
     }
 
-    /// Stop-and-copy may send `commit` with the state (`SourceConfig::commit_with_state`).
+    /// `commit` may travel with the state (`SourceConfig::commit`), in both hand-overs: the
+    /// destination still runs the guest only on `commit`, sent once the source has stopped
+    /// it for good.
     fn early_commit(&self) -> bool {
-        self.tx.cfg.commit_with_state && self.mode == SwitchMode::StopAndCopy
+        self.tx.commit_early()
     }
 
     fn await_ready(&mut self) -> Result<(), NotReady<LinkError>> {
@@ -2117,6 +2514,28 @@ impl handover::Handover for Switch<'_, '_> {
         tx.link.send(&Frame::Commit {
             run: tx.stopped_running,
         })?;
+        if self.mode == SwitchMode::Postcopy {
+            // Committed: post-copy from here (a lost link goes to recovery). What the vCPUs
+            // touch first goes right behind the commit, as if faulted, without waiting for
+            // `ready` or `resumed` (each would otherwise cost the resumed guest a round trip
+            // of its own), and the rest of each one's group as pre-paging.
+            let mut st = tx.st();
+            st.phase = Phase::Postcopy;
+            for &p in &self.first {
+                st.faults.push_back(p);
+                let g = p & !(FIRST_TOUCH_GROUP - 1);
+                st.urgent
+                    .push_back((g, (g + FIRST_TOUCH_GROUP).min(tx.src.pages)));
+            }
+            drop(st);
+            while !tx.st().faults.is_empty() {
+                let Some((first, span, sel)) = tx.next_batch() else {
+                    break;
+                };
+                tx.send_batch(first, span, &sel)?;
+            }
+            tx.st().report.first_touch_pages = self.first.len() as u64;
+        }
         tx.link.flush(Duration::from_secs(30))
     }
 
@@ -2128,6 +2547,9 @@ impl handover::Handover for Switch<'_, '_> {
     fn undo(&mut self) {
         // A refused state after an early commit: the destination will not run the guest.
         self.tx.committed = false;
+        if self.mode == SwitchMode::Postcopy {
+            self.tx.st().phase = Phase::Precopy; // no post-copy to recover: rolled back
+        }
     }
 
     fn resume(&mut self) -> Result<(), LinkError> {

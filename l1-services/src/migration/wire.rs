@@ -9,8 +9,10 @@
 pub const MAGIC: &[u8; 8] = b"SPANMIG\0";
 /// Wire format version; a peer with another version is refused at `hello`.
 /// 2: `ready`/`commit` before the destination runs the guest; `complete` carries the p99
-/// fault latency. 3: `commit` says whether the guest runs or stays paused.
-pub const VERSION: u32 = 3;
+/// fault latency. 3: `commit` says whether the guest runs or stays paused. 4: `sync` during
+/// post-copy too (the destination answers each once it has read what came before: the
+/// source's window of pushed pages).
+pub const VERSION: u32 = 4;
 /// Pages a `pages` frame spans at most (2 MiB).
 pub const BATCH_PAGES: u64 = 512;
 /// Largest payload accepted: a full batch of raw pages plus its header and bitmaps, or a bitmap

@@ -307,9 +307,13 @@ pub struct MigrateStart {
     /// How long a broken post-copy connection is retried, ms.
     #[serde(default = "default_recovery_ms")]
     pub recovery_timeout_ms: u64,
-    /// Send `commit` with the state (see `SourceConfig::commit_with_state`).
+    /// Send `commit` with the state: the same as `commit: with-state` (kept for older
+    /// callers).
     #[serde(default)]
     pub commit_with_state: bool,
+    /// When the hand-over's `commit` goes (see `SourceConfig::commit`).
+    #[serde(default)]
+    pub commit: l1_services::migration::CommitMode,
     /// The link's TLS 1.3 cipher suite.
     #[serde(default)]
     pub cipher: l1_services::migration::tls::Cipher,

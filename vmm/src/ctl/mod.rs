@@ -82,9 +82,13 @@ pub enum CtlOp {
         /// Send the hand-over's commit with the state instead of after the destination is
         /// ready: one round trip less of downtime (worth it on long links), but a link lost
         /// before the destination answers leaves the VM paused "in doubt" at the source
-        /// instead of running on there.
+        /// instead of running on there. The same as `--commit with-state`.
         #[arg(long)]
         commit_with_state: bool,
+        /// When the hand-over's commit goes: `auto` (with the state when the link's round
+        /// trip is 1 ms or more, else after ready), `after-ready` or `with-state`.
+        #[arg(long, default_value = "auto")]
+        commit: l1_services::migration::CommitMode,
         /// The link's TLS 1.3 cipher suite: aes-128-gcm (default), aes-256-gcm or
         /// chacha20-poly1305 (the fastest on hosts without AES instructions).
         #[arg(long, default_value = "aes-128-gcm")]
@@ -305,6 +309,7 @@ pub fn ctl(socket: &Path, op: CtlOp, timeout: Option<Duration>) -> anyhow::Resul
         max_bandwidth,
         recovery_timeout_ms,
         commit_with_state,
+        commit,
         cipher,
         stride_pages,
         hold_timeout_ms,
@@ -324,6 +329,7 @@ pub fn ctl(socket: &Path, op: CtlOp, timeout: Option<Duration>) -> anyhow::Resul
             "max_bandwidth": max_bandwidth.as_deref().map(parse_rate).transpose()?,
             "recovery_timeout_ms": recovery_timeout_ms,
             "commit_with_state": commit_with_state,
+            "commit": commit,
             "cipher": cipher,
             "stride_pages": stride_pages,
             "hold": hold_timeout_ms.map(|ms| json!({ "timeout_ms": ms })),
