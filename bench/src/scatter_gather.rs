@@ -270,12 +270,14 @@ mod colocated {
 
     use crate::migration::Hosts;
 
-    /// One `redis-benchmark` run against one guest: when, and its p99.
+    /// One `redis-benchmark` run against one guest: when, its p99, and whether it failed
+    /// (an error reply, a reset connection: the client's errors, which must stay 0).
     #[derive(Debug, Clone, Copy)]
     pub struct Probe {
         pub start: Instant,
         pub end: Instant,
-        pub p99_ms: f64,
+        pub p99_ms: Option<f64>,
+        pub failed: bool,
     }
 
     /// The guests, their load, and the route to them; dropping it stops them all.
@@ -385,22 +387,21 @@ mod colocated {
                         .args(["20", "redis-benchmark", "-h", &ip.to_string(), "-p", "6379"])
                         .args(["-t", "get", "-c", "2", "-P", "1", "-n", "1000", "--csv"])
                         .stdin(Stdio::null())
-                        .stderr(Stdio::null())
                         .output();
                     let Ok(out) = out else { return };
-                    let text = String::from_utf8_lossy(&out.stdout);
-                    let p99 = text
-                        .lines()
-                        .find(|l| l.starts_with("\"GET\""))
-                        .and_then(|l| l.split(',').nth(6))
-                        .and_then(|f| f.trim_matches('"').parse::<f64>().ok());
-                    if let Some(p99_ms) = p99 {
-                        probes.lock().unwrap().push(Probe {
-                            start,
-                            end: Instant::now(),
-                            p99_ms,
-                        });
-                    } else {
+                    // A run cut by the end of the benchmark is not a client error.
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let run = crate::redis_client::read(&out);
+                    let p99_ms = run.test("GET").map(|f| f.p99_ms);
+                    probes.lock().unwrap().push(Probe {
+                        start,
+                        end: Instant::now(),
+                        p99_ms,
+                        failed: run.error.is_some(),
+                    });
+                    if p99_ms.is_none() {
                         std::thread::sleep(Duration::from_millis(100));
                     }
                 }
@@ -517,17 +518,22 @@ pub fn table1(
             let quiet: Vec<f64> = p
                 .iter()
                 .filter(|x| x.end <= run.started)
-                .map(|x| x.p99_ms)
+                .filter_map(|x| x.p99_ms)
                 .collect();
             let during: Vec<f64> = p
                 .iter()
                 .filter(|x| x.start >= run.started && x.end <= end)
-                .map(|x| x.p99_ms)
+                .filter_map(|x| x.p99_ms)
                 .collect();
+            // Every client run that overlapped this migration and failed.
+            let client_errors = p
+                .iter()
+                .filter(|x| x.failed && x.end >= run.started && x.start <= end)
+                .count();
             let q = stat_or_nan(quiet.iter().copied());
             let d = stat_or_nan(during.iter().copied());
             eprintln!(
-                "round {round}: {label:>36}: eviction {} ms, total {total} ms; co-located p99 quiet {:.2} ms ({} runs), during {:.2} ms (max {:.2}, {} runs)",
+                "round {round}: {label:>36}: eviction {} ms, total {total} ms; co-located p99 quiet {:.2} ms ({} runs), during {:.2} ms (max {:.2}, {} runs), {client_errors} client errors",
                 run.outcome.total_ms, q.median, quiet.len(), d.median, d.max, during.len()
             );
             samples[k].push(json!({
@@ -537,6 +543,7 @@ pub fn table1(
                 "during_p99_ms": d,
                 "quiet_runs": quiet.len(),
                 "during_runs": during.len(),
+                "client_errors": client_errors,
             }));
         }
     }
