@@ -1054,10 +1054,28 @@ fn a_destination_lacking_a_cpu_feature_refuses_the_guest_naming_it() {
         &tls,
         &[],
     );
-    let (ok, out, report) = migrate_precopy(&src, &addr, tls.to_str().unwrap());
+    // Committed with the state (what `auto` picks on a slow link, or a busy loopback): a
+    // refused state must still roll back, not leave the source in doubt.
+    let precopy = plugin("precopy.wasm");
+    let (ok, out, report) = migrate(
+        &src,
+        &[
+            "--to",
+            &addr,
+            "--plugin",
+            &precopy,
+            "--commit",
+            "with-state",
+            "--tls-dir",
+            tls.to_str().unwrap(),
+        ],
+    );
     assert!(!ok, "the migration claims success: {out}");
     let r = report.expect("a report");
+    assert_eq!(r["result"], "failed", "{r}");
+    assert_eq!(r["source_vm"], "running", "{r}");
     let err = r["error"].as_str().unwrap_or("").to_string();
+    assert!(!err.contains("IN DOUBT"), "{r}");
     assert!(
         err.contains("missing CPU features: sse2") && err.contains("cpu-template"),
         "the source was not told why: {r}\n{out}"

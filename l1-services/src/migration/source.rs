@@ -2480,7 +2480,24 @@ impl handover::Handover for Switch<'_, '_> {
         link.flush(Duration::from_secs(30))
             .map_err(NotReady::Lost)?;
         self.t_sent = self.t_pause.elapsed();
-        match link.expect(Duration::from_secs(30), "ready") {
+        let timeout = Duration::from_secs(30);
+        // An `error` frame here is the destination refusing the state, not a lost link: it
+        // will not run the guest, so even after an early commit the source may (the link's
+        // `expect` would turn it into an error indistinguishable from a loss: in doubt).
+        let answer = match link.recv(timeout) {
+            Ok(Some(Frame::Error(why))) => {
+                return Err(NotReady::Refused(LinkError::Io(std::io::Error::other(
+                    format!("the peer gave up: {why}"),
+                ))))
+            }
+            Ok(Some(f)) => Ok(f),
+            Ok(None) => Err(LinkError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no ready from the peer within {timeout:?}"),
+            ))),
+            Err(e) => Err(e),
+        };
+        match answer {
             Ok(Frame::Ready { load_us }) => {
                 self.load_us = load_us;
                 // Synchronized arrival's second gate: no commit before the release.
