@@ -23,8 +23,9 @@ use netlab::RedisServer;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::harness::{collect, field, stat, Stat};
+use crate::harness::{field, stat, Stat};
 use crate::migration::{qemu_migrate_guest, Guest, Hosts, Link, QemuEngine};
+use crate::migration_spanvmm::run_on;
 
 /// One measured migration.
 #[derive(Serialize, Default)]
@@ -197,20 +198,7 @@ fn spanvmm_once(
     anyhow::ensure!(st.success(), "spanvmm migrate-certs failed");
     let (src_api, dst_api) = (dir.join("src.sock"), dir.join("dst.sock"));
     let s = |p: &Path| p.to_str().unwrap_or_default().to_string();
-    let spawn = |host: &str, args: Vec<String>| -> anyhow::Result<_> {
-        let mut c = hosts
-            .command(host, bin.to_str().context("binary path")?)
-            .arg("run")
-            .args(args)
-            .args(["--serial", "stdout"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spanvmm run")?;
-        let lines = collect(c.stdout.take().context("stdout")?);
-        let errors = collect(c.stderr.take().context("stderr")?);
-        Ok((c, lines, errors))
-    };
+    let spawn = |host: &str, args: Vec<String>| run_on(&hosts, host, bin, args);
     let (mut dst, dst_lines, dst_errors) = spawn(
         "dst",
         vec![

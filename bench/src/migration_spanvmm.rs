@@ -170,20 +170,7 @@ fn spanvmm_migrate_run(
         .status()?;
     anyhow::ensure!(st.success(), "spanvmm migrate-certs failed");
     let (src_api, dst_api) = (dir.join("src.sock"), dir.join("dst.sock"));
-    let spawn = |host: &str, args: Vec<String>| -> anyhow::Result<_> {
-        let mut c = hosts
-            .command(host, bin.to_str().context("binary path")?)
-            .arg("run")
-            .args(args)
-            .args(["--serial", "stdout"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spanvmm run")?;
-        let lines = collect(c.stdout.take().context("stdout")?);
-        let errors = collect(c.stderr.take().context("stderr")?);
-        Ok((c, lines, errors))
-    };
+    let spawn = |host: &str, args: Vec<String>| run_on(&hosts, host, bin, args);
     let s = |p: &Path| p.to_str().unwrap_or_default().to_string();
     let (mut dst, dst_lines, dst_errors) = spawn(
         "dst",
@@ -419,4 +406,29 @@ fn spanvmm_migrate_run(
     drop(keep);
     drop(hosts);
     result
+}
+
+/// A VMM's console and stderr lines, collected as they come.
+pub type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// `spanvmm run ARGS` on host `host` of `hosts`, its console on stdout: the process, and its
+/// console and stderr lines as they come.
+pub fn run_on(
+    hosts: &Hosts,
+    host: &str,
+    bin: &Path,
+    args: Vec<String>,
+) -> anyhow::Result<(std::process::Child, Lines, Lines)> {
+    let mut c = hosts
+        .command(host, bin.to_str().context("binary path")?)
+        .arg("run")
+        .args(args)
+        .args(["--serial", "stdout"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spanvmm run")?;
+    let lines = collect(c.stdout.take().context("stdout")?);
+    let errors = collect(c.stderr.take().context("stderr")?);
+    Ok((c, lines, errors))
 }
