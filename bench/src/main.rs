@@ -45,6 +45,7 @@ mod live_update;
 mod migration;
 mod migration_spanvmm;
 mod redis_client;
+mod rounds;
 mod scatter_gather;
 mod services;
 mod snapshot;
