@@ -174,3 +174,83 @@ impl<K, S: Serialize> Table<'_, K, S> {
 pub fn no_extra<K, S>(_: &Case<K, S>) -> Vec<String> {
     Vec::new()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn rounds_interleave_the_cases_and_count_failures() {
+        let mut order = Vec::new();
+        let cases = interleave(
+            3,
+            vec!["a", "b"],
+            |k| k.to_string(),
+            |&k| {
+                order.push(k);
+                // "b" fails its second run.
+                anyhow::ensure!(!(k == "b" && order.len() == 4), "b broke");
+                Ok(order.len() as u64)
+            },
+            |s| s.to_string(),
+        );
+        assert_eq!(order, ["a", "b", "a", "b", "a", "b"]);
+        assert_eq!((cases[0].runs.clone(), cases[0].failed), (vec![1, 3, 5], 0));
+        assert_eq!((cases[1].runs.clone(), cases[1].failed), (vec![2, 6], 1));
+        let s = cases[0].stat(|&x| Some(x as f64)).unwrap();
+        assert_eq!((s.median, s.min, s.max), (3.0, 1.0, 5.0));
+        assert!(cases[0].stat(|_| None).is_none());
+        assert!(cases[0].median(|_| Some(f64::NAN)).is_nan());
+    }
+
+    #[test]
+    fn rows_keep_each_figure_and_leave_out_what_was_not_measured() {
+        let cases = vec![
+            Case {
+                key: "with",
+                runs: vec![(10u64, Some(1u64)), (30, Some(3)), (20, Some(2))],
+                failed: 1,
+            },
+            Case {
+                key: "without",
+                runs: vec![(5, None)],
+                failed: 0,
+            },
+            Case {
+                key: "never ran",
+                runs: vec![],
+                failed: 3,
+            },
+        ];
+        let rows = Table {
+            key_heads: &["case"],
+            key_cells: &|k: &&str| vec![k.to_string()],
+            key_json: &|k: &&str| json!({ "case": k }),
+            columns: vec![
+                col("ms", "s", 1e3, 2, |r: &(u64, Option<u64>)| Some(r.0 as f64)),
+                col("opt", "opt", 1.0, 0, |r: &(u64, Option<u64>)| {
+                    r.1.map(|x| x as f64)
+                }),
+            ],
+            extra_heads: &[],
+            extra: &no_extra,
+        }
+        .rows(&cases)
+        .unwrap();
+        assert_eq!(rows.len(), 2, "a case with no run has no row");
+        assert_eq!(rows[0]["case"], "with");
+        assert_eq!(rows[0]["failed"], 1);
+        assert_eq!(
+            rows[0]["ms"],
+            json!({"median": 20.0, "min": 10.0, "max": 30.0})
+        );
+        assert_eq!(rows[0]["opt"]["median"], 2.0);
+        assert_eq!(rows[0]["runs"].as_array().unwrap().len(), 3);
+        assert!(rows[1].get("opt").is_none(), "no run measured it");
+        assert_eq!(
+            spread(&stat([1500.0, 2500.0].into_iter()), 1e3, 1),
+            "2.5 (1.5–2.5)"
+        );
+    }
+}
