@@ -287,23 +287,8 @@ pub fn verify_after(
     from: usize,
     timeout: Duration,
 ) -> Option<u64> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(bad) = lines
-            .lock()
-            .unwrap()
-            .iter()
-            .skip(from)
-            .find(|l| l.contains("SPANGUEST verify"))
-            .and_then(|l| field(l, "bad"))
-        {
-            return Some(bad);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let l = crate::harness::wait_line(lines, from, "SPANGUEST verify", timeout).ok()?;
+    field(&l, "bad")
 }
 
 pub fn max_stall(lines: &Arc<Mutex<Vec<String>>>, range: std::ops::Range<usize>) -> u64 {
