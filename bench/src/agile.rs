@@ -23,9 +23,10 @@ use netlab::RedisServer;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::harness::{field, stat, Stat};
+use crate::harness::{api_get, ctl, field, wait_line};
 use crate::migration::{qemu_migrate_guest, Guest, Hosts, Link, QemuEngine};
 use crate::migration_spanvmm::run_on;
+use crate::rounds::{col, interleave, no_extra, Table};
 
 /// One measured migration.
 #[derive(Serialize, Default)]
@@ -66,19 +67,6 @@ struct Sample {
     verify_bad: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct Row {
-    vmm: String,
-    engine: String,
-    failed: usize,
-    migrate_ms: Stat,
-    dest_done_ms: Stat,
-    link_mib: Stat,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    freed_mib: Option<Stat>,
-    runs: Vec<Sample>,
-}
-
 /// The guest: `mem * 7 / 8` MiB written, `hot` MiB of it rewritten at 20 000 pages/s.
 /// `verify_ms`: 0 for spanvmm (a periodic check reads every page, which would bring the cold
 /// set back; the destination is asked once), 2000 for QEMU (no guest API there).
@@ -87,33 +75,6 @@ fn cmdline(mem: u64, hot: u64, verify_ms: u64) -> String {
         "workload=dirty,verify mib={} wss={hot} rate=20000 stall_us=1000 report_ms=0 verify_ms={verify_ms}",
         mem * 7 / 8
     )
-}
-
-/// `GET path` on the API socket `api`: the JSON body (None: no answer).
-fn api_get(api: &Path, path: &str) -> Option<Value> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(api).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    )
-    .ok()?;
-    let mut r = String::new();
-    s.read_to_string(&mut r).ok()?;
-    serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()
-}
-
-fn ctl(bin: &Path, api: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(bin)
-        .arg("ctl")
-        .arg("--api-socket")
-        .arg(api)
-        .args(args)
-        .output()?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    anyhow::ensure!(out.status.success(), "ctl {args:?}: {text}");
-    Ok(text)
 }
 
 /// The agile service's `stats` (retried while the service is busy).
@@ -130,28 +91,6 @@ fn agile_stats(bin: &Path, api: &Path) -> anyhow::Result<Value> {
             }
             Err(e) => return Err(e),
         }
-    }
-}
-
-fn wait_line(
-    lines: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    from: usize,
-    needle: &str,
-    t: Duration,
-) -> anyhow::Result<String> {
-    let deadline = Instant::now() + t;
-    loop {
-        if let Some(l) = lines
-            .lock()
-            .unwrap()
-            .iter()
-            .skip(from)
-            .find(|l| l.contains(needle))
-        {
-            return Ok(l.clone());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "no {needle:?} within {t:?}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -378,117 +317,92 @@ pub fn run(
         ("spanvmm", "precopy"),
         ("qemu", "precopy"),
     ];
-    let mut results: Vec<Vec<Sample>> = keys.iter().map(|_| Vec::new()).collect();
-    let mut failed = [0usize; 3];
-    for round in 0..runs {
-        for (i, &(vmm, engine)) in keys.iter().enumerate() {
-            let r = if vmm == "qemu" {
-                let cl = cmdline(mem, hot, 2000);
-                let guest = Guest {
-                    workload: "hot-cold",
-                    cmdline: &cl,
-                };
-                qemu_migrate_guest(
-                    elf,
-                    mem,
-                    guest,
-                    QemuEngine::PrecopyPrealloc,
-                    link,
-                    limit,
-                    None,
-                )
-                .and_then(|o| {
-                    anyhow::ensure!(o.completed, "{}", o.note);
-                    Ok(Sample {
-                        migrate_ms: o.total_ms,
-                        dest_done_ms: o.total_ms,
-                        link_bytes: o.link_bytes.unwrap_or(o.bytes),
-                        report_bytes: o.bytes,
-                        downtime_ms: o.downtime_ms as f64,
-                        verify_bad: o.verify_bad,
-                        ..Default::default()
-                    })
-                })
-            } else {
-                spanvmm_once(
-                    bin,
-                    plugins,
-                    elf,
-                    mem,
-                    hot,
-                    link,
-                    engine == "agile-precopy",
-                    limit,
-                )
+    let one = |&(vmm, engine): &(&str, &str)| -> anyhow::Result<Sample> {
+        let s = if vmm == "qemu" {
+            let cl = cmdline(mem, hot, 2000);
+            let guest = Guest {
+                workload: "hot-cold",
+                cmdline: &cl,
             };
-            match r {
-                Ok(s) if s.verify_bad == Some(0) => {
-                    eprintln!(
-                        "round {round}: {vmm:>7} {engine:>13}: migrate {} ms, dest done {} ms, link {} MiB, freed {} MiB, located {:?}",
-                        s.migrate_ms,
-                        s.dest_done_ms,
-                        s.link_bytes >> 20,
-                        s.memfd_before.zip(s.memfd_after).map_or(0, |(a, b)| a.saturating_sub(b) >> 20),
-                        s.located_pages,
-                    );
-                    results[i].push(s);
-                }
-                Ok(s) => {
-                    eprintln!(
-                        "round {round}: {vmm} {engine}: FAILED: verify bad={:?}",
-                        s.verify_bad
-                    );
-                    failed[i] += 1;
-                }
-                Err(e) => {
-                    eprintln!("round {round}: {vmm} {engine}: FAILED: {e:#}");
-                    failed[i] += 1;
-                }
+            let o = qemu_migrate_guest(
+                elf,
+                mem,
+                guest,
+                QemuEngine::PrecopyPrealloc,
+                link,
+                limit,
+                None,
+            )?;
+            anyhow::ensure!(o.completed, "{}", o.note);
+            Sample {
+                migrate_ms: o.total_ms,
+                dest_done_ms: o.total_ms,
+                link_bytes: o.link_bytes.unwrap_or(o.bytes),
+                report_bytes: o.bytes,
+                downtime_ms: o.downtime_ms as f64,
+                verify_bad: o.verify_bad,
+                ..Default::default()
             }
-        }
-    }
-    let rows: Vec<Row> = keys
-        .iter()
-        .zip(results)
-        .zip(failed)
-        .filter(|((_, runs), _)| !runs.is_empty())
-        .map(|((&(vmm, engine), runs), failed)| Row {
-            vmm: vmm.into(),
-            engine: engine.into(),
-            failed,
-            migrate_ms: stat(runs.iter().map(|s| s.migrate_ms as f64)),
-            dest_done_ms: stat(runs.iter().map(|s| s.dest_done_ms as f64)),
-            link_mib: stat(runs.iter().map(|s| s.link_bytes as f64 / (1 << 20) as f64)),
-            freed_mib: runs[0].memfd_before.map(|_| {
-                stat(runs.iter().map(|s| {
-                    s.memfd_before
-                        .zip(s.memfd_after)
-                        .map_or(0.0, |(a, b)| a.saturating_sub(b) as f64 / (1 << 20) as f64)
-                }))
-            }),
-            runs,
-        })
-        .collect();
-    let f = |x: &Stat, scale: f64| {
-        format!(
-            "{:.1} ({:.1}–{:.1})",
-            x.median / scale,
-            x.min / scale,
-            x.max / scale
-        )
+        } else {
+            spanvmm_once(
+                bin,
+                plugins,
+                elf,
+                mem,
+                hot,
+                link,
+                engine == "agile-precopy",
+                limit,
+            )?
+        };
+        anyhow::ensure!(s.verify_bad == Some(0), "verify bad={:?}", s.verify_bad);
+        Ok(s)
     };
-    eprintln!("| vmm | engine | source freed MiB | migration s | destination done s | link MiB |");
-    for r in &rows {
-        eprintln!(
-            "| {} | {} | {} | {} | {} | {} |",
-            r.vmm,
-            r.engine,
-            r.freed_mib.as_ref().map_or("–".into(), |x| f(x, 1.0)),
-            f(&r.migrate_ms, 1e3),
-            f(&r.dest_done_ms, 1e3),
-            f(&r.link_mib, 1.0),
-        );
+    let freed = |s: &Sample| {
+        s.memfd_before
+            .zip(s.memfd_after)
+            .map(|(a, b)| a.saturating_sub(b) as f64 / (1 << 20) as f64)
+    };
+    let cases = interleave(
+        runs,
+        keys.to_vec(),
+        |&(vmm, engine): &(&str, &str)| format!("{vmm:>7} {engine:>13}"),
+        one,
+        |s: &Sample| {
+            format!(
+                "migrate {} ms, dest done {} ms, link {} MiB, freed {} MiB, located {:?}",
+                s.migrate_ms,
+                s.dest_done_ms,
+                s.link_bytes >> 20,
+                freed(s).unwrap_or(0.0) as u64,
+                s.located_pages,
+            )
+        },
+    );
+    let rows = Table {
+        key_heads: &["vmm", "engine"],
+        key_cells: &|&(vmm, engine): &(&str, &str)| vec![vmm.into(), engine.into()],
+        key_json: &|&(vmm, engine): &(&str, &str)| json!({"vmm": vmm, "engine": engine}),
+        columns: vec![
+            col("freed_mib", "source freed MiB", 1.0, 1, freed),
+            col("migrate_ms", "migration s", 1e3, 1, |s: &Sample| {
+                Some(s.migrate_ms as f64)
+            }),
+            col(
+                "dest_done_ms",
+                "destination done s",
+                1e3,
+                1,
+                |s: &Sample| Some(s.dest_done_ms as f64),
+            ),
+            col("link_mib", "link MiB", 1.0, 1, |s: &Sample| {
+                Some(s.link_bytes as f64 / (1 << 20) as f64)
+            }),
+        ],
+        extra_heads: &[],
+        extra: &no_extra,
     }
+    .rows(&cases)?;
     let report = json!({
         "benchmark": "agile",
         "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),

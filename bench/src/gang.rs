@@ -22,7 +22,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -30,9 +29,10 @@ use netlab::{Racks, RedisServer};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::harness::{collect, stat, Stat, Vm};
+use crate::harness::{collect, wait_line, Vm};
 use crate::live_update::{qemu_with, qmp_arg, wait_ready, Qmp};
 use crate::migration::verify_after;
+use crate::rounds::{col, interleave, Case, Table};
 
 /// Migration ports: a new one each run (the last run's sockets may linger).
 static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(7650);
@@ -57,16 +57,6 @@ struct Sample {
     /// Gang: the store's side.
     #[serde(skip_serializing_if = "Option::is_none")]
     store: Option<Value>,
-}
-
-#[derive(Serialize)]
-struct Row {
-    engine: String,
-    failed: usize,
-    core_ab_mb: Stat,
-    total_s: Stat,
-    eviction_s: Stat,
-    runs: Vec<Sample>,
 }
 
 /// The guest: `mib` of data, half of it shared, its own seed; verifies itself every 2 s
@@ -127,17 +117,6 @@ fn api_up(vm: &Vm) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wait_line(lines: &Arc<Mutex<Vec<String>>>, needle: &str, t: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + t;
-    while !lines.lock().unwrap().iter().any(|l| l.contains(needle)) {
-        if Instant::now() > deadline {
-            bail!("no {needle:?} within {t:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
 /// spanvmm: N sources in rack A, N destinations in rack B, `ctl migrate-group`.
 fn spanvmm_run(
     bed: &Bed,
@@ -189,12 +168,12 @@ fn spanvmm_run(
         srcs.push(src);
     }
     for (s, d) in srcs.iter().zip(&dsts) {
-        wait_line(&s.lines, "SPANGUEST ready", Duration::from_secs(120))?;
+        wait_line(&s.lines, 0, "SPANGUEST ready", Duration::from_secs(120))?;
         api_up(d)?;
     }
     // Every guest populated and verified once before the clock starts.
     for s in &srcs {
-        wait_line(&s.lines, "SPANGUEST verify", Duration::from_secs(120))?;
+        wait_line(&s.lines, 0, "SPANGUEST verify", Duration::from_secs(120))?;
     }
     let marks: Vec<usize> = dsts.iter().map(|d| d.mark()).collect();
     let report = bed.dir.join("group.json");
@@ -340,7 +319,7 @@ fn qemu_run(bed: &Bed, elf: &Path, mem: u64) -> anyhow::Result<Sample> {
         let port = next_port();
         for (i, (sq, dq, src_lines, dst_lines)) in qmps.iter().enumerate() {
             wait_ready(src_lines)?;
-            wait_line(src_lines, "SPANGUEST verify", Duration::from_secs(120))?;
+            wait_line(src_lines, 0, "SPANGUEST verify", Duration::from_secs(120))?;
             let mut q = Qmp::connect(sq)?;
             let mut d = Qmp::connect(dq)?;
             q.cmd(
@@ -438,75 +417,58 @@ pub fn run(
         dir: dir.clone(),
         tls,
     };
-    let mut results: Vec<Vec<Sample>> = engines.iter().map(|_| Vec::new()).collect();
-    let mut failed = vec![0usize; engines.len()];
-    for round in 0..runs {
-        for (k, &engine) in engines.iter().enumerate() {
-            let r = match engine {
+    let cases = interleave(
+        runs,
+        engines.to_vec(),
+        |e| format!("{e:>16}"),
+        |&engine| {
+            let s = match engine {
                 "qemu-precopy" => qemu_run(&bed, elf, mem),
                 _ => spanvmm_run(&bed, bin, plugins, elf, mem, engine),
-            };
-            match r {
-                Ok(s) if s.verify_bad == 0 => {
-                    eprintln!(
-                        "round {round}: {engine:>16}: core A→B {:.1} MB, total {:.1} s, sources gone {:.1} s {}",
-                        s.core_ab as f64 / 1e6,
-                        s.total_ms as f64 / 1e3,
-                        s.eviction_ms as f64 / 1e3,
-                        s.store.as_ref().map(|v| {
-                            format!(
-                                "(written {} / scattered {}, at the intermediary {}, written twice {}, waited {})",
-                                v["pages_written"], v["pages_scattered"], v["pages_at_intermediary"],
-                                v["written_twice"], v["waited"]
-                            )
-                        }).unwrap_or_default()
-                    );
-                    results[k].push(s);
-                }
-                Ok(s) => {
-                    eprintln!(
-                        "round {round}: {engine}: FAILED: verify bad={}",
-                        s.verify_bad
-                    );
-                    failed[k] += 1;
-                }
-                Err(e) => {
-                    eprintln!("round {round}: {engine}: FAILED: {e:#}");
-                    failed[k] += 1;
-                }
-            }
-        }
-    }
-    let rows: Vec<Row> = engines
+            }?;
+            anyhow::ensure!(s.verify_bad == 0, "verify bad={}", s.verify_bad);
+            Ok(s)
+        },
+        |s: &Sample| {
+            format!(
+                "core A→B {:.1} MB, total {:.1} s, sources gone {:.1} s {}",
+                s.core_ab as f64 / 1e6,
+                s.total_ms as f64 / 1e3,
+                s.eviction_ms as f64 / 1e3,
+                s.store.as_ref().map(|v| {
+                    format!(
+                        "(written {} / scattered {}, at the intermediary {}, written twice {}, waited {})",
+                        v["pages_written"], v["pages_scattered"], v["pages_at_intermediary"],
+                        v["written_twice"], v["waited"]
+                    )
+                }).unwrap_or_default()
+            )
+        },
+    );
+    let core = |s: &Sample| Some(s.core_ab as f64 / 1e6);
+    let base = cases
         .iter()
-        .zip(results)
-        .zip(failed)
-        .filter(|((_, r), _)| !r.is_empty())
-        .map(|((&engine, runs), failed)| Row {
-            engine: engine.into(),
-            failed,
-            core_ab_mb: stat(runs.iter().map(|s| s.core_ab as f64 / 1e6)),
-            total_s: stat(runs.iter().map(|s| s.total_ms as f64 / 1e3)),
-            eviction_s: stat(runs.iter().map(|s| s.eviction_ms as f64 / 1e3)),
-            runs,
-        })
-        .collect();
-    let base = rows
-        .iter()
-        .find(|r| r.engine == "spanvmm-precopy")
-        .map(|r| r.core_ab_mb.median);
-    eprintln!("| engine | core A→B MB | × spanvmm pre-copy | total s | sources gone s |");
-    for r in &rows {
-        let s = |x: &Stat| format!("{:.1} ({:.1}–{:.1})", x.median, x.min, x.max);
-        eprintln!(
-            "| {} | {} | {} | {} | {} |",
-            r.engine,
-            s(&r.core_ab_mb),
-            base.map_or("-".into(), |b| format!("{:.2}", r.core_ab_mb.median / b)),
-            s(&r.total_s),
-            s(&r.eviction_s)
-        );
+        .find(|c| c.key == "spanvmm-precopy")
+        .map(|c| c.median(core));
+    let rows = Table {
+        key_heads: &["engine"],
+        key_cells: &|e: &&str| vec![e.to_string()],
+        key_json: &|e: &&str| json!({ "engine": e }),
+        columns: vec![
+            col("core_ab_mb", "core A→B MB", 1.0, 1, core),
+            col("total_s", "total s", 1.0, 1, |s: &Sample| {
+                Some(s.total_ms as f64 / 1e3)
+            }),
+            col("eviction_s", "sources gone s", 1.0, 1, |s: &Sample| {
+                Some(s.eviction_ms as f64 / 1e3)
+            }),
+        ],
+        extra_heads: &["× spanvmm pre-copy"],
+        extra: &|c: &Case<&str, Sample>| {
+            vec![base.map_or("-".into(), |b| format!("{:.2}", c.median(core) / b))]
+        },
     }
+    .rows(&cases)?;
     let report = json!({
         "benchmark": "gang",
         "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),

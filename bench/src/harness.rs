@@ -35,7 +35,10 @@ impl Drop for Vm {
     }
 }
 
-pub fn collect(out: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+/// A process's output lines, collected as they come.
+pub type Lines = Arc<Mutex<Vec<String>>>;
+
+pub fn collect(out: impl Read + Send + 'static) -> Lines {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let l = lines.clone();
     std::thread::spawn(move || {
@@ -175,6 +178,63 @@ impl Vm {
         }
         Ok((v, rtt))
     }
+}
+
+/// The first of `lines` at or after `from` holding `needle`, waiting up to `timeout` for it.
+pub fn wait_line(
+    lines: &Lines,
+    from: usize,
+    needle: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(l) = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .skip(from)
+            .find(|l| l.contains(needle))
+        {
+            return Ok(l.clone());
+        }
+        if Instant::now() > deadline {
+            bail!("no {needle:?} within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `GET path` on the API socket `api`: the JSON body (None: no answer, or not JSON).
+pub fn api_get(api: &Path, path: &str) -> Option<Value> {
+    let mut s = UnixStream::connect(api).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()
+}
+
+/// `spanvmm ctl --api-socket API ARGS`: its stdout; an error holding what it said when it
+/// fails.
+pub fn ctl(bin: &Path, api: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin)
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "ctl {args:?}: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(stdout)
 }
 
 pub fn field(line: &str, key: &str) -> Option<u64> {

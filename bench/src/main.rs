@@ -45,6 +45,7 @@ mod live_update;
 mod migration;
 mod migration_spanvmm;
 mod redis_client;
+mod rounds;
 mod scatter_gather;
 mod services;
 mod snapshot;
@@ -403,15 +404,18 @@ fn main() -> anyhow::Result<()> {
                 }),
             )
         }
-        // Scale rows (`--parts scale`): `--sizes MIB` (128), `--links MBIT` (600); 1, 2, 4 VMs
-        // at once through 1, 2, 4 intermediaries.
+        // Scale rows (`--parts scale`): `--sizes MIB` (128), `--links MBIT` (600); 1, 2, 4, 8
+        // VMs (powers of two up to `--vms N`, 8 unless given) at once through 1, 2, 4
+        // intermediaries.
         Some("scatter-gather") if parts.as_deref() == Some("scale") => scatter_gather::scale(
             &spanvmm_bin()?,
             &repo_root().join("target/plugins"),
             &guest_elf()?,
             if sizes_given { sizes[0] } else { 128 },
             links.as_deref().map_or(Ok(600), str::parse)?,
-            &[1, 2, 4],
+            &std::iter::successors(Some(1), |n| Some(n * 2))
+                .take_while(|&n| n <= if args.iter().any(|a| a == "--vms") { vms } else { 8 })
+                .collect::<Vec<_>>(),
             &[1, 2, 4],
             &out.unwrap_or_else(|| repo_root().join("bench/results/scatter-gather-scale.json")),
         ),

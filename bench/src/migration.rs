@@ -287,23 +287,8 @@ pub fn verify_after(
     from: usize,
     timeout: Duration,
 ) -> Option<u64> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(bad) = lines
-            .lock()
-            .unwrap()
-            .iter()
-            .skip(from)
-            .find(|l| l.contains("SPANGUEST verify"))
-            .and_then(|l| field(l, "bad"))
-        {
-            return Some(bad);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let l = crate::harness::wait_line(lines, from, "SPANGUEST verify", timeout).ok()?;
+    field(&l, "bad")
 }
 
 pub fn max_stall(lines: &Arc<Mutex<Vec<String>>>, range: std::ops::Range<usize>) -> u64 {
@@ -358,11 +343,59 @@ pub fn qemu_migrate_guest(
     timeout: Duration,
     tls: Option<(&Path, &str)>,
 ) -> anyhow::Result<Outcome> {
+    qemu_migrate_with(
+        elf,
+        mem,
+        guest,
+        engine,
+        link,
+        timeout,
+        tls,
+        &QemuHook::default(),
+    )
+    .map(|r| r.outcome)
+}
+
+/// What must live while a migration runs, made once its hosts exist.
+pub type Keep<'a> = &'a dyn Fn(&Hosts) -> anyhow::Result<Box<dyn std::any::Any>>;
+
+/// What a benchmark adds around a QEMU migration (spanvmm's side: `migration_spanvmm::Prepare`).
+#[derive(Default)]
+pub struct QemuHook<'a> {
+    /// Called once the hosts exist, before either QEMU starts; what it returns lives until the
+    /// migration has ended (the co-located guests of the Scatter-Gather Table 1, say).
+    pub prepare: Option<Keep<'a>>,
+    /// QEMU's `downtime-limit`, ms (None: QEMU's default, 300): set to the budget spanvmm's
+    /// pre-copy is compared under.
+    pub downtime_limit_ms: Option<u64>,
+}
+
+/// A QEMU migration's [`Outcome`] and when its `migrate` command was sent (to line up what ran
+/// beside it).
+pub struct QemuRun {
+    pub outcome: Outcome,
+    pub started: Instant,
+}
+
+/// [`qemu_migrate_guest`] with a [`QemuHook`].
+#[allow(clippy::too_many_arguments)]
+pub fn qemu_migrate_with(
+    elf: &Path,
+    mem: u64,
+    guest: Guest,
+    engine: QemuEngine,
+    link: Link,
+    timeout: Duration,
+    tls: Option<(&Path, &str)>,
+    hook: &QemuHook,
+) -> anyhow::Result<QemuRun> {
     let Guest { workload, cmdline } = guest;
     let dir = std::env::temp_dir().join(format!("spanvmm-bench-mig-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let cipher = tls.map_or("plaintext", |(_, c)| c).to_string();
     let hosts = Hosts::new(link, 47_000)?;
+    let keep = hook.prepare.map(|p| p(&hosts)).transpose()?;
+    let mut started = Instant::now();
     let (src_qmp, dst_qmp) = (dir.join("src.qmp"), dir.join("dst.qmp"));
     let cl = cmdline.to_string();
     let (mut src, src_lines) = qemu_with(
@@ -427,6 +460,9 @@ pub fn qemu_migrate_guest(
                 "migrate-set-parameters",
                 json!({"max-bandwidth": 100u64 << 30}),
             )?;
+            if let Some(ms) = hook.downtime_limit_ms {
+                q.cmd("migrate-set-parameters", json!({"downtime-limit": ms}))?;
+            }
             if let Some((certs, cipher)) = tls {
                 for (qmp, endpoint) in [(&mut q, "client"), (&mut dq, "server")] {
                     qemu_tls(qmp, certs, endpoint, cipher)?;
@@ -437,6 +473,7 @@ pub fn qemu_migrate_guest(
             dq.cmd("migrate-incoming", json!({"uri": uri(hosts.listen)}))?;
             std::thread::sleep(Duration::from_millis(100));
             let sent_before = hosts.sent_bytes("src");
+            started = Instant::now();
             q.cmd("migrate", json!({"uri": uri(hosts.connect)}))?;
             if engine == QemuEngine::Postcopy {
                 q.cmd("migrate-start-postcopy", json!({}))?;
@@ -520,8 +557,9 @@ pub fn qemu_migrate_guest(
     let _ = src.kill();
     let _ = src.wait();
     let _ = std::fs::remove_dir_all(&dir);
+    drop(keep);
     drop(hosts);
-    result
+    result.map(|outcome| QemuRun { outcome, started })
 }
 
 /// Source + destination CPU time so far, ms.

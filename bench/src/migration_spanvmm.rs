@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::harness::{collect, cpu_ms, exit_cpu_ms};
+pub use crate::harness::Lines;
+use crate::harness::{api_get, collect, cpu_ms, exit_cpu_ms};
 use crate::migration::{
     guest_cmdline, max_stall, settle, verify_after, Guest, Hosts, Link, Outcome,
 };
@@ -59,20 +60,6 @@ pub type Prepare<'a> = &'a dyn Fn(&Hosts) -> anyhow::Result<(Vec<String>, Box<dy
 /// No extra arguments, nothing to keep.
 fn no_preparation(_: &Hosts) -> anyhow::Result<(Vec<String>, Box<dyn std::any::Any>)> {
     Ok((Vec::new(), Box::new(())))
-}
-
-/// `GET path` on the API socket `api`: the JSON body (None: no answer).
-fn api_get(api: &Path, path: &str) -> Option<Value> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(api).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    )
-    .ok()?;
-    let mut r = String::new();
-    s.read_to_string(&mut r).ok()?;
-    serde_json::from_str(r.split_once("\r\n\r\n")?.1).ok()
 }
 
 /// [`spanvmm_migrate`] with any guest command line, the service's configuration (JSON;
@@ -407,9 +394,6 @@ fn spanvmm_migrate_run(
     drop(hosts);
     result
 }
-
-/// A VMM's console and stderr lines, collected as they come.
-pub type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// `spanvmm run ARGS` on host `host` of `hosts`, its console on stdout: the process, and its
 /// console and stderr lines as they come.

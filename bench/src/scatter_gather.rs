@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use netlab::RedisServer;
@@ -19,8 +19,12 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::harness::{stat, Stat};
-use crate::migration::{qemu_migrate, Hosts, Link, QemuEngine};
+use crate::migration::{
+    guest_cmdline, qemu_migrate, qemu_migrate_with, Guest, Hosts, Link, Outcome, QemuEngine,
+    QemuHook,
+};
 use crate::migration_spanvmm::spanvmm_migrate_with;
+use crate::rounds::{col, interleave, no_extra, Case, Table};
 
 /// One measured migration.
 #[derive(Serialize)]
@@ -33,17 +37,6 @@ struct Sample {
     #[serde(skip_serializing_if = "Option::is_none")]
     scatter: Option<Value>,
     verify_bad: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct Row {
-    vmm: String,
-    engine: String,
-    workload: String,
-    failed: usize,
-    eviction_ms: Stat,
-    total_ms: Stat,
-    runs: Vec<Sample>,
 }
 
 /// Intermediaries in the root namespace, bound on the source's gateway address.
@@ -100,32 +93,26 @@ pub fn run(
     }
     // Four times what the memory needs on the slow link, at least two minutes.
     let limit = Duration::from_secs((mem * 8 * 4 / (src_mbit / 6)).max(120));
-    let mut results: Vec<Vec<Sample>> = keys.iter().map(|_| Vec::new()).collect();
-    let mut failed = vec![0usize; keys.len()];
-    for round in 0..runs {
-        for (i, &(vmm, engine, workload)) in keys.iter().enumerate() {
-            let r = if vmm == "qemu" {
-                let e = match engine {
-                    "precopy" => QemuEngine::PrecopyPrealloc,
-                    _ => QemuEngine::Postcopy,
-                };
-                qemu_migrate(elf, mem, workload, e, link, limit, None).map(|o| {
-                    (
-                        o.completed && o.verify_bad == Some(0),
-                        o.note.clone(),
-                        Sample {
-                            eviction_ms: o.total_ms,
-                            total_ms: o.total_ms,
-                            link_bytes: o.bytes,
-                            scatter: None,
-                            verify_bad: o.verify_bad,
-                        },
-                    )
-                })
-            } else {
-                let sg = engine == "scatter-gather";
-                let rdir = dir.clone();
-                let prepare = move |hosts: &Hosts| -> anyhow::Result<(Vec<String>, Box<dyn std::any::Any>)> {
+    let one = |&(vmm, engine, workload): &(&str, &str, &str)| -> anyhow::Result<Sample> {
+        if vmm == "qemu" {
+            let e = match engine {
+                "precopy" => QemuEngine::PrecopyPrealloc,
+                _ => QemuEngine::Postcopy,
+            };
+            let o = qemu_migrate(elf, mem, workload, e, link, limit, None)?;
+            clean(&o)?;
+            Ok(Sample {
+                eviction_ms: o.total_ms,
+                total_ms: o.total_ms,
+                link_bytes: o.bytes,
+                scatter: None,
+                verify_bad: o.verify_bad,
+            })
+        } else {
+            let sg = engine == "scatter-gather";
+            let rdir = dir.clone();
+            let prepare =
+                move |hosts: &Hosts| -> anyhow::Result<(Vec<String>, Box<dyn std::any::Any>)> {
                     if !sg {
                         return Ok((Vec::new(), Box::new(())));
                     }
@@ -135,102 +122,82 @@ pub fn run(
                         "intermediaries": addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                         "replicas": 1,
                     });
-                    Ok((
-                        vec!["--config".into(), config.to_string()],
-                        Box::new(srv),
-                    ))
+                    Ok((vec!["--config".into(), config.to_string()], Box::new(srv)))
                 };
-                spanvmm_migrate_with(bin, plugins, elf, mem, workload, engine, link, limit, &prepare)
-                    .map(|run| {
-                        let o = &run.outcome;
-                        let r = &run.report;
-                        let total = run.dest_done_ms.unwrap_or(o.total_ms);
-                        let scatter = sg.then(|| {
-                            let read: u64 = run.dest["gather"]["store"]["intermediaries"]
-                                .as_array()
-                                .map(|a| a.iter().map(|i| i["wire_in"].as_u64().unwrap_or(0)).sum())
-                                .unwrap_or(0);
-                            json!({
-                                "direct_pages": r["scatter"]["direct_pages"],
-                                "scattered_pages": r["scatter"]["scattered_pages"],
-                                "zero_pages": r["scatter"]["zero_pages"],
-                                "src_to_intermediaries_bytes": r["scatter"]["bytes_to_intermediaries"],
-                                "intermediaries_to_dst_bytes": read,
-                                "dedup_hits": r["scatter"]["dedup_hits"],
-                            })
-                        });
-                        (
-                            o.completed && o.verify_bad == Some(0) && run.dest_done_ms.is_some(),
-                            o.note.clone(),
-                            Sample {
-                                // The source's migration ends when it holds nothing the
-                                // destination lacks (Scatter-Gather: every location sent).
-                                eviction_ms: o.total_ms,
-                                total_ms: total.max(o.total_ms),
-                                link_bytes: o.bytes,
-                                scatter,
-                                verify_bad: o.verify_bad,
-                            },
-                        )
-                    })
-            }
-            .with_context(|| format!("{vmm} {engine} {workload}"));
-            match r {
-                Ok((true, _, s)) => {
-                    eprintln!(
-                        "round {round}: {vmm:>7} {engine:>14} {workload:>5}: eviction {} ms, total {} ms, link {} MiB {}",
-                        s.eviction_ms,
-                        s.total_ms,
-                        s.link_bytes >> 20,
-                        s.scatter.as_ref().map(|v| v.to_string()).unwrap_or_default()
-                    );
-                    results[i].push(s);
-                }
-                Ok((false, note, _)) => {
-                    eprintln!("round {round}: {vmm} {engine} {workload}: FAILED: {note}");
-                    failed[i] += 1;
-                }
-                Err(e) => {
-                    eprintln!("round {round}: {vmm} {engine} {workload}: FAILED: {e:#}");
-                    failed[i] += 1;
-                }
-            }
+            let run = spanvmm_migrate_with(
+                bin, plugins, elf, mem, workload, engine, link, limit, &prepare,
+            )?;
+            let o = &run.outcome;
+            let r = &run.report;
+            let total = run.dest_done_ms.unwrap_or(o.total_ms);
+            let scatter = sg.then(|| {
+                let read: u64 = run.dest["gather"]["store"]["intermediaries"]
+                    .as_array()
+                    .map(|a| a.iter().map(|i| i["wire_in"].as_u64().unwrap_or(0)).sum())
+                    .unwrap_or(0);
+                json!({
+                    "direct_pages": r["scatter"]["direct_pages"],
+                    "scattered_pages": r["scatter"]["scattered_pages"],
+                    "zero_pages": r["scatter"]["zero_pages"],
+                    "src_to_intermediaries_bytes": r["scatter"]["bytes_to_intermediaries"],
+                    "intermediaries_to_dst_bytes": read,
+                    "dedup_hits": r["scatter"]["dedup_hits"],
+                })
+            });
+            clean(o)?;
+            anyhow::ensure!(
+                run.dest_done_ms.is_some(),
+                "the destination never completed"
+            );
+            Ok(Sample {
+                // The source's migration ends when it holds nothing the destination lacks
+                // (Scatter-Gather: every location sent).
+                eviction_ms: o.total_ms,
+                total_ms: total.max(o.total_ms),
+                link_bytes: o.bytes,
+                scatter,
+                verify_bad: o.verify_bad,
+            })
         }
-    }
-    let rows: Vec<Row> = keys
-        .iter()
-        .zip(results)
-        .zip(failed)
-        .filter(|((_, runs), _)| !runs.is_empty())
-        .map(|((&(vmm, engine, workload), runs), failed)| Row {
-            vmm: vmm.into(),
-            engine: engine.into(),
-            workload: workload.into(),
-            failed,
-            eviction_ms: stat(runs.iter().map(|s| s.eviction_ms as f64)),
-            total_ms: stat(runs.iter().map(|s| s.total_ms as f64)),
-            runs,
-        })
-        .collect();
-    eprintln!("| workload | vmm | engine | eviction s | total s |");
-    for r in &rows {
-        let s = |x: &Stat| {
+    };
+    let cases = interleave(
+        runs,
+        keys,
+        |&(vmm, engine, workload): &(&str, &str, &str)| {
+            format!("{vmm:>7} {engine:>14} {workload:>5}")
+        },
+        one,
+        |s: &Sample| {
             format!(
-                "{:.1} ({:.1}–{:.1})",
-                x.median / 1e3,
-                x.min / 1e3,
-                x.max / 1e3
+                "eviction {} ms, total {} ms, link {} MiB {}",
+                s.eviction_ms,
+                s.total_ms,
+                s.link_bytes >> 20,
+                s.scatter
+                    .as_ref()
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
             )
-        };
-        eprintln!(
-            "| {} | {} | {} | {} | {} |",
-            r.workload,
-            r.vmm,
-            r.engine,
-            s(&r.eviction_ms),
-            s(&r.total_ms)
-        );
+        },
+    );
+    let rows = Table {
+        key_heads: &["workload", "vmm", "engine"],
+        key_cells: &|&(vmm, engine, workload): &(&str, &str, &str)| {
+            vec![workload.into(), vmm.into(), engine.into()]
+        },
+        key_json: &|&(vmm, engine, workload): &(&str, &str, &str)| {
+            json!({"vmm": vmm, "engine": engine, "workload": workload})
+        },
+        columns: vec![
+            col("eviction_ms", "eviction s", 1e3, 1, |s: &Sample| {
+                Some(s.eviction_ms as f64)
+            }),
+            col("total_ms", "total s", 1e3, 1, |s: &Sample| Some(s.total_ms as f64)),
+        ],
+        extra_heads: &[],
+        extra: &no_extra,
     }
+    .rows(&cases)?;
     let report = json!({
         "benchmark": "scatter-gather",
         "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
@@ -429,6 +396,65 @@ mod colocated {
     }
 }
 
+/// One Table 1 run: the migrating VM's times and what its co-located neighbours saw.
+#[derive(Serialize)]
+struct Neighbours {
+    eviction_ms: u64,
+    total_ms: u64,
+    /// Per `redis-benchmark` run its p99: over the runs that ended before the migration
+    /// (quiet) and those wholly inside it (during).
+    quiet_p99_ms: Stat,
+    during_p99_ms: Stat,
+    quiet_runs: usize,
+    during_runs: usize,
+    /// Client runs that overlapped the migration and failed.
+    client_errors: usize,
+}
+
+impl Neighbours {
+    /// The probes of one migration that began at `started` and ended `total_ms` later.
+    fn read(p: &[colocated::Probe], started: Instant, eviction_ms: u64, total_ms: u64) -> Self {
+        let end = started + Duration::from_millis(total_ms);
+        let quiet: Vec<f64> = p
+            .iter()
+            .filter(|x| x.end <= started)
+            .filter_map(|x| x.p99_ms)
+            .collect();
+        let during: Vec<f64> = p
+            .iter()
+            .filter(|x| x.start >= started && x.end <= end)
+            .filter_map(|x| x.p99_ms)
+            .collect();
+        Neighbours {
+            eviction_ms,
+            total_ms,
+            quiet_p99_ms: stat_or_nan(quiet.iter().copied()),
+            during_p99_ms: stat_or_nan(during.iter().copied()),
+            quiet_runs: quiet.len(),
+            during_runs: during.len(),
+            client_errors: p
+                .iter()
+                .filter(|x| x.failed && x.end >= started && x.start <= end)
+                .count(),
+        }
+    }
+}
+
+/// An error unless the migration completed and its guest verified clean at the destination.
+fn clean(o: &Outcome) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        o.completed && o.verify_bad == Some(0),
+        "{} (verify bad={:?})",
+        o.note,
+        o.verify_bad
+    );
+    Ok(())
+}
+
+/// spanvmm pre-copy's downtime budget (the migration policy's default `downtime_ms`), given to
+/// QEMU as its `downtime-limit` so both stop and copy under the same one.
+const DOWNTIME_BUDGET_MS: u64 = 2;
+
 /// The Table 1 analogue: see [`colocated`]. `gather_rate`: the cap of the capped row, bytes/s.
 #[allow(clippy::too_many_arguments)]
 pub fn table1(
@@ -456,145 +482,139 @@ pub fn table1(
     let client_lab = netlab::NetLab::new("sgc", &["client"])?;
     let dir = std::env::temp_dir().join(format!("spanvmm-bench-sgt1-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let keys: Vec<(&str, u64)> = vec![
-        ("scatter-gather", 0),
-        ("scatter-gather", gather_rate),
-        ("postcopy", 0),
-        ("precopy", 0),
+    let keys: Vec<(&str, &str, u64)> = vec![
+        ("spanvmm", "scatter-gather", 0),
+        ("spanvmm", "scatter-gather", gather_rate),
+        ("spanvmm", "postcopy", 0),
+        ("spanvmm", "precopy", 0),
+        ("qemu", "postcopy", 0),
+        ("qemu", "precopy", 0),
     ];
     let limit = Duration::from_secs((mem * 8 * 4 / (src_mbit / 6)).max(120));
-    let mut rows: Vec<Value> = Vec::new();
-    let mut samples: Vec<Vec<Value>> = keys.iter().map(|_| Vec::new()).collect();
-    for round in 0..runs {
-        for (k, &(engine, rate)) in keys.iter().enumerate() {
-            let probes = Arc::new(Mutex::new(Vec::<colocated::Probe>::new()));
-            let sg = engine == "scatter-gather";
-            let rdir = dir.clone();
-            let (p2, cl) = (probes.clone(), &client_lab);
-            let prepare =
-                move |hosts: &Hosts| -> anyhow::Result<(Vec<String>, Box<dyn std::any::Any>)> {
-                    let col = colocated::start(hosts, cl, bin, elf, p2.clone())?;
-                    if !sg {
-                        return Ok((Vec::new(), Box::new(col)));
-                    }
-                    let srv = intermediaries(hosts, &rdir)?;
-                    let mut config = json!({
-                        "intermediaries": srv.iter().map(|s| s.addr().to_string()).collect::<Vec<_>>(),
-                    });
-                    if rate > 0 {
-                        config["gather_rate"] = json!(rate);
-                    }
-                    // The guests go before the intermediaries (drop order: the tuple's).
-                    Ok((
-                        vec!["--config".into(), config.to_string()],
-                        Box::new((col, srv)),
-                    ))
-                };
-            let label = if rate > 0 {
-                format!("{engine} (gather_rate {:.1} MB/s)", rate as f64 / 1e6)
-            } else {
-                engine.to_string()
+    let label = |&(vmm, engine, rate): &(&str, &str, u64)| {
+        if rate > 0 {
+            format!("{vmm} {engine} (gather_rate {:.1} MB/s)", rate as f64 / 1e6)
+        } else {
+            format!("{vmm} {engine}")
+        }
+    };
+    let one = |&(vmm, engine, rate): &(&str, &str, u64)| -> anyhow::Result<Neighbours> {
+        let probes = Arc::new(Mutex::new(Vec::<colocated::Probe>::new()));
+        let (p2, cl) = (probes.clone(), &client_lab);
+        if vmm == "qemu" {
+            // The same neighbours (spanvmm `kv` guests) on the destination host; QEMU at its
+            // best: pre-copy into a `-mem-prealloc` destination, post-copy against post-copy,
+            // the same downtime budget as spanvmm's pre-copy.
+            let e = match engine {
+                "precopy" => QemuEngine::PrecopyPrealloc,
+                _ => QemuEngine::Postcopy,
             };
-            let r = spanvmm_migrate_with(
-                bin, plugins, elf, mem, "idle", engine, link, limit, &prepare,
-            );
-            let run = match r {
-                Ok(run) if run.outcome.completed && run.outcome.verify_bad == Some(0) => run,
-                Ok(run) => {
-                    eprintln!("round {round}: {label}: FAILED: {}", run.outcome.note);
-                    continue;
-                }
-                Err(e) => {
-                    eprintln!("round {round}: {label}: FAILED: {e:#}");
-                    continue;
-                }
+            let prepare = move |hosts: &Hosts| -> anyhow::Result<Box<dyn std::any::Any>> {
+                Ok(Box::new(colocated::start(hosts, cl, bin, elf, p2.clone())?))
             };
-            let total = run
-                .dest_done_ms
-                .unwrap_or(run.outcome.total_ms)
-                .max(run.outcome.total_ms);
-            let end = run.started + Duration::from_millis(total);
+            let hook = QemuHook {
+                prepare: Some(&prepare),
+                downtime_limit_ms: Some(DOWNTIME_BUDGET_MS),
+            };
+            let guest = Guest {
+                workload: "idle",
+                cmdline: &guest_cmdline(mem, "idle"),
+            };
+            let run = qemu_migrate_with(elf, mem, guest, e, link, limit, None, &hook)?;
+            let o = &run.outcome;
+            clean(o)?;
+            // QEMU's source is free when its migration completes, which is when the
+            // destination has every page (post-copy too).
             let p = probes.lock().unwrap().clone();
-            let quiet: Vec<f64> = p
-                .iter()
-                .filter(|x| x.end <= run.started)
-                .filter_map(|x| x.p99_ms)
-                .collect();
-            let during: Vec<f64> = p
-                .iter()
-                .filter(|x| x.start >= run.started && x.end <= end)
-                .filter_map(|x| x.p99_ms)
-                .collect();
-            // Every client run that overlapped this migration and failed.
-            let client_errors = p
-                .iter()
-                .filter(|x| x.failed && x.end >= run.started && x.start <= end)
-                .count();
-            let q = stat_or_nan(quiet.iter().copied());
-            let d = stat_or_nan(during.iter().copied());
-            eprintln!(
-                "round {round}: {label:>36}: eviction {} ms, total {total} ms; co-located p99 quiet {:.2} ms ({} runs), during {:.2} ms (max {:.2}, {} runs), {client_errors} client errors",
-                run.outcome.total_ms, q.median, quiet.len(), d.median, d.max, during.len()
-            );
-            samples[k].push(json!({
-                "eviction_ms": run.outcome.total_ms,
-                "total_ms": total,
-                "quiet_p99_ms": q,
-                "during_p99_ms": d,
-                "quiet_runs": quiet.len(),
-                "during_runs": during.len(),
-                "client_errors": client_errors,
-            }));
+            return Ok(Neighbours::read(&p, run.started, o.total_ms, o.total_ms));
         }
-    }
-    eprintln!(
-        "| engine | eviction s | total s | co-located p99 quiet ms | during ms | during/quiet |"
+        let sg = engine == "scatter-gather";
+        let rdir = dir.clone();
+        let prepare =
+            move |hosts: &Hosts| -> anyhow::Result<(Vec<String>, Box<dyn std::any::Any>)> {
+                let col = colocated::start(hosts, cl, bin, elf, p2.clone())?;
+                if !sg {
+                    return Ok((Vec::new(), Box::new(col)));
+                }
+                let srv = intermediaries(hosts, &rdir)?;
+                let mut config = json!({
+                    "intermediaries": srv.iter().map(|s| s.addr().to_string()).collect::<Vec<_>>(),
+                });
+                if rate > 0 {
+                    config["gather_rate"] = json!(rate);
+                }
+                // The guests go before the intermediaries (drop order: the tuple's).
+                Ok((
+                    vec!["--config".into(), config.to_string()],
+                    Box::new((col, srv)),
+                ))
+            };
+        let run = spanvmm_migrate_with(
+            bin, plugins, elf, mem, "idle", engine, link, limit, &prepare,
+        )?;
+        let o = &run.outcome;
+        clean(o)?;
+        let total = run.dest_done_ms.unwrap_or(o.total_ms).max(o.total_ms);
+        let p = probes.lock().unwrap().clone();
+        Ok(Neighbours::read(&p, run.started, o.total_ms, total))
+    };
+    let cases = interleave(
+        runs,
+        keys,
+        |k| format!("{:>44}", label(k)),
+        one,
+        |n: &Neighbours| {
+            format!(
+            "eviction {} ms, total {} ms; co-located p99 quiet {:.2} ms ({} runs), during {:.2} ms (max {:.2}, {} runs), {} client errors",
+            n.eviction_ms,
+            n.total_ms,
+            n.quiet_p99_ms.median,
+            n.quiet_runs,
+            n.during_p99_ms.median,
+            n.during_p99_ms.max,
+            n.during_runs,
+            n.client_errors
+        )
+        },
     );
-    for ((engine, rate), s) in keys.iter().zip(&samples) {
-        if s.is_empty() {
-            continue;
-        }
-        let med = |k: &str, sub: Option<&str>| {
-            stat_or_nan(s.iter().map(|v| match sub {
-                Some(sub) => v[k][sub].as_f64().unwrap_or(f64::NAN),
-                None => v[k].as_f64().unwrap_or(f64::NAN),
-            }))
-        };
-        let (ev, tot) = (med("eviction_ms", None), med("total_ms", None));
-        let (q, d) = (
-            med("quiet_p99_ms", Some("median")),
-            med("during_p99_ms", Some("median")),
-        );
-        eprintln!(
-            "| {engine}{} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1}× |",
-            if *rate > 0 {
-                format!(" (cap {:.1} MB/s)", *rate as f64 / 1e6)
-            } else {
-                String::new()
-            },
-            ev.median / 1e3,
-            tot.median / 1e3,
-            q.median,
-            d.median,
-            d.median / q.median
-        );
-        rows.push(json!({
-            "engine": engine,
-            "gather_rate": rate,
-            "eviction_ms": ev,
-            "total_ms": tot,
-            "quiet_p99_ms": q,
-            "during_p99_ms": d,
-            "runs": s,
-        }));
+    let rows = Table {
+        key_heads: &["row"],
+        key_cells: &|k: &(&str, &str, u64)| vec![label(k)],
+        key_json: &|&(vmm, engine, rate): &(&str, &str, u64)| {
+            json!({"vmm": vmm, "engine": engine, "gather_rate": rate})
+        },
+        columns: vec![
+            col("eviction_ms", "eviction s", 1e3, 1, |n: &Neighbours| {
+                Some(n.eviction_ms as f64)
+            }),
+            col("total_ms", "total s", 1e3, 1, |n: &Neighbours| {
+                Some(n.total_ms as f64)
+            }),
+            col("quiet_p99_ms", "co-located p99 quiet ms", 1.0, 2, |n: &Neighbours| {
+                Some(n.quiet_p99_ms.median)
+            }),
+            col("during_p99_ms", "during ms", 1.0, 2, |n: &Neighbours| {
+                Some(n.during_p99_ms.median)
+            }),
+            col("client_errors", "client errors", 1.0, 0, |n: &Neighbours| {
+                Some(n.client_errors as f64)
+            }),
+        ],
+        extra_heads: &["during / quiet"],
+        extra: &|c: &Case<(&str, &str, u64), Neighbours>| {
+            let q = c.median(|n| Some(n.quiet_p99_ms.median));
+            let d = c.median(|n| Some(n.during_p99_ms.median));
+            vec![format!("{:.1}×", d / q)]
+        },
     }
+    .rows(&cases)?;
     let report = json!({
         "benchmark": "scatter-gather table1",
         "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
         "link": link.label(),
         "memory_mib": mem,
         "runs": runs,
-        "notes": "Table 1 analogue: two kv guests (64 MiB) on the destination host, each loaded by redis-benchmark -t get -c 2 -P 1 -n 1000 in a loop from a client host whose traffic crosses the destination's link; p99 per redis-benchmark run, median over the runs before the migration (quiet) and over those wholly inside it (during: from ctl migrate to the destination's last page). The migrating VM: idle. Two redis-server intermediaries in the root namespace.",
+        "notes": "Table 1 analogue: two kv guests (spanvmm, 64 MiB) on the destination host, each loaded by redis-benchmark -t get -c 2 -P 1 -n 1000 in a loop from a client host whose traffic crosses the destination's link; p99 per redis-benchmark run, median over the runs before the migration (quiet) and over those wholly inside it (during: from the migrate command to the destination's last page). The migrating VM: idle. spanvmm Scatter-Gather through two redis-server intermediaries in the root namespace, with and without the gather cap; spanvmm and QEMU post-copy and pre-copy (QEMU pre-copy into a -mem-prealloc destination; QEMU's downtime-limit at spanvmm pre-copy's 2 ms budget). client_errors: failed client runs that overlapped the migration.",
         "goal": "with the gather cap, the co-located p99 during the migration within 2× quiet, SG's eviction time not growing",
         "rows": rows,
     });

@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{qemu_base, stat, Lan, Stat, CLIENTS, GUEST_IP, MAC, MEM, NET_GUEST};
-use crate::harness::{collect, field};
+use crate::harness::{collect, ctl, field};
 use crate::live_update::{qmp_arg, Qmp};
 use crate::redis_client::{self, Figures};
 
@@ -131,22 +131,6 @@ impl Drop for Proc {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.sock);
     }
-}
-
-fn ctl(bin: &Path, api: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(bin)
-        .arg("ctl")
-        .arg("--api-socket")
-        .arg(api)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "ctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn start_client(lan: &Lan, n: u64) -> anyhow::Result<Child> {
