@@ -121,7 +121,8 @@ impl Hosts {
                 lab.shape("dst", mbit * 1_000_000)?;
                 let (src, dst) = (lab.host("src"), lab.host("dst"));
                 let listen = SocketAddr::new(dst.ip.into(), port);
-                let one_way = Duration::from_millis(rtt_ms / 2);
+                // Half the round trip in µs: `rtt_ms / 2` in ms made a 1 ms link's delay 0.
+                let one_way = Duration::from_micros(rtt_ms * 500);
                 // In flight at most one bandwidth-delay product (at least 256 KiB).
                 let bdp = (mbit * 1_000_000 / 8) as f64 * one_way.as_secs_f64();
                 let window = (bdp as usize).max(256 << 10);

@@ -350,7 +350,7 @@ fn spanvmm_migrate_run(
             cpu_ms: src_cpu.zip(dst_cpu).map(|(s, d)| s + d),
             note: if completed {
                 format!(
-                    "downtime {:.2} ms (commit {}, rtt {:.1} ms), {} rounds, {} pages sent of {}, {} resent in post-copy, {} faults (mean {} µs, p99 {} µs), handover {}",
+                    "downtime {:.2} ms (commit {}, rtt {:.1} ms), {} rounds, {} pages sent of {}, {} resent in post-copy, {} faults (mean {} µs, p99 {} µs), handover {}{}",
                     n("downtime_ms"),
                     r["commit"].as_str().unwrap_or("?"),
                     n("rtt_ms"),
@@ -361,7 +361,18 @@ fn spanvmm_migrate_run(
                     r["remote_faults"],
                     r["fault_latency_mean_us"],
                     r["fault_latency_p99_us"],
-                    r["handover"].as_str().unwrap_or("?")
+                    r["handover"].as_str().unwrap_or("?"),
+                    // Post-copy's pacing: why, the path's queue it saw, the window.
+                    match r["postcopy_paced"].as_str().unwrap_or("") {
+                        "" if r["handover"] != "postcopy" => String::new(),
+                        why => format!(
+                            ", paced {} (queue {} µs, delivery {:.0} Mbit/s, window {} KiB)",
+                            if why.is_empty() { "no" } else { why },
+                            r["postcopy_queue_delay_us"],
+                            n("postcopy_delivery_bps") * 8e-6,
+                            n("postcopy_window_bytes") as u64 / 1024
+                        ),
+                    }
                 )
             } else {
                 format!(

@@ -63,7 +63,8 @@ impl std::fmt::Display for LinkStats {
 
 /// Which of this module's throughput levers are off (`SPANVMM_MIGRATION_LEVERS_OFF`, a comma
 /// list; for A/B measurements only): `big-reads` (rustls reads the socket itself; implies
-/// `own-records`), `own-records` (rustls protects the records after the hello too).
+/// `own-records`), `own-records` (rustls protects the records after the hello too); and the
+/// source's `queue-pacing` (post-copy paced on a long round trip only, see `source.rs`).
 pub(crate) fn lever_off(name: &str) -> bool {
     static OFF: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     OFF.get_or_init(|| std::env::var("SPANVMM_MIGRATION_LEVERS_OFF").unwrap_or_default())

@@ -43,6 +43,18 @@ const POSTCOPY_QUEUE_MIN: u64 = 32 << 10;
 const POSTCOPY_QUEUE_MAX: u64 = 1 << 20;
 /// The post-copy window's least size, bytes (see [`Sender::window_full`]).
 const POSTCOPY_WINDOW_MIN: u64 = 256 << 10;
+/// Post-copy: pushed bytes waiting this long on the path beyond its idle round trip, in
+/// every one of the last [`QUEUE_SYNCS`] `sync` answers, are a queue to keep short
+/// (see [`Sender::paced`]): twice what the paced push lets wait.
+const QUEUE_DELAY: Duration = Duration::from_millis(4);
+const QUEUE_SYNCS: usize = 4;
+/// Post-copy: the path's delivery rate is measured over at least this long (a shaped link
+/// lets a 10 ms burst through at the hosts' speed).
+const DELIVERY_SPAN: Duration = Duration::from_millis(20);
+/// Post-copy paced for a queue (not for a long round trip): a `sync` unanswered this long
+/// past the round trip means a reader the CPU starves, not a path the window keeps short;
+/// waiting for it would only idle the link (a loaded host's push took 25 s instead of 2).
+const READER_STALLED: Duration = Duration::from_millis(10);
 
 /// A held migration's dirty rounds come at most this often.
 const HELD_ROUND: Duration = Duration::from_millis(20);
@@ -268,6 +280,18 @@ pub struct Report {
     /// `Sender::window_full`).
     #[serde(default)]
     pub postcopy_window_bytes: u64,
+    /// Post-copy: why the push was paced (the send cap and the window, see
+    /// `Sender::paced`): `rtt` (a round trip of 1 ms or more), `queue` (a queue seen on the
+    /// path: `sync`s answered 4 ms or more late); empty: not paced.
+    #[serde(default)]
+    pub postcopy_paced: String,
+    /// Post-copy: the most the pushed bytes waited on the path beyond its idle round trip,
+    /// µs (the least of [`QUEUE_SYNCS`] consecutive `sync` answers, the largest such).
+    #[serde(default)]
+    pub postcopy_queue_delay_us: u64,
+    /// Post-copy: the fastest delivery rate the `sync` answers showed, bytes/s.
+    #[serde(default)]
+    pub postcopy_delivery_bps: u64,
     /// Post-copy: the most bytes the socket held unsent when a faulted page was handed to
     /// it, i.e. what the page queued behind at the source (the send queue's own order puts
     /// faults first).
@@ -503,6 +527,9 @@ impl MigrationSource {
                     pc_acked: 0,
                     pc_last_sync: Instant::now(),
                     pc_rate: 0,
+                    pc_queued: false,
+                    pc_delays: VecDeque::new(),
+                    pc_delivery_mark: None,
                     known_data: vec![0; pages.div_ceil(64) as usize],
                     encoder: None,
                     encoded: Vec::with_capacity(3 << 20),
@@ -854,6 +881,12 @@ struct Sender<'a> {
     pc_last_sync: Instant,
     /// Post-copy: the fastest send rate seen, bytes/s (the window's rate).
     pc_rate: u64,
+    /// Post-copy: a queue was seen on the path (see [`Sender::paced`]).
+    pc_queued: bool,
+    /// Post-copy: how late the last `sync`s were answered beyond the idle round trip.
+    pc_delays: VecDeque<Duration>,
+    /// Post-copy: the start of the delivery rate's span (when, bytes read by then).
+    pc_delivery_mark: Option<(Instant, u64)>,
     /// Pages of guest memory known to be data (not a hole in the memfd), see `holes`.
     known_data: Vec<u64>,
     /// The `cnet` codec's encoder, once the service chose encodings (pre-copy and
@@ -917,6 +950,68 @@ impl Sender<'_> {
     /// busy host).
     fn long_link(&self) -> bool {
         self.rtt >= AUTO_COMMIT_RTT
+    }
+
+    /// Whether post-copy paces its push — the send queue's cap and the window over the path,
+    /// which bound what a fault waits behind: on a long link (see [`Sender::long_link`]),
+    /// and on any link once the push has built a queue on it: the last [`QUEUE_SYNCS`]
+    /// `sync`s all answered [`QUEUE_DELAY`] or more beyond the idle round trip (a 1 Gbit/s
+    /// link without delay held 15 ms of pushed pages ahead of each fault, in a shaped
+    /// queue and a relay the source's socket does not see). Loopback's queues (the two
+    /// sockets' buffers) drain at memory speed, and a busy host's late answer alone does
+    /// not count. Once seen, the queue counts for the rest of the push.
+    fn paced(&mut self) -> bool {
+        if self.scatter.is_some() {
+            return false;
+        }
+        let why = if self.long_link() {
+            "rtt"
+        } else if self.pc_queued {
+            "queue"
+        } else {
+            return false;
+        };
+        let mut st = self.st();
+        if st.report.postcopy_paced.is_empty() {
+            st.report.postcopy_paced = why.into();
+        }
+        true
+    }
+
+    /// Post-copy: a `sync` sent at `sent`, when the link had carried `bytes`, was answered:
+    /// the destination has read those bytes. Measures the path's queue and delivery rate.
+    fn sync_answered(&mut self, sent: Instant, bytes: u64) {
+        self.pc_acked = self.pc_acked.max(bytes);
+        let now = Instant::now();
+        let late = now.duration_since(sent).saturating_sub(self.rtt);
+        self.pc_delays.push_back(late);
+        if self.pc_delays.len() > QUEUE_SYNCS {
+            self.pc_delays.pop_front();
+        }
+        let mut st = lock(&self.src.st);
+        if self.pc_delays.len() == QUEUE_SYNCS {
+            let least = self.pc_delays.iter().min().copied().unwrap_or_default();
+            let us = least.as_micros() as u64;
+            st.report.postcopy_queue_delay_us = st.report.postcopy_queue_delay_us.max(us);
+            // `SPANVMM_MIGRATION_LEVERS_OFF=queue-pacing`: the round trip alone decides (A/B).
+            if least >= QUEUE_DELAY && !self.pc_queued && !super::link::lever_off("queue-pacing") {
+                self.pc_queued = true;
+                super::trace(format_args!(
+                    "source: post-copy paced from here: the path queues ({us} µs)"
+                ));
+            }
+        }
+        match self.pc_delivery_mark {
+            Some((t, b)) if now.duration_since(t) >= DELIVERY_SPAN => {
+                let rate =
+                    (bytes.saturating_sub(b) as f64 / now.duration_since(t).as_secs_f64()) as u64;
+                self.pc_rate = self.pc_rate.max(rate);
+                st.report.postcopy_delivery_bps = st.report.postcopy_delivery_bps.max(rate);
+                self.pc_delivery_mark = Some((now, bytes));
+            }
+            Some(_) => {}
+            None => self.pc_delivery_mark = Some((now, bytes)),
+        }
     }
 
     /// Whether the hand-over sends `commit` with the state (see [`CommitMode`]).
@@ -1667,8 +1762,8 @@ impl Sender<'_> {
                 Frame::Resumed { .. } => {}
                 // Post-copy: the destination has read what came before that `sync`.
                 Frame::Sync if !self.pc_syncs.is_empty() => {
-                    if let Some((_, bytes)) = self.pc_syncs.pop_front() {
-                        self.pc_acked = self.pc_acked.max(bytes);
+                    if let Some((sent, bytes)) = self.pc_syncs.pop_front() {
+                        self.sync_answered(sent, bytes);
                     }
                 }
                 // The answer to a held migration's keep-alive.
@@ -1992,10 +2087,11 @@ impl Sender<'_> {
     /// paid by every fault. Scatter-Gather measures the link's backlog itself (its
     /// `high_water`) and keeps the kernel's buffer.
     fn postcopy_queue(&mut self) {
-        if self.scatter.is_some() || !self.long_link() {
+        if !self.paced() {
             return;
         }
-        let rate = self.st().rate_bps;
+        // The delivery rate too: a push paced from its start has no send rate yet.
+        let rate = self.st().rate_bps.max(self.pc_rate);
         let cap = ((rate as f64 * POSTCOPY_QUEUE.as_secs_f64()) as u64)
             .clamp(POSTCOPY_QUEUE_MIN, POSTCOPY_QUEUE_MAX);
         // Moved by a quarter at least, so that a rate's jitter does not reset it each time.
@@ -2046,9 +2142,10 @@ impl Sender<'_> {
     /// has read comes back as the answers to `sync`s sent every eighth of a round trip.
     /// True: full (waited for an answer or a fault, 2 ms at most).
     fn window_full(&mut self) -> Result<bool, LinkError> {
-        if self.scatter.is_some() || !self.long_link() {
+        if self.scatter.is_some() {
             return Ok(false);
         }
+        // The `sync`s go also before the push is paced: their answers show a queue.
         let every = (self.rtt / 8).clamp(Duration::from_millis(1), Duration::from_millis(10));
         if self.pc_last_sync.elapsed() >= every && self.pc_syncs.len() < 256 {
             self.link.send(&Frame::Sync)?;
@@ -2059,6 +2156,9 @@ impl Sender<'_> {
             }
             self.pc_syncs
                 .push_back((self.pc_last_sync, self.link.wire_bytes));
+        }
+        if !self.paced() {
+            return Ok(false);
         }
         let rate = self.st().rate_bps;
         self.pc_rate = self.pc_rate.max(rate);
@@ -2075,6 +2175,14 @@ impl Sender<'_> {
         }
         if self.link.wire_bytes.saturating_sub(self.pc_acked) < window {
             return Ok(false);
+        }
+        if !self.long_link()
+            && self
+                .pc_syncs
+                .front()
+                .is_some_and(|(sent, _)| sent.elapsed() >= self.rtt + READER_STALLED)
+        {
+            return Ok(false); // the sockets' buffers bound the push meanwhile
         }
         let mut p = libc::pollfd {
             fd: self.link.fd(),
@@ -2214,6 +2322,8 @@ impl Sender<'_> {
                         self.queue_cap = 0; // a new socket: set again
                         self.pc_syncs.clear();
                         self.pc_acked = 0;
+                        self.pc_delays.clear();
+                        self.pc_delivery_mark = None;
                         tracing::info!("migration: post-copy connection restored");
                         return Ok(());
                     }
