@@ -237,8 +237,10 @@ fn a_guest_dirtying_faster_than_the_link_switches_to_postcopy() {
     // a stop-and-copy: it switches to post-copy instead once that pause would exceed
     // `max_pause_ms`. With `max_pause_ms: 0` it stops and copies whatever it costs. A starved
     // vCPU (a loaded host) dirties less, so convergence is taken out of the way (no page
-    // count or time is small enough) and the pause bound is 1 ms: the choice is the
-    // policy's, whatever the load. Both destinations have their memory prepared: the
+    // count or time is small enough) and the pause bound is 1 µs: a single page left dirty
+    // exceeds it at any rate the host measures (a 1 ms bound let a vCPU starved through the
+    // last round leave few enough pages for a stop-and-copy on a loaded host), so the choice
+    // is the policy's, whatever the load. Both destinations have their memory prepared: the
     // post-copy then drops the stale copies of the pages still to come.
     let fast = "workload=dirty,verify mib=64 rate=0 stall_us=2000 report_ms=200";
     let tmp = TempDir::new("mig-fast");
@@ -246,7 +248,7 @@ fn a_guest_dirtying_faster_than_the_link_switches_to_postcopy() {
     for (tag, config, handover, logged) in [
         (
             "switch",
-            r#"{"min_pages":0,"downtime_ms":0,"max_rounds":3,"max_pause_ms":1}"#,
+            r#"{"min_pages":0,"downtime_ms":0,"max_rounds":3,"max_pause_ms":0.001}"#,
             "postcopy",
             "Postcopy",
         ),
