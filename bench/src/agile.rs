@@ -39,6 +39,15 @@ struct Sample {
     /// The source's report: bytes on the migration link (TLS records).
     report_bytes: u64,
     downtime_ms: f64,
+    /// spanvmm: the destination's share of the downtime (state received to vCPUs running),
+    /// and the pages it dropped from guest memory inside it (the located ones are dropped at
+    /// the source's pre-pause `sync`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dest_load_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dropped_at_state: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dropped_before_state: Option<u64>,
     /// spanvmm: pre-copy rounds, pages sent (data and zero markers) and of those zero.
     #[serde(skip_serializing_if = "Option::is_none")]
     rounds: Option<u64>,
@@ -74,6 +83,7 @@ struct Row {
     migrate_ms: Stat,
     dest_done_ms: Stat,
     link_mib: Stat,
+    downtime_ms: Stat,
     #[serde(skip_serializing_if = "Option::is_none")]
     freed_mib: Option<Stat>,
     runs: Vec<Sample>,
@@ -212,7 +222,7 @@ fn spanvmm_once(
             mem.to_string(),
         ],
     )?;
-    let (mut src, src_lines, _src_errors) = spawn(
+    let (mut src, src_lines, src_errors) = spawn(
         "src",
         vec![
             "--kernel".into(),
@@ -307,6 +317,7 @@ fn spanvmm_once(
         anyhow::ensure!(r["result"] == "completed", "migration: {}", r["error"]);
         sample.report_bytes = r["bytes"].as_u64().unwrap_or(0);
         sample.downtime_ms = r["downtime_ms"].as_f64().unwrap_or(0.0);
+        sample.dest_load_ms = r["dest_load_ms"].as_f64();
         sample.located_pages = r["agile"]["located_pages"].as_u64();
         sample.rounds = r["rounds"].as_u64();
         sample.pages_sent = r["pages_sent"].as_u64();
@@ -317,6 +328,15 @@ fn spanvmm_once(
             let phase = p
                 .as_ref()
                 .and_then(|p| p["incoming"]["phase"].as_str().map(str::to_string));
+            if let Some(inc) = p.as_ref().map(|p| &p["incoming"]) {
+                // (Kept from the last answer that had them: a finished migration's go.)
+                if let Some(n) = inc["dropped_at_state"].as_u64() {
+                    sample.dropped_at_state = Some(n);
+                }
+                if let Some(n) = inc["dropped_before_state"].as_u64() {
+                    sample.dropped_before_state = Some(n);
+                }
+            }
             match phase.as_deref() {
                 Some("completed") => break,
                 Some("failed") => {
@@ -344,6 +364,16 @@ fn spanvmm_once(
     for c in [&mut src, &mut dst] {
         let _ = c.kill();
         let _ = c.wait();
+    }
+    // With the migration trace on (`SPANVMM_MIGRATION_DEBUG`), both sides' stderr are kept
+    // for reading where the downtime goes.
+    if std::env::var_os("SPANVMM_MIGRATION_DEBUG").is_some() {
+        let tag = if agile { "agile-precopy" } else { "precopy" };
+        for (side, lines) in [("src", &src_errors), ("dst", &dst_errors)] {
+            let p = std::env::temp_dir().join(format!("spanvmm-bench-agile-{tag}-{side}.log"));
+            let _ = std::fs::write(&p, lines.lock().unwrap().join("\n") + "\n");
+            eprintln!("trace: {}", p.display());
+        }
     }
     drop(redis);
     drop(hosts);
@@ -424,8 +454,12 @@ pub fn run(
             match r {
                 Ok(s) if s.verify_bad == Some(0) => {
                     eprintln!(
-                        "round {round}: {vmm:>7} {engine:>13}: migrate {} ms, dest done {} ms, link {} MiB, freed {} MiB, located {:?}",
+                        "round {round}: {vmm:>7} {engine:>13}: migrate {} ms, downtime {:.1} ms (destination {:?} ms, {:?} pages dropped in it, {:?} before), dest done {} ms, link {} MiB, freed {} MiB, located {:?}",
                         s.migrate_ms,
+                        s.downtime_ms,
+                        s.dest_load_ms,
+                        s.dropped_at_state,
+                        s.dropped_before_state,
                         s.dest_done_ms,
                         s.link_bytes >> 20,
                         s.memfd_before.zip(s.memfd_after).map_or(0, |(a, b)| a.saturating_sub(b) >> 20),
@@ -459,6 +493,7 @@ pub fn run(
             migrate_ms: stat(runs.iter().map(|s| s.migrate_ms as f64)),
             dest_done_ms: stat(runs.iter().map(|s| s.dest_done_ms as f64)),
             link_mib: stat(runs.iter().map(|s| s.link_bytes as f64 / (1 << 20) as f64)),
+            downtime_ms: stat(runs.iter().map(|s| s.downtime_ms)),
             freed_mib: runs[0].memfd_before.map(|_| {
                 stat(runs.iter().map(|s| {
                     s.memfd_before
@@ -477,16 +512,17 @@ pub fn run(
             x.max / scale
         )
     };
-    eprintln!("| vmm | engine | source freed MiB | migration s | destination done s | link MiB |");
+    eprintln!("| vmm | engine | source freed MiB | migration s | destination done s | link MiB | downtime ms |");
     for r in &rows {
         eprintln!(
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             r.vmm,
             r.engine,
             r.freed_mib.as_ref().map_or("–".into(), |x| f(x, 1.0)),
             f(&r.migrate_ms, 1e3),
             f(&r.dest_done_ms, 1e3),
             f(&r.link_mib, 1.0),
+            f(&r.downtime_ms, 1.0),
         );
     }
     let report = json!({
