@@ -128,13 +128,23 @@ fn wait_gathered(dst: &VmProcess) -> Value {
     }
 }
 
-/// Migrates `src` to a fresh destination with `policy` (a migration service); the report
-/// and the destination.
-fn migrate_to_new(src: &VmProcess, dir: &TempDir, tag: &str, policy: &str) -> (Value, VmProcess) {
+/// Migrates `src` to a new destination (`run --incoming` with `extra`) with `policy` (a
+/// migration service); the report and the destination.
+fn migrate_to_new(
+    src: &VmProcess,
+    dir: &TempDir,
+    tag: &str,
+    policy: &str,
+    extra: &[&str],
+) -> (Value, VmProcess) {
     certs(dir, "tls");
     let port = free_port();
     let addr = format!("tls://127.0.0.1:{port}");
-    let dst = destination(tag, &[], &addr, &dir.path().join("tls"), &[]);
+    let dst = destination(tag, &[], &addr, &dir.path().join("tls"), extra);
+    if let Some(i) = extra.iter().position(|&a| a == "--memory") {
+        let ready = format!("{} MiB ready", extra[i + 1]);
+        wait_stderr(&dst, &ready, T);
+    }
     let (ok, out, report) = migrate(
         src,
         &[
@@ -172,6 +182,7 @@ fn cold_pages_parked_at_redis_free_the_source_and_the_guest_stays_intact() {
         1,
     );
     vm.wait_line("SPANGUEST stat", T);
+    let attached_at = vm.mark();
     let cfg = json!({
         "intermediaries": redis.iter().map(|r| r.addr().to_string()).collect::<Vec<_>>(),
         "replicas": 2,
@@ -227,6 +238,14 @@ fn cold_pages_parked_at_redis_free_the_source_and_the_guest_stays_intact() {
         n(&after, "evicted") - n(&after, "faulted_in"),
         "{after}"
     );
+    // What the guest saw: each park paused it for its eviction (all of them together bound
+    // the longest), and a touch of a parked page waits for its read from Redis.
+    let bound_us = n(&after, "paused_us") + FAULTS_PER_STEP * n(&after, "fault_max_us");
+    vm.assert_stall_below(
+        attached_at,
+        bound_us / 1000 + DESCHEDULED_MS,
+        "parks and fault-ins",
+    );
     // Detaching brings every page back; then the guest is whole without the service.
     vm.ctl_ok(&["plugin", "detach", "agile"]);
     vm.assert_verify_clean(1);
@@ -248,11 +267,20 @@ fn a_parked_vm_migrates_its_hot_set_and_references_to_the_cold_pages() {
     };
     // Paused (by its operator): nothing brings a parked page back before or during the
     // migration, so every one must go as its location.
+    let t_pause = Instant::now();
     src.ctl_ok(&["pause"]);
     let before = stats(&src);
     let evicted = n(&before, "evicted_now");
     let resident = n(&before, "resident_pages");
-    let (r, dst) = migrate_to_new(&src, &dir, "agile-migrate-dst", "precopy.wasm");
+    // Into prepared memory (`--memory`, every page present): the located pages must be
+    // dropped from it before the guest runs there.
+    let (r, dst) = migrate_to_new(
+        &src,
+        &dir,
+        "agile-migrate-dst",
+        "precopy.wasm",
+        &["--memory", "128"],
+    );
     eprintln!("report: {}", serde_json::to_string(&r["agile"]).unwrap());
     assert_eq!(r["handover"], "stop-and-copy", "{r}");
     let a = &r["agile"];
@@ -292,8 +320,28 @@ fn a_parked_vm_migrates_its_hot_set_and_references_to_the_cold_pages() {
     let g = &done["gather"];
     assert!(n(g, "pages") >= evicted, "{done}");
     assert_eq!(n(g, "fallback_runs"), 0, "{done}");
+    // The located pages were dropped from the prepared memory at the source's pre-pause
+    // `sync`, while the guest still ran there: none inside the downtime (a parked GiB took
+    // tens of ms of it).
+    assert_eq!(
+        n(&done, "dropped_before_state"),
+        n(a, "located_pages"),
+        "{done}"
+    );
+    assert_eq!(n(&done, "dropped_at_state"), 0, "{done}");
+    let at_resume = dst.mark();
     dst.ctl_ok(&["resume"]);
+    let paused_ms = t_pause.elapsed().as_millis() as u64;
     dst.assert_verify_clean(1);
+    // The guest saw its operator's pause as one gap (the migration and the gather happened
+    // inside it, every page was in before it ran again), never longer than that pause.
+    let first = dst.wait_line_from(at_resume, "SPANGUEST stall", T);
+    let gap = num(&first, "us");
+    eprintln!("the operator's pause: {paused_ms} ms; the guest saw {gap} µs");
+    assert!(
+        gap < (paused_ms + DESCHEDULED_MS) * 1000,
+        "the guest stalled {gap} µs, paused for {paused_ms} ms"
+    );
     // The service came along: once the gather is over it opens its engine there.
     let deadline = Instant::now() + T;
     while stats(&dst)["open"] != true {
@@ -317,7 +365,7 @@ fn a_parked_vm_moves_by_postcopy_with_references_to_the_cold_pages() {
         return;
     };
     let evicted = n(&parked, "evicted_now");
-    let (r, dst) = migrate_to_new(&src, &dir, "agile-postcopy-dst", "postcopy.wasm");
+    let (r, dst) = migrate_to_new(&src, &dir, "agile-postcopy-dst", "postcopy.wasm", &[]);
     eprintln!("report: {}", serde_json::to_string(&r["agile"]).unwrap());
     assert_eq!(r["handover"], "postcopy", "{r}");
     let a = &r["agile"];
@@ -343,4 +391,17 @@ fn a_parked_vm_moves_by_postcopy_with_references_to_the_cold_pages() {
         "{done}"
     );
     dst.assert_verify_clean(1);
+    // Post-copy: the guest waited for the switch-over, then for its faults (from the source
+    // or the intermediaries), a loop step's worth at most at a time. (Up to its check: then
+    // the service at the destination opens and parks again, pausing it as at the source.)
+    let downtime_ms = r["downtime_ms"].as_f64().unwrap();
+    let fault_max_us = n(&done, "fault_latency_max_us");
+    eprintln!("post-copy: downtime {downtime_ms:.1} ms, worst fault {fault_max_us} µs");
+    let bound_us = (downtime_ms * 1e3) as u64 + FAULTS_PER_STEP * fault_max_us;
+    let checked = dst.mark();
+    dst.assert_stall_in(
+        0..checked,
+        bound_us / 1000 + DESCHEDULED_MS,
+        "post-copy with parked pages",
+    );
 }

@@ -211,6 +211,15 @@ fn a_gang_sends_each_identical_page_across_the_core_once() {
     for i in 0..N {
         assert_eq!(f(sc(i), "direct_pages"), 0, "high_water 0: {}", rep(i));
         assert_eq!(f(sc(i), "store_failures"), 0, "{}", rep(i));
+        // Post-copy: each guest waited for its switch-over (the group's, synchronized or
+        // not), then for its faults, a loop step's worth at their worst latency at a time.
+        let bound_us = (rep(i)["downtime_ms"].as_f64().unwrap() * 1e3) as u64
+            + FAULTS_PER_STEP * f(&gathered[i], "fault_latency_max_us");
+        dsts[i].assert_stall_below(
+            0,
+            bound_us / 1000 + DESCHEDULED_MS,
+            &format!("gang member {i} at its destination"),
+        );
     }
     // The store's view: each distinct page once. Pages written more than once are the
     // probe race: two sources found the same page absent and both wrote it.

@@ -205,6 +205,13 @@ fn a_hostile_source_is_refused_before_hello_and_the_destination_still_takes_a_re
     assert_eq!(src.wait_exit(Duration::from_secs(40)), Some(0));
     dst.wait_line("SPANGUEST stat", Duration::from_secs(20));
     dst.assert_verify_clean(1);
+    // A stop-and-copy: the guest waited for its downtime, and for nothing the refused peers
+    // left behind.
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.dir.path().join("report.json")).unwrap())
+            .unwrap();
+    let downtime_ms = r["downtime_ms"].as_f64().unwrap() as u64;
+    dst.assert_stall_below(0, downtime_ms + DESCHEDULED_MS, "after the hostile peers");
     assert_eq!(status(&dst)["state"], "running");
     no_panic(&dst);
 }
@@ -531,6 +538,7 @@ fn a_hostile_destination_fails_the_migration_and_the_source_guest_runs_on() {
     ];
     for (what, act, reason) in cases {
         let (addr, fake) = fake_destination(&tls, act);
+        let (from, pauses, t0) = (src.mark(), src.pauses(), Instant::now());
         let (ok, out) = src.ctl(&[
             "migrate",
             "--to",
@@ -543,13 +551,16 @@ fn a_hostile_destination_fails_the_migration_and_the_source_guest_runs_on() {
             src.dir.path().join("report.json").to_str().unwrap(),
         ]);
         assert!(!ok, "{what}: the migration succeeded: {out}");
+        let took = t0.elapsed();
         assert!(out.contains(reason), "{what}: `ctl migrate` said:\n{out}");
         fake.join().expect("the fake destination");
         // The guest runs on at the source, its memory intact.
         assert_eq!(status(&src)["state"], "running", "{what}");
-        let from = src.mark();
-        src.wait_line_from(from, "SPANGUEST stat", Duration::from_secs(20));
+        src.wait_line_from(src.mark(), "SPANGUEST stat", Duration::from_secs(20));
         src.assert_verify_clean(1);
+        // Never beyond the failed attempt: the source paused at most for a switch-over it
+        // rolled back.
+        src.assert_ran_on(from, pauses, took, what);
         no_panic(&src);
     }
 }

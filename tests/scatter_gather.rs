@@ -134,6 +134,19 @@ fn scatter_gather(src: &VmProcess, link: &DelayRelay, tls: &TempDir, config: &st
     report.expect("a report")
 }
 
+/// The guest's stall at the destination of a post-copy hand-over (`r` the report, `done`
+/// the destination's progress once gathered): the downtime, or a loop step's faults at
+/// their worst latency, and a busy host's slack.
+fn postcopy_stall(dst: &VmProcess, r: &Value, done: &Value) {
+    let bound_us = (r["downtime_ms"].as_f64().unwrap() * 1e3) as u64
+        + FAULTS_PER_STEP * f(done, "fault_latency_max_us");
+    dst.assert_stall_below(
+        0,
+        bound_us / 1000 + DESCHEDULED_MS,
+        "scatter-gather destination",
+    );
+}
+
 /// Each page once: on the link (faults, zero markers, direct data) or at the
 /// intermediaries; a page sent again on the link is counted as such.
 fn assert_each_page_once(r: &Value) {
@@ -214,6 +227,10 @@ fn the_source_is_evicted_before_the_gather_ends_and_a_killed_intermediary_loses_
         .map(|i| f(&g["store"]["intermediaries"][i], "wire_in"))
         .sum();
     dst.assert_verify_clean(1);
+    // Post-copy at the destination: the guest waited for the switch-over, then for its
+    // faults (from the intermediaries, or the source over the slow link; a killed
+    // intermediary's share from the other copy), a loop step's worth at most at a time.
+    postcopy_stall(&dst, &r, &done);
     eprintln!(
         "scatter-gather: eviction {:.0} ms (source gone after {:.1} s), total {:.0} ms; \
          link {} B; src→intermediaries {} B; intermediaries→dst {read} B; {} pages direct, {} \
@@ -259,6 +276,8 @@ fn garbage_under_the_keys_of_an_intermediary_is_refused_and_the_other_copy_used(
     let first = &done["gather"]["store"]["intermediaries"][0];
     assert!(f(first, "corrupt") > 0, "garbage read and refused: {done}");
     dst.assert_verify_clean(1);
+    // A refused value costs its fault a read of the other copy: inside its latency.
+    postcopy_stall(&dst, &r, &done);
 }
 
 #[test]
@@ -285,6 +304,7 @@ fn a_destination_that_cannot_reach_the_intermediaries_leaves_the_guest_running_a
         &[],
     );
     let src = VmProcess::boot("sg-unreach-src", GUEST, MEM, 1);
+    let (from, pauses, t0) = (src.mark(), src.pauses(), Instant::now());
     let (ok, out, report) = migrate(
         &src,
         &[
@@ -299,6 +319,7 @@ fn a_destination_that_cannot_reach_the_intermediaries_leaves_the_guest_running_a
         ],
     );
     assert!(!ok, "the migration cannot succeed: {out}");
+    let took = t0.elapsed();
     let r = report.expect("a report");
     assert_eq!(r["result"], "failed", "{r}");
     assert_eq!(r["handover"], "none", "{r}");
@@ -312,7 +333,8 @@ fn a_destination_that_cannot_reach_the_intermediaries_leaves_the_guest_running_a
     for s in &srv {
         assert_eq!(dbsize(s.addr()), 0);
     }
-    let from = src.mark();
-    src.wait_line_from(from, "SPANGUEST stat", Duration::from_secs(10));
+    let at = src.mark();
+    src.wait_line_from(at, "SPANGUEST stat", Duration::from_secs(10));
     src.assert_verify_clean(1);
+    src.assert_ran_on(from, pauses, took, "a refused scatter-gather");
 }

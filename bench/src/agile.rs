@@ -40,6 +40,15 @@ struct Sample {
     /// The source's report: bytes on the migration link (TLS records).
     report_bytes: u64,
     downtime_ms: f64,
+    /// spanvmm: the destination's share of the downtime (state received to vCPUs running),
+    /// and the pages it dropped from guest memory inside it (the located ones are dropped at
+    /// the source's pre-pause `sync`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dest_load_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dropped_at_state: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dropped_before_state: Option<u64>,
     /// spanvmm: pre-copy rounds, pages sent (data and zero markers) and of those zero.
     #[serde(skip_serializing_if = "Option::is_none")]
     rounds: Option<u64>,
@@ -151,7 +160,7 @@ fn spanvmm_once(
             mem.to_string(),
         ],
     )?;
-    let (mut src, src_lines, _src_errors) = spawn(
+    let (mut src, src_lines, src_errors) = spawn(
         "src",
         vec![
             "--kernel".into(),
@@ -246,6 +255,7 @@ fn spanvmm_once(
         anyhow::ensure!(r["result"] == "completed", "migration: {}", r["error"]);
         sample.report_bytes = r["bytes"].as_u64().unwrap_or(0);
         sample.downtime_ms = r["downtime_ms"].as_f64().unwrap_or(0.0);
+        sample.dest_load_ms = r["dest_load_ms"].as_f64();
         sample.located_pages = r["agile"]["located_pages"].as_u64();
         sample.rounds = r["rounds"].as_u64();
         sample.pages_sent = r["pages_sent"].as_u64();
@@ -256,6 +266,15 @@ fn spanvmm_once(
             let phase = p
                 .as_ref()
                 .and_then(|p| p["incoming"]["phase"].as_str().map(str::to_string));
+            if let Some(inc) = p.as_ref().map(|p| &p["incoming"]) {
+                // (Kept from the last answer that had them: a finished migration's go.)
+                if let Some(n) = inc["dropped_at_state"].as_u64() {
+                    sample.dropped_at_state = Some(n);
+                }
+                if let Some(n) = inc["dropped_before_state"].as_u64() {
+                    sample.dropped_before_state = Some(n);
+                }
+            }
             match phase.as_deref() {
                 Some("completed") => break,
                 Some("failed") => {
@@ -283,6 +302,16 @@ fn spanvmm_once(
     for c in [&mut src, &mut dst] {
         let _ = c.kill();
         let _ = c.wait();
+    }
+    // With the migration trace on (`SPANVMM_MIGRATION_DEBUG`), both sides' stderr are kept
+    // for reading where the downtime goes.
+    if std::env::var_os("SPANVMM_MIGRATION_DEBUG").is_some() {
+        let tag = if agile { "agile-precopy" } else { "precopy" };
+        for (side, lines) in [("src", &src_errors), ("dst", &dst_errors)] {
+            let p = std::env::temp_dir().join(format!("spanvmm-bench-agile-{tag}-{side}.log"));
+            let _ = std::fs::write(&p, lines.lock().unwrap().join("\n") + "\n");
+            eprintln!("trace: {}", p.display());
+        }
     }
     drop(redis);
     drop(hosts);
@@ -370,8 +399,13 @@ pub fn run(
         one,
         |s: &Sample| {
             format!(
-                "migrate {} ms, dest done {} ms, link {} MiB, freed {} MiB, located {:?}",
+                "migrate {} ms, downtime {:.1} ms (destination {:?} ms, {:?} pages dropped in it, \
+                 {:?} before), dest done {} ms, link {} MiB, freed {} MiB, located {:?}",
                 s.migrate_ms,
+                s.downtime_ms,
+                s.dest_load_ms,
+                s.dropped_at_state,
+                s.dropped_before_state,
                 s.dest_done_ms,
                 s.link_bytes >> 20,
                 freed(s).unwrap_or(0.0) as u64,
@@ -397,6 +431,9 @@ pub fn run(
             ),
             col("link_mib", "link MiB", 1.0, 1, |s: &Sample| {
                 Some(s.link_bytes as f64 / (1 << 20) as f64)
+            }),
+            col("downtime_ms", "downtime ms", 1.0, 1, |s: &Sample| {
+                Some(s.downtime_ms)
             }),
         ],
         extra_heads: &[],

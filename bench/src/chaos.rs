@@ -61,6 +61,28 @@ pub struct RunRecord {
     pub duration_ms: f64,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub detail: String,
+    /// Where the guest ran on: the largest stall it saw across the run, and its bound.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stall: Option<StallCheck>,
+}
+
+/// What a busy host adds to any gap the guest sees (its vCPU thread descheduled while both
+/// cores run other work): the slack on top of each bound's mechanism (as the tests' own:
+/// under `stress-ng --cpu 2` with parallel tests, a guest nobody paused once stalled 0.8 s).
+pub const DESCHEDULED_MS: f64 = 2500.0;
+/// Missing-page faults one step of the guest's loop can wait for in a row (a verify chunk
+/// looks at the clock every 16 pages, a dirty chunk every 8).
+const FAULTS_PER_STEP: f64 = 24.0;
+
+/// The guest's largest stall across a run it survived, and the bound the outcome's mechanism
+/// sets (plus [`DESCHEDULED_MS`]): a stop-and-copy's downtime, a post-copy's downtime and
+/// faults, a rollback's attempt, an operator's resume, the time since a snapshot's save.
+#[derive(Clone, Debug, Serialize)]
+pub struct StallCheck {
+    pub guest_ms: f64,
+    pub bound_ms: f64,
+    /// What the bound is.
+    pub by: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -272,6 +294,24 @@ impl Vmm {
             api: api.to_path_buf(),
             bin: bin.to_path_buf(),
         })
+    }
+
+    /// The largest stall the guest reported since line `from`, ms (0: none above its
+    /// threshold).
+    pub fn max_stall_ms(&self, from: usize) -> f64 {
+        let lines = self.lines.lock().unwrap();
+        lines[from.min(lines.len())..]
+            .iter()
+            .filter(|l| l.contains("SPANGUEST stall"))
+            .filter_map(|l| field(l, "us"))
+            .max()
+            .unwrap_or(0) as f64
+            / 1e3
+    }
+
+    /// The VMM's pause counter (None: it does not answer).
+    pub fn pauses(&self) -> Option<u64> {
+        self.status().and_then(|s| s["pauses"].as_u64())
     }
 
     /// Boots spanguest and waits for `ready`.
@@ -527,6 +567,8 @@ struct Ctx<'a> {
     n: usize,
     /// The last unfaulted live update: ms from the new process's appearance to the answer.
     last_window_ms: u64,
+    /// The run's stall check, for its record.
+    stall: Option<StallCheck>,
 }
 
 impl Ctx<'_> {
@@ -535,6 +577,15 @@ impl Ctx<'_> {
     }
     fn plugin(&self, f: &str) -> String {
         self.cfg.plugins.join(f).display().to_string()
+    }
+    /// Records the guest's largest stall in `vm` since line `from` against `mechanism_ms`
+    /// (what `by` says bounds it) plus [`DESCHEDULED_MS`].
+    fn check_stall(&mut self, vm: &Vmm, from: usize, mechanism_ms: f64, by: &str) {
+        self.stall = Some(StallCheck {
+            guest_ms: vm.max_stall_ms(from),
+            bound_ms: mechanism_ms + DESCHEDULED_MS,
+            by: by.to_string(),
+        });
     }
     /// A fresh directory for one run.
     fn run_dir(&mut self, tag: &str) -> anyhow::Result<PathBuf> {
@@ -617,6 +668,7 @@ pub fn campaign(cfg: &Config) -> anyhow::Result<Report> {
         me: std::process::id(),
         n: 0,
         last_window_ms: 0,
+        stall: None,
     };
     let c = cfg.counts.clone();
     let categories = vec![
@@ -679,12 +731,16 @@ fn run_category(
         series(ctx, runs, &mut |r: RunRecord| {
             if verbose {
                 eprintln!(
-                    "chaos {name} #{}: {} at {} ms -> {} ({:.0} ms){}",
+                    "chaos {name} #{}: {} at {} ms -> {} ({:.0} ms){}{}",
                     r.run,
                     r.fault,
                     r.fault_ms,
                     r.outcome,
                     r.duration_ms,
+                    r.stall.as_ref().map_or(String::new(), |s| format!(
+                        "; guest stall {:.1} ms (bound {:.0} ms: {})",
+                        s.guest_ms, s.bound_ms, s.by
+                    )),
                     if r.detail.is_empty() {
                         String::new()
                     } else {
@@ -726,7 +782,15 @@ fn run_category(
 /// One run's result: Ok(outcome, detail) or a loss.
 type RunResult = anyhow::Result<(String, String)>;
 
-fn record(run: usize, fault: String, fault_ms: u64, t0: Instant, r: RunResult) -> RunRecord {
+fn record(
+    ctx: &mut Ctx,
+    run: usize,
+    fault: String,
+    fault_ms: u64,
+    t0: Instant,
+    r: RunResult,
+) -> RunRecord {
+    let stall = ctx.stall.take();
     let (outcome, detail) = match r {
         Ok((o, d)) => (o, d),
         Err(e) => ("lost".to_string(), format!("{e:#}")),
@@ -738,6 +802,7 @@ fn record(run: usize, fault: String, fault_ms: u64, t0: Instant, r: RunResult) -
         outcome,
         duration_ms: t0.elapsed().as_secs_f64() * 1e3,
         detail,
+        stall,
     }
 }
 
@@ -804,7 +869,7 @@ fn precopy_series(
         let dir = ctx.run_dir("precopy")?;
         let r = precopy_run(ctx, &src_dir, &mut src, &dir, kill, at);
         let lost = r.is_err();
-        out(record(run, fault, at, t0, r));
+        out(record(ctx, run, fault, at, t0, r));
         if lost {
             src = None; // boot afresh; the lost run's directory stays
         } else {
@@ -831,7 +896,9 @@ fn precopy_run(
             &ctx.cfg.guest,
         )?);
     }
+    ctx.stall = None;
     let s = src.as_mut().unwrap();
+    let (from, pauses) = (s.mark(), s.pauses());
     let port = free_port()?;
     let mut dst = destination(ctx, dir, port, &[])?;
     let relay = relay_to(port)?;
@@ -857,6 +924,7 @@ fn precopy_run(
         relay.set_down(true);
     }
     let (ok, msg) = job.join().map_err(|_| anyhow!("ctl thread panicked"))?;
+    let took_ms = t0.elapsed().as_secs_f64() * 1e3;
     let rep: Option<Value> = std::fs::read_to_string(&report)
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok());
@@ -881,6 +949,8 @@ fn precopy_run(
         }
         dst.runs()?;
         dst.verify()?;
+        let downtime = rep.as_ref().and_then(|r| r["downtime_ms"].as_f64());
+        ctx.check_stall(&dst, 0, downtime.unwrap_or(0.0), "the downtime");
         let (ok, m) = dst.ctl(&["shutdown"]);
         if !ok {
             bail!("destination shutdown: {m}");
@@ -903,6 +973,9 @@ fn precopy_run(
                 Err(()) => {
                     dst.runs()?;
                     dst.verify()?;
+                    // It runs there since the commit, inside the attempt.
+                    let window = t0.elapsed().as_secs_f64() * 1e3;
+                    ctx.check_stall(&dst, 0, window, "the attempt (committed, in doubt)");
                     drop(relay);
                     let _ = s.ctl(&["shutdown"]);
                     let _ = s.wait_exit(Duration::from_secs(10));
@@ -919,8 +992,10 @@ fn precopy_run(
         if !ok {
             bail!("resume after in-doubt: {m}");
         }
+        let window = t0.elapsed().as_secs_f64() * 1e3;
         s.runs()?;
         s.verify()?;
+        ctx.check_stall(s, from, window, "the operator's resume");
         outcome = "in-doubt-resumed".to_string();
     } else {
         // Failed before the hand-over: the source runs on, the destination leaves (or, cut
@@ -938,6 +1013,12 @@ fn precopy_run(
         }
         s.runs()?;
         s.verify()?;
+        // Never paused, or paused for a switch-over rolled back before `ctl` answered.
+        if s.pauses() == pauses {
+            ctx.check_stall(s, from, 0.0, "never paused");
+        } else {
+            ctx.check_stall(s, from, took_ms, "the rolled-back attempt");
+        }
         let mut dest_note = "";
         if !kill {
             let wait = if refused_at_connect { 2 } else { 20 };
@@ -1002,7 +1083,7 @@ fn postcopy_cut_series(
         let dir = ctx.run_dir("postcopy-cut")?;
         let r = postcopy_cut_run(ctx, &dir, at, down);
         let lost = r.is_err();
-        out(record(run, format!("link down {down} ms"), at, t0, r));
+        out(record(ctx, run, format!("link down {down} ms"), at, t0, r));
         if !lost {
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -1010,7 +1091,15 @@ fn postcopy_cut_series(
     Ok(())
 }
 
+/// The bound of a post-copy's stall at its destination: the downtime, then a loop step's
+/// faults at the worst fault's latency (a fault that waited out a cut included).
+fn postcopy_bound_ms(rep: &Value) -> f64 {
+    rep["downtime_ms"].as_f64().unwrap_or(0.0)
+        + FAULTS_PER_STEP * rep["fault_latency_max_us"].as_f64().unwrap_or(0.0) / 1e3
+}
+
 fn postcopy_cut_run(ctx: &mut Ctx, dir: &Path, at: u64, down: u64) -> RunResult {
+    ctx.stall = None;
     let mut src = Vmm::boot(ctx.bin(), &dir.join("src.sock"), &ctx.cfg.guest)?;
     let port = free_port()?;
     let mut dst = destination(ctx, dir, port, &[])?;
@@ -1049,6 +1138,7 @@ fn postcopy_cut_run(ctx: &mut Ctx, dir: &Path, at: u64, down: u64) -> RunResult 
     }
     dst.runs()?;
     let v = dst.verify()?;
+    ctx.check_stall(&dst, 0, postcopy_bound_ms(&rep), "downtime + faults");
     let (ok, m) = dst.ctl(&["shutdown"]);
     if !ok {
         bail!("destination shutdown: {m}");
@@ -1083,7 +1173,7 @@ fn postcopy_death_series(
         let dir = ctx.run_dir("postcopy-death")?;
         let r = postcopy_death_run(ctx, &dir, at);
         let lost = r.is_err();
-        out(record(run, "destination SIGKILL".into(), at, t0, r));
+        out(record(ctx, run, "destination SIGKILL".into(), at, t0, r));
         if !lost {
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -1092,7 +1182,9 @@ fn postcopy_death_series(
 }
 
 fn postcopy_death_run(ctx: &mut Ctx, dir: &Path, at: u64) -> RunResult {
+    ctx.stall = None;
     let mut src = Vmm::boot(ctx.bin(), &dir.join("src.sock"), &ctx.cfg.guest)?;
+    let from = src.mark();
     let port = free_port()?;
     let mut dst = destination(ctx, dir, port, &[])?;
     let report = dir.join("report.json");
@@ -1104,6 +1196,7 @@ fn postcopy_death_run(ctx: &mut Ctx, dir: &Path, at: u64) -> RunResult {
         &["--recovery-timeout-ms", "1500"],
     );
     args.extend(["--report".into(), report.display().to_string()]);
+    let started = Instant::now();
     let job = ctl_bg(ctx.bin(), &src.api, args);
     dst.wait_stderr("the guest runs here", Duration::from_secs(30))?;
     let t0 = Instant::now();
@@ -1117,6 +1210,12 @@ fn postcopy_death_run(ctx: &mut Ctx, dir: &Path, at: u64) -> RunResult {
         }
         let _ = src.wait_exit(Duration::from_secs(40));
         dst.verify()?;
+        if let Ok(rep) = std::fs::read_to_string(&report)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| Ok(serde_json::from_str::<Value>(&t)?))
+        {
+            ctx.check_stall(&dst, 0, postcopy_bound_ms(&rep), "downtime + faults");
+        }
         let _ = dst.ctl(&["shutdown"]);
         let _ = dst.wait_exit(Duration::from_secs(10));
         drop((src, dst));
@@ -1158,8 +1257,10 @@ fn postcopy_death_run(ctx: &mut Ctx, dir: &Path, at: u64) -> RunResult {
     if !ok {
         bail!("resume: {m}");
     }
+    let window = started.elapsed().as_secs_f64() * 1e3;
     src.runs()?;
     let v = src.verify()?;
+    ctx.check_stall(&src, from, window, "the operator's resume");
     let _ = src.ctl(&["shutdown"]);
     let _ = src.wait_exit(Duration::from_secs(10));
     drop((src, dst));
@@ -1209,6 +1310,7 @@ fn live_update_series(
         let r = live_update_run(ctx, &dir, &mut vm, &mut serving, Some(at));
         let lost = r.is_err();
         out(record(
+            ctx,
             run,
             "new process SIGKILL (ms after it appeared)".into(),
             at,
@@ -1244,8 +1346,11 @@ fn live_update_run(
         *serving = v.pid();
         *vm = Some(v);
     }
+    ctx.stall = None;
     let v = vm.as_ref().unwrap();
     let old = *serving;
+    let from = v.mark();
+    let started = Instant::now();
     let bin = ctx.bin().display().to_string();
     let job = ctl_bg(
         ctx.bin(),
@@ -1278,6 +1383,7 @@ fn live_update_run(
         std::thread::sleep(Duration::from_micros(200));
     }
     let (ok, msg) = job.join().map_err(|_| anyhow!("ctl thread panicked"))?;
+    let answered_ms = started.elapsed().as_secs_f64() * 1e3;
     if at.is_none() {
         ctx.last_window_ms = seen.elapsed().as_millis() as u64;
     }
@@ -1314,11 +1420,21 @@ fn live_update_run(
         }
         v.runs()?;
         let vl = v.verify()?;
+        // The hand-over's pause, as the old process measured it.
+        let pause = serde_json::from_str::<Value>(&msg)
+            .ok()
+            .and_then(|j| j["pause_ms"].as_f64());
+        match pause {
+            Some(p) => ctx.check_stall(v, from, p, "the hand-over's pause"),
+            None => ctx.check_stall(v, from, answered_ms, "the update (no pause_ms)"),
+        }
         *serving = pid;
         ctx.no_leftovers(&[v.pid(), pid])?;
         return Ok((format!("completed{fault_note}"), vl));
     }
-    // Failed: rollback or in doubt, both in the old process.
+    // Failed: rollback or in doubt, both in the old process; rolled back before `ctl`
+    // answered, or resumed by the operator.
+    let mut resumed_ms = answered_ms;
     if !pid_alive(old) {
         bail!("the live update failed and the old process is gone: {msg}");
     }
@@ -1348,6 +1464,7 @@ fn live_update_run(
         if !ok {
             bail!("resume --force: {m}");
         }
+        resumed_ms = started.elapsed().as_secs_f64() * 1e3;
         "in-doubt, resumed with --force"
     } else {
         if st["state"] != "running" {
@@ -1357,6 +1474,7 @@ fn live_update_run(
     };
     v.runs()?;
     let vl = v.verify()?;
+    ctx.check_stall(v, from, resumed_ms, "the failed update's attempt");
     ctx.no_leftovers(&[v.pid(), old])?;
     Ok((
         format!("{outcome}{fault_note}"),
@@ -1386,6 +1504,7 @@ fn snapshot_series(
         let r = snapshot_run(ctx, &dir, kind, frac, &mut at);
         let lost = r.is_err();
         out(record(
+            ctx,
             run,
             format!("VMM SIGKILL during {kind} layer"),
             at,
@@ -1399,14 +1518,15 @@ fn snapshot_series(
     Ok(())
 }
 
-/// Restores `layer` and checks the guest: Ok(Some(verify line)) if it runs clean, Ok(None)
-/// with the refusal when it is refused, Err when it runs damaged or neither.
+/// Restores `layer` and checks the guest: Ok(Ok((verify line, largest stall ms))) if it
+/// runs clean, Ok(Err) with the refusal when it is refused, Err when it runs damaged or
+/// neither.
 fn restore_check(
     ctx: &Ctx,
     dir: &Path,
     layer: &Path,
     tag: &str,
-) -> anyhow::Result<Result<String, String>> {
+) -> anyhow::Result<Result<(String, f64), String>> {
     let mut vm = Vmm::start(
         ctx.bin(),
         &dir.join(format!("{tag}.sock")),
@@ -1443,14 +1563,16 @@ fn restore_check(
     let v = vm
         .verify()
         .with_context(|| format!("restored {}", layer.display()))?;
+    let stall = vm.max_stall_ms(0);
     let _ = vm.ctl(&["shutdown"]);
     let _ = vm.wait_exit(Duration::from_secs(10));
-    Ok(Ok(v))
+    Ok(Ok((v, stall)))
 }
 
 /// Kills the VMM during the second layer: `frac` < 200 before its directory appears, else at
 /// a point of the first layer's writing time after it appears.
 fn snapshot_run(ctx: &mut Ctx, dir: &Path, kind: &str, frac: u64, at: &mut u64) -> RunResult {
+    ctx.stall = None;
     let mut vm = Vmm::boot(ctx.bin(), &dir.join("vm.sock"), &ctx.cfg.guest)?;
     let d1 = dir.join("d1");
     let d2 = dir.join("d2");
@@ -1521,11 +1643,17 @@ fn snapshot_run(ctx: &mut Ctx, dir: &Path, kind: &str, frac: u64, at: &mut u64) 
     vm.kill();
     let (_, second) = job.join().map_err(|_| anyhow!("ctl thread panicked"))?;
     drop(vm);
-    // The previous chain still restores.
-    let d1v = match restore_check(ctx, dir, &d1, "r1")? {
+    // The previous chain still restores. Its guest sees the time since the save as one
+    // gap: never more than passed since the layer was begun.
+    let (d1v, stall) = match restore_check(ctx, dir, &d1, "r1")? {
         Ok(v) => v,
         Err(why) => bail!("the previous layer no longer restores: {why}"),
     };
+    ctx.stall = Some(StallCheck {
+        guest_ms: stall,
+        bound_ms: t1.elapsed().as_secs_f64() * 1e3 + DESCHEDULED_MS,
+        by: "the time since the save".into(),
+    });
     // The torn layer is refused with a message, or restores whole.
     let outcome = if !d2.exists() {
         if written_first {

@@ -18,6 +18,16 @@ pub fn spanvmm() -> &'static str {
     env!("CARGO_BIN_EXE_spanvmm")
 }
 
+/// What a busy host adds to any gap the guest sees (its vCPU thread descheduled while both
+/// cores run other work): the slack every stall bound allows on top of its mechanism's share.
+/// Under `stress-ng --cpu 2` with parallel tests, a guest nobody paused once stalled 0.8 s.
+pub const DESCHEDULED_MS: u64 = 2500;
+
+/// Missing-page faults one step of the guest's loop can wait for in a row: a verify chunk
+/// looks at the clock every 16 pages, a dirty chunk every 8 (spanguest's `workload.rs`). A
+/// post-copy or parked page's stall is at most this many of the worst fault's latency.
+pub const FAULTS_PER_STEP: u64 = 24;
+
 /// spanguest, built by `guest-images/build.sh`.
 pub fn guest_elf() -> PathBuf {
     let p = std::env::var_os("SPANGUEST_ELF")
@@ -303,6 +313,63 @@ impl VmProcess {
             .map(|l| num(l, "us"))
             .max()
             .unwrap_or(0)
+    }
+
+    /// The guest's largest stall since line `from`, printed, and asserted below `bound_ms`:
+    /// the bound the operation's mechanism sets (each caller says which). Returns it, µs.
+    pub fn assert_stall_below(&self, from: usize, bound_ms: u64, what: &str) -> u64 {
+        self.assert_stall_in(from..self.mark(), bound_ms, what)
+    }
+
+    /// [`Self::assert_stall_below`] over the lines of `range` only.
+    pub fn assert_stall_in(&self, range: std::ops::Range<usize>, bound_ms: u64, what: &str) -> u64 {
+        let lines = self.lines();
+        let stalls: Vec<&String> = lines[range.start.min(lines.len())..range.end.min(lines.len())]
+            .iter()
+            .filter(|l| l.contains("SPANGUEST stall"))
+            .collect();
+        let stall = stalls.iter().map(|l| num(l, "us")).max().unwrap_or(0);
+        eprintln!(
+            "{what}: largest guest stall {:.1} ms (bound {bound_ms} ms)",
+            stall as f64 / 1e3
+        );
+        assert!(
+            stall < bound_ms * 1000,
+            "{what}: the guest stalled {stall} µs (bound {bound_ms} ms): {stalls:?}"
+        );
+        stall
+    }
+
+    /// After an operation that failed and left the guest running here (begun at line `from`,
+    /// the VMM's pause counter `pauses_before` then, `took` from its start to the failure's
+    /// answer): a guest the VMM never paused saw nothing but a busy host's gaps; one paused
+    /// for a switch-over that was rolled back saw at most that attempt (the VMM resumed it
+    /// before answering). Call it once a `stat` line came after the failure. Returns the
+    /// largest stall, µs.
+    pub fn assert_ran_on(
+        &self,
+        from: usize,
+        pauses_before: u64,
+        took: Duration,
+        what: &str,
+    ) -> u64 {
+        let paused = self.pauses() - pauses_before;
+        let bound = if paused == 0 {
+            DESCHEDULED_MS
+        } else {
+            took.as_millis() as u64 + DESCHEDULED_MS
+        };
+        self.assert_stall_below(from, bound, &format!("{what} (paused {paused} times)"))
+    }
+
+    /// The VMM's pause counter (`ctl status`'s `pauses`): how often it stopped the vCPUs.
+    pub fn pauses(&self) -> u64 {
+        let out = self.ctl_ok(&["status"]);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("status ({e}): {out}"));
+        v["pauses"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no pauses: {v}"))
     }
 
     /// Like [`Self::max_stall_since`], less the part of each stall the guest spent in its own

@@ -73,6 +73,13 @@ pub struct DestProgress {
     pub fault_latency_p99_us: u64,
     /// Connections lost and restored during post-copy.
     pub recoveries: u64,
+    /// Agile: located pages (parked at the intermediaries) dropped from guest memory so that
+    /// the guest faults on them, before the state (at the source's `sync`, the guest still
+    /// running at the source).
+    pub dropped_before_state: u64,
+    /// Pages dropped from guest memory when the state came: inside the downtime (post-copy's
+    /// stale copies, and located pages that came after the last `sync`).
+    pub dropped_at_state: u64,
     /// Scatter-Gather: pages and bytes read from the intermediaries (bytes per
     /// intermediary: intermediaries → destination).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,6 +97,9 @@ pub struct MigrationDest {
     /// The post-copy page server's counters (faults and their latency).
     pages: Arc<PageStats>,
     recoveries: AtomicU64,
+    /// See [`DestProgress::dropped_before_state`] and [`DestProgress::dropped_at_state`].
+    dropped_before_state: AtomicU64,
+    dropped_at_state: AtomicU64,
     /// The source's address once it said hello (None: still waiting for one).
     source: Mutex<Option<SocketAddr>>,
     /// Stop waiting (before the hand-over only), see [`MigrationDest::cancel`].
@@ -107,6 +117,8 @@ impl MigrationDest {
             needed: AtomicU64::new(0),
             pages: Arc::new(PageStats::default()),
             recoveries: AtomicU64::new(0),
+            dropped_before_state: AtomicU64::new(0),
+            dropped_at_state: AtomicU64::new(0),
             source: Mutex::new(None),
             cancelled: AtomicBool::new(false),
             gather: Mutex::new(None),
@@ -148,6 +160,8 @@ impl MigrationDest {
             fault_latency_max_us: self.pages.latency_max_us.load(Ordering::Relaxed),
             fault_latency_p99_us: self.pages.latency_p99_us(),
             recoveries: self.recoveries.load(Ordering::Relaxed),
+            dropped_before_state: self.dropped_before_state.load(Ordering::Relaxed),
+            dropped_at_state: self.dropped_at_state.load(Ordering::Relaxed),
             gather: lock(&self.gather).clone(),
             error,
         }
@@ -595,6 +609,16 @@ pub fn receive(
     // Scatter-Gather: the intermediaries the source scatters to, connected as soon as the
     // `store` frame names them (unreachable ones end the migration before the hand-over).
     let mut store: Option<Gather> = None;
+    // Agile: the located pages (parked at the intermediaries) must be holes in guest memory
+    // when the guest runs, so that it faults on them. They are dropped at the source's
+    // `sync` (the writer drained: no earlier data of theirs is still on its way; the source
+    // pauses only once answered), not when the state comes: a parked GiB in prepared memory
+    // took tens of ms of the downtime there. `located`: located and not sent as data since;
+    // `to_drop`: of those, not dropped yet; `holes`: dropped and not written since.
+    let words = pages.div_ceil(64) as usize;
+    let mut located = vec![0u64; words];
+    let mut to_drop = vec![0u64; words];
+    let mut holes = vec![0u64; words];
     loop {
         if let Some(got) = mirror_acceptor.as_mut().map(|a| a.next(Duration::ZERO)) {
             match got {
@@ -671,6 +695,15 @@ pub fn receive(
             if let Some(g) = store.as_ref().filter(|g| !g.locs.is_empty()) {
                 if let Ok(f) = wire::decode_pages(payload) {
                     g.locs.drop_present(f.first, f.span as u64, &f.present);
+                    for p in (0..f.span as u64)
+                        .filter(|&i| bit(&f.present, i))
+                        .map(|i| f.first + i)
+                        .take_while(|&p| p < pages)
+                    {
+                        clear_bit(&mut located, p);
+                        clear_bit(&mut to_drop, p);
+                        clear_bit(&mut holes, p);
+                    }
                 }
             }
             let spare = writer.spare();
@@ -726,20 +759,32 @@ pub fn receive(
                 // frames came) or the source sends them again after the state (`needed`).
                 // They are missing here as post-copy's pages are, and gathered from the
                 // intermediaries.
+                // (Word by word: a parked GiB is 262 144 pages, and this is the downtime.)
                 let mut needed = needed;
-                let parked = match &store {
-                    Some(g) => g.locs.drop_superseded(|p| postcopy && bit(&needed, p)),
-                    None => Vec::new(),
-                };
-                if !parked.is_empty() {
+                if postcopy {
+                    let mut superseded = Vec::new();
+                    for (i, (l, n)) in located.iter_mut().zip(&needed).enumerate() {
+                        let mut both = *l & n;
+                        *l &= !n;
+                        while both != 0 {
+                            superseded.push(i as u64 * 64 + u64::from(both.trailing_zeros()));
+                            both &= both - 1;
+                        }
+                    }
+                    if let Some(g) = &store {
+                        g.locs.drop_pages(&superseded);
+                    }
+                }
+                let parked = located.iter().any(|&w| w != 0);
+                if parked {
                     needed.resize(written.len(), 0);
-                    for &p in &parked {
-                        set_bit(&mut needed, p);
+                    for (n, l) in needed.iter_mut().zip(&located) {
+                        *n |= l;
                     }
                 }
                 // A stop-and-copy with parked pages: the guest runs with them missing and
                 // the destination gathers them alone (the source has left).
-                let gather_alone = !postcopy && !parked.is_empty();
+                let gather_alone = !postcopy && parked;
                 let mut ram = ram.clone();
                 // Which pages may hold a stale copy: in populated memory all, in fresh memory
                 // those written (none on the memory swapped in below).
@@ -750,7 +795,8 @@ pub fn receive(
                 };
                 match fresh.take() {
                     Some((fresh_ram, fresh_vm))
-                        if (postcopy || gather_alone) && fresh_is_cheaper(&needed, &written) =>
+                        if (postcopy || gather_alone)
+                            && fresh_is_cheaper(&needed, &written, &holes) =>
                     {
                         // Pages that arrived and are not coming again move over; the rest
                         // fault in. The populated memory goes back off the downtime's path.
@@ -781,12 +827,17 @@ pub fn receive(
                 }
                 // The guest must not touch a page before the fault service runs: missing pages
                 // are registered now (a touch waits) and served once the source commits.
-                // Stale copies of pages still to come must go, so that the guest faults on them.
-                let present = |p| match stale_may_be {
-                    Stale::All => true,
-                    Stale::Written => bit(&written, p),
-                    Stale::None => false,
+                // Stale copies of pages still to come must go, so that the guest faults on them
+                // (the located pages dropped at a `sync` are holes already).
+                let present = |p| {
+                    !bit(&holes, p)
+                        && match stale_may_be {
+                            Stale::All => true,
+                            Stale::Written => bit(&written, p),
+                            Stale::None => false,
+                        }
                 };
+                let mut dropped = 0;
                 let mut p = 0;
                 while p < pages {
                     if !(bit(&needed, p) && present(p)) {
@@ -798,9 +849,11 @@ pub fn receive(
                         q += 1;
                     }
                     punch(&ram, p, q - p).map_err(|e| refuse(&mut link, fail(io(e))))?;
+                    dropped += q - p;
                     p = q;
                 }
-                super::trace(format_args!("dest: stale pages dropped"));
+                dest.dropped_at_state.fetch_add(dropped, Ordering::Relaxed);
+                super::trace(format_args!("dest: {dropped} stale pages dropped"));
                 let server = PageServer::register(&ram, needed.clone(), dest.pages.clone())
                     .map_err(|e| refuse(&mut link, fail(io(e.into()))))?;
                 super::trace(format_args!("dest: userfaultfd registered"));
@@ -833,6 +886,13 @@ pub fn receive(
                             .err()
                             .unwrap_or(DestError::WriterFinished))),
                     ));
+                }
+                // Before the answer: the source pauses once it has it.
+                let n = drop_located(&ram, &mut to_drop, &mut holes)
+                    .map_err(|e| refuse(&mut link, fail(io(e))))?;
+                if n > 0 {
+                    dest.dropped_before_state.fetch_add(n, Ordering::Relaxed);
+                    super::trace(format_args!("dest: {n} located pages dropped at the sync"));
                 }
                 link.send(&Frame::Sync).map_err(fail)?
             }
@@ -875,6 +935,8 @@ pub fn receive(
                     (Ok(()), Some(g)) => {
                         for (p, h) in rec.pages() {
                             g.locs.add(p, std::slice::from_ref(h));
+                            set_bit(&mut located, p);
+                            set_bit(&mut to_drop, p);
                         }
                         continue;
                     }
@@ -1292,14 +1354,20 @@ enum Stale {
 /// arrived and are not coming again (`written` and not `needed`) must be copied, while in the
 /// populated memory every page still `needed` must be dropped. Measured on this host, a page
 /// copied into fresh shared memory costs about ten times a page dropped (first touch 1.2-2.2
-/// s a GiB, punching a hole 0.2 s a GiB).
-fn fresh_is_cheaper(needed: &[u64], written: &[u64]) -> bool {
+/// s a GiB, punching a hole 0.2 s a GiB). Pages dropped already (`holes`: agile's located
+/// pages, dropped at the source's `sync`) cost nothing more there.
+fn fresh_is_cheaper(needed: &[u64], written: &[u64], holes: &[u64]) -> bool {
     let to_copy: u64 = written
         .iter()
         .zip(needed)
         .map(|(w, n)| (w & !n).count_ones() as u64)
         .sum();
-    to_copy * 10 < count(needed)
+    let to_drop: u64 = needed
+        .iter()
+        .zip(holes)
+        .map(|(n, h)| (n & !h).count_ones() as u64)
+        .sum();
+    to_copy * 10 < to_drop
 }
 
 /// Copies the pages set in `written` and clear in `needed` from `from` to `to`.
@@ -1321,6 +1389,33 @@ fn copy_pages(from: &GuestRam, to: &GuestRam, written: &[u64], needed: &[u64]) {
             };
         }
     }
+}
+
+/// Agile: drops the pages set in `to_drop` from the memfd (runs at a time), marks them in
+/// `holes` and clears `to_drop`; how many. Call it with the page writer drained.
+fn drop_located(ram: &GuestRam, to_drop: &mut [u64], holes: &mut [u64]) -> Result<u64, DestError> {
+    let pages = ram.size() / PAGE as u64;
+    let mut n = 0;
+    let mut p = 0;
+    while p < pages {
+        let w = to_drop[(p / 64) as usize] >> (p % 64);
+        if w == 0 {
+            p = (p / 64 + 1) * 64;
+            continue;
+        }
+        p += u64::from(w.trailing_zeros());
+        let mut q = p;
+        while q < pages && bit(to_drop, q) {
+            q += 1;
+        }
+        punch(ram, p, q - p)?;
+        n += q - p;
+        p = q;
+    }
+    for (h, d) in holes.iter_mut().zip(to_drop.iter_mut()) {
+        *h |= std::mem::take(d);
+    }
+    Ok(n)
 }
 
 /// Drops pages `[p, p+n)` from the memfd, so the next touch is a missing-page fault.

@@ -93,16 +93,17 @@ impl Locations {
         Some(a..b)
     }
 
-    /// Drops the locations of the pages `superseded` names (they arrived, or will arrive,
-    /// as data); returns the pages still located, in order.
-    pub fn drop_superseded(&self, superseded: impl Fn(u64) -> bool) -> Vec<u64> {
+    /// Drops the locations of `pages` (the source sends them again after the state).
+    pub fn drop_pages(&self, pages: &[u64]) {
+        if pages.is_empty() {
+            return;
+        }
         let mut m = self.lock();
-        let Inner { map, todo } = &mut *m;
-        map.retain(|&p, _| !superseded(p));
-        todo.retain(|p| map.contains_key(p));
-        let mut v: Vec<u64> = map.keys().copied().collect();
-        v.sort_unstable();
-        v
+        for p in pages {
+            if m.map.remove(p).is_some() {
+                m.todo.remove(p);
+            }
+        }
     }
 
     /// Drops the locations of the pages of `first..first + span` set in `present` (they
