@@ -69,7 +69,7 @@ pub struct Vm {
     has_irqchip: bool,
     /// Known once [`Vm::ready`] returned.
     has_pit: bool,
-    /// The PIT and the memslot being made (see [`Vm::new`]): whether the PIT is there.
+    /// The PIT being made (see [`Vm::new`]): whether it is there.
     pending: Option<JoinHandle<Result<bool, VmError>>>,
     dirty_logging: bool,
     /// Set when the VM logs dirty pages through KVM's dirty ring rather than its bitmap.
@@ -84,9 +84,10 @@ pub struct Vm {
 
 impl Vm {
     /// Creates a VM on `ram`. The in-kernel irqchip and PIT are created where the host offers
-    /// them (PVM hosts may not); their absence is recorded, not an error. The PIT and the
-    /// memslot are made on a thread of their own while the caller goes on building the VM
-    /// (vCPUs, kernel, lazy-restore registration): [`Vm::ready`] waits for them.
+    /// them (PVM hosts may not); their absence is recorded, not an error. Guest memory is
+    /// registered first, before the irqchip (see below); the PIT is made on a thread of its
+    /// own while the caller goes on building the VM (vCPUs, kernel, lazy-restore
+    /// registration): [`Vm::ready`] waits for it.
     pub fn new(ram: Arc<GuestRam>) -> Result<Self, VmError> {
         let mode = dirty_log_mode(ram.size());
         Self::new_with(ram, mode)
@@ -106,17 +107,27 @@ impl Vm {
             )?)),
         };
         crate::startup::mark("KVM_CREATE_VM");
+        // The memslot before any device goes on KVM's I/O buses. Installing a memslot waits
+        // for an expedited SRCU grace period: ~10 µs on a fresh VM. But in this host's kernel
+        // (6.18, KVM commit "Avoid synchronize_srcu() in kvm_io_bus_register_dev()") each
+        // bus registration (the irqchip's PIC and IOAPIC, the PIT) frees the old bus with
+        // call_srcu(), a normal grace period paced in jiffies, and an expedited one asked
+        // for within a few jiffies waits behind it: the memslot then took 3.4-15 ms (1-4
+        // jiffies at HZ=250) instead of 0.07 ms for 256 MiB (measured with the
+        // `vm_setup_cost` example; docs/benchmarks.md, "Where the start-up goes"). Its own
+        // cost, the rmap arrays of PVM's shadow MMU, is ~0.3 ms of CPU per GiB.
+        register_slot(&fd, &ram, false)?;
+        crate::startup::mark("memslot");
         // Only VMX needs it; elsewhere the ioctl is harmless or absent.
         let _ = fd.set_tss_address(KVM_TSS_ADDR);
         // Before any vCPU (KVM's rule), so not on the thread below.
         let has_irqchip = fd.create_irq_chip().is_ok();
         crate::startup::mark("irqchip");
-        // Both mostly wait on the kernel — the PIT for the kthread it starts, the memslot for
-        // an SRCU grace period — for milliseconds when the host is busy; nothing before the
-        // first KVM_RUN needs them.
-        let (bg_fd, bg_ram) = (fd.clone(), ram.clone());
+        // The PIT waits for kthreadd to start its worker thread, for milliseconds when the
+        // host is busy; nothing before the first KVM_RUN (or a restored state) needs it.
+        let bg_fd = fd.clone();
         let pending = std::thread::Builder::new()
-            .name("vm-memslot".into())
+            .name("vm-pit".into())
             .spawn(move || {
                 let has_pit = has_irqchip
                     && bg_fd
@@ -126,12 +137,10 @@ impl Vm {
                         })
                         .is_ok();
                 crate::startup::mark("PIT");
-                register_slot(&bg_fd, &bg_ram, false)?;
-                crate::startup::mark("memslot");
                 Ok(has_pit)
             })
             .map_err(|e| VmError::Kvm {
-                what: "starting the memslot thread",
+                what: "starting the PIT thread",
                 err: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EAGAIN)),
             })?;
         let cpuid = kvm
@@ -155,12 +164,12 @@ impl Vm {
         })
     }
 
-    /// Waits for the PIT and the memslot [`Vm::new`] started; once they are there, at once.
+    /// Waits for the PIT [`Vm::new`] started; once it is there, at once.
     /// Before the first `KVM_RUN`, and before anything reads or restores the VM's state.
     pub fn ready(&mut self) -> Result<(), VmError> {
         if let Some(t) = self.pending.take() {
             self.has_pit = t.join().map_err(|_| VmError::Kvm {
-                what: "the memslot thread (it panicked)",
+                what: "the PIT thread (it panicked)",
                 err: kvm_ioctls::Error::new(libc::EIO),
             })??;
         }
@@ -364,7 +373,7 @@ impl Vm {
     pub fn save_state(&self) -> Result<VmKvmState, VmError> {
         if self.pending.is_some() {
             return Err(VmError::Incompatible(
-                "the VM is still being built (its PIT and memslot)".into(),
+                "the VM is still being built (its PIT)".into(),
             ));
         }
         let irqchip = if self.has_irqchip {

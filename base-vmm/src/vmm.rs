@@ -539,9 +539,9 @@ impl PreparedVm {
                 "the state describes another machine than the one prepared".into(),
             ));
         }
-        // The memslot (made meanwhile, see Vm::new) before any register refers to memory.
+        // The PIT (made meanwhile, see Vm::new) before the VM's state is restored.
         self.vm.ready()?;
-        marks.push(("memslot ready", monotonic_us()));
+        marks.push(("PIT ready", monotonic_us()));
         let cpu = self.adopt_cpu(state)?;
         marks.push(("cpu model set", monotonic_us()));
         // The first vCPU's registers here, the others' on threads of their own: a dozen
@@ -1023,9 +1023,9 @@ impl Vmm {
             tsc_khz,
             cmdline,
         };
-        // The memslot (made meanwhile, see Vm::new) before the first instruction.
+        // The PIT (made meanwhile, see Vm::new) before the first instruction.
         vm.ready()?;
-        startup::mark("memslot ready");
+        startup::mark("PIT ready");
         let handles = vcpus
             .into_iter()
             .map(|v| v.start(dev.bus.clone(), events.clone(), cfg.start_paused))
@@ -1059,7 +1059,7 @@ impl Vmm {
         }
         let ram = Arc::new(GuestRam::new(state.machine.mem_bytes)?);
         startup::mark("guest RAM");
-        // The KVM VM first: its memslot is made on a thread of its own while the memory
+        // The KVM VM first: its PIT is made on a thread of its own while the memory
         // loads (or registers for the lazy load).
         let prepared = Vmm::prepare(ram.clone(), &state.machine)?;
         startup::mark("KVM VM and vCPUs prepared");
