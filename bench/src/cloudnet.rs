@@ -52,6 +52,8 @@ pub struct Config {
     /// Only these workloads / engines (by name), if given.
     pub workloads: Option<Vec<String>>,
     pub engines: Option<Vec<String>>,
+    /// The storage part's disk, MiB (default 256, 4096 with `--full`); the guest stays small.
+    pub disk_mib: Option<u64>,
     pub out: PathBuf,
 }
 
@@ -652,7 +654,7 @@ fn summarize(
         "fig13a": fig13a,
         "fig13b": fig13b,
         "fig14_15": sweep,
-        "storage_scale": DiskScale::new(cfg.full),
+        "storage_scale": DiskScale::new(cfg.full, cfg.disk_mib),
         "storage": storage,
         "migrations": runs,
     })
@@ -914,8 +916,9 @@ struct DiskScale {
 }
 
 impl DiskScale {
-    fn new(full: bool) -> Self {
-        let disk_mib = if full { 4096 } else { 256 };
+    /// `disk_mib` when given, else 256 MiB (4 GiB with `--full`).
+    fn new(full: bool, disk_mib: Option<u64>) -> Self {
+        let disk_mib = disk_mib.unwrap_or(if full { 4096 } else { 256 }).max(16);
         DiskScale {
             disk_mib,
             guest_mib: (disk_mib / 8).min(64),
@@ -942,14 +945,29 @@ fn base_image(path: &Path, d: DiskScale) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where the storage part keeps its images: tmpfs when small, else /var/tmp.
-fn image_dir(d: DiskScale) -> PathBuf {
-    let base = if d.disk_mib <= 1024 && Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        PathBuf::from("/var/tmp")
-    };
-    base.join(format!("spanvmm-bench-cloudnet-{}", std::process::id()))
+/// Where the storage part keeps its images: tmpfs up to 1 GiB, else /var/tmp (a real disk:
+/// a 4 GiB image and its copies would take the host's memory on tmpfs). Removed on drop,
+/// whatever the run's outcome.
+struct ImageDir(PathBuf);
+
+impl ImageDir {
+    fn new(d: DiskScale) -> anyhow::Result<Self> {
+        let base = if d.disk_mib <= 1024 && Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            PathBuf::from("/var/tmp")
+        };
+        let dir = base.join(format!("spanvmm-bench-cloudnet-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(ImageDir(dir))
+    }
+}
+
+impl Drop for ImageDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Ctx<'_> {
@@ -960,10 +978,15 @@ impl Ctx<'_> {
     /// the base both hosts hold).
     fn storage(&self, round: usize) -> anyhow::Result<Vec<Run>> {
         let s = &self.scale;
-        let d = DiskScale::new(self.cfg.full);
-        let dir = image_dir(d);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
+        let d = DiskScale::new(self.cfg.full, self.cfg.disk_mib);
+        let images = ImageDir::new(d)?;
+        let dir = images.0.clone();
+        eprintln!(
+            "storage: a {} MiB disk (guest rewrites {} MiB) in {}",
+            d.disk_mib,
+            d.guest_mib,
+            dir.display()
+        );
         let base = dir.join("base.img");
         base_image(&base, d)?;
         let cmdline = format!(
@@ -1025,7 +1048,7 @@ impl Ctx<'_> {
             let o = qemu_mirror(self, &dir, &base, d, &cmdline, incremental, wan, limit);
             out.push(self.storage_run(round, name, o));
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(images);
         Ok(out)
     }
 
