@@ -14,6 +14,8 @@
 //!   optimizations.
 //! - `storage`: a disk with a running `disk` workload moved with the VM, full and
 //!   incremental, against QEMU's `blockdev-mirror` to an NBD export over the same link.
+//!   `--disk-mib N` sets the disk alone (256 MiB by default, 4 GiB with `--full`); the
+//!   images live on tmpfs up to 1 GiB, in /var/tmp above, and are removed at the end.
 //!
 //! `cache`, `bandwidth` and `storage` run once; `table1` `--runs` times (2 by default, 4
 //! with `--full`). The default run takes ~15 min on two quiet cores (about 12.5 s a
