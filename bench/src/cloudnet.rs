@@ -966,6 +966,18 @@ impl ImageDir {
     }
 }
 
+impl ImageDir {
+    /// Removes every file but the base image: a run's copies are not needed by the next one
+    /// (at 4 GiB they are gigabytes each).
+    fn clear_runs(&self) {
+        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            if e.file_name() != "base.img" {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 impl Drop for ImageDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -1042,6 +1054,7 @@ impl Ctx<'_> {
                 limit,
             );
             out.push(self.storage_run(round, name, o));
+            images.clear_runs();
         }
         for (name, incremental) in [
             ("qemu-mirror-full", false),
@@ -1049,6 +1062,7 @@ impl Ctx<'_> {
         ] {
             let o = qemu_mirror(self, &dir, &base, d, &cmdline, incremental, wan, limit);
             out.push(self.storage_run(round, name, o));
+            images.clear_runs();
         }
         drop(images);
         Ok(out)
