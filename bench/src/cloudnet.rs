@@ -14,6 +14,8 @@
 //!   optimizations.
 //! - `storage`: a disk with a running `disk` workload moved with the VM, full and
 //!   incremental, against QEMU's `blockdev-mirror` to an NBD export over the same link.
+//!   `--disk-mib N` sets the disk alone (256 MiB by default, 4 GiB with `--full`); the
+//!   images live on tmpfs up to 1 GiB, in /var/tmp above, and are removed at the end.
 //!
 //! `cache`, `bandwidth` and `storage` run once; `table1` `--runs` times (2 by default, 4
 //! with `--full`). The default run takes ~15 min on two quiet cores (about 12.5 s a
@@ -52,6 +54,8 @@ pub struct Config {
     /// Only these workloads / engines (by name), if given.
     pub workloads: Option<Vec<String>>,
     pub engines: Option<Vec<String>>,
+    /// The storage part's disk, MiB (default 256, 4096 with `--full`); the guest stays small.
+    pub disk_mib: Option<u64>,
     pub out: PathBuf,
 }
 
@@ -652,7 +656,7 @@ fn summarize(
         "fig13a": fig13a,
         "fig13b": fig13b,
         "fig14_15": sweep,
-        "storage_scale": DiskScale::new(cfg.full),
+        "storage_scale": DiskScale::new(cfg.full, cfg.disk_mib),
         "storage": storage,
         "migrations": runs,
     })
@@ -914,8 +918,9 @@ struct DiskScale {
 }
 
 impl DiskScale {
-    fn new(full: bool) -> Self {
-        let disk_mib = if full { 4096 } else { 256 };
+    /// `disk_mib` when given, else 256 MiB (4 GiB with `--full`).
+    fn new(full: bool, disk_mib: Option<u64>) -> Self {
+        let disk_mib = disk_mib.unwrap_or(if full { 4096 } else { 256 }).max(16);
         DiskScale {
             disk_mib,
             guest_mib: (disk_mib / 8).min(64),
@@ -942,14 +947,41 @@ fn base_image(path: &Path, d: DiskScale) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where the storage part keeps its images: tmpfs when small, else /var/tmp.
-fn image_dir(d: DiskScale) -> PathBuf {
-    let base = if d.disk_mib <= 1024 && Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        PathBuf::from("/var/tmp")
-    };
-    base.join(format!("spanvmm-bench-cloudnet-{}", std::process::id()))
+/// Where the storage part keeps its images: tmpfs up to 1 GiB, else /var/tmp (a real disk:
+/// a 4 GiB image and its copies would take the host's memory on tmpfs). Removed on drop,
+/// whatever the run's outcome.
+struct ImageDir(PathBuf);
+
+impl ImageDir {
+    fn new(d: DiskScale) -> anyhow::Result<Self> {
+        let base = if d.disk_mib <= 1024 && Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            PathBuf::from("/var/tmp")
+        };
+        let dir = base.join(format!("spanvmm-bench-cloudnet-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(ImageDir(dir))
+    }
+}
+
+impl ImageDir {
+    /// Removes every file but the base image: a run's copies are not needed by the next one
+    /// (at 4 GiB they are gigabytes each).
+    fn clear_runs(&self) {
+        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            if e.file_name() != "base.img" {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+impl Drop for ImageDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Ctx<'_> {
@@ -960,10 +992,15 @@ impl Ctx<'_> {
     /// the base both hosts hold).
     fn storage(&self, round: usize) -> anyhow::Result<Vec<Run>> {
         let s = &self.scale;
-        let d = DiskScale::new(self.cfg.full);
-        let dir = image_dir(d);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
+        let d = DiskScale::new(self.cfg.full, self.cfg.disk_mib);
+        let images = ImageDir::new(d)?;
+        let dir = images.0.clone();
+        eprintln!(
+            "storage: a {} MiB disk (guest rewrites {} MiB) in {}",
+            d.disk_mib,
+            d.guest_mib,
+            dir.display()
+        );
         let base = dir.join("base.img");
         base_image(&base, d)?;
         let cmdline = format!(
@@ -1017,6 +1054,7 @@ impl Ctx<'_> {
                 limit,
             );
             out.push(self.storage_run(round, name, o));
+            images.clear_runs();
         }
         for (name, incremental) in [
             ("qemu-mirror-full", false),
@@ -1024,8 +1062,9 @@ impl Ctx<'_> {
         ] {
             let o = qemu_mirror(self, &dir, &base, d, &cmdline, incremental, wan, limit);
             out.push(self.storage_run(round, name, o));
+            images.clear_runs();
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(images);
         Ok(out)
     }
 

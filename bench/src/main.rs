@@ -18,7 +18,7 @@
 //! live update killed at random points, spanvmm against QEMU's cpr-transfer.
 //! `spanvmm-bench devices [--runs N]`: virtio-net (redis-benchmark against the guest's `kv`) and
 //! virtio-blk (the guest's `disk` workload) against QEMU microvm's devices, interleaved.
-//! `spanvmm-bench cloudnet [--full] [--runs N] [--parts table1,storage,cache,bandwidth|all]
+//! `spanvmm-bench cloudnet [--full] [--disk-mib MIB] [--runs N] [--parts table1,storage,cache,bandwidth|all]
 //! [--workloads ..] [--engines ..]`: the CloudNet paper's Tables I/II and Figs. 12–15 on a
 //! shaped WAN, spanvmm's CloudNet options against QEMU (see `cloudnet.rs`).
 //! `spanvmm-bench live-update-devices [--runs N]`: a guest with a tap and a disk under
@@ -287,6 +287,7 @@ fn main() -> anyhow::Result<()> {
     let mut trace = false;
     let mut compare = None;
     let mut hot = 64u64;
+    let mut disk_mib: Option<u64> = None;
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -334,6 +335,7 @@ fn main() -> anyhow::Result<()> {
             "--trace" => trace = true,
             "--compare" => compare = Some(PathBuf::from(it.next().context("--compare BIN")?)),
             "--full" => full = true,
+            "--disk-mib" => disk_mib = Some(it.next().context("--disk-mib MIB")?.parse()?),
             "--parts" => {
                 parts = Some(
                     it.next()
@@ -501,6 +503,7 @@ fn main() -> anyhow::Result<()> {
                     .unwrap_or_else(|| vec!["table1".into(), "storage".into()]),
                 workloads: list(workloads.as_ref()),
                 engines: list(engines.as_ref()),
+                disk_mib,
                 out: out.unwrap_or_else(|| repo_root().join("bench/results/cloudnet.json")),
             })
         }

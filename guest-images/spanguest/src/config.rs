@@ -80,6 +80,9 @@ pub struct Config {
     pub disk_rate: u64,
     /// `disk`: blocks written between flushes; 0 = never flush.
     pub disk_flush: u64,
+    /// `disk`: the next block written is this many blocks on (wrapping): above 1, the
+    /// writes scatter over the host's 64 KiB tracking blocks.
+    pub disk_stride: u64,
     /// Virtio-mmio devices from `virtio_mmio.device=` (the first `devices_n`).
     pub devices: [crate::virtio::MmioDev; MAX_DEVICES],
     /// How many of `devices` are set.
@@ -120,6 +123,7 @@ impl Default for Config {
             disk_mib: 16,
             disk_rate: 1000,
             disk_flush: 64,
+            disk_stride: 1,
             devices: [crate::virtio::MmioDev { addr: 0 }; MAX_DEVICES],
             devices_n: 0,
             ip: None,
@@ -265,6 +269,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
             b"disk_mib" => &mut cfg.disk_mib,
             b"disk_rate" => &mut cfg.disk_rate,
             b"disk_flush" => &mut cfg.disk_flush,
+            b"disk_stride" => &mut cfg.disk_stride,
             b"repeat" => &mut cfg.repeat,
             b"vary_ms" => &mut cfg.vary_ms,
             b"load_rate" => &mut cfg.load_rate,
@@ -287,6 +292,9 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
     }
     if cfg.disk_mib == 0 || cfg.disk_mib > MAX_DISK_MIB {
         return bad("disk_mib= must be in 1..256");
+    }
+    if cfg.disk_stride == 0 {
+        return bad("disk_stride= must be at least 1");
     }
     if cfg.has(KV | KVLOAD) && cfg.ip.is_none_or(|ip| ip.ip == [0; 4]) {
         return bad("workload=kv and kvload need ip=A.B.C.D/N");

@@ -39,6 +39,7 @@ pub struct Disk {
     flush_every: u64,
     since_flush: u64,
     cursor: u64,
+    stride: u64,
     /// Totals so far.
     pub counts: Counts,
 }
@@ -93,6 +94,7 @@ impl Disk {
             flush_every: cfg.disk_flush,
             since_flush: 0,
             cursor: 0,
+            stride: cfg.disk_stride,
             counts: Counts::default(),
         })
     }
@@ -108,7 +110,9 @@ impl Disk {
             return Ok(());
         }
         let k = self.cursor;
-        self.cursor = (self.cursor + 1) % self.blocks;
+        // A stride prime to the blocks visits every one (any odd stride on a power-of-two
+        // disk); another visits a subset, each block still checked by its generation.
+        self.cursor = (self.cursor + self.stride % self.blocks) % self.blocks;
         let g = generation(k).checked_add(1).unwrap_or(1);
         pattern(k, u64::from(g), self.seed, self.blk.buffer());
         if self.blk.write(k)? == S_OK {

@@ -208,6 +208,16 @@ pub struct EncodingStats {
     pub pages: u64,
     /// Bytes they took (raw would be `pages` × 4096).
     pub bytes: u64,
+    /// Pages sent again with the page cache holding their last-sent copy (deltas on).
+    #[serde(default)]
+    pub resent_pages: u64,
+    /// Bytes those pages took.
+    #[serde(default)]
+    pub resent_bytes: u64,
+    /// Bytes the deltas alone (no redundancy cache) would have sent for them: the encodings
+    /// together must never cost more (`resent_bytes <= resent_deltas_alone_bytes`).
+    #[serde(default)]
+    pub resent_deltas_alone_bytes: u64,
     /// Per round, from round 1.
     pub per_round: Vec<RoundStats>,
 }
@@ -470,57 +480,89 @@ impl Encoder {
 
     /// Appends the encoding of page `p` (non-zero, `page` a stable copy of it) to `out`,
     /// counted into `round` (1-based).
+    ///
+    /// A page sent for the first time goes as cached blocks (redundancy on: the cache learns
+    /// it) or raw. A page sent again goes as the smallest of: its delta against the copy sent
+    /// last, its blocks when some are in the cache (its current content, or part of it, is
+    /// held), raw. Not as blocks that all miss: those cost more than raw, and the rewritten
+    /// content would push out of the LRU blocks that may still hit. So with both encodings
+    /// on, a re-sent page never costs more than with the deltas alone.
     pub fn encode(&mut self, p: u64, page: &[u8], round: u32, out: &mut Vec<u8>) {
+        const RAW: usize = 1 + PAGE;
         let start = out.len();
-        // The size the blocks (or raw) encoding would take, probed without touching the cache.
-        let plain = match &self.blocks {
-            Some(c) => {
-                let bs = c.size;
-                2 + page
-                    .chunks(bs)
-                    .map(|b| match c.index.get(&hash(b)) {
-                        Some(&s) if c.slot(s) == b => 5,
-                        _ => 5 + bs,
-                    })
-                    .sum::<usize>()
-            }
-            None => 1 + PAGE,
+        // The size of the blocks encoding and whether any block hits, probed without
+        // touching the cache.
+        let probe = self.blocks.as_ref().map(|c| {
+            let bs = c.size;
+            let mut hits = 0;
+            let size = 2 + page
+                .chunks(bs)
+                .map(|b| match c.index.get(&hash(b)) {
+                    Some(&s) if c.slot(s) == b => {
+                        hits += 1;
+                        5
+                    }
+                    _ => 5 + bs,
+                })
+                .sum::<usize>();
+            (size, hits > 0)
+        });
+        let prev = self.pages.as_ref().and_then(|c| c.get(p));
+        let resent = prev.is_some();
+        // What a re-sent page costs without the deltas: blocks only when some hit.
+        let plain = match probe {
+            Some((size, any_hit)) if any_hit || !resent => size,
+            _ => RAW,
         };
         let mut is_delta = false;
-        if let Some(prev) = self.pages.as_ref().and_then(|c| c.get(p)) {
-            // Worth it only when smaller than what would go otherwise.
-            if delta(prev, page, plain.saturating_sub(4), &mut self.scratch).is_some() {
-                out.push(PAGE_DELTA);
-                out.extend_from_slice(&(self.scratch.len() as u16).to_le_bytes());
-                out.extend_from_slice(&self.scratch);
-                is_delta = true;
+        let mut alone = RAW;
+        if let Some(prev) = prev {
+            // Worth it only when smaller than what would go otherwise (a delta's header is
+            // 3 bytes; deltas alone compare with raw).
+            let limit = plain.min(RAW).saturating_sub(4);
+            if delta(prev, page, limit, &mut self.scratch).is_some() {
+                alone = 3 + self.scratch.len();
+                if alone < plain {
+                    out.push(PAGE_DELTA);
+                    out.extend_from_slice(&(self.scratch.len() as u16).to_le_bytes());
+                    out.extend_from_slice(&self.scratch);
+                    is_delta = true;
+                }
+            } else if plain < RAW {
+                // Smaller than the blocks (which beat raw): what deltas alone would send.
+                if delta(prev, page, RAW - 4, &mut self.scratch).is_some() {
+                    alone = 3 + self.scratch.len();
+                }
             }
         }
         let mut all_hit = false;
         if !is_delta {
-            if let Some(c) = &mut self.blocks {
-                out.extend_from_slice(&[PAGE_BLOCKS, self.enc.blocks as u8]);
-                all_hit = true;
-                for b in page.chunks(c.size) {
-                    match c.lookup(b) {
-                        Ok(s) => {
-                            out.push(BLOCK_REF);
-                            out.extend_from_slice(&s.to_le_bytes());
-                            self.stats.cache_hits += 1;
-                            self.stats.cache_bytes_saved += (c.size - 5) as u64;
-                        }
-                        Err(s) => {
-                            out.push(BLOCK_NEW);
-                            out.extend_from_slice(&s.to_le_bytes());
-                            out.extend_from_slice(b);
-                            self.stats.cache_misses += 1;
-                            all_hit = false;
+            match &mut self.blocks {
+                Some(c) if plain < RAW || !resent => {
+                    out.extend_from_slice(&[PAGE_BLOCKS, self.enc.blocks as u8]);
+                    all_hit = true;
+                    for b in page.chunks(c.size) {
+                        match c.lookup(b) {
+                            Ok(s) => {
+                                out.push(BLOCK_REF);
+                                out.extend_from_slice(&s.to_le_bytes());
+                                self.stats.cache_hits += 1;
+                                self.stats.cache_bytes_saved += (c.size - 5) as u64;
+                            }
+                            Err(s) => {
+                                out.push(BLOCK_NEW);
+                                out.extend_from_slice(&s.to_le_bytes());
+                                out.extend_from_slice(b);
+                                self.stats.cache_misses += 1;
+                                all_hit = false;
+                            }
                         }
                     }
                 }
-            } else {
-                out.push(PAGE_RAW);
-                out.extend_from_slice(page);
+                _ => {
+                    out.push(PAGE_RAW);
+                    out.extend_from_slice(page);
+                }
             }
         }
         if let Some(c) = &mut self.pages {
@@ -531,6 +573,11 @@ impl Encoder {
         if is_delta {
             s.delta_pages += 1;
             s.delta_bytes_saved += (PAGE as u64).saturating_sub(len);
+        }
+        if resent {
+            s.resent_pages += 1;
+            s.resent_bytes += len;
+            s.resent_deltas_alone_bytes += alone as u64;
         }
         s.pages += 1;
         s.bytes += len;
@@ -757,6 +804,71 @@ mod tests {
             &[(1, page(4)), (2, page(5)), (1, b)],
         );
         assert_eq!(s.delta_pages, 0);
+    }
+
+    #[test]
+    fn together_a_resent_page_never_costs_more_than_with_deltas_alone() {
+        // Round 1 sends 64 pages (every 8th a copy of page 0); the rounds after rewrite
+        // some in full, some by a few bytes, copy others' content, leave some unchanged.
+        let mut seq: Vec<(u64, Vec<u8>)> = (0..64)
+            .map(|i| (i, page(if i % 8 == 0 { 0 } else { i })))
+            .collect();
+        let mut rounds = vec![1u32; 64];
+        let mut mem: Vec<Vec<u8>> = seq.iter().map(|(_, b)| b.clone()).collect();
+        for round in 2..6u64 {
+            for i in 0..64u64 {
+                let b = &mut mem[i as usize];
+                match (i + round) % 5 {
+                    0 => *b = page(1000 * round + i),
+                    1 => b[(i as usize * 8) % 4000..][..40].fill(round as u8),
+                    2 => *b = page(i % 7 + 1),
+                    3 => {}
+                    _ => continue,
+                }
+                seq.push((i, b.clone()));
+                rounds.push(round as u32);
+            }
+        }
+        let encode = |enc: Encoding| {
+            let mut e = Encoder::new(enc).unwrap();
+            let mut d = Decoder::default();
+            let mut held: HashMap<u64, Vec<u8>> = HashMap::new();
+            for ((p, bytes), &round) in seq.iter().zip(&rounds) {
+                let mut out = Vec::new();
+                e.encode(*p, bytes, round, &mut out);
+                let mut got = vec![0u8; PAGE];
+                let base = held.get(p).cloned();
+                d.decode_page(
+                    *p,
+                    &mut &out[..],
+                    &mut |o| {
+                        o.copy_from_slice(base.as_ref().ok_or(NoBase::NotHeld)?);
+                        Ok(())
+                    },
+                    &mut got,
+                )
+                .unwrap();
+                assert_eq!(&got, bytes);
+                held.insert(*p, got);
+            }
+            e.stats().clone()
+        };
+        let all = encode(opts(true, true, 1 << 20));
+        let deltas = encode(opts(false, true, 1 << 20));
+        assert_eq!(all.resent_pages, deltas.resent_pages);
+        assert!(all.resent_pages > 100, "{all:?}");
+        // The deltas-alone figure is exact: the page cache does not depend on the blocks.
+        assert_eq!(all.resent_deltas_alone_bytes, deltas.resent_bytes);
+        assert_eq!(deltas.resent_deltas_alone_bytes, deltas.resent_bytes);
+        assert!(
+            all.resent_bytes < deltas.resent_bytes,
+            "{all:?}\n{deltas:?}"
+        );
+        for (a, d) in all.per_round[1..].iter().zip(&deltas.per_round[1..]) {
+            assert!(a.bytes <= d.bytes, "{a:?} against {d:?}");
+        }
+        // Copies of cached content still go as references, rewrites as deltas or raw.
+        assert!(all.cache_hits > 0 && all.delta_pages > 0, "{all:?}");
     }
 
     #[test]

@@ -71,6 +71,9 @@ const SYNC_THRESHOLD: u64 = 64;
 const MAX_PASSES: u32 = 8;
 /// Sector size: mirrored writes are whole sectors.
 const SECTOR: u64 = 512;
+/// 4 KiB units whose hashes the source keeps at most, all disks together (16 GiB of disk,
+/// 64 MiB of hashes); the units of larger disks go again whole blocks at a time.
+const MAX_HELD_UNITS: u64 = 4 << 20;
 
 /// The disk migration's frames.
 #[derive(Debug, PartialEq)]
@@ -343,6 +346,17 @@ pub struct DiskReport {
     pub blocks_final: u64,
     /// 4 KiB units that went as zero markers.
     pub zero_units: u64,
+    /// Of the blocks the asynchronous passes sent again, the 4 KiB units that went (changed
+    /// since the destination got them)...
+    #[serde(default)]
+    pub units_resent: u64,
+    /// ...and those that did not (unchanged: a block is tracked in 64 KiB, a write is
+    /// often 4 KiB).
+    #[serde(default)]
+    pub units_unchanged: u64,
+    /// Payload bytes of the passes' frames (the re-sent blocks), before TLS.
+    #[serde(default)]
+    pub bytes_resent: u64,
     /// Payload bytes of the disk frames (blocks and mirrored writes), before TLS.
     pub bytes: u64,
     /// Asynchronous passes after the bulk copy.
@@ -395,6 +409,9 @@ struct MirrorState {
     own_link_writes: u64,
     /// The migration no longer mirrors: the mirror's thread ends, closing its connection.
     closing: bool,
+    /// (disk, offset, length) of every write taken for mirroring: the destination's copy of
+    /// those units no longer follows the source's hashes of them.
+    touched: Vec<(u8, u64, u64)>,
 }
 
 /// The synchronous phase's queue between the device (a guest write waits in
@@ -585,6 +602,7 @@ impl WriteMirror for DiskMirror {
         }
         let seq = st.next;
         st.next += 1;
+        st.touched.push((self.disk, offset, data.len() as u64));
         st.queue.push_back(Pending {
             seq,
             disk: self.disk,
@@ -632,6 +650,12 @@ struct OutDisk {
     cursor: u64,
     /// Blocks to send again (written after they were sent).
     resend: Vec<u64>,
+    /// The xxh3-128 hash of each 4 KiB unit the destination holds (0: unknown), so that a
+    /// block sent again carries only its changed units; empty beyond [`MAX_HELD_UNITS`]. A
+    /// mirrored write changes the destination's copy without passing here: while every write
+    /// is mirrored that is harmless (the destination gets each change either way), and the
+    /// units it touched are forgotten before the blocks written after the mirror stopped go.
+    held: Vec<u128>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -670,6 +694,8 @@ pub(crate) struct DiskSender {
     stage_start: Instant,
     buf: Vec<u8>,
     frame: Vec<u8>,
+    /// The last `send_blocks`' units: sent, and left out as unchanged.
+    units: (u64, u64),
 }
 
 fn other(msg: String) -> LinkError {
@@ -764,6 +790,7 @@ impl DiskSender {
         }
         let mut disks = Vec::new();
         let mut report = DiskReport::default();
+        let mut held_budget = MAX_HELD_UNITS;
         for (i, (t, r)) in tracks.into_iter().zip(remote).enumerate() {
             let Some(remote) = r else { continue };
             let file = File::open(t.path())
@@ -772,7 +799,15 @@ impl DiskSender {
             report.disk_bytes += t.bytes();
             report.blocks_total += t.blocks();
             let words = t.blocks().div_ceil(64) as usize;
+            let units = t.bytes().div_ceil(PAGE as u64);
+            let held = if units <= held_budget {
+                held_budget -= units;
+                vec![0; units as usize]
+            } else {
+                Vec::new()
+            };
             disks.push(OutDisk {
+                held,
                 index: i as u8,
                 track: t,
                 file,
@@ -814,6 +849,7 @@ impl DiskSender {
             stage_start: Instant::now(),
             buf: Vec::new(),
             frame: Vec::new(),
+            units: (0, 0),
         }))
     }
 
@@ -964,6 +1000,14 @@ impl DiskSender {
                 let at = (k * TRACK_BLOCK) as usize;
                 if block_hash(&buf[at..at + end]) == d.remote[b as usize] {
                     self.report.blocks_same += 1;
+                    // The destination holds these bytes: their units' hashes are known.
+                    if !d.held.is_empty() {
+                        let units = (d.held.len() as u64 - b * UNITS).min(UNITS);
+                        for u in 0..units {
+                            let bytes = &buf[at + u as usize * PAGE..][..PAGE];
+                            d.held[(b * UNITS + u) as usize] = block_hash(bytes);
+                        }
+                    }
                 } else {
                     sel.push(k);
                 }
@@ -972,7 +1016,7 @@ impl DiskSender {
                 None
             } else {
                 self.report.blocks_sent += sel.len() as u64;
-                Some(self.send_blocks(link, i, first, n, &sel, &buf, 1)?)
+                Some(self.send_blocks(link, i, first, n, &sel, &buf, 1, false)?)
             };
             self.buf = buf;
             if let Some(bytes) = sent {
@@ -1007,7 +1051,13 @@ impl DiskSender {
                 self.report.blocks_resent += sel.len() as u64;
             }
             let round = self.report.passes + 1 + last as u32;
-            let r = self.send_blocks(link, i, first, n, &sel, &buf, round);
+            self.units = (0, 0);
+            let r = self.send_blocks(link, i, first, n, &sel, &buf, round, true);
+            if let (Ok(bytes), false) = (&r, last) {
+                self.report.bytes_resent += bytes;
+                self.report.units_resent += self.units.0;
+                self.report.units_unchanged += self.units.1;
+            }
             self.buf = buf;
             return r.map(Some);
         }
@@ -1015,7 +1065,8 @@ impl DiskSender {
     }
 
     /// Sends blocks `first + k` (k in `sel`) of disk `i`, whose run `first..first+n` is in
-    /// `buf`, as one `disk-blocks` frame of 4 KiB units.
+    /// `buf`, as one `disk-blocks` frame of 4 KiB units. `again`: blocks sent before, of
+    /// which only the units the destination does not hold go (none at all: no frame, 0).
     #[allow(clippy::too_many_arguments)]
     fn send_blocks(
         &mut self,
@@ -1026,18 +1077,30 @@ impl DiskSender {
         sel: &[u64],
         buf: &[u8],
         round: u32,
+        again: bool,
     ) -> Result<u64, LinkError> {
-        let d = &self.disks[i];
+        let d = &mut self.disks[i];
         let units = d.track.bytes().div_ceil(PAGE as u64);
         let first_unit = first * UNITS;
         let span = (n * UNITS).min(units - first_unit);
         let nw = span.div_ceil(64) as usize;
         let (mut present, mut zero) = (vec![0u64; nw], vec![0u64; nw]);
         let mut data = Vec::new();
+        let mut any = false;
         for &k in sel {
             for u in k * UNITS..((k + 1) * UNITS).min(span) {
-                set_bit(&mut present, u);
                 let unit = &buf[u as usize * PAGE..(u as usize + 1) * PAGE];
+                if let Some(h) = d.held.get_mut((first_unit + u) as usize) {
+                    let now = block_hash(unit);
+                    if again && *h != 0 && *h == now {
+                        self.units.1 += 1;
+                        continue;
+                    }
+                    *h = now;
+                }
+                self.units.0 += 1;
+                any = true;
+                set_bit(&mut present, u);
                 if is_zero(unit) {
                     set_bit(&mut zero, u);
                     self.report.zero_units += 1;
@@ -1052,6 +1115,10 @@ impl DiskSender {
                 }
             }
         }
+        if !any {
+            return Ok(0);
+        }
+        let d = &self.disks[i];
         let codec = if self.encoder.is_some() {
             wire::PageCodec::Cnet
         } else {
@@ -1137,6 +1204,19 @@ impl DiskSender {
     /// With the guest paused: the blocks written since the synchronous phase ended, and any
     /// still marked. Tracking stops.
     pub(crate) fn final_copy(&mut self, link: &mut Link) -> Result<(), LinkError> {
+        // The writes mirrored went to the destination unseen by the hashes: their units go
+        // whole if written again since.
+        let touched = std::mem::take(&mut lock(&self.mirror.st).touched);
+        for (disk, offset, len) in touched {
+            let Some(d) = self.disks.iter_mut().find(|d| d.index == disk) else {
+                continue;
+            };
+            let first = (offset / PAGE as u64) as usize;
+            let end = (offset + len).div_ceil(PAGE as u64) as usize;
+            for h in d.held.iter_mut().take(end).skip(first) {
+                *h = 0;
+            }
+        }
         for d in &mut self.disks {
             for (w, b) in d.resend.iter_mut().zip(d.track.stop()) {
                 *w |= b;
