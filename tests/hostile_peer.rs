@@ -388,6 +388,34 @@ fn a_hostile_source_after_welcome_ends_the_incoming_migration_with_a_reason() {
             true,
         ),
         (
+            "a stale bitmap of the wrong size",
+            encoded(&Frame::Stale(vec![u64::MAX; 3])),
+            "bitmap has 3 words",
+            true,
+        ),
+        (
+            // Page 0 arrives, is dropped as stale, and the post-copy state does not say it
+            // comes again: the guest would read zeros there.
+            "a post-copy state leaving out a page dropped as stale",
+            {
+                let words = pages_total.div_ceil(64) as usize;
+                let mut stale = vec![0u64; words];
+                stale[0] = 1;
+                [
+                    encoded(&data_pages(0, 1)),
+                    encoded(&Frame::Stale(stale)),
+                    encoded(&Frame::State {
+                        handover: Handover::Postcopy,
+                        state: b"x".to_vec(),
+                        needed: vec![0; words],
+                    }),
+                ]
+                .concat()
+            },
+            "1 stale page(s) dropped here are missing from the state",
+            true,
+        ),
+        (
             "a post-copy state with a bitmap of the wrong size",
             encoded(&Frame::State {
                 handover: Handover::Postcopy,

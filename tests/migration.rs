@@ -311,6 +311,76 @@ fn a_guest_dirtying_faster_than_the_link_switches_to_postcopy() {
 }
 
 #[test]
+fn a_switch_to_postcopy_drops_the_stale_copies_before_the_pause() {
+    // Pre-copy rounds of a guest rewriting 64 MiB at 20 000 pages/s over 20 MB/s never
+    // converge; after two the policy switches to post-copy with the working set queued and
+    // not sent: the destination (memory prepared, so every page is populated) holds old
+    // copies of those pages. The source names them in a `stale` frame before it pauses, the
+    // destination drops them then, and inside the pause only those the final harvest found
+    // are left: the counters say so on both sides. A 20 ms round trip (the delay relay) makes
+    // it the WAN's hand-over (commit with the state).
+    let tmp = TempDir::new("mig-stale");
+    let tls = certs(&tmp, "tls");
+    let dport = free_port();
+    let dst = destination(
+        "mig-stale-dst",
+        &[],
+        &format!("tls://127.0.0.1:{dport}"),
+        &tls,
+        &["--memory", &MEM.to_string()],
+    );
+    let relay = DelayRelay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        format!("127.0.0.1:{dport}").parse().unwrap(),
+        Duration::from_millis(10),
+        8 << 20,
+    )
+    .expect("start the relay");
+    let mut src = VmProcess::boot("mig-stale-src", GUEST, MEM, 1);
+    let to = format!("tls://{}", relay.addr());
+    let (ok, out, report) = migrate(
+        &src,
+        &[
+            "--to",
+            &to,
+            "--plugin",
+            &plugin("precopy.wasm"),
+            "--config",
+            r#"{"min_pages":0,"downtime_ms":0,"max_rounds":2,"max_pause_ms":1}"#,
+            "--tls-dir",
+            tls.to_str().unwrap(),
+            "--max-bandwidth",
+            "20M",
+        ],
+    );
+    assert!(ok, "{out}\n{}", src.stderr());
+    let r = report.unwrap();
+    assert_eq!(r["handover"], "postcopy", "{r}");
+    assert_eq!(r["commit"], "with-state", "{r}");
+    assert_eq!(f(&r, "postcopy_resent"), 0.0, "{r}");
+    assert_eq!(wait_exit(&mut src, "the source"), Some(0));
+    check_arrived(&dst, 5000);
+    let d =
+        api_get(&dst.api, "/vm/migration").expect("the destination answers")["incoming"].clone();
+    let (named, final_new) = (f(&r, "stale_pages"), f(&r, "final_harvest_pages"));
+    let (early, paused) = (f(&d, "dropped_before_state"), f(&d, "dropped_at_state"));
+    // Populated memory holds a copy of every page: each one named went before the pause.
+    assert!(named > 0.0, "no stale page named: {r}");
+    assert_eq!(early, named, "dropped before the pause: {d}\n{r}");
+    // Inside the pause, at most the pages dirtied after the stale frame.
+    assert!(
+        paused <= final_new,
+        "{paused} stale pages dropped in the pause, the final harvest found {final_new}: {d}\n{r}"
+    );
+    eprintln!(
+        "switch to post-copy at 20 ms RTT: {named} stale pages dropped before the pause, \
+         {paused} in it; downtime {:.2} ms (round trip {:.1} ms)",
+        f(&r, "downtime_ms"),
+        f(&r, "rtt_ms")
+    );
+}
+
+#[test]
 fn a_cut_during_precopy_leaves_the_source_running_and_the_destination_gone() {
     let tmp = TempDir::new("mig-cut");
     let tls = certs(&tmp, "tls");

@@ -268,6 +268,15 @@ pub struct Report {
     pub fault_latency_p99_us: u64,
     /// Pages sent more than once during post-copy (0: each page once).
     pub postcopy_resent: u64,
+    /// Post-copy: the pages named in the `stale` frame before the pause (queued or dirtied,
+    /// not sent since): the destination dropped its copies of them while the guest still ran
+    /// here.
+    #[serde(default)]
+    pub stale_pages: u64,
+    /// Post-copy: the pages the final harvest (the guest paused) found dirty that were not
+    /// named stale before: the most the destination drops inside the pause.
+    #[serde(default)]
+    pub final_harvest_pages: u64,
     /// Post-copy: pages sent right behind the commit because the vCPUs' registers point at
     /// them (instruction, stack, descriptor tables, pointers, and the page tables on the way).
     #[serde(default)]
@@ -1993,6 +2002,8 @@ impl Sender<'_> {
             first: Vec::new(),
             state: None,
             state_bytes: 0,
+            stale: Vec::new(),
+            final_new: 0,
         };
         let result = handover::hand_over(&mut switch);
         let Switch {
@@ -2004,6 +2015,8 @@ impl Sender<'_> {
             load_us,
             round_trips,
             state_bytes,
+            stale,
+            final_new,
             ..
         } = switch;
         match result {
@@ -2044,6 +2057,10 @@ impl Sender<'_> {
         st.report.switch_round_trips = round_trips;
         st.report.commit = if early { "with-state" } else { "after-ready" }.into();
         st.report.rtt_ms = rtt_ms;
+        if mode == SwitchMode::Postcopy {
+            st.report.stale_pages = count(&stale);
+            st.report.final_harvest_pages = final_new;
+        }
         st.report.handover = match mode {
             SwitchMode::StopAndCopy => "stop-and-copy",
             SwitchMode::Postcopy => "postcopy",
@@ -2409,6 +2426,33 @@ impl Sender<'_> {
     }
 }
 
+/// Adds harvested dirty pages to the pending set; how many were not pending yet.
+fn fold_dirty(st: &mut State, dirty: &[u64]) -> u64 {
+    st.dirtied += count(dirty);
+    let mut new_pages = 0;
+    for (i, w) in dirty.iter().enumerate().take(st.pending.len()) {
+        let new = w & !st.pending[i];
+        new_pages += new.count_ones() as u64;
+        st.pending[i] |= w;
+    }
+    st.pending_count += new_pages;
+    new_pages
+}
+
+/// The pages the destination lacks or holds an old copy of: pending (queued or dirtied, not
+/// sent since) or never sent.
+fn lacking(st: &State, pages: u64) -> Vec<u64> {
+    let mut lacking = st.pending.clone();
+    for (i, w) in lacking.iter_mut().enumerate() {
+        *w |= !st.sent_ever[i];
+    }
+    let tail = pages % 64;
+    if tail != 0 {
+        *lacking.last_mut().expect("at least one word") &= (1u64 << tail) - 1;
+    }
+    lacking
+}
+
 /// The migration's transport of the hand-over: the link carries the last pages and the state
 /// (or, for post-copy, the state and the pages the destination still needs).
 struct Switch<'s, 'a> {
@@ -2429,9 +2473,36 @@ struct Switch<'s, 'a> {
     /// The state captured with the pause.
     state: Option<Vec<u8>>,
     state_bytes: usize,
+    /// Post-copy: the pages named in the `stale` frame before the pause.
+    stale: Vec<u64>,
+    /// Post-copy: the final harvest's pages not named stale before.
+    final_new: u64,
 }
 
 impl Switch<'_, '_> {
+    /// Post-copy: the destination holds old copies of the pages queued and not sent (a switch
+    /// to post-copy does not wait for them) and of those dirtied since; dropping them once
+    /// the state has come took the pause 20 ms for a 64 MiB working set (a hole punched and
+    /// the mappings invalidated per range). Named now, they go while the guest still runs
+    /// here, and the pause is left with the few the final harvest finds. Harvested first, so
+    /// that the frame names what the guest dirtied until now. Every page it names is in the
+    /// state's *needed* (the destination refuses a state that leaves one out).
+    fn send_stale(&mut self) -> Result<(), LinkError> {
+        let tx = &mut *self.tx;
+        if let Some(harvest) = self.final_dirty.as_mut() {
+            let dirty = harvest()?;
+            fold_dirty(&mut tx.st(), &dirty);
+        }
+        let stale = lacking(&tx.st(), tx.src.pages);
+        tx.link.send(&Frame::Stale(stale.clone()))?;
+        super::trace(format_args!(
+            "source: {} stale pages named before the pause",
+            count(&stale)
+        ));
+        self.stale = stale;
+        Ok(())
+    }
+
     fn sent(&mut self) {
         self.sent_since_reply = true;
     }
@@ -2457,7 +2528,11 @@ impl handover::Handover for Switch<'_, '_> {
         // Agile: the parked pages' store goes before the state (a post-copy sends their
         // locations after it, when the destination takes no `store` any more).
         tx.send_parked_store()?;
-        // Let what is in flight arrive while the guest still runs.
+        if self.mode == SwitchMode::Postcopy {
+            self.send_stale()?;
+        }
+        // Let what is in flight arrive while the guest still runs (and, in post-copy, the
+        // stale copies go: the answer comes once they have).
         let link = &mut self.tx.link;
         let sent = Instant::now();
         link.send(&Frame::Sync)?;
@@ -2518,16 +2593,7 @@ impl handover::Handover for Switch<'_, '_> {
             Some(mut harvest) => harvest()?,
             None => Vec::new(),
         };
-        {
-            let mut st = tx.st();
-            let n = count(&dirty);
-            st.dirtied += n;
-            for (i, w) in dirty.iter().enumerate().take(st.pending.len()) {
-                let new = w & !st.pending[i];
-                st.pending_count += new.count_ones() as u64;
-                st.pending[i] |= w;
-            }
-        }
+        self.final_new = fold_dirty(&mut tx.st(), &dirty);
         self.t_harvest = self.t_pause.elapsed();
         self.final_pages = tx.st().pending_count;
         let state = match self.state.take() {
@@ -2552,13 +2618,10 @@ impl handover::Handover for Switch<'_, '_> {
                 self.first = first_touch_pages(&tx.ram, &state);
                 let needed = {
                     let mut st = tx.st();
-                    let mut needed = st.pending.clone();
-                    for (i, w) in needed.iter_mut().enumerate() {
-                        *w |= !st.sent_ever[i];
-                    }
-                    let tail = tx.src.pages % 64;
-                    if tail != 0 {
-                        *needed.last_mut().expect("at least one word") &= (1u64 << tail) - 1;
+                    let mut needed = lacking(&st, tx.src.pages);
+                    // Nothing was sent since the stale frame; its pages are in by construction.
+                    for (w, s) in needed.iter_mut().zip(&self.stale) {
+                        *w |= s;
                     }
                     st.needed = needed.clone();
                     st.postcopy_sent = vec![0; needed.len()];

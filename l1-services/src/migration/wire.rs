@@ -11,8 +11,9 @@ pub const MAGIC: &[u8; 8] = b"SPANMIG\0";
 /// 2: `ready`/`commit` before the destination runs the guest; `complete` carries the p99
 /// fault latency. 3: `commit` says whether the guest runs or stays paused. 4: `sync` during
 /// post-copy too (the destination answers each once it has read what came before: the
-/// source's window of pushed pages).
-pub const VERSION: u32 = 4;
+/// source's window of pushed pages). 5: `stale` (a post-copy's stale pages dropped before the
+/// pause).
+pub const VERSION: u32 = 5;
 /// Pages a `pages` frame spans at most (2 MiB).
 pub const BATCH_PAGES: u64 = 512;
 /// Largest payload accepted: a full batch of raw pages plus its header and bitmaps, or a bitmap
@@ -213,6 +214,11 @@ pub enum Frame {
     /// these content addresses. Decoded without knowing guest memory: the receiver checks
     /// the span against it ([`Located::check`]).
     Located(Located),
+    /// Source → destination, before a post-copy state: the pages whose copy at the
+    /// destination is out of date and which come again after the state (the state's
+    /// *needed* names each of them). The destination drops them now, in stream order, while
+    /// the guest still runs at the source, instead of inside the pause.
+    Stale(Vec<u64>),
 }
 
 pub use super::scatter::records::{Located, Store};
@@ -250,6 +256,7 @@ impl Frame {
             Frame::Disk(d) => d.name(),
             Frame::Store(_) => "store",
             Frame::Located(_) => "located",
+            Frame::Stale(_) => "stale",
         }
     }
 }
@@ -273,6 +280,8 @@ const T_COMMIT: u8 = 14;
 pub const T_STORE: u8 = 15;
 /// Type of a `located` frame (Scatter-Gather).
 pub const T_LOCATED: u8 = 16;
+/// Type of a `stale` frame (written in stream order by the destination's page writer).
+pub const T_STALE: u8 = 17;
 
 /// Wire errors: what is wrong with a frame.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -416,6 +425,10 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
         Frame::Located(l) => {
             l.encode(out);
             T_LOCATED
+        }
+        Frame::Stale(bits) => {
+            put_bitmap(out, bits);
+            T_STALE
         }
     };
     let len = (out.len() - start - HEADER_LEN) as u32;
@@ -680,6 +693,7 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
         T_SYNC => "sync",
         T_READY => "ready",
         T_COMMIT => "commit",
+        T_STALE => "stale",
         // The records check their own layout, strictly (`scatter::records`).
         T_STORE => return Store::decode(payload).map(Frame::Store),
         T_LOCATED => return Located::decode(payload, u64::MAX).map(Frame::Located),
@@ -752,6 +766,7 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<Frame, WireError> {
             fault_p99_us: r.u64()?,
         },
         T_NEEDED => Frame::Needed(r.bitmap()?),
+        T_STALE => Frame::Stale(r.bitmap()?),
         T_MACHINE => Frame::Machine(r.take(payload.len())?.to_vec()),
         T_SYNC => Frame::Sync,
         T_READY => Frame::Ready { load_us: r.u64()? },
@@ -864,6 +879,8 @@ mod tests {
         round_trip(Frame::Commit { run: false });
         assert!(decode(T_COMMIT, &[2]).unwrap_err().0.contains("run flag"));
         round_trip(Frame::Needed(vec![u64::MAX]));
+        round_trip(Frame::Stale(vec![0, u64::MAX, 5]));
+        assert_eq!(Frame::Stale(Vec::new()).name(), "stale");
         assert_eq!(Frame::Commit { run: true }.name(), "commit");
         round_trip(Frame::Machine(b"{}".to_vec()));
         round_trip(Frame::Store(Store {
