@@ -698,6 +698,29 @@ impl Link {
         }
     }
 
+    /// A write that failed on a closed connection may hide why the peer closed it: a peer
+    /// that refuses sends an `error` frame and closes, and a write racing that close fails
+    /// first (broken pipe). The peer's reason, if its frame is still readable (within a few
+    /// frames and `LAST_WORDS`), replaces the bare I/O error.
+    pub fn with_peer_reason(&mut self, e: LinkError) -> LinkError {
+        const LAST_WORDS: Duration = Duration::from_millis(200);
+        if !matches!(e, LinkError::Io(_)) {
+            return e;
+        }
+        let deadline = Instant::now() + LAST_WORDS;
+        for _ in 0..64 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv(left) {
+                Ok(Some(Frame::Error(msg))) => {
+                    return LinkError::Io(std::io::Error::other(format!("the peer gave up: {msg}")))
+                }
+                Ok(Some(_)) if !left.is_zero() => {}
+                _ => break,
+            }
+        }
+        e
+    }
+
     /// The next frame within `timeout`, or an error naming what was expected.
     pub fn expect(&mut self, timeout: Duration, what: &str) -> Result<Frame, LinkError> {
         match self.recv(timeout)? {

@@ -1822,7 +1822,7 @@ impl Sender<'_> {
                 Err(e) => {
                     return Err(match self.hold_failure.take() {
                         Some(why) => SourceError::Hold(why),
-                        None => e.into(),
+                        None => self.link.with_peer_reason(e).into(),
                     });
                 }
             }
