@@ -13,7 +13,8 @@ use crate::boot::{self, BootEntry, EntryPreference};
 use crate::cpu::{CpuModel, CpuModelError, CpuSummary, CpuTemplate};
 use crate::devices::i8042::{COMMAND_PORT, DATA_PORT, I8042};
 use crate::devices::pv::{
-    GuestCommand, PvDevice, PvState, PV_BASE, PV_LEN, PV_SECRET_BASE, PV_SECRET_LEN,
+    ConsoleLine, GuestCommand, PvDevice, PvState, PORT_CONSOLE_LINE, PV_BASE, PV_LEN,
+    PV_SECRET_BASE, PV_SECRET_LEN,
 };
 use crate::devices::serial::{self, SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
 use crate::devices::virtio::{
@@ -932,6 +933,9 @@ fn build_devices(
         .map_err(conflict)?;
     bus.insert(PV_BASE, PV_LEN, pv.clone()).map_err(conflict)?;
     bus.insert(PV_SECRET_BASE, PV_SECRET_LEN, pv.clone())
+        .map_err(conflict)?;
+    let console = ConsoleLine::new(vm.ram().clone(), serial.clone(), COM1_BASE);
+    bus.insert(PORT_CONSOLE_LINE, 4, Arc::new(Mutex::new(console)))
         .map_err(conflict)?;
     let kbd = Arc::new(Mutex::new(I8042));
     bus.insert(DATA_PORT, 1, kbd.clone()).map_err(conflict)?;

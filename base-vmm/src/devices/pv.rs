@@ -1,11 +1,13 @@
 //! spanguest's paravirtual ports (see docs/spanguest-abi.md): identification, sleep, TSC
-//! frequency, power-off, mailbox registration and the exit-storm target.
+//! frequency, power-off, mailbox registration, the exit-storm target and the console line.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{le_value, IoAction, PioDevice};
+use super::{le_value, lock, IoAction, PioDevice, SharedDevice};
+use crate::memory::GuestRam;
 
 /// First port of the device.
 pub const PV_BASE: u16 = 0x0ac0;
@@ -30,6 +32,11 @@ pub const PV_SECRET_LEN: u16 = 8;
 pub const PORT_SECRET_PAGE: u16 = 0x0ad8;
 /// `out`: number of pages; registers the region `[page, page + count)` as secret.
 pub const PORT_SECRET_PAGES: u16 = 0x0adc;
+/// `out`: guest-physical address of a console line (a little-endian u16 length, then the
+/// bytes), written to the serial port's output in one exit instead of one exit per byte.
+pub const PORT_CONSOLE_LINE: u16 = 0x0ad4;
+/// Longest console line taken in one exit; longer ones are cut.
+pub const MAX_CONSOLE_LINE: usize = 1024;
 /// Most secret regions a guest may register.
 const MAX_SECRETS: usize = 64;
 /// "SPAN" read as a little-endian u32.
@@ -114,6 +121,49 @@ impl PioDevice for PvDevice {
     }
 }
 
+/// The console-line port: reads the line from guest memory and hands its bytes to the serial
+/// device, so that they reach the same output (and the same saved state) as port writes would.
+pub struct ConsoleLine {
+    ram: Arc<GuestRam>,
+    serial: SharedDevice,
+    serial_data_port: u16,
+}
+
+impl ConsoleLine {
+    /// A port writing lines read from `ram` to `serial`'s data port.
+    pub fn new(ram: Arc<GuestRam>, serial: SharedDevice, serial_data_port: u16) -> Self {
+        ConsoleLine {
+            ram,
+            serial,
+            serial_data_port,
+        }
+    }
+}
+
+impl PioDevice for ConsoleLine {
+    fn pio_read(&mut self, _: u16, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn pio_write(&mut self, _: u16, data: &[u8]) -> IoAction {
+        // A bad address or length is the guest's mistake: its line is dropped, nothing else.
+        let gpa = le_value(data);
+        let mut len = [0u8; 2];
+        if self.ram.read(gpa, &mut len).is_err() {
+            return IoAction::Continue;
+        }
+        let mut line = vec![0u8; (u16::from_le_bytes(len) as usize).min(MAX_CONSOLE_LINE)];
+        if self.ram.read(gpa.saturating_add(2), &mut line).is_err() {
+            return IoAction::Continue;
+        }
+        let mut serial = lock(&self.serial);
+        for b in line {
+            serial.pio_write(self.serial_data_port, &[b]);
+        }
+        IoAction::Continue
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +192,43 @@ mod tests {
         d.pio_write(PORT_SECRET_PAGE, &0x300u32.to_le_bytes());
         d.pio_write(PORT_SECRET_PAGES, &2u32.to_le_bytes());
         assert_eq!(d.state.secrets, vec![(0x30_0000, 0x2000)]);
+    }
+
+    /// Collects what the console-line port hands to the serial device.
+    struct Recorder(Vec<(u16, u8)>);
+
+    impl PioDevice for Recorder {
+        fn pio_read(&mut self, _: u16, _: &mut [u8]) {}
+        fn pio_write(&mut self, port: u16, data: &[u8]) -> IoAction {
+            self.0.push((port, data[0]));
+            IoAction::Continue
+        }
+    }
+
+    #[test]
+    fn a_console_line_reaches_the_serial_port_byte_by_byte() {
+        let ram = Arc::new(GuestRam::new(2 << 20).unwrap());
+        let rec = Arc::new(std::sync::Mutex::new(Recorder(Vec::new())));
+        let mut port = ConsoleLine::new(ram.clone(), rec.clone(), 0x3f8);
+        ram.write(0x2000, &[6, 0]).unwrap();
+        ram.write(0x2002, b"hello\n").unwrap();
+        assert_eq!(
+            port.pio_write(PORT_CONSOLE_LINE, &0x2000u32.to_le_bytes()),
+            IoAction::Continue
+        );
+        let got: Vec<u8> = lock(&rec)
+            .0
+            .iter()
+            .map(|&(p, b)| {
+                assert_eq!(p, 0x3f8);
+                b
+            })
+            .collect();
+        assert_eq!(got, b"hello\n");
+        // A line reaching past the end of RAM, or an address outside it: dropped.
+        ram.write((2 << 20) - 4, &[200, 0]).unwrap();
+        port.pio_write(PORT_CONSOLE_LINE, &((2u32 << 20) - 4).to_le_bytes());
+        port.pio_write(PORT_CONSOLE_LINE, &u32::MAX.to_le_bytes());
+        assert_eq!(lock(&rec).0.len(), 6);
     }
 }

@@ -1,17 +1,38 @@
 //! Output: whole `SPANGUEST ...` lines on the 16550 at 0x3f8, one vCPU at a time.
 //!
-//! Every byte is one port write, so one VM exit: lines stay short. The line is built in a buffer
-//! first so the lock is held only while the bytes go out.
+//! On the 16550 every byte is one port write, so one VM exit: lines stay short. On spanvmm a
+//! line goes out in one exit instead, through the paravirtual console-line port (the VMM reads
+//! it from guest memory and feeds the same serial output). The line is built in a buffer first
+//! so the lock is held only while it goes out.
 
+use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::arch::{outb, rdtsc};
+use crate::arch::{outb, outl, rdtsc};
+use crate::pv::PORT_CONSOLE_LINE;
 
 const COM1_DATA: u16 = 0x3f8;
 const CAPACITY: usize = 160;
 
 /// Guards the serial port so lines from several vCPUs never interleave.
 static LOCK: AtomicBool = AtomicBool::new(false);
+
+/// Set once the VMM is known to be spanvmm: lines go through the console-line port.
+static PV_LINES: AtomicBool = AtomicBool::new(false);
+
+/// What the console-line port reads: a little-endian u16 length, then the line and its newline.
+/// In the image (below 4 GiB, identity-mapped), so its address fits the 32-bit port.
+struct PvLine(UnsafeCell<[u8; 2 + CAPACITY + 1]>);
+
+// SAFETY: only written while `LOCK` is held.
+unsafe impl Sync for PvLine {}
+
+static PV_LINE: PvLine = PvLine(UnsafeCell::new([0; 2 + CAPACITY + 1]));
+
+/// From now on, lines go out in one exit each (call once the VMM is known to be spanvmm).
+pub fn use_pv_lines() {
+    PV_LINES.store(true, Ordering::Relaxed);
+}
 
 /// One output line under construction: `SPANGUEST <event> key=value ...`.
 pub struct Line {
@@ -109,10 +130,20 @@ impl Line {
             core::hint::spin_loop();
         }
         let locked = rdtsc();
-        for &b in &self.buf[..self.len] {
-            outb(COM1_DATA, b);
+        if PV_LINES.load(Ordering::Relaxed) {
+            // SAFETY: `LOCK` is held, so no other vCPU touches the buffer.
+            let out = unsafe { &mut *PV_LINE.0.get() };
+            let n = self.len + 1;
+            out[..2].copy_from_slice(&(n as u16).to_le_bytes());
+            out[2..2 + self.len].copy_from_slice(&self.buf[..self.len]);
+            out[2 + self.len] = b'\n';
+            outl(PORT_CONSOLE_LINE, PV_LINE.0.get() as u64 as u32);
+        } else {
+            for &b in &self.buf[..self.len] {
+                outb(COM1_DATA, b);
+            }
+            outb(COM1_DATA, b'\n');
         }
-        outb(COM1_DATA, b'\n');
         LOCK.store(false, Ordering::Release);
         (locked.wrapping_sub(start), rdtsc().wrapping_sub(locked))
     }

@@ -115,6 +115,9 @@ fn fail(line: Line) -> ! {
 /// place the workload in RAM, then print `boot`.
 fn boot(start_info: u64, cpus: u64, t0: u64) -> Plan {
     let pv = pv::detect();
+    if pv {
+        console::use_pv_lines();
+    }
     if !(1..=MAX_CPUS).contains(&cpus) {
         fail(
             Line::new("error")

@@ -47,6 +47,8 @@ pub static MAILBOX: Mailbox = Mailbox {
     ack: AtomicU64::new(0),
 };
 
+/// `out`: guest-physical address of a console line (u16 length, then the bytes).
+pub const PORT_CONSOLE_LINE: u16 = 0x0ad4;
 /// `out`: first page of a secret region; then `out` its page count to register it.
 pub const PORT_SECRET_PAGE: u16 = 0x0ad8;
 /// `out`: page count of the secret region whose first page was just given.
