@@ -305,9 +305,16 @@ pub fn reap_cpu_ms(child: &mut std::process::Child) -> Option<u64> {
     Some(ms(ru.ru_utime) + ms(ru.ru_stime))
 }
 
+/// The middle value; with an even count, the mean of the two middle ones (two rounds' median
+/// is their mean, not the larger).
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    if n > 0 && n.is_multiple_of(2) {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }
 
 pub fn percentile(v: &mut [f64], p: f64) -> f64 {

@@ -250,7 +250,7 @@ mod tests {
         assert!(rows[1].get("opt").is_none(), "no run measured it");
         assert_eq!(
             spread(&stat([1500.0, 2500.0].into_iter()), 1e3, 1),
-            "2.5 (1.5–2.5)"
+            "2.0 (1.5–2.5)"
         );
     }
 }
