@@ -120,6 +120,10 @@ pub struct Policy {
     switched: bool,
     best: u64,
     no_progress: u32,
+    /// The fastest the pages have gone out so far (bytes/s, 0 until the host has measured
+    /// one): what a stop-and-copy gets. The last window's rate is no measure of the link once
+    /// small rounds leave it idle between ticks.
+    peak_rate: u64,
     last_fault: Option<u64>,
     window: u64,
     pages: u64,
@@ -204,12 +208,13 @@ impl Policy {
             self.round_pages = self.pages;
             return mig::queue_range(0, self.pages, false, 1);
         }
+        self.peak_rate = self.peak_rate.max(p.rate_bytes_per_sec);
         if p.pages_pending > 0 {
             return Ok(()); // the round is still going out
         }
         let dirty = mig::harvest_dirty()?;
         let remaining: u64 = dirty.iter().map(|w| w.count_ones() as u64).sum();
-        let rate = p.rate_bytes_per_sec.max(1) as f64;
+        let rate = self.peak_rate.max(1) as f64;
         let est_ms = remaining as f64 * 4096.0 * 1e3 / rate;
         if remaining < self.best {
             self.best = remaining;
@@ -241,8 +246,11 @@ impl Policy {
             mig::queue_pages(&dirty, self.round)?;
             return Ok(());
         };
-        // Smart Stop is CloudNet's stop-and-copy rule: it keeps its stop-and-copy.
-        let long_pause = c.max_pause_ms > 0.0 && est_ms > c.max_pause_ms && !smart;
+        // Smart Stop is CloudNet's stop-and-copy rule: it keeps its stop-and-copy. No rate
+        // measured yet (the host's first window is 0.2 s; a fast link may be done sooner) is
+        // no reason to think the pause long.
+        let long_pause =
+            c.max_pause_ms > 0.0 && self.peak_rate > 0 && est_ms > c.max_pause_ms && !smart;
         let mode = if !converged && (self.mode == Mode::Hybrid || long_pause) {
             SwitchMode::Postcopy
         } else {
