@@ -1021,6 +1021,7 @@ impl Drop for StopOnDrop {
 fn refuse(link: &mut Link, why: DestError) -> DestError {
     let _ = link.send(&Frame::Error(why.to_string()));
     let _ = link.flush(Duration::from_secs(1));
+    link.close_after_last_words(Duration::from_secs(1));
     why
 }
 

@@ -698,6 +698,16 @@ impl Link {
         }
     }
 
+    /// Ends a connection this side gives up on, after its last frame (flushed): the write side
+    /// is shut (the peer reads the frame, then end-of-stream) and what the peer still sends is
+    /// read and dropped until it closes or `linger` passes. Closing with unread bytes would
+    /// make the kernel send a reset, which can discard the last frame before the peer reads it.
+    pub fn close_after_last_words(&mut self, linger: Duration) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Write);
+        let deadline = Instant::now() + linger;
+        while let Ok(Some(_)) = self.recv_raw(deadline.saturating_duration_since(Instant::now())) {}
+    }
+
     /// A write that failed on a closed connection may hide why the peer closed it: a peer
     /// that refuses sends an `error` frame and closes, and a write racing that close fails
     /// first (broken pipe). The peer's reason, if its frame is still readable (within a few
