@@ -594,6 +594,17 @@ fn a_destination_dying_in_postcopy_is_reported() {
     src.assert_verify_clean(1);
 }
 
+/// Two namespace hosts, `src` and `dst`, each on a tbf link shaped to `bps`; the lab (kept
+/// alive by the caller) and the two hosts.
+fn shaped_pair(prefix: &str, bps: u64) -> (NetLab, netlab::Host, netlab::Host) {
+    let lab = NetLab::new(prefix, &["src", "dst"]).expect("network namespaces");
+    for h in ["src", "dst"] {
+        lab.shape(h, bps).expect("tc tbf");
+    }
+    let (src, dst) = (lab.host("src").clone(), lab.host("dst").clone());
+    (lab, src, dst)
+}
+
 #[test]
 fn netns_hosts_over_a_shaped_link_with_latency() {
     if !netlab::can_run(
@@ -602,11 +613,7 @@ fn netns_hosts_over_a_shaped_link_with_latency() {
     ) {
         return;
     }
-    let lab = NetLab::new("mig", &["src", "dst"]).expect("network namespaces");
-    for h in ["src", "dst"] {
-        lab.shape(h, 500_000_000).expect("tc tbf");
-    }
-    let (src_host, dst_host) = (lab.host("src").clone(), lab.host("dst").clone());
+    let (_lab, src_host, dst_host) = shaped_pair("mig", 500_000_000);
     let tmp = TempDir::new("mig-ns");
     let tls = certs(&tmp, "tls");
     let wa = ["ip", "netns", "exec", src_host.netns.as_str()];
@@ -699,11 +706,7 @@ fn postcopy_paces_its_push_on_a_queued_link_without_delay() {
     ) {
         return;
     }
-    let lab = NetLab::new("pace", &["src", "dst"]).expect("network namespaces");
-    for h in ["src", "dst"] {
-        lab.shape(h, 200_000_000).expect("tc tbf");
-    }
-    let (src_host, dst_host) = (lab.host("src").clone(), lab.host("dst").clone());
+    let (_lab, src_host, dst_host) = shaped_pair("pace", 200_000_000);
     let tmp = TempDir::new("mig-pace");
     let tls = certs(&tmp, "tls");
     let wa = ["ip", "netns", "exec", src_host.netns.as_str()];
