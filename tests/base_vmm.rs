@@ -53,6 +53,33 @@ fn workload_verify_checks_periodically() {
 }
 
 #[test]
+fn the_serial_console_carries_whole_lines_and_a_bad_console_is_refused() {
+    // `console=serial`: every byte through the 16550 even on spanvmm (as on QEMU).
+    let (vm, stat) = boot_and_expect(
+        "console-serial",
+        "workload=idle mib=16 report_ms=200 console=serial",
+        "SPANGUEST stat",
+    );
+    assert_eq!(num(&stat, "pages"), 16 * 256, "{stat}");
+    vm.assert_verify_clean(1);
+    drop(vm);
+    let elf = guest_elf();
+    let vm = VmProcess::start(
+        "console-bad",
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--cmdline",
+            "workload=idle mib=16 console=tty",
+            "--memory",
+            "64",
+        ],
+    );
+    let line = vm.wait_line("SPANGUEST error", T);
+    assert!(line.contains("console= is serial or line"), "{line}");
+}
+
+#[test]
 fn workload_shared_fills_and_verifies() {
     let (vm, _) = boot_and_expect(
         "shared",

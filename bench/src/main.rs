@@ -13,7 +13,9 @@
 //! `spanvmm-bench services-alloc [--runs N]`: synchronous Wasm dispatch cost by wasmtime's
 //! linear-memory allocation (pooling, on-demand, on 2 MiB huge pages), interleaved runs.
 //! `spanvmm-bench migration [--sizes 256,1024]`: live migration on loopback and on shaped
-//! network-namespace links (1 Gbit/s; 100 Mbit/s with 20 ms RTT through netlab's delay relay).
+//! network-namespace links (1 Gbit/s; 100 Mbit/s with 20 ms RTT through netlab's delay relay);
+//! `--workloads idle,dirty` (`+serial`: the guest's lines through the 16550 on both VMMs),
+//! `--runs N` interleaved rounds, spanvmm first in every other one.
 //! `spanvmm-bench live-update-failures [--runs-live-update N] [--seed S]`: the new process of a
 //! live update killed at random points, spanvmm against QEMU's cpr-transfer.
 //! `spanvmm-bench devices [--runs N]`: virtio-net (redis-benchmark against the guest's `kv`) and

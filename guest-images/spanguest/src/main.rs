@@ -115,9 +115,6 @@ fn fail(line: Line) -> ! {
 /// place the workload in RAM, then print `boot`.
 fn boot(start_info: u64, cpus: u64, t0: u64) -> Plan {
     let pv = pv::detect();
-    if pv {
-        console::use_pv_lines();
-    }
     if !(1..=MAX_CPUS).contains(&cpus) {
         fail(
             Line::new("error")
@@ -144,6 +141,9 @@ fn boot(start_info: u64, cpus: u64, t0: u64) -> Plan {
             line.text("").raw(e.token)
         })
     });
+    if pv && !cfg.serial_console {
+        console::use_pv_lines();
+    }
     let Some((khz, source)) = tsc::detect(cfg.tsc_khz, pv) else {
         fail(Line::new("error").text("cannot find the TSC frequency: pass tsc_khz="));
     };
