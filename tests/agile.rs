@@ -269,7 +269,18 @@ fn a_parked_vm_migrates_its_hot_set_and_references_to_the_cold_pages() {
     // migration, so every one must go as its location.
     let t_pause = Instant::now();
     src.ctl_ok(&["pause"]);
-    let before = stats(&src);
+    // A fault-in the guest started before its pause may still land after it (the pause kicks
+    // the vCPU out of its wait; the page server's read goes on): read the counts once they
+    // hold still (CI: 16 pages came back after the first read).
+    let mut before = stats(&src);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let again = stats(&src);
+        if n(&again, "evicted_now") == n(&before, "evicted_now") {
+            break;
+        }
+        before = again;
+    }
     let evicted = n(&before, "evicted_now");
     let resident = n(&before, "resident_pages");
     // Into prepared memory (`--memory`, every page present): the located pages must be
