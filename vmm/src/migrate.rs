@@ -4,6 +4,7 @@
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +57,10 @@ pub struct Migrations {
     pub incoming: Option<Arc<MigrationDest>>,
     /// The main loop's inbox: an outgoing migration's news for its service goes there.
     pub(crate) news: Option<std::sync::mpsc::Sender<Msg>>,
+    /// A `MigrationNews` waits in the inbox: more news adds none (one tick reads every fault
+    /// so far). Without it a post-copy's thousands of faults queued thousands of ticks ahead
+    /// of the API's requests (CI, under load: `ctl migrate`'s status poll waited 10 s).
+    news_queued: Arc<AtomicBool>,
 }
 
 /// What a poll found.
@@ -69,6 +74,11 @@ pub enum Polled {
 }
 
 impl Migrations {
+    /// The main loop took a `MigrationNews` up: news from now on queues another.
+    pub fn news_taken(&self) {
+        self.news_queued.store(false, Ordering::Release);
+    }
+
     /// An outgoing migration runs.
     pub fn outgoing(&self) -> bool {
         self.out.is_some()
@@ -201,8 +211,11 @@ impl Migrations {
                 // Agile: parked pages go as their locations (see `source.rs`).
                 parked: manager.parked_pages(),
                 news: self.news.clone().map(|tx| {
+                    let queued = self.news_queued.clone();
                     Arc::new(move || {
-                        let _ = tx.send(Msg::MigrationNews);
+                        if !queued.swap(true, Ordering::AcqRel) {
+                            let _ = tx.send(Msg::MigrationNews);
+                        }
                     }) as Arc<dyn Fn() + Send + Sync>
                 }),
             },

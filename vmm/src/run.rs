@@ -400,6 +400,7 @@ pub fn run(
                 break 0;
             }
             Ok(Msg::MigrationNews) => {
+                migrations.news_taken();
                 api::set_busy(Some("services' ticks".into()));
                 manager.tick_now(Capability::DrivesMigration, Instant::now());
             }
