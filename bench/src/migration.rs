@@ -665,8 +665,31 @@ pub fn run(
         });
     }
     let workloads: Vec<&str> = workloads.unwrap_or("idle,dirty").split(',').collect();
+    // The engines each VMM runs in a round (the two VMMs take turns going first).
+    enum Vmm<'a> {
+        Qemu(QemuEngine),
+        Spanvmm(&'a str),
+    }
+    let qemu_engines: Vec<Vmm> = [
+        QemuEngine::Precopy,
+        QemuEngine::PrecopyPrealloc,
+        QemuEngine::Postcopy,
+        QemuEngine::Multifd,
+    ]
+    .into_iter()
+    .filter(|e| wanted_engine(&format!("qemu-{}", e.name())))
+    .map(Vmm::Qemu)
+    .collect();
+    let spanvmm_engines: Vec<Vmm> = spanvmm_engines.iter().map(|&e| Vmm::Spanvmm(e)).collect();
     let mut runs = Vec::new();
     for &link in &links {
+        // Four times what the data needs on the link, at least a minute: a pre-copy that has
+        // not converged by then will not.
+        let need_s = |mem: u64| match link {
+            Link::Loopback => 0,
+            Link::Shaped { mbit, .. } => mem * 8 / mbit,
+            Link::Asymmetric { dst_mbit, .. } => mem * 8 / dst_mbit,
+        };
         for &mem in sizes {
             for &workload in &workloads {
                 for round in 0..repeat.max(1) {
@@ -679,53 +702,33 @@ pub fn run(
                     }
                     // Every other round runs spanvmm first: whatever one VMM's run leaves the
                     // host to do (freeing and reporting its guest's memory) falls on both alike.
-                    let spanvmm_first = round % 2 == 1;
-                    for turn in 0..2 {
-                        if (turn == 0) != spanvmm_first {
-                            for engine in [
-                                QemuEngine::Precopy,
-                                QemuEngine::PrecopyPrealloc,
-                                QemuEngine::Postcopy,
-                                QemuEngine::Multifd,
-                            ] {
-                                if !wanted_engine(&format!("qemu-{}", engine.name())) {
-                                    continue;
-                                }
-                                // Four times what the data needs on the link, at least a minute: a
-                                // pre-copy that has not converged by then will not.
-                                let need_s = match link {
-                                    Link::Loopback => 0,
-                                    Link::Shaped { mbit, .. } => mem * 8 / mbit,
-                                    Link::Asymmetric { dst_mbit, .. } => mem * 8 / dst_mbit,
-                                };
-                                let limit = Duration::from_secs((need_s * 4).max(60));
-                                let o =
-                                    qemu_migrate(elf, mem, workload, engine, link, limit, None)?;
-                                eprintln!(
-                                "{:>22} {mem:>5} MiB {workload:>5} qemu {:>8}: total {} ms, downtime {} ms, guest stall {} µs (then {} µs), {} MiB, verify bad={:?} {}",
-                                o.link, o.engine, o.total_ms, o.downtime_ms, o.guest_stall_us, o.guest_stall_after_us, o.bytes >> 20, o.verify_bad, o.note
-                            );
-                                runs.push(o);
+                    let (first, then) = if round % 2 == 1 {
+                        (&spanvmm_engines, &qemu_engines)
+                    } else {
+                        (&qemu_engines, &spanvmm_engines)
+                    };
+                    for vmm in first.iter().chain(then) {
+                        let o = match *vmm {
+                            Vmm::Qemu(engine) => {
+                                let limit = Duration::from_secs((need_s(mem) * 4).max(60));
+                                qemu_migrate(elf, mem, workload, engine, link, limit, None)?
                             }
-                        } else {
-                            for &engine in &spanvmm_engines {
-                                let o = crate::migration_spanvmm::spanvmm_migrate(
-                                    bin,
-                                    plugins,
-                                    elf,
-                                    mem,
-                                    workload,
-                                    engine,
-                                    link,
-                                    Duration::from_secs(300),
-                                )?;
-                                eprintln!(
-                                "{:>22} {mem:>5} MiB {workload:>5} spanvmm {:>8}: total {} ms, guest stall {} µs (then {} µs), {} MiB, verify bad={:?} {}",
-                                o.link, o.engine, o.total_ms, o.guest_stall_us, o.guest_stall_after_us, o.bytes >> 20, o.verify_bad, o.note
-                            );
-                                runs.push(o);
-                            }
-                        }
+                            Vmm::Spanvmm(engine) => crate::migration_spanvmm::spanvmm_migrate(
+                                bin,
+                                plugins,
+                                elf,
+                                mem,
+                                workload,
+                                engine,
+                                link,
+                                Duration::from_secs(300),
+                            )?,
+                        };
+                        eprintln!(
+                            "{:>22} {mem:>5} MiB {workload:>5} {} {:>8}: total {} ms, downtime {} ms, guest stall {} µs (then {} µs), {} MiB, verify bad={:?} {}",
+                            o.link, o.vmm, o.engine, o.total_ms, o.downtime_ms, o.guest_stall_us, o.guest_stall_after_us, o.bytes >> 20, o.verify_bad, o.note
+                        );
+                        runs.push(o);
                     }
                 }
             }

@@ -152,12 +152,13 @@ impl PioDevice for ConsoleLine {
         if self.ram.read(gpa, &mut len).is_err() {
             return IoAction::Continue;
         }
-        let mut line = vec![0u8; (u16::from_le_bytes(len) as usize).min(MAX_CONSOLE_LINE)];
-        if self.ram.read(gpa.saturating_add(2), &mut line).is_err() {
+        let mut buf = [0u8; MAX_CONSOLE_LINE];
+        let line = &mut buf[..(u16::from_le_bytes(len) as usize).min(MAX_CONSOLE_LINE)];
+        if self.ram.read(gpa.saturating_add(2), line).is_err() {
             return IoAction::Continue;
         }
         let mut serial = lock(&self.serial);
-        for b in line {
+        for &b in line.iter() {
             serial.pio_write(self.serial_data_port, &[b]);
         }
         IoAction::Continue
