@@ -223,6 +223,11 @@ fn the_source_is_evicted_before_the_gather_ends_and_a_killed_intermediary_loses_
     );
     assert_eq!(f(g, "fallback_runs"), 0, "the source was gone: {done}");
     assert_eq!(f(&done, "pages_needed"), 0, "{done}");
+    // While the source pushed pages on the link, the gather left it the destination's link.
+    assert!(
+        f(sc, "direct_pages") > 0 && f(g, "ahead_held_ms") > 0,
+        "{done}"
+    );
     let read: u64 = (0..2)
         .map(|i| f(&g["store"]["intermediaries"][i], "wire_in"))
         .sum();

@@ -424,7 +424,8 @@ fn main() -> anyhow::Result<()> {
             &out.unwrap_or_else(|| repo_root().join("bench/results/scatter-gather-scale.json")),
         ),
         // Fig. 9 analogue: `--sizes MIB` (1024), `--links MBIT` (the source's link, 1200; the
-        // destination's is a sixth), `--runs N` (1), `--workloads idle,dirty`.
+        // destination's is a sixth), `--runs N` (1), `--workloads idle,dirty`, `--engines
+        // scatter-gather,postcopy,precopy,qemu-postcopy,qemu-precopy` (all).
         Some("scatter-gather") => scatter_gather::run(
             &spanvmm_bin()?,
             &repo_root().join("target/plugins"),
@@ -433,6 +434,7 @@ fn main() -> anyhow::Result<()> {
             links.as_deref().map_or(Ok(1200), str::parse)?,
             if args.iter().any(|a| a == "--runs") { runs } else { 1 },
             &workloads.as_deref().unwrap_or("idle,dirty").split(',').collect::<Vec<_>>(),
+            engines.as_deref(),
             &out.unwrap_or_else(|| repo_root().join("bench/results/scatter-gather.json")),
         ),
         // Gang migration: `--vms N` (4) of `--sizes MIB` (256) across a `--links MBIT` (200)

@@ -68,10 +68,37 @@ pub fn run(
     src_mbit: u64,
     runs: usize,
     workloads: &[&str],
+    engines: Option<&str>,
     out: &Path,
 ) -> anyhow::Result<()> {
     netlab::NetLab::available().map_err(anyhow::Error::msg)?;
     RedisServer::available().map_err(anyhow::Error::msg)?;
+    const ROWS: [(&str, &str); 5] = [
+        ("spanvmm", "scatter-gather"),
+        ("spanvmm", "postcopy"),
+        ("spanvmm", "precopy"),
+        ("qemu", "postcopy"),
+        ("qemu", "precopy"),
+    ];
+    // `--engines`: the rows' names, QEMU's prefixed (`scatter-gather,qemu-precopy`).
+    let name = |(vmm, engine): (&str, &str)| {
+        if vmm == "qemu" {
+            format!("qemu-{engine}")
+        } else {
+            engine.to_string()
+        }
+    };
+    let rows: Vec<(&str, &str)> = match engines {
+        None => ROWS.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|e| {
+                ROWS.into_iter().find(|&r| name(r) == e).with_context(|| {
+                    format!("--engines: {e} is not one of {}", ROWS.map(name).join(","))
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
     let link = Link::Asymmetric {
         src_mbit,
         dst_mbit: src_mbit / 6,
@@ -81,13 +108,7 @@ pub fn run(
     std::fs::create_dir_all(&dir)?;
     let mut keys = Vec::new();
     for &w in workloads {
-        for (vmm, engine) in [
-            ("spanvmm", "scatter-gather"),
-            ("spanvmm", "postcopy"),
-            ("spanvmm", "precopy"),
-            ("qemu", "postcopy"),
-            ("qemu", "precopy"),
-        ] {
+        for &(vmm, engine) in &rows {
             keys.push((vmm, engine, w));
         }
     }

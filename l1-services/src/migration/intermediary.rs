@@ -51,8 +51,9 @@ pub fn content_hash(page: &[u8]) -> ContentHash {
 
 /// The largest value stored (a page is 4 KiB; room for larger units).
 pub const MAX_VALUE: usize = 1 << 20;
-/// Pages per pipelined round trip (bounds what one intermediary buffers for us).
-const PIPELINE: usize = 256;
+/// Pages per pipelined round trip (bounds what one intermediary buffers for us): a scatter
+/// batch (a record's span) in one probe and one write.
+const PIPELINE: usize = super::wire::BATCH_PAGES as usize;
 /// A page.
 const PAGE: usize = base_vmm::memory::PAGE_SIZE as usize;
 const MAGIC: &[u8; 4] = b"SGv1";

@@ -143,6 +143,8 @@ pub struct GatherStats {
     /// The last such failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Time the read-ahead was held back ([`GatherSource::limit_ahead`]), ms.
+    pub ahead_held_ms: u64,
     /// The store's counters (bytes per intermediary, corrupt values refused).
     pub store: StoreStats,
 }
@@ -160,6 +162,11 @@ pub struct GatherSource<D: PageSource> {
     last_error: Option<String>,
     /// The gather's reads in flight ([`GatherSource::start_ahead`]): tag → run.
     ahead: Option<StorePool>,
+    /// Runs read ahead at once at most (default: one per worker).
+    ahead_limit: Option<usize>,
+    /// Since when a limit holds, and for how long limits held before.
+    limited_since: Option<std::time::Instant>,
+    limited_for: Duration,
     ahead_runs: HashMap<u64, Range<u64>>,
     next_tag: u64,
 }
@@ -187,6 +194,9 @@ impl<D: PageSource> GatherSource<D> {
             fallback_runs: 0,
             last_error: None,
             ahead: None,
+            ahead_limit: None,
+            limited_since: None,
+            limited_for: Duration::ZERO,
             ahead_runs: HashMap::new(),
             next_tag: 0,
         }
@@ -200,11 +210,25 @@ impl<D: PageSource> GatherSource<D> {
         Ok(())
     }
 
-    /// Whether another gather run can be read ahead now (one per worker).
+    /// Whether another gather run can be read ahead now (one per worker, or the limit).
     pub fn ahead_room(&self) -> bool {
-        self.ahead
-            .as_ref()
-            .is_some_and(|p| p.in_flight() < p.workers())
+        self.ahead.as_ref().is_some_and(|p| {
+            p.in_flight() < self.ahead_limit.map_or(p.workers(), |l| l.min(p.workers()))
+        })
+    }
+
+    /// Reads at most `limit` runs ahead at once (`None`: one per worker); the time limits
+    /// hold is counted (`ahead_held_ms`).
+    pub fn limit_ahead(&mut self, limit: Option<usize>) {
+        match (self.limited_since, limit) {
+            (None, Some(_)) => self.limited_since = Some(std::time::Instant::now()),
+            (Some(t), None) => {
+                self.limited_for += t.elapsed();
+                self.limited_since = None;
+            }
+            _ => {}
+        }
+        self.ahead_limit = limit;
     }
 
     /// Gather runs being read.
@@ -286,6 +310,9 @@ impl<D: PageSource> GatherSource<D> {
             direct_runs: self.direct_runs,
             fallback_runs: self.fallback_runs,
             last_error: self.last_error.clone(),
+            ahead_held_ms: (self.limited_for
+                + self.limited_since.map_or(Duration::ZERO, |t| t.elapsed()))
+            .as_millis() as u64,
             store: {
                 let mut st = self.store.stats();
                 if let Some(p) = &self.ahead {

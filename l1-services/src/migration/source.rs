@@ -1411,13 +1411,15 @@ impl Sender<'_> {
 
     /// Picks the next batch: faults, urgent ranges, then the pending bitmap. In post-copy only
     /// pages the destination still lacks are taken, and each once.
-    fn next_batch(&mut self) -> Option<(u64, u64, Vec<u64>)> {
+    fn next_batch(&mut self, wide: bool) -> Option<(u64, u64, Vec<u64>)> {
         let pages = self.src.pages;
         let mut st = self.st();
         let postcopy = matches!(st.phase, Phase::Postcopy);
         // Post-copy batches are small so a fault's page never waits behind a big one: at most
-        // the send queue's worth (see `postcopy_queue`).
-        let batch = if postcopy && self.queue_cap > 0 {
+        // the send queue's worth (see `postcopy_queue`); `wide` ones go elsewhere.
+        let batch = if wide {
+            BATCH_PAGES
+        } else if postcopy && self.queue_cap > 0 {
             (self.queue_cap / PAGE as u64).clamp(4, POSTCOPY_BATCH)
         } else if postcopy {
             POSTCOPY_BATCH
@@ -1537,9 +1539,15 @@ impl Sender<'_> {
     }
 
     /// A background batch after the switch-over, Scatter-Gather: zero pages as markers on
-    /// the link; the data pages on the link while it keeps up, else to the intermediaries
+    /// the link; the data pages on the link (`direct`: it keeps up) or to the intermediaries
     /// (and their `located` record on the link). Each page goes one way, once.
-    fn scatter_batch(&mut self, first: u64, span: u64, sel: &[u64]) -> Result<(), LinkError> {
+    fn scatter_batch(
+        &mut self,
+        first: u64,
+        span: u64,
+        sel: &[u64],
+        direct: bool,
+    ) -> Result<(), LinkError> {
         // Parked pages (agile) are at the intermediaries already: their locations go.
         let rest = self.send_parked(first, span, sel)?;
         let sel = &rest[..];
@@ -1570,21 +1578,6 @@ impl Sender<'_> {
             }
             return Ok(());
         }
-        // The link while it keeps up; else the workers, as soon as one has room. While all
-        // are busy, finished batches are sent on (their `located` records) and the link is
-        // looked at again: whichever frees first takes the batch.
-        let direct = loop {
-            // What TLS holds beyond the socket counts as behind (at most its buffer).
-            let buffered = self.link.pending_tls();
-            let sc = self.scatter.as_ref().expect("checked by the caller");
-            if sc.link_keeps_up(self.link.fd(), buffered)? {
-                break true;
-            }
-            if sc.has_room() {
-                break false;
-            }
-            self.scatter_finished(Duration::from_millis(2))?;
-        };
         let sc = self.scatter.as_mut().expect("checked by the caller");
         sc.count(direct);
         if direct {
@@ -1882,7 +1875,7 @@ impl Sender<'_> {
         // meanwhile (a held migration sends its held rounds, as before).
         let postcopy_now = src_switch_is_postcopy(self.src) && self.src.hold.is_none();
         if !postcopy_now {
-            if let Some((first, span, sel)) = self.next_batch() {
+            if let Some((first, span, sel)) = self.next_batch(false) {
                 self.send_batch(first, span, &sel)?;
                 return Ok(None);
             }
@@ -2232,25 +2225,31 @@ impl Sender<'_> {
                 !st.faults.is_empty(),
             )
         };
-        // Scatter-Gather with every worker busy and the link behind: wait for either here,
-        // where a fault is not held up behind a batch already taken.
+        // Scatter-Gather's background push: on the link while it keeps up (what TLS holds
+        // beyond the socket counts as behind), else to a worker with room; with neither,
+        // wait for either here, where a fault is not held up behind a batch already taken.
+        let mut route = None;
         if background {
             if let Some(sc) = &self.scatter {
-                if !sc.has_room() && !sc.link_keeps_up(self.link.fd(), self.link.pending_tls())? {
+                let direct = sc.link_keeps_up(self.link.fd(), self.link.pending_tls())?;
+                if !direct && !sc.has_room() {
                     self.scatter_finished(Duration::from_millis(2))?;
                     return Ok(None);
                 }
+                route = Some(direct);
             }
         }
-        if let Some((first, span, sel)) = self.next_batch() {
+        // A batch for the intermediaries is as wide as a record spans: no fault waits behind
+        // it, and each worker's round trips carry more pages.
+        if let Some((first, span, sel)) = self.next_batch(route == Some(false)) {
             if fault {
                 // What the faulted page queues behind (the kernel's unsent bytes).
                 let ahead = super::scatter::unsent_bytes(self.link.fd()).unwrap_or(0);
                 let mut st = self.st();
                 st.report.fault_queued_max_bytes = st.report.fault_queued_max_bytes.max(ahead);
             }
-            if background && self.scatter.is_some() {
-                self.scatter_batch(first, span, &sel)?;
+            if let Some(direct) = route {
+                self.scatter_batch(first, span, &sel, direct)?;
             } else {
                 self.send_batch(first, span, &sel)?;
             }
@@ -2605,7 +2604,7 @@ impl handover::Handover for Switch<'_, '_> {
         self.sent_since_reply = true;
         match self.mode {
             SwitchMode::StopAndCopy => {
-                while let Some((first, span, sel)) = tx.next_batch() {
+                while let Some((first, span, sel)) = tx.next_batch(false) {
                     tx.send_batch(first, span, &sel)?;
                 }
                 tx.link.send(&Frame::State {
@@ -2719,7 +2718,7 @@ impl handover::Handover for Switch<'_, '_> {
             }
             drop(st);
             while !tx.st().faults.is_empty() {
-                let Some((first, span, sel)) = tx.next_batch() else {
+                let Some((first, span, sel)) = tx.next_batch(false) else {
                     break;
                 };
                 tx.send_batch(first, span, &sel)?;
