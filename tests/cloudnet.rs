@@ -158,6 +158,26 @@ fn smart_stop_stops_at_a_local_minimum_before_the_round_cap() {
 }
 
 #[test]
+fn smart_stop_stops_on_a_plateau_without_waiting_for_the_stall_rule() {
+    let Some(wan) = Wan::new("cnet-plateau") else {
+        return;
+    };
+    // SPECjbb-like: mostly zero memory, an 8 MiB working set rewritten far faster than the
+    // ~3000 pages/s of link, so that every round leaves all of it dirty again: a plateau.
+    // The stall rule is pushed out of the way (100 rounds), as is the round cap.
+    let guest = "workload=zero,dirty,verify mib=32 wss=8 rate=20000 report_ms=200";
+    let config = r#"{"smart_stop":true,"stall_rounds":100,"max_rounds":30}"#;
+    let r = migrate(&wan, "cnet-plateau", guest, "precopy.wasm", config);
+    let stderr = r.src.stderr();
+    let report = arrived(r, "smart stop on a plateau");
+    assert!(stderr.contains("smart stop: a local minimum"), "{stderr}");
+    // Round 1 sends the memory, round 2 the working set and finds it all dirty again (the
+    // crossover, at the plateau's level): it stops there, or a round or two later if the
+    // set's size wobbles under a loaded host.
+    assert!(n(&report, "rounds") <= 5, "{report}");
+}
+
+#[test]
 fn all_optimizations_together() {
     let Some(wan) = Wan::new("cnet-all") else {
         return;

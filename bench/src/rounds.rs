@@ -129,9 +129,10 @@ pub struct Table<'a, K, S> {
 }
 
 impl<K, S: Serialize> Table<'_, K, S> {
-    /// Prints the table of the cases that have a run (a `failed` column last) and returns their
-    /// JSON rows: the key's fields, `failed`, each column's [`Stat`] under its key (left out
-    /// where no run has the figure), and `runs`.
+    /// Prints the table of the cases that ran (a `failed` column last; a case whose every run
+    /// failed keeps its row, with no figures) and returns their JSON rows: the key's fields,
+    /// `failed`, each column's [`Stat`] under its key (left out where no run has the figure),
+    /// and `runs`.
     pub fn rows(&self, cases: &[Case<K, S>]) -> anyhow::Result<Vec<Value>> {
         let heads: Vec<&str> = self
             .key_heads
@@ -144,7 +145,7 @@ impl<K, S: Serialize> Table<'_, K, S> {
         eprintln!("| {} |", heads.join(" | "));
         eprintln!("|{}", "---|".repeat(heads.len()));
         let mut rows = Vec::new();
-        for c in cases.iter().filter(|c| !c.runs.is_empty()) {
+        for c in cases.iter().filter(|c| !c.runs.is_empty() || c.failed > 0) {
             let mut row = match (self.key_json)(&c.key) {
                 Value::Object(m) => m,
                 other => Map::from_iter([("case".to_string(), other)]),
@@ -218,7 +219,7 @@ mod tests {
                 failed: 0,
             },
             Case {
-                key: "never ran",
+                key: "every run failed",
                 runs: vec![],
                 failed: 3,
             },
@@ -238,7 +239,9 @@ mod tests {
         }
         .rows(&cases)
         .unwrap();
-        assert_eq!(rows.len(), 2, "a case with no run has no row");
+        assert_eq!(rows.len(), 3, "a case whose every run failed keeps its row");
+        assert_eq!(rows[2]["failed"], 3);
+        assert!(rows[2].get("ms").is_none(), "{}", rows[2]);
         assert_eq!(rows[0]["case"], "with");
         assert_eq!(rows[0]["failed"], 1);
         assert_eq!(

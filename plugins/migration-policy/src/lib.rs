@@ -23,10 +23,11 @@
 //! - `redundancy` (cache `cache_mb`, `blocks` per page) and `deltas`: the host's page
 //!   encodings, chosen before the first page (pre-copy rounds and the stop-and-copy; post-copy
 //!   pages go raw).
-//! - `smart_stop` (precopy, hybrid): CloudNet's Smart Stop-and-Copy. Once a round dirtied more
-//!   pages than it sent (the crossover: iterating further gains little), it stops at the first
-//!   round whose remaining dirty set is below every one of the previous `smart_window` rounds
-//!   (a local minimum), instead of waiting for the stall or round limits.
+//! - `smart_stop` (precopy, hybrid): CloudNet's Smart Stop-and-Copy. Once a round left about
+//!   as many pages dirty as it sent or more (within a tenth: the crossover, iterating further
+//!   gains little), it stops at the first round whose remaining dirty set is at most each of
+//!   the previous `smart_window` rounds' (within 1 %: a local minimum; on a plateau, its
+//!   first round), instead of waiting for the stall or round limits.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -246,11 +247,11 @@ impl Policy {
             mig::queue_pages(&dirty, self.round)?;
             return Ok(());
         };
-        // Smart Stop is CloudNet's stop-and-copy rule: it keeps its stop-and-copy. No rate
-        // measured yet (the host's first window is 0.2 s; a fast link may be done sooner) is
-        // no reason to think the pause long.
-        let long_pause =
-            c.max_pause_ms > 0.0 && self.peak_rate > 0 && est_ms > c.max_pause_ms && !smart;
+        // Whatever stopped the rounds (Smart Stop included: it says when, not how), a final
+        // copy that would pause long goes post-copy instead; `max_pause_ms: 0` keeps the
+        // stop-and-copy, as CloudNet's Xen did. No rate measured yet (the host's first window
+        // is 0.2 s; a fast link may be done sooner) is no reason to think the pause long.
+        let long_pause = c.max_pause_ms > 0.0 && self.peak_rate > 0 && est_ms > c.max_pause_ms;
         let mode = if !converged && (self.mode == Mode::Hybrid || long_pause) {
             SwitchMode::Postcopy
         } else {
@@ -274,9 +275,10 @@ impl Policy {
         if !self.cfg.smart_stop {
             return false;
         }
-        let stop =
-            self.searching && !self.recent.is_empty() && self.recent.iter().all(|&r| remaining < r);
-        if !self.searching && remaining > self.round_pages {
+        // The crossover: the round left as many pages dirty as it sent, or nearly (it shrank
+        // the set by less than a tenth: a working set rewritten as fast as the link drains
+        // it wobbles by a page or two around the round's size).
+        if !self.searching && remaining * 10 >= self.round_pages * 9 {
             self.searching = true;
             info(&format!(
                 "smart stop: round {} dirtied {remaining} pages, sent {}: searching for a \
@@ -284,6 +286,12 @@ impl Policy {
                 self.round, self.round_pages
             ));
         }
+        // A local minimum: no more than any of the last rounds, within 1 %. On a plateau (a
+        // working set rewritten faster than the link drains it) that is its first round: a
+        // round more sends the same pages again and leaves as many.
+        let stop = self.searching
+            && !self.recent.is_empty()
+            && self.recent.iter().all(|&r| remaining * 100 <= r * 101);
         self.recent.push_back(remaining);
         if self.recent.len() > self.cfg.smart_window as usize {
             self.recent.pop_front();
