@@ -141,36 +141,38 @@ fn page_deltas_send_partial_writes_as_small_deltas() {
     assert_eq!(n(e, "cache_hits"), 0, "{e}");
 }
 
+/// Migrates `guest` with Smart Stop alone, the stall rule and the round cap out of its way
+/// (100 rounds, 30): Smart Stop must be what ended the rounds. The report (None where the
+/// test may skip, as [`Wan::new`]).
+fn smart_stop_alone(tag: &str, guest: &str) -> Option<Value> {
+    let wan = Wan::new(tag)?;
+    let config = r#"{"smart_stop":true,"stall_rounds":100,"max_rounds":30}"#;
+    let r = migrate(&wan, tag, guest, "precopy.wasm", config);
+    let stderr = r.src.stderr();
+    let report = arrived(r, tag);
+    assert!(stderr.contains("smart stop: a local minimum"), "{stderr}");
+    Some(report)
+}
+
 #[test]
 fn smart_stop_stops_at_a_local_minimum_before_the_round_cap() {
-    let Some(wan) = Wan::new("cnet-smart") else {
+    // Dirtying 1000..8000 pages/s in 1 s phases over 32 MiB, against ~3000 pages/s of link:
+    // it never converges.
+    let guest = "workload=dirty,verify mib=32 rate=4000 vary_ms=1000 stall_us=2000 report_ms=200";
+    let Some(report) = smart_stop_alone("cnet-smart", guest) else {
         return;
     };
-    // Dirtying 1000..8000 pages/s in 1 s phases over 32 MiB, against ~3000 pages/s of link:
-    // it never converges; the stall rule is pushed out of the way (100 rounds).
-    let guest = "workload=dirty,verify mib=32 rate=4000 vary_ms=1000 stall_us=2000 report_ms=200";
-    let config = r#"{"smart_stop":true,"stall_rounds":100,"max_rounds":30}"#;
-    let r = migrate(&wan, "cnet-smart", guest, "precopy.wasm", config);
-    let stderr = r.src.stderr();
-    let report = arrived(r, "smart stop");
-    assert!(stderr.contains("smart stop: a local minimum"), "{stderr}");
     assert!(n(&report, "rounds") < 30, "{report}");
 }
 
 #[test]
 fn smart_stop_stops_on_a_plateau_without_waiting_for_the_stall_rule() {
-    let Some(wan) = Wan::new("cnet-plateau") else {
-        return;
-    };
     // SPECjbb-like: mostly zero memory, an 8 MiB working set rewritten far faster than the
     // ~3000 pages/s of link, so that every round leaves all of it dirty again: a plateau.
-    // The stall rule is pushed out of the way (100 rounds), as is the round cap.
     let guest = "workload=zero,dirty,verify mib=32 wss=8 rate=20000 report_ms=200";
-    let config = r#"{"smart_stop":true,"stall_rounds":100,"max_rounds":30}"#;
-    let r = migrate(&wan, "cnet-plateau", guest, "precopy.wasm", config);
-    let stderr = r.src.stderr();
-    let report = arrived(r, "smart stop on a plateau");
-    assert!(stderr.contains("smart stop: a local minimum"), "{stderr}");
+    let Some(report) = smart_stop_alone("cnet-plateau", guest) else {
+        return;
+    };
     // Round 1 sends the memory, round 2 the working set and finds it all dirty again (the
     // crossover, at the plateau's level): it stops there, or a round or two later if the
     // set's size wobbles under a loaded host.

@@ -1737,7 +1737,7 @@ impl Gather {
     /// or the source left), every reader works. Demand faults are served either way.
     fn pace(&mut self) {
         let pushing = self.last_push.is_some_and(|t| t.elapsed() < PUSH_QUIET);
-        self.source.limit_ahead(pushing.then_some(0));
+        self.source.hold_ahead(pushing);
     }
 
     /// Connects to the intermediaries a `store` record names.

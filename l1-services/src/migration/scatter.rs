@@ -143,7 +143,7 @@ pub struct GatherStats {
     /// The last such failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// Time the read-ahead was held back ([`GatherSource::limit_ahead`]), ms.
+    /// Time the read-ahead was held back ([`GatherSource::hold_ahead`]), ms.
     pub ahead_held_ms: u64,
     /// The store's counters (bytes per intermediary, corrupt values refused).
     pub store: StoreStats,
@@ -162,11 +162,10 @@ pub struct GatherSource<D: PageSource> {
     last_error: Option<String>,
     /// The gather's reads in flight ([`GatherSource::start_ahead`]): tag → run.
     ahead: Option<StorePool>,
-    /// Runs read ahead at once at most (default: one per worker).
-    ahead_limit: Option<usize>,
-    /// Since when a limit holds, and for how long limits held before.
-    limited_since: Option<std::time::Instant>,
-    limited_for: Duration,
+    /// Since when the read-ahead is held ([`GatherSource::hold_ahead`]), and for how long
+    /// it was held before.
+    held_since: Option<std::time::Instant>,
+    held_for: Duration,
     ahead_runs: HashMap<u64, Range<u64>>,
     next_tag: u64,
 }
@@ -194,9 +193,8 @@ impl<D: PageSource> GatherSource<D> {
             fallback_runs: 0,
             last_error: None,
             ahead: None,
-            ahead_limit: None,
-            limited_since: None,
-            limited_for: Duration::ZERO,
+            held_since: None,
+            held_for: Duration::ZERO,
             ahead_runs: HashMap::new(),
             next_tag: 0,
         }
@@ -210,25 +208,26 @@ impl<D: PageSource> GatherSource<D> {
         Ok(())
     }
 
-    /// Whether another gather run can be read ahead now (one per worker, or the limit).
+    /// Whether another gather run can be read ahead now (one per worker, none while held).
     pub fn ahead_room(&self) -> bool {
-        self.ahead.as_ref().is_some_and(|p| {
-            p.in_flight() < self.ahead_limit.map_or(p.workers(), |l| l.min(p.workers()))
-        })
+        self.held_since.is_none()
+            && self
+                .ahead
+                .as_ref()
+                .is_some_and(|p| p.in_flight() < p.workers())
     }
 
-    /// Reads at most `limit` runs ahead at once (`None`: one per worker); the time limits
-    /// hold is counted (`ahead_held_ms`).
-    pub fn limit_ahead(&mut self, limit: Option<usize>) {
-        match (self.limited_since, limit) {
-            (None, Some(_)) => self.limited_since = Some(std::time::Instant::now()),
-            (Some(t), None) => {
-                self.limited_for += t.elapsed();
-                self.limited_since = None;
+    /// Holds the read-ahead (no run started) or lets it go; the time held is counted
+    /// (`ahead_held_ms`).
+    pub fn hold_ahead(&mut self, hold: bool) {
+        match (self.held_since, hold) {
+            (None, true) => self.held_since = Some(std::time::Instant::now()),
+            (Some(t), false) => {
+                self.held_for += t.elapsed();
+                self.held_since = None;
             }
             _ => {}
         }
-        self.ahead_limit = limit;
     }
 
     /// Gather runs being read.
@@ -310,9 +309,8 @@ impl<D: PageSource> GatherSource<D> {
             direct_runs: self.direct_runs,
             fallback_runs: self.fallback_runs,
             last_error: self.last_error.clone(),
-            ahead_held_ms: (self.limited_for
-                + self.limited_since.map_or(Duration::ZERO, |t| t.elapsed()))
-            .as_millis() as u64,
+            ahead_held_ms: (self.held_for + self.held_since.map_or(Duration::ZERO, |t| t.elapsed()))
+                .as_millis() as u64,
             store: {
                 let mut st = self.store.stats();
                 if let Some(p) = &self.ahead {
@@ -706,55 +704,9 @@ impl Scatter {
         s
     }
 
-    /// Whether the next batch goes on the link (socket `link_fd`, `buffered` bytes in its own
-    /// buffers), for a caller that sends it itself (zero-copy from guest memory); counts the
-    /// choice. [`Scatter::sent_direct`] then counts its pages.
-    pub fn go_direct(
-        &mut self,
-        link_fd: std::os::fd::RawFd,
-        buffered: u64,
-    ) -> std::io::Result<bool> {
-        self.router.go_direct(link_fd, buffered)
-    }
-
     /// Counts `n` pages the caller sent on the link.
     pub fn sent_direct(&mut self, n: u64) {
         self.stats.direct_pages += n;
-    }
-
-    /// Stores the pages of `first..first + span` selected by `present` (`pages`: theirs, in
-    /// order) at the intermediaries: the `located` record to send.
-    pub fn put_selected(
-        &mut self,
-        first: u64,
-        span: u16,
-        present: &[u64],
-        pages: &[&[u8]],
-    ) -> Result<records::Located, ScatterError> {
-        let nw = (span as usize).div_ceil(64);
-        let n: usize = present
-            .iter()
-            .take(nw)
-            .map(|w| w.count_ones() as usize)
-            .sum();
-        if span == 0
-            || span as u64 > super::wire::BATCH_PAGES
-            || present.len() < nw
-            || n != pages.len()
-        {
-            return Err(ScatterError::Batch(pages.len() * PAGE_SIZE as usize));
-        }
-        if let Some(p) = pages.iter().find(|p| p.len() != PAGE_SIZE as usize) {
-            return Err(ScatterError::Batch(p.len()));
-        }
-        let hashes = self.store.put(pages)?;
-        self.stats.scattered_pages += n as u64;
-        Ok(records::Located {
-            first,
-            span,
-            present: present[..nw].to_vec(),
-            hashes,
-        })
     }
 }
 
