@@ -186,6 +186,9 @@ impl NoteQueues {
 #[derive(Default)]
 pub(crate) struct DirtyFanout {
     holders: BTreeMap<u64, Vec<u64>>,
+    /// The last holder leaving does not stop the log (see
+    /// [`crate::ServiceManager::leave_dirty_log_on`]).
+    pub keep_on: bool,
 }
 
 fn or_into(dst: &mut Vec<u64>, src: &[u64]) {
@@ -234,7 +237,7 @@ impl DirtyFanout {
 
     /// Removes a holder; the last one stops the dirty log.
     pub(crate) fn unregister(&mut self, id: u64, host: &dyn VmHost) {
-        if self.holders.remove(&id).is_some() && self.holders.is_empty() {
+        if self.holders.remove(&id).is_some() && self.holders.is_empty() && !self.keep_on {
             if let Err(e) = host.stop_dirty_log() {
                 tracing::warn!("cannot stop dirty logging: {e}");
             }

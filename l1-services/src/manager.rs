@@ -1537,6 +1537,13 @@ impl ServiceManager {
         lock(&self.shared.agile).as_ref().map(|(_, e)| e.parked())
     }
 
+    /// The guest runs at a migration's destination now and this process goes: dirty logging
+    /// stays on when its holders detach (turning it off changes the memory slots, which waits
+    /// for every vCPU thread in KVM: seconds on a loaded host, and for nothing now).
+    pub fn leave_dirty_log_on(&self) {
+        lock(&self.shared.dirty).keep_on = true;
+    }
+
     /// The guest has migrated away: the agile engine is dropped without bringing its pages
     /// back (the destination has them, or reads them from the intermediaries).
     pub fn guest_left(&self) {

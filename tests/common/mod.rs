@@ -79,6 +79,8 @@ pub struct VmProcess {
     pub api: PathBuf,
     pub dir: TempDir,
     stderr: Arc<Mutex<String>>,
+    /// The process's stderr reached its end (everything it wrote is in `stderr`).
+    stderr_closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Parses `key=value` fields of a spanguest line.
@@ -155,11 +157,14 @@ impl VmProcess {
         let stderr = Arc::new(Mutex::new(String::new()));
         let e = stderr.clone();
         let child_err = child.stderr.take().unwrap();
+        let stderr_closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed = stderr_closed.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(child_err).lines().map_while(Result::ok) {
                 e.lock().unwrap().push_str(&line);
                 e.lock().unwrap().push('\n');
             }
+            closed.store(true, std::sync::atomic::Ordering::Release);
         });
         VmProcess {
             child,
@@ -167,6 +172,7 @@ impl VmProcess {
             api,
             dir,
             stderr,
+            stderr_closed,
         }
     }
 
@@ -402,6 +408,16 @@ impl VmProcess {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(s) = self.child.try_wait().unwrap() {
+                // Its last lines may still be on their way to `stderr` (a process it handed
+                // its stderr to, by a live update, may hold the pipe: not waited for long).
+                let read_by = Instant::now() + Duration::from_secs(2);
+                while !self
+                    .stderr_closed
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    && Instant::now() < read_by
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 return s.code();
             }
             std::thread::sleep(Duration::from_millis(20));

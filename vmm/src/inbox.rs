@@ -26,6 +26,9 @@ pub(crate) enum Msg {
     /// The outgoing migration has news for its service (a post-copy fault, to pre-page
     /// around): tick it now rather than at its next period.
     MigrationNews,
+    /// The client that started the migration that moved the guest away has its report (see
+    /// [`crate::migrate::MigrationWatch`]): the process goes once this signals it is written.
+    ReportTaken(std::sync::mpsc::Receiver<()>),
 }
 
 /// The write end of the pipe the stop-signal handler writes to (-1 before it exists).

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -20,7 +20,7 @@ use l1_services::{Capability, ServiceManager};
 use serde_json::{json, Value};
 
 pub use crate::api::routes::{MigrateRequest, MigrateStart};
-use crate::api::{ApiRequest, ApiResult};
+use crate::api::{ApiCall, ApiRequest, ApiResult};
 use crate::inbox::Msg;
 use crate::metrics::{Counters, MIGRATION_RESULTS};
 use crate::services::VmmHost;
@@ -48,19 +48,116 @@ struct Outgoing {
 /// The VM's migrations, as the main loop keeps them.
 #[derive(Default)]
 pub struct Migrations {
-    out: Option<Outgoing>,
-    /// The last finished outgoing migration's id and report.
-    last: Option<(u64, Value)>,
+    /// Shared with the API's threads (see [`MigrationWatch`]).
+    board: Arc<Mutex<Board>>,
     /// Ids handed out so far.
     ids: u64,
-    /// The incoming migration this VM arrived by.
-    pub incoming: Option<Arc<MigrationDest>>,
     /// The main loop's inbox: an outgoing migration's news for its service goes there.
     pub(crate) news: Option<std::sync::mpsc::Sender<Msg>>,
     /// A `MigrationNews` waits in the inbox: more news adds none (one tick reads every fault
     /// so far). Without it a post-copy's thousands of faults queued thousands of ticks ahead
     /// of the API's requests (CI, under load: `ctl migrate`'s status poll waited 10 s).
     news_queued: Arc<AtomicBool>,
+}
+
+/// What a migration's watchers read: the main loop changes it, the API's threads read it too.
+#[derive(Default)]
+struct Board {
+    out: Option<Outgoing>,
+    /// The last finished outgoing migration's id and report.
+    last: Option<(u64, Value)>,
+    /// The incoming migration this VM arrived by.
+    incoming: Option<Arc<MigrationDest>>,
+}
+
+impl Board {
+    /// `GET /vm/migration`.
+    fn status(&self) -> Value {
+        if let Some(o) = &self.out {
+            return json!({ "id": o.id, "progress": o.session.progress() });
+        }
+        if let Some((id, r)) = &self.last {
+            return json!({ "id": id, "report": r });
+        }
+        if let Some(d) = &self.incoming {
+            return json!({ "incoming": d.progress() });
+        }
+        json!({})
+    }
+
+    /// A starter's poll of migration `id`: its progress, or its report once finished (true
+    /// with it when the guest moved away: that client was waited for, this process may go).
+    fn poll(&self, id: u64) -> (ApiResult, bool) {
+        match (&self.out, &self.last) {
+            (Some(o), _) if o.id == id => (
+                Ok(json!({ "id": id, "progress": o.session.progress() })),
+                false,
+            ),
+            (_, Some((last, r))) if *last == id => {
+                let moved = r["result"] == "completed";
+                (Ok(json!({ "id": id, "report": r })), moved)
+            }
+            _ => (Err((404, format!("no migration {id} here"))), false),
+        }
+    }
+}
+
+/// Answers a migration's watchers from the API's thread, without the main loop: it can be
+/// held for seconds (KVM takes that long to turn a memory slot's dirty logging on or off on
+/// a loaded host, as a migration's service attaches and detaches), and `ctl migrate`'s polls
+/// would wait behind it.
+#[derive(Clone)]
+pub struct MigrationWatch(Arc<Mutex<Board>>);
+
+/// What [`MigrationWatch::answer`] did with a call.
+pub(crate) enum Watched {
+    /// Answered (or its client gave up on it).
+    Answered,
+    /// Answered with the report of the migration that moved the guest away, to the client
+    /// that started it: the main loop ends once the answer is written (this signals it).
+    ReportTaken(Receiver<()>),
+    /// Not a watcher's call, or nothing to say yet: the main loop's.
+    Forward(ApiCall),
+}
+
+impl MigrationWatch {
+    /// Answers `GET /vm/migration` and `PUT /vm/migrate {"poll": id}` once there is a
+    /// migration to report on; hands any other call back.
+    pub(crate) fn answer(&self, call: ApiCall) -> Watched {
+        let board = lock(&self.0);
+        let (answer, moved) = match &call.0 {
+            ApiRequest::MigrationStatus
+                if board.out.is_some() || board.last.is_some() || board.incoming.is_some() =>
+            {
+                (Ok(board.status()), false)
+            }
+            ApiRequest::Migrate(MigrateRequest::Poll(id))
+                if board.out.as_ref().is_some_and(|o| o.id == *id)
+                    || board.last.as_ref().is_some_and(|(last, _)| last == id) =>
+            {
+                board.poll(*id)
+            }
+            _ => {
+                drop(board);
+                return Watched::Forward(call);
+            }
+        };
+        drop(board);
+        let (_, reply, written) = call;
+        if !reply.claim() {
+            return Watched::Answered;
+        }
+        let _ = reply.send(answer);
+        if moved {
+            Watched::ReportTaken(written)
+        } else {
+            Watched::Answered
+        }
+    }
+}
+
+fn lock(board: &Mutex<Board>) -> MutexGuard<'_, Board> {
+    board.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What a poll found.
@@ -79,15 +176,30 @@ impl Migrations {
         self.news_queued.store(false, Ordering::Release);
     }
 
+    /// The watchers' view, for the API's threads.
+    pub fn watch(&self) -> MigrationWatch {
+        MigrationWatch(self.board.clone())
+    }
+
+    fn board(&self) -> MutexGuard<'_, Board> {
+        lock(&self.board)
+    }
+
+    /// The guest arrived by `dest` (still running in post-copy, maybe).
+    pub fn set_incoming(&self, dest: Arc<MigrationDest>) {
+        self.board().incoming = Some(dest);
+    }
+
     /// An outgoing migration runs.
     pub fn outgoing(&self) -> bool {
-        self.out.is_some()
+        self.board().out.is_some()
     }
 
     /// A migration needs the main loop to come round often.
     pub fn active(&self) -> bool {
-        self.out.is_some()
-            || self
+        let board = self.board();
+        board.out.is_some()
+            || board
                 .incoming
                 .as_ref()
                 .is_some_and(|d| matches!(d.phase(), Phase::Postcopy | Phase::Recovering))
@@ -103,18 +215,8 @@ impl Migrations {
     ) -> (ApiResult, bool) {
         match req {
             MigrateRequest::Start(req) => (self.start(vmm, manager, req), false),
-            MigrateRequest::Poll(id) => match (&self.out, &self.last) {
-                (Some(o), _) if o.id == id => (
-                    Ok(json!({ "id": id, "progress": o.session.progress() })),
-                    false,
-                ),
-                (_, Some((last, r))) if *last == id => {
-                    let moved = r["result"] == "completed";
-                    (Ok(json!({ "id": id, "report": r })), moved)
-                }
-                _ => (Err((404, format!("no migration {id} here"))), false),
-            },
-            MigrateRequest::Release(id) => match &self.out {
+            MigrateRequest::Poll(id) => self.board().poll(id),
+            MigrateRequest::Release(id) => match &self.board().out {
                 Some(o) if o.id == id => (
                     o.session
                         .release()
@@ -124,7 +226,7 @@ impl Migrations {
                 ),
                 _ => (Err((404, format!("no running migration {id} here"))), false),
             },
-            MigrateRequest::Cancel(id) => match &self.out {
+            MigrateRequest::Cancel(id) => match &self.board().out {
                 Some(o) if o.id == id => {
                     // Honoured before the commit only: past it the guest may run there.
                     o.session.cancel();
@@ -138,7 +240,10 @@ impl Migrations {
     /// The switch-over holds the guest paused (or it runs at the destination in post-copy):
     /// pausing or resuming it here now could run it on both hosts.
     pub fn holds_guest(&self) -> bool {
-        self.out.as_ref().is_some_and(|o| o.session.holds_guest())
+        self.board()
+            .out
+            .as_ref()
+            .is_some_and(|o| o.session.holds_guest())
     }
 
     /// The answer to a pause or resume while [`Migrations::holds_guest`].
@@ -159,7 +264,7 @@ impl Migrations {
         req: MigrateStart,
     ) -> Result<Value, (u16, String)> {
         let bad = |e: String| (400, e);
-        if self.out.is_some() {
+        if self.outgoing() {
             return Err((409, "a migration is already running".into()));
         }
         vmm.require_memory_loaded()
@@ -239,49 +344,54 @@ impl Migrations {
             .unwrap_or_default();
         self.ids += 1;
         let id = self.ids;
-        self.out = Some(Outgoing {
+        let mut board = self.board();
+        board.out = Some(Outgoing {
             session,
             attached,
             id,
         });
-        self.last = None;
+        board.last = None;
         Ok(json!({ "id": id, "to": to.to_string(), "service": name, "state": "started" }))
     }
 
     /// Checks on the migrations; call from the main loop between messages.
     pub fn poll(&mut self, manager: &ServiceManager, counters: &Counters) -> Polled {
-        if let Some(d) = &self.incoming {
+        let mut board = self.board();
+        if let Some(d) = &board.incoming {
             if d.phase() == Phase::Failed {
                 let e = d.progress().error.unwrap_or_default();
-                self.incoming = None;
+                board.incoming = None;
                 return Polled::IncomingLost(e);
             }
         }
-        let Some(Outgoing {
-            session,
-            attached,
-            id,
-        }) = &self.out
-        else {
+        let Some(o) = &board.out else {
             return Polled::Nothing;
         };
-        let id = *id;
-        let phase = session.progress().phase;
+        let phase = o.session.progress().phase;
         if !matches!(phase, Phase::Completed | Phase::Failed) {
             return Polled::Nothing;
         }
+        // The report goes out before the service detaches, which may take long.
+        let Outgoing {
+            session,
+            attached,
+            id,
+        } = board.out.take().expect("checked above");
+        let report = session.report();
+        board.last = Some((id, json!(report)));
+        drop(board);
+        if let Some(i) = MIGRATION_RESULTS.iter().position(|r| *r == report.result) {
+            counters.migrations[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if phase == Phase::Completed {
+            manager.leave_dirty_log_on();
+        }
         if let Some(name) = attached {
-            if let Err(e) = manager.detach(name) {
+            if let Err(e) = manager.detach(&name) {
                 tracing::warn!(migration = id, "detaching migration service {name}: {e}");
             }
         }
         manager.set_migration(None);
-        let report = session.report();
-        if let Some(i) = MIGRATION_RESULTS.iter().position(|r| *r == report.result) {
-            counters.migrations[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        self.last = Some((id, json!(report)));
-        self.out = None;
         if phase == Phase::Completed {
             // Pages parked by agile migration are the destination's now: not brought back.
             manager.guest_left();
@@ -319,16 +429,7 @@ impl Migrations {
 
     /// `GET /vm/migration`.
     pub fn status(&self) -> Value {
-        if let Some(o) = &self.out {
-            return json!({ "id": o.id, "progress": o.session.progress() });
-        }
-        if let Some((id, r)) = &self.last {
-            return json!({ "id": id, "report": r });
-        }
-        if let Some(d) = &self.incoming {
-            return json!({ "incoming": d.progress() });
-        }
-        json!({})
+        self.board().status()
     }
 }
 
@@ -399,7 +500,7 @@ pub(crate) fn incoming(
             Msg::Api(call) if call.1.claim() => call,
             Msg::Api(_) => continue,
             // No live update (nor outgoing migration) without a VM.
-            Msg::LiveUpdateAnswer(_) | Msg::MigrationNews => continue,
+            Msg::LiveUpdateAnswer(_) | Msg::MigrationNews | Msg::ReportTaken(_) => continue,
             Msg::Stop(_) => {
                 // SIGTERM/SIGINT: as a shutdown request, without a client to answer.
                 dest.cancel();

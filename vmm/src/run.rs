@@ -158,7 +158,7 @@ pub fn run(
     // process).
     let mut api = ApiServing::default();
     if matches!(source, Source::Standby { .. } | Source::Incoming { .. }) {
-        api.start(listener.take(), &tx, &metrics)?;
+        api.start(listener.take(), &tx, &metrics, migrations.watch())?;
     }
     // A booted or restored guest waits for its --plugin services before its first instruction.
     let not_started = matches!(source, Source::Boot(_) | Source::Restore { .. });
@@ -250,7 +250,7 @@ pub fn run(
                     return Err(e.context("incoming migration"));
                 }
             };
-            migrations.incoming = Some(dest);
+            migrations.set_incoming(dest);
             let manager = services::manager_for(&vmm)?;
             manager.lifecycle(Lifecycle::Migrated);
             (vmm, manager)
@@ -286,7 +286,7 @@ pub fn run(
     if metrics_listener.is_some() {
         metrics_handover = serve_metrics(&metrics, metrics_listener.take())?;
     }
-    api.start(listener, &tx, &metrics)?;
+    api.start(listener, &tx, &metrics, migrations.watch())?;
     base_vmm::startup::mark("API serving");
     // Live-update answers come from a thread of their own; the loop ends once every sender
     // (the API's, the vCPUs', this one) is gone.
@@ -308,6 +308,7 @@ pub fn run(
             );
             traps_seen = traps;
         }
+        api::set_busy(Some("checking on the migrations".into()));
         match migrations.poll(&manager, &metrics.counters) {
             migrate::Polled::Nothing => {}
             migrate::Polled::Moved => {
@@ -397,6 +398,11 @@ pub fn run(
             }
             Ok(Msg::Stop(sig)) => {
                 tracing::info!("signal {sig}: shutting down");
+                break 0;
+            }
+            Ok(Msg::ReportTaken(written)) => {
+                // The migration's starter has the report: the guest lives elsewhere now.
+                let _ = written.recv_timeout(Duration::from_secs(5));
                 break 0;
             }
             Ok(Msg::MigrationNews) => {
@@ -553,6 +559,7 @@ impl ApiServing {
         listener: Option<UnixListener>,
         tx: &Sender<Msg>,
         metrics: &Arc<Metrics>,
+        watch: migrate::MigrationWatch,
     ) -> anyhow::Result<()> {
         let Some(listener) = listener else {
             return Ok(());
@@ -565,7 +572,13 @@ impl ApiServing {
         let fwd = tx.clone();
         self.accepting = Some(api::serve(
             listener,
-            move |call| fwd.send(Msg::Api(call)).is_ok(),
+            move |call| match watch.answer(call) {
+                migrate::Watched::Answered => true,
+                migrate::Watched::ReportTaken(written) => {
+                    fwd.send(Msg::ReportTaken(written)).is_ok()
+                }
+                migrate::Watched::Forward(call) => fwd.send(Msg::Api(call)).is_ok(),
+            },
             metrics.clone(),
         ));
         Ok(())
@@ -604,7 +617,9 @@ fn standby(
         let (req, reply, written) = match rx.recv() {
             Ok(Msg::Api(call)) if call.1.claim() => call,
             Ok(Msg::Api(_)) => continue,
-            Ok(Msg::Vcpu(_) | Msg::LiveUpdateAnswer(_) | Msg::MigrationNews) => continue,
+            Ok(
+                Msg::Vcpu(_) | Msg::LiveUpdateAnswer(_) | Msg::MigrationNews | Msg::ReportTaken(_),
+            ) => continue,
             Ok(Msg::Stop(_)) | Err(_) => return Ok(None),
         };
         let answer = match req {

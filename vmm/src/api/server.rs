@@ -76,8 +76,21 @@ static BUSY: std::sync::Mutex<Option<(String, Instant)>> = std::sync::Mutex::new
 /// The main loop says what it is doing (None: waiting for work).
 pub fn set_busy(what: Option<String>) {
     let mut b = BUSY.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((done, since)) = &*b {
+        // Requests wait while it works: a step this long is worth an operator's look.
+        let took = since.elapsed();
+        if took >= SLOW_STEP {
+            tracing::warn!(
+                "the main loop was busy with {done} for {:.1} s",
+                took.as_secs_f64()
+            );
+        }
+    }
     *b = what.map(|w| (w, Instant::now()));
 }
+
+/// A main-loop step this long is logged (requests wait [`PICKUP_TIMEOUT`] at most).
+const SLOW_STEP: Duration = Duration::from_secs(2);
 
 /// What the main loop is busy with and since when (None: waiting for work).
 pub fn busy() -> Option<(String, Instant)> {
