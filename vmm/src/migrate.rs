@@ -121,8 +121,9 @@ pub(crate) enum Watched {
 }
 
 impl MigrationWatch {
-    /// Answers `GET /vm/migration` and `PUT /vm/migrate {"poll": id}` once there is a
-    /// migration to report on; hands any other call back.
+    /// Answers `PUT /vm/migrate {"poll": id}`, and `GET /vm/migration` once there is a
+    /// migration to report on (a destination still waiting for its guest answers it itself);
+    /// hands any other call back.
     pub(crate) fn answer(&self, call: ApiCall) -> Watched {
         let board = lock(&self.0);
         let (answer, moved) = match &call.0 {
@@ -131,12 +132,7 @@ impl MigrationWatch {
             {
                 (Ok(board.status()), false)
             }
-            ApiRequest::Migrate(MigrateRequest::Poll(id))
-                if board.out.as_ref().is_some_and(|o| o.id == *id)
-                    || board.last.as_ref().is_some_and(|(last, _)| last == id) =>
-            {
-                board.poll(*id)
-            }
+            ApiRequest::Migrate(MigrateRequest::Poll(id)) => board.poll(*id),
             _ => {
                 drop(board);
                 return Watched::Forward(call);
@@ -205,34 +201,32 @@ impl Migrations {
                 .is_some_and(|d| matches!(d.phase(), Phase::Postcopy | Phase::Recovering))
     }
 
-    /// `PUT /vm/migrate`. True with the answer: it carries the final report of a migration
-    /// that moved the guest away to the client that started it, so this process may go.
+    /// `PUT /vm/migrate`: start, release, cancel. A poll is the API's threads' to answer
+    /// ([`MigrationWatch`]: it hands the final report over and lets this process go).
     pub fn request(
         &mut self,
         vmm: &Vmm,
         manager: &Arc<ServiceManager>,
         req: MigrateRequest,
-    ) -> (ApiResult, bool) {
+    ) -> ApiResult {
         match req {
-            MigrateRequest::Start(req) => (self.start(vmm, manager, req), false),
-            MigrateRequest::Poll(id) => self.board().poll(id),
+            MigrateRequest::Start(req) => self.start(vmm, manager, req),
+            MigrateRequest::Poll(id) => self.board().poll(id).0,
             MigrateRequest::Release(id) => match &self.board().out {
-                Some(o) if o.id == id => (
-                    o.session
-                        .release()
-                        .map(|stage| json!({ "id": id, "hold": stage }))
-                        .map_err(|e| (409, e)),
-                    false,
-                ),
-                _ => (Err((404, format!("no running migration {id} here"))), false),
+                Some(o) if o.id == id => o
+                    .session
+                    .release()
+                    .map(|stage| json!({ "id": id, "hold": stage }))
+                    .map_err(|e| (409, e)),
+                _ => Err((404, format!("no running migration {id} here"))),
             },
             MigrateRequest::Cancel(id) => match &self.board().out {
                 Some(o) if o.id == id => {
                     // Honoured before the commit only: past it the guest may run there.
                     o.session.cancel();
-                    (Ok(json!({ "id": id, "state": "cancelling" })), false)
+                    Ok(json!({ "id": id, "state": "cancelling" }))
                 }
-                _ => (Err((404, format!("no running migration {id} here"))), false),
+                _ => Err((404, format!("no running migration {id} here"))),
             },
         }
     }

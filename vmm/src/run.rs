@@ -446,7 +446,7 @@ pub fn run(
                     }
                 }
             }
-            Ok(Msg::Api((ApiRequest::Migrate(req), reply, written))) => {
+            Ok(Msg::Api((ApiRequest::Migrate(req), reply, _))) => {
                 let busy = match &req {
                     migrate::MigrateRequest::Start(_) => {
                         vm_owner(&migrations, &manager, pending_update.as_ref(), false)
@@ -459,13 +459,7 @@ pub fn run(
                     let _ = reply.send(Err((409, format!("no migration now: {busy}"))));
                     continue;
                 }
-                let (answer, moved) = migrations.request(&vmm, &manager, req);
-                let _ = reply.send(answer);
-                if moved {
-                    // The migration's starter has the report: the guest lives elsewhere now.
-                    let _ = written.recv_timeout(Duration::from_secs(5));
-                    break 0;
-                }
+                let _ = reply.send(migrations.request(&vmm, &manager, req));
             }
             Ok(Msg::Api((ApiRequest::MigrationStatus, reply, _))) => {
                 let _ = reply.send(Ok(migrations.status()));

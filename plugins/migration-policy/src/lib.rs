@@ -26,9 +26,10 @@
 //! - `smart_stop` (precopy, hybrid): CloudNet's Smart Stop-and-Copy. Once a round left about
 //!   as many pages dirty as it sent or more (within a tenth), dirtied at the link's pace (3/4
 //!   of the raw pages it sent per second during the round, or more: the crossover,
-//!   iterating further gains little), it stops at the first round whose remaining dirty set is at most each of
-//!   the previous `smart_window` rounds' (within 1 %: a local minimum; on a plateau, its
-//!   first round), instead of waiting for the stall or round limits.
+//!   iterating further gains little), it stops at the first round whose remaining dirty
+//!   set is at most each of the previous `smart_window` rounds' (within 1 %: a local
+//!   minimum; on a plateau, its first round), instead of waiting for the stall or round
+//!   limits.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
