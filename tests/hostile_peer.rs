@@ -497,7 +497,7 @@ fn fake_destination(
     (addr, t)
 }
 
-/// Waits for the source's `sync` (pre-copy converged), reading its pages meanwhile.
+/// Waits for the source's first `sync` (a round's pages all sent), reading its pages meanwhile.
 fn until_sync(link: &mut Link) {
     loop {
         match link.recv(Duration::from_secs(120)) {
@@ -534,13 +534,14 @@ fn a_hostile_destination_fails_the_migration_and_the_source_guest_runs_on() {
             "unexpected ready frame from the destination",
         ),
         (
-            "a ready in answer to the sync, before the state",
+            // Pre-copy asks with a `sync` whether a round's pages arrived; no state came yet.
+            "a ready in answer to a sync, before the state",
             Box::new(move |l: &mut Link| {
                 welcome(l);
                 until_sync(l);
                 l.send(&Frame::Ready { load_us: 1 }).unwrap();
             }),
-            "expected sync from the destination, got ready",
+            "unexpected ready frame from the destination",
         ),
         (
             "a length field of 4 GiB",

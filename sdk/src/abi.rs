@@ -202,7 +202,8 @@ pub struct CMigrationStatus {
     pub reserved: u32,
     /// Guest pages.
     pub pages_total: u64,
-    /// Pages queued and not sent yet.
+    /// Pages queued and not sent yet; in pre-copy also those sent and not yet confirmed by
+    /// the destination.
     pub pages_pending: u64,
     /// Pages sent so far.
     pub pages_sent: u64,

@@ -46,7 +46,8 @@ pub struct Progress {
     pub phase: Phase,
     /// Guest pages.
     pub pages_total: u64,
-    /// Pages queued and not sent yet.
+    /// Pages queued and not sent yet; in pre-copy also those sent and not yet confirmed by
+    /// the destination (a round ends when this reaches 0).
     pub pages_pending: u64,
     /// Pages sent so far.
     pub pages_sent: u64,

@@ -219,7 +219,7 @@ impl Policy {
         self.peak_rate = self.peak_rate.max(p.rate_bytes_per_sec);
         self.round_rate = self.round_rate.max(p.rate_bytes_per_sec);
         if p.pages_pending > 0 {
-            return Ok(()); // the round is still going out
+            return Ok(()); // the round has not all arrived yet
         }
         let dirty = mig::harvest_dirty()?;
         let remaining: u64 = dirty.iter().map(|w| w.count_ones() as u64).sum();
@@ -291,10 +291,11 @@ impl Policy {
         // the set by less than a tenth: a working set rewritten as fast as the link drains
         // it wobbles by a page or two around the round's size), and the guest dirtied them
         // at the link's pace (3/4 of the raw pages it sent per second during the round, or
-        // more). A round's queue drains into the socket's buffers ahead of the link, so a
-        // round's count alone can match the one before while the guest dirties at half the
-        // link's rate and the set still shrinks (measured: 1055 sent, 1048 left, in 521 ms:
-        // 2012 pages/s, the link sending 3978). The round's rate, not the migration's best:
+        // more). A round's count alone can match the one before while the guest dirties at
+        // half the link's rate (measured when a round ended as its pages entered the
+        // sockets' buffers: 1055 sent, 1048 left, in 521 ms: 2012 pages/s, the link sending
+        // 3978; and a converging set's last rounds, each a round trip or two long, differ by
+        // a few pages too). The round's rate, not the migration's best:
         // a loaded host sends slower, and a working set rewritten as fast is a plateau still.
         let link_pages_per_s = link_rate as f64 / 4096.0;
         let dirty_pages_per_s = remaining as f64 * 1e3 / round_ms as f64;
