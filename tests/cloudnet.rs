@@ -194,9 +194,10 @@ fn per_round(report: &Value, key: &str) -> Vec<u64> {
 
 #[test]
 fn smart_stop_lets_a_converging_guest_converge() {
-    // A round's count can match the one before (1 055 pages sent, 1 048 left) while the
-    // guest dirties far below the link's pace: no crossover, the rounds go on as plain
-    // pre-copy's.
+    // Its rounds shrink by a quarter or more each until near the floor (a round's own
+    // crossing): no crossover before, the rounds go on as plain pre-copy's. (When rounds
+    // ended as their pages entered the sockets' buffers, a round's count matched the one
+    // before, 1 055 sent and 1 048 left, and the rounds ended at ~1 000 pages.)
     let Some(wan) = Wan::new("cnet-converge") else {
         return;
     };
@@ -205,7 +206,7 @@ fn smart_stop_lets_a_converging_guest_converge() {
     let report = arrived(r, "cnet-converge");
     let left = per_round(&report, "pages_per_round");
     // The set the rounds ended at (the working set is 2 048 pages): well down from where the
-    // count alone ended them (quiet: 613, 658 and 1 061 pages; now 95-288).
+    // count alone ended them (quiet: 613, 658 and 1 061 pages; now about 100).
     assert!(
         left.last().is_some_and(|&n| n < 500),
         "the rounds ended at {left:?}: {report}"

@@ -24,9 +24,8 @@
 //!   encodings, chosen before the first page (pre-copy rounds and the stop-and-copy; post-copy
 //!   pages go raw).
 //! - `smart_stop` (precopy, hybrid): CloudNet's Smart Stop-and-Copy. Once a round left about
-//!   as many pages dirty as it sent or more (within a tenth), dirtied at the link's pace (3/4
-//!   of the raw pages it sent per second during the round, or more: the crossover,
-//!   iterating further gains little), it stops at the first round whose remaining dirty
+//!   as many pages dirty as it sent or more (within a tenth: the crossover, iterating
+//!   further gains little), it stops at the first round whose remaining dirty
 //!   set is at most each of the previous `smart_window` rounds' (within 1 %: a local
 //!   minimum; on a plateau, its first round), instead of waiting for the stall or round
 //!   limits.
@@ -134,8 +133,6 @@ pub struct Policy {
     round_pages: u64,
     /// When the dirty log was last harvested (the migration's clock, ms): the round's start.
     harvested_ms: u64,
-    /// The fastest the pages went out while this round did (bytes/s, the host's windows).
-    round_rate: u64,
     /// Smart Stop: the crossover was seen; searching for a local minimum.
     searching: bool,
     /// Smart Stop: the remaining dirty sets of the last rounds.
@@ -217,7 +214,6 @@ impl Policy {
             return mig::queue_range(0, self.pages, false, 1);
         }
         self.peak_rate = self.peak_rate.max(p.rate_bytes_per_sec);
-        self.round_rate = self.round_rate.max(p.rate_bytes_per_sec);
         if p.pages_pending > 0 {
             return Ok(()); // the round has not all arrived yet
         }
@@ -233,8 +229,7 @@ impl Policy {
         } else {
             self.no_progress += 1;
         }
-        let round_rate = std::mem::take(&mut self.round_rate);
-        let smart = self.smart_stop(remaining, round_ms, round_rate);
+        let smart = self.smart_stop(remaining, round_ms);
         let c = &self.cfg;
         let converged = remaining <= c.min_pages || est_ms <= c.downtime_ms;
         let stop = if converged {
@@ -281,31 +276,25 @@ impl Policy {
     }
 
     /// Smart Stop's rule, at the end of a round that sent `round_pages` while the guest
-    /// dirtied `remaining` in `round_ms`, the link sending up to `link_rate` bytes/s
-    /// meanwhile (0: not measured): true at a local minimum after the crossover.
-    fn smart_stop(&mut self, remaining: u64, round_ms: u64, link_rate: u64) -> bool {
+    /// dirtied `remaining` in `round_ms`: true at a local minimum after the crossover.
+    fn smart_stop(&mut self, remaining: u64, round_ms: u64) -> bool {
         if !self.cfg.smart_stop {
             return false;
         }
         // The crossover: the round left as many pages dirty as it sent, or nearly (it shrank
         // the set by less than a tenth: a working set rewritten as fast as the link drains
-        // it wobbles by a page or two around the round's size), and the guest dirtied them
-        // at the link's pace (3/4 of the raw pages it sent per second during the round, or
-        // more). A round's count alone can match the one before while the guest dirties at
-        // half the link's rate (measured when a round ended as its pages entered the
-        // sockets' buffers: 1055 sent, 1048 left, in 521 ms: 2012 pages/s, the link sending
-        // 3978; and a converging set's last rounds, each a round trip or two long, differ by
-        // a few pages too). The round's rate, not the migration's best:
-        // a loaded host sends slower, and a working set rewritten as fast is a plateau still.
-        let link_pages_per_s = link_rate as f64 / 4096.0;
-        let dirty_pages_per_s = remaining as f64 * 1e3 / round_ms as f64;
+        // it wobbles by a page or two around the round's size). A round ends when its pages
+        // have arrived (the host's `pages-pending`), so its count is what the guest dirtied
+        // while it crossed the link. (When rounds ended as their pages entered the sockets'
+        // buffers, a count could match the one before while the set still shrank fast: 1055
+        // sent, 1048 left; a pace rule against the host's rate windows then guarded the
+        // crossover, and now that each round starts on empty buffers those windows see the
+        // buffers filling, not the link: on a 50 Mbit/s link they read 11-13 MB/s.)
         let as_many = remaining * 10 >= self.round_pages * 9;
-        let at_link_pace = dirty_pages_per_s * 4.0 >= link_pages_per_s * 3.0;
-        if !self.searching && as_many && at_link_pace {
+        if !self.searching && as_many {
             self.searching = true;
             info(&format!(
-                "smart stop: round {} dirtied {remaining} pages in {round_ms} ms \
-                 ({dirty_pages_per_s:.0}/s, the link sends {link_pages_per_s:.0}/s), sent {}: \
+                "smart stop: round {} left {remaining} pages dirty in {round_ms} ms, sent {}: \
                  searching for a local minimum",
                 self.round, self.round_pages
             ));
@@ -326,7 +315,6 @@ impl Policy {
 
     fn restart(&mut self) {
         self.searching = false;
-        self.round_rate = 0;
         self.recent.clear();
         self.round = 0;
         self.started = false;
