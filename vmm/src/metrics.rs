@@ -289,7 +289,7 @@ impl Scrape {
             gauge(
                 enc,
                 "migration_pages_pending",
-                "Pages the migration in flight still has to send",
+                "Pages the migration in flight has queued and not sent, or (pre-copy) sent and not yet confirmed by the destination",
                 None,
                 &[(&[], p.pages_pending as f64)],
             )?;
