@@ -131,8 +131,6 @@ pub struct Policy {
     pages: u64,
     /// Pages queued for the round going out (Smart Stop's "sent").
     round_pages: u64,
-    /// When the dirty log was last harvested (the migration's clock, ms): the round's start.
-    harvested_ms: u64,
     /// Smart Stop: the crossover was seen; searching for a local minimum.
     searching: bool,
     /// Smart Stop: the remaining dirty sets of the last rounds.
@@ -208,7 +206,6 @@ impl Policy {
                 })?;
             }
             mig::harvest_dirty()?; // from here on, the dirty log counts against round 1
-            self.harvested_ms = p.elapsed_ms;
             self.round = 1;
             self.round_pages = self.pages;
             return mig::queue_range(0, self.pages, false, 1);
@@ -219,8 +216,6 @@ impl Policy {
         }
         let dirty = mig::harvest_dirty()?;
         let remaining: u64 = dirty.iter().map(|w| w.count_ones() as u64).sum();
-        let round_ms = p.elapsed_ms.saturating_sub(self.harvested_ms).max(1);
-        self.harvested_ms = p.elapsed_ms;
         let rate = self.peak_rate.max(1) as f64;
         let est_ms = remaining as f64 * 4096.0 * 1e3 / rate;
         if remaining < self.best {
@@ -229,7 +224,7 @@ impl Policy {
         } else {
             self.no_progress += 1;
         }
-        let smart = self.smart_stop(remaining, round_ms);
+        let smart = self.smart_stop(remaining);
         let c = &self.cfg;
         let converged = remaining <= c.min_pages || est_ms <= c.downtime_ms;
         let stop = if converged {
@@ -276,8 +271,8 @@ impl Policy {
     }
 
     /// Smart Stop's rule, at the end of a round that sent `round_pages` while the guest
-    /// dirtied `remaining` in `round_ms`: true at a local minimum after the crossover.
-    fn smart_stop(&mut self, remaining: u64, round_ms: u64) -> bool {
+    /// dirtied `remaining`: true at a local minimum after the crossover.
+    fn smart_stop(&mut self, remaining: u64) -> bool {
         if !self.cfg.smart_stop {
             return false;
         }
@@ -285,17 +280,12 @@ impl Policy {
         // the set by less than a tenth: a working set rewritten as fast as the link drains
         // it wobbles by a page or two around the round's size). A round ends when its pages
         // have arrived (the host's `pages-pending`), so its count is what the guest dirtied
-        // while it crossed the link. (When rounds ended as their pages entered the sockets'
-        // buffers, a count could match the one before while the set still shrank fast: 1055
-        // sent, 1048 left; a pace rule against the host's rate windows then guarded the
-        // crossover, and now that each round starts on empty buffers those windows see the
-        // buffers filling, not the link: on a 50 Mbit/s link they read 11-13 MB/s.)
-        let as_many = remaining * 10 >= self.round_pages * 9;
-        if !self.searching && as_many {
+        // while it crossed the link (docs/benchmarks.md, "Rounds that end on arrival").
+        if !self.searching && remaining * 10 >= self.round_pages * 9 {
             self.searching = true;
             info(&format!(
-                "smart stop: round {} left {remaining} pages dirty in {round_ms} ms, sent {}: \
-                 searching for a local minimum",
+                "smart stop: round {} left {remaining} pages dirty, sent {}: searching for a \
+                 local minimum",
                 self.round, self.round_pages
             ));
         }
