@@ -24,20 +24,53 @@ struct Run {
     dst: VmProcess,
 }
 
-/// Boots `guest` at the source, migrates it with `plugin` and `config` across the WAN.
-fn migrate(wan: &Wan, tag: &str, guest: &str, plugin_file: &str, config: &str) -> Run {
-    let tmp = TempDir::new(tag);
-    let tls = certs(&tmp, "tls");
-    let wb = ["ip", "netns", "exec", wan.dst.netns.as_str()];
-    let addr = format!("tls://{}:{PORT}", wan.dst.ip);
-    let dst = destination(&format!("{tag}-dst"), &wb, &addr, &tls, &[]);
-    let relay = relay(&wan.dst, PORT);
-    let wa = ["ip", "netns", "exec", wan.src.netns.as_str()];
-    let src = VmProcess::boot_wrapped(&format!("{tag}-src"), &wa, guest, MEM, 1);
-    // Let the workload run a little first (a partial-write guest must have pages to rewrite).
-    src.wait_line("SPANGUEST stat", Duration::from_secs(10));
+/// A source running `guest` and a destination waiting for it, across the WAN.
+struct Hosts {
+    _tmp: TempDir,
+    tls: std::path::PathBuf,
+    relay: netlab::DelayRelay,
+    src: VmProcess,
+    dst: VmProcess,
+}
+
+impl Hosts {
+    fn new(wan: &Wan, tag: &str, guest: &str) -> Self {
+        let tmp = TempDir::new(tag);
+        let tls = certs(&tmp, "tls");
+        let wb = ["ip", "netns", "exec", wan.dst.netns.as_str()];
+        let addr = format!("tls://{}:{PORT}", wan.dst.ip);
+        let dst = destination(&format!("{tag}-dst"), &wb, &addr, &tls, &[]);
+        let relay = relay(&wan.dst, PORT);
+        let wa = ["ip", "netns", "exec", wan.src.netns.as_str()];
+        let src = VmProcess::boot_wrapped(&format!("{tag}-src"), &wa, guest, MEM, 1);
+        // Let the workload run a little first (a partial-write guest must have pages to
+        // rewrite).
+        src.wait_line("SPANGUEST stat", Duration::from_secs(10));
+        Hosts {
+            _tmp: tmp,
+            tls,
+            relay,
+            src,
+            dst,
+        }
+    }
+
+    /// `ctl migrate` with `plugin` and `config`: (success, output, report).
+    fn migrate(&self, plugin_file: &str, config: &str) -> (bool, String, Value) {
+        migrate_over(&self.src, &self.relay, &self.tls, plugin_file, config)
+    }
+}
+
+/// `ctl migrate` from `src` through `relay`.
+fn migrate_over(
+    src: &VmProcess,
+    relay: &netlab::DelayRelay,
+    tls: &std::path::Path,
+    plugin_file: &str,
+    config: &str,
+) -> (bool, String, Value) {
     let (ok, out, report) = common::migrate(
-        &src,
+        src,
         &[
             "--to",
             &format!("tls://{}", relay.addr()),
@@ -49,13 +82,19 @@ fn migrate(wan: &Wan, tag: &str, guest: &str, plugin_file: &str, config: &str) -
             tls.to_str().unwrap(),
         ],
     );
-    let report = report.unwrap_or(Value::Null);
+    (ok, out, report.unwrap_or(Value::Null))
+}
+
+/// Boots `guest` at the source, migrates it with `plugin` and `config` across the WAN.
+fn migrate(wan: &Wan, tag: &str, guest: &str, plugin_file: &str, config: &str) -> Run {
+    let h = Hosts::new(wan, tag, guest);
+    let (ok, out, report) = h.migrate(plugin_file, config);
     Run {
         ok,
         out,
         report,
-        src,
-        dst,
+        src: h.src,
+        dst: h.dst,
     }
 }
 
@@ -286,4 +325,80 @@ fn together_a_resent_page_costs_no_more_than_with_deltas_alone() {
     );
     // And at most a raw page (blocks that all miss are not sent again).
     assert!(bytes <= resent * 4097, "{e}");
+}
+
+/// The benchmark's `zero` guest (SPECjbb-like): mostly zero memory, an 8 MiB working set
+/// rewritten at 6000 pages/s against the link's ~3000-3900: every round leaves all of it
+/// dirty again, so without a throttle the stop-and-copy sends the whole working set.
+const PLATEAU: &str =
+    "workload=zero,dirty,verify mib=32 wss=8 rate=6000 stall_us=2000 report_ms=200";
+
+/// Smart Stop ends the rounds at the plateau; the throttle then takes over.
+const THROTTLED: &str = r#"{"max_pause_ms":0,"smart_stop":true,"converge_throttle":90}"#;
+
+#[test]
+fn a_throttled_guest_converges_where_its_working_set_would_be_the_final_copy() {
+    let Some(wan) = Wan::new("cnet-throttle") else {
+        return;
+    };
+    let r = migrate(&wan, "cnet-throttle", PLATEAU, "precopy.wasm", THROTTLED);
+    let stderr = r.src.stderr();
+    let report = arrived(r, "cnet-throttle");
+    assert!(stderr.contains("throttling the guest to 90 %"), "{stderr}");
+    assert_eq!(n(&report, "vcpu_throttle_max"), 90, "{report}");
+    let slept = report["vcpu_throttled_ms"].as_f64().unwrap_or(0.0);
+    assert!(slept > 0.0, "the vCPUs never slept: {report}");
+    // The plateau: rounds that left most of the 2 048-page working set dirty (2 053 quiet).
+    // Throttled, the guest dirties less than the link carries and the final copy is a
+    // fraction of it (16-146 pages quiet).
+    let left = per_round(&report, "pages_per_round");
+    let sent = per_round(&report, "sent_per_round");
+    eprintln!("cnet-throttle: rounds {left:?}, sent {sent:?}, slept {slept:.0} ms");
+    let plateau = left.iter().skip(1).copied().max().unwrap_or(0);
+    let final_copy = *sent.last().expect("rounds sent");
+    assert!(
+        plateau >= 1024 && final_copy * 2 < plateau,
+        "the stop-and-copy sent {final_copy} pages after a plateau of {plateau} (rounds \
+         {left:?}, sent {sent:?})"
+    );
+}
+
+#[test]
+fn a_failed_migration_leaves_the_guest_unthrottled() {
+    let Some(wan) = Wan::new("cnet-unthrottle") else {
+        return;
+    };
+    let Hosts {
+        _tmp,
+        tls,
+        relay,
+        src,
+        mut dst,
+    } = Hosts::new(&wan, "cnet-unthrottle", PLATEAU);
+    let (ok, out, report) = std::thread::scope(|s| {
+        let migration = s.spawn(|| migrate_over(&src, &relay, &tls, "precopy.wasm", THROTTLED));
+        wait_stderr(&src, "vCPUs throttled to 90 %", Duration::from_secs(60));
+        assert_eq!(status(&src)["throttle_percent"], 90);
+        // The destination dies while the guest is throttled at the source.
+        dst.kill();
+        migration.join().expect("the migration thread")
+    });
+    assert!(
+        !ok,
+        "the migration succeeded without its destination: {out}"
+    );
+    assert_eq!(report["result"], "failed", "{report}");
+    assert_eq!(report["source_vm"], "running", "{report}");
+    assert_eq!(n(&report, "vcpu_throttle_max"), 90, "{report}");
+    // Lifted: the vCPUs sleep no more, and the guest runs on intact.
+    let st = status(&src);
+    assert_eq!(st["throttle_percent"], 0, "{st}");
+    let slept = n(&st, "throttled_ms");
+    assert!(slept > 0, "{st}");
+    src.assert_verify_clean(1);
+    assert_eq!(
+        n(&status(&src), "throttled_ms"),
+        slept,
+        "the vCPUs slept on"
+    );
 }

@@ -251,7 +251,13 @@ const FILES_WRITE: &[&str] = &[
 const KVM: &[&str] = &["ioctl", "memfd_create"];
 
 // The vCPU kick (a signal to leave KVM_RUN) and timers.
-const SIGNALS: &[&str] = &["rt_sigaction", "tgkill", "timer_create", "timer_settime"];
+const SIGNALS: &[&str] = &[
+    "rt_sigaction",
+    "tgkill",
+    "timer_create",
+    "timer_settime",
+    "timer_delete",
+];
 
 // What a service's code (native `.so` or Wasm JIT code with its traps) may do on the thread
 // that delivers its events: memory and the signals wasmtime uses for traps.

@@ -123,7 +123,34 @@ enum Request {
     Save,
     /// Pause, then save: one round trip where a hand-over needs both.
     PauseSave,
+    /// Sleep this share (percent) of the time while running; 0 lifts it.
+    Throttle(u8),
     Stop,
+}
+
+/// A throttled vCPU runs this long between its sleeps, which last `percent / (100 -
+/// percent)` times as long (QEMU's auto-converge: at 90 %, 10 ms on, 90 ms off). A guest
+/// that has slack catches up on short sleeps (a paced loop repays a few milliseconds of
+/// lost time at once); long ones take work from it, as from a CPU-bound one.
+pub const THROTTLE_RUN: Duration = Duration::from_millis(10);
+
+/// The most a vCPU can be throttled, percent (it then sleeps 990 ms per 10 ms run).
+pub const MAX_THROTTLE: u8 = 99;
+
+/// A throttled vCPU's sleep per [`THROTTLE_RUN`] at `percent`.
+pub fn throttle_sleep(percent: u8) -> Duration {
+    let p = u32::from(percent.min(MAX_THROTTLE));
+    THROTTLE_RUN * p / (100 - p)
+}
+
+/// A vCPU's throttle: its share and the thread-directed timer that kicks it each period
+/// (created on first use; CLOCK_MONOTONIC, the kick signal, this thread only).
+struct Throttle {
+    percent: u8,
+    timer: Option<libc::timer_t>,
+    /// When the last throttle sleep began: a kick within half a cycle of it (a pause request,
+    /// or a tick late behind an overrun sleep) does not sleep again.
+    last_sleep: Option<std::time::Instant>,
 }
 
 enum Reply {
@@ -539,6 +566,11 @@ impl Vcpu {
                     ThreadState::Running
                 },
                 pending: Vec::new(),
+                throttle: Throttle {
+                    percent: 0,
+                    timer: None,
+                    last_sleep: None,
+                },
             };
             t.run();
         };
@@ -594,6 +626,7 @@ struct VcpuThread {
     state: ThreadState,
     /// Requests that arrived while an I/O was in flight (during a paravirtual sleep).
     pending: Vec<Request>,
+    throttle: Throttle,
 }
 
 /// Where a vCPU thread is. Requests move it between `Running` and `Paused`; the guest ending
@@ -638,6 +671,10 @@ impl VcpuThread {
             }
         }
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        if let Some(t) = self.throttle.timer.take() {
+            // SAFETY: a timer this thread created and nothing else holds.
+            unsafe { libc::timer_delete(t) };
+        }
     }
 
     /// Handles a request, moving the thread's state.
@@ -671,6 +708,10 @@ impl VcpuThread {
                     Err(e) => Reply::Refused(e.to_string()),
                 }
             }
+            Request::Throttle(percent) => match self.set_throttle(percent) {
+                Ok(()) => Reply::Done,
+                Err(e) => Reply::Refused(e),
+            },
             Request::Stop => {
                 self.state = ThreadState::Stopped;
                 Reply::Done
@@ -700,6 +741,76 @@ impl VcpuThread {
             ),
             _ => "registers unreadable".into(),
         }
+    }
+
+    /// Arms (or, at 0, disarms) this thread's throttle timer.
+    fn set_throttle(&mut self, percent: u8) -> Result<(), String> {
+        let percent = percent.min(MAX_THROTTLE);
+        let timer = match self.throttle.timer {
+            Some(t) => t,
+            None if percent == 0 => return Ok(()),
+            None => {
+                // SAFETY: a zeroed sigevent is valid; the fields set make it thread-directed.
+                let mut ev: libc::sigevent = unsafe { std::mem::zeroed() };
+                ev.sigev_notify = libc::SIGEV_THREAD_ID;
+                ev.sigev_signo = kick_signal();
+                // SAFETY: gettid has no preconditions.
+                ev.sigev_notify_thread_id = unsafe { libc::gettid() };
+                let mut t: libc::timer_t = std::ptr::null_mut();
+                // SAFETY: valid pointers to a sigevent and to the timer id it fills.
+                if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut t) } != 0 {
+                    return Err(format!(
+                        "cannot create the throttle timer: {}",
+                        std::io::Error::last_os_error()
+                    ));
+                }
+                self.throttle.timer = Some(t);
+                t
+            }
+        };
+        // One tick per cycle (run, then sleep); zero disarms.
+        let cycle = if percent > 0 {
+            THROTTLE_RUN + throttle_sleep(percent)
+        } else {
+            Duration::ZERO
+        };
+        let ts = libc::timespec {
+            tv_sec: cycle.as_secs() as libc::time_t,
+            tv_nsec: cycle.subsec_nanos() as libc::c_long,
+        };
+        let spec = libc::itimerspec {
+            it_interval: ts,
+            it_value: ts,
+        };
+        // SAFETY: the timer is this thread's; the spec is a valid pointer.
+        if unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(format!(
+                "cannot set the throttle timer: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        self.throttle.percent = percent;
+        Ok(())
+    }
+
+    /// A throttled vCPU, kicked by its timer, sleeps its share of the cycle (waking early
+    /// for a request).
+    fn throttled_sleep(&mut self) {
+        let (percent, last) = (self.throttle.percent, self.throttle.last_sleep);
+        let sleep = throttle_sleep(percent);
+        if self.state != ThreadState::Running
+            || percent == 0
+            || last.is_some_and(|s| s.elapsed() < (THROTTLE_RUN + sleep) / 2)
+        {
+            return;
+        }
+        let start = std::time::Instant::now();
+        self.throttle.last_sleep = Some(start);
+        self.sleep(sleep);
+        self.bus.throttled_us.fetch_add(
+            start.elapsed().as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     fn set_immediate_exit(&mut self, v: u8) {
@@ -770,6 +881,7 @@ impl VcpuThread {
                         break;
                     }
                 }
+                self.throttled_sleep();
                 return Flow::Continue;
             }
             Err(e) if e.errno() == libc::EAGAIN => IoAction::Continue,
@@ -914,6 +1026,11 @@ impl VcpuHandle {
             .collect()
     }
 
+    /// Throttles every vCPU to sleep `percent` % of the time (0: lifted), in parallel.
+    pub fn throttle_all(vcpus: &[VcpuHandle], percent: u8) -> Result<(), VcpuError> {
+        Self::all_done(vcpus, Request::Throttle(percent))
+    }
+
     /// Ends the thread.
     pub fn stop(mut self) {
         let _ = self.ask(Request::Stop);
@@ -1037,6 +1154,77 @@ mod tests {
         let st = handle.save().unwrap();
         assert_eq!(st.sregs.cs.dpl, 3);
         assert_eq!(st.regs.rip, 0x10000 + 17, "RIP after the completed OUT");
+        handle.stop();
+    }
+
+    #[test]
+    fn a_throttled_vcpu_sleeps_its_share_runs_the_rest_and_is_released() {
+        let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+        let mut entry = tiny_guest(&ram);
+        // A CPL3 loop without exits: inc qword [0x300000]; jmp back.
+        let spin: [u8; 10] = [0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0xeb, 0xf6];
+        ram.write(0x10200, &spin).unwrap();
+        if let BootEntry::Direct { user_entry, .. } = &mut entry {
+            *user_entry = 0x10200;
+        }
+        let mut vm = Vm::new(ram.clone()).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.configure_boot(&entry, 1).unwrap();
+        vm.ready().unwrap();
+        let bus = Arc::new(IoBus::default());
+        let (tx, _rx) = mpsc::channel();
+        let handle = vcpu.start(bus.clone(), tx, false).unwrap();
+        let all = std::slice::from_ref(&handle);
+        let count = || {
+            let mut b = [0u8; 8];
+            ram.read(0x30_0000, &mut b).unwrap();
+            u64::from_le_bytes(b)
+        };
+        let slept = || bus.throttled_us.load(std::sync::atomic::Ordering::Relaxed);
+        let kicks = || {
+            bus.exits
+                .get()
+                .into_iter()
+                .find(|(k, _)| *k == ExitKind::Kick)
+                .map_or(0, |(_, n)| n)
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(slept(), 0, "no throttle, no sleep");
+        assert_eq!(throttle_sleep(50), Duration::from_millis(10));
+        assert_eq!(throttle_sleep(90), Duration::from_millis(90));
+        assert_eq!(
+            throttle_sleep(100),
+            Duration::from_millis(990),
+            "capped at 99 %"
+        );
+        for (percent, cycles) in [(50, 15), (90, 5)] {
+            VcpuHandle::throttle_all(all, percent).unwrap();
+            let (c0, s0, k0) = (count(), slept(), kicks());
+            let cycle = THROTTLE_RUN + throttle_sleep(percent);
+            std::thread::sleep(cycle * cycles);
+            // Mechanisms, not speed: the timer kicked it out of KVM_RUN, it slept whole
+            // sleeps, and the guest still made progress between them.
+            let (k, s) = (kicks() - k0, slept() - s0);
+            assert!(k >= 2, "{percent}%: {k} kicks");
+            assert!(
+                s >= throttle_sleep(percent).as_micros() as u64,
+                "{percent}%: slept {s} us"
+            );
+            assert!(count() > c0, "{percent}%: the guest ran between the sleeps");
+        }
+        // A throttled vCPU pauses and resumes as usual.
+        VcpuHandle::pause_all(all).unwrap();
+        let c = count();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(count(), c, "paused");
+        VcpuHandle::resume_all(all).unwrap();
+        // Lifted: no more sleeps (one already begun may finish).
+        VcpuHandle::throttle_all(all, 0).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let s = slept();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(slept(), s, "lifted");
+        assert!(count() > c, "runs on");
         handle.stop();
     }
 

@@ -159,6 +159,10 @@ pub struct VmStatus {
     /// Why the VM must not run here: it may run in another process (see `resume`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub in_doubt: Option<String>,
+    /// Share of the time the vCPUs sleep now (an outgoing migration's throttle), percent.
+    pub throttle_percent: u8,
+    /// Milliseconds the vCPUs slept for throttles (all vCPUs together).
+    pub throttled_ms: u64,
     /// The CPU the guest was given: template, vendor, family/model, feature bits.
     pub cpu: CpuSummary,
     /// How the guest's writes are logged for dirty-page harvests.
@@ -213,6 +217,10 @@ pub struct VmControl {
     /// Dirty pages harvested so far (for metrics: their rate is the guest's dirty rate while
     /// a service tracks it).
     dirty_harvested: std::sync::atomic::AtomicU64,
+    /// The port bus (its counters: exits, throttled time).
+    bus: Arc<IoBus>,
+    /// The vCPUs' throttle now, percent.
+    throttle: std::sync::atomic::AtomicU8,
 }
 
 impl VmControl {
@@ -354,6 +362,26 @@ impl VmControl {
         self.dirty_harvested
             .fetch_add(pages, std::sync::atomic::Ordering::Relaxed);
         Ok(bits)
+    }
+
+    /// Slows the running guest: every vCPU sleeps `percent` of the time, in sleeps of
+    /// [`crate::vcpu::throttle_sleep`] between runs of [`crate::vcpu::THROTTLE_RUN`] (at most
+    /// [`crate::vcpu::MAX_THROTTLE`] %); 0 lifts it. A migration's lever when the guest
+    /// dirties memory faster than the link carries it.
+    pub fn set_throttle(&self, percent: u8) -> Result<(), VmmError> {
+        Self::refuse_on_vcpu_thread("throttling the VM")?;
+        let percent = percent.min(crate::vcpu::MAX_THROTTLE);
+        VcpuHandle::throttle_all(&lock(&self.vcpus), percent)?;
+        self.throttle
+            .store(percent, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Microseconds the vCPUs slept for a throttle so far (all vCPUs together).
+    pub fn throttled_us(&self) -> u64 {
+        self.bus
+            .throttled_us
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Times the guest was paused.
@@ -1212,6 +1240,8 @@ impl Vmm {
                 secrets: Mutex::new(Vec::new()),
                 pauses: Default::default(),
                 dirty_harvested: Default::default(),
+                bus: dev.bus.clone(),
+                throttle: Default::default(),
             }),
             _virtio_loop: dev.virtio_loop,
             bus: dev.bus,
@@ -1250,6 +1280,8 @@ impl Vmm {
             lazy_restore: self.lazy_progress(),
             operator_paused: self.ctl.operator_paused(),
             in_doubt: self.ctl.in_doubt(),
+            throttle_percent: self.ctl.throttle.load(std::sync::atomic::Ordering::Relaxed),
+            throttled_ms: self.ctl.throttled_us() / 1000,
             cpu: self.ctl.cpu.summary(),
             dirty_log: {
                 let vm = lock(&self.ctl.vm);

@@ -1,8 +1,10 @@
 //! `spanvmm-bench cloudnet`: the CloudNet paper's memory experiments (Wood et al., Tables I/II,
 //! Figs. 12–15) on network-namespace hosts joined by a tbf-shaped link with netlab's delay
 //! relay, spanvmm's pre-copy service with each CloudNet option (`redundancy`, `deltas`,
-//! `smart_stop`) alone and all together, and QEMU on the same link in the same run (pre-copy,
-//! XBZRLE with a cache as large as ours, multifd with zstd).
+//! `smart_stop`) alone and together (`cloudnet`), the throttle beyond CloudNet
+//! (`converge_throttle`) alone and with them (`all`), and QEMU on the same link in the same
+//! run (pre-copy, XBZRLE with a cache as large as ours, multifd with zstd, XBZRLE with
+//! auto-converge).
 //!
 //! Parts (`--parts`; `table1,storage` by default, `all` for every one):
 //! - `table1`: 100 Mbit/s, 20 ms RTT; four workloads modelling the paper's applications;
@@ -144,6 +146,7 @@ fn engines(s: &Scale) -> Vec<(&'static str, Engine)> {
     // Every row ends in a stop-and-copy, as CloudNet's Xen and QEMU's rows here do: the
     // policy's hand-over to post-copy when the final copy would pause long (`max_pause_ms`)
     // is off, so that the pause is the final copy's, which the optimizations shrink.
+    let cloudnet = format!(r#","redundancy":true,"deltas":true,"smart_stop":true,"cache_mb":{c}"#);
     let span = |options: &str| Engine::Spanvmm {
         config: format!(r#"{{"max_pause_ms":0{options}}}"#),
     };
@@ -155,15 +158,21 @@ fn engines(s: &Scale) -> Vec<(&'static str, Engine)> {
         ),
         ("deltas", span(&format!(r#","deltas":true,"cache_mb":{c}"#))),
         ("smart-stop", span(r#","smart_stop":true"#)),
+        // Beyond CloudNet: the last rounds made with the guest throttled, not paused.
+        ("throttle", span(r#","converge_throttle":90"#)),
+        // CloudNet's three together, as the paper's Table I "CloudNet" column.
+        ("cloudnet", span(&cloudnet)),
         (
             "all",
-            span(&format!(
-                r#","redundancy":true,"deltas":true,"smart_stop":true,"cache_mb":{c}"#
-            )),
+            span(&format!(r#"{cloudnet},"converge_throttle":90"#)),
         ),
         ("qemu-precopy", Engine::Qemu(QemuEngine::PrecopyPrealloc)),
         ("qemu-xbzrle", Engine::Qemu(QemuEngine::Xbzrle(c))),
         ("qemu-multifd-zstd", Engine::Qemu(QemuEngine::MultifdZstd)),
+        (
+            "qemu-xbzrle-auto-converge",
+            Engine::Qemu(QemuEngine::XbzrleAutoConverge(c)),
+        ),
     ]
 }
 
@@ -191,6 +200,10 @@ struct Run {
     guest_stall_us: u64,
     /// Pre-copy rounds (QEMU: `dirty-sync-count`).
     rounds: u64,
+    /// Auto-converge: the highest throttle, percent of the vCPUs' time asleep (QEMU: its
+    /// `cpu-throttle-percentage` when last read); spanvmm: the vCPUs' time asleep for it, ms.
+    throttle_pct: u64,
+    throttled_ms: f64,
     /// spanvmm: pages queued per round; pages sent per round (the stop-and-copy last) and
     /// of those the pages never sent again (final).
     pages_per_round: Vec<u64>,
@@ -237,6 +250,12 @@ fn to_run(part: &'static str, round: usize, engine: &str, cache_mib: u64, o: Out
         } else {
             r["ram"]["dirty-sync-count"].as_u64().unwrap_or(0)
         },
+        throttle_pct: if spanvmm {
+            r["vcpu_throttle_max"].as_u64().unwrap_or(0)
+        } else {
+            r["cpu-throttle-percentage"].as_u64().unwrap_or(0)
+        },
+        throttled_ms: r["vcpu_throttled_ms"].as_f64().unwrap_or(0.0),
         pages_per_round: u64s(&r["pages_per_round"]),
         sent_per_round: u64s(&r["sent_per_round"]),
         final_per_round: u64s(&r["final_per_round"]),
@@ -489,7 +508,14 @@ fn summarize(
         let Some(base) = find(w, "precopy") else {
             continue;
         };
-        for e in ["redundancy", "deltas", "smart-stop", "all"] {
+        for e in [
+            "redundancy",
+            "deltas",
+            "smart-stop",
+            "throttle",
+            "cloudnet",
+            "all",
+        ] {
             let Some(x) = find(w, e) else { continue };
             let d = cut(base.data_mb.as_ref(), x.data_mb.as_ref());
             let t = cut(base.total_s.as_ref(), x.total_s.as_ref());
@@ -1116,6 +1142,8 @@ fn failed_run(
         pause_ms: 0.0,
         guest_stall_us: 0,
         rounds: 0,
+        throttle_pct: 0,
+        throttled_ms: 0.0,
         pages_per_round: vec![],
         sent_per_round: vec![],
         final_per_round: vec![],

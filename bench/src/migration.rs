@@ -217,6 +217,9 @@ pub enum QemuEngine {
     Xbzrle(u64),
     /// 4 multifd channels with zstd compression, into a `-mem-prealloc` destination.
     MultifdZstd,
+    /// [`QemuEngine::Xbzrle`] with `auto-converge` (the guest throttled while pre-copy does
+    /// not converge).
+    XbzrleAutoConverge(u64),
 }
 
 impl QemuEngine {
@@ -229,6 +232,7 @@ impl QemuEngine {
             QemuEngine::Multifd => "multifd",
             QemuEngine::Xbzrle(_) => "xbzrle",
             QemuEngine::MultifdZstd => "multifd-zstd",
+            QemuEngine::XbzrleAutoConverge(_) => "xbzrle-auto-converge",
         }
     }
 
@@ -236,7 +240,10 @@ impl QemuEngine {
     fn prealloc(self) -> bool {
         matches!(
             self,
-            QemuEngine::PrecopyPrealloc | QemuEngine::Xbzrle(_) | QemuEngine::MultifdZstd
+            QemuEngine::PrecopyPrealloc
+                | QemuEngine::Xbzrle(_)
+                | QemuEngine::MultifdZstd
+                | QemuEngine::XbzrleAutoConverge(_)
         )
     }
 }
@@ -435,6 +442,10 @@ pub fn qemu_migrate_with(
                     vec![json!({"capability": "multifd", "state": true})]
                 }
                 QemuEngine::Xbzrle(_) => vec![json!({"capability": "xbzrle", "state": true})],
+                QemuEngine::XbzrleAutoConverge(_) => vec![
+                    json!({"capability": "xbzrle", "state": true}),
+                    json!({"capability": "auto-converge", "state": true}),
+                ],
             };
             for qmp in [&mut q, &mut dq] {
                 if !caps.is_empty() {
@@ -451,7 +462,7 @@ pub fn qemu_migrate_with(
                         )?;
                     }
                     // QEMU wants a power of two: the next one up (at least ours).
-                    QemuEngine::Xbzrle(mib) => {
+                    QemuEngine::Xbzrle(mib) | QemuEngine::XbzrleAutoConverge(mib) => {
                         qmp.cmd(
                             "migrate-set-parameters",
                             json!({"xbzrle-cache-size": (mib << 20).next_power_of_two()}),

@@ -641,6 +641,14 @@ impl ServiceCtx {
             .map_err(|e| CallError::Refused(e.to_string()))
     }
 
+    /// `throttle-vcpus`: the engine applies it on its own thread.
+    pub(crate) fn migration_throttle(&self, percent: u32) -> Result<(), CallError> {
+        let m = self.migration("throttle-vcpus")?;
+        let percent = percent.min(u32::from(base_vmm::vcpu::MAX_THROTTLE)) as u8;
+        m.set_throttle(percent)
+            .map_err(|e| CallError::Refused(e.to_string()))
+    }
+
     pub(crate) fn migration_harvest(&self) -> Result<Vec<u64>, CallError> {
         let m = self.migration("harvest-dirty")?;
         let bits = self.dirty_bitmap()?;

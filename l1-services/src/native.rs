@@ -701,6 +701,14 @@ impl HostTrampolines for Trampolines {
         call(ctx, err, |c| unit(c.migration_set_scatter(&config)))
     }
 
+    unsafe extern "C" fn migration_throttle_vcpus(
+        ctx: *mut c_void,
+        percent: u32,
+        err: *const Sink,
+    ) -> i32 {
+        call(ctx, err, |c| unit(c.migration_throttle(percent)))
+    }
+
     unsafe extern "C" fn migration_switch_over(
         ctx: *mut c_void,
         mode: u32,

@@ -855,6 +855,10 @@ impl wm::Host for StoreState {
         self.timed(|c| c.migration_set_scatter(&config))
     }
 
+    fn throttle_vcpus(&mut self, percent: u32) -> Result<(), String> {
+        self.timed(|c| c.migration_throttle(percent))
+    }
+
     fn queue_pages(&mut self, bitmap: Vec<u64>, round: u32) -> Result<u64, String> {
         self.timed(|c| {
             c.migration("queue-pages")?

@@ -14,7 +14,7 @@ const SOURCE: &str = r#"
 #include "spanvmm_service.h"
 
 /* The host table and the structs appended to ABI version 1 have the sizes the Rust side uses. */
-_Static_assert(sizeof(spanvmm_host) == 304, "spanvmm_host layout");
+_Static_assert(sizeof(spanvmm_host) == 312, "spanvmm_host layout");
 _Static_assert(sizeof(spanvmm_layer_options) == 64, "spanvmm_layer_options layout");
 _Static_assert(sizeof(spanvmm_job_status) == 24, "spanvmm_job_status layout");
 _Static_assert(sizeof(spanvmm_migration_status) == 72, "spanvmm_migration_status layout");

@@ -262,6 +262,8 @@ typedef struct spanvmm_host {
     int32_t (*agile_report)(void *ctx, const spanvmm_sink *out);
     /* agile#close: Brings every page back and stops. */
     int32_t (*agile_close)(void *ctx, const spanvmm_sink *err);
+    /* migration#throttle-vcpus: Appended: slows the guest during pre-copy (percent of the time asleep). */
+    int32_t (*migration_throttle_vcpus)(void *ctx, uint32_t percent, const spanvmm_sink *err);
 } spanvmm_host;
 /* ---- end of generated text ---- */
 

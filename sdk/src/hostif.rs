@@ -217,6 +217,11 @@ macro_rules! __spanvmm_host_calls {
             ["agile#report"] agile_report(out: *const $crate::abi::Sink) -> i32;
             /// Brings every page back and stops.
             ["agile#close"] agile_close(err: *const $crate::abi::Sink) -> i32;
+            /// Appended: slows the guest during pre-copy (percent of the time asleep).
+            ["migration#throttle-vcpus"] migration_throttle_vcpus(
+                percent: u32,
+                err: *const $crate::abi::Sink,
+            ) -> i32;
         }
     };
 }

@@ -179,6 +179,9 @@ mod imp {
     pub fn set_scatter(config: &str) -> Result<(), String> {
         m::set_scatter(config)
     }
+    pub fn throttle_vcpus(percent: u32) -> Result<(), String> {
+        m::throttle_vcpus(percent)
+    }
     pub fn queue_range(first: u64, count: u64, urgent: bool, round: u32) -> Result<(), String> {
         m::queue_range(first, count, urgent, round)
     }
@@ -231,6 +234,9 @@ mod imp {
     pub fn set_scatter(config: &str) -> Result<(), String> {
         n::migration_set_scatter(config)
     }
+    pub fn throttle_vcpus(percent: u32) -> Result<(), String> {
+        n::migration_throttle_vcpus(percent)
+    }
     pub fn queue_range(first: u64, count: u64, urgent: bool, round: u32) -> Result<(), String> {
         n::migration_queue_range(first, count, urgent, round)
     }
@@ -257,6 +263,14 @@ pub fn set_encoding(e: Encoding) -> Result<(), String> {
 /// (`config`: JSON, see `set-scatter` in `wit/migration.wit`).
 pub fn set_scatter(config: &str) -> Result<(), String> {
     imp::set_scatter(config)
+}
+
+/// Slows the guest while pre-copy goes on, for a guest that dirties memory faster than the
+/// link carries it: every vCPU sleeps `percent` of the time (at most 99; 0 lifts it), runs
+/// of 10 ms between sleeps `percent / (100 - percent)` times as long. Pre-copy only; the
+/// host lifts it when the migration ends.
+pub fn throttle_vcpus(percent: u32) -> Result<(), String> {
+    imp::throttle_vcpus(percent)
 }
 
 /// Pages dirtied since the previous call, counted into the migration's dirty rate

@@ -549,6 +549,12 @@ pub(crate) mod imports {
         }))
     }
 
+    pub fn migration_throttle_vcpus(percent: u32) -> Result<(), String> {
+        let (ctx, call) = host_fn!(migration_throttle_vcpus, "throttle-vcpus")?;
+        // SAFETY: as above.
+        unit(with_sink(|s| unsafe { call(ctx, percent, s) }))
+    }
+
     pub fn migration_queue_pages(bitmap: &[u64], round: u32) -> Result<u64, String> {
         let (ctx, call) = host_fn!(migration_queue_pages, "queue-pages")?;
         let mut queued = 0u64;

@@ -181,6 +181,14 @@ impl SourceVm for VmmHost {
         self.ctl.disk_tracks()
     }
 
+    fn set_throttle(&self, percent: u8) -> Result<(), HostError> {
+        self.ctl.set_throttle(percent).map_err(host_err)
+    }
+
+    fn throttled_ms(&self) -> f64 {
+        self.ctl.throttled_us() as f64 / 1e3
+    }
+
     fn capture_state(&self) -> Result<Vec<u8>, HostError> {
         let state = self.state().map_err(host_err)?;
         Ok(self.state_bytes(state))

@@ -80,6 +80,8 @@ pub struct IoBus {
     hook: OnceLock<Arc<dyn IoHook>>,
     /// VM exits of every vCPU, by kind (for metrics).
     pub exits: ExitCounts,
+    /// Microseconds the vCPUs slept for a throttle (all vCPUs together).
+    pub throttled_us: std::sync::atomic::AtomicU64,
 }
 
 /// The kinds of VM exit counted in [`ExitCounts`].

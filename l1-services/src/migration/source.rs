@@ -144,6 +144,15 @@ pub trait SourceVm: Send + Sync {
     fn disks(&self) -> Vec<Arc<base_vmm::devices::virtio::disk_track::DiskTrack>> {
         Vec::new()
     }
+    /// Slows the running guest: each vCPU sleeps `percent` of the time (runs of 10 ms
+    /// between sleeps `percent / (100 - percent)` times as long; 0: lifted).
+    fn set_throttle(&self, _percent: u8) -> Result<(), HostError> {
+        Err(HostError::NotAvailable("throttling the vCPUs"))
+    }
+    /// Milliseconds the vCPUs have slept for a throttle so far (all vCPUs together).
+    fn throttled_ms(&self) -> f64 {
+        0.0
+    }
 }
 
 /// How to reach the destination.
@@ -312,6 +321,12 @@ pub struct Report {
     pub fault_queued_max_bytes: u64,
     /// Post-copy reconnections.
     pub recoveries: u32,
+    /// The highest vCPU throttle the service asked for, percent (0: never throttled).
+    #[serde(default)]
+    pub vcpu_throttle_max: u8,
+    /// Milliseconds the vCPUs slept for that throttle (all vCPUs together).
+    #[serde(default)]
+    pub vcpu_throttled_ms: f64,
     /// Timeline, one sample per 50 ms.
     pub timeline: Vec<Sample>,
     /// What the CloudNet encodings did (redundancy cache, deltas), when the service chose them.
@@ -385,6 +400,8 @@ struct State {
     scatter: Option<ScatterRequest>,
     /// Scatter-Gather was asked for (once, before the switch-over).
     scatter_set: bool,
+    /// A vCPU throttle asked for by the service, not yet applied by the sender.
+    vcpu_throttle: Option<u8>,
 }
 
 /// A migration in progress, seen from the source.
@@ -438,6 +455,11 @@ pub enum SourceError {
     /// Scatter-Gather chosen twice or after the switch-over was asked for.
     #[error("set-scatter: Scatter-Gather is chosen once, before the switch-over")]
     ScatterLate,
+    /// A throttle asked for after the switch-over was.
+    #[error(
+        "throttle-vcpus: the guest is throttled during pre-copy only (the migration is {0:?})"
+    )]
+    ThrottleLate(Phase),
     /// Encodings chosen twice or after pages went out.
     #[error("set-encoding: the encodings are chosen once, before the first page is sent")]
     EncodingLate,
@@ -514,6 +536,7 @@ impl MigrationSource {
                 page_rate: 0,
                 scatter: None,
                 scatter_set: false,
+                vcpu_throttle: None,
             }),
             vm,
             pages,
@@ -553,6 +576,7 @@ impl MigrationSource {
                     last_sample: Instant::now() - Duration::from_secs(1),
                     rate_mark: (Instant::now(), 0, 0),
                     throttle: (Instant::now(), 0),
+                    vcpu_throttled_base: None,
                     eviction_start: None,
                     disk: None,
                     last_round: Vec::new(),
@@ -664,6 +688,18 @@ impl MigrationSource {
         }
         st.scatter_set = true;
         st.scatter = Some(req);
+        Ok(())
+    }
+
+    /// Throttles the guest's vCPUs (`percent` of the time asleep; 0 lifts it) while
+    /// pre-copy goes on: QEMU's auto-converge lever, for a guest that dirties its memory
+    /// faster than the link carries it. Lifted when the migration ends, whatever its end.
+    pub fn set_throttle(&self, percent: u8) -> Result<(), SourceError> {
+        let mut st = lock(&self.st);
+        if st.phase != Phase::Precopy || st.switch.is_some() {
+            return Err(SourceError::ThrottleLate(st.phase));
+        }
+        st.vcpu_throttle = Some(percent);
         Ok(())
     }
 
@@ -921,6 +957,9 @@ struct Sender<'a> {
     last_sample: Instant,
     rate_mark: (Instant, u64, u64),
     throttle: (Instant, u64),
+    /// The vCPUs' throttled time when this migration first throttled them (ms; `None`: it
+    /// never did).
+    vcpu_throttled_base: Option<f64>,
     eviction_start: Option<Instant>,
     /// The disks moving with the VM (none: no disks, or shared storage).
     disk: Option<DiskSender>,
@@ -1851,6 +1890,10 @@ impl Sender<'_> {
         if let Some(req) = req {
             self.start_scatter(req)?;
         }
+        let throttle = self.st().vcpu_throttle.take();
+        if let Some(percent) = throttle {
+            self.throttle_vcpus(percent);
+        }
         if self.over_budget() {
             self.throttle();
             return Ok(None);
@@ -2408,7 +2451,34 @@ impl Sender<'_> {
         }
     }
 
+    /// Applies the service's throttle (here, on the sender's thread: the vCPU threads are
+    /// kicked with a signal, which a service's thread may not send). A VMM that cannot
+    /// throttle leaves the guest at full speed: the migration goes on, as without it.
+    fn throttle_vcpus(&mut self, percent: u8) {
+        let vm = &self.src.vm;
+        if let Err(e) = vm.set_throttle(percent) {
+            tracing::warn!("migration: the guest cannot be throttled: {e}");
+            return;
+        }
+        self.vcpu_throttled_base
+            .get_or_insert_with(|| vm.throttled_ms());
+        tracing::info!(
+            "migration: the guest's vCPUs throttled to {percent} % at {:.1} ms",
+            self.src.started.elapsed().as_secs_f64() * 1e3
+        );
+        let mut st = self.st();
+        st.report.vcpu_throttle_max = st.report.vcpu_throttle_max.max(percent);
+    }
+
     fn finish(&mut self, r: Result<Outcome, SourceError>) {
+        // The guest runs at full speed again wherever it goes on (here after a failure).
+        if let Some(base) = self.vcpu_throttled_base {
+            if let Err(e) = self.src.vm.set_throttle(0) {
+                tracing::error!("migration: lifting the guest's throttle failed: {e}");
+            }
+            let ms = self.src.vm.throttled_ms() - base;
+            self.st().report.vcpu_throttled_ms = ms;
+        }
         // Either way the disks are no longer tracked; a write waiting for the destination
         // completes here.
         let disk = self.disk.as_mut().map(|d| {
