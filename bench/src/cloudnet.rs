@@ -200,10 +200,11 @@ struct Run {
     guest_stall_us: u64,
     /// Pre-copy rounds (QEMU: `dirty-sync-count`).
     rounds: u64,
-    /// Auto-converge: the highest throttle, percent of the vCPUs' time asleep (QEMU: its
-    /// `cpu-throttle-percentage` when last read); spanvmm: the vCPUs' time asleep for it, ms.
-    throttle_pct: u64,
-    throttled_ms: f64,
+    /// spanvmm's throttle: the highest level, percent of the vCPUs' time asleep, and their
+    /// time asleep for it, ms (None for QEMU: its `cpu-throttle-percentage` is gone from the
+    /// final `query-migrate`).
+    throttle_pct: Option<u64>,
+    throttled_ms: Option<f64>,
     /// spanvmm: pages queued per round; pages sent per round (the stop-and-copy last) and
     /// of those the pages never sent again (final).
     pages_per_round: Vec<u64>,
@@ -250,12 +251,8 @@ fn to_run(part: &'static str, round: usize, engine: &str, cache_mib: u64, o: Out
         } else {
             r["ram"]["dirty-sync-count"].as_u64().unwrap_or(0)
         },
-        throttle_pct: if spanvmm {
-            r["vcpu_throttle_max"].as_u64().unwrap_or(0)
-        } else {
-            r["cpu-throttle-percentage"].as_u64().unwrap_or(0)
-        },
-        throttled_ms: r["vcpu_throttled_ms"].as_f64().unwrap_or(0.0),
+        throttle_pct: spanvmm.then(|| r["vcpu_throttle_max"].as_u64().unwrap_or(0)),
+        throttled_ms: spanvmm.then(|| r["vcpu_throttled_ms"].as_f64().unwrap_or(0.0)),
         pages_per_round: u64s(&r["pages_per_round"]),
         sent_per_round: u64s(&r["sent_per_round"]),
         final_per_round: u64s(&r["final_per_round"]),
@@ -1142,8 +1139,8 @@ fn failed_run(
         pause_ms: 0.0,
         guest_stall_us: 0,
         rounds: 0,
-        throttle_pct: 0,
-        throttled_ms: 0.0,
+        throttle_pct: None,
+        throttled_ms: None,
         pages_per_round: vec![],
         sent_per_round: vec![],
         final_per_round: vec![],

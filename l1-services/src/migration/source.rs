@@ -2456,12 +2456,13 @@ impl Sender<'_> {
     /// throttle leaves the guest at full speed: the migration goes on, as without it.
     fn throttle_vcpus(&mut self, percent: u8) {
         let vm = &self.src.vm;
+        // Noted before the call: a throttle that reached some vCPUs only is lifted too.
+        self.vcpu_throttled_base
+            .get_or_insert_with(|| vm.throttled_ms());
         if let Err(e) = vm.set_throttle(percent) {
             tracing::warn!("migration: the guest cannot be throttled: {e}");
             return;
         }
-        self.vcpu_throttled_base
-            .get_or_insert_with(|| vm.throttled_ms());
         tracing::info!(
             "migration: the guest's vCPUs throttled to {percent} % at {:.1} ms",
             self.src.started.elapsed().as_secs_f64() * 1e3

@@ -95,8 +95,8 @@ pub struct Config {
     pub smart_stop: bool,
     /// Rounds Smart Stop compares the remaining dirty set with.
     pub smart_window: u32,
-    /// Throttle the guest to this percent of each 10 ms asleep (0: never, at most 99)
-    /// rather than stop with a final copy over `downtime_ms`.
+    /// Throttle the guest to this percent of the time asleep (0: never, at most 99) rather
+    /// than stop with a final copy longer than one of its sleeps.
     pub converge_throttle: u32,
 }
 
@@ -249,9 +249,12 @@ impl Policy {
         let c = &self.cfg;
         let converged = remaining <= c.min_pages || est_ms <= c.downtime_ms;
         let would_stop = converged || smart || self.no_progress >= c.stall_rounds;
+        // As for `max_pause_ms` below: no rate measured yet is no reason to think the final
+        // copy long.
         let can_throttle = self.mode == Mode::Precopy && c.converge_throttle > 0;
         let sleep_ms = f64::from(10 * c.converge_throttle) / f64::from(100 - c.converge_throttle);
-        if would_stop && can_throttle && !self.throttled && est_ms > sleep_ms {
+        let long_copy = self.peak_rate > 0 && est_ms > sleep_ms;
+        if would_stop && can_throttle && !self.throttled && long_copy {
             return self.throttle(&dirty, remaining, est_ms);
         }
         let stop = if converged {
@@ -305,9 +308,13 @@ impl Policy {
             "round {}: {remaining} pages dirty (~{est_ms:.1} ms): throttling the guest to {percent} %",
             self.round
         ));
-        mig::throttle_vcpus(percent)?;
+        // Refused (the migration moved on meanwhile), the rounds go on unthrottled and a
+        // stop rule ends them; the pages harvested are queued either way.
+        match mig::throttle_vcpus(percent) {
+            Ok(()) => host::metric("throttle_percent", percent as f64),
+            Err(e) => host::log(LogLevel::Warn, &format!("throttle-vcpus: {e}")),
+        }
         self.throttled = true;
-        host::metric("throttle_percent", percent as f64);
         self.best = remaining;
         self.no_progress = 0;
         self.searching = false;
