@@ -745,7 +745,6 @@ impl VcpuThread {
 
     /// Arms (or, at 0, disarms) this thread's throttle timer.
     fn set_throttle(&mut self, percent: u8) -> Result<(), String> {
-        let percent = percent.min(MAX_THROTTLE);
         let timer = match self.throttle.timer {
             Some(t) => t,
             None if percent == 0 => return Ok(()),
@@ -1026,7 +1025,8 @@ impl VcpuHandle {
             .collect()
     }
 
-    /// Throttles every vCPU to sleep `percent` % of the time (0: lifted), in parallel.
+    /// Throttles every vCPU to sleep `percent` % of the time (at most [`MAX_THROTTLE`]; 0:
+    /// lifted), in parallel.
     pub fn throttle_all(vcpus: &[VcpuHandle], percent: u8) -> Result<(), VcpuError> {
         Self::all_done(vcpus, Request::Throttle(percent))
     }

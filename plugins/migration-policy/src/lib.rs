@@ -246,30 +246,39 @@ impl Policy {
             self.no_progress += 1;
         }
         let smart = self.smart_stop(remaining);
-        let c = &self.cfg;
+        let c = self.cfg.clone(); // once a round; `throttle` below needs `self`
         let converged = remaining <= c.min_pages || est_ms <= c.downtime_ms;
-        let would_stop = converged || smart || self.no_progress >= c.stall_rounds;
-        // As for `max_pause_ms` below: no rate measured yet is no reason to think the final
-        // copy long.
-        let can_throttle = self.mode == Mode::Precopy && c.converge_throttle > 0;
-        let sleep_ms = f64::from(10 * c.converge_throttle) / f64::from(100 - c.converge_throttle);
-        let long_copy = self.peak_rate > 0 && est_ms > sleep_ms;
-        if would_stop && can_throttle && !self.throttled && long_copy {
-            return self.throttle(&dirty, remaining, est_ms);
-        }
-        let stop = if converged {
+        let rule = if converged {
             Some("converged")
         } else if smart {
             Some("smart stop: a local minimum of the dirty set after the crossover")
-        } else if self.round >= c.max_rounds {
-            Some("round limit")
-        } else if c.max_bytes > 0 && p.bytes_sent >= c.max_bytes {
-            Some("bytes limit")
         } else if self.no_progress >= c.stall_rounds {
             Some("not converging (dirty rate above the link's)")
         } else {
             None
         };
+        let limit = if self.round >= c.max_rounds {
+            Some("round limit")
+        } else if c.max_bytes > 0 && p.bytes_sent >= c.max_bytes {
+            Some("bytes limit")
+        } else {
+            None
+        };
+        // A rule (not a limit) that would end the rounds with a final copy longer than one of
+        // the throttle's sleeps throttles the guest instead, once. As for `max_pause_ms`
+        // below, no rate measured yet is no reason to think the copy long.
+        let sleep_ms = f64::from(10 * c.converge_throttle) / f64::from(100 - c.converge_throttle);
+        let throttle_now = rule.is_some()
+            && limit.is_none()
+            && self.mode == Mode::Precopy
+            && c.converge_throttle > 0
+            && !self.throttled
+            && self.peak_rate > 0
+            && est_ms > sleep_ms;
+        if throttle_now {
+            self.throttle(remaining, est_ms);
+        }
+        let stop = if throttle_now { None } else { rule.or(limit) };
         host::metric("round", self.round as f64);
         host::metric("remaining_pages", remaining as f64);
         let Some(why) = stop else {
@@ -302,14 +311,14 @@ impl Policy {
 
     /// The round would stop with a final copy longer than a throttle's sleep: the guest is
     /// throttled and the rounds go on, their stop rules counting afresh.
-    fn throttle(&mut self, dirty: &[u64], remaining: u64, est_ms: f64) -> Result<(), String> {
+    fn throttle(&mut self, remaining: u64, est_ms: f64) {
         let percent = self.cfg.converge_throttle;
         info(&format!(
             "round {}: {remaining} pages dirty (~{est_ms:.1} ms): throttling the guest to {percent} %",
             self.round
         ));
         // Refused (the migration moved on meanwhile), the rounds go on unthrottled and a
-        // stop rule ends them; the pages harvested are queued either way.
+        // stop rule ends them.
         match mig::throttle_vcpus(percent) {
             Ok(()) => host::metric("throttle_percent", percent as f64),
             Err(e) => host::log(LogLevel::Warn, &format!("throttle-vcpus: {e}")),
@@ -319,10 +328,6 @@ impl Policy {
         self.no_progress = 0;
         self.searching = false;
         self.recent.clear();
-        self.round += 1;
-        self.round_pages = remaining;
-        mig::queue_pages(dirty, self.round)?;
-        Ok(())
     }
 
     /// Smart Stop's rule, at the end of a round that sent `round_pages` while the guest
