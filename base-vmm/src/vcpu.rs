@@ -143,14 +143,17 @@ pub fn throttle_sleep(percent: u8) -> Duration {
     THROTTLE_RUN * p / (100 - p)
 }
 
-/// A vCPU's throttle: its share and the thread-directed timer that kicks it each period
-/// (created on first use; CLOCK_MONOTONIC, the kick signal, this thread only).
+/// A vCPU's throttle: its share and the thread-directed one-shot timer that ends each run
+/// (created on first use; CLOCK_MONOTONIC, the kick signal, this thread only). The timer is
+/// armed afresh when a run begins, after the sleep: a periodic one would tick during a sleep
+/// that woke late on a loaded host and send the vCPU straight back to sleep, sleeps chaining
+/// for as long as the wakes stay late (a 750 ms stall seen under load).
 struct Throttle {
     percent: u8,
     timer: Option<libc::timer_t>,
-    /// When the last throttle sleep began: a kick within half a cycle of it (a pause request,
-    /// or a tick late behind an overrun sleep) does not sleep again.
-    last_sleep: Option<std::time::Instant>,
+    /// When the current run ends (the timer's tick): a kick before it is a request's, not
+    /// the tick, and does not sleep.
+    run_until: Option<std::time::Instant>,
 }
 
 enum Reply {
@@ -569,7 +572,7 @@ impl Vcpu {
                 throttle: Throttle {
                     percent: 0,
                     timer: None,
-                    last_sleep: None,
+                    run_until: None,
                 },
             };
             t.run();
@@ -743,8 +746,16 @@ impl VcpuThread {
         }
     }
 
-    /// Arms (or, at 0, disarms) this thread's throttle timer.
+    /// Sets the throttle's share and starts a run (at 0, disarms the timer).
     fn set_throttle(&mut self, percent: u8) -> Result<(), String> {
+        self.start_throttled_run(percent)?;
+        self.throttle.percent = percent;
+        Ok(())
+    }
+
+    /// Arms this thread's throttle timer to end a run [`THROTTLE_RUN`] from now (at 0,
+    /// disarms it).
+    fn start_throttled_run(&mut self, percent: u8) -> Result<(), String> {
         let timer = match self.throttle.timer {
             Some(t) => t,
             None if percent == 0 => return Ok(()),
@@ -767,20 +778,23 @@ impl VcpuThread {
                 t
             }
         };
-        // One tick per cycle (run, then sleep); zero disarms.
-        let cycle = if percent > 0 {
-            THROTTLE_RUN + throttle_sleep(percent)
+        // One tick, at the run's end; zero disarms.
+        let run = if percent > 0 {
+            THROTTLE_RUN
         } else {
             Duration::ZERO
         };
-        let ts = libc::timespec {
-            tv_sec: cycle.as_secs() as libc::time_t,
-            tv_nsec: cycle.subsec_nanos() as libc::c_long,
-        };
         let spec = libc::itimerspec {
-            it_interval: ts,
-            it_value: ts,
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: run.as_secs() as libc::time_t,
+                tv_nsec: run.subsec_nanos() as libc::c_long,
+            },
         };
+        let now = std::time::Instant::now();
         // SAFETY: the timer is this thread's; the spec is a valid pointer.
         if unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) } != 0 {
             return Err(format!(
@@ -788,28 +802,31 @@ impl VcpuThread {
                 std::io::Error::last_os_error()
             ));
         }
-        self.throttle.percent = percent;
+        self.throttle.run_until = (percent > 0).then_some(now + run);
         Ok(())
     }
 
-    /// A throttled vCPU, kicked by its timer, sleeps its share of the cycle (waking early
-    /// for a request).
+    /// A throttled vCPU whose run has ended sleeps its share of the cycle (waking early for
+    /// a request), then starts the next run.
     fn throttled_sleep(&mut self) {
-        let (percent, last) = (self.throttle.percent, self.throttle.last_sleep);
-        let sleep = throttle_sleep(percent);
-        if self.state != ThreadState::Running
-            || percent == 0
-            || last.is_some_and(|s| s.elapsed() < (THROTTLE_RUN + sleep) / 2)
-        {
+        let run_ended = self
+            .throttle
+            .run_until
+            .is_some_and(|t| std::time::Instant::now() >= t);
+        if self.state != ThreadState::Running || !run_ended {
             return;
         }
         let start = std::time::Instant::now();
-        self.throttle.last_sleep = Some(start);
-        self.sleep(sleep);
+        self.sleep(throttle_sleep(self.throttle.percent));
         self.bus.throttled_us.fetch_add(
             start.elapsed().as_micros() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        if let Err(e) = self.start_throttled_run(self.throttle.percent) {
+            // Not expected once the timer exists; the vCPU then runs unthrottled.
+            tracing::warn!("vCPU {}: {e}", self.vcpu.index);
+            self.throttle.run_until = None;
+        }
     }
 
     fn set_immediate_exit(&mut self, v: u8) {
