@@ -37,11 +37,11 @@ impl Hosts {
     fn new(wan: &Wan, tag: &str, guest: &str) -> Self {
         let tmp = TempDir::new(tag);
         let tls = certs(&tmp, "tls");
-        let wb = ["ip", "netns", "exec", wan.dst.netns.as_str()];
+        let wb = wan.dst.wrapper();
         let addr = format!("tls://{}:{PORT}", wan.dst.ip);
         let dst = destination(&format!("{tag}-dst"), &wb, &addr, &tls, &[]);
         let relay = relay(&wan.dst, PORT);
-        let wa = ["ip", "netns", "exec", wan.src.netns.as_str()];
+        let wa = wan.src.wrapper();
         let src = VmProcess::boot_wrapped(&format!("{tag}-src"), &wa, guest, MEM, 1);
         // Let the workload run a little first (a partial-write guest must have pages to
         // rewrite).

@@ -29,10 +29,6 @@ const GUEST: &str = "workload=dirty,verify,disk mib=8 rate=1000 disk_mib=8 disk_
                      disk_flush=32 report_ms=200 stall_us=100000";
 const T: Duration = Duration::from_secs(60);
 
-fn ns(h: &Host) -> [&str; 4] {
-    ["ip", "netns", "exec", h.netns.as_str()]
-}
-
 /// A sparse image of `mib` MiB; `static_from_mib..`: pseudo-random data the guest never
 /// touches (an application's data set: what an incremental migration need not send again),
 /// each MiB different, or (`repeated`) the same MiB over and over.
@@ -82,7 +78,7 @@ fn boot_vcpus(tag: &str, host: &Host, disk: &Path, cmdline: &str, vcpus: usize) 
     let n = vcpus.to_string();
     let vm = VmProcess::start_wrapped(
         tag,
-        &ns(host),
+        &host.wrapper(),
         &[
             "--kernel",
             kernel.to_str().unwrap(),
@@ -164,7 +160,7 @@ fn the_disk_moves_with_the_vm_and_back_incrementally() {
     let to_dst = relay(&wan.dst, PORT);
     let dst = destination(
         "disk-mig-dst",
-        &ns(&wan.dst),
+        &wan.dst.wrapper(),
         &format!("tls://{}:{PORT}", wan.dst.ip),
         &tls,
         &["--disk", &spec(&b)],
@@ -213,7 +209,7 @@ fn the_disk_moves_with_the_vm_and_back_incrementally() {
     let to_src = relay(&wan.src, PORT);
     let back = destination(
         "disk-mig-back",
-        &ns(&wan.src),
+        &wan.src.wrapper(),
         &format!("tls://{}:{PORT}", wan.src.ip),
         &tls,
         &["--disk", &spec(&a)],
@@ -260,7 +256,7 @@ fn a_block_sent_again_carries_only_its_changed_units() {
     let to_dst = relay(&wan.dst, PORT);
     let dst = destination(
         "disk-units-dst",
-        &ns(&wan.dst),
+        &wan.dst.wrapper(),
         &format!("tls://{}:{PORT}", wan.dst.ip),
         &tls,
         &["--disk", &spec(&b)],
@@ -319,7 +315,7 @@ fn the_redundancy_cache_covers_disk_blocks() {
     let to_dst = relay(&wan.dst, PORT);
     let dst = destination(
         "disk-cbr-dst",
-        &ns(&wan.dst),
+        &wan.dst.wrapper(),
         &format!("tls://{}:{PORT}", wan.dst.ip),
         &tls,
         &["--disk", &spec(&b)],
@@ -368,7 +364,7 @@ fn a_cut_link_in_the_synchronous_phase_leaves_the_source_running_and_intact() {
     let to_dst = relay(&wan.dst, PORT);
     let mut dst = destination(
         "disk-cut-dst",
-        &ns(&wan.dst),
+        &wan.dst.wrapper(),
         &format!("tls://{}:{PORT}", wan.dst.ip),
         &tls,
         &["--disk", &spec(&b)],

@@ -132,12 +132,10 @@ fn a_gang_sends_each_identical_page_across_the_core_once() {
     let mut srcs = Vec::new();
     let mut vms = Vec::new();
     for i in 0..N {
-        let wb = racks.wrapper(&b[i]);
-        let wb: Vec<&str> = wb.iter().map(String::as_str).collect();
         let to = format!("tls://{}:{PORT}", racks.host(&b[i]).ip);
+        let wb = racks.host(&b[i]).wrapper();
         dsts.push(destination(&format!("gang-dst{i}"), &wb, &to, &tls, &[]));
-        let wa = racks.wrapper(&a[i]);
-        let wa: Vec<&str> = wa.iter().map(String::as_str).collect();
+        let wa = racks.host(&a[i]).wrapper();
         let src = VmProcess::boot_wrapped(&format!("gang-src{i}"), &wa, &guest(i), MEM, 1);
         vms.push(format!("{}={to}", src.api.display()));
         srcs.push(src);

@@ -616,8 +616,7 @@ fn netns_hosts_over_a_shaped_link_with_latency() {
     let (_lab, src_host, dst_host) = shaped_pair("mig", 500_000_000);
     let tmp = TempDir::new("mig-ns");
     let tls = certs(&tmp, "tls");
-    let wa = ["ip", "netns", "exec", src_host.netns.as_str()];
-    let wb = ["ip", "netns", "exec", dst_host.netns.as_str()];
+    let (wa, wb) = (src_host.wrapper(), dst_host.wrapper());
     for (name, handover) in [("precopy", "stop-and-copy"), ("postcopy", "postcopy")] {
         let port = 7440;
         let dst = destination(
@@ -709,8 +708,7 @@ fn postcopy_paces_its_push_on_a_queued_link_without_delay() {
     let (_lab, src_host, dst_host) = shaped_pair("pace", 200_000_000);
     let tmp = TempDir::new("mig-pace");
     let tls = certs(&tmp, "tls");
-    let wa = ["ip", "netns", "exec", src_host.netns.as_str()];
-    let wb = ["ip", "netns", "exec", dst_host.netns.as_str()];
+    let (wa, wb) = (src_host.wrapper(), dst_host.wrapper());
     let to = format!("tls://{}:7441", dst_host.ip);
     let dst = destination("mig-pace-dst", &wb, &to, &tls, &["--memory", "128"]);
     wait_stderr(&dst, "128 MiB ready", Duration::from_secs(10));

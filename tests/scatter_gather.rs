@@ -298,7 +298,7 @@ fn a_destination_that_cannot_reach_the_intermediaries_leaves_the_guest_running_a
     // loopback, which the source reaches and the destination does not.
     let lab = NetLab::new("sgu", &["dst"]).expect("network namespaces");
     let h = lab.host("dst").clone();
-    let wrapper = ["ip", "netns", "exec", h.netns.as_str()];
+    let wrapper = h.wrapper();
     certs(&tmp, "tls");
     let addr = format!("tls://{}:{}", h.ip, free_port());
     let mut dst = destination(

@@ -44,12 +44,12 @@ impl Sites {
 
     /// The wrapper that runs a command at the source site.
     fn at_source(&self) -> [&str; 4] {
-        ["ip", "netns", "exec", self.wan.src.netns.as_str()]
+        self.wan.src.wrapper()
     }
 
     /// A destination VMM at the destination site, listening on `port`.
     fn destination(&self, tag: &str, port: u16) -> VmProcess {
-        let wrapper = ["ip", "netns", "exec", self.wan.dst.netns.as_str()];
+        let wrapper = self.wan.dst.wrapper();
         let addr = format!("tls://{}:{port}", self.wan.dst.ip);
         destination(tag, &wrapper, &addr, &self.tls, &[])
     }

@@ -25,6 +25,11 @@ pub struct Host {
 }
 
 impl Host {
+    /// The wrapper that runs a program inside this host.
+    pub fn wrapper(&self) -> [&str; 4] {
+        wrapper(&self.netns)
+    }
+
     fn veth_root(&self) -> String {
         format!("nl{}r", self.subnet)
     }
@@ -49,6 +54,11 @@ fn run(cmd: &mut Command) -> io::Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The wrapper that runs a program inside network namespace `ns`.
+pub(crate) fn wrapper(ns: &str) -> [&str; 4] {
+    ["ip", "netns", "exec", ns]
 }
 
 pub(crate) fn ip(args: &[&str]) -> io::Result<()> {

@@ -32,6 +32,13 @@ pub struct RackHost {
     pub rack: usize,
 }
 
+impl RackHost {
+    /// The wrapper that runs a program inside this host.
+    pub fn wrapper(&self) -> [&str; 4] {
+        crate::ns::wrapper(&self.netns)
+    }
+}
+
 /// Two racks of hosts and the core link between them. Dropping it deletes every namespace.
 pub struct Racks {
     /// The rack namespaces (A, B), then the hosts'.
@@ -161,16 +168,6 @@ impl Racks {
         c.args(["netns", "exec", &self.host(name).netns])
             .arg(program);
         c
-    }
-
-    /// The wrapper that runs a command inside host `name` (`ip netns exec NS`).
-    pub fn wrapper(&self, name: &str) -> [String; 4] {
-        [
-            "ip".into(),
-            "netns".into(),
-            "exec".into(),
-            self.host(name).netns.clone(),
-        ]
     }
 
     /// Bytes that crossed the core so far, (A → B, B → A): the tbf qdiscs' counts at each

@@ -145,7 +145,7 @@ impl Lan {
 
     /// The wrapper that runs a program on host `h` of [`Lan::with_hosts`].
     pub fn host_wrapper(&self, h: &str) -> [&str; 4] {
-        ["ip", "netns", "exec", &self.lab.host(h).netns]
+        self.lab.host(h).wrapper()
     }
 
     /// Host `h`'s management address (netlab's routed link), for migration streams.
