@@ -877,3 +877,19 @@ impl Drop for ServiceCtx {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// What the SDK tells a policy a throttle's sleep lasts is what the vCPUs sleep.
+    #[test]
+    fn the_sdk_and_the_vcpus_agree_on_a_throttle_sleep() {
+        for p in [0u8, 33, 50, 90, 99, 100] {
+            let sdk = spanvmm_sdk::migration::throttle_sleep_ms(u32::from(p));
+            let vcpu = base_vmm::vcpu::throttle_sleep(p).as_nanos() as f64 / 1e6;
+            assert!(
+                (sdk - vcpu).abs() < 1e-3,
+                "{p} %: SDK {sdk} ms, vCPU {vcpu} ms"
+            );
+        }
+    }
+}

@@ -273,6 +273,13 @@ pub fn throttle_vcpus(percent: u32) -> Result<(), String> {
     imp::throttle_vcpus(percent)
 }
 
+/// How long each of [`throttle_vcpus`]'s sleeps lasts at `percent` (at most 99), ms: the
+/// host's contract, for a policy weighing a sleep against the pause it would save.
+pub fn throttle_sleep_ms(percent: u32) -> f64 {
+    let p = f64::from(percent.min(99));
+    10.0 * p / (100.0 - p)
+}
+
 /// Pages dirtied since the previous call, counted into the migration's dirty rate
 /// (capabilities `drives-migration` and `dirty-log`).
 pub fn harvest_dirty() -> Result<Vec<u64>, String> {

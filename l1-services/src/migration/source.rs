@@ -1886,11 +1886,14 @@ impl Sender<'_> {
 
     fn precopy_step(&mut self) -> Result<Option<Outcome>, LinkError> {
         self.read_incoming(Duration::ZERO)?;
-        let req = self.st().scatter.take();
+        // The service's requests, taken under one lock (this runs for every batch).
+        let (req, throttle) = {
+            let mut st = self.st();
+            (st.scatter.take(), st.vcpu_throttle.take())
+        };
         if let Some(req) = req {
             self.start_scatter(req)?;
         }
-        let throttle = self.st().vcpu_throttle.take();
         if let Some(percent) = throttle {
             self.throttle_vcpus(percent);
         }

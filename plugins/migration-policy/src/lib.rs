@@ -267,7 +267,7 @@ impl Policy {
         // A rule (not a limit) that would end the rounds with a final copy longer than one of
         // the throttle's sleeps throttles the guest instead, once. As for `max_pause_ms`
         // below, no rate measured yet is no reason to think the copy long.
-        let sleep_ms = f64::from(10 * c.converge_throttle) / f64::from(100 - c.converge_throttle);
+        let sleep_ms = mig::throttle_sleep_ms(c.converge_throttle);
         let throttle_now = rule.is_some()
             && limit.is_none()
             && self.mode == Mode::Precopy
