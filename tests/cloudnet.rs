@@ -375,7 +375,17 @@ fn a_failed_migration_leaves_the_guest_unthrottled() {
         let migration = s.spawn(|| migrate_over(&src, &relay, &tls, "precopy.wasm", THROTTLED));
         wait_stderr(&src, "vCPUs throttled to 90 %", Duration::from_secs(60));
         assert_eq!(status(&src)["throttle_percent"], 90);
-        // The destination dies while the guest is throttled at the source.
+        // The destination dies while the guest is throttled at the source, once its vCPU
+        // has slept (the first sleep follows a 10 ms run; a kill before it would find
+        // nothing to lift).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while n(&status(&src), "throttled_ms") == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the throttled vCPU never slept"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         dst.kill();
         migration.join().expect("the migration thread")
     });
