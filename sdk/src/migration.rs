@@ -46,8 +46,9 @@ pub struct Progress {
     pub phase: Phase,
     /// Guest pages.
     pub pages_total: u64,
-    /// Pages queued and not sent yet; in pre-copy also those sent and not yet confirmed by
-    /// the destination (a round ends when this reaches 0).
+    /// Pages queued and not sent yet; in pre-copy also those sent that are still queued on
+    /// the path (not confirmed by the destination, nor past the path's bottleneck by its
+    /// answers: docs/migration-wire.md); a round ends when this reaches 0.
     pub pages_pending: u64,
     /// Pages sent so far.
     pub pages_sent: u64,

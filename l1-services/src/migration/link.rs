@@ -310,6 +310,17 @@ impl Link {
         }
     }
 
+    /// Where the next frame starts in the stream, in wire bytes: those written to the socket
+    /// and those sealed but held back (TLS's held bytes counted as [`Link::pending_tls`]
+    /// does, rustls telling no more).
+    pub fn position(&self) -> u64 {
+        self.wire_bytes
+            + match &self.tls {
+                Some(_) => self.pending_tls(),
+                None => (self.out.len() - self.out_off) as u64,
+            }
+    }
+
     /// Moves bytes both ways once: waits up to `timeout` for the socket, reads what arrived
     /// (into `rx`) and writes what TLS holds.
     fn pump(&mut self, timeout: Duration) -> Result<(), LinkError> {

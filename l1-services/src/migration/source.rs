@@ -56,6 +56,19 @@ const DELIVERY_SPAN: Duration = Duration::from_millis(20);
 /// waiting for it would only idle the link (a loaded host's push took 25 s instead of 2).
 const READER_STALLED: Duration = Duration::from_millis(10);
 
+/// Pre-copy on a long link (see [`Sender::past_bottleneck`]): a round's progress marks (`sync`s)
+/// go once the stream moved this long of the path's rate on, or [`PROGRESS_MARK_MIN`] bytes,
+/// and the path's delivery rate is measured over at least [`OVERLAP_SPAN`] (a shaped link's
+/// 10 ms burst after an idle spell is a tenth of it).
+const PROGRESS_MARK: Duration = Duration::from_millis(2);
+const PROGRESS_MARK_MIN: u64 = 16 << 10;
+const OVERLAP_SPAN: Duration = Duration::from_millis(100);
+/// Pre-copy batches there, pages: a mark follows a batch, so a round's end is seen within
+/// one (128 KiB at most: half of a 100 Mbit/s, 20 ms path's bytes in flight).
+const OVERLAP_BATCH: u64 = 32;
+/// Unanswered progress marks at most (a round's first megabytes fill the sockets' buffers).
+const PROGRESS_MARKS_MAX: usize = 256;
+
 /// The destination answers a `sync` once it has read what came before it: within this long,
 /// or it reads no more.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -240,7 +253,7 @@ pub struct Report {
     #[serde(default)]
     pub commit: String,
     /// The link's round trip as the source measured it (the least of `hello`'s and the
-    /// pre-pause `sync`'s), ms: what [`CommitMode::Auto`] decides on.
+    /// pre-copy `sync`s'), ms: what [`CommitMode::Auto`] decides on.
     #[serde(default)]
     pub rtt_ms: f64,
     /// Post-copy: switch-over to the source holding no page the destination lacks, ms.
@@ -262,6 +275,13 @@ pub struct Report {
     pub rounds: u32,
     /// Pages the service queued in each round.
     pub pages_per_round: Vec<u64>,
+    /// Pre-copy on a long link: rounds (and the pre-pause wait) that ended when their pages
+    /// had left the path's bottleneck, before they arrived (see `Sender::past_bottleneck`).
+    #[serde(default)]
+    pub overlapped_round_trips: u32,
+    /// The time that saved in all, ms: from each such end to its `sync`'s answer.
+    #[serde(default)]
+    pub overlap_saved_ms: f64,
     /// Pre-copy: pages sent in each round (the stop-and-copy last, also the pages queued at
     /// the switch-over), and of those the pages never sent again: CloudNet's "final" data
     /// (the rest was re-sent).
@@ -373,7 +393,8 @@ struct State {
     pending: Vec<u64>,
     pending_count: u64,
     /// Pre-copy: pages the destination has confirmed reading (the pages sent before the last
-    /// `sync` it answered); the rest of those sent are still on their way.
+    /// `sync` it answered) or that have left the path's bottleneck (see
+    /// `Sender::past_bottleneck`); the rest of those sent wait on the path.
     pages_delivered: u64,
     cursor: u64,
     urgent: VecDeque<(u64, u64)>,
@@ -569,7 +590,7 @@ impl MigrationSource {
                     pc_rate: 0,
                     pc_queued: false,
                     pc_delays: VecDeque::new(),
-                    pc_delivery_mark: None,
+                    pc_delivery: DeliveryRate::new(DELIVERY_SPAN),
                     known_data: vec![0; pages.div_ceil(64) as usize],
                     encoder: None,
                     encoded: Vec::with_capacity(3 << 20),
@@ -585,6 +606,10 @@ impl MigrationSource {
                     hold_failure: None,
                     caught_up: false,
                     delivery_syncs: VecDeque::new(),
+                    delivery: DeliveryRate::new(OVERLAP_SPAN),
+                    answered_at: None,
+                    burst: (Instant::now(), 0),
+                    sending: false,
                     scatter: None,
                     scattered: vec![0; pages.div_ceil(64) as usize],
                     t_read: Duration::ZERO,
@@ -929,7 +954,7 @@ struct Sender<'a> {
     committed: bool,
     /// The destination's `resumed` came: it took the guest over.
     confirmed: bool,
-    /// The least round trip seen (`hello`, the pre-pause `sync`).
+    /// The least round trip seen (`hello`, the pre-copy `sync`s).
     rtt: Duration,
     /// Post-copy: the socket's unsent-bytes cap (TCP_NOTSENT_LOWAT) now, 0: none set.
     queue_cap: u64,
@@ -945,8 +970,8 @@ struct Sender<'a> {
     pc_queued: bool,
     /// Post-copy: how late the last `sync`s were answered beyond the idle round trip.
     pc_delays: VecDeque<Duration>,
-    /// Post-copy: the start of the delivery rate's span (when, bytes read by then).
-    pc_delivery_mark: Option<(Instant, u64)>,
+    /// Post-copy: the path's delivery rate.
+    pc_delivery: DeliveryRate,
     /// Pages of guest memory known to be data (not a hole in the memfd), see `holes`.
     known_data: Vec<u64>,
     /// The `cnet` codec's encoder, once the service chose encodings (pre-copy and
@@ -973,10 +998,18 @@ struct Sender<'a> {
     hold_failure: Option<String>,
     /// Released from a hold, the catch-up round was queued.
     caught_up: bool,
-    /// Pre-copy `sync`s not answered yet (a round's end, a held migration's keep-alive),
-    /// each with the pages sent before it: their answers tell which pages arrived, and the
-    /// switch-over's own `sync` waits past them.
-    delivery_syncs: VecDeque<(Instant, u64)>,
+    /// Pre-copy `sync`s not answered yet (a round's end, the rounds' progress marks, a held
+    /// migration's keep-alive): their answers tell which pages arrived, and the switch-over's
+    /// own `sync` waits past them.
+    delivery_syncs: VecDeque<DeliverySync>,
+    /// Pre-copy: the path's delivery rate (see [`Sender::past_bottleneck`]).
+    delivery: DeliveryRate,
+    /// Pre-copy: where the last answered `sync` lies in the stream.
+    answered_at: Option<u64>,
+    /// Pre-copy: when, and where in the stream, the sender last started from idle (its queue
+    /// out), and whether it sends now.
+    burst: (Instant, u64),
+    sending: bool,
     /// Scatter-Gather: the intermediaries and the router (after `set-scatter`).
     scatter: Option<Scatter>,
     /// Scatter-Gather: pages sent to the intermediaries, not on the link.
@@ -994,6 +1027,56 @@ struct Sender<'a> {
 /// Harvests the pages dirtied since the service's (or its own) last harvest: with the guest
 /// paused at the switch-over, and for each held round (see `hold.rs`) while it runs.
 pub type Harvest = Box<dyn FnMut() -> Result<Vec<u64>, HostError> + Send>;
+
+/// A pre-copy `sync` not answered yet.
+struct DeliverySync {
+    sent: Instant,
+    /// Pages sent before it.
+    pages: u64,
+    /// Where it lies in the stream, wire bytes (see [`Link::position`]).
+    at: u64,
+    /// It ends a round (or the pre-pause wait), not a progress mark or a keep-alive.
+    round_end: bool,
+    /// When its pages were counted past the path's bottleneck, before its answer came.
+    credited: Option<Instant>,
+}
+
+/// The path's delivery rate, from the answers to `sync`s: the bytes the destination read
+/// over spans of at least `span`, the fastest such.
+struct DeliveryRate {
+    span: Duration,
+    /// The span's start: when, and the stream position answered then.
+    mark: Option<(Instant, u64)>,
+    fastest: u64,
+}
+
+impl DeliveryRate {
+    fn new(span: Duration) -> Self {
+        DeliveryRate {
+            span,
+            mark: None,
+            fastest: 0,
+        }
+    }
+
+    /// A `sync` at stream position `at` was answered now: the span's rate, when one ended.
+    fn answered(&mut self, at: u64) -> Option<u64> {
+        let now = Instant::now();
+        match self.mark {
+            Some((t, b)) if now.duration_since(t) >= self.span => {
+                let rate = at.saturating_sub(b) as f64 / now.duration_since(t).as_secs_f64();
+                self.fastest = self.fastest.max(rate as u64);
+                self.mark = Some((now, at));
+                Some(rate as u64)
+            }
+            Some(_) => None,
+            None => {
+                self.mark = Some((now, at));
+                None
+            }
+        }
+    }
+}
 
 enum Outcome {
     /// Stop-and-copy done: the guest runs at the destination.
@@ -1066,16 +1149,9 @@ impl Sender<'_> {
                 ));
             }
         }
-        match self.pc_delivery_mark {
-            Some((t, b)) if now.duration_since(t) >= DELIVERY_SPAN => {
-                let rate =
-                    (bytes.saturating_sub(b) as f64 / now.duration_since(t).as_secs_f64()) as u64;
-                self.pc_rate = self.pc_rate.max(rate);
-                st.report.postcopy_delivery_bps = st.report.postcopy_delivery_bps.max(rate);
-                self.pc_delivery_mark = Some((now, bytes));
-            }
-            Some(_) => {}
-            None => self.pc_delivery_mark = Some((now, bytes)),
+        if let Some(rate) = self.pc_delivery.answered(bytes) {
+            self.pc_rate = self.pc_rate.max(rate);
+            st.report.postcopy_delivery_bps = st.report.postcopy_delivery_bps.max(rate);
         }
     }
 
@@ -1469,6 +1545,7 @@ impl Sender<'_> {
     /// pages the destination still lacks are taken, and each once.
     fn next_batch(&mut self, wide: bool) -> Option<(u64, u64, Vec<u64>)> {
         let pages = self.src.pages;
+        let overlapping = self.overlapping();
         let mut st = self.st();
         let postcopy = matches!(st.phase, Phase::Postcopy);
         // Post-copy batches are small so a fault's page never waits behind a big one: at most
@@ -1479,6 +1556,8 @@ impl Sender<'_> {
             (self.queue_cap / PAGE as u64).clamp(4, POSTCOPY_BATCH)
         } else if postcopy {
             POSTCOPY_BATCH
+        } else if overlapping {
+            OVERLAP_BATCH
         } else {
             BATCH_PAGES
         };
@@ -1826,9 +1905,8 @@ impl Sender<'_> {
                 }
                 // Pre-copy: the pages sent before that `sync` arrived.
                 Frame::Sync => {
-                    if let Some((_, pages)) = self.delivery_syncs.pop_front() {
-                        let mut st = lock(&self.src.st);
-                        st.pages_delivered = st.pages_delivered.max(pages);
+                    if let Some(sync) = self.delivery_syncs.pop_front() {
+                        self.delivery_answered(sync);
                     }
                 }
                 Frame::Disk(DiskFrame::Ack { seq }) => {
@@ -1944,21 +2022,33 @@ impl Sender<'_> {
         let postcopy_now = src_switch_is_postcopy(self.src) && self.src.hold.is_none();
         if !postcopy_now {
             if let Some((first, span, sel)) = self.next_batch(false) {
+                if !self.sending {
+                    self.sending = true;
+                    self.burst = (Instant::now(), self.link.position());
+                }
                 self.send_batch(first, span, &sel)?;
+                self.progress_mark()?;
                 return Ok(None);
             }
-            // The queue is out: a `sync` after its last page tells when it has arrived. The
-            // service's round ends then, not when the pages entered the sockets' buffers: a
-            // round harvested while megabytes still wait on the path counts only the pages
-            // dirtied while they were written, and the switch-over's pause then waits for the
-            // path to drain as the guest dirties more (measured: a last round of 75-95 pages
-            // on a 100 Mbit/s link, 300-500 for the stop-and-copy).
+            self.sending = false;
+            self.credit_delivered();
+            // The queue is out: a `sync` after its last page tells when it has arrived (and,
+            // on a long link, the answers before it when it has left the bottleneck: see
+            // `past_bottleneck`). The service's round ends then, not when the pages entered
+            // the sockets' buffers: a round harvested while megabytes still wait on the path
+            // counts only the pages dirtied while they were written, and the switch-over's
+            // pause then waits for the path to drain as the guest dirties more (measured: a
+            // last round of 75-95 pages on a 100 Mbit/s link, 300-500 for the stop-and-copy).
             self.check_delivery()?;
-            let sent = self.st().report.pages_sent;
-            if self.delivery_syncs.back().map_or(0, |s| s.1) < sent
-                && sent > self.st().pages_delivered
-            {
-                self.send_delivery_sync()?;
+            let (sent, delivered) = {
+                let st = self.st();
+                (st.report.pages_sent, st.pages_delivered)
+            };
+            // A progress mark after the round's last page ends it as well as a new `sync`.
+            if let Some(last) = self.delivery_syncs.back_mut().filter(|s| s.pages >= sent) {
+                last.round_end = true;
+            } else if sent > delivered {
+                self.send_delivery_sync(true)?;
             }
         }
         if self.holding()? {
@@ -2022,30 +2112,110 @@ impl Sender<'_> {
         // The destination gives up on a silent source: a quiet hold says it is still here.
         if self.keepalive.elapsed() >= KEEPALIVE && hold.held_for() >= KEEPALIVE {
             self.keepalive = Instant::now();
-            self.send_delivery_sync()?;
+            self.send_delivery_sync(false)?;
         }
         self.read_incoming(Duration::from_millis(2))?;
         Ok(true)
     }
 
     /// Sends a `sync` whose answer confirms the pages sent so far (pre-copy).
-    fn send_delivery_sync(&mut self) -> Result<(), LinkError> {
+    fn send_delivery_sync(&mut self, round_end: bool) -> Result<(), LinkError> {
         self.link.send(&Frame::Sync)?;
-        let sent = self.st().report.pages_sent;
-        self.delivery_syncs.push_back((Instant::now(), sent));
+        let pages = self.st().report.pages_sent;
+        self.delivery_syncs.push_back(DeliverySync {
+            sent: Instant::now(),
+            pages,
+            at: self.link.position(),
+            round_end,
+            credited: None,
+        });
         Ok(())
+    }
+
+    /// Pre-copy rounds overlap the path's round trip (see [`Sender::past_bottleneck`]): on a
+    /// long link, unless `SPANVMM_MIGRATION_LEVERS_OFF=overlap-rounds` (A/B).
+    fn overlapping(&self) -> bool {
+        self.long_link() && self.scatter.is_none() && !super::link::lever_off("overlap-rounds")
+    }
+
+    /// How far the stream has left the path's bottleneck, wire bytes, as far as the source
+    /// can tell: a round ends when its pages have left it, not when they have arrived. The
+    /// answer to a `sync` comes at most a round trip after the bottleneck let it through,
+    /// and the bottleneck lets `rate × round trip` more through meanwhile; those bytes are in
+    /// flight, and pages sent after them (the next round's, the stop-and-copy's) wait behind
+    /// none of them. Nor can it have let through more than `rate × time` since the sender
+    /// last started from idle (a round's pages queued at once leave it one by one). A round
+    /// ended at arrival idled the link a round trip while the guest dirtied on (at 20 ms and
+    /// 2 000 pages/s, 40 pages a round, and again before the pause). Where the round trip is
+    /// short (and before a rate is measured), the answered `sync` alone.
+    fn past_bottleneck(&self) -> u64 {
+        let Some(answered) = self.answered_at else {
+            return 0;
+        };
+        let rate = self.delivery.fastest as f64;
+        if !self.overlapping() || rate == 0.0 {
+            return answered;
+        }
+        let after_answer = answered + (rate * self.rtt.as_secs_f64()) as u64;
+        let (t, at) = self.burst;
+        let since_idle = at + (rate * t.elapsed().as_secs_f64()) as u64;
+        after_answer.min(since_idle).max(answered)
+    }
+
+    /// Pre-copy: the `sync`s [`Sender::past_bottleneck`] reaches count their pages as on
+    /// their way (delivered).
+    fn credit_delivered(&mut self) {
+        let reach = self.past_bottleneck();
+        let now = Instant::now();
+        let mut delivered = 0;
+        for s in self.delivery_syncs.iter_mut().take_while(|s| s.at <= reach) {
+            delivered = s.pages;
+            s.credited.get_or_insert(now);
+        }
+        let mut st = lock(&self.src.st);
+        st.pages_delivered = st.pages_delivered.max(delivered);
+    }
+
+    /// Pre-copy: a progress mark (`sync`) once the stream moved [`PROGRESS_MARK`]'s worth
+    /// since the last `sync`, so that a round's end is seen within that.
+    fn progress_mark(&mut self) -> Result<(), LinkError> {
+        if !self.overlapping() || self.delivery_syncs.len() >= PROGRESS_MARKS_MAX {
+            return Ok(());
+        }
+        let step = ((self.delivery.fastest as f64 * PROGRESS_MARK.as_secs_f64()) as u64)
+            .max(PROGRESS_MARK_MIN);
+        let last = self.delivery_syncs.back().map_or(0, |s| s.at);
+        if self.link.position() >= last + step {
+            self.send_delivery_sync(false)?;
+        }
+        Ok(())
+    }
+
+    /// Pre-copy: the destination answered `sync`: the pages before it arrived (and perhaps
+    /// more left the bottleneck).
+    fn delivery_answered(&mut self, sync: DeliverySync) {
+        self.rtt = self.rtt.min(sync.sent.elapsed());
+        self.delivery.answered(sync.at);
+        self.answered_at = Some(sync.at);
+        {
+            let mut st = lock(&self.src.st);
+            st.pages_delivered = st.pages_delivered.max(sync.pages);
+            if let (true, Some(t)) = (sync.round_end, sync.credited) {
+                st.report.overlapped_round_trips += 1;
+                st.report.overlap_saved_ms += t.elapsed().as_secs_f64() * 1e3;
+            }
+        }
+        self.credit_delivered();
     }
 
     /// Fails when the destination left a `sync` unanswered for [`SYNC_TIMEOUT`]: it reads no
     /// more, and pre-copy's rounds would wait for it for ever.
     fn check_delivery(&self) -> Result<(), LinkError> {
         match self.delivery_syncs.front() {
-            Some((sent, _)) if sent.elapsed() > SYNC_TIMEOUT => {
-                Err(LinkError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no sync from the peer within {SYNC_TIMEOUT:?}"),
-                )))
-            }
+            Some(s) if s.sent.elapsed() > SYNC_TIMEOUT => Err(LinkError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no sync from the peer within {SYNC_TIMEOUT:?}"),
+            ))),
             _ => Ok(()),
         }
     }
@@ -2441,7 +2611,7 @@ impl Sender<'_> {
                         self.pc_syncs.clear();
                         self.pc_acked = 0;
                         self.pc_delays.clear();
-                        self.pc_delivery_mark = None;
+                        self.pc_delivery = DeliveryRate::new(DELIVERY_SPAN);
                         tracing::info!("migration: post-copy connection restored");
                         return Ok(());
                     }
@@ -2660,27 +2830,39 @@ impl handover::Handover for Switch<'_, '_> {
         if self.mode == SwitchMode::Postcopy {
             self.send_stale()?;
         }
-        // Let what is in flight arrive while the guest still runs (and, in post-copy, the
-        // stale copies go: the answer comes once they have).
-        let link = &mut self.tx.link;
-        let sent = Instant::now();
-        link.send(&Frame::Sync)?;
-        link.flush(SYNC_TIMEOUT)?;
-        // Answers to the `sync`s before it (rounds' ends, keep-alives) come first, in order.
-        for _ in 0..=std::mem::take(&mut self.tx.delivery_syncs).len() {
-            match link.expect(SYNC_TIMEOUT, "sync")? {
-                Frame::Sync => {}
-                other => return Err(other_frame("sync", other)),
+        // Let what is queued on the path drain while the guest still runs: a stop-and-copy
+        // pauses once the last pages have left the bottleneck (see `past_bottleneck`: the final
+        // copy follows them, waiting behind none), a post-copy once everything has arrived
+        // (the stale copies gone: the answer comes once they have). Each `sync` answers in
+        // order; those left unanswered here come before `ready`.
+        let tx = &mut *self.tx;
+        tx.send_delivery_sync(true)?;
+        tx.link.flush(SYNC_TIMEOUT)?;
+        let all = self.mode == SwitchMode::Postcopy;
+        loop {
+            tx.credit_delivered();
+            let st = lock(&tx.src.st);
+            let on_its_way = st.pages_delivered >= st.report.pages_sent;
+            drop(st);
+            if tx.delivery_syncs.is_empty() || (on_its_way && !all) {
+                break;
+            }
+            tx.check_delivery()?;
+            match tx.link.recv(Duration::from_millis(1))? {
+                Some(Frame::Sync) => {
+                    if let Some(sync) = tx.delivery_syncs.pop_front() {
+                        tx.delivery_answered(sync);
+                    }
+                }
+                Some(other) => return Err(other_frame("sync", other)),
+                None => {}
             }
         }
-        let mut st = lock(&self.tx.src.st);
+        let mut st = lock(&tx.src.st);
         st.pages_delivered = st.report.pages_sent;
         drop(st);
-        // A round trip at most (plus the pages still in flight): a second sample of the
-        // link's round trip, next to hello's.
-        self.tx.rtt = self.tx.rtt.min(sent.elapsed());
-        if self.mode == SwitchMode::Postcopy {
-            link.for_postcopy();
+        if all {
+            tx.link.for_postcopy();
         }
         Ok(())
     }
@@ -2781,15 +2963,26 @@ impl handover::Handover for Switch<'_, '_> {
 
     fn await_ready(&mut self) -> Result<(), NotReady<LinkError>> {
         self.awaiting_reply();
-        let link = &mut self.tx.link;
-        link.flush(Duration::from_secs(30))
+        self.tx
+            .link
+            .flush(Duration::from_secs(30))
             .map_err(NotReady::Lost)?;
         self.t_sent = self.t_pause.elapsed();
         let timeout = Duration::from_secs(30);
         // An `error` frame here is the destination refusing the state, not a lost link: it
         // will not run the guest, so even after an early commit the source may (the link's
         // `expect` would turn it into an error indistinguishable from a loss: in doubt).
-        let answer = match link.recv(timeout) {
+        // The answers to the `sync`s the pre-pause wait did not wait for come first.
+        let answer = match loop {
+            match self.tx.link.recv(timeout) {
+                Ok(Some(Frame::Sync)) if !self.tx.delivery_syncs.is_empty() => {
+                    if let Some(sync) = self.tx.delivery_syncs.pop_front() {
+                        self.tx.delivery_answered(sync);
+                    }
+                }
+                other => break other,
+            }
+        } {
             Ok(Some(Frame::Error(why))) => {
                 return Err(NotReady::Refused(LinkError::Io(std::io::Error::other(
                     format!("the peer gave up: {why}"),

@@ -233,7 +233,7 @@ impl Policy {
         }
         self.peak_rate = self.peak_rate.max(p.rate_bytes_per_sec);
         if p.pages_pending > 0 {
-            return Ok(()); // the round has not all arrived yet
+            return Ok(()); // the round's pages are still queued on the path
         }
         let dirty = mig::harvest_dirty()?;
         let remaining: u64 = dirty.iter().map(|w| w.count_ones() as u64).sum();
@@ -339,8 +339,8 @@ impl Policy {
         // The crossover: the round left as many pages dirty as it sent, or nearly (it shrank
         // the set by less than a tenth: a working set rewritten as fast as the link drains
         // it wobbles by a page or two around the round's size). A round ends when its pages
-        // have arrived (the host's `pages-pending`), so its count is what the guest dirtied
-        // while it crossed the link (docs/benchmarks.md, "Rounds that end on arrival").
+        // have left the path's bottleneck (the host's `pages-pending`), so its count is what
+        // the guest dirtied while it went through (docs/migration-wire.md).
         if !self.searching && remaining * 10 >= self.round_pages * 9 {
             self.searching = true;
             info(&format!(
