@@ -5,9 +5,10 @@
 //!   previous one. It stops and copies when the remaining dirty set is small (at most
 //!   `min_pages`, or sendable within `downtime_ms` at the measured rate). When the guest
 //!   dirties faster than the link drains, the set stops shrinking: after `stall_rounds`
-//!   rounds without a new minimum, or at `max_rounds` or `max_bytes`, it hands over anyway:
-//!   by stop-and-copy when the dirty set would go out within `max_pause_ms` (the source stays
-//!   the complete copy to the very end), else by switching to post-copy. A non-converging
+//!   rounds without a new minimum (smaller by more than 1 %), or at `max_rounds` or
+//!   `max_bytes`, it hands over anyway: by stop-and-copy when the dirty set would go out
+//!   within `max_pause_ms` (the source stays the complete copy to the very end), else by
+//!   switching to post-copy. A non-converging
 //!   guest keeps its dirty set near its working set, so a stop-and-copy would pause it for
 //!   working-set/bandwidth — seconds on a slow link (5.6 s for 64 MiB at 100 Mbit/s) — where
 //!   post-copy's pause is one round trip and the guest then waits only for the pages it
@@ -74,7 +75,7 @@ pub struct Config {
     pub min_pages: u64,
     /// Hand over once this many bytes went out (0: no limit).
     pub max_bytes: u64,
-    /// Hand over after this many rounds without a new smallest dirty set.
+    /// Hand over after this many rounds without a new smallest dirty set (by more than 1 %).
     pub stall_rounds: u32,
     /// Smallest and largest pre-paging window, pages.
     pub prepage_min: u64,
@@ -239,7 +240,10 @@ impl Policy {
         let remaining: u64 = dirty.iter().map(|w| w.count_ones() as u64).sum();
         let rate = self.peak_rate.max(1) as f64;
         let est_ms = remaining as f64 * 4096.0 * 1e3 / rate;
-        if remaining < self.best {
+        // A new smallest set by more than 1 %: on a plateau the working set's count wobbles
+        // by a page or two (2 053, 2 052, 2 053), which is no progress (it kept `zero`'s
+        // rounds going 3 more times, 78 MB instead of 53).
+        if remaining * 100 < self.best.saturating_mul(99) {
             self.best = remaining;
             self.no_progress = 0;
         } else {
