@@ -1904,11 +1904,7 @@ impl Sender<'_> {
                     }
                 }
                 // Pre-copy: the pages sent before that `sync` arrived.
-                Frame::Sync => {
-                    if let Some(sync) = self.delivery_syncs.pop_front() {
-                        self.delivery_answered(sync);
-                    }
-                }
+                Frame::Sync => self.delivery_answered(),
                 Frame::Disk(DiskFrame::Ack { seq }) => {
                     if let Some(d) = &self.disk {
                         d.acked(seq);
@@ -2031,7 +2027,7 @@ impl Sender<'_> {
                 return Ok(None);
             }
             self.sending = false;
-            self.credit_delivered();
+            self.credit_delivered(None);
             // The queue is out: a `sync` after its last page tells when it has arrived (and,
             // on a long link, the answers before it when it has left the bottleneck: see
             // `past_bottleneck`). The service's round ends then, not when the pages entered
@@ -2159,21 +2155,30 @@ impl Sender<'_> {
         let after_answer = answered + (rate * self.rtt.as_secs_f64()) as u64;
         let (t, at) = self.burst;
         let since_idle = at + (rate * t.elapsed().as_secs_f64()) as u64;
-        after_answer.min(since_idle).max(answered)
+        after_answer.min(since_idle)
     }
 
     /// Pre-copy: the `sync`s [`Sender::past_bottleneck`] reaches count their pages as on
-    /// their way (delivered).
-    fn credit_delivered(&mut self) {
+    /// their way (delivered); so do the pages before `answered`, a `sync` just answered.
+    fn credit_delivered(&mut self, answered: Option<&DeliverySync>) {
         let reach = self.past_bottleneck();
         let now = Instant::now();
-        let mut delivered = 0;
+        let mut delivered = answered.map_or(0, |s| s.pages);
         for s in self.delivery_syncs.iter_mut().take_while(|s| s.at <= reach) {
             delivered = s.pages;
             s.credited.get_or_insert(now);
         }
         let mut st = lock(&self.src.st);
         st.pages_delivered = st.pages_delivered.max(delivered);
+        if let Some(DeliverySync {
+            round_end: true,
+            credited: Some(t),
+            ..
+        }) = answered
+        {
+            st.report.overlapped_round_trips += 1;
+            st.report.overlap_saved_ms += t.elapsed().as_secs_f64() * 1e3;
+        }
     }
 
     /// Pre-copy: a progress mark (`sync`) once the stream moved [`PROGRESS_MARK`]'s worth
@@ -2191,21 +2196,16 @@ impl Sender<'_> {
         Ok(())
     }
 
-    /// Pre-copy: the destination answered `sync`: the pages before it arrived (and perhaps
-    /// more left the bottleneck).
-    fn delivery_answered(&mut self, sync: DeliverySync) {
+    /// Pre-copy: the destination answered the oldest `sync`: the pages before it arrived (and
+    /// perhaps more left the bottleneck).
+    fn delivery_answered(&mut self) {
+        let Some(sync) = self.delivery_syncs.pop_front() else {
+            return;
+        };
         self.rtt = self.rtt.min(sync.sent.elapsed());
         self.delivery.answered(sync.at);
         self.answered_at = Some(sync.at);
-        {
-            let mut st = lock(&self.src.st);
-            st.pages_delivered = st.pages_delivered.max(sync.pages);
-            if let (true, Some(t)) = (sync.round_end, sync.credited) {
-                st.report.overlapped_round_trips += 1;
-                st.report.overlap_saved_ms += t.elapsed().as_secs_f64() * 1e3;
-            }
-        }
-        self.credit_delivered();
+        self.credit_delivered(Some(&sync));
     }
 
     /// Fails when the destination left a `sync` unanswered for [`SYNC_TIMEOUT`]: it reads no
@@ -2840,7 +2840,7 @@ impl handover::Handover for Switch<'_, '_> {
         tx.link.flush(SYNC_TIMEOUT)?;
         let all = self.mode == SwitchMode::Postcopy;
         loop {
-            tx.credit_delivered();
+            tx.credit_delivered(None);
             let st = lock(&tx.src.st);
             let on_its_way = st.pages_delivered >= st.report.pages_sent;
             drop(st);
@@ -2849,11 +2849,7 @@ impl handover::Handover for Switch<'_, '_> {
             }
             tx.check_delivery()?;
             match tx.link.recv(Duration::from_millis(1))? {
-                Some(Frame::Sync) => {
-                    if let Some(sync) = tx.delivery_syncs.pop_front() {
-                        tx.delivery_answered(sync);
-                    }
-                }
+                Some(Frame::Sync) => tx.delivery_answered(),
                 Some(other) => return Err(other_frame("sync", other)),
                 None => {}
             }
@@ -2976,9 +2972,7 @@ impl handover::Handover for Switch<'_, '_> {
         let answer = match loop {
             match self.tx.link.recv(timeout) {
                 Ok(Some(Frame::Sync)) if !self.tx.delivery_syncs.is_empty() => {
-                    if let Some(sync) = self.tx.delivery_syncs.pop_front() {
-                        self.tx.delivery_answered(sync);
-                    }
+                    self.tx.delivery_answered()
                 }
                 other => break other,
             }

@@ -8,11 +8,11 @@
 //!   rounds without a new minimum (smaller by more than 1 %), or at `max_rounds` or
 //!   `max_bytes`, it hands over anyway: by stop-and-copy when the dirty set would go out
 //!   within `max_pause_ms` (the source stays the complete copy to the very end), else by
-//!   switching to post-copy. A non-converging
-//!   guest keeps its dirty set near its working set, so a stop-and-copy would pause it for
-//!   working-set/bandwidth — seconds on a slow link (5.6 s for 64 MiB at 100 Mbit/s) — where
-//!   post-copy's pause is one round trip and the guest then waits only for the pages it
-//!   touches. `max_pause_ms: 0` keeps the stop-and-copy whatever it costs.
+//!   switching to post-copy. A non-converging guest keeps its dirty set near its working
+//!   set, so a stop-and-copy would pause it for working-set/bandwidth — seconds on a slow
+//!   link (5.6 s for 64 MiB at 100 Mbit/s) — where post-copy's pause is one round trip and
+//!   the guest then waits only for the pages it touches. `max_pause_ms: 0` keeps the
+//!   stop-and-copy whatever it costs.
 //! - **postcopy**: hands over at once; the host pushes every page once, faulted pages first.
 //!   On each fault this queues the neighbourhood after the faulting page as urgent
 //!   (pre-paging), with a window that doubles while faults stay close to each other (a
