@@ -175,6 +175,14 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Stamp a disk image with a new base generation (prints it): copies made of it with their
+    /// timestamps (`cp --preserve=timestamps`, stamp `IMAGE.spanvmm-base` included) are the
+    /// same base, and a migration between two hosts holding it sends only the blocks the
+    /// guest wrote since, without reading either image whole.
+    DiskStamp {
+        /// The image (not in use by a VMM).
+        image: PathBuf,
+    },
     /// Offline snapshot tools: inspect, merge a chain, shred.
     Snapshot {
         #[command(subcommand)]
@@ -422,6 +430,23 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::DiskStamp { image } => {
+            use base_vmm::devices::virtio::disk_track;
+            let g = disk_track::new_generation();
+            let stamped = std::fs::File::open(&image)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| disk_track::write_stamp(&image, g));
+            match stamped {
+                Ok(()) => {
+                    println!("{g:032x}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("spanvmm disk-stamp: {}: {e}", image.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Snapshot { op } => match snapshot::offline(op) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -400,7 +400,7 @@ pub fn run(cfg: &Config) -> anyhow::Result<()> {
                 .is_none_or(|e| e.iter().any(|x| x == n))
         })
         .collect();
-    if ws.is_empty() || es.is_empty() {
+    if part("table1") && (ws.is_empty() || es.is_empty()) {
         bail!(
             "no workload or engine left: workloads {:?}, engines {:?}",
             all_w.iter().map(|w| w.0).collect::<Vec<_>>(),
@@ -451,9 +451,13 @@ pub fn run(cfg: &Config) -> anyhow::Result<()> {
     }
 
     if part("storage") {
-        match ctx.storage(0) {
-            Ok(r) => runs.extend(r),
-            Err(e) => eprintln!("storage: could not run: {e:#}"),
+        // `--engines` picks its rows too (spanvmm-full, spanvmm-incremental,
+        // spanvmm-incremental-hashed, qemu-mirror-full, qemu-mirror-incremental).
+        for round in 0..cfg.runs {
+            match ctx.storage(round) {
+                Ok(r) => runs.extend(r),
+                Err(e) => eprintln!("storage: could not run: {e:#}"),
+            }
         }
     }
 
@@ -972,6 +976,20 @@ fn base_image(path: &Path, d: DiskScale) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A sparse copy of `from` at `to` (the empty half stays holes), with its timestamps, written
+/// back before it is used: a host's base image has long been on its disk, so a switch-over's
+/// sync of the destination's file flushes only what the migration wrote, not the copy.
+fn copy_image(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let st = std::process::Command::new("cp")
+        .args(["--sparse=always", "--preserve=timestamps"])
+        .arg(from)
+        .arg(to)
+        .status()?;
+    anyhow::ensure!(st.success(), "cp {}", from.display());
+    std::fs::File::open(to)?.sync_all()?;
+    Ok(())
+}
+
 /// Where the storage part keeps its images: tmpfs up to 1 GiB, else /var/tmp (a real disk:
 /// a 4 GiB image and its copies would take the host's memory on tmpfs). Removed on drop,
 /// whatever the run's outcome.
@@ -992,11 +1010,11 @@ impl ImageDir {
 }
 
 impl ImageDir {
-    /// Removes every file but the base image: a run's copies are not needed by the next one
-    /// (at 4 GiB they are gigabytes each).
+    /// Removes every file but the base image and its stamp: a run's copies are not needed by
+    /// the next one (at 4 GiB they are gigabytes each).
     fn clear_runs(&self) {
         for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
-            if e.file_name() != "base.img" {
+            if !e.file_name().to_string_lossy().starts_with("base.img") {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -1028,6 +1046,14 @@ impl Ctx<'_> {
         );
         let base = dir.join("base.img");
         base_image(&base, d)?;
+        // The base's generation: copies made with their timestamps, stamp included, are the
+        // same base (what QEMU's overlays know from their backing file).
+        let st = std::process::Command::new(&self.cfg.spanvmm)
+            .arg("disk-stamp")
+            .arg(&base)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(st.success(), "spanvmm disk-stamp {}", base.display());
         let cmdline = format!(
             "workload=dirty,verify,disk mib={} wss={} rate=1000 disk_mib={} disk_rate=1000 \
              disk_flush=32 stall_us=1000 report_ms=0 verify_ms=2000",
@@ -1040,22 +1066,37 @@ impl Ctx<'_> {
             rtt_ms: 20,
         };
         let limit = Duration::from_secs((d.disk_mib * 8 * 4 / 100).max(120));
-        let copy = |name: &str| -> anyhow::Result<PathBuf> {
+        // A copy of the base, with its stamp or without.
+        let copy = |name: &str, stamped: bool| -> anyhow::Result<PathBuf> {
             let p = dir.join(name);
-            // A sparse copy: the empty half stays holes.
-            let st = std::process::Command::new("cp")
-                .args(["--sparse=always"])
-                .arg(&base)
-                .arg(&p)
-                .status()?;
-            anyhow::ensure!(st.success(), "cp {}", base.display());
+            copy_image(&base, &p)?;
+            if stamped {
+                // The stamp's place beside its image, as docs/migration-wire.md gives it.
+                let stamp = |p: &Path| PathBuf::from(format!("{}.spanvmm-base", p.display()));
+                std::fs::copy(stamp(&base), stamp(&p))?;
+            }
             Ok(p)
         };
+        let wanted = |name: &str| {
+            self.cfg
+                .engines
+                .as_ref()
+                .is_none_or(|e| e.iter().any(|x| x == name))
+        };
         let mut out = Vec::new();
-        for (name, incremental) in [("spanvmm-full", false), ("spanvmm-incremental", true)] {
-            let src = copy("src.img")?;
+        // Incremental twice: both images stamped with the base's generation (only the blocks
+        // written since go, neither image read whole), and unstamped copies (both hashed).
+        for (name, incremental, stamped) in [
+            ("spanvmm-full", false, true),
+            ("spanvmm-incremental", true, true),
+            ("spanvmm-incremental-hashed", true, false),
+        ] {
+            if !wanted(name) {
+                continue;
+            }
+            let src = copy("src.img", stamped)?;
             let dst = if incremental {
-                copy("dst.img")?
+                copy("dst.img", stamped)?
             } else {
                 let p = dir.join("dst.img");
                 std::fs::File::create(&p)?;
@@ -1085,6 +1126,9 @@ impl Ctx<'_> {
             ("qemu-mirror-full", false),
             ("qemu-mirror-incremental", true),
         ] {
+            if !wanted(name) {
+                continue;
+            }
             let o = qemu_mirror(self, &dir, &base, d, &cmdline, incremental, wan, limit);
             out.push(self.storage_run(round, name, o));
             images.clear_runs();
@@ -1183,12 +1227,7 @@ fn qemu_mirror(
         // clusters are mirrored onto the destination's overlay of its own copy of the base.
         for side in ["src", "dst"] {
             let b = img(&format!("base-{side}.img"));
-            let st = Command::new("cp")
-                .arg("--sparse=always")
-                .arg(base)
-                .arg(&b)
-                .status()?;
-            anyhow::ensure!(st.success(), "cp base");
+            copy_image(base, &b)?;
             let st = Command::new("qemu-img")
                 .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
                 .arg(&b)
@@ -1199,12 +1238,7 @@ fn qemu_mirror(
         (img("src.qcow2"), img("dst.qcow2"), "qcow2")
     } else {
         let s = img("src-q.img");
-        let st = Command::new("cp")
-            .arg("--sparse=always")
-            .arg(base)
-            .arg(&s)
-            .status()?;
-        anyhow::ensure!(st.success(), "cp base");
+        copy_image(base, &s)?;
         let t = img("dst-q.img");
         std::fs::File::create(&t)?.set_len(d.disk_mib << 20)?;
         (s, t, "raw")

@@ -28,11 +28,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use base_vmm::devices::virtio::block::BlockConfig;
-use base_vmm::devices::virtio::disk_track::{DiskTrack, WriteMirror, TRACK_BLOCK};
+use base_vmm::devices::virtio::disk_track::{
+    new_generation, read_stamp, remove_stamp, write_stamp, DiskTrack, WriteMirror, TRACK_BLOCK,
+};
 use serde::{Deserialize, Serialize};
 
 use super::cnet::{Decoder, Encoder, Encoding, EncodingStats};
@@ -41,9 +44,11 @@ use super::wire::{self, Frame, WireError, BATCH_PAGES, HEADER_LEN, PAGE};
 use super::{bit, set_bit};
 use crate::ctx::lock;
 
-/// `disk-offer` (S→D): disk u8, bytes u64, block size u32.
+/// `disk-offer` (S→D): disk u8, bytes u64, block size u32, base u128 (0: none), generation
+/// u128.
 pub const T_DISK_OFFER: u8 = 0x40;
-/// `disk-hashes` (D→S): disk u8, receiving u8, first block u64, count u32, count × 16 bytes.
+/// `disk-hashes` (D→S): disk u8, receiving u8 (0 no, 1 yes, 2 yes and holding the offered
+/// base: no hashes), first block u64, count u32, count × 16 bytes.
 pub const T_DISK_HASHES: u8 = 0x41;
 /// `disk-blocks` (S→D): disk u8, then a `pages` payload whose pages are 4 KiB units of the disk.
 pub const T_DISK_BLOCKS: u8 = 0x42;
@@ -86,14 +91,22 @@ pub enum DiskFrame {
         bytes: u64,
         /// Block size of the hashes and of the dirty tracking.
         block: u32,
+        /// The generation the source's image held when its VMM took it (0: not known): a
+        /// destination whose image still holds it needs only the blocks written since.
+        base: u128,
+        /// The generation both images hold after this migration.
+        generation: u128,
     },
-    /// Destination → source: hashes of its copy's blocks `first..`, or (not `receiving`) the
-    /// disk stays where it is (shared storage).
+    /// Destination → source: hashes of its copy's blocks `first..`, or (`holds_base`) none:
+    /// its image holds the offered base, or (not `receiving`) the disk stays where it is
+    /// (shared storage).
     Hashes {
         /// Index.
         disk: u8,
         /// The destination receives this disk.
         receiving: bool,
+        /// Its image holds the offered base generation (no hashes follow).
+        holds_base: bool,
         /// First block.
         first: u64,
         /// xxh3-128 of each block's bytes.
@@ -150,20 +163,29 @@ impl DiskFrame {
     /// Appends the payload to `out`; returns the frame type.
     pub(crate) fn encode_payload(&self, out: &mut Vec<u8>) -> u8 {
         match self {
-            DiskFrame::Offer { disk, bytes, block } => {
+            DiskFrame::Offer {
+                disk,
+                bytes,
+                block,
+                base,
+                generation,
+            } => {
                 out.push(*disk);
                 out.extend_from_slice(&bytes.to_le_bytes());
                 out.extend_from_slice(&block.to_le_bytes());
+                out.extend_from_slice(&base.to_le_bytes());
+                out.extend_from_slice(&generation.to_le_bytes());
                 T_DISK_OFFER
             }
             DiskFrame::Hashes {
                 disk,
                 receiving,
+                holds_base,
                 first,
                 hashes,
             } => {
                 out.push(*disk);
-                out.push(*receiving as u8);
+                out.push(if *holds_base { 2 } else { *receiving as u8 });
                 out.extend_from_slice(&first.to_le_bytes());
                 out.extend_from_slice(&(hashes.len() as u32).to_le_bytes());
                 for h in hashes {
@@ -236,15 +258,28 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<DiskFrame, WireError> {
             let disk = take(&mut b, 1, w)?[0];
             let bytes = u64_at(&mut b, w)?;
             let block = u32::from_le_bytes(take(&mut b, 4, w)?.try_into().expect("4"));
-            DiskFrame::Offer { disk, bytes, block }
+            let base = u128::from_le_bytes(take(&mut b, 16, w)?.try_into().expect("16"));
+            let generation = u128::from_le_bytes(take(&mut b, 16, w)?.try_into().expect("16"));
+            DiskFrame::Offer {
+                disk,
+                bytes,
+                block,
+                base,
+                generation,
+            }
         }
         T_DISK_HASHES => {
             let w = "disk-hashes";
             let disk = take(&mut b, 1, w)?[0];
-            let receiving = match take(&mut b, 1, w)?[0] {
-                0 => false,
-                1 => true,
-                v => return Err(bad(format!("disk-hashes receiving flag {v} is not 0 or 1"))),
+            let (receiving, holds_base) = match take(&mut b, 1, w)?[0] {
+                0 => (false, false),
+                1 => (true, false),
+                2 => (true, true),
+                v => {
+                    return Err(bad(format!(
+                        "disk-hashes receiving flag {v} is not 0, 1 or 2"
+                    )))
+                }
             };
             let first = u64_at(&mut b, w)?;
             let n = u32::from_le_bytes(take(&mut b, 4, w)?.try_into().expect("4")) as usize;
@@ -252,6 +287,9 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<DiskFrame, WireError> {
                 return Err(bad(format!(
                     "disk-hashes frame carries {n} hashes (at most {HASHES_PER_FRAME})"
                 )));
+            }
+            if holds_base && n > 0 {
+                return Err(bad("disk-hashes holding the base carries hashes"));
             }
             let raw = take(&mut b, n * 16, w)?;
             let hashes = raw
@@ -261,6 +299,7 @@ pub fn decode(ty: u8, payload: &[u8]) -> Result<DiskFrame, WireError> {
             DiskFrame::Hashes {
                 disk,
                 receiving,
+                holds_base,
                 first,
                 hashes,
             }
@@ -337,6 +376,10 @@ pub struct DiskReport {
     /// Blocks the destination held already (same hash): not sent. An incremental migration
     /// from a base both sides hold sends only the others.
     pub blocks_same: u64,
+    /// Disks whose destination held the source's base generation: only the blocks written
+    /// since went, and neither image was read to find them.
+    #[serde(default)]
+    pub base_held: u32,
     /// Blocks sent by the bulk copy.
     pub blocks_sent: u64,
     /// Blocks sent again by the asynchronous passes (written after they were sent).
@@ -644,8 +687,11 @@ struct OutDisk {
     index: u8,
     track: Arc<DiskTrack>,
     file: File,
-    /// The destination's block hashes.
-    remote: Vec<u128>,
+    /// What the destination holds.
+    remote: Remote,
+    /// The generation both images hold once the migration is done (stamped on the source's
+    /// image when the destination resumed).
+    generation: u128,
     /// Bulk copy: next block to look at.
     cursor: u64,
     /// Blocks to send again (written after they were sent).
@@ -656,6 +702,15 @@ struct OutDisk {
     /// is mirrored that is harmless (the destination gets each change either way), and the
     /// units it touched are forgotten before the blocks written after the mirror stopped go.
     held: Vec<u128>,
+}
+
+/// What the destination's image holds, for the bulk copy.
+enum Remote {
+    /// Blocks whose hash is known.
+    Hashes(Vec<u128>),
+    /// The source's base generation: only the blocks written since (this bitmap) differ, and
+    /// nothing else is read.
+    Base(Vec<u64>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -741,23 +796,28 @@ impl DiskSender {
             return Ok(None);
         }
         let t0 = Instant::now();
-        for (i, t) in tracks.iter().enumerate().take(MAX_DISKS) {
+        let n = tracks.len().min(MAX_DISKS);
+        let bases: Vec<Option<u128>> = tracks.iter().take(n).map(|t| t.base()).collect();
+        let generations: Vec<u128> = (0..n).map(|_| new_generation()).collect();
+        for (i, t) in tracks.iter().enumerate().take(n) {
             link.send(&Frame::Disk(DiskFrame::Offer {
                 disk: i as u8,
                 bytes: t.bytes(),
                 block: TRACK_BLOCK as u32,
+                base: bases[i].unwrap_or(0),
+                generation: generations[i],
             }))?;
         }
         link.flush(Duration::from_secs(30))?;
-        let n = tracks.len().min(MAX_DISKS);
-        let mut remote: Vec<Option<Vec<u128>>> = vec![Some(Vec::new()); n];
+        let mut remote: Vec<Option<Remote>> = (0..n).map(|_| None).collect();
         let mut answered = vec![false; n];
         while answered.iter().any(|a| !a) {
-            // The destination reads its whole file to hash it.
+            // The destination reads its whole file to hash it (unless it holds the base).
             match link.expect(Duration::from_secs(120), "disk-hashes")? {
                 Frame::Disk(DiskFrame::Hashes {
                     disk,
                     receiving,
+                    holds_base,
                     first,
                     hashes,
                 }) => {
@@ -769,11 +829,25 @@ impl DiskSender {
                         )));
                     };
                     if !receiving {
-                        *slot = None;
                         answered[d] = true;
                         continue;
                     }
-                    let have = slot.as_mut().expect("receiving");
+                    if holds_base {
+                        if slot.is_some() || bases[d].is_none() {
+                            return Err(other(format!(
+                                "disk-hashes for disk {disk}: holding a base not offered, or \
+                                 after hashes"
+                            )));
+                        }
+                        *slot = Some(Remote::Base(Vec::new()));
+                        answered[d] = true;
+                        continue;
+                    }
+                    let Remote::Hashes(have) =
+                        slot.get_or_insert_with(|| Remote::Hashes(Vec::new()))
+                    else {
+                        unreachable!("a base answer ends the disk's answers")
+                    };
                     let blocks = tracks[d].blocks();
                     if first != have.len() as u64 || first + hashes.len() as u64 > blocks {
                         return Err(other(format!(
@@ -793,6 +867,22 @@ impl DiskSender {
         let mut held_budget = MAX_HELD_UNITS;
         for (i, (t, r)) in tracks.into_iter().zip(remote).enumerate() {
             let Some(remote) = r else { continue };
+            let remote = match remote {
+                // The blocks written since the base, taken as the recording starts below
+                // (no write falls between).
+                Remote::Base(_) => {
+                    let base = bases[i].expect("answered for an offered base");
+                    let Some(since) = t.start_since(base) else {
+                        return Err(other(format!(
+                            "disk {}: its base changed during the offer",
+                            t.path().display()
+                        )));
+                    };
+                    report.base_held += 1;
+                    Remote::Base(since)
+                }
+                hashes => hashes,
+            };
             let file = File::open(t.path())
                 .map_err(|e| other(format!("disk {}: {e}", t.path().display())))?;
             report.disks += 1;
@@ -812,6 +902,7 @@ impl DiskSender {
                 track: t,
                 file,
                 remote,
+                generation: generations[i],
                 cursor: 0,
                 resend: vec![0; words],
             });
@@ -819,9 +910,12 @@ impl DiskSender {
         if disks.is_empty() {
             return Ok(None);
         }
-        // Written blocks are recorded before the bulk copy reads any.
+        // Written blocks are recorded before the bulk copy reads any (from the base: as the
+        // blocks written since were taken).
         for d in &disks {
-            d.track.start();
+            if matches!(d.remote, Remote::Hashes(_)) {
+                d.track.start();
+            }
         }
         report.setup_ms = t0.elapsed().as_secs_f64() * 1e3;
         super::trace(format_args!(
@@ -987,6 +1081,16 @@ impl DiskSender {
                 return Ok(0);
             };
             let d = &mut self.disks[i];
+            if let Remote::Base(since) = &d.remote {
+                // Blocks not written since the base are the destination's already: skipped
+                // unread, up to the next one written.
+                let next = super::next_set(since, d.cursor).unwrap_or(d.track.blocks());
+                self.report.blocks_same += next - d.cursor;
+                d.cursor = next;
+                if next == d.track.blocks() {
+                    continue;
+                }
+            }
             let first = d.cursor;
             let n = RUN_BLOCKS.min(d.track.blocks() - first);
             d.cursor += n;
@@ -998,10 +1102,16 @@ impl DiskSender {
                 let b = first + k;
                 let end = (d.track.bytes() - b * TRACK_BLOCK).min(TRACK_BLOCK) as usize;
                 let at = (k * TRACK_BLOCK) as usize;
-                if block_hash(&buf[at..at + end]) == d.remote[b as usize] {
+                let same = match &d.remote {
+                    Remote::Hashes(h) => block_hash(&buf[at..at + end]) == h[b as usize],
+                    Remote::Base(since) => !bit(since, b),
+                };
+                if same {
                     self.report.blocks_same += 1;
-                    // The destination holds these bytes: their units' hashes are known.
-                    if !d.held.is_empty() {
+                    // The destination holds these bytes (their hash matched): their units'
+                    // hashes are known. Not from the base: a block written since the
+                    // recording began (sent again later) may hold new bytes already.
+                    if matches!(d.remote, Remote::Hashes(_)) && !d.held.is_empty() {
                         let units = (d.held.len() as u64 - b * UNITS).min(UNITS);
                         for u in 0..units {
                             let bytes = &buf[at + u as usize * PAGE..][..PAGE];
@@ -1227,6 +1337,22 @@ impl DiskSender {
         Ok(())
     }
 
+    /// The destination resumed the guest: the source's images (synced) are stamped with the
+    /// generation both sides now hold, for an incremental migration back to this host. A
+    /// stamp that cannot be written costs only that (the next migration here hashes).
+    pub(crate) fn departed(&self) {
+        for d in &self.disks {
+            let path = d.track.path();
+            if let Err(e) = d
+                .file
+                .sync_data()
+                .and_then(|()| write_stamp(path, d.generation))
+            {
+                tracing::warn!("migration: disk {}: no base stamp: {e}", path.display());
+            }
+        }
+    }
+
     /// The migration ended (either way): tracking stops, waiting writes are released.
     pub(crate) fn abandon(&mut self) {
         self.mirror.abandon();
@@ -1385,6 +1511,9 @@ struct InDisk {
     path: String,
     file: File,
     bytes: u64,
+    /// The generation the image holds once received (stamped at the hand-over, taken into
+    /// the tracking when the arriving VM opens it).
+    generation: u128,
     dec: Decoder,
 }
 
@@ -1418,7 +1547,13 @@ impl DiskReceiver {
     /// Serves one disk frame from the source.
     pub(crate) fn handle(&mut self, f: DiskFrame, link: &mut Link) -> Result<(), DiskError> {
         match f {
-            DiskFrame::Offer { disk, bytes, block } => self.offer(disk, bytes, block, link),
+            DiskFrame::Offer {
+                disk,
+                bytes,
+                block,
+                base,
+                generation,
+            } => self.offer(disk, bytes, (block, base, generation), link),
             DiskFrame::Blocks {
                 disk,
                 first,
@@ -1513,11 +1648,12 @@ impl DiskReceiver {
             .ok_or(DiskError::NotReceiving { frame, disk })
     }
 
+    /// `(block, base, generation)`: the offer's block size and generations.
     fn offer(
         &mut self,
         disk: u8,
         bytes: u64,
-        block: u32,
+        (block, base, generation): (u32, u128, u128),
         link: &mut Link,
     ) -> Result<(), DiskError> {
         let i = disk as usize;
@@ -1530,6 +1666,7 @@ impl DiskReceiver {
             link.send(&Frame::Disk(DiskFrame::Hashes {
                 disk,
                 receiving: false,
+                holds_base: false,
                 first: 0,
                 hashes: Vec::new(),
             }))?;
@@ -1555,6 +1692,10 @@ impl DiskReceiver {
             let path = path.clone();
             move |err: std::io::Error| DiskError::Io { path, what, err }
         };
+        // Whether this image still holds the source's base, read before anything writes it;
+        // its stamp goes now (this image is written from here on).
+        let holds_base = base != 0 && read_stamp(&cfg.path) == Some(base);
+        remove_stamp(&cfg.path).map_err(io("removing the base stamp of"))?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -1571,6 +1712,25 @@ impl DiskReceiver {
             // An empty (or shorter) base: the rest reads as zeros.
             file.set_len(bytes).map_err(io("extending"))?;
         }
+        let held = InDisk {
+            path: path.clone(),
+            file,
+            bytes,
+            generation,
+            dec: Decoder::default(),
+        };
+        if holds_base && len == bytes {
+            link.send(&Frame::Disk(DiskFrame::Hashes {
+                disk,
+                receiving: true,
+                holds_base: true,
+                first: 0,
+                hashes: Vec::new(),
+            }))?;
+            self.disks[i] = Some(held);
+            return Ok(());
+        }
+        let file = &held.file;
         // The base copy's hashes: the source sends only the blocks that differ.
         let blocks = bytes.div_ceil(TRACK_BLOCK);
         let mut buf = Vec::new();
@@ -1578,7 +1738,7 @@ impl DiskReceiver {
         let mut first = 0;
         for b0 in (0..blocks).step_by(RUN_BLOCKS as usize) {
             let n = RUN_BLOCKS.min(blocks - b0);
-            read_blocks(&file, bytes, b0, n, &mut buf).map_err(io("reading"))?;
+            read_blocks(file, bytes, b0, n, &mut buf).map_err(io("reading"))?;
             for k in 0..n {
                 let end = (bytes - (b0 + k) * TRACK_BLOCK).min(TRACK_BLOCK) as usize;
                 let at = (k * TRACK_BLOCK) as usize;
@@ -1590,18 +1750,14 @@ impl DiskReceiver {
                 link.send(&Frame::Disk(DiskFrame::Hashes {
                     disk,
                     receiving: true,
+                    holds_base: false,
                     first,
                     hashes: chunk,
                 }))?;
                 first += len;
             }
         }
-        self.disks[i] = Some(InDisk {
-            path,
-            file,
-            bytes,
-            dec: Decoder::default(),
-        });
+        self.disks[i] = Some(held);
         Ok(())
     }
 
@@ -1626,10 +1782,15 @@ impl DiskReceiver {
         Ok(MirrorTargets(t))
     }
 
-    /// Before `ready`: every received disk's writes are on stable storage.
+    /// Before `ready`: every received disk's writes are on stable storage, and its image is
+    /// stamped with the generation it now shares with the source's.
     pub(crate) fn finish(&mut self) -> Result<(), DiskError> {
         for d in self.disks.iter().flatten() {
             d.file.sync_data().map_err(d.io("syncing"))?;
+            // A stamp that cannot be written costs only that (the next migration hashes).
+            if let Err(e) = write_stamp(Path::new(&d.path), d.generation) {
+                tracing::warn!("migration: disk {}: no base stamp: {e}", d.path);
+            }
         }
         Ok(())
     }
@@ -1669,12 +1830,22 @@ mod tests {
             disk: 1,
             bytes: 64 << 20,
             block: TRACK_BLOCK as u32,
+            base: 0,
+            generation: u128::MAX - 1,
         });
         round_trip(DiskFrame::Hashes {
             disk: 0,
             receiving: true,
+            holds_base: false,
             first: 3,
             hashes: vec![1, u128::MAX],
+        });
+        round_trip(DiskFrame::Hashes {
+            disk: 0,
+            receiving: true,
+            holds_base: true,
+            first: 0,
+            hashes: Vec::new(),
         });
         round_trip(DiskFrame::Blocks {
             disk: 0,
@@ -1705,11 +1876,17 @@ mod tests {
         let e = wire::decode(T_DISK_WRITE, &b[HEADER_LEN..]).unwrap_err();
         assert!(e.0.contains("whole sectors"), "{e}");
         assert!(
-            wire::decode(T_DISK_HASHES, &[0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+            wire::decode(T_DISK_HASHES, &[0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
                 .unwrap_err()
                 .0
                 .contains("receiving flag")
         );
+        let mut held = vec![0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+        held.extend_from_slice(&[0; 16]);
+        assert!(wire::decode(T_DISK_HASHES, &held)
+            .unwrap_err()
+            .0
+            .contains("holding the base carries hashes"));
     }
 
     #[test]

@@ -84,6 +84,19 @@ pub(crate) fn clear_bit(words: &mut [u64], p: u64) {
     words[(p / 64) as usize] &= !(1 << (p % 64));
 }
 
+/// The first bit set at or after `p`, if any.
+pub(crate) fn next_set(words: &[u64], p: u64) -> Option<u64> {
+    let mut w = (p / 64) as usize;
+    let mut bits = words.get(w)? & (!0u64 << (p % 64));
+    loop {
+        if bits != 0 {
+            return Some(w as u64 * 64 + bits.trailing_zeros() as u64);
+        }
+        w += 1;
+        bits = *words.get(w)?;
+    }
+}
+
 pub(crate) fn count(words: &[u64]) -> u64 {
     words.iter().map(|w| w.count_ones() as u64).sum()
 }

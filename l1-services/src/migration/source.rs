@@ -2655,8 +2655,13 @@ impl Sender<'_> {
         }
         // Either way the disks are no longer tracked; a write waiting for the destination
         // completes here.
+        let confirmed = self.confirmed;
         let disk = self.disk.as_mut().map(|d| {
             d.abandon();
+            // The destination resumed: both images hold the hand-over's generation.
+            if confirmed {
+                d.departed();
+            }
             d.report()
         });
         self.scatter_report();

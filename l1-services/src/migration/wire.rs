@@ -12,8 +12,9 @@ pub const MAGIC: &[u8; 8] = b"SPANMIG\0";
 /// fault latency. 3: `commit` says whether the guest runs or stays paused. 4: `sync` during
 /// post-copy too (the destination answers each once it has read what came before: the
 /// source's window of pushed pages). 5: `stale` (a post-copy's stale pages dropped before the
-/// pause).
-pub const VERSION: u32 = 5;
+/// pause). 6: `disk-offer` names the source image's base generation and the hand-over's; a
+/// destination holding that base answers without hashes.
+pub const VERSION: u32 = 6;
 /// Pages a `pages` frame spans at most (2 MiB).
 pub const BATCH_PAGES: u64 = 512;
 /// Largest payload accepted: a full batch of raw pages plus its header and bitmaps, or a bitmap

@@ -166,6 +166,20 @@ impl Block {
         let buf = vec![0u8; CHUNK + ALIGN];
         let buf_off = buf.as_ptr().align_offset(ALIGN);
         let track = Arc::new(DiskTrack::new(cfg.path.clone(), sectors * SECTOR, serial));
+        // A stamped image: its generation goes into the tracking, and the stamp goes (from
+        // now on the guest writes; a read-only image keeps it).
+        if let Some(g) = super::disk_track::read_stamp(&cfg.path) {
+            let taken = cfg.readonly || {
+                let r = super::disk_track::remove_stamp(&cfg.path);
+                if let Err(e) = &r {
+                    tracing::warn!("disk {path}: its base stamp stays unused: {e}");
+                }
+                r.is_ok()
+            };
+            if taken {
+                track.set_base(Some(g));
+            }
+        }
         Ok(Block {
             cfg: cfg.clone(),
             file,

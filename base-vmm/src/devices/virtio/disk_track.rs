@@ -4,10 +4,21 @@
 //! the request completes only once the destination acknowledged it: DRBD's protocol C).
 //!
 //! Off unless a migration asks: an untracked disk pays one uncontended lock per write.
+//!
+//! **Base generations** (incremental disk migration without reading the disks): an image
+//! that two hosts hold alike carries a *stamp* beside it (`<image>.spanvmm-base`) naming its
+//! generation, a random 128-bit id given at a migration's hand-over (both ends then hold the
+//! same bytes) or by `spanvmm disk-stamp`. The stamp is valid while the image keeps the size
+//! and modification time recorded in it. A VMM opening the image takes the stamp into its
+//! tracking (and removes it: the guest will write) and records every block written since;
+//! a migration to a host whose image still carries that stamp sends only those blocks.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
 
 use crate::devices::lock;
 
@@ -34,6 +45,10 @@ enum Mode {
 struct Inner {
     mode: Mode,
     dirty: Vec<u64>,
+    /// The generation the image held when this VMM took it, if known...
+    base: Option<u128>,
+    /// ...and the blocks written since (whatever the mode).
+    written: Vec<u64>,
 }
 
 /// One disk's tracking, shared by the device (which reports writes) and a migration.
@@ -49,13 +64,16 @@ pub struct DiskTrack {
 impl DiskTrack {
     /// Tracking for the image at `path` of `bytes` bytes (off until [`Self::start`]).
     pub fn new(path: PathBuf, bytes: u64, serial: String) -> Self {
+        let words = bytes.div_ceil(TRACK_BLOCK).div_ceil(64) as usize;
         DiskTrack {
             path,
             bytes,
             serial,
             inner: Mutex::new(Inner {
                 mode: Mode::Off,
-                dirty: vec![0; bytes.div_ceil(TRACK_BLOCK).div_ceil(64) as usize],
+                dirty: vec![0; words],
+                base: None,
+                written: vec![0; words],
             }),
             mirrored: AtomicU64::new(0),
             mirrored_bytes: AtomicU64::new(0),
@@ -87,6 +105,31 @@ impl DiskTrack {
         let mut i = lock(&self.inner);
         i.dirty.iter_mut().for_each(|w| *w = 0);
         i.mode = Mode::Dirty;
+    }
+
+    /// The image holds generation `base` now (`None`: not known); no block written since.
+    pub fn set_base(&self, base: Option<u128>) {
+        let mut i = lock(&self.inner);
+        i.base = base;
+        i.written.iter_mut().for_each(|w| *w = 0);
+    }
+
+    /// The generation the image held when this VMM took it (the blocks written since are
+    /// recorded), if known.
+    pub fn base(&self) -> Option<u128> {
+        lock(&self.inner).base
+    }
+
+    /// [`Self::start`], returning in the same step the blocks written since generation
+    /// `base`; `None` (and nothing started) if the image's base is not `base`.
+    pub fn start_since(&self, base: u128) -> Option<Vec<u64>> {
+        let mut i = lock(&self.inner);
+        if i.base != Some(base) {
+            return None;
+        }
+        i.dirty.iter_mut().for_each(|w| *w = 0);
+        i.mode = Mode::Dirty;
+        Some(i.written.clone())
     }
 
     /// The blocks written since the last harvest (bit `b % 64` of word `b / 64`); clears them.
@@ -142,6 +185,9 @@ impl DiskTrack {
         }
         let mirror = {
             let mut i = lock(&self.inner);
+            if i.base.is_some() {
+                mark(&mut i.written, offset, data.len() as u64);
+            }
             match &i.mode {
                 Mode::Off => return,
                 Mode::Dirty => {
@@ -162,6 +208,80 @@ impl DiskTrack {
         if !matches!(i.mode, Mode::Off) {
             mark(&mut i.dirty, offset, data.len() as u64);
         }
+    }
+}
+
+/// A base stamp's file: what the image held when it was stamped.
+#[derive(Serialize, Deserialize)]
+struct Stamp {
+    /// The generation, 32 hex digits.
+    generation: String,
+    /// The image's size and modification time then (anything that writes it changes them).
+    bytes: u64,
+    mtime_ns: i128,
+}
+
+/// The stamp file beside `image`.
+pub fn stamp_path(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".spanvmm-base");
+    PathBuf::from(p)
+}
+
+fn mtime_ns(m: &std::fs::Metadata) -> i128 {
+    i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
+}
+
+/// A new generation id (random, never 0: 0 means none on the wire).
+pub fn new_generation() -> u128 {
+    loop {
+        let mut b = [0u8; 16];
+        let mut got = 0;
+        while got < b.len() {
+            // SAFETY: the pointer and length describe the unfilled tail of `b`.
+            let r = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), b.len() - got, 0) };
+            if r > 0 {
+                got += r as usize;
+            }
+        }
+        let g = u128::from_le_bytes(b);
+        if g != 0 {
+            return g;
+        }
+    }
+}
+
+/// The generation `image` holds, if its stamp is there, readable and still valid (the image's
+/// size and modification time unchanged since). A stamp that is not valid is left alone.
+pub fn read_stamp(image: &Path) -> Option<u128> {
+    let text = std::fs::read_to_string(stamp_path(image)).ok()?;
+    let s: Stamp = serde_json::from_str(&text).ok()?;
+    let m = std::fs::metadata(image).ok()?;
+    let g = u128::from_str_radix(&s.generation, 16).ok()?;
+    (g != 0 && s.bytes == m.len() && s.mtime_ns == mtime_ns(&m)).then_some(g)
+}
+
+/// Stamps `image` (already synced: nothing writes it any more) as holding `generation`.
+/// Written to a temporary file and renamed, so a reader sees a whole stamp or none.
+pub fn write_stamp(image: &Path, generation: u128) -> std::io::Result<()> {
+    let m = std::fs::metadata(image)?;
+    let s = Stamp {
+        generation: format!("{generation:032x}"),
+        bytes: m.len(),
+        mtime_ns: mtime_ns(&m),
+    };
+    let path = stamp_path(image);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&s).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// Removes `image`'s stamp (it is about to be written), if any.
+pub fn remove_stamp(image: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(stamp_path(image)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -217,5 +337,62 @@ mod tests {
         t.wrote(5 * TRACK_BLOCK, &[1; 512]);
         assert_eq!(t.stop(), vec![1 << 5]);
         assert!(!t.tracking());
+    }
+
+    #[test]
+    fn blocks_written_since_the_base_are_recorded_in_every_mode() {
+        let t = DiskTrack::new("/x".into(), 10 * TRACK_BLOCK, "s".into());
+        t.wrote(0, &[1; 512]);
+        assert_eq!(t.start_since(7), None, "no base: nothing to start from");
+        assert!(!t.tracking());
+        t.set_base(Some(7));
+        t.wrote(TRACK_BLOCK, &[1; 512]);
+        assert_eq!(t.start_since(8), None, "another base");
+        assert_eq!(t.start_since(7), Some(vec![1 << 1]));
+        assert!(t.tracking());
+        t.wrote(2 * TRACK_BLOCK, &[1; 512]);
+        t.mirror_on(Arc::new(Peer(true, Mutex::new(Vec::new()))));
+        t.wrote(3 * TRACK_BLOCK, &[1; 512]);
+        t.stop();
+        t.wrote(4 * TRACK_BLOCK, &[1; 512]);
+        assert_eq!(
+            t.start_since(7),
+            Some(vec![0b11110]),
+            "dirty, mirrored and off alike"
+        );
+        assert_eq!(
+            t.harvest(),
+            vec![0],
+            "the migration's own bitmap starts empty"
+        );
+        t.set_base(Some(9));
+        assert_eq!(
+            t.start_since(9),
+            Some(vec![0]),
+            "a new base: nothing written since"
+        );
+    }
+
+    #[test]
+    fn a_stamp_holds_while_the_image_is_unchanged() {
+        let dir = std::env::temp_dir().join(format!("spanvmm-stamp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("d.img");
+        std::fs::write(&img, vec![0u8; 8192]).unwrap();
+        assert_eq!(read_stamp(&img), None, "no stamp");
+        write_stamp(&img, 0xabc).unwrap();
+        assert_eq!(read_stamp(&img), Some(0xabc));
+        std::fs::write(stamp_path(&img), b"{not json").unwrap();
+        assert_eq!(read_stamp(&img), None, "a damaged stamp is none");
+        write_stamp(&img, 0xabc).unwrap();
+        // A write that keeps the size still moves the modification time.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&img, vec![1u8; 8192]).unwrap();
+        assert_eq!(read_stamp(&img), None, "the image changed since");
+        remove_stamp(&img).unwrap();
+        remove_stamp(&img).unwrap();
+        assert!(!stamp_path(&img).exists());
+        assert!(new_generation() != new_generation());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
