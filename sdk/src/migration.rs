@@ -54,7 +54,8 @@ pub struct Progress {
     pub pages_sent: u64,
     /// Bytes on the wire so far.
     pub bytes_sent: u64,
-    /// Recent send rate, bytes/s.
+    /// Recent send rate, bytes/s (on a long link no more than the path delivers: 0 until
+    /// measured).
     pub rate_bytes_per_sec: u64,
     /// Post-copy: pages the destination still lacks.
     pub pages_needed: u64,
