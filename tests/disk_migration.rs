@@ -140,6 +140,48 @@ fn verify_memory_and_disk_vcpus(vm: &VmProcess, vcpus: usize, what: &str) {
     );
 }
 
+/// Migrates `vm` (pre-copy) across the WAN to a destination `tag` at `host` whose disk is
+/// `disk`: the report, once completed, and the destination.
+fn migrate_disk(
+    vm: &VmProcess,
+    host: &Host,
+    tls: &Path,
+    disk: &Path,
+    tag: &str,
+) -> (Value, VmProcess) {
+    let relay = relay(host, PORT);
+    let dst = destination(
+        tag,
+        &host.wrapper(),
+        &format!("tls://{}:{PORT}", host.ip),
+        tls,
+        &["--disk", &spec(disk)],
+    );
+    let to = format!("tls://{}", relay.addr());
+    let (ok, out, report) = migrate_precopy(vm, &to, tls.to_str().unwrap());
+    let report = report.unwrap_or(Value::Null);
+    assert!(ok, "{tag}: migration failed: {out}\n{}", vm.stderr());
+    assert_eq!(report["result"], "completed", "{tag}: {report}");
+    eprintln!(
+        "{tag}: {:.0} ms, {} bytes, downtime {:.1} ms; disk {}",
+        report["total_ms"].as_f64().unwrap_or(0.0),
+        report["bytes"],
+        report["downtime_ms"].as_f64().unwrap_or(0.0),
+        report["disk"]
+    );
+    (report, dst)
+}
+
+/// Waits until `vm`, a destination, has taken the guest over (it arrives paused when it left
+/// paused).
+fn wait_taken_over(vm: &VmProcess) {
+    let deadline = std::time::Instant::now() + T;
+    while status(vm)["state"] == "incoming" {
+        assert!(std::time::Instant::now() < deadline, "{}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// An image's base stamp.
 fn stamp(image: &Path) -> PathBuf {
     base_vmm::devices::virtio::disk_track::stamp_path(image)
@@ -156,34 +198,16 @@ fn the_disk_moves_with_the_vm_and_back_incrementally() {
     };
     let tmp = TempDir::new("disk-mig");
     let tls = certs(&tmp, "tls");
-    let tls_dir = tls.to_str().unwrap();
     // The source's image carries 56 MiB of data the guest never writes; the destination
     // starts from an empty file.
     let a = image(&tmp, "a.img", DISK_MIB, Some(8), false);
     let b = tmp.path().join("b.img");
     std::fs::File::create(&b).unwrap();
-    let to_dst = relay(&wan.dst, PORT);
-    let dst = destination(
-        "disk-mig-dst",
-        &wan.dst.wrapper(),
-        &format!("tls://{}:{PORT}", wan.dst.ip),
-        &tls,
-        &["--disk", &spec(&b)],
-    );
     let mut src = boot("disk-mig-src", &wan.src, &a, GUEST);
     wait_disk_writes(&src, 1000);
-    let (ok, out, report) = migrate_precopy(&src, &format!("tls://{}", to_dst.addr()), tls_dir);
-    let report = report.unwrap_or(Value::Null);
-    assert!(ok, "migration failed: {out}\n{}", src.stderr());
-    assert_eq!(report["result"], "completed", "{report}");
+    let (report, dst) = migrate_disk(&src, &wan.dst, &tls, &b, "disk-mig-dst");
     assert_eq!(src.wait_exit(Duration::from_secs(15)), Some(0));
     let d = &report["disk"];
-    eprintln!(
-        "there: {:.0} ms, {} bytes, downtime {:.1} ms; disk {d}",
-        report["total_ms"].as_f64().unwrap_or(0.0),
-        report["bytes"],
-        report["downtime_ms"].as_f64().unwrap_or(0.0)
-    );
     assert_eq!(n(d, "disks"), 1, "{d}");
     assert_eq!(n(d, "base_held"), 0, "an empty file holds no base: {d}");
     assert_eq!(n(d, "blocks_total"), DISK_MIB * 16, "{d}");
@@ -219,23 +243,8 @@ fn the_disk_moves_with_the_vm_and_back_incrementally() {
     // (so that what changed is what the guest wrote there), the migration moves only the
     // blocks written since.
     dst.ctl_ok(&["pause"]);
-    let to_src = relay(&wan.src, PORT);
-    let back = destination(
-        "disk-mig-back",
-        &wan.src.wrapper(),
-        &format!("tls://{}:{PORT}", wan.src.ip),
-        &tls,
-        &["--disk", &spec(&a)],
-    );
-    let (ok, out, report2) = migrate_precopy(&dst, &format!("tls://{}", to_src.addr()), tls_dir);
-    let report2 = report2.unwrap_or(Value::Null);
-    assert!(ok, "migration back failed: {out}\n{}", dst.stderr());
+    let (report2, back) = migrate_disk(&dst, &wan.src, &tls, &a, "disk-mig-back");
     let d2 = &report2["disk"];
-    eprintln!(
-        "back: {:.0} ms, {} bytes; disk {d2}",
-        report2["total_ms"].as_f64().unwrap_or(0.0),
-        report2["bytes"]
-    );
     // At most the guest's 8 MiB region (128 blocks) changed; the static data stayed. The
     // first host's image still holds the generation of the hand-over: neither image was
     // read to find what changed.
@@ -246,13 +255,8 @@ fn the_disk_moves_with_the_vm_and_back_incrementally() {
         n(d2, "bytes") * 4 < n(d, "bytes"),
         "not incremental: {d2} vs {d}"
     );
-    // It arrived paused, as it was (once the destination has taken it over): run it and
-    // check it.
-    let deadline = std::time::Instant::now() + T;
-    while status(&back)["state"] == "incoming" {
-        assert!(std::time::Instant::now() < deadline, "{}", back.stderr());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // It arrived paused, as it was: run it and check it.
+    wait_taken_over(&back);
     back.ctl_ok(&["resume"]);
     let from = wait_disk_writes(&back, 0);
     wait_disk_writes(&back, from + 100);
@@ -271,7 +275,6 @@ fn a_stamped_copy_is_trusted_only_while_unchanged() {
     };
     let tmp = TempDir::new("disk-stamp");
     let tls = certs(&tmp, "tls");
-    let tls_dir = tls.to_str().unwrap();
     let a = image(&tmp, "a.img", DISK_MIB, Some(8), false);
     let out = std::process::Command::new(spanvmm())
         .arg("disk-stamp")
@@ -293,23 +296,12 @@ fn a_stamped_copy_is_trusted_only_while_unchanged() {
     let read_stamp = base_vmm::devices::virtio::disk_track::read_stamp;
     assert_eq!(read_stamp(&b), Some(g), "the copy holds the base");
 
-    let to_dst = relay(&wan.dst, PORT);
-    let dst = destination(
-        "disk-stamp-dst",
-        &wan.dst.wrapper(),
-        &format!("tls://{}:{PORT}", wan.dst.ip),
-        &tls,
-        &["--disk", &spec(&b)],
-    );
     let mut src = boot("disk-stamp-src", &wan.src, &a, GUEST);
     assert!(!stamp(&a).exists(), "the VMM took its image's stamp");
     wait_disk_writes(&src, 1000);
-    let (ok, out, report) = migrate_precopy(&src, &format!("tls://{}", to_dst.addr()), tls_dir);
-    let report = report.unwrap_or(Value::Null);
-    assert!(ok, "migration failed: {out}\n{}", src.stderr());
+    let (report, dst) = migrate_disk(&src, &wan.dst, &tls, &b, "disk-stamp-dst");
     assert_eq!(src.wait_exit(Duration::from_secs(15)), Some(0));
     let d = &report["disk"];
-    eprintln!("to the stamped copy: disk {d}");
     assert_eq!(n(d, "base_held"), 1, "{d}");
     assert!(
         n(d, "blocks_sent") <= 128,
@@ -338,26 +330,11 @@ fn a_stamped_copy_is_trusted_only_while_unchanged() {
     let moved = wait_disk_writes(&dst, 0);
     wait_disk_writes(&dst, moved + 300);
     dst.ctl_ok(&["pause"]);
-    let to_src = relay(&wan.src, PORT);
-    let back = destination(
-        "disk-stamp-back",
-        &wan.src.wrapper(),
-        &format!("tls://{}:{PORT}", wan.src.ip),
-        &tls,
-        &["--disk", &spec(&a)],
-    );
-    let (ok, out, report2) = migrate_precopy(&dst, &format!("tls://{}", to_src.addr()), tls_dir);
-    let report2 = report2.unwrap_or(Value::Null);
-    assert!(ok, "migration back failed: {out}\n{}", dst.stderr());
+    let (report2, back) = migrate_disk(&dst, &wan.src, &tls, &a, "disk-stamp-back");
     let d2 = &report2["disk"];
-    eprintln!("back to the changed image: disk {d2}");
     assert_eq!(n(d2, "base_held"), 0, "a changed image was trusted: {d2}");
     assert!(n(d2, "blocks_sent") >= 1, "{d2}");
-    let deadline = std::time::Instant::now() + T;
-    while status(&back)["state"] == "incoming" {
-        assert!(std::time::Instant::now() < deadline, "{}", back.stderr());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_taken_over(&back);
     // The static data (never written by the guest) is the source's again, byte for byte.
     let read = |p: &Path| {
         let mut v = vec![0u8; ((DISK_MIB - 8) << 20) as usize];
