@@ -1337,17 +1337,13 @@ impl DiskSender {
         Ok(())
     }
 
-    /// The destination resumed the guest: the source's images (synced) are stamped with the
+    /// The destination resumed the guest: the source's images are stamped with the
     /// generation both sides now hold, for an incremental migration back to this host. A
     /// stamp that cannot be written costs only that (the next migration here hashes).
     pub(crate) fn departed(&self) {
         for d in &self.disks {
             let path = d.track.path();
-            if let Err(e) = d
-                .file
-                .sync_data()
-                .and_then(|()| write_stamp(path, d.generation))
-            {
+            if let Err(e) = write_stamp(path, d.generation) {
                 tracing::warn!("migration: disk {}: no base stamp: {e}", path.display());
             }
         }

@@ -261,10 +261,13 @@ pub fn read_stamp(image: &Path) -> Option<u128> {
     (g != 0 && s.bytes == m.len() && s.mtime_ns == mtime_ns(&m)).then_some(g)
 }
 
-/// Stamps `image` (already synced: nothing writes it any more) as holding `generation`.
-/// Written to a temporary file and renamed, so a reader sees a whole stamp or none.
+/// Stamps `image` as holding `generation`, once its writes are on stable storage (nothing may
+/// write it any more). Written to a temporary file and renamed, so a reader sees a whole
+/// stamp or none.
 pub fn write_stamp(image: &Path, generation: u128) -> std::io::Result<()> {
-    let m = std::fs::metadata(image)?;
+    let f = std::fs::File::open(image)?;
+    f.sync_data()?;
+    let m = f.metadata()?;
     let s = Stamp {
         generation: format!("{generation:032x}"),
         bytes: m.len(),
