@@ -253,10 +253,11 @@ pub fn new_generation() -> u128 {
 
 /// The generation `image` holds, if its stamp is there, readable and still valid (the image's
 /// size and modification time unchanged since). A stamp that is not valid is left alone.
+/// Only regular files carry one: a block device's node keeps its time when it is written.
 pub fn read_stamp(image: &Path) -> Option<u128> {
+    let m = std::fs::metadata(image).ok().filter(|m| m.is_file())?;
     let text = std::fs::read_to_string(stamp_path(image)).ok()?;
     let s: Stamp = serde_json::from_str(&text).ok()?;
-    let m = std::fs::metadata(image).ok()?;
     let g = u128::from_str_radix(&s.generation, 16).ok()?;
     (g != 0 && s.bytes == m.len() && s.mtime_ns == mtime_ns(&m)).then_some(g)
 }
@@ -266,6 +267,12 @@ pub fn read_stamp(image: &Path) -> Option<u128> {
 /// stamp or none.
 pub fn write_stamp(image: &Path, generation: u128) -> std::io::Result<()> {
     let f = std::fs::File::open(image)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "only a regular file carries a base stamp",
+        ));
+    }
     f.sync_data()?;
     let m = f.metadata()?;
     let s = Stamp {
@@ -396,6 +403,10 @@ mod tests {
         remove_stamp(&img).unwrap();
         assert!(!stamp_path(&img).exists());
         assert!(new_generation() != new_generation());
+        // A device node keeps its time when written: no stamp is written or read for it.
+        let dev = Path::new("/dev/null");
+        assert!(write_stamp(dev, 0xabc).is_err());
+        assert_eq!(read_stamp(dev), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
