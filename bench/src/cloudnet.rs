@@ -131,6 +131,15 @@ fn workloads(s: &Scale) -> Vec<(&'static str, &'static str, String)> {
             "SPECjbb: mostly zero memory, a small region rewritten faster than the link drains",
             format!("workload=zero,dirty,verify wss={q} rate=6000 {base}"),
         ),
+        // Beyond the issue's four: the others rewrite their working set in page order, so a
+        // round's pages are never written again before their turn (the writer is past
+        // them), which leaves pre-copy's mid-round harvests nothing to leave out.
+        (
+            "scattered",
+            "a heap or key-value store: whole pages rewritten all over the working set \
+             (each 1031 pages on), below the link's rate",
+            format!("workload=dirty,verify wss={q} rate=2000 stride=1031 {base}"),
+        ),
     ]
 }
 
@@ -152,6 +161,9 @@ fn engines(s: &Scale) -> Vec<(&'static str, Engine)> {
     };
     vec![
         ("precopy", span("")),
+        // Pre-copy as before the mid-round harvests: the dirty log read at each round's end
+        // only, so a page dirtied before its turn in a round goes again in the next.
+        ("precopy-harvest-at-end", span(r#","harvest_ms":0"#)),
         (
             "redundancy",
             span(&format!(r#","redundancy":true,"cache_mb":{c}"#)),
@@ -510,6 +522,7 @@ fn summarize(
             continue;
         };
         for e in [
+            "precopy-harvest-at-end",
             "redundancy",
             "deltas",
             "smart-stop",
@@ -521,7 +534,8 @@ fn summarize(
             let d = cut(base.data_mb.as_ref(), x.data_mb.as_ref());
             let t = cut(base.total_s.as_ref(), x.total_s.as_ref());
             let p = cut(base.pause_ms.as_ref(), x.pause_ms.as_ref());
-            if e == "all" {
+            // The goals are the issue's, on its four workloads.
+            if e == "all" && w != "scattered" {
                 goal_seen = true;
                 goal_all &= d.is_some_and(|d| d >= 30.0)
                     && t.is_some_and(|t| t >= 30.0)

@@ -651,8 +651,8 @@ impl ServiceCtx {
 
     pub(crate) fn migration_harvest(&self) -> Result<Vec<u64>, CallError> {
         let m = self.migration("harvest-dirty")?;
-        let bits = self.dirty_bitmap()?;
-        m.count_dirtied(bits.iter().map(|w| w.count_ones() as u64).sum());
+        let mut bits = self.dirty_bitmap()?;
+        m.unqueued(&mut bits);
         Ok(bits)
     }
 

@@ -283,7 +283,8 @@ pub fn throttle_sleep_ms(percent: u32) -> f64 {
 }
 
 /// Pages dirtied since the previous call, counted into the migration's dirty rate
-/// (capabilities `drives-migration` and `dirty-log`).
+/// (capabilities `drives-migration` and `dirty-log`). In pre-copy, pages still queued are
+/// left out: they are read when they go, so they carry the writes this harvest saw.
 pub fn harvest_dirty() -> Result<Vec<u64>, String> {
     imp::harvest_dirty()
 }

@@ -90,6 +90,9 @@ pub struct Config {
     /// Non-zero: unique-region pages repeat their content every `repeat` pages (the same
     /// bytes at the same generation: redundancy a migration cache finds).
     pub repeat: u64,
+    /// `dirty`: the next page written is this many pages on in the working set (wrapping):
+    /// above 1, the writes land all over it, as a heap's or a key-value store's do.
+    pub stride: u64,
     /// Non-zero: `dirty`'s rate varies over time, a phase of `vary_ms` each at 1, 1/4, 2
     /// and 1/2 times `rate`, in turn (a kernel compile's bursts).
     pub vary_ms: u64,
@@ -119,6 +122,7 @@ impl Default for Config {
             verify_ms: 0,
             secret: 0,
             repeat: 0,
+            stride: 1,
             vary_ms: 0,
             stall_us: 5000,
             exits: 100_000,
@@ -289,6 +293,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
             b"disk_flush" => &mut cfg.disk_flush,
             b"disk_stride" => &mut cfg.disk_stride,
             b"repeat" => &mut cfg.repeat,
+            b"stride" => &mut cfg.stride,
             b"vary_ms" => &mut cfg.vary_ms,
             b"load_rate" => &mut cfg.load_rate,
             _ => continue,
@@ -311,8 +316,8 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, CmdlineError<'_>> {
     if cfg.disk_mib == 0 || cfg.disk_mib > MAX_DISK_MIB {
         return bad("disk_mib= must be in 1..256");
     }
-    if cfg.disk_stride == 0 {
-        return bad("disk_stride= must be at least 1");
+    if cfg.disk_stride == 0 || cfg.stride == 0 {
+        return bad("disk_stride= and stride= must be at least 1");
     }
     if cfg.has(KV | KVLOAD) && cfg.ip.is_none_or(|ip| ip.ip == [0; 4]) {
         return bad("workload=kv and kvload need ip=A.B.C.D/N");

@@ -718,11 +718,7 @@ impl Worker {
         let mut n = 0;
         while n < allowed {
             self.touch(start + self.cursor);
-            self.cursor = if self.cursor + 1 == len {
-                0
-            } else {
-                self.cursor + 1
-            };
+            self.cursor = (self.cursor + self.plan.cfg.stride % len) % len;
             n += 1;
             if n.is_multiple_of(8) && rdtsc() >= end_tsc {
                 break;

@@ -704,6 +704,14 @@ struct OutDisk {
     held: Vec<u128>,
 }
 
+/// The destination's answer to a disk's offer.
+enum Answer {
+    /// Its image's block hashes, as far as received.
+    Hashes(Vec<u128>),
+    /// Its image still holds the offered base.
+    HoldsBase,
+}
+
 /// What the destination's image holds, for the bulk copy.
 enum Remote {
     /// Blocks whose hash is known.
@@ -809,7 +817,7 @@ impl DiskSender {
             }))?;
         }
         link.flush(Duration::from_secs(30))?;
-        let mut remote: Vec<Option<Remote>> = (0..n).map(|_| None).collect();
+        let mut answers: Vec<Option<Answer>> = (0..n).map(|_| None).collect();
         let mut answered = vec![false; n];
         while answered.iter().any(|a| !a) {
             // The destination reads its whole file to hash it (unless it holds the base).
@@ -822,7 +830,7 @@ impl DiskSender {
                     hashes,
                 }) => {
                     let d = disk as usize;
-                    let (Some(slot), false) = (remote.get_mut(d), answered.get(d) == Some(&true))
+                    let (Some(slot), false) = (answers.get_mut(d), answered.get(d) == Some(&true))
                     else {
                         return Err(other(format!(
                             "disk-hashes for disk {disk}, which was not offered or is answered"
@@ -839,12 +847,12 @@ impl DiskSender {
                                  after hashes"
                             )));
                         }
-                        *slot = Some(Remote::Base(Vec::new()));
+                        *slot = Some(Answer::HoldsBase);
                         answered[d] = true;
                         continue;
                     }
-                    let Remote::Hashes(have) =
-                        slot.get_or_insert_with(|| Remote::Hashes(Vec::new()))
+                    let Answer::Hashes(have) =
+                        slot.get_or_insert_with(|| Answer::Hashes(Vec::new()))
                     else {
                         unreachable!("a base answer ends the disk's answers")
                     };
@@ -865,12 +873,12 @@ impl DiskSender {
         let mut disks = Vec::new();
         let mut report = DiskReport::default();
         let mut held_budget = MAX_HELD_UNITS;
-        for (i, (t, r)) in tracks.into_iter().zip(remote).enumerate() {
-            let Some(remote) = r else { continue };
-            let remote = match remote {
+        for (i, (t, answer)) in tracks.into_iter().zip(answers).enumerate() {
+            let Some(answer) = answer else { continue };
+            let remote = match answer {
                 // The blocks written since the base, taken as the recording starts below
                 // (no write falls between).
-                Remote::Base(_) => {
+                Answer::HoldsBase => {
                     let base = bases[i].expect("answered for an offered base");
                     let Some(since) = t.start_since(base) else {
                         return Err(other(format!(
@@ -881,7 +889,7 @@ impl DiskSender {
                     report.base_held += 1;
                     Remote::Base(since)
                 }
-                hashes => hashes,
+                Answer::Hashes(hashes) => Remote::Hashes(hashes),
             };
             let file = File::open(t.path())
                 .map_err(|e| other(format!("disk {}: {e}", t.path().display())))?;

@@ -298,6 +298,11 @@ pub struct Report {
     /// Of `sent_per_round`, the pages never sent again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub final_per_round: Vec<u64>,
+    /// Pre-copy: pages the service's harvests found dirty while they were still queued,
+    /// left out of what the harvest returned (see [`MigrationSource::unqueued`]): each went
+    /// once, with what the guest wrote, rather than again in the next round.
+    #[serde(default)]
+    pub dirtied_while_queued: u64,
     /// Pages the destination faulted on and requested.
     pub remote_faults: u64,
     /// Their mean latency at the destination, µs.
@@ -787,9 +792,25 @@ impl MigrationSource {
         std::mem::take(&mut lock(&self.st).fault_events)
     }
 
-    /// Records pages the guest dirtied (for the timeline).
-    pub fn count_dirtied(&self, pages: u64) {
-        lock(&self.st).dirtied += pages;
+    /// A harvest of the service's: counts its pages into the dirty rate and, in pre-copy,
+    /// clears from `dirty` the pages still queued. Those are read when they go, after this
+    /// harvest, so they carry the writes it saw; a service harvesting while a round's pages
+    /// are queued then sends such a page once, not again in the next round (Xen's pre-copy
+    /// skips the pages dirtied in the current round for the same reason). A page taken for
+    /// sending is no longer queued and stays in `dirty`: its copy may be older than the
+    /// write.
+    pub fn unqueued(&self, dirty: &mut [u64]) {
+        let mut st = lock(&self.st);
+        st.dirtied += count(dirty);
+        if !matches!(st.phase, Phase::Precopy) {
+            return;
+        }
+        let mut queued = 0;
+        for (d, q) in dirty.iter_mut().zip(&st.pending) {
+            queued += (*d & q).count_ones() as u64;
+            *d &= !q;
+        }
+        st.report.dirtied_while_queued += queued;
     }
 
     /// The report (final once the phase is completed or failed).
@@ -2040,6 +2061,9 @@ impl Sender<'_> {
         // meanwhile (a held migration sends its held rounds, as before).
         let postcopy_now = src_switch_is_postcopy(self.src) && self.src.hold.is_none();
         if !postcopy_now {
+            if self.precopy_window_full()? {
+                return Ok(None);
+            }
             if let Some((first, span, sel)) = self.next_batch(false) {
                 if !self.sending {
                     self.sending = true;
@@ -2179,6 +2203,35 @@ impl Sender<'_> {
         let (t, at) = self.burst;
         let since_idle = at + (rate * t.elapsed().as_secs_f64()) as u64;
         after_answer.min(since_idle)
+    }
+
+    /// Pre-copy on a long link: the bytes sent beyond the last answered `sync` stay within
+    /// the path's round trip and half of it at the fastest delivery rate, as post-copy's
+    /// window (see [`Sender::window_full`]). A page is read when it is sent: sent further
+    /// ahead it would wait in the sockets' and the path's queues (megabytes at 100 Mbit/s, a
+    /// quarter of a second and more) while the guest wrote it again, and the service's
+    /// harvests meanwhile could not leave it out (see [`MigrationSource::unqueued`]); read
+    /// late, it carries those writes. True: full (waited at most 2 ms for an answer).
+    fn precopy_window_full(&mut self) -> Result<bool, LinkError> {
+        let rate = self.delivery.fastest;
+        let Some(answered) = self.answered_at.filter(|_| self.overlapping() && rate > 0) else {
+            return Ok(false);
+        };
+        let slack = (self.rtt / 2).max(POSTCOPY_QUEUE);
+        let window =
+            ((rate as f64 * (self.rtt + slack).as_secs_f64()) as u64).max(POSTCOPY_WINDOW_MIN);
+        if self.link.position().saturating_sub(answered) < window {
+            return Ok(false);
+        }
+        let mut p = libc::pollfd {
+            fd: self.link.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, 2) };
+        self.read_incoming(Duration::ZERO)?;
+        Ok(true)
     }
 
     /// Pre-copy: the `sync`s [`Sender::past_bottleneck`] reaches count their pages as on
