@@ -187,6 +187,34 @@ fn stamp(image: &Path) -> PathBuf {
     base_vmm::devices::virtio::disk_track::stamp_path(image)
 }
 
+/// Stamps `image` as a base (`spanvmm disk-stamp`) and copies it with its stamp to `name`,
+/// as an operator seeds a second host: the copy holds the base.
+fn stamped_copy(tmp: &TempDir, image: &Path, name: &str) -> PathBuf {
+    let out = std::process::Command::new(spanvmm())
+        .arg("disk-stamp")
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let g = u128::from_str_radix(String::from_utf8_lossy(&out.stdout).trim(), 16).unwrap();
+    let copy = tmp.path().join(name);
+    for (from, to) in [
+        (image.to_path_buf(), copy.clone()),
+        (stamp(image), stamp(&copy)),
+    ] {
+        let st = std::process::Command::new("cp")
+            .args(["--sparse=always", "--preserve=timestamps"])
+            .arg(&from)
+            .arg(&to)
+            .status()
+            .unwrap();
+        assert!(st.success(), "cp {}", from.display());
+    }
+    let read_stamp = base_vmm::devices::virtio::disk_track::read_stamp;
+    assert_eq!(read_stamp(&copy), Some(g), "the copy holds the base");
+    copy
+}
+
 fn n(v: &Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
 }
@@ -276,25 +304,8 @@ fn a_stamped_copy_is_trusted_only_while_unchanged() {
     let tmp = TempDir::new("disk-stamp");
     let tls = certs(&tmp, "tls");
     let a = image(&tmp, "a.img", DISK_MIB, Some(8), false);
-    let out = std::process::Command::new(spanvmm())
-        .arg("disk-stamp")
-        .arg(&a)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let g = u128::from_str_radix(String::from_utf8_lossy(&out.stdout).trim(), 16).unwrap();
-    let b = tmp.path().join("b.img");
-    for (from, to) in [(a.clone(), b.clone()), (stamp(&a), stamp(&b))] {
-        let st = std::process::Command::new("cp")
-            .args(["--sparse=always", "--preserve=timestamps"])
-            .arg(&from)
-            .arg(&to)
-            .status()
-            .unwrap();
-        assert!(st.success(), "cp {}", from.display());
-    }
+    let b = stamped_copy(&tmp, &a, "b.img");
     let read_stamp = base_vmm::devices::virtio::disk_track::read_stamp;
-    assert_eq!(read_stamp(&b), Some(g), "the copy holds the base");
 
     let mut src = boot("disk-stamp-src", &wan.src, &a, GUEST);
     assert!(!stamp(&a).exists(), "the VMM took its image's stamp");
@@ -352,6 +363,39 @@ fn a_stamped_copy_is_trusted_only_while_unchanged() {
     let from = wait_disk_writes(&back, 0);
     wait_disk_writes(&back, from + 100);
     verify_memory_and_disk(&back, "back at the changed image");
+}
+
+#[test]
+fn a_live_update_keeps_the_disks_base() {
+    let Some(wan) = Wan::new("disk-lu") else {
+        return;
+    };
+    let tmp = TempDir::new("disk-lu");
+    let tls = certs(&tmp, "tls");
+    let a = image(&tmp, "a.img", DISK_MIB, Some(8), false);
+    let b = stamped_copy(&tmp, &a, "b.img");
+    let mut src = boot("disk-lu-src", &wan.src, &a, GUEST);
+    wait_disk_writes(&src, 500);
+    // The new process opens the image after the old one removed its stamp: the base and the
+    // blocks written so far come with the hand-over.
+    let out = src.ctl_ok(&["live-update", "--binary", spanvmm()]);
+    let lu: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(src.wait_exit(T), Some(0), "{}", src.stderr());
+    assert_eq!(
+        src.serving_pid(),
+        Some(lu["new_pid"].as_u64().unwrap() as u32)
+    );
+    let was = wait_disk_writes(&src, 0);
+    wait_disk_writes(&src, was + 300);
+    let (report, dst) = migrate_disk(&src, &wan.dst, &tls, &b, "disk-lu-dst");
+    let d = &report["disk"];
+    assert_eq!(n(d, "base_held"), 1, "the base was lost: {d}");
+    assert!(
+        n(d, "blocks_sent") <= 128,
+        "more than the guest's region: {d}"
+    );
+    dst.wait_line("SPANGUEST stat", T);
+    verify_memory_and_disk(&dst, "after a live update, from the base");
 }
 
 #[test]

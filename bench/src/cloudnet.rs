@@ -515,8 +515,6 @@ fn summarize(
 
     // Each optimization against plain pre-copy, per workload (the paper's Fig. 11).
     let mut reductions = Vec::new();
-    let mut goal_all = true;
-    let mut goal_seen = false;
     for &(w, ..) in all_w {
         let Some(base) = find(w, "precopy") else {
             continue;
@@ -534,19 +532,28 @@ fn summarize(
             let d = cut(base.data_mb.as_ref(), x.data_mb.as_ref());
             let t = cut(base.total_s.as_ref(), x.total_s.as_ref());
             let p = cut(base.pause_ms.as_ref(), x.pause_ms.as_ref());
-            // The goals are the issue's, on its four workloads.
-            if e == "all" && w != "scattered" {
-                goal_seen = true;
-                goal_all &= d.is_some_and(|d| d >= 30.0)
-                    && t.is_some_and(|t| t >= 30.0)
-                    && p.is_some_and(|p| p >= 40.0);
-            }
             reductions.push(json!({
                 "workload": w, "engine": e,
                 "data_pct": d, "total_time_pct": t, "pause_pct": p,
             }));
         }
     }
+    // The goal, on its four workloads, against plain pre-copy as it is (mid-round
+    // harvests) and as it was before them (harvests at the rounds' ends only, QEMU's way).
+    let goal_against = |plain: &str| -> Option<bool> {
+        let mut seen = false;
+        let mut met = true;
+        for &(w, ..) in all_w.iter().filter(|w| w.0 != "scattered") {
+            let (Some(b), Some(x)) = (find(w, plain), find(w, "all")) else {
+                continue;
+            };
+            seen = true;
+            met &= cut(b.data_mb.as_ref(), x.data_mb.as_ref()).is_some_and(|d| d >= 30.0)
+                && cut(b.total_s.as_ref(), x.total_s.as_ref()).is_some_and(|t| t >= 30.0)
+                && cut(b.pause_ms.as_ref(), x.pause_ms.as_ref()).is_some_and(|p| p >= 40.0);
+        }
+        seen.then_some(met)
+    };
     let xbzrle_goal = match (find("partial", "all"), find("partial", "qemu-xbzrle")) {
         (Some(a), Some(q)) => match (&a.data_mb, &q.data_mb) {
             (Some(a), Some(q)) => Some(a.median < q.median),
@@ -691,7 +698,8 @@ fn summarize(
         "reductions_vs_precopy": reductions,
         "goals": {
             "all_vs_precopy": "data and total time -30 % or better on every workload, pause -40 %",
-            "all_vs_precopy_met": goal_seen.then_some(goal_all),
+            "all_vs_precopy_met": goal_against("precopy"),
+            "all_vs_precopy_harvest_at_end_met": goal_against("precopy-harvest-at-end"),
             "partial_all_fewer_bytes_than_qemu_xbzrle": xbzrle_goal,
         },
         "table2": table2,

@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use base_vmm::devices::virtio::disk_track::BaseSince as DiskBase;
 use base_vmm::memory::GuestRam;
 use base_vmm::state::{MachineConfig, VmState, STATE_VERSION};
 use base_vmm::vcpu::VcpuEvent;
@@ -94,6 +95,10 @@ enum Msg {
         /// The operator had paused the guest: it stays paused in the new process.
         #[serde(default)]
         operator_paused: bool,
+        /// The disks' bases and the blocks written since, for an incremental disk migration
+        /// later (the stamps were removed when this process opened the images).
+        #[serde(default)]
+        disk_bases: Vec<DiskBase>,
     },
     Restored {
         restore_us: u64,
@@ -106,6 +111,20 @@ enum Msg {
     Failed {
         error: String,
     },
+}
+
+/// The new process's disks take the bases the old one had (matched by image); a disk without
+/// one is hashed by its next migration, as after a restart.
+fn take_disk_bases(vmm: &Vmm, bases: &[DiskBase]) {
+    let tracks = vmm.control().disk_tracks();
+    for b in bases {
+        if !tracks.iter().any(|t| t.take_base_since(b)) {
+            tracing::warn!(
+                "live update: disk {}: its base was not taken (no such disk here)",
+                b.path.display()
+            );
+        }
+    }
 }
 
 fn frame(msg: &Msg) -> Vec<u8> {
@@ -553,6 +572,15 @@ impl Handover for Takeover<'_> {
             .collect();
         let takeover = Msg::Takeover {
             operator_paused: self.operator_paused,
+            // Taken with the guest paused: nothing writes the images until the new process
+            // runs it (or this one again, after a rollback, still tracking them).
+            disk_bases: self
+                .vmm
+                .control()
+                .disk_tracks()
+                .iter()
+                .filter_map(|t| t.base_since())
+                .collect(),
         };
         self.marks.old("services detached");
         send(self.sock, &takeover)?;
@@ -712,7 +740,11 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
         },
     )?;
 
-    let Msg::Takeover { operator_paused } = recv(sock)? else {
+    let Msg::Takeover {
+        operator_paused,
+        disk_bases,
+    } = recv(sock)?
+    else {
         bail!("expected the takeover");
     };
     let state = recv_bytes(sock)?;
@@ -721,6 +753,7 @@ fn take_over_inner(sock: &mut UnixStream, events: Sender<VcpuEvent>) -> anyhow::
     let state = parse_state(&state)?;
     steps.push(("state parsed", monotonic_us()));
     let vmm = prepared.finish_marked(&state, &serial, events, true, &mut steps)?;
+    take_disk_bases(&vmm, &disk_bases);
     let manager = crate::services::manager_for(&vmm)?;
     steps.push(("service manager ready", monotonic_us()));
     for s in &vmm.take_service_sections() {

@@ -33,8 +33,8 @@
 //!   as many pages dirty as it sent or more (within a tenth: the crossover, iterating
 //!   further gains little), it stops at the first round whose remaining dirty
 //!   set is at most each of the previous `smart_window` rounds' (within 1 %: a local
-//!   minimum; on a plateau, its first round), instead of waiting for the stall or round
-//!   limits.
+//!   minimum; on a plateau, its first round) or larger than the last round's by more than
+//!   1 % (past a minimum), instead of waiting for the stall or round limits.
 //!
 //! Beyond CloudNet (off by default):
 //! - `converge_throttle` (precopy; percent, 0: off): when the rounds would stop with a
@@ -393,10 +393,17 @@ impl Policy {
         }
         // A local minimum: no more than any of the last rounds, within 1 %. On a plateau (a
         // working set rewritten faster than the link drains it) that is its first round: a
-        // round more sends the same pages again and leaves as many.
+        // round more sends the same pages again and leaves as many. Or past one: the set
+        // grew by more than 1 % since the last round (a plateau's set rises while the
+        // mid-round harvests leave out fewer of its pages each round: 1 852, 1 900, 1 954,
+        // 2 050 ran on to the stall rule, 8 rounds and 47 MB for `zero` against 6 and 29).
         let stop = self.searching
             && !self.recent.is_empty()
-            && self.recent.iter().all(|&r| remaining * 100 <= r * 101);
+            && (self.recent.iter().all(|&r| remaining * 100 <= r * 101)
+                || self
+                    .recent
+                    .back()
+                    .is_some_and(|&r| remaining * 100 > r * 101));
         self.recent.push_back(remaining);
         if self.recent.len() > self.cfg.smart_window as usize {
             self.recent.pop_front();

@@ -11,7 +11,8 @@
 //! same bytes) or by `spanvmm disk-stamp`. The stamp is valid while the image keeps the size
 //! and modification time recorded in it. A VMM opening the image takes the stamp into its
 //! tracking (and removes it: the guest will write) and records every block written since;
-//! a migration to a host whose image still carries that stamp sends only those blocks.
+//! a migration to a host whose image still carries that stamp sends only those blocks. A
+//! live update hands the base and that record to the new process ([`BaseSince`]).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,20 @@ struct Inner {
     base: Option<u128>,
     /// ...and the blocks written since (whatever the mode).
     written: Vec<u64>,
+}
+
+/// A disk's base and the blocks written since, as a live update hands them to the new
+/// process (which opens the same image while the guest is paused: nothing writes between).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct BaseSince {
+    /// The image.
+    pub path: PathBuf,
+    /// Its size, bytes.
+    pub bytes: u64,
+    /// The base's generation, 32 hex digits (as in a stamp).
+    pub generation: String,
+    /// The blocks written since, one bit each (bit `b % 64` of word `b / 64`).
+    pub written: Vec<u64>,
 }
 
 /// One disk's tracking, shared by the device (which reports writes) and a migration.
@@ -118,6 +133,33 @@ impl DiskTrack {
     /// recorded), if known.
     pub fn base(&self) -> Option<u128> {
         lock(&self.inner).base
+    }
+
+    /// The base and the blocks written since, if a base is known.
+    pub fn base_since(&self) -> Option<BaseSince> {
+        let i = lock(&self.inner);
+        Some(BaseSince {
+            path: self.path.clone(),
+            bytes: self.bytes,
+            generation: format!("{:032x}", i.base?),
+            written: i.written.clone(),
+        })
+    }
+
+    /// Takes `b` over from the process this one replaces: the image's base and the blocks
+    /// written since. False (nothing taken) when `b` is another image's, or malformed.
+    pub fn take_base_since(&self, b: &BaseSince) -> bool {
+        let mut i = lock(&self.inner);
+        let g = u128::from_str_radix(&b.generation, 16).unwrap_or(0);
+        if b.path != self.path || b.bytes != self.bytes || g == 0 {
+            return false;
+        }
+        if b.written.len() != i.written.len() {
+            return false;
+        }
+        i.base = Some(g);
+        i.written.copy_from_slice(&b.written);
+        true
     }
 
     /// [`Self::start`], returning in the same step the blocks written since generation
@@ -380,6 +422,33 @@ mod tests {
             t.start_since(9),
             Some(vec![0]),
             "a new base: nothing written since"
+        );
+    }
+
+    #[test]
+    fn a_base_and_the_blocks_written_since_pass_to_a_new_process() {
+        let old = DiskTrack::new("/x".into(), 10 * TRACK_BLOCK, "s".into());
+        assert_eq!(old.base_since(), None, "no base, nothing to hand over");
+        old.set_base(Some(0xab));
+        old.wrote(3 * TRACK_BLOCK, &[1; 512]);
+        let b = old.base_since().unwrap();
+        let other = DiskTrack::new("/y".into(), 10 * TRACK_BLOCK, "s".into());
+        assert!(!other.take_base_since(&b), "another image");
+        let resized = DiskTrack::new("/x".into(), 11 * TRACK_BLOCK, "s".into());
+        assert!(!resized.take_base_since(&b), "another size");
+        let bad = BaseSince {
+            generation: "zz".into(),
+            ..b.clone()
+        };
+        let new = DiskTrack::new("/x".into(), 10 * TRACK_BLOCK, "s".into());
+        assert!(!new.take_base_since(&bad), "a malformed generation");
+        assert_eq!(new.base(), None);
+        assert!(new.take_base_since(&b));
+        new.wrote(5 * TRACK_BLOCK, &[1; 512]);
+        assert_eq!(
+            new.start_since(0xab),
+            Some(vec![(1 << 3) | (1 << 5)]),
+            "the old process's writes and the new one's"
         );
     }
 
