@@ -2217,12 +2217,24 @@ impl Sender<'_> {
         let Some(answered) = self.answered_at.filter(|_| self.overlapping() && rate > 0) else {
             return Ok(false);
         };
-        let slack = (self.rtt / 2).max(POSTCOPY_QUEUE);
-        let window =
-            ((rate as f64 * (self.rtt + slack).as_secs_f64()) as u64).max(POSTCOPY_WINDOW_MIN);
-        if self.link.position().saturating_sub(answered) < window {
+        if self.link.position().saturating_sub(answered) < self.window(rate) {
             return Ok(false);
         }
+        self.await_answer()
+    }
+
+    /// The bytes a window lets onto the path at `rate`: its round trip and half of it (2 ms
+    /// at least) of slack, as the answers come late when the peer or the way back is slow (a
+    /// busy host), and a tighter window then idles the link; 256 KiB at least (before a rate
+    /// is known: a 100 Mbit/s link's round trip and a fifth).
+    fn window(&self, rate: u64) -> u64 {
+        let slack = (self.rtt / 2).max(POSTCOPY_QUEUE);
+        ((rate as f64 * (self.rtt + slack).as_secs_f64()) as u64).max(POSTCOPY_WINDOW_MIN)
+    }
+
+    /// A full window: waits for what the peer sends (an answer, a fault), 2 ms at most, and
+    /// reads it. True, for the window's callers.
+    fn await_answer(&mut self) -> Result<bool, LinkError> {
         let mut p = libc::pollfd {
             fd: self.link.fd(),
             events: libc::POLLIN,
@@ -2521,13 +2533,8 @@ impl Sender<'_> {
         }
         let rate = self.st().rate_bps;
         self.pc_rate = self.pc_rate.max(rate);
-        // Half a round trip of slack: the answers come late when the destination or the way
-        // back is slow (a busy host), and a tighter window then idles the link.
-        let slack = (self.rtt / 2).max(POSTCOPY_QUEUE);
-        // Before a rate is known (a post-copy at once has sent nothing yet), 256 KiB: a
-        // 100 Mbit/s link's round trip and a fifth, growing with the rate it measures.
-        let window = ((self.pc_rate as f64 * (self.rtt + slack).as_secs_f64()) as u64)
-            .max(POSTCOPY_WINDOW_MIN);
+        // A post-copy at once has no rate yet: the least window, growing with the rate.
+        let window = self.window(self.pc_rate);
         {
             let mut st = self.st();
             st.report.postcopy_window_bytes = st.report.postcopy_window_bytes.max(window);
@@ -2543,15 +2550,7 @@ impl Sender<'_> {
         {
             return Ok(false); // the sockets' buffers bound the push meanwhile
         }
-        let mut p = libc::pollfd {
-            fd: self.link.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut p, 1, 2) };
-        self.read_incoming(Duration::ZERO)?;
-        Ok(true)
+        self.await_answer()
     }
 
     fn postcopy_step(&mut self) -> Result<Option<Outcome>, LinkError> {
